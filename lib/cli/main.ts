@@ -1,0 +1,32 @@
+#!/usr/bin/env node
+/** The `moe-ep` command: one file per subcommand in this folder. */
+import { runInfo } from './info.js';
+
+const usage = `usage: moe-ep <command>
+
+commands:
+  info [--json]   package, addon backend, GPUs, CUDA, NCCL and MPI as this machine sees them`;
+
+function main(argv: string[]): number {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'info':
+      return runInfo(rest);
+    case undefined:
+    case '-h':
+    case '--help':
+    case 'help':
+      console.log(usage);
+      return command === undefined ? 1 : 0;
+    default:
+      console.error(`moe-ep: unknown command '${command}'\n\n${usage}`);
+      return 2;
+  }
+}
+
+try {
+  process.exitCode = main(process.argv.slice(2));
+} catch (e) {
+  console.error(`moe-ep: ${(e as Error).message}`);
+  process.exitCode = 1;
+}

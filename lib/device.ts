@@ -1,0 +1,79 @@
+/**
+ * Devices: 'cpu' or 'cuda:N'. The default device is cuda:0 when a GPU is usable, else cpu;
+ * MOE_EP_DEVICE or setDefaultDevice() override it.
+ */
+import { invalidArgument } from './errors.js';
+import { native } from './native.js';
+
+export class Device {
+  private constructor(
+    readonly type: 'cpu' | 'cuda',
+    readonly index: number,
+  ) {}
+
+  static readonly cpu = new Device('cpu', 0);
+  static cuda(index = 0): Device {
+    return new Device('cuda', index);
+  }
+
+  /** Parses 'cpu', 'cuda' (device 0) or 'cuda:N'. */
+  static parse(spec: DeviceLike, op = 'device'): Device {
+    if (spec instanceof Device) return spec;
+    if (typeof spec === 'string') {
+      if (spec === 'cpu') return Device.cpu;
+      const m = /^cuda(?::(\d+))?$/.exec(spec);
+      if (m) return Device.cuda(m[1] === undefined ? 0 : Number(m[1]));
+    }
+    return invalidArgument(op, `'device' must be 'cpu', 'cuda' or 'cuda:N'; received ${JSON.stringify(spec)}`);
+  }
+
+  get isCuda(): boolean {
+    return this.type === 'cuda';
+  }
+  /** The (type, index) pair the addon takes. */
+  get code(): [number, number] {
+    return [this.type === 'cpu' ? 0 : 1, this.index];
+  }
+  equals(other: Device): boolean {
+    return this.type === other.type && (this.type === 'cpu' || this.index === other.index);
+  }
+  toString(): string {
+    return this.type === 'cpu' ? 'cpu' : `cuda:${this.index}`;
+  }
+}
+
+export type DeviceLike = Device | 'cpu' | 'cuda' | `cuda:${number}`;
+
+export const cuda = {
+  /** True when this build has CUDA and a usable GPU is visible. */
+  isAvailable(): boolean {
+    return native().cudaStatus().deviceCount > 0;
+  },
+  deviceCount(): number {
+    return native().cudaStatus().deviceCount;
+  },
+  /** Why no GPU is usable ('' when one is). */
+  unavailableReason(): string {
+    return native().cudaStatus().unavailable;
+  },
+};
+
+let defaultDevice: Device | undefined;
+
+export function getDefaultDevice(): Device {
+  if (defaultDevice === undefined) {
+    const env = process.env['MOE_EP_DEVICE'];
+    defaultDevice = env ? Device.parse(env as DeviceLike, 'MOE_EP_DEVICE') : cuda.isAvailable() ? Device.cuda(0) : Device.cpu;
+  }
+  return defaultDevice;
+}
+
+export function setDefaultDevice(device: DeviceLike): void {
+  defaultDevice = Device.parse(device, 'setDefaultDevice');
+}
+
+/** Waits for all work queued on a device. */
+export function synchronize(device: DeviceLike = getDefaultDevice()): void {
+  const d = Device.parse(device, 'synchronize');
+  native().deviceSynchronize(...d.code);
+}

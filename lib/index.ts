@@ -1,0 +1,19 @@
+/** moe-ep: Mixture-of-Experts training with expert parallelism, from TypeScript. */
+export { Device, type DeviceLike, cuda, getDefaultDevice, setDefaultDevice, synchronize } from './device.js';
+export { DTYPES, type DType, dtypeSize, type StorageArray } from './dtype.js';
+export {
+  CudaError,
+  DisposedError,
+  type ErrorKind,
+  InternalError,
+  InvalidArgumentError,
+  MoeError,
+  NcclError,
+  OutOfMemoryError,
+  UnavailableError,
+} from './errors.js';
+export { formatInfo, type Info, info } from './info.js';
+export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
+export * as ops from './ops.js';
+export { currentStream, Event, Stream, withStream } from './stream.js';
+export { type CreateOptions, manualSeed, type RandomOptions, Tensor } from './tensor.js';

@@ -1,0 +1,203 @@
+/**
+ * The one place that loads the native addon, and the typed view of its raw binding.
+ *
+ * Load order: MOE_EP_ADDON (an explicit path to a .node file), then node-gyp-build, which takes a
+ * prebuilt binary from prebuilds/<platform>-<arch>/ before a local build in build/Release.
+ * Failures are collected and thrown as one error with possible solutions.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { errorClasses } from './errors.js';
+
+declare const brand: unique symbol;
+type Branded<T, B extends string> = T & { readonly [brand]: B };
+
+export interface TensorDescription {
+  shape: number[];
+  strides: number[];
+  offset: number;
+  dtype: number;
+  deviceType: number;
+  deviceIndex: number;
+  contiguous: boolean;
+}
+
+export type TensorHandle = Branded<
+  {
+    describe(): TensorDescription;
+    dispose(): void;
+    isDisposed(): boolean;
+    view(shape: number[]): TensorHandle;
+    narrow(dim: number, start: number, length: number): TensorHandle;
+    transpose(dim0: number, dim1: number): TensorHandle;
+    toBuffer(): ArrayBuffer;
+    sharesStorage(other: TensorHandle): boolean;
+  },
+  'TensorHandle'
+>;
+
+export type StreamHandle = Branded<
+  { synchronize(): void; query(): boolean; waitEvent(e: EventHandle): void; dispose(): void },
+  'StreamHandle'
+>;
+export type EventHandle = Branded<
+  {
+    record(stream: StreamHandle | null): void;
+    synchronize(): void;
+    query(): boolean;
+    elapsedTime(end: EventHandle): number;
+    dispose(): void;
+  },
+  'EventHandle'
+>;
+
+export interface NativeMemoryStats {
+  liveBytes: number;
+  peakBytes: number;
+  cachedBytes: number;
+  reservedBytes: number;
+  liveAllocations: number;
+  allocations: number;
+  cacheHits: number;
+  deviceMallocs: number;
+  outOfMemory: number;
+}
+
+export interface BuildInfo {
+  cuda: boolean;
+  cudaArchitectures: string;
+  cudaCompilerVersion: string;
+  ncclAbiChecked: boolean;
+  mpi: boolean;
+  compiler: string;
+}
+
+export interface CudaStatus {
+  builtWithCuda: boolean;
+  deviceCount: number;
+  unavailable: string;
+  driverVersion: number;
+  runtimeVersion: number;
+}
+
+export interface DeviceProperties {
+  index: number;
+  name: string;
+  totalMemory: number;
+  freeMemory: number;
+  computeCapability: string;
+  multiprocessors: number;
+  l2Bytes: number;
+  sharedMemoryPerBlockOptin: number;
+  pciBusId: string;
+}
+
+export interface NcclStatus {
+  loaded: boolean;
+  path: string;
+  version: number;
+  error: string;
+  attempts: { path: string; error: string }[];
+}
+
+/** The raw binding, exactly as native/addon registers it. Only lib/ uses this. */
+export interface RawBinding {
+  abiVersion: number;
+  setErrorClasses(classes: Record<string, unknown>): void;
+  tensorEmpty(shape: number[], dtype: number, deviceType: number, deviceIndex: number): TensorHandle;
+  tensorFromBuffer(data: ArrayBufferView | ArrayBuffer, shape: number[], dtype: number, deviceType: number, deviceIndex: number): TensorHandle;
+  StreamHandle: new (deviceType: number, deviceIndex: number) => StreamHandle;
+  EventHandle: new (deviceType: number, deviceIndex: number, timing: boolean) => EventHandle;
+  setCurrentStream(deviceIndex: number, stream: StreamHandle | null): void;
+  deviceSynchronize(deviceType: number, deviceIndex: number): void;
+  fill(out: TensorHandle, value: number): void;
+  copy(dst: TensorHandle, src: TensorHandle): void;
+  binary(kind: number, a: TensorHandle, b: TensorHandle, out: TensorHandle, alpha: number): void;
+  scale(a: TensorHandle, alpha: number, out: TensorHandle): void;
+  reduce(kind: number, a: TensorHandle, dim: number, out: TensorHandle): void;
+  matmul(a: TensorHandle, b: TensorHandle, out: TensorHandle, accumulate: boolean): void;
+  random(out: TensorHandle, kind: number, p0: number, p1: number, seed: number, offset: number): void;
+  memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
+  resetPeakMemory(deviceType: number, deviceIndex: number): void;
+  emptyCache(deviceType: number, deviceIndex: number): void;
+  buildInfo(): BuildInfo;
+  cudaStatus(): CudaStatus;
+  deviceProperties(index: number): DeviceProperties;
+  ncclStatus(): NcclStatus;
+  requireNccl(): void;
+}
+
+const EXPECTED_ABI = 1;
+
+/** The package root: the nearest folder above this file whose package.json names moe-ep. */
+export function packageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pkg = join(dir, 'package.json');
+    if (existsSync(pkg) && (JSON.parse(readFileSync(pkg, 'utf8')) as { name?: string }).name === 'moe-ep') return dir;
+    const up = dirname(dir);
+    if (up === dir) throw new Error('moe-ep: cannot find the package root (no package.json named moe-ep above lib/)');
+    dir = up;
+  }
+}
+
+let binding: RawBinding | undefined;
+let loadedFrom = '';
+
+function load(): RawBinding {
+  const require = createRequire(import.meta.url);
+  const root = packageRoot();
+  const failures: string[] = [];
+  let raw: RawBinding | undefined;
+  const explicit = process.env['MOE_EP_ADDON'];
+  if (explicit) {
+    try {
+      raw = require(explicit) as RawBinding;
+      loadedFrom = explicit;
+    } catch (e) {
+      failures.push(`MOE_EP_ADDON=${explicit}: ${(e as Error).message}`);
+    }
+  } else {
+    try {
+      const nodeGypBuild = require('node-gyp-build') as ((dir: string) => RawBinding) & { resolve(dir: string): string };
+      loadedFrom = nodeGypBuild.resolve(root);
+      raw = require(loadedFrom) as RawBinding;
+    } catch (e) {
+      failures.push(`node-gyp-build (prebuilds/ and build/Release under ${root}): ${(e as Error).message}`);
+    }
+  }
+  if (!raw) {
+    throw new Error(
+      [
+        'moe-ep: the native addon could not be loaded.',
+        ...failures.map((f) => `  - ${f}`),
+        'Possible solutions:',
+        '  - Build it: npm rebuild moe-ep (or, in a clone, npm run build:native).',
+        '  - Without the CUDA toolkit, build the CPU-only addon: MOE_EP_CUDA=off npm rebuild moe-ep.',
+        '  - Point MOE_EP_ADDON at a moe_ep.node built for this platform.',
+      ].join('\n'),
+    );
+  }
+  if (raw.abiVersion !== EXPECTED_ABI) {
+    throw new Error(
+      `moe-ep: the addon at ${loadedFrom} has binding ABI ${raw.abiVersion} but this library expects ${EXPECTED_ABI}; rebuild it (npm rebuild moe-ep).`,
+    );
+  }
+  raw.setErrorClasses(errorClasses);
+  return raw;
+}
+
+/** The loaded binding (loaded on first use). */
+export function native(): RawBinding {
+  binding ??= load();
+  return binding;
+}
+
+/** Where the addon was loaded from. */
+export function addonPath(): string {
+  native();
+  return loadedFrom;
+}

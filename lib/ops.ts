@@ -1,0 +1,102 @@
+/**
+ * Basic ops, each with a CPU reference and a CUDA kernel behind it (native/ops/<op>/). Every op
+ * allocates its result unless `out` is given; `out` lets callers reuse memory (and lets tests
+ * poison outputs before a run). Shapes, dtypes and devices are checked natively, with errors that
+ * name the op and the argument.
+ */
+import { type DType } from './dtype.js';
+import { invalidArgument } from './errors.js';
+import { native } from './native.js';
+import { Tensor } from './tensor.js';
+
+export interface OutOption {
+  out?: Tensor;
+}
+
+function checkTensor(t: unknown, op: string, arg: string): Tensor {
+  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
+  return t;
+}
+
+function checkNumber(v: unknown, op: string, arg: string): number {
+  if (typeof v !== 'number' || Number.isNaN(v)) invalidArgument(op, `'${arg}' must be a number; received ${String(v)}`);
+  return v;
+}
+
+function resultLike(a: Tensor, out: Tensor | undefined, op: string, shape: readonly number[] = a.shape, dtype: DType = a.dtype): Tensor {
+  if (out !== undefined) return checkTensor(out, op, 'out');
+  return Tensor.empty(shape, { dtype, device: a.device });
+}
+
+/** out = a + alpha·b. `b` may also be a trailing part of a's shape (a bias over rows). */
+export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number } = {}): Tensor {
+  checkTensor(a, 'add', 'a');
+  checkTensor(b, 'add', 'b');
+  const alpha = checkNumber(options.alpha ?? 1, 'add', 'alpha');
+  const out = resultLike(a, options.out, 'add');
+  runInto(out, options.out, () => native().binary(0, a.handle, b.handle, out.handle, alpha));
+  return out;
+}
+
+/** out = a ⊙ b (elementwise; `b` may be a trailing part of a's shape). */
+export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
+  checkTensor(a, 'mul', 'a');
+  checkTensor(b, 'mul', 'b');
+  const out = resultLike(a, options.out, 'mul');
+  runInto(out, options.out, () => native().binary(1, a.handle, b.handle, out.handle, 1));
+  return out;
+}
+
+/** out = alpha·a. */
+export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor {
+  checkTensor(a, 'scale', 'a');
+  checkNumber(alpha, 'scale', 'alpha');
+  const out = resultLike(a, options.out, 'scale');
+  runInto(out, options.out, () => native().scale(a.handle, alpha, out.handle));
+  return out;
+}
+
+function reduced(a: Tensor, dim: number, op: string): number[] {
+  if (!Number.isInteger(dim) || dim < -a.ndim || dim >= a.ndim) {
+    invalidArgument(op, `'dim' = ${dim} is out of range for a tensor of rank ${a.ndim}`);
+  }
+  const d = dim < 0 ? dim + a.ndim : dim;
+  return a.shape.filter((_, i) => i !== d);
+}
+
+/** Sum along `dim` (that dimension removed). Floating sums accumulate in fp32 or better. */
+export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType } = {}): Tensor {
+  checkTensor(a, 'sum', 'a');
+  const out = resultLike(a, options.out, 'sum', reduced(a, dim, 'sum'), options.dtype ?? a.dtype);
+  runInto(out, options.out, () => native().reduce(0, a.handle, dim, out.handle));
+  return out;
+}
+
+/** Maximum along `dim` (that dimension removed); NaN propagates. */
+export function max(a: Tensor, dim: number, options: OutOption = {}): Tensor {
+  checkTensor(a, 'max', 'a');
+  const out = resultLike(a, options.out, 'max', reduced(a, dim, 'max'));
+  runInto(out, options.out, () => native().reduce(1, a.handle, dim, out.handle));
+  return out;
+}
+
+/** out[M,N] = a[M,K]·b[K,N] (+ out with `accumulate`), fp32 accumulation. Views such as transposes are fine. */
+export function matmul(a: Tensor, b: Tensor, options: OutOption & { accumulate?: boolean; dtype?: DType } = {}): Tensor {
+  checkTensor(a, 'matmul', 'a');
+  checkTensor(b, 'matmul', 'b');
+  if (a.ndim !== 2 || b.ndim !== 2) invalidArgument('matmul', `expects 2-D tensors, got [${a.shape.join(',')}] and [${b.shape.join(',')}]`);
+  if (options.accumulate && options.out === undefined) invalidArgument('matmul', `'accumulate' needs 'out'`);
+  const out = resultLike(a, options.out, 'matmul', [a.shape[0] as number, b.shape[1] as number], options.dtype ?? a.dtype);
+  runInto(out, options.out, () => native().matmul(a.handle, b.handle, out.handle, options.accumulate ?? false));
+  return out;
+}
+
+/** Runs a native op into `out`; a result we allocated is disposed again when the op throws. */
+function runInto(out: Tensor, given: Tensor | undefined, fn: () => void): void {
+  try {
+    fn();
+  } catch (e) {
+    if (given === undefined) out.dispose();
+    throw e;
+  }
+}

@@ -1,0 +1,133 @@
+/**
+ * Streams and events. On a CUDA device they are CUDA streams and events; on the CPU they exist and
+ * complete at once, so code that overlaps communication with compute runs unchanged there.
+ */
+import { Device, type DeviceLike, getDefaultDevice } from './device.js';
+import { DisposedError } from './errors.js';
+import { type EventHandle, native, type StreamHandle } from './native.js';
+
+export class Stream implements Disposable {
+  readonly device: Device;
+  #handle: StreamHandle | null;
+
+  constructor(device: DeviceLike = getDefaultDevice()) {
+    this.device = Device.parse(device, 'Stream');
+    this.#handle = new (native().StreamHandle)(...this.device.code);
+  }
+
+  /** @internal */
+  get handle(): StreamHandle {
+    if (this.#handle === null) throw new DisposedError('Stream: the stream was disposed and cannot be used', 'Stream');
+    return this.#handle;
+  }
+  /** Blocks until all work queued on this stream has completed. */
+  synchronize(): void {
+    this.handle.synchronize();
+  }
+  /** True when all work queued on this stream has completed. */
+  query(): boolean {
+    return this.handle.query();
+  }
+  /** Work queued on this stream after this call waits for `event`. */
+  waitEvent(event: Event): void {
+    this.handle.waitEvent(event.handle);
+  }
+  /** Records a new event on this stream and returns it. */
+  recordEvent(options: { timing?: boolean } = {}): Event {
+    const e = new Event(this.device, options);
+    e.record(this);
+    return e;
+  }
+  get disposed(): boolean {
+    return this.#handle === null;
+  }
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = null;
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+export class Event implements Disposable {
+  readonly device: Device;
+  #handle: EventHandle | null;
+
+  constructor(device: DeviceLike = getDefaultDevice(), options: { timing?: boolean } = {}) {
+    this.device = Device.parse(device, 'Event');
+    this.#handle = new (native().EventHandle)(...this.device.code, options.timing ?? false);
+  }
+
+  /** @internal */
+  get handle(): EventHandle {
+    if (this.#handle === null) throw new DisposedError('Event: the event was disposed and cannot be used', 'Event');
+    return this.#handle;
+  }
+  /** Records the event on `stream`, or on the device's current stream. */
+  record(stream?: Stream): void {
+    this.handle.record(stream ? stream.handle : currentStreamHandle(this.device));
+  }
+  synchronize(): void {
+    this.handle.synchronize();
+  }
+  query(): boolean {
+    return this.handle.query();
+  }
+  /** Milliseconds from this event to `end` (both created with `timing: true`, recorded and complete). */
+  elapsedTime(end: Event): number {
+    return this.handle.elapsedTime(end.handle);
+  }
+  get disposed(): boolean {
+    return this.#handle === null;
+  }
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = null;
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+const currentStreams = new Map<number, Stream>();
+
+function currentStreamHandle(device: Device): StreamHandle | null {
+  if (!device.isCuda) return null;
+  const s = currentStreams.get(device.index);
+  return s && !s.disposed ? s.handle : null;
+}
+
+/** The stream ops on `device` are queued on now (undefined: the device's default stream). */
+export function currentStream(device: DeviceLike = getDefaultDevice()): Stream | undefined {
+  const d = Device.parse(device, 'currentStream');
+  return d.isCuda ? currentStreams.get(d.index) : undefined;
+}
+
+/**
+ * Runs `fn` with `stream` as the current stream of its device: tensors allocated and ops launched
+ * on that device inside `fn` use it. The previous stream is restored afterwards, also when `fn`
+ * throws, and when it returns a promise, once that settles.
+ */
+export function withStream<T>(stream: Stream, fn: () => T): T {
+  if (!stream.device.isCuda) return fn();
+  const index = stream.device.index;
+  const previous = currentStreams.get(index);
+  const restore = (): void => {
+    if (previous) currentStreams.set(index, previous);
+    else currentStreams.delete(index);
+    native().setCurrentStream(index, previous && !previous.disposed ? previous.handle : null);
+  };
+  native().setCurrentStream(index, stream.handle);
+  currentStreams.set(index, stream);
+  let result: T;
+  try {
+    result = fn();
+  } catch (e) {
+    restore();
+    throw e;
+  }
+  if (result instanceof Promise) return result.finally(restore) as T;
+  restore();
+  return result;
+}

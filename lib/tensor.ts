@@ -1,0 +1,276 @@
+/**
+ * Tensor: a typed, shaped view of memory on one device, owning a reference to native storage.
+ *
+ * Memory is released by dispose() (or `using t = ...`); a view keeps its storage alive until it
+ * too is disposed. Garbage collection releases forgotten tensors eventually, but only as a
+ * backstop: device memory is scarce and the GC does not see it, so dispose what you create.
+ */
+import { Device, type DeviceLike, getDefaultDevice } from './device.js';
+import { checkDType, type DType, dtypeCode, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
+import { DisposedError, invalidArgument } from './errors.js';
+import { native, type TensorHandle } from './native.js';
+
+export interface CreateOptions {
+  dtype?: DType;
+  device?: DeviceLike;
+}
+
+export interface RandomOptions extends CreateOptions {
+  /** Philox seed; without one the global generator (manualSeed) supplies seed and offset. */
+  seed?: number;
+}
+
+function checkShape(shape: unknown, op: string): number[] {
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+    invalidArgument(op, `'shape' must be an array of non-negative integers; received ${JSON.stringify(shape)}`);
+  }
+  return shape as number[];
+}
+
+function numelOf(shape: readonly number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+/** The global random stream: calls without an explicit seed draw consecutive counters from it. */
+const generator = { seed: 0x5eed, offset: 0 };
+
+/** Seeds the global generator: later rand/randn calls without a seed are reproducible. */
+export function manualSeed(seed: number): void {
+  if (!Number.isSafeInteger(seed) || seed < 0) invalidArgument('manualSeed', `'seed' must be a non-negative integer; received ${seed}`);
+  generator.seed = seed;
+  generator.offset = 0;
+}
+
+export class Tensor implements Disposable {
+  readonly shape: readonly number[];
+  readonly strides: readonly number[];
+  readonly dtype: DType;
+  readonly device: Device;
+  readonly isContiguous: boolean;
+  #handle: TensorHandle | null;
+
+  /** @internal Wraps a native handle; use the static constructors. */
+  constructor(handle: TensorHandle) {
+    const d = handle.describe();
+    this.#handle = handle;
+    this.shape = Object.freeze(d.shape);
+    this.strides = Object.freeze(d.strides);
+    this.dtype = dtypeFromCode(d.dtype);
+    this.device = d.deviceType === 0 ? Device.cpu : Device.cuda(d.deviceIndex);
+    this.isContiguous = d.contiguous;
+  }
+
+  // ------------------------------------------------------------------------------ creation
+  /** Uninitialised memory (its contents are whatever was there). */
+  static empty(shape: readonly number[], options: CreateOptions = {}): Tensor {
+    const dtype = checkDType(options.dtype ?? 'f32', 'empty');
+    const device = Device.parse(options.device ?? getDefaultDevice(), 'empty');
+    return new Tensor(native().tensorEmpty(checkShape(shape, 'empty'), dtypeCode[dtype], ...device.code));
+  }
+
+  static full(shape: readonly number[], value: number, options: CreateOptions = {}): Tensor {
+    if (typeof value !== 'number') invalidArgument('full', `'value' must be a number; received ${typeof value}`);
+    const t = Tensor.empty(shape, options);
+    t.fill_(value);
+    return t;
+  }
+
+  static zeros(shape: readonly number[], options: CreateOptions = {}): Tensor {
+    return Tensor.full(shape, 0, options);
+  }
+
+  /** Uniform in [low, high) (default [0, 1)), from the Philox stream `seed`. */
+  static rand(shape: readonly number[], options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
+    const t = Tensor.empty(shape, options);
+    return t.random_(0, options.low ?? 0, options.high ?? 1, options.seed);
+  }
+
+  /** Normal with `mean` and `std` (default 0 and 1), from the Philox stream `seed`. */
+  static randn(shape: readonly number[], options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
+    const t = Tensor.empty(shape, options);
+    return t.random_(1, options.mean ?? 0, options.std ?? 1, options.seed);
+  }
+
+  /**
+   * From values: a TypedArray holding the dtype's raw values (Uint16Array for bf16/f16 bits,
+   * Uint8Array for fp8 bits), or plain numbers, which are converted (rounded for bf16/f16/fp8).
+   * `shape` defaults to [data.length].
+   */
+  static fromArray(data: ArrayLike<number> | ArrayBufferView, options: CreateOptions & { shape?: readonly number[] } = {}): Tensor {
+    const op = 'fromArray';
+    const device = Device.parse(options.device ?? getDefaultDevice(), op);
+    const length = (data as ArrayLike<unknown>).length;
+    if (typeof length !== 'number') invalidArgument(op, `'data' must be an array of numbers or a TypedArray`);
+    const shape = checkShape(options.shape ?? [length], op);
+    if (numelOf(shape) !== length) invalidArgument(op, `'data' has ${length} values but shape [${shape.join(',')}] holds ${numelOf(shape)}`);
+    const typed = ArrayBuffer.isView(data) ? (data as ArrayBufferView) : undefined;
+    const implied = typed ? dtypeOfArray(typed) : undefined;
+    if (typed instanceof Uint16Array && options.dtype !== 'bf16' && options.dtype !== 'f16') {
+      invalidArgument(op, `a Uint16Array holds raw bf16 or f16 bits: pass dtype 'bf16' or 'f16'`);
+    }
+    const dtype = checkDType(options.dtype ?? implied ?? 'f32', op);
+    const raw = typed && rawArrayMatches(typed, dtype);
+    if (raw) return new Tensor(native().tensorFromBuffer(typed, shape, dtypeCode[dtype], ...device.code));
+    // Plain numbers (or a TypedArray of another type): build the host tensor in a type that holds them
+    // exactly, then convert natively.
+    const values = Array.from(data as ArrayLike<number>);
+    const integral = dtype === 'i32' || dtype === 'i64' || dtype === 'u8';
+    for (let i = 0; i < values.length; i++) {
+      const v = values[i];
+      if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
+        invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
+      }
+    }
+    if (dtype === 'i64') {
+      const big = BigInt64Array.from(values, (v) => BigInt(v));
+      return new Tensor(native().tensorFromBuffer(big, shape, dtypeCode.i64, ...device.code));
+    }
+    const hostType: DType = integral ? 'i64' : 'f32';
+    const host = integral
+      ? new Tensor(native().tensorFromBuffer(BigInt64Array.from(values, (v) => BigInt(v)), shape, dtypeCode.i64, 0, 0))
+      : new Tensor(native().tensorFromBuffer(Float32Array.from(values), shape, dtypeCode[hostType], 0, 0));
+    try {
+      const out = Tensor.empty(shape, { dtype, device });
+      native().copy(out.handle, host.handle);
+      return out;
+    } finally {
+      host.dispose();
+    }
+  }
+
+  // ---------------------------------------------------------------------------- properties
+  /** @internal The native handle; throws once disposed. */
+  get handle(): TensorHandle {
+    if (this.#handle === null) throw new DisposedError('tensor: the tensor was disposed and cannot be used', 'tensor');
+    return this.#handle;
+  }
+  get disposed(): boolean {
+    return this.#handle === null;
+  }
+  get ndim(): number {
+    return this.shape.length;
+  }
+  get numel(): number {
+    return numelOf(this.shape);
+  }
+
+  // --------------------------------------------------------------------------------- views
+  /** Same elements, new shape (one dimension may be -1). Contiguous tensors only. */
+  view(...shape: number[]): Tensor {
+    return new Tensor(this.handle.view(shape));
+  }
+  /** Elements [start, start + length) along `dim`, sharing storage. */
+  narrow(dim: number, start: number, length: number): Tensor {
+    return new Tensor(this.handle.narrow(dim, start, length));
+  }
+  /** Swaps two dimensions, sharing storage (the result is usually not contiguous). */
+  transpose(dim0 = 0, dim1 = 1): Tensor {
+    return new Tensor(this.handle.transpose(dim0, dim1));
+  }
+  sharesStorageWith(other: Tensor): boolean {
+    return this.handle.sharesStorage(other.handle);
+  }
+
+  // ------------------------------------------------------------------------------- copies
+  /** A contiguous tensor with these values in `dtype` on `device` (a new tensor, always). */
+  copyTo(options: CreateOptions = {}): Tensor {
+    const out = Tensor.empty(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device });
+    native().copy(out.handle, this.handle);
+    return out;
+  }
+  /** A copy on `device`. */
+  to(device: DeviceLike): Tensor {
+    return this.copyTo({ device });
+  }
+  /** Converted to `dtype` (a copy). */
+  cast(dtype: DType): Tensor {
+    return this.copyTo({ dtype: checkDType(dtype, 'cast') });
+  }
+  contiguous(): Tensor {
+    return this.copyTo();
+  }
+  clone(): Tensor {
+    return this.copyTo();
+  }
+  /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
+  copy_(src: Tensor): this {
+    native().copy(this.handle, src.handle);
+    return this;
+  }
+  fill_(value: number): this {
+    native().fill(this.handle, value);
+    return this;
+  }
+  /** @internal kind 0: uniform(p0, p1); 1: normal(p0, p1). */
+  random_(kind: 0 | 1, p0: number, p1: number, seed?: number): this {
+    let offset = 0;
+    if (seed === undefined) {
+      seed = generator.seed;
+      offset = generator.offset;
+      generator.offset += this.numel;
+    }
+    native().random(this.handle, kind, p0, p1, seed, offset);
+    return this;
+  }
+
+  // ------------------------------------------------------------------------------ reading
+  /** The raw values in row-major order (bf16/f16 as Uint16Array bits). Waits for the device. */
+  toArray(): StorageArray {
+    return storageView(this.dtype, this.handle.toBuffer());
+  }
+  /** The values as float32 (converted natively for bf16, f16 and fp8). */
+  toFloat32Array(): Float32Array {
+    if (this.dtype === 'f32') return this.toArray() as Float32Array;
+    const f = this.copyTo({ dtype: 'f32', device: 'cpu' });
+    try {
+      return f.toArray() as Float32Array;
+    } finally {
+      f.dispose();
+    }
+  }
+  /** Plain numbers (i64 values beyond 2^53 lose precision). */
+  toNumbers(): number[] {
+    const a = this.dtype === 'i64' ? Array.from(this.toArray() as BigInt64Array, Number) : Array.from(this.toFloat32OrInt());
+    return a;
+  }
+  /** The single value of a one-element tensor. */
+  item(): number {
+    if (this.numel !== 1) invalidArgument('item', `the tensor has ${this.numel} elements; item() needs exactly one`);
+    return this.toNumbers()[0] as number;
+  }
+  private toFloat32OrInt(): ArrayLike<number> {
+    return this.dtype === 'i32' || this.dtype === 'u8' ? (this.toArray() as Int32Array | Uint8Array) : this.toFloat32Array();
+  }
+
+  // ------------------------------------------------------------------------------ lifetime
+  /** Releases this tensor's reference to its memory now. Further use throws DisposedError. */
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = null;
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  toString(): string {
+    if (this.disposed) return 'Tensor(disposed)';
+    return `Tensor(${this.dtype}[${this.shape.join(',')}] ${this.device.toString()}${this.isContiguous ? '' : ' strided'})`;
+  }
+}
+
+function rawArrayMatches(a: ArrayBufferView, dtype: DType): boolean {
+  switch (dtype) {
+    case 'f32':
+      return a instanceof Float32Array;
+    case 'bf16':
+    case 'f16':
+      return a instanceof Uint16Array;
+    case 'i32':
+      return a instanceof Int32Array;
+    case 'i64':
+      return a instanceof BigInt64Array;
+    case 'u8':
+    case 'fp8e4m3':
+      return a instanceof Uint8Array;
+  }
+}

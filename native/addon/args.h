@@ -1,0 +1,26 @@
+// Reading arguments from JavaScript. Types are checked here (a wrong JS type is the caller's bug
+// and says which argument); values are checked by the ops themselves.
+#pragma once
+#include <napi.h>
+
+#include <string>
+
+#include "core/device.h"
+#include "core/dtype.h"
+#include "core/tensor.h"
+
+namespace moe::addon {
+
+double arg_number(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+bool arg_bool(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+DType arg_dtype(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+Device arg_device(const Napi::CallbackInfo& info, size_t i, const char* op);  // two arguments: type, index
+Shape arg_shape(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+// A tensor argument: must be a live TensorHandle. `optional` accepts undefined/null (returns an undefined Tensor).
+Tensor arg_tensor(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name, bool optional = false);
+void* arg_stream(const Napi::CallbackInfo& info, size_t i, const char* op);  // StreamHandle or null
+
+Napi::Array shape_to_js(Napi::Env env, const Shape& shape);
+
+}  // namespace moe::addon

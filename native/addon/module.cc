@@ -1,0 +1,34 @@
+// The addon's entry point: registers every binding. lib/native.ts is the only importer.
+#include <napi.h>
+
+#include "addon/errors.h"
+#include "addon/ops_binding.h"
+#include "addon/runtime_binding.h"
+#include "addon/stream_binding.h"
+#include "addon/tensor_binding.h"
+
+namespace moe::addon {
+namespace {
+
+Napi::Value set_error_classes(const Napi::CallbackInfo& info) {
+  MOE_ARG_CHECK(info.Length() > 0 && info[0].IsObject(), "setErrorClasses", "expects an object of constructors");
+  register_error_classes(info);
+  return info.Env().Undefined();
+}
+
+Napi::Object init(Napi::Env env, Napi::Object exports) {
+  exports.Set("setErrorClasses", Napi::Function::New(env, binding<set_error_classes>, "setErrorClasses"));
+  exports.Set("abiVersion", Napi::Number::New(env, 1));
+  TensorHandle::init(env, exports);
+  StreamHandle::init(env, exports);
+  EventHandle::init(env, exports);
+  init_ops(env, exports);
+  init_runtime(env, exports);
+  return exports;
+}
+
+}  // namespace
+}  // namespace moe::addon
+
+static Napi::Object init_module(Napi::Env env, Napi::Object exports) { return moe::addon::init(env, exports); }
+NODE_API_MODULE(moe_ep, init_module)

@@ -1,0 +1,84 @@
+// Op bindings: unwrap arguments, call the op. No arithmetic and no policy here.
+#include "addon/ops_binding.h"
+
+#include "addon/args.h"
+#include "addon/errors.h"
+#include "ops/copy/copy.h"
+#include "ops/elementwise/elementwise.h"
+#include "ops/fill/fill.h"
+#include "ops/matmul/matmul.h"
+#include "ops/random/random.h"
+#include "ops/reduce/reduce.h"
+
+namespace moe::addon {
+
+namespace {
+
+Napi::Value fill(const Napi::CallbackInfo& info) {
+  ops::fill(arg_tensor(info, 0, "fill", "out"), arg_number(info, 1, "fill", "value"));
+  return info.Env().Undefined();
+}
+
+Napi::Value copy(const Napi::CallbackInfo& info) {
+  ops::copy(arg_tensor(info, 0, "copy", "dst"), arg_tensor(info, 1, "copy", "src"));
+  return info.Env().Undefined();
+}
+
+// binary(kind, a, b, out, alpha)
+Napi::Value binary(const Napi::CallbackInfo& info) {
+  int64_t kind = arg_int(info, 0, "binary", "kind");
+  MOE_ARG_CHECK(kind == 0 || kind == 1, "binary", "'kind' must be 0 (add) or 1 (mul)");
+  const char* op = kind == 0 ? "add" : "mul";
+  ops::binary(ops::BinaryOp(kind), arg_tensor(info, 1, op, "a"), arg_tensor(info, 2, op, "b"), arg_tensor(info, 3, op, "out"),
+              arg_number(info, 4, op, "alpha"));
+  return info.Env().Undefined();
+}
+
+Napi::Value scale(const Napi::CallbackInfo& info) {
+  ops::scale(arg_tensor(info, 0, "scale", "a"), arg_number(info, 1, "scale", "alpha"), arg_tensor(info, 2, "scale", "out"));
+  return info.Env().Undefined();
+}
+
+// reduce(kind, a, dim, out)
+Napi::Value reduce(const Napi::CallbackInfo& info) {
+  int64_t kind = arg_int(info, 0, "reduce", "kind");
+  MOE_ARG_CHECK(kind == 0 || kind == 1, "reduce", "'kind' must be 0 (sum) or 1 (max)");
+  const char* op = kind == 0 ? "sum" : "max";
+  ops::reduce(ops::ReduceOp(kind), arg_tensor(info, 1, op, "a"), int(arg_int(info, 2, op, "dim")), arg_tensor(info, 3, op, "out"));
+  return info.Env().Undefined();
+}
+
+// matmul(a, b, out, accumulate)
+Napi::Value matmul(const Napi::CallbackInfo& info) {
+  const char* op = "matmul";
+  ops::matmul(arg_tensor(info, 0, op, "a"), arg_tensor(info, 1, op, "b"), arg_tensor(info, 2, op, "out"),
+              arg_bool(info, 3, op, "accumulate"));
+  return info.Env().Undefined();
+}
+
+// random(out, kind, p0, p1, seed, offset): seed and offset are non-negative integers below 2^53.
+Napi::Value random(const Napi::CallbackInfo& info) {
+  int64_t kind = arg_int(info, 1, "random", "kind");
+  MOE_ARG_CHECK(kind == 0 || kind == 1, "random", "'kind' must be 0 (uniform) or 1 (normal)");
+  const char* op = kind == 0 ? "rand" : "randn";
+  int64_t seed = arg_int(info, 4, op, "seed"), offset = arg_int(info, 5, op, "offset");
+  MOE_ARG_CHECK(seed >= 0 && offset >= 0, op, "'seed' and 'offset' must be non-negative");
+  ops::RandomParams p{ops::RandomKind(kind), float(arg_number(info, 2, op, "p0")), float(arg_number(info, 3, op, "p1")),
+                      uint64_t(seed), uint64_t(offset)};
+  ops::random_fill(arg_tensor(info, 0, op, "out"), p);
+  return info.Env().Undefined();
+}
+
+}  // namespace
+
+void init_ops(Napi::Env env, Napi::Object exports) {
+  exports.Set("fill", Napi::Function::New(env, binding<fill>, "fill"));
+  exports.Set("copy", Napi::Function::New(env, binding<copy>, "copy"));
+  exports.Set("binary", Napi::Function::New(env, binding<binary>, "binary"));
+  exports.Set("scale", Napi::Function::New(env, binding<scale>, "scale"));
+  exports.Set("reduce", Napi::Function::New(env, binding<reduce>, "reduce"));
+  exports.Set("matmul", Napi::Function::New(env, binding<matmul>, "matmul"));
+  exports.Set("random", Napi::Function::New(env, binding<random>, "random"));
+}
+
+}  // namespace moe::addon

@@ -1,0 +1,38 @@
+// Memory for tensors. Host memory is plain aligned malloc with counters. Device memory goes through
+// a caching allocator: freed blocks stay reserved and are reused by later allocations on the same
+// stream, so the hot path makes no cudaMalloc/cudaFree calls (both synchronise the device).
+#pragma once
+#include <cstdint>
+#include <string>
+#include "core/device.h"
+
+namespace moe {
+
+struct MemoryStats {
+  int64_t live_bytes = 0;        // bytes in blocks handed out and not yet freed (rounded sizes)
+  int64_t peak_bytes = 0;        // high-water mark of live_bytes since the last reset
+  int64_t cached_bytes = 0;      // bytes held in free blocks, ready for reuse (device only)
+  int64_t reserved_bytes = 0;    // live + cached + blocks waiting on other streams
+  int64_t live_allocations = 0;  // blocks handed out now
+  int64_t allocations = 0;       // allocate() calls that returned memory, ever
+  int64_t cache_hits = 0;        // of those, served from the cache
+  int64_t device_mallocs = 0;    // cudaMalloc calls (or malloc on the host)
+  int64_t out_of_memory = 0;     // allocation failures raised to the caller
+};
+
+// Bytes are requested for `op` (named in errors). On a CUDA device `stream` is the stream the
+// memory will first be used on; the block is only reused on that stream unless record_stream()
+// says otherwise, in which case reuse waits until the other streams' work has completed.
+void* allocate(const Device& device, int64_t bytes, void* stream, const std::string& op);
+void deallocate(const Device& device, void* ptr);
+void record_stream(const Device& device, void* ptr, void* stream);
+
+MemoryStats memory_stats(const Device& device);
+void reset_peak_memory(const Device& device);
+// Returns every cached device block to the driver (a device synchronisation).
+void empty_cache(const Device& device);
+
+// The largest single allocation accepted before even trying (guards overflowing size arithmetic).
+constexpr int64_t kMaxAllocationBytes = int64_t(1) << 46;  // 64 TiB
+
+}  // namespace moe

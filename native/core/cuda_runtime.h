@@ -1,0 +1,82 @@
+// The CUDA runtime as the rest of the code sees it. In a CPU-only build every entry point exists
+// and reports that CUDA is unavailable, so callers need no #ifdefs.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+#include "core/device.h"
+
+namespace moe::cuda {
+
+struct DeviceProps {
+  int index;
+  std::string name;
+  int64_t total_memory;
+  int major, minor;
+  int multiprocessors;
+  int64_t l2_bytes;
+  int64_t shared_memory_per_block_optin;
+  std::string pci_bus_id;
+};
+
+struct RuntimeStatus {
+  bool built_with_cuda;
+  int device_count;          // 0 when unusable
+  std::string unavailable;   // why no device is usable ("" when one is)
+  int driver_version;        // e.g. 13000, 0 when no driver
+  int runtime_version;       // of the statically linked runtime
+};
+
+// Cached after the first call; cheap.
+const RuntimeStatus& status();
+bool available();
+DeviceProps device_props(int index);
+
+// Throws Unavailable with the reason when `device` cannot be used by this build or machine.
+void require_device(const Device& device, const char* op);
+
+// Make `index` current for the calling thread (cudaSetDevice), restoring the old one on scope exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int index);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+// Raises moe::Error(Cuda) for a non-success code, naming `op` and `what`. code is a cudaError_t.
+void check(int code, const std::string& op, const char* what);
+// Checks cudaGetLastError after a kernel launch.
+void check_launch(const std::string& op);
+std::string error_string(int code);
+
+// ---- streams and events (handles are cudaStream_t / cudaEvent_t as void*) ----
+void* stream_create(int device);
+void stream_destroy(int device, void* stream);
+void stream_synchronize(int device, void* stream, const char* op);
+bool stream_query(int device, void* stream);
+void* event_create(int device, bool timing);
+void event_destroy(int device, void* event);
+void event_record(int device, void* event, void* stream);
+void event_synchronize(void* event);
+bool event_query(void* event);
+void stream_wait_event(int device, void* stream, void* event);
+float event_elapsed_ms(void* start, void* end);
+void device_synchronize(int device, const char* op);
+
+// Per-thread current stream of a device; nullptr means the legacy default stream.
+void* current_stream(int device);
+void set_current_stream(int device, void* stream);
+
+// Raw copies used by the tensor layer.
+void memcpy_async(void* dst, const void* src, int64_t bytes, int kind, void* stream, const std::string& op);
+enum CopyKind { HostToDevice = 1, DeviceToHost = 2, DeviceToDevice = 3 };
+void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_device, int64_t bytes, void* stream,
+                       const std::string& op);
+void memset_async(void* dst, int value, int64_t bytes, void* stream, const std::string& op);
+void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes);
+
+}  // namespace moe::cuda

@@ -1,0 +1,41 @@
+#!/usr/bin/env node
+// Builds the native addon with cmake-js from CMakeLists.txt and places it at build/Release/moe_ep.node,
+// where node-gyp-build looks. Called by `npm install` (through node-gyp-build -> node-gyp ->
+// binding.gyp, which hands over to this script), by `npm run build:native`, and by prebuildify.
+//
+//   MOE_EP_CUDA=auto|on|off   CUDA kernels when nvcc is found (auto, the default), required, or never.
+//   MOE_EP_BUILD_TYPE=Release|Debug|RelWithDebInfo
+//   MOE_EP_BUILD_JOBS=N       parallel compile jobs (default: number of cores)
+import { spawnSync } from 'node:child_process';
+import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+const outIndex = process.argv.indexOf('--out');
+const outDir = outIndex > 0 ? resolve(process.argv[outIndex + 1]) : join(root, 'build', 'Release');
+const cmakeDir = join(root, 'build', 'cmake');
+const cuda = (process.env.MOE_EP_CUDA ?? process.env.npm_config_moe_ep_cuda ?? 'auto').toUpperCase();
+if (!['AUTO', 'ON', 'OFF'].includes(cuda)) {
+  console.error(`moe-ep: MOE_EP_CUDA must be auto, on or off (got '${process.env.MOE_EP_CUDA}')`);
+  process.exit(2);
+}
+const buildType = process.env.MOE_EP_BUILD_TYPE ?? 'Release';
+const jobs = process.env.MOE_EP_BUILD_JOBS ?? String(availableParallelism());
+const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
+
+const cmakeJs = join(root, 'node_modules', 'cmake-js', 'bin', 'cmake-js');
+const args = [
+  cmakeJs, 'compile', '--directory', root, '--out', cmakeDir, '--config', buildType, '--parallel', jobs,
+  `--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`,
+];
+console.log(`moe-ep: building the addon (MOE_EP_CUDA=${cuda.toLowerCase()}, ${buildType}, ${jobs} jobs)`);
+const r = spawnSync(process.execPath, args, { stdio: 'inherit', cwd: root });
+if (r.status !== 0) {
+  console.error(`moe-ep: the native build failed (exit ${r.status}). With no CUDA toolkit, MOE_EP_CUDA=off builds the CPU-only addon.`);
+  process.exit(r.status ?? 1);
+}
+mkdirSync(outDir, { recursive: true });
+copyFileSync(join(cmakeDir, buildType, 'moe_ep.node'), join(outDir, 'moe_ep.node'));
+console.log(`moe-ep: addon at ${join(outDir, 'moe_ep.node')}`);
