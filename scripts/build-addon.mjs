@@ -26,12 +26,13 @@ const jobs = process.env.MOE_EP_BUILD_JOBS ?? String(availableParallelism());
 const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
 
 const cmakeJs = join(root, 'node_modules', 'cmake-js', 'bin', 'cmake-js');
-const args = [
-  cmakeJs, 'compile', '--directory', root, '--out', cmakeDir, '--config', buildType, '--parallel', jobs,
-  `--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`,
-];
+const common = ['--directory', root, '--out', cmakeDir, '--config', buildType, '--parallel', jobs];
+const defines = [`--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`];
 console.log(`moe-ep: building the addon (MOE_EP_CUDA=${cuda.toLowerCase()}, ${buildType}, ${jobs} jobs)`);
-const r = spawnSync(process.execPath, args, { stdio: 'inherit', cwd: root });
+// Configure every time (cheap when nothing changed) so a changed switch takes effect in an existing
+// build folder; `cmake-js compile` would skip configuring when a cache exists.
+let r = spawnSync(process.execPath, [cmakeJs, 'configure', ...common, ...defines], { stdio: 'inherit', cwd: root });
+if (r.status === 0) r = spawnSync(process.execPath, [cmakeJs, 'build', ...common, ...defines], { stdio: 'inherit', cwd: root });
 if (r.status !== 0) {
   console.error(`moe-ep: the native build failed (exit ${r.status}). With no CUDA toolkit, MOE_EP_CUDA=off builds the CPU-only addon.`);
   process.exit(r.status ?? 1);

@@ -14,6 +14,7 @@ namespace {
 
 Api g_api;
 LoadStatus g_status;
+std::vector<std::string> g_patterns_without_match;  // pip locations searched that held no NCCL
 
 std::vector<std::string> glob_paths(const std::string& pattern) {
   std::vector<std::string> out;
@@ -39,7 +40,9 @@ std::vector<std::string> candidates() {
   for (const auto& root : roots) {
     for (const char* sub : {"/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2",
                             "/lib/python3*/dist-packages/nvidia/nccl/lib/libnccl.so.2"}) {
-      for (auto& p : glob_paths(root + sub)) c.push_back(p);
+      auto found = glob_paths(root + sub);
+      if (found.empty()) g_patterns_without_match.push_back(root + sub);
+      for (auto& p : found) c.push_back(p);
     }
   }
   if (const char* v = std::getenv("CONDA_PREFIX")) c.push_back(std::string(v) + "/lib/libnccl.so.2");
@@ -95,6 +98,7 @@ void load() {
   }
   std::string tried;
   for (auto& at : g_status.attempts) tried += "\n  " + at.path + ": " + at.error;
+  for (auto& p : g_patterns_without_match) tried += "\n  " + p + ": no match";
   g_status.summary = "NCCL (libnccl.so.2) could not be loaded. Tried:" + tried +
                      "\nInstall NCCL (e.g. the libnccl2 package or pip install nvidia-nccl-cu13), or set MOE_EP_NCCL_LIBRARY "
                      "to the library's path.";

@@ -187,7 +187,10 @@ const RuntimeStatus& status() {
 bool available() { return false; }
 DeviceProps device_props(int) { not_built("cuda.deviceProperties"); }
 void require_device(const Device& device, const char* op) {
-  if (device.is_cuda()) not_built(op);
+  if (device.is_cuda())
+    throw_error(ErrorKind::Unavailable, op,
+                cat("device ", device.str(), " is not usable: this moe-ep addon was built without CUDA (nvcc was not found or "
+                    "MOE_EP_CUDA=off at build time); rebuild with the CUDA toolkit installed (npm rebuild moe-ep) or use device 'cpu'"));
 }
 DeviceGuard::DeviceGuard(int) { not_built("cuda.setDevice"); }
 DeviceGuard::~DeviceGuard() {}

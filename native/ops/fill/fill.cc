@@ -41,10 +41,9 @@ uint64_t element_pattern(DType dtype, double value, const char* op) {
 void fill(const Tensor& out, double value) {
   const char* op = "fill";
   require_defined(out, op, "out");
-  require_contiguous(out, op, "out");
   uint64_t pattern = element_pattern(out.dtype(), value, op);
-  MOE_ON_DEVICE(out, op, fill_pattern_cpu(out.raw(), out.numel(), dtype_size(out.dtype()), pattern),
-                fill_pattern_cuda(out.raw(), out.numel(), dtype_size(out.dtype()), pattern, op_stream(out)));
+  if (out.numel() == 0) return;
+  MOE_ON_DEVICE(out, op, fill_pattern_cpu(out, pattern), fill_pattern_cuda(out, pattern, op_stream(out)));
 }
 
 }  // namespace moe::ops

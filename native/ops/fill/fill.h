@@ -1,4 +1,5 @@
 // fill: every element of `out` set to `value` (converted to out's dtype once, on the host).
+// `out` may be a strided view (filling a column of a matrix, say).
 #pragma once
 #include "core/tensor.h"
 
@@ -7,7 +8,7 @@ namespace moe::ops {
 void fill(const Tensor& out, double value);
 
 // The element's bytes, 1, 2, 4 or 8 of them, replicated over the tensor.
-void fill_pattern_cpu(void* out, int64_t numel, int64_t elem_size, uint64_t pattern);
-void fill_pattern_cuda(void* out, int64_t numel, int64_t elem_size, uint64_t pattern, void* stream);
+void fill_pattern_cpu(const Tensor& out, uint64_t pattern);
+void fill_pattern_cuda(const Tensor& out, uint64_t pattern, void* stream);
 
 }  // namespace moe::ops

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One GPU-machine session, run there from the project root through .device/enter:
+#   bash .device/enter bash scripts/device-session.sh [tests] [bench]
+# Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
+# prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
+# Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
+set -uo pipefail
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export MOE_EP_MACHINE=${MOE_EP_MACHINE:-nvidia-h200}
+what=${*:-tests}
+status=0
+step() { echo "=== $1"; }
+
+step "build"
+if ! (time MOE_EP_CUDA=on npm run build:native) > "$OUT/build.log" 2>&1; then
+  echo "build failed"; tail -40 "$OUT/build.log"; exit 1
+fi
+grep -E "moe-ep:|NCCL ABI|real" "$OUT/build.log"
+
+step "info"
+node dist/lib/cli/main.js info | tee "$OUT/info.txt"
+
+if [[ " $what " == *" tests "* ]]; then
+  step "npm run test:gpu"
+  npm run test:gpu -- --reporter=default --reporter=json --outputFile.json="$OUT/gpu-tests.json" > "$OUT/gpu-tests.log" 2>&1 || status=1
+  tail -8 "$OUT/gpu-tests.log"
+  MOE_EP_TEST_COMMAND="npm run test:gpu" node scripts/gpu-test-summary.mjs "$OUT/gpu-tests.json" "$OUT/gpu-tests-summary.json"
+  step "whole suite with the GPU present"
+  MOE_EP_REQUIRE_GPU=1 npx vitest run --reporter=default --reporter=json --outputFile.json="$OUT/all-tests.json" > "$OUT/all-tests.log" 2>&1 || status=1
+  tail -8 "$OUT/all-tests.log"
+  MOE_EP_TEST_COMMAND="MOE_EP_REQUIRE_GPU=1 npx vitest run" node scripts/gpu-test-summary.mjs "$OUT/all-tests.json" "$OUT/all-tests-summary.json"
+fi
+
+if [[ " $what " == *" bench "* ]]; then
+  step "benchmarks"
+  for b in benchmarks/*.bench.mjs; do
+    [[ -e $b ]] || continue
+    node "$b" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+  done
+fi
+exit $status

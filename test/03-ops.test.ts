@@ -1,0 +1,126 @@
+// The CPU reference ops against float64 loops written here, on fresh random inputs, with outputs
+// poisoned before each run so an unwritten element fails.
+import { describe, expect, it } from 'vitest';
+
+import { type DType, ops, Tensor } from '../lib/index.js';
+import { f32, freshSeed, poisoned, relErr, tolerance, values } from './helpers.js';
+
+const cpu = 'cpu' as const;
+const floatTypes: DType[] = ['f32', 'bf16', 'f16'];
+
+function randomInput(shape: number[], dtype: DType, low = -2, high = 2): Tensor {
+  using f = Tensor.rand(shape, { seed: freshSeed(), low, high, device: cpu });
+  return f.cast(dtype);
+}
+
+/** The float64 value the addon should produce for a result stored in `dtype`: rounded via a cast. */
+function roundTo(ref: number[], dtype: DType): number[] {
+  using t = Tensor.fromArray(Float32Array.from(ref), { device: cpu });
+  return t.cast(dtype).toNumbers();
+}
+
+describe.each(floatTypes)('elementwise %s', (dtype) => {
+  it('add with alpha, mul, scale, and a broadcast bias', () => {
+    using a = randomInput([37, 53], dtype);
+    using b = randomInput([37, 53], dtype);
+    using bias = randomInput([53], dtype);
+    const av = values(a);
+    const bv = values(b);
+    const biasv = values(bias);
+    const cases: [string, (out: Tensor) => void, number[]][] = [
+      ['add', (out) => ops.add(a, b, { out, alpha: -0.5 }), av.map((x, i) => f32(x + f32(-0.5 * (bv[i] as number))))],
+      ['mul', (out) => ops.mul(a, b, { out }), av.map((x, i) => f32(x * (bv[i] as number)))],
+      ['scale', (out) => ops.scale(a, 3.25, { out }), av.map((x) => f32(3.25 * x))],
+      ['bias', (out) => ops.add(a, bias, { out }), av.map((x, i) => f32(x + (biasv[i % 53] as number)))],
+    ];
+    for (const [name, run, ref] of cases) {
+      using out = poisoned([37, 53], dtype, cpu);
+      run(out);
+      // The op computes in fp32 and rounds once into dtype: exact agreement with the oracle.
+      expect(values(out), name).toEqual(roundTo(ref, dtype));
+    }
+  });
+});
+
+describe('elementwise integers', () => {
+  it('adds and multiplies i32 and i64 exactly', () => {
+    for (const dtype of ['i32', 'i64'] as const) {
+      using a = Tensor.fromArray([1, -2, 3, 40000], { dtype, device: cpu });
+      using b = Tensor.fromArray([5, 6, -7, 40000], { dtype, device: cpu });
+      expect(ops.add(a, b, { alpha: 2 }).toNumbers()).toEqual([11, 10, -11, 120000]);
+      expect(ops.mul(a, b).toNumbers()).toEqual([5, -12, -21, 1_600_000_000]);
+    }
+  });
+});
+
+describe.each(floatTypes)('reductions %s', (dtype) => {
+  it.each([0, 1, 2, -1])('sum and max over dim %i', (dim) => {
+    const shape = [5, 17, 9];
+    using a = randomInput(shape, dtype);
+    const av = values(a);
+    const d = dim < 0 ? dim + 3 : dim;
+    const outShape = shape.filter((_, i) => i !== d);
+    const n = shape[d] as number;
+    const inner = shape.slice(d + 1).reduce((x, y) => x * y, 1);
+    const outer = shape.slice(0, d).reduce((x, y) => x * y, 1);
+    const sumRef: number[] = [];
+    const maxRef: number[] = [];
+    for (let o = 0; o < outer; o++)
+      for (let k = 0; k < inner; k++) {
+        let s = 0;
+        let m = -Infinity;
+        for (let j = 0; j < n; j++) {
+          const v = av[(o * n + j) * inner + k] as number;
+          s += v;
+          m = Math.max(m, v);
+        }
+        sumRef.push(s);
+        maxRef.push(m);
+      }
+    using s = poisoned(outShape, 'f32', cpu);
+    ops.sum(a, dim, { out: s });
+    expect(relErr(values(s), sumRef)).toBeLessThan(1e-6);
+    using m = poisoned(outShape, dtype, cpu);
+    ops.max(a, dim, { out: m });
+    expect(values(m)).toEqual(maxRef);
+  });
+});
+
+describe('reductions, edge cases', () => {
+  it('max propagates NaN; sums integers exactly', () => {
+    using a = Tensor.fromArray([1, NaN, 3, 4, 5, 6], { shape: [2, 3], device: cpu });
+    const m = ops.max(a, 1).toNumbers();
+    expect(Number.isNaN(m[0])).toBe(true);
+    expect(m[1]).toBe(6);
+    using i = Tensor.fromArray([2 ** 31 - 1, 1, 5], { dtype: 'i64', device: cpu });
+    expect(ops.sum(i, 0).toNumbers()).toEqual([2 ** 31 + 5]);
+  });
+});
+
+describe('matmul', () => {
+  it.each([
+    ['f32', 'f32'],
+    ['bf16', 'f32'],
+    ['bf16', 'bf16'],
+    ['f16', 'f32'],
+  ] as const)('%s inputs into %s, plain and transposed views, with accumulate', (inType, outType) => {
+    const [M, K, N] = [23, 41, 19];
+    using a = randomInput([M, K], inType);
+    using bt = randomInput([N, K], inType); // b = btᵀ, a strided view
+    using b = bt.transpose();
+    const av = values(a);
+    const btv = values(bt);
+    const ref: number[] = [];
+    for (let m = 0; m < M; m++)
+      for (let n = 0; n < N; n++) {
+        let s = 0;
+        for (let k = 0; k < K; k++) s += (av[m * K + k] as number) * (btv[n * K + k] as number);
+        ref.push(s);
+      }
+    using out = poisoned([M, N], outType, cpu);
+    ops.matmul(a, b, { out });
+    expect(relErr(values(out), ref)).toBeLessThan(outType === 'f32' ? 1e-6 : tolerance[outType]);
+    ops.matmul(a, b, { out, accumulate: true });
+    expect(relErr(values(out), ref.map((x) => 2 * x))).toBeLessThan(outType === 'f32' ? 1e-6 : tolerance[outType]);
+  });
+});

@@ -1,0 +1,90 @@
+// The addon loads with no GPU, driver or NCCL; what is missing is reported with where it looked;
+// `moe-ep info` describes the installation. Run in child processes, as a user would.
+import { execFileSync, spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+
+import { describe, expect, it } from 'vitest';
+
+import { UnavailableError } from '../lib/index.js';
+import { native, packageRoot } from '../lib/native.js';
+
+const root = packageRoot();
+const cli = join(root, 'dist', 'lib', 'cli', 'main.js');
+
+function run(args: string[], env: Record<string, string> = {}): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [cli, ...args], { env: { ...process.env, ...env }, encoding: 'utf8' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('moe-ep info', () => {
+  it('reports the backend, the GPUs or why there are none, NCCL and MPI', () => {
+    const r = run(['info']);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^moe-ep \d+\.\d+\.\d+/);
+    expect(r.stdout).toMatch(/backend +(cuda|cpu)/);
+    if (native().cudaStatus().deviceCount === 0) expect(r.stdout).toMatch(/GPUs +none: .+/);
+    else expect(r.stdout).toMatch(/GPU 0 +.+compute capability \d\.\d/);
+    expect(r.stdout).toMatch(/NCCL +(\d+\.\d+\.\d+ from \/|not loaded: )/);
+    expect(r.stdout).toMatch(/MPI +/);
+  });
+
+  it('--json gives the same facts as data', () => {
+    const r = run(['info', '--json']);
+    expect(r.status, r.stderr).toBe(0);
+    const i = JSON.parse(r.stdout) as { addon: { backend: string }; cuda: { devices: unknown[]; unavailable: string } };
+    expect(['cpu', 'cuda']).toContain(i.addon.backend);
+    if (i.cuda.devices.length === 0) expect(i.cuda.unavailable.length).toBeGreaterThan(10);
+  });
+
+  it('an unknown command fails with usage', () => {
+    const r = run(['frobnicate']);
+    expect(r.status).toBe(2);
+    expect(r.stderr).toMatch(/unknown command 'frobnicate'[\s\S]*usage: moe-ep/);
+  });
+});
+
+describe('loading the addon', () => {
+  it('a bad MOE_EP_ADDON path gives one error with possible solutions', () => {
+    const r = run(['info'], { MOE_EP_ADDON: '/nonexistent/moe_ep.node' });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/native addon could not be loaded[\s\S]*MOE_EP_ADDON=\/nonexistent[\s\S]*Possible solutions/);
+  });
+
+  it('loads with no GPU visible and says so', () => {
+    const out = execFileSync(
+      process.execPath,
+      ['--input-type=module', '-e', `import { info } from ${JSON.stringify(join(root, 'dist/lib/index.js'))}; console.log(JSON.stringify(info().cuda));`],
+      { env: { ...process.env, CUDA_VISIBLE_DEVICES: '' }, encoding: 'utf8' },
+    );
+    const c = JSON.parse(out) as { devices: unknown[]; unavailable: string };
+    expect(c.devices).toEqual([]);
+    expect(c.unavailable).toMatch(/no CUDA device|no NVIDIA driver|without CUDA|driver/);
+  });
+});
+
+describe('NCCL', () => {
+  it('when missing, the error says what is missing and every place it looked', () => {
+    const script = `import { native } from ${JSON.stringify(join(root, 'dist/lib/native.js'))};
+      try { native().requireNccl(); console.log('loaded'); } catch (e) { console.log(e.constructor.name + '\\n' + e.message); }`;
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', script], {
+      env: { ...process.env, MOE_EP_NCCL_LIBRARY: '/nonexistent/libnccl.so.2' },
+      encoding: 'utf8',
+    });
+    expect(out).toMatch(/^UnavailableError\nnccl: NCCL \(libnccl\.so\.2\) could not be loaded/);
+    expect(out).toMatch(/\/nonexistent\/libnccl\.so\.2: .*No such file/);
+    expect(out).toMatch(/MOE_EP_NCCL_LIBRARY/);
+  });
+
+  it('the default search tries the system path, then pip and conda locations', () => {
+    const s = native().ncclStatus();
+    if (s.loaded) {
+      expect(s.version).toBeGreaterThan(20000);
+      return;
+    }
+    expect(s.attempts[0]?.path).toBe('libnccl.so.2');
+    expect(s.attempts.map((a) => a.path)).toContain('/opt/conda/lib/libnccl.so.2');
+    expect(s.error).toMatch(/site-packages\/nvidia\/nccl\/lib\/libnccl\.so\.2: no match/);
+    expect(s.error).toMatch(/pip install nvidia-nccl/);
+    expect(() => native().requireNccl()).toThrow(UnavailableError);
+  });
+});

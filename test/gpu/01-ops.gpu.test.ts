@@ -1,0 +1,160 @@
+// Every CUDA op against the CPU reference on fresh random inputs, outputs poisoned before each run;
+// live device bytes back at their baseline after each test.
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+
+import { type DType, memoryStats, ops, Tensor } from '../../lib/index.js';
+import { freshSeed, poisoned, relErr, tolerance, values } from '../helpers.js';
+import { hasGpu } from './gpu.js';
+
+const gpu = 'cuda:0' as const;
+const cpu = 'cpu' as const;
+const floatTypes: DType[] = ['f32', 'bf16', 'f16'];
+
+/** The same random values on both devices (drawn on the CPU, copied over). */
+function pair(shape: number[], dtype: DType, low = -2, high = 2): [Tensor, Tensor] {
+  using f = Tensor.rand(shape, { seed: freshSeed(), low, high, device: cpu });
+  const c = f.cast(dtype);
+  return [c, c.to(gpu)];
+}
+
+describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+  });
+  afterEach(() => {
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(['f32', 'bf16', 'f16', 'i32', 'i64', 'u8', 'fp8e4m3'] as DType[])('fill %s, contiguous and strided', (dtype) => {
+    const value = dtype === 'u8' ? 200 : dtype.startsWith('i') ? -77 : 1.375;
+    for (const shape of [[1000, 300], [7, 1], [0, 5]]) {
+      using g = poisoned(shape, dtype, gpu);
+      g.fill_(value);
+      expect(new Set(g.toNumbers()).size <= 1 && g.toNumbers().every((v) => v === value)).toBe(true);
+    }
+    using m = poisoned([64, 48], dtype, gpu);
+    using col = m.narrow(1, 5, 3);
+    col.fill_(value);
+    using c = poisoned([64, 48], dtype, cpu);
+    using ccol = c.narrow(1, 5, 3);
+    ccol.fill_(value);
+    expect(Array.from(m.toArray() as ArrayLike<unknown>)).toEqual(Array.from(c.toArray() as ArrayLike<unknown>));
+  });
+
+  it('copy and cast between every pair of dtypes, strided sources and destinations', () => {
+    const types: DType[] = ['f32', 'bf16', 'f16', 'fp8e4m3', 'i32', 'i64', 'u8'];
+    for (const from of types) {
+      using f = Tensor.rand([37, 129], { seed: freshSeed(), low: 0, high: 100, device: cpu });
+      using src = f.cast(from);
+      using gsrc = src.to(gpu);
+      for (const to of types) {
+        using g = poisoned([129, 37], to, gpu);
+        g.copy_(gsrc.transpose());
+        using c = poisoned([129, 37], to, cpu);
+        c.copy_(src.transpose());
+        expect(Array.from(g.toArray() as ArrayLike<unknown>), `${from} -> ${to}`).toEqual(Array.from(c.toArray() as ArrayLike<unknown>));
+      }
+    }
+  });
+
+  it('moves data cpu -> cuda -> cpu unchanged, including strided views', () => {
+    using a = Tensor.randn([333, 77], { seed: freshSeed(), device: cpu });
+    using g = a.to(gpu);
+    expect(g.device.toString()).toBe('cuda:0');
+    expect(g.toNumbers()).toEqual(a.toNumbers());
+    using gt = g.transpose().to(cpu);
+    using at = a.transpose().contiguous();
+    expect(gt.toNumbers()).toEqual(at.toNumbers());
+    using back = Tensor.zeros([77, 333], { device: gpu });
+    back.copy_(a.transpose()); // host strided -> device contiguous
+    expect(back.toNumbers()).toEqual(at.toNumbers());
+  });
+
+  it.each(floatTypes)('random %s: the same bits as the CPU for uniform, rounding-close for normal', (dtype) => {
+    const seed = freshSeed();
+    for (const [kind, opts] of [['rand', { low: -3, high: 5 }], ['randn', { mean: 0.5, std: 2 }]] as const) {
+      using g = poisoned([1000, 301], dtype, gpu);
+      using c = poisoned([1000, 301], dtype, cpu);
+      const fill = (t: Tensor): Tensor => (kind === 'rand' ? t.random_(0, opts.low!, opts.high!, seed) : t.random_(1, opts.mean!, opts.std!, seed));
+      void fill(g);
+      void fill(c);
+      const err = relErr(values(g), values(c));
+      if (kind === 'rand') expect(err).toBe(0);
+      else expect(err).toBeLessThan(dtype === 'f32' ? 1e-6 : tolerance[dtype]);
+    }
+  });
+
+  describe.each(floatTypes)('%s', (dtype) => {
+    it.each([[1000, 300], [4096, 1024], [7, 5]])('add, mul, scale and bias on [%i, %i]', (rows, cols) => {
+      const [a, ga] = pair([rows, cols], dtype);
+      const [b, gb] = pair([rows, cols], dtype);
+      const [bias, gbias] = pair([cols], dtype);
+      const runs: [string, (x: Tensor, y: Tensor, z: Tensor, out: Tensor) => void][] = [
+        ['add', (x, y, _z, out) => ops.add(x, y, { out, alpha: 0.75 })],
+        ['mul', (x, y, _z, out) => ops.mul(x, y, { out })],
+        ['scale', (x, _y, _z, out) => ops.scale(x, -1.5, { out })],
+        ['bias', (x, _y, z, out) => ops.add(x, z, { out })],
+      ];
+      for (const [name, run] of runs) {
+        using go = poisoned([rows, cols], dtype, gpu);
+        using co = poisoned([rows, cols], dtype, cpu);
+        run(ga, gb, gbias, go);
+        run(a, b, bias, co);
+        // Same fp32 arithmetic in the same order, one rounding into dtype: bit-identical.
+        expect(values(go), name).toEqual(values(co));
+      }
+      for (const t of [a, ga, b, gb, bias, gbias]) t.dispose();
+    });
+
+    it.each([[0], [1], [2]])('sum and max over dim %i of [33, 1000, 7] and rows of [4096, 7168]', (dim) => {
+      for (const shape of [[33, 1000, 7], [4096, 7168]]) {
+        if (dim >= shape.length) continue;
+        const [a, ga] = pair(shape, dtype);
+        const outShape = shape.filter((_, i) => i !== dim);
+        for (const [name, reduce, outType] of [
+          ['sum', ops.sum, 'f32'],
+          ['max', ops.max, dtype],
+        ] as const) {
+          using go = poisoned(outShape, outType, gpu);
+          using co = poisoned(outShape, outType, cpu);
+          reduce(ga, dim, { out: go });
+          reduce(a, dim, { out: co });
+          const err = relErr(values(go), values(co));
+          expect(err, `${name} ${shape}`).toBeLessThan(name === 'max' ? 1e-12 : 1e-5);
+        }
+        a.dispose();
+        ga.dispose();
+      }
+    });
+
+    it.each([[1000, 300, 257], [128, 2048, 96], [1, 7, 1]])('matmul [%i,%i]·[%i] plain, transposed and accumulating', (M, K, N) => {
+      const [a, ga] = pair([M, K], dtype);
+      const [bt, gbt] = pair([N, K], dtype);
+      for (const outType of ['f32', dtype] as DType[]) {
+        using go = poisoned([M, N], outType, gpu);
+        using co = poisoned([M, N], outType, cpu);
+        ops.matmul(ga, gbt.transpose(), { out: go });
+        ops.matmul(a, bt.transpose(), { out: co });
+        const tol = outType === 'f32' ? 1e-5 : tolerance[outType];
+        expect(relErr(values(go), values(co))).toBeLessThan(tol);
+        ops.matmul(ga, gbt.transpose(), { out: go, accumulate: true });
+        ops.matmul(a, bt.transpose(), { out: co, accumulate: true });
+        expect(relErr(values(go), values(co))).toBeLessThan(tol);
+      }
+      for (const t of [a, ga, bt, gbt]) t.dispose();
+    });
+  });
+
+  it('integer add, mul and reductions match exactly', () => {
+    for (const dtype of ['i32', 'i64'] as const) {
+      using f = Tensor.rand([513, 65], { seed: freshSeed(), low: -1000, high: 1000, device: cpu });
+      using a = f.cast(dtype);
+      using ga = a.to(gpu);
+      expect(ops.add(ga, ga, { alpha: 3 }).toNumbers()).toEqual(ops.add(a, a, { alpha: 3 }).toNumbers());
+      expect(ops.mul(ga, ga).toNumbers()).toEqual(ops.mul(a, a).toNumbers());
+      expect(ops.sum(ga, 0, { dtype: 'i64' }).toNumbers()).toEqual(ops.sum(a, 0, { dtype: 'i64' }).toNumbers());
+      expect(ops.max(ga, 1).toNumbers()).toEqual(ops.max(a, 1).toNumbers());
+    }
+  });
+});

@@ -1,0 +1,75 @@
+// Shared test helpers: independent float64 oracles and comparison by relative norm.
+import { type DType, type DeviceLike, memoryStats, Tensor } from '../lib/index.js';
+
+/** ‖out − ref‖ / ‖ref‖ (or ‖out‖ when ref is all zeros). NaN anywhere gives Infinity. */
+export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
+  if (out.length !== ref.length) throw new Error(`length ${out.length} vs ${ref.length}`);
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < out.length; i++) {
+    const o = out[i] as number;
+    const r = ref[i] as number;
+    if (Number.isNaN(o) !== Number.isNaN(r)) return Infinity;
+    if (Number.isNaN(o)) continue;
+    num += (o - r) ** 2;
+    den += r * r;
+  }
+  return den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
+}
+
+/** Relative-norm tolerance for results stored in a dtype. */
+export const tolerance: Record<DType, number> = { f32: 1e-5, bf16: 1e-2, f16: 2e-3, fp8e4m3: 1e-1, i32: 0, i64: 0, u8: 0 };
+
+/** A tensor of `dtype` filled with NaN (floats) or an unlikely integer, so unwritten outputs show. */
+export function poisoned(shape: readonly number[], dtype: DType, device: DeviceLike): Tensor {
+  const floating = dtype === 'f32' || dtype === 'bf16' || dtype === 'f16' || dtype === 'fp8e4m3';
+  return Tensor.full(shape, floating ? NaN : dtype === 'u8' ? 173 : -123456, { dtype, device });
+}
+
+/** A fresh random seed per call, logged on failure through the test name. */
+let seedCounter = Date.now() % 1_000_000;
+export function freshSeed(): number {
+  return seedCounter++;
+}
+
+/** Runs fn and checks that live bytes on `device` are back at their starting value afterwards. */
+export function expectNoLeak(device: DeviceLike, fn: () => void): void {
+  const before = memoryStats(device).liveBytes;
+  fn();
+  const after = memoryStats(device).liveBytes;
+  if (after !== before) throw new Error(`live bytes on ${String(device)} went from ${before} to ${after}`);
+}
+
+/** Decodes bf16 bits in float64 (independent of the addon). */
+export function bf16ToNumber(bits: number): number {
+  const f = new Float32Array(new Uint32Array([bits << 16]).buffer);
+  return f[0] as number;
+}
+
+/** Decodes IEEE half bits in float64. */
+export function f16ToNumber(bits: number): number {
+  const s = bits & 0x8000 ? -1 : 1;
+  const e = (bits >> 10) & 0x1f;
+  const m = bits & 0x3ff;
+  if (e === 0x1f) return m ? NaN : s * Infinity;
+  if (e === 0) return s * m * 2 ** -24;
+  return s * (1 + m / 1024) * 2 ** (e - 15);
+}
+
+/** Decodes OCP fp8 e4m3fn bits in float64. */
+export function fp8ToNumber(bits: number): number {
+  const s = bits & 0x80 ? -1 : 1;
+  const e = (bits >> 3) & 0xf;
+  const m = bits & 0x7;
+  if (e === 0xf && m === 0x7) return NaN;
+  if (e === 0) return s * m * 2 ** -9;
+  return s * (1 + m / 8) * 2 ** (e - 7);
+}
+
+/** Rounds a float64 to float32, the precision the addon's f32 results carry. */
+export const f32 = Math.fround;
+
+/** Row-major values of a tensor as plain numbers. */
+export function values(t: Tensor): number[] {
+  return Array.from(t.toFloat32Array());
+}
