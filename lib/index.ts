@@ -16,4 +16,4 @@ export { formatInfo, type Info, info } from './info.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
 export * as ops from './ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';
-export { type CreateOptions, manualSeed, type RandomOptions, Tensor } from './tensor.js';
+export { type CreateOptions, keep, manualSeed, type RandomOptions, Tensor, tidy } from './tensor.js';

@@ -31,6 +31,56 @@ function numelOf(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
 }
 
+/**
+ * Open tidy() scopes, innermost last. Every tensor created while a scope is open is recorded in it,
+ * so tidy() can dispose the intermediates that the function did not return.
+ */
+const scopes: Set<Tensor>[] = [];
+
+function tensorsIn(value: unknown, found: Set<Tensor>, depth = 0): Set<Tensor> {
+  if (value instanceof Tensor) found.add(value);
+  else if (depth < 4 && value !== null && typeof value === 'object') {
+    for (const v of Array.isArray(value) ? value : Object.values(value)) tensorsIn(v, found, depth + 1);
+  }
+  return found;
+}
+
+/**
+ * Runs `fn` and disposes every tensor created inside it except those it returns (a tensor, or
+ * tensors inside a returned array or plain object) and those passed to keep(). Intermediates such
+ * as views created inline (`a.transpose()`) are released too. Scopes nest; `fn` must be synchronous.
+ */
+export function tidy<T>(fn: () => T): T {
+  const scope = new Set<Tensor>();
+  scopes.push(scope);
+  let result: T;
+  try {
+    result = fn();
+  } catch (e) {
+    scopes.pop();
+    for (const t of scope) t.dispose();
+    throw e;
+  }
+  scopes.pop();
+  if (result instanceof Promise) {
+    for (const t of scope) t.dispose();
+    throw new TypeError('tidy: the function returned a promise; tidy scopes are synchronous');
+  }
+  const kept = tensorsIn(result, new Set());
+  const parent = scopes[scopes.length - 1];
+  for (const t of scope) {
+    if (!kept.has(t)) t.dispose();
+    else parent?.add(t);
+  }
+  return result;
+}
+
+/** Exempts a tensor from disposal by the enclosing tidy() scopes. */
+export function keep<T extends Tensor>(t: T): T {
+  for (const s of scopes) s.delete(t);
+  return t;
+}
+
 /** The global random stream: calls without an explicit seed draw consecutive counters from it. */
 const generator = { seed: 0x5eed, offset: 0 };
 
@@ -58,6 +108,7 @@ export class Tensor implements Disposable {
     this.dtype = dtypeFromCode(d.dtype);
     this.device = d.deviceType === 0 ? Device.cpu : Device.cuda(d.deviceIndex);
     this.isContiguous = d.contiguous;
+    scopes[scopes.length - 1]?.add(this);
   }
 
   // ------------------------------------------------------------------------------ creation

@@ -1,7 +1,7 @@
 // Tensors: creation, round trips for every dtype, views sharing storage, copies, lifetime.
 import { describe, expect, it } from 'vitest';
 
-import { DisposedError, DTYPES, memoryStats, Tensor } from '../lib/index.js';
+import { DisposedError, DTYPES, keep, memoryStats, ops, Tensor, tidy } from '../lib/index.js';
 import { expectNoLeak, freshSeed } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -153,5 +153,32 @@ describe('lifetime', () => {
       void b;
     });
     expect(memoryStats(cpu).allocations).toBe(before.allocations + 2);
+  });
+
+  it('tidy disposes intermediates, keeps what is returned or kept, and cleans up on throw', () => {
+    const base = memoryStats(cpu).liveBytes;
+    let kept: Tensor | undefined;
+    const [y, pair] = tidy(() => {
+      const a = Tensor.rand([8, 8], { device: cpu });
+      const b = ops.matmul(a, a.transpose()); // the transpose view is an intermediate
+      kept = keep(Tensor.zeros([2], { device: cpu }));
+      const inner = tidy(() => ops.scale(b, 2));
+      return [ops.add(inner, b), { s: ops.sum(b, 0) }] as const;
+    });
+    expect(y.disposed).toBe(false);
+    expect(pair.s.disposed).toBe(false);
+    expect(kept?.disposed).toBe(false);
+    expect(memoryStats(cpu).liveBytes - base).toBe(256 + 64 + 64); // host blocks round up to 64 bytes
+    y.dispose();
+    pair.s.dispose();
+    kept?.dispose();
+    expect(memoryStats(cpu).liveBytes).toBe(base);
+    expect(() =>
+      tidy(() => {
+        Tensor.zeros([100], { device: cpu });
+        throw new Error('boom');
+      }),
+    ).toThrow('boom');
+    expect(memoryStats(cpu).liveBytes).toBe(base);
   });
 });

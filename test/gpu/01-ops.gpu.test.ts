@@ -50,9 +50,11 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
       using gsrc = src.to(gpu);
       for (const to of types) {
         using g = poisoned([129, 37], to, gpu);
-        g.copy_(gsrc.transpose());
+        using gsrcT = gsrc.transpose();
+        g.copy_(gsrcT);
         using c = poisoned([129, 37], to, cpu);
-        c.copy_(src.transpose());
+        using srcT = src.transpose();
+        c.copy_(srcT);
         expect(Array.from(g.toArray() as ArrayLike<unknown>), `${from} -> ${to}`).toEqual(Array.from(c.toArray() as ArrayLike<unknown>));
       }
     }
@@ -63,11 +65,13 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
     using g = a.to(gpu);
     expect(g.device.toString()).toBe('cuda:0');
     expect(g.toNumbers()).toEqual(a.toNumbers());
-    using gt = g.transpose().to(cpu);
+    using gView = g.transpose();
+    using gt = gView.to(cpu);
     using at = a.transpose().contiguous();
     expect(gt.toNumbers()).toEqual(at.toNumbers());
     using back = Tensor.zeros([77, 333], { device: gpu });
-    back.copy_(a.transpose()); // host strided -> device contiguous
+    using aView = a.transpose();
+    back.copy_(aView); // host strided -> device contiguous
     expect(back.toNumbers()).toEqual(at.toNumbers());
   });
 
@@ -131,15 +135,17 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
     it.each([[1000, 300, 257], [128, 2048, 96], [1, 7, 1]])('matmul [%i,%i]·[%i] plain, transposed and accumulating', (M, K, N) => {
       const [a, ga] = pair([M, K], dtype);
       const [bt, gbt] = pair([N, K], dtype);
+      using b = bt.transpose();
+      using gb = gbt.transpose();
       for (const outType of ['f32', dtype] as DType[]) {
         using go = poisoned([M, N], outType, gpu);
         using co = poisoned([M, N], outType, cpu);
-        ops.matmul(ga, gbt.transpose(), { out: go });
-        ops.matmul(a, bt.transpose(), { out: co });
+        ops.matmul(ga, gb, { out: go });
+        ops.matmul(a, b, { out: co });
         const tol = outType === 'f32' ? 1e-5 : tolerance[outType];
         expect(relErr(values(go), values(co))).toBeLessThan(tol);
-        ops.matmul(ga, gbt.transpose(), { out: go, accumulate: true });
-        ops.matmul(a, bt.transpose(), { out: co, accumulate: true });
+        ops.matmul(ga, gb, { out: go, accumulate: true });
+        ops.matmul(a, b, { out: co, accumulate: true });
         expect(relErr(values(go), values(co))).toBeLessThan(tol);
       }
       for (const t of [a, ga, bt, gbt]) t.dispose();
@@ -151,10 +157,15 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
       using f = Tensor.rand([513, 65], { seed: freshSeed(), low: -1000, high: 1000, device: cpu });
       using a = f.cast(dtype);
       using ga = a.to(gpu);
-      expect(ops.add(ga, ga, { alpha: 3 }).toNumbers()).toEqual(ops.add(a, a, { alpha: 3 }).toNumbers());
-      expect(ops.mul(ga, ga).toNumbers()).toEqual(ops.mul(a, a).toNumbers());
-      expect(ops.sum(ga, 0, { dtype: 'i64' }).toNumbers()).toEqual(ops.sum(a, 0, { dtype: 'i64' }).toNumbers());
-      expect(ops.max(ga, 1).toNumbers()).toEqual(ops.max(a, 1).toNumbers());
+      const same = (g: Tensor, c: Tensor): void => {
+        using gg = g;
+        using cc = c;
+        expect(gg.toNumbers()).toEqual(cc.toNumbers());
+      };
+      same(ops.add(ga, ga, { alpha: 3 }), ops.add(a, a, { alpha: 3 }));
+      same(ops.mul(ga, ga), ops.mul(a, a));
+      same(ops.sum(ga, 0, { dtype: 'i64' }), ops.sum(a, 0, { dtype: 'i64' }));
+      same(ops.max(ga, 1), ops.max(a, 1));
     }
   });
 });
