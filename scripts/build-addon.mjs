@@ -8,6 +8,7 @@
 //   MOE_EP_BUILD_JOBS=N       parallel compile jobs (default: number of cores)
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -25,7 +26,8 @@ const buildType = process.env.MOE_EP_BUILD_TYPE ?? 'Release';
 const jobs = process.env.MOE_EP_BUILD_JOBS ?? String(availableParallelism());
 const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
 
-const cmakeJs = join(root, 'node_modules', 'cmake-js', 'bin', 'cmake-js');
+// Resolved like any dependency: inside a consumer's project cmake-js is usually hoisted above us.
+const cmakeJs = createRequire(import.meta.url).resolve('cmake-js/bin/cmake-js');
 const common = ['--directory', root, '--out', cmakeDir, '--config', buildType, '--parallel', jobs];
 const defines = [`--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`];
 console.log(`moe-ep: building the addon (MOE_EP_CUDA=${cuda.toLowerCase()}, ${buildType}, ${jobs} jobs)`);
