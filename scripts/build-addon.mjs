@@ -6,6 +6,7 @@
 //   MOE_EP_CUDA=auto|on|off   CUDA kernels when nvcc is found (auto, the default), required, or never.
 //   MOE_EP_BUILD_TYPE=Release|Debug|RelWithDebInfo
 //   MOE_EP_BUILD_JOBS=N       parallel compile jobs (default: number of cores)
+//   MOE_EP_CMAKE_DIR=path     CMake's build folder (default build/cmake)
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -16,7 +17,7 @@ import { fileURLToPath } from 'node:url';
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const outIndex = process.argv.indexOf('--out');
 const outDir = outIndex > 0 ? resolve(process.argv[outIndex + 1]) : join(root, 'build', 'Release');
-const cmakeDir = join(root, 'build', 'cmake');
+const cmakeDir = resolve(process.env.MOE_EP_CMAKE_DIR ?? join(root, 'build', 'cmake'));
 const cuda = (process.env.MOE_EP_CUDA ?? process.env.npm_config_moe_ep_cuda ?? 'auto').toUpperCase();
 if (!['AUTO', 'ON', 'OFF'].includes(cuda)) {
   console.error(`moe-ep: MOE_EP_CUDA must be auto, on or off (got '${process.env.MOE_EP_CUDA}')`);

@@ -2,8 +2,7 @@
 #include <napi.h>
 
 #include "addon/errors.h"
-#include "addon/ops_binding.h"
-#include "addon/runtime_binding.h"
+#include "addon/registry.h"
 #include "addon/stream_binding.h"
 #include "addon/tensor_binding.h"
 
@@ -22,8 +21,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   TensorHandle::init(env, exports);
   StreamHandle::init(env, exports);
   EventHandle::init(env, exports);
-  init_ops(env, exports);
-  init_runtime(env, exports);
+  for (BindingInit init : binding_inits()) init(env, exports);
   return exports;
 }
 

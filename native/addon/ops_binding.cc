@@ -1,8 +1,8 @@
 // Op bindings: unwrap arguments, call the op. No arithmetic and no policy here.
-#include "addon/ops_binding.h"
 
 #include "addon/args.h"
 #include "addon/errors.h"
+#include "addon/registry.h"
 #include "ops/copy/copy.h"
 #include "ops/elementwise/elementwise.h"
 #include "ops/fill/fill.h"
@@ -71,7 +71,7 @@ Napi::Value random(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void init_ops(Napi::Env env, Napi::Object exports) {
+static void init_ops(Napi::Env env, Napi::Object exports) {
   exports.Set("fill", Napi::Function::New(env, binding<fill>, "fill"));
   exports.Set("copy", Napi::Function::New(env, binding<copy>, "copy"));
   exports.Set("binary", Napi::Function::New(env, binding<binary>, "binary"));
@@ -80,5 +80,7 @@ void init_ops(Napi::Env env, Napi::Object exports) {
   exports.Set("matmul", Napi::Function::New(env, binding<matmul>, "matmul"));
   exports.Set("random", Napi::Function::New(env, binding<random>, "random"));
 }
+
+MOE_REGISTER_BINDING(init_ops);
 
 }  // namespace moe::addon

@@ -1,7 +1,7 @@
-#include "addon/runtime_binding.h"
 
 #include "addon/args.h"
 #include "addon/errors.h"
+#include "addon/registry.h"
 #include "comm/nccl_loader.h"
 #include "core/allocator.h"
 #include "core/cuda_runtime.h"
@@ -113,7 +113,7 @@ Napi::Value require_nccl(const Napi::CallbackInfo& info) {
 
 }  // namespace
 
-void init_runtime(Napi::Env env, Napi::Object exports) {
+static void init_runtime(Napi::Env env, Napi::Object exports) {
   exports.Set("memoryStats", Napi::Function::New(env, binding<memory_stats>, "memoryStats"));
   exports.Set("resetPeakMemory", Napi::Function::New(env, binding<reset_peak>, "resetPeakMemory"));
   exports.Set("emptyCache", Napi::Function::New(env, binding<empty_cache>, "emptyCache"));
@@ -123,5 +123,7 @@ void init_runtime(Napi::Env env, Napi::Object exports) {
   exports.Set("ncclStatus", Napi::Function::New(env, binding<nccl_status>, "ncclStatus"));
   exports.Set("requireNccl", Napi::Function::New(env, binding<require_nccl>, "requireNccl"));
 }
+
+MOE_REGISTER_BINDING(init_runtime);
 
 }  // namespace moe::addon
