@@ -1,0 +1,93 @@
+// Shared by the benchmark scripts (benchmarks/<area>.bench.mjs), run on the GPU machine:
+//   node benchmarks/<area>.bench.mjs [--out DIR] [--quick]
+// - timeCuda(fn): median milliseconds of fn() over repeats, timed with CUDA events after warm-up;
+// - writeInputs(dir, tensors): raw little-endian files plus a manifest, so a Python peer script
+//   times PyTorch on exactly the same inputs in the same run;
+// - runPeer(script, args): runs python3 benchmarks/peers/<script>, which prints one JSON object;
+// - writeResult(area, rows): JSON in --out (default benchmarks/results) with commit, GPU and
+//   versions, and a table printed last.
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { Event, info, synchronize } from '../dist/lib/index.js';
+
+export const args = process.argv.slice(2);
+export const quick = args.includes('--quick');
+const outIndex = args.indexOf('--out');
+export const outDir = outIndex >= 0 ? args[outIndex + 1] : join(import.meta.dirname, 'results');
+
+/** Median ms of fn() on the GPU: warm-up, then `repeats` timed runs each between two events. */
+export function timeCuda(fn, { warmup = 5, repeats = quick ? 10 : 50 } = {}) {
+  for (let i = 0; i < warmup; i++) fn();
+  synchronize('cuda:0');
+  const times = [];
+  for (let i = 0; i < repeats; i++) {
+    const start = new Event('cuda:0', { timing: true });
+    const end = new Event('cuda:0', { timing: true });
+    start.record();
+    fn();
+    end.record();
+    end.synchronize();
+    times.push(start.elapsedTime(end));
+    start.dispose();
+    end.dispose();
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}
+
+/** Writes each tensor's raw bytes to dir/<name>.bin and a manifest (dtype, shape) to dir/inputs.json. */
+export function writeInputs(dir, tensors) {
+  mkdirSync(dir, { recursive: true });
+  const manifest = {};
+  for (const [name, t] of Object.entries(tensors)) {
+    const raw = t.toArray();
+    writeFileSync(join(dir, `${name}.bin`), Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
+    manifest[name] = { dtype: t.dtype, shape: t.shape };
+  }
+  writeFileSync(join(dir, 'inputs.json'), JSON.stringify(manifest));
+}
+
+/** Runs a peer script (benchmarks/peers/<script>) and returns the JSON object it prints last. */
+export function runPeer(script, peerArgs = []) {
+  const out = execFileSync('python3', [join(import.meta.dirname, 'peers', script), ...peerArgs], {
+    encoding: 'utf8',
+    env: { ...process.env, PYTHONUNBUFFERED: '1' },
+    maxBuffer: 64 << 20,
+  });
+  const lines = out.trim().split('\n');
+  return JSON.parse(lines[lines.length - 1]);
+}
+
+/** Versions of what a figure depends on. */
+export function environment() {
+  const i = info();
+  let torch = null;
+  try {
+    torch = execFileSync('python3', ['-c', 'import torch; print(torch.__version__)'], { encoding: 'utf8' }).trim();
+  } catch {
+    torch = null;
+  }
+  return {
+    commit: process.env.MOE_EP_COMMIT ?? 'unknown',
+    date: new Date().toISOString(),
+    gpu: i.cuda.devices.map((d) => d.name).join(', '),
+    driver: i.cuda.driverVersion,
+    cudaRuntime: i.cuda.runtimeVersion,
+    nccl: i.nccl.versionString,
+    node: process.version,
+    torch,
+  };
+}
+
+/** Writes <area>-<commit>.json and prints the rows as a table. */
+export function writeResult(area, rows, notes = {}) {
+  mkdirSync(outDir, { recursive: true });
+  const env = environment();
+  const file = join(outDir, `${area}-${env.commit}.json`);
+  writeFileSync(file, JSON.stringify({ area, ...env, notes, rows }, null, 2) + '\n');
+  console.log(`\n${area} on ${env.gpu} (commit ${env.commit}) -> ${file}`);
+  console.table(rows);
+  return file;
+}
