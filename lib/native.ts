@@ -120,6 +120,17 @@ export interface RawBinding {
   reduce(kind: number, a: TensorHandle, dim: number, out: TensorHandle): void;
   matmul(a: TensorHandle, b: TensorHandle, out: TensorHandle, accumulate: boolean): void;
   random(out: TensorHandle, kind: number, p0: number, p1: number, seed: number, offset: number): void;
+  // grouped GEMM (experts)
+  groupedGemm(
+    mode: number,
+    epilogue: number,
+    a: TensorHandle,
+    b: TensorHandle,
+    offsets: TensorHandle,
+    out: TensorHandle,
+    g: TensorHandle | null,
+    accumulate: boolean,
+  ): void;
   memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
   resetPeakMemory(deviceType: number, deviceIndex: number): void;
   emptyCache(deviceType: number, deviceIndex: number): void;

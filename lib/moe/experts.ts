@@ -1,0 +1,72 @@
+/**
+ * The experts: one SwiGLU FFN per local expert over expert-contiguous rows,
+ *   h = silu(a·W1) ⊙ (a·W3);  out = h·W2,
+ * on the project's grouped GEMM with the activation fused into the first product's epilogue and
+ * its derivative into the backward's.
+ *
+ * Shapes (E local experts, H hidden, F ffn, M rows grouped by offsets [E+1] i32):
+ *   a [M,H] bf16 · w13 [E,H,2F] bf16 (W1 and W3 interleaved by column: 2i ← W1[:,i], 2i+1 ← W3[:,i])
+ *   → g [M,2F] (saved pre-activations), h [M,F] · w2 [E,F,H] → out [M,H]
+ */
+import { invalidArgument } from '../errors.js';
+import { Tensor, tidy } from '../tensor.js';
+import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
+
+export interface ExpertsForward {
+  out: Tensor;
+  /** Saved for backward: pre-activations [M,2F] and activations [M,F]. */
+  g: Tensor;
+  h: Tensor;
+}
+
+export interface ExpertsGrads {
+  dA: Tensor;
+  dW13: Tensor;
+  dW2: Tensor;
+}
+
+/** Interleaves W1 and W3 [E,H,F] (any device, bf16 or f32) into the w13 layout [E,H,2F]. */
+export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
+  if (w1.ndim !== 3 || w1.shape.join() !== w3.shape.join()) {
+    invalidArgument('interleaveW13', `'w1' and 'w3' must both be [E,H,F], got [${w1.shape}] and [${w3.shape}]`);
+  }
+  const [E, H, F] = w1.shape as [number, number, number];
+  const w13 = Tensor.empty([E, H, 2 * F], { dtype: w1.dtype, device: w1.device });
+  tidy(() => {
+    // A [E,H,F,2] view of w13: slot 0 takes W1, slot 1 takes W3.
+    const pairs = w13.view(E, H, F, 2);
+    pairs.narrow(3, 0, 1).copy_(w1.view(E, H, F, 1));
+    pairs.narrow(3, 1, 1).copy_(w3.view(E, H, F, 1));
+  });
+  return w13;
+}
+
+/**
+ * Forward over expert-contiguous rows. Saved activations take a's dtype (bf16 on the GPU; f32 is
+ * accepted on the CPU, where the reference runs in f32 for gradient checks).
+ */
+export function expertsForward(a: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor): ExpertsForward {
+  const M = a.shape[0] as number;
+  const F2 = w13.shape[2] as number;
+  const g = Tensor.empty([M, F2], { dtype: a.dtype, device: a.device });
+  const h = Tensor.empty([M, F2 / 2], { dtype: a.dtype, device: a.device });
+  groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, offsets, h, g);
+  const out = groupedGemm('NN', h, w2, offsets);
+  return { out, g, h };
+}
+
+/** Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32. */
+export function expertsBackward(dOut: Tensor, a: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor, saved: { g: Tensor; h: Tensor }): ExpertsGrads {
+  const M = a.shape[0] as number;
+  const dG = Tensor.empty([M, w13.shape[2] as number], { dtype: a.dtype, device: a.device });
+  try {
+    // dh = dOut · W2ᵀ, with dSwiGLU fused: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1)
+    groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, offsets, dG, saved.g);
+    const dA = groupedGemm('NT', dG, w13, offsets);
+    const dW13 = groupedGemm('TN', a, dG, offsets, { dtype: 'f32' });
+    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, { dtype: 'f32' });
+    return { dA, dW13, dW2 };
+  } finally {
+    dG.dispose();
+  }
+}

@@ -1,0 +1,64 @@
+/**
+ * Grouped GEMM: rows grouped by expert (offsets [E+1] i32, on the same device), each group times
+ * its own matrix. bf16 operands (f32 accepted on the CPU), fp32 accumulation, no host sync.
+ *
+ *   'NN'  out[M,N]   = a[M,K] · b_e[K,N]     b [E,K,N]      forward
+ *   'NT'  out[M,K]   = a[M,N] · b_eᵀ         b [E,K,N]      dA = dC · Wᵀ
+ *   'TN'  out[E,K,N] : out_e = a_eᵀ · b_e    a [M,K], b [M,N]  dW (inner dim = each group's rows)
+ *
+ * See native/ops/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
+ */
+import { type DType } from '../dtype.js';
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { Tensor } from '../tensor.js';
+
+export type GemmMode = 'NN' | 'NT' | 'TN';
+const modeCode: Record<GemmMode, number> = { NN: 0, NT: 1, TN: 2 };
+export const Epilogue = { Store: 0, SwiGLU: 1, DSwiGLU: 2 } as const;
+export type Epilogue = (typeof Epilogue)[keyof typeof Epilogue];
+
+export interface GroupedGemmOptions {
+  out?: Tensor;
+  /** Output dtype when `out` is not given (default: a's dtype). */
+  dtype?: DType;
+  /** out += result (f32 out only). */
+  accumulate?: boolean;
+}
+
+function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number[] {
+  const E = (offsets.shape[0] ?? 1) - 1;
+  if (mode === 'TN') return [E, a.shape[1] ?? 0, b.shape[1] ?? 0];
+  if (mode === 'NN') return [a.shape[0] ?? 0, b.shape[2] ?? 0];
+  return [a.shape[0] ?? 0, b.shape[1] ?? 0];
+}
+
+export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
+  const op = 'groupedGemm';
+  if (!(mode in modeCode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
+  for (const [name, t] of [['a', a], ['b', b], ['offsets', offsets]] as const) {
+    if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor`);
+  }
+  if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
+  const out = options.out ?? Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
+  try {
+    native().groupedGemm(modeCode[mode], Epilogue.Store, a.handle, b.handle, offsets.handle, out.handle, null, options.accumulate ?? false);
+  } catch (e) {
+    if (!options.out) out.dispose();
+    throw e;
+  }
+  return out;
+}
+
+/** @internal The fused SwiGLU forward and dSwiGLU backward products (experts.ts). */
+export function groupedGemmEpilogue(
+  mode: GemmMode,
+  epilogue: Epilogue,
+  a: Tensor,
+  b: Tensor,
+  offsets: Tensor,
+  out: Tensor,
+  g: Tensor | null,
+): void {
+  native().groupedGemm(modeCode[mode], epilogue, a.handle, b.handle, offsets.handle, out.handle, g ? g.handle : null, false);
+}

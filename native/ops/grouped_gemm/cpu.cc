@@ -1,0 +1,94 @@
+#include <vector>
+
+#include "ops/common/convert.h"
+#include "ops/grouped_gemm/grouped_gemm.h"
+#include "ops/grouped_gemm/swiglu.h"
+
+namespace moe::ops {
+
+namespace {
+
+// Reads group boundaries and checks them: the CPU path can afford to (the GPU path clamps).
+std::vector<int64_t> read_offsets(const GroupedGemm& g, int64_t M) {
+  const int32_t* o = g.offsets.data<int32_t>();
+  int64_t n = g.offsets.size(0);
+  std::vector<int64_t> off(static_cast<size_t>(n));
+  for (int64_t e = 0; e < n; ++e) {
+    off[size_t(e)] = o[e];
+    MOE_ARG_CHECK(o[e] >= 0 && o[e] <= M && (e == 0 || o[e] >= o[e - 1]), "groupedGemm", "'offsets' must rise from 0 to at most ", M,
+                  "; entry ", e, " is ", o[e], e > 0 ? cat(" after ", o[e - 1]) : std::string());
+  }
+  MOE_ARG_CHECK(off[0] == 0, "groupedGemm", "'offsets' must start at 0, got ", off[0]);
+  return off;
+}
+
+template <typename T> float ld(const T* p, int64_t i) { return to_float(p[i]); }
+
+template <typename T, typename O>
+void run(const GroupedGemm& g) {
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
+  auto off = read_offsets(g, M);
+  const T* A = g.a.data<T>();
+  const T* B = g.b.data<T>();
+  if (g.mode == GemmMode::TN) {
+    const int64_t K = g.a.size(1), N = g.b.size(1);
+    O* out = g.out.data<O>();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t i = 0; i < K; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          double acc = 0;
+          for (int64_t t = off[size_t(e)]; t < off[size_t(e) + 1]; ++t) acc += double(ld(A, t * K + i)) * double(ld(B, t * N + n));
+          int64_t idx = (e * K + i) * N + n;
+          out[idx] = from_float<O>(float(acc + (g.accumulate ? double(to_float(out[idx])) : 0.0)));
+        }
+    return;
+  }
+  const int64_t K = g.b.size(1), N = g.b.size(2);
+  const bool nt = g.mode == GemmMode::NT;
+  const int64_t inner = nt ? N : K, cols = nt ? K : N;
+  std::vector<float> row(static_cast<size_t>(cols));
+  for (int64_t e = 0; e < E; ++e) {
+    const T* Be = B + e * K * N;
+    for (int64_t m = off[size_t(e)]; m < off[size_t(e) + 1]; ++m) {
+      for (int64_t c = 0; c < cols; ++c) {
+        double acc = 0;
+        for (int64_t k = 0; k < inner; ++k) acc += double(ld(A, m * inner + k)) * double(ld(Be, nt ? c * N + k : k * N + c));
+        row[size_t(c)] = float(acc);
+      }
+      if (g.epilogue == GemmEpilogue::Store) {
+        O* out = g.out.data<O>() + m * cols;
+        for (int64_t c = 0; c < cols; ++c) out[c] = from_float<O>(row[size_t(c)] + (g.accumulate ? to_float(out[c]) : 0.0f));
+      } else if (g.epilogue == GemmEpilogue::SwiGLU) {
+        // h from the fp32 accumulators, as the kernel does; g stored in out's dtype (bf16 on the GPU).
+        O* h = g.out.data<O>() + m * (cols / 2);
+        O* saved = g.aux.defined() ? g.aux.data<O>() + m * cols : nullptr;
+        for (int64_t i = 0; i < cols / 2; ++i) {
+          h[i] = from_float<O>(silu(row[size_t(2 * i)]) * row[size_t(2 * i + 1)]);
+          if (saved) { saved[2 * i] = from_float<O>(row[size_t(2 * i)]); saved[2 * i + 1] = from_float<O>(row[size_t(2 * i + 1)]); }
+        }
+      } else {  // DSwiGLU: row holds dh [cols]; g is read as stored
+        const O* gs = g.aux.data<O>() + m * 2 * cols;
+        O* dg = g.out.data<O>() + m * 2 * cols;
+        for (int64_t i = 0; i < cols; ++i) {
+          float g1 = to_float(gs[2 * i]), g3 = to_float(gs[2 * i + 1]), dh = row[size_t(i)];
+          dg[2 * i] = from_float<O>(dh * g3 * silu_grad(g1));
+          dg[2 * i + 1] = from_float<O>(dh * silu(g1));
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void grouped_gemm_cpu(const GroupedGemm& g) {
+  dispatch_float(g.a.dtype(), [&](auto itag) {
+    using T = typename decltype(itag)::type;
+    dispatch_float(g.out.dtype(), [&](auto otag) {
+      using O = typename decltype(otag)::type;
+      run<T, O>(g);
+    });
+  });
+}
+
+}  // namespace moe::ops

@@ -1,0 +1,99 @@
+// The CUDA grouped GEMM (NN, NT, TN and the fused SwiGLU epilogues) against the CPU reference on
+// fresh random inputs, outputs poisoned first; ragged groups, empty groups, unaligned sizes.
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+
+import { memoryStats, Tensor, tidy } from '../../lib/index.js';
+import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../../lib/moe/grouped-gemm.js';
+import { freshSeed, poisoned, relErr, values } from '../helpers.js';
+import { hasGpu } from './gpu.js';
+
+const gpu = 'cuda:0' as const;
+const cpu = 'cpu' as const;
+
+function pair(shape: number[], scale = 1): [Tensor, Tensor] {
+  const c = tidy(() => Tensor.rand(shape, { seed: freshSeed(), low: -scale, high: scale, device: cpu }).cast('bf16'));
+  return [c, c.to(gpu)];
+}
+function offsets(counts: number[]): [Tensor, Tensor] {
+  const off = [0];
+  for (const c of counts) off.push((off[off.length - 1] as number) + c);
+  const t = Tensor.fromArray(off, { dtype: 'i32', device: cpu });
+  return [t, t.to(gpu)];
+}
+/** Ragged counts summing to `total` over E groups, some of them empty. */
+function raggedCounts(E: number, total: number): number[] {
+  const weights = Array.from({ length: E }, (_, e) => (e % 5 === 1 ? 0 : 1 + ((e * 7919 + freshSeed()) % 13)));
+  const sum = weights.reduce((s, w) => s + w, 0) || 1;
+  const counts = weights.map((w) => Math.floor((w * total) / sum));
+  counts[0] = (counts[0] as number) + total - counts.reduce((s, c) => s + c, 0);
+  return counts;
+}
+
+const cases: { name: string; E: number; K: number; N: number; counts: number[] }[] = [
+  { name: 'E=1, one group', E: 1, K: 64, N: 64, counts: [37] },
+  { name: 'ragged with empty groups, M not a tile multiple', E: 8, K: 256, N: 384, counts: raggedCounts(8, 1000) },
+  { name: 'H=7168 × F=2048 (W13: N=4096)', E: 4, K: 7168, N: 4096, counts: raggedCounts(4, 48) },
+  { name: 'H=4096 × F=14336 (W13: N=28672)', E: 2, K: 4096, N: 28672, counts: [9, 7] },
+  { name: 'unaligned 1000 × 300', E: 3, K: 1000, N: 300, counts: [100, 0, 77] },
+  { name: 'unaligned K=300', E: 3, K: 300, N: 1000, counts: [50, 60, 1] },
+  { name: 'many small groups (E=256, 2 rows each)', E: 256, K: 128, N: 256, counts: new Array(256).fill(2) },
+];
+
+describe.skipIf(!hasGpu)('CUDA grouped GEMM against the CPU reference', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+  });
+  afterEach(() => {
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(cases)('NN, NT and TN: $name', ({ E, K, N, counts }) => {
+    const M = counts.reduce((s, c) => s + c, 0) + 3; // 3 rows outside every group
+    tidy(() => {
+      const [a, ga] = pair([M, K]);
+      const [b, gb] = pair([E, K, N]);
+      const [dC, gdC] = pair([M, N]);
+      const [off, goff] = offsets(counts);
+      for (const outType of ['f32', 'bf16'] as const) {
+        const tol = outType === 'f32' ? 1e-5 : 1e-2;
+        const go = poisoned([M, N], outType, gpu), co = poisoned([M, N], outType, cpu);
+        groupedGemm('NN', ga, gb, goff, { out: go });
+        groupedGemm('NN', a, b, off, { out: co });
+        expect(relErr(values(go), values(co)), `NN ${outType}`).toBeLessThan(tol);
+        const gdA = poisoned([M, K], outType, gpu), cdA = poisoned([M, K], outType, cpu);
+        groupedGemm('NT', gdC, gb, goff, { out: gdA });
+        groupedGemm('NT', dC, b, off, { out: cdA });
+        expect(relErr(values(gdA), values(cdA)), `NT ${outType}`).toBeLessThan(tol);
+        const gdW = poisoned([E, K, N], outType, gpu), cdW = poisoned([E, K, N], outType, cpu);
+        groupedGemm('TN', ga, gdC, goff, { out: gdW });
+        groupedGemm('TN', a, dC, off, { out: cdW });
+        expect(relErr(values(gdW), values(cdW)), `TN ${outType}`).toBeLessThan(tol);
+      }
+    });
+  });
+
+  it.each(cases.filter((c) => c.N % 2 === 0))('fused SwiGLU forward and dSwiGLU backward: $name', ({ E, K, N, counts }) => {
+    const M = counts.reduce((s, c) => s + c, 0);
+    const F = N / 2;
+    tidy(() => {
+      const [a, ga] = pair([M, K]);
+      const [w13, gw13] = pair([E, K, N]);
+      const [w2, gw2] = pair([E, F, K]);
+      const [dOut, gdOut] = pair([M, K]);
+      const [off, goff] = offsets(counts);
+      const gh = poisoned([M, F], 'bf16', gpu), ch = poisoned([M, F], 'bf16', cpu);
+      const gg = poisoned([M, N], 'bf16', gpu), cg = poisoned([M, N], 'bf16', cpu);
+      groupedGemmEpilogue('NN', Epilogue.SwiGLU, ga, gw13, goff, gh, gg);
+      groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, off, ch, cg);
+      expect(relErr(values(gg), values(cg)), 'g').toBeLessThan(1e-2);
+      expect(relErr(values(gh), values(ch)), 'h').toBeLessThan(1e-2);
+      // The backward from the same saved g on both sides (the GPU's), so only dSwiGLU is compared.
+      const gSaved = gg.to(cpu);
+      const gdg = poisoned([M, N], 'bf16', gpu), cdg = poisoned([M, N], 'bf16', cpu);
+      groupedGemmEpilogue('NT', Epilogue.DSwiGLU, gdOut, gw2, goff, gdg, gg);
+      groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, off, cdg, gSaved);
+      expect(relErr(values(gdg), values(cdg)), 'dg').toBeLessThan(1e-2);
+    });
+  });
+});
