@@ -7,10 +7,10 @@
 // - writeResult(area, rows): JSON in --out (default benchmarks/results) with commit, GPU and
 //   versions, and a table printed last.
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { Event, info, synchronize } from '../dist/lib/index.js';
+import { dtypeSize, Event, info, synchronize } from '../dist/lib/index.js';
 
 export const args = process.argv.slice(2);
 export const quick = args.includes('--quick');
@@ -42,8 +42,17 @@ export function writeInputs(dir, tensors) {
   mkdirSync(dir, { recursive: true });
   const manifest = {};
   for (const [name, t] of Object.entries(tensors)) {
-    const raw = t.toArray();
-    writeFileSync(join(dir, `${name}.bin`), Buffer.from(raw.buffer, raw.byteOffset, raw.byteLength));
+    // In slices of dim 0 of at most ~512 MiB: one ArrayBuffer cannot hold a multi-GiB tensor.
+    const rowBytes = t.numel === 0 ? 1 : (t.numel / t.shape[0]) * dtypeSize[t.dtype];
+    const step = Math.max(1, Math.floor((512 << 20) / rowBytes));
+    const fd = openSync(join(dir, `${name}.bin`), 'w');
+    for (let start = 0; start < (t.shape[0] ?? 1); start += step) {
+      const slice = t.ndim === 0 ? t : t.narrow(0, start, Math.min(step, t.shape[0] - start));
+      const raw = slice.toArray();
+      writeSync(fd, new Uint8Array(raw.buffer, raw.byteOffset, raw.byteLength));
+      if (slice !== t) slice.dispose();
+    }
+    closeSync(fd);
     manifest[name] = { dtype: t.dtype, shape: t.shape };
   }
   writeFileSync(join(dir, 'inputs.json'), JSON.stringify(manifest));

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [bench] [bench=NAME]
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
@@ -26,6 +26,9 @@ if [[ " $what " == *" tests "* ]]; then
   npm run test:gpu -- --reporter=default --reporter=json --outputFile.json="$OUT/gpu-tests.json" > "$OUT/gpu-tests.log" 2>&1 || status=1
   tail -8 "$OUT/gpu-tests.log"
   MOE_EP_TEST_COMMAND="npm run test:gpu" node scripts/gpu-test-summary.mjs "$OUT/gpu-tests.json" "$OUT/gpu-tests-summary.json"
+fi
+
+if [[ " $what " == *" all "* ]]; then
   step "whole suite with the GPU present"
   MOE_EP_REQUIRE_GPU=1 npx vitest run --reporter=default --reporter=json --outputFile.json="$OUT/all-tests.json" > "$OUT/all-tests.log" 2>&1 || status=1
   tail -8 "$OUT/all-tests.log"
@@ -36,6 +39,7 @@ if [[ " $what " == *" bench "* ]]; then
   step "benchmarks"
   for b in benchmarks/*.bench.mjs; do
     [[ -e $b ]] || continue
+    [[ -n ${MOE_EP_BENCH:-} && $b != *"$MOE_EP_BENCH"* ]] && continue
     node "$b" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
   done
 fi
