@@ -56,7 +56,8 @@ describe.skipIf(!hasGpu)('CUDA grouped GEMM against the CPU reference', () => {
       const [dC, gdC] = pair([M, N]);
       const [off, goff] = offsets(counts);
       for (const outType of ['f32', 'bf16'] as const) {
-        const tol = outType === 'f32' ? 1e-5 : 1e-2;
+        // fp32 accumulation over K up to 28672 terms vs a double reference: ~1e-5 to 5e-5 expected.
+        const tol = outType === 'f32' ? 1e-4 : 1e-2;
         const go = poisoned([M, N], outType, gpu), co = poisoned([M, N], outType, cpu);
         groupedGemm('NN', ga, gb, goff, { out: go });
         groupedGemm('NN', a, b, off, { out: co });
