@@ -120,6 +120,43 @@ export interface RawBinding {
   reduce(kind: number, a: TensorHandle, dim: number, out: TensorHandle): void;
   matmul(a: TensorHandle, b: TensorHandle, out: TensorHandle, accumulate: boolean): void;
   random(out: TensorHandle, kind: number, p0: number, p1: number, seed: number, offset: number): void;
+  // capacity and permute
+  capacity(
+    indices: TensorHandle,
+    weights: TensorHandle | null,
+    numExperts: number,
+    capacity: number,
+    policy: number,
+    slot: TensorHandle,
+    kept: TensorHandle,
+    dropped: TensorHandle,
+    invalid: TensorHandle,
+  ): void;
+  permuteLayout(
+    indices: TensorHandle,
+    slot: TensorHandle,
+    kept: TensorHandle,
+    weights: TensorHandle,
+    capacity: number,
+    align: number,
+    offsets: TensorHandle,
+    rowOf: TensorHandle,
+    rowToken: TensorHandle,
+    rowWeight: TensorHandle,
+    invalid: TensorHandle,
+  ): void;
+  permuteRows(x: TensorHandle, rowToken: TensorHandle, rows: TensorHandle): void;
+  unpermute(rows: TensorHandle, rowOf: TensorHandle, weights: TensorHandle, out: TensorHandle): void;
+  unpermuteBackward(
+    dy: TensorHandle,
+    rows: TensorHandle,
+    weights: TensorHandle,
+    rowOf: TensorHandle,
+    rowToken: TensorHandle,
+    dRows: TensorHandle,
+    dWeights: TensorHandle,
+  ): void;
+  permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle): void;
   memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
   resetPeakMemory(deviceType: number, deviceIndex: number): void;
   emptyCache(deviceType: number, deviceIndex: number): void;

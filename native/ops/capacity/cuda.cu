@@ -79,23 +79,23 @@ __global__ void choose_probs(const uint64_t* sorted, const int32_t* order, int64
 // kept, dropped and invalid from the first sort's segments: one block.
 __global__ void finish_counts(const int32_t* begin, const int32_t* end, int32_t E, int64_t n, int64_t cap, int32_t* kept,
                               int32_t* dropped, int32_t* invalid) {
-  __shared__ long long s_valid, s_dropped;
+  __shared__ unsigned long long s_valid, s_dropped;
   if (threadIdx.x == 0) { s_valid = 0; s_dropped = 0; }
   __syncthreads();
-  long long valid = 0, drop = 0;
+  unsigned long long valid = 0, drop = 0;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
     int64_t count = end[e] - begin[e];
     int64_t keep = cap < 0 ? count : (count < cap ? count : cap);
     kept[e] = int32_t(keep);
-    valid += count;
-    drop += count - keep;
+    valid += (unsigned long long)count;
+    drop += (unsigned long long)(count - keep);
   }
   atomicAdd(&s_valid, valid);
   atomicAdd(&s_dropped, drop);
   __syncthreads();
   if (threadIdx.x == 0) {
     dropped[0] = int32_t(s_dropped);
-    invalid[0] = int32_t(n - s_valid);
+    invalid[0] = int32_t(n - (long long)s_valid);
   }
 }
 
