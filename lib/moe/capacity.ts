@@ -90,7 +90,7 @@ export function expertCapacity(numTokens: number, topK: number, numExperts: numb
     invalidArgument(op, `'capacityFactor' must be a finite number > 0; received ${String(capacityFactor)}`);
   }
   const exact = (capacityFactor * numTokens * topK) / numExperts;
-  const c = Math.ceil(exact - 1e-9 * Math.max(1, exact));
+  const c = Math.max(0, Math.ceil(exact - 1e-9 * Math.max(1, exact)));
   if (c >= 2 ** 31 - 1) invalidArgument(op, `the capacity ${c} does not fit in i32`);
   return c;
 }
