@@ -17,3 +17,24 @@ export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './me
 export * as ops from './ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';
 export { type CreateOptions, keep, manualSeed, type RandomOptions, Tensor, tidy } from './tensor.js';
+export {
+  capacity,
+  type CapacityOptions,
+  type CapacityOutputs,
+  type CapacityResult,
+  DROP_POLICIES,
+  type DropPolicy,
+  expertCapacity,
+} from './moe/capacity.js';
+export {
+  permute,
+  permuteBackward,
+  permutedRowCount,
+  type PermuteOptions,
+  type PermuteOutputs,
+  type PermuteResult,
+  unpermute,
+  unpermuteBackward,
+  type UnpermuteGradients,
+  type UnpermuteOptions,
+} from './moe/permute.js';

@@ -131,6 +131,43 @@ export interface RawBinding {
     g: TensorHandle | null,
     accumulate: boolean,
   ): void;
+  // capacity and permute
+  capacity(
+    indices: TensorHandle,
+    weights: TensorHandle | null,
+    numExperts: number,
+    capacity: number,
+    policy: number,
+    slot: TensorHandle,
+    kept: TensorHandle,
+    dropped: TensorHandle,
+    invalid: TensorHandle,
+  ): void;
+  permuteLayout(
+    indices: TensorHandle,
+    slot: TensorHandle,
+    kept: TensorHandle,
+    weights: TensorHandle,
+    capacity: number,
+    align: number,
+    offsets: TensorHandle,
+    rowOf: TensorHandle,
+    rowToken: TensorHandle,
+    rowWeight: TensorHandle,
+    invalid: TensorHandle,
+  ): void;
+  permuteRows(x: TensorHandle, rowToken: TensorHandle, rows: TensorHandle): void;
+  unpermute(rows: TensorHandle, rowOf: TensorHandle, weights: TensorHandle, out: TensorHandle): void;
+  unpermuteBackward(
+    dy: TensorHandle,
+    rows: TensorHandle,
+    weights: TensorHandle,
+    rowOf: TensorHandle,
+    rowToken: TensorHandle,
+    dRows: TensorHandle,
+    dWeights: TensorHandle,
+  ): void;
+  permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle): void;
   memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
   resetPeakMemory(deviceType: number, deviceIndex: number): void;
   emptyCache(deviceType: number, deviceIndex: number): void;

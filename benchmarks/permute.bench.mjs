@@ -1,0 +1,116 @@
+// Permute / unpermute bandwidth on the GPU, against a device-to-device copy of the same byte count
+// and PyTorch (index_select / index_add_) on the same inputs, all measured in this run.
+//   node benchmarks/permute.bench.mjs [--out DIR] [--quick]
+// Bytes counted are the fewest the op must move:
+//   permute:   read x once (T·H·2) + write rows (R·H·2) + rowToken (R·4) + rowOf (T·k·4) + slot (T·k·4)
+//   unpermute: read rows (R·H·2) + write y (T·H·2) + rowOf and weights (T·k·8)
+// The copy baseline moves the same total (it reads and writes half of it each).
+// Routing: uniform random top-k, capacity factor 1 with padToCapacity (so R = E·C = T·k here and no
+// host sync sits inside the timed region).
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { capacity, permute, Tensor, unpermute } from '../dist/lib/index.js';
+import { outDir, quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
+
+const gpu = 'cuda:0';
+const shapes = [
+  { T: 4096, k: 8, H: 7168, E: 256 },
+  { T: 32768, k: 2, H: 4096, E: 8 },
+];
+
+function routing(T, k, E, seed) {
+  let a = seed >>> 0;
+  const r = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const idx = new Int32Array(T * k);
+  const w = new Float32Array(T * k);
+  const pool = Int32Array.from({ length: E }, (_, i) => i);
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < k; j++) {
+      const p = j + Math.floor(r() * (E - j));
+      const tmp = pool[j];
+      pool[j] = pool[p];
+      pool[p] = tmp;
+      idx[t * k + j] = pool[j];
+      w[t * k + j] = 0.05 + r();
+    }
+  }
+  return { idx, w };
+}
+
+const rows = [];
+for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
+  const { idx, w } = routing(T, k, E, 1234 + T);
+  const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], device: gpu });
+  const weights = Tensor.fromArray(w, { dtype: 'f32', shape: [T, k], device: gpu });
+  const x = Tensor.randn([T, H], { dtype: 'bf16', seed: 7, device: gpu });
+  const cap = capacity(indices, weights, { numExperts: E, capacityFactor: 1, dropPolicy: 'probs' });
+  const p = permute(x, indices, weights, cap, { padToCapacity: true });
+  const R = p.numRows;
+  const y = Tensor.empty([T, H], { dtype: 'bf16', device: gpu });
+
+  const permuteMs = timeCuda(() => permute(x, indices, weights, cap, { padToCapacity: true, out: p }));
+  const unpermuteMs = timeCuda(() => unpermute(p.rows, p.rowOf, weights, { out: y }));
+  const capacityMs = timeCuda(() => {
+    const c = capacity(indices, weights, { numExperts: E, capacityFactor: 1, dropPolicy: 'probs', out: cap });
+    return c;
+  });
+
+  const permuteBytes = T * H * 2 + R * H * 2 + R * 4 + T * k * 8;
+  const unpermuteBytes = R * H * 2 + T * H * 2 + T * k * 8;
+  const copyRate = (bytesMoved) => {
+    const n = Math.floor(bytesMoved / 2 / 2); // bf16 elements read (and written) by the copy
+    const a = Tensor.empty([n], { dtype: 'bf16', device: gpu });
+    const b = Tensor.empty([n], { dtype: 'bf16', device: gpu });
+    a.fill_(1);
+    const ms = timeCuda(() => b.copy_(a));
+    a.dispose();
+    b.dispose();
+    return (4 * n) / (ms * 1e6); // GB/s, read + write
+  };
+  const permuteCopy = copyRate(permuteBytes);
+  const unpermuteCopy = copyRate(unpermuteBytes);
+
+  // PyTorch on the same inputs, in the same run.
+  const dir = join(outDir, `permute-inputs-${T}x${k}x${H}x${E}`);
+  mkdirSync(dir, { recursive: true });
+  writeInputs(dir, { x, rows: p.rows, rowToken: p.rowToken, rowWeight: p.rowWeight, rowOf: p.rowOf, weights });
+  let peer = null;
+  try {
+    peer = runPeer('permute_torch.py', [dir, String(quick ? 10 : 50)]);
+  } catch (e) {
+    peer = { error: String(e.message ?? e).split('\n')[0] };
+  }
+
+  const gbs = (bytes, ms) => bytes / (ms * 1e6);
+  const row = (op, ms, bytes, copy, torchMs) => ({
+    shape: `T=${T} k=${k} H=${H} E=${E} R=${R}`,
+    op,
+    ms: +ms.toFixed(4),
+    bytes,
+    'GB/s': +gbs(bytes, ms).toFixed(1),
+    'copy GB/s': +copy.toFixed(1),
+    'of copy': +(gbs(bytes, ms) / copy).toFixed(3),
+    'torch ms': torchMs ?? null,
+    'torch/ours': torchMs ? +(torchMs / ms).toFixed(2) : null,
+  });
+  rows.push(row('permute (layout + gather)', permuteMs, permuteBytes, permuteCopy, peer?.permute_ms));
+  rows.push(row('unpermute', unpermuteMs, unpermuteBytes, unpermuteCopy, peer?.unpermute_ms));
+  rows.push({ shape: `T=${T} k=${k} H=${H} E=${E}`, op: 'capacity (probs)', ms: +capacityMs.toFixed(4) });
+  if (peer?.error) console.error(`torch peer failed: ${peer.error}`);
+
+  for (const t of [indices, weights, x, y]) t.dispose();
+  for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
+  for (const t of Object.values(p)) if (t instanceof Tensor) t.dispose();
+}
+
+writeResult('permute', rows, {
+  bar: 'permute and unpermute at >= 70% of a device-to-device copy of the same byte count',
+  bytes: 'permute: T·H·2 + R·H·2 + R·4 + T·k·8; unpermute: R·H·2 + T·H·2 + T·k·8',
+});

@@ -1,0 +1,179 @@
+/**
+ * Permute / unpermute (native/ops/permute): router assignments regrouped into expert-contiguous
+ * rows for the expert GEMMs, and combined back per token.
+ *
+ * Naming: x [T,H] tokens; indices, weights [T,k] from the router; a CapacityResult from capacity().
+ * Expert e owns rows offsets[e] .. offsets[e+1]; its kept assignments fill the first
+ * keptPerExpert[e] of them in token order, the rest of the segment is padding (zero rows, weight 0,
+ * token -1). A segment is keptPerExpert[e] rows, or exactly C with `padToCapacity`, rounded up to a
+ * multiple of `align` (e.g. 128 for a GEMM tile).
+ *
+ * Outputs of permute():
+ *   rows      [R,H]  x's dtype       rows[r] = x[rowToken[r]] (zeros for padding)
+ *   offsets   [E+1]  i32
+ *   rowOf     [T,k]  i32             destination row of (t, j), -1 when dropped
+ *   rowWeight [R]    f32             the gate weight travelling with the row (0 for padding)
+ *   rowToken  [R]    i32             source token, -1 for padding
+ *   invalid   [1]    i32             CUDA only: assignments skipped as malformed (see permute.h); the
+ *                                    CPU path throws instead
+ * R is computed here. With padToCapacity it is E·roundUp(C, align), known without a sync (the layer
+ * can be captured in a CUDA graph). Otherwise it needs keptPerExpert on the host: that read is the
+ * caller's one deliberate synchronisation (dropless routing has to know how many rows there are).
+ */
+import { type DType } from '../dtype.js';
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { type Tensor } from '../tensor.js';
+import { type CapacityResult, disposingOnError, output, requireTensor } from './capacity.js';
+
+export interface PermuteOutputs {
+  rows: Tensor;
+  offsets: Tensor;
+  rowOf: Tensor;
+  rowWeight: Tensor;
+  rowToken: Tensor;
+  invalid: Tensor;
+}
+
+export interface PermuteResult extends PermuteOutputs {
+  /** R: rows including padding. */
+  numRows: number;
+}
+
+export interface PermuteOptions {
+  /** Every expert segment padded to a multiple of this many rows (default 1). */
+  align?: number;
+  /** Every expert segment exactly C rows (then rounded up to `align`); needs a capacity factor. */
+  padToCapacity?: boolean;
+  out?: Partial<PermuteOutputs>;
+}
+
+function checkAlign(align: unknown, op: string): number {
+  if (typeof align !== 'number' || !Number.isSafeInteger(align) || align <= 0 || align >= 2 ** 31) {
+    invalidArgument(op, `'align' must be a positive integer; received ${String(align)}`);
+  }
+  return align;
+}
+
+const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
+
+/**
+ * R for a permutation. With padToCapacity: E·roundUp(C, align), no sync. Otherwise the kept counts
+ * are read to the host: a deliberate device synchronisation.
+ */
+export function permutedRowCount(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean } = {}): number {
+  const op = 'permute';
+  const align = checkAlign(options.align ?? 1, op);
+  if (options.padToCapacity) {
+    if (cap.capacity === null) invalidArgument(op, `'padToCapacity' needs a capacity (capacity() was called without 'capacityFactor')`);
+    return cap.numExperts * roundUp(cap.capacity, align);
+  }
+  // Deliberate host sync: dropless (or unpadded) layouts size their rows from the kept counts.
+  const kept = cap.keptPerExpert.toArray() as Int32Array;
+  let rows = 0;
+  for (const c of kept) rows += roundUp(c, align);
+  return rows;
+}
+
+/** Gathers x's rows into expert-contiguous order. See the module doc for the outputs. */
+export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options: PermuteOptions = {}): PermuteResult {
+  const op = 'permute';
+  requireTensor(x, op, 'x');
+  requireTensor(indices, op, 'indices');
+  requireTensor(weights, op, 'weights');
+  if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
+  requireTensor(cap.slot, op, 'cap.slot');
+  requireTensor(cap.keptPerExpert, op, 'cap.keptPerExpert');
+  if (x.ndim !== 2) invalidArgument(op, `'x' must be [T,H]; received [${x.shape.join(',')}]`);
+  if (indices.ndim !== 2) invalidArgument(op, `'indices' must be [T,k]; received [${indices.shape.join(',')}]`);
+  if (indices.shape[0] !== x.shape[0]) {
+    invalidArgument(op, `'indices' [${indices.shape.join(',')}] has ${indices.shape[0]} tokens but 'x' [${x.shape.join(',')}] has ${x.shape[0]}`);
+  }
+  const align = checkAlign(options.align ?? 1, op);
+  const padToCapacity = options.padToCapacity ?? false;
+  if (typeof padToCapacity !== 'boolean') invalidArgument(op, `'padToCapacity' must be a boolean`);
+  const R = permutedRowCount(cap, { align, padToCapacity });
+  const [T, k] = indices.shape as [number, number];
+  const H = x.shape[1] as number;
+  const E = cap.numExperts;
+  const out = options.out ?? {};
+  const made: Tensor[] = [];
+  return disposingOnError(made, () => {
+    const rows = output(out.rows, [R, H], x.dtype, x, op, 'rows', made);
+    const offsets = output(out.offsets, [E + 1], 'i32', x, op, 'offsets', made);
+    const rowOf = output(out.rowOf, [T, k], 'i32', x, op, 'rowOf', made);
+    const rowWeight = output(out.rowWeight, [R], 'f32', x, op, 'rowWeight', made);
+    const rowToken = output(out.rowToken, [R], 'i32', x, op, 'rowToken', made);
+    const invalid = output(out.invalid, [1], 'i32', x, op, 'invalid', made);
+    native().permuteLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, weights.handle, padToCapacity ? (cap.capacity as number) : -1,
+      align, offsets.handle, rowOf.handle, rowToken.handle, rowWeight.handle, invalid.handle);
+    native().permuteRows(x.handle, rowToken.handle, rows.handle);
+    return { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R };
+  });
+}
+
+export interface UnpermuteOptions {
+  /** Result dtype, f32 or bf16 (default: the rows' dtype). */
+  dtype?: DType;
+  out?: Tensor;
+}
+
+/**
+ * y[t] = Σ_j weights[t,j]·rows[rowOf[t,j]] over kept j, fp32 accumulation, one write per token.
+ * A token whose assignments were all dropped gets 0 (its residual carries it).
+ */
+export function unpermute(rows: Tensor, rowOf: Tensor, weights: Tensor, options: UnpermuteOptions = {}): Tensor {
+  const op = 'unpermute';
+  requireTensor(rows, op, 'rows');
+  requireTensor(rowOf, op, 'rowOf');
+  requireTensor(weights, op, 'weights');
+  if (rows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'rows' must be [R,H] and 'rowOf' [T,k]; received [${rows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
+  const made: Tensor[] = [];
+  return disposingOnError(made, () => {
+    const y = output(options.out, [rowOf.shape[0] as number, rows.shape[1] as number], options.dtype ?? rows.dtype, rows, op, 'out', made);
+    native().unpermute(rows.handle, rowOf.handle, weights.handle, y.handle);
+    return y;
+  });
+}
+
+export interface UnpermuteGradients {
+  /** dL/drows [R,H]: weights[t,j]·dy[t] at rowOf[t,j], zeros for padding rows. */
+  dRows: Tensor;
+  /** dL/dweights [T,k] f32: <dy[t], rows[rowOf[t,j]]> in fp32, 0 for dropped assignments. */
+  dWeights: Tensor;
+}
+
+/** Backward of unpermute w.r.t. the rows and the gate weights. */
+export function unpermuteBackward(
+  dy: Tensor,
+  rows: Tensor,
+  weights: Tensor,
+  rowOf: Tensor,
+  rowToken: Tensor,
+  options: { dtype?: DType; out?: Partial<UnpermuteGradients> } = {},
+): UnpermuteGradients {
+  const op = 'unpermuteBackward';
+  for (const [t, name] of [[dy, 'dy'], [rows, 'rows'], [weights, 'weights'], [rowOf, 'rowOf'], [rowToken, 'rowToken']] as const) requireTensor(t, op, name);
+  const out = options.out ?? {};
+  const made: Tensor[] = [];
+  return disposingOnError(made, () => {
+    const dRows = output(out.dRows, rows.shape, options.dtype ?? rows.dtype, rows, op, 'dRows', made);
+    const dWeights = output(out.dWeights, rowOf.shape, 'f32', rows, op, 'dWeights', made);
+    native().unpermuteBackward(dy.handle, rows.handle, weights.handle, rowOf.handle, rowToken.handle, dRows.handle, dWeights.handle);
+    return { dRows, dWeights };
+  });
+}
+
+/** Backward of permute: dx[t] = Σ_j dRows[rowOf[t,j]] (fp32 accumulation, one write per token). */
+export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: UnpermuteOptions = {}): Tensor {
+  const op = 'permuteBackward';
+  requireTensor(dRows, op, 'dRows');
+  requireTensor(rowOf, op, 'rowOf');
+  if (dRows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
+  const made: Tensor[] = [];
+  return disposingOnError(made, () => {
+    const dx = output(options.out, [rowOf.shape[0] as number, dRows.shape[1] as number], options.dtype ?? dRows.dtype, dRows, op, 'out', made);
+    native().permuteBackward(dRows.handle, rowOf.handle, dx.handle);
+    return dx;
+  });
+}
