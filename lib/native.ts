@@ -120,6 +120,42 @@ export interface RawBinding {
   reduce(kind: number, a: TensorHandle, dim: number, out: TensorHandle): void;
   matmul(a: TensorHandle, b: TensorHandle, out: TensorHandle, accumulate: boolean): void;
   random(out: TensorHandle, kind: number, p0: number, p1: number, seed: number, offset: number): void;
+  // router (native/ops/router): scoreFn 0 = softmax, 1 = sigmoid
+  routerForward(
+    logits: TensorHandle,
+    bias: TensorHandle | null,
+    scoreFn: number,
+    k: number,
+    groups: number,
+    topkGroups: number,
+    normalize: boolean,
+    routeScale: number,
+    indices: TensorHandle,
+    weights: TensorHandle,
+    tokensPerExpert: TensorHandle,
+    scores: TensorHandle,
+    nanRows: TensorHandle,
+  ): void;
+  routerBackward(
+    dWeights: TensorHandle,
+    scores: TensorHandle,
+    indices: TensorHandle,
+    scoreFn: number,
+    normalize: boolean,
+    routeScale: number,
+    dLogits: TensorHandle,
+    accumulate: boolean,
+  ): void;
+  routerBalanceLoss(
+    scores: TensorHandle,
+    indices: TensorHandle,
+    scoreFn: number,
+    seqLen: number,
+    coefficient: number,
+    loss: TensorHandle,
+    dLogits: TensorHandle | null,
+  ): void;
+  routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
   memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
   resetPeakMemory(deviceType: number, deviceIndex: number): void;
   emptyCache(deviceType: number, deviceIndex: number): void;
