@@ -358,11 +358,11 @@ __global__ void balance_seq_kernel(const float* s, const int32_t* indices, const
   const float per = coef * float(E) / float(S);
   float acc = 0.f;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
-    float P = 0.f;
-    for (int64_t t = t0; t < t0 + seq_len; ++t) P += s[t * E + e] * inv[t];
-    P /= float(seq_len);
+    double P = 0;  // long sums over tokens: accumulate in double
+    for (int64_t t = t0; t < t0 + seq_len; ++t) P += double(s[t * E + e] * inv[t]);
+    P /= double(seq_len);
     float f = float(counts[e]) / float(seq_len * k);
-    acc += per * f * P;
+    acc += float(double(per) * double(f) * P);
     g[q * E + e] = per * f / float(seq_len);
   }
   part[threadIdx.x] = acc;
