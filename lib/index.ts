@@ -12,6 +12,22 @@ export {
   OutOfMemoryError,
   UnavailableError,
 } from './errors.js';
+export {
+  balanceLoss,
+  type LossOptions,
+  type ResolvedRouterConfig,
+  resolveRouterConfig,
+  Router,
+  routerBackward,
+  type RouterBackwardOptions,
+  type RouterConfig,
+  routerForward,
+  type RouterForwardOptions,
+  type RouterOutputs,
+  type ScoreFunction,
+  sequenceBalanceLoss,
+  zLoss,
+} from './moe/router.js';
 export { formatInfo, type Info, info } from './info.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
 export * as ops from './ops.js';

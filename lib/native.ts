@@ -168,6 +168,42 @@ export interface RawBinding {
     dWeights: TensorHandle,
   ): void;
   permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle): void;
+  // router (native/ops/router): scoreFn 0 = softmax, 1 = sigmoid
+  routerForward(
+    logits: TensorHandle,
+    bias: TensorHandle | null,
+    scoreFn: number,
+    k: number,
+    groups: number,
+    topkGroups: number,
+    normalize: boolean,
+    routeScale: number,
+    indices: TensorHandle,
+    weights: TensorHandle,
+    tokensPerExpert: TensorHandle,
+    scores: TensorHandle,
+    nanRows: TensorHandle,
+  ): void;
+  routerBackward(
+    dWeights: TensorHandle,
+    scores: TensorHandle,
+    indices: TensorHandle,
+    scoreFn: number,
+    normalize: boolean,
+    routeScale: number,
+    dLogits: TensorHandle,
+    accumulate: boolean,
+  ): void;
+  routerBalanceLoss(
+    scores: TensorHandle,
+    indices: TensorHandle,
+    scoreFn: number,
+    seqLen: number,
+    coefficient: number,
+    loss: TensorHandle,
+    dLogits: TensorHandle | null,
+  ): void;
+  routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
   memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
   resetPeakMemory(deviceType: number, deviceIndex: number): void;
   emptyCache(deviceType: number, deviceIndex: number): void;

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""PyTorch peer for benchmarks/router.bench.mjs: the same routing composed from torch ops.
+
+usage: router_torch.py INPUT_DIR CONFIG_JSON REPEATS
+Loads logits (and bias) written by writeInputs, plus our indices/weights for an agreement check;
+times sigmoid/softmax, +bias, group scores (top-m sum), topk of groups, mask, topk, gather,
+normalise, and the per-expert counts, with CUDA events (median after warm-up); prints one JSON line.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+NP = {"f32": np.float32, "i32": np.int32}
+
+
+def load(d, name, manifest):
+    m = manifest[name]
+    a = np.fromfile(os.path.join(d, name + ".bin"), dtype=NP[m["dtype"]]).reshape(m["shape"])
+    return torch.from_numpy(a).cuda()
+
+
+def route(logits, bias, c):
+    E, k = c["numExperts"], c["topK"]
+    G, kg = c.get("groups", 1), c.get("topkGroups", c.get("groups", 1))
+    sig = c.get("scoreFunction", "softmax") == "sigmoid"
+    normalize = c.get("normalize", sig)
+    scale = c.get("routeScale", 1.0)
+    scores = torch.sigmoid(logits) if sig else torch.softmax(logits, dim=-1)
+    biased = scores + bias if bias is not None else scores
+    if G > 1:
+        T = logits.shape[0]
+        g = biased.view(T, G, E // G).topk(k // kg, dim=-1).values.sum(-1)
+        keep = g.topk(kg, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(g).scatter_(1, keep, 1.0)
+        mask = mask.unsqueeze(-1).expand(T, G, E // G).reshape(T, E)
+        biased = biased.masked_fill(mask == 0, float("-inf"))
+    idx = biased.topk(k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if normalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    w = w * scale
+    counts = torch.bincount(idx.flatten(), minlength=E)
+    return idx, w, scores, counts
+
+
+def main():
+    d, cfg, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+    manifest = json.load(open(os.path.join(d, "inputs.json")))
+    logits = load(d, "logits", manifest)
+    bias = load(d, "bias", manifest) if "bias" in manifest else None
+    ours_idx = load(d, "indices", manifest).long()
+    ours_w = load(d, "weights", manifest)
+    for _ in range(5):
+        route(logits, bias, cfg)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        route(logits, bias, cfg)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    idx, w, _, _ = route(logits, bias, cfg)
+    agree = (idx == ours_idx).float().mean().item()
+    same_row = (idx == ours_idx).all(dim=1)
+    wdiff = (w - ours_w)[same_row].abs().max().item() if same_row.any() else float("nan")
+    print(json.dumps({"ms": times[len(times) // 2], "index_agreement": agree, "weight_max_abs_diff": wdiff,
+                      "torch": torch.__version__}))
+
+
+if __name__ == "__main__":
+    main()

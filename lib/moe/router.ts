@@ -1,0 +1,326 @@
+/**
+ * The MoE router: from logits [T,E] (computed by the caller's GEMM) to the chosen experts and their
+ * gate weights, the backward of that, and the auxiliary losses. The arithmetic is native
+ * (native/ops/router: a CPU reference and fused CUDA kernels); this file validates the config up
+ * front, allocates the outputs (each can be passed in as `out`), and decides policy (NaN checks).
+ *
+ * Naming and shapes:
+ *   logits  [T,E] f32   the input
+ *   scores  [T,E] f32   unbiased probabilities: softmax over E, or elementwise sigmoid
+ *   bias    [E]   f32   optional; added to the scores for *selection only* (DeepSeek-V3's balancing bias)
+ *   indices [T,k] i32   chosen experts, by descending biased score; ties: the lower expert index wins
+ *   weights [T,k] f32   routeScale · scores[idx], divided by their sum (+1e-20) when `normalize`
+ *   tokensPerExpert [E] i32   assignments per expert; sums to T·k
+ *   nanRows [2] i32     [rows with a non-finite logit (or NaN bias), first such row (T if none)]
+ *
+ * Group-limited routing (DeepSeek-V3): E experts in `groups` contiguous groups; a group scores the
+ * sum of its top k/topkGroups biased scores; each token keeps its best `topkGroups` groups and picks
+ * its top-k inside them only. `groups: 1` is plain top-k.
+ *
+ * Bad rows (a NaN or ±inf logit, or a NaN bias) get scores NaN, indices 0..k-1 and weights NaN on
+ * every device, and are counted in nanRows; with `checkNaN` the wrapper throws an
+ * InvalidArgumentError naming the first bad row.
+ */
+import type { Device } from '../device.js';
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { Tensor } from '../tensor.js';
+
+export type ScoreFunction = 'softmax' | 'sigmoid';
+
+export interface RouterConfig {
+  /** E: the number of experts (the logits' second dimension). */
+  numExperts: number;
+  /** k: experts per token, 1 ≤ k ≤ E. */
+  topK: number;
+  /** Default 'softmax'. */
+  scoreFunction?: ScoreFunction;
+  /** Contiguous expert groups (divides E, at most 32). Default 1: plain top-k. */
+  groups?: number;
+  /** Groups each token keeps (1 ≤ topkGroups ≤ groups, divides topK). Default: all groups. */
+  topkGroups?: number;
+  /** Normalise the weights over the chosen experts. Default: true for sigmoid, false for softmax. */
+  normalize?: boolean;
+  /** Multiplies the weights. Default 1. */
+  routeScale?: number;
+}
+
+export type ResolvedRouterConfig = Readonly<Required<RouterConfig>>;
+
+const MAX_GROUPS = 32;
+const validated = new WeakSet<object>();
+const scoreCode: Record<ScoreFunction, number> = { softmax: 0, sigmoid: 1 };
+
+function positiveInt(v: unknown, field: string): number {
+  if (!Number.isSafeInteger(v) || (v as number) < 1) invalidArgument('router', `'${field}' must be a positive integer; received ${String(v)}`);
+  return v as number;
+}
+
+/** Validates a router config and fills in the defaults; every error names the field. */
+export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig {
+  if (config === null || typeof config !== 'object') invalidArgument('router', `the config must be an object; received ${String(config)}`);
+  const E = positiveInt(config.numExperts, 'numExperts');
+  const k = positiveInt(config.topK, 'topK');
+  if (k > E) invalidArgument('router', `'topK' = ${k} is more than 'numExperts' = ${E}`);
+  const scoreFunction = config.scoreFunction ?? 'softmax';
+  if (scoreFunction !== 'softmax' && scoreFunction !== 'sigmoid') {
+    invalidArgument('router', `'scoreFunction' must be 'softmax' or 'sigmoid'; received ${String(scoreFunction)}`);
+  }
+  const groups = positiveInt(config.groups ?? 1, 'groups');
+  if (groups > MAX_GROUPS) invalidArgument('router', `'groups' = ${groups} is more than ${MAX_GROUPS}`);
+  if (E % groups !== 0) invalidArgument('router', `'groups' = ${groups} does not divide 'numExperts' = ${E}`);
+  const topkGroups = positiveInt(config.topkGroups ?? groups, 'topkGroups');
+  if (topkGroups > groups) invalidArgument('router', `'topkGroups' = ${topkGroups} is more than 'groups' = ${groups}`);
+  if (k % topkGroups !== 0) invalidArgument('router', `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups}`);
+  if (k / topkGroups > E / groups) {
+    invalidArgument('router', `'topK' = ${k} needs ${k / topkGroups} experts from each of ${topkGroups} groups ('topkGroups') but a group has ${E / groups}`);
+  }
+  const normalize = config.normalize ?? scoreFunction === 'sigmoid';
+  if (typeof normalize !== 'boolean') invalidArgument('router', `'normalize' must be a boolean; received ${String(normalize)}`);
+  const routeScale = config.routeScale ?? 1;
+  if (typeof routeScale !== 'number' || !Number.isFinite(routeScale)) invalidArgument('router', `'routeScale' must be a finite number; received ${String(routeScale)}`);
+  const resolved = Object.freeze({ numExperts: E, topK: k, scoreFunction, groups, topkGroups, normalize, routeScale });
+  validated.add(resolved);
+  return resolved;
+}
+
+export interface RouterOutputs {
+  indices: Tensor;
+  weights: Tensor;
+  tokensPerExpert: Tensor;
+  scores: Tensor;
+  nanRows: Tensor;
+}
+
+export interface RouterForwardOptions {
+  bias?: Tensor;
+  /**
+   * Read nanRows and throw when a row was bad. On a GPU this is a host synchronisation; default:
+   * true on the CPU (free), false on a GPU (the forward then never waits for the device).
+   */
+  checkNaN?: boolean;
+  /** Outputs to write into instead of allocating. */
+  out?: Partial<RouterOutputs>;
+}
+
+function checkTensor(t: unknown, op: string, arg: string): Tensor {
+  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
+  return t;
+}
+
+function resolve(config: RouterConfig | ResolvedRouterConfig): ResolvedRouterConfig {
+  return validated.has(config) ? (config as ResolvedRouterConfig) : resolveRouterConfig(config);
+}
+
+function checkLogits(logits: Tensor, cfg: ResolvedRouterConfig, op: string, arg = 'logits'): number {
+  checkTensor(logits, op, arg);
+  if (logits.ndim !== 2 || logits.shape[1] !== cfg.numExperts) {
+    invalidArgument(op, `'${arg}' has shape [${logits.shape.join(',')}] but the config has numExperts = ${cfg.numExperts}: expected [tokens, ${cfg.numExperts}]`);
+  }
+  return logits.shape[0] as number;
+}
+
+/** Allocates what the caller did not give; disposes those again if `fn` throws. */
+function withOutputs<T extends Record<string, Tensor>>(given: Partial<T>, make: { [K in keyof T]: () => Tensor }, fn: (o: T) => void): T {
+  const made: Tensor[] = [];
+  const o = {} as T;
+  try {
+    for (const key of Object.keys(make) as (keyof T)[]) {
+      const g = given[key];
+      if (g !== undefined) o[key] = checkTensor(g, 'router', `out.${String(key)}`) as T[keyof T];
+      else {
+        const t = make[key]();
+        made.push(t);
+        o[key] = t as T[keyof T];
+      }
+    }
+    fn(o);
+  } catch (e) {
+    for (const t of made) t.dispose();
+    throw e;
+  }
+  return o;
+}
+
+/** Throws when nanRows says a row was bad (reads it from the device: a sync on a GPU). */
+function throwOnBadRows(nanRows: Tensor, op: string): void {
+  const [count, first] = nanRows.toArray() as Int32Array; // deliberate host sync, only with checkNaN
+  if ((count as number) > 0) {
+    invalidArgument(op, `'logits' row ${first} has a NaN or infinite value (or 'bias' has a NaN); ${count} bad row(s) in all`);
+  }
+}
+
+/** Scores, top-k (group-limited) selection and gate weights for each token. No host sync unless checkNaN. */
+export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): RouterOutputs {
+  const op = 'router';
+  const cfg = resolve(config);
+  const T = checkLogits(logits, cfg, op);
+  const { bias, out = {} } = options;
+  if (bias !== undefined) {
+    checkTensor(bias, op, 'bias');
+    if (bias.ndim !== 1 || bias.shape[0] !== cfg.numExperts) {
+      invalidArgument(op, `'bias' has shape [${bias.shape.join(',')}]; expected [${cfg.numExperts}] (numExperts)`);
+    }
+  }
+  const checkNaN = options.checkNaN ?? logits.device.type === 'cpu';
+  const device = logits.device;
+  const { numExperts: E, topK: k } = cfg;
+  const outputs = withOutputs<{ [K in keyof RouterOutputs]: Tensor }>(
+    out,
+    {
+      indices: () => Tensor.empty([T, k], { dtype: 'i32', device }),
+      weights: () => Tensor.empty([T, k], { dtype: 'f32', device }),
+      tokensPerExpert: () => Tensor.empty([E], { dtype: 'i32', device }),
+      scores: () => Tensor.empty([T, E], { dtype: 'f32', device }),
+      nanRows: () => Tensor.empty([2], { dtype: 'i32', device }),
+    },
+    (o) => {
+      native().routerForward(
+        logits.handle,
+        bias?.handle ?? null,
+        scoreCode[cfg.scoreFunction],
+        k,
+        cfg.groups,
+        cfg.topkGroups,
+        cfg.normalize,
+        cfg.routeScale,
+        o.indices.handle,
+        o.weights.handle,
+        o.tokensPerExpert.handle,
+        o.scores.handle,
+        o.nanRows.handle,
+      );
+      if (checkNaN) throwOnBadRows(o.nanRows, op);
+    },
+  );
+  return outputs;
+}
+
+export interface RouterBackwardOptions {
+  /** Write (or, with accumulate, add) into this [T,E] f32 tensor. */
+  out?: Tensor;
+  accumulate?: boolean;
+}
+
+/**
+ * dLogits [T,E] from dWeights [T,k], given what the forward saved (scores and indices). Through
+ * the normalisation and routeScale; softmax: full Jacobian; sigmoid: s(1-s). The bias has no gradient.
+ */
+export function routerBackward(
+  dWeights: Tensor,
+  saved: { scores: Tensor; indices: Tensor },
+  config: RouterConfig | ResolvedRouterConfig,
+  options: RouterBackwardOptions = {},
+): Tensor {
+  const op = 'routerBackward';
+  const cfg = resolve(config);
+  checkTensor(dWeights, op, 'dWeights');
+  const T = checkLogits(checkTensor(saved?.scores, op, 'scores'), cfg, op, 'scores');
+  checkTensor(saved.indices, op, 'indices');
+  if (options.accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out'`);
+  const o = withOutputs<{ dLogits: Tensor }>(
+    { dLogits: options.out },
+    { dLogits: () => Tensor.empty([T, cfg.numExperts], { dtype: 'f32', device: saved.scores.device }) },
+    (r) =>
+      native().routerBackward(
+        dWeights.handle,
+        saved.scores.handle,
+        saved.indices.handle,
+        scoreCode[cfg.scoreFunction],
+        cfg.normalize,
+        cfg.routeScale,
+        r.dLogits.handle,
+        options.accumulate ?? false,
+      ),
+  );
+  return o.dLogits;
+}
+
+export interface LossOptions {
+  /** The loss weight α: loss = α·(…) and α·∂(…)/∂logits is added into dLogits. */
+  coefficient: number;
+  /** Add the loss's gradient w.r.t. the logits into this [T,E] f32 tensor (composes with routerBackward). */
+  dLogits?: Tensor;
+  /** f32[1] for the loss value. */
+  out?: Tensor;
+}
+
+function checkCoefficient(v: unknown, op: string): number {
+  if (typeof v !== 'number' || !Number.isFinite(v)) invalidArgument(op, `'coefficient' must be a finite number; received ${String(v)}`);
+  return v;
+}
+
+function lossInto(device: Device, out: Tensor | undefined, op: string, fn: (loss: Tensor) => void): Tensor {
+  return withOutputs<{ loss: Tensor }>({ loss: out }, { loss: () => Tensor.empty([1], { dtype: 'f32', device }) }, (o) => {
+    if (out !== undefined) checkTensor(out, op, 'out');
+    fn(o.loss);
+  }).loss;
+}
+
+/**
+ * Load-balancing loss α·E·Σ_e f_e·P_e: f_e the fraction of the T·k assignments routed to e (no
+ * gradient), P_e the mean over tokens of the router probability of e. For sigmoid routers the
+ * probabilities are the scores normalised to sum 1 per token (as DeepSeek-V3 does).
+ * With `seqLen` (T = numSeqs·seqLen) it is DeepSeek-V3's sequence-wise loss: the same per
+ * sequence, averaged over sequences. Without it, the Switch (batch-wise) loss.
+ */
+export function balanceLoss(
+  scores: Tensor,
+  indices: Tensor,
+  config: RouterConfig | ResolvedRouterConfig,
+  options: LossOptions & { seqLen?: number },
+): Tensor {
+  const op = 'balanceLoss';
+  const cfg = resolve(config);
+  const T = checkLogits(scores, cfg, op, 'scores');
+  checkTensor(indices, op, 'indices');
+  const coefficient = checkCoefficient(options?.coefficient, op);
+  const seqLen = options.seqLen ?? T;
+  if (!Number.isSafeInteger(seqLen) || seqLen < 1 || T % seqLen !== 0) {
+    invalidArgument(op, `'seqLen' = ${String(seqLen)} must be a positive integer dividing the ${T} tokens`);
+  }
+  if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
+  return lossInto(scores.device, options.out, op, (loss) =>
+    native().routerBalanceLoss(scores.handle, indices.handle, scoreCode[cfg.scoreFunction], seqLen, coefficient, loss.handle, options.dLogits?.handle ?? null),
+  );
+}
+
+/** DeepSeek-V3's sequence-wise balance loss: balanceLoss per sequence of `seqLen` tokens, averaged. */
+export function sequenceBalanceLoss(
+  scores: Tensor,
+  indices: Tensor,
+  config: RouterConfig | ResolvedRouterConfig,
+  options: LossOptions & { seqLen: number },
+): Tensor {
+  if (options?.seqLen === undefined) invalidArgument('balanceLoss', `'seqLen' is required for the sequence-wise loss`);
+  return balanceLoss(scores, indices, config, options);
+}
+
+/** Router z-loss: α · mean over tokens of (logsumexp of the logits)². */
+export function zLoss(logits: Tensor, options: LossOptions): Tensor {
+  const op = 'zLoss';
+  checkTensor(logits, op, 'logits');
+  const coefficient = checkCoefficient(options?.coefficient, op);
+  if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
+  return lossInto(logits.device, options.out, op, (loss) => native().routerZLoss(logits.handle, coefficient, loss.handle, options.dLogits?.handle ?? null));
+}
+
+/** A router with its config validated once at construction. */
+export class Router {
+  readonly config: ResolvedRouterConfig;
+  constructor(config: RouterConfig) {
+    this.config = resolveRouterConfig(config);
+  }
+  forward(logits: Tensor, options: RouterForwardOptions = {}): RouterOutputs {
+    return routerForward(logits, this.config, options);
+  }
+  backward(dWeights: Tensor, saved: { scores: Tensor; indices: Tensor }, options: RouterBackwardOptions = {}): Tensor {
+    return routerBackward(dWeights, saved, this.config, options);
+  }
+  balanceLoss(scores: Tensor, indices: Tensor, options: LossOptions & { seqLen?: number }): Tensor {
+    return balanceLoss(scores, indices, this.config, options);
+  }
+  zLoss(logits: Tensor, options: LossOptions): Tensor {
+    return zLoss(logits, options);
+  }
+}

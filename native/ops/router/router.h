@@ -1,0 +1,85 @@
+// MoE router: scores, (group-limited) top-k selection, gate weights, their backward, and the
+// auxiliary losses. The logits come from a GEMM done elsewhere.
+//
+// Naming (as in Megatron-Core's router):
+//   logits  [T,E] f32   input, one row per token
+//   scores  [T,E] f32   unbiased probabilities: softmax(logits) over E, or sigmoid(logits)
+//   biased  s + bias[e] used for selection only (bias [E] f32, optional); never for the weights
+//   indices [T,k] i32   the chosen experts, ordered by descending biased score
+//   weights [T,k] f32   routeScale · s[idx] / (Σ_j s[idx_j] + 1e-20) when normalize, else routeScale · s[idx]
+//   tokensPerExpert [E] i32   assignments per expert (sums to T·k), zeroed by the op first
+//   nanRows [2] i32     [number of bad rows, first bad row (T when none)]
+//
+// Group-limited routing (DeepSeek-V3): E experts in `groups` contiguous groups (E % groups == 0,
+// groups ≤ 32); a group's score is the sum of the top k/topkGroups biased scores inside it; each
+// token keeps its best `topkGroups` groups and picks its top-k among their experts only.
+// groups == 1 is plain top-k. Requires k % topkGroups == 0 and k/topkGroups ≤ E/groups.
+//
+// Ties: the lower expert index (and the lower group index) wins, on every device.
+//
+// Bad rows: a row with a non-finite logit (NaN, +inf, -inf) or a NaN bias entry is a bad row. It is
+// counted in nanRows and written deterministically, identically on CPU and GPU: scores row NaN,
+// indices 0..k-1, weights NaN; tokensPerExpert counts those indices, so the sum stays T·k and no
+// index is ever out of range downstream. The op itself never throws for bad rows (the GPU cannot
+// without a host sync); the TypeScript wrapper reads nanRows and throws when asked (checkNaN).
+//
+// Backward (router_backward): dWeights [T,k] → dLogits [T,E], through the normalisation and
+// routeScale; softmax: full Jacobian, sigmoid: s(1-s). The bias gets no gradient. Out-of-range
+// indices are an error on the CPU; the GPU kernel skips them (it cannot throw without a sync).
+//
+// Losses: each writes its value to loss f32[1] and, when dLogits is given, adds its gradient
+// (loss already includes `coef`) into dLogits [T,E]:
+//   balance (Switch / DeepSeek-V3 sequence-wise): T = numSeqs·seqLen, per sequence
+//     f_e = count_e / (seqLen·k) (no gradient), P_e = mean over the sequence's tokens of p[t,e]
+//     where p = scores for softmax and p = scores / Σ_e scores (per token) for sigmoid;
+//     loss = coef · E · mean over sequences of Σ_e f_e·P_e. seqLen == T is the Switch loss.
+//   z-loss: loss = coef · mean_t (logsumexp_e logits[t,e])².
+#pragma once
+#include "core/tensor.h"
+
+namespace moe::ops {
+
+enum class ScoreFn : int { Softmax = 0, Sigmoid = 1 };
+
+struct RouterParams {
+  ScoreFn score = ScoreFn::Softmax;
+  int64_t k = 1;
+  int64_t groups = 1;
+  int64_t topk_groups = 1;
+  bool normalize = false;
+  float route_scale = 1.0f;
+};
+
+constexpr int64_t kRouterMaxGroups = 32;
+constexpr float kRouterNormEps = 1e-20f;
+
+// bias may be undefined (no bias).
+void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
+                    const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
+// dLogits = (or += with accumulate) ∂(Σ dWeights·weights)/∂logits. Uses p.score, p.normalize, p.route_scale.
+void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
+                     const Tensor& d_logits, bool accumulate);
+// d_logits may be undefined (value only).
+void router_balance_loss(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
+                         const Tensor& loss, const Tensor& d_logits);
+void router_z_loss(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits);
+
+// ---- backends (arguments already checked)
+void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
+                        const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
+void router_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
+                         const Tensor& d_logits, bool accumulate);
+void router_balance_loss_cpu(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
+                             const Tensor& loss, const Tensor& d_logits);
+void router_z_loss_cpu(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits);
+
+void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
+                         const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows,
+                         void* stream);
+void router_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
+                          const Tensor& d_logits, bool accumulate, void* stream);
+void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
+                              const Tensor& loss, const Tensor& d_logits, void* stream);
+void router_z_loss_cuda(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits, void* stream);
+
+}  // namespace moe::ops

@@ -1,0 +1,165 @@
+// The CUDA router kernels against the CPU reference on fresh random inputs, outputs poisoned first;
+// live device bytes back at their baseline after each test.
+//
+// Selection compares biased scores computed in f32 on the GPU and in double on the CPU, so a near
+// tie (|Δ| below 1e-5) may legitimately go either way: where the chosen experts differ, the test
+// requires the biased scores of both choices to agree within that tolerance, and such tokens to be
+// rare; everything else is compared exactly or to f32 rounding.
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+
+import {
+  balanceLoss,
+  memoryStats,
+  routerBackward,
+  type RouterConfig,
+  routerForward,
+  Tensor,
+  tidy,
+  zLoss,
+} from '../../lib/index.js';
+import { freshSeed, poisoned, relErr, values } from '../helpers.js';
+import { hasGpu } from './gpu.js';
+
+const gpu = 'cuda:0' as const;
+const cpu = 'cpu' as const;
+
+function pair(shape: number[], std = 1.5): [Tensor, Tensor] {
+  const c = Tensor.randn(shape, { seed: freshSeed(), std, device: cpu });
+  return [c, c.to(gpu)];
+}
+
+function outputs(T: number, E: number, k: number, device: typeof gpu | typeof cpu) {
+  return {
+    indices: poisoned([T, k], 'i32', device),
+    weights: poisoned([T, k], 'f32', device),
+    tokensPerExpert: poisoned([E], 'i32', device),
+    scores: poisoned([T, E], 'f32', device),
+    nanRows: poisoned([2], 'i32', device),
+  };
+}
+
+const cases: [string, number, RouterConfig, boolean][] = [
+  ['T=16384 E=256 k=8, 8 groups keep 4, sigmoid + bias, normalised', 16384, { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 }, true],
+  ['T=16384 E=256 k=8, softmax, no groups', 16384, { numExperts: 256, topK: 8 }, false],
+  ['E=1, k=1', 999, { numExperts: 1, topK: 1 }, false],
+  ['k=E=64, softmax normalised, bias', 517, { numExperts: 64, topK: 64, normalize: true }, true],
+  ['k=E=40 (k > 32), sigmoid, 4 groups keep 4', 333, { numExperts: 40, topK: 40, scoreFunction: 'sigmoid', groups: 4, topkGroups: 4 }, true],
+  ['T=1001 E=96 k=6, 32 groups keep 3 (generic group path)', 1001, { numExperts: 96, topK: 6, scoreFunction: 'sigmoid', groups: 32, topkGroups: 3 }, true],
+  ['T=4099 E=160 k=4, 5 groups keep 2, route scale 2.5', 4099, { numExperts: 160, topK: 4, scoreFunction: 'sigmoid', groups: 5, topkGroups: 2, routeScale: 2.5 }, true],
+  ['T=77 E=1024 k=16, 16 groups keep 8', 77, { numExperts: 1024, topK: 16, scoreFunction: 'sigmoid', groups: 16, topkGroups: 8 }, true],
+  ['T=3 E=7 k=3 (odd width, scalar loads)', 3, { numExperts: 7, topK: 3, normalize: true }, true],
+];
+
+describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+  });
+  afterEach(() => {
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(cases)('forward and backward: %s', (_name, T, config, withBias) => {
+    const E = config.numExperts;
+    const k = config.topK;
+    tidy(() => {
+      const [lc, lg] = pair([T, E]);
+      const [bc, bg] = withBias ? pair([E], 0.05) : [undefined, undefined];
+      const c = outputs(T, E, k, cpu);
+      const g = outputs(T, E, k, gpu);
+      routerForward(lc, config, { bias: bc, out: c });
+      routerForward(lg, config, { bias: bg, out: g, checkNaN: false });
+      expect(g.nanRows.toNumbers()).toEqual([0, T]);
+      expect(relErr(values(g.scores), values(c.scores))).toBeLessThan(1e-6);
+      const ci = c.indices.toNumbers();
+      const gi = g.indices.toNumbers();
+      const cw = values(c.weights);
+      const gw = values(g.weights);
+      const cs = values(c.scores);
+      const bias = bc ? values(bc) : new Array(E).fill(0);
+      const biased = (t: number, e: number) => (cs[t * E + e] as number) + (bias[e] as number);
+      let differing = 0;
+      for (let t = 0; t < T; t++) {
+        let same = true;
+        for (let j = 0; j < k; j++) {
+          const a = ci[t * k + j] as number;
+          const b = gi[t * k + j] as number;
+          expect(b >= 0 && b < E).toBe(true);
+          if (a !== b) {
+            same = false;
+            expect(Math.abs(biased(t, a) - biased(t, b)), `token ${t} slot ${j}: ${a} vs ${b}`).toBeLessThan(1e-5);
+          }
+        }
+        if (!same) differing++;
+        else for (let j = 0; j < k; j++) expect(Math.abs((gw[t * k + j] as number) - (cw[t * k + j] as number))).toBeLessThan(1e-5);
+      }
+      expect(differing).toBeLessThanOrEqual(Math.ceil(T * 1e-3));
+      // counts: consistent with the GPU's own indices, summing to T·k
+      const counts = new Array(E).fill(0);
+      for (const e of gi) counts[e]++;
+      expect(g.tokensPerExpert.toNumbers()).toEqual(counts);
+      if (differing === 0) expect(g.tokensPerExpert.toNumbers()).toEqual(c.tokensPerExpert.toNumbers());
+
+      // backward from the GPU's own saved scores/indices, against the CPU on the same tensors
+      const [dwc, dwg] = pair([T, k]);
+      const savedC = { scores: g.scores.to(cpu), indices: g.indices.to(cpu) };
+      const dc = poisoned([T, E], 'f32', cpu);
+      const dg = poisoned([T, E], 'f32', gpu);
+      routerBackward(dwc, savedC, config, { out: dc });
+      routerBackward(dwg, g, config, { out: dg });
+      expect(relErr(values(dg), values(dc))).toBeLessThan(1e-5);
+      routerBackward(dwg, g, config, { out: dg, accumulate: true });
+      expect(relErr(values(dg), values(dc).map((x) => 2 * x))).toBeLessThan(1e-5);
+    });
+  });
+
+  it.each([
+    ['softmax batch-wise', { numExperts: 256, topK: 8 } as RouterConfig, undefined],
+    ['sigmoid sequence-wise', { numExperts: 256, topK: 8, scoreFunction: 'sigmoid' } as RouterConfig, 1024],
+    ['sigmoid, odd sizes', { numExperts: 37, topK: 3, scoreFunction: 'sigmoid' } as RouterConfig, 13],
+  ])('balance and z losses with gradients: %s', (_name, config, seqLen) => {
+    const E = config.numExperts;
+    const T = seqLen === 13 ? 13 * 7 : 16384;
+    tidy(() => {
+      const [lc, lg] = pair([T, E]);
+      const r = routerForward(lc, config);
+      const sg = r.scores.to(gpu);
+      const ig = r.indices.to(gpu);
+      const dc = Tensor.randn([T, E], { seed: freshSeed(), device: cpu });
+      const dg = dc.to(gpu);
+      const d0 = values(dc);
+      const lossC = poisoned([1], 'f32', cpu);
+      const lossG = poisoned([1], 'f32', gpu);
+      balanceLoss(r.scores, r.indices, config, { coefficient: 0.01, seqLen, dLogits: dc, out: lossC });
+      balanceLoss(sg, ig, config, { coefficient: 0.01, seqLen, dLogits: dg, out: lossG });
+      expect(Math.abs(lossG.item() - lossC.item()) / Math.abs(lossC.item())).toBeLessThan(1e-5);
+      const zc = poisoned([1], 'f32', cpu);
+      const zg = poisoned([1], 'f32', gpu);
+      zLoss(lc, { coefficient: 1e-3, dLogits: dc, out: zc });
+      zLoss(lg, { coefficient: 1e-3, dLogits: dg, out: zg });
+      expect(Math.abs(zg.item() - zc.item()) / Math.abs(zc.item())).toBeLessThan(1e-5);
+      // dLogits started random: the accumulated gradients agree beyond that
+      expect(relErr(values(dg), values(dc))).toBeLessThan(1e-5);
+      expect(relErr(values(dc), d0)).toBeGreaterThan(1e-6); // the losses did add a gradient
+    });
+  });
+
+  it('bad rows on the GPU: counted, written like the CPU, and checkNaN throws naming the first', () => {
+    tidy(() => {
+      const data = Array.from({ length: 100 * 64 }, (_, i) => Math.sin(0.37 * i));
+      data[17 * 64 + 5] = NaN;
+      data[63 * 64 + 0] = -Infinity;
+      const lc = Tensor.fromArray(data, { shape: [100, 64], device: cpu });
+      const lg = lc.to(gpu);
+      const config: RouterConfig = { numExperts: 64, topK: 4, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2 };
+      const g = outputs(100, 64, 4, gpu);
+      routerForward(lg, config, { out: g, checkNaN: false });
+      const c = routerForward(lc, config, { checkNaN: false });
+      expect(g.nanRows.toNumbers()).toEqual([2, 17]);
+      expect(g.indices.toNumbers()).toEqual(c.indices.toNumbers());
+      expect(g.tokensPerExpert.toNumbers()).toEqual(c.tokensPerExpert.toNumbers());
+      expect(values(g.weights).map(Number.isNaN)).toEqual(values(c.weights).map(Number.isNaN));
+      expect(() => routerForward(lg, config, { checkNaN: true })).toThrow(/router: 'logits' row 17 has a NaN or infinite value.*2 bad row/);
+    });
+  });
+});
