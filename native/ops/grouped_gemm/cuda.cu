@@ -1,14 +1,18 @@
 // Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90.
 // A Hopper wgmma/TMA path is a later step; this kernel is the portable one and the fallback.
 //
-// Block tile 128×128×32, 4 warps each computing 64×64, a 4-stage cp.async ring in shared memory
-// with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. Each operand is
+// Block tile 128×128×BK, 4 warps each computing 64×64, a multi-stage cp.async ring in shared memory
+// with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. Two configurations:
+// BK=64 with 3 stages (the default) and BK=32 with 4 stages (MOE_EP_GG_TILE=32 selects it; kept
+// for the benchmark ladder in benchmarks/grouped-gemm.md). Each operand is
 // either K-major (its inner dimension contiguous) or MN-major; ldmatrix.trans handles the latter,
 // so NN, NT and TN are one kernel with two layout flags.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "core/cuda_runtime.h"
 #include "ops/common/launch.h"
@@ -19,15 +23,20 @@ namespace moe::ops {
 
 namespace {
 
-constexpr int BM = 128, BN = 128, BK = 32, STAGES = 4, THREADS = 128;
-constexpr int TILE_ELEMS = 128 * 32;                       // one operand tile, either orientation
-constexpr int SMEM_BYTES = STAGES * 2 * TILE_ELEMS * 2;    // A and B tiles, bf16: 64 KiB
+constexpr int BM = 128, BN = 128, THREADS = 128;
+template <int BK> struct Config {
+  static constexpr int STAGES = BK == 64 ? 3 : 4;
+  static constexpr int TILE_ELEMS = 128 * BK;                    // one operand tile, either orientation
+  static constexpr int SMEM_BYTES = STAGES * 2 * TILE_ELEMS * 2;  // A and B tiles, bf16: 96 or 64 KiB
+};
 
 // ---- shared-memory addressing (in bf16 elements) --------------------------------------------------
-// K-major tile: 128 rows (m or n) × 32 k, 4 chunks of 8 per row; chunk ^= (row >> 1) & 3.
-__device__ __forceinline__ int kmajor_offset(int row, int k) {
-  int chunk = (k >> 3) ^ ((row >> 1) & 3);
-  return row * 32 + chunk * 8 + (k & 7);
+// K-major tile: 128 rows (m or n) × BK k. BK=32: 4 chunks of 8 per 64-byte row, chunk ^= (row>>1)&3;
+// BK=64: 8 chunks per 128-byte row, chunk ^= row & 7. Either way the 8 rows an ldmatrix reads at
+// one chunk column land in 8 different 16-byte bank groups.
+template <int BK> __device__ __forceinline__ int kmajor_offset(int row, int k) {
+  int chunk = BK == 64 ? ((k >> 3) ^ (row & 7)) : ((k >> 3) ^ ((row >> 1) & 3));
+  return row * BK + chunk * 8 + (k & 7);
 }
 // MN-major tile: 32 rows (k) × 128 (m or n), 16 chunks per row; the low three chunk bits ^= k & 7.
 __device__ __forceinline__ int mnmajor_offset(int k, int mn) {
@@ -85,20 +94,21 @@ __device__ __forceinline__ void load_chunk_scalar(__nv_bfloat16* smem, const __n
 // B operand (inner × cols): K-major when B_KMAJOR (B[col * ldb + k]), else B[k * ldb + col].
 // ALIGNED: every contiguous run is a multiple of 8 elements and 16-byte aligned, so cp.async moves
 // 16-byte chunks; otherwise elements are loaded one by one (shapes like K = 300).
-template <bool A_KMAJOR, bool B_KMAJOR, bool ALIGNED>
+template <int BK, bool A_KMAJOR, bool B_KMAJOR, bool ALIGNED>
 __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB, const __nv_bfloat16* A, int64_t lda,
                                            const __nv_bfloat16* B, int64_t ldb, int row0, int row_end, int col0, int col_end,
                                            int k0, int k_end) {
   const int tid = threadIdx.x;
+  constexpr int KCHUNKS = BK / 8;  // 16-byte chunks along k in a K-major row
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    int c = tid + i * THREADS;  // 512 chunks of 8 elements per operand tile
+  for (int i = 0; i < 128 * BK / 8 / THREADS; ++i) {
+    int c = tid + i * THREADS;  // 128·BK/8 chunks of 8 elements per operand tile
     if (A_KMAJOR) {
-      int r = c >> 2, kc = (c & 3) * 8;
+      int r = c / KCHUNKS, kc = (c % KCHUNKS) * 8;
       bool row_ok = row0 + r < row_end;
       const __nv_bfloat16* src = A + int64_t(row0 + r) * lda + k0 + kc;
-      if (ALIGNED) cp_async16(sA + kmajor_offset(r, kc), row_ok && k0 + kc < k_end ? src : A, row_ok && k0 + kc < k_end);
-      else load_chunk_scalar(sA + kmajor_offset(r, kc), src, 1, row_ok ? min(8, k_end - (k0 + kc)) : 0);
+      if (ALIGNED) cp_async16(sA + kmajor_offset<BK>(r, kc), row_ok && k0 + kc < k_end ? src : A, row_ok && k0 + kc < k_end);
+      else load_chunk_scalar(sA + kmajor_offset<BK>(r, kc), src, 1, row_ok ? min(8, k_end - (k0 + kc)) : 0);
     } else {
       int k = c >> 4, rc = (c & 15) * 8;
       bool k_ok = k0 + k < k_end;
@@ -107,11 +117,11 @@ __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB,
       else load_chunk_scalar(sA + mnmajor_offset(k, rc), src, 1, k_ok ? min(8, row_end - (row0 + rc)) : 0);
     }
     if (B_KMAJOR) {
-      int n = c >> 2, kc = (c & 3) * 8;
+      int n = c / KCHUNKS, kc = (c % KCHUNKS) * 8;
       bool col_ok = col0 + n < col_end;
       const __nv_bfloat16* src = B + int64_t(col0 + n) * ldb + k0 + kc;
-      if (ALIGNED) cp_async16(sB + kmajor_offset(n, kc), col_ok && k0 + kc < k_end ? src : B, col_ok && k0 + kc < k_end);
-      else load_chunk_scalar(sB + kmajor_offset(n, kc), src, 1, col_ok ? min(8, k_end - (k0 + kc)) : 0);
+      if (ALIGNED) cp_async16(sB + kmajor_offset<BK>(n, kc), col_ok && k0 + kc < k_end ? src : B, col_ok && k0 + kc < k_end);
+      else load_chunk_scalar(sB + kmajor_offset<BK>(n, kc), src, 1, col_ok ? min(8, k_end - (k0 + kc)) : 0);
     } else {
       int k = c >> 4, nc = (c & 15) * 8;
       bool k_ok = k0 + k < k_end;
@@ -123,7 +133,7 @@ __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB,
 }
 
 // One warp's 64×64 share of a BK slice: 2 k16 steps × (4 m16 tiles × 8 n8 tiles).
-template <bool A_KMAJOR, bool B_KMAJOR>
+template <int BK, bool A_KMAJOR, bool B_KMAJOR>
 __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_bfloat16* sA, const __nv_bfloat16* sB, int wm, int wn) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -134,7 +144,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_
       int m = wm * 64 + mt * 16;
       if (A_KMAJOR) {
         int r = m + (lane & 7) + ((lane >> 3) & 1) * 8, k = kk + (lane >> 4) * 8;
-        ldmatrix_x4(af[mt], sA + kmajor_offset(r, k));
+        ldmatrix_x4(af[mt], sA + kmajor_offset<BK>(r, k));
       } else {
         int k = kk + (lane & 7) + (lane >> 4) * 8, r = m + ((lane >> 3) & 1) * 8;
         ldmatrix_x4_trans(af[mt], sA + mnmajor_offset(k, r));
@@ -145,7 +155,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_
       int n = wn * 64 + np * 16;
       if (B_KMAJOR) {
         int c = n + (lane & 7) + (lane >> 4) * 8, k = kk + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4(bf[np], sB + kmajor_offset(c, k));
+        ldmatrix_x4(bf[np], sB + kmajor_offset<BK>(c, k));
       } else {
         int k = kk + (lane & 7) + ((lane >> 3) & 1) * 8, c = n + (lane >> 4) * 8;
         ldmatrix_x4_trans(bf[np], sB + mnmajor_offset(k, c));
@@ -208,8 +218,52 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[4][
     }
 }
 
-template <bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT, bool TN, bool ALIGNED>
+// Store epilogue through shared memory: the warps drop their fragments into a padded 128×128 tile,
+// then every thread writes whole 16-byte pieces of rows, so stores are full, coalesced lines (the
+// dW product of many small groups is dominated by these writes). Needs cols % 8 == 0.
+template <typename OutT>
+__device__ __forceinline__ void store_staged(const Params& p, const float (&acc)[4][8][4], OutT* out, unsigned char* smem_raw,
+                                             int row0, int row_end, int col0, int wm, int wn) {
+  constexpr int LD = 128 + 8;  // padded row, in elements
+  OutT* tile = reinterpret_cast<OutT*>(smem_raw);
+  const int lane = threadIdx.x & 31;
+  __syncthreads();  // the main loop's last reads of shared memory are done
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        int r = wm * 64 + mt * 16 + (lane >> 2) + half * 8, c = wn * 64 + nt * 8 + (lane & 3) * 2;
+        if constexpr (sizeof(OutT) == 4) {
+          *reinterpret_cast<float2*>(&tile[r * LD + c]) = make_float2(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
+        } else {
+          *reinterpret_cast<__nv_bfloat162*>(&tile[r * LD + c]) = __floats2bfloat162_rn(acc[mt][nt][half * 2], acc[mt][nt][half * 2 + 1]);
+        }
+      }
+  __syncthreads();
+  constexpr int PER16 = 16 / sizeof(OutT);  // elements per 16-byte piece
+  constexpr int PIECES = 128 / PER16;       // pieces per tile row
+  for (int i = threadIdx.x; i < 128 * PIECES; i += THREADS) {
+    int r = i / PIECES, c = (i % PIECES) * PER16;
+    if (row0 + r >= row_end || col0 + c >= p.cols_dim) continue;
+    uint4 v = *reinterpret_cast<const uint4*>(&tile[r * LD + c]);
+    OutT* dst = out + int64_t(row0 + r) * p.cols_dim + col0 + c;
+    if constexpr (sizeof(OutT) == 4) {
+      if (p.accumulate) {
+        float4 old = *reinterpret_cast<const float4*>(dst);
+        float4 add = *reinterpret_cast<float4*>(&v);
+        add.x += old.x; add.y += old.y; add.z += old.z; add.w += old.w;
+        v = *reinterpret_cast<uint4*>(&add);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst) = v;
+  }
+}
+
+template <int BK, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT, bool TN, bool ALIGNED>
 __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
+  constexpr int STAGES = Config<BK>::STAGES, TILE_ELEMS = Config<BK>::TILE_ELEMS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
 
@@ -267,7 +321,7 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ktiles) load_stage<A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, s * BK, k_len);
+    if (s < ktiles) load_stage<BK, A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, s * BK, k_len);
     cp_async_commit();
   }
   for (int kt = 0; kt < ktiles; ++kt) {
@@ -276,13 +330,17 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
     int next = kt + STAGES - 1;
     if (next < ktiles) {
       int s = next % STAGES;
-      load_stage<A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, next * BK, k_len);
+      load_stage<BK, A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, next * BK, k_len);
     }
     cp_async_commit();
-    compute_stage<A_KMAJOR, B_KMAJOR>(acc, sA(kt % STAGES), sB(kt % STAGES), wm, wn);
+    compute_stage<BK, A_KMAJOR, B_KMAJOR>(acc, sA(kt % STAGES), sB(kt % STAGES), wm, wn);
   }
   cp_async_wait<0>();
-  epilogue<EPI, OutT>(p, acc, out, row0, row_end, col0, wm, wn);
+  // The staged store needs 16-byte rows (ALIGNED: cols % 8 == 0) and a 128×136 tile in shared
+  // memory (68 KiB for f32: fits the 96 KiB ring of BK=64, not the 64 KiB of BK=32).
+  constexpr bool STAGED = EPI == GemmEpilogue::Store && ALIGNED && (sizeof(OutT) == 2 || Config<BK>::SMEM_BYTES >= 128 * 136 * 4);
+  if constexpr (STAGED) store_staged<OutT>(p, acc, out, smem_raw, row0, row_end, col0, wm, wn);
+  else epilogue<EPI, OutT>(p, acc, out, row0, row_end, col0, wm, wn);
 }
 
 // tile_start[e] = Σ_{g<e} ceil(rows_g / BM), from the device-side offsets: one block, E ≤ 4096.
@@ -301,16 +359,29 @@ __global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int32_t
 }
 
 // In TN mode a group with no rows runs no k-iteration and stores zeros (or adds zero): dW_e = 0.
-template <bool TN, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
-void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cudaStream_t stream) {
-  auto kernel = aligned ? grouped_gemm_kernel<A_KMAJOR, B_KMAJOR, EPI, OutT, TN, true>
-                        : grouped_gemm_kernel<A_KMAJOR, B_KMAJOR, EPI, OutT, TN, false>;
+template <int BK, bool TN, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+void launch_bk(const Params& p, int rows, int cols, int E, int M, bool aligned, cudaStream_t stream) {
+  constexpr int SMEM_BYTES = Config<BK>::SMEM_BYTES;
+  auto kernel = aligned ? grouped_gemm_kernel<BK, A_KMAJOR, B_KMAJOR, EPI, OutT, TN, true>
+                        : grouped_gemm_kernel<BK, A_KMAJOR, B_KMAJOR, EPI, OutT, TN, false>;
   // Above 48 KiB of dynamic shared memory needs an opt-in (per device, so set on every launch: ~1 µs).
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm",
               "cudaFuncSetAttribute");
   dim3 grid(unsigned((cols + BN - 1) / BN), TN ? unsigned((rows + BM - 1) / BM) : unsigned((M + BM - 1) / BM + E),
             TN ? unsigned(E) : 1u);
   kernel<<<grid, THREADS, SMEM_BYTES, stream>>>(p);
+}
+
+// Read per launch (a getenv is ~100 ns) so a benchmark can compare both configurations in one run.
+int tile_k() {
+  const char* v = std::getenv("MOE_EP_GG_TILE");
+  return v && std::string(v) == "32" ? 32 : 64;
+}
+
+template <bool TN, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cudaStream_t stream) {
+  if (tile_k() == 32) launch_bk<32, TN, A_KMAJOR, B_KMAJOR, EPI, OutT>(p, rows, cols, E, M, aligned, stream);
+  else launch_bk<64, TN, A_KMAJOR, B_KMAJOR, EPI, OutT>(p, rows, cols, E, M, aligned, stream);
 }
 
 }  // namespace
@@ -341,7 +412,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
   // 16-byte copies need rows of a multiple of 8 elements on 16-byte boundaries (MoE sizes are);
   // anything else takes the element-by-element loader.
   auto aligned16 = [](const Tensor& t) { return t.defined() ? (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0 : true; };
-  const bool aligned = K % 8 == 0 && N % 8 == 0 && aligned16(g.a) && aligned16(g.b);
+  const bool aligned = K % 8 == 0 && N % 8 == 0 && aligned16(g.a) && aligned16(g.b) && aligned16(g.out);
 
   Tensor tile_start;
   if (g.mode != GemmMode::TN) {
