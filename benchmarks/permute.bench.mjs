@@ -7,11 +7,12 @@
 // The copy baseline moves the same total (it reads and writes half of it each).
 // Routing: uniform random top-k, capacity factor 1 with padToCapacity (so R = E·C = T·k here and no
 // host sync sits inside the timed region).
-import { mkdirSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { capacity, permute, Tensor, unpermute } from '../dist/lib/index.js';
-import { outDir, quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
+import { quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
 
 const gpu = 'cuda:0';
 const shapes = [
@@ -78,8 +79,8 @@ for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
   const unpermuteCopy = copyRate(unpermuteBytes);
 
   // PyTorch on the same inputs, in the same run.
-  const dir = join(outDir, `permute-inputs-${T}x${k}x${H}x${E}`);
-  mkdirSync(dir, { recursive: true });
+  // Inputs for the peer go to memory-backed scratch, not to the results folder.
+  const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'moe-permute-'));
   writeInputs(dir, { x, rows: p.rows, rowToken: p.rowToken, rowWeight: p.rowWeight, rowOf: p.rowOf, weights });
   let peer = null;
   try {
@@ -87,6 +88,7 @@ for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
   } catch (e) {
     peer = { error: String(e.message ?? e).split('\n')[0] };
   }
+  rmSync(dir, { recursive: true, force: true });
 
   const gbs = (bytes, ms) => bytes / (ms * 1e6);
   const row = (op, ms, bytes, copy, torchMs) => ({

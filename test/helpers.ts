@@ -69,6 +69,11 @@ export function fp8ToNumber(bits: number): number {
 /** Rounds a float64 to float32, the precision the addon's f32 results carry. */
 export const f32 = Math.fround;
 
+/** Row-major values as a Float32Array (for tensors too large for a plain array). */
+export function floats(t: Tensor): Float32Array {
+  return t.toFloat32Array();
+}
+
 /** Row-major values of a tensor as plain numbers. */
 export function values(t: Tensor): number[] {
   return Array.from(t.toFloat32Array());

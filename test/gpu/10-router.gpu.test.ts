@@ -125,7 +125,8 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
       const r = routerForward(lc, config);
       const sg = r.scores.to(gpu);
       const ig = r.indices.to(gpu);
-      const dc = Tensor.randn([T, E], { seed: freshSeed(), device: cpu });
+      // dLogits starts small and random (the losses add into it); the gradients are ~coefficient/T.
+      const dc = Tensor.randn([T, E], { seed: freshSeed(), std: 1e-7, device: cpu });
       const dg = dc.to(gpu);
       const d0 = values(dc);
       const lossC = poisoned([1], 'f32', cpu);
@@ -138,9 +139,11 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
       zLoss(lc, { coefficient: 1e-3, dLogits: dc, out: zc });
       zLoss(lg, { coefficient: 1e-3, dLogits: dg, out: zg });
       expect(Math.abs(zg.item() - zc.item()) / Math.abs(zc.item())).toBeLessThan(1e-5);
-      // dLogits started random: the accumulated gradients agree beyond that
-      expect(relErr(values(dg), values(dc))).toBeLessThan(1e-5);
-      expect(relErr(values(dc), d0)).toBeGreaterThan(1e-6); // the losses did add a gradient
+      // What the losses added, GPU against CPU; and they did add something.
+      const addedG = values(dg).map((v, i) => v - (d0[i] as number));
+      const addedC = values(dc).map((v, i) => v - (d0[i] as number));
+      expect(relErr(addedG, addedC)).toBeLessThan(1e-3);
+      expect(addedC.some((v) => Math.abs(v) > 1e-9)).toBe(true);
     });
   });
 

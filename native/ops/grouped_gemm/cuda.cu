@@ -272,8 +272,15 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
   int64_t lda, ldb;
   OutT* out = static_cast<OutT*>(p.out);
   if (!TN) {
-    // blockIdx.y enumerates m-tiles of all groups; find the group by binary search.
-    int tile = blockIdx.y;
+    // Blocks are numbered so that a band of GROUP_M m-tiles runs through all n-tiles together: the
+    // weight columns a band needs are read from DRAM once and reused from L2 by its m-tiles (with
+    // plain row-major order, a wide N re-reads all of an expert's weights for every m-tile).
+    constexpr int GROUP_M = 8;
+    const int pid = blockIdx.y * gridDim.x + blockIdx.x, per_band = GROUP_M * gridDim.x;
+    const int band_m = (pid / per_band) * GROUP_M, band_rows = min(int(gridDim.y) - band_m, GROUP_M);
+    const int tile = band_m + (pid % per_band) % band_rows;  // m-tile over all groups
+    col0 = ((pid % per_band) / band_rows) * BN;
+    // Find the tile's group by binary search over tile_start.
     if (tile >= p.tile_start[p.E]) return;
     int lo = 0, hi = p.E - 1;
     while (lo < hi) {
