@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <vector>
 
 #include "ops/common/convert.h"
@@ -31,29 +32,51 @@ void run(const GroupedGemm& g) {
   const T* A = g.a.data<T>();
   const T* B = g.b.data<T>();
   if (g.mode == GemmMode::TN) {
+    // out_e[i, n] = Σ_t a[t, i] · b[t, n], accumulated in double over blocks of i so the inner loop
+    // runs along contiguous rows (the reference also serves large shapes in the GPU tests).
     const int64_t K = g.a.size(1), N = g.b.size(1);
+    constexpr int64_t kBlock = 16;
     O* out = g.out.data<O>();
+    std::vector<double> acc(static_cast<size_t>(kBlock * N));
     for (int64_t e = 0; e < E; ++e)
-      for (int64_t i = 0; i < K; ++i)
-        for (int64_t n = 0; n < N; ++n) {
-          double acc = 0;
-          for (int64_t t = off[size_t(e)]; t < off[size_t(e) + 1]; ++t) acc += double(ld(A, t * K + i)) * double(ld(B, t * N + n));
-          int64_t idx = (e * K + i) * N + n;
-          out[idx] = from_float<O>(float(acc + (g.accumulate ? double(to_float(out[idx])) : 0.0)));
-        }
+      for (int64_t i0 = 0; i0 < K; i0 += kBlock) {
+        const int64_t ib = std::min(kBlock, K - i0);
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t t = off[size_t(e)]; t < off[size_t(e) + 1]; ++t)
+          for (int64_t i = 0; i < ib; ++i) {
+            const double av = ld(A, t * K + i0 + i);
+            double* row = acc.data() + i * N;
+            for (int64_t n = 0; n < N; ++n) row[n] += av * double(ld(B, t * N + n));
+          }
+        for (int64_t i = 0; i < ib; ++i)
+          for (int64_t n = 0; n < N; ++n) {
+            int64_t idx = (e * K + i0 + i) * N + n;
+            out[idx] = from_float<O>(float(acc[size_t(i * N + n)] + (g.accumulate ? double(to_float(out[idx])) : 0.0)));
+          }
+      }
     return;
   }
   const int64_t K = g.b.size(1), N = g.b.size(2);
   const bool nt = g.mode == GemmMode::NT;
   const int64_t inner = nt ? N : K, cols = nt ? K : N;
   std::vector<float> row(static_cast<size_t>(cols));
+  std::vector<double> acc(static_cast<size_t>(cols));
   for (int64_t e = 0; e < E; ++e) {
     const T* Be = B + e * K * N;
     for (int64_t m = off[size_t(e)]; m < off[size_t(e) + 1]; ++m) {
-      for (int64_t c = 0; c < cols; ++c) {
-        double acc = 0;
-        for (int64_t k = 0; k < inner; ++k) acc += double(ld(A, m * inner + k)) * double(ld(Be, nt ? c * N + k : k * N + c));
-        row[size_t(c)] = float(acc);
+      if (nt) {  // b_e rows are contiguous along the inner dimension
+        for (int64_t c = 0; c < cols; ++c) {
+          double acc = 0;
+          for (int64_t k = 0; k < inner; ++k) acc += double(ld(A, m * inner + k)) * double(ld(Be, c * N + k));
+          row[size_t(c)] = float(acc);
+        }
+      } else {   // k outer, so the inner loop walks a contiguous row of b_e
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t k = 0; k < inner; ++k) {
+          const double av = ld(A, m * inner + k);
+          for (int64_t c = 0; c < cols; ++c) acc[size_t(c)] += av * double(ld(Be, k * N + c));
+        }
+        for (int64_t c = 0; c < cols; ++c) row[size_t(c)] = float(acc[size_t(c)]);
       }
       if (g.epilogue == GemmEpilogue::Store) {
         O* out = g.out.data<O>() + m * cols;
