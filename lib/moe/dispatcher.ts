@@ -1,0 +1,282 @@
+/**
+ * The token dispatcher: ships every routed row to the rank that owns its expert and brings the
+ * results back. Phases, as in Megatron-Core's dispatcher:
+ *
+ *   dispatch:  permute (local, rows grouped by global expert)
+ *              → counts exchanged (dropless only; one deliberate host sync)
+ *              → all-to-all-v of rows (and their gate weights)
+ *              → regroup received rows from (source rank, local expert) to (local expert, source
+ *                rank) order, so each local expert's rows are contiguous for the grouped GEMM.
+ *   combine:   regroup back → all-to-all-v back → weighted unpermute (fp32, one write per token).
+ *
+ * Experts are sharded contiguously: with E experts over P ranks, rank p owns experts
+ * p·E/P … (p+1)·E/P − 1 (local expert l is global expert p·E/P + l).
+ *
+ * The layout of one step is kept in a DispatchHandle, so combine and both backward passes reuse it
+ * without recounting: the backward of dispatch is a combine without weights, the backward of
+ * combine is a dispatch.
+ *
+ * Capacity mode with padToCapacity moves fixed-size segments: nothing is read back to the host and
+ * the maps are cached per shape, so a step can be captured in a CUDA graph. Dropless mode must
+ * learn how many rows arrive: it reads the counts once per step (the one host sync, named below).
+ */
+import { invalidArgument } from '../errors.js';
+import { Tensor, tidy } from '../tensor.js';
+import { type CapacityResult } from './capacity.js';
+import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
+import { native } from '../native.js';
+
+/** What the dispatcher needs from a communicator (lib/dist/communicator.ts provides it). */
+export interface ExpertParallelGroup {
+  readonly rank: number;
+  readonly size: number;
+  /** Equal row chunks per peer: send and recv are [size·n, …]. */
+  allToAll(send: Tensor, recv: Tensor): unknown;
+  /** Rows for peer p are contiguous, in order of p; counts are on the host. */
+  allToAllV(send: Tensor, sendRows: number[], recv: Tensor, recvRows: number[]): unknown;
+}
+
+/** A group of one: what a single process without a launcher uses. */
+export const singleRankGroup: ExpertParallelGroup = {
+  rank: 0,
+  size: 1,
+  allToAll: (send, recv) => (recv as Tensor).copy_(send),
+  allToAllV: (send, sendRows, recv, recvRows) => {
+    if (sendRows[0] !== recvRows[0]) invalidArgument('allToAllV', `one rank sends ${sendRows[0]} rows to itself but expects ${recvRows[0]}`);
+    return (recv as Tensor).copy_(send);
+  },
+};
+
+export interface DispatcherConfig {
+  /** Global number of experts E (a multiple of the group size). */
+  numExperts: number;
+  group?: ExpertParallelGroup;
+  /** Pad every expert segment to a multiple of this many rows (e.g. the GEMM tile). */
+  align?: number;
+  /** Fixed-size segments of exactly C rows (capacity mode): no host synchronisation. */
+  padToCapacity?: boolean;
+}
+
+/** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
+export interface DispatchHandle extends Disposable {
+  readonly permuted: PermuteResult;
+  /** Rows sent to / received from each peer. */
+  readonly sendRows: number[];
+  readonly recvRows: number[];
+  /** Rows per (source rank, local expert), row-major [P][El]. */
+  readonly recvCounts: number[];
+  /** Rows per local expert after regrouping, and their offsets [El+1] (i32, on the rows' device). */
+  readonly localRows: number[];
+  readonly localOffsets: Tensor;
+  /** Gathers from (source, expert) order into (expert, source) order, and back; null when P = 1. */
+  readonly toExpertOrder: Tensor | null;
+  readonly toSourceOrder: Tensor | null;
+  dispose(): void;
+}
+
+export interface Dispatched {
+  /** Rows for the local experts, expert-contiguous: [Σ localRows, H]. */
+  rows: Tensor;
+  /** The gate weight of each of those rows [Σ localRows] f32 (0 for padding). */
+  weights: Tensor;
+  handle: DispatchHandle;
+}
+
+const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
+
+export class Dispatcher {
+  readonly numExperts: number;
+  readonly group: ExpertParallelGroup;
+  readonly localExperts: number;
+  readonly align: number;
+  readonly padToCapacity: boolean;
+  private mapCache = new Map<string, { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor }>();
+
+  constructor(config: DispatcherConfig) {
+    const op = 'Dispatcher';
+    if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
+    const group = config.group ?? singleRankGroup;
+    if (!Number.isSafeInteger(config.numExperts) || config.numExperts <= 0) invalidArgument(op, `'numExperts' must be a positive integer; received ${String(config.numExperts)}`);
+    if (config.numExperts % group.size !== 0) {
+      invalidArgument(op, `'numExperts' ${config.numExperts} must be a multiple of the expert-parallel group size ${group.size}`);
+    }
+    const align = config.align ?? 1;
+    if (!Number.isSafeInteger(align) || align <= 0) invalidArgument(op, `'align' must be a positive integer; received ${String(align)}`);
+    this.numExperts = config.numExperts;
+    this.group = group;
+    this.localExperts = config.numExperts / group.size;
+    this.align = align;
+    this.padToCapacity = config.padToCapacity ?? false;
+  }
+
+  /** Ships x's routed rows to their experts' owners. `cap` comes from capacity() on this rank. */
+  dispatch(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
+    const op = 'dispatch';
+    if (cap.numExperts !== this.numExperts) invalidArgument(op, `'cap' was computed for ${cap.numExperts} experts; the dispatcher has ${this.numExperts}`);
+    if (this.padToCapacity && cap.capacity === null) invalidArgument(op, `'padToCapacity' needs capacity() with a capacity factor`);
+    const P = this.group.size;
+    const El = this.localExperts;
+    const permuted = permute(x, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
+    try {
+      // Rows per global expert segment, as sent.
+      let segment: number[];
+      let recvCounts: number[];
+      if (this.padToCapacity) {
+        const C = roundUp(cap.capacity as number, this.align);
+        segment = new Array<number>(this.numExperts).fill(C);
+        recvCounts = new Array<number>(P * El).fill(C);
+      } else {
+        // Deliberate host sync (dropless): how many rows go where is only known on the device.
+        const off = permuted.offsets.toArray() as Int32Array;
+        segment = Array.from({ length: this.numExperts }, (_, e) => (off[e + 1] as number) - (off[e] as number));
+        recvCounts = this.exchangeCounts(segment, x);
+      }
+      const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
+      const recvRows = Array.from({ length: P }, (_, p) => recvCounts.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
+      const localRows = Array.from({ length: El }, (_, l) => Array.from({ length: P }, (_, p) => recvCounts[p * El + l] as number).reduce((a, b) => a + b, 0));
+      const totalRecv = recvRows.reduce((a, b) => a + b, 0);
+      const H = x.shape[1] as number;
+
+      const { toExpert, toSource, offsets } = this.maps(recvCounts, localRows, x);
+      const [rows, rowWeights] = tidy(() => {
+        const received = this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+        const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
+        return [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
+      });
+      const handle: DispatchHandle = {
+        permuted,
+        sendRows,
+        recvRows,
+        recvCounts,
+        localRows,
+        localOffsets: offsets,
+        toExpertOrder: toExpert,
+        toSourceOrder: toSource,
+        dispose: () => {
+          for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
+          // Capacity-mode maps are cached by the dispatcher; dropless maps belong to this step.
+          if (!this.padToCapacity) for (const t of [toExpert, toSource, offsets]) t?.dispose();
+        },
+        [Symbol.dispose]() {
+          this.dispose();
+        },
+      };
+      return { rows, weights: rowWeights, handle };
+    } catch (e) {
+      for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
+      throw e;
+    }
+  }
+
+  /** Brings expert outputs [Σ localRows, H] home and combines them: y[t] = Σ_j w[t,j]·out(t,j). */
+  combine(expertOut: Tensor, handle: DispatchHandle, weights: Tensor): Tensor {
+    return tidy(() => {
+      const home = this.returnRows(expertOut, handle);
+      return unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
+    });
+  }
+
+  /**
+   * Backward of combine: from dy [T,H] to the gradient w.r.t. the expert outputs (expert order) and
+   * w.r.t. the gate weights [T,k]. `expertOut` is what combine received.
+   */
+  combineBackward(dy: Tensor, expertOut: Tensor, handle: DispatchHandle, weights: Tensor): { dExpertOut: Tensor; dWeights: Tensor } {
+    return tidy(() => {
+      const home = this.returnRows(expertOut, handle);
+      const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
+      const H = dy.shape[1] as number;
+      const received = this.exchange(dRows, handle.sendRows, handle.recvRows, [handle.recvRows.reduce((a, b) => a + b, 0), H]);
+      return { dExpertOut: this.reorder(received, handle.toExpertOrder), dWeights };
+    });
+  }
+
+  /** Backward of dispatch: from the gradient w.r.t. the dispatched rows (expert order) to dx [T,H]. */
+  dispatchBackward(dRows: Tensor, handle: DispatchHandle): Tensor {
+    return tidy(() => permuteBackward(this.returnRows(dRows, handle), handle.permuted.rowOf, { dtype: dRows.dtype }));
+  }
+
+  /** Expert-order rows back to their home ranks, in the home's permuted order. */
+  private returnRows(rows: Tensor, handle: DispatchHandle): Tensor {
+    const H = rows.shape[1] as number;
+    const bySource = this.reorder(rows, handle.toSourceOrder);
+    return this.exchange(bySource, handle.recvRows, handle.sendRows, [handle.permuted.numRows, H]);
+  }
+
+  /** counts[e] rows this rank sends to global expert e → rows each rank sends to my local experts. */
+  private exchangeCounts(segment: number[], like: Tensor): number[] {
+    if (this.group.size === 1) return segment.slice();
+    return tidy(() => {
+      const send = Tensor.fromArray(segment, { dtype: 'i32', device: like.device, shape: [this.numExperts] });
+      const recv = Tensor.empty([this.numExperts], { dtype: 'i32', device: like.device });
+      this.group.allToAll(send, recv);
+      return Array.from(recv.toArray() as Int32Array); // read on the host: part of the dropless sync
+    });
+  }
+
+  private exchange(send: Tensor, sendRows: number[], recvRows: number[], shape: number[]): Tensor {
+    // A group of one sends everything to itself: hand back a view, no copy.
+    if (this.group.size === 1) return send.view(...shape);
+    const recv = Tensor.empty(shape, { dtype: send.dtype, device: send.device });
+    this.group.allToAllV(send, sendRows, recv, recvRows);
+    return recv;
+  }
+
+  private reorder(rows: Tensor, map: Tensor | null): Tensor {
+    if (map === null) return rows;
+    const out = Tensor.empty(rows.shape, { dtype: rows.dtype, device: rows.device });
+    native().permuteRows(rows.handle, map.handle, out.handle);
+    return out;
+  }
+
+  /** The (source, expert) ↔ (expert, source) gathers and the local expert offsets, cached per layout. */
+  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor } {
+    const key = `${like.device.toString()}|${recvCounts.join(',')}`;
+    const cached = this.mapCache.get(key);
+    if (cached) return cached;
+    const P = this.group.size;
+    const El = this.localExperts;
+    // Start of each (p, l) block in source order, and in expert order.
+    const total = recvCounts.reduce((a, b) => a + b, 0);
+    const sourceStart: number[] = [];
+    let acc = 0;
+    for (let i = 0; i < P * El; i++) {
+      sourceStart.push(acc);
+      acc += recvCounts[i] as number;
+    }
+    const offsets = [0];
+    for (const r of localRows) offsets.push((offsets[offsets.length - 1] as number) + r);
+    let toExpert: Tensor | null = null;
+    let toSource: Tensor | null = null;
+    if (P > 1) {
+      const expertToSource = new Int32Array(total); // row in expert order ← row in source order
+      const sourceToExpert = new Int32Array(total);
+      let out = 0;
+      for (let l = 0; l < El; l++)
+        for (let p = 0; p < P; p++) {
+          const n = recvCounts[p * El + l] as number;
+          const src = sourceStart[p * El + l] as number;
+          for (let i = 0; i < n; i++) {
+            expertToSource[out] = src + i;
+            sourceToExpert[src + i] = out;
+            out++;
+          }
+        }
+      toExpert = Tensor.fromArray(expertToSource, { device: like.device });
+      toSource = Tensor.fromArray(sourceToExpert, { device: like.device });
+    }
+    const entry = { toExpert, toSource, offsets: Tensor.fromArray(offsets, { dtype: 'i32', device: like.device }) };
+    // Dropless layouts change every step; keep only fixed (capacity-mode) layouts.
+    if (this.padToCapacity) this.mapCache.set(key, entry);
+    return entry;
+  }
+
+  /** Releases cached layout maps. */
+  dispose(): void {
+    for (const m of this.mapCache.values()) {
+      m.toExpert?.dispose();
+      m.toSource?.dispose();
+      m.offsets.dispose();
+    }
+    this.mapCache.clear();
+  }
+}
