@@ -18,6 +18,12 @@ export interface CreateOptions {
 export interface RandomOptions extends CreateOptions {
   /** Philox seed; without one the global generator (manualSeed) supplies seed and offset. */
   seed?: number;
+  /**
+   * With a seed: the counter of the first element (default 0). Element i draws counter offset + i,
+   * so a slice of a larger tensor can be generated alone (an expert-parallel rank making its
+   * experts' share of the global weights).
+   */
+  offset?: number;
 }
 
 function checkShape(shape: unknown, op: string): number[] {
@@ -133,13 +139,13 @@ export class Tensor implements Disposable {
   /** Uniform in [low, high) (default [0, 1)), from the Philox stream `seed`. */
   static rand(shape: readonly number[], options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
     const t = Tensor.empty(shape, options);
-    return t.random_(0, options.low ?? 0, options.high ?? 1, options.seed);
+    return t.random_(0, options.low ?? 0, options.high ?? 1, options.seed, options.offset);
   }
 
   /** Normal with `mean` and `std` (default 0 and 1), from the Philox stream `seed`. */
   static randn(shape: readonly number[], options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
     const t = Tensor.empty(shape, options);
-    return t.random_(1, options.mean ?? 0, options.std ?? 1, options.seed);
+    return t.random_(1, options.mean ?? 0, options.std ?? 1, options.seed, options.offset);
   }
 
   /**
@@ -248,13 +254,17 @@ export class Tensor implements Disposable {
     native().copy(this.handle, src.handle);
     return this;
   }
+  /** this += alpha·other in place (same dtype; `other` may be a trailing part of this shape). */
+  add_(other: Tensor, alpha = 1): this {
+    native().binary(0, this.handle, other.handle, this.handle, alpha);
+    return this;
+  }
   fill_(value: number): this {
     native().fill(this.handle, value);
     return this;
   }
   /** @internal kind 0: uniform(p0, p1); 1: normal(p0, p1). */
-  random_(kind: 0 | 1, p0: number, p1: number, seed?: number): this {
-    let offset = 0;
+  random_(kind: 0 | 1, p0: number, p1: number, seed?: number, offset = 0): this {
     if (seed === undefined) {
       seed = generator.seed;
       offset = generator.offset;

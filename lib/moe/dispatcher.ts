@@ -21,7 +21,7 @@
  * learn how many rows arrive: it reads the counts once per step (the one host sync, named below).
  */
 import { invalidArgument } from '../errors.js';
-import { Tensor, tidy } from '../tensor.js';
+import { keep, Tensor, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
 import { native } from '../native.js';
@@ -265,8 +265,12 @@ export class Dispatcher {
       toSource = Tensor.fromArray(sourceToExpert, { device: like.device });
     }
     const entry = { toExpert, toSource, offsets: Tensor.fromArray(offsets, { dtype: 'i32', device: like.device }) };
-    // Dropless layouts change every step; keep only fixed (capacity-mode) layouts.
-    if (this.padToCapacity) this.mapCache.set(key, entry);
+    // Dropless layouts change every step; keep only fixed (capacity-mode) layouts, which must then
+    // outlive the caller's tidy() scopes.
+    if (this.padToCapacity) {
+      for (const t of [entry.toExpert, entry.toSource, entry.offsets]) if (t) keep(t);
+      this.mapCache.set(key, entry);
+    }
     return entry;
   }
 

@@ -1,0 +1,317 @@
+/**
+ * MoELayer: router → capacity → permute → dispatch → experts → combine → unpermute, forward and
+ * backward, with one config validated up front.
+ *
+ * Parameters (fp32 master copies; `dtype` compute copies refreshed by refreshComputeWeights()):
+ *   router   Wr [H, E]              replicated on every rank (gradients all-reduced by the trainer)
+ *   bias     [E]                    selection-only balancing bias (state, no gradient)
+ *   experts  w13 [El, H, 2F]        W1 and W3 interleaved by column (see experts.ts); w2 [El, F, H]
+ *            the El = E/P experts this rank owns (global experts rank·El … rank·El + El − 1)
+ *   shared   w13 [1, H, 2Fs], w2 [1, Fs, H]   optional dense SwiGLU every token passes through
+ * Weights are drawn from Philox streams indexed by global position, so a rank's experts are
+ * exactly its slice of the same global weights at any expert-parallel size.
+ */
+import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
+import { type DType } from '../dtype.js';
+import { invalidArgument } from '../errors.js';
+import { keep, Tensor, tidy } from '../tensor.js';
+import { capacity, type DropPolicy } from './capacity.js';
+import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup } from './dispatcher.js';
+import { expertsBackward, expertsForward } from './experts.js';
+import { groupedGemm } from './grouped-gemm.js';
+import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerForward, type ScoreFunction, zLoss } from './router.js';
+
+export interface MoELayerConfig {
+  hidden: number;
+  ffn: number;
+  numExperts: number;
+  topK: number;
+  scoreFunction?: ScoreFunction;
+  groups?: number;
+  topkGroups?: number;
+  normalize?: boolean;
+  routeScale?: number;
+  /** Per-expert capacity factor; omitted: dropless. */
+  capacityFactor?: number;
+  dropPolicy?: DropPolicy;
+  /** Fixed-size expert segments (capacity mode only): no host synchronisation in the layer. */
+  padToCapacity?: boolean;
+  /** FFN size of the shared expert; 0 or omitted: none. */
+  sharedFfn?: number;
+  /** Expert-parallel group (default: this process alone). */
+  group?: ExpertParallelGroup;
+  /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
+  dtype?: DType;
+  device?: DeviceLike;
+  /** Seed of the weights' Philox streams (default 1234). */
+  seed?: number;
+  /** Auxiliary losses' coefficients (0: off). */
+  auxLossCoef?: number;
+  seqAuxLossCoef?: number;
+  /** Tokens per sequence for the sequence-wise loss. */
+  seqLen?: number;
+  zLossCoef?: number;
+}
+
+export interface MoEForward {
+  y: Tensor;
+  /** Tokens per global expert routed by this rank [E] i32, assignments dropped [1] i32. */
+  tokensPerExpert: Tensor;
+  dropped: Tensor;
+  /** The auxiliary losses' total (f32 [1]; 0 when all are off). */
+  auxLoss: Tensor;
+  /** @internal what backward needs */
+  saved: MoESaved;
+}
+
+interface MoESaved {
+  x: Tensor;
+  scores: Tensor;
+  indices: Tensor;
+  weights: Tensor;
+  handle: DispatchHandle;
+  rows: Tensor;
+  expertOut: Tensor;
+  g: Tensor;
+  h: Tensor;
+  dLogitsAux: Tensor | null;
+  shared: { g: Tensor; h: Tensor } | null;
+}
+
+export interface MoEGrads {
+  dx: Tensor;
+  router: Tensor; // [H, E] f32
+  w13: Tensor; // [El, H, 2F] f32
+  w2: Tensor; // [El, F, H] f32
+  sharedW13: Tensor | null;
+  sharedW2: Tensor | null;
+}
+
+function positiveInt(v: unknown, field: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) invalidArgument('MoELayer', `'${field}' must be a positive integer; received ${String(v)}`);
+  return v;
+}
+function nonNegative(v: unknown, field: string): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) invalidArgument('MoELayer', `'${field}' must be a non-negative number; received ${String(v)}`);
+  return v;
+}
+
+export class MoELayer implements Disposable {
+  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen'>>> & {
+    capacityFactor: number | undefined;
+    seqLen: number | undefined;
+  };
+  readonly router: ResolvedRouterConfig;
+  readonly device: Device;
+  readonly group: ExpertParallelGroup;
+  readonly localExperts: number;
+  readonly dispatcher: Dispatcher;
+  /** fp32 master weights. */
+  readonly master: { router: Tensor; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null };
+  /** Compute copies in `dtype` (router as [1, H, E] for the one-group GEMM). */
+  readonly compute: { router: Tensor; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null };
+  /** Selection-only balancing bias [E] f32. */
+  readonly bias: Tensor;
+  private readonly allOffsets: Map<number, Tensor> = new Map();
+
+  constructor(config: MoELayerConfig) {
+    const op = 'MoELayer';
+    if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
+    const hidden = positiveInt(config.hidden, 'hidden');
+    const ffn = positiveInt(config.ffn, 'ffn');
+    this.router = resolveRouterConfig({
+      numExperts: config.numExperts,
+      topK: config.topK,
+      scoreFunction: config.scoreFunction ?? 'softmax',
+      groups: config.groups ?? 1,
+      topkGroups: config.topkGroups ?? config.groups ?? 1,
+      ...(config.normalize === undefined ? {} : { normalize: config.normalize }),
+      routeScale: config.routeScale ?? 1,
+    });
+    if (config.capacityFactor !== undefined && !(typeof config.capacityFactor === 'number' && config.capacityFactor > 0)) {
+      invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(config.capacityFactor)}`);
+    }
+    if (config.padToCapacity && config.capacityFactor === undefined) invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
+    const dtype = config.dtype ?? 'bf16';
+    this.device = Device.parse(config.device ?? getDefaultDevice(), op);
+    if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
+    const sharedFfn = config.sharedFfn ?? 0;
+    if (!Number.isSafeInteger(sharedFfn) || sharedFfn < 0) invalidArgument(op, `'sharedFfn' must be a non-negative integer; received ${String(sharedFfn)}`);
+    this.group = config.group ?? singleRankGroup;
+    const E = this.router.numExperts;
+    if (E % this.group.size !== 0) invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
+    const seqLen = config.seqLen;
+    if (seqLen !== undefined) positiveInt(seqLen, 'seqLen');
+    this.config = {
+      hidden,
+      ffn,
+      numExperts: E,
+      topK: this.router.topK,
+      scoreFunction: this.router.scoreFunction,
+      groups: this.router.groups,
+      topkGroups: this.router.topkGroups,
+      normalize: this.router.normalize,
+      routeScale: this.router.routeScale,
+      capacityFactor: config.capacityFactor,
+      dropPolicy: config.dropPolicy ?? 'probs',
+      padToCapacity: config.padToCapacity ?? false,
+      sharedFfn,
+      dtype,
+      seed: config.seed ?? 1234,
+      auxLossCoef: nonNegative(config.auxLossCoef ?? 0, 'auxLossCoef'),
+      seqAuxLossCoef: nonNegative(config.seqAuxLossCoef ?? 0, 'seqAuxLossCoef'),
+      seqLen,
+      zLossCoef: nonNegative(config.zLossCoef ?? 0, 'zLossCoef'),
+    };
+    if (this.config.seqAuxLossCoef > 0 && seqLen === undefined) invalidArgument(op, `'seqAuxLossCoef' needs 'seqLen'`);
+    this.localExperts = E / this.group.size;
+    this.dispatcher = new Dispatcher({ numExperts: E, group: this.group, padToCapacity: this.config.padToCapacity });
+
+    // Weights from Philox streams indexed by global position (see the module doc).
+    const seed = this.config.seed;
+    const El = this.localExperts;
+    const first = this.group.rank * El;
+    const device = this.device;
+    const normal = (shape: number[], std: number, stream: number, offset = 0): Tensor =>
+      Tensor.randn(shape, { std, seed: seed * 16 + stream, offset, device });
+    this.master = {
+      router: normal([hidden, E], 1 / Math.sqrt(hidden), 0),
+      w13: normal([El, hidden, 2 * ffn], 1 / Math.sqrt(hidden), 1, first * hidden * 2 * ffn),
+      w2: normal([El, ffn, hidden], 1 / Math.sqrt(ffn), 2, first * ffn * hidden),
+      sharedW13: sharedFfn ? normal([1, hidden, 2 * sharedFfn], 1 / Math.sqrt(hidden), 3) : null,
+      sharedW2: sharedFfn ? normal([1, sharedFfn, hidden], 1 / Math.sqrt(sharedFfn), 4) : null,
+    };
+    this.bias = Tensor.zeros([E], { device });
+    this.compute = {
+      router: Tensor.empty([1, hidden, E], { dtype, device }),
+      w13: Tensor.empty([El, hidden, 2 * ffn], { dtype, device }),
+      w2: Tensor.empty([El, ffn, hidden], { dtype, device }),
+      sharedW13: sharedFfn ? Tensor.empty([1, hidden, 2 * sharedFfn], { dtype, device }) : null,
+      sharedW2: sharedFfn ? Tensor.empty([1, sharedFfn, hidden], { dtype, device }) : null,
+    };
+    this.refreshComputeWeights();
+  }
+
+  /** Copies the fp32 masters into the compute copies (after every optimizer step). */
+  refreshComputeWeights(): void {
+    tidy(() => {
+      this.compute.router.copy_(this.master.router.view(1, this.config.hidden, this.config.numExperts));
+      this.compute.w13.copy_(this.master.w13);
+      this.compute.w2.copy_(this.master.w2);
+      if (this.compute.sharedW13 && this.master.sharedW13) this.compute.sharedW13.copy_(this.master.sharedW13);
+      if (this.compute.sharedW2 && this.master.sharedW2) this.compute.sharedW2.copy_(this.master.sharedW2);
+    });
+  }
+
+  /** Offsets [0, T] for one-group products over all T tokens (router, shared expert). */
+  private wholeBatch(T: number): Tensor {
+    let t = this.allOffsets.get(T);
+    if (!t) {
+      t = keep(Tensor.fromArray([0, T], { dtype: 'i32', device: this.device })); // cached: outlives any tidy()
+      this.allOffsets.set(T, t);
+    }
+    return t;
+  }
+
+  /** x [T, H] in the compute dtype → y [T, H]. Keep the result until backward, then dispose its tensors. */
+  forward(x: Tensor): MoEForward {
+    const op = 'MoELayer.forward';
+    const { hidden, dtype } = this.config;
+    if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]`);
+    if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
+    if (!x.device.equals(this.device)) invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
+    const T = x.shape[0] as number;
+    return tidy(() => {
+      const all = this.wholeBatch(T);
+      const logits = groupedGemm('NN', x, this.compute.router, all, { dtype: 'f32' });
+      const r = routerForward(logits, this.router, { bias: this.bias });
+      // Auxiliary losses: their gradients are collected into dLogitsAux now, added in backward.
+      const auxLoss = Tensor.zeros([1], { device: this.device });
+      let dLogitsAux: Tensor | null = null;
+      const { auxLossCoef, seqAuxLossCoef, zLossCoef, seqLen } = this.config;
+      if (auxLossCoef > 0 || seqAuxLossCoef > 0 || zLossCoef > 0) {
+        const d = Tensor.zeros([T, this.config.numExperts], { device: this.device });
+        dLogitsAux = d;
+        if (auxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: auxLossCoef, dLogits: d }));
+        if (seqAuxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }));
+        if (zLossCoef > 0) auxLoss.add_(zLoss(logits, { coefficient: zLossCoef, dLogits: d }));
+      }
+      const cap = capacity(r.indices, r.weights, {
+        numExperts: this.config.numExperts,
+        ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
+        dropPolicy: this.config.dropPolicy,
+      });
+      const { rows, handle } = this.dispatcher.dispatch(x, r.indices, r.weights, cap);
+      const experts = expertsForward(rows, this.compute.w13, this.compute.w2, handle.localOffsets);
+      let y = this.dispatcher.combine(experts.out, handle, r.weights);
+      let shared: { g: Tensor; h: Tensor } | null = null;
+      if (this.compute.sharedW13 && this.compute.sharedW2) {
+        const s = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
+        y = addTensors(y, s.out);
+        shared = { g: s.g, h: s.h };
+      }
+      const saved: MoESaved = {
+        x, scores: r.scores, indices: r.indices, weights: r.weights, handle, rows, expertOut: experts.out,
+        g: experts.g, h: experts.h, dLogitsAux, shared,
+      };
+      // The handle's tensors are owned by the handle (disposed by disposeSaved).
+      for (const t of Object.values(handle.permuted)) if (t instanceof Tensor) keep(t);
+      keep(handle.localOffsets);
+      if (handle.toExpertOrder) keep(handle.toExpertOrder);
+      if (handle.toSourceOrder) keep(handle.toSourceOrder);
+      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, auxLoss, saved };
+    });
+  }
+
+  /** dy [T, H] → dx and the parameter gradients (fp32). Releases the forward's saved tensors. */
+  backward(fwd: MoEForward, dy: Tensor): MoEGrads {
+    const s = fwd.saved;
+    const T = s.x.shape[0] as number;
+    try {
+      return tidy(() => {
+        const all = this.wholeBatch(T);
+        const { dExpertOut, dWeights } = this.dispatcher.combineBackward(dy, s.expertOut, s.handle, s.weights);
+        const eg = expertsBackward(dExpertOut, s.rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
+        let dx = this.dispatcher.dispatchBackward(eg.dA, s.handle);
+        const dLogits = routerBackward(dWeights, { scores: s.scores, indices: s.indices }, this.router);
+        if (s.dLogitsAux) dLogits.add_(s.dLogitsAux);
+        // Router input gradient dx += dLogits · Wrᵀ and weight gradient dWr = xᵀ · dLogits.
+        const dLogitsC = dLogits.cast(this.config.dtype);
+        dx = addTensors(dx, groupedGemm('NT', dLogitsC, this.compute.router, all, { dtype: dx.dtype }));
+        const dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(this.config.hidden, this.config.numExperts);
+        let sharedW13: Tensor | null = null;
+        let sharedW2: Tensor | null = null;
+        if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
+          const sg = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared);
+          dx = addTensors(dx, sg.dA);
+          sharedW13 = sg.dW13;
+          sharedW2 = sg.dW2;
+        }
+        return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2 };
+      });
+    } finally {
+      disposeSaved(fwd);
+    }
+  }
+
+  dispose(): void {
+    for (const t of [...Object.values(this.master), ...Object.values(this.compute), this.bias, ...this.allOffsets.values()]) t?.dispose();
+    this.allOffsets.clear();
+    this.dispatcher.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/** Releases what a forward kept for backward (backward calls this itself). */
+export function disposeSaved(fwd: MoEForward): void {
+  const s = fwd.saved;
+  s.handle.dispose();
+  for (const t of [s.scores, s.indices, s.weights, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h]) t?.dispose();
+}
+
+/** a + b in a's dtype (b is cast when it differs): a new tensor. */
+function addTensors(a: Tensor, b: Tensor): Tensor {
+  return tidy(() => a.clone().add_(b.dtype === a.dtype ? b : b.cast(a.dtype)));
+}

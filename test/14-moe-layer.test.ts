@@ -1,0 +1,126 @@
+// MoELayer on one rank in f32 on the CPU: forward against a float64 oracle written here, backward
+// against finite differences; config validation.
+import { describe, expect, it } from 'vitest';
+
+import { memoryStats, Tensor, tidy } from '../lib/index.js';
+import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
+import { routerForward } from '../lib/moe/router.js';
+import { freshSeed, relErr, values } from './helpers.js';
+
+const cpu = 'cpu' as const;
+const silu = (v: number): number => v / (1 + Math.exp(-v));
+
+/** y for every token from the layer's own master weights, in float64. */
+function oracle(layer: MoELayer, x: Tensor): number[] {
+  const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = layer.config;
+  const T = x.shape[0] as number;
+  const xv = values(x), wr = values(layer.master.router), w13 = values(layer.master.w13), w2 = values(layer.master.w2);
+  const logits = new Float32Array(T * E);
+  for (let t = 0; t < T; t++)
+    for (let e = 0; e < E; e++) {
+      let s = 0;
+      for (let h = 0; h < H; h++) s += (xv[t * H + h] as number) * (wr[h * E + e] as number);
+      logits[t * E + e] = s;
+    }
+  const r = tidy(() => {
+    const o = routerForward(Tensor.fromArray(logits, { shape: [T, E], device: cpu }), layer.router, { bias: layer.bias });
+    return { idx: Array.from(o.indices.toArray() as Int32Array), w: values(o.weights) };
+  });
+  const k = layer.config.topK;
+  const ffn = (t: number, a13: number[], a2: number[], e: number, f: number): number[] => {
+    const hAct = new Array(f).fill(0);
+    for (let i = 0; i < f; i++) {
+      let g1 = 0, g3 = 0;
+      for (let h = 0; h < H; h++) {
+        g1 += (xv[t * H + h] as number) * (a13[(e * H + h) * 2 * f + 2 * i] as number);
+        g3 += (xv[t * H + h] as number) * (a13[(e * H + h) * 2 * f + 2 * i + 1] as number);
+      }
+      hAct[i] = silu(g1) * g3;
+    }
+    return Array.from({ length: H }, (_, o) => hAct.reduce((s, hv, i) => s + hv * (a2[(e * f + i) * H + o] as number), 0));
+  };
+  const y = new Array(T * H).fill(0);
+  const s13 = layer.master.sharedW13 ? values(layer.master.sharedW13) : [];
+  const s2 = layer.master.sharedW2 ? values(layer.master.sharedW2) : [];
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < k; j++) {
+      const out = ffn(t, w13, w2, r.idx[t * k + j] as number, F);
+      for (let h = 0; h < H; h++) y[t * H + h] += (r.w[t * k + j] as number) * (out[h] as number);
+    }
+    if (Fs) ffn(t, s13, s2, 0, Fs).forEach((v, h) => (y[t * H + h] += v));
+  }
+  return y;
+}
+
+const base: MoELayerConfig = { hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, sharedFfn: 3 };
+
+describe('MoELayer on one rank', () => {
+  it.each([
+    ['softmax', { ...base }],
+    ['sigmoid, 2 groups keep 1, no shared expert', { ...base, scoreFunction: 'sigmoid', groups: 2, topkGroups: 1, sharedFfn: 0 }],
+  ] as const)('forward equals the float64 oracle: %s', (_n, config) => {
+    const before = memoryStats(cpu).liveBytes;
+    {
+      using layer = new MoELayer({ ...config, seed: freshSeed() });
+      tidy(() => {
+        const x = Tensor.randn([9, 8], { seed: freshSeed(), device: cpu });
+        const f = layer.forward(x);
+        expect(relErr(values(f.y), oracle(layer, x))).toBeLessThan(1e-5);
+        expect(Array.from(f.tokensPerExpert.toArray() as Int32Array).reduce((a, b) => a + b, 0)).toBe(9 * 2);
+        disposeSaved(f);
+      });
+    }
+    expect(memoryStats(cpu).liveBytes).toBe(before);
+  });
+
+  it('backward matches finite differences for x, the router and the experts', () => {
+    using layer = new MoELayer({ ...base, seed: freshSeed(), auxLossCoef: 0.1, zLossCoef: 0.01 });
+    const T = 5;
+    using x = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
+    using R = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
+    const rv = values(R);
+    // L = Σ y·R + auxLoss
+    const loss = (xx: Tensor): number =>
+      tidy(() => {
+        const f = layer.forward(xx);
+        const l = values(f.y).reduce((s, v, i) => s + v * (rv[i] as number), 0) + (f.auxLoss.item() as number);
+        disposeSaved(f);
+        return l;
+      });
+    const grads = tidy(() => layer.backward(layer.forward(x), R));
+    const h = 1e-3;
+    const fd = (t: Tensor, i: number, refresh: boolean, xx: Tensor): number => {
+      const v = values(t);
+      const at = (d: number): number => {
+        const w = v.slice();
+        w[i] = (w[i] as number) + d;
+        t.copy_(Tensor.fromArray(w, { shape: [...t.shape], device: cpu }));
+        if (refresh) layer.refreshComputeWeights();
+        return loss(xx);
+      };
+      const g = (at(h) - at(-h)) / (2 * h);
+      at(0);
+      return g;
+    };
+    const check = (name: string, analytic: number[], t: Tensor, refresh: boolean, picks: number[]): void => {
+      const numeric = picks.map((i) => fd(t, i, refresh, x));
+      expect(relErr(picks.map((i) => analytic[i] as number), numeric), name).toBeLessThan(2e-2);
+    };
+    const pick = (n: number): number[] => Array.from({ length: 12 }, (_, i) => Math.floor((i * n) / 12));
+    check('dx', values(grads.dx), x, false, pick(x.numel));
+    check('router', values(grads.router), layer.master.router, true, pick(layer.master.router.numel));
+    check('w13', values(grads.w13), layer.master.w13, true, pick(layer.master.w13.numel));
+    check('w2', values(grads.w2), layer.master.w2, true, pick(layer.master.w2.numel));
+    check('shared w13', values(grads.sharedW13 as Tensor), layer.master.sharedW13 as Tensor, true, pick((layer.master.sharedW13 as Tensor).numel));
+    for (const g of Object.values(grads)) g?.dispose();
+  });
+
+  it('validates the config with errors naming the field', () => {
+    expect(() => new MoELayer({ ...base, hidden: 0 })).toThrow(/'hidden' must be a positive integer/);
+    expect(() => new MoELayer({ ...base, topK: 5 })).toThrow(/topK/);
+    expect(() => new MoELayer({ ...base, capacityFactor: -1 })).toThrow(/'capacityFactor' must be a positive number/);
+    expect(() => new MoELayer({ ...base, padToCapacity: true })).toThrow(/'padToCapacity' needs 'capacityFactor'/);
+    expect(() => new MoELayer({ ...base, seqAuxLossCoef: 0.1 })).toThrow(/'seqAuxLossCoef' needs 'seqLen'/);
+    expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
+  });
+});
