@@ -1,0 +1,171 @@
+/**
+ * The `moe-ep train` configuration: defaults, a JSON schema (draft-07, validated with Ajv), and
+ * overrides from the command line (`--model.experts 16`, `--steps 100`). Errors point at the field:
+ * "config.model.experts: must be >= 1".
+ */
+import { Ajv, type ErrorObject } from 'ajv';
+
+import { InvalidArgumentError } from '../errors.js';
+
+export interface TrainConfig {
+  model: {
+    layers: number;
+    hidden: number;
+    ffn: number;
+    experts: number;
+    topK: number;
+    scoreFunction: 'softmax' | 'sigmoid';
+    groups: number;
+    topkGroups: number;
+    /** null: dropless. */
+    capacityFactor: number | null;
+    dropPolicy: 'probs' | 'position';
+    sharedFfn: number;
+  };
+  balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
+  optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
+  data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number };
+  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean };
+  checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
+}
+
+/** The embedded default: about a minute on two CPU cores; experts matter on its data. */
+export const defaultConfig: TrainConfig = {
+  model: { layers: 2, hidden: 32, ffn: 32, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0 },
+  balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
+  optimizer: { lr: 3e-3, minLr: 3e-4, warmupSteps: 20, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
+  data: { clusters: 16, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
+  train: { steps: 300, device: 'auto', out: null, logEvery: 1, progress: true },
+  checkpoint: { every: 0, keep: 3, dir: null, resume: null },
+};
+
+const int = (minimum: number) => ({ type: 'integer', minimum });
+const num = (minimum?: number, exclusiveMinimum?: number) => ({ type: 'number', ...(minimum === undefined ? {} : { minimum }), ...(exclusiveMinimum === undefined ? {} : { exclusiveMinimum }) });
+const section = (properties: Record<string, unknown>) => ({ type: 'object', additionalProperties: false, properties });
+
+export const trainConfigSchema = {
+  $schema: 'http://json-schema.org/draft-07/schema#',
+  title: 'moe-ep train configuration',
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    model: section({
+      layers: { ...int(1), description: 'MoE blocks: x ← x + MoE(RMSNorm(x))' },
+      hidden: { ...int(1), description: 'model width (also the data dimension)' },
+      ffn: { ...int(1), description: 'each expert’s SwiGLU hidden size' },
+      experts: { ...int(1), description: 'experts per layer (global; a multiple of the expert-parallel size)' },
+      topK: { ...int(1), description: 'experts per token' },
+      scoreFunction: { enum: ['softmax', 'sigmoid'] },
+      groups: int(1),
+      topkGroups: int(1),
+      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'null: dropless' },
+      dropPolicy: { enum: ['probs', 'position'] },
+      sharedFfn: { ...int(0), description: '0: no shared expert' },
+    }),
+    balance: section({
+      gamma: { ...num(0), description: 'auxiliary-loss-free bias step (0 freezes the bias)' },
+      auxLossCoef: num(0),
+      seqAuxLossCoef: num(0),
+      seqLen: { anyOf: [{ type: 'null' }, int(1)] },
+      zLossCoef: num(0),
+    }),
+    optimizer: section({
+      lr: num(undefined, 0),
+      minLr: num(0),
+      warmupSteps: int(0),
+      beta1: { type: 'number', minimum: 0, exclusiveMaximum: 1 },
+      beta2: { type: 'number', minimum: 0, exclusiveMaximum: 1 },
+      eps: num(undefined, 0),
+      weightDecay: num(0),
+      clipNorm: { ...num(0), description: '0: no clipping' },
+    }),
+    data: section({ clusters: int(1), zipf: num(0), noise: num(0), tokensPerStep: int(1), seed: int(0) }),
+    train: section({
+      steps: int(1),
+      device: { enum: ['auto', 'cpu', 'cuda'] },
+      out: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'run folder (default runs/<timestamp>)' },
+      logEvery: int(1),
+      progress: { type: 'boolean' },
+    }),
+    checkpoint: section({
+      every: { ...int(0), description: 'save every N steps (0: only at the end and on Ctrl-C)' },
+      keep: int(1),
+      dir: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }] },
+      resume: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }] },
+    }),
+  },
+} as const;
+
+const ajv = new Ajv({ allErrors: true, strict: true });
+const validate = ajv.compile(trainConfigSchema);
+
+function describe(e: ErrorObject): string {
+  const path = 'config' + e.instancePath.replace(/\//g, '.');
+  if (e.keyword === 'additionalProperties') return `${path}: unknown field '${String(e.params['additionalProperty'])}'`;
+  if (e.keyword === 'enum') return `${path}: must be one of ${(e.params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
+  return `${path}: ${e.message ?? 'is invalid'}`;
+}
+
+type Partial2<T> = { [K in keyof T]?: T[K] extends object ? Partial<T[K]> : T[K] };
+
+/** Merges a partial configuration over the defaults, validates it, and checks cross-field rules. */
+export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): TrainConfig {
+  if (partial === null || typeof partial !== 'object' || Array.isArray(partial)) throw new InvalidArgumentError('config: must be a JSON object', 'config');
+  const merged: Record<string, unknown> = {};
+  for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
+  for (const [k, v] of Object.entries(partial as Record<string, unknown>)) {
+    merged[k] = v !== null && typeof v === 'object' && !Array.isArray(v) && k in merged ? { ...(merged[k] as object), ...v } : v;
+  }
+  if (!validate(merged)) {
+    throw new InvalidArgumentError(`invalid configuration:\n  ${(validate.errors ?? []).map(describe).join('\n  ')}`, 'config');
+  }
+  const c = merged as unknown as TrainConfig;
+  const rules: [boolean, string][] = [
+    [c.model.topK <= c.model.experts, `config.model.topK: ${c.model.topK} is more than config.model.experts (${c.model.experts})`],
+    [c.model.experts % c.model.groups === 0, `config.model.groups: ${c.model.groups} does not divide config.model.experts (${c.model.experts})`],
+    [c.model.topkGroups <= c.model.groups, `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`],
+    [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
+    [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],
+    [c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0, `config.balance.seqLen: ${c.balance.seqLen} does not divide config.data.tokensPerStep (${c.data.tokensPerStep})`],
+  ];
+  const broken = rules.filter(([ok]) => !ok).map(([, m]) => m);
+  if (broken.length) throw new InvalidArgumentError(`invalid configuration:\n  ${broken.join('\n  ')}`, 'config');
+  return c;
+}
+
+/**
+ * Command-line overrides: `--section.field value` (values parsed as JSON when they parse, else
+ * strings), plus the short forms `--steps`, `--device`, `--out`, `--no-progress`.
+ */
+export function overridesFromArgs(args: string[]): Record<string, Record<string, unknown>> {
+  const out: Record<string, Record<string, unknown>> = {};
+  const short: Record<string, string> = { steps: 'train.steps', device: 'train.device', out: 'train.out', resume: 'checkpoint.resume' };
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i] as string;
+    if (!arg.startsWith('--')) throw new InvalidArgumentError(`unexpected argument '${arg}'`, 'train');
+    let key = arg.slice(2);
+    let value: unknown;
+    if (key === 'no-progress') {
+      key = 'train.progress';
+      value = false;
+    } else {
+      const eq = key.indexOf('=');
+      let raw: string | undefined;
+      if (eq >= 0) {
+        raw = key.slice(eq + 1);
+        key = key.slice(0, eq);
+      } else raw = args[++i];
+      if (raw === undefined) throw new InvalidArgumentError(`'--${key}' needs a value`, 'train');
+      try {
+        value = JSON.parse(raw);
+      } catch {
+        value = raw;
+      }
+    }
+    key = short[key] ?? key;
+    const [sectionName, field, ...rest] = key.split('.');
+    if (!sectionName || !field || rest.length) throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
+    (out[sectionName] ??= {})[field] = value;
+  }
+  return out;
+}

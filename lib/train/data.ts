@@ -1,0 +1,128 @@
+/**
+ * The default training task: synthetic, learnable, and one where experts matter.
+ *
+ * Inputs come from K clusters with Zipf-skewed frequencies (p_c ∝ 1/(c+1)^s), so routing starts
+ * out skewed; each cluster has its own linear target map, so experts can specialise:
+ *   c ~ Zipf(K, s),  x = μ_c + σ·ε  (ε ~ N(0, I)),  y = x·A_c  (A_c entries ~ N(0, 1/dim))
+ * Everything derives from one seed (cluster ids from a host PRNG; centres, maps and noise from
+ * Philox streams), so every rank of a data-parallel job can draw its own disjoint shard of a step.
+ */
+import { type Device } from '../device.js';
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { groupedGemm } from '../moe/grouped-gemm.js';
+import { keep, Tensor, tidy } from '../tensor.js';
+
+export interface ClusterTaskConfig {
+  /** Input and target width (the model's hidden size). */
+  dim: number;
+  clusters: number;
+  /** Zipf exponent of the cluster frequencies (0: uniform). */
+  zipf: number;
+  /** Within-cluster noise σ. */
+  noise: number;
+  seed: number;
+}
+
+export interface Batch extends Disposable {
+  x: Tensor; // [T, dim] f32 on the CPU
+  y: Tensor; // [T, dim] f32 on the CPU
+  clusters: Int32Array;
+  dispose(): void;
+}
+
+/** xorshift-style host PRNG for cluster ids (tiny and reproducible). */
+function splitmix(seed: number): () => number {
+  let s = BigInt(seed) & 0xffffffffffffffffn;
+  return () => {
+    s = (s + 0x9e3779b97f4a7c15n) & 0xffffffffffffffffn;
+    let z = s;
+    z = ((z ^ (z >> 30n)) * 0xbf58476d1ce4e5b9n) & 0xffffffffffffffffn;
+    z = ((z ^ (z >> 27n)) * 0x94d049bb133111ebn) & 0xffffffffffffffffn;
+    return Number((z ^ (z >> 31n)) >> 11n) / 2 ** 53;
+  };
+}
+
+export class ClusterTask implements Disposable {
+  readonly config: ClusterTaskConfig;
+  private readonly centres: Tensor; // [K, dim]
+  private readonly maps: Tensor; // [K, dim, dim]: y = x · maps[c]
+  private readonly cumulative: number[];
+
+  constructor(config: ClusterTaskConfig) {
+    const op = 'ClusterTask';
+    for (const f of ['dim', 'clusters'] as const) {
+      if (!Number.isSafeInteger(config[f]) || config[f] <= 0) invalidArgument(op, `'${f}' must be a positive integer; received ${String(config[f])}`);
+    }
+    if (!(config.zipf >= 0)) invalidArgument(op, `'zipf' must be ≥ 0; received ${String(config.zipf)}`);
+    if (!(config.noise >= 0)) invalidArgument(op, `'noise' must be ≥ 0; received ${String(config.noise)}`);
+    this.config = { ...config };
+    const { dim, clusters, seed } = config;
+    this.centres = keep(Tensor.randn([clusters, dim], { seed: seed * 8 + 1, device: 'cpu' }));
+    this.maps = keep(Tensor.randn([clusters, dim, dim], { seed: seed * 8 + 2, std: 1 / Math.sqrt(dim), device: 'cpu' }));
+    const w = Array.from({ length: clusters }, (_, c) => 1 / (c + 1) ** config.zipf);
+    const total = w.reduce((a, b) => a + b, 0);
+    let acc = 0;
+    this.cumulative = w.map((v) => (acc += v / total));
+  }
+
+  /** Cluster frequencies (for reports). */
+  frequencies(): number[] {
+    return this.cumulative.map((c, i) => c - (i ? (this.cumulative[i - 1] as number) : 0));
+  }
+
+  /**
+   * Batch `index` of `tokens` samples (shard `rank` of `ranks`: each rank of a data-parallel job
+   * draws a disjoint part of the same global batch).
+   */
+  batch(index: number, tokens: number, rank = 0, ranks = 1): Batch {
+    const { dim, clusters, noise, seed } = this.config;
+    const rnd = splitmix(seed * 1_000_003 + index * ranks + rank);
+    // Samples sorted by cluster so the per-cluster maps are one grouped GEMM.
+    const ids = new Int32Array(tokens);
+    for (let t = 0; t < tokens; t++) {
+      const u = rnd();
+      let c = this.cumulative.findIndex((v) => u < v);
+      if (c < 0) c = clusters - 1;
+      ids[t] = c;
+    }
+    ids.sort();
+    const offsets = [0];
+    for (let c = 0; c < clusters; c++) offsets.push((offsets[c] as number) + ids.filter((v) => v === c).length);
+    const [x, y] = tidy(() => {
+      const idx = Tensor.fromArray(ids, { device: 'cpu' });
+      const x = Tensor.empty([tokens, dim], { device: 'cpu' });
+      native().permuteRows(this.centres.handle, idx.handle, x.handle); // x[t] = μ_{c(t)}
+      const offset = (index * ranks + rank) * tokens * dim;
+      x.add_(Tensor.randn([tokens, dim], { seed: seed * 8 + 3, offset, device: 'cpu' }), noise);
+      const off = Tensor.fromArray(offsets, { dtype: 'i32', device: 'cpu' });
+      const y = groupedGemm('NN', x, this.maps, off);
+      return [x, y] as const;
+    });
+    return {
+      x,
+      y,
+      clusters: ids,
+      dispose() {
+        x.dispose();
+        y.dispose();
+      },
+      [Symbol.dispose]() {
+        this.dispose();
+      },
+    };
+  }
+
+  /** Moves a batch's tensors to where the model runs, in its dtype. */
+  static to(batch: Batch, device: Device, dtype: 'f32' | 'bf16'): { x: Tensor; y: Tensor } {
+    return { x: batch.x.copyTo({ device, dtype }), y: batch.y.copyTo({ device, dtype }) };
+  }
+
+  dispose(): void {
+    this.centres.dispose();
+    this.maps.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

@@ -1,0 +1,52 @@
+/**
+ * Per-step, per-layer routing metrics and the JSON-lines log.
+ *   tokensPerExpert  assignments each expert received this step (all-reduced over ranks by the caller)
+ *   maxVio           max_e load_e / mean_load − 1 (DeepSeek-V3's balance measure; 0 is perfect)
+ *   dropped          fraction of the T·k assignments dropped for capacity
+ *   entropy          entropy of the load distribution in nats, normalised by log E (1: uniform)
+ */
+import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+
+export interface LayerMetrics {
+  tokensPerExpert: number[];
+  maxVio: number;
+  dropped: number;
+  entropy: number;
+}
+
+export interface StepMetrics {
+  step: number;
+  loss: number;
+  auxLoss: number;
+  lr: number;
+  gradNorm: number;
+  tokensPerSecond: number;
+  layers: LayerMetrics[];
+}
+
+export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number, assignments: number): LayerMetrics {
+  const load = Array.from(tokensPerExpert);
+  const total = load.reduce((a, b) => a + b, 0);
+  const mean = total / load.length;
+  const maxVio = mean > 0 ? Math.max(...load) / mean - 1 : 0;
+  let entropy = 0;
+  for (const l of load) if (l > 0) entropy -= (l / total) * Math.log(l / total);
+  return {
+    tokensPerExpert: load,
+    maxVio,
+    dropped: assignments > 0 ? dropped / assignments : 0,
+    entropy: load.length > 1 && total > 0 ? entropy / Math.log(load.length) : 1,
+  };
+}
+
+/** Appends one JSON object per line; the file is created (with its folder) on first use. */
+export class MetricsLog {
+  constructor(readonly path: string) {
+    mkdirSync(dirname(path), { recursive: true });
+    writeFileSync(path, '');
+  }
+  append(m: StepMetrics): void {
+    appendFileSync(this.path, JSON.stringify(m) + '\n');
+  }
+}
