@@ -19,18 +19,12 @@ import { capacity, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
-import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerForward, type ScoreFunction, zLoss } from './router.js';
+import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerForward, type RouterConfig, zLoss } from './router.js';
 
-export interface MoELayerConfig {
+/** The router's fields (numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale) plus: */
+export interface MoELayerConfig extends RouterConfig {
   hidden: number;
   ffn: number;
-  numExperts: number;
-  topK: number;
-  scoreFunction?: ScoreFunction;
-  groups?: number;
-  topkGroups?: number;
-  normalize?: boolean;
-  routeScale?: number;
   /** Per-expert capacity factor; omitted: dropless. */
   capacityFactor?: number;
   dropPolicy?: DropPolicy;
