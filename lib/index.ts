@@ -10,6 +10,7 @@ export {
   MoeError,
   NcclError,
   OutOfMemoryError,
+  TimeoutError,
   UnavailableError,
 } from './errors.js';
 export {
