@@ -342,9 +342,11 @@ int api_exchange(moe_mpi_comm* c, int kind, const void* send, const int64_t* sen
       if (flag && i >= size_t(n) && i < size_t(2 * n)) {
         int got = 0;
         MPI_Get_count(&st[i], MPI_BYTE, &got);
-        if (got != recv_bytes[p])
-          return fail(err, MOE_MPI_INVALID, "rank %d sent %d bytes but rank %d expects %lld from it (recvRows[%d])", p, got, c->rank,
-                      (long long)recv_bytes[p], p);
+        if (got != recv_bytes[p]) {
+          long long rb = row_bytes > 0 ? row_bytes : 1;
+          return fail(err, MOE_MPI_INVALID, "rank %d sends %lld rows to rank %d but rank %d expects %lld (recvRows[%d]); exchange the counts first", p,
+                      (long long)(got / rb), c->rank, c->rank, (long long)(recv_bytes[p] / rb), p);
+        }
       }
     }
     if (all) break;
