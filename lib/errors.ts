@@ -10,6 +10,7 @@ export type ErrorKind =
   | 'OutOfMemory'
   | 'Nccl'
   | 'Unavailable'
+  | 'Timeout'
   | 'Internal';
 
 export class MoeError extends Error {
@@ -46,6 +47,13 @@ export class NcclError extends MoeError {
 export class UnavailableError extends MoeError {
   override kind: ErrorKind = 'Unavailable';
 }
+/**
+ * A collective did not complete within its communicator's timeout. The message names the op, this
+ * rank and, where known, the peers not heard from; the communicator is aborted afterwards.
+ */
+export class TimeoutError extends MoeError {
+  override kind: ErrorKind = 'Timeout';
+}
 /** A broken invariant inside moe-ep: please report it. */
 export class InternalError extends MoeError {
   override kind: ErrorKind = 'Internal';
@@ -59,6 +67,7 @@ export const errorClasses: Record<ErrorKind, new (message: string) => MoeError> 
   OutOfMemory: OutOfMemoryError,
   Nccl: NcclError,
   Unavailable: UnavailableError,
+  Timeout: TimeoutError,
   Internal: InternalError,
 };
 

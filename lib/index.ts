@@ -10,6 +10,7 @@ export {
   MoeError,
   NcclError,
   OutOfMemoryError,
+  TimeoutError,
   UnavailableError,
 } from './errors.js';
 export {
@@ -54,3 +55,6 @@ export {
   type UnpermuteGradients,
   type UnpermuteOptions,
 } from './moe/permute.js';
+export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './dist/communicator.js';
+export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
+export { rendezvous, type RendezvousOptions } from './dist/rendezvous.js';

@@ -5,7 +5,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { addonPath, type DeviceProperties, native, type NcclStatus, packageRoot } from './native.js';
+import { addonPath, type DeviceProperties, type MpiStatus, native, type NcclStatus, packageRoot } from './native.js';
 
 export interface Info {
   version: string;
@@ -13,7 +13,7 @@ export interface Info {
   addon: { path: string; backend: 'cuda' | 'cpu'; cudaArchitectures: string[]; cudaCompilerVersion: string; compiler: string; ncclAbiChecked: boolean };
   cuda: { driverVersion: string | null; runtimeVersion: string | null; devices: DeviceProperties[]; unavailable: string };
   nccl: NcclStatus & { versionString: string | null };
-  mpi: { available: boolean; reason: string };
+  mpi: { built: boolean; available: boolean; path: string; library: string; reason: string };
 }
 
 function cudaVersion(v: number): string | null {
@@ -50,10 +50,13 @@ export function info(): Info {
       unavailable: status.unavailable,
     },
     nccl: { ...nccl, versionString: ncclVersion(nccl.version) },
-    mpi: build.mpi
-      ? { available: true, reason: '' }
-      : { available: false, reason: 'MPI support is not part of this build yet (the MPI communicator arrives with expert parallelism)' },
+    mpi: mpiInfo(b.mpiStatus(true), build.mpi),
   };
+}
+
+function mpiInfo(s: MpiStatus, built: boolean): Info['mpi'] {
+  // Loading the backend library does not initialise MPI (its version string needs no MPI_Init).
+  return { built, available: s.loaded, path: s.path, library: s.library, reason: s.loaded ? '' : s.error };
 }
 
 /** The human-readable report printed by `moe-ep info`. */
@@ -71,6 +74,6 @@ export function formatInfo(i: Info): string {
   }
   if (i.nccl.loaded) lines.push(`NCCL       ${i.nccl.versionString} from ${i.nccl.path}${i.addon.ncclAbiChecked ? ' (ABI checked against nccl.h at build time)' : ''}`);
   else lines.push(`NCCL       not loaded: ${i.nccl.error.replace(/\n/g, '\n           ')}`);
-  lines.push(`MPI        ${i.mpi.available ? 'compiled in' : `no: ${i.mpi.reason}`}`);
+  lines.push(`MPI        ${i.mpi.available ? `${i.mpi.library || 'loaded'} via ${i.mpi.path}` : `no: ${i.mpi.reason}`}`);
   return lines.join('\n');
 }

@@ -95,6 +95,35 @@ export interface DeviceProperties {
   pciBusId: string;
 }
 
+export type CommHandle = Branded<
+  {
+    rank(): number;
+    size(): number;
+    backend(): 'single' | 'mpi' | 'nccl';
+    timeoutMs(): number;
+    setTimeoutMs(ms: number): void;
+    isAborted(): boolean;
+    allReduce(t: TensorHandle, op: number): void;
+    allGather(input: TensorHandle, output: TensorHandle): void;
+    broadcast(t: TensorHandle, root: number): void;
+    barrier(): void;
+    allToAll(send: TensorHandle, recv: TensorHandle): void;
+    allToAllV(send: TensorHandle, sendRows: number[], recv: TensorHandle, recvRows: number[]): void;
+    split(color: number, key: number): CommHandle | null;
+    abort(): void;
+    dispose(): void;
+  },
+  'CommHandle'
+>;
+
+export interface MpiStatus {
+  built: boolean;
+  loaded: boolean;
+  path: string;
+  library: string;
+  error: string;
+}
+
 export interface NcclStatus {
   loaded: boolean;
   path: string;
@@ -212,6 +241,12 @@ export interface RawBinding {
   deviceProperties(index: number): DeviceProperties;
   ncclStatus(): NcclStatus;
   requireNccl(): void;
+  // communicators (native/comm, native/addon/comm_binding.cc); reduce op: 0 sum, 1 max, 2 min, 3 avg
+  commSingle(): CommHandle;
+  commMpi(timeoutMs: number): CommHandle;
+  commNccl(rank: number, size: number, uniqueId: Uint8Array, device: number, timeoutMs: number): CommHandle;
+  ncclUniqueId(): Uint8Array;
+  mpiStatus(tryLoad: boolean): MpiStatus;
 }
 
 const EXPECTED_ABI = 1;

@@ -7,8 +7,9 @@
 //   MOE_EP_BUILD_TYPE=Release|Debug|RelWithDebInfo
 //   MOE_EP_BUILD_JOBS=N       parallel compile jobs (default: number of cores)
 //   MOE_EP_CMAKE_DIR=path     CMake's build folder (default build/cmake)
+//   MOE_EP_MPI=auto|on|off    the MPI backend library (moe_ep_mpi.so) when MPI is found (auto), required, or never.
 import { spawnSync } from 'node:child_process';
-import { copyFileSync, mkdirSync, readFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { availableParallelism } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -30,7 +31,8 @@ const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).ver
 // Resolved like any dependency: inside a consumer's project cmake-js is usually hoisted above us.
 const cmakeJs = createRequire(import.meta.url).resolve('cmake-js/bin/cmake-js');
 const common = ['--directory', root, '--out', cmakeDir, '--config', buildType, '--parallel', jobs];
-const defines = [`--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`];
+const mpi = (process.env.MOE_EP_MPI ?? 'auto').toUpperCase();
+const defines = [`--CDMOE_EP_MPI=${mpi}`, `--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`];
 console.log(`moe-ep: building the addon (MOE_EP_CUDA=${cuda.toLowerCase()}, ${buildType}, ${jobs} jobs)`);
 // Configure every time (cheap when nothing changed) so a changed switch takes effect in an existing
 // build folder; `cmake-js compile` would skip configuring when a cache exists.
@@ -42,4 +44,23 @@ if (r.status !== 0) {
 }
 mkdirSync(outDir, { recursive: true });
 copyFileSync(join(cmakeDir, buildType, 'moe_ep.node'), join(outDir, 'moe_ep.node'));
+// The MPI backend library (built when MPI was found) sits next to the addon, which opens it on
+// first use; a stale copy from an earlier build with MPI is removed so `info` tells the truth.
+const mpiLib = join(cmakeDir, buildType, 'moe_ep_mpi.so');
+const mpiOut = join(outDir, 'moe_ep_mpi.so');
+if (existsSync(mpiLib) && /MOE_EP_MPI_BUILT:INTERNAL=ON/.test(readCache())) {
+  copyFileSync(mpiLib, mpiOut);
+  console.log(`moe-ep: MPI backend at ${mpiOut}`);
+} else {
+  rmSync(mpiOut, { force: true });
+  console.log('moe-ep: built without the MPI backend (no MPI found; install libopenmpi-dev and rebuild for multi-rank CPU runs)');
+}
 console.log(`moe-ep: addon at ${join(outDir, 'moe_ep.node')}`);
+
+function readCache() {
+  try {
+    return readFileSync(join(cmakeDir, 'CMakeCache.txt'), 'utf8');
+  } catch {
+    return '';
+  }
+}

@@ -15,7 +15,7 @@ std::map<ErrorKind, Napi::FunctionReference>& classes() {
 void register_error_classes(const Napi::CallbackInfo& info) {
   Napi::Object table = info[0].As<Napi::Object>();
   for (ErrorKind k : {ErrorKind::InvalidArgument, ErrorKind::Disposed, ErrorKind::Cuda, ErrorKind::OutOfMemory, ErrorKind::Nccl,
-                      ErrorKind::Unavailable, ErrorKind::Internal}) {
+                      ErrorKind::Unavailable, ErrorKind::Timeout, ErrorKind::Internal}) {
     Napi::Value ctor = table.Get(error_kind_name(k));
     if (ctor.IsFunction()) classes()[k] = Napi::Persistent(ctor.As<Napi::Function>());
   }

@@ -9,6 +9,9 @@
 #ifndef MOE_EP_CUDA_ARCHS
 #define MOE_EP_CUDA_ARCHS ""
 #endif
+#ifndef MOE_EP_WITH_MPI
+#define MOE_EP_WITH_MPI 0
+#endif
 #ifndef MOE_EP_CUDA_COMPILER_VERSION
 #define MOE_EP_CUDA_COMPILER_VERSION ""
 #endif
@@ -51,7 +54,7 @@ Napi::Value build_info(const Napi::CallbackInfo& info) {
   o.Set("cudaArchitectures", Napi::String::New(env, MOE_EP_CUDA_ARCHS));
   o.Set("cudaCompilerVersion", Napi::String::New(env, MOE_EP_CUDA_COMPILER_VERSION));
   o.Set("ncclAbiChecked", Napi::Boolean::New(env, MOE_EP_NCCL_ABI_CHECKED != 0));
-  o.Set("mpi", Napi::Boolean::New(env, false));
+  o.Set("mpi", Napi::Boolean::New(env, MOE_EP_WITH_MPI != 0));
   o.Set("compiler", Napi::String::New(env, __VERSION__));
   return o;
 }

@@ -42,6 +42,8 @@ using SendFn = Result (*)(const void* send, size_t count, DataType type, int pee
 using RecvFn = Result (*)(void* recv, size_t count, DataType type, int peer, Comm comm, CudaStream stream);
 using GroupStartFn = Result (*)();
 using GroupEndFn = Result (*)();
+// ncclCommSplit (NCCL 2.18+); the config pointer is ncclConfig_t*, passed as nullptr here.
+using CommSplitFn = Result (*)(Comm comm, int color, int key, Comm* newcomm, void* config);
 
 // The loaded library: every pointer is set when loaded() is true.
 struct Api {
@@ -60,6 +62,7 @@ struct Api {
   RecvFn recv = nullptr;
   GroupStartFn groupStart = nullptr;
   GroupEndFn groupEnd = nullptr;
+  CommSplitFn commSplit = nullptr;  // optional: null with NCCL older than 2.18 (split then throws)
 };
 
 }  // namespace moe::nccl

@@ -36,6 +36,7 @@ template <> struct Map<ncclDataType_t> { using type = DataType; };
 template <> struct Map<ncclRedOp_t> { using type = RedOp; };
 template <> struct Map<ncclUniqueId> { using type = UniqueId; };
 template <> struct Map<ncclUniqueId*> { using type = UniqueId*; };
+template <> struct Map<ncclConfig_t*> { using type = void*; };
 template <typename F> struct MapFn;
 template <typename R, typename... A> struct MapFn<R (*)(A...)> { using type = typename Map<R>::type (*)(typename Map<A>::type...); };
 template <typename F> using Mapped = typename MapFn<F>::type;
@@ -55,5 +56,8 @@ static_assert(std::is_same_v<Mapped<decltype(&::ncclSend)>, SendFn>);
 static_assert(std::is_same_v<Mapped<decltype(&::ncclRecv)>, RecvFn>);
 static_assert(std::is_same_v<Mapped<decltype(&::ncclGroupStart)>, GroupStartFn>);
 static_assert(std::is_same_v<Mapped<decltype(&::ncclGroupEnd)>, GroupEndFn>);
+#if NCCL_VERSION_CODE >= NCCL_VERSION(2, 18, 0)
+static_assert(std::is_same_v<Mapped<decltype(&::ncclCommSplit)>, CommSplitFn>);
+#endif
 
 }  // namespace moe::nccl

@@ -81,6 +81,8 @@ void load() {
     bind(lib, a.recv, "ncclRecv", missing);
     bind(lib, a.groupStart, "ncclGroupStart", missing);
     bind(lib, a.groupEnd, "ncclGroupEnd", missing);
+    std::string optional_missing;
+    bind(lib, a.commSplit, "ncclCommSplit", optional_missing);
     if (!missing.empty()) {
       g_status.attempts.push_back({path, "opened, but lacks " + missing + " (NCCL older than 2.13?)"});
       dlclose(lib);

@@ -167,6 +167,15 @@ void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   *total_bytes = int64_t(t);
 }
 
+void* host_alloc_pinned(int64_t bytes, const std::string& op) {
+  void* p = nullptr;
+  check(cudaMallocHost(&p, size_t(bytes > 0 ? bytes : 1)), op, "cudaMallocHost");
+  return p;
+}
+void host_free_pinned(void* ptr) {
+  if (ptr) cudaFreeHost(ptr);
+}
+
 #else  // CPU-only build
 
 namespace {
@@ -210,6 +219,8 @@ void memcpy_async(void*, const void*, int64_t, int, void*, const std::string& op
 void memcpy_peer_async(void*, int, const void*, int, int64_t, void*, const std::string& op) { not_built(op.c_str()); }
 void memset_async(void*, int, int64_t, void*, const std::string& op) { not_built(op.c_str()); }
 void mem_get_info(int, int64_t*, int64_t*) { not_built("cuda.memGetInfo"); }
+void* host_alloc_pinned(int64_t, const std::string& op) { not_built(op.c_str()); }
+void host_free_pinned(void*) {}
 
 #endif
 

@@ -79,4 +79,8 @@ void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_devic
 void memset_async(void* dst, int value, int64_t bytes, void* stream, const std::string& op);
 void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 
+// Page-locked host memory (cudaMallocHost / cudaFreeHost), used to stage device buffers for MPI.
+void* host_alloc_pinned(int64_t bytes, const std::string& op);
+void host_free_pinned(void* ptr);
+
 }  // namespace moe::cuda

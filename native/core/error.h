@@ -15,6 +15,7 @@ enum class ErrorKind {
   OutOfMemory,      // an allocation failed even after the cache was released
   Nccl,             // an NCCL call failed
   Unavailable,      // the backend needed is absent: no GPU, no driver, no NCCL, CPU-only build
+  Timeout,          // a collective did not complete within its communicator's timeout
   Internal,         // a broken invariant inside moe-ep
 };
 
@@ -26,6 +27,7 @@ inline const char* error_kind_name(ErrorKind k) {
     case ErrorKind::OutOfMemory: return "OutOfMemory";
     case ErrorKind::Nccl: return "Nccl";
     case ErrorKind::Unavailable: return "Unavailable";
+    case ErrorKind::Timeout: return "Timeout";
     case ErrorKind::Internal: return "Internal";
   }
   return "Internal";

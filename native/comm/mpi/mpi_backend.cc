@@ -1,0 +1,408 @@
+// moe_ep_mpi.so: the MPI backend behind native/comm/mpi/mpi_api.h. Every wait is a poll of
+// nonblocking requests (MPI_Test) against a deadline, so no call can hang past its timeout.
+// all_to_all(_v) and barrier are Isend/Irecv pairs with a small header per peer: a timeout then
+// names exactly the peers not heard from, and a mismatched call (other op, dtype, row width or
+// row count) names the peer that disagrees.
+//
+// Buffers of requests still pending after a timeout or error are not touched again here; the addon
+// keeps their memory alive (it never frees a buffer handed to a timed-out call).
+#include "comm/mpi/mpi_api.h"
+
+#include <mpi.h>
+#include <sched.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <climits>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+struct moe_mpi_comm {
+  MPI_Comm comm = MPI_COMM_NULL;
+  int rank = 0;
+  int size = 1;
+  int64_t calls = 0;  // point-to-point exchanges made, carried in headers to catch ranks out of step
+};
+
+namespace {
+
+bool g_we_initialised = false;
+bool g_any_timeout = false;
+char g_version[MPI_MAX_LIBRARY_VERSION_STRING + 1] = {0};
+
+int fail(moe_mpi_error* err, int code, const char* fmt, ...) {
+  if (err) {
+    err->code = code;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->message, sizeof(err->message), fmt, ap);
+    va_end(ap);
+  }
+  return code;
+}
+
+std::string mpi_error_string(int rc) {
+  char buf[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  if (MPI_Error_string(rc, buf, &len) != MPI_SUCCESS) return "MPI error " + std::to_string(rc);
+  return std::string(buf, size_t(len));
+}
+
+using Clock = std::chrono::steady_clock;
+
+// Polls until every request completes (returns OK), one fails (FAILED, *failed = its index), or
+// the deadline passes (TIMEOUT). done[i] tells which completed; statuses are kept.
+int wait_requests(std::vector<MPI_Request>& reqs, std::vector<char>& done, std::vector<MPI_Status>& st, int64_t timeout_ms,
+                  size_t* failed, int* failed_rc) {
+  auto start = Clock::now();
+  size_t remaining = 0;
+  for (size_t i = 0; i < reqs.size(); ++i) remaining += done[i] ? 0 : 1;
+  int spins = 0;
+  while (remaining) {
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      if (done[i]) continue;
+      int flag = 0;
+      int rc = MPI_Test(&reqs[i], &flag, &st[i]);
+      if (rc != MPI_SUCCESS) {
+        *failed = i;
+        *failed_rc = rc;
+        return MOE_MPI_FAILED;
+      }
+      if (flag) {
+        done[i] = 1;
+        --remaining;
+      }
+    }
+    if (!remaining) break;
+    if (timeout_ms > 0 && Clock::now() - start > std::chrono::milliseconds(timeout_ms)) return MOE_MPI_TIMEOUT;
+    // Spin briefly (latency), then back off to sleeping (a rank waiting on a slow peer should not
+    // burn a core that peer may need, e.g. with oversubscribed ranks).
+    if (++spins < 200) sched_yield();
+    else usleep(spins < 2000 ? 50 : 1000);
+  }
+  return MOE_MPI_OK;
+}
+
+int wait_one(MPI_Request& req, int64_t timeout_ms, moe_mpi_comm* c, const char* opname, moe_mpi_error* err) {
+  std::vector<MPI_Request> reqs{req};
+  std::vector<char> done(1, 0);
+  std::vector<MPI_Status> st(1);
+  size_t failed = 0;
+  int rc = 0;
+  int r = wait_requests(reqs, done, st, timeout_ms, &failed, &rc);
+  req = reqs[0];
+  if (r == MOE_MPI_TIMEOUT) {
+    g_any_timeout = true;
+    return fail(err, MOE_MPI_TIMEOUT,
+                "timed out after %lld ms on rank %d of %d (mpi); peers not heard from: unknown for this collective "
+                "(at least one of the other %d ranks has not made the matching call)",
+                (long long)timeout_ms, c->rank, c->size, c->size - 1);
+  }
+  if (r == MOE_MPI_FAILED) return fail(err, MOE_MPI_FAILED, "MPI failed on rank %d: %s", c->rank, mpi_error_string(rc).c_str());
+  return MOE_MPI_OK;
+}
+
+int check_count(int64_t n, const char* what, moe_mpi_error* err) {
+  if (n < 0 || n > INT_MAX)
+    return fail(err, MOE_MPI_INVALID, "%s of %lld exceeds the MPI backend's limit of %d per message", what, (long long)n, INT_MAX);
+  return MOE_MPI_OK;
+}
+
+int api_init(moe_mpi_error* err) {
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (finalized) return fail(err, MOE_MPI_UNAVAILABLE, "MPI was already finalized in this process");
+  if (!inited) {
+    int provided = 0;
+    int rc = MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided);
+    if (rc != MPI_SUCCESS) return fail(err, MOE_MPI_FAILED, "MPI_Init_thread failed: %s", mpi_error_string(rc).c_str());
+    g_we_initialised = true;
+    // MPI_Finalize at exit, when we initialised MPI: launchers such as OpenMPI's mpirun report a
+    // process that exits without it as failed. MOE_EP_MPI_FINALIZE=0 skips it.
+    const char* f = getenv("MOE_EP_MPI_FINALIZE");
+    if (!f || strcmp(f, "0") != 0) {
+      atexit([] {
+        int fin = 0;
+        MPI_Finalized(&fin);
+        if (!fin) MPI_Finalize();
+      });
+    }
+  }
+  return MOE_MPI_OK;
+}
+
+// Allowed before MPI_Init (MPI-3), so `moe-ep info` can report it without starting MPI.
+const char* api_library_version() {
+  if (!g_version[0]) {
+    int len = 0;
+    MPI_Get_library_version(g_version, &len);
+    for (int i = 0; i < len; ++i) if (g_version[i] == '\n' || g_version[i] == ',') { g_version[i] = 0; break; }
+  }
+  return g_version;
+}
+
+moe_mpi_comm* wrap(MPI_Comm comm) {
+  auto* c = new moe_mpi_comm();
+  c->comm = comm;
+  MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(comm, &c->rank);
+  MPI_Comm_size(comm, &c->size);
+  return c;
+}
+
+moe_mpi_comm* api_world(int64_t timeout_ms, moe_mpi_error* err) {
+  if (api_init(err) != MOE_MPI_OK) return nullptr;
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  MPI_Comm dup = MPI_COMM_NULL;
+  MPI_Request req = MPI_REQUEST_NULL;
+  int rc = MPI_Comm_idup(MPI_COMM_WORLD, &dup, &req);
+  if (rc != MPI_SUCCESS) {
+    fail(err, MOE_MPI_FAILED, "MPI_Comm_idup failed: %s", mpi_error_string(rc).c_str());
+    return nullptr;
+  }
+  moe_mpi_comm tmp;
+  MPI_Comm_rank(MPI_COMM_WORLD, &tmp.rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &tmp.size);
+  if (wait_one(req, timeout_ms, &tmp, "commMpi", err) != MOE_MPI_OK) return nullptr;
+  return wrap(dup);
+}
+
+int api_rank(const moe_mpi_comm* c) { return c->rank; }
+int api_size(const moe_mpi_comm* c) { return c->size; }
+
+MPI_Datatype mpi_type(int dtype) {
+  switch (dtype) {
+    case MOE_MPI_F32: return MPI_FLOAT;
+    case MOE_MPI_I32: return MPI_INT32_T;
+    case MOE_MPI_I64: return MPI_INT64_T;
+    case MOE_MPI_U8: return MPI_UINT8_T;
+  }
+  return MPI_DATATYPE_NULL;
+}
+
+template <typename T> void divide(void* buf, int64_t n, int by) {
+  T* p = static_cast<T*>(buf);
+  for (int64_t i = 0; i < n; ++i) p[i] = T(p[i] / T(by));
+}
+
+int api_all_reduce(moe_mpi_comm* c, void* buf, int64_t count, int dtype, int op, int64_t timeout_ms, const char* opname,
+                   moe_mpi_error* err) {
+  if (check_count(count, "element count", err)) return err->code;
+  MPI_Datatype t = mpi_type(dtype);
+  if (t == MPI_DATATYPE_NULL) return fail(err, MOE_MPI_INVALID, "dtype code %d cannot be reduced by the MPI backend", dtype);
+  MPI_Op o = op == 1 ? MPI_MAX : op == 2 ? MPI_MIN : MPI_SUM;
+  MPI_Request req = MPI_REQUEST_NULL;
+  int rc = MPI_Iallreduce(MPI_IN_PLACE, buf, int(count), t, o, c->comm, &req);
+  if (rc != MPI_SUCCESS) return fail(err, MOE_MPI_FAILED, "MPI_Iallreduce failed: %s", mpi_error_string(rc).c_str());
+  if (int r = wait_one(req, timeout_ms, c, opname, err)) return r;
+  if (op == 3) {  // avg: sum, then divide by the number of ranks (integers truncate toward zero)
+    switch (dtype) {
+      case MOE_MPI_F32: divide<float>(buf, count, c->size); break;
+      case MOE_MPI_I32: divide<int32_t>(buf, count, c->size); break;
+      case MOE_MPI_I64: divide<int64_t>(buf, count, c->size); break;
+      case MOE_MPI_U8: divide<uint8_t>(buf, count, c->size); break;
+    }
+  }
+  return MOE_MPI_OK;
+}
+
+int api_all_gather(moe_mpi_comm* c, const void* in, void* out, int64_t bytes, int64_t timeout_ms, const char* opname,
+                   moe_mpi_error* err) {
+  if (check_count(bytes, "bytes per rank", err)) return err->code;
+  MPI_Request req = MPI_REQUEST_NULL;
+  int rc = MPI_Iallgather(in, int(bytes), MPI_BYTE, out, int(bytes), MPI_BYTE, c->comm, &req);
+  if (rc != MPI_SUCCESS) return fail(err, MOE_MPI_FAILED, "MPI_Iallgather failed: %s", mpi_error_string(rc).c_str());
+  return wait_one(req, timeout_ms, c, opname, err);
+}
+
+int api_broadcast(moe_mpi_comm* c, void* buf, int64_t bytes, int root, int64_t timeout_ms, const char* opname, moe_mpi_error* err) {
+  if (check_count(bytes, "byte count", err)) return err->code;
+  MPI_Request req = MPI_REQUEST_NULL;
+  int rc = MPI_Ibcast(buf, int(bytes), MPI_BYTE, root, c->comm, &req);
+  if (rc != MPI_SUCCESS) return fail(err, MOE_MPI_FAILED, "MPI_Ibcast failed: %s", mpi_error_string(rc).c_str());
+  return wait_one(req, timeout_ms, c, opname, err);
+}
+
+const char* kind_name(int64_t k) {
+  switch (k) {
+    case 1: return "allToAll";
+    case 2: return "allToAllV";
+    case 3: return "barrier";
+  }
+  return "an unknown operation";
+}
+
+constexpr int kHeaderTag = 7101;
+constexpr int kDataTag = 7102;
+struct Header {
+  int64_t kind, call, dtype, row_bytes, bytes;
+};
+
+std::string list(const std::vector<int>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s;
+}
+
+int api_exchange(moe_mpi_comm* c, int kind, const void* send, const int64_t* send_bytes, void* recv, const int64_t* recv_bytes,
+                 int dtype, int64_t row_bytes, int64_t timeout_ms, const char* opname, moe_mpi_error* err) {
+  const int n = c->size;
+  for (int p = 0; p < n; ++p) {
+    if (check_count(send_bytes[p], "a message to one peer", err)) return err->code;
+    if (check_count(recv_bytes[p], "a message from one peer", err)) return err->code;
+  }
+  const int64_t call = ++c->calls;
+  // Headers live as long as their requests might: on timeout they are leaked on purpose.
+  auto* out_headers = new Header[size_t(n)];
+  auto* in_headers = new Header[size_t(n)];
+  // Requests: [0,n) header receives, [n,2n) data receives, [2n,3n) header sends, [3n,4n) data sends.
+  std::vector<MPI_Request> reqs(size_t(4 * n), MPI_REQUEST_NULL);
+  std::vector<char> done(reqs.size(), 0);
+  std::vector<MPI_Status> st(reqs.size());
+  std::vector<int64_t> soff(size_t(n) + 1, 0), roff(size_t(n) + 1, 0);
+  for (int p = 0; p < n; ++p) {
+    soff[size_t(p) + 1] = soff[size_t(p)] + send_bytes[p];
+    roff[size_t(p) + 1] = roff[size_t(p)] + recv_bytes[p];
+  }
+  auto post_fail = [&](int rc, const char* what, int p) {
+    return fail(err, MOE_MPI_FAILED, "%s to/from rank %d failed: %s", what, p, mpi_error_string(rc).c_str());
+  };
+  int rc;
+  for (int p = 0; p < n; ++p) {
+    if ((rc = MPI_Irecv(&in_headers[p], int(sizeof(Header)), MPI_BYTE, p, kHeaderTag, c->comm, &reqs[size_t(p)])))
+      return post_fail(rc, "MPI_Irecv", p);
+    if (recv_bytes[p] > 0 &&
+        (rc = MPI_Irecv(static_cast<char*>(recv) + roff[size_t(p)], int(recv_bytes[p]), MPI_BYTE, p, kDataTag, c->comm, &reqs[size_t(n + p)])))
+      return post_fail(rc, "MPI_Irecv", p);
+  }
+  for (int q = 0; q < n; ++q) {
+    int p = (c->rank + q) % n;  // start with ourselves, then the next ranks: spreads the load
+    out_headers[p] = Header{kind, call, dtype, row_bytes, send_bytes[p]};
+    if ((rc = MPI_Isend(&out_headers[p], int(sizeof(Header)), MPI_BYTE, p, kHeaderTag, c->comm, &reqs[size_t(2 * n + p)])))
+      return post_fail(rc, "MPI_Isend", p);
+    if (send_bytes[p] > 0 &&
+        (rc = MPI_Isend(static_cast<const char*>(send) + soff[size_t(p)], int(send_bytes[p]), MPI_BYTE, p, kDataTag, c->comm,
+                        &reqs[size_t(3 * n + p)])))
+      return post_fail(rc, "MPI_Isend", p);
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) done[i] = reqs[i] == MPI_REQUEST_NULL;
+
+  // Wait in two phases: headers first (a mismatch is reported before waiting on data that may
+  // never come), then everything.
+  auto header_check = [&](int p) -> int {
+    const Header& h = in_headers[p];
+    if (h.kind != kind)
+      return fail(err, MOE_MPI_INVALID, "rank %d called %s where rank %d called %s (calls out of step)", p, kind_name(h.kind), c->rank,
+                  kind_name(kind));
+    if (h.call != call)
+      return fail(err, MOE_MPI_INVALID, "rank %d is at its point-to-point exchange #%lld but rank %d at #%lld (calls out of step)", p,
+                  (long long)h.call, c->rank, (long long)call);
+    if (h.dtype != dtype || h.row_bytes != row_bytes)
+      return fail(err, MOE_MPI_INVALID, "rank %d sends rows of dtype code %lld, %lld bytes each, but rank %d receives dtype code %d, %lld bytes per row",
+                  p, (long long)h.dtype, (long long)h.row_bytes, c->rank, dtype, (long long)row_bytes);
+    if (h.bytes != recv_bytes[p]) {
+      long long rb = row_bytes > 0 ? row_bytes : 1;
+      return fail(err, MOE_MPI_INVALID, "rank %d sends %lld rows to rank %d but rank %d expects %lld (recvRows[%d]); exchange the counts first", p,
+                  (long long)(h.bytes / rb), c->rank, c->rank, (long long)(recv_bytes[p] / rb), p);
+    }
+    return MOE_MPI_OK;
+  };
+  std::vector<char> checked(size_t(n), 0);
+  auto start = Clock::now();
+  int spins = 0;
+  for (;;) {
+    bool all = true;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      if (done[i]) continue;
+      int flag = 0;
+      rc = MPI_Test(&reqs[i], &flag, &st[i]);
+      int p = int(i % size_t(n));
+      if (rc != MPI_SUCCESS) {
+        if (i >= size_t(n) && i < size_t(2 * n)) {
+          int cls = 0;
+          MPI_Error_class(rc, &cls);
+          if (cls == MPI_ERR_TRUNCATE)
+            return fail(err, MOE_MPI_INVALID, "rank %d sent more than the %lld rows rank %d expects (recvRows[%d])", p,
+                        (long long)(recv_bytes[p] / (row_bytes > 0 ? row_bytes : 1)), c->rank, p);
+        }
+        return fail(err, MOE_MPI_FAILED, "a message to/from rank %d failed on rank %d: %s", p, c->rank, mpi_error_string(rc).c_str());
+      }
+      if (flag) done[i] = 1;
+      else all = false;
+      if (flag && i < size_t(n) && !checked[size_t(p)]) {
+        checked[size_t(p)] = 1;
+        if (int r = header_check(p)) return r;
+      }
+      if (flag && i >= size_t(n) && i < size_t(2 * n)) {
+        int got = 0;
+        MPI_Get_count(&st[i], MPI_BYTE, &got);
+        if (got != recv_bytes[p]) {
+          long long rb = row_bytes > 0 ? row_bytes : 1;
+          return fail(err, MOE_MPI_INVALID, "rank %d sends %lld rows to rank %d but rank %d expects %lld (recvRows[%d]); exchange the counts first", p,
+                      (long long)(got / rb), c->rank, c->rank, (long long)(recv_bytes[p] / rb), p);
+        }
+      }
+    }
+    if (all) break;
+    if (timeout_ms > 0 && Clock::now() - start > std::chrono::milliseconds(timeout_ms)) {
+      g_any_timeout = true;
+      std::vector<int> missing, unsent;
+      for (int p = 0; p < n; ++p) {
+        if (!done[size_t(p)] || !done[size_t(n + p)]) missing.push_back(p);
+        else if (!done[size_t(2 * n + p)] || !done[size_t(3 * n + p)]) unsent.push_back(p);
+      }
+      std::string extra = unsent.empty() ? "" : "; sends not yet taken by ranks " + list(unsent);
+      return fail(err, MOE_MPI_TIMEOUT, "timed out after %lld ms on rank %d of %d (mpi); not heard from rank%s %s%s", (long long)timeout_ms,
+                  c->rank, n, missing.size() == 1 ? "" : "s", missing.empty() ? "(none)" : list(missing).c_str(), extra.c_str());
+    }
+    if (++spins < 200) sched_yield();
+    else usleep(spins < 2000 ? 50 : 1000);
+  }
+  delete[] out_headers;
+  delete[] in_headers;
+  return MOE_MPI_OK;
+}
+
+moe_mpi_comm* api_split(moe_mpi_comm* c, int color, int key, int64_t timeout_ms, moe_mpi_error* err) {
+  // Gather everyone's (color, key) first with a timeout, so the blocking MPI_Comm_split only runs
+  // once every rank has arrived.
+  std::vector<int> mine{color, key};
+  auto* all = new int[size_t(2 * c->size)];
+  if (api_all_gather(c, mine.data(), all, 2 * sizeof(int), timeout_ms, "split", err) != MOE_MPI_OK) return nullptr;  // `all` leaked on purpose
+  delete[] all;
+  MPI_Comm out = MPI_COMM_NULL;
+  int rc = MPI_Comm_split(c->comm, color < 0 ? MPI_UNDEFINED : color, key, &out);
+  if (rc != MPI_SUCCESS) {
+    fail(err, MOE_MPI_FAILED, "MPI_Comm_split failed: %s", mpi_error_string(rc).c_str());
+    return nullptr;
+  }
+  if (out == MPI_COMM_NULL) {
+    err->code = MOE_MPI_OK;
+    return nullptr;
+  }
+  return wrap(out);
+}
+
+void api_free(moe_mpi_comm* c) {
+  if (!c) return;
+  int fin = 0;
+  MPI_Finalized(&fin);
+  // A communicator with requests left pending by a timeout is not freed (MPI would wait on them).
+  if (!fin && c->comm != MPI_COMM_NULL && !g_any_timeout) MPI_Comm_free(&c->comm);
+  delete c;
+}
+
+const moe_mpi_api g_api = {
+    MOE_MPI_ABI_VERSION, api_init,     api_library_version, api_world,     api_rank, api_size, api_all_reduce,
+    api_all_gather,      api_broadcast, api_exchange,       api_split,     api_free,
+};
+
+}  // namespace
+
+extern "C" const moe_mpi_api* moe_ep_mpi_api(void) { return &g_api; }

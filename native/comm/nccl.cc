@@ -1,0 +1,257 @@
+// The NCCL communicator: one rank per GPU, collectives on the device's current stream
+// (cuda::current_stream), NCCL opened at run time through nccl_loader. all_to_all(_v) are grouped
+// ncclSend/ncclRecv of bytes. UNTESTED on hardware so far (compiled only; see test/gpu/20-comm).
+//
+// Timeouts: with timeout_ms > 0 every collective waits on the host for its completion, polling the
+// stream's event and ncclCommGetAsyncError; past the deadline it calls ncclCommAbort and throws
+// Timeout (a deliberate host synchronisation per collective). With timeout_ms = 0 collectives are
+// only enqueued (stream-ordered, no host sync) and a hang is not detected.
+// ncclCommInitRank itself blocks until every rank has joined and is not under the timeout.
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "comm/communicator.h"
+#include "comm/nccl_loader.h"
+#include "core/cuda_runtime.h"
+
+namespace moe::comm {
+
+namespace {
+
+nccl::DataType nccl_type(DType d) {
+  switch (d) {
+    case DType::f32: return nccl::Float32;
+    case DType::bf16: return nccl::Bfloat16;
+    case DType::f16: return nccl::Float16;
+    case DType::i32: return nccl::Int32;
+    case DType::i64: return nccl::Int64;
+    case DType::u8: return nccl::Uint8;
+    case DType::fp8e4m3: return nccl::Uint8;  // moved as bytes; never reduced (checked)
+  }
+  return nccl::Uint8;
+}
+
+nccl::RedOp nccl_op(ReduceOp op) {
+  switch (op) {
+    case ReduceOp::Sum: return nccl::Sum;
+    case ReduceOp::Max: return nccl::Max;
+    case ReduceOp::Min: return nccl::Min;
+    case ReduceOp::Avg: return nccl::Avg;
+  }
+  return nccl::Sum;
+}
+
+class NcclCommunicator final : public Communicator {
+ public:
+  NcclCommunicator(const nccl::Api& api, nccl::Comm comm, int rank, int size, int device, int64_t timeout_ms)
+      : api_(api), comm_(comm), rank_(rank), size_(size), device_(device) {
+    timeout_ms_ = timeout_ms;
+  }
+  ~NcclCommunicator() override {
+    if (comm_ && !aborted_) api_.commDestroy(comm_);
+    if (event_) cuda::event_destroy(device_, event_);
+  }
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  const char* backend() const override { return "nccl"; }
+
+  void all_reduce(const Tensor& t, ReduceOp op) override {
+    const char* name = "allReduce";
+    prepare(name, t, "tensor");
+    check_all_reduce(t, op, name);
+    cuda::DeviceGuard g(device_);
+    check(api_.allReduce(t.raw(), t.raw(), size_t(t.numel()), nccl_type(t.dtype()), nccl_op(op), comm_, cstream()), name, "ncclAllReduce");
+    wait(name);
+  }
+  void all_gather(const Tensor& in, const Tensor& out) override {
+    const char* name = "allGather";
+    prepare(name, in, "input");
+    check_all_gather(in, out, size_, name);
+    cuda::DeviceGuard g(device_);
+    check(api_.allGather(in.raw(), out.raw(), size_t(in.nbytes()), nccl::Uint8, comm_, cstream()), name, "ncclAllGather");
+    wait(name);
+  }
+  void broadcast(const Tensor& t, int root) override {
+    const char* name = "broadcast";
+    prepare(name, t, "tensor");
+    check_broadcast(t, root, size_, name);
+    cuda::DeviceGuard g(device_);
+    check(api_.broadcast(t.raw(), t.raw(), size_t(t.nbytes()), nccl::Uint8, root, comm_, cstream()), name, "ncclBroadcast");
+    wait(name);
+  }
+  void barrier() override {
+    const char* name = "barrier";
+    require_live(name);
+    // An all-reduce of one value, then a wait (NCCL has no barrier).
+    cuda::DeviceGuard g(device_);
+    if (!scratch_.defined()) scratch_ = Tensor::empty({1}, DType::f32, cuda_device(device_), name);
+    check(api_.allReduce(scratch_.raw(), scratch_.raw(), 1, nccl::Float32, nccl::Sum, comm_, cstream()), name, "ncclAllReduce");
+    wait(name, true);
+  }
+  void all_to_all(const Tensor& send, const Tensor& recv) override {
+    const char* name = "allToAll";
+    prepare(name, send, "send");
+    check_all_to_all(send, recv, size_, name);
+    std::vector<int64_t> bytes(size_t(size_), send.nbytes() / size_);
+    exchange(name, send, bytes, recv, bytes);
+  }
+  void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_rows, const Tensor& recv,
+                    const std::vector<int64_t>& recv_rows) override {
+    const char* name = "allToAllV";
+    prepare(name, send, "send");
+    check_all_to_all_v(send, send_rows, recv, recv_rows, size_, name);
+    int64_t rb = row_bytes(send);
+    std::vector<int64_t> sb(static_cast<size_t>(size_)), rbytes(static_cast<size_t>(size_));
+    for (int p = 0; p < size_; ++p) {
+      sb[size_t(p)] = send_rows[size_t(p)] * rb;
+      rbytes[size_t(p)] = recv_rows[size_t(p)] * rb;
+    }
+    exchange(name, send, sb, recv, rbytes);
+  }
+  std::shared_ptr<Communicator> split(int color, int key) override {
+    const char* name = "split";
+    require_live(name);
+    if (!api_.commSplit) throw_error(ErrorKind::Unavailable, name, "this NCCL has no ncclCommSplit (needs NCCL 2.18 or newer)");
+    cuda::DeviceGuard g(device_);
+    nccl::Comm out = nullptr;
+    check(api_.commSplit(comm_, color < 0 ? -1 : color, key, &out, nullptr), name, "ncclCommSplit");
+    if (!out) return nullptr;
+    int r = 0, n = 0;
+    // ncclCommUserRank/Count are not in our ABI table: learn rank and size with two tiny collectives.
+    auto c = std::make_shared<NcclCommunicator>(api_, out, 0, 0, device_, timeout_ms_);
+    c->discover_rank_and_size(rank_, &r, &n);
+    return c;
+  }
+  void abort() override {
+    if (!aborted_ && comm_) api_.commAbort(comm_);
+    aborted_ = true;
+  }
+
+  // After ncclCommSplit: count the members and find our position with all-reduces of one-hot
+  // vectors indexed by the parent rank (small; only at split time).
+  void discover_rank_and_size(int parent_rank, int* r, int* n) {
+    (void)r;
+    (void)n;
+    const char* name = "split";
+    // Each member contributes 1: the sum is the size. Our rank: members with a lower key/parent
+    // rank are not known without the keys, so NCCL's own numbering is read by all-gathering parent
+    // ranks and finding ours in the result (NCCL orders by key, then parent rank).
+    Tensor one = Tensor::empty({1}, DType::i32, cpu_device(), name);
+    *one.data<int32_t>() = 1;
+    Tensor d_one = Tensor::empty({1}, DType::i32, cuda_device(device_), name);
+    cuda::memcpy_async(d_one.raw(), one.raw(), 4, cuda::HostToDevice, stream(), name);
+    check(api_.allReduce(d_one.raw(), d_one.raw(), 1, nccl::Int32, nccl::Sum, comm_, cstream()), name, "ncclAllReduce");
+    cuda::memcpy_async(one.raw(), d_one.raw(), 4, cuda::DeviceToHost, stream(), name);
+    wait(name, true);
+    size_ = *one.data<int32_t>();
+    Tensor mine = Tensor::empty({1}, DType::i32, cpu_device(), name);
+    *mine.data<int32_t>() = parent_rank;
+    Tensor d_mine = Tensor::empty({1}, DType::i32, cuda_device(device_), name);
+    Tensor d_all = Tensor::empty({size_}, DType::i32, cuda_device(device_), name);
+    Tensor all = Tensor::empty({size_}, DType::i32, cpu_device(), name);
+    cuda::memcpy_async(d_mine.raw(), mine.raw(), 4, cuda::HostToDevice, stream(), name);
+    check(api_.allGather(d_mine.raw(), d_all.raw(), 1, nccl::Int32, comm_, cstream()), name, "ncclAllGather");
+    cuda::memcpy_async(all.raw(), d_all.raw(), 4 * size_, cuda::DeviceToHost, stream(), name);
+    wait(name, true);
+    // ncclAllGather places member i's value at i, i.e. in NCCL's rank order: find ours.
+    for (int i = 0; i < size_; ++i)
+      if (all.data<int32_t>()[i] == parent_rank) rank_ = i;
+  }
+
+ private:
+  void prepare(const char* name, const Tensor& t, const char* arg) {
+    require_live(name);
+    check_tensor(t, name, arg);
+    MOE_ARG_CHECK(t.device().is_cuda() && t.device().index == device_, name, "'", arg, "' ", t.describe(), " must be on cuda:", device_,
+                  ", this NCCL communicator's device");
+  }
+  void* stream() { return cuda::current_stream(device_); }
+  nccl::CudaStream cstream() { return static_cast<nccl::CudaStream>(stream()); }
+
+  void exchange(const char* name, const Tensor& send, const std::vector<int64_t>& sb, const Tensor& recv,
+                const std::vector<int64_t>& rbytes) {
+    cuda::DeviceGuard g(device_);
+    int64_t so = 0, ro = 0;
+    check(api_.groupStart(), name, "ncclGroupStart");
+    for (int p = 0; p < size_; ++p) {
+      if (sb[size_t(p)] > 0)
+        check(api_.send(static_cast<const char*>(send.raw()) + so, size_t(sb[size_t(p)]), nccl::Uint8, p, comm_, cstream()), name, "ncclSend");
+      if (rbytes[size_t(p)] > 0)
+        check(api_.recv(static_cast<char*>(recv.raw()) + ro, size_t(rbytes[size_t(p)]), nccl::Uint8, p, comm_, cstream()), name, "ncclRecv");
+      so += sb[size_t(p)];
+      ro += rbytes[size_t(p)];
+    }
+    check(api_.groupEnd(), name, "ncclGroupEnd");
+    wait(name);
+  }
+
+  // Overload taking a raw stream for the API calls that want nccl::CudaStream.
+  nccl::Result check(nccl::Result r, const char* name, const char* what) {
+    if (r != nccl::Success && r != nccl::InProgress) {
+      const char* last = api_.getLastError ? api_.getLastError(comm_) : "";
+      throw_error(ErrorKind::Nccl, name, cat(what, " failed on rank ", rank_, ": ", api_.getErrorString(r), (last && *last) ? cat(" (", last, ")") : ""));
+    }
+    return r;
+  }
+
+  void wait(const char* name, bool force = false) {
+    if (timeout_ms_ <= 0 && !force) return;
+    if (!event_) event_ = cuda::event_create(device_, false);
+    cuda::event_record(device_, event_, stream());
+    auto start = std::chrono::steady_clock::now();
+    int spins = 0;
+    while (!cuda::event_query(event_)) {
+      nccl::Result async = nccl::Success;
+      api_.commGetAsyncError(comm_, &async);
+      if (async != nccl::Success && async != nccl::InProgress) {
+        abort();
+        throw_error(ErrorKind::Nccl, name, cat("NCCL reported an asynchronous error on rank ", rank_, ": ", api_.getErrorString(async),
+                                               "; the communicator is now aborted"));
+      }
+      if (timeout_ms_ > 0 && std::chrono::steady_clock::now() - start > std::chrono::milliseconds(timeout_ms_)) {
+        abort();
+        throw_error(ErrorKind::Timeout, name, cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_,
+                                                  " (nccl); peers not heard from: unknown (NCCL does not say); the communicator is now aborted"));
+      }
+      if (++spins > 100) std::this_thread::sleep_for(std::chrono::microseconds(spins > 1000 ? 1000 : 50));
+    }
+  }
+
+  const nccl::Api& api_;
+  nccl::Comm comm_;
+  int rank_, size_, device_;
+  void* event_ = nullptr;
+  Tensor scratch_;
+};
+
+}  // namespace
+
+std::shared_ptr<Communicator> make_nccl(int rank, int size, const std::string& unique_id, int device, int64_t timeout_ms) {
+  const char* op = "commNccl";
+  MOE_ARG_CHECK(size >= 1, op, "'size' ", size, " must be at least 1");
+  MOE_ARG_CHECK(rank >= 0 && rank < size, op, "'rank' ", rank, " is not in [0, ", size, ")");
+  MOE_ARG_CHECK(unique_id.size() == sizeof(nccl::UniqueId), op, "'uniqueId' has ", unique_id.size(), " bytes; an NCCL unique id has ",
+                sizeof(nccl::UniqueId), " (from ncclUniqueId() on rank 0)");
+  MOE_ARG_CHECK(timeout_ms >= 0, op, "'timeoutMs' ", timeout_ms, " is negative (0 means no timeout)");
+  cuda::require_device(cuda_device(device), op);
+  const nccl::Api& api = nccl::api(op);
+  nccl::UniqueId id;
+  std::memcpy(id.internal, unique_id.data(), sizeof(id.internal));
+  cuda::DeviceGuard g(device);
+  nccl::Comm comm = nullptr;
+  nccl::Result r = api.commInitRank(&comm, size, id, rank);
+  if (r != nccl::Success)
+    throw_error(ErrorKind::Nccl, op, cat("ncclCommInitRank(rank ", rank, " of ", size, ", cuda:", device, ") failed: ", api.getErrorString(r)));
+  return std::make_shared<NcclCommunicator>(api, comm, rank, size, device, timeout_ms);
+}
+
+std::string nccl_unique_id() {
+  const nccl::Api& api = nccl::api("ncclUniqueId");
+  nccl::UniqueId id;
+  nccl::Result r = api.getUniqueId(&id);
+  if (r != nccl::Success) throw_error(ErrorKind::Nccl, "ncclUniqueId", cat("ncclGetUniqueId failed: ", api.getErrorString(r)));
+  return std::string(id.internal, sizeof(id.internal));
+}
+
+}  // namespace moe::comm

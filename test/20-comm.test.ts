@@ -1,0 +1,172 @@
+// Communicators on the CPU: the single-rank backend's collectives (values checked), argument checks
+// with clear errors, launcher environment parsing, backend choice, and the TCP rendezvous between
+// two child processes. Multi-rank runs under mpirun are in test/mpi/.
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+
+import { describe, expect, it } from 'vitest';
+
+import { chooseBackend, Communicator, expertGroups, init, InvalidArgumentError, launchEnv, memoryStats, Tensor } from '../lib/index.js';
+import { packageRoot } from '../lib/native.js';
+
+const cpu = { device: 'cpu' as const };
+
+describe('single-rank communicator', () => {
+  it('has rank 0 of 1, backend single, the default timeout, settable', () => {
+    using c = Communicator.single();
+    expect([c.rank, c.size, c.backend, c.timeoutMs]).toEqual([0, 1, 'single', 300_000]);
+    c.timeoutMs = 0;
+    expect(c.timeoutMs).toBe(0);
+    expect(() => (c.timeoutMs = -1)).toThrow(/'timeoutMs' must be a non-negative integer/);
+  });
+
+  it('collectives give the one-rank results', () => {
+    const before = memoryStats('cpu').liveBytes;
+    {
+      using c = Communicator.single();
+      using t = Tensor.fromArray([1, -2, 3], cpu);
+      for (const op of ['sum', 'max', 'min', 'avg'] as const) expect(c.allReduce(t, op).toNumbers()).toEqual([1, -2, 3]);
+      using g = c.allGather(Tensor.fromArray([1, 2, 3, 4], { ...cpu, shape: [2, 2] }));
+      expect(g.shape).toEqual([2, 2]);
+      expect(g.toNumbers()).toEqual([1, 2, 3, 4]);
+      expect(c.broadcast(t, 0).toNumbers()).toEqual([1, -2, 3]);
+      c.barrier();
+      using a = c.allToAll(Tensor.fromArray([5, 6, 7], { ...cpu, dtype: 'i32', shape: [3, 1] }));
+      expect(a.toNumbers()).toEqual([5, 6, 7]);
+      using s = Tensor.fromArray([1, 2, 3, 4, 5, 6], { ...cpu, dtype: 'bf16', shape: [3, 2] });
+      using r = Tensor.zeros([3, 2], { ...cpu, dtype: 'bf16' });
+      expect(c.allToAllV(s, [3], r, [3]).toFloat32Array()).toEqual(new Float32Array([1, 2, 3, 4, 5, 6]));
+      using e = Tensor.zeros([0, 2], cpu);
+      c.allToAllV(e, [0], Tensor.zeros([0, 2], cpu), [0]);
+      const sub = c.split(0, 0);
+      expect(sub?.size).toBe(1);
+      sub?.dispose();
+      expect(c.split(-1, 0)).toBeNull();
+      const { ep, edp } = expertGroups(c, 1);
+      expect([ep.size, edp.size]).toEqual([1, 1]);
+      ep.dispose();
+      edp.dispose();
+    }
+    if (globalThis.gc) expect(memoryStats('cpu').liveBytes).toBe(before);
+  });
+
+  it('bad calls throw InvalidArgumentError naming the op and the argument', () => {
+    using c = Communicator.single();
+    const f32 = (shape: number[]): Tensor => Tensor.zeros(shape, cpu);
+    const cases: [() => unknown, RegExp][] = [
+      [() => c.allToAllV(f32([3, 2]), [2], f32([3, 2]), [3]), /allToAllV: 'sendRows' adds up to 2 rows but 'send' f32\[3,2\] cpu has 3/],
+      [() => c.allToAllV(f32([3, 2]), [3], f32([2, 2]), [3]), /allToAllV: 'recvRows' adds up to 3 rows but 'recv' f32\[2,2\] cpu has 2/],
+      [() => c.allToAllV(f32([0, 2]), [-1], f32([0, 2]), [0]), /allToAllV: 'sendRows'\[0\] = -1 is negative/],
+      [() => c.allToAllV(f32([3, 2]), [3, 0], f32([3, 2]), [3]), /allToAllV: 'sendRows' has 2 entries but the communicator has 1 ranks/],
+      [() => c.allToAllV(f32([3, 2]), [1.5] as number[], f32([3, 2]), [3]), /allToAllV: 'sendRows'\[0\] = 1.5 is not an integer/],
+      [() => c.allToAllV(f32([3, 2]), [3], Tensor.zeros([3, 2], { ...cpu, dtype: 'bf16' }), [3]), /allToAllV: 'recv' bf16\[3,2\] cpu has dtype bf16 but 'send' f32\[3,2\] cpu has f32/],
+      [() => c.allToAllV(f32([3, 2]), [3], f32([3, 3]), [3]), /allToAllV: 'recv' f32\[3,3\] cpu and 'send' f32\[3,2\] cpu must have the same row shape/],
+      [() => c.allToAll(f32([2, 2]), f32([3, 2])), /allToAll: 'recv' f32\[3,2\] cpu must have as many rows as 'send'/],
+      [() => c.allGather(f32([2, 2]), f32([3, 2])), /allGather: 'output' f32\[3,2\] cpu must have 1·2 = 2 rows/],
+      [() => c.broadcast(f32([2]), 1), /broadcast: 'root' 1 is not a rank of this communicator of size 1/],
+      [() => c.allReduce(f32([2, 2]).transpose(0, 1)), /allReduce: 'tensor' f32\[2,2\] cpu strided is not contiguous/],
+      [() => c.allReduce(f32([2]), 'prod' as 'sum'), /allReduce: 'op' must be sum, max, min or avg/],
+      [() => c.split(0, -1), /split: 'key' -1 must be in/],
+    ];
+    for (const [fn, re] of cases) {
+      let err: unknown;
+      try {
+        fn();
+      } catch (e) {
+        err = e;
+      }
+      expect(err, String(re)).toBeInstanceOf(InvalidArgumentError);
+      expect((err as Error).message).toMatch(re);
+    }
+  });
+
+  it('abort() makes every later call throw; dispose() too', () => {
+    const c = Communicator.single();
+    c.abort();
+    expect(c.aborted).toBe(true);
+    expect(() => c.barrier()).toThrow(/barrier: the single communicator \(rank 0 of 1\) was aborted/);
+    c.dispose();
+    expect(() => c.barrier()).toThrow(/disposed/);
+  });
+
+  it('init() with no launcher gives the single communicator; MOE_EP_BACKEND is validated', async () => {
+    using c = await init({ env: {}, setDevice: false });
+    expect(c.backend).toBe('single');
+    await expect(init({ env: { MOE_EP_BACKEND: 'gloo' }, setDevice: false })).rejects.toThrow(/MOE_EP_BACKEND must be auto, single, mpi or nccl; received "gloo"/);
+  });
+
+  it('the NCCL factory checks its arguments before touching NCCL', () => {
+    expect(() => Communicator.nccl(0, 1, new Uint8Array(5), 0)).toThrow(/commNccl: 'uniqueId' has 5 bytes; an NCCL unique id has 128/);
+    expect(() => Communicator.nccl(2, 2, new Uint8Array(128), 0)).toThrow(/commNccl: 'rank' 2 is not in \[0, 2\)/);
+  });
+});
+
+describe('launcher environments', () => {
+  it('OpenMPI', () => {
+    expect(launchEnv({ OMPI_COMM_WORLD_RANK: '3', OMPI_COMM_WORLD_SIZE: '8', OMPI_COMM_WORLD_LOCAL_RANK: '1', OMPI_COMM_WORLD_LOCAL_SIZE: '4' })).toEqual({
+      launcher: 'openmpi', rank: 3, size: 8, localRank: 1, localSize: 4,
+    });
+  });
+  it('MPICH / Hydra', () => {
+    expect(launchEnv({ PMI_RANK: '5', PMI_SIZE: '6', MPI_LOCALRANKID: '2', MPI_LOCALNRANKS: '3' })).toEqual({
+      launcher: 'mpich', rank: 5, size: 6, localRank: 2, localSize: 3,
+    });
+  });
+  it('Slurm, with its compressed tasks-per-node list', () => {
+    expect(launchEnv({ SLURM_PROCID: '7', SLURM_NTASKS: '9', SLURM_LOCALID: '1', SLURM_NODEID: '2', SLURM_TASKS_PER_NODE: '4(x2),1' })).toEqual({
+      launcher: 'slurm', rank: 7, size: 9, localRank: 1, localSize: 1,
+    });
+  });
+  it('RANK / WORLD_SIZE / LOCAL_RANK, and nothing at all', () => {
+    expect(launchEnv({ RANK: '1', WORLD_SIZE: '2', LOCAL_RANK: '1' })).toMatchObject({ launcher: 'env', rank: 1, size: 2, localRank: 1 });
+    expect(launchEnv({})).toEqual({ launcher: 'none', rank: 0, size: 1, localRank: 0, localSize: 1 });
+  });
+  it('malformed values are rejected naming the variable', () => {
+    expect(() => launchEnv({ OMPI_COMM_WORLD_RANK: 'x', OMPI_COMM_WORLD_SIZE: '2' })).toThrow(/OMPI_COMM_WORLD_RANK="x" is not a non-negative integer/);
+    expect(() => launchEnv({ PMI_RANK: '4', PMI_SIZE: '4' })).toThrow(/rank 4 is not in \[0, 4\)/);
+  });
+  it('backend choice: single, mpi on CPU or shared GPUs, nccl with a GPU per rank and NCCL', () => {
+    const le = (size: number, localRank: number, localSize?: number) => ({ launcher: 'openmpi' as const, rank: localRank, size, localRank, localSize });
+    expect(chooseBackend(le(1, 0, 1), 'auto', 8, () => true)).toMatchObject({ backend: 'single', device: 'cuda:0' });
+    expect(chooseBackend(le(4, 1, 4), 'auto', 0, () => true)).toMatchObject({ backend: 'mpi', device: 'cpu' });
+    expect(chooseBackend(le(4, 3, 4), 'auto', 2, () => true)).toMatchObject({ backend: 'mpi', device: 'cuda:1' });
+    expect(chooseBackend(le(4, 3, 4), 'auto', 4, () => false)).toMatchObject({ backend: 'mpi', reason: 'NCCL does not load' });
+    expect(chooseBackend(le(16, 3, 8), 'auto', 8, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:3' });
+    expect(chooseBackend(le(16, 3, 8), 'mpi', 8, () => true)).toMatchObject({ backend: 'mpi' });
+  });
+});
+
+describe('TCP rendezvous', () => {
+  function child(rank: number, port: number, blobHex: string): Promise<string> {
+    const lib = join(packageRoot(), 'dist', 'lib', 'index.js');
+    const code = `import { rendezvous } from ${JSON.stringify(lib)};
+      const blob = ${rank} === 0 ? Uint8Array.from(Buffer.from(${JSON.stringify(blobHex)}, 'hex')) : undefined;
+      const got = await rendezvous({ rank: ${rank}, size: 2, addr: '127.0.0.1', port: ${port}, blob, timeoutMs: 10000 });
+      console.log(Buffer.from(got).toString('hex'));`;
+    return new Promise((resolve, reject) => {
+      const p = spawn(process.execPath, ['--input-type=module', '-e', code], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let out = '';
+      let err = '';
+      p.stdout.on('data', (d: Buffer) => (out += d.toString()));
+      p.stderr.on('data', (d: Buffer) => (err += d.toString()));
+      p.on('close', (status) => (status === 0 ? resolve(out.trim()) : reject(new Error(`rank ${rank} exited ${status}: ${err}`))));
+    });
+  }
+
+  it('two processes on 127.0.0.1 share a 128-byte blob from rank 0 (rank 1 may start first)', async () => {
+    const blob = Buffer.alloc(128);
+    for (let i = 0; i < 128; i++) blob[i] = (i * 37 + 11) & 0xff;
+    const port = 20000 + (process.pid % 20000);
+    const r1 = child(1, port, '');
+    await new Promise((r) => setTimeout(r, 300));
+    const r0 = child(0, port, blob.toString('hex'));
+    const [a, b] = await Promise.all([r0, r1]);
+    expect(a).toBe(blob.toString('hex'));
+    expect(b).toBe(blob.toString('hex'));
+  });
+
+  it('a rank 1 with no rank 0 times out naming rank 0', async () => {
+    const { rendezvous } = await import('../lib/index.js');
+    await expect(rendezvous({ rank: 1, size: 2, addr: '127.0.0.1', port: 1, timeoutMs: 500 })).rejects.toThrow(/rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127.0.0.1:1/);
+  });
+});

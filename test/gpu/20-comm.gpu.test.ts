@@ -1,0 +1,52 @@
+// Communicators on a GPU (UNTESTED so far: written without hardware). A single-rank NCCL
+// communicator's allToAll / allToAllV / allReduce / allGather on cuda:0 against the CPU results, and
+// a single-rank MPI communicator staging CUDA tensors through pinned host memory.
+import { spawnSync } from 'node:child_process';
+
+import { describe, expect, it } from 'vitest';
+
+import { Communicator, Tensor } from '../../lib/index.js';
+import { native } from '../../lib/native.js';
+import { hasGpu } from './gpu.js';
+
+const gpu = 'cuda:0' as const;
+const hasNccl = hasGpu && native().ncclStatus().loaded;
+const hasMpi = native().mpiStatus(true).loaded && spawnSync('mpirun', ['--version']).status === 0;
+
+function data(n: number, seed: number): Tensor {
+  return Tensor.rand([n, 8], { seed, device: 'cpu' });
+}
+
+describe.skipIf(!hasNccl)('NCCL communicator, one rank on cuda:0', () => {
+  it('allToAll, allToAllV, allReduce, allGather equal the CPU results', () => {
+    using c = Communicator.nccl(0, 1, Communicator.ncclUniqueId(), 0, { timeoutMs: 30_000 });
+    expect([c.rank, c.size, c.backend]).toEqual([0, 1, 'nccl']);
+    using x = data(6, 1);
+    using xd = x.to(gpu);
+    using a = c.allToAll(xd);
+    expect(a.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
+    using r = Tensor.zeros([6, 8], { device: gpu });
+    c.allToAllV(xd, [6], r, [6]);
+    expect(r.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
+    using s = xd.clone();
+    c.allReduce(s, 'sum');
+    expect(s.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
+    using g = c.allGather(xd);
+    expect(g.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
+    c.barrier();
+  });
+});
+
+describe.skipIf(!(hasGpu && hasMpi))('MPI communicator with CUDA tensors (pinned staging)', () => {
+  it('allReduce / allToAllV on cuda:0 (one rank, MPI singleton)', () => {
+    using c = Communicator.mpi({ timeoutMs: 30_000 });
+    using x = data(4, 2);
+    using xd = x.to(gpu);
+    using r = Tensor.zeros([4, 8], { device: gpu });
+    c.allToAllV(xd, [4], r, [4]);
+    expect(r.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
+    using b = Tensor.fromArray([1, 2, 3], { device: gpu, dtype: 'bf16' });
+    c.allReduce(b, 'sum');
+    expect(b.to('cpu').toFloat32Array()).toEqual(new Float32Array([1, 2, 3]));
+  });
+});
