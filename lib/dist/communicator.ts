@@ -1,0 +1,165 @@
+/**
+ * Communicator: a group of ranks and the collectives expert parallelism needs, on tensors.
+ * Backends: 'single' (one rank), 'mpi' (host memory; CUDA tensors staged through pinned memory),
+ * 'nccl' (one GPU per rank). Create one with init() (lib/dist/init.ts) or the static factories.
+ *
+ * Rules: tensors are contiguous with dim >= 1; counts are rows (dim 0); every rank passes the same
+ * dtype and row shape. Every collective honours `timeoutMs` (default 300 000; 0 = none): past it a
+ * TimeoutError names the op, this rank and (where known) the peers not heard from, and the
+ * communicator is aborted (later calls throw at once).
+ */
+import { invalidArgument } from '../errors.js';
+import { type CommHandle, native } from '../native.js';
+import { Tensor } from '../tensor.js';
+
+export type Backend = 'single' | 'mpi' | 'nccl';
+export type ReduceOp = 'sum' | 'max' | 'min' | 'avg';
+const REDUCE_CODES: Record<ReduceOp, number> = { sum: 0, max: 1, min: 2, avg: 3 };
+
+export const DEFAULT_TIMEOUT_MS = 300_000;
+
+function checkTimeout(ms: unknown, op: string): number {
+  if (typeof ms !== 'number' || !Number.isSafeInteger(ms) || ms < 0) {
+    invalidArgument(op, `'timeoutMs' must be a non-negative integer (0 = no timeout); received ${String(ms)}`);
+  }
+  return ms;
+}
+
+function checkRows(rows: unknown, op: string, name: string): number[] {
+  if (!Array.isArray(rows)) invalidArgument(op, `'${name}' must be an array of row counts, one per rank`);
+  return rows as number[];
+}
+
+export class Communicator implements Disposable {
+  #handle: CommHandle | null;
+  readonly rank: number;
+  readonly size: number;
+  readonly backend: Backend;
+
+  /** @internal Wraps a native handle; use init() or the static factories. */
+  constructor(handle: CommHandle) {
+    this.#handle = handle;
+    this.rank = handle.rank();
+    this.size = handle.size();
+    this.backend = handle.backend();
+  }
+
+  /** The one-rank communicator: collectives are local copies with the same checks. */
+  static single(): Communicator {
+    return new Communicator(native().commSingle());
+  }
+
+  /** MPI_COMM_WORLD (a duplicate). Initialises MPI on first use unless the application did. */
+  static mpi(options: { timeoutMs?: number } = {}): Communicator {
+    return new Communicator(native().commMpi(checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
+  }
+
+  /** NCCL on cuda:`device`; `uniqueId` (128 bytes) comes from rank 0's Communicator.ncclUniqueId(). */
+  static nccl(rank: number, size: number, uniqueId: Uint8Array, device: number, options: { timeoutMs?: number } = {}): Communicator {
+    return new Communicator(native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl')));
+  }
+
+  /** A fresh NCCL unique id (call on rank 0, share with the others). */
+  static ncclUniqueId(): Uint8Array {
+    return native().ncclUniqueId();
+  }
+
+  /** @internal */
+  get handle(): CommHandle {
+    if (this.#handle === null) invalidArgument('communicator', 'the communicator was disposed');
+    return this.#handle;
+  }
+  get disposed(): boolean {
+    return this.#handle === null;
+  }
+  /** True after a timeout, a mismatched call or abort(): every collective then throws at once. */
+  get aborted(): boolean {
+    return this.#handle?.isAborted() ?? false;
+  }
+
+  get timeoutMs(): number {
+    return this.handle.timeoutMs();
+  }
+  set timeoutMs(ms: number) {
+    this.handle.setTimeoutMs(checkTimeout(ms, 'timeoutMs'));
+  }
+
+  /** In place: t = op over ranks of t. */
+  allReduce(t: Tensor, op: ReduceOp = 'sum'): Tensor {
+    const code = REDUCE_CODES[op];
+    if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${JSON.stringify(op)}`);
+    this.handle.allReduce(t.handle, code);
+    return t;
+  }
+
+  /** out[r·rows + i] = rank r's t[i]; `out` [size·rows, ...] is created when not given. */
+  allGather(t: Tensor, out?: Tensor): Tensor {
+    const o = out ?? Tensor.empty([t.shape[0]! * this.size, ...t.shape.slice(1)], { dtype: t.dtype, device: t.device });
+    try {
+      this.handle.allGather(t.handle, o.handle);
+    } catch (e) {
+      if (!out) o.dispose();
+      throw e;
+    }
+    return o;
+  }
+
+  /** In place: every rank's t becomes root's t. */
+  broadcast(t: Tensor, root: number): Tensor {
+    this.handle.broadcast(t.handle, root);
+    return t;
+  }
+
+  barrier(): void {
+    this.handle.barrier();
+  }
+
+  /** Equal chunks: chunk p of send ([size·n, ...]) goes to rank p; chunk p of recv comes from p. */
+  allToAll(send: Tensor, recv?: Tensor): Tensor {
+    const r = recv ?? Tensor.empty(send.shape, { dtype: send.dtype, device: send.device });
+    try {
+      this.handle.allToAll(send.handle, r.handle);
+    } catch (e) {
+      if (!recv) r.dispose();
+      throw e;
+    }
+    return r;
+  }
+
+  /**
+   * Ragged all-to-all: sendRows[p] rows of send (peers in order, contiguous) go to rank p;
+   * recvRows[p] rows of recv come from rank p. Counts are host numbers the caller exchanged first
+   * (e.g. with allToAll of an i32/i64 tensor of counts); sums must match the tensors' rows.
+   */
+  allToAllV(send: Tensor, sendRows: number[], recv: Tensor, recvRows: number[]): Tensor {
+    this.handle.allToAllV(send.handle, checkRows(sendRows, 'allToAllV', 'sendRows'), recv.handle, checkRows(recvRows, 'allToAllV', 'recvRows'));
+    return recv;
+  }
+
+  /**
+   * Ranks passing the same color form a new communicator, ordered by key (ties by rank). Collective:
+   * every rank calls it. color -1 takes no part and gets null.
+   */
+  split(color: number, key: number = this.rank): Communicator | null {
+    const h = this.handle.split(color, key);
+    if (h === null) return null;
+    return new Communicator(h);
+  }
+
+  /** Marks this communicator unusable (NCCL: aborts its work). Local; peers are not told. */
+  abort(): void {
+    this.#handle?.abort();
+  }
+
+  dispose(): void {
+    this.#handle?.dispose();
+    this.#handle = null;
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+
+  toString(): string {
+    return `Communicator(${this.backend}, rank ${this.rank} of ${this.size})`;
+  }
+}

@@ -1,0 +1,194 @@
+/**
+ * Start-up from the launcher's environment, with no flags: `mpirun -np N node app.js` (OpenMPI or
+ * MPICH/Hydra), `srun` (Slurm) or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK plus
+ * MASTER_ADDR/MASTER_PORT. The local rank picks the GPU; the backend is NCCL when every rank has a
+ * GPU of its own and NCCL loads, else MPI (CPU, or ranks sharing a GPU); one rank gets the 'single'
+ * communicator. options.backend or MOE_EP_BACKEND override the choice.
+ */
+import { cuda, setDefaultDevice } from '../device.js';
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { Tensor } from '../tensor.js';
+import { type Backend, Communicator, DEFAULT_TIMEOUT_MS } from './communicator.js';
+import { rendezvous } from './rendezvous.js';
+
+export type Launcher = 'openmpi' | 'mpich' | 'slurm' | 'env' | 'none';
+
+export interface LaunchEnv {
+  launcher: Launcher;
+  rank: number;
+  size: number;
+  localRank: number;
+  /** Ranks on this node, when the launcher says (else undefined). */
+  localSize: number | undefined;
+}
+
+function int(env: NodeJS.ProcessEnv, name: string): number | undefined {
+  const v = env[name];
+  if (v === undefined || v === '') return undefined;
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < 0) invalidArgument('init', `environment variable ${name}=${JSON.stringify(v)} is not a non-negative integer`);
+  return n;
+}
+
+/** Slurm's per-node task list, e.g. "2(x3),1": the count for node `nodeId`. */
+function slurmTasksOnNode(spec: string | undefined, nodeId: number | undefined): number | undefined {
+  if (!spec) return undefined;
+  const counts: number[] = [];
+  for (const part of spec.split(',')) {
+    const m = /^(\d+)(?:\(x(\d+)\))?$/.exec(part.trim());
+    if (!m) return undefined;
+    for (let i = 0; i < Number(m[2] ?? 1); i++) counts.push(Number(m[1]));
+  }
+  return counts[nodeId ?? 0];
+}
+
+/**
+ * Rank, size and local rank from the launcher's variables (a pure function of `env`):
+ * OpenMPI OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK(/LOCAL_SIZE); MPICH/Hydra PMI_RANK/PMI_SIZE,
+ * MPI_LOCALRANKID(/MPI_LOCALNRANKS); Slurm SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
+ * (SLURM_TASKS_PER_NODE, SLURM_NODEID); generic RANK/WORLD_SIZE/LOCAL_RANK(/LOCAL_WORLD_SIZE).
+ * No launcher: rank 0 of 1.
+ */
+export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
+  let e: LaunchEnv;
+  if (env['OMPI_COMM_WORLD_SIZE'] !== undefined) {
+    e = {
+      launcher: 'openmpi',
+      rank: int(env, 'OMPI_COMM_WORLD_RANK') ?? 0,
+      size: int(env, 'OMPI_COMM_WORLD_SIZE') ?? 1,
+      localRank: int(env, 'OMPI_COMM_WORLD_LOCAL_RANK') ?? 0,
+      localSize: int(env, 'OMPI_COMM_WORLD_LOCAL_SIZE'),
+    };
+  } else if (env['PMI_SIZE'] !== undefined && env['PMI_RANK'] !== undefined) {
+    e = {
+      launcher: 'mpich',
+      rank: int(env, 'PMI_RANK') ?? 0,
+      size: int(env, 'PMI_SIZE') ?? 1,
+      localRank: int(env, 'MPI_LOCALRANKID') ?? 0,
+      localSize: int(env, 'MPI_LOCALNRANKS'),
+    };
+  } else if (env['SLURM_PROCID'] !== undefined && env['SLURM_NTASKS'] !== undefined) {
+    e = {
+      launcher: 'slurm',
+      rank: int(env, 'SLURM_PROCID') ?? 0,
+      size: int(env, 'SLURM_NTASKS') ?? 1,
+      localRank: int(env, 'SLURM_LOCALID') ?? 0,
+      localSize: slurmTasksOnNode(env['SLURM_TASKS_PER_NODE'], int(env, 'SLURM_NODEID')),
+    };
+  } else if (env['WORLD_SIZE'] !== undefined && env['RANK'] !== undefined) {
+    e = {
+      launcher: 'env',
+      rank: int(env, 'RANK') ?? 0,
+      size: int(env, 'WORLD_SIZE') ?? 1,
+      localRank: int(env, 'LOCAL_RANK') ?? 0,
+      localSize: int(env, 'LOCAL_WORLD_SIZE'),
+    };
+  } else {
+    e = { launcher: 'none', rank: 0, size: 1, localRank: 0, localSize: 1 };
+  }
+  if (e.size < 1 || e.rank >= e.size) invalidArgument('init', `launcher ${e.launcher}: rank ${e.rank} is not in [0, ${e.size})`);
+  return e;
+}
+
+export interface InitOptions {
+  /** 'auto' (default) | 'single' | 'mpi' | 'nccl'; MOE_EP_BACKEND sets it too (the option wins). */
+  backend?: Backend | 'auto';
+  /** Per-communicator collective timeout (default 300 000 ms; 0 = none). */
+  timeoutMs?: number;
+  /** Pick and set the default device from the local rank (default true). */
+  setDevice?: boolean;
+  /** For NCCL without MPI: rank 0's address and port (default MASTER_ADDR / MASTER_PORT). */
+  masterAddr?: string;
+  masterPort?: number;
+  /** The environment to read (default process.env); for tests. */
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface BackendChoice {
+  backend: Backend;
+  device: string;  // 'cpu' or 'cuda:N'
+  reason: string;
+}
+
+/** The backend and device init() would choose (pure apart from probing GPUs and NCCL). */
+export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: number, ncclLoads: () => boolean): BackendChoice {
+  const device = gpus > 0 ? `cuda:${le.localRank % gpus}` : 'cpu';
+  if (requested !== 'auto') return { backend: requested, device, reason: 'requested' };
+  if (le.size === 1) return { backend: 'single', device, reason: 'one rank' };
+  if (gpus === 0) return { backend: 'mpi', device, reason: 'no usable GPU' };
+  const perNode = le.localSize ?? le.size;
+  if (perNode > gpus) return { backend: 'mpi', device, reason: `${perNode} ranks on this node share ${gpus} GPU(s); NCCL needs one GPU per rank` };
+  if (!ncclLoads()) return { backend: 'mpi', device, reason: 'NCCL does not load' };
+  return { backend: 'nccl', device, reason: 'one GPU per rank and NCCL loads' };
+}
+
+function parseBackend(v: unknown, where: string): Backend | 'auto' {
+  if (v === 'auto' || v === 'single' || v === 'mpi' || v === 'nccl') return v;
+  return invalidArgument('init', `${where} must be auto, single, mpi or nccl; received ${JSON.stringify(v)}`);
+}
+
+/**
+ * The world communicator for this process, from the launcher's environment. Sets the default
+ * device to cuda:(localRank % deviceCount) when GPUs are usable (unless setDevice is false).
+ */
+export async function init(options: InitOptions = {}): Promise<Communicator> {
+  const env = options.env ?? process.env;
+  const le = launchEnv(env);
+  const requested = options.backend !== undefined ? parseBackend(options.backend, "'backend'") : env['MOE_EP_BACKEND'] ? parseBackend(env['MOE_EP_BACKEND'], 'MOE_EP_BACKEND') : 'auto';
+  const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const gpus = cuda.deviceCount();
+  const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded);
+  if (options.setDevice !== false && choice.device !== 'cpu') setDefaultDevice(choice.device as `cuda:${number}`);
+  switch (choice.backend) {
+    case 'single': {
+      if (le.size > 1) invalidArgument('init', `backend 'single' was requested but the launcher (${le.launcher}) started ${le.size} ranks`);
+      const c = Communicator.single();
+      c.timeoutMs = timeoutMs;
+      return c;
+    }
+    case 'mpi':
+      return Communicator.mpi({ timeoutMs });
+    case 'nccl': {
+      if (choice.device === 'cpu') invalidArgument('init', `backend 'nccl' needs a GPU: ${cuda.unavailableReason()}`);
+      const device = le.localRank % gpus;
+      const id = await shareNcclId(le, env, options, timeoutMs);
+      return Communicator.nccl(le.rank, le.size, id, device, { timeoutMs });
+    }
+  }
+}
+
+/** Rank 0's NCCL unique id on every rank: over MPI under an MPI launcher, else the TCP rendezvous. */
+async function shareNcclId(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitOptions, timeoutMs: number): Promise<Uint8Array> {
+  if (le.size === 1) return Communicator.ncclUniqueId();
+  const mpiLaunched = le.launcher === 'openmpi' || le.launcher === 'mpich';
+  if (mpiLaunched && native().mpiStatus(true).loaded) {
+    using world = Communicator.mpi({ timeoutMs });
+    const id = le.rank === 0 ? Communicator.ncclUniqueId() : new Uint8Array(128);
+    using t = Tensor.fromArray(id, { dtype: 'u8', device: 'cpu' });
+    world.broadcast(t, 0);
+    return t.toArray() as Uint8Array;
+  }
+  const addr = options.masterAddr ?? env['MASTER_ADDR'];
+  const port = options.masterPort ?? (env['MASTER_PORT'] ? Number(env['MASTER_PORT']) : undefined);
+  if (!addr || port === undefined) {
+    invalidArgument('init', `NCCL needs rank 0's unique id on every rank: run under mpirun with the MPI backend built, or set MASTER_ADDR and MASTER_PORT (launcher: ${le.launcher})`);
+  }
+  const blob = le.rank === 0 ? Communicator.ncclUniqueId() : undefined;
+  return rendezvous({ rank: le.rank, size: le.size, addr: le.rank === 0 && addr !== 'localhost' ? '0.0.0.0' : addr, port, ...(blob ? { blob } : {}), timeoutMs });
+}
+
+/**
+ * Expert-parallel groups: `ep` holds epSize consecutive ranks (rank r is in group floor(r/epSize),
+ * position r % epSize); `edp` holds the ranks with the same position in their EP group (they
+ * replicate the same experts). Collective: every rank of `world` calls it.
+ */
+export function expertGroups(world: Communicator, epSize: number): { ep: Communicator; edp: Communicator } {
+  if (!Number.isSafeInteger(epSize) || epSize < 1 || world.size % epSize !== 0) {
+    invalidArgument('expertGroups', `'epSize' ${epSize} must be a positive divisor of the world size ${world.size}`);
+  }
+  const ep = world.split(Math.floor(world.rank / epSize), world.rank % epSize);
+  const edp = world.split(world.rank % epSize, Math.floor(world.rank / epSize));
+  if (!ep || !edp) throw new Error('expertGroups: split returned no communicator');
+  return { ep, edp };
+}
