@@ -54,3 +54,24 @@ export {
   type UnpermuteGradients,
   type UnpermuteOptions,
 } from './moe/permute.js';
+export {
+  adamwStep,
+  type AdamWOptions,
+  balanceBiasUpdate,
+  type CrossEntropyOptions,
+  type CrossEntropyResult,
+  crossEntropyLoss,
+  type LossOutputs,
+  type LossResult,
+  mseLoss,
+  type MseLossOptions,
+  rmsnorm,
+  rmsnormBackward,
+  type RmsNormBackwardOptions,
+  type RmsNormGradients,
+  type RmsNormOptions,
+  type RmsNormOutputs,
+  sumOfSquares,
+  type SumOfSquaresOptions,
+} from './train/ops.js';
+export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
