@@ -58,3 +58,24 @@ export {
 export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './dist/communicator.js';
 export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
 export { rendezvous, type RendezvousOptions } from './dist/rendezvous.js';
+export {
+  adamwStep,
+  type AdamWOptions,
+  balanceBiasUpdate,
+  type CrossEntropyOptions,
+  type CrossEntropyResult,
+  crossEntropyLoss,
+  type LossOutputs,
+  type LossResult,
+  mseLoss,
+  type MseLossOptions,
+  rmsnorm,
+  rmsnormBackward,
+  type RmsNormBackwardOptions,
+  type RmsNormGradients,
+  type RmsNormOptions,
+  type RmsNormOutputs,
+  sumOfSquares,
+  type SumOfSquaresOptions,
+} from './train/ops.js';
+export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';

@@ -233,6 +233,42 @@ export interface RawBinding {
     dLogits: TensorHandle | null,
   ): void;
   routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
+  // training ops (native/ops/rmsnorm, loss, adamw, sqnorm, balance)
+  rmsnormForward(x: TensorHandle, weight: TensorHandle, eps: number, y: TensorHandle, rstd: TensorHandle): void;
+  rmsnormBackward(
+    dy: TensorHandle,
+    x: TensorHandle,
+    weight: TensorHandle,
+    rstd: TensorHandle,
+    dx: TensorHandle,
+    dWeight: TensorHandle,
+    accumulate: boolean,
+  ): void;
+  mseLoss(pred: TensorHandle, target: TensorHandle, loss: TensorHandle, grad: TensorHandle | null): void;
+  crossEntropyLoss(
+    pred: TensorHandle,
+    target: TensorHandle,
+    ignoreIndex: number,
+    loss: TensorHandle,
+    grad: TensorHandle | null,
+    correct: TensorHandle,
+  ): void;
+  adamwStep(
+    param: TensorHandle,
+    grad: TensorHandle,
+    expAvg: TensorHandle,
+    expAvgSq: TensorHandle,
+    paramBf16: TensorHandle | null,
+    lr: number,
+    beta1: number,
+    beta2: number,
+    eps: number,
+    weightDecay: number,
+    step: number,
+    gradScale: number,
+  ): void;
+  sumOfSquares(x: TensorHandle, out: TensorHandle, accumulate: boolean): void;
+  balanceBiasUpdate(bias: TensorHandle, load: TensorHandle, gamma: number): void;
   memoryStats(deviceType: number, deviceIndex: number): NativeMemoryStats;
   resetPeakMemory(deviceType: number, deviceIndex: number): void;
   emptyCache(deviceType: number, deviceIndex: number): void;

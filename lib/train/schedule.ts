@@ -1,0 +1,58 @@
+/**
+ * Learning-rate schedule: linear warm-up, then cosine decay to a floor. Steps count from 0 (the
+ * first optimizer step is step 0 here; AdamW's bias-correction `step` is this + 1).
+ *
+ *   step < warmupSteps:                 lr = warmupStartLr + (maxLr − warmupStartLr)·(step + 1)/warmupSteps
+ *                                       (the first step already moves; step warmupSteps−1 reaches maxLr)
+ *   warmupSteps ≤ step ≤ totalSteps:    p = (step − warmupSteps)/(totalSteps − warmupSteps)
+ *                                       lr = minLr + ½(maxLr − minLr)(1 + cos(π·p))
+ *   step > totalSteps:                  lr = minLr
+ *
+ * The warm-up starts from 0 by default (warmupStartLr: 0); pass warmupStartLr: minLr to warm up from
+ * the floor instead. totalSteps counts the warm-up too; totalSteps == warmupSteps gives maxLr at
+ * that step and minLr after it.
+ */
+import { invalidArgument } from '../errors.js';
+
+export interface CosineScheduleConfig {
+  /** Steps of linear warm-up (0: none). */
+  warmupSteps: number;
+  /** The step at which the cosine reaches minLr (warm-up included); ≥ warmupSteps. */
+  totalSteps: number;
+  maxLr: number;
+  /** Floor of the cosine. Default 0. */
+  minLr?: number;
+  /** Where the warm-up starts. Default 0. */
+  warmupStartLr?: number;
+}
+
+function nonNegative(v: unknown, field: string, integer: boolean): number {
+  const ok = typeof v === 'number' && Number.isFinite(v) && v >= 0 && (!integer || Number.isSafeInteger(v));
+  if (!ok) invalidArgument('cosineSchedule', `'${field}' must be a non-negative ${integer ? 'integer' : 'finite number'}; received ${String(v)}`);
+  return v as number;
+}
+
+/** Validates the config once and returns lr(step). */
+export function cosineSchedule(config: CosineScheduleConfig): (step: number) => number {
+  if (config === null || typeof config !== 'object') invalidArgument('cosineSchedule', 'the config must be an object');
+  const warmupSteps = nonNegative(config.warmupSteps, 'warmupSteps', true);
+  const totalSteps = nonNegative(config.totalSteps, 'totalSteps', true);
+  const maxLr = nonNegative(config.maxLr, 'maxLr', false);
+  const minLr = nonNegative(config.minLr ?? 0, 'minLr', false);
+  const startLr = nonNegative(config.warmupStartLr ?? 0, 'warmupStartLr', false);
+  if (totalSteps < warmupSteps) invalidArgument('cosineSchedule', `'totalSteps' = ${totalSteps} is less than 'warmupSteps' = ${warmupSteps}`);
+  if (minLr > maxLr) invalidArgument('cosineSchedule', `'minLr' = ${minLr} is more than 'maxLr' = ${maxLr}`);
+  return (step: number): number => {
+    if (!Number.isSafeInteger(step) || step < 0) invalidArgument('cosineSchedule', `'step' must be a non-negative integer; received ${String(step)}`);
+    if (step < warmupSteps) return startLr + ((maxLr - startLr) * (step + 1)) / warmupSteps;
+    if (step > totalSteps) return minLr;
+    const span = totalSteps - warmupSteps;
+    const p = span === 0 ? 0 : (step - warmupSteps) / span;
+    return minLr + 0.5 * (maxLr - minLr) * (1 + Math.cos(Math.PI * p));
+  };
+}
+
+/** lr at one step (validates the config on every call; build cosineSchedule once in a loop). */
+export function cosineLr(step: number, config: CosineScheduleConfig): number {
+  return cosineSchedule(config)(step);
+}
