@@ -17,7 +17,9 @@
  * combine is a dispatch.
  *
  * Capacity mode with padToCapacity moves fixed-size segments: nothing is read back to the host and
- * the maps are cached per shape, so a step can be captured in a CUDA graph. Dropless mode must
+ * the maps are cached per shape, so a step can be captured in a CUDA graph. Every rank must then
+ * have the same capacity C = ceil(cf·T·k/E), i.e. the same number of tokens T (equal micro-batches);
+ * the communicator reports a mismatch as an error naming the peer. Dropless mode must
  * learn how many rows arrive: it reads the counts once per step (the one host sync, named below).
  */
 import { invalidArgument } from '../errors.js';

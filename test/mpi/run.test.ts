@@ -32,6 +32,12 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
+  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients)', (np) => {
+    const r = mpirun(np, 'moe-layer.mjs');
+    expect(r.status, r.out).toBe(0);
+    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
+  });
+
   it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s; all exit cleanly', (np) => {
     const r = mpirun(np, 'timeout.mjs');
     expect(r.status, r.out).toBe(0);
