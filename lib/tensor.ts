@@ -45,7 +45,7 @@ const scopes: Set<Tensor>[] = [];
 
 function tensorsIn(value: unknown, found: Set<Tensor>, depth = 0): Set<Tensor> {
   if (value instanceof Tensor) found.add(value);
-  else if (depth < 4 && value !== null && typeof value === 'object') {
+  else if (depth < 10 && value !== null && typeof value === 'object') {
     for (const v of Array.isArray(value) ? value : Object.values(value)) tensorsIn(v, found, depth + 1);
   }
   return found;
@@ -53,7 +53,7 @@ function tensorsIn(value: unknown, found: Set<Tensor>, depth = 0): Set<Tensor> {
 
 /**
  * Runs `fn` and disposes every tensor created inside it except those it returns (a tensor, or
- * tensors inside a returned array or plain object) and those passed to keep(). Intermediates such
+ * tensors inside a returned array or plain object, up to 10 levels deep) and those passed to keep(). Intermediates such
  * as views created inline (`a.transpose()`) are released too. Scopes nest; `fn` must be synchronous.
  */
 export function tidy<T>(fn: () => T): T {

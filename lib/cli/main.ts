@@ -1,15 +1,20 @@
 #!/usr/bin/env node
 /** The `moe-ep` command: one file per subcommand in this folder. */
 import { runInfo } from './info.js';
+import { runTrain } from './train.js';
 
 const usage = `usage: moe-ep <command>
 
 commands:
+  train [--config file.json] [--section.field value ...]
+                  train the MoE model (default: the embedded synthetic task; CPU, GPU or under mpirun)
   info [--json]   package, addon backend, GPUs, CUDA, NCCL and MPI as this machine sees them`;
 
-function main(argv: string[]): number {
+async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
+    case 'train':
+      return runTrain(rest);
     case 'info':
       return runInfo(rest);
     case undefined:
@@ -24,9 +29,12 @@ function main(argv: string[]): number {
   }
 }
 
-try {
-  process.exitCode = main(process.argv.slice(2));
-} catch (e) {
-  console.error(`moe-ep: ${(e as Error).message}`);
-  process.exitCode = 1;
-}
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (e: unknown) => {
+    console.error(`moe-ep: ${(e as Error).message}`);
+    process.exitCode = 1;
+  },
+);

@@ -31,11 +31,11 @@ export interface TrainConfig {
 
 /** The embedded default: about a minute on two CPU cores; experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 32, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0 },
+  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0 },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
-  optimizer: { lr: 3e-3, minLr: 3e-4, warmupSteps: 20, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
-  data: { clusters: 16, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
-  train: { steps: 300, device: 'auto', out: null, logEvery: 1, progress: true },
+  optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
+  data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
+  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
@@ -79,7 +79,13 @@ export const trainConfigSchema = {
       weightDecay: num(0),
       clipNorm: { ...num(0), description: '0: no clipping' },
     }),
-    data: section({ clusters: int(1), zipf: num(0), noise: num(0), tokensPerStep: int(1), seed: int(0) }),
+    data: section({
+      clusters: int(1),
+      zipf: { ...num(0), description: 'Zipf exponent of the cluster frequencies (0: uniform)' },
+      noise: num(0),
+      tokensPerStep: { ...int(1), description: 'global batch per step, split evenly over the ranks' },
+      seed: int(0),
+    }),
     train: section({
       steps: int(1),
       device: { enum: ['auto', 'cpu', 'cuda'] },

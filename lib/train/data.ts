@@ -72,12 +72,38 @@ export class ClusterTask implements Disposable {
   }
 
   /**
-   * Batch `index` of `tokens` samples (shard `rank` of `ranks`: each rank of a data-parallel job
-   * draws a disjoint part of the same global batch).
+   * Global batch `index` of `tokens` samples, or shard `rank` of `ranks` of it (rows
+   * [rank·tokens/ranks, (rank+1)·tokens/ranks)): any number of ranks sees the same global batches,
+   * so runs at different expert-parallel sizes follow the same data.
    */
   batch(index: number, tokens: number, rank = 0, ranks = 1): Batch {
+    if (!Number.isSafeInteger(ranks) || ranks < 1 || tokens % ranks !== 0) {
+      invalidArgument('ClusterTask.batch', `'tokens' ${tokens} must divide evenly over ${ranks} ranks`);
+    }
+    const full = this.globalBatch(index, tokens);
+    if (ranks === 1) return full;
+    const per = tokens / ranks;
+    const x = full.x.narrow(0, rank * per, per).contiguous();
+    const y = full.y.narrow(0, rank * per, per).contiguous();
+    const ids = full.clusters.slice(rank * per, (rank + 1) * per);
+    full.dispose();
+    return {
+      x,
+      y,
+      clusters: ids,
+      dispose() {
+        x.dispose();
+        y.dispose();
+      },
+      [Symbol.dispose]() {
+        this.dispose();
+      },
+    };
+  }
+
+  private globalBatch(index: number, tokens: number): Batch {
     const { dim, clusters, noise, seed } = this.config;
-    const rnd = splitmix(seed * 1_000_003 + index * ranks + rank);
+    const rnd = splitmix(seed * 1_000_003 + index);
     // Samples sorted by cluster so the per-cluster maps are one grouped GEMM.
     const ids = new Int32Array(tokens);
     for (let t = 0; t < tokens; t++) {
@@ -93,7 +119,7 @@ export class ClusterTask implements Disposable {
       const idx = Tensor.fromArray(ids, { device: 'cpu' });
       const x = Tensor.empty([tokens, dim], { device: 'cpu' });
       native().permuteRows(this.centres.handle, idx.handle, x.handle); // x[t] = μ_{c(t)}
-      const offset = (index * ranks + rank) * tokens * dim;
+      const offset = index * tokens * dim;
       x.add_(Tensor.randn([tokens, dim], { seed: seed * 8 + 3, offset, device: 'cpu' }), noise);
       const off = Tensor.fromArray(offsets, { dtype: 'i32', device: 'cpu' });
       const y = groupedGemm('NN', x, this.maps, off);

@@ -38,6 +38,12 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
+  it.each([2, 4])('training at EP=%i follows the EP=1 loss trajectory on the same global batches', (np) => {
+    const r = mpirun(np, 'train.mjs');
+    expect(r.status, r.out).toBe(0);
+    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
+  });
+
   it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s; all exit cleanly', (np) => {
     const r = mpirun(np, 'timeout.mjs');
     expect(r.status, r.out).toBe(0);

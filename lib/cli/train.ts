@@ -1,0 +1,121 @@
+/**
+ * `moe-ep train [--config file.json] [--section.field value ...]`: the main job. With no arguments
+ * it trains the embedded default on whatever is there (CPU without a GPU, the GPU when present,
+ * under `mpirun -np N` with the experts spread over N ranks), shows a live progress bar, appends
+ * metrics as JSON lines and writes an HTML report whose path it prints. Ctrl-C stops cleanly after
+ * the current step.
+ */
+import { readFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+
+import cliProgress from 'cli-progress';
+
+import { init } from '../dist/init.js';
+import { InvalidArgumentError } from '../errors.js';
+import { overridesFromArgs, resolveConfig, type TrainConfig } from '../train/config.js';
+import { MetricsLog, type StepMetrics } from '../train/metrics.js';
+import { writeReport } from '../train/report.js';
+import { Trainer } from '../train/trainer.js';
+
+function loadConfig(args: string[]): TrainConfig {
+  let file: Record<string, unknown> = {};
+  const rest: string[] = [];
+  for (let i = 0; i < args.length; i++) {
+    if (args[i] === '--config') {
+      const path = args[++i];
+      if (!path) throw new InvalidArgumentError(`'--config' needs a file`, 'train');
+      try {
+        file = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
+      } catch (e) {
+        throw new InvalidArgumentError(`cannot read the config file ${path}: ${(e as Error).message}`, 'train');
+      }
+    } else rest.push(args[i] as string);
+  }
+  const overrides = overridesFromArgs(rest);
+  for (const [section, fields] of Object.entries(overrides)) {
+    const base = file[section];
+    file[section] = base !== null && typeof base === 'object' ? { ...(base as object), ...fields } : fields;
+  }
+  return resolveConfig(file);
+}
+
+const fmt = (v: number, digits = 4): string => (Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits));
+
+export async function runTrain(args: string[]): Promise<number> {
+  const config = loadConfig(args);
+  const world = await init();
+  const lead = world.rank === 0;
+  const out = resolve(config.train.out ?? join('runs', new Date().toISOString().replace(/[:.]/g, '-')));
+  const trainer = new Trainer(config, world.size > 1 ? { world } : {});
+  const log = lead ? new MetricsLog(join(out, 'metrics.jsonl')) : null;
+  const control = { stop: false };
+  const onSigint = (): void => {
+    if (control.stop) process.exit(130); // a second Ctrl-C: leave now
+    control.stop = true;
+    if (lead) process.stderr.write('\nmoe-ep: stopping after the current step (Ctrl-C again to quit at once)\n');
+  };
+  process.on('SIGINT', onSigint);
+
+  const m = config.model;
+  if (lead) {
+    console.log(
+      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (top-${m.topK}, ${m.scoreFunction}${m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
+        `hidden ${m.hidden}, ffn ${m.ffn}; ${world.size} rank(s) [${world.backend}] on ${trainer.device.toString()}; ${config.train.steps} steps of ${config.data.tokensPerStep} tokens`,
+    );
+  }
+  const bar =
+    lead && config.train.progress && process.stdout.isTTY
+      ? new cliProgress.SingleBar(
+          { format: 'step {value}/{total} |{bar}| loss {loss} | MaxVio {maxvio} | dropped {dropped} | {tps} tok/s', hideCursor: true },
+          cliProgress.Presets.shades_classic,
+        )
+      : null;
+  bar?.start(config.train.steps, trainer.step, { loss: '-', maxvio: '-', dropped: '-', tps: '-' });
+  const steps: StepMetrics[] = [];
+  const started = Date.now();
+  try {
+    trainer.run({
+      control,
+      onStep: (s) => {
+        if (!lead) return;
+        steps.push(s);
+        if (s.step % config.train.logEvery === 0) log?.append(s);
+        const maxVio = Math.max(...s.layers.map((l) => l.maxVio));
+        const dropped = s.layers.reduce((a, l) => a + l.dropped, 0) / s.layers.length;
+        if (bar) bar.update(s.step + 1, { loss: fmt(s.loss), maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: Math.round(s.tokensPerSecond) });
+        else if (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1) {
+          console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s`);
+        }
+      },
+    });
+  } finally {
+    bar?.stop();
+    process.off('SIGINT', onSigint);
+  }
+  if (lead) {
+    const last = steps[steps.length - 1];
+    const first = steps[0];
+    const report = join(out, 'report.html');
+    writeReport(report, {
+      title: `moe-ep training run (${new Date().toISOString().slice(0, 19)}Z)`,
+      config,
+      steps,
+      summary: {
+        steps: steps.length,
+        ranks: world.size,
+        device: trainer.device.toString(),
+        'first loss': first ? fmt(first.loss) : '-',
+        'final loss': last ? fmt(last.loss) : '-',
+        'final MaxVio': last ? fmt(Math.max(...last.layers.map((l) => l.maxVio)), 3) : '-',
+        'wall time (s)': ((Date.now() - started) / 1000).toFixed(1),
+        stopped: control.stop ? 'by Ctrl-C' : 'at the configured step count',
+      },
+    });
+    console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    console.log(`metrics: ${join(out, 'metrics.jsonl')}`);
+    console.log(`report:  ${report}`);
+  }
+  trainer.dispose();
+  world.dispose();
+  return 0;
+}

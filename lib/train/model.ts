@@ -1,0 +1,170 @@
+/**
+ * The model `moe-ep train` trains: blocks of x ← x + MoE(RMSNorm(x)), then a linear head and the
+ * loss (MSE against the task's targets). Forward and backward; the parameters, their gradients and
+ * which of them are replicated (gradients averaged over data-parallel ranks) or expert-sharded
+ * (each expert's gradient already holds every rank's tokens) are listed for the optimizer.
+ */
+import { type Device } from '../device.js';
+import { type DType } from '../dtype.js';
+import { type ExpertParallelGroup } from '../moe/dispatcher.js';
+import { groupedGemm } from '../moe/grouped-gemm.js';
+import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
+import { keep, Tensor, tidy } from '../tensor.js';
+import { mseLoss, rmsnorm, rmsnormBackward } from './ops.js';
+
+export interface ModelConfig extends Omit<MoELayerConfig, 'group' | 'device' | 'dtype' | 'seed'> {
+  layers: number;
+}
+
+/** One trainable tensor: fp32 master, its gradient after backward, and where it lives. */
+export interface Param {
+  name: string;
+  master: Tensor;
+  /** The compute copy refreshed after each step (bf16 training), or null when refreshed by copy. */
+  computeBf16: Tensor | null;
+  kind: 'replicated' | 'expert';
+}
+
+interface BlockSaved {
+  h: Tensor; // block input
+  rstd: Tensor;
+  normed: Tensor;
+  moe: MoEForward;
+}
+
+export interface ModelForward {
+  loss: Tensor; // f32 [1]
+  auxLoss: Tensor; // f32 [1], summed over layers
+  /** Per layer: tokens per global expert routed by this rank, and dropped assignments. */
+  routing: { tokensPerExpert: Tensor; dropped: Tensor }[];
+  saved: { blocks: BlockSaved[]; last: Tensor; dPred: Tensor };
+}
+
+export class MoEModel implements Disposable {
+  readonly layers: MoELayer[];
+  readonly norms: Tensor[]; // [H] f32
+  readonly head: Tensor; // [H, H] f32 master
+  private readonly headCompute: Tensor; // [1, H, H]
+  readonly dtype: DType;
+  private readonly offsets = new Map<number, Tensor>();
+
+  constructor(
+    readonly config: ModelConfig,
+    readonly device: Device,
+    dtype: DType,
+    group: ExpertParallelGroup,
+    seed: number,
+  ) {
+    this.dtype = dtype;
+    const { layers, ...layerConfig } = config;
+    this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
+    this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
+    this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });
+    this.headCompute = Tensor.empty([1, config.hidden, config.hidden], { dtype, device });
+    this.refreshComputeWeights();
+  }
+
+  refreshComputeWeights(): void {
+    for (const l of this.layers) l.refreshComputeWeights();
+    tidy(() => this.headCompute.copy_(this.head.view(1, this.config.hidden, this.config.hidden)));
+  }
+
+  params(): Param[] {
+    const bf16 = this.dtype === 'bf16';
+    const H = this.config.hidden;
+    const out: Param[] = [];
+    this.layers.forEach((l, i) => {
+      out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated' });
+      out.push({ name: `layers.${i}.router.weight`, master: l.master.router, computeBf16: bf16 ? l.compute.router.view(H, l.config.numExperts) : null, kind: 'replicated' });
+      out.push({ name: `layers.${i}.experts.w13`, master: l.master.w13, computeBf16: bf16 ? l.compute.w13 : null, kind: 'expert' });
+      out.push({ name: `layers.${i}.experts.w2`, master: l.master.w2, computeBf16: bf16 ? l.compute.w2 : null, kind: 'expert' });
+      if (l.master.sharedW13 && l.master.sharedW2) {
+        out.push({ name: `layers.${i}.shared.w13`, master: l.master.sharedW13, computeBf16: bf16 ? l.compute.sharedW13 : null, kind: 'replicated' });
+        out.push({ name: `layers.${i}.shared.w2`, master: l.master.sharedW2, computeBf16: bf16 ? l.compute.sharedW2 : null, kind: 'replicated' });
+      }
+    });
+    out.push({ name: 'head.weight', master: this.head, computeBf16: bf16 ? this.headCompute.view(H, H) : null, kind: 'replicated' });
+    return out;
+  }
+
+  private all(T: number): Tensor {
+    let t = this.offsets.get(T);
+    if (!t) {
+      t = keep(Tensor.fromArray([0, T], { dtype: 'i32', device: this.device }));
+      this.offsets.set(T, t);
+    }
+    return t;
+  }
+
+  /** x, target [T, H] in the compute dtype → loss and what backward needs. */
+  forward(x: Tensor, target: Tensor): ModelForward {
+    return tidy(() => {
+      const blocks: BlockSaved[] = [];
+      const routing: ModelForward['routing'] = [];
+      const auxLoss = Tensor.zeros([1], { device: this.device });
+      let h = x;
+      this.layers.forEach((layer, i) => {
+        const { y: normed, rstd } = rmsnorm(h, this.norms[i] as Tensor);
+        const moe = layer.forward(normed);
+        auxLoss.add_(moe.auxLoss);
+        blocks.push({ h, rstd, normed, moe });
+        routing.push({ tokensPerExpert: moe.tokensPerExpert, dropped: moe.dropped });
+        h = h.clone().add_(moe.y);
+      });
+      const pred = groupedGemm('NN', h, this.headCompute, this.all(x.shape[0] as number), { dtype: this.dtype });
+      const { loss, grad } = mseLoss(pred, target);
+      return { loss, auxLoss, routing, saved: { blocks, last: h, dPred: grad as Tensor } };
+    });
+  }
+
+  /** Gradients by parameter name (fp32). Releases the forward's saved tensors. */
+  backward(fwd: ModelForward): Map<string, Tensor> {
+    const grads = new Map<string, Tensor>();
+    const s = fwd.saved;
+    try {
+      tidy(() => {
+        const H = this.config.hidden;
+        const all = this.all(s.last.shape[0] as number);
+        grads.set('head.weight', keep(groupedGemm('TN', s.last, s.dPred, all, { dtype: 'f32' }).view(H, H)));
+        let dh = groupedGemm('NT', s.dPred, this.headCompute, all, { dtype: this.dtype });
+        for (let i = this.layers.length - 1; i >= 0; i--) {
+          const b = s.blocks[i] as BlockSaved;
+          const layer = this.layers[i] as MoELayer;
+          const g = layer.backward(b.moe, dh);
+          const n = rmsnormBackward(g.dx, b.h, this.norms[i] as Tensor, b.rstd);
+          dh = dh.clone().add_(n.dx);
+          grads.set(`layers.${i}.norm.weight`, keep(n.dWeight));
+          grads.set(`layers.${i}.router.weight`, keep(g.router));
+          grads.set(`layers.${i}.experts.w13`, keep(g.w13));
+          grads.set(`layers.${i}.experts.w2`, keep(g.w2));
+          if (g.sharedW13 && g.sharedW2) {
+            grads.set(`layers.${i}.shared.w13`, keep(g.sharedW13));
+            grads.set(`layers.${i}.shared.w2`, keep(g.sharedW2));
+          }
+        }
+      });
+    } finally {
+      releaseForward(fwd);
+    }
+    return grads;
+  }
+
+  dispose(): void {
+    for (const l of this.layers) l.dispose();
+    for (const t of [...this.norms, this.head, this.headCompute, ...this.offsets.values()]) t.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
+
+/** Frees what forward kept (backward does this itself; call it when a forward is not followed by backward). */
+export function releaseForward(fwd: ModelForward): void {
+  for (const b of fwd.saved.blocks) {
+    for (const t of [b.rstd, b.normed, b.moe.y, b.moe.auxLoss]) t.dispose();
+    disposeSaved(b.moe); // idempotent: backward already released it
+    if (b.h !== fwd.saved.blocks[0]?.h) b.h.dispose();
+  }
+  fwd.saved.last.dispose();
+  fwd.saved.dPred.dispose();
+}

@@ -1,0 +1,179 @@
+/**
+ * The training loop: data shard → model forward/backward → data-parallel gradient reduction →
+ * global-norm clipping → fused AdamW (fp32 masters, compute copies refreshed) → auxiliary-loss-free
+ * bias balancing from globally all-reduced expert loads → metrics.
+ *
+ * Expert parallelism spans the whole world (EP = world size): every rank holds E/P experts and takes
+ * its 1/P share of each step's global batch (data.tokensPerStep tokens), so the same configuration
+ * trains on the same data at any EP size. Replicated gradients (router, norms, shared experts, head)
+ * are averaged over ranks; an expert's gradient already holds every rank's tokens (through the
+ * dispatcher) and is divided by P, so both match the gradient of the global mean loss.
+ */
+import { type Communicator } from '../dist/communicator.js';
+import { Device, getDefaultDevice, cuda } from '../device.js';
+import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
+import { scale } from '../ops.js';
+import { keep, Tensor, tidy } from '../tensor.js';
+import { type TrainConfig } from './config.js';
+import { ClusterTask } from './data.js';
+import { layerMetrics, type StepMetrics } from './metrics.js';
+import { MoEModel, type Param } from './model.js';
+import { adamwStep, balanceBiasUpdate, sumOfSquares } from './ops.js';
+import { cosineSchedule } from './schedule.js';
+
+export interface TrainerOptions {
+  /** The world; omitted: this process alone. */
+  world?: Communicator;
+  /** Called after every step (on every rank) with the step's metrics. */
+  onStep?: (m: StepMetrics) => void;
+  /** Set `stop` to finish after the current step (Ctrl-C). */
+  control?: { stop: boolean };
+}
+
+interface OptimState {
+  param: Param;
+  expAvg: Tensor;
+  expAvgSq: Tensor;
+}
+
+export class Trainer implements Disposable {
+  readonly config: TrainConfig;
+  readonly device: Device;
+  readonly model: MoEModel;
+  readonly task: ClusterTask;
+  readonly rank: number;
+  readonly size: number;
+  private readonly world: Communicator | undefined;
+  private readonly group: ExpertParallelGroup;
+  private readonly state: OptimState[];
+  private readonly lr: (step: number) => number;
+  /** The next step to run (0-based); a resumed run starts later. */
+  step = 0;
+
+  constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
+    this.config = config;
+    this.world = options.world;
+    this.group = options.world ?? singleRankGroup;
+    this.rank = this.group.rank;
+    this.size = this.group.size;
+    const want = config.train.device;
+    this.device = want === 'cpu' ? Device.cpu : want === 'cuda' ? (getDefaultDevice().isCuda ? getDefaultDevice() : Device.cuda(0)) : cuda.isAvailable() ? getDefaultDevice() : Device.cpu;
+    const dtype = this.device.isCuda ? 'bf16' : 'f32';
+    const m = config.model;
+    this.model = new MoEModel(
+      {
+        layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, scoreFunction: m.scoreFunction,
+        groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn,
+        ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
+        auxLossCoef: config.balance.auxLossCoef, seqAuxLossCoef: config.balance.seqAuxLossCoef, zLossCoef: config.balance.zLossCoef,
+        ...(config.balance.seqLen === null ? {} : { seqLen: config.balance.seqLen }),
+      },
+      this.device,
+      dtype,
+      this.group,
+      config.data.seed,
+    );
+    this.task = new ClusterTask({ dim: m.hidden, clusters: config.data.clusters, zipf: config.data.zipf, noise: config.data.noise, seed: config.data.seed });
+    this.state = this.model.params().map((param) => ({
+      param,
+      expAvg: keep(Tensor.zeros(param.master.shape, { device: this.device })),
+      expAvgSq: keep(Tensor.zeros(param.master.shape, { device: this.device })),
+    }));
+    const o = config.optimizer;
+    // A run shorter than the warm-up warms up over the whole run.
+    this.lr = cosineSchedule({ warmupSteps: Math.min(o.warmupSteps, config.train.steps), totalSteps: config.train.steps, maxLr: o.lr, minLr: o.minLr });
+  }
+
+  /** The optimizer moments by parameter name (for checkpoints). */
+  optimizerState(): { name: string; param: Tensor; expAvg: Tensor; expAvgSq: Tensor; kind: Param['kind'] }[] {
+    return this.state.map((s) => ({ name: s.param.name, param: s.param.master, expAvg: s.expAvg, expAvgSq: s.expAvgSq, kind: s.param.kind }));
+  }
+
+  /** One optimizer step on this rank's shard of batch `this.step`. */
+  trainStep(): StepMetrics {
+    const c = this.config;
+    const t0 = performance.now();
+    const P = this.size;
+    const metrics = tidy(() => {
+      const batch = this.task.batch(this.step, c.data.tokensPerStep, this.rank, P);
+      const { x, y } = ClusterTask.to(batch, this.device, this.model.dtype === 'bf16' ? 'bf16' : 'f32');
+      batch.dispose();
+      const fwd = this.model.forward(x, y);
+      const loss = fwd.loss.clone();
+      const auxLoss = fwd.auxLoss.clone();
+      const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone() }));
+      const grads = this.model.backward(fwd);
+      try {
+        // Data-parallel reduction and global-norm clipping.
+        const sqReplicated = Tensor.zeros([1], { device: this.device });
+        const sqExpert = Tensor.zeros([1], { device: this.device });
+        for (const s of this.state) {
+          const g = grads.get(s.param.name) as Tensor;
+          if (P > 1) {
+            if (s.param.kind === 'replicated') this.world?.allReduce(g, 'avg');
+            else scale(g, 1 / P, { out: g });
+          }
+          sumOfSquares(g, { out: s.param.kind === 'replicated' ? sqReplicated : sqExpert, accumulate: true });
+        }
+        if (P > 1) this.world?.allReduce(sqExpert, 'sum'); // experts differ per rank; replicated ones agree
+        // Deliberate host sync: the norm decides the clipping scale, and the metrics need it.
+        const gradNorm = Math.sqrt(sqReplicated.item() + sqExpert.item());
+        const clip = c.optimizer.clipNorm;
+        const gradScale = clip > 0 && gradNorm > clip ? clip / (gradNorm + 1e-6) : 1;
+        const lr = this.lr(this.step);
+        for (const s of this.state) {
+          adamwStep(s.param.master, grads.get(s.param.name) as Tensor, s.expAvg, s.expAvgSq, {
+            lr, step: this.step + 1, beta1: c.optimizer.beta1, beta2: c.optimizer.beta2, eps: c.optimizer.eps,
+            weightDecay: s.param.name.endsWith('norm.weight') ? 0 : c.optimizer.weightDecay, gradScale,
+            ...(s.param.computeBf16 ? { paramBf16: s.param.computeBf16 } : {}),
+          });
+        }
+        if (this.model.dtype !== 'bf16') this.model.refreshComputeWeights();
+        // Balancing: the bias follows the global expert loads.
+        const layers = routing.map((r, i) => {
+          const load = r.tokensPerExpert.cast('f32');
+          const dropped = r.dropped.cast('f32');
+          if (P > 1) {
+            this.world?.allReduce(load, 'sum');
+            this.world?.allReduce(dropped, 'sum');
+          }
+          if (c.balance.gamma > 0) balanceBiasUpdate((this.model.layers[i] as { bias: Tensor }).bias, load, c.balance.gamma);
+          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK);
+        });
+        if (P > 1) {
+          this.world?.allReduce(loss, 'avg');
+          this.world?.allReduce(auxLoss, 'avg');
+        }
+        const seconds = (performance.now() - t0) / 1000;
+        return { step: this.step, loss: loss.item(), auxLoss: auxLoss.item(), lr, gradNorm, tokensPerSecond: c.data.tokensPerStep / seconds, layers };
+      } finally {
+        for (const g of grads.values()) g.dispose();
+      }
+    });
+    this.step++;
+    return metrics;
+  }
+
+  /** Runs until the configured number of steps or until control.stop. */
+  run(options: TrainerOptions = {}): StepMetrics[] {
+    const out: StepMetrics[] = [];
+    while (this.step < this.config.train.steps && !options.control?.stop) {
+      const m = this.trainStep();
+      out.push(m);
+      options.onStep?.(m);
+    }
+    return out;
+  }
+
+  dispose(): void {
+    for (const s of this.state) {
+      s.expAvg.dispose();
+      s.expAvgSq.dispose();
+    }
+    this.model.dispose();
+    this.task.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}
