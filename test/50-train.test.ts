@@ -79,6 +79,24 @@ describe('moe-ep train (CLI)', () => {
     }
   });
 
+  it('Ctrl-C stops after the current step and still writes the report', async () => {
+    const out = mkdtempSync(join(tmpdir(), 'moe-sigint-'));
+    try {
+      const { spawn } = await import('node:child_process');
+      const child = spawn(process.execPath, [cli, 'train', '--steps', '1000000', '--out', out, '--no-progress'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+      await new Promise((r) => setTimeout(r, 1500));
+      child.kill('SIGINT');
+      const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
+      expect(code, stdout).toBe(0);
+      expect(stdout).toMatch(/final loss [\d.]+ after \d+ steps/);
+      expect(readFileSync(join(out, 'report.html'), 'utf8')).toContain('by Ctrl-C');
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
+  });
+
   it('reads --config and points at the bad field', () => {
     const dir = mkdtempSync(join(tmpdir(), 'moe-cfg-'));
     try {

@@ -2,8 +2,8 @@
  * `moe-ep train [--config file.json] [--section.field value ...]`: the main job. With no arguments
  * it trains the embedded default on whatever is there (CPU without a GPU, the GPU when present,
  * under `mpirun -np N` with the experts spread over N ranks), shows a live progress bar, appends
- * metrics as JSON lines and writes an HTML report whose path it prints. Ctrl-C stops cleanly after
- * the current step.
+ * metrics as JSON lines and writes an HTML report whose path it prints. Ctrl-C (or SIGUSR1, which
+ * mpirun forwards) stops cleanly after the current step, every rank at the same step.
  */
 import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
@@ -54,7 +54,10 @@ export async function runTrain(args: string[]): Promise<number> {
     control.stop = true;
     if (lead) process.stderr.write('\nmoe-ep: stopping after the current step (Ctrl-C again to quit at once)\n');
   };
+  // Ctrl-C (SIGINT) alone; under mpirun, which aborts the whole job on SIGINT, send SIGUSR1 to mpirun
+  // instead: OpenMPI forwards it to every rank.
   process.on('SIGINT', onSigint);
+  process.on('SIGUSR1', onSigint);
 
   const m = config.model;
   if (lead) {
@@ -73,10 +76,7 @@ export async function runTrain(args: string[]): Promise<number> {
   bar?.start(config.train.steps, trainer.step, { loss: '-', maxvio: '-', dropped: '-', tps: '-' });
   const steps: StepMetrics[] = [];
   const started = Date.now();
-  try {
-    trainer.run({
-      control,
-      onStep: (s) => {
+  const onStep = (s: StepMetrics): void => {
         if (!lead) return;
         steps.push(s);
         if (s.step % config.train.logEvery === 0) log?.append(s);
@@ -86,11 +86,17 @@ export async function runTrain(args: string[]): Promise<number> {
         else if (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1) {
           console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s`);
         }
-      },
-    });
+  };
+  try {
+    while (trainer.step < config.train.steps && !trainer.agreeToStop(control.stop)) {
+      onStep(trainer.trainStep());
+      // Let the event loop run between steps, so a Ctrl-C (SIGINT) handler gets its turn.
+      await new Promise((r) => setImmediate(r));
+    }
   } finally {
     bar?.stop();
     process.off('SIGINT', onSigint);
+    process.off('SIGUSR1', onSigint);
   }
   if (lead) {
     const last = steps[steps.length - 1];

@@ -154,10 +154,21 @@ export class Trainer implements Disposable {
     return metrics;
   }
 
-  /** Runs until the configured number of steps or until control.stop. */
+  /**
+   * Whether every rank should stop now: true when any rank asks to (a Ctrl-C may reach the ranks at
+   * different moments; they must still leave at the same step, or the next collective would hang).
+   */
+  agreeToStop(localStop: boolean): boolean {
+    if (this.size === 1 || !this.world) return localStop;
+    using flag = Tensor.full([1], localStop ? 1 : 0, { device: 'cpu' });
+    this.world.allReduce(flag, 'max');
+    return flag.item() > 0;
+  }
+
+  /** Runs until the configured number of steps or until control.stop (synchronously). */
   run(options: TrainerOptions = {}): StepMetrics[] {
     const out: StepMetrics[] = [];
-    while (this.step < this.config.train.steps && !options.control?.stop) {
+    while (this.step < this.config.train.steps && !this.agreeToStop(options.control?.stop ?? false)) {
       const m = this.trainStep();
       out.push(m);
       options.onStep?.(m);
