@@ -79,3 +79,47 @@ export {
   type SumOfSquaresOptions,
 } from './train/ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
+export { CheckpointError } from './errors.js';
+export {
+  MAX_HEADER_BYTES,
+  readSafetensors,
+  SAFETENSORS_DTYPE,
+  type SafetensorsEntry,
+  SafetensorsFile,
+  type TensorInfo as SafetensorsTensorInfo,
+  toDType,
+  writeSafetensors,
+  type WrittenFile,
+} from './train/safetensors.js';
+export {
+  CHECKPOINT_FORMAT,
+  CHECKPOINT_FORMAT_VERSION,
+  type CheckpointManifest,
+  CheckpointReader,
+  type EpLayout,
+  type GetOptions,
+  latestCheckpoint,
+  listCheckpoints,
+  loadCheckpoint,
+  type LoadOptions,
+  type ManifestExtras,
+  pruneCheckpoints,
+  type RawTensor,
+  readManifest,
+  saveCheckpoint,
+  type SavedCheckpoint,
+  type SaveOptions,
+  stepDirName,
+} from './train/checkpoint.js';
+export {
+  ckptNames,
+  disposeState,
+  expertIndexOf,
+  type ExpertWeight,
+  joinExperts,
+  loadMoELayer,
+  type MoELayerMoments,
+  moeLayerState,
+  ownedExperts,
+  splitExperts,
+} from './train/moe-state.js';
