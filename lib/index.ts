@@ -110,6 +110,7 @@ export {
   type SavedCheckpoint,
   type SaveOptions,
   stepDirName,
+  writeCheckpoint,
 } from './train/checkpoint.js';
 export {
   ckptNames,

@@ -1,17 +1,24 @@
 #!/usr/bin/env node
 /** The `moe-ep` command: one file per subcommand in this folder. */
+import { runCkpt } from './ckpt.js';
 import { runInfo } from './info.js';
 
 const usage = `usage: moe-ep <command>
 
 commands:
-  info [--json]   package, addon backend, GPUs, CUDA, NCCL and MPI as this machine sees them`;
+  info [--json]   package, addon backend, GPUs, CUDA, NCCL and MPI as this machine sees them
+  ckpt inspect <dir> [--json] [--no-verify]
+                  a checkpoint's tensors, EP layout and per-file checksum status
+  ckpt reshard <dir> --ep N --out <root>
+                  rewrite a checkpoint's expert shards for expert-parallel size N (offline)`;
 
 function main(argv: string[]): number {
   const [command, ...rest] = argv;
   switch (command) {
     case 'info':
       return runInfo(rest);
+    case 'ckpt':
+      return runCkpt(rest);
     case undefined:
     case '-h':
     case '--help':

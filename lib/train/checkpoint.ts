@@ -266,6 +266,63 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   return { dir: finalDir, step, bytes: written, ms: Date.now() - t0 };
 }
 
+/**
+ * Writes a whole checkpoint from one process (offline tools such as `moe-ep ckpt reshard`): the
+ * files are produced one at a time (`tensors()` is called when that file is written, so only one
+ * file's tensors are in memory), then committed exactly as saveCheckpoint() does.
+ */
+export function writeCheckpoint(
+  root: string,
+  options: {
+    step: number;
+    worldSize: number;
+    files: { file: string; rank?: number; tensors: () => Record<string, Tensor | RawTensor> }[];
+    manifestExtras?: ManifestExtras;
+    keep?: number;
+  },
+): SavedCheckpoint {
+  const t0 = Date.now();
+  const { step } = options;
+  if (!Number.isSafeInteger(step) || step < 0) invalidArgument('writeCheckpoint', `'step' must be a non-negative integer; received ${String(step)}`);
+  const extras = options.manifestExtras ?? {};
+  for (const k of Object.keys(extras)) if (RESERVED.has(k)) invalidArgument('writeCheckpoint', `manifestExtras.${k} is reserved for the manifest itself`);
+  fs.mkdirSync(root, { recursive: true });
+  const name = stepDirName(step);
+  const tmp = join(root, `.tmp-${name}-${randomBytes(6).toString('hex')}`);
+  fs.mkdirSync(tmp);
+  let bytes = 0;
+  try {
+    const manifest: CheckpointManifest = {
+      ...(extras as ManifestExtras),
+      format: CHECKPOINT_FORMAT,
+      formatVersion: CHECKPOINT_FORMAT_VERSION,
+      step,
+      createdAt: new Date().toISOString(),
+      world: { size: options.worldSize },
+      files: {},
+      tensors: {},
+    };
+    for (const f of options.files) {
+      const entries = Object.entries(f.tensors()).map(([n, t]) => entryOf(n, t));
+      const w = writeSafetensors(join(tmp, f.file), entries, { format: CHECKPOINT_FORMAT, step: String(step), ...(f.rank === undefined ? {} : { rank: String(f.rank) }) });
+      bytes += w.bytes;
+      manifest.files[f.file] = { bytes: w.bytes, sha256: w.sha256, ...(f.rank === undefined ? {} : { rank: f.rank }) };
+      for (const [n, t] of Object.entries(w.tensors)) {
+        const prev = manifest.tensors[n];
+        if (prev) throw new CheckpointError(`checkpoint ${tmp}: tensor '${n}' is written by both ${prev.file} and ${f.file}`);
+        manifest.tensors[n] = { file: f.file, dtype: t.dtype, shape: t.shape, sha256: t.sha256 };
+      }
+    }
+    fsyncDir(tmp);
+    commitDir(root, tmp, join(root, name), manifest);
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
+  return { dir: join(root, name), step, bytes, ms: Date.now() - t0 };
+}
+
 /** Rank 0's commit: manifest last, fsync, rename into place, fsync root, then `latest`. */
 function commitDir(root: string, tmp: string, finalDir: string, manifest: CheckpointManifest): void {
   const mpath = join(tmp, MANIFEST_FILE);
