@@ -500,7 +500,8 @@ export class CheckpointReader implements Disposable {
     const t = this.manifest.tensors[name];
     if (!t || !Object.hasOwn(this.manifest.tensors, name)) {
       const names = this.names();
-      const near = names.filter((n) => n.split('.').slice(0, -1).join('.') === name.split('.').slice(0, -1).join('.')).slice(0, 4);
+      const shape = (n: string): string => n.replace(/\d+/g, '#'); // layers.#.experts.#.w1
+      const near = names.filter((n) => shape(n) === shape(name)).slice(0, 4);
       ckptError(this.dir, `no tensor '${name}' (it holds ${names.length} tensors${near.length ? `; similar: ${near.join(', ')}` : names.length ? `, e.g. ${names.slice(0, 3).join(', ')}` : ''})`);
     }
     return t;
