@@ -11,6 +11,7 @@ export type ErrorKind =
   | 'Nccl'
   | 'Unavailable'
   | 'Timeout'
+  | 'Checkpoint'
   | 'Internal';
 
 export class MoeError extends Error {
@@ -54,6 +55,13 @@ export class UnavailableError extends MoeError {
 export class TimeoutError extends MoeError {
   override kind: ErrorKind = 'Timeout';
 }
+/**
+ * A checkpoint or safetensors file is missing, damaged or of another format: the message names the
+ * directory, the file and (where known) the tensor.
+ */
+export class CheckpointError extends MoeError {
+  override kind: ErrorKind = 'Checkpoint';
+}
 /** A broken invariant inside moe-ep: please report it. */
 export class InternalError extends MoeError {
   override kind: ErrorKind = 'Internal';
@@ -68,6 +76,7 @@ export const errorClasses: Record<ErrorKind, new (message: string) => MoeError> 
   Nccl: NcclError,
   Unavailable: UnavailableError,
   Timeout: TimeoutError,
+  Checkpoint: CheckpointError,
   Internal: InternalError,
 };
 

@@ -83,3 +83,48 @@ export { type Dispatched, type DispatchHandle, Dispatcher, type DispatcherConfig
 export { expertsBackward, expertsForward, interleaveW13 } from './moe/experts.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export { disposeSaved, type MoEForward, type MoEGrads, MoELayer, type MoELayerConfig } from './moe/layer.js';
+export { CheckpointError } from './errors.js';
+export {
+  MAX_HEADER_BYTES,
+  readSafetensors,
+  SAFETENSORS_DTYPE,
+  type SafetensorsEntry,
+  SafetensorsFile,
+  type TensorInfo as SafetensorsTensorInfo,
+  toDType,
+  writeSafetensors,
+  type WrittenFile,
+} from './train/safetensors.js';
+export {
+  CHECKPOINT_FORMAT,
+  CHECKPOINT_FORMAT_VERSION,
+  type CheckpointManifest,
+  CheckpointReader,
+  type EpLayout,
+  type GetOptions,
+  latestCheckpoint,
+  listCheckpoints,
+  loadCheckpoint,
+  type LoadOptions,
+  type ManifestExtras,
+  pruneCheckpoints,
+  type RawTensor,
+  readManifest,
+  saveCheckpoint,
+  type SavedCheckpoint,
+  type SaveOptions,
+  stepDirName,
+  writeCheckpoint,
+} from './train/checkpoint.js';
+export {
+  ckptNames,
+  disposeState,
+  expertIndexOf,
+  type ExpertWeight,
+  joinExperts,
+  loadMoELayer,
+  type MoELayerMoments,
+  moeLayerState,
+  ownedExperts,
+  splitExperts,
+} from './train/moe-state.js';

@@ -1,6 +1,8 @@
 // Several ranks under a real mpirun on the CPU (OpenMPI; .ci/run installs it). Each script checks
 // its results on every rank and exits non-zero with a message on failure. Skipped without mpirun.
 import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
@@ -10,11 +12,11 @@ import { native, packageRoot } from '../../lib/native.js';
 const root = packageRoot();
 const hasMpirun = spawnSync('mpirun', ['--version'], { encoding: 'utf8' }).status === 0;
 
-function mpirun(np: number, script: string, timeoutMs = 60_000): { status: number | null; out: string; ms: number } {
+function mpirun(np: number, script: string, timeoutMs = 60_000, args: string[] = []): { status: number | null; out: string; ms: number } {
   const t0 = Date.now();
   const r = spawnSync(
     'mpirun',
-    ['--allow-run-as-root', '--oversubscribe', '-np', String(np), process.execPath, join(root, 'test', 'mpi', script)],
+    ['--allow-run-as-root', '--oversubscribe', '-np', String(np), process.execPath, join(root, 'test', 'mpi', script), ...args],
     { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, OMPI_MCA_rmaps_base_oversubscribe: '1' } },
   );
   return { status: r.status, out: `${r.stdout}\n${r.stderr}`, ms: Date.now() - t0 };
@@ -57,5 +59,39 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(r.status, r.out).not.toBe(0);
     expect(r.status, 'mpirun itself was not killed by the test timeout').not.toBeNull();
     expect(r.ms).toBeLessThan(15_000);
+  });
+
+  it('checkpoints: 2 ranks save; reload at EP=2 (own experts) and EP=1 (rank 0 reads all), tensors and outputs identical', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-ckpt-'));
+    try {
+      const r = mpirun(2, 'checkpoint.mjs', 60_000, ['save', dir]);
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < 2; k++) expect(r.out).toContain(`ok rank ${k} of 2`);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('checkpoints: saved at EP=4, resharded 4 → 2 → 1 offline (moe-ep ckpt reshard): the same model outputs as never resharding', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-ckpt-'));
+    const cli = (args: string[]) => spawnSync(process.execPath, [join(root, 'dist', 'lib', 'cli', 'main.js'), 'ckpt', ...args], { encoding: 'utf8' });
+    try {
+      let r = mpirun(4, 'checkpoint.mjs', 90_000, ['save', dir]);
+      expect(r.status, r.out).toBe(0);
+      const y = join(dir, 'y.bin');
+      const c2 = cli(['reshard', dir, '--ep', '2', '--out', join(dir, 'ep2')]);
+      expect(c2.status, c2.stderr).toBe(0);
+      const c1 = cli(['reshard', join(dir, 'ep2'), '--ep', '1', '--out', join(dir, 'ep1')]);
+      expect(c1.status, c1.stderr).toBe(0);
+      r = mpirun(2, 'checkpoint.mjs', 60_000, ['load', join(dir, 'ep2'), y]);
+      expect(r.status, r.out).toBe(0);
+      r = mpirun(2, 'checkpoint.mjs', 60_000, ['load', dir, y]); // EP=4 files read directly at EP=2
+      expect(r.status, r.out).toBe(0);
+      const one = spawnSync(process.execPath, [join(root, 'test', 'mpi', 'checkpoint.mjs'), 'load', join(dir, 'ep1'), y], { encoding: 'utf8' });
+      expect(one.status, `${one.stdout}${one.stderr}`).toBe(0);
+      expect(one.stdout).toContain('ok rank 0 of 1');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

@@ -1,0 +1,174 @@
+/**
+ * `moe-ep ckpt inspect <dir> [--json] [--no-verify]`: the tensors (name, file, dtype, shape, bytes),
+ * the EP layout and each file's checksum status (OK, BAD, MISSING, SIZE). Exit 1 when a file is not OK.
+ * `moe-ep ckpt reshard <dir> --ep N --out <root> [--step S]`: rewrites the expert shards for EP size
+ * N (experts by global index, optimizer moments with them), copies the replicated state, and commits
+ * a checkpoint under <root> (step kept unless --step). Works on raw bytes: no addon, no GPU.
+ */
+import { CheckpointError } from '../errors.js';
+import { type CheckpointManifest, CheckpointReader, loadCheckpoint, type RawTensor, REPLICATED_FILE, resolveCheckpointDir, readManifest, writeCheckpoint } from '../train/checkpoint.js';
+import { expertIndexOf } from '../train/moe-state.js';
+
+const usage = `usage:
+  moe-ep ckpt inspect <dir> [--json] [--no-verify]
+  moe-ep ckpt reshard <dir> --ep N --out <root> [--step S] [--keep K]
+
+<dir> is a step folder or a checkpoint root (its 'latest' is used).`;
+
+function flag(args: string[], name: string): string | undefined {
+  const i = args.indexOf(name);
+  if (i < 0) return undefined;
+  const v = args[i + 1];
+  if (v === undefined || v.startsWith('--')) throw new Error(`${name} needs a value\n\n${usage}`);
+  args.splice(i, 2);
+  return v;
+}
+
+function positiveInt(v: string | undefined, name: string): number | undefined {
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`${name} must be a positive integer; received ${v}`);
+  return n;
+}
+
+function fmtBytes(n: number): string {
+  if (n < 1024) return `${n} B`;
+  const u = ['KiB', 'MiB', 'GiB', 'TiB'];
+  let v = n / 1024;
+  let i = 0;
+  while (v >= 1024 && i < u.length - 1) {
+    v /= 1024;
+    i++;
+  }
+  return `${v.toFixed(v < 10 ? 2 : 1)} ${u[i]}`;
+}
+
+function table(rows: string[][]): string {
+  const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!))).join('  ').trimEnd()).join('\n');
+}
+
+/** The number of experts per MoE layer: from the manifest's EP layout, else from the tensor names. */
+function numExpertsOf(m: CheckpointManifest): number {
+  if (m.ep?.numExperts) return m.ep.numExperts;
+  if (m.ep?.size && m.ep.expertsPerRank) return m.ep.size * m.ep.expertsPerRank;
+  let max = -1;
+  for (const n of Object.keys(m.tensors)) max = Math.max(max, expertIndexOf(n) ?? -1);
+  if (max < 0) throw new CheckpointError('the checkpoint has no expert tensors (layers.*.experts.<e>.*) and no EP layout to reshard');
+  return max + 1;
+}
+
+function inspect(args: string[]): number {
+  const json = args.includes('--json');
+  const verify = !args.includes('--no-verify');
+  const [path] = args.filter((a) => !a.startsWith('--'));
+  if (!path) throw new Error(`inspect needs a directory\n\n${usage}`);
+  const dir = resolveCheckpointDir(path);
+  const m = readManifest(dir);
+  // Not loadCheckpoint(): it stops at the first missing or resized file; inspect reports each file.
+  const reader = new CheckpointReader(dir, m, { verify: true });
+  const status: Record<string, string> = {};
+  for (const file of Object.keys(m.files)) {
+    if (!verify) {
+      status[file] = 'unchecked';
+      continue;
+    }
+    try {
+      reader.verifyFile(file);
+      status[file] = 'OK';
+    } catch (e) {
+      const msg = (e as Error).message;
+      status[file] = /is missing/.test(msg) ? `MISSING` : /bytes but/.test(msg) ? `SIZE: ${msg.replace(/^checkpoint [^:]+: /, '')}` : `BAD: ${msg.replace(/^checkpoint [^:]+: /, '')}`;
+    }
+  }
+  const ok = Object.values(status).every((s) => s === 'OK' || s === 'unchecked');
+  if (json) {
+    console.log(JSON.stringify({ dir, step: m.step, formatVersion: m.formatVersion, ep: m.ep ?? null, world: m.world, files: Object.fromEntries(Object.entries(m.files).map(([f, r]) => [f, { ...r, status: status[f] }])), tensors: m.tensors }, null, 2));
+    return ok ? 0 : 1;
+  }
+  const lines: string[] = [];
+  lines.push(`checkpoint ${dir}`);
+  lines.push(`step ${m.step}, format ${m.format} v${m.formatVersion}, written ${m.createdAt} by ${m.world?.size ?? '?'} rank(s)`);
+  if (m.ep) lines.push(`EP layout: size ${m.ep.size}, ${m.ep.expertsPerRank} experts per rank${m.ep.numExperts ? `, ${m.ep.numExperts} experts per layer` : ''}`);
+  else lines.push('EP layout: not recorded');
+  for (const k of ['optimizer', 'data', 'rng'] as const) if (m[k] !== undefined) lines.push(`${k}: ${JSON.stringify(m[k])}`);
+  lines.push('');
+  const rows = [['file', 'rank', 'bytes', 'sha256', 'status']];
+  for (const [f, r] of Object.entries(m.files)) rows.push([f, r.rank === undefined ? '-' : String(r.rank), fmtBytes(r.bytes), `${r.sha256.slice(0, 16)}…`, status[f] ?? '?']);
+  lines.push(table(rows));
+  lines.push('');
+  const trows = [['tensor', 'file', 'dtype', 'shape', 'bytes']];
+  const bytesOf: Record<string, number> = { f32: 4, bf16: 2, f16: 2, i32: 4, i64: 8, u8: 1, fp8e4m3: 1 };
+  let total = 0;
+  for (const [n, t] of Object.entries(m.tensors)) {
+    const b = t.shape.reduce((a, x) => a * x, 1) * (bytesOf[t.dtype] ?? 0);
+    total += b;
+    trows.push([n, t.file, t.dtype, `[${t.shape.join(', ')}]`, fmtBytes(b)]);
+  }
+  lines.push(table(trows));
+  lines.push(`${Object.keys(m.tensors).length} tensors, ${fmtBytes(total)}; files ${ok ? 'all OK' : 'NOT all OK'}`);
+  console.log(lines.join('\n'));
+  return ok ? 0 : 1;
+}
+
+function reshard(args: string[]): number {
+  const ep = positiveInt(flag(args, '--ep'), '--ep');
+  const out = flag(args, '--out');
+  const stepArg = flag(args, '--step');
+  const keep = positiveInt(flag(args, '--keep'), '--keep');
+  const [path] = args.filter((a) => !a.startsWith('--'));
+  if (!path || ep === undefined || out === undefined) throw new Error(`reshard needs <dir>, --ep N and --out <root>\n\n${usage}`);
+  const reader = loadCheckpoint(path, { verify: true });
+  try {
+    reader.verifyAll();
+    const m = reader.manifest;
+    const E = numExpertsOf(m);
+    if (E % ep !== 0) throw new Error(`--ep ${ep} does not divide the ${E} experts per layer`);
+    const per = E / ep;
+    const replicatedNames: string[] = [];
+    const byRank: string[][] = Array.from({ length: ep }, () => []);
+    for (const [n, t] of Object.entries(m.tensors)) {
+      const sharded = m.files[t.file]?.rank !== undefined;
+      if (!sharded) {
+        replicatedNames.push(n);
+        continue;
+      }
+      const e = expertIndexOf(n);
+      if (e === undefined) throw new CheckpointError(`cannot reshard: sharded tensor '${n}' (in ${t.file}) has no global expert index in its name (layers.<i>.experts.<e>.…)`);
+      if (e >= E) throw new CheckpointError(`cannot reshard: tensor '${n}' has expert index ${e} but the layout has ${E} experts`);
+      byRank[Math.floor(e / per)]!.push(n);
+    }
+    const raw = (names: string[]) => (): Record<string, RawTensor> => Object.fromEntries(names.map((n) => [n, reader.getRaw(n)]));
+    const step = stepArg === undefined ? m.step : Number(stepArg);
+    const { format: _f, formatVersion: _v, step: _s, createdAt: _c, world: _w, files: _fi, tensors: _t, ...extras } = m;
+    const saved = writeCheckpoint(out, {
+      step,
+      worldSize: ep,
+      files: [...byRank.map((names, r) => ({ file: `rank-${r}.safetensors`, rank: r, tensors: raw(names) })), { file: REPLICATED_FILE, tensors: raw(replicatedNames) }],
+      manifestExtras: { ...extras, ep: { size: ep, expertsPerRank: per, numExperts: E }, reshardedFrom: { dir: reader.dir, ep: m.ep ?? null } },
+      ...(keep === undefined ? {} : { keep }),
+    });
+    console.log(`resharded ${reader.dir} (EP ${m.ep?.size ?? m.world.size}) → ${saved.dir} (EP ${ep}, ${per} experts per rank, ${Object.keys(m.tensors).length} tensors, ${fmtBytes(saved.bytes)})`);
+    return 0;
+  } finally {
+    reader.close();
+  }
+}
+
+export function runCkpt(args: string[]): number {
+  const [sub, ...rest] = args;
+  switch (sub) {
+    case 'inspect':
+      return inspect(rest);
+    case 'reshard':
+      return reshard(rest);
+    case undefined:
+    case '-h':
+    case '--help':
+      console.log(usage);
+      return sub === undefined ? 2 : 0;
+    default:
+      console.error(`moe-ep ckpt: unknown subcommand '${sub}'\n\n${usage}`);
+      return 2;
+  }
+}

@@ -1,0 +1,187 @@
+/**
+ * Checkpoint names for the MoE model, and the MoE layer's state in and out of a checkpoint.
+ *
+ *   layers.{i}.router.weight          [H, E]  f32      replicated
+ *   layers.{i}.bias                   [E]     f32      replicated (selection-only balancing bias)
+ *   layers.{i}.experts.{e}.w1|w3      [H, F]           sharded, e = GLOBAL expert index
+ *   layers.{i}.experts.{e}.w2         [F, H]           sharded
+ *   layers.{i}.shared.w1|w3|w2        as above         replicated (shared expert)
+ *   layers.{i}.norm.weight, head.weight                replicated
+ *   optim.{param name}.exp_avg|exp_avg_sq              next to their parameter (sharded with experts)
+ *
+ * W1 and W3 are stored de-interleaved (the layer keeps them interleaved by column in w13), so other
+ * tools read them as ordinary [H, F] matrices. Rank r of an EP group of P owns global experts
+ * r·E/P … (r+1)·E/P − 1, so any EP size reads exactly the experts it owns by name.
+ */
+import type { DeviceLike } from '../device.js';
+import { invalidArgument } from '../errors.js';
+import { interleaveW13 } from '../moe/experts.js';
+import type { MoELayer } from '../moe/layer.js';
+import { Tensor, tidy } from '../tensor.js';
+import type { CheckpointReader } from './checkpoint.js';
+
+export type ExpertWeight = 'w1' | 'w3' | 'w2';
+export type MomentName = 'exp_avg' | 'exp_avg_sq';
+
+export const ckptNames = {
+  router: (layer: number): string => `layers.${layer}.router.weight`,
+  bias: (layer: number): string => `layers.${layer}.bias`,
+  expert: (layer: number, e: number, w: ExpertWeight): string => `layers.${layer}.experts.${e}.${w}`,
+  shared: (layer: number, w: ExpertWeight): string => `layers.${layer}.shared.${w}`,
+  norm: (layer: number): string => `layers.${layer}.norm.weight`,
+  head: 'head.weight',
+  optim: (param: string, moment: MomentName): string => `optim.${param}.${moment}`,
+};
+
+/** The global expert index in a checkpoint tensor name (layers.3.experts.17.w1 → 17), or undefined. */
+export function expertIndexOf(name: string): number | undefined {
+  const m = /(?:^|\.)experts\.(\d+)\./.exec(name);
+  return m ? Number(m[1]) : undefined;
+}
+
+/** The experts rank `rank` of an EP group of `epSize` owns: [first, first + count). */
+export function ownedExperts(numExperts: number, epSize: number, rank: number): { first: number; count: number } {
+  if (!Number.isSafeInteger(epSize) || epSize < 1 || numExperts % epSize !== 0) invalidArgument('ownedExperts', `'numExperts' ${numExperts} must be a multiple of the EP size ${epSize}`);
+  if (!Number.isSafeInteger(rank) || rank < 0 || rank >= epSize) invalidArgument('ownedExperts', `'rank' ${rank} is not in [0, ${epSize})`);
+  const count = numExperts / epSize;
+  return { first: rank * count, count };
+}
+
+/**
+ * Local experts w13 [El, H, 2F] (interleaved) and w2 [El, F, H] → contiguous per-expert tensors
+ * named by GLOBAL index: name(e, 'w1') [H, F], name(e, 'w3') [H, F], name(e, 'w2') [F, H] for
+ * e = firstExpert … firstExpert + El − 1. New tensors (dispose them after saving).
+ */
+export function splitExperts(w13: Tensor, w2: Tensor, firstExpert: number, name: (e: number, w: ExpertWeight) => string): Record<string, Tensor> {
+  if (w13.ndim !== 3 || w2.ndim !== 3 || w13.shape[0] !== w2.shape[0] || (w13.shape[2] as number) !== 2 * (w2.shape[1] as number) || w13.shape[1] !== w2.shape[2]) {
+    invalidArgument('splitExperts', `'w13' must be [El, H, 2F] and 'w2' [El, F, H]; got [${w13.shape}] and [${w2.shape}]`);
+  }
+  const [El, H, F2] = w13.shape as [number, number, number];
+  const F = F2 / 2;
+  // tidy() keeps the tensors of the returned object and disposes the views made on the way.
+  return tidy(() => {
+    const out: Record<string, Tensor> = {};
+    const pairs = (w13.isContiguous ? w13 : w13.contiguous()).view(El, H, F, 2);
+    for (let i = 0; i < El; i++) {
+      const e = firstExpert + i;
+      const p = pairs.narrow(0, i, 1);
+      out[name(e, 'w1')] = p.narrow(3, 0, 1).contiguous().view(H, F);
+      out[name(e, 'w3')] = p.narrow(3, 1, 1).contiguous().view(H, F);
+      out[name(e, 'w2')] = w2.narrow(0, i, 1).contiguous().view(F, H);
+    }
+    return out;
+  });
+}
+
+/**
+ * Reads experts firstExpert … firstExpert + count − 1 (w1, w3 [H, F]; w2 [F, H]) and builds the
+ * layer's layout: w13 [count, H, 2F] (interleaved) and w2 [count, F, H], on `device`, fp32 unless
+ * `dtype` says otherwise.
+ */
+export function joinExperts(
+  reader: CheckpointReader,
+  firstExpert: number,
+  count: number,
+  name: (e: number, w: ExpertWeight) => string,
+  options: { device?: DeviceLike; dtype?: 'f32' | 'bf16' } = {},
+): { w13: Tensor; w2: Tensor } {
+  const dtype = options.dtype ?? 'f32';
+  const get = (n: string): Tensor => reader.get(n, { device: 'cpu', dtype });
+  return tidy(() => {
+    const w1s: Tensor[] = [];
+    const w3s: Tensor[] = [];
+    const w2s: Tensor[] = [];
+    for (let i = 0; i < count; i++) {
+      w1s.push(get(name(firstExpert + i, 'w1')));
+      w3s.push(get(name(firstExpert + i, 'w3')));
+      w2s.push(get(name(firstExpert + i, 'w2')));
+    }
+    const [H, F] = w1s[0]!.shape as [number, number];
+    const w1 = Tensor.empty([count, H, F], { dtype, device: 'cpu' });
+    const w3 = Tensor.empty([count, H, F], { dtype, device: 'cpu' });
+    const w2 = Tensor.empty([count, F, H], { dtype, device: 'cpu' });
+    for (let i = 0; i < count; i++) {
+      w1.narrow(0, i, 1).copy_(w1s[i]!.view(1, H, F));
+      w3.narrow(0, i, 1).copy_(w3s[i]!.view(1, H, F));
+      w2.narrow(0, i, 1).copy_(w2s[i]!.view(1, F, H));
+    }
+    const w13 = interleaveW13(w1, w3);
+    const device = options.device ?? 'cpu';
+    return { w13: w13.to(device), w2: w2.to(device) };
+  });
+}
+
+/** Adam moments with the shapes of the layer's master weights (null where the layer has none). */
+export interface MoELayerMoments {
+  router?: { expAvg: Tensor; expAvgSq: Tensor };
+  w13?: { expAvg: Tensor; expAvgSq: Tensor };
+  w2?: { expAvg: Tensor; expAvgSq: Tensor };
+  sharedW13?: { expAvg: Tensor; expAvgSq: Tensor };
+  sharedW2?: { expAvg: Tensor; expAvgSq: Tensor };
+}
+
+/**
+ * A MoE layer's tensors for saveCheckpoint: replicated (router, bias, shared expert and their moments)
+ * and sharded (this rank's experts by global index, and their moments). The expert and shared tensors
+ * are new de-interleaved copies; dispose them with disposeState() after saving.
+ */
+export function moeLayerState(layer: MoELayer, index: number, moments: MoELayerMoments = {}): { replicated: Record<string, Tensor>; sharded: Record<string, Tensor>; owned: Tensor[] } {
+  const first = layer.group.rank * layer.localExperts;
+  const replicated: Record<string, Tensor> = {};
+  const sharded: Record<string, Tensor> = {};
+  const owned: Tensor[] = [];
+  const add = (into: Record<string, Tensor>, rec: Record<string, Tensor>): void => {
+    for (const [n, t] of Object.entries(rec)) {
+      into[n] = t;
+      owned.push(t);
+    }
+  };
+  replicated[ckptNames.router(index)] = layer.master.router;
+  replicated[ckptNames.bias(index)] = layer.bias;
+  const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);
+  add(sharded, splitExperts(layer.master.w13, layer.master.w2, first, expertName));
+  for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
+    const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
+    if (moments.router) replicated[ckptNames.optim(ckptNames.router(index), m)] = moments.router[key];
+    if (moments.w13 && moments.w2) add(sharded, splitExperts(moments.w13[key], moments.w2[key], first, (e, w) => ckptNames.optim(expertName(e, w), m)));
+    if (moments.sharedW13 && moments.sharedW2) add(replicated, splitExperts(moments.sharedW13[key], moments.sharedW2[key], 0, (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m)));
+  }
+  if (layer.master.sharedW13 && layer.master.sharedW2) add(replicated, splitExperts(layer.master.sharedW13, layer.master.sharedW2, 0, (_e, w) => ckptNames.shared(index, w)));
+  return { replicated, sharded, owned };
+}
+
+/** Disposes the copies moeLayerState() made. */
+export function disposeState(state: { owned: Tensor[] }): void {
+  for (const t of state.owned) t.dispose();
+}
+
+/**
+ * Loads layer `index` into a MoE layer built with the same sizes (any EP size: it reads the experts
+ * it owns by global index), moments too when given, then refreshes the compute copies.
+ */
+export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
+  const El = layer.localExperts;
+  const first = layer.group.rank * El;
+  const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);
+  const intoExperts = (w13: Tensor, w2: Tensor, name: (e: number, w: ExpertWeight) => string, count: number, from: number): void => {
+    const j = joinExperts(reader, from, count, name);
+    try {
+      w13.copy_(j.w13);
+      w2.copy_(j.w2);
+    } finally {
+      j.w13.dispose();
+      j.w2.dispose();
+    }
+  };
+  reader.into(ckptNames.router(index), layer.master.router);
+  reader.into(ckptNames.bias(index), layer.bias);
+  intoExperts(layer.master.w13, layer.master.w2, expertName, El, first);
+  if (layer.master.sharedW13 && layer.master.sharedW2) intoExperts(layer.master.sharedW13, layer.master.sharedW2, (_e, w) => ckptNames.shared(index, w), 1, 0);
+  for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
+    const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
+    if (moments.router) reader.into(ckptNames.optim(ckptNames.router(index), m), moments.router[key]);
+    if (moments.w13 && moments.w2) intoExperts(moments.w13[key], moments.w2[key], (e, w) => ckptNames.optim(expertName(e, w), m), El, first);
+    if (moments.sharedW13 && moments.sharedW2) intoExperts(moments.sharedW13[key], moments.sharedW2[key], (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m), 1, 0);
+  }
+  layer.refreshComputeWeights();
+}

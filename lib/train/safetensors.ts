@@ -1,0 +1,322 @@
+/**
+ * safetensors, exactly as the format defines it (https://github.com/huggingface/safetensors):
+ *
+ *   [8 bytes]  N, the header length, unsigned 64-bit little-endian
+ *   [N bytes]  JSON: { "<name>": { "dtype": "F32", "shape": [..], "data_offsets": [begin, end] }, ...,
+ *                      "__metadata__": { "<key>": "<string>" } }   (optional metadata, strings only)
+ *              padded with spaces so that 8 + N is a multiple of 8
+ *   [rest]     raw little-endian tensor data; offsets are relative to the start of this part,
+ *              tensors lie back to back with no gaps, the last one ends at the end of the file
+ *
+ * bf16/f16 are stored as their 16-bit patterns, fp8 e4m3 as bytes: exactly what Tensor.toArray()
+ * gives. The host is little-endian (x64), so TypedArray bytes are the file's bytes.
+ *
+ * The writer hashes what it writes (SHA-256 of the whole file and of each tensor's bytes) and can
+ * fsync the file. The reader parses and validates the header, then reads single tensors by name
+ * with positioned reads, never loading the whole file.
+ */
+import { createHash, type Hash } from 'node:crypto';
+import * as fs from 'node:fs';
+import { basename } from 'node:path';
+
+import { type DType, DTYPES, dtypeSize } from '../dtype.js';
+import { CheckpointError } from '../errors.js';
+
+/** moe-ep dtype → safetensors dtype string. */
+export const SAFETENSORS_DTYPE: Record<DType, string> = {
+  f32: 'F32',
+  bf16: 'BF16',
+  f16: 'F16',
+  i32: 'I32',
+  i64: 'I64',
+  u8: 'U8',
+  fp8e4m3: 'F8_E4M3',
+};
+const FROM_SAFETENSORS: Record<string, DType> = Object.fromEntries(Object.entries(SAFETENSORS_DTYPE).map(([k, v]) => [v, k as DType]));
+
+/** Largest header accepted (the reference implementation's limit is 100 MB). */
+export const MAX_HEADER_BYTES = 100_000_000;
+
+export interface SafetensorsEntry {
+  name: string;
+  /** A moe-ep dtype ('f32', 'bf16', ...) or the safetensors name ('F32', 'BF16', ...). */
+  dtype: DType | string;
+  shape: readonly number[];
+  /** The raw little-endian values (numel · itemsize bytes). */
+  data: ArrayBufferView;
+}
+
+export interface WrittenFile {
+  path: string;
+  /** Bytes in the file. */
+  bytes: number;
+  /** SHA-256 of the whole file, hex. */
+  sha256: string;
+  /** Per tensor: SHA-256 of its data bytes, hex, and its byte range in the data part. */
+  tensors: Record<string, { dtype: DType; shape: number[]; dataOffsets: [number, number]; sha256: string }>;
+}
+
+export interface TensorInfo {
+  name: string;
+  dtype: DType;
+  shape: number[];
+  /** [begin, end) relative to the data part (which starts at dataStart in the file). */
+  dataOffsets: [number, number];
+  byteLength: number;
+}
+
+function fail(path: string, message: string, tensor?: string): never {
+  throw new CheckpointError(`safetensors ${basename(path)}${tensor === undefined ? '' : ` tensor '${tensor}'`}: ${message} (${path})`);
+}
+
+/** The moe-ep dtype for a moe-ep or safetensors dtype name, or undefined. */
+export function toDType(dtype: string): DType | undefined {
+  if ((DTYPES as readonly string[]).includes(dtype)) return dtype as DType;
+  return FROM_SAFETENSORS[dtype];
+}
+
+function numel(shape: readonly number[]): number {
+  return shape.reduce((a, b) => a * b, 1);
+}
+
+function bytesOf(view: ArrayBufferView): Uint8Array {
+  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+}
+
+/** The header bytes (length prefix included) for tensors laid out back to back in the given order. */
+function encodeHeader(path: string, entries: readonly SafetensorsEntry[], metadata?: Record<string, string>): { header: Buffer; infos: TensorInfo[] } {
+  const json: Record<string, unknown> = {};
+  if (metadata !== undefined) {
+    for (const [k, v] of Object.entries(metadata)) if (typeof v !== 'string') fail(path, `metadata '${k}' must be a string; safetensors metadata holds strings only`);
+    json['__metadata__'] = metadata;
+  }
+  const infos: TensorInfo[] = [];
+  let offset = 0;
+  for (const e of entries) {
+    const name = e.name;
+    if (typeof name !== 'string' || name === '' || name === '__metadata__') fail(path, `bad tensor name ${JSON.stringify(name)}`);
+    if (name in json) fail(path, 'the name appears twice', name);
+    const dtype = toDType(String(e.dtype));
+    if (!dtype) fail(path, `unknown dtype ${JSON.stringify(e.dtype)}`, name);
+    if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) fail(path, `bad shape ${JSON.stringify(e.shape)}`, name);
+    const byteLength = numel(e.shape) * dtypeSize[dtype];
+    if (!ArrayBuffer.isView(e.data)) fail(path, 'data must be a TypedArray or DataView', name);
+    if (e.data.byteLength !== byteLength) fail(path, `data has ${e.data.byteLength} bytes but ${dtype}[${e.shape.join(',')}] needs ${byteLength}`, name);
+    const info: TensorInfo = { name, dtype, shape: [...e.shape], dataOffsets: [offset, offset + byteLength], byteLength };
+    json[name] = { dtype: SAFETENSORS_DTYPE[dtype], shape: info.shape, data_offsets: info.dataOffsets };
+    infos.push(info);
+    offset += byteLength;
+  }
+  let text = JSON.stringify(json);
+  const textBytes = Buffer.byteLength(text, 'utf8');
+  text += ' '.repeat((8 - (textBytes % 8)) % 8);
+  const body = Buffer.from(text, 'utf8');
+  const header = Buffer.alloc(8 + body.length);
+  header.writeBigUInt64LE(BigInt(body.length), 0);
+  body.copy(header, 8);
+  return { header, infos };
+}
+
+function writeAll(fd: number, bytes: Uint8Array): void {
+  let done = 0;
+  while (done < bytes.length) done += fs.writeSync(fd, bytes, done, bytes.length - done);
+}
+
+/**
+ * Writes a safetensors file (tensors in the order given, back to back). Returns its size and the
+ * SHA-256 of the file and of every tensor. `fsync` (default true) flushes the file to disk before
+ * returning. Overwrites `path`.
+ */
+export function writeSafetensors(
+  path: string,
+  entries: readonly SafetensorsEntry[],
+  metadata?: Record<string, string>,
+  options: { fsync?: boolean } = {},
+): WrittenFile {
+  const { header, infos } = encodeHeader(path, entries, metadata);
+  const fileHash = createHash('sha256');
+  const fd = fs.openSync(path, 'w');
+  const tensors: WrittenFile['tensors'] = {};
+  try {
+    writeAll(fd, header);
+    fileHash.update(header);
+    entries.forEach((e, i) => {
+      const info = infos[i] as TensorInfo;
+      const bytes = bytesOf(e.data);
+      writeAll(fd, bytes);
+      fileHash.update(bytes);
+      tensors[info.name] = { dtype: info.dtype, shape: info.shape, dataOffsets: info.dataOffsets, sha256: createHash('sha256').update(bytes).digest('hex') };
+    });
+    if (options.fsync ?? true) fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  const bytes = header.length + (infos.length ? (infos[infos.length - 1] as TensorInfo).dataOffsets[1] : 0);
+  return { path, bytes, sha256: fileHash.digest('hex'), tensors };
+}
+
+/**
+ * An open safetensors file: the validated header, and single tensors read on demand by name.
+ * close() (or `using`) releases the file descriptor.
+ */
+export class SafetensorsFile implements Disposable {
+  readonly path: string;
+  /** Bytes in the file. */
+  readonly size: number;
+  /** Where the data part starts (8 + header length). */
+  readonly dataStart: number;
+  readonly metadata: Record<string, string>;
+  /** Tensors in file order. */
+  readonly tensors: ReadonlyMap<string, TensorInfo>;
+  #fd: number | null;
+
+  private constructor(path: string, fd: number, size: number, dataStart: number, metadata: Record<string, string>, tensors: Map<string, TensorInfo>) {
+    this.path = path;
+    this.#fd = fd;
+    this.size = size;
+    this.dataStart = dataStart;
+    this.metadata = metadata;
+    this.tensors = tensors;
+  }
+
+  /** Opens and validates the header (offsets in range, contiguous, sizes = numel·itemsize, known dtypes). */
+  static open(path: string): SafetensorsFile {
+    let fd: number;
+    try {
+      fd = fs.openSync(path, 'r');
+    } catch (e) {
+      fail(path, `cannot open: ${(e as Error).message}`);
+    }
+    try {
+      const size = fs.fstatSync(fd).size;
+      if (size < 8) fail(path, `the file has ${size} bytes; a safetensors file starts with an 8-byte header length`);
+      const lenBuf = Buffer.alloc(8);
+      fs.readSync(fd, lenBuf, 0, 8, 0);
+      const n64 = lenBuf.readBigUInt64LE(0);
+      if (n64 > BigInt(Math.min(MAX_HEADER_BYTES, size - 8))) {
+        fail(path, `the header length ${n64} is larger than the file (${size} bytes) allows${n64 > BigInt(MAX_HEADER_BYTES) ? ` or the ${MAX_HEADER_BYTES}-byte limit` : ''}; truncated or not a safetensors file`);
+      }
+      const n = Number(n64);
+      const hbuf = Buffer.alloc(n);
+      readFully(fd, hbuf, 8);
+      let json: unknown;
+      try {
+        json = JSON.parse(hbuf.toString('utf8'));
+      } catch (e) {
+        fail(path, `the header is not valid JSON (${(e as Error).message})`);
+      }
+      if (json === null || typeof json !== 'object' || Array.isArray(json)) fail(path, 'the header is not a JSON object');
+      const dataStart = 8 + n;
+      const dataBytes = size - dataStart;
+      let metadata: Record<string, string> = {};
+      const list: TensorInfo[] = [];
+      for (const [name, raw] of Object.entries(json as Record<string, unknown>)) {
+        if (name === '__metadata__') {
+          if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) fail(path, '__metadata__ must be an object of strings');
+          for (const [k, v] of Object.entries(raw as Record<string, unknown>)) if (typeof v !== 'string') fail(path, `__metadata__ '${k}' is not a string`);
+          metadata = raw as Record<string, string>;
+          continue;
+        }
+        const r = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
+        if (r === null || typeof r !== 'object') fail(path, 'the header entry is not an object', name);
+        const dtype = typeof r.dtype === 'string' ? FROM_SAFETENSORS[r.dtype] : undefined;
+        if (!dtype) fail(path, `unknown dtype ${JSON.stringify(r.dtype)} (moe-ep reads ${Object.values(SAFETENSORS_DTYPE).join(', ')})`, name);
+        const shape = r.shape;
+        if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) fail(path, `bad shape ${JSON.stringify(shape)}`, name);
+        const off = r.data_offsets;
+        if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && d >= 0) || off[0] > off[1]) {
+          fail(path, `bad data_offsets ${JSON.stringify(off)}`, name);
+        }
+        const [begin, end] = off as [number, number];
+        const byteLength = numel(shape as number[]) * dtypeSize[dtype];
+        if (end - begin !== byteLength) fail(path, `data_offsets [${begin}, ${end}] span ${end - begin} bytes but ${SAFETENSORS_DTYPE[dtype]}[${(shape as number[]).join(',')}] needs ${byteLength}`, name);
+        if (end > dataBytes) fail(path, `data_offsets [${begin}, ${end}] run past the end of the data (${dataBytes} bytes); the file is truncated`, name);
+        list.push({ name, dtype, shape: shape as number[], dataOffsets: [begin, end], byteLength });
+      }
+      // Back to back in offset order: no overlap, no gap, and the last one ends at the end of the file.
+      const sorted = [...list].sort((a, b) => a.dataOffsets[0] - b.dataOffsets[0] || a.dataOffsets[1] - b.dataOffsets[1]);
+      let at = 0;
+      for (const t of sorted) {
+        if (t.dataOffsets[0] < at) fail(path, `data_offsets [${t.dataOffsets.join(', ')}] overlap the previous tensor (which ends at ${at})`, t.name);
+        if (t.dataOffsets[0] > at) fail(path, `data_offsets [${t.dataOffsets.join(', ')}] leave a gap after byte ${at}`, t.name);
+        at = t.dataOffsets[1];
+      }
+      if (at !== dataBytes) fail(path, `the tensors end at data byte ${at} but the file holds ${dataBytes} data bytes (${at > dataBytes ? 'truncated' : 'trailing bytes'})`);
+      return new SafetensorsFile(path, fd, size, dataStart, metadata, new Map(sorted.map((t) => [t.name, t])));
+    } catch (e) {
+      fs.closeSync(fd);
+      throw e;
+    }
+  }
+
+  get names(): string[] {
+    return [...this.tensors.keys()];
+  }
+
+  has(name: string): boolean {
+    return this.tensors.has(name);
+  }
+
+  info(name: string): TensorInfo {
+    const t = this.tensors.get(name);
+    if (!t) fail(this.path, `no such tensor (the file holds ${this.tensors.size}: ${[...this.tensors.keys()].slice(0, 5).join(', ')}${this.tensors.size > 5 ? ', …' : ''})`, name);
+    return t;
+  }
+
+  /** One tensor's raw bytes, read from the file alone. */
+  readBytes(name: string): Uint8Array {
+    const t = this.info(name);
+    const out = new Uint8Array(t.byteLength);
+    readFully(this.fd, out, this.dataStart + t.dataOffsets[0], () => fail(this.path, 'the file ended while reading (truncated after it was opened?)', name));
+    return out;
+  }
+
+  /** One tensor: dtype, shape and raw bytes (the dtype's TypedArray over them via `storageView`). */
+  read(name: string): { dtype: DType; shape: number[]; data: Uint8Array } {
+    const t = this.info(name);
+    return { dtype: t.dtype, shape: [...t.shape], data: this.readBytes(name) };
+  }
+
+  /** Feeds the whole file through `hash` in chunks (for checksums). */
+  hashInto(hash: Hash): Hash {
+    const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(this.size, 1)));
+    for (let pos = 0; pos < this.size; ) {
+      const n = fs.readSync(this.fd, chunk, 0, Math.min(chunk.length, this.size - pos), pos);
+      if (n === 0) fail(this.path, 'the file ended while hashing');
+      hash.update(chunk.subarray(0, n));
+      pos += n;
+    }
+    return hash;
+  }
+
+  private get fd(): number {
+    if (this.#fd === null) fail(this.path, 'the file was closed');
+    return this.#fd;
+  }
+
+  close(): void {
+    if (this.#fd !== null) fs.closeSync(this.#fd);
+    this.#fd = null;
+  }
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+function readFully(fd: number, out: Uint8Array, position: number, onShort?: () => never): void {
+  let done = 0;
+  while (done < out.length) {
+    const n = fs.readSync(fd, out, done, out.length - done, position + done);
+    if (n === 0) {
+      if (onShort) onShort();
+      throw new CheckpointError(`safetensors: unexpected end of file at byte ${position + done}`);
+    }
+    done += n;
+  }
+}
+
+/** Reads every tensor of a file (in file order) and its metadata. */
+export function readSafetensors(path: string): { metadata: Record<string, string>; tensors: { name: string; dtype: DType; shape: number[]; data: Uint8Array }[] } {
+  using f = SafetensorsFile.open(path);
+  return { metadata: { ...f.metadata }, tensors: f.names.map((name) => ({ name, ...f.read(name) })) };
+}

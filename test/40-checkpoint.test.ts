@@ -1,0 +1,450 @@
+// Checkpoints: safetensors exactly as the format defines it (checked against a minimal reader and
+// writer written here from the spec), sharded atomic save/load, corruption caught and named, a saver
+// SIGKILLed at random moments never leaving anything but committed checkpoints, the MoE layer's
+// experts by global index at any EP size, and the `moe-ep ckpt` commands.
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, describe, expect, it } from 'vitest';
+
+import {
+  CheckpointError,
+  ckptNames,
+  type DType,
+  DTYPES,
+  dtypeSize,
+  joinExperts,
+  latestCheckpoint,
+  listCheckpoints,
+  loadCheckpoint,
+  loadMoELayer,
+  moeLayerState,
+  disposeState,
+  readSafetensors,
+  saveCheckpoint,
+  SafetensorsFile,
+  splitExperts,
+  Tensor,
+  writeSafetensors,
+} from '../lib/index.js';
+import { MoELayer } from '../lib/moe/layer.js';
+import { packageRoot } from '../lib/native.js';
+
+const root = packageRoot();
+const cli = join(root, 'dist', 'lib', 'cli', 'main.js');
+const tmpRoots: string[] = [];
+function tmp(): string {
+  const d = fs.mkdtempSync(join(tmpdir(), 'moe-ep-ckpt-'));
+  tmpRoots.push(d);
+  return d;
+}
+afterAll(() => {
+  for (const d of tmpRoots) fs.rmSync(d, { recursive: true, force: true });
+});
+
+// ------------------------------------------------------------- a minimal reader/writer from the spec
+const ST: Record<string, string> = { f32: 'F32', bf16: 'BF16', f16: 'F16', i32: 'I32', i64: 'I64', u8: 'U8', fp8e4m3: 'F8_E4M3' };
+const ITEM: Record<string, number> = { F32: 4, BF16: 2, F16: 2, I32: 4, I64: 8, U8: 1, F8_E4M3: 1 };
+
+/** Header: u64 LE length, JSON, data back to back. No padding (the spec allows it; our reader must too). */
+function miniWrite(path: string, tensors: { name: string; dtype: string; shape: number[]; bytes: Uint8Array }[], metadata?: Record<string, string>): void {
+  const header: Record<string, unknown> = metadata ? { __metadata__: metadata } : {};
+  let off = 0;
+  for (const t of tensors) {
+    header[t.name] = { dtype: t.dtype, shape: t.shape, data_offsets: [off, off + t.bytes.length] };
+    off += t.bytes.length;
+  }
+  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  const len = Buffer.alloc(8);
+  new DataView(len.buffer, len.byteOffset, 8).setBigUint64(0, BigInt(json.length), true);
+  fs.writeFileSync(path, Buffer.concat([len, json, ...tensors.map((t) => Buffer.from(t.bytes))]));
+}
+
+function miniRead(path: string): { headerLen: number; metadata?: Record<string, string>; tensors: Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }> } {
+  const buf = fs.readFileSync(path);
+  const n = Number(new DataView(buf.buffer, buf.byteOffset, 8).getBigUint64(0, true));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  const tensors = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
+  let metadata: Record<string, string> | undefined;
+  for (const [name, v] of Object.entries(header)) {
+    if (name === '__metadata__') {
+      metadata = v as unknown as Record<string, string>;
+      continue;
+    }
+    const [b, e] = v.data_offsets;
+    tensors.set(name, { dtype: v.dtype, shape: v.shape, bytes: new Uint8Array(buf.subarray(8 + n + b, 8 + n + e)) });
+  }
+  return { headerLen: n, ...(metadata ? { metadata } : {}), tensors };
+}
+
+function rawOf(dtype: DType, shape: number[]): Uint8Array {
+  const n = shape.reduce((a, b) => a * b, 1) * dtypeSize[dtype];
+  return new Uint8Array(randomBytes(n));
+}
+
+const SHAPES: number[][] = [[], [0], [1], [7], [2, 3], [3, 0, 2], [4, 5, 6]];
+
+describe('safetensors', () => {
+  it('round trip of every dtype and shape (scalars, empty), byte exact, header padded to 8', () => {
+    const dir = tmp();
+    const entries = DTYPES.flatMap((dtype) => SHAPES.map((shape, i) => ({ name: `t.${dtype}.${i}`, dtype, shape, data: rawOf(dtype, shape) })));
+    const w = writeSafetensors(join(dir, 'a.safetensors'), entries, { note: 'hello' });
+    expect(w.bytes).toBe(fs.statSync(join(dir, 'a.safetensors')).size);
+    const r = readSafetensors(join(dir, 'a.safetensors'));
+    expect(r.metadata).toEqual({ note: 'hello' });
+    expect(r.tensors.map((t) => t.name)).toEqual(entries.map((e) => e.name));
+    for (const [i, t] of r.tensors.entries()) {
+      expect(t.dtype).toBe(entries[i]!.dtype);
+      expect(t.shape).toEqual(entries[i]!.shape);
+      expect(Buffer.from(t.data).equals(Buffer.from(entries[i]!.data))).toBe(true);
+    }
+    // The independent reader agrees, and the header length keeps the data 8-byte aligned.
+    const m = miniRead(join(dir, 'a.safetensors'));
+    expect((8 + m.headerLen) % 8).toBe(0);
+    expect(m.metadata).toEqual({ note: 'hello' });
+    for (const e of entries) {
+      const t = m.tensors.get(e.name)!;
+      expect(t.dtype).toBe(ST[e.dtype]);
+      expect(t.shape).toEqual(e.shape);
+      expect(Buffer.from(t.bytes).equals(Buffer.from(e.data))).toBe(true);
+    }
+  });
+
+  it('reads a file written by the minimal writer (unpadded header), one tensor at a time', () => {
+    const dir = tmp();
+    const ts = Object.entries(ST).map(([d, s], i) => ({ name: `x${i}`, dtype: s, shape: [i + 1, 2], bytes: rawOf(d as DType, [i + 1, 2]) }));
+    miniWrite(join(dir, 'b.safetensors'), ts, { who: 'mini' });
+    using f = SafetensorsFile.open(join(dir, 'b.safetensors'));
+    expect(f.metadata).toEqual({ who: 'mini' });
+    for (const t of [...ts].reverse()) {
+      const got = f.read(t.name);
+      expect(ST[got.dtype]).toBe(t.dtype);
+      expect(got.shape).toEqual(t.shape);
+      expect(Buffer.from(got.data).equals(Buffer.from(t.bytes))).toBe(true);
+    }
+  });
+
+  it('Tensor values survive a checkpoint round trip for every dtype (bf16/f16 bits, i64, fp8, scalars, empty)', () => {
+    const dir = tmp();
+    const src: Record<string, Tensor> = {};
+    for (const dtype of DTYPES) {
+      for (const [i, shape] of SHAPES.entries()) {
+        const raw = rawOf(dtype, shape);
+        src[`${dtype}.${i}`] = Tensor.fromArray(new (dtype === 'f32' ? Float32Array : dtype === 'i32' ? Int32Array : dtype === 'i64' ? BigInt64Array : dtype === 'bf16' || dtype === 'f16' ? Uint16Array : Uint8Array)(raw.buffer) as never, { dtype, shape, device: 'cpu' });
+      }
+    }
+    saveCheckpoint(dir, { step: 3, replicated: src });
+    using r = loadCheckpoint(dir);
+    for (const [n, t] of Object.entries(src)) {
+      using g = r.get(n, { device: 'cpu' });
+      expect(g.dtype).toBe(t.dtype);
+      expect(g.shape).toEqual(t.shape);
+      expect(Buffer.from(g.toArray().buffer).equals(Buffer.from(t.toArray().buffer))).toBe(true);
+      t.dispose();
+    }
+    using c = r.get('f32.4', { device: 'cpu', dtype: 'bf16' });
+    expect(c.dtype).toBe('bf16');
+  });
+
+  it.each([
+    ['a header length past the end', (p: string) => fs.writeFileSync(p, Buffer.concat([Buffer.from([0xff, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('{}')])), /header length 255 is larger than the file/],
+    ['a file shorter than 8 bytes', (p: string) => fs.writeFileSync(p, Buffer.from([1, 2])), /has 2 bytes; a safetensors file starts with an 8-byte header length/],
+    ['an unknown dtype', (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F64', shape: [1], bytes: new Uint8Array(8) }]), /tensor 'w': unknown dtype "F64"/],
+    ['a size that is not numel·itemsize', (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F32', shape: [3], bytes: new Uint8Array(8) }]), /tensor 'w': data_offsets \[0, 8\] span 8 bytes but F32\[3\] needs 12/],
+    ['trailing bytes', (p: string) => {
+      miniWrite(p, [{ name: 'w', dtype: 'U8', shape: [2], bytes: new Uint8Array(2) }]);
+      fs.appendFileSync(p, Buffer.from([9]));
+    }, /the tensors end at data byte 2 but the file holds 3 data bytes \(trailing bytes\)/],
+  ])('rejects %s, naming the file and tensor', (_what, make, pattern) => {
+    const p = join(tmp(), 'bad.safetensors');
+    make(p);
+    expect(() => SafetensorsFile.open(p)).toThrow(CheckpointError);
+    expect(() => SafetensorsFile.open(p)).toThrow(pattern);
+    expect(() => SafetensorsFile.open(p)).toThrow(/safetensors bad\.safetensors/);
+  });
+
+  it('rejects overlapping offsets', () => {
+    const p = join(tmp(), 'o.safetensors');
+    const json = Buffer.from(JSON.stringify({ a: { dtype: 'U8', shape: [4], data_offsets: [0, 4] }, b: { dtype: 'U8', shape: [2], data_offsets: [2, 4] } }));
+    const len = Buffer.alloc(8);
+    len.writeBigUInt64LE(BigInt(json.length));
+    fs.writeFileSync(p, Buffer.concat([len, json, Buffer.alloc(4)]));
+    expect(() => SafetensorsFile.open(p)).toThrow(/tensor 'b': data_offsets \[2, 4\] overlap the previous tensor/);
+  });
+});
+
+// ---------------------------------------------------------------------------------- checkpoints
+function savedTwoRanks(dir: string, step = 1): void {
+  // Two "ranks" from one process: writeCheckpoint-style layout via two sharded dicts is collective,
+  // so here rank files come from saveCheckpoint on one rank plus a replicated file.
+  saveCheckpoint(dir, {
+    step,
+    replicated: { 'layers.0.router.weight': Tensor.fromArray([1, 2, 3, 4], { shape: [2, 2], device: 'cpu' }) },
+    sharded: {
+      'layers.0.experts.0.w1': Tensor.fromArray([5, 6], { device: 'cpu' }),
+      'layers.0.experts.1.w1': Tensor.fromArray([7, 8], { device: 'cpu' }),
+    },
+    manifestExtras: { ep: { size: 1, expertsPerRank: 2, numExperts: 2 }, optimizer: { step }, data: { position: 17 }, rng: { seed: 1 } },
+  });
+}
+
+describe('checkpoints', () => {
+  it('save / load: manifest with sizes and SHA-256 of every file, tensor index, extras; latest pointer', () => {
+    const dir = tmp();
+    savedTwoRanks(dir, 5);
+    expect(fs.readFileSync(join(dir, 'latest'), 'utf8')).toBe('step-00000005\n');
+    expect(latestCheckpoint(dir)).toEqual({ dir: join(dir, 'step-00000005'), step: 5 });
+    expect(fs.readdirSync(join(dir, 'step-00000005')).sort()).toEqual(['manifest.json', 'rank-0.safetensors', 'replicated.safetensors']);
+    using r = loadCheckpoint(dir);
+    expect(r.step).toBe(5);
+    expect(r.manifest.formatVersion).toBe(1);
+    expect(r.manifest.data).toEqual({ position: 17 });
+    expect(r.manifest.tensors['layers.0.experts.1.w1']!.file).toBe('rank-0.safetensors');
+    expect(r.manifest.files['rank-0.safetensors']!.bytes).toBe(fs.statSync(join(dir, 'step-00000005', 'rank-0.safetensors')).size);
+    r.verifyAll();
+    expect(r.get('layers.0.router.weight', { device: 'cpu' }).toNumbers()).toEqual([1, 2, 3, 4]);
+    expect(() => r.get('layers.0.experts.2.w1')).toThrow(/no tensor 'layers\.0\.experts\.2\.w1' \(it holds 3 tensors; similar: layers\.0\.experts\.0\.w1/);
+  });
+
+  function corruptCase(mutate: (stepDir: string) => void): () => void {
+    const dir = tmp();
+    savedTwoRanks(dir, 2);
+    mutate(join(dir, 'step-00000002'));
+    return () => {
+      using r = loadCheckpoint(dir);
+      r.get('layers.0.experts.1.w1', { device: 'cpu' });
+    };
+  }
+
+  it('a flipped data byte: SHA-256 error naming the file and the damaged tensor', () => {
+    const load = corruptCase((d) => {
+      const p = join(d, 'rank-0.safetensors');
+      const b = fs.readFileSync(p);
+      b[b.length - 1]! ^= 0x01; // last byte: experts.1.w1
+      fs.writeFileSync(p, b);
+    });
+    expect(load).toThrow(CheckpointError);
+    expect(load).toThrow(/rank-0\.safetensors fails its SHA-256 check .*damaged tensor 'layers\.0\.experts\.1\.w1'/);
+  });
+
+  it('a flipped header byte: SHA-256 error naming the file and its header', () => {
+    const load = corruptCase((d) => {
+      const p = join(d, 'rank-0.safetensors');
+      const b = fs.readFileSync(p);
+      b[12]! ^= 0x20;
+      fs.writeFileSync(p, b);
+    });
+    expect(load).toThrow(/rank-0\.safetensors fails its SHA-256 check .*header/);
+  });
+
+  it('a truncated file: size error naming the file at load', () => {
+    const load = corruptCase((d) => fs.truncateSync(join(d, 'rank-0.safetensors'), 50));
+    expect(load).toThrow(/rank-0\.safetensors has 50 bytes but manifest\.json records \d+ \(truncated; it holds 2 tensors such as 'layers\.0\.experts\.0\.w1'\)/);
+  });
+
+  it('a missing shard: error naming the file and its rank', () => {
+    const load = corruptCase((d) => fs.rmSync(join(d, 'rank-0.safetensors')));
+    expect(load).toThrow(/rank-0\.safetensors is missing \(manifest\.json lists it with \d+ bytes, written by rank 0; it holds 2 tensors/);
+  });
+
+  it('a manifest of another format version: a clear error', () => {
+    const load = corruptCase((d) => {
+      const p = join(d, 'manifest.json');
+      fs.writeFileSync(p, fs.readFileSync(p, 'utf8').replace('"formatVersion": 1', '"formatVersion": 2'));
+    });
+    expect(load).toThrow(/manifest\.json has format version 2; this moe-ep reads version 1 \(written by a newer moe-ep: upgrade\)/);
+  });
+
+  it('verify: false skips checksums but not sizes', () => {
+    const dir = tmp();
+    savedTwoRanks(dir, 2);
+    const p = join(dir, 'step-00000002', 'rank-0.safetensors');
+    const b = fs.readFileSync(p);
+    b[b.length - 1]! ^= 0x01;
+    fs.writeFileSync(p, b);
+    using r = loadCheckpoint(dir, { verify: false });
+    expect(r.get('layers.0.experts.0.w1', { device: 'cpu' }).toNumbers()).toEqual([5, 6]);
+  });
+
+  it('keep-last-K pruning; leftovers of interrupted saves are never picked and are cleaned up', () => {
+    const dir = tmp();
+    for (let s = 1; s <= 6; s++) {
+      if (s === 4) fs.mkdirSync(join(dir, '.tmp-step-00000099-deadbeef'));
+      saveCheckpoint(dir, { step: s, replicated: { v: Tensor.fromArray([s], { device: 'cpu' }) }, keep: s >= 3 ? 2 : undefined });
+      if (s === 3) {
+        // An interrupted save of a later step: a temporary folder holding files but no manifest.
+        fs.mkdirSync(join(dir, '.tmp-step-00000099-cafe'));
+        fs.writeFileSync(join(dir, '.tmp-step-00000099-cafe', 'rank-0.safetensors'), 'x');
+        expect(latestCheckpoint(dir)!.step).toBe(3);
+      }
+    }
+    expect(listCheckpoints(dir).map((c) => c.step)).toEqual([5, 6]);
+    expect(fs.readdirSync(dir).sort()).toEqual(['latest', 'step-00000005', 'step-00000006']);
+    // `latest` gone or dangling: the highest committed step.
+    fs.rmSync(join(dir, 'latest'));
+    expect(latestCheckpoint(dir)!.step).toBe(6);
+    // Saving a step again replaces it.
+    saveCheckpoint(dir, { step: 6, replicated: { v: Tensor.fromArray([60], { device: 'cpu' }) } });
+    using r = loadCheckpoint(dir);
+    expect(r.get('v', { device: 'cpu' }).toNumbers()).toEqual([60]);
+  });
+
+  it('crash test: a saver SIGKILLed at 15 random moments never leaves a broken or half-written latest', async () => {
+    const dir = tmp();
+    const fixture = join(root, 'test', 'fixtures', 'ckpt-saver.mjs');
+    let prev = 0;
+    const t0 = Date.now();
+    const seen = new Set<number>();
+    let interrupted = 0; // kills that left a temporary folder: the kill landed mid-save
+    for (let i = 0; i < 15; i++) {
+      const child = spawn(process.execPath, [fixture, dir, '3'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<number | null>((res) => child.on('exit', (code) => res(code)));
+      await new Promise<void>((res, rej) => {
+        child.stdout.on('data', (d: Buffer) => d.toString().includes('ready') && res());
+        void exited.then(() => rej(new Error(`saver exited early: ${stderr}`)));
+      });
+      await new Promise((res) => setTimeout(res, Math.random() * 60));
+      child.kill('SIGKILL');
+      await exited;
+      if (fs.readdirSync(dir).some((n) => n.startsWith('.tmp-step-'))) interrupted++;
+      const l = latestCheckpoint(dir);
+      if (l === null) continue; // killed before the first commit
+      expect(l.dir).toMatch(/step-\d{8}$/);
+      expect(l.step).toBeGreaterThanOrEqual(prev);
+      prev = l.step;
+      seen.add(l.step);
+      // Every committed checkpoint loads, verifies and holds its step's values.
+      for (const c of listCheckpoints(dir)) {
+        using r = loadCheckpoint(c.dir);
+        r.verifyAll();
+        expect(r.manifest.data).toEqual({ position: c.step * 10 });
+        const w = r.getRaw('layers.0.experts.1.w1');
+        expect(new Float32Array(w.data.buffer)[0]).toBe(-c.step);
+        expect(new Float32Array(r.getRaw('layers.0.router.weight').data.buffer)[5]).toBe(c.step + 5);
+      }
+      expect(listCheckpoints(dir).length).toBeLessThanOrEqual(4); // keep 3, plus at most one replaced mid-prune
+    }
+    expect(seen.size).toBeGreaterThan(3);
+    expect(interrupted).toBeGreaterThan(0);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+  });
+});
+
+// ------------------------------------------------------------------------------ the MoE layer
+describe('MoE layer state', () => {
+  const cfg = { hidden: 8, ffn: 6, numExperts: 4, topK: 2, dtype: 'f32' as const, device: 'cpu', sharedFfn: 4 };
+  const x = (): Tensor => Tensor.randn([5, 8], { seed: 99, device: 'cpu' });
+
+  it('splitExperts de-interleaves W1/W3 as [H, F] by global index; joinExperts rebuilds w13', () => {
+    const dir = tmp();
+    using layer = new MoELayer(cfg);
+    const parts = splitExperts(layer.master.w13, layer.master.w2, 10, (e, w) => `e.${e}.${w}`);
+    expect(Object.keys(parts)).toContain('e.13.w3');
+    expect(parts['e.11.w1']!.shape).toEqual([8, 6]);
+    expect(parts['e.11.w2']!.shape).toEqual([6, 8]);
+    // w13[1, h, 2f] is W1[h, f]; w13[1, h, 2f+1] is W3[h, f].
+    const w13 = layer.master.w13.toFloat32Array();
+    expect(parts['e.11.w1']!.toFloat32Array()[2 * 6 + 3]).toBe(w13[1 * 8 * 12 + 2 * 12 + 2 * 3]);
+    expect(parts['e.11.w3']!.toFloat32Array()[2 * 6 + 3]).toBe(w13[1 * 8 * 12 + 2 * 12 + 2 * 3 + 1]);
+    saveCheckpoint(dir, { step: 1, sharded: parts });
+    using r = loadCheckpoint(dir);
+    const j = joinExperts(r, 11, 2, (e, w) => `e.${e}.${w}`);
+    expect(Array.from(j.w13.toFloat32Array())).toEqual(Array.from(w13.subarray(8 * 12)).slice(0, 2 * 8 * 12));
+    j.w13.dispose();
+    j.w2.dispose();
+    for (const t of Object.values(parts)) t.dispose();
+  });
+
+  it('a saved layer loads into a fresh one (other seed) with the same outputs, moments too; EP=2 ranks read their own experts', () => {
+    const dir = tmp();
+    using a = new MoELayer({ ...cfg, seed: 5 });
+    a.bias.copy_(Tensor.fromArray([0.1, -0.2, 0.3, 0], { device: 'cpu' }));
+    const mom = (t: Tensor, s: number) => ({ expAvg: Tensor.randn([...t.shape], { seed: s, device: 'cpu' }), expAvgSq: Tensor.rand([...t.shape], { seed: s + 1, device: 'cpu' }) });
+    const moments = { router: mom(a.master.router, 1), w13: mom(a.master.w13, 3), w2: mom(a.master.w2, 5), sharedW13: mom(a.master.sharedW13!, 7), sharedW2: mom(a.master.sharedW2!, 9) };
+    const state = moeLayerState(a, 0, moments);
+    expect(Object.keys(state.sharded)).toContain('optim.layers.0.experts.3.w3.exp_avg_sq');
+    expect(Object.keys(state.replicated)).toContain('layers.0.shared.w2');
+    saveCheckpoint(dir, { step: 1, replicated: state.replicated, sharded: state.sharded, manifestExtras: { ep: { size: 1, expertsPerRank: 4 } } });
+    disposeState(state);
+
+    using b = new MoELayer({ ...cfg, seed: 6 });
+    const zero = (t: Tensor) => ({ expAvg: Tensor.zeros([...t.shape], { device: 'cpu' }), expAvgSq: Tensor.zeros([...t.shape], { device: 'cpu' }) });
+    const mb = { router: zero(b.master.router), w13: zero(b.master.w13), w2: zero(b.master.w2), sharedW13: zero(b.master.sharedW13!), sharedW2: zero(b.master.sharedW2!) };
+    using r = loadCheckpoint(dir);
+    loadMoELayer(r, b, 0, mb);
+    using xa = x();
+    const ya = a.forward(xa);
+    const yb = b.forward(xa);
+    expect(Array.from(yb.y.toFloat32Array())).toEqual(Array.from(ya.y.toFloat32Array()));
+    for (const k of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) {
+      expect(Array.from(mb[k].expAvgSq.toFloat32Array())).toEqual(Array.from(moments[k].expAvgSq.toFloat32Array()));
+    }
+    // Rank 1 of an EP group of 2 (no collectives needed to build and load): experts 2 and 3.
+    const group = { rank: 1, size: 2, allToAll: () => undefined, allToAllV: () => undefined };
+    using c = new MoELayer({ ...cfg, seed: 7, group });
+    loadMoELayer(r, c, 0);
+    expect(Array.from(c.master.w13.toFloat32Array())).toEqual(Array.from(a.master.w13.toFloat32Array().subarray(2 * 8 * 12)));
+    expect(Array.from(c.master.w2.toFloat32Array())).toEqual(Array.from(a.master.w2.toFloat32Array().subarray(2 * 6 * 8)));
+    expect(ckptNames.optim(ckptNames.expert(0, 3, 'w1'), 'exp_avg')).toBe('optim.layers.0.experts.3.w1.exp_avg');
+  });
+});
+
+// ----------------------------------------------------------------------------------------- CLI
+function runCli(args: string[]): { status: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [cli, ...args], { encoding: 'utf8' });
+  return { status: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+describe('moe-ep ckpt', () => {
+  it('inspect: tensors, EP layout, checksum status OK, then BAD after a flipped byte (exit 1)', () => {
+    const dir = tmp();
+    savedTwoRanks(dir, 4);
+    let r = runCli(['ckpt', 'inspect', dir]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/step 4, format moe-ep-checkpoint v1/);
+    expect(r.stdout).toMatch(/EP layout: size 1, 2 experts per rank/);
+    expect(r.stdout).toMatch(/rank-0\.safetensors +0 +\d+ B +[0-9a-f]{16}… +OK/);
+    expect(r.stdout).toMatch(/layers\.0\.router\.weight +replicated\.safetensors +f32 +\[2, 2\] +16 B/);
+    const p = join(dir, 'step-00000004', 'replicated.safetensors');
+    const b = fs.readFileSync(p);
+    b[b.length - 2]! ^= 0x40;
+    fs.writeFileSync(p, b);
+    r = runCli(['ckpt', 'inspect', join(dir, 'step-00000004')]);
+    expect(r.status).toBe(1);
+    expect(r.stdout).toMatch(/replicated\.safetensors +- .* BAD: .*damaged tensor 'layers\.0\.router\.weight'/);
+    expect(r.stdout).toMatch(/rank-0\.safetensors .* OK/);
+  });
+
+  it('reshard EP=1 → 2 → 1: experts move to their new owners, every tensor unchanged', () => {
+    const dir = tmp();
+    const E = 4;
+    const sharded: Record<string, Tensor> = {};
+    for (let e = 0; e < E; e++) {
+      sharded[ckptNames.expert(0, e, 'w1')] = Tensor.randn([3, 2], { seed: e, device: 'cpu', dtype: 'bf16' });
+      sharded[ckptNames.optim(ckptNames.expert(0, e, 'w1'), 'exp_avg')] = Tensor.randn([3, 2], { seed: 10 + e, device: 'cpu' });
+    }
+    saveCheckpoint(dir, { step: 9, sharded, replicated: { 'head.weight': Tensor.full([1], 1, { device: 'cpu' }) }, manifestExtras: { ep: { size: 1, expertsPerRank: E }, data: { position: 3 } } });
+    let r = runCli(['ckpt', 'reshard', dir, '--ep', '2', '--out', join(dir, 'ep2')]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/→ .*step-00000009 \(EP 2, 2 experts per rank/);
+    using r2 = loadCheckpoint(join(dir, 'ep2'));
+    expect(r2.manifest.ep).toEqual({ size: 2, expertsPerRank: 2, numExperts: 4 });
+    expect(r2.manifest.data).toEqual({ position: 3 });
+    expect(r2.info('layers.0.experts.3.w1').file).toBe('rank-1.safetensors');
+    expect(r2.info('optim.layers.0.experts.1.w1.exp_avg').file).toBe('rank-0.safetensors');
+    r = runCli(['ckpt', 'reshard', join(dir, 'ep2'), '--ep', '1', '--out', join(dir, 'ep1')]);
+    expect(r.status, r.stderr).toBe(0);
+    using r0 = loadCheckpoint(dir);
+    using r1 = loadCheckpoint(join(dir, 'ep1'));
+    expect(r1.names().sort()).toEqual(r0.names().sort());
+    for (const n of r0.names()) expect(Buffer.from(r1.getRaw(n).data).equals(Buffer.from(r0.getRaw(n).data)), n).toBe(true);
+    r = runCli(['ckpt', 'reshard', dir, '--ep', '3', '--out', join(dir, 'ep3')]);
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/--ep 3 does not divide the 4 experts/);
+  });
+});

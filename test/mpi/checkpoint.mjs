@@ -1,0 +1,85 @@
+// Sharded checkpoints under mpirun (see run.test.ts).
+//   save <root>        every rank builds the same MoE layer (its experts by global index), saves a
+//                      checkpoint with Adam moments, writes the layer's output on a fixed batch to
+//                      <root>/y.bin (rank 0), reloads at this EP size (each rank its own experts) and
+//                      at EP=1 (rank 0 alone reading every expert): identical tensors and outputs.
+//   load <dir> <y.bin> a layer with other weights loads <dir> at this EP size (any size, also without
+//                      mpirun) and gives the same output as y.bin, bit for bit.
+import * as fs from 'node:fs';
+import { join } from 'node:path';
+
+import { disposeState, init, loadCheckpoint, loadMoELayer, moeLayerState, saveCheckpoint, Tensor } from '../../dist/lib/index.js';
+import { MoELayer } from '../../dist/lib/moe/layer.js';
+import { check, same } from './common.mjs';
+
+const [mode, dir, yPath] = process.argv.slice(2);
+const world = await init({ timeoutMs: 20000 });
+const { rank: r, size: n } = world;
+const cpu = { device: 'cpu' };
+const cfg = { hidden: 8, ffn: 6, numExperts: 8, topK: 2, dtype: 'f32', device: 'cpu', sharedFfn: 4 };
+const group = n > 1 ? world : undefined;
+const x = Tensor.randn([12, 8], { seed: 99, device: 'cpu' }); // the same batch on every rank
+const bits = (t) => Buffer.from(t.toArray().buffer);
+
+if (mode === 'save') {
+  const a = new MoELayer({ ...cfg, seed: 5, ...(group ? { group } : {}) });
+  a.bias.copy_(Tensor.fromArray([0.1, -0.2, 0.3, 0, 0.05, 0, -0.1, 0.2], cpu));
+  // Moments drawn by global position, like the weights: the same global state at any EP size.
+  const El = a.localExperts;
+  const first = r * El;
+  const mom = (t, s, perExpert) => ({
+    expAvg: Tensor.randn([...t.shape], { seed: s, offset: first * perExpert, device: 'cpu' }),
+    expAvgSq: Tensor.rand([...t.shape], { seed: s + 1, offset: first * perExpert, device: 'cpu' }),
+  });
+  const moments = { w13: mom(a.master.w13, 3, 8 * 12), w2: mom(a.master.w2, 5, 6 * 8) };
+  const state = moeLayerState(a, 0, moments);
+  saveCheckpoint(dir, {
+    step: 7,
+    comm: world,
+    replicated: state.replicated,
+    sharded: state.sharded,
+    manifestExtras: { ep: { size: n, expertsPerRank: El, numExperts: 8 }, config: cfg, optimizer: { step: 7 } },
+  });
+  disposeState(state);
+  const y = a.forward(x).y;
+  if (r === 0) fs.writeFileSync(join(dir, 'y.bin'), bits(y));
+
+  // Reload at this EP size: each rank's own experts and moments come back exactly.
+  const b = new MoELayer({ ...cfg, seed: 6, ...(group ? { group } : {}) });
+  const zeros = (t) => ({ expAvg: Tensor.zeros([...t.shape], cpu), expAvgSq: Tensor.zeros([...t.shape], cpu) });
+  const mb = { w13: zeros(b.master.w13), w2: zeros(b.master.w2) };
+  const reader = loadCheckpoint(dir, { comm: world });
+  check(reader.manifest.world.size === n && reader.manifest.files[`rank-${n - 1}.safetensors`], 'manifest lists every rank file');
+  loadMoELayer(reader, b, 0, mb);
+  for (const k of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2']) check(bits(b.master[k]).equals(bits(a.master[k])), `EP=${n} reload: ${k} differs`);
+  for (const k of ['w13', 'w2']) for (const m of ['expAvg', 'expAvgSq']) check(bits(mb[k][m]).equals(bits(moments[k][m])), `EP=${n} reload: moment ${k}.${m} differs`);
+  check(bits(b.bias).equals(bits(a.bias)), 'bias differs');
+  check(bits(b.forward(x).y).equals(bits(y)), `EP=${n} reload: output differs`);
+
+  // EP=1: rank 0 alone reads every expert; they equal all ranks' experts gathered.
+  const all13 = world.allGather(a.master.w13);
+  const all2 = world.allGather(a.master.w2);
+  const allM = world.allGather(moments.w13.expAvgSq);
+  if (r === 0) {
+    const one = new MoELayer({ ...cfg, seed: 8 });
+    const m1 = { w13: zeros(one.master.w13), w2: zeros(one.master.w2) };
+    loadMoELayer(loadCheckpoint(dir), one, 0, m1);
+    check(bits(one.master.w13).equals(bits(all13)), 'EP=1 load: w13 differs from the gathered experts');
+    check(bits(one.master.w2).equals(bits(all2)), 'EP=1 load: w2 differs from the gathered experts');
+    check(bits(m1.w13.expAvgSq).equals(bits(allM)), 'EP=1 load: exp_avg_sq differs');
+    check(bits(one.forward(x).y).equals(bits(y)), 'EP=1 load: output differs');
+  }
+  world.barrier();
+} else if (mode === 'load') {
+  const b = new MoELayer({ ...cfg, seed: 11, ...(group ? { group } : {}) });
+  const reader = loadCheckpoint(dir, { comm: world });
+  loadMoELayer(reader, b, 0);
+  const y = b.forward(x).y;
+  const ref = new Float32Array(new Uint8Array(fs.readFileSync(yPath)).buffer);
+  same(y.toFloat32Array(), ref, `output at EP=${n} from ${dir} (written at EP=${reader.manifest.ep.size})`);
+  world.barrier();
+} else {
+  check(false, `unknown mode ${mode}`);
+}
+world.dispose();
+console.log(`ok rank ${r} of ${n}`);
