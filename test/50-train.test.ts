@@ -114,3 +114,29 @@ describe('moe-ep train (CLI)', () => {
     }
   });
 });
+
+describe('checkpoints in training', () => {
+  it('a run resumed from a checkpoint follows the uninterrupted run exactly', async () => {
+    const { mkdtempSync: mk, rmSync: rm } = await import('node:fs');
+    const dir = mk(join(tmpdir(), 'moe-resume-'));
+    try {
+      const cfg = resolveConfig({ model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4 }, data: { tokensPerStep: 64 }, train: { device: 'cpu', steps: 30, progress: false } });
+      let straight: number[];
+      {
+        using a = new Trainer(cfg);
+        straight = a.run().map((s) => s.loss);
+      }
+      {
+        using b = new Trainer(cfg);
+        for (let i = 0; i < 12; i++) b.trainStep();
+        b.saveCheckpoint(dir, 2);
+      }
+      using c = new Trainer(cfg);
+      expect(c.resume(dir)).toBe(12);
+      const resumed = c.run().map((s) => s.loss);
+      expect(resumed).toEqual(straight.slice(12));
+    } finally {
+      rm(dir, { recursive: true, force: true });
+    }
+  });
+});

@@ -47,7 +47,18 @@ export async function runTrain(args: string[]): Promise<number> {
   const lead = world.rank === 0;
   const out = resolve(config.train.out ?? join('runs', new Date().toISOString().replace(/[:.]/g, '-')));
   const trainer = new Trainer(config, world.size > 1 ? { world } : {});
-  const log = lead ? new MetricsLog(join(out, 'metrics.jsonl')) : null;
+  const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
+  if (config.checkpoint.resume !== null) {
+    const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume);
+    const step = trainer.resume(from);
+    if (lead) console.log(`resumed from ${from} at step ${step}`);
+  }
+  const save = (): void => {
+    const saved = trainer.saveCheckpoint(ckptDir, config.checkpoint.keep);
+    if (lead && !config.train.progress) console.log(`checkpoint: ${saved.dir} (${(saved.bytes / 2 ** 20).toFixed(1)} MiB in ${saved.ms} ms)`);
+  };
+  // A resumed run continues the same metrics file.
+  const log = lead ? new MetricsLog(join(out, 'metrics.jsonl'), { append: config.checkpoint.resume !== null }) : null;
   const control = { stop: false };
   const onSigint = (): void => {
     if (control.stop) process.exit(130); // a second Ctrl-C: leave now
@@ -90,9 +101,11 @@ export async function runTrain(args: string[]): Promise<number> {
   try {
     while (trainer.step < config.train.steps && !trainer.agreeToStop(control.stop)) {
       onStep(trainer.trainStep());
+      if (config.checkpoint.every > 0 && trainer.step % config.checkpoint.every === 0 && trainer.step < config.train.steps) save();
       // Let the event loop run between steps, so a Ctrl-C (SIGINT) handler gets its turn.
       await new Promise((r) => setImmediate(r));
     }
+    save(); // at the end, and after a stop signal
   } finally {
     bar?.stop();
     process.off('SIGINT', onSigint);
@@ -119,6 +132,7 @@ export async function runTrain(args: string[]): Promise<number> {
     });
     console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);
     console.log(`metrics: ${join(out, 'metrics.jsonl')}`);
+    console.log(`checkpoints: ${ckptDir}`);
     console.log(`report:  ${report}`);
   }
   trainer.dispose();

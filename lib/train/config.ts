@@ -96,8 +96,8 @@ export const trainConfigSchema = {
     checkpoint: section({
       every: { ...int(0), description: 'save every N steps (0: only at the end and on Ctrl-C)' },
       keep: int(1),
-      dir: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }] },
-      resume: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }] },
+      dir: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'default <out>/checkpoints' },
+      resume: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: "'latest' (the newest in dir) or a checkpoint folder" },
     }),
   },
 } as const;
@@ -154,6 +154,8 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
     if (key === 'no-progress') {
       key = 'train.progress';
       value = false;
+    } else if (key === 'resume' && (args[i + 1] === undefined || (args[i + 1] as string).startsWith('--'))) {
+      value = 'latest'; // --resume alone: the newest checkpoint in checkpoint.dir
     } else {
       const eq = key.indexOf('=');
       let raw: string | undefined;

@@ -40,11 +40,14 @@ export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number
   };
 }
 
-/** Appends one JSON object per line; the file is created (with its folder) on first use. */
+/** Appends one JSON object per line; the file (and its folder) is created, or continued with `append`. */
 export class MetricsLog {
-  constructor(readonly path: string) {
+  constructor(
+    readonly path: string,
+    options: { append?: boolean } = {},
+  ) {
     mkdirSync(dirname(path), { recursive: true });
-    writeFileSync(path, '');
+    if (!options.append) writeFileSync(path, '');
   }
   append(m: StepMetrics): void {
     appendFileSync(this.path, JSON.stringify(m) + '\n');

@@ -18,6 +18,8 @@ import { type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
+import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint } from './checkpoint.js';
+import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
 import { adamwStep, balanceBiasUpdate, sumOfSquares } from './ops.js';
 import { cosineSchedule } from './schedule.js';
 
@@ -152,6 +154,89 @@ export class Trainer implements Disposable {
     });
     this.step++;
     return metrics;
+  }
+
+  private moments(name: string): { expAvg: Tensor; expAvgSq: Tensor } | undefined {
+    const st = this.state.find((x) => x.param.name === name);
+    return st ? { expAvg: st.expAvg, expAvgSq: st.expAvgSq } : undefined;
+  }
+
+  private layerMoments(i: number): MoELayerMoments {
+    const m: MoELayerMoments = {};
+    const put = (key: keyof MoELayerMoments, name: string): void => {
+      const v = this.moments(name);
+      if (v) m[key] = v;
+    };
+    put('router', `layers.${i}.router.weight`);
+    put('w13', `layers.${i}.experts.w13`);
+    put('w2', `layers.${i}.experts.w2`);
+    put('sharedW13', `layers.${i}.shared.w13`);
+    put('sharedW2', `layers.${i}.shared.w2`);
+    return m;
+  }
+
+  /**
+   * Saves model, balancing bias and optimizer state after `this.step` steps (collective when the
+   * world has several ranks): experts by global index in each rank's shard, the rest once.
+   */
+  saveCheckpoint(root: string, keep?: number): SavedCheckpoint {
+    const replicated: Record<string, Tensor> = {};
+    const sharded: Record<string, Tensor> = {};
+    const states = this.model.layers.map((layer, i) => moeLayerState(layer, i, this.layerMoments(i)));
+    try {
+      for (const st of states) {
+        Object.assign(replicated, st.replicated);
+        Object.assign(sharded, st.sharded);
+      }
+      const dense: [string, Tensor][] = [...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]), [ckptNames.head, this.model.head]];
+      for (const [name, t] of dense) {
+        replicated[name] = t;
+        const m = this.moments(name);
+        if (m) {
+          replicated[ckptNames.optim(name, 'exp_avg')] = m.expAvg;
+          replicated[ckptNames.optim(name, 'exp_avg_sq')] = m.expAvgSq;
+        }
+      }
+      const E = this.config.model.experts;
+      return saveCheckpoint(root, {
+        step: this.step,
+        ...(this.world && this.size > 1 ? { comm: this.world } : {}),
+        replicated,
+        sharded,
+        manifestExtras: {
+          config: this.config,
+          ep: { size: this.size, expertsPerRank: E / this.size, numExperts: E },
+          data: { nextBatch: this.step, tokensPerStep: this.config.data.tokensPerStep, seed: this.config.data.seed },
+          optimizer: { step: this.step },
+          rng: { note: 'stateless: weights from Philox(seed, offset), batches from the step index' },
+        },
+        ...(keep === undefined ? {} : { keep }),
+      });
+    } finally {
+      for (const st of states) disposeState(st);
+    }
+  }
+
+  /** Loads a checkpoint (any EP size) and continues from its step: the same run, resumed. */
+  resume(path: string): number {
+    const reader: CheckpointReader = loadCheckpoint(path, this.world && this.size > 1 ? { comm: this.world } : {});
+    try {
+      this.model.layers.forEach((layer, i) => loadMoELayer(reader, layer, i, this.layerMoments(i)));
+      const dense: [string, Tensor][] = [...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]), [ckptNames.head, this.model.head]];
+      for (const [name, t] of dense) {
+        reader.into(name, t);
+        const m = this.moments(name);
+        if (m) {
+          reader.into(ckptNames.optim(name, 'exp_avg'), m.expAvg);
+          reader.into(ckptNames.optim(name, 'exp_avg_sq'), m.expAvgSq);
+        }
+      }
+      this.model.refreshComputeWeights();
+      this.step = reader.step;
+      return this.step;
+    } finally {
+      reader.close();
+    }
   }
 
   /**
