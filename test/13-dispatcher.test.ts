@@ -89,6 +89,31 @@ describe.each([
   });
 });
 
+describe('fp8 dispatch', () => {
+  it('rows arrive within fp8 e4m3 precision of the bf16 dispatch, per-128 scales', () => {
+    tidy(() => {
+      const [T, E, k, H] = [33, 8, 2, 256];
+      const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu }).cast('bf16');
+      // one row with a large block, to exercise per-block scales
+      x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
+      const { indices, weights } = routing(T, E, k);
+      const cap = capacity(indices, weights, { numExperts: E });
+      const plain = new Dispatcher({ numExperts: E }).dispatch(x, indices, weights, cap);
+      const fp8 = new Dispatcher({ numExperts: E, fp8: true }).dispatch(x, indices, weights, cap);
+      expect(fp8.rows.dtype).toBe('bf16');
+      const a = values(fp8.rows), b = values(plain.rows);
+      expect(relErr(a, b)).toBeLessThan(0.05);
+      expect(relErr(a, b)).toBeGreaterThan(0); // it did quantise
+      plain.handle.dispose();
+      fp8.handle.dispose();
+    });
+    expect(() => new Dispatcher({ numExperts: 8, fp8: true }).dispatch(
+      Tensor.zeros([2, 100], { device: cpu }), Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), Tensor.zeros([2, 1], { device: cpu }),
+      capacity(Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), null, { numExperts: 8 }),
+    )).toThrow(/not a multiple of 128/);
+  });
+});
+
 describe('dispatcher configuration', () => {
   it('rejects expert counts that do not divide over the group, and bad alignment', () => {
     const group = { rank: 0, size: 3, allToAll: () => undefined, allToAllV: () => undefined };

@@ -25,6 +25,7 @@
 import { invalidArgument } from '../errors.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
+import { dequantizeFp8, FP8_BLOCK, quantizeFp8 } from './fp8.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
 import { native } from '../native.js';
 
@@ -57,6 +58,12 @@ export interface DispatcherConfig {
   align?: number;
   /** Fixed-size segments of exactly C rows (capacity mode): no host synchronisation. */
   padToCapacity?: boolean;
+  /**
+   * Dispatch rows as fp8 e4m3 with one fp32 scale per 128 values (half the bytes of bf16; rows
+   * are dequantised to x's dtype on arrival). Combine and both backward passes stay in x's dtype.
+   * Needs a hidden size that is a multiple of 128.
+   */
+  fp8?: boolean;
 }
 
 /** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
@@ -92,6 +99,7 @@ export class Dispatcher {
   readonly localExperts: number;
   readonly align: number;
   readonly padToCapacity: boolean;
+  readonly fp8: boolean;
   private mapCache = new Map<string, { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor }>();
 
   constructor(config: DispatcherConfig) {
@@ -109,6 +117,7 @@ export class Dispatcher {
     this.localExperts = config.numExperts / group.size;
     this.align = align;
     this.padToCapacity = config.padToCapacity ?? false;
+    this.fp8 = config.fp8 ?? false;
   }
 
   /** Ships x's routed rows to their experts' owners. `cap` comes from capacity() on this rank. */
@@ -141,7 +150,7 @@ export class Dispatcher {
 
       const { toExpert, toSource, offsets } = this.maps(recvCounts, localRows, x);
       const [rows, rowWeights] = tidy(() => {
-        const received = this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+        const received = this.fp8 ? this.exchangeFp8(permuted.rows, sendRows, recvRows, totalRecv) : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
         const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
         return [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
       });
@@ -212,6 +221,17 @@ export class Dispatcher {
       const recv = Tensor.empty([this.numExperts], { dtype: 'i32', device: like.device });
       this.group.allToAll(send, recv);
       return Array.from(recv.toArray() as Int32Array); // read on the host: part of the dropless sync
+    });
+  }
+
+  /** Rows quantised to fp8 with per-128 scales, exchanged, and dequantised to the rows' dtype. */
+  private exchangeFp8(rows: Tensor, sendRows: number[], recvRows: number[], totalRecv: number): Tensor {
+    return tidy(() => {
+      const { q, scales } = quantizeFp8(rows);
+      const H = rows.shape[1] as number;
+      const recvQ = this.exchange(q, sendRows, recvRows, [totalRecv, H]);
+      const recvScales = this.exchange(scales, sendRows, recvRows, [totalRecv, H / FP8_BLOCK]);
+      return dequantizeFp8({ q: recvQ, scales: recvScales }, rows.dtype);
     });
   }
 

@@ -39,6 +39,25 @@ tidy(() => {
   handle.dispose();
 });
 
+// 1b. The same with fp8 rows on the wire (H = 256: two scale blocks per row): within e4m3 precision.
+tidy(() => {
+  const E = 2 * P, k = 2, T = 9 + rank, H = 256;
+  const idx = [];
+  for (let t = 0; t < T; t++) idx.push((t + rank) % E, (t + rank + 1) % E);
+  const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], device: 'cpu' });
+  const weights = Tensor.rand([T, k], { seed: 70 + rank, device: 'cpu' });
+  const x = Tensor.randn([T, H], { seed: 80 + rank, device: 'cpu' }).cast('bf16');
+  const cap = capacity(indices, weights, { numExperts: E });
+  const d = new Dispatcher({ numExperts: E, group: world, fp8: true });
+  const { rows, handle } = d.dispatch(x, indices, weights, cap);
+  const y = d.combine(rows, handle, weights);
+  const wv = vals(weights), xv = vals(x);
+  const ref = xv.map((v, i) => v * (wv[Math.floor(i / H) * k] + wv[Math.floor(i / H) * k + 1]));
+  const e = relErr(vals(y), ref);
+  check(e < 0.05 && e > 0, `fp8 dispatch∘combine: relErr ${e}`);
+  handle.dispose();
+});
+
 // 2. The layer at EP = P equals the one-rank layer with the same global weights, forward and
 //    backward; local expert gradients equal the reference gradients summed over ranks.
 for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid' }]) {

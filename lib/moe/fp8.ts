@@ -1,0 +1,42 @@
+/**
+ * FP8 (e4m3) rows with one fp32 scale per 128 values (DeepEP / DeepSeek-V3 dispatch format):
+ * scale = amax/448 per block, values saturated. Halves the bytes a bf16 dispatch moves.
+ */
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { type DType } from '../dtype.js';
+import { Tensor } from '../tensor.js';
+
+export const FP8_BLOCK = 128;
+
+export interface Fp8Rows {
+  q: Tensor; // [R, H] fp8e4m3
+  scales: Tensor; // [R, H/128] f32
+}
+
+export function quantizeFp8(x: Tensor): Fp8Rows {
+  if (!(x instanceof Tensor) || x.ndim !== 2) invalidArgument('quantizeFp8', `'x' must be a [R, H] tensor`);
+  const [R, H] = x.shape as [number, number];
+  if (H % FP8_BLOCK !== 0) invalidArgument('quantizeFp8', `'x' rows of ${H} values are not a multiple of ${FP8_BLOCK}`);
+  const q = Tensor.empty([R, H], { dtype: 'fp8e4m3', device: x.device });
+  const scales = Tensor.empty([R, H / FP8_BLOCK], { dtype: 'f32', device: x.device });
+  try {
+    native().quantizeFp8(x.handle, q.handle, scales.handle);
+  } catch (e) {
+    q.dispose();
+    scales.dispose();
+    throw e;
+  }
+  return { q, scales };
+}
+
+export function dequantizeFp8(rows: Fp8Rows, dtype: DType = 'bf16'): Tensor {
+  const out = Tensor.empty(rows.q.shape, { dtype, device: rows.q.device });
+  try {
+    native().dequantizeFp8(rows.q.handle, rows.scales.handle, out.handle);
+  } catch (e) {
+    out.dispose();
+    throw e;
+  }
+  return out;
+}
