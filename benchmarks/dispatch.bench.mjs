@@ -1,0 +1,313 @@
+// Dispatch / combine (Dispatcher.dispatch and Dispatcher.combine) in DeepEP's configuration, with
+// DeepEP's byte accounting, next to DeepEP's published figures and to torch.distributed
+// all_to_all_single measured in the same run on the same layout.
+//   node benchmarks/dispatch.bench.mjs [--out DIR] [--quick] [--no-peer] [--dry-run]
+//   mpirun -np N node benchmarks/dispatch.bench.mjs [...]     (one rank per GPU: NCCL;
+//                                                              ranks sharing a GPU: MPI, host staging)
+// Configuration (DeepEP's tests): 4096 tokens per rank, hidden 7168, top-8 of 256 experts, BF16,
+// routing uniformly random (8 distinct experts per token, seeded per rank), dropless.
+// Bytes (DeepEP's accounting): rows this rank receives in dispatch × hidden × 2, counting the rows
+// it sends to itself; combine moves the same rows back, so it is credited the same bytes.
+// Our dispatcher ships one row per (token, expert); DeepEP's normal kernels ship one row per
+// (token, destination rank). 'GB/s (token rows)' credits only those unique (token, rank) rows, which
+// is the like-for-like figure to set beside DeepEP's.
+// Timing: CUDA events around one call, median after warm-up; before each call every rank waits
+// for its device and meets the others at a barrier. dispatch is Dispatcher.dispatch (permute, the
+// count exchange with its host read, all-to-all-v of rows and gate weights, regroup by local
+// expert); combine is Dispatcher.combine (regroup back, all-to-all-v back, weighted unpermute).
+// The peer (benchmarks/peers/dispatch_torch.py): each rank starts one python process after its
+// own timing; they form a torch.distributed group (NCCL when every rank has its GPU, gloo with
+// host staging when ranks share one, like our MPI backend) and time all_to_all_single on the same
+// split sizes, plus the gather + all-to-all (dispatch) and all-to-all + weighted index_add_
+// (combine) that do what ours does.
+// --dry-run: tiny shapes on the CPU (wall-clock timing), to check the script; the peer runs on the
+// CPU with gloo when python3 has torch.
+import { spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { capacity, Dispatcher, Event, getDefaultDevice, init, launchEnv, synchronize, Tensor } from '../dist/lib/index.js';
+import { args, quick, writeInputs, writeResult } from './harness.mjs';
+
+const dryRun = args.includes('--dry-run');
+const noPeer = args.includes('--no-peer');
+
+// DeepEP README, normal kernels, H800, EP8 (intranode, NVLink bottleneck bandwidth), BF16.
+const DEEPEP = { source: 'DeepEP README, normal kernels, H800, EP8', dispatchGBs: 153, combineGBs: 158 };
+
+const le = launchEnv();
+const world = await init(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {});
+const P = world.size;
+const rank = world.rank;
+const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
+const onGpu = dev !== 'cpu';
+const log = (...m) => {
+  if (rank === 0) console.error(...m);
+};
+
+const cfg = dryRun ? { T: 64, H: 256, k: 8, E: 32 } : { T: 4096, H: 7168, k: 8, E: 256 };
+const { T, H, k, E } = cfg;
+if (E % P !== 0) throw new Error(`${E} experts do not split over ${P} ranks`);
+const El = E / P;
+const warmup = dryRun ? 1 : 5;
+const repeats = dryRun ? 3 : quick ? 10 : 50;
+
+/** Uniformly random top-k distinct experts per token and positive gate weights (mulberry32, seeded). */
+function routing(seed) {
+  let a = seed >>> 0;
+  const r = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const idx = new Int32Array(T * k);
+  const w = new Float32Array(T * k);
+  const pool = Int32Array.from({ length: E }, (_, i) => i);
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < k; j++) {
+      const p = j + Math.floor(r() * (E - j)); // partial Fisher-Yates: k distinct experts
+      const tmp = pool[j];
+      pool[j] = pool[p];
+      pool[p] = tmp;
+      idx[t * k + j] = pool[j];
+      w[t * k + j] = 0.05 + r();
+    }
+  }
+  return { idx, w };
+}
+const seedOf = (r) => 20250 + 7919 * r;
+
+// Unique (token, destination rank) rows every source rank sends to this rank: what DeepEP ships.
+// Every rank regenerates all ranks' routing (it is a pure function of the seed).
+let tokenRowsRecv = 0;
+for (let src = 0; src < P; src++) {
+  const use = routing(seedOf(src)).idx;
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < k; j++) {
+      if (Math.floor(use[t * k + j] / El) === rank) {
+        tokenRowsRecv++;
+        break;
+      }
+    }
+  }
+}
+
+const { idx, w } = routing(seedOf(rank));
+const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], device: dev });
+const weights = Tensor.fromArray(w, { dtype: 'f32', shape: [T, k], device: dev });
+const x = Tensor.randn([T, H], { dtype: 'bf16', seed: 100 + rank, device: dev });
+const cap = capacity(indices, weights, { numExperts: E }); // dropless: no capacity factor
+const dispatcher = new Dispatcher({ numExperts: E, group: world });
+
+/** Every rank waits for its device, then all meet: each timed call starts together. */
+function align() {
+  if (onGpu) synchronize(dev);
+  if (P > 1) {
+    world.barrier();
+    if (onGpu) synchronize(dev);
+  }
+}
+
+/** Median ms of fn() (CUDA events on a GPU, wall clock on the CPU); fn returns a cleanup, run untimed. */
+function timeOp(fn) {
+  const times = [];
+  for (let i = 0; i < warmup + repeats; i++) {
+    align();
+    let ms;
+    let cleanup;
+    if (onGpu) {
+      const start = new Event(dev, { timing: true });
+      const end = new Event(dev, { timing: true });
+      start.record();
+      cleanup = fn();
+      end.record();
+      end.synchronize();
+      ms = start.elapsedTime(end);
+      start.dispose();
+      end.dispose();
+    } else {
+      const t0 = performance.now();
+      cleanup = fn();
+      ms = performance.now() - t0;
+    }
+    cleanup?.();
+    if (i >= warmup) times.push(ms);
+  }
+  times.sort((a, b) => a - b);
+  return times[Math.floor(times.length / 2)];
+}
+
+// One dispatch kept for combine, the layout figures and the check.
+const kept = dispatcher.dispatch(x, indices, weights, cap);
+const recvRows = kept.handle.recvRows.reduce((a, b) => a + b, 0);
+const selfRows = kept.handle.recvRows[rank];
+const sendRows = kept.handle.sendRows.slice();
+
+// Check: identity experts, so combine(dispatch(x)) = x · Σ_j w[t, j] (first rows, on the host).
+let checkRelErr;
+{
+  const y = dispatcher.combine(kept.rows, kept.handle, weights);
+  const n = Math.min(T, 64);
+  const ys = y.narrow(0, 0, n);
+  const xs = x.narrow(0, 0, n);
+  const yv = ys.toFloat32Array();
+  const xv = xs.toFloat32Array();
+  let num = 0;
+  let den = 0;
+  for (let t = 0; t < n; t++) {
+    let s = 0;
+    for (let j = 0; j < k; j++) s += w[t * k + j];
+    for (let h = 0; h < H; h++) {
+      const ref = xv[t * H + h] * s;
+      num += (yv[t * H + h] - ref) ** 2;
+      den += ref * ref;
+    }
+  }
+  checkRelErr = Math.sqrt(num / Math.max(den, 1e-30));
+  for (const t of [y, ys, xs]) t.dispose();
+  if (!(checkRelErr < 1e-2)) console.error(`rank ${rank}: dispatch∘combine with identity experts is off: relErr ${checkRelErr}`);
+}
+
+log(`dispatch: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} H=${H} top-${k} E=${E}`);
+const dispatchMs = timeOp(() => {
+  const d = dispatcher.dispatch(x, indices, weights, cap);
+  return () => {
+    d.rows.dispose();
+    d.weights.dispose();
+    d.handle.dispose();
+  };
+});
+const combineMs = timeOp(() => {
+  const y = dispatcher.combine(kept.rows, kept.handle, weights);
+  return () => y.dispose();
+});
+
+// ---------------------------------------------------------------------------------------- peer
+// Rank 0 picks a scratch folder name and a free port for torch's rendezvous; every rank learns them.
+async function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+let peer = { skipped: true };
+if (!noPeer) {
+  const shared = Tensor.fromArray(rank === 0 ? [await freePort(), Math.floor(Math.random() * 2 ** 30)] : [0, 0], { dtype: 'i32', device: dev });
+  if (P > 1) world.broadcast(shared, 0);
+  const [port, token] = Array.from(shared.toArray());
+  shared.dispose();
+  const root = join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), `moe-dispatch-${token}`);
+  const dir = join(root, `rank${rank}`);
+  mkdirSync(dir, { recursive: true });
+  const p = kept.handle.permuted;
+  const counts = (a) => Tensor.fromArray(a, { dtype: 'i32', device: 'cpu' });
+  const sendT = counts(sendRows);
+  const recvT = counts(kept.handle.recvRows);
+  writeInputs(dir, { x, rowToken: p.rowToken, rowWeight: p.rowWeight, sendRows: sendT, recvRows: recvT });
+  sendT.dispose();
+  recvT.dispose();
+  align(); // every rank's inputs are written and its GPU is idle before the peers start
+  // our backend → the peer's: one rank or one GPU per rank: NCCL; ranks sharing a GPU (our MPI
+  // backend, host staging): gloo on host copies; dry run: gloo on the CPU.
+  const peerBackend = dryRun ? 'cpu' : world.backend === 'mpi' ? 'gloo-staged' : 'nccl';
+  const r = spawnSync('python3', [join(import.meta.dirname, 'peers', 'dispatch_torch.py'), dir, String(repeats), peerBackend], {
+    encoding: 'utf8',
+    timeout: 600_000,
+    maxBuffer: 64 << 20,
+    env: {
+      ...process.env,
+      PYTHONUNBUFFERED: '1',
+      RANK: String(rank),
+      WORLD_SIZE: String(P),
+      LOCAL_RANK: String(le.localRank),
+      MASTER_ADDR: process.env.MOE_PEER_MASTER_ADDR ?? '127.0.0.1',
+      MASTER_PORT: String(port),
+      MOE_PEER_WARMUP: String(warmup),
+    },
+  });
+  if (r.status === 0) {
+    const lines = r.stdout.trim().split('\n');
+    peer = JSON.parse(lines[lines.length - 1]);
+  } else {
+    peer = { error: `${r.error?.message ?? `exit ${r.status}`}: ${(r.stderr ?? '').trim().split('\n').slice(-3).join(' | ')}` };
+    console.error(`rank ${rank}: torch peer failed: ${peer.error}`);
+  }
+  align();
+  rmSync(dir, { recursive: true, force: true });
+  if (rank === 0) rmSync(root, { recursive: true, force: true });
+}
+
+// ------------------------------------------------------------------------------- gather, report
+const FIELDS = ['dispatchMs', 'combineMs', 'recvRows', 'selfRows', 'tokenRowsRecv', 'checkRelErr', 'torchDispatchA2A', 'torchCombineA2A', 'torchDispatchFull', 'torchCombineFull', 'torchCheckRelErr'];
+const mine = [dispatchMs, combineMs, recvRows, selfRows, tokenRowsRecv, checkRelErr, peer.dispatch_a2a_ms, peer.combine_a2a_ms, peer.dispatch_full_ms, peer.combine_full_ms, peer.check_rel_err].map((v) =>
+  typeof v === 'number' && Number.isFinite(v) ? v : NaN,
+);
+const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: dev });
+const allT = P > 1 ? world.allGather(mineT) : mineT;
+const all = Array.from(allT.toArray());
+const perRank = Array.from({ length: P }, (_, r) => Object.fromEntries(FIELDS.map((f, i) => [f, all[r * FIELDS.length + i]])));
+
+if (rank === 0) {
+  const elem = 2; // bf16
+  const gbs = (rows, ms) => (Number.isFinite(ms) && ms > 0 ? +((rows * H * elem) / (ms * 1e6)).toFixed(1) : null);
+  const num = (v, d = 3) => (Number.isFinite(v) ? +v.toFixed(d) : null);
+  const rows = [];
+  for (const [r, m] of perRank.entries()) {
+    for (const op of ['dispatch', 'combine']) {
+      const ms = op === 'dispatch' ? m.dispatchMs : m.combineMs;
+      const a2a = op === 'dispatch' ? m.torchDispatchA2A : m.torchCombineA2A;
+      const full = op === 'dispatch' ? m.torchDispatchFull : m.torchCombineFull;
+      rows.push({
+        rank: r,
+        op: `${op} BF16`,
+        rows: m.recvRows,
+        selfRows: m.selfRows,
+        ms: num(ms),
+        'GB/s': gbs(m.recvRows, ms),
+        'GB/s (token rows)': gbs(m.tokenRowsRecv, ms),
+        'DeepEP GB/s': op === 'dispatch' ? DEEPEP.dispatchGBs : DEEPEP.combineGBs,
+        'torch a2a ms': num(a2a),
+        'torch a2a GB/s': gbs(m.recvRows, a2a),
+        'torch full ms': num(full),
+        'torch full/ours': Number.isFinite(full) && ms > 0 ? +(full / ms).toFixed(2) : null,
+      });
+    }
+  }
+  // TODO(fp8): Dispatcher has no FP8 option yet; when it does, time dispatch with FP8 rows and count
+  // rows × (hidden + hidden/128·4 scale bytes).
+  rows.push({ rank: 'all', op: 'dispatch FP8 (TODO: Dispatcher has no fp8 option yet)', rows: null, ms: null, 'GB/s': null, 'DeepEP GB/s': null });
+  const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
+  writeResult(dryRun ? 'dispatch-dryrun' : 'dispatch', rows, {
+    config: { tokensPerRank: T, hidden: H, topK: k, experts: E, ranks: P, localExperts: El, dtype: 'bf16', routing: 'uniform random top-k distinct experts, seeded per rank; dropless' },
+    backend: world.backend,
+    device: dev,
+    bytes: 'GB/s = received rows × hidden × 2 (bf16) / median time, rows received from every rank including this one; combine is credited the same bytes (it sends those rows back). FP8 (when supported): rows × (hidden + hidden/128·4)',
+    tokenRows: "'GB/s (token rows)' credits only unique (token, destination rank) rows, as DeepEP's normal kernels ship them; the like-for-like figure beside DeepEP's",
+    deepep: `${DEEPEP.source}: dispatch ${DEEPEP.dispatchGBs} GB/s, combine ${DEEPEP.combineGBs} GB/s (BF16)`,
+    timing: 'CUDA events, median of repeats after warm-up; each call starts after a device sync and a barrier of all ranks. dispatch = Dispatcher.dispatch incl. the count exchange and its host read; combine = Dispatcher.combine (identity experts: the dispatched rows go back as they are)',
+    oneRank: 'with one rank the dispatcher exchanges nothing (a view): dispatch is permute + the count read, combine is the weighted unpermute; torch a2a with a group of one is a device copy',
+    sharedGpu: world.backend === 'mpi' && onGpu ? 'ranks share a GPU through the MPI backend: these figures measure host staging, not NVLink' : undefined,
+    peer: peer.skipped
+      ? 'skipped (--no-peer)'
+      : `torch ${peer.torch ?? '?'} ${peer.backend ?? ''}: all_to_all_single on the same split sizes (a2a); full = x.index_select(rowToken) + a2a (dispatch), a2a back + index_add_ of rows·weight (combine)${peer.error ? `; error on rank 0: ${peer.error}` : ''}`,
+    check: `combine(dispatch(x)) with identity experts vs x·Σw on the first rows: max relErr over ranks ${Math.max(...perRank.map((m) => m.checkRelErr)).toExponential(2)}; the torch peer's full path vs the same: ${Math.max(...perRank.map((m) => m.torchCheckRelErr)).toExponential(2)}`,
+    slowestRank: { dispatchMs: slowest('dispatchMs'), combineMs: slowest('combineMs') },
+  });
+}
+
+kept.rows.dispose();
+kept.weights.dispose();
+kept.handle.dispose();
+for (const t of [indices, weights, x, mineT]) t.dispose();
+if (allT !== mineT) allT.dispose();
+for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
+dispatcher.dispose();
+world.dispose();

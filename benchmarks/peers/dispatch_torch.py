@@ -1,0 +1,158 @@
+"""PyTorch peer for benchmarks/dispatch.bench.mjs: torch.distributed all_to_all_single on the same
+layout (the same rows and split sizes per rank), timed with CUDA events in the same run.
+
+usage: dispatch_torch.py <inputs folder> <repeats> [nccl | gloo-staged | cpu]
+  Started by dispatch.bench.mjs on every rank (one python process per Node rank) with RANK,
+  WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; the processes form one torch.distributed
+  group. It can also run by itself: `mpirun -np N python3 dispatch_torch.py <folder> 50` (with
+  MASTER_ADDR and MASTER_PORT exported) on a folder holding rank<r>/ inputs that the benchmark
+  left (it removes them unless the peer is skipped).
+  nccl:        one GPU per rank (or one rank): all_to_all_single of device tensors.
+  gloo-staged: ranks sharing a GPU (our MPI backend): device → pinned host copy, gloo all-to-all,
+               host → device copy, like our MPI backend's staging.
+  cpu:         the benchmark's --dry-run: gloo on CPU tensors, wall-clock timing.
+
+Inputs (harness.mjs writeInputs): x [T,H] bf16, rowToken [R] i32 (our permuted order: rows grouped
+by global expert, so by destination rank), rowWeight [R] f32, sendRows [P] i32, recvRows [P] i32.
+Times:
+  dispatch_a2a_ms:  all_to_all_single of the permuted rows (sendRows out, recvRows in)
+  combine_a2a_ms:   the way back (recvRows out, sendRows in)
+  dispatch_full_ms: x.index_select(0, rowToken) then the all-to-all (our dispatch also regroups)
+  combine_full_ms:  the all-to-all back then y.index_add_(0, rowToken, rows·rowWeight) in fp32
+Prints one JSON object (its last line).
+"""
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from common import emit, load_inputs
+
+
+def env_int(*names, default=0):
+    for n in names:
+        if os.environ.get(n):
+            return int(os.environ[n])
+    return default
+
+
+def main():
+    folder, repeats = sys.argv[1], int(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else "nccl"
+    rank = env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+    world = env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
+    local = env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+    warmup = env_int("MOE_PEER_WARMUP", default=5)
+    if os.path.isdir(os.path.join(folder, f"rank{rank}")):
+        folder = os.path.join(folder, f"rank{rank}")
+
+    if mode == "cpu":
+        device = torch.device("cpu")
+    else:
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    backend = "nccl" if mode == "nccl" else "gloo"
+    staged = mode == "gloo-staged"
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    port = os.environ.get("MASTER_PORT", "29511")
+    kw = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=180), **kw)
+
+    inp = load_inputs(folder, device=device)
+    x = inp["x"]
+    tok = inp["rowToken"].long()
+    rw = inp["rowWeight"]
+    send = [int(v) for v in inp["sendRows"].cpu().tolist()]
+    recv = [int(v) for v in inp["recvRows"].cpu().tolist()]
+    T, H = x.shape
+    R, Rr = tok.numel(), sum(recv)
+    assert R == sum(send), f"rank {rank}: {R} permuted rows but sendRows sums to {sum(send)}"
+    src = tok.clamp(min=0)  # dropless without alignment: no padding rows (-1)
+
+    rows = x.index_select(0, src)
+    recv_buf = torch.empty(Rr, H, dtype=x.dtype, device=device)
+    back_buf = torch.empty(R, H, dtype=x.dtype, device=device)
+    pin = device.type == "cuda"
+    if staged:  # pinned host buffers, made once (as our MPI backend stages through pinned memory)
+        most = max(R, Rr)
+        host_send = torch.empty(most, 2 * H, dtype=torch.uint8, pin_memory=pin)
+        host_recv = torch.empty(most, 2 * H, dtype=torch.uint8, pin_memory=pin)
+
+    def a2a(out, src_rows, out_splits, in_splits):
+        # bf16 travels as its bytes (uint8, [rows, 2H]): every backend handles uint8.
+        if staged:
+            hs = host_send[: src_rows.shape[0]]
+            hr = host_recv[: out.shape[0]]
+            hs.copy_(src_rows.view(torch.uint8))
+            dist.all_to_all_single(hr, hs, out_splits, in_splits)
+            out.view(torch.uint8).copy_(hr)
+        else:
+            dist.all_to_all_single(out.view(torch.uint8), src_rows.view(torch.uint8), out_splits, in_splits)
+
+    def dispatch_a2a():
+        a2a(recv_buf, rows, recv, send)
+
+    def combine_a2a():
+        a2a(back_buf, recv_buf, send, recv)
+
+    def dispatch_full():
+        r = x.index_select(0, src)
+        a2a(recv_buf, r, recv, send)
+
+    def combine_full():
+        a2a(back_buf, recv_buf, send, recv)
+        y = torch.zeros(T, H, dtype=torch.float32, device=device)
+        y.index_add_(0, src, back_buf.float() * rw[:, None])
+        return y.to(x.dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def align():
+        sync()
+        if world > 1:
+            dist.barrier()
+            sync()
+
+    def timed(fn):
+        times = []
+        for i in range(warmup + repeats):
+            align()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t0) * 1e3
+            if i >= warmup:
+                times.append(ms)
+        times.sort()
+        return times[len(times) // 2]
+
+    out = {"torch": torch.__version__, "backend": backend + (" (host-staged)" if staged else ""), "rank": rank, "world": world}
+    # Check: dispatch then combine of the rows gives x · Σ_j w[t, j] (identity experts).
+    dispatch_a2a()
+    y = combine_full()
+    ref = torch.zeros(T, H, dtype=torch.float32, device=device).index_add_(0, src, x.float()[src] * rw[:, None])
+    out["check_rel_err"] = float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+    out["dispatch_a2a_ms"] = timed(dispatch_a2a)
+    out["combine_a2a_ms"] = timed(combine_a2a)
+    out["dispatch_full_ms"] = timed(dispatch_full)
+    out["combine_full_ms"] = timed(combine_full)
+    align()
+    dist.destroy_process_group()
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()

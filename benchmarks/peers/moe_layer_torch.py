@@ -1,0 +1,174 @@
+"""PyTorch peer for benchmarks/moe-layer.bench.mjs: the same MoE layer in autograd, on the same
+weights and inputs, timed with CUDA events in the same run, and compared with our outputs and
+gradients.
+
+usage: moe_layer_torch.py <inputs folder> <repeats> <top-k> [cuda | cpu] [warmup]
+
+Inputs (harness.mjs writeInputs): x, dy [T,H] bf16; router [H,E] bf16; w1, w3 [E,H,F] bf16 (out of
+our interleaved w13); w2 [E,F,H] bf16; ours: y, dx [T,H] bf16, dRouter [H,E] f32, dW1, dW3 [E,H,F]
+f32, dW2 [E,F,H] f32, indices [T,k] i32.
+
+The layer (as moe-ep's MoELayer with softmax routing, normalize = false, dropless):
+  logits = x·Wr in fp32; probs = softmax(logits); (w, idx) = top-k(probs), w not renormalised;
+  assignments sorted by expert (stable), each expert's group padded to a multiple of 16 rows with
+  zero rows (torch._grouped_mm's backward wants aligned groups) within a static bound, so no host
+  sync; g1 = xs·W1, g3 = xs·W3 (torch._grouped_mm, offs = cumulative padded counts, int32);
+  out = (silu(g1)·g3)·W2; y[t] = Σ_j w[t,j]·out[row(t,j)] in fp32, then bf16. Backward: autograd
+  with dy. 'fused': the same with one GEMM against [W1 | W3] ([E,H,2F], a leaf made once).
+Prints one JSON object (its last line).
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import emit, load_inputs, rel_err
+
+ALIGN = 16
+
+
+def routed_layer(x, wr, k, experts, align=ALIGN):
+    """y [T,H] of the MoE layer; experts(xs, offs) → out rows. Differentiable in x, wr and the experts."""
+    T, H = x.shape
+    E = wr.shape[1]
+    logits = x.float() @ wr.float()
+    probs = logits.softmax(dim=-1)
+    topw, topi = probs.topk(k, dim=-1)
+    flat = topi.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    padded = (counts + align - 1) // align * align
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    first = counts.cumsum(0) - counts
+    sorted_e = flat[order]
+    dest = starts[sorted_e] + (torch.arange(T * k, device=x.device) - first[sorted_e])
+    bound = T * k + E * (align - 1)  # every padded layout fits: no host read of the counts
+    src = torch.full((bound,), T, dtype=torch.long, device=x.device)  # T: the zero row
+    src[dest] = order // k
+    xs = torch.cat([x, x.new_zeros(1, H)])[src]
+    out = experts(xs, ends.to(torch.int32))
+    pos = torch.empty_like(flat)
+    pos[order] = dest
+    y = (out[pos].view(T, k, H).float() * topw.unsqueeze(-1)).sum(dim=1)
+    return y.to(x.dtype), topi
+
+
+def main():
+    folder, repeats, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cuda")
+    warmup = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    inp = load_inputs(folder, device=device)
+    x0, dy = inp["x"], inp["dy"]
+
+    def leaf(t):
+        return t.detach().clone().requires_grad_(True)
+
+    x, wr, w1, w3, w2 = (leaf(inp[n]) for n in ("x", "router", "w1", "w3", "w2"))
+    w13 = leaf(torch.cat([inp["w1"], inp["w3"]], dim=-1))  # for the fused variant
+    w2f = leaf(inp["w2"])
+
+    def experts(xs, offs):
+        g1 = torch._grouped_mm(xs, w1, offs=offs)
+        g3 = torch._grouped_mm(xs, w3, offs=offs)
+        return torch._grouped_mm(F.silu(g1) * g3, w2, offs=offs)
+
+    def experts_fused(xs, offs):
+        g1, g3 = torch._grouped_mm(xs, w13, offs=offs).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(g1) * g3, w2f, offs=offs)
+
+    params = [x, wr, w1, w3, w2, w13, w2f]
+
+    def zero_grads():
+        for p in params:
+            p.grad = None
+
+    # ------------------------------------------------------------------------------- the check
+    y, topi = routed_layer(x, wr, k, experts)
+    y.backward(dy)
+    ours_idx = inp["indices"].long()
+    same = (topi.sort(dim=-1).values == ours_idx.sort(dim=-1).values).all(dim=-1)
+    result = {
+        "torch": torch.__version__,
+        "routing_mismatch_tokens": int((~same).sum()),
+        "rel_err": {
+            "y": rel_err(inp["y"], y.detach()),
+            "dx": rel_err(inp["dx"], x.grad),
+            "dRouter": rel_err(inp["dRouter"], wr.grad),
+            "dW1": rel_err(inp["dW1"], w1.grad),
+            "dW3": rel_err(inp["dW3"], w3.grad),
+            "dW2": rel_err(inp["dW2"], w2.grad),
+        },
+    }
+    with torch.no_grad():
+        yf, _ = routed_layer(x, wr, k, experts_fused)
+    result["fused_vs_unfused_y"] = rel_err(yf, y.detach())
+    del y, yf, topi, same
+    for name in ("y", "dx", "dRouter", "dW1", "dW3", "dW2", "indices"):
+        del inp[name]  # free our copies before timing
+    zero_grads()
+
+    # ------------------------------------------------------------------------------- timing
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(body, setup=None):
+        times = []
+        for i in range(warmup + repeats):
+            ctx = setup() if setup else None
+            sync()
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                body(ctx)
+                end.record()
+                end.synchronize()
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                body(ctx)
+                ms = (time.perf_counter() - t0) * 1e3
+            zero_grads()
+            if i >= warmup:
+                times.append(ms)
+        times.sort()
+        return times[len(times) // 2]
+
+    for tag, ex in (("", experts), ("fused_", experts_fused)):
+        result[tag + "forward_ms"] = timed(lambda _: routed_layer(x, wr, k, ex))
+        result[tag + "backward_ms"] = timed(lambda y: y.backward(dy), setup=lambda: routed_layer(x, wr, k, ex)[0])
+        result[tag + "step_ms"] = timed(lambda _: routed_layer(x, wr, k, ex)[0].backward(dy))
+
+    # AdamW on fp32 masters of the bf16 params (router, w1, w3, w2), then copied into the params:
+    # what a bf16 model with fp32 optimizer state does in PyTorch.
+    y, _ = routed_layer(x, wr, k, experts)
+    y.backward(dy)
+    model = [wr, w1, w3, w2]
+    masters = [p.detach().float().clone() for p in model]
+    for m, p in zip(masters, model):
+        m.grad = p.grad.float()
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(masters, lr=1e-6, weight_decay=0.1, fused=fused)
+
+    def adamw(_):
+        for m, p in zip(masters, model):
+            m.grad.copy_(p.grad)  # bf16 grads into the fp32 masters' grads
+        opt.step()
+        with torch.no_grad():
+            for m, p in zip(masters, model):
+                p.copy_(m)
+
+    grads = [p.grad for p in model]
+
+    def restore_grads():
+        for p, g in zip(model, grads):
+            p.grad = g
+
+    result["adamw_ms"] = timed(adamw, setup=restore_grads)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
