@@ -185,6 +185,16 @@ const combineMs = timeOp(() => {
   const y = dispatcher.combine(kept.rows, kept.handle, weights);
   return () => y.dispose();
 });
+// FP8 dispatch (e4m3 rows + one fp32 scale per 128 values), combine unchanged (BF16).
+const dispatcherFp8 = new Dispatcher({ numExperts: E, group: world, fp8: true });
+const dispatchFp8Ms = timeOp(() => {
+  const d = dispatcherFp8.dispatch(x, indices, weights, cap);
+  return () => {
+    d.rows.dispose();
+    d.weights.dispose();
+    d.handle.dispose();
+  };
+});
 
 // ---------------------------------------------------------------------------------------- peer
 // Rank 0 picks a scratch folder name and a free port for torch's rendezvous; every rank learns them.
@@ -246,8 +256,8 @@ if (!noPeer) {
 }
 
 // ------------------------------------------------------------------------------- gather, report
-const FIELDS = ['dispatchMs', 'combineMs', 'recvRows', 'selfRows', 'tokenRowsRecv', 'checkRelErr', 'torchDispatchA2A', 'torchCombineA2A', 'torchDispatchFull', 'torchCombineFull', 'torchCheckRelErr'];
-const mine = [dispatchMs, combineMs, recvRows, selfRows, tokenRowsRecv, checkRelErr, peer.dispatch_a2a_ms, peer.combine_a2a_ms, peer.dispatch_full_ms, peer.combine_full_ms, peer.check_rel_err].map((v) =>
+const FIELDS = ['dispatchFp8Ms', 'dispatchMs', 'combineMs', 'recvRows', 'selfRows', 'tokenRowsRecv', 'checkRelErr', 'torchDispatchA2A', 'torchCombineA2A', 'torchDispatchFull', 'torchCombineFull', 'torchCheckRelErr'];
+const mine = [dispatchFp8Ms, dispatchMs, combineMs, recvRows, selfRows, tokenRowsRecv, checkRelErr, peer.dispatch_a2a_ms, peer.combine_a2a_ms, peer.dispatch_full_ms, peer.combine_full_ms, peer.check_rel_err].map((v) =>
   typeof v === 'number' && Number.isFinite(v) ? v : NaN,
 );
 const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: dev });
@@ -281,9 +291,18 @@ if (rank === 0) {
       });
     }
   }
-  // TODO(fp8): Dispatcher has no FP8 option yet; when it does, time dispatch with FP8 rows and count
-  // rows × (hidden + hidden/128·4 scale bytes).
-  rows.push({ rank: 'all', op: 'dispatch FP8 (TODO: Dispatcher has no fp8 option yet)', rows: null, ms: null, 'GB/s': null, 'DeepEP GB/s': null });
+  for (const [r, m] of perRank.entries()) {
+    const fp8Bytes = m.recvRows * (H + (H / 128) * 4); // e4m3 values plus their fp32 scales
+    rows.push({
+      rank: r,
+      op: 'dispatch FP8',
+      rows: m.recvRows,
+      selfRows: m.selfRows,
+      ms: num(m.dispatchFp8Ms),
+      'GB/s': Number.isFinite(m.dispatchFp8Ms) && m.dispatchFp8Ms > 0 ? +(fp8Bytes / (m.dispatchFp8Ms * 1e6)).toFixed(1) : null,
+      'DeepEP GB/s': DEEPEP.dispatchGBs,
+    });
+  }
   const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
   writeResult(dryRun ? 'dispatch-dryrun' : 'dispatch', rows, {
     config: { tokensPerRank: T, hidden: H, topK: k, experts: E, ranks: P, localExperts: El, dtype: 'bf16', routing: 'uniform random top-k distinct experts, seeded per rank; dropless' },
