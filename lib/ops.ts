@@ -5,6 +5,7 @@
  * name the op and the argument.
  */
 import { type DType } from './dtype.js';
+import { checkTensor } from './args.js';
 import { invalidArgument } from './errors.js';
 import { native } from './native.js';
 import { Tensor } from './tensor.js';
@@ -13,10 +14,6 @@ export interface OutOption {
   out?: Tensor;
 }
 
-function checkTensor(t: unknown, op: string, arg: string): Tensor {
-  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
-  return t;
-}
 
 function checkNumber(v: unknown, op: string, arg: string): number {
   if (typeof v !== 'number' || Number.isNaN(v)) invalidArgument(op, `'${arg}' must be a number; received ${String(v)}`);

@@ -15,6 +15,7 @@
  * A dropped assignment contributes nothing downstream: the caller's residual carries the token.
  * On the GPU nothing here synchronises with the host.
  */
+import { checkTensor } from '../args.js';
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
@@ -47,10 +48,8 @@ export interface CapacityOptions {
 }
 
 /** @internal Shared by the moe/ modules. */
-export function requireTensor(v: unknown, op: string, name: string): Tensor {
-  if (!(v instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor; received ${v === null ? 'null' : typeof v}`);
-  return v;
-}
+/** @internal The shared tensor check (lib/args.ts), under the name capacity and permute use. */
+export const requireTensor = checkTensor;
 
 /** @internal Allocates an output unless one was given; `made` collects what was allocated here. */
 export function output(given: unknown, shape: readonly number[], dtype: Tensor['dtype'], like: Tensor, op: string, name: string, made: Tensor[]): Tensor {

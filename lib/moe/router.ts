@@ -22,6 +22,7 @@
  * InvalidArgumentError naming the first bad row.
  */
 import type { Device } from '../device.js';
+import { checkTensor, withOutputs } from '../args.js';
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
@@ -103,10 +104,6 @@ export interface RouterForwardOptions {
   out?: Partial<RouterOutputs>;
 }
 
-function checkTensor(t: unknown, op: string, arg: string): Tensor {
-  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
-  return t;
-}
 
 function resolve(config: RouterConfig | ResolvedRouterConfig): ResolvedRouterConfig {
   return validated.has(config) ? (config as ResolvedRouterConfig) : resolveRouterConfig(config);
@@ -120,27 +117,6 @@ function checkLogits(logits: Tensor, cfg: ResolvedRouterConfig, op: string, arg 
   return logits.shape[0] as number;
 }
 
-/** Allocates what the caller did not give; disposes those again if `fn` throws. */
-function withOutputs<T extends Record<string, Tensor>>(given: Partial<T>, make: { [K in keyof T]: () => Tensor }, fn: (o: T) => void): T {
-  const made: Tensor[] = [];
-  const o = {} as T;
-  try {
-    for (const key of Object.keys(make) as (keyof T)[]) {
-      const g = given[key];
-      if (g !== undefined) o[key] = checkTensor(g, 'router', `out.${String(key)}`) as T[keyof T];
-      else {
-        const t = make[key]();
-        made.push(t);
-        o[key] = t as T[keyof T];
-      }
-    }
-    fn(o);
-  } catch (e) {
-    for (const t of made) t.dispose();
-    throw e;
-  }
-  return o;
-}
 
 /** Throws when nanRows says a row was bad (reads it from the device: a sync on a GPU). */
 function throwOnBadRows(nanRows: Tensor, op: string): void {
@@ -166,6 +142,7 @@ export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRou
   const device = logits.device;
   const { numExperts: E, topK: k } = cfg;
   const outputs = withOutputs<{ [K in keyof RouterOutputs]: Tensor }>(
+    op,
     out,
     {
       indices: () => Tensor.empty([T, k], { dtype: 'i32', device }),
@@ -219,6 +196,7 @@ export function routerBackward(
   checkTensor(saved.indices, op, 'indices');
   if (options.accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out'`);
   const o = withOutputs<{ dLogits: Tensor }>(
+    op,
     { dLogits: options.out },
     { dLogits: () => Tensor.empty([T, cfg.numExperts], { dtype: 'f32', device: saved.scores.device }) },
     (r) =>
@@ -251,10 +229,8 @@ function checkCoefficient(v: unknown, op: string): number {
 }
 
 function lossInto(device: Device, out: Tensor | undefined, op: string, fn: (loss: Tensor) => void): Tensor {
-  return withOutputs<{ loss: Tensor }>({ loss: out }, { loss: () => Tensor.empty([1], { dtype: 'f32', device }) }, (o) => {
-    if (out !== undefined) checkTensor(out, op, 'out');
-    fn(o.loss);
-  }).loss;
+  if (out !== undefined) checkTensor(out, op, 'out');
+  return withOutputs<{ loss: Tensor }>(op, { loss: out }, { loss: () => Tensor.empty([1], { dtype: 'f32', device }) }, (o) => fn(o.loss)).loss;
 }
 
 /**

@@ -31,7 +31,22 @@ export interface Batch extends Disposable {
   dispose(): void;
 }
 
-/** xorshift-style host PRNG for cluster ids (tiny and reproducible). */
+function makeBatch(x: Tensor, y: Tensor, clusters: Int32Array): Batch {
+  return {
+    x,
+    y,
+    clusters,
+    dispose() {
+      x.dispose();
+      y.dispose();
+    },
+    [Symbol.dispose]() {
+      this.dispose();
+    },
+  };
+}
+
+/** splitmix64 host PRNG for cluster ids (tiny and reproducible). */
 function splitmix(seed: number): () => number {
   let s = BigInt(seed) & 0xffffffffffffffffn;
   return () => {
@@ -87,18 +102,7 @@ export class ClusterTask implements Disposable {
     const y = full.y.narrow(0, rank * per, per).contiguous();
     const ids = full.clusters.slice(rank * per, (rank + 1) * per);
     full.dispose();
-    return {
-      x,
-      y,
-      clusters: ids,
-      dispose() {
-        x.dispose();
-        y.dispose();
-      },
-      [Symbol.dispose]() {
-        this.dispose();
-      },
-    };
+    return makeBatch(x, y, ids);
   }
 
   private globalBatch(index: number, tokens: number): Batch {
@@ -125,18 +129,7 @@ export class ClusterTask implements Disposable {
       const y = groupedGemm('NN', x, this.maps, off);
       return [x, y] as const;
     });
-    return {
-      x,
-      y,
-      clusters: ids,
-      dispose() {
-        x.dispose();
-        y.dispose();
-      },
-      [Symbol.dispose]() {
-        this.dispose();
-      },
-    };
+    return makeBatch(x, y, ids);
   }
 
   /** Moves a batch's tensors to where the model runs, in its dtype. */

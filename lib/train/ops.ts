@@ -14,14 +14,11 @@
  *   sumOfSquares       x f32|bf16 (any shape) → f32[1]
  *   balanceBiasUpdate  bias [E] f32 (in place), load [E] i32|f32
  */
+import { checkTensor, withOutputs } from '../args.js';
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 
-function checkTensor(t: unknown, op: string, arg: string): Tensor {
-  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
-  return t;
-}
 
 function checkOptionalTensor(t: unknown, op: string, arg: string): Tensor | undefined {
   return t === undefined ? undefined : checkTensor(t, op, arg);
@@ -43,33 +40,6 @@ function checkRows(t: Tensor, op: string, arg: string): [number, number] {
   return [t.shape[0] as number, t.shape[1] as number];
 }
 
-/** Takes the given outputs, allocates the missing ones; disposes what it allocated if `fn` throws. */
-function withOutputs<T extends { [K in keyof T]: Tensor }>(
-  op: string,
-  given: object | undefined,
-  make: { [K in keyof T]: () => Tensor },
-  fn: (o: T) => void,
-): T {
-  if (given !== undefined && (given === null || typeof given !== 'object')) invalidArgument(op, `'out' must be an object of tensors`);
-  const made: Tensor[] = [];
-  const o = {} as T;
-  try {
-    for (const key of Object.keys(make) as (keyof T)[]) {
-      const g = (given as Record<string, unknown> | undefined)?.[key as string];
-      if (g !== undefined) o[key] = checkTensor(g, op, `out.${String(key)}`) as T[keyof T];
-      else {
-        const t = make[key]();
-        made.push(t);
-        o[key] = t as T[keyof T];
-      }
-    }
-    fn(o);
-  } catch (e) {
-    for (const t of made) t.dispose();
-    throw e;
-  }
-  return o;
-}
 
 // ------------------------------------------------------------------------------------------ RMSNorm
 
