@@ -29,7 +29,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { capacity, Dispatcher, Event, getDefaultDevice, init, launchEnv, synchronize, Tensor } from '../dist/lib/index.js';
-import { args, quick, writeInputs, writeResult } from './harness.mjs';
+import { args, quick, writeInputs, writeResult, randomRouting } from './harness.mjs';
 
 const dryRun = args.includes('--dry-run');
 const noPeer = args.includes('--no-peer');
@@ -54,31 +54,7 @@ const El = E / P;
 const warmup = dryRun ? 1 : 5;
 const repeats = dryRun ? 3 : quick ? 10 : 50;
 
-/** Uniformly random top-k distinct experts per token and positive gate weights (mulberry32, seeded). */
-function routing(seed) {
-  let a = seed >>> 0;
-  const r = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const idx = new Int32Array(T * k);
-  const w = new Float32Array(T * k);
-  const pool = Int32Array.from({ length: E }, (_, i) => i);
-  for (let t = 0; t < T; t++) {
-    for (let j = 0; j < k; j++) {
-      const p = j + Math.floor(r() * (E - j)); // partial Fisher-Yates: k distinct experts
-      const tmp = pool[j];
-      pool[j] = pool[p];
-      pool[p] = tmp;
-      idx[t * k + j] = pool[j];
-      w[t * k + j] = 0.05 + r();
-    }
-  }
-  return { idx, w };
-}
+const routing = (seed) => randomRouting(T, k, E, seed);
 const seedOf = (r) => 20250 + 7919 * r;
 
 // Unique (token, destination rank) rows every source rank sends to this rank: what DeepEP ships.

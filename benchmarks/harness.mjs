@@ -100,3 +100,32 @@ export function writeResult(area, rows, notes = {}) {
   console.table(rows);
   return file;
 }
+
+/**
+ * Uniformly random top-k distinct experts per token (partial Fisher-Yates) and positive gate
+ * weights, from a seeded mulberry32 stream: the same routing on every run and every rank.
+ */
+export function randomRouting(T, k, E, seed) {
+  let a = seed >>> 0;
+  const r = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const idx = new Int32Array(T * k);
+  const w = new Float32Array(T * k);
+  const pool = Int32Array.from({ length: E }, (_, i) => i);
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < k; j++) {
+      const p = j + Math.floor(r() * (E - j));
+      const tmp = pool[j];
+      pool[j] = pool[p];
+      pool[p] = tmp;
+      idx[t * k + j] = pool[j];
+      w[t * k + j] = 0.05 + r();
+    }
+  }
+  return { idx, w };
+}

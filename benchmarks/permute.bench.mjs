@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { capacity, permute, Tensor, unpermute } from '../dist/lib/index.js';
-import { quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
+import { quick, runPeer, timeCuda, writeInputs, writeResult, randomRouting } from './harness.mjs';
 
 const gpu = 'cuda:0';
 const shapes = [
@@ -20,30 +20,7 @@ const shapes = [
   { T: 32768, k: 2, H: 4096, E: 8 },
 ];
 
-function routing(T, k, E, seed) {
-  let a = seed >>> 0;
-  const r = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-  const idx = new Int32Array(T * k);
-  const w = new Float32Array(T * k);
-  const pool = Int32Array.from({ length: E }, (_, i) => i);
-  for (let t = 0; t < T; t++) {
-    for (let j = 0; j < k; j++) {
-      const p = j + Math.floor(r() * (E - j));
-      const tmp = pool[j];
-      pool[j] = pool[p];
-      pool[p] = tmp;
-      idx[t * k + j] = pool[j];
-      w[t * k + j] = 0.05 + r();
-    }
-  }
-  return { idx, w };
-}
+const routing = randomRouting;
 
 const rows = [];
 for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
