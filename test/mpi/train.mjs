@@ -1,6 +1,11 @@
-// Under mpirun: training at EP = world size follows the EP=1 trajectory on the same global batches.
-// Rank 0 also trains the one-rank reference in the same process and compares step by step.
-import { init } from '../../dist/lib/index.js';
+// Under mpirun: training at EP = world size follows the EP=1 trajectory on the same global batches,
+// and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory.
+// Rank 0 trains the one-rank references in the same process and compares step by step.
+import { rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { init, Tensor } from '../../dist/lib/index.js';
 import { resolveConfig } from '../../dist/lib/train/config.js';
 import { Trainer } from '../../dist/lib/train/trainer.js';
 import { check } from './common.mjs';
@@ -11,18 +16,37 @@ const cfg = resolveConfig({
   data: { tokensPerStep: 64 },
   train: { device: 'cpu', steps: 25, progress: false },
 });
+// Every rank uses rank 0's scratch folder (one machine, shared /tmp).
+const name = Tensor.fromArray(world.rank === 0 ? [Math.floor(Math.random() * 2 ** 30)] : [0], { dtype: 'i32', device: 'cpu' });
+world.broadcast(name, 0);
+const dir = join(tmpdir(), `moe-train-mpi-${name.item()}`);
+
 const ep = new Trainer(cfg, { world });
-const losses = ep.run().map((s) => s.loss);
+const losses = [];
+for (let i = 0; i < cfg.train.steps; i++) {
+  losses.push(ep.trainStep().loss);
+  if (ep.step === 12) ep.saveCheckpoint(dir); // collective: every rank writes its experts
+}
 ep.dispose();
 if (world.rank === 0) {
+  const close = (a, b, what) => {
+    for (let i = 0; i < a.length; i++) {
+      const rel = Math.abs(a[i] - b[i]) / b[i];
+      check(rel < 2e-3, `${what}, step ${i}: ${a[i]} vs ${b[i]} (rel ${rel.toExponential(2)})`);
+    }
+  };
   const ref = new Trainer(cfg);
   const refLosses = ref.run().map((s) => s.loss);
   ref.dispose();
-  for (let i = 0; i < losses.length; i++) {
-    const rel = Math.abs(losses[i] - refLosses[i]) / refLosses[i];
-    check(rel < 2e-3, `step ${i}: EP=${world.size} loss ${losses[i]} vs EP=1 ${refLosses[i]} (rel ${rel.toExponential(2)})`);
-  }
+  close(losses, refLosses, `EP=${world.size} against EP=1`);
   check(losses[losses.length - 1] < 0.5 * losses[0], `the loss fell: ${losses[0]} -> ${losses[losses.length - 1]}`);
+  // The EP=size checkpoint, resumed by one rank holding all experts.
+  const resumed = new Trainer(cfg);
+  check(resumed.resume(dir) === 12, 'resumed at step 12');
+  const rest = resumed.run().map((s) => s.loss);
+  resumed.dispose();
+  close(rest, losses.slice(12), `resumed at EP=1 from EP=${world.size}`);
+  rmSync(dir, { recursive: true, force: true });
 }
 world.barrier();
 console.log(`ok rank ${world.rank} of ${world.size}`);
