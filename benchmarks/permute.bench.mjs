@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { capacity, permute, Tensor, unpermute } from '../dist/lib/index.js';
+import { native } from '../dist/lib/native.js';
 import { quick, runPeer, timeCuda, writeInputs, writeResult, randomRouting } from './harness.mjs';
 
 const gpu = 'cuda:0';
@@ -34,6 +35,8 @@ for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
   const y = Tensor.empty([T, H], { dtype: 'bf16', device: gpu });
 
   const permuteMs = timeCuda(() => permute(x, indices, weights, cap, { padToCapacity: true, out: p }));
+  // The gather alone (rows[r] = x[rowToken[r]]), to tell its speed from the layout kernel's.
+  const gatherMs = timeCuda(() => native().permuteRows(x.handle, p.rowToken.handle, p.rows.handle));
   const unpermuteMs = timeCuda(() => unpermute(p.rows, p.rowOf, weights, { out: y }));
   const capacityMs = timeCuda(() => {
     const c = capacity(indices, weights, { numExperts: E, capacityFactor: 1, dropPolicy: 'probs', out: cap });
@@ -80,6 +83,7 @@ for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
     'torch/ours': torchMs ? +(torchMs / ms).toFixed(2) : null,
   });
   rows.push(row('permute (layout + gather)', permuteMs, permuteBytes, permuteCopy, peer?.permute_ms));
+  rows.push(row('  of which the gather', gatherMs, T * H * 2 + R * H * 2 + R * 4, permuteCopy, null));
   rows.push(row('unpermute', unpermuteMs, unpermuteBytes, unpermuteCopy, peer?.unpermute_ms));
   rows.push({ shape: `T=${T} k=${k} H=${H} E=${E}`, op: 'capacity (probs)', ms: +capacityMs.toFixed(4) });
   if (peer?.error) console.error(`torch peer failed: ${peer.error}`);
