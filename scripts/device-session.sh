@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [bench] [bench=NAME]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [bench]   (MOE_EP_BENCH=name: one benchmark)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
@@ -34,6 +34,18 @@ if [[ " $what " == *" all "* ]]; then
   MOE_EP_REQUIRE_GPU=1 npx vitest run --reporter=default --reporter=json --outputFile.json=/tmp/all-tests.json > "$OUT/all-tests.log" 2>&1 || status=1
   tail -8 "$OUT/all-tests.log"
   MOE_EP_TEST_COMMAND="MOE_EP_REQUIRE_GPU=1 npx vitest run" node scripts/gpu-test-summary.mjs /tmp/all-tests.json "$OUT/all-tests-summary.json"
+fi
+
+if [[ " $what " == *" sass "* ]]; then
+  # Per kernel: tensor-core instructions (HMMA = mma.sync, HGMMA = wgmma) and local-memory traffic
+  # (LDL/STL: spills or arrays indexed at run time) in the sm_90 machine code of the addon.
+  step "sass"
+  cuobjdump --dump-sass --gpu-architecture sm_90 build/Release/moe_ep.node > /tmp/sass.txt 2>&1 || true
+  awk '/Function :/ { if (name) printf "%-90s HMMA %5d HGMMA %5d LDL %4d STL %4d\n", name, h, g, l, s; name=$3; h=g=l=s=0 }
+       /HMMA/ { h++ } /HGMMA/ { g++ } /LDL/ { l++ } /STL/ { s++ }
+       END { if (name) printf "%-90s HMMA %5d HGMMA %5d LDL %4d STL %4d\n", name, h, g, l, s }' /tmp/sass.txt \
+    | c++filt | sort > "$OUT/sass-summary.txt"
+  grep -E "grouped_gemm|router|permute" "$OUT/sass-summary.txt" | cut -c1-160 | head -40
 fi
 
 if [[ " $what " == *" bench "* ]]; then
