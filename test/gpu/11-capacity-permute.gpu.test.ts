@@ -5,6 +5,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   capacity,
   type CapacityResult,
+  type DeviceLike,
   type DropPolicy,
   memoryStats,
   permute,
@@ -57,7 +58,7 @@ function disposeAll(o: object): void {
   for (const v of Object.values(o)) if (v instanceof Tensor) v.dispose();
 }
 
-function poisonedCapacity(T: number, k: number, E: number, device: string) {
+function poisonedCapacity(T: number, k: number, E: number, device: DeviceLike) {
   return {
     slot: poisoned([T, k], 'i32', device),
     keptPerExpert: poisoned([E], 'i32', device),
@@ -66,7 +67,7 @@ function poisonedCapacity(T: number, k: number, E: number, device: string) {
   };
 }
 
-function poisonedPermute(T: number, k: number, E: number, R: number, H: number, dtype: 'f32' | 'bf16', device: string) {
+function poisonedPermute(T: number, k: number, E: number, R: number, H: number, dtype: 'f32' | 'bf16', device: DeviceLike) {
   return {
     rows: poisoned([R, H], dtype, device),
     offsets: poisoned([E + 1], 'i32', device),
@@ -116,7 +117,7 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
     using wC = Tensor.fromArray(ro.w, { dtype: 'f32', shape: [T, k], device: cpu });
     using iG = iC.to(gpu);
     using wG = wC.to(gpu);
-    const opts = (device: string) => ({
+    const opts = (device: DeviceLike) => ({
       numExperts: E,
       dropPolicy: c.policy,
       out: poisonedCapacity(T, k, E, device),

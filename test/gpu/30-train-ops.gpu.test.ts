@@ -62,7 +62,17 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
       // accumulate into a random dWeight: both what was there and what was added must be right
       rmsnormBackward(dy, x, w, rstd, { out: { dx, dWeight: dw0 }, accumulate: true });
       rmsnormBackward(gdy, gx, gw, grstd, { out: { dx: gdx, dWeight: gdw0 }, accumulate: true });
-      expect(relErr(floats(gdx), floats(dx)), 'dx').toBeLessThan(tol);
+      if (H === 1) {
+        // dx = rstd·(dy·w − x̂·mean(x̂·w·dy)); with H = 1 that is rstd·dy·w·(1 − x̂²) and
+        // 1 − x̂² = eps·rstd² ≈ 1e-6: the two terms cancel to about 1e-6 of their size, so an fp32
+        // rounding of x̂ or rstd (GPU rsqrtf, or the f32 rstd the CPU reference reads) moves dx by
+        // tens of percent of itself. Judge the error against the size of the cancelled terms.
+        const d = floats(dy)[0] as number, ww = floats(w)[0] as number, rs = floats(rstd)[0] as number;
+        const scale = Math.abs(rs * d * ww);
+        expect(Math.abs((floats(gdx)[0] as number) - (floats(dx)[0] as number)) / scale, 'dx (H = 1)').toBeLessThan(tol);
+      } else {
+        expect(relErr(floats(gdx), floats(dx)), 'dx').toBeLessThan(tol);
+      }
       expect(relErr(floats(gdw0), floats(dw0)), 'dWeight').toBeLessThan(1e-4);
       // deterministic: the same inputs give the same bits
       using again = poisoned([H], 'f32', gpu);
