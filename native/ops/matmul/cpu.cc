@@ -1,3 +1,4 @@
+#include "core/parallel.h"
 #include "ops/common/convert.h"
 #include "ops/matmul/matmul.h"
 
@@ -14,13 +15,16 @@ void matmul_cpu(const Tensor& a, const Tensor& b, const Tensor& out, bool accumu
       const I* pa = a.data<I>();
       const I* pb = b.data<I>();
       O* po = out.data<O>();
-      for (int64_t m = 0; m < M; ++m) {
-        for (int64_t n = 0; n < N; ++n) {
-          double acc = accumulate ? double(to_float(po[m * N + n])) : 0.0;
-          for (int64_t k = 0; k < K; ++k) acc += double(to_float(pa[m * as0 + k * as1])) * double(to_float(pb[k * bs0 + n * bs1]));
-          po[m * N + n] = from_float<O>(float(acc));
+      // Output rows are independent: spread them over threads (each row computed as serially).
+      parallel_for(M, N * K, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) {
+          for (int64_t n = 0; n < N; ++n) {
+            double acc = accumulate ? double(to_float(po[m * N + n])) : 0.0;
+            for (int64_t k = 0; k < K; ++k) acc += double(to_float(pa[m * as0 + k * as1])) * double(to_float(pb[k * bs0 + n * bs1]));
+            po[m * N + n] = from_float<O>(float(acc));
+          }
         }
-      }
+      });
     });
   });
 }
