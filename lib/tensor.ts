@@ -33,6 +33,16 @@ function checkShape(shape: unknown, op: string): number[] {
   return shape as number[];
 }
 
+function contiguousStrides(shape: readonly number[]): number[] {
+  const strides = new Array<number>(shape.length);
+  let acc = 1;
+  for (let i = shape.length - 1; i >= 0; i--) {
+    strides[i] = acc;
+    acc *= Math.max(shape[i] as number, 1);
+  }
+  return strides;
+}
+
 function numelOf(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
 }
@@ -105,15 +115,26 @@ export class Tensor implements Disposable {
   readonly isContiguous: boolean;
   #handle: TensorHandle | null;
 
-  /** @internal Wraps a native handle; use the static constructors. */
-  constructor(handle: TensorHandle) {
-    const d = handle.describe();
+  /**
+   * @internal Wraps a native handle; use the static constructors. `known` skips asking the addon
+   * for the layout of a tensor just made here (one N-API round trip less per op output).
+   */
+  constructor(handle: TensorHandle, known?: { shape: number[]; dtype: DType; device: Device }) {
     this.#handle = handle;
-    this.shape = Object.freeze(d.shape);
-    this.strides = Object.freeze(d.strides);
-    this.dtype = dtypeFromCode(d.dtype);
-    this.device = d.deviceType === 0 ? Device.cpu : Device.cuda(d.deviceIndex);
-    this.isContiguous = d.contiguous;
+    if (known) {
+      this.shape = Object.freeze(known.shape.slice());
+      this.strides = Object.freeze(contiguousStrides(known.shape));
+      this.dtype = known.dtype;
+      this.device = known.device;
+      this.isContiguous = true;
+    } else {
+      const d = handle.describe();
+      this.shape = Object.freeze(d.shape);
+      this.strides = Object.freeze(d.strides);
+      this.dtype = dtypeFromCode(d.dtype);
+      this.device = d.deviceType === 0 ? Device.cpu : Device.cuda(d.deviceIndex);
+      this.isContiguous = d.contiguous;
+    }
     scopes[scopes.length - 1]?.add(this);
   }
 
@@ -122,7 +143,8 @@ export class Tensor implements Disposable {
   static empty(shape: readonly number[], options: CreateOptions = {}): Tensor {
     const dtype = checkDType(options.dtype ?? 'f32', 'empty');
     const device = Device.parse(options.device ?? getDefaultDevice(), 'empty');
-    return new Tensor(native().tensorEmpty(checkShape(shape, 'empty'), dtypeCode[dtype], ...device.code));
+    const dims = checkShape(shape, 'empty');
+    return new Tensor(native().tensorEmpty(dims, dtypeCode[dtype], ...device.code), { shape: dims, dtype, device });
   }
 
   static full(shape: readonly number[], value: number, options: CreateOptions = {}): Tensor {
