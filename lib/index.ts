@@ -128,3 +128,7 @@ export {
   ownedExperts,
   splitExperts,
 } from './train/moe-state.js';
+export { type Batch, ClusterTask, type ClusterTaskConfig } from './train/data.js';
+export { defaultConfig, resolveConfig, type TrainConfig, trainConfigSchema } from './train/config.js';
+export { MoEModel } from './train/model.js';
+export { Trainer } from './train/trainer.js';

@@ -97,6 +97,14 @@ describe('moe-ep train (CLI)', () => {
     }
   });
 
+  it('the programmatic example (examples/train.ts) trains', () => {
+    const r = spawnSync(process.execPath, [join(packageRoot(), 'dist', 'examples', 'train.js'), '60'], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const losses = [...r.stdout.matchAll(/loss ([\d.]+)/g)].map((m) => Number(m[1]));
+    expect(losses.length).toBeGreaterThanOrEqual(2);
+    expect(losses[losses.length - 1]).toBeLessThan(0.5 * (losses[0] as number));
+  });
+
   it('reads --config and points at the bad field', () => {
     const dir = mkdtempSync(join(tmpdir(), 'moe-cfg-'));
     try {
