@@ -15,21 +15,10 @@ import {
   unpermute,
   unpermuteBackward,
 } from '../lib/index.js';
-import { bf16ToNumber, freshSeed, poisoned, relErr } from './helpers.js';
+import { bf16ToNumber, freshSeed, poisoned, relErr, rng } from './helpers.js';
 
 const cpu = 'cpu' as const;
 
-/** mulberry32: a small seeded generator for routing decisions. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Routing {
   T: number;

@@ -78,3 +78,15 @@ export function floats(t: Tensor): Float32Array {
 export function values(t: Tensor): number[] {
   return Array.from(t.toFloat32Array());
 }
+
+/** mulberry32: a small seeded generator for routing decisions in tests. */
+export function rng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}

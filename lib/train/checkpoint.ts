@@ -175,6 +175,20 @@ interface RankReport {
   files: { file: string; bytes: number; sha256: string; rank?: number; tensors: Record<string, { dtype: DType; shape: number[]; sha256: string }> }[];
 }
 
+/** A manifest with no files yet: the extras, the format, the step and the world size. */
+function emptyManifest(extras: ManifestExtras, step: number, size: number): CheckpointManifest {
+  return {
+    ...extras,
+    format: CHECKPOINT_FORMAT,
+    formatVersion: CHECKPOINT_FORMAT_VERSION,
+    step,
+    createdAt: new Date().toISOString(),
+    world: { size },
+    files: {},
+    tensors: {},
+  };
+}
+
 /**
  * Saves one checkpoint (collective when `comm` has several ranks: every rank calls it with the same
  * step). Returns once the checkpoint is committed on every rank, or throws on every rank (naming the
@@ -232,16 +246,7 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   let status: { ok: boolean; error?: string } = { ok: true };
   if (rank === 0) {
     try {
-      const manifest: CheckpointManifest = {
-        ...(extras as ManifestExtras),
-        format: CHECKPOINT_FORMAT,
-        formatVersion: CHECKPOINT_FORMAT_VERSION,
-        step,
-        createdAt: new Date().toISOString(),
-        world: { size },
-        files: {},
-        tensors: {},
-      };
+      const manifest = emptyManifest(extras, step, size);
       for (const r of reports) {
         for (const f of r.files) {
           manifest.files[f.file] = { bytes: f.bytes, sha256: f.sha256, ...(f.rank === undefined ? {} : { rank: f.rank }) };
@@ -292,16 +297,7 @@ export function writeCheckpoint(
   fs.mkdirSync(tmp);
   let bytes = 0;
   try {
-    const manifest: CheckpointManifest = {
-      ...(extras as ManifestExtras),
-      format: CHECKPOINT_FORMAT,
-      formatVersion: CHECKPOINT_FORMAT_VERSION,
-      step,
-      createdAt: new Date().toISOString(),
-      world: { size: options.worldSize },
-      files: {},
-      tensors: {},
-    };
+    const manifest = emptyManifest(extras, step, options.worldSize);
     for (const f of options.files) {
       const entries = Object.entries(f.tensors()).map(([n, t]) => entryOf(n, t));
       const w = writeSafetensors(join(tmp, f.file), entries, { format: CHECKPOINT_FORMAT, step: String(step), ...(f.rank === undefined ? {} : { rank: String(f.rank) }) });

@@ -15,22 +15,12 @@ import {
   unpermute,
   unpermuteBackward,
 } from '../../lib/index.js';
-import { freshSeed, poisoned, relErr } from '../helpers.js';
+import { freshSeed, poisoned, relErr, rng } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
 const gpu = 'cuda:0' as const;
 const cpu = 'cpu' as const;
 
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** k distinct experts per token among the first `used`; weights from `levels` values (ties happen). */
 function routing(T: number, k: number, used: number, seed: number, levels = 7): { idx: Int32Array; w: Float32Array } {
