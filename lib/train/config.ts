@@ -21,6 +21,8 @@ export interface TrainConfig {
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
     sharedFfn: number;
+    /** Expert-parallel group size; null: the whole world. Smaller sizes replicate the experts over expert-data-parallel groups. */
+    epSize: number | null;
   };
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
@@ -31,7 +33,7 @@ export interface TrainConfig {
 
 /** The embedded default: about a minute on two CPU cores; experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0 },
+  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, epSize: null },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
@@ -61,6 +63,10 @@ export const trainConfigSchema = {
       capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'null: dropless' },
       dropPolicy: { enum: ['probs', 'position'] },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
+      epSize: {
+        anyOf: [{ type: 'null' }, int(1)],
+        description: 'expert-parallel group size (divides the number of ranks); null: all ranks. Experts are replicated over world/epSize groups',
+      },
     }),
     balance: section({
       gamma: { ...num(0), description: 'auxiliary-loss-free bias step (0 freezes the bias)' },

@@ -3,13 +3,17 @@
  * global-norm clipping → fused AdamW (fp32 masters, compute copies refreshed) → auxiliary-loss-free
  * bias balancing from globally all-reduced expert loads → metrics.
  *
- * Expert parallelism spans the whole world (EP = world size): every rank holds E/P experts and takes
- * its 1/P share of each step's global batch (data.tokensPerStep tokens), so the same configuration
- * trains on the same data at any EP size. Replicated gradients (router, norms, shared experts, head)
- * are averaged over ranks; an expert's gradient already holds every rank's tokens (through the
- * dispatcher) and is divided by P, so both match the gradient of the global mean loss.
+ * Expert parallelism spans groups of model.epSize ranks (default: the whole world of W ranks): a
+ * rank holds E/epSize experts and takes its 1/W share of each step's global batch
+ * (data.tokensPerStep tokens), so a configuration trains on the same data at any EP size; with
+ * epSize < W the experts are replicated over W/epSize expert-data-parallel (EDP) groups.
+ * Replicated gradients (router, norms, shared experts, head) are averaged over the world. An
+ * expert's gradient already holds its EP group's tokens (through the dispatcher); it is summed over
+ * the EDP group and divided by W. Both then equal the gradient of the global mean loss.
  */
 import { type Communicator } from '../dist/communicator.js';
+import { expertGroups } from '../dist/init.js';
+import { invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { scale } from '../ops.js';
@@ -46,7 +50,9 @@ export class Trainer implements Disposable {
   readonly rank: number;
   readonly size: number;
   private readonly world: Communicator | undefined;
+  /** The expert-parallel group the layers dispatch in, and the group holding the same experts. */
   private readonly group: ExpertParallelGroup;
+  private readonly edp: Communicator | undefined;
   private readonly state: OptimState[];
   private readonly lr: (step: number) => number;
   /** The next step to run (0-based); a resumed run starts later. */
@@ -55,9 +61,18 @@ export class Trainer implements Disposable {
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
     this.config = config;
     this.world = options.world;
-    this.group = options.world ?? singleRankGroup;
-    this.rank = this.group.rank;
-    this.size = this.group.size;
+    this.rank = options.world?.rank ?? 0;
+    this.size = options.world?.size ?? 1;
+    const epSize = config.model.epSize ?? this.size;
+    if (options.world && epSize < this.size) {
+      const { ep, edp } = expertGroups(options.world, epSize);
+      this.group = ep;
+      this.edp = edp;
+    } else {
+      if (epSize !== this.size) invalidArgument('Trainer', `config.model.epSize ${epSize} must divide the ${this.size} rank(s)`);
+      this.group = options.world ?? singleRankGroup;
+      this.edp = undefined;
+    }
     const want = config.train.device;
     this.device = want === 'cpu' ? Device.cpu : want === 'cuda' ? (getDefaultDevice().isCuda ? getDefaultDevice() : Device.cuda(0)) : cuda.isAvailable() ? getDefaultDevice() : Device.cpu;
     const dtype = this.device.isCuda ? 'bf16' : 'f32';
@@ -113,11 +128,15 @@ export class Trainer implements Disposable {
           const g = grads.get(s.param.name) as Tensor;
           if (P > 1) {
             if (s.param.kind === 'replicated') this.world?.allReduce(g, 'avg');
-            else scale(g, 1 / P, { out: g });
+            else {
+              this.edp?.allReduce(g, 'sum'); // the same experts on the other EP groups
+              scale(g, 1 / P, { out: g });
+            }
           }
           sumOfSquares(g, { out: s.param.kind === 'replicated' ? sqReplicated : sqExpert, accumulate: true });
         }
-        if (P > 1) this.world?.allReduce(sqExpert, 'sum'); // experts differ per rank; replicated ones agree
+        // Experts differ across an EP group (and agree across EDP groups); replicated ones agree everywhere.
+        if (this.group.size > 1) (this.group as Communicator).allReduce(sqExpert, 'sum');
         // Deliberate host sync: the norm decides the clipping scale, and the metrics need it.
         const gradNorm = Math.sqrt(sqReplicated.item() + sqExpert.item());
         const clip = c.optimizer.clipNorm;
@@ -202,10 +221,11 @@ export class Trainer implements Disposable {
         step: this.step,
         ...(this.world && this.size > 1 ? { comm: this.world } : {}),
         replicated,
-        sharded,
+        // Experts replicated over EDP groups are written once, by the first EP group.
+        sharded: !this.edp || this.edp.rank === 0 ? sharded : {},
         manifestExtras: {
           config: this.config,
-          ep: { size: this.size, expertsPerRank: E / this.size, numExperts: E },
+          ep: { size: this.group.size, expertsPerRank: E / this.group.size, numExperts: E },
           data: { nextBatch: this.step, tokensPerStep: this.config.data.tokensPerStep, seed: this.config.data.seed },
           optimizer: { step: this.step },
           rng: { note: 'stateless: weights from Philox(seed, offset), batches from the step index' },
@@ -262,6 +282,10 @@ export class Trainer implements Disposable {
   }
 
   dispose(): void {
+    if (this.edp) {
+      this.edp.dispose();
+      (this.group as Communicator).dispose();
+    }
     for (const s of this.state) {
       s.expAvg.dispose();
       s.expAvgSq.dispose();

@@ -48,5 +48,36 @@ if (world.rank === 0) {
   close(rest, losses.slice(12), `resumed at EP=1 from EP=${world.size}`);
   rmSync(dir, { recursive: true, force: true });
 }
+// Expert-data parallelism: EP groups of half the ranks, the experts replicated over the other half.
+{
+  const epSize = world.size / 2;
+  const edpCfg = resolveConfig({ ...cfg, model: { ...cfg.model, epSize } });
+  const dirEdp = `${dir}-edp`;
+  const t = new Trainer(edpCfg, { world });
+  const edpLosses = [];
+  for (let i = 0; i < cfg.train.steps; i++) {
+    edpLosses.push(t.trainStep().loss);
+    if (t.step === 10) t.saveCheckpoint(dirEdp); // one EP group writes the experts
+  }
+  t.dispose();
+  if (world.rank === 0) {
+    const ref = new Trainer(cfg);
+    const refLosses = ref.run().map((s) => s.loss);
+    ref.dispose();
+    for (let i = 0; i < refLosses.length; i++) {
+      const rel = Math.abs(edpLosses[i] - refLosses[i]) / refLosses[i];
+      check(rel < 2e-3, `EP=${epSize} x EDP=2, step ${i}: ${edpLosses[i]} vs EP=1 ${refLosses[i]}`);
+    }
+    const resumed = new Trainer(cfg);
+    check(resumed.resume(dirEdp) === 10, 'resumed the EDP checkpoint at step 10');
+    const rest = resumed.run().map((s) => s.loss);
+    resumed.dispose();
+    for (let i = 0; i < rest.length; i++) {
+      const rel = Math.abs(rest[i] - edpLosses[10 + i]) / edpLosses[10 + i];
+      check(rel < 2e-3, `resumed from the EDP checkpoint, step ${10 + i}: ${rest[i]} vs ${edpLosses[10 + i]}`);
+    }
+    rmSync(dirEdp, { recursive: true, force: true });
+  }
+}
 world.barrier();
 console.log(`ok rank ${world.rank} of ${world.size}`);
