@@ -28,6 +28,7 @@ export {
   type ScoreFunction,
   sequenceBalanceLoss,
   zLoss,
+  routerEntropy,
 } from './moe/router.js';
 export { formatInfo, type Info, info } from './info.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';

@@ -149,6 +149,8 @@ export interface RawBinding {
   reduce(kind: number, a: TensorHandle, dim: number, out: TensorHandle): void;
   matmul(a: TensorHandle, b: TensorHandle, out: TensorHandle, accumulate: boolean): void;
   random(out: TensorHandle, kind: number, p0: number, p1: number, seed: number, offset: number): void;
+  // mean row entropy of router scores (a metric)
+  routerEntropy(scores: TensorHandle, out: TensorHandle): void;
   // fp8 rows for dispatch
   quantizeFp8(x: TensorHandle, q: TensorHandle, scales: TensorHandle): void;
   dequantizeFp8(q: TensorHandle, scales: TensorHandle, out: TensorHandle): void;

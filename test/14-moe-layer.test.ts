@@ -124,3 +124,20 @@ describe('MoELayer on one rank', () => {
     expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
   });
 });
+
+describe('router entropy metric', () => {
+  it('is the mean per-token entropy of the renormalised scores, in nats', async () => {
+    const { routerEntropy } = await import('../lib/moe/router.js');
+    tidy(() => {
+      const v = [0.5, 0.5, 0, 0, /* row 2 */ 1, 1, 1, 1, /* row 3: sigmoid-like, renormalised */ 0.9, 0.1, 0.1, 0.9, /* row 4: all zero */ 0, 0, 0, 0];
+      const s = Tensor.fromArray(v, { shape: [4, 4], device: cpu });
+      const h = (ps: number[]): number => {
+        const sum = ps.reduce((a, b) => a + b, 0);
+        return sum > 0 ? -ps.reduce((a, p) => (p > 0 ? a + (p / sum) * Math.log(p / sum) : a), 0) : 0;
+      };
+      const ref = (h(v.slice(0, 4)) + h(v.slice(4, 8)) + h(v.slice(8, 12)) + h(v.slice(12, 16))) / 4;
+      expect(routerEntropy(s).item()).toBeCloseTo(ref, 6);
+      expect(() => routerEntropy(Tensor.zeros([4], { device: cpu }))).toThrow(/'scores' must be \[T, E\]/);
+    });
+  });
+});

@@ -19,7 +19,7 @@ import { capacity, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
-import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerForward, type RouterConfig, zLoss } from './router.js';
+import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerEntropy, routerForward, type RouterConfig, zLoss } from './router.js';
 
 /** The router's fields (numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale) plus: */
 export interface MoELayerConfig extends RouterConfig {
@@ -54,6 +54,8 @@ export interface MoEForward {
   dropped: Tensor;
   /** The auxiliary losses' total (f32 [1]; 0 when all are off). */
   auxLoss: Tensor;
+  /** Mean per-token entropy of the routing distribution, nats (f32 [1]). */
+  routerEntropy: Tensor;
   /** @internal what backward needs */
   saved: MoESaved;
 }
@@ -253,7 +255,7 @@ export class MoELayer implements Disposable {
       keep(handle.localOffsets);
       if (handle.toExpertOrder) keep(handle.toExpertOrder);
       if (handle.toSourceOrder) keep(handle.toSourceOrder);
-      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, auxLoss, saved };
+      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
     });
   }
 

@@ -300,3 +300,16 @@ export class Router {
     return zLoss(logits, options);
   }
 }
+
+/**
+ * Mean over tokens of the entropy (nats) of each token's routing distribution: softmax scores as
+ * they are, sigmoid scores renormalised per token. ln E means undecided, 0 means one expert.
+ * f32[1] on the scores' device; no host sync.
+ */
+export function routerEntropy(scores: Tensor, options: { out?: Tensor } = {}): Tensor {
+  const op = 'routerEntropy';
+  checkTensor(scores, op, 'scores');
+  return withOutputs<{ out: Tensor }>(op, { out: options.out }, { out: () => Tensor.empty([1], { dtype: 'f32', device: scores.device }) }, (o) =>
+    native().routerEntropy(scores.handle, o.out.handle),
+  ).out;
+}

@@ -3,7 +3,9 @@
  *   tokensPerExpert  assignments each expert received this step (all-reduced over ranks by the caller)
  *   maxVio           max_e load_e / mean_load − 1 (DeepSeek-V3's balance measure; 0 is perfect)
  *   dropped          fraction of the T·k assignments dropped for capacity
- *   entropy          entropy of the load distribution in nats, normalised by log E (1: uniform)
+ *   loadEntropy      entropy of the load distribution, normalised by ln E (1: uniform loads)
+ *   routerEntropy    mean per-token entropy of the routing distribution, normalised by ln E
+ *                    (1: the router cannot tell experts apart; low: confident routing)
  */
 import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -12,7 +14,8 @@ export interface LayerMetrics {
   tokensPerExpert: number[];
   maxVio: number;
   dropped: number;
-  entropy: number;
+  loadEntropy: number;
+  routerEntropy: number;
 }
 
 export interface StepMetrics {
@@ -25,7 +28,8 @@ export interface StepMetrics {
   layers: LayerMetrics[];
 }
 
-export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number, assignments: number): LayerMetrics {
+/** routerEntropyNats: the mean per-token routing entropy in nats (averaged over ranks). */
+export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number, assignments: number, routerEntropyNats = 0): LayerMetrics {
   const load = Array.from(tokensPerExpert);
   const total = load.reduce((a, b) => a + b, 0);
   const mean = total / load.length;
@@ -36,7 +40,8 @@ export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number
     tokensPerExpert: load,
     maxVio,
     dropped: assignments > 0 ? dropped / assignments : 0,
-    entropy: load.length > 1 && total > 0 ? entropy / Math.log(load.length) : 1,
+    loadEntropy: load.length > 1 && total > 0 ? entropy / Math.log(load.length) : 1,
+    routerEntropy: load.length > 1 ? routerEntropyNats / Math.log(load.length) : 0,
   };
 }
 

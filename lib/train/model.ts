@@ -35,8 +35,8 @@ interface BlockSaved {
 export interface ModelForward {
   loss: Tensor; // f32 [1]
   auxLoss: Tensor; // f32 [1], summed over layers
-  /** Per layer: tokens per global expert routed by this rank, and dropped assignments. */
-  routing: { tokensPerExpert: Tensor; dropped: Tensor }[];
+  /** Per layer: tokens per global expert routed by this rank, dropped assignments, router entropy. */
+  routing: { tokensPerExpert: Tensor; dropped: Tensor; entropy: Tensor }[];
   saved: { blocks: BlockSaved[]; last: Tensor; dPred: Tensor };
 }
 
@@ -108,7 +108,7 @@ export class MoEModel implements Disposable {
         const moe = layer.forward(normed);
         auxLoss.add_(moe.auxLoss);
         blocks.push({ h, rstd, normed, moe });
-        routing.push({ tokensPerExpert: moe.tokensPerExpert, dropped: moe.dropped });
+        routing.push({ tokensPerExpert: moe.tokensPerExpert, dropped: moe.dropped, entropy: moe.routerEntropy });
         h = h.clone().add_(moe.y);
       });
       const pred = groupedGemm('NN', h, this.headCompute, this.all(x.shape[0] as number), { dtype: this.dtype });
@@ -161,7 +161,7 @@ export class MoEModel implements Disposable {
 /** Frees what forward kept (backward does this itself; call it when a forward is not followed by backward). */
 export function releaseForward(fwd: ModelForward): void {
   for (const b of fwd.saved.blocks) {
-    for (const t of [b.rstd, b.normed, b.moe.y, b.moe.auxLoss]) t.dispose();
+    for (const t of [b.rstd, b.normed, b.moe.y, b.moe.auxLoss, b.moe.routerEntropy]) t.dispose();
     disposeSaved(b.moe); // idempotent: backward already released it
     if (b.h !== fwd.saved.blocks[0]?.h) b.h.dispose();
   }

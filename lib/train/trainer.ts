@@ -118,7 +118,7 @@ export class Trainer implements Disposable {
       const fwd = this.model.forward(x, y);
       const loss = fwd.loss.clone();
       const auxLoss = fwd.auxLoss.clone();
-      const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone() }));
+      const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone() }));
       const grads = this.model.backward(fwd);
       try {
         // Data-parallel reduction and global-norm clipping.
@@ -157,9 +157,10 @@ export class Trainer implements Disposable {
           if (P > 1) {
             this.world?.allReduce(load, 'sum');
             this.world?.allReduce(dropped, 'sum');
+            this.world?.allReduce(r.entropy, 'avg');
           }
           if (c.balance.gamma > 0) balanceBiasUpdate((this.model.layers[i] as { bias: Tensor }).bias, load, c.balance.gamma);
-          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK);
+          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item());
         });
         if (P > 1) {
           this.world?.allReduce(loss, 'avg');

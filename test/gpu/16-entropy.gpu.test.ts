@@ -1,0 +1,20 @@
+// The router entropy metric on the GPU against the CPU reference (fresh random scores).
+import { describe, expect, it } from 'vitest';
+
+import { Tensor, tidy } from '../../lib/index.js';
+import { routerEntropy } from '../../lib/moe/router.js';
+import { freshSeed, poisoned } from '../helpers.js';
+import { hasGpu } from './gpu.js';
+
+describe.skipIf(!hasGpu)('router entropy on the GPU', () => {
+  it.each([[16384, 256], [1000, 37], [1, 8]])('[%i, %i]', (T, E) => {
+    tidy(() => {
+      const c = Tensor.rand([T, E], { seed: freshSeed(), device: 'cpu' });
+      const g = c.to('cuda:0');
+      const out = poisoned([1], 'f32', 'cuda:0');
+      routerEntropy(g, { out });
+      // fp32 per-row sums and logs against the double CPU loop
+      expect(Math.abs(out.item() - routerEntropy(c).item()) / Math.log(E)).toBeLessThan(1e-5);
+    });
+  });
+});
