@@ -48,6 +48,16 @@ describe('training on the default task (CPU)', () => {
     expect(moe.loss).toBeLessThan(0.8 * dense.loss);
   });
 
+  it('the classification variant (cross-entropy on the argmax class) reaches over 85% accuracy', () => {
+    const cfg = resolveConfig({ model: { loss: 'cross-entropy' }, train: { device: 'cpu', progress: false } });
+    using t = new Trainer(cfg);
+    const steps = t.run();
+    const last = steps.slice(-100);
+    const acc = last.reduce((a, s) => a + (s.accuracy ?? 0), 0) / last.length;
+    expect(steps[0]?.accuracy).toBeLessThan(0.3);
+    expect(acc).toBeGreaterThan(0.85);
+  });
+
   it('a few thousand steps leave allocator live bytes flat', () => {
     const cfg = resolveConfig({ model: { hidden: 8, ffn: 4, experts: 4, topK: 2 }, data: { tokensPerStep: 32 }, train: { device: 'cpu', steps: 3000, progress: false } });
     using t = new Trainer(cfg);

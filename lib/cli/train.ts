@@ -80,11 +80,11 @@ export async function runTrain(args: string[]): Promise<number> {
   const bar =
     lead && config.train.progress && process.stdout.isTTY
       ? new cliProgress.SingleBar(
-          { format: 'step {value}/{total} |{bar}| loss {loss} | MaxVio {maxvio} | dropped {dropped} | {tps} tok/s', hideCursor: true },
+          { format: 'step {value}/{total} |{bar}| loss {loss}{acc} | MaxVio {maxvio} | dropped {dropped} | {tps} tok/s', hideCursor: true },
           cliProgress.Presets.shades_classic,
         )
       : null;
-  bar?.start(config.train.steps, trainer.step, { loss: '-', maxvio: '-', dropped: '-', tps: '-' });
+  bar?.start(config.train.steps, trainer.step, { loss: '-', acc: '', maxvio: '-', dropped: '-', tps: '-' });
   const steps: StepMetrics[] = [];
   const started = Date.now();
   const onStep = (s: StepMetrics): void => {
@@ -93,9 +93,10 @@ export async function runTrain(args: string[]): Promise<number> {
         if (s.step % config.train.logEvery === 0) log?.append(s);
         const maxVio = Math.max(...s.layers.map((l) => l.maxVio));
         const dropped = s.layers.reduce((a, l) => a + l.dropped, 0) / s.layers.length;
-        if (bar) bar.update(s.step + 1, { loss: fmt(s.loss), maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: Math.round(s.tokensPerSecond) });
+        const acc = s.accuracy === undefined ? '' : ` acc ${fmt(s.accuracy, 3)}`;
+        if (bar) bar.update(s.step + 1, { loss: fmt(s.loss), acc, maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: Math.round(s.tokensPerSecond) });
         else if (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1) {
-          console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s`);
+          console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s`);
         }
   };
   try {

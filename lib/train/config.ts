@@ -21,6 +21,8 @@ export interface TrainConfig {
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
     sharedFfn: number;
+    /** 'mse': regress the cluster map's output; 'cross-entropy': classify its argmax (hidden classes). */
+    loss: 'mse' | 'cross-entropy';
     /** Expert-parallel group size; null: the whole world. Smaller sizes replicate the experts over expert-data-parallel groups. */
     epSize: number | null;
   };
@@ -33,7 +35,7 @@ export interface TrainConfig {
 
 /** The embedded default: about a minute on two CPU cores; experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, epSize: null },
+  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
@@ -63,6 +65,7 @@ export const trainConfigSchema = {
       capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'null: dropless' },
       dropPolicy: { enum: ['probs', 'position'] },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
+      loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
       epSize: {
         anyOf: [{ type: 'null' }, int(1)],
         description: 'expert-parallel group size (divides the number of ranks); null: all ranks. Experts are replicated over world/epSize groups',

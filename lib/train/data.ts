@@ -132,6 +132,19 @@ export class ClusterTask implements Disposable {
     return makeBatch(x, y, ids);
   }
 
+  /** The class of each sample for the classification task: the argmax of its target row (i32 [T], CPU). */
+  static labels(batch: Batch): Tensor {
+    const [T, D] = batch.y.shape as [number, number];
+    const y = batch.y.toFloat32Array();
+    const labels = new Int32Array(T);
+    for (let t = 0; t < T; t++) {
+      let best = 0;
+      for (let d = 1; d < D; d++) if ((y[t * D + d] as number) > (y[t * D + best] as number)) best = d;
+      labels[t] = best;
+    }
+    return Tensor.fromArray(labels, { device: 'cpu' });
+  }
+
   /** Moves a batch's tensors to where the model runs, in its dtype. */
   static to(batch: Batch, device: Device, dtype: 'f32' | 'bf16'): { x: Tensor; y: Tensor } {
     return { x: batch.x.copyTo({ device, dtype }), y: batch.y.copyTo({ device, dtype }) };

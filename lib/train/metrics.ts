@@ -21,6 +21,8 @@ export interface LayerMetrics {
 export interface StepMetrics {
   step: number;
   loss: number;
+  /** Cross-entropy runs: the fraction of tokens classified correctly. */
+  accuracy?: number;
   auxLoss: number;
   lr: number;
   gradNorm: number;

@@ -10,10 +10,12 @@ import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { mseLoss, rmsnorm, rmsnormBackward } from './ops.js';
+import { crossEntropyLoss, mseLoss, rmsnorm, rmsnormBackward } from './ops.js';
 
 export interface ModelConfig extends Omit<MoELayerConfig, 'group' | 'device' | 'dtype' | 'seed'> {
   layers: number;
+  /** 'mse' against target rows, or 'cross-entropy' against class ids (i32 [T]). Default 'mse'. */
+  loss?: 'mse' | 'cross-entropy';
 }
 
 /** One trainable tensor: fp32 master, its gradient after backward, and where it lives. */
@@ -34,6 +36,8 @@ interface BlockSaved {
 
 export interface ModelForward {
   loss: Tensor; // f32 [1]
+  /** Cross-entropy only: rows whose argmax is the target (i32 [1]). */
+  correct: Tensor | null;
   auxLoss: Tensor; // f32 [1], summed over layers
   /** Per layer: tokens per global expert routed by this rank, dropped assignments, router entropy. */
   routing: { tokensPerExpert: Tensor; dropped: Tensor; entropy: Tensor }[];
@@ -56,7 +60,7 @@ export class MoEModel implements Disposable {
     seed: number,
   ) {
     this.dtype = dtype;
-    const { layers, ...layerConfig } = config;
+    const { layers, loss: _loss, ...layerConfig } = config;
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
     this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });
@@ -96,7 +100,7 @@ export class MoEModel implements Disposable {
     return t;
   }
 
-  /** x, target [T, H] in the compute dtype → loss and what backward needs. */
+  /** x [T, H] and target ([T, H] for MSE, i32 [T] classes for cross-entropy) → loss and what backward needs. */
   forward(x: Tensor, target: Tensor): ModelForward {
     return tidy(() => {
       const blocks: BlockSaved[] = [];
@@ -112,8 +116,12 @@ export class MoEModel implements Disposable {
         h = h.clone().add_(moe.y);
       });
       const pred = groupedGemm('NN', h, this.headCompute, this.all(x.shape[0] as number), { dtype: this.dtype });
+      if (this.config.loss === 'cross-entropy') {
+        const { loss, grad, correct } = crossEntropyLoss(pred, target);
+        return { loss, correct, auxLoss, routing, saved: { blocks, last: h, dPred: grad as Tensor } };
+      }
       const { loss, grad } = mseLoss(pred, target);
-      return { loss, auxLoss, routing, saved: { blocks, last: h, dPred: grad as Tensor } };
+      return { loss, correct: null, auxLoss, routing, saved: { blocks, last: h, dPred: grad as Tensor } };
     });
   }
 
@@ -167,4 +175,5 @@ export function releaseForward(fwd: ModelForward): void {
   }
   fwd.saved.last.dispose();
   fwd.saved.dPred.dispose();
+  fwd.correct?.dispose();
 }

@@ -80,7 +80,7 @@ export class Trainer implements Disposable {
     this.model = new MoEModel(
       {
         layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, scoreFunction: m.scoreFunction,
-        groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn,
+        groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn, loss: m.loss,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef, seqAuxLossCoef: config.balance.seqAuxLossCoef, zLossCoef: config.balance.zLossCoef,
         ...(config.balance.seqLen === null ? {} : { seqLen: config.balance.seqLen }),
@@ -114,8 +114,10 @@ export class Trainer implements Disposable {
     const metrics = tidy(() => {
       const batch = this.task.batch(this.step, c.data.tokensPerStep, this.rank, P);
       const { x, y } = ClusterTask.to(batch, this.device, this.model.dtype === 'bf16' ? 'bf16' : 'f32');
+      const target = c.model.loss === 'cross-entropy' ? ClusterTask.labels(batch).to(this.device) : y;
       batch.dispose();
-      const fwd = this.model.forward(x, y);
+      const fwd = this.model.forward(x, target);
+      const correct = fwd.correct ? fwd.correct.cast('f32') : null;
       const loss = fwd.loss.clone();
       const auxLoss = fwd.auxLoss.clone();
       const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone() }));
@@ -165,9 +167,19 @@ export class Trainer implements Disposable {
         if (P > 1) {
           this.world?.allReduce(loss, 'avg');
           this.world?.allReduce(auxLoss, 'avg');
+          if (correct) this.world?.allReduce(correct, 'sum');
         }
         const seconds = (performance.now() - t0) / 1000;
-        return { step: this.step, loss: loss.item(), auxLoss: auxLoss.item(), lr, gradNorm, tokensPerSecond: c.data.tokensPerStep / seconds, layers };
+        return {
+          step: this.step,
+          loss: loss.item(),
+          ...(correct ? { accuracy: correct.item() / c.data.tokensPerStep } : {}),
+          auxLoss: auxLoss.item(),
+          lr,
+          gradNorm,
+          tokensPerSecond: c.data.tokensPerStep / seconds,
+          layers,
+        };
       } finally {
         for (const g of grads.values()) g.dispose();
       }
