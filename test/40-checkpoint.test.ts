@@ -292,14 +292,16 @@ describe('checkpoints', () => {
     expect(r.get('v', { device: 'cpu' }).toNumbers()).toEqual([60]);
   });
 
-  it('crash test: a saver SIGKILLed at 15 random moments never leaves a broken or half-written latest', async () => {
+  it('crash test: a saver SIGKILLed at 15 or more random moments never leaves a broken or half-written latest', async () => {
     const dir = tmp();
     const fixture = join(root, 'test', 'fixtures', 'ckpt-saver.mjs');
     let prev = 0;
     const t0 = Date.now();
     const seen = new Set<number>();
     let interrupted = 0; // kills that left a temporary folder: the kill landed mid-save
-    for (let i = 0; i < 15; i++) {
+    // At least 15 kills, and more (up to 40) until several steps were committed and a kill has
+    // landed mid-save: where the kills land is random, so a fixed count would make the test flaky.
+    for (let i = 0; i < 40 && (i < 15 || seen.size <= 3 || interrupted === 0); i++) {
       const child = spawn(process.execPath, [fixture, dir, '3'], { stdio: ['ignore', 'pipe', 'pipe'] });
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -331,7 +333,7 @@ describe('checkpoints', () => {
     }
     expect(seen.size).toBeGreaterThan(3);
     expect(interrupted).toBeGreaterThan(0);
-    expect(Date.now() - t0).toBeLessThan(10_000);
+    expect(Date.now() - t0).toBeLessThan(30_000);
   });
 });
 
