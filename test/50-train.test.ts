@@ -95,8 +95,15 @@ describe('moe-ep train (CLI)', () => {
       const { spawn } = await import('node:child_process');
       const child = spawn(process.execPath, [cli, 'train', '--steps', '1000000', '--out', out, '--no-progress'], { stdio: ['ignore', 'pipe', 'pipe'] });
       let stdout = '';
-      child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-      await new Promise((r) => setTimeout(r, 1500));
+      // Send the signal once training runs (its handler is installed by then), however slow the machine.
+      const started = new Promise<void>((r) =>
+        child.stdout.on('data', (d: Buffer) => {
+          stdout += d.toString();
+          if (stdout.includes('step 1/')) r();
+        }),
+      );
+      await started;
+      await new Promise((r) => setTimeout(r, 200));
       child.kill('SIGINT');
       const code = await new Promise<number | null>((r) => child.on('exit', (c) => r(c)));
       expect(code, stdout).toBe(0);
