@@ -54,6 +54,64 @@ function oracle(layer: MoELayer, x: Tensor): number[] {
 
 const base: MoELayerConfig = { hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, sharedFfn: 3 };
 
+/** One finite-difference check of MoELayer.backward; false when a perturbation moved the routing. */
+function gradientCheck(): boolean {
+  using layer = new MoELayer({ ...base, seed: freshSeed(), auxLossCoef: 0.1, zLossCoef: 0.01 });
+  const T = 5;
+  using x = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
+  using R = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
+  const rv = values(R);
+  let selection: string | undefined;
+  let moved = false;
+  // L = Σ y·R + auxLoss
+  const loss = (xx: Tensor): number =>
+    tidy(() => {
+      const f = layer.forward(xx);
+      const sel = JSON.stringify(f.saved.indices.toNumbers());
+      if (selection === undefined) selection = sel;
+      else if (sel !== selection) moved = true;
+      const l = values(f.y).reduce((s, v, i) => s + v * (rv[i] as number), 0) + (f.auxLoss.item() as number);
+      disposeSaved(f);
+      return l;
+    });
+  loss(x);
+  const grads = tidy(() => layer.backward(layer.forward(x), R));
+  try {
+    const h = 1e-3;
+    const fd = (t: Tensor, i: number, refresh: boolean): number => {
+      const v = values(t);
+      const at = (d: number): number => {
+        const w = v.slice();
+        w[i] = (w[i] as number) + d;
+        t.copy_(Tensor.fromArray(w, { shape: [...t.shape], device: cpu }));
+        if (refresh) layer.refreshComputeWeights();
+        return loss(x);
+      };
+      const g = (at(h) - at(-h)) / (2 * h);
+      at(0);
+      return g;
+    };
+    const pick = (n: number): number[] => Array.from({ length: 12 }, (_, i) => Math.floor((i * n) / 12));
+    const checks: [string, Tensor, Tensor, boolean][] = [
+      ['dx', grads.dx, x, false],
+      ['router', grads.router, layer.master.router, true],
+      ['w13', grads.w13, layer.master.w13, true],
+      ['w2', grads.w2, layer.master.w2, true],
+      ['shared w13', grads.sharedW13 as Tensor, layer.master.sharedW13 as Tensor, true],
+    ];
+    const errors = checks.map(([name, g, t, refresh]) => {
+      const analytic = values(g);
+      const picks = pick(t.numel);
+      return [name, relErr(picks.map((i) => analytic[i] as number), picks.map((i) => fd(t, i, refresh)))] as const;
+    });
+    if (moved) return false;
+    for (const [name, err] of errors) expect(err, name).toBeLessThan(2e-2);
+    return true;
+  } finally {
+    for (const g of Object.values(grads)) g?.dispose();
+  }
+}
+
 describe('MoELayer on one rank', () => {
   it.each([
     ['softmax', { ...base }],
@@ -74,45 +132,13 @@ describe('MoELayer on one rank', () => {
   });
 
   it('backward matches finite differences for x, the router and the experts', () => {
-    using layer = new MoELayer({ ...base, seed: freshSeed(), auxLossCoef: 0.1, zLossCoef: 0.01 });
-    const T = 5;
-    using x = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
-    using R = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
-    const rv = values(R);
-    // L = Σ y·R + auxLoss
-    const loss = (xx: Tensor): number =>
-      tidy(() => {
-        const f = layer.forward(xx);
-        const l = values(f.y).reduce((s, v, i) => s + v * (rv[i] as number), 0) + (f.auxLoss.item() as number);
-        disposeSaved(f);
-        return l;
-      });
-    const grads = tidy(() => layer.backward(layer.forward(x), R));
-    const h = 1e-3;
-    const fd = (t: Tensor, i: number, refresh: boolean, xx: Tensor): number => {
-      const v = values(t);
-      const at = (d: number): number => {
-        const w = v.slice();
-        w[i] = (w[i] as number) + d;
-        t.copy_(Tensor.fromArray(w, { shape: [...t.shape], device: cpu }));
-        if (refresh) layer.refreshComputeWeights();
-        return loss(xx);
-      };
-      const g = (at(h) - at(-h)) / (2 * h);
-      at(0);
-      return g;
-    };
-    const check = (name: string, analytic: number[], t: Tensor, refresh: boolean, picks: number[]): void => {
-      const numeric = picks.map((i) => fd(t, i, refresh, x));
-      expect(relErr(picks.map((i) => analytic[i] as number), numeric), name).toBeLessThan(2e-2);
-    };
-    const pick = (n: number): number[] => Array.from({ length: 12 }, (_, i) => Math.floor((i * n) / 12));
-    check('dx', values(grads.dx), x, false, pick(x.numel));
-    check('router', values(grads.router), layer.master.router, true, pick(layer.master.router.numel));
-    check('w13', values(grads.w13), layer.master.w13, true, pick(layer.master.w13.numel));
-    check('w2', values(grads.w2), layer.master.w2, true, pick(layer.master.w2.numel));
-    check('shared w13', values(grads.sharedW13 as Tensor), layer.master.sharedW13 as Tensor, true, pick((layer.master.sharedW13 as Tensor).numel));
-    for (const g of Object.values(grads)) g?.dispose();
+    // Finite differences are only meaningful where the routing is locally constant: a random draw
+    // whose top-k nearly ties flips under a ±h step. Such draws are detected (the selection seen by
+    // any perturbed forward differs) and redrawn; every attempt compares, none is skipped silently.
+    for (let attempt = 0; attempt < 20; attempt++) {
+      if (gradientCheck()) return;
+    }
+    throw new Error('no random draw with a locally stable routing in 20 attempts');
   });
 
   it('validates the config with errors naming the field', () => {
