@@ -28,8 +28,8 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { capacity, Dispatcher, Event, getDefaultDevice, init, launchEnv, synchronize, Tensor } from '../dist/lib/index.js';
-import { args, quick, writeInputs, writeResult, randomRouting } from './harness.mjs';
+import { capacity, Dispatcher, getDefaultDevice, init, launchEnv, synchronize, Tensor } from '../dist/lib/index.js';
+import { args, quick, randomRouting, timeRegion, writeInputs, writeResult } from './harness.mjs';
 
 const dryRun = args.includes('--dry-run');
 const noPeer = args.includes('--no-peer');
@@ -88,34 +88,8 @@ function align() {
   }
 }
 
-/** Median ms of fn() (CUDA events on a GPU, wall clock on the CPU); fn returns a cleanup, run untimed. */
-function timeOp(fn) {
-  const times = [];
-  for (let i = 0; i < warmup + repeats; i++) {
-    align();
-    let ms;
-    let cleanup;
-    if (onGpu) {
-      const start = new Event(dev, { timing: true });
-      const end = new Event(dev, { timing: true });
-      start.record();
-      cleanup = fn();
-      end.record();
-      end.synchronize();
-      ms = start.elapsedTime(end);
-      start.dispose();
-      end.dispose();
-    } else {
-      const t0 = performance.now();
-      cleanup = fn();
-      ms = performance.now() - t0;
-    }
-    cleanup?.();
-    if (i >= warmup) times.push(ms);
-  }
-  times.sort((a, b) => a - b);
-  return times[Math.floor(times.length / 2)];
-}
+/** Median ms of fn() with the ranks lined up before each run; fn returns a cleanup, run untimed. */
+const timeOp = (fn) => timeRegion(fn, { device: dev, warmup, repeats, before: align });
 
 // One dispatch kept for combine, the layout figures and the check.
 const kept = dispatcher.dispatch(x, indices, weights, cap);

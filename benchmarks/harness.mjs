@@ -1,6 +1,6 @@
 // Shared by the benchmark scripts (benchmarks/<area>.bench.mjs), run on the GPU machine:
 //   node benchmarks/<area>.bench.mjs [--out DIR] [--quick]
-// - timeCuda(fn): median milliseconds of fn() over repeats, timed with CUDA events after warm-up;
+// - timeRegion(body, opts) / timeCuda(fn): median ms over repeats after warm-up, CUDA events on a GPU;
 // - writeInputs(dir, tensors): raw little-endian files plus a manifest, so a Python peer script
 //   times PyTorch on exactly the same inputs in the same run;
 // - runPeer(script, args): runs python3 benchmarks/peers/<script>, which prints one JSON object;
@@ -17,24 +17,46 @@ export const quick = args.includes('--quick');
 const outIndex = args.indexOf('--out');
 export const outDir = outIndex >= 0 ? args[outIndex + 1] : join(import.meta.dirname, 'results');
 
-/** Median ms of fn() on the GPU: warm-up, then `repeats` timed runs each between two events. */
-export function timeCuda(fn, { warmup = 5, repeats = quick ? 10 : 50 } = {}) {
-  for (let i = 0; i < warmup; i++) fn();
-  synchronize('cuda:0');
+/**
+ * Median ms of body(ctx) over `repeats` runs after `warmup`: CUDA events around the body on a GPU,
+ * the wall clock on the CPU (dry runs). Per run, untimed: setup() makes ctx, before() (default: wait
+ * for the device, so each run starts idle) lines the ranks up, and a function the body returns is
+ * called afterwards as its cleanup.
+ */
+export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quick ? 10 : 50, setup, before } = {}) {
+  const onGpu = device !== 'cpu';
   const times = [];
-  for (let i = 0; i < repeats; i++) {
-    const start = new Event('cuda:0', { timing: true });
-    const end = new Event('cuda:0', { timing: true });
-    start.record();
-    fn();
-    end.record();
-    end.synchronize();
-    times.push(start.elapsedTime(end));
-    start.dispose();
-    end.dispose();
+  for (let i = 0; i < warmup + repeats; i++) {
+    const ctx = setup?.();
+    if (before) before();
+    else if (onGpu) synchronize(device);
+    let ms;
+    let result;
+    if (onGpu) {
+      const start = new Event(device, { timing: true });
+      const end = new Event(device, { timing: true });
+      start.record();
+      result = body(ctx);
+      end.record();
+      end.synchronize();
+      ms = start.elapsedTime(end);
+      start.dispose();
+      end.dispose();
+    } else {
+      const t0 = performance.now();
+      result = body(ctx);
+      ms = performance.now() - t0;
+    }
+    if (typeof result === 'function') result();
+    if (i >= warmup) times.push(ms);
   }
   times.sort((a, b) => a - b);
   return times[Math.floor(times.length / 2)];
+}
+
+/** Median ms of fn() on cuda:0 (timeRegion with its defaults). */
+export function timeCuda(fn, options = {}) {
+  return timeRegion(fn, options);
 }
 
 /** Writes each tensor's raw bytes to dir/<name>.bin and a manifest (dtype, shape) to dir/inputs.json. */

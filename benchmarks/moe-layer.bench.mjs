@@ -16,9 +16,9 @@ import { existsSync, mkdtempSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { adamwStep, capacity, disposeSaved, Event, MoELayer, permute, routerForward, synchronize, Tensor, tidy } from '../dist/lib/index.js';
+import { adamwStep, capacity, disposeSaved, MoELayer, permute, routerForward, synchronize, Tensor, tidy } from '../dist/lib/index.js';
 import { groupedGemm } from '../dist/lib/moe/grouped-gemm.js';
-import { args, quick, runPeer, writeInputs, writeResult } from './harness.mjs';
+import { args, quick, runPeer, timeRegion, writeInputs, writeResult } from './harness.mjs';
 
 const dryRun = args.includes('--dry-run');
 const noPeer = args.includes('--no-peer');
@@ -38,45 +38,17 @@ const sync = () => {
   if (onGpu) synchronize(dev);
 };
 const median = (a) => [...a].sort((p, q) => p - q)[Math.floor(a.length / 2)];
+/** Frees a forward's outputs and saved tensors (idempotent: backward already freed the saved ones). */
 function disposeForward(f) {
   disposeSaved(f);
-  for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss]) t.dispose();
+  for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss, f.routerEntropy]) t.dispose();
 }
 function disposeGrads(g) {
   for (const t of Object.values(g)) t?.dispose();
 }
 
-/**
- * Median ms of body(ctx) (CUDA events on a GPU, wall clock on the CPU). setup() runs before each
- * timed region, untimed, and body returns a cleanup run after it; the GPU is idle at the start.
- */
-function timeRegion(body, { setup } = {}) {
-  const times = [];
-  for (let i = 0; i < warmup + repeats; i++) {
-    const ctx = setup?.();
-    sync();
-    let ms;
-    let cleanup;
-    if (onGpu) {
-      const start = new Event(dev, { timing: true });
-      const end = new Event(dev, { timing: true });
-      start.record();
-      cleanup = body(ctx);
-      end.record();
-      end.synchronize();
-      ms = start.elapsedTime(end);
-      start.dispose();
-      end.dispose();
-    } else {
-      const t0 = performance.now();
-      cleanup = body(ctx);
-      ms = performance.now() - t0;
-    }
-    cleanup?.();
-    if (i >= warmup) times.push(ms);
-  }
-  return median(times);
-}
+/** Median ms of body(ctx), setup() untimed before each run, the device idle at the start. */
+const timeLayer = (body, { setup } = {}) => timeRegion(body, { device: dev, warmup, repeats, setup, before: sync });
 
 /** Median wall-clock ms of body() with the GPU idle at the start; `end` syncs or not. */
 function wallRegion(body, { endSync }) {
@@ -110,56 +82,38 @@ const g0 = layer.backward(f0, dy);
 sync();
 
 // ------------------------------------------------------------------------------------- timing
-const forwardMs = timeRegion(() => {
+const forwardMs = timeLayer(() => {
   const f = layer.forward(x);
   return () => disposeForward(f);
 });
-const backwardMs = timeRegion(
+const backwardMs = timeLayer(
   (f) => {
     const g = layer.backward(f, dy);
     return () => {
       disposeGrads(g);
-      for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss]) t.dispose();
+      disposeForward(f);
     };
   },
   { setup: () => layer.forward(x) },
 );
-const stepMs = timeRegion(() => {
+/** One forward + backward; returns the cleanup of what it made. */
+const layerStep = () => {
   const f = layer.forward(x);
   const g = layer.backward(f, dy);
   return () => {
     disposeGrads(g);
-    for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss]) t.dispose();
+    disposeForward(f);
   };
-});
+};
+const stepMs = timeLayer(layerStep);
 
 // Host time. The layer waits for the device once per step (dispatch reads the routing counts), so
 // the wall time of the forward + backward calls, with no trailing synchronize, is
 //   host work before the read + the wait for the routing prefix on the device + host work after.
 // The wait is estimated by replaying the prefix (router GEMM, routing, capacity, permute) and
 // reading the counts: its wall time minus the wall time of the same calls without the read.
-const callsMs = wallRegion(
-  () => {
-    const f = layer.forward(x);
-    const g = layer.backward(f, dy);
-    return () => {
-      disposeGrads(g);
-      for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss]) t.dispose();
-    };
-  },
-  { endSync: false },
-);
-const wallStepMs = wallRegion(
-  () => {
-    const f = layer.forward(x);
-    const g = layer.backward(f, dy);
-    return () => {
-      disposeGrads(g);
-      for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss]) t.dispose();
-    };
-  },
-  { endSync: true },
-);
+const callsMs = wallRegion(layerStep, { endSync: false });
+const wallStepMs = wallRegion(layerStep, { endSync: true });
 const all = Tensor.fromArray([0, T], { dtype: 'i32', device: dev });
 const prefix = (read) => () => {
   const made = [];
@@ -216,7 +170,7 @@ if (!noPeer) {
 }
 
 let step = 0;
-const adamwMs = timeRegion(() => {
+const adamwMs = timeLayer(() => {
   step++;
   for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step, weightDecay: 0.1, paramBf16: q.c });
   return undefined;
