@@ -250,11 +250,6 @@ export class MoELayer implements Disposable {
         x, scores: r.scores, indices: r.indices, weights: r.weights, handle, rows, expertOut: experts.out,
         g: experts.g, h: experts.h, dLogitsAux, shared,
       };
-      // The handle's tensors are owned by the handle (disposed by disposeSaved).
-      for (const t of Object.values(handle.permuted)) if (t instanceof Tensor) keep(t);
-      keep(handle.localOffsets);
-      if (handle.toExpertOrder) keep(handle.toExpertOrder);
-      if (handle.toSourceOrder) keep(handle.toSourceOrder);
       return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
     });
   }
