@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [bench]   (MOE_EP_BENCH=name: one benchmark)
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train] [interop] [bench]
+#   (MOE_EP_BENCH=name: one benchmark; MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
@@ -24,7 +25,7 @@ node dist/lib/cli/main.js info | tee "$OUT/info.txt"
 if [[ " $what " == *" tests "* ]]; then
   step "npm run test:gpu"
   # The raw vitest report stays in /tmp: only 8 files come back from the GPU machine.
-  npm run test:gpu -- --reporter=default --reporter=json --outputFile.json=/tmp/gpu-tests.json > "$OUT/gpu-tests.log" 2>&1 || status=1
+  npm run test:gpu -- ${MOE_EP_TESTS:-} --reporter=default --reporter=json --outputFile.json=/tmp/gpu-tests.json > "$OUT/gpu-tests.log" 2>&1 || status=1
   tail -8 "$OUT/gpu-tests.log"
   MOE_EP_TEST_COMMAND="npm run test:gpu" node scripts/gpu-test-summary.mjs /tmp/gpu-tests.json "$OUT/gpu-tests-summary.json"
 fi
@@ -46,6 +47,26 @@ if [[ " $what " == *" sass "* ]]; then
        END { if (name) printf "%-90s HMMA %5d HGMMA %5d LDL %4d STL %4d\n", name, h, g, l, s }' /tmp/sass.txt \
     | c++filt | sort > "$OUT/sass-summary.txt"
   grep -E "grouped_gemm|router|permute" "$OUT/sass-summary.txt" | cut -c1-160 | head -40
+fi
+
+if [[ " $what " == *" train "* ]]; then
+  # The main job on the GPU: the default task, a wider model, and two ranks sharing the GPU (MPI staging).
+  step "moe-ep train on the GPU"
+  node dist/lib/cli/main.js train --device cuda --no-progress --out /tmp/run-default > "$OUT/train.log" 2>&1 || status=1
+  tail -4 "$OUT/train.log"
+  node dist/lib/cli/main.js train --device cuda --no-progress --steps 200 --out /tmp/run-wide \
+    --model.hidden 1024 --model.ffn 512 --model.experts 64 --model.topK 6 --model.groups 8 --model.topkGroups 4 \
+    --data.tokensPerStep 8192 >> "$OUT/train.log" 2>&1 || status=1
+  tail -4 "$OUT/train.log"
+  mpirun -np 2 node dist/lib/cli/main.js train --device cuda --no-progress --steps 300 --out /tmp/run-mpi >> "$OUT/train.log" 2>&1 || status=1
+  tail -4 "$OUT/train.log"
+fi
+
+if [[ " $what " == *" interop "* ]]; then
+  # Checkpoints written here must load in Python's safetensors and torch (the GPU machine has both).
+  step "safetensors interop"
+  node dist/lib/cli/main.js train --steps 30 --device cuda --no-progress --out /tmp/run-interop > /dev/null 2>&1 || status=1
+  python3 test/interop/check_safetensors.py /tmp/run-interop/checkpoints --cuda 2>&1 | tee "$OUT/interop.log" || status=1
 fi
 
 if [[ " $what " == *" bench "* ]]; then
