@@ -55,7 +55,7 @@ if [[ " $what " == *" train "* ]]; then
   node dist/lib/cli/main.js train --device cuda --no-progress --out /tmp/run-default > "$OUT/train.log" 2>&1 || status=1
   tail -4 "$OUT/train.log"
   node dist/lib/cli/main.js train --device cuda --no-progress --steps 200 --out /tmp/run-wide \
-    --model.hidden 1024 --model.ffn 512 --model.experts 64 --model.topK 6 --model.groups 8 --model.topkGroups 4 \
+    --model.hidden 1024 --model.ffn 512 --model.experts 64 --model.topK 8 --model.groups 8 --model.topkGroups 4 \
     --data.tokensPerStep 8192 >> "$OUT/train.log" 2>&1 || status=1
   tail -4 "$OUT/train.log"
   mpirun -np 2 node dist/lib/cli/main.js train --device cuda --no-progress --steps 300 --out /tmp/run-mpi >> "$OUT/train.log" 2>&1 || status=1

@@ -122,6 +122,13 @@ describe('moe-ep train (CLI)', () => {
     expect(losses[losses.length - 1]).toBeLessThan(0.5 * (losses[0] as number));
   });
 
+  it('--help lists every field with its default', () => {
+    const r = spawnSync(process.execPath, [cli, 'train', '--help'], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/--model\.experts 8 /);
+    expect(r.stdout).toMatch(/--checkpoint\.resume null/);
+  });
+
   it('reads --config and points at the bad field', () => {
     const dir = mkdtempSync(join(tmpdir(), 'moe-cfg-'));
     try {
@@ -133,6 +140,8 @@ describe('moe-ep train (CLI)', () => {
       expect(r.stderr).toMatch(/config\.optimizer\.lr: must be > 0/);
       const bad = spawnSync(process.execPath, [cli, 'train', '--model.expertz', '4'], { encoding: 'utf8' });
       expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz'/);
+      const groups = spawnSync(process.execPath, [cli, 'train', '--model.experts', '64', '--model.topK', '6', '--model.groups', '8', '--model.topkGroups', '4'], { encoding: 'utf8' });
+      expect(groups.stderr).toMatch(/config\.model\.topkGroups: 4 does not divide config\.model\.topK \(6\)/);
       expect(existsSync(file)).toBe(true);
     } finally {
       rmSync(dir, { recursive: true, force: true });

@@ -12,7 +12,7 @@ import cliProgress from 'cli-progress';
 
 import { init } from '../dist/init.js';
 import { InvalidArgumentError } from '../errors.js';
-import { overridesFromArgs, resolveConfig, type TrainConfig } from '../train/config.js';
+import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig } from '../train/config.js';
 import { MetricsLog, type StepMetrics } from '../train/metrics.js';
 import { writeReport } from '../train/report.js';
 import { Trainer } from '../train/trainer.js';
@@ -42,6 +42,10 @@ function loadConfig(args: string[]): TrainConfig {
 const fmt = (v: number, digits = 4): string => (Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits));
 
 export async function runTrain(args: string[]): Promise<number> {
+  if (args.includes('--help') || args.includes('-h')) {
+    console.log(trainHelp());
+    return 0;
+  }
   const config = loadConfig(args);
   const world = await init();
   const lead = world.rank === 0;

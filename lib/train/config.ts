@@ -139,6 +139,8 @@ export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): Tr
     [c.model.topK <= c.model.experts, `config.model.topK: ${c.model.topK} is more than config.model.experts (${c.model.experts})`],
     [c.model.experts % c.model.groups === 0, `config.model.groups: ${c.model.groups} does not divide config.model.experts (${c.model.experts})`],
     [c.model.topkGroups <= c.model.groups, `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`],
+    // Group-limited routing ranks a group by the sum of its best topK/topkGroups scores.
+    [c.model.groups === 1 || c.model.topK % c.model.topkGroups === 0, `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK})`],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],
     [c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0, `config.balance.seqLen: ${c.balance.seqLen} does not divide config.data.tokensPerStep (${c.data.tokensPerStep})`],
@@ -146,6 +148,21 @@ export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): Tr
   const broken = rules.filter(([ok]) => !ok).map(([, m]) => m);
   if (broken.length) throw new InvalidArgumentError(`invalid configuration:\n  ${broken.join('\n  ')}`, 'config');
   return c;
+}
+
+/** `moe-ep train --help`: every field with its default and description, from the schema itself. */
+export function trainHelp(): string {
+  const lines = ['usage: moe-ep train [--config file.json] [--section.field value ...]', '',
+    'short forms: --steps N, --device auto|cpu|cuda, --out DIR, --resume [DIR], --no-progress', ''];
+  for (const [sectionName, sectionSchema] of Object.entries(trainConfigSchema.properties)) {
+    lines.push(`${sectionName}:`);
+    for (const [field, schema] of Object.entries(sectionSchema.properties as Record<string, { description?: string; enum?: readonly string[] }>)) {
+      const value = (defaultConfig as unknown as Record<string, Record<string, unknown>>)[sectionName]?.[field];
+      const choices = schema.enum ? ` (${schema.enum.join(' | ')})` : '';
+      lines.push(`  --${sectionName}.${field} ${JSON.stringify(value)}${choices}${schema.description ? `  ${schema.description}` : ''}`);
+    }
+  }
+  return lines.join('\n');
 }
 
 /**
