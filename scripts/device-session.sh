@@ -25,9 +25,10 @@ node dist/lib/cli/main.js info | tee "$OUT/info.txt"
 if [[ " $what " == *" tests "* ]]; then
   step "npm run test:gpu"
   # The raw vitest report stays in /tmp: only 8 files come back from the GPU machine.
-  npm run test:gpu -- ${MOE_EP_TESTS:-} --reporter=default --reporter=json --outputFile.json=/tmp/gpu-tests.json > "$OUT/gpu-tests.log" 2>&1 || status=1
+  # MOE_EP_TESTS narrows the run to some files (vitest ORs path filters, so it replaces test/gpu).
+  MOE_EP_REQUIRE_GPU=1 npx vitest run ${MOE_EP_TESTS:-test/gpu} --reporter=default --reporter=json --outputFile.json=/tmp/gpu-tests.json > "$OUT/gpu-tests.log" 2>&1 || status=1
   tail -8 "$OUT/gpu-tests.log"
-  MOE_EP_TEST_COMMAND="npm run test:gpu" node scripts/gpu-test-summary.mjs /tmp/gpu-tests.json "$OUT/gpu-tests-summary.json"
+  MOE_EP_TEST_COMMAND="npm run test:gpu ${MOE_EP_TESTS:-}" node scripts/gpu-test-summary.mjs /tmp/gpu-tests.json "$OUT/gpu-tests-summary.json"
 fi
 
 if [[ " $what " == *" all "* ]]; then

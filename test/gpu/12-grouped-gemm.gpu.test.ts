@@ -37,14 +37,27 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   { name: 'unaligned 1000 × 300', E: 3, K: 1000, N: 300, counts: [100, 0, 77] },
   { name: 'unaligned K=300', E: 3, K: 300, N: 1000, counts: [50, 60, 1] },
   { name: 'many small groups (E=256, 2 rows each)', E: 256, K: 128, N: 256, counts: new Array(256).fill(2) },
+  // Multiples of 8 (the Hopper kernel's TMA path) but of no tile: zero-filled k and n edges.
+  { name: 'K=200, N=328: partial k and n tiles', E: 5, K: 200, N: 328, counts: raggedCounts(5, 700) },
+  // More work items than SMs: each persistent block walks several tiles through its ring.
+  { name: 'M=6000 over 4 groups, N=1024: several tiles per block', E: 4, K: 256, N: 1024, counts: raggedCounts(4, 6000) },
+];
+// On compute capability 9.0 the NN/NT products take the wgmma kernel where eligible; the portable
+// mma.sync kernel (the fallback elsewhere) is checked too, on the smaller cases.
+const paths = [
+  { path: 'default kernels', hopper: undefined as string | undefined, cases },
+  { path: 'mma.sync only (MOE_EP_GG_HOPPER=0)', hopper: '0', cases: cases.filter((c) => c.K * c.N <= 1 << 22) },
 ];
 
-describe.skipIf(!hasGpu)('CUDA grouped GEMM against the CPU reference', () => {
+describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ hopper, cases }) => {
   let baseline = 0;
   beforeEach(() => {
     baseline = memoryStats(gpu).liveBytes;
+    if (hopper === undefined) delete process.env.MOE_EP_GG_HOPPER;
+    else process.env.MOE_EP_GG_HOPPER = hopper;
   });
   afterEach(() => {
+    delete process.env.MOE_EP_GG_HOPPER;
     expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
   });
 
@@ -72,6 +85,33 @@ describe.skipIf(!hasGpu)('CUDA grouped GEMM against the CPU reference', () => {
         groupedGemm('TN', a, dC, off, { out: cdW });
         expect(relErr(floats(gdW), floats(cdW)), `TN ${outType}`).toBeLessThan(tol);
       }
+    });
+  });
+
+  it('accumulate: f32 out += product (NN, NT, TN) onto random contents', { timeout: 300_000 }, () => {
+    const { E, K, N, counts } = cases[1] as (typeof cases)[number];
+    const M = counts.reduce((s, c) => s + c, 0);
+    tidy(() => {
+      const [a, ga] = pair([M, K]);
+      const [b, gb] = pair([E, K, N]);
+      const [dC, gdC] = pair([M, N]);
+      const [off, goff] = offsets(counts);
+      const start = (shape: number[]): [Tensor, Tensor] => {
+        const c = Tensor.rand(shape, { seed: freshSeed(), low: -1, high: 1, device: cpu });
+        return [c, c.to(gpu)];
+      };
+      const [co, go] = start([M, N]);
+      groupedGemm('NN', ga, gb, goff, { out: go, accumulate: true });
+      groupedGemm('NN', a, b, off, { out: co, accumulate: true });
+      expect(relErr(values(go), values(co)), 'NN').toBeLessThan(1e-4);
+      const [cdA, gdA] = start([M, K]);
+      groupedGemm('NT', gdC, gb, goff, { out: gdA, accumulate: true });
+      groupedGemm('NT', dC, b, off, { out: cdA, accumulate: true });
+      expect(relErr(values(gdA), values(cdA)), 'NT').toBeLessThan(1e-4);
+      const [cdW, gdW] = start([E, K, N]);
+      groupedGemm('TN', ga, gdC, goff, { out: gdW, accumulate: true });
+      groupedGemm('TN', a, dC, off, { out: cdW, accumulate: true });
+      expect(relErr(floats(gdW), floats(cdW)), 'TN').toBeLessThan(1e-4);
     });
   });
 

@@ -1,0 +1,402 @@
+// Grouped GEMM on Hopper (sm_90a): TMA, mbarriers, wgmma, warp specialisation, a persistent grid.
+// Takes the row-grouped products (NN forward, NT dA) with their fused epilogues; TN (dW) and shapes
+// TMA cannot describe stay on the mma.sync kernel (cuda.cu). Compiled for sm_90a alone (CMake).
+//
+// Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×64 A
+// tile and a 64×256 B tile per stage into a 4-stage ring, each stage completed on a "full" mbarrier
+// by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
+// 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128 fp32 accumulators
+// per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
+// (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
+// store the last one (the epilogue writes from registers, as the mma.sync kernel's does).
+//
+// Shared-memory layouts (128-byte swizzle, the pattern TMA writes and wgmma reads):
+//   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
+//   B   NT (K-major): [256 n][64 k], like A.
+//       NN (MN-major): four [64 k][64 n] boxes side by side, 8 KiB apart along n.
+// Rows past a group's end (they belong to the next group, or lie past M and are zero-filled by TMA)
+// are multiplied but never stored.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "core/cuda_runtime.h"
+#include "core/error.h"
+#include "ops/grouped_gemm/hopper.h"
+#include "ops/grouped_gemm/swiglu.h"
+#include "ops/grouped_gemm/wgmma.cuh"
+
+namespace moe::ops {
+
+namespace hopper {
+namespace {
+
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 8;
+constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
+constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
+constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
+constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024 bytes
+
+struct Params {
+  const int32_t* offsets;     // [E+1]
+  const int32_t* tile_start;  // [E+1]
+  void* out;
+  const __nv_bfloat16* aux;   // DSwiGLU: the saved g
+  __nv_bfloat16* aux_out;     // SwiGLU: where to save g (may be null)
+  int M, E, cols, inner, n_tiles;
+  bool accumulate;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// ---- mbarriers ----------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Waits until the phase with the given parity has completed. A fresh barrier counts its phase
+// "before the first" (parity 1) as complete, which lets the producer fill every stage once.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+// ---- TMA ------------------------------------------------------------------------------------------
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// ---- wgmma ----------------------------------------------------------------------------------------
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading-dimension byte offset
+// (LBO), stride-dimension byte offset (SBO), all in 16-byte units. K-major: SBO = 1024 (the next 8
+// rows), LBO unused. MN-major: LBO = the next 64 elements along m/n, SBO = the next 8 rows along k.
+__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t d = 0;
+  d |= uint64_t((smem_u32(p) & 0x3FFFF) >> 4);
+  d |= uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16;
+  d |= uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32;
+  d |= uint64_t(1) << 62;  // 128-byte swizzle
+  return d;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+// ---- work items -----------------------------------------------------------------------------------
+struct Tile {
+  int group, row0, row_end, col0;
+};
+
+// Work item t of the launch: a band of GROUP_M m-tiles (over all groups, in order) sweeps every
+// n-tile, so the weight columns a band needs stay in L2 while its m-tiles use them.
+__device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+  const int per_band = GROUP_M * p.n_tiles;
+  const int band_m = (t / per_band) * GROUP_M, band_rows = min(m_tiles - band_m, GROUP_M);
+  const int m = band_m + (t % per_band) % band_rows;
+  Tile tile;
+  tile.col0 = ((t % per_band) / band_rows) * BN;
+  int lo = 0, hi = p.E - 1;  // the group owning m-tile m: the last e with tile_start[e] <= m
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (__ldg(p.tile_start + mid) <= m) lo = mid;
+    else hi = mid - 1;
+  }
+  tile.group = lo;
+  const int begin = min(max(__ldg(p.offsets + lo), 0), p.M);
+  tile.row_end = min(max(__ldg(p.offsets + lo + 1), begin), p.M);
+  tile.row0 = begin + (m - __ldg(p.tile_start + lo)) * BM;
+  return tile;
+}
+
+// ---- epilogue -------------------------------------------------------------------------------------
+__device__ __forceinline__ void store_pair(float* out, int64_t idx, float v0, float v1, bool accumulate) {
+  float2 v = make_float2(v0, v1);
+  if (accumulate) {
+    float2 old = *reinterpret_cast<const float2*>(out + idx);
+    v.x += old.x;
+    v.y += old.y;
+  }
+  *reinterpret_cast<float2*>(out + idx) = v;
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* out, int64_t idx, float v0, float v1, bool) {
+  *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
+}
+
+// A consumer warpgroup's 64×256 accumulators: thread (warp w, lane l) holds rows 16w + l/4 (+8) and,
+// in each 8-column block j, columns 8j + 2(l%4) and the next (d[4j..4j+3]). cols % 8 == 0 here, so
+// a pair is either wholly inside or wholly outside.
+template <GemmEpilogue EPI, typename OutT>
+__device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  const int cols = p.cols;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = wg_row0 + warp * 16 + (lane >> 2) + half * 8;
+    if (r >= tile.row_end) continue;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int c = tile.col0 + j * 8 + (lane & 3) * 2;
+      if (c >= cols) continue;
+      const float v0 = d[j * 4 + half * 2], v1 = d[j * 4 + half * 2 + 1];
+      if constexpr (EPI == GemmEpilogue::Store) {
+        store_pair(static_cast<OutT*>(p.out), int64_t(r) * cols + c, v0, v1, p.accumulate);
+      } else if constexpr (EPI == GemmEpilogue::SwiGLU) {
+        // (v0, v1) = (g1, g3) of hidden unit c/2: W1 and W3 columns interleave.
+        static_cast<__nv_bfloat16*>(p.out)[int64_t(r) * (cols / 2) + c / 2] = __float2bfloat16_rn(silu(v0) * v1);
+        if (p.aux_out) *reinterpret_cast<__nv_bfloat162*>(p.aux_out + int64_t(r) * cols + c) = __floats2bfloat162_rn(v0, v1);
+      } else {  // DSwiGLU: (v0, v1) = dh of hidden units c, c+1; the saved g holds (g1, g3) for each.
+        const int64_t base = int64_t(r) * (2 * cols) + 2 * c;
+        const uint2 g = *reinterpret_cast<const uint2*>(p.aux + base);  // g1(c) g3(c) g1(c+1) g3(c+1)
+        const __nv_bfloat162 ga = *reinterpret_cast<const __nv_bfloat162*>(&g.x), gb = *reinterpret_cast<const __nv_bfloat162*>(&g.y);
+        const float g1a = __low2float(ga), g3a = __high2float(ga), g1b = __low2float(gb), g3b = __high2float(gb);
+        uint2 dg;
+        *reinterpret_cast<__nv_bfloat162*>(&dg.x) = __floats2bfloat162_rn(v0 * g3a * silu_grad(g1a), v0 * silu(g1a));
+        *reinterpret_cast<__nv_bfloat162*>(&dg.y) = __floats2bfloat162_rn(v1 * g3b * silu_grad(g1b), v1 * silu(g1b));
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + base) = dg;
+      }
+    }
+  }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------------
+// B_KMAJOR: NT (B_e is [cols, inner]); otherwise NN (B_e is [inner, cols]).
+template <bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+__global__ void __launch_bounds__(THREADS, 1)
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
+  extern __shared__ unsigned char smem_raw[];
+  // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
+  // descriptors' base-offset field stays 0.
+  unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+
+  const int wg = threadIdx.x >> 7;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);           // the producer's arrive.expect_tx; the copy engine adds the bytes
+      mbar_init(&empty[s], CONSUMERS);  // one arrive per consumer warpgroup
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int m_tiles = __ldg(p.tile_start + p.E);
+  const int total = m_tiles * p.n_tiles;
+  const int k_tiles = (p.inner + BK - 1) / BK;
+
+  if (wg == 0) {
+    // Producer: few registers; one thread issues every copy.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
+      int stage = 0;
+      uint32_t round = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const Tile tile = tile_at(p, t, m_tiles);
+        for (int kt = 0; kt < k_tiles; ++kt) {
+          mbar_wait(&empty[stage], (round & 1) ^ 1);
+          unsigned char* sa = ring + stage * STAGE_BYTES;
+          unsigned char* sb = sa + A_BYTES;
+          mbar_arrive_expect_tx(&full[stage], STAGE_BYTES);  // out-of-bounds parts still count: TMA zero-fills them
+          const int k0 = kt * BK;
+          tma_load_2d(sa, &map_a, &full[stage], k0, tile.row0);
+          if constexpr (B_KMAJOR) {
+            tma_load_3d(sb, &map_b, &full[stage], k0, tile.col0, tile.group);
+          } else {
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+          }
+          if (++stage == STAGES) {
+            stage = 0;
+            ++round;
+          }
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int consumer = wg - 1;
+    float d[128];
+    int stage = 0;
+    uint32_t round = 0;
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const Tile tile = tile_at(p, t, m_tiles);
+      int prev = -1;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(&full[stage], round & 1);
+        const unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
+        const unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          const uint64_t da = smem_desc(sa + kk * 32, 16, 1024);
+          const uint64_t db = B_KMAJOR ? smem_desc(sb + kk * 32, 16, 1024) : smem_desc(sb + kk * 16 * 128, BK * 128, 1024);
+          wgmma_m64n256k16<B_KMAJOR ? 0 : 1>(d, da, db, kt > 0 || kk > 0);
+        }
+        wgmma_commit();
+        // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
+        wgmma_wait<1>();
+        if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
+        prev = stage;
+        if (++stage == STAGES) {
+          stage = 0;
+          ++round;
+        }
+      }
+      wgmma_wait<0>();
+      if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
+      if (k_tiles > 0) store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
+    }
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A bf16 tensor map with 128-byte swizzle. dims/box are innermost first; strides (bytes) for dims 1..
+CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
+  CUtensorMap map;
+  const cuuint32_t unit[3] = {1, 1, 1};
+  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, cuuint32_t(rank), const_cast<void*>(base), dims, strides, box, unit,
+                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
+  return map;
+}
+
+struct DeviceInfo {
+  bool hopper = false;
+  int sms = 0;
+};
+DeviceInfo device_info() {
+  static std::mutex mu;
+  static DeviceInfo cache[64];
+  static bool known[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (!known[dev]) {
+    int major = 0, minor = 0, sms = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    // sm_90a machine code runs on compute capability 9.0 only.
+    cudaFuncAttributes attr{};
+    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<false, GemmEpilogue::Store, __nv_bfloat16>) == cudaSuccess;
+    cudaGetLastError();
+    cache[dev] = DeviceInfo{major == 9 && minor == 0 && image && encode_fn() != nullptr, sms};
+    known[dev] = true;
+  }
+  return cache[dev];
+}
+
+template <bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  auto kernel = grouped_gemm_wgmma_kernel<B_KMAJOR, EPI, OutT>;
+  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm", "cudaFuncSetAttribute");
+  // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
+  // blocks than the largest possible number of work items.
+  const int64_t most_tiles = (int64_t(p.M) / BM + p.E) * p.n_tiles;
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
+  kernel<<<grid, THREADS, SMEM_BYTES, stream>>>(map_a, map_b, p);
+}
+
+}  // namespace
+}  // namespace hopper
+
+bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
+  const char* env = std::getenv("MOE_EP_GG_HOPPER");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (g.mode == GemmMode::TN) return false;
+  const int64_t K = g.b.size(1), N = g.b.size(2);
+  const int64_t inner = g.mode == GemmMode::NN ? K : N;
+  auto aligned16 = [](const Tensor& t) { return !t.defined() || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
+  if (K % 8 != 0 || N % 8 != 0 || inner == 0 || !aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
+  if (g.a.size(0) >= (int64_t(1) << 31) || g.b.size(0) >= 65536) return false;
+  return hopper::device_info().hopper;
+}
+
+void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream_ptr) {
+  using namespace hopper;
+  const bool nt = g.mode == GemmMode::NT;
+  const int64_t E = g.b.size(0), K = g.b.size(1), N = g.b.size(2), M = g.a.size(0);
+  Params p{};
+  p.offsets = g.offsets.data<int32_t>();
+  p.tile_start = tile_start;
+  p.out = g.out.raw();
+  p.aux = g.aux.defined() ? g.aux.data<__nv_bfloat16>() : nullptr;
+  p.aux_out = (g.epilogue == GemmEpilogue::SwiGLU && g.aux.defined()) ? g.aux.data<__nv_bfloat16>() : nullptr;
+  p.M = int(M);
+  p.E = int(E);
+  p.cols = int(nt ? K : N);    // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
+  p.inner = int(nt ? N : K);
+  p.n_tiles = (p.cols + BN - 1) / BN;
+  p.accumulate = g.accumulate;
+
+  // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
+  const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
+  const cuuint32_t a_box[2] = {BK, BM};
+  const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, a_box);
+  // B: [E, K, N] with N innermost. NN reads [64 k][64 n] boxes; NT reads [256 k-rows][64 n] boxes
+  // (its rows are the product's columns, its N the product's inner dimension).
+  const cuuint64_t b_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, b_strides[2] = {cuuint64_t(N) * 2, cuuint64_t(N * K) * 2};
+  const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
+  const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
+
+  const int sms = device_info().sms;
+  cudaStream_t stream = cudaStream_t(stream_ptr);
+  const bool f32 = g.out.dtype() == DType::f32;
+  if (!nt) {
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<false, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<false, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<false, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+  } else {
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<true, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<true, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<true, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+  }
+  cuda::check_launch("groupedGemm");
+}
+
+}  // namespace moe::ops
