@@ -1,5 +1,5 @@
 // Quick grouped-GEMM check on a GPU (run it under `timeout`: a kernel that deadlocks shows as a
-// timeout, not a hung test run): NN, NT and the fused epilogues on small ragged inputs against the
+// timeout, not a hung test run): NN, NT, TN and the fused epilogues on small ragged inputs against the
 // CPU reference, printing the relative errors. Exit 1 if any is over the bf16 tolerance.
 import { Tensor, tidy } from '../dist/lib/index.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../dist/lib/moe/grouped-gemm.js';
@@ -28,6 +28,7 @@ for (const [E, K, N, counts] of [[1, 64, 256, [128]], [3, 128, 512, [200, 0, 77]
     const tag = `E=${E} K=${K} N=${N} M=${M}`;
     report(`NN ${tag}`, relErr(vals(groupedGemm('NN', g(a), g(b), g(o)).to('cpu')), vals(groupedGemm('NN', a, b, o))));
     report(`NT ${tag}`, relErr(vals(groupedGemm('NT', g(dC), g(b), g(o)).to('cpu')), vals(groupedGemm('NT', dC, b, o))));
+    report(`TN ${tag}`, relErr(vals(groupedGemm('TN', g(a), g(dC), g(o)).to('cpu')), vals(groupedGemm('TN', a, dC, o))));
     const F = N / 2;
     const hG = Tensor.empty([M, F], { dtype: 'bf16', device: 'cuda:0' }), hC = Tensor.empty([M, F], { dtype: 'bf16', device: 'cpu' });
     groupedGemmEpilogue('NN', Epilogue.SwiGLU, g(a), g(b), g(o), hG, null);

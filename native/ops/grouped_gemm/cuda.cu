@@ -1,6 +1,6 @@
 // Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90.
-// On compute capability 9.0 the NN and NT products go to the wgmma/TMA kernel (hopper.cu) when the
-// shape allows; this kernel is the portable one and the fallback (and the TN product for now).
+// On compute capability 9.0 the products go to the wgmma/TMA kernel (hopper.cu) when the shape
+// allows (row lengths multiples of 8); this kernel is the portable one and the fallback.
 //
 // Block tile 128×128×BK, 4 warps each computing 64×64, a multi-stage cp.async ring in shared memory
 // with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. Two configurations:
@@ -430,13 +430,13 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
     tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(p.offsets, E, M, tile_start.data<int32_t>());
     cuda::check_launch(op);
     p.tile_start = tile_start.data<int32_t>();
-#if MOE_EP_WITH_HOPPER
-    if (grouped_gemm_hopper_eligible(g)) {
-      grouped_gemm_hopper(g, p.tile_start, stream);
-      return;
-    }
-#endif
   }
+#if MOE_EP_WITH_HOPPER
+  if (grouped_gemm_hopper_eligible(g)) {
+    grouped_gemm_hopper(g, p.tile_start, stream);  // tile_start: null for TN, which needs none
+    return;
+  }
+#endif
 
   auto out_f32 = g.out.dtype() == DType::f32;
   switch (g.mode) {

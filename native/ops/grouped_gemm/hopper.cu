@@ -1,6 +1,7 @@
 // Grouped GEMM on Hopper (sm_90a): TMA, mbarriers, wgmma, warp specialisation, a persistent grid.
-// Takes the row-grouped products (NN forward, NT dA) with their fused epilogues; TN (dW) and shapes
-// TMA cannot describe stay on the mma.sync kernel (cuda.cu). Compiled for sm_90a alone (CMake).
+// All three products: NN (forward, with the fused SwiGLU epilogue), NT (dA, with dSwiGLU) and TN
+// (dW, whose inner dimension is each group's rows). Shapes TMA cannot describe stay on the mma.sync
+// kernel (cuda.cu). Compiled for sm_90a alone (CMake).
 //
 // Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×64 A
 // tile and a 64×256 B tile per stage into a 4-stage ring, each stage completed on a "full" mbarrier
@@ -14,8 +15,10 @@
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
 //   B   NT (K-major): [256 n][64 k], like A.
 //       NN (MN-major): four [64 k][64 n] boxes side by side, 8 KiB apart along n.
-// Rows past a group's end (they belong to the next group, or lie past M and are zero-filled by TMA)
-// are multiplied but never stored.
+//   TN  A = a_eᵀ (MN-major): two [64 k][64 m] boxes, one per consumer; B = b_e as for NN.
+// NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
+// but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
+// consumers zero those rows in shared memory before the wgmma reads them.
 #include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -49,11 +52,13 @@ constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;  // + slack to align the
 
 struct Params {
   const int32_t* offsets;     // [E+1]
-  const int32_t* tile_start;  // [E+1]
+  const int32_t* tile_start;  // [E+1] (NN, NT)
   void* out;
   const __nv_bfloat16* aux;   // DSwiGLU: the saved g
   __nv_bfloat16* aux_out;     // SwiGLU: where to save g (may be null)
-  int M, E, cols, inner, n_tiles;
+  int M, E;
+  int rows, cols, inner;      // the product out[rows, cols] (per group for TN); inner: NN/NT only
+  int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
 };
 
@@ -116,26 +121,45 @@ template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wg
 // ---- work items -----------------------------------------------------------------------------------
 struct Tile {
   int group, row0, row_end, col0;
+  int k_begin, k_end, k_tiles;  // the inner range: NN/NT all of it; TN the group's rows
+  int64_t out_base;             // TN: the group's [rows, cols] block of out
 };
 
-// Work item t of the launch: a band of GROUP_M m-tiles (over all groups, in order) sweeps every
-// n-tile, so the weight columns a band needs stay in L2 while its m-tiles use them.
+// Work item t of the launch. NN/NT: a band of GROUP_M m-tiles (over all groups, in order) sweeps
+// every n-tile, so the weight columns a band needs stay in L2 while its m-tiles use them.
+// TN: group-major, so the blocks in flight share one group's rows of a and b.
+template <GemmMode MODE>
 __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
-  const int per_band = GROUP_M * p.n_tiles;
-  const int band_m = (t / per_band) * GROUP_M, band_rows = min(m_tiles - band_m, GROUP_M);
-  const int m = band_m + (t % per_band) % band_rows;
   Tile tile;
-  tile.col0 = ((t % per_band) / band_rows) * BN;
-  int lo = 0, hi = p.E - 1;  // the group owning m-tile m: the last e with tile_start[e] <= m
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (__ldg(p.tile_start + mid) <= m) lo = mid;
-    else hi = mid - 1;
+  if constexpr (MODE == GemmMode::TN) {
+    const int per_group = p.tn_m_tiles * p.n_tiles;
+    tile.group = t / per_group;
+    tile.row0 = ((t % per_group) / p.n_tiles) * BM;
+    tile.col0 = (t % p.n_tiles) * BN;
+    tile.row_end = p.rows;
+    tile.k_begin = min(max(__ldg(p.offsets + tile.group), 0), p.M);
+    tile.k_end = min(max(__ldg(p.offsets + tile.group + 1), tile.k_begin), p.M);
+    tile.out_base = int64_t(tile.group) * p.rows * p.cols;
+  } else {
+    const int per_band = GROUP_M * p.n_tiles;
+    const int band_m = (t / per_band) * GROUP_M, band_rows = min(m_tiles - band_m, GROUP_M);
+    const int m = band_m + (t % per_band) % band_rows;
+    tile.col0 = ((t % per_band) / band_rows) * BN;
+    int lo = 0, hi = p.E - 1;  // the group owning m-tile m: the last e with tile_start[e] <= m
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if (__ldg(p.tile_start + mid) <= m) lo = mid;
+      else hi = mid - 1;
+    }
+    tile.group = lo;
+    const int begin = min(max(__ldg(p.offsets + lo), 0), p.M);
+    tile.row_end = min(max(__ldg(p.offsets + lo + 1), begin), p.M);
+    tile.row0 = begin + (m - __ldg(p.tile_start + lo)) * BM;
+    tile.k_begin = 0;
+    tile.k_end = p.inner;
+    tile.out_base = 0;
   }
-  tile.group = lo;
-  const int begin = min(max(__ldg(p.offsets + lo), 0), p.M);
-  tile.row_end = min(max(__ldg(p.offsets + lo + 1), begin), p.M);
-  tile.row0 = begin + (m - __ldg(p.tile_start + lo)) * BM;
+  tile.k_tiles = (tile.k_end - tile.k_begin + BK - 1) / BK;
   return tile;
 }
 
@@ -170,7 +194,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
       if (c >= cols) continue;
       const float v0 = d[j * 4 + half * 2], v1 = d[j * 4 + half * 2 + 1];
       if constexpr (EPI == GemmEpilogue::Store) {
-        store_pair(static_cast<OutT*>(p.out), int64_t(r) * cols + c, v0, v1, p.accumulate);
+        store_pair(static_cast<OutT*>(p.out), tile.out_base + int64_t(r) * cols + c, v0, v1, p.accumulate);
       } else if constexpr (EPI == GemmEpilogue::SwiGLU) {
         // (v0, v1) = (g1, g3) of hidden unit c/2: W1 and W3 columns interleave.
         static_cast<__nv_bfloat16*>(p.out)[int64_t(r) * (cols / 2) + c / 2] = __float2bfloat16_rn(silu(v0) * v1);
@@ -190,10 +214,12 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
 }
 
 // ---- the kernel -----------------------------------------------------------------------------------
-// B_KMAJOR: NT (B_e is [cols, inner]); otherwise NN (B_e is [inner, cols]).
-template <bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 __global__ void __launch_bounds__(THREADS, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
+  constexpr bool TN = MODE == GemmMode::TN;
+  constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
+  constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
@@ -210,9 +236,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   }
   __syncthreads();
 
-  const int m_tiles = __ldg(p.tile_start + p.E);
-  const int total = m_tiles * p.n_tiles;
-  const int k_tiles = (p.inner + BK - 1) / BK;
+  const int m_tiles = TN ? p.tn_m_tiles : __ldg(p.tile_start + p.E);
+  const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
 
   if (wg == 0) {
     // Producer: few registers; one thread issues every copy.
@@ -223,19 +248,26 @@ __global__ void __launch_bounds__(THREADS, 1)
       int stage = 0;
       uint32_t round = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Tile tile = tile_at(p, t, m_tiles);
-        for (int kt = 0; kt < k_tiles; ++kt) {
+        const Tile tile = tile_at<MODE>(p, t, m_tiles);
+        for (int kt = 0; kt < tile.k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
           unsigned char* sb = sa + A_BYTES;
           mbar_arrive_expect_tx(&full[stage], STAGE_BYTES);  // out-of-bounds parts still count: TMA zero-fills them
-          const int k0 = kt * BK;
-          tma_load_2d(sa, &map_a, &full[stage], k0, tile.row0);
-          if constexpr (B_KMAJOR) {
-            tma_load_3d(sb, &map_b, &full[stage], k0, tile.col0, tile.group);
-          } else {
+          const int k0 = tile.k_begin + kt * BK;
+          if constexpr (TN) {
 #pragma unroll
-            for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+            for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * (BK * 128), &map_a, &full[stage], tile.row0 + 64 * j, k0);
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0);
+          } else {
+            tma_load_2d(sa, &map_a, &full[stage], k0, tile.row0);
+            if constexpr (MODE == GemmMode::NT) {
+              tma_load_3d(sb, &map_b, &full[stage], k0, tile.col0, tile.group);
+            } else {
+#pragma unroll
+              for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+            }
           }
           if (++stage == STAGES) {
             stage = 0;
@@ -251,18 +283,35 @@ __global__ void __launch_bounds__(THREADS, 1)
     int stage = 0;
     uint32_t round = 0;
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const Tile tile = tile_at(p, t, m_tiles);
+      const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
-      for (int kt = 0; kt < k_tiles; ++kt) {
+      for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
-        const unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
-        const unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
+        unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
+        unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
+        if constexpr (TN) {
+          // The group ends inside this k-tile: zero the rows past its end (they hold the next
+          // group's rows) in this consumer's A box and in its half of the B boxes, then make the
+          // plain stores visible to the tensor cores (async proxy) before either consumer reads.
+          const int valid = tile.k_end - (tile.k_begin + kt * BK);
+          if (valid < BK) {
+            const int lane128 = threadIdx.x & 127;
+            for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
+              const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
+              unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
+              *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
+          }
+        }
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BK / 16; ++kk) {
-          const uint64_t da = smem_desc(sa + kk * 32, 16, 1024);
-          const uint64_t db = B_KMAJOR ? smem_desc(sb + kk * 32, 16, 1024) : smem_desc(sb + kk * 16 * 128, BK * 128, 1024);
-          wgmma_m64n256k16<B_KMAJOR ? 0 : 1>(d, da, db, kt > 0 || kk > 0);
+          // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
+          const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
+          const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
+          wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
         }
         wgmma_commit();
         // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
@@ -276,7 +325,13 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       wgmma_wait<0>();
       if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
-      if (k_tiles > 0) store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
+      if (tile.k_tiles == 0) {
+        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating).
+        if (p.accumulate) continue;
+#pragma unroll
+        for (int i = 0; i < 128; ++i) d[i] = 0.f;
+      }
+      store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
     }
   }
 }
@@ -323,7 +378,7 @@ DeviceInfo device_info() {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
-    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<false, GemmEpilogue::Store, __nv_bfloat16>) == cudaSuccess;
+    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>) == cudaSuccess;
     cudaGetLastError();
     cache[dev] = DeviceInfo{major == 9 && minor == 0 && image && encode_fn() != nullptr, sms};
     known[dev] = true;
@@ -331,13 +386,13 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-template <bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  auto kernel = grouped_gemm_wgmma_kernel<B_KMAJOR, EPI, OutT>;
+  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT>;
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
   // blocks than the largest possible number of work items.
-  const int64_t most_tiles = (int64_t(p.M) / BM + p.E) * p.n_tiles;
+  const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
   kernel<<<grid, THREADS, SMEM_BYTES, stream>>>(map_a, map_b, p);
 }
@@ -348,19 +403,20 @@ void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p,
 bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   const char* env = std::getenv("MOE_EP_GG_HOPPER");
   if (env && std::strcmp(env, "0") == 0) return false;
-  if (g.mode == GemmMode::TN) return false;
-  const int64_t K = g.b.size(1), N = g.b.size(2);
+  // TMA needs 16-byte row pitches: every row length a multiple of 8 bf16.
+  const bool tn = g.mode == GemmMode::TN;
+  const int64_t K = tn ? g.a.size(1) : g.b.size(1), N = tn ? g.b.size(1) : g.b.size(2);
   const int64_t inner = g.mode == GemmMode::NN ? K : N;
   auto aligned16 = [](const Tensor& t) { return !t.defined() || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
-  if (K % 8 != 0 || N % 8 != 0 || inner == 0 || !aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
-  if (g.a.size(0) >= (int64_t(1) << 31) || g.b.size(0) >= 65536) return false;
+  if (K % 8 != 0 || N % 8 != 0 || K == 0 || N == 0 || (!tn && inner == 0)) return false;
+  if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
+  if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
   return hopper::device_info().hopper;
 }
 
 void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream_ptr) {
   using namespace hopper;
-  const bool nt = g.mode == GemmMode::NT;
-  const int64_t E = g.b.size(0), K = g.b.size(1), N = g.b.size(2), M = g.a.size(0);
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   Params p{};
   p.offsets = g.offsets.data<int32_t>();
   p.tile_start = tile_start;
@@ -369,10 +425,37 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.aux_out = (g.epilogue == GemmEpilogue::SwiGLU && g.aux.defined()) ? g.aux.data<__nv_bfloat16>() : nullptr;
   p.M = int(M);
   p.E = int(E);
+  p.accumulate = g.accumulate;
+  cudaStream_t stream = cudaStream_t(stream_ptr);
+  const int sms = device_info().sms;
+  const bool f32 = g.out.dtype() == DType::f32;
+
+  if (g.mode == GemmMode::TN) {
+    // out_e[K, N] = a_eᵀ · b_e over the group's rows: a [M, K] and b [M, N], both read as
+    // [64 rows][64 columns] boxes.
+    const int64_t K = g.a.size(1), N = g.b.size(1);
+    p.rows = int(K);
+    p.cols = int(N);
+    p.n_tiles = int((N + BN - 1) / BN);
+    p.tn_m_tiles = int((K + BM - 1) / BM);
+    const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
+    const cuuint64_t b_dims[2] = {cuuint64_t(N), cuuint64_t(M)}, b_strides[1] = {cuuint64_t(N) * 2};
+    const cuuint32_t box[2] = {64, BK};
+    const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
+    const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
+    if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
+    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    cuda::check_launch("groupedGemm");
+    return;
+  }
+
+  const bool nt = g.mode == GemmMode::NT;
+  const int64_t K = g.b.size(1), N = g.b.size(2);
+  p.rows = int(M);
   p.cols = int(nt ? K : N);    // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
   p.inner = int(nt ? N : K);
   p.n_tiles = (p.cols + BN - 1) / BN;
-  p.accumulate = g.accumulate;
 
   // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
   const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
@@ -384,17 +467,14 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
-  const int sms = device_info().sms;
-  cudaStream_t stream = cudaStream_t(stream_ptr);
-  const bool f32 = g.out.dtype() == DType::f32;
   if (!nt) {
-    if (g.epilogue == GemmEpilogue::SwiGLU) launch<false, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<false, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<false, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<true, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<true, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<true, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
   }
   cuda::check_launch("groupedGemm");
 }

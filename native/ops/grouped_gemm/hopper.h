@@ -8,11 +8,12 @@
 
 namespace moe::ops {
 
-// Whether this launch can take the Hopper path: the device, the mode (NN and NT), 16-byte row pitches
-// (K and N multiples of 8, as TMA requires) and aligned pointers. MOE_EP_GG_HOPPER=0 turns it off.
+// Whether this launch can take the Hopper path: the device, 16-byte row pitches (K and N multiples
+// of 8, as TMA requires) and 16-byte aligned pointers. MOE_EP_GG_HOPPER=0 turns it off.
 bool grouped_gemm_hopper_eligible(const GroupedGemm& g);
 
-// tile_start: [E+1] device prefix of ceil(rows_e / 128) (the same m-tiles as the mma.sync kernel).
+// tile_start (NN, NT): [E+1] device prefix of ceil(rows_e / 128), the same m-tiles as the mma.sync
+// kernel's; TN needs none (its work items are known on the host: E × K-tiles × N-tiles).
 void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream);
 
 }  // namespace moe::ops
