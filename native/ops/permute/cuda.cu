@@ -142,25 +142,29 @@ constexpr int kPadRowsPerBlock = kPadRowsPerWarp * kScatterThreads / 32;
 // With row_of and tok from permute_layout this equals the gather exactly: every row whose tok is a
 // token is some (tok, j)'s row_of.
 template <typename V>
-__global__ void __launch_bounds__(kScatterThreads)
+__global__ void __launch_bounds__(kScatterThreads, 2048 / kScatterThreads)  // full occupancy: ≤ 32 registers
     scatter_rows(const V* __restrict__ x, int64_t T, int32_t k, const int32_t* __restrict__ row_of, const int32_t* __restrict__ tok,
                  int64_t R, int64_t row_vecs, V* __restrict__ rows) {
   extern __shared__ int32_t s_dst[];  // k destination rows of this token, -1 for none
   const int64_t b = blockIdx.x;
   if (b < T) {
-    for (int32_t j = threadIdx.x; j < k; j += blockDim.x) {
-      const int32_t r = row_of[b * k + j];
-      s_dst[j] = (r >= 0 && r < R && tok[r] == int32_t(b)) ? r : -1;
-    }
-    __syncthreads();
     const V* src = x + b * row_vecs;
-    for (int64_t c0 = threadIdx.x; c0 < row_vecs; c0 += int64_t(kScatterThreads) * kScatterUnroll) {
-      V v[kScatterUnroll];
+    V v[kScatterUnroll];
+    auto load = [&](int64_t c0) {
 #pragma unroll
       for (int u = 0; u < kScatterUnroll; ++u) {
         const int64_t c = c0 + int64_t(u) * kScatterThreads;
         if (c < row_vecs) v[u] = src[c];
       }
+    };
+    int64_t c0 = threadIdx.x;
+    load(c0);  // the first vectors are in flight while the destinations are read
+    for (int32_t j = threadIdx.x; j < k; j += blockDim.x) {
+      const int32_t r = row_of[b * k + j];
+      s_dst[j] = (r >= 0 && r < R && tok[r] == int32_t(b)) ? r : -1;
+    }
+    __syncthreads();
+    for (;;) {
       for (int32_t j = 0; j < k; ++j) {
         const int32_t r = s_dst[j];
         if (r < 0) continue;
@@ -171,6 +175,9 @@ __global__ void __launch_bounds__(kScatterThreads)
           if (c < row_vecs) dst[c] = v[u];
         }
       }
+      c0 += int64_t(kScatterThreads) * kScatterUnroll;
+      if (c0 >= row_vecs) break;
+      load(c0);
     }
   } else {
     const int lane = threadIdx.x & 31;
