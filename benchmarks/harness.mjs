@@ -18,25 +18,31 @@ const outIndex = args.indexOf('--out');
 export const outDir = outIndex >= 0 ? args[outIndex + 1] : join(import.meta.dirname, 'results');
 
 /**
- * Median ms of body(ctx) over `repeats` runs after `warmup`: CUDA events around the body on a GPU,
- * the wall clock on the CPU (dry runs). Per run, untimed: setup() makes ctx, before() (default: wait
- * for the device, so each run starts idle) lines the ranks up, and a function the body returns is
- * called afterwards as its cleanup.
+ * Median ms per call of body(ctx, call) over `repeats` timed regions after `warmup`: CUDA events
+ * around the region on a GPU, the wall clock on the CPU (dry runs). A region makes `inner`
+ * back-to-back calls (default 1) and the time is divided by `inner`: with inner > 1 the host work
+ * of one call overlaps the device work of the previous one, so a short kernel is timed without
+ * the host's per-call cost in front of it (the device is idle when a region starts). `call`
+ * counts every call from 0, warm-up included, for bodies that rotate among several input sets
+ * (so that repeated calls do not find their inputs in L2). Per region, untimed: setup() makes ctx,
+ * before() (default: wait for the device, so each region starts idle) lines the ranks up, and
+ * functions the body returns are called afterwards as its cleanup.
  */
-export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quick ? 10 : 50, setup, before } = {}) {
+export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quick ? 10 : 50, inner = 1, setup, before } = {}) {
   const onGpu = device !== 'cpu';
   const times = [];
+  let call = 0;
   for (let i = 0; i < warmup + repeats; i++) {
     const ctx = setup?.();
     if (before) before();
     else if (onGpu) synchronize(device);
     let ms;
-    let result;
+    const results = [];
     if (onGpu) {
       const start = new Event(device, { timing: true });
       const end = new Event(device, { timing: true });
       start.record();
-      result = body(ctx);
+      for (let c = 0; c < inner; c++) results.push(body(ctx, call++));
       end.record();
       end.synchronize();
       ms = start.elapsedTime(end);
@@ -44,11 +50,11 @@ export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quic
       end.dispose();
     } else {
       const t0 = performance.now();
-      result = body(ctx);
+      for (let c = 0; c < inner; c++) results.push(body(ctx, call++));
       ms = performance.now() - t0;
     }
-    if (typeof result === 'function') result();
-    if (i >= warmup) times.push(ms);
+    for (const result of results) if (typeof result === 'function') result();
+    if (i >= warmup) times.push(ms / inner);
   }
   times.sort((a, b) => a - b);
   return times[Math.floor(times.length / 2)];

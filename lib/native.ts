@@ -190,7 +190,8 @@ export interface RawBinding {
     rowWeight: TensorHandle,
     invalid: TensorHandle,
   ): void;
-  permuteRows(x: TensorHandle, rowToken: TensorHandle, rows: TensorHandle): void;
+  /** rows[r] = x[rowToken[r]]; with rowOf (the layout's [T,k] rows) the CUDA path copies in token order, reading x once. */
+  permuteRows(x: TensorHandle, rowToken: TensorHandle, rows: TensorHandle, rowOf?: TensorHandle | null): void;
   unpermute(rows: TensorHandle, rowOf: TensorHandle, weights: TensorHandle, out: TensorHandle): void;
   unpermuteBackward(
     dy: TensorHandle,

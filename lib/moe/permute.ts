@@ -107,7 +107,8 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
     const invalid = output(out.invalid, [1], 'i32', x, op, 'invalid', made);
     native().permuteLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, weights.handle, padToCapacity ? (cap.capacity as number) : -1,
       align, offsets.handle, rowOf.handle, rowToken.handle, rowWeight.handle, invalid.handle);
-    native().permuteRows(x.handle, rowToken.handle, rows.handle);
+    // rowOf from the layout just written: the CUDA copy runs in token order and reads x once.
+    native().permuteRows(x.handle, rowToken.handle, rows.handle, rowOf.handle);
     return { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R };
   });
 }

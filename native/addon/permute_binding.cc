@@ -19,10 +19,11 @@ Napi::Value permute_layout(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// permuteRows(x, rowToken, rows)
+// permuteRows(x, rowToken, rows, rowOf?)   rowOf: the layout's [T,k] rows, for the token-order copy
 Napi::Value permute_rows(const Napi::CallbackInfo& info) {
   const char* op = "permute";
-  ops::permute_rows(arg_tensor(info, 0, op, "x"), arg_tensor(info, 1, op, "rowToken"), arg_tensor(info, 2, op, "rows"));
+  ops::permute_rows(arg_tensor(info, 0, op, "x"), arg_tensor(info, 1, op, "rowToken"), arg_tensor(info, 2, op, "rows"),
+                    arg_tensor(info, 3, op, "rowOf", true));
   return info.Env().Undefined();
 }
 

@@ -17,7 +17,7 @@ import {
   tidy,
   zLoss,
 } from '../../lib/index.js';
-import { freshSeed, poisoned, relErr, values } from '../helpers.js';
+import { freshSeed, poisoned, relErr, rng, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
 const gpu = 'cuda:0' as const;
@@ -38,9 +38,21 @@ function outputs(T: number, E: number, k: number, device: typeof gpu | typeof cp
   };
 }
 
+// Fast path (native/ops/router/cuda.cu, router_fast_kernel): E ∈ {8, 16, 32, 64, 128, 256, 512}, groups a
+// power of two ≤ lanes per token, k/topkGroups ≤ 2; everything else takes the generic kernel.
+// Sizes keep the expected number of near-tie tokens (f32 against double, ~1e-7·k·E per token) well
+// under the allowance below.
 const cases: [string, number, RouterConfig, boolean][] = [
   ['T=16384 E=256 k=8, 8 groups keep 4, sigmoid + bias, normalised', 16384, { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 }, true],
   ['T=16384 E=256 k=8, softmax, no groups', 16384, { numExperts: 256, topK: 8 }, false],
+  ['T=3001 E=256 k=4, 8 groups keep 4 (m=1), sigmoid + bias, route scale 2.5', 3001, { numExperts: 256, topK: 4, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4, routeScale: 2.5 }, true],
+  ['T=2049 E=64 k=24 (k > 16 lanes per token), softmax normalised, bias', 2049, { numExperts: 64, topK: 24, normalize: true }, true],
+  ['T=8192 E=512 k=8, 16 groups keep 4, sigmoid + bias', 8192, { numExperts: 512, topK: 8, scoreFunction: 'sigmoid', groups: 16, topkGroups: 4 }, true],
+  ['T=5003 E=128 k=6, 4 groups keep 3, softmax + bias', 5003, { numExperts: 128, topK: 6, groups: 4, topkGroups: 3, normalize: true }, true],
+  ['T=16383 E=8 k=2, softmax (16 tokens per warp)', 16383, { numExperts: 8, topK: 2 }, false],
+  ['T=999 E=16 k=16 (k > lanes per token), sigmoid normalised, bias', 999, { numExperts: 16, topK: 16, scoreFunction: 'sigmoid' }, true],
+  ['T=1234 E=32 k=6, 2 groups keep 2 (m=3: generic path on a fast shape)', 1234, { numExperts: 32, topK: 6, scoreFunction: 'sigmoid', groups: 2, topkGroups: 2 }, true],
+  ['T=777 E=64 k=4, 32 groups keep 2 (groups > lanes: generic path)', 777, { numExperts: 64, topK: 4, scoreFunction: 'sigmoid', groups: 32, topkGroups: 2 }, true],
   ['E=1, k=1', 999, { numExperts: 1, topK: 1 }, false],
   ['k=E=64, softmax normalised, bias', 517, { numExperts: 64, topK: 64, normalize: true }, true],
   ['k=E=40 (k > 32), sigmoid, 4 groups keep 4', 333, { numExperts: 40, topK: 40, scoreFunction: 'sigmoid', groups: 4, topkGroups: 4 }, true],
@@ -144,6 +156,75 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
       const addedC = values(dc).map((v, i) => v - (d0[i] as number));
       expect(relErr(addedG, addedC)).toBeLessThan(1e-3);
       expect(addedC.some((v) => Math.abs(v) > 1e-9)).toBe(true);
+    });
+  });
+
+  it.each([
+    ['E=256 k=8, 8 groups keep 4, sigmoid', { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 } as RouterConfig],
+    ['E=256 k=8, softmax', { numExperts: 256, topK: 8 } as RouterConfig],
+    ['E=64 k=6, 4 groups keep 3, softmax', { numExperts: 64, topK: 6, groups: 4, topkGroups: 3 } as RouterConfig],
+  ])('exact ties go to the lower index, as on the CPU: %s', (_name, config) => {
+    // Logits from {-2, -1, 0, 1, 2}: many experts and groups tie exactly (in f32 and in double alike),
+    // so the indices must match the CPU's exactly.
+    const T = 4097;
+    const E = config.numExperts;
+    const k = config.topK;
+    tidy(() => {
+      const r = rng(freshSeed());
+      const data = Array.from({ length: T * E }, () => Math.floor(r() * 5) - 2);
+      const lc = Tensor.fromArray(data, { shape: [T, E], device: cpu });
+      const lg = lc.to(gpu);
+      const c = routerForward(lc, config);
+      const g = outputs(T, E, k, gpu);
+      routerForward(lg, config, { out: g, checkNaN: false });
+      expect(g.indices.toNumbers()).toEqual(c.indices.toNumbers());
+      expect(g.tokensPerExpert.toNumbers()).toEqual(c.tokensPerExpert.toNumbers());
+      expect(relErr(values(g.weights), values(c.weights))).toBeLessThan(1e-6);
+      expect(g.nanRows.toNumbers()).toEqual([0, T]);
+    });
+  });
+
+  it('bad rows on the fast path at E=256 (one token per warp) and a NaN bias entry', () => {
+    tidy(() => {
+      const T = 1000;
+      const E = 256;
+      const k = 8;
+      const r = rng(freshSeed());
+      const data = Array.from({ length: T * E }, () => 3 * (r() - 0.5));
+      data[3 * E + 200] = NaN;
+      data[517 * E + 0] = Infinity;
+      data[999 * E + 255] = -Infinity;
+      const lc = Tensor.fromArray(data, { shape: [T, E], device: cpu });
+      const lg = lc.to(gpu);
+      const config: RouterConfig = { numExperts: E, topK: k, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 };
+      const c = routerForward(lc, config, { checkNaN: false });
+      const g = outputs(T, E, k, gpu);
+      routerForward(lg, config, { out: g, checkNaN: false });
+      expect(g.nanRows.toNumbers()).toEqual([3, 3]);
+      const gi = g.indices.toNumbers();
+      const ci = c.indices.toNumbers();
+      for (const t of [3, 517, 999]) expect(gi.slice(t * k, (t + 1) * k)).toEqual([0, 1, 2, 3, 4, 5, 6, 7]);
+      const gs = values(g.scores);
+      for (const t of [3, 517, 999]) expect(gs.slice(t * E, (t + 1) * E).every(Number.isNaN)).toBe(true);
+      expect(values(g.weights).map(Number.isNaN)).toEqual(values(c.weights).map(Number.isNaN));
+      const counts = new Array(E).fill(0);
+      for (const e of gi) counts[e]++;
+      expect(g.tokensPerExpert.toNumbers()).toEqual(counts);
+      // good rows: agree with the CPU (ties aside, as in the shape tests above)
+      let differing = 0;
+      for (let t = 0; t < T; t++) if (gi.slice(t * k, (t + 1) * k).join() !== ci.slice(t * k, (t + 1) * k).join()) differing++;
+      expect(differing).toBeLessThanOrEqual(2);
+
+      // a NaN in the bias makes every row bad
+      const bias = Tensor.fromArray(Array.from({ length: E }, (_, e) => (e === 77 ? NaN : 0.01 * (e % 5))), { shape: [E], device: gpu });
+      const clean = Tensor.fromArray(data.map((v) => (Number.isFinite(v) ? v : 0)), { shape: [T, E], device: gpu });
+      const b = outputs(T, E, k, gpu);
+      routerForward(clean, config, { bias, out: b, checkNaN: false });
+      expect(b.nanRows.toNumbers()).toEqual([T, 0]);
+      expect(values(b.weights).every(Number.isNaN)).toBe(true);
+      const expected = new Array(E).fill(0);
+      for (let j = 0; j < k; j++) expected[j] = T;
+      expect(b.tokensPerExpert.toNumbers()).toEqual(expected);
     });
   });
 

@@ -15,6 +15,7 @@ import {
   unpermute,
   unpermuteBackward,
 } from '../../lib/index.js';
+import { native } from '../../lib/native.js';
 import { freshSeed, poisoned, relErr, rng } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
@@ -89,6 +90,9 @@ const cases: Case[] = [
   { name: 'k=E, position', T: 777, k: 4, E: 4, used: 4, H: 300, dtype: 'bf16', cf: 0.5, policy: 'position', align: 16, pad: true },
   { name: 'idle experts, f32, unpadded', T: 1531, k: 2, E: 16, used: 10, H: 300, dtype: 'f32', cf: 1.0, policy: 'probs', align: 1, pad: false },
   { name: 'probs with heavy drops, odd H', T: 2049, k: 6, E: 64, used: 40, H: 301, dtype: 'bf16', cf: 0.3, policy: 'probs', align: 8, pad: true },
+  { name: 'E=12 (not a power of two), T·k=3000, 17 16-byte vectors per row', T: 1000, k: 3, E: 12, used: 12, H: 136, dtype: 'bf16', cf: 1.1, policy: 'probs', align: 4, pad: true },
+  { name: 'padded to capacity with idle experts (whole segments of padding), E=48', T: 2001, k: 4, E: 48, used: 30, H: 520, dtype: 'bf16', cf: 1.5, policy: 'position', align: 32, pad: true },
+  { name: 'T·k=32767 (odd), f32, 8-byte rows', T: 32767, k: 1, E: 7, used: 7, H: 2, dtype: 'f32', policy: 'probs', align: 1, pad: false },
 ];
 
 describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference', () => {
@@ -128,6 +132,10 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
     const pG: PermuteResult = permute(xG, iG, wG, capG, { align, padToCapacity: pad, out: poisonedPermute(T, k, E, Rn, H, dtype, gpu) });
     for (const key of ['offsets', 'rowOf', 'rowWeight', 'rowToken', 'rows'] as const) expect(same(pG[key], pC[key]), key).toBe(true);
     expect(pG.invalid.item()).toBe(0);
+    // permute() copies in token order (rowOf); the gather by rowToken alone gives the same rows.
+    using gathered = poisoned([Rn, H], dtype, gpu);
+    native().permuteRows(xG.handle, pG.rowToken.handle, gathered.handle);
+    expect(same(gathered, pC.rows), 'rows by the gather').toBe(true);
 
     // unpermute into both dtypes.
     for (const ydt of ['f32', 'bf16'] as const) {

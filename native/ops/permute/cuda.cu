@@ -2,10 +2,18 @@
 //   layout:   one kernel; every block scans the E segment lengths in shared memory (E ≤ 4096), block 0
 //             writes offsets, then a grid-stride loop places assignments and another marks padding.
 //   gather:   one warp per destination row, the widest aligned vector (16 bytes for rows whose byte
-//             length and base addresses allow it), no atomics.
+//             length and base addresses allow it), no atomics. Reads x once per destination row:
+//             with k > 1 a token's row is read k times, mostly from DRAM (the rows of one token are
+//             far apart in the expert order and x is larger than L2).
+//   scatter:  the same result from rowOf in token order (what permute() uses): a block per token
+//             reads the token's row once (the widest aligned vector, 4 per thread in flight) and
+//             writes it to each of its destination rows; further blocks zero the padding rows.
+//             DRAM traffic: x once + rows once, the bytes the benchmark counts.
 //   unpermute and its backward: one block per token, fp32 accumulation, one write per output row.
 // Indices that are out of range are skipped (never dereferenced); see permute.h.
 #include <cub/cub.cuh>
+#include <algorithm>
+#include <climits>
 #include <utility>
 
 #include "core/cuda_runtime.h"
@@ -122,6 +130,75 @@ __global__ void gather_rows(const V* __restrict__ x, int64_t T, const int32_t* _
   }
 }
 
+// ------------------------------------------------------------------------------------ scatter
+constexpr int kScatterThreads = 128;
+constexpr int kScatterUnroll = 4;   // vectors per thread in flight
+constexpr int kPadRowsPerWarp = 8;  // padding blocks: rows checked per warp
+constexpr int kPadRowsPerBlock = kPadRowsPerWarp * kScatterThreads / 32;
+
+// Blocks [0, T): block t copies x[t] to rows[r] for each r = row_of[t, j] in [0, R) with
+// tok[r] == t (so it writes nothing that the gather would write differently), reading x[t] once.
+// Blocks [T, T + ceil(R / kPadRowsPerBlock)): zeros into the rows whose tok is not in [0, T).
+// With row_of and tok from permute_layout this equals the gather exactly: every row whose tok is a
+// token is some (tok, j)'s row_of.
+template <typename V>
+__global__ void __launch_bounds__(kScatterThreads, 2048 / kScatterThreads)  // full occupancy: ≤ 32 registers
+    scatter_rows(const V* __restrict__ x, int64_t T, int32_t k, const int32_t* __restrict__ row_of, const int32_t* __restrict__ tok,
+                 int64_t R, int64_t row_vecs, V* __restrict__ rows) {
+  extern __shared__ int32_t s_dst[];  // k destination rows of this token, -1 for none
+  const int64_t b = blockIdx.x;
+  if (b < T) {
+    const V* src = x + b * row_vecs;
+    V v[kScatterUnroll];
+    auto load = [&](int64_t c0) {
+#pragma unroll
+      for (int u = 0; u < kScatterUnroll; ++u) {
+        const int64_t c = c0 + int64_t(u) * kScatterThreads;
+        if (c < row_vecs) v[u] = src[c];
+      }
+    };
+    int64_t c0 = threadIdx.x;
+    load(c0);  // the first vectors are in flight while the destinations are read
+    for (int32_t j = threadIdx.x; j < k; j += blockDim.x) {
+      const int32_t r = row_of[b * k + j];
+      s_dst[j] = (r >= 0 && r < R && tok[r] == int32_t(b)) ? r : -1;
+    }
+    __syncthreads();
+    for (;;) {
+      for (int32_t j = 0; j < k; ++j) {
+        const int32_t r = s_dst[j];
+        if (r < 0) continue;
+        V* dst = rows + int64_t(r) * row_vecs;
+#pragma unroll
+        for (int u = 0; u < kScatterUnroll; ++u) {
+          const int64_t c = c0 + int64_t(u) * kScatterThreads;
+          if (c < row_vecs) dst[c] = v[u];
+        }
+      }
+      c0 += int64_t(kScatterThreads) * kScatterUnroll;
+      if (c0 >= row_vecs) break;
+      load(c0);
+    }
+  } else {
+    const int lane = threadIdx.x & 31;
+    const int64_t first = (b - T) * kPadRowsPerBlock + int64_t(threadIdx.x >> 5) * kPadRowsPerWarp;
+    bool pad = false;
+    if (lane < kPadRowsPerWarp && first + lane < R) {
+      const int32_t t = tok[first + lane];
+      pad = t < 0 || t >= T;
+    }
+    unsigned todo = __ballot_sync(0xffffffffu, pad);
+    V z;
+    memset(&z, 0, sizeof(V));
+    while (todo != 0u) {
+      const int i = __ffs(todo) - 1;
+      todo &= todo - 1u;
+      V* dst = rows + (first + i) * row_vecs;
+      for (int64_t c = lane; c < row_vecs; c += 32) dst[c] = z;
+    }
+  }
+}
+
 // The widest of 16/8/4/2/1 bytes dividing the row length and every base address.
 int vector_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
   for (int v : {16, 8, 4, 2}) {
@@ -141,6 +218,29 @@ void launch_gather(const void* x, int64_t T, const int32_t* tok, int64_t R, int6
     using V = typename decltype(tag)::type;
     gather_rows<V, kPaddingOnly><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<const V*>(x), T, tok, R, row_bytes / int64_t(sizeof(V)),
                                                                              static_cast<V*>(rows));
+  };
+  switch (vb) {
+    case 16: go(TypeTag<uint4>{}); break;
+    case 8: go(TypeTag<uint2>{}); break;
+    case 4: go(TypeTag<uint32_t>{}); break;
+    case 2: go(TypeTag<uint16_t>{}); break;
+    default: go(TypeTag<uint8_t>{}); break;
+  }
+}
+
+// The scatter handles up to this many destinations per token (its shared-memory list).
+constexpr int64_t kScatterMaxK = 4096;
+
+void launch_scatter(const void* x, int64_t T, int32_t k, const int32_t* row_of, const int32_t* tok, int64_t R, int64_t row_bytes,
+                    void* rows, cudaStream_t stream) {
+  if (R == 0 || row_bytes == 0) return;
+  int vb = vector_bytes(row_bytes, {x, rows});
+  const int64_t blocks = T + (R + kPadRowsPerBlock - 1) / kPadRowsPerBlock;
+  const size_t smem = size_t(std::max<int32_t>(k, 1)) * sizeof(int32_t);
+  auto go = [&](auto tag) {
+    using V = typename decltype(tag)::type;
+    scatter_rows<V><<<unsigned(blocks), kScatterThreads, smem, stream>>>(static_cast<const V*>(x), T, k, row_of, tok, R,
+                                                                         row_bytes / int64_t(sizeof(V)), static_cast<V*>(rows));
   };
   switch (vb) {
     case 16: go(TypeTag<uint4>{}); break;
@@ -269,9 +369,14 @@ void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor
   cuda::check_launch(op);
 }
 
-void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& rows, void* stream) {
-  launch_gather<false>(x.raw(), x.size(0), row_token.data<int32_t>(), rows.size(0), x.size(1) * dtype_size(x.dtype()), rows.raw(),
-                       cudaStream_t(stream));
+void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of, void* stream) {
+  const int64_t T = x.size(0), R = rows.size(0), row_bytes = x.size(1) * dtype_size(x.dtype());
+  if (row_of.defined() && row_of.size(1) <= kScatterMaxK && T + (R + kPadRowsPerBlock - 1) / kPadRowsPerBlock < INT_MAX) {
+    launch_scatter(x.raw(), T, int32_t(row_of.size(1)), row_of.data<int32_t>(), row_token.data<int32_t>(), R, row_bytes, rows.raw(),
+                   cudaStream_t(stream));
+  } else {
+    launch_gather<false>(x.raw(), T, row_token.data<int32_t>(), R, row_bytes, rows.raw(), cudaStream_t(stream));
+  }
   cuda::check_launch("permute");
 }
 

@@ -56,7 +56,7 @@ void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kep
                                     op_stream(indices)));
 }
 
-void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows) {
+void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of) {
   const char* op = "permute";
   require_2d(x, op, "x", "[T,H]");
   require_tensor(x, {DType::f32, DType::bf16, DType::f16}, x.shape(), x, "x", op, "x");
@@ -65,8 +65,12 @@ void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows) 
   require_tensor(row_token, {DType::i32}, row_token.shape(), x, "x", op, "rowToken");
   require_defined(rows, op, "rows");
   require_tensor(rows, {x.dtype()}, {row_token.numel(), x.size(1)}, x, "x", op, "rows");
+  if (row_of.defined()) {
+    require_2d(row_of, op, "rowOf", "[T,k]");
+    require_tensor(row_of, {DType::i32}, {x.size(0), row_of.size(1)}, x, "x", op, "rowOf");
+  }
   if (rows.numel() == 0) return;
-  MOE_ON_DEVICE(x, op, permute_rows_cpu(x, row_token, rows), permute_rows_cuda(x, row_token, rows, op_stream(x)));
+  MOE_ON_DEVICE(x, op, permute_rows_cpu(x, row_token, rows), permute_rows_cuda(x, row_token, rows, row_of, op_stream(x)));
 }
 
 namespace {

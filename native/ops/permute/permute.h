@@ -16,7 +16,11 @@
 //   (row_of -1) and counts them, plus 1 for R ≠ offsets[E], into invalid[0].
 //
 // permute_rows: rows[r] = x[row_token[r]], zeros where row_token[r] < 0.  x [T,H], rows [R,H], same
-//   dtype (f32, bf16, f16). A pure copy: one warp per row, 16-byte accesses where alignment allows.
+//   dtype (f32, bf16, f16). A pure copy, 16-byte accesses where alignment allows. row_of [T,k] is
+//   optional: when given (the pair permute_layout wrote), the CUDA path works in token order, reading
+//   each token's row once and writing it to its rows (row_of[t,j] in [0,R) with row_token[that row]
+//   == t), then zeros the rows whose row_token is not a token; for a layout from permute_layout that
+//   is the same result, with x read once instead of k times. The CPU path gathers either way.
 //
 // unpermute: out[t] = Σ_j w[t,j] · rows[row_of[t,j]] over j with row_of[t,j] ≥ 0, accumulated in
 //   fp32, one write per token (no atomics). A token whose assignments were all dropped gets 0.
@@ -38,7 +42,7 @@ namespace moe::ops {
 void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
                     int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
                     const Tensor& invalid);
-void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows);
+void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of = Tensor());
 void unpermute(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out);
 void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
                         const Tensor& d_rows, const Tensor& d_weights);
@@ -56,7 +60,7 @@ void unpermute_backward_cpu(const Tensor& dy, const Tensor& rows, const Tensor& 
 void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
                          int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token,
                          const Tensor& row_weight, const Tensor& invalid, void* stream);
-void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& rows, void* stream);
+void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of, void* stream);
 void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op, void* stream);
 void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of,
                              const Tensor& row_token, const Tensor& d_rows, const Tensor& d_weights, void* stream);

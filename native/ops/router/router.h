@@ -16,6 +16,10 @@
 // groups == 1 is plain top-k. Requires k % topkGroups == 0 and k/topkGroups ≤ E/groups.
 //
 // Ties: the lower expert index (and the lower group index) wins, on every device.
+// An infinite (not NaN) bias entry is allowed; the one case where the devices may then choose
+// differently is a group score that is NaN (+inf + -inf among a group's top k/topkGroups): the CPU's
+// argmax keeps a NaN group only when it is the first still allowed; the fast CUDA kernel ranks it
+// last, the generic one as its reduction tree falls.
 //
 // Bad rows: a row with a non-finite logit (NaN, +inf, -inf) or a NaN bias entry is a bad row. It is
 // counted in nanRows and written deterministically, identically on CPU and GPU: scores row NaN,
