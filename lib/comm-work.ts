@@ -1,9 +1,9 @@
 /**
  * Communication on its own stream, so the caller can overlap it with compute.
  *
- * runOnStream(commStream, …) orders the communication after the producers' work on the caller's
- * (compute) stream with an event, runs it on `commStream`, records an event there when it is
- * queued, and returns a CommWork. The result is reachable only through wait(), waitOn(stream) or
+ * runOnStream(commStream, fn) orders the communication after the producers' work on the caller's
+ * (compute) stream with an event, runs `fn` on `commStream`, records an event there once it is
+ * queued, and returns a CommWork (the Dispatcher's *Async methods are built on it). The result is reachable only through wait(), waitOn(stream) or
  * synchronize(), so a consumer cannot read it before the communication is done:
  *
  *   const work = dispatcher.dispatchAsync(x, indices, weights, cap);   // all-to-alls on the comm stream
@@ -21,7 +21,7 @@
 import { type Device } from './device.js';
 import { DisposedError, invalidArgument } from './errors.js';
 import { Event, Stream, withStream } from './stream.js';
-import { type Tensor, tensorsIn } from './tensor.js';
+import { Tensor, tensorsIn } from './tensor.js';
 
 export interface CommWorkOptions {
   /**
@@ -104,25 +104,48 @@ export class CommWork<T> implements Disposable {
   }
 }
 
-const disposeTensors = (result: unknown): void => {
-  for (const t of tensorsIn(result)) t.dispose();
-};
+export interface RunOnStreamOptions extends CommWorkOptions {
+  /** Tensors made on the current stream that `fn` reads: marked for the allocator as used on `stream`. */
+  inputs?: readonly Tensor[];
+}
 
 /**
- * Runs `fn` on `commStream`, after the work that produced `inputs` (see CommWorkOptions.after),
- * and returns its result as a CommWork. Without a comm stream `fn` runs on the current stream and
- * the work is already complete. `op` names the caller in errors; `release` frees a result that was
- * never waited for (default: dispose every tensor in it).
+ * Runs `fn` (collectives, copies, ops) with `stream` as its device's current stream, after the work
+ * queued so far on the current stream (or `options.after`), and returns its result as a CommWork:
+ *
+ *   const work = runOnStream(comm, () => world.allReduce(grads), { inputs: [grads] });
+ *   … compute on the current stream …
+ *   work.wait();
  */
-export function runOnStream<T>(
+export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStreamOptions = {}): CommWork<T> {
+  const op = 'runOnStream';
+  if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
+  if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed`, op);
+  if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
+  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object`);
+  const inputs = options.inputs ?? [];
+  if (!Array.isArray(inputs) || !inputs.every((t) => t instanceof Tensor)) invalidArgument(op, `'inputs' must be an array of Tensors`);
+  for (const t of inputs) if (!t.device.equals(stream.device)) invalidArgument(op, `'inputs' holds a tensor on ${t.device.toString()} but the stream is on ${stream.device.toString()}`);
+  return launch(op, stream, stream.device, inputs, fn, options.after === undefined ? {} : { after: options.after });
+}
+
+/**
+ * @internal runOnStream for the library's own callers: without a comm stream `fn` runs on the
+ * current stream and the work is already complete. `op` names the caller in errors; `release`
+ * frees a result that was never waited for (default: dispose its tensors, except the inputs).
+ */
+export function launch<T>(
   op: string,
   commStream: Stream | undefined,
   device: Device,
   inputs: readonly Tensor[],
   fn: () => T,
   options: CommWorkOptions = {},
-  release: (result: T) => void = disposeTensors,
+  release?: (result: T) => void,
 ): CommWork<T> {
+  const free = release ?? ((result: T): void => {
+    for (const t of tensorsIn(result)) if (!inputs.includes(t)) t.dispose();
+  });
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object`);
   const after = options.after;
   if (after !== undefined) {
@@ -130,7 +153,7 @@ export function runOnStream<T>(
     if (!after.device.equals(device)) invalidArgument(op, `'after' is an event on ${after.device.toString()} but the tensors are on ${device.toString()}`);
     if (after.disposed) throw new DisposedError(`${op}: 'after' was disposed`, op);
   }
-  if (commStream === undefined) return new CommWork(device, null, fn(), release);
+  if (commStream === undefined) return new CommWork(device, null, fn(), free);
   if (commStream.disposed) throw new DisposedError(`${op}: 'commStream' was disposed`, op);
   if (!commStream.device.equals(device)) invalidArgument(op, `'commStream' is on ${commStream.device.toString()} but the tensors are on ${device.toString()}`);
   if (after) commStream.waitEvent(after);
@@ -145,5 +168,5 @@ export function runOnStream<T>(
   const result = withStream(commStream, fn);
   // Results made from blocks of other streams (cached layouts, views of inputs) are used here too.
   for (const t of tensorsIn(result)) t.recordStream(commStream);
-  return new CommWork(device, commStream.recordEvent(), result, release);
+  return new CommWork(device, commStream.recordEvent(), result, free);
 }

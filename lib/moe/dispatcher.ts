@@ -28,7 +28,7 @@
  * micro-batch) overlaps the communication; the plain methods wait at once and stay correct without
  * the caller doing anything. Without `commStream` both run on the current stream.
  */
-import { CommWork, type CommWorkOptions, runOnStream } from '../comm-work.js';
+import { type CommWork, type CommWorkOptions, launch } from '../comm-work.js';
 import { invalidArgument } from '../errors.js';
 import { Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
@@ -163,7 +163,7 @@ export class Dispatcher {
     const op = 'dispatch';
     requireTensors(op, { x, indices, weights });
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
-    return runOnStream(op, this.commStream, x.device, [x, indices, weights, ...tensorsIn(cap)], () => this.dispatchNow(x, indices, weights, cap), options, (d) => {
+    return launch(op, this.commStream, x.device, [x, indices, weights, ...tensorsIn(cap)], () => this.dispatchNow(x, indices, weights, cap), options, (d) => {
       d.rows.dispose();
       d.weights.dispose();
       d.handle.dispose();
@@ -239,7 +239,7 @@ export class Dispatcher {
     const op = 'combine';
     requireTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
-    return runOnStream(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
+    return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
       const home = this.returnRows(expertOut, handle);
       return unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
     }), options);
@@ -259,7 +259,7 @@ export class Dispatcher {
     const op = 'combineBackward';
     requireTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
-    return runOnStream(op, this.commStream, dy.device, inputs, () => tidy(() => {
+    return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
       const home = this.returnRows(expertOut, handle);
       const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
       const H = dy.shape[1] as number;
@@ -279,7 +279,7 @@ export class Dispatcher {
     const op = 'dispatchBackward';
     requireTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
-    return runOnStream(op, this.commStream, dRows.device, inputs, () => tidy(() => permuteBackward(this.returnRows(dRows, handle), handle.permuted.rowOf, { dtype: dRows.dtype })), options);
+    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => permuteBackward(this.returnRows(dRows, handle), handle.permuted.rowOf, { dtype: dRows.dtype })), options);
   }
 
   /** Expert-order rows back to their home ranks, in the home's permuted order. */
