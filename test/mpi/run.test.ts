@@ -8,19 +8,9 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 import { native, packageRoot } from '../../lib/native.js';
+import { hasMpirun, mpirun } from './mpirun.js';
 
 const root = packageRoot();
-const hasMpirun = spawnSync('mpirun', ['--version'], { encoding: 'utf8' }).status === 0;
-
-function mpirun(np: number, script: string, timeoutMs = 60_000, args: string[] = []): { status: number | null; out: string; ms: number } {
-  const t0 = Date.now();
-  const r = spawnSync(
-    'mpirun',
-    ['--allow-run-as-root', '--oversubscribe', '-np', String(np), process.execPath, join(root, 'test', 'mpi', script), ...args],
-    { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, OMPI_MCA_rmaps_base_oversubscribe: '1' } },
-  );
-  return { status: r.status, out: `${r.stdout}\n${r.stderr}`, ms: Date.now() - t0 };
-}
 
 describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   it('the MPI backend library is built and loads', () => {
@@ -34,7 +24,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
-  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients)', (np) => {
+  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients); a comm stream changes no bit', (np) => {
     const r = mpirun(np, 'moe-layer.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
