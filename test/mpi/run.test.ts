@@ -30,6 +30,15 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
+  it("the README's multi-rank example (examples/multi-rank.ts) on 2 ranks: allReduce, ragged allToAllV, an MoE layer over both ranks with a comm stream", () => {
+    // On the CPU even where there is a GPU (the whole suite runs there too).
+    const r = mpirun(2, join(root, 'dist', 'examples', 'multi-rank.js'), 60_000, [], { CUDA_VISIBLE_DEVICES: '' });
+    expect(r.status, r.out).toBe(0);
+    expect(r.out).toContain('Communicator(mpi, rank 1 of 2) on cpu');
+    expect(r.out).toContain('rank 0: allReduce 3, received 1 + 2 rows, 4 local experts, dx 128,64');
+    expect(r.out).toContain('rank 1: allReduce 3, received 2 + 3 rows, 4 local experts, dx 128,64');
+  });
+
   it.each([2, 4])('training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it', (np) => {
     const r = mpirun(np, 'train.mjs');
     expect(r.status, r.out).toBe(0);
