@@ -3,8 +3,9 @@
  *
  * runOnStream(commStream, fn) orders the communication after the producers' work on the caller's
  * (compute) stream with an event, runs `fn` on `commStream`, records an event there once it is
- * queued, and returns a CommWork (the Dispatcher's *Async methods are built on it). The result is reachable only through wait(), waitOn(stream) or
- * synchronize(), so a consumer cannot read it before the communication is done:
+ * queued, and returns a CommWork (the Dispatcher's *Async methods are built on it). The result is
+ * reachable only through wait(), waitOn(stream) or synchronize(), so a consumer cannot read it
+ * before the communication is done:
  *
  *   const work = dispatcher.dispatchAsync(x, indices, weights, cap);   // all-to-alls on the comm stream
  *   const shared = expertsForward(x, …);                                // compute stream, meanwhile
@@ -15,8 +16,9 @@
  * while the communication still reads them) and, on wait, the results for the waiting stream (they
  * were allocated on the comm stream, which would otherwise reuse them under a pending reader).
  *
- * Without a comm stream, or on the CPU, or with a host-blocking communicator (MPI), the work is
- * complete when the call returns; the same calls then cost nothing and wait() returns at once.
+ * Without a comm stream, or on the CPU, the work is complete when the call returns and wait() costs
+ * nothing. A host-blocking communicator (MPI, staging device buffers) has finished its exchanges
+ * when the call returns; only the kernels around them may still be queued on the comm stream.
  */
 import { type Device } from './device.js';
 import { DisposedError, invalidArgument } from './errors.js';

@@ -75,8 +75,8 @@ export interface DispatcherConfig {
   /**
    * Run dispatch, combine and their backward passes (permute, count exchange, all-to-alls,
    * regrouping, unpermute) on this stream, on the tensors' device, so the caller can overlap them
-   * with compute through the *Async methods. The caller owns the stream. On the CPU, or with the
-   * host-blocking MPI communicator, the work is complete when a call returns.
+   * with compute through the *Async methods. The caller owns the stream. On the CPU the work is
+   * complete when a call returns; the host-blocking MPI communicator has finished its exchanges.
    */
   commStream?: Stream;
 }
