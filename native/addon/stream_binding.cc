@@ -57,6 +57,13 @@ void StreamHandle::release() {
   if (!disposed_ && stream_) {
     // A stream still current for its device must not dangle.
     if (cuda::current_stream(device_.index) == stream_) cuda::set_current_stream(device_.index, nullptr);
+    // Finish its work first: the caching allocator keys free blocks by stream handle, and CUDA may
+    // hand this handle to a new stream, which must not reuse blocks the old work still touches.
+    try {
+      cuda::stream_synchronize(device_.index, stream_, "Stream.dispose");
+    } catch (const moe::Error&) {
+      // A sticky device error: nothing left to protect; destroy anyway.
+    }
     cuda::stream_destroy(device_.index, stream_);
   }
   stream_ = nullptr;
