@@ -35,6 +35,7 @@ export type TensorHandle = Branded<
     transpose(dim0: number, dim1: number): TensorHandle;
     toBuffer(): ArrayBuffer;
     sharesStorage(other: TensorHandle): boolean;
+    recordStream(stream: StreamHandle | null): void;
   },
   'TensorHandle'
 >;
@@ -49,6 +50,7 @@ export type EventHandle = Branded<
     synchronize(): void;
     query(): boolean;
     elapsedTime(end: EventHandle): number;
+    block(stream: StreamHandle | null): void;
     dispose(): void;
   },
   'EventHandle'

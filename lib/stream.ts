@@ -3,7 +3,7 @@
  * complete at once, so code that overlaps communication with compute runs unchanged there.
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
-import { DisposedError } from './errors.js';
+import { DisposedError, invalidArgument } from './errors.js';
 import { type EventHandle, native, type StreamHandle } from './native.js';
 
 export class Stream implements Disposable {
@@ -68,11 +68,20 @@ export class Event implements Disposable {
   record(stream?: Stream): void {
     this.handle.record(stream ? stream.handle : currentStreamHandle(this.device));
   }
+  /** Blocks the host until the work recorded before this event has completed. */
   synchronize(): void {
     this.handle.synchronize();
   }
   query(): boolean {
     return this.handle.query();
+  }
+  /**
+   * Work queued on `stream` (default: the device's current stream) after this call waits for the
+   * event; the host does not wait. Nothing to wait for on the CPU.
+   */
+  wait(stream?: Stream): void {
+    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('Event.wait', `'stream' must be a Stream; received ${String(stream)}`);
+    this.handle.block(stream ? stream.handle : null);
   }
   /** Milliseconds from this event to `end` (both created with `timing: true`, recorded and complete). */
   elapsedTime(end: Event): number {

@@ -9,6 +9,7 @@ import { Device, type DeviceLike, getDefaultDevice } from './device.js';
 import { checkDType, type DType, dtypeCode, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
 import { DisposedError, invalidArgument } from './errors.js';
 import { native, type TensorHandle } from './native.js';
+import { Stream } from './stream.js';
 
 export interface CreateOptions {
   dtype?: DType;
@@ -53,7 +54,8 @@ function numelOf(shape: readonly number[]): number {
  */
 const scopes: Set<Tensor>[] = [];
 
-function tensorsIn(value: unknown, found: Set<Tensor>, depth = 0): Set<Tensor> {
+/** @internal The tensors in `value` (a tensor, or inside arrays and plain objects), as tidy() finds them. */
+export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth = 0): Set<Tensor> {
   if (value instanceof Tensor) found.add(value);
   else if (depth < 10 && value !== null && typeof value === 'object') {
     for (const v of Array.isArray(value) ? value : Object.values(value)) tensorsIn(v, found, depth + 1);
@@ -248,6 +250,18 @@ export class Tensor implements Disposable {
   }
   sharesStorageWith(other: Tensor): boolean {
     return this.handle.sharesStorage(other.handle);
+  }
+  /**
+   * Marks this tensor's memory as used on `stream` (default: its device's current stream). The
+   * caching allocator reuses a freed block only on the stream it was allocated for; after this, it
+   * also waits until the work queued on `stream` when the tensor is freed has finished. Needed when
+   * a tensor crosses streams (CommWork does it for communication's inputs and results). No effect
+   * on the CPU.
+   */
+  recordStream(stream?: Stream): this {
+    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('recordStream', `'stream' must be a Stream; received ${String(stream)}`);
+    this.handle.recordStream(stream ? stream.handle : null);
+    return this;
   }
 
   // ------------------------------------------------------------------------------- copies

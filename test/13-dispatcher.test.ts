@@ -2,9 +2,10 @@
 // against plain loops, layouts for the grouped GEMM, and both backward passes.
 import { describe, expect, it } from 'vitest';
 
-import { memoryStats, Tensor, tidy } from '../lib/index.js';
+import { DisposedError, Event, InvalidArgumentError, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
+import { CommWork } from '../lib/comm-work.js';
 import { capacity } from '../lib/moe/capacity.js';
-import { Dispatcher } from '../lib/moe/dispatcher.js';
+import { type DispatchHandle, Dispatcher } from '../lib/moe/dispatcher.js';
 import { freshSeed, relErr, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -119,5 +120,148 @@ describe('dispatcher configuration', () => {
     const group = { rank: 0, size: 3, allToAll: () => undefined, allToAllV: () => undefined };
     expect(() => new Dispatcher({ numExperts: 8, group })).toThrow(/'numExperts' 8 must be a multiple of the expert-parallel group size 3/);
     expect(() => new Dispatcher({ numExperts: 8, align: 0 })).toThrow(/'align' must be a positive integer/);
+  });
+});
+
+/** Bits of a tensor, for exact comparisons. */
+const bits = (t: Tensor): number[] => Array.from(new Uint8Array((t.toArray() as Float32Array).buffer));
+
+describe.each([
+  ['dropless', undefined, false],
+  ['capacity 1.0, padded', 1.0, true],
+] as const)('communication on its own stream (CPU: its events are complete at once), %s', (_name, cf, pad) => {
+  it('dispatch, combine and both backward passes give the same bits with and without the comm stream, sync and async', () => {
+    const [T, E, k, H] = [29, 8, 2, 16];
+    const before = memoryStats(cpu).liveBytes;
+    {
+      using comm = new Stream(cpu);
+      const plain = new Dispatcher({ numExperts: E, padToCapacity: pad, align: pad ? 4 : 1 });
+      const side = new Dispatcher({ numExperts: E, padToCapacity: pad, align: pad ? 4 : 1, commStream: comm });
+      tidy(() => {
+        const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+        const dy = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+        const { indices, weights } = routing(T, E, k);
+        const cap = capacity(indices, weights, { numExperts: E, capacityFactor: cf });
+        // The reference: the plain dispatcher on the current stream.
+        const ref = plain.dispatch(x, indices, weights, cap);
+        const out = ref.rows.clone().fill_(0).add_(ref.rows, 2); // some "expert" arithmetic: 2·rows
+        const yRef = plain.combine(out, ref.handle, weights);
+        const cbRef = plain.combineBackward(dy, out, ref.handle, weights);
+        const dxRef = plain.dispatchBackward(cbRef.dExpertOut, ref.handle);
+
+        // Async on the comm stream, with an explicit producer event for one of them.
+        using produced = new Event(cpu);
+        produced.record();
+        const work = side.dispatchAsync(x, indices, weights, cap, { after: produced });
+        expect(work).toBeInstanceOf(CommWork);
+        expect(work.event).toBeInstanceOf(Event);
+        expect(work.query()).toBe(true);
+        const got = work.wait();
+        expect(work.wait()).toBe(got); // waiting again hands out the same result
+        work.dispose();
+        expect(bits(got.rows)).toEqual(bits(ref.rows));
+        expect(bits(got.weights)).toEqual(bits(ref.weights));
+        expect(got.handle.localRows).toEqual(ref.handle.localRows);
+        const outA = got.rows.clone().fill_(0).add_(got.rows, 2);
+        using yWork = side.combineAsync(outA, got.handle, weights);
+        expect(bits(yWork.waitOn(comm))).toEqual(bits(yRef));
+        using cbWork = side.combineBackwardAsync(dy, outA, got.handle, weights);
+        const cb = cbWork.synchronize();
+        expect(bits(cb.dExpertOut)).toEqual(bits(cbRef.dExpertOut));
+        expect(bits(cb.dWeights)).toEqual(bits(cbRef.dWeights));
+        using dxWork = side.dispatchBackwardAsync(cb.dExpertOut, got.handle);
+        expect(bits(dxWork.wait())).toEqual(bits(dxRef));
+
+        // The plain methods of a dispatcher with a comm stream wait for themselves.
+        const s = side.dispatch(x, indices, weights, cap);
+        expect(bits(s.rows)).toEqual(bits(ref.rows));
+        expect(bits(side.combine(out, s.handle, weights))).toEqual(bits(yRef));
+        expect(bits(side.dispatchBackward(side.combineBackward(dy, out, s.handle, weights).dExpertOut, s.handle))).toEqual(bits(dxRef));
+        for (const h of [ref.handle, got.handle, s.handle]) h.dispose();
+      });
+      plain.dispose();
+      side.dispose();
+    }
+    expect(memoryStats(cpu).liveBytes).toBe(before);
+  });
+});
+
+describe('CommWork: the result only through wait', () => {
+  const setup = (commStream?: Stream) => {
+    const [T, E, k, H] = [11, 4, 2, 8];
+    const d = new Dispatcher({ numExperts: E, ...(commStream ? { commStream } : {}) });
+    const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+    const { indices, weights } = routing(T, E, k);
+    const cap = capacity(indices, weights, { numExperts: E });
+    return { d, x, indices, weights, cap };
+  };
+
+  it('a work never waited for frees its result on dispose, also out of tidy(); a returned work keeps it', () => {
+    using comm = new Stream(cpu);
+    const before = memoryStats(cpu).liveBytes;
+    const { d, x, indices, weights, cap } = setup(comm);
+    const inputs = memoryStats(cpu).liveBytes;
+    d.dispatchAsync(x, indices, weights, cap).dispose();
+    expect(memoryStats(cpu).liveBytes).toBe(inputs);
+    tidy(() => void d.dispatchAsync(x, indices, weights, cap)); // dropped inside tidy: freed by it
+    expect(memoryStats(cpu).liveBytes).toBe(inputs);
+    const kept = tidy(() => d.dispatchAsync(x, indices, weights, cap)); // returned: its tensors survive
+    const { rows, weights: rowWeights, handle } = kept.wait();
+    expect(rows.disposed).toBe(false);
+    expect(rows.shape[0]).toBe(handle.localRows.reduce((a, b) => a + b, 0));
+    kept.dispose(); // after wait the result is the caller's
+    expect(rows.disposed).toBe(false);
+    expect(() => kept.wait()).toThrow(DisposedError);
+    expect(() => kept.query()).toThrow(/CommWork.query: the work was disposed/);
+    for (const t of [rows, rowWeights]) t.dispose();
+    handle.dispose();
+    for (const t of [x, indices, weights, ...Object.values(cap)]) if (t instanceof Tensor) t.dispose();
+    d.dispose();
+    expect(memoryStats(cpu).liveBytes).toBe(before);
+  });
+
+  it('without a comm stream the work ran in line: no event, complete, the same result', () => {
+    const { d, x, indices, weights, cap } = setup();
+    tidy(() => {
+      using w = d.dispatchAsync(x, indices, weights, cap);
+      expect(w.event).toBeNull();
+      expect(w.query()).toBe(true);
+      const got = w.wait();
+      const ref = d.dispatch(x, indices, weights, cap);
+      expect(bits(got.rows)).toEqual(bits(ref.rows));
+      got.handle.dispose();
+      ref.handle.dispose();
+    });
+  });
+
+  it('bad arguments are named', () => {
+    using comm = new Stream(cpu);
+    const { d, x, indices, weights, cap } = setup(comm);
+    const side = d;
+    const expectInvalid = (fn: () => unknown, re: RegExp): void => {
+      let err: unknown;
+      try {
+        fn();
+      } catch (e) {
+        err = e;
+      }
+      expect(err, String(re)).toBeInstanceOf(InvalidArgumentError);
+      expect((err as Error).message).toMatch(re);
+    };
+    expectInvalid(() => new Dispatcher({ numExperts: 4, commStream: 'side' as unknown as Stream }), /Dispatcher: 'commStream' must be a Stream; received side/);
+    expectInvalid(() => side.dispatchAsync(x, indices, weights, cap, { after: 5 as unknown as Event }), /dispatch: 'after' must be an Event/);
+    expectInvalid(() => side.dispatchAsync([1, 2] as unknown as Tensor, indices, weights, cap), /dispatch: 'x' must be a Tensor/);
+    expectInvalid(() => side.combineAsync(x, {} as DispatchHandle, weights), /combine: 'handle' must be the handle dispatch\(\) returned/);
+    expectInvalid(() => side.dispatchBackwardAsync(x, null as unknown as DispatchHandle), /dispatchBackward: 'handle' must be the handle/);
+    tidy(() => {
+      using w = side.dispatchAsync(x, indices, weights, cap);
+      expectInvalid(() => w.waitOn('now' as unknown as Stream), /CommWork.waitOn: 'stream' must be a Stream/);
+      w.wait().handle.dispose();
+    });
+    const gone = new Stream(cpu);
+    gone.dispose();
+    const late = new Dispatcher({ numExperts: 4, commStream: gone });
+    expect(() => late.dispatch(x, indices, weights, cap)).toThrow(/dispatch: 'commStream' was disposed/);
+    d.dispose();
   });
 });

@@ -2,7 +2,7 @@
 // against finite differences; config validation.
 import { describe, expect, it } from 'vitest';
 
-import { memoryStats, Tensor, tidy } from '../lib/index.js';
+import { memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
 import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
 import { routerForward } from '../lib/moe/router.js';
 import { freshSeed, relErr, values } from './helpers.js';
@@ -148,6 +148,39 @@ describe('MoELayer on one rank', () => {
     expect(() => new MoELayer({ ...base, padToCapacity: true })).toThrow(/'padToCapacity' needs 'capacityFactor'/);
     expect(() => new MoELayer({ ...base, seqAuxLossCoef: 0.1 })).toThrow(/'seqAuxLossCoef' needs 'seqLen'/);
     expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
+    expect(() => new MoELayer({ ...base, commStream: 'yes' as unknown as boolean })).toThrow(/MoELayer: 'commStream' must be a Stream or a boolean; received yes/);
+  });
+
+  it.each([
+    ['dropless, shared expert, aux and z losses', { auxLossCoef: 0.1, zLossCoef: 0.01 }],
+    ['capacity 1.0 padded, sigmoid, no shared expert', { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid', sharedFfn: 0 }],
+  ] as const)('commStream (dispatch ∥ shared expert, combine backward ∥ shared backward, dispatch backward ∥ router backward) leaves every output bit unchanged: %s', (_n, extra) => {
+    const before = memoryStats(cpu).liveBytes;
+    {
+      const seed = freshSeed();
+      using given = new Stream(cpu);
+      using plain = new MoELayer({ ...base, ...extra, seed });
+      using own = new MoELayer({ ...base, ...extra, seed, commStream: true });
+      using passed = new MoELayer({ ...base, ...extra, seed, commStream: given });
+      expect(own.dispatcher.commStream).toBeInstanceOf(Stream);
+      expect(passed.dispatcher.commStream).toBe(given);
+      expect(plain.dispatcher.commStream).toBeUndefined();
+      const bits = (t: Tensor | null): number[] => (t ? Array.from(new Uint8Array((t.toArray() as Float32Array).buffer)) : []);
+      tidy(() => {
+        const x = Tensor.randn([13, 8], { seed: freshSeed(), device: cpu });
+        const dy = Tensor.randn([13, 8], { seed: freshSeed(), device: cpu });
+        const ref = plain.forward(x);
+        const gRef = plain.backward(ref, dy);
+        for (const layer of [own, passed]) {
+          const f = layer.forward(x);
+          expect(bits(f.y)).toEqual(bits(ref.y));
+          expect(bits(f.auxLoss)).toEqual(bits(ref.auxLoss));
+          const g = layer.backward(f, dy);
+          for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) expect(bits(g[k]), k).toEqual(bits(gRef[k]));
+        }
+      });
+    }
+    expect(memoryStats(cpu).liveBytes).toBe(before);
   });
 });
 

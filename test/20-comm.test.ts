@@ -134,6 +134,17 @@ describe('launcher environments', () => {
     expect(chooseBackend(le(16, 3, 8), 'auto', 8, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:3' });
     expect(chooseBackend(le(16, 3, 8), 'mpi', 8, () => true)).toMatchObject({ backend: 'mpi' });
   });
+  it('ranks sharing a GPU: auto picks MPI and says why; nccl requested is refused up front, naming the reason', () => {
+    const le = (size: number, localRank: number, localSize?: number) => ({ launcher: 'openmpi' as const, rank: localRank, size, localRank, localSize });
+    const c = chooseBackend(le(2, 1, 2), 'auto', 1, () => true);
+    expect(c).toMatchObject({ backend: 'mpi', device: 'cuda:0' });
+    expect(c.reason).toMatch(/^2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory$/);
+    expect(() => chooseBackend(le(2, 1, 2), 'nccl', 1, () => true)).toThrow(/init: backend 'nccl' was requested but 2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU: use 'mpi'/);
+    expect(chooseBackend(le(2, 1, 2), 'nccl', 2, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:1' });
+  });
+  it("init's 'log' must be a boolean or a function", async () => {
+    await expect(init({ log: 'yes' as unknown as boolean, env: {} })).rejects.toThrow(/init: 'log' must be a boolean or a function; received yes/);
+  });
 });
 
 describe('TCP rendezvous', () => {

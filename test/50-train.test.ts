@@ -114,6 +114,18 @@ describe('moe-ep train (CLI)', () => {
     }
   });
 
+  it('model.overlapComm (the all-to-alls on their own stream) follows the same loss trajectory bit for bit', () => {
+    const run = (overlapComm: boolean): number[] => {
+      const cfg = resolveConfig({ model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, overlapComm }, data: { tokensPerStep: 64 }, train: { device: 'cpu', steps: 12, progress: false } });
+      using t = new Trainer(cfg);
+      return t.run().map((s) => s.loss);
+    };
+    const plain = run(false);
+    expect(run(true)).toEqual(plain);
+    expect(plain[plain.length - 1]).toBeLessThan(plain[0] as number);
+    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as Partial2)).toThrow(/config\.model\.overlapComm: must be boolean/);
+  });
+
   it('the programmatic example (examples/train.ts) trains', () => {
     const r = spawnSync(process.execPath, [join(packageRoot(), 'dist', 'examples', 'train.js'), '60'], { encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);

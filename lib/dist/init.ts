@@ -3,7 +3,8 @@
  * MPICH/Hydra), `srun` (Slurm) or any launcher setting RANK/WORLD_SIZE/LOCAL_RANK plus
  * MASTER_ADDR/MASTER_PORT. The local rank picks the GPU; the backend is NCCL when every rank has a
  * GPU of its own and NCCL loads, else MPI (CPU, or ranks sharing a GPU); one rank gets the 'single'
- * communicator. options.backend or MOE_EP_BACKEND override the choice.
+ * communicator. options.backend or MOE_EP_BACKEND override the choice. With GPUs and several
+ * ranks, rank 0 logs the choice and why to stderr (`log: false` silences it).
  */
 import { cuda, setDefaultDevice } from '../device.js';
 import { invalidArgument } from '../errors.js';
@@ -103,6 +104,11 @@ export interface InitOptions {
   masterPort?: number;
   /** The environment to read (default process.env); for tests. */
   env?: NodeJS.ProcessEnv;
+  /**
+   * Where rank 0 reports the backend chosen and why, when there are GPUs and several ranks
+   * (default: a line on stderr); false: nowhere.
+   */
+  log?: boolean | ((line: string) => void);
 }
 
 export interface BackendChoice {
@@ -114,11 +120,16 @@ export interface BackendChoice {
 /** The backend and device init() would choose (pure apart from probing GPUs and NCCL). */
 export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: number, ncclLoads: () => boolean): BackendChoice {
   const device = gpus > 0 ? `cuda:${le.localRank % gpus}` : 'cpu';
+  const perNode = le.localSize ?? le.size;
+  const shared = `${perNode} ranks on this node share ${gpus} GPU(s)`;
+  if (requested === 'nccl' && gpus > 0 && perNode > gpus) {
+    // NCCL would fail later in ncclCommInitRank ("duplicate GPU"); say why now.
+    invalidArgument('init', `backend 'nccl' was requested but ${shared}; NCCL refuses two ranks on one GPU: use 'mpi' (or 'auto'), which stages device buffers through pinned host memory, or start one rank per GPU`);
+  }
   if (requested !== 'auto') return { backend: requested, device, reason: 'requested' };
   if (le.size === 1) return { backend: 'single', device, reason: 'one rank' };
   if (gpus === 0) return { backend: 'mpi', device, reason: 'no usable GPU' };
-  const perNode = le.localSize ?? le.size;
-  if (perNode > gpus) return { backend: 'mpi', device, reason: `${perNode} ranks on this node share ${gpus} GPU(s); NCCL needs one GPU per rank` };
+  if (perNode > gpus) return { backend: 'mpi', device, reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory` };
   if (!ncclLoads()) return { backend: 'mpi', device, reason: 'NCCL does not load' };
   return { backend: 'nccl', device, reason: 'one GPU per rank and NCCL loads' };
 }
@@ -140,6 +151,13 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
   const gpus = cuda.deviceCount();
   const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded);
   if (options.setDevice !== false && choice.device !== 'cpu') setDefaultDevice(choice.device as `cuda:${number}`);
+  const log = options.log ?? true;
+  if (typeof log !== 'boolean' && typeof log !== 'function') invalidArgument('init', `'log' must be a boolean or a function; received ${String(log)}`);
+  if (log !== false && le.rank === 0 && le.size > 1 && gpus > 0) {
+    const line = `moe-ep init: ${le.size} ranks (${le.launcher}), backend ${choice.backend}, rank 0 on ${choice.device}: ${choice.reason}`;
+    if (typeof log === 'function') log(line);
+    else process.stderr.write(`${line}\n`);
+  }
   switch (choice.backend) {
     case 'single': {
       if (le.size > 1) invalidArgument('init', `backend 'single' was requested but the launcher (${le.launcher}) started ${le.size} ranks`);

@@ -21,9 +21,17 @@
  * have the same capacity C = ceil(cf·T·k/E), i.e. the same number of tokens T (equal micro-batches);
  * the communicator reports a mismatch as an error naming the peer. Dropless mode must
  * learn how many rows arrive: it reads the counts once per step (the one host sync, named below).
+ *
+ * Overlap: with `commStream`, every phase above runs on that stream, ordered after the caller's
+ * work by an event (lib/comm-work.ts). The *Async methods return a CommWork whose wait() makes the
+ * caller's stream wait for the result, so compute queued in between (the shared expert, another
+ * micro-batch) overlaps the communication; the plain methods wait at once and stay correct without
+ * the caller doing anything. Without `commStream` both run on the current stream.
  */
+import { type CommWork, type CommWorkOptions, launch } from '../comm-work.js';
 import { invalidArgument } from '../errors.js';
-import { keep, Tensor, tidy } from '../tensor.js';
+import { Stream } from '../stream.js';
+import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
 import { dequantizeFp8, FP8_BLOCK, quantizeFp8 } from './fp8.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
@@ -64,6 +72,13 @@ export interface DispatcherConfig {
    * Needs a hidden size that is a multiple of 128.
    */
   fp8?: boolean;
+  /**
+   * Run dispatch, combine and their backward passes (permute, count exchange, all-to-alls,
+   * regrouping, unpermute) on this stream, on the tensors' device, so the caller can overlap them
+   * with compute through the *Async methods. The caller owns the stream. On the CPU the work is
+   * complete when a call returns; the host-blocking MPI communicator has finished its exchanges.
+   */
+  commStream?: Stream;
 }
 
 /** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
@@ -93,6 +108,18 @@ export interface Dispatched {
 
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 
+function requireTensors(op: string, args: Record<string, unknown>): void {
+  for (const [name, t] of Object.entries(args)) if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor; received ${String(t)}`);
+}
+
+/** The handle's tensors (the communication reads them), after checking it is one. */
+function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
+  if (handle === null || typeof handle !== 'object' || !handle.permuted || !(handle.localOffsets instanceof Tensor)) {
+    invalidArgument(op, `'handle' must be the handle dispatch() returned`);
+  }
+  return [...tensorsIn(handle.permuted), handle.localOffsets, ...(handle.toExpertOrder ? [handle.toExpertOrder] : []), ...(handle.toSourceOrder ? [handle.toSourceOrder] : [])];
+}
+
 export class Dispatcher {
   readonly numExperts: number;
   readonly group: ExpertParallelGroup;
@@ -100,6 +127,7 @@ export class Dispatcher {
   readonly align: number;
   readonly padToCapacity: boolean;
   readonly fp8: boolean;
+  readonly commStream: Stream | undefined;
   private mapCache = new Map<string, { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor }>();
 
   constructor(config: DispatcherConfig) {
@@ -118,10 +146,31 @@ export class Dispatcher {
     this.align = align;
     this.padToCapacity = config.padToCapacity ?? false;
     this.fp8 = config.fp8 ?? false;
+    if (config.commStream !== undefined && !(config.commStream instanceof Stream)) {
+      invalidArgument(op, `'commStream' must be a Stream; received ${String(config.commStream)}`);
+    }
+    this.commStream = config.commStream;
   }
 
   /** Ships x's routed rows to their experts' owners. `cap` comes from capacity() on this rank. */
   dispatch(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
+    using work = this.dispatchAsync(x, indices, weights, cap);
+    return work.wait();
+  }
+
+  /** dispatch() on the comm stream; the result arrives through the CommWork's wait(). */
+  dispatchAsync(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options?: CommWorkOptions): CommWork<Dispatched> {
+    const op = 'dispatch';
+    requireTensors(op, { x, indices, weights });
+    if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
+    return launch(op, this.commStream, x.device, [x, indices, weights, ...tensorsIn(cap)], () => this.dispatchNow(x, indices, weights, cap), options, (d) => {
+      d.rows.dispose();
+      d.weights.dispose();
+      d.handle.dispose();
+    });
+  }
+
+  private dispatchNow(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
     const op = 'dispatch';
     if (cap.numExperts !== this.numExperts) invalidArgument(op, `'cap' was computed for ${cap.numExperts} experts; the dispatcher has ${this.numExperts}`);
     if (this.padToCapacity && cap.capacity === null) invalidArgument(op, `'padToCapacity' needs capacity() with a capacity factor`);
@@ -181,10 +230,19 @@ export class Dispatcher {
 
   /** Brings expert outputs [Σ localRows, H] home and combines them: y[t] = Σ_j w[t,j]·out(t,j). */
   combine(expertOut: Tensor, handle: DispatchHandle, weights: Tensor): Tensor {
-    return tidy(() => {
+    using work = this.combineAsync(expertOut, handle, weights);
+    return work.wait();
+  }
+
+  /** combine() on the comm stream. */
+  combineAsync(expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<Tensor> {
+    const op = 'combine';
+    requireTensors(op, { expertOut, weights });
+    const inputs = [expertOut, weights, ...handleTensors(op, handle)];
+    return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
       const home = this.returnRows(expertOut, handle);
       return unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
-    });
+    }), options);
   }
 
   /**
@@ -192,18 +250,36 @@ export class Dispatcher {
    * w.r.t. the gate weights [T,k]. `expertOut` is what combine received.
    */
   combineBackward(dy: Tensor, expertOut: Tensor, handle: DispatchHandle, weights: Tensor): { dExpertOut: Tensor; dWeights: Tensor } {
-    return tidy(() => {
+    using work = this.combineBackwardAsync(dy, expertOut, handle, weights);
+    return work.wait();
+  }
+
+  /** combineBackward() on the comm stream. */
+  combineBackwardAsync(dy: Tensor, expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<{ dExpertOut: Tensor; dWeights: Tensor }> {
+    const op = 'combineBackward';
+    requireTensors(op, { dy, expertOut, weights });
+    const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
+    return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
       const home = this.returnRows(expertOut, handle);
       const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
       const H = dy.shape[1] as number;
       const received = this.exchange(dRows, handle.sendRows, handle.recvRows, [handle.recvRows.reduce((a, b) => a + b, 0), H]);
       return { dExpertOut: this.reorder(received, handle.toExpertOrder), dWeights };
-    });
+    }), options);
   }
 
   /** Backward of dispatch: from the gradient w.r.t. the dispatched rows (expert order) to dx [T,H]. */
   dispatchBackward(dRows: Tensor, handle: DispatchHandle): Tensor {
-    return tidy(() => permuteBackward(this.returnRows(dRows, handle), handle.permuted.rowOf, { dtype: dRows.dtype }));
+    using work = this.dispatchBackwardAsync(dRows, handle);
+    return work.wait();
+  }
+
+  /** dispatchBackward() on the comm stream. */
+  dispatchBackwardAsync(dRows: Tensor, handle: DispatchHandle, options?: CommWorkOptions): CommWork<Tensor> {
+    const op = 'dispatchBackward';
+    requireTensors(op, { dRows });
+    const inputs = [dRows, ...handleTensors(op, handle)];
+    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => permuteBackward(this.returnRows(dRows, handle), handle.permuted.rowOf, { dtype: dRows.dtype })), options);
   }
 
   /** Expert-order rows back to their home ranks, in the home's permuted order. */

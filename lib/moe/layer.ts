@@ -10,8 +10,18 @@
  *   shared   w13 [1, H, 2Fs], w2 [1, Fs, H]   optional dense SwiGLU every token passes through
  * Weights are drawn from Philox streams indexed by global position, so a rank's experts are
  * exactly its slice of the same global weights at any expert-parallel size.
+ *
+ * With `commStream`, the dispatcher's communication runs on its own stream and the layer queues
+ * independent compute in between (lib/comm-work.ts), the same arithmetic in the same order:
+ *   forward:  routing → [dispatch ∥ shared expert] → experts → combine
+ *   backward: [combine backward ∥ shared expert backward] → experts backward
+ *             → [dispatch backward ∥ router backward]
+ * The compute is queued before the communication call, ordered after its inputs by an event, so
+ * it overlaps even when the call blocks the host (dropless counts, MPI, NCCL with a timeout).
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
+import { type CommWork } from '../comm-work.js';
+import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -34,6 +44,12 @@ export interface MoELayerConfig extends RouterConfig {
   sharedFfn?: number;
   /** Expert-parallel group (default: this process alone). */
   group?: ExpertParallelGroup;
+  /**
+   * Overlap communication with compute: the dispatcher's all-to-alls run on this stream (true: a
+   * stream the layer creates on its device and disposes), the shared expert and the router
+   * backward on the current stream meanwhile. Outputs are unchanged. Default: off.
+   */
+  commStream?: Stream | boolean;
   /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
   dtype?: DType;
   device?: DeviceLike;
@@ -93,7 +109,7 @@ function nonNegative(v: unknown, field: string): number {
 }
 
 export class MoELayer implements Disposable {
-  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen'>>> & {
+  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream'>>> & {
     capacityFactor: number | undefined;
     seqLen: number | undefined;
   };
@@ -109,6 +125,8 @@ export class MoELayer implements Disposable {
   /** Selection-only balancing bias [E] f32. */
   readonly bias: Tensor;
   private readonly allOffsets: Map<number, Tensor> = new Map();
+  /** The stream the layer made for `commStream: true` (disposed with the layer). */
+  private readonly ownStream: Stream | undefined;
 
   constructor(config: MoELayerConfig) {
     const op = 'MoELayer';
@@ -161,7 +179,12 @@ export class MoELayer implements Disposable {
     };
     if (this.config.seqAuxLossCoef > 0 && seqLen === undefined) invalidArgument(op, `'seqAuxLossCoef' needs 'seqLen'`);
     this.localExperts = E / this.group.size;
-    this.dispatcher = new Dispatcher({ numExperts: E, group: this.group, padToCapacity: this.config.padToCapacity });
+    const cs = config.commStream ?? false;
+    if (typeof cs !== 'boolean' && !(cs instanceof Stream)) invalidArgument(op, `'commStream' must be a Stream or a boolean; received ${String(cs)}`);
+    if (cs instanceof Stream && !cs.device.equals(this.device)) invalidArgument(op, `'commStream' is on ${cs.device.toString()} but the layer is on ${this.device.toString()}`);
+    this.ownStream = cs === true ? new Stream(this.device) : undefined;
+    const commStream = cs instanceof Stream ? cs : this.ownStream;
+    this.dispatcher = new Dispatcher({ numExperts: E, group: this.group, padToCapacity: this.config.padToCapacity, ...(commStream ? { commStream } : {}) });
 
     // Weights from Philox streams indexed by global position (see the module doc).
     const seed = this.config.seed;
@@ -237,18 +260,17 @@ export class MoELayer implements Disposable {
         ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
         dropPolicy: this.config.dropPolicy,
       });
-      const { rows, handle } = this.dispatcher.dispatch(x, r.indices, r.weights, cap);
+      // The dispatch waits for the routing only: the shared expert, queued next, overlaps it.
+      using routed = this.markProduced();
+      let shared: { g: Tensor; h: Tensor; out: Tensor } | null = null;
+      if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
+      const { rows, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
       const experts = expertsForward(rows, this.compute.w13, this.compute.w2, handle.localOffsets);
       let y = this.dispatcher.combine(experts.out, handle, r.weights);
-      let shared: { g: Tensor; h: Tensor } | null = null;
-      if (this.compute.sharedW13 && this.compute.sharedW2) {
-        const s = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
-        y = addTensors(y, s.out);
-        shared = { g: s.g, h: s.h };
-      }
+      if (shared) y = addTensors(y, shared.out);
       const saved: MoESaved = {
         x, scores: r.scores, indices: r.indices, weights: r.weights, handle, rows, expertOut: experts.out,
-        g: experts.g, h: experts.h, dLogitsAux, shared,
+        g: experts.g, h: experts.h, dLogitsAux, shared: shared ? { g: shared.g, h: shared.h } : null,
       };
       return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
     });
@@ -261,22 +283,30 @@ export class MoELayer implements Disposable {
     try {
       return tidy(() => {
         const all = this.wholeBatch(T);
-        const { dExpertOut, dWeights } = this.dispatcher.combineBackward(dy, s.expertOut, s.handle, s.weights);
+        // The combine backward waits for dy only: the shared expert's backward overlaps it.
+        using dyReady = this.markProduced();
+        let sharedGrads: { dA: Tensor; dW13: Tensor; dW2: Tensor } | null = null;
+        if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
+          sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared);
+        }
+        const { dExpertOut, dWeights } = settle(this.dispatcher.combineBackwardAsync(dy, s.expertOut, s.handle, s.weights, dyReady ? { after: dyReady } : {}));
         const eg = expertsBackward(dExpertOut, s.rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
-        let dx = this.dispatcher.dispatchBackward(eg.dA, s.handle);
+        // The dispatch backward waits for the experts' backward only: the router's overlaps it.
+        using dAReady = this.markProduced();
         const dLogits = routerBackward(dWeights, { scores: s.scores, indices: s.indices }, this.router);
         if (s.dLogitsAux) dLogits.add_(s.dLogitsAux);
         // Router input gradient dx += dLogits · Wrᵀ and weight gradient dWr = xᵀ · dLogits.
         const dLogitsC = dLogits.cast(this.config.dtype);
-        dx = addTensors(dx, groupedGemm('NT', dLogitsC, this.compute.router, all, { dtype: dx.dtype }));
+        const dxRouter = groupedGemm('NT', dLogitsC, this.compute.router, all, { dtype: eg.dA.dtype });
         const dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(this.config.hidden, this.config.numExperts);
+        let dx = settle(this.dispatcher.dispatchBackwardAsync(eg.dA, s.handle, dAReady ? { after: dAReady } : {}));
+        dx = addTensors(dx, dxRouter);
         let sharedW13: Tensor | null = null;
         let sharedW2: Tensor | null = null;
-        if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
-          const sg = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared);
-          dx = addTensors(dx, sg.dA);
-          sharedW13 = sg.dW13;
-          sharedW2 = sg.dW2;
+        if (sharedGrads) {
+          dx = addTensors(dx, sharedGrads.dA);
+          sharedW13 = sharedGrads.dW13;
+          sharedW2 = sharedGrads.dW2;
         }
         return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2 };
       });
@@ -285,10 +315,23 @@ export class MoELayer implements Disposable {
     }
   }
 
+  /**
+   * With a comm stream: an event on the current stream marking the inputs of the next
+   * communication as produced, so compute queued after it need not finish before that
+   * communication starts. Without one: undefined (the communication runs in line).
+   */
+  private markProduced(): Event | undefined {
+    if (!this.dispatcher.commStream) return undefined;
+    const e = new Event(this.device);
+    e.record();
+    return e;
+  }
+
   dispose(): void {
     for (const t of [...Object.values(this.master), ...Object.values(this.compute), this.bias, ...this.allOffsets.values()]) t?.dispose();
     this.allOffsets.clear();
     this.dispatcher.dispose();
+    this.ownStream?.dispose();
   }
   [Symbol.dispose](): void {
     this.dispose();
@@ -300,6 +343,15 @@ export function disposeSaved(fwd: MoEForward): void {
   const s = fwd.saved;
   s.handle.dispose();
   for (const t of [s.scores, s.indices, s.weights, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h]) t?.dispose();
+}
+
+/** The communication's result, the current stream ordered after it; the work's event freed. */
+function settle<T>(work: CommWork<T>): T {
+  try {
+    return work.wait();
+  } finally {
+    work.dispose();
+  }
 }
 
 /** a + b in a's dtype (b is cast when it differs): a new tensor. */

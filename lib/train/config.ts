@@ -25,6 +25,8 @@ export interface TrainConfig {
     loss: 'mse' | 'cross-entropy';
     /** Expert-parallel group size; null: the whole world. Smaller sizes replicate the experts over expert-data-parallel groups. */
     epSize: number | null;
+    /** The all-to-alls on their own stream beside independent compute (MoELayer's commStream); the same results. */
+    overlapComm: boolean;
   };
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
@@ -35,7 +37,7 @@ export interface TrainConfig {
 
 /** The embedded default: about a minute on two CPU cores; experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null },
+  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
@@ -69,6 +71,10 @@ export const trainConfigSchema = {
       epSize: {
         anyOf: [{ type: 'null' }, int(1)],
         description: 'expert-parallel group size (divides the number of ranks); null: all ranks. Experts are replicated over world/epSize groups',
+      },
+      overlapComm: {
+        type: 'boolean',
+        description: 'run the all-to-alls on their own stream beside the shared expert and the router backward (same results)',
       },
     }),
     balance: section({

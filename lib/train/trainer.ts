@@ -80,7 +80,7 @@ export class Trainer implements Disposable {
     this.model = new MoEModel(
       {
         layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, scoreFunction: m.scoreFunction,
-        groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn, loss: m.loss,
+        groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn, loss: m.loss, commStream: m.overlapComm,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef, seqAuxLossCoef: config.balance.seqAuxLossCoef, zLossCoef: config.balance.zLossCoef,
         ...(config.balance.seqLen === null ? {} : { seqLen: config.balance.seqLen }),

@@ -57,6 +57,13 @@ void StreamHandle::release() {
   if (!disposed_ && stream_) {
     // A stream still current for its device must not dangle.
     if (cuda::current_stream(device_.index) == stream_) cuda::set_current_stream(device_.index, nullptr);
+    // Finish its work first: the caching allocator keys free blocks by stream handle, and CUDA may
+    // hand this handle to a new stream, which must not reuse blocks the old work still touches.
+    try {
+      cuda::stream_synchronize(device_.index, stream_, "Stream.dispose");
+    } catch (const moe::Error&) {
+      // A sticky device error: nothing left to protect; destroy anyway.
+    }
     cuda::stream_destroy(device_.index, stream_);
   }
   stream_ = nullptr;
@@ -106,6 +113,7 @@ void EventHandle::init(Napi::Env env, Napi::Object exports) {
                                     InstanceMethod<&EventHandle::synchronize>("synchronize"),
                                     InstanceMethod<&EventHandle::query>("query"),
                                     InstanceMethod<&EventHandle::elapsed_time>("elapsedTime"),
+                                    InstanceMethod<&EventHandle::block>("block"),
                                     InstanceMethod<&EventHandle::dispose>("dispose")});
   constructor() = Napi::Persistent(cls);
   exports.Set("EventHandle", cls);
@@ -169,6 +177,27 @@ Napi::Value EventHandle::elapsed_time(const Napi::CallbackInfo& info) {
     MOE_ARG_CHECK(recorded_ && end->recorded_, op, "both events must be recorded first");
     MOE_ARG_CHECK(e && f, op, "timing needs CUDA events created with timing enabled");
     return Napi::Number::New(info.Env(), cuda::event_elapsed_ms(e, f));
+  });
+}
+// block(stream | null): work queued on `stream` (null: the device's current stream) from now on
+// waits for this event. The host does not wait.
+Napi::Value EventHandle::block(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const char* op = "Event.block";
+    void* e = live(op);
+    void* s = nullptr;
+    if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
+      MOE_ARG_CHECK(info[0].IsObject() && info[0].As<Napi::Object>().InstanceOf(StreamHandle::constructor().Value()), op,
+                    "'stream' must be a Stream or null");
+      StreamHandle* sh = StreamHandle::Unwrap(info[0].As<Napi::Object>());
+      if (sh->disposed()) throw_error(ErrorKind::Disposed, op, "'stream' was disposed and cannot be used");
+      MOE_ARG_CHECK(sh->device() == device_, op, "'stream' is on ", sh->device().str(), " but the event is on ", device_.str());
+      s = sh->raw();
+    } else if (device_.is_cuda()) {
+      s = cuda::current_stream(device_.index);
+    }
+    if (e) cuda::stream_wait_event(device_.index, s, e);
+    return info.Env().Undefined();
   });
 }
 Napi::Value EventHandle::dispose(const Napi::CallbackInfo& info) {

@@ -1,5 +1,5 @@
 // StreamHandle and EventHandle: CUDA streams and events for JS, so communication can overlap
-// compute later. On the CPU both exist and complete immediately, so code need not branch.
+// compute. On the CPU both exist and complete immediately, so code need not branch.
 #pragma once
 #include <napi.h>
 
@@ -43,6 +43,7 @@ class EventHandle : public Napi::ObjectWrap<EventHandle> {
   Napi::Value synchronize(const Napi::CallbackInfo& info);
   Napi::Value query(const Napi::CallbackInfo& info);
   Napi::Value elapsed_time(const Napi::CallbackInfo& info);
+  Napi::Value block(const Napi::CallbackInfo& info);
   Napi::Value dispose(const Napi::CallbackInfo& info);
   void release();
   void* live(const char* op) const;

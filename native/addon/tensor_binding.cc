@@ -4,6 +4,8 @@
 
 #include "addon/args.h"
 #include "addon/errors.h"
+#include "addon/stream_binding.h"
+#include "core/cuda_runtime.h"
 #include "ops/copy/copy.h"
 
 namespace moe::addon {
@@ -64,7 +66,8 @@ void TensorHandle::init(Napi::Env env, Napi::Object exports) {
                                     InstanceMethod<&TensorHandle::narrow>("narrow"),
                                     InstanceMethod<&TensorHandle::transpose>("transpose"),
                                     InstanceMethod<&TensorHandle::to_buffer>("toBuffer"),
-                                    InstanceMethod<&TensorHandle::shares_storage>("sharesStorage")});
+                                    InstanceMethod<&TensorHandle::shares_storage>("sharesStorage"),
+                                    InstanceMethod<&TensorHandle::record_stream>("recordStream")});
   constructor() = Napi::Persistent(cls);
   exports.Set("TensorHandle", cls);
   exports.Set("tensorEmpty", Napi::Function::New(env, binding<tensor_empty>, "tensorEmpty"));
@@ -168,6 +171,30 @@ Napi::Value TensorHandle::shares_storage(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     Tensor other = arg_tensor(info, 0, "sharesStorage", "other");
     return Napi::Boolean::New(info.Env(), live("sharesStorage").storage() == other.storage());
+  });
+}
+
+// recordStream(stream | null): the tensor's memory is also used on `stream` (null: its device's
+// current stream), so the caching allocator must not hand it out again until the work queued there
+// when the tensor is freed has finished. Nothing to do on the CPU.
+Napi::Value TensorHandle::record_stream(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&]() -> Napi::Value {
+    const char* op = "recordStream";
+    const Tensor& t = live(op);
+    void* stream = nullptr;
+    if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
+      MOE_ARG_CHECK(info[0].IsObject() && info[0].As<Napi::Object>().InstanceOf(StreamHandle::constructor().Value()), op,
+                    "'stream' must be a Stream or null");
+      StreamHandle* s = StreamHandle::Unwrap(info[0].As<Napi::Object>());
+      if (s->disposed()) throw_error(ErrorKind::Disposed, op, "'stream' was disposed and cannot be used");
+      MOE_ARG_CHECK(s->device() == t.device(), op, "'stream' is on ", s->device().str(), " but the tensor ", t.describe(), " is on ",
+                    t.device().str());
+      stream = s->raw();
+    } else if (t.device().is_cuda()) {
+      stream = cuda::current_stream(t.device().index);
+    }
+    if (t.device().is_cuda() && t.storage()->data()) moe::record_stream(t.device(), t.storage()->data(), stream);
+    return info.Env().Undefined();
   });
 }
 

@@ -26,6 +26,7 @@ class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
   Napi::Value transpose(const Napi::CallbackInfo& info);
   Napi::Value to_buffer(const Napi::CallbackInfo& info);
   Napi::Value shares_storage(const Napi::CallbackInfo& info);
+  Napi::Value record_stream(const Napi::CallbackInfo& info);
   void release(Napi::Env env);
   const Tensor& live(const char* op) const;
 

@@ -1,5 +1,6 @@
 // The NCCL communicator: one rank per GPU, collectives on the device's current stream
-// (cuda::current_stream), NCCL opened at run time through nccl_loader. all_to_all(_v) are grouped
+// (cuda::current_stream; withStream(commStream) in JS puts them on a communication stream), NCCL
+// opened at run time through nccl_loader. all_to_all(_v) are grouped
 // ncclSend/ncclRecv of bytes. UNTESTED on hardware so far (compiled only; see test/gpu/20-comm).
 //
 // Timeouts: with timeout_ms > 0 every collective waits on the host for its completion, polling the

@@ -23,6 +23,8 @@ struct MemoryStats {
 // Bytes are requested for `op` (named in errors). On a CUDA device `stream` is the stream the
 // memory will first be used on; the block is only reused on that stream unless record_stream()
 // says otherwise, in which case reuse waits until the other streams' work has completed.
+// JavaScript reaches record_stream as Tensor.recordStream; lib/comm-work.ts calls it for every
+// tensor that crosses between the compute stream and a communication stream.
 void* allocate(const Device& device, int64_t bytes, void* stream, const std::string& op);
 void deallocate(const Device& device, void* ptr);
 void record_stream(const Device& device, void* ptr, void* stream);

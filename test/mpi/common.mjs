@@ -23,3 +23,20 @@ export function expectThrow(fn, cls, pattern, what) {
   }
   check(false, `${what}: did not throw`);
 }
+/**
+ * The device a script runs on: `--device cpu` (default) or `--device cuda` (the default device
+ * init() chose from the local rank; several ranks may share one GPU, through the MPI backend).
+ */
+export async function scriptDevice(world) {
+  const i = process.argv.indexOf('--device');
+  const want = i > 0 ? process.argv[i + 1] : 'cpu';
+  check(want === 'cpu' || want === 'cuda', `--device must be cpu or cuda; received ${want}`);
+  if (want === 'cpu') return { device: 'cpu', gpu: false };
+  const { cuda, getDefaultDevice } = await import('../../dist/lib/index.js');
+  check(cuda.isAvailable(), `--device cuda: no usable GPU (${cuda.unavailableReason()})`);
+  const device = getDefaultDevice().toString();
+  check(device.startsWith('cuda:'), `--device cuda: init() left the default device at ${device}`);
+  // NCCL refuses two ranks on one GPU: init() must have picked MPI, which stages through pinned memory.
+  if (world.size > cuda.deviceCount()) check(world.backend === 'mpi', `${world.size} ranks share ${cuda.deviceCount()} GPU(s) but init() chose ${world.backend}`);
+  return { device, gpu: true };
+}

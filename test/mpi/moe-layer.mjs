@@ -1,22 +1,30 @@
 // Under mpirun: the dispatcher and the MoE layer at EP = world size against one-rank references
 // holding the same global weights. Each rank routes its own tokens.
-import { Dispatcher, init, MoELayer, singleRankGroup, Tensor, tidy } from '../../dist/lib/index.js';
+//   --device cpu (default): everything in f32 on the CPU.
+//   --device cuda: the ranks' tensors on their GPU (several ranks may share one, through the MPI
+//                  backend's pinned staging); the layer in bf16 against the f32 CPU reference
+//                  built from the same bf16-rounded weights and inputs.
+// Both also run the communication on a comm stream and check it changes nothing.
+import { Dispatcher, init, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
 import { capacity } from '../../dist/lib/moe/capacity.js';
-import { check } from './common.mjs';
+import { check, scriptDevice } from './common.mjs';
 
 const world = await init();
 const P = world.size;
 const rank = world.rank;
+const { device, gpu } = await scriptDevice(world);
+const on = { device };
 const relErr = (a, b) => {
   let n = 0, d = 0;
   for (let i = 0; i < a.length; i++) { n += (a[i] - b[i]) ** 2; d += b[i] ** 2; }
   return Math.sqrt(n / Math.max(d, 1e-30));
 };
 const vals = (t) => Array.from(t.toFloat32Array());
+const bits = (t) => Buffer.from(t.toArray().buffer);
 
 // 1. Dispatch → identity experts → combine returns Σ_j w·x, with crafted routing: every token of
 //    the last rank goes to rank 0's experts (that rank receives nothing from itself), and the
-//    last expert receives nothing at all.
+//    last expert receives nothing at all. The same on a comm stream: the same bits.
 tidy(() => {
   const E = 2 * P, k = 2, T = 5 + rank, H = 8;
   const idx = [];
@@ -24,9 +32,9 @@ tidy(() => {
     if (rank === P - 1) idx.push(0, 1);
     else idx.push((t + rank) % (E - 1), (t + rank + 1) % (E - 1));
   }
-  const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], device: 'cpu' });
-  const weights = Tensor.rand([T, k], { seed: 50 + rank, device: 'cpu' });
-  const x = Tensor.randn([T, H], { seed: 60 + rank, device: 'cpu' });
+  const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], ...on });
+  const weights = Tensor.rand([T, k], { seed: 50 + rank, ...on });
+  const x = Tensor.randn([T, H], { seed: 60 + rank, ...on });
   const d = new Dispatcher({ numExperts: E, group: world });
   const cap = capacity(indices, weights, { numExperts: E });
   const { rows, handle } = d.dispatch(x, indices, weights, cap);
@@ -35,8 +43,19 @@ tidy(() => {
   const y = d.combine(rows, handle, weights);
   const wv = vals(weights), xv = vals(x), yv = vals(y);
   const ref = xv.map((v, i) => v * (wv[Math.floor(i / H) * k] + wv[Math.floor(i / H) * k + 1]));
-  check(relErr(yv, ref) < 1e-6, `dispatch∘combine identity: relErr ${relErr(yv, ref)}`);
+  check(relErr(yv, ref) < 1e-6, `dispatch∘combine identity on ${device}: relErr ${relErr(yv, ref)}`);
+
+  const comm = new Stream(device);
+  const side = new Dispatcher({ numExperts: E, group: world, commStream: comm });
+  const work = side.dispatchAsync(x, indices, weights, cap);
+  const got = work.wait();
+  check(bits(got.rows).equals(bits(rows)), `dispatch on a comm stream on ${device}: other rows`);
+  const back = side.combineAsync(got.rows, got.handle, weights);
+  check(bits(back.wait()).equals(bits(y)), `combine on a comm stream on ${device}: another output`);
+  for (const w of [work, back]) w.dispose();
   handle.dispose();
+  got.handle.dispose();
+  comm.dispose();
 });
 
 // 1b. The same with fp8 rows on the wire (H = 256: two scale blocks per row): within e4m3 precision.
@@ -44,9 +63,9 @@ tidy(() => {
   const E = 2 * P, k = 2, T = 9 + rank, H = 256;
   const idx = [];
   for (let t = 0; t < T; t++) idx.push((t + rank) % E, (t + rank + 1) % E);
-  const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], device: 'cpu' });
-  const weights = Tensor.rand([T, k], { seed: 70 + rank, device: 'cpu' });
-  const x = Tensor.randn([T, H], { seed: 80 + rank, device: 'cpu' }).cast('bf16');
+  const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], ...on });
+  const weights = Tensor.rand([T, k], { seed: 70 + rank, ...on });
+  const x = Tensor.randn([T, H], { seed: 80 + rank, ...on }).cast('bf16');
   const cap = capacity(indices, weights, { numExperts: E });
   const d = new Dispatcher({ numExperts: E, group: world, fp8: true });
   const { rows, handle } = d.dispatch(x, indices, weights, cap);
@@ -54,34 +73,64 @@ tidy(() => {
   const wv = vals(weights), xv = vals(x);
   const ref = xv.map((v, i) => v * (wv[Math.floor(i / H) * k] + wv[Math.floor(i / H) * k + 1]));
   const e = relErr(vals(y), ref);
-  check(e < 0.05 && e > 0, `fp8 dispatch∘combine: relErr ${e}`);
+  check(e < 0.05 && e > 0, `fp8 dispatch∘combine on ${device}: relErr ${e}`);
   handle.dispose();
 });
 
-// 2. The layer at EP = P equals the one-rank layer with the same global weights, forward and
-//    backward; local expert gradients equal the reference gradients summed over ranks.
+// 2. The layer at EP = P equals the one-rank CPU layer with the same global weights, forward and
+//    backward; local expert gradients equal the reference gradients summed over ranks. With a
+//    comm stream the EP layer gives the same outputs again.
+//    CPU: f32 both, tight tolerances. GPU: bf16 against f32 from the same bf16-rounded weights and
+//    inputs, the tolerances of test/gpu/14-moe-layer (a wider layer, so bf16 noise averages out).
+const size = gpu ? { hidden: 64, ffn: 32, T: 96 } : { hidden: 16, ffn: 8, T: 24 };
+const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, again: 0 };
 for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid' }]) {
-  const cfg = { hidden: 16, ffn: 8, numExperts: 4 * P, topK: 2, dtype: 'f32', device: 'cpu', seed: 42, sharedFfn: 4, auxLossCoef: 0.01, ...extra };
-  const ep = new MoELayer({ ...cfg, group: world });
-  const ref = new MoELayer({ ...cfg, group: singleRankGroup });
+  const H = size.hidden;
+  const cfg = { hidden: H, ffn: size.ffn, numExperts: 4 * P, topK: 2, seed: 42, sharedFfn: 4, auxLossCoef: 0.01, ...extra };
+  const dtype = gpu ? 'bf16' : 'f32';
+  const ep = new MoELayer({ ...cfg, dtype, device, group: world });
+  const epOverlap = new MoELayer({ ...cfg, dtype, device, group: world, commStream: true });
+  const ref = new MoELayer({ ...cfg, dtype: 'f32', device: 'cpu', group: singleRankGroup });
+  if (gpu) {
+    // The GPU layer computes with bf16 copies of its masters: give the reference exactly those
+    // values, every rank's experts gathered (an allGather of CUDA tensors through MPI staging).
+    tidy(() => {
+      ref.master.router.copy_(ep.compute.router.view(H, cfg.numExperts));
+      ref.master.w13.copy_(world.allGather(ep.compute.w13));
+      ref.master.w2.copy_(world.allGather(ep.compute.w2));
+      ref.master.sharedW13.copy_(ep.compute.sharedW13);
+      ref.master.sharedW2.copy_(ep.compute.sharedW2);
+      ref.refreshComputeWeights();
+    });
+  }
   tidy(() => {
     // Capacity mode moves fixed segments of C = ceil(cf·T·k/E) rows: every rank must have the same T.
-    const T = extra.padToCapacity ? 24 : 24 + 3 * rank;
-    const x = Tensor.randn([T, 16], { seed: 100 + rank, device: 'cpu' });
-    const dy = Tensor.randn([T, 16], { seed: 200 + rank, device: 'cpu' });
-    const fe = ep.forward(x), fr = ref.forward(x);
-    check(relErr(vals(fe.y), vals(fr.y)) < 1e-6, `forward ${JSON.stringify(extra)}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
-    const ge = ep.backward(fe, dy), gr = ref.backward(fr, dy);
-    check(relErr(vals(ge.dx), vals(gr.dx)) < 1e-5, `dx: relErr ${relErr(vals(ge.dx), vals(gr.dx))}`);
-    check(relErr(vals(ge.router), vals(gr.router)) < 1e-5, 'router gradient');
+    const T = extra.padToCapacity ? size.T : size.T + 3 * rank;
+    const xCpu = Tensor.randn([T, H], { seed: 100 + rank, device: 'cpu' }).cast(dtype).cast('f32');
+    const dyCpu = Tensor.randn([T, H], { seed: 200 + rank, device: 'cpu' }).cast(dtype).cast('f32');
+    const x = xCpu.copyTo({ dtype, device });
+    const dy = dyCpu.copyTo({ dtype, device });
+    const fe = ep.forward(x), fr = ref.forward(xCpu);
+    const what = `${device} ${JSON.stringify(extra)}`;
+    check(relErr(vals(fe.y), vals(fr.y)) < tol.y, `forward ${what}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
+    const fo = epOverlap.forward(x);
+    check(relErr(vals(fo.y), vals(fe.y)) <= tol.again, `forward with a comm stream ${what}: relErr ${relErr(vals(fo.y), vals(fe.y))}`);
+    const ge = ep.backward(fe, dy), gr = ref.backward(fr, dyCpu);
+    check(relErr(vals(ge.dx), vals(gr.dx)) < tol.grad, `dx ${what}: relErr ${relErr(vals(ge.dx), vals(gr.dx))}`);
+    check(relErr(vals(ge.router), vals(gr.router)) < tol.grad, `router gradient ${what}: relErr ${relErr(vals(ge.router), vals(gr.router))}`);
+    const go = epOverlap.backward(fo, dy);
+    for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2']) {
+      check(relErr(vals(go[k]), vals(ge[k])) <= tol.again, `${k} with a comm stream ${what}: relErr ${relErr(vals(go[k]), vals(ge[k]))}`);
+    }
     const El = ep.localExperts;
     for (const [name, g, r] of [['w13', ge.w13, gr.w13], ['w2', ge.w2, gr.w2]]) {
       world.allReduce(r, 'sum');
       const slice = r.narrow(0, rank * El, El).contiguous();
-      check(relErr(vals(g), vals(slice)) < 1e-5, `${name} gradient of the local experts: relErr ${relErr(vals(g), vals(slice))}`);
+      check(relErr(vals(g), vals(slice)) < tol.grad, `${name} gradient of the local experts ${what}: relErr ${relErr(vals(g), vals(slice))}`);
     }
   });
   ep.dispose();
+  epOverlap.dispose();
   ref.dispose();
 }
 console.log(`ok rank ${rank} of ${P}`);

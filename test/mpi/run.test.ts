@@ -8,19 +8,9 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 import { native, packageRoot } from '../../lib/native.js';
+import { hasMpirun, mpirun } from './mpirun.js';
 
 const root = packageRoot();
-const hasMpirun = spawnSync('mpirun', ['--version'], { encoding: 'utf8' }).status === 0;
-
-function mpirun(np: number, script: string, timeoutMs = 60_000, args: string[] = []): { status: number | null; out: string; ms: number } {
-  const t0 = Date.now();
-  const r = spawnSync(
-    'mpirun',
-    ['--allow-run-as-root', '--oversubscribe', '-np', String(np), process.execPath, join(root, 'test', 'mpi', script), ...args],
-    { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, OMPI_MCA_rmaps_base_oversubscribe: '1' } },
-  );
-  return { status: r.status, out: `${r.stdout}\n${r.stderr}`, ms: Date.now() - t0 };
-}
 
 describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   it('the MPI backend library is built and loads', () => {
@@ -34,10 +24,19 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
-  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients)', (np) => {
+  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients); a comm stream changes no bit', (np) => {
     const r = mpirun(np, 'moe-layer.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
+  });
+
+  it("the README's multi-rank example (examples/multi-rank.ts) on 2 ranks: allReduce, ragged allToAllV, an MoE layer over both ranks with a comm stream", () => {
+    // On the CPU even where there is a GPU (the whole suite runs there too).
+    const r = mpirun(2, join(root, 'dist', 'examples', 'multi-rank.js'), 60_000, [], { CUDA_VISIBLE_DEVICES: '' });
+    expect(r.status, r.out).toBe(0);
+    expect(r.out).toContain('Communicator(mpi, rank 1 of 2) on cpu');
+    expect(r.out).toContain('rank 0: allReduce 3, received 1 + 2 rows, 4 local experts, dx 128,64');
+    expect(r.out).toContain('rank 1: allReduce 3, received 2 + 3 rows, 4 local experts, dx 128,64');
   });
 
   it.each([2, 4])('training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it', (np) => {

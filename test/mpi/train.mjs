@@ -1,6 +1,10 @@
 // Under mpirun: training at EP = world size follows the EP=1 trajectory on the same global batches,
 // and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory.
 // Rank 0 trains the one-rank references in the same process and compares step by step.
+//   --device cpu (default): f32, 25 steps, losses within 2e-3 of EP=1.
+//   --device cuda: bf16 on the ranks' GPU (several ranks may share one, through MPI staging), the
+//                  references on rank 0's GPU: 8 steps within 2e-2 (bf16 rounding differs with the
+//                  rows' grouping).
 import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -8,14 +12,18 @@ import { join } from 'node:path';
 import { init, Tensor } from '../../dist/lib/index.js';
 import { resolveConfig } from '../../dist/lib/train/config.js';
 import { Trainer } from '../../dist/lib/train/trainer.js';
-import { check } from './common.mjs';
+import { check, scriptDevice } from './common.mjs';
 
 const world = await init();
+const { gpu } = await scriptDevice(world);
 const cfg = resolveConfig({
   model: { hidden: 16, ffn: 8, experts: 8, topK: 2 },
   data: { tokensPerStep: 64 },
-  train: { device: 'cpu', steps: 25, progress: false },
+  train: { device: gpu ? 'cuda' : 'cpu', steps: gpu ? 8 : 25, progress: false },
 });
+const tolerance = gpu ? 2e-2 : 2e-3;
+const saveAt = gpu ? 4 : 12;
+const saveAtEdp = gpu ? 4 : 10;
 // Every rank uses rank 0's scratch folder (one machine, shared /tmp).
 const name = Tensor.fromArray(world.rank === 0 ? [Math.floor(Math.random() * 2 ** 30)] : [0], { dtype: 'i32', device: 'cpu' });
 world.broadcast(name, 0);
@@ -25,27 +33,27 @@ const ep = new Trainer(cfg, { world });
 const losses = [];
 for (let i = 0; i < cfg.train.steps; i++) {
   losses.push(ep.trainStep().loss);
-  if (ep.step === 12) ep.saveCheckpoint(dir); // collective: every rank writes its experts
+  if (ep.step === saveAt) ep.saveCheckpoint(dir); // collective: every rank writes its experts
 }
 ep.dispose();
 if (world.rank === 0) {
   const close = (a, b, what) => {
     for (let i = 0; i < a.length; i++) {
       const rel = Math.abs(a[i] - b[i]) / b[i];
-      check(rel < 2e-3, `${what}, step ${i}: ${a[i]} vs ${b[i]} (rel ${rel.toExponential(2)})`);
+      check(rel < tolerance, `${what}, step ${i}: ${a[i]} vs ${b[i]} (rel ${rel.toExponential(2)})`);
     }
   };
   const ref = new Trainer(cfg);
   const refLosses = ref.run().map((s) => s.loss);
   ref.dispose();
   close(losses, refLosses, `EP=${world.size} against EP=1`);
-  check(losses[losses.length - 1] < 0.5 * losses[0], `the loss fell: ${losses[0]} -> ${losses[losses.length - 1]}`);
+  if (!gpu) check(losses[losses.length - 1] < 0.5 * losses[0], `the loss fell: ${losses[0]} -> ${losses[losses.length - 1]}`);
   // The EP=size checkpoint, resumed by one rank holding all experts.
   const resumed = new Trainer(cfg);
-  check(resumed.resume(dir) === 12, 'resumed at step 12');
+  check(resumed.resume(dir) === saveAt, `resumed at step ${saveAt}`);
   const rest = resumed.run().map((s) => s.loss);
   resumed.dispose();
-  close(rest, losses.slice(12), `resumed at EP=1 from EP=${world.size}`);
+  close(rest, losses.slice(saveAt), `resumed at EP=1 from EP=${world.size}`);
   rmSync(dir, { recursive: true, force: true });
 }
 // Expert-data parallelism: EP groups of half the ranks, the experts replicated over the other half.
@@ -57,7 +65,7 @@ if (world.rank === 0) {
   const edpLosses = [];
   for (let i = 0; i < cfg.train.steps; i++) {
     edpLosses.push(t.trainStep().loss);
-    if (t.step === 10) t.saveCheckpoint(dirEdp); // one EP group writes the experts
+    if (t.step === saveAtEdp) t.saveCheckpoint(dirEdp); // one EP group writes the experts
   }
   t.dispose();
   if (world.rank === 0) {
@@ -66,15 +74,15 @@ if (world.rank === 0) {
     ref.dispose();
     for (let i = 0; i < refLosses.length; i++) {
       const rel = Math.abs(edpLosses[i] - refLosses[i]) / refLosses[i];
-      check(rel < 2e-3, `EP=${epSize} x EDP=2, step ${i}: ${edpLosses[i]} vs EP=1 ${refLosses[i]}`);
+      check(rel < tolerance, `EP=${epSize} x EDP=2, step ${i}: ${edpLosses[i]} vs EP=1 ${refLosses[i]}`);
     }
     const resumed = new Trainer(cfg);
-    check(resumed.resume(dirEdp) === 10, 'resumed the EDP checkpoint at step 10');
+    check(resumed.resume(dirEdp) === saveAtEdp, `resumed the EDP checkpoint at step ${saveAtEdp}`);
     const rest = resumed.run().map((s) => s.loss);
     resumed.dispose();
     for (let i = 0; i < rest.length; i++) {
-      const rel = Math.abs(rest[i] - edpLosses[10 + i]) / edpLosses[10 + i];
-      check(rel < 2e-3, `resumed from the EDP checkpoint, step ${10 + i}: ${rest[i]} vs ${edpLosses[10 + i]}`);
+      const rel = Math.abs(rest[i] - edpLosses[saveAtEdp + i]) / edpLosses[saveAtEdp + i];
+      check(rel < tolerance, `resumed from the EDP checkpoint, step ${saveAtEdp + i}: ${rest[i]} vs ${edpLosses[saveAtEdp + i]}`);
     }
     rmSync(dirEdp, { recursive: true, force: true });
   }

@@ -1,0 +1,19 @@
+// Starting the scripts in test/mpi/ under a real mpirun (OpenMPI), shared by test/mpi/run.test.ts
+// (CPU) and test/gpu/21-mpi-shared-gpu.gpu.test.ts (ranks sharing one GPU).
+import { spawnSync } from 'node:child_process';
+import { isAbsolute, join } from 'node:path';
+
+import { packageRoot } from '../../lib/native.js';
+
+export const hasMpirun = spawnSync('mpirun', ['--version'], { encoding: 'utf8' }).status === 0;
+
+/** Runs test/mpi/<script> (or an absolute path) on `np` ranks; `env` is added to this process's environment. */
+export function mpirun(np: number, script: string, timeoutMs = 60_000, args: string[] = [], env: NodeJS.ProcessEnv = {}): { status: number | null; out: string; ms: number } {
+  const t0 = Date.now();
+  const r = spawnSync(
+    'mpirun',
+    ['--allow-run-as-root', '--oversubscribe', '-np', String(np), process.execPath, isAbsolute(script) ? script : join(packageRoot(), 'test', 'mpi', script), ...args],
+    { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, OMPI_MCA_rmaps_base_oversubscribe: '1', ...env } },
+  );
+  return { status: r.status, out: `${r.stdout}\n${r.stderr}`, ms: Date.now() - t0 };
+}
