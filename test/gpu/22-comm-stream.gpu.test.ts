@@ -144,12 +144,15 @@ describe.skipIf(!hasGpu)('communication streams on cuda:0 without NCCL', () => {
     const n = 1 << 20;
     emptyCache(gpu); // no cached blocks from earlier tests: every hit below is one of ours
     tidy(() => {
-      const a = Tensor.randn([2048, 2048], { seed: freshSeed(), dtype: 'bf16', device: gpu });
-      // A block for the comm stream, used on the compute stream after a long matmul there.
+      const a = Tensor.randn([4096, 4096], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+      // A block for the comm stream, used on the compute stream behind milliseconds of matmuls
+      // there. (One 2048³ product takes ~20 µs on an H200: the host got past it before the check
+      // below, and the reuse it saw was legitimate; H200 run adeaae7.)
       const t = withStream(comm, () => Tensor.empty([n], { device: gpu }));
       t.recordStream();
-      const m = ops.matmul(a, a, { dtype: 'f32' });
-      t.fill_(1); // queued on the compute stream behind the matmul
+      let m = ops.matmul(a, a, { dtype: 'bf16' });
+      for (let i = 0; i < 40; i++) m = ops.matmul(m, a, { dtype: 'bf16' }); // ~40 × 0.2 ms, chained
+      t.fill_(1); // queued on the compute stream behind the matmuls
       t.dispose(); // freed on the host at once; the compute stream still has it queued
       const before = memoryStats(gpu);
       const u = withStream(comm, () => Tensor.empty([n], { device: gpu }));
@@ -160,7 +163,7 @@ describe.skipIf(!hasGpu)('communication streams on cuda:0 without NCCL', () => {
       const v = withStream(comm, () => Tensor.empty([n], { device: gpu }));
       expect(memoryStats(gpu).cacheHits, 'reused once both streams are done').toBe(after.cacheHits + 1);
       v.dispose();
-      expect(m.shape).toEqual([2048, 2048]);
+      expect(m.shape).toEqual([4096, 4096]);
     });
   });
 
