@@ -41,6 +41,12 @@ export class Stream implements Disposable {
   get disposed(): boolean {
     return this.#handle === null;
   }
+  /**
+   * Hands the CUDA stream back to its device's pool, without waiting: work queued on it still runs,
+   * and a later Stream may get the same CUDA stream (ordered after that work). CUDA streams are
+   * never destroyed, so tensors marked as used on this one (recordStream, runOnStream) may be freed
+   * after this call.
+   */
   dispose(): void {
     this.#handle?.dispose();
     this.#handle = null;

@@ -54,7 +54,7 @@ StreamHandle::StreamHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<St
     device_ = arg_device(info, 0, "Stream");
     if (device_.is_cuda()) {
       cuda::require_device(device_, "Stream");
-      stream_ = cuda::stream_create(device_.index);
+      stream_ = cuda::stream_acquire(device_.index);
     }
     return 0;
   });
@@ -62,16 +62,15 @@ StreamHandle::StreamHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<St
 
 void StreamHandle::release() {
   if (!disposed_ && stream_) {
-    // A stream still current for its device must not dangle.
+    // A stream still current for its device must not stay current once disposed.
     if (cuda::current_stream(device_.index) == stream_) cuda::set_current_stream(device_.index, nullptr);
-    // Finish its work first: the caching allocator keys free blocks by stream handle, and CUDA may
-    // hand this handle to a new stream, which must not reuse blocks the old work still touches.
-    try {
-      cuda::stream_synchronize(device_.index, stream_, "Stream.dispose");
-    } catch (const moe::Error&) {
-      // A sticky device error: nothing left to protect; destroy anyway.
-    }
-    cuda::stream_destroy(device_.index, stream_);
+    // Back to the pool, not cudaStreamDestroy: the caching allocator may still hold this handle
+    // (blocks allocated on it, blocks other streams marked as used on it with recordStream, freed
+    // only later), and recording an event on a destroyed stream is undefined behaviour: a segfault
+    // when tensors marked with recordStream(stream) outlived stream.dispose(). Work still queued
+    // runs to completion; whoever gets the stream next is ordered after it, so there is nothing to
+    // wait for here (nor in a finalizer during garbage collection).
+    cuda::stream_release(device_.index, stream_);
   }
   stream_ = nullptr;
   disposed_ = true;
