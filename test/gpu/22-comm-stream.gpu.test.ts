@@ -213,7 +213,8 @@ describe.skipIf(!hasGpu)('communication streams on cuda:0 without NCCL', () => {
     });
     expect(currentStream(gpu)).toBeUndefined();
     expect(() => withStream(s, () => 1)).toThrow(DisposedError);
-    expect(() => Tensor.zeros([2], { device: gpu }).recordStream(s)).toThrow(DisposedError);
+    using z = Tensor.zeros([2], { device: gpu });
+    expect(() => z.recordStream(s)).toThrow(DisposedError);
   });
 
   it('streams dropped without dispose and collected while tensors marked as used on them are live (a child process with --expose-gc)', () => {
