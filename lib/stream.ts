@@ -41,6 +41,12 @@ export class Stream implements Disposable {
   get disposed(): boolean {
     return this.#handle === null;
   }
+  /**
+   * Hands the CUDA stream back to its device's pool, without waiting: work queued on it still runs,
+   * and a later Stream may get the same CUDA stream (ordered after that work). CUDA streams are
+   * never destroyed, so tensors marked as used on this one (recordStream, runOnStream) may be freed
+   * after this call.
+   */
   dispose(): void {
     this.#handle?.dispose();
     this.#handle = null;
@@ -110,7 +116,9 @@ function currentStreamHandle(device: Device): StreamHandle | null {
 /** The stream ops on `device` are queued on now (undefined: the device's default stream). */
 export function currentStream(device: DeviceLike = getDefaultDevice()): Stream | undefined {
   const d = Device.parse(device, 'currentStream');
-  return d.isCuda ? currentStreams.get(d.index) : undefined;
+  const s = d.isCuda ? currentStreams.get(d.index) : undefined;
+  // Disposed inside withStream: ops fall back to the default stream (the addon cleared it).
+  return s && !s.disposed ? s : undefined;
 }
 
 /**
@@ -119,6 +127,10 @@ export function currentStream(device: DeviceLike = getDefaultDevice()): Stream |
  * throws, and when it returns a promise, once that settles.
  */
 export function withStream<T>(stream: Stream, fn: () => T): T {
+  const op = 'withStream';
+  if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
+  if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed and cannot be used`, op);
+  if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
   if (!stream.device.isCuda) return fn();
   const index = stream.device.index;
   const previous = currentStreams.get(index);

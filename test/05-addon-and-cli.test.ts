@@ -62,6 +62,32 @@ describe('loading the addon', () => {
   });
 });
 
+describe('crash reports', () => {
+  // For crashes on machines we only see through logs (test/gpu/21 sets it for its mpirun ranks).
+  it('MOE_EP_CRASH_BACKTRACE=1: a fatal signal prints the signal, the rank and the native frames, then still kills the process', () => {
+    const script = `const m = await import(${JSON.stringify(join(root, 'dist', 'lib', 'index.js'))}); m.Tensor.zeros([1], { device: 'cpu' }); process.kill(process.pid, 'SIGSEGV'); setTimeout(() => console.log('survived'), 2000);`;
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], {
+      env: { ...process.env, MOE_EP_CRASH_BACKTRACE: '1', OMPI_COMM_WORLD_RANK: '1' },
+      encoding: 'utf8',
+      timeout: 30_000,
+    });
+    expect(r.signal, r.stderr).toBe('SIGSEGV');
+    expect(r.stdout).not.toContain('survived');
+    expect(r.stderr).toMatch(/moe-ep: fatal SIGSEGV sent by kill\(\) or raise\(\) in pid \d+ \(rank 1\); native backtrace:/);
+    expect(r.stderr).toMatch(/moe_ep\.node\(\+0x[0-9a-f]+\)/);
+    expect(r.stderr).toContain('moe-ep: end of backtrace; passing the signal on');
+  });
+
+  it('without it the addon leaves the signal alone', () => {
+    const script = `const m = await import(${JSON.stringify(join(root, 'dist', 'lib', 'index.js'))}); m.Tensor.zeros([1], { device: 'cpu' }); process.kill(process.pid, 'SIGSEGV');`;
+    const env = { ...process.env };
+    delete env['MOE_EP_CRASH_BACKTRACE'];
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8', timeout: 30_000 });
+    expect(r.signal).toBe('SIGSEGV');
+    expect(r.stderr).not.toContain('moe-ep: fatal');
+  });
+});
+
 describe('NCCL', () => {
   it('when missing, the error says what is missing and every place it looked', () => {
     const script = `import { native } from ${JSON.stringify(join(root, 'dist/lib/native.js'))};

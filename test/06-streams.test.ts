@@ -1,7 +1,8 @@
 // Streams and events on the CPU: they exist so device-agnostic code runs unchanged, and complete at once.
 import { describe, expect, it } from 'vitest';
 
-import { CommWork, currentStream, DisposedError, Event, memoryStats, ops, runOnStream, Stream, Tensor, withStream } from '../lib/index.js';
+import { capacity, CommWork, currentStream, Dispatcher, DisposedError, Event, memoryStats, ops, runOnStream, Stream, Tensor, withStream } from '../lib/index.js';
+import { native } from '../lib/native.js';
 
 describe('streams and events on the CPU', () => {
   it('complete immediately and can be disposed', () => {
@@ -64,6 +65,42 @@ describe('streams and events on the CPU', () => {
     const gone = new Stream('cpu');
     gone.dispose();
     expect(() => runOnStream(gone, () => 1)).toThrow(/runOnStream: 'stream' was disposed/);
+  });
+
+  it('a disposed stream is refused everywhere with a DisposedError naming the call, also on the CPU', () => {
+    const gone = new Stream('cpu');
+    gone.dispose();
+    gone.dispose(); // twice is fine
+    expect(gone.disposed).toBe(true);
+    expect(() => withStream(gone, () => 1)).toThrow(DisposedError);
+    expect(() => withStream(gone, () => 1)).toThrow(/withStream: 'stream' was disposed/);
+    expect(() => gone.query()).toThrow(DisposedError);
+    expect(() => gone.recordEvent()).toThrow(DisposedError);
+    using e = new Event('cpu');
+    expect(() => gone.waitEvent(e)).toThrow(DisposedError);
+    expect(() => e.record(gone)).toThrow(DisposedError);
+    {
+      using x = Tensor.zeros([1, 4], { device: 'cpu' });
+      using indices = Tensor.zeros([1, 1], { dtype: 'i32', device: 'cpu' });
+      using weights = Tensor.full([1, 1], 1, { device: 'cpu' });
+      const cap = capacity(indices, weights, { numExperts: 2 });
+      const d = new Dispatcher({ numExperts: 2, commStream: gone });
+      expect(() => d.dispatchAsync(x, indices, weights, cap)).toThrow(/dispatch: 'commStream' was disposed/);
+      for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
+    }
+    expect(() => withStream('s' as unknown as Stream, () => 1)).toThrow(/withStream: 'stream' must be a Stream/);
+    using s = new Stream('cpu');
+    expect(() => withStream(s, 1 as unknown as () => number)).toThrow(/withStream: 'fn' must be a function/);
+  });
+
+  it('the raw setCurrentStream refuses a stream of another device or a disposed one, naming it', () => {
+    const s = new Stream('cpu');
+    const raw = s.handle;
+    expect(() => native().setCurrentStream(0, raw)).toThrow(/setCurrentStream: 'stream' is on cpu but 'deviceIndex' is 0/);
+    s.dispose();
+    expect(() => native().setCurrentStream(0, raw)).toThrow(DisposedError);
+    expect(() => native().setCurrentStream(0, raw)).toThrow(/setCurrentStream: 'stream' was disposed/);
+    native().setCurrentStream(0, null); // the default stream: always fine
   });
 
   it('events without timing cannot be timed', () => {

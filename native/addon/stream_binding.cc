@@ -9,9 +9,16 @@ namespace moe::addon {
 namespace {
 // setCurrentStream(deviceIndex, stream | null): ops on that device run on it from now on.
 Napi::Value set_current_stream(const Napi::CallbackInfo& info) {
-  int64_t index = arg_int(info, 0, "setCurrentStream", "deviceIndex");
-  MOE_ARG_CHECK(index >= 0 && index < 64, "setCurrentStream", "'deviceIndex' ", index, " is out of range");
-  cuda::set_current_stream(int(index), arg_stream(info, 1, "setCurrentStream"));
+  const char* op = "setCurrentStream";
+  int64_t index = arg_int(info, 0, op, "deviceIndex");
+  MOE_ARG_CHECK(index >= 0 && index < 64, op, "'deviceIndex' ", index, " is out of range");
+  void* s = arg_stream(info, 1, op);  // checks it is a live Stream (or null)
+  if (info.Length() > 1 && !info[1].IsNull() && !info[1].IsUndefined()) {
+    // Ops on cuda:index would otherwise be launched on another device's stream.
+    const Device& d = StreamHandle::Unwrap(info[1].As<Napi::Object>())->device();
+    MOE_ARG_CHECK(d.is_cuda() && d.index == int(index), op, "'stream' is on ", d.str(), " but 'deviceIndex' is ", index);
+  }
+  cuda::set_current_stream(int(index), s);
   return info.Env().Undefined();
 }
 Napi::Value device_synchronize(const Napi::CallbackInfo& info) {
@@ -47,7 +54,7 @@ StreamHandle::StreamHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<St
     device_ = arg_device(info, 0, "Stream");
     if (device_.is_cuda()) {
       cuda::require_device(device_, "Stream");
-      stream_ = cuda::stream_create(device_.index);
+      stream_ = cuda::stream_acquire(device_.index);
     }
     return 0;
   });
@@ -55,16 +62,15 @@ StreamHandle::StreamHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<St
 
 void StreamHandle::release() {
   if (!disposed_ && stream_) {
-    // A stream still current for its device must not dangle.
+    // A stream still current for its device must not stay current once disposed.
     if (cuda::current_stream(device_.index) == stream_) cuda::set_current_stream(device_.index, nullptr);
-    // Finish its work first: the caching allocator keys free blocks by stream handle, and CUDA may
-    // hand this handle to a new stream, which must not reuse blocks the old work still touches.
-    try {
-      cuda::stream_synchronize(device_.index, stream_, "Stream.dispose");
-    } catch (const moe::Error&) {
-      // A sticky device error: nothing left to protect; destroy anyway.
-    }
-    cuda::stream_destroy(device_.index, stream_);
+    // Back to the pool, not cudaStreamDestroy: the caching allocator may still hold this handle
+    // (blocks allocated on it, blocks other streams marked as used on it with recordStream, freed
+    // only later), and recording an event on a destroyed stream is undefined behaviour: a segfault
+    // when tensors marked with recordStream(stream) outlived stream.dispose(). Work still queued
+    // runs to completion; whoever gets the stream next is ordered after it, so there is nothing to
+    // wait for here (nor in a finalizer during garbage collection).
+    cuda::stream_release(device_.index, stream_);
   }
   stream_ = nullptr;
   disposed_ = true;
@@ -146,8 +152,13 @@ void* EventHandle::live(const char* op) const {
 // record(stream | null): null means the device's current stream.
 Napi::Value EventHandle::record(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
-    void* e = live("Event.record");
-    void* s = arg_stream(info, 0, "Event.record");
+    const char* op = "Event.record";
+    void* e = live(op);
+    void* s = arg_stream(info, 0, op);
+    if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
+      const Device& d = StreamHandle::Unwrap(info[0].As<Napi::Object>())->device();
+      MOE_ARG_CHECK(d == device_, op, "'stream' is on ", d.str(), " but the event is on ", device_.str());
+    }
     if (e) cuda::event_record(device_.index, e, s ? s : cuda::current_stream(device_.index));
     recorded_ = true;
     return info.Env().Undefined();

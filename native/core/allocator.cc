@@ -74,6 +74,8 @@ void host_deallocate(void* ptr) {
 struct Block {
   void* ptr;
   int64_t size;
+  // Stream handles stay valid for the life of the process (pooled, never destroyed), so both are
+  // safe to key by and to record events on after the JS Stream was disposed.
   void* stream;                 // the stream it was allocated for; reuse happens on this stream
   std::vector<void*> used_on;   // other streams that used it (record_stream)
   std::vector<cudaEvent_t> pending;  // events those streams must pass before reuse

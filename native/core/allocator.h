@@ -24,7 +24,10 @@ struct MemoryStats {
 // memory will first be used on; the block is only reused on that stream unless record_stream()
 // says otherwise, in which case reuse waits until the other streams' work has completed.
 // JavaScript reaches record_stream as Tensor.recordStream; lib/comm-work.ts calls it for every
-// tensor that crosses between the compute stream and a communication stream.
+// tensor that crosses between the compute stream and a communication stream. The pool keeps the
+// raw stream handles and records events on them when such a block is freed, possibly long after
+// the JS Stream was disposed or collected: that is safe because streams are pooled and never
+// destroyed (cuda::stream_acquire / stream_release in core/cuda_runtime.h).
 void* allocate(const Device& device, int64_t bytes, void* stream, const std::string& op);
 void deallocate(const Device& device, void* ptr);
 void record_stream(const Device& device, void* ptr, void* stream);

@@ -87,15 +87,40 @@ DeviceGuard::~DeviceGuard() {
   if (previous_ >= 0) cudaSetDevice(previous_);
 }
 
-void* stream_create(int device) {
+namespace {
+struct StreamPool {
+  std::mutex mu;
+  std::vector<void*> idle[64];  // per device, last released first
+};
+StreamPool& stream_pool() {
+  static auto* p = new StreamPool();  // never destroyed, like the streams in it
+  return *p;
+}
+}  // namespace
+
+void* stream_acquire(int device) {
+  MOE_INTERNAL_CHECK(device >= 0 && device < 64, "stream_acquire: device index out of range");
+  {
+    auto& p = stream_pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto& idle = p.idle[device];
+    if (!idle.empty()) {
+      void* s = idle.back();
+      idle.pop_back();
+      return s;
+    }
+  }
   DeviceGuard g(device);
   cudaStream_t s = nullptr;
   check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "Stream", "cudaStreamCreateWithFlags");
   return s;
 }
-void stream_destroy(int device, void* stream) {
-  DeviceGuard g(device);
-  cudaStreamDestroy(cudaStream_t(stream));
+// Never cudaStreamDestroy (see the header): the stream goes back to its device's pool.
+void stream_release(int device, void* stream) {
+  if (!stream || device < 0 || device >= 64) return;
+  auto& p = stream_pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.idle[device].push_back(stream);
 }
 void stream_synchronize(int device, void* stream, const char* op) {
   DeviceGuard g(device);
@@ -203,8 +228,8 @@ void require_device(const Device& device, const char* op) {
 }
 DeviceGuard::DeviceGuard(int) { not_built("cuda.setDevice"); }
 DeviceGuard::~DeviceGuard() {}
-void* stream_create(int) { not_built("Stream"); }
-void stream_destroy(int, void*) {}
+void* stream_acquire(int) { not_built("Stream"); }
+void stream_release(int, void*) {}
 void stream_synchronize(int, void*, const char* op) { not_built(op); }
 bool stream_query(int, void*) { not_built("Stream.query"); }
 void* event_create(int, bool) { not_built("Event"); }

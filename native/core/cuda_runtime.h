@@ -54,8 +54,15 @@ void check_launch(const std::string& op);
 std::string error_string(int code);
 
 // ---- streams and events (handles are cudaStream_t / cudaEvent_t as void*) ----
-void* stream_create(int device);
-void stream_destroy(int device, void* stream);
+// Streams come from a per-device pool and are never destroyed: stream_release hands a stream back
+// for the next stream_acquire, with whatever work is still queued on it. So every stream handle
+// the process ever saw stays a live stream: the caching allocator (blocks keyed by stream, events
+// recorded on the streams a block was used on), the per-thread current stream and any communicator
+// may hold one past the JS Stream's dispose or finalizer without using a destroyed CUDA stream
+// (undefined behaviour: an error, a crash, or a silently recycled handle). A reused stream keeps
+// stream order with its earlier work, so blocks cached for it are safe to hand out on it again.
+void* stream_acquire(int device);
+void stream_release(int device, void* stream);
 void stream_synchronize(int device, void* stream, const char* op);
 bool stream_query(int device, void* stream);
 void* event_create(int device, bool timing);

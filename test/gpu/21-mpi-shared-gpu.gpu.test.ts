@@ -11,7 +11,14 @@ import { hasGpu } from './gpu.js';
 
 const hasMpi = hasGpu && native().mpiStatus(true).loaded;
 // One GPU for both ranks, also on a machine with several: the first visible one.
-const oneGpu = { CUDA_VISIBLE_DEVICES: (process.env['CUDA_VISIBLE_DEVICES'] ?? '0').split(',')[0] ?? '0' };
+// A rank that dies of a signal leaves no JS error: each prints the stages it completed and, from the
+// addon's handler, the signal and its native backtrace (test/mpi/common.mjs progress(),
+// native/addon/crash_report.cc), all in the failure message below.
+const oneGpu = {
+  CUDA_VISIBLE_DEVICES: (process.env['CUDA_VISIBLE_DEVICES'] ?? '0').split(',')[0] ?? '0',
+  MOE_EP_TEST_PROGRESS: '1',
+  MOE_EP_CRASH_BACKTRACE: '1',
+};
 
 describe.skipIf(!(hasGpu && hasMpirun && hasMpi))('2 ranks sharing one GPU through MPI staging', () => {
   it('dispatch → combine identity (f32 and fp8 rows), the EP=2 layer forward and backward against the one-rank CPU reference (bf16 tolerances), a comm stream changing nothing; init chose MPI and said why', () => {

@@ -5,10 +5,13 @@
 // allToAllV is run on the comm stream separately (runOnStream), with and without its host-side
 // timeout wait. The allocator holds back a block used on two streams until both are done; the MoE
 // layer with a comm stream gives the same outputs. Live device bytes back at baseline.
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { capacity, Communicator, Dispatcher, emptyCache, Event, memoryStats, MoELayer, ops, runOnStream, Stream, synchronize, Tensor, tidy, withStream } from '../../lib/index.js';
-import { native } from '../../lib/native.js';
+import { capacity, Communicator, currentStream, Dispatcher, DisposedError, emptyCache, Event, memoryStats, MoELayer, ops, runOnStream, Stream, synchronize, Tensor, tidy, withStream } from '../../lib/index.js';
+import { native, packageRoot } from '../../lib/native.js';
 import { freshSeed, relErr, rng, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
@@ -165,6 +168,80 @@ describe.skipIf(!hasGpu)('communication streams on cuda:0 without NCCL', () => {
       v.dispose();
       expect(m.shape).toEqual([4096, 4096]);
     });
+  });
+
+  // The 2-rank MPI run of test/mpi/moe-layer.mjs died of SIGSEGV here: its comm stream was disposed
+  // (then cudaStreamDestroy) before the tensors launch() had marked as used on it were freed, and
+  // freeing them recorded an allocator event on the destroyed stream. Streams are pooled now.
+  it('a stream disposed while tensors marked as used on it are live: freeing them afterwards is safe', () => {
+    const n = 1 << 16;
+    const before = memoryStats(gpu).liveBytes;
+    for (let i = 0; i < 64; i++) {
+      const s = new Stream(gpu);
+      const x = Tensor.randn([n], { seed: freshSeed(), device: gpu });
+      const work = runOnStream(s, () => ops.scale(x, 2), { inputs: [x] }); // x's block: used on s
+      const y = work.wait(); // allocated on s
+      work.dispose();
+      s.dispose();
+      expect(s.disposed).toBe(true);
+      x.dispose();
+      expect(y.toNumbers().length).toBe(n);
+      y.dispose();
+    }
+    synchronize(gpu);
+    expect(memoryStats(gpu).liveBytes).toBe(before);
+  });
+
+  it("a disposed stream's CUDA stream goes back to a pool: the next Stream gets it, with its cached blocks", () => {
+    const n = 1 << 16;
+    emptyCache(gpu); // no cached blocks from earlier tests
+    const a = new Stream(gpu);
+    withStream(a, () => Tensor.empty([n], { device: gpu })).dispose(); // a cached block for a's stream
+    a.dispose();
+    const hits = memoryStats(gpu).cacheHits;
+    using b = new Stream(gpu);
+    const t = withStream(b, () => Tensor.empty([n], { device: gpu }));
+    expect(memoryStats(gpu).cacheHits, 'served from the block cached for the same CUDA stream').toBe(hits + 1);
+    t.dispose();
+  });
+
+  it('a stream disposed inside withStream: ops fall back to the default stream; withStream refuses it afterwards', () => {
+    const s = new Stream(gpu);
+    withStream(s, () => {
+      expect(currentStream(gpu)).toBe(s);
+      s.dispose();
+      expect(currentStream(gpu)).toBeUndefined();
+      using t = Tensor.full([4], 3, { device: gpu });
+      expect(t.toNumbers()).toEqual([3, 3, 3, 3]);
+    });
+    expect(currentStream(gpu)).toBeUndefined();
+    expect(() => withStream(s, () => 1)).toThrow(DisposedError);
+    using z = Tensor.zeros([2], { device: gpu });
+    expect(() => z.recordStream(s)).toThrow(DisposedError);
+  });
+
+  it('streams dropped without dispose and collected while tensors marked as used on them are live (a child process with --expose-gc)', () => {
+    const script = `
+      const { ops, runOnStream, Stream, synchronize, Tensor } = await import(${JSON.stringify(join(packageRoot(), 'dist', 'lib', 'index.js'))});
+      const keep = [];
+      for (let i = 0; i < 32; i++) {
+        const x = Tensor.randn([4096], { seed: i, device: 'cuda:0' });
+        const w = runOnStream(new Stream('cuda:0'), () => ops.scale(x, 2), { inputs: [x] }); // the Stream: unreachable after this
+        keep.push(x, w.wait());
+        w.dispose();
+      }
+      for (let r = 0; r < 8; r++) { globalThis.gc(); await new Promise((res) => setImmediate(res)); }
+      for (const t of keep) t.dispose();
+      synchronize('cuda:0');
+      console.log('ok');
+    `;
+    const r = spawnSync(process.execPath, ['--expose-gc', '--input-type=module', '-e', script], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, MOE_EP_CRASH_BACKTRACE: '1' },
+    });
+    expect(r.status, `${r.stdout}\n${r.stderr}`).toBe(0);
+    expect(r.stdout).toContain('ok');
   });
 
   it('the MoE layer with a comm stream: the same outputs and gradients as without (bf16, dropless with a shared expert)', () => {

@@ -5,6 +5,15 @@ export function check(cond, message) {
     process.exit(1);
   }
 }
+/**
+ * With MOE_EP_TEST_PROGRESS=1 (test/gpu/21 sets it): "rank R: <stage> done" on stderr, so a run that
+ * dies of a signal (no JS error, no "ok rank") shows the last stage each rank completed. Writes to
+ * a pipe are synchronous in Node on Linux, so the line is out before whatever comes next.
+ */
+const progressOn = !!process.env.MOE_EP_TEST_PROGRESS && process.env.MOE_EP_TEST_PROGRESS !== '0';
+export function progress(stage) {
+  if (progressOn) console.error(`rank ${process.env.OMPI_COMM_WORLD_RANK ?? process.env.PMI_RANK ?? '?'}: ${stage} done`);
+}
 export function same(actual, expected, what) {
   const a = JSON.stringify(Array.from(actual, Number));
   const e = JSON.stringify(Array.from(expected, Number));

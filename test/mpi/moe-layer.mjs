@@ -7,12 +7,13 @@
 // Both also run the communication on a comm stream and check it changes nothing.
 import { Dispatcher, init, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
 import { capacity } from '../../dist/lib/moe/capacity.js';
-import { check, scriptDevice } from './common.mjs';
+import { check, progress, scriptDevice } from './common.mjs';
 
 const world = await init();
 const P = world.size;
 const rank = world.rank;
 const { device, gpu } = await scriptDevice(world);
+progress(`init on ${device}`);
 const on = { device };
 const relErr = (a, b) => {
   let n = 0, d = 0;
@@ -44,19 +45,26 @@ tidy(() => {
   const wv = vals(weights), xv = vals(x), yv = vals(y);
   const ref = xv.map((v, i) => v * (wv[Math.floor(i / H) * k] + wv[Math.floor(i / H) * k + 1]));
   check(relErr(yv, ref) < 1e-6, `dispatch∘combine identity on ${device}: relErr ${relErr(yv, ref)}`);
+  progress('1: dispatch∘combine identity');
 
   const comm = new Stream(device);
   const side = new Dispatcher({ numExperts: E, group: world, commStream: comm });
   const work = side.dispatchAsync(x, indices, weights, cap);
   const got = work.wait();
   check(bits(got.rows).equals(bits(rows)), `dispatch on a comm stream on ${device}: other rows`);
+  progress('1: dispatch on the comm stream');
   const back = side.combineAsync(got.rows, got.handle, weights);
   check(bits(back.wait()).equals(bits(y)), `combine on a comm stream on ${device}: another output`);
+  progress('1: combine on the comm stream');
   for (const w of [work, back]) w.dispose();
   handle.dispose();
   got.handle.dispose();
+  // Disposed before the tensors marked as used on it (recordStream) are freed, at the end of tidy:
+  // the allocator must not touch a destroyed CUDA stream then (streams are pooled, never destroyed).
   comm.dispose();
+  progress('1: comm stream disposed');
 });
+progress('1: tensors used on the disposed comm stream freed');
 
 // 1b. The same with fp8 rows on the wire (H = 256: two scale blocks per row): within e4m3 precision.
 tidy(() => {
@@ -76,6 +84,7 @@ tidy(() => {
   check(e < 0.05 && e > 0, `fp8 dispatch∘combine on ${device}: relErr ${e}`);
   handle.dispose();
 });
+progress('1b: fp8 dispatch∘combine');
 
 // 2. The layer at EP = P equals the one-rank CPU layer with the same global weights, forward and
 //    backward; local expert gradients equal the reference gradients summed over ranks. With a
@@ -91,6 +100,7 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   const ep = new MoELayer({ ...cfg, dtype, device, group: world });
   const epOverlap = new MoELayer({ ...cfg, dtype, device, group: world, commStream: true });
   const ref = new MoELayer({ ...cfg, dtype: 'f32', device: 'cpu', group: singleRankGroup });
+  const what = `${device} ${JSON.stringify(extra)}`;
   if (gpu) {
     // The GPU layer computes with bf16 copies of its masters: give the reference exactly those
     // values, every rank's experts gathered (an allGather of CUDA tensors through MPI staging).
@@ -102,6 +112,7 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
       ref.master.sharedW2.copy_(ep.compute.sharedW2);
       ref.refreshComputeWeights();
     });
+    progress(`2 ${what}: reference weights gathered`);
   }
   tidy(() => {
     // Capacity mode moves fixed segments of C = ceil(cf·T·k/E) rows: every rank must have the same T.
@@ -111,17 +122,20 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
     const x = xCpu.copyTo({ dtype, device });
     const dy = dyCpu.copyTo({ dtype, device });
     const fe = ep.forward(x), fr = ref.forward(xCpu);
-    const what = `${device} ${JSON.stringify(extra)}`;
     check(relErr(vals(fe.y), vals(fr.y)) < tol.y, `forward ${what}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
+    progress(`2 ${what}: forward`);
     const fo = epOverlap.forward(x);
     check(relErr(vals(fo.y), vals(fe.y)) <= tol.again, `forward with a comm stream ${what}: relErr ${relErr(vals(fo.y), vals(fe.y))}`);
+    progress(`2 ${what}: forward with a comm stream`);
     const ge = ep.backward(fe, dy), gr = ref.backward(fr, dyCpu);
     check(relErr(vals(ge.dx), vals(gr.dx)) < tol.grad, `dx ${what}: relErr ${relErr(vals(ge.dx), vals(gr.dx))}`);
     check(relErr(vals(ge.router), vals(gr.router)) < tol.grad, `router gradient ${what}: relErr ${relErr(vals(ge.router), vals(gr.router))}`);
+    progress(`2 ${what}: backward`);
     const go = epOverlap.backward(fo, dy);
     for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2']) {
       check(relErr(vals(go[k]), vals(ge[k])) <= tol.again, `${k} with a comm stream ${what}: relErr ${relErr(vals(go[k]), vals(ge[k]))}`);
     }
+    progress(`2 ${what}: backward with a comm stream`);
     const El = ep.localExperts;
     for (const [name, g, r] of [['w13', ge.w13, gr.w13], ['w2', ge.w2, gr.w2]]) {
       world.allReduce(r, 'sum');
@@ -132,5 +146,6 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   ep.dispose();
   epOverlap.dispose();
   ref.dispose();
+  progress(`2 ${what}: expert gradients, layers disposed`);
 }
 console.log(`ok rank ${rank} of ${P}`);
