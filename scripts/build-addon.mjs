@@ -8,6 +8,8 @@
 //   MOE_EP_BUILD_JOBS=N       parallel compile jobs (default: number of cores)
 //   MOE_EP_CMAKE_DIR=path     CMake's build folder (default build/cmake)
 //   MOE_EP_MPI=auto|on|off    the MPI backend library (moe_ep_mpi.so) when MPI is found (auto), required, or never.
+//   MOE_EP_CUDA_ARCHS=list    CMake CUDA architectures (default 80-real;90-real;90-virtual), e.g. 90-real
+//                             for a smaller, faster build for H100/H200 only (the sm_90a Hopper GEMM is built either way).
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, rmSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -33,6 +35,7 @@ const cmakeJs = createRequire(import.meta.url).resolve('cmake-js/bin/cmake-js');
 const common = ['--directory', root, '--out', cmakeDir, '--config', buildType, '--parallel', jobs];
 const mpi = (process.env.MOE_EP_MPI ?? 'auto').toUpperCase();
 const defines = [`--CDMOE_EP_MPI=${mpi}`, `--CDMOE_EP_CUDA=${cuda}`, `--CDMOE_EP_PACKAGE_VERSION=${version}`, `--CDCMAKE_BUILD_TYPE=${buildType}`];
+if (process.env.MOE_EP_CUDA_ARCHS) defines.push(`--CDCMAKE_CUDA_ARCHITECTURES=${process.env.MOE_EP_CUDA_ARCHS}`);
 console.log(`moe-ep: building the addon (MOE_EP_CUDA=${cuda.toLowerCase()}, ${buildType}, ${jobs} jobs)`);
 // Configure every time (cheap when nothing changed) so a changed switch takes effect in an existing
 // build folder; `cmake-js compile` would skip configuring when a cache exists.
