@@ -44,20 +44,24 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
 ];
 // On compute capability 9.0 the NN/NT products take the wgmma kernel where eligible; the portable
 // mma.sync kernel (the fallback elsewhere) is checked too, on the smaller cases.
-const paths = [
-  { path: 'default kernels', hopper: undefined as string | undefined, cases },
-  { path: 'mma.sync only (MOE_EP_GG_HOPPER=0)', hopper: '0', cases: cases.filter((c) => c.K * c.N <= 1 << 22) },
+// The Hopper kernel's staged epilogue (opt-in until benchmarked) also takes every dW there.
+const small = cases.filter((c) => c.K * c.N <= 1 << 22);
+const paths: { path: string; env: Record<string, string>; cases: typeof cases }[] = [
+  { path: 'default kernels', env: {}, cases },
+  { path: 'mma.sync only (MOE_EP_GG_HOPPER=0)', env: { MOE_EP_GG_HOPPER: '0' }, cases: small },
+  { path: 'Hopper staged epilogue (MOE_EP_GG_HOPPER_STAGED=1)', env: { MOE_EP_GG_HOPPER_STAGED: '1' }, cases: small },
 ];
+const pathVars = ['MOE_EP_GG_HOPPER', 'MOE_EP_GG_HOPPER_STAGED'];
 
-describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ hopper, cases }) => {
+describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ env, cases }) => {
   let baseline = 0;
   beforeEach(() => {
     baseline = memoryStats(gpu).liveBytes;
-    if (hopper === undefined) delete process.env.MOE_EP_GG_HOPPER;
-    else process.env.MOE_EP_GG_HOPPER = hopper;
+    for (const v of pathVars) delete process.env[v];
+    Object.assign(process.env, env);
   });
   afterEach(() => {
-    delete process.env.MOE_EP_GG_HOPPER;
+    for (const v of pathVars) delete process.env[v];
     expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
   });
 

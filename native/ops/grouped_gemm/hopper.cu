@@ -42,13 +42,23 @@ namespace moe::ops {
 namespace hopper {
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 8;
+constexpr int BM = 128, BN = 256, BK = 64, GROUP_M = 8;
 constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;  // + slack to align the ring to 1024 bytes
+// Two layouts of shared memory: a 4-stage ring with the epilogue storing from registers, or (STAGED)
+// a 3-stage ring plus, per consumer, a 64×128 fp32 tile through which the epilogue writes whole
+// 16-byte pieces of rows (the store-bound products: dW with few rows per group).
+template <bool STAGED> struct Layout {
+  static constexpr int STAGES = STAGED ? 3 : 4;
+  static constexpr int STAGING_LD = 128 + 8;                    // floats per staged row: the pad spreads
+                                                                // the fragment stores over the banks
+  static constexpr int STAGING_BYTES = STAGED ? CONSUMERS * 64 * STAGING_LD * 4 : 0;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
+};
+constexpr int MAX_STAGES = 4;
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -213,18 +223,66 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
   }
 }
 
+// The Store epilogue through shared memory: each consumer drops half of its 64×256 accumulators
+// (128 columns, fp32) into its staging tile, then its 128 threads write the rows out in 16-byte
+// (fp32) or 8-byte (bf16) pieces, a warp covering 512 contiguous bytes of a row.
+template <typename OutT>
+__device__ __forceinline__ void store_tile_staged(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0, float* staging) {
+  constexpr int LD = Layout<true>::STAGING_LD;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, tid = threadIdx.x & 127;
+  const int barrier = 2 + ((threadIdx.x >> 7) - 1);  // one named barrier per consumer warpgroup
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int jj = 0; jj < 16; ++jj) {
+      const int j = half * 16 + jj, c = jj * 8 + (lane & 3) * 2;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = warp * 16 + (lane >> 2) + h * 8;
+        *reinterpret_cast<float2*>(staging + r * LD + c) = make_float2(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
+      }
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(barrier) : "memory");
+    for (int i = tid; i < 64 * 32; i += 128) {
+      const int r = i >> 5, c = (i & 31) * 4;
+      const int gr = wg_row0 + r, gc = tile.col0 + half * 128 + c;
+      if (gr >= tile.row_end || gc >= p.cols) continue;  // cols % 8 == 0: a piece is all in or all out
+      float4 v = *reinterpret_cast<const float4*>(staging + r * LD + c);
+      OutT* dst = static_cast<OutT*>(p.out) + tile.out_base + int64_t(gr) * p.cols + gc;
+      if constexpr (sizeof(OutT) == 4) {
+        if (p.accumulate) {
+          const float4 old = *reinterpret_cast<const float4*>(dst);
+          v.x += old.x;
+          v.y += old.y;
+          v.z += old.z;
+          v.w += old.w;
+        }
+        *reinterpret_cast<float4*>(dst) = v;
+      } else {
+        uint2 b;
+        *reinterpret_cast<__nv_bfloat162*>(&b.x) = __floats2bfloat162_rn(v.x, v.y);
+        *reinterpret_cast<__nv_bfloat162*>(&b.y) = __floats2bfloat162_rn(v.z, v.w);
+        *reinterpret_cast<uint2*>(dst) = b;
+      }
+    }
+    asm volatile("bar.sync %0, 128;\n" ::"r"(barrier) : "memory");  // read out before the next half lands
+  }
+}
+
 // ---- the kernel -----------------------------------------------------------------------------------
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, bool STAGED>
 __global__ void __launch_bounds__(THREADS, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
+  static_assert(!STAGED || EPI == GemmEpilogue::Store, "the staged epilogue stores plain results");
+  constexpr int STAGES = Layout<STAGED>::STAGES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+  __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
 
   const int wg = threadIdx.x >> 7;
   if (threadIdx.x == 0) {
@@ -331,7 +389,12 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
-      store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
+      if constexpr (STAGED) {
+        float* staging = reinterpret_cast<float*>(ring + STAGES * STAGE_BYTES) + consumer * 64 * Layout<true>::STAGING_LD;
+        store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
+      } else {
+        store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
+      }
     }
   }
 }
@@ -378,7 +441,7 @@ DeviceInfo device_info() {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
-    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>) == cudaSuccess;
+    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, false>) == cudaSuccess;
     cudaGetLastError();
     cache[dev] = DeviceInfo{major == 9 && minor == 0 && image && encode_fn() != nullptr, sms};
     known[dev] = true;
@@ -386,15 +449,31 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT>;
-  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm", "cudaFuncSetAttribute");
+// MOE_EP_GG_HOPPER_STAGED=1: plain stores go through the staged epilogue (not yet the default: see
+// benchmarks/grouped-gemm.md); read per launch so a benchmark can compare both in one run.
+bool staged_requested() {
+  const char* v = std::getenv("MOE_EP_GG_HOPPER_STAGED");
+  return v && std::strcmp(v, "1") == 0;
+}
+
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, bool STAGED>
+void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, STAGED>;
+  constexpr int smem = Layout<STAGED>::SMEM_BYTES;
+  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
-  kernel<<<grid, THREADS, SMEM_BYTES, stream>>>(map_a, map_b, p);
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
+}
+
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  if constexpr (EPI == GemmEpilogue::Store) {
+    if (staged_requested()) return launch_layout<MODE, EPI, OutT, true>(map_a, map_b, p, sms, stream);
+  }
+  launch_layout<MODE, EPI, OutT, false>(map_a, map_b, p, sms, stream);
 }
 
 }  // namespace
@@ -414,7 +493,7 @@ bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   // dW with few rows per group is bound by writing E·K·N outputs, where this kernel's register-direct
   // stores lose to the mma.sync kernel's staged 16-byte stores (H200, 8f53295: 128 rows per group
   // 0.48x torch here vs 0.75x there; 4 rows 0.40x vs 0.87x; 512 rows 0.78x vs 0.65x).
-  if (tn && g.a.size(0) < 256 * (g.offsets.size(0) - 1)) return false;
+  if (tn && g.a.size(0) < 256 * (g.offsets.size(0) - 1) && !hopper::staged_requested()) return false;
   return hopper::device_info().hopper;
 }
 
