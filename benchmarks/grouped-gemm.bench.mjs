@@ -94,5 +94,5 @@ writeResult('grouped-gemm', rows, {
   kernel:
     'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA 4-stage ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu). ' +
     'TN at >= 256 rows per group too; below that, and mmaSyncTFLOPs: mma.sync m16n8k16, 128x128x64 tiles, 3-stage cp.async ring (cuda.cu). ' +
-    'stagedTFLOPs: the Hopper kernel with a 3-stage ring and the epilogue staged through shared memory (MOE_EP_GG_HOPPER_STAGED=1, any rows per group)',
+    'stagedTFLOPs: the Hopper kernel with its epilogue staged through per-warp shared-memory slices, 16-byte row stores (MOE_EP_GG_HOPPER_STAGED=1, any rows per group)',
 });

@@ -39,6 +39,8 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   { name: 'many small groups (E=256, 2 rows each)', E: 256, K: 128, N: 256, counts: new Array(256).fill(2) },
   // Multiples of 8 (the Hopper kernel's TMA path) but of no tile: zero-filled k and n edges.
   { name: 'K=200, N=328: partial k and n tiles', E: 5, K: 200, N: 328, counts: raggedCounts(5, 700) },
+  // Less than one k tile and one staged slice of columns.
+  { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 33] },
   // More work items than SMs: each persistent block walks several tiles through its ring.
   { name: 'M=6000 over 4 groups, N=1024: several tiles per block', E: 4, K: 256, N: 1024, counts: raggedCounts(4, 6000) },
 ];
@@ -88,6 +90,29 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
         groupedGemm('TN', ga, gdC, goff, { out: gdW });
         groupedGemm('TN', a, dC, off, { out: cdW });
         expect(relErr(floats(gdW), floats(cdW)), `TN ${outType}`).toBeLessThan(tol);
+      }
+    });
+  });
+
+  it('no rows at all, and no groups: NN/NT leave out alone, TN writes dW = 0', () => {
+    tidy(() => {
+      const K = 64, N = 128;
+      for (const E of [0, 3]) {
+        const [a, ga] = pair([E === 0 ? 5 : 0, K]);
+        const M = a.shape[0] as number;
+        const [b, gb] = pair([E, K, N]);
+        const [dC, gdC] = pair([M, N]);
+        const [off, goff] = offsets(new Array(E).fill(0));
+        const go = poisoned([M, N], 'f32', gpu), co = poisoned([M, N], 'f32', cpu);
+        groupedGemm('NN', ga, gb, goff, { out: go });
+        groupedGemm('NN', a, b, off, { out: co });
+        expect(Array.from(floats(go)).map(Number.isNaN), `NN E=${E}: rows outside every group keep their contents`).toEqual(Array.from(floats(co)).map(Number.isNaN));
+        const gdA = poisoned([M, K], 'f32', gpu);
+        groupedGemm('NT', gdC, gb, goff, { out: gdA });
+        expect(floats(gdA).every(Number.isNaN), `NT E=${E}`).toBe(true);
+        const gdW = poisoned([E, K, N], 'f32', gpu);
+        groupedGemm('TN', ga, gdC, goff, { out: gdW });
+        expect(floats(gdW).every((v) => v === 0), `TN E=${E}: dW = 0`).toBe(true);
       }
     });
   });

@@ -49,15 +49,19 @@ constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // Two layouts of shared memory: a 4-stage ring with the epilogue storing from registers, or (STAGED)
-// a 3-stage ring plus, per consumer, a 64×128 fp32 tile through which the epilogue writes whole
-// 16-byte pieces of rows (the store-bound products: dW with few rows per group).
+// the same 4-stage ring plus, per consumer warp, a 16×32 fp32 slice through which the epilogue writes
+// whole 16-byte pieces of rows (the store-bound products: dW with few rows per group). Each warp
+// stages and reads back only its own rows, so __syncwarp orders it: no named barriers.
 template <bool STAGED> struct Layout {
-  static constexpr int STAGES = STAGED ? 3 : 4;
-  static constexpr int STAGING_LD = 128 + 8;                    // floats per staged row: the pad spreads
+  static constexpr int STAGES = 4;
+  static constexpr int SLICE = 32;                              // columns per staged slice
+  static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
-  static constexpr int STAGING_BYTES = STAGED ? CONSUMERS * 64 * STAGING_LD * 4 : 0;
+  static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;   // 2560 bytes per warp
+  static constexpr int STAGING_BYTES = STAGED ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4 : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
+static_assert(Layout<true>::SMEM_BYTES + 64 <= 232448, "over the 227 KiB opt-in (64: the static mbarriers)");
 constexpr int MAX_STAGES = 4;
 
 struct Params {
@@ -223,49 +227,69 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
   }
 }
 
-// The Store epilogue through shared memory: each consumer drops half of its 64×256 accumulators
-// (128 columns, fp32) into its staging tile, then its 128 threads write the rows out in 16-byte
-// (fp32) or 8-byte (bf16) pieces, a warp covering 512 contiguous bytes of a row.
+// The Store epilogue through shared memory: each consumer warp drops its 16×256 accumulators into its
+// own 16×32 fp32 slice, 32 columns at a time, and reads them back as whole rows: 16-byte (fp32) or
+// 8-byte (bf16) pieces, a warp instruction covering 4 rows × 32 columns. With accumulate, all of a
+// slice's loads of the old values are issued before its stores (else each load waits behind the
+// previous store: one memory latency per piece).
 template <typename OutT>
-__device__ __forceinline__ void store_tile_staged(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0, float* staging) {
-  constexpr int LD = Layout<true>::STAGING_LD;
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, tid = threadIdx.x & 127;
-  const int barrier = 2 + ((threadIdx.x >> 7) - 1);  // one named barrier per consumer warpgroup
+__device__ __forceinline__ void store_tile_staged(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0, uint32_t staging) {
+  constexpr int LD = Layout<true>::STAGING_LD, SLICE = Layout<true>::SLICE;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  // The fragment store: rows lane/4 (+8), columns 8jj + 2(lane%4) (+1) of the slice.
+  const uint32_t st_addr = staging + uint32_t(((lane >> 2) * LD + (lane & 3) * 2) * 4);
+  // The read-back: piece u is row lane/8 + 4u, columns 4(lane%8) .. +3 of the slice.
+  const uint32_t ld_addr = staging + uint32_t(((lane >> 3) * LD + (lane & 7) * 4) * 4);
+  const int row = wg_row0 + warp * 16 + (lane >> 3);  // + 4u
+  const int col = tile.col0 + (lane & 7) * 4;         // + SLICE·s
+  const int64_t pitch4 = int64_t(4) * p.cols;         // 4 rows
+  OutT* const out = static_cast<OutT*>(p.out) + tile.out_base + int64_t(row) * p.cols + col;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
+  for (int s = 0; s < BN / SLICE; ++s) {
 #pragma unroll
-    for (int jj = 0; jj < 16; ++jj) {
-      const int j = half * 16 + jj, c = jj * 8 + (lane & 3) * 2;
+    for (int jj = 0; jj < SLICE / 8; ++jj) {
+      const int j = s * (SLICE / 8) + jj;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = warp * 16 + (lane >> 2) + h * 8;
-        *reinterpret_cast<float2*>(staging + r * LD + c) = make_float2(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
-      }
+      for (int h = 0; h < 2; ++h)
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(st_addr + uint32_t((h * 8 * LD + jj * 8) * 4)),
+                     "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
     }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(barrier) : "memory");
-    for (int i = tid; i < 64 * 32; i += 128) {
-      const int r = i >> 5, c = (i & 31) * 4;
-      const int gr = wg_row0 + r, gc = tile.col0 + half * 128 + c;
-      if (gr >= tile.row_end || gc >= p.cols) continue;  // cols % 8 == 0: a piece is all in or all out
-      float4 v = *reinterpret_cast<const float4*>(staging + r * LD + c);
-      OutT* dst = static_cast<OutT*>(p.out) + tile.out_base + int64_t(gr) * p.cols + gc;
-      if constexpr (sizeof(OutT) == 4) {
-        if (p.accumulate) {
-          const float4 old = *reinterpret_cast<const float4*>(dst);
-          v.x += old.x;
-          v.y += old.y;
-          v.z += old.z;
-          v.w += old.w;
+    __syncwarp();
+    float4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=f"(v[u].x), "=f"(v[u].y), "=f"(v[u].z), "=f"(v[u].w)
+                   : "r"(ld_addr + uint32_t(4 * u * LD * 4)) : "memory");
+    __syncwarp();  // read back before the next slice lands
+    if (col + s * SLICE >= p.cols) continue;  // cols % 8 == 0: a piece is all in or all out (lanes past it skip)
+    OutT* const dst = out + s * SLICE;
+    if constexpr (sizeof(OutT) == 4) {
+      if (p.accumulate) {
+        float4 old[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          if (row + 4 * u < tile.row_end) old[u] = *reinterpret_cast<const float4*>(dst + u * pitch4);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          v[u].x += old[u].x;
+          v[u].y += old[u].y;
+          v[u].z += old[u].z;
+          v[u].w += old[u].w;
         }
-        *reinterpret_cast<float4*>(dst) = v;
-      } else {
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (row + 4 * u < tile.row_end) *reinterpret_cast<float4*>(dst + u * pitch4) = v[u];
+    } else {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
         uint2 b;
-        *reinterpret_cast<__nv_bfloat162*>(&b.x) = __floats2bfloat162_rn(v.x, v.y);
-        *reinterpret_cast<__nv_bfloat162*>(&b.y) = __floats2bfloat162_rn(v.z, v.w);
-        *reinterpret_cast<uint2*>(dst) = b;
+        *reinterpret_cast<__nv_bfloat162*>(&b.x) = __floats2bfloat162_rn(v[u].x, v[u].y);
+        *reinterpret_cast<__nv_bfloat162*>(&b.y) = __floats2bfloat162_rn(v[u].z, v[u].w);
+        if (row + 4 * u < tile.row_end) *reinterpret_cast<uint2*>(dst + u * pitch4) = b;
       }
     }
-    asm volatile("bar.sync %0, 128;\n" ::"r"(barrier) : "memory");  // read out before the next half lands
   }
 }
 
@@ -390,7 +414,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
       if constexpr (STAGED) {
-        float* staging = reinterpret_cast<float*>(ring + STAGES * STAGE_BYTES) + consumer * 64 * Layout<true>::STAGING_LD;
+        const uint32_t staging = smem_u32(ring + STAGES * STAGE_BYTES) +
+                                 uint32_t(((threadIdx.x >> 5) - 4) * Layout<true>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else {
         store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
@@ -442,7 +467,7 @@ DeviceInfo device_info() {
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
     const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, false>) == cudaSuccess;
-    cudaGetLastError();
+    if (!image) cudaGetLastError();  // clear only the error this call set
     cache[dev] = DeviceInfo{major == 9 && minor == 0 && image && encode_fn() != nullptr, sms};
     known[dev] = true;
   }
@@ -488,6 +513,9 @@ bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   const int64_t inner = g.mode == GemmMode::NN ? K : N;
   auto aligned16 = [](const Tensor& t) { return !t.defined() || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
   if (K % 8 != 0 || N % 8 != 0 || K == 0 || N == 0 || (!tn && inner == 0)) return false;
+  // A tensor map needs every dimension > 0: no rows at all (TN with M = 0 still writes dW = 0) or
+  // no groups (NN/NT with E = 0) stay on the mma.sync kernel, which handles both.
+  if (g.a.size(0) == 0 || g.offsets.size(0) < 2) return false;
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
   if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
   // dW with few rows per group is bound by writing E·K·N outputs, where this kernel's register-direct
