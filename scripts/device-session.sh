@@ -57,10 +57,10 @@ if [[ " $what " == *" train "* ]]; then
   node dist/lib/cli/main.js train --device cuda --no-progress --out /tmp/run-default > "$OUT/train.log" 2>&1 || status=1
   tail -4 "$OUT/train.log"
   if [[ " $what " == *" train-wide "* ]]; then
-    # A wider model (costs ~220 s on an H200 at adeaae7: ~1.1 s per step, mostly host-side).
-    node dist/lib/cli/main.js train --device cuda --no-progress --steps 200 --out /tmp/run-wide \
+    # A wider model, phases timed (200 steps cost ~220 s on an H200 at adeaae7: ~1.1 s per step).
+    node dist/lib/cli/main.js train --device cuda --no-progress --steps 50 --out /tmp/run-wide \
       --model.hidden 1024 --model.ffn 512 --model.experts 64 --model.topK 8 --model.groups 8 --model.topkGroups 4 \
-      --data.tokensPerStep 8192 >> "$OUT/train.log" 2>&1 || status=1
+      --data.tokensPerStep 8192 --train.profile true >> "$OUT/train.log" 2>&1 || status=1
     tail -4 "$OUT/train.log"
   fi
   mpirun -np 2 node dist/lib/cli/main.js train --device cuda --no-progress --steps 300 --out /tmp/run-mpi >> "$OUT/train.log" 2>&1 || status=1

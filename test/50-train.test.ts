@@ -80,7 +80,14 @@ describe('moe-ep train (CLI)', () => {
       expect(r.stdout).toContain(`report:  ${join(out, 'report.html')}`);
       const lines = readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n');
       expect(lines).toHaveLength(40);
-      expect(JSON.parse(lines[39] as string).layers[0].tokensPerExpert).toHaveLength(4);
+      const last = JSON.parse(lines[39] as string);
+      expect(last.layers[0].tokensPerExpert).toHaveLength(4);
+      // Where the step's time went: five phases, each ≥ 0, together within the step's wall time.
+      expect(Object.keys(last.phaseMs)).toEqual(['data', 'forward', 'backward', 'optimizer', 'metrics']);
+      const phases = Object.values(last.phaseMs as Record<string, number>);
+      expect(phases.every((v) => v >= 0)).toBe(true);
+      expect(phases.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual((256 / last.tokensPerSecond) * 1000 + 0.5);
+      expect(r.stdout).toMatch(/per step \(ms, mean\): data [\d.]+, forward [\d.]+, backward [\d.]+, optimizer [\d.]+, metrics [\d.]+/);
       const html = readFileSync(join(out, 'report.html'), 'utf8');
       expect(html).toContain('echarts');
       expect(html).toContain('Tokens per expert, layer 1');

@@ -136,6 +136,13 @@ export async function runTrain(args: string[]): Promise<number> {
       },
     });
     console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    // Where a step's time goes (host ms; exact with --train.profile true), skipping the first step's warm-up.
+    const timed = steps.slice(1).filter((s) => s.phaseMs);
+    if (timed.length) {
+      const keys = Object.keys(timed[0]?.phaseMs ?? {}) as (keyof NonNullable<StepMetrics['phaseMs']>)[];
+      const mean = keys.map((k) => `${k} ${(timed.reduce((a, s) => a + (s.phaseMs?.[k] ?? 0), 0) / timed.length).toFixed(1)}`);
+      console.log(`per step (ms, mean${config.train.profile ? ', device-synchronised' : ''}): ${mean.join(', ')}`);
+    }
     console.log(`metrics: ${join(out, 'metrics.jsonl')}`);
     console.log(`checkpoints: ${ckptDir}`);
     console.log(`report:  ${report}`);

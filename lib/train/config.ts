@@ -31,7 +31,7 @@ export interface TrainConfig {
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
   data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number };
-  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean };
+  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean };
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
 
@@ -41,7 +41,7 @@ export const defaultConfig: TrainConfig = {
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
-  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true },
+  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
@@ -107,6 +107,7 @@ export const trainConfigSchema = {
       out: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'run folder (default runs/<timestamp>)' },
       logEvery: int(1),
       progress: { type: 'boolean' },
+      profile: { type: 'boolean', description: 'wait for the device at the end of each phase, so metrics.jsonl phaseMs is exact (slower)' },
     }),
     checkpoint: section({
       every: { ...int(0), description: 'save every N steps (0: only at the end and on Ctrl-C)' },

@@ -28,6 +28,11 @@ export interface StepMetrics {
   gradNorm: number;
   tokensPerSecond: number;
   layers: LayerMetrics[];
+  /**
+   * Host milliseconds per phase of the step (data, forward, backward, optimizer, metrics). Device
+   * work is attributed to the phase that waits for it, exactly so with `train.profile`.
+   */
+  phaseMs?: { data: number; forward: number; backward: number; optimizer: number; metrics: number };
 }
 
 /** routerEntropyNats: the mean per-token routing entropy in nats (averaged over ranks). */

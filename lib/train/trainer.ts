@@ -14,7 +14,7 @@
 import { type Communicator } from '../dist/communicator.js';
 import { expertGroups } from '../dist/init.js';
 import { invalidArgument } from '../errors.js';
-import { Device, getDefaultDevice, cuda } from '../device.js';
+import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { scale } from '../ops.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -111,17 +111,30 @@ export class Trainer implements Disposable {
     const c = this.config;
     const t0 = performance.now();
     const P = this.size;
+    // Host time per phase. Without train.profile the device runs ahead, so its time lands in the
+    // phase that first waits for it; with it, each phase ends by waiting for the device.
+    const phaseMs = { data: 0, forward: 0, backward: 0, optimizer: 0, metrics: 0 };
+    let phaseStart = t0;
+    const endPhase = (name: keyof typeof phaseMs): void => {
+      if (c.train.profile) synchronize(this.device);
+      const now = performance.now();
+      phaseMs[name] += now - phaseStart;
+      phaseStart = now;
+    };
     const metrics = tidy(() => {
       const batch = this.task.batch(this.step, c.data.tokensPerStep, this.rank, P);
       const { x, y } = ClusterTask.to(batch, this.device, this.model.dtype === 'bf16' ? 'bf16' : 'f32');
       const target = c.model.loss === 'cross-entropy' ? ClusterTask.labels(batch).to(this.device) : y;
       batch.dispose();
+      endPhase('data');
       const fwd = this.model.forward(x, target);
       const correct = fwd.correct ? fwd.correct.cast('f32') : null;
       const loss = fwd.loss.clone();
       const auxLoss = fwd.auxLoss.clone();
       const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone() }));
+      endPhase('forward');
       const grads = this.model.backward(fwd);
+      endPhase('backward');
       try {
         // Data-parallel reduction and global-norm clipping.
         const sqReplicated = Tensor.zeros([1], { device: this.device });
@@ -152,6 +165,7 @@ export class Trainer implements Disposable {
           });
         }
         if (this.model.dtype !== 'bf16') this.model.refreshComputeWeights();
+        endPhase('optimizer');
         // Balancing: the bias follows the global expert loads.
         const layers = routing.map((r, i) => {
           const load = r.tokensPerExpert.cast('f32');
@@ -169,16 +183,19 @@ export class Trainer implements Disposable {
           this.world?.allReduce(auxLoss, 'avg');
           if (correct) this.world?.allReduce(correct, 'sum');
         }
+        const lossValue = loss.item();
+        endPhase('metrics');
         const seconds = (performance.now() - t0) / 1000;
         return {
           step: this.step,
-          loss: loss.item(),
+          loss: lossValue,
           ...(correct ? { accuracy: correct.item() / c.data.tokensPerStep } : {}),
           auxLoss: auxLoss.item(),
           lr,
           gradNorm,
           tokensPerSecond: c.data.tokensPerStep / seconds,
           layers,
+          phaseMs: { ...phaseMs },
         };
       } finally {
         for (const g of grads.values()) g.dispose();
