@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [bench]
 #   (MOE_EP_BENCH=name: one benchmark; MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
@@ -72,6 +72,26 @@ if [[ " $what " == *" interop "* ]]; then
   step "safetensors interop"
   node dist/lib/cli/main.js train --steps 30 --device cuda --no-progress --out /tmp/run-interop > /dev/null 2>&1 || status=1
   python3 test/interop/check_safetensors.py /tmp/run-interop/checkpoints --cuda 2>&1 | tee "$OUT/interop.log" || status=1
+fi
+
+if [[ " $what " == *" multi "* ]]; then
+  # Several GPUs (issue #8): one rank per GPU, so init() picks NCCL. The test/mpi scripts check their
+  # results on every rank (EP=N layer and training against EP=1, checkpoints across EP sizes); the
+  # dispatch benchmark runs DeepEP's configuration beside torch's all_to_all_single.
+  gpus=$(nvidia-smi -L | wc -l)
+  step "multi-GPU: $gpus GPUs"
+  for np in 2 4 8; do
+    (( np <= gpus )) || continue
+    for script in moe-layer.mjs train.mjs; do
+      echo "--- mpirun -np $np $script --device cuda"
+      timeout 300 mpirun --allow-run-as-root -np "$np" node "test/mpi/$script" --device cuda > "/tmp/multi-$np-$script.log" 2>&1 \
+        && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-$script.log"; }
+      cat "/tmp/multi-$np-$script.log" >> "$OUT/multi.log"
+    done
+  done
+  if (( gpus >= 2 )); then
+    timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/dispatch.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -12 || status=1
+  fi
 fi
 
 if [[ " $what " == *" bench "* ]]; then
