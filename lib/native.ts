@@ -293,7 +293,7 @@ export interface RawBinding {
   mpiStatus(tryLoad: boolean): MpiStatus;
 }
 
-const EXPECTED_ABI = 1;
+const EXPECTED_ABI = 2;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {
