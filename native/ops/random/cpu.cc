@@ -1,3 +1,4 @@
+#include "core/parallel.h"
 #include "ops/common/convert.h"
 #include "ops/random/sample.h"
 
@@ -9,7 +10,10 @@ void random_cpu(const Tensor& out, const RandomParams& params) {
     using T = typename decltype(tag)::type;
     if constexpr (IsFloating<T>::value) {
       T* po = out.data<T>();
-      for (int64_t i = 0; i < n; ++i) po[i] = from_float<T>(random_sample(params, i));
+      // Each element depends on its index alone (counter-based Philox): any split gives the same values.
+      parallel_for(n, 32, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) po[i] = from_float<T>(random_sample(params, i));
+      });
     }
   });
 }
