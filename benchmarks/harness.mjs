@@ -6,6 +6,8 @@
 // - runPeer(script, args): runs python3 benchmarks/peers/<script>, which prints one JSON object;
 // - writeResult(area, rows): JSON in --out (default benchmarks/results) with commit, GPU and
 //   versions, and a table printed last.
+// --dry-run (each script's tiny CPU shapes) goes through the same calls: events are created, recorded
+// and synchronised on the CPU too (wall-clock times), and writeInputs writes in small slices.
 import { execFileSync } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
@@ -14,6 +16,7 @@ import { dtypeSize, Event, info, synchronize } from '../dist/lib/index.js';
 
 export const args = process.argv.slice(2);
 export const quick = args.includes('--quick');
+export const dryRun = args.includes('--dry-run');
 const outIndex = args.indexOf('--out');
 export const outDir = outIndex >= 0 ? args[outIndex + 1] : join(import.meta.dirname, 'results');
 
@@ -36,23 +39,18 @@ export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quic
     const ctx = setup?.();
     if (before) before();
     else if (onGpu) synchronize(device);
-    let ms;
     const results = [];
-    if (onGpu) {
-      const start = new Event(device, { timing: true });
-      const end = new Event(device, { timing: true });
-      start.record();
-      for (let c = 0; c < inner; c++) results.push(body(ctx, call++));
-      end.record();
-      end.synchronize();
-      ms = start.elapsedTime(end);
-      start.dispose();
-      end.dispose();
-    } else {
-      const t0 = performance.now();
-      for (let c = 0; c < inner; c++) results.push(body(ctx, call++));
-      ms = performance.now() - t0;
-    }
+    // The same Event calls on the CPU (they complete at once there), timed by the wall clock.
+    const start = new Event(device, { timing: onGpu });
+    const end = new Event(device, { timing: onGpu });
+    const t0 = performance.now();
+    start.record();
+    for (let c = 0; c < inner; c++) results.push(body(ctx, call++));
+    end.record();
+    end.synchronize();
+    const ms = onGpu ? start.elapsedTime(end) : performance.now() - t0;
+    start.dispose();
+    end.dispose();
     for (const result of results) if (typeof result === 'function') result();
     if (i >= warmup) times.push(ms / inner);
   }
@@ -65,55 +63,80 @@ export function timeCuda(fn, options = {}) {
   return timeRegion(fn, options);
 }
 
-/** Writes each tensor's raw bytes to dir/<name>.bin and a manifest (dtype, shape) to dir/inputs.json. */
-export function writeInputs(dir, tensors) {
+/**
+ * Writes each tensor's raw bytes to dir/<name>.bin and a manifest (dtype, shape) to dir/inputs.json;
+ * returns the bytes written. Device tensors are copied to the host in slices of dim 0 of at most
+ * `sliceBytes` (one ArrayBuffer cannot hold a multi-GiB tensor); dry runs use small slices so that
+ * the slicing runs there too.
+ */
+export function writeInputs(dir, tensors, { sliceBytes = dryRun ? 4096 : 512 << 20 } = {}) {
   mkdirSync(dir, { recursive: true });
   const manifest = {};
+  let total = 0;
   for (const [name, t] of Object.entries(tensors)) {
-    // In slices of dim 0 of at most ~512 MiB: one ArrayBuffer cannot hold a multi-GiB tensor.
-    const rowBytes = t.numel === 0 ? 1 : (t.numel / t.shape[0]) * dtypeSize[t.dtype];
-    const step = Math.max(1, Math.floor((512 << 20) / rowBytes));
     const fd = openSync(join(dir, `${name}.bin`), 'w');
-    for (let start = 0; start < (t.shape[0] ?? 1); start += step) {
-      const slice = t.ndim === 0 ? t : t.narrow(0, start, Math.min(step, t.shape[0] - start));
-      const raw = slice.toArray();
-      writeSync(fd, new Uint8Array(raw.buffer, raw.byteOffset, raw.byteLength));
-      if (slice !== t) slice.dispose();
+    try {
+      const rows = t.ndim === 0 ? 1 : t.shape[0];
+      const rowBytes = t.ndim === 0 || rows === 0 ? 1 : (t.numel / rows) * dtypeSize[t.dtype];
+      const step = Math.max(1, Math.floor(sliceBytes / rowBytes));
+      for (let start = 0; start < rows; start += step) {
+        const slice = t.ndim === 0 || (start === 0 && step >= rows) ? t : t.narrow(0, start, Math.min(step, rows - start));
+        const raw = slice.toArray();
+        writeSync(fd, new Uint8Array(raw.buffer, raw.byteOffset, raw.byteLength));
+        total += raw.byteLength;
+        if (slice !== t) slice.dispose();
+      }
+    } finally {
+      closeSync(fd);
     }
-    closeSync(fd);
     manifest[name] = { dtype: t.dtype, shape: t.shape };
   }
   writeFileSync(join(dir, 'inputs.json'), JSON.stringify(manifest));
+  return total;
 }
 
-/** Runs a peer script (benchmarks/peers/<script>) and returns the JSON object it prints last. */
-export function runPeer(script, peerArgs = []) {
+/**
+ * Runs a peer script (benchmarks/peers/<script>) and returns the JSON object it prints last. Its
+ * stderr goes to ours; past `timeoutMs` it is killed and this throws.
+ */
+export function runPeer(script, peerArgs = [], { timeoutMs = 600_000, env = {} } = {}) {
   const out = execFileSync('python3', [join(import.meta.dirname, 'peers', script), ...peerArgs], {
     encoding: 'utf8',
-    env: { ...process.env, PYTHONUNBUFFERED: '1' },
+    env: { ...process.env, PYTHONUNBUFFERED: '1', ...env },
     maxBuffer: 64 << 20,
+    stdio: ['ignore', 'pipe', 'inherit'],
+    timeout: timeoutMs,
+    killSignal: 'SIGKILL',
   });
   const lines = out.trim().split('\n');
   return JSON.parse(lines[lines.length - 1]);
 }
 
-/** Versions of what a figure depends on. */
+function run(file, fileArgs) {
+  try {
+    return execFileSync(file, fileArgs, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 60_000 }).trim();
+  } catch {
+    return null;
+  }
+}
+
+/** Versions of what a figure depends on. The commit: MOE_EP_COMMIT, else git, else 'unknown'. */
 export function environment() {
   const i = info();
-  let torch = null;
-  try {
-    torch = execFileSync('python3', ['-c', 'import torch; print(torch.__version__)'], { encoding: 'utf8' }).trim();
-  } catch {
-    torch = null;
-  }
+  const commit = process.env.MOE_EP_COMMIT || run('git', ['-C', import.meta.dirname, 'rev-parse', '--short', 'HEAD']) || 'unknown';
+  const torch = run('python3', ['-c', 'import torch; print(torch.__version__)']);
   return {
-    commit: process.env.MOE_EP_COMMIT ?? 'unknown',
+    commit,
     date: new Date().toISOString(),
+    machine: process.env.MOE_EP_MACHINE ?? null,
     gpu: i.cuda.devices.map((d) => d.name).join(', '),
+    gpus: i.cuda.devices.length,
     driver: i.cuda.driverVersion,
     cudaRuntime: i.cuda.runtimeVersion,
+    addon: `${i.addon.backend}${i.addon.cudaArchitectures.length ? ` (${i.addon.cudaArchitectures.join(' ')})` : ''}`,
     nccl: i.nccl.versionString,
     node: process.version,
+    moeEp: i.version,
     torch,
   };
 }
@@ -124,7 +147,7 @@ export function writeResult(area, rows, notes = {}) {
   const env = environment();
   const file = join(outDir, `${area}-${env.commit}.json`);
   writeFileSync(file, JSON.stringify({ area, ...env, notes, rows }, null, 2) + '\n');
-  console.log(`\n${area} on ${env.gpu} (commit ${env.commit}) -> ${file}`);
+  console.log(`\n${area} on ${env.gpu || 'the CPU'} (commit ${env.commit}, torch ${env.torch ?? 'absent'}) -> ${file}`);
   console.table(rows);
   return file;
 }
