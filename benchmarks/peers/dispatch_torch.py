@@ -1,7 +1,7 @@
 """PyTorch peer for benchmarks/dispatch.bench.mjs: torch.distributed all_to_all_single on the same
 layout (the same rows and split sizes per rank), timed with CUDA events in the same run.
 
-usage: dispatch_torch.py <inputs folder> <repeats> [nccl | gloo-staged | cpu]
+usage: dispatch_torch.py <inputs folder> <repeats> [nccl | gloo | gloo-staged | cpu] [cuda | cpu]
   Started by dispatch.bench.mjs on every rank (one python process per Node rank) with RANK,
   WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT set; the processes form one torch.distributed
   group. It can also run by itself: `mpirun -np N python3 dispatch_torch.py <folder> 50` (with
@@ -10,12 +10,17 @@ usage: dispatch_torch.py <inputs folder> <repeats> [nccl | gloo-staged | cpu]
   nccl:        one GPU per rank (or one rank): all_to_all_single of device tensors.
   gloo-staged: ranks sharing a GPU (our MPI backend): device → pinned host copy, gloo all-to-all,
                host → device copy, like our MPI backend's staging.
-  cpu:         the benchmark's --dry-run: gloo on CPU tensors, wall-clock timing.
+  gloo:        gloo on the tensors where they are (CPU tensors in a dry run).
+  cpu:         the same as `gloo cpu` (older spelling).
+  The last argument is the device (default cuda; cpu in the benchmark's --dry-run, wall-clock
+  timing: `gloo-staged cpu` runs the staging copies through unpinned host buffers).
 
 Inputs (harness.mjs writeInputs): x [T,H] bf16, rowToken [R] i32 (our permuted order: rows grouped
 by global expert, so by destination rank), rowWeight [R] f32, sendRows [P] i32, recvRows [P] i32.
 Times:
   dispatch_a2a_ms:  all_to_all_single of the permuted rows (sendRows out, recvRows in)
+  dispatch_fp8_a2a_ms: the same rows at the FP8 dispatch's size: H + H/128·4 bytes a row (e4m3
+                    values with their fp32 scales, packed; no quantisation)
   combine_a2a_ms:   the way back (recvRows out, sendRows in)
   dispatch_full_ms: x.index_select(0, rowToken) then the all-to-all (our dispatch also regroups)
   combine_full_ms:  the all-to-all back then y.index_add_(0, rowToken, rows·rowWeight) in fp32
@@ -42,6 +47,12 @@ def env_int(*names, default=0):
 def main():
     folder, repeats = sys.argv[1], int(sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else "nccl"
+    where = sys.argv[4] if len(sys.argv) > 4 else ("cpu" if mode == "cpu" else "cuda")
+    if mode == "cpu":
+        mode = "gloo"
+    assert mode in ("nccl", "gloo", "gloo-staged"), f"unknown mode {mode}"
+    assert where in ("cuda", "cpu"), f"unknown device {where}"
+    assert not (mode == "nccl" and where == "cpu"), "nccl needs CUDA tensors"
     rank = env_int("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
     world = env_int("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", default=1)
     local = env_int("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
@@ -49,7 +60,7 @@ def main():
     if os.path.isdir(os.path.join(folder, f"rank{rank}")):
         folder = os.path.join(folder, f"rank{rank}")
 
-    if mode == "cpu":
+    if where == "cpu":
         device = torch.device("cpu")
     else:
         device = torch.device("cuda", local % torch.cuda.device_count())
@@ -76,25 +87,33 @@ def main():
     rows = x.index_select(0, src)
     recv_buf = torch.empty(Rr, H, dtype=x.dtype, device=device)
     back_buf = torch.empty(R, H, dtype=x.dtype, device=device)
+    # FP8-sized rows: e4m3 values + one fp32 scale per 128 values, packed per row (bytes only).
+    fp8_row = H + (H // 128) * 4
+    rows8 = torch.zeros(R, fp8_row, dtype=torch.uint8, device=device)
+    recv8 = torch.empty(Rr, fp8_row, dtype=torch.uint8, device=device)
     pin = device.type == "cuda"
-    if staged:  # pinned host buffers, made once (as our MPI backend stages through pinned memory)
+    if staged:  # pinned host buffers, made once (our MPI backend stages through pinned memory)
         most = max(R, Rr)
-        host_send = torch.empty(most, 2 * H, dtype=torch.uint8, pin_memory=pin)
-        host_recv = torch.empty(most, 2 * H, dtype=torch.uint8, pin_memory=pin)
+        host_send = torch.empty(most * 2 * H, dtype=torch.uint8, pin_memory=pin)
+        host_recv = torch.empty(most * 2 * H, dtype=torch.uint8, pin_memory=pin)
 
     def a2a(out, src_rows, out_splits, in_splits):
-        # bf16 travels as its bytes (uint8, [rows, 2H]): every backend handles uint8.
+        # Rows travel as their bytes (uint8 [rows, row bytes]): every backend handles uint8.
+        ob, sb = out.view(torch.uint8), src_rows.view(torch.uint8)
         if staged:
-            hs = host_send[: src_rows.shape[0]]
-            hr = host_recv[: out.shape[0]]
-            hs.copy_(src_rows.view(torch.uint8))
+            hs = host_send[: sb.numel()].view(sb.shape)
+            hr = host_recv[: ob.numel()].view(ob.shape)
+            hs.copy_(sb)
             dist.all_to_all_single(hr, hs, out_splits, in_splits)
-            out.view(torch.uint8).copy_(hr)
+            ob.copy_(hr)
         else:
-            dist.all_to_all_single(out.view(torch.uint8), src_rows.view(torch.uint8), out_splits, in_splits)
+            dist.all_to_all_single(ob, sb, out_splits, in_splits)
 
     def dispatch_a2a():
         a2a(recv_buf, rows, recv, send)
+
+    def dispatch_fp8_a2a():
+        a2a(recv8, rows8, recv, send)
 
     def combine_a2a():
         a2a(back_buf, recv_buf, send, recv)
@@ -139,13 +158,15 @@ def main():
         times.sort()
         return times[len(times) // 2]
 
-    out = {"torch": torch.__version__, "backend": backend + (" (host-staged)" if staged else ""), "rank": rank, "world": world}
+    out = {"torch": torch.__version__, "backend": backend + (" (host-staged)" if staged else ""), "device": str(device),
+           "rank": rank, "world": world, "warmup": warmup, "repeats": repeats}
     # Check: dispatch then combine of the rows gives x · Σ_j w[t, j] (identity experts).
     dispatch_a2a()
     y = combine_full()
     ref = torch.zeros(T, H, dtype=torch.float32, device=device).index_add_(0, src, x.float()[src] * rw[:, None])
     out["check_rel_err"] = float((y.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
     out["dispatch_a2a_ms"] = timed(dispatch_a2a)
+    out["dispatch_fp8_a2a_ms"] = timed(dispatch_fp8_a2a)
     out["combine_a2a_ms"] = timed(combine_a2a)
     out["dispatch_full_ms"] = timed(dispatch_full)
     out["combine_full_ms"] = timed(combine_full)
