@@ -15,6 +15,10 @@ The layer (as moe-ep's MoELayer with softmax routing, normalize = false, droples
   sync; g1 = xs·W1, g3 = xs·W3 (torch._grouped_mm, offs = cumulative padded counts, int32);
   out = (silu(g1)·g3)·W2; y[t] = Σ_j w[t,j]·out[row(t,j)] in fp32, then bf16. Backward: autograd
   with dy. 'fused': the same with one GEMM against [W1 | W3] ([E,H,2F], a leaf made once).
+Check (before timing): y, dx, dRouter, dW1, dW3, dW2 against ours, relative error in norm; y and dx
+also over the tokens both routed alike ('y (same routing)', 'dx (same routing)': a token's y and dx
+depend on its own routing only). The first pass also asserts what torch._grouped_mm wants on CUDA
+(PyTorch's GroupedMMUtils.h; the CPU path skips some), so a dry run on the CPU checks it too.
 Prints one JSON object (its last line).
 """
 import sys
@@ -26,6 +30,27 @@ import torch.nn.functional as F
 from common import emit, load_inputs, rel_err
 
 ALIGN = 16
+
+
+def check_grouped_mm_args(a, b, offs, align=ALIGN):
+    """What torch._grouped_mm requires of a 2d x 3d call on CUDA (bf16, 16-byte aligned data and
+    strides, int32 cumulative offsets, one per group), plus what its backward's 2d x 2d product
+    (dW) wants: every group a multiple of `align` rows."""
+    assert a.dtype == b.dtype == torch.bfloat16, (a.dtype, b.dtype)
+    assert a.dim() == 2 and b.dim() == 3 and a.shape[1] == b.shape[1], (a.shape, b.shape)
+    for name, m in (("a", a), ("b", b)):
+        assert m.data_ptr() % 16 == 0, f"{name}: data_ptr not 16-byte aligned"
+        st, sz = m.stride(), m.shape
+        if st[-1] == 1:
+            assert st[-2] >= max(1, sz[-1]) and (st[-2] * m.element_size()) % 16 == 0, f"{name}: strides {st} for sizes {tuple(sz)}"
+        else:
+            assert st[-2] == 1 and st[-1] >= max(1, sz[-2]) and (st[-1] * m.element_size()) % 16 == 0, f"{name}: strides {st} for sizes {tuple(sz)}"
+    assert offs.dtype == torch.int32 and offs.dim() == 1 and offs.shape[0] == b.shape[0], (offs.dtype, offs.shape)
+    assert offs.device == a.device, (offs.device, a.device)
+    o = offs.cpu().long()
+    sizes = torch.diff(o, prepend=o.new_zeros(1))
+    assert bool((sizes >= 0).all()) and int(o[-1]) <= a.shape[0], "offsets must rise and stay within the rows"
+    assert bool((sizes % align == 0).all()), f"groups must be multiples of {align} rows"
 
 
 def routed_layer(x, wr, k, experts, align=ALIGN):
@@ -69,14 +94,24 @@ def main():
     w13 = leaf(torch.cat([inp["w1"], inp["w3"]], dim=-1))  # for the fused variant
     w2f = leaf(inp["w2"])
 
+    checking = [True]  # the check pass asserts the CUDA requirements; timed passes do not
+
     def experts(xs, offs):
+        if checking[0]:
+            check_grouped_mm_args(xs, w1, offs)
+            check_grouped_mm_args(xs, w3, offs)
         g1 = torch._grouped_mm(xs, w1, offs=offs)
         g3 = torch._grouped_mm(xs, w3, offs=offs)
         return torch._grouped_mm(F.silu(g1) * g3, w2, offs=offs)
 
     def experts_fused(xs, offs):
+        if checking[0]:
+            check_grouped_mm_args(xs, w13, offs)
         g1, g3 = torch._grouped_mm(xs, w13, offs=offs).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(g1) * g3, w2f, offs=offs)
+        h = F.silu(g1) * g3
+        if checking[0]:
+            check_grouped_mm_args(h, w2f, offs)
+        return torch._grouped_mm(h, w2f, offs=offs)
 
     params = [x, wr, w1, w3, w2, w13, w2f]
 
@@ -91,10 +126,15 @@ def main():
     same = (topi.sort(dim=-1).values == ours_idx.sort(dim=-1).values).all(dim=-1)
     result = {
         "torch": torch.__version__,
+        "device": str(device),
+        "warmup": warmup,
+        "repeats": repeats,
         "routing_mismatch_tokens": int((~same).sum()),
         "rel_err": {
             "y": rel_err(inp["y"], y.detach()),
+            "y (same routing)": rel_err(inp["y"][same], y.detach()[same]),
             "dx": rel_err(inp["dx"], x.grad),
+            "dx (same routing)": rel_err(inp["dx"][same], x.grad[same]),
             "dRouter": rel_err(inp["dRouter"], wr.grad),
             "dW1": rel_err(inp["dW1"], w1.grad),
             "dW3": rel_err(inp["dW3"], w3.grad),
@@ -104,6 +144,7 @@ def main():
     with torch.no_grad():
         yf, _ = routed_layer(x, wr, k, experts_fused)
     result["fused_vs_unfused_y"] = rel_err(yf, y.detach())
+    checking[0] = False
     del y, yf, topi, same
     for name in ("y", "dx", "dRouter", "dW1", "dW3", "dW2", "indices"):
         del inp[name]  # free our copies before timing
