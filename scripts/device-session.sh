@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
 #   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [bench]
-#   (MOE_EP_BENCH=name: one benchmark; MOE_EP_TESTS=path: run only those GPU test files)
+#   (MOE_EP_BENCH=name: one benchmark; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
+#    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
@@ -95,11 +96,20 @@ if [[ " $what " == *" multi "* ]]; then
 fi
 
 if [[ " $what " == *" bench "* ]]; then
+  # MOE_EP_BENCH_ARGS goes to every benchmark (e.g. --quick). Each has 10 minutes at most. The
+  # dispatch benchmark also runs as 2 ranks sharing GPU 0 (MPI backend, host staging), --quick:
+  # its result is a separate file (dispatch-2ranks-mpi-<commit>.json).
   step "benchmarks"
   for b in benchmarks/*.bench.mjs; do
     [[ -e $b ]] || continue
     [[ -n ${MOE_EP_BENCH:-} && $b != *"$MOE_EP_BENCH"* ]] && continue
-    node "$b" --out "$OUT" 2>&1 | tee -a "$OUT/bench.log" || status=1
+    echo "--- $b ${MOE_EP_BENCH_ARGS:-}"
+    timeout 600 node "$b" --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || status=1
+    if [[ $b == *dispatch.bench.mjs ]]; then
+      echo "--- mpirun -np 2 (sharing GPU 0) $b --quick"
+      timeout 400 mpirun --allow-run-as-root --oversubscribe -np 2 -x CUDA_VISIBLE_DEVICES=0 \
+        node "$b" --out "$OUT" --quick 2>&1 | tee -a "$OUT/bench.log" || status=1
+    fi
   done
 fi
 exit $status
