@@ -102,7 +102,10 @@ def main():
             check_grouped_mm_args(xs, w3, offs)
         g1 = torch._grouped_mm(xs, w1, offs=offs)
         g3 = torch._grouped_mm(xs, w3, offs=offs)
-        return torch._grouped_mm(F.silu(g1) * g3, w2, offs=offs)
+        h = F.silu(g1) * g3
+        if checking[0]:
+            check_grouped_mm_args(h, w2, offs)
+        return torch._grouped_mm(h, w2, offs=offs)
 
     def experts_fused(xs, offs):
         if checking[0]:
