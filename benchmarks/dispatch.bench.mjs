@@ -218,7 +218,9 @@ if (!noPeer) {
   const loopback = masterAddr === '127.0.0.1' || masterAddr === 'localhost';
   const r = spawnSync('python3', [join(import.meta.dirname, 'peers', 'dispatch_torch.py'), dir, String(repeats), peerMode, onGpu ? 'cuda' : 'cpu'], {
     encoding: 'utf8',
-    timeout: 600_000,
+    // Expected well under a minute; torch's own timeout (180 s) ends a hung collective first. Below
+    // the callers' limits (device-session: 300–600 s), so the result is still written.
+    timeout: 240_000,
     killSignal: 'SIGKILL',
     maxBuffer: 64 << 20,
     env: {

@@ -169,7 +169,7 @@ if (!noPeer) {
   try {
     writeInputs(dir, tensors);
     for (const t of [w1, w3, dW1, dW3]) t.dispose();
-    peer = runPeer('moe_layer_torch.py', [dir, String(repeats), String(k), dryRun ? 'cpu' : 'cuda', String(warmup)], { timeoutMs: 600_000 });
+    peer = runPeer('moe_layer_torch.py', [dir, String(repeats), String(k), dryRun ? 'cpu' : 'cuda', String(warmup)], { timeoutMs: 300_000 });
   } catch (e) {
     peer = { error: String(e.message ?? e).split('\n').slice(-3).join(' | ') };
     console.error(`torch peer failed: ${peer.error}`);
