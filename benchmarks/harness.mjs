@@ -9,6 +9,7 @@
 // --dry-run (each script's tiny CPU shapes) goes through the same calls: events are created, recorded
 // and synchronised on the CPU too (wall-clock times), and writeInputs writes in small slices.
 import { execFileSync } from 'node:child_process';
+import { Console } from 'node:console';
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -148,7 +149,8 @@ export function writeResult(area, rows, notes = {}) {
   const file = join(outDir, `${area}-${env.commit}.json`);
   writeFileSync(file, JSON.stringify({ area, ...env, notes, rows }, null, 2) + '\n');
   console.log(`\n${area} on ${env.gpu || 'the CPU'} (commit ${env.commit}, torch ${env.torch ?? 'absent'}) -> ${file}`);
-  console.table(rows);
+  // No colours: under mpirun stdout is a pty, and the table also goes to logs.
+  new Console({ stdout: process.stdout, stderr: process.stderr, colorMode: false }).table(rows);
   return file;
 }
 
