@@ -1,7 +1,7 @@
 // Dispatch / combine (Dispatcher.dispatch and Dispatcher.combine) in DeepEP's configuration, with
 // DeepEP's byte accounting, next to DeepEP's published figures and to torch.distributed
 // all_to_all_single measured in the same run on the same layout. BF16 and FP8 dispatch, BF16 combine.
-//   node benchmarks/dispatch.bench.mjs [--out DIR] [--quick] [--no-peer] [--dry-run]
+//   node benchmarks/dispatch.bench.mjs [--out DIR] [--quick] [--no-peer] [--dry-run [--full]]
 //   mpirun -np N node benchmarks/dispatch.bench.mjs [...]     (one rank per GPU: NCCL;
 //                                                              ranks sharing a GPU: MPI, host staging)
 // Configuration (DeepEP's tests/test_intranode.py): 4096 tokens per rank, hidden 7168, top-8 of 256
@@ -25,7 +25,8 @@
 // (combine) that do what ours does, and all_to_all_single of rows of the FP8 dispatch's size.
 // Ranks sharing a GPU (MPI backend, host staging): each call takes a large fraction of a second, so
 // fewer repeats (10, --quick 5; recorded in the result).
-// --dry-run: tiny shapes on the CPU (wall-clock timing), to check the script; the peer runs on the
+// --dry-run: tiny shapes on the CPU (wall-clock timing), to check the script (with --full: the real
+// shapes, slowly, to check sizes); the peer runs on the
 // CPU with gloo when python3 has torch (under mpirun through the same host-staging code path as on
 // a shared GPU, with unpinned buffers).
 import { spawnSync } from 'node:child_process';
@@ -53,7 +54,9 @@ const log = (...m) => {
   if (rank === 0) console.error(...m);
 };
 
-const cfg = dryRun ? { T: 64, H: 256, k: 8, E: 32 } : { T: 4096, H: 7168, k: 8, E: 256 };
+// --dry-run --full: DeepEP's shapes on the CPU (slow: checks sizes, MPI counts and the peer at scale).
+const full = args.includes('--full');
+const cfg = dryRun && !full ? { T: 64, H: 256, k: 8, E: 32 } : { T: 4096, H: 7168, k: 8, E: 256 };
 const { T, H, k, E } = cfg;
 if (E % P !== 0) throw new Error(`${E} experts do not split over ${P} ranks`);
 const El = E / P;
