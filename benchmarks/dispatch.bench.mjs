@@ -26,9 +26,8 @@
 // Ranks sharing a GPU (MPI backend, host staging): each call takes a large fraction of a second, so
 // fewer repeats (10, --quick 5; recorded in the result).
 // --dry-run: tiny shapes on the CPU (wall-clock timing), to check the script (with --full: the real
-// shapes, slowly, to check sizes); the peer runs on the
-// CPU with gloo when python3 has torch (under mpirun through the same host-staging code path as on
-// a shared GPU, with unpinned buffers).
+// shapes, slowly, to check sizes); the peer runs on the CPU with gloo when python3 has torch (under
+// mpirun through the same host-staging code path as on a shared GPU, with unpinned buffers).
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
