@@ -136,6 +136,7 @@ export function environment() {
     cudaRuntime: i.cuda.runtimeVersion,
     addon: `${i.addon.backend}${i.addon.cudaArchitectures.length ? ` (${i.addon.cudaArchitectures.join(' ')})` : ''}`,
     nccl: i.nccl.versionString,
+    mpi: i.mpi.available ? i.mpi.library : null,
     node: process.version,
     moeEp: i.version,
     torch,
