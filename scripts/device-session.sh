@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
 #   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [bench]
-#   (MOE_EP_BENCH=name: one benchmark; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
+#   (MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
@@ -102,7 +102,11 @@ if [[ " $what " == *" bench "* ]]; then
   step "benchmarks"
   for b in benchmarks/*.bench.mjs; do
     [[ -e $b ]] || continue
-    [[ -n ${MOE_EP_BENCH:-} && $b != *"$MOE_EP_BENCH"* ]] && continue
+    if [[ -n ${MOE_EP_BENCH:-} ]]; then
+      keep=0
+      for name in $MOE_EP_BENCH; do [[ $b == *"$name"* ]] && keep=1; done
+      (( keep )) || continue
+    fi
     echo "--- $b ${MOE_EP_BENCH_ARGS:-}"
     timeout 600 node "$b" --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tee -a "$OUT/bench.log" || status=1
     if [[ $b == *dispatch.bench.mjs ]]; then
