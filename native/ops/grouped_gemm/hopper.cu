@@ -42,18 +42,17 @@ namespace moe::ops {
 namespace hopper {
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, GROUP_M = 8;
+constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 8;
 constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-// Two layouts of shared memory: a 4-stage ring with the epilogue storing from registers, or (STAGED)
-// the same 4-stage ring plus, per consumer warp, a 16×32 fp32 slice through which the epilogue writes
+// Shared memory: the 4-stage ring, and with STAGED (epilogue through shared memory), per consumer
+// warp, a 16×32 fp32 slice through which the epilogue writes
 // whole 16-byte pieces of rows (the store-bound products: dW with few rows per group). Each warp
 // stages and reads back only its own rows, so __syncwarp orders it: no named barriers.
 template <bool STAGED> struct Layout {
-  static constexpr int STAGES = 4;
   static constexpr int SLICE = 32;                              // columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
@@ -62,7 +61,6 @@ template <bool STAGED> struct Layout {
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
 static_assert(Layout<true>::SMEM_BYTES + 64 <= 232448, "over the 227 KiB opt-in (64: the static mbarriers)");
-constexpr int MAX_STAGES = 4;
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -301,12 +299,11 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(!STAGED || EPI == GemmEpilogue::Store, "the staged epilogue stores plain results");
-  constexpr int STAGES = Layout<STAGED>::STAGES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
+  __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
 
   const int wg = threadIdx.x >> 7;
   if (threadIdx.x == 0) {
