@@ -108,14 +108,14 @@ const selfRows = kept.handle.recvRows[rank];
 const sendRows = kept.handle.sendRows.slice();
 
 // Check: identity experts, so combine(dispatch(x)) = x · Σ_j w[t, j] (first rows, on the host).
-let checkRelErr;
-{
-  const y = dispatcher.combine(kept.rows, kept.handle, weights);
+function identityRelErr(y) {
   const n = Math.min(T, 64);
   const ys = y.narrow(0, 0, n);
   const xs = x.narrow(0, 0, n);
   const yv = ys.toFloat32Array();
   const xv = xs.toFloat32Array();
+  ys.dispose();
+  xs.dispose();
   let num = 0;
   let den = 0;
   for (let t = 0; t < n; t++) {
@@ -127,8 +127,13 @@ let checkRelErr;
       den += ref * ref;
     }
   }
-  checkRelErr = Math.sqrt(num / Math.max(den, 1e-30));
-  for (const t of [y, ys, xs]) t.dispose();
+  return Math.sqrt(num / Math.max(den, 1e-30));
+}
+let checkRelErr;
+{
+  const y = dispatcher.combine(kept.rows, kept.handle, weights);
+  checkRelErr = identityRelErr(y);
+  y.dispose();
   if (!(checkRelErr < 1e-2)) console.error(`rank ${rank}: dispatch∘combine with identity experts is off: relErr ${checkRelErr}`);
 }
 
@@ -138,24 +143,8 @@ let checkFp8RelErr;
 {
   const d = dispatcherFp8.dispatch(x, indices, weights, cap);
   const y = dispatcherFp8.combine(d.rows, d.handle, weights);
-  const n = Math.min(T, 64);
-  const ys = y.narrow(0, 0, n);
-  const xs = x.narrow(0, 0, n);
-  const yv = ys.toFloat32Array();
-  const xv = xs.toFloat32Array();
-  let num = 0;
-  let den = 0;
-  for (let t = 0; t < n; t++) {
-    let s = 0;
-    for (let j = 0; j < k; j++) s += w[t * k + j];
-    for (let h = 0; h < H; h++) {
-      const ref = xv[t * H + h] * s;
-      num += (yv[t * H + h] - ref) ** 2;
-      den += ref * ref;
-    }
-  }
-  checkFp8RelErr = Math.sqrt(num / Math.max(den, 1e-30));
-  for (const t of [y, ys, xs, d.rows, d.weights]) t.dispose();
+  checkFp8RelErr = identityRelErr(y);
+  for (const t of [y, d.rows, d.weights]) t.dispose();
   d.handle.dispose();
   if (!(checkFp8RelErr < 8e-2)) console.error(`rank ${rank}: FP8 dispatch∘combine with identity experts is off: relErr ${checkFp8RelErr}`);
 }
