@@ -59,7 +59,8 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i, int width = 32) {
   }
 }
 
-struct FwdArgs {
+// What both forward kernels take: the routing problem and its outputs.
+struct RouteArgs {
   const float* logits;
   const float* bias;  // may be null
   int32_t* indices;
@@ -68,11 +69,17 @@ struct FwdArgs {
   float* scores;
   int32_t* nan;
   int64_t T;
-  int E, k, G, topk_groups, m, gs;
-  bool sigmoid, normalize, vec;
+  int k, G, topk_groups, m;  // m = k / topk_groups
+  bool sigmoid, normalize;
+  float scale;
+};
+
+// The generic kernel also needs the layout of experts over lanes.
+struct FwdArgs : RouteArgs {
+  int E, gs;
+  bool vec;
   bool segmented;  // each lane's experts lie in one group and a group spans seg_lanes (power of two) lanes
   int seg_lanes;
-  float scale;
 };
 
 // Programmatic dependent launch (sm_90): a kernel launched with the attribute may start before the
@@ -301,19 +308,8 @@ template <int VPT> void launch_forward(const FwdArgs& a, cudaStream_t stream) {
 // ------------------------------------------------------------------------------ fast forward
 constexpr int kFastWarps = 8;  // warps per block
 
-struct FastArgs {
-  const float* logits;
-  const float* bias;  // may be null
-  int32_t* indices;
-  float* weights;
-  int32_t* counts;
-  float* scores;
-  int32_t* nan;
-  int64_t T;
-  int k, G, topk_groups, m;  // G: a power of two ≤ L; m = k / topk_groups ∈ {1, 2} when G > 1
-  bool sigmoid, normalize;
-  float scale;
-};
+// The fast kernel's arguments: G a power of two ≤ L; m = k / topk_groups ∈ {1, 2} when G > 1.
+using FastArgs = RouteArgs;
 
 // Order-preserving 32-bit key of a float (a > b ⇔ key(a) > key(b) for non-NaN a, b other than
 // -0.0, which never occurs here: a score is ≥ +0 and x + y is -0 only when both are -0). NaN, the
@@ -836,23 +832,7 @@ void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterP
   const bool fast = L > 0 && reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && reinterpret_cast<uintptr_t>(a.scores) % 16 == 0 &&
                     (p.groups == 1 || (pow2_groups && p.groups <= L && p.k / p.topk_groups <= 2));
   if (fast) {
-    FastArgs f{};
-    f.logits = a.logits;
-    f.bias = a.bias;
-    f.indices = a.indices;
-    f.weights = a.weights;
-    f.counts = a.counts;
-    f.scores = a.scores;
-    f.nan = a.nan;
-    f.T = T;
-    f.k = a.k;
-    f.G = a.G;
-    f.topk_groups = a.topk_groups;
-    f.m = a.m;
-    f.sigmoid = a.sigmoid;
-    f.normalize = a.normalize;
-    f.scale = a.scale;
-    launch_fast(f, int(E), logits.device().index, st);
+    launch_fast(static_cast<const RouteArgs&>(a), int(E), logits.device().index, st);
     cuda::check_launch(op);
     return;
   }
