@@ -209,6 +209,17 @@ int vector_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
   return 1;
 }
 
+// Calls go(TypeTag<V>{}) with V the unsigned type of `bytes` bytes (uint4 for 16).
+template <typename Go> void with_vector_type(int bytes, Go&& go) {
+  switch (bytes) {
+    case 16: go(TypeTag<uint4>{}); break;
+    case 8: go(TypeTag<uint2>{}); break;
+    case 4: go(TypeTag<uint32_t>{}); break;
+    case 2: go(TypeTag<uint16_t>{}); break;
+    default: go(TypeTag<uint8_t>{}); break;
+  }
+}
+
 template <bool kPaddingOnly>
 void launch_gather(const void* x, int64_t T, const int32_t* tok, int64_t R, int64_t row_bytes, void* rows, cudaStream_t stream) {
   if (R == 0 || row_bytes == 0) return;
@@ -219,13 +230,7 @@ void launch_gather(const void* x, int64_t T, const int32_t* tok, int64_t R, int6
     gather_rows<V, kPaddingOnly><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<const V*>(x), T, tok, R, row_bytes / int64_t(sizeof(V)),
                                                                              static_cast<V*>(rows));
   };
-  switch (vb) {
-    case 16: go(TypeTag<uint4>{}); break;
-    case 8: go(TypeTag<uint2>{}); break;
-    case 4: go(TypeTag<uint32_t>{}); break;
-    case 2: go(TypeTag<uint16_t>{}); break;
-    default: go(TypeTag<uint8_t>{}); break;
-  }
+  with_vector_type(vb, go);
 }
 
 // The scatter handles up to this many destinations per token (its shared-memory list).
@@ -242,13 +247,7 @@ void launch_scatter(const void* x, int64_t T, int32_t k, const int32_t* row_of, 
     scatter_rows<V><<<unsigned(blocks), kScatterThreads, smem, stream>>>(static_cast<const V*>(x), T, k, row_of, tok, R,
                                                                          row_bytes / int64_t(sizeof(V)), static_cast<V*>(rows));
   };
-  switch (vb) {
-    case 16: go(TypeTag<uint4>{}); break;
-    case 8: go(TypeTag<uint2>{}); break;
-    case 4: go(TypeTag<uint32_t>{}); break;
-    case 2: go(TypeTag<uint16_t>{}); break;
-    default: go(TypeTag<uint8_t>{}); break;
-  }
+  with_vector_type(vb, go);
 }
 
 // ---------------------------------------------------------------------------------- unpermute
