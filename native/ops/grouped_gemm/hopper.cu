@@ -457,15 +457,12 @@ DeviceInfo device_info() {
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
   std::lock_guard<std::mutex> lock(mu);
   if (!known[dev]) {
-    int major = 0, minor = 0, sms = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    const cuda::DeviceProps props = cuda::device_props(dev);
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
     const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, false>) == cudaSuccess;
     if (!image) cudaGetLastError();  // clear only the error this call set
-    cache[dev] = DeviceInfo{major == 9 && minor == 0 && image && encode_fn() != nullptr, sms};
+    cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && encode_fn() != nullptr, props.multiprocessors};
     known[dev] = true;
   }
   return cache[dev];
