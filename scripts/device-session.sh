@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
 #   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [bench]
-#   (MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
+#   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
@@ -15,10 +15,14 @@ status=0
 step() { echo "=== $1"; }
 
 step "build"
-if ! (time MOE_EP_CUDA=on npm run build:native) > "$OUT/build.log" 2>&1; then
+if [[ -n ${MOE_EP_SKIP_BUILD:-} && -e build/Release/moe_ep.node ]]; then
+  # The addon came along (built on the dev machine for sm_90, carried as build/Release): saves ~80 s.
+  echo "skipped: using the carried build/Release"
+elif ! (time MOE_EP_CUDA=on npm run build:native) > "$OUT/build.log" 2>&1; then
   echo "build failed"; tail -40 "$OUT/build.log"; exit 1
+else
+  grep -E "moe-ep:|NCCL ABI|real" "$OUT/build.log"
 fi
-grep -E "moe-ep:|NCCL ABI|real" "$OUT/build.log"
 
 step "info"
 node dist/lib/cli/main.js info | tee "$OUT/info.txt"
