@@ -148,17 +148,24 @@ describe.skipIf(!hasGpu)('communication streams on cuda:0 without NCCL', () => {
     emptyCache(gpu); // no cached blocks from earlier tests: every hit below is one of ours
     tidy(() => {
       const a = Tensor.randn([4096, 4096], { seed: freshSeed(), dtype: 'bf16', device: gpu });
-      // A block for the comm stream, used on the compute stream behind milliseconds of matmuls
-      // there. (One 2048³ product takes ~20 µs on an H200: the host got past it before the check
-      // below, and the reuse it saw was legitimate; H200 run adeaae7.)
+      // Load the kernels used below first: CUDA loads a kernel's module at its first launch (lazy
+      // loading), and that launch waited for the whole queue of matmuls (H200, f838df1: the first
+      // f32 fill blocked the host 291 ms), so the GPU was idle by the check and the reuse legitimate.
+      Tensor.empty([n], { device: gpu }).fill_(1).dispose();
+      // A block for the comm stream, used on the compute stream behind ~0.3 s of matmuls there.
       const t = withStream(comm, () => Tensor.empty([n], { device: gpu }));
       t.recordStream();
       let m = ops.matmul(a, a, { dtype: 'bf16' });
-      for (let i = 0; i < 40; i++) m = ops.matmul(m, a, { dtype: 'bf16' }); // ~40 × 0.2 ms, chained
+      for (let i = 0; i < 40; i++) m = ops.matmul(m, a, { dtype: 'bf16' }); // ~9 ms each (the SIMT matmul), chained
       t.fill_(1); // queued on the compute stream behind the matmuls
+      const busy = new Event(gpu);
+      busy.record();
       t.dispose(); // freed on the host at once; the compute stream still has it queued
       const before = memoryStats(gpu);
       const u = withStream(comm, () => Tensor.empty([n], { device: gpu }));
+      const stillBusy = !busy.query();
+      busy.dispose();
+      expect(stillBusy, 'premise: the compute stream is still working through the matmuls').toBe(true);
       expect(memoryStats(gpu).cacheHits, 'not handed out again while the compute stream may use it').toBe(before.cacheHits);
       synchronize(gpu);
       u.dispose();

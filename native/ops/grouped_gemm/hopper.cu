@@ -468,11 +468,12 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-// MOE_EP_GG_HOPPER_STAGED=1: plain stores go through the staged epilogue (not yet the default: see
-// benchmarks/grouped-gemm.md); read per launch so a benchmark can compare both in one run.
-bool staged_requested() {
+// Plain stores go through the staged epilogue (H200, f838df1: forward 715 vs 656 TFLOP/s
+// register-direct on the balanced shape, dW 461 vs 347); MOE_EP_GG_HOPPER_STAGED=0 keeps them in
+// registers. Read per launch so that a benchmark can compare both in one run.
+bool staged_epilogue() {
   const char* v = std::getenv("MOE_EP_GG_HOPPER_STAGED");
-  return v && std::strcmp(v, "1") == 0;
+  return !(v && std::strcmp(v, "0") == 0);
 }
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, bool STAGED>
@@ -490,7 +491,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   if constexpr (EPI == GemmEpilogue::Store) {
-    if (staged_requested()) return launch_layout<MODE, EPI, OutT, true>(map_a, map_b, p, sms, stream);
+    if (staged_epilogue()) return launch_layout<MODE, EPI, OutT, true>(map_a, map_b, p, sms, stream);
   }
   launch_layout<MODE, EPI, OutT, false>(map_a, map_b, p, sms, stream);
 }
@@ -512,10 +513,12 @@ bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   if (g.a.size(0) == 0 || g.offsets.size(0) < 2) return false;
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
   if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
-  // dW with few rows per group is bound by writing E·K·N outputs, where this kernel's register-direct
-  // stores lose to the mma.sync kernel's staged 16-byte stores (H200, 8f53295: 128 rows per group
-  // 0.48x torch here vs 0.75x there; 4 rows 0.40x vs 0.87x; 512 rows 0.78x vs 0.65x).
-  if (tn && g.a.size(0) < 256 * (g.offsets.size(0) - 1) && !hopper::staged_requested()) return false;
+  // dW with few rows per group is bound by writing E·K·N outputs. Register-direct stores lose to the
+  // mma.sync kernel there below 256 rows per group (H200, 8f53295: 128 rows 0.48x torch vs 0.75x);
+  // the staged epilogue wins at 128 rows (f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs 8.9):
+  // under 32 rows per group (the crossover between 4 and 128 is not measured) mma.sync keeps it.
+  const int64_t rows_per_group_floor = hopper::staged_epilogue() ? 32 : 256;
+  if (tn && g.a.size(0) < rows_per_group_floor * (g.offsets.size(0) - 1)) return false;
   return hopper::device_info().hopper;
 }
 
