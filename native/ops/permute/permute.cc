@@ -59,7 +59,8 @@ void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kep
 void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of) {
   const char* op = "permute";
   require_2d(x, op, "x", "[T,H]");
-  require_tensor(x, {DType::f32, DType::bf16, DType::f16}, x.shape(), x, "x", op, "x");
+  // Rows are copied as bytes: fp8 rows (and their scales, f32) for the FP8 dispatch too.
+  require_tensor(x, {DType::f32, DType::bf16, DType::f16, DType::fp8e4m3}, x.shape(), x, "x", op, "x");
   require_defined(row_token, op, "rowToken");
   MOE_ARG_CHECK(row_token.dim() == 1, op, "'rowToken' ", row_token.describe(), " must be [R]");
   require_tensor(row_token, {DType::i32}, row_token.shape(), x, "x", op, "rowToken");
