@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [ncu] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
@@ -96,6 +96,23 @@ if [[ " $what " == *" multi "* ]]; then
   done
   if (( gpus >= 2 )); then
     timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/dispatch.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -12 || status=1
+  fi
+fi
+
+if [[ " $what " == *" ncu "* ]]; then
+  # Nsight Compute on the grouped GEMM (issue #7's evidence): every product of the benchmark's shapes,
+  # launched twice each (warm-up, then again), speed of light, pipes, memory and warp stalls, as CSV.
+  # --clock-control none: the GPU's clocks stay as they are (they are never to be changed here).
+  step "ncu: grouped GEMM"
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [[ -z $ncu_bin ]]; then
+    echo "no ncu on this machine"
+  else
+    timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --kernel-name regex:grouped_gemm \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --csv --page details node benchmarks/grouped-gemm-profile.mjs > "$OUT/ncu-grouped-gemm.csv" 2> "$OUT/ncu.err" || status=1
+    tail -5 "$OUT/ncu.err"
+    grep -c '"' "$OUT/ncu-grouped-gemm.csv" || true
   fi
 fi
 
