@@ -42,25 +42,40 @@ namespace moe::ops {
 namespace hopper {
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, STAGES = 4, GROUP_M = 8;
+constexpr int BM = 128, BN = 256, BK = 64, GROUP_M = 8;
 constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-// Shared memory: the 4-stage ring, and with STAGED (epilogue through shared memory), per consumer
-// warp, a 16×32 fp32 slice through which the epilogue writes
-// whole 16-byte pieces of rows (the store-bound products: dW with few rows per group). Each warp
-// stages and reads back only its own rows, so __syncwarp orders it: no named barriers.
-template <bool STAGED> struct Layout {
-  static constexpr int SLICE = 32;                              // columns per staged slice
+// How a consumer warpgroup's 64×256 accumulators reach global memory (the Store epilogue):
+//   Registers   straight from the fragments, 4/8-byte stores (v5).
+//   WarpSlices  each consumer warp stages 16×32 fp32 slices in its own shared memory and stores
+//               whole 16-byte row pieces (v6, the default).
+//   Handoff     bf16 results without accumulate: the consumers drop the whole 128×256 tile into
+//               shared memory as bf16 and go on to the next tile's mainloop; three warps of the
+//               producer warpgroup (otherwise idle) copy it to global memory meanwhile. It costs the
+//               ring a stage (3 instead of 4) to make room for the 66 KiB tile.
+enum class StoreVia { Registers, WarpSlices, Handoff };
+
+// Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
+template <StoreVia VIA> struct Layout {
+  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
+  static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
   static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;   // 2560 bytes per warp
-  static constexpr int STAGING_BYTES = STAGED ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4 : 0;
+  static constexpr int TILE_LD = BN + 8;                        // Handoff: bf16 per staged row (528 bytes:
+                                                                // fragment stores hit 32 distinct banks)
+  static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
+                                       : VIA == StoreVia::Handoff  ? BM * TILE_LD * 2
+                                                                   : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
-static_assert(Layout<true>::SMEM_BYTES + 64 <= 232448, "over the 227 KiB opt-in (64: the static mbarriers)");
+constexpr int MAX_STAGES = 4;
+constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgroup
+static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -232,7 +247,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
 // previous store: one memory latency per piece).
 template <typename OutT>
 __device__ __forceinline__ void store_tile_staged(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0, uint32_t staging) {
-  constexpr int LD = Layout<true>::STAGING_LD, SLICE = Layout<true>::SLICE;
+  constexpr int LD = Layout<StoreVia::WarpSlices>::STAGING_LD, SLICE = Layout<StoreVia::WarpSlices>::SLICE;
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
   // The fragment store: rows lane/4 (+8), columns 8jj + 2(lane%4) (+1) of the slice.
   const uint32_t st_addr = staging + uint32_t(((lane >> 2) * LD + (lane & 3) * 2) * 4);
@@ -291,19 +306,61 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
   }
 }
 
+// Handoff, consumer side: this warpgroup's 64 rows of the tile into the shared tile as bf16 pairs
+// (row 16w + l/4 (+8), columns 8j + 2(l%4) of the tile; 528-byte rows put a warp's 32 stores in 32
+// distinct banks).
+__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer) {
+  constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  const uint32_t base = tile_smem + uint32_t(((consumer * 64 + warp * 16 + (lane >> 2)) * LD + (lane & 3) * 2) * 2);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + uint32_t((h * 8 * LD + j * 8) * 2)), "r"(*reinterpret_cast<uint32_t*>(&v))
+                   : "memory");
+    }
+  }
+}
+
+// Handoff, storer side: the staged tile to global memory, one 512-byte row per warp instruction
+// (16 bytes per lane), rows past the tile's end (the group's, or M) and columns past cols skipped.
+__device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer) {
+  constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD;
+  const int lane = storer & 31, warp = storer >> 5;
+  const int col = tile.col0 + lane * 8;
+  if (col >= p.cols) return;  // cols % 8 == 0: a lane's 8 columns are all in or all out
+  __nv_bfloat16* const out = static_cast<__nv_bfloat16*>(p.out) + tile.out_base + col;
+  const int rows = min(BM, tile.row_end - tile.row0);
+#pragma unroll 4
+  for (int r = warp; r < rows; r += STORER_THREADS / 32) {
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(tile_smem + uint32_t((r * LD + lane * 8) * 2))
+                 : "memory");
+    *reinterpret_cast<uint4*>(out + int64_t(tile.row0 + r) * p.cols) = v;
+  }
+}
+
 // ---- the kernel -----------------------------------------------------------------------------------
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT, bool STAGED>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
-  static_assert(!STAGED || EPI == GemmEpilogue::Store, "the staged epilogue stores plain results");
+  static_assert(VIA == StoreVia::Registers || EPI == GemmEpilogue::Store, "staged epilogues store plain results");
+  static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the handed-off tile is bf16");
+  constexpr int STAGES = Layout<VIA>::STAGES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
-  __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+  __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
+  __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
+  const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
 
   const int wg = threadIdx.x >> 7;
   if (threadIdx.x == 0) {
@@ -311,6 +368,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       mbar_init(&full[s], 1);           // the producer's arrive.expect_tx; the copy engine adds the bytes
       mbar_init(&empty[s], CONSUMERS);  // one arrive per consumer warpgroup
     }
+    mbar_init(&tile_full, CONSUMERS * 128);  // every consumer thread, after its part of the tile
+    mbar_init(&tile_empty, STORER_THREADS);  // every storer thread, after reading the tile
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -354,6 +413,18 @@ __global__ void __launch_bounds__(THREADS, 1)
           }
         }
       }
+    } else if constexpr (VIA == StoreVia::Handoff) {
+      if (threadIdx.x >= 32) {
+        // Storers: walk the same tiles; each one the consumers hand over is copied out.
+        const int storer = threadIdx.x - 32;
+        uint32_t n = 0;
+        for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
+          const Tile tile = tile_at<MODE>(p, t, m_tiles);
+          mbar_wait(&tile_full, n & 1);
+          handoff_drain(p, tile, staging_smem, storer);
+          mbar_arrive(&tile_empty);
+        }
+      }
     }
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
@@ -361,7 +432,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    uint32_t n = 0;  // tiles done (Handoff's phase)
+    for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
@@ -410,9 +482,13 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
-      if constexpr (STAGED) {
-        const uint32_t staging = smem_u32(ring + STAGES * STAGE_BYTES) +
-                                 uint32_t(((threadIdx.x >> 5) - 4) * Layout<true>::WARP_STAGING_FLOATS * 4);  // this warp's slice
+      if constexpr (VIA == StoreVia::Handoff) {
+        // The storers have finished the previous tile (a fresh barrier's first wait passes).
+        mbar_wait(&tile_empty, (n & 1) ^ 1);
+        handoff_put(d, staging_smem, consumer);
+        mbar_arrive(&tile_full);
+      } else if constexpr (VIA == StoreVia::WarpSlices) {
+        const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else {
         store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
@@ -460,7 +536,7 @@ DeviceInfo device_info() {
     const cuda::DeviceProps props = cuda::device_props(dev);
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
-    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, false>) == cudaSuccess;
+    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Registers>) == cudaSuccess;
     if (!image) cudaGetLastError();  // clear only the error this call set
     cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && encode_fn() != nullptr, props.multiprocessors};
     known[dev] = true;
@@ -470,16 +546,19 @@ DeviceInfo device_info() {
 
 // Plain stores go through the staged epilogue (H200, f838df1: forward 715 vs 656 TFLOP/s
 // register-direct on the balanced shape, dW 461 vs 347); MOE_EP_GG_HOPPER_STAGED=0 keeps them in
-// registers. Read per launch so that a benchmark can compare both in one run.
-bool staged_epilogue() {
-  const char* v = std::getenv("MOE_EP_GG_HOPPER_STAGED");
-  return !(v && std::strcmp(v, "0") == 0);
+// registers. MOE_EP_GG_HOPPER_HANDOFF=1 (opt-in until measured) hands bf16 tiles without accumulate
+// to the storer warps. Read per launch so that a benchmark can compare them in one run.
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, value) == 0;
 }
+bool staged_epilogue() { return !env_is("MOE_EP_GG_HOPPER_STAGED", "0"); }
+bool handoff_epilogue() { return env_is("MOE_EP_GG_HOPPER_HANDOFF", "1"); }
 
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT, bool STAGED>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, STAGED>;
-  constexpr int smem = Layout<STAGED>::SMEM_BYTES;
+  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
+  constexpr int smem = Layout<VIA>::SMEM_BYTES;
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
   // blocks than the largest possible number of work items.
@@ -491,9 +570,12 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   if constexpr (EPI == GemmEpilogue::Store) {
-    if (staged_epilogue()) return launch_layout<MODE, EPI, OutT, true>(map_a, map_b, p, sms, stream);
+    if constexpr (sizeof(OutT) == 2) {
+      if (!p.accumulate && handoff_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+    }
+    if (staged_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
   }
-  launch_layout<MODE, EPI, OutT, false>(map_a, map_b, p, sms, stream);
+  launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
 }
 
 }  // namespace
