@@ -42,17 +42,17 @@ for (const [i, s] of shapes.entries()) {
     const ntRegs = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tnRegs = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_STAGED;
-    // The warp-slice epilogue for every store (v6, before the hand-off became the bf16 default).
-    process.env.MOE_EP_GG_HOPPER_HANDOFF = '0';
-    const nnSlices = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
-    const ntSlices = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
-    const tnSlices = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
+    // The hand-off epilogue (opt-in): storer warps write the tile while the next one computes.
+    process.env.MOE_EP_GG_HOPPER_HANDOFF = '1';
+    const nnHandoff = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
+    const ntHandoff = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
+    const tnHandoff = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
     const nn = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const nt = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
-    return { nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnSlices, ntSlices, tnSlices };
+    return { nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
   });
   const peer = runPeer('grouped_gemm_torch.py', [dir, String(repeats)]);
   rmSync(dir, { recursive: true, force: true });
@@ -74,9 +74,9 @@ for (const [i, s] of shapes.entries()) {
   rows[rows.length - 3].registerEpilogueTFLOPs = +tf(r.nnRegs).toFixed(1);
   rows[rows.length - 2].registerEpilogueTFLOPs = +tf(r.ntRegs).toFixed(1);
   rows[rows.length - 1].registerEpilogueTFLOPs = +tf(r.tnRegs).toFixed(1);
-  rows[rows.length - 3].slicesEpilogueTFLOPs = +tf(r.nnSlices).toFixed(1);
-  rows[rows.length - 2].slicesEpilogueTFLOPs = +tf(r.ntSlices).toFixed(1);
-  rows[rows.length - 1].slicesEpilogueTFLOPs = +tf(r.tnSlices).toFixed(1);
+  rows[rows.length - 3].handoffTFLOPs = +tf(r.nnHandoff).toFixed(1);
+  rows[rows.length - 2].handoffTFLOPs = +tf(r.ntHandoff).toFixed(1);
+  rows[rows.length - 1].handoffTFLOPs = +tf(r.tnHandoff).toFixed(1);
   rows[rows.length - 3].relErrVsTorch = peer.relErrNN;
   if (peer.torchTNError) rows[rows.length - 1].torchError = peer.torchTNError;
 }
@@ -84,9 +84,9 @@ writeResult('grouped-gemm', rows, {
   flops: '2·M·K·N per product; M rows in total split into groups by counts',
   ratio: 'torch time / our time (≥ 1 means we are faster)',
   kernel:
-    'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu); ' +
-    'bf16 tiles handed to 3 storer warps through shared memory while the next tile computes (3-stage ring). TN at >= 32 rows per group too; below that, and ' +
+    'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA 4-stage ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu), ' +
+    'epilogue staged through per-warp shared-memory slices (whole-row stores). TN at >= 32 rows per group too; below that, and ' +
     'mmaSyncTFLOPs: mma.sync m16n8k16, 128x128x64 tiles, 3-stage cp.async ring (cuda.cu). ' +
     'registerEpilogueTFLOPs: the Hopper kernel storing straight from registers (MOE_EP_GG_HOPPER_STAGED=0; TN there only at >= 256 rows per group). ' +
-    'slicesEpilogueTFLOPs: each consumer warp stores through its own 16x32 fp32 shared-memory slices, 4-stage ring (MOE_EP_GG_HOPPER_HANDOFF=0; the default for fp32 results)',
+    'handoffTFLOPs: consumers hand each bf16 tile to 3 storer warps through shared memory and go on (MOE_EP_GG_HOPPER_HANDOFF=1; 3-stage ring)',
 });

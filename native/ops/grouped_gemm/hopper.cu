@@ -51,8 +51,8 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory (the Store epilogue):
 //   Registers   straight from the fragments, 4/8-byte stores (v5).
 //   WarpSlices  each consumer warp stages 16×32 fp32 slices in its own shared memory and stores
-//               whole 16-byte row pieces (v6; the default for fp32 results and accumulate).
-//   Handoff     bf16 results without accumulate (v7, their default): the consumers drop the whole 128×256 tile into
+//               whole 16-byte row pieces (v6, the default).
+//   Handoff     bf16 results without accumulate: the consumers drop the whole 128×256 tile into
 //               shared memory as bf16 and go on to the next tile's mainloop; three warps of the
 //               producer warpgroup (otherwise idle) copy it to global memory meanwhile. It costs the
 //               ring a stage (3 instead of 4) to make room for the 66 KiB tile.
@@ -544,17 +544,16 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-// bf16 tiles without accumulate are handed to the storer warps (H200, 3012e8f, same run: balanced
-// forward 730 vs 626 TFLOP/s with warp slices, dA 659 vs 553, dW 575 vs 444); MOE_EP_GG_HOPPER_HANDOFF=0
-// turns that off. Other plain stores go through warp slices (f838df1: forward 715 vs 656 TFLOP/s
-// register-direct, dW 461 vs 347); MOE_EP_GG_HOPPER_STAGED=0 keeps them in registers. Read per
-// launch so that a benchmark can compare them in one run.
+// Plain stores go through the staged epilogue (H200, f838df1: forward 715 vs 656 TFLOP/s
+// register-direct on the balanced shape, dW 461 vs 347); MOE_EP_GG_HOPPER_STAGED=0 keeps them in
+// registers. MOE_EP_GG_HOPPER_HANDOFF=1 (opt-in until measured) hands bf16 tiles without accumulate
+// to the storer warps. Read per launch so that a benchmark can compare them in one run.
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, value) == 0;
 }
 bool staged_epilogue() { return !env_is("MOE_EP_GG_HOPPER_STAGED", "0"); }
-bool handoff_epilogue() { return !env_is("MOE_EP_GG_HOPPER_HANDOFF", "0") && staged_epilogue(); }
+bool handoff_epilogue() { return env_is("MOE_EP_GG_HOPPER_HANDOFF", "1"); }
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
