@@ -81,7 +81,7 @@ export {
   type SumOfSquaresOptions,
 } from './train/ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
-export { type Dispatched, type DispatchHandle, Dispatcher, type DispatcherConfig, type ExpertParallelGroup, singleRankGroup } from './moe/dispatcher.js';
+export { type Dispatched, type DispatchHandle, Dispatcher, type DispatcherConfig, type DispatchLayout, type ExpertParallelGroup, singleRankGroup } from './moe/dispatcher.js';
 export { expertsBackward, expertsForward, interleaveW13 } from './moe/experts.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export { disposeSaved, type MoEForward, type MoEGrads, MoELayer, type MoELayerConfig } from './moe/layer.js';

@@ -83,8 +83,11 @@ export interface DispatcherConfig {
 }
 
 /** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
+/** The permute's layout, kept for combine and the backward passes; its rows are freed once sent. */
+export type DispatchLayout = Omit<PermuteResult, 'rows'>;
+
 export interface DispatchHandle extends Disposable {
-  readonly permuted: PermuteResult;
+  readonly permuted: DispatchLayout;
   /** Rows sent to / received from each peer. */
   readonly sendRows: number[];
   readonly recvRows: number[];
@@ -217,8 +220,12 @@ export class Dispatcher {
         const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
         return [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
       });
+      // The permuted rows have been sent (or, on one rank, are the result's storage): the handle
+      // keeps only the layout, so a step does not hold T·k rows per layer until its backward.
+      const { rows: sent, ...layout } = permuted;
+      sent.dispose();
       const handle: DispatchHandle = {
-        permuted,
+        permuted: layout,
         sendRows,
         recvRows,
         recvCounts,
@@ -227,7 +234,7 @@ export class Dispatcher {
         toExpertOrder: toExpert,
         toSourceOrder: toSource,
         dispose: () => {
-          for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
+          for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
           // Capacity-mode maps are cached by the dispatcher; dropless maps belong to this step.
           if (!this.padToCapacity) for (const t of [toExpert, toSource, offsets]) t?.dispose();
         },

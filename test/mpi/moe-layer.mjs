@@ -5,7 +5,7 @@
 //                  backend's pinned staging); the layer in bf16 against the f32 CPU reference
 //                  built from the same bf16-rounded weights and inputs.
 // Both also run the communication on a comm stream and check it changes nothing.
-import { Dispatcher, init, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
+import { Dispatcher, dtypeSize, init, memoryStats, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
 import { capacity } from '../../dist/lib/moe/capacity.js';
 import { check, progress, scriptDevice } from './common.mjs';
 
@@ -38,8 +38,17 @@ tidy(() => {
   const x = Tensor.randn([T, H], { seed: 60 + rank, ...on });
   const d = new Dispatcher({ numExperts: E, group: world });
   const cap = capacity(indices, weights, { numExperts: E });
-  const { rows, handle } = d.dispatch(x, indices, weights, cap);
+  const liveBefore = memoryStats(device).liveBytes;
+  const dispatched = d.dispatch(x, indices, weights, cap);
+  const { rows, handle } = dispatched;
   check(handle.localRows.reduce((a, b) => a + b, 0) === rows.shape[0], 'dispatched rows match the layout');
+  // Once sent, the permuted rows are freed: what stays live is the result and the handle's layout
+  // (host blocks are rounded to 64 bytes).
+  const layout = ['offsets', 'rowOf', 'rowWeight', 'rowToken', 'invalid'].map((key) => handle.permuted[key]);
+  const held = [dispatched.rows, dispatched.weights, ...layout, handle.localOffsets, handle.toExpertOrder, handle.toSourceOrder]
+    .filter((t) => t instanceof Tensor)
+    .reduce((sum, t) => sum + Math.ceil((t.numel * dtypeSize[t.dtype]) / 64) * 64, 0);
+  if (!gpu) check(memoryStats(device).liveBytes - liveBefore === held, `dispatch keeps only its result and layout live: ${memoryStats(device).liveBytes - liveBefore} bytes, expected ${held}`);
   if (rank === P - 1) check(handle.localRows[1] === 0 || E - 1 !== rank * 2 + 1, 'the last expert receives nothing');
   const y = d.combine(rows, handle, weights);
   const wv = vals(weights), xv = vals(x), yv = vals(y);
