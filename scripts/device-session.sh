@@ -96,6 +96,18 @@ if [[ " $what " == *" multi "* ]]; then
   done
   if (( gpus >= 2 )); then
     timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/dispatch.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -12 || status=1
+    # Weak scaling: one layer step at EP = every GPU against the same per-rank work at EP = 1.
+    timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/ep-step.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -12 || status=1
+    # A rank killed mid-collective, without mpirun (which would kill the job itself): the survivor's
+    # NCCL wait must end in a TimeoutError naming the op and rank 1 within the 3 s timeout + slack.
+    echo "--- kill rank 1 (2 processes, TCP rendezvous, NCCL)"
+    for r in 0 1; do
+      RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
+        timeout 60 node test/mpi/kill.mjs --device cuda > "/tmp/kill-$r.log" 2>&1 &
+    done
+    wait
+    cat /tmp/kill-0.log | tee -a "$OUT/multi.log"
+    grep -q "TimeoutError" /tmp/kill-0.log || status=1
   fi
 fi
 

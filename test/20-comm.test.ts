@@ -142,6 +142,15 @@ describe('launcher environments', () => {
     expect(() => chooseBackend(le(2, 1, 2), 'nccl', 1, () => true)).toThrow(/init: backend 'nccl' was requested but 2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU: use 'mpi'/);
     expect(chooseBackend(le(2, 1, 2), 'nccl', 2, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:1' });
   });
+  it('ranks started from RANK/WORLD_SIZE (not by an MPI launcher) are refused the MPI backend rather than each becoming rank 0 of 1', () => {
+    const env = { launcher: 'env' as const, rank: 1, size: 2, localRank: 1, localSize: 2 };
+    expect(() => chooseBackend(env, 'auto', 0, () => true)).toThrow(/init: rank 1 of 2 was started from RANK\/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks \(no usable GPU\)/);
+    expect(() => chooseBackend(env, 'auto', 1, () => true)).toThrow(/share 1 GPU/);
+    expect(() => chooseBackend(env, 'auto', 2, () => false)).toThrow(/NCCL does not load/);
+    expect(() => chooseBackend(env, 'mpi', 2, () => true)).toThrow(/cannot join the ranks \(requested\)/);
+    expect(chooseBackend(env, 'auto', 2, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:1' });
+    expect(chooseBackend({ ...env, launcher: 'openmpi' }, 'auto', 0, () => true)).toMatchObject({ backend: 'mpi' });
+  });
   it("init's 'log' must be a boolean or a function", async () => {
     await expect(init({ log: 'yes' as unknown as boolean, env: {} })).rejects.toThrow(/init: 'log' must be a boolean or a function; received yes/);
   });

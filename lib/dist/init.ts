@@ -126,12 +126,20 @@ export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: 
     // NCCL would fail later in ncclCommInitRank ("duplicate GPU"); say why now.
     invalidArgument('init', `backend 'nccl' was requested but ${shared}; NCCL refuses two ranks on one GPU: use 'mpi' (or 'auto'), which stages device buffers through pinned host memory, or start one rank per GPU`);
   }
-  if (requested !== 'auto') return { backend: requested, device, reason: 'requested' };
-  if (le.size === 1) return { backend: 'single', device, reason: 'one rank' };
-  if (gpus === 0) return { backend: 'mpi', device, reason: 'no usable GPU' };
-  if (perNode > gpus) return { backend: 'mpi', device, reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory` };
-  if (!ncclLoads()) return { backend: 'mpi', device, reason: 'NCCL does not load' };
-  return { backend: 'nccl', device, reason: 'one GPU per rank and NCCL loads' };
+  const choice = ((): BackendChoice => {
+    if (requested !== 'auto') return { backend: requested, device, reason: 'requested' };
+    if (le.size === 1) return { backend: 'single', device, reason: 'one rank' };
+    if (gpus === 0) return { backend: 'mpi', device, reason: 'no usable GPU' };
+    if (perNode > gpus) return { backend: 'mpi', device, reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory` };
+    if (!ncclLoads()) return { backend: 'mpi', device, reason: 'NCCL does not load' };
+    return { backend: 'nccl', device, reason: 'one GPU per rank and NCCL loads' };
+  })();
+  // Ranks started from RANK/WORLD_SIZE alone are separate programs to MPI: each would be rank 0 of a
+  // world of 1 (MPI_Init as a singleton), silently. Only NCCL (TCP rendezvous) joins them.
+  if (choice.backend === 'mpi' && le.size > 1 && le.launcher === 'env') {
+    invalidArgument('init', `rank ${le.rank} of ${le.size} was started from RANK/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks (${choice.reason}); start them with mpirun, or give each rank its own GPU with NCCL loadable`);
+  }
+  return choice;
 }
 
 function parseBackend(v: unknown, where: string): Backend | 'auto' {
@@ -165,8 +173,14 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
       c.timeoutMs = timeoutMs;
       return c;
     }
-    case 'mpi':
-      return Communicator.mpi({ timeoutMs });
+    case 'mpi': {
+      const c = Communicator.mpi({ timeoutMs });
+      if (c.size !== le.size || c.rank !== le.rank) {
+        c.dispose();
+        invalidArgument('init', `the launcher (${le.launcher}) says rank ${le.rank} of ${le.size} but MPI sees rank ${c.rank} of ${c.size}: MPI was not started with these ranks (under srun, give it --mpi=pmix or pmi2)`);
+      }
+      return c;
+    }
     case 'nccl': {
       if (choice.device === 'cpu') invalidArgument('init', `backend 'nccl' needs a GPU: ${cuda.unavailableReason()}`);
       const device = le.localRank % gpus;

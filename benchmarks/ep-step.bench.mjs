@@ -1,0 +1,163 @@
+// Weak scaling of one MoE layer training step under expert parallelism (issue #8): every rank holds
+// El experts and T tokens. The step at EP = P (experts spread over the P ranks, rows through the
+// communicator) stands beside the same per-rank work at EP = 1 (each rank alone with El experts and
+// its T tokens: no exchange), and the step's communication is timed on its own.
+//   mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run]
+//   node benchmarks/ep-step.bench.mjs                                  (P = 1: no exchange at all)
+// Shape: T = 4096 tokens per rank, H = 7168, F = 2048, 8 experts per rank (E = 8P), top-8, bf16,
+// softmax routing, dropless, no shared expert (--dry-run: tiny shapes on the CPU, MPI backend).
+// Timing: CUDA events, median after warm-up; before each region every rank waits for its device and
+// meets the others at a barrier, so the regions start together.
+//   step (EP=P)   forward + backward of MoELayer({ group: world }). The optimizer step is local and
+//                 the same at any EP size (benchmarks/moe-layer.bench.mjs times it).
+//   step (EP=1)   the same on a layer with El experts and a one-rank group, on this rank's GPU.
+//   comm          the step's four exchanges through the layer's Dispatcher on the routing its
+//                 forward chose: dispatch + combine (forward), combineBackward + dispatchBackward
+//                 (backward), each with its count exchange and host read, on rows of the step's size.
+//   compute ≈ step(EP=P) − comm (the layer does not overlap them unless given a comm stream).
+// Weak-scaling efficiency = step(EP=1) / step(EP=P): 1 when communication costs nothing.
+// Ranks sharing a GPU (MPI backend, host staging) contend for it: the EP=1 figure is then the
+// slowest of P concurrent runs, and the comm figure measures host staging, not NVLink.
+import { capacity, disposeSaved, getDefaultDevice, init, launchEnv, MoELayer, synchronize, Tensor } from '../dist/lib/index.js';
+import { args, dryRun, quick, timeRegion, writeResult } from './harness.mjs';
+
+const le = launchEnv();
+const world = await init(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {});
+const P = world.size;
+const rank = world.rank;
+const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
+const onGpu = dev !== 'cpu';
+const log = (...m) => {
+  if (rank === 0) console.error(...m);
+};
+if (args.includes('--help')) {
+  log('mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run]');
+  process.exit(0);
+}
+
+const cfg = dryRun ? { T: 64, H: 128, F: 64, El: 4, k: 2 } : { T: 4096, H: 7168, F: 2048, El: 8, k: 8 };
+const { T, H, F, El, k } = cfg;
+const E = El * P;
+const dtype = dryRun ? 'f32' : 'bf16';
+const staged = onGpu && world.backend === 'mpi';
+const warmup = dryRun ? 1 : staged ? 1 : 3;
+const repeats = dryRun ? 3 : staged ? 3 : quick ? 10 : 30;
+
+/** Every rank waits for its device, then all meet: each timed region starts together. */
+function align() {
+  if (onGpu) synchronize(dev);
+  if (P > 1) {
+    world.barrier();
+    if (onGpu) synchronize(dev);
+  }
+}
+const time = (body, setup) => timeRegion(body, { device: dev, warmup, repeats, setup, before: align });
+
+function disposeForward(f) {
+  disposeSaved(f);
+  for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss, f.routerEntropy]) t.dispose();
+}
+function disposeGrads(g) {
+  for (const t of Object.values(g)) t?.dispose();
+}
+/** Median ms of one forward + backward of `layer` on x, dy. */
+function stepMs(layer, x, dy) {
+  return time(() => {
+    const f = layer.forward(x);
+    const g = layer.backward(f, dy);
+    return () => {
+      disposeGrads(g);
+      disposeForward(f);
+    };
+  });
+}
+
+const layerConfig = { hidden: H, ffn: F, topK: k, scoreFunction: 'softmax', dtype, device: dev, seed: 1234 };
+const x = Tensor.randn([T, H], { dtype, device: dev, seed: 11 + rank });
+const dy = Tensor.randn([T, H], { dtype, device: dev, seed: 31 + rank });
+
+// ------------------------------------------------------------------------------- EP = P
+const layer = new MoELayer({ ...layerConfig, numExperts: E, group: world });
+log(`ep-step: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} per rank, H=${H} F=${F}, ${El} experts per rank (E=${E}), top-${k}, warm-up ${warmup}, repeats ${repeats}`);
+const stepP = stepMs(layer, x, dy);
+
+// The step's exchanges on the routing the layer's forward chose, rows of the step's size.
+const f0 = layer.forward(x);
+const indices = f0.saved.indices.clone();
+const weights = f0.saved.weights.clone();
+disposeForward(f0);
+const cap = capacity(indices, weights, { numExperts: E });
+const d = layer.dispatcher;
+const commForward = time(() => {
+  const got = d.dispatch(x, indices, weights, cap);
+  const y = d.combine(got.rows, got.handle, weights);
+  return () => {
+    y.dispose();
+    for (const t of [got.rows, got.weights]) t.dispose();
+    got.handle.dispose();
+  };
+});
+const commBackward = time(
+  (got) => {
+    const back = d.combineBackward(dy, got.rows, got.handle, weights);
+    const dx = d.dispatchBackward(back.dExpertOut, got.handle);
+    return () => {
+      for (const t of [dx, back.dExpertOut, back.dWeights, got.rows, got.weights]) t.dispose();
+      got.handle.dispose();
+    };
+  },
+  () => d.dispatch(x, indices, weights, cap),
+);
+const recvRows = (() => {
+  const got = d.dispatch(x, indices, weights, cap);
+  const n = got.rows.shape[0];
+  for (const t of [got.rows, got.weights]) t.dispose();
+  got.handle.dispose();
+  return n;
+})();
+for (const t of [indices, weights]) t.dispose();
+for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
+layer.dispose();
+
+// ------------------------------------------------------------------------------- EP = 1
+const alone = new MoELayer({ ...layerConfig, numExperts: El });
+const step1 = stepMs(alone, x, dy);
+alone.dispose();
+
+// ------------------------------------------------------------------------------- report
+const FIELDS = ['stepP', 'step1', 'commForward', 'commBackward', 'recvRows'];
+const mineT = Tensor.fromArray([stepP, step1, commForward, commBackward, recvRows], { dtype: 'f32', device: dev });
+const allT = P > 1 ? world.allGather(mineT) : mineT;
+const all = Array.from(allT.toArray());
+const perRank = Array.from({ length: P }, (_, r) => Object.fromEntries(FIELDS.map((f, i) => [f, all[r * FIELDS.length + i]])));
+if (rank === 0) {
+  const num = (v, dgt = 3) => (Number.isFinite(v) ? +v.toFixed(dgt) : null);
+  const flops = 3 * 2 * T * k * H * 3 * F; // forward + backward (3×), three H×F products per routed row
+  const rows = perRank.map((m, r) => ({
+    rank: r,
+    'step EP=P ms': num(m.stepP),
+    'step EP=1 ms': num(m.step1),
+    'weak-scaling eff.': num(m.step1 / m.stepP, 2),
+    'comm fwd ms': num(m.commForward),
+    'comm bwd ms': num(m.commBackward),
+    'compute ≈ ms': num(m.stepP - m.commForward - m.commBackward),
+    'comm share': num((m.commForward + m.commBackward) / m.stepP, 2),
+    'rows received': m.recvRows,
+    'TFLOP/s EP=P': num(flops / (m.stepP * 1e-3) / 1e12, 1),
+  }));
+  const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
+  writeResult(`ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}`, rows, {
+    config: { tokensPerRank: T, hidden: H, ffn: F, expertsPerRank: El, experts: E, topK: k, ranks: P, dtype, routing: 'softmax router of the layer (seed 1234), dropless', warmup, repeats },
+    backend: world.backend,
+    device: dev,
+    timing: 'CUDA events, median; each region starts after a device sync and a barrier of all ranks. step = MoELayer forward + backward (no optimizer step: local, the same at any EP size)',
+    comm: "the layer's Dispatcher on the routing its forward chose: forward = dispatch + combine, backward = combineBackward + dispatchBackward, each including its count exchange and host read; compute ≈ step − comm (no comm stream: not overlapped)",
+    weakScaling: 'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P',
+    flops: '2·(T·k)·H·3F per forward (W1, W3, W2), ×3 for forward + backward; router and permute not counted',
+    sharedGpu: world.backend === 'mpi' && onGpu ? 'ranks share a GPU through the MPI backend: the EP=1 runs contend for it and the exchanges are host staging, not NVLink' : undefined,
+    slowestRank: { stepP: slowest('stepP'), step1: slowest('step1'), commForward: slowest('commForward'), commBackward: slowest('commBackward') },
+  });
+}
+for (const t of [x, dy, mineT]) t.dispose();
+if (allT !== mineT) allT.dispose();
+world.dispose();
