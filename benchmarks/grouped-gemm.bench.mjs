@@ -5,7 +5,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { Tensor, tidy } from '../dist/lib/index.js';
+import { ops, sumOfSquares, Tensor, tidy } from '../dist/lib/index.js';
 import { groupedGemm } from '../dist/lib/moe/grouped-gemm.js';
 import { shapes } from './grouped-gemm-shapes.mjs';
 import { quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
@@ -48,11 +48,18 @@ for (const [i, s] of shapes.entries()) {
     const ntHandoff = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tnHandoff = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
+    const handoffOut = [outNN.clone(), outNT.clone(), outTN.clone()]; // checked against the default's below
     const nn = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const nt = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
+    // The hand-off's results against the default kernel's, relative error in norm (the same
+    // arithmetic: 0 unless a tile went wrong).
+    const handoffErr = [outNN, outNT, outTN].map((ref, i) => {
+      const diff = ops.add(handoffOut[i].cast('f32'), ref.cast('f32'), { alpha: -1 });
+      return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(ref.cast('f32')).item(), 1e-30));
+    });
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
-    return { nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
+    return { handoffErr, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
   });
   const peer = runPeer('grouped_gemm_torch.py', [dir, String(repeats)]);
   rmSync(dir, { recursive: true, force: true });
@@ -77,12 +84,14 @@ for (const [i, s] of shapes.entries()) {
   rows[rows.length - 3].handoffTFLOPs = +tf(r.nnHandoff).toFixed(1);
   rows[rows.length - 2].handoffTFLOPs = +tf(r.ntHandoff).toFixed(1);
   rows[rows.length - 1].handoffTFLOPs = +tf(r.tnHandoff).toFixed(1);
+  for (let i = 0; i < 3; i++) rows[rows.length - 3 + i].handoffVsDefault = +r.handoffErr[i].toExponential(2);
   rows[rows.length - 3].relErrVsTorch = peer.relErrNN;
   if (peer.torchTNError) rows[rows.length - 1].torchError = peer.torchTNError;
 }
 writeResult('grouped-gemm', rows, {
   flops: '2·M·K·N per product; M rows in total split into groups by counts',
   ratio: 'torch time / our time (≥ 1 means we are faster)',
+  handoffVsDefault: "relative error in norm of the hand-off epilogue's results against the default kernel's on the same inputs (the same arithmetic: 0 unless a tile went wrong)",
   kernel:
     'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA 4-stage ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu), ' +
     'epilogue staged through per-warp shared-memory slices (whole-row stores). TN at >= 32 rows per group too; below that, and ' +

@@ -477,8 +477,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       wgmma_wait<0>();
       if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
       if (tile.k_tiles == 0) {
-        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating).
-        if (p.accumulate) continue;
+        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating; the hand-off, which
+        // the storers expect every tile through, never accumulates: see launch_layout).
+        if (VIA != StoreVia::Handoff && p.accumulate) continue;
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
@@ -561,6 +562,7 @@ template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
   constexpr int smem = Layout<VIA>::SMEM_BYTES;
+  if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
   // blocks than the largest possible number of work items.
