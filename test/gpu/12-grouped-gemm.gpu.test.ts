@@ -43,10 +43,10 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 33] },
   // More work items than SMs: each persistent block walks several tiles through its ring.
   { name: 'M=6000 over 4 groups, N=1024: several tiles per block', E: 4, K: 256, N: 1024, counts: raggedCounts(4, 6000) },
-  // Many tiles per block (~10 NN tiles on 132 SMs; NT several n-tiles each; TN ~4 tiles per block
+  // Many tiles per block (~5 NN tiles on 132 SMs; NT several n-tiles each; TN ~4 tiles per block
   // on the 64-group case): every barrier phase of the ring and of the hand-off completes many times.
-  { name: 'M=40000, K=64, N=1024: ~10 NN tiles per block', E: 4, K: 64, N: 1024, counts: raggedCounts(4, 40000) },
-  { name: 'M=40000, K=1024, N=64: NT over several n-tiles per block', E: 4, K: 1024, N: 64, counts: raggedCounts(4, 40000) },
+  { name: 'M=20000, K=64, N=1024: ~5 NN tiles per block', E: 4, K: 64, N: 1024, counts: raggedCounts(4, 20000) },
+  { name: 'M=20000, K=1024, N=64: NT over several n-tiles per block', E: 4, K: 1024, N: 64, counts: raggedCounts(4, 20000) },
   { name: 'E=64 groups of 64 rows, K=N=512: ~4 TN tiles per block', E: 64, K: 512, N: 512, counts: new Array(64).fill(64) },
 ];
 // On compute capability 9.0 the NN/NT products take the wgmma kernel where eligible; the portable
