@@ -14,15 +14,20 @@
 //   comm          the step's four exchanges through the layer's Dispatcher on the routing its
 //                 forward chose: dispatch + combine (forward), combineBackward + dispatchBackward
 //                 (backward), each with its count exchange and host read, on rows of the step's size.
-//   compute ≈ step(EP=P) − comm (the layer does not overlap them unless given a comm stream).
-// Weak-scaling efficiency = step(EP=1) / step(EP=P): 1 when communication costs nothing.
+//   compute ≈ step(EP=P) − comm (the layer does not overlap them unless given a comm stream). The
+//                 comm regions also hold the permute, unpermute, regrouping and the count reads,
+//                 so this undercounts compute a little.
+// Weak-scaling efficiency = step(EP=1) / step(EP=P). Below 1 for two reasons: the exchanges, and
+// load imbalance (at EP=1 with top-8 of 8 experts every expert gets every token; at EP=P a rank
+// gets what the router sends it): 'imbalance' = the rows this rank received / (T·k).
 // Ranks sharing a GPU (MPI backend, host staging) contend for it: the EP=1 figure is then the
 // slowest of P concurrent runs, and the comm figure measures host staging, not NVLink.
 import { capacity, disposeSaved, getDefaultDevice, init, launchEnv, MoELayer, synchronize, Tensor } from '../dist/lib/index.js';
 import { args, dryRun, quick, timeRegion, writeResult } from './harness.mjs';
 
 const le = launchEnv();
-const world = await init(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {});
+// A minute per collective at most: a rank that fails must not leave the others waiting 5 minutes.
+const world = await init(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single', timeoutMs: 60_000 } : { timeoutMs: 60_000 });
 const P = world.size;
 const rank = world.rank;
 const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
@@ -143,6 +148,7 @@ if (rank === 0) {
     'compute ≈ ms': num(m.stepP - m.commForward - m.commBackward),
     'comm share': num((m.commForward + m.commBackward) / m.stepP, 2),
     'rows received': m.recvRows,
+    imbalance: num(m.recvRows / (T * k), 2),
     'TFLOP/s EP=P': num(flops / (m.stepP * 1e-3) / 1e12, 1),
   }));
   const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
@@ -152,7 +158,7 @@ if (rank === 0) {
     device: dev,
     timing: 'CUDA events, median; each region starts after a device sync and a barrier of all ranks. step = MoELayer forward + backward (no optimizer step: local, the same at any EP size)',
     comm: "the layer's Dispatcher on the routing its forward chose: forward = dispatch + combine, backward = combineBackward + dispatchBackward, each including its count exchange and host read; compute ≈ step − comm (no comm stream: not overlapped)",
-    weakScaling: 'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P',
+    weakScaling: 'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P; it also falls with load imbalance: imbalance = rows this rank received / (T·k) (1 at EP=1)',
     flops: '2·(T·k)·H·3F per forward (W1, W3, W2), ×3 for forward + backward; router and permute not counted',
     sharedGpu: world.backend === 'mpi' && onGpu ? 'ranks share a GPU through the MPI backend: the EP=1 runs contend for it and the exchanges are host staging, not NVLink' : undefined,
     slowestRank: { stepP: slowest('stepP'), step1: slowest('step1'), commForward: slowest('commForward'), commBackward: slowest('commBackward') },

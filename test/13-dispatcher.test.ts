@@ -123,6 +123,36 @@ describe('dispatcher configuration', () => {
   });
 });
 
+describe('dispatch that fails mid-way', () => {
+  it.each([
+    ['bf16 rows', false, false],
+    ['fp8 rows', true, false],
+    ['capacity mode', false, true],
+  ] as const)('a peer lost in the row exchange (%s): the error comes through and nothing stays live', (_name, fp8, pad) => {
+    const [T, E, k, H] = [12, 4, 2, 256];
+    // Two ranks whose counts exchange works (each pretends the other sent what it sent) but whose
+    // row exchange fails, as when a peer dies between the two.
+    const group = {
+      rank: 0,
+      size: 2,
+      allToAll: (send: Tensor, recv: Tensor) => recv.copy_(send),
+      allToAllV: () => {
+        throw new Error('peer 1 is gone');
+      },
+    };
+    // Outside tidy(): what the failed dispatch made must be freed by dispatch itself.
+    const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+    const { indices, weights } = routing(T, E, k);
+    const cap = capacity(indices, weights, { numExperts: E, capacityFactor: pad ? 1.5 : undefined });
+    const d = new Dispatcher({ numExperts: E, group, fp8, padToCapacity: pad });
+    const before = memoryStats(cpu).liveBytes;
+    expect(() => d.dispatch(x, indices, weights, cap)).toThrow(/peer 1 is gone/);
+    d.dispose(); // capacity-mode layout maps are cached by the dispatcher until this
+    expect(memoryStats(cpu).liveBytes).toBe(before);
+    for (const t of [x, indices, weights, ...Object.values(cap)]) if (t instanceof Tensor) t.dispose();
+  });
+});
+
 /** Bits of a tensor, for exact comparisons. */
 const bits = (t: Tensor): number[] => Array.from(new Uint8Array((t.toArray() as Float32Array).buffer));
 

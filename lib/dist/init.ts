@@ -185,8 +185,26 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
       if (choice.device === 'cpu') invalidArgument('init', `backend 'nccl' needs a GPU: ${cuda.unavailableReason()}`);
       const device = le.localRank % gpus;
       const id = await shareNcclId(le, env, options, timeoutMs);
-      return Communicator.nccl(le.rank, le.size, id, device, { timeoutMs });
+      const c = Communicator.nccl(le.rank, le.size, id, device, { timeoutMs });
+      if (le.size > 1) connectPeers(c, device);
+      return c;
     }
+  }
+}
+
+/**
+ * NCCL connects a pair of ranks for point-to-point traffic lazily, on the host, at their first
+ * exchange, and no timeout covers that (a peer dead by then hangs it). One all-to-all of a value per
+ * peer here makes every connection before the first step, so that later collectives' timeouts hold.
+ */
+function connectPeers(c: Communicator, device: number): void {
+  try {
+    using send = Tensor.zeros([c.size, 1], { device: `cuda:${device}` });
+    using recv = Tensor.zeros([c.size, 1], { device: `cuda:${device}` });
+    c.allToAll(send, recv);
+  } catch (e) {
+    c.dispose();
+    throw e;
   }
 }
 

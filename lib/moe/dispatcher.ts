@@ -184,15 +184,18 @@ export class Dispatcher {
     // after it (k times less work; the same values, since the permute copies whole rows).
     const quantized = this.fp8 ? quantizeFp8(x) : null;
     let permuted: PermuteResult;
-    let scaleRows: Tensor | null = null;
     try {
       permuted = permute(quantized ? quantized.q : x, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
-      if (quantized) scaleRows = this.permuteLike(quantized.scales, permuted);
-    } finally {
+    } catch (e) {
       quantized?.q.dispose();
       quantized?.scales.dispose();
+      throw e;
     }
+    let scaleRows: Tensor | null = null;
+    // Dropless layout maps belong to this step (capacity-mode ones are cached by the dispatcher).
+    let stepMaps: (Tensor | null)[] = [];
     try {
+      if (quantized) scaleRows = this.permuteLike(quantized.scales, permuted);
       // Rows per global expert segment, as sent.
       let segment: number[];
       let recvCounts: number[];
@@ -213,6 +216,7 @@ export class Dispatcher {
       const H = x.shape[1] as number;
 
       const { toExpert, toSource, offsets } = this.maps(recvCounts, localRows, x);
+      if (!this.padToCapacity) stepMaps = [toExpert, toSource, offsets];
       const [rows, rowWeights] = tidy(() => {
         const received = scaleRows
           ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
@@ -244,9 +248,11 @@ export class Dispatcher {
       };
       return { rows, weights: rowWeights, handle };
     } catch (e) {
-      for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
+      for (const t of [...Object.values(permuted), ...stepMaps]) if (t instanceof Tensor) t.dispose();
       throw e;
     } finally {
+      quantized?.q.dispose();
+      quantized?.scales.dispose();
       scaleRows?.dispose();
     }
   }
@@ -336,7 +342,12 @@ export class Dispatcher {
   /** Rows of `t` ([T, n], one per token) in the permuted layout; padding rows are zeros. */
   private permuteLike(t: Tensor, permuted: PermuteResult): Tensor {
     const out = Tensor.empty([permuted.numRows, t.shape[1] as number], { dtype: t.dtype, device: t.device });
-    native().permuteRows(t.handle, permuted.rowToken.handle, out.handle, permuted.rowOf.handle);
+    try {
+      native().permuteRows(t.handle, permuted.rowToken.handle, out.handle, permuted.rowOf.handle);
+    } catch (e) {
+      out.dispose();
+      throw e;
+    }
     return out;
   }
 

@@ -9,12 +9,16 @@ import { getDefaultDevice, init, Tensor, TimeoutError } from '../../dist/lib/ind
 
 const i = process.argv.indexOf('--device');
 const onGpu = i > 0 && process.argv[i + 1] === 'cuda';
-const world = await init({ timeoutMs: 3000 });
+// Start-up under the default timeout (two processes started by hand may be seconds apart), then 3 s.
+const world = await init();
+world.timeoutMs = 3000;
 const { rank: r, size: n } = world;
 const device = onGpu ? getDefaultDevice() : 'cpu';
+const ones = Array(n).fill(1);
+// One exchange while every rank is alive (init() already connects NCCL's peers; this makes sure).
+world.allToAllV(Tensor.zeros([n, 1], { device }), ones, Tensor.zeros([n, 1], { device }), ones);
 world.barrier();
 if (r === 1) process.kill(process.pid, 'SIGKILL');
-const ones = Array(n).fill(1);
 const t0 = Date.now();
 try {
   world.allToAllV(Tensor.zeros([n, 1], { device }), ones, Tensor.zeros([n, 1], { device }), ones);
