@@ -91,23 +91,33 @@ describe.each([
 });
 
 describe('fp8 dispatch', () => {
-  it('rows arrive within fp8 e4m3 precision of the bf16 dispatch, per-128 scales', () => {
+  it.each([
+    ['dropless', {}, undefined],
+    ['segments aligned to 4 rows', { align: 4 }, undefined],
+    ['capacity mode, padded', { padToCapacity: true, align: 4 }, 1.0],
+  ] as const)('rows arrive within fp8 e4m3 precision of the bf16 dispatch, per-128 scales (%s)', (_name, layout, cf) => {
     tidy(() => {
       const [T, E, k, H] = [33, 8, 2, 256];
       const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu }).cast('bf16');
       // one row with a large block, to exercise per-block scales
       x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
       const { indices, weights } = routing(T, E, k);
-      const cap = capacity(indices, weights, { numExperts: E });
-      const plain = new Dispatcher({ numExperts: E }).dispatch(x, indices, weights, cap);
-      const fp8 = new Dispatcher({ numExperts: E, fp8: true }).dispatch(x, indices, weights, cap);
+      const cap = capacity(indices, weights, { numExperts: E, capacityFactor: cf });
+      const plain = new Dispatcher({ numExperts: E, ...layout }).dispatch(x, indices, weights, cap);
+      const fp8 = new Dispatcher({ numExperts: E, fp8: true, ...layout }).dispatch(x, indices, weights, cap);
       expect(fp8.rows.dtype).toBe('bf16');
+      expect(fp8.rows.shape).toEqual(plain.rows.shape);
       const a = values(fp8.rows), b = values(plain.rows);
       expect(relErr(a, b)).toBeLessThan(0.05);
       expect(relErr(a, b)).toBeGreaterThan(0); // it did quantise
+      // Padding rows (weight 0) are zeros in both.
+      const w = values(plain.weights);
+      for (let r = 0; r < w.length; r++) if (w[r] === 0) expect(a.slice(r * H, (r + 1) * H).every((v) => v === 0)).toBe(true);
       plain.handle.dispose();
       fp8.handle.dispose();
     });
+  });
+  it('rows whose length is not a multiple of 128 are refused', () => {
     expect(() => new Dispatcher({ numExperts: 8, fp8: true }).dispatch(
       Tensor.zeros([2, 100], { device: cpu }), Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), Tensor.zeros([2, 1], { device: cpu }),
       capacity(Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), null, { numExperts: 8 }),
