@@ -213,6 +213,8 @@ describe('permute and unpermute', () => {
       const p = permute(x, indices, weights, cap, { align, padToCapacity: pad, out });
       expect(p.numRows).toBe(R);
       expect(Array.from(p.offsets.toArray() as Int32Array)).toEqual(ref.offsets);
+      // The segment sizes known on the host step exactly as the device offsets do.
+      expect(p.segmentRows).toEqual(ref.offsets.slice(1).map((o, e) => (o as number) - (ref.offsets[e] as number)));
       expect(Array.from(p.rowOf.toArray() as Int32Array)).toEqual(ref.rowOf);
       expect(Array.from(p.rowToken.toArray() as Int32Array)).toEqual(ref.rowToken);
       expect(Array.from(p.rowWeight.toFloat32Array())).toEqual(ref.rowWeight);

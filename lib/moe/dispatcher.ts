@@ -204,9 +204,8 @@ export class Dispatcher {
         segment = new Array<number>(this.numExperts).fill(C);
         recvCounts = new Array<number>(P * El).fill(C);
       } else {
-        // Deliberate host sync (dropless): how many rows go where is only known on the device.
-        const off = permuted.offsets.toArray() as Int32Array;
-        segment = Array.from({ length: this.numExperts }, (_, e) => (off[e + 1] as number) - (off[e] as number));
+        // Dropless: the segment sizes the permute read once on the host (its deliberate sync).
+        segment = permuted.segmentRows;
         recvCounts = this.exchangeCounts(segment, x);
       }
       const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));

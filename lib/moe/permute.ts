@@ -38,6 +38,8 @@ export interface PermuteOutputs {
 export interface PermuteResult extends PermuteOutputs {
   /** R: rows including padding. */
   numRows: number;
+  /** Rows of each expert's segment, padding included (on the host: offsets without a device read). */
+  segmentRows: number[];
 }
 
 export interface PermuteOptions {
@@ -62,17 +64,20 @@ const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
  * are read to the host: a deliberate device synchronisation.
  */
 export function permutedRowCount(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean } = {}): number {
+  return segmentRowCounts(cap, options).reduce((a, b) => a + b, 0);
+}
+
+/** Rows of each expert's segment (what the layout's offsets step by), read once on the host. */
+function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean }): number[] {
   const op = 'permute';
   const align = checkAlign(options.align ?? 1, op);
   if (options.padToCapacity) {
     if (cap.capacity === null) invalidArgument(op, `'padToCapacity' needs a capacity (capacity() was called without 'capacityFactor')`);
-    return cap.numExperts * roundUp(cap.capacity, align);
+    return new Array<number>(cap.numExperts).fill(roundUp(cap.capacity, align));
   }
   // Deliberate host sync: dropless (or unpadded) layouts size their rows from the kept counts.
   const kept = cap.keptPerExpert.toArray() as Int32Array;
-  let rows = 0;
-  for (const c of kept) rows += roundUp(c, align);
-  return rows;
+  return Array.from(kept, (c) => roundUp(c, align));
 }
 
 /** Gathers x's rows into expert-contiguous order. See the module doc for the outputs. */
@@ -92,7 +97,8 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   const align = checkAlign(options.align ?? 1, op);
   const padToCapacity = options.padToCapacity ?? false;
   if (typeof padToCapacity !== 'boolean') invalidArgument(op, `'padToCapacity' must be a boolean`);
-  const R = permutedRowCount(cap, { align, padToCapacity });
+  const segmentRows = segmentRowCounts(cap, { align, padToCapacity });
+  const R = segmentRows.reduce((a, b) => a + b, 0);
   const [T, k] = indices.shape as [number, number];
   const H = x.shape[1] as number;
   const E = cap.numExperts;
@@ -109,7 +115,7 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
       align, offsets.handle, rowOf.handle, rowToken.handle, rowWeight.handle, invalid.handle);
     // rowOf from the layout just written: the CUDA copy runs in token order and reads x once.
     native().permuteRows(x.handle, rowToken.handle, rows.handle, rowOf.handle);
-    return { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R };
+    return { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R, segmentRows };
   });
 }
 
