@@ -34,8 +34,8 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { capacity, Dispatcher, getDefaultDevice, init, launchEnv, synchronize, Tensor } from '../dist/lib/index.js';
-import { args, dryRun, quick, randomRouting, timeRegion, writeInputs, writeResult } from './harness.mjs';
+import { capacity, Dispatcher, synchronize, Tensor } from '../dist/lib/index.js';
+import { args, benchWorld, dryRun, quick, randomRouting, timeRegion, writeInputs, writeResult } from './harness.mjs';
 
 const noPeer = args.includes('--no-peer');
 
@@ -43,15 +43,7 @@ const noPeer = args.includes('--no-peer');
 // bandwidth, DeepSeek-V3 pretraining setting: FP8 dispatch, BF16 combine.
 const DEEPEP = { source: 'DeepEP V1 README (docs/legacy.md), normal kernels, H800, intranode EP8, NVLink', dispatchFp8GBs: 153, combineGBs: 158 };
 
-const le = launchEnv();
-const world = await init(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {});
-const P = world.size;
-const rank = world.rank;
-const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
-const onGpu = dev !== 'cpu';
-const log = (...m) => {
-  if (rank === 0) console.error(...m);
-};
+const { world, le, P, rank, dev, onGpu, log } = await benchWorld();
 
 // --dry-run --full: DeepEP's shapes on the CPU (slow: checks sizes, MPI counts and the peer at scale).
 const full = args.includes('--full');

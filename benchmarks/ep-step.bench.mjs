@@ -22,19 +22,11 @@
 // gets what the router sends it): 'imbalance' = the rows this rank received / (T·k).
 // Ranks sharing a GPU (MPI backend, host staging) contend for it: the EP=1 figure is then the
 // slowest of P concurrent runs, and the comm figure measures host staging, not NVLink.
-import { capacity, disposeSaved, getDefaultDevice, init, launchEnv, MoELayer, synchronize, Tensor } from '../dist/lib/index.js';
-import { args, dryRun, quick, timeRegion, writeResult } from './harness.mjs';
+import { capacity, disposeSaved, MoELayer, synchronize, Tensor } from '../dist/lib/index.js';
+import { args, benchWorld, dryRun, quick, timeRegion, writeResult } from './harness.mjs';
 
-const le = launchEnv();
 // A minute per collective at most: a rank that fails must not leave the others waiting 5 minutes.
-const world = await init(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single', timeoutMs: 60_000 } : { timeoutMs: 60_000 });
-const P = world.size;
-const rank = world.rank;
-const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
-const onGpu = dev !== 'cpu';
-const log = (...m) => {
-  if (rank === 0) console.error(...m);
-};
+const { world, P, rank, dev, onGpu, log } = await benchWorld({ timeoutMs: 60_000 });
 if (args.includes('--help')) {
   log('mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run]');
   process.exit(0);

@@ -13,7 +13,7 @@ import { Console } from 'node:console';
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { dtypeSize, Event, info, synchronize } from '../dist/lib/index.js';
+import { dtypeSize, Event, getDefaultDevice, info, init, launchEnv, synchronize } from '../dist/lib/index.js';
 
 export const args = process.argv.slice(2);
 export const quick = args.includes('--quick');
@@ -182,4 +182,19 @@ export function randomRouting(T, k, E, seed) {
     }
   }
   return { idx, w };
+}
+
+/**
+ * The ranks of a multi-rank benchmark (under mpirun, or one process): the world communicator, this
+ * rank's device, the launcher's environment (le) and a log that only rank 0 prints. Dry runs stay on the CPU with the MPI backend
+ * (several ranks) or none. `timeoutMs` bounds every collective.
+ */
+export async function benchWorld({ timeoutMs } = {}) {
+  const le = launchEnv();
+  const world = await init({ ...(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {}), ...(timeoutMs ? { timeoutMs } : {}) });
+  const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
+  const log = (...m) => {
+    if (world.rank === 0) console.error(...m);
+  };
+  return { world, le, P: world.size, rank: world.rank, dev, onGpu: dev !== 'cpu', log };
 }
