@@ -52,10 +52,12 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //   Registers   straight from the fragments, 4/8-byte stores (v5).
 //   WarpSlices  each consumer warp stages 16×32 fp32 slices in its own shared memory and stores
 //               whole 16-byte row pieces (v6, the default).
-//   Handoff     bf16 results without accumulate: the consumers drop the whole 128×256 tile into
-//               shared memory as bf16 and go on to the next tile's mainloop; three warps of the
-//               producer warpgroup (otherwise idle) copy it to global memory meanwhile. It costs the
-//               ring a stage (3 instead of 4) to make room for the 66 KiB tile.
+//   Handoff     results without accumulate: the consumers drop the 128×256 tile into shared memory
+//               and go on to the next tile's mainloop; three warps of the producer warpgroup
+//               (otherwise idle) copy it to global memory meanwhile. bf16 tiles go in one piece
+//               (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB each: the consumers wait
+//               for the first half to be copied before they drop the second). It costs the ring a
+//               stage (3 instead of 4).
 enum class StoreVia { Registers, WarpSlices, Handoff };
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
@@ -65,10 +67,13 @@ template <StoreVia VIA> struct Layout {
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
   static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;   // 2560 bytes per warp
-  static constexpr int TILE_LD = BN + 8;                        // Handoff: bf16 per staged row (528 bytes:
-                                                                // fragment stores hit 32 distinct banks)
+  // Handoff row pitches, chosen so that a warp's fragment stores hit every bank once per wavefront:
+  // bf16 pairs (4 bytes) at 264 bf16 = 528 bytes (132 words ≡ 4 mod 32); fp32 pairs (8 bytes, half a
+  // warp per wavefront) at 136 floats = 544 bytes (≡ 8 mod 32).
+  static constexpr int TILE_LD_BF16 = BN + 8;
+  static constexpr int TILE_LD_F32 = BN / 2 + 8;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
-                                       : VIA == StoreVia::Handoff  ? BM * TILE_LD * 2
+                                       : VIA == StoreVia::Handoff  ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
                                                                    : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
@@ -306,39 +311,58 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
   }
 }
 
-// Handoff, consumer side: this warpgroup's 64 rows of the tile into the shared tile as bf16 pairs
-// (row 16w + l/4 (+8), columns 8j + 2(l%4) of the tile; 528-byte rows put a warp's 32 stores in 32
-// distinct banks).
-__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer) {
-  constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD;
+// Handoff, consumer side: this warpgroup's 64 rows of the tile (bf16: all 256 columns; fp32: the
+// 128 columns of `half`) into the shared tile as pairs: row 16w + l/4 (+8), columns 8j + 2(l%4).
+template <typename OutT>
+__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer, int half) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-  const uint32_t base = tile_smem + uint32_t(((consumer * 64 + warp * 16 + (lane >> 2)) * LD + (lane & 3) * 2) * 2);
+  const int row = consumer * 64 + warp * 16 + (lane >> 2);
+  if constexpr (sizeof(OutT) == 2) {
+    constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_BF16;
+    const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 2);
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
+    for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
-      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + uint32_t((h * 8 * LD + j * 8) * 2)), "r"(*reinterpret_cast<uint32_t*>(&v))
-                   : "memory");
+      for (int h = 0; h < 2; ++h) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
+        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + uint32_t((h * 8 * LD + j * 8) * 2)), "r"(*reinterpret_cast<uint32_t*>(&v))
+                     : "memory");
+      }
+    }
+  } else {
+    constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_F32;
+    const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 4);
+#pragma unroll
+    for (int jj = 0; jj < BN / 16; ++jj) {
+      const int j = (half ? BN / 16 : 0) + jj;  // d's 8-column block; jj its place in the half
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + uint32_t((h * 8 * LD + jj * 8) * 4)), "f"(d[j * 4 + h * 2]),
+                     "f"(d[j * 4 + h * 2 + 1])
+                     : "memory");
     }
   }
 }
 
-// Handoff, storer side: the staged tile to global memory, one 512-byte row per warp instruction
-// (16 bytes per lane), rows past the tile's end (the group's, or M) and columns past cols skipped.
-__device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer) {
-  constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD;
+// Handoff, storer side: the staged tile (or fp32 half) to global memory, one 512-byte row per warp
+// instruction (16 bytes per lane), rows past the tile's end (the group's, or M) and columns past
+// cols skipped.
+template <typename OutT>
+__device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer, int half) {
+  constexpr bool BF16 = sizeof(OutT) == 2;
+  constexpr int LD_BYTES = BF16 ? Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2 : Layout<StoreVia::Handoff>::TILE_LD_F32 * 4;
+  constexpr int PER_LANE = 16 / int(sizeof(OutT));  // values per 16-byte piece
   const int lane = storer & 31, warp = storer >> 5;
-  const int col = tile.col0 + lane * 8;
-  if (col >= p.cols) return;  // cols % 8 == 0: a lane's 8 columns are all in or all out
-  __nv_bfloat16* const out = static_cast<__nv_bfloat16*>(p.out) + tile.out_base + col;
+  const int col = tile.col0 + (BF16 ? 0 : half * (BN / 2)) + lane * PER_LANE;
+  if (col >= p.cols) return;  // cols % 8 == 0: a lane's piece is all in or all out
+  OutT* const out = static_cast<OutT*>(p.out) + tile.out_base + col;
   const int rows = min(BM, tile.row_end - tile.row0);
 #pragma unroll 4
   for (int r = warp; r < rows; r += STORER_THREADS / 32) {
     uint4 v;
     asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(tile_smem + uint32_t((r * LD + lane * 8) * 2))
+                 : "r"(tile_smem + uint32_t(r * LD_BYTES + lane * 16))
                  : "memory");
     *reinterpret_cast<uint4*>(out + int64_t(tile.row0 + r) * p.cols) = v;
   }
@@ -352,8 +376,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA == StoreVia::Registers || EPI == GemmEpilogue::Store, "staged epilogues store plain results");
-  static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the handed-off tile is bf16");
   constexpr int STAGES = Layout<VIA>::STAGES;
+  constexpr int HANDOFFS = sizeof(OutT) == 4 ? 2 : 1;  // Handoff: pieces per tile (fp32: two halves)
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
@@ -415,14 +439,16 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
     } else if constexpr (VIA == StoreVia::Handoff) {
       if (threadIdx.x >= 32) {
-        // Storers: walk the same tiles; each one the consumers hand over is copied out.
+        // Storers: walk the same tiles; each piece the consumers hand over is copied out.
         const int storer = threadIdx.x - 32;
-        uint32_t n = 0;
-        for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
+        uint32_t n = 0;  // pieces done
+        for (int t = blockIdx.x; t < total; t += gridDim.x) {
           const Tile tile = tile_at<MODE>(p, t, m_tiles);
-          mbar_wait(&tile_full, n & 1);
-          handoff_drain(p, tile, staging_smem, storer);
-          mbar_arrive(&tile_empty);
+          for (int half = 0; half < HANDOFFS; ++half, ++n) {
+            mbar_wait(&tile_full, n & 1);
+            handoff_drain<OutT>(p, tile, staging_smem, storer, half);
+            mbar_arrive(&tile_empty);
+          }
         }
       }
     }
@@ -432,8 +458,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;  // tiles done (Handoff's phase)
-    for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
+    uint32_t n = 0;  // Handoff: pieces handed over (the barriers' phase)
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
@@ -484,10 +510,12 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
       if constexpr (VIA == StoreVia::Handoff) {
-        // The storers have finished the previous tile (a fresh barrier's first wait passes).
-        mbar_wait(&tile_empty, (n & 1) ^ 1);
-        handoff_put(d, staging_smem, consumer);
-        mbar_arrive(&tile_full);
+        for (int half = 0; half < HANDOFFS; ++half, ++n) {
+          // The storers have copied out the previous piece (a fresh barrier's first wait passes).
+          mbar_wait(&tile_empty, (n & 1) ^ 1);
+          handoff_put<OutT>(d, staging_smem, consumer, half);
+          mbar_arrive(&tile_full);
+        }
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
@@ -547,7 +575,8 @@ DeviceInfo device_info() {
 
 // Plain stores go through the staged epilogue (H200, f838df1: forward 715 vs 656 TFLOP/s
 // register-direct on the balanced shape, dW 461 vs 347); MOE_EP_GG_HOPPER_STAGED=0 keeps them in
-// registers. MOE_EP_GG_HOPPER_HANDOFF=1 hands bf16 tiles without accumulate to the storer warps:
+// registers. MOE_EP_GG_HOPPER_HANDOFF=1 hands tiles without accumulate to the storer warps (fp32
+// ones in two halves: written, NOT yet run on a GPU):
 // faster in the same run (H200, 3012e8f: balanced forward 730 vs 626 TFLOP/s, dA 659 vs 553, dW 575
 // vs 444; 8 of 9 products measured) and correct on the GPU tests' small cases, but opt-in until the
 // whole GPU suite has run it at the large shapes. Read per launch so that a benchmark can compare.
@@ -574,9 +603,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   if constexpr (EPI == GemmEpilogue::Store) {
-    if constexpr (sizeof(OutT) == 2) {
-      if (!p.accumulate && handoff_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
-    }
+    if (!p.accumulate && handoff_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
     if (staged_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
   }
   launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
