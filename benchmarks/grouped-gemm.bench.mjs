@@ -49,17 +49,25 @@ for (const [i, s] of shapes.entries()) {
     const tnHandoff = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
     const handoffOut = [outNN.clone(), outNT.clone(), outTN.clone()]; // checked against the default's below
+    // dW with fp32 results, as training computes it (expertsBackward), default and hand-off.
+    const outTN32 = Tensor.empty([E, s.K, s.N], { dtype: 'f32', device: dev });
+    const tnF32 = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN32 }), { repeats });
+    const tnF32Ref = outTN32.clone();
+    process.env.MOE_EP_GG_HOPPER_HANDOFF = '1';
+    const tnF32Handoff = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN32 }), { repeats });
+    delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
+    handoffOut.push(outTN32);
     const nn = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const nt = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     // The hand-off's results against the default kernel's, relative error in norm (the same
     // arithmetic: 0 unless a tile went wrong).
-    const handoffErr = [outNN, outNT, outTN].map((ref, i) => {
+    const handoffErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) => {
       const diff = ops.add(handoffOut[i].cast('f32'), ref.cast('f32'), { alpha: -1 });
       return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(ref.cast('f32')).item(), 1e-30));
     });
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
-    return { handoffErr, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
+    return { handoffErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
   });
   const peer = runPeer('grouped_gemm_torch.py', [dir, String(repeats)]);
   rmSync(dir, { recursive: true, force: true });
@@ -85,6 +93,14 @@ for (const [i, s] of shapes.entries()) {
   rows[rows.length - 2].handoffTFLOPs = +tf(r.ntHandoff).toFixed(1);
   rows[rows.length - 1].handoffTFLOPs = +tf(r.tnHandoff).toFixed(1);
   for (let i = 0; i < 3; i++) rows[rows.length - 3 + i].handoffVsDefault = +r.handoffErr[i].toExponential(2);
+  rows.push({
+    shape: s.name,
+    product: 'dW TN, fp32 out',
+    oursMs: +r.tnF32.toFixed(3),
+    oursTFLOPs: +tf(r.tnF32).toFixed(1),
+    handoffTFLOPs: +tf(r.tnF32Handoff).toFixed(1),
+    handoffVsDefault: +r.handoffErr[3].toExponential(2),
+  });
   rows[rows.length - 3].relErrVsTorch = peer.relErrNN;
   if (peer.torchTNError) rows[rows.length - 1].torchError = peer.torchTNError;
 }
@@ -92,6 +108,7 @@ writeResult('grouped-gemm', rows, {
   flops: '2·M·K·N per product; M rows in total split into groups by counts',
   ratio: 'torch time / our time (≥ 1 means we are faster)',
   handoffVsDefault: "relative error in norm of the hand-off epilogue's results against the default kernel's on the same inputs (the same arithmetic: 0 unless a tile went wrong)",
+  fp32Out: "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
   kernel:
     'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA 4-stage ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu), ' +
     'epilogue staged through per-warp shared-memory slices (whole-row stores). TN at >= 32 rows per group too; below that, and ' +
