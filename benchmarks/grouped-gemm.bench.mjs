@@ -62,10 +62,15 @@ for (const [i, s] of shapes.entries()) {
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     // The hand-off's results against the default kernel's, relative error in norm (the same
     // arithmetic: 0 unless a tile went wrong).
-    const handoffErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) => {
-      const diff = ops.add(handoffOut[i].cast('f32'), ref.cast('f32'), { alpha: -1 });
-      return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(ref.cast('f32')).item(), 1e-30));
-    });
+    const handoffErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
+      tidy(() => {
+        // One product at a time (the decode shape's fp32 dW is 15 GB): its temporaries freed here.
+        const refF32 = ref.dtype === 'f32' ? ref : ref.cast('f32');
+        const diff = ops.add(handoffOut[i].dtype === 'f32' ? handoffOut[i] : handoffOut[i].cast('f32'), refF32, { alpha: -1 });
+        return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
+      }),
+    );
+    for (const t of [...handoffOut, tnF32Ref]) t.dispose();
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
     return { handoffErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
   });
