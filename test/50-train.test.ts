@@ -42,6 +42,13 @@ describe('training on the default task (CPU)', () => {
     expect(on.loss).toBeLessThan(1.5 * off.loss); // the price of forcing balance on Zipf-skewed data
   });
 
+  it('data.onDevice on the CPU is the CPU data path: the same losses, bit for bit', () => {
+    const plain = train({ train: { steps: 30 } as never });
+    const onDevice = train({ data: { onDevice: true } as never, train: { steps: 30 } as never });
+    expect(onDevice.loss).toBe(plain.loss);
+    expect(onDevice.first).toBe(plain.first);
+  });
+
   it('at equal per-token FLOPs, 8 experts (top-2, ffn 8) beat one expert (ffn 16) by at least 20%', () => {
     const moe = train({ model: { experts: 8, topK: 2, ffn: 8 } });
     const dense = train({ model: { experts: 1, topK: 1, ffn: 16 } });

@@ -30,7 +30,7 @@ export interface TrainConfig {
   };
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
-  data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number };
+  data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number; onDevice: boolean };
   train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean };
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
@@ -40,7 +40,7 @@ export const defaultConfig: TrainConfig = {
   model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
-  data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1 },
+  data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
   train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
@@ -100,6 +100,10 @@ export const trainConfigSchema = {
       noise: num(0),
       tokensPerStep: { ...int(1), description: 'global batch per step, split evenly over the ranks' },
       seed: int(0),
+      onDevice: {
+        type: 'boolean',
+        description: "compute each batch's targets (x·A_c) on the training device, in bf16 there: for wide models on a GPU, whose steps the CPU's f32 GEMM can dominate; the targets then differ from a CPU run's in rounding",
+      },
     }),
     train: section({
       steps: int(1),

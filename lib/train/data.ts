@@ -7,7 +7,7 @@
  * Everything derives from one seed (cluster ids from a host PRNG; centres, maps and noise from
  * Philox streams), so every rank of a data-parallel job can draw its own disjoint shard of a step.
  */
-import { type Device } from '../device.js';
+import { Device, type DeviceLike } from '../device.js';
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
@@ -22,11 +22,16 @@ export interface ClusterTaskConfig {
   /** Within-cluster noise σ. */
   noise: number;
   seed: number;
+  /**
+   * Where the targets y = x·A_c are computed (default the CPU, in f32). On a GPU: a bf16 grouped
+   * GEMM, so y then differs from the CPU's in rounding (and is left on that device).
+   */
+  device?: DeviceLike;
 }
 
 export interface Batch extends Disposable {
   x: Tensor; // [T, dim] f32 on the CPU
-  y: Tensor; // [T, dim] f32 on the CPU
+  y: Tensor; // [T, dim] f32 on the CPU, or bf16 on the task's device
   clusters: Int32Array;
   dispose(): void;
 }
@@ -62,6 +67,8 @@ export class ClusterTask implements Disposable {
   readonly config: ClusterTaskConfig;
   private readonly centres: Tensor; // [K, dim]
   private readonly maps: Tensor; // [K, dim, dim]: y = x · maps[c]
+  /** The maps in bf16 on the task's device, when targets are computed there. */
+  private readonly deviceMaps: Tensor | null;
   private readonly cumulative: number[];
 
   constructor(config: ClusterTaskConfig) {
@@ -75,6 +82,8 @@ export class ClusterTask implements Disposable {
     const { dim, clusters, seed } = config;
     this.centres = keep(Tensor.randn([clusters, dim], { seed: seed * 8 + 1, device: 'cpu' }));
     this.maps = keep(Tensor.randn([clusters, dim, dim], { seed: seed * 8 + 2, std: 1 / Math.sqrt(dim), device: 'cpu' }));
+    const device = config.device === undefined ? null : Device.parse(config.device, op);
+    this.deviceMaps = device && device.isCuda ? keep(this.maps.copyTo({ device, dtype: 'bf16' })) : null;
     const w = Array.from({ length: clusters }, (_, c) => 1 / (c + 1) ** config.zipf);
     const total = w.reduce((a, b) => a + b, 0);
     let acc = 0;
@@ -125,6 +134,11 @@ export class ClusterTask implements Disposable {
       native().permuteRows(this.centres.handle, idx.handle, x.handle); // x[t] = μ_{c(t)}
       const offset = index * tokens * dim;
       x.add_(Tensor.randn([tokens, dim], { seed: seed * 8 + 3, offset, device: 'cpu' }), noise);
+      if (this.deviceMaps) {
+        const device = this.deviceMaps.device;
+        const y = groupedGemm('NN', x.copyTo({ device, dtype: 'bf16' }), this.deviceMaps, Tensor.fromArray(offsets, { dtype: 'i32', device }));
+        return [x, y] as const;
+      }
       const off = Tensor.fromArray(offsets, { dtype: 'i32', device: 'cpu' });
       const y = groupedGemm('NN', x, this.maps, off);
       return [x, y] as const;
@@ -153,6 +167,7 @@ export class ClusterTask implements Disposable {
   dispose(): void {
     this.centres.dispose();
     this.maps.dispose();
+    this.deviceMaps?.dispose();
   }
   [Symbol.dispose](): void {
     this.dispose();

@@ -90,7 +90,14 @@ export class Trainer implements Disposable {
       this.group,
       config.data.seed,
     );
-    this.task = new ClusterTask({ dim: m.hidden, clusters: config.data.clusters, zipf: config.data.zipf, noise: config.data.noise, seed: config.data.seed });
+    this.task = new ClusterTask({
+      dim: m.hidden,
+      clusters: config.data.clusters,
+      zipf: config.data.zipf,
+      noise: config.data.noise,
+      seed: config.data.seed,
+      ...(config.data.onDevice ? { device: this.device } : {}),
+    });
     this.state = this.model.params().map((param) => ({
       param,
       expAvg: keep(Tensor.zeros(param.master.shape, { device: this.device })),

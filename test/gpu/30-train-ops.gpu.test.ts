@@ -5,6 +5,7 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import {
   adamwStep,
   balanceBiasUpdate,
+  ClusterTask,
   crossEntropyLoss,
   type DType,
   memoryStats,
@@ -193,6 +194,24 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
         b.dispose();
         gb.dispose();
       }
+    }
+  });
+});
+
+describe.skipIf(!hasGpu)('the training data on the GPU (data.onDevice)', () => {
+  it("ClusterTask's targets computed on the GPU (bf16) match the CPU's (f32) within bf16 rounding, for every rank's shard", () => {
+    const cfg = { dim: 256, clusters: 16, zipf: 1.1, noise: 0.3, seed: freshSeed() % 1000 };
+    using onCpu = new ClusterTask(cfg);
+    using onGpu = new ClusterTask({ ...cfg, device: gpu });
+    for (const [rank, ranks] of [[0, 1], [1, 2]] as const) {
+      using a = onCpu.batch(3, 512, rank, ranks);
+      using b = onGpu.batch(3, 512, rank, ranks);
+      expect(b.y.device.toString()).toBe(gpu);
+      expect(b.y.shape).toEqual(a.y.shape);
+      expect(values(b.x)).toEqual(values(a.x)); // the inputs are the same draw
+      expect(relErr(values(b.y), values(a.y))).toBeLessThan(1e-2);
+      using labels = ClusterTask.labels(b);
+      expect(labels.shape).toEqual([a.y.shape[0]]);
     }
   });
 });
