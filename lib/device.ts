@@ -13,6 +13,7 @@ export class Device {
 
   static readonly cpu = new Device('cpu', 0);
   static cuda(index = 0): Device {
+    if (!Number.isSafeInteger(index) || index < 0) invalidArgument('device', `'index' must be a non-negative integer; received ${String(index)}`);
     return new Device('cuda', index);
   }
 

@@ -84,6 +84,10 @@ export function matmul(a: Tensor, b: Tensor, options: OutOption & { accumulate?:
   if (a.ndim !== 2 || b.ndim !== 2) invalidArgument('matmul', `expects 2-D tensors, got [${a.shape.join(',')}] and [${b.shape.join(',')}]`);
   if (options.accumulate && options.out === undefined) invalidArgument('matmul', `'accumulate' needs 'out'`);
   const out = resultLike(a, options.out, 'matmul', [a.shape[0] as number, b.shape[1] as number], options.dtype ?? a.dtype);
+  // The product reads a and b while it writes out: an overlapping out would feed back partial results.
+  if (options.out !== undefined && (out.sharesStorageWith(a) || out.sharesStorageWith(b))) {
+    invalidArgument('matmul', `'out' shares memory with 'a' or 'b'; the product needs a separate output`);
+  }
   runInto(out, options.out, () => native().matmul(a.handle, b.handle, out.handle, options.accumulate ?? false));
   return out;
 }

@@ -30,6 +30,7 @@ export class Stream implements Disposable {
   }
   /** Work queued on this stream after this call waits for `event`. */
   waitEvent(event: Event): void {
+    if (!(event instanceof Event)) invalidArgument('Stream.waitEvent', `'event' must be an Event; received ${event === null ? 'null' : typeof event}`);
     this.handle.waitEvent(event.handle);
   }
   /** Records a new event on this stream and returns it. */
@@ -72,6 +73,7 @@ export class Event implements Disposable {
   }
   /** Records the event on `stream`, or on the device's current stream. */
   record(stream?: Stream): void {
+    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('Event.record', `'stream' must be a Stream; received ${String(stream)}`);
     this.handle.record(stream ? stream.handle : currentStreamHandle(this.device));
   }
   /** Blocks the host until the work recorded before this event has completed. */
@@ -91,6 +93,7 @@ export class Event implements Disposable {
   }
   /** Milliseconds from this event to `end` (both created with `timing: true`, recorded and complete). */
   elapsedTime(end: Event): number {
+    if (!(end instanceof Event)) invalidArgument('Event.elapsedTime', `'end' must be an Event; received ${end === null ? 'null' : typeof end}`);
     return this.handle.elapsedTime(end.handle);
   }
   get disposed(): boolean {

@@ -52,6 +52,14 @@ function numelOf(shape: readonly number[]): number {
  * Open tidy() scopes, innermost last. Every tensor created while a scope is open is recorded in it,
  * so tidy() can dispose the intermediates that the function did not return.
  */
+/** Integer dtypes narrower than a JS safe integer: the values they hold. */
+const INT_RANGE: Partial<Record<DType, [number, number]>> = { i32: [-(2 ** 31), 2 ** 31 - 1], u8: [0, 255] };
+
+/** The check of lib/args.ts (which imports this module), for the methods here. */
+function requireTensorArg(t: unknown, op: string, arg: string): void {
+  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
+}
+
 const scopes: Set<Tensor>[] = [];
 
 /** @internal The tensors in `value` (a tensor, or inside arrays and plain objects), as tidy() finds them. */
@@ -69,6 +77,7 @@ export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth 
  * as views created inline (`a.transpose()`) are released too. Scopes nest; `fn` must be synchronous.
  */
 export function tidy<T>(fn: () => T): T {
+  if (typeof fn !== 'function') invalidArgument('tidy', `'fn' must be a function; received ${fn === null ? 'null' : typeof fn}`);
   const scope = new Set<Tensor>();
   scopes.push(scope);
   let result: T;
@@ -180,7 +189,7 @@ export class Tensor implements Disposable {
   static fromArray(data: ArrayLike<number> | ArrayBufferView, options: CreateOptions & { shape?: readonly number[] } = {}): Tensor {
     const op = 'fromArray';
     const device = Device.parse(options.device ?? getDefaultDevice(), op);
-    const length = (data as ArrayLike<unknown>).length;
+    const length = data !== null && typeof data === 'object' ? (data as ArrayLike<unknown>).length : undefined;
     if (typeof length !== 'number') invalidArgument(op, `'data' must be an array of numbers or a TypedArray`);
     const shape = checkShape(options.shape ?? [length], op);
     if (numelOf(shape) !== length) invalidArgument(op, `'data' has ${length} values but shape [${shape.join(',')}] holds ${numelOf(shape)}`);
@@ -201,6 +210,8 @@ export class Tensor implements Disposable {
       if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
         invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
       }
+      const range = INT_RANGE[dtype];
+      if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
     }
     if (dtype === 'i64') {
       const big = BigInt64Array.from(values, (v) => BigInt(v));
@@ -249,6 +260,7 @@ export class Tensor implements Disposable {
     return new Tensor(this.handle.transpose(dim0, dim1));
   }
   sharesStorageWith(other: Tensor): boolean {
+    requireTensorArg(other, 'sharesStorageWith', 'other');
     return this.handle.sharesStorage(other.handle);
   }
   /**
@@ -287,11 +299,13 @@ export class Tensor implements Disposable {
   }
   /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
   copy_(src: Tensor): this {
+    requireTensorArg(src, 'copy', 'src');
     native().copy(this.handle, src.handle);
     return this;
   }
   /** this += alpha·other in place (same dtype; `other` may be a trailing part of this shape). */
   add_(other: Tensor, alpha = 1): this {
+    requireTensorArg(other, 'add', 'other');
     native().binary(0, this.handle, other.handle, this.handle, alpha);
     return this;
   }

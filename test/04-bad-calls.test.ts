@@ -1,19 +1,39 @@
 // Bad calls, table-driven: each must throw a clear error of the right class that names the op and
 // the argument, and none may take the process down.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
 import {
+  capacity,
+  CheckpointError,
+  ClusterTask,
+  Communicator,
+  Device,
+  Dispatcher,
   DisposedError,
   Event,
+  expertsForward,
+  groupedGemm,
   InvalidArgumentError,
+  listCheckpoints,
+  loadCheckpoint,
+  MoELayer,
+  permute,
+  pruneCheckpoints,
+  SafetensorsFile,
+  saveCheckpoint,
+  stepDirName,
+  Trainer,
   memoryStats,
   MoeError,
   ops,
   OutOfMemoryError,
   Stream,
   Tensor,
+  tidy,
   UnavailableError,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
@@ -24,6 +44,23 @@ const disposed = (): Tensor => {
   const t = f([2, 2]);
   t.dispose();
   return t;
+};
+
+const i32 = (data: number[], shape: number[]): Tensor => Tensor.fromArray(data, { shape, dtype: 'i32', device: cpu });
+const tmp = (): string => mkdtempSync(join(tmpdir(), 'moe-ep-bad-'));
+/** A checkpoint root holding step 1 (one tensor 'w'), its manifest passed through `edit`. */
+const checkpoint = (edit: (m: Record<string, unknown>) => void = () => {}): string => {
+  const root = tmp();
+  const { dir } = saveCheckpoint(root, { step: 1, replicated: { w: Tensor.fromArray([1, 2], { device: cpu }) } });
+  const manifest = JSON.parse(readFileSync(join(dir, 'manifest.json'), 'utf8')) as Record<string, unknown>;
+  edit(manifest);
+  writeFileSync(join(dir, 'manifest.json'), JSON.stringify(manifest));
+  return root;
+};
+/** indices [2,2] over 4 experts and its dropless capacity result. */
+const routed = () => {
+  const indices = i32([0, 1, 2, 3], [2, 2]);
+  return { indices, cap: capacity(indices, null, { numExperts: 4 }) };
 };
 
 type Case = [name: string, call: () => unknown, errorClass: typeof MoeError, message: RegExp];
@@ -75,6 +112,51 @@ const cases: Case[] = [
   ['raw: bad shape element', () => native().tensorEmpty([1, 'a' as never], 0, 0, 0), InvalidArgumentError, /element 1 is not a number/],
   ['ops given a non-tensor', () => ops.add(3 as never, f([1])), InvalidArgumentError, /add: 'a' must be a Tensor/],
   ['elapsed time of unrecorded events', () => new Event(cpu, { timing: true }).elapsedTime(new Event(cpu, { timing: true })), InvalidArgumentError, /both events must be recorded/],
+  // found by fuzzing the public API: JS-side checks that named nothing or let garbage through
+  ['fromArray value beyond i32', () => Tensor.fromArray([2 ** 40], { dtype: 'i32', device: cpu }), InvalidArgumentError, /fromArray: 'data'\[0\] = 1099511627776 does not fit i32/],
+  ['fromArray value beyond u8', () => Tensor.fromArray([300], { dtype: 'u8', device: cpu }), InvalidArgumentError, /fromArray: 'data'\[0\] = 300 does not fit u8/],
+  ['fromArray of undefined', () => Tensor.fromArray(undefined as never, { device: cpu }), InvalidArgumentError, /fromArray: 'data' must be an array/],
+  ['copy_ from a non-tensor', () => f([2]).copy_(undefined as never), InvalidArgumentError, /copy: 'src' must be a Tensor/],
+  ['add_ of null', () => f([2]).add_(null as never), InvalidArgumentError, /add: 'other' must be a Tensor; received null/],
+  ['tidy without a function', () => tidy(3 as never), InvalidArgumentError, /tidy: 'fn' must be a function/],
+  ['matmul into one of its inputs', () => { const a = f([2, 2]); return ops.matmul(a, f([2, 2]), { out: a }); }, InvalidArgumentError, /matmul: 'out' shares memory with 'a' or 'b'/],
+  ['Device.cuda of a negative index', () => Device.cuda(-1), InvalidArgumentError, /'index' must be a non-negative integer; received -1/],
+  ['event recorded on a non-stream', () => new Event(cpu).record('s' as never), InvalidArgumentError, /Event.record: 'stream' must be a Stream/],
+  ['stream waiting on a non-event', () => new Stream(cpu).waitEvent(null as never), InvalidArgumentError, /Stream.waitEvent: 'event' must be an Event/],
+  ['allReduce with an inherited op name', () => Communicator.single().allReduce(f([2]), 'toString' as never), InvalidArgumentError, /allReduce: 'op' must be sum, max, min or avg; received "toString"/],
+  ['allToAllV of undefined', () => Communicator.single().allToAllV(undefined as never, [2], f([2, 3]), [2]), InvalidArgumentError, /allToAllV: 'send' must be a Tensor/],
+  ['allGather of a scalar', () => Communicator.single().allGather(f([])), InvalidArgumentError, /allGather: 't' is a scalar/],
+  ['groupedGemm with an inherited mode name', () => groupedGemm('toString' as never, f([4, 3]), f([2, 3, 5]), i32([0, 2, 4], [3])), InvalidArgumentError, /groupedGemm: 'mode' must be 'NN', 'NT' or 'TN'; received "toString"/],
+  ['groupedGemm with empty offsets', () => groupedGemm('TN', f([4, 3]), f([4, 5]), i32([], [0])), InvalidArgumentError, /groupedGemm: 'offsets' must be \[E\+1\]/],
+  ['expertsForward with an odd w13', () => expertsForward(f([4, 3]), f([2, 3, 7]), f([2, 4, 3]), i32([0, 2, 4], [3])), InvalidArgumentError, /expertsForward: 'w13' must be \[E,H,2F\]/],
+  ['expertsForward of undefined', () => expertsForward(undefined as never, f([2, 3, 8]), f([2, 4, 3]), i32([0, 2, 4], [3])), InvalidArgumentError, /expertsForward: 'a' must be a Tensor/],
+  ['permute with kept counts beyond T·k', () => { const { indices, cap } = routed(); cap.keptPerExpert.fill_(2 ** 30); return permute(f([2, 3]), indices, f([2, 2]), cap); }, InvalidArgumentError, /permute: 'cap.keptPerExpert'\[0\] = 1073741824 is outside \[0, 4\]/],
+  ['permute with negative kept counts', () => { const { indices, cap } = routed(); cap.keptPerExpert.fill_(-1); return permute(f([2, 3]), indices, f([2, 2]), cap); }, InvalidArgumentError, /permute: 'cap.keptPerExpert'\[0\] = -1/],
+  ['permute with a NaN capacity', () => { const { indices, cap } = routed(); return permute(f([2, 3]), indices, f([2, 2]), { ...cap, capacity: NaN }, { padToCapacity: true }); }, InvalidArgumentError, /permute: 'cap.capacity' must be null or a non-negative integer/],
+  ['permute with a wrong numExperts', () => { const { indices, cap } = routed(); return permute(f([2, 3]), indices, f([2, 2]), { ...cap, numExperts: 8 }); }, InvalidArgumentError, /permute: 'cap.keptPerExpert' \[4\] must be \[8\]/],
+  ['Dispatcher with rank >= size', () => new Dispatcher({ numExperts: 4, group: { rank: 3, size: 2, allToAll: () => 0, allToAllV: () => 0 } }), InvalidArgumentError, /Dispatcher: 'group' has rank 3 and size 2/],
+  ['Dispatcher with a non-group', () => new Dispatcher({ numExperts: 4, group: 'g' as never }), InvalidArgumentError, /Dispatcher: 'group' must be an ExpertParallelGroup/],
+  ['combine of the wrong number of rows', () => {
+    const { indices, cap } = routed();
+    const d = new Dispatcher({ numExperts: 4 });
+    const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+    return d.combine(f([1, 3]), r.handle, f([2, 2]));
+  }, InvalidArgumentError, /combine: 'expertOut' \[1,3\] must be \[4, H\]/],
+  ['MoELayer.backward of a non-forward', () => new MoELayer({ numExperts: 4, topK: 2, hidden: 8, ffn: 8, dtype: 'f32', device: cpu }).backward(null as never, f([2, 8])), InvalidArgumentError, /MoELayer.backward: 'fwd' must be what forward\(\) returned/],
+  ['MoELayer.backward with dy of another shape', () => {
+    const layer = new MoELayer({ numExperts: 4, topK: 2, hidden: 8, ffn: 8, dtype: 'f32', device: cpu });
+    return layer.backward(layer.forward(Tensor.randn([2, 8], { device: cpu })), f([3, 8]));
+  }, InvalidArgumentError, /MoELayer.backward: 'dy' \[3,8\] must have the shape of the forward's 'x' \[2,8\]/],
+  ['ClusterTask.batch of negative tokens', () => new ClusterTask({ dim: 8, clusters: 4, zipf: 1, noise: 0.1, seed: 1 }).batch(0, -1), InvalidArgumentError, /ClusterTask.batch: 'tokens' must be a positive integer/],
+  ['Trainer of a non-config', () => new Trainer(null as never), InvalidArgumentError, /config: must be a JSON object/],
+  ['stepDirName of NaN', () => stepDirName(NaN), InvalidArgumentError, /stepDirName: 'step' must be a non-negative integer; received NaN/],
+  ['saveCheckpoint without a root', () => saveCheckpoint(undefined as never, { step: 1 }), InvalidArgumentError, /saveCheckpoint: 'root' must be a folder path/],
+  ['loadCheckpoint of a non-path', () => loadCheckpoint(5 as never), InvalidArgumentError, /loadCheckpoint: 'path' must be a checkpoint folder/],
+  ['CheckpointReader.get of a non-name', () => loadCheckpoint(checkpoint()).get(5 as never), InvalidArgumentError, /CheckpointReader: 'name' must be a string/],
+  ['CheckpointReader.into a non-tensor', () => loadCheckpoint(checkpoint()).into('w', null as never), InvalidArgumentError, /CheckpointReader.into: 'dst' must be a Tensor/],
+  ['manifest with tensors null', () => loadCheckpoint(checkpoint((m) => { m.tensors = null; })), CheckpointError, /manifest.json lacks step, files or tensors/],
+  ['manifest with a bad shape', () => loadCheckpoint(checkpoint((m) => { (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x'; })), CheckpointError, /tensor 'w' needs a file, a dtype and a shape/],
+  ['safetensors open of a folder', () => SafetensorsFile.open(tmp()), CheckpointError, /not a regular file/],
 ];
 
 describe('bad calls give clear errors', () => {
@@ -101,6 +183,12 @@ describe('bad calls give clear errors', () => {
     expect(t.toNumbers()).toEqual([1, 1, 1]);
     t.dispose();
     expect(memoryStats(cpu).liveBytes).toBe(before);
+  });
+
+  it('pruneCheckpoints refuses keep < 1 instead of deleting every checkpoint', () => {
+    const root = checkpoint();
+    for (const keep of [-1, 0, NaN, null]) expect(() => pruneCheckpoints(root, keep as never)).toThrow(/pruneCheckpoints: 'keep' must be a positive integer/);
+    expect(listCheckpoints(root)).toHaveLength(1);
   });
 
   it('a CUDA device on a machine without one is Unavailable, with the reason', () => {

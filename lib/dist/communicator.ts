@@ -8,6 +8,7 @@
  * TimeoutError names the op, this rank and (where known) the peers not heard from, and the
  * communicator is aborted (later calls throw at once).
  */
+import { checkTensor } from '../args.js';
 import { invalidArgument } from '../errors.js';
 import { type CommHandle, native } from '../native.js';
 import { Tensor } from '../tensor.js';
@@ -86,7 +87,8 @@ export class Communicator implements Disposable {
 
   /** In place: t = op over ranks of t. */
   allReduce(t: Tensor, op: ReduceOp = 'sum'): Tensor {
-    const code = REDUCE_CODES[op];
+    checkTensor(t, 'allReduce', 't');
+    const code = Object.hasOwn(REDUCE_CODES, op) ? REDUCE_CODES[op] : undefined;
     if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${JSON.stringify(op)}`);
     this.handle.allReduce(t.handle, code);
     return t;
@@ -94,6 +96,9 @@ export class Communicator implements Disposable {
 
   /** out[r·rows + i] = rank r's t[i]; `out` [size·rows, ...] is created when not given. */
   allGather(t: Tensor, out?: Tensor): Tensor {
+    checkTensor(t, 'allGather', 't');
+    if (out !== undefined && out !== null) checkTensor(out, 'allGather', 'out');
+    if (t.ndim === 0) invalidArgument('allGather', `'t' is a scalar; collectives count rows along dim 0`);
     const o = out ?? Tensor.empty([t.shape[0]! * this.size, ...t.shape.slice(1)], { dtype: t.dtype, device: t.device });
     try {
       this.handle.allGather(t.handle, o.handle);
@@ -106,6 +111,7 @@ export class Communicator implements Disposable {
 
   /** In place: every rank's t becomes root's t. */
   broadcast(t: Tensor, root: number): Tensor {
+    checkTensor(t, 'broadcast', 't');
     this.handle.broadcast(t.handle, root);
     return t;
   }
@@ -116,6 +122,8 @@ export class Communicator implements Disposable {
 
   /** Equal chunks: chunk p of send ([size·n, ...]) goes to rank p; chunk p of recv comes from p. */
   allToAll(send: Tensor, recv?: Tensor): Tensor {
+    checkTensor(send, 'allToAll', 'send');
+    if (recv !== undefined && recv !== null) checkTensor(recv, 'allToAll', 'recv');
     const r = recv ?? Tensor.empty(send.shape, { dtype: send.dtype, device: send.device });
     try {
       this.handle.allToAll(send.handle, r.handle);
@@ -132,6 +140,8 @@ export class Communicator implements Disposable {
    * (e.g. with allToAll of an i32/i64 tensor of counts); sums must match the tensors' rows.
    */
   allToAllV(send: Tensor, sendRows: number[], recv: Tensor, recvRows: number[]): Tensor {
+    checkTensor(send, 'allToAllV', 'send');
+    checkTensor(recv, 'allToAllV', 'recv');
     this.handle.allToAllV(send.handle, checkRows(sendRows, 'allToAllV', 'sendRows'), recv.handle, checkRows(recvRows, 'allToAllV', 'recvRows'));
     return recv;
   }

@@ -138,6 +138,12 @@ export class Dispatcher {
     const op = 'Dispatcher';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
     const group = config.group ?? singleRankGroup;
+    if (group === null || typeof group !== 'object' || typeof group.allToAll !== 'function' || typeof group.allToAllV !== 'function') {
+      invalidArgument(op, `'group' must be an ExpertParallelGroup (a Communicator, or an object with rank, size, allToAll and allToAllV)`);
+    }
+    if (!Number.isSafeInteger(group.size) || group.size < 1 || !Number.isSafeInteger(group.rank) || group.rank < 0 || group.rank >= group.size) {
+      invalidArgument(op, `'group' has rank ${String(group.rank)} and size ${String(group.size)}; expected 0 <= rank < size`);
+    }
     if (!Number.isSafeInteger(config.numExperts) || config.numExperts <= 0) invalidArgument(op, `'numExperts' must be a positive integer; received ${String(config.numExperts)}`);
     if (config.numExperts % group.size !== 0) {
       invalidArgument(op, `'numExperts' ${config.numExperts} must be a multiple of the expert-parallel group size ${group.size}`);
@@ -268,7 +274,7 @@ export class Dispatcher {
     requireTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
-      const home = this.returnRows(expertOut, handle);
+      const home = this.returnRows(expertOut, handle, op, 'expertOut');
       return unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
     }), options);
   }
@@ -288,7 +294,7 @@ export class Dispatcher {
     requireTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
-      const home = this.returnRows(expertOut, handle);
+      const home = this.returnRows(expertOut, handle, op, 'expertOut');
       const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
       const H = dy.shape[1] as number;
       const received = this.exchange(dRows, handle.sendRows, handle.recvRows, [handle.recvRows.reduce((a, b) => a + b, 0), H]);
@@ -307,11 +313,15 @@ export class Dispatcher {
     const op = 'dispatchBackward';
     requireTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
-    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => permuteBackward(this.returnRows(dRows, handle), handle.permuted.rowOf, { dtype: dRows.dtype })), options);
+    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => permuteBackward(this.returnRows(dRows, handle, op, 'dRows'), handle.permuted.rowOf, { dtype: dRows.dtype })), options);
   }
 
   /** Expert-order rows back to their home ranks, in the home's permuted order. */
-  private returnRows(rows: Tensor, handle: DispatchHandle): Tensor {
+  private returnRows(rows: Tensor, handle: DispatchHandle, op: string, name: string): Tensor {
+    const received = handle.recvRows.reduce((a, b) => a + b, 0);
+    if (rows.ndim !== 2 || rows.shape[0] !== received) {
+      invalidArgument(op, `'${name}' [${rows.shape.join(',')}] must be [${received}, H]: one row per row dispatch() delivered`);
+    }
     const H = rows.shape[1] as number;
     const bySource = this.reorder(rows, handle.toSourceOrder);
     return this.exchange(bySource, handle.recvRows, handle.sendRows, [handle.permuted.numRows, H]);

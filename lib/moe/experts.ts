@@ -8,6 +8,7 @@
  *   a [M,H] bf16 · w13 [E,H,2F] bf16 (W1 and W3 interleaved by column: 2i ← W1[:,i], 2i+1 ← W3[:,i])
  *   → g [M,2F] (saved pre-activations), h [M,F] · w2 [E,F,H] → out [M,H]
  */
+import { checkTensor } from '../args.js';
 import { invalidArgument } from '../errors.js';
 import { Tensor, tidy } from '../tensor.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
@@ -27,6 +28,8 @@ export interface ExpertsGrads {
 
 /** Interleaves W1 and W3 [E,H,F] (any device, bf16 or f32) into the w13 layout [E,H,2F]. */
 export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
+  checkTensor(w1, 'interleaveW13', 'w1');
+  checkTensor(w3, 'interleaveW13', 'w3');
   if (w1.ndim !== 3 || w1.shape.join() !== w3.shape.join()) {
     invalidArgument('interleaveW13', `'w1' and 'w3' must both be [E,H,F], got [${w1.shape}] and [${w3.shape}]`);
   }
@@ -46,17 +49,36 @@ export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
  * accepted on the CPU, where the reference runs in f32 for gradient checks).
  */
 export function expertsForward(a: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor): ExpertsForward {
+  checkShapes('expertsForward', { a, w13, w2, offsets });
   const M = a.shape[0] as number;
   const F2 = w13.shape[2] as number;
   const g = Tensor.empty([M, F2], { dtype: a.dtype, device: a.device });
   const h = Tensor.empty([M, F2 / 2], { dtype: a.dtype, device: a.device });
-  groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, offsets, h, g);
-  const out = groupedGemm('NN', h, w2, offsets);
-  return { out, g, h };
+  try {
+    groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, offsets, h, g);
+    const out = groupedGemm('NN', h, w2, offsets);
+    return { out, g, h };
+  } catch (e) {
+    g.dispose();
+    h.dispose();
+    throw e;
+  }
+}
+
+/** The tensor arguments, and the ranks the allocations here depend on (the GEMMs check the rest). */
+function checkShapes(op: string, t: Record<string, unknown>): void {
+  for (const [name, v] of Object.entries(t)) checkTensor(v, op, name);
+  const a = t.a as Tensor, w13 = t.w13 as Tensor;
+  if (a.ndim !== 2) invalidArgument(op, `'a' must be [M,H]; received [${a.shape.join(',')}]`);
+  if (w13.ndim !== 3 || (w13.shape[2] as number) % 2 !== 0) {
+    invalidArgument(op, `'w13' must be [E,H,2F] (W1 and W3 interleaved: an even last dimension); received [${w13.shape.join(',')}]`);
+  }
 }
 
 /** Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32. */
 export function expertsBackward(dOut: Tensor, a: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor, saved: { g: Tensor; h: Tensor }): ExpertsGrads {
+  if (saved === null || typeof saved !== 'object') invalidArgument('expertsBackward', `'saved' must be expertsForward's { g, h }`);
+  checkShapes('expertsBackward', { dOut, a, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
   const M = a.shape[0] as number;
   const dG = Tensor.empty([M, w13.shape[2] as number], { dtype: a.dtype, device: a.device });
   try {

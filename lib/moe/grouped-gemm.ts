@@ -9,6 +9,7 @@
  * See native/ops/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */
 import { type DType } from '../dtype.js';
+import { checkTensor } from '../args.js';
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
@@ -35,10 +36,12 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
 
 export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
-  if (!(mode in modeCode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
+  if (typeof mode !== 'string' || !Object.hasOwn(modeCode, mode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
   for (const [name, t] of [['a', a], ['b', b], ['offsets', offsets]] as const) {
     if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor`);
   }
+  if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1) invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
+  if (options.out !== undefined) checkTensor(options.out, op, 'out');
   if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
   const out = options.out ?? Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
   try {

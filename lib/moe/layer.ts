@@ -24,6 +24,7 @@ import { type CommWork } from '../comm-work.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
+import { checkTensor } from '../args.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup } from './dispatcher.js';
@@ -278,7 +279,12 @@ export class MoELayer implements Disposable {
 
   /** dy [T, H] → dx and the parameter gradients (fp32). Releases the forward's saved tensors. */
   backward(fwd: MoEForward, dy: Tensor): MoEGrads {
+    const op = 'MoELayer.backward';
+    const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
+    if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor)) invalidArgument(op, `'fwd' must be what forward() returned`);
     const s = fwd.saved;
+    checkTensor(dy, op, 'dy');
+    if (dy.shape.join() !== s.x.shape.join()) invalidArgument(op, `'dy' [${dy.shape.join(',')}] must have the shape of the forward's 'x' [${s.x.shape.join(',')}]`);
     const T = s.x.shape[0] as number;
     try {
       return tidy(() => {

@@ -70,6 +70,7 @@ export function permutedRowCount(cap: CapacityResult, options: { align?: number;
 /** Rows of each expert's segment (what the layout's offsets step by), read once on the host. */
 function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean }): number[] {
   const op = 'permute';
+  checkCap(cap, op);
   const align = checkAlign(options.align ?? 1, op);
   if (options.padToCapacity) {
     if (cap.capacity === null) invalidArgument(op, `'padToCapacity' needs a capacity (capacity() was called without 'capacityFactor')`);
@@ -77,7 +78,28 @@ function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToC
   }
   // Deliberate host sync: dropless (or unpadded) layouts size their rows from the kept counts.
   const kept = cap.keptPerExpert.toArray() as Int32Array;
-  return Array.from(kept, (c) => roundUp(c, align));
+  // Sized from here before the native checks run: counts outside [0, T·k] are not capacity()'s.
+  const assignments = cap.slot.numel;
+  return Array.from(kept, (c, e) => {
+    if (!(c >= 0 && c <= assignments)) invalidArgument(op, `'cap.keptPerExpert'[${e}] = ${c} is outside [0, ${assignments}] (T·k of 'cap.slot')`);
+    return roundUp(c, align);
+  });
+}
+
+/** The fields of a CapacityResult that size the layout on the host. */
+function checkCap(cap: CapacityResult, op: string): void {
+  if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
+  requireTensor(cap.slot, op, 'cap.slot');
+  requireTensor(cap.keptPerExpert, op, 'cap.keptPerExpert');
+  const E = cap.numExperts;
+  if (!Number.isSafeInteger(E) || E < 1) invalidArgument(op, `'cap.numExperts' must be a positive integer; received ${String(E)}`);
+  if (cap.keptPerExpert.ndim !== 1 || cap.keptPerExpert.shape[0] !== E) {
+    invalidArgument(op, `'cap.keptPerExpert' [${cap.keptPerExpert.shape.join(',')}] must be [${E}] ('cap.numExperts')`);
+  }
+  const C = cap.capacity;
+  if (C !== null && (!Number.isSafeInteger(C) || C < 0 || C >= 2 ** 31 - 1)) {
+    invalidArgument(op, `'cap.capacity' must be null or a non-negative integer; received ${String(C)}`);
+  }
 }
 
 /** Gathers x's rows into expert-contiguous order. See the module doc for the outputs. */
@@ -86,9 +108,7 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   requireTensor(x, op, 'x');
   requireTensor(indices, op, 'indices');
   requireTensor(weights, op, 'weights');
-  if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
-  requireTensor(cap.slot, op, 'cap.slot');
-  requireTensor(cap.keptPerExpert, op, 'cap.keptPerExpert');
+  checkCap(cap, op);
   if (x.ndim !== 2) invalidArgument(op, `'x' must be [T,H]; received [${x.shape.join(',')}]`);
   if (indices.ndim !== 2) invalidArgument(op, `'indices' must be [T,k]; received [${indices.shape.join(',')}]`);
   if (indices.shape[0] !== x.shape[0]) {

@@ -119,6 +119,7 @@ const RESERVED = new Set(['format', 'formatVersion', 'step', 'createdAt', 'world
 
 /** Folder name of a step: step-00000042 (sorts by name). */
 export function stepDirName(step: number): string {
+  if (!Number.isSafeInteger(step) || step < 0) invalidArgument('stepDirName', `'step' must be a non-negative integer; received ${String(step)}`);
   return `step-${String(step).padStart(8, '0')}`;
 }
 
@@ -197,6 +198,8 @@ function emptyManifest(extras: ManifestExtras, step: number, size: number): Chec
 export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
   const op = 'saveCheckpoint';
   const t0 = Date.now();
+  if (typeof root !== 'string' || root === '') invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
+  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   const { step, comm } = options;
   if (!Number.isSafeInteger(step) || step < 0) invalidArgument(op, `'step' must be a non-negative integer; received ${String(step)}`);
   if (options.keep !== undefined && !(Number.isSafeInteger(options.keep) && options.keep >= 1)) invalidArgument(op, `'keep' must be a positive integer; received ${String(options.keep)}`);
@@ -393,6 +396,8 @@ export function latestCheckpoint(root: string): { dir: string; step: number } | 
  * saves (.tmp-*, .old-*). Called by rank 0 after a commit; assumes no other save is running.
  */
 export function pruneCheckpoints(root: string, keep: number, protect?: string): string[] {
+  // keep < 1 (or NaN, which slice() reads as 0) would delete every checkpoint.
+  if (!Number.isSafeInteger(keep) || keep < 1) invalidArgument('pruneCheckpoints', `'keep' must be a positive integer; received ${String(keep)}`);
   const removed: string[] = [];
   const all = listCheckpoints(root);
   for (const c of all.slice(0, Math.max(0, all.length - keep))) {
@@ -446,8 +451,12 @@ export function readManifest(dir: string): CheckpointManifest {
   if (m.formatVersion !== CHECKPOINT_FORMAT_VERSION) {
     ckptError(dir, `${MANIFEST_FILE} has format version ${JSON.stringify(m.formatVersion)}; this moe-ep reads version ${CHECKPOINT_FORMAT_VERSION}${typeof m.formatVersion === 'number' && m.formatVersion > CHECKPOINT_FORMAT_VERSION ? ' (written by a newer moe-ep: upgrade)' : ''}`);
   }
-  if (!Number.isSafeInteger(m.step) || typeof m.files !== 'object' || typeof m.tensors !== 'object') ckptError(dir, `${MANIFEST_FILE} lacks step, files or tensors`);
+  const isObject = (v: unknown): boolean => v !== null && typeof v === 'object' && !Array.isArray(v);
+  if (!Number.isSafeInteger(m.step) || !isObject(m.files) || !isObject(m.tensors)) ckptError(dir, `${MANIFEST_FILE} lacks step, files or tensors`);
   for (const [n, t] of Object.entries(m.tensors)) {
+    if (!isObject(t) || typeof t.file !== 'string' || !Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+      ckptError(dir, `${MANIFEST_FILE}: tensor '${n}' needs a file, a dtype and a shape of non-negative integers; it has ${JSON.stringify(t)}`);
+    }
     if (!m.files[t.file]) ckptError(dir, `${MANIFEST_FILE} puts tensor '${n}' in ${t.file}, which it does not list`);
     if (!toDType(t.dtype)) ckptError(dir, `${MANIFEST_FILE}: tensor '${n}' has unknown dtype ${JSON.stringify(t.dtype)}`);
   }
@@ -456,6 +465,7 @@ export function readManifest(dir: string): CheckpointManifest {
 
 /** Resolves a root (via `latest`) or a step folder to a step folder. */
 export function resolveCheckpointDir(path: string): string {
+  if (typeof path !== 'string' || path === '') invalidArgument('loadCheckpoint', `'path' must be a checkpoint folder (a non-empty string); received ${String(path)}`);
   if (fs.existsSync(join(path, MANIFEST_FILE))) return path;
   const l = latestCheckpoint(path);
   if (!l) ckptError(path, `no committed checkpoint here (no ${MANIFEST_FILE}, no '${LATEST_FILE}', no step-* folder with a manifest)`);
@@ -493,6 +503,7 @@ export class CheckpointReader implements Disposable {
   }
 
   info(name: string): ManifestTensor {
+    if (typeof name !== 'string') invalidArgument('CheckpointReader', `'name' must be a string; received ${String(name)}`);
     const t = this.manifest.tensors[name];
     if (!t || !Object.hasOwn(this.manifest.tensors, name)) {
       const names = this.names();
@@ -609,6 +620,7 @@ export class CheckpointReader implements Disposable {
   /** Copies a stored tensor into `dst` (same shape; dtype and device may differ). */
   into(name: string, dst: Tensor): Tensor {
     const t = this.info(name);
+    if (!(dst instanceof Tensor)) invalidArgument('CheckpointReader.into', `'dst' must be a Tensor; received ${dst === null ? 'null' : typeof dst}`);
     if (t.shape.join() !== dst.shape.join()) ckptError(this.dir, `tensor '${name}' is [${t.shape}] but the destination is [${dst.shape}]`);
     using src = this.get(name, { device: 'cpu' });
     return dst.copy_(src);

@@ -101,6 +101,10 @@ export class ClusterTask implements Disposable {
    * so runs at different expert-parallel sizes follow the same data.
    */
   batch(index: number, tokens: number, rank = 0, ranks = 1): Batch {
+    const op = 'ClusterTask.batch';
+    if (!Number.isSafeInteger(index) || index < 0) invalidArgument(op, `'index' must be a non-negative integer; received ${String(index)}`);
+    if (!Number.isSafeInteger(tokens) || tokens < 1 || tokens >= 2 ** 31) invalidArgument(op, `'tokens' must be a positive integer; received ${String(tokens)}`);
+    if (!Number.isSafeInteger(rank) || rank < 0 || rank >= ranks) invalidArgument(op, `'rank' ${String(rank)} must be an integer in [0, ranks = ${String(ranks)})`);
     if (!Number.isSafeInteger(ranks) || ranks < 1 || tokens % ranks !== 0) {
       invalidArgument('ClusterTask.batch', `'tokens' ${tokens} must divide evenly over ${ranks} ranks`);
     }

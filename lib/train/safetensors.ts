@@ -20,7 +20,7 @@ import * as fs from 'node:fs';
 import { basename } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
-import { CheckpointError } from '../errors.js';
+import { CheckpointError, invalidArgument } from '../errors.js';
 
 /** moe-ep dtype → safetensors dtype string. */
 export const SAFETENSORS_DTYPE: Record<DType, string> = {
@@ -181,6 +181,7 @@ export class SafetensorsFile implements Disposable {
 
   /** Opens and validates the header (offsets in range, contiguous, sizes = numel·itemsize, known dtypes). */
   static open(path: string): SafetensorsFile {
+    if (typeof path !== 'string') invalidArgument('SafetensorsFile.open', `'path' must be a string; received ${String(path)}`);
     let fd: number;
     try {
       fd = fs.openSync(path, 'r');
@@ -188,7 +189,9 @@ export class SafetensorsFile implements Disposable {
       fail(path, `cannot open: ${(e as Error).message}`);
     }
     try {
-      const size = fs.fstatSync(fd).size;
+      const stat = fs.fstatSync(fd);
+      if (!stat.isFile()) fail(path, 'not a regular file');
+      const size = stat.size;
       if (size < 8) fail(path, `the file has ${size} bytes; a safetensors file starts with an 8-byte header length`);
       const lenBuf = Buffer.alloc(8);
       fs.readSync(fd, lenBuf, 0, 8, 0);

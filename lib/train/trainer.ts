@@ -18,7 +18,7 @@ import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { scale } from '../ops.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { type TrainConfig } from './config.js';
+import { resolveConfig, type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
@@ -59,6 +59,8 @@ export class Trainer implements Disposable {
   step = 0;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
+    // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
+    config = resolveConfig(config);
     this.config = config;
     this.world = options.world;
     this.rank = options.world?.rank ?? 0;
