@@ -21,7 +21,7 @@
  * when the call returns; only the kernels around them may still be queued on the comm stream.
  */
 import { type Device } from './device.js';
-import { DisposedError, invalidArgument } from './errors.js';
+import { checkOptions, DisposedError, invalidArgument } from './errors.js';
 import { Event, Stream, withStream } from './stream.js';
 import { Tensor, tensorsIn } from './tensor.js';
 
@@ -121,6 +121,7 @@ export interface RunOnStreamOptions extends CommWorkOptions {
  */
 export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStreamOptions = {}): CommWork<T> {
   const op = 'runOnStream';
+  options = checkOptions(options, op);
   if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
   if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed`, op);
   if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
@@ -145,6 +146,7 @@ export function launch<T>(
   options: CommWorkOptions = {},
   release?: (result: T) => void,
 ): CommWork<T> {
+  options = checkOptions(options, 'launch');
   const free = release ?? ((result: T): void => {
     for (const t of tensorsIn(result)) if (!inputs.includes(t)) t.dispose();
   });

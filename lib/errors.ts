@@ -84,3 +84,12 @@ export const errorClasses: Record<ErrorKind, new (message: string) => MoeError> 
 export function invalidArgument(op: string, message: string): never {
   throw new InvalidArgumentError(`${op}: ${message}`, op);
 }
+
+/** `options` as given, or {} when omitted; anything but a plain object (null, a number…) is refused. */
+export function checkOptions<T extends object>(options: T | undefined, op: string): T {
+  if (options === undefined) return {} as T;
+  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
+    invalidArgument(op, `'options' must be an object; received ${options === null ? 'null' : Array.isArray(options) ? 'an array' : typeof options}`);
+  }
+  return options;
+}

@@ -3,7 +3,7 @@
  * complete at once, so code that overlaps communication with compute runs unchanged there.
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
-import { DisposedError, invalidArgument } from './errors.js';
+import { checkOptions, DisposedError, invalidArgument } from './errors.js';
 import { type EventHandle, native, type StreamHandle } from './native.js';
 
 export class Stream implements Disposable {
@@ -35,6 +35,7 @@ export class Stream implements Disposable {
   }
   /** Records a new event on this stream and returns it. */
   recordEvent(options: { timing?: boolean } = {}): Event {
+    options = checkOptions(options, 'Stream.recordEvent');
     const e = new Event(this.device, options);
     e.record(this);
     return e;
@@ -62,6 +63,7 @@ export class Event implements Disposable {
   #handle: EventHandle | null;
 
   constructor(device: DeviceLike = getDefaultDevice(), options: { timing?: boolean } = {}) {
+    options = checkOptions(options, 'Event');
     this.device = Device.parse(device, 'Event');
     this.#handle = new (native().EventHandle)(...this.device.code, options.timing ?? false);
   }

@@ -7,7 +7,7 @@
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
 import { checkDType, type DType, dtypeCode, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
-import { DisposedError, invalidArgument } from './errors.js';
+import { checkOptions, DisposedError, invalidArgument } from './errors.js';
 import { native, type TensorHandle } from './native.js';
 import { Stream } from './stream.js';
 
@@ -152,6 +152,7 @@ export class Tensor implements Disposable {
   // ------------------------------------------------------------------------------ creation
   /** Uninitialised memory (its contents are whatever was there). */
   static empty(shape: readonly number[], options: CreateOptions = {}): Tensor {
+    options = checkOptions(options, 'Tensor.empty');
     const dtype = checkDType(options.dtype ?? 'f32', 'empty');
     const device = Device.parse(options.device ?? getDefaultDevice(), 'empty');
     const dims = checkShape(shape, 'empty');
@@ -159,6 +160,7 @@ export class Tensor implements Disposable {
   }
 
   static full(shape: readonly number[], value: number, options: CreateOptions = {}): Tensor {
+    options = checkOptions(options, 'Tensor.full');
     if (typeof value !== 'number') invalidArgument('full', `'value' must be a number; received ${typeof value}`);
     const t = Tensor.empty(shape, options);
     t.fill_(value);
@@ -166,17 +168,20 @@ export class Tensor implements Disposable {
   }
 
   static zeros(shape: readonly number[], options: CreateOptions = {}): Tensor {
+    options = checkOptions(options, 'Tensor.zeros');
     return Tensor.full(shape, 0, options);
   }
 
   /** Uniform in [low, high) (default [0, 1)), from the Philox stream `seed`. */
   static rand(shape: readonly number[], options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
+    options = checkOptions(options, 'Tensor.rand');
     const t = Tensor.empty(shape, options);
     return t.random_(0, options.low ?? 0, options.high ?? 1, options.seed, options.offset);
   }
 
   /** Normal with `mean` and `std` (default 0 and 1), from the Philox stream `seed`. */
   static randn(shape: readonly number[], options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
+    options = checkOptions(options, 'Tensor.randn');
     const t = Tensor.empty(shape, options);
     return t.random_(1, options.mean ?? 0, options.std ?? 1, options.seed, options.offset);
   }
@@ -188,6 +193,7 @@ export class Tensor implements Disposable {
    */
   static fromArray(data: ArrayLike<number> | ArrayBufferView, options: CreateOptions & { shape?: readonly number[] } = {}): Tensor {
     const op = 'fromArray';
+    options = checkOptions(options, op);
     const device = Device.parse(options.device ?? getDefaultDevice(), op);
     const length = data !== null && typeof data === 'object' ? (data as ArrayLike<unknown>).length : undefined;
     if (typeof length !== 'number') invalidArgument(op, `'data' must be an array of numbers or a TypedArray`);
@@ -279,6 +285,7 @@ export class Tensor implements Disposable {
   // ------------------------------------------------------------------------------- copies
   /** A contiguous tensor with these values in `dtype` on `device` (a new tensor, always). */
   copyTo(options: CreateOptions = {}): Tensor {
+    options = checkOptions(options, 'Tensor.copyTo');
     const out = Tensor.empty(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device });
     native().copy(out.handle, this.handle);
     return out;

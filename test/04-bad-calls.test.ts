@@ -157,6 +157,12 @@ const cases: Case[] = [
   ['manifest with tensors null', () => loadCheckpoint(checkpoint((m) => { m.tensors = null; })), CheckpointError, /manifest.json lacks step, files or tensors/],
   ['manifest with a bad shape', () => loadCheckpoint(checkpoint((m) => { (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x'; })), CheckpointError, /tensor 'w' needs a file, a dtype and a shape/],
   ['safetensors open of a folder', () => SafetensorsFile.open(tmp()), CheckpointError, /not a regular file/],
+  // options that are not an object: named, not a TypeError from inside
+  ['Tensor.zeros with options null', () => Tensor.zeros([2], null as never), InvalidArgumentError, /Tensor.zeros: 'options' must be an object; received null/],
+  ['ops.add with options 5', () => ops.add(f([2]), f([2]), 5 as never), InvalidArgumentError, /add: 'options' must be an object; received number/],
+  ['ops.matmul with options null', () => ops.matmul(f([2, 2]), f([2, 2]), null as never), InvalidArgumentError, /matmul: 'options' must be an object; received null/],
+  ['permute with options null', () => permute(f([2, 4]), f([2, 1], 'i32'), f([2, 1]), null as never, null as never), InvalidArgumentError, /permute: 'options' must be an object; received null/],
+  ['groupedGemm with options as an array', () => groupedGemm('NN', f([2, 4], 'bf16'), f([1, 4, 4], 'bf16'), f([2], 'i32'), [] as never), InvalidArgumentError, /groupedGemm: 'options' must be an object; received an array/],
 ];
 
 describe('bad calls give clear errors', () => {

@@ -9,7 +9,7 @@
  * communicator is aborted (later calls throw at once).
  */
 import { checkTensor } from '../args.js';
-import { invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument } from '../errors.js';
 import { type CommHandle, native } from '../native.js';
 import { Tensor } from '../tensor.js';
 
@@ -52,11 +52,13 @@ export class Communicator implements Disposable {
 
   /** MPI_COMM_WORLD (a duplicate). Initialises MPI on first use unless the application did. */
   static mpi(options: { timeoutMs?: number } = {}): Communicator {
+    options = checkOptions(options, 'Communicator.mpi');
     return new Communicator(native().commMpi(checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
   }
 
   /** NCCL on cuda:`device`; `uniqueId` (128 bytes) comes from rank 0's Communicator.ncclUniqueId(). */
   static nccl(rank: number, size: number, uniqueId: Uint8Array, device: number, options: { timeoutMs?: number } = {}): Communicator {
+    options = checkOptions(options, 'Communicator.nccl');
     return new Communicator(native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl')));
   }
 

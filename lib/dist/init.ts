@@ -7,7 +7,7 @@
  * ranks, rank 0 logs the choice and why to stderr (`log: false` silences it).
  */
 import { cuda, setDefaultDevice } from '../device.js';
-import { invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { type Backend, Communicator, DEFAULT_TIMEOUT_MS } from './communicator.js';
@@ -152,6 +152,7 @@ function parseBackend(v: unknown, where: string): Backend | 'auto' {
  * device to cuda:(localRank % deviceCount) when GPUs are usable (unless setDevice is false).
  */
 export async function init(options: InitOptions = {}): Promise<Communicator> {
+  options = checkOptions(options, 'init');
   const env = options.env ?? process.env;
   const le = launchEnv(env);
   const requested = options.backend !== undefined ? parseBackend(options.backend, "'backend'") : env['MOE_EP_BACKEND'] ? parseBackend(env['MOE_EP_BACKEND'], 'MOE_EP_BACKEND') : 'auto';

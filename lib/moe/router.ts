@@ -23,7 +23,7 @@
  */
 import type { Device } from '../device.js';
 import { checkTensor, withOutputs } from '../args.js';
-import { invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 
@@ -129,6 +129,7 @@ function throwOnBadRows(nanRows: Tensor, op: string): void {
 /** Scores, top-k (group-limited) selection and gate weights for each token. No host sync unless checkNaN. */
 export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): RouterOutputs {
   const op = 'router';
+  options = checkOptions(options, op);
   const cfg = resolve(config);
   const T = checkLogits(logits, cfg, op);
   const { bias, out = {} } = options;
@@ -190,6 +191,7 @@ export function routerBackward(
   options: RouterBackwardOptions = {},
 ): Tensor {
   const op = 'routerBackward';
+  options = checkOptions(options, op);
   const cfg = resolve(config);
   checkTensor(dWeights, op, 'dWeights');
   const T = checkLogits(checkTensor(saved?.scores, op, 'scores'), cfg, op, 'scores');
@@ -288,9 +290,11 @@ export class Router {
     this.config = resolveRouterConfig(config);
   }
   forward(logits: Tensor, options: RouterForwardOptions = {}): RouterOutputs {
+    options = checkOptions(options, 'Router.forward');
     return routerForward(logits, this.config, options);
   }
   backward(dWeights: Tensor, saved: { scores: Tensor; indices: Tensor }, options: RouterBackwardOptions = {}): Tensor {
+    options = checkOptions(options, 'Router.backward');
     return routerBackward(dWeights, saved, this.config, options);
   }
   balanceLoss(scores: Tensor, indices: Tensor, options: LossOptions & { seqLen?: number }): Tensor {
@@ -308,6 +312,7 @@ export class Router {
  */
 export function routerEntropy(scores: Tensor, options: { out?: Tensor } = {}): Tensor {
   const op = 'routerEntropy';
+  options = checkOptions(options, op);
   checkTensor(scores, op, 'scores');
   return withOutputs<{ out: Tensor }>(op, { out: options.out }, { out: () => Tensor.empty([1], { dtype: 'f32', device: scores.device }) }, (o) =>
     native().routerEntropy(scores.handle, o.out.handle),

@@ -28,7 +28,7 @@ import { basename, join } from 'node:path';
 import { type DeviceLike } from '../device.js';
 import { type Communicator } from '../dist/communicator.js';
 import { type DType, storageView } from '../dtype.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
+import { checkOptions, CheckpointError, invalidArgument } from '../errors.js';
 import { Tensor } from '../tensor.js';
 import { SafetensorsFile, type SafetensorsEntry, toDType, writeSafetensors } from './safetensors.js';
 
@@ -603,6 +603,7 @@ export class CheckpointReader implements Disposable {
 
   /** One tensor on `device` (default: the default device), converted to `dtype` when given. */
   get(name: string, options: GetOptions = {}): Tensor {
+    options = checkOptions(options, 'CheckpointReader.get');
     const r = this.getRaw(name);
     const base = Tensor.fromArray(storageView(r.dtype, r.data.buffer as ArrayBuffer), {
       dtype: r.dtype,
@@ -654,6 +655,7 @@ function checkFileSize(dir: string, file: string, rec: ManifestFile, manifest: C
  * every file exists with its recorded size; checksums are checked as files are opened (verify).
  */
 export function loadCheckpoint(path: string, options: LoadOptions = {}): CheckpointReader {
+  options = checkOptions(options, 'loadCheckpoint');
   const dir = resolveCheckpointDir(path);
   const manifest = readManifest(dir);
   for (const [file, rec] of Object.entries(manifest.files)) checkFileSize(dir, file, rec, manifest);

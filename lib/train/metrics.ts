@@ -9,6 +9,7 @@
  */
 import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { checkOptions } from '../errors.js';
 
 export interface LayerMetrics {
   tokensPerExpert: number[];
@@ -58,6 +59,7 @@ export class MetricsLog {
     readonly path: string,
     options: { append?: boolean } = {},
   ) {
+    options = checkOptions(options, 'MetricsLog');
     mkdirSync(dirname(path), { recursive: true });
     if (!options.append) writeFileSync(path, '');
   }

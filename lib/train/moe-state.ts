@@ -14,7 +14,7 @@
  * r·E/P … (r+1)·E/P − 1, so any EP size reads exactly the experts it owns by name.
  */
 import type { DeviceLike } from '../device.js';
-import { invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument } from '../errors.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
 import { Tensor, tidy } from '../tensor.js';
@@ -85,6 +85,7 @@ export function joinExperts(
   name: (e: number, w: ExpertWeight) => string,
   options: { device?: DeviceLike; dtype?: 'f32' | 'bf16' } = {},
 ): { w13: Tensor; w2: Tensor } {
+  options = checkOptions(options, 'joinExperts');
   const dtype = options.dtype ?? 'f32';
   const get = (n: string): Tensor => reader.get(n, { device: 'cpu', dtype });
   return tidy(() => {

@@ -20,7 +20,7 @@ import * as fs from 'node:fs';
 import { basename } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
+import { checkOptions, CheckpointError, invalidArgument } from '../errors.js';
 
 /** moe-ep dtype → safetensors dtype string. */
 export const SAFETENSORS_DTYPE: Record<DType, string> = {
@@ -133,6 +133,7 @@ export function writeSafetensors(
   metadata?: Record<string, string>,
   options: { fsync?: boolean } = {},
 ): WrittenFile {
+  options = checkOptions(options, 'writeSafetensors');
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
   const fd = fs.openSync(path, 'w');

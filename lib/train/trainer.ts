@@ -13,7 +13,7 @@
  */
 import { type Communicator } from '../dist/communicator.js';
 import { expertGroups } from '../dist/init.js';
-import { invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { scale } from '../ops.js';
@@ -59,6 +59,7 @@ export class Trainer implements Disposable {
   step = 0;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
+    options = checkOptions(options, 'Trainer');
     // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
     config = resolveConfig(config);
     this.config = config;
@@ -311,6 +312,7 @@ export class Trainer implements Disposable {
 
   /** Runs until the configured number of steps or until control.stop (synchronously). */
   run(options: TrainerOptions = {}): StepMetrics[] {
+    options = checkOptions(options, 'Trainer.run');
     const out: StepMetrics[] = [];
     while (this.step < this.config.train.steps && !this.agreeToStop(options.control?.stop ?? false)) {
       const m = this.trainStep();
