@@ -41,6 +41,17 @@ describe('moe-ep info', () => {
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/unknown command 'frobnicate'[\s\S]*usage: moe-ep/);
   });
+
+  it('unknown options and stray arguments fail with usage rather than being ignored', () => {
+    const typo = run(['info', '--jsn']);
+    expect(typo.status).toBe(1);
+    expect(typo.stderr).toMatch(/unknown option --jsn[\s\S]*usage: moe-ep info \[--json\]/);
+    expect(run(['info', 'extra']).stderr).toMatch(/unexpected argument extra/);
+    const inspect = run(['ckpt', 'inspect', '/nonexistent', '--verbose']);
+    expect(inspect.status).toBe(1);
+    expect(inspect.stderr).toMatch(/unknown option --verbose/);
+    expect(run(['ckpt', 'reshard', '/a', '/b', '--ep', '2', '--out', '/c']).stderr).toMatch(/unexpected argument \/b/);
+  });
 });
 
 describe('loading the addon', () => {

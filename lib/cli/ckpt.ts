@@ -8,6 +8,7 @@
 import { CheckpointError } from '../errors.js';
 import { type CheckpointManifest, CheckpointReader, loadCheckpoint, type RawTensor, REPLICATED_FILE, resolveCheckpointDir, readManifest, writeCheckpoint } from '../train/checkpoint.js';
 import { expertIndexOf } from '../train/moe-state.js';
+import { checkFlags } from './flags.js';
 
 const usage = `usage:
   moe-ep ckpt inspect <dir> [--json] [--no-verify]
@@ -59,6 +60,7 @@ function numExpertsOf(m: CheckpointManifest): number {
 }
 
 function inspect(args: string[]): number {
+  checkFlags(args, ['--json', '--no-verify'], 1, usage);
   const json = args.includes('--json');
   const verify = !args.includes('--no-verify');
   const [path] = args.filter((a) => !a.startsWith('--'));
@@ -116,6 +118,7 @@ function reshard(args: string[]): number {
   const out = flag(args, '--out');
   const stepArg = flag(args, '--step');
   const keep = positiveInt(flag(args, '--keep'), '--keep');
+  checkFlags(args, [], 1, usage); // what the flags above did not take
   const [path] = args.filter((a) => !a.startsWith('--'));
   if (!path || ep === undefined || out === undefined) throw new Error(`reshard needs <dir>, --ep N and --out <root>\n\n${usage}`);
   const reader = loadCheckpoint(path, { verify: true });

@@ -1,0 +1,7 @@
+/** Refusing what a subcommand does not know, so that a typo is an error rather than silently ignored. */
+export function checkFlags(args: readonly string[], known: readonly string[], positionals: number, usage: string): void {
+  const unknown = args.filter((a) => a.startsWith('-') && !known.includes(a));
+  if (unknown.length > 0) throw new Error(`unknown option${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')}\n\n${usage}`);
+  const extra = args.filter((a) => !a.startsWith('-')).slice(positionals);
+  if (extra.length > 0) throw new Error(`unexpected argument${extra.length > 1 ? 's' : ''} ${extra.join(', ')}\n\n${usage}`);
+}
