@@ -453,6 +453,7 @@ export function readManifest(dir: string): CheckpointManifest {
   }
   const isObject = (v: unknown): boolean => v !== null && typeof v === 'object' && !Array.isArray(v);
   if (!Number.isSafeInteger(m.step) || !isObject(m.files) || !isObject(m.tensors)) ckptError(dir, `${MANIFEST_FILE} lacks step, files or tensors`);
+  if (!isObject(m.world) || !Number.isSafeInteger(m.world.size) || m.world.size < 1) ckptError(dir, `${MANIFEST_FILE}: world.size must be a positive integer; it has ${JSON.stringify(m.world)}`);
   for (const [n, t] of Object.entries(m.tensors)) {
     if (!isObject(t) || typeof t.file !== 'string' || !Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       ckptError(dir, `${MANIFEST_FILE}: tensor '${n}' needs a file, a dtype and a shape of non-negative integers; it has ${JSON.stringify(t)}`);
