@@ -8,7 +8,7 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { memoryStats } from '../lib/index.js';
+import { cuda, memoryStats } from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
 import { resolveConfig } from '../lib/train/config.js';
 import { Trainer } from '../lib/train/trainer.js';
@@ -146,6 +146,12 @@ describe('moe-ep train (CLI)', () => {
     const losses = [...r.stdout.matchAll(/loss ([\d.]+)/g)].map((m) => Number(m[1]));
     expect(losses.length).toBeGreaterThanOrEqual(2);
     expect(losses[losses.length - 1]).toBeLessThan(0.5 * (losses[0] as number));
+  });
+
+  it.skipIf(cuda.isAvailable())("--device cuda without a usable GPU says so, naming the field", () => {
+    const r = spawnSync(process.execPath, [cli, 'train', '--device', 'cuda', '--steps', '2', '--no-progress'], { encoding: 'utf8' });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/config.train.device is 'cuda' but no GPU is usable: /);
   });
 
   it('--help lists every field with its default', () => {

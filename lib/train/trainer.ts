@@ -77,6 +77,7 @@ export class Trainer implements Disposable {
       this.edp = undefined;
     }
     const want = config.train.device;
+    if (want === 'cuda' && !cuda.isAvailable()) invalidArgument('Trainer', `config.train.device is 'cuda' but no GPU is usable: ${cuda.unavailableReason()}`);
     this.device = want === 'cpu' ? Device.cpu : want === 'cuda' ? (getDefaultDevice().isCuda ? getDefaultDevice() : Device.cuda(0)) : cuda.isAvailable() ? getDefaultDevice() : Device.cpu;
     const dtype = this.device.isCuda ? 'bf16' : 'f32';
     const m = config.model;
