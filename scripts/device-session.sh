@@ -95,6 +95,15 @@ if [[ " $what " == *" multi "* ]]; then
         && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-$script.log"; }
       cat "/tmp/multi-$np-$script.log" >> "$OUT/multi.log"
     done
+    # A checkpoint saved at EP = np, loaded at EP = np/2 and at EP = 1: the same outputs.
+    ck=/tmp/ckpt-multi-$np
+    rm -rf "$ck" && mkdir -p "$ck"
+    echo "--- checkpoint saved at EP=$np, loaded at EP=$((np / 2)) and EP=1 (--device cuda)"
+    { timeout 300 mpirun --allow-run-as-root -np "$np" node test/mpi/checkpoint.mjs save "$ck" --device cuda \
+      && timeout 300 mpirun --allow-run-as-root -np $((np / 2)) node test/mpi/checkpoint.mjs load "$ck" "$ck/y.bin" --device cuda \
+      && timeout 120 node test/mpi/checkpoint.mjs load "$ck" "$ck/y.bin" --device cuda; } > "/tmp/multi-$np-ckpt.log" 2>&1 \
+      && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-ckpt.log"; }
+    cat "/tmp/multi-$np-ckpt.log" >> "$OUT/multi.log"
   done
   if (( gpus >= 2 )); then
     timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/dispatch.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -12 || status=1

@@ -10,26 +10,30 @@ import { join } from 'node:path';
 
 import { disposeState, init, loadCheckpoint, loadMoELayer, moeLayerState, saveCheckpoint, Tensor } from '../../dist/lib/index.js';
 import { MoELayer } from '../../dist/lib/moe/layer.js';
-import { check, same } from './common.mjs';
+import { check, same, scriptDevice } from './common.mjs';
 
-const [mode, dir, yPath] = process.argv.slice(2);
+//   --device cuda (after the mode's arguments): the layers on each rank's GPU in bf16 (NCCL with a
+//                 GPU per rank, MPI staging when ranks share one); y.bin holds f32 values either way.
+const [mode, dir, yPath] = process.argv.slice(2).filter((a, i, all) => a !== '--device' && all[i - 1] !== '--device');
 const world = await init({ timeoutMs: 20000 });
 const { rank: r, size: n } = world;
-const cpu = { device: 'cpu' };
-const cfg = { hidden: 8, ffn: 6, numExperts: 8, topK: 2, dtype: 'f32', device: 'cpu', sharedFfn: 4 };
+const { device } = await scriptDevice(world);
+const on = { device };
+const cfg = { hidden: 8, ffn: 6, numExperts: 8, topK: 2, dtype: device === 'cpu' ? 'f32' : 'bf16', device, sharedFfn: 4 };
 const group = n > 1 ? world : undefined;
-const x = Tensor.randn([12, 8], { seed: 99, device: 'cpu' }); // the same batch on every rank
+const x = Tensor.randn([12, 8], { seed: 99, device, dtype: cfg.dtype }); // the same batch on every rank
 const bits = (t) => Buffer.from(t.toArray().buffer);
+const f32 = (t) => (t.dtype === 'f32' ? t : t.cast('f32'));
 
 if (mode === 'save') {
   const a = new MoELayer({ ...cfg, seed: 5, ...(group ? { group } : {}) });
-  a.bias.copy_(Tensor.fromArray([0.1, -0.2, 0.3, 0, 0.05, 0, -0.1, 0.2], cpu));
+  a.bias.copy_(Tensor.fromArray([0.1, -0.2, 0.3, 0, 0.05, 0, -0.1, 0.2], on));
   // Moments drawn by global position, like the weights: the same global state at any EP size.
   const El = a.localExperts;
   const first = r * El;
   const mom = (t, s, perExpert) => ({
-    expAvg: Tensor.randn([...t.shape], { seed: s, offset: first * perExpert, device: 'cpu' }),
-    expAvgSq: Tensor.rand([...t.shape], { seed: s + 1, offset: first * perExpert, device: 'cpu' }),
+    expAvg: Tensor.randn([...t.shape], { seed: s, offset: first * perExpert, device }),
+    expAvgSq: Tensor.rand([...t.shape], { seed: s + 1, offset: first * perExpert, device }),
   });
   const moments = { w13: mom(a.master.w13, 3, 8 * 12), w2: mom(a.master.w2, 5, 6 * 8) };
   const state = moeLayerState(a, 0, moments);
@@ -42,11 +46,11 @@ if (mode === 'save') {
   });
   disposeState(state);
   const y = a.forward(x).y;
-  if (r === 0) fs.writeFileSync(join(dir, 'y.bin'), bits(y));
+  if (r === 0) fs.writeFileSync(join(dir, 'y.bin'), bits(f32(y)));
 
   // Reload at this EP size: each rank's own experts and moments come back exactly.
   const b = new MoELayer({ ...cfg, seed: 6, ...(group ? { group } : {}) });
-  const zeros = (t) => ({ expAvg: Tensor.zeros([...t.shape], cpu), expAvgSq: Tensor.zeros([...t.shape], cpu) });
+  const zeros = (t) => ({ expAvg: Tensor.zeros([...t.shape], on), expAvgSq: Tensor.zeros([...t.shape], on) });
   const mb = { w13: zeros(b.master.w13), w2: zeros(b.master.w2) };
   const reader = loadCheckpoint(dir, { comm: world });
   check(reader.manifest.world.size === n && reader.manifest.files[`rank-${n - 1}.safetensors`], 'manifest lists every rank file');
@@ -76,7 +80,7 @@ if (mode === 'save') {
   loadMoELayer(reader, b, 0);
   const y = b.forward(x).y;
   const ref = new Float32Array(new Uint8Array(fs.readFileSync(yPath)).buffer);
-  same(y.toFloat32Array(), ref, `output at EP=${n} from ${dir} (written at EP=${reader.manifest.ep.size})`);
+  same(f32(y).toFloat32Array(), ref, `output at EP=${n} on ${device} from ${dir} (written at EP=${reader.manifest.ep.size})`);
   world.barrier();
 } else {
   check(false, `unknown mode ${mode}`);
