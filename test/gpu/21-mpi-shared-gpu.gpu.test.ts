@@ -3,9 +3,14 @@
 // ranks on one GPU, so init() must pick MPI and say why). The scripts are test/mpi's own, run with
 // `--device cuda`; they check their results on every rank against the CPU (moe-layer.mjs) or
 // against the one-rank run (train.mjs) and exit non-zero with a message otherwise.
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
 import { describe, expect, it } from 'vitest';
 
-import { native } from '../../lib/native.js';
+import { native, packageRoot } from '../../lib/native.js';
 import { hasMpirun, mpirun } from '../mpi/mpirun.js';
 import { hasGpu } from './gpu.js';
 
@@ -33,4 +38,22 @@ describe.skipIf(!(hasGpu && hasMpirun && hasMpi))('2 ranks sharing one GPU throu
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < 2; k++) expect(r.out).toContain(`ok rank ${k} of 2`);
   }, 450_000);
+
+  it('a checkpoint saved by 2 ranks on the GPU loads at EP=2 and in one process (EP=1) with the same outputs, bit for bit', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'moe-ep-gpu-ckpt-'));
+    try {
+      const save = mpirun(2, 'checkpoint.mjs', 240_000, ['save', dir, '--device', 'cuda'], oneGpu);
+      expect(save.status, save.out).toBe(0);
+      for (let k = 0; k < 2; k++) expect(save.out).toContain(`ok rank ${k} of 2`);
+      const one = spawnSync(process.execPath, [join(packageRoot(), 'test', 'mpi', 'checkpoint.mjs'), 'load', dir, join(dir, 'y.bin'), '--device', 'cuda'], {
+        encoding: 'utf8',
+        env: { ...process.env, ...oneGpu },
+        timeout: 120_000,
+      });
+      expect(one.status, `${one.stdout}${one.stderr}`).toBe(0);
+      expect(one.stdout).toContain('ok rank 0 of 1');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 400_000);
 });
