@@ -121,11 +121,10 @@ export interface RunOnStreamOptions extends CommWorkOptions {
  */
 export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStreamOptions = {}): CommWork<T> {
   const op = 'runOnStream';
-  options = checkOptions(options, op);
   if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
   if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed`, op);
   if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
-  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object`);
+  options = checkOptions(options, op);
   const inputs = options.inputs ?? [];
   if (!Array.isArray(inputs) || !inputs.every((t) => t instanceof Tensor)) invalidArgument(op, `'inputs' must be an array of Tensors`);
   for (const t of inputs) if (!t.device.equals(stream.device)) invalidArgument(op, `'inputs' holds a tensor on ${t.device.toString()} but the stream is on ${stream.device.toString()}`);
@@ -146,11 +145,10 @@ export function launch<T>(
   options: CommWorkOptions = {},
   release?: (result: T) => void,
 ): CommWork<T> {
-  options = checkOptions(options, 'launch');
   const free = release ?? ((result: T): void => {
     for (const t of tensorsIn(result)) if (!inputs.includes(t)) t.dispose();
   });
-  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object`);
+  options = checkOptions(options, op);
   const after = options.after;
   if (after !== undefined) {
     if (!(after instanceof Event)) invalidArgument(op, `'after' must be an Event; received ${String(after)}`);

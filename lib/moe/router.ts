@@ -290,11 +290,9 @@ export class Router {
     this.config = resolveRouterConfig(config);
   }
   forward(logits: Tensor, options: RouterForwardOptions = {}): RouterOutputs {
-    options = checkOptions(options, 'Router.forward');
     return routerForward(logits, this.config, options);
   }
   backward(dWeights: Tensor, saved: { scores: Tensor; indices: Tensor }, options: RouterBackwardOptions = {}): Tensor {
-    options = checkOptions(options, 'Router.backward');
     return routerBackward(dWeights, saved, this.config, options);
   }
   balanceLoss(scores: Tensor, indices: Tensor, options: LossOptions & { seqLen?: number }): Tensor {
