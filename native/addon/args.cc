@@ -4,6 +4,7 @@
 
 #include "addon/stream_binding.h"
 #include "addon/tensor_binding.h"
+#include "core/cuda_runtime.h"
 
 namespace moe::addon {
 
@@ -70,6 +71,15 @@ void* arg_stream(const Napi::CallbackInfo& info, size_t i, const char* op) {
   StreamHandle* s = StreamHandle::Unwrap(info[i].As<Napi::Object>());
   if (s->disposed()) throw_error(ErrorKind::Disposed, op, "'stream' was disposed and cannot be used");
   return s->raw();
+}
+
+void* arg_stream_on(const Napi::CallbackInfo& info, size_t i, const char* op, const Device& device, const std::string& owner) {
+  if (void* s = arg_stream(info, i, op)) {
+    const Device& d = StreamHandle::Unwrap(info[i].As<Napi::Object>())->device();
+    MOE_ARG_CHECK(d == device, op, "'stream' is on ", d.str(), " but ", owner, " is on ", device.str());
+    return s;
+  }
+  return device.is_cuda() ? cuda::current_stream(device.index) : nullptr;
 }
 
 Napi::Array shape_to_js(Napi::Env env, const Shape& shape) {

@@ -20,6 +20,9 @@ Shape arg_shape(const Napi::CallbackInfo& info, size_t i, const char* op, const 
 // A tensor argument: must be a live TensorHandle. `optional` accepts undefined/null (returns an undefined Tensor).
 Tensor arg_tensor(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name, bool optional = false);
 void* arg_stream(const Napi::CallbackInfo& info, size_t i, const char* op);  // StreamHandle or null
+// A stream for work on `device`: the given Stream (which must be on `device`; `owner` names what
+// is there, for the error), or null for the device's current stream (null on the CPU).
+void* arg_stream_on(const Napi::CallbackInfo& info, size_t i, const char* op, const Device& device, const std::string& owner);
 
 Napi::Array shape_to_js(Napi::Env env, const Shape& shape);
 

@@ -154,12 +154,8 @@ Napi::Value EventHandle::record(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const char* op = "Event.record";
     void* e = live(op);
-    void* s = arg_stream(info, 0, op);
-    if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
-      const Device& d = StreamHandle::Unwrap(info[0].As<Napi::Object>())->device();
-      MOE_ARG_CHECK(d == device_, op, "'stream' is on ", d.str(), " but the event is on ", device_.str());
-    }
-    if (e) cuda::event_record(device_.index, e, s ? s : cuda::current_stream(device_.index));
+    void* s = arg_stream_on(info, 0, op, device_, "the event");
+    if (e) cuda::event_record(device_.index, e, s);
     recorded_ = true;
     return info.Env().Undefined();
   });
@@ -196,17 +192,7 @@ Napi::Value EventHandle::block(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const char* op = "Event.block";
     void* e = live(op);
-    void* s = nullptr;
-    if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
-      MOE_ARG_CHECK(info[0].IsObject() && info[0].As<Napi::Object>().InstanceOf(StreamHandle::constructor().Value()), op,
-                    "'stream' must be a Stream or null");
-      StreamHandle* sh = StreamHandle::Unwrap(info[0].As<Napi::Object>());
-      if (sh->disposed()) throw_error(ErrorKind::Disposed, op, "'stream' was disposed and cannot be used");
-      MOE_ARG_CHECK(sh->device() == device_, op, "'stream' is on ", sh->device().str(), " but the event is on ", device_.str());
-      s = sh->raw();
-    } else if (device_.is_cuda()) {
-      s = cuda::current_stream(device_.index);
-    }
+    void* s = arg_stream_on(info, 0, op, device_, "the event");
     if (e) cuda::stream_wait_event(device_.index, s, e);
     return info.Env().Undefined();
   });

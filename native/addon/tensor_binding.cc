@@ -188,18 +188,7 @@ Napi::Value TensorHandle::record_stream(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const char* op = "recordStream";
     const Tensor& t = live(op);
-    void* stream = nullptr;
-    if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
-      MOE_ARG_CHECK(info[0].IsObject() && info[0].As<Napi::Object>().InstanceOf(StreamHandle::constructor().Value()), op,
-                    "'stream' must be a Stream or null");
-      StreamHandle* s = StreamHandle::Unwrap(info[0].As<Napi::Object>());
-      if (s->disposed()) throw_error(ErrorKind::Disposed, op, "'stream' was disposed and cannot be used");
-      MOE_ARG_CHECK(s->device() == t.device(), op, "'stream' is on ", s->device().str(), " but the tensor ", t.describe(), " is on ",
-                    t.device().str());
-      stream = s->raw();
-    } else if (t.device().is_cuda()) {
-      stream = cuda::current_stream(t.device().index);
-    }
+    void* stream = arg_stream_on(info, 0, op, t.device(), "the tensor " + t.describe());
     if (t.device().is_cuda() && t.storage()->data()) moe::record_stream(t.device(), t.storage()->data(), stream);
     return info.Env().Undefined();
   });
