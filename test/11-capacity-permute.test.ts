@@ -7,7 +7,6 @@ import {
   type CapacityResult,
   type DropPolicy,
   expertCapacity,
-  InvalidArgumentError,
   permute,
   permuteBackward,
   permutedRowCount,
@@ -15,7 +14,7 @@ import {
   unpermute,
   unpermuteBackward,
 } from '../lib/index.js';
-import { bf16ToNumber, freshSeed, poisoned, relErr, rng } from './helpers.js';
+import { bf16ToNumber, expectInvalidArgument, freshSeed, poisoned, relErr, rng } from './helpers.js';
 
 const cpu = 'cpu' as const;
 
@@ -392,15 +391,7 @@ describe('bad calls give named errors', () => {
   const ro = routing(6, 2, 4, 1);
 
   function expectError(fn: () => unknown, op: string, pattern: RegExp): void {
-    let err: unknown;
-    try {
-      fn();
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toBeInstanceOf(InvalidArgumentError);
-    expect((err as Error).message).toMatch(new RegExp(`^${op}: `));
-    expect((err as Error).message).toMatch(pattern);
+    expectInvalidArgument(fn, new RegExp(`^${op}: `), pattern);
   }
 
   it('capacity', () => {

@@ -2,11 +2,11 @@
 // against plain loops, layouts for the grouped GEMM, and both backward passes.
 import { describe, expect, it } from 'vitest';
 
-import { DisposedError, Event, InvalidArgumentError, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
+import { DisposedError, Event, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
 import { CommWork } from '../lib/comm-work.js';
 import { capacity } from '../lib/moe/capacity.js';
 import { type DispatchHandle, Dispatcher } from '../lib/moe/dispatcher.js';
-import { freshSeed, relErr, values } from './helpers.js';
+import { expectInvalidArgument, freshSeed, relErr, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
 
@@ -278,24 +278,14 @@ describe('CommWork: the result only through wait', () => {
     using comm = new Stream(cpu);
     const { d, x, indices, weights, cap } = setup(comm);
     const side = d;
-    const expectInvalid = (fn: () => unknown, re: RegExp): void => {
-      let err: unknown;
-      try {
-        fn();
-      } catch (e) {
-        err = e;
-      }
-      expect(err, String(re)).toBeInstanceOf(InvalidArgumentError);
-      expect((err as Error).message).toMatch(re);
-    };
-    expectInvalid(() => new Dispatcher({ numExperts: 4, commStream: 'side' as unknown as Stream }), /Dispatcher: 'commStream' must be a Stream; received side/);
-    expectInvalid(() => side.dispatchAsync(x, indices, weights, cap, { after: 5 as unknown as Event }), /dispatch: 'after' must be an Event/);
-    expectInvalid(() => side.dispatchAsync([1, 2] as unknown as Tensor, indices, weights, cap), /dispatch: 'x' must be a Tensor/);
-    expectInvalid(() => side.combineAsync(x, {} as DispatchHandle, weights), /combine: 'handle' must be the handle dispatch\(\) returned/);
-    expectInvalid(() => side.dispatchBackwardAsync(x, null as unknown as DispatchHandle), /dispatchBackward: 'handle' must be the handle/);
+    expectInvalidArgument(() => new Dispatcher({ numExperts: 4, commStream: 'side' as unknown as Stream }), /Dispatcher: 'commStream' must be a Stream; received side/);
+    expectInvalidArgument(() => side.dispatchAsync(x, indices, weights, cap, { after: 5 as unknown as Event }), /dispatch: 'after' must be an Event/);
+    expectInvalidArgument(() => side.dispatchAsync([1, 2] as unknown as Tensor, indices, weights, cap), /dispatch: 'x' must be a Tensor/);
+    expectInvalidArgument(() => side.combineAsync(x, {} as DispatchHandle, weights), /combine: 'handle' must be the handle dispatch\(\) returned/);
+    expectInvalidArgument(() => side.dispatchBackwardAsync(x, null as unknown as DispatchHandle), /dispatchBackward: 'handle' must be the handle/);
     tidy(() => {
       using w = side.dispatchAsync(x, indices, weights, cap);
-      expectInvalid(() => w.waitOn('now' as unknown as Stream), /CommWork.waitOn: 'stream' must be a Stream/);
+      expectInvalidArgument(() => w.waitOn('now' as unknown as Stream), /CommWork.waitOn: 'stream' must be a Stream/);
       w.wait().handle.dispose();
     });
     const gone = new Stream(cpu);

@@ -6,7 +6,8 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { chooseBackend, Communicator, expertGroups, init, InvalidArgumentError, launchEnv, memoryStats, Tensor } from '../lib/index.js';
+import { chooseBackend, Communicator, expertGroups, init, launchEnv, memoryStats, Tensor } from '../lib/index.js';
+import { expectInvalidArgument } from './helpers.js';
 import { packageRoot } from '../lib/native.js';
 
 const cpu = { device: 'cpu' as const };
@@ -68,16 +69,7 @@ describe('single-rank communicator', () => {
       [() => c.allReduce(f32([2]), 'prod' as 'sum'), /allReduce: 'op' must be sum, max, min or avg/],
       [() => c.split(0, -1), /split: 'key' -1 must be in/],
     ];
-    for (const [fn, re] of cases) {
-      let err: unknown;
-      try {
-        fn();
-      } catch (e) {
-        err = e;
-      }
-      expect(err, String(re)).toBeInstanceOf(InvalidArgumentError);
-      expect((err as Error).message).toMatch(re);
-    }
+    for (const [fn, re] of cases) expectInvalidArgument(fn, re);
   });
 
   it('abort() makes every later call throw; dispose() too', () => {

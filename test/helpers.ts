@@ -1,5 +1,7 @@
 // Shared test helpers: independent float64 oracles and comparison by relative norm.
-import { type DType, type DeviceLike, memoryStats, Tensor } from '../lib/index.js';
+import { expect } from 'vitest';
+
+import { type DType, type DeviceLike, InvalidArgumentError, memoryStats, Tensor } from '../lib/index.js';
 
 /** ‖out − ref‖ / ‖ref‖ (or ‖out‖ when ref is all zeros). NaN anywhere gives Infinity. */
 export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
@@ -38,6 +40,18 @@ export function expectNoLeak(device: DeviceLike, fn: () => void): void {
   fn();
   const after = memoryStats(device).liveBytes;
   if (after !== before) throw new Error(`live bytes on ${String(device)} went from ${before} to ${after}`);
+}
+
+/** Calls fn, which must throw an InvalidArgumentError whose message matches every pattern. */
+export function expectInvalidArgument(fn: () => unknown, ...patterns: RegExp[]): void {
+  let err: unknown;
+  try {
+    fn();
+  } catch (e) {
+    err = e;
+  }
+  expect(err, patterns.join(' ')).toBeInstanceOf(InvalidArgumentError);
+  for (const pattern of patterns) expect((err as Error).message).toMatch(pattern);
 }
 
 /** Decodes bf16 bits in float64 (independent of the addon). */
