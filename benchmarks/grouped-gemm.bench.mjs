@@ -38,41 +38,45 @@ for (const [i, s] of shapes.entries()) {
     delete process.env.MOE_EP_GG_HOPPER;
     // The Hopper kernel's register-direct epilogue (v5, before the staged one became the default).
     process.env.MOE_EP_GG_HOPPER_STAGED = '0';
+    process.env.MOE_EP_GG_HOPPER_HANDOFF = '0';
     const nnRegs = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const ntRegs = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tnRegs = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_STAGED;
-    // The hand-off epilogue (opt-in): storer warps write the tile while the next one computes.
-    process.env.MOE_EP_GG_HOPPER_HANDOFF = '1';
-    const nnHandoff = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
-    const ntHandoff = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
-    const tnHandoff = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
-    const handoffOut = [outNN.clone(), outNT.clone(), outTN.clone()]; // checked against the default's below
-    // dW with fp32 results, as training computes it (expertsBackward), default and hand-off.
+    // The warp-slice epilogue (v6; the bf16 default before the hand-off): each consumer warp stores
+    // its own slices and the next tile waits for it.
+    process.env.MOE_EP_GG_HOPPER_HANDOFF = '0';
+    const nnSlices = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
+    const ntSlices = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
+    const tnSlices = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
+    delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
+    const slicesOut = [outNN.clone(), outNT.clone(), outTN.clone()]; // checked against the default's below
+    // dW with fp32 results, as training computes it (expertsBackward): the default (warp slices)
+    // and the hand-off in two halves (MOE_EP_GG_HOPPER_HANDOFF=1).
     const outTN32 = Tensor.empty([E, s.K, s.N], { dtype: 'f32', device: dev });
     const tnF32 = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN32 }), { repeats });
     const tnF32Ref = outTN32.clone();
     process.env.MOE_EP_GG_HOPPER_HANDOFF = '1';
     const tnF32Handoff = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN32 }), { repeats });
     delete process.env.MOE_EP_GG_HOPPER_HANDOFF;
-    handoffOut.push(outTN32);
+    slicesOut.push(outTN32);
     const nn = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const nt = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
-    // The hand-off's results against the default kernel's, relative error in norm (the same
-    // arithmetic: 0 unless a tile went wrong).
-    const handoffErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
+    // The other epilogue's results against the default kernel's, relative error in norm (the same
+    // arithmetic: 0 unless a tile went wrong). The last pair: fp32 hand-off against fp32 slices.
+    const otherEpilogueErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
       tidy(() => {
         // One product at a time (the decode shape's fp32 dW is 15 GB): its temporaries freed here.
         const refF32 = ref.dtype === 'f32' ? ref : ref.cast('f32');
-        const diff = ops.add(handoffOut[i].dtype === 'f32' ? handoffOut[i] : handoffOut[i].cast('f32'), refF32, { alpha: -1 });
+        const diff = ops.add(slicesOut[i].dtype === 'f32' ? slicesOut[i] : slicesOut[i].cast('f32'), refF32, { alpha: -1 });
         return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
       }),
     );
-    for (const t of [...handoffOut, tnF32Ref]) t.dispose();
+    for (const t of [...slicesOut, tnF32Ref]) t.dispose();
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
-    return { handoffErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnHandoff, ntHandoff, tnHandoff };
+    return { otherEpilogueErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnSlices, ntSlices, tnSlices };
   });
   const peer = runPeer('grouped_gemm_torch.py', [dir, String(repeats)]);
   rmSync(dir, { recursive: true, force: true });
@@ -87,37 +91,41 @@ for (const [i, s] of shapes.entries()) {
     torchTFLOPs: torch ? +tf(torch).toFixed(1) : null,
     ratio: torch ? +(torch / ours).toFixed(3) : null,
   });
-  rows.push(row('forward NN', r.nn, peer.torchNN), row('dA NT', r.nt, peer.torchNT), row('dW TN', r.tn, peer.torchTN));
-  rows[rows.length - 3].denseTFLOPs = +tf(peer.denseMM).toFixed(1);
-  rows[rows.length - 3].mmaSyncTFLOPs = +tf(r.nnSync).toFixed(1);
-  rows[rows.length - 2].mmaSyncTFLOPs = +tf(r.ntSync).toFixed(1);
-  rows[rows.length - 3].registerEpilogueTFLOPs = +tf(r.nnRegs).toFixed(1);
-  rows[rows.length - 2].registerEpilogueTFLOPs = +tf(r.ntRegs).toFixed(1);
-  rows[rows.length - 1].registerEpilogueTFLOPs = +tf(r.tnRegs).toFixed(1);
-  rows[rows.length - 3].handoffTFLOPs = +tf(r.nnHandoff).toFixed(1);
-  rows[rows.length - 2].handoffTFLOPs = +tf(r.ntHandoff).toFixed(1);
-  rows[rows.length - 1].handoffTFLOPs = +tf(r.tnHandoff).toFixed(1);
-  for (let i = 0; i < 3; i++) rows[rows.length - 3 + i].handoffVsDefault = +r.handoffErr[i].toExponential(2);
-  rows.push({
+  const [fwd, dA, dW] = [row('forward NN', r.nn, peer.torchNN), row('dA NT', r.nt, peer.torchNT), row('dW TN', r.tn, peer.torchTN)];
+  fwd.denseTFLOPs = +tf(peer.denseMM).toFixed(1);
+  fwd.mmaSyncTFLOPs = +tf(r.nnSync).toFixed(1);
+  dA.mmaSyncTFLOPs = +tf(r.ntSync).toFixed(1);
+  fwd.registerEpilogueTFLOPs = +tf(r.nnRegs).toFixed(1);
+  dA.registerEpilogueTFLOPs = +tf(r.ntRegs).toFixed(1);
+  dW.registerEpilogueTFLOPs = +tf(r.tnRegs).toFixed(1);
+  fwd.slicesEpilogueTFLOPs = +tf(r.nnSlices).toFixed(1);
+  dA.slicesEpilogueTFLOPs = +tf(r.ntSlices).toFixed(1);
+  dW.slicesEpilogueTFLOPs = +tf(r.tnSlices).toFixed(1);
+  [fwd, dA, dW].forEach((x, i) => (x.otherEpilogueVsDefault = +r.otherEpilogueErr[i].toExponential(2)));
+  fwd.relErrVsTorch = peer.relErrNN;
+  if (peer.torchTNError) dW.torchError = peer.torchTNError;
+  const dW32 = {
     shape: s.name,
     product: 'dW TN, fp32 out',
     oursMs: +r.tnF32.toFixed(3),
     oursTFLOPs: +tf(r.tnF32).toFixed(1),
     handoffTFLOPs: +tf(r.tnF32Handoff).toFixed(1),
-    handoffVsDefault: +r.handoffErr[3].toExponential(2),
-  });
-  rows[rows.length - 3].relErrVsTorch = peer.relErrNN;
-  if (peer.torchTNError) rows[rows.length - 1].torchError = peer.torchTNError;
+    otherEpilogueVsDefault: +r.otherEpilogueErr[3].toExponential(2),
+  };
+  rows.push(fwd, dA, dW, dW32);
 }
 writeResult('grouped-gemm', rows, {
   flops: '2·M·K·N per product; M rows in total split into groups by counts',
   ratio: 'torch time / our time (≥ 1 means we are faster)',
-  handoffVsDefault: "relative error in norm of the hand-off epilogue's results against the default kernel's on the same inputs (the same arithmetic: 0 unless a tile went wrong)",
+  otherEpilogueVsDefault:
+    "relative error in norm of the other epilogue's results against the default kernel's on the same inputs (bf16 rows: warp slices vs hand-off; " +
+    "fp32 row: hand-off vs warp slices; the same arithmetic, so 0 unless a tile went wrong)",
   fp32Out: "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
   kernel:
-    'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA 4-stage ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu), ' +
-    'epilogue staged through per-warp shared-memory slices (whole-row stores). TN at >= 32 rows per group too; below that, and ' +
-    'mmaSyncTFLOPs: mma.sync m16n8k16, 128x128x64 tiles, 3-stage cp.async ring (cuda.cu). ' +
-    'registerEpilogueTFLOPs: the Hopper kernel storing straight from registers (MOE_EP_GG_HOPPER_STAGED=0; TN there only at >= 256 rows per group). ' +
-    'handoffTFLOPs: consumers hand each bf16 tile to 3 storer warps through shared memory and go on (MOE_EP_GG_HOPPER_HANDOFF=1; 3-stage ring)',
+    'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu); ' +
+    'bf16 tiles handed to 3 storer warps of the producer warpgroup through shared memory while the next tile computes (3-stage ring). ' +
+    'TN at >= 32 rows per group too; below that, and mmaSyncTFLOPs: mma.sync m16n8k16, 128x128x64 tiles, 3-stage cp.async ring (cuda.cu). ' +
+    'registerEpilogueTFLOPs: the Hopper kernel storing straight from registers (MOE_EP_GG_HOPPER_STAGED=0 MOE_EP_GG_HOPPER_HANDOFF=0; TN there only at >= 256 rows per group). ' +
+    'slicesEpilogueTFLOPs: each consumer warp stores through its own shared-memory slices, 4-stage ring (MOE_EP_GG_HOPPER_HANDOFF=0; the default for fp32 results). ' +
+    "handoffTFLOPs on the fp32 row: the hand-off in two 128-column halves (MOE_EP_GG_HOPPER_HANDOFF=1)",
 });

@@ -51,15 +51,16 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
 ];
 // On compute capability 9.0 the NN/NT products take the wgmma kernel where eligible; the portable
 // mma.sync kernel (the fallback elsewhere) is checked too, on the smaller cases.
-// The Hopper kernel stores through its staged epilogue by default; the register-direct one
-// (MOE_EP_GG_HOPPER_STAGED=0) and the hand-off to storer warps (MOE_EP_GG_HOPPER_HANDOFF=1, bf16
-// results without accumulate) are checked too.
+// The Hopper kernel hands bf16 tiles to its storer warps by default and stores fp32 ones through
+// warp slices; the warp slices for everything (MOE_EP_GG_HOPPER_HANDOFF=0), the register-direct
+// stores (MOE_EP_GG_HOPPER_STAGED=0 with it) and the hand-off for fp32 too (=1) are checked as well.
 const small = cases.filter((c) => c.K * c.N <= 1 << 22);
 const paths: { path: string; env: Record<string, string>; cases: typeof cases }[] = [
   { path: 'default kernels', env: {}, cases },
   { path: 'mma.sync only (MOE_EP_GG_HOPPER=0)', env: { MOE_EP_GG_HOPPER: '0' }, cases: small },
-  { path: 'Hopper register-direct epilogue (MOE_EP_GG_HOPPER_STAGED=0)', env: { MOE_EP_GG_HOPPER_STAGED: '0' }, cases: small },
-  { path: 'Hopper hand-off epilogue (MOE_EP_GG_HOPPER_HANDOFF=1)', env: { MOE_EP_GG_HOPPER_HANDOFF: '1' }, cases: small },
+  { path: 'Hopper warp-slice epilogue (MOE_EP_GG_HOPPER_HANDOFF=0)', env: { MOE_EP_GG_HOPPER_HANDOFF: '0' }, cases: small },
+  { path: 'Hopper register-direct epilogue (MOE_EP_GG_HOPPER_STAGED=0, HANDOFF=0)', env: { MOE_EP_GG_HOPPER_STAGED: '0', MOE_EP_GG_HOPPER_HANDOFF: '0' }, cases: small },
+  { path: 'Hopper hand-off epilogue for fp32 too (MOE_EP_GG_HOPPER_HANDOFF=1)', env: { MOE_EP_GG_HOPPER_HANDOFF: '1' }, cases: small },
 ];
 const pathVars = ['MOE_EP_GG_HOPPER', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF'];
 

@@ -573,19 +573,25 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-// Plain stores go through the staged epilogue (H200, f838df1: forward 715 vs 656 TFLOP/s
-// register-direct on the balanced shape, dW 461 vs 347); MOE_EP_GG_HOPPER_STAGED=0 keeps them in
-// registers. MOE_EP_GG_HOPPER_HANDOFF=1 hands tiles without accumulate to the storer warps (fp32
-// ones in two halves: written, NOT yet run on a GPU):
-// faster in the same run (H200, 3012e8f: balanced forward 730 vs 626 TFLOP/s, dA 659 vs 553, dW 575
-// vs 444; 8 of 9 products measured) and correct on the GPU tests' small cases, but opt-in until the
-// whole GPU suite has run it at the large shapes. Read per launch so that a benchmark can compare.
+// Which epilogue stores the tiles (read per launch so that a benchmark can compare them):
+// - bf16 results without accumulate: handed to the producer's storer warps through shared memory
+//   while the consumers go on with the next tile (H200, 250fecf, against the warp slices: balanced
+//   forward 744 vs 708 TFLOP/s, dA 731 vs 588, dW 630 vs 466; 15 of 18 products faster, the rest
+//   within 2 %). MOE_EP_GG_HOPPER_HANDOFF=0 turns it off.
+// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
+//   E=8 469 vs 499); MOE_EP_GG_HOPPER_HANDOFF=1 hands them off too.
+// - Warp slices otherwise (staged through per-warp shared memory; H200, f838df1: forward 715 vs 656
+//   register-direct); MOE_EP_GG_HOPPER_STAGED=0 stores straight from registers.
 bool env_is(const char* name, const char* value) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, value) == 0;
 }
 bool staged_epilogue() { return !env_is("MOE_EP_GG_HOPPER_STAGED", "0"); }
-bool handoff_epilogue() { return env_is("MOE_EP_GG_HOPPER_HANDOFF", "1"); }
+template <typename OutT>
+bool handoff_epilogue() {
+  if (env_is("MOE_EP_GG_HOPPER_HANDOFF", "0")) return false;
+  return sizeof(OutT) == 2 || env_is("MOE_EP_GG_HOPPER_HANDOFF", "1");
+}
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
@@ -603,7 +609,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   if constexpr (EPI == GemmEpilogue::Store) {
-    if (!p.accumulate && handoff_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+    if (!p.accumulate && handoff_epilogue<OutT>()) return launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
     if (staged_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
   }
   launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
