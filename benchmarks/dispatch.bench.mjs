@@ -1,7 +1,7 @@
 // Dispatch / combine (Dispatcher.dispatch and Dispatcher.combine) in DeepEP's configuration, with
 // DeepEP's byte accounting, next to DeepEP's published figures and to torch.distributed
 // all_to_all_single measured in the same run on the same layout. BF16 and FP8 dispatch, BF16 combine.
-//   node benchmarks/dispatch.bench.mjs [--out DIR] [--quick] [--no-peer] [--dry-run [--full]]
+//   node benchmarks/dispatch.bench.mjs [--out DIR] [--quick] [--no-peer] [--timeout-ms N] [--dry-run [--full]]
 //   mpirun -np N node benchmarks/dispatch.bench.mjs [...]     (one rank per GPU: NCCL;
 //                                                              ranks sharing a GPU: MPI, host staging)
 // Configuration (DeepEP's tests/test_intranode.py): 4096 tokens per rank, hidden 7168, top-8 of 256
@@ -34,7 +34,7 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { capacity, Dispatcher, synchronize, Tensor } from '../dist/lib/index.js';
+import { capacity, Dispatcher, synchronize, Tensor, trace } from '../dist/lib/index.js';
 import { args, benchWorld, dryRun, quick, randomRouting, timeRegion, writeInputs, writeResult } from './harness.mjs';
 
 const noPeer = args.includes('--no-peer');
@@ -164,6 +164,31 @@ const dispatchFp8Ms = timeOp(() => {
   };
 });
 
+// One BF16 dispatch + combine traced (lib/trace.ts): per phase, when the host got there and when
+// the GPU did, from the first mark. Where the GPU's time jumps with the host's, it waited for it.
+function traced() {
+  align();
+  trace.enable();
+  try {
+    const d = dispatcher.dispatch(x, indices, weights, cap);
+    const y = dispatcher.combine(kept.rows, kept.handle, weights);
+    const rows = trace.collect().map((r) => ({ phase: r.name, hostMs: +r.hostMs.toFixed(3), gpuMs: r.gpuMs === null ? null : +r.gpuMs.toFixed(3) }));
+    y.dispose();
+    d.rows.dispose();
+    d.weights.dispose();
+    d.handle.dispose();
+    return rows;
+  } finally {
+    trace.disable();
+  }
+}
+traced(); // warm: the events' first creation
+const timeline = traced();
+if (rank === 0 || P <= 2) {
+  log(`rank ${rank}: one traced BF16 dispatch + combine (ms from the first mark)`);
+  if (rank === 0 || !quick) console.table(timeline);
+}
+
 // ---------------------------------------------------------------------------------------- peer
 // Rank 0 picks a scratch folder name and a free port for torch's rendezvous; every rank learns them.
 async function freePort() {
@@ -287,11 +312,12 @@ if (rank === 0) {
   }
   const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
   // One file per configuration: dispatch-1rank-single, dispatch-2ranks-mpi (sharing a GPU), dispatch-8ranks-nccl.
-  const area = `dispatch${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}`;
+  const area = `dispatch${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${world.timeoutMs === 0 ? '-no-timeout' : ''}`;
   writeResult(area, rows, {
     config: { tokensPerRank: T, hidden: H, topK: k, experts: E, ranks: P, localExperts: El, dtype: 'bf16 (dispatch also fp8 e4m3 + fp32 scale per 128)', routing: 'uniform random top-k distinct experts, seeded per rank; dropless', warmup, repeats },
     backend: world.backend,
     device: dev,
+    commTimeoutMs: world.timeoutMs === 0 ? '0: no timeout (NCCL collectives queued without a host wait)' : world.timeoutMs,
     bytes: 'GB/s = received rows × row bytes / median time, rows received from every rank including this one; BF16 rows hidden × 2 bytes, FP8 rows hidden + hidden/128·4 (e4m3 values and fp32 scales); combine is credited the same bytes as the BF16 dispatch (it sends those rows back)',
     tokenRows: "'GB/s (token rows)' credits only unique (token, destination rank) rows, as DeepEP's normal kernels ship them and its test counts them (recv_x.numel()·2, ×(1 + 4/128)/2 for FP8): the like-for-like figure beside DeepEP's",
     deepep: `${DEEPEP.source}: FP8 dispatch ${DEEPEP.dispatchFp8GBs} GB/s, BF16 combine ${DEEPEP.combineGBs} GB/s (no BF16 dispatch figure published). DeepEP's tuning loop times dispatch with a cached layout handle (no count exchange, no host read); ours includes both, so at EP > 1 ours carries one host round trip DeepEP's figure does not`,
@@ -303,6 +329,7 @@ if (rank === 0) {
       : `torch ${peer.torch ?? '?'} ${peer.backend ?? ''}: all_to_all_single on the same split sizes (a2a; FP8 row: the same rows at hidden + hidden/128·4 bytes, no quantisation); full = x.index_select(rowToken) + a2a (dispatch), a2a back + index_add_ of rows·weight (combine)${peer.error ? `; error on rank 0: ${peer.error}` : ''}`,
     check: `combine(dispatch(x)) with identity experts vs x·Σw on the first rows: max relErr over ranks BF16 ${Math.max(...perRank.map((m) => m.checkRelErr)).toExponential(2)}, FP8 dispatch ${Math.max(...perRank.map((m) => m.checkFp8RelErr)).toExponential(2)}; the torch peer's full path vs the same: ${Math.max(...perRank.map((m) => m.torchCheckRelErr)).toExponential(2)}`,
     slowestRank: { dispatchMs: slowest('dispatchMs'), combineMs: slowest('combineMs') },
+    timelineRank0: { what: "one traced BF16 dispatch then combine on rank 0 after a sync and a barrier (lib/trace.ts): hostMs = when the host reached the phase's end, gpuMs = when the GPU did (an event on the stream), from the first mark", rows: timeline },
   });
 }
 

@@ -144,7 +144,7 @@ if (rank === 0) {
     'TFLOP/s EP=P': num(flops / (m.stepP * 1e-3) / 1e12, 1),
   }));
   const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
-  writeResult(`ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}`, rows, {
+  writeResult(`ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${world.timeoutMs === 0 ? '-no-timeout' : ''}`, rows, {
     config: { tokensPerRank: T, hidden: H, ffn: F, expertsPerRank: El, experts: E, topK: k, ranks: P, dtype, routing: 'softmax router of the layer (seed 1234), dropless', warmup, repeats },
     backend: world.backend,
     device: dev,

@@ -190,8 +190,12 @@ export function randomRouting(T, k, E, seed) {
  * (several ranks) or none. `timeoutMs` bounds every collective.
  */
 export async function benchWorld({ timeoutMs } = {}) {
+  // --timeout-ms N overrides the benchmark's choice (0: no timeout, so NCCL collectives are only
+  // queued, with no host wait after each: what that wait costs).
+  const flag = args.indexOf('--timeout-ms');
+  if (flag >= 0) timeoutMs = Number(args[flag + 1]);
   const le = launchEnv();
-  const world = await init({ ...(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {}), ...(timeoutMs ? { timeoutMs } : {}) });
+  const world = await init({ ...(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {}), ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
   const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
   const log = (...m) => {
     if (world.rank === 0) console.error(...m);

@@ -34,6 +34,7 @@ export { formatInfo, type Info, info } from './info.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
 export * as ops from './ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';
+export { trace, type TraceRow } from './trace.js';
 export { CommWork, type CommWorkOptions, runOnStream, type RunOnStreamOptions } from './comm-work.js';
 export { type CreateOptions, keep, manualSeed, type RandomOptions, Tensor, tidy } from './tensor.js';
 export {

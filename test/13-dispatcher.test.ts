@@ -2,7 +2,7 @@
 // against plain loops, layouts for the grouped GEMM, and both backward passes.
 import { describe, expect, it } from 'vitest';
 
-import { DisposedError, Event, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
+import { DisposedError, Event, memoryStats, Stream, Tensor, tidy, trace } from '../lib/index.js';
 import { CommWork } from '../lib/comm-work.js';
 import { capacity } from '../lib/moe/capacity.js';
 import { type DispatchHandle, Dispatcher } from '../lib/moe/dispatcher.js';
@@ -293,5 +293,47 @@ describe('CommWork: the result only through wait', () => {
     const late = new Dispatcher({ numExperts: 4, commStream: gone });
     expect(() => late.dispatch(x, indices, weights, cap)).toThrow(/dispatch: 'commStream' was disposed/);
     d.dispose();
+  });
+});
+
+describe('trace: the phase timeline', () => {
+  it('records the dispatcher phases in order only while enabled, then starts afresh', () => {
+    const [T, E, k, H] = [16, 4, 2, 8];
+    tidy(() => {
+      const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+      const { indices, weights } = routing(T, E, k);
+      const cap = capacity(indices, weights, { numExperts: E });
+      const d = new Dispatcher({ numExperts: E });
+      const run = (): void => {
+        const out = d.dispatch(x, indices, weights, cap);
+        d.combine(out.rows, out.handle, weights);
+        out.handle.dispose();
+      };
+      run();
+      expect(trace.collect()).toEqual([]); // off: nothing recorded
+      trace.enable();
+      try {
+        run();
+        const rows = trace.collect();
+        expect(rows.map((r) => r.name)).toEqual([
+          'dispatch: start',
+          'dispatch: permuted (segment sizes read)',
+          'dispatch: counts exchanged and read',
+          'dispatch: layout maps made',
+          'dispatch: rows exchanged',
+          'dispatch: weights exchanged',
+          'dispatch: regrouped by local expert',
+          'combine: start',
+          'combine: rows home',
+          'combine: unpermuted',
+        ]);
+        expect(rows[0]!.hostMs).toBe(0);
+        for (let i = 1; i < rows.length; i++) expect(rows[i]!.hostMs).toBeGreaterThanOrEqual(rows[i - 1]!.hostMs);
+        expect(rows.every((r) => r.gpuMs === null)).toBe(true); // CPU marks have no GPU time
+        expect(trace.collect()).toEqual([]);
+      } finally {
+        trace.disable();
+      }
+    });
   });
 });

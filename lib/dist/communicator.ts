@@ -7,11 +7,16 @@
  * dtype and row shape. Every collective honours `timeoutMs` (default 300 000; 0 = none): past it a
  * TimeoutError names the op, this rank and (where known) the peers not heard from, and the
  * communicator is aborted (later calls throw at once).
+ *
+ * NCCL moves device memory only: a host tensor given to an NCCL communicator (a stop flag, a
+ * checkpoint's metadata, a metric read on the host) goes through a copy on the communicator's GPU
+ * and back, which costs a host synchronisation; keep bulk data on the GPU.
  */
 import { checkTensor } from '../args.js';
 import { checkOptions, invalidArgument } from '../errors.js';
 import { type CommHandle, native } from '../native.js';
 import { Tensor } from '../tensor.js';
+import { Device } from '../device.js';
 
 export type Backend = 'single' | 'mpi' | 'nccl';
 export type ReduceOp = 'sum' | 'max' | 'min' | 'avg';
@@ -36,13 +41,16 @@ export class Communicator implements Disposable {
   readonly rank: number;
   readonly size: number;
   readonly backend: Backend;
+  /** NCCL: the GPU its collectives run on (host tensors are staged there); null otherwise. */
+  readonly device: Device | null;
 
   /** @internal Wraps a native handle; use init() or the static factories. */
-  constructor(handle: CommHandle) {
+  constructor(handle: CommHandle, device: Device | null = null) {
     this.#handle = handle;
     this.rank = handle.rank();
     this.size = handle.size();
     this.backend = handle.backend();
+    this.device = this.backend === 'nccl' ? device : null;
   }
 
   /** The one-rank communicator: collectives are local copies with the same checks. */
@@ -59,7 +67,8 @@ export class Communicator implements Disposable {
   /** NCCL on cuda:`device`; `uniqueId` (128 bytes) comes from rank 0's Communicator.ncclUniqueId(). */
   static nccl(rank: number, size: number, uniqueId: Uint8Array, device: number, options: { timeoutMs?: number } = {}): Communicator {
     options = checkOptions(options, 'Communicator.nccl');
-    return new Communicator(native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl')));
+    const handle = native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl'));
+    return new Communicator(handle, Device.cuda(device));
   }
 
   /** A fresh NCCL unique id (call on rank 0, share with the others). */
@@ -92,7 +101,7 @@ export class Communicator implements Disposable {
     checkTensor(t, 'allReduce', 't');
     const code = Object.hasOwn(REDUCE_CODES, op) ? REDUCE_CODES[op] : undefined;
     if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${JSON.stringify(op)}`);
-    this.handle.allReduce(t.handle, code);
+    this.#staged([t], [t], ([d]) => this.handle.allReduce(d!.handle, code));
     return t;
   }
 
@@ -103,7 +112,7 @@ export class Communicator implements Disposable {
     if (t.ndim === 0) invalidArgument('allGather', `'t' is a scalar; collectives count rows along dim 0`);
     const o = out ?? Tensor.empty([t.shape[0]! * this.size, ...t.shape.slice(1)], { dtype: t.dtype, device: t.device });
     try {
-      this.handle.allGather(t.handle, o.handle);
+      this.#staged([t, o], [o], ([dt, dout]) => this.handle.allGather(dt!.handle, dout!.handle));
     } catch (e) {
       if (!out) o.dispose();
       throw e;
@@ -114,7 +123,7 @@ export class Communicator implements Disposable {
   /** In place: every rank's t becomes root's t. */
   broadcast(t: Tensor, root: number): Tensor {
     checkTensor(t, 'broadcast', 't');
-    this.handle.broadcast(t.handle, root);
+    this.#staged([t], [t], ([d]) => this.handle.broadcast(d!.handle, root));
     return t;
   }
 
@@ -128,7 +137,7 @@ export class Communicator implements Disposable {
     if (recv !== undefined && recv !== null) checkTensor(recv, 'allToAll', 'recv');
     const r = recv ?? Tensor.empty(send.shape, { dtype: send.dtype, device: send.device });
     try {
-      this.handle.allToAll(send.handle, r.handle);
+      this.#staged([send, r], [r], ([ds, dr]) => this.handle.allToAll(ds!.handle, dr!.handle));
     } catch (e) {
       if (!recv) r.dispose();
       throw e;
@@ -144,7 +153,8 @@ export class Communicator implements Disposable {
   allToAllV(send: Tensor, sendRows: number[], recv: Tensor, recvRows: number[]): Tensor {
     checkTensor(send, 'allToAllV', 'send');
     checkTensor(recv, 'allToAllV', 'recv');
-    this.handle.allToAllV(send.handle, checkRows(sendRows, 'allToAllV', 'sendRows'), recv.handle, checkRows(recvRows, 'allToAllV', 'recvRows'));
+    const rows = [checkRows(sendRows, 'allToAllV', 'sendRows'), checkRows(recvRows, 'allToAllV', 'recvRows')] as const;
+    this.#staged([send, recv], [recv], ([ds, dr]) => this.handle.allToAllV(ds!.handle, rows[0], dr!.handle, rows[1]));
     return recv;
   }
 
@@ -155,7 +165,31 @@ export class Communicator implements Disposable {
   split(color: number, key: number = this.rank): Communicator | null {
     const h = this.handle.split(color, key);
     if (h === null) return null;
-    return new Communicator(h);
+    return new Communicator(h, this.device);
+  }
+
+  /**
+   * Runs `collective` on `tensors`, each host one replaced by a copy on this NCCL communicator's
+   * GPU; afterwards the `results` among them get the device copies' values back. Other backends
+   * (and device tensors) pass straight through, so a wrong GPU still gets the native error.
+   */
+  #staged(tensors: Tensor[], results: Tensor[], collective: (onDevice: Tensor[]) => void): void {
+    const device = this.device;
+    if (device === null || tensors.every((t) => t.device.isCuda)) {
+      collective(tensors);
+      return;
+    }
+    const copies = tensors.map((t) => (t.device.isCuda ? t : t.copyTo({ device })));
+    try {
+      collective(copies);
+      tensors.forEach((t, i) => {
+        if (t !== copies[i] && results.includes(t)) t.copy_(copies[i]!);
+      });
+    } finally {
+      copies.forEach((c, i) => {
+        if (c !== tensors[i]) c.dispose();
+      });
+    }
   }
 
   /** Marks this communicator unusable (NCCL: aborts its work). Local; peers are not told. */

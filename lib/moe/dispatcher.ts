@@ -37,6 +37,7 @@ import { type CapacityResult } from './capacity.js';
 import { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './fp8.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
 import { native } from '../native.js';
+import { trace } from '../trace.js';
 
 /** What the dispatcher needs from a communicator (lib/dist/communicator.ts provides it). */
 export interface ExpertParallelGroup {
@@ -186,6 +187,7 @@ export class Dispatcher {
     if (this.padToCapacity && cap.capacity === null) invalidArgument(op, `'padToCapacity' needs capacity() with a capacity factor`);
     const P = this.group.size;
     const El = this.localExperts;
+    trace.mark('dispatch: start', x.device);
     // FP8: the T token rows are quantised once before the permute rather than the T·k permuted rows
     // after it (k times less work; the same values, since the permute copies whole rows).
     const quantized = this.fp8 ? quantizeFp8(x) : null;
@@ -197,6 +199,7 @@ export class Dispatcher {
       quantized?.scales.dispose();
       throw e;
     }
+    trace.mark('dispatch: permuted (segment sizes read)', x.device);
     let scaleRows: Tensor | null = null;
     // Dropless layout maps belong to this step (capacity-mode ones are cached by the dispatcher).
     let stepMaps: (Tensor | null)[] = [];
@@ -213,6 +216,7 @@ export class Dispatcher {
         // Dropless: the segment sizes the permute read once on the host (its deliberate sync).
         segment = permuted.segmentRows;
         recvCounts = this.exchangeCounts(segment, x);
+        trace.mark('dispatch: counts exchanged and read', x.device);
       }
       const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const recvRows = Array.from({ length: P }, (_, p) => recvCounts.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
@@ -222,12 +226,17 @@ export class Dispatcher {
 
       const { toExpert, toSource, offsets } = this.maps(recvCounts, localRows, x);
       if (!this.padToCapacity) stepMaps = [toExpert, toSource, offsets];
+      trace.mark('dispatch: layout maps made', x.device);
       const [rows, rowWeights] = tidy(() => {
         const received = scaleRows
           ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
           : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+        trace.mark('dispatch: rows exchanged', x.device);
         const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
-        return [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
+        trace.mark('dispatch: weights exchanged', x.device);
+        const result = [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
+        trace.mark('dispatch: regrouped by local expert', x.device);
+        return result;
       });
       // The permuted rows have been sent (or, on one rank, are the result's storage): the handle
       // keeps only the layout, so a step does not hold T·k rows per layer until its backward.
@@ -274,8 +283,12 @@ export class Dispatcher {
     requireTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
+      trace.mark('combine: start', expertOut.device);
       const home = this.returnRows(expertOut, handle, op, 'expertOut');
-      return unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
+      trace.mark('combine: rows home', expertOut.device);
+      const y = unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
+      trace.mark('combine: unpermuted', expertOut.device);
+      return y;
     }), options);
   }
 

@@ -31,6 +31,7 @@ import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGr
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
 import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerEntropy, routerForward, type RouterConfig, zLoss } from './router.js';
+import { trace } from '../trace.js';
 
 /** The router's fields (numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale) plus: */
 export interface MoELayerConfig extends RouterConfig {
@@ -243,6 +244,7 @@ export class MoELayer implements Disposable {
     const T = x.shape[0] as number;
     return tidy(() => {
       const all = this.wholeBatch(T);
+      trace.mark('layer forward: start', x.device);
       const logits = groupedGemm('NN', x, this.compute.router, all, { dtype: 'f32' });
       const r = routerForward(logits, this.router, { bias: this.bias });
       // Auxiliary losses: their gradients are collected into dLogitsAux now, added in backward.
@@ -262,11 +264,13 @@ export class MoELayer implements Disposable {
         dropPolicy: this.config.dropPolicy,
       });
       // The dispatch waits for the routing only: the shared expert, queued next, overlaps it.
+      trace.mark('layer forward: routed', x.device);
       using routed = this.markProduced();
       let shared: { g: Tensor; h: Tensor; out: Tensor } | null = null;
       if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
       const { rows, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
       const experts = expertsForward(rows, this.compute.w13, this.compute.w2, handle.localOffsets);
+      trace.mark('layer forward: experts', x.device);
       let y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) y = addTensors(y, shared.out);
       const saved: MoESaved = {

@@ -1,7 +1,7 @@
 // The NCCL communicator: one rank per GPU, collectives on the device's current stream
 // (cuda::current_stream; withStream(commStream) in JS puts them on a communication stream), NCCL
 // opened at run time through nccl_loader. all_to_all(_v) are grouped
-// ncclSend/ncclRecv of bytes. UNTESTED on hardware so far (compiled only; see test/gpu/20-comm).
+// ncclSend/ncclRecv of bytes. Run on 1 and 2 H200s (test/gpu/20-comm, scripts/device-session.sh multi).
 //
 // Timeouts: with timeout_ms > 0 every collective waits on the host for its completion, polling the
 // stream's event and ncclCommGetAsyncError; past the deadline it calls ncclCommAbort and throws

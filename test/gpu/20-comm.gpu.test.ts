@@ -1,6 +1,6 @@
-// Communicators on a GPU (UNTESTED so far: written without hardware). A single-rank NCCL
-// communicator's allToAll / allToAllV / allReduce / allGather on cuda:0 against the CPU results, and
-// a single-rank MPI communicator staging CUDA tensors through pinned host memory.
+// Communicators on a GPU. A single-rank NCCL communicator's allToAll / allToAllV / allReduce /
+// allGather on cuda:0 against the CPU results (and on host tensors, staged through its GPU), and a
+// single-rank MPI communicator staging CUDA tensors through pinned host memory.
 import { spawnSync } from 'node:child_process';
 
 import { describe, expect, it } from 'vitest';
@@ -34,6 +34,28 @@ describe.skipIf(!hasNccl)('NCCL communicator, one rank on cuda:0', () => {
     using g = c.allGather(xd);
     expect(g.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
     c.barrier();
+  });
+
+  it('host tensors go through the GPU and back (NCCL moves device memory only)', () => {
+    using c = Communicator.nccl(0, 1, Communicator.ncclUniqueId(), 0, { timeoutMs: 30_000 });
+    expect(c.device?.toString()).toBe(gpu);
+    using x = data(6, 3);
+    // Results land in poisoned host tensors: nothing copied back leaves NaNs.
+    using r = Tensor.full([6, 8], Number.NaN, { device: 'cpu' });
+    c.allToAllV(x, [6], r, [6]);
+    expect(r.toFloat32Array()).toEqual(x.toFloat32Array());
+    using g = Tensor.full([6, 8], Number.NaN, { device: 'cpu' });
+    c.allGather(x, g);
+    expect(g.toFloat32Array()).toEqual(x.toFloat32Array());
+    using a = c.allToAll(x);
+    expect(a.device.toString()).toBe('cpu');
+    expect(a.toFloat32Array()).toEqual(x.toFloat32Array());
+    using s = x.clone();
+    c.allReduce(s, 'max');
+    expect(s.toFloat32Array()).toEqual(x.toFloat32Array());
+    using flag = Tensor.fromArray([7], { dtype: 'i32', device: 'cpu' });
+    c.broadcast(flag, 0);
+    expect(flag.item()).toBe(7);
   });
 });
 
