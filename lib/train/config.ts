@@ -102,7 +102,7 @@ export const trainConfigSchema = {
       seed: int(0),
       onDevice: {
         type: 'boolean',
-        description: "compute each batch's targets (x·A_c) on the training device, in bf16 there: for wide models on a GPU, whose steps the CPU's f32 GEMM can dominate; the targets then differ from a CPU run's in rounding",
+        description: "make each batch on the training device: the inputs (the same draws as on the CPU) and the targets x·A_c in bf16 there; for wide models on a GPU, whose steps the CPU's normals and f32 GEMM can dominate; the targets then differ from a CPU run's in rounding",
       },
     }),
     train: section({
