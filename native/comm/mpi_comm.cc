@@ -11,6 +11,7 @@
 #include "comm/communicator.h"
 #include "comm/mpi/mpi_api.h"
 #include "core/cuda_runtime.h"
+#include "core/pinned_pool.h"
 #include "ops/copy/copy.h"
 
 #ifndef MOE_EP_WITH_MPI
@@ -83,7 +84,7 @@ class Host {
       return;
     }
 #if MOE_EP_WITH_CUDA
-    pinned_ = cuda::host_alloc_pinned(t.nbytes(), op);
+    pinned_ = pinned::acquire(t.nbytes(), op);  // reused across calls: pinning is slow
     ptr_ = pinned_;
     if (copy_in && t.nbytes()) {
       void* s = cuda::current_stream(t.device().index);
@@ -97,7 +98,7 @@ class Host {
   }
   ~Host() {
 #if MOE_EP_WITH_CUDA
-    if (pinned_ && !leak_) cuda::host_free_pinned(pinned_);
+    if (pinned_ && !leak_) pinned::release(pinned_);
 #endif
   }
   Host(const Host&) = delete;

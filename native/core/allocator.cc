@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/cuda_runtime.h"
+#include "core/pinned_pool.h"
 
 #if MOE_EP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -271,7 +272,9 @@ void record_stream(const Device& device, void* ptr, void* stream) {
 MemoryStats memory_stats(const Device& device) {
   if (device.is_cpu()) {
     std::lock_guard<std::mutex> lock(host_pool().mu);
-    return host_pool().stats;
+    MemoryStats s = host_pool().stats;
+    s.cached_bytes = pinned::cached_bytes();  // pinned staging buffers kept for reuse
+    return s;
   }
   cuda::require_device(device, "memoryStats");
 #if MOE_EP_WITH_CUDA
@@ -298,7 +301,10 @@ void reset_peak_memory(const Device& device) {
 }
 
 void empty_cache(const Device& device) {
-  if (device.is_cpu()) return;
+  if (device.is_cpu()) {
+    pinned::empty();  // the host side's only cache: pinned staging buffers
+    return;
+  }
   cuda::require_device(device, "emptyCache");
 #if MOE_EP_WITH_CUDA
   auto& p = device_pool(device.index);

@@ -11,7 +11,7 @@ namespace moe {
 struct MemoryStats {
   int64_t live_bytes = 0;        // bytes in blocks handed out and not yet freed (rounded sizes)
   int64_t peak_bytes = 0;        // high-water mark of live_bytes since the last reset
-  int64_t cached_bytes = 0;      // bytes held in free blocks, ready for reuse (device only)
+  int64_t cached_bytes = 0;      // bytes held in free blocks, ready for reuse (host: pinned staging buffers)
   int64_t reserved_bytes = 0;    // live + cached + blocks waiting on other streams
   int64_t live_allocations = 0;  // blocks handed out now
   int64_t allocations = 0;       // allocate() calls that returned memory, ever

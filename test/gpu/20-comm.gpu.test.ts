@@ -5,7 +5,7 @@ import { spawnSync } from 'node:child_process';
 
 import { describe, expect, it } from 'vitest';
 
-import { Communicator, Tensor } from '../../lib/index.js';
+import { Communicator, emptyCache, memoryStats, Tensor } from '../../lib/index.js';
 import { native } from '../../lib/native.js';
 import { hasGpu } from './gpu.js';
 
@@ -70,5 +70,24 @@ describe.skipIf(!(hasGpu && hasMpi))('MPI communicator with CUDA tensors (pinned
     using b = Tensor.fromArray([1, 2, 3], { device: gpu, dtype: 'bf16' });
     c.allReduce(b, 'sum');
     expect(b.to('cpu').toFloat32Array()).toEqual(new Float32Array([1, 2, 3]));
+  });
+
+  it('keeps its pinned staging buffers for the next call; emptyCache(cpu) frees them', () => {
+    using c = Communicator.mpi({ timeoutMs: 30_000 });
+    emptyCache('cpu');
+    expect(memoryStats('cpu').cachedBytes).toBe(0);
+    const rows = 1 << 16; // 2 MiB of f32 per tensor
+    using x = Tensor.rand([rows, 8], { seed: 5, device: 'cpu' });
+    using xd = x.to(gpu);
+    for (let i = 0; i < 3; i++) {
+      using r = Tensor.full([rows, 8], Number.NaN, { device: gpu });
+      c.allToAllV(xd, [rows], r, [rows]);
+      expect(r.to('cpu').toFloat32Array()).toEqual(x.toFloat32Array());
+      // The send and receive staging buffers are back in the cache, and the next call reuses them.
+      expect(memoryStats('cpu').cachedBytes).toBeGreaterThanOrEqual(2 * xd.numel * 4);
+      expect(memoryStats('cpu').cachedBytes).toBeLessThanOrEqual(2 * 2 * xd.numel * 4);
+    }
+    emptyCache('cpu');
+    expect(memoryStats('cpu').cachedBytes).toBe(0);
   });
 });
