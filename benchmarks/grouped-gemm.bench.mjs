@@ -64,6 +64,22 @@ for (const [i, s] of shapes.entries()) {
     const nn = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const nt = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
+    // dW with few rows per group (≤ 8 on average) takes the few-rows streaming kernel by default:
+    // the tensor-core kernel alone beside it, and its result against the default's.
+    let tnTensorCores = null;
+    let fewRowsErr = null;
+    if (s.M <= 8 * E) {
+      const ref = outTN.clone();
+      process.env.MOE_EP_GG_FEW_ROWS = '0';
+      tnTensorCores = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
+      delete process.env.MOE_EP_GG_FEW_ROWS;
+      fewRowsErr = tidy(() => {
+        const refF32 = ref.cast('f32');
+        const diff = ops.add(outTN.cast('f32'), refF32, { alpha: -1 });
+        return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
+      });
+      ref.dispose();
+    }
     // The other epilogue's results against the default kernel's, relative error in norm (the same
     // arithmetic: 0 unless a tile went wrong). The last pair: fp32 hand-off against fp32 slices.
     const otherEpilogueErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
@@ -76,7 +92,7 @@ for (const [i, s] of shapes.entries()) {
     );
     for (const t of [...slicesOut, tnF32Ref]) t.dispose();
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
-    return { otherEpilogueErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnSlices, ntSlices, tnSlices };
+    return { tnTensorCores, fewRowsErr, otherEpilogueErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnSlices, ntSlices, tnSlices };
   });
   const peer = runPeer('grouped_gemm_torch.py', [dir, String(repeats)]);
   rmSync(dir, { recursive: true, force: true });
@@ -102,6 +118,10 @@ for (const [i, s] of shapes.entries()) {
   dA.slicesEpilogueTFLOPs = +tf(r.ntSlices).toFixed(1);
   dW.slicesEpilogueTFLOPs = +tf(r.tnSlices).toFixed(1);
   [fwd, dA, dW].forEach((x, i) => (x.otherEpilogueVsDefault = +r.otherEpilogueErr[i].toExponential(2)));
+  if (r.tnTensorCores) {
+    dW.tensorCoreOnlyTFLOPs = +tf(r.tnTensorCores).toFixed(1);
+    dW.fewRowsVsTensorCores = +r.fewRowsErr.toExponential(2);
+  }
   fwd.relErrVsTorch = peer.relErrNN;
   if (peer.torchTNError) dW.torchError = peer.torchTNError;
   const dW32 = {
@@ -120,6 +140,9 @@ writeResult('grouped-gemm', rows, {
   otherEpilogueVsDefault:
     "relative error in norm of the other epilogue's results against the default kernel's on the same inputs (bf16 rows: warp slices vs hand-off; " +
     "fp32 row: hand-off vs warp slices; the same arithmetic, so 0 unless a tile went wrong)",
+  fewRows:
+    'dW at <= 8 rows per group on average (decode): groups of <= 8 rows are streamed by the few-rows kernel (CUDA cores, 16-byte streaming stores), larger ones by the tensor-core kernel; ' +
+    'tensorCoreOnlyTFLOPs: MOE_EP_GG_FEW_ROWS=0; fewRowsVsTensorCores: relative error in norm between the two results (bf16 rounding of different summation orders)',
   fp32Out: "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
   kernel:
     'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu); ' +

@@ -48,7 +48,17 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   { name: 'M=20000, K=64, N=1024: ~5 NN tiles per block', E: 4, K: 64, N: 1024, counts: raggedCounts(4, 20000) },
   { name: 'M=20000, K=1024, N=64: NT over several n-tiles per block', E: 4, K: 1024, N: 64, counts: raggedCounts(4, 20000) },
   { name: 'E=64 groups of 64 rows, K=N=512: ~4 TN tiles per block', E: 64, K: 512, N: 512, counts: new Array(64).fill(64) },
+  // dW with ≤ 8 rows per group on average: groups of at most 8 rows go to the few-rows kernel, the
+  // two larger ones (20 and 45 rows) to the tensor-core kernel; K and N end mid-slab (32 × 1024).
+  { name: 'decode-like dW: E=32, mostly 0-6 rows, two groups over 8', E: 32, K: 520, N: 1032, counts: fewRowCounts() },
 ];
+/** 0-6 rows per group, and 20 and 45 rows in two of them: M = 147 (+3) ≤ 8·E. */
+function fewRowCounts(): number[] {
+  const counts = Array.from({ length: 32 }, (_, e) => e % 7);
+  counts[5] = 20;
+  counts[17] = 45;
+  return counts;
+}
 // On compute capability 9.0 the NN/NT products take the wgmma kernel where eligible; the portable
 // mma.sync kernel (the fallback elsewhere) is checked too, on the smaller cases.
 // The Hopper kernel hands bf16 tiles to its storer warps by default and stores fp32 ones through
@@ -61,8 +71,10 @@ const paths: { path: string; env: Record<string, string>; cases: typeof cases }[
   { path: 'Hopper warp-slice epilogue (MOE_EP_GG_HOPPER_HANDOFF=0)', env: { MOE_EP_GG_HOPPER_HANDOFF: '0' }, cases: small },
   { path: 'Hopper register-direct epilogue (MOE_EP_GG_HOPPER_STAGED=0, HANDOFF=0)', env: { MOE_EP_GG_HOPPER_STAGED: '0', MOE_EP_GG_HOPPER_HANDOFF: '0' }, cases: small },
   { path: 'Hopper hand-off epilogue for fp32 too (MOE_EP_GG_HOPPER_HANDOFF=1)', env: { MOE_EP_GG_HOPPER_HANDOFF: '1' }, cases: small },
+  // The cases whose dW takes the few-rows kernel by default, on the tensor-core kernel alone.
+  { path: 'dW without the few-rows kernel (MOE_EP_GG_FEW_ROWS=0)', env: { MOE_EP_GG_FEW_ROWS: '0' }, cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E) },
 ];
-const pathVars = ['MOE_EP_GG_HOPPER', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF'];
+const pathVars = ['MOE_EP_GG_HOPPER', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF', 'MOE_EP_GG_FEW_ROWS'];
 
 describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ env, cases }) => {
   let baseline = 0;
@@ -123,6 +135,21 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
         groupedGemm('TN', ga, gdC, goff, { out: gdW });
         expect(floats(gdW).every((v) => v === 0), `TN E=${E}: dW = 0`).toBe(true);
       }
+    });
+  });
+
+  it('accumulate with few rows per group: f32 dW += product onto random contents (both dW kernels)', () => {
+    const { E, K, N, counts } = cases.find((c) => c.name.startsWith('decode-like')) as (typeof cases)[number];
+    const M = counts.reduce((s, c) => s + c, 0) + 3;
+    tidy(() => {
+      const [a, ga] = pair([M, K]);
+      const [dC, gdC] = pair([M, N]);
+      const [off, goff] = offsets(counts);
+      const [start, gstart] = pair([E, K, N]);
+      const gdW = gstart.cast('f32'), cdW = start.cast('f32');
+      groupedGemm('TN', ga, gdC, goff, { out: gdW, accumulate: true });
+      groupedGemm('TN', a, dC, off, { out: cdW, accumulate: true });
+      expect(relErr(floats(gdW), floats(cdW))).toBeLessThan(1e-4);
     });
   });
 
