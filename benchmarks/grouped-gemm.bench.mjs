@@ -64,6 +64,18 @@ for (const [i, s] of shapes.entries()) {
     const nn = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
     const nt = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
+    // The other epilogue's results against the default kernel's, relative error in norm (the same
+    // arithmetic: 0 unless a tile went wrong). The last pair: fp32 hand-off against fp32 slices.
+    const otherEpilogueErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
+      tidy(() => {
+        // One product at a time (the decode shape's fp32 dW is 15 GB): its temporaries freed here.
+        const refF32 = ref.dtype === 'f32' ? ref : ref.cast('f32');
+        const diff = ops.add(slicesOut[i].dtype === 'f32' ? slicesOut[i] : slicesOut[i].cast('f32'), refF32, { alpha: -1 });
+        return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
+      }),
+    );
+    for (const t of [...slicesOut, tnF32Ref]) t.dispose();
+    // (After the epilogue comparison, which needs the default's dW in outTN.)
     // dW with few rows per group (≤ 8 on average) takes the few-rows streaming kernel by default:
     // the tensor-core kernel alone beside it, and its result against the default's.
     let tnTensorCores = null;
@@ -80,17 +92,6 @@ for (const [i, s] of shapes.entries()) {
       });
       ref.dispose();
     }
-    // The other epilogue's results against the default kernel's, relative error in norm (the same
-    // arithmetic: 0 unless a tile went wrong). The last pair: fp32 hand-off against fp32 slices.
-    const otherEpilogueErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
-      tidy(() => {
-        // One product at a time (the decode shape's fp32 dW is 15 GB): its temporaries freed here.
-        const refF32 = ref.dtype === 'f32' ? ref : ref.cast('f32');
-        const diff = ops.add(slicesOut[i].dtype === 'f32' ? slicesOut[i] : slicesOut[i].cast('f32'), refF32, { alpha: -1 });
-        return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
-      }),
-    );
-    for (const t of [...slicesOut, tnF32Ref]) t.dispose();
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
     return { tnTensorCores, fewRowsErr, otherEpilogueErr, tnF32, tnF32Handoff, nn, nt, tn, nnSync, ntSync, nnRegs, ntRegs, tnRegs, nnSlices, ntSlices, tnSlices };
   });
@@ -117,6 +118,12 @@ for (const [i, s] of shapes.entries()) {
   fwd.slicesEpilogueTFLOPs = +tf(r.nnSlices).toFixed(1);
   dA.slicesEpilogueTFLOPs = +tf(r.ntSlices).toFixed(1);
   dW.slicesEpilogueTFLOPs = +tf(r.tnSlices).toFixed(1);
+  if (s.M < 32 * E) {
+    // Under 32 rows per group dW never takes the Hopper kernel: its epilogue columns would time the
+    // default kernel again.
+    dW.registerEpilogueTFLOPs = null;
+    dW.slicesEpilogueTFLOPs = null;
+  }
   [fwd, dA, dW].forEach((x, i) => (x.otherEpilogueVsDefault = +r.otherEpilogueErr[i].toExponential(2)));
   if (r.tnTensorCores) {
     dW.tensorCoreOnlyTFLOPs = +tf(r.tnTensorCores).toFixed(1);
@@ -129,7 +136,7 @@ for (const [i, s] of shapes.entries()) {
     product: 'dW TN, fp32 out',
     oursMs: +r.tnF32.toFixed(3),
     oursTFLOPs: +tf(r.tnF32).toFixed(1),
-    handoffTFLOPs: +tf(r.tnF32Handoff).toFixed(1),
+    handoffTFLOPs: s.M < 32 * E ? null : +tf(r.tnF32Handoff).toFixed(1),
     otherEpilogueVsDefault: +r.otherEpilogueErr[3].toExponential(2),
   };
   rows.push(fwd, dA, dW, dW32);

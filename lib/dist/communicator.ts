@@ -112,7 +112,7 @@ export class Communicator implements Disposable {
     if (t.ndim === 0) invalidArgument('allGather', `'t' is a scalar; collectives count rows along dim 0`);
     const o = out ?? Tensor.empty([t.shape[0]! * this.size, ...t.shape.slice(1)], { dtype: t.dtype, device: t.device });
     try {
-      this.#staged([t, o], [o], ([dt, dout]) => this.handle.allGather(dt!.handle, dout!.handle));
+      this.#staged([t], [o], ([dt, dout]) => this.handle.allGather(dt!.handle, dout!.handle));
     } catch (e) {
       if (!out) o.dispose();
       throw e;
@@ -137,7 +137,7 @@ export class Communicator implements Disposable {
     if (recv !== undefined && recv !== null) checkTensor(recv, 'allToAll', 'recv');
     const r = recv ?? Tensor.empty(send.shape, { dtype: send.dtype, device: send.device });
     try {
-      this.#staged([send, r], [r], ([ds, dr]) => this.handle.allToAll(ds!.handle, dr!.handle));
+      this.#staged([send], [r], ([ds, dr]) => this.handle.allToAll(ds!.handle, dr!.handle));
     } catch (e) {
       if (!recv) r.dispose();
       throw e;
@@ -154,7 +154,7 @@ export class Communicator implements Disposable {
     checkTensor(send, 'allToAllV', 'send');
     checkTensor(recv, 'allToAllV', 'recv');
     const rows = [checkRows(sendRows, 'allToAllV', 'sendRows'), checkRows(recvRows, 'allToAllV', 'recvRows')] as const;
-    this.#staged([send, recv], [recv], ([ds, dr]) => this.handle.allToAllV(ds!.handle, rows[0], dr!.handle, rows[1]));
+    this.#staged([send], [recv], ([ds, dr]) => this.handle.allToAllV(ds!.handle, rows[0], dr!.handle, rows[1]));
     return recv;
   }
 
@@ -169,26 +169,35 @@ export class Communicator implements Disposable {
   }
 
   /**
-   * Runs `collective` on `tensors`, each host one replaced by a copy on this NCCL communicator's
-   * GPU; afterwards the `results` among them get the device copies' values back. Other backends
-   * (and device tensors) pass straight through, so a wrong GPU still gets the native error.
+   * Runs `collective` with each host tensor among `inputs` and `outputs` replaced by one on this
+   * NCCL communicator's GPU: inputs are copied there, outputs are made there and copied back after.
+   * A tensor in both lists (in place) is copied both ways. Other backends, and device tensors, pass
+   * straight through, so a tensor on the wrong GPU still gets the native error.
    */
-  #staged(tensors: Tensor[], results: Tensor[], collective: (onDevice: Tensor[]) => void): void {
+  #staged(inputs: Tensor[], outputs: Tensor[], collective: (onDevice: Tensor[]) => void): void {
     const device = this.device;
-    if (device === null || tensors.every((t) => t.device.isCuda)) {
-      collective(tensors);
+    if (device === null || [...inputs, ...outputs].every((t) => t.device.isCuda)) {
+      collective([...inputs, ...outputs]);
       return;
     }
-    const copies = tensors.map((t) => (t.device.isCuda ? t : t.copyTo({ device })));
+    const made = new Map<Tensor, Tensor>(); // host tensor → its device stand-in (one each, even when aliased)
     try {
-      collective(copies);
-      tensors.forEach((t, i) => {
-        if (t !== copies[i] && results.includes(t)) t.copy_(copies[i]!);
-      });
+      const stage = (t: Tensor): Tensor => {
+        if (t.device.isCuda) return t;
+        let d = made.get(t);
+        if (!d) {
+          d = inputs.includes(t) ? t.copyTo({ device }) : Tensor.empty(t.shape, { dtype: t.dtype, device });
+          made.set(t, d);
+        }
+        return d;
+      };
+      collective([...inputs.map(stage), ...outputs.map(stage)]);
+      for (const t of outputs) {
+        const d = made.get(t);
+        if (d) t.copy_(d);
+      }
     } finally {
-      copies.forEach((c, i) => {
-        if (c !== tensors[i]) c.dispose();
-      });
+      for (const d of made.values()) d.dispose();
     }
   }
 

@@ -85,8 +85,14 @@ export class ClusterTask implements Disposable {
     this.centres = keep(Tensor.randn([clusters, dim], { seed: seed * 8 + 1, device: 'cpu' }));
     this.maps = keep(Tensor.randn([clusters, dim, dim], { seed: seed * 8 + 2, std: 1 / Math.sqrt(dim), device: 'cpu' }));
     const device = config.device === undefined ? null : Device.parse(config.device, op);
-    this.deviceMaps = device && device.isCuda ? keep(this.maps.copyTo({ device, dtype: 'bf16' })) : null;
-    this.deviceCentres = device && device.isCuda ? keep(this.centres.copyTo({ device })) : null;
+    const onGpu = device !== null && device.isCuda;
+    this.deviceCentres = onGpu ? keep(this.centres.copyTo({ device })) : null;
+    try {
+      this.deviceMaps = onGpu ? keep(this.maps.copyTo({ device, dtype: 'bf16' })) : null;
+    } catch (e) {
+      for (const t of [this.centres, this.maps, this.deviceCentres]) t?.dispose();
+      throw e;
+    }
     const w = Array.from({ length: clusters }, (_, c) => 1 / (c + 1) ** config.zipf);
     const total = w.reduce((a, b) => a + b, 0);
     let acc = 0;

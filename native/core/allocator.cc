@@ -274,6 +274,7 @@ MemoryStats memory_stats(const Device& device) {
     std::lock_guard<std::mutex> lock(host_pool().mu);
     MemoryStats s = host_pool().stats;
     s.cached_bytes = pinned::cached_bytes();  // pinned staging buffers kept for reuse
+    s.reserved_bytes += s.cached_bytes;
     return s;
   }
   cuda::require_device(device, "memoryStats");

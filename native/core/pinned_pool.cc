@@ -4,6 +4,7 @@
 #include <map>
 #include <mutex>
 #include <unordered_map>
+#include <vector>
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
@@ -41,6 +42,7 @@ int64_t rounded(int64_t bytes) {
 }  // namespace
 
 void* acquire(int64_t bytes, const std::string& op) {
+  bytes = bytes > 0 ? bytes : 1;  // empty transfers share the smallest size class
   Pool& p = pool();
   {
     std::lock_guard<std::mutex> lock(p.mu);
@@ -52,8 +54,14 @@ void* acquire(int64_t bytes, const std::string& op) {
       return ptr;
     }
   }
-  const int64_t size = rounded(bytes > 0 ? bytes : 1);
-  void* ptr = cuda::host_alloc_pinned(size, op);
+  const int64_t size = rounded(bytes);
+  void* ptr = nullptr;
+  try {
+    ptr = cuda::host_alloc_pinned(size, op);
+  } catch (const std::exception&) {
+    empty();  // cached buffers of other sizes may be what stands in the way: free them, try once more
+    ptr = cuda::host_alloc_pinned(size, op);
+  }
   std::lock_guard<std::mutex> lock(p.mu);
   p.size_of[ptr] = size;
   return ptr;
@@ -62,18 +70,30 @@ void* acquire(int64_t bytes, const std::string& op) {
 void release(void* ptr) {
   if (!ptr) return;
   Pool& p = pool();
-  std::unique_lock<std::mutex> lock(p.mu);
-  auto it = p.size_of.find(ptr);
-  MOE_INTERNAL_CHECK(it != p.size_of.end(), "pinned::release of a buffer the pool did not hand out");
-  const int64_t size = it->second;
-  if (p.cached + size <= cache_limit()) {
-    p.free_by_size.emplace(size, ptr);
-    p.cached += size;
-    return;
+  std::vector<void*> evicted;
+  {
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.size_of.find(ptr);
+    MOE_INTERNAL_CHECK(it != p.size_of.end(), "pinned::release of a buffer the pool did not hand out");
+    const int64_t size = it->second;
+    if (size > cache_limit()) {
+      p.size_of.erase(it);
+      evicted.push_back(ptr);
+    } else {
+      // Make room by freeing the smallest cached buffers first: the sizes a job keeps asking for
+      // are the large ones it just used.
+      while (p.cached + size > cache_limit() && !p.free_by_size.empty()) {
+        auto small = p.free_by_size.begin();
+        p.cached -= small->first;
+        p.size_of.erase(small->second);
+        evicted.push_back(small->second);
+        p.free_by_size.erase(small);
+      }
+      p.free_by_size.emplace(size, ptr);
+      p.cached += size;
+    }
   }
-  p.size_of.erase(it);
-  lock.unlock();
-  cuda::host_free_pinned(ptr);
+  for (void* e : evicted) cuda::host_free_pinned(e);
 }
 
 void empty() {

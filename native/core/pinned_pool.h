@@ -4,7 +4,8 @@
 // ranks sharing an H200 take 1.7 s. Buffers are therefore kept and reused: acquire() hands out a
 // cached buffer that is large enough (but not more than twice the request), else pins a new one;
 // release() returns it. Freed buffers stay cached up to a limit (MOE_EP_PINNED_CACHE_MB, default
-// 8192); emptyCache('cpu') returns them all.
+// 8192; the smallest go first when a new one needs room); emptyCache('cpu') returns them all, and a
+// failed pinning frees the cache and tries once more.
 #pragma once
 #include <cstdint>
 #include <string>

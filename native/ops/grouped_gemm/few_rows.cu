@@ -7,7 +7,8 @@
 // thread writes 8 consecutive outputs with one 16-byte streaming store (two for fp32).
 //
 // Groups with more than FEW_ROWS_MAX rows are left to the tensor-core kernel, launched after this
-// one with those groups only (the host does not know the counts: they are read on the device).
+// one over every group: its blocks of the few-row groups return at once (the host does not know
+// the counts; they are read on the device).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -100,7 +101,7 @@ bool few_rows_tn_eligible(const GroupedGemm& g) {
   if (E < 1 || K == 0 || N == 0 || K % VEC != 0 || N % VEC != 0) return false;
   auto aligned16 = [](const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out)) return false;
-  if (M >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31) || E > 65535) return false;
+  if (M >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N > int64_t(65535) * NB || E > 65535) return false;
   // On average at most FEW_ROWS_AVERAGE rows per group: then most groups are few-row ones.
   return M <= FEW_ROWS_AVERAGE * E;
 }
