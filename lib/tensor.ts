@@ -219,6 +219,10 @@ export class Tensor implements Disposable {
       const range = INT_RANGE[dtype];
       if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
     }
+    // Checked integers in range: straight into the dtype's own array (no BigInt detour; a step's
+    // layout offsets and counts come this way).
+    if (dtype === 'i32') return new Tensor(native().tensorFromBuffer(Int32Array.from(values), shape, dtypeCode.i32, ...device.code));
+    if (dtype === 'u8') return new Tensor(native().tensorFromBuffer(Uint8Array.from(values), shape, dtypeCode.u8, ...device.code));
     if (dtype === 'i64') {
       const big = BigInt64Array.from(values, (v) => BigInt(v));
       return new Tensor(native().tensorFromBuffer(big, shape, dtypeCode.i64, ...device.code));
