@@ -201,8 +201,14 @@ class NcclCommunicator final : public Communicator {
     if (!event_) event_ = cuda::event_create(device_, false);
     cuda::event_record(device_, event_, stream());
     auto start = std::chrono::steady_clock::now();
-    int spins = 0;
+    int64_t spins = 0;
     while (!cuda::event_query(event_)) {
+      // Busy-poll for the first few milliseconds (a dispatch's exchanges take ~0.1-1 ms, and a
+      // sleep on a VM can overshoot by a tenth of a millisecond each time), then sleep in growing
+      // steps: 20 us up to 100 ms, then 1 ms.
+      const auto waited = std::chrono::steady_clock::now() - start;
+      ++spins;
+      if (waited < std::chrono::milliseconds(5) && spins % 64 != 0) continue;
       nccl::Result async = nccl::Success;
       api_.commGetAsyncError(comm_, &async);
       if (async != nccl::Success && async != nccl::InProgress) {
@@ -215,7 +221,8 @@ class NcclCommunicator final : public Communicator {
         throw_error(ErrorKind::Timeout, name, cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_,
                                                   " (nccl); peers not heard from: unknown (NCCL does not say); the communicator is now aborted"));
       }
-      if (++spins > 100) std::this_thread::sleep_for(std::chrono::microseconds(spins > 1000 ? 1000 : 50));
+      if (waited >= std::chrono::milliseconds(5))
+        std::this_thread::sleep_for(std::chrono::microseconds(waited < std::chrono::milliseconds(100) ? 20 : 1000));
     }
   }
 
