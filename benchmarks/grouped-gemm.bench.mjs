@@ -77,7 +77,7 @@ for (const [i, s] of shapes.entries()) {
     for (const t of [...slicesOut, tnF32Ref]) t.dispose();
     // (After the epilogue comparison, which needs the default's dW in outTN.)
     // dW with few rows per group (≤ 8 on average) takes the few-rows streaming kernel by default:
-    // the tensor-core kernel alone beside it, and its result against the default's.
+    // the tensor-core kernel beside it, and its result against the default's.
     let tnTensorCores = null;
     let fewRowsErr = null;
     if (s.M <= 8 * E) {
@@ -148,7 +148,7 @@ writeResult('grouped-gemm', rows, {
     "relative error in norm of the other epilogue's results against the default kernel's on the same inputs (bf16 rows: warp slices vs hand-off; " +
     "fp32 row: hand-off vs warp slices; the same arithmetic, so 0 unless a tile went wrong)",
   fewRows:
-    'dW at <= 8 rows per group on average (decode): groups of <= 8 rows are streamed by the few-rows kernel (CUDA cores, 16-byte streaming stores), larger ones by the tensor-core kernel; ' +
+    'dW at <= 8 rows per group on average (decode) is streamed by the few-rows kernel (CUDA cores, rows 8 at a time through shared memory, 16-byte streaming stores); ' +
     'tensorCoreOnlyTFLOPs: MOE_EP_GG_FEW_ROWS=0; fewRowsVsTensorCores: relative error in norm between the two results (bf16 rounding of different summation orders)',
   fp32Out: "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
   kernel:

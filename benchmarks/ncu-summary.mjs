@@ -2,12 +2,15 @@
 // step `ncu`) as a markdown table: per (shape, product) the profiled launch's duration, SM clock,
 // speed-of-light figures, L2 hit rate, IPC, cycles per issued instruction and ncu's top stall rule.
 //   node benchmarks/ncu-summary.mjs ncu-grouped-gemm.csv[.gz]
+// MOE_EP_GG_SHAPES=0,2,4: the shapes the profile ran (as given to grouped-gemm-profile.mjs).
 import { readFileSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
 
 import { shapes } from './grouped-gemm-shapes.mjs';
 
 const file = process.argv[2];
+const only = process.env.MOE_EP_GG_SHAPES;
+const profiled = only ? only.split(',').map((i) => shapes[Number(i)]) : shapes;
 if (!file) {
   console.error('usage: node benchmarks/ncu-summary.mjs <ncu csv[.gz]>');
   process.exit(2);
@@ -56,7 +59,7 @@ const rows = [...launches.values()].filter((_, i) => i % 2 === 1); // every seco
 console.log('| shape | product | kernel | ms | SM MHz | SM % | DRAM % | L2 % | L2 hit % | IPC | cycles/issue | top stall (ncu rule) |');
 console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
 rows.forEach((l, j) => {
-  const shape = shapes[Math.floor(j / 3)]?.name ?? '?';
+  const shape = profiled[Math.floor(j / 3)]?.name ?? '?';
   const m = (section, name) => l.metrics.get(`${section}|${name}`);
   const top = l.rules.sort((a, b) => b.speedup - a.speedup)[0];
   const stall = top ? (top.text.match(/stalled (waiting [^.]*?|on [^.]*?)(\.| operation)/)?.[1] ?? top.text.slice(0, 60)).replace(/\s+/g, ' ') : '';

@@ -48,8 +48,8 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   { name: 'M=20000, K=64, N=1024: ~5 NN tiles per block', E: 4, K: 64, N: 1024, counts: raggedCounts(4, 20000) },
   { name: 'M=20000, K=1024, N=64: NT over several n-tiles per block', E: 4, K: 1024, N: 64, counts: raggedCounts(4, 20000) },
   { name: 'E=64 groups of 64 rows, K=N=512: ~4 TN tiles per block', E: 64, K: 512, N: 512, counts: new Array(64).fill(64) },
-  // dW with ≤ 8 rows per group on average: groups of at most 8 rows go to the few-rows kernel, the
-  // two larger ones (20 and 45 rows) to the tensor-core kernel; K and N end mid-slab (32 × 1024).
+  // dW with ≤ 8 rows per group on average takes the few-rows kernel: most groups fit one chunk of
+  // 8 rows, two (20 and 45 rows) take several; K and N end mid-slab (32 × 256).
   { name: 'decode-like dW: E=32, mostly 0-6 rows, two groups over 8', E: 32, K: 520, N: 1032, counts: fewRowCounts() },
 ];
 /** 0-6 rows per group, and 20 and 45 rows in two of them: M = 147 (+3) ≤ 8·E. */
@@ -138,7 +138,7 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
     });
   });
 
-  it('accumulate with few rows per group: f32 dW += product onto random contents (both dW kernels)', () => {
+  it('accumulate with few rows per group: f32 dW += product onto random contents (the few-rows kernel)', () => {
     const { E, K, N, counts } = cases.find((c) => c.name.startsWith('decode-like')) as (typeof cases)[number];
     const M = counts.reduce((s, c) => s + c, 0) + 3;
     tidy(() => {

@@ -82,7 +82,6 @@ struct Params {
   int rows_dim, cols_dim, inner_dim;  // the logical product: out[rows, cols] = Σ_inner
   int64_t b_group_stride;
   bool accumulate;
-  int tn_skip_rows_at_most;  // TN: groups of at most this many rows were done by few_rows_tn (-1: none)
 };
 
 // 8 consecutive elements starting at p, those at or past `valid` read as zero (unaligned path).
@@ -308,7 +307,6 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
     row_end = p.rows_dim;
     inner_begin = min(max(p.offsets[group], 0), p.M);
     inner_end = min(max(p.offsets[group + 1], inner_begin), p.M);
-    if (inner_end - inner_begin <= p.tn_skip_rows_at_most) return;
     A = p.a + int64_t(inner_begin) * p.rows_dim;  // a_e [rows_e, K]: operand Aᵀ is MN-major
     lda = p.rows_dim;
     B = p.b + int64_t(inner_begin) * p.cols_dim;  // b_e [rows_e, N]
@@ -423,13 +421,12 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
   p.M = M;
   p.E = E;
   p.accumulate = g.accumulate;
-  p.tn_skip_rows_at_most = -1;
 
-  // dW with a few rows per group: the groups of at most FEW_ROWS_MAX rows are streamed by their own
-  // kernel (few_rows.cu), the rest by the tensor-core kernel below.
+  // dW with few rows per group on average (decode) is bound by its stores: streamed by its own
+  // kernel (few_rows.cu), not the tensor cores.
   if (few_rows_enabled() && few_rows_tn_eligible(g)) {
     few_rows_tn(g, stream);
-    p.tn_skip_rows_at_most = FEW_ROWS_MAX;
+    return;
   }
 
   int64_t K = g.mode == GemmMode::TN ? g.a.size(1) : g.b.size(1), N = g.mode == GemmMode::TN ? g.b.size(1) : g.b.size(2);
@@ -447,8 +444,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
     p.tile_start = tile_start.data<int32_t>();
   }
 #if MOE_EP_WITH_HOPPER
-  // (Never with the few-rows kernel: Hopper's dW wants 32 rows per group on average.)
-  if (p.tn_skip_rows_at_most < 0 && grouped_gemm_hopper_eligible(g)) {
+  if (grouped_gemm_hopper_eligible(g)) {
     grouped_gemm_hopper(g, p.tile_start, stream);  // tile_start: null for TN, which needs none
     return;
   }

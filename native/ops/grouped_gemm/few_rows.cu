@@ -1,14 +1,16 @@
-// dW (TN) for groups of few rows: out_e[K, N] = a_eᵀ · b_e over a group's rows_e rows is a sum of
-// rows_e outer products, so with a handful of rows per group (decode: 1024 rows over 256 experts)
-// each output costs a few FMAs and the product is bound by writing E·K·N outputs (7.5 GB of bf16 at
-// K = 7168, N = 2048, E = 256). The tensor-core kernels spend most of that time in their epilogues
-// (H200, mma.sync at 4 rows per group: DRAM 53 %, ncu 47c3e63). Here each block streams one
-// [KB × NB] slab of one group's output: the group's rows of a and b sit in shared memory and every
-// thread writes 8 consecutive outputs with one 16-byte streaming store (two for fp32).
+// dW (TN) when groups have few rows: out_e[K, N] = a_eᵀ · b_e over a group's rows_e rows is a sum
+// of rows_e outer products, so with a handful of rows per group (decode: 1024 rows over 256
+// experts) each output costs a few FMAs and the product is bound by writing E·K·N outputs (7.5 GB
+// of bf16 at K = 7168, N = 2048, E = 256). The tensor-core kernels spend most of that time in their
+// epilogues (H200, mma.sync at 4 rows per group: DRAM 53 %, ncu 47c3e63).
 //
-// Groups with more than FEW_ROWS_MAX rows are left to the tensor-core kernel, launched after this
-// one over every group: its blocks of the few-row groups return at once (the host does not know
-// the counts; they are read on the device).
+// Each block streams KSTEPS slabs of [KB × NB] outputs down one column band of one group: the
+// group's rows go through shared memory CHUNK rows at a time (a in fp32, b in bf16; b stays there
+// across the slabs when the group has at most CHUNK rows), each thread accumulates VPT vectors of 8
+// consecutive outputs in registers and writes each with one 16-byte streaming store (two for fp32).
+// Any group size is handled (the chunk loop), at rows_e FMAs per output: the kernel is taken only
+// when M ≤ FEW_ROWS_AVERAGE · E, which bounds the total at FEW_ROWS_AVERAGE FMAs per output
+// whatever the skew; a group of many rows then costs its blocks more time, not more traffic.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -20,8 +22,13 @@
 namespace moe::ops {
 namespace {
 
-constexpr int KB = 32, NB = 1024, THREADS = 256;
-constexpr int VEC = 8;  // outputs per store
+constexpr int KB = 32, NB = 256, THREADS = 256;
+constexpr int KSTEPS = 8;                      // slabs of KB output rows per block (b is reused)
+constexpr int VEC = 8;                         // outputs per store
+constexpr int CHUNK = 8;                       // rows in shared memory at a time
+constexpr int ROW_VECS = NB / VEC;             // 32: one warp covers one output row of the slab
+constexpr int VPT = KB * ROW_VECS / THREADS;   // 4 vectors per thread
+static_assert(ROW_VECS == 32 && VPT * THREADS == KB * ROW_VECS, "one warp per slab row, whole vectors per thread");
 
 struct FewRowsParams {
   const __nv_bfloat16* a;  // [M, K]
@@ -49,47 +56,66 @@ __device__ __forceinline__ void store_vec(float* p, const float (&v)[VEC], bool 
   __stcs(reinterpret_cast<float4*>(p) + 1, hi);
 }
 
-// grid: (ceil(K / KB), ceil(N / NB), E); the group's rows ≤ FEW_ROWS_MAX (others: nothing to do).
+// grid: (ceil(K / (KB·KSTEPS)), ceil(N / NB), E). A block walks KSTEPS slabs of KB output rows down
+// one column band of one group; a group of at most CHUNK rows keeps its b rows in shared memory
+// across them. Thread t owns vectors t + THREADS·j (j < VPT): column piece t % 32 of slab rows
+// t / 32 + 8·j, so each warp's store is 512 contiguous bytes.
 template <typename OutT>
 __global__ void __launch_bounds__(THREADS) few_rows_tn_kernel(FewRowsParams p) {
-  __shared__ float a_s[FEW_ROWS_MAX][KB];                        // a_e[r, k0 + k], as float
-  __shared__ __align__(16) __nv_bfloat16 b_s[FEW_ROWS_MAX][NB];  // b_e[r, n0 + n]
-  const int e = blockIdx.z, k0 = blockIdx.x * KB, n0 = blockIdx.y * NB;
+  __shared__ float a_s[CHUNK][KB];                        // a_e[r, k0 + k], as float
+  __shared__ __align__(16) __nv_bfloat16 b_s[CHUNK][NB];  // b_e[r, n0 + n]
+  const int e = blockIdx.z, n0 = blockIdx.y * NB;
   const int begin = min(max(p.offsets[e], 0), p.M), end = min(max(p.offsets[e + 1], begin), p.M);
-  const int rows = end - begin;
-  if (rows > FEW_ROWS_MAX) return;          // the tensor-core kernel's group
-  if (rows == 0 && p.accumulate) return;    // dW_e += 0
-  const int kb = min(KB, p.K - k0), nb = min(NB, p.N - n0);
-  for (int i = threadIdx.x; i < rows * KB; i += THREADS) {
-    const int r = i / KB, k = i % KB;
-    a_s[r][k] = k < kb ? __bfloat162float(p.a[int64_t(begin + r) * p.K + k0 + k]) : 0.f;
-  }
-  // b rows in 16-byte pieces (N is a multiple of 8 and rows are 16-byte aligned: checked on the host).
-  for (int i = threadIdx.x; i < rows * (NB / VEC); i += THREADS) {
-    const int r = i / (NB / VEC), c = (i % (NB / VEC)) * VEC;
-    if (c < nb) *reinterpret_cast<int4*>(&b_s[r][c]) = *reinterpret_cast<const int4*>(p.b + int64_t(begin + r) * p.N + n0 + c);
-  }
-  __syncthreads();
+  if (end == begin && p.accumulate) return;  // dW_e += 0
+  const bool one_chunk = end - begin <= CHUNK;
+  const int nb = min(NB, p.N - n0);
+  const int col = threadIdx.x % ROW_VECS, row0 = threadIdx.x / ROW_VECS;
   OutT* out = static_cast<OutT*>(p.out) + int64_t(e) * p.K * p.N;
-  // Consecutive threads take consecutive 8-column pieces of one output row: a warp writes 512
-  // contiguous bytes of bf16.
-  const int pieces = nb / VEC;
-  for (int i = threadIdx.x; i < kb * (NB / VEC); i += THREADS) {
-    const int k = i / (NB / VEC), c = i % (NB / VEC);
-    if (c >= pieces) continue;
-    float acc[VEC] = {};
-    for (int r = 0; r < rows; ++r) {
-      const float av = a_s[r][k];
-      const int4 raw = *reinterpret_cast<const int4*>(&b_s[r][c * VEC]);
-      const __nv_bfloat162* bv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  for (int step = 0; step < KSTEPS; ++step) {
+    const int k0 = (blockIdx.x * KSTEPS + step) * KB;
+    if (k0 >= p.K) break;  // the same for every thread
+    const int kb = min(KB, p.K - k0);
+    float acc[VPT][VEC] = {};
+    for (int r0 = begin; r0 < end; r0 += CHUNK) {  // the same trip count for every thread
+      const int rows = min(CHUNK, end - r0);
+      __syncthreads();  // the previous chunk has been read
+      {
+        const int r = threadIdx.x / KB, k = threadIdx.x % KB;  // THREADS == CHUNK·KB: one value each
+        a_s[r][k] = r < rows && k < kb ? __bfloat162float(p.a[int64_t(r0 + r) * p.K + k0 + k]) : 0.f;
+        if (!one_chunk || step == 0) {
+          // One 16-byte piece each (N is a multiple of 8, rows 16-byte aligned: checked on the host).
+          const int br = threadIdx.x / ROW_VECS, bc = (threadIdx.x % ROW_VECS) * VEC;
+          int4 v = make_int4(0, 0, 0, 0);
+          if (br < rows && bc < nb) v = *reinterpret_cast<const int4*>(p.b + int64_t(r0 + br) * p.N + n0 + bc);
+          *reinterpret_cast<int4*>(&b_s[br][bc]) = v;
+        }
+      }
+      __syncthreads();
+      for (int r = 0; r < rows; ++r) {
+        const int4 raw = *reinterpret_cast<const int4*>(&b_s[r][col * VEC]);
+        const __nv_bfloat162* bv = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        float bf[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC / 2; ++j) {
-        const float2 f = __bfloat1622float2(bv[j]);
-        acc[2 * j] = fmaf(av, f.x, acc[2 * j]);
-        acc[2 * j + 1] = fmaf(av, f.y, acc[2 * j + 1]);
+        for (int j = 0; j < VEC / 2; ++j) {
+          const float2 f = __bfloat1622float2(bv[j]);
+          bf[2 * j] = f.x;
+          bf[2 * j + 1] = f.y;
+        }
+#pragma unroll
+        for (int v = 0; v < VPT; ++v) {
+          const float av = a_s[r][row0 + v * (THREADS / ROW_VECS)];
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[v][j] = fmaf(av, bf[j], acc[v][j]);
+        }
       }
     }
-    store_vec(out + int64_t(k0 + k) * p.N + n0 + c * VEC, acc, p.accumulate);
+    if (col * VEC < nb) {
+#pragma unroll
+      for (int v = 0; v < VPT; ++v) {
+        const int k = row0 + v * (THREADS / ROW_VECS);
+        if (k < kb) store_vec(out + int64_t(k0 + k) * p.N + n0 + col * VEC, acc[v], p.accumulate);
+      }
+    }
   }
 }
 
@@ -102,7 +128,7 @@ bool few_rows_tn_eligible(const GroupedGemm& g) {
   auto aligned16 = [](const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out)) return false;
   if (M >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N > int64_t(65535) * NB || E > 65535) return false;
-  // On average at most FEW_ROWS_AVERAGE rows per group: then most groups are few-row ones.
+  // At most FEW_ROWS_AVERAGE rows per group on average: at most that many FMAs per output in all.
   return M <= FEW_ROWS_AVERAGE * E;
 }
 
@@ -116,7 +142,7 @@ void few_rows_tn(const GroupedGemm& g, void* stream) {
   p.K = int(g.a.size(1));
   p.N = int(g.b.size(1));
   p.accumulate = g.accumulate;
-  const dim3 grid(unsigned((p.K + KB - 1) / KB), unsigned((p.N + NB - 1) / NB), unsigned(g.offsets.size(0) - 1));
+  const dim3 grid(unsigned((p.K + KB * KSTEPS - 1) / (KB * KSTEPS)), unsigned((p.N + NB - 1) / NB), unsigned(g.offsets.size(0) - 1));
   if (g.out.dtype() == DType::f32) few_rows_tn_kernel<float><<<grid, THREADS, 0, cudaStream_t(stream)>>>(p);
   else few_rows_tn_kernel<__nv_bfloat16><<<grid, THREADS, 0, cudaStream_t(stream)>>>(p);
   cuda::check_launch("groupedGemm");
