@@ -304,9 +304,12 @@ describe('trace: the phase timeline', () => {
       const { indices, weights } = routing(T, E, k);
       const cap = capacity(indices, weights, { numExperts: E });
       const d = new Dispatcher({ numExperts: E });
+      const dy = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
       const run = (): void => {
         const out = d.dispatch(x, indices, weights, cap);
         d.combine(out.rows, out.handle, weights);
+        const { dExpertOut } = d.combineBackward(dy, out.rows, out.handle, weights);
+        d.dispatchBackward(dExpertOut, out.handle);
         out.handle.dispose();
       };
       run();
@@ -326,6 +329,13 @@ describe('trace: the phase timeline', () => {
           'combine: start',
           'combine: rows home',
           'combine: unpermuted',
+          'combineBackward: start',
+          'combineBackward: expert outputs home',
+          'combineBackward: row gradients exchanged',
+          'combineBackward: regrouped',
+          'dispatchBackward: start',
+          'dispatchBackward: row gradients home',
+          'dispatchBackward: summed per token',
         ]);
         expect(rows[0]!.hostMs).toBe(0);
         for (let i = 1; i < rows.length; i++) expect(rows[i]!.hostMs).toBeGreaterThanOrEqual(rows[i - 1]!.hostMs);

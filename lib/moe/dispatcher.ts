@@ -307,11 +307,16 @@ export class Dispatcher {
     requireTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
+      trace.mark('combineBackward: start', dy.device);
       const home = this.returnRows(expertOut, handle, op, 'expertOut');
+      trace.mark('combineBackward: expert outputs home', dy.device);
       const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
       const H = dy.shape[1] as number;
       const received = this.exchange(dRows, handle.sendRows, handle.recvRows, [handle.recvRows.reduce((a, b) => a + b, 0), H]);
-      return { dExpertOut: this.reorder(received, handle.toExpertOrder), dWeights };
+      trace.mark('combineBackward: row gradients exchanged', dy.device);
+      const dExpertOut = this.reorder(received, handle.toExpertOrder);
+      trace.mark('combineBackward: regrouped', dy.device);
+      return { dExpertOut, dWeights };
     }), options);
   }
 
@@ -326,7 +331,14 @@ export class Dispatcher {
     const op = 'dispatchBackward';
     requireTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
-    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => permuteBackward(this.returnRows(dRows, handle, op, 'dRows'), handle.permuted.rowOf, { dtype: dRows.dtype })), options);
+    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => {
+      trace.mark('dispatchBackward: start', dRows.device);
+      const home = this.returnRows(dRows, handle, op, 'dRows');
+      trace.mark('dispatchBackward: row gradients home', dRows.device);
+      const dx = permuteBackward(home, handle.permuted.rowOf, { dtype: dRows.dtype });
+      trace.mark('dispatchBackward: summed per token', dRows.device);
+      return dx;
+    }), options);
   }
 
   /** Expert-order rows back to their home ranks, in the home's permuted order. */
