@@ -48,10 +48,6 @@ function numelOf(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
 }
 
-/**
- * Open tidy() scopes, innermost last. Every tensor created while a scope is open is recorded in it,
- * so tidy() can dispose the intermediates that the function did not return.
- */
 /** Integer dtypes narrower than a JS safe integer: the values they hold. */
 const INT_RANGE: Partial<Record<DType, [number, number]>> = { i32: [-(2 ** 31), 2 ** 31 - 1], u8: [0, 255] };
 
@@ -60,6 +56,10 @@ function requireTensorArg(t: unknown, op: string, arg: string): void {
   if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
 }
 
+/**
+ * Open tidy() scopes, innermost last. Every tensor created while a scope is open is recorded in it,
+ * so tidy() can dispose the intermediates that the function did not return.
+ */
 const scopes: Set<Tensor>[] = [];
 
 /** @internal The tensors in `value` (a tensor, or inside arrays and plain objects), as tidy() finds them. */
@@ -207,8 +207,8 @@ export class Tensor implements Disposable {
     const dtype = checkDType(options.dtype ?? implied ?? 'f32', op);
     const raw = typed && rawArrayMatches(typed, dtype);
     if (raw) return new Tensor(native().tensorFromBuffer(typed, shape, dtypeCode[dtype], ...device.code));
-    // Plain numbers (or a TypedArray of another type): build the host tensor in a type that holds them
-    // exactly, then convert natively.
+    // Plain numbers (or a TypedArray of another type): integers, once checked, go straight into the
+    // dtype's own array; other numbers through f32, converted natively (rounded for bf16/f16/fp8).
     const values = Array.from(data as ArrayLike<number>);
     const integral = dtype === 'i32' || dtype === 'i64' || dtype === 'u8';
     for (let i = 0; i < values.length; i++) {
@@ -219,18 +219,12 @@ export class Tensor implements Disposable {
       const range = INT_RANGE[dtype];
       if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
     }
-    // Checked integers in range: straight into the dtype's own array (no BigInt detour; a step's
-    // layout offsets and counts come this way).
     if (dtype === 'i32') return new Tensor(native().tensorFromBuffer(Int32Array.from(values), shape, dtypeCode.i32, ...device.code));
     if (dtype === 'u8') return new Tensor(native().tensorFromBuffer(Uint8Array.from(values), shape, dtypeCode.u8, ...device.code));
-    if (dtype === 'i64') {
-      const big = BigInt64Array.from(values, (v) => BigInt(v));
-      return new Tensor(native().tensorFromBuffer(big, shape, dtypeCode.i64, ...device.code));
-    }
-    const hostType: DType = integral ? 'i64' : 'f32';
-    const host = integral
-      ? new Tensor(native().tensorFromBuffer(BigInt64Array.from(values, (v) => BigInt(v)), shape, dtypeCode.i64, 0, 0))
-      : new Tensor(native().tensorFromBuffer(Float32Array.from(values), shape, dtypeCode[hostType], 0, 0));
+    if (dtype === 'i64') return new Tensor(native().tensorFromBuffer(BigInt64Array.from(values, (v) => BigInt(v)), shape, dtypeCode.i64, ...device.code));
+    const f32 = Float32Array.from(values);
+    if (dtype === 'f32') return new Tensor(native().tensorFromBuffer(f32, shape, dtypeCode.f32, ...device.code));
+    const host = new Tensor(native().tensorFromBuffer(f32, shape, dtypeCode.f32, 0, 0));
     try {
       const out = Tensor.empty(shape, { dtype, device });
       native().copy(out.handle, host.handle);

@@ -83,10 +83,10 @@ export interface DispatcherConfig {
   commStream?: Stream;
 }
 
-/** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
 /** The permute's layout, kept for combine and the backward passes; its rows are freed once sent. */
 export type DispatchLayout = Omit<PermuteResult, 'rows'>;
 
+/** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
 export interface DispatchHandle extends Disposable {
   readonly permuted: DispatchLayout;
   /** Rows sent to / received from each peer. */
@@ -402,8 +402,9 @@ export class Dispatcher {
 
   /** The (source, expert) ↔ (expert, source) gathers and the local expert offsets, cached per layout. */
   private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor } {
-    const key = `${like.device.toString()}|${recvCounts.join(',')}`;
-    const cached = this.mapCache.get(key);
+    // Only fixed (capacity-mode) layouts repeat: dropless ones are built afresh, without a lookup.
+    const key = this.padToCapacity ? `${like.device.toString()}|${recvCounts.join(',')}` : null;
+    const cached = key === null ? undefined : this.mapCache.get(key);
     if (cached) return cached;
     const P = this.group.size;
     const El = this.localExperts;
@@ -439,7 +440,7 @@ export class Dispatcher {
     const entry = { toExpert, toSource, offsets: Tensor.fromArray(offsets, { dtype: 'i32', device: like.device }) };
     // Dropless layouts change every step; keep only fixed (capacity-mode) layouts, which must then
     // outlive the caller's tidy() scopes.
-    if (this.padToCapacity) {
+    if (key !== null) {
       for (const t of [entry.toExpert, entry.toSource, entry.offsets]) if (t) keep(t);
       this.mapCache.set(key, entry);
     }
