@@ -410,6 +410,12 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
                     "the fused SwiGLU epilogues write bf16 into 4-byte-aligned tensors; got ", t->describe());
   }
   cudaStream_t stream = cudaStream_t(stream_ptr);
+  // dW with few rows per group on average (decode) is bound by its stores: streamed by its own
+  // kernel (few_rows.cu), not the tensor cores.
+  if (few_rows_enabled() && few_rows_tn_eligible(g)) {
+    few_rows_tn(g, stream);
+    return;
+  }
   const int M = int(g.a.size(0)), E = int(g.offsets.size(0) - 1);
   Params p{};
   p.a = g.a.data<__nv_bfloat16>();
@@ -421,13 +427,6 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
   p.M = M;
   p.E = E;
   p.accumulate = g.accumulate;
-
-  // dW with few rows per group on average (decode) is bound by its stores: streamed by its own
-  // kernel (few_rows.cu), not the tensor cores.
-  if (few_rows_enabled() && few_rows_tn_eligible(g)) {
-    few_rows_tn(g, stream);
-    return;
-  }
 
   int64_t K = g.mode == GemmMode::TN ? g.a.size(1) : g.b.size(1), N = g.mode == GemmMode::TN ? g.b.size(1) : g.b.size(2);
   // 16-byte copies need rows of a multiple of 8 elements on 16-byte boundaries (MoE sizes are);

@@ -9,7 +9,7 @@
 // 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128 fp32 accumulators
 // per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
 // (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
-// store the last one (the epilogue writes from registers, as the mma.sync kernel's does).
+// store the last one (through one of the epilogues below).
 //
 // Shared-memory layouts (128-byte swizzle, the pattern TMA writes and wgmma reads):
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
@@ -51,13 +51,13 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory (the Store epilogue):
 //   Registers   straight from the fragments, 4/8-byte stores (v5).
 //   WarpSlices  each consumer warp stages 16×32 fp32 slices in its own shared memory and stores
-//               whole 16-byte row pieces (v6, the default).
-//   Handoff     results without accumulate: the consumers drop the 128×256 tile into shared memory
-//               and go on to the next tile's mainloop; three warps of the producer warpgroup
-//               (otherwise idle) copy it to global memory meanwhile. bf16 tiles go in one piece
-//               (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB each: the consumers wait
-//               for the first half to be copied before they drop the second). It costs the ring a
-//               stage (3 instead of 4).
+//               whole 16-byte row pieces (v6; the default for fp32 results and accumulation).
+//   Handoff     (v7; the default for bf16 results) results without accumulate: the consumers drop
+//               the 128×256 tile into shared memory and go on to the next tile's mainloop; three
+//               warps of the producer warpgroup (otherwise idle) copy it to global memory meanwhile.
+//               bf16 tiles go in one piece (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB
+//               each: the consumers wait for the first half to be copied before they drop the
+//               second). It costs the ring a stage (3 instead of 4).
 enum class StoreVia { Registers, WarpSlices, Handoff };
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
@@ -635,7 +635,8 @@ bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   // dW with few rows per group is bound by writing E·K·N outputs. Register-direct stores lose to the
   // mma.sync kernel there below 256 rows per group (H200, 8f53295: 128 rows 0.48x torch vs 0.75x);
   // the staged epilogue wins at 128 rows (f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs 8.9):
-  // under 32 rows per group (the crossover between 4 and 128 is not measured) mma.sync keeps it.
+  // under 32 rows per group (the crossover between 4 and 128 is not measured) mma.sync keeps it,
+  // and at 8 or fewer on average the few-rows kernel takes it before this is asked (cuda.cu).
   const int64_t rows_per_group_floor = hopper::staged_epilogue() ? 32 : 256;
   if (tn && g.a.size(0) < rows_per_group_floor * (g.offsets.size(0) - 1)) return false;
   return hopper::device_info().hopper;
