@@ -15,6 +15,18 @@ const repeats = quick ? 10 : 30;
 
 const only = process.env.MOE_EP_GG_SHAPES; // e.g. "0,2": a subset while iterating
 
+/**
+ * ‖out − ref‖ / ‖ref‖ on the device, in fp32. One product at a time (the decode shape's fp32 dW is
+ * 15 GB): its temporaries are freed before it returns.
+ */
+function relErrInNorm(out, ref) {
+  return tidy(() => {
+    const refF32 = ref.dtype === 'f32' ? ref : ref.cast('f32');
+    const diff = ops.add(out.dtype === 'f32' ? out : out.cast('f32'), refF32, { alpha: -1 });
+    return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
+  });
+}
+
 const rows = [];
 for (const [i, s] of shapes.entries()) {
   if (only && !only.split(',').includes(String(i))) continue;
@@ -66,14 +78,7 @@ for (const [i, s] of shapes.entries()) {
     const tn = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
     // The other epilogue's results against the default kernel's, relative error in norm (the same
     // arithmetic: 0 unless a tile went wrong). The last pair: fp32 hand-off against fp32 slices.
-    const otherEpilogueErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) =>
-      tidy(() => {
-        // One product at a time (the decode shape's fp32 dW is 15 GB): its temporaries freed here.
-        const refF32 = ref.dtype === 'f32' ? ref : ref.cast('f32');
-        const diff = ops.add(slicesOut[i].dtype === 'f32' ? slicesOut[i] : slicesOut[i].cast('f32'), refF32, { alpha: -1 });
-        return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
-      }),
-    );
+    const otherEpilogueErr = [outNN, outNT, outTN, tnF32Ref].map((ref, i) => relErrInNorm(slicesOut[i], ref));
     for (const t of [...slicesOut, tnF32Ref]) t.dispose();
     // (After the epilogue comparison, which needs the default's dW in outTN.)
     // dW with few rows per group (≤ 8 on average) takes the few-rows streaming kernel by default:
@@ -85,11 +90,7 @@ for (const [i, s] of shapes.entries()) {
       process.env.MOE_EP_GG_FEW_ROWS = '0';
       tnTensorCores = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
       delete process.env.MOE_EP_GG_FEW_ROWS;
-      fewRowsErr = tidy(() => {
-        const refF32 = ref.cast('f32');
-        const diff = ops.add(outTN.cast('f32'), refF32, { alpha: -1 });
-        return Math.sqrt(sumOfSquares(diff).item() / Math.max(sumOfSquares(refF32).item(), 1e-30));
-      });
+      fewRowsErr = relErrInNorm(outTN, ref);
       ref.dispose();
     }
     writeInputs(dir, { a, b, dC, offsets, oursNN: outNN });
