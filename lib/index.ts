@@ -82,7 +82,19 @@ export {
   type SumOfSquaresOptions,
 } from './train/ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
-export { type Dispatched, type DispatchHandle, Dispatcher, type DispatcherConfig, type DispatchLayout, type ExpertParallelGroup, singleRankGroup } from './moe/dispatcher.js';
+export {
+  type Dispatched,
+  type DispatchHandle,
+  Dispatcher,
+  type DispatcherConfig,
+  type DispatchLayout,
+  type ExchangeDispatchHandle,
+  type ExpertParallelGroup,
+  type PeerDispatchHandle,
+  singleRankGroup,
+  type TransportChoice,
+  type TransportKind,
+} from './moe/dispatcher.js';
 export { expertsBackward, expertsForward, interleaveW13 } from './moe/experts.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export { disposeSaved, type MoEForward, type MoEGrads, MoELayer, type MoELayerConfig } from './moe/layer.js';

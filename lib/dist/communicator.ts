@@ -43,6 +43,8 @@ export class Communicator implements Disposable {
   readonly backend: Backend;
   /** NCCL: the GPU its collectives run on (host tensors are staged there); null otherwise. */
   readonly device: Device | null;
+  /** Released with the communicator (e.g. its peer-memory transport). */
+  #onDispose: (() => void)[] = [];
 
   /** @internal Wraps a native handle; use init() or the static factories. */
   constructor(handle: CommHandle, device: Device | null = null) {
@@ -206,7 +208,14 @@ export class Communicator implements Disposable {
     this.#handle?.abort();
   }
 
+  /** @internal Runs `release` when the communicator is disposed (resources built on it). */
+  onDispose(release: () => void): void {
+    this.#onDispose.push(release);
+  }
+
   dispose(): void {
+    const releases = this.#onDispose.splice(0);
+    for (const release of releases.reverse()) release();
     this.#handle?.dispose();
     this.#handle = null;
   }

@@ -27,7 +27,7 @@ import { invalidArgument } from '../errors.js';
 import { checkTensor } from '../args.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type DropPolicy } from './capacity.js';
-import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup } from './dispatcher.js';
+import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
 import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerEntropy, routerForward, type RouterConfig, zLoss } from './router.js';
@@ -52,6 +52,10 @@ export interface MoELayerConfig extends RouterConfig {
    * backward on the current stream meanwhile. Outputs are unchanged. Default: off.
    */
   commStream?: Stream | boolean;
+  /** How rows travel between ranks (Dispatcher's `transport`: 'auto' | 'ipc' | 'nccl'; default 'auto'). */
+  transport?: TransportChoice;
+  /** SMs the 'ipc' transport's kernels may occupy (default: all). */
+  transportSms?: number;
   /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
   dtype?: DType;
   device?: DeviceLike;
@@ -111,7 +115,7 @@ function nonNegative(v: unknown, field: string): number {
 }
 
 export class MoELayer implements Disposable {
-  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream'>>> & {
+  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream' | 'transport' | 'transportSms'>>> & {
     capacityFactor: number | undefined;
     seqLen: number | undefined;
   };
@@ -186,7 +190,14 @@ export class MoELayer implements Disposable {
     if (cs instanceof Stream && !cs.device.equals(this.device)) invalidArgument(op, `'commStream' is on ${cs.device.toString()} but the layer is on ${this.device.toString()}`);
     this.ownStream = cs === true ? new Stream(this.device) : undefined;
     const commStream = cs instanceof Stream ? cs : this.ownStream;
-    this.dispatcher = new Dispatcher({ numExperts: E, group: this.group, padToCapacity: this.config.padToCapacity, ...(commStream ? { commStream } : {}) });
+    this.dispatcher = new Dispatcher({
+      numExperts: E,
+      group: this.group,
+      padToCapacity: this.config.padToCapacity,
+      ...(commStream ? { commStream } : {}),
+      ...(config.transport === undefined ? {} : { transport: config.transport }),
+      ...(config.transportSms === undefined ? {} : { transportSms: config.transportSms }),
+    });
 
     // Weights from Philox streams indexed by global position (see the module doc).
     const seed = this.config.seed;

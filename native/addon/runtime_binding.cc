@@ -114,6 +114,15 @@ Napi::Value require_nccl(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// hostWaitCounts() → { deviceToHost, synchronizations } since the process started.
+Napi::Value host_wait_counts(const Napi::CallbackInfo& info) {
+  const cuda::HostWaitCounts c = cuda::host_wait_counts();
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("deviceToHost", Napi::Number::New(info.Env(), double(c.device_to_host)));
+  o.Set("synchronizations", Napi::Number::New(info.Env(), double(c.synchronizations)));
+  return o;
+}
+
 }  // namespace
 
 static void init_runtime(Napi::Env env, Napi::Object exports) {
@@ -125,6 +134,7 @@ static void init_runtime(Napi::Env env, Napi::Object exports) {
   exports.Set("deviceProperties", Napi::Function::New(env, binding<device_properties>, "deviceProperties"));
   exports.Set("ncclStatus", Napi::Function::New(env, binding<nccl_status>, "ncclStatus"));
   exports.Set("requireNccl", Napi::Function::New(env, binding<require_nccl>, "requireNccl"));
+  exports.Set("hostWaitCounts", Napi::Function::New(env, binding<host_wait_counts>, "hostWaitCounts"));
 }
 
 MOE_REGISTER_BINDING(init_runtime);

@@ -1,5 +1,6 @@
 #include "core/cuda_runtime.h"
 
+#include <atomic>
 #include <mutex>
 
 #if MOE_EP_WITH_CUDA
@@ -7,6 +8,11 @@
 #endif
 
 namespace moe::cuda {
+
+namespace {
+std::atomic<int64_t> g_device_to_host{0}, g_synchronizations{0};
+}
+HostWaitCounts host_wait_counts() { return {g_device_to_host.load(), g_synchronizations.load()}; }
 
 namespace {
 thread_local void* g_current_stream[64] = {};
@@ -123,6 +129,7 @@ void stream_release(int device, void* stream) {
   p.idle[device].push_back(stream);
 }
 void stream_synchronize(int device, void* stream, const char* op) {
+  ++g_synchronizations;
   DeviceGuard g(device);
   check(cudaStreamSynchronize(cudaStream_t(stream)), op, "cudaStreamSynchronize");
 }
@@ -147,7 +154,10 @@ void event_record(int device, void* event, void* stream) {
   DeviceGuard g(device);
   check(cudaEventRecord(cudaEvent_t(event), cudaStream_t(stream)), "Event.record", "cudaEventRecord");
 }
-void event_synchronize(void* event) { check(cudaEventSynchronize(cudaEvent_t(event)), "Event.synchronize", "cudaEventSynchronize"); }
+void event_synchronize(void* event) {
+  ++g_synchronizations;
+  check(cudaEventSynchronize(cudaEvent_t(event)), "Event.synchronize", "cudaEventSynchronize");
+}
 bool event_query(void* event) {
   cudaError_t e = cudaEventQuery(cudaEvent_t(event));
   if (e == cudaErrorNotReady) { cudaGetLastError(); return false; }
@@ -164,12 +174,14 @@ float event_elapsed_ms(void* start, void* end) {
   return ms;
 }
 void device_synchronize(int device, const char* op) {
+  ++g_synchronizations;
   DeviceGuard g(device);
   check(cudaDeviceSynchronize(), op, "cudaDeviceSynchronize");
 }
 
 void memcpy_async(void* dst, const void* src, int64_t bytes, int kind, void* stream, const std::string& op) {
   if (bytes == 0) return;
+  if (kind == DeviceToHost) ++g_device_to_host;
   cudaMemcpyKind k = kind == HostToDevice ? cudaMemcpyHostToDevice
                      : kind == DeviceToHost ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
   check(cudaMemcpyAsync(dst, src, size_t(bytes), k, cudaStream_t(stream)), op, "cudaMemcpyAsync");
