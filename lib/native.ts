@@ -130,6 +130,7 @@ export type PeerHandle = Branded<
     isAborted(): boolean;
     setTimeoutMs(ms: number): void;
     synchronize(): void;
+    closePeers(): void;
     dispatchLayout(
       indices: TensorHandle, slot: TensorHandle, kept: TensorHandle, segment: number, align: number, sms: number, localExperts: number,
       pos: TensorHandle, dest: TensorHandle, offsets: TensorHandle | null, segStart: TensorHandle | null, fill: TensorHandle | null,

@@ -156,8 +156,9 @@ export class PeerTransport implements Disposable {
   grownFor(need: PeerNeed): PeerTransport {
     if (FIELDS.every((f) => need[f] <= this.#capacity[f])) return this;
     const handle = this.handle;
-    // Every rank's transport work done, and every rank here, before any buffer goes away.
-    handle.synchronize();
+    // Every rank's transport work done and every mapping closed before any buffer is freed (an
+    // exporter may free its buffer only once every importer unmapped it).
+    handle.closePeers();
     this.comm.barrier();
     // Double the tokens (amortised growth); the other sizes as needed.
     const floor = { ...this.#capacity, tokens: need.tokens > this.#capacity.tokens ? Math.max(need.tokens, 2 * this.#capacity.tokens) : this.#capacity.tokens };

@@ -48,6 +48,7 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
                                       InstanceMethod<&PeerHandle::is_aborted>("isAborted"),
                                       InstanceMethod<&PeerHandle::set_timeout>("setTimeoutMs"),
                                       InstanceMethod<&PeerHandle::synchronize>("synchronize"),
+                                      InstanceMethod<&PeerHandle::close_peers>("closePeers"),
                                       InstanceMethod<&PeerHandle::dispatch_layout>("dispatchLayout"),
                                       InstanceMethod<&PeerHandle::dispatch_rows>("dispatchRows"),
                                       InstanceMethod<&PeerHandle::combine>("combine"),
@@ -132,6 +133,12 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
   Napi::Value synchronize(const Napi::CallbackInfo& info) {
     return call(info, [&]() -> Napi::Value {
       live("peerTransport").synchronize();
+      return info.Env().Undefined();
+    });
+  }
+  Napi::Value close_peers(const Napi::CallbackInfo& info) {
+    return call(info, [&]() -> Napi::Value {
+      live("peerTransport").close_peers();
       return info.Env().Undefined();
     });
   }

@@ -35,12 +35,12 @@ struct Meta {
   float weight;
 };
 
-// The pinned host words the kernels report to.
+// The pinned host words the kernels report to. Plain stores only (atomics on host memory need
+// PCIe atomics, which not every platform has): each waiting lane marks its own peer.
 struct HostFault {
-  int kind;       // PeerFault
-  int peers;      // bit p: rank p was not heard from (or aborted)
-  int op;         // which wait (PeerOp)
-  int pad;
+  int kind;              // PeerFault (the first writer's, or another failing lane's: both are faults)
+  int op;                // which wait (PeerOp)
+  int peer[kMaxPeers];   // 1: rank p was not heard from, or gave up
 };
 enum PeerOp : int { kOpDispatch = 1, kOpCombine = 2, kOpCombineBackward = 3, kOpDispatchBackward = 4 };
 
@@ -101,9 +101,12 @@ __device__ __forceinline__ u64 global_ns() {
 }
 
 __device__ __forceinline__ void record_fault(const View& v, PeerFault kind, int peer, int op) {
-  atomicOr_system(&v.fault->peers, 1 << peer);
-  atomicCAS_system(&v.fault->op, 0, op);
-  atomicCAS_system(&v.fault->kind, 0, int(kind));
+  volatile HostFault* f = v.fault;
+  f->peer[peer] = 1;
+  f->op = op;
+  __threadfence_system();
+  f->kind = int(kind);  // last: the host reads the rest once it sees a kind
+  __threadfence_system();
 }
 
 // Lane p (< P) of the calling warp waits until mail slot p's field (a byte offset into Mail)

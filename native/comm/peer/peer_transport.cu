@@ -169,10 +169,10 @@ class CudaPeerTransport final : public PeerTransport {
       throw_error(ErrorKind::InvalidArgument, op, cat("the peer-memory transport (rank ", rank_, " of ", size_, ") was aborted; create a new communicator"));
     const int kind = __atomic_load_n(&fault_->kind, __ATOMIC_ACQUIRE);
     if (kind == 0) return;
-    const int peers = fault_->peers, wait_op = fault_->op;
+    const int wait_op = fault_->op;
     std::string who;
     for (int p = 0; p < size_; ++p)
-      if (peers & (1 << p)) who += cat(who.empty() ? "" : ", ", p);
+      if (reinterpret_cast<volatile int*>(fault_->peer)[p]) who += cat(who.empty() ? "" : ", ", p);
     const bool first = !aborted_;
     abort();
     std::string msg = kind == int(PeerFault::PeerAborted)
@@ -198,6 +198,18 @@ class CudaPeerTransport final : public PeerTransport {
       cudaMemcpyAsync(dst, &one, sizeof(int), cudaMemcpyHostToDevice, side_stream_);
     }
     cudaStreamSynchronize(side_stream_);
+    cudaGetLastError();
+  }
+
+  void close_peers() override {
+    cuda::DeviceGuard guard(device_);
+    cudaDeviceSynchronize();
+    for (int q = 0; q < size_; ++q)
+      if (opened_[size_t(q)]) cudaIpcCloseMemHandle(peers_[size_t(q)]);
+    for (int q = 0; q < size_; ++q)
+      if (q != rank_) peers_[size_t(q)] = nullptr;
+    opened_.fill(false);
+    open_ = false;
     cudaGetLastError();
   }
 

@@ -78,6 +78,9 @@ class PeerTransport {
   virtual void set_timeout_ms(int64_t ms) = 0;
   // Waits for this rank's transport work on the device to finish (before a collective regrowth).
   virtual void synchronize() = 0;
+  // Unmaps the peers' buffers (after synchronizing). An exporter may free its buffer only once every
+  // importer closed it, so a collective teardown is: close_peers everywhere, a barrier, dispose.
+  virtual void close_peers() = 0;
 
   // ---- dispatch ----------------------------------------------------------------------------
   struct DispatchPlan {
