@@ -239,6 +239,13 @@ export class MoELayer implements Disposable {
   private wholeBatch(T: number): Tensor {
     let t = this.allOffsets.get(T);
     if (!t) {
+      // A few token counts recur (training, serving buckets): keep the latest 16. An evicted tensor
+      // may still be read by queued kernels; the allocator reuses it only after them (stream order).
+      if (this.allOffsets.size >= 16) {
+        const [oldT, old] = this.allOffsets.entries().next().value as [number, Tensor];
+        this.allOffsets.delete(oldT);
+        old.dispose();
+      }
       t = keep(Tensor.fromArray([0, T], { dtype: 'i32', device: this.device })); // cached: outlives any tidy()
       this.allOffsets.set(T, t);
     }
