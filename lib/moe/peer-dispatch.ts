@@ -127,7 +127,7 @@ export function peerDispatch(
     const localOffsets = offsets ?? o.staticOffsets(El, P, segment, x);
     segStart?.dispose();
     fill?.dispose();
-    const owned = [pos, dest, rowSrc, recvRowOf, recvWeight, recvTokens, ...(offsets ? [offsets] : [])];
+    const owned = [pos, dest, rowSrc, recvRowOf, recvWeight, recvTokens, localOffsets];
     const handle: PeerDispatchHandle = {
       transport: 'ipc',
       localRows,
