@@ -319,6 +319,7 @@ export interface RawBinding {
   ncclStatus(): NcclStatus;
   requireNccl(): void;
   hostWaitCounts(): { deviceToHost: number; synchronizations: number };
+  peerAccess(): number[][];
   // communicators (native/comm, native/addon/comm_binding.cc); reduce op: 0 sum, 1 max, 2 min, 3 avg
   commSingle(): CommHandle;
   commMpi(timeoutMs: number): CommHandle;

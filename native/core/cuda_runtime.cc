@@ -204,6 +204,16 @@ void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   *total_bytes = int64_t(t);
 }
 
+bool can_access_peer(int a, int b) {
+  if (a == b) return true;
+  int ok = 0;
+  if (cudaDeviceCanAccessPeer(&ok, a, b) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return ok != 0;
+}
+
 void* host_alloc_pinned(int64_t bytes, const std::string& op) {
   void* p = nullptr;
   check(cudaMallocHost(&p, size_t(bytes > 0 ? bytes : 1)), op, "cudaMallocHost");
@@ -256,6 +266,7 @@ void memcpy_async(void*, const void*, int64_t, int, void*, const std::string& op
 void memcpy_peer_async(void*, int, const void*, int, int64_t, void*, const std::string& op) { not_built(op.c_str()); }
 void memset_async(void*, int, int64_t, void*, const std::string& op) { not_built(op.c_str()); }
 void mem_get_info(int, int64_t*, int64_t*) { not_built("cuda.memGetInfo"); }
+bool can_access_peer(int a, int b) { return a == b; }
 void* host_alloc_pinned(int64_t, const std::string& op) { not_built(op.c_str()); }
 void host_free_pinned(void*) {}
 

@@ -95,6 +95,9 @@ struct HostWaitCounts {
 };
 HostWaitCounts host_wait_counts();
 
+// Whether device `a` can address device `b`'s memory (cudaDeviceCanAccessPeer; a == b: true).
+bool can_access_peer(int a, int b);
+
 // Page-locked host memory (cudaMallocHost / cudaFreeHost), used to stage device buffers for MPI.
 void* host_alloc_pinned(int64_t bytes, const std::string& op);
 void host_free_pinned(void* ptr);
