@@ -240,11 +240,11 @@ for (let round = 0; round < rounds; round++) {
 
 // One BF16 dispatch + combine per transport traced (lib/trace.ts): when the host and the GPU
 // reached each phase, from the first mark. Where the GPU's time jumps with the host's, it waited.
-function traced(run) {
+function traced(run, fp8 = false) {
   align();
   trace.enable();
   try {
-    const d = run.bf16.dispatch(x, indices, weights, cap);
+    const d = (fp8 ? run.fp8 : run.bf16).dispatch(x, indices, weights, cap);
     const y = run.bf16.combine(run.kept.rows, run.kept.handle, weights);
     const rows = trace.collect().map((r) => ({ phase: r.name, hostMs: +r.hostMs.toFixed(3), gpuMs: r.gpuMs === null ? null : +r.gpuMs.toFixed(3) }));
     y.dispose();
@@ -256,7 +256,7 @@ function traced(run) {
     trace.disable();
   }
 }
-const timelines = Object.fromEntries(runs.map((run) => (traced(run), [run.name, traced(run)])));
+const timelines = Object.fromEntries(runs.flatMap((run) => (traced(run), traced(run, true), [[run.name, traced(run)], [`${run.name} FP8`, traced(run, true)]])));
 
 // ------------------------------------------------------------------------------- gather, report
 const median = (a) => {

@@ -102,6 +102,7 @@ export function peerDispatch(
     }
     trace.mark(capacityMode ? 'dispatch (ipc): layout' : 'dispatch (ipc): layout, counts read', x.device);
     quantized = o.fp8 ? quantizeFp8(x) : null;
+    if (quantized) trace.mark('dispatch (ipc): quantised', x.device);
     const N = counts.rows;
     const mapCap = Math.max(1, capacityMode ? T : Math.max(...counts.tokensFrom));
     const rows = track(Tensor.empty([N, H], { dtype: x.dtype, ...dev }));

@@ -73,7 +73,9 @@ export class PeerTransport implements Disposable {
         why?.(known);
         return null;
       }
-      return known.grownFor(need);
+      // Token counts may differ between ranks: only creation (which takes every rank's maximum)
+      // and the callers that know all ranks' counts grow on them.
+      return known.grownFor({ ...need, tokens: 0 });
     }
     const made = PeerTransport.create(comm, device, need, null);
     if (typeof made === 'string') {

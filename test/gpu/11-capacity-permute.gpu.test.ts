@@ -213,7 +213,9 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
     const gapRow = (offsets[e0] as number) + gap;
     expect((p.rowToken.toArray() as Int32Array)[gapRow], `seed ${seed}: the gap's token`).toBe(-1);
     expect((p.rowWeight.toArray() as Float32Array)[gapRow], `seed ${seed}: the gap's weight`).toBe(0);
-    expect(Array.from(p.rows.narrow(0, gapRow, 1).toFloat32Array()).every((v) => v === 0), `seed ${seed}: the gap's row`).toBe(true);
+    const gapRowValues = p.rows.narrow(0, gapRow, 1);
+    expect(Array.from(gapRowValues.toFloat32Array()).every((v) => v === 0), `seed ${seed}: the gap's row`).toBe(true);
+    gapRowValues.dispose();
     disposeAll(p);
     disposeAll(cap);
   });

@@ -44,7 +44,8 @@ tidy(() => {
   check(handle.localRows.reduce((a, b) => a + b, 0) === rows.shape[0], 'dispatched rows match the layout');
   // Once sent, the permuted rows are freed: what stays live is the result and the handle's layout
   // (host blocks are rounded to 64 bytes).
-  const layout = ['offsets', 'rowOf', 'rowWeight', 'rowToken', 'invalid'].map((key) => handle.permuted[key]);
+  // (The all-to-all's handle keeps the permute's layout; the peer-memory one keeps its own maps.)
+  const layout = handle.permuted ? ['offsets', 'rowOf', 'rowWeight', 'rowToken', 'invalid'].map((key) => handle.permuted[key]) : [];
   const held = [dispatched.rows, dispatched.weights, ...layout, handle.localOffsets, handle.toExpertOrder, handle.toSourceOrder]
     .filter((t) => t instanceof Tensor)
     .reduce((sum, t) => sum + Math.ceil((t.numel * dtypeSize[t.dtype]) / 64) * 64, 0);
