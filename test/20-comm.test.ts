@@ -62,6 +62,8 @@ describe('single-rank communicator', () => {
       [() => c.allToAllV(f32([3, 2]), [1.5] as number[], f32([3, 2]), [3]), /allToAllV: 'sendRows'\[0\] = 1.5 is not an integer/],
       [() => c.allToAllV(f32([3, 2]), [3], Tensor.zeros([3, 2], { ...cpu, dtype: 'bf16' }), [3]), /allToAllV: 'recv' bf16\[3,2\] cpu has dtype bf16 but 'send' f32\[3,2\] cpu has f32/],
       [() => c.allToAllV(f32([3, 2]), [3], f32([3, 3]), [3]), /allToAllV: 'recv' f32\[3,3\] cpu and 'send' f32\[3,2\] cpu must have the same row shape/],
+      // the call agreement with itself (shared by every backend): one rank's sendRows[0] is what it receives
+      [() => c.allToAllV(f32([3, 2]), [3], f32([2, 2]), [2]), /^allToAllV: rank 0 of 1: rank 0 sends 3 rows to rank 0 but rank 0 expects 2 \(recvRows\[0\]\); exchange the counts first/],
       [() => c.allToAll(f32([2, 2]), f32([3, 2])), /allToAll: 'recv' f32\[3,2\] cpu must have as many rows as 'send'/],
       [() => c.allGather(f32([2, 2]), f32([3, 2])), /allGather: 'output' f32\[3,2\] cpu must have 1·2 = 2 rows/],
       [() => c.broadcast(f32([2]), 1), /broadcast: 'root' 1 is not a rank of this communicator of size 1/],

@@ -18,7 +18,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(s.loaded, s.error).toBe(true);
   });
 
-  it.each([2, 4])('collectives on %i ranks: allReduce, allGather, broadcast, allToAll, ragged allToAllV, mismatch, EP/EDP split', (np) => {
+  it.each([2, 4])('collectives on %i ranks: allReduce, allGather, broadcast, allToAll, ragged allToAllV, EP/EDP split; mismatched calls an error on every rank', (np) => {
     const r = mpirun(np, 'collectives.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
@@ -45,7 +45,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
-  it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s; all exit cleanly', (np) => {
+  it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s, the late one naming them in turn; all exit cleanly', (np) => {
     const r = mpirun(np, 'timeout.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k}`);
