@@ -12,6 +12,17 @@ import { hasMpirun, mpirun } from './mpirun.js';
 
 const root = packageRoot();
 
+/** Kills the processes a run says it froze ("pid N stopping"), in case the launcher left them. */
+function killFrozen(out: string): void {
+  for (const m of out.matchAll(/pid (\d+) stopping/g)) {
+    try {
+      process.kill(Number(m[1]), 'SIGKILL');
+    } catch {
+      // already gone: the launcher ended it
+    }
+  }
+}
+
 describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   it('the MPI backend library is built and loads', () => {
     const s = native().mpiStatus(true);
@@ -58,6 +69,14 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(r.status, r.out).not.toBe(0);
     expect(r.status, 'mpirun itself was not killed by the test timeout').not.toBeNull();
     expect(r.ms).toBeLessThan(15_000);
+  });
+
+  // Issue 14, item 5: a frozen peer used to leave the survivor blocked forever in MPI_Finalize at exit.
+  it('a rank frozen (SIGSTOP) before a collective: the other throws a TimeoutError naming it after 1.5 s, then leaves (MPI_Finalize gets a deadline after a timeout) and the job ends', () => {
+    const r = mpirun(2, 'freeze.mjs', 60_000);
+    killFrozen(r.out);
+    expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
+    expect(r.out).toMatch(/rank 0 after \d+ ms: TimeoutError: allReduce: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/);
   });
 
   it('checkpoints: 2 ranks save; reload at EP=2 (own experts) and EP=1 (rank 0 reads all), tensors and outputs identical', () => {

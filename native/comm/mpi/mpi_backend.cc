@@ -5,7 +5,8 @@
 //
 // Buffers of requests still pending after a timeout or error are not touched again here; the addon
 // keeps their memory alive (it never frees a buffer handed to a timed-out call). Such a process is
-// "unclean": its communicators are never freed (MPI would wait on the pending requests).
+// "unclean": its communicators are never freed and MPI_Finalize at exit gets a deadline, since a
+// dead or frozen peer would keep it from returning.
 #include "comm/mpi/mpi_api.h"
 
 #include <mpi.h>
@@ -20,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 struct moe_mpi_comm {
@@ -33,6 +35,10 @@ namespace {
 bool g_we_initialised = false;
 // Set by a timeout, a failure or a local abort: requests may be pending and peers may be gone.
 bool g_unclean = false;
+// How long MPI_Finalize may take at exit in an unclean process: OpenMPI's waits for every process
+// of the job, so a frozen peer would hold it forever; a live peer still reaches it within its own
+// error path.
+constexpr int kFinalizeDeadlineMs = 10000;
 char g_version[MPI_MAX_LIBRARY_VERSION_STRING + 1] = {0};
 
 int fail(moe_mpi_error* err, int code, const char* fmt, ...) {
@@ -116,6 +122,24 @@ int check_count(int64_t n, const char* what, moe_mpi_error* err) {
   return MOE_MPI_OK;
 }
 
+// on_exit (not atexit): the exit status is needed to leave with it when MPI_Finalize overruns.
+void finalize_at_exit(int status, void*) {
+  int fin = 0;
+  MPI_Finalized(&fin);
+  if (fin) return;
+  if (g_unclean) {
+    // After a timeout the peer may be frozen: leave without MPI_Finalize once the deadline passes
+    // (the launcher then reports this process and ends the job).
+    std::thread([status] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(kFinalizeDeadlineMs));
+      fprintf(stderr, "moe-ep: MPI_Finalize did not return within %d ms after a failed collective (a peer is gone or frozen); exiting without it\n",
+              kFinalizeDeadlineMs);
+      _exit(status);
+    }).detach();
+  }
+  MPI_Finalize();
+}
+
 int api_init(moe_mpi_error* err) {
   int inited = 0, finalized = 0;
   MPI_Initialized(&inited);
@@ -129,13 +153,7 @@ int api_init(moe_mpi_error* err) {
     // MPI_Finalize at exit, when we initialised MPI: launchers such as OpenMPI's mpirun report a
     // process that exits without it as failed. MOE_EP_MPI_FINALIZE=0 skips it.
     const char* f = getenv("MOE_EP_MPI_FINALIZE");
-    if (!f || strcmp(f, "0") != 0) {
-      atexit([] {
-        int fin = 0;
-        MPI_Finalized(&fin);
-        if (!fin) MPI_Finalize();
-      });
-    }
+    if (!f || strcmp(f, "0") != 0) on_exit(finalize_at_exit, nullptr);
   }
   return MOE_MPI_OK;
 }
