@@ -47,7 +47,7 @@ export async function runTrain(args: string[]): Promise<number> {
     return 0;
   }
   const config = loadConfig(args);
-  const world = await init();
+  const world = await init({ timeoutMs: config.train.timeoutMs });
   const lead = world.rank === 0;
   const out = resolve(config.train.out ?? join('runs', new Date().toISOString().replace(/[:.]/g, '-')));
   const trainer = new Trainer(config, world.size > 1 ? { world } : {});

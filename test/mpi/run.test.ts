@@ -8,9 +8,10 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 import { native, packageRoot } from '../../lib/native.js';
-import { hasMpirun, mpirun } from './mpirun.js';
+import { hasMpirun, mpirun, mpirunApps } from './mpirun.js';
 
 const root = packageRoot();
+const cli = join(root, 'dist', 'lib', 'cli', 'main.js');
 
 /** Kills the processes a run says it froze ("pid N stopping"), in case the launcher left them. */
 function killFrozen(out: string): void {
@@ -77,6 +78,20 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     killFrozen(r.out);
     expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
     expect(r.out).toMatch(/rank 0 after \d+ ms: TimeoutError: allReduce: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/);
+  });
+
+  it('moe-ep train --timeout-ms 1500 with a rank frozen mid-run: the other stops with a TimeoutError after 1.5 s naming the frozen rank, and the job ends', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-freeze-'));
+    const args = ['train', '--steps', '1000000', '--no-progress', '--timeout-ms', '1500', '--out', 'run'];
+    try {
+      const r = mpirunApps([[process.execPath, cli, ...args], [process.execPath, join(root, 'test', 'mpi', 'stop-after.mjs'), '3000', ...args]], 90_000, {}, dir);
+      killFrozen(r.out);
+      expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
+      expect(r.status, r.out).not.toBe(0);
+      expect(r.out).toMatch(/moe-ep: \w+: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('checkpoints: 2 ranks save; reload at EP=2 (own experts) and EP=1 (rank 0 reads all), tensors and outputs identical', () => {
