@@ -94,6 +94,29 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     }
   });
 
+  // Issue 14, items 1 and 7: ranks given other sizes corrupted memory (malloc(): corrupted top size);
+  // ranks given another tokensPerStep trained without complaint.
+  it('ranks given different configurations stop before the first step, every rank naming each differing field; equal ones train into one run folder', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-config-'));
+    const args = ['train', '--steps', '2', '--no-progress'];
+    try {
+      let r = mpirunApps([[process.execPath, cli, ...args, '--out', 'run'], [process.execPath, cli, ...args, '--out', 'run', '--model.hidden', '64', '--data.tokensPerStep', '512']], 60_000, {}, dir);
+      expect(r.status, r.out).not.toBe(0);
+      for (const k of [0, 1]) expect(r.out).toContain(`moe-ep: Trainer: rank ${k} of 2: the ranks were given different configurations, but every rank must train the same one:`);
+      expect(r.out.match(/config\.data\.tokensPerStep: 256 on rank 0; 512 on rank 1\n\s+config\.model\.hidden: 32 on rank 0; 64 on rank 1/g)).toHaveLength(2);
+      expect(r.out).not.toMatch(/corrupted|signal/);
+      // Without --out every rank used to name the run folder after its own clock, scattering the
+      // checkpoint's shards: rank 0's name now holds for all.
+      r = mpirunApps([[process.execPath, cli, ...args], [process.execPath, cli, ...args]], 60_000, {}, dir);
+      expect(r.status, r.out).toBe(0);
+      const runs = fs.readdirSync(join(dir, 'runs'));
+      expect(runs).toHaveLength(1);
+      expect(fs.readdirSync(join(dir, 'runs', runs[0]!, 'checkpoints', 'step-00000002')).sort()).toEqual(['manifest.json', 'rank-0.safetensors', 'rank-1.safetensors', 'replicated.safetensors']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('checkpoints: 2 ranks save; reload at EP=2 (own experts) and EP=1 (rank 0 reads all), tensors and outputs identical', () => {
     const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-ckpt-'));
     try {
