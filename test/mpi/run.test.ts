@@ -30,10 +30,17 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(s.loaded, s.error).toBe(true);
   });
 
-  it.each([2, 4])('collectives on %i ranks: allReduce, allGather, broadcast, allToAll, ragged allToAllV, EP/EDP split; mismatched calls an error on every rank', (np) => {
+  it.each([2, 4])('collectives on %i ranks: allReduce, allGather, broadcast, allToAll, ragged allToAllV, EP/EDP split, abort', (np) => {
     const r = mpirun(np, 'collectives.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
+  });
+
+  // Issue 14, item 1: these overran buffers (malloc(): corrupted top size) or hung.
+  it.each([2, 3])('mismatched calls on %i ranks (sizes, dtype, op, root, the call itself, allToAllV counts): an InvalidArgumentError on every rank naming the peers and both values; the communicator stays usable', (np) => {
+    const r = mpirun(np, 'mismatch.mjs');
+    expect(r.status, r.out).toBe(0);
+    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np} (mpi)`);
   });
 
   it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients); a comm stream changes no bit', (np) => {
