@@ -1,5 +1,7 @@
 #include "comm/communicator.h"
 
+#include <array>
+
 #include "core/error.h"
 #include "ops/common/checks.h"
 
@@ -92,8 +94,14 @@ void Communicator::agree(const char* op, CallKind kind, const Tensor* t, int64_t
     h.send_hash = int64_t(sh);
     h.recv_hash = int64_t(rh);
   }
+  const std::array<int64_t, kCallHeaderWords> mine_words{h.kind, h.dtype, h.rows, h.row_elems, h.arg, h.send_hash, h.recv_hash};
+  std::vector<int64_t> words(size_t(n) * size_t(kCallHeaderWords));
+  gather_words(op, mine_words.data(), words.data(), kCallHeaderWords);
   std::vector<CallHeader> all(static_cast<size_t>(n));
-  gather_words(op, &h.kind, &all[0].kind, kCallHeaderWords);
+  for (size_t r = 0; r < all.size(); ++r) {
+    const int64_t* w = &words[r * size_t(kCallHeaderWords)];
+    all[r] = CallHeader{w[0], w[1], w[2], w[3], w[4], w[5], w[6]};
+  }
 
   // Every rank holds the same headers, so every rank reaches the same verdict.
   std::vector<CallHeader> kinds;  // the distinct calls, in order of the first rank making each

@@ -37,8 +37,8 @@ const char* reduce_op_name(ReduceOp op);
 
 enum class CallKind : int64_t { AllReduce = 1, AllGather = 2, Broadcast = 3, AllToAll = 4, AllToAllV = 5, Barrier = 6, Split = 7 };
 
-// What one rank is about to do, as agree() exchanges it: plain int64 words, the same size on every
-// rank whatever the call, so the exchange itself can never disagree on sizes.
+// What one rank is about to do, as agree() exchanges it (as kCallHeaderWords int64, in field order):
+// the same size on every rank whatever the call, so the exchange itself can never disagree on sizes.
 struct CallHeader {
   int64_t kind = 0;        // CallKind
   int64_t dtype = -1;      // DType code of the tensor as passed; -1: no tensor
@@ -49,7 +49,6 @@ struct CallHeader {
   int64_t recv_hash = 0;   // all_to_all_v: sum over peers p of mix(p, rank, recv_rows[p])
 };
 constexpr int64_t kCallHeaderWords = 7;
-static_assert(sizeof(CallHeader) == kCallHeaderWords * sizeof(int64_t), "CallHeader is plain int64 words");
 
 constexpr int64_t kDefaultTimeoutMs = 300000;
 
