@@ -59,7 +59,7 @@ export {
   type UnpermuteOptions,
 } from './moe/permute.js';
 export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './dist/communicator.js';
-export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
+export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, jobId, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
 export { rendezvous, type RendezvousOptions } from './dist/rendezvous.js';
 export {
   adamwStep,

@@ -128,13 +128,14 @@ fi
 
 if [[ " $what " == *" multi "* ]]; then
   # Several GPUs (issue #8): one rank per GPU, so init() picks NCCL. The test/mpi scripts check their
-  # results on every rank (EP=N layer and training against EP=1, checkpoints across EP sizes); the
+  # results on every rank (EP=N layer and training against EP=1, mismatched calls caught by NCCL's
+  # header all-gather on every rank (issue 14), checkpoints across EP sizes); the
   # dispatch benchmark runs DeepEP's configuration beside torch's all_to_all_single.
   gpus=$(nvidia-smi -L | wc -l)
   step "multi-GPU: $gpus GPUs"
   for np in 2 4 8; do
     (( np <= gpus )) || continue
-    for script in moe-layer.mjs train.mjs; do
+    for script in moe-layer.mjs train.mjs mismatch.mjs; do
       echo "--- mpirun -np $np $script --device cuda"
       timeout 300 mpirun --allow-run-as-root -np "$np" node "test/mpi/$script" --device cuda > "/tmp/multi-$np-$script.log" 2>&1 \
         && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-$script.log"; }

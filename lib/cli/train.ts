@@ -10,6 +10,7 @@ import { join, resolve } from 'node:path';
 
 import cliProgress from 'cli-progress';
 
+import { allGatherJson } from '../dist/gather-json.js';
 import { init } from '../dist/init.js';
 import { InvalidArgumentError } from '../errors.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig } from '../train/config.js';
@@ -47,9 +48,13 @@ export async function runTrain(args: string[]): Promise<number> {
     return 0;
   }
   const config = loadConfig(args);
-  const world = await init();
+  const world = await init({ timeoutMs: config.train.timeoutMs });
   const lead = world.rank === 0;
-  const out = resolve(config.train.out ?? join('runs', new Date().toISOString().replace(/[:.]/g, '-')));
+  // Rank 0's timestamp names the default run folder on every rank (each rank's own clock would
+  // scatter the checkpoint's shards over several folders). Gathered on every rank, --out or not,
+  // so that the ranks make the same collectives.
+  const stamp = allGatherJson(world, new Date().toISOString().replace(/[:.]/g, '-'))[0] as string;
+  const out = resolve(config.train.out ?? join('runs', stamp));
   const trainer = new Trainer(config, world.size > 1 ? { world } : {});
   const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
   if (config.checkpoint.resume !== null) {

@@ -31,7 +31,7 @@ export interface TrainConfig {
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
   data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number; onDevice: boolean };
-  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean };
+  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean; timeoutMs: number };
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
 
@@ -41,7 +41,7 @@ export const defaultConfig: TrainConfig = {
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
-  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false },
+  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false, timeoutMs: 300_000 },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
@@ -112,6 +112,10 @@ export const trainConfigSchema = {
       logEvery: int(1),
       progress: { type: 'boolean' },
       profile: { type: 'boolean', description: 'wait for the device at the end of each phase, so metrics.jsonl phaseMs is exact (slower)' },
+      timeoutMs: {
+        ...int(0),
+        description: 'collective timeout in ms (also the start-up rendezvous): past it the run stops with a TimeoutError naming the op and the ranks not heard from; 0: wait forever',
+      },
     }),
     checkpoint: section({
       every: { ...int(0), description: 'save every N steps (0: only at the end and on Ctrl-C)' },
@@ -164,7 +168,7 @@ export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): Tr
 /** `moe-ep train --help`: every field with its default and description, from the schema itself. */
 export function trainHelp(): string {
   const lines = ['usage: moe-ep train [--config file.json] [--section.field value ...]', '',
-    'short forms: --steps N, --device auto|cpu|cuda, --out DIR, --resume [DIR], --no-progress', ''];
+    'short forms: --steps N, --device auto|cpu|cuda, --out DIR, --resume [DIR], --timeout-ms N, --no-progress', ''];
   for (const [sectionName, sectionSchema] of Object.entries(trainConfigSchema.properties)) {
     lines.push(`${sectionName}:`);
     for (const [field, schema] of Object.entries(sectionSchema.properties as Record<string, { description?: string; enum?: readonly string[] }>)) {
@@ -178,11 +182,11 @@ export function trainHelp(): string {
 
 /**
  * Command-line overrides: `--section.field value` (values parsed as JSON when they parse, else
- * strings), plus the short forms `--steps`, `--device`, `--out`, `--no-progress`.
+ * strings), plus the short forms `--steps`, `--device`, `--out`, `--resume`, `--timeout-ms`, `--no-progress`.
  */
 export function overridesFromArgs(args: string[]): Record<string, Record<string, unknown>> {
   const out: Record<string, Record<string, unknown>> = {};
-  const short: Record<string, string> = { steps: 'train.steps', device: 'train.device', out: 'train.out', resume: 'checkpoint.resume' };
+  const short: Record<string, string> = { steps: 'train.steps', device: 'train.device', out: 'train.out', resume: 'checkpoint.resume', 'timeout-ms': 'train.timeoutMs' };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i] as string;
     if (!arg.startsWith('--')) throw new InvalidArgumentError(`unexpected argument '${arg}'`, 'train');

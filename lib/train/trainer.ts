@@ -12,6 +12,7 @@
  * the EDP group and divided by W. Both then equal the gradient of the global mean loss.
  */
 import { type Communicator } from '../dist/communicator.js';
+import { allGatherJson } from '../dist/gather-json.js';
 import { expertGroups } from '../dist/init.js';
 import { checkOptions, invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
@@ -42,6 +43,56 @@ interface OptimState {
   expAvgSq: Tensor;
 }
 
+/** Every field of a configuration as `config.section.field` → its value in JSON, sorted by path. */
+function configFields(config: TrainConfig): [string, string][] {
+  const out: [string, string][] = [];
+  for (const [section, fields] of Object.entries(config)) {
+    for (const [field, value] of Object.entries(fields as Record<string, unknown>)) out.push([`config.${section}.${field}`, JSON.stringify(value)]);
+  }
+  return out.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+}
+
+/** 32-bit FNV-1a of a string, from `seed` (two seeds give a 64-bit fingerprint). */
+function fnv1a(s: string, seed: number): number {
+  let h = seed >>> 0;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193) >>> 0;
+  return h | 0;
+}
+
+/**
+ * Every rank must train the same configuration: a rank given another --model.hidden passes other
+ * sizes to every collective, and one given another --data.tokensPerStep trains on other batches
+ * without any collective noticing. One allGather of a fingerprint of the resolved configuration,
+ * before any other collective; when they differ (every rank sees it), the ranks exchange their
+ * fields and every rank throws an InvalidArgumentError naming each differing field and its values.
+ */
+export function checkSameConfig(world: Communicator, config: TrainConfig): void {
+  if (world.size === 1) return;
+  const fields = configFields(config);
+  const text = fields.map(([path, value]) => `${path}=${value}`).join('\n');
+  using mine = Tensor.fromArray([fnv1a(text, 0x811c9dc5), fnv1a(text, 0x9747b28c)], { dtype: 'i32', device: 'cpu' });
+  using all = world.allGather(mine);
+  const prints = all.toNumbers();
+  if (prints.every((v, i) => v === prints[i % 2])) return;
+  const configs = allGatherJson(world, Object.fromEntries(fields)) as Record<string, string | undefined>[];
+  const paths = [...new Set(configs.flatMap((c) => Object.keys(c)))].sort();
+  const lines: string[] = [];
+  for (const path of paths) {
+    const byValue = new Map<string, number[]>();
+    configs.forEach((c, r) => {
+      const v = c[path] ?? '(absent)';
+      byValue.set(v, [...(byValue.get(v) ?? []), r]);
+    });
+    if (byValue.size < 2) continue;
+    const list = (ranks: number[]): string => (ranks.length > 8 ? `${ranks.slice(0, 8).join(', ')} and ${ranks.length - 8} more` : ranks.join(', '));
+    lines.push(`${path}: ${[...byValue].map(([v, ranks]) => `${v} on rank${ranks.length === 1 ? '' : 's'} ${list(ranks)}`).join('; ')}`);
+  }
+  invalidArgument(
+    'Trainer',
+    `rank ${world.rank} of ${world.size}: the ranks were given different configurations, but every rank must train the same one:\n  ${lines.join('\n  ')}`,
+  );
+}
+
 export class Trainer implements Disposable {
   readonly config: TrainConfig;
   readonly device: Device;
@@ -62,6 +113,9 @@ export class Trainer implements Disposable {
     options = checkOptions(options, 'Trainer');
     // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
     config = resolveConfig(config);
+    // Before any other collective: ranks that disagree on sizes would otherwise fail in the first
+    // one with a less telling error, and ranks that differ in data or schedule would not fail at all.
+    if (options.world) checkSameConfig(options.world, config);
     this.config = config;
     this.world = options.world;
     this.rank = options.world?.rank ?? 0;
