@@ -2,7 +2,7 @@
 // review item): planted links and temporaries, names and links leading outside the folder, special
 // and oversized files, crafted headers, malformed manifests, and crashes between the steps of a
 // commit. Anything that could hang runs in a child process with a deadline.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import { syncBuiltinESMExports } from 'node:module';
@@ -396,6 +396,22 @@ describe('the newest committed checkpoint is found after any crash', () => {
     expect(Array.from(new Float32Array(r.getRaw('layers.0.router.weight').data.buffer))[3]).toBe(20);
   });
 
+  it('several asides of one missing step (from crashes of older versions): the one committed last is taken and restored', async () => {
+    const dir = tmp();
+    const gen40 = join(tmp(), 'gen40');
+    save(dir, 4, 40);
+    fs.cpSync(join(dir, stepName(4)), gen40, { recursive: true });
+    await new Promise((r) => setTimeout(r, 5)); // a later createdAt
+    save(dir, 4, 41);
+    fs.renameSync(join(dir, stepName(4)), join(dir, `.old-${stepName(4)}-ffff`)); // committed last, sorts last
+    fs.cpSync(gen40, join(dir, `.old-${stepName(4)}-0000`), { recursive: true });
+    expect(latestCheckpoint(dir)?.dir).toBe(join(dir, `.old-${stepName(4)}-ffff`));
+    pruneCheckpoints(dir, 2);
+    expect(fs.readdirSync(dir).sort()).toEqual(['latest', stepName(4)]);
+    using r = loadCheckpoint(dir);
+    expect(Array.from(new Float32Array(r.getRaw('layers.0.router.weight').data.buffer))[3]).toBe(41);
+  });
+
   it('a re-save that died between its two renames: the folder moved aside is step N for readers, renamed back by prune, never deleted', () => {
     const dir = tmp();
     save(dir, 5);
@@ -420,7 +436,12 @@ describe('the newest committed checkpoint is found after any crash', () => {
 
   it('a re-save failing at its second rename keeps the old step findable; the next save of that step commits cleanly', () => {
     const dir = tmp();
+    const gen59 = join(tmp(), 'gen59');
+    save(dir, 6, 59);
+    fs.cpSync(join(dir, stepName(6)), gen59, { recursive: true });
     save(dir, 6, 60);
+    // A stale aside (a crash after an earlier re-save's second rename) must not outlive the next one.
+    fs.cpSync(gen59, join(dir, `.old-${stepName(6)}-00000000`), { recursive: true });
     const real = fs.renameSync;
     // Fail exactly the rename that moves the new folder into place (the aside was made just before).
     const patched = (from: fs.PathLike, to: fs.PathLike): void => {
@@ -436,6 +457,7 @@ describe('the newest committed checkpoint is found after any crash', () => {
       syncBuiltinESMExports();
     }
     expect(fs.existsSync(join(dir, stepName(6)))).toBe(false);
+    expect(fs.readdirSync(dir).filter((n) => n.startsWith('.old-'))).toHaveLength(1); // 60's: stale ones went first
     {
       using r = loadCheckpoint(dir);
       expect(r.step).toBe(6);
@@ -445,6 +467,51 @@ describe('the newest committed checkpoint is found after any crash', () => {
     expect(fs.readdirSync(dir).filter((n) => n.startsWith('.old-'))).toEqual([]);
     using r = loadCheckpoint(dir);
     expect(Array.from(new Float32Array(r.getRaw('layers.0.router.weight').data.buffer))[3]).toBe(62);
+  });
+});
+
+describe('crash test of re-saves', () => {
+  it('a saver re-saving one step, SIGKILLed at random moments: once committed, the step is always found, whole', async () => {
+    const dir = tmp();
+    const fixture = join(root, 'test', 'fixtures', 'ckpt-saver.mjs');
+    let committed = false;
+    let last = -1;
+    let gaps = 0; // kills between the two renames of a commit: step-7 moved aside, the new one not yet in
+    for (let i = 0; i < 40 && (i < 12 || !committed); i++) {
+      const child = spawn(process.execPath, [fixture, dir, '3', 'resave'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<void>((res) => child.on('exit', () => res()));
+      await new Promise<void>((res, rej) => {
+        child.stdout.on('data', (d: Buffer) => d.toString().includes('ready') && res());
+        void exited.then(() => rej(new Error(`saver exited early: ${stderr}`)));
+      });
+      await new Promise((res) => setTimeout(res, Math.random() * 80));
+      child.kill('SIGKILL');
+      await exited;
+      if (fs.readdirSync(dir).some((n) => n.startsWith('.old-')) && !fs.existsSync(join(dir, stepName(7)))) gaps++;
+      const l = latestCheckpoint(dir);
+      if (l === null) {
+        expect(committed, 'a committed step vanished').toBe(false);
+        continue;
+      }
+      committed = true;
+      expect(l.step).toBe(7);
+      using r = loadCheckpoint(dir);
+      r.verifyAll();
+      const g = (r.manifest['data'] as { position: number }).position / 10;
+      expect(g).toBeGreaterThanOrEqual(last);
+      last = g;
+      expect(new Float32Array(r.getRaw('layers.0.experts.1.w1').data.buffer)[0]).toBe(-g);
+      expect(new Float32Array(r.getRaw('layers.0.router.weight').data.buffer)[5]).toBe(g + 5);
+    }
+    expect(committed).toBe(true);
+    // A writer puts any folder left aside back in place; the step then holds the same generation.
+    pruneCheckpoints(dir, 3);
+    using r = loadCheckpoint(dir);
+    expect(r.dir).toBe(join(dir, stepName(7)));
+    expect((r.manifest['data'] as { position: number }).position / 10).toBe(last);
+    console.log(`re-save crash test: ${gaps} kill(s) landed between the two renames of a commit`);
   });
 });
 

@@ -369,6 +369,9 @@ function commitDir(root: string, tmp: string, finalDir: string, manifest: Checkp
   fsyncDir(tmp);
   const name = basename(finalDir);
   if (entryExists(root, name)) {
+    // Asides of this step left by an earlier crash are stale while step-N exists; gone first, so that
+    // a crash below leaves exactly one aside, the folder committed last.
+    for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
     fs.renameSync(finalDir, join(root, `.old-${name}-${nonce()}`));
     // Durable before the new folder takes the name: a crash now leaves the old one findable as step N.
     fsyncDir(root);
@@ -471,28 +474,34 @@ function findLatest(root: string, rootReal: string): { found: Located | null; sk
     }
   }
   const all = candidates(root, rootReal);
-  const tried = new Set<string>();
-  if (pointer !== undefined) {
-    let base: Located | null = null;
-    for (const c of all.filter((x) => x.step === pointer)) {
-      tried.add(c.name);
-      if ((base = tryOne(c))) break;
+  // The newest (by createdAt) of the candidates of one step that verify: normally there is one; an
+  // aside stands in for a missing step-N, and should several be left, the one committed last wins.
+  const bestOf = (step: number): Located | null => {
+    let best: Located | null = null;
+    for (const c of all.filter((x) => x.step === step)) {
+      const v = tryOne(c);
+      if (v && (!best || Date.parse(v.manifest.createdAt) > Date.parse(best.manifest.createdAt))) best = v;
     }
+    return best;
+  };
+  const steps = [...new Set(all.map((c) => c.step))]; // newest first
+  if (pointer !== undefined) {
+    const base = bestOf(pointer);
     if (base) {
       // Committed after `latest` was written: a higher step with a later date (an abandoned run's
       // higher steps, from before a resume at an earlier step, are older and stay passed over).
       const since = Date.parse(base.manifest.createdAt);
-      for (const c of all.filter((x) => x.step > (pointer as number))) {
-        const v = tryOne(c);
+      for (const step of steps.filter((x) => x > (pointer as number))) {
+        const v = bestOf(step);
         if (v && Date.parse(v.manifest.createdAt) >= since) return { found: { ...v, skipped }, skipped };
       }
       return { found: { ...base, skipped }, skipped };
     }
-    if (tried.size === 0) skipped.push({ dir: join(root, LATEST_FILE), reason: `checkpoint ${join(root, LATEST_FILE)}: names ${stepDirName(pointer)}, which is not there` });
+    if (!steps.includes(pointer)) skipped.push({ dir: join(root, LATEST_FILE), reason: `checkpoint ${join(root, LATEST_FILE)}: names ${stepDirName(pointer)}, which is not there` });
   }
-  for (const c of all) {
-    if (tried.has(c.name)) continue;
-    const v = tryOne(c);
+  for (const step of steps) {
+    if (step === pointer) continue; // tried above
+    const v = bestOf(step);
     if (v) return { found: { ...v, skipped }, skipped };
   }
   return { found: null, skipped };
@@ -545,27 +554,28 @@ export function latestCheckpoint(root: string): { dir: string; step: number; ski
   return { dir: found.dir, step: found.manifest.step, ...(skipped.length ? { skipped } : {}) };
 }
 
-/** Renames each verified aside whose step has no folder back to step-N (a writer's repair after a crash mid re-save). */
+/** Renames the newest verified aside of each step that has no folder back to step-N (a writer's repair after a crash mid re-save). */
 function recoverAsides(root: string, rootReal: string): void {
-  let moved = false;
+  const newest = new Map<number, { name: string; at: number }>();
   for (const c of candidates(root, rootReal)) {
     if (!c.name.startsWith('.old-') || entryExists(rootReal, stepDirName(c.step))) continue;
+    let at: number;
     try {
-      verifyCandidate(rootReal, c);
+      at = Date.parse(verifyCandidate(rootReal, c).manifest.createdAt);
     } catch (e) {
       if (e instanceof CheckpointError) continue; // left in place: latestCheckpoint() reports it
       throw e;
     }
-    fs.renameSync(join(root, c.name), join(root, stepDirName(c.step)));
-    moved = true;
+    if (!newest.has(c.step) || at > (newest.get(c.step) as { at: number }).at) newest.set(c.step, { name: c.name, at });
   }
-  if (moved) fsyncDir(root);
+  for (const [step, { name }] of newest) fs.renameSync(join(root, name), join(root, stepDirName(step)));
+  if (newest.size) fsyncDir(root);
 }
 
 /**
  * Deletes all but the newest `keep` checkpoints (never `protect`), and leftovers of interrupted
- * saves (.tmp-*, .del-*, temporaries, folders moved aside whose step has been saved again); an
- * aside whose step has no folder is renamed back first. Called by rank 0 after a commit; assumes
+ * saves (.tmp-*, .del-*, temporaries, folders moved aside whose step has been saved again); the
+ * newest aside of a step that has no folder is renamed back first. Called by rank 0 after a commit; assumes
  * no other save is running. Nothing outside root is touched (links are removed, not followed).
  */
 export function pruneCheckpoints(root: string, keep: number, protect?: string): string[] {
@@ -585,7 +595,8 @@ export function pruneCheckpoints(root: string, keep: number, protect?: string): 
   for (const n of names) {
     const aside = parseAsideDir(n);
     const stale = aside !== undefined && names.includes(stepDirName(aside));
-    if (stale || (n.startsWith('.tmp-step-') && !n.startsWith(`.tmp-${protect ?? '\0'}-`))) discard(root, n);
+    // No save is running (see above): every .tmp-step-* is a leftover, the protected step's too.
+    if (stale || n.startsWith('.tmp-step-')) discard(root, n);
     else if (n.startsWith('.del-') || isTemporaryName(n)) fs.rmSync(join(root, n), { recursive: true, force: true });
   }
   fsyncDir(root);
