@@ -3,7 +3,7 @@
 // `--config` naming a FIFO or /dev/zero fails at once; `--__proto__.x` never reaches
 // Object.prototype; a configuration far too large for the machine fails before allocating.
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -122,5 +122,22 @@ describe('bad configurations fail at once, naming what to change', () => {
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\)/);
     expect(existsSync(join(out, 'checkpoints'))).toBe(false);
+  });
+});
+
+describe('--resume reads only inside the checkpoint root', () => {
+  it('latest naming a step folder linked out of the root: passed over with the reason printed; the run resumes from the one inside', () => {
+    const [a, b] = [tmp(), tmp()];
+    for (const [out, steps] of [[a, '4'], [b, '2']] as const) {
+      const r = spawnSync(process.execPath, [cli, 'train', '--steps', steps, '--out', out, ...small], { encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+    }
+    symlinkSync(join(a, 'checkpoints', 'step-00000004'), join(b, 'checkpoints', 'step-00000004'));
+    writeFileSync(join(b, 'checkpoints', 'latest'), 'step-00000004\n');
+    const r = spawnSync(process.execPath, [cli, 'train', '--steps', '3', '--out', b, '--resume', ...small], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/resumed from .* at step 2/);
+    expect(r.stderr).toMatch(/moe-ep: passed over .*step-00000004: checkpoint .*step-00000004: resolves outside its folder through a symbolic link/);
+    expect(latestCheckpoint(join(b, 'checkpoints'))?.step).toBe(3);
   });
 });
