@@ -116,6 +116,7 @@ export {
   saveCheckpoint,
   type SavedCheckpoint,
   type SaveOptions,
+  type SkippedCheckpoint,
   stepDirName,
   writeCheckpoint,
 } from './train/checkpoint.js';
