@@ -128,6 +128,7 @@ export {
   saveCheckpoint,
   type SavedCheckpoint,
   type SaveOptions,
+  type SkippedCheckpoint,
   stepDirName,
   writeCheckpoint,
 } from './train/checkpoint.js';

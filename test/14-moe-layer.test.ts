@@ -168,6 +168,8 @@ describe('MoELayer on one rank', () => {
     expect(() => new MoELayer({ ...base, seqAuxLossCoef: 0.1 })).toThrow(/'seqAuxLossCoef' needs 'seqLen'/);
     expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
     expect(() => new MoELayer({ ...base, commStream: 'yes' as unknown as boolean })).toThrow(/MoELayer: 'commStream' must be a Stream or a boolean; received yes/);
+    // At construction, not at the first forward (issue 14).
+    expect(() => new MoELayer({ ...base, dropPolicy: 'random' as unknown as 'probs' })).toThrow(/MoELayer: 'dropPolicy' must be one of probs, position; received random/);
   });
 
   it.each([

@@ -2,10 +2,10 @@
  * `moe-ep train [--config file.json] [--section.field value ...]`: the main job. With no arguments
  * it trains the embedded default on whatever is there (CPU without a GPU, the GPU when present,
  * under `mpirun -np N` with the experts spread over N ranks), shows a live progress bar, appends
- * metrics as JSON lines and writes an HTML report whose path it prints. Ctrl-C (or SIGUSR1, which
- * mpirun forwards) stops cleanly after the current step, every rank at the same step.
+ * metrics as JSON lines and writes an HTML report whose path it prints. Ctrl-C, SIGTERM, SIGHUP
+ * (or SIGUSR1, which mpirun forwards) and a closed stdout stop it cleanly after the current step,
+ * every rank at the same step, with a checkpoint and the report.
  */
-import { readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 
 import cliProgress from 'cli-progress';
@@ -14,6 +14,7 @@ import { allGatherJson } from '../dist/gather-json.js';
 import { init } from '../dist/init.js';
 import { InvalidArgumentError } from '../errors.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig } from '../train/config.js';
+import { FILE_LIMITS, readJson } from '../train/safe-files.js';
 import { MetricsLog, type StepMetrics } from '../train/metrics.js';
 import { writeReport } from '../train/report.js';
 import { Trainer } from '../train/trainer.js';
@@ -25,11 +26,8 @@ function loadConfig(args: string[]): TrainConfig {
     if (args[i] === '--config') {
       const path = args[++i];
       if (!path) throw new InvalidArgumentError(`'--config' needs a file`, 'train');
-      try {
-        file = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
-      } catch (e) {
-        throw new InvalidArgumentError(`cannot read the config file ${path}: ${(e as Error).message}`, 'train');
-      }
+      // A regular file of at most 1 MiB (a FIFO or /dev/zero would hang the read), bounded JSON.
+      file = readJson(path, { what: `cannot read the config file ${path}`, maxBytes: FILE_LIMITS.config, error: InvalidArgumentError }) as Record<string, unknown>;
     } else rest.push(args[i] as string);
   }
   const overrides = overridesFromArgs(rest);
@@ -61,6 +59,7 @@ export async function runTrain(args: string[]): Promise<number> {
     const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume);
     const step = trainer.resume(from);
     if (lead) console.log(`resumed from ${from} at step ${step}`);
+    for (const s of trainer.resumedFrom?.skipped ?? []) if (lead) console.error(`moe-ep: passed over ${s.dir}: ${s.reason}`);
   }
   const save = (): void => {
     const saved = trainer.saveCheckpoint(ckptDir, config.checkpoint.keep);
@@ -68,16 +67,26 @@ export async function runTrain(args: string[]): Promise<number> {
   };
   // A resumed run continues the same metrics file.
   const log = lead ? new MetricsLog(join(out, 'metrics.jsonl'), { append: config.checkpoint.resume !== null }) : null;
-  const control = { stop: false };
-  const onSigint = (): void => {
-    if (control.stop) process.exit(130); // a second Ctrl-C: leave now
+  const control = { stop: false, by: '' };
+  // Ctrl-C (SIGINT), SIGTERM (kill, schedulers) and SIGHUP (a closed terminal) stop after the current
+  // step with a checkpoint and the report; a second one leaves at once. Under mpirun, which aborts the
+  // whole job on SIGINT, send SIGUSR1 to mpirun instead: OpenMPI forwards it to every rank.
+  const signals = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129, SIGUSR1: 138 } as const;
+  const stopBy = (by: string, again: number): void => {
+    if (control.stop) process.exit(again);
     control.stop = true;
-    if (lead) process.stderr.write('\nmoe-ep: stopping after the current step (Ctrl-C again to quit at once)\n');
+    control.by = by;
+    if (lead) process.stderr.write(`\nmoe-ep: ${by}: stopping after the current step (again to quit at once)\n`);
   };
-  // Ctrl-C (SIGINT) alone; under mpirun, which aborts the whole job on SIGINT, send SIGUSR1 to mpirun
-  // instead: OpenMPI forwards it to every rank.
-  process.on('SIGINT', onSigint);
-  process.on('SIGUSR1', onSigint);
+  const handlers = Object.entries(signals).map(([sig, code]) => [sig, () => stopBy(sig === 'SIGINT' ? 'Ctrl-C' : sig, code)] as const);
+  for (const [sig, h] of handlers) process.on(sig, h);
+  // A closed stdout (`| head`): writes fail with EPIPE, emitted asynchronously; unhandled, it would
+  // end the process mid-run. Stop as on a signal; later output to the closed stream is dropped.
+  const onOutputError = (e: NodeJS.ErrnoException): void => {
+    if (!control.stop) stopBy(`output closed (${e.code ?? e.message})`, 1);
+  };
+  process.stdout.on('error', onOutputError);
+  process.stderr.on('error', onOutputError);
 
   const m = config.model;
   if (lead) {
@@ -118,8 +127,7 @@ export async function runTrain(args: string[]): Promise<number> {
     save(); // at the end, and after a stop signal
   } finally {
     bar?.stop();
-    process.off('SIGINT', onSigint);
-    process.off('SIGUSR1', onSigint);
+    for (const [sig, h] of handlers) process.off(sig, h);
   }
   if (lead) {
     const last = steps[steps.length - 1];
@@ -137,7 +145,7 @@ export async function runTrain(args: string[]): Promise<number> {
         'final loss': last ? fmt(last.loss) : '-',
         'final MaxVio': last ? fmt(Math.max(...last.layers.map((l) => l.maxVio)), 3) : '-',
         'wall time (s)': ((Date.now() - started) / 1000).toFixed(1),
-        stopped: control.stop ? 'by Ctrl-C' : 'at the configured step count',
+        stopped: control.stop ? `by ${control.by}` : 'at the configured step count',
       },
     });
     console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);

@@ -26,7 +26,7 @@ import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
 import { checkTensor } from '../args.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { capacity, type DropPolicy } from './capacity.js';
+import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
@@ -152,6 +152,10 @@ export class MoELayer implements Disposable {
       invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(config.capacityFactor)}`);
     }
     if (config.padToCapacity && config.capacityFactor === undefined) invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
+    // Checked here, not at the first forward: a bad config fails where it is made.
+    if (config.dropPolicy !== undefined && !DROP_POLICIES.includes(config.dropPolicy)) {
+      invalidArgument(op, `'dropPolicy' must be one of ${DROP_POLICIES.join(', ')}; received ${String(config.dropPolicy)}`);
+    }
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);

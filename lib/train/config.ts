@@ -45,7 +45,8 @@ export const defaultConfig: TrainConfig = {
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
-const int = (minimum: number) => ({ type: 'integer', minimum });
+// Integers stay within int32, what the kernels index with (and far inside exact doubles).
+const int = (minimum: number) => ({ type: 'integer', minimum, maximum: 2 ** 31 - 1 });
 const num = (minimum?: number, exclusiveMinimum?: number) => ({ type: 'number', ...(minimum === undefined ? {} : { minimum }), ...(exclusiveMinimum === undefined ? {} : { exclusiveMinimum }) });
 const section = (properties: Record<string, unknown>) => ({ type: 'object', additionalProperties: false, properties });
 
@@ -141,10 +142,14 @@ type Partial2<T> = { [K in keyof T]?: T[K] extends object ? Partial<T[K]> : T[K]
 /** Merges a partial configuration over the defaults, validates it, and checks cross-field rules. */
 export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): TrainConfig {
   if (partial === null || typeof partial !== 'object' || Array.isArray(partial)) throw new InvalidArgumentError('config: must be a JSON object', 'config');
+  // Own keys of the schema only: `__proto__` (which JSON.parse makes an own key) would otherwise set
+  // the merged object's prototype and slip past the schema.
+  const unknown = Object.keys(partial).filter((k) => !Object.hasOwn(trainConfigSchema.properties, k));
+  if (unknown.length) throw new InvalidArgumentError(`invalid configuration:\n  ${unknown.map((k) => `config: unknown field '${k}'`).join('\n  ')}`, 'config');
   const merged: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
   for (const [k, v] of Object.entries(partial as Record<string, unknown>)) {
-    merged[k] = v !== null && typeof v === 'object' && !Array.isArray(v) && k in merged ? { ...(merged[k] as object), ...v } : v;
+    merged[k] = v !== null && typeof v === 'object' && !Array.isArray(v) ? { ...(merged[k] as object), ...v } : v;
   }
   if (!validate(merged)) {
     throw new InvalidArgumentError(`invalid configuration:\n  ${(validate.errors ?? []).map(describe).join('\n  ')}`, 'config');
@@ -163,6 +168,28 @@ export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): Tr
   const broken = rules.filter(([ok]) => !ok).map(([, m]) => m);
   if (broken.length) throw new InvalidArgumentError(`invalid configuration:\n  ${broken.join('\n  ')}`, 'config');
   return c;
+}
+
+/**
+ * Bytes a rank of a `ranks`-rank run of `c` needs, roughly and from above, before anything is
+ * allocated: parameters at 20 bytes each (fp32 master, two AdamW moments, gradient, compute copy),
+ * the activations a step keeps for backward (fp32, doubled for their gradients), and the data task's
+ * cluster maps (host memory, also on the device with data.onDevice). An absurd configuration
+ * (`--model.experts 1e6`) then fails at once with the fields to change, not deep in an allocation.
+ */
+export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; activations: number; data: number } {
+  const m = c.model;
+  const ep = m.epSize ?? ranks;
+  const H = m.hidden, E = m.experts, F = m.ffn, S = m.sharedFfn, k = m.topK;
+  const El = Math.ceil(E / ep);
+  const T = Math.ceil(c.data.tokensPerStep / ranks);
+  const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H;
+  const params = (m.layers * perLayer + H * H) * 20;
+  // Per layer: x, norms and residuals [T,H]; logits, scores, aux gradients [T,E]; the routed rows,
+  // the experts' inputs/outputs [T·k,H] and their SwiGLU halves [T·k,3F]; the shared expert [T,3S].
+  const activations = m.layers * (T * (4 * H + 3 * E + 3 * S) + T * k * (2 * H + 3 * F)) * 4 * 2;
+  const data = c.data.clusters * H * (H + 1) * 4;
+  return { params, activations, data };
 }
 
 /** `moe-ep train --help`: every field with its default and description, from the schema itself. */
@@ -214,6 +241,10 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
     key = short[key] ?? key;
     const [sectionName, field, ...rest] = key.split('.');
     if (!sectionName || !field || rest.length) throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
+    // Checked against the schema before anything is assigned: `--__proto__.x` must not reach Object.prototype.
+    const sections = trainConfigSchema.properties as Record<string, { properties: object }>;
+    if (!Object.hasOwn(sections, sectionName)) throw new InvalidArgumentError(`'--${key}': unknown section '${sectionName}' (one of ${Object.keys(sections).join(', ')})`, 'train');
+    if (!Object.hasOwn((sections[sectionName] as { properties: object }).properties, field)) throw new InvalidArgumentError(`'--${key}': config.${sectionName}: unknown field '${field}'`, 'train');
     (out[sectionName] ??= {})[field] = value;
   }
   return out;

@@ -11,6 +11,8 @@
  * expert's gradient already holds its EP group's tokens (through the dispatcher); it is summed over
  * the EDP group and divided by W. Both then equal the gradient of the global mean loss.
  */
+import { totalmem } from 'node:os';
+
 import { type Communicator } from '../dist/communicator.js';
 import { allGatherJson } from '../dist/gather-json.js';
 import { expertGroups } from '../dist/init.js';
@@ -18,12 +20,13 @@ import { checkOptions, invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { scale } from '../ops.js';
+import { native } from '../native.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { resolveConfig, type TrainConfig } from './config.js';
+import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
-import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint } from './checkpoint.js';
+import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
 import { adamwStep, balanceBiasUpdate, sumOfSquares } from './ops.js';
 import { cosineSchedule } from './schedule.js';
@@ -108,6 +111,8 @@ export class Trainer implements Disposable {
   private readonly lr: (step: number) => number;
   /** The next step to run (0-based); a resumed run starts later. */
   step = 0;
+  /** What the last resume() read, and the newer checkpoints it passed over (failed verification). */
+  resumedFrom: { dir: string; step: number; skipped: readonly SkippedCheckpoint[] } | null = null;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
     options = checkOptions(options, 'Trainer');
@@ -135,6 +140,7 @@ export class Trainer implements Disposable {
     this.device = want === 'cpu' ? Device.cpu : want === 'cuda' ? (getDefaultDevice().isCuda ? getDefaultDevice() : Device.cuda(0)) : cuda.isAvailable() ? getDefaultDevice() : Device.cpu;
     const dtype = this.device.isCuda ? 'bf16' : 'f32';
     const m = config.model;
+    checkMemory(config, this.size, this.device);
     this.model = new MoEModel(
       {
         layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, scoreFunction: m.scoreFunction,
@@ -348,6 +354,7 @@ export class Trainer implements Disposable {
       }
       this.model.refreshComputeWeights();
       this.step = reader.step;
+      this.resumedFrom = { dir: reader.dir, step: reader.step, skipped: reader.skipped };
       return this.step;
     } finally {
       reader.close();
@@ -391,5 +398,24 @@ export class Trainer implements Disposable {
   }
   [Symbol.dispose](): void {
     this.dispose();
+  }
+}
+
+/** Refuses a configuration whose estimated footprint exceeds the memory there is, before allocating. */
+function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
+  const { params, activations, data } = estimateMemory(config, ranks);
+  const onDevice = params + activations + (device.isCuda && !config.data.onDevice ? 0 : data);
+  const onHost = device.isCuda ? data : onDevice;
+  const gib = (n: number): string => `${(n / 2 ** 30).toFixed(1)} GiB`;
+  const need: [string, number, number][] = [[device.toString(), onDevice, device.isCuda ? native().deviceProperties(device.index).totalMemory : totalmem()]];
+  if (device.isCuda) need.push(['host memory', onHost, totalmem()]);
+  for (const [where, bytes, have] of need) {
+    if (bytes <= have) continue;
+    const m = config.model;
+    invalidArgument(
+      'Trainer',
+      `this configuration needs about ${gib(bytes)} per rank on ${where} (parameters and optimizer state ${gib(params)}, activations ${gib(activations)}, data task ${gib(data)}) ` +
+        `but it has ${gib(have)}: reduce config.model.experts (${m.experts}), model.hidden (${m.hidden}), model.ffn (${m.ffn}), model.layers (${m.layers}), data.tokensPerStep (${config.data.tokensPerStep}) or data.clusters (${config.data.clusters}), or use more ranks`,
+    );
   }
 }
