@@ -71,9 +71,10 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Order-preserving key of a score in [0, 1] (or NaN): NaN → 0, ±0 → 1, else bits + 1 < 2^30.
+// (Scores outside [0, 1] cannot come from ec_scores; they would be clamped, never out of range.)
 __device__ __forceinline__ uint32_t ec_key(float s) {
   if (s != s) return 0u;
-  return s == 0.f ? 1u : __float_as_uint(s) + 1u;
+  return s <= 0.f ? 1u : min(__float_as_uint(s) + 1u, (1u << kKeyBits) - 1u);
 }
 
 __global__ void ec_init(ColState* st, int E, int64_t T, int64_t C, int32_t* kept, int32_t* hist, int32_t* nan) {
