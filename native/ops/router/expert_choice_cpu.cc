@@ -4,10 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <numeric>
+#include <utility>
 #include <vector>
 
 #include "core/error.h"
+#include "core/parallel.h"
 #include "ops/router/router.h"
 
 namespace moe::ops {
@@ -52,27 +53,38 @@ void router_expert_choice_cpu(const Tensor& logits, const ExpertChoiceParams& p,
     for (int64_t t = 0; t < T; ++t)
       for (int64_t e = 0; e < E; ++e) idx[t * E + e] = int32_t(e);
   }
-  // Per expert: tokens by descending score (NaN last), stable so equal scores keep token order.
-  std::vector<int64_t> order(static_cast<size_t>(T));
-  std::vector<char> chosen(static_cast<size_t>(T));
-  for (int64_t e = 0; e < E; ++e) {
-    std::iota(order.begin(), order.end(), int64_t(0));
-    auto ahead = [&](int64_t a, int64_t b) {
-      const float sa = s[a * E + e], sb = s[b * E + e];
-      if (std::isnan(sa)) return false;
-      return std::isnan(sb) || sa > sb;
+  // Per expert: the column's tokens ordered by descending score, NaN last, equal scores by
+  // ascending token (a strict total order, so its first C are one set), the first C chosen and
+  // numbered in token order. Experts in groups of 16 (one 64-byte line of a row) split over threads.
+  constexpr int64_t kGroup = 16;
+  parallel_for((E + kGroup - 1) / kGroup, T * kGroup * 8, [&](int64_t g0, int64_t g1) {
+    std::vector<std::vector<std::pair<float, int64_t>>> cols(static_cast<size_t>(kGroup), std::vector<std::pair<float, int64_t>>(size_t(T)));
+    std::vector<char> chosen(static_cast<size_t>(T));
+    auto ahead = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      const bool na = std::isnan(a.first), nb = std::isnan(b.first);
+      if (na != nb) return nb;  // a number before NaN
+      if (!na && a.first != b.first) return a.first > b.first;
+      return a.second < b.second;
     };
-    std::stable_sort(order.begin(), order.end(), ahead);
-    std::fill(chosen.begin(), chosen.end(), char(0));
-    for (int64_t r = 0; r < C; ++r) chosen[size_t(order[size_t(r)])] = 1;
-    int32_t n = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      if (!chosen[size_t(t)]) continue;
-      sl[t * E + e] = n++;
-      w[t * E + e] = p.route_scale * s[t * E + e];  // an f32 product, as on the GPU
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t e0 = g * kGroup, e1 = std::min(E, e0 + kGroup);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t e = e0; e < e1; ++e) cols[size_t(e - e0)][size_t(t)] = {s[t * E + e], t};
+      for (int64_t e = e0; e < e1; ++e) {
+        std::vector<std::pair<float, int64_t>>& col = cols[size_t(e - e0)];
+        if (C < T) std::nth_element(col.begin(), col.begin() + C, col.end(), ahead);
+        std::fill(chosen.begin(), chosen.end(), char(0));
+        for (int64_t r = 0; r < C; ++r) chosen[size_t(col[size_t(r)].second)] = 1;
+        int32_t n = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          if (!chosen[size_t(t)]) continue;
+          sl[t * E + e] = n++;
+          w[t * E + e] = p.route_scale * s[t * E + e];  // an f32 product, as on the GPU
+        }
+        tokens_per_expert.data<int32_t>()[e] = int32_t(C);
+      }
     }
-    tokens_per_expert.data<int32_t>()[e] = int32_t(C);
-  }
+  });
   int32_t* hist = experts_per_token.data<int32_t>();
   for (int64_t n = 0; n <= E; ++n) hist[n] = 0;
   for (int64_t t = 0; t < T; ++t) {
