@@ -266,8 +266,10 @@ export class MoELayer implements Disposable {
       const all = this.wholeBatch(T);
       trace.mark('layer forward: start', x.device);
       const logits = groupedGemm('NN', x, this.compute.router, all, { dtype: 'f32' });
-      if (this.router.routing === 'expert-choice') return this.expertChoiceForward(x, logits);
-      const r = routerForward(logits, this.router, { bias: this.bias });
+      // Expert choice: each expert takes its top-C of this rank's T tokens; the T×E (token, expert)
+      // pairs then take token choice's T×k path (capacity layout, dispatch, experts, combine).
+      const ec = this.router.routing === 'expert-choice' ? expertChoiceForward(logits, this.router) : null;
+      const r = ec ?? routerForward(logits, this.router, { bias: this.bias });
       // Auxiliary losses: their gradients are collected into dLogitsAux now, added in backward.
       const auxLoss = Tensor.zeros([1], { device: this.device });
       let dLogitsAux: Tensor | null = null;
@@ -279,11 +281,15 @@ export class MoELayer implements Disposable {
         if (seqAuxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }));
         if (zLossCoef > 0) auxLoss.add_(zLoss(logits, { coefficient: zLossCoef, dLogits: d }));
       }
-      const cap = capacity(r.indices, r.weights, {
-        numExperts: this.config.numExperts,
-        ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
-        dropPolicy: this.config.dropPolicy,
-      });
+      // Expert choice: every expert keeps exactly its C chosen tokens, numbered by the router's slot.
+      const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
+      const cap = ec
+        ? { slot: ec.slot, keptPerExpert: ec.tokensPerExpert, dropped: none(), invalid: none(), capacity: ec.capacity, numExperts: this.config.numExperts }
+        : capacity(r.indices, r.weights, {
+          numExperts: this.config.numExperts,
+          ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
+          dropPolicy: this.config.dropPolicy,
+        });
       // The dispatch waits for the routing only: the shared expert, queued next, overlaps it.
       trace.mark('layer forward: routed', x.device);
       using routed = this.markProduced();
@@ -295,44 +301,11 @@ export class MoELayer implements Disposable {
       let y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) y = addTensors(y, shared.out);
       const saved: MoESaved = {
-        x, scores: r.scores, indices: r.indices, weights: r.weights, slot: null, handle, rows, expertOut: experts.out,
+        x, scores: r.scores, indices: r.indices, weights: r.weights, slot: ec?.slot ?? null, handle, rows, expertOut: experts.out,
         g: experts.g, h: experts.h, dLogitsAux, shared: shared ? { g: shared.g, h: shared.h } : null,
       };
-      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, expertsPerToken: null, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
+      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, expertsPerToken: ec?.expertsPerToken ?? null, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
     });
-  }
-
-  /**
-   * Expert choice: each expert takes its top-C of this rank's T tokens; the T×E (token, expert)
-   * pairs go through the same capacity layout (C-row segments, nothing dropped), dispatch, experts
-   * and combine as token choice's T×k assignments. Called inside forward()'s tidy().
-   */
-  private expertChoiceForward(x: Tensor, logits: Tensor): MoEForward {
-    const T = x.shape[0] as number;
-    const all = this.wholeBatch(T);
-    const r = expertChoiceForward(logits, this.router);
-    const auxLoss = Tensor.zeros([1], { device: this.device });
-    let dLogitsAux: Tensor | null = null;
-    if (this.config.zLossCoef > 0) {
-      dLogitsAux = Tensor.zeros([T, this.config.numExperts], { device: this.device });
-      auxLoss.add_(zLoss(logits, { coefficient: this.config.zLossCoef, dLogits: dLogitsAux }));
-    }
-    const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
-    const cap = { slot: r.slot, keptPerExpert: r.tokensPerExpert, dropped: none(), invalid: none(), capacity: r.capacity, numExperts: this.config.numExperts };
-    trace.mark('layer forward: routed', x.device);
-    using routed = this.markProduced();
-    let shared: { g: Tensor; h: Tensor; out: Tensor } | null = null;
-    if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
-    const { rows, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
-    const experts = expertsForward(rows, this.compute.w13, this.compute.w2, handle.localOffsets);
-    trace.mark('layer forward: experts', x.device);
-    let y = this.dispatcher.combine(experts.out, handle, r.weights);
-    if (shared) y = addTensors(y, shared.out);
-    const saved: MoESaved = {
-      x, scores: r.scores, indices: r.indices, weights: r.weights, slot: r.slot, handle, rows, expertOut: experts.out,
-      g: experts.g, h: experts.h, dLogitsAux, shared: shared ? { g: shared.g, h: shared.h } : null,
-    };
-    return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, expertsPerToken: r.expertsPerToken, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
   }
 
   /** dy [T, H] → dx and the parameter gradients (fp32). Releases the forward's saved tensors. */
