@@ -21,6 +21,7 @@ import {
   Tensor,
   tidy,
 } from '../lib/index.js';
+import { native } from '../lib/native.js';
 import { freshSeed, poisoned, relErr, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -269,6 +270,35 @@ describe('expert-choice router: bad calls name the argument', () => {
       const badSlot = Tensor.full([8, 4], 9, { dtype: 'i32', device: cpu });
       expect(() => routerBackward(r.weights, { ...r, slot: badSlot }, ec)).toThrow(/'slot'\[0,0\] = 9 is outside \[-1, 8\)/);
       expect(() => balanceLoss(r.scores, r.indices, ec, { coefficient: 0.1 })).toThrow(/balanceLoss: not defined for routing 'expert-choice'/);
+    });
+  });
+
+  it('the raw binding throws (never crashes) on bad arguments, naming them', () => {
+    tidy(() => {
+      const n = native();
+      const logits = Tensor.randn([8, 4], { seed: 1, device: cpu });
+      const r = expertChoiceForward(logits, ec);
+      const call = (over: Record<number, unknown>) => {
+        const a: unknown[] = [logits.handle, 0, 4, 1, r.scores.handle, r.slot.handle, r.weights.handle, r.indices.handle,
+          r.tokensPerExpert.handle, r.expertsPerToken.handle, r.nanRows.handle];
+        for (const [i, v] of Object.entries(over)) a[Number(i)] = v;
+        return () => (n.routerExpertChoice as (...x: unknown[]) => void)(...a);
+      };
+      expect(call({ 2: 9 })).toThrow(/router: 'capacity' = 9 must be in \[0, 8\]/);
+      expect(call({ 2: -1 })).toThrow(/'capacity' = -1/);
+      expect(call({ 1: 2 })).toThrow(/'scoreFn' must be 0 \(softmax\) or 1 \(sigmoid\)/);
+      expect(call({ 3: NaN })).toThrow(/'routeScale' = nan must be finite/);
+      expect(call({ 5: r.weights.handle })).toThrow(/'slot' .* has dtype f32/);
+      expect(call({ 4: 'scores' })).toThrow(InvalidArgumentError);
+      expect(call({ 7: null })).not.toThrow(); // indices are optional natively
+      expect(() => (n.routerExpertChoice as (...x: unknown[]) => void)(logits.handle)).toThrow(InvalidArgumentError);
+      const back = (over: Record<number, unknown>) => {
+        const a: unknown[] = [r.weights.handle, r.scores.handle, r.slot.handle, 0, 1, r.weights.handle, false];
+        for (const [i, v] of Object.entries(over)) a[Number(i)] = v;
+        return () => (n.routerExpertChoiceBackward as (...x: unknown[]) => void)(...a);
+      };
+      expect(back({ 2: Tensor.zeros([8, 3], { dtype: 'i32', device: cpu }).handle })).toThrow(/'slot' .* should have shape \[8,4\]/);
+      expect(back({ 6: 'yes' })).toThrow(InvalidArgumentError);
     });
   });
 });
