@@ -15,6 +15,9 @@ export {
 } from './errors.js';
 export {
   balanceLoss,
+  expertChoiceCapacity,
+  expertChoiceForward,
+  type ExpertChoiceOutputs,
   type LossOptions,
   type ResolvedRouterConfig,
   resolveRouterConfig,
@@ -25,6 +28,7 @@ export {
   routerForward,
   type RouterForwardOptions,
   type RouterOutputs,
+  type Routing,
   type ScoreFunction,
   sequenceBalanceLoss,
   zLoss,

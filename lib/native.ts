@@ -274,6 +274,29 @@ export interface RawBinding {
     dLogits: TensorHandle | null,
   ): void;
   routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
+  // expert choice (native/ops/router/expert_choice*): every expert takes its top-`capacity` tokens
+  routerExpertChoice(
+    logits: TensorHandle,
+    scoreFn: number,
+    capacity: number,
+    routeScale: number,
+    scores: TensorHandle,
+    slot: TensorHandle,
+    weights: TensorHandle,
+    indices: TensorHandle | null,
+    tokensPerExpert: TensorHandle,
+    expertsPerToken: TensorHandle,
+    nanRows: TensorHandle,
+  ): void;
+  routerExpertChoiceBackward(
+    dWeights: TensorHandle,
+    scores: TensorHandle,
+    slot: TensorHandle,
+    scoreFn: number,
+    routeScale: number,
+    dLogits: TensorHandle,
+    accumulate: boolean,
+  ): void;
   // training ops (native/ops/rmsnorm, loss, adamw, sqnorm, balance)
   rmsnormForward(x: TensorHandle, weight: TensorHandle, eps: number, y: TensorHandle, rstd: TensorHandle): void;
   rmsnormBackward(

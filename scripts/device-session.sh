@@ -61,6 +61,9 @@ if [[ " $what " == *" train "* ]]; then
   step "moe-ep train on the GPU"
   node dist/lib/cli/main.js train --device cuda --no-progress --out /tmp/run-default > "$OUT/train.log" 2>&1 || status=1
   tail -4 "$OUT/train.log"
+  # Expert-choice routing (docs/expert-choice.md) on the same task.
+  node dist/lib/cli/main.js train --device cuda --no-progress --model.routing expert-choice --out /tmp/run-expert-choice >> "$OUT/train.log" 2>&1 || status=1
+  tail -4 "$OUT/train.log"
   if [[ " $what " == *" train-wide "* ]]; then
     # A wider model, phases timed: 10 steps with the targets made on the CPU (~1.1 s per step on an
     # H200 at adeaae7), then 50 with them made on the GPU (--data.onDevice true).

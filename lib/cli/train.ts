@@ -91,7 +91,7 @@ export async function runTrain(args: string[]): Promise<number> {
   const m = config.model;
   if (lead) {
     console.log(
-      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (top-${m.topK}, ${m.scoreFunction}${m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
+      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (${m.routing === 'expert-choice' ? `expert choice, ${m.capacityFactor ?? m.topK} experts per token on average` : `top-${m.topK}`}, ${m.scoreFunction}${m.routing === 'expert-choice' ? '' : m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
         `hidden ${m.hidden}, ffn ${m.ffn}; ${world.size} rank(s) [${world.backend}] on ${trainer.device.toString()}; ${config.train.steps} steps of ${config.data.tokensPerStep} tokens`,
     );
   }

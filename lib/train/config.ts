@@ -14,10 +14,12 @@ export interface TrainConfig {
     ffn: number;
     experts: number;
     topK: number;
+    /** 'token-choice': each token its top-k experts; 'expert-choice': each expert its top-C tokens (docs/expert-choice.md). */
+    routing: 'token-choice' | 'expert-choice';
     scoreFunction: 'softmax' | 'sigmoid';
     groups: number;
     topkGroups: number;
-    /** null: dropless. */
+    /** null: dropless (expert choice: topK). Expert choice: C = ceil(T·capacityFactor/E) tokens per expert and rank. */
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
     sharedFfn: number;
@@ -37,7 +39,7 @@ export interface TrainConfig {
 
 /** The embedded default: about a minute on two CPU cores; experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
+  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, routing: 'token-choice', scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
@@ -62,10 +64,14 @@ export const trainConfigSchema = {
       ffn: { ...int(1), description: 'each expert’s SwiGLU hidden size' },
       experts: { ...int(1), description: 'experts per layer (global; a multiple of the expert-parallel size)' },
       topK: { ...int(1), description: 'experts per token' },
+      routing: {
+        enum: ['token-choice', 'expert-choice'],
+        description: "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = ceil(T·capacityFactor/E) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
+      },
       scoreFunction: { enum: ['softmax', 'sigmoid'] },
       groups: int(1),
       topkGroups: int(1),
-      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'null: dropless' },
+      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'null: dropless. Expert choice: average experts per token (null: topK)' },
       dropPolicy: { enum: ['probs', 'position'] },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
       loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
@@ -161,6 +167,9 @@ export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): Tr
     [c.model.topkGroups <= c.model.groups, `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`],
     // Group-limited routing ranks a group by the sum of its best topK/topkGroups scores.
     [c.model.groups === 1 || c.model.topK % c.model.topkGroups === 0, `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK})`],
+    // Expert choice is balanced by construction and chooses among all experts.
+    [c.model.routing !== 'expert-choice' || c.model.groups === 1, `config.model.groups: must be 1 with routing 'expert-choice' (received ${c.model.groups})`],
+    [c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0), `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],
     [c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0, `config.balance.seqLen: ${c.balance.seqLen} does not divide config.data.tokensPerStep (${c.data.tokensPerStep})`],

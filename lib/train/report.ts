@@ -1,6 +1,7 @@
 /**
  * The HTML report of a training run: loss and MaxVio over steps, and a heatmap of tokens per
- * expert over steps for each MoE layer. Self-contained (Apache ECharts is inlined from the
+ * expert over steps for each MoE layer (expert choice: also the fraction of tokens that got 0, 1,
+ * 2, … experts over steps). Self-contained (Apache ECharts is inlined from the
  * installed package), so it opens offline and can be archived with the run.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -37,7 +38,16 @@ export function renderReport(input: ReportInput): string {
     heatSteps: sampled.map((s) => s.step),
     heat,
     experts: input.steps[0]?.layers[0]?.tokensPerExpert.length ?? 0,
+    // Expert choice: [step index, experts n, fraction of the step's tokens with n experts] per layer.
+    perToken: Array.from({ length: layers }, (_, l) =>
+      sampled.flatMap((s, i) => {
+        const h = s.layers[l]?.expertsPerToken ?? [];
+        const total = h.reduce((a, b) => a + b, 0) || 1;
+        return h.map((v, n) => [i, n, +(v / total).toFixed(4)]);
+      }),
+    ),
   };
+  const perTokenDivs = data.perToken.map((p, l) => (p.length ? `<h2>Experts per token (fraction of tokens), layer ${l}</h2><div class="chart" id="ept${l}"></div>` : '')).join('');
   const rows = Object.entries(input.summary)
     .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(String(v))}</td></tr>`)
     .join('');
@@ -52,6 +62,7 @@ export function renderReport(input: ReportInput): string {
 <h2>Loss</h2><div class="chart" id="loss"></div>
 <h2>MaxVio (max load / mean load − 1) and dropped fraction</h2><div class="chart" id="maxvio"></div>
 ${heatDivs}
+${perTokenDivs}
 <h2>Configuration</h2><pre>${escapeHtml(JSON.stringify(input.config, null, 2))}</pre>
 <script>
 const d = ${JSON.stringify(data)};
@@ -67,6 +78,15 @@ d.heat.forEach((data, l) => {
     animation: false, tooltip: { position: 'top' }, grid: { left: 60, right: 30, bottom: 80 },
     xAxis: { type: 'category', data: d.heatSteps, name: 'step' }, yAxis: { type: 'category', data: [...Array(d.experts).keys()], name: 'expert' },
     visualMap: { min: 0, max, calculable: true, orient: 'horizontal', left: 'center', bottom: 0 },
+    series: [{ type: 'heatmap', data, progressive: 0 }] });
+});
+d.perToken.forEach((data, l) => {
+  if (!data.length) return;
+  const top = Math.max(...data.map((x) => x[1]));
+  echarts.init(document.getElementById('ept' + l)).setOption({
+    animation: false, tooltip: { position: 'top' }, grid: { left: 60, right: 30, bottom: 80 },
+    xAxis: { type: 'category', data: d.heatSteps, name: 'step' }, yAxis: { type: 'category', data: [...Array(top + 1).keys()], name: 'experts' },
+    visualMap: { min: 0, max: 1, calculable: true, orient: 'horizontal', left: 'center', bottom: 0 },
     series: [{ type: 'heatmap', data, progressive: 0 }] });
 });
 </script></body></html>

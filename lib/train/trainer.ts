@@ -143,7 +143,7 @@ export class Trainer implements Disposable {
     checkMemory(config, this.size, this.device);
     this.model = new MoEModel(
       {
-        layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, scoreFunction: m.scoreFunction,
+        layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, routing: m.routing, scoreFunction: m.scoreFunction,
         groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn, loss: m.loss, commStream: m.overlapComm,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef, seqAuxLossCoef: config.balance.seqAuxLossCoef, zLossCoef: config.balance.zLossCoef,
@@ -202,7 +202,9 @@ export class Trainer implements Disposable {
       const correct = fwd.correct ? fwd.correct.cast('f32') : null;
       const loss = fwd.loss.clone();
       const auxLoss = fwd.auxLoss.clone();
-      const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone() }));
+      const routing = fwd.routing.map((r) => ({
+        tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone(), expertsPerToken: r.expertsPerToken?.clone() ?? null,
+      }));
       endPhase('forward');
       const grads = this.model.backward(fwd);
       endPhase('backward');
@@ -245,9 +247,12 @@ export class Trainer implements Disposable {
             this.world?.allReduce(load, 'sum');
             this.world?.allReduce(dropped, 'sum');
             this.world?.allReduce(r.entropy, 'avg');
+            if (r.expertsPerToken) this.world?.allReduce(r.expertsPerToken, 'sum');
           }
-          if (c.balance.gamma > 0) balanceBiasUpdate((this.model.layers[i] as { bias: Tensor }).bias, load, c.balance.gamma);
-          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item());
+          // Expert choice has no bias to move (every expert takes exactly C tokens).
+          if (c.balance.gamma > 0 && !r.expertsPerToken) balanceBiasUpdate((this.model.layers[i] as { bias: Tensor }).bias, load, c.balance.gamma);
+          const perToken = r.expertsPerToken ? Array.from(r.expertsPerToken.toArray() as Int32Array) : undefined;
+          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item(), perToken);
         });
         if (P > 1) {
           this.world?.allReduce(loss, 'avg');

@@ -299,9 +299,15 @@ __global__ void unpermute_backward_kernel(const G* __restrict__ dy, const I* __r
   for (int32_t j = 0; j < k; ++j) {
     int32_t r = row_of[t * k + j];
     bool valid = r >= 0 && r < R;
+    // Uniform over the block (r depends on t and j only): a dropped assignment (most of them under
+    // expert choice, whose k is E) costs no reduction and no barrier.
+    if (!valid) {
+      if (threadIdx.x == 0) d_w[t * k + j] = 0.f;
+      continue;
+    }
     float wj = w[t * k + j];
     float dot = 0.f;
-    if (valid) {
+    {
       for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(blockDim.x) * N) {
         float g[N], x[N], d[N];
         load_float<G, N>(dy + t * H + h, g);
@@ -315,7 +321,7 @@ __global__ void unpermute_backward_kernel(const G* __restrict__ dy, const I* __r
       }
     }
     float sum = Reduce(reduce_storage).Sum(dot);
-    if (threadIdx.x == 0) d_w[t * k + j] = valid ? sum : 0.f;
+    if (threadIdx.x == 0) d_w[t * k + j] = sum;
     __syncthreads();  // reduce_storage is reused by the next j
   }
 }
