@@ -139,6 +139,8 @@ export interface Dispatched {
 }
 
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
+/** Entries per token the peer-memory transport carries (one warp lane each; native kMaxTopK). */
+const PEER_MAX_TOP_K = 32;
 
 function requireTensors(op: string, args: Record<string, unknown>): void {
   for (const [name, t] of Object.entries(args)) if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor; received ${String(t)}`);
@@ -258,6 +260,7 @@ export class Dispatcher {
     let reason = '';
     if (this.transportChoice === 'nccl') reason = `'nccl' was requested`;
     else if (!x.device.isCuda) reason = 'the tensors are on the CPU';
+    else if (topK > PEER_MAX_TOP_K) reason = `${topK} entries per token (expert choice routes every token to all E experts); the peer-memory transport takes up to ${PEER_MAX_TOP_K}`;
     else if (!(group instanceof Communicator)) reason = `the group is not a Communicator`;
     else {
       // Sized for this call (the first); combine's rows are x's dtype, at least as wide as fp8 rows.
@@ -296,7 +299,7 @@ export class Dispatcher {
     if (x.ndim !== 2 || indices.ndim !== 2 || indices.shape[0] !== x.shape[0]) invalidArgument(op, `'x' must be [T,H] and 'indices' [T,k] with the same T`);
     const transport = this.chooseTransport(x, indices.shape[1] as number);
     if (transport === 'ipc') {
-      if ((indices.shape[1] as number) > 32) invalidArgument(op, `the 'ipc' transport takes top-k up to 32; received ${indices.shape[1]}`);
+      if ((indices.shape[1] as number) > PEER_MAX_TOP_K) invalidArgument(op, `the 'ipc' transport takes top-k up to ${PEER_MAX_TOP_K}; received ${indices.shape[1]}`);
       if (this.fp8 && (x.shape[1] as number) % FP8_BLOCK !== 0) invalidArgument(op, `fp8 rows need a hidden size that is a multiple of ${FP8_BLOCK}`);
       return peerDispatch(this.#peer as PeerTransport, x, indices, weights, cap, {
         numExperts: this.numExperts,
