@@ -124,9 +124,11 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   const padToCapacity = options.padToCapacity ?? false;
   if (typeof padToCapacity !== 'boolean') invalidArgument(op, `'padToCapacity' must be a boolean`);
   const [T, k] = indices.shape as [number, number];
-  // Dropless with align 1 keeps every assignment, so R = T·k is known without reading the counts:
-  // the segment sizes are read only if someone asks for them (segmentRows, a lazy getter).
-  const known = !padToCapacity && align === 1 && cap.capacity === null;
+  // On a GPU, dropless with align 1 keeps every assignment, so R = T·k is known without reading the
+  // counts (bad counts are caught by the layout kernel's invalid count there): the segment sizes are
+  // read only if someone asks for them (segmentRows, a lazy getter). On the CPU reading is free and
+  // checks the counts before the native layout sees them.
+  const known = cap.keptPerExpert.device.isCuda && !padToCapacity && align === 1 && cap.capacity === null;
   let segmentRows: number[] | null = known ? null : segmentRowCounts(cap, { align, padToCapacity });
   const R = segmentRows ? segmentRows.reduce((a, b) => a + b, 0) : T * k;
   const H = x.shape[1] as number;
