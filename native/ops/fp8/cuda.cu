@@ -23,8 +23,17 @@ __global__ void quantize_kernel(const T* x, fp8e4m3* q, float* scales, int64_t b
   for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   float s = fp8_scale_for(amax);
   if (lane == 0) scales[warp] = s;
+  // The lane's 4 values as one 4-byte store where q is 4-byte aligned (a fresh tensor is; a view
+  // at an odd offset takes the byte stores).
+  if ((reinterpret_cast<uintptr_t>(q) & 3) == 0) {
+    uint32_t packed = 0;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) q[warp * kFp8Block + lane * 4 + i] = fp8_quantize(v[i], s);
+    for (int i = 0; i < 4; ++i) packed |= uint32_t(fp8_quantize(v[i], s).bits) << (8 * i);
+    reinterpret_cast<uint32_t*>(q + warp * kFp8Block)[lane] = packed;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) q[warp * kFp8Block + lane * 4 + i] = fp8_quantize(v[i], s);
+  }
   }
 }
 
