@@ -49,7 +49,7 @@ const El = E / P;
 const rounds = Number(flag('--rounds', dryRun ? 1 : 3));
 const transports = P === 1 ? ['local'] : flag('--transport', null) ? [flag('--transport')] : onGpu ? ['ipc', 'nccl'] : ['nccl'];
 // Ranks sharing a GPU through MPI staging take ~0.2–1 s a call: few repeats there.
-const staged = (t) => t === 'nccl' && onGpu && world.backend === 'mpi';
+const staged = (t) => (t === 'nccl' || t === 'mpi') && onGpu && world.backend === 'mpi';
 const warmupOf = (t) => (dryRun ? 1 : staged(t) ? 1 : 5);
 const repeatsOf = (t) => (dryRun ? 3 : staged(t) ? 3 : quick ? 10 : 30);
 
