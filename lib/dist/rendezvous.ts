@@ -8,7 +8,7 @@
  */
 import { createConnection, createServer, type Socket } from 'node:net';
 
-import { invalidArgument, TimeoutError } from '../errors.js';
+import { invalidArgument, TimeoutError, checkKeys } from '../errors.js';
 
 export interface RendezvousOptions {
   rank: number;
@@ -25,6 +25,7 @@ const MAGIC = Buffer.from('MOEP');
 
 export async function rendezvous(options: RendezvousOptions): Promise<Uint8Array> {
   const op = 'rendezvous';
+  checkKeys(options, op, { rank: true, size: true, addr: true, port: true, blob: true, timeoutMs: true });
   const { rank, size, addr, port } = options;
   const timeoutMs = options.timeoutMs ?? 300_000;
   if (!Number.isSafeInteger(size) || size < 1) invalidArgument(op, `'size' must be a positive integer; received ${size}`);

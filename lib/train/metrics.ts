@@ -59,7 +59,7 @@ export class MetricsLog {
     readonly path: string,
     options: { append?: boolean } = {},
   ) {
-    options = checkOptions(options, 'MetricsLog');
+    options = checkOptions(options, 'MetricsLog', { append: true });
     mkdirSync(dirname(path), { recursive: true });
     if (!options.append) writeFileSync(path, '');
   }

@@ -59,7 +59,7 @@ export class Trainer implements Disposable {
   step = 0;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
-    options = checkOptions(options, 'Trainer');
+    options = checkOptions(options, 'Trainer', { world: true });
     // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
     config = resolveConfig(config);
     this.config = config;
@@ -313,7 +313,7 @@ export class Trainer implements Disposable {
 
   /** Runs until the configured number of steps or until control.stop (synchronously). */
   run(options: TrainerOptions = {}): StepMetrics[] {
-    options = checkOptions(options, 'Trainer.run');
+    options = checkOptions(options, 'Trainer.run', { world: true, onStep: true, control: true });
     const out: StepMetrics[] = [];
     while (this.step < this.config.train.steps && !this.agreeToStop(options.control?.stop ?? false)) {
       const m = this.trainStep();
