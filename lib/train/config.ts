@@ -132,10 +132,16 @@ function describe(e: ErrorObject): string {
   return `${path}: ${e.message ?? 'is invalid'}`;
 }
 
-type Partial2<T> = { [K in keyof T]?: T[K] extends object ? Partial<T[K]> : T[K] };
+/** Any subset of a type's fields, at every depth. */
+export type DeepPartial<T> = T extends object ? { [K in keyof T]?: DeepPartial<T[K]> } : T;
+/** What resolveConfig takes: any sections and fields of TrainConfig (a misspelt one fails type-checking). */
+export type TrainConfigInput = DeepPartial<TrainConfig>;
 
-/** Merges a partial configuration over the defaults, validates it, and checks cross-field rules. */
-export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): TrainConfig {
+/**
+ * Merges a partial configuration over the defaults, validates it, and checks cross-field rules.
+ * Plain JavaScript (or parsed JSON) is checked at run time: unknown fields are errors there too.
+ */
+export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
   if (partial === null || typeof partial !== 'object' || Array.isArray(partial)) throw new InvalidArgumentError('config: must be a JSON object', 'config');
   const merged: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
