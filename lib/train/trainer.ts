@@ -186,8 +186,13 @@ export class Trainer implements Disposable {
             this.world?.allReduce(dropped, 'sum');
             this.world?.allReduce(r.entropy, 'avg');
           }
-          if (c.balance.gamma > 0) balanceBiasUpdate((this.model.layers[i] as { bias: Tensor }).bias, load, c.balance.gamma);
-          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item());
+          const bias = (this.model.layers[i] as { bias: Tensor }).bias;
+          if (c.balance.gamma > 0) balanceBiasUpdate(bias, load, c.balance.gamma);
+          return {
+            ...layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item()),
+            // Six significant digits keep metrics.jsonl short; the exact bias is in the checkpoints.
+            bias: Array.from(bias.toFloat32Array(), (b) => Number(b.toPrecision(6))),
+          };
         });
         if (P > 1) {
           this.world?.allReduce(loss, 'avg');
