@@ -112,7 +112,7 @@ export async function runTrain(args: string[]): Promise<number> {
     if (!lead) return;
     bar?.stop(); // ends the bar's line, so the message starts on its own
     bar = null;
-    process.stderr.write(`moe-ep: stopping after step ${trainer.step + 1} and saving a checkpoint (Ctrl-C again to quit at once, without one)\n`);
+    process.stderr.write('moe-ep: Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to quit at once, without one)\n');
   };
   // Ctrl-C (SIGINT) alone; under mpirun, which aborts the whole job on SIGINT, send SIGUSR1 to mpirun
   // instead: OpenMPI forwards it to every rank.
@@ -132,10 +132,10 @@ export async function runTrain(args: string[]): Promise<number> {
     // The bar takes what the terminal's width leaves after the numbers (about 64 columns).
     const barsize = Math.max(10, Math.min(40, (process.stdout.columns || 80) - 66 - (dropless ? 0 : 14) - (m.loss === 'cross-entropy' ? 10 : 0)));
     bar = new cliProgress.SingleBar(
-      { format: `{bar} {value}/{total} ETA {eta} | loss {loss}{acc} | MaxVio {maxvio}${dropless ? '' : ' | drop {dropped}'} | {tps} tok/s`, hideCursor: true, barsize },
+      { format: `{bar} {value}/{total} ETA {remaining} | loss {loss}{acc} | MaxVio {maxvio}${dropless ? '' : ' | drop {dropped}'} | {tps} tok/s`, hideCursor: true, barsize },
       cliProgress.Presets.shades_classic,
     );
-    bar.start(config.train.steps, trainer.step, { eta: '--', loss: '-', acc: '', maxvio: '-', dropped: '-', tps: '-' });
+    bar.start(config.train.steps, trainer.step, { remaining: '--', loss: '-', acc: '', maxvio: '-', dropped: '-', tps: '-' });
   }
   const steps: StepMetrics[] = [];
   const started = Date.now();
@@ -152,7 +152,7 @@ export async function runTrain(args: string[]): Promise<number> {
     const maxVio = Math.max(...s.layers.map((l) => l.maxVio));
     const dropped = s.layers.reduce((a, l) => a + l.dropped, 0) / s.layers.length;
     const acc = s.accuracy === undefined ? '' : ` acc ${fmt(s.accuracy, 3)}`;
-    if (bar) bar.update(s.step + 1, { eta, loss: fmt(s.loss), acc, maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: rate(s.tokensPerSecond) });
+    if (bar) bar.update(s.step + 1, { remaining: eta, loss: fmt(s.loss), acc, maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: rate(s.tokensPerSecond) });
     else if (!control.stop && (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1)) {
       console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s  ETA ${eta}`);
     }
