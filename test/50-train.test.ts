@@ -229,7 +229,7 @@ describe('moe-ep train (CLI)', () => {
       expect(r.stderr).toMatch(/config\.model\.experts: must be >= 1/);
       expect(r.stderr).toMatch(/config\.optimizer\.lr: must be > 0/);
       const bad = spawnSync(process.execPath, [cli, 'train', '--model.expertz', '4'], { encoding: 'utf8' });
-      expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz'/);
+      expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz' \(did you mean 'experts'\?\)/);
       const groups = spawnSync(process.execPath, [cli, 'train', '--model.experts', '64', '--model.topK', '6', '--model.groups', '8', '--model.topkGroups', '4'], { encoding: 'utf8' });
       expect(groups.stderr).toMatch(/config\.model\.topkGroups: 4 does not divide config\.model\.topK \(6\)/);
       expect(existsSync(file)).toBe(true);

@@ -5,7 +5,7 @@
  */
 import { Ajv, type ErrorObject } from 'ajv';
 
-import { InvalidArgumentError } from '../errors.js';
+import { closestName, InvalidArgumentError } from '../errors.js';
 
 export interface TrainConfig {
   model: {
@@ -127,7 +127,12 @@ const validate = ajv.compile(trainConfigSchema);
 
 function describe(e: ErrorObject): string {
   const path = 'config' + e.instancePath.replace(/\//g, '.');
-  if (e.keyword === 'additionalProperties') return `${path}: unknown field '${String(e.params['additionalProperty'])}'`;
+  if (e.keyword === 'additionalProperties') {
+    const field = String(e.params['additionalProperty']);
+    const section = (trainConfigSchema.properties as Record<string, { properties: object }>)[e.instancePath.slice(1)];
+    const close = closestName(field, Object.keys(section ? section.properties : trainConfigSchema.properties));
+    return `${path}: unknown field '${field}'${close ? ` (did you mean '${close}'?)` : ''}`;
+  }
   if (e.keyword === 'enum') return `${path}: must be one of ${(e.params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
   return `${path}: ${e.message ?? 'is invalid'}`;
 }
