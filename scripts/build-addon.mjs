@@ -67,8 +67,8 @@ const cuda = requested === 'auto' ? decideCuda() : requested;
 const minutes = Math.max(1, Math.round((cuda === 'on' ? CUDA_CORE_MINUTES : CPU_CORE_MINUTES) / Math.max(1, Math.min(Number(jobs), availableParallelism()))));
 const archs = process.env.MOE_EP_CUDA_ARCHS ?? 'default';
 say(
-  `moe-ep: compiling the native addon from source: ${cuda === 'on' ? `CPU code and CUDA kernels (architectures ${archs === 'default' ? '80-real;90-real;90-virtual' : archs})` : 'CPU-only'}, ` +
-    `${buildType}, ${jobs} jobs; about ${minutes} min here.`,
+  `moe-ep: building the native addon from source: ${cuda === 'on' ? `CPU code and CUDA kernels (architectures ${archs === 'default' ? '80-real;90-real;90-virtual' : archs})` : 'CPU-only'}, ` +
+    `${buildType}, ${jobs} jobs (from scratch: about ${minutes} min here)`,
 );
 if (cuda === 'on') say('moe-ep: to skip the CUDA kernels (a CPU-only addon in a few minutes): MOE_EP_CUDA=off');
 
