@@ -35,7 +35,7 @@ export interface TrainConfig {
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
 
-/** The embedded default: about a minute on two CPU cores; experts matter on its data. */
+/** The embedded default: seconds on two CPU cores (docs/benchmarks.md#first-contact); experts matter on its data. */
 export const defaultConfig: TrainConfig = {
   model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
