@@ -136,5 +136,6 @@ export {
 } from './train/moe-state.js';
 export { type Batch, ClusterTask, type ClusterTaskConfig } from './train/data.js';
 export { type DeepPartial, defaultConfig, resolveConfig, type TrainConfig, type TrainConfigInput, trainConfigSchema } from './train/config.js';
+export { type LayerMetrics, type StepMetrics } from './train/metrics.js';
 export { MoEModel } from './train/model.js';
 export { Trainer } from './train/trainer.js';
