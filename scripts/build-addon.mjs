@@ -37,7 +37,7 @@ const CUDA_CORE_MINUTES = 24;
 // npm runs a dependency's install script with its output hidden: what the user must see also goes
 // to the terminal itself when there is one.
 let tty = null;
-if (!process.stdout.isTTY) {
+if (!process.stdout.isTTY && process.env.npm_lifecycle_event === 'install') {
   try {
     tty = openSync('/dev/tty', 'w');
   } catch {

@@ -17,7 +17,7 @@ const prebuild = join(root, 'prebuilds', `${process.platform}-${process.arch}`, 
 // npm hides an installing package's output; the reason for a long compile goes to the terminal too.
 function say(line) {
   console.log(line);
-  if (process.stdout.isTTY) return;
+  if (process.stdout.isTTY || process.env.npm_lifecycle_event !== 'install') return;
   try {
     writeSync(openSync('/dev/tty', 'w'), line + '\n');
   } catch {
