@@ -29,10 +29,10 @@ const jobs = process.env.MOE_EP_BUILD_JOBS ?? String(availableParallelism());
 const version = JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')).version;
 const mpi = (process.env.MOE_EP_MPI ?? 'auto').toUpperCase();
 
-// Compile time on this project's 2-core machine, in core-minutes (see benchmarks/results/build-times-*.txt);
-// an estimate divides them by the jobs that run at once.
+// Compile time from scratch on this project's 2-core machine, in core-minutes (1m52s and 13m55s with
+// 2 jobs: benchmarks/results/install-and-train-2core-ad200dc.txt); an estimate divides them by the jobs.
 const CPU_CORE_MINUTES = 4;
-const CUDA_CORE_MINUTES = 24;
+const CUDA_CORE_MINUTES = 28;
 
 // npm runs a dependency's install script with its output hidden: what the user must see also goes
 // to the terminal itself when there is one.
