@@ -1,6 +1,10 @@
 // Router forward on the GPU: ours against PyTorch composing the same ops, and against the memory floor.
-//   node benchmarks/router.bench.mjs [--out DIR] [--quick]      (after npm run build)
+//   node benchmarks/router.bench.mjs [--out DIR] [--quick] [--no-peer] [--dry-run]     (after npm run build)
 // Case: T=16384 tokens, E=256 experts, k=8, 8 groups keep 4, sigmoid + bias, normalised (DeepSeek-V3).
+// Expert choice (routing 'expert-choice', rows marked so): every expert takes its top-C of T tokens,
+// against torch's softmax → topk over the token dimension → scatter of the gates into [T,E]; see
+// the expert-choice block below for its bytes and floors.
+// --dry-run: tiny shapes on the CPU (wall clock), no peer: checks the script on a machine without a GPU.
 // Memory floor: the bytes the fused kernel must move (logits read once; scores, indices, weights and
 // counts written once), timed as a device copy of the same number of bytes in the same run.
 //
@@ -13,11 +17,12 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { resolveRouterConfig, routerForward, Tensor, tidy } from '../dist/lib/index.js';
-import { quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
+import { expertChoiceCapacity, resolveRouterConfig, routerForward, Tensor, tidy } from '../dist/lib/index.js';
+import { args, dryRun, quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
 
-const device = 'cuda:0';
-const cases = [
+const device = dryRun ? 'cpu' : 'cuda:0';
+const noPeer = dryRun || args.includes('--no-peer');
+const cases = dryRun ? [] : [
   { name: 'dsv3 sigmoid+bias, 8 groups keep 4', T: 16384, E: 256, k: 8, groups: 8, topkGroups: 4, scoreFunction: 'sigmoid', bias: true },
   { name: 'softmax top-8, no groups', T: 16384, E: 256, k: 8, groups: 1, topkGroups: 1, scoreFunction: 'softmax', bias: false },
   ...(quick ? [] : [{ name: 'mixtral-like softmax top-2', T: 16384, E: 8, k: 2, groups: 1, topkGroups: 1, scoreFunction: 'softmax', bias: false }]),
@@ -92,11 +97,120 @@ for (const c of cases) {
   });
 }
 
+// ---------------------------------------------------------------------------------- expert choice
+// Bytes: logits read once, scores, slot, weights and indices written once ([T,E] each, 4 bytes):
+// 20·T·E, timed as a device copy of that many bytes (floor_us). The selection's own floor is one
+// read of the scores (4·T·E, selection_floor_us, a copy moving 4·T·E bytes); the kernels read them
+// five more times (three radix passes, the count and the final pass): traffic_bytes = 40·T·E.
+// Torch's composition writes scores, the [C,E] top-k and a dense [T,E] of gates. Ours and torch
+// alternate over `rounds` rounds (medians of each, then the median and the spread over rounds).
+const ecCases = dryRun
+  ? [{ name: 'expert choice, dry run', T: 1024, E: 64, cf: 2, scoreFunction: 'softmax' }]
+  : [
+      { name: 'expert choice T=64K E=512 c=2, softmax', T: 65536, E: 512, cf: 2, scoreFunction: 'softmax' },
+      { name: 'expert choice T=16K E=64 c=2, softmax', T: 16384, E: 64, cf: 2, scoreFunction: 'softmax' },
+      ...(quick ? [] : [
+        { name: 'expert choice T=64K E=64 c=8, sigmoid', T: 65536, E: 64, cf: 8, scoreFunction: 'sigmoid' },
+        { name: 'expert choice T=16K E=8 c=2, softmax', T: 16384, E: 8, cf: 2, scoreFunction: 'softmax' },
+      ]),
+    ];
+const rounds = dryRun || quick ? 1 : 3;
+const median = (v) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
+for (const c of ecCases) {
+  tidy(() => {
+    const config = { numExperts: c.E, topK: 2, routing: 'expert-choice', capacityFactor: c.cf, scoreFunction: c.scoreFunction };
+    const resolved = resolveRouterConfig(config);
+    const C = expertChoiceCapacity(c.T, c.E, c.cf);
+    const TE = c.T * c.E;
+    const bytes = 20 * TE + 4 * (2 * c.E + 3);
+    const nSets = Math.min(16, Math.max(2, Math.ceil((3 * L2_BYTES) / bytes)));
+    const inner = dryRun ? 2 : Math.max(10, nSets);
+    const timing = { inner, device, ...(dryRun ? { warmup: 1, repeats: 3 } : {}) };
+    const sets = Array.from({ length: nSets }, (_, i) => ({
+      logits: Tensor.randn([c.T, c.E], { seed: 21 + 1000 * i, device }),
+      out: {
+        indices: Tensor.empty([c.T, c.E], { dtype: 'i32', device }),
+        weights: Tensor.empty([c.T, c.E], { dtype: 'f32', device }),
+        tokensPerExpert: Tensor.empty([c.E], { dtype: 'i32', device }),
+        scores: Tensor.empty([c.T, c.E], { dtype: 'f32', device }),
+        nanRows: Tensor.empty([2], { dtype: 'i32', device }),
+        slot: Tensor.empty([c.T, c.E], { dtype: 'i32', device }),
+        expertsPerToken: Tensor.empty([c.E + 1], { dtype: 'i32', device }),
+      },
+    }));
+    const call = (i) => {
+      const s = sets[i % nSets];
+      routerForward(s.logits, resolved, { out: s.out, checkNaN: false });
+    };
+    const copyOf = (n) => Array.from({ length: nSets }, () => ({
+      src: Tensor.empty([n], { dtype: 'f32', device }).fill_(1),
+      dst: Tensor.empty([n], { dtype: 'f32', device }),
+    }));
+    const floorPairs = copyOf(Math.ceil(bytes / 8));
+    const selPairs = copyOf(Math.ceil(TE / 2)); // reads 2·T·E and writes 2·T·E bytes: 4·T·E moved
+    const floorMs = timeCuda((_, i) => floorPairs[i % nSets].dst.copy_(floorPairs[i % nSets].src), timing);
+    const selMs = timeCuda((_, i) => selPairs[i % nSets].dst.copy_(selPairs[i % nSets].src), timing);
+    call(0);
+    let dir = null;
+    if (!noPeer) {
+      dir = mkdtempSync(join(tmpdir(), 'moe-router-ec-'));
+      writeInputs(dir, { logits: sets[0].logits, slot: sets[0].out.slot, weights: sets[0].out.weights });
+    }
+    const ours = [], oursSingle = [], torch = [], torchSingle = [];
+    let peer = null;
+    try {
+      for (let r = 0; r < rounds; r++) {
+        ours.push(timeCuda((_, i) => call(i), timing));
+        oursSingle.push(timeCuda((_, i) => call(i), { ...timing, inner: 1 }));
+        if (dir) {
+          peer = runPeer('router_torch.py', [dir, JSON.stringify({ ...config, capacity: C }), quick ? '10' : '30', String(nSets), String(inner)]);
+          torch.push(peer.ms);
+          torchSingle.push(peer.single_ms);
+        }
+      }
+    } finally {
+      if (dir) rmSync(dir, { recursive: true, force: true });
+    }
+    const oursMs = median(ours);
+    const us = (ms) => +(ms * 1e3).toFixed(2);
+    rows.push({
+      case: c.name,
+      routing: 'expert-choice',
+      T: c.T,
+      E: c.E,
+      C,
+      bytes,
+      traffic_bytes: 40 * TE,
+      selection_floor_bytes: 4 * TE,
+      sets: nSets,
+      inner,
+      rounds,
+      ours_us: us(oursMs),
+      ours_spread_us: [us(Math.min(...ours)), us(Math.max(...ours))],
+      single_call_us: us(median(oursSingle)),
+      floor_us: us(floorMs),
+      vs_floor: +(oursMs / floorMs).toFixed(2),
+      selection_floor_us: us(selMs),
+      ...(peer
+        ? {
+            torch_us: us(median(torch)),
+            torch_spread_us: [us(Math.min(...torch)), us(Math.max(...torch))],
+            torch_single_call_us: us(median(torchSingle)),
+            speedup_vs_torch: +(median(torch) / oursMs).toFixed(2),
+            torch_chosen_agreement: peer.chosen_agreement,
+            torch_weight_max_abs_diff: peer.weight_max_abs_diff,
+          }
+        : {}),
+    });
+  });
+}
+
 const pkg = JSON.parse(readFileSync(join(import.meta.dirname, '..', 'package.json'), 'utf8'));
-writeResult('router', rows, {
+writeResult(dryRun ? 'router-dryrun' : 'router', rows, {
   version: pkg.version,
   floor: 'device copy of bytes/2 f32 (reads and writes the same byte count the fused forward must move), timed in the same run',
   timing: 'per call, `inner` back-to-back calls per event-timed region rotating among `sets` input/output copies (~3x L2); torch the same way; *_single_call_us: one call per region, device idle at its start',
   targets: 'vs_floor ≤ 4, speedup_vs_torch ≥ 20 on the dsv3 case',
   agreement: 'fraction of (token, slot) indices equal to torch.topk (near ties in f32 may differ)',
+  expert_choice: 'bytes = logits in + scores, slot, weights, indices out (20·T·E); traffic_bytes = what the kernels move (40·T·E: the scores read 5 more times); selection_floor = one read of the scores (4·T·E); torch: softmax/sigmoid, topk over the token dimension, gates scattered into [T,E]; chosen_agreement = fraction of (token, expert) pairs chosen alike; ours and torch alternate over `rounds` rounds, medians and spread over rounds',
 });

@@ -57,6 +57,14 @@ export const cuda = {
   unavailableReason(): string {
     return native().cudaStatus().unavailable;
   },
+  /**
+   * How often this process has made the host wait for a GPU so far: device-to-host copies and
+   * stream/event/device synchronisations. The difference around a step says whether it waited
+   * (capacity mode through the 'ipc' transport waits for nothing). Zeros without CUDA.
+   */
+  hostWaitCounts(): { deviceToHost: number; synchronizations: number } {
+    return native().hostWaitCounts();
+  },
 };
 
 let defaultDevice: Device | undefined;

@@ -18,6 +18,9 @@ export {
 } from './errors.js';
 export {
   balanceLoss,
+  expertChoiceCapacity,
+  expertChoiceForward,
+  type ExpertChoiceOutputs,
   type LossOptions,
   type ResolvedRouterConfig,
   resolveRouterConfig,
@@ -28,6 +31,7 @@ export {
   routerForward,
   type RouterForwardOptions,
   type RouterOutputs,
+  type Routing,
   type ScoreFunction,
   sequenceBalanceLoss,
   zLoss,
@@ -62,7 +66,7 @@ export {
   type UnpermuteOptions,
 } from './moe/permute.js';
 export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './dist/communicator.js';
-export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
+export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, jobId, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
 export { rendezvous, type RendezvousOptions } from './dist/rendezvous.js';
 export {
   adamwStep,
@@ -85,7 +89,19 @@ export {
   type SumOfSquaresOptions,
 } from './train/ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
-export { type Dispatched, type DispatchHandle, Dispatcher, type DispatcherConfig, type DispatchLayout, type ExpertParallelGroup, singleRankGroup } from './moe/dispatcher.js';
+export {
+  type Dispatched,
+  type DispatchHandle,
+  Dispatcher,
+  type DispatcherConfig,
+  type DispatchLayout,
+  type ExchangeDispatchHandle,
+  type ExpertParallelGroup,
+  type PeerDispatchHandle,
+  singleRankGroup,
+  type TransportChoice,
+  type TransportKind,
+} from './moe/dispatcher.js';
 export { expertsBackward, expertsForward, interleaveW13 } from './moe/experts.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export { disposeSaved, type MoEForward, type MoEGrads, MoELayer, type MoELayerConfig } from './moe/layer.js';
@@ -119,6 +135,7 @@ export {
   saveCheckpoint,
   type SavedCheckpoint,
   type SaveOptions,
+  type SkippedCheckpoint,
   stepDirName,
   writeCheckpoint,
 } from './train/checkpoint.js';

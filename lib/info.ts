@@ -14,6 +14,8 @@ export interface Info {
   cuda: { driverVersion: string | null; runtimeVersion: string | null; devices: DeviceProperties[]; unavailable: string };
   nccl: NcclStatus & { versionString: string | null };
   mpi: { built: boolean; available: boolean; path: string; library: string; reason: string };
+  /** The expert-parallel transports ranks on this host can use (lib/moe/dispatcher.ts). */
+  transport: { ipc: boolean; peerAccess: number[][]; summary: string };
 }
 
 function cudaVersion(v: number): string | null {
@@ -51,7 +53,16 @@ export function info(): Info {
     },
     nccl: { ...nccl, versionString: ncclVersion(nccl.version) },
     mpi: mpiInfo(b.mpiStatus(true), build.mpi),
+    transport: transportInfo(status.deviceCount, build.cuda ? b.peerAccess() : []),
   };
+}
+
+function transportInfo(gpus: number, access: number[][]): Info['transport'] {
+  if (gpus === 0) return { ipc: false, peerAccess: [], summary: "nccl/mpi only: the peer-memory ('ipc') transport needs GPUs" };
+  const pairs = access.flatMap((row, i) => row.map((ok, j) => (i !== j ? ok : 1)));
+  const all = pairs.every((ok) => ok === 1);
+  const what = gpus === 1 ? 'ranks sharing GPU 0 (CUDA IPC between processes)' : all ? `ranks on GPUs 0-${gpus - 1} (peer access between every pair) or sharing one` : 'ranks sharing one GPU, or on GPUs with peer access (not every pair here)';
+  return { ipc: true, peerAccess: access, summary: `ipc for ${what}; nccl across hosts or without peer access` };
 }
 
 function mpiInfo(s: MpiStatus, built: boolean): Info['mpi'] {
@@ -75,5 +86,6 @@ export function formatInfo(i: Info): string {
   if (i.nccl.loaded) lines.push(`NCCL       ${i.nccl.versionString} from ${i.nccl.path}${i.addon.ncclAbiChecked ? ' (ABI checked against nccl.h at build time)' : ''}`);
   else lines.push(`NCCL       not loaded: ${i.nccl.error.replace(/\n/g, '\n           ')}`);
   lines.push(`MPI        ${i.mpi.available ? `${i.mpi.library || 'loaded'} via ${i.mpi.path}` : `no: ${i.mpi.reason}`}`);
+  lines.push(`transport  ${i.transport.summary}`);
   return lines.join('\n');
 }

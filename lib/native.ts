@@ -120,6 +120,39 @@ export type CommHandle = Branded<
   'CommHandle'
 >;
 
+/** The peer-memory transport (native/comm/peer, native/addon/peer_binding.cc). */
+export type PeerHandle = Branded<
+  {
+    exportHandle(): Uint8Array;
+    /** null when every peer's buffer can be mapped here, else why not. */
+    canReach(exports: Uint8Array[]): string | null;
+    open(exports: Uint8Array[]): void;
+    check(op: string): void;
+    abort(): void;
+    isAborted(): boolean;
+    setTimeoutMs(ms: number): void;
+    synchronize(): void;
+    closePeers(): void;
+    dispatchLayout(
+      indices: TensorHandle, slot: TensorHandle, kept: TensorHandle, segment: number, align: number, sms: number, localExperts: number,
+      pos: TensorHandle, dest: TensorHandle, offsets: TensorHandle | null, segStart: TensorHandle | null, fill: TensorHandle | null,
+    ): { rows: number; maxTokens: number; segmentRows: number[]; tokensFrom: number[] };
+    dispatchRows(
+      payload: TensorHandle, scales: TensorHandle | null, indices: TensorHandle, slot: TensorHandle, weights: TensorHandle,
+      pos: TensorHandle, dest: TensorHandle, segment: number, align: number, sms: number, localExperts: number, segStart: TensorHandle | null,
+      fill: TensorHandle | null, offsets: TensorHandle | null, out: TensorHandle, outWeights: TensorHandle, rowSrc: TensorHandle,
+      recvRowOf: TensorHandle, recvWeight: TensorHandle, recvTokens: TensorHandle,
+    ): void;
+    combine(rows: TensorHandle, recvRowOf: TensorHandle, recvWeight: TensorHandle | null, recvTokens: TensorHandle, pos: TensorHandle, y: TensorHandle, sms: number): void;
+    combineBackward(
+      dy: TensorHandle, rows: TensorHandle, rowSrc: TensorHandle, recvWeight: TensorHandle, pos: TensorHandle, dest: TensorHandle,
+      dRows: TensorHandle, dWeights: TensorHandle, sms: number,
+    ): void;
+    dispose(): void;
+  },
+  'PeerHandle'
+>;
+
 export interface MpiStatus {
   built: boolean;
   loaded: boolean;
@@ -243,6 +276,29 @@ export interface RawBinding {
     dLogits: TensorHandle | null,
   ): void;
   routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
+  // expert choice (native/ops/router/expert_choice*): every expert takes its top-`capacity` tokens
+  routerExpertChoice(
+    logits: TensorHandle,
+    scoreFn: number,
+    capacity: number,
+    routeScale: number,
+    scores: TensorHandle,
+    slot: TensorHandle,
+    weights: TensorHandle,
+    indices: TensorHandle | null,
+    tokensPerExpert: TensorHandle,
+    expertsPerToken: TensorHandle,
+    nanRows: TensorHandle,
+  ): void;
+  routerExpertChoiceBackward(
+    dWeights: TensorHandle,
+    scores: TensorHandle,
+    slot: TensorHandle,
+    scoreFn: number,
+    routeScale: number,
+    dLogits: TensorHandle,
+    accumulate: boolean,
+  ): void;
   // training ops (native/ops/rmsnorm, loss, adamw, sqnorm, balance)
   rmsnormForward(x: TensorHandle, weight: TensorHandle, eps: number, y: TensorHandle, rstd: TensorHandle): void;
   rmsnormBackward(
@@ -287,15 +343,19 @@ export interface RawBinding {
   deviceProperties(index: number): DeviceProperties;
   ncclStatus(): NcclStatus;
   requireNccl(): void;
+  hostWaitCounts(): { deviceToHost: number; synchronizations: number };
+  peerAccess(): number[][];
   // communicators (native/comm, native/addon/comm_binding.cc); reduce op: 0 sum, 1 max, 2 min, 3 avg
   commSingle(): CommHandle;
   commMpi(timeoutMs: number): CommHandle;
   commNccl(rank: number, size: number, uniqueId: Uint8Array, device: number, timeoutMs: number): CommHandle;
   ncclUniqueId(): Uint8Array;
   mpiStatus(tryLoad: boolean): MpiStatus;
+  // the peer-memory transport
+  peerCreate(rank: number, size: number, device: number, tokenCap: number, rowBytes: number, topK: number, localExperts: number, timeoutMs: number): PeerHandle;
 }
 
-const EXPECTED_ABI = 2;
+const EXPECTED_ABI = 3;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [multi] [ncu] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [multi] [ncu] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
@@ -61,6 +61,9 @@ if [[ " $what " == *" train "* ]]; then
   step "moe-ep train on the GPU"
   node dist/lib/cli/main.js train --device cuda --no-progress --out /tmp/run-default > "$OUT/train.log" 2>&1 || status=1
   tail -4 "$OUT/train.log"
+  # Expert-choice routing (docs/expert-choice.md) on the same task.
+  node dist/lib/cli/main.js train --device cuda --no-progress --model.routing expert-choice --out /tmp/run-expert-choice >> "$OUT/train.log" 2>&1 || status=1
+  tail -4 "$OUT/train.log"
   if [[ " $what " == *" train-wide "* ]]; then
     # A wider model, phases timed: 10 steps with the targets made on the CPU (~1.1 s per step on an
     # H200 at adeaae7), then 50 with them made on the GPU (--data.onDevice true).
@@ -81,15 +84,61 @@ if [[ " $what " == *" interop "* ]]; then
   python3 test/interop/check_safetensors.py /tmp/run-interop/checkpoints --cuda 2>&1 | tee "$OUT/interop.log" || status=1
 fi
 
+if [[ " $what " == *" peer "* ]]; then
+  # The peer-memory ('ipc') transport with ranks sharing GPU 0 (issue 16): correctness at 2 and 4
+  # ranks, the EP layer and training, a frozen rank, then the dispatch benchmark per transport.
+  # Cross-process spin-waits on one GPU progress by time slicing (ms per round trip) unless the MPS
+  # daemon runs: the correctness scripts run once without it, then everything under it; the
+  # daemon is stopped before the step ends (MOE_EP_PEER_NO_MPS=1: never started).
+  step "peer-memory transport, ranks sharing GPU 0"
+  mp() { local np=$1; shift; timeout "${MOE_EP_PEER_TIMEOUT:-240}" mpirun --allow-run-as-root --oversubscribe -np "$np" -x CUDA_VISIBLE_DEVICES=0 "$@"; }
+  run_peer() {
+    local tag=$1
+    for np in 2 4; do
+      echo "--- [$tag] peer.mjs, $np ranks"
+      mp "$np" node test/mpi/peer.mjs --device cuda > "/tmp/peer-$tag-$np.log" 2>&1 && echo ok || { status=1; tail -25 "/tmp/peer-$tag-$np.log"; }
+      cat "/tmp/peer-$tag-$np.log" >> "$OUT/peer.log"
+    done
+  }
+  run_peer time-sliced
+  mps=0
+  if [[ -z ${MOE_EP_PEER_NO_MPS:-} ]] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && mps=1 && echo "MPS daemon started"
+  fi
+  (( mps )) && run_peer mps
+  for extra in "" "--capacity"; do
+    echo "--- peer-fault.mjs $extra (rank 1 frozen; 3 s timeout)"
+    mp 2 node test/mpi/peer-fault.mjs --device cuda $extra 2>&1 | grep -E "^rank" | tee -a "$OUT/peer.log"
+  done
+  layer_runs=("4 moe-layer.mjs" "2 moe-layer.mjs")
+  [[ -z ${MOE_EP_PEER_NO_TRAIN:-} ]] && layer_runs+=("2 train.mjs")
+  for script in "${layer_runs[@]}"; do
+    set -- $script
+    echo "--- mpirun -np $1 $2 --device cuda (auto: ipc)"
+    mp "$1" node "test/mpi/$2" --device cuda > "/tmp/peer-$1-$2.log" 2>&1 && echo ok || { status=1; tail -20 "/tmp/peer-$1-$2.log"; }
+    cat "/tmp/peer-$1-$2.log" >> "$OUT/peer.log"
+  done
+  if [[ -z ${MOE_EP_PEER_NO_BENCH:-} ]]; then
+    echo "--- dispatch benchmark: 1 rank, then 2 ranks sharing GPU 0 (ipc and nccl=MPI staging), 4 ranks (ipc)"
+    timeout 300 node benchmarks/dispatch.bench.mjs --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -8 | tee -a "$OUT/peer.log" || status=1
+    mp 2 node benchmarks/dispatch.bench.mjs --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -16 | tee -a "$OUT/peer.log" || status=1
+    mp 4 node benchmarks/dispatch.bench.mjs --out "$OUT" --transport ipc --no-peer ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -16 | tee -a "$OUT/peer.log" || status=1
+  fi
+  (( mps )) && { echo quit | nvidia-cuda-mps-control; echo "MPS daemon stopped"; }
+fi
+
 if [[ " $what " == *" multi "* ]]; then
   # Several GPUs (issue #8): one rank per GPU, so init() picks NCCL. The test/mpi scripts check their
-  # results on every rank (EP=N layer and training against EP=1, checkpoints across EP sizes); the
+  # results on every rank (EP=N layer and training against EP=1, mismatched calls caught by NCCL's
+  # header all-gather on every rank (issue 14), checkpoints across EP sizes); the
   # dispatch benchmark runs DeepEP's configuration beside torch's all_to_all_single.
   gpus=$(nvidia-smi -L | wc -l)
   step "multi-GPU: $gpus GPUs"
   for np in 2 4 8; do
     (( np <= gpus )) || continue
-    for script in moe-layer.mjs train.mjs; do
+    for script in moe-layer.mjs train.mjs mismatch.mjs; do
       echo "--- mpirun -np $np $script --device cuda"
       timeout 300 mpirun --allow-run-as-root -np "$np" node "test/mpi/$script" --device cuda > "/tmp/multi-$np-$script.log" 2>&1 \
         && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-$script.log"; }

@@ -157,9 +157,9 @@ const cases: Case[] = [
   ['loadCheckpoint of a non-path', () => loadCheckpoint(5 as never), InvalidArgumentError, /loadCheckpoint: 'path' must be a checkpoint folder/],
   ['CheckpointReader.get of a non-name', () => loadCheckpoint(checkpoint()).get(5 as never), InvalidArgumentError, /CheckpointReader: 'name' must be a string/],
   ['CheckpointReader.into a non-tensor', () => loadCheckpoint(checkpoint()).into('w', null as never), InvalidArgumentError, /CheckpointReader.into: 'dst' must be a Tensor/],
-  ['manifest with tensors null', () => loadCheckpoint(checkpoint((m) => { m.tensors = null; })), CheckpointError, /manifest.json lacks step, files or tensors/],
-  ['manifest with a bad shape', () => loadCheckpoint(checkpoint((m) => { (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x'; })), CheckpointError, /tensor 'w' needs a file, a dtype and a shape/],
-  ['safetensors open of a folder', () => SafetensorsFile.open(tmp()), CheckpointError, /not a regular file/],
+  ['manifest with tensors null', () => loadCheckpoint(checkpoint((m) => { m.tensors = null; })), CheckpointError, /manifest\.json: tensors must be an object of tensor records; it has null/],
+  ['manifest with a bad shape', () => loadCheckpoint(checkpoint((m) => { (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x'; })), CheckpointError, /manifest\.json: tensors\["w"\]\.shape must be an array of at most 64 non-negative integers; it has "x"/],
+  ['safetensors open of a folder', () => SafetensorsFile.open(tmp()), CheckpointError, /is a directory; only regular files are read/],
   ['MoEModel with -1 layers', () => new MoEModel({ ...defaultConfig.model, layers: -1 }, Device.parse('cpu'), 'f32', singleRankGroup, 1), InvalidArgumentError, /MoEModel: 'layers' must be a positive integer; received -1/],
   ['manifest with world size 0', () => loadCheckpoint(checkpoint((m) => { m.world = { size: 0 }; })), CheckpointError, /world.size must be a positive integer/],
   // options that are not an object: named, not a TypeError from inside

@@ -131,6 +131,25 @@ describe('MoELayer on one rank', () => {
     expect(memoryStats(cpu).liveBytes).toBe(before);
   });
 
+  it('keeps a bounded number of per-shape caches: 40 token counts, dropless and capacity mode', () => {
+    for (const extra of [{}, { capacityFactor: 1, padToCapacity: true }]) {
+      using layer = new MoELayer({ ...base, ...extra, seed: freshSeed() });
+      const live = (): number => memoryStats(cpu).liveAllocations;
+      let after20 = 0;
+      for (let T = 1; T <= 40; T++) {
+        tidy(() => {
+          const x = Tensor.randn([T, 8], { seed: T, device: cpu });
+          const f = layer.forward(x);
+          const g = layer.backward(f, Tensor.randn([T, 8], { seed: 100 + T, device: cpu }));
+          for (const t of Object.values(g)) t?.dispose();
+        });
+        if (T === 20) after20 = live();
+      }
+      // Past 16 shapes the caches evict: 20 more token counts leave as many tensors alive.
+      expect(live(), JSON.stringify(extra)).toBe(after20);
+    }
+  });
+
   it('backward matches finite differences for x, the router and the experts', () => {
     // Finite differences are only meaningful where the routing is locally constant: a random draw
     // whose top-k nearly ties flips under a ±h step. Such draws are detected (the selection seen by
@@ -149,6 +168,8 @@ describe('MoELayer on one rank', () => {
     expect(() => new MoELayer({ ...base, seqAuxLossCoef: 0.1 })).toThrow(/'seqAuxLossCoef' needs 'seqLen'/);
     expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
     expect(() => new MoELayer({ ...base, commStream: 'yes' as unknown as boolean })).toThrow(/MoELayer: 'commStream' must be a Stream or a boolean; received yes/);
+    // At construction, not at the first forward (issue 14).
+    expect(() => new MoELayer({ ...base, dropPolicy: 'random' as unknown as 'probs' })).toThrow(/MoELayer: 'dropPolicy' must be one of probs, position; received random/);
   });
 
   it.each([

@@ -2,11 +2,12 @@
 // with clear errors, launcher environment parsing, backend choice, and the TCP rendezvous between
 // two child processes. Multi-rank runs under mpirun are in test/mpi/.
 import { spawn } from 'node:child_process';
+import { connect, createServer, type Server } from 'node:net';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { chooseBackend, Communicator, expertGroups, init, launchEnv, memoryStats, Tensor } from '../lib/index.js';
+import { chooseBackend, Communicator, expertGroups, init, InvalidArgumentError, jobId, launchEnv, memoryStats, rendezvous, Tensor, TimeoutError } from '../lib/index.js';
 import { expectInvalidArgument } from './helpers.js';
 import { packageRoot } from '../lib/native.js';
 
@@ -62,6 +63,8 @@ describe('single-rank communicator', () => {
       [() => c.allToAllV(f32([3, 2]), [1.5] as number[], f32([3, 2]), [3]), /allToAllV: 'sendRows'\[0\] = 1.5 is not an integer/],
       [() => c.allToAllV(f32([3, 2]), [3], Tensor.zeros([3, 2], { ...cpu, dtype: 'bf16' }), [3]), /allToAllV: 'recv' bf16\[3,2\] cpu has dtype bf16 but 'send' f32\[3,2\] cpu has f32/],
       [() => c.allToAllV(f32([3, 2]), [3], f32([3, 3]), [3]), /allToAllV: 'recv' f32\[3,3\] cpu and 'send' f32\[3,2\] cpu must have the same row shape/],
+      // the call agreement with itself (shared by every backend): one rank's sendRows[0] is what it receives
+      [() => c.allToAllV(f32([3, 2]), [3], f32([2, 2]), [2]), /^allToAllV: rank 0 of 1: rank 0 sends 3 rows to rank 0 but rank 0 expects 2 \(recvRows\[0\]\); exchange the counts first/],
       [() => c.allToAll(f32([2, 2]), f32([3, 2])), /allToAll: 'recv' f32\[3,2\] cpu must have as many rows as 'send'/],
       [() => c.allGather(f32([2, 2]), f32([3, 2])), /allGather: 'output' f32\[3,2\] cpu must have 1·2 = 2 rows/],
       [() => c.broadcast(f32([2]), 1), /broadcast: 'root' 1 is not a rank of this communicator of size 1/],
@@ -175,6 +178,117 @@ describe('TCP rendezvous', () => {
     const [a, b] = await Promise.all([r0, r1]);
     expect(a).toBe(blob.toString('hex'));
     expect(b).toBe(blob.toString('hex'));
+  });
+
+  /** Listens on a free port of 127.0.0.1 and returns it. */
+  function listen(server: Server): Promise<number> {
+    return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve((server.address() as { port: number }).port)));
+  }
+  async function freePort(): Promise<number> {
+    const s = createServer();
+    const port = await listen(s);
+    await new Promise((r) => s.close(r));
+    return port;
+  }
+  async function errorOf(p: Promise<unknown>): Promise<Error> {
+    try {
+      await p;
+    } catch (e) {
+      return e as Error;
+    }
+    throw new Error('resolved, but an error was expected');
+  }
+  const local = { addr: '127.0.0.1', timeoutMs: 20_000 };
+  const blob = Uint8Array.from([7, 8, 9]);
+
+  // Issue 14, item 5: the deadline was only checked between connection attempts.
+  it('something that accepts the connection and never answers: rank 1 still gives up at its deadline', async () => {
+    const silent = createServer(() => {}); // accepts; never reads, never writes
+    const port = await listen(silent);
+    try {
+      const e = await errorOf(rendezvous({ rank: 1, size: 2, addr: '127.0.0.1', port, timeoutMs: 500 }));
+      expect(e).toBeInstanceOf(TimeoutError);
+      expect(e.message).toMatch(/^rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127\.0\.0\.1:\d+ \(connected; no answer yet: rank 0 answers once all 2 ranks have checked in\)$/);
+    } finally {
+      silent.close();
+    }
+  }, 20_000);
+
+  it('another service on the port is named as such, at once', async () => {
+    const http = createServer((s) => s.end('HTTP/1.1 400 Bad Request\r\n\r\n'));
+    const port = await listen(http);
+    try {
+      const e = await errorOf(rendezvous({ rank: 1, size: 2, port, ...local }));
+      expect(e).toBeInstanceOf(InvalidArgumentError);
+      expect(e.message).toMatch(/^rendezvous: what answers at 127\.0\.0\.1:\d+ is not a moe-ep rank 0/);
+    } finally {
+      http.close();
+    }
+  }, 20_000);
+
+  it('two jobs on one port: a party of the other job is refused naming both job ids; rank 0 still serves its own job', async () => {
+    const port = await freePort();
+    const zero = rendezvous({ rank: 0, size: 2, port, blob, jobId: 'job-a', ...local });
+    const other = await errorOf(rendezvous({ rank: 1, size: 2, port, jobId: 'job-b', ...local }));
+    expect(other).toBeInstanceOf(InvalidArgumentError);
+    expect(other.message).toMatch(/^rendezvous: rank 1 of 2 was refused by rank 0 at 127\.0\.0\.1:\d+: rank 0 at 127\.0\.0\.1:\d+ serves job "job-a", not job "job-b" of rank 1: two jobs share this MASTER_PORT/);
+    expect([...(await rendezvous({ rank: 1, size: 2, port, jobId: 'job-a', ...local }))]).toEqual([7, 8, 9]);
+    expect([...(await zero)]).toEqual([7, 8, 9]);
+  }, 20_000);
+
+  /** A hand-made hello (rendezvous() itself refuses a rank out of range); resolves with rank 0's answer. */
+  function rawHello(port: number, rank: number, size: number): Promise<{ status: number; text: string }> {
+    const hello = Buffer.alloc(16);
+    hello.write('MOE2', 0);
+    hello.writeUInt32LE(rank, 4);
+    hello.writeUInt32LE(size, 8);
+    return new Promise((resolve) => {
+      const attempt = (): void => {
+        let buf = Buffer.alloc(0);
+        const s = connect(port, '127.0.0.1', () => s.write(hello));
+        s.on('data', (d: Buffer) => (buf = Buffer.concat([buf, d])));
+        s.on('error', () => setTimeout(attempt, 50)); // rank 0 not listening yet
+        s.on('end', () => resolve({ status: buf.readUInt8(4), text: buf.subarray(9).toString('utf8') }));
+      };
+      attempt();
+    });
+  }
+
+  it('a party claiming a rank out of range, or a rank already claimed, fails rank 0 and every party waiting, naming it', async () => {
+    let port = await freePort();
+    const zero = errorOf(rendezvous({ rank: 0, size: 2, port, blob, ...local }));
+    const answer = await rawHello(port, 5, 2);
+    expect(answer.status).toBe(1);
+    expect(answer.text).toMatch(/^a party claims rank 5 of 2, but rank 0 \(127\.0\.0\.1:\d+\) serves ranks 1\.\.1: RANK is out of range$/);
+    expect((await zero).message).toMatch(/^rendezvous: a party claims rank 5 of 2/);
+
+    port = await freePort();
+    const zero3 = errorOf(rendezvous({ rank: 0, size: 3, port, blob, ...local }));
+    const twice = await Promise.all([errorOf(rendezvous({ rank: 1, size: 3, port, ...local })), errorOf(rendezvous({ rank: 1, size: 3, port, ...local }))]);
+    for (const e of [...twice, await zero3]) {
+      expect(e).toBeInstanceOf(InvalidArgumentError);
+      expect(e.message).toMatch(/two parties claim rank 1 of 3 at rank 0 \(127\.0\.0\.1:\d+\): RANK is set twice, or two jobs share this MASTER_PORT/);
+    }
+  }, 20_000);
+
+  it('a rank with another WORLD_SIZE: rank 0 and every party waiting get the error, not a timeout', async () => {
+    const port = await freePort();
+    const zero = errorOf(rendezvous({ rank: 0, size: 3, port, blob, ...local }));
+    const one = errorOf(rendezvous({ rank: 1, size: 3, port, ...local })); // right: waits for rank 2
+    await new Promise((r) => setTimeout(r, 1000)); // rank 1 checks in first
+    const wrong = errorOf(rendezvous({ rank: 2, size: 4, port, ...local }));
+    for (const e of await Promise.all([zero, one, wrong])) {
+      expect(e).toBeInstanceOf(InvalidArgumentError);
+      expect(e.message).toMatch(/rank 2 says the world has 4 ranks but rank 0 \(127\.0\.0\.1:\d+\) has 3: WORLD_SIZE differs between the ranks$/);
+    }
+  }, 30_000);
+
+  it("the job id: MOE_EP_JOB_ID, else the launcher's, else none", () => {
+    expect(jobId({ MOE_EP_JOB_ID: 'x', SLURM_JOB_ID: '5' })).toBe('x');
+    expect(jobId({ SLURM_JOB_ID: '5', SLURM_STEP_ID: '0' })).toBe('slurm:5.0');
+    expect(jobId({ TORCHELASTIC_RUN_ID: 'r' })).toBe('torchelastic:r');
+    expect(jobId({ PMIX_NAMESPACE: '123' })).toBe('pmix:123');
+    expect(jobId({})).toBe('');
   });
 
   it('a rank 1 with no rank 0 times out naming rank 0', async () => {

@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 
 import { cuda, defaultConfig, memoryStats } from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
-import { resolveConfig } from '../lib/train/config.js';
+import { overridesFromArgs, resolveConfig } from '../lib/train/config.js';
 import { Trainer } from '../lib/train/trainer.js';
 
 type Partial2 = Parameters<typeof resolveConfig>[0];
@@ -217,6 +217,16 @@ describe('moe-ep train (CLI)', () => {
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
+  });
+
+  it('--timeout-ms N sets train.timeoutMs, the collective (and start-up) timeout handed to init(); checked like any field', () => {
+    expect(overridesFromArgs(['--timeout-ms', '1500'])).toEqual({ train: { timeoutMs: 1500 } });
+    expect(resolveConfig({}).train.timeoutMs).toBe(300_000);
+    expect(() => resolveConfig({ train: { timeoutMs: -1 } })).toThrow(/config\.train\.timeoutMs: must be >= 0/);
+    expect(() => resolveConfig({ train: { timeoutMs: 1.5 } })).toThrow(/config\.train\.timeoutMs: must be integer/);
+    const r = spawnSync(process.execPath, [cli, 'train', '--help'], { encoding: 'utf8' });
+    expect(r.stdout).toMatch(/--train\.timeoutMs 300000 +collective timeout in ms/);
+    expect(r.stdout).toMatch(/--timeout-ms N/);
   });
 
   it('reads --config and points at the bad field', () => {

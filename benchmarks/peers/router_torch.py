@@ -2,6 +2,10 @@
 """PyTorch peer for benchmarks/router.bench.mjs: the same routing composed from torch ops.
 
 usage: router_torch.py INPUT_DIR CONFIG_JSON REPEATS [SETS INNER]
+Expert choice (CONFIG_JSON routing 'expert-choice', with capacity C): softmax/sigmoid, topk(C) over
+the token dimension (each expert's C best tokens), the gates scattered into a dense [T,E]; checked
+against our slot (chosen where >= 0) and weights.
+Token choice:
 Loads logits (and bias) written by writeInputs, plus our indices/weights for an agreement check;
 times sigmoid/softmax, +bias, group scores (top-m sum), topk of groups, mask, topk, gather,
 normalise, and the per-expert counts, with CUDA events (median after warm-up): INNER back-to-back calls per
@@ -48,12 +52,21 @@ def route(logits, bias, c):
     return idx, w, scores, counts
 
 
+def route_expert_choice(logits, c):
+    scores = torch.sigmoid(logits) if c.get("scoreFunction", "softmax") == "sigmoid" else torch.softmax(logits, dim=-1)
+    vals, idx = scores.topk(c["capacity"], dim=0)  # [C, E]: each expert's top-C tokens
+    weights = torch.zeros_like(scores).scatter_(0, idx, vals * c.get("routeScale", 1.0))
+    return scores, idx, weights
+
+
 def main():
     d, cfg, repeats = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     sets = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     inner = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     manifest = json.load(open(os.path.join(d, "inputs.json")))
     logits = load(d, "logits", manifest)
+    if cfg.get("routing") == "expert-choice":
+        return main_expert_choice(d, cfg, repeats, sets, inner, manifest, logits)
     bias = load(d, "bias", manifest) if "bias" in manifest else None
     ours_idx = load(d, "indices", manifest).long()
     ours_w = load(d, "weights", manifest)
@@ -86,6 +99,41 @@ def main():
     same_row = (idx == ours_idx).all(dim=1)
     wdiff = (w - ours_w)[same_row].abs().max().item() if same_row.any() else float("nan")
     print(json.dumps({"ms": ms, "single_ms": single_ms, "index_agreement": agree, "weight_max_abs_diff": wdiff,
+                      "torch": torch.__version__}))
+
+
+def main_expert_choice(d, cfg, repeats, sets, inner, manifest, logits):
+    ours_chosen = load(d, "slot", manifest) >= 0
+    ours_w = load(d, "weights", manifest)
+    pool = [logits] + [logits.clone() for _ in range(sets - 1)]
+    for _ in range(5):
+        route_expert_choice(logits, cfg)
+    torch.cuda.synchronize()
+
+    def timed(n):
+        times = []
+        call = 0
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(n):
+                route_expert_choice(pool[call % sets], cfg)
+                call += 1
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / n)
+        times.sort()
+        return times[len(times) // 2]
+
+    ms = timed(inner)
+    single_ms = timed(1)
+    _, idx, w = route_expert_choice(logits, cfg)
+    chosen = torch.zeros_like(ours_chosen).scatter_(0, idx, True)
+    agree = (chosen == ours_chosen).float().mean().item()
+    both = chosen & ours_chosen
+    wdiff = (w - ours_w)[both].abs().max().item() if both.any() else float("nan")
+    print(json.dumps({"ms": ms, "single_ms": single_ms, "chosen_agreement": agree, "weight_max_abs_diff": wdiff,
                       "torch": torch.__version__}))
 
 

@@ -1,12 +1,14 @@
 /**
  * `moe-ep ckpt inspect <dir> [--json] [--no-verify]`: the tensors (name, file, dtype, shape, bytes),
- * the EP layout and each file's checksum status (OK, BAD, MISSING, SIZE). Exit 1 when a file is not OK.
+ * the EP layout and each file's status (OK, BAD, MISSING, SIZE): its checksum, its header against
+ * the manifest and every tensor's checksum. Exit 1 when a file is not OK or a newer checkpoint of
+ * the root was passed over (listed with the reason).
  * `moe-ep ckpt reshard <dir> --ep N --out <root> [--step S]`: rewrites the expert shards for EP size
  * N (experts by global index, optimizer moments with them), copies the replicated state, and commits
  * a checkpoint under <root> (step kept unless --step). Works on raw bytes: no addon, no GPU.
  */
 import { CheckpointError } from '../errors.js';
-import { type CheckpointManifest, CheckpointReader, loadCheckpoint, type RawTensor, REPLICATED_FILE, resolveCheckpointDir, readManifest, writeCheckpoint } from '../train/checkpoint.js';
+import { type CheckpointManifest, CheckpointReader, loadCheckpoint, locateCheckpoint, type RawTensor, REPLICATED_FILE, writeCheckpoint } from '../train/checkpoint.js';
 import { expertIndexOf } from '../train/moe-state.js';
 import { helpTable } from '../train/config.js';
 import { checkFlags } from './flags.js';
@@ -70,10 +72,10 @@ function flag(args: string[], name: string): string | undefined {
   return v;
 }
 
-function positiveInt(v: string | undefined, name: string): number | undefined {
+function integerFlag(v: string | undefined, name: string, min: number): number | undefined {
   if (v === undefined) return undefined;
   const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`${name} must be a positive integer; received ${v}`);
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min) throw new Error(`${name} must be ${min > 0 ? 'a positive' : 'a non-negative'} integer; received ${v}`);
   return n;
 }
 
@@ -114,10 +116,10 @@ function inspect(args: string[]): number {
   const verify = !args.includes('--no-verify');
   const [path] = args.filter((a) => !a.startsWith('--'));
   if (!path) throw new Error(`inspect needs a directory\n\n${inspectUsage}`);
-  const dir = resolveCheckpointDir(path);
-  const m = readManifest(dir);
   // Not loadCheckpoint(): it stops at the first missing or resized file; inspect reports each file.
-  const reader = new CheckpointReader(dir, m, { verify: true });
+  const located = locateCheckpoint(path, { checkFiles: false });
+  const { dir, manifest: m } = located;
+  const reader = new CheckpointReader(dir, m, { verify: true }, located);
   const status: Record<string, string> = {};
   for (const file of Object.keys(m.files)) {
     if (!verify) {
@@ -125,19 +127,21 @@ function inspect(args: string[]): number {
       continue;
     }
     try {
-      reader.verifyFile(file);
+      reader.auditFile(file);
       status[file] = 'OK';
     } catch (e) {
       const msg = (e as Error).message;
-      status[file] = /is missing/.test(msg) ? `MISSING` : /bytes but/.test(msg) ? `SIZE: ${msg.replace(/^checkpoint [^:]+: /, '')}` : `BAD: ${msg.replace(/^checkpoint [^:]+: /, '')}`;
+      const detail = msg.replace(/^checkpoint [^:]+: /, '');
+      status[file] = detail.startsWith(`${file} is missing (`) ? 'MISSING' : detail.startsWith(`${file} has `) && / bytes but manifest/.test(detail) ? `SIZE: ${detail}` : `BAD: ${detail}`;
     }
   }
-  const ok = Object.values(status).every((s) => s === 'OK' || s === 'unchecked');
+  const ok = Object.values(status).every((s) => s === 'OK' || s === 'unchecked') && located.skipped.length === 0;
   if (json) {
-    console.log(JSON.stringify({ dir, step: m.step, formatVersion: m.formatVersion, ep: m.ep ?? null, world: m.world, files: Object.fromEntries(Object.entries(m.files).map(([f, r]) => [f, { ...r, status: status[f] }])), tensors: m.tensors }, null, 2));
+    console.log(JSON.stringify({ dir, step: m.step, formatVersion: m.formatVersion, ep: m.ep ?? null, world: m.world, skipped: located.skipped, files: Object.fromEntries(Object.entries(m.files).map(([f, r]) => [f, { ...r, status: status[f] }])), tensors: m.tensors }, null, 2));
     return ok ? 0 : 1;
   }
   const lines: string[] = [];
+  for (const s of located.skipped) lines.push(`passed over ${s.dir}: ${s.reason}`);
   lines.push(`checkpoint ${dir}`);
   lines.push(`step ${m.step}, format ${m.format} v${m.formatVersion}, written ${m.createdAt} by ${m.world?.size ?? '?'} rank(s)`);
   if (m.ep) lines.push(`EP layout: size ${m.ep.size}, ${m.ep.expertsPerRank} experts per rank${m.ep.numExperts ? `, ${m.ep.numExperts} experts per layer` : ''}`);
@@ -167,10 +171,10 @@ function reshard(args: string[]): number {
     console.log(reshardUsage);
     return 0;
   }
-  const ep = positiveInt(flag(args, '--ep'), '--ep');
+  const ep = integerFlag(flag(args, '--ep'), '--ep', 1);
   const out = flag(args, '--out');
-  const stepArg = flag(args, '--step');
-  const keep = positiveInt(flag(args, '--keep'), '--keep');
+  const stepArg = integerFlag(flag(args, '--step'), '--step', 0);
+  const keep = integerFlag(flag(args, '--keep'), '--keep', 1);
   checkFlags(args, [], 1, reshardUsage); // what the flags above did not take
   const [path] = args.filter((a) => !a.startsWith('--'));
   if (!path || ep === undefined || out === undefined) throw new Error(`reshard needs <dir>, --ep N and --out <root>\n\n${reshardUsage}`);
@@ -181,6 +185,12 @@ function reshard(args: string[]): number {
     const E = numExpertsOf(m);
     if (E % ep !== 0) throw new Error(`--ep ${ep} does not divide the ${E} experts per layer`);
     const per = E / ep;
+    // The layout must describe the experts that are there: every index below E, none above.
+    const held = new Set<number>();
+    for (const [n, t] of Object.entries(m.tensors)) if (m.files[t.file]?.rank !== undefined && expertIndexOf(n) !== undefined) held.add(expertIndexOf(n) as number);
+    if (held.size !== E || Math.max(...held) !== E - 1) {
+      throw new CheckpointError(`cannot reshard: the layout has ${E} experts per layer but the shards hold ${held.size} distinct expert indices (${held.size ? `${Math.min(...held)}…${Math.max(...held)}` : 'none'})`);
+    }
     const replicatedNames: string[] = [];
     const byRank: string[][] = Array.from({ length: ep }, () => []);
     for (const [n, t] of Object.entries(m.tensors)) {
@@ -195,7 +205,7 @@ function reshard(args: string[]): number {
       byRank[Math.floor(e / per)]!.push(n);
     }
     const raw = (names: string[]) => (): Record<string, RawTensor> => Object.fromEntries(names.map((n) => [n, reader.getRaw(n)]));
-    const step = stepArg === undefined ? m.step : Number(stepArg);
+    const step = stepArg ?? m.step;
     const { format: _f, formatVersion: _v, step: _s, createdAt: _c, world: _w, files: _fi, tensors: _t, ...extras } = m;
     const saved = writeCheckpoint(out, {
       step,

@@ -4,20 +4,21 @@
  * under `mpirun -np N` with the experts spread over N ranks), shows a live progress bar, appends
  * metrics as JSON lines, saves config.json, and writes an HTML report (from the whole metrics file,
  * so a resumed run's report covers the run from its start) whose path it prints. A folder that
- * already holds a run is refused unless --resume or --overwrite says what to do with it. Ctrl-C
- * (or SIGUSR1, which mpirun forwards) stops cleanly after the current step, every rank at the same
- * step, and says how to resume.
+ * already holds a run is refused unless --resume or --overwrite says what to do with it. Ctrl-C,
+ * SIGTERM, SIGHUP (or SIGUSR1, which mpirun forwards) and a closed stdout stop it cleanly after
+ * the current step, every rank at the same step, with a checkpoint and the report, and it says how
+ * to resume.
  */
-import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, rmSync } from 'node:fs';
 import { join, relative, resolve } from 'node:path';
 
 import cliProgress from 'cli-progress';
 
-import { type Communicator } from '../dist/communicator.js';
+import { allGatherJson } from '../dist/gather-json.js';
 import { init } from '../dist/init.js';
 import { InvalidArgumentError } from '../errors.js';
-import { Tensor } from '../tensor.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig, type TrainConfigInput } from '../train/config.js';
+import { FILE_LIMITS, readJson, writeFileAtomic } from '../train/safe-files.js';
 import { MetricsLog, readMetrics, type StepMetrics } from '../train/metrics.js';
 import { writeReport } from '../train/report.js';
 import { Trainer } from '../train/trainer.js';
@@ -34,11 +35,8 @@ function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean }
     else if (args[i] === '--config') {
       const path = args[++i];
       if (!path) throw new InvalidArgumentError(`'--config' needs a file`, 'train');
-      try {
-        file = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
-      } catch (e) {
-        throw new InvalidArgumentError(`cannot read the config file ${path}: ${(e as Error).message}`, 'train');
-      }
+      // A regular file of at most 1 MiB (a FIFO or /dev/zero would hang the read), bounded JSON.
+      file = readJson(path, { what: `cannot read the config file ${path}`, maxBytes: FILE_LIMITS.config, error: InvalidArgumentError }) as Record<string, unknown>;
     } else rest.push(args[i] as string);
   }
   const overrides = overridesFromArgs(rest);
@@ -55,15 +53,6 @@ const duration = (seconds: number): string =>
   !Number.isFinite(seconds) ? '--' : seconds < 60 ? `${Math.round(seconds)}s` : seconds < 3600 ? `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, '0')}s` : `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
 const rate = (tps: number): string => (tps >= 1e6 ? `${(tps / 1e6).toFixed(1)}M` : tps >= 1e4 ? `${(tps / 1e3).toFixed(0)}k` : String(Math.round(tps)));
 
-/** runs/<UTC time>: the same on every rank (rank 0's clock), as checkpoints are written there collectively. */
-function defaultOut(world: Communicator): string {
-  const now = Date.now();
-  using t = Tensor.fromArray([Math.floor(now / 1000), now % 1000], { dtype: 'i32', device: 'cpu' });
-  if (world.size > 1) world.broadcast(t, 0);
-  const [s, ms] = t.toNumbers() as [number, number];
-  return join('runs', new Date(s * 1000 + ms).toISOString().replace(/[:.]/g, '-'));
-}
-
 export async function runTrain(args: string[]): Promise<number> {
   if (args.includes('--help') || args.includes('-h')) {
     console.log(trainHelp());
@@ -72,17 +61,22 @@ export async function runTrain(args: string[]): Promise<number> {
   const { config, overwrite } = loadConfig(args);
   const resuming = config.checkpoint.resume !== null;
   if (overwrite && resuming) throw new InvalidArgumentError('--overwrite and --resume contradict each other: one replaces the run in --out, the other continues it', 'train');
-  const world = await init();
+  const world = await init({ timeoutMs: config.train.timeoutMs });
   const lead = world.rank === 0;
-  const out = resolve(config.train.out ?? defaultOut(world));
-  const found = RUN_FILES.filter((f) => existsSync(join(out, f)));
+  // Rank 0's timestamp names the default run folder on every rank (each rank's own clock would
+  // scatter the checkpoint's shards over several folders). Gathered on every rank, --out or not,
+  // so that the ranks make the same collectives.
+  const stamp = allGatherJson(world, new Date().toISOString().replace(/[:.]/g, '-'))[0] as string;
+  const out = resolve(config.train.out ?? join('runs', stamp));
+  // What each rank sees there (ranks need not share a file system), gathered so that every rank
+  // refuses together, and every rank has looked before rank 0 deletes or writes anything.
+  const found = [...new Set(allGatherJson(world, RUN_FILES.filter((f) => existsSync(join(out, f)))).flat())];
   if (found.length > 0 && !resuming && !overwrite) {
     throw new InvalidArgumentError(
       `${out} already holds a run (${found.join(', ')}): --resume continues it, --overwrite replaces it, or choose another --out`,
       'train',
     );
   }
-  if (world.size > 1) world.barrier(); // every rank has looked before rank 0 deletes or writes anything
   if (overwrite && lead) for (const f of found) rmSync(join(out, f), { recursive: true, force: true });
   const trainer = new Trainer(config, world.size > 1 ? { world } : {});
   const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
@@ -91,6 +85,7 @@ export async function runTrain(args: string[]): Promise<number> {
     const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume as string);
     resumedAt = trainer.resume(from);
     if (lead) console.log(`resumed from ${from} at step ${resumedAt}`);
+    for (const s of trainer.resumedFrom?.skipped ?? []) if (lead) console.error(`moe-ep: passed over ${s.dir}: ${s.reason}`);
   }
   const save = (): string => {
     const saved = trainer.saveCheckpoint(ckptDir, config.checkpoint.keep);
@@ -102,32 +97,46 @@ export async function runTrain(args: string[]): Promise<number> {
   // A resumed run continues the same metrics file (from its checkpoint's step).
   const log = lead ? new MetricsLog(metricsPath, resumedAt === null ? {} : { resumeAt: resumedAt }) : null;
   // The configuration as run, with the folder spelled out: `--config <out>/config.json --resume` continues it.
-  if (lead) writeFileSync(configPath, JSON.stringify({ ...config, train: { ...config.train, out } }, null, 2) + '\n');
+  if (lead) writeFileAtomic(configPath, JSON.stringify({ ...config, train: { ...config.train, out } }, null, 2) + '\n');
   const resumeCommand = `npx moe-ep train --config ${relative(process.cwd(), configPath) || configPath} --resume`;
   let bar: cliProgress.SingleBar | null = null;
-  const control = { stop: false };
-  const onSigint = (): void => {
-    if (control.stop) process.exit(130); // a second Ctrl-C: leave now
+  const control = { stop: false, by: '' };
+  // Ctrl-C (SIGINT), SIGTERM (kill, schedulers) and SIGHUP (a closed terminal) stop after the current
+  // step with a checkpoint and the report; a second one leaves at once. Under mpirun, which aborts the
+  // whole job on SIGINT, send SIGUSR1 to mpirun instead: OpenMPI forwards it to every rank.
+  const signals = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129, SIGUSR1: 138 } as const;
+  const stopBy = (by: string, again: number, how: string): void => {
+    if (control.stop) process.exit(again);
     control.stop = true;
+    control.by = by;
     if (!lead) return;
     bar?.stop(); // ends the bar's line, so the message starts on its own
     bar = null;
-    process.stderr.write('moe-ep: Ctrl-C: stopping after the current step and saving a checkpoint (Ctrl-C again to quit at once, without one)\n');
+    process.stderr.write(`moe-ep: ${by}: stopping after the current step and saving a checkpoint${how}\n`);
   };
-  // Ctrl-C (SIGINT) alone; under mpirun, which aborts the whole job on SIGINT, send SIGUSR1 to mpirun
-  // instead: OpenMPI forwards it to every rank.
-  process.on('SIGINT', onSigint);
-  process.on('SIGUSR1', onSigint);
+  const handlers = Object.entries(signals).map(([sig, code]) => {
+    const by = sig === 'SIGINT' ? 'Ctrl-C' : sig;
+    return [sig, () => stopBy(by, code, ` (${by} again to quit at once, without one)`)] as const;
+  });
+  for (const [sig, h] of handlers) process.on(sig, h);
+  // A closed stdout (`| head`): writes fail with EPIPE, emitted asynchronously; unhandled, it would
+  // end the process mid-run. Stop as on a signal; later output to the closed stream is dropped.
+  const onOutputError = (e: NodeJS.ErrnoException): void => {
+    if (!control.stop) stopBy(`output closed (${e.code ?? e.message})`, 1, '');
+  };
+  process.stdout.on('error', onOutputError);
+  process.stderr.on('error', onOutputError);
 
   const m = config.model;
   if (lead) {
     console.log(
-      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (top-${m.topK}, ${m.scoreFunction}${m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
+      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (${m.routing === 'expert-choice' ? `expert choice, ${m.capacityFactor ?? m.topK} experts per token on average` : `top-${m.topK}`}, ${m.scoreFunction}${m.routing === 'expert-choice' ? '' : m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
         `hidden ${m.hidden}, ffn ${m.ffn}; ${world.size} rank(s) [${world.backend}] on ${trainer.device.toString()}; ${config.train.steps} steps of ${config.data.tokensPerStep} tokens`,
     );
     console.log(`run folder: ${out}`);
   }
-  const dropless = m.capacityFactor === null;
+  // Nothing to drop: dropless token choice, and expert choice (every expert takes exactly its C tokens).
+  const dropless = m.capacityFactor === null || m.routing === 'expert-choice';
   if (lead && config.train.progress && process.stdout.isTTY) {
     // The bar takes what the terminal's width leaves after the numbers (about 64 columns).
     const barsize = Math.max(10, Math.min(40, (process.stdout.columns || 80) - 66 - (dropless ? 0 : 14) - (m.loss === 'cross-entropy' ? 10 : 0)));
@@ -168,8 +177,7 @@ export async function runTrain(args: string[]): Promise<number> {
     savedDir = save(); // at the end, and after a stop signal
   } finally {
     bar?.stop();
-    process.off('SIGINT', onSigint);
-    process.off('SIGUSR1', onSigint);
+    for (const [sig, h] of handlers) process.off(sig, h);
   }
   if (lead) {
     // The report covers the whole run: metrics.jsonl holds the steps before a resume too.
@@ -190,7 +198,7 @@ export async function runTrain(args: string[]): Promise<number> {
         'final loss': last ? fmt(last.loss) : '-',
         'final MaxVio': last ? fmt(Math.max(...last.layers.map((l) => l.maxVio)), 3) : '-',
         [resumedAt === null ? 'wall time (s)' : 'wall time since the resume (s)']: seconds.toFixed(1),
-        stopped: control.stop ? 'by Ctrl-C' : 'at the configured step count',
+        stopped: control.stop ? `by ${control.by}` : 'at the configured step count',
       },
     });
     console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${seconds.toFixed(1)} s`);
@@ -205,7 +213,7 @@ export async function runTrain(args: string[]): Promise<number> {
     console.log(`config:  ${configPath}`);
     console.log(`checkpoints: ${ckptDir}`);
     console.log(`report:  ${report}`);
-    if (control.stop) console.log(`moe-ep: stopped by Ctrl-C after step ${trainer.step} of ${config.train.steps}; checkpoint ${savedDir}\nto resume: ${resumeCommand}`);
+    if (control.stop) console.log(`moe-ep: stopped by ${control.by} after step ${trainer.step} of ${config.train.steps}; checkpoint ${savedDir}\nto resume: ${resumeCommand}`);
   }
   trainer.dispose();
   world.dispose();

@@ -4,7 +4,10 @@
  * 'nccl' (one GPU per rank). Create one with init() (lib/dist/init.ts) or the static factories.
  *
  * Rules: tensors are contiguous with dim >= 1; counts are rows (dim 0); every rank passes the same
- * dtype and row shape. Every collective honours `timeoutMs` (default 300 000; 0 = none): past it a
+ * dtype and row shape. Ranks that break the rules in a call (other sizes, dtype, op, root, another
+ * call altogether, allToAllV counts that do not pair up) get an InvalidArgumentError on every rank
+ * naming the peers and both values, before any data moves (native/comm/communicator.h: agree());
+ * the communicator stays usable. Every collective honours `timeoutMs` (default 300 000; 0 = none): past it a
  * TimeoutError names the op, this rank and (where known) the peers not heard from, and the
  * communicator is aborted (later calls throw at once).
  *
@@ -43,6 +46,8 @@ export class Communicator implements Disposable {
   readonly backend: Backend;
   /** NCCL: the GPU its collectives run on (host tensors are staged there); null otherwise. */
   readonly device: Device | null;
+  /** Released with the communicator (e.g. its peer-memory transport). */
+  #onDispose: (() => void)[] = [];
 
   /** @internal Wraps a native handle; use init() or the static factories. */
   constructor(handle: CommHandle, device: Device | null = null) {
@@ -206,7 +211,14 @@ export class Communicator implements Disposable {
     this.#handle?.abort();
   }
 
+  /** @internal Runs `release` when the communicator is disposed (resources built on it). */
+  onDispose(release: () => void): void {
+    this.#onDispose.push(release);
+  }
+
   dispose(): void {
+    const releases = this.#onDispose.splice(0);
+    for (const release of releases.reverse()) release();
     this.#handle?.dispose();
     this.#handle = null;
   }

@@ -92,6 +92,21 @@ export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
   return e;
 }
 
+/**
+ * The id every party of the TCP rendezvous presents, so that two jobs given the same MASTER_PORT
+ * refuse each other rather than swap NCCL ids: MOE_EP_JOB_ID when set, else the launcher's own job
+ * id (TORCHELASTIC_RUN_ID from torchrun, SLURM_JOB_ID.SLURM_STEP_ID from srun, PMIX_NAMESPACE from
+ * OpenMPI's mpirun), else '' (jobs launched by hand without MOE_EP_JOB_ID cannot be told apart).
+ */
+export function jobId(env: NodeJS.ProcessEnv = process.env): string {
+  const own = env['MOE_EP_JOB_ID'];
+  if (own) return own;
+  if (env['TORCHELASTIC_RUN_ID']) return `torchelastic:${env['TORCHELASTIC_RUN_ID']}`;
+  if (env['SLURM_JOB_ID']) return `slurm:${env['SLURM_JOB_ID']}.${env['SLURM_STEP_ID'] ?? ''}`;
+  if (env['PMIX_NAMESPACE']) return `pmix:${env['PMIX_NAMESPACE']}`;
+  return '';
+}
+
 export interface InitOptions {
   /** 'auto' (default) | 'single' | 'mpi' | 'nccl'; MOE_EP_BACKEND sets it too (the option wins). */
   backend?: Backend | 'auto';
@@ -226,7 +241,7 @@ async function shareNcclId(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitO
     invalidArgument('init', `NCCL needs rank 0's unique id on every rank: run under mpirun with the MPI backend built, or set MASTER_ADDR and MASTER_PORT (launcher: ${le.launcher})`);
   }
   const blob = le.rank === 0 ? Communicator.ncclUniqueId() : undefined;
-  return rendezvous({ rank: le.rank, size: le.size, addr: le.rank === 0 && addr !== 'localhost' ? '0.0.0.0' : addr, port, ...(blob ? { blob } : {}), timeoutMs });
+  return rendezvous({ rank: le.rank, size: le.size, addr: le.rank === 0 && addr !== 'localhost' ? '0.0.0.0' : addr, port, ...(blob ? { blob } : {}), timeoutMs, jobId: jobId(env) });
 }
 
 /**

@@ -1,26 +1,32 @@
 /**
  * The token dispatcher: ships every routed row to the rank that owns its expert and brings the
- * results back. Phases, as in Megatron-Core's dispatcher:
+ * results back. Three transports, chosen at the first dispatch (`transport`, default 'auto'):
  *
- *   dispatch:  permute (local, rows grouped by global expert)
- *              → counts exchanged (dropless only; one deliberate host sync)
- *              → all-to-all-v of rows (and their gate weights)
- *              → regroup received rows from (source rank, local expert) to (local expert, source
- *                rank) order, so each local expert's rows are contiguous for the grouped GEMM.
- *   combine:   regroup back → all-to-all-v back → weighted unpermute (fp32, one write per token).
+ *   local   one rank: dispatch is the permute (rows grouped by expert), combine the weighted
+ *           unpermute; no host read in dropless mode with align 1 or in capacity mode.
+ *   ipc     ranks whose GPUs reach each other's memory (one host: NVLink peer access, or several
+ *           processes on one GPU): each token row is pushed once per destination rank straight
+ *           into the peer's buffer and expanded there by local expert (lib/moe/peer-dispatch.ts).
+ *   nccl    the communicator's all-to-all (NCCL, or MPI on the CPU and when 'ipc' is unavailable):
+ *             dispatch: permute (rows grouped by global expert) → counts exchanged (dropless only;
+ *                       one deliberate host sync) → all-to-all-v of rows and gate weights →
+ *                       regroup from (source rank, local expert) to (local expert, source rank)
+ *             combine:  regroup back → all-to-all-v back → weighted unpermute (fp32).
  *
  * Experts are sharded contiguously: with E experts over P ranks, rank p owns experts
- * p·E/P … (p+1)·E/P − 1 (local expert l is global expert p·E/P + l).
+ * p·E/P … (p+1)·E/P − 1 (local expert l is global expert p·E/P + l). Every transport delivers a
+ * local expert's rows contiguously (localOffsets) for the grouped GEMM.
  *
  * The layout of one step is kept in a DispatchHandle, so combine and both backward passes reuse it
  * without recounting: the backward of dispatch is a combine without weights, the backward of
- * combine is a dispatch.
+ * combine is a dispatch. Through 'ipc', combine weights each row by the gate weight that travelled
+ * with it in dispatch (the `weights` argument must be the dispatched ones).
  *
  * Capacity mode with padToCapacity moves fixed-size segments: nothing is read back to the host and
  * the maps are cached per shape, so a step can be captured in a CUDA graph. Every rank must then
  * have the same capacity C = ceil(cf·T·k/E), i.e. the same number of tokens T (equal micro-batches);
- * the communicator reports a mismatch as an error naming the peer. Dropless mode must
- * learn how many rows arrive: it reads the counts once per step (the one host sync, named below).
+ * the communicator reports a mismatch as an error naming the peer. Dropless mode must learn how
+ * many rows arrive: it reads the counts once per step (the one host wait, named below).
  *
  * Overlap: with `commStream`, every phase above runs on that stream, ordered after the caller's
  * work by an event (lib/comm-work.ts). The *Async methods return a CommWork whose wait() makes the
@@ -29,13 +35,16 @@
  * the caller doing anything. Without `commStream` both run on the current stream.
  */
 import { type CommWork, type CommWorkOptions, launch } from '../comm-work.js';
-import { type DType } from '../dtype.js';
+import { type DType, dtypeSize } from '../dtype.js';
 import { invalidArgument, checkKeys } from '../errors.js';
 import { Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
 import { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './fp8.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
+import { type PeerDispatchHandle, peerCombine, peerCombineBackward, peerDispatch, peerRowBytes } from './peer-dispatch.js';
+import { PeerTransport } from './peer-transport.js';
+import { Communicator } from '../dist/communicator.js';
 import { native } from '../native.js';
 import { trace } from '../trace.js';
 
@@ -81,13 +90,31 @@ export interface DispatcherConfig {
    * complete when a call returns; the host-blocking MPI communicator has finished its exchanges.
    */
   commStream?: Stream;
+  /**
+   * How rows travel between ranks: 'auto' (default: 'ipc' when the group is a Communicator whose
+   * ranks' GPUs can all address each other's memory, else the communicator's all-to-all), 'ipc'
+   * (required: an error says why when it cannot be used) or 'nccl' (the communicator's all-to-all,
+   * also when that communicator is MPI). One rank needs no transport ('local').
+   */
+  transport?: TransportChoice;
+  /** SMs the 'ipc' kernels may occupy (DeepEP's num_sms; default: all). */
+  transportSms?: number;
 }
+
+export type TransportChoice = 'auto' | 'ipc' | 'nccl';
+/** What a dispatcher moves rows with: one rank ('local'), peer memory, or the group's all-to-all. */
+export type TransportKind = 'local' | 'ipc' | 'nccl' | 'mpi' | 'group';
 
 /** The permute's layout, kept for combine and the backward passes; its rows are freed once sent. */
 export type DispatchLayout = Omit<PermuteResult, 'rows'>;
 
 /** The layout of one step, reused by combine and the backward passes. Dispose it after backward. */
-export interface DispatchHandle extends Disposable {
+export type DispatchHandle = ExchangeDispatchHandle | PeerDispatchHandle;
+export type { PeerDispatchHandle };
+
+/** A step's layout through the local or all-to-all transport. */
+export interface ExchangeDispatchHandle extends Disposable {
+  readonly transport: 'local' | 'exchange';
   readonly permuted: DispatchLayout;
   /** Rows sent to / received from each peer. */
   readonly sendRows: number[];
@@ -112,6 +139,8 @@ export interface Dispatched {
 }
 
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
+/** Entries per token the peer-memory transport carries (one warp lane each; native kMaxTopK). */
+const PEER_MAX_TOP_K = 32;
 
 function requireTensors(op: string, args: Record<string, unknown>): void {
   for (const [name, t] of Object.entries(args)) if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor; received ${String(t)}`);
@@ -119,10 +148,48 @@ function requireTensors(op: string, args: Record<string, unknown>): void {
 
 /** The handle's tensors (the communication reads them), after checking it is one. */
 function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
-  if (handle === null || typeof handle !== 'object' || !handle.permuted || !(handle.localOffsets instanceof Tensor)) {
+  if (handle === null || typeof handle !== 'object' || !(handle.localOffsets instanceof Tensor)) {
     invalidArgument(op, `'handle' must be the handle dispatch() returned`);
   }
+  if (handle.transport === 'ipc') return [handle.localOffsets, handle.pos, handle.dest, handle.rowSrc, handle.recvRowOf, handle.recvWeight, handle.recvTokens];
+  if (!handle.permuted) invalidArgument(op, `'handle' must be the handle dispatch() returned`);
   return [...tensorsIn(handle.permuted), handle.localOffsets, ...(handle.toExpertOrder ? [handle.toExpertOrder] : []), ...(handle.toSourceOrder ? [handle.toSourceOrder] : [])];
+}
+
+/** Bounded caches: a layer sees few shapes, but nothing may grow without bound. */
+const CACHE_ENTRIES = 16;
+function cachePut<V>(cache: Map<string, V>, key: string, value: V, drop: (v: V) => void): void {
+  if (cache.size >= CACHE_ENTRIES) {
+    const [oldest, v] = cache.entries().next().value as [string, V];
+    cache.delete(oldest);
+    drop(v);
+  }
+  cache.set(key, value);
+}
+
+/** Tensors shared by the handles that use them (cached layouts): freed when evicted and unused. */
+class Shared {
+  refs = 0;
+  evicted = false;
+  constructor(readonly tensors: (Tensor | null)[]) {
+    for (const t of tensors) if (t) keep(t); // outlive the callers' tidy() scopes
+  }
+  acquire(): () => void {
+    this.refs++;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      if (--this.refs === 0 && this.evicted) this.free();
+    };
+  }
+  evict(): void {
+    this.evicted = true;
+    if (this.refs === 0) this.free();
+  }
+  free(): void {
+    for (const t of this.tensors) t?.dispose();
+  }
 }
 
 export class Dispatcher {
@@ -133,12 +200,17 @@ export class Dispatcher {
   readonly padToCapacity: boolean;
   readonly fp8: boolean;
   readonly commStream: Stream | undefined;
-  private mapCache = new Map<string, { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor }>();
+  readonly transportChoice: TransportChoice;
+  readonly transportSms: number;
+  #transport: TransportKind | null = null;
+  #transportReason = '';
+  #peer: PeerTransport | null = null;
+  private mapCache = new Map<string, Shared>();
 
   constructor(config: DispatcherConfig) {
     const op = 'Dispatcher';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
-    checkKeys(config, op, { numExperts: true, group: true, align: true, padToCapacity: true, fp8: true, commStream: true });
+    checkKeys(config, op, { numExperts: true, group: true, align: true, padToCapacity: true, fp8: true, commStream: true, transport: true, transportSms: true });
     const group = config.group ?? singleRankGroup;
     if (group === null || typeof group !== 'object' || typeof group.allToAll !== 'function' || typeof group.allToAllV !== 'function') {
       invalidArgument(op, `'group' must be an ExpertParallelGroup (a Communicator, or an object with rank, size, allToAll and allToAllV)`);
@@ -162,6 +234,45 @@ export class Dispatcher {
       invalidArgument(op, `'commStream' must be a Stream; received ${String(config.commStream)}`);
     }
     this.commStream = config.commStream;
+    const choice = config.transport ?? 'auto';
+    if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl') invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
+    if (choice === 'ipc' && group.size > 1 && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
+    this.transportChoice = choice;
+    const sms = config.transportSms ?? 0;
+    if (!Number.isSafeInteger(sms) || sms < 0) invalidArgument(op, `'transportSms' must be a non-negative integer (0: all SMs); received ${String(sms)}`);
+    this.transportSms = sms;
+    if (group.size === 1) this.#transport = 'local';
+  }
+
+  /** The transport rows travel by; null until the first dispatch with several ranks decides it. */
+  get transport(): TransportKind | null {
+    return this.#transport;
+  }
+  /** Why 'auto' did not pick 'ipc' (empty when it did, or before the first dispatch). */
+  get transportReason(): string {
+    return this.#transportReason;
+  }
+
+  /** Decided once, at the first dispatch (collective when it probes peer memory). */
+  private chooseTransport(x: Tensor, topK: number): TransportKind {
+    if (this.#transport !== null) return this.#transport;
+    const group = this.group;
+    const exchange: TransportKind = group instanceof Communicator ? (group.backend === 'nccl' ? 'nccl' : 'mpi') : 'group';
+    let reason = '';
+    if (this.transportChoice === 'nccl') reason = `'nccl' was requested`;
+    else if (!x.device.isCuda) reason = 'the tensors are on the CPU';
+    else if (topK > PEER_MAX_TOP_K) reason = `${topK} entries per token (expert choice routes every token to all E experts); the peer-memory transport takes up to ${PEER_MAX_TOP_K}`;
+    else if (!(group instanceof Communicator)) reason = `the group is not a Communicator`;
+    else {
+      // Sized for this call (the first); combine's rows are x's dtype, at least as wide as fp8 rows.
+      const H = x.shape[1] as number;
+      const need = { tokens: x.shape[0] as number, rowBytes: Math.max(peerRowBytes(x, this.fp8), H * dtypeSize[x.dtype]), topK, localExperts: this.localExperts };
+      this.#peer = PeerTransport.for(group, x.device, need, (why) => (reason = why));
+    }
+    if (this.#peer === null && this.transportChoice === 'ipc') invalidArgument('dispatch', `'transport' 'ipc' cannot be used: ${reason}`);
+    this.#transportReason = reason;
+    this.#transport = this.#peer ? 'ipc' : exchange;
+    return this.#transport;
   }
 
   /** Ships x's routed rows to their experts' owners. `cap` comes from capacity() on this rank. */
@@ -186,6 +297,81 @@ export class Dispatcher {
     const op = 'dispatch';
     if (cap.numExperts !== this.numExperts) invalidArgument(op, `'cap' was computed for ${cap.numExperts} experts; the dispatcher has ${this.numExperts}`);
     if (this.padToCapacity && cap.capacity === null) invalidArgument(op, `'padToCapacity' needs capacity() with a capacity factor`);
+    if (x.ndim !== 2 || indices.ndim !== 2 || indices.shape[0] !== x.shape[0]) invalidArgument(op, `'x' must be [T,H] and 'indices' [T,k] with the same T`);
+    const transport = this.chooseTransport(x, indices.shape[1] as number);
+    if (transport === 'ipc') {
+      if ((indices.shape[1] as number) > PEER_MAX_TOP_K) invalidArgument(op, `the 'ipc' transport takes top-k up to ${PEER_MAX_TOP_K}; received ${indices.shape[1]}`);
+      if (this.fp8 && (x.shape[1] as number) % FP8_BLOCK !== 0) invalidArgument(op, `fp8 rows need a hidden size that is a multiple of ${FP8_BLOCK}`);
+      return peerDispatch(this.#peer as PeerTransport, x, indices, weights, cap, {
+        numExperts: this.numExperts,
+        align: this.align,
+        padToCapacity: this.padToCapacity,
+        fp8: this.fp8,
+        sms: this.transportSms,
+        staticOffsets: (El, P, segment, like) => this.staticOffsets(El, P, segment, like),
+      });
+    }
+    if (transport === 'local') return this.dispatchLocal(x, indices, weights, cap);
+    return this.dispatchExchange(x, indices, weights, cap);
+  }
+
+  /**
+   * One rank: the permute is the dispatch. Dropless with align 1 and capacity mode read nothing on
+   * the host; the handle's host counts are read from the offsets only if someone asks for them.
+   * FP8: x's T rows make the e4m3 round trip before the permute (the permute copies whole rows,
+   * so this equals quantising the permuted rows, k times cheaper; nothing crosses a wire here).
+   */
+  private dispatchLocal(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
+    trace.mark('dispatch: start', x.device);
+    const source = this.fp8 ? tidy(() => dequantizeFp8(quantizeFp8(x), x.dtype)) : x;
+    let permuted: PermuteResult;
+    try {
+      permuted = permute(source, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
+    } finally {
+      if (source !== x) source.dispose();
+    }
+    trace.mark('dispatch: permuted', x.device);
+    const { rows, ...layout } = permuted;
+    let counts: number[] | null = null;
+    // Rows per expert, from the offsets (a deliberate read, on first access only).
+    const segments = (): number[] => {
+      if (counts === null) {
+        const o = Array.from(layout.offsets.toArray() as Int32Array);
+        counts = o.slice(1).map((v, e) => v - (o[e] as number));
+      }
+      return counts;
+    };
+    const handle: ExchangeDispatchHandle = {
+      transport: 'local',
+      permuted: layout,
+      get sendRows() {
+        return [layout.numRows];
+      },
+      get recvRows() {
+        return [layout.numRows];
+      },
+      get recvCounts() {
+        return segments().slice();
+      },
+      get localRows() {
+        return segments().slice();
+      },
+      localOffsets: layout.offsets,
+      toExpertOrder: null,
+      toSourceOrder: null,
+      dispose: () => {
+        for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
+      },
+      [Symbol.dispose]() {
+        this.dispose();
+      },
+    };
+    return { rows, weights: layout.rowWeight.view(-1), handle };
+  }
+
+  /** Several ranks through the communicator's all-to-all (see the module doc for the phases). */
+  private dispatchExchange(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
+    const op = 'dispatch';
     const P = this.group.size;
     const El = this.localExperts;
     trace.mark('dispatch: start', x.device);
@@ -200,9 +386,9 @@ export class Dispatcher {
       quantized?.scales.dispose();
       throw e;
     }
-    trace.mark('dispatch: permuted (segment sizes read)', x.device);
+    trace.mark('dispatch: permuted', x.device);
     let scaleRows: Tensor | null = null;
-    // Dropless layout maps belong to this step (capacity-mode ones are cached by the dispatcher).
+    let release: (() => void) | null = null;
     let stepMaps: (Tensor | null)[] = [];
     try {
       if (quantized) scaleRows = this.permuteLike(quantized.scales, permuted);
@@ -214,19 +400,22 @@ export class Dispatcher {
         segment = new Array<number>(this.numExperts).fill(C);
         recvCounts = new Array<number>(P * El).fill(C);
       } else {
-        // Dropless: the segment sizes the permute read once on the host (its deliberate sync).
+        // Dropless: the segment sizes, read once on the host (the deliberate sync), then exchanged.
         segment = permuted.segmentRows;
         recvCounts = this.exchangeCounts(segment, x);
         trace.mark('dispatch: counts exchanged and read', x.device);
       }
+      if (!Array.isArray(segment) || segment.length !== this.numExperts) invalidArgument(op, `the permute's segments do not match ${this.numExperts} experts`);
       const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const recvRows = Array.from({ length: P }, (_, p) => recvCounts.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const localRows = Array.from({ length: El }, (_, l) => Array.from({ length: P }, (_, p) => recvCounts[p * El + l] as number).reduce((a, b) => a + b, 0));
       const totalRecv = recvRows.reduce((a, b) => a + b, 0);
       const H = x.shape[1] as number;
 
-      const { toExpert, toSource, offsets } = this.maps(recvCounts, localRows, x);
-      if (!this.padToCapacity) stepMaps = [toExpert, toSource, offsets];
+      const maps = this.maps(recvCounts, localRows, x);
+      const { toExpert, toSource, offsets } = maps;
+      release = maps.release;
+      if (!maps.shared) stepMaps = [toExpert, toSource, offsets];
       trace.mark('dispatch: layout maps made', x.device);
       const [rows, rowWeights] = tidy(() => {
         const received = scaleRows
@@ -239,11 +428,14 @@ export class Dispatcher {
         trace.mark('dispatch: regrouped by local expert', x.device);
         return result;
       });
-      // The permuted rows have been sent (or, on one rank, are the result's storage): the handle
-      // keeps only the layout, so a step does not hold T·k rows per layer until its backward.
+      // The permuted rows have been sent: the handle keeps only the layout, so a step does not
+      // hold T·k rows per layer until its backward.
       const { rows: sent, ...layout } = permuted;
       sent.dispose();
-      const handle: DispatchHandle = {
+      const releaseMaps = release;
+      release = null;
+      const handle: ExchangeDispatchHandle = {
+        transport: 'exchange',
         permuted: layout,
         sendRows,
         recvRows,
@@ -254,8 +446,9 @@ export class Dispatcher {
         toSourceOrder: toSource,
         dispose: () => {
           for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
-          // Capacity-mode maps are cached by the dispatcher; dropless maps belong to this step.
-          if (!this.padToCapacity) for (const t of [toExpert, toSource, offsets]) t?.dispose();
+          // Capacity-mode maps are shared through the cache; dropless maps belong to this step.
+          if (releaseMaps) releaseMaps();
+          else for (const t of [toExpert, toSource, offsets]) t?.dispose();
         },
         [Symbol.dispose]() {
           this.dispose();
@@ -264,6 +457,7 @@ export class Dispatcher {
       return { rows, weights: rowWeights, handle };
     } catch (e) {
       for (const t of [...Object.values(permuted), ...stepMaps]) if (t instanceof Tensor) t.dispose();
+      release?.();
       throw e;
     } finally {
       quantized?.q.dispose();
@@ -285,6 +479,7 @@ export class Dispatcher {
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
       trace.mark('combine: start', expertOut.device);
+      if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), expertOut, handle, this.transportSms);
       const home = this.returnRows(expertOut, handle, op, 'expertOut');
       trace.mark('combine: rows home', expertOut.device);
       const y = unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
@@ -309,6 +504,7 @@ export class Dispatcher {
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
       trace.mark('combineBackward: start', dy.device);
+      if (handle.transport === 'ipc') return peerCombineBackward(this.peerFor(op), dy, expertOut, handle, this.transportSms);
       const home = this.returnRows(expertOut, handle, op, 'expertOut');
       trace.mark('combineBackward: expert outputs home', dy.device);
       const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
@@ -334,6 +530,7 @@ export class Dispatcher {
     const inputs = [dRows, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => {
       trace.mark('dispatchBackward: start', dRows.device);
+      if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), dRows, handle, this.transportSms, false);
       const home = this.returnRows(dRows, handle, op, 'dRows');
       trace.mark('dispatchBackward: row gradients home', dRows.device);
       const dx = permuteBackward(home, handle.permuted.rowOf, { dtype: dRows.dtype });
@@ -342,8 +539,13 @@ export class Dispatcher {
     }), options);
   }
 
+  private peerFor(op: string): PeerTransport {
+    if (this.#peer === null) invalidArgument(op, `the handle came through the 'ipc' transport but this dispatcher has none`);
+    return this.#peer;
+  }
+
   /** Expert-order rows back to their home ranks, in the home's permuted order. */
-  private returnRows(rows: Tensor, handle: DispatchHandle, op: string, name: string): Tensor {
+  private returnRows(rows: Tensor, handle: ExchangeDispatchHandle, op: string, name: string): Tensor {
     const received = handle.recvRows.reduce((a, b) => a + b, 0);
     if (rows.ndim !== 2 || rows.shape[0] !== received) {
       invalidArgument(op, `'${name}' [${rows.shape.join(',')}] must be [${received}, H]: one row per row dispatch() delivered`);
@@ -401,12 +603,31 @@ export class Dispatcher {
     return out;
   }
 
-  /** The (source, expert) ↔ (expert, source) gathers and the local expert offsets, cached per layout. */
-  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor } {
-    // Only fixed (capacity-mode) layouts repeat: dropless ones are built afresh, without a lookup.
+  /** Capacity mode through 'ipc': offsets [El+1] of fixed (expert, source) segments, cached. */
+  private staticOffsets(El: number, P: number, segment: number, like: Tensor): Tensor {
+    const key = `ipc|${like.device.toString()}|${El}|${P}|${segment}`;
+    let entry = this.mapCache.get(key);
+    if (!entry) {
+      const offsets = Array.from({ length: El + 1 }, (_, l) => l * P * segment);
+      entry = new Shared([Tensor.fromArray(offsets, { dtype: 'i32', device: like.device })]);
+      cachePut(this.mapCache, key, entry, (e) => e.evict());
+    }
+    // A view of the cached tensor would outlive an eviction: the handle gets its own copy instead.
+    return (entry.tensors[0] as Tensor).clone();
+  }
+
+  /**
+   * The (source, expert) ↔ (expert, source) gathers and the local expert offsets. Fixed
+   * (capacity-mode) layouts are cached and shared by the handles using them (`release` when done);
+   * dropless ones belong to the step.
+   */
+  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; shared: boolean; release: (() => void) | null } {
     const key = this.padToCapacity ? `${like.device.toString()}|${recvCounts.join(',')}` : null;
     const cached = key === null ? undefined : this.mapCache.get(key);
-    if (cached) return cached;
+    if (cached) {
+      const [toExpert, toSource, offsets] = cached.tensors as [Tensor | null, Tensor | null, Tensor];
+      return { toExpert, toSource, offsets, shared: true, release: cached.acquire() };
+    }
     const P = this.group.size;
     const El = this.localExperts;
     // Start of each (p, l) block in source order, and in expert order.
@@ -417,8 +638,8 @@ export class Dispatcher {
       sourceStart.push(acc);
       acc += recvCounts[i] as number;
     }
-    const offsets = [0];
-    for (const r of localRows) offsets.push((offsets[offsets.length - 1] as number) + r);
+    const offsetsHost = [0];
+    for (const r of localRows) offsetsHost.push((offsetsHost[offsetsHost.length - 1] as number) + r);
     let toExpert: Tensor | null = null;
     let toSource: Tensor | null = null;
     if (P > 1) {
@@ -438,23 +659,16 @@ export class Dispatcher {
       toExpert = Tensor.fromArray(expertToSource, { device: like.device });
       toSource = Tensor.fromArray(sourceToExpert, { device: like.device });
     }
-    const entry = { toExpert, toSource, offsets: Tensor.fromArray(offsets, { dtype: 'i32', device: like.device }) };
-    // Dropless layouts change every step; keep only fixed (capacity-mode) layouts, which must then
-    // outlive the caller's tidy() scopes.
-    if (key !== null) {
-      for (const t of [entry.toExpert, entry.toSource, entry.offsets]) if (t) keep(t);
-      this.mapCache.set(key, entry);
-    }
-    return entry;
+    const offsets = Tensor.fromArray(offsetsHost, { dtype: 'i32', device: like.device });
+    if (key === null) return { toExpert, toSource, offsets, shared: false, release: null };
+    const entry = new Shared([toExpert, toSource, offsets]);
+    cachePut(this.mapCache, key, entry, (e) => e.evict());
+    return { toExpert, toSource, offsets, shared: true, release: entry.acquire() };
   }
 
-  /** Releases cached layout maps. */
+  /** Releases cached layout maps (handles still holding one keep it until they are disposed). */
   dispose(): void {
-    for (const m of this.mapCache.values()) {
-      m.toExpert?.dispose();
-      m.toSource?.dispose();
-      m.offsets.dispose();
-    }
+    for (const m of this.mapCache.values()) m.evict();
     this.mapCache.clear();
   }
 }

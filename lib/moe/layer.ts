@@ -26,18 +26,24 @@ import { type DType } from '../dtype.js';
 import { invalidArgument, checkKeys } from '../errors.js';
 import { checkTensor } from '../args.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { capacity, type DropPolicy } from './capacity.js';
-import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup } from './dispatcher.js';
+import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
+import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
-import { balanceLoss, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerEntropy, routerForward, type RouterConfig, zLoss } from './router.js';
+import {
+  balanceLoss, expertChoiceForward, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerEntropy, routerForward, type RouterConfig, zLoss,
+} from './router.js';
 import { trace } from '../trace.js';
 
-/** The router's fields (numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale) plus: */
+/** The router's fields (numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale, routing) plus: */
 export interface MoELayerConfig extends RouterConfig {
   hidden: number;
   ffn: number;
-  /** Per-expert capacity factor; omitted: dropless. */
+  /**
+   * Token choice: per-expert capacity factor, C = ceil(cf·T·k/E); omitted: dropless. Expert choice:
+   * the paper's c, C = ceil(T·cf/E) tokens per expert (default topK: the compute of top-k token
+   * choice); fixed C-row segments always, each rank choosing among its own T tokens.
+   */
   capacityFactor?: number;
   dropPolicy?: DropPolicy;
   /** Fixed-size expert segments (capacity mode only): no host synchronisation in the layer. */
@@ -52,6 +58,10 @@ export interface MoELayerConfig extends RouterConfig {
    * backward on the current stream meanwhile. Outputs are unchanged. Default: off.
    */
   commStream?: Stream | boolean;
+  /** How rows travel between ranks (Dispatcher's `transport`: 'auto' | 'ipc' | 'nccl'; default 'auto'). */
+  transport?: TransportChoice;
+  /** SMs the 'ipc' transport's kernels may occupy (default: all). */
+  transportSms?: number;
   /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
   dtype?: DType;
   device?: DeviceLike;
@@ -70,6 +80,8 @@ export interface MoEForward {
   /** Tokens per global expert routed by this rank [E] i32, assignments dropped [1] i32. */
   tokensPerExpert: Tensor;
   dropped: Tensor;
+  /** Expert choice: tokens of this rank chosen by 0, 1, …, E experts [E+1] i32; token choice: null. */
+  expertsPerToken: Tensor | null;
   /** The auxiliary losses' total (f32 [1]; 0 when all are off). */
   auxLoss: Tensor;
   /** Mean per-token entropy of the routing distribution, nats (f32 [1]). */
@@ -83,6 +95,8 @@ interface MoESaved {
   scores: Tensor;
   indices: Tensor;
   weights: Tensor;
+  /** Expert choice: the router's slot [T,E] (which pairs carry a gradient). */
+  slot: Tensor | null;
   handle: DispatchHandle;
   rows: Tensor;
   expertOut: Tensor;
@@ -111,7 +125,7 @@ function nonNegative(v: unknown, field: string): number {
 }
 
 export class MoELayer implements Disposable {
-  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream'>>> & {
+  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream' | 'transport' | 'transportSms'>>> & {
     capacityFactor: number | undefined;
     seqLen: number | undefined;
   };
@@ -134,9 +148,9 @@ export class MoELayer implements Disposable {
     const op = 'MoELayer';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
     checkKeys(config, op, {
-      numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true,
+      numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true,
       hidden: true, ffn: true, capacityFactor: true, dropPolicy: true, padToCapacity: true, sharedFfn: true, group: true,
-      commStream: true, dtype: true, device: true, seed: true, auxLossCoef: true, seqAuxLossCoef: true, seqLen: true, zLossCoef: true,
+      commStream: true, transport: true, transportSms: true, dtype: true, device: true, seed: true, auxLossCoef: true, seqAuxLossCoef: true, seqLen: true, zLossCoef: true,
     });
     const hidden = positiveInt(config.hidden, 'hidden');
     const ffn = positiveInt(config.ffn, 'ffn');
@@ -148,11 +162,24 @@ export class MoELayer implements Disposable {
       topkGroups: config.topkGroups ?? config.groups ?? 1,
       ...(config.normalize === undefined ? {} : { normalize: config.normalize }),
       routeScale: config.routeScale ?? 1,
+      ...(config.routing === undefined ? {} : { routing: config.routing }),
+      // Expert choice reads capacityFactor as the paper's c (token choice's is the layer's own, below).
+      ...(config.routing === 'expert-choice' && config.capacityFactor !== undefined ? { capacityFactor: config.capacityFactor } : {}),
     });
+    const expertChoice = this.router.routing === 'expert-choice';
+    if (expertChoice) {
+      // Fixed C-row segments, no host sync; balanced by construction, so no balance losses.
+      if (config.padToCapacity === false) invalidArgument(op, `'padToCapacity' is always on with routing 'expert-choice' (every expert takes exactly C tokens)`);
+      if (config.auxLossCoef || config.seqAuxLossCoef) invalidArgument(op, `'auxLossCoef' and 'seqAuxLossCoef' must be 0 with routing 'expert-choice' (balanced by construction)`);
+    }
     if (config.capacityFactor !== undefined && !(typeof config.capacityFactor === 'number' && config.capacityFactor > 0)) {
       invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(config.capacityFactor)}`);
     }
-    if (config.padToCapacity && config.capacityFactor === undefined) invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
+    if (config.padToCapacity && config.capacityFactor === undefined && !expertChoice) invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
+    // Checked here, not at the first forward: a bad config fails where it is made.
+    if (config.dropPolicy !== undefined && !DROP_POLICIES.includes(config.dropPolicy)) {
+      invalidArgument(op, `'dropPolicy' must be one of ${DROP_POLICIES.join(', ')}; received ${String(config.dropPolicy)}`);
+    }
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
@@ -173,9 +200,10 @@ export class MoELayer implements Disposable {
       topkGroups: this.router.topkGroups,
       normalize: this.router.normalize,
       routeScale: this.router.routeScale,
-      capacityFactor: config.capacityFactor,
+      routing: this.router.routing,
+      capacityFactor: expertChoice ? this.router.capacityFactor : config.capacityFactor,
       dropPolicy: config.dropPolicy ?? 'probs',
-      padToCapacity: config.padToCapacity ?? false,
+      padToCapacity: expertChoice || (config.padToCapacity ?? false),
       sharedFfn,
       dtype,
       seed: config.seed ?? 1234,
@@ -191,7 +219,14 @@ export class MoELayer implements Disposable {
     if (cs instanceof Stream && !cs.device.equals(this.device)) invalidArgument(op, `'commStream' is on ${cs.device.toString()} but the layer is on ${this.device.toString()}`);
     this.ownStream = cs === true ? new Stream(this.device) : undefined;
     const commStream = cs instanceof Stream ? cs : this.ownStream;
-    this.dispatcher = new Dispatcher({ numExperts: E, group: this.group, padToCapacity: this.config.padToCapacity, ...(commStream ? { commStream } : {}) });
+    this.dispatcher = new Dispatcher({
+      numExperts: E,
+      group: this.group,
+      padToCapacity: this.config.padToCapacity,
+      ...(commStream ? { commStream } : {}),
+      ...(config.transport === undefined ? {} : { transport: config.transport }),
+      ...(config.transportSms === undefined ? {} : { transportSms: config.transportSms }),
+    });
 
     // Weights from Philox streams indexed by global position (see the module doc).
     const seed = this.config.seed;
@@ -233,6 +268,13 @@ export class MoELayer implements Disposable {
   private wholeBatch(T: number): Tensor {
     let t = this.allOffsets.get(T);
     if (!t) {
+      // A few token counts recur (training, serving buckets): keep the latest 16. An evicted tensor
+      // may still be read by queued kernels; the allocator reuses it only after them (stream order).
+      if (this.allOffsets.size >= 16) {
+        const [oldT, old] = this.allOffsets.entries().next().value as [number, Tensor];
+        this.allOffsets.delete(oldT);
+        old.dispose();
+      }
       t = keep(Tensor.fromArray([0, T], { dtype: 'i32', device: this.device })); // cached: outlives any tidy()
       this.allOffsets.set(T, t);
     }
@@ -251,7 +293,10 @@ export class MoELayer implements Disposable {
       const all = this.wholeBatch(T);
       trace.mark('layer forward: start', x.device);
       const logits = groupedGemm('NN', x, this.compute.router, all, { dtype: 'f32' });
-      const r = routerForward(logits, this.router, { bias: this.bias });
+      // Expert choice: each expert takes its top-C of this rank's T tokens; the T×E (token, expert)
+      // pairs then take token choice's T×k path (capacity layout, dispatch, experts, combine).
+      const ec = this.router.routing === 'expert-choice' ? expertChoiceForward(logits, this.router) : null;
+      const r = ec ?? routerForward(logits, this.router, { bias: this.bias });
       // Auxiliary losses: their gradients are collected into dLogitsAux now, added in backward.
       const auxLoss = Tensor.zeros([1], { device: this.device });
       let dLogitsAux: Tensor | null = null;
@@ -263,11 +308,15 @@ export class MoELayer implements Disposable {
         if (seqAuxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }));
         if (zLossCoef > 0) auxLoss.add_(zLoss(logits, { coefficient: zLossCoef, dLogits: d }));
       }
-      const cap = capacity(r.indices, r.weights, {
-        numExperts: this.config.numExperts,
-        ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
-        dropPolicy: this.config.dropPolicy,
-      });
+      // Expert choice: every expert keeps exactly its C chosen tokens, numbered by the router's slot.
+      const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
+      const cap = ec
+        ? { slot: ec.slot, keptPerExpert: ec.tokensPerExpert, dropped: none(), invalid: none(), capacity: ec.capacity, numExperts: this.config.numExperts }
+        : capacity(r.indices, r.weights, {
+          numExperts: this.config.numExperts,
+          ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
+          dropPolicy: this.config.dropPolicy,
+        });
       // The dispatch waits for the routing only: the shared expert, queued next, overlaps it.
       trace.mark('layer forward: routed', x.device);
       using routed = this.markProduced();
@@ -279,10 +328,10 @@ export class MoELayer implements Disposable {
       let y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) y = addTensors(y, shared.out);
       const saved: MoESaved = {
-        x, scores: r.scores, indices: r.indices, weights: r.weights, handle, rows, expertOut: experts.out,
+        x, scores: r.scores, indices: r.indices, weights: r.weights, slot: ec?.slot ?? null, handle, rows, expertOut: experts.out,
         g: experts.g, h: experts.h, dLogitsAux, shared: shared ? { g: shared.g, h: shared.h } : null,
       };
-      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
+      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, expertsPerToken: ec?.expertsPerToken ?? null, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
     });
   }
 
@@ -308,7 +357,7 @@ export class MoELayer implements Disposable {
         const eg = expertsBackward(dExpertOut, s.rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
-        const dLogits = routerBackward(dWeights, { scores: s.scores, indices: s.indices }, this.router);
+        const dLogits = routerBackward(dWeights, { scores: s.scores, indices: s.indices, ...(s.slot ? { slot: s.slot } : {}) }, this.router);
         if (s.dLogitsAux) dLogits.add_(s.dLogitsAux);
         // Router input gradient dx += dLogits · Wrᵀ and weight gradient dWr = xᵀ · dLogits.
         const dLogitsC = dLogits.cast(this.config.dtype);
@@ -357,7 +406,7 @@ export class MoELayer implements Disposable {
 export function disposeSaved(fwd: MoEForward): void {
   const s = fwd.saved;
   s.handle.dispose();
-  for (const t of [s.scores, s.indices, s.weights, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h]) t?.dispose();
+  for (const t of [s.scores, s.indices, s.weights, s.slot, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h]) t?.dispose();
 }
 
 /** The communication's result, the current stream ordered after it; the work's event freed. */

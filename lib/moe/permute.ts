@@ -38,8 +38,12 @@ export interface PermuteOutputs {
 export interface PermuteResult extends PermuteOutputs {
   /** R: rows including padding. */
   numRows: number;
-  /** Rows of each expert's segment, padding included (on the host: offsets without a device read). */
-  segmentRows: number[];
+  /**
+   * Rows of each expert's segment, padding included. Known on the host without a device read in
+   * capacity mode and whenever the row count needed the counts; dropless with align 1 reads them
+   * (a synchronisation) on first access only.
+   */
+  readonly segmentRows: number[];
 }
 
 export interface PermuteOptions {
@@ -119,9 +123,14 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   const align = checkAlign(options.align ?? 1, op);
   const padToCapacity = options.padToCapacity ?? false;
   if (typeof padToCapacity !== 'boolean') invalidArgument(op, `'padToCapacity' must be a boolean`);
-  const segmentRows = segmentRowCounts(cap, { align, padToCapacity });
-  const R = segmentRows.reduce((a, b) => a + b, 0);
   const [T, k] = indices.shape as [number, number];
+  // On a GPU, dropless with align 1 keeps every assignment, so R = T·k is known without reading the
+  // counts (bad counts are caught by the layout kernel's invalid count there): the segment sizes are
+  // read only if someone asks for them (segmentRows, a lazy getter). On the CPU reading is free and
+  // checks the counts before the native layout sees them.
+  const known = cap.keptPerExpert.device.isCuda && !padToCapacity && align === 1 && cap.capacity === null;
+  let segmentRows: number[] | null = known ? null : segmentRowCounts(cap, { align, padToCapacity });
+  const R = segmentRows ? segmentRows.reduce((a, b) => a + b, 0) : T * k;
   const H = x.shape[1] as number;
   const E = cap.numExperts;
   const out = options.out ?? {};
@@ -137,7 +146,11 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
       align, offsets.handle, rowOf.handle, rowToken.handle, rowWeight.handle, invalid.handle);
     // rowOf from the layout just written: the CUDA copy runs in token order and reads x once.
     native().permuteRows(x.handle, rowToken.handle, rows.handle, rowOf.handle);
-    return { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R, segmentRows };
+    const result = { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R } as PermuteResult;
+    return Object.defineProperty(result, 'segmentRows', {
+      enumerable: false, // not a tensor: tensorsIn() and tidy() need not see it
+      get: () => (segmentRows ??= segmentRowCounts(cap, { align, padToCapacity })),
+    });
   });
 }
 

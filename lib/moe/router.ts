@@ -20,14 +20,30 @@
  * Bad rows (a NaN or ±inf logit, or a NaN bias) get scores NaN, indices 0..k-1 and weights NaN on
  * every device, and are counted in nanRows; with `checkNaN` the wrapper throws an
  * InvalidArgumentError naming the first bad row.
+ *
+ * Expert choice (`routing: 'expert-choice'`, Zhou et al. 2022, arXiv:2202.09368): every expert
+ * takes its top-C tokens by score, C = min(T, ceil(T·capacityFactor/E)) (capacityFactor is the
+ * paper's c, the average number of experts per token; default topK, the compute of top-k token
+ * choice). Perfectly balanced by construction (no bias, no auxiliary loss, nothing dropped); a token
+ * gets anywhere from 0 to E experts. The assignments are dense over (token, expert):
+ *   indices [T,E] i32   e in every row; weights [T,E] f32 routeScale·scores where chosen, else 0
+ *   slot    [T,E] i32   position of t among expert e's C tokens in token order, -1 when not chosen
+ *   tokensPerExpert [E] = C;  expertsPerToken [E+1] i32: tokens with 0, 1, …, E experts
+ * so capacity()/permute()/the dispatcher take them as T×E assignments with fixed C-row segments.
+ * Rule (every device): expert e ranks the tokens by their f32 score (NaN lowest), equal scores by
+ * the lower token index, and takes the first C. Bad rows are NaN rows, so chosen only when fewer
+ * than C good tokens remain. With several ranks each rank routes its own tokens (C per expert per
+ * source rank: the paper's routing per group of tokens).
  */
 import type { Device } from '../device.js';
 import { checkTensor, withOutputs } from '../args.js';
 import { checkOptions, invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
+import { expertCapacity } from './capacity.js';
 
 export type ScoreFunction = 'softmax' | 'sigmoid';
+export type Routing = 'token-choice' | 'expert-choice';
 
 export interface RouterConfig {
   /** E: the number of experts (the logits' second dimension). */
@@ -40,10 +56,17 @@ export interface RouterConfig {
   groups?: number;
   /** Groups each token keeps (1 ≤ topkGroups ≤ groups, divides topK). Default: all groups. */
   topkGroups?: number;
-  /** Normalise the weights over the chosen experts. Default: true for sigmoid, false for softmax. */
+  /** Normalise the weights over the chosen experts. Default: true for sigmoid token choice, else false. */
   normalize?: boolean;
   /** Multiplies the weights. Default 1. */
   routeScale?: number;
+  /** 'token-choice' (default): each token takes its top-k experts. 'expert-choice': each expert its top-C tokens. */
+  routing?: Routing;
+  /**
+   * Expert choice only: C = min(T, ceil(T·capacityFactor/E)) tokens per expert, i.e. capacityFactor
+   * experts per token on average. Default: topK (the same compute as top-k token choice).
+   */
+  capacityFactor?: number;
 }
 
 export type ResolvedRouterConfig = Readonly<Required<RouterConfig>>;
@@ -60,7 +83,7 @@ function positiveInt(v: unknown, field: string): number {
 /** Validates a router config and fills in the defaults; every error names the field. */
 export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig {
   if (config === null || typeof config !== 'object') invalidArgument('router', `the config must be an object; received ${String(config)}`);
-  checkKeys(config, 'router', { numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true });
+  checkKeys(config, 'router', { numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true, capacityFactor: true });
   const E = positiveInt(config.numExperts, 'numExperts');
   const k = positiveInt(config.topK, 'topK');
   if (k > E) invalidArgument('router', `'topK' = ${k} is more than 'numExperts' = ${E}`);
@@ -77,11 +100,24 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   if (k / topkGroups > E / groups) {
     invalidArgument('router', `'topK' = ${k} needs ${k / topkGroups} experts from each of ${topkGroups} groups ('topkGroups') but a group has ${E / groups}`);
   }
-  const normalize = config.normalize ?? scoreFunction === 'sigmoid';
+  const routing = config.routing ?? 'token-choice';
+  if (routing !== 'token-choice' && routing !== 'expert-choice') {
+    invalidArgument('router', `'routing' must be 'token-choice' or 'expert-choice'; received ${String(routing)}`);
+  }
+  const normalize = config.normalize ?? (scoreFunction === 'sigmoid' && routing === 'token-choice');
   if (typeof normalize !== 'boolean') invalidArgument('router', `'normalize' must be a boolean; received ${String(normalize)}`);
   const routeScale = config.routeScale ?? 1;
   if (typeof routeScale !== 'number' || !Number.isFinite(routeScale)) invalidArgument('router', `'routeScale' must be a finite number; received ${String(routeScale)}`);
-  const resolved = Object.freeze({ numExperts: E, topK: k, scoreFunction, groups, topkGroups, normalize, routeScale });
+  const capacityFactor = config.capacityFactor ?? k;
+  if (typeof capacityFactor !== 'number' || !Number.isFinite(capacityFactor) || capacityFactor <= 0) {
+    invalidArgument('router', `'capacityFactor' must be a finite number > 0; received ${String(capacityFactor)}`);
+  }
+  if (routing === 'expert-choice') {
+    if (groups !== 1) invalidArgument('router', `'groups' = ${groups} is not available with routing 'expert-choice' (experts choose among all tokens); use 1`);
+    // A token's weights are its scores: it may have no expert at all to normalise over.
+    if (normalize) invalidArgument('router', `'normalize' is not available with routing 'expert-choice' (weights are the scores); set it false`);
+  }
+  const resolved = Object.freeze({ numExperts: E, topK: k, scoreFunction, groups, topkGroups, normalize, routeScale, routing, capacityFactor });
   validated.add(resolved);
   return resolved;
 }
@@ -94,15 +130,31 @@ export interface RouterOutputs {
   nanRows: Tensor;
 }
 
+/** What expert-choice routing returns besides RouterOutputs (whose indices/weights are then [T,E]). */
+export interface ExpertChoiceOutputs extends RouterOutputs {
+  /** [T,E] i32: position of t among expert e's chosen tokens (token order), -1 when not chosen. */
+  slot: Tensor;
+  /** [E+1] i32: expertsPerToken[n] = tokens chosen by exactly n experts. */
+  expertsPerToken: Tensor;
+  /** C: tokens per expert. */
+  capacity: number;
+}
+
 export interface RouterForwardOptions {
+  /** Token choice only: selection-only balancing bias [E]. */
   bias?: Tensor;
   /**
    * Read nanRows and throw when a row was bad. On a GPU this is a host synchronisation; default:
    * true on the CPU (free), false on a GPU (the forward then never waits for the device).
    */
   checkNaN?: boolean;
-  /** Outputs to write into instead of allocating. */
-  out?: Partial<RouterOutputs>;
+  /** Outputs to write into instead of allocating (expert choice: also slot and expertsPerToken). */
+  out?: Partial<RouterOutputs & { slot: Tensor; expertsPerToken: Tensor }>;
+}
+
+/** C for expert choice: min(T, ceil(T·capacityFactor/E)) (ceil as expertCapacity rounds it). */
+export function expertChoiceCapacity(numTokens: number, numExperts: number, capacityFactor: number): number {
+  return Math.min(numTokens, expertCapacity(numTokens, 1, numExperts, capacityFactor));
 }
 
 
@@ -127,11 +179,15 @@ function throwOnBadRows(nanRows: Tensor, op: string): void {
   }
 }
 
-/** Scores, top-k (group-limited) selection and gate weights for each token. No host sync unless checkNaN. */
+/**
+ * Scores, top-k (group-limited) selection and gate weights for each token; with routing
+ * 'expert-choice', expertChoiceForward's outputs. No host sync unless checkNaN.
+ */
 export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): RouterOutputs {
   const op = 'router';
   options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
   const cfg = resolve(config);
+  if (cfg.routing === 'expert-choice') return expertChoiceForward(logits, cfg, options);
   const T = checkLogits(logits, cfg, op);
   const { bias, out = {} } = options;
   if (bias !== undefined) {
@@ -175,6 +231,42 @@ export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRou
   return outputs;
 }
 
+/**
+ * Expert-choice routing (see the module doc): every expert takes its top-C tokens. No host sync
+ * unless checkNaN.
+ */
+export function expertChoiceForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): ExpertChoiceOutputs {
+  const op = 'router';
+  options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
+  const cfg = resolve(config);
+  if (cfg.routing !== 'expert-choice') invalidArgument(op, `expertChoiceForward needs routing 'expert-choice'; the config has '${cfg.routing}'`);
+  const T = checkLogits(logits, cfg, op);
+  if (options.bias !== undefined) invalidArgument(op, `'bias' is not used with routing 'expert-choice' (every expert takes exactly C tokens: balanced by construction)`);
+  const E = cfg.numExperts;
+  const C = expertChoiceCapacity(T, E, cfg.capacityFactor);
+  const checkNaN = options.checkNaN ?? logits.device.type === 'cpu';
+  const device = logits.device;
+  const o = withOutputs<{ indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor; slot: Tensor; expertsPerToken: Tensor }>(
+    op,
+    options.out ?? {},
+    {
+      indices: () => Tensor.empty([T, E], { dtype: 'i32', device }),
+      weights: () => Tensor.empty([T, E], { dtype: 'f32', device }),
+      tokensPerExpert: () => Tensor.empty([E], { dtype: 'i32', device }),
+      scores: () => Tensor.empty([T, E], { dtype: 'f32', device }),
+      nanRows: () => Tensor.empty([2], { dtype: 'i32', device }),
+      slot: () => Tensor.empty([T, E], { dtype: 'i32', device }),
+      expertsPerToken: () => Tensor.empty([E + 1], { dtype: 'i32', device }),
+    },
+    (r) => {
+      native().routerExpertChoice(logits.handle, scoreCode[cfg.scoreFunction], C, cfg.routeScale, r.scores.handle, r.slot.handle, r.weights.handle,
+        r.indices.handle, r.tokensPerExpert.handle, r.expertsPerToken.handle, r.nanRows.handle);
+      if (checkNaN) throwOnBadRows(r.nanRows, op);
+    },
+  );
+  return { ...o, capacity: C };
+}
+
 export interface RouterBackwardOptions {
   /** Write (or, with accumulate, add) into this [T,E] f32 tensor. */
   out?: Tensor;
@@ -184,10 +276,11 @@ export interface RouterBackwardOptions {
 /**
  * dLogits [T,E] from dWeights [T,k], given what the forward saved (scores and indices). Through
  * the normalisation and routeScale; softmax: full Jacobian; sigmoid: s(1-s). The bias has no gradient.
+ * Expert choice: dWeights [T,E] and the forward's slot (only chosen pairs carry a gradient).
  */
 export function routerBackward(
   dWeights: Tensor,
-  saved: { scores: Tensor; indices: Tensor },
+  saved: { scores: Tensor; indices: Tensor; slot?: Tensor },
   config: RouterConfig | ResolvedRouterConfig,
   options: RouterBackwardOptions = {},
 ): Tensor {
@@ -196,14 +289,19 @@ export function routerBackward(
   const cfg = resolve(config);
   checkTensor(dWeights, op, 'dWeights');
   const T = checkLogits(checkTensor(saved?.scores, op, 'scores'), cfg, op, 'scores');
-  checkTensor(saved.indices, op, 'indices');
+  const ec = cfg.routing === 'expert-choice';
+  if (ec) checkTensor(saved.slot, op, 'slot');
+  else checkTensor(saved.indices, op, 'indices');
   if (options.accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out'`);
   const o = withOutputs<{ dLogits: Tensor }>(
     op,
     { dLogits: options.out },
     { dLogits: () => Tensor.empty([T, cfg.numExperts], { dtype: 'f32', device: saved.scores.device }) },
     (r) =>
-      native().routerBackward(
+      ec
+        ? native().routerExpertChoiceBackward(dWeights.handle, saved.scores.handle, (saved.slot as Tensor).handle, scoreCode[cfg.scoreFunction],
+          cfg.routeScale, r.dLogits.handle, options.accumulate ?? false)
+        : native().routerBackward(
         dWeights.handle,
         saved.scores.handle,
         saved.indices.handle,
@@ -251,6 +349,7 @@ export function balanceLoss(
 ): Tensor {
   const op = 'balanceLoss';
   const cfg = resolve(config);
+  if (cfg.routing === 'expert-choice') invalidArgument(op, `not defined for routing 'expert-choice' (every expert takes exactly C tokens)`);
   const T = checkLogits(scores, cfg, op, 'scores');
   checkTensor(indices, op, 'indices');
   checkKeys(options, op, { coefficient: true, dLogits: true, out: true, seqLen: true });
@@ -295,7 +394,7 @@ export class Router {
   forward(logits: Tensor, options: RouterForwardOptions = {}): RouterOutputs {
     return routerForward(logits, this.config, options);
   }
-  backward(dWeights: Tensor, saved: { scores: Tensor; indices: Tensor }, options: RouterBackwardOptions = {}): Tensor {
+  backward(dWeights: Tensor, saved: { scores: Tensor; indices: Tensor; slot?: Tensor }, options: RouterBackwardOptions = {}): Tensor {
     return routerBackward(dWeights, saved, this.config, options);
   }
   balanceLoss(scores: Tensor, indices: Tensor, options: LossOptions & { seqLen?: number }): Tensor {

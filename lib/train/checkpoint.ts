@@ -11,15 +11,22 @@
  * Atomic commit (save): every rank writes its file into <root>/.tmp-step-<N>-<nonce>/ and fsyncs it
  * and the folder; the ranks exchange what they wrote (a collective, which is also the barrier); rank 0
  * writes replicated.safetensors before the exchange and manifest.json after it, fsyncs, renames the
- * folder to <root>/step-<N>, fsyncs <root>, writes `latest.tmp`, fsyncs, renames it to `latest`, and
- * finally prunes old checkpoints (`keep`). A crash at any point leaves every committed checkpoint and
- * `latest` as they were: a step folder exists only once complete, and `latest` only names one.
- * All ranks must see <root> on one shared filesystem.
+ * folder to <root>/step-<N>, fsyncs <root>, writes `latest` through a fresh temporary (fsync, rename),
+ * and finally prunes old checkpoints (`keep`). A crash at any point leaves every committed checkpoint
+ * findable: a step folder exists only once complete, and `latest` only names one. Saving a step that
+ * exists moves the old folder to .old-step-<N>-<hex> first; until the new one has its name, readers
+ * take that folder as step N and the next prune or save renames it back, so no crash loses it. Folders
+ * being deleted are renamed .del-* first and are never read. All ranks must see <root> on one shared
+ * filesystem.
  *
- * Load: checks the manifest (format and version), that every file exists with its recorded size,
- * and (verify, default on) the SHA-256 of every file it opens; a mismatch names the directory, the
- * file and, by per-tensor checksums, the damaged tensor. Tensors are read by name onto any device,
- * so a different EP size reads just the experts it now owns.
+ * Load: every file goes through lib/train/safe-files.ts (plain names, containment after resolving
+ * links, regular files only, size caps, bounded JSON). The manifest is validated field by field
+ * (errors name the field); every file must exist with its recorded size; verify (default on) checks
+ * the SHA-256 of every file it opens — one pass over its bytes — and a mismatch names the directory,
+ * the file and, by per-tensor checksums, the damaged tensor. verifyAll() (and `moe-ep ckpt inspect`)
+ * also checks each header against the manifest and every tensor's own SHA-256. Tensors are read by
+ * name onto any device, so a different EP size reads just the experts it now owns. A root resolves
+ * to the newest committed checkpoint that passes these checks (latestCheckpoint()).
  */
 import { randomBytes, createHash } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -27,10 +34,25 @@ import { basename, join } from 'node:path';
 
 import { type DeviceLike } from '../device.js';
 import { type Communicator } from '../dist/communicator.js';
-import { type DType, storageView } from '../dtype.js';
-import { checkOptions, CheckpointError, invalidArgument, checkKeys } from '../errors.js';
+import { type DType, DTYPES, dtypeSize, storageView } from '../dtype.js';
+import { checkOptions, CheckpointError, InvalidArgumentError, invalidArgument, checkKeys } from '../errors.js';
 import { Tensor } from '../tensor.js';
-import { SafetensorsFile, type SafetensorsEntry, toDType, writeSafetensors } from './safetensors.js';
+import {
+  checkPlainName,
+  FILE_LIMITS,
+  fsyncDir,
+  isTemporaryName,
+  openRegular,
+  readJson,
+  readRegular,
+  realFolder,
+  resolveInside,
+  statRegular,
+  writeFileAtomic,
+} from './safe-files.js';
+import { SafetensorsFile, type SafetensorsEntry, writeSafetensors } from './safetensors.js';
+
+export { fsyncDir };
 
 export const CHECKPOINT_FORMAT = 'moe-ep-checkpoint';
 export const CHECKPOINT_FORMAT_VERSION = 1;
@@ -124,21 +146,30 @@ export function stepDirName(step: number): string {
 }
 
 function parseStepDir(name: string): number | undefined {
-  const m = /^step-(\d+)$/.exec(name);
+  const m = /^step-(\d{1,15})$/.exec(name);
   return m ? Number(m[1]) : undefined;
 }
+
+/** A committed folder moved aside by a re-save of its step (.old-step-N-<hex>): its step, else undefined. */
+function parseAsideDir(name: string): number | undefined {
+  const m = /^\.old-step-(\d{1,15})-[0-9a-f]+$/.exec(name);
+  return m ? Number(m[1]) : undefined;
+}
+
+/** A random suffix for folder names of one save or deletion. */
+const nonce = (bytes = 4): string => randomBytes(bytes).toString('hex');
 
 function ckptError(where: string, message: string): never {
   throw new CheckpointError(`checkpoint ${where}: ${message}`);
 }
 
-/** fsync a directory (its entries: created, renamed, removed files) through a read-only fd. */
-export function fsyncDir(dir: string): void {
-  const fd = fs.openSync(dir, 'r');
+/** Whether `name` has an entry in `dir` (a link counts, even a dangling one). */
+function entryExists(dir: string, name: string): boolean {
   try {
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
+    fs.lstatSync(join(dir, name));
+    return true;
+  } catch {
+    return false;
   }
 }
 
@@ -220,7 +251,13 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   let report: RankReport;
   let written = 0;
   try {
-    fs.mkdirSync(tmp, { recursive: true });
+    fs.mkdirSync(root, { recursive: true });
+    try {
+      fs.mkdirSync(tmp);
+    } catch (e) {
+      // Another rank of this save may have made it first; anything but that folder is refused.
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST' || size === 1 || !fs.lstatSync(tmp).isDirectory()) throw e;
+    }
     const files: RankReport['files'] = [];
     const write = (file: string, tensors: Record<string, Tensor | RawTensor>, fileRank?: number): void => {
       const entries = Object.entries(tensors).map(([n, t]) => entryOf(n, t));
@@ -296,9 +333,10 @@ export function writeCheckpoint(
   if (!Number.isSafeInteger(step) || step < 0) invalidArgument('writeCheckpoint', `'step' must be a non-negative integer; received ${String(step)}`);
   const extras = options.manifestExtras ?? {};
   for (const k of Object.keys(extras)) if (RESERVED.has(k)) invalidArgument('writeCheckpoint', `manifestExtras.${k} is reserved for the manifest itself`);
+  for (const [i, f] of options.files.entries()) checkPlainName(f.file, `writeCheckpoint: files[${i}].file`, InvalidArgumentError);
   fs.mkdirSync(root, { recursive: true });
   const name = stepDirName(step);
-  const tmp = join(root, `.tmp-${name}-${randomBytes(6).toString('hex')}`);
+  const tmp = join(root, `.tmp-${name}-${nonce(6)}`);
   fs.mkdirSync(tmp);
   let bytes = 0;
   try {
@@ -324,96 +362,244 @@ export function writeCheckpoint(
   return { dir: join(root, name), step, bytes, ms: Date.now() - t0 };
 }
 
-/** Rank 0's commit: manifest last, fsync, rename into place, fsync root, then `latest`. */
+/**
+ * Rank 0's commit: manifest last, fsync, rename into place, fsync root, then `latest`. A step that
+ * exists is moved aside first and discarded only once the new one is committed (see the module doc).
+ */
 function commitDir(root: string, tmp: string, finalDir: string, manifest: CheckpointManifest): void {
-  const mpath = join(tmp, MANIFEST_FILE);
-  const fd = fs.openSync(mpath, 'w');
-  try {
-    fs.writeSync(fd, `${JSON.stringify(manifest, null, 1)}\n`);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
+  writeFileAtomic(join(tmp, MANIFEST_FILE), `${JSON.stringify(manifest, null, 1)}\n`);
   fsyncDir(tmp);
-  // Saving a step that exists (a run resumed from an earlier one): move the old one aside first.
-  let aside: string | null = null;
-  if (fs.existsSync(finalDir)) {
-    aside = join(root, `.old-${basename(finalDir)}-${randomBytes(4).toString('hex')}`);
-    fs.renameSync(finalDir, aside);
+  const name = basename(finalDir);
+  if (entryExists(root, name)) {
+    // Asides of this step left by an earlier crash are stale while step-N exists; gone first, so that
+    // a crash below leaves exactly one aside, the folder committed last.
+    for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
+    fs.renameSync(finalDir, join(root, `.old-${name}-${nonce()}`));
+    // Durable before the new folder takes the name: a crash now leaves the old one findable as step N.
+    fsyncDir(root);
   }
   fs.renameSync(tmp, finalDir);
   fsyncDir(root);
-  writeLatest(root, basename(finalDir));
-  if (aside) fs.rmSync(aside, { recursive: true, force: true });
+  writeLatest(root, name);
+  // Only now is the old copy (and any an earlier crash left) garbage.
+  for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
 }
 
+/** `latest` through a fresh temporary, created exclusively: a planted link there is replaced, never followed. */
 function writeLatest(root: string, name: string): void {
-  const tmpPath = join(root, `${LATEST_FILE}.tmp`);
-  const fd = fs.openSync(tmpPath, 'w');
-  try {
-    fs.writeSync(fd, `${name}\n`);
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmpPath, join(root, LATEST_FILE));
+  writeFileAtomic(join(root, LATEST_FILE), `${name}\n`);
   fsyncDir(root);
 }
 
-/** Committed checkpoints under root (folders step-N holding a manifest), oldest first. */
+/** Deletes an entry of root: renamed .del-* first, so a crash mid-delete never leaves a folder that looks committed. */
+function discard(root: string, name: string): void {
+  const doomed = join(root, `.del-${nonce()}-${name.replace(/^\.+/, '')}`);
+  fs.renameSync(join(root, name), doomed);
+  fs.rmSync(doomed, { recursive: true, force: true }); // a link is removed, never followed
+}
+
+export interface SkippedCheckpoint {
+  /** The folder (or `latest`) passed over. */
+  dir: string;
+  /** Why: the CheckpointError it gave. */
+  reason: string;
+}
+
+interface Candidate {
+  /** Its entry in root: step-N, or .old-step-N-<hex> standing in for a missing step-N. */
+  name: string;
+  dir: string;
+  step: number;
+}
+
+/** Entries of root that may hold committed checkpoints, newest step first (an aside after its step-N). */
+function candidates(root: string, rootReal: string): Candidate[] {
+  const names = fs.readdirSync(rootReal);
+  const steps = new Set(names.filter((n) => parseStepDir(n) !== undefined));
+  const out: Candidate[] = [];
+  for (const n of names) {
+    const step = parseStepDir(n);
+    const aside = step === undefined ? parseAsideDir(n) : undefined;
+    // An aside counts only while its step has no folder (a crash between the two renames of a re-save).
+    if (step !== undefined) out.push({ name: n, dir: join(root, n), step });
+    else if (aside !== undefined && !steps.has(stepDirName(aside))) out.push({ name: n, dir: join(root, n), step: aside });
+  }
+  return out.sort((a, b) => b.step - a.step || Number(a.name.startsWith('.')) - Number(b.name.startsWith('.')) || (a.name < b.name ? -1 : 1));
+}
+
+interface Located {
+  /** The folder as the caller named it (root joined with the step folder's name). */
+  dir: string;
+  /** Its real path: every file read must lie inside. */
+  real: string;
+  manifest: CheckpointManifest;
+  skipped: SkippedCheckpoint[];
+}
+
+/** A candidate checked as committed: inside root, a folder, a valid manifest of its step, every file there with its size. */
+function verifyCandidate(rootReal: string, c: Candidate): Located {
+  const real = resolveInside(rootReal, c.name, `checkpoint ${c.dir}`);
+  if (real === undefined || !fs.statSync(real).isDirectory()) ckptError(c.dir, 'is not a folder');
+  const manifest = readManifestAt(c.dir, real, [c.name]);
+  checkFiles(c.dir, real, manifest);
+  return { dir: c.dir, real, manifest, skipped: [] };
+}
+
+/**
+ * The newest committed checkpoint of a root that passes verifyCandidate(): the one `latest` names,
+ * unless a higher step was committed after it (a save that died before moving `latest`); when that
+ * one fails, the next older. What was passed over, and why, is in `skipped`.
+ */
+function findLatest(root: string, rootReal: string): { found: Located | null; skipped: SkippedCheckpoint[] } {
+  const skipped: SkippedCheckpoint[] = [];
+  const tryOne = (c: Candidate): Located | null => {
+    try {
+      return verifyCandidate(rootReal, c);
+    } catch (e) {
+      if (!(e instanceof CheckpointError)) throw e;
+      skipped.push({ dir: c.dir, reason: e.message });
+      return null;
+    }
+  };
+  let pointer: number | undefined;
+  if (entryExists(rootReal, LATEST_FILE)) {
+    const where = join(root, LATEST_FILE);
+    try {
+      const path = resolveInside(rootReal, LATEST_FILE, `checkpoint ${where}`);
+      if (path === undefined) ckptError(where, 'is a link to nothing');
+      const text = readRegular(path, { what: `checkpoint ${where}`, maxBytes: FILE_LIMITS.latest }).toString('utf8').trim();
+      pointer = parseStepDir(text);
+      if (pointer === undefined) ckptError(where, `names ${JSON.stringify(text.slice(0, 80))}, not a step folder`);
+    } catch (e) {
+      if (!(e instanceof CheckpointError)) throw e;
+      skipped.push({ dir: where, reason: e.message });
+    }
+  }
+  const all = candidates(root, rootReal);
+  // The newest (by createdAt) of the candidates of one step that verify: normally there is one; an
+  // aside stands in for a missing step-N, and should several be left, the one committed last wins.
+  const bestOf = (step: number): Located | null => {
+    let best: Located | null = null;
+    for (const c of all.filter((x) => x.step === step)) {
+      const v = tryOne(c);
+      if (v && (!best || Date.parse(v.manifest.createdAt) > Date.parse(best.manifest.createdAt))) best = v;
+    }
+    return best;
+  };
+  const steps = [...new Set(all.map((c) => c.step))]; // newest first
+  if (pointer !== undefined) {
+    const base = bestOf(pointer);
+    if (base) {
+      // Committed after `latest` was written: a higher step with a later date (an abandoned run's
+      // higher steps, from before a resume at an earlier step, are older and stay passed over).
+      const since = Date.parse(base.manifest.createdAt);
+      for (const step of steps.filter((x) => x > (pointer as number))) {
+        const v = bestOf(step);
+        if (v && Date.parse(v.manifest.createdAt) >= since) return { found: { ...v, skipped }, skipped };
+      }
+      return { found: { ...base, skipped }, skipped };
+    }
+    if (!steps.includes(pointer)) skipped.push({ dir: join(root, LATEST_FILE), reason: `checkpoint ${join(root, LATEST_FILE)}: names ${stepDirName(pointer)}, which is not there` });
+  }
+  for (const step of steps) {
+    if (step === pointer) continue; // tried above
+    const v = bestOf(step);
+    if (v) return { found: { ...v, skipped }, skipped };
+  }
+  return { found: null, skipped };
+}
+
+/**
+ * Committed checkpoints under root (folders step-N inside root holding a manifest; a folder moved
+ * aside by an interrupted re-save stands in for its missing step), oldest first. Cheap: manifests
+ * are not read (latestCheckpoint() verifies).
+ */
 export function listCheckpoints(root: string): { dir: string; step: number }[] {
-  let names: string[];
+  let rootReal: string;
   try {
-    names = fs.readdirSync(root);
+    rootReal = realFolder(root, `checkpoint ${root}`);
   } catch {
     return [];
   }
   const out: { dir: string; step: number }[] = [];
-  for (const n of names) {
-    const step = parseStepDir(n);
-    if (step !== undefined && fs.existsSync(join(root, n, MANIFEST_FILE))) out.push({ dir: join(root, n), step });
+  const seen = new Set<number>();
+  for (const c of candidates(root, rootReal)) {
+    if (seen.has(c.step)) continue;
+    try {
+      const real = resolveInside(rootReal, c.name, c.dir);
+      if (real === undefined || !fs.statSync(real).isDirectory() || !entryExists(real, MANIFEST_FILE)) continue;
+    } catch {
+      continue; // outside root: never a checkpoint of this root
+    }
+    seen.add(c.step);
+    out.push({ dir: c.dir, step: c.step });
   }
-  return out.sort((a, b) => a.step - b.step);
+  return out.reverse();
 }
 
 /**
- * The checkpoint `latest` names, or (when `latest` is missing or names a folder that is gone) the
- * committed checkpoint with the highest step; null when there is none. Temporary folders are never
- * candidates.
+ * The newest committed checkpoint under root that verifies (manifest valid, every file present with
+ * its size; checksums are checked as files are read): normally the one `latest` names; a higher
+ * step committed after it when a save died before moving `latest`; the next older when the newest
+ * fails. null when there is none. `skipped` lists what was passed over and why. Temporary folders
+ * are never candidates.
  */
-export function latestCheckpoint(root: string): { dir: string; step: number } | null {
+export function latestCheckpoint(root: string): { dir: string; step: number; skipped?: SkippedCheckpoint[] } | null {
+  let rootReal: string;
   try {
-    const name = fs.readFileSync(join(root, LATEST_FILE), 'utf8').trim();
-    const step = parseStepDir(name);
-    if (step !== undefined && fs.existsSync(join(root, name, MANIFEST_FILE))) return { dir: join(root, name), step };
+    rootReal = realFolder(root, `checkpoint ${root}`);
   } catch {
-    // no pointer: scan
+    return null;
   }
-  const all = listCheckpoints(root);
-  return all[all.length - 1] ?? null;
+  const { found, skipped } = findLatest(root, rootReal);
+  if (!found) return null;
+  return { dir: found.dir, step: found.manifest.step, ...(skipped.length ? { skipped } : {}) };
+}
+
+/** Renames the newest verified aside of each step that has no folder back to step-N (a writer's repair after a crash mid re-save). */
+function recoverAsides(root: string, rootReal: string): void {
+  const newest = new Map<number, { name: string; at: number }>();
+  for (const c of candidates(root, rootReal)) {
+    if (!c.name.startsWith('.old-') || entryExists(rootReal, stepDirName(c.step))) continue;
+    let at: number;
+    try {
+      at = Date.parse(verifyCandidate(rootReal, c).manifest.createdAt);
+    } catch (e) {
+      if (e instanceof CheckpointError) continue; // left in place: latestCheckpoint() reports it
+      throw e;
+    }
+    if (!newest.has(c.step) || at > (newest.get(c.step) as { at: number }).at) newest.set(c.step, { name: c.name, at });
+  }
+  for (const [step, { name }] of newest) fs.renameSync(join(root, name), join(root, stepDirName(step)));
+  if (newest.size) fsyncDir(root);
 }
 
 /**
  * Deletes all but the newest `keep` checkpoints (never `protect`), and leftovers of interrupted
- * saves (.tmp-*, .old-*). Called by rank 0 after a commit; assumes no other save is running.
+ * saves (.tmp-*, .del-*, temporaries, folders moved aside whose step has been saved again); the
+ * newest aside of a step that has no folder is renamed back first. Called by rank 0 after a commit; assumes
+ * no other save is running. Nothing outside root is touched (links are removed, not followed).
  */
 export function pruneCheckpoints(root: string, keep: number, protect?: string): string[] {
   // keep < 1 (or NaN, which slice() reads as 0) would delete every checkpoint.
   if (!Number.isSafeInteger(keep) || keep < 1) invalidArgument('pruneCheckpoints', `'keep' must be a positive integer; received ${String(keep)}`);
+  const rootReal = realFolder(root, `checkpoint ${root}`);
+  recoverAsides(root, rootReal);
   const removed: string[] = [];
   const all = listCheckpoints(root);
   for (const c of all.slice(0, Math.max(0, all.length - keep))) {
-    if (basename(c.dir) === protect) continue;
-    // Rename first so a crash mid-delete never leaves a step folder that looks committed but is not.
-    const doomed = join(root, `.old-${basename(c.dir)}-${randomBytes(4).toString('hex')}`);
-    fs.renameSync(c.dir, doomed);
-    fs.rmSync(doomed, { recursive: true, force: true });
+    const name = basename(c.dir);
+    if (name === protect || parseStepDir(name) === undefined) continue;
+    discard(root, name);
     removed.push(c.dir);
   }
-  for (const n of fs.readdirSync(root)) {
-    if ((n.startsWith('.tmp-step-') || n.startsWith('.old-step-')) && !n.includes(protect ?? '\0')) {
-      fs.rmSync(join(root, n), { recursive: true, force: true });
-    }
+  const names = fs.readdirSync(rootReal);
+  for (const n of names) {
+    const aside = parseAsideDir(n);
+    const stale = aside !== undefined && names.includes(stepDirName(aside));
+    // No save is running (see above): every .tmp-step-* is a leftover, the protected step's too.
+    if (stale || n.startsWith('.tmp-step-')) discard(root, n);
+    else if (n.startsWith('.del-') || isTemporaryName(n)) fs.rmSync(join(root, n), { recursive: true, force: true });
   }
   fsyncDir(root);
   return removed;
@@ -434,45 +620,122 @@ export interface GetOptions {
   dtype?: DType;
 }
 
-/** Reads and checks manifest.json of a step folder (format, version, internal consistency). */
-export function readManifest(dir: string): CheckpointManifest {
-  const path = join(dir, MANIFEST_FILE);
-  let text: string;
-  try {
-    text = fs.readFileSync(path, 'utf8');
-  } catch (e) {
-    ckptError(dir, `cannot read ${MANIFEST_FILE}: ${(e as Error).message} (an interrupted save never has one; is this a step folder?)`);
+const HEX64 = /^[0-9a-f]{64}$/;
+/** Dimensions a stored tensor may have. */
+const MAX_TENSOR_RANK = 64;
+
+const isObject = (v: unknown): v is Record<string, unknown> => v !== null && typeof v === 'object' && !Array.isArray(v);
+const show = (v: unknown): string => {
+  const t = v === undefined ? 'nothing' : JSON.stringify(v);
+  return t.length > 80 ? `${t.slice(0, 77)}...` : t;
+};
+const nonNegativeInt = (v: unknown): v is number => Number.isSafeInteger(v) && (v as number) >= 0;
+
+/**
+ * Checks a parsed manifest field by field before anything uses it, so a malformed one gives a
+ * CheckpointError naming the field ("manifest.json: files["rank-0.safetensors"].bytes must be …")
+ * rather than a TypeError deep inside a load.
+ */
+function validateManifest(m: unknown, dir: string): CheckpointManifest {
+  function bad(field: string, want: string, got: unknown): never {
+    ckptError(dir, `${MANIFEST_FILE}: ${field} must be ${want}; it has ${show(got)}`);
   }
-  let m: CheckpointManifest;
-  try {
-    m = JSON.parse(text) as CheckpointManifest;
-  } catch (e) {
-    ckptError(dir, `${MANIFEST_FILE} is not valid JSON: ${(e as Error).message}`);
+  if (!isObject(m) || m['format'] !== CHECKPOINT_FORMAT) ckptError(dir, `${MANIFEST_FILE} is not a moe-ep checkpoint manifest (format ${show(isObject(m) ? m['format'] : m)})`);
+  const version = m['formatVersion'];
+  if (version !== CHECKPOINT_FORMAT_VERSION) {
+    ckptError(dir, `${MANIFEST_FILE} has format version ${show(version)}; this moe-ep reads version ${CHECKPOINT_FORMAT_VERSION}${typeof version === 'number' && version > CHECKPOINT_FORMAT_VERSION ? ' (written by a newer moe-ep: upgrade)' : ''}`);
   }
-  if (m === null || typeof m !== 'object' || m.format !== CHECKPOINT_FORMAT) ckptError(dir, `${MANIFEST_FILE} is not a moe-ep checkpoint manifest (format ${JSON.stringify((m as { format?: unknown } | null)?.format)})`);
-  if (m.formatVersion !== CHECKPOINT_FORMAT_VERSION) {
-    ckptError(dir, `${MANIFEST_FILE} has format version ${JSON.stringify(m.formatVersion)}; this moe-ep reads version ${CHECKPOINT_FORMAT_VERSION}${typeof m.formatVersion === 'number' && m.formatVersion > CHECKPOINT_FORMAT_VERSION ? ' (written by a newer moe-ep: upgrade)' : ''}`);
+  if (!nonNegativeInt(m['step'])) bad('step', 'a non-negative integer', m['step']);
+  if (typeof m['createdAt'] !== 'string' || Number.isNaN(Date.parse(m['createdAt']))) bad('createdAt', 'an ISO date string', m['createdAt']);
+  const world = m['world'];
+  if (!isObject(world) || !Number.isSafeInteger(world['size']) || (world['size'] as number) < 1) bad('world.size', 'a positive integer', isObject(world) ? world['size'] : world);
+  const worldSize = (world as { size: number }).size;
+  const files = m['files'];
+  if (!isObject(files)) bad('files', 'an object of file records', files);
+  for (const [name, rec] of Object.entries(files as Record<string, unknown>)) {
+    const f = `files[${JSON.stringify(name)}]`;
+    checkPlainName(name, `checkpoint ${dir}: ${MANIFEST_FILE}: ${f}`);
+    if (!isObject(rec)) bad(f, 'an object with bytes and sha256', rec);
+    if (!nonNegativeInt(rec['bytes'])) bad(`${f}.bytes`, 'a non-negative integer', rec['bytes']);
+    if (typeof rec['sha256'] !== 'string' || !HEX64.test(rec['sha256'])) bad(`${f}.sha256`, '64 hex digits', rec['sha256']);
+    if (rec['rank'] !== undefined && !(nonNegativeInt(rec['rank']) && rec['rank'] < worldSize)) bad(`${f}.rank`, `a rank below world.size ${worldSize}`, rec['rank']);
   }
-  const isObject = (v: unknown): boolean => v !== null && typeof v === 'object' && !Array.isArray(v);
-  if (!Number.isSafeInteger(m.step) || !isObject(m.files) || !isObject(m.tensors)) ckptError(dir, `${MANIFEST_FILE} lacks step, files or tensors`);
-  if (!isObject(m.world) || !Number.isSafeInteger(m.world.size) || m.world.size < 1) ckptError(dir, `${MANIFEST_FILE}: world.size must be a positive integer; it has ${JSON.stringify(m.world)}`);
-  for (const [n, t] of Object.entries(m.tensors)) {
-    if (!isObject(t) || typeof t.file !== 'string' || !Array.isArray(t.shape) || !t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      ckptError(dir, `${MANIFEST_FILE}: tensor '${n}' needs a file, a dtype and a shape of non-negative integers; it has ${JSON.stringify(t)}`);
-    }
-    if (!m.files[t.file]) ckptError(dir, `${MANIFEST_FILE} puts tensor '${n}' in ${t.file}, which it does not list`);
-    if (!toDType(t.dtype)) ckptError(dir, `${MANIFEST_FILE}: tensor '${n}' has unknown dtype ${JSON.stringify(t.dtype)}`);
+  const tensors = m['tensors'];
+  if (!isObject(tensors)) bad('tensors', 'an object of tensor records', tensors);
+  for (const [name, t] of Object.entries(tensors as Record<string, unknown>)) {
+    const f = `tensors[${JSON.stringify(name)}]`;
+    if (name === '' || name === '__metadata__') bad(f, 'a tensor name', name);
+    if (!isObject(t)) bad(f, 'an object with file, dtype, shape and sha256', t);
+    const file = t['file'];
+    if (typeof file !== 'string' || !Object.hasOwn(files as object, file)) ckptError(dir, `${MANIFEST_FILE} puts tensor '${name}' in ${show(file)}, which it does not list under files`);
+    if (!(DTYPES as readonly unknown[]).includes(t['dtype'])) bad(`${f}.dtype`, `one of ${DTYPES.join(', ')}`, t['dtype']);
+    const shape = t['shape'];
+    if (!Array.isArray(shape) || shape.length > MAX_TENSOR_RANK || !shape.every(nonNegativeInt)) bad(`${f}.shape`, `an array of at most ${MAX_TENSOR_RANK} non-negative integers`, shape);
+    const bytes = (shape as number[]).reduce((a, d) => a * d, dtypeSize[t['dtype'] as DType]);
+    const fileBytes = ((files as Record<string, ManifestFile>)[file as string] as ManifestFile).bytes;
+    if (bytes > fileBytes) bad(`${f}.shape`, `a tensor that fits its file (${fileBytes} bytes)`, shape);
+    if (typeof t['sha256'] !== 'string' || !HEX64.test(t['sha256'])) bad(`${f}.sha256`, '64 hex digits', t['sha256']);
+  }
+  const ep = m['ep'];
+  if (ep !== undefined) {
+    if (!isObject(ep)) bad('ep', 'an object {size, expertsPerRank, numExperts}', ep);
+    for (const k of ['size', 'expertsPerRank'] as const) if (!Number.isSafeInteger(ep[k]) || (ep[k] as number) < 1) bad(`ep.${k}`, 'a positive integer', ep[k]);
+    const E = (ep['size'] as number) * (ep['expertsPerRank'] as number);
+    if (ep['numExperts'] !== undefined && ep['numExperts'] !== E) bad('ep.numExperts', `ep.size × ep.expertsPerRank = ${E}`, ep['numExperts']);
+  }
+  return m as unknown as CheckpointManifest;
+}
+
+/**
+ * manifest.json of the step folder `dir` (real path `real`), read through the safe file layer and
+ * validated; the step must agree with the folder's name (each of `names` that names a step).
+ */
+function readManifestAt(dir: string, real: string, names: string[] = []): CheckpointManifest {
+  const path = resolveInside(real, MANIFEST_FILE, `checkpoint ${dir}: ${MANIFEST_FILE}`);
+  if (path === undefined) ckptError(dir, `cannot read ${MANIFEST_FILE}: it is missing (an interrupted save never has one; is this a step folder?)`);
+  const m = validateManifest(readJson(path, { what: `checkpoint ${dir}: ${MANIFEST_FILE}`, maxBytes: FILE_LIMITS.manifest }), dir);
+  for (const n of [...names, basename(dir), basename(real)]) {
+    const named = parseStepDir(n) ?? parseAsideDir(n);
+    if (named !== undefined && named !== m.step) ckptError(dir, `${MANIFEST_FILE} says step ${m.step} but its folder is named ${n}`);
   }
   return m;
 }
 
+/** Reads and checks manifest.json of a step folder (format, version, every field, the step against the folder name). */
+export function readManifest(dir: string): CheckpointManifest {
+  if (typeof dir !== 'string' || dir === '') invalidArgument('readManifest', `'dir' must be a step folder (a non-empty string); received ${String(dir)}`);
+  return readManifestAt(dir, realFolder(dir, `checkpoint ${dir}`));
+}
+
+/** Every file of the manifest inside the folder, a regular file with its recorded size. */
+function checkFiles(dir: string, real: string, manifest: CheckpointManifest): void {
+  for (const [file, rec] of Object.entries(manifest.files)) checkFileSize(dir, real, file, rec, manifest);
+}
+
+/**
+ * Resolves a path to a checkpoint: a step folder (it has a manifest.json) as it is, a root through
+ * findLatest(). `checkFiles` (default true) also checks a step folder's files and sizes.
+ */
+export function locateCheckpoint(path: string, options: { checkFiles?: boolean } = {}): Located {
+  options = checkOptions(options, 'locateCheckpoint', { checkFiles: true });
+  if (typeof path !== 'string' || path === '') invalidArgument('loadCheckpoint', `'path' must be a checkpoint folder (a non-empty string); received ${String(path)}`);
+  const real = realFolder(path, `checkpoint ${path}`);
+  if (entryExists(real, MANIFEST_FILE)) {
+    const manifest = readManifestAt(path, real);
+    if (options.checkFiles ?? true) checkFiles(path, real, manifest);
+    return { dir: path, real, manifest, skipped: [] };
+  }
+  const { found, skipped } = findLatest(path, real);
+  if (!found) {
+    const why = skipped.length ? `; passed over: ${skipped.map((s) => s.reason).join('; ')}` : '';
+    ckptError(path, `no committed checkpoint here (no ${MANIFEST_FILE}, no '${LATEST_FILE}', no step-* folder with a valid manifest and all its files)${why}`);
+  }
+  return found;
+}
+
 /** Resolves a root (via `latest`) or a step folder to a step folder. */
 export function resolveCheckpointDir(path: string): string {
-  if (typeof path !== 'string' || path === '') invalidArgument('loadCheckpoint', `'path' must be a checkpoint folder (a non-empty string); received ${String(path)}`);
-  if (fs.existsSync(join(path, MANIFEST_FILE))) return path;
-  const l = latestCheckpoint(path);
-  if (!l) ckptError(path, `no committed checkpoint here (no ${MANIFEST_FILE}, no '${LATEST_FILE}', no step-* folder with a manifest)`);
-  return l.dir;
+  return locateCheckpoint(path).dir;
 }
 
 export class CheckpointReader implements Disposable {
@@ -481,16 +744,22 @@ export class CheckpointReader implements Disposable {
   readonly verify: boolean;
   readonly rank: number;
   readonly size: number;
+  /** Newer checkpoints of the root passed over because they failed verification (empty for a step folder). */
+  readonly skipped: readonly SkippedCheckpoint[];
+  /** The folder's real path: every file read lies inside it. */
+  private readonly real: string;
   private readonly open = new Map<string, SafetensorsFile>();
   private readonly verified = new Set<string>();
 
   /** @internal use loadCheckpoint() */
-  constructor(dir: string, manifest: CheckpointManifest, options: LoadOptions) {
+  constructor(dir: string, manifest: CheckpointManifest, options: LoadOptions, located?: { real: string; skipped: readonly SkippedCheckpoint[] }) {
     this.dir = dir;
     this.manifest = manifest;
     this.verify = options.verify ?? true;
     this.rank = options.comm?.rank ?? 0;
     this.size = options.comm?.size ?? 1;
+    this.real = located?.real ?? realFolder(dir, `checkpoint ${dir}`);
+    this.skipped = located?.skipped ?? [];
   }
 
   get step(): number {
@@ -517,14 +786,21 @@ export class CheckpointReader implements Disposable {
     return t;
   }
 
-  /** The SHA-256 check of one file (once per reader); throws naming the file and the damaged tensors. */
+  /** The resolved path of a listed file: inside the folder, a regular file of its recorded size. */
+  private pathOf(file: string): string {
+    if (typeof file !== 'string' || !Object.hasOwn(this.manifest.files, file)) ckptError(this.dir, `${String(file)} is not listed in ${MANIFEST_FILE}`);
+    return checkFileSize(this.dir, this.real, file, this.manifest.files[file] as ManifestFile, this.manifest);
+  }
+
+  /**
+   * The SHA-256 check of one file (once per reader): one pass over its bytes, as loading does when
+   * verify is on. Throws naming the file and the damaged tensors.
+   */
   verifyFile(file: string): void {
     if (this.verified.has(file)) return;
-    const rec = this.manifest.files[file];
-    if (!rec) ckptError(this.dir, `${file} is not listed in ${MANIFEST_FILE}`);
-    const path = join(this.dir, file);
-    checkFileSize(this.dir, file, rec, this.manifest);
-    const fd = fs.openSync(path, 'r');
+    const path = this.pathOf(file);
+    const rec = this.manifest.files[file] as ManifestFile;
+    const { fd } = openRegular(path, { what: `checkpoint ${this.dir}: ${file}` });
     const hash = createHash('sha256');
     try {
       const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(rec.bytes, 1)));
@@ -539,21 +815,78 @@ export class CheckpointReader implements Disposable {
     }
     const got = hash.digest('hex');
     if (got !== rec.sha256) {
-      ckptError(this.dir, `${file} fails its SHA-256 check (manifest ${rec.sha256.slice(0, 16)}…, file ${got.slice(0, 16)}…): ${this.locateDamage(file)}`);
+      ckptError(this.dir, `${file} fails its SHA-256 check (manifest ${rec.sha256.slice(0, 16)}…, file ${got.slice(0, 16)}…): ${this.locateDamage(file, path)}`);
     }
     this.verified.add(file);
   }
 
-  /** Verifies every file of the checkpoint. */
+  /**
+   * Everything about one file: its SHA-256, its header (readable, holding exactly the tensors the
+   * manifest puts there, with their dtypes and shapes) and every tensor's own SHA-256, in one read
+   * (two hashes per byte: about twice the CPU of verifyFile()).
+   */
+  auditFile(file: string): void {
+    const path = this.pathOf(file);
+    const rec = this.manifest.files[file] as ManifestFile;
+    let f: SafetensorsFile;
+    try {
+      f = SafetensorsFile.open(path);
+    } catch (e) {
+      ckptError(this.dir, `${file}: its header cannot be read (${(e as Error).message})`);
+    }
+    try {
+      const problems: string[] = [];
+      const listed = Object.entries(this.manifest.tensors).filter(([, t]) => t.file === file);
+      for (const [n, t] of listed) {
+        if (!f.has(n)) problems.push(`tensor '${n}' is missing from its header`);
+        else if (f.info(n).dtype !== t.dtype || f.info(n).shape.join() !== t.shape.join()) {
+          problems.push(`tensor '${n}' is ${f.info(n).dtype}[${f.info(n).shape}] in its header but ${t.dtype}[${t.shape}] in ${MANIFEST_FILE}`);
+        }
+      }
+      const extra = f.names.filter((n) => !listed.some(([m]) => m === n));
+      if (extra.length) problems.push(`its header holds ${extra.map((n) => `'${n}'`).slice(0, 5).join(', ')}, which ${MANIFEST_FILE} does not put there`);
+      // One pass: the whole file's hash, and each tensor's over its byte range.
+      const fileHash = createHash('sha256');
+      const ranges = [...f.tensors.values()].map((t) => ({ name: t.name, begin: f.dataStart + t.dataOffsets[0], end: f.dataStart + t.dataOffsets[1], hash: createHash('sha256') }));
+      const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(f.size, 1)));
+      let next = 0;
+      for (let pos = 0; pos < f.size; ) {
+        const n = f.readAt(chunk, pos);
+        const part = chunk.subarray(0, n);
+        fileHash.update(part);
+        for (let i = next; i < ranges.length; i++) {
+          const r = ranges[i] as (typeof ranges)[number];
+          if (r.begin >= pos + n) break;
+          r.hash.update(part.subarray(Math.max(r.begin - pos, 0), Math.min(r.end - pos, n)));
+          if (r.end <= pos + n) next = i + 1;
+        }
+        pos += n;
+      }
+      const badTensors = ranges.filter((r) => Object.hasOwn(this.manifest.tensors, r.name) && this.manifest.tensors[r.name]?.file === file && r.hash.digest('hex') !== this.manifest.tensors[r.name]?.sha256).map((r) => `'${r.name}'`);
+      const got = fileHash.digest('hex');
+      if (got !== rec.sha256) {
+        const where = badTensors.length ? `damaged tensor${badTensors.length > 1 ? 's' : ''} ${badTensors.join(', ')}` : 'the damage is in its header (every tensor matches its checksum)';
+        problems.unshift(`fails its SHA-256 check (manifest ${rec.sha256.slice(0, 16)}…, file ${got.slice(0, 16)}…): ${where}`);
+      } else if (badTensors.length) {
+        problems.push(`tensor${badTensors.length > 1 ? 's' : ''} ${badTensors.join(', ')} differ${badTensors.length > 1 ? '' : 's'} from ${badTensors.length > 1 ? 'their' : 'its'} SHA-256 in ${MANIFEST_FILE} although the file matches its own`);
+      }
+      if (problems.length) ckptError(this.dir, `${file} ${problems.join('; ')}`);
+      this.verified.add(file);
+    } finally {
+      f.close();
+    }
+  }
+
+  /** Audits every file of the checkpoint (auditFile(): checksums of files and tensors, headers). */
   verifyAll(): void {
-    for (const f of Object.keys(this.manifest.files)) this.verifyFile(f);
+    for (const f of Object.keys(this.manifest.files)) this.auditFile(f);
   }
 
   /** Which tensors of a file no longer match their checksums (or that its header is damaged). */
-  private locateDamage(file: string): string {
+  private locateDamage(file: string, path: string): string {
     let f: SafetensorsFile;
     try {
-      f = SafetensorsFile.open(join(this.dir, file));
+      f = SafetensorsFile.open(path);
     } catch (e) {
       return `its header is damaged (${(e as Error).message})`;
     }
@@ -576,11 +909,9 @@ export class CheckpointReader implements Disposable {
   private file(file: string): SafetensorsFile {
     let f = this.open.get(file);
     if (!f) {
-      const rec = this.manifest.files[file];
-      if (!rec) ckptError(this.dir, `${file} is not listed in ${MANIFEST_FILE}`);
-      checkFileSize(this.dir, file, rec, this.manifest);
+      const path = this.pathOf(file);
       if (this.verify) this.verifyFile(file);
-      f = SafetensorsFile.open(join(this.dir, file));
+      f = SafetensorsFile.open(path);
       this.open.set(file, f);
     }
     return f;
@@ -639,18 +970,17 @@ export class CheckpointReader implements Disposable {
   }
 }
 
-function checkFileSize(dir: string, file: string, rec: ManifestFile, manifest: CheckpointManifest): void {
+/** A listed file resolved inside the folder, a regular file of its recorded size: its real path. */
+function checkFileSize(dir: string, real: string, file: string, rec: ManifestFile, manifest: CheckpointManifest): string {
   const held = (): string => {
     const names = Object.entries(manifest.tensors).filter(([, t]) => t.file === file).map(([n]) => n);
     return names.length ? `; it holds ${names.length} tensor${names.length > 1 ? 's' : ''} such as '${names[0]}'` : '';
   };
-  let size: number;
-  try {
-    size = fs.statSync(join(dir, file)).size;
-  } catch {
-    ckptError(dir, `${file} is missing (${MANIFEST_FILE} lists it with ${rec.bytes} bytes${rec.rank === undefined ? '' : `, written by rank ${rec.rank}`}${held()})`);
-  }
+  const path = resolveInside(real, file, `checkpoint ${dir}: ${file}`);
+  if (path === undefined) ckptError(dir, `${file} is missing (${MANIFEST_FILE} lists it with ${rec.bytes} bytes${rec.rank === undefined ? '' : `, written by rank ${rec.rank}`}${held()})`);
+  const { size } = statRegular(path, { what: `checkpoint ${dir}: ${file}` });
   if (size !== rec.bytes) ckptError(dir, `${file} has ${size} bytes but ${MANIFEST_FILE} records ${rec.bytes} (${size < rec.bytes ? 'truncated' : 'grown'}${held()})`);
+  return path;
 }
 
 /**
@@ -659,8 +989,6 @@ function checkFileSize(dir: string, file: string, rec: ManifestFile, manifest: C
  */
 export function loadCheckpoint(path: string, options: LoadOptions = {}): CheckpointReader {
   options = checkOptions(options, 'loadCheckpoint', { comm: true, verify: true });
-  const dir = resolveCheckpointDir(path);
-  const manifest = readManifest(dir);
-  for (const [file, rec] of Object.entries(manifest.files)) checkFileSize(dir, file, rec, manifest);
-  return new CheckpointReader(dir, manifest, options);
+  const located = locateCheckpoint(path);
+  return new CheckpointReader(located.dir, located.manifest, options, located);
 }

@@ -14,10 +14,12 @@ export interface TrainConfig {
     ffn: number;
     experts: number;
     topK: number;
+    /** 'token-choice': each token its top-k experts; 'expert-choice': each expert its top-C tokens (docs/expert-choice.md). */
+    routing: 'token-choice' | 'expert-choice';
     scoreFunction: 'softmax' | 'sigmoid';
     groups: number;
     topkGroups: number;
-    /** null: dropless. */
+    /** null: dropless (expert choice: topK). Expert choice: C = ceil(T·capacityFactor/E) tokens per expert and rank. */
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
     sharedFfn: number;
@@ -31,21 +33,22 @@ export interface TrainConfig {
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
   data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number; onDevice: boolean };
-  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean };
+  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean; timeoutMs: number };
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
 
 /** The embedded default: seconds on two CPU cores (docs/benchmarks.md#first-contact); experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
+  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, routing: 'token-choice', scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
-  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false },
+  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false, timeoutMs: 300_000 },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
-const int = (minimum: number) => ({ type: 'integer', minimum });
+// Integers stay within int32, what the kernels index with (and far inside exact doubles).
+const int = (minimum: number) => ({ type: 'integer', minimum, maximum: 2 ** 31 - 1 });
 const num = (minimum?: number, exclusiveMinimum?: number) => ({ type: 'number', ...(minimum === undefined ? {} : { minimum }), ...(exclusiveMinimum === undefined ? {} : { exclusiveMinimum }) });
 const section = (properties: Record<string, unknown>) => ({ type: 'object', additionalProperties: false, properties });
 
@@ -61,10 +64,14 @@ export const trainConfigSchema = {
       ffn: { ...int(1), description: 'each expert’s SwiGLU hidden size' },
       experts: { ...int(1), description: 'experts per layer (global; a multiple of the expert-parallel size)' },
       topK: { ...int(1), description: 'experts per token' },
+      routing: {
+        enum: ['token-choice', 'expert-choice'],
+        description: "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = ceil(T·capacityFactor/E) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
+      },
       scoreFunction: { enum: ['softmax', 'sigmoid'], description: 'router scores: softmax over the experts, or a sigmoid per expert (DeepSeek-V3)' },
       groups: { ...int(1), description: 'expert groups for group-limited routing (1: none)' },
       topkGroups: { ...int(1), description: 'groups a token takes its experts from (divides topK)' },
-      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'expert capacity as a multiple of the even share T·k/E; null: dropless' },
+      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'expert capacity as a multiple of the even share T·k/E; null: dropless. Expert choice: average experts per token (null: topK)' },
       dropPolicy: { enum: ['probs', 'position'], description: 'what a full expert drops: the lowest router probabilities, or the last tokens' },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
       loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
@@ -112,9 +119,13 @@ export const trainConfigSchema = {
       logEvery: { ...int(1), description: 'write every N-th step to metrics.jsonl (and the report)' },
       progress: { type: 'boolean', description: 'a progress bar on a terminal (false: a line every 5% of the run)' },
       profile: { type: 'boolean', description: 'wait for the device at the end of each phase, so metrics.jsonl phaseMs is exact (slower)' },
+      timeoutMs: {
+        ...int(0),
+        description: 'collective timeout in ms (also the start-up rendezvous): past it the run stops with a TimeoutError naming the op and the ranks not heard from; 0: wait forever',
+      },
     }),
     checkpoint: section({
-      every: { ...int(0), description: 'save every N steps (0: only at the end and on Ctrl-C)' },
+      every: { ...int(0), description: 'save every N steps (0: only at the end and when stopped: Ctrl-C, SIGTERM, SIGHUP)' },
       keep: { ...int(1), description: 'checkpoints kept (older ones are deleted)' },
       dir: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'default <out>/checkpoints' },
       resume: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: "'latest' (the newest in dir) or a checkpoint folder" },
@@ -125,13 +136,18 @@ export const trainConfigSchema = {
 const ajv = new Ajv({ allErrors: true, strict: true });
 const validate = ajv.compile(trainConfigSchema);
 
+/** ` (did you mean 'x'?)` when a known name is close to `name`, else ''. */
+function didYouMean(name: string, known: readonly string[]): string {
+  const close = closestName(name, known);
+  return close ? ` (did you mean '${close}'?)` : '';
+}
+
 function describe(e: ErrorObject): string {
   const path = 'config' + e.instancePath.replace(/\//g, '.');
   if (e.keyword === 'additionalProperties') {
     const field = String(e.params['additionalProperty']);
     const section = (trainConfigSchema.properties as Record<string, { properties: object }>)[e.instancePath.slice(1)];
-    const close = closestName(field, Object.keys(section ? section.properties : trainConfigSchema.properties));
-    return `${path}: unknown field '${field}'${close ? ` (did you mean '${close}'?)` : ''}`;
+    return `${path}: unknown field '${field}'${didYouMean(field, Object.keys(section ? section.properties : trainConfigSchema.properties))}`;
   }
   if (e.keyword === 'enum') return `${path}: must be one of ${(e.params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
   return `${path}: ${e.message ?? 'is invalid'}`;
@@ -148,10 +164,15 @@ export type TrainConfigInput = DeepPartial<TrainConfig>;
  */
 export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
   if (partial === null || typeof partial !== 'object' || Array.isArray(partial)) throw new InvalidArgumentError('config: must be a JSON object', 'config');
+  // Own keys of the schema only: `__proto__` (which JSON.parse makes an own key) would otherwise set
+  // the merged object's prototype and slip past the schema.
+  const unknown = Object.keys(partial).filter((k) => !Object.hasOwn(trainConfigSchema.properties, k));
+  const sectionNames = Object.keys(trainConfigSchema.properties);
+  if (unknown.length) throw new InvalidArgumentError(`invalid configuration:\n  ${unknown.map((k) => `config: unknown field '${k}'${didYouMean(k, sectionNames)}`).join('\n  ')}`, 'config');
   const merged: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
   for (const [k, v] of Object.entries(partial as Record<string, unknown>)) {
-    merged[k] = v !== null && typeof v === 'object' && !Array.isArray(v) && k in merged ? { ...(merged[k] as object), ...v } : v;
+    merged[k] = v !== null && typeof v === 'object' && !Array.isArray(v) ? { ...(merged[k] as object), ...v } : v;
   }
   if (!validate(merged)) {
     throw new InvalidArgumentError(`invalid configuration:\n  ${(validate.errors ?? []).map(describe).join('\n  ')}`, 'config');
@@ -163,6 +184,9 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
     [c.model.topkGroups <= c.model.groups, `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`],
     // Group-limited routing ranks a group by the sum of its best topK/topkGroups scores.
     [c.model.groups === 1 || c.model.topK % c.model.topkGroups === 0, `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK})`],
+    // Expert choice is balanced by construction and chooses among all experts.
+    [c.model.routing !== 'expert-choice' || c.model.groups === 1, `config.model.groups: must be 1 with routing 'expert-choice' (received ${c.model.groups})`],
+    [c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0), `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],
     [c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0, `config.balance.seqLen: ${c.balance.seqLen} does not divide config.data.tokensPerStep (${c.data.tokensPerStep})`],
@@ -170,6 +194,28 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
   const broken = rules.filter(([ok]) => !ok).map(([, m]) => m);
   if (broken.length) throw new InvalidArgumentError(`invalid configuration:\n  ${broken.join('\n  ')}`, 'config');
   return c;
+}
+
+/**
+ * Bytes a rank of a `ranks`-rank run of `c` needs, roughly and from above, before anything is
+ * allocated: parameters at 20 bytes each (fp32 master, two AdamW moments, gradient, compute copy),
+ * the activations a step keeps for backward (fp32, doubled for their gradients), and the data task's
+ * cluster maps (host memory, also on the device with data.onDevice). An absurd configuration
+ * (`--model.experts 1e6`) then fails at once with the fields to change, not deep in an allocation.
+ */
+export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; activations: number; data: number } {
+  const m = c.model;
+  const ep = m.epSize ?? ranks;
+  const H = m.hidden, E = m.experts, F = m.ffn, S = m.sharedFfn, k = m.topK;
+  const El = Math.ceil(E / ep);
+  const T = Math.ceil(c.data.tokensPerStep / ranks);
+  const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H;
+  const params = (m.layers * perLayer + H * H) * 20;
+  // Per layer: x, norms and residuals [T,H]; logits, scores, aux gradients [T,E]; the routed rows,
+  // the experts' inputs/outputs [T·k,H] and their SwiGLU halves [T·k,3F]; the shared expert [T,3S].
+  const activations = m.layers * (T * (4 * H + 3 * E + 3 * S) + T * k * (2 * H + 3 * F)) * 4 * 2;
+  const data = c.data.clusters * H * (H + 1) * 4;
+  return { params, activations, data };
 }
 
 /** `moe-ep train --help`: the options, then every field with its default and description (from the schema), in 100 columns. */
@@ -181,6 +227,7 @@ export function trainHelp(): string {
     ['--out DIR', 'the run folder (--train.out)'],
     ['--resume [DIR]', 'continue from the newest checkpoint in checkpoint.dir, or from DIR (--checkpoint.resume)'],
     ['--overwrite', 'replace the run already in the run folder (its metrics, report, config and checkpoints)'],
+    ['--timeout-ms N', 'the same as --train.timeoutMs N'],
     ['--no-progress', 'no progress bar: a line every 5% of the run (--train.progress false)'],
     ['-h, --help', 'this help'],
   ];
@@ -230,11 +277,11 @@ export function helpTable(rows: readonly (readonly [string, string])[], left: nu
 
 /**
  * Command-line overrides: `--section.field value` (values parsed as JSON when they parse, else
- * strings), plus the short forms `--steps`, `--device`, `--out`, `--no-progress`.
+ * strings), plus the short forms `--steps`, `--device`, `--out`, `--resume`, `--timeout-ms`, `--no-progress`.
  */
 export function overridesFromArgs(args: string[]): Record<string, Record<string, unknown>> {
   const out: Record<string, Record<string, unknown>> = {};
-  const short: Record<string, string> = { steps: 'train.steps', device: 'train.device', out: 'train.out', resume: 'checkpoint.resume' };
+  const short: Record<string, string> = { steps: 'train.steps', device: 'train.device', out: 'train.out', resume: 'checkpoint.resume', 'timeout-ms': 'train.timeoutMs' };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i] as string;
     if (!arg.startsWith('--')) throw new InvalidArgumentError(`unexpected argument '${arg}'`, 'train');
@@ -262,6 +309,11 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
     key = short[key] ?? key;
     const [sectionName, field, ...rest] = key.split('.');
     if (!sectionName || !field || rest.length) throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
+    // Checked against the schema before anything is assigned: `--__proto__.x` must not reach Object.prototype.
+    const sections = trainConfigSchema.properties as Record<string, { properties: object }>;
+    if (!Object.hasOwn(sections, sectionName)) throw new InvalidArgumentError(`'--${key}': unknown section '${sectionName}'${didYouMean(sectionName, Object.keys(sections))} (one of ${Object.keys(sections).join(', ')})`, 'train');
+    const fields = (sections[sectionName] as { properties: object }).properties;
+    if (!Object.hasOwn(fields, field)) throw new InvalidArgumentError(`'--${key}': config.${sectionName}: unknown field '${field}'${didYouMean(field, Object.keys(fields))}`, 'train');
     (out[sectionName] ??= {})[field] = value;
   }
   return out;

@@ -6,7 +6,10 @@
  *   loadEntropy      entropy of the load distribution, normalised by ln E (1: uniform loads)
  *   routerEntropy    mean per-token entropy of the routing distribution, normalised by ln E
  *                    (1: the router cannot tell experts apart; low: confident routing)
- *   bias             each expert's balancing bias after this step's update (selection only)
+ *   bias             each expert's balancing bias after this step's update (token choice only: expert
+ *                    choice has no bias)
+ *   expertsPerToken  expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing
+ *                    zeros dropped)
  */
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
@@ -20,6 +23,8 @@ export interface LayerMetrics {
   routerEntropy: number;
   /** The auxiliary-loss-free balancing bias per expert after the step (absent in logs from before it was recorded). */
   bias?: number[];
+  /** Expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing zeros dropped). */
+  expertsPerToken?: number[];
 }
 
 export interface StepMetrics {
@@ -40,7 +45,7 @@ export interface StepMetrics {
 }
 
 /** routerEntropyNats: the mean per-token routing entropy in nats (averaged over ranks). */
-export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number, assignments: number, routerEntropyNats = 0): LayerMetrics {
+export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number, assignments: number, routerEntropyNats = 0, expertsPerToken?: ArrayLike<number>): LayerMetrics {
   const load = Array.from(tokensPerExpert);
   const total = load.reduce((a, b) => a + b, 0);
   const mean = total / load.length;
@@ -53,7 +58,14 @@ export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number
     dropped: assignments > 0 ? dropped / assignments : 0,
     loadEntropy: load.length > 1 && total > 0 ? entropy / Math.log(load.length) : 1,
     routerEntropy: load.length > 1 ? routerEntropyNats / Math.log(load.length) : 0,
+    ...(expertsPerToken ? { expertsPerToken: trimZeros(Array.from(expertsPerToken)) } : {}),
   };
+}
+
+function trimZeros(v: number[]): number[] {
+  let n = v.length;
+  while (n > 1 && v[n - 1] === 0) n--;
+  return v.slice(0, n);
 }
 
 /**

@@ -40,8 +40,8 @@ export interface ModelForward {
   /** Cross-entropy only: rows whose argmax is the target (i32 [1]). */
   correct: Tensor | null;
   auxLoss: Tensor; // f32 [1], summed over layers
-  /** Per layer: tokens per global expert routed by this rank, dropped assignments, router entropy. */
-  routing: { tokensPerExpert: Tensor; dropped: Tensor; entropy: Tensor }[];
+  /** Per layer: tokens per global expert routed by this rank, dropped assignments, router entropy; expert choice: experts per token. */
+  routing: { tokensPerExpert: Tensor; dropped: Tensor; entropy: Tensor; expertsPerToken: Tensor | null }[];
   saved: { blocks: BlockSaved[]; last: Tensor; dPred: Tensor };
 }
 
@@ -114,7 +114,7 @@ export class MoEModel implements Disposable {
         const moe = layer.forward(normed);
         auxLoss.add_(moe.auxLoss);
         blocks.push({ h, rstd, normed, moe });
-        routing.push({ tokensPerExpert: moe.tokensPerExpert, dropped: moe.dropped, entropy: moe.routerEntropy });
+        routing.push({ tokensPerExpert: moe.tokensPerExpert, dropped: moe.dropped, entropy: moe.routerEntropy, expertsPerToken: moe.expertsPerToken });
         h = h.clone().add_(moe.y);
       });
       const pred = groupedGemm('NN', h, this.headCompute, this.all(x.shape[0] as number), { dtype: this.dtype });

@@ -14,7 +14,7 @@
  * r·E/P … (r+1)·E/P − 1, so any EP size reads exactly the experts it owns by name.
  */
 import type { DeviceLike } from '../device.js';
-import { checkOptions, invalidArgument, type OptionKeys } from '../errors.js';
+import { CheckpointError, checkOptions, invalidArgument, type OptionKeys } from '../errors.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
 import { Tensor, tidy } from '../tensor.js';
@@ -160,11 +160,27 @@ export function disposeState(state: { owned: Tensor[] }): void {
 }
 
 /**
+ * The routing a checkpoint was trained with, from its manifest's config.model.routing (as
+ * `moe-ep train` records it; its checkpoints from before the option: token choice); undefined when
+ * the manifest has no model config.
+ */
+export function checkpointRouting(reader: CheckpointReader): 'token-choice' | 'expert-choice' | undefined {
+  const model = (reader.manifest.config as { model?: { routing?: unknown } } | null | undefined)?.model;
+  if (model === null || typeof model !== 'object') return undefined;
+  return model.routing === 'expert-choice' ? 'expert-choice' : 'token-choice';
+}
+
+/**
  * Loads layer `index` into a MoE layer built with the same sizes (any EP size: it reads the experts
  * it owns by global index), moments too when given, then refreshes the compute copies.
  */
 export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
   moments = checkOptions(moments, 'loadMoELayer', MOMENT_KEYS);
+  // A router trained to pick tokens does not pick experts (nor the reverse): the other routing is refused.
+  const recorded = checkpointRouting(reader);
+  if (recorded !== undefined && recorded !== layer.config.routing) {
+    throw new CheckpointError(`checkpoint ${reader.dir}: layer ${index} was trained with routing '${recorded}' (manifest config.model.routing) but this layer routes '${layer.config.routing}'; build the model with the same routing (--model.routing ${recorded})`);
+  }
   const El = layer.localExperts;
   const first = layer.group.rank * El;
   const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);

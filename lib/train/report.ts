@@ -1,9 +1,11 @@
 /**
  * The HTML report of a training run, built from every step of its metrics.jsonl (a resumed run's
  * too): loss, MaxVio, each expert's load relative to the mean (a diverging map: blue below the
- * mean, red above), each expert's balancing bias, learning rate, gradient norm and throughput.
- * Noisy series are drawn smoothed (a centred moving average) over their raw values, drawn faint. Self-contained (Apache ECharts is inlined from the installed package), so it opens offline
- * and can be archived with the run. The charts are plain ECharts options (reportCharts), which
+ * mean, red above), under expert choice the fraction of tokens that got 0, 1, 2, … experts, each
+ * expert's balancing bias (token choice), learning rate, gradient norm and throughput. Noisy
+ * series are drawn smoothed (a centred moving average) over their raw values, drawn faint.
+ * Self-contained (Apache ECharts is inlined from the installed package), so it opens offline and
+ * can be archived with the run. The charts are plain ECharts options (reportCharts), which
  * scripts/report-picture.mjs also renders without a browser for docs/report.png.
  */
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -160,6 +162,41 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
     });
   }
 
+  // Expert choice: how many experts each token got (0 is a token no expert took), as a fraction of the step's tokens.
+  for (let l = 0; l < layers; l++) {
+    if (!steps.some((s) => s.layers[l]?.expertsPerToken !== undefined)) continue;
+    const rows = Math.max(...columns.map((s) => s.layers[l]?.expertsPerToken?.length ?? 0));
+    const data = columns.flatMap((s, i) => {
+      const h = s.layers[l]?.expertsPerToken ?? [];
+      const total = h.reduce((a, b) => a + b, 0) || 1;
+      // [column, experts n, fraction of the step's tokens with n experts, tokens] (the last for the tooltip).
+      return h.map((v, n) => [i, n, Number((v / total).toFixed(4)), v]);
+    });
+    charts.push({
+      id: `ept${l}`,
+      title: `Experts per token (fraction of tokens), layer ${l}`,
+      height: Math.min(600, 140 + 22 * rows),
+      option: {
+        animation: false,
+        tooltip: { position: 'top' },
+        grid: { left: 70, right: 30, top: 30, bottom: 80 },
+        xAxis: { type: 'category', data: columns.map((s) => s.step), name: 'step' },
+        yAxis: { type: 'category', data: Array.from({ length: rows }, (_, n) => n), name: 'experts' },
+        visualMap: {
+          min: 0,
+          max: 1,
+          dimension: 2,
+          calculable: true,
+          orient: 'horizontal',
+          left: 'center',
+          bottom: 0,
+          inRange: { color: ['#f7fbff', '#c6dbef', '#6baed6', '#2171b5', '#08306b'] },
+        },
+        series: [{ type: 'heatmap', data, progressive: 0 }],
+      },
+    });
+  }
+
   if (steps.some((s) => s.layers[0]?.bias !== undefined)) {
     for (let l = 0; l < layers; l++) {
       charts.push(
@@ -200,6 +237,7 @@ ${divs}
 const charts = ${JSON.stringify(charts).replace(/</g, '\\u003c')};
 for (const c of charts) {
   if (c.id.startsWith('load')) c.option.tooltip.formatter = (p) => 'step ' + p.name + ', expert ' + p.value[1] + ': ' + p.value[3] + ' tokens, ' + p.value[4] + ' × the mean';
+  if (c.id.startsWith('ept')) c.option.tooltip.formatter = (p) => 'step ' + p.name + ', ' + p.value[1] + ' experts: ' + p.value[3] + ' tokens (' + (100 * p.value[2]).toFixed(1) + '%)';
   echarts.init(document.getElementById(c.id)).setOption(c.option);
 }
 </script></body></html>

@@ -11,9 +11,10 @@
  * bf16/f16 are stored as their 16-bit patterns, fp8 e4m3 as bytes: exactly what Tensor.toArray()
  * gives. The host is little-endian (x64), so TypedArray bytes are the file's bytes.
  *
- * The writer hashes what it writes (SHA-256 of the whole file and of each tensor's bytes) and can
- * fsync the file. The reader parses and validates the header, then reads single tensors by name
- * with positioned reads, never loading the whole file.
+ * The writer hashes what it writes (SHA-256 of the whole file and of each tensor's bytes) and
+ * replaces the file atomically (a fresh temporary, fsynced, renamed into place). The reader opens
+ * regular files only, parses the header with bounded nesting and validates it, then reads single
+ * tensors by name with positioned reads, never loading the whole file (lib/train/safe-files.ts).
  */
 import { createHash, type Hash } from 'node:crypto';
 import * as fs from 'node:fs';
@@ -21,6 +22,7 @@ import { basename } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
 import { checkOptions, CheckpointError, invalidArgument } from '../errors.js';
+import { checkJsonNesting, openRegular, readFully, writeAll, writeFileAtomic } from './safe-files.js';
 
 /** moe-ep dtype → safetensors dtype string. */
 export const SAFETENSORS_DTYPE: Record<DType, string> = {
@@ -36,6 +38,12 @@ const FROM_SAFETENSORS: Record<string, DType> = Object.fromEntries(Object.entrie
 
 /** Largest header accepted (the reference implementation's limit is 100 MB). */
 export const MAX_HEADER_BYTES = 100_000_000;
+/**
+ * A valid header nests 3 levels (the object, an entry, its shape) and its arrays are shapes and
+ * offsets; checked before parsing, so a crafted 100 MB `[[[[…` is refused at once.
+ */
+const HEADER_MAX_DEPTH = 3;
+const HEADER_MAX_ARRAY = 64;
 
 export interface SafetensorsEntry {
   name: string;
@@ -117,15 +125,10 @@ function encodeHeader(path: string, entries: readonly SafetensorsEntry[], metada
   return { header, infos };
 }
 
-function writeAll(fd: number, bytes: Uint8Array): void {
-  let done = 0;
-  while (done < bytes.length) done += fs.writeSync(fd, bytes, done, bytes.length - done);
-}
-
 /**
  * Writes a safetensors file (tensors in the order given, back to back). Returns its size and the
  * SHA-256 of the file and of every tensor. `fsync` (default true) flushes the file to disk before
- * returning. Overwrites `path`.
+ * returning. Replaces `path` atomically: a link at `path` is replaced, never written through.
  */
 export function writeSafetensors(
   path: string,
@@ -136,22 +139,22 @@ export function writeSafetensors(
   options = checkOptions(options, 'writeSafetensors', { fsync: true });
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
-  const fd = fs.openSync(path, 'w');
   const tensors: WrittenFile['tensors'] = {};
-  try {
-    writeAll(fd, header);
-    fileHash.update(header);
-    entries.forEach((e, i) => {
-      const info = infos[i] as TensorInfo;
-      const bytes = bytesOf(e.data);
-      writeAll(fd, bytes);
-      fileHash.update(bytes);
-      tensors[info.name] = { dtype: info.dtype, shape: info.shape, dataOffsets: info.dataOffsets, sha256: createHash('sha256').update(bytes).digest('hex') };
-    });
-    if (options.fsync ?? true) fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
+  writeFileAtomic(
+    path,
+    (fd) => {
+      writeAll(fd, header);
+      fileHash.update(header);
+      entries.forEach((e, i) => {
+        const info = infos[i] as TensorInfo;
+        const bytes = bytesOf(e.data);
+        writeAll(fd, bytes);
+        fileHash.update(bytes);
+        tensors[info.name] = { dtype: info.dtype, shape: info.shape, dataOffsets: info.dataOffsets, sha256: createHash('sha256').update(bytes).digest('hex') };
+      });
+    },
+    { fsync: options.fsync ?? true },
+  );
   const bytes = header.length + (infos.length ? (infos[infos.length - 1] as TensorInfo).dataOffsets[1] : 0);
   return { path, bytes, sha256: fileHash.digest('hex'), tensors };
 }
@@ -183,16 +186,9 @@ export class SafetensorsFile implements Disposable {
   /** Opens and validates the header (offsets in range, contiguous, sizes = numel·itemsize, known dtypes). */
   static open(path: string): SafetensorsFile {
     if (typeof path !== 'string') invalidArgument('SafetensorsFile.open', `'path' must be a string; received ${String(path)}`);
-    let fd: number;
+    // Regular files only, stat before open: a FIFO would block the open, a device never end.
+    const { fd, size } = openRegular(path, { what: `safetensors ${basename(path)} (${path})` });
     try {
-      fd = fs.openSync(path, 'r');
-    } catch (e) {
-      fail(path, `cannot open: ${(e as Error).message}`);
-    }
-    try {
-      const stat = fs.fstatSync(fd);
-      if (!stat.isFile()) fail(path, 'not a regular file');
-      const size = stat.size;
       if (size < 8) fail(path, `the file has ${size} bytes; a safetensors file starts with an 8-byte header length`);
       const lenBuf = Buffer.alloc(8);
       fs.readSync(fd, lenBuf, 0, 8, 0);
@@ -202,7 +198,8 @@ export class SafetensorsFile implements Disposable {
       }
       const n = Number(n64);
       const hbuf = Buffer.alloc(n);
-      readFully(fd, hbuf, 8);
+      readFully(fd, hbuf, 8, () => fail(path, 'the file ended inside its header (truncated after it was opened?)'));
+      checkJsonNesting(hbuf, { maxDepth: HEADER_MAX_DEPTH, maxArrayLength: HEADER_MAX_ARRAY }, `safetensors ${basename(path)}: the header (${path})`);
       let json: unknown;
       try {
         json = JSON.parse(hbuf.toString('utf8'));
@@ -281,6 +278,13 @@ export class SafetensorsFile implements Disposable {
     return { dtype: t.dtype, shape: [...t.shape], data: this.readBytes(name) };
   }
 
+  /** Reads up to `out.length` bytes (never past the end) at file offset `position`; the count read. */
+  readAt(out: Uint8Array, position: number): number {
+    const n = fs.readSync(this.fd, out, 0, Math.min(out.length, this.size - position), position);
+    if (n === 0 && position < this.size) fail(this.path, 'the file ended early (truncated after it was opened?)');
+    return n;
+  }
+
   /** Feeds the whole file through `hash` in chunks (for checksums). */
   hashInto(hash: Hash): Hash {
     const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(this.size, 1)));
@@ -304,18 +308,6 @@ export class SafetensorsFile implements Disposable {
   }
   [Symbol.dispose](): void {
     this.close();
-  }
-}
-
-function readFully(fd: number, out: Uint8Array, position: number, onShort?: () => never): void {
-  let done = 0;
-  while (done < out.length) {
-    const n = fs.readSync(fd, out, done, out.length - done, position + done);
-    if (n === 0) {
-      if (onShort) onShort();
-      throw new CheckpointError(`safetensors: unexpected end of file at byte ${position + done}`);
-    }
-    done += n;
   }
 }
 

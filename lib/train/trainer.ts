@@ -11,18 +11,22 @@
  * expert's gradient already holds its EP group's tokens (through the dispatcher); it is summed over
  * the EDP group and divided by W. Both then equal the gradient of the global mean loss.
  */
+import { totalmem } from 'node:os';
+
 import { type Communicator } from '../dist/communicator.js';
+import { allGatherJson } from '../dist/gather-json.js';
 import { expertGroups } from '../dist/init.js';
 import { checkOptions, invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { scale } from '../ops.js';
+import { native } from '../native.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { resolveConfig, type TrainConfig } from './config.js';
+import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
-import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint } from './checkpoint.js';
+import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
 import { adamwStep, balanceBiasUpdate, sumOfSquares } from './ops.js';
 import { cosineSchedule } from './schedule.js';
@@ -42,6 +46,56 @@ interface OptimState {
   expAvgSq: Tensor;
 }
 
+/** Every field of a configuration as `config.section.field` → its value in JSON, sorted by path. */
+function configFields(config: TrainConfig): [string, string][] {
+  const out: [string, string][] = [];
+  for (const [section, fields] of Object.entries(config)) {
+    for (const [field, value] of Object.entries(fields as Record<string, unknown>)) out.push([`config.${section}.${field}`, JSON.stringify(value)]);
+  }
+  return out.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
+}
+
+/** 32-bit FNV-1a of a string, from `seed` (two seeds give a 64-bit fingerprint). */
+function fnv1a(s: string, seed: number): number {
+  let h = seed >>> 0;
+  for (let i = 0; i < s.length; i++) h = Math.imul(h ^ s.charCodeAt(i), 0x01000193) >>> 0;
+  return h | 0;
+}
+
+/**
+ * Every rank must train the same configuration: a rank given another --model.hidden passes other
+ * sizes to every collective, and one given another --data.tokensPerStep trains on other batches
+ * without any collective noticing. One allGather of a fingerprint of the resolved configuration,
+ * before any other collective; when they differ (every rank sees it), the ranks exchange their
+ * fields and every rank throws an InvalidArgumentError naming each differing field and its values.
+ */
+export function checkSameConfig(world: Communicator, config: TrainConfig): void {
+  if (world.size === 1) return;
+  const fields = configFields(config);
+  const text = fields.map(([path, value]) => `${path}=${value}`).join('\n');
+  using mine = Tensor.fromArray([fnv1a(text, 0x811c9dc5), fnv1a(text, 0x9747b28c)], { dtype: 'i32', device: 'cpu' });
+  using all = world.allGather(mine);
+  const prints = all.toNumbers();
+  if (prints.every((v, i) => v === prints[i % 2])) return;
+  const configs = allGatherJson(world, Object.fromEntries(fields)) as Record<string, string | undefined>[];
+  const paths = [...new Set(configs.flatMap((c) => Object.keys(c)))].sort();
+  const lines: string[] = [];
+  for (const path of paths) {
+    const byValue = new Map<string, number[]>();
+    configs.forEach((c, r) => {
+      const v = c[path] ?? '(absent)';
+      byValue.set(v, [...(byValue.get(v) ?? []), r]);
+    });
+    if (byValue.size < 2) continue;
+    const list = (ranks: number[]): string => (ranks.length > 8 ? `${ranks.slice(0, 8).join(', ')} and ${ranks.length - 8} more` : ranks.join(', '));
+    lines.push(`${path}: ${[...byValue].map(([v, ranks]) => `${v} on rank${ranks.length === 1 ? '' : 's'} ${list(ranks)}`).join('; ')}`);
+  }
+  invalidArgument(
+    'Trainer',
+    `rank ${world.rank} of ${world.size}: the ranks were given different configurations, but every rank must train the same one:\n  ${lines.join('\n  ')}`,
+  );
+}
+
 export class Trainer implements Disposable {
   readonly config: TrainConfig;
   readonly device: Device;
@@ -57,11 +111,16 @@ export class Trainer implements Disposable {
   private readonly lr: (step: number) => number;
   /** The next step to run (0-based); a resumed run starts later. */
   step = 0;
+  /** What the last resume() read, and the newer checkpoints it passed over (failed verification). */
+  resumedFrom: { dir: string; step: number; skipped: readonly SkippedCheckpoint[] } | null = null;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
     options = checkOptions(options, 'Trainer', { world: true });
     // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
     config = resolveConfig(config);
+    // Before any other collective: ranks that disagree on sizes would otherwise fail in the first
+    // one with a less telling error, and ranks that differ in data or schedule would not fail at all.
+    if (options.world) checkSameConfig(options.world, config);
     this.config = config;
     this.world = options.world;
     this.rank = options.world?.rank ?? 0;
@@ -81,9 +140,10 @@ export class Trainer implements Disposable {
     this.device = want === 'cpu' ? Device.cpu : want === 'cuda' ? (getDefaultDevice().isCuda ? getDefaultDevice() : Device.cuda(0)) : cuda.isAvailable() ? getDefaultDevice() : Device.cpu;
     const dtype = this.device.isCuda ? 'bf16' : 'f32';
     const m = config.model;
+    checkMemory(config, this.size, this.device);
     this.model = new MoEModel(
       {
-        layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, scoreFunction: m.scoreFunction,
+        layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, routing: m.routing, scoreFunction: m.scoreFunction,
         groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn, loss: m.loss, commStream: m.overlapComm,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef, seqAuxLossCoef: config.balance.seqAuxLossCoef, zLossCoef: config.balance.zLossCoef,
@@ -142,7 +202,9 @@ export class Trainer implements Disposable {
       const correct = fwd.correct ? fwd.correct.cast('f32') : null;
       const loss = fwd.loss.clone();
       const auxLoss = fwd.auxLoss.clone();
-      const routing = fwd.routing.map((r) => ({ tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone() }));
+      const routing = fwd.routing.map((r) => ({
+        tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone(), expertsPerToken: r.expertsPerToken?.clone() ?? null,
+      }));
       endPhase('forward');
       const grads = this.model.backward(fwd);
       endPhase('backward');
@@ -185,14 +247,16 @@ export class Trainer implements Disposable {
             this.world?.allReduce(load, 'sum');
             this.world?.allReduce(dropped, 'sum');
             this.world?.allReduce(r.entropy, 'avg');
+            if (r.expertsPerToken) this.world?.allReduce(r.expertsPerToken, 'sum');
           }
           const bias = (this.model.layers[i] as { bias: Tensor }).bias;
-          if (c.balance.gamma > 0) balanceBiasUpdate(bias, load, c.balance.gamma);
-          return {
-            ...layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item()),
-            // Six significant digits keep metrics.jsonl short; the exact bias is in the checkpoints.
-            bias: Array.from(bias.toFloat32Array(), (b) => Number(b.toPrecision(6))),
-          };
+          // Expert choice has no bias to move (every expert takes exactly C tokens), nor to log.
+          if (c.balance.gamma > 0 && !r.expertsPerToken) balanceBiasUpdate(bias, load, c.balance.gamma);
+          const perToken = r.expertsPerToken ? Array.from(r.expertsPerToken.toArray() as Int32Array) : undefined;
+          const m = layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item(), perToken);
+          if (perToken) return m;
+          // Six significant digits keep metrics.jsonl short; the exact bias is in the checkpoints.
+          return { ...m, bias: Array.from(bias.toFloat32Array(), (b) => Number(b.toPrecision(6))) };
         });
         if (P > 1) {
           this.world?.allReduce(loss, 'avg');
@@ -299,6 +363,7 @@ export class Trainer implements Disposable {
       }
       this.model.refreshComputeWeights();
       this.step = reader.step;
+      this.resumedFrom = { dir: reader.dir, step: reader.step, skipped: reader.skipped };
       return this.step;
     } finally {
       reader.close();
@@ -342,5 +407,24 @@ export class Trainer implements Disposable {
   }
   [Symbol.dispose](): void {
     this.dispose();
+  }
+}
+
+/** Refuses a configuration whose estimated footprint exceeds the memory there is, before allocating. */
+function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
+  const { params, activations, data } = estimateMemory(config, ranks);
+  const onDevice = params + activations + (device.isCuda && !config.data.onDevice ? 0 : data);
+  const onHost = device.isCuda ? data : onDevice;
+  const gib = (n: number): string => `${(n / 2 ** 30).toFixed(1)} GiB`;
+  const need: [string, number, number][] = [[device.toString(), onDevice, device.isCuda ? native().deviceProperties(device.index).totalMemory : totalmem()]];
+  if (device.isCuda) need.push(['host memory', onHost, totalmem()]);
+  for (const [where, bytes, have] of need) {
+    if (bytes <= have) continue;
+    const m = config.model;
+    invalidArgument(
+      'Trainer',
+      `this configuration needs about ${gib(bytes)} per rank on ${where} (parameters and optimizer state ${gib(params)}, activations ${gib(activations)}, data task ${gib(data)}) ` +
+        `but it has ${gib(have)}: reduce config.model.experts (${m.experts}), model.hidden (${m.hidden}), model.ffn (${m.ffn}), model.layers (${m.layers}), data.tokensPerStep (${config.data.tokensPerStep}) or data.clusters (${config.data.clusters}), or use more ranks`,
+    );
   }
 }

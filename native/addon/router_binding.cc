@@ -61,12 +61,40 @@ Napi::Value router_z_loss(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// routerExpertChoice(logits, scoreFn, capacity, routeScale, scores, slot, weights, indices|null,
+//                    tokensPerExpert, expertsPerToken, nanRows)
+Napi::Value router_expert_choice(const Napi::CallbackInfo& info) {
+  const char* op = "router";
+  ops::ExpertChoiceParams p;
+  p.score = arg_score(info, 1, op);
+  p.capacity = arg_int(info, 2, op, "capacity");
+  p.route_scale = float(arg_number(info, 3, op, "routeScale"));
+  ops::router_expert_choice(arg_tensor(info, 0, op, "logits"), p, arg_tensor(info, 4, op, "scores"), arg_tensor(info, 5, op, "slot"),
+                            arg_tensor(info, 6, op, "weights"), arg_tensor(info, 7, op, "indices", true),
+                            arg_tensor(info, 8, op, "tokensPerExpert"), arg_tensor(info, 9, op, "expertsPerToken"),
+                            arg_tensor(info, 10, op, "nanRows"));
+  return info.Env().Undefined();
+}
+
+// routerExpertChoiceBackward(dWeights, scores, slot, scoreFn, routeScale, dLogits, accumulate)
+Napi::Value router_expert_choice_backward(const Napi::CallbackInfo& info) {
+  const char* op = "routerBackward";
+  ops::router_expert_choice_backward(arg_tensor(info, 0, op, "dWeights"), arg_tensor(info, 1, op, "scores"),
+                                     arg_tensor(info, 2, op, "slot"), arg_score(info, 3, op),
+                                     float(arg_number(info, 4, op, "routeScale")), arg_tensor(info, 5, op, "dLogits"),
+                                     arg_bool(info, 6, op, "accumulate"));
+  return info.Env().Undefined();
+}
+
 }  // namespace
 
 static void init_router(Napi::Env env, Napi::Object exports) {
   exports.Set("routerForward", Napi::Function::New(env, binding<router_forward>, "routerForward"));
   exports.Set("routerBackward", Napi::Function::New(env, binding<router_backward>, "routerBackward"));
   exports.Set("routerBalanceLoss", Napi::Function::New(env, binding<router_balance_loss>, "routerBalanceLoss"));
+  exports.Set("routerExpertChoice", Napi::Function::New(env, binding<router_expert_choice>, "routerExpertChoice"));
+  exports.Set("routerExpertChoiceBackward",
+              Napi::Function::New(env, binding<router_expert_choice_backward>, "routerExpertChoiceBackward"));
   exports.Set("routerZLoss", Napi::Function::New(env, binding<router_z_loss>, "routerZLoss"));
 }
 

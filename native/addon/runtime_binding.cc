@@ -114,6 +114,27 @@ Napi::Value require_nccl(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// peerAccess() → [i][j] 1 when GPU i can address GPU j's memory (the 'ipc' transport needs it).
+Napi::Value peer_access(const Napi::CallbackInfo& info) {
+  const int n = cuda::status().device_count;
+  Napi::Array m = Napi::Array::New(info.Env(), n);
+  for (int i = 0; i < n; ++i) {
+    Napi::Array row = Napi::Array::New(info.Env(), n);
+    for (int j = 0; j < n; ++j) row.Set(uint32_t(j), Napi::Number::New(info.Env(), cuda::can_access_peer(i, j) ? 1 : 0));
+    m.Set(uint32_t(i), row);
+  }
+  return m;
+}
+
+// hostWaitCounts() → { deviceToHost, synchronizations } since the process started.
+Napi::Value host_wait_counts(const Napi::CallbackInfo& info) {
+  const cuda::HostWaitCounts c = cuda::host_wait_counts();
+  Napi::Object o = Napi::Object::New(info.Env());
+  o.Set("deviceToHost", Napi::Number::New(info.Env(), double(c.device_to_host)));
+  o.Set("synchronizations", Napi::Number::New(info.Env(), double(c.synchronizations)));
+  return o;
+}
+
 }  // namespace
 
 static void init_runtime(Napi::Env env, Napi::Object exports) {
@@ -125,6 +146,8 @@ static void init_runtime(Napi::Env env, Napi::Object exports) {
   exports.Set("deviceProperties", Napi::Function::New(env, binding<device_properties>, "deviceProperties"));
   exports.Set("ncclStatus", Napi::Function::New(env, binding<nccl_status>, "ncclStatus"));
   exports.Set("requireNccl", Napi::Function::New(env, binding<require_nccl>, "requireNccl"));
+  exports.Set("peerAccess", Napi::Function::New(env, binding<peer_access>, "peerAccess"));
+  exports.Set("hostWaitCounts", Napi::Function::New(env, binding<host_wait_counts>, "hostWaitCounts"));
 }
 
 MOE_REGISTER_BINDING(init_runtime);

@@ -1,5 +1,7 @@
 #include "comm/communicator.h"
 
+#include <array>
+
 #include "core/error.h"
 #include "ops/common/checks.h"
 
@@ -18,6 +20,148 @@ const char* reduce_op_name(ReduceOp op) {
 void Communicator::require_live(const char* op) const {
   MOE_ARG_CHECK(!aborted_, op, "the ", backend(), " communicator (rank ", rank(), " of ", size(),
                 ") was aborted (after a timeout, an error or abort()); create a new one");
+}
+
+namespace {
+
+const char* kind_name(int64_t k) {
+  switch (CallKind(k)) {
+    case CallKind::AllReduce: return "allReduce";
+    case CallKind::AllGather: return "allGather";
+    case CallKind::Broadcast: return "broadcast";
+    case CallKind::AllToAll: return "allToAll";
+    case CallKind::AllToAllV: return "allToAllV";
+    case CallKind::Barrier: return "barrier";
+    case CallKind::Split: return "split";
+  }
+  return "an unknown call";
+}
+
+// splitmix64: a well-mixed 64-bit hash, so that sums of hashes of (sender, receiver, rows) over all
+// pairs match between senders and receivers only when every pair matches (but for a 2^-64 chance).
+uint64_t mix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+uint64_t pair_hash(int64_t from, int64_t to, int64_t rows) {
+  return mix(mix((uint64_t(from) << 32) ^ uint64_t(to)) ^ uint64_t(rows));
+}
+
+bool same_call(const CallHeader& a, const CallHeader& b) {
+  return a.kind == b.kind && a.dtype == b.dtype && a.rows == b.rows && a.row_elems == b.row_elems && a.arg == b.arg;
+}
+
+std::string describe(const CallHeader& h) {
+  std::string s = kind_name(h.kind);
+  if (CallKind(h.kind) == CallKind::AllReduce) s += cat("(", (h.arg >= 0 && h.arg <= 3) ? reduce_op_name(ReduceOp(h.arg)) : "?", ")");
+  if (CallKind(h.kind) == CallKind::Broadcast) s += cat("(root ", h.arg, ")");
+  if (h.dtype < 0) return s;
+  const char* dt = (h.dtype < kNumDTypes) ? dtype_name(DType(h.dtype)) : "?";
+  if (CallKind(h.kind) == CallKind::AllToAllV) return cat(s, " on rows of ", h.row_elems, " ", dt);
+  return cat(s, " on ", h.rows, " rows × ", h.row_elems, " ", dt);
+}
+
+// "rank 3" / "ranks 1, 2, 5" (at most 16 listed).
+std::string ranks_text(const std::vector<int>& r) {
+  std::string s = r.size() == 1 ? "rank " : "ranks ";
+  for (size_t i = 0; i < r.size() && i < 16; ++i) s += cat(i ? ", " : "", r[i]);
+  if (r.size() > 16) s += cat(" and ", r.size() - 16, " more");
+  return s;
+}
+
+}  // namespace
+
+void Communicator::agree(const char* op, CallKind kind, const Tensor* t, int64_t arg, const std::vector<int64_t>* send_rows,
+                         const std::vector<int64_t>* recv_rows) {
+  const int n = size(), me = rank();
+  CallHeader h;
+  h.kind = int64_t(kind);
+  h.arg = arg;
+  if (t) {
+    h.dtype = int64_t(t->dtype());
+    h.rows = kind == CallKind::AllToAllV ? 0 : t->size(0);
+    h.row_elems = 1;
+    for (int d = 1; d < t->dim(); ++d) h.row_elems *= t->size(d);
+  }
+  if (send_rows && recv_rows) {
+    uint64_t sh = 0, rh = 0;
+    for (int p = 0; p < n; ++p) {
+      sh += pair_hash(me, p, (*send_rows)[size_t(p)]);
+      rh += pair_hash(p, me, (*recv_rows)[size_t(p)]);
+    }
+    h.send_hash = int64_t(sh);
+    h.recv_hash = int64_t(rh);
+  }
+  const std::array<int64_t, kCallHeaderWords> mine_words{h.kind, h.dtype, h.rows, h.row_elems, h.arg, h.send_hash, h.recv_hash};
+  std::vector<int64_t> words(size_t(n) * size_t(kCallHeaderWords));
+  gather_words(op, mine_words.data(), words.data(), kCallHeaderWords);
+  std::vector<CallHeader> all(static_cast<size_t>(n));
+  for (size_t r = 0; r < all.size(); ++r) {
+    const int64_t* w = &words[r * size_t(kCallHeaderWords)];
+    all[r] = CallHeader{w[0], w[1], w[2], w[3], w[4], w[5], w[6]};
+  }
+
+  // Every rank holds the same headers, so every rank reaches the same verdict.
+  std::vector<CallHeader> kinds;  // the distinct calls, in order of the first rank making each
+  std::vector<std::vector<int>> who;
+  for (int r = 0; r < n; ++r) {
+    size_t i = 0;
+    while (i < kinds.size() && !same_call(kinds[i], all[size_t(r)])) ++i;
+    if (i == kinds.size()) {
+      kinds.push_back(all[size_t(r)]);
+      who.emplace_back();
+    }
+    who[i].push_back(r);
+  }
+  if (kinds.size() > 1) {
+    std::string others, agreeing;
+    for (size_t i = 0; i < kinds.size(); ++i) {
+      std::vector<int> peers;
+      for (int r : who[i])
+        if (r != me) peers.push_back(r);
+      if (peers.empty()) continue;
+      if (same_call(kinds[i], h)) agreeing = cat(" (as ", peers.size() == 1 ? "does " : "do ", ranks_text(peers), ")");
+      else others += cat(others.empty() ? "" : "; ", ranks_text(peers), peers.size() == 1 ? " calls " : " call ", describe(kinds[i]));
+    }
+    throw_error(ErrorKind::InvalidArgument, op,
+                cat("rank ", me, " of ", n, ": ", others, " but this rank calls ", describe(h), agreeing,
+                    "; every rank must make the same call with the same dtype and shape (nothing was sent; the ", backend(),
+                    " communicator stays usable)"));
+  }
+  if (kind != CallKind::AllToAllV) return;
+  uint64_t sent = 0, expected = 0;
+  for (const CallHeader& x : all) {
+    sent += uint64_t(x.send_hash);
+    expected += uint64_t(x.recv_hash);
+  }
+  if (sent == expected) return;
+  // Some pair disagrees: exchange the counts themselves (same size everywhere: n sends, n receives)
+  // so that every rank can name the pairs.
+  std::vector<int64_t> mine(size_t(2 * n)), counts(size_t(2 * n) * size_t(n));
+  for (int p = 0; p < n; ++p) {
+    mine[size_t(p)] = (*send_rows)[size_t(p)];
+    mine[size_t(n + p)] = (*recv_rows)[size_t(p)];
+  }
+  gather_words(op, mine.data(), counts.data(), 2 * n);
+  std::string pairs;
+  int listed = 0, more = 0;
+  for (int from = 0; from < n; ++from) {
+    for (int to = 0; to < n; ++to) {
+      const int64_t s = counts[size_t(from) * size_t(2 * n) + size_t(to)];
+      const int64_t r = counts[size_t(to) * size_t(2 * n) + size_t(n + from)];
+      if (s == r) continue;
+      if (listed++ < 4)
+        pairs += cat(pairs.empty() ? "" : "; ", "rank ", from, " sends ", s, " rows to rank ", to, " but rank ", to, " expects ", r,
+                     " (recvRows[", from, "])");
+      else ++more;
+    }
+  }
+  if (more) pairs += cat("; and ", more, " more");
+  throw_error(ErrorKind::InvalidArgument, op,
+              cat("rank ", me, " of ", n, ": ", pairs, "; exchange the counts first (nothing was sent; the ", backend(),
+                  " communicator stays usable)"));
 }
 
 int64_t row_bytes(const Tensor& t) {

@@ -14,6 +14,11 @@
 //     each peer's rows contiguous in order of p; sum(send_rows) = send.size(0) and
 //     sum(recv_rows) = recv.size(0); recv_rows[p] must equal what p sends us (the caller
 //     exchanged counts first; the MPI backend verifies it and names the peer otherwise).
+// Ranks agree before data moves: every collective first gathers a small header from every rank
+// (op, reduce op or root, dtype, rows, row width; for all_to_all_v a checksum of the counts) and,
+// when the ranks disagree, throws InvalidArgument on every rank alike, naming the op, this rank, the
+// peers that differ and their values. Nothing has been sent then, so the communicator stays usable.
+// A mismatch therefore never reaches the data transfer, where it would overrun buffers.
 // Every blocking wait honours timeout_ms() (0 = wait forever). On timeout a Timeout error names
 // the op, this rank and the peers not heard from where the backend knows them, and the
 // communicator is aborted: every later call throws at once.
@@ -29,6 +34,21 @@ namespace moe::comm {
 
 enum class ReduceOp : int { Sum = 0, Max = 1, Min = 2, Avg = 3 };
 const char* reduce_op_name(ReduceOp op);
+
+enum class CallKind : int64_t { AllReduce = 1, AllGather = 2, Broadcast = 3, AllToAll = 4, AllToAllV = 5, Barrier = 6, Split = 7 };
+
+// What one rank is about to do, as agree() exchanges it (as kCallHeaderWords int64, in field order):
+// the same size on every rank whatever the call, so the exchange itself can never disagree on sizes.
+struct CallHeader {
+  int64_t kind = 0;        // CallKind
+  int64_t dtype = -1;      // DType code of the tensor as passed; -1: no tensor
+  int64_t rows = 0;        // dim 0; 0 for all_to_all_v (ranks differ) and calls without a tensor
+  int64_t row_elems = 0;   // elements per row (product of dims 1..)
+  int64_t arg = -1;        // the reduce op (all_reduce) or the root (broadcast); -1 otherwise
+  int64_t send_hash = 0;   // all_to_all_v: sum over peers q of mix(rank, q, send_rows[q])
+  int64_t recv_hash = 0;   // all_to_all_v: sum over peers p of mix(p, rank, recv_rows[p])
+};
+constexpr int64_t kCallHeaderWords = 7;
 
 constexpr int64_t kDefaultTimeoutMs = 300000;
 
@@ -59,6 +79,16 @@ class Communicator {
  protected:
   // Throws Disposed-like InvalidArgument when aborted; every collective starts with it.
   void require_live(const char* op) const;
+  // Every collective's first exchange, after its local argument checks: gathers every rank's
+  // CallHeader (t: the tensor whose dtype and shape the ranks must share; nullptr for barrier and
+  // split) and throws InvalidArgument on every rank when they differ. For all_to_all_v the headers
+  // carry checksums of the counts; when they disagree a second exchange of the counts themselves
+  // names the pairs of ranks that disagree (only then: the agreeing case costs one small exchange).
+  void agree(const char* op, CallKind kind, const Tensor* t, int64_t arg, const std::vector<int64_t>* send_rows = nullptr,
+             const std::vector<int64_t>* recv_rows = nullptr);
+  // agree()'s transport: rank r's `words` int64 land at all[r * words], on every rank. Honours the
+  // timeout like any collective (throws Timeout and aborts on it).
+  virtual void gather_words(const char* op, const int64_t* mine, int64_t* all, int64_t words) = 0;
   int64_t timeout_ms_ = kDefaultTimeoutMs;
   bool aborted_ = false;
 };

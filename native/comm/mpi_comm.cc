@@ -142,6 +142,7 @@ class MpiCommunicator final : public Communicator {
     const char* name = "allReduce";
     require_live(name);
     check_all_reduce(t, op, name);
+    agree(name, CallKind::AllReduce, &t, int64_t(op));
     DType d = t.dtype();
     if (d == DType::bf16 || d == DType::f16) {  // no MPI type: reduce an f32 host copy
       Tensor tmp = Tensor::empty(t.shape(), DType::f32, cpu_device(), name);
@@ -160,6 +161,7 @@ class MpiCommunicator final : public Communicator {
     const char* name = "allGather";
     require_live(name);
     check_all_gather(in, out, size_, name);
+    agree(name, CallKind::AllGather, &in, -1);
     Host hi(in, true, name), ho(out, false, name);
     run(name, {&hi, &ho}, [&](moe_mpi_error* e) { return api_.all_gather(c_, hi.ptr(), ho.ptr(), in.nbytes(), timeout_ms_, name, e); });
     ho.copy_out();
@@ -169,24 +171,26 @@ class MpiCommunicator final : public Communicator {
     const char* name = "broadcast";
     require_live(name);
     check_broadcast(t, root, size_, name);
+    agree(name, CallKind::Broadcast, &t, root);
     Host h(t, rank_ == root, name);
     run(name, {&h}, [&](moe_mpi_error* e) { return api_.broadcast(c_, h.ptr(), t.nbytes(), root, timeout_ms_, name, e); });
     if (rank_ != root) h.copy_out();
   }
 
+  // The agreement is itself a barrier: it completes once every rank has sent its header.
   void barrier() override {
     const char* name = "barrier";
     require_live(name);
-    std::vector<int64_t> zeros(size_t(size_), 0);
-    run(name, {}, [&](moe_mpi_error* e) { return api_.exchange(c_, 3, nullptr, zeros.data(), nullptr, zeros.data(), -1, 0, timeout_ms_, name, e); });
+    agree(name, CallKind::Barrier, nullptr, -1);
   }
 
   void all_to_all(const Tensor& send, const Tensor& recv) override {
     const char* name = "allToAll";
     require_live(name);
     check_all_to_all(send, recv, size_, name);
+    agree(name, CallKind::AllToAll, &send, -1);
     std::vector<int64_t> bytes(size_t(size_), send.nbytes() / size_);
-    exchange(1, name, send, bytes, recv, bytes);
+    exchange(name, send, bytes, recv, bytes);
   }
 
   void all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_rows, const Tensor& recv,
@@ -194,31 +198,58 @@ class MpiCommunicator final : public Communicator {
     const char* name = "allToAllV";
     require_live(name);
     check_all_to_all_v(send, send_rows, recv, recv_rows, size_, name);
+    agree(name, CallKind::AllToAllV, &send, -1, &send_rows, &recv_rows);
     int64_t rb = row_bytes(send);
     std::vector<int64_t> sb(static_cast<size_t>(size_)), rbytes(static_cast<size_t>(size_));
     for (int p = 0; p < size_; ++p) {
       sb[size_t(p)] = send_rows[size_t(p)] * rb;
       rbytes[size_t(p)] = recv_rows[size_t(p)] * rb;
     }
-    exchange(2, name, send, sb, recv, rbytes);
+    exchange(name, send, sb, recv, rbytes);
   }
 
   std::shared_ptr<Communicator> split(int color, int key) override {
     const char* name = "split";
     require_live(name);
+    agree(name, CallKind::Split, nullptr, -1);  // every rank has arrived before the blocking MPI_Comm_split
     moe_mpi_error e{};
-    moe_mpi_comm* c = api_.split(c_, color, key, timeout_ms_, &e);
+    moe_mpi_comm* c = api_.split(c_, color, key, &e);
     if (!c && e.code != MOE_MPI_OK) raise(name, e);
     if (!c) return nullptr;
     return std::make_shared<MpiCommunicator>(api_, c, timeout_ms_);
   }
 
+  void abort() override {
+    if (!aborted_) api_.abandon(c_);
+    aborted_ = true;
+  }
+
+ protected:
+  // Per-peer messages rather than MPI_Allgather, so that a timeout names the peers not heard from.
+  void gather_words(const char* op, const int64_t* mine, int64_t* all, int64_t words) override {
+    const size_t n = size_t(size_), w = size_t(words);
+    // Raw arrays: after a timeout MPI may still write them, so they are then leaked on purpose.
+    auto* send = new int64_t[n * w];
+    auto* recv = new int64_t[n * w];
+    for (size_t p = 0; p < n; ++p) std::memcpy(send + p * w, mine, w * sizeof(int64_t));
+    std::vector<int64_t> bytes(n, int64_t(w * sizeof(int64_t)));
+    moe_mpi_error e{};
+    if (api_.exchange(c_, kAgreeTag, send, bytes.data(), recv, bytes.data(), timeout_ms_, op, &e) != MOE_MPI_OK) raise(op, e);
+    std::memcpy(all, recv, n * w * sizeof(int64_t));
+    delete[] send;
+    delete[] recv;
+  }
+
  private:
-  void exchange(int kind, const char* name, const Tensor& send, const std::vector<int64_t>& sb, const Tensor& recv,
+  // Message tags: agreement headers and the data of all_to_all(_v) never match each other's receives.
+  static constexpr int kAgreeTag = 7101;
+  static constexpr int kDataTag = 7102;
+
+  void exchange(const char* name, const Tensor& send, const std::vector<int64_t>& sb, const Tensor& recv,
                 const std::vector<int64_t>& rbytes) {
     Host hs(send, true, name), hr(recv, false, name);
     run(name, {&hs, &hr}, [&](moe_mpi_error* e) {
-      return api_.exchange(c_, kind, hs.ptr(), sb.data(), hr.ptr(), rbytes.data(), int(send.dtype()), row_bytes(send), timeout_ms_, name, e);
+      return api_.exchange(c_, kDataTag, hs.ptr(), sb.data(), hr.ptr(), rbytes.data(), timeout_ms_, name, e);
     });
     hr.copy_out();
   }

@@ -3,10 +3,14 @@
 // opened at run time through nccl_loader. all_to_all(_v) are grouped
 // ncclSend/ncclRecv of bytes. Run on 1 and 2 H200s (test/gpu/20-comm, scripts/device-session.sh multi).
 //
+// Agreement: before each collective the ranks all-gather their call headers (agree(): a few int64
+// per rank, ncclAllGather on the same stream through a pinned host buffer) and the host reads them
+// (a deliberate host synchronisation per collective, whatever the timeout), so a rank passing other
+// sizes gets InvalidArgument on every rank instead of NCCL moving mismatched buffers.
 // Timeouts: with timeout_ms > 0 every collective waits on the host for its completion, polling the
 // stream's event and ncclCommGetAsyncError; past the deadline it calls ncclCommAbort and throws
-// Timeout (a deliberate host synchronisation per collective). With timeout_ms = 0 collectives are
-// only enqueued (stream-ordered, no host sync) and a hang is not detected.
+// Timeout (a second deliberate host synchronisation). With timeout_ms = 0 the data collective is
+// only enqueued (stream-ordered) and the agreement waits without a deadline.
 // ncclCommInitRank itself blocks until every rank has joined and is not under the timeout.
 #include <chrono>
 #include <cstring>
@@ -52,6 +56,8 @@ class NcclCommunicator final : public Communicator {
   ~NcclCommunicator() override {
     if (comm_ && !aborted_) api_.commDestroy(comm_);
     if (event_) cuda::event_destroy(device_, event_);
+    // After an abort a queued copy may still write the agreement buffer: it is then leaked.
+    if (agree_host_ && !aborted_) cuda::host_free_pinned(agree_host_);
   }
   int rank() const override { return rank_; }
   int size() const override { return size_; }
@@ -61,6 +67,7 @@ class NcclCommunicator final : public Communicator {
     const char* name = "allReduce";
     prepare(name, t, "tensor");
     check_all_reduce(t, op, name);
+    agree(name, CallKind::AllReduce, &t, int64_t(op));
     cuda::DeviceGuard g(device_);
     check(api_.allReduce(t.raw(), t.raw(), size_t(t.numel()), nccl_type(t.dtype()), nccl_op(op), comm_, cstream()), name, "ncclAllReduce");
     wait(name);
@@ -69,6 +76,7 @@ class NcclCommunicator final : public Communicator {
     const char* name = "allGather";
     prepare(name, in, "input");
     check_all_gather(in, out, size_, name);
+    agree(name, CallKind::AllGather, &in, -1);
     cuda::DeviceGuard g(device_);
     check(api_.allGather(in.raw(), out.raw(), size_t(in.nbytes()), nccl::Uint8, comm_, cstream()), name, "ncclAllGather");
     wait(name);
@@ -77,6 +85,7 @@ class NcclCommunicator final : public Communicator {
     const char* name = "broadcast";
     prepare(name, t, "tensor");
     check_broadcast(t, root, size_, name);
+    agree(name, CallKind::Broadcast, &t, root);
     cuda::DeviceGuard g(device_);
     check(api_.broadcast(t.raw(), t.raw(), size_t(t.nbytes()), nccl::Uint8, root, comm_, cstream()), name, "ncclBroadcast");
     wait(name);
@@ -84,16 +93,14 @@ class NcclCommunicator final : public Communicator {
   void barrier() override {
     const char* name = "barrier";
     require_live(name);
-    // An all-reduce of one value, then a wait (NCCL has no barrier).
-    cuda::DeviceGuard g(device_);
-    if (!scratch_.defined()) scratch_ = Tensor::empty({1}, DType::f32, cuda_device(device_), name);
-    check(api_.allReduce(scratch_.raw(), scratch_.raw(), 1, nccl::Float32, nccl::Sum, comm_, cstream()), name, "ncclAllReduce");
-    wait(name, true);
+    // NCCL has no barrier; the agreement is an all-gather the host waits for, which is one.
+    agree(name, CallKind::Barrier, nullptr, -1);
   }
   void all_to_all(const Tensor& send, const Tensor& recv) override {
     const char* name = "allToAll";
     prepare(name, send, "send");
     check_all_to_all(send, recv, size_, name);
+    agree(name, CallKind::AllToAll, &send, -1);
     std::vector<int64_t> bytes(size_t(size_), send.nbytes() / size_);
     exchange(name, send, bytes, recv, bytes);
   }
@@ -102,6 +109,7 @@ class NcclCommunicator final : public Communicator {
     const char* name = "allToAllV";
     prepare(name, send, "send");
     check_all_to_all_v(send, send_rows, recv, recv_rows, size_, name);
+    agree(name, CallKind::AllToAllV, &send, -1, &send_rows, &recv_rows);
     int64_t rb = row_bytes(send);
     std::vector<int64_t> sb(static_cast<size_t>(size_)), rbytes(static_cast<size_t>(size_));
     for (int p = 0; p < size_; ++p) {
@@ -114,6 +122,7 @@ class NcclCommunicator final : public Communicator {
     const char* name = "split";
     require_live(name);
     if (!api_.commSplit) throw_error(ErrorKind::Unavailable, name, "this NCCL has no ncclCommSplit (needs NCCL 2.18 or newer)");
+    agree(name, CallKind::Split, nullptr, -1);
     cuda::DeviceGuard g(device_);
     nccl::Comm out = nullptr;
     check(api_.commSplit(comm_, color < 0 ? -1 : color, key, &out, nullptr), name, "ncclCommSplit");
@@ -158,6 +167,27 @@ class NcclCommunicator final : public Communicator {
     // ncclAllGather places member i's value at i, i.e. in NCCL's rank order: find ours.
     for (int i = 0; i < size_; ++i)
       if (all.data<int32_t>()[i] == parent_rank) rank_ = i;
+  }
+
+ protected:
+  void gather_words(const char* op, const int64_t* mine, int64_t* all, int64_t words) override {
+    cuda::DeviceGuard g(device_);
+    const int64_t n = size_, bytes = words * int64_t(sizeof(int64_t));
+    // Pinned: a copy into pageable memory would block the host until the all-gather ends, outside
+    // the timeout. Slot 0 holds ours, slots 1..n everyone's. Grown only for the rare second round.
+    if (agree_words_ < (n + 1) * words) {
+      if (agree_host_) cuda::host_free_pinned(agree_host_);  // idle: every earlier use was waited for
+      agree_host_ = static_cast<int64_t*>(cuda::host_alloc_pinned((n + 1) * bytes, op));
+      agree_dev_ = Tensor::empty({(n + 1) * words}, DType::i64, cuda_device(device_), op);
+      agree_words_ = (n + 1) * words;
+    }
+    std::memcpy(agree_host_, mine, size_t(bytes));
+    auto* dev = static_cast<int64_t*>(agree_dev_.raw());
+    cuda::memcpy_async(dev, agree_host_, bytes, cuda::HostToDevice, stream(), op);
+    check(api_.allGather(dev, dev + words, size_t(words), nccl::Int64, comm_, cstream()), op, "ncclAllGather");
+    cuda::memcpy_async(agree_host_ + words, dev + words, n * bytes, cuda::DeviceToHost, stream(), op);
+    wait(op, true);
+    std::memcpy(all, agree_host_ + words, size_t(n * bytes));
   }
 
  private:
@@ -230,7 +260,9 @@ class NcclCommunicator final : public Communicator {
   nccl::Comm comm_;
   int rank_, size_, device_;
   void* event_ = nullptr;
-  Tensor scratch_;
+  int64_t* agree_host_ = nullptr;  // pinned
+  Tensor agree_dev_;
+  int64_t agree_words_ = 0;
 };
 
 }  // namespace

@@ -1,5 +1,6 @@
 #include "core/cuda_runtime.h"
 
+#include <atomic>
 #include <mutex>
 
 #if MOE_EP_WITH_CUDA
@@ -7,6 +8,11 @@
 #endif
 
 namespace moe::cuda {
+
+namespace {
+std::atomic<int64_t> g_device_to_host{0}, g_synchronizations{0};
+}
+HostWaitCounts host_wait_counts() { return {g_device_to_host.load(), g_synchronizations.load()}; }
 
 namespace {
 thread_local void* g_current_stream[64] = {};
@@ -123,6 +129,7 @@ void stream_release(int device, void* stream) {
   p.idle[device].push_back(stream);
 }
 void stream_synchronize(int device, void* stream, const char* op) {
+  ++g_synchronizations;
   DeviceGuard g(device);
   check(cudaStreamSynchronize(cudaStream_t(stream)), op, "cudaStreamSynchronize");
 }
@@ -147,7 +154,10 @@ void event_record(int device, void* event, void* stream) {
   DeviceGuard g(device);
   check(cudaEventRecord(cudaEvent_t(event), cudaStream_t(stream)), "Event.record", "cudaEventRecord");
 }
-void event_synchronize(void* event) { check(cudaEventSynchronize(cudaEvent_t(event)), "Event.synchronize", "cudaEventSynchronize"); }
+void event_synchronize(void* event) {
+  ++g_synchronizations;
+  check(cudaEventSynchronize(cudaEvent_t(event)), "Event.synchronize", "cudaEventSynchronize");
+}
 bool event_query(void* event) {
   cudaError_t e = cudaEventQuery(cudaEvent_t(event));
   if (e == cudaErrorNotReady) { cudaGetLastError(); return false; }
@@ -164,12 +174,14 @@ float event_elapsed_ms(void* start, void* end) {
   return ms;
 }
 void device_synchronize(int device, const char* op) {
+  ++g_synchronizations;
   DeviceGuard g(device);
   check(cudaDeviceSynchronize(), op, "cudaDeviceSynchronize");
 }
 
 void memcpy_async(void* dst, const void* src, int64_t bytes, int kind, void* stream, const std::string& op) {
   if (bytes == 0) return;
+  if (kind == DeviceToHost) ++g_device_to_host;
   cudaMemcpyKind k = kind == HostToDevice ? cudaMemcpyHostToDevice
                      : kind == DeviceToHost ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
   check(cudaMemcpyAsync(dst, src, size_t(bytes), k, cudaStream_t(stream)), op, "cudaMemcpyAsync");
@@ -190,6 +202,16 @@ void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   check(cudaMemGetInfo(&f, &t), "cuda.memGetInfo", "cudaMemGetInfo");
   *free_bytes = int64_t(f);
   *total_bytes = int64_t(t);
+}
+
+bool can_access_peer(int a, int b) {
+  if (a == b) return true;
+  int ok = 0;
+  if (cudaDeviceCanAccessPeer(&ok, a, b) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return ok != 0;
 }
 
 void* host_alloc_pinned(int64_t bytes, const std::string& op) {
@@ -244,6 +266,7 @@ void memcpy_async(void*, const void*, int64_t, int, void*, const std::string& op
 void memcpy_peer_async(void*, int, const void*, int, int64_t, void*, const std::string& op) { not_built(op.c_str()); }
 void memset_async(void*, int, int64_t, void*, const std::string& op) { not_built(op.c_str()); }
 void mem_get_info(int, int64_t*, int64_t*) { not_built("cuda.memGetInfo"); }
+bool can_access_peer(int a, int b) { return a == b; }
 void* host_alloc_pinned(int64_t, const std::string& op) { not_built(op.c_str()); }
 void host_free_pinned(void*) {}
 

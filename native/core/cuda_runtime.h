@@ -86,6 +86,18 @@ void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_devic
 void memset_async(void* dst, int value, int64_t bytes, void* stream, const std::string& op);
 void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 
+// How often the host waited for a device: device-to-host copies (memcpy_async) and stream, event
+// or device synchronisations through this file, since the process started. For tests and
+// benchmarks that check a step waits for nothing (0 and 0 in a CPU-only build).
+struct HostWaitCounts {
+  int64_t device_to_host;
+  int64_t synchronizations;
+};
+HostWaitCounts host_wait_counts();
+
+// Whether device `a` can address device `b`'s memory (cudaDeviceCanAccessPeer; a == b: true).
+bool can_access_peer(int a, int b);
+
 // Page-locked host memory (cudaMallocHost / cudaFreeHost), used to stage device buffers for MPI.
 void* host_alloc_pinned(int64_t bytes, const std::string& op);
 void host_free_pinned(void* ptr);

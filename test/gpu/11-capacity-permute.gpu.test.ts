@@ -183,4 +183,40 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
       disposeAll(cap);
     }
   });
+
+  it('a slot used twice is skipped and counted, and the gap it leaves is padding (token -1, weight 0, zero row)', () => {
+    const T = 40;
+    const k = 2;
+    const E = 4;
+    const seed = freshSeed();
+    const ro = routing(T, k, E, seed);
+    using iG = Tensor.fromArray(ro.idx, { dtype: 'i32', shape: [T, k], device: gpu });
+    using wG = Tensor.fromArray(ro.w, { dtype: 'f32', shape: [T, k], device: gpu });
+    const cap = capacity(iG, wG, { numExperts: E });
+    // Two assignments of one expert given the same slot: the later one's slot repeats the earlier's.
+    const slot = Array.from(cap.slot.toArray() as Int32Array);
+    const e0 = ro.idx[0] as number;
+    const twin = ro.idx.findIndex((e, i) => i > 0 && e === e0);
+    expect(twin, `seed ${seed}: a second assignment of expert ${e0}`).toBeGreaterThan(0);
+    const gap = slot[twin] as number;
+    slot[twin] = slot[0] as number;
+    using slotG = Tensor.fromArray(slot, { dtype: 'i32', shape: [T, k], device: gpu });
+    const kept = Array.from(cap.keptPerExpert.toArray() as Int32Array);
+    const R = kept.reduce((a, b) => a + b, 0);
+    using x = Tensor.randn([T, 8], { seed, device: gpu });
+    const p = permute(x, iG, wG, { ...cap, slot: slotG }, { out: poisonedPermute(T, k, E, R, 8, 'f32', gpu) });
+    expect(p.invalid.item(), `seed ${seed}`).toBe(1);
+    const rowOf = p.rowOf.toArray() as Int32Array;
+    // Which of the two claims the row is a race; exactly one does.
+    expect([rowOf[0], rowOf[twin]].filter((r) => r === -1).length, `seed ${seed}: one claimant is dropped`).toBe(1);
+    const offsets = p.offsets.toArray() as Int32Array;
+    const gapRow = (offsets[e0] as number) + gap;
+    expect((p.rowToken.toArray() as Int32Array)[gapRow], `seed ${seed}: the gap's token`).toBe(-1);
+    expect((p.rowWeight.toArray() as Float32Array)[gapRow], `seed ${seed}: the gap's weight`).toBe(0);
+    const gapRowValues = p.rows.narrow(0, gapRow, 1);
+    expect(Array.from(gapRowValues.toFloat32Array()).every((v) => v === 0), `seed ${seed}: the gap's row`).toBe(true);
+    gapRowValues.dispose();
+    disposeAll(p);
+    disposeAll(cap);
+  });
 });

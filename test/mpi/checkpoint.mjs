@@ -23,6 +23,18 @@ const cfg = { hidden: 8, ffn: 6, numExperts: 8, topK: 2, dtype: device === 'cpu'
 const group = n > 1 ? world : undefined;
 const x = Tensor.randn([12, 8], { seed: 99, device, dtype: cfg.dtype }); // the same batch on every rank
 const bits = (t) => Buffer.from(t.toArray().buffer);
+// Outputs at another EP size: bit for bit in f32 on the CPU (every transport sums a token's k
+// expert rows in the same fp32 order); within bf16 rounding on the GPU, where the peer-memory
+// transport returns each rank's partial sum in bf16 before the owner adds them.
+const relErr = (a, b) => {
+  let num = 0, den = 0;
+  for (let i = 0; i < a.length; i++) { num += (a[i] - b[i]) ** 2; den += b[i] ** 2; }
+  return Math.sqrt(num / Math.max(den, 1e-30));
+};
+function sameOutput(got, want, what) {
+  if (device === 'cpu') return check(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `${what} differs`);
+  check(relErr(got, want) < 1e-2, `${what}: relErr ${relErr(got, want)} (bf16 tolerance 1e-2)`);
+}
 const f32 = (t) => (t.dtype === 'f32' ? t : t.cast('f32'));
 
 if (mode === 'save') {
@@ -71,7 +83,7 @@ if (mode === 'save') {
     check(bits(one.master.w13).equals(bits(all13)), 'EP=1 load: w13 differs from the gathered experts');
     check(bits(one.master.w2).equals(bits(all2)), 'EP=1 load: w2 differs from the gathered experts');
     check(bits(m1.w13.expAvgSq).equals(bits(allM)), 'EP=1 load: exp_avg_sq differs');
-    check(bits(one.forward(x).y).equals(bits(y)), 'EP=1 load: output differs');
+    sameOutput(f32(one.forward(x).y).toFloat32Array(), f32(y).toFloat32Array(), 'EP=1 load: output');
   }
   world.barrier();
 } else if (mode === 'load') {
@@ -80,7 +92,9 @@ if (mode === 'save') {
   loadMoELayer(reader, b, 0);
   const y = b.forward(x).y;
   const ref = new Float32Array(new Uint8Array(fs.readFileSync(yPath)).buffer);
-  same(f32(y).toFloat32Array(), ref, `output at EP=${n} on ${device} from ${dir} (written at EP=${reader.manifest.ep.size})`);
+  const what = `output at EP=${n} on ${device} from ${dir} (written at EP=${reader.manifest.ep.size})`;
+  if (reader.manifest.ep.size === n) same(f32(y).toFloat32Array(), ref, what);
+  else sameOutput(f32(y).toFloat32Array(), ref, what);
   world.barrier();
 } else {
   check(false, `unknown mode ${mode}`);

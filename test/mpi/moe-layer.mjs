@@ -1,5 +1,6 @@
 // Under mpirun: the dispatcher and the MoE layer at EP = world size against one-rank references
-// holding the same global weights. Each rank routes its own tokens.
+// holding the same global weights (and, for expert-choice routing, the plain-loop reference of
+// test/expert-choice-reference.mjs). Each rank routes its own tokens.
 //   --device cpu (default): everything in f32 on the CPU.
 //   --device cuda: the ranks' tensors on their GPU (several ranks may share one, through the MPI
 //                  backend's pinned staging); the layer in bf16 against the f32 CPU reference
@@ -8,6 +9,7 @@
 import { Dispatcher, dtypeSize, init, memoryStats, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
 import { capacity } from '../../dist/lib/moe/capacity.js';
 import { check, progress, scriptDevice } from './common.mjs';
+import { expertChoiceReference } from '../expert-choice-reference.mjs';
 
 const world = await init();
 const P = world.size;
@@ -44,7 +46,8 @@ tidy(() => {
   check(handle.localRows.reduce((a, b) => a + b, 0) === rows.shape[0], 'dispatched rows match the layout');
   // Once sent, the permuted rows are freed: what stays live is the result and the handle's layout
   // (host blocks are rounded to 64 bytes).
-  const layout = ['offsets', 'rowOf', 'rowWeight', 'rowToken', 'invalid'].map((key) => handle.permuted[key]);
+  // (The all-to-all's handle keeps the permute's layout; the peer-memory one keeps its own maps.)
+  const layout = handle.permuted ? ['offsets', 'rowOf', 'rowWeight', 'rowToken', 'invalid'].map((key) => handle.permuted[key]) : [];
   const held = [dispatched.rows, dispatched.weights, ...layout, handle.localOffsets, handle.toExpertOrder, handle.toSourceOrder]
     .filter((t) => t instanceof Tensor)
     .reduce((sum, t) => sum + Math.ceil((t.numel * dtypeSize[t.dtype]) / 64) * 64, 0);
@@ -157,5 +160,68 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   epOverlap.dispose();
   ref.dispose();
   progress(`2 ${what}: expert gradients, layers disposed`);
+}
+// 3. Expert-choice routing at EP = P against the plain-loop float64 reference
+//    (test/expert-choice-reference.mjs) with the same global weights: each rank's experts choose
+//    their top-C among that rank's own T tokens (C per expert per source rank), so the reference
+//    routes each rank's tokens alone; the local experts' gradients are the reference's summed over
+//    ranks. A draw whose reference has a near-tie at some column's C-th place (on any rank) is
+//    redrawn, by all ranks together.
+{
+  const H = size.hidden, E = 4 * P, T = size.T;
+  const cfg = { hidden: H, ffn: size.ffn, numExperts: E, topK: 2, capacityFactor: 1.5, sharedFfn: 4, routing: 'expert-choice', zLossCoef: 0.01 };
+  const dtype = gpu ? 'bf16' : 'f32';
+  let done = false;
+  for (let attempt = 0; attempt < 10 && !done; attempt++) {
+    const seed = 300 + 17 * attempt;
+    const ep = new MoELayer({ ...cfg, seed, dtype, device, group: world });
+    const epOverlap = new MoELayer({ ...cfg, seed, dtype, device, group: world, commStream: true });
+    tidy(() => {
+      // The global weights as the EP layer computes with them (CPU: its f32 masters; GPU: its bf16 copies).
+      const src = gpu ? ep.compute : ep.master;
+      const w13 = vals(world.allGather(src.w13.cast('f32').contiguous()));
+      const w2 = vals(world.allGather(src.w2.cast('f32').contiguous()));
+      const router = vals(src.router.cast('f32'));
+      const shared = { w13: vals(src.sharedW13.cast('f32')), w2: vals(src.sharedW2.cast('f32')) };
+      const xCpu = Tensor.randn([T, H], { seed: seed + 1 + rank, device: 'cpu' }).cast(dtype).cast('f32');
+      const dyCpu = Tensor.randn([T, H], { seed: seed + 50 + rank, device: 'cpu' }).cast(dtype).cast('f32');
+      const C = Math.ceil((T * cfg.capacityFactor) / E - 1e-9);
+      const ref = expertChoiceReference({
+        x: vals(xCpu), dy: vals(dyCpu), router, w13, w2, shared,
+        cfg: { H, F: cfg.ffn, E, Fs: cfg.sharedFfn, C, score: 'softmax', routeScale: 1, zLossCoef: cfg.zLossCoef },
+      });
+      const gap = Tensor.fromArray([ref.minGap], { device: 'cpu' });
+      world.allReduce(gap, 'min');
+      if (gap.item() < 1e-5) return;
+      done = true;
+      const what = `expert choice ${device}, seed ${seed}`;
+      const x = xCpu.copyTo({ dtype, device });
+      const dy = dyCpu.copyTo({ dtype, device });
+      const f = ep.forward(x);
+      check(JSON.stringify(f.saved.slot.toNumbers()) === JSON.stringify(Array.from(ref.slot)), `${what}: the chosen tokens differ from the reference's`);
+      check(JSON.stringify(f.expertsPerToken.toNumbers()) === JSON.stringify(ref.expertsPerToken), `${what}: experts per token`);
+      check(relErr(vals(f.y), ref.y) < tol.y, `${what}: forward relErr ${relErr(vals(f.y), ref.y)}`);
+      const fo = epOverlap.forward(x);
+      check(relErr(vals(fo.y), vals(f.y)) <= tol.again, `${what}: forward with a comm stream`);
+      progress(`3 ${what}: forward`);
+      const g = ep.backward(f, dy);
+      const go = epOverlap.backward(fo, dy);
+      for (const [name, got, want] of [['dx', g.dx, ref.dx], ['router', g.router, ref.dRouter], ['shared w13', g.sharedW13, ref.dShared13], ['shared w2', g.sharedW2, ref.dShared2]]) {
+        check(relErr(vals(got), want) < tol.grad, `${what}: ${name} relErr ${relErr(vals(got), want)}`);
+      }
+      for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2']) check(relErr(vals(go[k]), vals(g[k])) <= tol.again, `${what}: ${k} with a comm stream`);
+      const El = ep.localExperts;
+      for (const [name, got, want, per] of [['w13', g.w13, ref.dW13, H * 2 * cfg.ffn], ['w2', g.w2, ref.dW2, cfg.ffn * H]]) {
+        const sum = Tensor.fromArray(Float32Array.from(want), { device: 'cpu' });
+        world.allReduce(sum, 'sum');
+        const slice = vals(sum).slice(rank * El * per, (rank + 1) * El * per);
+        check(relErr(vals(got), slice) < tol.grad, `${what}: ${name} gradient of the local experts relErr ${relErr(vals(got), slice)}`);
+      }
+      progress(`3 ${what}: backward`);
+    });
+    ep.dispose();
+    epOverlap.dispose();
+  }
+  check(done, 'expert choice: no draw without a near-tie at a threshold in 10 attempts');
 }
 console.log(`ok rank ${rank} of ${P}`);

@@ -17,3 +17,12 @@ export function mpirun(np: number, script: string, timeoutMs = 60_000, args: str
   );
   return { status: r.status, out: `${r.stdout}\n${r.stderr}`, ms: Date.now() - t0 };
 }
+
+/** Several programs in one job (mpirun's `-np 1 a : -np 1 b` form): one rank per entry of `apps`, each `[program, ...args]`. */
+export function mpirunApps(apps: string[][], timeoutMs = 60_000, env: NodeJS.ProcessEnv = {}, cwd?: string): { status: number | null; out: string; ms: number } {
+  const t0 = Date.now();
+  const argv = ['--allow-run-as-root', '--oversubscribe'];
+  apps.forEach((app, i) => argv.push(...(i ? [':'] : []), '-np', '1', ...app));
+  const r = spawnSync('mpirun', argv, { encoding: 'utf8', timeout: timeoutMs, cwd, env: { ...process.env, OMPI_MCA_rmaps_base_oversubscribe: '1', ...env } });
+  return { status: r.status, out: `${r.stdout}\n${r.stderr}`, ms: Date.now() - t0 };
+}

@@ -8,9 +8,21 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 import { native, packageRoot } from '../../lib/native.js';
-import { hasMpirun, mpirun } from './mpirun.js';
+import { hasMpirun, mpirun, mpirunApps } from './mpirun.js';
 
 const root = packageRoot();
+const cli = join(root, 'dist', 'lib', 'cli', 'main.js');
+
+/** Kills the processes a run says it froze ("pid N stopping"), in case the launcher left them. */
+function killFrozen(out: string): void {
+  for (const m of out.matchAll(/pid (\d+) stopping/g)) {
+    try {
+      process.kill(Number(m[1]), 'SIGKILL');
+    } catch {
+      // already gone: the launcher ended it
+    }
+  }
+}
 
 describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   it('the MPI backend library is built and loads', () => {
@@ -18,13 +30,20 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(s.loaded, s.error).toBe(true);
   });
 
-  it.each([2, 4])('collectives on %i ranks: allReduce, allGather, broadcast, allToAll, ragged allToAllV, mismatch, EP/EDP split', (np) => {
+  it.each([2, 4])('collectives on %i ranks: allReduce, allGather, broadcast, allToAll, ragged allToAllV, EP/EDP split, abort', (np) => {
     const r = mpirun(np, 'collectives.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
-  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients); a comm stream changes no bit', (np) => {
+  // Issue 14, item 1: these overran buffers (malloc(): corrupted top size) or hung.
+  it.each([2, 3])('mismatched calls on %i ranks (sizes, dtype, op, root, the call itself, allToAllV counts): an InvalidArgumentError on every rank naming the peers and both values; the communicator stays usable', (np) => {
+    const r = mpirun(np, 'mismatch.mjs');
+    expect(r.status, r.out).toBe(0);
+    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np} (mpi)`);
+  });
+
+  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients; token choice, and expert choice against the plain-loop reference); a comm stream changes no bit', (np) => {
     const r = mpirun(np, 'moe-layer.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
@@ -39,7 +58,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(r.out).toContain('rank 1: allReduce 3, received 2 + 3 rows, 4 local experts, dx 128,64');
   });
 
-  it.each([2, 4])('training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it', (np) => {
+  it.each([2, 4])('training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it; expert choice trains at EP = all ranks', (np) => {
     const r = mpirun(np, 'train.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
@@ -60,7 +79,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     }
   });
 
-  it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s; all exit cleanly', (np) => {
+  it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s, the late one naming them in turn; all exit cleanly', (np) => {
     const r = mpirun(np, 'timeout.mjs');
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k}`);
@@ -73,6 +92,51 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(r.status, r.out).not.toBe(0);
     expect(r.status, 'mpirun itself was not killed by the test timeout').not.toBeNull();
     expect(r.ms).toBeLessThan(15_000);
+  });
+
+  // Issue 14, item 5: a frozen peer used to leave the survivor blocked forever in MPI_Finalize at exit.
+  it('a rank frozen (SIGSTOP) before a collective: the other throws a TimeoutError naming it after 1.5 s, then leaves (MPI_Finalize gets a deadline after a timeout) and the job ends', () => {
+    const r = mpirun(2, 'freeze.mjs', 60_000);
+    killFrozen(r.out);
+    expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
+    expect(r.out).toMatch(/rank 0 after \d+ ms: TimeoutError: allReduce: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/);
+  });
+
+  it('moe-ep train --timeout-ms 1500 with a rank frozen mid-run: the other stops with a TimeoutError after 1.5 s naming the frozen rank, and the job ends', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-freeze-'));
+    const args = ['train', '--steps', '1000000', '--no-progress', '--timeout-ms', '1500', '--out', 'run'];
+    try {
+      const r = mpirunApps([[process.execPath, cli, ...args], [process.execPath, join(root, 'test', 'mpi', 'stop-after.mjs'), '3000', ...args]], 90_000, {}, dir);
+      killFrozen(r.out);
+      expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
+      expect(r.status, r.out).not.toBe(0);
+      expect(r.out).toMatch(/moe-ep: \w+: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  // Issue 14, items 1 and 7: ranks given other sizes corrupted memory (malloc(): corrupted top size);
+  // ranks given another tokensPerStep trained without complaint.
+  it('ranks given different configurations stop before the first step, every rank naming each differing field; equal ones train into one run folder', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-config-'));
+    const args = ['train', '--steps', '2', '--no-progress'];
+    try {
+      let r = mpirunApps([[process.execPath, cli, ...args, '--out', 'run'], [process.execPath, cli, ...args, '--out', 'run', '--model.hidden', '64', '--data.tokensPerStep', '512']], 60_000, {}, dir);
+      expect(r.status, r.out).not.toBe(0);
+      for (const k of [0, 1]) expect(r.out).toContain(`moe-ep: Trainer: rank ${k} of 2: the ranks were given different configurations, but every rank must train the same one:`);
+      expect(r.out.match(/config\.data\.tokensPerStep: 256 on rank 0; 512 on rank 1\n\s+config\.model\.hidden: 32 on rank 0; 64 on rank 1/g)).toHaveLength(2);
+      expect(r.out).not.toMatch(/corrupted|signal/);
+      // Without --out every rank used to name the run folder after its own clock, scattering the
+      // checkpoint's shards: rank 0's name now holds for all.
+      r = mpirunApps([[process.execPath, cli, ...args], [process.execPath, cli, ...args]], 60_000, {}, dir);
+      expect(r.status, r.out).toBe(0);
+      const runs = fs.readdirSync(join(dir, 'runs'));
+      expect(runs).toHaveLength(1);
+      expect(fs.readdirSync(join(dir, 'runs', runs[0]!, 'checkpoints', 'step-00000002')).sort()).toEqual(['manifest.json', 'rank-0.safetensors', 'rank-1.safetensors', 'replicated.safetensors']);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('checkpoints: 2 ranks save; reload at EP=2 (own experts) and EP=1 (rank 0 reads all), tensors and outputs identical', () => {

@@ -1,5 +1,6 @@
 // Under mpirun: training at EP = world size follows the EP=1 trajectory on the same global batches,
-// and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory.
+// and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory;
+// expert-choice routing trains at EP = world size with every expert at exactly C tokens per rank.
 // Rank 0 trains the one-rank references in the same process and compares step by step.
 //   --device cpu (default): f32, 25 steps, losses within 2e-3 of EP=1.
 //   --device cuda: bf16 on the ranks' GPU (several ranks may share one, through MPI staging), the
@@ -86,6 +87,26 @@ if (world.rank === 0) {
     }
     rmSync(dirEdp, { recursive: true, force: true });
   }
+}
+// Expert choice at EP = world size: each rank's experts choose among that rank's share of the
+// batch (C = ceil((T/P)·k/E) per expert and rank), so the metrics all-reduced over the ranks show
+// every expert at P·C tokens and the experts-per-token histogram covering the whole batch.
+{
+  const ecCfg = resolveConfig({ ...cfg, model: { ...cfg.model, routing: 'expert-choice' } });
+  const t = new Trainer(ecCfg, { world });
+  const T = cfg.data.tokensPerStep, E = cfg.model.experts, P = world.size;
+  const C = Math.ceil(((T / P) * cfg.model.topK) / E);
+  const ecLosses = [];
+  for (let i = 0; i < cfg.train.steps; i++) {
+    const m = t.trainStep();
+    ecLosses.push(m.loss);
+    for (const l of m.layers) {
+      check(l.tokensPerExpert.every((n) => n === P * C), `expert choice step ${i}: tokens per expert ${l.tokensPerExpert} (expected ${P * C} each)`);
+      check(l.expertsPerToken.reduce((a, b) => a + b, 0) === T, `expert choice step ${i}: experts per token ${l.expertsPerToken} covers ${T} tokens`);
+    }
+  }
+  t.dispose();
+  if (!gpu) check(ecLosses[ecLosses.length - 1] < 0.5 * ecLosses[0], `expert choice at EP=${P}: the loss fell: ${ecLosses[0]} -> ${ecLosses[ecLosses.length - 1]}`);
 }
 world.barrier();
 console.log(`ok rank ${world.rank} of ${world.size}`);

@@ -7,7 +7,7 @@
 
 extern "C" {
 
-#define MOE_MPI_ABI_VERSION 1
+#define MOE_MPI_ABI_VERSION 2
 
 enum {
   MOE_MPI_OK = 0,
@@ -40,13 +40,18 @@ typedef struct {
   int (*all_gather)(moe_mpi_comm* c, const void* in, void* out, int64_t bytes, int64_t timeout_ms, const char* opname,
                     moe_mpi_error* err);
   int (*broadcast)(moe_mpi_comm* c, void* buf, int64_t bytes, int root, int64_t timeout_ms, const char* opname, moe_mpi_error* err);
-  // Point-to-point exchange behind all_to_all, all_to_all_v and barrier: to every peer p, a small
-  // header (op, call number, dtype, row bytes, bytes) then send_bytes[p] bytes from send (peers in
-  // order); from every p, recv_bytes[p] bytes into recv. Headers are checked against what this
-  // rank expects, so a mismatched call names the peer. kind: 1 allToAll, 2 allToAllV, 3 barrier.
-  int (*exchange)(moe_mpi_comm* c, int kind, const void* send, const int64_t* send_bytes, void* recv, const int64_t* recv_bytes,
-                  int dtype, int64_t row_bytes, int64_t timeout_ms, const char* opname, moe_mpi_error* err);
-  moe_mpi_comm* (*split)(moe_mpi_comm* c, int color, int key, int64_t timeout_ms, moe_mpi_error* err);
+  // Point-to-point exchange behind the addon's call agreement, all_to_all and all_to_all_v: to every
+  // peer p, send_bytes[p] bytes from send (peers in order); from every p, recv_bytes[p] bytes into
+  // recv, with message tag `tag`. The sizes were agreed first (the addon's agree()); a peer that
+  // sends another size anyway is an error (MPI truncates, never overruns), and a timeout names
+  // the peers not heard from.
+  int (*exchange)(moe_mpi_comm* c, int tag, const void* send, const int64_t* send_bytes, void* recv, const int64_t* recv_bytes,
+                  int64_t timeout_ms, const char* opname, moe_mpi_error* err);
+  // MPI_Comm_split, which blocks: call it only once every rank has arrived (the addon agrees first).
+  moe_mpi_comm* (*split)(moe_mpi_comm* c, int color, int key, moe_mpi_error* err);
+  // The communicator is given up (a local abort): like a timeout, it is never freed, and
+  // MPI_Finalize at exit gets a deadline.
+  void (*abandon)(moe_mpi_comm* c);
   void (*free)(moe_mpi_comm* c);
 } moe_mpi_api;
 

@@ -1,11 +1,12 @@
 // moe_ep_mpi.so: the MPI backend behind native/comm/mpi/mpi_api.h. Every wait is a poll of
 // nonblocking requests (MPI_Test) against a deadline, so no call can hang past its timeout.
-// all_to_all(_v) and barrier are Isend/Irecv pairs with a small header per peer: a timeout then
-// names exactly the peers not heard from, and a mismatched call (other op, dtype, row width or
-// row count) names the peer that disagrees.
+// exchange() (behind the addon's call agreement, all_to_all and all_to_all_v) is Isend/Irecv pairs,
+// so a timeout names exactly the peers not heard from.
 //
 // Buffers of requests still pending after a timeout or error are not touched again here; the addon
-// keeps their memory alive (it never frees a buffer handed to a timed-out call).
+// keeps their memory alive (it never frees a buffer handed to a timed-out call). Such a process is
+// "unclean": its communicators are never freed and MPI_Finalize at exit gets a deadline, since a
+// dead or frozen peer would keep it from returning.
 #include "comm/mpi/mpi_api.h"
 
 #include <mpi.h>
@@ -20,19 +21,24 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 struct moe_mpi_comm {
   MPI_Comm comm = MPI_COMM_NULL;
   int rank = 0;
   int size = 1;
-  int64_t calls = 0;  // point-to-point exchanges made, carried in headers to catch ranks out of step
 };
 
 namespace {
 
 bool g_we_initialised = false;
-bool g_any_timeout = false;
+// Set by a timeout, a failure or a local abort: requests may be pending and peers may be gone.
+bool g_unclean = false;
+// How long MPI_Finalize may take at exit in an unclean process: OpenMPI's waits for every process
+// of the job, so a frozen peer would hold it forever; a live peer still reaches it within its own
+// error path.
+constexpr int kFinalizeDeadlineMs = 10000;
 char g_version[MPI_MAX_LIBRARY_VERSION_STRING + 1] = {0};
 
 int fail(moe_mpi_error* err, int code, const char* fmt, ...) {
@@ -97,13 +103,16 @@ int wait_one(MPI_Request& req, int64_t timeout_ms, moe_mpi_comm* c, const char* 
   int r = wait_requests(reqs, done, st, timeout_ms, &failed, &rc);
   req = reqs[0];
   if (r == MOE_MPI_TIMEOUT) {
-    g_any_timeout = true;
+    g_unclean = true;
     return fail(err, MOE_MPI_TIMEOUT,
                 "timed out after %lld ms on rank %d of %d (mpi); peers not heard from: unknown for this collective "
                 "(at least one of the other %d ranks has not made the matching call)",
                 (long long)timeout_ms, c->rank, c->size, c->size - 1);
   }
-  if (r == MOE_MPI_FAILED) return fail(err, MOE_MPI_FAILED, "MPI failed on rank %d: %s", c->rank, mpi_error_string(rc).c_str());
+  if (r == MOE_MPI_FAILED) {
+    g_unclean = true;
+    return fail(err, MOE_MPI_FAILED, "MPI failed on rank %d: %s", c->rank, mpi_error_string(rc).c_str());
+  }
   return MOE_MPI_OK;
 }
 
@@ -111,6 +120,24 @@ int check_count(int64_t n, const char* what, moe_mpi_error* err) {
   if (n < 0 || n > INT_MAX)
     return fail(err, MOE_MPI_INVALID, "%s of %lld exceeds the MPI backend's limit of %d per message", what, (long long)n, INT_MAX);
   return MOE_MPI_OK;
+}
+
+// on_exit (not atexit): the exit status is needed to leave with it when MPI_Finalize overruns.
+void finalize_at_exit(int status, void*) {
+  int fin = 0;
+  MPI_Finalized(&fin);
+  if (fin) return;
+  if (g_unclean) {
+    // After a timeout the peer may be frozen: leave without MPI_Finalize once the deadline passes
+    // (the launcher then reports this process and ends the job).
+    std::thread([status] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(kFinalizeDeadlineMs));
+      fprintf(stderr, "moe-ep: MPI_Finalize did not return within %d ms after a failed collective (a peer is gone or frozen); exiting without it\n",
+              kFinalizeDeadlineMs);
+      _exit(status);
+    }).detach();
+  }
+  MPI_Finalize();
 }
 
 int api_init(moe_mpi_error* err) {
@@ -126,13 +153,7 @@ int api_init(moe_mpi_error* err) {
     // MPI_Finalize at exit, when we initialised MPI: launchers such as OpenMPI's mpirun report a
     // process that exits without it as failed. MOE_EP_MPI_FINALIZE=0 skips it.
     const char* f = getenv("MOE_EP_MPI_FINALIZE");
-    if (!f || strcmp(f, "0") != 0) {
-      atexit([] {
-        int fin = 0;
-        MPI_Finalized(&fin);
-        if (!fin) MPI_Finalize();
-      });
-    }
+    if (!f || strcmp(f, "0") != 0) on_exit(finalize_at_exit, nullptr);
   }
   return MOE_MPI_OK;
 }
@@ -229,41 +250,22 @@ int api_broadcast(moe_mpi_comm* c, void* buf, int64_t bytes, int root, int64_t t
   return wait_one(req, timeout_ms, c, opname, err);
 }
 
-const char* kind_name(int64_t k) {
-  switch (k) {
-    case 1: return "allToAll";
-    case 2: return "allToAllV";
-    case 3: return "barrier";
-  }
-  return "an unknown operation";
-}
-
-constexpr int kHeaderTag = 7101;
-constexpr int kDataTag = 7102;
-struct Header {
-  int64_t kind, call, dtype, row_bytes, bytes;
-};
-
 std::string list(const std::vector<int>& v) {
   std::string s;
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s;
 }
 
-int api_exchange(moe_mpi_comm* c, int kind, const void* send, const int64_t* send_bytes, void* recv, const int64_t* recv_bytes,
-                 int dtype, int64_t row_bytes, int64_t timeout_ms, const char* opname, moe_mpi_error* err) {
+int api_exchange(moe_mpi_comm* c, int tag, const void* send, const int64_t* send_bytes, void* recv, const int64_t* recv_bytes,
+                 int64_t timeout_ms, const char* opname, moe_mpi_error* err) {
+  (void)opname;
   const int n = c->size;
   for (int p = 0; p < n; ++p) {
     if (check_count(send_bytes[p], "a message to one peer", err)) return err->code;
     if (check_count(recv_bytes[p], "a message from one peer", err)) return err->code;
   }
-  const int64_t call = ++c->calls;
-  // Headers live as long as their requests might: on timeout they are leaked on purpose.
-  auto* out_headers = new Header[size_t(n)];
-  auto* in_headers = new Header[size_t(n)];
-  // Requests: [0,n) header receives, [n,2n) data receives, [2n,3n) header sends, [3n,4n) data sends.
-  std::vector<MPI_Request> reqs(size_t(4 * n), MPI_REQUEST_NULL);
-  std::vector<char> done(reqs.size(), 0);
+  // Requests: [0,n) receives, [n,2n) sends.
+  std::vector<MPI_Request> reqs(size_t(2 * n), MPI_REQUEST_NULL);
   std::vector<MPI_Status> st(reqs.size());
   std::vector<int64_t> soff(size_t(n) + 1, 0), roff(size_t(n) + 1, 0);
   for (int p = 0; p < n; ++p) {
@@ -271,111 +273,58 @@ int api_exchange(moe_mpi_comm* c, int kind, const void* send, const int64_t* sen
     roff[size_t(p) + 1] = roff[size_t(p)] + recv_bytes[p];
   }
   auto post_fail = [&](int rc, const char* what, int p) {
-    return fail(err, MOE_MPI_FAILED, "%s to/from rank %d failed: %s", what, p, mpi_error_string(rc).c_str());
+    g_unclean = true;  // requests posted so far stay pending
+    return fail(err, MOE_MPI_FAILED, "%s to/from rank %d failed on rank %d: %s", what, p, c->rank, mpi_error_string(rc).c_str());
   };
   int rc;
   for (int p = 0; p < n; ++p) {
-    if ((rc = MPI_Irecv(&in_headers[p], int(sizeof(Header)), MPI_BYTE, p, kHeaderTag, c->comm, &reqs[size_t(p)])))
-      return post_fail(rc, "MPI_Irecv", p);
     if (recv_bytes[p] > 0 &&
-        (rc = MPI_Irecv(static_cast<char*>(recv) + roff[size_t(p)], int(recv_bytes[p]), MPI_BYTE, p, kDataTag, c->comm, &reqs[size_t(n + p)])))
+        (rc = MPI_Irecv(static_cast<char*>(recv) + roff[size_t(p)], int(recv_bytes[p]), MPI_BYTE, p, tag, c->comm, &reqs[size_t(p)])))
       return post_fail(rc, "MPI_Irecv", p);
   }
   for (int q = 0; q < n; ++q) {
     int p = (c->rank + q) % n;  // start with ourselves, then the next ranks: spreads the load
-    out_headers[p] = Header{kind, call, dtype, row_bytes, send_bytes[p]};
-    if ((rc = MPI_Isend(&out_headers[p], int(sizeof(Header)), MPI_BYTE, p, kHeaderTag, c->comm, &reqs[size_t(2 * n + p)])))
-      return post_fail(rc, "MPI_Isend", p);
     if (send_bytes[p] > 0 &&
-        (rc = MPI_Isend(static_cast<const char*>(send) + soff[size_t(p)], int(send_bytes[p]), MPI_BYTE, p, kDataTag, c->comm,
-                        &reqs[size_t(3 * n + p)])))
+        (rc = MPI_Isend(static_cast<const char*>(send) + soff[size_t(p)], int(send_bytes[p]), MPI_BYTE, p, tag, c->comm, &reqs[size_t(n + p)])))
       return post_fail(rc, "MPI_Isend", p);
   }
+  std::vector<char> done(reqs.size(), 0);
   for (size_t i = 0; i < reqs.size(); ++i) done[i] = reqs[i] == MPI_REQUEST_NULL;
-
-  // Wait in two phases: headers first (a mismatch is reported before waiting on data that may
-  // never come), then everything.
-  auto header_check = [&](int p) -> int {
-    const Header& h = in_headers[p];
-    if (h.kind != kind)
-      return fail(err, MOE_MPI_INVALID, "rank %d called %s where rank %d called %s (calls out of step)", p, kind_name(h.kind), c->rank,
-                  kind_name(kind));
-    if (h.call != call)
-      return fail(err, MOE_MPI_INVALID, "rank %d is at its point-to-point exchange #%lld but rank %d at #%lld (calls out of step)", p,
-                  (long long)h.call, c->rank, (long long)call);
-    if (h.dtype != dtype || h.row_bytes != row_bytes)
-      return fail(err, MOE_MPI_INVALID, "rank %d sends rows of dtype code %lld, %lld bytes each, but rank %d receives dtype code %d, %lld bytes per row",
-                  p, (long long)h.dtype, (long long)h.row_bytes, c->rank, dtype, (long long)row_bytes);
-    if (h.bytes != recv_bytes[p]) {
-      long long rb = row_bytes > 0 ? row_bytes : 1;
-      return fail(err, MOE_MPI_INVALID, "rank %d sends %lld rows to rank %d but rank %d expects %lld (recvRows[%d]); exchange the counts first", p,
-                  (long long)(h.bytes / rb), c->rank, c->rank, (long long)(recv_bytes[p] / rb), p);
+  size_t failed = 0;
+  int failed_rc = 0;
+  int r = wait_requests(reqs, done, st, timeout_ms, &failed, &failed_rc);
+  if (r == MOE_MPI_TIMEOUT) {
+    g_unclean = true;
+    std::vector<int> missing, unsent;
+    for (int p = 0; p < n; ++p) {
+      if (!done[size_t(p)]) missing.push_back(p);
+      else if (!done[size_t(n + p)]) unsent.push_back(p);
     }
-    return MOE_MPI_OK;
-  };
-  std::vector<char> checked(size_t(n), 0);
-  auto start = Clock::now();
-  int spins = 0;
-  for (;;) {
-    bool all = true;
-    for (size_t i = 0; i < reqs.size(); ++i) {
-      if (done[i]) continue;
-      int flag = 0;
-      rc = MPI_Test(&reqs[i], &flag, &st[i]);
-      int p = int(i % size_t(n));
-      if (rc != MPI_SUCCESS) {
-        if (i >= size_t(n) && i < size_t(2 * n)) {
-          int cls = 0;
-          MPI_Error_class(rc, &cls);
-          if (cls == MPI_ERR_TRUNCATE)
-            return fail(err, MOE_MPI_INVALID, "rank %d sent more than the %lld rows rank %d expects (recvRows[%d])", p,
-                        (long long)(recv_bytes[p] / (row_bytes > 0 ? row_bytes : 1)), c->rank, p);
-        }
-        return fail(err, MOE_MPI_FAILED, "a message to/from rank %d failed on rank %d: %s", p, c->rank, mpi_error_string(rc).c_str());
-      }
-      if (flag) done[i] = 1;
-      else all = false;
-      if (flag && i < size_t(n) && !checked[size_t(p)]) {
-        checked[size_t(p)] = 1;
-        if (int r = header_check(p)) return r;
-      }
-      if (flag && i >= size_t(n) && i < size_t(2 * n)) {
-        int got = 0;
-        MPI_Get_count(&st[i], MPI_BYTE, &got);
-        if (got != recv_bytes[p]) {
-          long long rb = row_bytes > 0 ? row_bytes : 1;
-          return fail(err, MOE_MPI_INVALID, "rank %d sends %lld rows to rank %d but rank %d expects %lld (recvRows[%d]); exchange the counts first", p,
-                      (long long)(got / rb), c->rank, c->rank, (long long)(recv_bytes[p] / rb), p);
-        }
-      }
-    }
-    if (all) break;
-    if (timeout_ms > 0 && Clock::now() - start > std::chrono::milliseconds(timeout_ms)) {
-      g_any_timeout = true;
-      std::vector<int> missing, unsent;
-      for (int p = 0; p < n; ++p) {
-        if (!done[size_t(p)] || !done[size_t(n + p)]) missing.push_back(p);
-        else if (!done[size_t(2 * n + p)] || !done[size_t(3 * n + p)]) unsent.push_back(p);
-      }
-      std::string extra = unsent.empty() ? "" : "; sends not yet taken by ranks " + list(unsent);
-      return fail(err, MOE_MPI_TIMEOUT, "timed out after %lld ms on rank %d of %d (mpi); not heard from rank%s %s%s", (long long)timeout_ms,
-                  c->rank, n, missing.size() == 1 ? "" : "s", missing.empty() ? "(none)" : list(missing).c_str(), extra.c_str());
-    }
-    if (++spins < 200) sched_yield();
-    else usleep(spins < 2000 ? 50 : 1000);
+    std::string extra = unsent.empty() ? "" : "; sends not yet taken by rank" + std::string(unsent.size() == 1 ? " " : "s ") + list(unsent);
+    return fail(err, MOE_MPI_TIMEOUT, "timed out after %lld ms on rank %d of %d (mpi); not heard from rank%s %s%s", (long long)timeout_ms,
+                c->rank, n, missing.size() == 1 ? "" : "s", missing.empty() ? "(none)" : list(missing).c_str(), extra.c_str());
   }
-  delete[] out_headers;
-  delete[] in_headers;
+  if (r == MOE_MPI_FAILED) {
+    g_unclean = true;
+    int p = int(failed % size_t(n));
+    int cls = 0;
+    MPI_Error_class(failed_rc, &cls);
+    // Sizes were agreed before; MPI truncates a longer message rather than overrun the buffer.
+    if (failed < size_t(n) && cls == MPI_ERR_TRUNCATE)
+      return fail(err, MOE_MPI_INVALID, "rank %d sent rank %d more than the %lld bytes agreed", p, c->rank, (long long)recv_bytes[p]);
+    return fail(err, MOE_MPI_FAILED, "a message to/from rank %d failed on rank %d: %s", p, c->rank, mpi_error_string(failed_rc).c_str());
+  }
+  for (int p = 0; p < n; ++p) {
+    if (recv_bytes[p] == 0) continue;
+    int got = 0;
+    MPI_Get_count(&st[size_t(p)], MPI_BYTE, &got);
+    if (got != recv_bytes[p])
+      return fail(err, MOE_MPI_INVALID, "rank %d sent rank %d %d bytes where %lld were agreed", p, c->rank, got, (long long)recv_bytes[p]);
+  }
   return MOE_MPI_OK;
 }
 
-moe_mpi_comm* api_split(moe_mpi_comm* c, int color, int key, int64_t timeout_ms, moe_mpi_error* err) {
-  // Gather everyone's (color, key) first with a timeout, so the blocking MPI_Comm_split only runs
-  // once every rank has arrived.
-  std::vector<int> mine{color, key};
-  auto* all = new int[size_t(2 * c->size)];
-  if (api_all_gather(c, mine.data(), all, 2 * sizeof(int), timeout_ms, "split", err) != MOE_MPI_OK) return nullptr;  // `all` leaked on purpose
-  delete[] all;
+moe_mpi_comm* api_split(moe_mpi_comm* c, int color, int key, moe_mpi_error* err) {
   MPI_Comm out = MPI_COMM_NULL;
   int rc = MPI_Comm_split(c->comm, color < 0 ? MPI_UNDEFINED : color, key, &out);
   if (rc != MPI_SUCCESS) {
@@ -389,18 +338,20 @@ moe_mpi_comm* api_split(moe_mpi_comm* c, int color, int key, int64_t timeout_ms,
   return wrap(out);
 }
 
+void api_abandon(moe_mpi_comm*) { g_unclean = true; }
+
 void api_free(moe_mpi_comm* c) {
   if (!c) return;
   int fin = 0;
   MPI_Finalized(&fin);
-  // A communicator with requests left pending by a timeout is not freed (MPI would wait on them).
-  if (!fin && c->comm != MPI_COMM_NULL && !g_any_timeout) MPI_Comm_free(&c->comm);
+  // In an unclean process a free could wait on pending requests or a gone peer: leave it.
+  if (!fin && c->comm != MPI_COMM_NULL && !g_unclean) MPI_Comm_free(&c->comm);
   delete c;
 }
 
 const moe_mpi_api g_api = {
     MOE_MPI_ABI_VERSION, api_init,     api_library_version, api_world,     api_rank, api_size, api_all_reduce,
-    api_all_gather,      api_broadcast, api_exchange,       api_split,     api_free,
+    api_all_gather,      api_broadcast, api_exchange,       api_split,     api_abandon, api_free,
 };
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Permute / unpermute kernels.
-//   layout:   one kernel; every block scans the E segment lengths in shared memory (E ≤ 4096), block 0
-//             writes offsets, then a grid-stride loop places assignments and another marks padding.
+//   layout:   every row starts as padding (an init kernel), then one kernel: every block scans the E
+//             segment lengths in shared memory (E ≤ 4096), block 0 writes offsets, and a grid-stride
+//             loop places assignments, each claiming its row with a compare-and-swap.
 //   gather:   one warp per destination row, the widest aligned vector (16 bytes for rows whose byte
 //             length and base addresses allow it), no atomics. Reads x once per destination row:
 //             with k > 1 a token's row is read k times, mostly from DRAM (the rows of one token are
@@ -58,7 +59,9 @@ __global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int
   }
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  // Kept assignments: row = offsets[e] + slot.
+  // Kept assignments: row = offsets[e] + slot, claimed with a compare-and-swap on row_token (which
+  // layout_init_kernel set to -1), so a slot used twice is caught: the second claimant is skipped
+  // and counted. Rows nobody claims (padding, gaps a bad slot left) keep token -1 and weight 0.
   for (int64_t i = first; i < n; i += stride) {
     int32_t s = slot[i];
     int32_t r = -1;
@@ -68,30 +71,21 @@ __global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int
       if (ok) {
         long long limit = kept[e] < s_off[e + 1] - s_off[e] ? kept[e] : s_off[e + 1] - s_off[e];
         long long row = s_off[e] + s;
-        ok = s < limit && row < R;
+        ok = s < limit && row < R && atomicCAS(&row_token[row], -1, int32_t(i / k)) == -1;
         if (ok) r = int32_t(row);
       }
       if (!ok) atomicAdd(invalid, 1);
     }
     row_of[i] = r;
-    if (r >= 0) {
-      row_token[r] = int32_t(i / k);
-      row_weight[r] = w[i];
-    }
+    if (r >= 0) row_weight[r] = w[i];
   }
-  // Padding rows: past kept[e] inside a segment, or past the last segment.
-  for (int64_t r = first; r < R; r += stride) {
-    int32_t a = 0, b = E;  // largest e with s_off[e] <= r
-    while (b - a > 1) {
-      int32_t m = (a + b) / 2;
-      if (s_off[m] <= r) a = m;
-      else b = m;
-    }
-    long long local_row = r - s_off[a];
-    if (r >= s_off[E] || local_row >= kept[a]) {
-      row_token[r] = -1;
-      row_weight[r] = 0.f;
-    }
+}
+
+// Every row starts as padding (token -1, weight 0): the layout kernel claims the kept ones.
+__global__ void layout_init_kernel(int64_t R, int32_t* row_token, float* row_weight) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r < R; r += int64_t(gridDim.x) * blockDim.x) {
+    row_token[r] = -1;
+    row_weight[r] = 0.f;
   }
 }
 
@@ -305,9 +299,15 @@ __global__ void unpermute_backward_kernel(const G* __restrict__ dy, const I* __r
   for (int32_t j = 0; j < k; ++j) {
     int32_t r = row_of[t * k + j];
     bool valid = r >= 0 && r < R;
+    // Uniform over the block (r depends on t and j only): a dropped assignment (most of them under
+    // expert choice, whose k is E) costs no reduction and no barrier.
+    if (!valid) {
+      if (threadIdx.x == 0) d_w[t * k + j] = 0.f;
+      continue;
+    }
     float wj = w[t * k + j];
     float dot = 0.f;
-    if (valid) {
+    {
       for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(blockDim.x) * N) {
         float g[N], x[N], d[N];
         load_float<G, N>(dy + t * H + h, g);
@@ -321,7 +321,7 @@ __global__ void unpermute_backward_kernel(const G* __restrict__ dy, const I* __r
       }
     }
     float sum = Reduce(reduce_storage).Sum(dot);
-    if (threadIdx.x == 0) d_w[t * k + j] = valid ? sum : 0.f;
+    if (threadIdx.x == 0) d_w[t * k + j] = sum;
     __syncthreads();  // reduce_storage is reused by the next j
   }
 }
@@ -360,6 +360,8 @@ void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int64_t n = indices.numel(), E = kept.numel(), R = row_token.numel();
   cuda::memset_async(invalid.raw(), 0, 4, stream, op);
+  layout_init_kernel<<<grid_for(R, kLayoutThreads), kLayoutThreads, 0, stream>>>(R, row_token.data<int32_t>(), row_weight.data<float>());
+  cuda::check_launch(op);
   size_t smem = size_t(E + 1) * sizeof(long long);
   layout_kernel<<<grid_for(std::max<int64_t>(n, R), kLayoutThreads), kLayoutThreads, smem, stream>>>(
       indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, int32_t(indices.size(1)),

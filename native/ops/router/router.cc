@@ -1,5 +1,6 @@
 #include "ops/router/router.h"
 
+#include <climits>
 #include <cmath>
 
 #include "ops/common/checks.h"
@@ -125,6 +126,64 @@ void router_z_loss(const Tensor& logits, float coef, const Tensor& loss, const T
   }
   MOE_ON_DEVICE(logits, op, router_z_loss_cpu(logits, coef, loss, d_logits),
                 router_z_loss_cuda(logits, coef, loss, d_logits, op_stream(logits)));
+}
+
+void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
+                          const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
+                          const Tensor& experts_per_token, const Tensor& nan_rows) {
+  const char* op = "router";
+  require_tensor(logits, DType::f32, logits, "logits", op, "logits");
+  MOE_ARG_CHECK(logits.dim() == 2, op, "'logits' ", logits.describe(), " must be 2-D [tokens, experts]");
+  const int64_t T = logits.size(0), E = logits.size(1);
+  MOE_ARG_CHECK(E >= 1, op, "'logits' ", logits.describe(), " has no experts");
+  MOE_ARG_CHECK(T < INT_MAX, op, "'logits' ", logits.describe(), " has too many tokens (2^31 - 1 at most)");
+  check_score(p.score, op);
+  MOE_ARG_CHECK(p.capacity >= 0 && p.capacity <= T, op, "'capacity' = ", p.capacity, " must be in [0, ", T,
+                "] (each expert takes at most all ", T, " tokens)");
+  MOE_ARG_CHECK(std::isfinite(p.route_scale), op, "'routeScale' = ", p.route_scale, " must be finite");
+  require_tensor(scores, DType::f32, logits, "logits", op, "scores");
+  require_2d(scores, T, E, op, "scores", "like 'logits'");
+  require_tensor(slot, DType::i32, logits, "logits", op, "slot");
+  require_2d(slot, T, E, op, "slot", "like 'logits'");
+  require_tensor(weights, DType::f32, logits, "logits", op, "weights");
+  require_2d(weights, T, E, op, "weights", "like 'logits'");
+  if (indices.defined()) {
+    require_tensor(indices, DType::i32, logits, "logits", op, "indices");
+    require_2d(indices, T, E, op, "indices", "like 'logits'");
+  }
+  require_tensor(tokens_per_expert, DType::i32, logits, "logits", op, "tokensPerExpert");
+  require_1d(tokens_per_expert, E, op, "tokensPerExpert", "one count per expert");
+  require_tensor(experts_per_token, DType::i32, logits, "logits", op, "expertsPerToken");
+  require_1d(experts_per_token, E + 1, op, "expertsPerToken", "tokens with 0, 1, ..., E experts");
+  require_tensor(nan_rows, DType::i32, logits, "logits", op, "nanRows");
+  require_1d(nan_rows, 2, op, "nanRows", "[count, first bad row]");
+  if (logits.device().is_cuda())
+    MOE_ARG_CHECK(E <= kExpertChoiceMaxExpertsCuda, op, "'logits' ", logits.describe(), " has ", E,
+                  " experts; the CUDA expert-choice router handles up to ", kExpertChoiceMaxExpertsCuda);
+  MOE_ON_DEVICE(logits, op,
+                router_expert_choice_cpu(logits, p, scores, slot, weights, indices, tokens_per_expert, experts_per_token, nan_rows),
+                router_expert_choice_cuda(logits, p, scores, slot, weights, indices, tokens_per_expert, experts_per_token, nan_rows,
+                                          op_stream(logits)));
+}
+
+void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
+                                   float route_scale, const Tensor& d_logits, bool accumulate) {
+  const char* op = "routerBackward";
+  require_tensor(scores, DType::f32, scores, "scores", op, "scores");
+  MOE_ARG_CHECK(scores.dim() == 2 && scores.size(1) >= 1, op, "'scores' ", scores.describe(), " must be 2-D [tokens, experts]");
+  const int64_t T = scores.size(0), E = scores.size(1);
+  check_score(score, op);
+  MOE_ARG_CHECK(std::isfinite(route_scale), op, "'routeScale' = ", route_scale, " must be finite");
+  require_tensor(slot, DType::i32, scores, "scores", op, "slot");
+  require_2d(slot, T, E, op, "slot", "like 'scores' (expert choice)");
+  require_tensor(d_weights, DType::f32, scores, "scores", op, "dWeights");
+  require_2d(d_weights, T, E, op, "dWeights", "like 'scores' (expert choice)");
+  require_tensor(d_logits, DType::f32, scores, "scores", op, "dLogits");
+  require_2d(d_logits, T, E, op, "dLogits", "like 'scores'");
+  if (T == 0) return;
+  MOE_ON_DEVICE(scores, op, router_expert_choice_backward_cpu(d_weights, scores, slot, score, route_scale, d_logits, accumulate),
+                router_expert_choice_backward_cuda(d_weights, scores, slot, score, route_scale, d_logits, accumulate,
+                                                   op_stream(scores)));
 }
 
 }  // namespace moe::ops

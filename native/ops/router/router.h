@@ -68,6 +68,38 @@ void router_balance_loss(const Tensor& scores, const Tensor& indices, ScoreFn sc
                          const Tensor& loss, const Tensor& d_logits);
 void router_z_loss(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits);
 
+// ---- expert choice (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing")
+// Every expert takes its top-C tokens: perfect balance by construction; a token gets 0..E experts.
+//   logits  [T,E] f32   input
+//   scores  [T,E] f32   softmax over E or sigmoid, exactly as token choice writes them (bad rows: NaN)
+//   slot    [T,E] i32   position of token t in expert e's C chosen tokens, numbered in token order
+//                       (0..C-1), or -1 when e did not choose t
+//   weights [T,E] f32   route_scale·scores[t,e] (an f32 product) where chosen, 0 elsewhere
+//   indices [T,E] i32   e in every row (the expert of assignment (t, e), what the permute layout
+//                       reads); may be undefined (not written)
+//   tokens_per_expert [E] i32   C for every expert
+//   experts_per_token [E+1] i32 experts_per_token[n] = tokens chosen by exactly n experts
+//   nan_rows [2] i32    as token choice: [bad rows, first bad row (T when none)]
+// Selection rule, the same on every device: expert e orders the tokens by scores[t,e] as written
+// (f32), descending, NaN below everything, equal scores by ascending t, and takes the first C.
+// 0 ≤ C ≤ T. Scores lie in [0, 1] (or NaN), which the CUDA path's 30-bit keys rely on.
+// Backward: d_weights [T,E] → d_logits [T,E]: dS = route_scale·d_weights where slot ≥ 0 (0 elsewhere),
+// then softmax's Jacobian or s(1-s).
+struct ExpertChoiceParams {
+  ScoreFn score = ScoreFn::Softmax;
+  int64_t capacity = 0;
+  float route_scale = 1.0f;
+};
+
+// Experts the CUDA expert-choice path handles (its per-token histogram lives in shared memory).
+constexpr int64_t kExpertChoiceMaxExpertsCuda = 4096;
+
+void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
+                          const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
+                          const Tensor& experts_per_token, const Tensor& nan_rows);
+void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
+                                   float route_scale, const Tensor& d_logits, bool accumulate);
+
 // ---- backends (arguments already checked)
 void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
                         const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
@@ -77,6 +109,12 @@ void router_balance_loss_cpu(const Tensor& scores, const Tensor& indices, ScoreF
                              const Tensor& loss, const Tensor& d_logits);
 void router_z_loss_cpu(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits);
 
+void router_expert_choice_cpu(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
+                              const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
+                              const Tensor& experts_per_token, const Tensor& nan_rows);
+void router_expert_choice_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
+                                       float route_scale, const Tensor& d_logits, bool accumulate);
+
 void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
                          const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows,
                          void* stream);
@@ -85,5 +123,10 @@ void router_backward_cuda(const Tensor& d_weights, const Tensor& scores, const T
 void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
                               const Tensor& loss, const Tensor& d_logits, void* stream);
 void router_z_loss_cuda(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits, void* stream);
+void router_expert_choice_cuda(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
+                               const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
+                               const Tensor& experts_per_token, const Tensor& nan_rows, void* stream);
+void router_expert_choice_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
+                                        float route_scale, const Tensor& d_logits, bool accumulate, void* stream);
 
 }  // namespace moe::ops

@@ -1,0 +1,211 @@
+/**
+ * Dispatch and combine through the peer-memory transport (lib/moe/peer-transport.ts), the phases of
+ * the Dispatcher's 'ipc' path:
+ *
+ *   dispatch:  layout on the device (each token's position at each destination rank, the counts
+ *              sent to every rank) → [dropless: the received counts, read once on the host]
+ *              → each token row pushed once per destination rank → expanded there into
+ *              local-expert-major rows (fp8 rows dequantised on the way), with their gate weights
+ *   combine:   each expert rank sums its local experts' weighted outputs per (token, source rank)
+ *              and writes one row back; the owner sums over ranks in fp32
+ *   backward:  combineBackward pushes dy like a dispatch (d_rows = w·dy and the gate-weight
+ *              gradients computed where the expert outputs are); dispatchBackward is a combine
+ *              with weights 1.
+ *
+ * Received rows are ordered by local expert, then source rank, then the source's token order;
+ * capacity mode gives every (expert, source) segment exactly roundUp(C, align) rows, so nothing is
+ * read on the host and the step can be captured in a CUDA graph.
+ */
+import { type CapacityResult } from './capacity.js';
+import { quantizeFp8, FP8_BLOCK } from './fp8.js';
+import { type PeerNeed, PeerTransport } from './peer-transport.js';
+import { dtypeSize } from '../dtype.js';
+import { invalidArgument } from '../errors.js';
+import { Tensor } from '../tensor.js';
+import { trace } from '../trace.js';
+
+/** The layout of one step through the peer transport, kept for combine and the backward passes. */
+export interface PeerDispatchHandle extends Disposable {
+  readonly transport: 'ipc';
+  /** Rows per local expert, padding included, and their offsets [El+1] (i32, on the device). */
+  readonly localRows: number[];
+  readonly localOffsets: Tensor;
+  /** Rows per (source rank, local expert), row-major [P][El] (capacity mode: the segment size). */
+  readonly recvCounts: number[];
+  /** @internal Owner side: pos [T,P] (token's position at each rank, -1: not sent), dest [T,k] (entry's rank). */
+  readonly pos: Tensor;
+  readonly dest: Tensor;
+  /** @internal Expert side: rowSrc [N] ((source·cap + token)·k + entry, -1: padding), and per received (source, token, entry) its row and weight. */
+  readonly rowSrc: Tensor;
+  readonly recvRowOf: Tensor;
+  readonly recvWeight: Tensor;
+  readonly recvTokens: Tensor;
+  dispose(): void;
+}
+
+export interface PeerDispatchOptions {
+  numExperts: number;
+  align: number;
+  padToCapacity: boolean;
+  fp8: boolean;
+  sms: number;
+  /** Capacity mode's static offsets [El+1], made once per segment size (owned by the caller). */
+  staticOffsets: (localExperts: number, P: number, segment: number, like: Tensor) => Tensor;
+}
+
+const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
+
+/** The payload bytes of one token row: x's row, or its fp8 values then their scales 16-byte aligned. */
+export function peerRowBytes(x: Tensor, fp8: boolean): number {
+  const H = x.shape[1] as number;
+  return fp8 ? roundUp(H, 16) + (H / FP8_BLOCK) * 4 : H * dtypeSize[x.dtype];
+}
+
+/** Rows of x for the local experts of every rank. `transport` comes from PeerTransport.for(). */
+export function peerDispatch(
+  transport: PeerTransport,
+  x: Tensor,
+  indices: Tensor,
+  weights: Tensor,
+  cap: CapacityResult,
+  o: PeerDispatchOptions,
+): { rows: Tensor; weights: Tensor; handle: PeerDispatchHandle } {
+  const op = 'dispatch';
+  const P = transport.comm.size;
+  const El = o.numExperts / P;
+  const [T, k] = indices.shape as [number, number];
+  const H = x.shape[1] as number;
+  const capacityMode = o.padToCapacity;
+  const segment = capacityMode ? roundUp(cap.capacity as number, o.align) : -1;
+  const need: PeerNeed = { tokens: T, rowBytes: Math.max(peerRowBytes(x, o.fp8), H * dtypeSize[x.dtype]), topK: k, localExperts: El };
+  const dev = { device: x.device };
+  const made: Tensor[] = [];
+  const track = (t: Tensor): Tensor => (made.push(t), t);
+  let quantized: { q: Tensor; scales: Tensor } | null = null;
+  try {
+    trace.mark('dispatch (ipc): start', x.device);
+    // Capacity mode: every rank has the same T, so growing on it is a decision all ranks share.
+    // Dropless: only the count exchange tells every rank the largest T (grown below).
+    let t = transport.grownFor(capacityMode ? need : { ...need, tokens: 0 });
+    const pos = track(Tensor.empty([T, P], { dtype: 'i32', ...dev }));
+    const dest = track(Tensor.empty([T, k], { dtype: 'i32', ...dev }));
+    const offsets = capacityMode ? null : track(Tensor.empty([El + 1], { dtype: 'i32', ...dev }));
+    const segStart = capacityMode ? null : track(Tensor.empty([El * P], { dtype: 'i32', ...dev }));
+    const fill = capacityMode ? null : track(Tensor.empty([El], { dtype: 'i32', ...dev }));
+    const layout = () =>
+      t.handle.dispatchLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, segment, o.align, o.sms, El, pos.handle, dest.handle,
+        offsets?.handle ?? null, segStart?.handle ?? null, fill?.handle ?? null);
+    let counts = layout();
+    if (!capacityMode && counts.maxTokens > t.capacity.tokens) {
+      t = t.grownFor({ ...need, tokens: counts.maxTokens });
+      counts = layout();
+    }
+    trace.mark(capacityMode ? 'dispatch (ipc): layout' : 'dispatch (ipc): layout, counts read', x.device);
+    quantized = o.fp8 ? quantizeFp8(x) : null;
+    if (quantized) trace.mark('dispatch (ipc): quantised', x.device);
+    const N = counts.rows;
+    const mapCap = Math.max(1, capacityMode ? T : Math.max(...counts.tokensFrom));
+    const rows = track(Tensor.empty([N, H], { dtype: x.dtype, ...dev }));
+    const rowWeights = track(Tensor.empty([N], { dtype: 'f32', ...dev }));
+    const rowSrc = track(Tensor.empty([N], { dtype: 'i32', ...dev }));
+    const recvRowOf = track(Tensor.empty([P, mapCap, k], { dtype: 'i32', ...dev }));
+    const recvWeight = track(Tensor.empty([P, mapCap, k], { dtype: 'f32', ...dev }));
+    const recvTokens = track(Tensor.empty([P], { dtype: 'i32', ...dev }));
+    t.handle.dispatchRows(quantized ? quantized.q.handle : x.handle, quantized ? quantized.scales.handle : null, indices.handle, cap.slot.handle,
+      weights.handle, pos.handle, dest.handle, segment, o.align, o.sms, El, segStart?.handle ?? null, fill?.handle ?? null,
+      offsets?.handle ?? null, rows.handle, rowWeights.handle, rowSrc.handle, recvRowOf.handle, recvWeight.handle, recvTokens.handle);
+    trace.mark('dispatch (ipc): rows pushed and expanded', x.device);
+    // Segment sizes on the host: static in capacity mode, read with the counts in dropless mode.
+    const recvCounts = Array.from({ length: P * El }, (_, i) => {
+      const p = Math.floor(i / El), l = i % El;
+      return counts.segmentRows[l * P + p] as number;
+    });
+    const localRows = Array.from({ length: El }, (_, l) => {
+      let n = 0;
+      for (let p = 0; p < P; p++) n += counts.segmentRows[l * P + p] as number;
+      return capacityMode ? n : roundUp(n, o.align);
+    });
+    const localOffsets = offsets ?? o.staticOffsets(El, P, segment, x);
+    segStart?.dispose();
+    fill?.dispose();
+    const owned = [pos, dest, rowSrc, recvRowOf, recvWeight, recvTokens, localOffsets];
+    const handle: PeerDispatchHandle = {
+      transport: 'ipc',
+      localRows,
+      localOffsets,
+      recvCounts,
+      pos,
+      dest,
+      rowSrc,
+      recvRowOf,
+      recvWeight,
+      recvTokens,
+      dispose: () => {
+        for (const tensor of owned) tensor.dispose();
+      },
+      [Symbol.dispose]() {
+        this.dispose();
+      },
+    };
+    return { rows, weights: rowWeights, handle };
+  } catch (e) {
+    for (const tensor of made) tensor.dispose();
+    throw e;
+  } finally {
+    quantized?.q.dispose();
+    quantized?.scales.dispose();
+  }
+}
+
+function checkRows(op: string, rows: Tensor, handle: PeerDispatchHandle, name: string): void {
+  const N = handle.rowSrc.shape[0] as number;
+  if (rows.ndim !== 2 || rows.shape[0] !== N) invalidArgument(op, `'${name}' [${rows.shape.join(',')}] must be [${N}, H]: one row per row dispatch() delivered`);
+}
+
+const needFor = (handle: PeerDispatchHandle, rows: Tensor): PeerNeed => ({
+  tokens: 0, // the dispatch sized the transport for every rank's tokens
+  rowBytes: (rows.shape[1] as number) * dtypeSize[rows.dtype],
+  topK: handle.dest.shape[1] as number,
+  localExperts: 1,
+});
+
+/** y [T,H] = Σ_j w[t,j]·expertOut[row(t,j)], summed per rank on the expert side, then over ranks here. */
+export function peerCombine(transport: PeerTransport, expertOut: Tensor, handle: PeerDispatchHandle, sms: number, withWeights = true): Tensor {
+  const op = withWeights ? 'combine' : 'dispatchBackward';
+  checkRows(op, expertOut, handle, withWeights ? 'expertOut' : 'dRows');
+  const t = transport.grownFor(needFor(handle, expertOut));
+  const T = handle.pos.shape[0] as number;
+  const y = Tensor.empty([T, expertOut.shape[1] as number], { dtype: expertOut.dtype, device: expertOut.device });
+  try {
+    t.handle.combine(expertOut.handle, handle.recvRowOf.handle, withWeights ? handle.recvWeight.handle : null, handle.recvTokens.handle, handle.pos.handle, y.handle, sms);
+  } catch (e) {
+    y.dispose();
+    throw e;
+  }
+  trace.mark(`${op} (ipc): rows home and summed`, expertOut.device);
+  return y;
+}
+
+/** Backward of combine: dy to the expert ranks, d(expertOut) = w·dy there, d(weights) [T,k] back home. */
+export function peerCombineBackward(transport: PeerTransport, dy: Tensor, expertOut: Tensor, handle: PeerDispatchHandle, sms: number): { dExpertOut: Tensor; dWeights: Tensor } {
+  const op = 'combineBackward';
+  checkRows(op, expertOut, handle, 'expertOut');
+  const T = handle.pos.shape[0] as number;
+  if (dy.ndim !== 2 || dy.shape[0] !== T || dy.shape[1] !== expertOut.shape[1]) {
+    invalidArgument(op, `'dy' [${dy.shape.join(',')}] must be [${T}, ${expertOut.shape[1]}]`);
+  }
+  const need = needFor(handle, expertOut);
+  const t = transport.grownFor({ ...need, rowBytes: Math.max(need.rowBytes, (dy.shape[1] as number) * dtypeSize[dy.dtype]) });
+  const dExpertOut = Tensor.empty(expertOut.shape, { dtype: expertOut.dtype, device: expertOut.device });
+  const dWeights = Tensor.empty(handle.dest.shape, { dtype: 'f32', device: expertOut.device });
+  try {
+    t.handle.combineBackward(dy.handle, expertOut.handle, handle.rowSrc.handle, handle.recvWeight.handle, handle.pos.handle, handle.dest.handle,
+      dExpertOut.handle, dWeights.handle, sms);
+  } catch (e) {
+    dExpertOut.dispose();
+    dWeights.dispose();
+    throw e;
+  }
+  trace.mark('combineBackward (ipc): dy pushed, gradients back', dy.device);
+  return { dExpertOut, dWeights };
+}
