@@ -124,7 +124,7 @@ export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStream
   if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
   if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed`, op);
   if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { after: true, inputs: true });
   const inputs = options.inputs ?? [];
   if (!Array.isArray(inputs) || !inputs.every((t) => t instanceof Tensor)) invalidArgument(op, `'inputs' must be an array of Tensors`);
   for (const t of inputs) if (!t.device.equals(stream.device)) invalidArgument(op, `'inputs' holds a tensor on ${t.device.toString()} but the stream is on ${stream.device.toString()}`);
@@ -148,7 +148,7 @@ export function launch<T>(
   const free = release ?? ((result: T): void => {
     for (const t of tensorsIn(result)) if (!inputs.includes(t)) t.dispose();
   });
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { after: true });
   const after = options.after;
   if (after !== undefined) {
     if (!(after instanceof Event)) invalidArgument(op, `'after' must be an Event; received ${String(after)}`);

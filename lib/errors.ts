@@ -85,11 +85,70 @@ export function invalidArgument(op: string, message: string): never {
   throw new InvalidArgumentError(`${op}: ${message}`, op);
 }
 
-/** `options` as given, or {} when omitted; anything but a plain object (null, a number…) is refused. */
-export function checkOptions<T extends object>(options: T | undefined, op: string): T {
-  if (options === undefined) return {} as T;
+/**
+ * Every field of an options type, each mapped to true. A list typed this way must name exactly the
+ * type's fields (the compiler refuses one missing or extra), so a new option cannot be forgotten here.
+ */
+export type OptionKeys<T> = { readonly [K in keyof Required<T>]: true };
+
+/** The candidate closest to `name` (same letters ignoring case and _ or -, else at most ~1 edit in 4), if any. */
+export function closestName(name: string, candidates: readonly string[]): string | undefined {
+  const fold = (s: string): string => s.toLowerCase().replace(/[-_\s]/g, '');
+  const folded = fold(name);
+  let best: string | undefined;
+  let bestDistance = Math.max(1, Math.floor(folded.length / 4)) + 1;
+  for (const c of candidates) {
+    const d = fold(c) === folded ? 0 : editDistance(folded, fold(c));
+    if (d < bestDistance) {
+      best = c;
+      bestDistance = d;
+    }
+  }
+  return best;
+}
+
+/** Optimal string alignment distance (Levenshtein with adjacent transpositions). */
+function editDistance(a: string, b: string): number {
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      let v = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) v = Math.min(v, d[i - 2]![j - 2]! + 1);
+      d[i]![j] = v;
+    }
+  }
+  return d[a.length]![b.length]!;
+}
+
+/** "unknown option 'x' (did you mean 'y'?)" for each name not in `known`; '' when all are known. */
+export function unknownNames(names: readonly string[], known: readonly string[]): string {
+  const unknown = names.filter((n) => !known.includes(n));
+  if (unknown.length === 0) return '';
+  const each = unknown.map((n) => {
+    const close = closestName(n, known);
+    return `'${n}'${close ? ` (did you mean '${close}'?)` : ''}`;
+  });
+  return `unknown option${unknown.length > 1 ? 's' : ''} ${each.join(', ')}; expected ${known.length ? known.map((k) => `'${k}'`).join(', ') : 'none'}`;
+}
+
+/**
+ * Refuses keys of a plain-JavaScript options or config object that its type does not have (a
+ * misspelt `capacity_factor` would otherwise be silently ignored), naming them and the close match.
+ */
+export function checkKeys<T extends object>(options: T, op: string, known: NoInfer<OptionKeys<T>>): T {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
     invalidArgument(op, `'options' must be an object; received ${options === null ? 'null' : Array.isArray(options) ? 'an array' : typeof options}`);
   }
+  // Allocation-free when every key is known: this runs on every tensor creation.
+  for (const key in options) {
+    if (!Object.hasOwn(known, key)) invalidArgument(op, unknownNames(Object.keys(options), Object.keys(known)));
+  }
   return options;
+}
+
+/** `options` as given, or {} when omitted; anything but a plain object (null, a number…) or an unknown key is refused. */
+export function checkOptions<T extends object>(options: T | undefined, op: string, known: NoInfer<OptionKeys<T>>): T {
+  if (options === undefined) return {} as T;
+  return checkKeys(options, op, known);
 }

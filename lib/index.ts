@@ -1,4 +1,7 @@
 /** moe-ep: Mixture-of-Experts training with expert parallelism, from TypeScript. */
+// Kept in the emitted index.d.ts: the declarations use Node's types (NodeJS.ProcessEnv, node:crypto)
+// and Disposable, which @types/node (a dependency) brings to a consumer whose tsconfig lists no types.
+/// <reference types="node" preserve="true" />
 export { Device, type DeviceLike, cuda, getDefaultDevice, setDefaultDevice, synchronize } from './device.js';
 export { DTYPES, type DType, dtypeSize, type StorageArray } from './dtype.js';
 export {
@@ -149,6 +152,7 @@ export {
   splitExperts,
 } from './train/moe-state.js';
 export { type Batch, ClusterTask, type ClusterTaskConfig } from './train/data.js';
-export { defaultConfig, resolveConfig, type TrainConfig, trainConfigSchema } from './train/config.js';
+export { type DeepPartial, defaultConfig, resolveConfig, type TrainConfig, type TrainConfigInput, trainConfigSchema } from './train/config.js';
+export { type LayerMetrics, type StepMetrics } from './train/metrics.js';
 export { MoEModel } from './train/model.js';
 export { Trainer } from './train/trainer.js';

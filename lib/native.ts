@@ -1,9 +1,11 @@
 /**
  * The one place that loads the native addon, and the typed view of its raw binding.
  *
- * Load order: MOE_EP_ADDON (an explicit path to a .node file), then node-gyp-build, which takes a
- * prebuilt binary from prebuilds/<platform>-<arch>/ before a local build in build/Release.
- * Failures are collected and thrown as one error with possible solutions.
+ * Load order: MOE_EP_ADDON (an explicit path to a .node file, and nothing else), else a local build
+ * (build/Release/moe_ep.node: made by `npm install` when no prebuild fit, or in a clone), then the
+ * prebuilt binary (prebuilds/<platform>-<arch>/moe-ep.node). One that fails to load is named on
+ * stderr when a later one loads; when none loads, the failures are thrown as one error with
+ * possible solutions.
  */
 import { existsSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -376,30 +378,29 @@ function load(): RawBinding {
   const failures: string[] = [];
   let raw: RawBinding | undefined;
   const explicit = process.env['MOE_EP_ADDON'];
-  if (explicit) {
+  const candidates = explicit
+    ? [explicit]
+    : [join(root, 'build', 'Release', 'moe_ep.node'), join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'moe-ep.node')].filter((p) => existsSync(p));
+  for (const path of candidates) {
     try {
-      raw = require(explicit) as RawBinding;
-      loadedFrom = explicit;
+      raw = require(path) as RawBinding;
+      loadedFrom = path;
+      break;
     } catch (e) {
-      failures.push(`MOE_EP_ADDON=${explicit}: ${(e as Error).message}`);
-    }
-  } else {
-    try {
-      const nodeGypBuild = require('node-gyp-build') as ((dir: string) => RawBinding) & { resolve(dir: string): string };
-      loadedFrom = nodeGypBuild.resolve(root);
-      raw = require(loadedFrom) as RawBinding;
-    } catch (e) {
-      failures.push(`node-gyp-build (prebuilds/ and build/Release under ${root}): ${(e as Error).message}`);
+      const message = ((e as Error).message.split('\n')[0] ?? '').replace(`${path}: `, '');
+      failures.push(`${explicit ? 'MOE_EP_ADDON=' : ''}${path}: ${message}`);
     }
   }
+  if (raw && failures.length) process.stderr.write(`moe-ep: could not load ${failures.join('; ')}; using ${loadedFrom} instead\n`);
   if (!raw) {
+    if (candidates.length === 0) failures.push(`no addon in ${root}: neither build/Release/moe_ep.node nor prebuilds/${process.platform}-${process.arch}/moe-ep.node`);
     throw new Error(
       [
         'moe-ep: the native addon could not be loaded.',
         ...failures.map((f) => `  - ${f}`),
         'Possible solutions:',
-        '  - Build it: npm rebuild moe-ep (or, in a clone, npm run build:native).',
-        '  - Without the CUDA toolkit, build the CPU-only addon: MOE_EP_CUDA=off npm rebuild moe-ep.',
+        '  - Compile it here: MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep (or, in a clone, npm run build:native).',
+        '  - Without the CUDA toolkit, or to build in minutes: MOE_EP_CUDA=off MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep.',
         '  - Point MOE_EP_ADDON at a moe_ep.node built for this platform.',
       ].join('\n'),
     );

@@ -27,7 +27,7 @@ function resultLike(a: Tensor, out: Tensor | undefined, op: string, shape: reado
 
 /** out = a + alpha·b. `b` may also be a trailing part of a's shape (a bias over rows). */
 export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number } = {}): Tensor {
-  options = checkOptions(options, 'add');
+  options = checkOptions(options, 'add', { out: true, alpha: true });
   checkTensor(a, 'add', 'a');
   checkTensor(b, 'add', 'b');
   const alpha = checkNumber(options.alpha ?? 1, 'add', 'alpha');
@@ -38,7 +38,7 @@ export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number 
 
 /** out = a ⊙ b (elementwise; `b` may be a trailing part of a's shape). */
 export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
-  options = checkOptions(options, 'mul');
+  options = checkOptions(options, 'mul', { out: true });
   checkTensor(a, 'mul', 'a');
   checkTensor(b, 'mul', 'b');
   const out = resultLike(a, options.out, 'mul');
@@ -48,7 +48,7 @@ export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
 
 /** out = alpha·a. */
 export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor {
-  options = checkOptions(options, 'scale');
+  options = checkOptions(options, 'scale', { out: true });
   checkTensor(a, 'scale', 'a');
   checkNumber(alpha, 'scale', 'alpha');
   const out = resultLike(a, options.out, 'scale');
@@ -66,7 +66,7 @@ function reduced(a: Tensor, dim: number, op: string): number[] {
 
 /** Sum along `dim` (that dimension removed). Floating sums accumulate in fp32 or better. */
 export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType } = {}): Tensor {
-  options = checkOptions(options, 'sum');
+  options = checkOptions(options, 'sum', { out: true, dtype: true });
   checkTensor(a, 'sum', 'a');
   const out = resultLike(a, options.out, 'sum', reduced(a, dim, 'sum'), options.dtype ?? a.dtype);
   runInto(out, options.out, () => native().reduce(0, a.handle, dim, out.handle));
@@ -75,7 +75,7 @@ export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType
 
 /** Maximum along `dim` (that dimension removed); NaN propagates. */
 export function max(a: Tensor, dim: number, options: OutOption = {}): Tensor {
-  options = checkOptions(options, 'max');
+  options = checkOptions(options, 'max', { out: true });
   checkTensor(a, 'max', 'a');
   const out = resultLike(a, options.out, 'max', reduced(a, dim, 'max'));
   runInto(out, options.out, () => native().reduce(1, a.handle, dim, out.handle));
@@ -84,7 +84,7 @@ export function max(a: Tensor, dim: number, options: OutOption = {}): Tensor {
 
 /** out[M,N] = a[M,K]·b[K,N] (+ out with `accumulate`), fp32 accumulation. Views such as transposes are fine. */
 export function matmul(a: Tensor, b: Tensor, options: OutOption & { accumulate?: boolean; dtype?: DType } = {}): Tensor {
-  options = checkOptions(options, 'matmul');
+  options = checkOptions(options, 'matmul', { out: true, accumulate: true, dtype: true });
   checkTensor(a, 'matmul', 'a');
   checkTensor(b, 'matmul', 'b');
   if (a.ndim !== 2 || b.ndim !== 2) invalidArgument('matmul', `expects 2-D tensors, got [${a.shape.join(',')}] and [${b.shape.join(',')}]`);

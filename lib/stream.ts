@@ -35,7 +35,7 @@ export class Stream implements Disposable {
   }
   /** Records a new event on this stream and returns it. */
   recordEvent(options: { timing?: boolean } = {}): Event {
-    options = checkOptions(options, 'Stream.recordEvent');
+    options = checkOptions(options, 'Stream.recordEvent', { timing: true });
     const e = new Event(this.device, options);
     e.record(this);
     return e;
@@ -63,7 +63,7 @@ export class Event implements Disposable {
   #handle: EventHandle | null;
 
   constructor(device: DeviceLike = getDefaultDevice(), options: { timing?: boolean } = {}) {
-    options = checkOptions(options, 'Event');
+    options = checkOptions(options, 'Event', { timing: true });
     this.device = Device.parse(device, 'Event');
     this.#handle = new (native().EventHandle)(...this.device.code, options.timing ?? false);
   }

@@ -152,7 +152,7 @@ export class Tensor implements Disposable {
   // ------------------------------------------------------------------------------ creation
   /** Uninitialised memory (its contents are whatever was there). */
   static empty(shape: readonly number[], options: CreateOptions = {}): Tensor {
-    options = checkOptions(options, 'Tensor.empty');
+    options = checkOptions(options, 'Tensor.empty', { dtype: true, device: true });
     const dtype = checkDType(options.dtype ?? 'f32', 'empty');
     const device = Device.parse(options.device ?? getDefaultDevice(), 'empty');
     const dims = checkShape(shape, 'empty');
@@ -160,29 +160,29 @@ export class Tensor implements Disposable {
   }
 
   static full(shape: readonly number[], value: number, options: CreateOptions = {}): Tensor {
-    options = checkOptions(options, 'Tensor.full');
+    options = checkOptions(options, 'Tensor.full', { dtype: true, device: true });
     if (typeof value !== 'number') invalidArgument('full', `'value' must be a number; received ${typeof value}`);
-    const t = Tensor.empty(shape, options);
+    const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
     t.fill_(value);
     return t;
   }
 
   static zeros(shape: readonly number[], options: CreateOptions = {}): Tensor {
-    options = checkOptions(options, 'Tensor.zeros');
+    options = checkOptions(options, 'Tensor.zeros', { dtype: true, device: true });
     return Tensor.full(shape, 0, options);
   }
 
   /** Uniform in [low, high) (default [0, 1)), from the Philox stream `seed`. */
   static rand(shape: readonly number[], options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
-    options = checkOptions(options, 'Tensor.rand');
-    const t = Tensor.empty(shape, options);
+    options = checkOptions(options, 'Tensor.rand', { dtype: true, device: true, seed: true, offset: true, low: true, high: true });
+    const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
     return t.random_(0, options.low ?? 0, options.high ?? 1, options.seed, options.offset);
   }
 
   /** Normal with `mean` and `std` (default 0 and 1), from the Philox stream `seed`. */
   static randn(shape: readonly number[], options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
-    options = checkOptions(options, 'Tensor.randn');
-    const t = Tensor.empty(shape, options);
+    options = checkOptions(options, 'Tensor.randn', { dtype: true, device: true, seed: true, offset: true, mean: true, std: true });
+    const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
     return t.random_(1, options.mean ?? 0, options.std ?? 1, options.seed, options.offset);
   }
 
@@ -193,7 +193,7 @@ export class Tensor implements Disposable {
    */
   static fromArray(data: ArrayLike<number> | ArrayBufferView, options: CreateOptions & { shape?: readonly number[] } = {}): Tensor {
     const op = 'fromArray';
-    options = checkOptions(options, op);
+    options = checkOptions(options, op, { dtype: true, device: true, shape: true });
     const device = Device.parse(options.device ?? getDefaultDevice(), op);
     const length = data !== null && typeof data === 'object' ? (data as ArrayLike<unknown>).length : undefined;
     if (typeof length !== 'number') invalidArgument(op, `'data' must be an array of numbers or a TypedArray`);
@@ -283,7 +283,7 @@ export class Tensor implements Disposable {
   // ------------------------------------------------------------------------------- copies
   /** A contiguous tensor with these values in `dtype` on `device` (a new tensor, always). */
   copyTo(options: CreateOptions = {}): Tensor {
-    options = checkOptions(options, 'Tensor.copyTo');
+    options = checkOptions(options, 'Tensor.copyTo', { dtype: true, device: true });
     const out = Tensor.empty(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device });
     native().copy(out.handle, this.handle);
     return out;

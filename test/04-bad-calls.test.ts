@@ -168,6 +168,16 @@ const cases: Case[] = [
   ['ops.matmul with options null', () => ops.matmul(f([2, 2]), f([2, 2]), null as never), InvalidArgumentError, /matmul: 'options' must be an object; received null/],
   ['permute with options null', () => permute(f([2, 4]), f([2, 1], 'i32'), f([2, 1]), null as never, null as never), InvalidArgumentError, /permute: 'options' must be an object; received null/],
   ['groupedGemm with options as an array', () => groupedGemm('NN', f([2, 4], 'bf16'), f([1, 4, 4], 'bf16'), f([2], 'i32'), [] as never), InvalidArgumentError, /groupedGemm: 'options' must be an object; received an array/],
+  // unknown option names: refused, named, with the close match (plain JavaScript would otherwise ignore them)
+  ['MoELayer with capacity_factor', () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, capacity_factor: 1.25 } as never), InvalidArgumentError, /MoELayer: unknown option 'capacity_factor' \(did you mean 'capacityFactor'\?\)/],
+  ['Tensor.randn with sed', () => Tensor.randn([2], { sed: 1 } as never), InvalidArgumentError, /Tensor.randn: unknown option 'sed' \(did you mean 'seed'\?\); expected 'dtype', 'device', 'seed', 'offset', 'mean', 'std'/],
+  ['ops.matmul with two unknown options', () => ops.matmul(f([2, 2]), f([2, 2]), { acumulate: true, bogus: 1 } as never), InvalidArgumentError, /matmul: unknown options 'acumulate' \(did you mean 'accumulate'\?\), 'bogus'; expected/],
+  ['capacity with drop_policy', () => capacity(f([2, 1], 'i32'), f([2, 1]), { numExperts: 2, drop_policy: 'position' } as never), InvalidArgumentError, /capacity: unknown option 'drop_policy' \(did you mean 'dropPolicy'\?\)/],
+  ['Dispatcher with numexperts', () => new Dispatcher({ numexperts: 4 } as never), InvalidArgumentError, /Dispatcher: unknown option 'numexperts' \(did you mean 'numExperts'\?\)/],
+  ['ClusterTask with cluster', () => new ClusterTask({ dim: 4, cluster: 2, zipf: 1, noise: 0, seed: 1 } as never), InvalidArgumentError, /ClusterTask: unknown option 'cluster' \(did you mean 'clusters'\?\)/],
+  ['saveCheckpoint with kep', () => saveCheckpoint(tmp(), { step: 1, kep: 2 } as never), InvalidArgumentError, /saveCheckpoint: unknown option 'kep' \(did you mean 'keep'\?\)/],
+  ['Trainer with wrld', () => new Trainer(defaultConfig, { wrld: null } as never), InvalidArgumentError, /Trainer: unknown option 'wrld' \(did you mean 'world'\?\)/],
+  ['Event with an unrelated name: no suggestion', () => new Event(cpu, { colour: 1 } as never), InvalidArgumentError, /Event: unknown option 'colour'; expected 'timing'$/],
 ];
 
 describe('bad calls give clear errors', () => {

@@ -1,6 +1,7 @@
 // The addon loads with no GPU, driver or NCCL; what is missing is reported with where it looked;
 // `moe-ep info` describes the installation. Run in child processes, as a user would.
 import { execFileSync, spawnSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
@@ -36,6 +37,28 @@ describe('moe-ep info', () => {
     if (i.cuda.devices.length === 0) expect(i.cuda.unavailable.length).toBeGreaterThan(10);
   });
 
+  it('--version prints the package version', () => {
+    const version = (JSON.parse(readFileSync(join(root, 'package.json'), 'utf8')) as { version: string }).version;
+    for (const flag of ['--version', '-v']) expect(run([flag]).stdout).toBe(`${version}\n`);
+  });
+
+  it('--help works on every command and subcommand, within 100 columns', () => {
+    const helps: [string[], RegExp][] = [
+      [['--help'], /^usage: moe-ep <command>/],
+      [['train', '--help'], /^usage: moe-ep train /],
+      [['info', '--help'], /^usage: moe-ep info \[--json\]/],
+      [['ckpt', '--help'], /^usage: moe-ep ckpt <command>/],
+      [['ckpt', 'inspect', '--help'], /^usage: moe-ep ckpt inspect <dir>[\s\S]*--no-verify +skip reading/],
+      [['ckpt', 'reshard', '--help'], /^usage: moe-ep ckpt reshard <dir>[\s\S]*--ep N +the new expert-parallel size/],
+    ];
+    for (const [args, pattern] of helps) {
+      const r = run(args);
+      expect(r.status, args.join(' ')).toBe(0);
+      expect(r.stdout).toMatch(pattern);
+      for (const line of r.stdout.split('\n')) expect([...line].length, `${args.join(' ')}: ${line}`).toBeLessThanOrEqual(100);
+    }
+  });
+
   it('an unknown command fails with usage', () => {
     const r = run(['frobnicate']);
     expect(r.status).toBe(2);
@@ -45,7 +68,7 @@ describe('moe-ep info', () => {
   it('unknown options and stray arguments fail with usage rather than being ignored', () => {
     const typo = run(['info', '--jsn']);
     expect(typo.status).toBe(1);
-    expect(typo.stderr).toMatch(/unknown option --jsn[\s\S]*usage: moe-ep info \[--json\]/);
+    expect(typo.stderr).toMatch(/unknown option --jsn \(did you mean --json\?\)[\s\S]*usage: moe-ep info \[--json\]/);
     expect(run(['info', 'extra']).stderr).toMatch(/unexpected argument extra/);
     const inspect = run(['ckpt', 'inspect', '/nonexistent', '--verbose']);
     expect(inspect.status).toBe(1);

@@ -2,18 +2,25 @@
 // bounded cost, experts beat one expert at equal per-token FLOPs, memory stays flat, and the CLI
 // writes metrics and a report.
 import { spawnSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { cuda, memoryStats } from '../lib/index.js';
+import { cuda, defaultConfig, memoryStats } from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
 import { overridesFromArgs, resolveConfig } from '../lib/train/config.js';
 import { Trainer } from '../lib/train/trainer.js';
 
 type Partial2 = Parameters<typeof resolveConfig>[0];
+
+/** The charts a report.html draws (the JSON it embeds). */
+function reportCharts(html: string): { id: string; option: { series: { data: number[][] }[] } }[] {
+  const m = /const charts = (.*);\n/.exec(html);
+  if (!m) throw new Error('no charts in the report');
+  return JSON.parse(m[1] as string);
+}
 
 /** Trains and returns the mean loss and MaxVio over the last `tail` steps. */
 function train(overrides: Record<string, Record<string, unknown>>, tail = 100): { loss: number; maxVio: number; first: number } {
@@ -95,9 +102,23 @@ describe('moe-ep train (CLI)', () => {
       expect(phases.every((v) => v >= 0)).toBe(true);
       expect(phases.reduce((a, b) => a + b, 0)).toBeLessThanOrEqual((256 / last.tokensPerSecond) * 1000 + 0.5);
       expect(r.stdout).toMatch(/per step \(ms, mean\): data [\d.]+, forward [\d.]+, backward [\d.]+, optimizer [\d.]+, metrics [\d.]+/);
-      const html = readFileSync(join(out, 'report.html'), 'utf8');
-      expect(html).toContain('echarts');
-      expect(html).toContain('Tokens per expert, layer 1');
+      // The balancing bias per expert, after each step's update: it moves by gamma (1e-3) per step.
+      expect(last.layers[1].bias).toHaveLength(4);
+      const firstStep = JSON.parse(lines[0] as string);
+      for (const b of firstStep.layers[0].bias) expect(Math.abs(b)).toBeCloseTo(1e-3, 6);
+      // The configuration as run, with the run folder spelled out.
+      const saved = JSON.parse(readFileSync(join(out, 'config.json'), 'utf8'));
+      expect(saved.model.experts).toBe(4);
+      expect(saved.train.out).toBe(out);
+      const charts = reportCharts(readFileSync(join(out, 'report.html'), 'utf8'));
+      expect(charts.map((c) => c.id)).toEqual(['loss', 'maxvio', 'load0', 'load1', 'bias0', 'bias1', 'lr', 'gradnorm', 'tps']);
+      const bias1 = charts.find((c) => c.id === 'bias1')!;
+      expect(bias1.option.series).toHaveLength(4);
+      expect(bias1.option.series[2]!.data[39]).toEqual([39, last.layers[1].bias[2]]);
+      // load / mean per expert and step, around 1
+      const load = charts.find((c) => c.id === 'load0')!.option.series[0]!.data as number[][];
+      const mean = last.layers[0].tokensPerExpert.reduce((a: number, b: number) => a + b, 0) / 4;
+      expect(load.find((d) => d[0] === 39 && d[1] === 3)?.[4]).toBeCloseTo(last.layers[0].tokensPerExpert[3] / mean, 3);
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
@@ -123,6 +144,10 @@ describe('moe-ep train (CLI)', () => {
       expect(code, stdout).toBe(0);
       expect(stdout).toMatch(/final loss [\d.]+ after \d+ steps/);
       expect(readFileSync(join(out, 'report.html'), 'utf8')).toContain('by Ctrl-C');
+      const stopped = /stopped by Ctrl-C after step (\d+) of 1000000; checkpoint (\S+)\nto resume: npx moe-ep train --config (\S+) --resume/.exec(stdout);
+      expect(stopped, stdout).not.toBeNull();
+      expect(stopped![2]).toBe(join(out, 'checkpoints', `step-${stopped![1]!.padStart(8, '0')}`));
+      expect(resolve(stopped![3]!)).toBe(join(out, 'config.json'));
     } finally {
       rmSync(out, { recursive: true, force: true });
     }
@@ -154,11 +179,44 @@ describe('moe-ep train (CLI)', () => {
     expect(r.stderr).toMatch(/config.train.device is 'cuda' but no GPU is usable: /);
   });
 
-  it('--help lists every field with its default', () => {
+  it('--help lists every field with its default and a description, aligned, within 100 columns', () => {
     const r = spawnSync(process.execPath, [cli, 'train', '--help'], { encoding: 'utf8' });
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/--model\.experts 8 /);
     expect(r.stdout).toMatch(/--checkpoint\.resume null/);
+    const fields = r.stdout.split('\n').filter((l) => /^  --\w+\.\w+ /.test(l));
+    expect(fields).toHaveLength(Object.values(defaultConfig).reduce((a, section) => a + Object.keys(section).length, 0));
+    for (const l of fields) expect(l, 'a field without a description').toMatch(/^  \S+ \S+ {2,}\S/);
+    const starts = new Set(fields.map((l) => (/^( {2}\S+ \S+ +)\S/.exec(l)?.[1] ?? '').length));
+    expect(starts.size, 'descriptions start in one column').toBe(1);
+    for (const l of r.stdout.split('\n')) expect([...l].length, l).toBeLessThanOrEqual(100);
+  });
+
+  it('a run folder that holds a run is refused; --resume continues it and the report covers the whole run; --overwrite replaces it', () => {
+    const out = mkdtempSync(join(tmpdir(), 'moe-rerun-'));
+    const train = (...args: string[]) => spawnSync(process.execPath, [cli, 'train', '--out', out, '--no-progress', '--model.experts', '4', ...args], { encoding: 'utf8' });
+    const steps = (): number[] => readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).step);
+    try {
+      expect(train('--steps', '30', '--checkpoint.every', '10').status).toBe(0);
+      const before = readFileSync(join(out, 'metrics.jsonl'), 'utf8');
+      const again = train('--steps', '30');
+      expect(again.status).toBe(1);
+      expect(again.stderr).toContain(`${out} already holds a run (metrics.jsonl, report.html, config.json, checkpoints): --resume continues it, --overwrite replaces it`);
+      expect(readFileSync(join(out, 'metrics.jsonl'), 'utf8')).toBe(before);
+      // Resumed from step 20 (logged steps 20..29 came after that checkpoint): each step is in the file once.
+      const resumed = spawnSync(process.execPath, [cli, 'train', '--config', join(out, 'config.json'), '--steps', '40', '--resume', join(out, 'checkpoints', 'step-00000020'), '--no-progress'], { encoding: 'utf8' });
+      expect(resumed.status, resumed.stderr).toBe(0);
+      expect(steps()).toEqual(Array.from({ length: 40 }, (_, i) => i));
+      const loss = reportCharts(readFileSync(join(out, 'report.html'), 'utf8')).find((c) => c.id === 'loss')!;
+      expect(loss.option.series[0]!.data.map((p: number[]) => p[0])).toEqual(Array.from({ length: 40 }, (_, i) => i));
+      expect(readFileSync(join(out, 'report.html'), 'utf8')).toContain('40 of 40 (resumed at step 20)');
+      expect(train('--steps', '5', '--resume', '--overwrite').stderr).toMatch(/--overwrite and --resume contradict each other/);
+      expect(train('--steps', '5', '--overwrite').status).toBe(0);
+      expect(steps()).toEqual([0, 1, 2, 3, 4]);
+      expect(readdirSync(join(out, 'checkpoints')).filter((f) => f.startsWith('step-'))).toEqual(['step-00000005']);
+    } finally {
+      rmSync(out, { recursive: true, force: true });
+    }
   });
 
   it('--timeout-ms N sets train.timeoutMs, the collective (and start-up) timeout handed to init(); checked like any field', () => {
@@ -181,7 +239,7 @@ describe('moe-ep train (CLI)', () => {
       expect(r.stderr).toMatch(/config\.model\.experts: must be >= 1/);
       expect(r.stderr).toMatch(/config\.optimizer\.lr: must be > 0/);
       const bad = spawnSync(process.execPath, [cli, 'train', '--model.expertz', '4'], { encoding: 'utf8' });
-      expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz'/);
+      expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz' \(did you mean 'experts'\?\)/);
       const groups = spawnSync(process.execPath, [cli, 'train', '--model.experts', '64', '--model.topK', '6', '--model.groups', '8', '--model.topkGroups', '4'], { encoding: 'utf8' });
       expect(groups.stderr).toMatch(/config\.model\.topkGroups: 4 does not divide config\.model\.topK \(6\)/);
       expect(existsSync(file)).toBe(true);

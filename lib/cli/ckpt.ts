@@ -10,19 +10,64 @@
 import { CheckpointError } from '../errors.js';
 import { type CheckpointManifest, CheckpointReader, loadCheckpoint, locateCheckpoint, type RawTensor, REPLICATED_FILE, writeCheckpoint } from '../train/checkpoint.js';
 import { expertIndexOf } from '../train/moe-state.js';
+import { helpTable } from '../train/config.js';
 import { checkFlags } from './flags.js';
 
-const usage = `usage:
-  moe-ep ckpt inspect <dir> [--json] [--no-verify]
-  moe-ep ckpt reshard <dir> --ep N --out <root> [--step S] [--keep K]
-
-<dir> is a step folder or a checkpoint root (its 'latest' is used).`;
+const inspectUsage = [
+  'usage: moe-ep ckpt inspect <dir> [--json] [--no-verify]',
+  '',
+  "A checkpoint's step, format and expert-parallel layout, each file with its writing rank, size,",
+  'SHA-256 and status (OK, BAD: damaged, MISSING, SIZE: truncated or grown), and each tensor with its',
+  'file, dtype, shape and size. Exits 1 unless every file is OK.',
+  '',
+  ...helpTable(
+    [
+      ['<dir>', "a step folder (…/step-00000042) or a checkpoint root (its 'latest' is used)"],
+      ['--json', 'the manifest and each file\'s status as JSON'],
+      ['--no-verify', 'skip reading the files for their checksums (status: unchecked)'],
+      ['-h, --help', 'this help'],
+    ],
+    11,
+  ),
+].join('\n');
+const reshardUsage = [
+  'usage: moe-ep ckpt reshard <dir> --ep N --out <root> [--step S] [--keep K]',
+  '',
+  "Rewrites a checkpoint's expert shards for expert-parallel size N: experts by global index, their",
+  'optimizer moments with them; the replicated state is copied. Works on the raw bytes (no addon, no',
+  'GPU) and commits the result under <root> as a save would.',
+  '',
+  ...helpTable(
+    [
+      ['<dir>', "a step folder or a checkpoint root (its 'latest' is used)"],
+      ['--ep N', 'the new expert-parallel size (divides the experts per layer)'],
+      ['--out <root>', 'the checkpoint root to write (a new step folder in it)'],
+      ['--step S', 'the step to record (default: the source checkpoint\'s)'],
+      ['--keep K', 'checkpoints kept in <root> (older ones are deleted; default: all)'],
+      ['-h, --help', 'this help'],
+    ],
+    12,
+  ),
+].join('\n');
+const usage = [
+  'usage: moe-ep ckpt <command> ...',
+  '',
+  ...helpTable(
+    [
+      ['inspect <dir>', "a checkpoint's tensors, expert-parallel layout and per-file checksum status"],
+      ['reshard <dir>', 'rewrite the expert shards for another expert-parallel size (offline)'],
+    ],
+    13,
+  ),
+  '',
+  '`moe-ep ckpt <command> --help` describes each.',
+].join('\n');
 
 function flag(args: string[], name: string): string | undefined {
   const i = args.indexOf(name);
   if (i < 0) return undefined;
   const v = args[i + 1];
-  if (v === undefined || v.startsWith('--')) throw new Error(`${name} needs a value\n\n${usage}`);
+  if (v === undefined || v.startsWith('--')) throw new Error(`${name} needs a value\n\n${reshardUsage}`);
   args.splice(i, 2);
   return v;
 }
@@ -62,11 +107,15 @@ function numExpertsOf(m: CheckpointManifest): number {
 }
 
 function inspect(args: string[]): number {
-  checkFlags(args, ['--json', '--no-verify'], 1, usage);
+  if (args.includes('--help') || args.includes('-h')) {
+    console.log(inspectUsage);
+    return 0;
+  }
+  checkFlags(args, ['--json', '--no-verify'], 1, inspectUsage);
   const json = args.includes('--json');
   const verify = !args.includes('--no-verify');
   const [path] = args.filter((a) => !a.startsWith('--'));
-  if (!path) throw new Error(`inspect needs a directory\n\n${usage}`);
+  if (!path) throw new Error(`inspect needs a directory\n\n${inspectUsage}`);
   // Not loadCheckpoint(): it stops at the first missing or resized file; inspect reports each file.
   const located = locateCheckpoint(path, { checkFiles: false });
   const { dir, manifest: m } = located;
@@ -118,13 +167,17 @@ function inspect(args: string[]): number {
 }
 
 function reshard(args: string[]): number {
+  if (args.includes('--help') || args.includes('-h')) {
+    console.log(reshardUsage);
+    return 0;
+  }
   const ep = integerFlag(flag(args, '--ep'), '--ep', 1);
   const out = flag(args, '--out');
   const stepArg = integerFlag(flag(args, '--step'), '--step', 0);
   const keep = integerFlag(flag(args, '--keep'), '--keep', 1);
-  checkFlags(args, [], 1, usage); // what the flags above did not take
+  checkFlags(args, [], 1, reshardUsage); // what the flags above did not take
   const [path] = args.filter((a) => !a.startsWith('--'));
-  if (!path || ep === undefined || out === undefined) throw new Error(`reshard needs <dir>, --ep N and --out <root>\n\n${usage}`);
+  if (!path || ep === undefined || out === undefined) throw new Error(`reshard needs <dir>, --ep N and --out <root>\n\n${reshardUsage}`);
   const reader = loadCheckpoint(path, { verify: true });
   try {
     reader.verifyAll();

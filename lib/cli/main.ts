@@ -1,19 +1,27 @@
 #!/usr/bin/env node
 /** The `moe-ep` command: one file per subcommand in this folder. */
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+import { packageRoot } from '../native.js';
+import { helpTable } from '../train/config.js';
 import { runCkpt } from './ckpt.js';
 import { runInfo } from './info.js';
 import { runTrain } from './train.js';
 
-const usage = `usage: moe-ep <command>
+const commands: [string, string][] = [
+  ['train [options]', 'train the MoE model: the embedded synthetic task on the CPU, the GPU, or under mpirun'],
+  ['info [--json]', 'package, addon, GPUs, CUDA, NCCL and MPI as this machine sees them'],
+  ['ckpt inspect <dir>', "a checkpoint's tensors, expert-parallel layout and per-file checksum status"],
+  ['ckpt reshard <dir>', "rewrite a checkpoint's expert shards for another expert-parallel size (offline)"],
+  ['--version', 'the version of moe-ep'],
+  ['--help', 'this help; `moe-ep <command> --help` for each command'],
+];
+const usage = ['usage: moe-ep <command> [options]', '', 'commands:', ...helpTable(commands, 18)].join('\n');
 
-commands:
-  train [--config file.json] [--section.field value ...]
-                  train the MoE model (default: the embedded synthetic task; CPU, GPU or under mpirun)
-  info [--json]   package, addon backend, GPUs, CUDA, NCCL and MPI as this machine sees them
-  ckpt inspect <dir> [--json] [--no-verify]
-                  a checkpoint's tensors, EP layout and per-file checksum status
-  ckpt reshard <dir> --ep N --out <root>
-                  rewrite a checkpoint's expert shards for expert-parallel size N (offline)`;
+function version(): string {
+  return (JSON.parse(readFileSync(join(packageRoot(), 'package.json'), 'utf8')) as { version: string }).version;
+}
 
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
@@ -24,6 +32,11 @@ async function main(argv: string[]): Promise<number> {
       return runInfo(rest);
     case 'ckpt':
       return runCkpt(rest);
+    case '-v':
+    case '--version':
+    case 'version':
+      console.log(version());
+      return 0;
     case undefined:
     case '-h':
     case '--help':

@@ -2,28 +2,37 @@
  * `moe-ep train [--config file.json] [--section.field value ...]`: the main job. With no arguments
  * it trains the embedded default on whatever is there (CPU without a GPU, the GPU when present,
  * under `mpirun -np N` with the experts spread over N ranks), shows a live progress bar, appends
- * metrics as JSON lines and writes an HTML report whose path it prints. Ctrl-C, SIGTERM, SIGHUP
- * (or SIGUSR1, which mpirun forwards) and a closed stdout stop it cleanly after the current step,
- * every rank at the same step, with a checkpoint and the report.
+ * metrics as JSON lines, saves config.json, and writes an HTML report (from the whole metrics file,
+ * so a resumed run's report covers the run from its start) whose path it prints. A folder that
+ * already holds a run is refused unless --resume or --overwrite says what to do with it. Ctrl-C,
+ * SIGTERM, SIGHUP (or SIGUSR1, which mpirun forwards) and a closed stdout stop it cleanly after
+ * the current step, every rank at the same step, with a checkpoint and the report, and it says how
+ * to resume.
  */
-import { join, resolve } from 'node:path';
+import { existsSync, rmSync } from 'node:fs';
+import { join, relative, resolve } from 'node:path';
 
 import cliProgress from 'cli-progress';
 
 import { allGatherJson } from '../dist/gather-json.js';
 import { init } from '../dist/init.js';
 import { InvalidArgumentError } from '../errors.js';
-import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig } from '../train/config.js';
-import { FILE_LIMITS, readJson } from '../train/safe-files.js';
-import { MetricsLog, type StepMetrics } from '../train/metrics.js';
+import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig, type TrainConfigInput } from '../train/config.js';
+import { FILE_LIMITS, readJson, writeFileAtomic } from '../train/safe-files.js';
+import { MetricsLog, readMetrics, type StepMetrics } from '../train/metrics.js';
 import { writeReport } from '../train/report.js';
 import { Trainer } from '../train/trainer.js';
 
-function loadConfig(args: string[]): TrainConfig {
+/** What a run folder holds; one that has any of these already holds a run. */
+const RUN_FILES = ['metrics.jsonl', 'report.html', 'config.json', 'checkpoints'];
+
+function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean } {
   let file: Record<string, unknown> = {};
+  let overwrite = false;
   const rest: string[] = [];
   for (let i = 0; i < args.length; i++) {
-    if (args[i] === '--config') {
+    if (args[i] === '--overwrite') overwrite = true;
+    else if (args[i] === '--config') {
       const path = args[++i];
       if (!path) throw new InvalidArgumentError(`'--config' needs a file`, 'train');
       // A regular file of at most 1 MiB (a FIFO or /dev/zero would hang the read), bounded JSON.
@@ -35,17 +44,23 @@ function loadConfig(args: string[]): TrainConfig {
     const base = file[section];
     file[section] = base !== null && typeof base === 'object' ? { ...(base as object), ...fields } : fields;
   }
-  return resolveConfig(file);
+  // Checked against the schema at run time (a JSON file has no static type).
+  return { config: resolveConfig(file as TrainConfigInput), overwrite };
 }
 
 const fmt = (v: number, digits = 4): string => (Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits));
+const duration = (seconds: number): string =>
+  !Number.isFinite(seconds) ? '--' : seconds < 60 ? `${Math.round(seconds)}s` : seconds < 3600 ? `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, '0')}s` : `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
+const rate = (tps: number): string => (tps >= 1e6 ? `${(tps / 1e6).toFixed(1)}M` : tps >= 1e4 ? `${(tps / 1e3).toFixed(0)}k` : String(Math.round(tps)));
 
 export async function runTrain(args: string[]): Promise<number> {
   if (args.includes('--help') || args.includes('-h')) {
     console.log(trainHelp());
     return 0;
   }
-  const config = loadConfig(args);
+  const { config, overwrite } = loadConfig(args);
+  const resuming = config.checkpoint.resume !== null;
+  if (overwrite && resuming) throw new InvalidArgumentError('--overwrite and --resume contradict each other: one replaces the run in --out, the other continues it', 'train');
   const world = await init({ timeoutMs: config.train.timeoutMs });
   const lead = world.rank === 0;
   // Rank 0's timestamp names the default run folder on every rank (each rank's own clock would
@@ -53,37 +68,61 @@ export async function runTrain(args: string[]): Promise<number> {
   // so that the ranks make the same collectives.
   const stamp = allGatherJson(world, new Date().toISOString().replace(/[:.]/g, '-'))[0] as string;
   const out = resolve(config.train.out ?? join('runs', stamp));
+  // What each rank sees there (ranks need not share a file system), gathered so that every rank
+  // refuses together, and every rank has looked before rank 0 deletes or writes anything.
+  const found = [...new Set(allGatherJson(world, RUN_FILES.filter((f) => existsSync(join(out, f)))).flat())];
+  if (found.length > 0 && !resuming && !overwrite) {
+    throw new InvalidArgumentError(
+      `${out} already holds a run (${found.join(', ')}): --resume continues it, --overwrite replaces it, or choose another --out`,
+      'train',
+    );
+  }
+  if (overwrite && lead) for (const f of found) rmSync(join(out, f), { recursive: true, force: true });
   const trainer = new Trainer(config, world.size > 1 ? { world } : {});
   const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
-  if (config.checkpoint.resume !== null) {
-    const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume);
-    const step = trainer.resume(from);
-    if (lead) console.log(`resumed from ${from} at step ${step}`);
+  let resumedAt: number | null = null;
+  if (resuming) {
+    const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume as string);
+    resumedAt = trainer.resume(from);
+    if (lead) console.log(`resumed from ${from} at step ${resumedAt}`);
     for (const s of trainer.resumedFrom?.skipped ?? []) if (lead) console.error(`moe-ep: passed over ${s.dir}: ${s.reason}`);
   }
-  const save = (): void => {
+  const save = (): string => {
     const saved = trainer.saveCheckpoint(ckptDir, config.checkpoint.keep);
     if (lead && !config.train.progress) console.log(`checkpoint: ${saved.dir} (${(saved.bytes / 2 ** 20).toFixed(1)} MiB in ${saved.ms} ms)`);
+    return saved.dir;
   };
-  // A resumed run continues the same metrics file.
-  const log = lead ? new MetricsLog(join(out, 'metrics.jsonl'), { append: config.checkpoint.resume !== null }) : null;
+  const metricsPath = join(out, 'metrics.jsonl');
+  const configPath = join(out, 'config.json');
+  // A resumed run continues the same metrics file (from its checkpoint's step).
+  const log = lead ? new MetricsLog(metricsPath, resumedAt === null ? {} : { resumeAt: resumedAt }) : null;
+  // The configuration as run, with the folder spelled out: `--config <out>/config.json --resume` continues it.
+  if (lead) writeFileAtomic(configPath, JSON.stringify({ ...config, train: { ...config.train, out } }, null, 2) + '\n');
+  const resumeCommand = `npx moe-ep train --config ${relative(process.cwd(), configPath) || configPath} --resume`;
+  let bar: cliProgress.SingleBar | null = null;
   const control = { stop: false, by: '' };
   // Ctrl-C (SIGINT), SIGTERM (kill, schedulers) and SIGHUP (a closed terminal) stop after the current
   // step with a checkpoint and the report; a second one leaves at once. Under mpirun, which aborts the
   // whole job on SIGINT, send SIGUSR1 to mpirun instead: OpenMPI forwards it to every rank.
   const signals = { SIGINT: 130, SIGTERM: 143, SIGHUP: 129, SIGUSR1: 138 } as const;
-  const stopBy = (by: string, again: number): void => {
+  const stopBy = (by: string, again: number, how: string): void => {
     if (control.stop) process.exit(again);
     control.stop = true;
     control.by = by;
-    if (lead) process.stderr.write(`\nmoe-ep: ${by}: stopping after the current step (again to quit at once)\n`);
+    if (!lead) return;
+    bar?.stop(); // ends the bar's line, so the message starts on its own
+    bar = null;
+    process.stderr.write(`moe-ep: ${by}: stopping after the current step and saving a checkpoint${how}\n`);
   };
-  const handlers = Object.entries(signals).map(([sig, code]) => [sig, () => stopBy(sig === 'SIGINT' ? 'Ctrl-C' : sig, code)] as const);
+  const handlers = Object.entries(signals).map(([sig, code]) => {
+    const by = sig === 'SIGINT' ? 'Ctrl-C' : sig;
+    return [sig, () => stopBy(by, code, ` (${by} again to quit at once, without one)`)] as const;
+  });
   for (const [sig, h] of handlers) process.on(sig, h);
   // A closed stdout (`| head`): writes fail with EPIPE, emitted asynchronously; unhandled, it would
   // end the process mid-run. Stop as on a signal; later output to the closed stream is dropped.
   const onOutputError = (e: NodeJS.ErrnoException): void => {
-    if (!control.stop) stopBy(`output closed (${e.code ?? e.message})`, 1);
+    if (!control.stop) stopBy(`output closed (${e.code ?? e.message})`, 1, '');
   };
   process.stdout.on('error', onOutputError);
   process.stderr.on('error', onOutputError);
@@ -94,29 +133,40 @@ export async function runTrain(args: string[]): Promise<number> {
       `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (${m.routing === 'expert-choice' ? `expert choice, ${m.capacityFactor ?? m.topK} experts per token on average` : `top-${m.topK}`}, ${m.scoreFunction}${m.routing === 'expert-choice' ? '' : m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
         `hidden ${m.hidden}, ffn ${m.ffn}; ${world.size} rank(s) [${world.backend}] on ${trainer.device.toString()}; ${config.train.steps} steps of ${config.data.tokensPerStep} tokens`,
     );
+    console.log(`run folder: ${out}`);
   }
-  const bar =
-    lead && config.train.progress && process.stdout.isTTY
-      ? new cliProgress.SingleBar(
-          { format: 'step {value}/{total} |{bar}| loss {loss}{acc} | MaxVio {maxvio} | dropped {dropped} | {tps} tok/s', hideCursor: true },
-          cliProgress.Presets.shades_classic,
-        )
-      : null;
-  bar?.start(config.train.steps, trainer.step, { loss: '-', acc: '', maxvio: '-', dropped: '-', tps: '-' });
+  // Nothing to drop: dropless token choice, and expert choice (every expert takes exactly its C tokens).
+  const dropless = m.capacityFactor === null || m.routing === 'expert-choice';
+  if (lead && config.train.progress && process.stdout.isTTY) {
+    // The bar takes what the terminal's width leaves after the numbers (about 64 columns).
+    const barsize = Math.max(10, Math.min(40, (process.stdout.columns || 80) - 66 - (dropless ? 0 : 14) - (m.loss === 'cross-entropy' ? 10 : 0)));
+    bar = new cliProgress.SingleBar(
+      { format: `{bar} {value}/{total} ETA {remaining} | loss {loss}{acc} | MaxVio {maxvio}${dropless ? '' : ' | drop {dropped}'} | {tps} tok/s`, hideCursor: true, barsize },
+      cliProgress.Presets.shades_classic,
+    );
+    bar.start(config.train.steps, trainer.step, { remaining: '--', loss: '-', acc: '', maxvio: '-', dropped: '-', tps: '-' });
+  }
   const steps: StepMetrics[] = [];
   const started = Date.now();
+  let stepSeconds = NaN; // a moving average of the step time, for the ETA
   const onStep = (s: StepMetrics): void => {
-        if (!lead) return;
-        steps.push(s);
-        if (s.step % config.train.logEvery === 0) log?.append(s);
-        const maxVio = Math.max(...s.layers.map((l) => l.maxVio));
-        const dropped = s.layers.reduce((a, l) => a + l.dropped, 0) / s.layers.length;
-        const acc = s.accuracy === undefined ? '' : ` acc ${fmt(s.accuracy, 3)}`;
-        if (bar) bar.update(s.step + 1, { loss: fmt(s.loss), acc, maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: Math.round(s.tokensPerSecond) });
-        else if (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1) {
-          console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s`);
-        }
+    if (!lead) return;
+    steps.push(s);
+    if (s.step % config.train.logEvery === 0) log?.append(s);
+    const seconds = config.data.tokensPerStep / s.tokensPerSecond;
+    // The first step of a session carries its warm-up; the average starts after it.
+    if (steps.length === 2) stepSeconds = seconds;
+    else if (steps.length > 2) stepSeconds = 0.95 * stepSeconds + 0.05 * seconds;
+    const eta = duration(stepSeconds * (config.train.steps - s.step - 1));
+    const maxVio = Math.max(...s.layers.map((l) => l.maxVio));
+    const dropped = s.layers.reduce((a, l) => a + l.dropped, 0) / s.layers.length;
+    const acc = s.accuracy === undefined ? '' : ` acc ${fmt(s.accuracy, 3)}`;
+    if (bar) bar.update(s.step + 1, { remaining: eta, loss: fmt(s.loss), acc, maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: rate(s.tokensPerSecond) });
+    else if (!control.stop && (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1)) {
+      console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s  ETA ${eta}`);
+    }
   };
+  let savedDir = '';
   try {
     while (trainer.step < config.train.steps && !trainer.agreeToStop(control.stop)) {
       onStep(trainer.trainStep());
@@ -124,31 +174,34 @@ export async function runTrain(args: string[]): Promise<number> {
       // Let the event loop run between steps, so a Ctrl-C (SIGINT) handler gets its turn.
       await new Promise((r) => setImmediate(r));
     }
-    save(); // at the end, and after a stop signal
+    savedDir = save(); // at the end, and after a stop signal
   } finally {
     bar?.stop();
     for (const [sig, h] of handlers) process.off(sig, h);
   }
   if (lead) {
+    // The report covers the whole run: metrics.jsonl holds the steps before a resume too.
+    const history = readMetrics(metricsPath);
+    const first = history[0];
     const last = steps[steps.length - 1];
-    const first = steps[0];
+    const seconds = (Date.now() - started) / 1000;
     const report = join(out, 'report.html');
     writeReport(report, {
       title: `moe-ep training run (${new Date().toISOString().slice(0, 19)}Z)`,
       config,
-      steps,
+      steps: history,
       summary: {
-        steps: steps.length,
+        steps: `${trainer.step} of ${config.train.steps}${resumedAt === null ? '' : ` (resumed at step ${resumedAt})`}`,
         ranks: world.size,
         device: trainer.device.toString(),
         'first loss': first ? fmt(first.loss) : '-',
         'final loss': last ? fmt(last.loss) : '-',
         'final MaxVio': last ? fmt(Math.max(...last.layers.map((l) => l.maxVio)), 3) : '-',
-        'wall time (s)': ((Date.now() - started) / 1000).toFixed(1),
+        [resumedAt === null ? 'wall time (s)' : 'wall time since the resume (s)']: seconds.toFixed(1),
         stopped: control.stop ? `by ${control.by}` : 'at the configured step count',
       },
     });
-    console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    console.log(`final loss ${last ? fmt(last.loss) : '-'} after ${steps.length} steps in ${seconds.toFixed(1)} s`);
     // Where a step's time goes (host ms; exact with --train.profile true), skipping the first step's warm-up.
     const timed = steps.slice(1).filter((s) => s.phaseMs);
     if (timed.length) {
@@ -156,9 +209,11 @@ export async function runTrain(args: string[]): Promise<number> {
       const mean = keys.map((k) => `${k} ${(timed.reduce((a, s) => a + (s.phaseMs?.[k] ?? 0), 0) / timed.length).toFixed(1)}`);
       console.log(`per step (ms, mean${config.train.profile ? ', device-synchronised' : ''}): ${mean.join(', ')}`);
     }
-    console.log(`metrics: ${join(out, 'metrics.jsonl')}`);
+    console.log(`metrics: ${metricsPath}`);
+    console.log(`config:  ${configPath}`);
     console.log(`checkpoints: ${ckptDir}`);
     console.log(`report:  ${report}`);
+    if (control.stop) console.log(`moe-ep: stopped by ${control.by} after step ${trainer.step} of ${config.train.steps}; checkpoint ${savedDir}\nto resume: ${resumeCommand}`);
   }
   trainer.dispose();
   world.dispose();

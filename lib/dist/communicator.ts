@@ -65,13 +65,13 @@ export class Communicator implements Disposable {
 
   /** MPI_COMM_WORLD (a duplicate). Initialises MPI on first use unless the application did. */
   static mpi(options: { timeoutMs?: number } = {}): Communicator {
-    options = checkOptions(options, 'Communicator.mpi');
+    options = checkOptions(options, 'Communicator.mpi', { timeoutMs: true });
     return new Communicator(native().commMpi(checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
   }
 
   /** NCCL on cuda:`device`; `uniqueId` (128 bytes) comes from rank 0's Communicator.ncclUniqueId(). */
   static nccl(rank: number, size: number, uniqueId: Uint8Array, device: number, options: { timeoutMs?: number } = {}): Communicator {
-    options = checkOptions(options, 'Communicator.nccl');
+    options = checkOptions(options, 'Communicator.nccl', { timeoutMs: true });
     const handle = native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl'));
     return new Communicator(handle, Device.cuda(device));
   }

@@ -167,7 +167,7 @@ function parseBackend(v: unknown, where: string): Backend | 'auto' {
  * device to cuda:(localRank % deviceCount) when GPUs are usable (unless setDevice is false).
  */
 export async function init(options: InitOptions = {}): Promise<Communicator> {
-  options = checkOptions(options, 'init');
+  options = checkOptions(options, 'init', { backend: true, timeoutMs: true, setDevice: true, masterAddr: true, masterPort: true, env: true, log: true });
   const env = options.env ?? process.env;
   const le = launchEnv(env);
   const requested = options.backend !== undefined ? parseBackend(options.backend, "'backend'") : env['MOE_EP_BACKEND'] ? parseBackend(env['MOE_EP_BACKEND'], 'MOE_EP_BACKEND') : 'auto';

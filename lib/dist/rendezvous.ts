@@ -14,7 +14,7 @@
  */
 import { createConnection, createServer, type Socket } from 'node:net';
 
-import { invalidArgument, InvalidArgumentError, TimeoutError } from '../errors.js';
+import { invalidArgument, InvalidArgumentError, TimeoutError, checkKeys } from '../errors.js';
 
 export interface RendezvousOptions {
   rank: number;
@@ -43,6 +43,7 @@ enum Status {
 
 export async function rendezvous(options: RendezvousOptions): Promise<Uint8Array> {
   const op = 'rendezvous';
+  checkKeys(options, op, { rank: true, size: true, addr: true, port: true, blob: true, timeoutMs: true, jobId: true });
   const { rank, size, addr, port } = options;
   const timeoutMs = options.timeoutMs ?? 300_000;
   const jobId = options.jobId ?? '';

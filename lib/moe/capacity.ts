@@ -16,7 +16,7 @@
  * On the GPU nothing here synchronises with the host.
  */
 import { checkTensor } from '../args.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 
@@ -99,6 +99,7 @@ export function capacity(indices: Tensor, weights: Tensor | null | undefined, op
   const op = 'capacity';
   requireTensor(indices, op, 'indices');
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'numExperts'`);
+  checkKeys(options, op, { numExperts: true, capacityFactor: true, dropPolicy: true, out: true });
   const numExperts = requirePositiveInteger(options.numExperts, op, 'numExperts');
   const policy = options.dropPolicy ?? 'probs';
   if (!DROP_POLICIES.includes(policy)) invalidArgument(op, `'dropPolicy' must be one of ${DROP_POLICIES.join(', ')}; received ${String(policy)}`);

@@ -36,7 +36,7 @@
  */
 import { type CommWork, type CommWorkOptions, launch } from '../comm-work.js';
 import { type DType, dtypeSize } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, checkKeys } from '../errors.js';
 import { Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
@@ -210,6 +210,7 @@ export class Dispatcher {
   constructor(config: DispatcherConfig) {
     const op = 'Dispatcher';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
+    checkKeys(config, op, { numExperts: true, group: true, align: true, padToCapacity: true, fp8: true, commStream: true, transport: true, transportSms: true });
     const group = config.group ?? singleRankGroup;
     if (group === null || typeof group !== 'object' || typeof group.allToAll !== 'function' || typeof group.allToAllV !== 'function') {
       invalidArgument(op, `'group' must be an ExpertParallelGroup (a Communicator, or an object with rank, size, allToAll and allToAllV)`);

@@ -36,7 +36,7 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
 
 export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
   if (typeof mode !== 'string' || !Object.hasOwn(modeCode, mode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
   for (const [name, t] of [['a', a], ['b', b], ['offsets', offsets]] as const) {
     if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor`);

@@ -23,7 +23,7 @@ import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { type CommWork } from '../comm-work.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, checkKeys } from '../errors.js';
 import { checkTensor } from '../args.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
@@ -147,6 +147,11 @@ export class MoELayer implements Disposable {
   constructor(config: MoELayerConfig) {
     const op = 'MoELayer';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
+    checkKeys(config, op, {
+      numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true,
+      hidden: true, ffn: true, capacityFactor: true, dropPolicy: true, padToCapacity: true, sharedFfn: true, group: true,
+      commStream: true, transport: true, transportSms: true, dtype: true, device: true, seed: true, auxLossCoef: true, seqAuxLossCoef: true, seqLen: true, zLossCoef: true,
+    });
     const hidden = positiveInt(config.hidden, 'hidden');
     const ffn = positiveInt(config.ffn, 'ffn');
     this.router = resolveRouterConfig({

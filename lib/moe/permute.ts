@@ -68,7 +68,7 @@ const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
  * are read to the host: a deliberate device synchronisation.
  */
 export function permutedRowCount(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean } = {}): number {
-  options = checkOptions(options, 'permutedRowCount');
+  options = checkOptions(options, 'permutedRowCount', { align: true, padToCapacity: true });
   return segmentRowCounts(cap, options).reduce((a, b) => a + b, 0);
 }
 
@@ -110,7 +110,7 @@ function checkCap(cap: CapacityResult, op: string): void {
 /** Gathers x's rows into expert-contiguous order. See the module doc for the outputs. */
 export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options: PermuteOptions = {}): PermuteResult {
   const op = 'permute';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { align: true, padToCapacity: true, out: true });
   requireTensor(x, op, 'x');
   requireTensor(indices, op, 'indices');
   requireTensor(weights, op, 'weights');
@@ -166,7 +166,7 @@ export interface UnpermuteOptions {
  */
 export function unpermute(rows: Tensor, rowOf: Tensor, weights: Tensor, options: UnpermuteOptions = {}): Tensor {
   const op = 'unpermute';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { dtype: true, out: true });
   requireTensor(rows, op, 'rows');
   requireTensor(rowOf, op, 'rowOf');
   requireTensor(weights, op, 'weights');
@@ -196,7 +196,7 @@ export function unpermuteBackward(
   options: { dtype?: DType; out?: Partial<UnpermuteGradients> } = {},
 ): UnpermuteGradients {
   const op = 'unpermuteBackward';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { dtype: true, out: true });
   for (const [t, name] of [[dy, 'dy'], [rows, 'rows'], [weights, 'weights'], [rowOf, 'rowOf'], [rowToken, 'rowToken']] as const) requireTensor(t, op, name);
   const out = options.out ?? {};
   const made: Tensor[] = [];
@@ -211,7 +211,7 @@ export function unpermuteBackward(
 /** Backward of permute: dx[t] = Σ_j dRows[rowOf[t,j]] (fp32 accumulation, one write per token). */
 export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: UnpermuteOptions = {}): Tensor {
   const op = 'permuteBackward';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { dtype: true, out: true });
   requireTensor(dRows, op, 'dRows');
   requireTensor(rowOf, op, 'rowOf');
   if (dRows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);

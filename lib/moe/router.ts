@@ -37,7 +37,7 @@
  */
 import type { Device } from '../device.js';
 import { checkTensor, withOutputs } from '../args.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { expertCapacity } from './capacity.js';
@@ -83,6 +83,7 @@ function positiveInt(v: unknown, field: string): number {
 /** Validates a router config and fills in the defaults; every error names the field. */
 export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig {
   if (config === null || typeof config !== 'object') invalidArgument('router', `the config must be an object; received ${String(config)}`);
+  checkKeys(config, 'router', { numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true, capacityFactor: true });
   const E = positiveInt(config.numExperts, 'numExperts');
   const k = positiveInt(config.topK, 'topK');
   if (k > E) invalidArgument('router', `'topK' = ${k} is more than 'numExperts' = ${E}`);
@@ -184,7 +185,7 @@ function throwOnBadRows(nanRows: Tensor, op: string): void {
  */
 export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): RouterOutputs {
   const op = 'router';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
   const cfg = resolve(config);
   if (cfg.routing === 'expert-choice') return expertChoiceForward(logits, cfg, options);
   const T = checkLogits(logits, cfg, op);
@@ -236,7 +237,7 @@ export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRou
  */
 export function expertChoiceForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): ExpertChoiceOutputs {
   const op = 'router';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
   const cfg = resolve(config);
   if (cfg.routing !== 'expert-choice') invalidArgument(op, `expertChoiceForward needs routing 'expert-choice'; the config has '${cfg.routing}'`);
   const T = checkLogits(logits, cfg, op);
@@ -284,7 +285,7 @@ export function routerBackward(
   options: RouterBackwardOptions = {},
 ): Tensor {
   const op = 'routerBackward';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { out: true, accumulate: true });
   const cfg = resolve(config);
   checkTensor(dWeights, op, 'dWeights');
   const T = checkLogits(checkTensor(saved?.scores, op, 'scores'), cfg, op, 'scores');
@@ -351,6 +352,7 @@ export function balanceLoss(
   if (cfg.routing === 'expert-choice') invalidArgument(op, `not defined for routing 'expert-choice' (every expert takes exactly C tokens)`);
   const T = checkLogits(scores, cfg, op, 'scores');
   checkTensor(indices, op, 'indices');
+  checkKeys(options, op, { coefficient: true, dLogits: true, out: true, seqLen: true });
   const coefficient = checkCoefficient(options?.coefficient, op);
   const seqLen = options.seqLen ?? T;
   if (!Number.isSafeInteger(seqLen) || seqLen < 1 || T % seqLen !== 0) {
@@ -377,6 +379,7 @@ export function sequenceBalanceLoss(
 export function zLoss(logits: Tensor, options: LossOptions): Tensor {
   const op = 'zLoss';
   checkTensor(logits, op, 'logits');
+  checkKeys(options, op, { coefficient: true, dLogits: true, out: true });
   const coefficient = checkCoefficient(options?.coefficient, op);
   if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
   return lossInto(logits.device, options.out, op, (loss) => native().routerZLoss(logits.handle, coefficient, loss.handle, options.dLogits?.handle ?? null));
@@ -409,7 +412,7 @@ export class Router {
  */
 export function routerEntropy(scores: Tensor, options: { out?: Tensor } = {}): Tensor {
   const op = 'routerEntropy';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { out: true });
   checkTensor(scores, op, 'scores');
   return withOutputs<{ out: Tensor }>(op, { out: options.out }, { out: () => Tensor.empty([1], { dtype: 'f32', device: scores.device }) }, (o) =>
     native().routerEntropy(scores.handle, o.out.handle),

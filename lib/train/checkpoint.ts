@@ -35,7 +35,7 @@ import { basename, join } from 'node:path';
 import { type DeviceLike } from '../device.js';
 import { type Communicator } from '../dist/communicator.js';
 import { type DType, DTYPES, dtypeSize, storageView } from '../dtype.js';
-import { checkOptions, CheckpointError, InvalidArgumentError, invalidArgument } from '../errors.js';
+import { checkOptions, CheckpointError, InvalidArgumentError, invalidArgument, checkKeys } from '../errors.js';
 import { Tensor } from '../tensor.js';
 import {
   checkPlainName,
@@ -231,6 +231,7 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   const t0 = Date.now();
   if (typeof root !== 'string' || root === '') invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
+  checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
   const { step, comm } = options;
   if (!Number.isSafeInteger(step) || step < 0) invalidArgument(op, `'step' must be a non-negative integer; received ${String(step)}`);
   if (options.keep !== undefined && !(Number.isSafeInteger(options.keep) && options.keep >= 1)) invalidArgument(op, `'keep' must be a positive integer; received ${String(options.keep)}`);
@@ -327,6 +328,7 @@ export function writeCheckpoint(
   },
 ): SavedCheckpoint {
   const t0 = Date.now();
+  checkKeys(options, 'writeCheckpoint', { step: true, worldSize: true, files: true, manifestExtras: true, keep: true });
   const { step } = options;
   if (!Number.isSafeInteger(step) || step < 0) invalidArgument('writeCheckpoint', `'step' must be a non-negative integer; received ${String(step)}`);
   const extras = options.manifestExtras ?? {};
@@ -715,6 +717,7 @@ function checkFiles(dir: string, real: string, manifest: CheckpointManifest): vo
  * findLatest(). `checkFiles` (default true) also checks a step folder's files and sizes.
  */
 export function locateCheckpoint(path: string, options: { checkFiles?: boolean } = {}): Located {
+  options = checkOptions(options, 'locateCheckpoint', { checkFiles: true });
   if (typeof path !== 'string' || path === '') invalidArgument('loadCheckpoint', `'path' must be a checkpoint folder (a non-empty string); received ${String(path)}`);
   const real = realFolder(path, `checkpoint ${path}`);
   if (entryExists(real, MANIFEST_FILE)) {
@@ -934,7 +937,7 @@ export class CheckpointReader implements Disposable {
 
   /** One tensor on `device` (default: the default device), converted to `dtype` when given. */
   get(name: string, options: GetOptions = {}): Tensor {
-    options = checkOptions(options, 'CheckpointReader.get');
+    options = checkOptions(options, 'CheckpointReader.get', { device: true, dtype: true });
     const r = this.getRaw(name);
     const base = Tensor.fromArray(storageView(r.dtype, r.data.buffer as ArrayBuffer), {
       dtype: r.dtype,
@@ -985,7 +988,7 @@ function checkFileSize(dir: string, real: string, file: string, rec: ManifestFil
  * every file exists with its recorded size; checksums are checked as files are opened (verify).
  */
 export function loadCheckpoint(path: string, options: LoadOptions = {}): CheckpointReader {
-  options = checkOptions(options, 'loadCheckpoint');
+  options = checkOptions(options, 'loadCheckpoint', { comm: true, verify: true });
   const located = locateCheckpoint(path);
   return new CheckpointReader(located.dir, located.manifest, options, located);
 }

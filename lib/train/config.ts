@@ -5,7 +5,7 @@
  */
 import { Ajv, type ErrorObject } from 'ajv';
 
-import { InvalidArgumentError } from '../errors.js';
+import { closestName, InvalidArgumentError } from '../errors.js';
 
 export interface TrainConfig {
   model: {
@@ -37,7 +37,7 @@ export interface TrainConfig {
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
 
-/** The embedded default: about a minute on two CPU cores; experts matter on its data. */
+/** The embedded default: seconds on two CPU cores (docs/benchmarks.md#first-contact); experts matter on its data. */
 export const defaultConfig: TrainConfig = {
   model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, routing: 'token-choice', scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
@@ -68,11 +68,11 @@ export const trainConfigSchema = {
         enum: ['token-choice', 'expert-choice'],
         description: "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = ceil(T·capacityFactor/E) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
       },
-      scoreFunction: { enum: ['softmax', 'sigmoid'] },
-      groups: int(1),
-      topkGroups: int(1),
-      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'null: dropless. Expert choice: average experts per token (null: topK)' },
-      dropPolicy: { enum: ['probs', 'position'] },
+      scoreFunction: { enum: ['softmax', 'sigmoid'], description: 'router scores: softmax over the experts, or a sigmoid per expert (DeepSeek-V3)' },
+      groups: { ...int(1), description: 'expert groups for group-limited routing (1: none)' },
+      topkGroups: { ...int(1), description: 'groups a token takes its experts from (divides topK)' },
+      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'expert capacity as a multiple of the even share T·k/E; null: dropless. Expert choice: average experts per token (null: topK)' },
+      dropPolicy: { enum: ['probs', 'position'], description: 'what a full expert drops: the lowest router probabilities, or the last tokens' },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
       loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
       epSize: {
@@ -86,38 +86,38 @@ export const trainConfigSchema = {
     }),
     balance: section({
       gamma: { ...num(0), description: 'auxiliary-loss-free bias step (0 freezes the bias)' },
-      auxLossCoef: num(0),
-      seqAuxLossCoef: num(0),
-      seqLen: { anyOf: [{ type: 'null' }, int(1)] },
-      zLossCoef: num(0),
+      auxLossCoef: { ...num(0), description: 'weight of the Switch (batch-wise) balance loss (0: off)' },
+      seqAuxLossCoef: { ...num(0), description: 'weight of the sequence-wise balance loss (DeepSeek-V3; needs seqLen)' },
+      seqLen: { anyOf: [{ type: 'null' }, int(1)], description: 'tokens per sequence for the sequence-wise loss (divides tokensPerStep)' },
+      zLossCoef: { ...num(0), description: 'weight of the router z-loss, which keeps the logits small (0: off)' },
     }),
     optimizer: section({
-      lr: num(undefined, 0),
-      minLr: num(0),
-      warmupSteps: int(0),
-      beta1: { type: 'number', minimum: 0, exclusiveMaximum: 1 },
-      beta2: { type: 'number', minimum: 0, exclusiveMaximum: 1 },
-      eps: num(undefined, 0),
-      weightDecay: num(0),
-      clipNorm: { ...num(0), description: '0: no clipping' },
+      lr: { ...num(undefined, 0), description: 'peak learning rate (AdamW), reached after the warm-up' },
+      minLr: { ...num(0), description: 'end of the cosine decay, reached at the last step' },
+      warmupSteps: { ...int(0), description: 'steps of linear warm-up from 0' },
+      beta1: { type: 'number', minimum: 0, exclusiveMaximum: 1, description: 'AdamW decay of the gradient average' },
+      beta2: { type: 'number', minimum: 0, exclusiveMaximum: 1, description: 'AdamW decay of the squared-gradient average' },
+      eps: { ...num(undefined, 0), description: 'AdamW epsilon in the denominator' },
+      weightDecay: { ...num(0), description: 'decoupled weight decay (norm weights are exempt)' },
+      clipNorm: { ...num(0), description: 'clip the global gradient norm to this (0: no clipping)' },
     }),
     data: section({
-      clusters: int(1),
+      clusters: { ...int(1), description: 'clusters of the synthetic inputs, each with its own target map' },
       zipf: { ...num(0), description: 'Zipf exponent of the cluster frequencies (0: uniform)' },
-      noise: num(0),
+      noise: { ...num(0), description: 'standard deviation of the inputs around their cluster centre' },
       tokensPerStep: { ...int(1), description: 'global batch per step, split evenly over the ranks' },
-      seed: int(0),
+      seed: { ...int(0), description: 'seed of the weights and the data (a run repeats exactly)' },
       onDevice: {
         type: 'boolean',
         description: "make each batch on the training device: the inputs (the same draws as on the CPU) and the targets x·A_c in bf16 there; for wide models on a GPU, whose steps the CPU's normals and f32 GEMM can dominate; the targets then differ from a CPU run's in rounding",
       },
     }),
     train: section({
-      steps: int(1),
-      device: { enum: ['auto', 'cpu', 'cuda'] },
+      steps: { ...int(1), description: 'optimizer steps (the learning-rate schedule ends there)' },
+      device: { enum: ['auto', 'cpu', 'cuda'], description: 'auto: the GPU when one is usable, else the CPU' },
       out: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'run folder (default runs/<timestamp>)' },
-      logEvery: int(1),
-      progress: { type: 'boolean' },
+      logEvery: { ...int(1), description: 'write every N-th step to metrics.jsonl (and the report)' },
+      progress: { type: 'boolean', description: 'a progress bar on a terminal (false: a line every 5% of the run)' },
       profile: { type: 'boolean', description: 'wait for the device at the end of each phase, so metrics.jsonl phaseMs is exact (slower)' },
       timeoutMs: {
         ...int(0),
@@ -125,8 +125,8 @@ export const trainConfigSchema = {
       },
     }),
     checkpoint: section({
-      every: { ...int(0), description: 'save every N steps (0: only at the end and on Ctrl-C)' },
-      keep: int(1),
+      every: { ...int(0), description: 'save every N steps (0: only at the end and when stopped: Ctrl-C, SIGTERM, SIGHUP)' },
+      keep: { ...int(1), description: 'checkpoints kept (older ones are deleted)' },
       dir: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'default <out>/checkpoints' },
       resume: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: "'latest' (the newest in dir) or a checkpoint folder" },
     }),
@@ -136,22 +136,39 @@ export const trainConfigSchema = {
 const ajv = new Ajv({ allErrors: true, strict: true });
 const validate = ajv.compile(trainConfigSchema);
 
+/** ` (did you mean 'x'?)` when a known name is close to `name`, else ''. */
+function didYouMean(name: string, known: readonly string[]): string {
+  const close = closestName(name, known);
+  return close ? ` (did you mean '${close}'?)` : '';
+}
+
 function describe(e: ErrorObject): string {
   const path = 'config' + e.instancePath.replace(/\//g, '.');
-  if (e.keyword === 'additionalProperties') return `${path}: unknown field '${String(e.params['additionalProperty'])}'`;
+  if (e.keyword === 'additionalProperties') {
+    const field = String(e.params['additionalProperty']);
+    const section = (trainConfigSchema.properties as Record<string, { properties: object }>)[e.instancePath.slice(1)];
+    return `${path}: unknown field '${field}'${didYouMean(field, Object.keys(section ? section.properties : trainConfigSchema.properties))}`;
+  }
   if (e.keyword === 'enum') return `${path}: must be one of ${(e.params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
   return `${path}: ${e.message ?? 'is invalid'}`;
 }
 
-type Partial2<T> = { [K in keyof T]?: T[K] extends object ? Partial<T[K]> : T[K] };
+/** Any subset of a type's fields, at every depth. */
+export type DeepPartial<T> = T extends object ? { [K in keyof T]?: DeepPartial<T[K]> } : T;
+/** What resolveConfig takes: any sections and fields of TrainConfig (a misspelt one fails type-checking). */
+export type TrainConfigInput = DeepPartial<TrainConfig>;
 
-/** Merges a partial configuration over the defaults, validates it, and checks cross-field rules. */
-export function resolveConfig(partial: Partial2<TrainConfig> | unknown = {}): TrainConfig {
+/**
+ * Merges a partial configuration over the defaults, validates it, and checks cross-field rules.
+ * Plain JavaScript (or parsed JSON) is checked at run time: unknown fields are errors there too.
+ */
+export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
   if (partial === null || typeof partial !== 'object' || Array.isArray(partial)) throw new InvalidArgumentError('config: must be a JSON object', 'config');
   // Own keys of the schema only: `__proto__` (which JSON.parse makes an own key) would otherwise set
   // the merged object's prototype and slip past the schema.
   const unknown = Object.keys(partial).filter((k) => !Object.hasOwn(trainConfigSchema.properties, k));
-  if (unknown.length) throw new InvalidArgumentError(`invalid configuration:\n  ${unknown.map((k) => `config: unknown field '${k}'`).join('\n  ')}`, 'config');
+  const sectionNames = Object.keys(trainConfigSchema.properties);
+  if (unknown.length) throw new InvalidArgumentError(`invalid configuration:\n  ${unknown.map((k) => `config: unknown field '${k}'${didYouMean(k, sectionNames)}`).join('\n  ')}`, 'config');
   const merged: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
   for (const [k, v] of Object.entries(partial as Record<string, unknown>)) {
@@ -201,19 +218,61 @@ export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; act
   return { params, activations, data };
 }
 
-/** `moe-ep train --help`: every field with its default and description, from the schema itself. */
+/** `moe-ep train --help`: the options, then every field with its default and description (from the schema), in 100 columns. */
 export function trainHelp(): string {
-  const lines = ['usage: moe-ep train [--config file.json] [--section.field value ...]', '',
-    'short forms: --steps N, --device auto|cpu|cuda, --out DIR, --resume [DIR], --timeout-ms N, --no-progress', ''];
-  for (const [sectionName, sectionSchema] of Object.entries(trainConfigSchema.properties)) {
-    lines.push(`${sectionName}:`);
-    for (const [field, schema] of Object.entries(sectionSchema.properties as Record<string, { description?: string; enum?: readonly string[] }>)) {
-      const value = (defaultConfig as unknown as Record<string, Record<string, unknown>>)[sectionName]?.[field];
-      const choices = schema.enum ? ` (${schema.enum.join(' | ')})` : '';
-      lines.push(`  --${sectionName}.${field} ${JSON.stringify(value)}${choices}${schema.description ? `  ${schema.description}` : ''}`);
+  const options: [string, string][] = [
+    ['--config FILE', 'read the configuration from a JSON file with the sections below (flags override it)'],
+    ['--steps N', 'the same as --train.steps N'],
+    ['--device auto|cpu|cuda', 'the same as --train.device'],
+    ['--out DIR', 'the run folder (--train.out)'],
+    ['--resume [DIR]', 'continue from the newest checkpoint in checkpoint.dir, or from DIR (--checkpoint.resume)'],
+    ['--overwrite', 'replace the run already in the run folder (its metrics, report, config and checkpoints)'],
+    ['--timeout-ms N', 'the same as --train.timeoutMs N'],
+    ['--no-progress', 'no progress bar: a line every 5% of the run (--train.progress false)'],
+    ['-h, --help', 'this help'],
+  ];
+  const sections = Object.entries(trainConfigSchema.properties).map(([name, schema]): [string, [string, string][]] => [
+    name,
+    Object.entries(schema.properties as Record<string, { description?: string; enum?: readonly string[] }>).map(([field, f]): [string, string] => {
+      const value = (defaultConfig as unknown as Record<string, Record<string, unknown>>)[name]?.[field];
+      return [`--${name}.${field} ${JSON.stringify(value)}`, `${f.description ?? ''}${f.enum ? ` (${f.enum.join(' | ')})` : ''}`];
+    }),
+  ]);
+  const left = Math.max(...[...options, ...sections.flatMap(([, rows]) => rows)].map(([l]) => l.length));
+  return [
+    'usage: moe-ep train [--config FILE] [--section.field VALUE ...] [options]',
+    '',
+    'Trains the MoE model on the embedded synthetic task: on the CPU, on the GPU when one is usable, and',
+    'under mpirun with the experts spread over the ranks. Writes metrics.jsonl, config.json, report.html',
+    'and checkpoints/ into the run folder (--out, default runs/<time>).',
+    '',
+    'options:',
+    ...helpTable(options, left),
+    '',
+    'fields: --section.field VALUE (default shown; VALUE is read as JSON when it parses, else as text)',
+    ...sections.flatMap(([name, rows]) => ['', `${name}:`, ...helpTable(rows, left)]),
+  ].join('\n');
+}
+
+/** Two columns: `left` wide, then the text wrapped to 100 columns. */
+export function helpTable(rows: readonly (readonly [string, string])[], left: number, width = 100): string[] {
+  const lines: string[] = [];
+  const indent = ' '.repeat(2 + left + 2);
+  for (const [l, text] of rows) {
+    let line = `  ${l.padEnd(left)}  `;
+    let fresh = true;
+    for (const word of text.split(' ')) {
+      if (!fresh && line.length + 1 + word.length > width) {
+        lines.push(line);
+        line = indent;
+        fresh = true;
+      }
+      line += (fresh ? '' : ' ') + word;
+      fresh = false;
     }
+    lines.push(line.trimEnd());
   }
-  return lines.join('\n');
+  return lines;
 }
 
 /**
@@ -252,8 +311,9 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
     if (!sectionName || !field || rest.length) throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
     // Checked against the schema before anything is assigned: `--__proto__.x` must not reach Object.prototype.
     const sections = trainConfigSchema.properties as Record<string, { properties: object }>;
-    if (!Object.hasOwn(sections, sectionName)) throw new InvalidArgumentError(`'--${key}': unknown section '${sectionName}' (one of ${Object.keys(sections).join(', ')})`, 'train');
-    if (!Object.hasOwn((sections[sectionName] as { properties: object }).properties, field)) throw new InvalidArgumentError(`'--${key}': config.${sectionName}: unknown field '${field}'`, 'train');
+    if (!Object.hasOwn(sections, sectionName)) throw new InvalidArgumentError(`'--${key}': unknown section '${sectionName}'${didYouMean(sectionName, Object.keys(sections))} (one of ${Object.keys(sections).join(', ')})`, 'train');
+    const fields = (sections[sectionName] as { properties: object }).properties;
+    if (!Object.hasOwn(fields, field)) throw new InvalidArgumentError(`'--${key}': config.${sectionName}: unknown field '${field}'${didYouMean(field, Object.keys(fields))}`, 'train');
     (out[sectionName] ??= {})[field] = value;
   }
   return out;

@@ -8,7 +8,7 @@
  * Philox streams), so every rank of a data-parallel job can draw its own disjoint shard of a step.
  */
 import { Device, type DeviceLike } from '../device.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -75,6 +75,7 @@ export class ClusterTask implements Disposable {
 
   constructor(config: ClusterTaskConfig) {
     const op = 'ClusterTask';
+    checkKeys(config, op, { dim: true, clusters: true, zipf: true, noise: true, seed: true, device: true });
     for (const f of ['dim', 'clusters'] as const) {
       if (!Number.isSafeInteger(config[f]) || config[f] <= 0) invalidArgument(op, `'${f}' must be a positive integer; received ${String(config[f])}`);
     }

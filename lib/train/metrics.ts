@@ -6,10 +6,12 @@
  *   loadEntropy      entropy of the load distribution, normalised by ln E (1: uniform loads)
  *   routerEntropy    mean per-token entropy of the routing distribution, normalised by ln E
  *                    (1: the router cannot tell experts apart; low: confident routing)
+ *   bias             each expert's balancing bias after this step's update (token choice only: expert
+ *                    choice has no bias)
  *   expertsPerToken  expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing
  *                    zeros dropped)
  */
-import { appendFileSync, mkdirSync, writeFileSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { checkOptions } from '../errors.js';
 
@@ -19,6 +21,9 @@ export interface LayerMetrics {
   dropped: number;
   loadEntropy: number;
   routerEntropy: number;
+  /** The auxiliary-loss-free balancing bias per expert after the step (absent in logs from before it was recorded). */
+  bias?: number[];
+  /** Expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing zeros dropped). */
   expertsPerToken?: number[];
 }
 
@@ -63,17 +68,38 @@ function trimZeros(v: number[]): number[] {
   return v.slice(0, n);
 }
 
-/** Appends one JSON object per line; the file (and its folder) is created, or continued with `append`. */
+/**
+ * Appends one JSON object per line. The file (and its folder) is created afresh, or with
+ * `resumeAt` continued: lines of steps from `resumeAt` on (logged after the checkpoint a run
+ * resumes from) are dropped, so the file holds each step once.
+ */
 export class MetricsLog {
   constructor(
     readonly path: string,
-    options: { append?: boolean } = {},
+    options: { resumeAt?: number } = {},
   ) {
-    options = checkOptions(options, 'MetricsLog');
+    options = checkOptions(options, 'MetricsLog', { resumeAt: true });
     mkdirSync(dirname(path), { recursive: true });
-    if (!options.append) writeFileSync(path, '');
+    const resumeAt = options.resumeAt;
+    const kept = resumeAt === undefined ? [] : readMetrics(path).filter((m) => m.step < resumeAt);
+    writeFileSync(path, kept.map((m) => JSON.stringify(m) + '\n').join(''));
   }
   append(m: StepMetrics): void {
     appendFileSync(this.path, JSON.stringify(m) + '\n');
   }
+}
+
+/** The steps a metrics.jsonl holds ([] when there is no file); a torn last line (a killed run) is skipped. */
+export function readMetrics(path: string): StepMetrics[] {
+  if (!existsSync(path)) return [];
+  const out: StepMetrics[] = [];
+  for (const line of readFileSync(path, 'utf8').split('\n')) {
+    if (!line.trim()) continue;
+    try {
+      out.push(JSON.parse(line) as StepMetrics);
+    } catch {
+      // an unfinished line written as the process died
+    }
+  }
+  return out;
 }

@@ -14,7 +14,7 @@
  * r·E/P … (r+1)·E/P − 1, so any EP size reads exactly the experts it owns by name.
  */
 import type { DeviceLike } from '../device.js';
-import { CheckpointError, checkOptions, invalidArgument } from '../errors.js';
+import { CheckpointError, checkOptions, invalidArgument, type OptionKeys } from '../errors.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
 import { Tensor, tidy } from '../tensor.js';
@@ -85,7 +85,7 @@ export function joinExperts(
   name: (e: number, w: ExpertWeight) => string,
   options: { device?: DeviceLike; dtype?: 'f32' | 'bf16' } = {},
 ): { w13: Tensor; w2: Tensor } {
-  options = checkOptions(options, 'joinExperts');
+  options = checkOptions(options, 'joinExperts', { device: true, dtype: true });
   const dtype = options.dtype ?? 'f32';
   const get = (n: string): Tensor => reader.get(n, { device: 'cpu', dtype });
   return tidy(() => {
@@ -121,12 +121,15 @@ export interface MoELayerMoments {
   sharedW2?: { expAvg: Tensor; expAvgSq: Tensor };
 }
 
+const MOMENT_KEYS: OptionKeys<MoELayerMoments> = { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true };
+
 /**
  * A MoE layer's tensors for saveCheckpoint: replicated (router, bias, shared expert and their moments)
  * and sharded (this rank's experts by global index, and their moments). The expert and shared tensors
  * are new de-interleaved copies; dispose them with disposeState() after saving.
  */
 export function moeLayerState(layer: MoELayer, index: number, moments: MoELayerMoments = {}): { replicated: Record<string, Tensor>; sharded: Record<string, Tensor>; owned: Tensor[] } {
+  moments = checkOptions(moments, 'moeLayerState', MOMENT_KEYS);
   const first = layer.group.rank * layer.localExperts;
   const replicated: Record<string, Tensor> = {};
   const sharded: Record<string, Tensor> = {};
@@ -172,6 +175,7 @@ export function checkpointRouting(reader: CheckpointReader): 'token-choice' | 'e
  * it owns by global index), moments too when given, then refreshes the compute copies.
  */
 export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
+  moments = checkOptions(moments, 'loadMoELayer', MOMENT_KEYS);
   // A router trained to pick tokens does not pick experts (nor the reverse): the other routing is refused.
   const recorded = checkpointRouting(reader);
   if (recorded !== undefined && recorded !== layer.config.routing) {

@@ -15,7 +15,7 @@
  *   balanceBiasUpdate  bias [E] f32 (in place), load [E] i32|f32
  */
 import { checkTensor, withOutputs } from '../args.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { checkOptions, invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 
@@ -59,7 +59,7 @@ export interface RmsNormOptions {
 /** RMSNorm over the last dimension: y = x / sqrt(mean(x²) + eps) · weight. */
 export function rmsnorm(x: Tensor, weight: Tensor, options: RmsNormOptions = {}): RmsNormOutputs {
   const op = 'rmsnorm';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { eps: true, out: true });
   checkTensor(x, op, 'x');
   checkTensor(weight, op, 'weight');
   const [T] = checkRows(x, op, 'x');
@@ -91,7 +91,7 @@ export interface RmsNormBackwardOptions {
 /** Backward of rmsnorm: dx and dWeight from dy, the forward's x and weight and its saved rstd. */
 export function rmsnormBackward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, options: RmsNormBackwardOptions = {}): RmsNormGradients {
   const op = 'rmsnormBackward';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { accumulate: true, out: true });
   checkTensor(dy, op, 'dy');
   checkTensor(x, op, 'x');
   checkTensor(weight, op, 'weight');
@@ -139,7 +139,7 @@ export interface MseLossOptions {
 /** MSE: loss = mean over all elements of (pred − target)²; grad = 2(pred − target)/numel. */
 export function mseLoss(pred: Tensor, target: Tensor, options: MseLossOptions = {}): LossResult {
   const op = 'mseLoss';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { grad: true, out: true });
   checkTensor(pred, op, 'pred');
   checkTensor(target, op, 'target');
   const grad = wantGrad(options, op);
@@ -171,7 +171,7 @@ export interface CrossEntropyOptions {
  */
 export function crossEntropyLoss(pred: Tensor, target: Tensor, options: CrossEntropyOptions = {}): CrossEntropyResult {
   const op = 'crossEntropyLoss';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { ignoreIndex: true, grad: true, out: true });
   checkTensor(pred, op, 'pred');
   checkTensor(target, op, 'target');
   const ignoreIndex = options.ignoreIndex ?? -100;
@@ -222,6 +222,7 @@ export function adamwStep(param: Tensor, grad: Tensor, expAvg: Tensor, expAvgSq:
   checkTensor(expAvg, op, 'expAvg');
   checkTensor(expAvgSq, op, 'expAvgSq');
   if (options === null || typeof options !== 'object') invalidArgument(op, `the options (lr, step, ...) must be an object`);
+  checkKeys(options, op, { lr: true, beta1: true, beta2: true, eps: true, weightDecay: true, step: true, gradScale: true, paramBf16: true });
   const lr = checkNumber(options.lr, op, 'lr', { min: 0 });
   const beta1 = checkNumber(options.beta1 ?? 0.9, op, 'beta1', { min: 0 });
   const beta2 = checkNumber(options.beta2 ?? 0.999, op, 'beta2', { min: 0 });
@@ -250,7 +251,7 @@ export interface SumOfSquaresOptions {
  */
 export function sumOfSquares(x: Tensor, options: SumOfSquaresOptions = {}): Tensor {
   const op = 'sumOfSquares';
-  options = checkOptions(options, op);
+  options = checkOptions(options, op, { out: true, accumulate: true });
   checkTensor(x, op, 'x');
   const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
   if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);

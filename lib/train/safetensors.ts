@@ -136,7 +136,7 @@ export function writeSafetensors(
   metadata?: Record<string, string>,
   options: { fsync?: boolean } = {},
 ): WrittenFile {
-  options = checkOptions(options, 'writeSafetensors');
+  options = checkOptions(options, 'writeSafetensors', { fsync: true });
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
   const tensors: WrittenFile['tensors'] = {};

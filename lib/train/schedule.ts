@@ -12,7 +12,7 @@
  * the floor instead. totalSteps counts the warm-up too; totalSteps == warmupSteps gives maxLr at
  * that step and minLr after it.
  */
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, checkKeys } from '../errors.js';
 
 export interface CosineScheduleConfig {
   /** Steps of linear warm-up (0: none). */
@@ -35,6 +35,7 @@ function nonNegative(v: unknown, field: string, integer: boolean): number {
 /** Validates the config once and returns lr(step). */
 export function cosineSchedule(config: CosineScheduleConfig): (step: number) => number {
   if (config === null || typeof config !== 'object') invalidArgument('cosineSchedule', 'the config must be an object');
+  checkKeys(config, 'cosineSchedule', { warmupSteps: true, totalSteps: true, maxLr: true, minLr: true, warmupStartLr: true });
   const warmupSteps = nonNegative(config.warmupSteps, 'warmupSteps', true);
   const totalSteps = nonNegative(config.totalSteps, 'totalSteps', true);
   const maxLr = nonNegative(config.maxLr, 'maxLr', false);

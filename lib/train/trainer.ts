@@ -115,7 +115,7 @@ export class Trainer implements Disposable {
   resumedFrom: { dir: string; step: number; skipped: readonly SkippedCheckpoint[] } | null = null;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
-    options = checkOptions(options, 'Trainer');
+    options = checkOptions(options, 'Trainer', { world: true });
     // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
     config = resolveConfig(config);
     // Before any other collective: ranks that disagree on sizes would otherwise fail in the first
@@ -249,10 +249,14 @@ export class Trainer implements Disposable {
             this.world?.allReduce(r.entropy, 'avg');
             if (r.expertsPerToken) this.world?.allReduce(r.expertsPerToken, 'sum');
           }
-          // Expert choice has no bias to move (every expert takes exactly C tokens).
-          if (c.balance.gamma > 0 && !r.expertsPerToken) balanceBiasUpdate((this.model.layers[i] as { bias: Tensor }).bias, load, c.balance.gamma);
+          const bias = (this.model.layers[i] as { bias: Tensor }).bias;
+          // Expert choice has no bias to move (every expert takes exactly C tokens), nor to log.
+          if (c.balance.gamma > 0 && !r.expertsPerToken) balanceBiasUpdate(bias, load, c.balance.gamma);
           const perToken = r.expertsPerToken ? Array.from(r.expertsPerToken.toArray() as Int32Array) : undefined;
-          return layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item(), perToken);
+          const m = layerMetrics(load.toFloat32Array(), dropped.item(), c.data.tokensPerStep * c.model.topK, r.entropy.item(), perToken);
+          if (perToken) return m;
+          // Six significant digits keep metrics.jsonl short; the exact bias is in the checkpoints.
+          return { ...m, bias: Array.from(bias.toFloat32Array(), (b) => Number(b.toPrecision(6))) };
         });
         if (P > 1) {
           this.world?.allReduce(loss, 'avg');
@@ -379,7 +383,7 @@ export class Trainer implements Disposable {
 
   /** Runs until the configured number of steps or until control.stop (synchronously). */
   run(options: TrainerOptions = {}): StepMetrics[] {
-    options = checkOptions(options, 'Trainer.run');
+    options = checkOptions(options, 'Trainer.run', { world: true, onStep: true, control: true });
     const out: StepMetrics[] = [];
     while (this.step < this.config.train.steps && !this.agreeToStop(options.control?.stop ?? false)) {
       const m = this.trainStep();

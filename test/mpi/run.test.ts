@@ -64,6 +64,21 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
   });
 
+  it('`moe-ep train` on 2 ranks with the default run folder: one folder holds both ranks\' checkpoint shards', () => {
+    const cwd = fs.mkdtempSync(join(tmpdir(), 'moe-cli-mpi-'));
+    try {
+      const r = mpirun(2, join(root, 'dist', 'lib', 'cli', 'main.js'), 60_000, ['train', '--steps', '6', '--no-progress', '--model.experts', '4'], { CUDA_VISIBLE_DEVICES: '' }, cwd);
+      expect(r.status, r.out).toBe(0);
+      const runs = fs.readdirSync(join(cwd, 'runs'));
+      expect(runs).toHaveLength(1);
+      const step = join(cwd, 'runs', runs[0] as string, 'checkpoints', 'step-00000006');
+      expect(fs.readdirSync(step).sort()).toEqual(['manifest.json', 'rank-0.safetensors', 'rank-1.safetensors', 'replicated.safetensors']);
+      expect(r.out).toContain('2 rank(s) [mpi]');
+    } finally {
+      fs.rmSync(cwd, { recursive: true, force: true });
+    }
+  });
+
   it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s, the late one naming them in turn; all exit cleanly', (np) => {
     const r = mpirun(np, 'timeout.mjs');
     expect(r.status, r.out).toBe(0);
