@@ -42,7 +42,7 @@ describe('npm install step', () => {
   it('a prebuild that loads is used and nothing is built', () => {
     const r = install(addonPath());
     expect(r.status, r.out).toBe(0);
-    expect(r.out).toMatch(/moe-ep: using the prebuilt addon prebuilds\/linux-x64\/moe-ep\.node \((CUDA [\w;-]+|CPU-only)(, MPI backend)?\); nothing to compile/);
+    expect(r.out).toMatch(/moe-ep: using the prebuilt addon prebuilds\/linux-x64\/moe-ep\.node \((CUDA [\w;,-]+|CPU-only)(, MPI backend)?\); nothing to compile/);
     expect(existsSync(join(r.dir, 'build'))).toBe(false);
   });
 
