@@ -16,6 +16,10 @@
 // groups == 1 is plain top-k. Requires k % topkGroups == 0 and k/topkGroups ≤ E/groups.
 //
 // Ties: the lower expert index (and the lower group index) wins, on every device.
+// Near ties: the CPU computes scores, biased scores and group sums in double, the CUDA kernels in
+// f32 (group sums differ by up to ~1e-6). Two biased scores, or the last kept and the first dropped
+// group's scores, that close may be ordered differently on the two devices; a group near tie swaps
+// a whole group's experts (test/router-ties.ts keeps them out of the GPU-vs-CPU test).
 // An infinite (not NaN) bias entry is allowed; the one case where the devices may then choose
 // differently is a group score that is NaN (+inf + -inf among a group's top k/topkGroups): the CPU's
 // argmax keeps a NaN group only when it is the first still allowed; the fast CUDA kernel ranks it
