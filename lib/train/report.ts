@@ -71,6 +71,24 @@ export function smooth(values: number[], window: number, log = false): number[] 
 
 const axis = (name: string, log = false): Record<string, unknown> => ({ type: log ? 'log' : 'value', name, scale: !log });
 
+/** A heatmap over step columns: `data` rows are [column, row, colour value, ...tooltip values]. */
+function heatmapChart(id: string, title: string, steps: number[], rows: number, rowName: string, data: unknown[][], visualMap: Record<string, unknown>): ReportChart {
+  return {
+    id,
+    title,
+    height: Math.min(600, 140 + 22 * rows),
+    option: {
+      animation: false,
+      tooltip: { position: 'top' },
+      grid: { left: 70, right: 30, top: 30, bottom: 80 },
+      xAxis: { type: 'category', data: steps, name: 'step' },
+      yAxis: { type: 'category', data: Array.from({ length: rows }, (_, r) => r), name: rowName },
+      visualMap: { dimension: 2, calculable: true, orient: 'horizontal', left: 'center', bottom: 0, ...visualMap },
+      series: [{ type: 'heatmap', data, progressive: 0 }],
+    },
+  };
+}
+
 function lineChart(id: string, title: string, yName: string, lines: { name: string; points: Point[]; smooth?: boolean; dashed?: boolean }[], log = false): ReportChart {
   const series: Record<string, unknown>[] = [];
   lines.forEach((line, i) => {
@@ -136,30 +154,14 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
         return [i, e, Math.min(2, ratio), v, Number(ratio.toFixed(3))];
       });
     });
-    charts.push({
-      id: `load${l}`,
-      title: `Load per expert relative to the mean, layer ${l} (1 = even; 2 or more is the darkest red)`,
-      height: Math.min(600, 140 + 22 * experts),
-      option: {
-        animation: false,
-        tooltip: { position: 'top' },
-        grid: { left: 70, right: 30, top: 30, bottom: 80 },
-        xAxis: { type: 'category', data: columns.map((s) => s.step), name: 'step' },
-        yAxis: { type: 'category', data: Array.from({ length: experts }, (_, e) => e), name: 'expert' },
-        visualMap: {
-          min: 0,
-          max: 2,
-          dimension: 2,
-          calculable: true,
-          orient: 'horizontal',
-          left: 'center',
-          bottom: 0,
-          text: ['above the mean', 'below'],
-          inRange: { color: ['#2166ac', '#67a9cf', '#d1e5f0', '#f7f7f7', '#fddbc7', '#ef8a62', '#b2182b'] },
-        },
-        series: [{ type: 'heatmap', data, progressive: 0 }],
-      },
-    });
+    charts.push(
+      heatmapChart(`load${l}`, `Load per expert relative to the mean, layer ${l} (1 = even; 2 or more is the darkest red)`, columns.map((s) => s.step), experts, 'expert', data, {
+        min: 0,
+        max: 2,
+        text: ['above the mean', 'below'],
+        inRange: { color: ['#2166ac', '#67a9cf', '#d1e5f0', '#f7f7f7', '#fddbc7', '#ef8a62', '#b2182b'] },
+      }),
+    );
   }
 
   // Expert choice: how many experts each token got (0 is a token no expert took), as a fraction of the step's tokens.
@@ -172,29 +174,13 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
       // [column, experts n, fraction of the step's tokens with n experts, tokens] (the last for the tooltip).
       return h.map((v, n) => [i, n, Number((v / total).toFixed(4)), v]);
     });
-    charts.push({
-      id: `ept${l}`,
-      title: `Experts per token (fraction of tokens), layer ${l}`,
-      height: Math.min(600, 140 + 22 * rows),
-      option: {
-        animation: false,
-        tooltip: { position: 'top' },
-        grid: { left: 70, right: 30, top: 30, bottom: 80 },
-        xAxis: { type: 'category', data: columns.map((s) => s.step), name: 'step' },
-        yAxis: { type: 'category', data: Array.from({ length: rows }, (_, n) => n), name: 'experts' },
-        visualMap: {
-          min: 0,
-          max: 1,
-          dimension: 2,
-          calculable: true,
-          orient: 'horizontal',
-          left: 'center',
-          bottom: 0,
-          inRange: { color: ['#f7fbff', '#c6dbef', '#6baed6', '#2171b5', '#08306b'] },
-        },
-        series: [{ type: 'heatmap', data, progressive: 0 }],
-      },
-    });
+    charts.push(
+      heatmapChart(`ept${l}`, `Experts per token (fraction of tokens), layer ${l}`, columns.map((s) => s.step), rows, 'experts', data, {
+        min: 0,
+        max: 1,
+        inRange: { color: ['#f7fbff', '#c6dbef', '#6baed6', '#2171b5', '#08306b'] },
+      }),
+    );
   }
 
   if (steps.some((s) => s.layers[0]?.bias !== undefined)) {
