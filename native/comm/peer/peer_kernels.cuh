@@ -8,6 +8,7 @@
 #include "comm/peer/peer_transport.h"
 #include "core/numeric.h"
 #include "ops/fp8/block.h"
+#include "ops/fp8/block_cuda.cuh"
 
 namespace moe::comm::peer {
 
@@ -362,17 +363,23 @@ template <> struct Chunk8<bf16> {
       out[2 * i + 1] = bits_float(w[i] & 0xffff0000u);
     }
   }
-  static __device__ __forceinline__ void store(bf16* p, const float* in) {
+  // 8 values as the 16 bytes that store() writes.
+  static __device__ __forceinline__ void pack(const float* in, uint4* out) {
     uint32_t w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = uint32_t(bf16_from_float(in[2 * i]).bits) | (uint32_t(bf16_from_float(in[2 * i + 1]).bits) << 16);
-    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+    *out = make_uint4(w[0], w[1], w[2], w[3]);
   }
+  static __device__ __forceinline__ void store(bf16* p, const float* in) { pack(in, reinterpret_cast<uint4*>(p)); }
 };
 template <> struct Chunk8<float> {
   static __device__ __forceinline__ void load(const float* p, float* out) {
     const float4 a = __ldcg(reinterpret_cast<const float4*>(p)), b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
     out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  }
+  // 4 values as the 16 bytes of one float4.
+  static __device__ __forceinline__ void pack(const float* in, uint4* out) {
+    *out = make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
   }
   static __device__ __forceinline__ void store(float* p, const float* in) {
     reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
@@ -437,24 +444,30 @@ __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, c
     const char* src = disp_row(v, v.me, s, i);
     if constexpr (kFp8) {
       // 16 e4m3 values per lane-chunk; the row's fp32 scales (one per 128 values) follow the values.
+      // Dequantised and converted to Out once per chunk, then stored to each of the row's entries.
       const float* scales = reinterpret_cast<const float*>(src + (H + 15) / 16 * 16);
       const int chunks = H / 16;
+      constexpr int kWords = 16 * int(sizeof(Out)) / 16;  // 16-byte words of Out per chunk
       for (int c0 = 0; c0 < chunks; c0 += 32) {
         const int c = c0 + lane;
-        float vals[16];
+        uint4 packed[kWords];
         if (c < chunks) {
           const uint4 raw = ld_cg16(src + int64_t(c) * 16);
           const float scale = __ldcg(scales + c / 8);
-          const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+          float vals[16];
+          ops::fp8x4_dequantize(raw.x, scale, vals);
+          ops::fp8x4_dequantize(raw.y, scale, vals + 4);
+          ops::fp8x4_dequantize(raw.z, scale, vals + 8);
+          ops::fp8x4_dequantize(raw.w, scale, vals + 12);
 #pragma unroll
-          for (int b = 0; b < 16; ++b) vals[b] = ops::fp8_dequantize(fp8e4m3{uint8_t(w[b / 4] >> (8 * (b % 4)))}, scale);
+          for (int w = 0; w < kWords; ++w) Chunk8<Out>::pack(vals + w * (16 / kWords), &packed[w]);
         }
         for (unsigned bits = valid; bits; bits &= bits - 1) {
           const int r = __shfl_sync(0xffffffffu, row, __ffs(bits) - 1);
           if (c < chunks) {
-            Out* o = out + int64_t(r) * H + int64_t(c) * 16;
-            Chunk8<Out>::store(o, vals);
-            Chunk8<Out>::store(o + 8, vals + 8);
+            uint4* o = reinterpret_cast<uint4*>(out + int64_t(r) * H + int64_t(c) * 16);
+#pragma unroll
+            for (int w = 0; w < kWords; ++w) o[w] = packed[w];
           }
         }
       }
