@@ -6,7 +6,9 @@
 //   mpirun -np N node benchmarks/dispatch.bench.mjs [...]
 // Configuration (DeepEP's tests/test_intranode.py): 4096 tokens per rank, hidden 7168, top-8 of 256
 // experts, routing uniformly random (8 distinct experts per token, seeded per rank), dropless.
-// Transports (lib/moe/dispatcher.ts): one rank: 'local' (the permute is the dispatch). Several
+// Transports (lib/moe/dispatcher.ts): one rank: 'local' (the permute is the dispatch), or with
+// --transport ipc the peer-memory kernels pushing to the rank itself (so ncu can profile them in one
+// process). Several
 // ranks: 'ipc' (peer memory: one row per (token, destination rank) pushed into the peer's buffer;
 // ranks on one GPU or with peer access) and 'nccl' (the communicator's all-to-all of one row per
 // (token, expert): NCCL with a GPU per rank, MPI with host staging when ranks share a GPU); both
@@ -47,7 +49,9 @@ const { T, H, k, E } = cfg;
 if (E % P !== 0) throw new Error(`${E} experts do not split over ${P} ranks`);
 const El = E / P;
 const rounds = Number(flag('--rounds', dryRun ? 1 : 3));
-const transports = P === 1 ? ['local'] : flag('--transport', null) ? [flag('--transport')] : onGpu ? ['ipc', 'nccl'] : ['nccl'];
+// One rank: the permute alone ('local'); with --transport ipc, the peer-memory kernels pushing to
+// the rank itself (one process, so ncu can profile them).
+const transports = flag('--transport', null) ? [flag('--transport')] : P === 1 ? ['local'] : onGpu ? ['ipc', 'nccl'] : ['nccl'];
 // Ranks sharing a GPU through MPI staging take ~0.2–1 s a call: few repeats there.
 const staged = (t) => (t === 'nccl' || t === 'mpi') && onGpu && world.backend === 'mpi';
 const warmupOf = (t) => (dryRun ? 1 : staged(t) ? 1 : 5);

@@ -94,7 +94,9 @@ export interface DispatcherConfig {
    * How rows travel between ranks: 'auto' (default: 'ipc' when the group is a Communicator whose
    * ranks' GPUs can all address each other's memory, else the communicator's all-to-all), 'ipc'
    * (required: an error says why when it cannot be used) or 'nccl' (the communicator's all-to-all,
-   * also when that communicator is MPI). One rank needs no transport ('local').
+   * also when that communicator is MPI). One rank needs no transport ('local'), unless 'ipc' is
+   * asked for: then its rows go through the peer-memory kernels to itself (to profile or test them
+   * in one process).
    */
   transport?: TransportChoice;
   /** SMs the 'ipc' kernels may occupy (DeepEP's num_sms; default: all). */
@@ -236,12 +238,12 @@ export class Dispatcher {
     this.commStream = config.commStream;
     const choice = config.transport ?? 'auto';
     if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl') invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
-    if (choice === 'ipc' && group.size > 1 && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
+    if (choice === 'ipc' && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
     this.transportChoice = choice;
     const sms = config.transportSms ?? 0;
     if (!Number.isSafeInteger(sms) || sms < 0) invalidArgument(op, `'transportSms' must be a non-negative integer (0: all SMs); received ${String(sms)}`);
     this.transportSms = sms;
-    if (group.size === 1) this.#transport = 'local';
+    if (group.size === 1 && choice !== 'ipc') this.#transport = 'local';
   }
 
   /** The transport rows travel by; null until the first dispatch with several ranks decides it. */
