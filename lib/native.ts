@@ -138,8 +138,8 @@ export type PeerHandle = Branded<
       pos: TensorHandle, dest: TensorHandle, offsets: TensorHandle | null, segStart: TensorHandle | null, fill: TensorHandle | null,
     ): { rows: number; maxTokens: number; segmentRows: number[]; tokensFrom: number[] };
     dispatchRows(
-      payload: TensorHandle, scales: TensorHandle | null, indices: TensorHandle, slot: TensorHandle, weights: TensorHandle,
-      pos: TensorHandle, dest: TensorHandle, segment: number, align: number, sms: number, localExperts: number, segStart: TensorHandle | null,
+      payload: TensorHandle, indices: TensorHandle, slot: TensorHandle, weights: TensorHandle,
+      pos: TensorHandle, dest: TensorHandle, segment: number, align: number, sms: number, localExperts: number, fp8: boolean, segStart: TensorHandle | null,
       fill: TensorHandle | null, offsets: TensorHandle | null, out: TensorHandle, outWeights: TensorHandle, rowSrc: TensorHandle,
       recvRowOf: TensorHandle, recvWeight: TensorHandle, recvTokens: TensorHandle,
     ): void;
@@ -355,7 +355,7 @@ export interface RawBinding {
   peerCreate(rank: number, size: number, device: number, tokenCap: number, rowBytes: number, topK: number, localExperts: number, timeoutMs: number): PeerHandle;
 }
 
-const EXPECTED_ABI = 3;
+const EXPECTED_ABI = 4;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

@@ -17,7 +17,7 @@
  * read on the host and the step can be captured in a CUDA graph.
  */
 import { type CapacityResult } from './capacity.js';
-import { quantizeFp8, FP8_BLOCK } from './fp8.js';
+import { FP8_BLOCK } from './fp8.js';
 import { type PeerNeed, PeerTransport } from './peer-transport.js';
 import { dtypeSize } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
@@ -81,7 +81,6 @@ export function peerDispatch(
   const dev = { device: x.device };
   const made: Tensor[] = [];
   const track = (t: Tensor): Tensor => (made.push(t), t);
-  let quantized: { q: Tensor; scales: Tensor } | null = null;
   try {
     trace.mark('dispatch (ipc): start', x.device);
     // Capacity mode: every rank has the same T, so growing on it is a decision all ranks share.
@@ -101,8 +100,6 @@ export function peerDispatch(
       counts = layout();
     }
     trace.mark(capacityMode ? 'dispatch (ipc): layout' : 'dispatch (ipc): layout, counts read', x.device);
-    quantized = o.fp8 ? quantizeFp8(x) : null;
-    if (quantized) trace.mark('dispatch (ipc): quantised', x.device);
     const N = counts.rows;
     const mapCap = Math.max(1, capacityMode ? T : Math.max(...counts.tokensFrom));
     const rows = track(Tensor.empty([N, H], { dtype: x.dtype, ...dev }));
@@ -111,8 +108,8 @@ export function peerDispatch(
     const recvRowOf = track(Tensor.empty([P, mapCap, k], { dtype: 'i32', ...dev }));
     const recvWeight = track(Tensor.empty([P, mapCap, k], { dtype: 'f32', ...dev }));
     const recvTokens = track(Tensor.empty([P], { dtype: 'i32', ...dev }));
-    t.handle.dispatchRows(quantized ? quantized.q.handle : x.handle, quantized ? quantized.scales.handle : null, indices.handle, cap.slot.handle,
-      weights.handle, pos.handle, dest.handle, segment, o.align, o.sms, El, segStart?.handle ?? null, fill?.handle ?? null,
+    t.handle.dispatchRows(x.handle, indices.handle, cap.slot.handle,
+      weights.handle, pos.handle, dest.handle, segment, o.align, o.sms, El, o.fp8, segStart?.handle ?? null, fill?.handle ?? null,
       offsets?.handle ?? null, rows.handle, rowWeights.handle, rowSrc.handle, recvRowOf.handle, recvWeight.handle, recvTokens.handle);
     trace.mark('dispatch (ipc): rows pushed and expanded', x.device);
     // Segment sizes on the host: static in capacity mode, read with the counts in dropless mode.
@@ -151,9 +148,6 @@ export function peerDispatch(
   } catch (e) {
     for (const tensor of made) tensor.dispose();
     throw e;
-  } finally {
-    quantized?.q.dispose();
-    quantized?.scales.dispose();
   }
 }
 

@@ -166,6 +166,45 @@ __device__ bool last_block(unsigned* counter) {
 // ---- row copies: a warp moves one row; 16-byte vectors when both sides allow, else 4-byte words ----
 __device__ __forceinline__ uint4 ld_cg16(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 
+// ---- typed 8-value chunks (16 bytes of bf16, 32 of f32) for the vector paths ----
+template <typename T> struct Chunk8;
+template <> struct Chunk8<bf16> {
+  static __device__ __forceinline__ void load(const bf16* p, float* out) {
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = bits_float(w[i] << 16);
+      out[2 * i + 1] = bits_float(w[i] & 0xffff0000u);
+    }
+  }
+  // 8 values as the 16 bytes that store() writes.
+  static __device__ __forceinline__ void pack(const float* in, uint4* out) {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = uint32_t(bf16_from_float(in[2 * i]).bits) | (uint32_t(bf16_from_float(in[2 * i + 1]).bits) << 16);
+    *out = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  static __device__ __forceinline__ void store(bf16* p, const float* in) { pack(in, reinterpret_cast<uint4*>(p)); }
+};
+template <> struct Chunk8<float> {
+  static __device__ __forceinline__ void load(const float* p, float* out) {
+    const float4 a = __ldcg(reinterpret_cast<const float4*>(p)), b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
+    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
+  }
+  // 4 values as the 16 bytes of one float4.
+  static __device__ __forceinline__ void pack(const float* in, uint4* out) {
+    *out = make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
+  }
+  static __device__ __forceinline__ void store(float* p, const float* in) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
+  }
+};
+template <typename T> __device__ __forceinline__ float load1(const T* p) { return to_float(*reinterpret_cast<const volatile T*>(p)); }
+template <> __device__ __forceinline__ float load1<float>(const float* p) { return __ldcg(p); }
+template <> __device__ __forceinline__ float load1<bf16>(const bf16* p) { return bits_float(uint32_t(__ldcg(reinterpret_cast<const unsigned short*>(p))) << 16); }
+
 // ================================================================================== dispatch
 constexpr int kLayoutThreads = 1024;
 constexpr int kCountsThreads = 256;
@@ -289,17 +328,82 @@ __global__ void __launch_bounds__(kCountsThreads) counts_kernel(View v, int alig
   }
 }
 
-// A warp per token: its row (and the optional second payload, placed 16-byte aligned after it)
-// written once into each destination rank's buffer at [me][pos]; with `idx`, each destination
-// also gets the token's top-k entries that are its own (the others marked -1). Assumes the
-// destinations acknowledged the previous step (a wait kernel or the layout kernel ran first).
-__global__ void push_kernel(View v, const char* payload, int64_t payload_bytes, const char* extra, int64_t extra_bytes,
-                            const int* pos, int T, const int* idx, const int* slot, const float* weights, const int* dest, int k,
-                            bool vec16, u64 step) {
+// What push_kernel writes as a token's row. Each is called by the whole warp of the token, with
+// the destinations' row addresses (null where the token does not go).
+//
+// CopyRows: the payload row as it is (bf16 or f32), 16-byte words where the size allows.
+struct CopyRows {
+  const char* payload;
+  int64_t bytes;  // per row
+  bool vec16;
+  __device__ __forceinline__ void write(int64_t t, int lane, char* const* dst, int P) const {
+    const char* src = payload + t * bytes;
+    if (vec16) {
+      for (int64_t c = lane; c < bytes / 16; c += 32) {
+        const uint4 val = __ldg(reinterpret_cast<const uint4*>(src) + c);
+#pragma unroll
+        for (int p = 0; p < kMaxPeers; ++p)
+          if (dst[p]) reinterpret_cast<uint4*>(dst[p])[c] = val;
+      }
+    } else {
+      for (int64_t c = lane; c < bytes / 4; c += 32) {
+        const int val = __ldg(reinterpret_cast<const int*>(src) + c);
+#pragma unroll
+        for (int p = 0; p < kMaxPeers; ++p)
+          if (dst[p]) reinterpret_cast<int*>(dst[p])[c] = val;
+      }
+    }
+  }
+};
+
+// Fp8Rows: the row quantised on the way out, as quantizeFp8 does it (same bytes, same scales): a
+// lane takes 16 values, the 8 lanes of a 128-value block reduce its amax, each lane writes its 16
+// e4m3 bytes to every destination and the block's first lane the fp32 scale, which follows the
+// values (at H rounded up to 16 bytes). One read of x, no fp8 copy in memory.
+template <typename T>
+struct Fp8Rows {
+  const T* x;
+  int H;  // a multiple of 128
+  __device__ __forceinline__ void write(int64_t t, int lane, char* const* dst, int P) const {
+    const T* src = x + t * H;
+    const int chunks = H / 16;  // a multiple of 8: an 8-lane group is all in or all out
+    const int64_t scales_at = (int64_t(H) + 15) / 16 * 16;
+    for (int c0 = 0; c0 < chunks; c0 += 32) {
+      const int c = c0 + lane;
+      float vals[16], amax = 0.0f;
+      if (c < chunks) {
+        Chunk8<T>::load(src + int64_t(c) * 16, vals);
+        Chunk8<T>::load(src + int64_t(c) * 16 + 8, vals + 8);
+#pragma unroll
+        for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(vals[i]));
+      }
+#pragma unroll
+      for (int o = 4; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      if (c < chunks) {
+        const float scale = ops::fp8_scale_for(amax);
+        const uint4 q = make_uint4(ops::fp8x4_quantize(vals, scale), ops::fp8x4_quantize(vals + 4, scale),
+                                   ops::fp8x4_quantize(vals + 8, scale), ops::fp8x4_quantize(vals + 12, scale));
+#pragma unroll
+        for (int p = 0; p < kMaxPeers; ++p)
+          if (dst[p]) {
+            reinterpret_cast<uint4*>(dst[p])[c] = q;
+            if ((lane & 7) == 0) reinterpret_cast<float*>(dst[p] + scales_at)[c / 8] = scale;
+          }
+      }
+    }
+  }
+};
+
+// A warp per token: its row (Rows says how) written once into each destination rank's buffer at
+// [me][pos]; with `idx`, each destination also gets the token's top-k entries that are its own
+// (the others marked -1). Assumes the destinations acknowledged the previous step (a wait kernel
+// or the layout kernel ran first).
+template <typename Rows>
+__global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int* idx, const int* slot, const float* weights,
+                            const int* dest, int k, u64 step) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;
-  const int64_t extra_at = (payload_bytes + 15) / 16 * 16;
   for (int64_t t = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; t < T; t += warps) {
     const int my_pos = lane < P ? pos[t * P + lane] : -1;
     const unsigned mask = __ballot_sync(0xffffffffu, my_pos >= 0);
@@ -311,31 +415,7 @@ __global__ void push_kernel(View v, const char* payload, int64_t payload_bytes, 
       at[p] = __shfl_sync(0xffffffffu, my_pos, p);
       dst[p] = (p < P && at[p] >= 0 && at[p] < v.t_cap) ? disp_row(v, p, v.me, at[p]) : nullptr;
     }
-    const char* src = payload + t * payload_bytes;
-    if (vec16) {
-      for (int64_t c = lane; c < payload_bytes / 16; c += 32) {
-        const uint4 val = __ldg(reinterpret_cast<const uint4*>(src) + c);
-#pragma unroll
-        for (int p = 0; p < kMaxPeers; ++p)
-          if (dst[p]) reinterpret_cast<uint4*>(dst[p])[c] = val;
-      }
-    } else {
-      for (int64_t c = lane; c < payload_bytes / 4; c += 32) {
-        const int val = __ldg(reinterpret_cast<const int*>(src) + c);
-#pragma unroll
-        for (int p = 0; p < kMaxPeers; ++p)
-          if (dst[p]) reinterpret_cast<int*>(dst[p])[c] = val;
-      }
-    }
-    if (extra) {
-      const char* xs = extra + t * extra_bytes;
-      for (int64_t c = lane; c < extra_bytes / 4; c += 32) {
-        const int val = __ldg(reinterpret_cast<const int*>(xs) + c);
-#pragma unroll
-        for (int p = 0; p < kMaxPeers; ++p)
-          if (dst[p]) reinterpret_cast<int*>(dst[p] + extra_at)[c] = val;
-      }
-    }
+    rows.write(t, lane, dst, P);
     if (idx && lane < k) {
       // Lane j writes entry j to every destination: the real entry where it belongs, -1 elsewhere.
       const int64_t i = t * k + lane;
@@ -349,46 +429,6 @@ __global__ void push_kernel(View v, const char* payload, int64_t payload_bytes, 
   }
   if (last_block(scratch_counter(v, kCntPush)) && threadIdx.x < P) st_release_sys(&mail(v, threadIdx.x, v.me)->rows_step, step);
 }
-
-
-// ---- typed 8-value chunks (16 bytes of bf16, 32 of f32) for the vector paths ----
-template <typename T> struct Chunk8;
-template <> struct Chunk8<bf16> {
-  static __device__ __forceinline__ void load(const bf16* p, float* out) {
-    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
-    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = bits_float(w[i] << 16);
-      out[2 * i + 1] = bits_float(w[i] & 0xffff0000u);
-    }
-  }
-  // 8 values as the 16 bytes that store() writes.
-  static __device__ __forceinline__ void pack(const float* in, uint4* out) {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = uint32_t(bf16_from_float(in[2 * i]).bits) | (uint32_t(bf16_from_float(in[2 * i + 1]).bits) << 16);
-    *out = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-  static __device__ __forceinline__ void store(bf16* p, const float* in) { pack(in, reinterpret_cast<uint4*>(p)); }
-};
-template <> struct Chunk8<float> {
-  static __device__ __forceinline__ void load(const float* p, float* out) {
-    const float4 a = __ldcg(reinterpret_cast<const float4*>(p)), b = __ldcg(reinterpret_cast<const float4*>(p) + 1);
-    out[0] = a.x, out[1] = a.y, out[2] = a.z, out[3] = a.w, out[4] = b.x, out[5] = b.y, out[6] = b.z, out[7] = b.w;
-  }
-  // 4 values as the 16 bytes of one float4.
-  static __device__ __forceinline__ void pack(const float* in, uint4* out) {
-    *out = make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
-  }
-  static __device__ __forceinline__ void store(float* p, const float* in) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(in[0], in[1], in[2], in[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(in[4], in[5], in[6], in[7]);
-  }
-};
-template <typename T> __device__ __forceinline__ float load1(const T* p) { return to_float(*reinterpret_cast<const volatile T*>(p)); }
-template <> __device__ __forceinline__ float load1<float>(const float* p) { return __ldcg(p); }
-template <> __device__ __forceinline__ float load1<bf16>(const bf16* p) { return bits_float(uint32_t(__ldcg(reinterpret_cast<const unsigned short*>(p))) << 16); }
 
 // The receiver, a warp per (source, token row): waits were done by a wait kernel. Each of the row's
 // entries that is mine goes to its expert-major row (capacity: (l·P + s)·segment + slot; dropless:
@@ -443,32 +483,30 @@ __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, c
     if (!valid) continue;
     const char* src = disp_row(v, v.me, s, i);
     if constexpr (kFp8) {
-      // 16 e4m3 values per lane-chunk; the row's fp32 scales (one per 128 values) follow the values.
-      // Dequantised and converted to Out once per chunk, then stored to each of the row's entries.
+      // A lane-chunk is the values of one 16-byte store of Out (8 bf16 or 4 f32), so a warp's
+      // stores are contiguous; dequantised and converted once, then stored to each of the row's
+      // entries. The row's fp32 scales (one per 128 values) follow the values.
+      constexpr int kVals = 16 / int(sizeof(Out));
       const float* scales = reinterpret_cast<const float*>(src + (H + 15) / 16 * 16);
-      const int chunks = H / 16;
-      constexpr int kWords = 16 * int(sizeof(Out)) / 16;  // 16-byte words of Out per chunk
+      const int chunks = H / kVals;
       for (int c0 = 0; c0 < chunks; c0 += 32) {
         const int c = c0 + lane;
-        uint4 packed[kWords];
+        uint4 packed{};
         if (c < chunks) {
-          const uint4 raw = ld_cg16(src + int64_t(c) * 16);
-          const float scale = __ldcg(scales + c / 8);
-          float vals[16];
-          ops::fp8x4_dequantize(raw.x, scale, vals);
-          ops::fp8x4_dequantize(raw.y, scale, vals + 4);
-          ops::fp8x4_dequantize(raw.z, scale, vals + 8);
-          ops::fp8x4_dequantize(raw.w, scale, vals + 12);
-#pragma unroll
-          for (int w = 0; w < kWords; ++w) Chunk8<Out>::pack(vals + w * (16 / kWords), &packed[w]);
+          const float scale = __ldcg(scales + c * kVals / 128);
+          float vals[kVals];
+          if constexpr (kVals == 8) {
+            const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(src) + c);
+            ops::fp8x4_dequantize(raw.x, scale, vals);
+            ops::fp8x4_dequantize(raw.y, scale, vals + 4);
+          } else {
+            ops::fp8x4_dequantize(__ldcg(reinterpret_cast<const unsigned*>(src) + c), scale, vals);
+          }
+          Chunk8<Out>::pack(vals, &packed);
         }
         for (unsigned bits = valid; bits; bits &= bits - 1) {
           const int r = __shfl_sync(0xffffffffu, row, __ffs(bits) - 1);
-          if (c < chunks) {
-            uint4* o = reinterpret_cast<uint4*>(out + int64_t(r) * H + int64_t(c) * 16);
-#pragma unroll
-            for (int w = 0; w < kWords; ++w) o[w] = packed[w];
-          }
+          if (c < chunks) reinterpret_cast<uint4*>(out + int64_t(r) * H)[c] = packed;
         }
       }
     } else {

@@ -264,7 +264,7 @@ class CudaPeerTransport final : public PeerTransport {
     return c;
   }
 
-  void dispatch_rows(const Tensor& payload, const Tensor& scales, const Tensor& indices, const Tensor& slot, const Tensor& weights,
+  void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights,
                      const Tensor& pos, const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill,
                      const Tensor& offsets, const Tensor& out, const Tensor& out_weights, const Tensor& row_src,
                      const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) override {
@@ -276,8 +276,7 @@ class CudaPeerTransport final : public PeerTransport {
     ops::require_defined(recv_row_of, op, "recvRowOf");
     MOE_ARG_CHECK(recv_row_of.dim() == 3, op, "'recvRowOf' must be [P, tokenCap, k]");
     const int64_t T = payload.size(0), k = indices.size(1), N = out.size(0), H = out.size(1), P = size_, mc = recv_row_of.size(1);
-    need(payload, op, "payload", {DType::bf16, DType::f32, DType::fp8e4m3}, {T, H});
-    if (scales.defined()) need(scales, op, "scales", {DType::f32}, {T, H / 128});
+    need(payload, op, "payload", {DType::bf16, DType::f32}, {T, H});
     need(indices, op, "indices", {DType::i32}, {T, k});
     need(slot, op, "slot", {DType::i32}, {T, k});
     need(weights, op, "weights", {DType::f32}, {T, k});
@@ -293,14 +292,13 @@ class CudaPeerTransport final : public PeerTransport {
     MOE_ARG_CHECK(T <= cap_.token_cap && mc <= cap_.token_cap && k <= cap_.top_k, op, "the call (", T, " tokens, top-", k,
                   ") exceeds the transport's capacity (", cap_.token_cap, " tokens, top-", cap_.top_k, ")");
     MOE_ARG_CHECK(N < (int64_t(1) << 31) && P * mc * k < (int64_t(1) << 31), op, "too many rows for 32-bit row indices");
-    const int64_t pay_bytes = payload.nbytes() / std::max<int64_t>(T, 1);
-    const int64_t extra_bytes = scales.defined() ? scales.nbytes() / std::max<int64_t>(T, 1) : 0;
-    MOE_ARG_CHECK(round_up(pay_bytes, 16) + extra_bytes <= layout_.row_stride, op, "a row of ", pay_bytes + extra_bytes,
-                  " bytes exceeds the transport's ", layout_.row_stride);
-    MOE_ARG_CHECK(pay_bytes % 4 == 0 && extra_bytes % 4 == 0, op, "row bytes must be multiples of 4 (an even hidden size for bf16)");
-    const bool fp8 = payload.dtype() == DType::fp8e4m3;
-    if (fp8) MOE_ARG_CHECK(H % 128 == 0 && scales.defined(), op, "fp8 rows need a hidden size that is a multiple of 128 and their scales");
-    else MOE_ARG_CHECK(payload.dtype() == out.dtype(), op, "rows are ", dtype_name(payload.dtype()), " but 'out' is ", dtype_name(out.dtype()));
+    const bool fp8 = plan.fp8;
+    // fp8 rows on the wire: H e4m3 bytes, then H/128 fp32 scales at H rounded up to 16 bytes.
+    const int64_t pay_bytes = fp8 ? round_up(H, 16) + H / 128 * 4 : payload.nbytes() / std::max<int64_t>(T, 1);
+    MOE_ARG_CHECK(pay_bytes <= layout_.row_stride, op, "a row of ", pay_bytes, " bytes exceeds the transport's ", layout_.row_stride);
+    MOE_ARG_CHECK(pay_bytes % 4 == 0, op, "row bytes must be multiples of 4 (an even hidden size for bf16)");
+    if (fp8) MOE_ARG_CHECK(H % 128 == 0, op, "fp8 rows need a hidden size that is a multiple of 128");
+    MOE_ARG_CHECK(payload.dtype() == out.dtype(), op, "rows are ", dtype_name(payload.dtype()), " but 'out' is ", dtype_name(out.dtype()));
     const int64_t map_cap = recv_row_of.size(1);
     cuda::DeviceGuard guard(device_);
     cudaStream_t stream = cudaStream_t(ops::op_stream(payload));
@@ -308,11 +306,14 @@ class CudaPeerTransport final : public PeerTransport {
                   " experts per rank exceed the transport's ", cap_.local_experts);
     const u64 step = disp_step_;
     const peer::View v = view(plan.local_experts);
-    const bool vec16 = pay_bytes % 16 == 0;
-    peer::push_kernel<<<grid(plan.sms, T * 32), kWorkThreads, 0, stream>>>(
-        v, static_cast<const char*>(payload.raw()), pay_bytes, scales.defined() ? static_cast<const char*>(scales.raw()) : nullptr,
-        extra_bytes, pos.data<int>(), int(T), indices.data<int>(), slot.data<int>(), weights.data<float>(), dest.data<int>(), int(k), vec16,
-        step);
+    const dim3 pg = grid(plan.sms, T * 32);
+    auto push = [&](auto rows) {
+      peer::push_kernel<<<pg, kWorkThreads, 0, stream>>>(v, rows, pos.data<int>(), int(T), indices.data<int>(), slot.data<int>(),
+                                                          weights.data<float>(), dest.data<int>(), int(k), step);
+    };
+    if (!fp8) push(peer::CopyRows{static_cast<const char*>(payload.raw()), pay_bytes, pay_bytes % 16 == 0});
+    else if (payload.dtype() == DType::bf16) push(peer::Fp8Rows<bf16>{payload.data<bf16>(), int(H)});
+    else push(peer::Fp8Rows<float>{payload.data<float>(), int(H)});
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, rows_step), step, -1, 0, peer::kOpDispatch);
     const dim3 g = grid(plan.sms, std::max<int64_t>(size_ * map_cap, N) * 32);
@@ -403,9 +404,9 @@ class CudaPeerTransport final : public PeerTransport {
     const peer::View v = view();
     // dy to every rank its token went to, into their dispatch regions (once acknowledged).
     wait(stream, offsetof(peer::Mail, disp_ack), dstep - 1, -1, 0, peer::kOpCombineBackward);
-    peer::push_kernel<<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, static_cast<const char*>(dy.raw()), pay_bytes, nullptr, 0,
-                                                                     pos.data<int>(), int(T), nullptr, nullptr, nullptr, nullptr, 0,
-                                                                     pay_bytes % 16 == 0, dstep);
+    peer::push_kernel<<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(
+        v, peer::CopyRows{static_cast<const char*>(dy.raw()), pay_bytes, pay_bytes % 16 == 0}, pos.data<int>(), int(T), nullptr, nullptr,
+        nullptr, nullptr, 0, dstep);
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, rows_step), dstep, offsetof(peer::Mail, comb_ack), cstep - 1, peer::kOpCombineBackward);
     const dim3 g = grid(sms, N * 32);

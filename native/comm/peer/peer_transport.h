@@ -89,6 +89,7 @@ class PeerTransport {
     int64_t align = 1;
     int64_t sms = 0;  // blocks are sized for this many SMs (0: all)
     int local_experts = 0;  // El of this call (E / P); at most the transport's capacity
+    bool fp8 = false;       // rows travel as fp8 e4m3 with one fp32 scale per 128 values (dispatch_rows)
   };
   // Phase 1: layout on the device (positions of each token at each destination rank, destination
   // rank per top-k entry) and the counts sent to every peer. In dropless mode also waits on the
@@ -103,11 +104,11 @@ class PeerTransport {
   virtual Counts dispatch_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const DispatchPlan& plan,
                                  const Tensor& pos, const Tensor& dest, const Tensor& offsets, const Tensor& seg_start,
                                  const Tensor& fill) = 0;
-  // Phase 2: push the token rows (payload [T, bytes], and an optional second payload appended to
-  // each row, e.g. fp8 scales), then expand what arrived into expert-major rows `out` (converted
-  // from the payload: a copy, or fp8 e4m3 with per-128 scales dequantised), with their gate
-  // weights, the source of each row, and for each received (source, token, entry) its row.
-  virtual void dispatch_rows(const Tensor& payload, const Tensor& scales, const Tensor& indices, const Tensor& slot,
+  // Phase 2: push the token rows (payload [T, H], bf16 or f32; with plan.fp8 quantised on the way
+  // out, as quantizeFp8 does), then expand what arrived into expert-major rows `out` (payload's
+  // dtype: a copy, or the fp8 rows dequantised), with their gate weights, the source of each row,
+  // and for each received (source, token, entry) its row.
+  virtual void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot,
                              const Tensor& weights, const Tensor& pos, const Tensor& dest, const DispatchPlan& plan,
                              const Tensor& seg_start, const Tensor& fill, const Tensor& offsets, const Tensor& out,
                              const Tensor& out_weights, const Tensor& row_src, const Tensor& recv_row_of,
