@@ -170,3 +170,4 @@ export {
   type HfReadOptions,
   type HfReadStats,
 } from './serve/hf-checkpoint.js';
+export { MoEInference, type MoEInferenceConfig, type MoEInferenceForwardOptions, type MoEInferenceWeights } from './serve/inference.js';
