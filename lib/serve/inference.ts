@@ -25,10 +25,11 @@
  * fixed segments and never waits for the host; dropless it reads the counts once per step (the
  * dispatcher's one deliberate host synchronisation).
  *
- * Workspace bytes per T (dropless; R = T·k): 8·T·E (logits, scores) + 12·T·k (indices, weights,
- * slot) + 12·R (rowOf, rowWeight, rowToken) + 2·R·(2H + F) (rows, expert outputs, activations)
- * + with a shared expert 2·T·(Fs + H), with its gate 4·T·4 + 2·T·H, plus a few per-expert counters;
- * f32 layers twice the 2-byte terms. workspaceBytes(T) gives the exact figure.
+ * Workspace bytes per T on one rank, R = rowsFor(T): 8·T·E (logits, scores) + 16·T·k (indices,
+ * weights, slot, rowOf) + 8·R (rowWeight, rowToken) + 2·R·(2H + F) (rows, expert outputs,
+ * activations) + with a shared expert 2·T·(Fs + H), with its gate 2·T·H + 20·T + 12 more, plus
+ * 12·E + 32 bytes of counters; f32 layers double the 2-byte terms. workspaceBytes(T) gives the
+ * exact figure. Nothing else is held beyond the weights.
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
