@@ -163,11 +163,12 @@ export function blockNames(cfg, layer) {
 /**
  * Builds a checkpoint in `dir` (created) for config `cfg`.
  * options: dtype ('bf16' | 'f16' | 'f32') of the weights, shards (files; 0: one model.safetensors),
- * seed, biasScale (DeepSeek-V3's correction bias is uniform in ±biasScale), biasDtype (default f32).
+ * seed, biasScale (DeepSeek-V3's correction bias is tanh-shaped in ±biasScale), biasDtype (default f32),
+ * write (false: only return the values, e.g. to rebuild a reference beside a checkpoint written elsewhere).
  * Returns { cfg, layers: Map(layer → weights as the reference takes them), weightMap, files, entries }.
  */
-export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true } = {}) {
-  fs.mkdirSync(dir, { recursive: true });
+export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true, write = true } = {}) {
+  if (write) fs.mkdirSync(dir, { recursive: true });
   const rand = normals(seed);
   const { H, F, E, Fs } = moeSizes(cfg);
   const moe = new Set(moeLayersOf(cfg));
@@ -205,6 +206,7 @@ export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed =
     layers.set(l, w);
   }
   add('model.norm.weight', [H], rand(H));
+  if (!write) return { cfg, layers, weightMap: {}, files: [], entries };
   if (writeConfig) fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(cfg, null, 2));
   const weightMap = {};
   const files = [];
