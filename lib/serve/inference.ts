@@ -12,7 +12,9 @@
  *
  * Fixed buffers (one rank): every intermediate of a forward lives in a workspace made once per
  * token count T and reused by later forwards with the same T (the most recent `maxWorkspaces`
- * are kept): nothing is allocated per step except the result (none with `out`). Rows are bounded
+ * are kept): nothing is allocated per step except the result (none with `out`) and, on a GPU, the
+ * small scratch capacity() and the grouped GEMM take from the caching allocator inside (served from
+ * its cache after the first step, stream-ordered; on the CPU there is none). Rows are bounded
  * by the worst case known on the host before the step: dropless, R = T·k (every assignment kept,
  * expert segments back to back, the grouped GEMM reading the offsets on the device); with a
  * capacity factor, R = E·C (fixed C-row segments). Neither reads anything back to the host on a GPU,
