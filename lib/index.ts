@@ -159,6 +159,7 @@ export { Trainer } from './train/trainer.js';
 export { HF_MOE_FAMILIES, type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel } from './serve/hf-config.js';
 export {
   HF_CONFIG_FILE,
+  HF_FP8_SCALE_SUFFIX,
   HF_INDEX_FILE,
   HF_SINGLE_FILE,
   HfMoECheckpoint,

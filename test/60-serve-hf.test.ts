@@ -151,6 +151,39 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     expect(Array.from(w.bias?.toFloat32Array() ?? [])).toEqual(Array.from(Float32Array.from(ref.bias)));
   });
 
+  it('DeepSeek-V3 in its published FP8 layout (e4m3 experts with 128×128 block scales): dequantised exactly, f32 and bf16 layers', () => {
+    const cfg = {
+      ...testConfigs.deepseek_v3, hidden_size: 256, moe_intermediate_size: 128, n_routed_experts: 8, num_experts_per_tok: 4, n_group: 4, topk_group: 2, n_shared_experts: 1,
+      num_hidden_layers: 2, quantization_config: { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] },
+    };
+    const dir = fresh();
+    const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 17, fp8: true });
+    const w = built.layers.get(1);
+    const H = 256, F = 128;
+    using ckpt = HfMoECheckpoint.open(dir);
+    using f32 = ckpt.readLayer(1, { dtype: 'f32', device: 'cpu' });
+    // The gate [F,H] spans 2 column blocks, the down projection [H,F] 2 row blocks.
+    const w13 = f32.w13.toFloat32Array(), w2 = f32.w2.toFloat32Array();
+    for (const e of [0, 5])
+      for (let h = 0; h < H; h += 7)
+        for (let i = 0; i < F; i += 5) {
+          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(w.experts[e].gate[i * H + h]);
+          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(w.experts[e].up[i * H + h]);
+          expect(w2[(e * F + i) * H + h]).toBe(w.experts[e].down[h * F + i]);
+        }
+    // Scales are read with their weights: 8 experts × 3 × 2 + the shared expert's 3 × 2 + gate + bias.
+    expect(ckpt.stats.tensorsRead).toBe(8 * 3 * 2 + 3 * 2 + 2);
+    const { x64, x } = tokens(9, H, 23, 'f32');
+    const ref = hfMoEReference(cfg, w, x64);
+    for (const dtype of ['f32', 'bf16'] as const) {
+      using moe = MoEInference.fromHf(ckpt, 1, { dtype, device: 'cpu' });
+      const y = tidy(() => Array.from(moe.forward(dtype === 'f32' ? x : x.cast('bf16')).toFloat32Array()));
+      const err = relErr(y, ref.y);
+      expect(err, `fp8, ${dtype} layer: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(dtype === 'f32' ? 2e-6 : 1e-2);
+    }
+    x.dispose();
+  });
+
   it('the training layer (MoELayer) given the same weights computes the same block (Mixtral, DeepSeek-V3; Qwen2-MoE without its gate has no training-layer counterpart)', () => {
     for (const family of ['mixtral', 'deepseek_v3'] as const) {
       const c = checkpointAndTokens(family, { dtype: 'bf16', shards: 3, layerDtype: 'f32', T: 12, seed: 71 });

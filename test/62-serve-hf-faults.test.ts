@@ -147,7 +147,24 @@ describe('tensors', () => {
     writeSafetensorsFile(join(single, 'model.safetensors'), entries);
     expectCheckpointError(single, /safetensors model.safetensors tensor 'model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight': unknown dtype "I16"/);
     writeSafetensorsFile(join(single, 'model.safetensors'), entries.map((e: { name: string; dtype: string }) => (e.dtype === 'I16' ? { ...e, dtype: 'BF16' } : e)));
-    expectCheckpointError(single, /model.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight' is fp8e4m3; the MoE weights are read from BF16, F16 or F32 \(FP8 block-quantised checkpoints are not read yet/);
+    expectCheckpointError(single, /model.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight' is fp8e4m3; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight_scale_inv' block scales \(there is no/);
+  });
+
+  it('FP8 weights: a block size other than 128×128, columns not a multiple of 128, scales of the wrong shape', () => {
+    const fp8cfg = { ...cfg, hidden_size: 128, moe_intermediate_size: 128, n_routed_experts: 8, num_experts_per_tok: 4, n_group: 4, topk_group: 2, n_shared_experts: 1, num_hidden_layers: 2 };
+    const dir = join(root, `c${n++}`);
+    const built = buildHfCheckpoint(dir, fp8cfg, { shards: 0, seed: 4, fp8: true });
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...fp8cfg, quantization_config: { quant_method: 'fp8', weight_block_size: [1, 128] } }));
+    expectCheckpointError(dir, /config.json: quantization_config.weight_block_size \[1,128\]: FP8 weights are read with 128×128 blocks only/);
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(fp8cfg));
+    const name = expertName(1, 1, 'up');
+    const entries = built.entries.map((e: { name: string; shape: number[]; bytes: Uint8Array }) => (e.name === `${name}_scale_inv` ? { ...e, shape: [1, 2], bytes: new Uint8Array(8) } : e));
+    writeSafetensorsFile(join(dir, 'model.safetensors'), entries);
+    expectCheckpointError(dir, new RegExp(`tensor '${name.replace(/\./g, '\\.')}_scale_inv' is \\[1,2\\] but the deepseek_v3 config \\(config.json\\) needs \\[1,1\\]`));
+    // 96 columns: H = 96 cannot be split into 128-wide blocks.
+    const narrow = join(root, `c${n++}`);
+    buildHfCheckpoint(narrow, { ...fp8cfg, hidden_size: 96 }, { shards: 0, seed: 4, fp8: true });
+    expectCheckpointError(narrow, /model.safetensors: FP8 tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' has 96 columns, not a multiple of 128/);
   });
 
   it('a truncated shard or one with trailing bytes: the file (and the tensor running past the end) are named', () => {

@@ -53,6 +53,46 @@ export function fromF16Bits(b) {
 
 const ST = { bf16: 'BF16', f16: 'F16', f32: 'F32' };
 
+/** e4m3fn: the 127 non-negative finite values by code (0x7f is NaN), increasing with the code. */
+const E4M3 = Array.from({ length: 127 }, (_, c) => ((c >> 3) === 0 ? (c & 7) * 2 ** -9 : (1 + (c & 7) / 8) * 2 ** ((c >> 3) - 7)));
+/** float64 → e4m3fn bits, round to nearest even, saturating at ±448. */
+export function toE4m3Bits(v) {
+  const a = Math.min(Math.abs(v), 448);
+  let lo = 0, hi = 126;
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    if (E4M3[mid] <= a) lo = mid;
+    else hi = mid;
+  }
+  const dl = a - E4M3[lo], dh = E4M3[hi] - a;
+  const c = dl < dh ? lo : dh < dl ? hi : lo % 2 === 0 ? lo : hi;
+  return (v < 0 ? 0x80 : 0) | c;
+}
+export const fromE4m3Bits = (b) => (b & 0x80 ? -1 : 1) * E4M3[b & 0x7f];
+
+/**
+ * DeepSeek-V3's FP8 layout for a [R,C] weight: e4m3 values and one f32 scale per 128×128 block
+ * (scale = amax/448 of the block), `<name>_scale_inv` [ceil(R/128), ceil(C/128)]. decoded holds
+ * what the reader must produce: fround(e4m3 value · scale), as an f32 product.
+ */
+export function encodeFp8Blocks(values, R, C) {
+  const rb = Math.ceil(R / 128), cb = Math.ceil(C / 128);
+  const scales = new Float32Array(rb * cb);
+  for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
+    const i = Math.floor(r / 128) * cb + Math.floor(c / 128);
+    scales[i] = Math.max(scales[i], Math.abs(values[r * C + c]) / 448);
+  }
+  for (let i = 0; i < scales.length; i++) if (scales[i] === 0) scales[i] = 1;
+  const q = new Uint8Array(R * C);
+  const decoded = new Float64Array(R * C);
+  for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
+    const s = scales[Math.floor(r / 128) * cb + Math.floor(c / 128)];
+    q[r * C + c] = toE4m3Bits(values[r * C + c] / s);
+    decoded[r * C + c] = Math.fround(fromE4m3Bits(q[r * C + c]) * s);
+  }
+  return { q, scales, decoded, scaleShape: [rb, cb] };
+}
+
 /** Values stored in `dtype`: { bytes, decoded } (decoded: what the file holds, in float64). */
 export function encode(values, dtype) {
   const n = values.length;
@@ -164,10 +204,11 @@ export function blockNames(cfg, layer) {
  * Builds a checkpoint in `dir` (created) for config `cfg`.
  * options: dtype ('bf16' | 'f16' | 'f32') of the weights, shards (files; 0: one model.safetensors),
  * seed, biasScale (DeepSeek-V3's correction bias is tanh-shaped in ±biasScale), biasDtype (default f32),
- * write (false: only return the values, e.g. to rebuild a reference beside a checkpoint written elsewhere).
+ * write (false: only return the values, e.g. to rebuild a reference beside a checkpoint written elsewhere),
+ * fp8 (experts and shared experts in DeepSeek-V3's FP8 layout: e4m3 with 128×128 block scales).
  * Returns { cfg, layers: Map(layer → weights as the reference takes them), weightMap, files, entries }.
  */
-export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true, write = true } = {}) {
+export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true, write = true, fp8 = false } = {}) {
   if (write) fs.mkdirSync(dir, { recursive: true });
   const rand = normals(seed);
   const { H, F, E, Fs } = moeSizes(cfg);
@@ -195,10 +236,18 @@ export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed =
       const b = rand(E).map((v) => biasScale * Math.tanh(v));
       w.bias = add(n.bias, [E], b, biasDtype);
     }
+    // With fp8, the expert matrices are stored as DeepSeek-V3 publishes them (the gate stays as it is).
+    const weight = (name, R, C, std) => {
+      if (!fp8) return add(name, [R, C], rand(R * C, std));
+      const { q, scales, decoded, scaleShape } = encodeFp8Blocks(rand(R * C, std), R, C);
+      entries.push({ name, dtype: 'F8_E4M3', shape: [R, C], bytes: q });
+      entries.push({ name: `${name}_scale_inv`, dtype: 'F32', shape: scaleShape, bytes: new Uint8Array(scales.buffer) });
+      return decoded;
+    };
     const mlp = (name, f) => ({
-      gate: add(name('gate'), [f, H], rand(f * H, 1 / Math.sqrt(H))),
-      up: add(name('up'), [f, H], rand(f * H, 1 / Math.sqrt(H))),
-      down: add(name('down'), [H, f], rand(H * f, 1 / Math.sqrt(f))),
+      gate: weight(name('gate'), f, H, 1 / Math.sqrt(H)),
+      up: weight(name('up'), f, H, 1 / Math.sqrt(H)),
+      down: weight(name('down'), H, f, 1 / Math.sqrt(f)),
     });
     for (let j = 0; j < E; j++) w.experts.push(mlp((x) => n.expert(j, x), F));
     if (n.shared && Fs > 0) w.shared = mlp(n.shared, Fs);

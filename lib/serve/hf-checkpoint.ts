@@ -17,7 +17,12 @@
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
  * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
  * (the transpose of down_proj), the bias as f32. Files may hold BF16, F16 or F32; values are
- * converted (rounded to nearest even) to the layer's dtype as they are copied in.
+ * converted (rounded to nearest even) to the layer's dtype as they are copied in. FP8 block-quantised
+ * weights (DeepSeek-V3 as published: F8_E4M3 `<name>` with an F32 `<name>_scale_inv` holding one
+ * scale per 128×128 block, config.json's quantization_config weight_block_size [128, 128]) are
+ * dequantised on the way, w = q · scale_inv[row/128, col/128], in f32, then rounded into the layer's
+ * dtype (the order transformers' and DeepSeek's weight_dequant use); the column count must then be a
+ * multiple of 128.
  *
  * Expert parallelism: rank r of P owns the contiguous global experts r·E/P … (r+1)·E/P − 1 (as the
  * dispatcher shards them, lib/train/moe-state.ts ownedExperts). A rank reads the safetensors header
@@ -35,6 +40,7 @@ import { basename } from 'node:path';
 import { type DeviceLike, Device, getDefaultDevice } from '../device.js';
 import { type DType, storageView } from '../dtype.js';
 import { CheckpointError, checkOptions, invalidArgument } from '../errors.js';
+import { dequantizeFp8, FP8_BLOCK } from '../moe/fp8.js';
 import { Tensor, tidy } from '../tensor.js';
 import { ownedExperts } from '../train/moe-state.js';
 import { checkPlainName, readJson, realFolder, resolveInside } from '../train/safe-files.js';
@@ -49,8 +55,11 @@ export const HF_SINGLE_FILE = 'model.safetensors';
 const CONFIG_MAX_BYTES = 4 * 2 ** 20;
 const INDEX_MAX_BYTES = 256 * 2 ** 20;
 
-/** The dtypes read from the files (FP8 block-quantised files are not: see docs/serving.md). */
+/** The dtypes read from the files as they are; F8_E4M3 needs its block scales (see the module doc). */
 const READABLE: readonly DType[] = ['bf16', 'f16', 'f32'];
+/** The suffix of an FP8 weight's block scales, and the block (rows and columns). */
+export const HF_FP8_SCALE_SUFFIX = '_scale_inv';
+const FP8_WEIGHT_BLOCK = FP8_BLOCK;
 
 export type HfProjection = 'gate' | 'up' | 'down';
 
@@ -233,8 +242,9 @@ export class HfMoECheckpoint implements Disposable {
     }
     if (!f.has(name)) fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
     const info = f.info(name);
-    if (!READABLE.includes(info.dtype)) {
-      fail(this.dir, `${file}: tensor '${name}' is ${info.dtype}; the MoE weights are read from BF16, F16 or F32${info.dtype === 'fp8e4m3' ? ' (FP8 block-quantised checkpoints are not read yet: dequantise them to bf16 first)' : ''}`);
+    const fp8 = info.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
+    if (!READABLE.includes(info.dtype) && !fp8) {
+      fail(this.dir, `${file}: tensor '${name}' is ${info.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`);
     }
     if (info.shape.join() !== shape.join()) {
       fail(this.dir, `${file}: tensor '${name}' is [${info.shape.join(',')}] but the ${this.family} config (${HF_CONFIG_FILE}) needs [${shape.join(',')}]`);
@@ -251,9 +261,38 @@ export class HfMoECheckpoint implements Disposable {
     const bytes = f.readBytes(name); // positioned reads of this tensor's bytes alone
     this.stats.tensorsRead++;
     this.stats.tensorBytes += bytes.byteLength;
+    if (info.dtype === 'fp8e4m3') {
+      this.readFp8(name, info.shape as [number, number], bytes, use);
+      return;
+    }
     tidy(() => {
       const src = Tensor.fromArray(storageView(info.dtype, bytes.buffer as ArrayBuffer), { dtype: info.dtype, shape: info.shape, device: 'cpu' });
       use(src);
+    });
+  }
+
+  /** An FP8 weight [R,C] and its block scales [ceil(R/128), C/128], dequantised to f32 (module doc). */
+  private readFp8(name: string, [R, C]: [number, number], bytes: Uint8Array, use: (src: Tensor) => void): void {
+    const block = this.config['quantization_config'] as { weight_block_size?: unknown } | undefined;
+    const size = block?.weight_block_size;
+    if (size !== undefined && !(Array.isArray(size) && size.length === 2 && size[0] === FP8_WEIGHT_BLOCK && size[1] === FP8_WEIGHT_BLOCK)) {
+      fail(this.dir, `${HF_CONFIG_FILE}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`);
+    }
+    if (C % FP8_WEIGHT_BLOCK !== 0) fail(this.dir, `${this.weightMap.get(name)}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
+    const scaleName = name + HF_FP8_SCALE_SUFFIX;
+    const rowBlocks = Math.ceil(R / FP8_WEIGHT_BLOCK), colBlocks = C / FP8_WEIGHT_BLOCK;
+    const s = this.locate(scaleName, [rowBlocks, colBlocks]);
+    const scaleBytes = s.f.readBytes(scaleName);
+    this.stats.tensorsRead++;
+    this.stats.tensorBytes += scaleBytes.byteLength;
+    tidy(() => {
+      const scales = Tensor.fromArray(storageView(s.info.dtype, scaleBytes.buffer as ArrayBuffer), { dtype: s.info.dtype, shape: s.info.shape, device: 'cpu' }).cast('f32');
+      // Block rows → one scale row per weight row (the native dequantisation takes [R, C/128]).
+      const perBlock = scales.toArray() as Float32Array;
+      const perRow = new Float32Array(R * colBlocks);
+      for (let r = 0; r < R; r++) perRow.set(perBlock.subarray(Math.floor(r / FP8_WEIGHT_BLOCK) * colBlocks, (Math.floor(r / FP8_WEIGHT_BLOCK) + 1) * colBlocks), r * colBlocks);
+      const q = Tensor.fromArray(bytes, { dtype: 'fp8e4m3', shape: [R, C], device: 'cpu' });
+      use(dequantizeFp8({ q, scales: Tensor.fromArray(perRow, { shape: [R, colBlocks], device: 'cpu' }) }, 'f32'));
     });
   }
 
