@@ -156,3 +156,19 @@ export { type DeepPartial, defaultConfig, resolveConfig, type TrainConfig, type 
 export { type LayerMetrics, type StepMetrics } from './train/metrics.js';
 export { MoEModel } from './train/model.js';
 export { Trainer } from './train/trainer.js';
+export { HF_MOE_FAMILIES, type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel } from './serve/hf-config.js';
+export {
+  HF_CONFIG_FILE,
+  HF_FP8_SCALE_SUFFIX,
+  HF_INDEX_FILE,
+  HF_SINGLE_FILE,
+  HfMoECheckpoint,
+  type HfMoENames,
+  hfMoENames,
+  type HfMoEWeights,
+  type HfOpenOptions,
+  type HfProjection,
+  type HfReadOptions,
+  type HfReadStats,
+} from './serve/hf-checkpoint.js';
+export { MoEInference, type MoEInferenceConfig, type MoEInferenceForwardOptions, type MoEInferenceWeights } from './serve/inference.js';

@@ -1,0 +1,387 @@
+/**
+ * The MoE blocks of Hugging Face safetensors checkpoints, read for serving: a folder with
+ * config.json and either sharded files named by model.safetensors.index.json's weight_map or one
+ * model.safetensors.
+ *
+ * Tensor names (L the decoder layer, J the global expert):
+ *   mixtral      model.layers.L.block_sparse_moe.gate.weight           [E,H]
+ *                model.layers.L.block_sparse_moe.experts.J.w1.weight   [F,H]  gate projection
+ *                                                       ....J.w3.weight   [F,H]  up projection
+ *                                                       ....J.w2.weight   [H,F]  down projection
+ *   deepseek_v3  model.layers.L.mlp.gate.weight [E,H], model.layers.L.mlp.gate.e_score_correction_bias [E]
+ *   qwen2_moe    model.layers.L.mlp.experts.J.gate_proj|up_proj.weight [F,H], ...down_proj.weight [H,F]
+ *   qwen3_moe    shared: deepseek_v3 model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight,
+ *                qwen2_moe model.layers.L.mlp.shared_expert.{...}.weight and
+ *                model.layers.L.mlp.shared_expert_gate.weight [1,H]
+ *
+ * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
+ * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
+ * (the transpose of down_proj), the bias as f32. Files may hold BF16, F16 or F32; values are
+ * converted (rounded to nearest even) to the layer's dtype as they are copied in. FP8 block-quantised
+ * weights (DeepSeek-V3 as published: F8_E4M3 `<name>` with an F32 `<name>_scale_inv` holding one
+ * scale per 128×128 block, config.json's quantization_config weight_block_size [128, 128]) are
+ * dequantised on the way, w = q · scale_inv[row/128, col/128], in f32, then rounded into the layer's
+ * dtype (the order transformers' and DeepSeek's weight_dequant use); the column count must then be a
+ * multiple of 128.
+ *
+ * Expert parallelism: rank r of P owns the contiguous global experts r·E/P … (r+1)·E/P − 1 (as the
+ * dispatcher shards them, lib/train/moe-state.ts ownedExperts). A rank reads the safetensors header
+ * of each file it needs and then only the byte ranges of its own tensors (positioned reads through
+ * SafetensorsFile), never whole shards: `stats` counts what was read.
+ *
+ * Nothing is read outside the folder the caller names: file names from the index must be plain
+ * names (no separators, `.`/`..`), every file must still lie inside the folder after resolving
+ * symbolic links, only regular files are opened, and the JSON files are size- and depth-capped
+ * (lib/train/safe-files.ts). Every error is a CheckpointError naming the folder, the file and the
+ * tensor.
+ */
+import { basename } from 'node:path';
+
+import { type DeviceLike, Device, getDefaultDevice } from '../device.js';
+import { type DType, storageView } from '../dtype.js';
+import { CheckpointError, checkOptions, invalidArgument } from '../errors.js';
+import { dequantizeFp8, FP8_BLOCK } from '../moe/fp8.js';
+import { Tensor, tidy } from '../tensor.js';
+import { ownedExperts } from '../train/moe-state.js';
+import { checkPlainName, readJson, realFolder, resolveInside } from '../train/safe-files.js';
+import { SafetensorsFile, type TensorInfo } from '../train/safetensors.js';
+import { type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel } from './hf-config.js';
+
+export const HF_CONFIG_FILE = 'config.json';
+export const HF_INDEX_FILE = 'model.safetensors.index.json';
+export const HF_SINGLE_FILE = 'model.safetensors';
+
+/** Caps on the JSON files read whole (DeepSeek-V3's index is about 9 MB for 91k tensors). */
+const CONFIG_MAX_BYTES = 4 * 2 ** 20;
+const INDEX_MAX_BYTES = 256 * 2 ** 20;
+
+/** The dtypes read from the files as they are; F8_E4M3 needs its block scales (see the module doc). */
+const READABLE: readonly DType[] = ['bf16', 'f16', 'f32'];
+/** The suffix of an FP8 weight's block scales, and the block (rows and columns). */
+export const HF_FP8_SCALE_SUFFIX = '_scale_inv';
+const FP8_WEIGHT_BLOCK = FP8_BLOCK;
+
+export type HfProjection = 'gate' | 'up' | 'down';
+
+/** The tensor names of one layer's MoE block. */
+export interface HfMoENames {
+  gate: string;
+  bias: string | null;
+  expert(j: number, w: HfProjection): string;
+  shared: ((w: HfProjection) => string) | null;
+  sharedGate: string | null;
+}
+
+/** Names of the MoE block of decoder layer `layer` in `family`'s layout (`block` says which extras exist). */
+export function hfMoENames(family: HfMoEFamily, layer: number, block: Pick<HfMoEBlock, 'selectionBias' | 'sharedFfn' | 'sharedGate'>): HfMoENames {
+  if (family === 'mixtral') {
+    const p = `model.layers.${layer}.block_sparse_moe`;
+    const w = { gate: 'w1', up: 'w3', down: 'w2' } as const;
+    return { gate: `${p}.gate.weight`, bias: null, expert: (j, x) => `${p}.experts.${j}.${w[x]}.weight`, shared: null, sharedGate: null };
+  }
+  const p = `model.layers.${layer}.mlp`;
+  const proj = (x: HfProjection): string => `${x}_proj`;
+  const sharedPrefix = family === 'deepseek_v3' ? `${p}.shared_experts` : `${p}.shared_expert`;
+  return {
+    gate: `${p}.gate.weight`,
+    bias: block.selectionBias ? `${p}.gate.e_score_correction_bias` : null,
+    expert: (j, x) => `${p}.experts.${j}.${proj(x)}.weight`,
+    shared: block.sharedFfn > 0 ? (x) => `${sharedPrefix}.${proj(x)}.weight` : null,
+    sharedGate: block.sharedGate ? `${p}.shared_expert_gate.weight` : null,
+  };
+}
+
+/** One layer's MoE weights in the layer's layout (see the module doc), this rank's experts only. */
+export interface HfMoEWeights extends Disposable {
+  /** [1,H,E] in the layer dtype. */
+  router: Tensor;
+  /** [E] f32 (DeepSeek-V3), else null. */
+  bias: Tensor | null;
+  /** [El,H,2F], [El,F,H]. */
+  w13: Tensor;
+  w2: Tensor;
+  /** [1,H,2Fs], [1,Fs,H], or null. */
+  sharedW13: Tensor | null;
+  sharedW2: Tensor | null;
+  /** Qwen2-MoE's shared_expert_gate as [1,H,1], or null. */
+  sharedGate: Tensor | null;
+  /** Global index of the first local expert, and how many there are. */
+  firstExpert: number;
+  localExperts: number;
+  dispose(): void;
+}
+
+export interface HfReadOptions {
+  /** This process's place in the expert-parallel group (default rank 0 of 1). */
+  rank?: number;
+  worldSize?: number;
+  /** The layer's dtype: bf16 (default) or f32 (CPU tests). */
+  dtype?: 'bf16' | 'f32';
+  device?: DeviceLike;
+}
+
+export interface HfOpenOptions {
+  /** Use this object instead of the folder's config.json. */
+  config?: Record<string, unknown>;
+}
+
+/** What a checkpoint has read so far. */
+export interface HfReadStats {
+  /** Files whose header was read. */
+  filesOpened: number;
+  /** Header bytes read (8-byte length + JSON), over all files opened. */
+  headerBytes: number;
+  /** Tensors read, and their data bytes. */
+  tensorsRead: number;
+  tensorBytes: number;
+}
+
+function fail(dir: string, message: string): never {
+  throw new CheckpointError(`hf checkpoint ${dir}: ${message}`);
+}
+
+/**
+ * A Hugging Face MoE checkpoint folder, opened: its config mapped onto the package (`model`) and
+ * its weight map validated; tensors are read on demand with readLayer(). close() (or `using`)
+ * releases the open files.
+ */
+export class HfMoECheckpoint implements Disposable {
+  readonly dir: string;
+  readonly config: Readonly<Record<string, unknown>>;
+  readonly model: HfMoEModel;
+  /** Tensor name → the plain file name holding it. */
+  readonly weightMap: ReadonlyMap<string, string>;
+  readonly stats: HfReadStats = { filesOpened: 0, headerBytes: 0, tensorsRead: 0, tensorBytes: 0 };
+  /** Real path of the folder: every file read lies inside it. */
+  readonly #real: string;
+  readonly #open = new Map<string, SafetensorsFile>();
+
+  private constructor(dir: string, real: string, config: Record<string, unknown>, model: HfMoEModel, weightMap: Map<string, string>) {
+    this.dir = dir;
+    this.#real = real;
+    this.config = config;
+    this.model = model;
+    this.weightMap = weightMap;
+  }
+
+  /** Opens `dir`: config.json (or options.config), then the index's weight map or model.safetensors's header. */
+  static open(dir: string, options: HfOpenOptions = {}): HfMoECheckpoint {
+    options = checkOptions(options, 'HfMoECheckpoint.open', { config: true });
+    if (typeof dir !== 'string' || dir === '') invalidArgument('HfMoECheckpoint.open', `'dir' must be a folder path; received ${String(dir)}`);
+    const real = realFolder(dir, `hf checkpoint ${dir}`);
+    const inside = (name: string): string | undefined => resolveInside(real, name, `hf checkpoint ${dir}: ${name}`);
+    let config = options.config;
+    if (config === undefined) {
+      const path = inside(HF_CONFIG_FILE);
+      if (path === undefined) fail(dir, `${HF_CONFIG_FILE} is missing (pass options.config to give the model's config another way)`);
+      config = readJson(path, { what: `hf checkpoint ${dir}: ${HF_CONFIG_FILE}`, maxBytes: CONFIG_MAX_BYTES, maxDepth: 16 }) as Record<string, unknown>;
+    }
+    const model = hfMoEModel(config, `hf checkpoint ${dir}: ${options.config === undefined ? HF_CONFIG_FILE : 'options.config'}`);
+    const weightMap = new Map<string, string>();
+    const index = inside(HF_INDEX_FILE);
+    if (index !== undefined) {
+      const what = `hf checkpoint ${dir}: ${HF_INDEX_FILE}`;
+      const json = readJson(index, { what, maxBytes: INDEX_MAX_BYTES, maxDepth: 8 }) as { weight_map?: unknown } | null;
+      const map = json !== null && typeof json === 'object' && !Array.isArray(json) ? json.weight_map : undefined;
+      if (map === null || typeof map !== 'object' || Array.isArray(map)) fail(dir, `${HF_INDEX_FILE} has no 'weight_map' object`);
+      const checked = new Set<string>();
+      for (const [name, file] of Object.entries(map as Record<string, unknown>)) {
+        if (typeof file !== 'string') fail(dir, `${HF_INDEX_FILE}: weight_map['${name}'] must be a file name; found ${JSON.stringify(file)}`);
+        if (!checked.has(file)) {
+          // Plain names only: '../x', '/etc/x', 'sub/x' are refused before any path is built.
+          checkPlainName(file, `hf checkpoint ${dir}: ${HF_INDEX_FILE}: weight_map['${name}']`, CheckpointError);
+          checked.add(file);
+        }
+        weightMap.set(name, file);
+      }
+    } else {
+      const single = inside(HF_SINGLE_FILE);
+      if (single === undefined) fail(dir, `neither ${HF_INDEX_FILE} nor ${HF_SINGLE_FILE} is there`);
+      const f = SafetensorsFile.open(single);
+      const ckpt = new HfMoECheckpoint(dir, real, config, model, weightMap);
+      ckpt.#open.set(HF_SINGLE_FILE, f);
+      ckpt.stats.filesOpened++;
+      ckpt.stats.headerBytes += f.dataStart;
+      for (const name of f.names) weightMap.set(name, HF_SINGLE_FILE);
+      return ckpt;
+    }
+    return new HfMoECheckpoint(dir, real, config, model, weightMap);
+  }
+
+  get family(): HfMoEFamily {
+    return this.model.block.family;
+  }
+  get block(): HfMoEBlock {
+    return this.model.block;
+  }
+
+  /** The tensor names of a layer's MoE block (the layer must be one of model.moeLayers). */
+  names(layer: number): HfMoENames {
+    if (!this.model.moeLayers.includes(layer)) {
+      const l = this.model.moeLayers;
+      invalidArgument('HfMoECheckpoint', `layer ${String(layer)} has no MoE block (the MoE layers are ${l.length > 8 ? `${l.slice(0, 8).join(', ')}, …` : l.join(', ')} of ${this.model.numLayers})`);
+    }
+    return hfMoENames(this.family, layer, this.block);
+  }
+
+  /** The open file holding `name`, and its header entry, checked against `shape`. */
+  private locate(name: string, shape: readonly number[]): { file: string; f: SafetensorsFile; info: TensorInfo } {
+    const file = this.weightMap.get(name);
+    if (file === undefined) {
+      const like = [...this.weightMap.keys()].filter((n) => n.replace(/\d+/g, '#') === name.replace(/\d+/g, '#')).slice(0, 3);
+      fail(this.dir, `tensor '${name}' is not in the checkpoint (${this.weightMap.size} tensors${like.length ? `; similar: ${like.join(', ')}` : ''})`);
+    }
+    let f = this.#open.get(file);
+    if (f === undefined) {
+      const path = resolveInside(this.#real, file, `hf checkpoint ${this.dir}: ${file}`);
+      if (path === undefined) fail(this.dir, `${file} is missing (${HF_INDEX_FILE} puts '${name}' there)`);
+      f = SafetensorsFile.open(path);
+      this.#open.set(file, f);
+      this.stats.filesOpened++;
+      this.stats.headerBytes += f.dataStart;
+    }
+    if (!f.has(name)) fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
+    const info = f.info(name);
+    const fp8 = info.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
+    if (!READABLE.includes(info.dtype) && !fp8) {
+      fail(this.dir, `${file}: tensor '${name}' is ${info.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`);
+    }
+    if (info.shape.join() !== shape.join()) {
+      fail(this.dir, `${file}: tensor '${name}' is [${info.shape.join(',')}] but the ${this.family} config (${HF_CONFIG_FILE}) needs [${shape.join(',')}]`);
+    }
+    return { file, f, info };
+  }
+
+  /**
+   * Reads one tensor (after checking its shape) as a CPU tensor of the file's dtype and passes it to
+   * `use`, which copies it where it belongs; the host copy is freed afterwards.
+   */
+  private read(name: string, shape: readonly number[], use: (src: Tensor) => void): void {
+    const { f, info } = this.locate(name, shape);
+    const bytes = f.readBytes(name); // positioned reads of this tensor's bytes alone
+    this.stats.tensorsRead++;
+    this.stats.tensorBytes += bytes.byteLength;
+    if (info.dtype === 'fp8e4m3') {
+      this.readFp8(name, info.shape as [number, number], bytes, use);
+      return;
+    }
+    tidy(() => {
+      const src = Tensor.fromArray(storageView(info.dtype, bytes.buffer as ArrayBuffer), { dtype: info.dtype, shape: info.shape, device: 'cpu' });
+      use(src);
+    });
+  }
+
+  /** An FP8 weight [R,C] and its block scales [ceil(R/128), C/128], dequantised to f32 (module doc). */
+  private readFp8(name: string, [R, C]: [number, number], bytes: Uint8Array, use: (src: Tensor) => void): void {
+    const block = this.config['quantization_config'] as { weight_block_size?: unknown } | undefined;
+    const size = block?.weight_block_size;
+    if (size !== undefined && !(Array.isArray(size) && size.length === 2 && size[0] === FP8_WEIGHT_BLOCK && size[1] === FP8_WEIGHT_BLOCK)) {
+      fail(this.dir, `${HF_CONFIG_FILE}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`);
+    }
+    if (C % FP8_WEIGHT_BLOCK !== 0) fail(this.dir, `${this.weightMap.get(name)}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
+    const scaleName = name + HF_FP8_SCALE_SUFFIX;
+    const rowBlocks = Math.ceil(R / FP8_WEIGHT_BLOCK), colBlocks = C / FP8_WEIGHT_BLOCK;
+    const s = this.locate(scaleName, [rowBlocks, colBlocks]);
+    const scaleBytes = s.f.readBytes(scaleName);
+    this.stats.tensorsRead++;
+    this.stats.tensorBytes += scaleBytes.byteLength;
+    tidy(() => {
+      const scales = Tensor.fromArray(storageView(s.info.dtype, scaleBytes.buffer as ArrayBuffer), { dtype: s.info.dtype, shape: s.info.shape, device: 'cpu' }).cast('f32');
+      // Block rows → one scale row per weight row (the native dequantisation takes [R, C/128]).
+      const perBlock = scales.toArray() as Float32Array;
+      const perRow = new Float32Array(R * colBlocks);
+      for (let r = 0; r < R; r++) perRow.set(perBlock.subarray(Math.floor(r / FP8_WEIGHT_BLOCK) * colBlocks, (Math.floor(r / FP8_WEIGHT_BLOCK) + 1) * colBlocks), r * colBlocks);
+      const q = Tensor.fromArray(bytes, { dtype: 'fp8e4m3', shape: [R, C], device: 'cpu' });
+      use(dequantizeFp8({ q, scales: Tensor.fromArray(perRow, { shape: [R, colBlocks], device: 'cpu' }) }, 'f32'));
+    });
+  }
+
+  /**
+   * Layer `layer`'s MoE weights for rank `rank` of `worldSize` (its experts only), in the layer's
+   * layout and dtype, on `device`. Dispose the result (or hand it to an MoEInference, which takes it).
+   */
+  readLayer(layer: number, options: HfReadOptions = {}): HfMoEWeights {
+    const op = 'HfMoECheckpoint.readLayer';
+    options = checkOptions(options, op, { rank: true, worldSize: true, dtype: true, device: true });
+    const names = this.names(layer);
+    const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = this.block;
+    const { first, count: El } = ownedExperts(E, options.worldSize ?? 1, options.rank ?? 0);
+    const dtype = options.dtype ?? 'bf16';
+    if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${String(dtype)}`);
+    const device = Device.parse(options.device ?? getDefaultDevice(), op);
+    const made: Tensor[] = [];
+    const alloc = (shape: number[], dt: DType = dtype): Tensor => {
+      const t = Tensor.empty(shape, { dtype: dt, device });
+      made.push(t);
+      return t;
+    };
+    try {
+      // The gate [E,H] → router [1,H,E].
+      const router = alloc([1, H, E]);
+      this.read(names.gate, [E, H], (src) => router.copy_(src.view(1, E, H).transpose(1, 2)));
+      let bias: Tensor | null = null;
+      if (names.bias !== null) {
+        const b = alloc([E], 'f32');
+        this.read(names.bias, [E], (src) => b.copy_(src));
+        bias = b;
+      }
+      const w13 = alloc([El, H, 2 * F]);
+      const w2 = alloc([El, F, H]);
+      const fill = (i: number, gate: string, up: string, down: string, f: number, into13: Tensor, into2: Tensor): void => {
+        // w13[i] viewed as [H, F, 2]: slot 0 takes gateᵀ, slot 1 upᵀ (each [F,H] in the file).
+        const pairs = into13.view(into13.shape[0] as number, H, f, 2).narrow(0, i, 1);
+        this.read(gate, [f, H], (src) => pairs.narrow(3, 0, 1).copy_(src.view(1, f, H, 1).transpose(1, 2)));
+        this.read(up, [f, H], (src) => pairs.narrow(3, 1, 1).copy_(src.view(1, f, H, 1).transpose(1, 2)));
+        this.read(down, [H, f], (src) => into2.narrow(0, i, 1).copy_(src.view(1, H, f).transpose(1, 2)));
+      };
+      tidy(() => {
+        for (let i = 0; i < El; i++) fill(i, names.expert(first + i, 'gate'), names.expert(first + i, 'up'), names.expert(first + i, 'down'), F, w13, w2);
+      });
+      let sharedW13: Tensor | null = null;
+      let sharedW2: Tensor | null = null;
+      if (names.shared !== null) {
+        const s13 = alloc([1, H, 2 * Fs]);
+        const s2 = alloc([1, Fs, H]);
+        const sh = names.shared;
+        tidy(() => fill(0, sh('gate'), sh('up'), sh('down'), Fs, s13, s2));
+        sharedW13 = s13;
+        sharedW2 = s2;
+      }
+      let sharedGate: Tensor | null = null;
+      if (names.sharedGate !== null) {
+        const g = alloc([1, H, 1]);
+        this.read(names.sharedGate, [1, H], (src) => g.copy_(src.view(1, H, 1)));
+        sharedGate = g;
+      }
+      return {
+        router, bias, w13, w2, sharedW13, sharedW2, sharedGate, firstExpert: first, localExperts: El,
+        dispose() {
+          for (const t of made) t.dispose();
+        },
+        [Symbol.dispose]() {
+          this.dispose();
+        },
+      };
+    } catch (e) {
+      for (const t of made) t.dispose();
+      throw e;
+    }
+  }
+
+  /** The file names this checkpoint's weight map refers to. */
+  get files(): string[] {
+    return [...new Set(this.weightMap.values())].sort();
+  }
+
+  close(): void {
+    for (const f of this.#open.values()) f.close();
+    this.#open.clear();
+  }
+  [Symbol.dispose](): void {
+    this.close();
+  }
+
+  toString(): string {
+    return `HfMoECheckpoint(${this.family}, ${basename(this.dir)}, ${this.model.moeLayers.length} MoE layers)`;
+  }
+}

@@ -1,0 +1,185 @@
+/**
+ * Hugging Face MoE configs (config.json) mapped onto the package's router and expert options.
+ *
+ * Families (config.json `model_type`) and what their MoE block computes, x [T,H] one token per row:
+ *
+ *   mixtral      logits = x·Wgᵀ; p = softmax(logits); top-k of p; weights = p_top / Σ p_top
+ *                y = Σ_j weights_j · E_j(x),  E(x) = (silu(x·W1ᵀ) ⊙ (x·W3ᵀ))·W2ᵀ
+ *                every layer is an MoE layer
+ *   deepseek_v3  s = sigmoid(x·Wgᵀ); b = e_score_correction_bias (selection only)
+ *                groups: n_group contiguous groups, a group scores the sum of its top-2 (s + b),
+ *                keep the best topk_group groups, then top-k of (s + b) inside them
+ *                weights = s_top (/ Σ s_top when norm_topk_prob) · routed_scaling_factor
+ *                y = Σ_j weights_j · E_j(x) + S(x), S the shared experts (one MLP of width
+ *                moe_intermediate_size · n_shared_experts)
+ *                MoE layers: layer ≥ first_k_dense_replace and layer % moe_layer_freq == 0
+ *   qwen2_moe    p = softmax(x·Wgᵀ); top-k; weights = p_top (/ Σ p_top when norm_topk_prob, default
+ *                false); y = Σ_j weights_j · E_j(x) + sigmoid(x·g) · S(x), g = shared_expert_gate [1,H]
+ *                MoE layers: (layer + 1) % decoder_sparse_step == 0 and layer ∉ mlp_only_layers
+ *   qwen3_moe    as qwen2_moe without the shared expert
+ *
+ * Mapping onto the package (lib/moe/router.ts, lib/serve/inference.ts):
+ *   softmax/sigmoid → scoreFunction; norm_topk_prob / Mixtral's renormalisation → normalize;
+ *   routed_scaling_factor → routeScale; n_group/topk_group → groups/topkGroups (the package's group
+ *   score is the sum of the top topK/topkGroups biased scores, so DeepSeek-V3's top-2 needs
+ *   num_experts_per_tok / topk_group = 2, which its released configs have: 8 / 4);
+ *   e_score_correction_bias → the selection-only bias; shared experts → sharedFfn; Qwen2-MoE's
+ *   shared_expert_gate → sharedGate (serving path only: the training layer has no such gate).
+ *
+ * Behavioural fields missing from config.json take the transformers config class's defaults (named
+ * below); the sizes (hidden_size, expert counts and widths, num_hidden_layers) are required.
+ */
+import { CheckpointError } from '../errors.js';
+import { type ScoreFunction } from '../moe/router.js';
+
+export const HF_MOE_FAMILIES = ['mixtral', 'deepseek_v3', 'qwen2_moe', 'qwen3_moe'] as const;
+export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
+
+/** One family's MoE block in the package's terms (the inference layer's config fields). */
+export interface HfMoEBlock {
+  family: HfMoEFamily;
+  hidden: number;
+  /** Width of one routed expert. */
+  ffn: number;
+  numExperts: number;
+  topK: number;
+  scoreFunction: ScoreFunction;
+  groups: number;
+  topkGroups: number;
+  normalize: boolean;
+  routeScale: number;
+  /** DeepSeek-V3's e_score_correction_bias: added to the scores for selection only. */
+  selectionBias: boolean;
+  /** Width of the shared expert (0: none). */
+  sharedFfn: number;
+  /** Qwen2-MoE: the shared expert's output is scaled by sigmoid(x·shared_expert_gate). */
+  sharedGate: boolean;
+}
+
+export interface HfMoEModel {
+  block: HfMoEBlock;
+  numLayers: number;
+  /** The decoder layers whose MLP is an MoE block, ascending. */
+  moeLayers: number[];
+}
+
+type Json = Record<string, unknown>;
+
+/** Reads config.json's fields with errors that name the field. */
+class Fields {
+  constructor(
+    private readonly c: Json,
+    private readonly where: string,
+  ) {}
+  fail(message: string): never {
+    throw new CheckpointError(`${this.where}: ${message}`);
+  }
+  has(f: string): boolean {
+    return Object.hasOwn(this.c, f) && this.c[f] !== null && this.c[f] !== undefined;
+  }
+  int(f: string, dflt?: number, min = 1): number {
+    if (!this.has(f)) {
+      if (dflt === undefined) this.fail(`'${f}' is missing (the ${this.family()} MoE block needs it)`);
+      return dflt;
+    }
+    const v = this.c[f];
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) this.fail(`'${f}' must be an integer >= ${min}; found ${JSON.stringify(v)}`);
+    return v;
+  }
+  num(f: string, dflt: number): number {
+    if (!this.has(f)) return dflt;
+    const v = this.c[f];
+    if (typeof v !== 'number' || !Number.isFinite(v)) this.fail(`'${f}' must be a finite number; found ${JSON.stringify(v)}`);
+    return v;
+  }
+  bool(f: string, dflt: boolean): boolean {
+    if (!this.has(f)) return dflt;
+    const v = this.c[f];
+    if (typeof v !== 'boolean') this.fail(`'${f}' must be true or false; found ${JSON.stringify(v)}`);
+    return v;
+  }
+  str(f: string, dflt: string): string {
+    if (!this.has(f)) return dflt;
+    const v = this.c[f];
+    if (typeof v !== 'string') this.fail(`'${f}' must be a string; found ${JSON.stringify(v)}`);
+    return v;
+  }
+  intList(f: string): number[] {
+    if (!this.has(f)) return [];
+    const v = this.c[f];
+    if (!Array.isArray(v) || !v.every((x) => Number.isSafeInteger(x) && x >= 0)) this.fail(`'${f}' must be a list of layer indices; found ${JSON.stringify(v)}`);
+    return v as number[];
+  }
+  family(): string {
+    return String(this.c['model_type']);
+  }
+}
+
+/**
+ * The MoE block and layers of a Hugging Face config (config.json's object). `where` prefixes errors
+ * (e.g. the file). Throws a CheckpointError naming the field for anything missing, malformed or not
+ * supported.
+ */
+export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
+  if (config === null || typeof config !== 'object' || Array.isArray(config)) throw new CheckpointError(`${where}: must be a JSON object`);
+  const c = new Fields(config as Json, where);
+  const type = c.str('model_type', '');
+  if (!(HF_MOE_FAMILIES as readonly string[]).includes(type)) {
+    c.fail(`'model_type' ${JSON.stringify(type)} is not a supported MoE family (${HF_MOE_FAMILIES.join(', ')})`);
+  }
+  const family = type as HfMoEFamily;
+  const hidden = c.int('hidden_size');
+  const numLayers = c.int('num_hidden_layers');
+  let block: HfMoEBlock;
+  let isMoE: (layer: number) => boolean;
+  if (family === 'mixtral') {
+    // MixtralSparseMoeBlock: softmax over all experts, top-k, renormalised over the k.
+    block = {
+      family, hidden, ffn: c.int('intermediate_size'), numExperts: c.int('num_local_experts'), topK: c.int('num_experts_per_tok'),
+      scoreFunction: 'softmax', groups: 1, topkGroups: 1, normalize: true, routeScale: 1, selectionBias: false, sharedFfn: 0, sharedGate: false,
+    };
+    isMoE = () => true;
+  } else if (family === 'deepseek_v3') {
+    const scoring = c.str('scoring_func', 'sigmoid');
+    if (scoring !== 'sigmoid') c.fail(`'scoring_func' ${JSON.stringify(scoring)}: DeepSeek-V3 routing is 'sigmoid' (DeepSeek-V2's softmax with group maxima is not supported)`);
+    const method = c.str('topk_method', 'noaux_tc');
+    if (method !== 'noaux_tc') c.fail(`'topk_method' ${JSON.stringify(method)}: only DeepSeek-V3's 'noaux_tc' (bias-corrected, top-2 group scores) is supported`);
+    const E = c.int('n_routed_experts');
+    const k = c.int('num_experts_per_tok');
+    const nGroup = c.int('n_group', 8); // DeepseekV3Config defaults
+    const topkGroup = c.int('topk_group', 4);
+    if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'n_routed_experts' = ${E}`);
+    if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
+    if (nGroup > 1 && topkGroup < nGroup && k !== 2 * topkGroup) {
+      // transformers scores a group by the sum of its top 2; the package by its top k/topkGroups.
+      c.fail(`'num_experts_per_tok' = ${k} with 'topk_group' = ${topkGroup}: the package scores a group by the sum of its top num_experts_per_tok/topk_group experts and DeepSeek-V3 by its top 2, so they agree only when num_experts_per_tok = 2·topk_group (DeepSeek-V3: 8 = 2·4)`);
+    }
+    if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup) c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
+    const F = c.int('moe_intermediate_size');
+    const shared = c.int('n_shared_experts', 1, 0);
+    // All groups kept (topk_group = n_group, or one group) is plain top-k.
+    const groups = topkGroup === nGroup ? 1 : nGroup;
+    block = {
+      family, hidden, ffn: F, numExperts: E, topK: k, scoreFunction: 'sigmoid', groups, topkGroups: groups === 1 ? 1 : topkGroup,
+      normalize: c.bool('norm_topk_prob', true), routeScale: c.num('routed_scaling_factor', 2.5), selectionBias: true, sharedFfn: F * shared, sharedGate: false,
+    };
+    const firstDense = c.int('first_k_dense_replace', 3, 0);
+    const freq = c.int('moe_layer_freq', 1);
+    isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else {
+    const E = c.int('num_experts');
+    const sparseStep = c.int('decoder_sparse_step', 1);
+    const mlpOnly = new Set(c.intList('mlp_only_layers'));
+    const qwen2 = family === 'qwen2_moe';
+    const sharedFfn = qwen2 ? c.int('shared_expert_intermediate_size', undefined, 0) : 0;
+    block = {
+      family, hidden, ffn: c.int('moe_intermediate_size'), numExperts: E, topK: c.int('num_experts_per_tok'), scoreFunction: 'softmax', groups: 1, topkGroups: 1,
+      normalize: c.bool('norm_topk_prob', false), routeScale: 1, selectionBias: false, sharedFfn, sharedGate: sharedFfn > 0,
+    };
+    isMoE = (l) => !mlpOnly.has(l) && (l + 1) % sparseStep === 0;
+  }
+  if (block.topK > block.numExperts) c.fail(`'num_experts_per_tok' = ${block.topK} is more than the ${block.numExperts} experts`);
+  if (block.groups > 32) c.fail(`'n_group' = ${block.groups}: the package's router takes at most 32 groups`);
+  const moeLayers = Array.from({ length: numLayers }, (_, l) => l).filter(isMoE);
+  return { block, numLayers, moeLayers };
+}

@@ -1,0 +1,435 @@
+/**
+ * MoEInference: the MoE layer for serving. Forward only, compute-dtype weights only (no fp32
+ * masters, no gradients, no saved activations), token choice with every router option
+ * (softmax/sigmoid, selection-only bias, group-limited top-k, normalisation, route scale), an
+ * optional shared expert and Qwen2-MoE's sigmoid gate on it. Built from the training layer's ops:
+ *
+ *   logits = x·Wr (f32) → routerForward → capacity → permute → grouped GEMM SwiGLU (no saved
+ *   pre-activations) → grouped GEMM → unpermute (fp32 accumulate, one write per token)
+ *   [+ shared expert, scaled per token by sigmoid(x·g) when sharedGate]
+ *
+ * On the CPU it computes what MoELayer.forward computes, with the same kernels in the same order.
+ *
+ * Fixed buffers (one rank): every intermediate of a forward lives in a workspace made once per
+ * token count T and reused by later forwards with the same T (the most recent `maxWorkspaces`
+ * are kept): nothing is allocated per step except the result (none with `out`) and, on a GPU, the
+ * small scratch capacity() and the grouped GEMM take from the caching allocator inside (served from
+ * its cache after the first step, stream-ordered; on the CPU there is none). Rows are bounded
+ * by the worst case known on the host before the step: dropless, R = T·k (every assignment kept,
+ * expert segments back to back, the grouped GEMM reading the offsets on the device); with a
+ * capacity factor, R = E·C (fixed C-row segments). Neither reads anything back to the host on a GPU,
+ * so the step is ready for CUDA-graph capture per T bucket once the addon can capture (it has no
+ * stream-capture binding yet; docs/serving.md lists what that needs). Callers that serve varying
+ * batch sizes pad x to a few bucket sizes so the workspaces stay few.
+ *
+ * Several ranks: routing and the shared expert use the workspace; the rows go through the
+ * Dispatcher (lib/moe/dispatcher.ts), which allocates per step. With a capacity factor it moves
+ * fixed segments and never waits for the host; dropless it reads the counts once per step (the
+ * dispatcher's one deliberate host synchronisation).
+ *
+ * Workspace bytes per T on one rank, R = rowsFor(T): 8·T·E (logits, scores) + 16·T·k (indices,
+ * weights, slot, rowOf) + 8·R (rowWeight, rowToken) + 2·R·(2H + F) (rows, expert outputs,
+ * activations) + with a shared expert 2·T·(Fs + H), with its gate 2·T·H + 20·T + 12 more, plus
+ * 12·E + 32 bytes of counters; f32 layers double the 2-byte terms. workspaceBytes(T) gives the
+ * exact figure. Nothing else is held beyond the weights.
+ */
+import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
+import { dtypeSize } from '../dtype.js';
+import { checkKeys, checkOptions, invalidArgument } from '../errors.js';
+import { checkTensor } from '../args.js';
+import { keep, Tensor, tidy } from '../tensor.js';
+import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
+import { Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from '../moe/dispatcher.js';
+import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
+import { type MoELayer } from '../moe/layer.js';
+import { permute, unpermute } from '../moe/permute.js';
+import { resolveRouterConfig, type ResolvedRouterConfig, routerForward, type ScoreFunction } from '../moe/router.js';
+import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
+
+export interface MoEInferenceConfig {
+  hidden: number;
+  ffn: number;
+  numExperts: number;
+  topK: number;
+  /** Router options, as in RouterConfig (token choice only). */
+  scoreFunction?: ScoreFunction;
+  groups?: number;
+  topkGroups?: number;
+  normalize?: boolean;
+  routeScale?: number;
+  /** The layer holds a selection-only bias [E] f32 (DeepSeek-V3's e_score_correction_bias). Default false. */
+  selectionBias?: boolean;
+  /** Width of the shared expert (0 or omitted: none). */
+  sharedFfn?: number;
+  /** Scale the shared expert's output per token by sigmoid(x·g), g [H] (Qwen2-MoE). Needs sharedFfn. */
+  sharedGate?: boolean;
+  /** Per-expert capacity C = ceil(cf·T·k/E) in fixed segments; omitted: dropless. cf = E/k never drops. */
+  capacityFactor?: number;
+  dropPolicy?: DropPolicy;
+  /** Expert-parallel group (default: this process alone); the weights hold this rank's E/P experts. */
+  group?: ExpertParallelGroup;
+  transport?: TransportChoice;
+  transportSms?: number;
+  /** bf16 (default) or f32 (CPU only). */
+  dtype?: 'bf16' | 'f32';
+  device?: DeviceLike;
+  /** Workspaces kept (one per token count seen; default 8). */
+  maxWorkspaces?: number;
+}
+
+/** The weights an MoEInference holds (and owns: it disposes them). Shapes as in HfMoEWeights. */
+export interface MoEInferenceWeights {
+  router: Tensor;
+  bias?: Tensor | null;
+  w13: Tensor;
+  w2: Tensor;
+  sharedW13?: Tensor | null;
+  sharedW2?: Tensor | null;
+  sharedGate?: Tensor | null;
+}
+
+export interface MoEInferenceForwardOptions {
+  /** Write y here ([T,H], the layer's dtype and device) instead of allocating it. */
+  out?: Tensor;
+}
+
+/** The buffers of one token count. */
+interface Workspace {
+  T: number;
+  tensors: Tensor[];
+  all: Tensor;
+  router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor };
+  logits: Tensor;
+  cap: { slot: Tensor; keptPerExpert: Tensor; dropped: Tensor; invalid: Tensor };
+  /** One rank only: the permuted layout and the experts' buffers. */
+  local: { rows: Tensor; offsets: Tensor; rowOf: Tensor; rowWeight: Tensor; rowToken: Tensor; invalid: Tensor; h: Tensor; out: Tensor } | null;
+  shared: { h: Tensor; out: Tensor } | null;
+  gate: { logit: Tensor; router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor }; identity: Tensor; scaled: Tensor } | null;
+}
+
+function positiveInt(v: unknown, field: string): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) invalidArgument('MoEInference', `'${field}' must be a positive integer; received ${String(v)}`);
+  return v;
+}
+
+export class MoEInference implements Disposable {
+  readonly config: Readonly<{
+    hidden: number; ffn: number; numExperts: number; topK: number; selectionBias: boolean; sharedFfn: number; sharedGate: boolean;
+    capacityFactor: number | undefined; dropPolicy: DropPolicy; dtype: 'bf16' | 'f32'; maxWorkspaces: number;
+  }>;
+  readonly router: ResolvedRouterConfig;
+  readonly device: Device;
+  readonly group: ExpertParallelGroup;
+  readonly localExperts: number;
+  /** The weights (router [1,H,E], bias [E] f32 or null, w13 [El,H,2F], w2 [El,F,H], shared, gate [1,H,1]). */
+  readonly weights: Readonly<{ router: Tensor; bias: Tensor | null; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null; sharedGate: Tensor | null }>;
+  private readonly dispatcher: Dispatcher | null;
+  private readonly gateRouter: ResolvedRouterConfig | null;
+  private readonly workspaces = new Map<number, Workspace>();
+  #disposed = false;
+
+  /** Takes ownership of `weights` (checked against the config); dispose() frees them. */
+  constructor(config: MoEInferenceConfig, weights: MoEInferenceWeights) {
+    const op = 'MoEInference';
+    if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
+    checkKeys(config, op, {
+      hidden: true, ffn: true, numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true,
+      selectionBias: true, sharedFfn: true, sharedGate: true, capacityFactor: true, dropPolicy: true, group: true, transport: true, transportSms: true,
+      dtype: true, device: true, maxWorkspaces: true,
+    });
+    const hidden = positiveInt(config.hidden, 'hidden');
+    const ffn = positiveInt(config.ffn, 'ffn');
+    this.router = resolveRouterConfig({
+      numExperts: config.numExperts,
+      topK: config.topK,
+      scoreFunction: config.scoreFunction ?? 'softmax',
+      groups: config.groups ?? 1,
+      topkGroups: config.topkGroups ?? config.groups ?? 1,
+      ...(config.normalize === undefined ? {} : { normalize: config.normalize }),
+      routeScale: config.routeScale ?? 1,
+    });
+    const E = this.router.numExperts;
+    const sharedFfn = config.sharedFfn ?? 0;
+    if (!Number.isSafeInteger(sharedFfn) || sharedFfn < 0) invalidArgument(op, `'sharedFfn' must be a non-negative integer; received ${String(sharedFfn)}`);
+    const sharedGate = config.sharedGate ?? false;
+    if (typeof sharedGate !== 'boolean') invalidArgument(op, `'sharedGate' must be a boolean; received ${String(sharedGate)}`);
+    if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
+    const selectionBias = config.selectionBias ?? false;
+    if (typeof selectionBias !== 'boolean') invalidArgument(op, `'selectionBias' must be a boolean; received ${String(selectionBias)}`);
+    const cf = config.capacityFactor;
+    if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0)) invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);
+    const dropPolicy = config.dropPolicy ?? 'probs';
+    if (!DROP_POLICIES.includes(dropPolicy)) invalidArgument(op, `'dropPolicy' must be one of ${DROP_POLICIES.join(', ')}; received ${String(dropPolicy)}`);
+    const dtype = config.dtype ?? 'bf16';
+    this.device = Device.parse(config.device ?? getDefaultDevice(), op);
+    if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
+    const maxWorkspaces = positiveInt(config.maxWorkspaces ?? 8, 'maxWorkspaces');
+    this.group = config.group ?? singleRankGroup;
+    if (E % this.group.size !== 0) invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
+    this.localExperts = E / this.group.size;
+    this.config = Object.freeze({ hidden, ffn, numExperts: E, topK: this.router.topK, selectionBias, sharedFfn, sharedGate, capacityFactor: cf, dropPolicy, dtype, maxWorkspaces });
+
+    // The weights: shapes, dtypes and device checked before the layer takes them.
+    if (weights === null || typeof weights !== 'object') invalidArgument(op, `'weights' must be an object of tensors`);
+    checkKeys(weights, op, { router: true, bias: true, w13: true, w2: true, sharedW13: true, sharedW2: true, sharedGate: true });
+    const El = this.localExperts;
+    const want = (name: keyof MoEInferenceWeights, present: boolean, shape: number[], dt: string): Tensor | null => {
+      const t = weights[name];
+      if (!present) {
+        if (t !== undefined && t !== null) invalidArgument(op, `'weights.${name}' is given but the config has none (${name === 'bias' ? "'selectionBias'" : name === 'sharedGate' ? "'sharedGate'" : "'sharedFfn'"})`);
+        return null;
+      }
+      checkTensor(t, op, `weights.${name}`);
+      const w = t as Tensor;
+      if (w.shape.join() !== shape.join()) invalidArgument(op, `'weights.${name}' is [${w.shape.join(',')}]; expected [${shape.join(',')}]`);
+      if (w.dtype !== dt) invalidArgument(op, `'weights.${name}' is ${w.dtype}; expected ${dt}`);
+      if (!w.device.equals(this.device)) invalidArgument(op, `'weights.${name}' is on ${w.device.toString()} but the layer is on ${this.device.toString()}`);
+      if (!w.isContiguous) invalidArgument(op, `'weights.${name}' must be contiguous`);
+      return w;
+    };
+    this.weights = Object.freeze({
+      router: want('router', true, [1, hidden, E], dtype) as Tensor,
+      bias: want('bias', selectionBias, [E], 'f32'),
+      w13: want('w13', true, [El, hidden, 2 * ffn], dtype) as Tensor,
+      w2: want('w2', true, [El, ffn, hidden], dtype) as Tensor,
+      sharedW13: want('sharedW13', sharedFfn > 0, [1, hidden, 2 * sharedFfn], dtype),
+      sharedW2: want('sharedW2', sharedFfn > 0, [1, sharedFfn, hidden], dtype),
+      sharedGate: want('sharedGate', sharedGate, [1, hidden, 1], dtype),
+    });
+    for (const t of Object.values(this.weights)) if (t) keep(t);
+    this.gateRouter = sharedGate ? resolveRouterConfig({ numExperts: 1, topK: 1, scoreFunction: 'sigmoid', normalize: false }) : null;
+    this.dispatcher = this.group.size > 1
+      ? new Dispatcher({
+        numExperts: E,
+        group: this.group,
+        padToCapacity: cf !== undefined,
+        ...(config.transport === undefined ? {} : { transport: config.transport }),
+        ...(config.transportSms === undefined ? {} : { transportSms: config.transportSms }),
+      })
+      : null;
+  }
+
+  /**
+   * An inference copy of a training layer: its compute-dtype weights (and balancing bias) cloned,
+   * the same router options, capacity factor, drop policy and group. Token choice only.
+   */
+  static fromLayer(layer: MoELayer, options: { maxWorkspaces?: number } = {}): MoEInference {
+    options = checkOptions(options, 'MoEInference.fromLayer', { maxWorkspaces: true });
+    const c = layer.config;
+    if (c.routing !== 'token-choice') invalidArgument('MoEInference.fromLayer', `routing '${c.routing}' is not served (expert choice needs the whole batch's tokens; serving is token choice)`);
+    const weights = tidy(() => ({
+      router: layer.compute.router.clone(),
+      bias: layer.bias.clone(),
+      w13: layer.compute.w13.clone(),
+      w2: layer.compute.w2.clone(),
+      sharedW13: layer.compute.sharedW13?.clone() ?? null,
+      sharedW2: layer.compute.sharedW2?.clone() ?? null,
+    }));
+    try {
+      return new MoEInference({
+        hidden: c.hidden, ffn: c.ffn, numExperts: c.numExperts, topK: c.topK, scoreFunction: c.scoreFunction, groups: c.groups, topkGroups: c.topkGroups,
+        normalize: c.normalize, routeScale: c.routeScale, selectionBias: true, sharedFfn: c.sharedFfn,
+        ...(c.capacityFactor === undefined ? {} : { capacityFactor: c.capacityFactor }), dropPolicy: c.dropPolicy,
+        group: layer.group, dtype: c.dtype as 'bf16' | 'f32', device: layer.device,
+        ...(options.maxWorkspaces === undefined ? {} : { maxWorkspaces: options.maxWorkspaces }),
+      }, weights);
+    } catch (e) {
+      for (const t of Object.values(weights)) t?.dispose();
+      throw e;
+    }
+  }
+
+  /**
+   * Decoder layer `layer`'s MoE block from a Hugging Face checkpoint: this rank's experts only (its
+   * place in `group`), in `dtype` on `device`, with the family's router options.
+   */
+  static fromHf(
+    ckpt: HfMoECheckpoint,
+    layer: number,
+    options: Omit<MoEInferenceConfig, 'hidden' | 'ffn' | 'numExperts' | 'topK' | 'scoreFunction' | 'groups' | 'topkGroups' | 'normalize' | 'routeScale' | 'selectionBias' | 'sharedFfn' | 'sharedGate'> = {},
+  ): MoEInference {
+    options = checkOptions(options, 'MoEInference.fromHf', { capacityFactor: true, dropPolicy: true, group: true, transport: true, transportSms: true, dtype: true, device: true, maxWorkspaces: true });
+    const group = options.group ?? singleRankGroup;
+    const device = options.device ?? getDefaultDevice();
+    const b = ckpt.block;
+    const w: HfMoEWeights = ckpt.readLayer(layer, { rank: group.rank, worldSize: group.size, dtype: options.dtype ?? 'bf16', device });
+    try {
+      return new MoEInference(
+        {
+          ...options, device, hidden: b.hidden, ffn: b.ffn, numExperts: b.numExperts, topK: b.topK, scoreFunction: b.scoreFunction, groups: b.groups,
+          topkGroups: b.topkGroups, normalize: b.normalize, routeScale: b.routeScale, selectionBias: b.selectionBias, sharedFfn: b.sharedFfn, sharedGate: b.sharedGate,
+        },
+        { router: w.router, bias: w.bias, w13: w.w13, w2: w.w2, sharedW13: w.sharedW13, sharedW2: w.sharedW2, sharedGate: w.sharedGate },
+      );
+    } catch (e) {
+      w.dispose();
+      throw e;
+    }
+  }
+
+  /** Rows the experts' buffers hold for T tokens on one rank: T·k dropless, E·C with a capacity factor. */
+  rowsFor(T: number): number {
+    const { numExperts: E, topK: k, capacityFactor: cf } = this.config;
+    return cf === undefined ? T * k : E * expertCapacity(T, k, E, cf);
+  }
+
+  private workspace(T: number): Workspace {
+    const hit = this.workspaces.get(T);
+    if (hit) {
+      // Most recently used last.
+      this.workspaces.delete(T);
+      this.workspaces.set(T, hit);
+      return hit;
+    }
+    if (this.workspaces.size >= this.config.maxWorkspaces) {
+      const [oldT, old] = this.workspaces.entries().next().value as [number, Workspace];
+      this.workspaces.delete(oldT);
+      // Freed in stream order: kernels still queued on the stream finish before the memory is reused.
+      for (const t of old.tensors) t.dispose();
+    }
+    const { hidden: H, ffn: F, numExperts: E, topK: k, sharedFfn: Fs, dtype } = this.config;
+    const device = this.device;
+    const tensors: Tensor[] = [];
+    const make = (shape: number[], dt: 'f32' | 'i32' | 'bf16' = 'f32'): Tensor => {
+      const t = keep(Tensor.empty(shape, { dtype: dt, device }));
+      tensors.push(t);
+      return t;
+    };
+    try {
+      const all = keep(Tensor.fromArray([0, T], { dtype: 'i32', device }));
+      tensors.push(all);
+      const routerOut = (n: number, kk: number) => ({
+        indices: make([T, kk], 'i32'), weights: make([T, kk]), tokensPerExpert: make([n], 'i32'), scores: make([T, n]), nanRows: make([2], 'i32'),
+      });
+      const cdt = dtype as 'f32' | 'bf16';
+      const R = this.rowsFor(T);
+      const ws: Workspace = {
+        T,
+        tensors,
+        all,
+        logits: make([T, E]),
+        router: routerOut(E, k),
+        cap: { slot: make([T, k], 'i32'), keptPerExpert: make([E], 'i32'), dropped: make([1], 'i32'), invalid: make([1], 'i32') },
+        local: this.dispatcher
+          ? null
+          : {
+            rows: make([R, H], cdt), offsets: make([E + 1], 'i32'), rowOf: make([T, k], 'i32'), rowWeight: make([R]), rowToken: make([R], 'i32'),
+            invalid: make([1], 'i32'), h: make([R, F], cdt), out: make([R, H], cdt),
+          },
+        shared: Fs > 0 ? { h: make([T, Fs], cdt), out: make([T, H], cdt) } : null,
+        gate: null,
+      };
+      if (this.config.sharedGate) {
+        const identity = keep(Tensor.fromArray(Int32Array.from({ length: T }, (_, t) => t), { dtype: 'i32', shape: [T, 1], device }));
+        tensors.push(identity);
+        ws.gate = { logit: make([T, 1]), router: routerOut(1, 1), identity, scaled: make([T, H], cdt) };
+      }
+      this.workspaces.set(T, ws);
+      return ws;
+    } catch (e) {
+      for (const t of tensors) t.dispose();
+      throw e;
+    }
+  }
+
+  /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused). */
+  workspaceBytes(T: number): number {
+    positiveInt(T, 'T');
+    const ws = this.workspace(T);
+    return ws.tensors.reduce((s, t) => s + t.numel * dtypeSize[t.dtype], 0);
+  }
+
+  /** Bytes of the weights this rank holds. */
+  get weightBytes(): number {
+    return Object.values(this.weights).reduce((s, t) => s + (t ? t.numel * dtypeSize[t.dtype] : 0), 0);
+  }
+
+  /** Frees the workspaces (the next forward of each T makes its own again). */
+  releaseWorkspaces(): void {
+    for (const ws of this.workspaces.values()) for (const t of ws.tensors) t.dispose();
+    this.workspaces.clear();
+  }
+
+  /** y [T,H] for x [T,H] (the layer's dtype and device). No host synchronisation on a GPU (see the module doc). */
+  forward(x: Tensor, options: MoEInferenceForwardOptions = {}): Tensor {
+    const op = 'MoEInference.forward';
+    if (this.#disposed) invalidArgument(op, 'the layer was disposed');
+    options = checkOptions(options, op, { out: true });
+    const { hidden: H, dtype, numExperts: E } = this.config;
+    if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
+    if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
+    if (!x.device.equals(this.device)) invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
+    const T = x.shape[0] as number;
+    if (T === 0) invalidArgument(op, `'x' has no tokens`);
+    const out = options.out;
+    if (out !== undefined) {
+      checkTensor(out, op, 'out');
+      if (out.shape.join() !== x.shape.join() || out.dtype !== dtype || !out.device.equals(this.device) || !out.isContiguous) {
+        invalidArgument(op, `'out' must be a contiguous ${dtype} [${x.shape.join(',')}] on ${this.device.toString()}; received ${out.dtype} [${out.shape.join(',')}] on ${out.device.toString()}`);
+      }
+      if (out.sharesStorageWith(x)) invalidArgument(op, `'out' shares memory with 'x'`);
+    }
+    const ws = this.workspace(T);
+    const w = this.weights;
+    return tidy(() => {
+      groupedGemm('NN', x, w.router, ws.all, { out: ws.logits });
+      const r = routerForward(ws.logits, this.router, { ...(w.bias ? { bias: w.bias } : {}), out: ws.router });
+      const cap = capacity(r.indices, r.weights, {
+        numExperts: E,
+        ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
+        dropPolicy: this.config.dropPolicy,
+        out: ws.cap,
+      });
+      let y: Tensor;
+      if (ws.local) {
+        const l = ws.local;
+        const p = permute(x, r.indices, r.weights, cap, {
+          padToCapacity: this.config.capacityFactor !== undefined,
+          out: { rows: l.rows, offsets: l.offsets, rowOf: l.rowOf, rowWeight: l.rowWeight, rowToken: l.rowToken, invalid: l.invalid },
+        });
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, p.rows, w.w13, p.offsets, l.h, null);
+        groupedGemm('NN', l.h, w.w2, p.offsets, { out: l.out });
+        y = unpermute(l.out, p.rowOf, r.weights, out ? { out } : {});
+      } else {
+        const d = this.dispatcher as Dispatcher;
+        const { rows, handle } = d.dispatch(x, r.indices, r.weights, cap);
+        try {
+          const M = rows.shape[0] as number;
+          const h = Tensor.empty([M, this.config.ffn], { dtype, device: this.device });
+          groupedGemmEpilogue('NN', Epilogue.SwiGLU, rows, w.w13, handle.localOffsets, h, null);
+          const expertOut = groupedGemm('NN', h, w.w2, handle.localOffsets);
+          y = d.combine(expertOut, handle, r.weights);
+          if (out) y = out.copy_(y);
+        } finally {
+          handle.dispose();
+        }
+      }
+      if (ws.shared && w.sharedW13 && w.sharedW2) {
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, x, w.sharedW13, ws.all, ws.shared.h, null);
+        groupedGemm('NN', ws.shared.h, w.sharedW2, ws.all, { out: ws.shared.out });
+        let s = ws.shared.out;
+        if (ws.gate && w.sharedGate && this.gateRouter) {
+          // sigmoid(x·g) per token through the router (one expert, top-1, sigmoid, not normalised),
+          // applied as a one-row-per-token unpermute: fp32 products, one rounding.
+          const g = ws.gate;
+          groupedGemm('NN', x, w.sharedGate, ws.all, { out: g.logit });
+          const gr = routerForward(g.logit, this.gateRouter, { out: g.router });
+          s = unpermute(s, g.identity, gr.weights, { out: g.scaled });
+        }
+        y.add_(s);
+      }
+      return y;
+    });
+  }
+
+  dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
+    this.releaseWorkspaces();
+    for (const t of Object.values(this.weights)) t?.dispose();
+    this.dispatcher?.dispose();
+  }
+  [Symbol.dispose](): void {
+    this.dispose();
+  }
+}

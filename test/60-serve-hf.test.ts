@@ -1,0 +1,270 @@
+// Serving Hugging Face MoE checkpoints: small checkpoints in the Mixtral, DeepSeek-V3, Qwen2-MoE and
+// Qwen3-MoE layouts are built here (test/hf-fixtures.mjs), loaded into MoEInference on the CPU and
+// compared with plain-loop float64 references of each family's MoE block (test/hf-moe-reference.mjs).
+// Also: config mapping, each rank reading only its experts' bytes, and the training layer loaded
+// from the same files. Seeds are in the test names and failure messages.
+import * as fs from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, describe, expect, it } from 'vitest';
+
+import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, MoELayer, Tensor, tidy } from '../lib/index.js';
+import { buildHfCheckpoint, encode, normals, poisonTensors, testConfigs } from './hf-fixtures.mjs';
+import { hfMoEReference, moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
+import { relErr } from './helpers.js';
+
+const root = fs.mkdtempSync(join(tmpdir(), 'moe-serve-hf-'));
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+let n = 0;
+const fresh = (): string => join(root, `ckpt-${n++}`);
+type Family = keyof typeof testConfigs;
+const families = Object.keys(testConfigs) as Family[];
+
+/** Tokens x [T,H] in float64 (already representable in `dtype`) and as a tensor of `dtype`. */
+function tokens(T: number, H: number, seed: number, dtype: 'bf16' | 'f32'): { x64: Float64Array; x: Tensor } {
+  const { decoded } = encode(normals(seed)(T * H), dtype);
+  return { x64: decoded, x: Tensor.fromArray(Float32Array.from(decoded), { shape: [T, H], dtype, device: 'cpu' }) };
+}
+
+/**
+ * Builds a checkpoint, and a set of tokens whose routing is far from ties (the margin the
+ * reference reports), trying successive seeds; every seed tried is in the returned description.
+ */
+function checkpointAndTokens(family: Family, opts: { dtype: 'bf16' | 'f16' | 'f32'; shards: number; layerDtype: 'bf16' | 'f32'; T: number; seed: number }) {
+  const dir = fresh();
+  const cfg = testConfigs[family];
+  const built = buildHfCheckpoint(dir, cfg, { dtype: opts.dtype, shards: opts.shards, seed: opts.seed });
+  const { H } = moeSizes(cfg);
+  for (let s = opts.seed; ; s++) {
+    const { x64, x } = tokens(opts.T, H, 1000 + s, opts.layerDtype);
+    const refs = new Map([...built.layers].map(([l, w]) => [l, hfMoEReference(cfg, w, x64)]));
+    const ok = [...refs.values()].every((r) => r.margin > 1e-4 && r.minChoice > 0);
+    if (ok || s > opts.seed + 20) return { dir, cfg, built, x, refs, what: `${family}, ${opts.dtype} files, ${opts.shards} shard(s), layer ${opts.layerDtype}, seed ${opts.seed}, token seed ${1000 + s}` };
+    x.dispose();
+  }
+}
+
+describe('config.json → the package (hfMoEModel)', () => {
+  it('maps each family onto router options, expert sizes and MoE layers', () => {
+    const m = hfMoEModel(testConfigs.mixtral);
+    expect(m.block).toEqual({
+      family: 'mixtral', hidden: 16, ffn: 12, numExperts: 8, topK: 2, scoreFunction: 'softmax', groups: 1, topkGroups: 1, normalize: true, routeScale: 1,
+      selectionBias: false, sharedFfn: 0, sharedGate: false,
+    });
+    expect(m.moeLayers).toEqual([0, 1]);
+    const d = hfMoEModel(testConfigs.deepseek_v3);
+    expect(d.block).toEqual({
+      family: 'deepseek_v3', hidden: 16, ffn: 8, numExperts: 16, topK: 4, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, normalize: true, routeScale: 2.5,
+      selectionBias: true, sharedFfn: 16, sharedGate: false,
+    });
+    expect(d.moeLayers).toEqual([1, 2]);
+    const q = hfMoEModel(testConfigs.qwen2_moe);
+    expect(q.block).toMatchObject({ family: 'qwen2_moe', scoreFunction: 'softmax', normalize: false, sharedFfn: 20, sharedGate: true, groups: 1 });
+    expect(q.moeLayers).toEqual([1, 2]);
+    expect(hfMoEModel(testConfigs.qwen3_moe).block).toMatchObject({ normalize: true, sharedFfn: 0, sharedGate: false });
+    // The layer rules agree with the reference's own reading of the fields.
+    for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
+    expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([1, 3, 5]);
+    expect(hfMoEModel({ ...testConfigs.deepseek_v3, first_k_dense_replace: 3, moe_layer_freq: 2, num_hidden_layers: 9 }).moeLayers).toEqual([4, 6, 8]);
+    // DeepSeek-V3's released shape: 256 experts in 8 groups, top-4 groups, top-8 (the group score's top 2 = 8/4).
+    const v3 = hfMoEModel({ ...testConfigs.deepseek_v3, n_routed_experts: 256, num_experts_per_tok: 8, n_group: 8, topk_group: 4, n_shared_experts: 1, moe_intermediate_size: 2048, hidden_size: 7168 });
+    expect(v3.block).toMatchObject({ groups: 8, topkGroups: 4, topK: 8, sharedFfn: 2048 });
+    // Every group kept is plain top-k (Kimi-K2-like n_group = 1, or topk_group = n_group).
+    expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 1, topk_group: 1 }).block).toMatchObject({ groups: 1, topkGroups: 1 });
+    expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 4, topk_group: 4, num_experts_per_tok: 3 }).block).toMatchObject({ groups: 1, topK: 3 });
+  });
+
+  it('refuses what it cannot serve, naming the field', () => {
+    const bad = (cfg: object, re: RegExp): void => {
+      expect(() => hfMoEModel(cfg)).toThrow(CheckpointError);
+      expect(() => hfMoEModel(cfg)).toThrow(re);
+    };
+    bad({ ...testConfigs.mixtral, model_type: 'llama' }, /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, qwen2_moe, qwen3_moe\)/);
+    bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
+    bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
+    bad({ ...testConfigs.deepseek_v3, num_experts_per_tok: 6 }, /'num_experts_per_tok' = 6 with 'topk_group' = 2: .*top 2/);
+    bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
+    bad({ ...testConfigs.deepseek_v3, topk_method: 'group_limited_greedy' }, /'topk_method' "group_limited_greedy"/);
+    bad({ ...testConfigs.deepseek_v3, n_group: 3 }, /'n_group' = 3 does not divide 'n_routed_experts' = 16/);
+    bad({ ...testConfigs.qwen2_moe, norm_topk_prob: 'yes' }, /'norm_topk_prob' must be true or false/);
+    bad({ ...testConfigs.qwen2_moe, mlp_only_layers: 'all' }, /'mlp_only_layers' must be a list of layer indices/);
+    bad({ ...testConfigs.qwen3_moe, num_experts_per_tok: 9 }, /'num_experts_per_tok' = 9 is more than the 8 experts/);
+    bad([], /must be a JSON object/);
+  });
+});
+
+describe('HF checkpoints → MoEInference against the family references (CPU)', () => {
+  // f32 layer: every file dtype converts exactly, so the layer must match float64 to f32 rounding.
+  for (const family of families) {
+    for (const [dtype, shards] of [['bf16', 3], ['f16', 2], ['f32', 0]] as const) {
+      it(`${family}: ${dtype} files, ${shards ? `${shards} shards + index` : 'one model.safetensors'}, f32 layer, every MoE layer`, () => {
+        const seed = 11 + families.indexOf(family) * 7 + shards;
+        const c = checkpointAndTokens(family, { dtype, shards, layerDtype: 'f32', T: 9, seed });
+        using ckpt = HfMoECheckpoint.open(c.dir);
+        for (const [layer, ref] of c.refs) {
+          using moe = MoEInference.fromHf(ckpt, layer, { dtype: 'f32', device: 'cpu' });
+          const y = tidy(() => Array.from(moe.forward(c.x).toFloat32Array()));
+          const err = relErr(y, ref.y);
+          expect(err, `${c.what}, layer ${layer}: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(2e-6);
+        }
+        c.x.dispose();
+      });
+    }
+    it(`${family}: bf16 files, bf16 layer (the serving dtype), T = 1 and T = 33`, () => {
+      const seed = 101 + families.indexOf(family);
+      for (const T of [1, 33]) {
+        const c = checkpointAndTokens(family, { dtype: 'bf16', shards: 4, layerDtype: 'bf16', T, seed });
+        using ckpt = HfMoECheckpoint.open(c.dir);
+        const layer = [...c.refs.keys()].at(-1) as number;
+        using moe = MoEInference.fromHf(ckpt, layer, { device: 'cpu' });
+        expect(moe.config.dtype).toBe('bf16');
+        const y = tidy(() => Array.from(moe.forward(c.x).toFloat32Array()));
+        const err = relErr(y, (c.refs.get(layer) as { y: Float64Array }).y);
+        expect(err, `${c.what}, T ${T}: relErr ${err}`).toBeLessThan(1e-2);
+        c.x.dispose();
+      }
+    });
+  }
+
+  it('f32 file values are rounded to nearest even into a bf16 layer; the f32 bias stays f32', () => {
+    const dir = fresh();
+    const built = buildHfCheckpoint(dir, testConfigs.deepseek_v3, { dtype: 'f32', shards: 2, seed: 5 });
+    using ckpt = HfMoECheckpoint.open(dir);
+    using w = ckpt.readLayer(2, { dtype: 'bf16', device: 'cpu' });
+    const ref = built.layers.get(2);
+    const { H, F, E } = moeSizes(testConfigs.deepseek_v3);
+    // router [1,H,E] holds gateᵀ; w13[e][h][2i] = gate_proj[i][h], [2i+1] = up_proj[i][h]; w2[e][i][h] = down[h][i].
+    const router = w.router.toFloat32Array();
+    const w13 = w.w13.toFloat32Array();
+    const w2 = w.w2.toFloat32Array();
+    const bf = (v: number): number => encode([v], 'bf16').decoded[0] as number;
+    for (let e = 0; e < E; e++) for (let h = 0; h < H; h++) expect(router[h * E + e]).toBe(bf(ref.gate[e * H + h]));
+    for (let e = 0; e < E; e += 5)
+      for (let h = 0; h < H; h++)
+        for (let i = 0; i < F; i++) {
+          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(bf(ref.experts[e].gate[i * H + h]));
+          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(bf(ref.experts[e].up[i * H + h]));
+          expect(w2[(e * F + i) * H + h]).toBe(bf(ref.experts[e].down[h * F + i]));
+        }
+    expect(w.bias?.dtype).toBe('f32');
+    expect(Array.from(w.bias?.toFloat32Array() ?? [])).toEqual(Array.from(Float32Array.from(ref.bias)));
+  });
+
+  it('DeepSeek-V3 in its published FP8 layout (e4m3 experts with 128×128 block scales): dequantised exactly, f32 and bf16 layers', () => {
+    const cfg = {
+      ...testConfigs.deepseek_v3, hidden_size: 256, moe_intermediate_size: 128, n_routed_experts: 8, num_experts_per_tok: 4, n_group: 4, topk_group: 2, n_shared_experts: 1,
+      num_hidden_layers: 2, quantization_config: { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] },
+    };
+    const dir = fresh();
+    const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 17, fp8: true });
+    const w = built.layers.get(1);
+    const H = 256, F = 128;
+    using ckpt = HfMoECheckpoint.open(dir);
+    using f32 = ckpt.readLayer(1, { dtype: 'f32', device: 'cpu' });
+    // The gate [F,H] spans 2 column blocks, the down projection [H,F] 2 row blocks.
+    const w13 = f32.w13.toFloat32Array(), w2 = f32.w2.toFloat32Array();
+    for (const e of [0, 5])
+      for (let h = 0; h < H; h += 7)
+        for (let i = 0; i < F; i += 5) {
+          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(w.experts[e].gate[i * H + h]);
+          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(w.experts[e].up[i * H + h]);
+          expect(w2[(e * F + i) * H + h]).toBe(w.experts[e].down[h * F + i]);
+        }
+    // Scales are read with their weights: 8 experts × 3 × 2 + the shared expert's 3 × 2 + gate + bias.
+    expect(ckpt.stats.tensorsRead).toBe(8 * 3 * 2 + 3 * 2 + 2);
+    const { x64, x } = tokens(9, H, 23, 'f32');
+    const ref = hfMoEReference(cfg, w, x64);
+    for (const dtype of ['f32', 'bf16'] as const) {
+      using moe = MoEInference.fromHf(ckpt, 1, { dtype, device: 'cpu' });
+      const y = tidy(() => Array.from(moe.forward(dtype === 'f32' ? x : x.cast('bf16')).toFloat32Array()));
+      const err = relErr(y, ref.y);
+      expect(err, `fp8, ${dtype} layer: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(dtype === 'f32' ? 2e-6 : 1e-2);
+    }
+    x.dispose();
+  });
+
+  it('the training layer (MoELayer) given the same weights computes the same block (Mixtral, DeepSeek-V3; Qwen2-MoE without its gate has no training-layer counterpart)', () => {
+    for (const family of ['mixtral', 'deepseek_v3'] as const) {
+      const c = checkpointAndTokens(family, { dtype: 'bf16', shards: 3, layerDtype: 'f32', T: 12, seed: 71 });
+      using ckpt = HfMoECheckpoint.open(c.dir);
+      const layerIdx = [...c.refs.keys()][0] as number;
+      using w = ckpt.readLayer(layerIdx, { dtype: 'f32', device: 'cpu' });
+      const b = ckpt.block;
+      using layer = new MoELayer({
+        hidden: b.hidden, ffn: b.ffn, numExperts: b.numExperts, topK: b.topK, scoreFunction: b.scoreFunction, groups: b.groups, topkGroups: b.topkGroups,
+        normalize: b.normalize, routeScale: b.routeScale, sharedFfn: b.sharedFfn, dtype: 'f32', device: 'cpu',
+      });
+      tidy(() => {
+        layer.master.router.copy_(w.router.view(b.hidden, b.numExperts));
+        layer.master.w13.copy_(w.w13);
+        layer.master.w2.copy_(w.w2);
+        if (w.sharedW13 && w.sharedW2) {
+          layer.master.sharedW13?.copy_(w.sharedW13);
+          layer.master.sharedW2?.copy_(w.sharedW2);
+        }
+        if (w.bias) layer.bias.copy_(w.bias);
+      });
+      layer.refreshComputeWeights();
+      const y = tidy(() => {
+        const fwd = layer.forward(c.x);
+        const v = Array.from(fwd.y.toFloat32Array());
+        layer.backward(fwd, Tensor.zeros(c.x.shape, { device: 'cpu' })); // releases what forward kept
+        return v;
+      });
+      const err = relErr(y, (c.refs.get(layerIdx) as { y: Float64Array }).y);
+      expect(err, `${c.what}: relErr ${err}`).toBeLessThan(2e-6);
+      c.x.dispose();
+    }
+  });
+});
+
+describe('expert parallelism: each rank reads only its own experts', () => {
+  for (const P of [2, 4]) {
+    it(`${P} ranks of DeepSeek-V3 (16 experts): the rank's slice, bit for bit; only its tensors' bytes read; other ranks' experts poisoned in the files change nothing`, () => {
+      const dir = fresh();
+      const cfg = testConfigs.deepseek_v3;
+      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 3, seed: 40 + P });
+      const { H, F, E, Fs } = moeSizes(cfg);
+      const El = E / P;
+      const layer = 1;
+      const full = tidy(() => {
+        using ckpt = HfMoECheckpoint.open(dir);
+        using w = ckpt.readLayer(layer, { device: 'cpu' });
+        return { w13: Array.from(w.w13.toArray() as Uint16Array), w2: Array.from(w.w2.toArray() as Uint16Array), router: Array.from(w.router.toArray() as Uint16Array) };
+      });
+      const sizeOf = (name: string): number => (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
+      const expertName = (j: number, x: string): string => `model.layers.${layer}.mlp.experts.${j}.${x}_proj.weight`;
+      for (let r = 0; r < P; r++) {
+        // Poison every expert the rank does not own (all layers' too): a read of them would show as NaN.
+        const foreign: string[] = [];
+        for (const l of built.layers.keys()) for (let j = 0; j < E; j++) if (l !== layer || j < r * El || j >= (r + 1) * El) for (const x of ['gate', 'up', 'down']) foreign.push(`model.layers.${l}.mlp.experts.${j}.${x}_proj.weight`);
+        const copy = `${dir}-rank${r}`;
+        fs.cpSync(dir, copy, { recursive: true });
+        poisonTensors(copy, built.weightMap, foreign);
+        using ckpt = HfMoECheckpoint.open(copy);
+        using w = ckpt.readLayer(layer, { rank: r, worldSize: P, device: 'cpu' });
+        expect(w.firstExpert).toBe(r * El);
+        expect(w.localExperts).toBe(El);
+        expect(w.w13.shape).toEqual([El, H, 2 * F]);
+        const per13 = H * 2 * F, per2 = F * H;
+        expect(Array.from(w.w13.toArray() as Uint16Array)).toEqual(full.w13.slice(r * El * per13, (r + 1) * El * per13));
+        expect(Array.from(w.w2.toArray() as Uint16Array)).toEqual(full.w2.slice(r * El * per2, (r + 1) * El * per2));
+        expect(Array.from(w.router.toArray() as Uint16Array)).toEqual(full.router);
+        // Bytes read: the gate, the bias, the shared expert, and the rank's own 3·El expert matrices.
+        const mine = [`model.layers.${layer}.mlp.gate.weight`, `model.layers.${layer}.mlp.gate.e_score_correction_bias`,
+          ...['gate', 'up', 'down'].map((x) => `model.layers.${layer}.mlp.shared_experts.${x}_proj.weight`)];
+        for (let j = r * El; j < (r + 1) * El; j++) for (const x of ['gate', 'up', 'down']) mine.push(expertName(j, x));
+        expect(ckpt.stats.tensorsRead).toBe(mine.length);
+        expect(ckpt.stats.tensorBytes).toBe(mine.reduce((s, m) => s + sizeOf(m), 0));
+        // Headers of the files holding those tensors only, never whole shards.
+        const touched = new Set(mine.map((m) => built.weightMap[m]));
+        expect(ckpt.stats.filesOpened).toBe(touched.size);
+        const shardBytes = [...touched].reduce((s: number, f) => s + fs.statSync(join(copy, f as string)).size, 0);
+        expect(ckpt.stats.tensorBytes + ckpt.stats.headerBytes).toBeLessThan(shardBytes);
+        expect(Fs).toBe(16);
+        fs.rmSync(copy, { recursive: true, force: true });
+      }
+    });
+  }
+});

@@ -1,0 +1,308 @@
+// Small Hugging Face MoE checkpoints built by the tests themselves (no model can be downloaded
+// here): config.json, the weights in BF16/F16/F32 safetensors files sharded like
+// save_pretrained's (files filled in order, experts of one layer may span two files) with
+// model.safetensors.index.json, or one model.safetensors. Written with a safetensors writer of its
+// own (not the package's), so the reader is checked against files it did not write.
+// The values written are returned decoded in float64, in the layout test/hf-moe-reference.mjs takes.
+import * as fs from 'node:fs';
+import { join } from 'node:path';
+
+import { moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+/** float64 → bf16 bits, round to nearest even. */
+export function toBf16Bits(v) {
+  f32[0] = v;
+  const x = u32[0];
+  return ((x + 0x7fff + ((x >>> 16) & 1)) >>> 16) & 0xffff;
+}
+export function fromBf16Bits(b) {
+  u32[0] = b << 16;
+  return f32[0];
+}
+/** float64 → IEEE half bits, round to nearest even (finite inputs). */
+export function toF16Bits(v) {
+  f32[0] = v;
+  const x = u32[0];
+  const sign = (x >>> 16) & 0x8000;
+  const exp = ((x >>> 23) & 0xff) - 127 + 15;
+  let mant = x & 0x7fffff;
+  if (exp >= 31) return sign | 0x7c00;
+  if (exp <= 0) {
+    if (exp < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - exp;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1), mid = 1 << (shift - 1);
+    if (rem > mid || (rem === mid && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (exp << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half++;
+  return sign | half;
+}
+export function fromF16Bits(b) {
+  const s = b & 0x8000 ? -1 : 1, e = (b >> 10) & 0x1f, m = b & 0x3ff;
+  if (e === 0x1f) return m ? NaN : s * Infinity;
+  if (e === 0) return s * m * 2 ** -24;
+  return s * (1 + m / 1024) * 2 ** (e - 15);
+}
+
+const ST = { bf16: 'BF16', f16: 'F16', f32: 'F32' };
+
+/** e4m3fn: the 127 non-negative finite values by code (0x7f is NaN), increasing with the code. */
+const E4M3 = Array.from({ length: 127 }, (_, c) => ((c >> 3) === 0 ? (c & 7) * 2 ** -9 : (1 + (c & 7) / 8) * 2 ** ((c >> 3) - 7)));
+/** float64 → e4m3fn bits, round to nearest even, saturating at ±448. */
+export function toE4m3Bits(v) {
+  const a = Math.min(Math.abs(v), 448);
+  let lo = 0, hi = 126;
+  while (hi - lo > 1) {
+    const mid = (lo + hi) >> 1;
+    if (E4M3[mid] <= a) lo = mid;
+    else hi = mid;
+  }
+  const dl = a - E4M3[lo], dh = E4M3[hi] - a;
+  const c = dl < dh ? lo : dh < dl ? hi : lo % 2 === 0 ? lo : hi;
+  return (v < 0 ? 0x80 : 0) | c;
+}
+export const fromE4m3Bits = (b) => (b & 0x80 ? -1 : 1) * E4M3[b & 0x7f];
+
+/**
+ * DeepSeek-V3's FP8 layout for a [R,C] weight: e4m3 values and one f32 scale per 128×128 block
+ * (scale = amax/448 of the block), `<name>_scale_inv` [ceil(R/128), ceil(C/128)]. decoded holds
+ * what the reader must produce: fround(e4m3 value · scale), as an f32 product.
+ */
+export function encodeFp8Blocks(values, R, C) {
+  const rb = Math.ceil(R / 128), cb = Math.ceil(C / 128);
+  const scales = new Float32Array(rb * cb);
+  for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
+    const i = Math.floor(r / 128) * cb + Math.floor(c / 128);
+    scales[i] = Math.max(scales[i], Math.abs(values[r * C + c]) / 448);
+  }
+  for (let i = 0; i < scales.length; i++) if (scales[i] === 0) scales[i] = 1;
+  const q = new Uint8Array(R * C);
+  const decoded = new Float64Array(R * C);
+  for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
+    const s = scales[Math.floor(r / 128) * cb + Math.floor(c / 128)];
+    q[r * C + c] = toE4m3Bits(values[r * C + c] / s);
+    decoded[r * C + c] = Math.fround(fromE4m3Bits(q[r * C + c]) * s);
+  }
+  return { q, scales, decoded, scaleShape: [rb, cb] };
+}
+
+/** Values stored in `dtype`: { bytes, decoded } (decoded: what the file holds, in float64). */
+export function encode(values, dtype) {
+  const n = values.length;
+  if (dtype === 'f32') {
+    const a = Float32Array.from(values);
+    return { bytes: new Uint8Array(a.buffer), decoded: Float64Array.from(a) };
+  }
+  const bits = new Uint16Array(n);
+  const decoded = new Float64Array(n);
+  for (let i = 0; i < n; i++) {
+    bits[i] = dtype === 'bf16' ? toBf16Bits(values[i]) : toF16Bits(values[i]);
+    decoded[i] = dtype === 'bf16' ? fromBf16Bits(bits[i]) : fromF16Bits(bits[i]);
+  }
+  return { bytes: new Uint8Array(bits.buffer), decoded };
+}
+
+/** A seeded normal stream (mulberry32 + Box-Muller). */
+export function normals(seed) {
+  let a = seed >>> 0;
+  const uniform = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  return (n, std = 1) => {
+    const out = new Float64Array(n);
+    for (let i = 0; i < n; i++) {
+      const u = Math.max(uniform(), 1e-12), v = uniform();
+      out[i] = std * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
+    }
+    return out;
+  };
+}
+
+/**
+ * Writes a safetensors file: entries [{ name, dtype ('BF16', 'F32', ...), shape, bytes }] back to
+ * back in order; the header padded with spaces to a multiple of 8. Returns the header length.
+ */
+export function writeSafetensorsFile(path, entries, metadata = { format: 'pt' }) {
+  const header = { __metadata__: metadata };
+  let offset = 0;
+  for (const e of entries) {
+    header[e.name] = { dtype: e.dtype, shape: e.shape, data_offsets: [offset, offset + e.bytes.byteLength] };
+    offset += e.bytes.byteLength;
+  }
+  let text = JSON.stringify(header);
+  text += ' '.repeat((8 - (Buffer.byteLength(text) % 8)) % 8);
+  const body = Buffer.from(text, 'utf8');
+  const len = Buffer.alloc(8);
+  len.writeBigUInt64LE(BigInt(body.length));
+  fs.writeFileSync(path, Buffer.concat([len, body, ...entries.map((e) => Buffer.from(e.bytes.buffer, e.bytes.byteOffset, e.bytes.byteLength))]));
+  return 8 + body.length;
+}
+
+/** A safetensors file's header: { dataStart, tensors: { name: { dtype, shape, data_offsets } } }. */
+export function readHeader(path) {
+  const fd = fs.openSync(path, 'r');
+  try {
+    const len = Buffer.alloc(8);
+    fs.readSync(fd, len, 0, 8, 0);
+    const n = Number(len.readBigUInt64LE(0));
+    const body = Buffer.alloc(n);
+    fs.readSync(fd, body, 0, n, 8);
+    const json = JSON.parse(body.toString('utf8'));
+    delete json.__metadata__;
+    return { dataStart: 8 + n, tensors: json };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Overwrites the named tensors' bytes in place with 0xff (NaN in BF16, F16 and F32). */
+export function poisonTensors(dir, weightMap, names) {
+  for (const name of names) {
+    const path = join(dir, weightMap[name]);
+    const { dataStart, tensors } = readHeader(path);
+    const [b, e] = tensors[name].data_offsets;
+    const fd = fs.openSync(path, 'r+');
+    try {
+      fs.writeSync(fd, Buffer.alloc(e - b, 0xff), 0, e - b, dataStart + b);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+}
+
+/** Tensor names of one MoE block in a family's layout (written independently of lib/serve). */
+export function blockNames(cfg, layer) {
+  if (cfg.model_type === 'mixtral') {
+    const p = `model.layers.${layer}.block_sparse_moe`;
+    const m = { gate: 'w1', up: 'w3', down: 'w2' };
+    return { gate: `${p}.gate.weight`, bias: null, expert: (j, x) => `${p}.experts.${j}.${m[x]}.weight`, shared: null, sharedGate: null };
+  }
+  const p = `model.layers.${layer}.mlp`;
+  const ds = cfg.model_type === 'deepseek_v3';
+  const qwen2 = cfg.model_type === 'qwen2_moe';
+  return {
+    gate: `${p}.gate.weight`,
+    bias: ds ? `${p}.gate.e_score_correction_bias` : null,
+    expert: (j, x) => `${p}.experts.${j}.${x}_proj.weight`,
+    shared: ds ? (x) => `${p}.shared_experts.${x}_proj.weight` : qwen2 ? (x) => `${p}.shared_expert.${x}_proj.weight` : null,
+    sharedGate: qwen2 ? `${p}.shared_expert_gate.weight` : null,
+  };
+}
+
+/**
+ * Builds a checkpoint in `dir` (created) for config `cfg`.
+ * options: dtype ('bf16' | 'f16' | 'f32') of the weights, shards (files; 0: one model.safetensors),
+ * seed, biasScale (DeepSeek-V3's correction bias is tanh-shaped in ±biasScale), biasDtype (default f32),
+ * write (false: only return the values, e.g. to rebuild a reference beside a checkpoint written elsewhere),
+ * fp8 (experts and shared experts in DeepSeek-V3's FP8 layout: e4m3 with 128×128 block scales).
+ * Returns { cfg, layers: Map(layer → weights as the reference takes them), weightMap, files, entries }.
+ */
+export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true, write = true, fp8 = false } = {}) {
+  if (write) fs.mkdirSync(dir, { recursive: true });
+  const rand = normals(seed);
+  const { H, F, E, Fs } = moeSizes(cfg);
+  const moe = new Set(moeLayersOf(cfg));
+  const entries = [];
+  const add = (name, shape, values, dt = dtype) => {
+    const { bytes, decoded } = encode(values, dt);
+    entries.push({ name, dtype: ST[dt], shape, bytes });
+    return decoded;
+  };
+  const layers = new Map();
+  add('model.embed_tokens.weight', [32, H], rand(32 * H));
+  for (let l = 0; l < cfg.num_hidden_layers; l++) {
+    add(`model.layers.${l}.input_layernorm.weight`, [H], rand(H));
+    add(`model.layers.${l}.self_attn.q_proj.weight`, [H, H], rand(H * H, 1 / Math.sqrt(H)));
+    if (!moe.has(l)) {
+      const Fd = 2 * F;
+      for (const x of ['gate', 'up']) add(`model.layers.${l}.mlp.${x}_proj.weight`, [Fd, H], rand(Fd * H, 1 / Math.sqrt(H)));
+      add(`model.layers.${l}.mlp.down_proj.weight`, [H, Fd], rand(H * Fd, 1 / Math.sqrt(Fd)));
+      continue;
+    }
+    const n = blockNames(cfg, l);
+    const w = { gate: add(n.gate, [E, H], rand(E * H, 1 / Math.sqrt(H))), bias: null, experts: [], shared: null, sharedGate: null };
+    if (n.bias) {
+      const b = rand(E).map((v) => biasScale * Math.tanh(v));
+      w.bias = add(n.bias, [E], b, biasDtype);
+    }
+    // With fp8, the expert matrices are stored as DeepSeek-V3 publishes them (the gate stays as it is).
+    const weight = (name, R, C, std) => {
+      if (!fp8) return add(name, [R, C], rand(R * C, std));
+      const { q, scales, decoded, scaleShape } = encodeFp8Blocks(rand(R * C, std), R, C);
+      entries.push({ name, dtype: 'F8_E4M3', shape: [R, C], bytes: q });
+      entries.push({ name: `${name}_scale_inv`, dtype: 'F32', shape: scaleShape, bytes: new Uint8Array(scales.buffer) });
+      return decoded;
+    };
+    const mlp = (name, f) => ({
+      gate: weight(name('gate'), f, H, 1 / Math.sqrt(H)),
+      up: weight(name('up'), f, H, 1 / Math.sqrt(H)),
+      down: weight(name('down'), H, f, 1 / Math.sqrt(f)),
+    });
+    for (let j = 0; j < E; j++) w.experts.push(mlp((x) => n.expert(j, x), F));
+    if (n.shared && Fs > 0) w.shared = mlp(n.shared, Fs);
+    if (n.sharedGate) w.sharedGate = add(n.sharedGate, [1, H], rand(H, 1 / Math.sqrt(H)));
+    layers.set(l, w);
+  }
+  add('model.norm.weight', [H], rand(H));
+  if (!write) return { cfg, layers, weightMap: {}, files: [], entries };
+  if (writeConfig) fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(cfg, null, 2));
+  const weightMap = {};
+  const files = [];
+  if (shards === 0) {
+    writeSafetensorsFile(join(dir, 'model.safetensors'), entries);
+    for (const e of entries) weightMap[e.name] = 'model.safetensors';
+    files.push('model.safetensors');
+  } else {
+    // Filled in order up to an even share of the bytes each, as save_pretrained's max_shard_size does.
+    const total = entries.reduce((s, e) => s + e.bytes.byteLength, 0);
+    const per = Math.ceil(total / shards);
+    const groups = [[]];
+    let size = 0;
+    for (const e of entries) {
+      if (size + e.bytes.byteLength > per && groups[groups.length - 1].length && groups.length < shards) {
+        groups.push([]);
+        size = 0;
+      }
+      groups[groups.length - 1].push(e);
+      size += e.bytes.byteLength;
+    }
+    const pad = (i) => String(i).padStart(5, '0');
+    groups.forEach((g, i) => {
+      const file = `model-${pad(i + 1)}-of-${pad(groups.length)}.safetensors`;
+      writeSafetensorsFile(join(dir, file), g);
+      for (const e of g) weightMap[e.name] = file;
+      files.push(file);
+    });
+    fs.writeFileSync(join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2));
+  }
+  return { cfg, layers, weightMap, files, entries };
+}
+
+/** Configs of the four families at test size. */
+export const testConfigs = {
+  mixtral: { model_type: 'mixtral', hidden_size: 16, intermediate_size: 12, num_local_experts: 8, num_experts_per_tok: 2, num_hidden_layers: 2, hidden_act: 'silu' },
+  deepseek_v3: {
+    model_type: 'deepseek_v3', hidden_size: 16, moe_intermediate_size: 8, n_routed_experts: 16, num_experts_per_tok: 4, n_group: 4, topk_group: 2,
+    n_shared_experts: 2, routed_scaling_factor: 2.5, norm_topk_prob: true, scoring_func: 'sigmoid', topk_method: 'noaux_tc', first_k_dense_replace: 1,
+    moe_layer_freq: 1, num_hidden_layers: 3, hidden_act: 'silu',
+  },
+  qwen2_moe: {
+    model_type: 'qwen2_moe', hidden_size: 16, moe_intermediate_size: 8, num_experts: 8, num_experts_per_tok: 2, shared_expert_intermediate_size: 20,
+    norm_topk_prob: false, decoder_sparse_step: 1, mlp_only_layers: [0], num_hidden_layers: 3, hidden_act: 'silu',
+  },
+  qwen3_moe: {
+    model_type: 'qwen3_moe', hidden_size: 16, moe_intermediate_size: 8, num_experts: 8, num_experts_per_tok: 2, norm_topk_prob: true,
+    decoder_sparse_step: 1, mlp_only_layers: [], num_hidden_layers: 2, hidden_act: 'silu',
+  },
+};

@@ -1,0 +1,161 @@
+// Plain-loop float64 references of the MoE blocks of three Hugging Face model families, written
+// from the semantics of transformers' modeling_mixtral.py, modeling_deepseek_v3.py and
+// modeling_qwen2_moe.py / modeling_qwen3_moe.py (and DeepSeek-V3's own inference/model.py for the
+// group mask). Independent of the addon and of lib/serve: they read the config.json fields
+// themselves. Shared by test/60-serve-hf.test.ts and test/mpi/serve-hf.mjs.
+//
+// Weights in the checkpoints' own layouts, row-major, float64:
+//   gate [E·H] (row e is expert e's router vector), bias [E] or null (DeepSeek-V3's
+//   e_score_correction_bias), experts[j] = { gate [F·H], up [F·H], down [H·F] } (nn.Linear weights:
+//   [out, in]), shared = { gate [Fs·H], up [Fs·H], down [H·Fs] } or null, sharedGate [H] or null.
+//
+//   mixtral:     p = softmax(x·gateᵀ); top-k of p; w = p_top / Σ p_top; y = Σ w_j·MLP_j(x)
+//   deepseek_v3: s = sigmoid(x·gateᵀ); c = s + bias (choice only); group score = sum of the top 2 c
+//                of the group; keep the topk_group best groups; top-k of c among their experts;
+//                w = s_top (/ (Σ s_top + 1e-20) if norm_topk_prob) · routed_scaling_factor;
+//                y = Σ w_j·MLP_j(x) + MLP_shared(x)
+//                (transformers fills the dropped groups' c with 0 where DeepSeek's model.py uses
+//                -inf: the same choice whenever every c > 0, which `minChoice` lets callers check)
+//   qwen2_moe:   p = softmax; top-k; w = p_top (/ Σ p_top if norm_topk_prob); y = Σ w_j·MLP_j(x)
+//                + sigmoid(x·sharedGate)·MLP_shared(x)
+//   qwen3_moe:   as qwen2_moe without a shared expert
+//   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
+//
+// Returns { y [T·H], margin, minChoice }: margin is the smallest gap, over tokens, between the last
+// chosen and the best unchosen selection score (and, for groups, between the last kept and the best
+// dropped group score), so callers can require routing decisions to be far from float error;
+// minChoice is the smallest selection score seen.
+
+const silu = (v) => v / (1 + Math.exp(-v));
+const sigmoid = (v) => 1 / (1 + Math.exp(-v));
+
+/** The decoder layers whose MLP is an MoE block, from config.json's fields. */
+export function moeLayersOf(cfg) {
+  const layers = [];
+  for (let l = 0; l < cfg.num_hidden_layers; l++) {
+    let moe;
+    if (cfg.model_type === 'mixtral') moe = true;
+    else if (cfg.model_type === 'deepseek_v3') moe = l >= (cfg.first_k_dense_replace ?? 3) && l % (cfg.moe_layer_freq ?? 1) === 0;
+    else moe = !(cfg.mlp_only_layers ?? []).includes(l) && (l + 1) % (cfg.decoder_sparse_step ?? 1) === 0;
+    if (moe) layers.push(l);
+  }
+  return layers;
+}
+
+/** Sizes of the MoE block from config.json: { H, F, E, k, Fs }. */
+export function moeSizes(cfg) {
+  const H = cfg.hidden_size;
+  switch (cfg.model_type) {
+    case 'mixtral':
+      return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'deepseek_v3':
+      return { H, F: cfg.moe_intermediate_size, E: cfg.n_routed_experts, k: cfg.num_experts_per_tok, Fs: cfg.moe_intermediate_size * (cfg.n_shared_experts ?? 1) };
+    case 'qwen2_moe':
+      return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: cfg.shared_expert_intermediate_size };
+    case 'qwen3_moe':
+      return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    default:
+      throw new Error(`reference: unknown model_type ${cfg.model_type}`);
+  }
+}
+
+function mlp(xr, m, H, F) {
+  const h = new Float64Array(F);
+  for (let i = 0; i < F; i++) {
+    let g = 0, u = 0;
+    for (let j = 0; j < H; j++) {
+      g += m.gate[i * H + j] * xr[j];
+      u += m.up[i * H + j] * xr[j];
+    }
+    h[i] = silu(g) * u;
+  }
+  const out = new Float64Array(H);
+  for (let o = 0; o < H; o++) {
+    let a = 0;
+    for (let i = 0; i < F; i++) a += m.down[o * F + i] * h[i];
+    out[o] = a;
+  }
+  return out;
+}
+
+/** Indices of the n largest v[i] with allowed[i], descending; ties: the lower index. */
+function topN(v, n, allowed) {
+  const idx = [];
+  for (let i = 0; i < v.length; i++) if (!allowed || allowed[i]) idx.push(i);
+  idx.sort((a, b) => v[b] - v[a] || a - b);
+  return { chosen: idx.slice(0, n), next: idx.length > n ? v[idx[n]] : -Infinity };
+}
+
+export function hfMoEReference(cfg, w, x) {
+  const { H, F, E, k, Fs } = moeSizes(cfg);
+  const T = x.length / H;
+  const y = new Float64Array(T * H);
+  let margin = Infinity;
+  let minChoice = Infinity;
+  for (let t = 0; t < T; t++) {
+    const xr = x.subarray(t * H, (t + 1) * H);
+    const logits = new Float64Array(E);
+    for (let e = 0; e < E; e++) {
+      let a = 0;
+      for (let j = 0; j < H; j++) a += w.gate[e * H + j] * xr[j];
+      logits[e] = a;
+    }
+    let chosen, weights;
+    if (cfg.model_type === 'deepseek_v3') {
+      const s = logits.map(sigmoid);
+      const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
+      for (const v of c) minChoice = Math.min(minChoice, v);
+      const G = cfg.n_group ?? 8, kg = cfg.topk_group ?? 4, gs = E / G;
+      const groupScore = new Float64Array(G);
+      for (let g = 0; g < G; g++) {
+        const inGroup = Array.from(c.subarray(g * gs, (g + 1) * gs)).sort((a, b) => b - a);
+        groupScore[g] = inGroup[0] + (gs > 1 ? inGroup[1] : 0);
+      }
+      const groups = topN(groupScore, kg);
+      if (kg < G) margin = Math.min(margin, groupScore[groups.chosen[kg - 1]] - groups.next);
+      const allowed = new Uint8Array(E);
+      for (const g of groups.chosen) for (let e = g * gs; e < (g + 1) * gs; e++) allowed[e] = 1;
+      const top = topN(c, k, allowed);
+      chosen = top.chosen;
+      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
+      weights = chosen.map((e) => s[e]);
+      if (cfg.norm_topk_prob ?? true) {
+        const z = weights.reduce((a, b) => a + b, 0) + 1e-20;
+        weights = weights.map((v) => v / z);
+      }
+      const rsf = cfg.routed_scaling_factor ?? 2.5;
+      weights = weights.map((v) => v * rsf);
+    } else {
+      const mx = Math.max(...logits);
+      const ex = logits.map((v) => Math.exp(v - mx));
+      const sum = ex.reduce((a, b) => a + b, 0);
+      const p = ex.map((v) => v / sum);
+      for (const v of p) minChoice = Math.min(minChoice, v);
+      const top = topN(p, k);
+      chosen = top.chosen;
+      margin = Math.min(margin, p[chosen[k - 1]] - top.next);
+      weights = chosen.map((e) => p[e]);
+      const renorm = cfg.model_type === 'mixtral' ? true : (cfg.norm_topk_prob ?? false);
+      if (renorm) {
+        const z = weights.reduce((a, b) => a + b, 0);
+        weights = weights.map((v) => v / z);
+      }
+    }
+    const yr = y.subarray(t * H, (t + 1) * H);
+    chosen.forEach((e, j) => {
+      const o = mlp(xr, w.experts[e], H, F);
+      for (let h = 0; h < H; h++) yr[h] += weights[j] * o[h];
+    });
+    if (Fs > 0 && cfg.model_type !== 'mixtral' && cfg.model_type !== 'qwen3_moe') {
+      const o = mlp(xr, w.shared, H, Fs);
+      let scale = 1;
+      if (cfg.model_type === 'qwen2_moe') {
+        let a = 0;
+        for (let j = 0; j < H; j++) a += w.sharedGate[j] * xr[j];
+        scale = sigmoid(a);
+      }
+      for (let h = 0; h < H; h++) yr[h] += scale * o[h];
+    }
+  }
+  return { y, margin, minChoice };
+}
