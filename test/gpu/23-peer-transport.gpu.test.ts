@@ -1,7 +1,7 @@
 // The peer-memory ('ipc') transport with several ranks sharing one GPU (CUDA IPC between
 // processes; the MPI communicator only exchanges the buffers' handles): test/mpi/peer.mjs against
 // the all-to-all path at 2 and 4 ranks, the EP layer at 4 ranks against one rank (test/mpi's
-// moe-layer.mjs; 2 ranks run in test 21, also through 'ipc'), and a rank that stops mid-step.
+// moe-layer.mjs; 2 ranks run in test 21, also through 'ipc'), and a rank that stops or dies mid-step.
 // Cross-process spin-waits on one GPU progress by time slicing unless the MPS daemon runs
 // (scripts/device-session.sh starts it): slower, same results.
 import { describe, expect, it } from 'vitest';
@@ -32,9 +32,16 @@ describe.skipIf(!(hasGpu && hasMpirun && hasMpi))('the peer-memory transport, ra
     for (let k = 0; k < 4; k++) expect(r.out).toContain(`ok rank ${k} of 4`);
   }, 360_000);
 
-  for (const mode of [[], ['--capacity']]) {
-    it(`a rank frozen mid-step${mode.length ? ' (capacity mode)' : ''}: the others end in a TimeoutError naming it within the 3 s timeout`, () => {
-      const r = mpirun(2, 'peer-fault.mjs', 60_000, ['--device', 'cuda', ...mode], oneGpu);
+  // Frozen (SIGSTOP) in dropless and capacity mode, and killed (SIGKILL: mpirun must then leave the
+  // others running, which its recovery mode does).
+  const faults: { name: string; args: string[]; env: Record<string, string> }[] = [
+    { name: 'a rank frozen mid-step', args: [], env: {} },
+    { name: 'a rank frozen mid-step (capacity mode)', args: ['--capacity'], env: {} },
+    { name: 'a rank killed mid-step (SIGKILL)', args: ['--stop', 'kill'], env: { OMPI_MCA_orte_enable_recovery: '1' } },
+  ];
+  for (const f of faults) {
+    it(`${f.name}: the others end in a TimeoutError naming it within the 3 s timeout`, () => {
+      const r = mpirun(2, 'peer-fault.mjs', 60_000, ['--device', 'cuda', ...f.args], { ...oneGpu, ...f.env });
       const m = /rank 0 after (\d+) ms: TimeoutError: (.*)/.exec(r.out);
       expect(m, r.out).not.toBeNull();
       expect(Number(m![1]), r.out).toBeLessThan(8000);

@@ -2,8 +2,8 @@
 // peer-memory ('ipc') transport; the others must end their call in a TimeoutError naming it within
 // the communicator's timeout (3 s), never hang.
 //   --stop freeze (default): the rank freezes itself (SIGSTOP); rank 0 kills it after reporting.
-//   --stop kill: the rank kills itself (SIGKILL); needs mpirun --enable-recovery, or the launcher
-//                tears the job down first.
+//   --stop kill: the rank kills itself (SIGKILL); needs mpirun's recovery mode (--enable-recovery,
+//                or OMPI_MCA_orte_enable_recovery=1), or the launcher tears the job down first.
 //   --capacity: capacity mode, where dispatch never waits on the host: the timeout surfaces at the
 //               next call after the device finished waiting.
 // Prints "rank R after N ms: TimeoutError: ..." on every surviving rank.
