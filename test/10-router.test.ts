@@ -80,7 +80,7 @@ function oracleRoute(logits: number[][], bias: number[] | undefined, c: Full): R
     r.weights.push(idx.map((e) => c.routeScale * (c.normalize ? (s[e] as number) / z : (s[e] as number))));
     r.scores.push(s);
     r.groups.push(kept);
-    for (const e of idx) r.counts[e]++;
+    for (const e of idx) r.counts[e]! += 1;
   }
   return r;
 }

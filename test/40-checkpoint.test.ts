@@ -81,7 +81,7 @@ function miniRead(path: string): { headerLen: number; metadata?: Record<string, 
   return { headerLen: n, ...(metadata ? { metadata } : {}), tensors };
 }
 
-function rawOf(dtype: DType, shape: number[]): Uint8Array {
+function rawOf(dtype: DType, shape: number[]): Uint8Array<ArrayBuffer> {
   const n = shape.reduce((a, b) => a * b, 1) * dtypeSize[dtype];
   return new Uint8Array(randomBytes(n));
 }
@@ -344,7 +344,7 @@ describe('checkpoints', () => {
 
 // ------------------------------------------------------------------------------ the MoE layer
 describe('MoE layer state', () => {
-  const cfg = { hidden: 8, ffn: 6, numExperts: 4, topK: 2, dtype: 'f32' as const, device: 'cpu', sharedFfn: 4 };
+  const cfg = { hidden: 8, ffn: 6, numExperts: 4, topK: 2, dtype: 'f32' as const, device: 'cpu' as const, sharedFfn: 4 };
   const x = (): Tensor => Tensor.randn([5, 8], { seed: 99, device: 'cpu' });
 
   it('splitExperts de-interleaves W1/W3 as [H, F] by global index; joinExperts rebuilds w13', () => {

@@ -162,7 +162,7 @@ describe('moe-ep train (CLI)', () => {
     const plain = run(false);
     expect(run(true)).toEqual(plain);
     expect(plain[plain.length - 1]).toBeLessThan(plain[0] as number);
-    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as Partial2)).toThrow(/config\.model\.overlapComm: must be boolean/);
+    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as unknown as Partial2)).toThrow(/config\.model\.overlapComm: must be boolean/);
   });
 
   it('the programmatic example (examples/train.ts) trains', () => {
