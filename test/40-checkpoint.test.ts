@@ -274,7 +274,7 @@ describe('checkpoints', () => {
     const dir = tmp();
     for (let s = 1; s <= 6; s++) {
       if (s === 4) fs.mkdirSync(join(dir, '.tmp-step-00000099-deadbeef'));
-      saveCheckpoint(dir, { step: s, replicated: { v: Tensor.fromArray([s], { device: 'cpu' }) }, keep: s >= 3 ? 2 : undefined });
+      saveCheckpoint(dir, { step: s, replicated: { v: Tensor.fromArray([s], { device: 'cpu' }) }, ...(s >= 3 ? { keep: 2 } : {}) });
       if (s === 3) {
         // An interrupted save of a later step: a temporary folder holding files but no manifest.
         fs.mkdirSync(join(dir, '.tmp-step-00000099-cafe'));
