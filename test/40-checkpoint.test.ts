@@ -48,7 +48,6 @@ afterAll(() => {
 
 // ------------------------------------------------------------- a minimal reader/writer from the spec
 const ST: Record<string, string> = { f32: 'F32', bf16: 'BF16', f16: 'F16', i32: 'I32', i64: 'I64', u8: 'U8', fp8e4m3: 'F8_E4M3' };
-const ITEM: Record<string, number> = { F32: 4, BF16: 2, F16: 2, I32: 4, I64: 8, U8: 1, F8_E4M3: 1 };
 
 /** Header: u64 LE length, JSON, data back to back. No padding (the spec allows it; our reader must too). */
 function miniWrite(path: string, tensors: { name: string; dtype: string; shape: number[]; bytes: Uint8Array }[], metadata?: Record<string, string>): void {
