@@ -296,12 +296,14 @@ describe('checkpoints', () => {
     const dir = tmp();
     const fixture = join(root, 'test', 'fixtures', 'ckpt-saver.mjs');
     let prev = 0;
-    const t0 = Date.now();
+    let kills = 0;
     const seen = new Set<number>();
     let interrupted = 0; // kills that left a temporary folder: the kill landed mid-save
     // At least 15 kills, and more (up to 40) until several steps were committed and a kill has
     // landed mid-save: where the kills land is random, so a fixed count would make the test flaky.
-    for (let i = 0; i < 40 && (i < 15 || seen.size <= 3 || interrupted === 0); i++) {
+    // The test's length is bounded by that count (each kill within 60 ms of the saver's 'ready'),
+    // not by a clock.
+    while (kills < 40 && (kills < 15 || seen.size <= 3 || interrupted === 0)) {
       const child = spawn(process.execPath, [fixture, dir, '3'], { stdio: ['ignore', 'pipe', 'pipe'] });
       let stderr = '';
       child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -312,6 +314,7 @@ describe('checkpoints', () => {
       });
       await new Promise((res) => setTimeout(res, Math.random() * 60));
       child.kill('SIGKILL');
+      kills++;
       await exited;
       if (fs.readdirSync(dir).some((n) => n.startsWith('.tmp-step-'))) interrupted++;
       const l = latestCheckpoint(dir);
@@ -335,9 +338,8 @@ describe('checkpoints', () => {
     pruneCheckpoints(dir, 3);
     expect(listCheckpoints(dir).length).toBeLessThanOrEqual(3);
     expect(latestCheckpoint(dir)?.step).toBe(prev);
-    expect(seen.size).toBeGreaterThan(3);
-    expect(interrupted).toBeGreaterThan(0);
-    expect(Date.now() - t0).toBeLessThan(30_000);
+    expect(seen.size, `steps committed over ${kills} kills`).toBeGreaterThan(3);
+    expect(interrupted, `kills landing mid-save, of ${kills}`).toBeGreaterThan(0);
   });
 });
 
