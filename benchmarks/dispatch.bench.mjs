@@ -294,7 +294,7 @@ if (rank === 0) {
     const ours = runs.map(() => Object.fromEntries(OPS.map((op) => [op, take(rounds)])));
     const peer = Object.fromEntries(PEER_KEYS.map((key) => [key, take(rounds)]));
     const checks = runs.map(() => take(2));
-    const [tokRecv, selfTok, expRecv, , tokOut, expOut] = take(6);
+    const [tokRecv, _selfTok, _expRecv, , tokOut, expOut] = take(6);
     runs.forEach((run, ti) => {
       for (const op of OPS) {
         const ms = ours[ti][op];

@@ -70,7 +70,7 @@ for (const { T, k, H, E } of quick ? shapes.slice(0, 1) : shapes) {
   // Inputs for the peer go to memory-backed scratch, not to the results folder.
   const dir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'moe-permute-'));
   writeInputs(dir, { x, rows: p.rows, rowToken: p.rowToken, rowWeight: p.rowWeight, rowOf: p.rowOf, weights });
-  let peer = null;
+  let peer;
   try {
     peer = runPeer('permute_torch.py', [dir, String(quick ? 10 : 50), String(INNER)]);
   } catch (e) {

@@ -12,8 +12,10 @@ import { native, type TensorHandle } from './native.js';
 import { Stream } from './stream.js';
 
 export interface CreateOptions {
-  dtype?: DType;
-  device?: DeviceLike;
+  /** Default 'f32' (also when given as undefined). */
+  dtype?: DType | undefined;
+  /** Default getDefaultDevice() (also when given as undefined). */
+  device?: DeviceLike | undefined;
 }
 
 export interface RandomOptions extends CreateOptions {

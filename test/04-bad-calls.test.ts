@@ -160,7 +160,7 @@ const cases: Case[] = [
   ['manifest with tensors null', () => loadCheckpoint(checkpoint((m) => { m.tensors = null; })), CheckpointError, /manifest\.json: tensors must be an object of tensor records; it has null/],
   ['manifest with a bad shape', () => loadCheckpoint(checkpoint((m) => { (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x'; })), CheckpointError, /manifest\.json: tensors\["w"\]\.shape must be an array of at most 64 non-negative integers; it has "x"/],
   ['safetensors open of a folder', () => SafetensorsFile.open(tmp()), CheckpointError, /is a directory; only regular files are read/],
-  ['MoEModel with -1 layers', () => new MoEModel({ ...defaultConfig.model, layers: -1 }, Device.parse('cpu'), 'f32', singleRankGroup, 1), InvalidArgumentError, /MoEModel: 'layers' must be a positive integer; received -1/],
+  ['MoEModel with -1 layers', () => new MoEModel({ hidden: 8, ffn: 16, numExperts: 4, topK: 2, layers: -1 }, Device.parse('cpu'), 'f32', singleRankGroup, 1), InvalidArgumentError, /MoEModel: 'layers' must be a positive integer; received -1/],
   ['manifest with world size 0', () => loadCheckpoint(checkpoint((m) => { m.world = { size: 0 }; })), CheckpointError, /world.size must be a positive integer/],
   // options that are not an object: named, not a TypeError from inside
   ['Tensor.zeros with options null', () => Tensor.zeros([2], null as never), InvalidArgumentError, /Tensor.zeros: 'options' must be an object; received null/],

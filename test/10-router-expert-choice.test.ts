@@ -72,7 +72,7 @@ function oracleChoose(scores: ArrayLike<number>, T: number, E: number, C: number
     }
   }
   const hist = new Array<number>(E + 1).fill(0);
-  for (let t = 0; t < T; t++) hist[slot.slice(t * E, (t + 1) * E).filter((v) => v >= 0).length]++;
+  for (let t = 0; t < T; t++) hist[slot.slice(t * E, (t + 1) * E).filter((v) => v >= 0).length]! += 1;
   return { slot, weights, hist };
 }
 

@@ -36,7 +36,7 @@ describe.each([
     tidy(() => {
       const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
       const { indices, weights } = routing(T, E, k);
-      const cap = capacity(indices, weights, { numExperts: E, capacityFactor: cf });
+      const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
       const d = new Dispatcher({ numExperts: E, padToCapacity: pad, align: pad ? 4 : 1 });
       const { rows, weights: rowW, handle } = d.dispatch(x, indices, weights, cap);
       // Expert e multiplies its rows by (e + 1): rows are expert-contiguous per localOffsets.
@@ -102,7 +102,7 @@ describe('fp8 dispatch', () => {
       // one row with a large block, to exercise per-block scales
       x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
       const { indices, weights } = routing(T, E, k);
-      const cap = capacity(indices, weights, { numExperts: E, capacityFactor: cf });
+      const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
       const plain = new Dispatcher({ numExperts: E, ...layout }).dispatch(x, indices, weights, cap);
       const fp8 = new Dispatcher({ numExperts: E, fp8: true, ...layout }).dispatch(x, indices, weights, cap);
       expect(fp8.rows.dtype).toBe('bf16');
@@ -153,7 +153,7 @@ describe('dispatch that fails mid-way', () => {
     // Outside tidy(): what the failed dispatch made must be freed by dispatch itself.
     const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
     const { indices, weights } = routing(T, E, k);
-    const cap = capacity(indices, weights, { numExperts: E, capacityFactor: pad ? 1.5 : undefined });
+    const cap = capacity(indices, weights, { numExperts: E, ...(pad ? { capacityFactor: 1.5 } : {}) });
     const d = new Dispatcher({ numExperts: E, group, fp8, padToCapacity: pad });
     const before = memoryStats(cpu).liveBytes;
     expect(() => d.dispatch(x, indices, weights, cap)).toThrow(/peer 1 is gone/);
@@ -181,7 +181,7 @@ describe.each([
         const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
         const dy = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
         const { indices, weights } = routing(T, E, k);
-        const cap = capacity(indices, weights, { numExperts: E, capacityFactor: cf });
+        const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
         // The reference: the plain dispatcher on the current stream.
         const ref = plain.dispatch(x, indices, weights, cap);
         const out = ref.rows.clone().fill_(0).add_(ref.rows, 2); // some "expert" arithmetic: 2·rows

@@ -162,7 +162,7 @@ describe('moe-ep train (CLI)', () => {
     const plain = run(false);
     expect(run(true)).toEqual(plain);
     expect(plain[plain.length - 1]).toBeLessThan(plain[0] as number);
-    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as Partial2)).toThrow(/config\.model\.overlapComm: must be boolean/);
+    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as unknown as Partial2)).toThrow(/config\.model\.overlapComm: must be boolean/);
   });
 
   it('the programmatic example (examples/train.ts) trains', () => {
@@ -184,9 +184,9 @@ describe('moe-ep train (CLI)', () => {
     expect(r.status).toBe(0);
     expect(r.stdout).toMatch(/--model\.experts 8 /);
     expect(r.stdout).toMatch(/--checkpoint\.resume null/);
-    const fields = r.stdout.split('\n').filter((l) => /^  --\w+\.\w+ /.test(l));
+    const fields = r.stdout.split('\n').filter((l) => /^ {2}--\w+\.\w+ /.test(l));
     expect(fields).toHaveLength(Object.values(defaultConfig).reduce((a, section) => a + Object.keys(section).length, 0));
-    for (const l of fields) expect(l, 'a field without a description').toMatch(/^  \S+ \S+ {2,}\S/);
+    for (const l of fields) expect(l, 'a field without a description').toMatch(/^ {2}\S+ \S+ {2,}\S/);
     const starts = new Set(fields.map((l) => (/^( {2}\S+ \S+ +)\S/.exec(l)?.[1] ?? '').length));
     expect(starts.size, 'descriptions start in one column').toBe(1);
     for (const l of r.stdout.split('\n')) expect([...l].length, l).toBeLessThanOrEqual(100);

@@ -166,7 +166,7 @@ export async function runTrain(args: string[]): Promise<number> {
       console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s  ETA ${eta}`);
     }
   };
-  let savedDir = '';
+  let savedDir: string;
   try {
     while (trainer.step < config.train.steps && !trainer.agreeToStop(control.stop)) {
       onStep(trainer.trainStep());

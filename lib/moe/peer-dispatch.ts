@@ -70,7 +70,6 @@ export function peerDispatch(
   cap: CapacityResult,
   o: PeerDispatchOptions,
 ): { rows: Tensor; weights: Tensor; handle: PeerDispatchHandle } {
-  const op = 'dispatch';
   const P = transport.comm.size;
   const El = o.numExperts / P;
   const [T, k] = indices.shape as [number, number];

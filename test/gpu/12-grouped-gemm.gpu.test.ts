@@ -122,7 +122,7 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
         const [a, ga] = pair([E === 0 ? 5 : 0, K]);
         const M = a.shape[0] as number;
         const [b, gb] = pair([E, K, N]);
-        const [dC, gdC] = pair([M, N]);
+        const [, gdC] = pair([M, N]);
         const [off, goff] = offsets(new Array(E).fill(0));
         const go = poisoned([M, N], 'f32', gpu), co = poisoned([M, N], 'f32', cpu);
         groupedGemm('NN', ga, gb, goff, { out: go });

@@ -148,7 +148,7 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
     const r = crossEntropyLoss(gp, gtarget);
     using loss = r.loss;
     using grad = r.grad as Tensor;
-    using correct = r.correct;
+    using _correct = r.correct;
     expect(Number.isNaN(loss.item())).toBe(true);
     expect(values(grad).slice(4, 8).every(Number.isNaN)).toBe(true);
     expect(values(grad).slice(8)).toEqual([0, 0, 0, 0]);
