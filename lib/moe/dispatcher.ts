@@ -29,12 +29,12 @@
  * many rows arrive: it reads the counts once per step (the one host wait, named below).
  *
  * Overlap: with `commStream`, every phase above runs on that stream, ordered after the caller's
- * work by an event (lib/comm-work.ts). The *Async methods return a CommWork whose wait() makes the
+ * work by an event (lib/parallel/overlap.ts). The *Async methods return a CommWork whose wait() makes the
  * caller's stream wait for the result, so compute queued in between (the shared expert, another
  * micro-batch) overlaps the communication; the plain methods wait at once and stay correct without
  * the caller doing anything. Without `commStream` both run on the current stream.
  */
-import { type CommWork, type CommWorkOptions, launch } from '../comm-work.js';
+import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
 import { invalidArgument, checkKeys } from '../errors.js';
 import { Stream } from '../stream.js';
@@ -44,11 +44,11 @@ import { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './fp8.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
 import { type PeerDispatchHandle, peerCombine, peerCombineBackward, peerDispatch, peerRowBytes } from './peer-dispatch.js';
 import { PeerTransport } from './peer-transport.js';
-import { Communicator } from '../dist/communicator.js';
+import { Communicator } from '../parallel/communicator.js';
 import { native } from '../native.js';
 import { trace } from '../trace.js';
 
-/** What the dispatcher needs from a communicator (lib/dist/communicator.ts provides it). */
+/** What the dispatcher needs from a communicator (lib/parallel/communicator.ts provides it). */
 export interface ExpertParallelGroup {
   readonly rank: number;
   readonly size: number;

@@ -12,7 +12,7 @@
  * exactly its slice of the same global weights at any expert-parallel size.
  *
  * With `commStream`, the dispatcher's communication runs on its own stream and the layer queues
- * independent compute in between (lib/comm-work.ts), the same arithmetic in the same order:
+ * independent compute in between (lib/parallel/overlap.ts), the same arithmetic in the same order:
  *   forward:  routing → [dispatch ∥ shared expert] → experts → combine
  *   backward: [combine backward ∥ shared expert backward] → experts backward
  *             → [dispatch backward ∥ router backward]
@@ -20,7 +20,7 @@
  * it overlaps even when the call blocks the host (dropless counts, MPI, NCCL with a timeout).
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
-import { type CommWork } from '../comm-work.js';
+import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { invalidArgument, checkKeys } from '../errors.js';

@@ -33,7 +33,7 @@ import * as fs from 'node:fs';
 import { basename, join } from 'node:path';
 
 import { type DeviceLike } from '../device.js';
-import { type Communicator } from '../dist/communicator.js';
+import { type Communicator } from '../parallel/communicator.js';
 import { type DType, DTYPES, dtypeSize, storageView } from '../dtype.js';
 import { checkOptions, CheckpointError, InvalidArgumentError, invalidArgument, checkKeys } from '../errors.js';
 import { Tensor } from '../tensor.js';

@@ -13,9 +13,9 @@
  */
 import { totalmem } from 'node:os';
 
-import { type Communicator } from '../dist/communicator.js';
-import { allGatherJson } from '../dist/gather-json.js';
-import { expertGroups } from '../dist/init.js';
+import { type Communicator } from '../parallel/communicator.js';
+import { allGatherJson } from '../parallel/gather-json.js';
+import { expertGroups } from '../parallel/init.js';
 import { checkOptions, invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';

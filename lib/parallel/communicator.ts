@@ -1,7 +1,7 @@
 /**
  * Communicator: a group of ranks and the collectives expert parallelism needs, on tensors.
  * Backends: 'single' (one rank), 'mpi' (host memory; CUDA tensors staged through pinned memory),
- * 'nccl' (one GPU per rank). Create one with init() (lib/dist/init.ts) or the static factories.
+ * 'nccl' (one GPU per rank). Create one with init() (lib/parallel/init.ts) or the static factories.
  *
  * Rules: tensors are contiguous with dim >= 1; counts are rows (dim 0); every rank passes the same
  * dtype and row shape. Ranks that break the rules in a call (other sizes, dtype, op, root, another

@@ -20,10 +20,10 @@
  * nothing. A host-blocking communicator (MPI, staging device buffers) has finished its exchanges
  * when the call returns; only the kernels around them may still be queued on the comm stream.
  */
-import { type Device } from './device.js';
-import { checkOptions, DisposedError, invalidArgument } from './errors.js';
-import { Event, Stream, withStream } from './stream.js';
-import { Tensor, tensorsIn } from './tensor.js';
+import { type Device } from '../device.js';
+import { checkOptions, DisposedError, invalidArgument } from '../errors.js';
+import { Event, Stream, withStream } from '../stream.js';
+import { Tensor, tensorsIn } from '../tensor.js';
 
 export interface CommWorkOptions {
   /**
