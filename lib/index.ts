@@ -37,9 +37,9 @@ export {
   zLoss,
   routerEntropy,
 } from './moe/router.js';
-export { formatInfo, type Info, info } from './info.js';
+export { formatInfo, type Info, info } from './installation.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
-export * as ops from './ops.js';
+export * as ops from './basic-ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';
 export { trace, type TraceRow } from './trace.js';
 export { CommWork, type CommWorkOptions, runOnStream, type RunOnStreamOptions } from './parallel/overlap.js';
@@ -87,7 +87,7 @@ export {
   type RmsNormOutputs,
   sumOfSquares,
   type SumOfSquaresOptions,
-} from './train/ops.js';
+} from './train/dense-ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
 export {
   type Dispatched,

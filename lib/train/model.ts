@@ -11,7 +11,7 @@ import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { crossEntropyLoss, mseLoss, rmsnorm, rmsnormBackward } from './ops.js';
+import { crossEntropyLoss, mseLoss, rmsnorm, rmsnormBackward } from './dense-ops.js';
 
 export interface ModelConfig extends Omit<MoELayerConfig, 'group' | 'device' | 'dtype' | 'seed'> {
   layers: number;

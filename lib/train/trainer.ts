@@ -19,7 +19,7 @@ import { expertGroups } from '../parallel/init.js';
 import { checkOptions, invalidArgument } from '../errors.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
-import { scale } from '../ops.js';
+import { scale } from '../basic-ops.js';
 import { native } from '../native.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
@@ -28,7 +28,7 @@ import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
-import { adamwStep, balanceBiasUpdate, sumOfSquares } from './ops.js';
+import { adamwStep, balanceBiasUpdate, sumOfSquares } from './dense-ops.js';
 import { cosineSchedule } from './schedule.js';
 
 export interface TrainerOptions {
