@@ -8,6 +8,7 @@ import { type DType } from './dtype.js';
 import { checkTensor } from './args.js';
 import { checkOptions, invalidArgument } from './errors.js';
 import { native } from './native.js';
+import { BINARY_OP, REDUCE_OP } from './native-codes.js';
 import { Tensor } from './tensor.js';
 
 export interface OutOption {
@@ -32,7 +33,7 @@ export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number 
   checkTensor(b, 'add', 'b');
   const alpha = checkNumber(options.alpha ?? 1, 'add', 'alpha');
   const out = resultLike(a, options.out, 'add');
-  runInto(out, options.out, () => native().binary(0, a.handle, b.handle, out.handle, alpha));
+  runInto(out, options.out, () => native().binary(BINARY_OP.add, a.handle, b.handle, out.handle, alpha));
   return out;
 }
 
@@ -42,7 +43,7 @@ export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
   checkTensor(a, 'mul', 'a');
   checkTensor(b, 'mul', 'b');
   const out = resultLike(a, options.out, 'mul');
-  runInto(out, options.out, () => native().binary(1, a.handle, b.handle, out.handle, 1));
+  runInto(out, options.out, () => native().binary(BINARY_OP.mul, a.handle, b.handle, out.handle, 1));
   return out;
 }
 
@@ -69,7 +70,7 @@ export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType
   options = checkOptions(options, 'sum', { out: true, dtype: true });
   checkTensor(a, 'sum', 'a');
   const out = resultLike(a, options.out, 'sum', reduced(a, dim, 'sum'), options.dtype ?? a.dtype);
-  runInto(out, options.out, () => native().reduce(0, a.handle, dim, out.handle));
+  runInto(out, options.out, () => native().reduce(REDUCE_OP.sum, a.handle, dim, out.handle));
   return out;
 }
 
@@ -78,7 +79,7 @@ export function max(a: Tensor, dim: number, options: OutOption = {}): Tensor {
   options = checkOptions(options, 'max', { out: true });
   checkTensor(a, 'max', 'a');
   const out = resultLike(a, options.out, 'max', reduced(a, dim, 'max'));
-  runInto(out, options.out, () => native().reduce(1, a.handle, dim, out.handle));
+  runInto(out, options.out, () => native().reduce(REDUCE_OP.max, a.handle, dim, out.handle));
   return out;
 }
 

@@ -4,6 +4,7 @@
  */
 import { invalidArgument } from './errors.js';
 import { native } from './native.js';
+import { DEVICE_TYPE } from './native-codes.js';
 
 export class Device {
   private constructor(
@@ -33,7 +34,7 @@ export class Device {
   }
   /** The (type, index) pair the addon takes. */
   get code(): [number, number] {
-    return [this.type === 'cpu' ? 0 : 1, this.index];
+    return [DEVICE_TYPE[this.type], this.index];
   }
   equals(other: Device): boolean {
     return this.type === other.type && (this.type === 'cpu' || this.index === other.index);

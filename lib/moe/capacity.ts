@@ -18,6 +18,7 @@
 import { checkTensor } from '../args.js';
 import { invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
+import { DROP_POLICY } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
 
 export type DropPolicy = 'probs' | 'position';
@@ -116,7 +117,7 @@ export function capacity(indices: Tensor, weights: Tensor | null | undefined, op
     const dropped = output(out.dropped, [1], 'i32', indices, op, 'dropped', made);
     const invalid = output(out.invalid, [1], 'i32', indices, op, 'invalid', made);
     // Dropless keeps everything, so both policies give the same slots: no weights needed.
-    native().capacity(indices.handle, weights ? weights.handle : null, numExperts, cap ?? -1, policy === 'probs' && cap !== null ? 0 : 1, slot.handle,
+    native().capacity(indices.handle, weights ? weights.handle : null, numExperts, cap ?? -1, cap === null ? DROP_POLICY.position : DROP_POLICY[policy], slot.handle,
       keptPerExpert.handle, dropped.handle, invalid.handle);
     return { slot, keptPerExpert, dropped, invalid, capacity: cap, numExperts };
   });

@@ -39,6 +39,7 @@ import type { Device } from '../device.js';
 import { checkTensor, withOutputs } from '../args.js';
 import { checkOptions, invalidArgument, checkKeys } from '../errors.js';
 import { native } from '../native.js';
+import { SCORE_FUNCTION } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
 import { expertCapacity } from './capacity.js';
 
@@ -73,7 +74,6 @@ export type ResolvedRouterConfig = Readonly<Required<RouterConfig>>;
 
 const MAX_GROUPS = 32;
 const validated = new WeakSet<object>();
-const scoreCode: Record<ScoreFunction, number> = { softmax: 0, sigmoid: 1 };
 
 function positiveInt(v: unknown, field: string): number {
   if (!Number.isSafeInteger(v) || (v as number) < 1) invalidArgument('router', `'${field}' must be a positive integer; received ${String(v)}`);
@@ -213,7 +213,7 @@ export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRou
       native().routerForward(
         logits.handle,
         bias?.handle ?? null,
-        scoreCode[cfg.scoreFunction],
+        SCORE_FUNCTION[cfg.scoreFunction],
         k,
         cfg.groups,
         cfg.topkGroups,
@@ -259,7 +259,7 @@ export function expertChoiceForward(logits: Tensor, config: RouterConfig | Resol
       expertsPerToken: () => Tensor.empty([E + 1], { dtype: 'i32', device }),
     },
     (r) => {
-      native().routerExpertChoice(logits.handle, scoreCode[cfg.scoreFunction], C, cfg.routeScale, r.scores.handle, r.slot.handle, r.weights.handle,
+      native().routerExpertChoice(logits.handle, SCORE_FUNCTION[cfg.scoreFunction], C, cfg.routeScale, r.scores.handle, r.slot.handle, r.weights.handle,
         r.indices.handle, r.tokensPerExpert.handle, r.expertsPerToken.handle, r.nanRows.handle);
       if (checkNaN) throwOnBadRows(r.nanRows, op);
     },
@@ -299,13 +299,13 @@ export function routerBackward(
     { dLogits: () => Tensor.empty([T, cfg.numExperts], { dtype: 'f32', device: saved.scores.device }) },
     (r) =>
       ec
-        ? native().routerExpertChoiceBackward(dWeights.handle, saved.scores.handle, (saved.slot as Tensor).handle, scoreCode[cfg.scoreFunction],
+        ? native().routerExpertChoiceBackward(dWeights.handle, saved.scores.handle, (saved.slot as Tensor).handle, SCORE_FUNCTION[cfg.scoreFunction],
           cfg.routeScale, r.dLogits.handle, options.accumulate ?? false)
         : native().routerBackward(
         dWeights.handle,
         saved.scores.handle,
         saved.indices.handle,
-        scoreCode[cfg.scoreFunction],
+        SCORE_FUNCTION[cfg.scoreFunction],
         cfg.normalize,
         cfg.routeScale,
         r.dLogits.handle,
@@ -360,7 +360,7 @@ export function balanceLoss(
   }
   if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
   return lossInto(scores.device, options.out, op, (loss) =>
-    native().routerBalanceLoss(scores.handle, indices.handle, scoreCode[cfg.scoreFunction], seqLen, coefficient, loss.handle, options.dLogits?.handle ?? null),
+    native().routerBalanceLoss(scores.handle, indices.handle, SCORE_FUNCTION[cfg.scoreFunction], seqLen, coefficient, loss.handle, options.dLogits?.handle ?? null),
   );
 }
 

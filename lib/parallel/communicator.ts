@@ -18,12 +18,12 @@
 import { checkTensor } from '../args.js';
 import { checkOptions, invalidArgument } from '../errors.js';
 import { type CommHandle, native } from '../native.js';
+import { COLLECTIVE_REDUCE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
 import { Device } from '../device.js';
 
 export type Backend = 'single' | 'mpi' | 'nccl';
 export type ReduceOp = 'sum' | 'max' | 'min' | 'avg';
-const REDUCE_CODES: Record<ReduceOp, number> = { sum: 0, max: 1, min: 2, avg: 3 };
 
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
@@ -104,7 +104,7 @@ export class Communicator implements Disposable {
   /** In place: t = op over ranks of t. */
   allReduce(t: Tensor, op: ReduceOp = 'sum'): Tensor {
     checkTensor(t, 'allReduce', 't');
-    const code = Object.hasOwn(REDUCE_CODES, op) ? REDUCE_CODES[op] : undefined;
+    const code = Object.hasOwn(COLLECTIVE_REDUCE, op) ? COLLECTIVE_REDUCE[op] : undefined;
     if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${JSON.stringify(op)}`);
     this.#staged([t], [t], ([d]) => this.handle.allReduce(d!.handle, code));
     return t;
