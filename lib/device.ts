@@ -5,6 +5,7 @@
 import { invalidArgument } from './errors.js';
 import { native } from './native.js';
 import { DEVICE_TYPE } from './native-codes.js';
+import { checkNonNegativeInt } from './validate.js';
 
 export class Device {
   private constructor(
@@ -14,7 +15,7 @@ export class Device {
 
   static readonly cpu = new Device('cpu', 0);
   static cuda(index = 0): Device {
-    if (!Number.isSafeInteger(index) || index < 0) invalidArgument('device', `'index' must be a non-negative integer; received ${String(index)}`);
+    checkNonNegativeInt(index, 'device', 'index');
     return new Device('cuda', index);
   }
 

@@ -2,7 +2,6 @@
  * Element types. Their numeric codes are the native enum's (DTYPE_CODE in lib/native-codes.ts).
  * bf16 and f16 values travel through Uint16Array (their raw bits), fp8e4m3 through Uint8Array.
  */
-import { invalidArgument } from './errors.js';
 import { DTYPE_CODE } from './native-codes.js';
 
 export const DTYPES = ['f32', 'bf16', 'f16', 'i32', 'i64', 'u8', 'fp8e4m3'] as const;
@@ -28,13 +27,6 @@ export function dtypeFromCode(code: number): DType {
   const d = dtypeOfCode.get(code);
   if (d === undefined) throw new Error(`unknown dtype code ${code}`);
   return d;
-}
-
-export function checkDType(value: unknown, op: string, arg = 'dtype'): DType {
-  if (typeof value !== 'string' || !(DTYPES as readonly string[]).includes(value)) {
-    invalidArgument(op, `'${arg}' must be one of ${DTYPES.join(', ')}; received ${JSON.stringify(value)}`);
-  }
-  return value as DType;
 }
 
 /** Wraps raw bytes in the dtype's TypedArray. */

@@ -6,8 +6,9 @@
  * backstop: device memory is scarce and the GC does not see it, so dispose what you create.
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
-import { checkDType, type DType, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
-import { checkOptions, DisposedError, invalidArgument } from './errors.js';
+import { type DType, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
+import { DisposedError, invalidArgument } from './errors.js';
+import { checkDType, checkNonNegativeInt, checkOptions, checkStream, checkTensor } from './validate.js';
 import { native, type TensorHandle } from './native.js';
 import { BINARY_OP, DEVICE_TYPE, DTYPE_CODE, RANDOM_KIND } from './native-codes.js';
 import { Stream } from './stream.js';
@@ -51,11 +52,6 @@ function numelOf(shape: readonly number[]): number {
 
 /** Integer dtypes narrower than a JS safe integer: the values they hold. */
 const INT_RANGE: Partial<Record<DType, [number, number]>> = { i32: [-(2 ** 31), 2 ** 31 - 1], u8: [0, 255] };
-
-/** The check of lib/args.ts (which imports this module), for the methods here. */
-function requireTensorArg(t: unknown, op: string, arg: string): void {
-  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
-}
 
 /**
  * Open tidy() scopes, innermost last. Every tensor created while a scope is open is recorded in it,
@@ -114,7 +110,7 @@ const generator = { seed: 0x5eed, offset: 0 };
 
 /** Seeds the global generator: later rand/randn calls without a seed are reproducible. */
 export function manualSeed(seed: number): void {
-  if (!Number.isSafeInteger(seed) || seed < 0) invalidArgument('manualSeed', `'seed' must be a non-negative integer; received ${seed}`);
+  checkNonNegativeInt(seed, 'manualSeed', 'seed');
   generator.seed = seed;
   generator.offset = 0;
 }
@@ -265,7 +261,7 @@ export class Tensor implements Disposable {
     return new Tensor(this.handle.transpose(dim0, dim1));
   }
   sharesStorageWith(other: Tensor): boolean {
-    requireTensorArg(other, 'sharesStorageWith', 'other');
+    checkTensor(other, 'sharesStorageWith', 'other');
     return this.handle.sharesStorage(other.handle);
   }
   /**
@@ -276,7 +272,7 @@ export class Tensor implements Disposable {
    * on the CPU.
    */
   recordStream(stream?: Stream): this {
-    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('recordStream', `'stream' must be a Stream; received ${String(stream)}`);
+    if (stream !== undefined) checkStream(stream, 'recordStream');
     this.handle.recordStream(stream ? stream.handle : null);
     return this;
   }
@@ -305,13 +301,13 @@ export class Tensor implements Disposable {
   }
   /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
   copy_(src: Tensor): this {
-    requireTensorArg(src, 'copy', 'src');
+    checkTensor(src, 'copy', 'src');
     native().copy(this.handle, src.handle);
     return this;
   }
   /** this += alpha·other in place (same dtype; `other` may be a trailing part of this shape). */
   add_(other: Tensor, alpha = 1): this {
-    requireTensorArg(other, 'add', 'other');
+    checkTensor(other, 'add', 'other');
     native().binary(BINARY_OP.add, this.handle, other.handle, this.handle, alpha);
     return this;
   }

@@ -36,7 +36,8 @@
  */
 import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
-import { invalidArgument, checkKeys } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkKeys, checkNonNegativeInt, checkPositiveInt, checkStream, checkTensors } from '../validate.js';
 import { Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
@@ -144,10 +145,6 @@ const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 /** Entries per token the peer-memory transport carries (one warp lane each; native kMaxTopK). */
 const PEER_MAX_TOP_K = 32;
 
-function requireTensors(op: string, args: Record<string, unknown>): void {
-  for (const [name, t] of Object.entries(args)) if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor; received ${String(t)}`);
-}
-
 /** The handle's tensors (the communication reads them), after checking it is one. */
 function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
   if (handle === null || typeof handle !== 'object' || !(handle.localOffsets instanceof Tensor)) {
@@ -220,29 +217,23 @@ export class Dispatcher {
     if (!Number.isSafeInteger(group.size) || group.size < 1 || !Number.isSafeInteger(group.rank) || group.rank < 0 || group.rank >= group.size) {
       invalidArgument(op, `'group' has rank ${String(group.rank)} and size ${String(group.size)}; expected 0 <= rank < size`);
     }
-    if (!Number.isSafeInteger(config.numExperts) || config.numExperts <= 0) invalidArgument(op, `'numExperts' must be a positive integer; received ${String(config.numExperts)}`);
+    checkPositiveInt(config.numExperts, op, 'numExperts');
     if (config.numExperts % group.size !== 0) {
       invalidArgument(op, `'numExperts' ${config.numExperts} must be a multiple of the expert-parallel group size ${group.size}`);
     }
-    const align = config.align ?? 1;
-    if (!Number.isSafeInteger(align) || align <= 0) invalidArgument(op, `'align' must be a positive integer; received ${String(align)}`);
+    const align = checkPositiveInt(config.align ?? 1, op, 'align');
     this.numExperts = config.numExperts;
     this.group = group;
     this.localExperts = config.numExperts / group.size;
     this.align = align;
     this.padToCapacity = config.padToCapacity ?? false;
     this.fp8 = config.fp8 ?? false;
-    if (config.commStream !== undefined && !(config.commStream instanceof Stream)) {
-      invalidArgument(op, `'commStream' must be a Stream; received ${String(config.commStream)}`);
-    }
-    this.commStream = config.commStream;
+    this.commStream = config.commStream === undefined ? undefined : checkStream(config.commStream, op, 'commStream');
     const choice = config.transport ?? 'auto';
     if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl') invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
     if (choice === 'ipc' && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
     this.transportChoice = choice;
-    const sms = config.transportSms ?? 0;
-    if (!Number.isSafeInteger(sms) || sms < 0) invalidArgument(op, `'transportSms' must be a non-negative integer (0: all SMs); received ${String(sms)}`);
-    this.transportSms = sms;
+    this.transportSms = checkNonNegativeInt(config.transportSms ?? 0, op, 'transportSms', '(0: all SMs)');
     if (group.size === 1 && choice !== 'ipc') this.#transport = 'local';
   }
 
@@ -286,7 +277,7 @@ export class Dispatcher {
   /** dispatch() on the comm stream; the result arrives through the CommWork's wait(). */
   dispatchAsync(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options?: CommWorkOptions): CommWork<Dispatched> {
     const op = 'dispatch';
-    requireTensors(op, { x, indices, weights });
+    checkTensors(op, { x, indices, weights });
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
     return launch(op, this.commStream, x.device, [x, indices, weights, ...tensorsIn(cap)], () => this.dispatchNow(x, indices, weights, cap), options, (d) => {
       d.rows.dispose();
@@ -477,7 +468,7 @@ export class Dispatcher {
   /** combine() on the comm stream. */
   combineAsync(expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<Tensor> {
     const op = 'combine';
-    requireTensors(op, { expertOut, weights });
+    checkTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
       trace.mark('combine: start', expertOut.device);
@@ -502,7 +493,7 @@ export class Dispatcher {
   /** combineBackward() on the comm stream. */
   combineBackwardAsync(dy: Tensor, expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<{ dExpertOut: Tensor; dWeights: Tensor }> {
     const op = 'combineBackward';
-    requireTensors(op, { dy, expertOut, weights });
+    checkTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
       trace.mark('combineBackward: start', dy.device);
@@ -528,7 +519,7 @@ export class Dispatcher {
   /** dispatchBackward() on the comm stream. */
   dispatchBackwardAsync(dRows: Tensor, handle: DispatchHandle, options?: CommWorkOptions): CommWork<Tensor> {
     const op = 'dispatchBackward';
-    requireTensors(op, { dRows });
+    checkTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => {
       trace.mark('dispatchBackward: start', dRows.device);

@@ -9,8 +9,8 @@
  * See native/ops/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */
 import { type DType } from '../dtype.js';
-import { checkTensor } from '../args.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkOptions, checkTensor, checkTensors, withOutput } from '../validate.js';
 import { native } from '../native.js';
 import { GEMM_EPILOGUE, GEMM_MODE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
@@ -39,20 +39,14 @@ export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tenso
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
   if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
-  for (const [name, t] of [['a', a], ['b', b], ['offsets', offsets]] as const) {
-    if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor`);
-  }
+  checkTensors(op, { a, b, offsets });
   if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1) invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
   if (options.out !== undefined) checkTensor(options.out, op, 'out');
   if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
-  const out = options.out ?? Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
-  try {
-    native().groupedGemm(GEMM_MODE[mode], Epilogue.Store, a.handle, b.handle, offsets.handle, out.handle, null, options.accumulate ?? false);
-  } catch (e) {
-    if (!options.out) out.dispose();
-    throw e;
-  }
-  return out;
+  const make = (): Tensor => Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
+  return withOutput(op, options.out, make, (out) =>
+    native().groupedGemm(GEMM_MODE[mode], Epilogue.Store, a.handle, b.handle, offsets.handle, out.handle, null, options.accumulate ?? false),
+  );
 }
 
 /** @internal The fused SwiGLU forward and dSwiGLU backward products (experts.ts). */

@@ -15,8 +15,8 @@
  * checkpoint's metadata, a metric read on the host) goes through a copy on the communicator's GPU
  * and back, which costs a host synchronisation; keep bulk data on the GPU.
  */
-import { checkTensor } from '../args.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkOptions, checkTensor, checkTimeoutMs } from '../validate.js';
 import { type CommHandle, native } from '../native.js';
 import { COLLECTIVE_REDUCE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
@@ -27,12 +27,6 @@ export type ReduceOp = 'sum' | 'max' | 'min' | 'avg';
 
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
-function checkTimeout(ms: unknown, op: string): number {
-  if (typeof ms !== 'number' || !Number.isSafeInteger(ms) || ms < 0) {
-    invalidArgument(op, `'timeoutMs' must be a non-negative integer (0 = no timeout); received ${String(ms)}`);
-  }
-  return ms;
-}
 
 function checkRows(rows: unknown, op: string, name: string): number[] {
   if (!Array.isArray(rows)) invalidArgument(op, `'${name}' must be an array of row counts, one per rank`);
@@ -66,13 +60,13 @@ export class Communicator implements Disposable {
   /** MPI_COMM_WORLD (a duplicate). Initialises MPI on first use unless the application did. */
   static mpi(options: { timeoutMs?: number } = {}): Communicator {
     options = checkOptions(options, 'Communicator.mpi', { timeoutMs: true });
-    return new Communicator(native().commMpi(checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
+    return new Communicator(native().commMpi(checkTimeoutMs(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
   }
 
   /** NCCL on cuda:`device`; `uniqueId` (128 bytes) comes from rank 0's Communicator.ncclUniqueId(). */
   static nccl(rank: number, size: number, uniqueId: Uint8Array, device: number, options: { timeoutMs?: number } = {}): Communicator {
     options = checkOptions(options, 'Communicator.nccl', { timeoutMs: true });
-    const handle = native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl'));
+    const handle = native().commNccl(rank, size, uniqueId, device, checkTimeoutMs(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl'));
     return new Communicator(handle, Device.cuda(device));
   }
 
@@ -98,7 +92,7 @@ export class Communicator implements Disposable {
     return this.handle.timeoutMs();
   }
   set timeoutMs(ms: number) {
-    this.handle.setTimeoutMs(checkTimeout(ms, 'timeoutMs'));
+    this.handle.setTimeoutMs(checkTimeoutMs(ms, 'timeoutMs'));
   }
 
   /** In place: t = op over ranks of t. */

@@ -35,8 +35,8 @@
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
-import { checkKeys, checkOptions, invalidArgument } from '../errors.js';
-import { checkTensor } from '../args.js';
+import { invalidArgument } from '../errors.js';
+import { checkKeys, checkOptions, checkTensor } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
 import { Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from '../moe/dispatcher.js';

@@ -35,7 +35,8 @@ import { basename, join } from 'node:path';
 import { type DeviceLike } from '../device.js';
 import { type Communicator } from '../parallel/communicator.js';
 import { type DType, DTYPES, dtypeSize, storageView } from '../dtype.js';
-import { checkOptions, CheckpointError, InvalidArgumentError, invalidArgument, checkKeys } from '../errors.js';
+import { CheckpointError, InvalidArgumentError, invalidArgument } from '../errors.js';
+import { checkKeys, checkNonNegativeInt, checkOptions, checkPositiveInt, checkTensor } from '../validate.js';
 import { Tensor } from '../tensor.js';
 import {
   checkPlainName,
@@ -141,7 +142,7 @@ const RESERVED = new Set(['format', 'formatVersion', 'step', 'createdAt', 'world
 
 /** Folder name of a step: step-00000042 (sorts by name). */
 export function stepDirName(step: number): string {
-  if (!Number.isSafeInteger(step) || step < 0) invalidArgument('stepDirName', `'step' must be a non-negative integer; received ${String(step)}`);
+  checkNonNegativeInt(step, 'stepDirName', 'step');
   return `step-${String(step).padStart(8, '0')}`;
 }
 
@@ -233,8 +234,8 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
   const { step, comm } = options;
-  if (!Number.isSafeInteger(step) || step < 0) invalidArgument(op, `'step' must be a non-negative integer; received ${String(step)}`);
-  if (options.keep !== undefined && !(Number.isSafeInteger(options.keep) && options.keep >= 1)) invalidArgument(op, `'keep' must be a positive integer; received ${String(options.keep)}`);
+  checkNonNegativeInt(step, op, 'step');
+  if (options.keep !== undefined) checkPositiveInt(options.keep, op, 'keep');
   const extras = options.manifestExtras ?? {};
   for (const k of Object.keys(extras)) if (RESERVED.has(k)) invalidArgument(op, `manifestExtras.${k} is reserved for the manifest itself`);
   const rank = comm?.rank ?? 0;
@@ -330,7 +331,7 @@ export function writeCheckpoint(
   const t0 = Date.now();
   checkKeys(options, 'writeCheckpoint', { step: true, worldSize: true, files: true, manifestExtras: true, keep: true });
   const { step } = options;
-  if (!Number.isSafeInteger(step) || step < 0) invalidArgument('writeCheckpoint', `'step' must be a non-negative integer; received ${String(step)}`);
+  checkNonNegativeInt(step, 'writeCheckpoint', 'step');
   const extras = options.manifestExtras ?? {};
   for (const k of Object.keys(extras)) if (RESERVED.has(k)) invalidArgument('writeCheckpoint', `manifestExtras.${k} is reserved for the manifest itself`);
   for (const [i, f] of options.files.entries()) checkPlainName(f.file, `writeCheckpoint: files[${i}].file`, InvalidArgumentError);
@@ -582,7 +583,7 @@ function recoverAsides(root: string, rootReal: string): void {
  */
 export function pruneCheckpoints(root: string, keep: number, protect?: string): string[] {
   // keep < 1 (or NaN, which slice() reads as 0) would delete every checkpoint.
-  if (!Number.isSafeInteger(keep) || keep < 1) invalidArgument('pruneCheckpoints', `'keep' must be a positive integer; received ${String(keep)}`);
+  checkPositiveInt(keep, 'pruneCheckpoints', 'keep');
   const rootReal = realFolder(root, `checkpoint ${root}`);
   recoverAsides(root, rootReal);
   const removed: string[] = [];
@@ -955,7 +956,7 @@ export class CheckpointReader implements Disposable {
   /** Copies a stored tensor into `dst` (same shape; dtype and device may differ). */
   into(name: string, dst: Tensor): Tensor {
     const t = this.info(name);
-    if (!(dst instanceof Tensor)) invalidArgument('CheckpointReader.into', `'dst' must be a Tensor; received ${dst === null ? 'null' : typeof dst}`);
+    checkTensor(dst, 'CheckpointReader.into', 'dst');
     if (t.shape.join() !== dst.shape.join()) ckptError(this.dir, `tensor '${name}' is [${t.shape}] but the destination is [${dst.shape}]`);
     using src = this.get(name, { device: 'cpu' });
     return dst.copy_(src);
