@@ -141,6 +141,26 @@ export interface Dispatched {
   handle: DispatchHandle;
 }
 
+/** The layout phase of a dispatch through the all-to-all (Dispatcher.planExchange). */
+interface ExchangePlan {
+  /** fp8: x's rows quantised (freed once the rows are sent). */
+  quantized: Fp8Rows | null;
+  /** Rows in global-expert order, to send, and the layout the handle keeps. */
+  permuted: PermuteResult;
+  /** fp8: the rows' per-128 scales in the permuted layout. */
+  scaleRows: Tensor | null;
+  sendRows: number[];
+  recvRows: number[];
+  /** Rows per (source rank, local expert), row-major [P][El]. */
+  recvCounts: number[];
+  localRows: number[];
+  toExpert: Tensor | null;
+  toSource: Tensor | null;
+  offsets: Tensor;
+  /** Capacity mode: the maps are shared through the cache, released with this; null: they belong to the step. */
+  release: (() => void) | null;
+}
+
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 /** Entries per token the peer-memory transport carries (one warp lane each; native kMaxTopK). */
 const PEER_MAX_TOP_K = 32;
@@ -362,16 +382,42 @@ export class Dispatcher {
     return { rows, weights: layout.rowWeight.view(-1), handle };
   }
 
-  /** Several ranks through the communicator's all-to-all (see the module doc for the phases). */
+  /**
+   * Several ranks through the communicator's all-to-all, in three phases (see the module doc):
+   * layout (planExchange: permute, counts, maps), exchange (exchangeRows: the all-to-all-v of rows
+   * and gate weights) and regroup (regroup: from source-rank order into local-expert order).
+   */
   private dispatchExchange(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
+    trace.mark('dispatch: start', x.device);
+    const plan = this.planExchange(x, indices, weights, cap);
+    try {
+      const [rows, rowWeights] = tidy(() => this.regroup(this.exchangeRows(plan, x), plan.toExpert));
+      return { rows, weights: rowWeights, handle: this.exchangeHandle(plan) };
+    } catch (e) {
+      for (const t of [...Object.values(plan.permuted), ...(plan.release ? [] : [plan.toExpert, plan.toSource, plan.offsets])]) if (t instanceof Tensor) t.dispose();
+      plan.release?.();
+      throw e;
+    } finally {
+      plan.quantized?.q.dispose();
+      plan.quantized?.scales.dispose();
+      plan.scaleRows?.dispose();
+    }
+  }
+
+  /**
+   * Layout phase: x's routed rows permuted into global-expert order (fp8: quantised first), the rows
+   * each rank sends and receives (dropless: counts exchanged, the one deliberate host read), and the
+   * maps that regroup what arrives. Throws with nothing left allocated.
+   */
+  private planExchange(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): ExchangePlan {
     const op = 'dispatch';
     const P = this.group.size;
     const El = this.localExperts;
-    trace.mark('dispatch: start', x.device);
     // FP8: the T token rows are quantised once before the permute rather than the T·k permuted rows
     // after it (k times less work; the same values, since the permute copies whole rows).
     const quantized = this.fp8 ? quantizeFp8(x) : null;
     let permuted: PermuteResult;
+    let scaleRows: Tensor | null = null;
     try {
       permuted = permute(quantized ? quantized.q : x, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
     } catch (e) {
@@ -380,9 +426,6 @@ export class Dispatcher {
       throw e;
     }
     trace.mark('dispatch: permuted', x.device);
-    let scaleRows: Tensor | null = null;
-    let release: (() => void) | null = null;
-    let stepMaps: (Tensor | null)[] = [];
     try {
       if (quantized) scaleRows = this.permuteLike(quantized.scales, permuted);
       // Rows per global expert segment, as sent.
@@ -402,61 +445,70 @@ export class Dispatcher {
       const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const recvRows = Array.from({ length: P }, (_, p) => recvCounts.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const localRows = Array.from({ length: El }, (_, l) => Array.from({ length: P }, (_, p) => recvCounts[p * El + l] as number).reduce((a, b) => a + b, 0));
-      const totalRecv = recvRows.reduce((a, b) => a + b, 0);
-      const H = x.shape[1] as number;
-
-      const maps = this.maps(recvCounts, localRows, x);
-      const { toExpert, toSource, offsets } = maps;
-      release = maps.release;
-      if (!maps.shared) stepMaps = [toExpert, toSource, offsets];
+      const { toExpert, toSource, offsets, release } = this.maps(recvCounts, localRows, x);
       trace.mark('dispatch: layout maps made', x.device);
-      const [rows, rowWeights] = tidy(() => {
-        const received = scaleRows
-          ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
-          : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
-        trace.mark('dispatch: rows exchanged', x.device);
-        const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
-        trace.mark('dispatch: weights exchanged', x.device);
-        const result = [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
-        trace.mark('dispatch: regrouped by local expert', x.device);
-        return result;
-      });
-      // The permuted rows have been sent: the handle keeps only the layout, so a step does not
-      // hold T·k rows per layer until its backward.
-      const { rows: sent, ...layout } = permuted;
-      sent.dispose();
-      const releaseMaps = release;
-      release = null;
-      const handle: ExchangeDispatchHandle = {
-        transport: 'exchange',
-        permuted: layout,
-        sendRows,
-        recvRows,
-        recvCounts,
-        localRows,
-        localOffsets: offsets,
-        toExpertOrder: toExpert,
-        toSourceOrder: toSource,
-        dispose: () => {
-          for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
-          // Capacity-mode maps are shared through the cache; dropless maps belong to this step.
-          if (releaseMaps) releaseMaps();
-          else for (const t of [toExpert, toSource, offsets]) t?.dispose();
-        },
-        [Symbol.dispose]() {
-          this.dispose();
-        },
-      };
-      return { rows, weights: rowWeights, handle };
+      return { quantized, permuted, scaleRows, sendRows, recvRows, recvCounts, localRows, toExpert, toSource, offsets, release };
     } catch (e) {
-      for (const t of [...Object.values(permuted), ...stepMaps]) if (t instanceof Tensor) t.dispose();
-      release?.();
-      throw e;
-    } finally {
+      for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
       quantized?.q.dispose();
       quantized?.scales.dispose();
       scaleRows?.dispose();
+      throw e;
     }
+  }
+
+  /**
+   * Exchange phase: the permuted rows (fp8: and their scales, dequantised on arrival to x's dtype)
+   * and their gate weights, all-to-all-v; what arrives is in (source rank, local expert) order.
+   */
+  private exchangeRows(plan: ExchangePlan, x: Tensor): [Tensor, Tensor] {
+    const { permuted, scaleRows, sendRows, recvRows } = plan;
+    const totalRecv = recvRows.reduce((a, b) => a + b, 0);
+    const H = x.shape[1] as number;
+    const received = scaleRows
+      ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
+      : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+    trace.mark('dispatch: rows exchanged', x.device);
+    const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
+    trace.mark('dispatch: weights exchanged', x.device);
+    return [received, receivedWeights];
+  }
+
+  /** Regroup phase: rows and weights from (source rank, local expert) into (local expert, source rank) order. */
+  private regroup([received, receivedWeights]: [Tensor, Tensor], toExpert: Tensor | null): [Tensor, Tensor] {
+    const result: [Tensor, Tensor] = [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)];
+    trace.mark('dispatch: regrouped by local expert', received.device);
+    return result;
+  }
+
+  /**
+   * The step's handle: the permuted rows have been sent, so it keeps only the layout (a step does not
+   * hold T·k rows per layer until its backward) and the maps (cached ones through `release`).
+   */
+  private exchangeHandle(plan: ExchangePlan): ExchangeDispatchHandle {
+    const { rows: sent, ...layout } = plan.permuted;
+    sent.dispose();
+    const { toExpert, toSource, offsets, release } = plan;
+    return {
+      transport: 'exchange',
+      permuted: layout,
+      sendRows: plan.sendRows,
+      recvRows: plan.recvRows,
+      recvCounts: plan.recvCounts,
+      localRows: plan.localRows,
+      localOffsets: offsets,
+      toExpertOrder: toExpert,
+      toSourceOrder: toSource,
+      dispose: () => {
+        for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
+        // Capacity-mode maps are shared through the cache; dropless maps belong to this step.
+        if (release) release();
+        else for (const t of [toExpert, toSource, offsets]) t?.dispose();
+      },
+      [Symbol.dispose]() {
+        this.dispose();
+      },
+    };
   }
 
   /** Brings expert outputs [Σ localRows, H] home and combines them: y[t] = Σ_j w[t,j]·out(t,j). */
@@ -614,12 +666,12 @@ export class Dispatcher {
    * (capacity-mode) layouts are cached and shared by the handles using them (`release` when done);
    * dropless ones belong to the step.
    */
-  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; shared: boolean; release: (() => void) | null } {
+  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; release: (() => void) | null } {
     const key = this.padToCapacity ? `${like.device.toString()}|${recvCounts.join(',')}` : null;
     const cached = key === null ? undefined : this.mapCache.get(key);
     if (cached) {
       const [toExpert, toSource, offsets] = cached.tensors as [Tensor | null, Tensor | null, Tensor];
-      return { toExpert, toSource, offsets, shared: true, release: cached.acquire() };
+      return { toExpert, toSource, offsets, release: cached.acquire() };
     }
     const P = this.group.size;
     const El = this.localExperts;
@@ -653,10 +705,10 @@ export class Dispatcher {
       toSource = Tensor.fromArray(sourceToExpert, { device: like.device });
     }
     const offsets = Tensor.fromArray(offsetsHost, { dtype: 'i32', device: like.device });
-    if (key === null) return { toExpert, toSource, offsets, shared: false, release: null };
+    if (key === null) return { toExpert, toSource, offsets, release: null };
     const entry = new Shared([toExpert, toSource, offsets]);
     cachePut(this.mapCache, key, entry, (e) => e.evict());
-    return { toExpert, toSource, offsets, shared: true, release: entry.acquire() };
+    return { toExpert, toSource, offsets, release: entry.acquire() };
   }
 
   /** Releases cached layout maps (handles still holding one keep it until they are disposed). */
