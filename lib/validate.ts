@@ -18,7 +18,7 @@ import { Tensor } from './tensor.js';
 
 const received = (v: unknown): string => String(v);
 
-// ------------------------------------------------------------------------------ options objects
+// ---------------------------------------------------------------------------------- options objects
 
 /**
  * Every field of an options type, each mapped to true. A list typed this way must name exactly the
@@ -47,7 +47,7 @@ export function checkOptions<T extends object>(options: T | undefined, op: strin
   return checkKeys(options, op, known);
 }
 
-// -------------------------------------------------------------------------------------- tensors
+// ------------------------------------------------------------------------------------------ tensors
 
 export function checkTensor(t: unknown, op: string, arg: string): Tensor {
   if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
@@ -78,7 +78,7 @@ export function checkDType(value: unknown, op: string, arg = 'dtype'): DType {
   return value as DType;
 }
 
-// ------------------------------------------------------------------------------ streams and events
+// ------------------------------------------------------------------------------- streams and events
 
 export function checkStream(s: unknown, op: string, arg = 'stream'): Stream {
   if (!(s instanceof Stream)) invalidArgument(op, `'${arg}' must be a Stream; received ${received(s)}`);
@@ -90,7 +90,7 @@ export function checkEvent(e: unknown, op: string, arg: string): Event {
   return e;
 }
 
-// ---------------------------------------------------------------------------- numbers and flags
+// -------------------------------------------------------------------------------- numbers and flags
 
 export interface NumberRange {
   /** Refuse ±Infinity as well as NaN (default true). */
@@ -149,7 +149,7 @@ export function checkOneOf<T extends string>(v: unknown, op: string, arg: string
   return v as T;
 }
 
-// -------------------------------------------------------------------------------------- outputs
+// ------------------------------------------------------------------------------------------ outputs
 
 /**
  * Takes each output from `given` (checked, named 'out.<key>') or allocates it with `make`, runs
