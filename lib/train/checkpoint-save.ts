@@ -10,6 +10,7 @@ import { basename, join } from 'node:path';
 import { type DType } from '../dtype.js';
 import { CheckpointError, InvalidArgumentError, invalidArgument } from '../errors.js';
 import { type Communicator } from '../parallel/communicator.js';
+import { allGatherJson } from '../parallel/gather-json.js';
 import { Tensor } from '../tensor.js';
 import { checkKeys, checkNonNegativeInt, checkPositiveInt } from '../validate.js';
 import {
@@ -77,20 +78,9 @@ function entryOf(name: string, t: Tensor | RawTensor): SafetensorsEntry {
   return { name, dtype: t.dtype, shape: t.shape, data: t.data };
 }
 
-/** JSON from every rank, in rank order (allGather of lengths, then of the padded bytes). */
+/** JSON from every rank, in rank order (a single process: its own). */
 function exchange<T>(comm: Communicator | undefined, value: T): T[] {
-  if (!comm || comm.size === 1) return [value];
-  const bytes = Buffer.from(JSON.stringify(value), 'utf8');
-  using len = Tensor.fromArray([bytes.length], { dtype: 'i32' });
-  using lens = comm.allGather(len);
-  const lengths = lens.toNumbers();
-  const max = Math.max(1, ...lengths);
-  const padded = new Uint8Array(max);
-  padded.set(bytes);
-  using mine = Tensor.fromArray(padded, { dtype: 'u8' });
-  using all = comm.allGather(mine);
-  const buf = Buffer.from((all.toArray() as Uint8Array).buffer);
-  return lengths.map((n, r) => JSON.parse(buf.subarray(r * max, r * max + n).toString('utf8')) as T);
+  return comm ? allGatherJson(comm, value) : [value];
 }
 
 interface RankReport {
