@@ -4,6 +4,8 @@
  */
 import { invalidArgument } from './errors.js';
 import { native } from './native.js';
+import { DEVICE_TYPE } from './native-codes.js';
+import { checkNonNegativeInt } from './validate.js';
 
 export class Device {
   private constructor(
@@ -13,7 +15,7 @@ export class Device {
 
   static readonly cpu = new Device('cpu', 0);
   static cuda(index = 0): Device {
-    if (!Number.isSafeInteger(index) || index < 0) invalidArgument('device', `'index' must be a non-negative integer; received ${String(index)}`);
+    checkNonNegativeInt(index, 'device', 'index');
     return new Device('cuda', index);
   }
 
@@ -33,7 +35,7 @@ export class Device {
   }
   /** The (type, index) pair the addon takes. */
   get code(): [number, number] {
-    return [this.type === 'cpu' ? 0 : 1, this.index];
+    return [DEVICE_TYPE[this.type], this.index];
   }
   equals(other: Device): boolean {
     return this.type === other.type && (this.type === 'cpu' || this.index === other.index);

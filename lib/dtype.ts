@@ -1,13 +1,12 @@
 /**
- * Element types. The numeric codes are the native enum's (native/core/dtype.h).
+ * Element types. Their numeric codes are the native enum's (DTYPE_CODE in lib/native-codes.ts).
  * bf16 and f16 values travel through Uint16Array (their raw bits), fp8e4m3 through Uint8Array.
  */
-import { invalidArgument } from './errors.js';
+import { DTYPE_CODE } from './native-codes.js';
 
 export const DTYPES = ['f32', 'bf16', 'f16', 'i32', 'i64', 'u8', 'fp8e4m3'] as const;
 export type DType = (typeof DTYPES)[number];
 
-export const dtypeCode: Record<DType, number> = { f32: 0, bf16: 1, f16: 2, i32: 3, i64: 4, u8: 5, fp8e4m3: 6 };
 export const dtypeSize: Record<DType, number> = { f32: 4, bf16: 2, f16: 2, i32: 4, i64: 8, u8: 1, fp8e4m3: 1 };
 export const FLOATING: readonly DType[] = ['f32', 'bf16', 'f16', 'fp8e4m3'];
 
@@ -22,17 +21,12 @@ export type StorageArray<D extends DType = DType> = D extends 'f32'
         ? BigInt64Array
         : Uint8Array;
 
+const dtypeOfCode = new Map(Object.entries(DTYPE_CODE).map(([d, c]) => [c, d as DType]));
+
 export function dtypeFromCode(code: number): DType {
-  const d = DTYPES[code];
+  const d = dtypeOfCode.get(code);
   if (d === undefined) throw new Error(`unknown dtype code ${code}`);
   return d;
-}
-
-export function checkDType(value: unknown, op: string, arg = 'dtype'): DType {
-  if (typeof value !== 'string' || !(DTYPES as readonly string[]).includes(value)) {
-    invalidArgument(op, `'${arg}' must be one of ${DTYPES.join(', ')}; received ${JSON.stringify(value)}`);
-  }
-  return value as DType;
 }
 
 /** Wraps raw bytes in the dtype's TypedArray. */

@@ -85,12 +85,6 @@ export function invalidArgument(op: string, message: string): never {
   throw new InvalidArgumentError(`${op}: ${message}`, op);
 }
 
-/**
- * Every field of an options type, each mapped to true. A list typed this way must name exactly the
- * type's fields (the compiler refuses one missing or extra), so a new option cannot be forgotten here.
- */
-export type OptionKeys<T> = { readonly [K in keyof Required<T>]: true };
-
 /** The candidate closest to `name` (same letters ignoring case and _ or -, else at most ~1 edit in 4), if any. */
 export function closestName(name: string, candidates: readonly string[]): string | undefined {
   const fold = (s: string): string => s.toLowerCase().replace(/[-_\s]/g, '');
@@ -130,25 +124,4 @@ export function unknownNames(names: readonly string[], known: readonly string[])
     return `'${n}'${close ? ` (did you mean '${close}'?)` : ''}`;
   });
   return `unknown option${unknown.length > 1 ? 's' : ''} ${each.join(', ')}; expected ${known.length ? known.map((k) => `'${k}'`).join(', ') : 'none'}`;
-}
-
-/**
- * Refuses keys of a plain-JavaScript options or config object that its type does not have (a
- * misspelt `capacity_factor` would otherwise be silently ignored), naming them and the close match.
- */
-export function checkKeys<T extends object>(options: T, op: string, known: NoInfer<OptionKeys<T>>): T {
-  if (options === null || typeof options !== 'object' || Array.isArray(options)) {
-    invalidArgument(op, `'options' must be an object; received ${options === null ? 'null' : Array.isArray(options) ? 'an array' : typeof options}`);
-  }
-  // Allocation-free when every key is known: this runs on every tensor creation.
-  for (const key in options) {
-    if (!Object.hasOwn(known, key)) invalidArgument(op, unknownNames(Object.keys(options), Object.keys(known)));
-  }
-  return options;
-}
-
-/** `options` as given, or {} when omitted; anything but a plain object (null, a number…) or an unknown key is refused. */
-export function checkOptions<T extends object>(options: T | undefined, op: string, known: NoInfer<OptionKeys<T>>): T {
-  if (options === undefined) return {} as T;
-  return checkKeys(options, op, known);
 }

@@ -37,12 +37,12 @@ export {
   zLoss,
   routerEntropy,
 } from './moe/router.js';
-export { formatInfo, type Info, info } from './info.js';
+export { formatInfo, type Info, info } from './installation.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
-export * as ops from './ops.js';
+export * as ops from './basic-ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';
 export { trace, type TraceRow } from './trace.js';
-export { CommWork, type CommWorkOptions, runOnStream, type RunOnStreamOptions } from './comm-work.js';
+export { CommWork, type CommWorkOptions, runOnStream, type RunOnStreamOptions } from './parallel/overlap.js';
 export { type CreateOptions, keep, manualSeed, type RandomOptions, Tensor, tidy } from './tensor.js';
 export {
   capacity,
@@ -65,9 +65,9 @@ export {
   type UnpermuteGradients,
   type UnpermuteOptions,
 } from './moe/permute.js';
-export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './dist/communicator.js';
-export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, jobId, type LaunchEnv, type Launcher, launchEnv } from './dist/init.js';
-export { rendezvous, type RendezvousOptions } from './dist/rendezvous.js';
+export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './parallel/communicator.js';
+export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, jobId, type LaunchEnv, type Launcher, launchEnv } from './parallel/init.js';
+export { rendezvous, type RendezvousOptions } from './parallel/rendezvous.js';
 export {
   adamwStep,
   type AdamWOptions,
@@ -87,7 +87,7 @@ export {
   type RmsNormOutputs,
   sumOfSquares,
   type SumOfSquaresOptions,
-} from './train/ops.js';
+} from './train/dense-ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
 export {
   type Dispatched,

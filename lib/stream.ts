@@ -3,7 +3,8 @@
  * complete at once, so code that overlaps communication with compute runs unchanged there.
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
-import { checkOptions, DisposedError, invalidArgument } from './errors.js';
+import { DisposedError, invalidArgument } from './errors.js';
+import { checkEvent, checkOptions, checkStream } from './validate.js';
 import { type EventHandle, native, type StreamHandle } from './native.js';
 
 export class Stream implements Disposable {
@@ -30,7 +31,7 @@ export class Stream implements Disposable {
   }
   /** Work queued on this stream after this call waits for `event`. */
   waitEvent(event: Event): void {
-    if (!(event instanceof Event)) invalidArgument('Stream.waitEvent', `'event' must be an Event; received ${event === null ? 'null' : typeof event}`);
+    checkEvent(event, 'Stream.waitEvent', 'event');
     this.handle.waitEvent(event.handle);
   }
   /** Records a new event on this stream and returns it. */
@@ -75,7 +76,7 @@ export class Event implements Disposable {
   }
   /** Records the event on `stream`, or on the device's current stream. */
   record(stream?: Stream): void {
-    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('Event.record', `'stream' must be a Stream; received ${String(stream)}`);
+    if (stream !== undefined) checkStream(stream, 'Event.record');
     this.handle.record(stream ? stream.handle : currentStreamHandle(this.device));
   }
   /** Blocks the host until the work recorded before this event has completed. */
@@ -90,12 +91,12 @@ export class Event implements Disposable {
    * event; the host does not wait. Nothing to wait for on the CPU.
    */
   wait(stream?: Stream): void {
-    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('Event.wait', `'stream' must be a Stream; received ${String(stream)}`);
+    if (stream !== undefined) checkStream(stream, 'Event.wait');
     this.handle.block(stream ? stream.handle : null);
   }
   /** Milliseconds from this event to `end` (both created with `timing: true`, recorded and complete). */
   elapsedTime(end: Event): number {
-    if (!(end instanceof Event)) invalidArgument('Event.elapsedTime', `'end' must be an Event; received ${end === null ? 'null' : typeof end}`);
+    checkEvent(end, 'Event.elapsedTime', 'end');
     return this.handle.elapsedTime(end.handle);
   }
   get disposed(): boolean {
@@ -133,7 +134,7 @@ export function currentStream(device: DeviceLike = getDefaultDevice()): Stream |
  */
 export function withStream<T>(stream: Stream, fn: () => T): T {
   const op = 'withStream';
-  if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
+  checkStream(stream, op);
   if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed and cannot be used`, op);
   if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
   if (!stream.device.isCuda) return fn();

@@ -6,9 +6,11 @@
  * backstop: device memory is scarce and the GC does not see it, so dispose what you create.
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
-import { checkDType, type DType, dtypeCode, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
-import { checkOptions, DisposedError, invalidArgument } from './errors.js';
+import { type DType, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
+import { DisposedError, invalidArgument } from './errors.js';
+import { checkDType, checkNonNegativeInt, checkOptions, checkStream, checkTensor } from './validate.js';
 import { native, type TensorHandle } from './native.js';
+import { BINARY_OP, DEVICE_TYPE, DTYPE_CODE, RANDOM_KIND } from './native-codes.js';
 import { Stream } from './stream.js';
 
 export interface CreateOptions {
@@ -52,11 +54,6 @@ function numelOf(shape: readonly number[]): number {
 
 /** Integer dtypes narrower than a JS safe integer: the values they hold. */
 const INT_RANGE: Partial<Record<DType, [number, number]>> = { i32: [-(2 ** 31), 2 ** 31 - 1], u8: [0, 255] };
-
-/** The check of lib/args.ts (which imports this module), for the methods here. */
-function requireTensorArg(t: unknown, op: string, arg: string): void {
-  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
-}
 
 /**
  * Open tidy() scopes, innermost last. Every tensor created while a scope is open is recorded in it,
@@ -115,7 +112,7 @@ const generator = { seed: 0x5eed, offset: 0 };
 
 /** Seeds the global generator: later rand/randn calls without a seed are reproducible. */
 export function manualSeed(seed: number): void {
-  if (!Number.isSafeInteger(seed) || seed < 0) invalidArgument('manualSeed', `'seed' must be a non-negative integer; received ${seed}`);
+  checkNonNegativeInt(seed, 'manualSeed', 'seed');
   generator.seed = seed;
   generator.offset = 0;
 }
@@ -145,7 +142,7 @@ export class Tensor implements Disposable {
       this.shape = Object.freeze(d.shape);
       this.strides = Object.freeze(d.strides);
       this.dtype = dtypeFromCode(d.dtype);
-      this.device = d.deviceType === 0 ? Device.cpu : Device.cuda(d.deviceIndex);
+      this.device = d.deviceType === DEVICE_TYPE.cpu ? Device.cpu : Device.cuda(d.deviceIndex);
       this.isContiguous = d.contiguous;
     }
     scopes[scopes.length - 1]?.add(this);
@@ -158,7 +155,7 @@ export class Tensor implements Disposable {
     const dtype = checkDType(options.dtype ?? 'f32', 'empty');
     const device = Device.parse(options.device ?? getDefaultDevice(), 'empty');
     const dims = checkShape(shape, 'empty');
-    return new Tensor(native().tensorEmpty(dims, dtypeCode[dtype], ...device.code), { shape: dims, dtype, device });
+    return new Tensor(native().tensorEmpty(dims, DTYPE_CODE[dtype], ...device.code), { shape: dims, dtype, device });
   }
 
   static full(shape: readonly number[], value: number, options: CreateOptions = {}): Tensor {
@@ -178,14 +175,14 @@ export class Tensor implements Disposable {
   static rand(shape: readonly number[], options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
     options = checkOptions(options, 'Tensor.rand', { dtype: true, device: true, seed: true, offset: true, low: true, high: true });
     const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
-    return t.random_(0, options.low ?? 0, options.high ?? 1, options.seed, options.offset);
+    return t.random_(RANDOM_KIND.uniform, options.low ?? 0, options.high ?? 1, options.seed, options.offset);
   }
 
   /** Normal with `mean` and `std` (default 0 and 1), from the Philox stream `seed`. */
   static randn(shape: readonly number[], options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
     options = checkOptions(options, 'Tensor.randn', { dtype: true, device: true, seed: true, offset: true, mean: true, std: true });
     const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
-    return t.random_(1, options.mean ?? 0, options.std ?? 1, options.seed, options.offset);
+    return t.random_(RANDOM_KIND.normal, options.mean ?? 0, options.std ?? 1, options.seed, options.offset);
   }
 
   /**
@@ -208,7 +205,7 @@ export class Tensor implements Disposable {
     }
     const dtype = checkDType(options.dtype ?? implied ?? 'f32', op);
     const raw = typed && rawArrayMatches(typed, dtype);
-    if (raw) return new Tensor(native().tensorFromBuffer(typed, shape, dtypeCode[dtype], ...device.code));
+    if (raw) return new Tensor(native().tensorFromBuffer(typed, shape, DTYPE_CODE[dtype], ...device.code));
     // Plain numbers (or a TypedArray of another type): integers, once checked, go straight into the
     // dtype's own array; other numbers through f32, converted natively (rounded for bf16/f16/fp8).
     const values = Array.from(data as ArrayLike<number>);
@@ -221,12 +218,12 @@ export class Tensor implements Disposable {
       const range = INT_RANGE[dtype];
       if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
     }
-    if (dtype === 'i32') return new Tensor(native().tensorFromBuffer(Int32Array.from(values), shape, dtypeCode.i32, ...device.code));
-    if (dtype === 'u8') return new Tensor(native().tensorFromBuffer(Uint8Array.from(values), shape, dtypeCode.u8, ...device.code));
-    if (dtype === 'i64') return new Tensor(native().tensorFromBuffer(BigInt64Array.from(values, (v) => BigInt(v)), shape, dtypeCode.i64, ...device.code));
+    if (dtype === 'i32') return new Tensor(native().tensorFromBuffer(Int32Array.from(values), shape, DTYPE_CODE.i32, ...device.code));
+    if (dtype === 'u8') return new Tensor(native().tensorFromBuffer(Uint8Array.from(values), shape, DTYPE_CODE.u8, ...device.code));
+    if (dtype === 'i64') return new Tensor(native().tensorFromBuffer(BigInt64Array.from(values, (v) => BigInt(v)), shape, DTYPE_CODE.i64, ...device.code));
     const f32 = Float32Array.from(values);
-    if (dtype === 'f32') return new Tensor(native().tensorFromBuffer(f32, shape, dtypeCode.f32, ...device.code));
-    const host = new Tensor(native().tensorFromBuffer(f32, shape, dtypeCode.f32, 0, 0));
+    if (dtype === 'f32') return new Tensor(native().tensorFromBuffer(f32, shape, DTYPE_CODE.f32, ...device.code));
+    const host = new Tensor(native().tensorFromBuffer(f32, shape, DTYPE_CODE.f32, ...Device.cpu.code));
     try {
       const out = Tensor.empty(shape, { dtype, device });
       native().copy(out.handle, host.handle);
@@ -266,7 +263,7 @@ export class Tensor implements Disposable {
     return new Tensor(this.handle.transpose(dim0, dim1));
   }
   sharesStorageWith(other: Tensor): boolean {
-    requireTensorArg(other, 'sharesStorageWith', 'other');
+    checkTensor(other, 'sharesStorageWith', 'other');
     return this.handle.sharesStorage(other.handle);
   }
   /**
@@ -277,7 +274,7 @@ export class Tensor implements Disposable {
    * on the CPU.
    */
   recordStream(stream?: Stream): this {
-    if (stream !== undefined && !(stream instanceof Stream)) invalidArgument('recordStream', `'stream' must be a Stream; received ${String(stream)}`);
+    if (stream !== undefined) checkStream(stream, 'recordStream');
     this.handle.recordStream(stream ? stream.handle : null);
     return this;
   }
@@ -306,21 +303,21 @@ export class Tensor implements Disposable {
   }
   /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
   copy_(src: Tensor): this {
-    requireTensorArg(src, 'copy', 'src');
+    checkTensor(src, 'copy', 'src');
     native().copy(this.handle, src.handle);
     return this;
   }
   /** this += alpha·other in place (same dtype; `other` may be a trailing part of this shape). */
   add_(other: Tensor, alpha = 1): this {
-    requireTensorArg(other, 'add', 'other');
-    native().binary(0, this.handle, other.handle, this.handle, alpha);
+    checkTensor(other, 'add', 'other');
+    native().binary(BINARY_OP.add, this.handle, other.handle, this.handle, alpha);
     return this;
   }
   fill_(value: number): this {
     native().fill(this.handle, value);
     return this;
   }
-  /** @internal kind 0: uniform(p0, p1); 1: normal(p0, p1). */
+  /** @internal kind RANDOM_KIND.uniform: uniform(p0, p1); RANDOM_KIND.normal: normal(p0, p1). */
   random_(kind: 0 | 1, p0: number, p1: number, seed?: number, offset = 0): this {
     if (seed === undefined) {
       seed = generator.seed;

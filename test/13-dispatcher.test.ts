@@ -3,7 +3,7 @@
 import { describe, expect, it } from 'vitest';
 
 import { DisposedError, Event, memoryStats, Stream, Tensor, tidy, trace } from '../lib/index.js';
-import { CommWork } from '../lib/comm-work.js';
+import { CommWork } from '../lib/parallel/overlap.js';
 import { capacity } from '../lib/moe/capacity.js';
 import { type DispatchHandle, Dispatcher } from '../lib/moe/dispatcher.js';
 import { expectInvalidArgument, freshSeed, relErr, values } from './helpers.js';

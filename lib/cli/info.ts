@@ -1,5 +1,5 @@
 /** `moe-ep info [--json]`: what this installation can do. */
-import { formatInfo, info } from '../info.js';
+import { formatInfo, info } from '../installation.js';
 import { helpTable } from '../train/config.js';
 import { checkFlags } from './flags.js';
 

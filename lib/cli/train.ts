@@ -14,8 +14,8 @@ import { join, relative, resolve } from 'node:path';
 
 import cliProgress from 'cli-progress';
 
-import { allGatherJson } from '../dist/gather-json.js';
-import { init } from '../dist/init.js';
+import { allGatherJson } from '../parallel/gather-json.js';
+import { init } from '../parallel/init.js';
 import { InvalidArgumentError } from '../errors.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig, type TrainConfigInput } from '../train/config.js';
 import { FILE_LIMITS, readJson, writeFileAtomic } from '../train/safe-files.js';

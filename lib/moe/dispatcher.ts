@@ -29,14 +29,15 @@
  * many rows arrive: it reads the counts once per step (the one host wait, named below).
  *
  * Overlap: with `commStream`, every phase above runs on that stream, ordered after the caller's
- * work by an event (lib/comm-work.ts). The *Async methods return a CommWork whose wait() makes the
+ * work by an event (lib/parallel/overlap.ts). The *Async methods return a CommWork whose wait() makes the
  * caller's stream wait for the result, so compute queued in between (the shared expert, another
  * micro-batch) overlaps the communication; the plain methods wait at once and stay correct without
  * the caller doing anything. Without `commStream` both run on the current stream.
  */
-import { type CommWork, type CommWorkOptions, launch } from '../comm-work.js';
+import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
-import { invalidArgument, checkKeys } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkKeys, checkNonNegativeInt, checkPositiveInt, checkStream, checkTensors } from '../validate.js';
 import { Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
@@ -44,11 +45,11 @@ import { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './fp8.js';
 import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
 import { type PeerDispatchHandle, peerCombine, peerCombineBackward, peerDispatch, peerRowBytes } from './peer-dispatch.js';
 import { PeerTransport } from './peer-transport.js';
-import { Communicator } from '../dist/communicator.js';
+import { Communicator } from '../parallel/communicator.js';
 import { native } from '../native.js';
 import { trace } from '../trace.js';
 
-/** What the dispatcher needs from a communicator (lib/dist/communicator.ts provides it). */
+/** What the dispatcher needs from a communicator (lib/parallel/communicator.ts provides it). */
 export interface ExpertParallelGroup {
   readonly rank: number;
   readonly size: number;
@@ -140,13 +141,29 @@ export interface Dispatched {
   handle: DispatchHandle;
 }
 
+/** The layout phase of a dispatch through the all-to-all (Dispatcher.planExchange). */
+interface ExchangePlan {
+  /** fp8: x's rows quantised (freed once the rows are sent). */
+  quantized: Fp8Rows | null;
+  /** Rows in global-expert order, to send, and the layout the handle keeps. */
+  permuted: PermuteResult;
+  /** fp8: the rows' per-128 scales in the permuted layout. */
+  scaleRows: Tensor | null;
+  sendRows: number[];
+  recvRows: number[];
+  /** Rows per (source rank, local expert), row-major [P][El]. */
+  recvCounts: number[];
+  localRows: number[];
+  toExpert: Tensor | null;
+  toSource: Tensor | null;
+  offsets: Tensor;
+  /** Capacity mode: the maps are shared through the cache, released with this; null: they belong to the step. */
+  release: (() => void) | null;
+}
+
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 /** Entries per token the peer-memory transport carries (one warp lane each; native kMaxTopK). */
 const PEER_MAX_TOP_K = 32;
-
-function requireTensors(op: string, args: Record<string, unknown>): void {
-  for (const [name, t] of Object.entries(args)) if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor; received ${String(t)}`);
-}
 
 /** The handle's tensors (the communication reads them), after checking it is one. */
 function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
@@ -220,29 +237,23 @@ export class Dispatcher {
     if (!Number.isSafeInteger(group.size) || group.size < 1 || !Number.isSafeInteger(group.rank) || group.rank < 0 || group.rank >= group.size) {
       invalidArgument(op, `'group' has rank ${String(group.rank)} and size ${String(group.size)}; expected 0 <= rank < size`);
     }
-    if (!Number.isSafeInteger(config.numExperts) || config.numExperts <= 0) invalidArgument(op, `'numExperts' must be a positive integer; received ${String(config.numExperts)}`);
+    checkPositiveInt(config.numExperts, op, 'numExperts');
     if (config.numExperts % group.size !== 0) {
       invalidArgument(op, `'numExperts' ${config.numExperts} must be a multiple of the expert-parallel group size ${group.size}`);
     }
-    const align = config.align ?? 1;
-    if (!Number.isSafeInteger(align) || align <= 0) invalidArgument(op, `'align' must be a positive integer; received ${String(align)}`);
+    const align = checkPositiveInt(config.align ?? 1, op, 'align');
     this.numExperts = config.numExperts;
     this.group = group;
     this.localExperts = config.numExperts / group.size;
     this.align = align;
     this.padToCapacity = config.padToCapacity ?? false;
     this.fp8 = config.fp8 ?? false;
-    if (config.commStream !== undefined && !(config.commStream instanceof Stream)) {
-      invalidArgument(op, `'commStream' must be a Stream; received ${String(config.commStream)}`);
-    }
-    this.commStream = config.commStream;
+    this.commStream = config.commStream === undefined ? undefined : checkStream(config.commStream, op, 'commStream');
     const choice = config.transport ?? 'auto';
     if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl') invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
     if (choice === 'ipc' && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
     this.transportChoice = choice;
-    const sms = config.transportSms ?? 0;
-    if (!Number.isSafeInteger(sms) || sms < 0) invalidArgument(op, `'transportSms' must be a non-negative integer (0: all SMs); received ${String(sms)}`);
-    this.transportSms = sms;
+    this.transportSms = checkNonNegativeInt(config.transportSms ?? 0, op, 'transportSms', '(0: all SMs)');
     if (group.size === 1 && choice !== 'ipc') this.#transport = 'local';
   }
 
@@ -286,7 +297,7 @@ export class Dispatcher {
   /** dispatch() on the comm stream; the result arrives through the CommWork's wait(). */
   dispatchAsync(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options?: CommWorkOptions): CommWork<Dispatched> {
     const op = 'dispatch';
-    requireTensors(op, { x, indices, weights });
+    checkTensors(op, { x, indices, weights });
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
     return launch(op, this.commStream, x.device, [x, indices, weights, ...tensorsIn(cap)], () => this.dispatchNow(x, indices, weights, cap), options, (d) => {
       d.rows.dispose();
@@ -371,16 +382,42 @@ export class Dispatcher {
     return { rows, weights: layout.rowWeight.view(-1), handle };
   }
 
-  /** Several ranks through the communicator's all-to-all (see the module doc for the phases). */
+  /**
+   * Several ranks through the communicator's all-to-all, in three phases (see the module doc):
+   * layout (planExchange: permute, counts, maps), exchange (exchangeRows: the all-to-all-v of rows
+   * and gate weights) and regroup (regroup: from source-rank order into local-expert order).
+   */
   private dispatchExchange(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
+    trace.mark('dispatch: start', x.device);
+    const plan = this.planExchange(x, indices, weights, cap);
+    try {
+      const [rows, rowWeights] = tidy(() => this.regroup(this.exchangeRows(plan, x), plan.toExpert));
+      return { rows, weights: rowWeights, handle: this.exchangeHandle(plan) };
+    } catch (e) {
+      for (const t of [...Object.values(plan.permuted), ...(plan.release ? [] : [plan.toExpert, plan.toSource, plan.offsets])]) if (t instanceof Tensor) t.dispose();
+      plan.release?.();
+      throw e;
+    } finally {
+      plan.quantized?.q.dispose();
+      plan.quantized?.scales.dispose();
+      plan.scaleRows?.dispose();
+    }
+  }
+
+  /**
+   * Layout phase: x's routed rows permuted into global-expert order (fp8: quantised first), the rows
+   * each rank sends and receives (dropless: counts exchanged, the one deliberate host read), and the
+   * maps that regroup what arrives. Throws with nothing left allocated.
+   */
+  private planExchange(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): ExchangePlan {
     const op = 'dispatch';
     const P = this.group.size;
     const El = this.localExperts;
-    trace.mark('dispatch: start', x.device);
     // FP8: the T token rows are quantised once before the permute rather than the T·k permuted rows
     // after it (k times less work; the same values, since the permute copies whole rows).
     const quantized = this.fp8 ? quantizeFp8(x) : null;
     let permuted: PermuteResult;
+    let scaleRows: Tensor | null = null;
     try {
       permuted = permute(quantized ? quantized.q : x, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
     } catch (e) {
@@ -389,9 +426,6 @@ export class Dispatcher {
       throw e;
     }
     trace.mark('dispatch: permuted', x.device);
-    let scaleRows: Tensor | null = null;
-    let release: (() => void) | null = null;
-    let stepMaps: (Tensor | null)[] = [];
     try {
       if (quantized) scaleRows = this.permuteLike(quantized.scales, permuted);
       // Rows per global expert segment, as sent.
@@ -411,61 +445,70 @@ export class Dispatcher {
       const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const recvRows = Array.from({ length: P }, (_, p) => recvCounts.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const localRows = Array.from({ length: El }, (_, l) => Array.from({ length: P }, (_, p) => recvCounts[p * El + l] as number).reduce((a, b) => a + b, 0));
-      const totalRecv = recvRows.reduce((a, b) => a + b, 0);
-      const H = x.shape[1] as number;
-
-      const maps = this.maps(recvCounts, localRows, x);
-      const { toExpert, toSource, offsets } = maps;
-      release = maps.release;
-      if (!maps.shared) stepMaps = [toExpert, toSource, offsets];
+      const { toExpert, toSource, offsets, release } = this.maps(recvCounts, localRows, x);
       trace.mark('dispatch: layout maps made', x.device);
-      const [rows, rowWeights] = tidy(() => {
-        const received = scaleRows
-          ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
-          : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
-        trace.mark('dispatch: rows exchanged', x.device);
-        const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
-        trace.mark('dispatch: weights exchanged', x.device);
-        const result = [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)] as const;
-        trace.mark('dispatch: regrouped by local expert', x.device);
-        return result;
-      });
-      // The permuted rows have been sent: the handle keeps only the layout, so a step does not
-      // hold T·k rows per layer until its backward.
-      const { rows: sent, ...layout } = permuted;
-      sent.dispose();
-      const releaseMaps = release;
-      release = null;
-      const handle: ExchangeDispatchHandle = {
-        transport: 'exchange',
-        permuted: layout,
-        sendRows,
-        recvRows,
-        recvCounts,
-        localRows,
-        localOffsets: offsets,
-        toExpertOrder: toExpert,
-        toSourceOrder: toSource,
-        dispose: () => {
-          for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
-          // Capacity-mode maps are shared through the cache; dropless maps belong to this step.
-          if (releaseMaps) releaseMaps();
-          else for (const t of [toExpert, toSource, offsets]) t?.dispose();
-        },
-        [Symbol.dispose]() {
-          this.dispose();
-        },
-      };
-      return { rows, weights: rowWeights, handle };
+      return { quantized, permuted, scaleRows, sendRows, recvRows, recvCounts, localRows, toExpert, toSource, offsets, release };
     } catch (e) {
-      for (const t of [...Object.values(permuted), ...stepMaps]) if (t instanceof Tensor) t.dispose();
-      release?.();
-      throw e;
-    } finally {
+      for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
       quantized?.q.dispose();
       quantized?.scales.dispose();
       scaleRows?.dispose();
+      throw e;
     }
+  }
+
+  /**
+   * Exchange phase: the permuted rows (fp8: and their scales, dequantised on arrival to x's dtype)
+   * and their gate weights, all-to-all-v; what arrives is in (source rank, local expert) order.
+   */
+  private exchangeRows(plan: ExchangePlan, x: Tensor): [Tensor, Tensor] {
+    const { permuted, scaleRows, sendRows, recvRows } = plan;
+    const totalRecv = recvRows.reduce((a, b) => a + b, 0);
+    const H = x.shape[1] as number;
+    const received = scaleRows
+      ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
+      : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+    trace.mark('dispatch: rows exchanged', x.device);
+    const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
+    trace.mark('dispatch: weights exchanged', x.device);
+    return [received, receivedWeights];
+  }
+
+  /** Regroup phase: rows and weights from (source rank, local expert) into (local expert, source rank) order. */
+  private regroup([received, receivedWeights]: [Tensor, Tensor], toExpert: Tensor | null): [Tensor, Tensor] {
+    const result: [Tensor, Tensor] = [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)];
+    trace.mark('dispatch: regrouped by local expert', received.device);
+    return result;
+  }
+
+  /**
+   * The step's handle: the permuted rows have been sent, so it keeps only the layout (a step does not
+   * hold T·k rows per layer until its backward) and the maps (cached ones through `release`).
+   */
+  private exchangeHandle(plan: ExchangePlan): ExchangeDispatchHandle {
+    const { rows: sent, ...layout } = plan.permuted;
+    sent.dispose();
+    const { toExpert, toSource, offsets, release } = plan;
+    return {
+      transport: 'exchange',
+      permuted: layout,
+      sendRows: plan.sendRows,
+      recvRows: plan.recvRows,
+      recvCounts: plan.recvCounts,
+      localRows: plan.localRows,
+      localOffsets: offsets,
+      toExpertOrder: toExpert,
+      toSourceOrder: toSource,
+      dispose: () => {
+        for (const t of Object.values(layout)) if (t instanceof Tensor) t.dispose();
+        // Capacity-mode maps are shared through the cache; dropless maps belong to this step.
+        if (release) release();
+        else for (const t of [toExpert, toSource, offsets]) t?.dispose();
+      },
+      [Symbol.dispose]() {
+        this.dispose();
+      },
+    };
   }
 
   /** Brings expert outputs [Σ localRows, H] home and combines them: y[t] = Σ_j w[t,j]·out(t,j). */
@@ -477,7 +520,7 @@ export class Dispatcher {
   /** combine() on the comm stream. */
   combineAsync(expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<Tensor> {
     const op = 'combine';
-    requireTensors(op, { expertOut, weights });
+    checkTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
       trace.mark('combine: start', expertOut.device);
@@ -502,7 +545,7 @@ export class Dispatcher {
   /** combineBackward() on the comm stream. */
   combineBackwardAsync(dy: Tensor, expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<{ dExpertOut: Tensor; dWeights: Tensor }> {
     const op = 'combineBackward';
-    requireTensors(op, { dy, expertOut, weights });
+    checkTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
       trace.mark('combineBackward: start', dy.device);
@@ -528,7 +571,7 @@ export class Dispatcher {
   /** dispatchBackward() on the comm stream. */
   dispatchBackwardAsync(dRows: Tensor, handle: DispatchHandle, options?: CommWorkOptions): CommWork<Tensor> {
     const op = 'dispatchBackward';
-    requireTensors(op, { dRows });
+    checkTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
     return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => {
       trace.mark('dispatchBackward: start', dRows.device);
@@ -623,12 +666,12 @@ export class Dispatcher {
    * (capacity-mode) layouts are cached and shared by the handles using them (`release` when done);
    * dropless ones belong to the step.
    */
-  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; shared: boolean; release: (() => void) | null } {
+  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; release: (() => void) | null } {
     const key = this.padToCapacity ? `${like.device.toString()}|${recvCounts.join(',')}` : null;
     const cached = key === null ? undefined : this.mapCache.get(key);
     if (cached) {
       const [toExpert, toSource, offsets] = cached.tensors as [Tensor | null, Tensor | null, Tensor];
-      return { toExpert, toSource, offsets, shared: true, release: cached.acquire() };
+      return { toExpert, toSource, offsets, release: cached.acquire() };
     }
     const P = this.group.size;
     const El = this.localExperts;
@@ -662,10 +705,10 @@ export class Dispatcher {
       toSource = Tensor.fromArray(sourceToExpert, { device: like.device });
     }
     const offsets = Tensor.fromArray(offsetsHost, { dtype: 'i32', device: like.device });
-    if (key === null) return { toExpert, toSource, offsets, shared: false, release: null };
+    if (key === null) return { toExpert, toSource, offsets, release: null };
     const entry = new Shared([toExpert, toSource, offsets]);
     cachePut(this.mapCache, key, entry, (e) => e.evict());
-    return { toExpert, toSource, offsets, shared: true, release: entry.acquire() };
+    return { toExpert, toSource, offsets, release: entry.acquire() };
   }
 
   /** Releases cached layout maps (handles still holding one keep it until they are disposed). */

@@ -8,8 +8,8 @@
  *   a [M,H] bf16 · w13 [E,H,2F] bf16 (W1 and W3 interleaved by column: 2i ← W1[:,i], 2i+1 ← W3[:,i])
  *   → g [M,2F] (saved pre-activations), h [M,F] · w2 [E,F,H] → out [M,H]
  */
-import { checkTensor } from '../args.js';
 import { invalidArgument } from '../errors.js';
+import { checkTensor, checkTensors } from '../validate.js';
 import { Tensor, tidy } from '../tensor.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
 
@@ -67,7 +67,7 @@ export function expertsForward(a: Tensor, w13: Tensor, w2: Tensor, offsets: Tens
 
 /** The tensor arguments, and the ranks the allocations here depend on (the GEMMs check the rest). */
 function checkShapes(op: string, t: Record<string, unknown>): void {
-  for (const [name, v] of Object.entries(t)) checkTensor(v, op, name);
+  checkTensors(op, t);
   const a = t.a as Tensor, w13 = t.w13 as Tensor;
   if (a.ndim !== 2) invalidArgument(op, `'a' must be [M,H]; received [${a.shape.join(',')}]`);
   if (w13.ndim !== 3 || (w13.shape[2] as number) % 2 !== 0) {

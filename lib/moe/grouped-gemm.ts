@@ -9,14 +9,15 @@
  * See native/ops/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */
 import { type DType } from '../dtype.js';
-import { checkTensor } from '../args.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkOptions, checkTensor, checkTensors, withOutput } from '../validate.js';
 import { native } from '../native.js';
+import { GEMM_EPILOGUE, GEMM_MODE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
 
 export type GemmMode = 'NN' | 'NT' | 'TN';
-const modeCode: Record<GemmMode, number> = { NN: 0, NT: 1, TN: 2 };
-export const Epilogue = { Store: 0, SwiGLU: 1, DSwiGLU: 2 } as const;
+/** The fused epilogues (GEMM_EPILOGUE in lib/native-codes.ts). */
+export const Epilogue = GEMM_EPILOGUE;
 export type Epilogue = (typeof Epilogue)[keyof typeof Epilogue];
 
 export interface GroupedGemmOptions {
@@ -37,21 +38,15 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
 export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
-  if (typeof mode !== 'string' || !Object.hasOwn(modeCode, mode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
-  for (const [name, t] of [['a', a], ['b', b], ['offsets', offsets]] as const) {
-    if (!(t instanceof Tensor)) invalidArgument(op, `'${name}' must be a Tensor`);
-  }
+  if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
+  checkTensors(op, { a, b, offsets });
   if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1) invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
   if (options.out !== undefined) checkTensor(options.out, op, 'out');
   if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
-  const out = options.out ?? Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
-  try {
-    native().groupedGemm(modeCode[mode], Epilogue.Store, a.handle, b.handle, offsets.handle, out.handle, null, options.accumulate ?? false);
-  } catch (e) {
-    if (!options.out) out.dispose();
-    throw e;
-  }
-  return out;
+  const make = (): Tensor => Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
+  return withOutput(op, options.out, make, (out) =>
+    native().groupedGemm(GEMM_MODE[mode], Epilogue.Store, a.handle, b.handle, offsets.handle, out.handle, null, options.accumulate ?? false),
+  );
 }
 
 /** @internal The fused SwiGLU forward and dSwiGLU backward products (experts.ts). */
@@ -64,5 +59,5 @@ export function groupedGemmEpilogue(
   out: Tensor,
   g: Tensor | null,
 ): void {
-  native().groupedGemm(modeCode[mode], epilogue, a.handle, b.handle, offsets.handle, out.handle, g ? g.handle : null, false);
+  native().groupedGemm(GEMM_MODE[mode], epilogue, a.handle, b.handle, offsets.handle, out.handle, g ? g.handle : null, false);
 }

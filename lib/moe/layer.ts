@@ -12,7 +12,7 @@
  * exactly its slice of the same global weights at any expert-parallel size.
  *
  * With `commStream`, the dispatcher's communication runs on its own stream and the layer queues
- * independent compute in between (lib/comm-work.ts), the same arithmetic in the same order:
+ * independent compute in between (lib/parallel/overlap.ts), the same arithmetic in the same order:
  *   forward:  routing → [dispatch ∥ shared expert] → experts → combine
  *   backward: [combine backward ∥ shared expert backward] → experts backward
  *             → [dispatch backward ∥ router backward]
@@ -20,11 +20,11 @@
  * it overlaps even when the call blocks the host (dropless counts, MPI, NCCL with a timeout).
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
-import { type CommWork } from '../comm-work.js';
+import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument, checkKeys } from '../errors.js';
-import { checkTensor } from '../args.js';
+import { invalidArgument } from '../errors.js';
+import { checkKeys, checkNonNegativeInt, checkNonNegativeNumber, checkOneOf, checkPositiveInt, checkTensor } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
@@ -115,15 +115,6 @@ export interface MoEGrads {
   sharedW2: Tensor | null;
 }
 
-function positiveInt(v: unknown, field: string): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) invalidArgument('MoELayer', `'${field}' must be a positive integer; received ${String(v)}`);
-  return v;
-}
-function nonNegative(v: unknown, field: string): number {
-  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) invalidArgument('MoELayer', `'${field}' must be a non-negative number; received ${String(v)}`);
-  return v;
-}
-
 export class MoELayer implements Disposable {
   readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream' | 'transport' | 'transportSms'>>> & {
     capacityFactor: number | undefined;
@@ -152,8 +143,8 @@ export class MoELayer implements Disposable {
       hidden: true, ffn: true, capacityFactor: true, dropPolicy: true, padToCapacity: true, sharedFfn: true, group: true,
       commStream: true, transport: true, transportSms: true, dtype: true, device: true, seed: true, auxLossCoef: true, seqAuxLossCoef: true, seqLen: true, zLossCoef: true,
     });
-    const hidden = positiveInt(config.hidden, 'hidden');
-    const ffn = positiveInt(config.ffn, 'ffn');
+    const hidden = checkPositiveInt(config.hidden, op, 'hidden');
+    const ffn = checkPositiveInt(config.ffn, op, 'ffn');
     this.router = resolveRouterConfig({
       numExperts: config.numExperts,
       topK: config.topK,
@@ -177,19 +168,16 @@ export class MoELayer implements Disposable {
     }
     if (config.padToCapacity && config.capacityFactor === undefined && !expertChoice) invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
     // Checked here, not at the first forward: a bad config fails where it is made.
-    if (config.dropPolicy !== undefined && !DROP_POLICIES.includes(config.dropPolicy)) {
-      invalidArgument(op, `'dropPolicy' must be one of ${DROP_POLICIES.join(', ')}; received ${String(config.dropPolicy)}`);
-    }
+    if (config.dropPolicy !== undefined) checkOneOf(config.dropPolicy, op, 'dropPolicy', DROP_POLICIES);
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
-    const sharedFfn = config.sharedFfn ?? 0;
-    if (!Number.isSafeInteger(sharedFfn) || sharedFfn < 0) invalidArgument(op, `'sharedFfn' must be a non-negative integer; received ${String(sharedFfn)}`);
+    const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
     this.group = config.group ?? singleRankGroup;
     const E = this.router.numExperts;
     if (E % this.group.size !== 0) invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
     const seqLen = config.seqLen;
-    if (seqLen !== undefined) positiveInt(seqLen, 'seqLen');
+    if (seqLen !== undefined) checkPositiveInt(seqLen, op, 'seqLen');
     this.config = {
       hidden,
       ffn,
@@ -207,10 +195,10 @@ export class MoELayer implements Disposable {
       sharedFfn,
       dtype,
       seed: config.seed ?? 1234,
-      auxLossCoef: nonNegative(config.auxLossCoef ?? 0, 'auxLossCoef'),
-      seqAuxLossCoef: nonNegative(config.seqAuxLossCoef ?? 0, 'seqAuxLossCoef'),
+      auxLossCoef: checkNonNegativeNumber(config.auxLossCoef ?? 0, op, 'auxLossCoef'),
+      seqAuxLossCoef: checkNonNegativeNumber(config.seqAuxLossCoef ?? 0, op, 'seqAuxLossCoef'),
       seqLen,
-      zLossCoef: nonNegative(config.zLossCoef ?? 0, 'zLossCoef'),
+      zLossCoef: checkNonNegativeNumber(config.zLossCoef ?? 0, op, 'zLossCoef'),
     };
     if (this.config.seqAuxLossCoef > 0 && seqLen === undefined) invalidArgument(op, `'seqAuxLossCoef' needs 'seqLen'`);
     this.localExperts = E / this.group.size;

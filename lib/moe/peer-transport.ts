@@ -19,7 +19,7 @@
 import { hostname } from 'node:os';
 import { readFileSync } from 'node:fs';
 
-import { type Communicator } from '../dist/communicator.js';
+import { type Communicator } from '../parallel/communicator.js';
 import { type Device } from '../device.js';
 import { invalidArgument } from '../errors.js';
 import { native, type PeerHandle } from '../native.js';

@@ -21,10 +21,11 @@
  * caller's one deliberate synchronisation (dropless routing has to know how many rows there are).
  */
 import { type DType } from '../dtype.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkBoolean, checkOptions, checkPositiveInt, checkTensor, checkTensors, withOutput, withOutputs } from '../validate.js';
 import { native } from '../native.js';
-import { type Tensor } from '../tensor.js';
-import { type CapacityResult, disposingOnError, output, requireTensor } from './capacity.js';
+import { Tensor } from '../tensor.js';
+import { type CapacityResult } from './capacity.js';
 
 export interface PermuteOutputs {
   rows: Tensor;
@@ -54,13 +55,6 @@ export interface PermuteOptions {
   out?: Partial<PermuteOutputs>;
 }
 
-function checkAlign(align: unknown, op: string): number {
-  if (typeof align !== 'number' || !Number.isSafeInteger(align) || align <= 0 || align >= 2 ** 31) {
-    invalidArgument(op, `'align' must be a positive integer; received ${String(align)}`);
-  }
-  return align;
-}
-
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 
 /**
@@ -76,7 +70,7 @@ export function permutedRowCount(cap: CapacityResult, options: { align?: number;
 function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean }): number[] {
   const op = 'permute';
   checkCap(cap, op);
-  const align = checkAlign(options.align ?? 1, op);
+  const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
   if (options.padToCapacity) {
     if (cap.capacity === null) invalidArgument(op, `'padToCapacity' needs a capacity (capacity() was called without 'capacityFactor')`);
     return new Array<number>(cap.numExperts).fill(roundUp(cap.capacity, align));
@@ -94,10 +88,9 @@ function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToC
 /** The fields of a CapacityResult that size the layout on the host. */
 function checkCap(cap: CapacityResult, op: string): void {
   if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
-  requireTensor(cap.slot, op, 'cap.slot');
-  requireTensor(cap.keptPerExpert, op, 'cap.keptPerExpert');
-  const E = cap.numExperts;
-  if (!Number.isSafeInteger(E) || E < 1) invalidArgument(op, `'cap.numExperts' must be a positive integer; received ${String(E)}`);
+  checkTensor(cap.slot, op, 'cap.slot');
+  checkTensor(cap.keptPerExpert, op, 'cap.keptPerExpert');
+  const E = checkPositiveInt(cap.numExperts, op, 'cap.numExperts');
   if (cap.keptPerExpert.ndim !== 1 || cap.keptPerExpert.shape[0] !== E) {
     invalidArgument(op, `'cap.keptPerExpert' [${cap.keptPerExpert.shape.join(',')}] must be [${E}] ('cap.numExperts')`);
   }
@@ -111,18 +104,17 @@ function checkCap(cap: CapacityResult, op: string): void {
 export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options: PermuteOptions = {}): PermuteResult {
   const op = 'permute';
   options = checkOptions(options, op, { align: true, padToCapacity: true, out: true });
-  requireTensor(x, op, 'x');
-  requireTensor(indices, op, 'indices');
-  requireTensor(weights, op, 'weights');
+  checkTensor(x, op, 'x');
+  checkTensor(indices, op, 'indices');
+  checkTensor(weights, op, 'weights');
   checkCap(cap, op);
   if (x.ndim !== 2) invalidArgument(op, `'x' must be [T,H]; received [${x.shape.join(',')}]`);
   if (indices.ndim !== 2) invalidArgument(op, `'indices' must be [T,k]; received [${indices.shape.join(',')}]`);
   if (indices.shape[0] !== x.shape[0]) {
     invalidArgument(op, `'indices' [${indices.shape.join(',')}] has ${indices.shape[0]} tokens but 'x' [${x.shape.join(',')}] has ${x.shape[0]}`);
   }
-  const align = checkAlign(options.align ?? 1, op);
-  const padToCapacity = options.padToCapacity ?? false;
-  if (typeof padToCapacity !== 'boolean') invalidArgument(op, `'padToCapacity' must be a boolean`);
+  const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
+  const padToCapacity = checkBoolean(options.padToCapacity ?? false, op, 'padToCapacity');
   const [T, k] = indices.shape as [number, number];
   // On a GPU, dropless with align 1 keeps every assignment, so R = T·k is known without reading the
   // counts (bad counts are caught by the layout kernel's invalid count there): the segment sizes are
@@ -133,24 +125,22 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   const R = segmentRows ? segmentRows.reduce((a, b) => a + b, 0) : T * k;
   const H = x.shape[1] as number;
   const E = cap.numExperts;
-  const out = options.out ?? {};
-  const made: Tensor[] = [];
-  return disposingOnError(made, () => {
-    const rows = output(out.rows, [R, H], x.dtype, x, op, 'rows', made);
-    const offsets = output(out.offsets, [E + 1], 'i32', x, op, 'offsets', made);
-    const rowOf = output(out.rowOf, [T, k], 'i32', x, op, 'rowOf', made);
-    const rowWeight = output(out.rowWeight, [R], 'f32', x, op, 'rowWeight', made);
-    const rowToken = output(out.rowToken, [R], 'i32', x, op, 'rowToken', made);
-    const invalid = output(out.invalid, [1], 'i32', x, op, 'invalid', made);
-    native().permuteLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, weights.handle, padToCapacity ? (cap.capacity as number) : -1,
-      align, offsets.handle, rowOf.handle, rowToken.handle, rowWeight.handle, invalid.handle);
-    // rowOf from the layout just written: the CUDA copy runs in token order and reads x once.
-    native().permuteRows(x.handle, rowToken.handle, rows.handle, rowOf.handle);
-    const result = { rows, offsets, rowOf, rowWeight, rowToken, invalid, numRows: R } as PermuteResult;
-    return Object.defineProperty(result, 'segmentRows', {
-      enumerable: false, // not a tensor: tensorsIn() and tidy() need not see it
-      get: () => (segmentRows ??= segmentRowCounts(cap, { align, padToCapacity })),
-    });
+  const like = (shape: number[], dtype: DType) => (): Tensor => Tensor.empty(shape, { dtype, device: x.device });
+  const o = withOutputs<PermuteOutputs>(
+    op,
+    options.out ?? {},
+    { rows: like([R, H], x.dtype), offsets: like([E + 1], 'i32'), rowOf: like([T, k], 'i32'), rowWeight: like([R], 'f32'), rowToken: like([R], 'i32'), invalid: like([1], 'i32') },
+    (o) => {
+      native().permuteLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, weights.handle, padToCapacity ? (cap.capacity as number) : -1,
+        align, o.offsets.handle, o.rowOf.handle, o.rowToken.handle, o.rowWeight.handle, o.invalid.handle);
+      // rowOf from the layout just written: the CUDA copy runs in token order and reads x once.
+      native().permuteRows(x.handle, o.rowToken.handle, o.rows.handle, o.rowOf.handle);
+    },
+  );
+  const result = { ...o, numRows: R } as PermuteResult;
+  return Object.defineProperty(result, 'segmentRows', {
+    enumerable: false, // not a tensor: tensorsIn() and tidy() need not see it
+    get: () => (segmentRows ??= segmentRowCounts(cap, { align, padToCapacity })),
   });
 }
 
@@ -167,16 +157,12 @@ export interface UnpermuteOptions {
 export function unpermute(rows: Tensor, rowOf: Tensor, weights: Tensor, options: UnpermuteOptions = {}): Tensor {
   const op = 'unpermute';
   options = checkOptions(options, op, { dtype: true, out: true });
-  requireTensor(rows, op, 'rows');
-  requireTensor(rowOf, op, 'rowOf');
-  requireTensor(weights, op, 'weights');
+  checkTensor(rows, op, 'rows');
+  checkTensor(rowOf, op, 'rowOf');
+  checkTensor(weights, op, 'weights');
   if (rows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'rows' must be [R,H] and 'rowOf' [T,k]; received [${rows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
-  const made: Tensor[] = [];
-  return disposingOnError(made, () => {
-    const y = output(options.out, [rowOf.shape[0] as number, rows.shape[1] as number], options.dtype ?? rows.dtype, rows, op, 'out', made);
-    native().unpermute(rows.handle, rowOf.handle, weights.handle, y.handle);
-    return y;
-  });
+  const make = (): Tensor => Tensor.empty([rowOf.shape[0] as number, rows.shape[1] as number], { dtype: options.dtype ?? rows.dtype, device: rows.device });
+  return withOutput(op, options.out, make, (y) => native().unpermute(rows.handle, rowOf.handle, weights.handle, y.handle));
 }
 
 export interface UnpermuteGradients {
@@ -197,28 +183,25 @@ export function unpermuteBackward(
 ): UnpermuteGradients {
   const op = 'unpermuteBackward';
   options = checkOptions(options, op, { dtype: true, out: true });
-  for (const [t, name] of [[dy, 'dy'], [rows, 'rows'], [weights, 'weights'], [rowOf, 'rowOf'], [rowToken, 'rowToken']] as const) requireTensor(t, op, name);
-  const out = options.out ?? {};
-  const made: Tensor[] = [];
-  return disposingOnError(made, () => {
-    const dRows = output(out.dRows, rows.shape, options.dtype ?? rows.dtype, rows, op, 'dRows', made);
-    const dWeights = output(out.dWeights, rowOf.shape, 'f32', rows, op, 'dWeights', made);
-    native().unpermuteBackward(dy.handle, rows.handle, weights.handle, rowOf.handle, rowToken.handle, dRows.handle, dWeights.handle);
-    return { dRows, dWeights };
-  });
+  checkTensors(op, { dy, rows, weights, rowOf, rowToken });
+  return withOutputs<UnpermuteGradients>(
+    op,
+    options.out ?? {},
+    {
+      dRows: () => Tensor.empty(rows.shape, { dtype: options.dtype ?? rows.dtype, device: rows.device }),
+      dWeights: () => Tensor.empty(rowOf.shape, { dtype: 'f32', device: rows.device }),
+    },
+    (o) => native().unpermuteBackward(dy.handle, rows.handle, weights.handle, rowOf.handle, rowToken.handle, o.dRows.handle, o.dWeights.handle),
+  );
 }
 
 /** Backward of permute: dx[t] = Σ_j dRows[rowOf[t,j]] (fp32 accumulation, one write per token). */
 export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: UnpermuteOptions = {}): Tensor {
   const op = 'permuteBackward';
   options = checkOptions(options, op, { dtype: true, out: true });
-  requireTensor(dRows, op, 'dRows');
-  requireTensor(rowOf, op, 'rowOf');
+  checkTensor(dRows, op, 'dRows');
+  checkTensor(rowOf, op, 'rowOf');
   if (dRows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
-  const made: Tensor[] = [];
-  return disposingOnError(made, () => {
-    const dx = output(options.out, [rowOf.shape[0] as number, dRows.shape[1] as number], options.dtype ?? dRows.dtype, dRows, op, 'out', made);
-    native().permuteBackward(dRows.handle, rowOf.handle, dx.handle);
-    return dx;
-  });
+  const make = (): Tensor => Tensor.empty([rowOf.shape[0] as number, dRows.shape[1] as number], { dtype: options.dtype ?? dRows.dtype, device: dRows.device });
+  return withOutput(op, options.out, make, (dx) => native().permuteBackward(dRows.handle, rowOf.handle, dx.handle));
 }

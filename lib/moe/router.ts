@@ -36,9 +36,10 @@
  * source rank: the paper's routing per group of tokens).
  */
 import type { Device } from '../device.js';
-import { checkTensor, withOutputs } from '../args.js';
-import { checkOptions, invalidArgument, checkKeys } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkBoolean, checkKeys, checkNumber, checkOptions, checkPositiveInt, checkPositiveNumber, checkTensor, withOutput, withOutputs } from '../validate.js';
 import { native } from '../native.js';
+import { SCORE_FUNCTION } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
 import { expertCapacity } from './capacity.js';
 
@@ -73,28 +74,22 @@ export type ResolvedRouterConfig = Readonly<Required<RouterConfig>>;
 
 const MAX_GROUPS = 32;
 const validated = new WeakSet<object>();
-const scoreCode: Record<ScoreFunction, number> = { softmax: 0, sigmoid: 1 };
-
-function positiveInt(v: unknown, field: string): number {
-  if (!Number.isSafeInteger(v) || (v as number) < 1) invalidArgument('router', `'${field}' must be a positive integer; received ${String(v)}`);
-  return v as number;
-}
 
 /** Validates a router config and fills in the defaults; every error names the field. */
 export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig {
   if (config === null || typeof config !== 'object') invalidArgument('router', `the config must be an object; received ${String(config)}`);
   checkKeys(config, 'router', { numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true, capacityFactor: true });
-  const E = positiveInt(config.numExperts, 'numExperts');
-  const k = positiveInt(config.topK, 'topK');
+  const E = checkPositiveInt(config.numExperts, 'router', 'numExperts');
+  const k = checkPositiveInt(config.topK, 'router', 'topK');
   if (k > E) invalidArgument('router', `'topK' = ${k} is more than 'numExperts' = ${E}`);
   const scoreFunction = config.scoreFunction ?? 'softmax';
   if (scoreFunction !== 'softmax' && scoreFunction !== 'sigmoid') {
     invalidArgument('router', `'scoreFunction' must be 'softmax' or 'sigmoid'; received ${String(scoreFunction)}`);
   }
-  const groups = positiveInt(config.groups ?? 1, 'groups');
+  const groups = checkPositiveInt(config.groups ?? 1, 'router', 'groups');
   if (groups > MAX_GROUPS) invalidArgument('router', `'groups' = ${groups} is more than ${MAX_GROUPS}`);
   if (E % groups !== 0) invalidArgument('router', `'groups' = ${groups} does not divide 'numExperts' = ${E}`);
-  const topkGroups = positiveInt(config.topkGroups ?? groups, 'topkGroups');
+  const topkGroups = checkPositiveInt(config.topkGroups ?? groups, 'router', 'topkGroups');
   if (topkGroups > groups) invalidArgument('router', `'topkGroups' = ${topkGroups} is more than 'groups' = ${groups}`);
   if (k % topkGroups !== 0) invalidArgument('router', `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups}`);
   if (k / topkGroups > E / groups) {
@@ -104,14 +99,9 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   if (routing !== 'token-choice' && routing !== 'expert-choice') {
     invalidArgument('router', `'routing' must be 'token-choice' or 'expert-choice'; received ${String(routing)}`);
   }
-  const normalize = config.normalize ?? (scoreFunction === 'sigmoid' && routing === 'token-choice');
-  if (typeof normalize !== 'boolean') invalidArgument('router', `'normalize' must be a boolean; received ${String(normalize)}`);
-  const routeScale = config.routeScale ?? 1;
-  if (typeof routeScale !== 'number' || !Number.isFinite(routeScale)) invalidArgument('router', `'routeScale' must be a finite number; received ${String(routeScale)}`);
-  const capacityFactor = config.capacityFactor ?? k;
-  if (typeof capacityFactor !== 'number' || !Number.isFinite(capacityFactor) || capacityFactor <= 0) {
-    invalidArgument('router', `'capacityFactor' must be a finite number > 0; received ${String(capacityFactor)}`);
-  }
+  const normalize = checkBoolean(config.normalize ?? (scoreFunction === 'sigmoid' && routing === 'token-choice'), 'router', 'normalize');
+  const routeScale = checkNumber(config.routeScale ?? 1, 'router', 'routeScale');
+  const capacityFactor = checkPositiveNumber(config.capacityFactor ?? k, 'router', 'capacityFactor');
   if (routing === 'expert-choice') {
     if (groups !== 1) invalidArgument('router', `'groups' = ${groups} is not available with routing 'expert-choice' (experts choose among all tokens); use 1`);
     // A token's weights are its scores: it may have no expert at all to normalise over.
@@ -213,7 +203,7 @@ export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRou
       native().routerForward(
         logits.handle,
         bias?.handle ?? null,
-        scoreCode[cfg.scoreFunction],
+        SCORE_FUNCTION[cfg.scoreFunction],
         k,
         cfg.groups,
         cfg.topkGroups,
@@ -259,7 +249,7 @@ export function expertChoiceForward(logits: Tensor, config: RouterConfig | Resol
       expertsPerToken: () => Tensor.empty([E + 1], { dtype: 'i32', device }),
     },
     (r) => {
-      native().routerExpertChoice(logits.handle, scoreCode[cfg.scoreFunction], C, cfg.routeScale, r.scores.handle, r.slot.handle, r.weights.handle,
+      native().routerExpertChoice(logits.handle, SCORE_FUNCTION[cfg.scoreFunction], C, cfg.routeScale, r.scores.handle, r.slot.handle, r.weights.handle,
         r.indices.handle, r.tokensPerExpert.handle, r.expertsPerToken.handle, r.nanRows.handle);
       if (checkNaN) throwOnBadRows(r.nanRows, op);
     },
@@ -299,13 +289,13 @@ export function routerBackward(
     { dLogits: () => Tensor.empty([T, cfg.numExperts], { dtype: 'f32', device: saved.scores.device }) },
     (r) =>
       ec
-        ? native().routerExpertChoiceBackward(dWeights.handle, saved.scores.handle, (saved.slot as Tensor).handle, scoreCode[cfg.scoreFunction],
+        ? native().routerExpertChoiceBackward(dWeights.handle, saved.scores.handle, (saved.slot as Tensor).handle, SCORE_FUNCTION[cfg.scoreFunction],
           cfg.routeScale, r.dLogits.handle, options.accumulate ?? false)
         : native().routerBackward(
         dWeights.handle,
         saved.scores.handle,
         saved.indices.handle,
-        scoreCode[cfg.scoreFunction],
+        SCORE_FUNCTION[cfg.scoreFunction],
         cfg.normalize,
         cfg.routeScale,
         r.dLogits.handle,
@@ -324,14 +314,8 @@ export interface LossOptions {
   out?: Tensor;
 }
 
-function checkCoefficient(v: unknown, op: string): number {
-  if (typeof v !== 'number' || !Number.isFinite(v)) invalidArgument(op, `'coefficient' must be a finite number; received ${String(v)}`);
-  return v;
-}
-
 function lossInto(device: Device, out: Tensor | undefined, op: string, fn: (loss: Tensor) => void): Tensor {
-  if (out !== undefined) checkTensor(out, op, 'out');
-  return withOutputs<{ loss: Tensor }>(op, { loss: out }, { loss: () => Tensor.empty([1], { dtype: 'f32', device }) }, (o) => fn(o.loss)).loss;
+  return withOutput(op, out, () => Tensor.empty([1], { dtype: 'f32', device }), fn);
 }
 
 /**
@@ -353,14 +337,14 @@ export function balanceLoss(
   const T = checkLogits(scores, cfg, op, 'scores');
   checkTensor(indices, op, 'indices');
   checkKeys(options, op, { coefficient: true, dLogits: true, out: true, seqLen: true });
-  const coefficient = checkCoefficient(options?.coefficient, op);
+  const coefficient = checkNumber(options?.coefficient, op, 'coefficient');
   const seqLen = options.seqLen ?? T;
   if (!Number.isSafeInteger(seqLen) || seqLen < 1 || T % seqLen !== 0) {
     invalidArgument(op, `'seqLen' = ${String(seqLen)} must be a positive integer dividing the ${T} tokens`);
   }
   if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
   return lossInto(scores.device, options.out, op, (loss) =>
-    native().routerBalanceLoss(scores.handle, indices.handle, scoreCode[cfg.scoreFunction], seqLen, coefficient, loss.handle, options.dLogits?.handle ?? null),
+    native().routerBalanceLoss(scores.handle, indices.handle, SCORE_FUNCTION[cfg.scoreFunction], seqLen, coefficient, loss.handle, options.dLogits?.handle ?? null),
   );
 }
 
@@ -380,7 +364,7 @@ export function zLoss(logits: Tensor, options: LossOptions): Tensor {
   const op = 'zLoss';
   checkTensor(logits, op, 'logits');
   checkKeys(options, op, { coefficient: true, dLogits: true, out: true });
-  const coefficient = checkCoefficient(options?.coefficient, op);
+  const coefficient = checkNumber(options?.coefficient, op, 'coefficient');
   if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
   return lossInto(logits.device, options.out, op, (loss) => native().routerZLoss(logits.handle, coefficient, loss.handle, options.dLogits?.handle ?? null));
 }
@@ -414,7 +398,5 @@ export function routerEntropy(scores: Tensor, options: { out?: Tensor } = {}): T
   const op = 'routerEntropy';
   options = checkOptions(options, op, { out: true });
   checkTensor(scores, op, 'scores');
-  return withOutputs<{ out: Tensor }>(op, { out: options.out }, { out: () => Tensor.empty([1], { dtype: 'f32', device: scores.device }) }, (o) =>
-    native().routerEntropy(scores.handle, o.out.handle),
-  ).out;
+  return withOutput(op, options.out, () => Tensor.empty([1], { dtype: 'f32', device: scores.device }), (out) => native().routerEntropy(scores.handle, out.handle));
 }

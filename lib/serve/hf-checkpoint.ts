@@ -39,7 +39,8 @@ import { basename } from 'node:path';
 
 import { type DeviceLike, Device, getDefaultDevice } from '../device.js';
 import { type DType, storageView } from '../dtype.js';
-import { CheckpointError, checkOptions, invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument } from '../errors.js';
+import { checkOptions } from '../validate.js';
 import { dequantizeFp8, FP8_BLOCK } from '../moe/fp8.js';
 import { Tensor, tidy } from '../tensor.js';
 import { ownedExperts } from '../train/moe-state.js';

@@ -35,8 +35,8 @@
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
-import { checkKeys, checkOptions, invalidArgument } from '../errors.js';
-import { checkTensor } from '../args.js';
+import { invalidArgument } from '../errors.js';
+import { checkBoolean, checkKeys, checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
 import { Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from '../moe/dispatcher.js';
@@ -107,11 +107,6 @@ interface Workspace {
   gate: { logit: Tensor; router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor }; identity: Tensor; scaled: Tensor } | null;
 }
 
-function positiveInt(v: unknown, field: string): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v <= 0) invalidArgument('MoEInference', `'${field}' must be a positive integer; received ${String(v)}`);
-  return v;
-}
-
 export class MoEInference implements Disposable {
   readonly config: Readonly<{
     hidden: number; ffn: number; numExperts: number; topK: number; selectionBias: boolean; sharedFfn: number; sharedGate: boolean;
@@ -137,8 +132,8 @@ export class MoEInference implements Disposable {
       selectionBias: true, sharedFfn: true, sharedGate: true, capacityFactor: true, dropPolicy: true, group: true, transport: true, transportSms: true,
       dtype: true, device: true, maxWorkspaces: true,
     });
-    const hidden = positiveInt(config.hidden, 'hidden');
-    const ffn = positiveInt(config.ffn, 'ffn');
+    const hidden = checkPositiveInt(config.hidden, op, 'hidden');
+    const ffn = checkPositiveInt(config.ffn, op, 'ffn');
     this.router = resolveRouterConfig({
       numExperts: config.numExperts,
       topK: config.topK,
@@ -149,21 +144,17 @@ export class MoEInference implements Disposable {
       routeScale: config.routeScale ?? 1,
     });
     const E = this.router.numExperts;
-    const sharedFfn = config.sharedFfn ?? 0;
-    if (!Number.isSafeInteger(sharedFfn) || sharedFfn < 0) invalidArgument(op, `'sharedFfn' must be a non-negative integer; received ${String(sharedFfn)}`);
-    const sharedGate = config.sharedGate ?? false;
-    if (typeof sharedGate !== 'boolean') invalidArgument(op, `'sharedGate' must be a boolean; received ${String(sharedGate)}`);
+    const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
+    const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
     if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
-    const selectionBias = config.selectionBias ?? false;
-    if (typeof selectionBias !== 'boolean') invalidArgument(op, `'selectionBias' must be a boolean; received ${String(selectionBias)}`);
+    const selectionBias = checkBoolean(config.selectionBias ?? false, op, 'selectionBias');
     const cf = config.capacityFactor;
     if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0)) invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);
-    const dropPolicy = config.dropPolicy ?? 'probs';
-    if (!DROP_POLICIES.includes(dropPolicy)) invalidArgument(op, `'dropPolicy' must be one of ${DROP_POLICIES.join(', ')}; received ${String(dropPolicy)}`);
+    const dropPolicy = checkOneOf(config.dropPolicy ?? 'probs', op, 'dropPolicy', DROP_POLICIES);
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
-    const maxWorkspaces = positiveInt(config.maxWorkspaces ?? 8, 'maxWorkspaces');
+    const maxWorkspaces = checkPositiveInt(config.maxWorkspaces ?? 8, op, 'maxWorkspaces');
     this.group = config.group ?? singleRankGroup;
     if (E % this.group.size !== 0) invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
     this.localExperts = E / this.group.size;
@@ -334,7 +325,7 @@ export class MoEInference implements Disposable {
 
   /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused). */
   workspaceBytes(T: number): number {
-    positiveInt(T, 'T');
+    checkPositiveInt(T, 'MoEInference', 'T');
     const ws = this.workspace(T);
     return ws.tensors.reduce((s, t) => s + t.numel * dtypeSize[t.dtype], 0);
   }

@@ -8,7 +8,8 @@
  * Philox streams), so every rank of a data-parallel job can draw its own disjoint shard of a step.
  */
 import { Device, type DeviceLike } from '../device.js';
-import { invalidArgument, checkKeys } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkKeys, checkNonNegativeInt, checkPositiveInt } from '../validate.js';
 import { native } from '../native.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -76,9 +77,7 @@ export class ClusterTask implements Disposable {
   constructor(config: ClusterTaskConfig) {
     const op = 'ClusterTask';
     checkKeys(config, op, { dim: true, clusters: true, zipf: true, noise: true, seed: true, device: true });
-    for (const f of ['dim', 'clusters'] as const) {
-      if (!Number.isSafeInteger(config[f]) || config[f] <= 0) invalidArgument(op, `'${f}' must be a positive integer; received ${String(config[f])}`);
-    }
+    for (const f of ['dim', 'clusters'] as const) checkPositiveInt(config[f], op, f);
     if (!(config.zipf >= 0)) invalidArgument(op, `'zipf' must be ≥ 0; received ${String(config.zipf)}`);
     if (!(config.noise >= 0)) invalidArgument(op, `'noise' must be ≥ 0; received ${String(config.noise)}`);
     this.config = { ...config };
@@ -112,8 +111,8 @@ export class ClusterTask implements Disposable {
    */
   batch(index: number, tokens: number, rank = 0, ranks = 1): Batch {
     const op = 'ClusterTask.batch';
-    if (!Number.isSafeInteger(index) || index < 0) invalidArgument(op, `'index' must be a non-negative integer; received ${String(index)}`);
-    if (!Number.isSafeInteger(tokens) || tokens < 1 || tokens >= 2 ** 31) invalidArgument(op, `'tokens' must be a positive integer; received ${String(tokens)}`);
+    checkNonNegativeInt(index, op, 'index');
+    checkPositiveInt(tokens, op, 'tokens', { below: 2 ** 31 });
     if (!Number.isSafeInteger(rank) || rank < 0 || rank >= ranks) invalidArgument(op, `'rank' ${String(rank)} must be an integer in [0, ranks = ${String(ranks)})`);
     if (!Number.isSafeInteger(ranks) || ranks < 1 || tokens % ranks !== 0) {
       invalidArgument('ClusterTask.batch', `'tokens' ${tokens} must divide evenly over ${ranks} ranks`);

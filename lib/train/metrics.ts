@@ -13,7 +13,7 @@
  */
 import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
-import { checkOptions } from '../errors.js';
+import { checkOptions } from '../validate.js';
 
 export interface LayerMetrics {
   tokensPerExpert: number[];

@@ -6,12 +6,12 @@
  */
 import { type Device } from '../device.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { checkPositiveInt } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { crossEntropyLoss, mseLoss, rmsnorm, rmsnormBackward } from './ops.js';
+import { crossEntropyLoss, mseLoss, rmsnorm, rmsnormBackward } from './dense-ops.js';
 
 export interface ModelConfig extends Omit<MoELayerConfig, 'group' | 'device' | 'dtype' | 'seed'> {
   layers: number;
@@ -62,7 +62,7 @@ export class MoEModel implements Disposable {
   ) {
     this.dtype = dtype;
     const { layers, loss: _loss, ...layerConfig } = config;
-    if (!Number.isSafeInteger(layers) || layers < 1) invalidArgument('MoEModel', `'layers' must be a positive integer; received ${String(layers)}`);
+    checkPositiveInt(layers, 'MoEModel', 'layers');
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
     this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });

@@ -14,7 +14,8 @@
  * r·E/P … (r+1)·E/P − 1, so any EP size reads exactly the experts it owns by name.
  */
 import type { DeviceLike } from '../device.js';
-import { CheckpointError, checkOptions, invalidArgument, type OptionKeys } from '../errors.js';
+import { CheckpointError, invalidArgument } from '../errors.js';
+import { checkOptions, type OptionKeys } from '../validate.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
 import { Tensor, tidy } from '../tensor.js';

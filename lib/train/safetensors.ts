@@ -21,7 +21,8 @@ import * as fs from 'node:fs';
 import { basename } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
-import { checkOptions, CheckpointError, invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument } from '../errors.js';
+import { checkOptions } from '../validate.js';
 import { checkJsonNesting, openRegular, readFully, writeAll, writeFileAtomic } from './safe-files.js';
 
 /** moe-ep dtype → safetensors dtype string. */

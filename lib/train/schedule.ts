@@ -12,7 +12,8 @@
  * the floor instead. totalSteps counts the warm-up too; totalSteps == warmupSteps gives maxLr at
  * that step and minLr after it.
  */
-import { invalidArgument, checkKeys } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkKeys, checkNonNegativeInt, checkNonNegativeNumber } from '../validate.js';
 
 export interface CosineScheduleConfig {
   /** Steps of linear warm-up (0: none). */
@@ -26,25 +27,20 @@ export interface CosineScheduleConfig {
   warmupStartLr?: number;
 }
 
-function nonNegative(v: unknown, field: string, integer: boolean): number {
-  const ok = typeof v === 'number' && Number.isFinite(v) && v >= 0 && (!integer || Number.isSafeInteger(v));
-  if (!ok) invalidArgument('cosineSchedule', `'${field}' must be a non-negative ${integer ? 'integer' : 'finite number'}; received ${String(v)}`);
-  return v as number;
-}
-
 /** Validates the config once and returns lr(step). */
 export function cosineSchedule(config: CosineScheduleConfig): (step: number) => number {
   if (config === null || typeof config !== 'object') invalidArgument('cosineSchedule', 'the config must be an object');
   checkKeys(config, 'cosineSchedule', { warmupSteps: true, totalSteps: true, maxLr: true, minLr: true, warmupStartLr: true });
-  const warmupSteps = nonNegative(config.warmupSteps, 'warmupSteps', true);
-  const totalSteps = nonNegative(config.totalSteps, 'totalSteps', true);
-  const maxLr = nonNegative(config.maxLr, 'maxLr', false);
-  const minLr = nonNegative(config.minLr ?? 0, 'minLr', false);
-  const startLr = nonNegative(config.warmupStartLr ?? 0, 'warmupStartLr', false);
+  const op = 'cosineSchedule';
+  const warmupSteps = checkNonNegativeInt(config.warmupSteps, op, 'warmupSteps');
+  const totalSteps = checkNonNegativeInt(config.totalSteps, op, 'totalSteps');
+  const maxLr = checkNonNegativeNumber(config.maxLr, op, 'maxLr');
+  const minLr = checkNonNegativeNumber(config.minLr ?? 0, op, 'minLr');
+  const startLr = checkNonNegativeNumber(config.warmupStartLr ?? 0, op, 'warmupStartLr');
   if (totalSteps < warmupSteps) invalidArgument('cosineSchedule', `'totalSteps' = ${totalSteps} is less than 'warmupSteps' = ${warmupSteps}`);
   if (minLr > maxLr) invalidArgument('cosineSchedule', `'minLr' = ${minLr} is more than 'maxLr' = ${maxLr}`);
   return (step: number): number => {
-    if (!Number.isSafeInteger(step) || step < 0) invalidArgument('cosineSchedule', `'step' must be a non-negative integer; received ${String(step)}`);
+    checkNonNegativeInt(step, op, 'step');
     if (step < warmupSteps) return startLr + ((maxLr - startLr) * (step + 1)) / warmupSteps;
     if (step > totalSteps) return minLr;
     const span = totalSteps - warmupSteps;

@@ -1,7 +1,8 @@
 /**
  * The training loop: data shard → model forward/backward → data-parallel gradient reduction →
- * global-norm clipping → fused AdamW (fp32 masters, compute copies refreshed) → auxiliary-loss-free
- * bias balancing from globally all-reduced expert loads → metrics.
+ * global-norm clipping → fused AdamW (fp32 masters, compute copies refreshed; those three in
+ * lib/train/optimizer.ts) → auxiliary-loss-free bias balancing from globally all-reduced expert
+ * loads → metrics.
  *
  * Expert parallelism spans groups of model.epSize ranks (default: the whole world of W ranks): a
  * rank holds E/epSize experts and takes its 1/W share of each step's global batch
@@ -13,22 +14,23 @@
  */
 import { totalmem } from 'node:os';
 
-import { type Communicator } from '../dist/communicator.js';
-import { allGatherJson } from '../dist/gather-json.js';
-import { expertGroups } from '../dist/init.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { type Communicator } from '../parallel/communicator.js';
+import { allGatherJson } from '../parallel/gather-json.js';
+import { expertGroups } from '../parallel/init.js';
+import { invalidArgument } from '../errors.js';
+import { checkOptions } from '../validate.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
-import { scale } from '../ops.js';
 import { native } from '../native.js';
-import { keep, Tensor, tidy } from '../tensor.js';
+import { Tensor, tidy } from '../tensor.js';
 import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
-import { adamwStep, balanceBiasUpdate, sumOfSquares } from './ops.js';
+import { balanceBiasUpdate } from './dense-ops.js';
+import { clipScale, createOptimState, disposeOptimState, type GradientGroups, type OptimState, optimizerStep, reduceGradients } from './optimizer.js';
 import { cosineSchedule } from './schedule.js';
 
 export interface TrainerOptions {
@@ -38,12 +40,6 @@ export interface TrainerOptions {
   onStep?: (m: StepMetrics) => void;
   /** Set `stop` to finish after the current step (Ctrl-C). */
   control?: { stop: boolean };
-}
-
-interface OptimState {
-  param: Param;
-  expAvg: Tensor;
-  expAvgSq: Tensor;
 }
 
 /** Every field of a configuration as `config.section.field` → its value in JSON, sorted by path. */
@@ -162,11 +158,7 @@ export class Trainer implements Disposable {
       seed: config.data.seed,
       ...(config.data.onDevice ? { device: this.device } : {}),
     });
-    this.state = this.model.params().map((param) => ({
-      param,
-      expAvg: keep(Tensor.zeros(param.master.shape, { device: this.device })),
-      expAvgSq: keep(Tensor.zeros(param.master.shape, { device: this.device })),
-    }));
+    this.state = createOptimState(this.model.params(), this.device);
     const o = config.optimizer;
     // A run shorter than the warm-up warms up over the whole run.
     this.lr = cosineSchedule({ warmupSteps: Math.min(o.warmupSteps, config.train.steps), totalSteps: config.train.steps, maxLr: o.lr, minLr: o.minLr });
@@ -209,34 +201,10 @@ export class Trainer implements Disposable {
       const grads = this.model.backward(fwd);
       endPhase('backward');
       try {
-        // Data-parallel reduction and global-norm clipping.
-        const sqReplicated = Tensor.zeros([1], { device: this.device });
-        const sqExpert = Tensor.zeros([1], { device: this.device });
-        for (const s of this.state) {
-          const g = grads.get(s.param.name) as Tensor;
-          if (P > 1) {
-            if (s.param.kind === 'replicated') this.world?.allReduce(g, 'avg');
-            else {
-              this.edp?.allReduce(g, 'sum'); // the same experts on the other EP groups
-              scale(g, 1 / P, { out: g });
-            }
-          }
-          sumOfSquares(g, { out: s.param.kind === 'replicated' ? sqReplicated : sqExpert, accumulate: true });
-        }
-        // Experts differ across an EP group (and agree across EDP groups); replicated ones agree everywhere.
-        if (this.group.size > 1) (this.group as Communicator).allReduce(sqExpert, 'sum');
-        // Deliberate host sync: the norm decides the clipping scale, and the metrics need it.
-        const gradNorm = Math.sqrt(sqReplicated.item() + sqExpert.item());
-        const clip = c.optimizer.clipNorm;
-        const gradScale = clip > 0 && gradNorm > clip ? clip / (gradNorm + 1e-6) : 1;
+        // Data-parallel reduction, global-norm clipping, AdamW (a deliberate host sync reads the norm).
+        const gradNorm = reduceGradients(this.state, grads, this.gradientGroups(), this.device);
         const lr = this.lr(this.step);
-        for (const s of this.state) {
-          adamwStep(s.param.master, grads.get(s.param.name) as Tensor, s.expAvg, s.expAvgSq, {
-            lr, step: this.step + 1, beta1: c.optimizer.beta1, beta2: c.optimizer.beta2, eps: c.optimizer.eps,
-            weightDecay: s.param.name.endsWith('norm.weight') ? 0 : c.optimizer.weightDecay, gradScale,
-            ...(s.param.computeBf16 ? { paramBf16: s.param.computeBf16 } : {}),
-          });
-        }
+        optimizerStep(this.state, grads, c.optimizer, { lr, step: this.step + 1, gradScale: clipScale(gradNorm, c.optimizer.clipNorm) });
         if (this.model.dtype !== 'bf16') this.model.refreshComputeWeights();
         endPhase('optimizer');
         // Balancing: the bias follows the global expert loads.
@@ -283,6 +251,10 @@ export class Trainer implements Disposable {
     });
     this.step++;
     return metrics;
+  }
+
+  private gradientGroups(): GradientGroups {
+    return { world: this.world, ep: this.group, edp: this.edp };
   }
 
   private moments(name: string): { expAvg: Tensor; expAvgSq: Tensor } | undefined {
@@ -398,10 +370,7 @@ export class Trainer implements Disposable {
       this.edp.dispose();
       (this.group as Communicator).dispose();
     }
-    for (const s of this.state) {
-      s.expAvg.dispose();
-      s.expAvgSq.dispose();
-    }
+    disposeOptimState(this.state);
     this.model.dispose();
     this.task.dispose();
   }

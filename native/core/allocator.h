@@ -23,7 +23,7 @@ struct MemoryStats {
 // Bytes are requested for `op` (named in errors). On a CUDA device `stream` is the stream the
 // memory will first be used on; the block is only reused on that stream unless record_stream()
 // says otherwise, in which case reuse waits until the other streams' work has completed.
-// JavaScript reaches record_stream as Tensor.recordStream; lib/comm-work.ts calls it for every
+// JavaScript reaches record_stream as Tensor.recordStream; lib/parallel/overlap.ts calls it for every
 // tensor that crosses between the compute stream and a communication stream. The pool keeps the
 // raw stream handles and records events on them when such a block is freed, possibly long after
 // the JS Stream was disposed or collected: that is safe because streams are pooled and never

@@ -14,7 +14,8 @@
  */
 import { createConnection, createServer, type Socket } from 'node:net';
 
-import { invalidArgument, InvalidArgumentError, TimeoutError, checkKeys } from '../errors.js';
+import { invalidArgument, InvalidArgumentError, TimeoutError } from '../errors.js';
+import { checkKeys, checkPositiveInt, checkTimeoutMs } from '../validate.js';
 
 export interface RendezvousOptions {
   rank: number;
@@ -47,11 +48,11 @@ export async function rendezvous(options: RendezvousOptions): Promise<Uint8Array
   const { rank, size, addr, port } = options;
   const timeoutMs = options.timeoutMs ?? 300_000;
   const jobId = options.jobId ?? '';
-  if (!Number.isSafeInteger(size) || size < 1) invalidArgument(op, `'size' must be a positive integer; received ${size}`);
+  checkPositiveInt(size, op, 'size');
   if (!Number.isSafeInteger(rank) || rank < 0 || rank >= size) invalidArgument(op, `'rank' ${rank} is not in [0, ${size})`);
   if (!Number.isSafeInteger(port) || port < 1 || port > 65535) invalidArgument(op, `'port' (MASTER_PORT) must be 1..65535; received ${port}`);
   if (typeof addr !== 'string' || addr === '') invalidArgument(op, `'addr' (MASTER_ADDR) must be a host name or address`);
-  if (!Number.isSafeInteger(timeoutMs) || timeoutMs < 0) invalidArgument(op, `'timeoutMs' must be a non-negative integer (0 = no timeout); received ${timeoutMs}`);
+  checkTimeoutMs(timeoutMs, op);
   if (typeof jobId !== 'string' || Buffer.byteLength(jobId) > MAX_JOB_ID) invalidArgument(op, `'jobId' must be a string of at most ${MAX_JOB_ID} bytes`);
   if (rank === 0) {
     if (!(options.blob instanceof Uint8Array)) invalidArgument(op, `rank 0 must pass 'blob' (a Uint8Array)`);

@@ -14,32 +14,10 @@
  *   sumOfSquares       x f32|bf16 (any shape) → f32[1]
  *   balanceBiasUpdate  bias [E] f32 (in place), load [E] i32|f32
  */
-import { checkTensor, withOutputs } from '../args.js';
-import { checkOptions, invalidArgument, checkKeys } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkBoolean, checkKeys, checkMatrix, checkNumber, checkOptionalTensor, checkOptions, checkTensor, withOutput, withOutputs } from '../validate.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
-
-
-function checkOptionalTensor(t: unknown, op: string, arg: string): Tensor | undefined {
-  return t === undefined ? undefined : checkTensor(t, op, arg);
-}
-
-function checkNumber(v: unknown, op: string, arg: string, { min = -Infinity, minExclusive = false } = {}): number {
-  if (typeof v !== 'number' || !Number.isFinite(v)) invalidArgument(op, `'${arg}' must be a finite number; received ${String(v)}`);
-  if (v < min || (minExclusive && v === min)) invalidArgument(op, `'${arg}' = ${v} must be ${minExclusive ? 'greater than' : 'at least'} ${min}`);
-  return v;
-}
-
-function checkBoolean(v: unknown, op: string, arg: string): boolean {
-  if (typeof v !== 'boolean') invalidArgument(op, `'${arg}' must be a boolean; received ${String(v)}`);
-  return v;
-}
-
-function checkRows(t: Tensor, op: string, arg: string): [number, number] {
-  if (t.ndim !== 2) invalidArgument(op, `'${arg}' has shape [${t.shape.join(',')}]; expected 2-D [rows, columns]`);
-  return [t.shape[0] as number, t.shape[1] as number];
-}
-
 
 // ------------------------------------------------------------------------------------------ RMSNorm
 
@@ -62,7 +40,7 @@ export function rmsnorm(x: Tensor, weight: Tensor, options: RmsNormOptions = {})
   options = checkOptions(options, op, { eps: true, out: true });
   checkTensor(x, op, 'x');
   checkTensor(weight, op, 'weight');
-  const [T] = checkRows(x, op, 'x');
+  const [T] = checkMatrix(x, op, 'x');
   const eps = checkNumber(options.eps ?? 1e-6, op, 'eps', { min: 0 });
   return withOutputs<RmsNormOutputs>(
     op,
@@ -96,7 +74,7 @@ export function rmsnormBackward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Ten
   checkTensor(x, op, 'x');
   checkTensor(weight, op, 'weight');
   checkTensor(rstd, op, 'rstd');
-  const [, H] = checkRows(x, op, 'x');
+  const [, H] = checkMatrix(x, op, 'x');
   const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
   if (accumulate && options.out?.dWeight === undefined) invalidArgument(op, `'accumulate' needs 'out.dWeight' to add into`);
   return withOutputs<RmsNormGradients>(
@@ -255,9 +233,7 @@ export function sumOfSquares(x: Tensor, options: SumOfSquaresOptions = {}): Tens
   checkTensor(x, op, 'x');
   const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
   if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
-  return withOutputs<{ out: Tensor }>(op, { out: options.out }, { out: () => Tensor.empty([1], { dtype: 'f32', device: x.device }) }, (o) =>
-    native().sumOfSquares(x.handle, o.out.handle, accumulate),
-  ).out;
+  return withOutput(op, options.out, () => Tensor.empty([1], { dtype: 'f32', device: x.device }), (out) => native().sumOfSquares(x.handle, out.handle, accumulate));
 }
 
 /**

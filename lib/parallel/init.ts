@@ -7,7 +7,8 @@
  * ranks, rank 0 logs the choice and why to stderr (`log: false` silences it).
  */
 import { cuda, setDefaultDevice } from '../device.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkOptions } from '../validate.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { type Backend, Communicator, DEFAULT_TIMEOUT_MS } from './communicator.js';

@@ -20,10 +20,11 @@
  * nothing. A host-blocking communicator (MPI, staging device buffers) has finished its exchanges
  * when the call returns; only the kernels around them may still be queued on the comm stream.
  */
-import { type Device } from './device.js';
-import { checkOptions, DisposedError, invalidArgument } from './errors.js';
-import { Event, Stream, withStream } from './stream.js';
-import { Tensor, tensorsIn } from './tensor.js';
+import { type Device } from '../device.js';
+import { DisposedError, invalidArgument } from '../errors.js';
+import { checkEvent, checkOptions, checkStream } from '../validate.js';
+import { Event, Stream, withStream } from '../stream.js';
+import { Tensor, tensorsIn } from '../tensor.js';
 
 export interface CommWorkOptions {
   /**
@@ -67,7 +68,7 @@ export class CommWork<T> implements Disposable {
 
   /** The result; work queued on `stream` from now on waits for it (the host does not). */
   waitOn(stream: Stream): T {
-    if (!(stream instanceof Stream)) invalidArgument('CommWork.waitOn', `'stream' must be a Stream; received ${String(stream)}`);
+    checkStream(stream, 'CommWork.waitOn');
     if (!stream.device.equals(this.device)) invalidArgument('CommWork.waitOn', `'stream' is on ${stream.device.toString()} but the work is on ${this.device.toString()}`);
     return this.deliver('waitOn', stream);
   }
@@ -121,7 +122,7 @@ export interface RunOnStreamOptions extends CommWorkOptions {
  */
 export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStreamOptions = {}): CommWork<T> {
   const op = 'runOnStream';
-  if (!(stream instanceof Stream)) invalidArgument(op, `'stream' must be a Stream; received ${String(stream)}`);
+  checkStream(stream, op);
   if (stream.disposed) throw new DisposedError(`${op}: 'stream' was disposed`, op);
   if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
   options = checkOptions(options, op, { after: true, inputs: true });
@@ -151,7 +152,7 @@ export function launch<T>(
   options = checkOptions(options, op, { after: true });
   const after = options.after;
   if (after !== undefined) {
-    if (!(after instanceof Event)) invalidArgument(op, `'after' must be an Event; received ${String(after)}`);
+    checkEvent(after, op, 'after');
     if (!after.device.equals(device)) invalidArgument(op, `'after' is an event on ${after.device.toString()} but the tensors are on ${device.toString()}`);
     if (after.disposed) throw new DisposedError(`${op}: 'after' was disposed`, op);
   }

@@ -1,7 +1,7 @@
 /**
  * Communicator: a group of ranks and the collectives expert parallelism needs, on tensors.
  * Backends: 'single' (one rank), 'mpi' (host memory; CUDA tensors staged through pinned memory),
- * 'nccl' (one GPU per rank). Create one with init() (lib/dist/init.ts) or the static factories.
+ * 'nccl' (one GPU per rank). Create one with init() (lib/parallel/init.ts) or the static factories.
  *
  * Rules: tensors are contiguous with dim >= 1; counts are rows (dim 0); every rank passes the same
  * dtype and row shape. Ranks that break the rules in a call (other sizes, dtype, op, root, another
@@ -15,24 +15,18 @@
  * checkpoint's metadata, a metric read on the host) goes through a copy on the communicator's GPU
  * and back, which costs a host synchronisation; keep bulk data on the GPU.
  */
-import { checkTensor } from '../args.js';
-import { checkOptions, invalidArgument } from '../errors.js';
+import { invalidArgument } from '../errors.js';
+import { checkOptions, checkTensor, checkTimeoutMs } from '../validate.js';
 import { type CommHandle, native } from '../native.js';
+import { COLLECTIVE_REDUCE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
 import { Device } from '../device.js';
 
 export type Backend = 'single' | 'mpi' | 'nccl';
 export type ReduceOp = 'sum' | 'max' | 'min' | 'avg';
-const REDUCE_CODES: Record<ReduceOp, number> = { sum: 0, max: 1, min: 2, avg: 3 };
 
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
-function checkTimeout(ms: unknown, op: string): number {
-  if (typeof ms !== 'number' || !Number.isSafeInteger(ms) || ms < 0) {
-    invalidArgument(op, `'timeoutMs' must be a non-negative integer (0 = no timeout); received ${String(ms)}`);
-  }
-  return ms;
-}
 
 function checkRows(rows: unknown, op: string, name: string): number[] {
   if (!Array.isArray(rows)) invalidArgument(op, `'${name}' must be an array of row counts, one per rank`);
@@ -66,13 +60,13 @@ export class Communicator implements Disposable {
   /** MPI_COMM_WORLD (a duplicate). Initialises MPI on first use unless the application did. */
   static mpi(options: { timeoutMs?: number } = {}): Communicator {
     options = checkOptions(options, 'Communicator.mpi', { timeoutMs: true });
-    return new Communicator(native().commMpi(checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
+    return new Communicator(native().commMpi(checkTimeoutMs(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commMpi')));
   }
 
   /** NCCL on cuda:`device`; `uniqueId` (128 bytes) comes from rank 0's Communicator.ncclUniqueId(). */
   static nccl(rank: number, size: number, uniqueId: Uint8Array, device: number, options: { timeoutMs?: number } = {}): Communicator {
     options = checkOptions(options, 'Communicator.nccl', { timeoutMs: true });
-    const handle = native().commNccl(rank, size, uniqueId, device, checkTimeout(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl'));
+    const handle = native().commNccl(rank, size, uniqueId, device, checkTimeoutMs(options.timeoutMs ?? DEFAULT_TIMEOUT_MS, 'commNccl'));
     return new Communicator(handle, Device.cuda(device));
   }
 
@@ -98,13 +92,13 @@ export class Communicator implements Disposable {
     return this.handle.timeoutMs();
   }
   set timeoutMs(ms: number) {
-    this.handle.setTimeoutMs(checkTimeout(ms, 'timeoutMs'));
+    this.handle.setTimeoutMs(checkTimeoutMs(ms, 'timeoutMs'));
   }
 
   /** In place: t = op over ranks of t. */
   allReduce(t: Tensor, op: ReduceOp = 'sum'): Tensor {
     checkTensor(t, 'allReduce', 't');
-    const code = Object.hasOwn(REDUCE_CODES, op) ? REDUCE_CODES[op] : undefined;
+    const code = Object.hasOwn(COLLECTIVE_REDUCE, op) ? COLLECTIVE_REDUCE[op] : undefined;
     if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${JSON.stringify(op)}`);
     this.#staged([t], [t], ([d]) => this.handle.allReduce(d!.handle, code));
     return t;

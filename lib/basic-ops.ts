@@ -1,0 +1,88 @@
+/**
+ * Basic ops (the public `ops` namespace: add, mul, scale, sum, max, matmul), each with a CPU
+ * reference and a CUDA kernel behind it (native/ops/<op>/). Every op allocates its result unless
+ * `out` is given; `out` lets callers reuse memory (and lets tests poison outputs before a run).
+ * Shapes, dtypes and devices are checked natively, with errors that name the op and the argument.
+ */
+import { type DType } from './dtype.js';
+import { invalidArgument } from './errors.js';
+import { checkNumber, checkOptions, checkTensor, withOutput } from './validate.js';
+import { native } from './native.js';
+import { BINARY_OP, REDUCE_OP } from './native-codes.js';
+import { Tensor } from './tensor.js';
+
+export interface OutOption {
+  out?: Tensor;
+}
+
+/** Allocates the result: a's shape and dtype unless given, on a's device. */
+const resultLike =
+  (a: Tensor, shape: readonly number[] = a.shape, dtype: DType = a.dtype) =>
+  (): Tensor =>
+    Tensor.empty(shape, { dtype, device: a.device });
+
+/** out = a + alpha·b. `b` may also be a trailing part of a's shape (a bias over rows). */
+export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number } = {}): Tensor {
+  options = checkOptions(options, 'add', { out: true, alpha: true });
+  checkTensor(a, 'add', 'a');
+  checkTensor(b, 'add', 'b');
+  const alpha = checkNumber(options.alpha ?? 1, 'add', 'alpha', { finite: false });
+  return withOutput('add', options.out, resultLike(a), (out) => native().binary(BINARY_OP.add, a.handle, b.handle, out.handle, alpha));
+}
+
+/** out = a ⊙ b (elementwise; `b` may be a trailing part of a's shape). */
+export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'mul', { out: true });
+  checkTensor(a, 'mul', 'a');
+  checkTensor(b, 'mul', 'b');
+  return withOutput('mul', options.out, resultLike(a), (out) => native().binary(BINARY_OP.mul, a.handle, b.handle, out.handle, 1));
+}
+
+/** out = alpha·a. */
+export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'scale', { out: true });
+  checkTensor(a, 'scale', 'a');
+  checkNumber(alpha, 'scale', 'alpha', { finite: false });
+  return withOutput('scale', options.out, resultLike(a), (out) => native().scale(a.handle, alpha, out.handle));
+}
+
+function reduced(a: Tensor, dim: number, op: string): number[] {
+  if (!Number.isInteger(dim) || dim < -a.ndim || dim >= a.ndim) {
+    invalidArgument(op, `'dim' = ${dim} is out of range for a tensor of rank ${a.ndim}`);
+  }
+  const d = dim < 0 ? dim + a.ndim : dim;
+  return a.shape.filter((_, i) => i !== d);
+}
+
+/** Sum along `dim` (that dimension removed). Floating sums accumulate in fp32 or better. */
+export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType } = {}): Tensor {
+  options = checkOptions(options, 'sum', { out: true, dtype: true });
+  checkTensor(a, 'sum', 'a');
+  const make = resultLike(a, reduced(a, dim, 'sum'), options.dtype ?? a.dtype);
+  return withOutput('sum', options.out, make, (out) => native().reduce(REDUCE_OP.sum, a.handle, dim, out.handle));
+}
+
+/** Maximum along `dim` (that dimension removed); NaN propagates. */
+export function max(a: Tensor, dim: number, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'max', { out: true });
+  checkTensor(a, 'max', 'a');
+  const make = resultLike(a, reduced(a, dim, 'max'));
+  return withOutput('max', options.out, make, (out) => native().reduce(REDUCE_OP.max, a.handle, dim, out.handle));
+}
+
+/** out[M,N] = a[M,K]·b[K,N] (+ out with `accumulate`), fp32 accumulation. Views such as transposes are fine. */
+export function matmul(a: Tensor, b: Tensor, options: OutOption & { accumulate?: boolean; dtype?: DType } = {}): Tensor {
+  options = checkOptions(options, 'matmul', { out: true, accumulate: true, dtype: true });
+  checkTensor(a, 'matmul', 'a');
+  checkTensor(b, 'matmul', 'b');
+  if (a.ndim !== 2 || b.ndim !== 2) invalidArgument('matmul', `expects 2-D tensors, got [${a.shape.join(',')}] and [${b.shape.join(',')}]`);
+  if (options.accumulate && options.out === undefined) invalidArgument('matmul', `'accumulate' needs 'out'`);
+  const make = resultLike(a, [a.shape[0] as number, b.shape[1] as number], options.dtype ?? a.dtype);
+  return withOutput('matmul', options.out, make, (out) => {
+    // The product reads a and b while it writes out: an overlapping out would feed back partial results.
+    if (options.out !== undefined && (out.sharesStorageWith(a) || out.sharesStorageWith(b))) {
+      invalidArgument('matmul', `'out' shares memory with 'a' or 'b'; the product needs a separate output`);
+    }
+    native().matmul(a.handle, b.handle, out.handle, options.accumulate ?? false);
+  });
+}

@@ -1,0 +1,305 @@
+/**
+ * Saving: every rank's file written into a temporary folder, the ranks' reports exchanged (the
+ * barrier), then rank 0 commits: the manifest last, fsyncs, the renames into place, `latest`, and
+ * pruning. The protocol and what a crash at each step leaves: lib/train/checkpoint.ts.
+ */
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import { basename, join } from 'node:path';
+
+import { type DType } from '../dtype.js';
+import { CheckpointError, InvalidArgumentError, invalidArgument } from '../errors.js';
+import { type Communicator } from '../parallel/communicator.js';
+import { allGatherJson } from '../parallel/gather-json.js';
+import { Tensor } from '../tensor.js';
+import { checkKeys, checkNonNegativeInt, checkPositiveInt } from '../validate.js';
+import {
+  buildManifest,
+  candidates,
+  CHECKPOINT_FORMAT,
+  type CheckpointManifest,
+  checkManifestExtras,
+  ckptError,
+  entryExists,
+  type FileRecord,
+  LATEST_FILE,
+  listCheckpoints,
+  type ManifestExtras,
+  MANIFEST_FILE,
+  parseAsideDir,
+  parseStepDir,
+  REPLICATED_FILE,
+  stepDirName,
+  verifyCandidate,
+} from './checkpoint-layout.js';
+import { checkPlainName, fsyncDir, isTemporaryName, realFolder, writeFileAtomic } from './safe-files.js';
+import { type SafetensorsEntry, writeSafetensors } from './safetensors.js';
+
+/** A tensor given as raw bytes (for tools that never touch the addon). */
+export interface RawTensor {
+  dtype: DType;
+  shape: readonly number[];
+  data: ArrayBufferView;
+}
+
+export interface SaveOptions {
+  step: number;
+  /** All ranks of the job call saveCheckpoint together (collective); omitted: a single process. */
+  comm?: Communicator;
+  /** The same on every rank; rank 0 writes it. */
+  replicated?: Record<string, Tensor | RawTensor>;
+  /** This rank's own tensors (names distinct across ranks, e.g. by global expert index). */
+  sharded?: Record<string, Tensor | RawTensor>;
+  manifestExtras?: ManifestExtras;
+  /** Keep the newest `keep` checkpoints, delete older ones (default: keep all). */
+  keep?: number;
+}
+
+export interface SavedCheckpoint {
+  dir: string;
+  step: number;
+  /** Bytes this rank wrote. */
+  bytes: number;
+  ms: number;
+}
+
+/** A random suffix for folder names of one save or deletion. */
+const nonce = (bytes = 4): string => randomBytes(bytes).toString('hex');
+
+function entryOf(name: string, t: Tensor | RawTensor): SafetensorsEntry {
+  if (t instanceof Tensor) {
+    const c = t.isContiguous ? t : t.contiguous();
+    try {
+      return { name, dtype: t.dtype, shape: [...t.shape], data: c.toArray() };
+    } finally {
+      if (c !== t) c.dispose();
+    }
+  }
+  return { name, dtype: t.dtype, shape: t.shape, data: t.data };
+}
+
+/** JSON from every rank, in rank order (a single process: its own). */
+function exchange<T>(comm: Communicator | undefined, value: T): T[] {
+  return comm ? allGatherJson(comm, value) : [value];
+}
+
+interface RankReport {
+  ok: boolean;
+  error?: string;
+  files: FileRecord[];
+}
+
+/** Writes one safetensors file of a checkpoint into `dir`: its record for the manifest. */
+function writeCheckpointFile(dir: string, file: string, tensors: Record<string, Tensor | RawTensor>, step: number, rank?: number): FileRecord {
+  const entries = Object.entries(tensors).map(([n, t]) => entryOf(n, t));
+  const w = writeSafetensors(join(dir, file), entries, { format: CHECKPOINT_FORMAT, step: String(step), ...(rank === undefined ? {} : { rank: String(rank) }) });
+  const records: FileRecord['tensors'] = {};
+  for (const [n, i] of Object.entries(w.tensors)) records[n] = { dtype: i.dtype, shape: i.shape, sha256: i.sha256 };
+  return { file, bytes: w.bytes, sha256: w.sha256, ...(rank === undefined ? {} : { rank }), tensors: records };
+}
+
+/**
+ * Saves one checkpoint (collective when `comm` has several ranks: every rank calls it with the same
+ * step). Returns once the checkpoint is committed on every rank, or throws on every rank (naming the
+ * rank that failed) with nothing committed.
+ */
+export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
+  const op = 'saveCheckpoint';
+  const t0 = Date.now();
+  if (typeof root !== 'string' || root === '') invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
+  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
+  checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
+  const { step, comm } = options;
+  checkNonNegativeInt(step, op, 'step');
+  if (options.keep !== undefined) checkPositiveInt(options.keep, op, 'keep');
+  const extras = options.manifestExtras ?? {};
+  checkManifestExtras(extras, op);
+  const rank = comm?.rank ?? 0;
+  const size = comm?.size ?? 1;
+
+  // Agree on the step and on rank 0's nonce for the temporary folder.
+  const hello = exchange(comm, { step, nonce: rank === 0 ? randomBytes(6).toString('hex') : '' });
+  const steps = new Set(hello.map((h) => h.step));
+  if (steps.size !== 1) ckptError(root, `${op}: the ranks disagree on the step (${hello.map((h, r) => `rank ${r}: ${h.step}`).join(', ')})`);
+  const name = stepDirName(step);
+  const tmp = join(root, `.tmp-${name}-${hello[0]!.nonce}`);
+  const finalDir = join(root, name);
+
+  let report: RankReport;
+  let written = 0;
+  try {
+    fs.mkdirSync(root, { recursive: true });
+    try {
+      fs.mkdirSync(tmp);
+    } catch (e) {
+      // Another rank of this save may have made it first; anything but that folder is refused.
+      if ((e as NodeJS.ErrnoException).code !== 'EEXIST' || size === 1 || !fs.lstatSync(tmp).isDirectory()) throw e;
+    }
+    const files: FileRecord[] = [];
+    const write = (file: string, tensors: Record<string, Tensor | RawTensor>, fileRank?: number): void => {
+      const f = writeCheckpointFile(tmp, file, tensors, step, fileRank);
+      written += f.bytes;
+      files.push(f);
+    };
+    const sharded = options.sharded ?? {};
+    if (Object.keys(sharded).length > 0 || size > 1) write(`rank-${rank}.safetensors`, sharded, rank);
+    if (rank === 0) write(REPLICATED_FILE, options.replicated ?? {});
+    fsyncDir(tmp);
+    report = { ok: true, files };
+  } catch (e) {
+    report = { ok: false, error: (e as Error).message, files: [] };
+  }
+
+  // Every rank's files are on disk (the exchange is the barrier).
+  const reports = exchange(comm, report);
+  const failed = reports.map((r, i) => (r.ok ? null : `rank ${i}: ${r.error}`)).filter((x) => x !== null);
+  if (failed.length) {
+    if (rank === 0) fs.rmSync(tmp, { recursive: true, force: true });
+    ckptError(finalDir, `${op} failed, nothing was committed: ${failed.join('; ')}`);
+  }
+
+  let status: { ok: boolean; error?: string } = { ok: true };
+  if (rank === 0) {
+    try {
+      commitDir(root, tmp, finalDir, buildManifest(extras, step, size, reports.flatMap((r) => r.files)));
+      if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
+    } catch (e) {
+      status = { ok: false, error: (e as Error).message };
+    }
+  }
+  const final = exchange(comm, status)[0]!;
+  if (!final.ok) {
+    if (rank === 0) fs.rmSync(tmp, { recursive: true, force: true });
+    ckptError(finalDir, `${op}: rank 0 could not commit: ${final.error}`);
+  }
+  return { dir: finalDir, step, bytes: written, ms: Date.now() - t0 };
+}
+
+/**
+ * Writes a whole checkpoint from one process (offline tools such as `moe-ep ckpt reshard`): the
+ * files are produced one at a time (`tensors()` is called when that file is written, so only one
+ * file's tensors are in memory), then committed exactly as saveCheckpoint() does.
+ */
+export function writeCheckpoint(
+  root: string,
+  options: {
+    step: number;
+    worldSize: number;
+    files: { file: string; rank?: number; tensors: () => Record<string, Tensor | RawTensor> }[];
+    manifestExtras?: ManifestExtras;
+    keep?: number;
+  },
+): SavedCheckpoint {
+  const t0 = Date.now();
+  checkKeys(options, 'writeCheckpoint', { step: true, worldSize: true, files: true, manifestExtras: true, keep: true });
+  const { step } = options;
+  checkNonNegativeInt(step, 'writeCheckpoint', 'step');
+  const extras = options.manifestExtras ?? {};
+  checkManifestExtras(extras, 'writeCheckpoint');
+  for (const [i, f] of options.files.entries()) checkPlainName(f.file, `writeCheckpoint: files[${i}].file`, InvalidArgumentError);
+  fs.mkdirSync(root, { recursive: true });
+  const name = stepDirName(step);
+  const tmp = join(root, `.tmp-${name}-${nonce(6)}`);
+  fs.mkdirSync(tmp);
+  let bytes = 0;
+  try {
+    const files: FileRecord[] = [];
+    for (const f of options.files) {
+      const w = writeCheckpointFile(tmp, f.file, f.tensors(), step, f.rank);
+      bytes += w.bytes;
+      files.push(w);
+    }
+    fsyncDir(tmp);
+    commitDir(root, tmp, join(root, name), buildManifest(extras, step, options.worldSize, files));
+  } catch (e) {
+    fs.rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
+  return { dir: join(root, name), step, bytes, ms: Date.now() - t0 };
+}
+
+/**
+ * Rank 0's commit: manifest last, fsync, rename into place, fsync root, then `latest`. A step that
+ * exists is moved aside first and discarded only once the new one is committed (see lib/train/checkpoint.ts).
+ */
+function commitDir(root: string, tmp: string, finalDir: string, manifest: CheckpointManifest): void {
+  writeFileAtomic(join(tmp, MANIFEST_FILE), `${JSON.stringify(manifest, null, 1)}\n`);
+  fsyncDir(tmp);
+  const name = basename(finalDir);
+  if (entryExists(root, name)) {
+    // Asides of this step left by an earlier crash are stale while step-N exists; gone first, so that
+    // a crash below leaves exactly one aside, the folder committed last.
+    for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
+    fs.renameSync(finalDir, join(root, `.old-${name}-${nonce()}`));
+    // Durable before the new folder takes the name: a crash now leaves the old one findable as step N.
+    fsyncDir(root);
+  }
+  fs.renameSync(tmp, finalDir);
+  fsyncDir(root);
+  writeLatest(root, name);
+  // Only now is the old copy (and any an earlier crash left) garbage.
+  for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
+}
+
+/** `latest` through a fresh temporary, created exclusively: a planted link there is replaced, never followed. */
+function writeLatest(root: string, name: string): void {
+  writeFileAtomic(join(root, LATEST_FILE), `${name}\n`);
+  fsyncDir(root);
+}
+
+/** Deletes an entry of root: renamed .del-* first, so a crash mid-delete never leaves a folder that looks committed. */
+function discard(root: string, name: string): void {
+  const doomed = join(root, `.del-${nonce()}-${name.replace(/^\.+/, '')}`);
+  fs.renameSync(join(root, name), doomed);
+  fs.rmSync(doomed, { recursive: true, force: true }); // a link is removed, never followed
+}
+
+/** Renames the newest verified aside of each step that has no folder back to step-N (a writer's repair after a crash mid re-save). */
+function recoverAsides(root: string, rootReal: string): void {
+  const newest = new Map<number, { name: string; at: number }>();
+  for (const c of candidates(root, rootReal)) {
+    if (!c.name.startsWith('.old-') || entryExists(rootReal, stepDirName(c.step))) continue;
+    let at: number;
+    try {
+      at = Date.parse(verifyCandidate(rootReal, c).manifest.createdAt);
+    } catch (e) {
+      if (e instanceof CheckpointError) continue; // left in place: latestCheckpoint() reports it
+      throw e;
+    }
+    if (!newest.has(c.step) || at > (newest.get(c.step) as { at: number }).at) newest.set(c.step, { name: c.name, at });
+  }
+  for (const [step, { name }] of newest) fs.renameSync(join(root, name), join(root, stepDirName(step)));
+  if (newest.size) fsyncDir(root);
+}
+
+/**
+ * Deletes all but the newest `keep` checkpoints (never `protect`), and leftovers of interrupted
+ * saves (.tmp-*, .del-*, temporaries, folders moved aside whose step has been saved again); the
+ * newest aside of a step that has no folder is renamed back first. Called by rank 0 after a commit; assumes
+ * no other save is running. Nothing outside root is touched (links are removed, not followed).
+ */
+export function pruneCheckpoints(root: string, keep: number, protect?: string): string[] {
+  // keep < 1 (or NaN, which slice() reads as 0) would delete every checkpoint.
+  checkPositiveInt(keep, 'pruneCheckpoints', 'keep');
+  const rootReal = realFolder(root, `checkpoint ${root}`);
+  recoverAsides(root, rootReal);
+  const removed: string[] = [];
+  const all = listCheckpoints(root);
+  for (const c of all.slice(0, Math.max(0, all.length - keep))) {
+    const name = basename(c.dir);
+    if (name === protect || parseStepDir(name) === undefined) continue;
+    discard(root, name);
+    removed.push(c.dir);
+  }
+  const names = fs.readdirSync(rootReal);
+  for (const n of names) {
+    const aside = parseAsideDir(n);
+    const stale = aside !== undefined && names.includes(stepDirName(aside));
+    // No save is running (see above): every .tmp-step-* is a leftover, the protected step's too.
+    if (stale || n.startsWith('.tmp-step-')) discard(root, n);
+    else if (n.startsWith('.del-') || isTemporaryName(n)) fs.rmSync(join(root, n), { recursive: true, force: true });
+  }
+  fsyncDir(root);
+  return removed;
+}
