@@ -132,23 +132,23 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     const built = buildHfCheckpoint(dir, testConfigs.deepseek_v3, { dtype: 'f32', shards: 2, seed: 5 });
     using ckpt = HfMoECheckpoint.open(dir);
     using w = ckpt.readLayer(2, { dtype: 'bf16', device: 'cpu' });
-    const ref = built.layers.get(2);
+    const ref = built.layers.get(2)!;
     const { H, F, E } = moeSizes(testConfigs.deepseek_v3);
     // router [1,H,E] holds gateᵀ; w13[e][h][2i] = gate_proj[i][h], [2i+1] = up_proj[i][h]; w2[e][i][h] = down[h][i].
     const router = w.router.toFloat32Array();
     const w13 = w.w13.toFloat32Array();
     const w2 = w.w2.toFloat32Array();
     const bf = (v: number): number => encode([v], 'bf16').decoded[0] as number;
-    for (let e = 0; e < E; e++) for (let h = 0; h < H; h++) expect(router[h * E + e]).toBe(bf(ref.gate[e * H + h]));
+    for (let e = 0; e < E; e++) for (let h = 0; h < H; h++) expect(router[h * E + e]).toBe(bf(ref.gate[e * H + h]!));
     for (let e = 0; e < E; e += 5)
       for (let h = 0; h < H; h++)
         for (let i = 0; i < F; i++) {
-          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(bf(ref.experts[e].gate[i * H + h]));
-          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(bf(ref.experts[e].up[i * H + h]));
-          expect(w2[(e * F + i) * H + h]).toBe(bf(ref.experts[e].down[h * F + i]));
+          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(bf(ref.experts[e]!.gate[i * H + h]!));
+          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(bf(ref.experts[e]!.up[i * H + h]!));
+          expect(w2[(e * F + i) * H + h]).toBe(bf(ref.experts[e]!.down[h * F + i]!));
         }
     expect(w.bias?.dtype).toBe('f32');
-    expect(Array.from(w.bias?.toFloat32Array() ?? [])).toEqual(Array.from(Float32Array.from(ref.bias)));
+    expect(Array.from(w.bias?.toFloat32Array() ?? [])).toEqual(Array.from(Float32Array.from(ref.bias ?? [])));
   });
 
   it('DeepSeek-V3 in its published FP8 layout (e4m3 experts with 128×128 block scales): dequantised exactly, f32 and bf16 layers', () => {
@@ -158,7 +158,7 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     };
     const dir = fresh();
     const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 17, fp8: true });
-    const w = built.layers.get(1);
+    const w = built.layers.get(1)!;
     const H = 256, F = 128;
     using ckpt = HfMoECheckpoint.open(dir);
     using f32 = ckpt.readLayer(1, { dtype: 'f32', device: 'cpu' });
@@ -167,9 +167,9 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     for (const e of [0, 5])
       for (let h = 0; h < H; h += 7)
         for (let i = 0; i < F; i += 5) {
-          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(w.experts[e].gate[i * H + h]);
-          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(w.experts[e].up[i * H + h]);
-          expect(w2[(e * F + i) * H + h]).toBe(w.experts[e].down[h * F + i]);
+          expect(w13[(e * H + h) * 2 * F + 2 * i]).toBe(w.experts[e]!.gate[i * H + h]);
+          expect(w13[(e * H + h) * 2 * F + 2 * i + 1]).toBe(w.experts[e]!.up[i * H + h]);
+          expect(w2[(e * F + i) * H + h]).toBe(w.experts[e]!.down[h * F + i]);
         }
     // Scales are read with their weights: 8 experts × 3 × 2 + the shared expert's 3 × 2 + gate + bias.
     expect(ckpt.stats.tensorsRead).toBe(8 * 3 * 2 + 3 * 2 + 2);

@@ -91,7 +91,7 @@ describe('the folder, config.json and the index', () => {
     // A valid shard outside the folder: were it opened, the layer would load.
     const outsideDir = join(root, `outside-${n++}`);
     fs.mkdirSync(outsideDir);
-    const gateFile = built.weightMap['model.layers.1.mlp.gate.weight'];
+    const gateFile = built.weightMap['model.layers.1.mlp.gate.weight'] as string;
     fs.copyFileSync(join(dir, gateFile), join(outsideDir, gateFile));
     for (const file of [`../${join('..', root.split('/').pop() as string, outsideDir.split('/').pop() as string, gateFile)}`, join(outsideDir, gateFile), `sub/${gateFile}`, '..', 'a\0b']) {
       setIndex({ ...built.weightMap, 'model.layers.1.mlp.gate.weight': file });
@@ -142,11 +142,11 @@ describe('tensors', () => {
     // One expert rewritten as I32, another as FP8: the message says what is read.
     const single = join(root, `c${n++}`);
     const built = buildHfCheckpoint(single, cfg, { shards: 0, seed: 3 });
-    const entries = built.entries.map((e: { name: string; dtype: string; shape: number[]; bytes: Uint8Array }) =>
+    const entries = built.entries.map((e) =>
       e.name === expertName(1, 2, 'down') ? { ...e, dtype: 'I16' } : e.name === expertName(1, 5, 'gate') ? { ...e, dtype: 'F8_E4M3', shape: [e.shape[0] as number, 2 * (e.shape[1] as number)] } : e);
     writeSafetensorsFile(join(single, 'model.safetensors'), entries);
     expectCheckpointError(single, /safetensors model.safetensors tensor 'model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight': unknown dtype "I16"/);
-    writeSafetensorsFile(join(single, 'model.safetensors'), entries.map((e: { name: string; dtype: string }) => (e.dtype === 'I16' ? { ...e, dtype: 'BF16' } : e)));
+    writeSafetensorsFile(join(single, 'model.safetensors'), entries.map((e) => (e.dtype === 'I16' ? { ...e, dtype: 'BF16' } : e)));
     expectCheckpointError(single, /model.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight' is fp8e4m3; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight_scale_inv' block scales \(there is no/);
   });
 
@@ -158,7 +158,7 @@ describe('tensors', () => {
     expectCheckpointError(dir, /config.json: quantization_config.weight_block_size \[1,128\]: FP8 weights are read with 128×128 blocks only/);
     fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(fp8cfg));
     const name = expertName(1, 1, 'up');
-    const entries = built.entries.map((e: { name: string; shape: number[]; bytes: Uint8Array }) => (e.name === `${name}_scale_inv` ? { ...e, shape: [1, 2], bytes: new Uint8Array(8) } : e));
+    const entries = built.entries.map((e) => (e.name === `${name}_scale_inv` ? { ...e, shape: [1, 2], bytes: new Uint8Array(8) } : e));
     writeSafetensorsFile(join(dir, 'model.safetensors'), entries);
     expectCheckpointError(dir, new RegExp(`tensor '${name.replace(/\./g, '\\.')}_scale_inv' is \\[1,2\\] but the deepseek_v3 config \\(config.json\\) needs \\[1,1\\]`));
     // 96 columns: H = 96 cannot be split into 128-wide blocks.
@@ -196,7 +196,7 @@ describe('calls', () => {
 
   it('files a rank does not need are never opened: a garbage shard holding only other ranks\' experts does not stop it', () => {
     const { dir, built } = fresh({ shards: 4 });
-    const layer = 2, P = 2, E = cfg.n_routed_experts;
+    const layer = 2, P = 2, E = cfg.n_routed_experts as number;
     for (let r = 0; r < P; r++) {
       const needed = new Set<string>([
         `model.layers.${layer}.mlp.gate.weight`, `model.layers.${layer}.mlp.gate.e_score_correction_bias`,
