@@ -54,7 +54,9 @@ if (shapeName === 'all') {
   const rest = shapeAt < 0 ? argv : argv.filter((_, i) => i !== shapeAt && i !== shapeAt + 1); // without '--shape all'
   let status = 0;
   for (const name of Object.keys(SHAPES)) {
-    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--shape', name], { stdio: 'inherit' });
+    // Bounded (a hung shape must not eat the next one's time): ~1 min expected, 5 at most. Killed,
+    // it leaves no peer behind: the peer exits when its stdin closes.
+    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--shape', name], { stdio: 'inherit', timeout: 300_000, killSignal: 'SIGKILL' });
     if (r.status !== 0) {
       console.error(`moe-layer --shape ${name}: ${r.error?.message ?? (r.signal ? `killed by ${r.signal}` : `exit ${r.status}`)}`);
       status = 1;
@@ -191,7 +193,7 @@ if (!noPeer && peerState === null) {
     for (const t of [w1, w3, dW1, dW3, routerW]) t.dispose();
     log(`inputs for the peer: ${(bytes / 1e9).toFixed(2)} GB in ${dir} (${((performance.now() - t0) / 1e3).toFixed(1)} s)`);
     peer = new PeerSession('moe_layer_torch.py', [dir, String(k), dryRun ? 'cpu' : 'cuda']);
-    check = await peer.ready(300_000); // loads the inputs, runs the check
+    check = await peer.ready(150_000); // loads the inputs, runs the check (~15 s for main)
     log(`torch peer ready (${((performance.now() - t0) / 1e3).toFixed(1)} s after the inputs began)`);
   } catch (e) {
     peerState = `failed: ${String(e.message ?? e).split('\n').slice(-3).join(' | ')}`;
@@ -371,7 +373,7 @@ for (let round = 0; round < rounds; round++) {
   let theirs = null;
   if (peer) {
     try {
-      theirs = await peer.request({ cmd: 'round', warmup, repeats, peak_n: dryRun ? 256 : 8192 }, 120_000);
+      theirs = await peer.request({ cmd: 'round', warmup, repeats, peak_n: dryRun ? 256 : 8192 }, 60_000); // ~2 s for main
       if (theirs.error) log(`round ${round + 1}: torch peer error: ${theirs.error}`);
     } catch (e) {
       theirs = { error: String(e.message ?? e) };
