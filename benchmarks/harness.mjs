@@ -4,11 +4,13 @@
 // - writeInputs(dir, tensors): raw little-endian files plus a manifest, so a Python peer script
 //   times PyTorch on exactly the same inputs in the same run;
 // - runPeer(script, args): runs python3 benchmarks/peers/<script>, which prints one JSON object;
+// - startPeer(script, args): the same script kept alive and driven by JSON lines on stdin/stdout
+//   (one request, one answer), so that ours and the peer can alternate in rounds on inputs loaded once;
 // - writeResult(area, rows): JSON in --out (default benchmarks/results) with commit, GPU and
-//   versions, and a table printed last.
+//   versions, and a table printed last; printTable(title, rows) for further tables.
 // --dry-run (each script's tiny CPU shapes) goes through the same calls: events are created, recorded
 // and synchronised on the CPU too (wall-clock times), and writeInputs writes in small slices.
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { Console } from 'node:console';
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
@@ -113,6 +115,126 @@ export function runPeer(script, peerArgs = [], { timeoutMs = 600_000, env = {} }
   return JSON.parse(lines[lines.length - 1]);
 }
 
+/**
+ * A peer script kept alive: it answers each JSON line written to its stdin with one JSON line on
+ * its stdout (lines that are not JSON objects are skipped; its stderr goes to ours). The first
+ * answer is read with ready(); request(obj) writes obj and waits for the next answer. Past a call's
+ * timeout, or when the process exits, the call throws and the process is killed (SIGKILL): the
+ * caller goes on without it. close() asks it to quit ({"cmd": "quit"}) and kills it if it does not.
+ */
+export class PeerSession {
+  #child;
+  #buffer = '';
+  #answers = [];
+  #waiter = null;
+  #exit = null;
+  #onExit;
+  constructor(script, peerArgs = [], { env = {} } = {}) {
+    this.script = script;
+    this.#child = spawn('python3', [join(import.meta.dirname, 'peers', script), ...peerArgs], {
+      env: { ...process.env, PYTHONUNBUFFERED: '1', ...env },
+      stdio: ['pipe', 'pipe', 'inherit'],
+    });
+    this.#child.stdout.setEncoding('utf8');
+    this.#child.stdout.on('data', (chunk) => {
+      this.#buffer += chunk;
+      let nl;
+      while ((nl = this.#buffer.indexOf('\n')) >= 0) {
+        const line = this.#buffer.slice(0, nl).trim();
+        this.#buffer = this.#buffer.slice(nl + 1);
+        if (!line.startsWith('{')) continue;
+        try {
+          this.#answers.push(JSON.parse(line));
+        } catch {
+          continue;
+        }
+        this.#wake();
+      }
+    });
+    this.#child.stdin.on('error', () => {}); // a dead peer's closed pipe: reported through the exit
+    this.#child.on('error', (e) => {
+      this.#exit ??= `could not run python3: ${e.message}`;
+      this.#wake();
+    });
+    this.#child.on('exit', (code, signal) => {
+      this.#exit ??= `${script} exited (${signal ?? `code ${code}`})`;
+      this.#wake();
+    });
+    // Never outlive the benchmark (this process's own child, by its handle).
+    this.#onExit = () => this.#child.kill('SIGKILL');
+    process.once('exit', this.#onExit);
+  }
+  #wake() {
+    const w = this.#waiter;
+    this.#waiter = null;
+    w?.();
+  }
+  get alive() {
+    return this.#exit === null;
+  }
+  /** The next answer (the first one: what the peer says once it has loaded its inputs). */
+  async ready(timeoutMs = 600_000) {
+    return this.#next(timeoutMs);
+  }
+  /** Sends one request and waits for its answer. */
+  async request(obj, timeoutMs = 600_000) {
+    if (this.#exit !== null) throw new Error(`peer ${this.script} is gone: ${this.#exit}`);
+    this.#child.stdin.write(JSON.stringify(obj) + '\n');
+    return this.#next(timeoutMs);
+  }
+  async #next(timeoutMs) {
+    const deadline = Date.now() + timeoutMs;
+    while (this.#answers.length === 0) {
+      if (this.#exit !== null) throw new Error(`peer ${this.script} is gone: ${this.#exit}`);
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        this.#child.kill('SIGKILL');
+        throw new Error(`peer ${this.script} did not answer within ${timeoutMs} ms (killed)`);
+      }
+      await new Promise((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.#waiter = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+    }
+    return this.#answers.shift();
+  }
+  /** Asks the peer to quit; kills it after `timeoutMs`. */
+  async close(timeoutMs = 30_000) {
+    if (this.#exit === null) {
+      try {
+        this.#child.stdin.end(JSON.stringify({ cmd: 'quit' }) + '\n');
+      } catch {
+        // already closed
+      }
+      const deadline = Date.now() + timeoutMs;
+      while (this.#exit === null && Date.now() < deadline) {
+        await new Promise((resolve) => {
+          const timer = setTimeout(resolve, Math.max(1, deadline - Date.now()));
+          this.#waiter = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+      }
+      if (this.#exit === null) this.#child.kill('SIGKILL');
+    }
+    process.removeListener('exit', this.#onExit);
+  }
+}
+
+/** Whether python3 finds torch (the peers need it), without importing it (a quick look-up). */
+export function torchAvailable() {
+  try {
+    execFileSync('python3', ['-c', 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)'], { stdio: 'ignore', timeout: 60_000 });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 function run(file, fileArgs) {
   try {
     return execFileSync(file, fileArgs, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], timeout: 60_000 }).trim();
@@ -143,16 +265,37 @@ export function environment() {
   };
 }
 
-/** Writes <area>-<commit>.json and prints the rows as a table. */
-export function writeResult(area, rows, notes = {}) {
+/**
+ * Writes <area>-<commit>.json and prints the rows as a table. `extra`: more top-level fields of the
+ * file (after rows), for data that is not a table row. `print`: 'console' (default: console.table),
+ * 'compact' (printTable's narrower text) or 'none'.
+ */
+export function writeResult(area, rows, notes = {}, extra = {}, { print = 'console' } = {}) {
   mkdirSync(outDir, { recursive: true });
   const env = environment();
   const file = join(outDir, `${area}-${env.commit}.json`);
-  writeFileSync(file, JSON.stringify({ area, ...env, notes, rows }, null, 2) + '\n');
+  writeFileSync(file, JSON.stringify({ area, ...env, notes, rows, ...extra }, null, 2) + '\n');
   console.log(`\n${area} on ${env.gpu || 'the CPU'} (commit ${env.commit}, torch ${env.torch ?? 'absent'}) -> ${file}`);
   // No colours: under mpirun stdout is a pty, and the table also goes to logs.
-  new Console({ stdout: process.stdout, stderr: process.stderr, colorMode: false }).table(rows);
+  if (print === 'console') new Console({ stdout: process.stdout, stderr: process.stderr, colorMode: false }).table(rows);
+  else if (print === 'compact') printTable(null, rows);
   return file;
+}
+
+/**
+ * Prints rows as a compact text table (no index column, no quotes, numbers right-aligned, empty
+ * cells for null), under a title line when one is given.
+ */
+export function printTable(title, rows) {
+  if (title) console.log(`\n${title}`);
+  const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
+  const cell = (v) => (v === null || v === undefined ? '' : typeof v === 'string' ? v : String(v));
+  const width = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
+  const line = (vals, right) => vals.map((v, i) => (right[i] ? v.padStart(width[i]) : v.padEnd(width[i]))).join('  ').trimEnd();
+  const numeric = cols.map((c) => rows.every((r) => r[c] === null || r[c] === undefined || typeof r[c] === 'number'));
+  console.log(line(cols, numeric));
+  console.log(line(width.map((w) => '-'.repeat(w)), numeric));
+  for (const r of rows) console.log(line(cols.map((c) => cell(r[c])), numeric));
 }
 
 /**

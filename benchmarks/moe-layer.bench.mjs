@@ -1,38 +1,106 @@
 // One MoE layer training step (forward, backward, AdamW) on one GPU, against a PyTorch layer doing
-// the same arithmetic with torch._grouped_mm on the SAME weights and inputs, measured in the same
-// run, with the outputs and gradients compared.
-//   node benchmarks/moe-layer.bench.mjs [--out DIR] [--quick] [--no-peer] [--dry-run]
-// Layer: H=7168, F=2048, E=32 experts (all on this GPU), top-8, T=4096 tokens, bf16, softmax
-// routing without renormalisation (the softmax default: weights are the chosen probabilities),
-// dropless, no shared expert, no auxiliary losses.
-// Timing: CUDA events, median after warm-up, with the GPU idle before each timed region:
-//   forward  = MoELayer.forward (router GEMM, routing, permute, count read, experts, combine)
+// the same arithmetic with torch._grouped_mm on the SAME weights and inputs, timed in the same run
+// in alternating rounds, with the outputs and gradients compared once; and a breakdown of our step
+// into its phases, each timed on the GPU and set against the roof (a measured tensor-core peak and
+// a measured device-copy bandwidth).
+//   node benchmarks/moe-layer.bench.mjs [--shape main|fine|all] [--rounds N] [--out DIR] [--quick]
+//                                       [--no-peer] [--peak-tflops X] [--dry-run]
+// Shapes (bf16, softmax routing without renormalisation, dropless, no shared expert, no aux losses):
+//   main  H=7168 F=2048 E=32 top-8 T=4096 (DeepSeek-V3's hidden and expert sizes, 32 experts on one GPU)
+//   fine  H=2048 F=768 E=128 top-8 T=4096 (many small experts: the MoE layer of Qwen3-30B-A3B, the
+//         fine-grained E=128 F=768 shape of benchmarks/grouped-gemm.bench.mjs; see the README)
+//   all   (default) main, then fine, each in its own process: moe-layer-<commit>.json and
+//         moe-layer-fine-<commit>.json (one file per shape).
+// Rounds (--rounds N, default 5): each round times ours (forward, backward, forward + backward,
+// AdamW, the phase breakdown, the copy bandwidth) and then the torch peer (the same, and a square
+// bf16 matmul), so clock drift hits both alike. The peer is one Python process kept alive for the
+// whole run, driven per round through stdin/stdout on inputs written and loaded once. Reported per
+// metric: the median of the round medians and the range over rounds; the ratio torch/ours per round,
+// its median and min–max.
+// Timing: CUDA events, median of `repeats` after warm-up per round, the GPU idle before each region:
+//   forward  = MoELayer.forward (router GEMM, routing, capacity, permute, experts, combine)
 //   backward = MoELayer.backward (a fresh forward before each, untimed)
 //   step     = forward + backward in one region
 //   adamw    = three fused AdamW steps on the fp32 masters, refreshing the bf16 compute copies
-// Host time (the TypeScript/JS side of a step), see the notes written with the result.
-// Check: outputs and gradients against the torch layer in the same run, relative error in norm
-// within TOLERANCE (bf16); the script exits 1 when a check fails (after writing the result).
-// --dry-run: tiny shapes on the CPU (wall clock), to check the script and the peer's arithmetic.
-// On an H200 (estimate): ~9 GB of inputs written for the peer, ~40 GB of GPU memory per process
-// at most; the whole run well under two minutes.
+// Breakdown: the layer's exported ops called one by one in the layer's order (layer.ts, experts.ts,
+// the dispatcher's one-rank path) on the step's own tensors, outputs preallocated; each phase timed
+// on its own behind a 1 GiB device copy that keeps the GPU busy while the host queues the calls, so
+// a phase's figure is GPU time without the host's per-call cost. Sum of phases vs the measured pass:
+// the gap is the host and launch overhead between kernels.
+// Check: outputs and gradients against the torch layer (once, before timing), relative error in norm
+// within TOLERANCE (bf16); the script exits 1 when a check fails or the peer did not run on a GPU
+// (after writing the result). --dry-run: tiny shapes on the CPU (wall clock), to check the script and
+// the peer's arithmetic; without torch installed the dry run skips the peer and says so.
+// On an H200 (estimate, not yet measured): main ~40–60 s (the 5 rounds ~16 s, ~3 s each; the rest
+// is fixed: ~9 GB of inputs written to /dev/shm, the peer's start, load and check, first calls),
+// fine ~20–30 s; all about 1–1.5 min, under 3. --quick (5 repeats a round instead of 10, 5 phase
+// repeats instead of 8) saves about 8 s of the rounds: ~1–1.3 min.
+import { spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, statfsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-import { adamwStep, capacity, disposeSaved, MoELayer, permute, routerForward, synchronize, Tensor, tidy } from '../dist/lib/index.js';
-import { groupedGemm } from '../dist/lib/moe/grouped-gemm.js';
-import { args, dryRun, quick, runPeer, timeRegion, writeInputs, writeResult } from './harness.mjs';
+// ------------------------------------------------------------------------------------- shapes
+const SHAPES = {
+  main: { area: 'moe-layer', full: { T: 4096, H: 7168, F: 2048, E: 32, k: 8 }, dry: { T: 64, H: 128, F: 64, E: 32, k: 8 } },
+  fine: { area: 'moe-layer-fine', full: { T: 4096, H: 2048, F: 768, E: 128, k: 8 }, dry: { T: 64, H: 64, F: 48, E: 128, k: 8 } },
+};
+const argv = process.argv.slice(2);
+const shapeAt = argv.indexOf('--shape');
+const shapeName = shapeAt >= 0 ? argv[shapeAt + 1] : 'all';
+if (shapeName === 'all') {
+  // One process per shape: a shape's GPU memory (and a failure) stays its own; this one loads nothing.
+  const rest = shapeAt < 0 ? argv : argv.filter((_, i) => i !== shapeAt && i !== shapeAt + 1); // without '--shape all'
+  let status = 0;
+  for (const name of Object.keys(SHAPES)) {
+    // Bounded (a hung shape must not eat the next one's time): ~1 min expected, 5 at most. Killed,
+    // it leaves no peer behind: the peer exits when its stdin closes.
+    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--shape', name], { stdio: 'inherit', timeout: 300_000, killSignal: 'SIGKILL' });
+    if (r.status !== 0) {
+      console.error(`moe-layer --shape ${name}: ${r.error?.message ?? (r.signal ? `killed by ${r.signal}` : `exit ${r.status}`)}`);
+      status = 1;
+    }
+  }
+  process.exit(status);
+}
+if (!Object.hasOwn(SHAPES, shapeName)) {
+  console.error(`--shape must be main, fine or all; received ${shapeName}`);
+  process.exit(2);
+}
+const shape = SHAPES[shapeName];
+
+const {
+  adamwStep, capacity, disposeSaved, groupedGemm, MoELayer, permute, permuteBackward, routerBackward, routerEntropy, routerForward, synchronize, Tensor,
+  tidy, unpermute, unpermuteBackward,
+} = await import('../dist/lib/index.js');
+// @internal: the fused SwiGLU / dSwiGLU products expertsForward and expertsBackward make.
+const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
+const { args, dryRun, PeerSession, printTable, quick, timeRegion, torchAvailable, writeInputs, writeResult } = await import('./harness.mjs');
+const flag = (name, fallback) => {
+  const i = args.indexOf(name);
+  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
+};
 
 const noPeer = args.includes('--no-peer');
 const dev = dryRun ? 'cpu' : 'cuda:0';
 const onGpu = !dryRun;
-const cfg = dryRun ? { T: 64, H: 128, F: 64, E: 32, k: 8 } : { T: 4096, H: 7168, F: 2048, E: 32, k: 8 };
+const cfg = dryRun ? shape.dry : shape.full;
 const { T, H, F, E, k } = cfg;
+const rounds = Number(flag('--rounds', '5'));
+if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must be a positive integer; received ${flag('--rounds')}`);
+const peakFlag = flag('--peak-tflops', null);
+const peakOverride = peakFlag === null ? null : Number(peakFlag);
+if (peakOverride !== null && !(peakOverride > 0)) throw new Error(`--peak-tflops must be a positive number; received ${peakFlag}`);
 const warmup = dryRun ? 1 : 3;
-const repeats = dryRun ? 3 : quick ? 10 : 30;
+const repeats = dryRun ? 3 : quick ? 5 : 10; // per round
+const phaseRepeats = dryRun ? 2 : quick ? 5 : 8; // per phase per round
+const phaseInner = dryRun ? 1 : 3; // back-to-back calls per timed phase region
 /** Relative error in norm allowed between ours and torch (bf16 products; see the notes). */
 const TOLERANCE = 2e-2;
+const label = `T=${T} H=${H} F=${F} E=${E} top-${k}`;
+const log = (...m) => console.error(`[moe-layer ${shapeName}]`, ...m);
+log(`${label}, ${rounds} round(s), ${repeats} repeats a round, device ${dev}`);
 
 const layer = new MoELayer({ hidden: H, ffn: F, numExperts: E, topK: k, scoreFunction: 'softmax', dtype: 'bf16', device: dev, seed: 1234 });
 if (layer.config.normalize !== false) throw new Error('expected the softmax default normalize = false');
@@ -42,7 +110,16 @@ const dy = Tensor.randn([T, H], { dtype: 'bf16', device: dev, seed: 12 });
 const sync = () => {
   if (onGpu) synchronize(dev);
 };
-const median = (a) => [...a].sort((p, q) => p - q)[Math.floor(a.length / 2)];
+const median = (a) => {
+  const s = a.filter(Number.isFinite).sort((p, q) => p - q);
+  if (!s.length) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; // even count (--rounds 2, 4): the mean of the middle two
+};
+const range = (a) => {
+  const s = a.filter(Number.isFinite);
+  return s.length ? [Math.min(...s), Math.max(...s)] : [NaN, NaN];
+};
 /** Frees a forward's outputs and saved tensors (idempotent: backward already freed the saved ones). */
 function disposeForward(f) {
   disposeSaved(f);
@@ -55,7 +132,7 @@ function disposeGrads(g) {
 /** Median ms of body(ctx), setup() untimed before each run, the device idle at the start. */
 const timeLayer = (body, { setup } = {}) => timeRegion(body, { device: dev, warmup, repeats, setup, before: sync });
 
-/** Median wall-clock ms of body() with the GPU idle at the start; `end` syncs or not. */
+/** Median wall-clock ms of body() with the GPU idle at the start; `endSync` syncs or not. */
 function wallRegion(body, { endSync }) {
   const times = [];
   for (let i = 0; i < warmup + repeats; i++) {
@@ -86,72 +163,16 @@ const y0 = f0.y;
 const g0 = layer.backward(f0, dy);
 sync();
 
-// ------------------------------------------------------------------------------------- timing
-const forwardMs = timeLayer(() => {
-  const f = layer.forward(x);
-  return () => disposeForward(f);
-});
-const backwardMs = timeLayer(
-  (f) => {
-    const g = layer.backward(f, dy);
-    return () => {
-      disposeGrads(g);
-      disposeForward(f);
-    };
-  },
-  { setup: () => layer.forward(x) },
-);
-/** One forward + backward; returns the cleanup of what it made. */
-const layerStep = () => {
-  const f = layer.forward(x);
-  const g = layer.backward(f, dy);
-  return () => {
-    disposeGrads(g);
-    disposeForward(f);
-  };
-};
-const stepMs = timeLayer(layerStep);
-
-// Host time. The layer waits for the device twice per step, both in the forward: permute reads the
-// kept counts per expert (after the router GEMM, routing and capacity) and dispatch reads the
-// permuted offsets (after the permute kernel). So the wall time of the forward + backward calls,
-// with no trailing synchronize and the GPU idle at the start, is host work + those two waits.
-// The waits are measured by replaying that prefix (router GEMM, routerForward, capacity, the kept
-// counts read, permute, the offsets read) and timing the two reads themselves, less what a read
-// costs when the device is idle (the copy and call, which are host work).
-const callsMs = wallRegion(layerStep, { endSync: false });
-const wallStepMs = wallRegion(layerStep, { endSync: true });
-const all = Tensor.fromArray([0, T], { dtype: 'i32', device: dev });
-const waits = [];
-const prefix = () => {
-  const made = [];
-  const logits = groupedGemm('NN', x, layer.compute.router, all, { dtype: 'f32' });
-  const r = routerForward(logits, layer.router, { bias: layer.bias });
-  const cap = capacity(r.indices, r.weights, { numExperts: E });
-  let t0 = performance.now();
-  cap.keptPerExpert.toArray(); // the wait inside permute (its own read then finds the device idle)
-  const wait1 = performance.now() - t0;
-  const p = permute(x, r.indices, r.weights, cap);
-  t0 = performance.now();
-  p.offsets.toArray(); // the dispatcher's read
-  const wait2 = performance.now() - t0;
-  t0 = performance.now();
-  p.offsets.toArray(); // the same read with the device idle: its own cost
-  const idle = performance.now() - t0;
-  waits.push(Math.max(0, wait1 - idle) + Math.max(0, wait2 - idle));
-  made.push(logits, ...Object.values(r), ...Object.values(cap), ...Object.values(p));
-  return () => {
-    for (const t of made) if (t instanceof Tensor) t.dispose();
-  };
-};
-wallRegion(prefix, { endSync: false });
-const routingWaitMs = median(waits.slice(warmup));
-const hostMs = Math.max(0, callsMs - routingWaitMs);
-all.dispose();
-
-// ------------------------------------------------------------------------------------- the peer
-let peer = { skipped: true };
-if (!noPeer) {
+// ------------------------------------------------------------- the peer: inputs, start, the check
+/** The peer's answers: check (once), rounds (one per round, or { error }). */
+let peer = null;
+let peerState = noPeer ? 'skipped (--no-peer)' : null;
+let check = null;
+if (!noPeer && !torchAvailable()) {
+  peerState = 'skipped: torch is not installed for python3';
+  log(`torch peer ${peerState}${dryRun ? ' (dry run: going on without it)' : ''}`);
+}
+if (!noPeer && peerState === null) {
   // The weights the forward above used (compute copies, before any AdamW step), ours outputs and grads.
   const [w1, w3] = deinterleave(layer.compute.w13);
   const [dW1, dW3] = deinterleave(g0.w13);
@@ -167,81 +188,376 @@ if (!noPeer) {
   }
   const dir = mkdtempSync(join(base, 'moe-layer-'));
   try {
+    const t0 = performance.now();
     writeInputs(dir, tensors);
-    for (const t of [w1, w3, dW1, dW3]) t.dispose();
-    peer = runPeer('moe_layer_torch.py', [dir, String(repeats), String(k), dryRun ? 'cpu' : 'cuda', String(warmup)], { timeoutMs: 300_000 });
+    for (const t of [w1, w3, dW1, dW3, routerW]) t.dispose();
+    log(`inputs for the peer: ${(bytes / 1e9).toFixed(2)} GB in ${dir} (${((performance.now() - t0) / 1e3).toFixed(1)} s)`);
+    peer = new PeerSession('moe_layer_torch.py', [dir, String(k), dryRun ? 'cpu' : 'cuda']);
+    check = await peer.ready(150_000); // loads the inputs, runs the check (~15 s for main)
+    log(`torch peer ready (${((performance.now() - t0) / 1e3).toFixed(1)} s after the inputs began)`);
   } catch (e) {
-    peer = { error: String(e.message ?? e).split('\n').slice(-3).join(' | ') };
-    console.error(`torch peer failed: ${peer.error}`);
+    peerState = `failed: ${String(e.message ?? e).split('\n').slice(-3).join(' | ')}`;
+    log(`torch peer ${peerState}`);
+    await peer?.close(5_000);
+    peer = null;
   } finally {
-    rmSync(dir, { recursive: true, force: true });
+    rmSync(dir, { recursive: true, force: true }); // loaded (or failed): the files are done with
   }
 }
 
-// AdamW on the fp32 masters, the bf16 compute copies refreshed in the same kernel (states made
-// after the peer ran: it shares the GPU).
+// AdamW on the fp32 masters, the bf16 compute copies refreshed in the same kernel. The check above
+// ran before any step; afterwards the weights move by at most lr per step (timing is unaffected).
 const params = [
   [layer.master.router, g0.router, layer.compute.router.view(H, E)],
   [layer.master.w13, g0.w13, layer.compute.w13],
   [layer.master.w2, g0.w2, layer.compute.w2],
 ].map(([p, g, c]) => ({ p, g, c, m: Tensor.zeros(p.shape, { device: dev }), v: Tensor.zeros(p.shape, { device: dev }) }));
-let step = 0;
-const adamwMs = timeLayer(() => {
-  step++;
-  for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step, weightDecay: 0.1, paramBf16: q.c });
-  return undefined;
-});
+let adamSteps = 0;
+
+// ------------------------------------------------------------------------- the phase breakdown
+// The step's own tensors, made once by the layer's sequence of ops, then each op re-run into them.
+const all = Tensor.fromArray([0, T], { dtype: 'i32', device: dev }); // the layer's wholeBatch(T)
+const W = layer.compute;
+const { align, padToCapacity } = layer.dispatcher;
+const B = {};
+B.logits = groupedGemm('NN', x, W.router, all, { dtype: 'f32' });
+B.r = routerForward(B.logits, layer.router, { bias: layer.bias });
+B.cap = capacity(B.r.indices, B.r.weights, { numExperts: E, dropPolicy: layer.config.dropPolicy });
+B.p = permute(x, B.r.indices, B.r.weights, B.cap, { align, padToCapacity });
+const R = B.p.numRows; // T·k: dropless, align 1
+const rowsShape = (n) => Tensor.empty([R, n], { dtype: 'bf16', device: dev });
+B.g = rowsShape(2 * F);
+B.h = rowsShape(F);
+groupedGemmEpilogue('NN', Epilogue.SwiGLU, B.p.rows, W.w13, B.p.offsets, B.h, B.g);
+B.out = groupedGemm('NN', B.h, W.w2, B.p.offsets);
+B.y = unpermute(B.out, B.p.rowOf, B.r.weights, { dtype: 'bf16' });
+B.entropy = routerEntropy(B.r.scores);
+B.aux = Tensor.zeros([1], { device: dev });
+B.ub = unpermuteBackward(dy, B.out, B.r.weights, B.p.rowOf, B.p.rowToken, { dtype: 'bf16' });
+B.dG = rowsShape(2 * F);
+groupedGemmEpilogue('NT', Epilogue.DSwiGLU, B.ub.dRows, W.w2, B.p.offsets, B.dG, B.g);
+B.dA = groupedGemm('NT', B.dG, W.w13, B.p.offsets);
+B.dW13 = groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { dtype: 'f32' });
+B.dW2 = groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'f32' });
+B.dLogits = routerBackward(B.ub.dWeights, { scores: B.r.scores, indices: B.r.indices }, layer.router);
+B.dLogitsC = B.dLogits.cast('bf16');
+B.dxRouter = groupedGemm('NT', B.dLogitsC, W.router, all, { dtype: 'bf16' });
+B.dRouter = groupedGemm('TN', x, B.dLogitsC, all, { dtype: 'f32' });
+B.dxExperts = permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16' });
+B.dx = B.dxExperts.clone().add_(B.dxRouter);
+
+// The roofs' own measurements: a 1 GiB device copy (also the pad in front of each phase) and a
+// square bf16 product through our grouped GEMM (one group).
+const copyBytes = dryRun ? 16 << 20 : 1 << 30;
+const copySrc = Tensor.zeros([copyBytes / 4], { device: dev });
+const copyDst = Tensor.empty([copyBytes / 4], { device: dev });
+const sqN = dryRun ? 128 : 8192;
+const sqA = Tensor.randn([sqN, sqN], { dtype: 'bf16', device: dev, seed: 21 });
+const sqB = Tensor.randn([1, sqN, sqN], { dtype: 'bf16', device: dev, seed: 22 });
+const sqC = Tensor.empty([sqN, sqN], { dtype: 'bf16', device: dev });
+const sqOffsets = Tensor.fromArray([0, sqN], { dtype: 'i32', device: dev });
+
+// Bytes: each tensor a phase reads or writes counted once (an ideal kernel's traffic), bf16 = 2,
+// f32 and i32 = 4. FLOPs: 2·m·n·k per product.
+const b2 = 2;
+const b4 = 4;
+const Tk = T * k;
+const PHASES = [
+  // forward: layer.forward → dispatcher (one rank: the permute is the dispatch) → expertsForward → combine
+  { pass: 'forward', name: 'router GEMM', call: "groupedGemm('NN', x, Wr, [0,T], f32)", flops: 2 * T * H * E, bytes: T * H * b2 + H * E * b2 + T * E * b4, run: () => groupedGemm('NN', x, W.router, all, { out: B.logits }) },
+  { pass: 'forward', name: 'routing', call: 'routerForward(logits, router, { bias })', bytes: 2 * T * E * b4 + 2 * Tk * b4 + 2 * E * b4, run: () => routerForward(B.logits, layer.router, { bias: layer.bias, out: B.r }) },
+  { pass: 'forward', name: 'capacity', call: 'capacity(indices, weights, { numExperts, dropPolicy })', bytes: 2 * Tk * b4 + 2 * E * b4, run: () => capacity(B.r.indices, B.r.weights, { numExperts: E, dropPolicy: layer.config.dropPolicy, out: { slot: B.cap.slot, keptPerExpert: B.cap.keptPerExpert, dropped: B.cap.dropped, invalid: B.cap.invalid } }) },
+  {
+    pass: 'forward', name: 'permute', call: 'permute(x, indices, weights, cap): layout + row gather (the one-rank dispatch)', bytes: T * H * b2 + R * H * b2 + 4 * Tk * b4 + 3 * R * b4 + (E + 1) * b4,
+    run: () => permute(x, B.r.indices, B.r.weights, B.cap, { align, padToCapacity, out: { rows: B.p.rows, offsets: B.p.offsets, rowOf: B.p.rowOf, rowWeight: B.p.rowWeight, rowToken: B.p.rowToken, invalid: B.p.invalid } }),
+  },
+  { pass: 'forward', name: 'up GEMM + SwiGLU', call: "groupedGemmEpilogue('NN', SwiGLU, rows, w13, offsets, h, g)", flops: 2 * R * H * 2 * F, bytes: R * H * b2 + E * H * 2 * F * b2 + R * 2 * F * b2 + R * F * b2, run: () => groupedGemmEpilogue('NN', Epilogue.SwiGLU, B.p.rows, W.w13, B.p.offsets, B.h, B.g) },
+  { pass: 'forward', name: 'down GEMM', call: "groupedGemm('NN', h, w2, offsets)", flops: 2 * R * F * H, bytes: R * F * b2 + E * F * H * b2 + R * H * b2, run: () => groupedGemm('NN', B.h, W.w2, B.p.offsets, { out: B.out }) },
+  { pass: 'forward', name: 'combine', call: 'unpermute(out, rowOf, weights)', bytes: R * H * b2 + 2 * Tk * b4 + T * H * b2, run: () => unpermute(B.out, B.p.rowOf, B.r.weights, { dtype: 'bf16', out: B.y }) },
+  {
+    pass: 'forward', name: 'entropy + aux zero', call: 'routerEntropy(scores); Tensor.zeros([1])', bytes: T * E * b4 + 2 * b4,
+    run: () => {
+      routerEntropy(B.r.scores, { out: B.entropy });
+      B.aux.fill_(0);
+    },
+  },
+  // backward: layer.backward → combineBackward → expertsBackward → routerBackward → router GEMMs → dispatchBackward → dx sum
+  {
+    pass: 'backward', name: 'combine bwd', call: 'unpermuteBackward(dy, out, weights, rowOf, rowToken)', bytes: T * H * b2 + 2 * R * H * b2 + 3 * Tk * b4 + R * b4,
+    run: () => unpermuteBackward(dy, B.out, B.r.weights, B.p.rowOf, B.p.rowToken, { dtype: 'bf16', out: B.ub }),
+  },
+  { pass: 'backward', name: 'down dA GEMM + dSwiGLU', call: "groupedGemmEpilogue('NT', DSwiGLU, dOut, w2, offsets, dG, g)", flops: 2 * R * H * F, bytes: R * H * b2 + E * F * H * b2 + 2 * R * 2 * F * b2, run: () => groupedGemmEpilogue('NT', Epilogue.DSwiGLU, B.ub.dRows, W.w2, B.p.offsets, B.dG, B.g) },
+  { pass: 'backward', name: 'up dA GEMM', call: "groupedGemm('NT', dG, w13, offsets)", flops: 2 * R * 2 * F * H, bytes: R * 2 * F * b2 + E * H * 2 * F * b2 + R * H * b2, run: () => groupedGemm('NT', B.dG, W.w13, B.p.offsets, { out: B.dA }) },
+  { pass: 'backward', name: 'dW13 GEMM (f32)', call: "groupedGemm('TN', rows, dG, offsets, f32)", flops: 2 * R * H * 2 * F, bytes: R * H * b2 + R * 2 * F * b2 + E * H * 2 * F * b4, run: () => groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { out: B.dW13 }) },
+  { pass: 'backward', name: 'dW2 GEMM (f32)', call: "groupedGemm('TN', h, dOut, offsets, f32)", flops: 2 * R * F * H, bytes: R * F * b2 + R * H * b2 + E * F * H * b4, run: () => groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { out: B.dW2 }) },
+  {
+    pass: 'backward', name: 'router bwd + cast', call: 'routerBackward(dWeights, { scores, indices }); dLogits.cast(bf16)', bytes: 2 * Tk * b4 + 3 * T * E * b4 + T * E * b2,
+    run: () => {
+      routerBackward(B.ub.dWeights, { scores: B.r.scores, indices: B.r.indices }, layer.router, { out: B.dLogits });
+      B.dLogitsC.copy_(B.dLogits); // the layer's dLogits.cast(dtype): the same copy kernel
+    },
+  },
+  { pass: 'backward', name: 'router dx GEMM', call: "groupedGemm('NT', dLogits, Wr, [0,T])", flops: 2 * T * E * H, bytes: T * E * b2 + H * E * b2 + T * H * b2, run: () => groupedGemm('NT', B.dLogitsC, W.router, all, { out: B.dxRouter }) },
+  { pass: 'backward', name: 'router dW GEMM (f32)', call: "groupedGemm('TN', x, dLogits, [0,T], f32)", flops: 2 * T * H * E, bytes: T * H * b2 + T * E * b2 + H * E * b4, run: () => groupedGemm('TN', x, B.dLogitsC, all, { out: B.dRouter }) },
+  { pass: 'backward', name: 'permute bwd', call: 'permuteBackward(dA, rowOf) (the one-rank dispatch backward)', bytes: R * H * b2 + Tk * b4 + T * H * b2, run: () => permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16', out: B.dxExperts }) },
+  {
+    pass: 'backward', name: 'dx sum (copy + add)', call: 'dx.clone().add_(dxRouter)', bytes: 5 * T * H * b2,
+    run: () => {
+      B.dx.copy_(B.dxExperts); // the layer's addTensors: clone, then add_
+      B.dx.add_(B.dxRouter);
+    },
+  },
+];
+
+/** Median ms of one call of fn on the GPU alone: `phaseInner` calls queued behind a 1 GiB copy. */
+function timePhase(fn) {
+  return timeRegion(() => fn(), {
+    device: dev, warmup: 2, repeats: phaseRepeats, inner: phaseInner,
+    // Idle, then a ~0.5 ms copy queued before the start event: the GPU is still busy with it while
+    // the host queues the timed calls, so they run back to back without the host's per-call cost.
+    before: () => {
+      sync();
+      copyDst.copy_(copySrc);
+    },
+  });
+}
+
+// ------------------------------------------------------------------------------------- rounds
+/** One round of ours: the layer's passes, AdamW, the phases, the roofs' own measurements. */
+function oursRound() {
+  const forwardMs = timeLayer(() => {
+    const f = layer.forward(x);
+    return () => disposeForward(f);
+  });
+  const backwardMs = timeLayer(
+    (f) => {
+      const g = layer.backward(f, dy);
+      return () => {
+        disposeGrads(g);
+        disposeForward(f);
+      };
+    },
+    { setup: () => layer.forward(x) },
+  );
+  const stepMs = timeLayer(layerStep);
+  const adamwMs = timeLayer(() => {
+    adamSteps++;
+    for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step: adamSteps, weightDecay: 0.1, paramBf16: q.c });
+    return undefined;
+  });
+  const phases = PHASES.map((p) => timePhase(p.run));
+  const copyMs = timeRegion(() => copyDst.copy_(copySrc), { device: dev, warmup: 2, repeats: 10, before: sync });
+  const gemmMs = timeRegion(() => groupedGemm('NN', sqA, sqB, sqOffsets, { out: sqC }), { device: dev, warmup: 2, repeats: 5, before: sync });
+  return {
+    forwardMs, backwardMs, stepMs, adamwMs, phases,
+    copyMs, copyGBs: (2 * copyBytes) / (copyMs * 1e6), // read + write
+    gemmMs, gemmTflops: (2 * sqN ** 3) / (gemmMs * 1e-3) / 1e12,
+  };
+}
+/** One forward + backward; returns the cleanup of what it made. */
+function layerStep() {
+  const f = layer.forward(x);
+  const g = layer.backward(f, dy);
+  return () => {
+    disposeGrads(g);
+    disposeForward(f);
+  };
+}
+
+const ours = [];
+const torch = [];
+for (let round = 0; round < rounds; round++) {
+  const t0 = performance.now();
+  ours.push(oursRound());
+  sync();
+  let theirs = null;
+  if (peer) {
+    try {
+      theirs = await peer.request({ cmd: 'round', warmup, repeats, peak_n: dryRun ? 256 : 8192 }, 60_000); // ~2 s for main
+      if (theirs.error) log(`round ${round + 1}: torch peer error: ${theirs.error}`);
+    } catch (e) {
+      theirs = { error: String(e.message ?? e) };
+      peerState = `failed in round ${round + 1}: ${theirs.error}`;
+      log(`torch peer ${peerState}; the remaining rounds run without it`);
+      await peer.close(5_000);
+      peer = null;
+    }
+  }
+  torch.push(theirs ?? {});
+  const o = ours.at(-1);
+  const best = Math.min(...[theirs?.step_ms, theirs?.fused_step_ms].filter(Number.isFinite));
+  log(
+    `round ${round + 1}/${rounds} (${((performance.now() - t0) / 1e3).toFixed(1)} s): ours step ${o.stepMs.toFixed(3)} ms` +
+      (Number.isFinite(best) ? `, torch ${best.toFixed(3)} ms (${(best / o.stepMs).toFixed(2)}x)` : '') +
+      `, phases sum ${o.phases.reduce((s, v) => s + v, 0).toFixed(3)} ms, copy ${o.copyGBs.toFixed(0)} GB/s` +
+      (Number.isFinite(theirs?.matmul_tflops) ? `, torch matmul ${theirs.matmul_tflops.toFixed(0)} TFLOP/s` : ''),
+  );
+}
+if (peer) await peer.close();
+
+// Host time. On this path (one rank, dropless, align 1) the layer reads nothing from the device: the
+// permute knows R = T·k without the counts (since f83fa52) and the dispatcher reads its offsets only
+// if asked. So the wall time of the forward() + backward() calls with no trailing synchronize, the
+// GPU idle at the start, is the host's (TypeScript, validation, allocation, launches): hostMs.
+const callsMs = wallRegion(layerStep, { endSync: false });
+const wallStepMs = wallRegion(layerStep, { endSync: true });
 
 // ------------------------------------------------------------------------------------- report
 const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? +v.toFixed(d) : null);
-// Against the faster of the two torch variants (separate W1/W3 GEMMs, or one fused [W1 | W3] GEMM).
-const best = (a, b) => [a, b].filter((v) => typeof v === 'number' && Number.isFinite(v)).reduce((p, q) => Math.min(p, q), Infinity);
-const ratio = (torch, ours) => (Number.isFinite(torch) && ours > 0 ? +(torch / ours).toFixed(2) : null);
-const shape = `T=${T} H=${H} F=${F} E=${E} top-${k}`;
+const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${num(hi, d)}` : null);
+const col = (arr, key) => arr.map((r) => (typeof r?.[key] === 'number' ? r[key] : NaN));
 const flopsFwd = 2 * T * k * H * 3 * F + 2 * T * H * E; // experts (W1, W3, W2) + router
-const tf = (flops, ms) => (ms > 0 ? +(flops / (ms * 1e-3) / 1e12).toFixed(1) : null);
-const rows = [
-  { shape, what: 'forward', oursMs: num(forwardMs), torchMs: num(peer.forward_ms), torchFusedMs: num(peer.fused_forward_ms), 'best torch/ours': ratio(best(peer.forward_ms, peer.fused_forward_ms), forwardMs), oursTFLOPs: tf(flopsFwd, forwardMs) },
-  { shape, what: 'backward', oursMs: num(backwardMs), torchMs: num(peer.backward_ms), torchFusedMs: num(peer.fused_backward_ms), 'best torch/ours': ratio(best(peer.backward_ms, peer.fused_backward_ms), backwardMs), oursTFLOPs: tf(2 * flopsFwd, backwardMs) },
-  { shape, what: 'forward + backward', oursMs: num(stepMs), torchMs: num(peer.step_ms), torchFusedMs: num(peer.fused_step_ms), 'best torch/ours': ratio(best(peer.step_ms, peer.fused_step_ms), stepMs), oursTFLOPs: tf(3 * flopsFwd, stepMs) },
-  { shape, what: 'AdamW (fp32 masters → bf16)', oursMs: num(adamwMs), torchMs: num(peer.adamw_ms), torchFusedMs: null, 'best torch/ours': ratio(best(peer.adamw_ms), adamwMs) },
-  { shape, what: 'host: forward + backward calls', oursMs: num(callsMs) },
-  { shape, what: 'host: routing wait (estimated)', oursMs: num(routingWaitMs) },
-  { shape, what: 'host: TypeScript side per step', oursMs: num(hostMs), 'of step': num(hostMs / stepMs, 3) },
-  { shape, what: 'wall: step with a synchronize', oursMs: num(wallStepMs) },
+const tf = (flops, ms) => (ms > 0 ? num(flops / (ms * 1e-3) / 1e12, 1) : null);
+/** A row of the comparison: ours and torch per round, the ratio per round against the faster torch variant. */
+function compare(what, oursKey, torchKey, flops) {
+  const o = col(ours, oursKey);
+  const t = col(torch, torchKey);
+  const tf_ = torchKey === 'adamw_ms' ? t.map(() => NaN) : col(torch, `fused_${torchKey}`);
+  const best = t.map((v, i) => Math.min(...[v, tf_[i]].filter(Number.isFinite)));
+  const perRound = best.map((v, i) => v / o[i]); // NaN where the peer gave nothing that round
+  const ratios = perRound.filter(Number.isFinite);
+  return {
+    row: {
+      what,
+      'ours ms': num(median(o)),
+      range: fmtRange(range(o)),
+      'torch ms': num(median(t)),
+      'fused ms': num(median(tf_)),
+      'torch range': fmtRange(range(best)), // the faster variant of each round
+      'torch/ours': ratios.length ? num(median(ratios), 2) : null,
+      'ratio range': ratios.length ? fmtRange(range(ratios), 2) : null,
+      'TFLOP/s': flops ? tf(flops, median(o)) : null,
+    },
+    perRound: { ours: o.map((v) => num(v, 4)), torch: t.map((v) => num(v, 4)), torchFused: tf_.map((v) => num(v, 4)), torchBest: best.map((v) => num(v, 4)), ratio: perRound.map((v) => num(v, 3)) },
+  };
+}
+const comparisons = [
+  compare('forward', 'forwardMs', 'forward_ms', flopsFwd),
+  compare('backward', 'backwardMs', 'backward_ms', 2 * flopsFwd),
+  compare('forward + backward', 'stepMs', 'step_ms', 3 * flopsFwd),
+  compare('AdamW (fp32 → bf16)', 'adamwMs', 'adamw_ms', 0),
 ];
-const err = peer.rel_err ?? {};
+const stepMs = median(col(ours, 'stepMs'));
+const rows = comparisons.map((c) => c.row);
+rows.push({ what: 'host per step (TS calls)', 'ours ms': num(callsMs), 'of step': num(callsMs / stepMs, 3) });
+rows.push({ what: 'wall: step + synchronize', 'ours ms': num(wallStepMs) });
+
+// Roofs: per round, then the median over rounds.
+const copyGBs = median(col(ours, 'copyGBs'));
+const torchPeak = median(col(torch, 'matmul_tflops'));
+const oursPeak = median(col(ours, 'gemmTflops'));
+const peakSource =
+  peakOverride !== null ? `--peak-tflops ${peakOverride} (given)`
+  : Number.isFinite(torchPeak) ? `torch.matmul bf16 ${dryRun ? 256 : 8192}³ in the same run (peer), median over rounds`
+  : `our groupedGemm bf16 ${sqN}³ (one group) in the same run, median over rounds (no torch peer)`;
+const peakTflops = peakOverride ?? (Number.isFinite(torchPeak) ? torchPeak : oursPeak);
+const roofs = {
+  tensorTflops: num(peakTflops, 1), tensorSource: peakSource,
+  torchMatmulTflops: { median: num(torchPeak, 1), perRound: col(torch, 'matmul_tflops').map((v) => num(v, 1)) },
+  oursSquareGemmTflops: { n: sqN, median: num(oursPeak, 1), perRound: col(ours, 'gemmTflops').map((v) => num(v, 1)) },
+  copyGBs: num(copyGBs, 1), copyBytes, copySource: `Tensor.copy_ of ${copyBytes / 2 ** 20} MiB f32, device to device, read + write counted`,
+  copyPerRound: col(ours, 'copyGBs').map((v) => num(v, 1)),
+};
+
+// The breakdown: per phase the median over rounds of its per-round median, its roof and share.
+const phaseRows = [];
+const phases = PHASES.map((p, i) => {
+  const per = ours.map((o) => o.phases[i]);
+  const ms = median(per);
+  const flopMs = p.flops ? p.flops / (peakTflops * 1e12) * 1e3 : 0;
+  const byteMs = p.bytes / (copyGBs * 1e9) * 1e3;
+  const roofMs = Math.max(flopMs, byteMs);
+  const bound = flopMs >= byteMs ? 'FLOPs' : 'bytes';
+  return { pass: p.pass, phase: p.name, call: p.call, ms: num(ms, 4), msRange: range(per).map((v) => num(v, 4)), perRound: per.map((v) => num(v, 4)), flops: p.flops ?? 0, bytes: p.bytes, bound, roofMs: num(roofMs, 4), shareOfRoof: num(roofMs / ms, 3) };
+});
+const passMs = { forward: median(col(ours, 'forwardMs')), backward: median(col(ours, 'backwardMs')) };
+const sums = {};
+const pct = (a, b) => num((100 * a) / b, 1);
+for (const pass of ['forward', 'backward']) {
+  const mine = phases.filter((p) => p.pass === pass);
+  for (const p of mine) {
+    phaseRows.push({
+      phase: `${pass === 'forward' ? 'F' : 'B'} ${p.phase}`,
+      ms: p.ms,
+      range: fmtRange(p.msRange, 4),
+      GFLOP: p.flops ? num(p.flops / 1e9, 1) : null,
+      MB: num(p.bytes / 1e6, 1),
+      bound: p.bound,
+      'roof ms': p.roofMs,
+      '%roof': pct(p.shareOfRoof, 1),
+      '%pass': pct(p.ms, passMs[pass]),
+    });
+  }
+  const sum = mine.reduce((s, p) => s + p.ms, 0);
+  const roof = mine.reduce((s, p) => s + p.roofMs, 0);
+  sums[pass] = { phasesMs: num(sum, 4), roofMs: num(roof, 4), measuredMs: num(passMs[pass], 4), gapMs: num(passMs[pass] - sum, 4) };
+  phaseRows.push({ phase: `${pass}: sum of phases`, ms: num(sum, 4), 'roof ms': num(roof, 4), '%roof': pct(roof, sum), '%pass': pct(sum, passMs[pass]) });
+  phaseRows.push({ phase: `${pass}: measured`, ms: num(passMs[pass], 4), 'roof ms': num(roof, 4), '%roof': pct(roof, passMs[pass]), 'gap ms': num(passMs[pass] - sum, 4) });
+}
+const sumAll = sums.forward.phasesMs + sums.backward.phasesMs;
+const roofAll = sums.forward.roofMs + sums.backward.roofMs;
+sums.step = { phasesMs: num(sumAll, 4), roofMs: num(roofAll, 4), measuredMs: num(stepMs, 4), gapMs: num(stepMs - sumAll, 4) };
+phaseRows.push({ phase: 'step: sum of phases', ms: num(sumAll, 4), 'roof ms': num(roofAll, 4), '%roof': pct(roofAll, sumAll), '%pass': pct(sumAll, stepMs) });
+phaseRows.push({ phase: 'step: measured (fwd + bwd)', ms: num(stepMs, 4), 'roof ms': num(roofAll, 4), '%roof': pct(roofAll, stepMs), 'gap ms': num(stepMs - sumAll, 4) });
+
+// The check (once, before timing).
+const err = check?.rel_err ?? {};
 // The verdict: every compared tensor within TOLERANCE (none compared: the peer was skipped or failed).
 // Tokens routed differently (fp32 near-ties) change their own y and dx rows entirely: then y and dx
 // are judged over the tokens routed alike.
-const judged = Object.entries(err).filter(([n]) => !(peer.routing_mismatch_tokens > 0 && (n === 'y' || n === 'dx')));
+const judged = Object.entries(err).filter(([n]) => !(check.routing_mismatch_tokens > 0 && (n === 'y' || n === 'dx')));
 const failed = judged.filter(([, v]) => !(typeof v === 'number' && v < TOLERANCE)).map(([n]) => n);
-for (const [name, v] of Object.entries(err)) {
-  const isJudged = judged.some(([n]) => n === name);
-  rows.push({ shape, what: `relErr ${name}: ours vs torch`, oursMs: null, relErr: num(v, 5), ok: isJudged ? typeof v === 'number' && v < TOLERANCE : null });
-}
-if (peer.routing_mismatch_tokens !== undefined) rows.push({ shape, what: 'tokens routed differently', relErr: peer.routing_mismatch_tokens });
-const checkResult = peer.skipped ? 'skipped (--no-peer)' : peer.error || Object.keys(err).length === 0 ? `not run: ${peer.error ?? 'no errors reported'}` : failed.length ? `FAILED: ${failed.join(', ')} ≥ ${TOLERANCE}` : `passed: all ${judged.length} judged within ${TOLERANCE}`;
+const checkRows = Object.entries(err).map(([name, v]) => ({
+  what: `relErr ${name}`, relErr: num(v, 5), ok: judged.some(([n]) => n === name) ? typeof v === 'number' && v < TOLERANCE : null,
+}));
+if (check?.routing_mismatch_tokens !== undefined) checkRows.push({ what: 'tokens routed differently', relErr: check.routing_mismatch_tokens });
+const checkResult =
+  check === null ? (noPeer ? 'skipped (--no-peer)' : dryRun && peerState?.startsWith('skipped') ? `skipped (dry run): ${peerState}` : `not run: ${peerState ?? 'no answer'}`)
+  : Object.keys(err).length === 0 ? 'not run: the peer reported no errors'
+  : failed.length ? `FAILED: ${failed.join(', ')} ≥ ${TOLERANCE}`
+  : `passed: all ${judged.length} judged within ${TOLERANCE}`;
 
-writeResult(dryRun ? 'moe-layer-dryrun' : 'moe-layer', rows, {
-  config: { ...cfg, dtype: 'bf16', scoreFunction: 'softmax', normalize: false, dropless: true, sharedExpert: false, auxLosses: false, device: dev, warmup, repeats },
-  check: checkResult,
-  timing: 'CUDA events, median after warm-up, GPU idle before each region. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies',
-  host:
-    "callsMs: wall time of the forward() + backward() calls with no trailing synchronize (GPU idle at the start). The layer waits for the device twice per step, in the forward: permute reads the kept counts per expert (after router GEMM, routing, capacity) and dispatch reads the offsets (after the permute kernel); so callsMs = host work + those waits. routingWaitMs replays that prefix and times the two reads themselves, less the time of the same read with the device idle (median over the replays). hostMs = callsMs − routingWaitMs: an estimate of the host-side time per step (JS, validation, allocation, launches); 'of step' compares it to the device time of the step. If other hidden syncs exist they count as host time here (an upper bound).",
-  flops: 'forward: 2·T·k·H·3F (experts) + 2·T·H·E (router); backward counted as 2× forward',
-  peer: peer.skipped
-    ? 'skipped (--no-peer)'
-    : `torch ${peer.torch ?? '?'}: the same layer in autograd on the same bf16 weights and inputs: logits = x·Wr in fp32, softmax, top-k, weights = chosen probabilities, sort by expert (groups padded to multiples of 16 rows, no host sync), SwiGLU with torch._grouped_mm (W1 and W3 separate; 'fused': one [H,2F] GEMM), weighted unpermute in fp32, backward with dy; AdamW: torch.optim.AdamW(fused=True) on fp32 masters + copy into the bf16 params${peer.error ? `; error: ${peer.error}` : ''}`,
-  tolerance: `relative errors in norm (‖ours − torch‖/‖torch‖) below ${TOLERANCE}: bf16 products agree to about 1e-2; near-ties in the fp32 logits may pick different experts for a few tokens (counted), which moves those tokens’ rows and the norm a little ('same routing': y and dx over the tokens routed alike)`,
-  ratio: 'best torch/ours: the faster torch variant’s time / our time (≥ 1: we are faster)',
-  torchFusedVsUnfusedY: peer.fused_vs_unfused_y ?? null,
-});
+const peerNote = check === null
+  ? peerState
+  : `torch ${check.torch} (${check.grouped_mm}): the same layer in autograd on the same bf16 weights and inputs: logits = x·Wr in fp32, softmax, top-k, weights = chosen probabilities, sort by expert (groups padded to multiples of 16 rows, no host sync), SwiGLU with torch._grouped_mm (W1 and W3 separate; 'fused': one [H,2F] GEMM), weighted unpermute in fp32, backward with dy; AdamW: torch.optim.AdamW(fused=True) on fp32 masters + copy into the bf16 params; matmul: torch.matmul of two bf16 N×N matrices (the tensor-core roof)${peerState ? `; ${peerState}` : ''}`;
+
+writeResult(
+  `${shape.area}${dryRun ? '-dryrun' : ''}`,
+  rows,
+  {
+    config: { shape: shapeName, ...cfg, dtype: 'bf16', scoreFunction: 'softmax', normalize: false, dropless: true, sharedExpert: false, auxLosses: false, device: dev, rounds, warmup, repeats, phaseRepeats, phaseInner },
+    check: checkResult,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
+    breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
+    host: "host row: wall time of the forward() + backward() calls with no trailing synchronize, the GPU idle at the start. The layer reads nothing from the device on this path (one rank, dropless, align 1; since f83fa52), so this is the host's time per step (JS, validation, allocation, launches); 'of step' compares it to the device time of the step. An upper bound if some call blocks (an allocation missing the cache).",
+    flops: 'forward: 2·T·k·H·3F (experts) + 2·T·H·E (router); backward counted as 2× forward',
+    peer: peerNote,
+    tolerance: `relative errors in norm (‖ours − torch‖/‖torch‖) below ${TOLERANCE}: bf16 products agree to about 1e-2; near-ties in the fp32 logits may pick different experts for a few tokens (counted), which moves those tokens’ rows and the norm a little ('same routing': y and dx over the tokens routed alike)`,
+    torchFusedVsUnfusedY: check?.fused_vs_unfused_y ?? null,
+  },
+  {
+    checkRows,
+    comparisons: Object.fromEntries(comparisons.map((c) => [c.row.what, c.perRound])),
+    roofs,
+    phases,
+    phaseSums: sums,
+    host: { callsMs: num(callsMs, 4), wallStepMs: num(wallStepMs, 4), ofStep: num(callsMs / stepMs, 3) },
+    rounds: ours.map((o, i) => ({ ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) }, torch: torch[i] })),
+  },
+  { print: 'compact' },
+);
+const sig = (v) => (Number.isFinite(v) ? +v.toPrecision(3) : null);
+const peakFrom = peakOverride !== null ? '--peak-tflops' : Number.isFinite(torchPeak) ? 'torch.matmul' : 'our square GEMM';
+printTable(`phases of our step, ${label}; roofs ${sig(peakTflops)} TFLOP/s (${peakFrom}), ${sig(copyGBs)} GB/s (device copy); %pass: of the measured pass`, phaseRows);
+if (checkRows.length) printTable('check (once, before timing)', checkRows);
 
 for (const q of params) {
   q.m.dispose();
   q.v.dispose();
 }
+const bufs = [B.logits, ...Object.values(B.r), ...Object.values(B.cap), ...Object.values(B.p), B.g, B.h, B.out, B.y, B.entropy, B.aux, ...Object.values(B.ub), B.dG, B.dA, B.dW13, B.dW2, B.dLogits, B.dLogitsC, B.dxRouter, B.dRouter, B.dxExperts, B.dx];
+for (const t of new Set(bufs)) if (t instanceof Tensor) t.dispose();
+for (const t of [all, copySrc, copyDst, sqA, sqB, sqC, sqOffsets]) t.dispose();
 disposeGrads(g0);
 for (const t of [y0, f0.tokensPerExpert, f0.dropped, f0.auxLoss, f0.routerEntropy, oursIndices, x, dy]) t.dispose();
 layer.dispose();

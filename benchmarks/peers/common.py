@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import torch
 
-DTYPES = {"f32": (np.float32, torch.float32), "bf16": (np.uint16, torch.bfloat16), "f16": (np.float16, torch.float16),
+DTYPES = {"f32": (np.float32, torch.float32), "bf16": (np.int16, torch.bfloat16), "f16": (np.float16, torch.float16),
           "i32": (np.int32, torch.int32), "i64": (np.int64, torch.int64), "u8": (np.uint8, torch.uint8)}
 
 

@@ -2,7 +2,15 @@
 weights and inputs, timed with CUDA events in the same run, and compared with our outputs and
 gradients.
 
-usage: moe_layer_torch.py <inputs folder> <repeats> <top-k> [cuda | cpu] [warmup]
+usage: moe_layer_torch.py <inputs folder> <top-k> [cuda | cpu]
+
+Kept alive by the benchmark and driven through stdin/stdout, so that ours and this peer alternate
+in rounds on inputs loaded once: after loading the inputs and running the check it prints one JSON
+line (the check, "ready": true); then it answers each JSON line on stdin with one JSON line:
+  {"cmd": "round", "warmup": W, "repeats": R, "peak_n": N}: one round of timings: forward, backward
+      and forward + backward of both variants, AdamW, and a square bf16 N×N·N×N torch.matmul
+      (matmul_tflops, the tensor-core roof the benchmark's breakdown uses);
+  {"cmd": "quit"} (or the end of stdin): exits.
 
 Inputs (harness.mjs writeInputs): x, dy [T,H] bf16; router [H,E] bf16; w1, w3 [E,H,F] bf16 (out of
 our interleaved w13); w2 [E,F,H] bf16; ours: y, dx [T,H] bf16, dRouter [H,E] f32, dW1, dW3 [E,H,F]
@@ -19,8 +27,10 @@ Check (before timing): y, dx, dRouter, dW1, dW3, dW2 against ours, relative erro
 also over the tokens both routed alike ('y (same routing)', 'dx (same routing)': a token's y and dx
 depend on its own routing only). The first pass also asserts what torch._grouped_mm wants on CUDA
 (PyTorch's GroupedMMUtils.h; the CPU path skips some), so a dry run on the CPU checks it too.
-Prints one JSON object (its last line).
+A torch without torch._grouped_mm (older than 2.8) gets a loop of matmuls per group in its place,
+on the CPU only (dry runs of the script): the answers then say so ("grouped_mm").
 """
+import json
 import sys
 import time
 
@@ -30,6 +40,21 @@ import torch.nn.functional as F
 from common import emit, load_inputs, rel_err
 
 ALIGN = 16
+
+
+def _grouped_mm_loop(a, b, offs):
+    """torch._grouped_mm's 2d x 3d product group by group (CPU dry runs with an older torch only).
+    Rows past the last offset are left undefined by torch; zeros here (the layer never reads them)."""
+    outs, start = [], 0
+    for e, end in enumerate(offs.tolist()):
+        outs.append(a[start:end] @ b[e])
+        start = end
+    if start < a.shape[0]:
+        outs.append(a.new_zeros(a.shape[0] - start, b.shape[-1]))
+    return torch.cat(outs)
+
+
+GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def check_grouped_mm_args(a, b, offs, align=ALIGN):
@@ -81,11 +106,15 @@ def routed_layer(x, wr, k, experts, align=ALIGN):
 
 
 def main():
-    folder, repeats, k = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    device = torch.device(sys.argv[4] if len(sys.argv) > 4 else "cuda")
-    warmup = int(sys.argv[5]) if len(sys.argv) > 5 else 3
+    folder, k = sys.argv[1], int(sys.argv[2])
+    device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cuda")
+    grouped_mm = GROUPED_MM
+    if grouped_mm is None:
+        if device.type == "cuda":
+            raise SystemExit(f"torch {torch.__version__} has no torch._grouped_mm (2.8 or later needed)")
+        grouped_mm = _grouped_mm_loop
     inp = load_inputs(folder, device=device)
-    x0, dy = inp["x"], inp["dy"]
+    dy = inp["dy"]
 
     def leaf(t):
         return t.detach().clone().requires_grad_(True)
@@ -100,21 +129,21 @@ def main():
         if checking[0]:
             check_grouped_mm_args(xs, w1, offs)
             check_grouped_mm_args(xs, w3, offs)
-        g1 = torch._grouped_mm(xs, w1, offs=offs)
-        g3 = torch._grouped_mm(xs, w3, offs=offs)
+        g1 = grouped_mm(xs, w1, offs=offs)
+        g3 = grouped_mm(xs, w3, offs=offs)
         h = F.silu(g1) * g3
         if checking[0]:
             check_grouped_mm_args(h, w2, offs)
-        return torch._grouped_mm(h, w2, offs=offs)
+        return grouped_mm(h, w2, offs=offs)
 
     def experts_fused(xs, offs):
         if checking[0]:
             check_grouped_mm_args(xs, w13, offs)
-        g1, g3 = torch._grouped_mm(xs, w13, offs=offs).chunk(2, dim=-1)
+        g1, g3 = grouped_mm(xs, w13, offs=offs).chunk(2, dim=-1)
         h = F.silu(g1) * g3
         if checking[0]:
             check_grouped_mm_args(h, w2f, offs)
-        return torch._grouped_mm(h, w2f, offs=offs)
+        return grouped_mm(h, w2f, offs=offs)
 
     params = [x, wr, w1, w3, w2, w13, w2f]
 
@@ -127,11 +156,11 @@ def main():
     y.backward(dy)
     ours_idx = inp["indices"].long()
     same = (topi.sort(dim=-1).values == ours_idx.sort(dim=-1).values).all(dim=-1)
-    result = {
+    ready = {
+        "ready": True,
         "torch": torch.__version__,
         "device": str(device),
-        "warmup": warmup,
-        "repeats": repeats,
+        "grouped_mm": "torch._grouped_mm" if grouped_mm is GROUPED_MM else "a matmul per group (this torch has no _grouped_mm; CPU dry run)",
         "routing_mismatch_tokens": int((~same).sum()),
         "rel_err": {
             "y": rel_err(inp["y"], y.detach()),
@@ -144,21 +173,24 @@ def main():
             "dW2": rel_err(inp["dW2"], w2.grad),
         },
     }
+    # The gradients AdamW applies in every round (the check's, kept: timing passes reset .grad).
+    model = [wr, w1, w3, w2]
+    adam_grads = [p.grad.detach().clone() for p in model]
     with torch.no_grad():
         yf, _ = routed_layer(x, wr, k, experts_fused)
-    result["fused_vs_unfused_y"] = rel_err(yf, y.detach())
+    ready["fused_vs_unfused_y"] = rel_err(yf, y.detach())
     checking[0] = False
     del y, yf, topi, same
-    for name in ("y", "dx", "dRouter", "dW1", "dW3", "dW2", "indices"):
-        del inp[name]  # free our copies before timing
+    inp.clear()  # free the loaded copies (x, dy and the weights live on as leaves and dy) before timing
     zero_grads()
+    emit(ready)
 
     # ------------------------------------------------------------------------------- timing
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def timed(body, setup=None):
+    def timed(body, warmup, repeats, setup=None):
         times = []
         for i in range(warmup + repeats):
             ctx = setup() if setup else None
@@ -180,38 +212,65 @@ def main():
         times.sort()
         return times[len(times) // 2]
 
-    for tag, ex in (("", experts), ("fused_", experts_fused)):
-        result[tag + "forward_ms"] = timed(lambda _: routed_layer(x, wr, k, ex))
-        result[tag + "backward_ms"] = timed(lambda y: y.backward(dy), setup=lambda: routed_layer(x, wr, k, ex)[0])
-        result[tag + "step_ms"] = timed(lambda _: routed_layer(x, wr, k, ex)[0].backward(dy))
-
     # AdamW on fp32 masters of the bf16 params (router, w1, w3, w2), then copied into the params:
-    # what a bf16 model with fp32 optimizer state does in PyTorch.
-    y, _ = routed_layer(x, wr, k, experts)
-    y.backward(dy)
-    model = [wr, w1, w3, w2]
-    masters = [p.detach().float().clone() for p in model]
-    for m, p in zip(masters, model):
-        m.grad = p.grad.float()
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(masters, lr=1e-6, weight_decay=0.1, fused=fused)
+    # what a bf16 model with fp32 optimizer state does in PyTorch. Made at the first round.
+    adam = {}
 
     def adamw(_):
-        for m, p in zip(masters, model):
-            m.grad.copy_(p.grad)  # bf16 grads into the fp32 masters' grads
-        opt.step()
+        for m, g in zip(adam["masters"], adam_grads):
+            m.grad.copy_(g)  # bf16 grads into the fp32 masters' grads
+        adam["opt"].step()
         with torch.no_grad():
-            for m, p in zip(masters, model):
+            for m, p in zip(adam["masters"], model):
                 p.copy_(m)
 
-    grads = [p.grad for p in model]
+    peak = {}
 
-    def restore_grads():
-        for p, g in zip(model, grads):
-            p.grad = g
+    def round_(cmd):
+        warmup, repeats = int(cmd.get("warmup", 3)), int(cmd.get("repeats", 10))
+        result = {"warmup": warmup, "repeats": repeats}
+        dy_ = dy
+        for tag, ex in (("", experts), ("fused_", experts_fused)):
+            result[tag + "forward_ms"] = timed(lambda _: routed_layer(x, wr, k, ex), warmup, repeats)
+            result[tag + "backward_ms"] = timed(lambda y: y.backward(dy_), warmup, repeats, setup=lambda: routed_layer(x, wr, k, ex)[0])
+            result[tag + "step_ms"] = timed(lambda _: routed_layer(x, wr, k, ex)[0].backward(dy_), warmup, repeats)
+        if not adam:
+            adam["masters"] = [p.detach().float().clone() for p in model]
+            for m in adam["masters"]:
+                m.grad = torch.zeros_like(m)
+            fused = {"fused": True} if device.type == "cuda" else {}  # (older torch: no 'fused' at all)
+            adam["opt"] = torch.optim.AdamW(adam["masters"], lr=1e-6, weight_decay=0.1, **fused)
+        result["adamw_ms"] = timed(adamw, warmup, repeats)
+        # The tensor-core roof: one square bf16 product, N×N · N×N (2·N³ FLOPs).
+        n = int(cmd.get("peak_n", 8192))
+        if peak.get("n") != n:
+            gen = torch.Generator(device=device).manual_seed(5)
+            peak.update(n=n, a=torch.randn(n, n, device=device, generator=gen).bfloat16(), b=torch.randn(n, n, device=device, generator=gen).bfloat16())
+            peak["c"] = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+        ms = timed(lambda _: torch.matmul(peak["a"], peak["b"], out=peak["c"]), warmup, max(5, repeats // 2))
+        result["matmul_n"] = n
+        result["matmul_ms"] = ms
+        result["matmul_tflops"] = 2 * n**3 / (ms * 1e-3) / 1e12
+        return result
 
-    result["adamw_ms"] = timed(adamw, setup=restore_grads)
-    emit(result)
+    # ------------------------------------------------------------------------------- commands
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        cmd = json.loads(line)
+        if cmd.get("cmd") == "quit":
+            break
+        if cmd.get("cmd") == "round":
+            try:
+                emit(round_(cmd))
+            except Exception as e:  # one failed round is reported, the next may still run
+                emit({"error": f"{type(e).__name__}: {e}"})
+        else:
+            emit({"error": f"unknown command {cmd!r}"})
 
 
 if __name__ == "__main__":
