@@ -240,7 +240,7 @@ export interface RawBinding {
     dWeights: TensorHandle,
   ): void;
   permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle): void;
-  // router (native/ops/router): scoreFn 0 = softmax, 1 = sigmoid
+  // router (native/ops/moe/router): scoreFn 0 = softmax, 1 = sigmoid
   routerForward(
     logits: TensorHandle,
     bias: TensorHandle | null,
@@ -276,7 +276,7 @@ export interface RawBinding {
     dLogits: TensorHandle | null,
   ): void;
   routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
-  // expert choice (native/ops/router/expert_choice*): every expert takes its top-`capacity` tokens
+  // expert choice (native/ops/moe/router/expert_choice*): every expert takes its top-`capacity` tokens
   routerExpertChoice(
     logits: TensorHandle,
     scoreFn: number,
@@ -299,7 +299,7 @@ export interface RawBinding {
     dLogits: TensorHandle,
     accumulate: boolean,
   ): void;
-  // training ops (native/ops/rmsnorm, loss, adamw, sqnorm, balance)
+  // training ops (native/ops/train/rmsnorm, loss, adamw, sqnorm, balance)
   rmsnormForward(x: TensorHandle, weight: TensorHandle, eps: number, y: TensorHandle, rstd: TensorHandle): void;
   rmsnormBackward(
     dy: TensorHandle,
