@@ -53,7 +53,7 @@ function outputs(T: number, E: number, k: number, device: typeof gpu | typeof cp
   };
 }
 
-// Fast path (native/ops/moe/router/cuda.cu, router_fast_kernel): E ∈ {8, 16, 32, 64, 128, 256, 512}, groups a
+// Fast path (native/ops/moe/router/forward_fast.cu, router_fast_kernel): E ∈ {8, 16, 32, 64, 128, 256, 512}, groups a
 // power of two ≤ lanes per token, k/topkGroups ≤ 2; everything else takes the generic kernel.
 // Sizes keep the expected number of near-tie tokens (f32 against double, ~1e-7·k·E per token) well
 // under the allowance below.
