@@ -2,11 +2,10 @@
 // On compute capability 9.0 the products go to the wgmma/TMA kernel (hopper.cu) when the shape
 // allows (row lengths multiples of 8); this kernel is the portable one and the fallback.
 //
-// Block tile 128×128×BK, 4 warps each computing 64×64, a multi-stage cp.async ring in shared memory
-// with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. Two configurations:
-// BK=64 with 3 stages (the default) and BK=32 with 4 stages (MOE_EP_GG_TILE=32 selects it; kept
-// for the benchmark ladder in benchmarks/grouped-gemm.md). Each operand is
-// either K-major (its inner dimension contiguous) or MN-major; ldmatrix.trans handles the latter,
+// Block tile 128×128×64, 4 warps each computing 64×64, a 3-stage cp.async ring in shared memory
+// with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. (v1's 128×128×32
+// tile with 4 stages, slower since v2, is step 01 of benchmarks/kernels/grouped_gemm/.) Each operand
+// is either K-major (its inner dimension contiguous) or MN-major; ldmatrix.trans handles the latter,
 // so NN, NT and TN are one kernel with two layout flags.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -26,19 +25,15 @@ namespace moe::ops {
 
 namespace {
 
-constexpr int BM = 128, BN = 128, THREADS = 128;
-template <int BK> struct Config {
-  static constexpr int STAGES = BK == 64 ? 3 : 4;
-  static constexpr int TILE_ELEMS = 128 * BK;                    // one operand tile, either orientation
-  static constexpr int SMEM_BYTES = STAGES * 2 * TILE_ELEMS * 2;  // A and B tiles, bf16: 96 or 64 KiB
-};
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 128;
+constexpr int TILE_ELEMS = 128 * BK;                    // one operand tile, either orientation
+constexpr int SMEM_BYTES = STAGES * 2 * TILE_ELEMS * 2;  // A and B tiles, bf16: 96 KiB
 
 // ---- shared-memory addressing (in bf16 elements) --------------------------------------------------
-// K-major tile: 128 rows (m or n) × BK k. BK=32: 4 chunks of 8 per 64-byte row, chunk ^= (row>>1)&3;
-// BK=64: 8 chunks per 128-byte row, chunk ^= row & 7. Either way the 8 rows an ldmatrix reads at
-// one chunk column land in 8 different 16-byte bank groups.
-template <int BK> __device__ __forceinline__ int kmajor_offset(int row, int k) {
-  int chunk = BK == 64 ? ((k >> 3) ^ (row & 7)) : ((k >> 3) ^ ((row >> 1) & 3));
+// K-major tile: 128 rows (m or n) × 64 k, 8 chunks of 8 per 128-byte row, chunk ^= row & 7: the 8
+// rows an ldmatrix reads at one chunk column land in 8 different 16-byte bank groups.
+__device__ __forceinline__ int kmajor_offset(int row, int k) {
+  int chunk = (k >> 3) ^ (row & 7);
   return row * BK + chunk * 8 + (k & 7);
 }
 // MN-major tile: 32 rows (k) × 128 (m or n), 16 chunks per row; the low three chunk bits ^= k & 7.
@@ -97,7 +92,7 @@ __device__ __forceinline__ void load_chunk_scalar(__nv_bfloat16* smem, const __n
 // B operand (inner × cols): K-major when B_KMAJOR (B[col * ldb + k]), else B[k * ldb + col].
 // ALIGNED: every contiguous run is a multiple of 8 elements and 16-byte aligned, so cp.async moves
 // 16-byte chunks; otherwise elements are loaded one by one (shapes like K = 300).
-template <int BK, bool A_KMAJOR, bool B_KMAJOR, bool ALIGNED>
+template <bool A_KMAJOR, bool B_KMAJOR, bool ALIGNED>
 __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB, const __nv_bfloat16* A, int64_t lda,
                                            const __nv_bfloat16* B, int64_t ldb, int row0, int row_end, int col0, int col_end,
                                            int k0, int k_end) {
@@ -110,8 +105,8 @@ __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB,
       int r = c / KCHUNKS, kc = (c % KCHUNKS) * 8;
       bool row_ok = row0 + r < row_end;
       const __nv_bfloat16* src = A + int64_t(row0 + r) * lda + k0 + kc;
-      if (ALIGNED) cp_async16(sA + kmajor_offset<BK>(r, kc), row_ok && k0 + kc < k_end ? src : A, row_ok && k0 + kc < k_end);
-      else load_chunk_scalar(sA + kmajor_offset<BK>(r, kc), src, 1, row_ok ? min(8, k_end - (k0 + kc)) : 0);
+      if (ALIGNED) cp_async16(sA + kmajor_offset(r, kc), row_ok && k0 + kc < k_end ? src : A, row_ok && k0 + kc < k_end);
+      else load_chunk_scalar(sA + kmajor_offset(r, kc), src, 1, row_ok ? min(8, k_end - (k0 + kc)) : 0);
     } else {
       int k = c >> 4, rc = (c & 15) * 8;
       bool k_ok = k0 + k < k_end;
@@ -123,8 +118,8 @@ __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB,
       int n = c / KCHUNKS, kc = (c % KCHUNKS) * 8;
       bool col_ok = col0 + n < col_end;
       const __nv_bfloat16* src = B + int64_t(col0 + n) * ldb + k0 + kc;
-      if (ALIGNED) cp_async16(sB + kmajor_offset<BK>(n, kc), col_ok && k0 + kc < k_end ? src : B, col_ok && k0 + kc < k_end);
-      else load_chunk_scalar(sB + kmajor_offset<BK>(n, kc), src, 1, col_ok ? min(8, k_end - (k0 + kc)) : 0);
+      if (ALIGNED) cp_async16(sB + kmajor_offset(n, kc), col_ok && k0 + kc < k_end ? src : B, col_ok && k0 + kc < k_end);
+      else load_chunk_scalar(sB + kmajor_offset(n, kc), src, 1, col_ok ? min(8, k_end - (k0 + kc)) : 0);
     } else {
       int k = c >> 4, nc = (c & 15) * 8;
       bool k_ok = k0 + k < k_end;
@@ -135,8 +130,8 @@ __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB,
   }
 }
 
-// One warp's 64×64 share of a BK slice: 2 k16 steps × (4 m16 tiles × 8 n8 tiles).
-template <int BK, bool A_KMAJOR, bool B_KMAJOR>
+// One warp's 64×64 share of a BK slice: 4 k16 steps × (4 m16 tiles × 8 n8 tiles).
+template <bool A_KMAJOR, bool B_KMAJOR>
 __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_bfloat16* sA, const __nv_bfloat16* sB, int wm, int wn) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -147,7 +142,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_
       int m = wm * 64 + mt * 16;
       if (A_KMAJOR) {
         int r = m + (lane & 7) + ((lane >> 3) & 1) * 8, k = kk + (lane >> 4) * 8;
-        ldmatrix_x4(af[mt], sA + kmajor_offset<BK>(r, k));
+        ldmatrix_x4(af[mt], sA + kmajor_offset(r, k));
       } else {
         int k = kk + (lane & 7) + (lane >> 4) * 8, r = m + ((lane >> 3) & 1) * 8;
         ldmatrix_x4_trans(af[mt], sA + mnmajor_offset(k, r));
@@ -158,7 +153,7 @@ __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_
       int n = wn * 64 + np * 16;
       if (B_KMAJOR) {
         int c = n + (lane & 7) + (lane >> 4) * 8, k = kk + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4(bf[np], sB + kmajor_offset<BK>(c, k));
+        ldmatrix_x4(bf[np], sB + kmajor_offset(c, k));
       } else {
         int k = kk + (lane & 7) + ((lane >> 3) & 1) * 8, c = n + (lane >> 4) * 8;
         ldmatrix_x4_trans(bf[np], sB + mnmajor_offset(k, c));
@@ -264,9 +259,8 @@ __device__ __forceinline__ void store_staged(const Params& p, const float (&acc)
   }
 }
 
-template <int BK, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT, bool TN, bool ALIGNED>
+template <bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT, bool TN, bool ALIGNED>
 __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
-  constexpr int STAGES = Config<BK>::STAGES, TILE_ELEMS = Config<BK>::TILE_ELEMS;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(smem_raw);
 
@@ -331,7 +325,7 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < ktiles) load_stage<BK, A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, s * BK, k_len);
+    if (s < ktiles) load_stage<A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, s * BK, k_len);
     cp_async_commit();
   }
   for (int kt = 0; kt < ktiles; ++kt) {
@@ -340,15 +334,16 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
     int next = kt + STAGES - 1;
     if (next < ktiles) {
       int s = next % STAGES;
-      load_stage<BK, A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, next * BK, k_len);
+      load_stage<A_KMAJOR, B_KMAJOR, ALIGNED>(sA(s), sB(s), A, lda, B, ldb, row0, row_end, col0, p.cols_dim, next * BK, k_len);
     }
     cp_async_commit();
-    compute_stage<BK, A_KMAJOR, B_KMAJOR>(acc, sA(kt % STAGES), sB(kt % STAGES), wm, wn);
+    compute_stage<A_KMAJOR, B_KMAJOR>(acc, sA(kt % STAGES), sB(kt % STAGES), wm, wn);
   }
   cp_async_wait<0>();
   // The staged store needs 16-byte rows (ALIGNED: cols % 8 == 0) and a 128×136 tile in shared
-  // memory (68 KiB for f32: fits the 96 KiB ring of BK=64, not the 64 KiB of BK=32).
-  constexpr bool STAGED = EPI == GemmEpilogue::Store && ALIGNED && (sizeof(OutT) == 2 || Config<BK>::SMEM_BYTES >= 128 * 136 * 4);
+  // memory (68 KiB for f32: the 96 KiB ring holds it).
+  static_assert(SMEM_BYTES >= 128 * 136 * 4, "the staged store's tile fits in the ring");
+  constexpr bool STAGED = EPI == GemmEpilogue::Store && ALIGNED;
   if constexpr (STAGED) store_staged<OutT>(p, acc, out, smem_raw, row0, row_end, col0, wm, wn);
   else epilogue<EPI, OutT>(p, acc, out, row0, row_end, col0, wm, wn);
 }
@@ -369,11 +364,10 @@ __global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int32_t
 }
 
 // In TN mode a group with no rows runs no k-iteration and stores zeros (or adds zero): dW_e = 0.
-template <int BK, bool TN, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
-void launch_bk(const Params& p, int rows, int cols, int E, int M, bool aligned, cudaStream_t stream) {
-  constexpr int SMEM_BYTES = Config<BK>::SMEM_BYTES;
-  auto kernel = aligned ? grouped_gemm_kernel<BK, A_KMAJOR, B_KMAJOR, EPI, OutT, TN, true>
-                        : grouped_gemm_kernel<BK, A_KMAJOR, B_KMAJOR, EPI, OutT, TN, false>;
+template <bool TN, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
+void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cudaStream_t stream) {
+  auto kernel = aligned ? grouped_gemm_kernel<A_KMAJOR, B_KMAJOR, EPI, OutT, TN, true>
+                        : grouped_gemm_kernel<A_KMAJOR, B_KMAJOR, EPI, OutT, TN, false>;
   // Above 48 KiB of dynamic shared memory needs an opt-in (per device, so set on every launch: ~1 µs).
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm",
               "cudaFuncSetAttribute");
@@ -386,16 +380,6 @@ void launch_bk(const Params& p, int rows, int cols, int E, int M, bool aligned, 
 bool few_rows_enabled() {
   const char* v = std::getenv("MOE_EP_GG_FEW_ROWS");
   return !(v && std::string(v) == "0");
-}
-int tile_k() {
-  const char* v = std::getenv("MOE_EP_GG_TILE");
-  return v && std::string(v) == "32" ? 32 : 64;
-}
-
-template <bool TN, bool A_KMAJOR, bool B_KMAJOR, GemmEpilogue EPI, typename OutT>
-void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cudaStream_t stream) {
-  if (tile_k() == 32) launch_bk<32, TN, A_KMAJOR, B_KMAJOR, EPI, OutT>(p, rows, cols, E, M, aligned, stream);
-  else launch_bk<64, TN, A_KMAJOR, B_KMAJOR, EPI, OutT>(p, rows, cols, E, M, aligned, stream);
 }
 
 }  // namespace

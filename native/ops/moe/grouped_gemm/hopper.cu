@@ -10,6 +10,9 @@
 // per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
 // (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
 // store the last one (through one of the epilogues below).
+// The other ways of storing a tile that were measured and lost (Store from registers, the warp
+// slices for bf16 results, the hand-off of fp32 results in two halves) are steps 05-07 of the
+// ladder in benchmarks/kernels/grouped_gemm/.
 //
 // Shared-memory layouts (128-byte swizzle, the pattern TMA writes and wgmma reads):
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
@@ -48,16 +51,15 @@ constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-// How a consumer warpgroup's 64×256 accumulators reach global memory (the Store epilogue):
-//   Registers   straight from the fragments, 4/8-byte stores (v5).
-//   WarpSlices  each consumer warp stages 16×32 fp32 slices in its own shared memory and stores
-//               whole 16-byte row pieces (v6; the default for fp32 results and accumulation).
-//   Handoff     (v7; the default for bf16 results) results without accumulate: the consumers drop
-//               the 128×256 tile into shared memory and go on to the next tile's mainloop; three
-//               warps of the producer warpgroup (otherwise idle) copy it to global memory meanwhile.
-//               bf16 tiles go in one piece (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB
-//               each: the consumers wait for the first half to be copied before they drop the
-//               second). It costs the ring a stage (3 instead of 4).
+// How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
+// result type (launch() below):
+//   Registers   straight from the fragments: the fused SwiGLU and dSwiGLU epilogues.
+//   WarpSlices  Store with fp32 results (accumulating or not; v6): each consumer warp stages 16×32
+//               fp32 slices in its own shared memory and stores whole 16-byte row pieces.
+//   Handoff     Store with bf16 results (never accumulating; v7): the consumers drop the 128×256
+//               tile into shared memory (66 KiB) and go on to the next tile's mainloop; three warps
+//               of the producer warpgroup (otherwise idle) copy it to global memory meanwhile. It
+//               costs the ring a stage (3 instead of 4).
 enum class StoreVia { Registers, WarpSlices, Handoff };
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
@@ -67,13 +69,11 @@ template <StoreVia VIA> struct Layout {
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
   static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;   // 2560 bytes per warp
-  // Handoff row pitches, chosen so that a warp's fragment stores hit every bank once per wavefront:
-  // bf16 pairs (4 bytes) at 264 bf16 = 528 bytes (132 words ≡ 4 mod 32); fp32 pairs (8 bytes, half a
-  // warp per wavefront) at 136 floats = 544 bytes (≡ 8 mod 32).
+  // Handoff row pitch, chosen so that a warp's fragment stores hit every bank once per wavefront:
+  // bf16 pairs (4 bytes) at 264 bf16 = 528 bytes (132 words ≡ 4 mod 32).
   static constexpr int TILE_LD_BF16 = BN + 8;
-  static constexpr int TILE_LD_F32 = BN / 2 + 8;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
-                                       : VIA == StoreVia::Handoff  ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
+                                       : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
                                                                    : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
@@ -196,24 +196,12 @@ __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
 }
 
 // ---- epilogue -------------------------------------------------------------------------------------
-__device__ __forceinline__ void store_pair(float* out, int64_t idx, float v0, float v1, bool accumulate) {
-  float2 v = make_float2(v0, v1);
-  if (accumulate) {
-    float2 old = *reinterpret_cast<const float2*>(out + idx);
-    v.x += old.x;
-    v.y += old.y;
-  }
-  *reinterpret_cast<float2*>(out + idx) = v;
-}
-__device__ __forceinline__ void store_pair(__nv_bfloat16* out, int64_t idx, float v0, float v1, bool) {
-  *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
-}
-
-// A consumer warpgroup's 64×256 accumulators: thread (warp w, lane l) holds rows 16w + l/4 (+8) and,
-// in each 8-column block j, columns 8j + 2(l%4) and the next (d[4j..4j+3]). cols % 8 == 0 here, so
-// a pair is either wholly inside or wholly outside.
-template <GemmEpilogue EPI, typename OutT>
+// The fused epilogues, straight from a consumer warpgroup's 64×256 accumulators: thread (warp w,
+// lane l) holds rows 16w + l/4 (+8) and, in each 8-column block j, columns 8j + 2(l%4) and the next
+// (d[4j..4j+3]). cols % 8 == 0 here, so a pair is either wholly inside or wholly outside.
+template <GemmEpilogue EPI>
 __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0) {
+  static_assert(EPI != GemmEpilogue::Store, "plain results go through shared memory (WarpSlices, Handoff)");
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
   const int cols = p.cols;
 #pragma unroll
@@ -225,9 +213,7 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
       const int c = tile.col0 + j * 8 + (lane & 3) * 2;
       if (c >= cols) continue;
       const float v0 = d[j * 4 + half * 2], v1 = d[j * 4 + half * 2 + 1];
-      if constexpr (EPI == GemmEpilogue::Store) {
-        store_pair(static_cast<OutT*>(p.out), tile.out_base + int64_t(r) * cols + c, v0, v1, p.accumulate);
-      } else if constexpr (EPI == GemmEpilogue::SwiGLU) {
+      if constexpr (EPI == GemmEpilogue::SwiGLU) {
         // (v0, v1) = (g1, g3) of hidden unit c/2: W1 and W3 columns interleave.
         static_cast<__nv_bfloat16*>(p.out)[int64_t(r) * (cols / 2) + c / 2] = __float2bfloat16_rn(silu(v0) * v1);
         if (p.aux_out) *reinterpret_cast<__nv_bfloat162*>(p.aux_out + int64_t(r) * cols + c) = __floats2bfloat162_rn(v0, v1);
@@ -245,13 +231,14 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
   }
 }
 
-// The Store epilogue through shared memory: each consumer warp drops its 16×256 accumulators into its
-// own 16×32 fp32 slice, 32 columns at a time, and reads them back as whole rows: 16-byte (fp32) or
-// 8-byte (bf16) pieces, a warp instruction covering 4 rows × 32 columns. With accumulate, all of a
+// The Store epilogue of fp32 results through shared memory: each consumer warp drops its 16×256
+// accumulators into its own 16×32 fp32 slice, 32 columns at a time, and reads them back as whole
+// rows in 16-byte pieces, a warp instruction covering 4 rows × 32 columns. With accumulate, all of a
 // slice's loads of the old values are issued before its stores (else each load waits behind the
 // previous store: one memory latency per piece).
 template <typename OutT>
 __device__ __forceinline__ void store_tile_staged(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0, uint32_t staging) {
+  static_assert(sizeof(OutT) == 4, "bf16 results are handed off");
   constexpr int LD = Layout<StoreVia::WarpSlices>::STAGING_LD, SLICE = Layout<StoreVia::WarpSlices>::SLICE;
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
   // The fragment store: rows lane/4 (+8), columns 8jj + 2(lane%4) (+1) of the slice.
@@ -282,78 +269,52 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
     __syncwarp();  // read back before the next slice lands
     if (col + s * SLICE >= p.cols) continue;  // cols % 8 == 0: a piece is all in or all out (lanes past it skip)
     OutT* const dst = out + s * SLICE;
-    if constexpr (sizeof(OutT) == 4) {
-      if (p.accumulate) {
-        float4 old[4];
-#pragma unroll
-        for (int u = 0; u < 4; ++u)
-          if (row + 4 * u < tile.row_end) old[u] = *reinterpret_cast<const float4*>(dst + u * pitch4);
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          v[u].x += old[u].x;
-          v[u].y += old[u].y;
-          v[u].z += old[u].z;
-          v[u].w += old[u].w;
-        }
-      }
+    if (p.accumulate) {
+      float4 old[4];
 #pragma unroll
       for (int u = 0; u < 4; ++u)
-        if (row + 4 * u < tile.row_end) *reinterpret_cast<float4*>(dst + u * pitch4) = v[u];
-    } else {
+        if (row + 4 * u < tile.row_end) old[u] = *reinterpret_cast<const float4*>(dst + u * pitch4);
 #pragma unroll
       for (int u = 0; u < 4; ++u) {
-        uint2 b;
-        *reinterpret_cast<__nv_bfloat162*>(&b.x) = __floats2bfloat162_rn(v[u].x, v[u].y);
-        *reinterpret_cast<__nv_bfloat162*>(&b.y) = __floats2bfloat162_rn(v[u].z, v[u].w);
-        if (row + 4 * u < tile.row_end) *reinterpret_cast<uint2*>(dst + u * pitch4) = b;
+        v[u].x += old[u].x;
+        v[u].y += old[u].y;
+        v[u].z += old[u].z;
+        v[u].w += old[u].w;
       }
     }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (row + 4 * u < tile.row_end) *reinterpret_cast<float4*>(dst + u * pitch4) = v[u];
   }
 }
 
-// Handoff, consumer side: this warpgroup's 64 rows of the tile (bf16: all 256 columns; fp32: the
-// 128 columns of `half`) into the shared tile as pairs: row 16w + l/4 (+8), columns 8j + 2(l%4).
-template <typename OutT>
-__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer, int half) {
+// Handoff, consumer side: this warpgroup's 64 rows of the bf16 tile into shared memory as pairs:
+// row 16w + l/4 (+8), columns 8j + 2(l%4).
+__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
   const int row = consumer * 64 + warp * 16 + (lane >> 2);
-  if constexpr (sizeof(OutT) == 2) {
-    constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_BF16;
-    const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 2);
+  constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_BF16;
+  const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 2);
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
+  for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
-        asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + uint32_t((h * 8 * LD + j * 8) * 2)), "r"(*reinterpret_cast<uint32_t*>(&v))
-                     : "memory");
-      }
-    }
-  } else {
-    constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_F32;
-    const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 4);
-#pragma unroll
-    for (int jj = 0; jj < BN / 16; ++jj) {
-      const int j = (half ? BN / 16 : 0) + jj;  // d's 8-column block; jj its place in the half
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + uint32_t((h * 8 * LD + jj * 8) * 4)), "f"(d[j * 4 + h * 2]),
-                     "f"(d[j * 4 + h * 2 + 1])
-                     : "memory");
+    for (int h = 0; h < 2; ++h) {
+      __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + uint32_t((h * 8 * LD + j * 8) * 2)), "r"(*reinterpret_cast<uint32_t*>(&v))
+                   : "memory");
     }
   }
 }
 
-// Handoff, storer side: the staged tile (or fp32 half) to global memory, one 512-byte row per warp
+// Handoff, storer side: the staged bf16 tile to global memory, one 512-byte row per warp
 // instruction (16 bytes per lane), rows past the tile's end (the group's, or M) and columns past
 // cols skipped.
-template <typename OutT>
-__device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer, int half) {
-  constexpr bool BF16 = sizeof(OutT) == 2;
-  constexpr int LD_BYTES = BF16 ? Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2 : Layout<StoreVia::Handoff>::TILE_LD_F32 * 4;
+__device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer) {
+  using OutT = __nv_bfloat16;
+  constexpr int LD_BYTES = Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2;
   constexpr int PER_LANE = 16 / int(sizeof(OutT));  // values per 16-byte piece
   const int lane = storer & 31, warp = storer >> 5;
-  const int col = tile.col0 + (BF16 ? 0 : half * (BN / 2)) + lane * PER_LANE;
+  const int col = tile.col0 + lane * PER_LANE;
   if (col >= p.cols) return;  // cols % 8 == 0: a lane's piece is all in or all out
   OutT* const out = static_cast<OutT*>(p.out) + tile.out_base + col;
   const int rows = min(BM, tile.row_end - tile.row0);
@@ -375,9 +336,10 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
-  static_assert(VIA == StoreVia::Registers || EPI == GemmEpilogue::Store, "staged epilogues store plain results");
+  static_assert((VIA == StoreVia::Registers) == (EPI != GemmEpilogue::Store), "the fused epilogues store from registers, plain results through shared memory");
+  static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
+  static_assert(VIA != StoreVia::WarpSlices || sizeof(OutT) == 4, "the warp slices take fp32 results");
   constexpr int STAGES = Layout<VIA>::STAGES;
-  constexpr int HANDOFFS = sizeof(OutT) == 4 ? 2 : 1;  // Handoff: pieces per tile (fp32: two halves)
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
@@ -439,16 +401,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
     } else if constexpr (VIA == StoreVia::Handoff) {
       if (threadIdx.x >= 32) {
-        // Storers: walk the same tiles; each piece the consumers hand over is copied out.
+        // Storers: walk the same tiles; each tile the consumers hand over is copied out.
         const int storer = threadIdx.x - 32;
-        uint32_t n = 0;  // pieces done
-        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        uint32_t n = 0;  // tiles done
+        for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
           const Tile tile = tile_at<MODE>(p, t, m_tiles);
-          for (int half = 0; half < HANDOFFS; ++half, ++n) {
-            mbar_wait(&tile_full, n & 1);
-            handoff_drain<OutT>(p, tile, staging_smem, storer, half);
-            mbar_arrive(&tile_empty);
-          }
+          mbar_wait(&tile_full, n & 1);
+          handoff_drain(p, tile, staging_smem, storer);
+          mbar_arrive(&tile_empty);
         }
       }
     }
@@ -458,7 +418,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;  // Handoff: pieces handed over (the barriers' phase)
+    uint32_t n = 0;  // Handoff: tiles handed over (the barriers' phase)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
@@ -510,17 +470,16 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
       if constexpr (VIA == StoreVia::Handoff) {
-        for (int half = 0; half < HANDOFFS; ++half, ++n) {
-          // The storers have copied out the previous piece (a fresh barrier's first wait passes).
-          mbar_wait(&tile_empty, (n & 1) ^ 1);
-          handoff_put<OutT>(d, staging_smem, consumer, half);
-          mbar_arrive(&tile_full);
-        }
+        // The storers have copied out the previous tile (a fresh barrier's first wait passes).
+        mbar_wait(&tile_empty, (n & 1) ^ 1);
+        handoff_put(d, staging_smem, consumer);
+        mbar_arrive(&tile_full);
+        ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else {
-        store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
+        store_tile<EPI>(p, d, tile, tile.row0 + consumer * 64);
       }
     }
   }
@@ -565,7 +524,7 @@ DeviceInfo device_info() {
     const cuda::DeviceProps props = cuda::device_props(dev);
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
-    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Registers>) == cudaSuccess;
+    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Handoff>) == cudaSuccess;
     if (!image) cudaGetLastError();  // clear only the error this call set
     cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && encode_fn() != nullptr, props.multiprocessors};
     known[dev] = true;
@@ -573,25 +532,6 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-// Which epilogue stores the tiles (read per launch so that a benchmark can compare them):
-// - bf16 results without accumulate: handed to the producer's storer warps through shared memory
-//   while the consumers go on with the next tile (H200, 250fecf, against the warp slices: balanced
-//   forward 744 vs 708 TFLOP/s, dA 731 vs 588, dW 630 vs 466; 15 of 18 products faster, the rest
-//   within 2 %). MOE_EP_GG_HOPPER_HANDOFF=0 turns it off.
-// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
-//   E=8 469 vs 499); MOE_EP_GG_HOPPER_HANDOFF=1 hands them off too.
-// - Warp slices otherwise (staged through per-warp shared memory; H200, f838df1: forward 715 vs 656
-//   register-direct); MOE_EP_GG_HOPPER_STAGED=0 stores straight from registers.
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v && std::strcmp(v, value) == 0;
-}
-bool staged_epilogue() { return !env_is("MOE_EP_GG_HOPPER_STAGED", "0"); }
-template <typename OutT>
-bool handoff_epilogue() {
-  if (env_is("MOE_EP_GG_HOPPER_HANDOFF", "0")) return false;
-  return sizeof(OutT) == 2 || env_is("MOE_EP_GG_HOPPER_HANDOFF", "1");
-}
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
@@ -606,13 +546,19 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
 }
 
+// How the tiles are stored follows from the epilogue and the result type (see StoreVia):
+// - bf16 results (never accumulated: grouped_gemm.cc asks for f32 out with accumulate): handed to
+//   the producer's storer warps through shared memory while the consumers go on with the next tile
+//   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
+//   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
+// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
+//   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
+// - SwiGLU, dSwiGLU: from registers.
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  if constexpr (EPI == GemmEpilogue::Store) {
-    if (!p.accumulate && handoff_epilogue<OutT>()) return launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
-    if (staged_epilogue()) return launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
-  }
-  launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
+  if constexpr (EPI != GemmEpilogue::Store) launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
+  else if constexpr (sizeof(OutT) == 2) launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+  else launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
 }
 
 }  // namespace
@@ -632,13 +578,12 @@ bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   if (g.a.size(0) == 0 || g.offsets.size(0) < 2) return false;
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
   if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
-  // dW with few rows per group is bound by writing E·K·N outputs. Register-direct stores lose to the
-  // mma.sync kernel there below 256 rows per group (H200, 8f53295: 128 rows 0.48x torch vs 0.75x);
-  // the staged epilogue wins at 128 rows (f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs 8.9):
-  // under 32 rows per group (the crossover between 4 and 128 is not measured) mma.sync keeps it,
-  // and at 8 or fewer on average the few-rows kernel takes it before this is asked (cuda.cu).
-  const int64_t rows_per_group_floor = hopper::staged_epilogue() ? 32 : 256;
-  if (tn && g.a.size(0) < rows_per_group_floor * (g.offsets.size(0) - 1)) return false;
+  // dW with few rows per group is bound by writing E·K·N outputs. The staged epilogues win against
+  // the mma.sync kernel at 128 rows per group (f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs
+  // 8.9): under 32 rows per group (the crossover between 4 and 128 is not measured) mma.sync keeps
+  // it, and at 8 or fewer on average the few-rows kernel takes it before this is asked (cuda.cu).
+  // (Register-direct stores, the ladder's step 05, lost to mma.sync below 256 rows per group.)
+  if (tn && g.a.size(0) < 32 * (g.offsets.size(0) - 1)) return false;
   return hopper::device_info().hopper;
 }
 
