@@ -4,7 +4,7 @@
 // nvidia-smi sampled every 50 ms into a file, the mean SM clock, power and temperature of each block.
 //   MOE_EP_GG_SHAPES=0,1 node benchmarks/grouped-gemm-ab.mjs --out DIR [--rounds 6] [--calls 15]
 //     [--products NN,NT,TN] [--variants default,mmaSync[,tensorCores]] [--inner 1]
-// Variants (bf16 results; the addon's kernel switches):
+// Variants (bf16 results; the addon's kernel switches, set with setKernelOptions):
 //   default      what the addon chooses (on an H100/H200: the Hopper kernel, tiles handed off)
 //   mmaSync      the portable mma.sync kernel (the Hopper kernel switched off)
 //   tensorCores  dW with few rows per group on the tensor cores (the few-rows kernel switched off)
@@ -15,7 +15,7 @@ import { spawn } from 'node:child_process';
 import { mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { Tensor, tidy } from '../dist/lib/index.js';
+import { setKernelOptions, Tensor, tidy } from '../dist/lib/index.js';
 import { groupedGemm } from '../dist/lib/moe/grouped-gemm.js';
 import { shapes } from './grouped-gemm-shapes.mjs';
 import { timeRegion } from './harness.mjs';
@@ -28,13 +28,13 @@ const inner = Number(opt('--inner', 1)); // > 1: back-to-back calls, the host's 
 const products = opt('--products', 'NN,NT,TN').split(',');
 const out = opt('--out', '/tmp/gg-ab');
 const only = (process.env.MOE_EP_GG_SHAPES ?? '0,1').split(',').map(Number);
-const ENV = {
+const KERNELS = {
   default: {},
-  mmaSync: { MOE_EP_GG_HOPPER: '0' },
-  tensorCores: { MOE_EP_GG_FEW_ROWS: '0' },
+  mmaSync: { groupedGemm: { hopper: false } },
+  tensorCores: { groupedGemm: { fewRows: false } },
 };
 const variants = opt('--variants', 'default,mmaSync').split(',');
-for (const v of variants) if (!ENV[v]) throw new Error(`unknown variant ${v}`);
+for (const v of variants) if (!KERNELS[v]) throw new Error(`unknown variant ${v}`);
 mkdirSync(out, { recursive: true });
 
 const smiFile = join(out, 'smi.csv');
@@ -69,11 +69,11 @@ for (const i of only) {
       for (let r = 0; r < rounds; r++) {
         const order = r % 2 ? [...variants].reverse() : variants;
         for (const v of order) {
-          Object.assign(process.env, ENV[v]);
+          const before = setKernelOptions(KERNELS[v]);
           const t0 = Date.now();
           const ms = timeRegion(run[product], { warmup: 2, repeats: calls, inner });
           const t1 = Date.now();
-          for (const k of Object.keys(ENV[v])) delete process.env[k];
+          setKernelOptions(before);
           const tflops = (2 * s.M * s.K * s.N) / (ms * 1e-3) / 1e12;
           blocks.push({ shape: i, product, round: r, variant: v, ms, tflops, t0, t1 });
         }

@@ -5,7 +5,7 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { ops, sumOfSquares, Tensor, tidy } from '../dist/lib/index.js';
+import { ops, setKernelOptions, sumOfSquares, Tensor, tidy } from '../dist/lib/index.js';
 import { groupedGemm } from '../dist/lib/moe/grouped-gemm.js';
 import { shapes } from './grouped-gemm-shapes.mjs';
 import { quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
@@ -14,6 +14,16 @@ const dev = 'cuda:0';
 const repeats = quick ? 10 : 30;
 
 const only = process.env.MOE_EP_GG_SHAPES; // e.g. "0,2": a subset while iterating
+
+/** Runs fn with some grouped-GEMM kernel switches (docs/kernels.md), then puts them back. */
+function withKernels(groupedGemm, fn) {
+  const before = setKernelOptions({ groupedGemm });
+  try {
+    return fn();
+  } finally {
+    setKernelOptions(before);
+  }
+}
 
 /**
  * ‖out − ref‖ / ‖ref‖ on the device, in fp32. One product at a time (the decode shape's fp32 dW is
@@ -42,12 +52,12 @@ for (const [i, s] of shapes.entries()) {
     const outNN = Tensor.empty([s.M, s.N], { dtype: 'bf16', device: dev });
     const outNT = Tensor.empty([s.M, s.K], { dtype: 'bf16', device: dev });
     const outTN = Tensor.empty([E, s.K, s.N], { dtype: 'bf16', device: dev });
-    // The ladder: the portable mma.sync kernel (MOE_EP_GG_HOPPER=0), timed beside the default
+    // The ladder: the portable mma.sync kernel (groupedGemm.hopper off), timed beside the default
     // (the Hopper kernel where it applies) in the same run.
-    process.env.MOE_EP_GG_HOPPER = '0';
-    const nnSync = timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats });
-    const ntSync = timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats });
-    delete process.env.MOE_EP_GG_HOPPER;
+    const [nnSync, ntSync] = withKernels({ hopper: false }, () => [
+      timeCuda(() => groupedGemm('NN', a, b, offsets, { out: outNN }), { repeats }),
+      timeCuda(() => groupedGemm('NT', dC, b, offsets, { out: outNT }), { repeats }),
+    ]);
     // (The Hopper epilogues that lost, and the mma.sync kernel's BK=32 tile, are timed by the
     // ladder's programs: benchmarks/kernels/grouped_gemm/.)
     // dW with fp32 results, as training computes it (expertsBackward).
@@ -63,9 +73,7 @@ for (const [i, s] of shapes.entries()) {
     let fewRowsErr = null;
     if (s.M <= 8 * E) {
       const ref = outTN.clone();
-      process.env.MOE_EP_GG_FEW_ROWS = '0';
-      tnTensorCores = timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats });
-      delete process.env.MOE_EP_GG_FEW_ROWS;
+      tnTensorCores = withKernels({ fewRows: false }, () => timeCuda(() => groupedGemm('TN', a, dC, offsets, { out: outTN }), { repeats }));
       fewRowsErr = relErrInNorm(outTN, ref);
       ref.dispose();
     }
@@ -108,7 +116,7 @@ writeResult('grouped-gemm', rows, {
   ratio: 'torch time / our time (≥ 1 means we are faster)',
   fewRows:
     'dW at <= 8 rows per group on average (decode) is streamed by the few-rows kernel (CUDA cores, rows 8 at a time through shared memory, 16-byte streaming stores); ' +
-    'tensorCoreOnlyTFLOPs: MOE_EP_GG_FEW_ROWS=0; fewRowsVsTensorCores: relative error in norm between the two results (bf16 rounding of different summation orders)',
+    'tensorCoreOnlyTFLOPs: setKernelOptions({ groupedGemm: { fewRows: false } }); fewRowsVsTensorCores: relative error in norm between the two results (bf16 rounding of different summation orders)',
   fp32Out: "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
   kernel:
     'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu); ' +

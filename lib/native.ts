@@ -13,6 +13,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { errorClasses } from './errors.js';
+import { applyKernelOptions, type KernelOptions } from './kernel-options.js';
 
 declare const brand: unique symbol;
 type Branded<T, B extends string> = T & { readonly [brand]: B };
@@ -351,11 +352,14 @@ export interface RawBinding {
   commNccl(rank: number, size: number, uniqueId: Uint8Array, device: number, timeoutMs: number): CommHandle;
   ncclUniqueId(): Uint8Array;
   mpiStatus(tryLoad: boolean): MpiStatus;
+  // kernel switches (native/addon/kernel_options_binding.cc; lib/kernel-options.ts decides them)
+  setKernelOptions(options: KernelOptions): void;
+  kernelOptions(): KernelOptions;
   // the peer-memory transport
   peerCreate(rank: number, size: number, device: number, tokenCap: number, rowBytes: number, topK: number, localExperts: number, timeoutMs: number): PeerHandle;
 }
 
-const EXPECTED_ABI = 4;
+const EXPECTED_ABI = 5;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {
@@ -411,6 +415,7 @@ function load(): RawBinding {
     );
   }
   raw.setErrorClasses(errorClasses);
+  applyKernelOptions(raw);
   return raw;
 }
 

@@ -1,6 +1,6 @@
-// Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90.
-// On compute capability 9.0 the products go to the wgmma/TMA kernel (hopper.cu) when the shape
-// allows (row lengths multiples of 8); this kernel is the portable one and the fallback.
+// Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90,
+// and grouped_gemm_cuda, which runs the kernel grouped_gemm.cc chose: this one (the portable one
+// and the fallback), the wgmma/TMA kernel (hopper.cu) or the few-rows dW kernel (few_rows.cu).
 //
 // Block tile 128×128×64, 4 warps each computing 64×64, a 3-stage cp.async ring in shared memory
 // with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. (v1's 128×128×32
@@ -11,7 +11,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <string>
 
 #include "core/cuda_runtime.h"
@@ -376,15 +375,9 @@ void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cud
   kernel<<<grid, THREADS, SMEM_BYTES, stream>>>(p);
 }
 
-// Read per launch (a getenv is ~100 ns) so a benchmark can compare both configurations in one run.
-bool few_rows_enabled() {
-  const char* v = std::getenv("MOE_EP_GG_FEW_ROWS");
-  return !(v && std::string(v) == "0");
-}
-
 }  // namespace
 
-void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
+void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream_ptr) {
   const std::string op = "groupedGemm";
   MOE_ARG_CHECK(g.a.dtype() == DType::bf16, op, "the CUDA grouped GEMM takes bf16 operands; 'a' is ", g.a.describe());
   if (g.epilogue != GemmEpilogue::Store) {
@@ -394,9 +387,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
                     "the fused SwiGLU epilogues write bf16 into 4-byte-aligned tensors; got ", t->describe());
   }
   cudaStream_t stream = cudaStream_t(stream_ptr);
-  // dW with few rows per group on average (decode) is bound by its stores: streamed by its own
-  // kernel (few_rows.cu), not the tensor cores.
-  if (few_rows_enabled() && few_rows_tn_eligible(g)) {
+  if (kernel == GemmKernel::FewRows) {
     few_rows_tn(g, stream);
     return;
   }
@@ -426,12 +417,14 @@ void grouped_gemm_cuda(const GroupedGemm& g, void* stream_ptr) {
     cuda::check_launch(op);
     p.tile_start = tile_start.data<int32_t>();
   }
+  if (kernel == GemmKernel::Hopper) {
 #if MOE_EP_WITH_HOPPER
-  if (grouped_gemm_hopper_eligible(g)) {
     grouped_gemm_hopper(g, p.tile_start, stream);  // tile_start: null for TN, which needs none
     return;
-  }
+#else
+    MOE_INTERNAL_CHECK(false, "groupedGemm: the Hopper kernel was chosen in a build without it");
 #endif
+  }
 
   auto out_f32 = g.out.dtype() == DType::f32;
   switch (g.mode) {

@@ -9,7 +9,7 @@
 // across the slabs when the group has at most CHUNK rows), each thread accumulates VPT vectors of 8
 // consecutive outputs in registers and writes each with one 16-byte streaming store (two for fp32).
 // Any group size is handled (the chunk loop), at rows_e FMAs per output: the kernel is taken only
-// when M ≤ FEW_ROWS_AVERAGE · E, which bounds the total at FEW_ROWS_AVERAGE FMAs per output
+// when M ≤ FEW_ROWS_AVERAGE · E (grouped_gemm.cc), which bounds the total at FEW_ROWS_AVERAGE FMAs per output
 // whatever the skew; a group of many rows then costs its blocks more time, not more traffic.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -121,15 +121,13 @@ __global__ void __launch_bounds__(THREADS) few_rows_tn_kernel(FewRowsParams p) {
 
 }  // namespace
 
-bool few_rows_tn_eligible(const GroupedGemm& g) {
+bool few_rows_tn_fits(const GroupedGemm& g) {
   if (g.mode != GemmMode::TN || g.epilogue != GemmEpilogue::Store) return false;
   const int64_t M = g.a.size(0), K = g.a.size(1), N = g.b.size(1), E = g.offsets.size(0) - 1;
   if (E < 1 || K == 0 || N == 0 || K % VEC != 0 || N % VEC != 0) return false;
   auto aligned16 = [](const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out)) return false;
-  if (M >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N > int64_t(65535) * NB || E > 65535) return false;
-  // At most FEW_ROWS_AVERAGE rows per group on average: at most that many FMAs per output in all.
-  return M <= FEW_ROWS_AVERAGE * E;
+  return M < (int64_t(1) << 31) && K < (int64_t(1) << 31) && N <= int64_t(65535) * NB && E <= 65535;
 }
 
 void few_rows_tn(const GroupedGemm& g, void* stream) {

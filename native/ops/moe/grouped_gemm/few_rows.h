@@ -5,12 +5,13 @@
 
 namespace moe::ops {
 
-// Taken when M ≤ FEW_ROWS_AVERAGE · E (and K, N multiples of 8, 16-byte aligned pointers): every
-// group then costs its rows' FMAs per output, at most FEW_ROWS_AVERAGE per output in all.
-// MOE_EP_GG_FEW_ROWS=0 turns it off.
+// Taken (grouped_gemm.cc) when M ≤ FEW_ROWS_AVERAGE · E: every group then costs its rows' FMAs per
+// output, at most FEW_ROWS_AVERAGE per output in all.
 constexpr int FEW_ROWS_AVERAGE = 8;
 
-bool few_rows_tn_eligible(const GroupedGemm& g);
+// Whether the kernel can run this launch: TN with the Store epilogue, K and N multiples of 8,
+// 16-byte aligned pointers, sizes within its grid.
+bool few_rows_tn_fits(const GroupedGemm& g);
 // Writes (or adds to) every dW_e.
 void few_rows_tn(const GroupedGemm& g, void* stream);
 

@@ -1,7 +1,11 @@
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 
+#include <atomic>
+
 #include "ops/common/checks.h"
 #include "ops/common/dispatch.h"
+#include "ops/moe/grouped_gemm/few_rows.h"
+#include "ops/moe/grouped_gemm/hopper.h"
 
 namespace moe::ops {
 
@@ -11,7 +15,39 @@ const char* op_name(const GroupedGemm& g) {
   if (g.epilogue == GemmEpilogue::DSwiGLU) return "dswigluGemm";
   return "groupedGemm";
 }
+
+std::atomic<GroupedGemmOptions> g_options{GroupedGemmOptions{}};
+
+#if MOE_EP_WITH_CUDA
+// dW on the Hopper kernel only from this many rows per group on average. dW with few rows per group
+// is bound by writing E·K·N outputs: the Hopper kernel's staged epilogues win against mma.sync at
+// 128 rows per group (H200, f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs 8.9); the crossover
+// between 4 and 128 is not measured.
+constexpr int64_t kHopperDwMinRowsPerGroup = 32;
+
+// The one place the CUDA kernel of a call is chosen, from the options and the shape:
+// 1. dW with at most FEW_ROWS_AVERAGE rows per group on average (decode) is bound by its stores:
+//    the few-rows kernel streams them (few_rows.cu; H200, 40314f2: 12.6 vs 10.1 TFLOP/s on the
+//    tensor cores), where its limits allow.
+// 2. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
+//    kHopperDwMinRowsPerGroup rows per group on average).
+// 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
+// Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type
+// (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment.
+GemmKernel select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
+  const bool tn = g.mode == GemmMode::TN;
+  if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
+#if MOE_EP_WITH_HOPPER
+  if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g)) return GemmKernel::Hopper;
+#endif
+  return GemmKernel::MmaSync;
+}
+#endif
 }  // namespace
+
+void set_grouped_gemm_options(const GroupedGemmOptions& options) { g_options.store(options); }
+GroupedGemmOptions grouped_gemm_options() { return g_options.load(); }
 
 void grouped_gemm(const GroupedGemm& g) {
   const char* op = op_name(g);
@@ -80,7 +116,7 @@ void grouped_gemm(const GroupedGemm& g) {
   MOE_ARG_CHECK(g.out.shape() == expected, op, "'out' must be ", shape_str(expected), ", got ", g.out.describe());
   MOE_ARG_CHECK(M <= INT32_MAX && g.a.size(1) <= INT32_MAX && expected.back() <= INT32_MAX, op, "dimensions beyond 2^31 are not supported");
   if (g.out.numel() == 0) return;
-  MOE_ON_DEVICE(g.a, op, grouped_gemm_cpu(g), grouped_gemm_cuda(g, op_stream(g.a)));
+  MOE_ON_DEVICE(g.a, op, grouped_gemm_cpu(g), grouped_gemm_cuda(g, select_cuda_kernel(g, grouped_gemm_options()), op_stream(g.a)));
 }
 
 }  // namespace moe::ops

@@ -34,7 +34,22 @@ struct GroupedGemm {
 
 void grouped_gemm(const GroupedGemm& g);
 
+// Kernel switches, set from TypeScript (setKernelOptions in lib/kernel-options.ts, through
+// native/addon/kernel_options_binding.cc). grouped_gemm.cc is the one place they are read: it
+// chooses the CUDA kernel of each call from them (GemmKernel). The defaults are the kernels that
+// measured fastest (benchmarks/grouped-gemm.md); switching one off is for comparisons and tests.
+struct GroupedGemmOptions {
+  bool hopper = true;    // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
+  bool few_rows = true;  // dW with few rows per group on average (decode): the streaming kernel
+};
+void set_grouped_gemm_options(const GroupedGemmOptions& options);
+GroupedGemmOptions grouped_gemm_options();
+
+// The CUDA kernels: mma.sync (cuda.cu; any shape, sm_80 and sm_90), the Hopper one (hopper.cu; built
+// with MOE_EP_WITH_HOPPER) and the few-rows dW kernel (few_rows.cu).
+enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2 };
+
 void grouped_gemm_cpu(const GroupedGemm& g);
-void grouped_gemm_cuda(const GroupedGemm& g, void* stream);
+void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream);
 
 }  // namespace moe::ops

@@ -29,10 +29,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <mutex>
-#include <string>
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
@@ -564,9 +561,7 @@ void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p,
 }  // namespace
 }  // namespace hopper
 
-bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
-  const char* env = std::getenv("MOE_EP_GG_HOPPER");
-  if (env && std::strcmp(env, "0") == 0) return false;
+bool grouped_gemm_hopper_fits(const GroupedGemm& g) {
   // TMA needs 16-byte row pitches: every row length a multiple of 8 bf16.
   const bool tn = g.mode == GemmMode::TN;
   const int64_t K = tn ? g.a.size(1) : g.b.size(1), N = tn ? g.b.size(1) : g.b.size(2);
@@ -578,12 +573,6 @@ bool grouped_gemm_hopper_eligible(const GroupedGemm& g) {
   if (g.a.size(0) == 0 || g.offsets.size(0) < 2) return false;
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
   if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
-  // dW with few rows per group is bound by writing E·K·N outputs. The staged epilogues win against
-  // the mma.sync kernel at 128 rows per group (f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs
-  // 8.9): under 32 rows per group (the crossover between 4 and 128 is not measured) mma.sync keeps
-  // it, and at 8 or fewer on average the few-rows kernel takes it before this is asked (cuda.cu).
-  // (Register-direct stores, the ladder's step 05, lost to mma.sync below 256 rows per group.)
-  if (tn && g.a.size(0) < 32 * (g.offsets.size(0) - 1)) return false;
   return hopper::device_info().hopper;
 }
 

@@ -8,9 +8,11 @@
 
 namespace moe::ops {
 
-// Whether this launch can take the Hopper path: the device, 16-byte row pitches (K and N multiples
-// of 8, as TMA requires) and 16-byte aligned pointers. MOE_EP_GG_HOPPER=0 turns it off.
-bool grouped_gemm_hopper_eligible(const GroupedGemm& g);
+// Whether the Hopper kernel can run this launch: the device (compute capability 9.0, the sm_90a
+// image loaded, the driver's tensor-map encoder found), 16-byte row pitches (K and N multiples of
+// 8, as TMA requires), 16-byte aligned pointers, no empty dimension. Whether it is chosen is
+// grouped_gemm.cc's business.
+bool grouped_gemm_hopper_fits(const GroupedGemm& g);
 
 // tile_start (NN, NT): [E+1] device prefix of ceil(rows_e / 128), the same m-tiles as the mma.sync
 // kernel's; TN needs none (its work items are known on the host: E × K-tiles × N-tiles).

@@ -1,10 +1,8 @@
-// Router forward on CUDA: router_init (zeroes the counts, resets nanRows), then one fused kernel:
-// the fast one (forward_fast.cu) for the shapes it has, the generic one (forward_generic.cu)
-// otherwise. Both apply exactly the selection rule of cpu.cc (see router.h).
+// Router forward on CUDA: router_init (zeroes the counts, resets nanRows), then one fused kernel,
+// the one router.cc chose: the fast one (forward_fast.cu) or the generic one (forward_generic.cu).
+// Both apply exactly the selection rule of cpu.cc (see router.h).
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
@@ -36,7 +34,7 @@ __global__ void router_init(int32_t* counts, int E, int32_t* nan, int64_t T) {
 
 void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
                          const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows,
-                         void* stream) {
+                         RouterForwardKernel kernel, bool pdl, void* stream) {
   const char* op = "router";
   const int64_t T = logits.size(0), E = logits.size(1);
   MOE_ARG_CHECK(E <= kMaxCudaExperts, op, "'logits' ", logits.describe(), " has ", E, " experts; the CUDA router handles up to ",
@@ -65,18 +63,8 @@ void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterP
   a.normalize = p.normalize;
   a.scale = p.route_scale;
 
-  // Fast path: a shape it has, 16-byte aligned rows, and groups it can split over its lanes.
-  // MOE_EP_ROUTER_FAST=0 forces the generic kernel (for comparisons).
-  static const bool fast_allowed = [] {
-    const char* env = std::getenv("MOE_EP_ROUTER_FAST");
-    return !(env && std::string(env) == "0");
-  }();
-  const int L = fast_allowed ? fast_lanes(E) : 0;
-  const bool pow2_groups = (p.groups & (p.groups - 1)) == 0;
-  const bool fast = L > 0 && reinterpret_cast<uintptr_t>(a.logits) % 16 == 0 && reinterpret_cast<uintptr_t>(a.scores) % 16 == 0 &&
-                    (p.groups == 1 || (pow2_groups && p.groups <= L && p.k / p.topk_groups <= 2));
-  if (fast) {
-    launch_fast(static_cast<const RouteArgs&>(a), int(E), logits.device().index, st);
+  if (kernel == RouterForwardKernel::Fast) {
+    launch_fast(static_cast<const RouteArgs&>(a), int(E), logits.device().index, pdl, st);
     cuda::check_launch(op);
     return;
   }

@@ -15,8 +15,6 @@
 #include <atomic>
 #include <climits>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
@@ -288,23 +286,22 @@ template <typename Kernel> int resident_blocks(Kernel kernel, int device) {
   return std::max(1, per_sm) * std::max(1, sms);
 }
 
-// Whether to launch the fast forward as router_init's programmatic dependent on this device:
-// compute capability 9.0 or newer, not switched off with MOE_EP_PDL=0, and not refused before.
+// Whether this device takes the fast forward as router_init's programmatic dependent: compute
+// capability 9.0 or newer, and not refused before. (Whether to ask is router.cc's choice: pdl.)
 std::atomic<int> g_pdl[64];  // per device: 0 not asked yet, 1 off, 2 on
-bool pdl_enabled(int device) {
+bool pdl_supported(int device) {
   if (device < 0 || device >= 64) return false;
   int v = g_pdl[device].load(std::memory_order_relaxed);
   if (v == 0) {
     int major = 0;
     cuda::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "router", "cudaDeviceGetAttribute");
-    const char* env = std::getenv("MOE_EP_PDL");
-    v = major >= 9 && !(env && std::string(env) == "0") ? 2 : 1;
+    v = major >= 9 ? 2 : 1;
     g_pdl[device].store(v, std::memory_order_relaxed);
   }
   return v == 2;
 }
 
-template <int VPT, int L> void launch_fast_shape(const FastArgs& a, int device, cudaStream_t stream) {
+template <int VPT, int L> void launch_fast_shape(const FastArgs& a, int device, bool pdl, cudaStream_t stream) {
   auto kernel = router_fast_kernel<VPT, L>;
   static std::atomic<int> resident[64];  // per device, for this instantiation; 0 = not asked yet
   int max_blocks = device >= 0 && device < 64 ? resident[device].load(std::memory_order_relaxed) : 0;
@@ -322,7 +319,7 @@ template <int VPT, int L> void launch_fast_shape(const FastArgs& a, int device, 
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
-  if (pdl_enabled(device)) {
+  if (pdl && pdl_supported(device)) {
     cfg.attrs = attr;
     cfg.numAttrs = 1;
     if (cudaLaunchKernelEx(&cfg, kernel, a) == cudaSuccess) return;
@@ -337,30 +334,18 @@ template <int VPT, int L> void launch_fast_shape(const FastArgs& a, int device, 
 
 }  // namespace
 
-// The fast path's shapes: E = VPT·L, VPT a multiple of 4 (float4 rows). E must be one that
-// fast_lanes() accepts.
-void launch_fast(const FastArgs& a, int E, int device, cudaStream_t stream) {
+// The fast path's shapes: E = VPT·L, VPT a multiple of 4 (float4 rows); router.cc's fast_lanes()
+// has the same list.
+void launch_fast(const FastArgs& a, int E, int device, bool pdl, cudaStream_t stream) {
   switch (E) {
-    case 8: launch_fast_shape<4, 2>(a, device, stream); break;
-    case 16: launch_fast_shape<4, 4>(a, device, stream); break;
-    case 32: launch_fast_shape<4, 8>(a, device, stream); break;
-    case 64: launch_fast_shape<4, 16>(a, device, stream); break;
-    case 128: launch_fast_shape<4, 32>(a, device, stream); break;
-    case 256: launch_fast_shape<8, 32>(a, device, stream); break;
-    case 512: launch_fast_shape<16, 32>(a, device, stream); break;
+    case 8: launch_fast_shape<4, 2>(a, device, pdl, stream); break;
+    case 16: launch_fast_shape<4, 4>(a, device, pdl, stream); break;
+    case 32: launch_fast_shape<4, 8>(a, device, pdl, stream); break;
+    case 64: launch_fast_shape<4, 16>(a, device, pdl, stream); break;
+    case 128: launch_fast_shape<4, 32>(a, device, pdl, stream); break;
+    case 256: launch_fast_shape<8, 32>(a, device, pdl, stream); break;
+    case 512: launch_fast_shape<16, 32>(a, device, pdl, stream); break;
     default: MOE_INTERNAL_CHECK(false, "router: no fast kernel for E = ", E);
-  }
-}
-
-// Lanes per token in the fast path for E experts (0: no fast path; same list as launch_fast).
-int fast_lanes(int64_t E) {
-  switch (E) {
-    case 8: return 2;
-    case 16: return 4;
-    case 32: return 8;
-    case 64: return 16;
-    case 128: case 256: case 512: return 32;
-    default: return 0;
   }
 }
 

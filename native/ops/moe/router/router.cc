@@ -1,7 +1,9 @@
 #include "ops/moe/router/router.h"
 
+#include <atomic>
 #include <climits>
 #include <cmath>
+#include <cstdint>
 
 #include "ops/common/checks.h"
 #include "ops/common/dispatch.h"
@@ -9,6 +11,34 @@
 namespace moe::ops {
 
 namespace {
+
+std::atomic<RouterOptions> g_options{RouterOptions{}};
+
+#if MOE_EP_WITH_CUDA
+// Lanes per token in the fast forward for E experts (0: it has no kernel for E; forward_fast.cu's
+// launch_fast has the same list).
+int fast_lanes(int64_t E) {
+  switch (E) {
+    case 8: return 2;
+    case 16: return 4;
+    case 32: return 8;
+    case 64: return 16;
+    case 128: case 256: case 512: return 32;
+    default: return 0;
+  }
+}
+
+// The one place the CUDA forward kernel is chosen: the fast one for a shape it has, 16-byte aligned
+// rows, and groups it can split over its lanes (unless switched off); the generic one otherwise.
+RouterForwardKernel select_forward_kernel(const Tensor& logits, const Tensor& scores, const RouterParams& p, const RouterOptions& o) {
+  const int L = o.fast ? fast_lanes(logits.size(1)) : 0;
+  const bool pow2_groups = (p.groups & (p.groups - 1)) == 0;
+  const bool fast = L > 0 && reinterpret_cast<uintptr_t>(logits.data<float>()) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(scores.data<float>()) % 16 == 0 &&
+                    (p.groups == 1 || (pow2_groups && p.groups <= L && p.k / p.topk_groups <= 2));
+  return fast ? RouterForwardKernel::Fast : RouterForwardKernel::Generic;
+}
+#endif
 
 void require_2d(const Tensor& t, int64_t rows, int64_t cols, const char* op, const char* arg, const char* expect) {
   MOE_ARG_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, "'", arg, "' ", t.describe(), " should have shape [",
@@ -31,6 +61,9 @@ void check_score(ScoreFn s, const char* op) {
 }
 
 }  // namespace
+
+void set_router_options(const RouterOptions& options) { g_options.store(options); }
+RouterOptions router_options() { return g_options.load(); }
 
 void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
                     const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows) {
@@ -64,8 +97,10 @@ void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams
   require_2d(scores, T, E, op, "scores", "like 'logits'");
   require_tensor(nan_rows, DType::i32, logits, "logits", op, "nanRows");
   require_1d(nan_rows, 2, op, "nanRows", "[count, first bad row]");
+  [[maybe_unused]] const RouterOptions o = router_options();  // (read by the CUDA branch)
   MOE_ON_DEVICE(logits, op, router_forward_cpu(logits, bias, p, indices, weights, tokens_per_expert, scores, nan_rows),
-                router_forward_cuda(logits, bias, p, indices, weights, tokens_per_expert, scores, nan_rows, op_stream(logits)));
+                router_forward_cuda(logits, bias, p, indices, weights, tokens_per_expert, scores, nan_rows,
+                                    select_forward_kernel(logits, scores, p, o), o.pdl, op_stream(logits)));
 }
 
 void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,

@@ -104,6 +104,22 @@ void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, con
 void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
                                    float route_scale, const Tensor& d_logits, bool accumulate);
 
+// ---- kernel switches, set from TypeScript (setKernelOptions in lib/kernel-options.ts, through
+// native/addon/kernel_options_binding.cc). router.cc is the one place they are read: it chooses the
+// CUDA forward kernel of each call (RouterForwardKernel) and whether it may be launched as a
+// programmatic dependent. The defaults are what measured fastest (benchmarks/kernels-notes.md).
+struct RouterOptions {
+  bool fast = true;  // the fast forward kernel for the shapes it has; off: the generic one everywhere
+  bool pdl = true;   // launch the fast forward as router_init's programmatic dependent (sm_90 and newer)
+};
+void set_router_options(const RouterOptions& options);
+RouterOptions router_options();
+
+// The CUDA forward kernels: the fast one (forward_fast.cu) for E in {8, 16, ..., 512} with 16-byte
+// aligned rows, groups a power of two no wider than its lanes and k/topkGroups ≤ 2; the generic one
+// (forward_generic.cu) for everything else up to E = 1024.
+enum class RouterForwardKernel : int { Generic = 0, Fast = 1 };
+
 // ---- backends (arguments already checked)
 void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
                         const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
@@ -119,9 +135,11 @@ void router_expert_choice_cpu(const Tensor& logits, const ExpertChoiceParams& p,
 void router_expert_choice_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
                                        float route_scale, const Tensor& d_logits, bool accumulate);
 
+// pdl: the fast kernel may be launched as router_init's programmatic dependent, where the device
+// allows it (compute capability 9.0 or newer, and the launch was not refused there before).
 void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
                          const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows,
-                         void* stream);
+                         RouterForwardKernel kernel, bool pdl, void* stream);
 void router_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
                           const Tensor& d_logits, bool accumulate, void* stream);
 void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,

@@ -77,9 +77,9 @@ __device__ __forceinline__ void pdl_wait() {
 
 inline unsigned token_blocks(int64_t T) { return unsigned((T + kWarps - 1) / kWarps); }
 
-// forward_fast.cu: lanes per token in the fast path for E experts (0: no fast path), and its launch.
-int fast_lanes(int64_t E);
-void launch_fast(const RouteArgs& a, int E, int device, cudaStream_t stream);
+// forward_fast.cu: E one of the fast kernel's shapes; pdl: as router_init's programmatic dependent
+// where the device allows it.
+void launch_fast(const RouteArgs& a, int E, int device, bool pdl, cudaStream_t stream);
 // forward_generic.cu: RouteArgs, E and gs set; the generic kernel's lane layout is chosen there.
 void launch_generic(FwdArgs a, cudaStream_t stream);
 
