@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Block-level emulation (numpy) of the expert-choice selection in native/ops/router/expert_choice.cu,
+"""Block-level emulation (numpy) of the expert-choice selection in native/ops/moe/router/expert_choice.cu,
 written without a GPU: the same keys (f32 bits + 1, NaN -> 0), tiles of W columns and the same row
 chunking, ec_hist's packed 16-bit counters (asserted never to overflow), ec_select's per-lane
 suffix sums and early settling, ec_count/ec_scan/ec_final's streams of kRowsPerStream rows and the

@@ -1,18 +1,21 @@
-// Epilogue A/B for the Hopper grouped GEMM, interleaved so that clock drift cancels (issue #20):
+// A/B of the grouped GEMM's kernels, interleaved so that clock drift cancels (issue #20):
 // per (shape, product), `rounds` rounds of one block per variant, in A B / B A order alternately;
 // each block is the median of `calls` timed regions. Prints and writes per-round ratios and, from
 // nvidia-smi sampled every 50 ms into a file, the mean SM clock, power and temperature of each block.
 //   MOE_EP_GG_SHAPES=0,1 node benchmarks/grouped-gemm-ab.mjs --out DIR [--rounds 6] [--calls 15]
-//     [--products NN,NT,TN] [--variants handoff,slices[,registers]] [--inner 1]
-// Variants (what stores a bf16 tile; set through the current env switches, read per launch):
-//   handoff   the default for bf16 results (3-stage ring, 3 storer warps)
-//   slices    per-warp shared-memory slices (4-stage ring): MOE_EP_GG_HOPPER_HANDOFF=0
-//   registers straight from the fragments (4-stage ring): + MOE_EP_GG_HOPPER_STAGED=0
+//     [--products NN,NT,TN] [--variants default,mmaSync[,tensorCores]] [--inner 1]
+// Variants (bf16 results; the addon's kernel switches, set with setKernelOptions):
+//   default      what the addon chooses (on an H100/H200: the Hopper kernel, tiles handed off)
+//   mmaSync      the portable mma.sync kernel (the Hopper kernel switched off)
+//   tensorCores  dW with few rows per group on the tensor cores (the few-rows kernel switched off)
+// Issue #20 ran it on the Hopper kernel's epilogues (results/grouped-gemm-ab-epilogues-755eab3.json:
+// the hand-off won every round); those that lost left the addon with issue 15 and are timed by the
+// ladder's programs now (benchmarks/kernels/grouped_gemm/, steps 05 and 06).
 import { spawn } from 'node:child_process';
 import { mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { Tensor, tidy } from '../dist/lib/index.js';
+import { setKernelOptions, Tensor, tidy } from '../dist/lib/index.js';
 import { groupedGemm } from '../dist/lib/moe/grouped-gemm.js';
 import { shapes } from './grouped-gemm-shapes.mjs';
 import { timeRegion } from './harness.mjs';
@@ -25,13 +28,13 @@ const inner = Number(opt('--inner', 1)); // > 1: back-to-back calls, the host's 
 const products = opt('--products', 'NN,NT,TN').split(',');
 const out = opt('--out', '/tmp/gg-ab');
 const only = (process.env.MOE_EP_GG_SHAPES ?? '0,1').split(',').map(Number);
-const ENV = {
-  handoff: {},
-  slices: { MOE_EP_GG_HOPPER_HANDOFF: '0' },
-  registers: { MOE_EP_GG_HOPPER_HANDOFF: '0', MOE_EP_GG_HOPPER_STAGED: '0' },
+const KERNELS = {
+  default: {},
+  mmaSync: { groupedGemm: { hopper: false } },
+  tensorCores: { groupedGemm: { fewRows: false } },
 };
-const variants = opt('--variants', 'handoff,slices').split(',');
-for (const v of variants) if (!ENV[v]) throw new Error(`unknown variant ${v}`);
+const variants = opt('--variants', 'default,mmaSync').split(',');
+for (const v of variants) if (!KERNELS[v]) throw new Error(`unknown variant ${v}`);
 mkdirSync(out, { recursive: true });
 
 const smiFile = join(out, 'smi.csv');
@@ -66,11 +69,11 @@ for (const i of only) {
       for (let r = 0; r < rounds; r++) {
         const order = r % 2 ? [...variants].reverse() : variants;
         for (const v of order) {
-          Object.assign(process.env, ENV[v]);
+          const before = setKernelOptions(KERNELS[v]);
           const t0 = Date.now();
           const ms = timeRegion(run[product], { warmup: 2, repeats: calls, inner });
           const t1 = Date.now();
-          for (const k of Object.keys(ENV[v])) delete process.env[k];
+          setKernelOptions(before);
           const tflops = (2 * s.M * s.K * s.N) / (ms * 1e-3) / 1e12;
           blocks.push({ shape: i, product, round: r, variant: v, ms, tflops, t0, t1 });
         }
@@ -93,15 +96,15 @@ for (const bl of blocks) {
   Object.assign(bl, { smMHz: mean('sm'), watts: mean('pw'), tempC: mean('temp'), samples: in_.length, reasons: [...new Set(in_.map((x) => x.reasons))].join(' ') });
 }
 
-// Per (shape, product): per-round ratio of each variant's time to the hand-off's (> 1: hand-off faster).
+// Per (shape, product): per-round ratio of each variant's time to the default's (> 1: the default faster).
 const summary = [];
 for (const i of only)
   for (const product of products) {
     const bs = blocks.filter((x) => x.shape === i && x.product === product);
-    for (const v of variants.filter((x) => x !== 'handoff')) {
+    for (const v of variants.filter((x) => x !== 'default')) {
       const ratios = [];
       for (let r = 0; r < rounds; r++) {
-        const h = bs.find((x) => x.round === r && x.variant === 'handoff');
+        const h = bs.find((x) => x.round === r && x.variant === 'default');
         const o = bs.find((x) => x.round === r && x.variant === v);
         if (h && o) ratios.push(o.ms / h.ms);
       }
@@ -111,7 +114,7 @@ for (const i of only)
         return +t[Math.floor(t.length / 2)].toFixed(1);
       };
       summary.push({
-        shape: shapes[i].name, product, other: v, handoffTFLOPs: med('handoff'), otherTFLOPs: med(v),
+        shape: shapes[i].name, product, other: v, defaultTFLOPs: med('default'), otherTFLOPs: med(v),
         ratioMedian: +ratios[Math.floor(ratios.length / 2)].toFixed(3), ratioMin: +ratios[0].toFixed(3), ratioMax: +ratios.at(-1).toFixed(3),
       });
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // How often group-limited routing meets a group-score near tie on the inputs the GPU router test
 // draws (test/gpu/10-router.gpu.test.ts: logits N(0, 1.5²), bias N(0, 0.05²)), measured on the CPU.
-// For every token: the float64 group scores as native/ops/router/cpu.cc computes them (checked
+// For every token: the float64 group scores as native/ops/moe/router/cpu.cc computes them (checked
 // against the CPU router's own choice), the gap between the last kept and the first dropped group,
 // and an f32 emulation of the CUDA kernels' arithmetic (scores with expf, f32 softmax sums, bias
 // added in f32, the group's top-m summed in f32; Math.exp rounded to f32 stands in for CUDA's expf,

@@ -17,7 +17,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { expertChoiceCapacity, resolveRouterConfig, routerForward, Tensor, tidy } from '../dist/lib/index.js';
+import { expertChoiceCapacity, resolveRouterConfig, routerForward, setKernelOptions, Tensor, tidy } from '../dist/lib/index.js';
 import { args, dryRun, quick, runPeer, timeCuda, writeInputs, writeResult } from './harness.mjs';
 
 const device = dryRun ? 'cpu' : 'cuda:0';
@@ -56,6 +56,18 @@ for (const c of cases) {
     };
     const oursMs = timeCuda((_, i) => call(i), { inner });
     const singleMs = timeCuda((_, i) => call(i));
+    // The addon's other router kernels on the same inputs (docs/kernels.md, kernel switches): the
+    // fast forward launched plainly (no programmatic dependent launch) and the generic forward.
+    const timeWith = (router) => {
+      const before = setKernelOptions({ router });
+      try {
+        return timeCuda((_, i) => call(i), { inner });
+      } finally {
+        setKernelOptions(before);
+      }
+    };
+    const noPdlMs = dryRun ? null : timeWith({ pdl: false });
+    const genericMs = dryRun ? null : timeWith({ fast: false });
 
     const half = Math.ceil(bytes / 2 / 4); // a copy of n floats reads n·4 and writes n·4 bytes
     const pairs = Array.from({ length: nSets }, () => ({
@@ -86,6 +98,8 @@ for (const c of cases) {
       inner,
       ours_us: +(oursMs * 1e3).toFixed(2),
       single_call_us: +(singleMs * 1e3).toFixed(2),
+      no_pdl_us: noPdlMs === null ? null : +(noPdlMs * 1e3).toFixed(2),
+      generic_kernel_us: genericMs === null ? null : +(genericMs * 1e3).toFixed(2),
       floor_us: +(floorMs * 1e3).toFixed(2),
       vs_floor: +(oursMs / floorMs).toFixed(2),
       torch_us: +(peer.ms * 1e3).toFixed(2),
@@ -211,6 +225,9 @@ writeResult(dryRun ? 'router-dryrun' : 'router', rows, {
   floor: 'device copy of bytes/2 f32 (reads and writes the same byte count the fused forward must move), timed in the same run',
   timing: 'per call, `inner` back-to-back calls per event-timed region rotating among `sets` input/output copies (~3x L2); torch the same way; *_single_call_us: one call per region, device idle at its start',
   targets: 'vs_floor ≤ 4, speedup_vs_torch ≥ 20 on the dsv3 case',
+  kernels:
+    "ours_us: the default kernels (the fast forward where it has the shape, launched as the count-zeroing kernel's programmatic dependent on sm_90+); " +
+    "no_pdl_us: setKernelOptions({ router: { pdl: false } }); generic_kernel_us: setKernelOptions({ router: { fast: false } }) (the generic warp-per-token kernel); same inputs and timing, measured after ours_us (not interleaved)",
   agreement: 'fraction of (token, slot) indices equal to torch.topk (near ties in f32 may differ)',
   expert_choice: 'bytes = logits in + scores, slot, weights, indices out (20·T·E); traffic_bytes = what the kernels move (40·T·E: the scores read 5 more times); selection_floor = one read of the scores (4·T·E); torch: softmax/sigmoid, topk over the token dimension, gates scattered into [T,E]; chosen_agreement = fraction of (token, expert) pairs chosen alike; ours and torch alternate over `rounds` rounds, medians and spread over rounds',
 });

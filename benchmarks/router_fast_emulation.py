@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Lane-level emulation (numpy, float32) of the selection in router_fast_kernel
-(native/ops/router/cuda.cu): each lane's cached top-2 heads, the group top-2 merge over the group's
+(native/ops/moe/router/forward_fast.cu): each lane's cached top-2 heads, the group top-2 merge over the group's
 lanes, kept groups by rank, k rounds of the segment's best head with lowest-lane tie-break and the
 lazy re-scan. Checked against cpu.cc's rule (repeated argmax, lower index wins) on the same float32
 biased scores, a third of the inputs made of exact ties; prints how often a re-scan happened.

@@ -1,6 +1,6 @@
 /**
  * Basic ops (the public `ops` namespace: add, mul, scale, sum, max, matmul), each with a CPU
- * reference and a CUDA kernel behind it (native/ops/<op>/). Every op allocates its result unless
+ * reference and a CUDA kernel behind it (native/ops/basic/<op>/). Every op allocates its result unless
  * `out` is given; `out` lets callers reuse memory (and lets tests poison outputs before a run).
  * Shapes, dtypes and devices are checked natively, with errors that name the op and the argument.
  */

@@ -38,6 +38,17 @@ export {
   routerEntropy,
 } from './moe/router.js';
 export { formatInfo, type Info, info } from './installation.js';
+export {
+  type GroupedGemmKernelOptions,
+  kernelOptionDefaults,
+  type KernelOptions,
+  kernelOptions,
+  kernelOptionsFromEnvironment,
+  type KernelOptionsUpdate,
+  resetKernelOptions,
+  type RouterKernelOptions,
+  setKernelOptions,
+} from './kernel-options.js';
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
 export * as ops from './basic-ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';

@@ -10,25 +10,25 @@ export const DTYPE_CODE: Readonly<Record<DType, number>> = { f32: 0, bf16: 1, f1
 /** native/core/device.h DeviceType. */
 export const DEVICE_TYPE = { cpu: 0, cuda: 1 } as const;
 
-/** native/ops/elementwise/elementwise.h BinaryOp. */
+/** native/ops/basic/elementwise/elementwise.h BinaryOp. */
 export const BINARY_OP = { add: 0, mul: 1 } as const;
 
-/** native/ops/reduce/reduce.h ReduceOp. */
+/** native/ops/basic/reduce/reduce.h ReduceOp. */
 export const REDUCE_OP = { sum: 0, max: 1 } as const;
 
-/** native/ops/random/random.h RandomKind. */
+/** native/ops/basic/random/random.h RandomKind. */
 export const RANDOM_KIND = { uniform: 0, normal: 1 } as const;
 
-/** native/ops/capacity/capacity.h DropPolicy. */
+/** native/ops/moe/capacity/capacity.h DropPolicy. */
 export const DROP_POLICY = { probs: 0, position: 1 } as const;
 
-/** native/ops/router/router.h ScoreFn. */
+/** native/ops/moe/router/router.h ScoreFn. */
 export const SCORE_FUNCTION = { softmax: 0, sigmoid: 1 } as const;
 
-/** native/ops/grouped_gemm/grouped_gemm.h GemmMode. */
+/** native/ops/moe/grouped_gemm/grouped_gemm.h GemmMode. */
 export const GEMM_MODE = { NN: 0, NT: 1, TN: 2 } as const;
 
-/** native/ops/grouped_gemm/grouped_gemm.h GemmEpilogue. */
+/** native/ops/moe/grouped_gemm/grouped_gemm.h GemmEpilogue. */
 export const GEMM_EPILOGUE = { Store: 0, SwiGLU: 1, DSwiGLU: 2 } as const;
 
 /** native/comm/communicator.h ReduceOp (the collectives'). */

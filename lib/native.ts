@@ -13,6 +13,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { errorClasses } from './errors.js';
+import { applyKernelOptions, type KernelOptions } from './kernel-options.js';
 
 declare const brand: unique symbol;
 type Branded<T, B extends string> = T & { readonly [brand]: B };
@@ -240,7 +241,7 @@ export interface RawBinding {
     dWeights: TensorHandle,
   ): void;
   permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle): void;
-  // router (native/ops/router): scoreFn 0 = softmax, 1 = sigmoid
+  // router (native/ops/moe/router): scoreFn 0 = softmax, 1 = sigmoid
   routerForward(
     logits: TensorHandle,
     bias: TensorHandle | null,
@@ -276,7 +277,7 @@ export interface RawBinding {
     dLogits: TensorHandle | null,
   ): void;
   routerZLoss(logits: TensorHandle, coefficient: number, loss: TensorHandle, dLogits: TensorHandle | null): void;
-  // expert choice (native/ops/router/expert_choice*): every expert takes its top-`capacity` tokens
+  // expert choice (native/ops/moe/router/expert_choice*): every expert takes its top-`capacity` tokens
   routerExpertChoice(
     logits: TensorHandle,
     scoreFn: number,
@@ -299,7 +300,7 @@ export interface RawBinding {
     dLogits: TensorHandle,
     accumulate: boolean,
   ): void;
-  // training ops (native/ops/rmsnorm, loss, adamw, sqnorm, balance)
+  // training ops (native/ops/train/rmsnorm, loss, adamw, sqnorm, balance)
   rmsnormForward(x: TensorHandle, weight: TensorHandle, eps: number, y: TensorHandle, rstd: TensorHandle): void;
   rmsnormBackward(
     dy: TensorHandle,
@@ -351,11 +352,14 @@ export interface RawBinding {
   commNccl(rank: number, size: number, uniqueId: Uint8Array, device: number, timeoutMs: number): CommHandle;
   ncclUniqueId(): Uint8Array;
   mpiStatus(tryLoad: boolean): MpiStatus;
+  // kernel switches (native/addon/kernel_options_binding.cc; lib/kernel-options.ts decides them)
+  setKernelOptions(options: KernelOptions): void;
+  kernelOptions(): KernelOptions;
   // the peer-memory transport
   peerCreate(rank: number, size: number, device: number, tokenCap: number, rowBytes: number, topK: number, localExperts: number, timeoutMs: number): PeerHandle;
 }
 
-const EXPECTED_ABI = 4;
+const EXPECTED_ABI = 5;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {
@@ -411,6 +415,7 @@ function load(): RawBinding {
     );
   }
   raw.setErrorClasses(errorClasses);
+  applyKernelOptions(raw);
   return raw;
 }
 

@@ -164,7 +164,7 @@ function run(args) {
           continue;
         }
         lastProgress = Date.now();
-        // The terminal gets compile steps only: "moe-ep: [27/62] 2m10s native/ops/router/cuda.cu".
+        // The terminal gets compile steps only: "moe-ep: [27/62] 2m10s native/ops/moe/router/forward_fast.cu".
         const source = /object .*?\/(native\/\S+?)\.o$/.exec(m[2] ?? '')?.[1];
         if (tty !== null && source) writeSync(tty, `moe-ep: [${m[1]}] ${elapsed()} ${source}\n`);
         console.log(`[${m[1]}] ${elapsed()} ${m[2]}`);

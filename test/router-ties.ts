@@ -43,7 +43,7 @@ export function hasGroupBoundary(r: GroupRouting): boolean {
   return r.groups > 1 && r.topkGroups < r.groups;
 }
 
-/** One row's scores in float64 from f32 logits, as native/ops/router/cpu.cc computes them. */
+/** One row's scores in float64 from f32 logits, as native/ops/moe/router/cpu.cc computes them. */
 export function scoresF64(row: ArrayLike<number>, score: GroupRouting['score']): Float64Array {
   const n = row.length;
   const s = new Float64Array(n);

@@ -1,5 +1,5 @@
 /**
- * Capacity: which router assignments each expert keeps (native/ops/capacity).
+ * Capacity: which router assignments each expert keeps (native/ops/moe/capacity).
  *
  * Naming: T tokens, k experts per token, E experts; an assignment is (t, j) with expert
  * indices[t, j] and gate weight weights[t, j]. With a capacity factor cf, every expert keeps at most

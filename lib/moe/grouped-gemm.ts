@@ -6,7 +6,7 @@
  *   'NT'  out[M,K]   = a[M,N] · b_eᵀ         b [E,K,N]      dA = dC · Wᵀ
  *   'TN'  out[E,K,N] : out_e = a_eᵀ · b_e    a [M,K], b [M,N]  dW (inner dim = each group's rows)
  *
- * See native/ops/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
+ * See native/ops/moe/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';

@@ -1,5 +1,5 @@
 /**
- * Permute / unpermute (native/ops/permute): router assignments regrouped into expert-contiguous
+ * Permute / unpermute (native/ops/moe/permute): router assignments regrouped into expert-contiguous
  * rows for the expert GEMMs, and combined back per token.
  *
  * Naming: x [T,H] tokens; indices, weights [T,k] from the router; a CapacityResult from capacity().

@@ -1,7 +1,7 @@
 /**
  * The MoE router: from logits [T,E] (computed by the caller's GEMM) to the chosen experts and their
  * gate weights, the backward of that, and the auxiliary losses. The arithmetic is native
- * (native/ops/router: a CPU reference and fused CUDA kernels); this file validates the config up
+ * (native/ops/moe/router: a CPU reference and fused CUDA kernels); this file validates the config up
  * front, allocates the outputs (each can be passed in as `out`), and decides policy (NaN checks).
  *
  * Naming and shapes:

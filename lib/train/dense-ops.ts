@@ -1,7 +1,7 @@
 /**
  * Dense training ops: RMSNorm and its backward, the MSE and cross-entropy losses, the fused AdamW
  * step, the sum of squares (for a global gradient norm) and DeepSeek-V3's balance-bias update.
- * Each has a CPU reference and a CUDA kernel (native/ops/rmsnorm, loss, adamw, sqnorm, balance);
+ * Each has a CPU reference and a CUDA kernel (native/ops/train/rmsnorm, loss, adamw, sqnorm, balance);
  * this file checks the arguments, allocates the outputs that were not passed in `out`, and calls in.
  * None of them syncs with the host.
  *

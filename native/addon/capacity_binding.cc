@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/capacity/capacity.h"
+#include "ops/moe/capacity/capacity.h"
 
 namespace moe::addon {
 

@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/entropy/entropy.h"
+#include "ops/moe/entropy/entropy.h"
 
 namespace moe::addon {
 

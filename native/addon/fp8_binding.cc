@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/fp8/fp8.h"
+#include "ops/moe/fp8/fp8.h"
 
 namespace moe::addon {
 

@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/grouped_gemm/grouped_gemm.h"
+#include "ops/moe/grouped_gemm/grouped_gemm.h"
 
 namespace moe::addon {
 

@@ -3,12 +3,12 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/copy/copy.h"
-#include "ops/elementwise/elementwise.h"
-#include "ops/fill/fill.h"
-#include "ops/matmul/matmul.h"
-#include "ops/random/random.h"
-#include "ops/reduce/reduce.h"
+#include "ops/basic/copy/copy.h"
+#include "ops/basic/elementwise/elementwise.h"
+#include "ops/basic/fill/fill.h"
+#include "ops/basic/matmul/matmul.h"
+#include "ops/basic/random/random.h"
+#include "ops/basic/reduce/reduce.h"
 
 namespace moe::addon {
 

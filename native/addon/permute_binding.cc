@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/permute/permute.h"
+#include "ops/moe/permute/permute.h"
 
 namespace moe::addon {
 

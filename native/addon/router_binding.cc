@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/router/router.h"
+#include "ops/moe/router/router.h"
 
 namespace moe::addon {
 

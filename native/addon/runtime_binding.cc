@@ -2,7 +2,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "comm/nccl_loader.h"
+#include "comm/nccl/nccl_loader.h"
 #include "core/allocator.h"
 #include "core/cuda_runtime.h"
 

@@ -7,7 +7,7 @@
 #include "addon/errors.h"
 #include "addon/stream_binding.h"
 #include "core/cuda_runtime.h"
-#include "ops/copy/copy.h"
+#include "ops/basic/copy/copy.h"
 
 namespace moe::addon {
 

@@ -3,11 +3,11 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
-#include "ops/adamw/adamw.h"
-#include "ops/balance/balance.h"
-#include "ops/loss/loss.h"
-#include "ops/rmsnorm/rmsnorm.h"
-#include "ops/sqnorm/sqnorm.h"
+#include "ops/train/adamw/adamw.h"
+#include "ops/train/balance/balance.h"
+#include "ops/train/loss/loss.h"
+#include "ops/train/rmsnorm/rmsnorm.h"
+#include "ops/train/sqnorm/sqnorm.h"
 
 namespace moe::addon {
 

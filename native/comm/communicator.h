@@ -106,7 +106,7 @@ void check_all_to_all_v(const Tensor& send, const std::vector<int64_t>& send_row
 
 std::shared_ptr<Communicator> make_single();
 
-// The MPI backend (native/comm/mpi_comm.cc): opens moe_ep_mpi.so on first use and initialises MPI
+// The MPI backend (native/comm/mpi/mpi_comm.cc): opens moe_ep_mpi.so on first use and initialises MPI
 // unless the application already did. Throws Unavailable saying why when it cannot.
 std::shared_ptr<Communicator> make_mpi_world(int64_t timeout_ms);
 struct MpiStatus {
@@ -118,7 +118,7 @@ struct MpiStatus {
 };
 MpiStatus mpi_status(bool try_load);
 
-// The NCCL backend (native/comm/nccl.cc): one rank per GPU. unique_id is 128 bytes from rank 0's
+// The NCCL backend (native/comm/nccl/nccl.cc): one rank per GPU. unique_id is 128 bytes from rank 0's
 // nccl_unique_id(), shared by the caller (MPI broadcast or the TCP rendezvous).
 std::shared_ptr<Communicator> make_nccl(int rank, int size, const std::string& unique_id, int device, int64_t timeout_ms);
 std::string nccl_unique_id();

@@ -1,7 +1,7 @@
 // The one-rank communicator: every collective is a local copy (or nothing), with the same argument
 // checks as the multi-rank backends, so code written for N ranks runs unchanged on one.
 #include "comm/communicator.h"
-#include "ops/copy/copy.h"
+#include "ops/basic/copy/copy.h"
 
 #include <algorithm>
 

@@ -1,4 +1,4 @@
-// The CUDA expert-choice router (native/ops/router/expert_choice.cu) against the CPU reference on
+// The CUDA expert-choice router (native/ops/moe/router/expert_choice.cu) against the CPU reference on
 // fresh random inputs, outputs poisoned first: the chosen tokens (slot) and the counts exactly,
 // scores and weights within f32 rounding; the backward; the layer on the GPU against the CPU layer.
 // Live device bytes return to their baseline after each test.

@@ -17,10 +17,14 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import {
   balanceLoss,
+  kernelOptionDefaults,
   memoryStats,
+  resetKernelOptions,
   routerBackward,
   type RouterConfig,
   routerForward,
+  type RouterKernelOptions,
+  setKernelOptions,
   Tensor,
   tidy,
   zLoss,
@@ -53,7 +57,7 @@ function outputs(T: number, E: number, k: number, device: typeof gpu | typeof cp
   };
 }
 
-// Fast path (native/ops/router/cuda.cu, router_fast_kernel): E ∈ {8, 16, 32, 64, 128, 256, 512}, groups a
+// Fast path (native/ops/moe/router/forward_fast.cu, router_fast_kernel): E ∈ {8, 16, 32, 64, 128, 256, 512}, groups a
 // power of two ≤ lanes per token, k/topkGroups ≤ 2; everything else takes the generic kernel.
 // Sizes keep the expected number of near-tie tokens (f32 against double, ~1e-7·k·E per token) well
 // under the allowance below.
@@ -76,6 +80,32 @@ const cases: [string, number, RouterConfig, boolean][] = [
   ['T=77 E=1024 k=16, 16 groups keep 8', 77, { numExperts: 1024, topK: 16, scoreFunction: 'sigmoid', groups: 16, topkGroups: 8 }, true],
   ['T=3 E=7 k=3 (odd width, scalar loads)', 3, { numExperts: 7, topK: 3, normalize: true }, true],
 ];
+
+const tieCases: [string, RouterConfig][] = [
+  ['E=256 k=8, 8 groups keep 4, sigmoid', { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 }],
+  ['E=256 k=8, softmax', { numExperts: 256, topK: 8 }],
+  ['E=64 k=6, 4 groups keep 3, softmax', { numExperts: 64, topK: 6, groups: 4, topkGroups: 3 }],
+];
+function exactTies(config: RouterConfig): void {
+  // Logits from {-2, -1, 0, 1, 2}: many experts and groups tie exactly (in f32 and in double alike),
+  // so the indices must match the CPU's exactly.
+  const T = 4097;
+  const E = config.numExperts;
+  const k = config.topK;
+  tidy(() => {
+    const r = rng(freshSeed());
+    const data = Array.from({ length: T * E }, () => Math.floor(r() * 5) - 2);
+    const lc = Tensor.fromArray(data, { shape: [T, E], device: cpu });
+    const lg = lc.to(gpu);
+    const c = routerForward(lc, config);
+    const g = outputs(T, E, k, gpu);
+    routerForward(lg, config, { out: g, checkNaN: false });
+    expect(g.indices.toNumbers()).toEqual(c.indices.toNumbers());
+    expect(g.tokensPerExpert.toNumbers()).toEqual(c.tokensPerExpert.toNumbers());
+    expect(relErr(values(g.weights), values(c.weights))).toBeLessThan(1e-6);
+    expect(g.nanRows.toNumbers()).toEqual([0, T]);
+  });
+}
 
 describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
   let baseline = 0;
@@ -206,30 +236,7 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
     });
   });
 
-  it.each([
-    ['E=256 k=8, 8 groups keep 4, sigmoid', { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 } as RouterConfig],
-    ['E=256 k=8, softmax', { numExperts: 256, topK: 8 } as RouterConfig],
-    ['E=64 k=6, 4 groups keep 3, softmax', { numExperts: 64, topK: 6, groups: 4, topkGroups: 3 } as RouterConfig],
-  ])('exact ties go to the lower index, as on the CPU: %s', (_name, config) => {
-    // Logits from {-2, -1, 0, 1, 2}: many experts and groups tie exactly (in f32 and in double alike),
-    // so the indices must match the CPU's exactly.
-    const T = 4097;
-    const E = config.numExperts;
-    const k = config.topK;
-    tidy(() => {
-      const r = rng(freshSeed());
-      const data = Array.from({ length: T * E }, () => Math.floor(r() * 5) - 2);
-      const lc = Tensor.fromArray(data, { shape: [T, E], device: cpu });
-      const lg = lc.to(gpu);
-      const c = routerForward(lc, config);
-      const g = outputs(T, E, k, gpu);
-      routerForward(lg, config, { out: g, checkNaN: false });
-      expect(g.indices.toNumbers()).toEqual(c.indices.toNumbers());
-      expect(g.tokensPerExpert.toNumbers()).toEqual(c.tokensPerExpert.toNumbers());
-      expect(relErr(values(g.weights), values(c.weights))).toBeLessThan(1e-6);
-      expect(g.nanRows.toNumbers()).toEqual([0, T]);
-    });
-  });
+  it.each(tieCases)('exact ties go to the lower index, as on the CPU: %s', (_name, config) => exactTies(config));
 
   it('bad rows on the fast path at E=256 (one token per warp) and a NaN bias entry', () => {
     tidy(() => {
@@ -293,4 +300,26 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
       expect(() => routerForward(lg, config, { checkNaN: true })).toThrow(/router: 'logits' row 17 has a NaN or infinite value.*2 bad row/);
     });
   });
+});
+
+// The other forward kernels the switches select (lib/kernel-options.ts) on the fast kernel's shapes:
+// the generic one (router.fast off) and the fast one launched plainly (router.pdl off). Exact ties,
+// so every index must match the CPU's.
+const switchPaths: { path: string; router: Partial<RouterKernelOptions> }[] = [
+  { path: 'generic forward (router.fast off)', router: { fast: false } },
+  { path: 'fast forward without programmatic dependent launch (router.pdl off)', router: { pdl: false } },
+];
+describe.skipIf(!hasGpu).each(switchPaths)('CUDA router, $path', ({ router }) => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+    setKernelOptions(kernelOptionDefaults);
+    setKernelOptions({ router });
+  });
+  afterEach(() => {
+    resetKernelOptions();
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(tieCases)('exact ties go to the lower index, as on the CPU: %s', (_name, config) => exactTies(config));
 });

@@ -2,7 +2,7 @@
 // fresh random inputs, outputs poisoned first; ragged groups, empty groups, unaligned sizes.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { memoryStats, Tensor, tidy } from '../../lib/index.js';
+import { kernelOptionDefaults, type KernelOptionsUpdate, memoryStats, resetKernelOptions, setKernelOptions, Tensor, tidy } from '../../lib/index.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../../lib/moe/grouped-gemm.js';
 import { floats, freshSeed, poisoned, relErr, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
@@ -61,30 +61,26 @@ function fewRowCounts(): number[] {
 }
 // On compute capability 9.0 the NN/NT products take the wgmma kernel where eligible; the portable
 // mma.sync kernel (the fallback elsewhere) is checked too, on the smaller cases.
-// The Hopper kernel hands bf16 tiles to its storer warps by default and stores fp32 ones through
-// warp slices; the warp slices for everything (MOE_EP_GG_HOPPER_HANDOFF=0), the register-direct
-// stores (MOE_EP_GG_HOPPER_STAGED=0 with it) and the hand-off for fp32 too (=1) are checked as well.
+// The Hopper kernel hands bf16 tiles to its storer warps and stores fp32 ones through warp slices
+// (both in the default path's f32 and bf16 outputs); the variants that lost are in
+// benchmarks/kernels/grouped_gemm/.
 const small = cases.filter((c) => c.K * c.N <= 1 << 22);
-const paths: { path: string; env: Record<string, string>; cases: typeof cases }[] = [
-  { path: 'default kernels', env: {}, cases },
-  { path: 'mma.sync only (MOE_EP_GG_HOPPER=0)', env: { MOE_EP_GG_HOPPER: '0' }, cases: small },
-  { path: 'Hopper warp-slice epilogue (MOE_EP_GG_HOPPER_HANDOFF=0)', env: { MOE_EP_GG_HOPPER_HANDOFF: '0' }, cases: small },
-  { path: 'Hopper register-direct epilogue (MOE_EP_GG_HOPPER_STAGED=0, HANDOFF=0)', env: { MOE_EP_GG_HOPPER_STAGED: '0', MOE_EP_GG_HOPPER_HANDOFF: '0' }, cases: small },
-  { path: 'Hopper hand-off epilogue for fp32 too (MOE_EP_GG_HOPPER_HANDOFF=1)', env: { MOE_EP_GG_HOPPER_HANDOFF: '1' }, cases: small },
+const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }[] = [
+  { path: 'default kernels', kernels: {}, cases },
+  { path: 'mma.sync only (groupedGemm.hopper off)', kernels: { groupedGemm: { hopper: false } }, cases: small },
   // The cases whose dW takes the few-rows kernel by default, on the tensor-core kernel alone.
-  { path: 'dW without the few-rows kernel (MOE_EP_GG_FEW_ROWS=0)', env: { MOE_EP_GG_FEW_ROWS: '0' }, cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E) },
+  { path: 'dW without the few-rows kernel (groupedGemm.fewRows off)', kernels: { groupedGemm: { fewRows: false } }, cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E) },
 ];
-const pathVars = ['MOE_EP_GG_HOPPER', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF', 'MOE_EP_GG_FEW_ROWS'];
 
-describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ env, cases }) => {
+describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ kernels, cases }) => {
   let baseline = 0;
   beforeEach(() => {
     baseline = memoryStats(gpu).liveBytes;
-    for (const v of pathVars) delete process.env[v];
-    Object.assign(process.env, env);
+    setKernelOptions(kernelOptionDefaults); // whatever the environment says: this path's switches alone
+    setKernelOptions(kernels);
   });
   afterEach(() => {
-    for (const v of pathVars) delete process.env[v];
+    resetKernelOptions();
     expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
   });
 

@@ -7,8 +7,8 @@
 
 #include "comm/peer/peer_transport.h"
 #include "core/numeric.h"
-#include "ops/fp8/block.h"
-#include "ops/fp8/block_cuda.cuh"
+#include "ops/moe/fp8/block.h"
+#include "ops/moe/fp8/block_cuda.cuh"
 
 namespace moe::comm::peer {
 

@@ -1,0 +1,139 @@
+/**
+ * Kernel switches: which CUDA kernel an op runs where it has more than one. The defaults are the
+ * kernels that measured fastest (benchmarks/grouped-gemm.md, benchmarks/kernels-notes.md); turning
+ * one off is for comparisons (benchmarks) and tests. Results differ only by floating-point summation
+ * order. The addon reads them in one place per op (native/ops/moe/grouped_gemm/grouped_gemm.cc,
+ * native/ops/moe/router/router.cc), at every call; the CPU paths ignore them.
+ *
+ *   groupedGemm.hopper   true   the TMA + wgmma kernel on compute capability 9.0 (H100, H200) for
+ *                               the shapes it takes (K and N multiples of 8; dW from 32 rows per
+ *                               group on average); false: the mma.sync kernel there too
+ *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
+ *                               the few-rows kernel; false: the tensor-core kernels
+ *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
+ *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
+ *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
+ *                               programmatic dependent (sm_90 and newer); false: a plain launch
+ *
+ * The environment sets the starting values, read once when this module loads; setKernelOptions
+ * overrides them, and nothing else does. '0' turns a switch off, any other value leaves it on:
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF switched variants that are no
+ * longer in the addon, since issue 15: benchmarks/kernels/grouped_gemm/. Set, they are named on
+ * stderr once and change nothing.)
+ */
+// lib/native.ts imports this module (to apply the switches as the addon loads), so it checks its
+// argument with errors.ts alone: validate.ts imports tensor.ts and stream.ts, which import native.ts.
+import { invalidArgument, unknownNames } from './errors.js';
+import { native } from './native.js';
+
+export interface GroupedGemmKernelOptions {
+  /** The TMA + wgmma kernel on compute capability 9.0 where the shape allows (default true). */
+  hopper: boolean;
+  /** dW with at most 8 rows per group on average on the few-rows streaming kernel (default true). */
+  fewRows: boolean;
+}
+
+export interface RouterKernelOptions {
+  /** The fast router forward for the shapes it has (default true). */
+  fast: boolean;
+  /** Programmatic dependent launch of the fast forward on sm_90 and newer (default true). */
+  pdl: boolean;
+}
+
+export interface KernelOptions {
+  groupedGemm: GroupedGemmKernelOptions;
+  router: RouterKernelOptions;
+}
+
+/** What setKernelOptions takes: any subset of the switches. */
+export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelOptions[G]> };
+
+/** The defaults, before the environment. */
+export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true }),
+  router: Object.freeze({ fast: true, pdl: true }),
+});
+
+/** The environment variable behind each switch. */
+const ENVIRONMENT = {
+  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS' },
+  router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
+} as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };
+
+const RETIRED = ['MOE_EP_GG_TILE', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF'];
+
+function copy(o: KernelOptions): KernelOptions {
+  return { groupedGemm: { ...o.groupedGemm }, router: { ...o.router } };
+}
+
+/** The switches as the environment sets them: '0' is off, unset or anything else the default. */
+export function kernelOptionsFromEnvironment(env: NodeJS.ProcessEnv = process.env): KernelOptions {
+  const o = copy(kernelOptionDefaults);
+  for (const g of Object.keys(ENVIRONMENT) as (keyof KernelOptions)[]) {
+    const vars: Record<string, string> = ENVIRONMENT[g];
+    const group = o[g] as unknown as Record<string, boolean>;
+    for (const [key, name] of Object.entries(vars)) if (env[name] === '0') group[key] = false;
+  }
+  return o;
+}
+
+// Read once, at load: the starting values.
+const fromEnvironment = kernelOptionsFromEnvironment();
+const retired = RETIRED.filter((name) => process.env[name] !== undefined);
+if (retired.length) {
+  process.stderr.write(
+    `moe-ep: ${retired.join(', ')} no longer switch${retired.length > 1 ? '' : 'es'} anything: those kernel variants left the addon (benchmarks/kernels/grouped_gemm/ in the repository)\n`,
+  );
+}
+let current = copy(fromEnvironment);
+
+/** The switches in force (a copy). */
+export function kernelOptions(): KernelOptions {
+  return copy(current);
+}
+
+/** Refuses a non-object and names unknown keys, as validate.ts's checkKeys does. */
+function checkKeys(o: unknown, op: string, known: readonly string[]): Record<string, unknown> {
+  if (o === null || typeof o !== 'object' || Array.isArray(o)) {
+    invalidArgument(op, `'options' must be an object; received ${o === null ? 'null' : Array.isArray(o) ? 'an array' : typeof o}`);
+  }
+  const names = Object.keys(o);
+  if (names.some((n) => !known.includes(n))) invalidArgument(op, unknownNames(names, known));
+  return o as Record<string, unknown>;
+}
+
+/**
+ * Sets some switches, keeping the others; returns the switches as they were before, so a caller
+ * can put them back: `const before = setKernelOptions({ groupedGemm: { hopper: false } }); …;
+ * setKernelOptions(before)`. Unknown names and values other than booleans are refused.
+ */
+export function setKernelOptions(update: KernelOptionsUpdate): KernelOptions {
+  const op = 'setKernelOptions';
+  const groups = checkKeys(update, op, Object.keys(ENVIRONMENT));
+  const next = copy(current);
+  for (const g of Object.keys(groups) as (keyof KernelOptions)[]) {
+    if (groups[g] === undefined) continue;
+    const given = checkKeys(groups[g], `${op}: ${g}`, Object.keys(ENVIRONMENT[g]));
+    for (const [key, value] of Object.entries(given)) {
+      if (value === undefined) continue;
+      // validate.ts's checkBoolean wording
+      if (typeof value !== 'boolean') invalidArgument(op, `'${g}.${key}' must be a boolean; received ${String(value)}`);
+      (next[g] as unknown as Record<string, boolean>)[key] = value;
+    }
+  }
+  const before = current;
+  native().setKernelOptions(next);
+  current = next;
+  return copy(before);
+}
+
+/** Back to the starting values: the defaults as the environment set them at load. */
+export function resetKernelOptions(): KernelOptions {
+  return setKernelOptions(fromEnvironment);
+}
+
+/** Called by lib/native.ts on the freshly loaded addon: the switches in force, before any op runs. */
+export function applyKernelOptions(raw: { setKernelOptions(o: KernelOptions): void }): void {
+  raw.setKernelOptions(current);
+}

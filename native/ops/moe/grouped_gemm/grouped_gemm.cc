@@ -1,0 +1,122 @@
+#include "ops/moe/grouped_gemm/grouped_gemm.h"
+
+#include <atomic>
+
+#include "ops/common/checks.h"
+#include "ops/common/dispatch.h"
+#include "ops/moe/grouped_gemm/few_rows.h"
+#include "ops/moe/grouped_gemm/hopper.h"
+
+namespace moe::ops {
+
+namespace {
+const char* op_name(const GroupedGemm& g) {
+  if (g.epilogue == GemmEpilogue::SwiGLU) return "swigluGemm";
+  if (g.epilogue == GemmEpilogue::DSwiGLU) return "dswigluGemm";
+  return "groupedGemm";
+}
+
+std::atomic<GroupedGemmOptions> g_options{GroupedGemmOptions{}};
+
+#if MOE_EP_WITH_CUDA
+// dW on the Hopper kernel only from this many rows per group on average. dW with few rows per group
+// is bound by writing E·K·N outputs: the Hopper kernel's staged epilogues win against mma.sync at
+// 128 rows per group (H200, f838df1: 236 vs ~200 TFLOP/s) but not at 4 (7.1 vs 8.9); the crossover
+// between 4 and 128 is not measured.
+constexpr int64_t kHopperDwMinRowsPerGroup = 32;
+
+// The one place the CUDA kernel of a call is chosen, from the options and the shape:
+// 1. dW with at most FEW_ROWS_AVERAGE rows per group on average (decode) is bound by its stores:
+//    the few-rows kernel streams them (few_rows.cu; H200, 40314f2: 12.6 vs 10.1 TFLOP/s on the
+//    tensor cores), where its limits allow.
+// 2. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
+//    kHopperDwMinRowsPerGroup rows per group on average).
+// 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
+// Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type
+// (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment.
+GemmKernel select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
+  const bool tn = g.mode == GemmMode::TN;
+  if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
+#if MOE_EP_WITH_HOPPER
+  if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g)) return GemmKernel::Hopper;
+#endif
+  return GemmKernel::MmaSync;
+}
+#endif
+}  // namespace
+
+void set_grouped_gemm_options(const GroupedGemmOptions& options) { g_options.store(options); }
+GroupedGemmOptions grouped_gemm_options() { return g_options.load(); }
+
+void grouped_gemm(const GroupedGemm& g) {
+  const char* op = op_name(g);
+  require_defined(g.a, op, "a");
+  require_defined(g.b, op, "b");
+  require_defined(g.offsets, op, "offsets");
+  require_defined(g.out, op, "out");
+  require_dtype(g.a, {DType::bf16, DType::f32}, op, "a");
+  MOE_ARG_CHECK(g.b.dtype() == g.a.dtype(), op, "'b' ", g.b.describe(), " must have the dtype of 'a' (", dtype_name(g.a.dtype()), ")");
+  require_dtype(g.offsets, {DType::i32}, op, "offsets");
+  for (const Tensor* t : {&g.b, &g.offsets, &g.out}) require_same_device(g.a, "a", *t, t == &g.b ? "b" : t == &g.offsets ? "offsets" : "out", op);
+  require_contiguous(g.a, op, "a");
+  require_contiguous(g.b, op, "b");
+  require_contiguous(g.offsets, op, "offsets");
+  require_contiguous(g.out, op, "out");
+  MOE_ARG_CHECK(g.a.dim() == 2, op, "'a' must be 2-D [rows, features], got ", g.a.describe());
+  MOE_ARG_CHECK(g.offsets.dim() == 1 && g.offsets.size(0) >= 1, op, "'offsets' must be [E+1], got ", g.offsets.describe());
+  const int64_t E = g.offsets.size(0) - 1, M = g.a.size(0);
+
+  Shape expected;
+  if (g.mode == GemmMode::TN) {
+    MOE_ARG_CHECK(g.b.dim() == 2 && g.b.size(0) == M, op, "in TN mode 'b' must be [", M, ", N] like the rows of 'a', got ", g.b.describe());
+    expected = {E, g.a.size(1), g.b.size(1)};
+  } else {
+    MOE_ARG_CHECK(g.b.dim() == 3 && g.b.size(0) == E, op, "'b' must be [E, K, N] with E = ", E, " groups (offsets has ", E + 1,
+                  " entries), got ", g.b.describe());
+    if (g.mode == GemmMode::NN) {
+      MOE_ARG_CHECK(g.a.size(1) == g.b.size(1), op, "'a' ", shape_str(g.a.shape()), " and 'b' ", shape_str(g.b.shape()),
+                    " disagree on K (a's columns vs b's second dimension)");
+      expected = {M, g.b.size(2)};
+    } else {
+      MOE_ARG_CHECK(g.a.size(1) == g.b.size(2), op, "in NT mode 'a' ", shape_str(g.a.shape()), " must have as many columns as 'b' ",
+                    shape_str(g.b.shape()), " has in its last dimension");
+      expected = {M, g.b.size(1)};
+    }
+  }
+  switch (g.epilogue) {
+    case GemmEpilogue::Store:
+      require_dtype(g.out, {DType::bf16, DType::f32}, op, "out");
+      MOE_ARG_CHECK(!g.accumulate || g.out.dtype() == DType::f32, op, "'accumulate' needs an f32 'out'");
+      break;
+    case GemmEpilogue::SwiGLU:
+      MOE_ARG_CHECK(g.mode == GemmMode::NN, op, "the SwiGLU epilogue runs on the forward (NN) product");
+      MOE_ARG_CHECK(expected[1] % 2 == 0, op, "'b' must hold W1 and W3 interleaved: an even number of columns, got ", expected[1]);
+      require_dtype(g.out, {DType::bf16, DType::f32}, op, "out");
+      if (g.aux.defined()) {
+        MOE_ARG_CHECK(g.aux.dtype() == g.out.dtype(), op, "'g' must have the dtype of 'out'");
+        require_contiguous(g.aux, op, "g");
+        require_same_device(g.a, "a", g.aux, "g", op);
+        MOE_ARG_CHECK(g.aux.shape() == expected, op, "'g' must be ", shape_str(expected), ", got ", g.aux.describe());
+      }
+      expected[1] /= 2;
+      break;
+    case GemmEpilogue::DSwiGLU:
+      MOE_ARG_CHECK(g.mode == GemmMode::NT, op, "the dSwiGLU epilogue runs on the dh = dout·W2ᵀ (NT) product");
+      require_defined(g.aux, op, "g");
+      require_dtype(g.out, {DType::bf16, DType::f32}, op, "out");
+      MOE_ARG_CHECK(g.aux.dtype() == g.out.dtype(), op, "'g' must have the dtype of 'out'");
+      require_contiguous(g.aux, op, "g");
+      require_same_device(g.a, "a", g.aux, "g", op);
+      expected[1] *= 2;
+      MOE_ARG_CHECK(g.aux.shape() == expected, op, "'g' (the saved pre-activations) must be ", shape_str(expected), ", got ",
+                    g.aux.describe());
+      break;
+  }
+  MOE_ARG_CHECK(g.out.shape() == expected, op, "'out' must be ", shape_str(expected), ", got ", g.out.describe());
+  MOE_ARG_CHECK(M <= INT32_MAX && g.a.size(1) <= INT32_MAX && expected.back() <= INT32_MAX, op, "dimensions beyond 2^31 are not supported");
+  if (g.out.numel() == 0) return;
+  MOE_ON_DEVICE(g.a, op, grouped_gemm_cpu(g), grouped_gemm_cuda(g, select_cuda_kernel(g, grouped_gemm_options()), op_stream(g.a)));
+}
+
+}  // namespace moe::ops

@@ -1,0 +1,55 @@
+// Grouped GEMM for the experts: rows of `a` are grouped by expert (offsets [E+1] i32, on the
+// tensors' device; group e is rows offsets[e] .. offsets[e+1]), each group multiplied by its own
+// matrix. bf16 operands, fp32 accumulation. Per-group row counts are read on the device: no host
+// synchronisation, and groups with zero rows are fine.
+//
+//   NN  out[M,N]   = a[M,K] · b_e[K,N]        b [E,K,N]        (forward: tokens · weights)
+//   NT  out[M,K]   = a[M,N] · b_eᵀ            b [E,K,N]        (backward: dA = dC · Wᵀ)
+//   TN  out_e[K,N] = a_eᵀ · b_e               a [M,K], b [M,N], out [E,K,N]
+//                                                              (backward: dW_e = A_eᵀ · dC_e; the
+//                                                               inner dimension is each group's row
+//                                                               count, any value, zero included)
+// Epilogues fused into the same kernel:
+//   Store    out = result (bf16 or f32), or out += result with `accumulate` (f32 out).
+//   SwiGLU   NN only. b's columns interleave W1 and W3 (column 2i is W1's column i, 2i+1 is W3's),
+//            so each thread holds matching pairs: h[:, i] = silu(g1) · g3 is written to `out`
+//            [M, N/2] (bf16), and the pre-activations g = a·b to `aux` [M, N] (bf16) when given.
+//   DSwiGLU  NT only. The result is dh [M, K']; with the saved g (`aux`, [M, 2K'] bf16,
+//            interleaved) it writes dg [M, 2K'] to `out`: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1).
+// Rows of `out` outside every group (at or beyond offsets[E]) are not written.
+#pragma once
+#include "core/tensor.h"
+
+namespace moe::ops {
+
+enum class GemmMode : int { NN = 0, NT = 1, TN = 2 };
+enum class GemmEpilogue : int { Store = 0, SwiGLU = 1, DSwiGLU = 2 };
+
+struct GroupedGemm {
+  GemmMode mode;
+  GemmEpilogue epilogue;
+  Tensor a, b, offsets, out, aux;
+  bool accumulate = false;
+};
+
+void grouped_gemm(const GroupedGemm& g);
+
+// Kernel switches, set from TypeScript (setKernelOptions in lib/kernel-options.ts, through
+// native/addon/kernel_options_binding.cc). grouped_gemm.cc is the one place they are read: it
+// chooses the CUDA kernel of each call from them (GemmKernel). The defaults are the kernels that
+// measured fastest (benchmarks/grouped-gemm.md); switching one off is for comparisons and tests.
+struct GroupedGemmOptions {
+  bool hopper = true;    // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
+  bool few_rows = true;  // dW with few rows per group on average (decode): the streaming kernel
+};
+void set_grouped_gemm_options(const GroupedGemmOptions& options);
+GroupedGemmOptions grouped_gemm_options();
+
+// The CUDA kernels: mma.sync (cuda.cu; any shape, sm_80 and sm_90), the Hopper one (hopper.cu; built
+// with MOE_EP_WITH_HOPPER) and the few-rows dW kernel (few_rows.cu).
+enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2 };
+
+void grouped_gemm_cpu(const GroupedGemm& g);
+void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream);
+
+}  // namespace moe::ops

@@ -1,0 +1,644 @@
+// Grouped GEMM on Hopper (sm_90a): TMA, mbarriers, wgmma, warp specialisation, a persistent grid.
+// All three products: NN (forward, with the fused SwiGLU epilogue), NT (dA, with dSwiGLU) and TN
+// (dW, whose inner dimension is each group's rows). Shapes TMA cannot describe stay on the mma.sync
+// kernel (cuda.cu). Compiled for sm_90a alone (CMake).
+//
+// Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×64 A
+// tile and a 64×256 B tile per stage into a 4-stage ring, each stage completed on a "full" mbarrier
+// by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
+// 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128 fp32 accumulators
+// per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
+// (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
+// store the last one (through one of the epilogues below).
+// The other ways of storing a tile that were measured and lost (Store from registers, the warp
+// slices for bf16 results, the hand-off of fp32 results in two halves) are steps 05-07 of the
+// ladder in benchmarks/kernels/grouped_gemm/.
+//
+// Shared-memory layouts (128-byte swizzle, the pattern TMA writes and wgmma reads):
+//   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
+//   B   NT (K-major): [256 n][64 k], like A.
+//       NN (MN-major): four [64 k][64 n] boxes side by side, 8 KiB apart along n.
+//   TN  A = a_eᵀ (MN-major): two [64 k][64 m] boxes, one per consumer; B = b_e as for NN.
+// NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
+// but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
+// consumers zero those rows in shared memory before the wgmma reads them.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+
+#include "core/cuda_runtime.h"
+#include "core/error.h"
+#include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/swiglu.h"
+#include "ops/moe/grouped_gemm/wgmma.cuh"
+
+namespace moe::ops {
+
+namespace hopper {
+namespace {
+
+constexpr int BM = 128, BN = 256, BK = 64, GROUP_M = 8;
+constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
+constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
+constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
+constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+// How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
+// result type (launch() below):
+//   Registers   straight from the fragments: the fused SwiGLU and dSwiGLU epilogues.
+//   WarpSlices  Store with fp32 results (accumulating or not; v6): each consumer warp stages 16×32
+//               fp32 slices in its own shared memory and stores whole 16-byte row pieces.
+//   Handoff     Store with bf16 results (never accumulating; v7): the consumers drop the 128×256
+//               tile into shared memory (66 KiB) and go on to the next tile's mainloop; three warps
+//               of the producer warpgroup (otherwise idle) copy it to global memory meanwhile. It
+//               costs the ring a stage (3 instead of 4).
+enum class StoreVia { Registers, WarpSlices, Handoff };
+
+// Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
+template <StoreVia VIA> struct Layout {
+  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
+  static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
+  static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
+                                                                // the fragment stores over the banks
+  static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;   // 2560 bytes per warp
+  // Handoff row pitch, chosen so that a warp's fragment stores hit every bank once per wavefront:
+  // bf16 pairs (4 bytes) at 264 bf16 = 528 bytes (132 words ≡ 4 mod 32).
+  static constexpr int TILE_LD_BF16 = BN + 8;
+  static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
+                                       : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
+                                                                   : 0;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
+};
+constexpr int MAX_STAGES = 4;
+constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgroup
+static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+
+struct Params {
+  const int32_t* offsets;     // [E+1]
+  const int32_t* tile_start;  // [E+1] (NN, NT)
+  void* out;
+  const __nv_bfloat16* aux;   // DSwiGLU: the saved g
+  __nv_bfloat16* aux_out;     // SwiGLU: where to save g (may be null)
+  int M, E;
+  int rows, cols, inner;      // the product out[rows, cols] (per group for TN); inner: NN/NT only
+  int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
+  bool accumulate;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// ---- mbarriers ----------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Waits until the phase with the given parity has completed. A fresh barrier counts its phase
+// "before the first" (parity 1) as complete, which lets the producer fill every stage once.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+// ---- TMA ------------------------------------------------------------------------------------------
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+               : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
+      : "memory");
+}
+
+// ---- wgmma ----------------------------------------------------------------------------------------
+// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading-dimension byte offset
+// (LBO), stride-dimension byte offset (SBO), all in 16-byte units. K-major: SBO = 1024 (the next 8
+// rows), LBO unused. MN-major: LBO = the next 64 elements along m/n, SBO = the next 8 rows along k.
+__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t d = 0;
+  d |= uint64_t((smem_u32(p) & 0x3FFFF) >> 4);
+  d |= uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16;
+  d |= uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32;
+  d |= uint64_t(1) << 62;  // 128-byte swizzle
+  return d;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+// ---- work items -----------------------------------------------------------------------------------
+struct Tile {
+  int group, row0, row_end, col0;
+  int k_begin, k_end, k_tiles;  // the inner range: NN/NT all of it; TN the group's rows
+  int64_t out_base;             // TN: the group's [rows, cols] block of out
+};
+
+// Work item t of the launch. NN/NT: a band of GROUP_M m-tiles (over all groups, in order) sweeps
+// every n-tile, so the weight columns a band needs stay in L2 while its m-tiles use them.
+// TN: group-major, so the blocks in flight share one group's rows of a and b.
+template <GemmMode MODE>
+__device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+  Tile tile;
+  if constexpr (MODE == GemmMode::TN) {
+    const int per_group = p.tn_m_tiles * p.n_tiles;
+    tile.group = t / per_group;
+    tile.row0 = ((t % per_group) / p.n_tiles) * BM;
+    tile.col0 = (t % p.n_tiles) * BN;
+    tile.row_end = p.rows;
+    tile.k_begin = min(max(__ldg(p.offsets + tile.group), 0), p.M);
+    tile.k_end = min(max(__ldg(p.offsets + tile.group + 1), tile.k_begin), p.M);
+    tile.out_base = int64_t(tile.group) * p.rows * p.cols;
+  } else {
+    const int per_band = GROUP_M * p.n_tiles;
+    const int band_m = (t / per_band) * GROUP_M, band_rows = min(m_tiles - band_m, GROUP_M);
+    const int m = band_m + (t % per_band) % band_rows;
+    tile.col0 = ((t % per_band) / band_rows) * BN;
+    int lo = 0, hi = p.E - 1;  // the group owning m-tile m: the last e with tile_start[e] <= m
+    while (lo < hi) {
+      int mid = (lo + hi + 1) >> 1;
+      if (__ldg(p.tile_start + mid) <= m) lo = mid;
+      else hi = mid - 1;
+    }
+    tile.group = lo;
+    const int begin = min(max(__ldg(p.offsets + lo), 0), p.M);
+    tile.row_end = min(max(__ldg(p.offsets + lo + 1), begin), p.M);
+    tile.row0 = begin + (m - __ldg(p.tile_start + lo)) * BM;
+    tile.k_begin = 0;
+    tile.k_end = p.inner;
+    tile.out_base = 0;
+  }
+  tile.k_tiles = (tile.k_end - tile.k_begin + BK - 1) / BK;
+  return tile;
+}
+
+// ---- epilogue -------------------------------------------------------------------------------------
+// The fused epilogues, straight from a consumer warpgroup's 64×256 accumulators: thread (warp w,
+// lane l) holds rows 16w + l/4 (+8) and, in each 8-column block j, columns 8j + 2(l%4) and the next
+// (d[4j..4j+3]). cols % 8 == 0 here, so a pair is either wholly inside or wholly outside.
+template <GemmEpilogue EPI>
+__device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0) {
+  static_assert(EPI != GemmEpilogue::Store, "plain results go through shared memory (WarpSlices, Handoff)");
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  const int cols = p.cols;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = wg_row0 + warp * 16 + (lane >> 2) + half * 8;
+    if (r >= tile.row_end) continue;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int c = tile.col0 + j * 8 + (lane & 3) * 2;
+      if (c >= cols) continue;
+      const float v0 = d[j * 4 + half * 2], v1 = d[j * 4 + half * 2 + 1];
+      if constexpr (EPI == GemmEpilogue::SwiGLU) {
+        // (v0, v1) = (g1, g3) of hidden unit c/2: W1 and W3 columns interleave.
+        static_cast<__nv_bfloat16*>(p.out)[int64_t(r) * (cols / 2) + c / 2] = __float2bfloat16_rn(silu(v0) * v1);
+        if (p.aux_out) *reinterpret_cast<__nv_bfloat162*>(p.aux_out + int64_t(r) * cols + c) = __floats2bfloat162_rn(v0, v1);
+      } else {  // DSwiGLU: (v0, v1) = dh of hidden units c, c+1; the saved g holds (g1, g3) for each.
+        const int64_t base = int64_t(r) * (2 * cols) + 2 * c;
+        const uint2 g = *reinterpret_cast<const uint2*>(p.aux + base);  // g1(c) g3(c) g1(c+1) g3(c+1)
+        const __nv_bfloat162 ga = *reinterpret_cast<const __nv_bfloat162*>(&g.x), gb = *reinterpret_cast<const __nv_bfloat162*>(&g.y);
+        const float g1a = __low2float(ga), g3a = __high2float(ga), g1b = __low2float(gb), g3b = __high2float(gb);
+        uint2 dg;
+        *reinterpret_cast<__nv_bfloat162*>(&dg.x) = __floats2bfloat162_rn(v0 * g3a * silu_grad(g1a), v0 * silu(g1a));
+        *reinterpret_cast<__nv_bfloat162*>(&dg.y) = __floats2bfloat162_rn(v1 * g3b * silu_grad(g1b), v1 * silu(g1b));
+        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + base) = dg;
+      }
+    }
+  }
+}
+
+// The Store epilogue of fp32 results through shared memory: each consumer warp drops its 16×256
+// accumulators into its own 16×32 fp32 slice, 32 columns at a time, and reads them back as whole
+// rows in 16-byte pieces, a warp instruction covering 4 rows × 32 columns. With accumulate, all of a
+// slice's loads of the old values are issued before its stores (else each load waits behind the
+// previous store: one memory latency per piece).
+template <typename OutT>
+__device__ __forceinline__ void store_tile_staged(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0, uint32_t staging) {
+  static_assert(sizeof(OutT) == 4, "bf16 results are handed off");
+  constexpr int LD = Layout<StoreVia::WarpSlices>::STAGING_LD, SLICE = Layout<StoreVia::WarpSlices>::SLICE;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  // The fragment store: rows lane/4 (+8), columns 8jj + 2(lane%4) (+1) of the slice.
+  const uint32_t st_addr = staging + uint32_t(((lane >> 2) * LD + (lane & 3) * 2) * 4);
+  // The read-back: piece u is row lane/8 + 4u, columns 4(lane%8) .. +3 of the slice.
+  const uint32_t ld_addr = staging + uint32_t(((lane >> 3) * LD + (lane & 7) * 4) * 4);
+  const int row = wg_row0 + warp * 16 + (lane >> 3);  // + 4u
+  const int col = tile.col0 + (lane & 7) * 4;         // + SLICE·s
+  const int64_t pitch4 = int64_t(4) * p.cols;         // 4 rows
+  OutT* const out = static_cast<OutT*>(p.out) + tile.out_base + int64_t(row) * p.cols + col;
+#pragma unroll
+  for (int s = 0; s < BN / SLICE; ++s) {
+#pragma unroll
+    for (int jj = 0; jj < SLICE / 8; ++jj) {
+      const int j = s * (SLICE / 8) + jj;
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(st_addr + uint32_t((h * 8 * LD + jj * 8) * 4)),
+                     "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+    }
+    __syncwarp();
+    float4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=f"(v[u].x), "=f"(v[u].y), "=f"(v[u].z), "=f"(v[u].w)
+                   : "r"(ld_addr + uint32_t(4 * u * LD * 4)) : "memory");
+    __syncwarp();  // read back before the next slice lands
+    if (col + s * SLICE >= p.cols) continue;  // cols % 8 == 0: a piece is all in or all out (lanes past it skip)
+    OutT* const dst = out + s * SLICE;
+    if (p.accumulate) {
+      float4 old[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        if (row + 4 * u < tile.row_end) old[u] = *reinterpret_cast<const float4*>(dst + u * pitch4);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        v[u].x += old[u].x;
+        v[u].y += old[u].y;
+        v[u].z += old[u].z;
+        v[u].w += old[u].w;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (row + 4 * u < tile.row_end) *reinterpret_cast<float4*>(dst + u * pitch4) = v[u];
+  }
+}
+
+// Handoff, consumer side: this warpgroup's 64 rows of the bf16 tile into shared memory as pairs:
+// row 16w + l/4 (+8), columns 8j + 2(l%4).
+__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer) {
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  const int row = consumer * 64 + warp * 16 + (lane >> 2);
+  constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_BF16;
+  const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 2);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(base + uint32_t((h * 8 * LD + j * 8) * 2)), "r"(*reinterpret_cast<uint32_t*>(&v))
+                   : "memory");
+    }
+  }
+}
+
+// Handoff, storer side: the staged bf16 tile to global memory, one 512-byte row per warp
+// instruction (16 bytes per lane), rows past the tile's end (the group's, or M) and columns past
+// cols skipped.
+__device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer) {
+  using OutT = __nv_bfloat16;
+  constexpr int LD_BYTES = Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2;
+  constexpr int PER_LANE = 16 / int(sizeof(OutT));  // values per 16-byte piece
+  const int lane = storer & 31, warp = storer >> 5;
+  const int col = tile.col0 + lane * PER_LANE;
+  if (col >= p.cols) return;  // cols % 8 == 0: a lane's piece is all in or all out
+  OutT* const out = static_cast<OutT*>(p.out) + tile.out_base + col;
+  const int rows = min(BM, tile.row_end - tile.row0);
+#pragma unroll 4
+  for (int r = warp; r < rows; r += STORER_THREADS / 32) {
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(tile_smem + uint32_t(r * LD_BYTES + lane * 16))
+                 : "memory");
+    *reinterpret_cast<uint4*>(out + int64_t(tile.row0 + r) * p.cols) = v;
+  }
+}
+
+// ---- the kernel -----------------------------------------------------------------------------------
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
+__global__ void __launch_bounds__(THREADS, 1)
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
+  constexpr bool TN = MODE == GemmMode::TN;
+  constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
+  constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
+  static_assert((VIA == StoreVia::Registers) == (EPI != GemmEpilogue::Store), "the fused epilogues store from registers, plain results through shared memory");
+  static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
+  static_assert(VIA != StoreVia::WarpSlices || sizeof(OutT) == 4, "the warp slices take fp32 results");
+  constexpr int STAGES = Layout<VIA>::STAGES;
+  extern __shared__ unsigned char smem_raw[];
+  // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
+  // descriptors' base-offset field stays 0.
+  unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
+  __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
+  const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
+
+  const int wg = threadIdx.x >> 7;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(&full[s], 1);           // the producer's arrive.expect_tx; the copy engine adds the bytes
+      mbar_init(&empty[s], CONSUMERS);  // one arrive per consumer warpgroup
+    }
+    mbar_init(&tile_full, CONSUMERS * 128);  // every consumer thread, after its part of the tile
+    mbar_init(&tile_empty, STORER_THREADS);  // every storer thread, after reading the tile
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  const int m_tiles = TN ? p.tn_m_tiles : __ldg(p.tile_start + p.E);
+  const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
+
+  if (wg == 0) {
+    // Producer: few registers; one thread issues every copy.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
+      int stage = 0;
+      uint32_t round = 0;
+      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        const Tile tile = tile_at<MODE>(p, t, m_tiles);
+        for (int kt = 0; kt < tile.k_tiles; ++kt) {
+          mbar_wait(&empty[stage], (round & 1) ^ 1);
+          unsigned char* sa = ring + stage * STAGE_BYTES;
+          unsigned char* sb = sa + A_BYTES;
+          mbar_arrive_expect_tx(&full[stage], STAGE_BYTES);  // out-of-bounds parts still count: TMA zero-fills them
+          const int k0 = tile.k_begin + kt * BK;
+          if constexpr (TN) {
+#pragma unroll
+            for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * (BK * 128), &map_a, &full[stage], tile.row0 + 64 * j, k0);
+#pragma unroll
+            for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0);
+          } else {
+            tma_load_2d(sa, &map_a, &full[stage], k0, tile.row0);
+            if constexpr (MODE == GemmMode::NT) {
+              tma_load_3d(sb, &map_b, &full[stage], k0, tile.col0, tile.group);
+            } else {
+#pragma unroll
+              for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+            }
+          }
+          if (++stage == STAGES) {
+            stage = 0;
+            ++round;
+          }
+        }
+      }
+    } else if constexpr (VIA == StoreVia::Handoff) {
+      if (threadIdx.x >= 32) {
+        // Storers: walk the same tiles; each tile the consumers hand over is copied out.
+        const int storer = threadIdx.x - 32;
+        uint32_t n = 0;  // tiles done
+        for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
+          const Tile tile = tile_at<MODE>(p, t, m_tiles);
+          mbar_wait(&tile_full, n & 1);
+          handoff_drain(p, tile, staging_smem, storer);
+          mbar_arrive(&tile_empty);
+        }
+      }
+    }
+  } else {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int consumer = wg - 1;
+    float d[128];
+    int stage = 0;
+    uint32_t round = 0;
+    uint32_t n = 0;  // Handoff: tiles handed over (the barriers' phase)
+    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      const Tile tile = tile_at<MODE>(p, t, m_tiles);
+      int prev = -1;
+      for (int kt = 0; kt < tile.k_tiles; ++kt) {
+        mbar_wait(&full[stage], round & 1);
+        unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
+        unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
+        if constexpr (TN) {
+          // The group ends inside this k-tile: zero the rows past its end (they hold the next
+          // group's rows) in this consumer's A box and in its half of the B boxes, then make the
+          // plain stores visible to the tensor cores (async proxy) before either consumer reads.
+          const int valid = tile.k_end - (tile.k_begin + kt * BK);
+          if (valid < BK) {
+            const int lane128 = threadIdx.x & 127;
+            for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
+              const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
+              unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
+              *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+            }
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
+          }
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) {
+          // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
+          const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
+          const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
+          wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+        }
+        wgmma_commit();
+        // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
+        wgmma_wait<1>();
+        if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
+        prev = stage;
+        if (++stage == STAGES) {
+          stage = 0;
+          ++round;
+        }
+      }
+      wgmma_wait<0>();
+      if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
+      if (tile.k_tiles == 0) {
+        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating; the hand-off, which
+        // the storers expect every tile through, never accumulates: see launch_layout).
+        if (VIA != StoreVia::Handoff && p.accumulate) continue;
+#pragma unroll
+        for (int i = 0; i < 128; ++i) d[i] = 0.f;
+      }
+      if constexpr (VIA == StoreVia::Handoff) {
+        // The storers have copied out the previous tile (a fresh barrier's first wait passes).
+        mbar_wait(&tile_empty, (n & 1) ^ 1);
+        handoff_put(d, staging_smem, consumer);
+        mbar_arrive(&tile_full);
+        ++n;
+      } else if constexpr (VIA == StoreVia::WarpSlices) {
+        const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
+        store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
+      } else {
+        store_tile<EPI>(p, d, tile, tile.row0 + consumer * 64);
+      }
+    }
+  }
+}
+
+// ---- host side ------------------------------------------------------------------------------------
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A bf16 tensor map with 128-byte swizzle. dims/box are innermost first; strides (bytes) for dims 1..
+CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
+  CUtensorMap map;
+  const cuuint32_t unit[3] = {1, 1, 1};
+  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, cuuint32_t(rank), const_cast<void*>(base), dims, strides, box, unit,
+                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
+  return map;
+}
+
+struct DeviceInfo {
+  bool hopper = false;
+  int sms = 0;
+};
+DeviceInfo device_info() {
+  static std::mutex mu;
+  static DeviceInfo cache[64];
+  static bool known[64] = {};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (!known[dev]) {
+    const cuda::DeviceProps props = cuda::device_props(dev);
+    // sm_90a machine code runs on compute capability 9.0 only.
+    cudaFuncAttributes attr{};
+    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Handoff>) == cudaSuccess;
+    if (!image) cudaGetLastError();  // clear only the error this call set
+    cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && encode_fn() != nullptr, props.multiprocessors};
+    known[dev] = true;
+  }
+  return cache[dev];
+}
+
+
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
+void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
+  constexpr int smem = Layout<VIA>::SMEM_BYTES;
+  if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
+  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
+  // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
+  // blocks than the largest possible number of work items.
+  const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
+  const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
+}
+
+// How the tiles are stored follows from the epilogue and the result type (see StoreVia):
+// - bf16 results (never accumulated: grouped_gemm.cc asks for f32 out with accumulate): handed to
+//   the producer's storer warps through shared memory while the consumers go on with the next tile
+//   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
+//   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
+// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
+//   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
+// - SwiGLU, dSwiGLU: from registers.
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  if constexpr (EPI != GemmEpilogue::Store) launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
+  else if constexpr (sizeof(OutT) == 2) launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+  else launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
+}
+
+}  // namespace
+}  // namespace hopper
+
+bool grouped_gemm_hopper_fits(const GroupedGemm& g) {
+  // TMA needs 16-byte row pitches: every row length a multiple of 8 bf16.
+  const bool tn = g.mode == GemmMode::TN;
+  const int64_t K = tn ? g.a.size(1) : g.b.size(1), N = tn ? g.b.size(1) : g.b.size(2);
+  const int64_t inner = g.mode == GemmMode::NN ? K : N;
+  auto aligned16 = [](const Tensor& t) { return !t.defined() || (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
+  if (K % 8 != 0 || N % 8 != 0 || K == 0 || N == 0 || (!tn && inner == 0)) return false;
+  // A tensor map needs every dimension > 0: no rows at all (TN with M = 0 still writes dW = 0) or
+  // no groups (NN/NT with E = 0) stay on the mma.sync kernel, which handles both.
+  if (g.a.size(0) == 0 || g.offsets.size(0) < 2) return false;
+  if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
+  if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
+  return hopper::device_info().hopper;
+}
+
+void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream_ptr) {
+  using namespace hopper;
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
+  Params p{};
+  p.offsets = g.offsets.data<int32_t>();
+  p.tile_start = tile_start;
+  p.out = g.out.raw();
+  p.aux = g.aux.defined() ? g.aux.data<__nv_bfloat16>() : nullptr;
+  p.aux_out = (g.epilogue == GemmEpilogue::SwiGLU && g.aux.defined()) ? g.aux.data<__nv_bfloat16>() : nullptr;
+  p.M = int(M);
+  p.E = int(E);
+  p.accumulate = g.accumulate;
+  cudaStream_t stream = cudaStream_t(stream_ptr);
+  const int sms = device_info().sms;
+  const bool f32 = g.out.dtype() == DType::f32;
+
+  if (g.mode == GemmMode::TN) {
+    // out_e[K, N] = a_eᵀ · b_e over the group's rows: a [M, K] and b [M, N], both read as
+    // [64 rows][64 columns] boxes.
+    const int64_t K = g.a.size(1), N = g.b.size(1);
+    p.rows = int(K);
+    p.cols = int(N);
+    p.n_tiles = int((N + BN - 1) / BN);
+    p.tn_m_tiles = int((K + BM - 1) / BM);
+    const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
+    const cuuint64_t b_dims[2] = {cuuint64_t(N), cuuint64_t(M)}, b_strides[1] = {cuuint64_t(N) * 2};
+    const cuuint32_t box[2] = {64, BK};
+    const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
+    const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
+    if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
+    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    cuda::check_launch("groupedGemm");
+    return;
+  }
+
+  const bool nt = g.mode == GemmMode::NT;
+  const int64_t K = g.b.size(1), N = g.b.size(2);
+  p.rows = int(M);
+  p.cols = int(nt ? K : N);    // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
+  p.inner = int(nt ? N : K);
+  p.n_tiles = (p.cols + BN - 1) / BN;
+
+  // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
+  const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
+  const cuuint32_t a_box[2] = {BK, BM};
+  const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, a_box);
+  // B: [E, K, N] with N innermost. NN reads [64 k][64 n] boxes; NT reads [256 k-rows][64 n] boxes
+  // (its rows are the product's columns, its N the product's inner dimension).
+  const cuuint64_t b_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, b_strides[2] = {cuuint64_t(N) * 2, cuuint64_t(N * K) * 2};
+  const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
+  const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
+
+  if (!nt) {
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+  } else {
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+  }
+  cuda::check_launch("groupedGemm");
+}
+
+}  // namespace moe::ops

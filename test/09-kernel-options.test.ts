@@ -1,0 +1,101 @@
+// Kernel switches (lib/kernel-options.ts): the environment read once at load as the starting values,
+// setKernelOptions over them, every value reaching the addon, bad names and values refused. The
+// kernels they choose run on the GPU only (test/gpu/10-router, test/gpu/12-grouped-gemm).
+import { spawnSync } from 'node:child_process';
+import { join } from 'node:path';
+
+import { afterEach, describe, expect, it } from 'vitest';
+
+import {
+  InvalidArgumentError,
+  kernelOptionDefaults,
+  type KernelOptions,
+  kernelOptions,
+  kernelOptionsFromEnvironment,
+  resetKernelOptions,
+  setKernelOptions,
+} from '../lib/index.js';
+import { native, packageRoot } from '../lib/native.js';
+
+const allOn: KernelOptions = { groupedGemm: { hopper: true, fewRows: true }, router: { fast: true, pdl: true } };
+
+describe('kernel switches', () => {
+  afterEach(() => {
+    resetKernelOptions();
+  });
+
+  it('default to every measured winner on', () => {
+    expect(kernelOptionDefaults).toEqual(allOn);
+    expect(kernelOptionsFromEnvironment({})).toEqual(allOn);
+  });
+
+  it("take their starting values from the environment: '0' is off, anything else leaves the default", () => {
+    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_HOPPER: '0', MOE_EP_GG_FEW_ROWS: '1', MOE_EP_ROUTER_FAST: 'no', MOE_EP_PDL: '0' })).toEqual({
+      groupedGemm: { hopper: false, fewRows: true },
+      router: { fast: true, pdl: false },
+    });
+    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_FEW_ROWS: '0', MOE_EP_ROUTER_FAST: '0' })).toEqual({
+      groupedGemm: { hopper: true, fewRows: false },
+      router: { fast: false, pdl: true },
+    });
+  });
+
+  it('setKernelOptions changes the switches named, keeps the others, reaches the addon, and returns what was in force', () => {
+    const start = kernelOptions();
+    expect(native().kernelOptions()).toEqual(start);
+    const before = setKernelOptions({ groupedGemm: { hopper: false }, router: { pdl: false } });
+    expect(before).toEqual(start);
+    const now = { groupedGemm: { ...start.groupedGemm, hopper: false }, router: { ...start.router, pdl: false } };
+    expect(kernelOptions()).toEqual(now);
+    expect(native().kernelOptions()).toEqual(now);
+    setKernelOptions({ router: { fast: false } });
+    expect(native().kernelOptions()).toEqual({ ...now, router: { ...now.router, fast: false } });
+    setKernelOptions(before);
+    expect(native().kernelOptions()).toEqual(start);
+    // kernelOptions() hands out a copy
+    const copy = kernelOptions();
+    copy.groupedGemm.fewRows = !copy.groupedGemm.fewRows;
+    expect(kernelOptions()).toEqual(start);
+  });
+
+  it('refuses unknown names and values that are not booleans, changing nothing', () => {
+    const start = kernelOptions();
+    const bad: [unknown, RegExp][] = [
+      [{ grouped_gemm: { hopper: false } }, /unknown option 'grouped_gemm' \(did you mean 'groupedGemm'\?\)/],
+      [{ groupedGemm: { hoper: false } }, /groupedGemm: unknown option 'hoper' \(did you mean 'hopper'\?\)/],
+      [{ router: { fast: 0 } }, /'router\.fast' must be a boolean; received 0/],
+      [{ router: { pdl: null } }, /'router\.pdl' must be a boolean; received null/],
+      [{ groupedGemm: { hopper: false }, router: { tile: 32 } }, /router: unknown option 'tile'/],
+      [null, /'options' must be an object/],
+    ];
+    for (const [update, message] of bad) {
+      expect(() => setKernelOptions(update as never)).toThrow(InvalidArgumentError);
+      expect(() => setKernelOptions(update as never)).toThrow(message);
+      expect(kernelOptions()).toEqual(start);
+      expect(native().kernelOptions()).toEqual(start);
+    }
+  });
+
+  it('the raw binding takes every switch and refuses a missing or mistyped one, naming it', () => {
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true }, router: allOn.router } as never)).toThrow(/setKernelOptions: 'groupedGemm.fewRows' must be a boolean/);
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true } } as never)).toThrow(/setKernelOptions: 'router' must be an object/);
+    expect(() => native().setKernelOptions({ ...allOn, router: { fast: true, pdl: 1 } } as never)).toThrow(/'router.pdl' must be a boolean/);
+  });
+
+  it('a fresh process starts from its environment before any op runs, and names retired switches once', () => {
+    const index = join(packageRoot(), 'dist', 'lib', 'index.js');
+    const native_ = join(packageRoot(), 'dist', 'lib', 'native.js');
+    const script = `const m = await import(${JSON.stringify(index)}); const n = await import(${JSON.stringify(native_)});
+      console.log(JSON.stringify({ ts: m.kernelOptions(), addon: n.native().kernelOptions() }));`;
+    const env: NodeJS.ProcessEnv = { ...process.env, MOE_EP_GG_FEW_ROWS: '0', MOE_EP_ROUTER_FAST: '0', MOE_EP_GG_HOPPER_HANDOFF: '1', MOE_EP_GG_TILE: '32' };
+    delete env['MOE_EP_GG_HOPPER'];
+    delete env['MOE_EP_PDL'];
+    delete env['MOE_EP_GG_HOPPER_STAGED'];
+    const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    const expected = { groupedGemm: { hopper: true, fewRows: false }, router: { fast: false, pdl: true } };
+    expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });
+    expect(r.stderr).toMatch(/MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_HANDOFF no longer switch anything/);
+    expect(r.stderr.match(/no longer switch/g)).toHaveLength(1);
+  });
+});
