@@ -34,6 +34,7 @@ Napi::Value memory_stats(const Napi::CallbackInfo& info) {
   put("cacheHits", s.cache_hits);
   put("deviceMallocs", s.device_mallocs);
   put("outOfMemory", s.out_of_memory);
+  put("graphPoolBytes", s.graph_pool_bytes);
   return o;
 }
 

@@ -170,6 +170,8 @@ Napi::Value TensorHandle::transpose(const Napi::CallbackInfo& info) {
 Napi::Value TensorHandle::to_buffer(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const Tensor& t = live("toArray");
+    if (t.device().is_cuda() && cuda::capture_open_on_this_thread())
+      cuda::refuse_in_capture("toArray", "reads a device tensor on the host (a device-to-host copy, then a wait for the device)");
     Tensor host = t;
     if (!t.device().is_cpu() || !t.is_contiguous()) {
       host = Tensor::empty(t.shape(), t.dtype(), cpu_device(), "toArray");

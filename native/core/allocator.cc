@@ -5,6 +5,7 @@
 #include <mutex>
 #include <set>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "core/cuda_runtime.h"
@@ -72,6 +73,8 @@ void host_deallocate(void* ptr) {
 
 #if MOE_EP_WITH_CUDA
 // ---------------------------------------------------------------------------------------- device
+struct GraphPool;
+
 struct Block {
   void* ptr;
   int64_t size;
@@ -80,6 +83,7 @@ struct Block {
   void* stream;                 // the stream it was allocated for; reuse happens on this stream
   std::vector<void*> used_on;   // other streams that used it (record_stream)
   std::vector<cudaEvent_t> pending;  // events those streams must pass before reuse
+  GraphPool* pool = nullptr;    // the CUDA-graph pool that owns it, or null (the general cache)
 };
 
 struct BlockOrder {
@@ -88,6 +92,16 @@ struct BlockOrder {
     if (a->size != b->size) return a->size < b->size;
     return a->ptr < b->ptr;
   }
+};
+
+// The memory of one CUDA graph (see allocator.h).
+struct GraphPool {
+  uint64_t id;
+  unsigned long long capture_id;
+  bool capturing = true;
+  std::unordered_set<Block*> blocks;         // every block it owns, live or free
+  std::set<Block*, BlockOrder> free_blocks;  // freed during the capture: reusable in it
+  int64_t bytes = 0;
 };
 
 int64_t round_size(int64_t bytes) {
@@ -100,13 +114,29 @@ bool fits(int64_t block, int64_t want) {
   return block <= want + std::max(kLargeRound, want / 8);
 }
 
+// The best-fitting free block in `set` for `size` bytes on `stream`, taken out of the set; null if none.
+Block* take_fitting(std::set<Block*, BlockOrder>& set, int64_t size, void* stream) {
+  static const bool no_cache = std::getenv("MOE_EP_NO_CACHE") != nullptr;  // for compute-sanitizer runs
+  if (no_cache) return nullptr;
+  Block key{nullptr, size, stream, {}, {}};
+  auto it = set.lower_bound(&key);
+  if (it == set.end() || (*it)->stream != stream || !fits((*it)->size, size)) return nullptr;
+  Block* b = *it;
+  set.erase(it);
+  return b;
+}
+
 struct DevicePool {
   int device;
   std::mutex mu;
   MemoryStats stats;
   std::unordered_map<void*, Block*> live;
   std::set<Block*, BlockOrder> free_blocks;
-  std::vector<Block*> waiting;  // freed, but other streams may still be using them
+  std::vector<Block*> waiting;   // freed, but other streams may still be using them
+  std::vector<Block*> deferred;  // freed with cross-stream uses while a capture was open: no events yet
+  std::unordered_map<uint64_t, GraphPool*> graph_pools;
+  std::vector<GraphPool*> capturing;  // pools whose capture is open
+  uint64_t next_pool_id = 1;
 
   // Moves blocks whose events have all completed into the free set.
   void collect_waiting(bool block_until_done) {
@@ -142,43 +172,92 @@ struct DevicePool {
     free_blocks.clear();
   }
 
+  // The open graph pool that allocations on `stream` belong to: the one whose capture the stream
+  // takes part in, or null when the stream is not capturing. Cheap when no capture is open.
+  // Sets *foreign when the stream is capturing for someone else (a capture not begun here).
+  GraphPool* pool_for(void* stream, bool* foreign) {
+    *foreign = false;
+    if (capturing.empty()) return nullptr;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    unsigned long long id = 0;
+    if (cudaStreamGetCaptureInfo(cudaStream_t(stream), &status, &id) != cudaSuccess) {
+      cudaGetLastError();
+      return nullptr;
+    }
+    if (status == cudaStreamCaptureStatusNone) return nullptr;
+    // Active, or invalidated by a broken rule: the capture will fail, but until it ends its memory
+    // stays private all the same (released with the pool when the capture is aborted).
+    for (GraphPool* p : capturing)
+      if (p->capture_id == id) return p;
+    *foreign = true;
+    return nullptr;
+  }
+
+  // cudaMalloc of `size` bytes (rounded from `bytes`), retried once after releasing the cache when
+  // no capture is open. Relaxed capture mode while one is: growing a graph's pool is deliberate.
+  void* device_malloc(int64_t size, int64_t bytes, const std::string& op) {
+    const bool in_capture = !capturing.empty();
+    cuda::DeviceGuard guard(device);
+    cuda::RelaxedCaptureMode relaxed(in_capture);
+    void* ptr = nullptr;
+    cudaError_t e = cudaMalloc(&ptr, size_t(size));
+    if (e == cudaErrorMemoryAllocation && !in_capture) {
+      cudaGetLastError();
+      release_cached();  // give the cache back to the driver, then try once more
+      e = cudaMalloc(&ptr, size_t(size));
+    }
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      if (e != cudaErrorMemoryAllocation) cuda::check(e, op, "cudaMalloc");
+      stats.out_of_memory++;
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      cudaGetLastError();
+      throw_error(ErrorKind::OutOfMemory, op,
+                  cat("CUDA out of memory on cuda:", device, " allocating ", mib(bytes), ": ", mib(stats.live_bytes), " live in moe-ep tensors, ",
+                      in_capture ? "cache kept (a CUDA graph is being captured on this device)" : "cache released and retried",
+                      "; the device reports ", mib(int64_t(free_b)), " free of ", mib(int64_t(total_b))));
+    }
+    stats.device_mallocs++;
+    stats.reserved_bytes += size;
+    return ptr;
+  }
+
   void* allocate(int64_t bytes, void* stream, const std::string& op) {
     std::lock_guard<std::mutex> lock(mu);
     int64_t size = round_size(bytes);
-    if (!waiting.empty()) collect_waiting(false);
-    static const bool no_cache = std::getenv("MOE_EP_NO_CACHE") != nullptr;  // for compute-sanitizer runs
-    Block key{nullptr, size, stream, {}, {}};
-    auto it = free_blocks.lower_bound(&key);
+    bool foreign = false;
+    GraphPool* gp = pool_for(stream, &foreign);
+    if (foreign) {
+      throw_error(ErrorKind::InvalidArgument, op,
+                  "allocating on a stream that is being captured into a CUDA graph outside CudaGraph.capture: the graph's memory "
+                  "would not be kept for it; capture with CudaGraph.capture");
+    }
     Block* b = nullptr;
-    if (!no_cache && it != free_blocks.end() && (*it)->stream == stream && fits((*it)->size, size)) {
-      b = *it;
-      free_blocks.erase(it);
-      stats.cached_bytes -= b->size;
-      stats.cache_hits++;
+    if (gp) {
+      b = take_fitting(gp->free_blocks, size, stream);
+      if (b) {
+        stats.cache_hits++;
+      } else {
+        void* ptr = device_malloc(size, bytes, op);
+        b = new Block{ptr, size, stream, {}, {}};
+        b->pool = gp;
+        gp->blocks.insert(b);
+        gp->bytes += size;
+        stats.graph_pool_bytes += size;
+      }
     } else {
-      cuda::DeviceGuard guard(device);
-      void* ptr = nullptr;
-      cudaError_t e = cudaMalloc(&ptr, size_t(size));
-      if (e == cudaErrorMemoryAllocation) {
-        cudaGetLastError();
-        release_cached();  // give the cache back to the driver, then try once more
-        e = cudaMalloc(&ptr, size_t(size));
+      // Event queries are not allowed on a capturing stream: while a capture is open, blocks freed
+      // across streams wait until it ends.
+      if (!waiting.empty() && capturing.empty()) collect_waiting(false);
+      b = take_fitting(free_blocks, size, stream);
+      if (b) {
+        stats.cached_bytes -= b->size;
+        stats.cache_hits++;
+      } else {
+        void* ptr = device_malloc(size, bytes, op);
+        b = new Block{ptr, size, stream, {}, {}};
       }
-      if (e != cudaSuccess) {
-        cudaGetLastError();
-        if (e != cudaErrorMemoryAllocation) cuda::check(e, op, "cudaMalloc");
-        stats.out_of_memory++;
-        size_t free_b = 0, total_b = 0;
-        cudaMemGetInfo(&free_b, &total_b);
-        cudaGetLastError();
-        throw_error(ErrorKind::OutOfMemory, op,
-                    cat("CUDA out of memory on cuda:", device, " allocating ", mib(bytes), ": ", mib(stats.live_bytes),
-                        " live in moe-ep tensors, cache released and retried; the device reports ", mib(int64_t(free_b)),
-                        " free of ", mib(int64_t(total_b))));
-      }
-      b = new Block{ptr, size, stream, {}, {}};
-      stats.device_mallocs++;
-      stats.reserved_bytes += size;
     }
     live[b->ptr] = b;
     stats.live_bytes += b->size;
@@ -188,17 +267,15 @@ struct DevicePool {
     return b->ptr;
   }
 
-  void deallocate(void* ptr) {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = live.find(ptr);
-    MOE_INTERNAL_CHECK(it != live.end(), "freeing an unknown device pointer");
-    Block* b = it->second;
-    live.erase(it);
-    stats.live_bytes -= b->size;
-    stats.live_allocations--;
+  // Events on the other streams that used b, then into `waiting` (or straight into the free set).
+  void retire(Block* b) {
     if (b->used_on.empty()) {
       stats.cached_bytes += b->size;
       free_blocks.insert(b);
+      return;
+    }
+    if (!capturing.empty()) {  // an event recorded on a capturing stream would be captured
+      deferred.push_back(b);
       return;
     }
     cuda::DeviceGuard guard(device);
@@ -216,6 +293,40 @@ struct DevicePool {
     waiting.push_back(b);
   }
 
+  void adopt(GraphPool* gp, Block* b) {
+    b->pool = gp;
+    gp->blocks.insert(b);
+    gp->bytes += b->size;
+    stats.graph_pool_bytes += b->size;
+  }
+
+  void deallocate(void* ptr) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = live.find(ptr);
+    MOE_INTERNAL_CHECK(it != live.end(), "freeing an unknown device pointer");
+    Block* b = it->second;
+    live.erase(it);
+    stats.live_bytes -= b->size;
+    stats.live_allocations--;
+    if (b->pool) {
+      // Reusable inside its capture, on its stream, in stream order; otherwise it waits for the
+      // pool's release (the graph may still use it on every replay).
+      if (b->pool->capturing && b->used_on.empty()) b->pool->free_blocks.insert(b);
+      return;
+    }
+    if (!capturing.empty()) {
+      bool foreign = false;
+      if (GraphPool* gp = pool_for(b->stream, &foreign)) {
+        // Made before the capture on a stream now capturing, freed during it: the graph may read
+        // it on every replay, so it stays the graph's (and is not reused: work queued before the
+        // capture may still be using it when a replay runs on another stream).
+        adopt(gp, b);
+        return;
+      }
+    }
+    retire(b);
+  }
+
   void record_stream(void* ptr, void* stream) {
     std::lock_guard<std::mutex> lock(mu);
     auto it = live.find(ptr);
@@ -224,6 +335,66 @@ struct DevicePool {
     if (stream == b->stream) return;
     for (void* s : b->used_on) if (s == stream) return;
     b->used_on.push_back(stream);
+  }
+
+  uint64_t pool_begin(unsigned long long capture_id) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto* gp = new GraphPool();
+    gp->id = next_pool_id++;
+    gp->capture_id = capture_id;
+    graph_pools[gp->id] = gp;
+    capturing.push_back(gp);
+    return gp->id;
+  }
+
+  GraphPool* find_pool(uint64_t id) {
+    auto it = graph_pools.find(id);
+    MOE_INTERNAL_CHECK(it != graph_pools.end(), "unknown graph pool ", id);
+    return it->second;
+  }
+
+  void pool_end(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu);
+    GraphPool* gp = find_pool(id);
+    if (!gp->capturing) return;
+    gp->capturing = false;
+    gp->free_blocks.clear();  // still the pool's (gp->blocks); never handed out again
+    for (size_t i = 0; i < capturing.size(); ++i) {
+      if (capturing[i] == gp) {
+        capturing.erase(capturing.begin() + long(i));
+        break;
+      }
+    }
+    if (capturing.empty()) {
+      std::vector<Block*> later;
+      later.swap(deferred);
+      for (Block* b : later) retire(b);
+    }
+  }
+
+  int64_t pool_bytes(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu);
+    return find_pool(id)->bytes;
+  }
+
+  void pool_release(uint64_t id, const std::vector<void*>& streams) {
+    std::lock_guard<std::mutex> lock(mu);
+    GraphPool* gp = find_pool(id);
+    MOE_INTERNAL_CHECK(!gp->capturing, "releasing the pool of a capture still open");
+    for (Block* b : gp->blocks) {
+      b->pool = nullptr;
+      stats.graph_pool_bytes -= b->size;
+      for (void* s : streams) {
+        if (s == b->stream) continue;
+        bool known = false;
+        for (void* u : b->used_on) known = known || u == s;
+        if (!known) b->used_on.push_back(s);
+      }
+      // A live block belongs to a tensor the caller kept: the general path frees it later.
+      if (live.find(b->ptr) == live.end()) retire(b);
+    }
+    graph_pools.erase(id);
+    delete gp;
   }
 };
 
@@ -310,8 +481,39 @@ void empty_cache(const Device& device) {
 #if MOE_EP_WITH_CUDA
   auto& p = device_pool(device.index);
   std::lock_guard<std::mutex> lock(p.mu);
+  MOE_ARG_CHECK(p.capturing.empty(), "emptyCache", "a CUDA graph is being captured on ", device.str(),
+                ": releasing the cache synchronises the device, which a capture does not allow; call it before or after the capture");
   cuda::DeviceGuard guard(device.index);
   p.release_cached();
+#endif
+}
+
+uint64_t graph_pool_begin(const Device& device, unsigned long long capture_id) {
+  MOE_INTERNAL_CHECK(device.is_cuda(), "graph pools are for CUDA devices");
+#if MOE_EP_WITH_CUDA
+  return device_pool(device.index).pool_begin(capture_id);
+#else
+  (void)capture_id;
+  return 0;
+#endif
+}
+
+void graph_pool_end(const Device& device, uint64_t pool) {
+#if MOE_EP_WITH_CUDA
+  if (pool) device_pool(device.index).pool_end(pool);
+#endif
+}
+
+int64_t graph_pool_bytes(const Device& device, uint64_t pool) {
+#if MOE_EP_WITH_CUDA
+  if (pool) return device_pool(device.index).pool_bytes(pool);
+#endif
+  return 0;
+}
+
+void graph_pool_release(const Device& device, uint64_t pool, const std::vector<void*>& streams) {
+#if MOE_EP_WITH_CUDA
+  if (pool) device_pool(device.index).pool_release(pool, streams);
 #endif
 }
 

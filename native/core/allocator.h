@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 #include "core/device.h"
 
 namespace moe {
@@ -18,6 +19,7 @@ struct MemoryStats {
   int64_t cache_hits = 0;        // of those, served from the cache
   int64_t device_mallocs = 0;    // cudaMalloc calls (or malloc on the host)
   int64_t out_of_memory = 0;     // allocation failures raised to the caller
+  int64_t graph_pool_bytes = 0;  // bytes in blocks owned by CUDA-graph memory pools, live or free (part of reserved)
 };
 
 // Bytes are requested for `op` (named in errors). On a CUDA device `stream` is the stream the
@@ -36,6 +38,31 @@ MemoryStats memory_stats(const Device& device);
 void reset_peak_memory(const Device& device);
 // Returns every cached device block to the driver (a device synchronisation).
 void empty_cache(const Device& device);
+
+// ---- CUDA-graph memory pools (core/graph.h drives them; docs/serving.md describes them) ----
+// While a capture is open, allocations on any stream taking part in it (cudaStreamGetCaptureInfo
+// gives the same capture id) come from a pool private to that capture, never from the general
+// cache: the graph bakes their addresses in, and its replays write there, so no one else may own
+// that memory while the graph lives. The pool grows by cudaMalloc, in relaxed capture mode (a
+// cudaMalloc is not a stream operation, so the capture does not record it; the memory simply
+// stays the graph's). A block freed during the capture goes back to its pool and may be handed
+// out again in the same capture, on the same stream (stream order holds on every replay); a
+// block used on other streams too (record_stream) is not reused. A block of the general cache
+// allocated on a capturing stream before the capture and freed during it joins the pool (the
+// graph may read it) without being reused there. After the capture, nothing is allocated from
+// the pool: its blocks, live ones (the graph's outputs the caller keeps) included, stay the
+// graph's until graph_pool_release, which hands the free ones to the general cache, marked as
+// used on `streams` (the streams the graph was replayed on) so that no one gets them before
+// those replays finish, and leaves live ones with their tensors (marked the same way).
+// While any capture is open on a device, the allocator records no events and queries none there
+// (illegal on a capturing stream): cross-stream frees are deferred until the last capture ends,
+// and the cache is not released to retry a failed cudaMalloc.
+uint64_t graph_pool_begin(const Device& device, unsigned long long capture_id);
+// The capture is over (ended or aborted): nothing more is allocated from the pool.
+void graph_pool_end(const Device& device, uint64_t pool);
+// Bytes the pool holds (its blocks, live or free).
+int64_t graph_pool_bytes(const Device& device, uint64_t pool);
+void graph_pool_release(const Device& device, uint64_t pool, const std::vector<void*>& streams);
 
 // The largest single allocation accepted before even trying (guards overflowing size arithmetic).
 constexpr int64_t kMaxAllocationBytes = int64_t(1) << 46;  // 64 TiB

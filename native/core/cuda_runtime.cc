@@ -16,7 +16,33 @@ HostWaitCounts host_wait_counts() { return {g_device_to_host.load(), g_synchroni
 
 namespace {
 thread_local void* g_current_stream[64] = {};
+
+// This thread's open capture (see the header): at most one.
+thread_local bool t_capture_open = false;
+thread_local std::string t_capture_broken;
 }  // namespace
+
+void capture_opened(void*) {
+  t_capture_open = true;
+  t_capture_broken.clear();
+}
+std::string capture_closed() {
+  t_capture_open = false;
+  std::string broken;
+  broken.swap(t_capture_broken);
+  return broken;
+}
+bool capture_open_on_this_thread() { return t_capture_open; }
+void note_capture_broken(const std::string& reason) {
+  if (t_capture_open && t_capture_broken.empty()) t_capture_broken = reason;
+}
+void refuse_in_capture(const std::string& op, const std::string& what) {
+  note_capture_broken(cat(op, ", which ", what));
+  throw_error(ErrorKind::Cuda, op,
+              cat("not allowed while a CUDA graph is being captured on this thread: it ", what,
+                  ". Captured work runs only when the graph is replayed: read results after replay(), and copy host data "
+                  "into device tensors before the capture or the replay"));
+}
 
 #if MOE_EP_WITH_CUDA
 
@@ -28,6 +54,9 @@ void check(int code, const std::string& op, const char* what) {
   if (code == cudaSuccess) return;
   // Clear a non-sticky error so the next call starts clean; a sticky one stays and will show again.
   cudaGetLastError();
+  // Inside a capture any failed call leaves the graph without that work (or invalidates it): the
+  // capture must fail at its end even if the caller catches this error.
+  note_capture_broken(cat(op, ", whose ", what, " failed with ", error_string(code)));
   auto kind = code == cudaErrorMemoryAllocation ? ErrorKind::OutOfMemory : ErrorKind::Cuda;
   throw_error(kind, op, cat(what, " failed: ", error_string(code)));
 }
@@ -128,7 +157,11 @@ void stream_release(int device, void* stream) {
   std::lock_guard<std::mutex> lock(p.mu);
   p.idle[device].push_back(stream);
 }
+namespace {
+const char* kWaits = "waits for the device (a host synchronisation)";
+}
 void stream_synchronize(int device, void* stream, const char* op) {
+  if (t_capture_open) refuse_in_capture(op, kWaits);
   ++g_synchronizations;
   DeviceGuard g(device);
   check(cudaStreamSynchronize(cudaStream_t(stream)), op, "cudaStreamSynchronize");
@@ -155,6 +188,7 @@ void event_record(int device, void* event, void* stream) {
   check(cudaEventRecord(cudaEvent_t(event), cudaStream_t(stream)), "Event.record", "cudaEventRecord");
 }
 void event_synchronize(void* event) {
+  if (t_capture_open) refuse_in_capture("Event.synchronize", kWaits);
   ++g_synchronizations;
   check(cudaEventSynchronize(cudaEvent_t(event)), "Event.synchronize", "cudaEventSynchronize");
 }
@@ -174,6 +208,7 @@ float event_elapsed_ms(void* start, void* end) {
   return ms;
 }
 void device_synchronize(int device, const char* op) {
+  if (t_capture_open) refuse_in_capture(op, kWaits);
   ++g_synchronizations;
   DeviceGuard g(device);
   check(cudaDeviceSynchronize(), op, "cudaDeviceSynchronize");
@@ -181,6 +216,10 @@ void device_synchronize(int device, const char* op) {
 
 void memcpy_async(void* dst, const void* src, int64_t bytes, int kind, void* stream, const std::string& op) {
   if (bytes == 0) return;
+  if (t_capture_open && kind == DeviceToHost)
+    refuse_in_capture(op, "copies device memory to the host (the host would read it at once)");
+  if (t_capture_open && kind == HostToDevice)
+    refuse_in_capture(op, "copies host memory to the device (a graph would re-read that host buffer on every replay)");
   if (kind == DeviceToHost) ++g_device_to_host;
   cudaMemcpyKind k = kind == HostToDevice ? cudaMemcpyHostToDevice
                      : kind == DeviceToHost ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
@@ -212,6 +251,18 @@ bool can_access_peer(int a, int b) {
     return false;
   }
   return ok != 0;
+}
+
+RelaxedCaptureMode::RelaxedCaptureMode(bool active) {
+  if (!active) return;
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  if (cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess) previous_ = int(mode);
+  else cudaGetLastError();
+}
+RelaxedCaptureMode::~RelaxedCaptureMode() {
+  if (previous_ < 0) return;
+  cudaStreamCaptureMode mode = cudaStreamCaptureMode(previous_);
+  cudaThreadExchangeStreamCaptureMode(&mode);
 }
 
 void* host_alloc_pinned(int64_t bytes, const std::string& op) {
@@ -269,6 +320,8 @@ void mem_get_info(int, int64_t*, int64_t*) { not_built("cuda.memGetInfo"); }
 bool can_access_peer(int a, int b) { return a == b; }
 void* host_alloc_pinned(int64_t, const std::string& op) { not_built(op.c_str()); }
 void host_free_pinned(void*) {}
+RelaxedCaptureMode::RelaxedCaptureMode(bool) {}
+RelaxedCaptureMode::~RelaxedCaptureMode() {}
 
 #endif
 

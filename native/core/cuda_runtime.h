@@ -95,6 +95,40 @@ struct HostWaitCounts {
 };
 HostWaitCounts host_wait_counts();
 
+// ---- stream capture (core/graph.h opens and closes captures) ----
+// A thread has at most one capture open (CudaGraph, core/graph.h), begun in thread-local mode.
+// While it is open, the calls in this file that would make the host wait for the device (stream,
+// event and device synchronisations) or move bytes between host and device memory refuse with a
+// Cuda error naming the op instead of calling CUDA: captured work runs only when the graph is
+// replayed, so a host read inside the capture would read nothing yet, and a host-to-device copy
+// would be replayed from a host buffer long freed. Each refusal, and every capture error that
+// check() sees, marks the capture broken, so that it fails at its end even when the caller
+// swallowed the error.
+void capture_opened(void* stream);
+// Closes this thread's capture bookkeeping; returns what broke it ("" when nothing did).
+std::string capture_closed();
+bool capture_open_on_this_thread();
+// Throws Cuda: `op` is not allowed while this thread captures; `what` says what it would do.
+void refuse_in_capture(const std::string& op, const std::string& what);
+// Records the first reason this thread's open capture broke (no-op when none is open).
+void note_capture_broken(const std::string& reason);
+
+// For the duration of a scope, this thread's stream-capture interaction mode is relaxed
+// (cudaThreadExchangeStreamCaptureMode): for calls that are safe inside a capture although CUDA
+// counts them as potentially unsafe, such as the caching allocator growing a graph's pool with
+// cudaMalloc. Restores the previous mode on exit. Does nothing when `active` is false or in a
+// CPU-only build.
+class RelaxedCaptureMode {
+ public:
+  explicit RelaxedCaptureMode(bool active = true);
+  ~RelaxedCaptureMode();
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 // Whether device `a` can address device `b`'s memory (cudaDeviceCanAccessPeer; a == b: true).
 bool can_access_peer(int a, int b);
 
