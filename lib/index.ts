@@ -52,6 +52,7 @@ export {
 export { emptyCache, type MemoryStats, memoryStats, resetPeakMemory } from './memory.js';
 export * as ops from './basic-ops.js';
 export { currentStream, Event, Stream, withStream } from './stream.js';
+export { type CaptureOptions, CudaGraph, GraphCaptureError } from './graph.js';
 export { trace, type TraceRow } from './trace.js';
 export { CommWork, type CommWorkOptions, runOnStream, type RunOnStreamOptions } from './parallel/overlap.js';
 export { type CreateOptions, keep, manualSeed, type RandomOptions, Tensor, tidy } from './tensor.js';

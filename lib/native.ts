@@ -59,6 +59,22 @@ export type EventHandle = Branded<
   'EventHandle'
 >;
 
+/** A CUDA graph being captured, then captured (native/addon/graph_binding.cc, native/core/graph.h). */
+export type GraphHandle = Branded<
+  {
+    endCapture(): void;
+    /** Ends a capture whose work failed; returns what broke the capture ('' when nothing did). */
+    abortCapture(): string;
+    replay(stream: StreamHandle | null): void;
+    retain(t: TensorHandle): void;
+    poolBytes(): number;
+    nodeCount(): number;
+    replays(): number;
+    dispose(): void;
+  },
+  'GraphHandle'
+>;
+
 export interface NativeMemoryStats {
   liveBytes: number;
   peakBytes: number;
@@ -69,6 +85,8 @@ export interface NativeMemoryStats {
   cacheHits: number;
   deviceMallocs: number;
   outOfMemory: number;
+  /** Bytes held by CUDA-graph memory pools (live or free blocks; part of reservedBytes). 0 on the CPU. */
+  graphPoolBytes: number;
 }
 
 export interface BuildInfo {
@@ -179,6 +197,8 @@ export interface RawBinding {
   StreamHandle: new (deviceType: number, deviceIndex: number) => StreamHandle;
   EventHandle: new (deviceType: number, deviceIndex: number, timing: boolean) => EventHandle;
   setCurrentStream(deviceIndex: number, stream: StreamHandle | null): void;
+  /** Begins capturing `stream` into a CUDA graph. */
+  GraphHandle: new (stream: StreamHandle) => GraphHandle;
   deviceSynchronize(deviceType: number, deviceIndex: number): void;
   fill(out: TensorHandle, value: number): void;
   copy(dst: TensorHandle, src: TensorHandle): void;
@@ -359,7 +379,7 @@ export interface RawBinding {
   peerCreate(rank: number, size: number, device: number, tokenCap: number, rowBytes: number, topK: number, localExperts: number, timeoutMs: number): PeerHandle;
 }
 
-const EXPECTED_ABI = 5;
+const EXPECTED_ABI = 6;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {
