@@ -30,16 +30,25 @@ CudaGraph::CudaGraph(const Device& device, void* stream) : device_(device), stre
   cuda::check(cudaStreamIsCapturing(s, &status), kCapture, "cudaStreamIsCapturing");
   MOE_ARG_CHECK(status == cudaStreamCaptureStatusNone, kCapture, "the stream is already being captured");
   cuda::check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), kCapture, "cudaStreamBeginCapture");
+  // From here until the pool exists, a failure must end the capture it began.
+  auto end_begun_capture = [s] {
+    cudaGraph_t g = nullptr;
+    if (cudaStreamEndCapture(s, &g) != cudaSuccess) cudaGetLastError();
+    if (g) cudaGraphDestroy(g);
+  };
   unsigned long long id = 0;
   cudaError_t e = cudaStreamGetCaptureInfo(s, &status, &id);
   if (e != cudaSuccess) {
     cudaGetLastError();
-    cudaGraph_t g = nullptr;
-    if (cudaStreamEndCapture(s, &g) != cudaSuccess) cudaGetLastError();
-    if (g) cudaGraphDestroy(g);
+    end_begun_capture();
     cuda::check(e, kCapture, "cudaStreamGetCaptureInfo");
   }
-  pool_ = graph_pool_begin(device, id);
+  try {
+    pool_ = graph_pool_begin(device, id);
+  } catch (...) {
+    end_begun_capture();
+    throw;
+  }
   cuda::capture_opened(stream);
   state_ = State::Capturing;
 }
