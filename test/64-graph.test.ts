@@ -1,5 +1,6 @@
 // CUDA graphs where there is no GPU (or no CUDA in the build): CudaGraph.capture names bad
-// arguments and refuses a CPU stream with UnavailableError without running `fn`.
+// arguments, refuses a CPU stream with UnavailableError without running `fn`, and
+// MoEInference.captureDecode refuses a CPU layer the same way and leaves the layer working.
 // The GPU side is test/gpu/61-graph.gpu.test.ts.
 import { describe, expect, it } from 'vitest';
 
@@ -9,12 +10,15 @@ import {
   DisposedError,
   GraphCaptureError,
   memoryStats,
+  MoEInference,
+  MoELayer,
   Stream,
   Tensor,
+  tidy,
   UnavailableError,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
-import { expectInvalidArgument } from './helpers.js';
+import { expectInvalidArgument, expectNoLeak, freshSeed } from './helpers.js';
 
 const cpu = 'cpu' as const;
 
@@ -63,5 +67,29 @@ describe('CudaGraph without a GPU', () => {
 
   it('memoryStats has graphPoolBytes (0 on the CPU)', () => {
     expect(memoryStats(cpu).graphPoolBytes).toBe(0);
+  });
+});
+
+describe('MoEInference.captureDecode without a GPU', () => {
+  it('a CPU layer is refused with UnavailableError and keeps working; bad T and a disposed layer are named', () => {
+    const seed = freshSeed();
+    expectNoLeak(cpu, () => {
+      using layer = new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, seed });
+      const inf = MoEInference.fromLayer(layer);
+      expectInvalidArgument(() => inf.captureDecode(0), /MoEInference: 'T' must be a positive integer; received 0/);
+      expectInvalidArgument(() => inf.captureDecode(1.5), /'T' must be a positive integer; received 1.5/);
+      expect(() => inf.captureDecode(4)).toThrow(UnavailableError);
+      expect(() => inf.captureDecode(4)).toThrow(/MoEInference\.captureDecode: CUDA graphs need a CUDA device; this layer is on cpu/);
+      expect(inf.decodeGraphs()).toEqual([]);
+      tidy(() => {
+        const x = Tensor.randn([4, 16], { seed: seed + 1, device: cpu });
+        const y = inf.forward(x);
+        expect(y.shape).toEqual([4, 16]);
+        expect(Array.from(y.toArray() as Float32Array).every(Number.isFinite)).toBe(true);
+      });
+      inf.releaseGraphs();
+      inf.dispose();
+      expectInvalidArgument(() => inf.captureDecode(4), /MoEInference\.captureDecode: the layer was disposed/);
+    });
   });
 });

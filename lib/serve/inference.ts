@@ -35,7 +35,9 @@
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, UnavailableError } from '../errors.js';
+import { CudaGraph } from '../graph.js';
+import { Stream } from '../stream.js';
 import { checkBoolean, checkKeys, checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
@@ -93,6 +95,31 @@ export interface MoEInferenceForwardOptions {
   out?: Tensor;
 }
 
+/** What a captured decode step holds beyond the weights (MoEInference.captureDecode). */
+export interface DecodeGraphInfo {
+  /** The token count the graph was captured for. */
+  T: number;
+  /** The workspace of T, which the graph owns (it left the eager workspaces' LRU). */
+  workspaceBytes: number;
+  /** The captured input and output buffers, [T,H] each in the layer's dtype. */
+  ioBytes: number;
+  /** The graph's private memory pool: the scratch capacity() and the grouped GEMMs allocate inside. */
+  poolBytes: number;
+  /** Nodes (kernels, memsets, copies) in the graph. */
+  nodes: number;
+}
+
+/** A decode step captured in a CUDA graph for one token count. */
+interface DecodeGraph {
+  T: number;
+  graph: CudaGraph;
+  ws: Workspace;
+  /** The captured input: forward(x) copies x here, then replays. */
+  x: Tensor;
+  /** The captured output. */
+  y: Tensor;
+}
+
 /** The buffers of one token count. */
 interface Workspace {
   T: number;
@@ -121,6 +148,8 @@ export class MoEInference implements Disposable {
   private readonly dispatcher: Dispatcher | null;
   private readonly gateRouter: ResolvedRouterConfig | null;
   private readonly workspaces = new Map<number, Workspace>();
+  private readonly graphs = new Map<number, DecodeGraph>();
+  #captureStream: Stream | null = null;
   #disposed = false;
 
   /** Takes ownership of `weights` (checked against the config); dispose() frees them. */
@@ -323,11 +352,11 @@ export class MoEInference implements Disposable {
     }
   }
 
-  /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused). */
+  /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused; a captured T's are its graph's). */
   workspaceBytes(T: number): number {
     checkPositiveInt(T, 'MoEInference', 'T');
-    const ws = this.workspace(T);
-    return ws.tensors.reduce((s, t) => s + t.numel * dtypeSize[t.dtype], 0);
+    const ws = this.graphs.get(T)?.ws ?? this.workspace(T);
+    return bytesOf(ws.tensors);
   }
 
   /** Bytes of the weights this rank holds. */
@@ -335,10 +364,77 @@ export class MoEInference implements Disposable {
     return Object.values(this.weights).reduce((s, t) => s + (t ? t.numel * dtypeSize[t.dtype] : 0), 0);
   }
 
-  /** Frees the workspaces (the next forward of each T makes its own again). */
+  /** Frees the workspaces and the captured decode graphs (the next forward of each T makes its own workspace again). */
   releaseWorkspaces(): void {
+    this.releaseGraphs();
     for (const ws of this.workspaces.values()) for (const t of ws.tensors) t.dispose();
     this.workspaces.clear();
+  }
+
+  /**
+   * Captures the decode step for T tokens (one rank, CUDA) in a CUDA graph: later forwards of T
+   * tokens copy x into the captured input, replay the graph (one launch, no host work per kernel,
+   * no host synchronisation, no allocation) and copy the captured output into `out` (or a new
+   * tensor). Before capturing it runs the step once eagerly on the current stream (a warm-up: the
+   * one-time queries and kernel settings happen there, not in the capture); the capture runs on a
+   * stream of the layer's own. T's workspace moves into the graph (the eager workspaces' LRU no
+   * longer evicts it). Returns what the graph holds; capturing a T again returns the same graph.
+   *
+   * Memory beyond the weights per captured T: workspaceBytes(T) + 2·T·H·2 bytes of captured input
+   * and output + the graph's pool (the scratch capacity() and the grouped GEMMs allocate inside:
+   * their sort buffers and tile starts, a few kB at decode sizes). releaseGraphs() or
+   * releaseWorkspaces() free it.
+   */
+  captureDecode(T: number): DecodeGraphInfo {
+    const op = 'MoEInference.captureDecode';
+    if (this.#disposed) invalidArgument(op, 'the layer was disposed');
+    checkPositiveInt(T, 'MoEInference', 'T');
+    if (!this.device.isCuda) throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
+    if (this.dispatcher) {
+      throw new UnavailableError(
+        `${op}: capture is for one rank; with an expert-parallel group of ${this.group.size} the rows go through the Dispatcher, which allocates per step (and reads counts on the host when dropless)`,
+        op,
+      );
+    }
+    const have = this.graphs.get(T);
+    if (have) return graphInfo(have);
+    const ws = this.workspace(T);
+    this.workspaces.delete(T); // the graph's from now on
+    const { hidden: H, dtype } = this.config;
+    const made: Tensor[] = [];
+    try {
+      const x = keep(Tensor.zeros([T, H], { dtype, device: this.device }));
+      made.push(x);
+      const y = keep(Tensor.empty([T, H], { dtype, device: this.device }));
+      made.push(y);
+      this.run(x, ws, y); // the warm-up
+      this.#captureStream ??= new Stream(this.device);
+      const weights = Object.values(this.weights).filter((t): t is Tensor => t !== null);
+      const graph = CudaGraph.capture(this.#captureStream, () => {
+        this.run(x, ws, y);
+      }, { retain: [...ws.tensors, x, y, ...weights] });
+      const g: DecodeGraph = { T, graph, ws, x, y };
+      this.graphs.set(T, g);
+      return graphInfo(g);
+    } catch (e) {
+      for (const t of made) t.dispose();
+      for (const t of ws.tensors) t.dispose();
+      throw e;
+    }
+  }
+
+  /** The captured decode steps and what each holds beyond the weights. */
+  decodeGraphs(): DecodeGraphInfo[] {
+    return [...this.graphs.values()].map(graphInfo);
+  }
+
+  /** Frees the captured decode graphs with their workspaces and buffers (forwards of those T run eagerly again). */
+  releaseGraphs(): void {
+    for (const g of this.graphs.values()) {
+      g.graph.dispose(); // releases its pool after the replays queued so far
+      for (const t of [...g.ws.tensors, g.x, g.y]) t.dispose();
+    }
+    this.graphs.clear();
   }
 
   /** y [T,H] for x [T,H] (the layer's dtype and device). No host synchronisation on a GPU (see the module doc). */
@@ -346,7 +442,7 @@ export class MoEInference implements Disposable {
     const op = 'MoEInference.forward';
     if (this.#disposed) invalidArgument(op, 'the layer was disposed');
     options = checkOptions(options, op, { out: true });
-    const { hidden: H, dtype, numExperts: E } = this.config;
+    const { hidden: H, dtype } = this.config;
     if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device)) invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
@@ -360,7 +456,19 @@ export class MoEInference implements Disposable {
       }
       if (out.sharesStorageWith(x)) invalidArgument(op, `'out' shares memory with 'x'`);
     }
-    const ws = this.workspace(T);
+    const g = this.graphs.get(T);
+    if (g) {
+      // The captured step: device copies in and out around one graph launch, all on the current stream.
+      g.x.copy_(x);
+      g.graph.replay();
+      return out ? out.copy_(g.y) : g.y.clone();
+    }
+    return this.run(x, this.workspace(T), out);
+  }
+
+  /** One forward of x (checked by the caller) through the workspace `ws` of its token count. */
+  private run(x: Tensor, ws: Workspace, out: Tensor | undefined): Tensor {
+    const { dtype, numExperts: E } = this.config;
     const w = this.weights;
     return tidy(() => {
       groupedGemm('NN', x, w.router, ws.all, { out: ws.logits });
@@ -419,8 +527,18 @@ export class MoEInference implements Disposable {
     this.releaseWorkspaces();
     for (const t of Object.values(this.weights)) t?.dispose();
     this.dispatcher?.dispose();
+    this.#captureStream?.dispose();
+    this.#captureStream = null;
   }
   [Symbol.dispose](): void {
     this.dispose();
   }
+}
+
+function bytesOf(tensors: readonly Tensor[]): number {
+  return tensors.reduce((s, t) => s + t.numel * dtypeSize[t.dtype], 0);
+}
+
+function graphInfo(g: DecodeGraph): DecodeGraphInfo {
+  return { T: g.T, workspaceBytes: bytesOf(g.ws.tensors), ioBytes: bytesOf([g.x, g.y]), poolBytes: g.graph.poolBytes, nodes: g.graph.nodeCount };
 }
