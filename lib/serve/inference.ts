@@ -18,9 +18,11 @@
  * by the worst case known on the host before the step: dropless, R = T·k (every assignment kept,
  * expert segments back to back, the grouped GEMM reading the offsets on the device); with a
  * capacity factor, R = E·C (fixed C-row segments). Neither reads anything back to the host on a GPU,
- * so the step is ready for CUDA-graph capture per T bucket once the addon can capture (it has no
- * stream-capture binding yet; docs/serving.md lists what that needs). Callers that serve varying
- * batch sizes pad x to a few bucket sizes so the workspaces stay few.
+ * so the step can be captured in a CUDA graph per T bucket: captureDecode(T) warms up, captures one
+ * step into a graph (lib/graph.ts) with fixed input and output buffers, and forward() of T then
+ * replays it (a device copy in, one graph launch, a device copy out: no host synchronisation, no
+ * allocation). Callers that serve varying batch sizes pad x to a few bucket sizes so the workspaces
+ * (and graphs) stay few.
  *
  * Several ranks: routing and the shared expert use the workspace; the rows go through the
  * Dispatcher (lib/moe/dispatcher.ts), which allocates per step. With a capacity factor it moves
@@ -382,7 +384,7 @@ export class MoEInference implements Disposable {
    *
    * Memory beyond the weights per captured T: workspaceBytes(T) + 2·T·H·2 bytes of captured input
    * and output + the graph's pool (the scratch capacity() and the grouped GEMMs allocate inside:
-   * their sort buffers and tile starts, a few kB at decode sizes). releaseGraphs() or
+   * their sort buffers and tile starts; decodeGraphs() gives its size). releaseGraphs() or
    * releaseWorkspaces() free it.
    */
   captureDecode(T: number): DecodeGraphInfo {
