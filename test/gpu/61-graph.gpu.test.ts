@@ -70,7 +70,12 @@ describe.skipIf(!hasGpu)('CudaGraph on the GPU', () => {
       expect(y.dtype).toBe('f32');
       expect(graph.nodeCount, 'matmul, add, scale, matmul, cast: one node at least each').toBeGreaterThanOrEqual(5);
       expect(graph.poolBytes).toBeGreaterThan(0);
-      expect(memoryStats(gpu).graphPoolBytes - pool0.graphPoolBytes).toBe(graph.poolBytes);
+      const captured = memoryStats(gpu);
+      expect(captured.graphPoolBytes - pool0.graphPoolBytes).toBe(graph.poolBytes);
+      // Five outputs allocated in the capture (matmul, add, scale, matmul, cast); scale's came from the
+      // pool's free list (the first product's block), the rest from cudaMalloc into the pool.
+      expect(captured.allocations - pool0.allocations).toBe(5);
+      expect(captured.cacheHits - pool0.cacheHits, 'a temporary freed inside the capture reused in it').toBeGreaterThanOrEqual(1);
       // Capture records the work; nothing ran and no device memory was taken from the general cache.
       graph.replay();
       expect(bits(y).equals(bits(ref)), `seed ${seed}: first replay against eager`).toBe(true);
