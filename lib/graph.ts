@@ -16,8 +16,9 @@
  *   refused with a CudaError naming it; the capture ends cleanly and CudaGraph.capture throws a
  *   GraphCaptureError saying what broke it. The stream is usable afterwards. Errors `fn` catches
  *   itself still fail the capture.
- * - Fixed shapes and addresses: every replay runs the same kernels on the same memory. Write new
- *   inputs into the tensors the capture read (a device copy) before replay().
+ * - Fixed shapes and addresses: every replay runs the same kernels on the same memory (kernel
+ *   options set later do not change a captured graph). Write new inputs into the tensors the
+ *   capture read (a device copy) before replay().
  *
  * Memory: tensors allocated inside `fn` come from a pool private to the graph (the caching
  * allocator routes every allocation on a capturing stream there), so no one else can be handed
