@@ -39,7 +39,8 @@ const noPeer = args.includes('--no-peer');
 const flag = (name, dflt) => (args.includes(name) ? args[args.indexOf(name) + 1] : dflt);
 
 // Published intranode figures, DeepEP's accounting (benchmarks/README.md, shared research notes).
-const PUBLISHED = 'DeepEP V1 normal kernels EP8: H800 FP8 dispatch 153 / BF16 combine 158 GB/s; 8×H100 BF16 329 / 287 GB/s; UCCL-EP EP8 on 8×H200 320 / 319 GB/s; DeepEP EP2 on 2×H100 FP8 dispatch ~460 GB/s';
+const PUBLISHED =
+  'DeepEP V1 normal kernels EP8: H800 FP8 dispatch 153 / BF16 combine 158 GB/s; 8×H100 BF16 329 / 287 GB/s; UCCL-EP EP8 on 8×H200 320 / 319 GB/s; DeepEP EP2 on 2×H100 FP8 dispatch ~460 GB/s';
 
 const { world, le, P, rank, dev, onGpu, log } = await benchWorld();
 
@@ -61,7 +62,10 @@ const repeatsOf = (t) => (dryRun ? 3 : staged(t) ? 3 : quick ? 10 : 30);
 // receives, per transport's accounting, and the all-to-all layout the torch peer replays.
 const seedOf = (r) => 20250 + 7919 * r;
 const routingOf = (r) => randomRouting(T, k, E, seedOf(r));
-let tokenRowsRecv = 0, selfTokenRows = 0, expertRowsRecv = 0, selfExpertRows = 0;
+let tokenRowsRecv = 0,
+  selfTokenRows = 0,
+  expertRowsRecv = 0,
+  selfExpertRows = 0;
 for (let src = 0; src < P; src++) {
   const use = routingOf(src).idx;
   for (let t = 0; t < T; t++) {
@@ -116,11 +120,14 @@ function align() {
 // Check: identity experts, so combine(dispatch(x)) = x · Σ_j w[t, j] (first rows, on the host).
 function identityRelErr(y) {
   const n = Math.min(T, 64);
-  const ys = y.narrow(0, 0, n), xs = x.narrow(0, 0, n);
-  const yv = ys.toFloat32Array(), xv = xs.toFloat32Array();
+  const ys = y.narrow(0, 0, n),
+    xs = x.narrow(0, 0, n);
+  const yv = ys.toFloat32Array(),
+    xv = xs.toFloat32Array();
   ys.dispose();
   xs.dispose();
-  let num = 0, den = 0;
+  let num = 0,
+    den = 0;
   for (let t = 0; t < n; t++) {
     let s = 0;
     for (let j = 0; j < k; j++) s += w[t * k + j];
@@ -152,7 +159,9 @@ const runs = transports.map((t) => {
   if (!(check8 < 8e-2)) console.error(`rank ${rank} ${t}: FP8 dispatch∘combine is off: relErr ${check8}`);
   return { name: bf16.transport ?? t, bf16, fp8, kept, check, check8, ms: { dispatch: [], combine: [], dispatchFp8: [] } };
 });
-log(`dispatch: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} H=${H} top-${k} E=${E}, transports ${runs.map((r) => r.name).join(', ')}, ${rounds} round(s)`);
+log(
+  `dispatch: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} H=${H} top-${k} E=${E}, transports ${runs.map((r) => r.name).join(', ')}, ${rounds} round(s)`,
+);
 
 const timeOp = (t, fn) => timeRegion(fn, { device: dev, warmup: warmupOf(t), repeats: repeatsOf(t), before: align });
 function timeTransport(run) {
@@ -163,10 +172,12 @@ function timeTransport(run) {
     d.handle.dispose();
   };
   run.ms.dispatch.push(timeOp(t, () => dispose(run.bf16.dispatch(x, indices, weights, cap))));
-  run.ms.combine.push(timeOp(t, () => {
-    const y = run.bf16.combine(run.kept.rows, run.kept.handle, weights);
-    return () => y.dispose();
-  }));
+  run.ms.combine.push(
+    timeOp(t, () => {
+      const y = run.bf16.combine(run.kept.rows, run.kept.handle, weights);
+      return () => y.dispose();
+    }),
+  );
   run.ms.dispatchFp8.push(timeOp(t, () => dispose(run.fp8.dispatch(x, indices, weights, cap))));
 }
 
@@ -186,14 +197,23 @@ async function freePort() {
 const order = Array.from({ length: T * k }, (_, i) => i).sort((a, b) => idx[a] - idx[b] || a - b);
 const peerInputs = {
   x,
-  rowToken: Tensor.fromArray(order.map((i) => Math.floor(i / k)), { dtype: 'i32', device: 'cpu' }),
-  rowWeight: Tensor.fromArray(order.map((i) => w[i]), { dtype: 'f32', device: 'cpu' }),
+  rowToken: Tensor.fromArray(
+    order.map((i) => Math.floor(i / k)),
+    { dtype: 'i32', device: 'cpu' },
+  ),
+  rowWeight: Tensor.fromArray(
+    order.map((i) => w[i]),
+    { dtype: 'f32', device: 'cpu' },
+  ),
   sendRows: Tensor.fromArray(sendRows, { dtype: 'i32', device: 'cpu' }),
   recvRows: Tensor.fromArray(recvRows, { dtype: 'i32', device: 'cpu' }),
 };
 const peerRounds = [];
 async function timePeer() {
-  const shared = Tensor.fromArray(rank === 0 ? [await freePort(), Math.floor(Math.random() * 2 ** 30)] : [0, 0], { dtype: 'i32', device: 'cpu' });
+  const shared = Tensor.fromArray(rank === 0 ? [await freePort(), Math.floor(Math.random() * 2 ** 30)] : [0, 0], {
+    dtype: 'i32',
+    device: 'cpu',
+  });
   if (P > 1) world.broadcast(shared, 0);
   const [port, token] = Array.from(shared.toArray());
   shared.dispose();
@@ -205,23 +225,33 @@ async function timePeer() {
   const peerMode = world.backend === 'mpi' ? (onGpu ? 'gloo-staged' : 'gloo') : dryRun ? 'gloo' : 'nccl';
   const masterAddr = process.env.MOE_PEER_MASTER_ADDR ?? '127.0.0.1';
   const loopback = masterAddr === '127.0.0.1' || masterAddr === 'localhost';
-  const r = spawnSync('python3', [join(import.meta.dirname, 'peers', 'dispatch_torch.py'), dir, String(peerMode === 'nccl' ? repeatsOf('ipc') : 3), peerMode, onGpu ? 'cuda' : 'cpu'], {
-    encoding: 'utf8',
-    timeout: 240_000,
-    killSignal: 'SIGKILL',
-    maxBuffer: 64 << 20,
-    env: {
-      ...process.env,
-      PYTHONUNBUFFERED: '1',
-      RANK: String(rank),
-      WORLD_SIZE: String(P),
-      LOCAL_RANK: String(le.localRank),
-      MASTER_ADDR: masterAddr,
-      MASTER_PORT: String(port),
-      MOE_PEER_WARMUP: String(peerMode === 'nccl' ? 5 : 1),
-      ...(loopback && !process.env.GLOO_SOCKET_IFNAME ? { GLOO_SOCKET_IFNAME: 'lo' } : {}),
+  const r = spawnSync(
+    'python3',
+    [
+      join(import.meta.dirname, 'peers', 'dispatch_torch.py'),
+      dir,
+      String(peerMode === 'nccl' ? repeatsOf('ipc') : 3),
+      peerMode,
+      onGpu ? 'cuda' : 'cpu',
+    ],
+    {
+      encoding: 'utf8',
+      timeout: 240_000,
+      killSignal: 'SIGKILL',
+      maxBuffer: 64 << 20,
+      env: {
+        ...process.env,
+        PYTHONUNBUFFERED: '1',
+        RANK: String(rank),
+        WORLD_SIZE: String(P),
+        LOCAL_RANK: String(le.localRank),
+        MASTER_ADDR: masterAddr,
+        MASTER_PORT: String(port),
+        MOE_PEER_WARMUP: String(peerMode === 'nccl' ? 5 : 1),
+        ...(loopback && !process.env.GLOO_SOCKET_IFNAME ? { GLOO_SOCKET_IFNAME: 'lo' } : {}),
+      },
     },
-  });
+  );
   let peer;
   if (r.status === 0) {
     const lines = r.stdout.trim().split('\n');
@@ -239,7 +269,9 @@ async function timePeer() {
 for (let round = 0; round < rounds; round++) {
   for (const run of runs) timeTransport(run);
   if (!noPeer) await timePeer();
-  log(`round ${round + 1}/${rounds}: ${runs.map((r) => `${r.name} dispatch ${r.ms.dispatch.at(-1)?.toFixed(3)} ms`).join(', ')}${noPeer ? '' : `, torch a2a ${peerRounds.at(-1)?.dispatch_a2a_ms?.toFixed?.(3)} ms`}`);
+  log(
+    `round ${round + 1}/${rounds}: ${runs.map((r) => `${r.name} dispatch ${r.ms.dispatch.at(-1)?.toFixed(3)} ms`).join(', ')}${noPeer ? '' : `, torch a2a ${peerRounds.at(-1)?.dispatch_a2a_ms?.toFixed?.(3)} ms`}`,
+  );
 }
 
 // One BF16 dispatch + combine per transport traced (lib/trace.ts): when the host and the GPU
@@ -250,7 +282,9 @@ function traced(run, fp8 = false) {
   try {
     const d = (fp8 ? run.fp8 : run.bf16).dispatch(x, indices, weights, cap);
     const y = run.bf16.combine(run.kept.rows, run.kept.handle, weights);
-    const rows = trace.collect().map((r) => ({ phase: r.name, hostMs: +r.hostMs.toFixed(3), gpuMs: r.gpuMs === null ? null : +r.gpuMs.toFixed(3) }));
+    const rows = trace
+      .collect()
+      .map((r) => ({ phase: r.name, hostMs: +r.hostMs.toFixed(3), gpuMs: r.gpuMs === null ? null : +r.gpuMs.toFixed(3) }));
     y.dispose();
     d.rows.dispose();
     d.weights.dispose();
@@ -260,7 +294,18 @@ function traced(run, fp8 = false) {
     trace.disable();
   }
 }
-const timelines = Object.fromEntries(runs.flatMap((run) => (traced(run), traced(run, true), [[run.name, traced(run)], [`${run.name} FP8`, traced(run, true)]])));
+const timelines = Object.fromEntries(
+  runs.flatMap(
+    (run) => (
+      traced(run),
+      traced(run, true),
+      [
+        [run.name, traced(run)],
+        [`${run.name} FP8`, traced(run, true)],
+      ]
+    ),
+  ),
+);
 
 // ------------------------------------------------------------------------------- gather, report
 const median = (a) => {
@@ -274,7 +319,12 @@ const mine = [
   ...runs.flatMap((run) => OPS.flatMap((op) => Array.from({ length: rounds }, (_, i) => run.ms[op][i] ?? NaN))),
   ...PEER_KEYS.flatMap((key) => Array.from({ length: rounds }, (_, i) => Number(peerRounds[i]?.[key] ?? NaN))),
   ...runs.flatMap((run) => [run.check, run.check8]),
-  tokenRowsRecv, selfTokenRows, expertRowsRecv, selfExpertRows, tokenRowsSentOut, expertRowsSentOut,
+  tokenRowsRecv,
+  selfTokenRows,
+  expertRowsRecv,
+  selfExpertRows,
+  tokenRowsSentOut,
+  expertRowsSentOut,
 ].map((v) => (typeof v === 'number' && Number.isFinite(v) ? v : NaN));
 const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: 'cpu' });
 const allT = P > 1 ? world.allGather(mineT.view(1, -1)) : mineT.view(1, -1);
@@ -324,16 +374,32 @@ if (rank === 0) {
   }
   const area = `dispatch${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${world.timeoutMs === 0 ? '-no-timeout' : ''}`;
   writeResult(area, table, {
-    config: { tokensPerRank: T, hidden: H, topK: k, experts: E, ranks: P, localExperts: El, routing: 'uniform random top-k distinct experts, seeded per rank; dropless', rounds, repeats: Object.fromEntries(runs.map((r) => [r.name, repeatsOf(r.name)])) },
+    config: {
+      tokensPerRank: T,
+      hidden: H,
+      topK: k,
+      experts: E,
+      ranks: P,
+      localExperts: El,
+      routing: 'uniform random top-k distinct experts, seeded per rank; dropless',
+      rounds,
+      repeats: Object.fromEntries(runs.map((r) => [r.name, repeatsOf(r.name)])),
+    },
     backend: world.backend,
     device: dev,
     transports: runs.map((r) => ({ name: r.name, why: r.bf16.transportReason || undefined })),
     rowsRank0: { tokenRowsRecv, selfTokenRows, expertRowsRecv, selfExpertRows, tokenRowsSentOut, expertRowsSentOut },
-    bytes: "'GB/s (DeepEP)' = unique (token, destination rank) rows received (own included) × row bytes / median ms; BF16 row hidden·2, FP8 row hidden + hidden/128·4; combine credited the BF16 dispatch's rows. 'wire MB' = bytes sent to other ranks: token rows + 12·k bytes of entries each (ipc), (token, expert) rows + a 4-byte weight each (nccl)",
+    bytes:
+      "'GB/s (DeepEP)' = unique (token, destination rank) rows received (own included) × row bytes / median ms; BF16 row hidden·2, FP8 row hidden + hidden/128·4; combine credited the BF16 dispatch's rows. 'wire MB' = bytes sent to other ranks: token rows + 12·k bytes of entries each (ipc), (token, expert) rows + a 4-byte weight each (nccl)",
     published: PUBLISHED,
     timing: `per round: CUDA events, median of the repeats after warm-up, each call after a device sync and a barrier; ${rounds} round(s), each timing every transport then the torch peer; 'ms' is the median of the round medians, ranges over rounds; ratios per round`,
-    peer: noPeer ? 'skipped (--no-peer)' : `torch ${peerRounds[0]?.torch ?? '?'} ${peerRounds[0]?.backend ?? ''}: all_to_all_single of the (token, expert) rows on the same split sizes (a2a; FP8: the same rows at the FP8 row size); full = x.index_select(rowToken) + a2a (dispatch), a2a back + index_add_ of rows·weight (combine)${peerRounds.find((p) => p.error) ? `; error: ${peerRounds.find((p) => p.error).error}` : ''}`,
-    sharedGpu: onGpu && P > 1 && world.backend === 'mpi' ? 'ranks share one GPU: ipc moves rows through that GPU\'s memory (no NVLink); nccl here is MPI with host staging' : undefined,
+    peer: noPeer
+      ? 'skipped (--no-peer)'
+      : `torch ${peerRounds[0]?.torch ?? '?'} ${peerRounds[0]?.backend ?? ''}: all_to_all_single of the (token, expert) rows on the same split sizes (a2a; FP8: the same rows at the FP8 row size); full = x.index_select(rowToken) + a2a (dispatch), a2a back + index_add_ of rows·weight (combine)${peerRounds.find((p) => p.error) ? `; error: ${peerRounds.find((p) => p.error).error}` : ''}`,
+    sharedGpu:
+      onGpu && P > 1 && world.backend === 'mpi'
+        ? "ranks share one GPU: ipc moves rows through that GPU's memory (no NVLink); nccl here is MPI with host staging"
+        : undefined,
     timelinesRank0: timelines,
   });
 }

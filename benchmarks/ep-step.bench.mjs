@@ -75,7 +75,9 @@ const dy = Tensor.randn([T, H], { dtype, device: dev, seed: 31 + rank });
 
 // ------------------------------------------------------------------------------- EP = P
 const layer = new MoELayer({ ...layerConfig, numExperts: E, group: world });
-log(`ep-step: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} per rank, H=${H} F=${F}, ${El} experts per rank (E=${E}), top-${k}, warm-up ${warmup}, repeats ${repeats}`);
+log(
+  `ep-step: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} per rank, H=${H} F=${F}, ${El} experts per rank (E=${E}), top-${k}, warm-up ${warmup}, repeats ${repeats}`,
+);
 const stepP = stepMs(layer, x, dy);
 
 // The step's exchanges on the routing the layer's forward chose, rows of the step's size.
@@ -144,17 +146,43 @@ if (rank === 0) {
     'TFLOP/s EP=P': num(flops / (m.stepP * 1e-3) / 1e12, 1),
   }));
   const slowest = (f) => Math.max(...perRank.map((m) => m[f]));
-  writeResult(`ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${world.timeoutMs === 0 ? '-no-timeout' : ''}`, rows, {
-    config: { tokensPerRank: T, hidden: H, ffn: F, expertsPerRank: El, experts: E, topK: k, ranks: P, dtype, routing: 'softmax router of the layer (seed 1234), dropless', warmup, repeats },
-    backend: world.backend,
-    device: dev,
-    timing: 'CUDA events, median; each region starts after a device sync and a barrier of all ranks. step = MoELayer forward + backward (no optimizer step: local, the same at any EP size)',
-    comm: "the layer's Dispatcher on the routing its forward chose: forward = dispatch + combine, backward = combineBackward + dispatchBackward, each including its count exchange and host read; compute ≈ step − comm (no comm stream: not overlapped)",
-    weakScaling: 'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P; it also falls with load imbalance: imbalance = rows this rank received / (T·k) (1 at EP=1)',
-    flops: '2·(T·k)·H·3F per forward (W1, W3, W2), ×3 for forward + backward; router and permute not counted',
-    sharedGpu: world.backend === 'mpi' && onGpu ? 'ranks share a GPU through the MPI backend: the EP=1 runs contend for it and the exchanges are host staging, not NVLink' : undefined,
-    slowestRank: { stepP: slowest('stepP'), step1: slowest('step1'), commForward: slowest('commForward'), commBackward: slowest('commBackward') },
-  });
+  writeResult(
+    `ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${world.timeoutMs === 0 ? '-no-timeout' : ''}`,
+    rows,
+    {
+      config: {
+        tokensPerRank: T,
+        hidden: H,
+        ffn: F,
+        expertsPerRank: El,
+        experts: E,
+        topK: k,
+        ranks: P,
+        dtype,
+        routing: 'softmax router of the layer (seed 1234), dropless',
+        warmup,
+        repeats,
+      },
+      backend: world.backend,
+      device: dev,
+      timing:
+        'CUDA events, median; each region starts after a device sync and a barrier of all ranks. step = MoELayer forward + backward (no optimizer step: local, the same at any EP size)',
+      comm: "the layer's Dispatcher on the routing its forward chose: forward = dispatch + combine, backward = combineBackward + dispatchBackward, each including its count exchange and host read; compute ≈ step − comm (no comm stream: not overlapped)",
+      weakScaling:
+        'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P; it also falls with load imbalance: imbalance = rows this rank received / (T·k) (1 at EP=1)',
+      flops: '2·(T·k)·H·3F per forward (W1, W3, W2), ×3 for forward + backward; router and permute not counted',
+      sharedGpu:
+        world.backend === 'mpi' && onGpu
+          ? 'ranks share a GPU through the MPI backend: the EP=1 runs contend for it and the exchanges are host staging, not NVLink'
+          : undefined,
+      slowestRank: {
+        stepP: slowest('stepP'),
+        step1: slowest('step1'),
+        commForward: slowest('commForward'),
+        commBackward: slowest('commBackward'),
+      },
+    },
+  );
 }
 for (const t of [x, dy, mineT]) t.dispose();
 if (allT !== mineT) allT.dispose();

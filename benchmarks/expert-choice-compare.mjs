@@ -61,7 +61,9 @@ for (const loss of ['mse', 'cross-entropy']) {
         experts_per_token_last_step: ec ? last.layers.map((l) => l.expertsPerToken) : null,
         seconds: +seconds.toFixed(1),
       });
-      console.error(`${loss} | ${v.name} | seed ${seed}: loss ${rows[rows.length - 1].loss_last100}, MaxVio ${rows[rows.length - 1].maxvio_last100}, ${seconds.toFixed(1)} s`);
+      console.error(
+        `${loss} | ${v.name} | seed ${seed}: loss ${rows[rows.length - 1].loss_last100}, MaxVio ${rows[rows.length - 1].maxvio_last100}, ${seconds.toFixed(1)} s`,
+      );
     }
   }
 }
@@ -92,7 +94,8 @@ for (const loss of ['mse', 'cross-entropy'])
 writeResult('expert-choice-compare', summary, {
   task: "moe-ep train's default configuration (lib/train/config.ts defaultConfig) on the CPU; the variants change only what their name says",
   runs: rows,
-  metrics: 'loss_last100: mean loss over the last 100 steps; maxvio: max over layers of max_e load_e / mean load − 1, averaged over steps; no_expert_fraction: tokens with no expert (expert choice), averaged over layers and the last 100 steps',
+  metrics:
+    'loss_last100: mean loss over the last 100 steps; maxvio: max over layers of max_e load_e / mean load − 1, averaged over steps; no_expert_fraction: tokens with no expert (expert choice), averaged over layers and the last 100 steps',
   compute: 'expert_rows_per_layer_step: rows the experts process per layer and step (token choice dropless: T·k; expert choice: E·C)',
   timing: 'seconds: wall time of each run on a shared 2-core machine, indicative only',
 });

@@ -40,7 +40,12 @@ mkdirSync(out, { recursive: true });
 const smiFile = join(out, 'smi.csv');
 const smi = spawn(
   'nvidia-smi',
-  ['--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active', '--format=csv,noheader,nounits', '-lms', '50'],
+  [
+    '--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active',
+    '--format=csv,noheader,nounits',
+    '-lms',
+    '50',
+  ],
   { stdio: ['ignore', openSync(smiFile, 'w'), 'ignore'] },
 );
 
@@ -93,7 +98,13 @@ const samples = readFileSync(smiFile, 'utf8')
 for (const bl of blocks) {
   const in_ = samples.filter((x) => x.t >= bl.t0 && x.t <= bl.t1);
   const mean = (k) => (in_.length ? +(in_.reduce((z, x) => z + x[k], 0) / in_.length).toFixed(0) : null);
-  Object.assign(bl, { smMHz: mean('sm'), watts: mean('pw'), tempC: mean('temp'), samples: in_.length, reasons: [...new Set(in_.map((x) => x.reasons))].join(' ') });
+  Object.assign(bl, {
+    smMHz: mean('sm'),
+    watts: mean('pw'),
+    tempC: mean('temp'),
+    samples: in_.length,
+    reasons: [...new Set(in_.map((x) => x.reasons))].join(' '),
+  });
 }
 
 // Per (shape, product): per-round ratio of each variant's time to the default's (> 1: the default faster).
@@ -110,15 +121,36 @@ for (const i of only)
       }
       ratios.sort((x, y) => x - y);
       const med = (v2) => {
-        const t = bs.filter((x) => x.variant === v2).map((x) => x.tflops).sort((x, y) => x - y);
+        const t = bs
+          .filter((x) => x.variant === v2)
+          .map((x) => x.tflops)
+          .sort((x, y) => x - y);
         return +t[Math.floor(t.length / 2)].toFixed(1);
       };
       summary.push({
-        shape: shapes[i].name, product, other: v, defaultTFLOPs: med('default'), otherTFLOPs: med(v),
-        ratioMedian: +ratios[Math.floor(ratios.length / 2)].toFixed(3), ratioMin: +ratios[0].toFixed(3), ratioMax: +ratios.at(-1).toFixed(3),
+        shape: shapes[i].name,
+        product,
+        other: v,
+        defaultTFLOPs: med('default'),
+        otherTFLOPs: med(v),
+        ratioMedian: +ratios[Math.floor(ratios.length / 2)].toFixed(3),
+        ratioMin: +ratios[0].toFixed(3),
+        ratioMax: +ratios.at(-1).toFixed(3),
       });
     }
   }
 writeFileSync(join(out, 'grouped-gemm-ab.json'), JSON.stringify({ rounds, calls, inner, variants, blocks, summary }, null, 1));
-console.table(blocks.map(({ shape, product, round, variant, tflops, smMHz, watts, tempC, reasons }) => ({ shape, product, round, variant, tflops: +tflops.toFixed(1), smMHz, watts, tempC, reasons })));
+console.table(
+  blocks.map(({ shape, product, round, variant, tflops, smMHz, watts, tempC, reasons }) => ({
+    shape,
+    product,
+    round,
+    variant,
+    tflops: +tflops.toFixed(1),
+    smMHz,
+    watts,
+    tempC,
+    reasons,
+  })),
+);
 console.table(summary);

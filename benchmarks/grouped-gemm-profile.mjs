@@ -12,7 +12,9 @@ const only = process.env.MOE_EP_GG_SHAPES;
 for (const [i, s] of shapes.entries()) {
   if (only && !only.split(',').includes(String(i))) continue;
   const scale = dev === 'cpu' ? 64 : 1; // a quick check of the script on the CPU: shapes shrunk
-  const M = Math.max(1, Math.floor(s.M / scale)), K = s.K / 16 / (dev === 'cpu' ? 8 : 1) * 16, N = s.N;
+  const M = Math.max(1, Math.floor(s.M / scale)),
+    K = (s.K / 16 / (dev === 'cpu' ? 8 : 1)) * 16,
+    N = s.N;
   const E = s.counts.length;
   const counts = dev === 'cpu' ? Array.from({ length: E }, (_, e) => Math.floor(((e + 1) * M) / E) - Math.floor((e * M) / E)) : s.counts;
   const off = [0];

@@ -7,7 +7,7 @@ function balanced(E, M) {
 function zipf(E, M) {
   const w = Array.from({ length: E }, (_, e) => 1 / (e + 1));
   const s = w.reduce((x, y) => x + y, 0);
-  const counts = w.map((x) => Math.floor((x / s) * M / 8) * 8);
+  const counts = w.map((x) => Math.floor(((x / s) * M) / 8) * 8);
   counts[0] += M - counts.reduce((x, y) => x + y, 0);
   return counts;
 }

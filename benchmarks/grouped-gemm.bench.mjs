@@ -117,7 +117,8 @@ writeResult('grouped-gemm', rows, {
   fewRows:
     'dW at <= 8 rows per group on average (decode) is streamed by the few-rows kernel (CUDA cores, rows 8 at a time through shared memory, 16-byte streaming stores); ' +
     'tensorCoreOnlyTFLOPs: setKernelOptions({ groupedGemm: { fewRows: false } }); fewRowsVsTensorCores: relative error in norm between the two results (bf16 rounding of different summation orders)',
-  fp32Out: "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
+  fp32Out:
+    "'dW TN, fp32 out': the weight gradient as training computes it (fp32 results); no torch peer on this row (torch's grouped mm writes bf16)",
   kernel:
     'NN, NT on cc 9.0: wgmma m64n256k16, 128x256x64 tiles, TMA ring, 1 producer + 2 consumer warpgroups, persistent (hopper.cu); ' +
     'bf16 tiles handed to 3 storer warps of the producer warpgroup through shared memory while the next tile computes (3-stage ring); ' +

@@ -228,7 +228,10 @@ export class PeerSession {
 /** Whether python3 finds torch (the peers need it), without importing it (a quick look-up). */
 export function torchAvailable() {
   try {
-    execFileSync('python3', ['-c', 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)'], { stdio: 'ignore', timeout: 60_000 });
+    execFileSync('python3', ['-c', 'import importlib.util, sys; sys.exit(importlib.util.find_spec("torch") is None)'], {
+      stdio: 'ignore',
+      timeout: 60_000,
+    });
     return true;
   } catch {
     return false;
@@ -291,11 +294,26 @@ export function printTable(title, rows) {
   const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
   const cell = (v) => (v === null || v === undefined ? '' : typeof v === 'string' ? v : String(v));
   const width = cols.map((c) => Math.max(c.length, ...rows.map((r) => cell(r[c]).length)));
-  const line = (vals, right) => vals.map((v, i) => (right[i] ? v.padStart(width[i]) : v.padEnd(width[i]))).join('  ').trimEnd();
+  const line = (vals, right) =>
+    vals
+      .map((v, i) => (right[i] ? v.padStart(width[i]) : v.padEnd(width[i])))
+      .join('  ')
+      .trimEnd();
   const numeric = cols.map((c) => rows.every((r) => r[c] === null || r[c] === undefined || typeof r[c] === 'number'));
   console.log(line(cols, numeric));
-  console.log(line(width.map((w) => '-'.repeat(w)), numeric));
-  for (const r of rows) console.log(line(cols.map((c) => cell(r[c])), numeric));
+  console.log(
+    line(
+      width.map((w) => '-'.repeat(w)),
+      numeric,
+    ),
+  );
+  for (const r of rows)
+    console.log(
+      line(
+        cols.map((c) => cell(r[c])),
+        numeric,
+      ),
+    );
 }
 
 /**
@@ -338,7 +356,10 @@ export async function benchWorld({ timeoutMs } = {}) {
   const flag = args.indexOf('--timeout-ms');
   if (flag >= 0) timeoutMs = Number(args[flag + 1]);
   const le = launchEnv();
-  const world = await init({ ...(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {}), ...(timeoutMs !== undefined ? { timeoutMs } : {}) });
+  const world = await init({
+    ...(dryRun ? { setDevice: false, backend: le.size > 1 ? 'mpi' : 'single' } : {}),
+    ...(timeoutMs !== undefined ? { timeoutMs } : {}),
+  });
   const dev = dryRun ? 'cpu' : getDefaultDevice().toString();
   const log = (...m) => {
     if (world.rank === 0) console.error(...m);

@@ -56,7 +56,11 @@ if (shapeName === 'all') {
   for (const name of Object.keys(SHAPES)) {
     // Bounded (a hung shape must not eat the next one's time): ~1 min expected, 5 at most. Killed,
     // it leaves no peer behind: the peer exits when its stdin closes.
-    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--shape', name], { stdio: 'inherit', timeout: 300_000, killSignal: 'SIGKILL' });
+    const r = spawnSync(process.execPath, [fileURLToPath(import.meta.url), ...rest, '--shape', name], {
+      stdio: 'inherit',
+      timeout: 300_000,
+      killSignal: 'SIGKILL',
+    });
     if (r.status !== 0) {
       console.error(`moe-layer --shape ${name}: ${r.error?.message ?? (r.signal ? `killed by ${r.signal}` : `exit ${r.status}`)}`);
       status = 1;
@@ -71,12 +75,26 @@ if (!Object.hasOwn(SHAPES, shapeName)) {
 const shape = SHAPES[shapeName];
 
 const {
-  adamwStep, capacity, disposeSaved, groupedGemm, MoELayer, permute, permuteBackward, routerBackward, routerEntropy, routerForward, synchronize, Tensor,
-  tidy, unpermute, unpermuteBackward,
+  adamwStep,
+  capacity,
+  disposeSaved,
+  groupedGemm,
+  MoELayer,
+  permute,
+  permuteBackward,
+  routerBackward,
+  routerEntropy,
+  routerForward,
+  synchronize,
+  Tensor,
+  tidy,
+  unpermute,
+  unpermuteBackward,
 } = await import('../dist/lib/index.js');
 // @internal: the fused SwiGLU / dSwiGLU products expertsForward and expertsBackward make.
 const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
-const { args, dryRun, PeerSession, printTable, quick, timeRegion, torchAvailable, writeInputs, writeResult } = await import('./harness.mjs');
+const { args, dryRun, PeerSession, printTable, quick, timeRegion, torchAvailable, writeInputs, writeResult } =
+  await import('./harness.mjs');
 const flag = (name, fallback) => {
   const i = args.indexOf(name);
   return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
@@ -152,7 +170,12 @@ function deinterleave(w13) {
   const [El, Hh, F2] = w13.shape;
   return tidy(() => {
     const pairs = w13.view(El, Hh, F2 / 2, 2);
-    return [0, 1].map((s) => pairs.narrow(3, s, 1).contiguous().view(El, Hh, F2 / 2));
+    return [0, 1].map((s) =>
+      pairs
+        .narrow(3, s, 1)
+        .contiguous()
+        .view(El, Hh, F2 / 2),
+    );
   });
 }
 
@@ -177,7 +200,21 @@ if (!noPeer && peerState === null) {
   const [w1, w3] = deinterleave(layer.compute.w13);
   const [dW1, dW3] = deinterleave(g0.w13);
   const routerW = layer.compute.router.view(H, E);
-  const tensors = { x, dy, router: routerW, w1, w3, w2: layer.compute.w2, y: y0, dx: g0.dx, dRouter: g0.router, dW1, dW3, dW2: g0.w2, indices: oursIndices };
+  const tensors = {
+    x,
+    dy,
+    router: routerW,
+    w1,
+    w3,
+    w2: layer.compute.w2,
+    y: y0,
+    dx: g0.dx,
+    dRouter: g0.router,
+    dW1,
+    dW3,
+    dW2: g0.w2,
+    indices: oursIndices,
+  };
   const bytes = Object.values(tensors).reduce((s, t) => s + t.numel * (t.dtype === 'f32' || t.dtype === 'i32' ? 4 : 2), 0);
   let base = tmpdir();
   try {
@@ -196,7 +233,10 @@ if (!noPeer && peerState === null) {
     check = await peer.ready(150_000); // loads the inputs, runs the check (~15 s for main)
     log(`torch peer ready (${((performance.now() - t0) / 1e3).toFixed(1)} s after the inputs began)`);
   } catch (e) {
-    peerState = `failed: ${String(e.message ?? e).split('\n').slice(-3).join(' | ')}`;
+    peerState = `failed: ${String(e.message ?? e)
+      .split('\n')
+      .slice(-3)
+      .join(' | ')}`;
     log(`torch peer ${peerState}`);
     await peer?.close(5_000);
     peer = null;
@@ -264,18 +304,80 @@ const b4 = 4;
 const Tk = T * k;
 const PHASES = [
   // forward: layer.forward → dispatcher (one rank: the permute is the dispatch) → expertsForward → combine
-  { pass: 'forward', name: 'router GEMM', call: "groupedGemm('NN', x, Wr, [0,T], f32)", flops: 2 * T * H * E, bytes: T * H * b2 + H * E * b2 + T * E * b4, run: () => groupedGemm('NN', x, W.router, all, { out: B.logits }) },
-  { pass: 'forward', name: 'routing', call: 'routerForward(logits, router, { bias })', bytes: 2 * T * E * b4 + 2 * Tk * b4 + 2 * E * b4, run: () => routerForward(B.logits, layer.router, { bias: layer.bias, out: B.r }) },
-  { pass: 'forward', name: 'capacity', call: 'capacity(indices, weights, { numExperts, dropPolicy })', bytes: 2 * Tk * b4 + 2 * E * b4, run: () => capacity(B.r.indices, B.r.weights, { numExperts: E, dropPolicy: layer.config.dropPolicy, out: { slot: B.cap.slot, keptPerExpert: B.cap.keptPerExpert, dropped: B.cap.dropped, invalid: B.cap.invalid } }) },
   {
-    pass: 'forward', name: 'permute', call: 'permute(x, indices, weights, cap): layout + row gather (the one-rank dispatch)', bytes: T * H * b2 + R * H * b2 + 4 * Tk * b4 + 3 * R * b4 + (E + 1) * b4,
-    run: () => permute(x, B.r.indices, B.r.weights, B.cap, { align, padToCapacity, out: { rows: B.p.rows, offsets: B.p.offsets, rowOf: B.p.rowOf, rowWeight: B.p.rowWeight, rowToken: B.p.rowToken, invalid: B.p.invalid } }),
+    pass: 'forward',
+    name: 'router GEMM',
+    call: "groupedGemm('NN', x, Wr, [0,T], f32)",
+    flops: 2 * T * H * E,
+    bytes: T * H * b2 + H * E * b2 + T * E * b4,
+    run: () => groupedGemm('NN', x, W.router, all, { out: B.logits }),
   },
-  { pass: 'forward', name: 'up GEMM + SwiGLU', call: "groupedGemmEpilogue('NN', SwiGLU, rows, w13, offsets, h, g)", flops: 2 * R * H * 2 * F, bytes: R * H * b2 + E * H * 2 * F * b2 + R * 2 * F * b2 + R * F * b2, run: () => groupedGemmEpilogue('NN', Epilogue.SwiGLU, B.p.rows, W.w13, B.p.offsets, B.h, B.g) },
-  { pass: 'forward', name: 'down GEMM', call: "groupedGemm('NN', h, w2, offsets)", flops: 2 * R * F * H, bytes: R * F * b2 + E * F * H * b2 + R * H * b2, run: () => groupedGemm('NN', B.h, W.w2, B.p.offsets, { out: B.out }) },
-  { pass: 'forward', name: 'combine', call: 'unpermute(out, rowOf, weights)', bytes: R * H * b2 + 2 * Tk * b4 + T * H * b2, run: () => unpermute(B.out, B.p.rowOf, B.r.weights, { dtype: 'bf16', out: B.y }) },
   {
-    pass: 'forward', name: 'entropy + aux zero', call: 'routerEntropy(scores); Tensor.zeros([1])', bytes: T * E * b4 + 2 * b4,
+    pass: 'forward',
+    name: 'routing',
+    call: 'routerForward(logits, router, { bias })',
+    bytes: 2 * T * E * b4 + 2 * Tk * b4 + 2 * E * b4,
+    run: () => routerForward(B.logits, layer.router, { bias: layer.bias, out: B.r }),
+  },
+  {
+    pass: 'forward',
+    name: 'capacity',
+    call: 'capacity(indices, weights, { numExperts, dropPolicy })',
+    bytes: 2 * Tk * b4 + 2 * E * b4,
+    run: () =>
+      capacity(B.r.indices, B.r.weights, {
+        numExperts: E,
+        dropPolicy: layer.config.dropPolicy,
+        out: { slot: B.cap.slot, keptPerExpert: B.cap.keptPerExpert, dropped: B.cap.dropped, invalid: B.cap.invalid },
+      }),
+  },
+  {
+    pass: 'forward',
+    name: 'permute',
+    call: 'permute(x, indices, weights, cap): layout + row gather (the one-rank dispatch)',
+    bytes: T * H * b2 + R * H * b2 + 4 * Tk * b4 + 3 * R * b4 + (E + 1) * b4,
+    run: () =>
+      permute(x, B.r.indices, B.r.weights, B.cap, {
+        align,
+        padToCapacity,
+        out: {
+          rows: B.p.rows,
+          offsets: B.p.offsets,
+          rowOf: B.p.rowOf,
+          rowWeight: B.p.rowWeight,
+          rowToken: B.p.rowToken,
+          invalid: B.p.invalid,
+        },
+      }),
+  },
+  {
+    pass: 'forward',
+    name: 'up GEMM + SwiGLU',
+    call: "groupedGemmEpilogue('NN', SwiGLU, rows, w13, offsets, h, g)",
+    flops: 2 * R * H * 2 * F,
+    bytes: R * H * b2 + E * H * 2 * F * b2 + R * 2 * F * b2 + R * F * b2,
+    run: () => groupedGemmEpilogue('NN', Epilogue.SwiGLU, B.p.rows, W.w13, B.p.offsets, B.h, B.g),
+  },
+  {
+    pass: 'forward',
+    name: 'down GEMM',
+    call: "groupedGemm('NN', h, w2, offsets)",
+    flops: 2 * R * F * H,
+    bytes: R * F * b2 + E * F * H * b2 + R * H * b2,
+    run: () => groupedGemm('NN', B.h, W.w2, B.p.offsets, { out: B.out }),
+  },
+  {
+    pass: 'forward',
+    name: 'combine',
+    call: 'unpermute(out, rowOf, weights)',
+    bytes: R * H * b2 + 2 * Tk * b4 + T * H * b2,
+    run: () => unpermute(B.out, B.p.rowOf, B.r.weights, { dtype: 'bf16', out: B.y }),
+  },
+  {
+    pass: 'forward',
+    name: 'entropy + aux zero',
+    call: 'routerEntropy(scores); Tensor.zeros([1])',
+    bytes: T * E * b4 + 2 * b4,
     run: () => {
       routerEntropy(B.r.scores, { out: B.entropy });
       B.aux.fill_(0);
@@ -283,25 +385,82 @@ const PHASES = [
   },
   // backward: layer.backward → combineBackward → expertsBackward → routerBackward → router GEMMs → dispatchBackward → dx sum
   {
-    pass: 'backward', name: 'combine bwd', call: 'unpermuteBackward(dy, out, weights, rowOf, rowToken)', bytes: T * H * b2 + 2 * R * H * b2 + 3 * Tk * b4 + R * b4,
+    pass: 'backward',
+    name: 'combine bwd',
+    call: 'unpermuteBackward(dy, out, weights, rowOf, rowToken)',
+    bytes: T * H * b2 + 2 * R * H * b2 + 3 * Tk * b4 + R * b4,
     run: () => unpermuteBackward(dy, B.out, B.r.weights, B.p.rowOf, B.p.rowToken, { dtype: 'bf16', out: B.ub }),
   },
-  { pass: 'backward', name: 'down dA GEMM + dSwiGLU', call: "groupedGemmEpilogue('NT', DSwiGLU, dOut, w2, offsets, dG, g)", flops: 2 * R * H * F, bytes: R * H * b2 + E * F * H * b2 + 2 * R * 2 * F * b2, run: () => groupedGemmEpilogue('NT', Epilogue.DSwiGLU, B.ub.dRows, W.w2, B.p.offsets, B.dG, B.g) },
-  { pass: 'backward', name: 'up dA GEMM', call: "groupedGemm('NT', dG, w13, offsets)", flops: 2 * R * 2 * F * H, bytes: R * 2 * F * b2 + E * H * 2 * F * b2 + R * H * b2, run: () => groupedGemm('NT', B.dG, W.w13, B.p.offsets, { out: B.dA }) },
-  { pass: 'backward', name: 'dW13 GEMM (f32)', call: "groupedGemm('TN', rows, dG, offsets, f32)", flops: 2 * R * H * 2 * F, bytes: R * H * b2 + R * 2 * F * b2 + E * H * 2 * F * b4, run: () => groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { out: B.dW13 }) },
-  { pass: 'backward', name: 'dW2 GEMM (f32)', call: "groupedGemm('TN', h, dOut, offsets, f32)", flops: 2 * R * F * H, bytes: R * F * b2 + R * H * b2 + E * F * H * b4, run: () => groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { out: B.dW2 }) },
   {
-    pass: 'backward', name: 'router bwd + cast', call: 'routerBackward(dWeights, { scores, indices }); dLogits.cast(bf16)', bytes: 2 * Tk * b4 + 3 * T * E * b4 + T * E * b2,
+    pass: 'backward',
+    name: 'down dA GEMM + dSwiGLU',
+    call: "groupedGemmEpilogue('NT', DSwiGLU, dOut, w2, offsets, dG, g)",
+    flops: 2 * R * H * F,
+    bytes: R * H * b2 + E * F * H * b2 + 2 * R * 2 * F * b2,
+    run: () => groupedGemmEpilogue('NT', Epilogue.DSwiGLU, B.ub.dRows, W.w2, B.p.offsets, B.dG, B.g),
+  },
+  {
+    pass: 'backward',
+    name: 'up dA GEMM',
+    call: "groupedGemm('NT', dG, w13, offsets)",
+    flops: 2 * R * 2 * F * H,
+    bytes: R * 2 * F * b2 + E * H * 2 * F * b2 + R * H * b2,
+    run: () => groupedGemm('NT', B.dG, W.w13, B.p.offsets, { out: B.dA }),
+  },
+  {
+    pass: 'backward',
+    name: 'dW13 GEMM (f32)',
+    call: "groupedGemm('TN', rows, dG, offsets, f32)",
+    flops: 2 * R * H * 2 * F,
+    bytes: R * H * b2 + R * 2 * F * b2 + E * H * 2 * F * b4,
+    run: () => groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { out: B.dW13 }),
+  },
+  {
+    pass: 'backward',
+    name: 'dW2 GEMM (f32)',
+    call: "groupedGemm('TN', h, dOut, offsets, f32)",
+    flops: 2 * R * F * H,
+    bytes: R * F * b2 + R * H * b2 + E * F * H * b4,
+    run: () => groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { out: B.dW2 }),
+  },
+  {
+    pass: 'backward',
+    name: 'router bwd + cast',
+    call: 'routerBackward(dWeights, { scores, indices }); dLogits.cast(bf16)',
+    bytes: 2 * Tk * b4 + 3 * T * E * b4 + T * E * b2,
     run: () => {
       routerBackward(B.ub.dWeights, { scores: B.r.scores, indices: B.r.indices }, layer.router, { out: B.dLogits });
       B.dLogitsC.copy_(B.dLogits); // the layer's dLogits.cast(dtype): the same copy kernel
     },
   },
-  { pass: 'backward', name: 'router dx GEMM', call: "groupedGemm('NT', dLogits, Wr, [0,T])", flops: 2 * T * E * H, bytes: T * E * b2 + H * E * b2 + T * H * b2, run: () => groupedGemm('NT', B.dLogitsC, W.router, all, { out: B.dxRouter }) },
-  { pass: 'backward', name: 'router dW GEMM (f32)', call: "groupedGemm('TN', x, dLogits, [0,T], f32)", flops: 2 * T * H * E, bytes: T * H * b2 + T * E * b2 + H * E * b4, run: () => groupedGemm('TN', x, B.dLogitsC, all, { out: B.dRouter }) },
-  { pass: 'backward', name: 'permute bwd', call: 'permuteBackward(dA, rowOf) (the one-rank dispatch backward)', bytes: R * H * b2 + Tk * b4 + T * H * b2, run: () => permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16', out: B.dxExperts }) },
   {
-    pass: 'backward', name: 'dx sum (copy + add)', call: 'dx.clone().add_(dxRouter)', bytes: 5 * T * H * b2,
+    pass: 'backward',
+    name: 'router dx GEMM',
+    call: "groupedGemm('NT', dLogits, Wr, [0,T])",
+    flops: 2 * T * E * H,
+    bytes: T * E * b2 + H * E * b2 + T * H * b2,
+    run: () => groupedGemm('NT', B.dLogitsC, W.router, all, { out: B.dxRouter }),
+  },
+  {
+    pass: 'backward',
+    name: 'router dW GEMM (f32)',
+    call: "groupedGemm('TN', x, dLogits, [0,T], f32)",
+    flops: 2 * T * H * E,
+    bytes: T * H * b2 + T * E * b2 + H * E * b4,
+    run: () => groupedGemm('TN', x, B.dLogitsC, all, { out: B.dRouter }),
+  },
+  {
+    pass: 'backward',
+    name: 'permute bwd',
+    call: 'permuteBackward(dA, rowOf) (the one-rank dispatch backward)',
+    bytes: R * H * b2 + Tk * b4 + T * H * b2,
+    run: () => permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16', out: B.dxExperts }),
+  },
+  {
+    pass: 'backward',
+    name: 'dx sum (copy + add)',
+    call: 'dx.clone().add_(dxRouter)',
+    bytes: 5 * T * H * b2,
     run: () => {
       B.dx.copy_(B.dxExperts); // the layer's addTensors: clone, then add_
       B.dx.add_(B.dxRouter);
@@ -312,7 +471,10 @@ const PHASES = [
 /** Median ms of one call of fn on the GPU alone: `phaseInner` calls queued behind a 1 GiB copy. */
 function timePhase(fn) {
   return timeRegion(() => fn(), {
-    device: dev, warmup: 2, repeats: phaseRepeats, inner: phaseInner,
+    device: dev,
+    warmup: 2,
+    repeats: phaseRepeats,
+    inner: phaseInner,
     // Idle, then a ~0.5 ms copy queued before the start event: the GPU is still busy with it while
     // the host queues the timed calls, so they run back to back without the host's per-call cost.
     before: () => {
@@ -347,11 +509,22 @@ function oursRound() {
   });
   const phases = PHASES.map((p) => timePhase(p.run));
   const copyMs = timeRegion(() => copyDst.copy_(copySrc), { device: dev, warmup: 2, repeats: 10, before: sync });
-  const gemmMs = timeRegion(() => groupedGemm('NN', sqA, sqB, sqOffsets, { out: sqC }), { device: dev, warmup: 2, repeats: 5, before: sync });
+  const gemmMs = timeRegion(() => groupedGemm('NN', sqA, sqB, sqOffsets, { out: sqC }), {
+    device: dev,
+    warmup: 2,
+    repeats: 5,
+    before: sync,
+  });
   return {
-    forwardMs, backwardMs, stepMs, adamwMs, phases,
-    copyMs, copyGBs: (2 * copyBytes) / (copyMs * 1e6), // read + write
-    gemmMs, gemmTflops: (2 * sqN ** 3) / (gemmMs * 1e-3) / 1e12,
+    forwardMs,
+    backwardMs,
+    stepMs,
+    adamwMs,
+    phases,
+    copyMs,
+    copyGBs: (2 * copyBytes) / (copyMs * 1e6), // read + write
+    gemmMs,
+    gemmTflops: (2 * sqN ** 3) / (gemmMs * 1e-3) / 1e12,
   };
 }
 /** One forward + backward; returns the cleanup of what it made. */
@@ -428,7 +601,13 @@ function compare(what, oursKey, torchKey, flops) {
       'ratio range': ratios.length ? fmtRange(range(ratios), 2) : null,
       'TFLOP/s': flops ? tf(flops, median(o)) : null,
     },
-    perRound: { ours: o.map((v) => num(v, 4)), torch: t.map((v) => num(v, 4)), torchFused: tf_.map((v) => num(v, 4)), torchBest: best.map((v) => num(v, 4)), ratio: perRound.map((v) => num(v, 3)) },
+    perRound: {
+      ours: o.map((v) => num(v, 4)),
+      torch: t.map((v) => num(v, 4)),
+      torchFused: tf_.map((v) => num(v, 4)),
+      torchBest: best.map((v) => num(v, 4)),
+      ratio: perRound.map((v) => num(v, 3)),
+    },
   };
 }
 const comparisons = [
@@ -447,15 +626,20 @@ const copyGBs = median(col(ours, 'copyGBs'));
 const torchPeak = median(col(torch, 'matmul_tflops'));
 const oursPeak = median(col(ours, 'gemmTflops'));
 const peakSource =
-  peakOverride !== null ? `--peak-tflops ${peakOverride} (given)`
-  : Number.isFinite(torchPeak) ? `torch.matmul bf16 ${dryRun ? 256 : 8192}³ in the same run (peer), median over rounds`
-  : `our groupedGemm bf16 ${sqN}³ (one group) in the same run, median over rounds (no torch peer)`;
+  peakOverride !== null
+    ? `--peak-tflops ${peakOverride} (given)`
+    : Number.isFinite(torchPeak)
+      ? `torch.matmul bf16 ${dryRun ? 256 : 8192}³ in the same run (peer), median over rounds`
+      : `our groupedGemm bf16 ${sqN}³ (one group) in the same run, median over rounds (no torch peer)`;
 const peakTflops = peakOverride ?? (Number.isFinite(torchPeak) ? torchPeak : oursPeak);
 const roofs = {
-  tensorTflops: num(peakTflops, 1), tensorSource: peakSource,
+  tensorTflops: num(peakTflops, 1),
+  tensorSource: peakSource,
   torchMatmulTflops: { median: num(torchPeak, 1), perRound: col(torch, 'matmul_tflops').map((v) => num(v, 1)) },
   oursSquareGemmTflops: { n: sqN, median: num(oursPeak, 1), perRound: col(ours, 'gemmTflops').map((v) => num(v, 1)) },
-  copyGBs: num(copyGBs, 1), copyBytes, copySource: `Tensor.copy_ of ${copyBytes / 2 ** 20} MiB f32, device to device, read + write counted`,
+  copyGBs: num(copyGBs, 1),
+  copyBytes,
+  copySource: `Tensor.copy_ of ${copyBytes / 2 ** 20} MiB f32, device to device, read + write counted`,
   copyPerRound: col(ours, 'copyGBs').map((v) => num(v, 1)),
 };
 
@@ -464,11 +648,23 @@ const phaseRows = [];
 const phases = PHASES.map((p, i) => {
   const per = ours.map((o) => o.phases[i]);
   const ms = median(per);
-  const flopMs = p.flops ? p.flops / (peakTflops * 1e12) * 1e3 : 0;
-  const byteMs = p.bytes / (copyGBs * 1e9) * 1e3;
+  const flopMs = p.flops ? (p.flops / (peakTflops * 1e12)) * 1e3 : 0;
+  const byteMs = (p.bytes / (copyGBs * 1e9)) * 1e3;
   const roofMs = Math.max(flopMs, byteMs);
   const bound = flopMs >= byteMs ? 'FLOPs' : 'bytes';
-  return { pass: p.pass, phase: p.name, call: p.call, ms: num(ms, 4), msRange: range(per).map((v) => num(v, 4)), perRound: per.map((v) => num(v, 4)), flops: p.flops ?? 0, bytes: p.bytes, bound, roofMs: num(roofMs, 4), shareOfRoof: num(roofMs / ms, 3) };
+  return {
+    pass: p.pass,
+    phase: p.name,
+    call: p.call,
+    ms: num(ms, 4),
+    msRange: range(per).map((v) => num(v, 4)),
+    perRound: per.map((v) => num(v, 4)),
+    flops: p.flops ?? 0,
+    bytes: p.bytes,
+    bound,
+    roofMs: num(roofMs, 4),
+    shareOfRoof: num(roofMs / ms, 3),
+  };
 });
 const passMs = { forward: median(col(ours, 'forwardMs')), backward: median(col(ours, 'backwardMs')) };
 const sums = {};
@@ -491,14 +687,38 @@ for (const pass of ['forward', 'backward']) {
   const sum = mine.reduce((s, p) => s + p.ms, 0);
   const roof = mine.reduce((s, p) => s + p.roofMs, 0);
   sums[pass] = { phasesMs: num(sum, 4), roofMs: num(roof, 4), measuredMs: num(passMs[pass], 4), gapMs: num(passMs[pass] - sum, 4) };
-  phaseRows.push({ phase: `${pass}: sum of phases`, ms: num(sum, 4), 'roof ms': num(roof, 4), '%roof': pct(roof, sum), '%pass': pct(sum, passMs[pass]) });
-  phaseRows.push({ phase: `${pass}: measured`, ms: num(passMs[pass], 4), 'roof ms': num(roof, 4), '%roof': pct(roof, passMs[pass]), 'gap ms': num(passMs[pass] - sum, 4) });
+  phaseRows.push({
+    phase: `${pass}: sum of phases`,
+    ms: num(sum, 4),
+    'roof ms': num(roof, 4),
+    '%roof': pct(roof, sum),
+    '%pass': pct(sum, passMs[pass]),
+  });
+  phaseRows.push({
+    phase: `${pass}: measured`,
+    ms: num(passMs[pass], 4),
+    'roof ms': num(roof, 4),
+    '%roof': pct(roof, passMs[pass]),
+    'gap ms': num(passMs[pass] - sum, 4),
+  });
 }
 const sumAll = sums.forward.phasesMs + sums.backward.phasesMs;
 const roofAll = sums.forward.roofMs + sums.backward.roofMs;
 sums.step = { phasesMs: num(sumAll, 4), roofMs: num(roofAll, 4), measuredMs: num(stepMs, 4), gapMs: num(stepMs - sumAll, 4) };
-phaseRows.push({ phase: 'step: sum of phases', ms: num(sumAll, 4), 'roof ms': num(roofAll, 4), '%roof': pct(roofAll, sumAll), '%pass': pct(sumAll, stepMs) });
-phaseRows.push({ phase: 'step: measured (fwd + bwd)', ms: num(stepMs, 4), 'roof ms': num(roofAll, 4), '%roof': pct(roofAll, stepMs), 'gap ms': num(stepMs - sumAll, 4) });
+phaseRows.push({
+  phase: 'step: sum of phases',
+  ms: num(sumAll, 4),
+  'roof ms': num(roofAll, 4),
+  '%roof': pct(roofAll, sumAll),
+  '%pass': pct(sumAll, stepMs),
+});
+phaseRows.push({
+  phase: 'step: measured (fwd + bwd)',
+  ms: num(stepMs, 4),
+  'roof ms': num(roofAll, 4),
+  '%roof': pct(roofAll, stepMs),
+  'gap ms': num(stepMs - sumAll, 4),
+});
 
 // The check (once, before timing).
 const err = check?.rel_err ?? {};
@@ -508,24 +728,50 @@ const err = check?.rel_err ?? {};
 const judged = Object.entries(err).filter(([n]) => !(check.routing_mismatch_tokens > 0 && (n === 'y' || n === 'dx')));
 const failed = judged.filter(([, v]) => !(typeof v === 'number' && v < TOLERANCE)).map(([n]) => n);
 const checkRows = Object.entries(err).map(([name, v]) => ({
-  what: `relErr ${name}`, relErr: num(v, 5), ok: judged.some(([n]) => n === name) ? typeof v === 'number' && v < TOLERANCE : null,
+  what: `relErr ${name}`,
+  relErr: num(v, 5),
+  ok: judged.some(([n]) => n === name) ? typeof v === 'number' && v < TOLERANCE : null,
 }));
-if (check?.routing_mismatch_tokens !== undefined) checkRows.push({ what: 'tokens routed differently', relErr: check.routing_mismatch_tokens });
+if (check?.routing_mismatch_tokens !== undefined)
+  checkRows.push({ what: 'tokens routed differently', relErr: check.routing_mismatch_tokens });
 const checkResult =
-  check === null ? (noPeer ? 'skipped (--no-peer)' : dryRun && peerState?.startsWith('skipped') ? `skipped (dry run): ${peerState}` : `not run: ${peerState ?? 'no answer'}`)
-  : Object.keys(err).length === 0 ? 'not run: the peer reported no errors'
-  : failed.length ? `FAILED: ${failed.join(', ')} ≥ ${TOLERANCE}`
-  : `passed: all ${judged.length} judged within ${TOLERANCE}`;
+  check === null
+    ? noPeer
+      ? 'skipped (--no-peer)'
+      : dryRun && peerState?.startsWith('skipped')
+        ? `skipped (dry run): ${peerState}`
+        : `not run: ${peerState ?? 'no answer'}`
+    : Object.keys(err).length === 0
+      ? 'not run: the peer reported no errors'
+      : failed.length
+        ? `FAILED: ${failed.join(', ')} ≥ ${TOLERANCE}`
+        : `passed: all ${judged.length} judged within ${TOLERANCE}`;
 
-const peerNote = check === null
-  ? peerState
-  : `torch ${check.torch} (${check.grouped_mm}): the same layer in autograd on the same bf16 weights and inputs: logits = x·Wr in fp32, softmax, top-k, weights = chosen probabilities, sort by expert (groups padded to multiples of 16 rows, no host sync), SwiGLU with torch._grouped_mm (W1 and W3 separate; 'fused': one [H,2F] GEMM), weighted unpermute in fp32, backward with dy; AdamW: torch.optim.AdamW(fused=True) on fp32 masters + copy into the bf16 params; matmul: torch.matmul of two bf16 N×N matrices (the tensor-core roof)${peerState ? `; ${peerState}` : ''}`;
+const peerNote =
+  check === null
+    ? peerState
+    : `torch ${check.torch} (${check.grouped_mm}): the same layer in autograd on the same bf16 weights and inputs: logits = x·Wr in fp32, softmax, top-k, weights = chosen probabilities, sort by expert (groups padded to multiples of 16 rows, no host sync), SwiGLU with torch._grouped_mm (W1 and W3 separate; 'fused': one [H,2F] GEMM), weighted unpermute in fp32, backward with dy; AdamW: torch.optim.AdamW(fused=True) on fp32 masters + copy into the bf16 params; matmul: torch.matmul of two bf16 N×N matrices (the tensor-core roof)${peerState ? `; ${peerState}` : ''}`;
 
 writeResult(
   `${shape.area}${dryRun ? '-dryrun' : ''}`,
   rows,
   {
-    config: { shape: shapeName, ...cfg, dtype: 'bf16', scoreFunction: 'softmax', normalize: false, dropless: true, sharedExpert: false, auxLosses: false, device: dev, rounds, warmup, repeats, phaseRepeats, phaseInner },
+    config: {
+      shape: shapeName,
+      ...cfg,
+      dtype: 'bf16',
+      scoreFunction: 'softmax',
+      normalize: false,
+      dropless: true,
+      sharedExpert: false,
+      auxLosses: false,
+      device: dev,
+      rounds,
+      warmup,
+      repeats,
+      phaseRepeats,
+      phaseInner,
+    },
     check: checkResult,
     timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
@@ -542,20 +788,48 @@ writeResult(
     phases,
     phaseSums: sums,
     host: { callsMs: num(callsMs, 4), wallStepMs: num(wallStepMs, 4), ofStep: num(callsMs / stepMs, 3) },
-    rounds: ours.map((o, i) => ({ ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) }, torch: torch[i] })),
+    rounds: ours.map((o, i) => ({
+      ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) },
+      torch: torch[i],
+    })),
   },
   { print: 'compact' },
 );
 const sig = (v) => (Number.isFinite(v) ? +v.toPrecision(3) : null);
 const peakFrom = peakOverride !== null ? '--peak-tflops' : Number.isFinite(torchPeak) ? 'torch.matmul' : 'our square GEMM';
-printTable(`phases of our step, ${label}; roofs ${sig(peakTflops)} TFLOP/s (${peakFrom}), ${sig(copyGBs)} GB/s (device copy); %pass: of the measured pass`, phaseRows);
+printTable(
+  `phases of our step, ${label}; roofs ${sig(peakTflops)} TFLOP/s (${peakFrom}), ${sig(copyGBs)} GB/s (device copy); %pass: of the measured pass`,
+  phaseRows,
+);
 if (checkRows.length) printTable('check (once, before timing)', checkRows);
 
 for (const q of params) {
   q.m.dispose();
   q.v.dispose();
 }
-const bufs = [B.logits, ...Object.values(B.r), ...Object.values(B.cap), ...Object.values(B.p), B.g, B.h, B.out, B.y, B.entropy, B.aux, ...Object.values(B.ub), B.dG, B.dA, B.dW13, B.dW2, B.dLogits, B.dLogitsC, B.dxRouter, B.dRouter, B.dxExperts, B.dx];
+const bufs = [
+  B.logits,
+  ...Object.values(B.r),
+  ...Object.values(B.cap),
+  ...Object.values(B.p),
+  B.g,
+  B.h,
+  B.out,
+  B.y,
+  B.entropy,
+  B.aux,
+  ...Object.values(B.ub),
+  B.dG,
+  B.dA,
+  B.dW13,
+  B.dW2,
+  B.dLogits,
+  B.dLogitsC,
+  B.dxRouter,
+  B.dRouter,
+  B.dxExperts,
+  B.dx,
+];
 for (const t of new Set(bufs)) if (t instanceof Tensor) t.dispose();
 for (const t of [all, copySrc, copyDst, sqA, sqB, sqC, sqOffsets]) t.dispose();
 disposeGrads(g0);

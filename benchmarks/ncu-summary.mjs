@@ -26,11 +26,11 @@ function fields(line) {
   for (let i = 0; i < line.length; i++) {
     const ch = line[i];
     if (quoted) {
-      if (ch === '"' && line[i + 1] === '"') (cur += '"'), i++;
+      if (ch === '"' && line[i + 1] === '"') ((cur += '"'), i++);
       else if (ch === '"') quoted = false;
       else cur += ch;
     } else if (ch === '"') quoted = true;
-    else if (ch === ',') out.push(cur), (cur = '');
+    else if (ch === ',') (out.push(cur), (cur = ''));
     else cur += ch;
   }
   out.push(cur);
@@ -62,7 +62,9 @@ rows.forEach((l, j) => {
   const shape = profiled[Math.floor(j / 3)]?.name ?? '?';
   const m = (section, name) => l.metrics.get(`${section}|${name}`);
   const top = l.rules.sort((a, b) => b.speedup - a.speedup)[0];
-  const stall = top ? (top.text.match(/stalled (waiting [^.]*?|on [^.]*?)(\.| operation)/)?.[1] ?? top.text.slice(0, 60)).replace(/\s+/g, ' ') : '';
+  const stall = top
+    ? (top.text.match(/stalled (waiting [^.]*?|on [^.]*?)(\.| operation)/)?.[1] ?? top.text.slice(0, 60)).replace(/\s+/g, ' ')
+    : '';
   const stallCycles = top?.text.match(/spends ([\d.]+) cycles/)?.[1];
   console.log(
     `| ${shape} | ${products[j % 3]} | ${/wgmma/.test(l.kernel) ? 'wgmma' : 'mma.sync'} | ${(num(m(sol, 'Duration')) / 1e6).toFixed(3)} | ` +

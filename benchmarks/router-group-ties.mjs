@@ -28,7 +28,12 @@ const cases = [
 const [T, config] = cases[Number(process.argv[2] ?? 0)];
 const runs = Number(process.argv[3] ?? 20);
 const seed0 = Number(process.argv[4] ?? 1000);
-const E = config.numExperts, k = config.topK, G = config.groups, KG = config.topkGroups, gs = E / G, m = k / KG;
+const E = config.numExperts,
+  k = config.topK,
+  G = config.groups,
+  KG = config.topkGroups,
+  gs = E / G,
+  m = k / KG;
 const sigmoid = config.scoreFunction === 'sigmoid';
 const f = Math.fround;
 const thresholds = [1e-5, 1e-6, 1e-7];
@@ -55,14 +60,18 @@ const stats = { tokens: 0, oracleMismatch: 0, keptDiffer: 0, failing: 0, runsFai
 const below = thresholds.map(() => 0);
 const examples = [];
 let largestFlippedGap = 0;
-const b64 = new Float64Array(E), b32 = new Float64Array(E), s32 = new Float64Array(E);
+const b64 = new Float64Array(E),
+  b32 = new Float64Array(E),
+  s32 = new Float64Array(E);
 for (let run = 0; run < runs; run++) {
-  const seedL = seed0 + 2 * run, seedB = seedL + 1;
+  const seedL = seed0 + 2 * run,
+    seedB = seedL + 1;
   let failedThisRun = false;
   tidy(() => {
     const logits = Tensor.randn([T, E], { seed: seedL, std: 1.5, device: 'cpu' });
     const biasT = Tensor.randn([E], { seed: seedB, std: 0.05, device: 'cpu' });
-    const x = logits.toFloat32Array(), bias = biasT.toFloat32Array();
+    const x = logits.toFloat32Array(),
+      bias = biasT.toFloat32Array();
     const idx = routerForward(logits, config, { bias: biasT }).indices.toNumbers();
     for (let t = 0; t < T; t++) {
       stats.tokens++;
@@ -73,7 +82,9 @@ for (let run = 0; run < runs; run++) {
           s32[e] = f(1 / f(1 + f(Math.exp(-row[e]))));
         }
       } else {
-        let mx = -Infinity, sum = 0, sum32 = 0;
+        let mx = -Infinity,
+          sum = 0,
+          sum32 = 0;
         for (let e = 0; e < E; e++) mx = Math.max(mx, row[e]);
         for (let e = 0; e < E; e++) {
           sum += b64[e] = Math.exp(row[e] - mx);
@@ -86,12 +97,16 @@ for (let run = 0; run < runs; run++) {
         }
       }
       for (let e = 0; e < E; e++) b32[e] = f(bias[e] + s32[e]);
-      const g64 = groupScores(b64, (v) => v), g32 = groupScores(b32, f);
-      const o64 = rank(g64), o32 = rank(g32);
+      const g64 = groupScores(b64, (v) => v),
+        g32 = groupScores(b32, f);
+      const o64 = rank(g64),
+        o32 = rank(g32);
       const gap = g64[o64[KG - 1]] - g64[o64[KG]];
       thresholds.forEach((h, i) => (below[i] += gap < h ? 1 : 0));
-      const k64 = new Set(o64.slice(0, KG)), k32 = new Set(o32.slice(0, KG));
-      const i64 = topk(b64, k64), i32 = topk(b32, k32);
+      const k64 = new Set(o64.slice(0, KG)),
+        k32 = new Set(o32.slice(0, KG));
+      const i64 = topk(b64, k64),
+        i32 = topk(b32, k32);
       if (i64.join() !== idx.slice(t * k, (t + 1) * k).join()) stats.oracleMismatch++;
       if ([...k64].some((g) => !k32.has(g))) {
         stats.keptDiffer++;
@@ -101,7 +116,17 @@ for (let run = 0; run < runs; run++) {
           stats.failing++;
           failedThisRun = true;
           if (examples.length < 5) {
-            examples.push({ seedL, seedB, token: t, slot: j, cpu: i64[j], f32: i32[j], expertGap: Math.abs(b64[i64[j]] - b64[i32[j]]), groups: [o64[KG - 1], o64[KG]], groupGap: gap });
+            examples.push({
+              seedL,
+              seedB,
+              token: t,
+              slot: j,
+              cpu: i64[j],
+              f32: i32[j],
+              expertGap: Math.abs(b64[i64[j]] - b64[i32[j]]),
+              groups: [o64[KG - 1], o64[KG]],
+              groupGap: gap,
+            });
           }
         }
       }
@@ -110,11 +135,21 @@ for (let run = 0; run < runs; run++) {
   if (failedThisRun) stats.runsFailing++;
 }
 const perToken = stats.failing / stats.tokens;
-console.log(JSON.stringify({
-  T, config, runs, seed0, stats,
-  boundaryGapBelow: Object.fromEntries(thresholds.map((h, i) => [h, below[i]])),
-  largestFlippedGap,
-  failingPerToken: perToken,
-  failingRunProbability: 1 - (1 - perToken) ** T,
-  examples,
-}, null, 1));
+console.log(
+  JSON.stringify(
+    {
+      T,
+      config,
+      runs,
+      seed0,
+      stats,
+      boundaryGapBelow: Object.fromEntries(thresholds.map((h, i) => [h, below[i]])),
+      largestFlippedGap,
+      failingPerToken: perToken,
+      failingRunProbability: 1 - (1 - perToken) ** T,
+      examples,
+    },
+    null,
+    1,
+  ),
+);

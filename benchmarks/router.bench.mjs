@@ -22,11 +22,24 @@ import { args, dryRun, quick, runPeer, timeCuda, writeInputs, writeResult } from
 
 const device = dryRun ? 'cpu' : 'cuda:0';
 const noPeer = dryRun || args.includes('--no-peer');
-const cases = dryRun ? [] : [
-  { name: 'dsv3 sigmoid+bias, 8 groups keep 4', T: 16384, E: 256, k: 8, groups: 8, topkGroups: 4, scoreFunction: 'sigmoid', bias: true },
-  { name: 'softmax top-8, no groups', T: 16384, E: 256, k: 8, groups: 1, topkGroups: 1, scoreFunction: 'softmax', bias: false },
-  ...(quick ? [] : [{ name: 'mixtral-like softmax top-2', T: 16384, E: 8, k: 2, groups: 1, topkGroups: 1, scoreFunction: 'softmax', bias: false }]),
-];
+const cases = dryRun
+  ? []
+  : [
+      {
+        name: 'dsv3 sigmoid+bias, 8 groups keep 4',
+        T: 16384,
+        E: 256,
+        k: 8,
+        groups: 8,
+        topkGroups: 4,
+        scoreFunction: 'sigmoid',
+        bias: true,
+      },
+      { name: 'softmax top-8, no groups', T: 16384, E: 256, k: 8, groups: 1, topkGroups: 1, scoreFunction: 'softmax', bias: false },
+      ...(quick
+        ? []
+        : [{ name: 'mixtral-like softmax top-2', T: 16384, E: 8, k: 2, groups: 1, topkGroups: 1, scoreFunction: 'softmax', bias: false }]),
+    ];
 const L2_BYTES = 50 << 20; // H200
 const INNER = 20;
 
@@ -123,10 +136,12 @@ const ecCases = dryRun
   : [
       { name: 'expert choice T=64K E=512 c=2, softmax', T: 65536, E: 512, cf: 2, scoreFunction: 'softmax' },
       { name: 'expert choice T=16K E=64 c=2, softmax', T: 16384, E: 64, cf: 2, scoreFunction: 'softmax' },
-      ...(quick ? [] : [
-        { name: 'expert choice T=64K E=64 c=8, sigmoid', T: 65536, E: 64, cf: 8, scoreFunction: 'sigmoid' },
-        { name: 'expert choice T=16K E=8 c=2, softmax', T: 16384, E: 8, cf: 2, scoreFunction: 'softmax' },
-      ]),
+      ...(quick
+        ? []
+        : [
+            { name: 'expert choice T=64K E=64 c=8, sigmoid', T: 65536, E: 64, cf: 8, scoreFunction: 'sigmoid' },
+            { name: 'expert choice T=16K E=8 c=2, softmax', T: 16384, E: 8, cf: 2, scoreFunction: 'softmax' },
+          ]),
     ];
 const rounds = dryRun || quick ? 1 : 3;
 const median = (v) => [...v].sort((a, b) => a - b)[Math.floor(v.length / 2)];
@@ -156,10 +171,11 @@ for (const c of ecCases) {
       const s = sets[i % nSets];
       routerForward(s.logits, resolved, { out: s.out, checkNaN: false });
     };
-    const copyOf = (n) => Array.from({ length: nSets }, () => ({
-      src: Tensor.empty([n], { dtype: 'f32', device }).fill_(1),
-      dst: Tensor.empty([n], { dtype: 'f32', device }),
-    }));
+    const copyOf = (n) =>
+      Array.from({ length: nSets }, () => ({
+        src: Tensor.empty([n], { dtype: 'f32', device }).fill_(1),
+        dst: Tensor.empty([n], { dtype: 'f32', device }),
+      }));
     const floorPairs = copyOf(Math.ceil(bytes / 8));
     const selPairs = copyOf(Math.ceil(TE / 2)); // reads 2·T·E and writes 2·T·E bytes: 4·T·E moved
     const floorMs = timeCuda((_, i) => floorPairs[i % nSets].dst.copy_(floorPairs[i % nSets].src), timing);
@@ -170,14 +186,23 @@ for (const c of ecCases) {
       dir = mkdtempSync(join(tmpdir(), 'moe-router-ec-'));
       writeInputs(dir, { logits: sets[0].logits, slot: sets[0].out.slot, weights: sets[0].out.weights });
     }
-    const ours = [], oursSingle = [], torch = [], torchSingle = [];
+    const ours = [],
+      oursSingle = [],
+      torch = [],
+      torchSingle = [];
     let peer = null;
     try {
       for (let r = 0; r < rounds; r++) {
         ours.push(timeCuda((_, i) => call(i), timing));
         oursSingle.push(timeCuda((_, i) => call(i), { ...timing, inner: 1 }));
         if (dir) {
-          peer = runPeer('router_torch.py', [dir, JSON.stringify({ ...config, capacity: C }), quick ? '10' : '30', String(nSets), String(inner)]);
+          peer = runPeer('router_torch.py', [
+            dir,
+            JSON.stringify({ ...config, capacity: C }),
+            quick ? '10' : '30',
+            String(nSets),
+            String(inner),
+          ]);
           torch.push(peer.ms);
           torchSingle.push(peer.single_ms);
         }
@@ -223,11 +248,13 @@ const pkg = JSON.parse(readFileSync(join(import.meta.dirname, '..', 'package.jso
 writeResult(dryRun ? 'router-dryrun' : 'router', rows, {
   version: pkg.version,
   floor: 'device copy of bytes/2 f32 (reads and writes the same byte count the fused forward must move), timed in the same run',
-  timing: 'per call, `inner` back-to-back calls per event-timed region rotating among `sets` input/output copies (~3x L2); torch the same way; *_single_call_us: one call per region, device idle at its start',
+  timing:
+    'per call, `inner` back-to-back calls per event-timed region rotating among `sets` input/output copies (~3x L2); torch the same way; *_single_call_us: one call per region, device idle at its start',
   targets: 'vs_floor ≤ 4, speedup_vs_torch ≥ 20 on the dsv3 case',
   kernels:
     "ours_us: the default kernels (the fast forward where it has the shape, launched as the count-zeroing kernel's programmatic dependent on sm_90+); " +
-    "no_pdl_us: setKernelOptions({ router: { pdl: false } }); generic_kernel_us: setKernelOptions({ router: { fast: false } }) (the generic warp-per-token kernel); same inputs and timing, measured after ours_us (not interleaved)",
+    'no_pdl_us: setKernelOptions({ router: { pdl: false } }); generic_kernel_us: setKernelOptions({ router: { fast: false } }) (the generic warp-per-token kernel); same inputs and timing, measured after ours_us (not interleaved)',
   agreement: 'fraction of (token, slot) indices equal to torch.topk (near ties in f32 may differ)',
-  expert_choice: 'bytes = logits in + scores, slot, weights, indices out (20·T·E); traffic_bytes = what the kernels move (40·T·E: the scores read 5 more times); selection_floor = one read of the scores (4·T·E); torch: softmax/sigmoid, topk over the token dimension, gates scattered into [T,E]; chosen_agreement = fraction of (token, expert) pairs chosen alike; ours and torch alternate over `rounds` rounds, medians and spread over rounds',
+  expert_choice:
+    'bytes = logits in + scores, slot, weights, indices out (20·T·E); traffic_bytes = what the kernels move (40·T·E: the scores read 5 more times); selection_floor = one read of the scores (4·T·E); torch: softmax/sigmoid, topk over the token dimension, gates scattered into [T,E]; chosen_agreement = fraction of (token, expert) pairs chosen alike; ours and torch alternate over `rounds` rounds, medians and spread over rounds',
 });

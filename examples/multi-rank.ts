@@ -3,12 +3,12 @@
 //   mpirun -np 2 node dist/examples/multi-rank.js  two ranks (MPI on the CPU; NCCL with a GPU per rank)
 import { getDefaultDevice, init, MoELayer, Tensor, tidy } from '../lib/index.js';
 
-const world = await init();                   // rank, size, local rank and device from the launcher
+const world = await init(); // rank, size, local rank and device from the launcher
 const { rank, size } = world;
 console.log(`${world} on ${getDefaultDevice()}`); // Communicator(mpi, rank 0 of 2) on cpu; nccl with a GPU per rank
 
-const t = Tensor.fromArray([rank + 1]);       // the default device: the rank's GPU, else the CPU
-world.allReduce(t, 'sum');                    // in place: 3 on every rank of 2
+const t = Tensor.fromArray([rank + 1]); // the default device: the rank's GPU, else the CPU
+world.allReduce(t, 'sum'); // in place: 3 on every rank of 2
 
 // Ragged all-to-all: exchange the row counts first (as tensors: NCCL moves device memory), then the rows.
 const sendRows = Array.from({ length: size }, (_, p) => p + 1 + rank);
@@ -25,8 +25,10 @@ const grads = tidy(() => {
   const fwd = layer.forward(x);
   return layer.backward(fwd, Tensor.randn([128, 64], { dtype: 'bf16', seed: 20 + rank }));
 });
-world.allReduce(grads.router, 'avg');         // the router is replicated; the experts' gradients are already whole
-console.log(`rank ${rank}: allReduce ${t.item()}, received ${recvRows.join(" + ")} rows, ${layer.localExperts} local experts, dx ${grads.dx.shape}`);
+world.allReduce(grads.router, 'avg'); // the router is replicated; the experts' gradients are already whole
+console.log(
+  `rank ${rank}: allReduce ${t.item()}, received ${recvRows.join(' + ')} rows, ${layer.localExperts} local experts, dx ${grads.dx.shape}`,
+);
 
 for (const g of Object.values(grads)) g?.dispose();
 for (const x of [t, send, recv]) x.dispose();

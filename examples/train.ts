@@ -5,21 +5,20 @@
  *   node dist/examples/train.js                  one process (GPU if there is one, else CPU)
  *   mpirun -np 2 node dist/examples/train.js     experts over 2 ranks (MPI on the CPU, NCCL with a GPU per rank)
  */
-import {
-  adamwStep,
-  balanceBiasUpdate,
-  ClusterTask,
-  init,
-  mseLoss,
-  MoELayer,
-  Tensor,
-  tidy,
-} from '../lib/index.js';
+import { adamwStep, balanceBiasUpdate, ClusterTask, init, mseLoss, MoELayer, Tensor, tidy } from '../lib/index.js';
 
 const steps = Number(process.argv[2] ?? 200);
 const world = await init();
 const device = world.size > 1 && world.backend !== 'nccl' ? 'cpu' : undefined; // MPI ranks share the CPU here
-const layer = new MoELayer({ hidden: 32, ffn: 16, numExperts: 8, topK: 2, scoreFunction: 'sigmoid', group: world, ...(device ? { device, dtype: 'f32' } : {}) });
+const layer = new MoELayer({
+  hidden: 32,
+  ffn: 16,
+  numExperts: 8,
+  topK: 2,
+  scoreFunction: 'sigmoid',
+  group: world,
+  ...(device ? { device, dtype: 'f32' } : {}),
+});
 const dtype = layer.config.dtype === 'bf16' ? 'bf16' : 'f32';
 const task = new ClusterTask({ dim: 32, clusters: 16, zipf: 1.2, noise: 0.3, seed: 7 });
 const params = [layer.master.router, layer.master.w13, layer.master.w2];

@@ -4,15 +4,7 @@
  * Every error carries `kind` and, where known, `op` (the operation that failed).
  */
 export type ErrorKind =
-  | 'InvalidArgument'
-  | 'Disposed'
-  | 'Cuda'
-  | 'OutOfMemory'
-  | 'Nccl'
-  | 'Unavailable'
-  | 'Timeout'
-  | 'Checkpoint'
-  | 'Internal';
+  'InvalidArgument' | 'Disposed' | 'Cuda' | 'OutOfMemory' | 'Nccl' | 'Unavailable' | 'Timeout' | 'Checkpoint' | 'Internal';
 
 export class MoeError extends Error {
   kind: ErrorKind = 'Internal';
@@ -103,7 +95,9 @@ export function closestName(name: string, candidates: readonly string[]): string
 
 /** Optimal string alignment distance (Levenshtein with adjacent transpositions). */
 function editDistance(a: string, b: string): number {
-  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) =>
+    Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)),
+  );
   for (let i = 1; i <= a.length; i++) {
     for (let j = 1; j <= b.length; j++) {
       const cost = a[i - 1] === b[j - 1] ? 0 : 1;

@@ -89,7 +89,8 @@ export class CudaGraph<R = void> implements Disposable {
     if (!Array.isArray(retain)) invalidArgument(op, `'retain' must be an array of tensors`);
     retain.forEach((t, i) => {
       checkTensor(t, op, `retain[${i}]`);
-      if (!t.device.equals(stream.device)) invalidArgument(op, `'retain[${i}]' is on ${t.device.toString()} but 'stream' is on ${stream.device.toString()}`);
+      if (!t.device.equals(stream.device))
+        invalidArgument(op, `'retain[${i}]' is on ${t.device.toString()} but 'stream' is on ${stream.device.toString()}`);
     });
     const handle = new (native().GraphHandle)(stream.handle); // the capture is open from here
     // The outer scope owns what fn returns until the capture has ended: if it fails, those
@@ -104,7 +105,10 @@ export class CudaGraph<R = void> implements Disposable {
             const v = fn();
             if (v instanceof Promise) {
               v.catch(() => undefined);
-              throw new InvalidArgumentError(`${op}: 'fn' returned a promise; a capture is synchronous (it records what fn queues before returning)`, op);
+              throw new InvalidArgumentError(
+                `${op}: 'fn' returned a promise; a capture is synchronous (it records what fn queues before returning)`,
+                op,
+              );
             }
             return v;
           }),
@@ -113,7 +117,11 @@ export class CudaGraph<R = void> implements Disposable {
         const broken = handle.abortCapture();
         handle.dispose();
         if (broken) {
-          throw new GraphCaptureError(`${op}: the capture was broken by ${broken}. Nothing was captured and the stream is no longer capturing`, op, e);
+          throw new GraphCaptureError(
+            `${op}: the capture was broken by ${broken}. Nothing was captured and the stream is no longer capturing`,
+            op,
+            e,
+          );
         }
         throw e;
       }
@@ -143,7 +151,8 @@ export class CudaGraph<R = void> implements Disposable {
     const op = 'CudaGraph.replay';
     if (stream !== undefined) {
       checkStream(stream, op);
-      if (!stream.device.equals(this.device)) invalidArgument(op, `'stream' is on ${stream.device.toString()} but the graph is on ${this.device.toString()}`);
+      if (!stream.device.equals(this.device))
+        invalidArgument(op, `'stream' is on ${stream.device.toString()} but the graph is on ${this.device.toString()}`);
     }
     this.handle.replay(stream ? stream.handle : null);
   }

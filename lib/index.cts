@@ -7,6 +7,9 @@ try {
   moeEp = require('./index.js');
 } catch (e) {
   if ((e as { code?: string }).code !== 'ERR_REQUIRE_ESM') throw e;
-  throw new Error(`moe-ep: require('moe-ep') needs Node >= 20.19 or >= 22.12 (it loads ES modules); this is Node ${process.version}. Use import('moe-ep') or a newer Node.`, { cause: e });
+  throw new Error(
+    `moe-ep: require('moe-ep') needs Node >= 20.19 or >= 22.12 (it loads ES modules); this is Node ${process.version}. Use import('moe-ep') or a newer Node.`,
+    { cause: e },
+  );
 }
 export = moeEp;

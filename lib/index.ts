@@ -78,7 +78,17 @@ export {
   type UnpermuteOptions,
 } from './moe/permute.js';
 export { type Backend, Communicator, DEFAULT_TIMEOUT_MS, type ReduceOp } from './parallel/communicator.js';
-export { type BackendChoice, chooseBackend, expertGroups, init, type InitOptions, jobId, type LaunchEnv, type Launcher, launchEnv } from './parallel/init.js';
+export {
+  type BackendChoice,
+  chooseBackend,
+  expertGroups,
+  init,
+  type InitOptions,
+  jobId,
+  type LaunchEnv,
+  type Launcher,
+  launchEnv,
+} from './parallel/init.js';
 export { rendezvous, type RendezvousOptions } from './parallel/rendezvous.js';
 export {
   adamwStep,
@@ -164,7 +174,14 @@ export {
   splitExperts,
 } from './train/moe-state.js';
 export { type Batch, ClusterTask, type ClusterTaskConfig } from './train/data.js';
-export { type DeepPartial, defaultConfig, resolveConfig, type TrainConfig, type TrainConfigInput, trainConfigSchema } from './train/config.js';
+export {
+  type DeepPartial,
+  defaultConfig,
+  resolveConfig,
+  type TrainConfig,
+  type TrainConfigInput,
+  trainConfigSchema,
+} from './train/config.js';
 export { type LayerMetrics, type StepMetrics } from './train/metrics.js';
 export { MoEModel } from './train/model.js';
 export { Trainer } from './train/trainer.js';

@@ -10,7 +10,14 @@ import { addonPath, type DeviceProperties, type MpiStatus, native, type NcclStat
 export interface Info {
   version: string;
   node: string;
-  addon: { path: string; backend: 'cuda' | 'cpu'; cudaArchitectures: string[]; cudaCompilerVersion: string; compiler: string; ncclAbiChecked: boolean };
+  addon: {
+    path: string;
+    backend: 'cuda' | 'cpu';
+    cudaArchitectures: string[];
+    cudaCompilerVersion: string;
+    compiler: string;
+    ncclAbiChecked: boolean;
+  };
   cuda: { driverVersion: string | null; runtimeVersion: string | null; devices: DeviceProperties[]; unavailable: string };
   nccl: NcclStatus & { versionString: string | null };
   mpi: { built: boolean; available: boolean; path: string; library: string; reason: string };
@@ -61,7 +68,12 @@ function transportInfo(gpus: number, access: number[][]): Info['transport'] {
   if (gpus === 0) return { ipc: false, peerAccess: [], summary: "nccl/mpi only: the peer-memory ('ipc') transport needs GPUs" };
   const pairs = access.flatMap((row, i) => row.map((ok, j) => (i !== j ? ok : 1)));
   const all = pairs.every((ok) => ok === 1);
-  const what = gpus === 1 ? 'ranks sharing GPU 0 (CUDA IPC between processes)' : all ? `ranks on GPUs 0-${gpus - 1} (peer access between every pair) or sharing one` : 'ranks sharing one GPU, or on GPUs with peer access (not every pair here)';
+  const what =
+    gpus === 1
+      ? 'ranks sharing GPU 0 (CUDA IPC between processes)'
+      : all
+        ? `ranks on GPUs 0-${gpus - 1} (peer access between every pair) or sharing one`
+        : 'ranks sharing one GPU, or on GPUs with peer access (not every pair here)';
   return { ipc: true, peerAccess: access, summary: `ipc for ${what}; nccl across hosts or without peer access` };
 }
 
@@ -81,9 +93,14 @@ export function formatInfo(i: Info): string {
   ];
   if (i.cuda.devices.length === 0) lines.push(`GPUs       none: ${i.cuda.unavailable}`);
   for (const d of i.cuda.devices) {
-    lines.push(`GPU ${d.index}      ${d.name}, ${gib(d.totalMemory)} (${gib(d.freeMemory)} free), compute capability ${d.computeCapability}, ${d.multiprocessors} SMs`);
+    lines.push(
+      `GPU ${d.index}      ${d.name}, ${gib(d.totalMemory)} (${gib(d.freeMemory)} free), compute capability ${d.computeCapability}, ${d.multiprocessors} SMs`,
+    );
   }
-  if (i.nccl.loaded) lines.push(`NCCL       ${i.nccl.versionString} from ${i.nccl.path}${i.addon.ncclAbiChecked ? ' (ABI checked against nccl.h at build time)' : ''}`);
+  if (i.nccl.loaded)
+    lines.push(
+      `NCCL       ${i.nccl.versionString} from ${i.nccl.path}${i.addon.ncclAbiChecked ? ' (ABI checked against nccl.h at build time)' : ''}`,
+    );
   else lines.push(`NCCL       not loaded: ${i.nccl.error.replace(/\n/g, '\n           ')}`);
   lines.push(`MPI        ${i.mpi.available ? `${i.mpi.library || 'loaded'} via ${i.mpi.path}` : `no: ${i.mpi.reason}`}`);
   lines.push(`transport  ${i.transport.summary}`);

@@ -153,19 +153,60 @@ export type PeerHandle = Branded<
     synchronize(): void;
     closePeers(): void;
     dispatchLayout(
-      indices: TensorHandle, slot: TensorHandle, kept: TensorHandle, segment: number, align: number, sms: number, localExperts: number,
-      pos: TensorHandle, dest: TensorHandle, offsets: TensorHandle | null, segStart: TensorHandle | null, fill: TensorHandle | null,
+      indices: TensorHandle,
+      slot: TensorHandle,
+      kept: TensorHandle,
+      segment: number,
+      align: number,
+      sms: number,
+      localExperts: number,
+      pos: TensorHandle,
+      dest: TensorHandle,
+      offsets: TensorHandle | null,
+      segStart: TensorHandle | null,
+      fill: TensorHandle | null,
     ): { rows: number; maxTokens: number; segmentRows: number[]; tokensFrom: number[] };
     dispatchRows(
-      payload: TensorHandle, indices: TensorHandle, slot: TensorHandle, weights: TensorHandle,
-      pos: TensorHandle, dest: TensorHandle, segment: number, align: number, sms: number, localExperts: number, fp8: boolean, segStart: TensorHandle | null,
-      fill: TensorHandle | null, offsets: TensorHandle | null, out: TensorHandle, outWeights: TensorHandle, rowSrc: TensorHandle,
-      recvRowOf: TensorHandle, recvWeight: TensorHandle, recvTokens: TensorHandle,
+      payload: TensorHandle,
+      indices: TensorHandle,
+      slot: TensorHandle,
+      weights: TensorHandle,
+      pos: TensorHandle,
+      dest: TensorHandle,
+      segment: number,
+      align: number,
+      sms: number,
+      localExperts: number,
+      fp8: boolean,
+      segStart: TensorHandle | null,
+      fill: TensorHandle | null,
+      offsets: TensorHandle | null,
+      out: TensorHandle,
+      outWeights: TensorHandle,
+      rowSrc: TensorHandle,
+      recvRowOf: TensorHandle,
+      recvWeight: TensorHandle,
+      recvTokens: TensorHandle,
     ): void;
-    combine(rows: TensorHandle, recvRowOf: TensorHandle, recvWeight: TensorHandle | null, recvTokens: TensorHandle, pos: TensorHandle, y: TensorHandle, sms: number): void;
+    combine(
+      rows: TensorHandle,
+      recvRowOf: TensorHandle,
+      recvWeight: TensorHandle | null,
+      recvTokens: TensorHandle,
+      pos: TensorHandle,
+      y: TensorHandle,
+      sms: number,
+    ): void;
     combineBackward(
-      dy: TensorHandle, rows: TensorHandle, rowSrc: TensorHandle, recvWeight: TensorHandle, pos: TensorHandle, dest: TensorHandle,
-      dRows: TensorHandle, dWeights: TensorHandle, sms: number,
+      dy: TensorHandle,
+      rows: TensorHandle,
+      rowSrc: TensorHandle,
+      recvWeight: TensorHandle,
+      pos: TensorHandle,
+      dest: TensorHandle,
+      dRows: TensorHandle,
+      dWeights: TensorHandle,
+      sms: number,
     ): void;
     dispose(): void;
   },
@@ -193,7 +234,13 @@ export interface RawBinding {
   abiVersion: number;
   setErrorClasses(classes: Record<string, unknown>): void;
   tensorEmpty(shape: number[], dtype: number, deviceType: number, deviceIndex: number): TensorHandle;
-  tensorFromBuffer(data: ArrayBufferView | ArrayBuffer, shape: number[], dtype: number, deviceType: number, deviceIndex: number): TensorHandle;
+  tensorFromBuffer(
+    data: ArrayBufferView | ArrayBuffer,
+    shape: number[],
+    dtype: number,
+    deviceType: number,
+    deviceIndex: number,
+  ): TensorHandle;
   StreamHandle: new (deviceType: number, deviceIndex: number) => StreamHandle;
   EventHandle: new (deviceType: number, deviceIndex: number, timing: boolean) => EventHandle;
   setCurrentStream(deviceIndex: number, stream: StreamHandle | null): void;
@@ -376,7 +423,16 @@ export interface RawBinding {
   setKernelOptions(options: KernelOptions): void;
   kernelOptions(): KernelOptions;
   // the peer-memory transport
-  peerCreate(rank: number, size: number, device: number, tokenCap: number, rowBytes: number, topK: number, localExperts: number, timeoutMs: number): PeerHandle;
+  peerCreate(
+    rank: number,
+    size: number,
+    device: number,
+    tokenCap: number,
+    rowBytes: number,
+    topK: number,
+    localExperts: number,
+    timeoutMs: number,
+  ): PeerHandle;
 }
 
 const EXPECTED_ABI = 6;
@@ -404,7 +460,9 @@ function load(): RawBinding {
   const explicit = process.env['MOE_EP_ADDON'];
   const candidates = explicit
     ? [explicit]
-    : [join(root, 'build', 'Release', 'moe_ep.node'), join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'moe-ep.node')].filter((p) => existsSync(p));
+    : [join(root, 'build', 'Release', 'moe_ep.node'), join(root, 'prebuilds', `${process.platform}-${process.arch}`, 'moe-ep.node')].filter(
+        (p) => existsSync(p),
+      );
   for (const path of candidates) {
     try {
       raw = require(path) as RawBinding;
@@ -417,7 +475,8 @@ function load(): RawBinding {
   }
   if (raw && failures.length) process.stderr.write(`moe-ep: could not load ${failures.join('; ')}; using ${loadedFrom} instead\n`);
   if (!raw) {
-    if (candidates.length === 0) failures.push(`no addon in ${root}: neither build/Release/moe_ep.node nor prebuilds/${process.platform}-${process.arch}/moe-ep.node`);
+    if (candidates.length === 0)
+      failures.push(`no addon in ${root}: neither build/Release/moe_ep.node nor prebuilds/${process.platform}-${process.arch}/moe-ep.node`);
     throw new Error(
       [
         'moe-ep: the native addon could not be loaded.',

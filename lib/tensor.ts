@@ -197,7 +197,8 @@ export class Tensor implements Disposable {
     const length = data !== null && typeof data === 'object' ? (data as ArrayLike<unknown>).length : undefined;
     if (typeof length !== 'number') invalidArgument(op, `'data' must be an array of numbers or a TypedArray`);
     const shape = checkShape(options.shape ?? [length], op);
-    if (numelOf(shape) !== length) invalidArgument(op, `'data' has ${length} values but shape [${shape.join(',')}] holds ${numelOf(shape)}`);
+    if (numelOf(shape) !== length)
+      invalidArgument(op, `'data' has ${length} values but shape [${shape.join(',')}] holds ${numelOf(shape)}`);
     const typed = ArrayBuffer.isView(data) ? (data as ArrayBufferView) : undefined;
     const implied = typed ? dtypeOfArray(typed) : undefined;
     if (typed instanceof Uint16Array && options.dtype !== 'bf16' && options.dtype !== 'f16') {
@@ -220,7 +221,15 @@ export class Tensor implements Disposable {
     }
     if (dtype === 'i32') return new Tensor(native().tensorFromBuffer(Int32Array.from(values), shape, DTYPE_CODE.i32, ...device.code));
     if (dtype === 'u8') return new Tensor(native().tensorFromBuffer(Uint8Array.from(values), shape, DTYPE_CODE.u8, ...device.code));
-    if (dtype === 'i64') return new Tensor(native().tensorFromBuffer(BigInt64Array.from(values, (v) => BigInt(v)), shape, DTYPE_CODE.i64, ...device.code));
+    if (dtype === 'i64')
+      return new Tensor(
+        native().tensorFromBuffer(
+          BigInt64Array.from(values, (v) => BigInt(v)),
+          shape,
+          DTYPE_CODE.i64,
+          ...device.code,
+        ),
+      );
     const f32 = Float32Array.from(values);
     if (dtype === 'f32') return new Tensor(native().tensorFromBuffer(f32, shape, DTYPE_CODE.f32, ...device.code));
     const host = new Tensor(native().tensorFromBuffer(f32, shape, DTYPE_CODE.f32, ...Device.cpu.code));

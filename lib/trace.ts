@@ -63,7 +63,8 @@ export const trace = {
     try {
       const first = taken[0];
       const firstOnDevice = new Map<string, Event>(); // GPU times count from the first mark on each GPU
-      for (const m of taken) if (m.event && !firstOnDevice.has(m.event.device.toString())) firstOnDevice.set(m.event.device.toString(), m.event);
+      for (const m of taken)
+        if (m.event && !firstOnDevice.has(m.event.device.toString())) firstOnDevice.set(m.event.device.toString(), m.event);
       return taken.map((m) => {
         m.event?.synchronize();
         const origin = m.event ? firstOnDevice.get(m.event.device.toString()) : undefined;

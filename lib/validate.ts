@@ -32,7 +32,10 @@ export type OptionKeys<T> = { readonly [K in keyof Required<T>]: true };
  */
 export function checkKeys<T extends object>(options: T, op: string, known: NoInfer<OptionKeys<T>>): T {
   if (options === null || typeof options !== 'object' || Array.isArray(options)) {
-    invalidArgument(op, `'options' must be an object; received ${options === null ? 'null' : Array.isArray(options) ? 'an array' : typeof options}`);
+    invalidArgument(
+      op,
+      `'options' must be an object; received ${options === null ? 'null' : Array.isArray(options) ? 'an array' : typeof options}`,
+    );
   }
   // Allocation-free when every key is known: this runs on every tensor creation.
   for (const key in options) {
@@ -101,35 +104,45 @@ export interface NumberRange {
 }
 
 /** A number (finite unless `finite: false`; never NaN), at least (or above) `min` when given. */
-export function checkNumber(v: unknown, op: string, arg: string, { finite = true, min = -Infinity, minExclusive = false }: NumberRange = {}): number {
+export function checkNumber(
+  v: unknown,
+  op: string,
+  arg: string,
+  { finite = true, min = -Infinity, minExclusive = false }: NumberRange = {},
+): number {
   if (typeof v !== 'number' || Number.isNaN(v) || (finite && !Number.isFinite(v))) {
     invalidArgument(op, `'${arg}' must be a ${finite ? 'finite ' : ''}number; received ${received(v)}`);
   }
-  if (v < min || (minExclusive && v === min)) invalidArgument(op, `'${arg}' = ${v} must be ${minExclusive ? 'greater than' : 'at least'} ${min}`);
+  if (v < min || (minExclusive && v === min))
+    invalidArgument(op, `'${arg}' = ${v} must be ${minExclusive ? 'greater than' : 'at least'} ${min}`);
   return v;
 }
 
 /** A finite number ≥ 0. */
 export function checkNonNegativeNumber(v: unknown, op: string, arg: string): number {
-  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0) invalidArgument(op, `'${arg}' must be a non-negative finite number; received ${received(v)}`);
+  if (typeof v !== 'number' || !Number.isFinite(v) || v < 0)
+    invalidArgument(op, `'${arg}' must be a non-negative finite number; received ${received(v)}`);
   return v;
 }
 
 /** A finite number > 0; `hint` follows the requirement in the message. */
 export function checkPositiveNumber(v: unknown, op: string, arg: string, hint = ''): number {
-  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0) invalidArgument(op, `'${arg}' must be a finite number > 0${hint && ` ${hint}`}; received ${received(v)}`);
+  if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0)
+    invalidArgument(op, `'${arg}' must be a finite number > 0${hint && ` ${hint}`}; received ${received(v)}`);
   return v;
 }
 
 /** A safe integer ≥ 1, below `below` when given (e.g. 2 ** 31 for what the addon takes as i32). */
 export function checkPositiveInt(v: unknown, op: string, arg: string, { below = Infinity }: { below?: number } = {}): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1 || v >= below) invalidArgument(op, `'${arg}' must be a positive integer; received ${received(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1 || v >= below)
+    invalidArgument(op, `'${arg}' must be a positive integer; received ${received(v)}`);
   return v;
 }
 
 /** A safe integer ≥ 0; `hint` (say what 0 means) follows the requirement in the message. */
 export function checkNonNegativeInt(v: unknown, op: string, arg: string, hint = ''): number {
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) invalidArgument(op, `'${arg}' must be a non-negative integer${hint && ` ${hint}`}; received ${received(v)}`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0)
+    invalidArgument(op, `'${arg}' must be a non-negative integer${hint && ` ${hint}`}; received ${received(v)}`);
   return v;
 }
 
@@ -145,7 +158,8 @@ export function checkBoolean(v: unknown, op: string, arg: string): boolean {
 
 /** One of `allowed` (strings compared as given: an inherited name such as 'toString' is refused). */
 export function checkOneOf<T extends string>(v: unknown, op: string, arg: string, allowed: readonly T[]): T {
-  if (!(allowed as readonly unknown[]).includes(v)) invalidArgument(op, `'${arg}' must be one of ${allowed.join(', ')}; received ${received(v)}`);
+  if (!(allowed as readonly unknown[]).includes(v))
+    invalidArgument(op, `'${arg}' must be one of ${allowed.join(', ')}; received ${received(v)}`);
   return v as T;
 }
 

@@ -64,7 +64,10 @@ const requested = (process.env.MOE_EP_CUDA ?? process.env.npm_config_moe_ep_cuda
 if (!['auto', 'on', 'off'].includes(requested)) fail(`moe-ep: MOE_EP_CUDA must be auto, on or off (got '${requested}')`, 2);
 const cuda = requested === 'auto' ? decideCuda() : requested;
 
-const minutes = Math.max(1, Math.round((cuda === 'on' ? CUDA_CORE_MINUTES : CPU_CORE_MINUTES) / Math.max(1, Math.min(Number(jobs), availableParallelism()))));
+const minutes = Math.max(
+  1,
+  Math.round((cuda === 'on' ? CUDA_CORE_MINUTES : CPU_CORE_MINUTES) / Math.max(1, Math.min(Number(jobs), availableParallelism()))),
+);
 const archs = process.env.MOE_EP_CUDA_ARCHS ?? 'default';
 say(
   `moe-ep: building the native addon from source: ${cuda === 'on' ? `CPU code and CUDA kernels (architectures ${archs === 'default' ? '80-real;90-real;90-virtual' : archs})` : 'CPU-only'}, ` +
@@ -126,13 +129,24 @@ function decideCuda() {
     say(`moe-ep: MOE_EP_CUDA=auto: a GPU driver answers (${driver}) and nvcc is at ${nvcc}: building the CUDA kernels`);
     return 'on';
   }
-  if (driver) say(`moe-ep: MOE_EP_CUDA=auto: a GPU driver answers (${driver}) but no nvcc was found (PATH, CUDA_HOME, /usr/local/cuda): CPU-only addon`);
-  else if (nvcc) say(`moe-ep: MOE_EP_CUDA=auto: nvcc is at ${nvcc} but no GPU driver answers: CPU-only addon (MOE_EP_CUDA=on builds the CUDA kernels anyway)`);
+  if (driver)
+    say(
+      `moe-ep: MOE_EP_CUDA=auto: a GPU driver answers (${driver}) but no nvcc was found (PATH, CUDA_HOME, /usr/local/cuda): CPU-only addon`,
+    );
+  else if (nvcc)
+    say(
+      `moe-ep: MOE_EP_CUDA=auto: nvcc is at ${nvcc} but no GPU driver answers: CPU-only addon (MOE_EP_CUDA=on builds the CUDA kernels anyway)`,
+    );
   return 'off';
 }
 
 function findNvcc() {
-  const dirs = [...(process.env.PATH ?? '').split(delimiter), process.env.CUDA_HOME && join(process.env.CUDA_HOME, 'bin'), process.env.CUDA_PATH && join(process.env.CUDA_PATH, 'bin'), '/usr/local/cuda/bin'];
+  const dirs = [
+    ...(process.env.PATH ?? '').split(delimiter),
+    process.env.CUDA_HOME && join(process.env.CUDA_HOME, 'bin'),
+    process.env.CUDA_PATH && join(process.env.CUDA_PATH, 'bin'),
+    '/usr/local/cuda/bin',
+  ];
   for (const d of dirs) if (d && existsSync(join(d, 'nvcc'))) return join(d, 'nvcc');
   return null;
 }

@@ -10,7 +10,12 @@ import { info } from '../dist/lib/index.js';
 const [reportPath, outPath] = process.argv.slice(2);
 const report = JSON.parse(readFileSync(reportPath, 'utf8'));
 const tests = report.testResults.flatMap((f) =>
-  f.assertionResults.map((a) => ({ file: f.name.replace(/^.*\/test\//, 'test/'), name: a.fullName, status: a.status, failure: a.failureMessages?.[0]?.split('\n')[0] })),
+  f.assertionResults.map((a) => ({
+    file: f.name.replace(/^.*\/test\//, 'test/'),
+    name: a.fullName,
+    status: a.status,
+    failure: a.failureMessages?.[0]?.split('\n')[0],
+  })),
 );
 const count = (s) => tests.filter((t) => t.status === s).length;
 const i = info();

@@ -59,7 +59,9 @@ if (existsSync(local) && tryLoad(local).ok) {
 if (existsSync(prebuild)) {
   const r = tryLoad(prebuild);
   if (r.ok) {
-    console.log(`moe-ep: using the prebuilt addon ${relative(root, prebuild)} (${r.info.cuda ? `CUDA ${r.info.cuda}` : 'CPU-only'}${r.info.mpi ? ', MPI backend' : ''}); nothing to compile`);
+    console.log(
+      `moe-ep: using the prebuilt addon ${relative(root, prebuild)} (${r.info.cuda ? `CUDA ${r.info.cuda}` : 'CPU-only'}${r.info.mpi ? ', MPI backend' : ''}); nothing to compile`,
+    );
     process.exit(0);
   }
   build(`the prebuilt addon ${relative(root, prebuild)} does not load here (${r.error}); compiling from source instead`);

@@ -18,9 +18,13 @@ const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const require = createRequire(import.meta.url);
 const env = { ...process.env };
 if (!env.MOE_EP_CUDA || env.MOE_EP_CUDA === 'auto') {
-  const nvcc = [...(env.PATH ?? '').split(delimiter), env.CUDA_HOME && join(env.CUDA_HOME, 'bin'), '/usr/local/cuda/bin'].some((d) => d && existsSync(join(d, 'nvcc')));
+  const nvcc = [...(env.PATH ?? '').split(delimiter), env.CUDA_HOME && join(env.CUDA_HOME, 'bin'), '/usr/local/cuda/bin'].some(
+    (d) => d && existsSync(join(d, 'nvcc')),
+  );
   env.MOE_EP_CUDA = nvcc ? 'on' : 'off';
-  console.log(`moe-ep prebuild: MOE_EP_CUDA=${env.MOE_EP_CUDA} (${nvcc ? 'nvcc found' : 'no nvcc: THE PREBUILD IS CPU-ONLY'}; set MOE_EP_CUDA to choose)`);
+  console.log(
+    `moe-ep prebuild: MOE_EP_CUDA=${env.MOE_EP_CUDA} (${nvcc ? 'nvcc found' : 'no nvcc: THE PREBUILD IS CPU-ONLY'}; set MOE_EP_CUDA to choose)`,
+  );
 }
 env.MOE_EP_CMAKE_DIR ??= join(root, 'build', 'prebuild');
 
@@ -36,7 +40,11 @@ const started = Date.now();
 let status;
 try {
   const prebuildify = require.resolve('prebuildify/bin.js');
-  status = spawnSync(process.execPath, [prebuildify, '--napi', '--strip', '--node-gyp', join(root, 'scripts', 'build-addon.mjs')], { stdio: 'inherit', cwd: root, env }).status;
+  status = spawnSync(process.execPath, [prebuildify, '--napi', '--strip', '--node-gyp', join(root, 'scripts', 'build-addon.mjs')], {
+    stdio: 'inherit',
+    cwd: root,
+    env,
+  }).status;
 } finally {
   for (const f of ['moe_ep.node', 'moe_ep_mpi.so']) rmSync(join(release, f), { force: true });
   for (const f of keepable) copyFileSync(join(kept, f), join(release, f));
@@ -49,8 +57,15 @@ if (status !== 0) {
 
 // The prebuild must load from where it lies, and find its MPI backend there.
 const addon = join(platformDir, 'moe-ep.node');
-const check = spawnSync(process.execPath, ['-e', `const b = require(${JSON.stringify(addon)}); const i = b.buildInfo(); const m = b.mpiStatus(true);
-  console.log(JSON.stringify({ cuda: i.cuda, archs: i.cudaArchitectures, mpiBuilt: m.built, mpiLoaded: m.loaded, mpiPath: m.path, mpiError: m.error }));`], { encoding: 'utf8' });
+const check = spawnSync(
+  process.execPath,
+  [
+    '-e',
+    `const b = require(${JSON.stringify(addon)}); const i = b.buildInfo(); const m = b.mpiStatus(true);
+  console.log(JSON.stringify({ cuda: i.cuda, archs: i.cudaArchitectures, mpiBuilt: m.built, mpiLoaded: m.loaded, mpiPath: m.path, mpiError: m.error }));`,
+  ],
+  { encoding: 'utf8' },
+);
 if (check.status !== 0) {
   console.error(`moe-ep prebuild: ${addon} does not load:\n${check.stderr}`);
   process.exit(1);
@@ -61,4 +76,6 @@ if (facts.mpiBuilt && !facts.mpiLoaded) {
   process.exit(1);
 }
 const files = readdirSync(platformDir).map((f) => `${f} (${(statSync(join(platformDir, f)).size / 2 ** 20).toFixed(1)} MiB)`);
-console.log(`moe-ep prebuild: ${platformDir}: ${files.join(', ')}; ${facts.cuda ? `CUDA ${facts.archs}` : 'CPU-only'}${facts.mpiBuilt ? `, MPI backend loads from ${facts.mpiPath}` : ', no MPI backend'}; ${((Date.now() - started) / 1000).toFixed(0)} s`);
+console.log(
+  `moe-ep prebuild: ${platformDir}: ${files.join(', ')}; ${facts.cuda ? `CUDA ${facts.archs}` : 'CPU-only'}${facts.mpiBuilt ? `, MPI backend loads from ${facts.mpiPath}` : ', no MPI backend'}; ${((Date.now() - started) / 1000).toFixed(0)} s`,
+);

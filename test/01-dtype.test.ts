@@ -37,7 +37,7 @@ describe.each(codecs)('$dtype', ({ dtype, bits, decode, max, saturates }) => {
     const samples: number[] = [];
     const seed = freshSeed();
     let s = seed;
-    const rnd = (): number => ((s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+    const rnd = (): number => (s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
     for (let k = 0; k < 4000; k++) {
       const i = codes[Math.floor(rnd() * (codes.length - 1))] as number;
       const lo = decode(i);

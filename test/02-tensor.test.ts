@@ -72,7 +72,10 @@ describe('creation', () => {
 
 describe('views', () => {
   it('view, narrow and transpose share storage and index correctly', () => {
-    using a = Tensor.fromArray(Float32Array.from({ length: 24 }, (_, i) => i), { shape: [2, 3, 4], device: cpu });
+    using a = Tensor.fromArray(
+      Float32Array.from({ length: 24 }, (_, i) => i),
+      { shape: [2, 3, 4], device: cpu },
+    );
     using v = a.view(6, -1);
     expect(v.shape).toEqual([6, 4]);
     expect(v.sharesStorageWith(a)).toBe(true);

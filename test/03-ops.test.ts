@@ -121,6 +121,11 @@ describe('matmul', () => {
     ops.matmul(a, b, { out });
     expect(relErr(values(out), ref)).toBeLessThan(outType === 'f32' ? 1e-6 : tolerance[outType]);
     ops.matmul(a, b, { out, accumulate: true });
-    expect(relErr(values(out), ref.map((x) => 2 * x))).toBeLessThan(outType === 'f32' ? 1e-6 : tolerance[outType]);
+    expect(
+      relErr(
+        values(out),
+        ref.map((x) => 2 * x),
+      ),
+    ).toBeLessThan(outType === 'f32' ? 1e-6 : tolerance[outType]);
   });
 });

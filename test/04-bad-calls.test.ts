@@ -42,7 +42,8 @@ import {
 import { native } from '../lib/native.js';
 
 const cpu = 'cpu' as const;
-const f = (shape: number[], dtype: 'f32' | 'bf16' | 'i32' | 'u8' | 'fp8e4m3' = 'f32'): Tensor => Tensor.zeros(shape, { dtype, device: cpu });
+const f = (shape: number[], dtype: 'f32' | 'bf16' | 'i32' | 'u8' | 'fp8e4m3' = 'f32'): Tensor =>
+  Tensor.zeros(shape, { dtype, device: cpu });
 const disposed = (): Tensor => {
   const t = f([2, 2]);
   t.dispose();
@@ -80,30 +81,74 @@ const cases: Case[] = [
   ['add of different shapes', () => ops.add(f([2, 3]), f([3, 2])), InvalidArgumentError, /add: 'b' shape \[3,2\] is neither/],
   ['matmul inner mismatch', () => ops.matmul(f([2, 3]), f([4, 5])), InvalidArgumentError, /matmul: inner dimensions differ/],
   ['matmul of 3-D', () => ops.matmul(f([2, 3, 4]), f([4, 5])), InvalidArgumentError, /matmul: expects 2-D/],
-  ['out of the wrong shape', () => ops.scale(f([2, 3]), 2, { out: f([3, 2]) }), InvalidArgumentError, /scale: 'out' has shape \[3,2\] but 'a' has shape \[2,3\]/],
+  [
+    'out of the wrong shape',
+    () => ops.scale(f([2, 3]), 2, { out: f([3, 2]) }),
+    InvalidArgumentError,
+    /scale: 'out' has shape \[3,2\] but 'a' has shape \[2,3\]/,
+  ],
   ['copy between shapes', () => f([2, 3]).copy_(f([6])), InvalidArgumentError, /copy: 'src' has shape \[6\] but 'dst'/],
   ['view with a wrong count', () => f([2, 3]).view(4, 2), InvalidArgumentError, /view: 'shape' \[4,2\] has 8 elements but the tensor/],
   ['view with two -1', () => f([2, 3]).view(-1, -1), InvalidArgumentError, /more than one -1/],
   ['narrow past the end', () => f([2, 3]).narrow(1, 2, 5), InvalidArgumentError, /narrow: 'start' 2 and 'length' 5 do not fit/],
   ['sum over a missing dim', () => ops.sum(f([2, 3]), 2), InvalidArgumentError, /sum: 'dim' = 2 is out of range/],
   ['max of an empty dim', () => ops.max(f([0, 3]), 0), InvalidArgumentError, /max: cannot take the max over dimension 0/],
-  ['fromArray count mismatch', () => Tensor.fromArray([1, 2, 3], { shape: [2, 2], device: cpu }), InvalidArgumentError, /fromArray: 'data' has 3 values/],
-  ['fromArray non-integer into i32', () => Tensor.fromArray([1.5], { dtype: 'i32', device: cpu }), InvalidArgumentError, /'data'\[0\] = 1.5 is not an integer/],
-  ['Uint16Array without a dtype', () => Tensor.fromArray(new Uint16Array(2), { device: cpu }), InvalidArgumentError, /Uint16Array holds raw bf16 or f16 bits/],
+  [
+    'fromArray count mismatch',
+    () => Tensor.fromArray([1, 2, 3], { shape: [2, 2], device: cpu }),
+    InvalidArgumentError,
+    /fromArray: 'data' has 3 values/,
+  ],
+  [
+    'fromArray non-integer into i32',
+    () => Tensor.fromArray([1.5], { dtype: 'i32', device: cpu }),
+    InvalidArgumentError,
+    /'data'\[0\] = 1.5 is not an integer/,
+  ],
+  [
+    'Uint16Array without a dtype',
+    () => Tensor.fromArray(new Uint16Array(2), { device: cpu }),
+    InvalidArgumentError,
+    /Uint16Array holds raw bf16 or f16 bits/,
+  ],
   ['fill i32 with a fraction', () => f([2], 'i32').fill_(0.5), InvalidArgumentError, /fill: 'value' 0.5 is not an integer/],
   ['fill u8 out of range', () => f([2], 'u8').fill_(300), InvalidArgumentError, /fill: 'value' 300 does not fit u8/],
   // disposed tensors
   ['disposed input', () => ops.add(disposed(), f([2, 2])), DisposedError, /disposed/],
   ['disposed out', () => ops.scale(f([2, 2]), 1, { out: disposed() }), DisposedError, /disposed/],
-  ['disposed stream', () => { const s = new Stream(cpu); s.dispose(); s.synchronize(); }, DisposedError, /disposed/],
+  [
+    'disposed stream',
+    () => {
+      const s = new Stream(cpu);
+      s.dispose();
+      s.synchronize();
+    },
+    DisposedError,
+    /disposed/,
+  ],
   // negative or absurd sizes
-  ['negative size', () => Tensor.empty([2, -1], { device: cpu }), InvalidArgumentError, /'shape' must be an array of non-negative integers/],
+  [
+    'negative size',
+    () => Tensor.empty([2, -1], { device: cpu }),
+    InvalidArgumentError,
+    /'shape' must be an array of non-negative integers/,
+  ],
   ['fractional size', () => Tensor.empty([2.5], { device: cpu }), InvalidArgumentError, /non-negative integers/],
   ['absurd size', () => Tensor.empty([2 ** 30, 2 ** 30, 2 ** 30], { device: cpu }), InvalidArgumentError, /has too many elements|64 TiB/],
   ['too many dims', () => Tensor.empty([1, 1, 1, 1, 1, 1, 1, 1, 1], { device: cpu }), InvalidArgumentError, /at most 8/],
-  ['allocation past the 64 TiB guard', () => Tensor.empty([2 ** 23, 2 ** 23 + 1], { dtype: 'u8', device: cpu }), InvalidArgumentError, /too many elements|64 TiB/],
+  [
+    'allocation past the 64 TiB guard',
+    () => Tensor.empty([2 ** 23, 2 ** 23 + 1], { dtype: 'u8', device: cpu }),
+    InvalidArgumentError,
+    /too many elements|64 TiB/,
+  ],
   // wrong device
-  ['bad device string', () => Tensor.zeros([2], { device: 'gpu' as never }), InvalidArgumentError, /'device' must be 'cpu', 'cuda' or 'cuda:N'/],
+  [
+    'bad device string',
+    () => Tensor.zeros([2], { device: 'gpu' as never }),
+    InvalidArgumentError,
+    /'device' must be 'cpu', 'cuda' or 'cuda:N'/,
+  ],
   ['a device that does not exist', () => Tensor.zeros([2], { device: 'cuda:63' }), MoeError, /cuda:63/],
   // unsupported layout
   ['strided input to add', () => ops.add(f([3, 4]).transpose(), f([4, 3])), InvalidArgumentError, /add: 'a' .* strided is not contiguous/],
@@ -114,70 +159,327 @@ const cases: Case[] = [
   ['raw: bad dtype code', () => native().tensorEmpty([1], 99, 0, 0), InvalidArgumentError, /not a dtype code/],
   ['raw: bad shape element', () => native().tensorEmpty([1, 'a' as never], 0, 0, 0), InvalidArgumentError, /element 1 is not a number/],
   ['ops given a non-tensor', () => ops.add(3 as never, f([1])), InvalidArgumentError, /add: 'a' must be a Tensor/],
-  ['elapsed time of unrecorded events', () => new Event(cpu, { timing: true }).elapsedTime(new Event(cpu, { timing: true })), InvalidArgumentError, /both events must be recorded/],
+  [
+    'elapsed time of unrecorded events',
+    () => new Event(cpu, { timing: true }).elapsedTime(new Event(cpu, { timing: true })),
+    InvalidArgumentError,
+    /both events must be recorded/,
+  ],
   // found by fuzzing the public API: JS-side checks that named nothing or let garbage through
-  ['fromArray value beyond i32', () => Tensor.fromArray([2 ** 40], { dtype: 'i32', device: cpu }), InvalidArgumentError, /fromArray: 'data'\[0\] = 1099511627776 does not fit i32/],
-  ['fromArray value beyond u8', () => Tensor.fromArray([300], { dtype: 'u8', device: cpu }), InvalidArgumentError, /fromArray: 'data'\[0\] = 300 does not fit u8/],
-  ['fromArray of undefined', () => Tensor.fromArray(undefined as never, { device: cpu }), InvalidArgumentError, /fromArray: 'data' must be an array/],
+  [
+    'fromArray value beyond i32',
+    () => Tensor.fromArray([2 ** 40], { dtype: 'i32', device: cpu }),
+    InvalidArgumentError,
+    /fromArray: 'data'\[0\] = 1099511627776 does not fit i32/,
+  ],
+  [
+    'fromArray value beyond u8',
+    () => Tensor.fromArray([300], { dtype: 'u8', device: cpu }),
+    InvalidArgumentError,
+    /fromArray: 'data'\[0\] = 300 does not fit u8/,
+  ],
+  [
+    'fromArray of undefined',
+    () => Tensor.fromArray(undefined as never, { device: cpu }),
+    InvalidArgumentError,
+    /fromArray: 'data' must be an array/,
+  ],
   ['copy_ from a non-tensor', () => f([2]).copy_(undefined as never), InvalidArgumentError, /copy: 'src' must be a Tensor/],
   ['add_ of null', () => f([2]).add_(null as never), InvalidArgumentError, /add: 'other' must be a Tensor; received null/],
   ['tidy without a function', () => tidy(3 as never), InvalidArgumentError, /tidy: 'fn' must be a function/],
-  ['matmul into one of its inputs', () => { const a = f([2, 2]); return ops.matmul(a, f([2, 2]), { out: a }); }, InvalidArgumentError, /matmul: 'out' shares memory with 'a' or 'b'/],
+  [
+    'matmul into one of its inputs',
+    () => {
+      const a = f([2, 2]);
+      return ops.matmul(a, f([2, 2]), { out: a });
+    },
+    InvalidArgumentError,
+    /matmul: 'out' shares memory with 'a' or 'b'/,
+  ],
   ['Device.cuda of a negative index', () => Device.cuda(-1), InvalidArgumentError, /'index' must be a non-negative integer; received -1/],
-  ['event recorded on a non-stream', () => new Event(cpu).record('s' as never), InvalidArgumentError, /Event.record: 'stream' must be a Stream/],
-  ['stream waiting on a non-event', () => new Stream(cpu).waitEvent(null as never), InvalidArgumentError, /Stream.waitEvent: 'event' must be an Event/],
-  ['allReduce with an inherited op name', () => Communicator.single().allReduce(f([2]), 'toString' as never), InvalidArgumentError, /allReduce: 'op' must be sum, max, min or avg; received "toString"/],
-  ['allToAllV of undefined', () => Communicator.single().allToAllV(undefined as never, [2], f([2, 3]), [2]), InvalidArgumentError, /allToAllV: 'send' must be a Tensor/],
+  [
+    'event recorded on a non-stream',
+    () => new Event(cpu).record('s' as never),
+    InvalidArgumentError,
+    /Event.record: 'stream' must be a Stream/,
+  ],
+  [
+    'stream waiting on a non-event',
+    () => new Stream(cpu).waitEvent(null as never),
+    InvalidArgumentError,
+    /Stream.waitEvent: 'event' must be an Event/,
+  ],
+  [
+    'allReduce with an inherited op name',
+    () => Communicator.single().allReduce(f([2]), 'toString' as never),
+    InvalidArgumentError,
+    /allReduce: 'op' must be sum, max, min or avg; received "toString"/,
+  ],
+  [
+    'allToAllV of undefined',
+    () => Communicator.single().allToAllV(undefined as never, [2], f([2, 3]), [2]),
+    InvalidArgumentError,
+    /allToAllV: 'send' must be a Tensor/,
+  ],
   ['allGather of a scalar', () => Communicator.single().allGather(f([])), InvalidArgumentError, /allGather: 't' is a scalar/],
-  ['groupedGemm with an inherited mode name', () => groupedGemm('toString' as never, f([4, 3]), f([2, 3, 5]), i32([0, 2, 4], [3])), InvalidArgumentError, /groupedGemm: 'mode' must be 'NN', 'NT' or 'TN'; received "toString"/],
-  ['groupedGemm with empty offsets', () => groupedGemm('TN', f([4, 3]), f([4, 5]), i32([], [0])), InvalidArgumentError, /groupedGemm: 'offsets' must be \[E\+1\]/],
-  ['expertsForward with an odd w13', () => expertsForward(f([4, 3]), f([2, 3, 7]), f([2, 4, 3]), i32([0, 2, 4], [3])), InvalidArgumentError, /expertsForward: 'w13' must be \[E,H,2F\]/],
-  ['expertsForward of undefined', () => expertsForward(undefined as never, f([2, 3, 8]), f([2, 4, 3]), i32([0, 2, 4], [3])), InvalidArgumentError, /expertsForward: 'a' must be a Tensor/],
-  ['permute with kept counts beyond T·k', () => { const { indices, cap } = routed(); cap.keptPerExpert.fill_(2 ** 30); return permute(f([2, 3]), indices, f([2, 2]), cap); }, InvalidArgumentError, /permute: 'cap.keptPerExpert'\[0\] = 1073741824 is outside \[0, 4\]/],
-  ['permute with negative kept counts', () => { const { indices, cap } = routed(); cap.keptPerExpert.fill_(-1); return permute(f([2, 3]), indices, f([2, 2]), cap); }, InvalidArgumentError, /permute: 'cap.keptPerExpert'\[0\] = -1/],
-  ['permute with a NaN capacity', () => { const { indices, cap } = routed(); return permute(f([2, 3]), indices, f([2, 2]), { ...cap, capacity: NaN }, { padToCapacity: true }); }, InvalidArgumentError, /permute: 'cap.capacity' must be null or a non-negative integer/],
-  ['permute with a wrong numExperts', () => { const { indices, cap } = routed(); return permute(f([2, 3]), indices, f([2, 2]), { ...cap, numExperts: 8 }); }, InvalidArgumentError, /permute: 'cap.keptPerExpert' \[4\] must be \[8\]/],
-  ['Dispatcher with rank >= size', () => new Dispatcher({ numExperts: 4, group: { rank: 3, size: 2, allToAll: () => 0, allToAllV: () => 0 } }), InvalidArgumentError, /Dispatcher: 'group' has rank 3 and size 2/],
-  ['Dispatcher with a non-group', () => new Dispatcher({ numExperts: 4, group: 'g' as never }), InvalidArgumentError, /Dispatcher: 'group' must be an ExpertParallelGroup/],
-  ['combine of the wrong number of rows', () => {
-    const { indices, cap } = routed();
-    const d = new Dispatcher({ numExperts: 4 });
-    const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
-    return d.combine(f([1, 3]), r.handle, f([2, 2]));
-  }, InvalidArgumentError, /combine: 'expertOut' \[1,3\] must be \[4, H\]/],
-  ['MoELayer.backward of a non-forward', () => new MoELayer({ numExperts: 4, topK: 2, hidden: 8, ffn: 8, dtype: 'f32', device: cpu }).backward(null as never, f([2, 8])), InvalidArgumentError, /MoELayer.backward: 'fwd' must be what forward\(\) returned/],
-  ['MoELayer.backward with dy of another shape', () => {
-    const layer = new MoELayer({ numExperts: 4, topK: 2, hidden: 8, ffn: 8, dtype: 'f32', device: cpu });
-    return layer.backward(layer.forward(Tensor.randn([2, 8], { device: cpu })), f([3, 8]));
-  }, InvalidArgumentError, /MoELayer.backward: 'dy' \[3,8\] must have the shape of the forward's 'x' \[2,8\]/],
-  ['ClusterTask.batch of negative tokens', () => new ClusterTask({ dim: 8, clusters: 4, zipf: 1, noise: 0.1, seed: 1 }).batch(0, -1), InvalidArgumentError, /ClusterTask.batch: 'tokens' must be a positive integer/],
+  [
+    'groupedGemm with an inherited mode name',
+    () => groupedGemm('toString' as never, f([4, 3]), f([2, 3, 5]), i32([0, 2, 4], [3])),
+    InvalidArgumentError,
+    /groupedGemm: 'mode' must be 'NN', 'NT' or 'TN'; received "toString"/,
+  ],
+  [
+    'groupedGemm with empty offsets',
+    () => groupedGemm('TN', f([4, 3]), f([4, 5]), i32([], [0])),
+    InvalidArgumentError,
+    /groupedGemm: 'offsets' must be \[E\+1\]/,
+  ],
+  [
+    'expertsForward with an odd w13',
+    () => expertsForward(f([4, 3]), f([2, 3, 7]), f([2, 4, 3]), i32([0, 2, 4], [3])),
+    InvalidArgumentError,
+    /expertsForward: 'w13' must be \[E,H,2F\]/,
+  ],
+  [
+    'expertsForward of undefined',
+    () => expertsForward(undefined as never, f([2, 3, 8]), f([2, 4, 3]), i32([0, 2, 4], [3])),
+    InvalidArgumentError,
+    /expertsForward: 'a' must be a Tensor/,
+  ],
+  [
+    'permute with kept counts beyond T·k',
+    () => {
+      const { indices, cap } = routed();
+      cap.keptPerExpert.fill_(2 ** 30);
+      return permute(f([2, 3]), indices, f([2, 2]), cap);
+    },
+    InvalidArgumentError,
+    /permute: 'cap.keptPerExpert'\[0\] = 1073741824 is outside \[0, 4\]/,
+  ],
+  [
+    'permute with negative kept counts',
+    () => {
+      const { indices, cap } = routed();
+      cap.keptPerExpert.fill_(-1);
+      return permute(f([2, 3]), indices, f([2, 2]), cap);
+    },
+    InvalidArgumentError,
+    /permute: 'cap.keptPerExpert'\[0\] = -1/,
+  ],
+  [
+    'permute with a NaN capacity',
+    () => {
+      const { indices, cap } = routed();
+      return permute(f([2, 3]), indices, f([2, 2]), { ...cap, capacity: NaN }, { padToCapacity: true });
+    },
+    InvalidArgumentError,
+    /permute: 'cap.capacity' must be null or a non-negative integer/,
+  ],
+  [
+    'permute with a wrong numExperts',
+    () => {
+      const { indices, cap } = routed();
+      return permute(f([2, 3]), indices, f([2, 2]), { ...cap, numExperts: 8 });
+    },
+    InvalidArgumentError,
+    /permute: 'cap.keptPerExpert' \[4\] must be \[8\]/,
+  ],
+  [
+    'Dispatcher with rank >= size',
+    () => new Dispatcher({ numExperts: 4, group: { rank: 3, size: 2, allToAll: () => 0, allToAllV: () => 0 } }),
+    InvalidArgumentError,
+    /Dispatcher: 'group' has rank 3 and size 2/,
+  ],
+  [
+    'Dispatcher with a non-group',
+    () => new Dispatcher({ numExperts: 4, group: 'g' as never }),
+    InvalidArgumentError,
+    /Dispatcher: 'group' must be an ExpertParallelGroup/,
+  ],
+  [
+    'combine of the wrong number of rows',
+    () => {
+      const { indices, cap } = routed();
+      const d = new Dispatcher({ numExperts: 4 });
+      const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+      return d.combine(f([1, 3]), r.handle, f([2, 2]));
+    },
+    InvalidArgumentError,
+    /combine: 'expertOut' \[1,3\] must be \[4, H\]/,
+  ],
+  [
+    'MoELayer.backward of a non-forward',
+    () => new MoELayer({ numExperts: 4, topK: 2, hidden: 8, ffn: 8, dtype: 'f32', device: cpu }).backward(null as never, f([2, 8])),
+    InvalidArgumentError,
+    /MoELayer.backward: 'fwd' must be what forward\(\) returned/,
+  ],
+  [
+    'MoELayer.backward with dy of another shape',
+    () => {
+      const layer = new MoELayer({ numExperts: 4, topK: 2, hidden: 8, ffn: 8, dtype: 'f32', device: cpu });
+      return layer.backward(layer.forward(Tensor.randn([2, 8], { device: cpu })), f([3, 8]));
+    },
+    InvalidArgumentError,
+    /MoELayer.backward: 'dy' \[3,8\] must have the shape of the forward's 'x' \[2,8\]/,
+  ],
+  [
+    'ClusterTask.batch of negative tokens',
+    () => new ClusterTask({ dim: 8, clusters: 4, zipf: 1, noise: 0.1, seed: 1 }).batch(0, -1),
+    InvalidArgumentError,
+    /ClusterTask.batch: 'tokens' must be a positive integer/,
+  ],
   ['Trainer of a non-config', () => new Trainer(null as never), InvalidArgumentError, /config: must be a JSON object/],
   ['stepDirName of NaN', () => stepDirName(NaN), InvalidArgumentError, /stepDirName: 'step' must be a non-negative integer; received NaN/],
-  ['saveCheckpoint without a root', () => saveCheckpoint(undefined as never, { step: 1 }), InvalidArgumentError, /saveCheckpoint: 'root' must be a folder path/],
-  ['loadCheckpoint of a non-path', () => loadCheckpoint(5 as never), InvalidArgumentError, /loadCheckpoint: 'path' must be a checkpoint folder/],
-  ['CheckpointReader.get of a non-name', () => loadCheckpoint(checkpoint()).get(5 as never), InvalidArgumentError, /CheckpointReader: 'name' must be a string/],
-  ['CheckpointReader.into a non-tensor', () => loadCheckpoint(checkpoint()).into('w', null as never), InvalidArgumentError, /CheckpointReader.into: 'dst' must be a Tensor/],
-  ['manifest with tensors null', () => loadCheckpoint(checkpoint((m) => { m.tensors = null; })), CheckpointError, /manifest\.json: tensors must be an object of tensor records; it has null/],
-  ['manifest with a bad shape', () => loadCheckpoint(checkpoint((m) => { (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x'; })), CheckpointError, /manifest\.json: tensors\["w"\]\.shape must be an array of at most 64 non-negative integers; it has "x"/],
+  [
+    'saveCheckpoint without a root',
+    () => saveCheckpoint(undefined as never, { step: 1 }),
+    InvalidArgumentError,
+    /saveCheckpoint: 'root' must be a folder path/,
+  ],
+  [
+    'loadCheckpoint of a non-path',
+    () => loadCheckpoint(5 as never),
+    InvalidArgumentError,
+    /loadCheckpoint: 'path' must be a checkpoint folder/,
+  ],
+  [
+    'CheckpointReader.get of a non-name',
+    () => loadCheckpoint(checkpoint()).get(5 as never),
+    InvalidArgumentError,
+    /CheckpointReader: 'name' must be a string/,
+  ],
+  [
+    'CheckpointReader.into a non-tensor',
+    () => loadCheckpoint(checkpoint()).into('w', null as never),
+    InvalidArgumentError,
+    /CheckpointReader.into: 'dst' must be a Tensor/,
+  ],
+  [
+    'manifest with tensors null',
+    () =>
+      loadCheckpoint(
+        checkpoint((m) => {
+          m.tensors = null;
+        }),
+      ),
+    CheckpointError,
+    /manifest\.json: tensors must be an object of tensor records; it has null/,
+  ],
+  [
+    'manifest with a bad shape',
+    () =>
+      loadCheckpoint(
+        checkpoint((m) => {
+          (m.tensors as Record<string, { shape: unknown }>).w!.shape = 'x';
+        }),
+      ),
+    CheckpointError,
+    /manifest\.json: tensors\["w"\]\.shape must be an array of at most 64 non-negative integers; it has "x"/,
+  ],
   ['safetensors open of a folder', () => SafetensorsFile.open(tmp()), CheckpointError, /is a directory; only regular files are read/],
-  ['MoEModel with -1 layers', () => new MoEModel({ hidden: 8, ffn: 16, numExperts: 4, topK: 2, layers: -1 }, Device.parse('cpu'), 'f32', singleRankGroup, 1), InvalidArgumentError, /MoEModel: 'layers' must be a positive integer; received -1/],
-  ['manifest with world size 0', () => loadCheckpoint(checkpoint((m) => { m.world = { size: 0 }; })), CheckpointError, /world.size must be a positive integer/],
+  [
+    'MoEModel with -1 layers',
+    () => new MoEModel({ hidden: 8, ffn: 16, numExperts: 4, topK: 2, layers: -1 }, Device.parse('cpu'), 'f32', singleRankGroup, 1),
+    InvalidArgumentError,
+    /MoEModel: 'layers' must be a positive integer; received -1/,
+  ],
+  [
+    'manifest with world size 0',
+    () =>
+      loadCheckpoint(
+        checkpoint((m) => {
+          m.world = { size: 0 };
+        }),
+      ),
+    CheckpointError,
+    /world.size must be a positive integer/,
+  ],
   // options that are not an object: named, not a TypeError from inside
-  ['Tensor.zeros with options null', () => Tensor.zeros([2], null as never), InvalidArgumentError, /Tensor.zeros: 'options' must be an object; received null/],
-  ['ops.add with options 5', () => ops.add(f([2]), f([2]), 5 as never), InvalidArgumentError, /add: 'options' must be an object; received number/],
-  ['ops.matmul with options null', () => ops.matmul(f([2, 2]), f([2, 2]), null as never), InvalidArgumentError, /matmul: 'options' must be an object; received null/],
-  ['permute with options null', () => permute(f([2, 4]), f([2, 1], 'i32'), f([2, 1]), null as never, null as never), InvalidArgumentError, /permute: 'options' must be an object; received null/],
-  ['groupedGemm with options as an array', () => groupedGemm('NN', f([2, 4], 'bf16'), f([1, 4, 4], 'bf16'), f([2], 'i32'), [] as never), InvalidArgumentError, /groupedGemm: 'options' must be an object; received an array/],
+  [
+    'Tensor.zeros with options null',
+    () => Tensor.zeros([2], null as never),
+    InvalidArgumentError,
+    /Tensor.zeros: 'options' must be an object; received null/,
+  ],
+  [
+    'ops.add with options 5',
+    () => ops.add(f([2]), f([2]), 5 as never),
+    InvalidArgumentError,
+    /add: 'options' must be an object; received number/,
+  ],
+  [
+    'ops.matmul with options null',
+    () => ops.matmul(f([2, 2]), f([2, 2]), null as never),
+    InvalidArgumentError,
+    /matmul: 'options' must be an object; received null/,
+  ],
+  [
+    'permute with options null',
+    () => permute(f([2, 4]), f([2, 1], 'i32'), f([2, 1]), null as never, null as never),
+    InvalidArgumentError,
+    /permute: 'options' must be an object; received null/,
+  ],
+  [
+    'groupedGemm with options as an array',
+    () => groupedGemm('NN', f([2, 4], 'bf16'), f([1, 4, 4], 'bf16'), f([2], 'i32'), [] as never),
+    InvalidArgumentError,
+    /groupedGemm: 'options' must be an object; received an array/,
+  ],
   // unknown option names: refused, named, with the close match (plain JavaScript would otherwise ignore them)
-  ['MoELayer with capacity_factor', () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, capacity_factor: 1.25 } as never), InvalidArgumentError, /MoELayer: unknown option 'capacity_factor' \(did you mean 'capacityFactor'\?\)/],
-  ['Tensor.randn with sed', () => Tensor.randn([2], { sed: 1 } as never), InvalidArgumentError, /Tensor.randn: unknown option 'sed' \(did you mean 'seed'\?\); expected 'dtype', 'device', 'seed', 'offset', 'mean', 'std'/],
-  ['ops.matmul with two unknown options', () => ops.matmul(f([2, 2]), f([2, 2]), { acumulate: true, bogus: 1 } as never), InvalidArgumentError, /matmul: unknown options 'acumulate' \(did you mean 'accumulate'\?\), 'bogus'; expected/],
-  ['capacity with drop_policy', () => capacity(f([2, 1], 'i32'), f([2, 1]), { numExperts: 2, drop_policy: 'position' } as never), InvalidArgumentError, /capacity: unknown option 'drop_policy' \(did you mean 'dropPolicy'\?\)/],
-  ['Dispatcher with numexperts', () => new Dispatcher({ numexperts: 4 } as never), InvalidArgumentError, /Dispatcher: unknown option 'numexperts' \(did you mean 'numExperts'\?\)/],
-  ['ClusterTask with cluster', () => new ClusterTask({ dim: 4, cluster: 2, zipf: 1, noise: 0, seed: 1 } as never), InvalidArgumentError, /ClusterTask: unknown option 'cluster' \(did you mean 'clusters'\?\)/],
-  ['saveCheckpoint with kep', () => saveCheckpoint(tmp(), { step: 1, kep: 2 } as never), InvalidArgumentError, /saveCheckpoint: unknown option 'kep' \(did you mean 'keep'\?\)/],
-  ['Trainer with wrld', () => new Trainer(defaultConfig, { wrld: null } as never), InvalidArgumentError, /Trainer: unknown option 'wrld' \(did you mean 'world'\?\)/],
-  ['Event with an unrelated name: no suggestion', () => new Event(cpu, { colour: 1 } as never), InvalidArgumentError, /Event: unknown option 'colour'; expected 'timing'$/],
+  [
+    'MoELayer with capacity_factor',
+    () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, capacity_factor: 1.25 } as never),
+    InvalidArgumentError,
+    /MoELayer: unknown option 'capacity_factor' \(did you mean 'capacityFactor'\?\)/,
+  ],
+  [
+    'Tensor.randn with sed',
+    () => Tensor.randn([2], { sed: 1 } as never),
+    InvalidArgumentError,
+    /Tensor.randn: unknown option 'sed' \(did you mean 'seed'\?\); expected 'dtype', 'device', 'seed', 'offset', 'mean', 'std'/,
+  ],
+  [
+    'ops.matmul with two unknown options',
+    () => ops.matmul(f([2, 2]), f([2, 2]), { acumulate: true, bogus: 1 } as never),
+    InvalidArgumentError,
+    /matmul: unknown options 'acumulate' \(did you mean 'accumulate'\?\), 'bogus'; expected/,
+  ],
+  [
+    'capacity with drop_policy',
+    () => capacity(f([2, 1], 'i32'), f([2, 1]), { numExperts: 2, drop_policy: 'position' } as never),
+    InvalidArgumentError,
+    /capacity: unknown option 'drop_policy' \(did you mean 'dropPolicy'\?\)/,
+  ],
+  [
+    'Dispatcher with numexperts',
+    () => new Dispatcher({ numexperts: 4 } as never),
+    InvalidArgumentError,
+    /Dispatcher: unknown option 'numexperts' \(did you mean 'numExperts'\?\)/,
+  ],
+  [
+    'ClusterTask with cluster',
+    () => new ClusterTask({ dim: 4, cluster: 2, zipf: 1, noise: 0, seed: 1 } as never),
+    InvalidArgumentError,
+    /ClusterTask: unknown option 'cluster' \(did you mean 'clusters'\?\)/,
+  ],
+  [
+    'saveCheckpoint with kep',
+    () => saveCheckpoint(tmp(), { step: 1, kep: 2 } as never),
+    InvalidArgumentError,
+    /saveCheckpoint: unknown option 'kep' \(did you mean 'keep'\?\)/,
+  ],
+  [
+    'Trainer with wrld',
+    () => new Trainer(defaultConfig, { wrld: null } as never),
+    InvalidArgumentError,
+    /Trainer: unknown option 'wrld' \(did you mean 'world'\?\)/,
+  ],
+  [
+    'Event with an unrelated name: no suggestion',
+    () => new Event(cpu, { colour: 1 } as never),
+    InvalidArgumentError,
+    /Event: unknown option 'colour'; expected 'timing'$/,
+  ],
 ];
 
 describe('bad calls give clear errors', () => {
@@ -208,7 +510,8 @@ describe('bad calls give clear errors', () => {
 
   it('pruneCheckpoints refuses keep < 1 instead of deleting every checkpoint', () => {
     const root = checkpoint();
-    for (const keep of [-1, 0, NaN, null]) expect(() => pruneCheckpoints(root, keep as never)).toThrow(/pruneCheckpoints: 'keep' must be a positive integer/);
+    for (const keep of [-1, 0, NaN, null])
+      expect(() => pruneCheckpoints(root, keep as never)).toThrow(/pruneCheckpoints: 'keep' must be a positive integer/);
     expect(listCheckpoints(root)).toHaveLength(1);
   });
 

@@ -87,7 +87,11 @@ describe('loading the addon', () => {
   it('loads with no GPU visible and says so', () => {
     const out = execFileSync(
       process.execPath,
-      ['--input-type=module', '-e', `import { info } from ${JSON.stringify(join(root, 'dist/lib/index.js'))}; console.log(JSON.stringify(info().cuda));`],
+      [
+        '--input-type=module',
+        '-e',
+        `import { info } from ${JSON.stringify(join(root, 'dist/lib/index.js'))}; console.log(JSON.stringify(info().cuda));`,
+      ],
       { env: { ...process.env, CUDA_VISIBLE_DEVICES: '' }, encoding: 'utf8' },
     );
     const c = JSON.parse(out) as { devices: unknown[]; unavailable: string };

@@ -1,7 +1,20 @@
 // Streams and events on the CPU: they exist so device-agnostic code runs unchanged, and complete at once.
 import { describe, expect, it } from 'vitest';
 
-import { capacity, CommWork, currentStream, Dispatcher, DisposedError, Event, memoryStats, ops, runOnStream, Stream, Tensor, withStream } from '../lib/index.js';
+import {
+  capacity,
+  CommWork,
+  currentStream,
+  Dispatcher,
+  DisposedError,
+  Event,
+  memoryStats,
+  ops,
+  runOnStream,
+  Stream,
+  Tensor,
+  withStream,
+} from '../lib/index.js';
 import { native } from '../lib/native.js';
 
 describe('streams and events on the CPU', () => {
@@ -20,7 +33,11 @@ describe('streams and events on the CPU', () => {
     using a = Tensor.full([3], 2, { device: 'cpu' });
     const r = withStream(s, () => ops.scale(a, 2).toNumbers());
     expect(r).toEqual([4, 4, 4]);
-    expect(() => withStream(s, () => { throw new Error('boom'); })).toThrow('boom');
+    expect(() =>
+      withStream(s, () => {
+        throw new Error('boom');
+      }),
+    ).toThrow('boom');
     expect(currentStream('cpu')).toBeUndefined();
     expect(await withStream(s, async () => 7)).toBe(7);
   });
@@ -60,7 +77,9 @@ describe('streams and events on the CPU', () => {
     }
     expect(memoryStats('cpu').liveBytes).toBe(before);
     expect(() => runOnStream('s' as unknown as Stream, () => 1)).toThrow(/runOnStream: 'stream' must be a Stream/);
-    expect(() => runOnStream(s, () => 1, { inputs: [1] as unknown as Tensor[] })).toThrow(/runOnStream: 'inputs' must be an array of Tensors/);
+    expect(() => runOnStream(s, () => 1, { inputs: [1] as unknown as Tensor[] })).toThrow(
+      /runOnStream: 'inputs' must be an array of Tensors/,
+    );
     expect(() => runOnStream(s, () => 1, { after: {} as Event })).toThrow(/runOnStream: 'after' must be an Event/);
     const gone = new Stream('cpu');
     gone.dispose();

@@ -14,7 +14,7 @@ const readme = readFileSync(join(root, 'README.md'), 'utf8');
 const docs = readdirSync(join(root, 'docs')).filter((f) => f.endsWith('.md'));
 
 describe('README and docs', () => {
-  it("the first 60 lines hold install, train and test", () => {
+  it('the first 60 lines hold install, train and test', () => {
     const first = readme.split('\n').slice(0, 60).join('\n');
     expect(first).toContain('npm install moe-ep');
     expect(first).toMatch(/^npx moe-ep train /m);
@@ -26,15 +26,28 @@ describe('README and docs', () => {
     const code = /## Use it from code\n\n```js\n([\s\S]*?)```/.exec(readme)?.[1];
     expect(code).toBeDefined();
     // From the package root, 'moe-ep' resolves to this package (a self-reference through "exports").
-    const out = execFileSync(process.execPath, ['--input-type=module', '-e', code as string], { cwd: root, encoding: 'utf8', env: { ...process.env, CUDA_VISIBLE_DEVICES: '' } });
+    const out = execFileSync(process.execPath, ['--input-type=module', '-e', code as string], {
+      cwd: root,
+      encoding: 'utf8',
+      env: { ...process.env, CUDA_VISIBLE_DEVICES: '' },
+    });
     const m = /^loss ([\d.]+), tokens per expert ((?:\d+ ?){8})$/m.exec(out);
     expect(m, out).not.toBeNull();
     // 256 tokens, top-2, dropless: every assignment lands on an expert.
-    expect(m![2]!.trim().split(' ').map(Number).reduce((a, b) => a + b, 0)).toBe(512);
+    expect(
+      m![2]!
+        .trim()
+        .split(' ')
+        .map(Number)
+        .reduce((a, b) => a + b, 0),
+    ).toBe(512);
   });
 
   it('relative links in README.md and docs/ lead to files that exist', () => {
-    for (const [file, text] of [['README.md', readme], ...docs.map((d) => [join('docs', d), readFileSync(join(root, 'docs', d), 'utf8')])] as [string, string][]) {
+    for (const [file, text] of [
+      ['README.md', readme],
+      ...docs.map((d) => [join('docs', d), readFileSync(join(root, 'docs', d), 'utf8')]),
+    ] as [string, string][]) {
       for (const [, target] of text.matchAll(/\]\(([^)#\s]+)(?:#[^)]*)?\)/g)) {
         if (/^[a-z]+:/.test(target as string)) continue;
         expect(existsSync(join(root, dirname(file), target as string)), `${file} links to ${target}`).toBe(true);

@@ -30,7 +30,11 @@ function install(addon: Buffer | string, env: Record<string, string> = {}): { st
   mkdirSync(bin);
   symlinkSync(process.execPath, join(bin, 'node'));
   symlinkSync('/bin/sh', join(bin, 'sh'));
-  const r = spawnSync(process.execPath, [join(dir, 'scripts', 'install.mjs')], { cwd: dir, encoding: 'utf8', env: { HOME: process.env['HOME'] ?? '/tmp', PATH: bin, ...env } });
+  const r = spawnSync(process.execPath, [join(dir, 'scripts', 'install.mjs')], {
+    cwd: dir,
+    encoding: 'utf8',
+    env: { HOME: process.env['HOME'] ?? '/tmp', PATH: bin, ...env },
+  });
   return { status: r.status, out: `${r.stdout}\n${r.stderr}`, dir };
 }
 
@@ -42,13 +46,17 @@ describe('npm install step', () => {
   it('a prebuild that loads is used and nothing is built', () => {
     const r = install(addonPath());
     expect(r.status, r.out).toBe(0);
-    expect(r.out).toMatch(/moe-ep: using the prebuilt addon prebuilds\/linux-x64\/moe-ep\.node \((CUDA [\w;,-]+|CPU-only)(, MPI backend)?\); nothing to compile/);
+    expect(r.out).toMatch(
+      /moe-ep: using the prebuilt addon prebuilds\/linux-x64\/moe-ep\.node \((CUDA [\w;,-]+|CPU-only)(, MPI backend)?\); nothing to compile/,
+    );
     expect(existsSync(join(r.dir, 'build'))).toBe(false);
   });
 
   it('a prebuild that does not load is named with its error, then a source build is tried', () => {
     const r = install(Buffer.from('not a shared object'));
-    expect(r.out).toMatch(/moe-ep: the prebuilt addon prebuilds\/linux-x64\/moe-ep\.node does not load here \(Error: .*(file too short|invalid ELF header).*\); compiling from source instead/);
+    expect(r.out).toMatch(
+      /moe-ep: the prebuilt addon prebuilds\/linux-x64\/moe-ep\.node does not load here \(Error: .*(file too short|invalid ELF header).*\); compiling from source instead/,
+    );
     expect(r.out).toMatch(/moe-ep: building the native addon from source: .*\(from scratch: about \d+ min here\)/);
     // No compiler on this PATH: the build fails, saying what it needs.
     expect(r.status).not.toBe(0);

@@ -30,7 +30,9 @@ describe('kernel switches', () => {
   });
 
   it("take their starting values from the environment: '0' is off, anything else leaves the default", () => {
-    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_HOPPER: '0', MOE_EP_GG_FEW_ROWS: '1', MOE_EP_ROUTER_FAST: 'no', MOE_EP_PDL: '0' })).toEqual({
+    expect(
+      kernelOptionsFromEnvironment({ MOE_EP_GG_HOPPER: '0', MOE_EP_GG_FEW_ROWS: '1', MOE_EP_ROUTER_FAST: 'no', MOE_EP_PDL: '0' }),
+    ).toEqual({
       groupedGemm: { hopper: false, fewRows: true },
       router: { fast: true, pdl: false },
     });
@@ -77,9 +79,15 @@ describe('kernel switches', () => {
   });
 
   it('the raw binding takes every switch and refuses a missing or mistyped one, naming it', () => {
-    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true }, router: allOn.router } as never)).toThrow(/setKernelOptions: 'groupedGemm.fewRows' must be a boolean/);
-    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true } } as never)).toThrow(/setKernelOptions: 'router' must be an object/);
-    expect(() => native().setKernelOptions({ ...allOn, router: { fast: true, pdl: 1 } } as never)).toThrow(/'router.pdl' must be a boolean/);
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true }, router: allOn.router } as never)).toThrow(
+      /setKernelOptions: 'groupedGemm.fewRows' must be a boolean/,
+    );
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true } } as never)).toThrow(
+      /setKernelOptions: 'router' must be an object/,
+    );
+    expect(() => native().setKernelOptions({ ...allOn, router: { fast: true, pdl: 1 } } as never)).toThrow(
+      /'router.pdl' must be a boolean/,
+    );
   });
 
   it('a fresh process starts from its environment before any op runs, and names retired switches once', () => {
@@ -87,7 +95,13 @@ describe('kernel switches', () => {
     const native_ = join(packageRoot(), 'dist', 'lib', 'native.js');
     const script = `const m = await import(${JSON.stringify(index)}); const n = await import(${JSON.stringify(native_)});
       console.log(JSON.stringify({ ts: m.kernelOptions(), addon: n.native().kernelOptions() }));`;
-    const env: NodeJS.ProcessEnv = { ...process.env, MOE_EP_GG_FEW_ROWS: '0', MOE_EP_ROUTER_FAST: '0', MOE_EP_GG_HOPPER_HANDOFF: '1', MOE_EP_GG_TILE: '32' };
+    const env: NodeJS.ProcessEnv = {
+      ...process.env,
+      MOE_EP_GG_FEW_ROWS: '0',
+      MOE_EP_ROUTER_FAST: '0',
+      MOE_EP_GG_HOPPER_HANDOFF: '1',
+      MOE_EP_GG_TILE: '32',
+    };
     delete env['MOE_EP_GG_HOPPER'];
     delete env['MOE_EP_PDL'];
     delete env['MOE_EP_GG_HOPPER_STAGED'];

@@ -58,7 +58,8 @@ function oracleChoose(scores: ArrayLike<number>, T: number, E: number, C: number
   for (let e = 0; e < E; e++) {
     const s = (t: number): number => scores[t * E + e] as number;
     const order = Array.from({ length: T }, (_, t) => t).sort((a, b) => {
-      const na = Number.isNaN(s(a)), nb = Number.isNaN(s(b));
+      const na = Number.isNaN(s(a)),
+        nb = Number.isNaN(s(b));
       if (na !== nb) return na ? 1 : -1;
       if (!na && s(a) !== s(b)) return s(b) - s(a);
       return a - b;
@@ -115,7 +116,11 @@ function checkForward(logits: Tensor, config: RouterConfig, what: string): Exper
 
 const cases: [string, number, RouterConfig][] = [
   ['softmax, E=8, C from topK=2', 40, { numExperts: 8, topK: 2, routing: 'expert-choice' }],
-  ['sigmoid, E=16, capacityFactor 1.5, route scale 2.5', 37, { numExperts: 16, topK: 2, routing: 'expert-choice', scoreFunction: 'sigmoid', capacityFactor: 1.5, routeScale: 2.5 }],
+  [
+    'sigmoid, E=16, capacityFactor 1.5, route scale 2.5',
+    37,
+    { numExperts: 16, topK: 2, routing: 'expert-choice', scoreFunction: 'sigmoid', capacityFactor: 1.5, routeScale: 2.5 },
+  ],
   ['softmax, E=5 (odd), capacityFactor 0.3', 23, { numExperts: 5, topK: 1, routing: 'expert-choice', capacityFactor: 0.3 }],
   ['E=1: the one expert takes ceil(T·cf) tokens', 11, { numExperts: 1, topK: 1, routing: 'expert-choice', capacityFactor: 0.5 }],
   ['capacityFactor ≥ E: every expert takes every token', 9, { numExperts: 4, topK: 2, routing: 'expert-choice', capacityFactor: 7 }],
@@ -200,7 +205,8 @@ describe('expert-choice router (CPU) against the float64 oracle', () => {
 describe('expert-choice router backward', () => {
   it.each(['softmax', 'sigmoid'] as const)('%s: against the float64 formula and finite differences of Σ dW·weights', (score) => {
     const seed = freshSeed();
-    const T = 12, E = 6;
+    const T = 12,
+      E = 6;
     const config: RouterConfig = { numExperts: E, topK: 2, routing: 'expert-choice', scoreFunction: score, routeScale: 1.7 };
     tidy(() => {
       const logits = Tensor.randn([T, E], { seed, std: 1.2, device: cpu });
@@ -209,7 +215,9 @@ describe('expert-choice router backward', () => {
       const out = poisoned([T, E], 'f32', cpu);
       routerBackward(dW, { scores: r.scores, indices: r.indices, slot: r.slot }, config, { out });
       // float64 formula from the op's f32 scores
-      const s = values(r.scores), g = values(dW), sl = r.slot.toNumbers();
+      const s = values(r.scores),
+        g = values(dW),
+        sl = r.slot.toNumbers();
       const ref: number[] = [];
       for (let t = 0; t < T; t++) {
         const ds = Array.from({ length: E }, (_, e) => ((sl[t * E + e] as number) >= 0 ? 1.7 * (g[t * E + e] as number) : 0));
@@ -227,13 +235,16 @@ describe('expert-choice router backward', () => {
         return { value: values(o.weights).reduce((a, w, i) => a + w * (g[i] as number), 0), slot: o.slot.toNumbers().join() };
       };
       const h = 1e-3;
-      const fd: number[] = [], an: number[] = [];
+      const fd: number[] = [],
+        an: number[] = [];
       const analytic = values(out);
       for (let i = 0; i < T * E; i += 5) {
-        const up = lv.slice(), dn = lv.slice();
+        const up = lv.slice(),
+          dn = lv.slice();
         up[i] = (up[i] as number) + h;
         dn[i] = (dn[i] as number) - h;
-        const a = L(up), b = L(dn);
+        const a = L(up),
+          b = L(dn);
         if (a.slot !== sl.join() || b.slot !== sl.join()) continue;
         fd.push((a.value - b.value) / (2 * h));
         an.push(analytic[i] as number);
@@ -243,7 +254,12 @@ describe('expert-choice router backward', () => {
       // accumulate adds into what is there
       const acc = Tensor.full([T, E], 0.5, { device: cpu });
       routerBackward(dW, { scores: r.scores, indices: r.indices, slot: r.slot }, config, { out: acc, accumulate: true });
-      expect(relErr(values(acc), ref.map((v) => v + 0.5))).toBeLessThan(1e-6);
+      expect(
+        relErr(
+          values(acc),
+          ref.map((v) => v + 0.5),
+        ),
+      ).toBeLessThan(1e-6);
     });
   });
 });
@@ -253,23 +269,47 @@ describe('expert-choice router: bad calls name the argument', () => {
   it('config, bias, backward without slot, balance loss', () => {
     tidy(() => {
       const logits = Tensor.randn([8, 4], { seed: 1, device: cpu });
-      expect(() => expertChoiceForward(logits, { ...ec, groups: 2, topkGroups: 1 })).toThrow(/'groups' = 2 is not available with routing 'expert-choice'/);
-      expect(() => expertChoiceForward(logits, { ...ec, normalize: true })).toThrow(/'normalize' is not available with routing 'expert-choice'/);
-      expect(() => expertChoiceForward(logits, { ...ec, capacityFactor: 0 })).toThrow(/'capacityFactor' must be a finite number > 0; received 0/);
-      expect(() => expertChoiceForward(logits, { ...ec, routing: 'experts' as 'expert-choice' })).toThrow(/'routing' must be 'token-choice' or 'expert-choice'; received experts/);
+      expect(() => expertChoiceForward(logits, { ...ec, groups: 2, topkGroups: 1 })).toThrow(
+        /'groups' = 2 is not available with routing 'expert-choice'/,
+      );
+      expect(() => expertChoiceForward(logits, { ...ec, normalize: true })).toThrow(
+        /'normalize' is not available with routing 'expert-choice'/,
+      );
+      expect(() => expertChoiceForward(logits, { ...ec, capacityFactor: 0 })).toThrow(
+        /'capacityFactor' must be a finite number > 0; received 0/,
+      );
+      expect(() => expertChoiceForward(logits, { ...ec, routing: 'experts' as 'expert-choice' })).toThrow(
+        /'routing' must be 'token-choice' or 'expert-choice'; received experts/,
+      );
       expect(() => expertChoiceForward(logits, { numExperts: 4, topK: 2 })).toThrow(/expertChoiceForward needs routing 'expert-choice'/);
       expect(() => expertChoiceForward(logits, ec, { bias: Tensor.zeros([4], { device: cpu }) })).toThrow(InvalidArgumentError);
-      expect(() => routerForward(logits, ec, { bias: Tensor.zeros([4], { device: cpu }) })).toThrow(/'bias' is not used with routing 'expert-choice'/);
-      expect(() => expertChoiceForward(Tensor.randn([8, 5], { device: cpu }), ec)).toThrow(/'logits' has shape \[8,5\] but the config has numExperts = 4/);
-      expect(() => expertChoiceForward(logits, ec, { out: { slot: Tensor.empty([8, 3], { dtype: 'i32', device: cpu }) } })).toThrow(/router: 'slot' .* should have shape \[8,4\]/);
-      expect(() => expertChoiceForward(logits, ec, { out: { slot: Tensor.empty([8, 4], { device: cpu }) } })).toThrow(/router: 'slot' .* has dtype f32; expected one of i32/);
-      expect(() => expertChoiceForward(logits, ec, { out: { expertsPerToken: Tensor.empty([4], { dtype: 'i32', device: cpu }) } })).toThrow(/'expertsPerToken' .* should have shape \[5\]/);
+      expect(() => routerForward(logits, ec, { bias: Tensor.zeros([4], { device: cpu }) })).toThrow(
+        /'bias' is not used with routing 'expert-choice'/,
+      );
+      expect(() => expertChoiceForward(Tensor.randn([8, 5], { device: cpu }), ec)).toThrow(
+        /'logits' has shape \[8,5\] but the config has numExperts = 4/,
+      );
+      expect(() => expertChoiceForward(logits, ec, { out: { slot: Tensor.empty([8, 3], { dtype: 'i32', device: cpu }) } })).toThrow(
+        /router: 'slot' .* should have shape \[8,4\]/,
+      );
+      expect(() => expertChoiceForward(logits, ec, { out: { slot: Tensor.empty([8, 4], { device: cpu }) } })).toThrow(
+        /router: 'slot' .* has dtype f32; expected one of i32/,
+      );
+      expect(() => expertChoiceForward(logits, ec, { out: { expertsPerToken: Tensor.empty([4], { dtype: 'i32', device: cpu }) } })).toThrow(
+        /'expertsPerToken' .* should have shape \[5\]/,
+      );
       const r = expertChoiceForward(logits, ec);
-      expect(() => routerBackward(r.weights, { scores: r.scores, indices: r.indices }, ec)).toThrow(/routerBackward: 'slot' must be a Tensor/);
-      expect(() => routerBackward(Tensor.zeros([8, 2], { device: cpu }), r, ec)).toThrow(/routerBackward: 'dWeights' .* should have shape \[8,4\]/);
+      expect(() => routerBackward(r.weights, { scores: r.scores, indices: r.indices }, ec)).toThrow(
+        /routerBackward: 'slot' must be a Tensor/,
+      );
+      expect(() => routerBackward(Tensor.zeros([8, 2], { device: cpu }), r, ec)).toThrow(
+        /routerBackward: 'dWeights' .* should have shape \[8,4\]/,
+      );
       const badSlot = Tensor.full([8, 4], 9, { dtype: 'i32', device: cpu });
       expect(() => routerBackward(r.weights, { ...r, slot: badSlot }, ec)).toThrow(/'slot'\[0,0\] = 9 is outside \[-1, 8\)/);
-      expect(() => balanceLoss(r.scores, r.indices, ec, { coefficient: 0.1 })).toThrow(/balanceLoss: not defined for routing 'expert-choice'/);
+      expect(() => balanceLoss(r.scores, r.indices, ec, { coefficient: 0.1 })).toThrow(
+        /balanceLoss: not defined for routing 'expert-choice'/,
+      );
     });
   });
 
@@ -279,8 +319,19 @@ describe('expert-choice router: bad calls name the argument', () => {
       const logits = Tensor.randn([8, 4], { seed: 1, device: cpu });
       const r = expertChoiceForward(logits, ec);
       const call = (over: Record<number, unknown>) => {
-        const a: unknown[] = [logits.handle, 0, 4, 1, r.scores.handle, r.slot.handle, r.weights.handle, r.indices.handle,
-          r.tokensPerExpert.handle, r.expertsPerToken.handle, r.nanRows.handle];
+        const a: unknown[] = [
+          logits.handle,
+          0,
+          4,
+          1,
+          r.scores.handle,
+          r.slot.handle,
+          r.weights.handle,
+          r.indices.handle,
+          r.tokensPerExpert.handle,
+          r.expertsPerToken.handle,
+          r.nanRows.handle,
+        ];
         for (const [i, v] of Object.entries(over)) a[Number(i)] = v;
         return () => (n.routerExpertChoice as (...x: unknown[]) => void)(...a);
       };

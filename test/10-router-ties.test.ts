@@ -28,10 +28,22 @@ function topkIn(v: Float64Array, k: number, kept: number[], gs: number): number[
 
 describe('group-score near ties (test/router-ties.ts)', () => {
   it.each([
-    ['E=256 k=8, 8 groups keep 4, sigmoid + bias', { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 } as RouterConfig, true],
-    ['E=256 k=4, 8 groups keep 4 (m=1), sigmoid + bias', { numExperts: 256, topK: 4, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 } as RouterConfig, true],
+    [
+      'E=256 k=8, 8 groups keep 4, sigmoid + bias',
+      { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 } as RouterConfig,
+      true,
+    ],
+    [
+      'E=256 k=4, 8 groups keep 4 (m=1), sigmoid + bias',
+      { numExperts: 256, topK: 4, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 } as RouterConfig,
+      true,
+    ],
     ['E=128 k=6, 4 groups keep 3, softmax + bias', { numExperts: 128, topK: 6, groups: 4, topkGroups: 3 } as RouterConfig, true],
-    ['E=96 k=6, 32 groups keep 3, sigmoid, no bias', { numExperts: 96, topK: 6, scoreFunction: 'sigmoid', groups: 32, topkGroups: 3 } as RouterConfig, false],
+    [
+      'E=96 k=6, 32 groups keep 3, sigmoid, no bias',
+      { numExperts: 96, topK: 6, scoreFunction: 'sigmoid', groups: 32, topkGroups: 3 } as RouterConfig,
+      false,
+    ],
   ])('float64 selection is the CPU reference’s: %s', (_name, config, withBias) => {
     const r = groupRouting(config);
     const T = 2000;

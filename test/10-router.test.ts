@@ -139,7 +139,11 @@ const configs: [string, RouterConfig, boolean][] = [
   ['softmax top-2 of 16', { numExperts: 16, topK: 2 }, false],
   ['softmax top-4 of 16, normalised, scaled, with bias', { numExperts: 16, topK: 4, normalize: true, routeScale: 2.5 }, true],
   ['sigmoid top-8 of 64, bias, 8 groups keep 4', { numExperts: 64, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 }, true],
-  ['sigmoid top-6 of 24, 6 groups keep 3, not normalised', { numExperts: 24, topK: 6, scoreFunction: 'sigmoid', groups: 6, topkGroups: 3, normalize: false }, false],
+  [
+    'sigmoid top-6 of 24, 6 groups keep 3, not normalised',
+    { numExperts: 24, topK: 6, scoreFunction: 'sigmoid', groups: 6, topkGroups: 3, normalize: false },
+    false,
+  ],
   ['softmax, 4 groups keep 2, bias', { numExperts: 32, topK: 4, groups: 4, topkGroups: 2 }, true],
   ['E = 1, k = 1', { numExperts: 1, topK: 1 }, false],
   ['k = E (softmax, normalised)', { numExperts: 12, topK: 12, normalize: true }, true],
@@ -175,7 +179,10 @@ describe('router forward (CPU reference) against the float64 oracle', () => {
     tidy(() => {
       const logits = randomLogits(64, 32);
       // a strong bias towards experts 24..31, against 0..7
-      const bias = Tensor.fromArray(Array.from({ length: 32 }, (_, e) => (e >= 24 ? 0.5 : e < 8 ? -0.5 : 0)), { device: cpu });
+      const bias = Tensor.fromArray(
+        Array.from({ length: 32 }, (_, e) => (e >= 24 ? 0.5 : e < 8 ? -0.5 : 0)),
+        { device: cpu },
+      );
       const plain = routerForward(logits, config);
       const biased = routerForward(logits, config, { bias });
       const s = rows(values(plain.scores), 32);
@@ -241,7 +248,9 @@ describe('router forward (CPU reference) against the float64 oracle', () => {
       data[4 * 6 + 0] = Infinity;
       const logits = Tensor.fromArray(data, { shape: [5, 6], device: cpu });
       expect(() => routerForward(logits, { numExperts: 6, topK: 2 })).toThrow(InvalidArgumentError);
-      expect(() => routerForward(logits, { numExperts: 6, topK: 2 })).toThrow(/router: 'logits' row 2 has a NaN or infinite value.*2 bad row/);
+      expect(() => routerForward(logits, { numExperts: 6, topK: 2 })).toThrow(
+        /router: 'logits' row 2 has a NaN or infinite value.*2 bad row/,
+      );
       const out = routerForward(logits, { numExperts: 6, topK: 2, scoreFunction: 'sigmoid' }, { checkNaN: false });
       expect(out.nanRows.toNumbers()).toEqual([2, 2]);
       const idx = rows(out.indices.toNumbers(), 2);
@@ -254,7 +263,10 @@ describe('router forward (CPU reference) against the float64 oracle', () => {
       expect(rows(values(out.scores), 6)[4]?.every(Number.isNaN)).toBe(true);
       // a NaN in the bias makes every row bad
       const bias = Tensor.fromArray([0, 0, NaN, 0, 0, 0], { device: cpu });
-      const clean = Tensor.fromArray(data.map((x) => (Number.isFinite(x) ? x : 0)), { shape: [5, 6], device: cpu });
+      const clean = Tensor.fromArray(
+        data.map((x) => (Number.isFinite(x) ? x : 0)),
+        { shape: [5, 6], device: cpu },
+      );
       expect(() => routerForward(clean, { numExperts: 6, topK: 2 }, { bias })).toThrow(/row 0 .*5 bad row/);
     });
   });
@@ -265,7 +277,7 @@ describe('router forward (CPU reference) against the float64 oracle', () => {
 function separatedLogits(T: number, E: number): number[] {
   const out: number[] = [];
   let seed = freshSeed();
-  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  const rand = () => (seed = (seed * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
   for (let t = 0; t < T; t++) {
     const row = Array.from({ length: E }, (_, i) => -1.6 + (3.2 * i) / Math.max(1, E - 1) + 0.05 * rand());
     for (let i = E - 1; i > 0; i--) {
@@ -297,7 +309,10 @@ const gradConfigs: [string, RouterConfig][] = [
   ['softmax', { numExperts: 8, topK: 3 }],
   ['softmax, normalised, scale 1.7', { numExperts: 8, topK: 3, normalize: true, routeScale: 1.7 }],
   ['sigmoid, normalised', { numExperts: 8, topK: 2, scoreFunction: 'sigmoid' }],
-  ['sigmoid, not normalised, scale 2.5, 4 groups keep 2', { numExperts: 8, topK: 4, scoreFunction: 'sigmoid', normalize: false, routeScale: 2.5, groups: 4, topkGroups: 2 }],
+  [
+    'sigmoid, not normalised, scale 2.5, 4 groups keep 2',
+    { numExperts: 8, topK: 4, scoreFunction: 'sigmoid', normalize: false, routeScale: 2.5, groups: 4, topkGroups: 2 },
+  ],
   ['softmax, k = E, normalised', { numExperts: 4, topK: 4, normalize: true }],
 ];
 
@@ -340,7 +355,12 @@ describe('router backward against central finite differences', () => {
       );
       // accumulate adds onto what is there
       routerBackward(dW, fwd, config, { out: dLogits, accumulate: true });
-      expect(relErr(values(dLogits), analytic.map((g) => 2 * g))).toBeLessThan(1e-6);
+      expect(
+        relErr(
+          values(dLogits),
+          analytic.map((g) => 2 * g),
+        ),
+      ).toBeLessThan(1e-6);
     });
   });
 });
@@ -420,7 +440,10 @@ describe('auxiliary losses', () => {
       // routing backward, then both losses, into one tensor: the sum of the separate gradients
       const config: RouterConfig = { numExperts: E, topK: 2, normalize: true };
       const r = routerForward(logits, config);
-      const dW = Tensor.fromArray(Array.from({ length: T * 2 }, (_, i) => i - 3.5), { shape: [T, 2], device: cpu });
+      const dW = Tensor.fromArray(
+        Array.from({ length: T * 2 }, (_, i) => i - 3.5),
+        { shape: [T, 2], device: cpu },
+      );
       const route = routerBackward(dW, r, config);
       const bal = Tensor.zeros([T, E], { device: cpu });
       balanceLoss(r.scores, r.indices, config, { coefficient: 0.1, dLogits: bal });
@@ -440,17 +463,61 @@ describe('router bad calls', () => {
     ['k > E', () => routerForward(l(), { numExperts: 8, topK: 9 }), /router: 'topK' = 9 is more than 'numExperts' = 8/],
     ['k = 0', () => routerForward(l(), { numExperts: 8, topK: 0 }), /router: 'topK' must be a positive integer; received 0/],
     ['k negative', () => new Router({ numExperts: 8, topK: -2 }), /router: 'topK' must be a positive integer/],
-    ['groups not dividing E', () => routerForward(l(), { numExperts: 8, topK: 2, groups: 3 }), /router: 'groups' = 3 does not divide 'numExperts' = 8/],
-    ['topkGroups > groups', () => routerForward(l(), { numExperts: 8, topK: 2, groups: 2, topkGroups: 4 }), /router: 'topkGroups' = 4 is more than 'groups' = 2/],
-    ['k not divisible by topkGroups', () => routerForward(l(), { numExperts: 8, topK: 3, groups: 4, topkGroups: 2 }), /router: 'topK' = 3 is not divisible by 'topkGroups' = 2/],
-    ['k/topkGroups > group size', () => routerForward(l(), { numExperts: 8, topK: 4, groups: 4, topkGroups: 1 }), /router: 'topK' = 4 needs 4 experts from each of 1 groups/],
-    ['unknown score function', () => routerForward(l(), { numExperts: 8, topK: 2, scoreFunction: 'relu' as never }), /router: 'scoreFunction' must be 'softmax' or 'sigmoid'/],
-    ['logits of the wrong width', () => routerForward(l(), { numExperts: 16, topK: 2 }), /router: 'logits' has shape \[4,8\] but the config has numExperts = 16/],
-    ['bias of the wrong length', () => routerForward(l(), { numExperts: 8, topK: 2 }, { bias: Tensor.zeros([7], { device: cpu }) }), /router: 'bias' has shape \[7\]; expected \[8\]/],
-    ['bf16 logits', () => routerForward(Tensor.zeros([4, 8], { dtype: 'bf16', device: cpu }), { numExperts: 8, topK: 2 }), /router: 'logits' bf16\[4,8\] cpu has dtype bf16; expected one of f32/],
-    ['bias i32', () => routerForward(l(), { numExperts: 8, topK: 2 }, { bias: Tensor.zeros([8], { dtype: 'i32', device: cpu }) }), /router: 'bias' .* has dtype i32/],
-    ['out.indices of the wrong shape', () => routerForward(l(), { numExperts: 8, topK: 2 }, { out: { indices: Tensor.zeros([4, 3], { dtype: 'i32', device: cpu }) } }), /router: 'indices' i32\[4,3\] cpu should have shape \[4,2\]/],
-    ['out.weights as i32', () => routerForward(l(), { numExperts: 8, topK: 2 }, { out: { weights: Tensor.zeros([4, 2], { dtype: 'i32', device: cpu }) } }), /router: 'weights' .* has dtype i32/],
+    [
+      'groups not dividing E',
+      () => routerForward(l(), { numExperts: 8, topK: 2, groups: 3 }),
+      /router: 'groups' = 3 does not divide 'numExperts' = 8/,
+    ],
+    [
+      'topkGroups > groups',
+      () => routerForward(l(), { numExperts: 8, topK: 2, groups: 2, topkGroups: 4 }),
+      /router: 'topkGroups' = 4 is more than 'groups' = 2/,
+    ],
+    [
+      'k not divisible by topkGroups',
+      () => routerForward(l(), { numExperts: 8, topK: 3, groups: 4, topkGroups: 2 }),
+      /router: 'topK' = 3 is not divisible by 'topkGroups' = 2/,
+    ],
+    [
+      'k/topkGroups > group size',
+      () => routerForward(l(), { numExperts: 8, topK: 4, groups: 4, topkGroups: 1 }),
+      /router: 'topK' = 4 needs 4 experts from each of 1 groups/,
+    ],
+    [
+      'unknown score function',
+      () => routerForward(l(), { numExperts: 8, topK: 2, scoreFunction: 'relu' as never }),
+      /router: 'scoreFunction' must be 'softmax' or 'sigmoid'/,
+    ],
+    [
+      'logits of the wrong width',
+      () => routerForward(l(), { numExperts: 16, topK: 2 }),
+      /router: 'logits' has shape \[4,8\] but the config has numExperts = 16/,
+    ],
+    [
+      'bias of the wrong length',
+      () => routerForward(l(), { numExperts: 8, topK: 2 }, { bias: Tensor.zeros([7], { device: cpu }) }),
+      /router: 'bias' has shape \[7\]; expected \[8\]/,
+    ],
+    [
+      'bf16 logits',
+      () => routerForward(Tensor.zeros([4, 8], { dtype: 'bf16', device: cpu }), { numExperts: 8, topK: 2 }),
+      /router: 'logits' bf16\[4,8\] cpu has dtype bf16; expected one of f32/,
+    ],
+    [
+      'bias i32',
+      () => routerForward(l(), { numExperts: 8, topK: 2 }, { bias: Tensor.zeros([8], { dtype: 'i32', device: cpu }) }),
+      /router: 'bias' .* has dtype i32/,
+    ],
+    [
+      'out.indices of the wrong shape',
+      () => routerForward(l(), { numExperts: 8, topK: 2 }, { out: { indices: Tensor.zeros([4, 3], { dtype: 'i32', device: cpu }) } }),
+      /router: 'indices' i32\[4,3\] cpu should have shape \[4,2\]/,
+    ],
+    [
+      'out.weights as i32',
+      () => routerForward(l(), { numExperts: 8, topK: 2 }, { out: { weights: Tensor.zeros([4, 2], { dtype: 'i32', device: cpu }) } }),
+      /router: 'weights' .* has dtype i32/,
+    ],
     [
       'indices out of range in the backward',
       () => {
@@ -467,10 +534,28 @@ describe('router bad calls', () => {
       },
       /balanceLoss: 'indices' holds -1 at token 1, slot 1/,
     ],
-    ['dWeights of the wrong shape', () => routerBackward(Tensor.zeros([4, 3], { device: cpu }), { scores: l(), indices: Tensor.zeros([4, 2], { dtype: 'i32', device: cpu }) }, { numExperts: 8, topK: 2 }), /routerBackward: 'dWeights' f32\[4,3\] cpu should have shape \[4,2\]/],
-    ['seqLen not dividing T', () => balanceLoss(l(), Tensor.zeros([4, 2], { dtype: 'i32', device: cpu }), { numExperts: 8, topK: 2 }, { coefficient: 1, seqLen: 3 }), /balanceLoss: 'seqLen' = 3 must be a positive integer dividing the 4 tokens/],
+    [
+      'dWeights of the wrong shape',
+      () =>
+        routerBackward(
+          Tensor.zeros([4, 3], { device: cpu }),
+          { scores: l(), indices: Tensor.zeros([4, 2], { dtype: 'i32', device: cpu }) },
+          { numExperts: 8, topK: 2 },
+        ),
+      /routerBackward: 'dWeights' f32\[4,3\] cpu should have shape \[4,2\]/,
+    ],
+    [
+      'seqLen not dividing T',
+      () =>
+        balanceLoss(l(), Tensor.zeros([4, 2], { dtype: 'i32', device: cpu }), { numExperts: 8, topK: 2 }, { coefficient: 1, seqLen: 3 }),
+      /balanceLoss: 'seqLen' = 3 must be a positive integer dividing the 4 tokens/,
+    ],
     ['missing coefficient', () => zLoss(l(), {} as never), /zLoss: 'coefficient' must be a finite number/],
-    ['z-loss of i32 logits', () => zLoss(Tensor.zeros([2, 2], { dtype: 'i32', device: cpu }), { coefficient: 1 }), /zLoss: 'logits' .* has dtype i32/],
+    [
+      'z-loss of i32 logits',
+      () => zLoss(Tensor.zeros([2, 2], { dtype: 'i32', device: cpu }), { coefficient: 1 }),
+      /zLoss: 'logits' .* has dtype i32/,
+    ],
   ];
   it.each(cases)('%s', (_name, call, message) => {
     tidy(() => {
@@ -491,14 +576,42 @@ describe('router bad calls', () => {
       const logits = l();
       const o = poisonedOutputs(4, 8, 2);
       const call = (k: number, groups: number, topkGroups: number) =>
-        native().routerForward(logits.handle, null, 0, k, groups, topkGroups, false, 1, o.indices.handle, o.weights.handle, o.tokensPerExpert.handle, o.scores.handle, o.nanRows.handle);
+        native().routerForward(
+          logits.handle,
+          null,
+          0,
+          k,
+          groups,
+          topkGroups,
+          false,
+          1,
+          o.indices.handle,
+          o.weights.handle,
+          o.tokensPerExpert.handle,
+          o.scores.handle,
+          o.nanRows.handle,
+        );
       expect(() => call(9, 1, 1)).toThrow(/router: 'k' = 9 must be in \[1, 8\]/);
       expect(() => call(2, 3, 1)).toThrow(/router: 'groups' = 3 does not divide the 8 experts/);
       expect(() => call(2, 2, 3)).toThrow(/router: 'topkGroups' = 3 must be in \[1, 2\]/);
       expect(() => call(2, 64, 1)).toThrow(/router: 'groups' = 64 must be in \[1, 32\]/);
-      expect(() => native().routerForward(logits.handle, null, 5, 2, 1, 1, false, 1, o.indices.handle, o.weights.handle, o.tokensPerExpert.handle, o.scores.handle, o.nanRows.handle)).toThrow(
-        /router: 'scoreFn' must be 0 \(softmax\) or 1 \(sigmoid\)/,
-      );
+      expect(() =>
+        native().routerForward(
+          logits.handle,
+          null,
+          5,
+          2,
+          1,
+          1,
+          false,
+          1,
+          o.indices.handle,
+          o.weights.handle,
+          o.tokensPerExpert.handle,
+          o.scores.handle,
+          o.nanRows.handle,
+        ),
+      ).toThrow(/router: 'scoreFn' must be 0 \(softmax\) or 1 \(sigmoid\)/);
       expect(() => call(2, 1, 1)).not.toThrow();
     });
   });

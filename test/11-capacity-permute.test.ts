@@ -18,7 +18,6 @@ import { bf16ToNumber, expectInvalidArgument, freshSeed, poisoned, relErr, rng }
 
 const cpu = 'cpu' as const;
 
-
 interface Routing {
   T: number;
   k: number;
@@ -77,7 +76,8 @@ function runCapacity(ro: Routing, cf: number | undefined, policy: DropPolicy): C
     dropped: poisoned([1], 'i32', cpu),
     invalid: poisoned([1], 'i32', cpu),
   };
-  const opts = cf === undefined ? { numExperts: ro.E, dropPolicy: policy, out } : { numExperts: ro.E, capacityFactor: cf, dropPolicy: policy, out };
+  const opts =
+    cf === undefined ? { numExperts: ro.E, dropPolicy: policy, out } : { numExperts: ro.E, capacityFactor: cf, dropPolicy: policy, out };
   const r = capacity(indices, weights, opts);
   indices.dispose();
   weights.dispose();
@@ -240,7 +240,8 @@ describe('permute and unpermute', () => {
         expect(relErr(yv, yRef), `unpermute ${dtype} -> ${ydt}`).toBeLessThan(ydt === 'f32' ? 1e-6 : 5e-3);
         // Tokens with every assignment dropped give exact zeros.
         for (let t = 0; t < T; t++)
-          if (ref.rowOf.slice(t * k, (t + 1) * k).every((r) => r < 0)) expect(yv.slice(t * H, (t + 1) * H).every((v) => v === 0)).toBe(true);
+          if (ref.rowOf.slice(t * k, (t + 1) * k).every((r) => r < 0))
+            expect(yv.slice(t * H, (t + 1) * H).every((v) => v === 0)).toBe(true);
       }
       disposeAll(p);
     }
@@ -431,18 +432,24 @@ describe('bad calls give named errors', () => {
     const dropless = capacity(indices, weights, { numExperts: 4 });
     expectError(() => permute(x, indices, weights, dropless, { padToCapacity: true }), 'permute', /'padToCapacity' needs a capacity/);
     // Indices changed after capacity: an expert id out of range is caught by the layout.
-    using bad = Tensor.fromArray(Array.from(ro.idx, (e, i) => (i === 3 ? 9 : e)), { dtype: 'i32', shape: [6, 2], device: cpu });
+    using bad = Tensor.fromArray(
+      Array.from(ro.idx, (e, i) => (i === 3 ? 9 : e)),
+      { dtype: 'i32', shape: [6, 2], device: cpu },
+    );
     const badCap = { ...cap, slot: cap.slot, keptPerExpert: cap.keptPerExpert };
     const slot3 = (cap.slot.toArray() as Int32Array)[3] as number;
     if (slot3 >= 0) expectError(() => permute(x, bad, weights, badCap), 'permute', /'indices'\[1,1\] = 9 is outside \[0, 4\)/);
     else expectError(() => permute(x, bad, weights, { ...cap, numExperts: 3 }), 'permute', /'offsets' has shape|'kept'/);
     const p = permute(x, indices, weights, cap);
     // rowOf out of range for unpermute.
-    using badRowOf = Tensor.fromArray(Array.from(p.rowOf.toArray() as Int32Array, (r, i) => (i === 0 ? p.numRows : r)), {
-      dtype: 'i32',
-      shape: [6, 2],
-      device: cpu,
-    });
+    using badRowOf = Tensor.fromArray(
+      Array.from(p.rowOf.toArray() as Int32Array, (r, i) => (i === 0 ? p.numRows : r)),
+      {
+        dtype: 'i32',
+        shape: [6, 2],
+        device: cpu,
+      },
+    );
     expectError(() => unpermute(p.rows, badRowOf, weights), 'unpermute', /'rowOf'\[0,0\] = \d+ is outside \[-1, \d+\)/);
     expectError(() => permuteBackward(p.rows, badRowOf), 'permuteBackward', /'rowOf'\[0,0\]/);
     using w3 = weights.narrow(0, 0, 3);
@@ -456,7 +463,10 @@ describe('bad calls give named errors', () => {
     // A rowToken that disagrees with rowOf.
     const tv = tok.toArray() as Int32Array;
     const r0 = (p.rowOf.toArray() as Int32Array).find((r) => r >= 0) as number;
-    using tokBad = Tensor.fromArray(Array.from(tv, (t, i) => (i === r0 ? (t + 1) % 6 : t)), { dtype: 'i32', device: cpu });
+    using tokBad = Tensor.fromArray(
+      Array.from(tv, (t, i) => (i === r0 ? (t + 1) % 6 : t)),
+      { dtype: 'i32', device: cpu },
+    );
     expectError(() => unpermuteBackward(dy, p.rows, weights, p.rowOf, tokBad), 'unpermuteBackward', /'rowToken'/);
     disposeAll(p);
     disposeAll(cap);

@@ -27,7 +27,9 @@ describe('grouped GEMM reference', () => {
     using off = offsetsOf(counts);
     using out = poisoned([M, N], 'f32', cpu);
     groupedGemm('NN', a, b, off, { out });
-    const av = values(a), bv = values(b), ov = values(out);
+    const av = values(a),
+      bv = values(b),
+      ov = values(out);
     let row = 0;
     counts.forEach((c, e) => {
       for (let m = row; m < row + c; m++)
@@ -48,7 +50,9 @@ describe('grouped GEMM reference', () => {
     using off = offsetsOf(counts);
     using dA = groupedGemm('NT', dC, b, off, { dtype: 'f32' });
     using dW = groupedGemm('TN', a, dC, off, { dtype: 'f32' });
-    const dcv = values(dC), bv = values(b), av = values(a);
+    const dcv = values(dC),
+      bv = values(b),
+      av = values(a);
     const dAref: number[] = [];
     const dWref = new Array(4 * K * N).fill(0);
     let row = 0;
@@ -64,7 +68,11 @@ describe('grouped GEMM reference', () => {
     });
     expect(relErr(values(dA).slice(0, row * K), dAref.slice(0, row * K))).toBeLessThan(1e-6);
     expect(relErr(values(dW), dWref)).toBeLessThan(1e-6);
-    expect(values(dW).slice(K * N, 2 * K * N).every((v) => v === 0)).toBe(true); // the empty group
+    expect(
+      values(dW)
+        .slice(K * N, 2 * K * N)
+        .every((v) => v === 0),
+    ).toBe(true); // the empty group
   });
 
   it('accumulate adds into an f32 out', () => {
@@ -74,7 +82,12 @@ describe('grouped GEMM reference', () => {
     using once = groupedGemm('NN', a, b, off, { dtype: 'f32' });
     using out = Tensor.full([4, 8], 1, { device: cpu });
     groupedGemm('NN', a, b, off, { out, accumulate: true });
-    expect(relErr(values(out), values(once).map((v) => v + 1))).toBeLessThan(1e-7);
+    expect(
+      relErr(
+        values(out),
+        values(once).map((v) => v + 1),
+      ),
+    ).toBeLessThan(1e-7);
   });
 
   it('rejects bad groups and shapes with clear errors', () => {
@@ -111,7 +124,8 @@ describe('SwiGLU experts, f32 reference', () => {
       tidy(() => {
         const w13 = interleaveW13(ww1, ww3);
         const { out } = expertsForward(aa, w13, ww2, off);
-        const o = values(out), r = values(R);
+        const o = values(out),
+          r = values(R);
         return o.reduce((s, v, i) => s + v * (r[i] as number), 0);
       });
     const grads = tidy(() => {
@@ -127,7 +141,12 @@ describe('SwiGLU experts, f32 reference', () => {
       w2: values(grads.dW2),
     };
     const h = 1e-2;
-    for (const [name, t] of [['a', a], ['w1', w1], ['w3', w3], ['w2', w2]] as const) {
+    for (const [name, t] of [
+      ['a', a],
+      ['w1', w1],
+      ['w3', w3],
+      ['w2', w2],
+    ] as const) {
       const base = values(t);
       const numeric = base.map((_, i) => {
         const perturbed = (delta: number): number =>

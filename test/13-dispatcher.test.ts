@@ -14,7 +14,7 @@ function routing(T: number, E: number, k: number): { indices: Tensor; weights: T
   // distinct experts per token, some experts unused
   const idx: number[] = [];
   let s = freshSeed();
-  const rnd = (): number => ((s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31);
+  const rnd = (): number => (s = (s * 1103515245 + 12345) % 2 ** 31) / 2 ** 31;
   for (let t = 0; t < T; t++) {
     const chosen = new Set<number>();
     while (chosen.size < k) chosen.add(Math.floor(rnd() * (E - 1))); // expert E-1 never chosen
@@ -51,7 +51,9 @@ describe.each([
       const y = d.combine(expertOut, handle, weights);
       // oracle: y[t] = Σ_j kept(t,j) · w[t,j] · (e+1) · x[t]
       const slot = Array.from(cap.slot.toArray() as Int32Array);
-      const iv = Array.from(indices.toArray() as Int32Array), wv = values(weights), xv = values(x);
+      const iv = Array.from(indices.toArray() as Int32Array),
+        wv = values(weights),
+        xv = values(x);
       const ref = new Array(T * H).fill(0);
       for (let t = 0; t < T; t++)
         for (let j = 0; j < k; j++) {
@@ -69,7 +71,9 @@ describe.each([
       const dy = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
       const { dExpertOut, dWeights } = d.combineBackward(dy, expertOut, handle, weights);
       const dx = d.dispatchBackward(dExpertOut, handle);
-      const dyv = values(dy), dwv = values(dWeights), dxv = values(dx);
+      const dyv = values(dy),
+        dwv = values(dWeights),
+        dxv = values(dx);
       for (let t = 0; t < T; t++)
         for (let j = 0; j < k; j++) {
           const keptTJ = (slot[t * k + j] as number) >= 0;
@@ -81,7 +85,8 @@ describe.each([
       const dxRef = new Array(T * H).fill(0);
       for (let t = 0; t < T; t++)
         for (let j = 0; j < k; j++)
-          if ((slot[t * k + j] as number) >= 0) for (let h = 0; h < H; h++) dxRef[t * H + h] += (wv[t * k + j] as number) * (dyv[t * H + h] as number);
+          if ((slot[t * k + j] as number) >= 0)
+            for (let h = 0; h < H; h++) dxRef[t * H + h] += (wv[t * k + j] as number) * (dyv[t * H + h] as number);
       expect(relErr(dxv, dxRef)).toBeLessThan(1e-6);
       handle.dispose();
       d.dispose();
@@ -107,7 +112,8 @@ describe('fp8 dispatch', () => {
       const fp8 = new Dispatcher({ numExperts: E, fp8: true, ...layout }).dispatch(x, indices, weights, cap);
       expect(fp8.rows.dtype).toBe('bf16');
       expect(fp8.rows.shape).toEqual(plain.rows.shape);
-      const a = values(fp8.rows), b = values(plain.rows);
+      const a = values(fp8.rows),
+        b = values(plain.rows);
       expect(relErr(a, b)).toBeLessThan(0.05);
       expect(relErr(a, b)).toBeGreaterThan(0); // it did quantise
       // Padding rows (weight 0) are zeros in both.
@@ -118,10 +124,14 @@ describe('fp8 dispatch', () => {
     });
   });
   it('rows whose length is not a multiple of 128 are refused', () => {
-    expect(() => new Dispatcher({ numExperts: 8, fp8: true }).dispatch(
-      Tensor.zeros([2, 100], { device: cpu }), Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), Tensor.zeros([2, 1], { device: cpu }),
-      capacity(Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), null, { numExperts: 8 }),
-    )).toThrow(/not a multiple of 128/);
+    expect(() =>
+      new Dispatcher({ numExperts: 8, fp8: true }).dispatch(
+        Tensor.zeros([2, 100], { device: cpu }),
+        Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }),
+        Tensor.zeros([2, 1], { device: cpu }),
+        capacity(Tensor.zeros([2, 1], { dtype: 'i32', device: cpu }), null, { numExperts: 8 }),
+      ),
+    ).toThrow(/not a multiple of 128/);
   });
 });
 
@@ -278,11 +288,23 @@ describe('CommWork: the result only through wait', () => {
     using comm = new Stream(cpu);
     const { d, x, indices, weights, cap } = setup(comm);
     const side = d;
-    expectInvalidArgument(() => new Dispatcher({ numExperts: 4, commStream: 'side' as unknown as Stream }), /Dispatcher: 'commStream' must be a Stream; received side/);
-    expectInvalidArgument(() => side.dispatchAsync(x, indices, weights, cap, { after: 5 as unknown as Event }), /dispatch: 'after' must be an Event/);
+    expectInvalidArgument(
+      () => new Dispatcher({ numExperts: 4, commStream: 'side' as unknown as Stream }),
+      /Dispatcher: 'commStream' must be a Stream; received side/,
+    );
+    expectInvalidArgument(
+      () => side.dispatchAsync(x, indices, weights, cap, { after: 5 as unknown as Event }),
+      /dispatch: 'after' must be an Event/,
+    );
     expectInvalidArgument(() => side.dispatchAsync([1, 2] as unknown as Tensor, indices, weights, cap), /dispatch: 'x' must be a Tensor/);
-    expectInvalidArgument(() => side.combineAsync(x, {} as DispatchHandle, weights), /combine: 'handle' must be the handle dispatch\(\) returned/);
-    expectInvalidArgument(() => side.dispatchBackwardAsync(x, null as unknown as DispatchHandle), /dispatchBackward: 'handle' must be the handle/);
+    expectInvalidArgument(
+      () => side.combineAsync(x, {} as DispatchHandle, weights),
+      /combine: 'handle' must be the handle dispatch\(\) returned/,
+    );
+    expectInvalidArgument(
+      () => side.dispatchBackwardAsync(x, null as unknown as DispatchHandle),
+      /dispatchBackward: 'handle' must be the handle/,
+    );
     tidy(() => {
       using w = side.dispatchAsync(x, indices, weights, cap);
       expectInvalidArgument(() => w.waitOn('now' as unknown as Stream), /CommWork.waitOn: 'stream' must be a Stream/);

@@ -21,9 +21,18 @@ function reference(layer: MoELayer, x: Tensor, dy: Tensor) {
     router: values(layer.master.router),
     w13: values(layer.master.w13),
     w2: values(layer.master.w2),
-    shared: layer.master.sharedW13 && layer.master.sharedW2 ? { w13: values(layer.master.sharedW13), w2: values(layer.master.sharedW2) } : undefined,
+    shared:
+      layer.master.sharedW13 && layer.master.sharedW2
+        ? { w13: values(layer.master.sharedW13), w2: values(layer.master.sharedW2) }
+        : undefined,
     cfg: {
-      H: c.hidden, F: c.ffn, E: c.numExperts, Fs: c.sharedFfn, score: c.scoreFunction, routeScale: c.routeScale, zLossCoef: c.zLossCoef,
+      H: c.hidden,
+      F: c.ffn,
+      E: c.numExperts,
+      Fs: c.sharedFfn,
+      score: c.scoreFunction,
+      routeScale: c.routeScale,
+      zLossCoef: c.zLossCoef,
       C: Math.min(x.shape[0] as number, Math.ceil(((x.shape[0] as number) * (c.capacityFactor as number)) / c.numExperts - 1e-9)),
     },
   });
@@ -56,8 +65,12 @@ describe('MoELayer with expert-choice routing on one rank, against the plain-loo
         expect(relErr(values(f.y), Array.from(ref.y)), `y, ${what}`).toBeLessThan(1e-5);
         const g = layer.backward(f, dy);
         const pairs: [string, Tensor | null, Float64Array][] = [
-          ['dx', g.dx, ref.dx], ['router', g.router, ref.dRouter], ['w13', g.w13, ref.dW13], ['w2', g.w2, ref.dW2],
-          ['shared w13', g.sharedW13, ref.dShared13], ['shared w2', g.sharedW2, ref.dShared2],
+          ['dx', g.dx, ref.dx],
+          ['router', g.router, ref.dRouter],
+          ['w13', g.w13, ref.dW13],
+          ['w2', g.w2, ref.dW2],
+          ['shared w13', g.sharedW13, ref.dShared13],
+          ['shared w2', g.sharedW2, ref.dShared2],
         ];
         for (const [name, got, want] of pairs) {
           if (got === null) {
@@ -87,7 +100,8 @@ describe('MoELayer with expert-choice routing on one rank, against the plain-loo
       const b = own.forward(x);
       expect(bits(b.y), `seed ${seed}`).toEqual(bits(a.y));
       const gb = own.backward(b, dy);
-      for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) expect(bits(gb[k]), `${k}, seed ${seed}`).toEqual(bits(ga[k]));
+      for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const)
+        expect(bits(gb[k]), `${k}, seed ${seed}`).toEqual(bits(ga[k]));
     });
   });
 
@@ -97,12 +111,18 @@ describe('MoELayer with expert-choice routing on one rank, against the plain-loo
     expect(layer.config.capacityFactor).toBe(2); // topK
     expect(layer.config.routing).toBe('expert-choice');
     expect(layer.dispatcher.padToCapacity).toBe(true);
-    expect(() => new MoELayer({ ...base, padToCapacity: false })).toThrow(/MoELayer: 'padToCapacity' is always on with routing 'expert-choice'/);
-    expect(() => new MoELayer({ ...base, auxLossCoef: 0.01 })).toThrow(/'auxLossCoef' and 'seqAuxLossCoef' must be 0 with routing 'expert-choice'/);
+    expect(() => new MoELayer({ ...base, padToCapacity: false })).toThrow(
+      /MoELayer: 'padToCapacity' is always on with routing 'expert-choice'/,
+    );
+    expect(() => new MoELayer({ ...base, auxLossCoef: 0.01 })).toThrow(
+      /'auxLossCoef' and 'seqAuxLossCoef' must be 0 with routing 'expert-choice'/,
+    );
     expect(() => new MoELayer({ ...base, groups: 2, topkGroups: 1 })).toThrow(/'groups' = 2 is not available with routing 'expert-choice'/);
     expect(() => new MoELayer({ ...base, scoreFunction: 'sigmoid', normalize: true })).toThrow(/'normalize' is not available/);
     expect(() => new MoELayer({ ...base, capacityFactor: -1 })).toThrow(/'capacityFactor' must be a finite number > 0/);
-    expect(() => new MoELayer({ ...base, routing: 'tokens' as 'token-choice' })).toThrow(/'routing' must be 'token-choice' or 'expert-choice'/);
+    expect(() => new MoELayer({ ...base, routing: 'tokens' as 'token-choice' })).toThrow(
+      /'routing' must be 'token-choice' or 'expert-choice'/,
+    );
     // token choice keeps its own meaning of capacityFactor (and its default: dropless)
     using tc = new MoELayer({ ...base, routing: 'token-choice' });
     expect(tc.config.capacityFactor).toBeUndefined();

@@ -14,7 +14,10 @@ const silu = (v: number): number => v / (1 + Math.exp(-v));
 function oracle(layer: MoELayer, x: Tensor): number[] {
   const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = layer.config;
   const T = x.shape[0] as number;
-  const xv = values(x), wr = values(layer.master.router), w13 = values(layer.master.w13), w2 = values(layer.master.w2);
+  const xv = values(x),
+    wr = values(layer.master.router),
+    w13 = values(layer.master.w13),
+    w2 = values(layer.master.w2);
   const logits = new Float32Array(T * E);
   for (let t = 0; t < T; t++)
     for (let e = 0; e < E; e++) {
@@ -30,7 +33,8 @@ function oracle(layer: MoELayer, x: Tensor): number[] {
   const ffn = (t: number, a13: number[], a2: number[], e: number, f: number): number[] => {
     const hAct = new Array(f).fill(0);
     for (let i = 0; i < f; i++) {
-      let g1 = 0, g3 = 0;
+      let g1 = 0,
+        g3 = 0;
       for (let h = 0; h < H; h++) {
         g1 += (xv[t * H + h] as number) * (a13[(e * H + h) * 2 * f + 2 * i] as number);
         g3 += (xv[t * H + h] as number) * (a13[(e * H + h) * 2 * f + 2 * i + 1] as number);
@@ -102,7 +106,13 @@ function gradientCheck(): boolean {
     const errors = checks.map(([name, g, t, refresh]) => {
       const analytic = values(g);
       const picks = pick(t.numel);
-      return [name, relErr(picks.map((i) => analytic[i] as number), picks.map((i) => fd(t, i, refresh)))] as const;
+      return [
+        name,
+        relErr(
+          picks.map((i) => analytic[i] as number),
+          picks.map((i) => fd(t, i, refresh)),
+        ),
+      ] as const;
     });
     if (moved) return false;
     for (const [name, err] of errors) expect(err, name).toBeLessThan(2e-2);
@@ -167,49 +177,62 @@ describe('MoELayer on one rank', () => {
     expect(() => new MoELayer({ ...base, padToCapacity: true })).toThrow(/'padToCapacity' needs 'capacityFactor'/);
     expect(() => new MoELayer({ ...base, seqAuxLossCoef: 0.1 })).toThrow(/'seqAuxLossCoef' needs 'seqLen'/);
     expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
-    expect(() => new MoELayer({ ...base, commStream: 'yes' as unknown as boolean })).toThrow(/MoELayer: 'commStream' must be a Stream or a boolean; received yes/);
+    expect(() => new MoELayer({ ...base, commStream: 'yes' as unknown as boolean })).toThrow(
+      /MoELayer: 'commStream' must be a Stream or a boolean; received yes/,
+    );
     // At construction, not at the first forward (issue 14).
-    expect(() => new MoELayer({ ...base, dropPolicy: 'random' as unknown as 'probs' })).toThrow(/MoELayer: 'dropPolicy' must be one of probs, position; received random/);
+    expect(() => new MoELayer({ ...base, dropPolicy: 'random' as unknown as 'probs' })).toThrow(
+      /MoELayer: 'dropPolicy' must be one of probs, position; received random/,
+    );
   });
 
   it.each([
     ['dropless, shared expert, aux and z losses', { auxLossCoef: 0.1, zLossCoef: 0.01 }],
-    ['capacity 1.0 padded, sigmoid, no shared expert', { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid', sharedFfn: 0 }],
-  ] as const)('commStream (dispatch ∥ shared expert, combine backward ∥ shared backward, dispatch backward ∥ router backward) leaves every output bit unchanged: %s', (_n, extra) => {
-    const before = memoryStats(cpu).liveBytes;
-    {
-      const seed = freshSeed();
-      using given = new Stream(cpu);
-      using plain = new MoELayer({ ...base, ...extra, seed });
-      using own = new MoELayer({ ...base, ...extra, seed, commStream: true });
-      using passed = new MoELayer({ ...base, ...extra, seed, commStream: given });
-      expect(own.dispatcher.commStream).toBeInstanceOf(Stream);
-      expect(passed.dispatcher.commStream).toBe(given);
-      expect(plain.dispatcher.commStream).toBeUndefined();
-      const bits = (t: Tensor | null): number[] => (t ? Array.from(new Uint8Array((t.toArray() as Float32Array).buffer)) : []);
-      tidy(() => {
-        const x = Tensor.randn([13, 8], { seed: freshSeed(), device: cpu });
-        const dy = Tensor.randn([13, 8], { seed: freshSeed(), device: cpu });
-        const ref = plain.forward(x);
-        const gRef = plain.backward(ref, dy);
-        for (const layer of [own, passed]) {
-          const f = layer.forward(x);
-          expect(bits(f.y)).toEqual(bits(ref.y));
-          expect(bits(f.auxLoss)).toEqual(bits(ref.auxLoss));
-          const g = layer.backward(f, dy);
-          for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) expect(bits(g[k]), k).toEqual(bits(gRef[k]));
-        }
-      });
-    }
-    expect(memoryStats(cpu).liveBytes).toBe(before);
-  });
+    [
+      'capacity 1.0 padded, sigmoid, no shared expert',
+      { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid', sharedFfn: 0 },
+    ],
+  ] as const)(
+    'commStream (dispatch ∥ shared expert, combine backward ∥ shared backward, dispatch backward ∥ router backward) leaves every output bit unchanged: %s',
+    (_n, extra) => {
+      const before = memoryStats(cpu).liveBytes;
+      {
+        const seed = freshSeed();
+        using given = new Stream(cpu);
+        using plain = new MoELayer({ ...base, ...extra, seed });
+        using own = new MoELayer({ ...base, ...extra, seed, commStream: true });
+        using passed = new MoELayer({ ...base, ...extra, seed, commStream: given });
+        expect(own.dispatcher.commStream).toBeInstanceOf(Stream);
+        expect(passed.dispatcher.commStream).toBe(given);
+        expect(plain.dispatcher.commStream).toBeUndefined();
+        const bits = (t: Tensor | null): number[] => (t ? Array.from(new Uint8Array((t.toArray() as Float32Array).buffer)) : []);
+        tidy(() => {
+          const x = Tensor.randn([13, 8], { seed: freshSeed(), device: cpu });
+          const dy = Tensor.randn([13, 8], { seed: freshSeed(), device: cpu });
+          const ref = plain.forward(x);
+          const gRef = plain.backward(ref, dy);
+          for (const layer of [own, passed]) {
+            const f = layer.forward(x);
+            expect(bits(f.y)).toEqual(bits(ref.y));
+            expect(bits(f.auxLoss)).toEqual(bits(ref.auxLoss));
+            const g = layer.backward(f, dy);
+            for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) expect(bits(g[k]), k).toEqual(bits(gRef[k]));
+          }
+        });
+      }
+      expect(memoryStats(cpu).liveBytes).toBe(before);
+    },
+  );
 });
 
 describe('router entropy metric', () => {
   it('is the mean per-token entropy of the renormalised scores, in nats', async () => {
     const { routerEntropy } = await import('../lib/moe/router.js');
     tidy(() => {
-      const v = [0.5, 0.5, 0, 0, /* row 2 */ 1, 1, 1, 1, /* row 3: sigmoid-like, renormalised */ 0.9, 0.1, 0.1, 0.9, /* row 4: all zero */ 0, 0, 0, 0];
+      const v = [
+        0.5, 0.5, 0, 0, /* row 2 */ 1, 1, 1, 1, /* row 3: sigmoid-like, renormalised */ 0.9, 0.1, 0.1, 0.9, /* row 4: all zero */ 0, 0, 0,
+        0,
+      ];
       const s = Tensor.fromArray(v, { shape: [4, 4], device: cpu });
       const h = (ps: number[]): number => {
         const sum = ps.reduce((a, b) => a + b, 0);

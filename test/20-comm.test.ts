@@ -7,7 +7,19 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { chooseBackend, Communicator, expertGroups, init, InvalidArgumentError, jobId, launchEnv, memoryStats, rendezvous, Tensor, TimeoutError } from '../lib/index.js';
+import {
+  chooseBackend,
+  Communicator,
+  expertGroups,
+  init,
+  InvalidArgumentError,
+  jobId,
+  launchEnv,
+  memoryStats,
+  rendezvous,
+  Tensor,
+  TimeoutError,
+} from '../lib/index.js';
 import { expectInvalidArgument } from './helpers.js';
 import { packageRoot } from '../lib/native.js';
 
@@ -61,10 +73,19 @@ describe('single-rank communicator', () => {
       [() => c.allToAllV(f32([0, 2]), [-1], f32([0, 2]), [0]), /allToAllV: 'sendRows'\[0\] = -1 is negative/],
       [() => c.allToAllV(f32([3, 2]), [3, 0], f32([3, 2]), [3]), /allToAllV: 'sendRows' has 2 entries but the communicator has 1 ranks/],
       [() => c.allToAllV(f32([3, 2]), [1.5] as number[], f32([3, 2]), [3]), /allToAllV: 'sendRows'\[0\] = 1.5 is not an integer/],
-      [() => c.allToAllV(f32([3, 2]), [3], Tensor.zeros([3, 2], { ...cpu, dtype: 'bf16' }), [3]), /allToAllV: 'recv' bf16\[3,2\] cpu has dtype bf16 but 'send' f32\[3,2\] cpu has f32/],
-      [() => c.allToAllV(f32([3, 2]), [3], f32([3, 3]), [3]), /allToAllV: 'recv' f32\[3,3\] cpu and 'send' f32\[3,2\] cpu must have the same row shape/],
+      [
+        () => c.allToAllV(f32([3, 2]), [3], Tensor.zeros([3, 2], { ...cpu, dtype: 'bf16' }), [3]),
+        /allToAllV: 'recv' bf16\[3,2\] cpu has dtype bf16 but 'send' f32\[3,2\] cpu has f32/,
+      ],
+      [
+        () => c.allToAllV(f32([3, 2]), [3], f32([3, 3]), [3]),
+        /allToAllV: 'recv' f32\[3,3\] cpu and 'send' f32\[3,2\] cpu must have the same row shape/,
+      ],
       // the call agreement with itself (shared by every backend): one rank's sendRows[0] is what it receives
-      [() => c.allToAllV(f32([3, 2]), [3], f32([2, 2]), [2]), /^allToAllV: rank 0 of 1: rank 0 sends 3 rows to rank 0 but rank 0 expects 2 \(recvRows\[0\]\); exchange the counts first/],
+      [
+        () => c.allToAllV(f32([3, 2]), [3], f32([2, 2]), [2]),
+        /^allToAllV: rank 0 of 1: rank 0 sends 3 rows to rank 0 but rank 0 expects 2 \(recvRows\[0\]\); exchange the counts first/,
+      ],
       [() => c.allToAll(f32([2, 2]), f32([3, 2])), /allToAll: 'recv' f32\[3,2\] cpu must have as many rows as 'send'/],
       [() => c.allGather(f32([2, 2]), f32([3, 2])), /allGather: 'output' f32\[3,2\] cpu must have 1·2 = 2 rows/],
       [() => c.broadcast(f32([2]), 1), /broadcast: 'root' 1 is not a rank of this communicator of size 1/],
@@ -87,7 +108,9 @@ describe('single-rank communicator', () => {
   it('init() with no launcher gives the single communicator; MOE_EP_BACKEND is validated', async () => {
     using c = await init({ env: {}, setDevice: false });
     expect(c.backend).toBe('single');
-    await expect(init({ env: { MOE_EP_BACKEND: 'gloo' }, setDevice: false })).rejects.toThrow(/MOE_EP_BACKEND must be auto, single, mpi or nccl; received "gloo"/);
+    await expect(init({ env: { MOE_EP_BACKEND: 'gloo' }, setDevice: false })).rejects.toThrow(
+      /MOE_EP_BACKEND must be auto, single, mpi or nccl; received "gloo"/,
+    );
   });
 
   it('the NCCL factory checks its arguments before touching NCCL', () => {
@@ -98,18 +121,34 @@ describe('single-rank communicator', () => {
 
 describe('launcher environments', () => {
   it('OpenMPI', () => {
-    expect(launchEnv({ OMPI_COMM_WORLD_RANK: '3', OMPI_COMM_WORLD_SIZE: '8', OMPI_COMM_WORLD_LOCAL_RANK: '1', OMPI_COMM_WORLD_LOCAL_SIZE: '4' })).toEqual({
-      launcher: 'openmpi', rank: 3, size: 8, localRank: 1, localSize: 4,
+    expect(
+      launchEnv({ OMPI_COMM_WORLD_RANK: '3', OMPI_COMM_WORLD_SIZE: '8', OMPI_COMM_WORLD_LOCAL_RANK: '1', OMPI_COMM_WORLD_LOCAL_SIZE: '4' }),
+    ).toEqual({
+      launcher: 'openmpi',
+      rank: 3,
+      size: 8,
+      localRank: 1,
+      localSize: 4,
     });
   });
   it('MPICH / Hydra', () => {
     expect(launchEnv({ PMI_RANK: '5', PMI_SIZE: '6', MPI_LOCALRANKID: '2', MPI_LOCALNRANKS: '3' })).toEqual({
-      launcher: 'mpich', rank: 5, size: 6, localRank: 2, localSize: 3,
+      launcher: 'mpich',
+      rank: 5,
+      size: 6,
+      localRank: 2,
+      localSize: 3,
     });
   });
   it('Slurm, with its compressed tasks-per-node list', () => {
-    expect(launchEnv({ SLURM_PROCID: '7', SLURM_NTASKS: '9', SLURM_LOCALID: '1', SLURM_NODEID: '2', SLURM_TASKS_PER_NODE: '4(x2),1' })).toEqual({
-      launcher: 'slurm', rank: 7, size: 9, localRank: 1, localSize: 1,
+    expect(
+      launchEnv({ SLURM_PROCID: '7', SLURM_NTASKS: '9', SLURM_LOCALID: '1', SLURM_NODEID: '2', SLURM_TASKS_PER_NODE: '4(x2),1' }),
+    ).toEqual({
+      launcher: 'slurm',
+      rank: 7,
+      size: 9,
+      localRank: 1,
+      localSize: 1,
     });
   });
   it('RANK / WORLD_SIZE / LOCAL_RANK, and nothing at all', () => {
@@ -117,11 +156,19 @@ describe('launcher environments', () => {
     expect(launchEnv({})).toEqual({ launcher: 'none', rank: 0, size: 1, localRank: 0, localSize: 1 });
   });
   it('malformed values are rejected naming the variable', () => {
-    expect(() => launchEnv({ OMPI_COMM_WORLD_RANK: 'x', OMPI_COMM_WORLD_SIZE: '2' })).toThrow(/OMPI_COMM_WORLD_RANK="x" is not a non-negative integer/);
+    expect(() => launchEnv({ OMPI_COMM_WORLD_RANK: 'x', OMPI_COMM_WORLD_SIZE: '2' })).toThrow(
+      /OMPI_COMM_WORLD_RANK="x" is not a non-negative integer/,
+    );
     expect(() => launchEnv({ PMI_RANK: '4', PMI_SIZE: '4' })).toThrow(/rank 4 is not in \[0, 4\)/);
   });
   it('backend choice: single, mpi on CPU or shared GPUs, nccl with a GPU per rank and NCCL', () => {
-    const le = (size: number, localRank: number, localSize?: number) => ({ launcher: 'openmpi' as const, rank: localRank, size, localRank, localSize });
+    const le = (size: number, localRank: number, localSize?: number) => ({
+      launcher: 'openmpi' as const,
+      rank: localRank,
+      size,
+      localRank,
+      localSize,
+    });
     expect(chooseBackend(le(1, 0, 1), 'auto', 8, () => true)).toMatchObject({ backend: 'single', device: 'cuda:0' });
     expect(chooseBackend(le(4, 1, 4), 'auto', 0, () => true)).toMatchObject({ backend: 'mpi', device: 'cpu' });
     expect(chooseBackend(le(4, 3, 4), 'auto', 2, () => true)).toMatchObject({ backend: 'mpi', device: 'cuda:1' });
@@ -130,16 +177,28 @@ describe('launcher environments', () => {
     expect(chooseBackend(le(16, 3, 8), 'mpi', 8, () => true)).toMatchObject({ backend: 'mpi' });
   });
   it('ranks sharing a GPU: auto picks MPI and says why; nccl requested is refused up front, naming the reason', () => {
-    const le = (size: number, localRank: number, localSize?: number) => ({ launcher: 'openmpi' as const, rank: localRank, size, localRank, localSize });
+    const le = (size: number, localRank: number, localSize?: number) => ({
+      launcher: 'openmpi' as const,
+      rank: localRank,
+      size,
+      localRank,
+      localSize,
+    });
     const c = chooseBackend(le(2, 1, 2), 'auto', 1, () => true);
     expect(c).toMatchObject({ backend: 'mpi', device: 'cuda:0' });
-    expect(c.reason).toMatch(/^2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory$/);
-    expect(() => chooseBackend(le(2, 1, 2), 'nccl', 1, () => true)).toThrow(/init: backend 'nccl' was requested but 2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU: use 'mpi'/);
+    expect(c.reason).toMatch(
+      /^2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory$/,
+    );
+    expect(() => chooseBackend(le(2, 1, 2), 'nccl', 1, () => true)).toThrow(
+      /init: backend 'nccl' was requested but 2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU: use 'mpi'/,
+    );
     expect(chooseBackend(le(2, 1, 2), 'nccl', 2, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:1' });
   });
   it('ranks started from RANK/WORLD_SIZE (not by an MPI launcher) are refused the MPI backend rather than each becoming rank 0 of 1', () => {
     const env = { launcher: 'env' as const, rank: 1, size: 2, localRank: 1, localSize: 2 };
-    expect(() => chooseBackend(env, 'auto', 0, () => true)).toThrow(/init: rank 1 of 2 was started from RANK\/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks \(no usable GPU\)/);
+    expect(() => chooseBackend(env, 'auto', 0, () => true)).toThrow(
+      /init: rank 1 of 2 was started from RANK\/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks \(no usable GPU\)/,
+    );
     expect(() => chooseBackend(env, 'auto', 1, () => true)).toThrow(/share 1 GPU/);
     expect(() => chooseBackend(env, 'auto', 2, () => false)).toThrow(/NCCL does not load/);
     expect(() => chooseBackend(env, 'mpi', 2, () => true)).toThrow(/cannot join the ranks \(requested\)/);
@@ -147,7 +206,9 @@ describe('launcher environments', () => {
     expect(chooseBackend({ ...env, launcher: 'openmpi' }, 'auto', 0, () => true)).toMatchObject({ backend: 'mpi' });
   });
   it("init's 'log' must be a boolean or a function", async () => {
-    await expect(init({ log: 'yes' as unknown as boolean, env: {} })).rejects.toThrow(/init: 'log' must be a boolean or a function; received yes/);
+    await expect(init({ log: 'yes' as unknown as boolean, env: {} })).rejects.toThrow(
+      /init: 'log' must be a boolean or a function; received yes/,
+    );
   });
 });
 
@@ -208,7 +269,9 @@ describe('TCP rendezvous', () => {
     try {
       const e = await errorOf(rendezvous({ rank: 1, size: 2, addr: '127.0.0.1', port, timeoutMs: 500 }));
       expect(e).toBeInstanceOf(TimeoutError);
-      expect(e.message).toMatch(/^rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127\.0\.0\.1:\d+ \(connected; no answer yet: rank 0 answers once all 2 ranks have checked in\)$/);
+      expect(e.message).toMatch(
+        /^rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127\.0\.0\.1:\d+ \(connected; no answer yet: rank 0 answers once all 2 ranks have checked in\)$/,
+      );
     } finally {
       silent.close();
     }
@@ -231,7 +294,9 @@ describe('TCP rendezvous', () => {
     const zero = rendezvous({ rank: 0, size: 2, port, blob, jobId: 'job-a', ...local });
     const other = await errorOf(rendezvous({ rank: 1, size: 2, port, jobId: 'job-b', ...local }));
     expect(other).toBeInstanceOf(InvalidArgumentError);
-    expect(other.message).toMatch(/^rendezvous: rank 1 of 2 was refused by rank 0 at 127\.0\.0\.1:\d+: rank 0 at 127\.0\.0\.1:\d+ serves job "job-a", not job "job-b" of rank 1: two jobs share this MASTER_PORT/);
+    expect(other.message).toMatch(
+      /^rendezvous: rank 1 of 2 was refused by rank 0 at 127\.0\.0\.1:\d+: rank 0 at 127\.0\.0\.1:\d+ serves job "job-a", not job "job-b" of rank 1: two jobs share this MASTER_PORT/,
+    );
     expect([...(await rendezvous({ rank: 1, size: 2, port, jobId: 'job-a', ...local }))]).toEqual([7, 8, 9]);
     expect([...(await zero)]).toEqual([7, 8, 9]);
   }, 20_000);
@@ -264,10 +329,15 @@ describe('TCP rendezvous', () => {
 
     port = await freePort();
     const zero3 = errorOf(rendezvous({ rank: 0, size: 3, port, blob, ...local }));
-    const twice = await Promise.all([errorOf(rendezvous({ rank: 1, size: 3, port, ...local })), errorOf(rendezvous({ rank: 1, size: 3, port, ...local }))]);
+    const twice = await Promise.all([
+      errorOf(rendezvous({ rank: 1, size: 3, port, ...local })),
+      errorOf(rendezvous({ rank: 1, size: 3, port, ...local })),
+    ]);
     for (const e of [...twice, await zero3]) {
       expect(e).toBeInstanceOf(InvalidArgumentError);
-      expect(e.message).toMatch(/two parties claim rank 1 of 3 at rank 0 \(127\.0\.0\.1:\d+\): RANK is set twice, or two jobs share this MASTER_PORT/);
+      expect(e.message).toMatch(
+        /two parties claim rank 1 of 3 at rank 0 \(127\.0\.0\.1:\d+\): RANK is set twice, or two jobs share this MASTER_PORT/,
+      );
     }
   }, 20_000);
 
@@ -279,7 +349,9 @@ describe('TCP rendezvous', () => {
     const wrong = errorOf(rendezvous({ rank: 2, size: 4, port, ...local }));
     for (const e of await Promise.all([zero, one, wrong])) {
       expect(e).toBeInstanceOf(InvalidArgumentError);
-      expect(e.message).toMatch(/rank 2 says the world has 4 ranks but rank 0 \(127\.0\.0\.1:\d+\) has 3: WORLD_SIZE differs between the ranks$/);
+      expect(e.message).toMatch(
+        /rank 2 says the world has 4 ranks but rank 0 \(127\.0\.0\.1:\d+\) has 3: WORLD_SIZE differs between the ranks$/,
+      );
     }
   }, 30_000);
 
@@ -293,6 +365,8 @@ describe('TCP rendezvous', () => {
 
   it('a rank 1 with no rank 0 times out naming rank 0', async () => {
     const { rendezvous } = await import('../lib/index.js');
-    await expect(rendezvous({ rank: 1, size: 2, addr: '127.0.0.1', port: 1, timeoutMs: 500 })).rejects.toThrow(/rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127.0.0.1:1/);
+    await expect(rendezvous({ rank: 1, size: 2, addr: '127.0.0.1', port: 1, timeoutMs: 500 })).rejects.toThrow(
+      /rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127.0.0.1:1/,
+    );
   });
 });

@@ -112,7 +112,12 @@ describe.each(actTypes)('rmsnorm %s', (dtype) => {
     expect(relErr(values(dx), ref.dx)).toBeLessThan(tol);
     expect(relErr(values(dWeight), ref.dw)).toBeLessThan(1e-5);
     rmsnormBackward(dy, x, w, rstd, { out: { dx, dWeight }, accumulate: true });
-    expect(relErr(values(dWeight), ref.dw.map((v) => 2 * v))).toBeLessThan(1e-5);
+    expect(
+      relErr(
+        values(dWeight),
+        ref.dw.map((v) => 2 * v),
+      ),
+    ).toBeLessThan(1e-5);
   });
 });
 
@@ -139,8 +144,18 @@ describe('rmsnorm finite differences (f32)', () => {
     const g = rmsnormBackward(c, x, w, rstd);
     using dx = g.dx;
     using dWeight = g.dWeight;
-    expect(relErr(values(dx), numericGrad(xv, (v) => loss(v, wv), h))).toBeLessThan(1e-2);
-    expect(relErr(values(dWeight), numericGrad(wv, (v) => loss(xv, v), h))).toBeLessThan(1e-2);
+    expect(
+      relErr(
+        values(dx),
+        numericGrad(xv, (v) => loss(v, wv), h),
+      ),
+    ).toBeLessThan(1e-2);
+    expect(
+      relErr(
+        values(dWeight),
+        numericGrad(wv, (v) => loss(xv, v), h),
+      ),
+    ).toBeLessThan(1e-2);
   });
 });
 
@@ -185,7 +200,13 @@ describe('mseLoss finite differences (f32)', () => {
   });
 });
 
-function crossEntropyOracle(p: number[], y: number[], T: number, N: number, ignore: number): { loss: number; grad: number[]; correct: number } {
+function crossEntropyOracle(
+  p: number[],
+  y: number[],
+  T: number,
+  N: number,
+  ignore: number,
+): { loss: number; grad: number[]; correct: number } {
   const count = y.filter((c) => c !== ignore).length;
   let total = 0;
   let correct = 0;
@@ -391,7 +412,10 @@ describe('cosineSchedule', () => {
     expect(lr(110)).toBeCloseTo(1e-4, 12);
     expect(lr(1000)).toBe(1e-4);
     for (let s = 10; s < 110; s++) expect(lr(s + 1)).toBeLessThanOrEqual(lr(s));
-    expect(cosineLr(35, { warmupSteps: 10, totalSteps: 110, maxLr: 1e-3, minLr: 1e-4 })).toBeCloseTo(1e-4 + 0.45e-3 * (1 + Math.cos(Math.PI / 4)), 12);
+    expect(cosineLr(35, { warmupSteps: 10, totalSteps: 110, maxLr: 1e-3, minLr: 1e-4 })).toBeCloseTo(
+      1e-4 + 0.45e-3 * (1 + Math.cos(Math.PI / 4)),
+      12,
+    );
   });
 
   it('warms up from minLr when asked; no warm-up; bad configs name the field', () => {

@@ -50,7 +50,11 @@ afterAll(() => {
 const ST: Record<string, string> = { f32: 'F32', bf16: 'BF16', f16: 'F16', i32: 'I32', i64: 'I64', u8: 'U8', fp8e4m3: 'F8_E4M3' };
 
 /** Header: u64 LE length, JSON, data back to back. No padding (the spec allows it; our reader must too). */
-function miniWrite(path: string, tensors: { name: string; dtype: string; shape: number[]; bytes: Uint8Array }[], metadata?: Record<string, string>): void {
+function miniWrite(
+  path: string,
+  tensors: { name: string; dtype: string; shape: number[]; bytes: Uint8Array }[],
+  metadata?: Record<string, string>,
+): void {
   const header: Record<string, unknown> = metadata ? { __metadata__: metadata } : {};
   let off = 0;
   for (const t of tensors) {
@@ -63,10 +67,17 @@ function miniWrite(path: string, tensors: { name: string; dtype: string; shape: 
   fs.writeFileSync(path, Buffer.concat([len, json, ...tensors.map((t) => Buffer.from(t.bytes))]));
 }
 
-function miniRead(path: string): { headerLen: number; metadata?: Record<string, string>; tensors: Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }> } {
+function miniRead(path: string): {
+  headerLen: number;
+  metadata?: Record<string, string>;
+  tensors: Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>;
+} {
   const buf = fs.readFileSync(path);
   const n = Number(new DataView(buf.buffer, buf.byteOffset, 8).getBigUint64(0, true));
-  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString('utf8')) as Record<
+    string,
+    { dtype: string; shape: number[]; data_offsets: [number, number] }
+  >;
   const tensors = new Map<string, { dtype: string; shape: number[]; bytes: Uint8Array }>();
   let metadata: Record<string, string> | undefined;
   for (const [name, v] of Object.entries(header)) {
@@ -90,7 +101,9 @@ const SHAPES: number[][] = [[], [0], [1], [7], [2, 3], [3, 0, 2], [4, 5, 6]];
 describe('safetensors', () => {
   it('round trip of every dtype and shape (scalars, empty), byte exact, header padded to 8', () => {
     const dir = tmp();
-    const entries = DTYPES.flatMap((dtype) => SHAPES.map((shape, i) => ({ name: `t.${dtype}.${i}`, dtype, shape, data: rawOf(dtype, shape) })));
+    const entries = DTYPES.flatMap((dtype) =>
+      SHAPES.map((shape, i) => ({ name: `t.${dtype}.${i}`, dtype, shape, data: rawOf(dtype, shape) })),
+    );
     const w = writeSafetensors(join(dir, 'a.safetensors'), entries, { note: 'hello' });
     expect(w.bytes).toBe(fs.statSync(join(dir, 'a.safetensors')).size);
     const r = readSafetensors(join(dir, 'a.safetensors'));
@@ -115,7 +128,12 @@ describe('safetensors', () => {
 
   it('reads a file written by the minimal writer (unpadded header), one tensor at a time', () => {
     const dir = tmp();
-    const ts = Object.entries(ST).map(([d, s], i) => ({ name: `x${i}`, dtype: s, shape: [i + 1, 2], bytes: rawOf(d as DType, [i + 1, 2]) }));
+    const ts = Object.entries(ST).map(([d, s], i) => ({
+      name: `x${i}`,
+      dtype: s,
+      shape: [i + 1, 2],
+      bytes: rawOf(d as DType, [i + 1, 2]),
+    }));
     miniWrite(join(dir, 'b.safetensors'), ts, { who: 'mini' });
     using f = SafetensorsFile.open(join(dir, 'b.safetensors'));
     expect(f.metadata).toEqual({ who: 'mini' });
@@ -133,7 +151,18 @@ describe('safetensors', () => {
     for (const dtype of DTYPES) {
       for (const [i, shape] of SHAPES.entries()) {
         const raw = rawOf(dtype, shape);
-        src[`${dtype}.${i}`] = Tensor.fromArray(new (dtype === 'f32' ? Float32Array : dtype === 'i32' ? Int32Array : dtype === 'i64' ? BigInt64Array : dtype === 'bf16' || dtype === 'f16' ? Uint16Array : Uint8Array)(raw.buffer) as never, { dtype, shape, device: 'cpu' });
+        src[`${dtype}.${i}`] = Tensor.fromArray(
+          new (dtype === 'f32'
+            ? Float32Array
+            : dtype === 'i32'
+              ? Int32Array
+              : dtype === 'i64'
+                ? BigInt64Array
+                : dtype === 'bf16' || dtype === 'f16'
+                  ? Uint16Array
+                  : Uint8Array)(raw.buffer) as never,
+          { dtype, shape, device: 'cpu' },
+        );
       }
     }
     saveCheckpoint(dir, { step: 3, replicated: src });
@@ -150,14 +179,34 @@ describe('safetensors', () => {
   });
 
   it.each([
-    ['a header length past the end', (p: string) => fs.writeFileSync(p, Buffer.concat([Buffer.from([0xff, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('{}')])), /header length 255 is larger than the file/],
-    ['a file shorter than 8 bytes', (p: string) => fs.writeFileSync(p, Buffer.from([1, 2])), /has 2 bytes; a safetensors file starts with an 8-byte header length/],
-    ['an unknown dtype', (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F64', shape: [1], bytes: new Uint8Array(8) }]), /tensor 'w': unknown dtype "F64"/],
-    ['a size that is not numel·itemsize', (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F32', shape: [3], bytes: new Uint8Array(8) }]), /tensor 'w': data_offsets \[0, 8\] span 8 bytes but F32\[3\] needs 12/],
-    ['trailing bytes', (p: string) => {
-      miniWrite(p, [{ name: 'w', dtype: 'U8', shape: [2], bytes: new Uint8Array(2) }]);
-      fs.appendFileSync(p, Buffer.from([9]));
-    }, /the tensors end at data byte 2 but the file holds 3 data bytes \(trailing bytes\)/],
+    [
+      'a header length past the end',
+      (p: string) => fs.writeFileSync(p, Buffer.concat([Buffer.from([0xff, 0, 0, 0, 0, 0, 0, 0]), Buffer.from('{}')])),
+      /header length 255 is larger than the file/,
+    ],
+    [
+      'a file shorter than 8 bytes',
+      (p: string) => fs.writeFileSync(p, Buffer.from([1, 2])),
+      /has 2 bytes; a safetensors file starts with an 8-byte header length/,
+    ],
+    [
+      'an unknown dtype',
+      (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F64', shape: [1], bytes: new Uint8Array(8) }]),
+      /tensor 'w': unknown dtype "F64"/,
+    ],
+    [
+      'a size that is not numel·itemsize',
+      (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F32', shape: [3], bytes: new Uint8Array(8) }]),
+      /tensor 'w': data_offsets \[0, 8\] span 8 bytes but F32\[3\] needs 12/,
+    ],
+    [
+      'trailing bytes',
+      (p: string) => {
+        miniWrite(p, [{ name: 'w', dtype: 'U8', shape: [2], bytes: new Uint8Array(2) }]);
+        fs.appendFileSync(p, Buffer.from([9]));
+      },
+      /the tensors end at data byte 2 but the file holds 3 data bytes \(trailing bytes\)/,
+    ],
   ])('rejects %s, naming the file and tensor', (_what, make, pattern) => {
     const p = join(tmp(), 'bad.safetensors');
     make(p);
@@ -168,7 +217,9 @@ describe('safetensors', () => {
 
   it('rejects overlapping offsets', () => {
     const p = join(tmp(), 'o.safetensors');
-    const json = Buffer.from(JSON.stringify({ a: { dtype: 'U8', shape: [4], data_offsets: [0, 4] }, b: { dtype: 'U8', shape: [2], data_offsets: [2, 4] } }));
+    const json = Buffer.from(
+      JSON.stringify({ a: { dtype: 'U8', shape: [4], data_offsets: [0, 4] }, b: { dtype: 'U8', shape: [2], data_offsets: [2, 4] } }),
+    );
     const len = Buffer.alloc(8);
     len.writeBigUInt64LE(BigInt(json.length));
     fs.writeFileSync(p, Buffer.concat([len, json, Buffer.alloc(4)]));
@@ -206,7 +257,9 @@ describe('checkpoints', () => {
     expect(r.manifest.files['rank-0.safetensors']!.bytes).toBe(fs.statSync(join(dir, 'step-00000005', 'rank-0.safetensors')).size);
     r.verifyAll();
     expect(r.get('layers.0.router.weight', { device: 'cpu' }).toNumbers()).toEqual([1, 2, 3, 4]);
-    expect(() => r.get('layers.0.experts.2.w1')).toThrow(/no tensor 'layers\.0\.experts\.2\.w1' \(it holds 3 tensors; similar: layers\.0\.experts\.0\.w1/);
+    expect(() => r.get('layers.0.experts.2.w1')).toThrow(
+      /no tensor 'layers\.0\.experts\.2\.w1' \(it holds 3 tensors; similar: layers\.0\.experts\.0\.w1/,
+    );
   });
 
   function corruptCase(mutate: (stepDir: string) => void): () => void {
@@ -242,7 +295,9 @@ describe('checkpoints', () => {
 
   it('a truncated file: size error naming the file at load', () => {
     const load = corruptCase((d) => fs.truncateSync(join(d, 'rank-0.safetensors'), 50));
-    expect(load).toThrow(/rank-0\.safetensors has 50 bytes but manifest\.json records \d+ \(truncated; it holds 2 tensors such as 'layers\.0\.experts\.0\.w1'\)/);
+    expect(load).toThrow(
+      /rank-0\.safetensors has 50 bytes but manifest\.json records \d+ \(truncated; it holds 2 tensors such as 'layers\.0\.experts\.0\.w1'\)/,
+    );
   });
 
   it('a missing shard: error naming the file and its rank', () => {
@@ -372,17 +427,40 @@ describe('MoE layer state', () => {
     const dir = tmp();
     using a = new MoELayer({ ...cfg, seed: 5 });
     a.bias.copy_(Tensor.fromArray([0.1, -0.2, 0.3, 0], { device: 'cpu' }));
-    const mom = (t: Tensor, s: number) => ({ expAvg: Tensor.randn([...t.shape], { seed: s, device: 'cpu' }), expAvgSq: Tensor.rand([...t.shape], { seed: s + 1, device: 'cpu' }) });
-    const moments = { router: mom(a.master.router, 1), w13: mom(a.master.w13, 3), w2: mom(a.master.w2, 5), sharedW13: mom(a.master.sharedW13!, 7), sharedW2: mom(a.master.sharedW2!, 9) };
+    const mom = (t: Tensor, s: number) => ({
+      expAvg: Tensor.randn([...t.shape], { seed: s, device: 'cpu' }),
+      expAvgSq: Tensor.rand([...t.shape], { seed: s + 1, device: 'cpu' }),
+    });
+    const moments = {
+      router: mom(a.master.router, 1),
+      w13: mom(a.master.w13, 3),
+      w2: mom(a.master.w2, 5),
+      sharedW13: mom(a.master.sharedW13!, 7),
+      sharedW2: mom(a.master.sharedW2!, 9),
+    };
     const state = moeLayerState(a, 0, moments);
     expect(Object.keys(state.sharded)).toContain('optim.layers.0.experts.3.w3.exp_avg_sq');
     expect(Object.keys(state.replicated)).toContain('layers.0.shared.w2');
-    saveCheckpoint(dir, { step: 1, replicated: state.replicated, sharded: state.sharded, manifestExtras: { ep: { size: 1, expertsPerRank: 4 } } });
+    saveCheckpoint(dir, {
+      step: 1,
+      replicated: state.replicated,
+      sharded: state.sharded,
+      manifestExtras: { ep: { size: 1, expertsPerRank: 4 } },
+    });
     disposeState(state);
 
     using b = new MoELayer({ ...cfg, seed: 6 });
-    const zero = (t: Tensor) => ({ expAvg: Tensor.zeros([...t.shape], { device: 'cpu' }), expAvgSq: Tensor.zeros([...t.shape], { device: 'cpu' }) });
-    const mb = { router: zero(b.master.router), w13: zero(b.master.w13), w2: zero(b.master.w2), sharedW13: zero(b.master.sharedW13!), sharedW2: zero(b.master.sharedW2!) };
+    const zero = (t: Tensor) => ({
+      expAvg: Tensor.zeros([...t.shape], { device: 'cpu' }),
+      expAvgSq: Tensor.zeros([...t.shape], { device: 'cpu' }),
+    });
+    const mb = {
+      router: zero(b.master.router),
+      w13: zero(b.master.w13),
+      w2: zero(b.master.w2),
+      sharedW13: zero(b.master.sharedW13!),
+      sharedW2: zero(b.master.sharedW2!),
+    };
     using r = loadCheckpoint(dir);
     loadMoELayer(r, b, 0, mb);
     using xa = x();
@@ -436,7 +514,12 @@ describe('moe-ep ckpt', () => {
       sharded[ckptNames.expert(0, e, 'w1')] = Tensor.randn([3, 2], { seed: e, device: 'cpu', dtype: 'bf16' });
       sharded[ckptNames.optim(ckptNames.expert(0, e, 'w1'), 'exp_avg')] = Tensor.randn([3, 2], { seed: 10 + e, device: 'cpu' });
     }
-    saveCheckpoint(dir, { step: 9, sharded, replicated: { 'head.weight': Tensor.full([1], 1, { device: 'cpu' }) }, manifestExtras: { ep: { size: 1, expertsPerRank: E }, data: { position: 3 } } });
+    saveCheckpoint(dir, {
+      step: 9,
+      sharded,
+      replicated: { 'head.weight': Tensor.full([1], 1, { device: 'cpu' }) },
+      manifestExtras: { ep: { size: 1, expertsPerRank: E }, data: { position: 3 } },
+    });
     let r = runCli(['ckpt', 'reshard', dir, '--ep', '2', '--out', join(dir, 'ep2')]);
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/→ .*step-00000009 \(EP 2, 2 experts per rank/);

@@ -11,7 +11,17 @@ import { join, relative } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { CheckpointError, latestCheckpoint, listCheckpoints, loadCheckpoint, pruneCheckpoints, saveCheckpoint, SafetensorsFile, Tensor, writeSafetensors } from '../lib/index.js';
+import {
+  CheckpointError,
+  latestCheckpoint,
+  listCheckpoints,
+  loadCheckpoint,
+  pruneCheckpoints,
+  saveCheckpoint,
+  SafetensorsFile,
+  Tensor,
+  writeSafetensors,
+} from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
 
 const root = packageRoot();
@@ -66,7 +76,10 @@ function runCli(args: string[]): { status: number | null; stdout: string; stderr
  */
 function inChild(body: string, timeout = 20_000): { status: number | null; signal: NodeJS.Signals | null; out: unknown; stderr: string } {
   const code = `import * as m from ${JSON.stringify(dist)}; const out = await (async () => { ${body} })(); console.log(JSON.stringify(out ?? null));`;
-  const r = spawnSync('/bin/sh', ['-c', 'ulimit -v 4000000 && exec "$0" --input-type=module -e "$1"', process.execPath, code], { encoding: 'utf8', timeout });
+  const r = spawnSync('/bin/sh', ['-c', 'ulimit -v 4000000 && exec "$0" --input-type=module -e "$1"', process.execPath, code], {
+    encoding: 'utf8',
+    timeout,
+  });
   let out: unknown = undefined;
   try {
     out = JSON.parse(r.stdout.trim().split('\n').pop() ?? '');
@@ -148,7 +161,10 @@ describe('reads stay inside the checkpoint folder', () => {
     expect(msg).toMatch(/manifest\.json: files\[".*secret\.safetensors"\]: ".*" is not a plain file name \(no path separators/);
     // Through the root: the checkpoint is passed over, and the error says why.
     expect(checkpointError(() => loadCheckpoint(dir))).toMatch(/no committed checkpoint here .*passed over: .*is not a plain file name/);
-    for (const args of [['ckpt', 'inspect', stepDir], ['ckpt', 'reshard', stepDir, '--ep', '1', '--out', join(dir, 'out')]]) {
+    for (const args of [
+      ['ckpt', 'inspect', stepDir],
+      ['ckpt', 'reshard', stepDir, '--ep', '1', '--out', join(dir, 'out')],
+    ]) {
       const r = runCli(args);
       expect(r.status, args[1]).toBe(1);
       expect(r.stderr).toMatch(/is not a plain file name/);
@@ -178,7 +194,9 @@ describe('reads stay inside the checkpoint folder', () => {
     fs.copyFileSync(shard, outside); // identical bytes: checksums alone would accept it
     fs.rmSync(shard);
     fs.symlinkSync(outside, shard);
-    expect(checkpointError(() => loadCheckpoint(stepDir).getRaw('layers.0.experts.0.w1'))).toMatch(/rank-0\.safetensors: resolves outside its folder through a symbolic link/);
+    expect(checkpointError(() => loadCheckpoint(stepDir).getRaw('layers.0.experts.0.w1'))).toMatch(
+      /rank-0\.safetensors: resolves outside its folder through a symbolic link/,
+    );
     fs.rmSync(shard);
     fs.copyFileSync(outside, join(stepDir, 'rank-0.inside'));
     fs.symlinkSync('rank-0.inside', shard);
@@ -220,7 +238,9 @@ describe('special and oversized files neither block nor exhaust memory', () => {
       expect(r.signal, `${plant}: ${r.stderr}`).toBeNull();
       const l = r.out as { step: number; skipped: { reason: string }[] };
       expect(l.step).toBe(2);
-      expect(l.skipped[0]?.reason).toMatch(plant === 'zero' ? /latest: resolves outside its folder/ : /latest: is a FIFO; only regular files are read/);
+      expect(l.skipped[0]?.reason).toMatch(
+        plant === 'zero' ? /latest: resolves outside its folder/ : /latest: is a FIFO; only regular files are read/,
+      );
     }
   });
 
@@ -236,7 +256,9 @@ describe('special and oversized files neither block nor exhaust memory', () => {
       const p = join(dir, stepName(1), 'manifest.json');
       if (what !== 'huge') fs.rmSync(p);
       plant(p); // a sparse file when huge: no disk used
-      const r = inChild(`try { m.loadCheckpoint(${JSON.stringify(join(dir, stepName(1)))}); return 'loaded'; } catch (e) { return e.message; }`);
+      const r = inChild(
+        `try { m.loadCheckpoint(${JSON.stringify(join(dir, stepName(1)))}); return 'loaded'; } catch (e) { return e.message; }`,
+      );
       expect(r.signal, `${what}: ${r.stderr}`).toBeNull();
       expect(r.out).toMatch(pattern);
     }
@@ -278,7 +300,11 @@ describe('special and oversized files neither block nor exhaust memory', () => {
     expect(() => SafetensorsFile.open(wide)).toThrow(/a JSON array with more than 64 elements/);
     // The limits leave real headers alone: metadata, ranks up to 64.
     const ok = join(dir, 'ok.safetensors');
-    rawSafetensors(ok, JSON.stringify({ __metadata__: { a: '[[[{' }, w: { dtype: 'U8', shape: new Array(64).fill(1), data_offsets: [0, 1] } }), 1);
+    rawSafetensors(
+      ok,
+      JSON.stringify({ __metadata__: { a: '[[[{' }, w: { dtype: 'U8', shape: new Array(64).fill(1), data_offsets: [0, 1] } }),
+      1,
+    );
     using f = SafetensorsFile.open(ok);
     expect(f.info('w').shape).toHaveLength(64);
   });
@@ -301,14 +327,16 @@ describe('bad checkpoint data is named, never accepted', () => {
     expect(r.stdout).toMatch(/files NOT all OK/);
   });
 
-  it("per-tensor checksums: a tensor differing from its manifest SHA-256 fails inspect and verifyAll(), naming it", () => {
+  it('per-tensor checksums: a tensor differing from its manifest SHA-256 fails inspect and verifyAll(), naming it', () => {
     const dir = tmp();
     save(dir, 4);
     const stepDir = join(dir, stepName(4));
     editManifest(stepDir, (m) => (m['tensors']['layers.0.experts.1.w1'].sha256 = 'ab'.repeat(32)));
     const r = runCli(['ckpt', 'inspect', stepDir]);
     expect(r.status).toBe(1);
-    expect(r.stdout).toMatch(/BAD: rank-0\.safetensors tensor 'layers\.0\.experts\.1\.w1' differs from its SHA-256 in manifest\.json although the file matches its own/);
+    expect(r.stdout).toMatch(
+      /BAD: rank-0\.safetensors tensor 'layers\.0\.experts\.1\.w1' differs from its SHA-256 in manifest\.json although the file matches its own/,
+    );
     using reader = loadCheckpoint(stepDir);
     expect(() => reader.verifyAll()).toThrow(/tensor 'layers\.0\.experts\.1\.w1' differs/);
     // A tensor the manifest puts in a file whose header lacks it.
@@ -320,20 +348,60 @@ describe('bad checkpoint data is named, never accepted', () => {
   });
 
   const malformed: [string, (m: Manifest) => void, RegExp][] = [
-    ['a null file record', (m) => (m['files']['rank-0.safetensors'] = null), /manifest\.json: files\["rank-0\.safetensors"\] must be an object with bytes and sha256; it has null/],
-    ['bytes as a string', (m) => (m['files']['rank-0.safetensors'].bytes = '12'), /files\["rank-0\.safetensors"\]\.bytes must be a non-negative integer; it has "12"/],
-    ['a numeric sha256', (m) => (m['files']['rank-0.safetensors'].sha256 = 5), /files\["rank-0\.safetensors"\]\.sha256 must be 64 hex digits; it has 5/],
-    ['a rank outside the world', (m) => (m['files']['rank-0.safetensors'].rank = 7), /files\["rank-0\.safetensors"\]\.rank must be a rank below world\.size 1; it has 7/],
+    [
+      'a null file record',
+      (m) => (m['files']['rank-0.safetensors'] = null),
+      /manifest\.json: files\["rank-0\.safetensors"\] must be an object with bytes and sha256; it has null/,
+    ],
+    [
+      'bytes as a string',
+      (m) => (m['files']['rank-0.safetensors'].bytes = '12'),
+      /files\["rank-0\.safetensors"\]\.bytes must be a non-negative integer; it has "12"/,
+    ],
+    [
+      'a numeric sha256',
+      (m) => (m['files']['rank-0.safetensors'].sha256 = 5),
+      /files\["rank-0\.safetensors"\]\.sha256 must be 64 hex digits; it has 5/,
+    ],
+    [
+      'a rank outside the world',
+      (m) => (m['files']['rank-0.safetensors'].rank = 7),
+      /files\["rank-0\.safetensors"\]\.rank must be a rank below world\.size 1; it has 7/,
+    ],
     ['files as an array', (m) => (m['files'] = []), /manifest\.json: files must be an object of file records; it has \[\]/],
-    ['a tensor record that is a number', (m) => (m['tensors']['layers.0.router.weight'] = 3), /tensors\["layers\.0\.router\.weight"\] must be an object with file, dtype, shape and sha256; it has 3/],
-    ['a shape that is a string', (m) => (m['tensors']['layers.0.router.weight'].shape = '2,2'), /tensors\["layers\.0\.router\.weight"\]\.shape must be an array of at most 64 non-negative integers; it has "2,2"/],
-    ['an absurd shape', (m) => (m['tensors']['layers.0.router.weight'].shape = [1e6, 1e6]), /tensors\["layers\.0\.router\.weight"\]\.shape must be a tensor that fits its file/],
-    ['an unknown dtype', (m) => (m['tensors']['layers.0.router.weight'].dtype = 'f64'), /tensors\["layers\.0\.router\.weight"\]\.dtype must be one of f32, .*; it has "f64"/],
-    ["a file named 'constructor'", (m) => (m['tensors']['layers.0.router.weight'].file = 'constructor'), /puts tensor 'layers\.0\.router\.weight' in "constructor", which it does not list under files/],
+    [
+      'a tensor record that is a number',
+      (m) => (m['tensors']['layers.0.router.weight'] = 3),
+      /tensors\["layers\.0\.router\.weight"\] must be an object with file, dtype, shape and sha256; it has 3/,
+    ],
+    [
+      'a shape that is a string',
+      (m) => (m['tensors']['layers.0.router.weight'].shape = '2,2'),
+      /tensors\["layers\.0\.router\.weight"\]\.shape must be an array of at most 64 non-negative integers; it has "2,2"/,
+    ],
+    [
+      'an absurd shape',
+      (m) => (m['tensors']['layers.0.router.weight'].shape = [1e6, 1e6]),
+      /tensors\["layers\.0\.router\.weight"\]\.shape must be a tensor that fits its file/,
+    ],
+    [
+      'an unknown dtype',
+      (m) => (m['tensors']['layers.0.router.weight'].dtype = 'f64'),
+      /tensors\["layers\.0\.router\.weight"\]\.dtype must be one of f32, .*; it has "f64"/,
+    ],
+    [
+      "a file named 'constructor'",
+      (m) => (m['tensors']['layers.0.router.weight'].file = 'constructor'),
+      /puts tensor 'layers\.0\.router\.weight' in "constructor", which it does not list under files/,
+    ],
     ['world: null', (m) => (m['world'] = null), /manifest\.json: world\.size must be a positive integer; it has null/],
     ['step −5', (m) => (m['step'] = -5), /manifest\.json: step must be a non-negative integer; it has -5/],
     ['a step other than the folder name', (m) => (m['step'] = 4), /manifest\.json says step 4 but its folder is named step-00000003/],
-    ['an EP layout that does not multiply out', (m) => (m['ep'] = { size: 1, expertsPerRank: 2, numExperts: 1e12 }), /ep\.numExperts must be ep\.size × ep\.expertsPerRank = 2; it has 1000000000000/],
+    [
+      'an EP layout that does not multiply out',
+      (m) => (m['ep'] = { size: 1, expertsPerRank: 2, numExperts: 1e12 }),
+      /ep\.numExperts must be ep\.size × ep\.expertsPerRank = 2; it has 1000000000000/,
+    ],
   ];
   it.each(malformed)('a malformed manifest (%s): a CheckpointError naming the field', (_what, edit, pattern) => {
     const dir = tmp();
@@ -351,9 +419,14 @@ describe('bad checkpoint data is named, never accepted', () => {
     editManifest(join(dir, stepName(3)), (m) => (m['ep'] = { size: 1, expertsPerRank: 1e12, numExperts: 1e12 }));
     const r = runCli(['ckpt', 'reshard', dir, '--ep', '2', '--out', join(dir, 'out')]);
     expect(r.status).toBe(1);
-    expect(r.stderr).toMatch(/cannot reshard: the layout has 1000000000000 experts per layer but the shards hold 2 distinct expert indices \(0…1\)/);
+    expect(r.stderr).toMatch(
+      /cannot reshard: the layout has 1000000000000 experts per layer but the shards hold 2 distinct expert indices \(0…1\)/,
+    );
     expect(fs.existsSync(join(dir, 'out'))).toBe(false);
-    for (const bad of [['--ep', '1e12'], ['--ep', '2', '--step', '-1']]) {
+    for (const bad of [
+      ['--ep', '1e12'],
+      ['--ep', '2', '--step', '-1'],
+    ]) {
       const b = runCli(['ckpt', 'reshard', dir, ...bad, '--out', join(dir, 'out')]);
       expect(b.status).toBe(1);
       expect(b.stderr).toMatch(/(--ep|--step) must be a (positive|non-negative) integer/);
@@ -379,7 +452,12 @@ describe('the newest committed checkpoint is found after any crash', () => {
     fs.truncateSync(join(dir, stepName(3), 'rank-0.safetensors'), 40);
     const l = latestCheckpoint(dir);
     expect(l?.step).toBe(2);
-    expect(l?.skipped).toEqual([{ dir: join(dir, stepName(3)), reason: expect.stringMatching(/rank-0\.safetensors has 40 bytes but manifest\.json records \d+ \(truncated/) }]);
+    expect(l?.skipped).toEqual([
+      {
+        dir: join(dir, stepName(3)),
+        reason: expect.stringMatching(/rank-0\.safetensors has 40 bytes but manifest\.json records \d+ \(truncated/),
+      },
+    ]);
     using r = loadCheckpoint(dir);
     expect(r.step).toBe(2);
     expect(r.skipped[0]?.dir).toBe(join(dir, stepName(3)));
@@ -427,7 +505,10 @@ describe('the newest committed checkpoint is found after any crash', () => {
       using r = loadCheckpoint(dir);
       expect(Array.from(new Float32Array(r.getRaw('layers.0.router.weight').data.buffer))[3]).toBe(60);
     }
-    expect(listCheckpoints(dir)).toEqual([{ dir: join(dir, stepName(5)), step: 5 }, { dir: aside, step: 6 }]);
+    expect(listCheckpoints(dir)).toEqual([
+      { dir: join(dir, stepName(5)), step: 5 },
+      { dir: aside, step: 6 },
+    ]);
     pruneCheckpoints(dir, 1);
     expect(fs.readdirSync(dir).sort()).toEqual(['latest', stepName(6)]);
     using r = loadCheckpoint(dir);
@@ -520,7 +601,8 @@ describe('a synchronous loop does not grow', () => {
   it('disposed tensor handles are freed at dispose, not when the event loop next runs (saves and loads make hundreds)', () => {
     // Node-API finalizes wrapped objects from the event loop; before, each handle left ~200 bytes
     // behind until then: 200k handles here grew RSS by 40+ MB.
-    const r = inChild(`
+    const r = inChild(
+      `
       const rss0 = process.memoryUsage.rss();
       for (let i = 0; i < 100000; i++) {
         const t = m.Tensor.fromArray([1, 2, 3, 4], { device: 'cpu' });
@@ -528,7 +610,9 @@ describe('a synchronous loop does not grow', () => {
         v.dispose();
         t.dispose();
       }
-      return (process.memoryUsage.rss() - rss0) / 2 ** 20;`, 60_000);
+      return (process.memoryUsage.rss() - rss0) / 2 ** 20;`,
+      60_000,
+    );
     expect(r.status, r.stderr).toBe(0);
     expect(r.out as number).toBeLessThan(20);
   });

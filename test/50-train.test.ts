@@ -73,7 +73,11 @@ describe('training on the default task (CPU)', () => {
   });
 
   it('a few thousand steps leave allocator live bytes flat', () => {
-    const cfg = resolveConfig({ model: { hidden: 8, ffn: 4, experts: 4, topK: 2 }, data: { tokensPerStep: 32 }, train: { device: 'cpu', steps: 3000, progress: false } });
+    const cfg = resolveConfig({
+      model: { hidden: 8, ffn: 4, experts: 4, topK: 2 },
+      data: { tokensPerStep: 32 },
+      train: { device: 'cpu', steps: 3000, progress: false },
+    });
     using t = new Trainer(cfg);
     for (let i = 0; i < 50; i++) t.trainStep();
     const before = memoryStats('cpu').liveBytes;
@@ -128,7 +132,9 @@ describe('moe-ep train (CLI)', () => {
     const out = mkdtempSync(join(tmpdir(), 'moe-sigint-'));
     try {
       const { spawn } = await import('node:child_process');
-      const child = spawn(process.execPath, [cli, 'train', '--steps', '1000000', '--out', out, '--no-progress'], { stdio: ['ignore', 'pipe', 'pipe'] });
+      const child = spawn(process.execPath, [cli, 'train', '--steps', '1000000', '--out', out, '--no-progress'], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      });
       let stdout = '';
       // Send the signal once training runs (its handler is installed by then), however slow the machine.
       const started = new Promise<void>((r) =>
@@ -144,7 +150,8 @@ describe('moe-ep train (CLI)', () => {
       expect(code, stdout).toBe(0);
       expect(stdout).toMatch(/final loss [\d.]+ after \d+ steps/);
       expect(readFileSync(join(out, 'report.html'), 'utf8')).toContain('by Ctrl-C');
-      const stopped = /stopped by Ctrl-C after step (\d+) of 1000000; checkpoint (\S+)\nto resume: npx moe-ep train --config (\S+) --resume/.exec(stdout);
+      const stopped =
+        /stopped by Ctrl-C after step (\d+) of 1000000; checkpoint (\S+)\nto resume: npx moe-ep train --config (\S+) --resume/.exec(stdout);
       expect(stopped, stdout).not.toBeNull();
       expect(stopped![2]).toBe(join(out, 'checkpoints', `step-${stopped![1]!.padStart(8, '0')}`));
       expect(resolve(stopped![3]!)).toBe(join(out, 'config.json'));
@@ -155,14 +162,20 @@ describe('moe-ep train (CLI)', () => {
 
   it('model.overlapComm (the all-to-alls on their own stream) follows the same loss trajectory bit for bit', () => {
     const run = (overlapComm: boolean): number[] => {
-      const cfg = resolveConfig({ model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, overlapComm }, data: { tokensPerStep: 64 }, train: { device: 'cpu', steps: 12, progress: false } });
+      const cfg = resolveConfig({
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, overlapComm },
+        data: { tokensPerStep: 64 },
+        train: { device: 'cpu', steps: 12, progress: false },
+      });
       using t = new Trainer(cfg);
       return t.run().map((s) => s.loss);
     };
     const plain = run(false);
     expect(run(true)).toEqual(plain);
     expect(plain[plain.length - 1]).toBeLessThan(plain[0] as number);
-    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as unknown as Partial2)).toThrow(/config\.model\.overlapComm: must be boolean/);
+    expect(() => resolveConfig({ model: { overlapComm: 'yes' } } as unknown as Partial2)).toThrow(
+      /config\.model\.overlapComm: must be boolean/,
+    );
   });
 
   it('the programmatic example (examples/train.ts) trains', () => {
@@ -173,7 +186,7 @@ describe('moe-ep train (CLI)', () => {
     expect(losses[losses.length - 1]).toBeLessThan(0.5 * (losses[0] as number));
   });
 
-  it.skipIf(cuda.isAvailable())("--device cuda without a usable GPU says so, naming the field", () => {
+  it.skipIf(cuda.isAvailable())('--device cuda without a usable GPU says so, naming the field', () => {
     const r = spawnSync(process.execPath, [cli, 'train', '--device', 'cuda', '--steps', '2', '--no-progress'], { encoding: 'utf8' });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/config.train.device is 'cuda' but no GPU is usable: /);
@@ -194,17 +207,38 @@ describe('moe-ep train (CLI)', () => {
 
   it('a run folder that holds a run is refused; --resume continues it and the report covers the whole run; --overwrite replaces it', () => {
     const out = mkdtempSync(join(tmpdir(), 'moe-rerun-'));
-    const train = (...args: string[]) => spawnSync(process.execPath, [cli, 'train', '--out', out, '--no-progress', '--model.experts', '4', ...args], { encoding: 'utf8' });
-    const steps = (): number[] => readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l).step);
+    const train = (...args: string[]) =>
+      spawnSync(process.execPath, [cli, 'train', '--out', out, '--no-progress', '--model.experts', '4', ...args], { encoding: 'utf8' });
+    const steps = (): number[] =>
+      readFileSync(join(out, 'metrics.jsonl'), 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l).step);
     try {
       expect(train('--steps', '30', '--checkpoint.every', '10').status).toBe(0);
       const before = readFileSync(join(out, 'metrics.jsonl'), 'utf8');
       const again = train('--steps', '30');
       expect(again.status).toBe(1);
-      expect(again.stderr).toContain(`${out} already holds a run (metrics.jsonl, report.html, config.json, checkpoints): --resume continues it, --overwrite replaces it`);
+      expect(again.stderr).toContain(
+        `${out} already holds a run (metrics.jsonl, report.html, config.json, checkpoints): --resume continues it, --overwrite replaces it`,
+      );
       expect(readFileSync(join(out, 'metrics.jsonl'), 'utf8')).toBe(before);
       // Resumed from step 20 (logged steps 20..29 came after that checkpoint): each step is in the file once.
-      const resumed = spawnSync(process.execPath, [cli, 'train', '--config', join(out, 'config.json'), '--steps', '40', '--resume', join(out, 'checkpoints', 'step-00000020'), '--no-progress'], { encoding: 'utf8' });
+      const resumed = spawnSync(
+        process.execPath,
+        [
+          cli,
+          'train',
+          '--config',
+          join(out, 'config.json'),
+          '--steps',
+          '40',
+          '--resume',
+          join(out, 'checkpoints', 'step-00000020'),
+          '--no-progress',
+        ],
+        { encoding: 'utf8' },
+      );
       expect(resumed.status, resumed.stderr).toBe(0);
       expect(steps()).toEqual(Array.from({ length: 40 }, (_, i) => i));
       const loss = reportCharts(readFileSync(join(out, 'report.html'), 'utf8')).find((c) => c.id === 'loss')!;
@@ -240,7 +274,11 @@ describe('moe-ep train (CLI)', () => {
       expect(r.stderr).toMatch(/config\.optimizer\.lr: must be > 0/);
       const bad = spawnSync(process.execPath, [cli, 'train', '--model.expertz', '4'], { encoding: 'utf8' });
       expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz' \(did you mean 'experts'\?\)/);
-      const groups = spawnSync(process.execPath, [cli, 'train', '--model.experts', '64', '--model.topK', '6', '--model.groups', '8', '--model.topkGroups', '4'], { encoding: 'utf8' });
+      const groups = spawnSync(
+        process.execPath,
+        [cli, 'train', '--model.experts', '64', '--model.topK', '6', '--model.groups', '8', '--model.topkGroups', '4'],
+        { encoding: 'utf8' },
+      );
       expect(groups.stderr).toMatch(/config\.model\.topkGroups: 4 does not divide config\.model\.topK \(6\)/);
       expect(existsSync(file)).toBe(true);
     } finally {
@@ -254,7 +292,11 @@ describe('checkpoints in training', () => {
     const { mkdtempSync: mk, rmSync: rm } = await import('node:fs');
     const dir = mk(join(tmpdir(), 'moe-resume-'));
     try {
-      const cfg = resolveConfig({ model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4 }, data: { tokensPerStep: 64 }, train: { device: 'cpu', steps: 30, progress: false } });
+      const cfg = resolveConfig({
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4 },
+        data: { tokensPerStep: 64 },
+        train: { device: 'cpu', steps: 30, progress: false },
+      });
       let straight: number[];
       {
         using a = new Trainer(cfg);

@@ -21,7 +21,8 @@ describe('training with expert-choice routing (CPU)', () => {
     const cfg = resolveConfig({ model: { routing: 'expert-choice' }, train: { device: 'cpu', steps: 300, progress: false } });
     using t = new Trainer(cfg);
     const steps = t.run();
-    const T = cfg.data.tokensPerStep, E = cfg.model.experts;
+    const T = cfg.data.tokensPerStep,
+      E = cfg.model.experts;
     const C = Math.ceil((T * cfg.model.topK) / E); // capacityFactor null: topK, the compute of top-k token choice
     for (const s of steps) {
       for (const l of s.layers) {
@@ -45,7 +46,11 @@ describe('training with expert-choice routing (CPU)', () => {
     const out = mkdtempSync(join(tmpdir(), 'moe-train-ec-'));
     try {
       const cli = join(packageRoot(), 'dist', 'lib', 'cli', 'main.js');
-      const r = spawnSync(process.execPath, [cli, 'train', '--steps', '20', '--out', out, '--model.routing', 'expert-choice', '--model.capacityFactor', '1.5', '--no-progress'], { encoding: 'utf8' });
+      const r = spawnSync(
+        process.execPath,
+        [cli, 'train', '--steps', '20', '--out', out, '--model.routing', 'expert-choice', '--model.capacityFactor', '1.5', '--no-progress'],
+        { encoding: 'utf8' },
+      );
       expect(r.status, r.stderr).toBe(0);
       expect(r.stdout).toMatch(/8 experts \(expert choice, 1\.5 experts per token on average, sigmoid\)/);
       const last = JSON.parse(readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n')[19] as string);
@@ -66,7 +71,11 @@ describe('checkpoints with expert-choice routing', () => {
     const dir = mkdtempSync(join(tmpdir(), 'moe-resume-ec-'));
     const tcDir = mkdtempSync(join(tmpdir(), 'moe-resume-tc-'));
     try {
-      const cfg = resolveConfig({ model: { ...small, routing: 'expert-choice' }, data: { tokensPerStep: 64 }, train: { device: 'cpu', steps: 24, progress: false } });
+      const cfg = resolveConfig({
+        model: { ...small, routing: 'expert-choice' },
+        data: { tokensPerStep: 64 },
+        train: { device: 'cpu', steps: 24, progress: false },
+      });
       let straight: number[];
       {
         using a = new Trainer(cfg);
@@ -86,12 +95,16 @@ describe('checkpoints with expert-choice routing', () => {
       {
         using d = new Trainer(tcCfg);
         expect(() => d.resume(dir)).toThrow(CheckpointError);
-        expect(() => d.resume(dir)).toThrow(/layer 0 was trained with routing 'expert-choice' \(manifest config\.model\.routing\) but this layer routes 'token-choice'/);
+        expect(() => d.resume(dir)).toThrow(
+          /layer 0 was trained with routing 'expert-choice' \(manifest config\.model\.routing\) but this layer routes 'token-choice'/,
+        );
         d.trainStep();
         d.saveCheckpoint(tcDir);
       }
       using e = new Trainer(cfg);
-      expect(() => e.resume(tcDir)).toThrow(/trained with routing 'token-choice' .* but this layer routes 'expert-choice'.*--model\.routing token-choice/);
+      expect(() => e.resume(tcDir)).toThrow(
+        /trained with routing 'token-choice' .* but this layer routes 'expert-choice'.*--model\.routing token-choice/,
+      );
     } finally {
       rmSync(dir, { recursive: true, force: true });
       rmSync(tcDir, { recursive: true, force: true });
@@ -101,9 +114,15 @@ describe('checkpoints with expert-choice routing', () => {
 
 describe('config rules for expert-choice routing', () => {
   it('name the field', () => {
-    expect(() => resolveConfig({ model: { routing: 'expert-choice', groups: 2, topkGroups: 1 } })).toThrow(/config\.model\.groups: must be 1 with routing 'expert-choice'/);
-    expect(() => resolveConfig({ model: { routing: 'expert-choice' }, balance: { auxLossCoef: 0.01 } })).toThrow(/config\.balance\.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice'/);
-    expect(() => resolveConfig({ model: { routing: 'experts' } } as unknown as Parameters<typeof resolveConfig>[0])).toThrow(/config\.model\.routing: must be one of "token-choice", "expert-choice"/);
+    expect(() => resolveConfig({ model: { routing: 'expert-choice', groups: 2, topkGroups: 1 } })).toThrow(
+      /config\.model\.groups: must be 1 with routing 'expert-choice'/,
+    );
+    expect(() => resolveConfig({ model: { routing: 'expert-choice' }, balance: { auxLossCoef: 0.01 } })).toThrow(
+      /config\.balance\.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice'/,
+    );
+    expect(() => resolveConfig({ model: { routing: 'experts' } } as unknown as Parameters<typeof resolveConfig>[0])).toThrow(
+      /config\.model\.routing: must be one of "token-choice", "expert-choice"/,
+    );
     expect(resolveConfig({}).model.routing).toBe('token-choice');
   });
 });

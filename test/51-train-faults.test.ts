@@ -28,15 +28,23 @@ afterAll(() => {
 const small = ['--model.experts', '4', '--data.tokensPerStep', '64', '--no-progress'];
 
 /** `moe-ep train …` with 4 GB of address space and a deadline, so that a regression cannot take the machine or hang. */
-function trainBounded(args: string[], timeout = 60_000): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
-  const r = spawnSync('/bin/sh', ['-c', 'ulimit -v 4000000 && exec "$0" "$@"', process.execPath, cli, 'train', ...args], { encoding: 'utf8', timeout });
+function trainBounded(
+  args: string[],
+  timeout = 60_000,
+): { status: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
+  const r = spawnSync('/bin/sh', ['-c', 'ulimit -v 4000000 && exec "$0" "$@"', process.execPath, cli, 'train', ...args], {
+    encoding: 'utf8',
+    timeout,
+  });
   return { status: r.status, signal: r.signal, stdout: r.stdout, stderr: r.stderr };
 }
 
 describe('moe-ep train stops cleanly on every stop request', () => {
   it.each(['SIGTERM', 'SIGHUP'] as const)('%s: finishes the step, saves a checkpoint and writes the report', async (signal) => {
     const out = tmp();
-    const child = spawn(process.execPath, [cli, 'train', '--steps', '1000000', '--out', out, ...small], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [cli, 'train', '--steps', '1000000', '--out', out, ...small], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
@@ -83,7 +91,10 @@ describe('bad configurations fail at once, naming what to change', () => {
     const dir = tmp();
     const fifo = join(dir, 'config.json');
     spawnSync('mkfifo', [fifo]);
-    for (const [path, kind] of [[fifo, 'a FIFO'], ['/dev/zero', 'a character device']]) {
+    for (const [path, kind] of [
+      [fifo, 'a FIFO'],
+      ['/dev/zero', 'a character device'],
+    ]) {
       const r = trainBounded(['--config', path as string, '--steps', '1'], 20_000);
       expect(r.signal, r.stderr).toBeNull();
       expect(r.status).toBe(1);
@@ -91,16 +102,20 @@ describe('bad configurations fail at once, naming what to change', () => {
     }
   });
 
-  it("--__proto__.x never reaches Object.prototype; --constructor.x and unknown fields are refused", () => {
+  it('--__proto__.x never reaches Object.prototype; --constructor.x and unknown fields are refused', () => {
     try {
-      expect(() => overridesFromArgs(['--__proto__.polluted', '1'])).toThrow(/'--__proto__\.polluted': unknown section '__proto__' \(one of model, balance, optimizer, data, train, checkpoint\)/);
+      expect(() => overridesFromArgs(['--__proto__.polluted', '1'])).toThrow(
+        /'--__proto__\.polluted': unknown section '__proto__' \(one of model, balance, optimizer, data, train, checkpoint\)/,
+      );
       expect(({} as Record<string, unknown>)['polluted']).toBeUndefined();
       expect(() => overridesFromArgs(['--constructor.x', '1'])).toThrow(/unknown section 'constructor'/);
       expect(() => overridesFromArgs(['--model.__proto__', '1'])).toThrow(/config\.model: unknown field '__proto__'/);
       expect(() => overridesFromArgs(['--model.toString', '1'])).toThrow(/config\.model: unknown field 'toString'/);
       // The same through a config file (JSON.parse makes `__proto__` an own key).
       expect(() => resolveConfig(JSON.parse('{"__proto__": {"polluted": 1}}'))).toThrow(/config: unknown field '__proto__'/);
-      expect(() => resolveConfig(JSON.parse('{"model": {"__proto__": {"experts": 1}}}'))).toThrow(/config\.model: unknown field '__proto__'/);
+      expect(() => resolveConfig(JSON.parse('{"model": {"__proto__": {"experts": 1}}}'))).toThrow(
+        /config\.model: unknown field '__proto__'/,
+      );
     } finally {
       delete (Object.prototype as Record<string, unknown>)['polluted'];
     }
@@ -120,7 +135,9 @@ describe('bad configurations fail at once, naming what to change', () => {
     const r = trainBounded(['--model.experts', '1000000', '--steps', '1', '--out', out, '--no-progress']);
     expect(r.signal, r.stderr).toBeNull();
     expect(r.status).toBe(1);
-    expect(r.stderr).toMatch(/this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\)/);
+    expect(r.stderr).toMatch(
+      /this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\)/,
+    );
     expect(existsSync(join(out, 'checkpoints'))).toBe(false);
   });
 });
@@ -128,7 +145,10 @@ describe('bad configurations fail at once, naming what to change', () => {
 describe('--resume reads only inside the checkpoint root', () => {
   it('latest naming a step folder linked out of the root: passed over with the reason printed; the run resumes from the one inside', () => {
     const [a, b] = [tmp(), tmp()];
-    for (const [out, steps] of [[a, '4'], [b, '2']] as const) {
+    for (const [out, steps] of [
+      [a, '4'],
+      [b, '2'],
+    ] as const) {
       const r = spawnSync(process.execPath, [cli, 'train', '--steps', steps, '--out', out, ...small], { encoding: 'utf8' });
       expect(r.status, r.stderr).toBe(0);
     }
@@ -137,7 +157,9 @@ describe('--resume reads only inside the checkpoint root', () => {
     const r = spawnSync(process.execPath, [cli, 'train', '--steps', '3', '--out', b, '--resume', ...small], { encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/resumed from .* at step 2/);
-    expect(r.stderr).toMatch(/moe-ep: passed over .*step-00000004: checkpoint .*step-00000004: resolves outside its folder through a symbolic link/);
+    expect(r.stderr).toMatch(
+      /moe-ep: passed over .*step-00000004: checkpoint .*step-00000004: resolves outside its folder through a symbolic link/,
+    );
     expect(latestCheckpoint(join(b, 'checkpoints'))?.step).toBe(3);
   });
 });

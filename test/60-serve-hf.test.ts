@@ -31,7 +31,10 @@ function tokens(T: number, H: number, seed: number, dtype: 'bf16' | 'f32'): { x6
  * Builds a checkpoint, and a set of tokens whose routing is far from ties (the margin the
  * reference reports), trying successive seeds; every seed tried is in the returned description.
  */
-function checkpointAndTokens(family: Family, opts: { dtype: 'bf16' | 'f16' | 'f32'; shards: number; layerDtype: 'bf16' | 'f32'; T: number; seed: number }) {
+function checkpointAndTokens(
+  family: Family,
+  opts: { dtype: 'bf16' | 'f16' | 'f32'; shards: number; layerDtype: 'bf16' | 'f32'; T: number; seed: number },
+) {
   const dir = fresh();
   const cfg = testConfigs[family];
   const built = buildHfCheckpoint(dir, cfg, { dtype: opts.dtype, shards: opts.shards, seed: opts.seed });
@@ -40,7 +43,15 @@ function checkpointAndTokens(family: Family, opts: { dtype: 'bf16' | 'f16' | 'f3
     const { x64, x } = tokens(opts.T, H, 1000 + s, opts.layerDtype);
     const refs = new Map([...built.layers].map(([l, w]) => [l, hfMoEReference(cfg, w, x64)]));
     const ok = [...refs.values()].every((r) => r.margin > 1e-4 && r.minChoice > 0);
-    if (ok || s > opts.seed + 20) return { dir, cfg, built, x, refs, what: `${family}, ${opts.dtype} files, ${opts.shards} shard(s), layer ${opts.layerDtype}, seed ${opts.seed}, token seed ${1000 + s}` };
+    if (ok || s > opts.seed + 20)
+      return {
+        dir,
+        cfg,
+        built,
+        x,
+        refs,
+        what: `${family}, ${opts.dtype} files, ${opts.shards} shard(s), layer ${opts.layerDtype}, seed ${opts.seed}, token seed ${1000 + s}`,
+      };
     x.dispose();
   }
 }
@@ -49,30 +60,75 @@ describe('config.json → the package (hfMoEModel)', () => {
   it('maps each family onto router options, expert sizes and MoE layers', () => {
     const m = hfMoEModel(testConfigs.mixtral);
     expect(m.block).toEqual({
-      family: 'mixtral', hidden: 16, ffn: 12, numExperts: 8, topK: 2, scoreFunction: 'softmax', groups: 1, topkGroups: 1, normalize: true, routeScale: 1,
-      selectionBias: false, sharedFfn: 0, sharedGate: false,
+      family: 'mixtral',
+      hidden: 16,
+      ffn: 12,
+      numExperts: 8,
+      topK: 2,
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: true,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: 0,
+      sharedGate: false,
     });
     expect(m.moeLayers).toEqual([0, 1]);
     const d = hfMoEModel(testConfigs.deepseek_v3);
     expect(d.block).toEqual({
-      family: 'deepseek_v3', hidden: 16, ffn: 8, numExperts: 16, topK: 4, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, normalize: true, routeScale: 2.5,
-      selectionBias: true, sharedFfn: 16, sharedGate: false,
+      family: 'deepseek_v3',
+      hidden: 16,
+      ffn: 8,
+      numExperts: 16,
+      topK: 4,
+      scoreFunction: 'sigmoid',
+      groups: 4,
+      topkGroups: 2,
+      normalize: true,
+      routeScale: 2.5,
+      selectionBias: true,
+      sharedFfn: 16,
+      sharedGate: false,
     });
     expect(d.moeLayers).toEqual([1, 2]);
     const q = hfMoEModel(testConfigs.qwen2_moe);
-    expect(q.block).toMatchObject({ family: 'qwen2_moe', scoreFunction: 'softmax', normalize: false, sharedFfn: 20, sharedGate: true, groups: 1 });
+    expect(q.block).toMatchObject({
+      family: 'qwen2_moe',
+      scoreFunction: 'softmax',
+      normalize: false,
+      sharedFfn: 20,
+      sharedGate: true,
+      groups: 1,
+    });
     expect(q.moeLayers).toEqual([1, 2]);
     expect(hfMoEModel(testConfigs.qwen3_moe).block).toMatchObject({ normalize: true, sharedFfn: 0, sharedGate: false });
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
-    expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([1, 3, 5]);
-    expect(hfMoEModel({ ...testConfigs.deepseek_v3, first_k_dense_replace: 3, moe_layer_freq: 2, num_hidden_layers: 9 }).moeLayers).toEqual([4, 6, 8]);
+    expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
+      1, 3, 5,
+    ]);
+    expect(hfMoEModel({ ...testConfigs.deepseek_v3, first_k_dense_replace: 3, moe_layer_freq: 2, num_hidden_layers: 9 }).moeLayers).toEqual(
+      [4, 6, 8],
+    );
     // DeepSeek-V3's released shape: 256 experts in 8 groups, top-4 groups, top-8 (the group score's top 2 = 8/4).
-    const v3 = hfMoEModel({ ...testConfigs.deepseek_v3, n_routed_experts: 256, num_experts_per_tok: 8, n_group: 8, topk_group: 4, n_shared_experts: 1, moe_intermediate_size: 2048, hidden_size: 7168 });
+    const v3 = hfMoEModel({
+      ...testConfigs.deepseek_v3,
+      n_routed_experts: 256,
+      num_experts_per_tok: 8,
+      n_group: 8,
+      topk_group: 4,
+      n_shared_experts: 1,
+      moe_intermediate_size: 2048,
+      hidden_size: 7168,
+    });
     expect(v3.block).toMatchObject({ groups: 8, topkGroups: 4, topK: 8, sharedFfn: 2048 });
     // Every group kept is plain top-k (Kimi-K2-like n_group = 1, or topk_group = n_group).
     expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 1, topk_group: 1 }).block).toMatchObject({ groups: 1, topkGroups: 1 });
-    expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 4, topk_group: 4, num_experts_per_tok: 3 }).block).toMatchObject({ groups: 1, topK: 3 });
+    expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 4, topk_group: 4, num_experts_per_tok: 3 }).block).toMatchObject({
+      groups: 1,
+      topK: 3,
+    });
   });
 
   it('refuses what it cannot serve, naming the field', () => {
@@ -80,7 +136,10 @@ describe('config.json → the package (hfMoEModel)', () => {
       expect(() => hfMoEModel(cfg)).toThrow(CheckpointError);
       expect(() => hfMoEModel(cfg)).toThrow(re);
     };
-    bad({ ...testConfigs.mixtral, model_type: 'llama' }, /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, qwen2_moe, qwen3_moe\)/);
+    bad(
+      { ...testConfigs.mixtral, model_type: 'llama' },
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, qwen2_moe, qwen3_moe\)/,
+    );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
     bad({ ...testConfigs.deepseek_v3, num_experts_per_tok: 6 }, /'num_experts_per_tok' = 6 with 'topk_group' = 2: .*top 2/);
@@ -97,7 +156,11 @@ describe('config.json → the package (hfMoEModel)', () => {
 describe('HF checkpoints → MoEInference against the family references (CPU)', () => {
   // f32 layer: every file dtype converts exactly, so the layer must match float64 to f32 rounding.
   for (const family of families) {
-    for (const [dtype, shards] of [['bf16', 3], ['f16', 2], ['f32', 0]] as const) {
+    for (const [dtype, shards] of [
+      ['bf16', 3],
+      ['f16', 2],
+      ['f32', 0],
+    ] as const) {
       it(`${family}: ${dtype} files, ${shards ? `${shards} shards + index` : 'one model.safetensors'}, f32 layer, every MoE layer`, () => {
         const seed = 11 + families.indexOf(family) * 7 + shards;
         const c = checkpointAndTokens(family, { dtype, shards, layerDtype: 'f32', T: 9, seed });
@@ -153,17 +216,27 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
 
   it('DeepSeek-V3 in its published FP8 layout (e4m3 experts with 128×128 block scales): dequantised exactly, f32 and bf16 layers', () => {
     const cfg = {
-      ...testConfigs.deepseek_v3, hidden_size: 256, moe_intermediate_size: 128, n_routed_experts: 8, num_experts_per_tok: 4, n_group: 4, topk_group: 2, n_shared_experts: 1,
-      num_hidden_layers: 2, quantization_config: { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] },
+      ...testConfigs.deepseek_v3,
+      hidden_size: 256,
+      moe_intermediate_size: 128,
+      n_routed_experts: 8,
+      num_experts_per_tok: 4,
+      n_group: 4,
+      topk_group: 2,
+      n_shared_experts: 1,
+      num_hidden_layers: 2,
+      quantization_config: { quant_method: 'fp8', fmt: 'e4m3', activation_scheme: 'dynamic', weight_block_size: [128, 128] },
     };
     const dir = fresh();
     const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 17, fp8: true });
     const w = built.layers.get(1)!;
-    const H = 256, F = 128;
+    const H = 256,
+      F = 128;
     using ckpt = HfMoECheckpoint.open(dir);
     using f32 = ckpt.readLayer(1, { dtype: 'f32', device: 'cpu' });
     // The gate [F,H] spans 2 column blocks, the down projection [H,F] 2 row blocks.
-    const w13 = f32.w13.toFloat32Array(), w2 = f32.w2.toFloat32Array();
+    const w13 = f32.w13.toFloat32Array(),
+      w2 = f32.w2.toFloat32Array();
     for (const e of [0, 5])
       for (let h = 0; h < H; h += 7)
         for (let i = 0; i < F; i += 5) {
@@ -192,8 +265,18 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
       using w = ckpt.readLayer(layerIdx, { dtype: 'f32', device: 'cpu' });
       const b = ckpt.block;
       using layer = new MoELayer({
-        hidden: b.hidden, ffn: b.ffn, numExperts: b.numExperts, topK: b.topK, scoreFunction: b.scoreFunction, groups: b.groups, topkGroups: b.topkGroups,
-        normalize: b.normalize, routeScale: b.routeScale, sharedFfn: b.sharedFfn, dtype: 'f32', device: 'cpu',
+        hidden: b.hidden,
+        ffn: b.ffn,
+        numExperts: b.numExperts,
+        topK: b.topK,
+        scoreFunction: b.scoreFunction,
+        groups: b.groups,
+        topkGroups: b.topkGroups,
+        normalize: b.normalize,
+        routeScale: b.routeScale,
+        sharedFfn: b.sharedFfn,
+        dtype: 'f32',
+        device: 'cpu',
       });
       tidy(() => {
         layer.master.router.copy_(w.router.view(b.hidden, b.numExperts));
@@ -231,14 +314,22 @@ describe('expert parallelism: each rank reads only its own experts', () => {
       const full = tidy(() => {
         using ckpt = HfMoECheckpoint.open(dir);
         using w = ckpt.readLayer(layer, { device: 'cpu' });
-        return { w13: Array.from(w.w13.toArray() as Uint16Array), w2: Array.from(w.w2.toArray() as Uint16Array), router: Array.from(w.router.toArray() as Uint16Array) };
+        return {
+          w13: Array.from(w.w13.toArray() as Uint16Array),
+          w2: Array.from(w.w2.toArray() as Uint16Array),
+          router: Array.from(w.router.toArray() as Uint16Array),
+        };
       });
-      const sizeOf = (name: string): number => (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
+      const sizeOf = (name: string): number =>
+        (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
       const expertName = (j: number, x: string): string => `model.layers.${layer}.mlp.experts.${j}.${x}_proj.weight`;
       for (let r = 0; r < P; r++) {
         // Poison every expert the rank does not own (all layers' too): a read of them would show as NaN.
         const foreign: string[] = [];
-        for (const l of built.layers.keys()) for (let j = 0; j < E; j++) if (l !== layer || j < r * El || j >= (r + 1) * El) for (const x of ['gate', 'up', 'down']) foreign.push(`model.layers.${l}.mlp.experts.${j}.${x}_proj.weight`);
+        for (const l of built.layers.keys())
+          for (let j = 0; j < E; j++)
+            if (l !== layer || j < r * El || j >= (r + 1) * El)
+              for (const x of ['gate', 'up', 'down']) foreign.push(`model.layers.${l}.mlp.experts.${j}.${x}_proj.weight`);
         const copy = `${dir}-rank${r}`;
         fs.cpSync(dir, copy, { recursive: true });
         poisonTensors(copy, built.weightMap, foreign);
@@ -247,13 +338,17 @@ describe('expert parallelism: each rank reads only its own experts', () => {
         expect(w.firstExpert).toBe(r * El);
         expect(w.localExperts).toBe(El);
         expect(w.w13.shape).toEqual([El, H, 2 * F]);
-        const per13 = H * 2 * F, per2 = F * H;
+        const per13 = H * 2 * F,
+          per2 = F * H;
         expect(Array.from(w.w13.toArray() as Uint16Array)).toEqual(full.w13.slice(r * El * per13, (r + 1) * El * per13));
         expect(Array.from(w.w2.toArray() as Uint16Array)).toEqual(full.w2.slice(r * El * per2, (r + 1) * El * per2));
         expect(Array.from(w.router.toArray() as Uint16Array)).toEqual(full.router);
         // Bytes read: the gate, the bias, the shared expert, and the rank's own 3·El expert matrices.
-        const mine = [`model.layers.${layer}.mlp.gate.weight`, `model.layers.${layer}.mlp.gate.e_score_correction_bias`,
-          ...['gate', 'up', 'down'].map((x) => `model.layers.${layer}.mlp.shared_experts.${x}_proj.weight`)];
+        const mine = [
+          `model.layers.${layer}.mlp.gate.weight`,
+          `model.layers.${layer}.mlp.gate.e_score_correction_bias`,
+          ...['gate', 'up', 'down'].map((x) => `model.layers.${layer}.mlp.shared_experts.${x}_proj.weight`),
+        ];
         for (let j = r * El; j < (r + 1) * El; j++) for (const x of ['gate', 'up', 'down']) mine.push(expertName(j, x));
         expect(ckpt.stats.tensorsRead).toBe(mine.length);
         expect(ckpt.stats.tensorBytes).toBe(mine.reduce((s, m) => s + sizeOf(m), 0));

@@ -14,10 +14,16 @@ const bits = (t: Tensor): Buffer => Buffer.from((t.toArray() as Uint16Array | Fl
 const cases: [string, Partial<MoELayerConfig>][] = [
   ['softmax top-2 (Qwen-like: not normalised)', {}],
   ['softmax top-2 normalised (Mixtral-like)', { normalize: true }],
-  ['sigmoid + bias, 4 groups keep 2, top-4, route scale 2.5, shared expert (DeepSeek-V3-like)', { scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, topK: 4, routeScale: 2.5, sharedFfn: 24, numExperts: 16 }],
+  [
+    'sigmoid + bias, 4 groups keep 2, top-4, route scale 2.5, shared expert (DeepSeek-V3-like)',
+    { scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, topK: 4, routeScale: 2.5, sharedFfn: 24, numExperts: 16 },
+  ],
   ['softmax top-1, shared expert', { topK: 1, sharedFfn: 8 }],
   ['capacity 1.0, drop by probability (drops happen)', { capacityFactor: 1.0, dropPolicy: 'probs' }],
-  ['capacity 1.25 padded, drop by position, sigmoid', { capacityFactor: 1.25, padToCapacity: true, dropPolicy: 'position', scoreFunction: 'sigmoid' }],
+  [
+    'capacity 1.25 padded, drop by position, sigmoid',
+    { capacityFactor: 1.25, padToCapacity: true, dropPolicy: 'position', scoreFunction: 'sigmoid' },
+  ],
 ];
 
 describe('MoEInference equals MoELayer.forward (same weights)', () => {
@@ -30,8 +36,12 @@ describe('MoEInference equals MoELayer.forward (same weights)', () => {
           // A non-zero balancing bias, so that selection differs from the scores' order.
           tidy(() => layer.bias.copy_(Tensor.randn([layer.config.numExperts], { std: 0.05, seed: seed + 1, device: cpu })));
           using inf = MoEInference.fromLayer(layer);
-          expect(inf.weightBytes).toBe([layer.compute.router, layer.bias, layer.compute.w13, layer.compute.w2, layer.compute.sharedW13, layer.compute.sharedW2]
-            .reduce((s, t) => s + (t ? t.numel * (t.dtype === 'bf16' ? 2 : 4) : 0), 0));
+          expect(inf.weightBytes).toBe(
+            [layer.compute.router, layer.bias, layer.compute.w13, layer.compute.w2, layer.compute.sharedW13, layer.compute.sharedW2].reduce(
+              (s, t) => s + (t ? t.numel * (t.dtype === 'bf16' ? 2 : 4) : 0),
+              0,
+            ),
+          );
           for (const T of [1, 6, 64, 6]) {
             tidy(() => {
               const x = Tensor.randn([T, 32], { seed: seed + 10 + T, device: cpu }).cast(dtype);
@@ -76,12 +86,16 @@ describe('fixed buffers', () => {
       expect(after.liveBytes).toBe(before.liveBytes);
       expect(bits(out).equals(first)).toBe(true);
       // The workspace's size is what rowsFor() and the module doc's formula say.
-      const T = 10, k = 2, E = 8, H = 32, F = 16;
+      const T = 10,
+        k = 2,
+        E = 8,
+        H = 32,
+        F = 16;
       const R = inf.rowsFor(T);
       expect(R).toBe('capacityFactor' in extra ? E * Math.ceil((1.5 * T * k) / E) : T * k);
       const Fs = 'sharedFfn' in extra ? 16 : 0;
-      const expected = 8 * T * E + 16 * T * k + 8 * R + 2 * R * (2 * H + F) + (Fs ? 2 * T * (Fs + H) : 0)
-        + 4 * (E + 2 + E + 1 + 1 + E + 1 + 1) + 8; // i32 counters: tokensPerExpert, nanRows, keptPerExpert, dropped, invalid, offsets, invalid; [0,T]
+      const expected =
+        8 * T * E + 16 * T * k + 8 * R + 2 * R * (2 * H + F) + (Fs ? 2 * T * (Fs + H) : 0) + 4 * (E + 2 + E + 1 + 1 + E + 1 + 1) + 8; // i32 counters: tokensPerExpert, nanRows, keptPerExpert, dropped, invalid, offsets, invalid; [0,T]
       expect(inf.workspaceBytes(T)).toBe(expected);
     }
   });
@@ -110,7 +124,12 @@ describe('fixed buffers', () => {
 describe('the Qwen2-MoE shared-expert gate', () => {
   it('y = routed + sigmoid(x·g)·shared(x), against a float64 oracle (f32)', () => {
     const seed = freshSeed();
-    const H = 12, F = 6, Fs = 10, E = 4, k = 2, T = 7;
+    const H = 12,
+      F = 6,
+      Fs = 10,
+      E = 4,
+      k = 2,
+      T = 7;
     const w = tidy(() => ({
       router: Tensor.randn([1, H, E], { std: 0.5, seed, device: cpu }),
       w13: Tensor.randn([E, H, 2 * F], { std: 0.3, seed: seed + 1, device: cpu }),
@@ -120,14 +139,18 @@ describe('the Qwen2-MoE shared-expert gate', () => {
       sharedGate: Tensor.randn([1, H, 1], { std: 0.5, seed: seed + 5, device: cpu }),
     }));
     const v = Object.fromEntries(Object.entries(w).map(([key, t]) => [key, values(t)])) as Record<keyof typeof w, number[]>;
-    using inf = new MoEInference({ hidden: H, ffn: F, numExperts: E, topK: k, sharedFfn: Fs, sharedGate: true, dtype: 'f32', device: cpu }, w);
+    using inf = new MoEInference(
+      { hidden: H, ffn: F, numExperts: E, topK: k, sharedFfn: Fs, sharedGate: true, dtype: 'f32', device: cpu },
+      w,
+    );
     using x = Tensor.randn([T, H], { seed: seed + 6, device: cpu });
     const xv = values(x);
     const y = tidy(() => values(inf.forward(x)));
     const silu = (a: number): number => a / (1 + Math.exp(-a));
     const ffn = (t: number, w13: number[], w2: number[], e: number, f: number): number[] => {
       const h = Array.from({ length: f }, (_, i) => {
-        let g1 = 0, g3 = 0;
+        let g1 = 0,
+          g3 = 0;
         for (let j = 0; j < H; j++) {
           g1 += (xv[t * H + j] as number) * (w13[(e * H + j) * 2 * f + 2 * i] as number);
           g3 += (xv[t * H + j] as number) * (w13[(e * H + j) * 2 * f + 2 * i + 1] as number);
@@ -138,7 +161,11 @@ describe('the Qwen2-MoE shared-expert gate', () => {
     };
     const ref: number[] = [];
     for (let t = 0; t < T; t++) {
-      const logits = Array.from({ length: E }, (_, e) => { let a = 0; for (let j = 0; j < H; j++) a += (xv[t * H + j] as number) * (v.router[j * E + e] as number); return a; });
+      const logits = Array.from({ length: E }, (_, e) => {
+        let a = 0;
+        for (let j = 0; j < H; j++) a += (xv[t * H + j] as number) * (v.router[j * E + e] as number);
+        return a;
+      });
       const mx = Math.max(...logits);
       const p = logits.map((l) => Math.exp(l - mx));
       const z = p.reduce((a, b) => a + b, 0);
@@ -156,7 +183,9 @@ describe('the Qwen2-MoE shared-expert gate', () => {
 });
 
 describe('arguments', () => {
-  const H = 8, F = 4, E = 4;
+  const H = 8,
+    F = 4,
+    E = 4;
   const weights = (dtype: 'bf16' | 'f32' = 'f32') => ({
     router: Tensor.zeros([1, H, E], { dtype, device: cpu }),
     w13: Tensor.zeros([E, H, 2 * F], { dtype, device: cpu }),
@@ -180,7 +209,11 @@ describe('arguments', () => {
       wide.w13.dispose();
       bad(base, { ...wide, w13: Tensor.zeros([E, H, 2 * F + 2], { device: cpu }) }, /'weights.w13' is \[4,8,10\]; expected \[4,8,8\]/);
       bad(base, weights('bf16'), /'weights.router' is bf16; expected f32/);
-      bad(base, { ...weights(), bias: Tensor.zeros([E], { device: cpu }) }, /'weights.bias' is given but the config has none \('selectionBias'\)/);
+      bad(
+        base,
+        { ...weights(), bias: Tensor.zeros([E], { device: cpu }) },
+        /'weights.bias' is given but the config has none \('selectionBias'\)/,
+      );
       bad({ ...base, selectionBias: true }, weights(), /'weights.bias' must be a Tensor/);
       bad({ ...base, numExperts: 6 }, weights(), /'weights.router' is \[1,8,4\]; expected \[1,8,6\]/);
     });
@@ -190,7 +223,10 @@ describe('arguments', () => {
     const inf = new MoEInference(base, weights());
     using x = Tensor.zeros([3, H], { device: cpu });
     expectInvalidArgument(() => inf.forward(Tensor.zeros([3, H + 1], { device: cpu })), /'x' must be \[T, 8\]/);
-    expectInvalidArgument(() => inf.forward(Tensor.zeros([3, H], { dtype: 'bf16', device: cpu })), /'x' is bf16 but the layer computes in f32/);
+    expectInvalidArgument(
+      () => inf.forward(Tensor.zeros([3, H], { dtype: 'bf16', device: cpu })),
+      /'x' is bf16 but the layer computes in f32/,
+    );
     expectInvalidArgument(() => inf.forward(x, { out: Tensor.zeros([4, H], { device: cpu }) }), /'out' must be a contiguous f32 \[3,8\]/);
     expectInvalidArgument(() => inf.forward(x, { out: x }), /'out' shares memory with 'x'/);
     expectInvalidArgument(() => inf.forward(x, { bogus: 1 } as never), /bogus/);

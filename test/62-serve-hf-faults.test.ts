@@ -21,7 +21,8 @@ function fresh(options: { shards?: number; dtype?: 'bf16' | 'f32' } = {}) {
   const dir = join(root, `c${n++}`);
   const built = buildHfCheckpoint(dir, cfg, { shards: options.shards ?? 3, dtype: options.dtype ?? 'bf16', seed: n });
   const indexPath = join(dir, 'model.safetensors.index.json');
-  const setIndex = (weightMap: unknown, extra: object = {}): void => fs.writeFileSync(indexPath, JSON.stringify({ metadata: {}, weight_map: weightMap, ...extra }));
+  const setIndex = (weightMap: unknown, extra: object = {}): void =>
+    fs.writeFileSync(indexPath, JSON.stringify({ metadata: {}, weight_map: weightMap, ...extra }));
   return { dir, built, indexPath, setIndex };
 }
 
@@ -93,9 +94,18 @@ describe('the folder, config.json and the index', () => {
     fs.mkdirSync(outsideDir);
     const gateFile = built.weightMap['model.layers.1.mlp.gate.weight'] as string;
     fs.copyFileSync(join(dir, gateFile), join(outsideDir, gateFile));
-    for (const file of [`../${join('..', root.split('/').pop() as string, outsideDir.split('/').pop() as string, gateFile)}`, join(outsideDir, gateFile), `sub/${gateFile}`, '..', 'a\0b']) {
+    for (const file of [
+      `../${join('..', root.split('/').pop() as string, outsideDir.split('/').pop() as string, gateFile)}`,
+      join(outsideDir, gateFile),
+      `sub/${gateFile}`,
+      '..',
+      'a\0b',
+    ]) {
       setIndex({ ...built.weightMap, 'model.layers.1.mlp.gate.weight': file });
-      expectCheckpointError(dir, /model.safetensors.index.json: weight_map\['model.layers.1.mlp.gate.weight'\]: .* is not a plain file name/);
+      expectCheckpointError(
+        dir,
+        /model.safetensors.index.json: weight_map\['model.layers.1.mlp.gate.weight'\]: .* is not a plain file name/,
+      );
     }
   });
 
@@ -110,7 +120,8 @@ describe('the folder, config.json and the index', () => {
     fs.mkdirSync(join(dir, gateFile));
     expectCheckpointError(dir, new RegExp(`${gateFile}.*is a directory; only regular files are read`));
     fs.rmdirSync(join(dir, gateFile));
-    if (spawnSync('mkfifo', [join(dir, gateFile)]).status === 0) expectCheckpointError(dir, new RegExp(`${gateFile}.*is a FIFO; only regular files are read`));
+    if (spawnSync('mkfifo', [join(dir, gateFile)]).status === 0)
+      expectCheckpointError(dir, new RegExp(`${gateFile}.*is a FIFO; only regular files are read`));
   });
 });
 
@@ -127,44 +138,96 @@ describe('tensors', () => {
     const name = expertName(1, 3, 'up');
     const { [name]: _, ...rest } = built.weightMap;
     setIndex(rest);
-    expectCheckpointError(dir, new RegExp(`tensor '${name.replace(/\./g, '\\.')}' is not in the checkpoint \\(\\d+ tensors; similar: model\\.layers\\.\\d\\.mlp\\.experts\\.\\d+\\.up_proj\\.weight`));
+    expectCheckpointError(
+      dir,
+      new RegExp(
+        `tensor '${name.replace(/\./g, '\\.')}' is not in the checkpoint \\(\\d+ tensors; similar: model\\.layers\\.\\d\\.mlp\\.experts\\.\\d+\\.up_proj\\.weight`,
+      ),
+    );
     const other = built.files.find((f: string) => f !== built.weightMap[name]);
     setIndex({ ...built.weightMap, [name]: other });
-    expectCheckpointError(dir, new RegExp(`${other} does not hold tensor '${name.replace(/\./g, '\\.')}' although model.safetensors.index.json puts it there`));
+    expectCheckpointError(
+      dir,
+      new RegExp(`${other} does not hold tensor '${name.replace(/\./g, '\\.')}' although model.safetensors.index.json puts it there`),
+    );
   });
 
   it('a tensor of the wrong shape (config and files disagree) or dtype: file, tensor, both shapes', () => {
     const { dir } = fresh();
     fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...cfg, moe_intermediate_size: 10 }));
-    expectCheckpointError(dir, /model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' is \[8,16\] but the deepseek_v3 config \(config.json\) needs \[10,16\]/);
+    expectCheckpointError(
+      dir,
+      /model-\d+-of-\d+\.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' is \[8,16\] but the deepseek_v3 config \(config.json\) needs \[10,16\]/,
+    );
     fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...cfg, n_routed_experts: 32 }));
-    expectCheckpointError(dir, /tensor 'model\.layers\.1\.mlp\.gate\.weight' is \[16,16\] but the deepseek_v3 config \(config.json\) needs \[32,16\]/);
+    expectCheckpointError(
+      dir,
+      /tensor 'model\.layers\.1\.mlp\.gate\.weight' is \[16,16\] but the deepseek_v3 config \(config.json\) needs \[32,16\]/,
+    );
     // One expert rewritten as I32, another as FP8: the message says what is read.
     const single = join(root, `c${n++}`);
     const built = buildHfCheckpoint(single, cfg, { shards: 0, seed: 3 });
     const entries = built.entries.map((e) =>
-      e.name === expertName(1, 2, 'down') ? { ...e, dtype: 'I16' } : e.name === expertName(1, 5, 'gate') ? { ...e, dtype: 'F8_E4M3', shape: [e.shape[0] as number, 2 * (e.shape[1] as number)] } : e);
+      e.name === expertName(1, 2, 'down')
+        ? { ...e, dtype: 'I16' }
+        : e.name === expertName(1, 5, 'gate')
+          ? { ...e, dtype: 'F8_E4M3', shape: [e.shape[0] as number, 2 * (e.shape[1] as number)] }
+          : e,
+    );
     writeSafetensorsFile(join(single, 'model.safetensors'), entries);
-    expectCheckpointError(single, /safetensors model.safetensors tensor 'model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight': unknown dtype "I16"/);
-    writeSafetensorsFile(join(single, 'model.safetensors'), entries.map((e) => (e.dtype === 'I16' ? { ...e, dtype: 'BF16' } : e)));
-    expectCheckpointError(single, /model.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight' is fp8e4m3; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight_scale_inv' block scales \(there is no/);
+    expectCheckpointError(
+      single,
+      /safetensors model.safetensors tensor 'model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight': unknown dtype "I16"/,
+    );
+    writeSafetensorsFile(
+      join(single, 'model.safetensors'),
+      entries.map((e) => (e.dtype === 'I16' ? { ...e, dtype: 'BF16' } : e)),
+    );
+    expectCheckpointError(
+      single,
+      /model.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight' is fp8e4m3; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with 'model\.layers\.1\.mlp\.experts\.5\.gate_proj\.weight_scale_inv' block scales \(there is no/,
+    );
   });
 
   it('FP8 weights: a block size other than 128×128, columns not a multiple of 128, scales of the wrong shape', () => {
-    const fp8cfg = { ...cfg, hidden_size: 128, moe_intermediate_size: 128, n_routed_experts: 8, num_experts_per_tok: 4, n_group: 4, topk_group: 2, n_shared_experts: 1, num_hidden_layers: 2 };
+    const fp8cfg = {
+      ...cfg,
+      hidden_size: 128,
+      moe_intermediate_size: 128,
+      n_routed_experts: 8,
+      num_experts_per_tok: 4,
+      n_group: 4,
+      topk_group: 2,
+      n_shared_experts: 1,
+      num_hidden_layers: 2,
+    };
     const dir = join(root, `c${n++}`);
     const built = buildHfCheckpoint(dir, fp8cfg, { shards: 0, seed: 4, fp8: true });
-    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...fp8cfg, quantization_config: { quant_method: 'fp8', weight_block_size: [1, 128] } }));
-    expectCheckpointError(dir, /config.json: quantization_config.weight_block_size \[1,128\]: FP8 weights are read with 128×128 blocks only/);
+    fs.writeFileSync(
+      join(dir, 'config.json'),
+      JSON.stringify({ ...fp8cfg, quantization_config: { quant_method: 'fp8', weight_block_size: [1, 128] } }),
+    );
+    expectCheckpointError(
+      dir,
+      /config.json: quantization_config.weight_block_size \[1,128\]: FP8 weights are read with 128×128 blocks only/,
+    );
     fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(fp8cfg));
     const name = expertName(1, 1, 'up');
     const entries = built.entries.map((e) => (e.name === `${name}_scale_inv` ? { ...e, shape: [1, 2], bytes: new Uint8Array(8) } : e));
     writeSafetensorsFile(join(dir, 'model.safetensors'), entries);
-    expectCheckpointError(dir, new RegExp(`tensor '${name.replace(/\./g, '\\.')}_scale_inv' is \\[1,2\\] but the deepseek_v3 config \\(config.json\\) needs \\[1,1\\]`));
+    expectCheckpointError(
+      dir,
+      new RegExp(
+        `tensor '${name.replace(/\./g, '\\.')}_scale_inv' is \\[1,2\\] but the deepseek_v3 config \\(config.json\\) needs \\[1,1\\]`,
+      ),
+    );
     // 96 columns: H = 96 cannot be split into 128-wide blocks.
     const narrow = join(root, `c${n++}`);
     buildHfCheckpoint(narrow, { ...fp8cfg, hidden_size: 96 }, { shards: 0, seed: 4, fp8: true });
-    expectCheckpointError(narrow, /model.safetensors: FP8 tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' has 96 columns, not a multiple of 128/);
+    expectCheckpointError(
+      narrow,
+      /model.safetensors: FP8 tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight' has 96 columns, not a multiple of 128/,
+    );
   });
 
   it('a truncated shard or one with trailing bytes: the file (and the tensor running past the end) are named', () => {
@@ -172,12 +235,20 @@ describe('tensors', () => {
     const file = built.weightMap[expertName(1, 0, 'gate')] as string;
     const path = join(dir, file);
     const { tensors } = readHeader(path);
-    const last = Object.entries(tensors as Record<string, { data_offsets: number[] }>).sort((a, b) => (b[1].data_offsets[1] as number) - (a[1].data_offsets[1] as number))[0] as [string, unknown];
+    const last = Object.entries(tensors as Record<string, { data_offsets: number[] }>).sort(
+      (a, b) => (b[1].data_offsets[1] as number) - (a[1].data_offsets[1] as number),
+    )[0] as [string, unknown];
     const bytes = fs.readFileSync(path);
     fs.writeFileSync(path, bytes.subarray(0, bytes.length - 10));
-    expectCheckpointError(dir, new RegExp(`safetensors ${file} tensor '${last[0].replace(/\./g, '\\.')}': data_offsets .* run past the end of the data .*truncated`));
+    expectCheckpointError(
+      dir,
+      new RegExp(`safetensors ${file} tensor '${last[0].replace(/\./g, '\\.')}': data_offsets .* run past the end of the data .*truncated`),
+    );
     fs.writeFileSync(path, Buffer.concat([bytes, Buffer.alloc(6)]));
-    expectCheckpointError(dir, new RegExp(`safetensors ${file}: the tensors end at data byte \\d+ but the file holds \\d+ data bytes \\(trailing bytes\\)`));
+    expectCheckpointError(
+      dir,
+      new RegExp(`safetensors ${file}: the tensors end at data byte \\d+ but the file holds \\d+ data bytes \\(trailing bytes\\)`),
+    );
   });
 });
 
@@ -194,15 +265,21 @@ describe('calls', () => {
     expect(() => HfMoECheckpoint.open(dir, { bogus: 1 } as never)).toThrow(/bogus/);
   });
 
-  it('files a rank does not need are never opened: a garbage shard holding only other ranks\' experts does not stop it', () => {
+  it("files a rank does not need are never opened: a garbage shard holding only other ranks' experts does not stop it", () => {
     const { dir, built } = fresh({ shards: 4 });
-    const layer = 2, P = 2, E = cfg.n_routed_experts as number;
+    const layer = 2,
+      P = 2,
+      E = cfg.n_routed_experts as number;
     for (let r = 0; r < P; r++) {
-      const needed = new Set<string>([
-        `model.layers.${layer}.mlp.gate.weight`, `model.layers.${layer}.mlp.gate.e_score_correction_bias`,
-        ...['gate', 'up', 'down'].map((x) => `model.layers.${layer}.mlp.shared_experts.${x}_proj.weight`),
-      ].map((t) => built.weightMap[t] as string));
-      for (let j = r * (E / P); j < (r + 1) * (E / P); j++) for (const x of ['gate', 'up', 'down']) needed.add(built.weightMap[expertName(layer, j, x)] as string);
+      const needed = new Set<string>(
+        [
+          `model.layers.${layer}.mlp.gate.weight`,
+          `model.layers.${layer}.mlp.gate.e_score_correction_bias`,
+          ...['gate', 'up', 'down'].map((x) => `model.layers.${layer}.mlp.shared_experts.${x}_proj.weight`),
+        ].map((t) => built.weightMap[t] as string),
+      );
+      for (let j = r * (E / P); j < (r + 1) * (E / P); j++)
+        for (const x of ['gate', 'up', 'down']) needed.add(built.weightMap[expertName(layer, j, x)] as string);
       const unneeded = built.files.filter((f: string) => !needed.has(f));
       expect(unneeded.length, `rank ${r}: some shard holds none of its tensors`).toBeGreaterThan(0);
       const copy = `${dir}-r${r}`;

@@ -19,7 +19,9 @@ it("docs/serving.md's Mixtral decode example runs as written", () => {
   try {
     buildHfCheckpoint(dir, testConfigs.mixtral, { dtype: 'bf16', shards: 2, seed: 9 });
     const out = execFileSync(process.execPath, ['--input-type=module', '-e', code as string], {
-      cwd: root, encoding: 'utf8', env: { ...process.env, MODEL_DIR: dir, CUDA_VISIBLE_DEVICES: '' },
+      cwd: root,
+      encoding: 'utf8',
+      env: { ...process.env, MODEL_DIR: dir, CUDA_VISIBLE_DEVICES: '' },
     });
     // 8 experts × 3 matrices + the gate; T = 4 tokens, k = 2, H = 16, F = 12, bf16.
     expect(out).toMatch(/^mixtral layer 0: y \[4,16\], 25 tensors read, \d+ workspace bytes for T = 4$/m);

@@ -34,7 +34,10 @@ describe('CudaGraph without a GPU', () => {
   it('names bad arguments before capturing anything', () => {
     using s = new Stream(cpu);
     const fn = (): void => undefined;
-    expectInvalidArgument(() => CudaGraph.capture(null as unknown as Stream, fn), /CudaGraph\.capture: 'stream' must be a Stream; received null/);
+    expectInvalidArgument(
+      () => CudaGraph.capture(null as unknown as Stream, fn),
+      /CudaGraph\.capture: 'stream' must be a Stream; received null/,
+    );
     expectInvalidArgument(() => CudaGraph.capture('cuda' as unknown as Stream, fn), /'stream' must be a Stream; received cuda/);
     expectInvalidArgument(() => CudaGraph.capture(s, 42 as unknown as () => void), /'fn' must be a function; received number/);
     expectInvalidArgument(() => CudaGraph.capture(s, fn, { retian: [] } as never), /unknown option 'retian' \(did you mean 'retain'\?\)/);
@@ -60,7 +63,11 @@ describe('CudaGraph without a GPU', () => {
     }
     expect(err).toBeInstanceOf(UnavailableError);
     // A CPU-only build says CUDA is missing; a CUDA build says the stream is on the CPU.
-    expect((err as Error).message).toMatch(native().buildInfo().cuda ? /CudaGraph\.capture: CUDA graphs need a CUDA stream; 'stream' is on cpu/ : /CudaGraph\.capture: CUDA graphs need CUDA, and this moe-ep addon was built without it/);
+    expect((err as Error).message).toMatch(
+      native().buildInfo().cuda
+        ? /CudaGraph\.capture: CUDA graphs need a CUDA stream; 'stream' is on cpu/
+        : /CudaGraph\.capture: CUDA graphs need CUDA, and this moe-ep addon was built without it/,
+    );
     expect(ran).toBe(false);
     expect(memoryStats(cpu).liveBytes).toBe(before);
   });

@@ -44,7 +44,8 @@ export function expertChoiceReference({ x, dy, router, w13, w2, shared, cfg }) {
     const order = Array.from({ length: T }, (_, t) => t).sort((a, b) => S[b * E + e] - S[a * E + e] || a - b);
     for (let r = 0; r < C; r++) chosen[order[r] * E + e] = 1;
     if (C > 0 && C < T) {
-      const a = S[order[C - 1] * E + e], b = S[order[C] * E + e];
+      const a = S[order[C - 1] * E + e],
+        b = S[order[C] * E + e];
       minGap = Math.min(minGap, (a - b) / a);
     }
     let n = 0;
@@ -60,9 +61,12 @@ export function expertChoiceReference({ x, dy, router, w13, w2, shared, cfg }) {
 
   // One SwiGLU expert on token t, forward and (with dOut) backward. a13: [H·2f] interleaved, a2: [f·H].
   const ffn = (t, a13, a2, f, gate, g13, g2) => {
-    const a1 = new Float64Array(f), a3 = new Float64Array(f), hAct = new Float64Array(f);
+    const a1 = new Float64Array(f),
+      a3 = new Float64Array(f),
+      hAct = new Float64Array(f);
     for (let i = 0; i < f; i++) {
-      let u = 0, v = 0;
+      let u = 0,
+        v = 0;
       for (let h = 0; h < H; h++) {
         u += x[t * H + h] * a13[h * 2 * f + 2 * i];
         v += x[t * H + h] * a13[h * 2 * f + 2 * i + 1];

@@ -35,7 +35,8 @@ export function toF16Bits(v) {
     mant |= 0x800000;
     const shift = 14 - exp;
     let half = mant >>> shift;
-    const rem = mant & ((1 << shift) - 1), mid = 1 << (shift - 1);
+    const rem = mant & ((1 << shift) - 1),
+      mid = 1 << (shift - 1);
     if (rem > mid || (rem === mid && half & 1)) half++;
     return sign | half;
   }
@@ -45,7 +46,9 @@ export function toF16Bits(v) {
   return sign | half;
 }
 export function fromF16Bits(b) {
-  const s = b & 0x8000 ? -1 : 1, e = (b >> 10) & 0x1f, m = b & 0x3ff;
+  const s = b & 0x8000 ? -1 : 1,
+    e = (b >> 10) & 0x1f,
+    m = b & 0x3ff;
   if (e === 0x1f) return m ? NaN : s * Infinity;
   if (e === 0) return s * m * 2 ** -24;
   return s * (1 + m / 1024) * 2 ** (e - 15);
@@ -54,17 +57,19 @@ export function fromF16Bits(b) {
 const ST = { bf16: 'BF16', f16: 'F16', f32: 'F32' };
 
 /** e4m3fn: the 127 non-negative finite values by code (0x7f is NaN), increasing with the code. */
-const E4M3 = Array.from({ length: 127 }, (_, c) => ((c >> 3) === 0 ? (c & 7) * 2 ** -9 : (1 + (c & 7) / 8) * 2 ** ((c >> 3) - 7)));
+const E4M3 = Array.from({ length: 127 }, (_, c) => (c >> 3 === 0 ? (c & 7) * 2 ** -9 : (1 + (c & 7) / 8) * 2 ** ((c >> 3) - 7)));
 /** float64 → e4m3fn bits, round to nearest even, saturating at ±448. */
 export function toE4m3Bits(v) {
   const a = Math.min(Math.abs(v), 448);
-  let lo = 0, hi = 126;
+  let lo = 0,
+    hi = 126;
   while (hi - lo > 1) {
     const mid = (lo + hi) >> 1;
     if (E4M3[mid] <= a) lo = mid;
     else hi = mid;
   }
-  const dl = a - E4M3[lo], dh = E4M3[hi] - a;
+  const dl = a - E4M3[lo],
+    dh = E4M3[hi] - a;
   const c = dl < dh ? lo : dh < dl ? hi : lo % 2 === 0 ? lo : hi;
   return (v < 0 ? 0x80 : 0) | c;
 }
@@ -76,20 +81,23 @@ export const fromE4m3Bits = (b) => (b & 0x80 ? -1 : 1) * E4M3[b & 0x7f];
  * what the reader must produce: fround(e4m3 value · scale), as an f32 product.
  */
 export function encodeFp8Blocks(values, R, C) {
-  const rb = Math.ceil(R / 128), cb = Math.ceil(C / 128);
+  const rb = Math.ceil(R / 128),
+    cb = Math.ceil(C / 128);
   const scales = new Float32Array(rb * cb);
-  for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
-    const i = Math.floor(r / 128) * cb + Math.floor(c / 128);
-    scales[i] = Math.max(scales[i], Math.abs(values[r * C + c]) / 448);
-  }
+  for (let r = 0; r < R; r++)
+    for (let c = 0; c < C; c++) {
+      const i = Math.floor(r / 128) * cb + Math.floor(c / 128);
+      scales[i] = Math.max(scales[i], Math.abs(values[r * C + c]) / 448);
+    }
   for (let i = 0; i < scales.length; i++) if (scales[i] === 0) scales[i] = 1;
   const q = new Uint8Array(R * C);
   const decoded = new Float64Array(R * C);
-  for (let r = 0; r < R; r++) for (let c = 0; c < C; c++) {
-    const s = scales[Math.floor(r / 128) * cb + Math.floor(c / 128)];
-    q[r * C + c] = toE4m3Bits(values[r * C + c] / s);
-    decoded[r * C + c] = Math.fround(fromE4m3Bits(q[r * C + c]) * s);
-  }
+  for (let r = 0; r < R; r++)
+    for (let c = 0; c < C; c++) {
+      const s = scales[Math.floor(r / 128) * cb + Math.floor(c / 128)];
+      q[r * C + c] = toE4m3Bits(values[r * C + c] / s);
+      decoded[r * C + c] = Math.fround(fromE4m3Bits(q[r * C + c]) * s);
+    }
   return { q, scales, decoded, scaleShape: [rb, cb] };
 }
 
@@ -122,7 +130,8 @@ export function normals(seed) {
   return (n, std = 1) => {
     const out = new Float64Array(n);
     for (let i = 0; i < n; i++) {
-      const u = Math.max(uniform(), 1e-12), v = uniform();
+      const u = Math.max(uniform(), 1e-12),
+        v = uniform();
       out[i] = std * Math.sqrt(-2 * Math.log(u)) * Math.cos(2 * Math.PI * v);
     }
     return out;
@@ -145,7 +154,10 @@ export function writeSafetensorsFile(path, entries, metadata = { format: 'pt' })
   const body = Buffer.from(text, 'utf8');
   const len = Buffer.alloc(8);
   len.writeBigUInt64LE(BigInt(body.length));
-  fs.writeFileSync(path, Buffer.concat([len, body, ...entries.map((e) => Buffer.from(e.bytes.buffer, e.bytes.byteOffset, e.bytes.byteLength))]));
+  fs.writeFileSync(
+    path,
+    Buffer.concat([len, body, ...entries.map((e) => Buffer.from(e.bytes.buffer, e.bytes.byteOffset, e.bytes.byteLength))]),
+  );
   return 8 + body.length;
 }
 
@@ -208,7 +220,11 @@ export function blockNames(cfg, layer) {
  * fp8 (experts and shared experts in DeepSeek-V3's FP8 layout: e4m3 with 128×128 block scales).
  * Returns { cfg, layers: Map(layer → weights as the reference takes them), weightMap, files, entries }.
  */
-export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true, write = true, fp8 = false } = {}) {
+export function buildHfCheckpoint(
+  dir,
+  cfg,
+  { dtype = 'bf16', shards = 3, seed = 1, biasScale = 0.05, biasDtype = 'f32', writeConfig = true, write = true, fp8 = false } = {},
+) {
   if (write) fs.mkdirSync(dir, { recursive: true });
   const rand = normals(seed);
   const { H, F, E, Fs } = moeSizes(cfg);
@@ -284,25 +300,66 @@ export function buildHfCheckpoint(dir, cfg, { dtype = 'bf16', shards = 3, seed =
       for (const e of g) weightMap[e.name] = file;
       files.push(file);
     });
-    fs.writeFileSync(join(dir, 'model.safetensors.index.json'), JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2));
+    fs.writeFileSync(
+      join(dir, 'model.safetensors.index.json'),
+      JSON.stringify({ metadata: { total_size: total }, weight_map: weightMap }, null, 2),
+    );
   }
   return { cfg, layers, weightMap, files, entries };
 }
 
 /** Configs of the four families at test size. */
 export const testConfigs = {
-  mixtral: { model_type: 'mixtral', hidden_size: 16, intermediate_size: 12, num_local_experts: 8, num_experts_per_tok: 2, num_hidden_layers: 2, hidden_act: 'silu' },
+  mixtral: {
+    model_type: 'mixtral',
+    hidden_size: 16,
+    intermediate_size: 12,
+    num_local_experts: 8,
+    num_experts_per_tok: 2,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
   deepseek_v3: {
-    model_type: 'deepseek_v3', hidden_size: 16, moe_intermediate_size: 8, n_routed_experts: 16, num_experts_per_tok: 4, n_group: 4, topk_group: 2,
-    n_shared_experts: 2, routed_scaling_factor: 2.5, norm_topk_prob: true, scoring_func: 'sigmoid', topk_method: 'noaux_tc', first_k_dense_replace: 1,
-    moe_layer_freq: 1, num_hidden_layers: 3, hidden_act: 'silu',
+    model_type: 'deepseek_v3',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    n_routed_experts: 16,
+    num_experts_per_tok: 4,
+    n_group: 4,
+    topk_group: 2,
+    n_shared_experts: 2,
+    routed_scaling_factor: 2.5,
+    norm_topk_prob: true,
+    scoring_func: 'sigmoid',
+    topk_method: 'noaux_tc',
+    first_k_dense_replace: 1,
+    moe_layer_freq: 1,
+    num_hidden_layers: 3,
+    hidden_act: 'silu',
   },
   qwen2_moe: {
-    model_type: 'qwen2_moe', hidden_size: 16, moe_intermediate_size: 8, num_experts: 8, num_experts_per_tok: 2, shared_expert_intermediate_size: 20,
-    norm_topk_prob: false, decoder_sparse_step: 1, mlp_only_layers: [0], num_hidden_layers: 3, hidden_act: 'silu',
+    model_type: 'qwen2_moe',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    num_experts: 8,
+    num_experts_per_tok: 2,
+    shared_expert_intermediate_size: 20,
+    norm_topk_prob: false,
+    decoder_sparse_step: 1,
+    mlp_only_layers: [0],
+    num_hidden_layers: 3,
+    hidden_act: 'silu',
   },
   qwen3_moe: {
-    model_type: 'qwen3_moe', hidden_size: 16, moe_intermediate_size: 8, num_experts: 8, num_experts_per_tok: 2, norm_topk_prob: true,
-    decoder_sparse_step: 1, mlp_only_layers: [], num_hidden_layers: 2, hidden_act: 'silu',
+    model_type: 'qwen3_moe',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    num_experts: 8,
+    num_experts_per_tok: 2,
+    norm_topk_prob: true,
+    decoder_sparse_step: 1,
+    mlp_only_layers: [],
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
   },
 };

@@ -49,7 +49,13 @@ export function moeSizes(cfg) {
     case 'mixtral':
       return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'deepseek_v3':
-      return { H, F: cfg.moe_intermediate_size, E: cfg.n_routed_experts, k: cfg.num_experts_per_tok, Fs: cfg.moe_intermediate_size * (cfg.n_shared_experts ?? 1) };
+      return {
+        H,
+        F: cfg.moe_intermediate_size,
+        E: cfg.n_routed_experts,
+        k: cfg.num_experts_per_tok,
+        Fs: cfg.moe_intermediate_size * (cfg.n_shared_experts ?? 1),
+      };
     case 'qwen2_moe':
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: cfg.shared_expert_intermediate_size };
     case 'qwen3_moe':
@@ -62,7 +68,8 @@ export function moeSizes(cfg) {
 function mlp(xr, m, H, F) {
   const h = new Float64Array(F);
   for (let i = 0; i < F; i++) {
-    let g = 0, u = 0;
+    let g = 0,
+      u = 0;
     for (let j = 0; j < H; j++) {
       g += m.gate[i * H + j] * xr[j];
       u += m.up[i * H + j] * xr[j];
@@ -105,7 +112,9 @@ export function hfMoEReference(cfg, w, x) {
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
       for (const v of c) minChoice = Math.min(minChoice, v);
-      const G = cfg.n_group ?? 8, kg = cfg.topk_group ?? 4, gs = E / G;
+      const G = cfg.n_group ?? 8,
+        kg = cfg.topk_group ?? 4,
+        gs = E / G;
       const groupScore = new Float64Array(G);
       for (let g = 0; g < G; g++) {
         const inGroup = Array.from(c.subarray(g * gs, (g + 1) * gs)).sort((a, b) => b - a);

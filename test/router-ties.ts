@@ -144,7 +144,8 @@ export function separateGroupTies(
     let tries = 0;
     while (isGroupNearTie(groupBoundary(biasedRow(logits, t, bias, r), r), opts.minGap)) {
       if (tries === 0) out.repaired.push(t);
-      if (++tries > (opts.maxRedraws ?? 100)) throw new Error(`separateGroupTies: token ${t} still has a group near tie after ${tries - 1} redraws`);
+      if (++tries > (opts.maxRedraws ?? 100))
+        throw new Error(`separateGroupTies: token ${t} still has a group near tie after ${tries - 1} redraws`);
       for (let e = 0; e < r.E; e++) logits[t * r.E + e] = Math.fround(opts.std * normal());
       out.redraws++;
     }

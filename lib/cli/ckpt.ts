@@ -8,7 +8,15 @@
  * a checkpoint under <root> (step kept unless --step). Works on raw bytes: no addon, no GPU.
  */
 import { CheckpointError } from '../errors.js';
-import { type CheckpointManifest, CheckpointReader, loadCheckpoint, locateCheckpoint, type RawTensor, REPLICATED_FILE, writeCheckpoint } from '../train/checkpoint.js';
+import {
+  type CheckpointManifest,
+  CheckpointReader,
+  loadCheckpoint,
+  locateCheckpoint,
+  type RawTensor,
+  REPLICATED_FILE,
+  writeCheckpoint,
+} from '../train/checkpoint.js';
 import { expertIndexOf } from '../train/moe-state.js';
 import { helpTable } from '../train/config.js';
 import { checkFlags } from './flags.js';
@@ -23,7 +31,7 @@ const inspectUsage = [
   ...helpTable(
     [
       ['<dir>', "a step folder (…/step-00000042) or a checkpoint root (its 'latest' is used)"],
-      ['--json', 'the manifest and each file\'s status as JSON'],
+      ['--json', "the manifest and each file's status as JSON"],
       ['--no-verify', 'skip reading the files for their checksums (status: unchecked)'],
       ['-h, --help', 'this help'],
     ],
@@ -42,7 +50,7 @@ const reshardUsage = [
       ['<dir>', "a step folder or a checkpoint root (its 'latest' is used)"],
       ['--ep N', 'the new expert-parallel size (divides the experts per layer)'],
       ['--out <root>', 'the checkpoint root to write (a new step folder in it)'],
-      ['--step S', 'the step to record (default: the source checkpoint\'s)'],
+      ['--step S', "the step to record (default: the source checkpoint's)"],
       ['--keep K', 'checkpoints kept in <root> (older ones are deleted; default: all)'],
       ['-h, --help', 'this help'],
     ],
@@ -75,7 +83,8 @@ function flag(args: string[], name: string): string | undefined {
 function integerFlag(v: string | undefined, name: string, min: number): number | undefined {
   if (v === undefined) return undefined;
   const n = Number(v);
-  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min) throw new Error(`${name} must be ${min > 0 ? 'a positive' : 'a non-negative'} integer; received ${v}`);
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min)
+    throw new Error(`${name} must be ${min > 0 ? 'a positive' : 'a non-negative'} integer; received ${v}`);
   return n;
 }
 
@@ -93,7 +102,14 @@ function fmtBytes(n: number): string {
 
 function table(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!))).join('  ').trimEnd()).join('\n');
+  return rows
+    .map((r) =>
+      r
+        .map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!)))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
 }
 
 /** The number of experts per MoE layer: from the manifest's EP layout, else from the tensor names. */
@@ -132,24 +148,47 @@ function inspect(args: string[]): number {
     } catch (e) {
       const msg = (e as Error).message;
       const detail = msg.replace(/^checkpoint [^:]+: /, '');
-      status[file] = detail.startsWith(`${file} is missing (`) ? 'MISSING' : detail.startsWith(`${file} has `) && / bytes but manifest/.test(detail) ? `SIZE: ${detail}` : `BAD: ${detail}`;
+      status[file] = detail.startsWith(`${file} is missing (`)
+        ? 'MISSING'
+        : detail.startsWith(`${file} has `) && / bytes but manifest/.test(detail)
+          ? `SIZE: ${detail}`
+          : `BAD: ${detail}`;
     }
   }
   const ok = Object.values(status).every((s) => s === 'OK' || s === 'unchecked') && located.skipped.length === 0;
   if (json) {
-    console.log(JSON.stringify({ dir, step: m.step, formatVersion: m.formatVersion, ep: m.ep ?? null, world: m.world, skipped: located.skipped, files: Object.fromEntries(Object.entries(m.files).map(([f, r]) => [f, { ...r, status: status[f] }])), tensors: m.tensors }, null, 2));
+    console.log(
+      JSON.stringify(
+        {
+          dir,
+          step: m.step,
+          formatVersion: m.formatVersion,
+          ep: m.ep ?? null,
+          world: m.world,
+          skipped: located.skipped,
+          files: Object.fromEntries(Object.entries(m.files).map(([f, r]) => [f, { ...r, status: status[f] }])),
+          tensors: m.tensors,
+        },
+        null,
+        2,
+      ),
+    );
     return ok ? 0 : 1;
   }
   const lines: string[] = [];
   for (const s of located.skipped) lines.push(`passed over ${s.dir}: ${s.reason}`);
   lines.push(`checkpoint ${dir}`);
   lines.push(`step ${m.step}, format ${m.format} v${m.formatVersion}, written ${m.createdAt} by ${m.world?.size ?? '?'} rank(s)`);
-  if (m.ep) lines.push(`EP layout: size ${m.ep.size}, ${m.ep.expertsPerRank} experts per rank${m.ep.numExperts ? `, ${m.ep.numExperts} experts per layer` : ''}`);
+  if (m.ep)
+    lines.push(
+      `EP layout: size ${m.ep.size}, ${m.ep.expertsPerRank} experts per rank${m.ep.numExperts ? `, ${m.ep.numExperts} experts per layer` : ''}`,
+    );
   else lines.push('EP layout: not recorded');
   for (const k of ['optimizer', 'data', 'rng'] as const) if (m[k] !== undefined) lines.push(`${k}: ${JSON.stringify(m[k])}`);
   lines.push('');
   const rows = [['file', 'rank', 'bytes', 'sha256', 'status']];
-  for (const [f, r] of Object.entries(m.files)) rows.push([f, r.rank === undefined ? '-' : String(r.rank), fmtBytes(r.bytes), `${r.sha256.slice(0, 16)}…`, status[f] ?? '?']);
+  for (const [f, r] of Object.entries(m.files))
+    rows.push([f, r.rank === undefined ? '-' : String(r.rank), fmtBytes(r.bytes), `${r.sha256.slice(0, 16)}…`, status[f] ?? '?']);
   lines.push(table(rows));
   lines.push('');
   const trows = [['tensor', 'file', 'dtype', 'shape', 'bytes']];
@@ -187,9 +226,12 @@ function reshard(args: string[]): number {
     const per = E / ep;
     // The layout must describe the experts that are there: every index below E, none above.
     const held = new Set<number>();
-    for (const [n, t] of Object.entries(m.tensors)) if (m.files[t.file]?.rank !== undefined && expertIndexOf(n) !== undefined) held.add(expertIndexOf(n) as number);
+    for (const [n, t] of Object.entries(m.tensors))
+      if (m.files[t.file]?.rank !== undefined && expertIndexOf(n) !== undefined) held.add(expertIndexOf(n) as number);
     if (held.size !== E || Math.max(...held) !== E - 1) {
-      throw new CheckpointError(`cannot reshard: the layout has ${E} experts per layer but the shards hold ${held.size} distinct expert indices (${held.size ? `${Math.min(...held)}…${Math.max(...held)}` : 'none'})`);
+      throw new CheckpointError(
+        `cannot reshard: the layout has ${E} experts per layer but the shards hold ${held.size} distinct expert indices (${held.size ? `${Math.min(...held)}…${Math.max(...held)}` : 'none'})`,
+      );
     }
     const replicatedNames: string[] = [];
     const byRank: string[][] = Array.from({ length: ep }, () => []);
@@ -200,7 +242,10 @@ function reshard(args: string[]): number {
         continue;
       }
       const e = expertIndexOf(n);
-      if (e === undefined) throw new CheckpointError(`cannot reshard: sharded tensor '${n}' (in ${t.file}) has no global expert index in its name (layers.<i>.experts.<e>.…)`);
+      if (e === undefined)
+        throw new CheckpointError(
+          `cannot reshard: sharded tensor '${n}' (in ${t.file}) has no global expert index in its name (layers.<i>.experts.<e>.…)`,
+        );
       if (e >= E) throw new CheckpointError(`cannot reshard: tensor '${n}' has expert index ${e} but the layout has ${E} experts`);
       byRank[Math.floor(e / per)]!.push(n);
     }
@@ -210,11 +255,20 @@ function reshard(args: string[]): number {
     const saved = writeCheckpoint(out, {
       step,
       worldSize: ep,
-      files: [...byRank.map((names, r) => ({ file: `rank-${r}.safetensors`, rank: r, tensors: raw(names) })), { file: REPLICATED_FILE, tensors: raw(replicatedNames) }],
-      manifestExtras: { ...extras, ep: { size: ep, expertsPerRank: per, numExperts: E }, reshardedFrom: { dir: reader.dir, ep: m.ep ?? null } },
+      files: [
+        ...byRank.map((names, r) => ({ file: `rank-${r}.safetensors`, rank: r, tensors: raw(names) })),
+        { file: REPLICATED_FILE, tensors: raw(replicatedNames) },
+      ],
+      manifestExtras: {
+        ...extras,
+        ep: { size: ep, expertsPerRank: per, numExperts: E },
+        reshardedFrom: { dir: reader.dir, ep: m.ep ?? null },
+      },
       ...(keep === undefined ? {} : { keep }),
     });
-    console.log(`resharded ${reader.dir} (EP ${m.ep?.size ?? m.world.size}) → ${saved.dir} (EP ${ep}, ${per} experts per rank, ${Object.keys(m.tensors).length} tensors, ${fmtBytes(saved.bytes)})`);
+    console.log(
+      `resharded ${reader.dir} (EP ${m.ep?.size ?? m.world.size}) → ${saved.dir} (EP ${ep}, ${per} experts per rank, ${Object.keys(m.tensors).length} tensors, ${fmtBytes(saved.bytes)})`,
+    );
     return 0;
   } finally {
     reader.close();

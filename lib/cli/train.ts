@@ -36,7 +36,11 @@ function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean }
       const path = args[++i];
       if (!path) throw new InvalidArgumentError(`'--config' needs a file`, 'train');
       // A regular file of at most 1 MiB (a FIFO or /dev/zero would hang the read), bounded JSON.
-      file = readJson(path, { what: `cannot read the config file ${path}`, maxBytes: FILE_LIMITS.config, error: InvalidArgumentError }) as Record<string, unknown>;
+      file = readJson(path, {
+        what: `cannot read the config file ${path}`,
+        maxBytes: FILE_LIMITS.config,
+        error: InvalidArgumentError,
+      }) as Record<string, unknown>;
     } else rest.push(args[i] as string);
   }
   const overrides = overridesFromArgs(rest);
@@ -48,10 +52,18 @@ function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean }
   return { config: resolveConfig(file as TrainConfigInput), overwrite };
 }
 
-const fmt = (v: number, digits = 4): string => (Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits));
+const fmt = (v: number, digits = 4): string =>
+  Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(2) : v.toFixed(digits);
 const duration = (seconds: number): string =>
-  !Number.isFinite(seconds) ? '--' : seconds < 60 ? `${Math.round(seconds)}s` : seconds < 3600 ? `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, '0')}s` : `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
-const rate = (tps: number): string => (tps >= 1e6 ? `${(tps / 1e6).toFixed(1)}M` : tps >= 1e4 ? `${(tps / 1e3).toFixed(0)}k` : String(Math.round(tps)));
+  !Number.isFinite(seconds)
+    ? '--'
+    : seconds < 60
+      ? `${Math.round(seconds)}s`
+      : seconds < 3600
+        ? `${Math.floor(seconds / 60)}m${String(Math.round(seconds % 60)).padStart(2, '0')}s`
+        : `${Math.floor(seconds / 3600)}h${String(Math.floor((seconds % 3600) / 60)).padStart(2, '0')}m`;
+const rate = (tps: number): string =>
+  tps >= 1e6 ? `${(tps / 1e6).toFixed(1)}M` : tps >= 1e4 ? `${(tps / 1e3).toFixed(0)}k` : String(Math.round(tps));
 
 export async function runTrain(args: string[]): Promise<number> {
   if (args.includes('--help') || args.includes('-h')) {
@@ -60,7 +72,11 @@ export async function runTrain(args: string[]): Promise<number> {
   }
   const { config, overwrite } = loadConfig(args);
   const resuming = config.checkpoint.resume !== null;
-  if (overwrite && resuming) throw new InvalidArgumentError('--overwrite and --resume contradict each other: one replaces the run in --out, the other continues it', 'train');
+  if (overwrite && resuming)
+    throw new InvalidArgumentError(
+      '--overwrite and --resume contradict each other: one replaces the run in --out, the other continues it',
+      'train',
+    );
   const world = await init({ timeoutMs: config.train.timeoutMs });
   const lead = world.rank === 0;
   // Rank 0's timestamp names the default run folder on every rank (each rank's own clock would
@@ -70,7 +86,14 @@ export async function runTrain(args: string[]): Promise<number> {
   const out = resolve(config.train.out ?? join('runs', stamp));
   // What each rank sees there (ranks need not share a file system), gathered so that every rank
   // refuses together, and every rank has looked before rank 0 deletes or writes anything.
-  const found = [...new Set(allGatherJson(world, RUN_FILES.filter((f) => existsSync(join(out, f)))).flat())];
+  const found = [
+    ...new Set(
+      allGatherJson(
+        world,
+        RUN_FILES.filter((f) => existsSync(join(out, f))),
+      ).flat(),
+    ),
+  ];
   if (found.length > 0 && !resuming && !overwrite) {
     throw new InvalidArgumentError(
       `${out} already holds a run (${found.join(', ')}): --resume continues it, --overwrite replaces it, or choose another --out`,
@@ -89,7 +112,8 @@ export async function runTrain(args: string[]): Promise<number> {
   }
   const save = (): string => {
     const saved = trainer.saveCheckpoint(ckptDir, config.checkpoint.keep);
-    if (lead && !config.train.progress) console.log(`checkpoint: ${saved.dir} (${(saved.bytes / 2 ** 20).toFixed(1)} MiB in ${saved.ms} ms)`);
+    if (lead && !config.train.progress)
+      console.log(`checkpoint: ${saved.dir} (${(saved.bytes / 2 ** 20).toFixed(1)} MiB in ${saved.ms} ms)`);
     return saved.dir;
   };
   const metricsPath = join(out, 'metrics.jsonl');
@@ -139,9 +163,16 @@ export async function runTrain(args: string[]): Promise<number> {
   const dropless = m.capacityFactor === null || m.routing === 'expert-choice';
   if (lead && config.train.progress && process.stdout.isTTY) {
     // The bar takes what the terminal's width leaves after the numbers (about 64 columns).
-    const barsize = Math.max(10, Math.min(40, (process.stdout.columns || 80) - 66 - (dropless ? 0 : 14) - (m.loss === 'cross-entropy' ? 10 : 0)));
+    const barsize = Math.max(
+      10,
+      Math.min(40, (process.stdout.columns || 80) - 66 - (dropless ? 0 : 14) - (m.loss === 'cross-entropy' ? 10 : 0)),
+    );
     bar = new cliProgress.SingleBar(
-      { format: `{bar} {value}/{total} ETA {remaining} | loss {loss}{acc} | MaxVio {maxvio}${dropless ? '' : ' | drop {dropped}'} | {tps} tok/s`, hideCursor: true, barsize },
+      {
+        format: `{bar} {value}/{total} ETA {remaining} | loss {loss}{acc} | MaxVio {maxvio}${dropless ? '' : ' | drop {dropped}'} | {tps} tok/s`,
+        hideCursor: true,
+        barsize,
+      },
       cliProgress.Presets.shades_classic,
     );
     bar.start(config.train.steps, trainer.step, { remaining: '--', loss: '-', acc: '', maxvio: '-', dropped: '-', tps: '-' });
@@ -161,9 +192,19 @@ export async function runTrain(args: string[]): Promise<number> {
     const maxVio = Math.max(...s.layers.map((l) => l.maxVio));
     const dropped = s.layers.reduce((a, l) => a + l.dropped, 0) / s.layers.length;
     const acc = s.accuracy === undefined ? '' : ` acc ${fmt(s.accuracy, 3)}`;
-    if (bar) bar.update(s.step + 1, { remaining: eta, loss: fmt(s.loss), acc, maxvio: fmt(maxVio, 3), dropped: fmt(dropped, 3), tps: rate(s.tokensPerSecond) });
+    if (bar)
+      bar.update(s.step + 1, {
+        remaining: eta,
+        loss: fmt(s.loss),
+        acc,
+        maxvio: fmt(maxVio, 3),
+        dropped: fmt(dropped, 3),
+        tps: rate(s.tokensPerSecond),
+      });
     else if (!control.stop && (s.step % Math.max(1, Math.floor(config.train.steps / 20)) === 0 || s.step === config.train.steps - 1)) {
-      console.log(`step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s  ETA ${eta}`);
+      console.log(
+        `step ${s.step + 1}/${config.train.steps}  loss ${fmt(s.loss)}${acc}  MaxVio ${fmt(maxVio, 3)}  dropped ${fmt(dropped, 3)}  ${Math.round(s.tokensPerSecond)} tok/s  ETA ${eta}`,
+      );
     }
   };
   let savedDir: string;
@@ -213,7 +254,10 @@ export async function runTrain(args: string[]): Promise<number> {
     console.log(`config:  ${configPath}`);
     console.log(`checkpoints: ${ckptDir}`);
     console.log(`report:  ${report}`);
-    if (control.stop) console.log(`moe-ep: stopped by ${control.by} after step ${trainer.step} of ${config.train.steps}; checkpoint ${savedDir}\nto resume: ${resumeCommand}`);
+    if (control.stop)
+      console.log(
+        `moe-ep: stopped by ${control.by} after step ${trainer.step} of ${config.train.steps}; checkpoint ${savedDir}\nto resume: ${resumeCommand}`,
+      );
   }
   trainer.dispose();
   world.dispose();

@@ -16,7 +16,15 @@
  * On the GPU nothing here synchronises with the host.
  */
 import { invalidArgument } from '../errors.js';
-import { checkKeys, checkNonNegativeInt, checkOneOf, checkPositiveInt, checkPositiveNumber, checkTensor, withOutputs } from '../validate.js';
+import {
+  checkKeys,
+  checkNonNegativeInt,
+  checkOneOf,
+  checkPositiveInt,
+  checkPositiveNumber,
+  checkTensor,
+  withOutputs,
+} from '../validate.js';
 import { native } from '../native.js';
 import { DROP_POLICY } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
@@ -83,8 +91,18 @@ export function capacity(indices: Tensor, weights: Tensor | null | undefined, op
     options.out ?? {},
     { slot: i32([T, k]), keptPerExpert: i32([numExperts]), dropped: i32([1]), invalid: i32([1]) },
     // Dropless keeps everything, so both policies give the same slots: no weights needed.
-    (o) => native().capacity(indices.handle, weights ? weights.handle : null, numExperts, cap ?? -1, cap === null ? DROP_POLICY.position : DROP_POLICY[policy],
-      o.slot.handle, o.keptPerExpert.handle, o.dropped.handle, o.invalid.handle),
+    (o) =>
+      native().capacity(
+        indices.handle,
+        weights ? weights.handle : null,
+        numExperts,
+        cap ?? -1,
+        cap === null ? DROP_POLICY.position : DROP_POLICY[policy],
+        o.slot.handle,
+        o.keptPerExpert.handle,
+        o.dropped.handle,
+        o.invalid.handle,
+      ),
   );
   return { ...o, capacity: cap, numExperts };
 }

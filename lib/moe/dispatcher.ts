@@ -65,7 +65,8 @@ export const singleRankGroup: ExpertParallelGroup = {
   size: 1,
   allToAll: (send, recv) => (recv as Tensor).copy_(send),
   allToAllV: (send, sendRows, recv, recvRows) => {
-    if (sendRows[0] !== recvRows[0]) invalidArgument('allToAllV', `one rank sends ${sendRows[0]} rows to itself but expects ${recvRows[0]}`);
+    if (sendRows[0] !== recvRows[0])
+      invalidArgument('allToAllV', `one rank sends ${sendRows[0]} rows to itself but expects ${recvRows[0]}`);
     return (recv as Tensor).copy_(send);
   },
 };
@@ -170,9 +171,15 @@ function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
   if (handle === null || typeof handle !== 'object' || !(handle.localOffsets instanceof Tensor)) {
     invalidArgument(op, `'handle' must be the handle dispatch() returned`);
   }
-  if (handle.transport === 'ipc') return [handle.localOffsets, handle.pos, handle.dest, handle.rowSrc, handle.recvRowOf, handle.recvWeight, handle.recvTokens];
+  if (handle.transport === 'ipc')
+    return [handle.localOffsets, handle.pos, handle.dest, handle.rowSrc, handle.recvRowOf, handle.recvWeight, handle.recvTokens];
   if (!handle.permuted) invalidArgument(op, `'handle' must be the handle dispatch() returned`);
-  return [...tensorsIn(handle.permuted), handle.localOffsets, ...(handle.toExpertOrder ? [handle.toExpertOrder] : []), ...(handle.toSourceOrder ? [handle.toSourceOrder] : [])];
+  return [
+    ...tensorsIn(handle.permuted),
+    handle.localOffsets,
+    ...(handle.toExpertOrder ? [handle.toExpertOrder] : []),
+    ...(handle.toSourceOrder ? [handle.toSourceOrder] : []),
+  ];
 }
 
 /** Bounded caches: a layer sees few shapes, but nothing may grow without bound. */
@@ -229,12 +236,27 @@ export class Dispatcher {
   constructor(config: DispatcherConfig) {
     const op = 'Dispatcher';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
-    checkKeys(config, op, { numExperts: true, group: true, align: true, padToCapacity: true, fp8: true, commStream: true, transport: true, transportSms: true });
+    checkKeys(config, op, {
+      numExperts: true,
+      group: true,
+      align: true,
+      padToCapacity: true,
+      fp8: true,
+      commStream: true,
+      transport: true,
+      transportSms: true,
+    });
     const group = config.group ?? singleRankGroup;
     if (group === null || typeof group !== 'object' || typeof group.allToAll !== 'function' || typeof group.allToAllV !== 'function') {
       invalidArgument(op, `'group' must be an ExpertParallelGroup (a Communicator, or an object with rank, size, allToAll and allToAllV)`);
     }
-    if (!Number.isSafeInteger(group.size) || group.size < 1 || !Number.isSafeInteger(group.rank) || group.rank < 0 || group.rank >= group.size) {
+    if (
+      !Number.isSafeInteger(group.size) ||
+      group.size < 1 ||
+      !Number.isSafeInteger(group.rank) ||
+      group.rank < 0 ||
+      group.rank >= group.size
+    ) {
       invalidArgument(op, `'group' has rank ${String(group.rank)} and size ${String(group.size)}; expected 0 <= rank < size`);
     }
     checkPositiveInt(config.numExperts, op, 'numExperts');
@@ -250,7 +272,8 @@ export class Dispatcher {
     this.fp8 = config.fp8 ?? false;
     this.commStream = config.commStream === undefined ? undefined : checkStream(config.commStream, op, 'commStream');
     const choice = config.transport ?? 'auto';
-    if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl') invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
+    if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl')
+      invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
     if (choice === 'ipc' && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
     this.transportChoice = choice;
     this.transportSms = checkNonNegativeInt(config.transportSms ?? 0, op, 'transportSms', '(0: all SMs)');
@@ -274,12 +297,18 @@ export class Dispatcher {
     let reason = '';
     if (this.transportChoice === 'nccl') reason = `'nccl' was requested`;
     else if (!x.device.isCuda) reason = 'the tensors are on the CPU';
-    else if (topK > PEER_MAX_TOP_K) reason = `${topK} entries per token (expert choice routes every token to all E experts); the peer-memory transport takes up to ${PEER_MAX_TOP_K}`;
+    else if (topK > PEER_MAX_TOP_K)
+      reason = `${topK} entries per token (expert choice routes every token to all E experts); the peer-memory transport takes up to ${PEER_MAX_TOP_K}`;
     else if (!(group instanceof Communicator)) reason = `the group is not a Communicator`;
     else {
       // Sized for this call (the first); combine's rows are x's dtype, at least as wide as fp8 rows.
       const H = x.shape[1] as number;
-      const need = { tokens: x.shape[0] as number, rowBytes: Math.max(peerRowBytes(x, this.fp8), H * dtypeSize[x.dtype]), topK, localExperts: this.localExperts };
+      const need = {
+        tokens: x.shape[0] as number,
+        rowBytes: Math.max(peerRowBytes(x, this.fp8), H * dtypeSize[x.dtype]),
+        topK,
+        localExperts: this.localExperts,
+      };
       this.#peer = PeerTransport.for(group, x.device, need, (why) => (reason = why));
     }
     if (this.#peer === null && this.transportChoice === 'ipc') invalidArgument('dispatch', `'transport' 'ipc' cannot be used: ${reason}`);
@@ -299,22 +328,34 @@ export class Dispatcher {
     const op = 'dispatch';
     checkTensors(op, { x, indices, weights });
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
-    return launch(op, this.commStream, x.device, [x, indices, weights, ...tensorsIn(cap)], () => this.dispatchNow(x, indices, weights, cap), options, (d) => {
-      d.rows.dispose();
-      d.weights.dispose();
-      d.handle.dispose();
-    });
+    return launch(
+      op,
+      this.commStream,
+      x.device,
+      [x, indices, weights, ...tensorsIn(cap)],
+      () => this.dispatchNow(x, indices, weights, cap),
+      options,
+      (d) => {
+        d.rows.dispose();
+        d.weights.dispose();
+        d.handle.dispose();
+      },
+    );
   }
 
   private dispatchNow(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
     const op = 'dispatch';
-    if (cap.numExperts !== this.numExperts) invalidArgument(op, `'cap' was computed for ${cap.numExperts} experts; the dispatcher has ${this.numExperts}`);
+    if (cap.numExperts !== this.numExperts)
+      invalidArgument(op, `'cap' was computed for ${cap.numExperts} experts; the dispatcher has ${this.numExperts}`);
     if (this.padToCapacity && cap.capacity === null) invalidArgument(op, `'padToCapacity' needs capacity() with a capacity factor`);
-    if (x.ndim !== 2 || indices.ndim !== 2 || indices.shape[0] !== x.shape[0]) invalidArgument(op, `'x' must be [T,H] and 'indices' [T,k] with the same T`);
+    if (x.ndim !== 2 || indices.ndim !== 2 || indices.shape[0] !== x.shape[0])
+      invalidArgument(op, `'x' must be [T,H] and 'indices' [T,k] with the same T`);
     const transport = this.chooseTransport(x, indices.shape[1] as number);
     if (transport === 'ipc') {
-      if ((indices.shape[1] as number) > PEER_MAX_TOP_K) invalidArgument(op, `the 'ipc' transport takes top-k up to ${PEER_MAX_TOP_K}; received ${indices.shape[1]}`);
-      if (this.fp8 && (x.shape[1] as number) % FP8_BLOCK !== 0) invalidArgument(op, `fp8 rows need a hidden size that is a multiple of ${FP8_BLOCK}`);
+      if ((indices.shape[1] as number) > PEER_MAX_TOP_K)
+        invalidArgument(op, `the 'ipc' transport takes top-k up to ${PEER_MAX_TOP_K}; received ${indices.shape[1]}`);
+      if (this.fp8 && (x.shape[1] as number) % FP8_BLOCK !== 0)
+        invalidArgument(op, `fp8 rows need a hidden size that is a multiple of ${FP8_BLOCK}`);
       return peerDispatch(this.#peer as PeerTransport, x, indices, weights, cap, {
         numExperts: this.numExperts,
         align: this.align,
@@ -394,7 +435,8 @@ export class Dispatcher {
       const [rows, rowWeights] = tidy(() => this.regroup(this.exchangeRows(plan, x), plan.toExpert));
       return { rows, weights: rowWeights, handle: this.exchangeHandle(plan) };
     } catch (e) {
-      for (const t of [...Object.values(plan.permuted), ...(plan.release ? [] : [plan.toExpert, plan.toSource, plan.offsets])]) if (t instanceof Tensor) t.dispose();
+      for (const t of [...Object.values(plan.permuted), ...(plan.release ? [] : [plan.toExpert, plan.toSource, plan.offsets])])
+        if (t instanceof Tensor) t.dispose();
       plan.release?.();
       throw e;
     } finally {
@@ -441,10 +483,13 @@ export class Dispatcher {
         recvCounts = this.exchangeCounts(segment, x);
         trace.mark('dispatch: counts exchanged and read', x.device);
       }
-      if (!Array.isArray(segment) || segment.length !== this.numExperts) invalidArgument(op, `the permute's segments do not match ${this.numExperts} experts`);
+      if (!Array.isArray(segment) || segment.length !== this.numExperts)
+        invalidArgument(op, `the permute's segments do not match ${this.numExperts} experts`);
       const sendRows = Array.from({ length: P }, (_, p) => segment.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
       const recvRows = Array.from({ length: P }, (_, p) => recvCounts.slice(p * El, (p + 1) * El).reduce((a, b) => a + b, 0));
-      const localRows = Array.from({ length: El }, (_, l) => Array.from({ length: P }, (_, p) => recvCounts[p * El + l] as number).reduce((a, b) => a + b, 0));
+      const localRows = Array.from({ length: El }, (_, l) =>
+        Array.from({ length: P }, (_, p) => recvCounts[p * El + l] as number).reduce((a, b) => a + b, 0),
+      );
       const { toExpert, toSource, offsets, release } = this.maps(recvCounts, localRows, x);
       trace.mark('dispatch: layout maps made', x.device);
       return { quantized, permuted, scaleRows, sendRows, recvRows, recvCounts, localRows, toExpert, toSource, offsets, release };
@@ -522,15 +567,23 @@ export class Dispatcher {
     const op = 'combine';
     checkTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
-    return launch(op, this.commStream, expertOut.device, inputs, () => tidy(() => {
-      trace.mark('combine: start', expertOut.device);
-      if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), expertOut, handle, this.transportSms);
-      const home = this.returnRows(expertOut, handle, op, 'expertOut');
-      trace.mark('combine: rows home', expertOut.device);
-      const y = unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
-      trace.mark('combine: unpermuted', expertOut.device);
-      return y;
-    }), options);
+    return launch(
+      op,
+      this.commStream,
+      expertOut.device,
+      inputs,
+      () =>
+        tidy(() => {
+          trace.mark('combine: start', expertOut.device);
+          if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), expertOut, handle, this.transportSms);
+          const home = this.returnRows(expertOut, handle, op, 'expertOut');
+          trace.mark('combine: rows home', expertOut.device);
+          const y = unpermute(home, handle.permuted.rowOf, weights, { dtype: expertOut.dtype });
+          trace.mark('combine: unpermuted', expertOut.device);
+          return y;
+        }),
+      options,
+    );
   }
 
   /**
@@ -543,23 +596,39 @@ export class Dispatcher {
   }
 
   /** combineBackward() on the comm stream. */
-  combineBackwardAsync(dy: Tensor, expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<{ dExpertOut: Tensor; dWeights: Tensor }> {
+  combineBackwardAsync(
+    dy: Tensor,
+    expertOut: Tensor,
+    handle: DispatchHandle,
+    weights: Tensor,
+    options?: CommWorkOptions,
+  ): CommWork<{ dExpertOut: Tensor; dWeights: Tensor }> {
     const op = 'combineBackward';
     checkTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
-    return launch(op, this.commStream, dy.device, inputs, () => tidy(() => {
-      trace.mark('combineBackward: start', dy.device);
-      if (handle.transport === 'ipc') return peerCombineBackward(this.peerFor(op), dy, expertOut, handle, this.transportSms);
-      const home = this.returnRows(expertOut, handle, op, 'expertOut');
-      trace.mark('combineBackward: expert outputs home', dy.device);
-      const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, { dtype: expertOut.dtype });
-      const H = dy.shape[1] as number;
-      const received = this.exchange(dRows, handle.sendRows, handle.recvRows, [handle.recvRows.reduce((a, b) => a + b, 0), H]);
-      trace.mark('combineBackward: row gradients exchanged', dy.device);
-      const dExpertOut = this.reorder(received, handle.toExpertOrder);
-      trace.mark('combineBackward: regrouped', dy.device);
-      return { dExpertOut, dWeights };
-    }), options);
+    return launch(
+      op,
+      this.commStream,
+      dy.device,
+      inputs,
+      () =>
+        tidy(() => {
+          trace.mark('combineBackward: start', dy.device);
+          if (handle.transport === 'ipc') return peerCombineBackward(this.peerFor(op), dy, expertOut, handle, this.transportSms);
+          const home = this.returnRows(expertOut, handle, op, 'expertOut');
+          trace.mark('combineBackward: expert outputs home', dy.device);
+          const { dRows, dWeights } = unpermuteBackward(dy, home, weights, handle.permuted.rowOf, handle.permuted.rowToken, {
+            dtype: expertOut.dtype,
+          });
+          const H = dy.shape[1] as number;
+          const received = this.exchange(dRows, handle.sendRows, handle.recvRows, [handle.recvRows.reduce((a, b) => a + b, 0), H]);
+          trace.mark('combineBackward: row gradients exchanged', dy.device);
+          const dExpertOut = this.reorder(received, handle.toExpertOrder);
+          trace.mark('combineBackward: regrouped', dy.device);
+          return { dExpertOut, dWeights };
+        }),
+      options,
+    );
   }
 
   /** Backward of dispatch: from the gradient w.r.t. the dispatched rows (expert order) to dx [T,H]. */
@@ -573,15 +642,23 @@ export class Dispatcher {
     const op = 'dispatchBackward';
     checkTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
-    return launch(op, this.commStream, dRows.device, inputs, () => tidy(() => {
-      trace.mark('dispatchBackward: start', dRows.device);
-      if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), dRows, handle, this.transportSms, false);
-      const home = this.returnRows(dRows, handle, op, 'dRows');
-      trace.mark('dispatchBackward: row gradients home', dRows.device);
-      const dx = permuteBackward(home, handle.permuted.rowOf, { dtype: dRows.dtype });
-      trace.mark('dispatchBackward: summed per token', dRows.device);
-      return dx;
-    }), options);
+    return launch(
+      op,
+      this.commStream,
+      dRows.device,
+      inputs,
+      () =>
+        tidy(() => {
+          trace.mark('dispatchBackward: start', dRows.device);
+          if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), dRows, handle, this.transportSms, false);
+          const home = this.returnRows(dRows, handle, op, 'dRows');
+          trace.mark('dispatchBackward: row gradients home', dRows.device);
+          const dx = permuteBackward(home, handle.permuted.rowOf, { dtype: dRows.dtype });
+          trace.mark('dispatchBackward: summed per token', dRows.device);
+          return dx;
+        }),
+      options,
+    );
   }
 
   private peerFor(op: string): PeerTransport {
@@ -666,7 +743,11 @@ export class Dispatcher {
    * (capacity-mode) layouts are cached and shared by the handles using them (`release` when done);
    * dropless ones belong to the step.
    */
-  private maps(recvCounts: number[], localRows: number[], like: Tensor): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; release: (() => void) | null } {
+  private maps(
+    recvCounts: number[],
+    localRows: number[],
+    like: Tensor,
+  ): { toExpert: Tensor | null; toSource: Tensor | null; offsets: Tensor; release: (() => void) | null } {
     const key = this.padToCapacity ? `${like.device.toString()}|${recvCounts.join(',')}` : null;
     const cached = key === null ? undefined : this.mapCache.get(key);
     if (cached) {

@@ -68,7 +68,8 @@ export function expertsForward(a: Tensor, w13: Tensor, w2: Tensor, offsets: Tens
 /** The tensor arguments, and the ranks the allocations here depend on (the GEMMs check the rest). */
 function checkShapes(op: string, t: Record<string, unknown>): void {
   checkTensors(op, t);
-  const a = t.a as Tensor, w13 = t.w13 as Tensor;
+  const a = t.a as Tensor,
+    w13 = t.w13 as Tensor;
   if (a.ndim !== 2) invalidArgument(op, `'a' must be [M,H]; received [${a.shape.join(',')}]`);
   if (w13.ndim !== 3 || (w13.shape[2] as number) % 2 !== 0) {
     invalidArgument(op, `'w13' must be [E,H,2F] (W1 and W3 interleaved: an even last dimension); received [${w13.shape.join(',')}]`);
@@ -76,7 +77,14 @@ function checkShapes(op: string, t: Record<string, unknown>): void {
 }
 
 /** Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32. */
-export function expertsBackward(dOut: Tensor, a: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor, saved: { g: Tensor; h: Tensor }): ExpertsGrads {
+export function expertsBackward(
+  dOut: Tensor,
+  a: Tensor,
+  w13: Tensor,
+  w2: Tensor,
+  offsets: Tensor,
+  saved: { g: Tensor; h: Tensor },
+): ExpertsGrads {
   if (saved === null || typeof saved !== 'object') invalidArgument('expertsBackward', `'saved' must be expertsForward's { g, h }`);
   checkShapes('expertsBackward', { dOut, a, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
   const M = a.shape[0] as number;

@@ -38,14 +38,25 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
 export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
-  if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode)) invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
+  if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode))
+    invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
   checkTensors(op, { a, b, offsets });
-  if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1) invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
+  if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1)
+    invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
   if (options.out !== undefined) checkTensor(options.out, op, 'out');
   if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
   const make = (): Tensor => Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
   return withOutput(op, options.out, make, (out) =>
-    native().groupedGemm(GEMM_MODE[mode], Epilogue.Store, a.handle, b.handle, offsets.handle, out.handle, null, options.accumulate ?? false),
+    native().groupedGemm(
+      GEMM_MODE[mode],
+      Epilogue.Store,
+      a.handle,
+      b.handle,
+      offsets.handle,
+      out.handle,
+      null,
+      options.accumulate ?? false,
+    ),
   );
 }
 

@@ -31,7 +31,15 @@ import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGr
 import { expertsBackward, expertsForward } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
 import {
-  balanceLoss, expertChoiceForward, resolveRouterConfig, type ResolvedRouterConfig, routerBackward, routerEntropy, routerForward, type RouterConfig, zLoss,
+  balanceLoss,
+  expertChoiceForward,
+  resolveRouterConfig,
+  type ResolvedRouterConfig,
+  routerBackward,
+  routerEntropy,
+  routerForward,
+  type RouterConfig,
+  zLoss,
 } from './router.js';
 import { trace } from '../trace.js';
 
@@ -116,7 +124,9 @@ export interface MoEGrads {
 }
 
 export class MoELayer implements Disposable {
-  readonly config: Readonly<Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream' | 'transport' | 'transportSms'>>> & {
+  readonly config: Readonly<
+    Required<Omit<MoELayerConfig, 'capacityFactor' | 'group' | 'device' | 'seqLen' | 'commStream' | 'transport' | 'transportSms'>>
+  > & {
     capacityFactor: number | undefined;
     seqLen: number | undefined;
   };
@@ -139,9 +149,31 @@ export class MoELayer implements Disposable {
     const op = 'MoELayer';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
     checkKeys(config, op, {
-      numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true,
-      hidden: true, ffn: true, capacityFactor: true, dropPolicy: true, padToCapacity: true, sharedFfn: true, group: true,
-      commStream: true, transport: true, transportSms: true, dtype: true, device: true, seed: true, auxLossCoef: true, seqAuxLossCoef: true, seqLen: true, zLossCoef: true,
+      numExperts: true,
+      topK: true,
+      scoreFunction: true,
+      groups: true,
+      topkGroups: true,
+      normalize: true,
+      routeScale: true,
+      routing: true,
+      hidden: true,
+      ffn: true,
+      capacityFactor: true,
+      dropPolicy: true,
+      padToCapacity: true,
+      sharedFfn: true,
+      group: true,
+      commStream: true,
+      transport: true,
+      transportSms: true,
+      dtype: true,
+      device: true,
+      seed: true,
+      auxLossCoef: true,
+      seqAuxLossCoef: true,
+      seqLen: true,
+      zLossCoef: true,
     });
     const hidden = checkPositiveInt(config.hidden, op, 'hidden');
     const ffn = checkPositiveInt(config.ffn, op, 'ffn');
@@ -160,22 +192,27 @@ export class MoELayer implements Disposable {
     const expertChoice = this.router.routing === 'expert-choice';
     if (expertChoice) {
       // Fixed C-row segments, no host sync; balanced by construction, so no balance losses.
-      if (config.padToCapacity === false) invalidArgument(op, `'padToCapacity' is always on with routing 'expert-choice' (every expert takes exactly C tokens)`);
-      if (config.auxLossCoef || config.seqAuxLossCoef) invalidArgument(op, `'auxLossCoef' and 'seqAuxLossCoef' must be 0 with routing 'expert-choice' (balanced by construction)`);
+      if (config.padToCapacity === false)
+        invalidArgument(op, `'padToCapacity' is always on with routing 'expert-choice' (every expert takes exactly C tokens)`);
+      if (config.auxLossCoef || config.seqAuxLossCoef)
+        invalidArgument(op, `'auxLossCoef' and 'seqAuxLossCoef' must be 0 with routing 'expert-choice' (balanced by construction)`);
     }
     if (config.capacityFactor !== undefined && !(typeof config.capacityFactor === 'number' && config.capacityFactor > 0)) {
       invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(config.capacityFactor)}`);
     }
-    if (config.padToCapacity && config.capacityFactor === undefined && !expertChoice) invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
+    if (config.padToCapacity && config.capacityFactor === undefined && !expertChoice)
+      invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
     // Checked here, not at the first forward: a bad config fails where it is made.
     if (config.dropPolicy !== undefined) checkOneOf(config.dropPolicy, op, 'dropPolicy', DROP_POLICIES);
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
-    if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
+    if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
+      invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
     this.group = config.group ?? singleRankGroup;
     const E = this.router.numExperts;
-    if (E % this.group.size !== 0) invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
+    if (E % this.group.size !== 0)
+      invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
     const seqLen = config.seqLen;
     if (seqLen !== undefined) checkPositiveInt(seqLen, op, 'seqLen');
     this.config = {
@@ -203,8 +240,10 @@ export class MoELayer implements Disposable {
     if (this.config.seqAuxLossCoef > 0 && seqLen === undefined) invalidArgument(op, `'seqAuxLossCoef' needs 'seqLen'`);
     this.localExperts = E / this.group.size;
     const cs = config.commStream ?? false;
-    if (typeof cs !== 'boolean' && !(cs instanceof Stream)) invalidArgument(op, `'commStream' must be a Stream or a boolean; received ${String(cs)}`);
-    if (cs instanceof Stream && !cs.device.equals(this.device)) invalidArgument(op, `'commStream' is on ${cs.device.toString()} but the layer is on ${this.device.toString()}`);
+    if (typeof cs !== 'boolean' && !(cs instanceof Stream))
+      invalidArgument(op, `'commStream' must be a Stream or a boolean; received ${String(cs)}`);
+    if (cs instanceof Stream && !cs.device.equals(this.device))
+      invalidArgument(op, `'commStream' is on ${cs.device.toString()} but the layer is on ${this.device.toString()}`);
     this.ownStream = cs === true ? new Stream(this.device) : undefined;
     const commStream = cs instanceof Stream ? cs : this.ownStream;
     this.dispatcher = new Dispatcher({
@@ -275,7 +314,8 @@ export class MoELayer implements Disposable {
     const { hidden, dtype } = this.config;
     if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]`);
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
-    if (!x.device.equals(this.device)) invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
+    if (!x.device.equals(this.device))
+      invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
     const T = x.shape[0] as number;
     return tidy(() => {
       const all = this.wholeBatch(T);
@@ -293,18 +333,28 @@ export class MoELayer implements Disposable {
         const d = Tensor.zeros([T, this.config.numExperts], { device: this.device });
         dLogitsAux = d;
         if (auxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: auxLossCoef, dLogits: d }));
-        if (seqAuxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }));
+        if (seqAuxLossCoef > 0)
+          auxLoss.add_(
+            balanceLoss(r.scores, r.indices, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }),
+          );
         if (zLossCoef > 0) auxLoss.add_(zLoss(logits, { coefficient: zLossCoef, dLogits: d }));
       }
       // Expert choice: every expert keeps exactly its C chosen tokens, numbered by the router's slot.
       const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
       const cap = ec
-        ? { slot: ec.slot, keptPerExpert: ec.tokensPerExpert, dropped: none(), invalid: none(), capacity: ec.capacity, numExperts: this.config.numExperts }
+        ? {
+            slot: ec.slot,
+            keptPerExpert: ec.tokensPerExpert,
+            dropped: none(),
+            invalid: none(),
+            capacity: ec.capacity,
+            numExperts: this.config.numExperts,
+          }
         : capacity(r.indices, r.weights, {
-          numExperts: this.config.numExperts,
-          ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
-          dropPolicy: this.config.dropPolicy,
-        });
+            numExperts: this.config.numExperts,
+            ...(this.config.capacityFactor === undefined ? {} : { capacityFactor: this.config.capacityFactor }),
+            dropPolicy: this.config.dropPolicy,
+          });
       // The dispatch waits for the routing only: the shared expert, queued next, overlaps it.
       trace.mark('layer forward: routed', x.device);
       using routed = this.markProduced();
@@ -316,10 +366,28 @@ export class MoELayer implements Disposable {
       let y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) y = addTensors(y, shared.out);
       const saved: MoESaved = {
-        x, scores: r.scores, indices: r.indices, weights: r.weights, slot: ec?.slot ?? null, handle, rows, expertOut: experts.out,
-        g: experts.g, h: experts.h, dLogitsAux, shared: shared ? { g: shared.g, h: shared.h } : null,
+        x,
+        scores: r.scores,
+        indices: r.indices,
+        weights: r.weights,
+        slot: ec?.slot ?? null,
+        handle,
+        rows,
+        expertOut: experts.out,
+        g: experts.g,
+        h: experts.h,
+        dLogitsAux,
+        shared: shared ? { g: shared.g, h: shared.h } : null,
       };
-      return { y, tokensPerExpert: r.tokensPerExpert, dropped: cap.dropped, expertsPerToken: ec?.expertsPerToken ?? null, auxLoss, routerEntropy: routerEntropy(r.scores), saved };
+      return {
+        y,
+        tokensPerExpert: r.tokensPerExpert,
+        dropped: cap.dropped,
+        expertsPerToken: ec?.expertsPerToken ?? null,
+        auxLoss,
+        routerEntropy: routerEntropy(r.scores),
+        saved,
+      };
     });
   }
 
@@ -327,10 +395,12 @@ export class MoELayer implements Disposable {
   backward(fwd: MoEForward, dy: Tensor): MoEGrads {
     const op = 'MoELayer.backward';
     const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
-    if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor)) invalidArgument(op, `'fwd' must be what forward() returned`);
+    if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor))
+      invalidArgument(op, `'fwd' must be what forward() returned`);
     const s = fwd.saved;
     checkTensor(dy, op, 'dy');
-    if (dy.shape.join() !== s.x.shape.join()) invalidArgument(op, `'dy' [${dy.shape.join(',')}] must have the shape of the forward's 'x' [${s.x.shape.join(',')}]`);
+    if (dy.shape.join() !== s.x.shape.join())
+      invalidArgument(op, `'dy' [${dy.shape.join(',')}] must have the shape of the forward's 'x' [${s.x.shape.join(',')}]`);
     const T = s.x.shape[0] as number;
     try {
       return tidy(() => {
@@ -341,11 +411,17 @@ export class MoELayer implements Disposable {
         if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
           sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared);
         }
-        const { dExpertOut, dWeights } = settle(this.dispatcher.combineBackwardAsync(dy, s.expertOut, s.handle, s.weights, dyReady ? { after: dyReady } : {}));
+        const { dExpertOut, dWeights } = settle(
+          this.dispatcher.combineBackwardAsync(dy, s.expertOut, s.handle, s.weights, dyReady ? { after: dyReady } : {}),
+        );
         const eg = expertsBackward(dExpertOut, s.rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
-        const dLogits = routerBackward(dWeights, { scores: s.scores, indices: s.indices, ...(s.slot ? { slot: s.slot } : {}) }, this.router);
+        const dLogits = routerBackward(
+          dWeights,
+          { scores: s.scores, indices: s.indices, ...(s.slot ? { slot: s.slot } : {}) },
+          this.router,
+        );
         if (s.dLogitsAux) dLogits.add_(s.dLogitsAux);
         // Router input gradient dx += dLogits · Wrᵀ and weight gradient dWr = xᵀ · dLogits.
         const dLogitsC = dLogits.cast(this.config.dtype);
@@ -394,7 +470,8 @@ export class MoELayer implements Disposable {
 export function disposeSaved(fwd: MoEForward): void {
   const s = fwd.saved;
   s.handle.dispose();
-  for (const t of [s.scores, s.indices, s.weights, s.slot, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h]) t?.dispose();
+  for (const t of [s.scores, s.indices, s.weights, s.slot, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h])
+    t?.dispose();
 }
 
 /** The communication's result, the current stream ordered after it; the work's event freed. */

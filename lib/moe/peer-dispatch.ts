@@ -91,8 +91,20 @@ export function peerDispatch(
     const segStart = capacityMode ? null : track(Tensor.empty([El * P], { dtype: 'i32', ...dev }));
     const fill = capacityMode ? null : track(Tensor.empty([El], { dtype: 'i32', ...dev }));
     const layout = () =>
-      t.handle.dispatchLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, segment, o.align, o.sms, El, pos.handle, dest.handle,
-        offsets?.handle ?? null, segStart?.handle ?? null, fill?.handle ?? null);
+      t.handle.dispatchLayout(
+        indices.handle,
+        cap.slot.handle,
+        cap.keptPerExpert.handle,
+        segment,
+        o.align,
+        o.sms,
+        El,
+        pos.handle,
+        dest.handle,
+        offsets?.handle ?? null,
+        segStart?.handle ?? null,
+        fill?.handle ?? null,
+      );
     let counts = layout();
     if (!capacityMode && counts.maxTokens > t.capacity.tokens) {
       t = t.grownFor({ ...need, tokens: counts.maxTokens });
@@ -107,13 +119,33 @@ export function peerDispatch(
     const recvRowOf = track(Tensor.empty([P, mapCap, k], { dtype: 'i32', ...dev }));
     const recvWeight = track(Tensor.empty([P, mapCap, k], { dtype: 'f32', ...dev }));
     const recvTokens = track(Tensor.empty([P], { dtype: 'i32', ...dev }));
-    t.handle.dispatchRows(x.handle, indices.handle, cap.slot.handle,
-      weights.handle, pos.handle, dest.handle, segment, o.align, o.sms, El, o.fp8, segStart?.handle ?? null, fill?.handle ?? null,
-      offsets?.handle ?? null, rows.handle, rowWeights.handle, rowSrc.handle, recvRowOf.handle, recvWeight.handle, recvTokens.handle);
+    t.handle.dispatchRows(
+      x.handle,
+      indices.handle,
+      cap.slot.handle,
+      weights.handle,
+      pos.handle,
+      dest.handle,
+      segment,
+      o.align,
+      o.sms,
+      El,
+      o.fp8,
+      segStart?.handle ?? null,
+      fill?.handle ?? null,
+      offsets?.handle ?? null,
+      rows.handle,
+      rowWeights.handle,
+      rowSrc.handle,
+      recvRowOf.handle,
+      recvWeight.handle,
+      recvTokens.handle,
+    );
     trace.mark('dispatch (ipc): rows pushed and expanded', x.device);
     // Segment sizes on the host: static in capacity mode, read with the counts in dropless mode.
     const recvCounts = Array.from({ length: P * El }, (_, i) => {
-      const p = Math.floor(i / El), l = i % El;
+      const p = Math.floor(i / El),
+        l = i % El;
       return counts.segmentRows[l * P + p] as number;
     });
     const localRows = Array.from({ length: El }, (_, l) => {
@@ -152,7 +184,8 @@ export function peerDispatch(
 
 function checkRows(op: string, rows: Tensor, handle: PeerDispatchHandle, name: string): void {
   const N = handle.rowSrc.shape[0] as number;
-  if (rows.ndim !== 2 || rows.shape[0] !== N) invalidArgument(op, `'${name}' [${rows.shape.join(',')}] must be [${N}, H]: one row per row dispatch() delivered`);
+  if (rows.ndim !== 2 || rows.shape[0] !== N)
+    invalidArgument(op, `'${name}' [${rows.shape.join(',')}] must be [${N}, H]: one row per row dispatch() delivered`);
 }
 
 const needFor = (handle: PeerDispatchHandle, rows: Tensor): PeerNeed => ({
@@ -163,14 +196,28 @@ const needFor = (handle: PeerDispatchHandle, rows: Tensor): PeerNeed => ({
 });
 
 /** y [T,H] = Σ_j w[t,j]·expertOut[row(t,j)], summed per rank on the expert side, then over ranks here. */
-export function peerCombine(transport: PeerTransport, expertOut: Tensor, handle: PeerDispatchHandle, sms: number, withWeights = true): Tensor {
+export function peerCombine(
+  transport: PeerTransport,
+  expertOut: Tensor,
+  handle: PeerDispatchHandle,
+  sms: number,
+  withWeights = true,
+): Tensor {
   const op = withWeights ? 'combine' : 'dispatchBackward';
   checkRows(op, expertOut, handle, withWeights ? 'expertOut' : 'dRows');
   const t = transport.grownFor(needFor(handle, expertOut));
   const T = handle.pos.shape[0] as number;
   const y = Tensor.empty([T, expertOut.shape[1] as number], { dtype: expertOut.dtype, device: expertOut.device });
   try {
-    t.handle.combine(expertOut.handle, handle.recvRowOf.handle, withWeights ? handle.recvWeight.handle : null, handle.recvTokens.handle, handle.pos.handle, y.handle, sms);
+    t.handle.combine(
+      expertOut.handle,
+      handle.recvRowOf.handle,
+      withWeights ? handle.recvWeight.handle : null,
+      handle.recvTokens.handle,
+      handle.pos.handle,
+      y.handle,
+      sms,
+    );
   } catch (e) {
     y.dispose();
     throw e;
@@ -180,7 +227,13 @@ export function peerCombine(transport: PeerTransport, expertOut: Tensor, handle:
 }
 
 /** Backward of combine: dy to the expert ranks, d(expertOut) = w·dy there, d(weights) [T,k] back home. */
-export function peerCombineBackward(transport: PeerTransport, dy: Tensor, expertOut: Tensor, handle: PeerDispatchHandle, sms: number): { dExpertOut: Tensor; dWeights: Tensor } {
+export function peerCombineBackward(
+  transport: PeerTransport,
+  dy: Tensor,
+  expertOut: Tensor,
+  handle: PeerDispatchHandle,
+  sms: number,
+): { dExpertOut: Tensor; dWeights: Tensor } {
   const op = 'combineBackward';
   checkRows(op, expertOut, handle, 'expertOut');
   const T = handle.pos.shape[0] as number;
@@ -192,8 +245,17 @@ export function peerCombineBackward(transport: PeerTransport, dy: Tensor, expert
   const dExpertOut = Tensor.empty(expertOut.shape, { dtype: expertOut.dtype, device: expertOut.device });
   const dWeights = Tensor.empty(handle.dest.shape, { dtype: 'f32', device: expertOut.device });
   try {
-    t.handle.combineBackward(dy.handle, expertOut.handle, handle.rowSrc.handle, handle.recvWeight.handle, handle.pos.handle, handle.dest.handle,
-      dExpertOut.handle, dWeights.handle, sms);
+    t.handle.combineBackward(
+      dy.handle,
+      expertOut.handle,
+      handle.rowSrc.handle,
+      handle.recvWeight.handle,
+      handle.pos.handle,
+      handle.dest.handle,
+      dExpertOut.handle,
+      dWeights.handle,
+      sms,
+    );
   } catch (e) {
     dExpertOut.dispose();
     dWeights.dispose();

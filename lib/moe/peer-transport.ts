@@ -163,7 +163,10 @@ export class PeerTransport implements Disposable {
     handle.closePeers();
     this.comm.barrier();
     // Double the tokens (amortised growth); the other sizes as needed.
-    const floor = { ...this.#capacity, tokens: need.tokens > this.#capacity.tokens ? Math.max(need.tokens, 2 * this.#capacity.tokens) : this.#capacity.tokens };
+    const floor = {
+      ...this.#capacity,
+      tokens: need.tokens > this.#capacity.tokens ? Math.max(need.tokens, 2 * this.#capacity.tokens) : this.#capacity.tokens,
+    };
     handle.dispose();
     this.#handle = null;
     const made = PeerTransport.create(this.comm, this.device, need, floor);

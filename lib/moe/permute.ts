@@ -80,7 +80,8 @@ function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToC
   // Sized from here before the native checks run: counts outside [0, T·k] are not capacity()'s.
   const assignments = cap.slot.numel;
   return Array.from(kept, (c, e) => {
-    if (!(c >= 0 && c <= assignments)) invalidArgument(op, `'cap.keptPerExpert'[${e}] = ${c} is outside [0, ${assignments}] (T·k of 'cap.slot')`);
+    if (!(c >= 0 && c <= assignments))
+      invalidArgument(op, `'cap.keptPerExpert'[${e}] = ${c} is outside [0, ${assignments}] (T·k of 'cap.slot')`);
     return roundUp(c, align);
   });
 }
@@ -111,7 +112,10 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   if (x.ndim !== 2) invalidArgument(op, `'x' must be [T,H]; received [${x.shape.join(',')}]`);
   if (indices.ndim !== 2) invalidArgument(op, `'indices' must be [T,k]; received [${indices.shape.join(',')}]`);
   if (indices.shape[0] !== x.shape[0]) {
-    invalidArgument(op, `'indices' [${indices.shape.join(',')}] has ${indices.shape[0]} tokens but 'x' [${x.shape.join(',')}] has ${x.shape[0]}`);
+    invalidArgument(
+      op,
+      `'indices' [${indices.shape.join(',')}] has ${indices.shape[0]} tokens but 'x' [${x.shape.join(',')}] has ${x.shape[0]}`,
+    );
   }
   const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
   const padToCapacity = checkBoolean(options.padToCapacity ?? false, op, 'padToCapacity');
@@ -129,10 +133,28 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   const o = withOutputs<PermuteOutputs>(
     op,
     options.out ?? {},
-    { rows: like([R, H], x.dtype), offsets: like([E + 1], 'i32'), rowOf: like([T, k], 'i32'), rowWeight: like([R], 'f32'), rowToken: like([R], 'i32'), invalid: like([1], 'i32') },
+    {
+      rows: like([R, H], x.dtype),
+      offsets: like([E + 1], 'i32'),
+      rowOf: like([T, k], 'i32'),
+      rowWeight: like([R], 'f32'),
+      rowToken: like([R], 'i32'),
+      invalid: like([1], 'i32'),
+    },
     (o) => {
-      native().permuteLayout(indices.handle, cap.slot.handle, cap.keptPerExpert.handle, weights.handle, padToCapacity ? (cap.capacity as number) : -1,
-        align, o.offsets.handle, o.rowOf.handle, o.rowToken.handle, o.rowWeight.handle, o.invalid.handle);
+      native().permuteLayout(
+        indices.handle,
+        cap.slot.handle,
+        cap.keptPerExpert.handle,
+        weights.handle,
+        padToCapacity ? (cap.capacity as number) : -1,
+        align,
+        o.offsets.handle,
+        o.rowOf.handle,
+        o.rowToken.handle,
+        o.rowWeight.handle,
+        o.invalid.handle,
+      );
       // rowOf from the layout just written: the CUDA copy runs in token order and reads x once.
       native().permuteRows(x.handle, o.rowToken.handle, o.rows.handle, o.rowOf.handle);
     },
@@ -160,8 +182,10 @@ export function unpermute(rows: Tensor, rowOf: Tensor, weights: Tensor, options:
   checkTensor(rows, op, 'rows');
   checkTensor(rowOf, op, 'rowOf');
   checkTensor(weights, op, 'weights');
-  if (rows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'rows' must be [R,H] and 'rowOf' [T,k]; received [${rows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
-  const make = (): Tensor => Tensor.empty([rowOf.shape[0] as number, rows.shape[1] as number], { dtype: options.dtype ?? rows.dtype, device: rows.device });
+  if (rows.ndim !== 2 || rowOf.ndim !== 2)
+    invalidArgument(op, `'rows' must be [R,H] and 'rowOf' [T,k]; received [${rows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
+  const make = (): Tensor =>
+    Tensor.empty([rowOf.shape[0] as number, rows.shape[1] as number], { dtype: options.dtype ?? rows.dtype, device: rows.device });
   return withOutput(op, options.out, make, (y) => native().unpermute(rows.handle, rowOf.handle, weights.handle, y.handle));
 }
 
@@ -191,7 +215,8 @@ export function unpermuteBackward(
       dRows: () => Tensor.empty(rows.shape, { dtype: options.dtype ?? rows.dtype, device: rows.device }),
       dWeights: () => Tensor.empty(rowOf.shape, { dtype: 'f32', device: rows.device }),
     },
-    (o) => native().unpermuteBackward(dy.handle, rows.handle, weights.handle, rowOf.handle, rowToken.handle, o.dRows.handle, o.dWeights.handle),
+    (o) =>
+      native().unpermuteBackward(dy.handle, rows.handle, weights.handle, rowOf.handle, rowToken.handle, o.dRows.handle, o.dWeights.handle),
   );
 }
 
@@ -201,7 +226,9 @@ export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: Unpermute
   options = checkOptions(options, op, { dtype: true, out: true });
   checkTensor(dRows, op, 'dRows');
   checkTensor(rowOf, op, 'rowOf');
-  if (dRows.ndim !== 2 || rowOf.ndim !== 2) invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
-  const make = (): Tensor => Tensor.empty([rowOf.shape[0] as number, dRows.shape[1] as number], { dtype: options.dtype ?? dRows.dtype, device: dRows.device });
+  if (dRows.ndim !== 2 || rowOf.ndim !== 2)
+    invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
+  const make = (): Tensor =>
+    Tensor.empty([rowOf.shape[0] as number, dRows.shape[1] as number], { dtype: options.dtype ?? dRows.dtype, device: dRows.device });
   return withOutput(op, options.out, make, (dx) => native().permuteBackward(dRows.handle, rowOf.handle, dx.handle));
 }

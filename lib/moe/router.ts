@@ -37,7 +37,17 @@
  */
 import type { Device } from '../device.js';
 import { invalidArgument } from '../errors.js';
-import { checkBoolean, checkKeys, checkNumber, checkOptions, checkPositiveInt, checkPositiveNumber, checkTensor, withOutput, withOutputs } from '../validate.js';
+import {
+  checkBoolean,
+  checkKeys,
+  checkNumber,
+  checkOptions,
+  checkPositiveInt,
+  checkPositiveNumber,
+  checkTensor,
+  withOutput,
+  withOutputs,
+} from '../validate.js';
 import { native } from '../native.js';
 import { SCORE_FUNCTION } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
@@ -78,7 +88,17 @@ const validated = new WeakSet<object>();
 /** Validates a router config and fills in the defaults; every error names the field. */
 export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig {
   if (config === null || typeof config !== 'object') invalidArgument('router', `the config must be an object; received ${String(config)}`);
-  checkKeys(config, 'router', { numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true, routing: true, capacityFactor: true });
+  checkKeys(config, 'router', {
+    numExperts: true,
+    topK: true,
+    scoreFunction: true,
+    groups: true,
+    topkGroups: true,
+    normalize: true,
+    routeScale: true,
+    routing: true,
+    capacityFactor: true,
+  });
   const E = checkPositiveInt(config.numExperts, 'router', 'numExperts');
   const k = checkPositiveInt(config.topK, 'router', 'topK');
   if (k > E) invalidArgument('router', `'topK' = ${k} is more than 'numExperts' = ${E}`);
@@ -93,7 +113,10 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   if (topkGroups > groups) invalidArgument('router', `'topkGroups' = ${topkGroups} is more than 'groups' = ${groups}`);
   if (k % topkGroups !== 0) invalidArgument('router', `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups}`);
   if (k / topkGroups > E / groups) {
-    invalidArgument('router', `'topK' = ${k} needs ${k / topkGroups} experts from each of ${topkGroups} groups ('topkGroups') but a group has ${E / groups}`);
+    invalidArgument(
+      'router',
+      `'topK' = ${k} needs ${k / topkGroups} experts from each of ${topkGroups} groups ('topkGroups') but a group has ${E / groups}`,
+    );
   }
   const routing = config.routing ?? 'token-choice';
   if (routing !== 'token-choice' && routing !== 'expert-choice') {
@@ -103,11 +126,26 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   const routeScale = checkNumber(config.routeScale ?? 1, 'router', 'routeScale');
   const capacityFactor = checkPositiveNumber(config.capacityFactor ?? k, 'router', 'capacityFactor');
   if (routing === 'expert-choice') {
-    if (groups !== 1) invalidArgument('router', `'groups' = ${groups} is not available with routing 'expert-choice' (experts choose among all tokens); use 1`);
+    if (groups !== 1)
+      invalidArgument(
+        'router',
+        `'groups' = ${groups} is not available with routing 'expert-choice' (experts choose among all tokens); use 1`,
+      );
     // A token's weights are its scores: it may have no expert at all to normalise over.
-    if (normalize) invalidArgument('router', `'normalize' is not available with routing 'expert-choice' (weights are the scores); set it false`);
+    if (normalize)
+      invalidArgument('router', `'normalize' is not available with routing 'expert-choice' (weights are the scores); set it false`);
   }
-  const resolved = Object.freeze({ numExperts: E, topK: k, scoreFunction, groups, topkGroups, normalize, routeScale, routing, capacityFactor });
+  const resolved = Object.freeze({
+    numExperts: E,
+    topK: k,
+    scoreFunction,
+    groups,
+    topkGroups,
+    normalize,
+    routeScale,
+    routing,
+    capacityFactor,
+  });
   validated.add(resolved);
   return resolved;
 }
@@ -147,7 +185,6 @@ export function expertChoiceCapacity(numTokens: number, numExperts: number, capa
   return Math.min(numTokens, expertCapacity(numTokens, 1, numExperts, capacityFactor));
 }
 
-
 function resolve(config: RouterConfig | ResolvedRouterConfig): ResolvedRouterConfig {
   return validated.has(config) ? (config as ResolvedRouterConfig) : resolveRouterConfig(config);
 }
@@ -155,11 +192,13 @@ function resolve(config: RouterConfig | ResolvedRouterConfig): ResolvedRouterCon
 function checkLogits(logits: Tensor, cfg: ResolvedRouterConfig, op: string, arg = 'logits'): number {
   checkTensor(logits, op, arg);
   if (logits.ndim !== 2 || logits.shape[1] !== cfg.numExperts) {
-    invalidArgument(op, `'${arg}' has shape [${logits.shape.join(',')}] but the config has numExperts = ${cfg.numExperts}: expected [tokens, ${cfg.numExperts}]`);
+    invalidArgument(
+      op,
+      `'${arg}' has shape [${logits.shape.join(',')}] but the config has numExperts = ${cfg.numExperts}: expected [tokens, ${cfg.numExperts}]`,
+    );
   }
   return logits.shape[0] as number;
 }
-
 
 /** Throws when nanRows says a row was bad (reads it from the device: a sync on a GPU). */
 function throwOnBadRows(nanRows: Tensor, op: string): void {
@@ -173,7 +212,11 @@ function throwOnBadRows(nanRows: Tensor, op: string): void {
  * Scores, top-k (group-limited) selection and gate weights for each token; with routing
  * 'expert-choice', expertChoiceForward's outputs. No host sync unless checkNaN.
  */
-export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): RouterOutputs {
+export function routerForward(
+  logits: Tensor,
+  config: RouterConfig | ResolvedRouterConfig,
+  options: RouterForwardOptions = {},
+): RouterOutputs {
   const op = 'router';
   options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
   const cfg = resolve(config);
@@ -225,18 +268,32 @@ export function routerForward(logits: Tensor, config: RouterConfig | ResolvedRou
  * Expert-choice routing (see the module doc): every expert takes its top-C tokens. No host sync
  * unless checkNaN.
  */
-export function expertChoiceForward(logits: Tensor, config: RouterConfig | ResolvedRouterConfig, options: RouterForwardOptions = {}): ExpertChoiceOutputs {
+export function expertChoiceForward(
+  logits: Tensor,
+  config: RouterConfig | ResolvedRouterConfig,
+  options: RouterForwardOptions = {},
+): ExpertChoiceOutputs {
   const op = 'router';
   options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
   const cfg = resolve(config);
-  if (cfg.routing !== 'expert-choice') invalidArgument(op, `expertChoiceForward needs routing 'expert-choice'; the config has '${cfg.routing}'`);
+  if (cfg.routing !== 'expert-choice')
+    invalidArgument(op, `expertChoiceForward needs routing 'expert-choice'; the config has '${cfg.routing}'`);
   const T = checkLogits(logits, cfg, op);
-  if (options.bias !== undefined) invalidArgument(op, `'bias' is not used with routing 'expert-choice' (every expert takes exactly C tokens: balanced by construction)`);
+  if (options.bias !== undefined)
+    invalidArgument(op, `'bias' is not used with routing 'expert-choice' (every expert takes exactly C tokens: balanced by construction)`);
   const E = cfg.numExperts;
   const C = expertChoiceCapacity(T, E, cfg.capacityFactor);
   const checkNaN = options.checkNaN ?? logits.device.type === 'cpu';
   const device = logits.device;
-  const o = withOutputs<{ indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor; slot: Tensor; expertsPerToken: Tensor }>(
+  const o = withOutputs<{
+    indices: Tensor;
+    weights: Tensor;
+    tokensPerExpert: Tensor;
+    scores: Tensor;
+    nanRows: Tensor;
+    slot: Tensor;
+    expertsPerToken: Tensor;
+  }>(
     op,
     options.out ?? {},
     {
@@ -249,8 +306,19 @@ export function expertChoiceForward(logits: Tensor, config: RouterConfig | Resol
       expertsPerToken: () => Tensor.empty([E + 1], { dtype: 'i32', device }),
     },
     (r) => {
-      native().routerExpertChoice(logits.handle, SCORE_FUNCTION[cfg.scoreFunction], C, cfg.routeScale, r.scores.handle, r.slot.handle, r.weights.handle,
-        r.indices.handle, r.tokensPerExpert.handle, r.expertsPerToken.handle, r.nanRows.handle);
+      native().routerExpertChoice(
+        logits.handle,
+        SCORE_FUNCTION[cfg.scoreFunction],
+        C,
+        cfg.routeScale,
+        r.scores.handle,
+        r.slot.handle,
+        r.weights.handle,
+        r.indices.handle,
+        r.tokensPerExpert.handle,
+        r.expertsPerToken.handle,
+        r.nanRows.handle,
+      );
       if (checkNaN) throwOnBadRows(r.nanRows, op);
     },
   );
@@ -289,18 +357,25 @@ export function routerBackward(
     { dLogits: () => Tensor.empty([T, cfg.numExperts], { dtype: 'f32', device: saved.scores.device }) },
     (r) =>
       ec
-        ? native().routerExpertChoiceBackward(dWeights.handle, saved.scores.handle, (saved.slot as Tensor).handle, SCORE_FUNCTION[cfg.scoreFunction],
-          cfg.routeScale, r.dLogits.handle, options.accumulate ?? false)
+        ? native().routerExpertChoiceBackward(
+            dWeights.handle,
+            saved.scores.handle,
+            (saved.slot as Tensor).handle,
+            SCORE_FUNCTION[cfg.scoreFunction],
+            cfg.routeScale,
+            r.dLogits.handle,
+            options.accumulate ?? false,
+          )
         : native().routerBackward(
-        dWeights.handle,
-        saved.scores.handle,
-        saved.indices.handle,
-        SCORE_FUNCTION[cfg.scoreFunction],
-        cfg.normalize,
-        cfg.routeScale,
-        r.dLogits.handle,
-        options.accumulate ?? false,
-      ),
+            dWeights.handle,
+            saved.scores.handle,
+            saved.indices.handle,
+            SCORE_FUNCTION[cfg.scoreFunction],
+            cfg.normalize,
+            cfg.routeScale,
+            r.dLogits.handle,
+            options.accumulate ?? false,
+          ),
   );
   return o.dLogits;
 }
@@ -344,7 +419,15 @@ export function balanceLoss(
   }
   if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
   return lossInto(scores.device, options.out, op, (loss) =>
-    native().routerBalanceLoss(scores.handle, indices.handle, SCORE_FUNCTION[cfg.scoreFunction], seqLen, coefficient, loss.handle, options.dLogits?.handle ?? null),
+    native().routerBalanceLoss(
+      scores.handle,
+      indices.handle,
+      SCORE_FUNCTION[cfg.scoreFunction],
+      seqLen,
+      coefficient,
+      loss.handle,
+      options.dLogits?.handle ?? null,
+    ),
   );
 }
 
@@ -366,7 +449,9 @@ export function zLoss(logits: Tensor, options: LossOptions): Tensor {
   checkKeys(options, op, { coefficient: true, dLogits: true, out: true });
   const coefficient = checkNumber(options?.coefficient, op, 'coefficient');
   if (options.dLogits !== undefined) checkTensor(options.dLogits, op, 'dLogits');
-  return lossInto(logits.device, options.out, op, (loss) => native().routerZLoss(logits.handle, coefficient, loss.handle, options.dLogits?.handle ?? null));
+  return lossInto(logits.device, options.out, op, (loss) =>
+    native().routerZLoss(logits.handle, coefficient, loss.handle, options.dLogits?.handle ?? null),
+  );
 }
 
 /** A router with its config validated once at construction. */
@@ -398,5 +483,10 @@ export function routerEntropy(scores: Tensor, options: { out?: Tensor } = {}): T
   const op = 'routerEntropy';
   options = checkOptions(options, op, { out: true });
   checkTensor(scores, op, 'scores');
-  return withOutput(op, options.out, () => Tensor.empty([1], { dtype: 'f32', device: scores.device }), (out) => native().routerEntropy(scores.handle, out.handle));
+  return withOutput(
+    op,
+    options.out,
+    () => Tensor.empty([1], { dtype: 'f32', device: scores.device }),
+    (out) => native().routerEntropy(scores.handle, out.handle),
+  );
 }

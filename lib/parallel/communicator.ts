@@ -27,7 +27,6 @@ export type ReduceOp = 'sum' | 'max' | 'min' | 'avg';
 
 export const DEFAULT_TIMEOUT_MS = 300_000;
 
-
 function checkRows(rows: unknown, op: string, name: string): number[] {
   if (!Array.isArray(rows)) invalidArgument(op, `'${name}' must be an array of row counts, one per rank`);
   return rows as number[];

@@ -29,7 +29,8 @@ function int(env: NodeJS.ProcessEnv, name: string): number | undefined {
   const v = env[name];
   if (v === undefined || v === '') return undefined;
   const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 0) invalidArgument('init', `environment variable ${name}=${JSON.stringify(v)} is not a non-negative integer`);
+  if (!Number.isSafeInteger(n) || n < 0)
+    invalidArgument('init', `environment variable ${name}=${JSON.stringify(v)} is not a non-negative integer`);
   return n;
 }
 
@@ -129,7 +130,7 @@ export interface InitOptions {
 
 export interface BackendChoice {
   backend: Backend;
-  device: string;  // 'cpu' or 'cuda:N'
+  device: string; // 'cpu' or 'cuda:N'
   reason: string;
 }
 
@@ -140,20 +141,31 @@ export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: 
   const shared = `${perNode} ranks on this node share ${gpus} GPU(s)`;
   if (requested === 'nccl' && gpus > 0 && perNode > gpus) {
     // NCCL would fail later in ncclCommInitRank ("duplicate GPU"); say why now.
-    invalidArgument('init', `backend 'nccl' was requested but ${shared}; NCCL refuses two ranks on one GPU: use 'mpi' (or 'auto'), which stages device buffers through pinned host memory, or start one rank per GPU`);
+    invalidArgument(
+      'init',
+      `backend 'nccl' was requested but ${shared}; NCCL refuses two ranks on one GPU: use 'mpi' (or 'auto'), which stages device buffers through pinned host memory, or start one rank per GPU`,
+    );
   }
   const choice = ((): BackendChoice => {
     if (requested !== 'auto') return { backend: requested, device, reason: 'requested' };
     if (le.size === 1) return { backend: 'single', device, reason: 'one rank' };
     if (gpus === 0) return { backend: 'mpi', device, reason: 'no usable GPU' };
-    if (perNode > gpus) return { backend: 'mpi', device, reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory` };
+    if (perNode > gpus)
+      return {
+        backend: 'mpi',
+        device,
+        reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory`,
+      };
     if (!ncclLoads()) return { backend: 'mpi', device, reason: 'NCCL does not load' };
     return { backend: 'nccl', device, reason: 'one GPU per rank and NCCL loads' };
   })();
   // Ranks started from RANK/WORLD_SIZE alone are separate programs to MPI: each would be rank 0 of a
   // world of 1 (MPI_Init as a singleton), silently. Only NCCL (TCP rendezvous) joins them.
   if (choice.backend === 'mpi' && le.size > 1 && le.launcher === 'env') {
-    invalidArgument('init', `rank ${le.rank} of ${le.size} was started from RANK/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks (${choice.reason}); start them with mpirun, or give each rank its own GPU with NCCL loadable`);
+    invalidArgument(
+      'init',
+      `rank ${le.rank} of ${le.size} was started from RANK/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks (${choice.reason}); start them with mpirun, or give each rank its own GPU with NCCL loadable`,
+    );
   }
   return choice;
 }
@@ -168,16 +180,30 @@ function parseBackend(v: unknown, where: string): Backend | 'auto' {
  * device to cuda:(localRank % deviceCount) when GPUs are usable (unless setDevice is false).
  */
 export async function init(options: InitOptions = {}): Promise<Communicator> {
-  options = checkOptions(options, 'init', { backend: true, timeoutMs: true, setDevice: true, masterAddr: true, masterPort: true, env: true, log: true });
+  options = checkOptions(options, 'init', {
+    backend: true,
+    timeoutMs: true,
+    setDevice: true,
+    masterAddr: true,
+    masterPort: true,
+    env: true,
+    log: true,
+  });
   const env = options.env ?? process.env;
   const le = launchEnv(env);
-  const requested = options.backend !== undefined ? parseBackend(options.backend, "'backend'") : env['MOE_EP_BACKEND'] ? parseBackend(env['MOE_EP_BACKEND'], 'MOE_EP_BACKEND') : 'auto';
+  const requested =
+    options.backend !== undefined
+      ? parseBackend(options.backend, "'backend'")
+      : env['MOE_EP_BACKEND']
+        ? parseBackend(env['MOE_EP_BACKEND'], 'MOE_EP_BACKEND')
+        : 'auto';
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const gpus = cuda.deviceCount();
   const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded);
   if (options.setDevice !== false && choice.device !== 'cpu') setDefaultDevice(choice.device as `cuda:${number}`);
   const log = options.log ?? true;
-  if (typeof log !== 'boolean' && typeof log !== 'function') invalidArgument('init', `'log' must be a boolean or a function; received ${String(log)}`);
+  if (typeof log !== 'boolean' && typeof log !== 'function')
+    invalidArgument('init', `'log' must be a boolean or a function; received ${String(log)}`);
   if (log !== false && le.rank === 0 && le.size > 1 && gpus > 0) {
     const line = `moe-ep init: ${le.size} ranks (${le.launcher}), backend ${choice.backend}, rank 0 on ${choice.device}: ${choice.reason}`;
     if (typeof log === 'function') log(line);
@@ -194,7 +220,10 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
       const c = Communicator.mpi({ timeoutMs });
       if (c.size !== le.size || c.rank !== le.rank) {
         c.dispose();
-        invalidArgument('init', `the launcher (${le.launcher}) says rank ${le.rank} of ${le.size} but MPI sees rank ${c.rank} of ${c.size}: MPI was not started with these ranks (under srun, give it --mpi=pmix or pmi2)`);
+        invalidArgument(
+          'init',
+          `the launcher (${le.launcher}) says rank ${le.rank} of ${le.size} but MPI sees rank ${c.rank} of ${c.size}: MPI was not started with these ranks (under srun, give it --mpi=pmix or pmi2)`,
+        );
       }
       return c;
     }
@@ -239,10 +268,21 @@ async function shareNcclId(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitO
   const addr = options.masterAddr ?? env['MASTER_ADDR'];
   const port = options.masterPort ?? (env['MASTER_PORT'] ? Number(env['MASTER_PORT']) : undefined);
   if (!addr || port === undefined) {
-    invalidArgument('init', `NCCL needs rank 0's unique id on every rank: run under mpirun with the MPI backend built, or set MASTER_ADDR and MASTER_PORT (launcher: ${le.launcher})`);
+    invalidArgument(
+      'init',
+      `NCCL needs rank 0's unique id on every rank: run under mpirun with the MPI backend built, or set MASTER_ADDR and MASTER_PORT (launcher: ${le.launcher})`,
+    );
   }
   const blob = le.rank === 0 ? Communicator.ncclUniqueId() : undefined;
-  return rendezvous({ rank: le.rank, size: le.size, addr: le.rank === 0 && addr !== 'localhost' ? '0.0.0.0' : addr, port, ...(blob ? { blob } : {}), timeoutMs, jobId: jobId(env) });
+  return rendezvous({
+    rank: le.rank,
+    size: le.size,
+    addr: le.rank === 0 && addr !== 'localhost' ? '0.0.0.0' : addr,
+    port,
+    ...(blob ? { blob } : {}),
+    timeoutMs,
+    jobId: jobId(env),
+  });
 }
 
 /**

@@ -69,7 +69,8 @@ export class CommWork<T> implements Disposable {
   /** The result; work queued on `stream` from now on waits for it (the host does not). */
   waitOn(stream: Stream): T {
     checkStream(stream, 'CommWork.waitOn');
-    if (!stream.device.equals(this.device)) invalidArgument('CommWork.waitOn', `'stream' is on ${stream.device.toString()} but the work is on ${this.device.toString()}`);
+    if (!stream.device.equals(this.device))
+      invalidArgument('CommWork.waitOn', `'stream' is on ${stream.device.toString()} but the work is on ${this.device.toString()}`);
     return this.deliver('waitOn', stream);
   }
 
@@ -128,7 +129,9 @@ export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStream
   options = checkOptions(options, op, { after: true, inputs: true });
   const inputs = options.inputs ?? [];
   if (!Array.isArray(inputs) || !inputs.every((t) => t instanceof Tensor)) invalidArgument(op, `'inputs' must be an array of Tensors`);
-  for (const t of inputs) if (!t.device.equals(stream.device)) invalidArgument(op, `'inputs' holds a tensor on ${t.device.toString()} but the stream is on ${stream.device.toString()}`);
+  for (const t of inputs)
+    if (!t.device.equals(stream.device))
+      invalidArgument(op, `'inputs' holds a tensor on ${t.device.toString()} but the stream is on ${stream.device.toString()}`);
   return launch(op, stream, stream.device, inputs, fn, options.after === undefined ? {} : { after: options.after });
 }
 
@@ -146,19 +149,23 @@ export function launch<T>(
   options: CommWorkOptions = {},
   release?: (result: T) => void,
 ): CommWork<T> {
-  const free = release ?? ((result: T): void => {
-    for (const t of tensorsIn(result)) if (!inputs.includes(t)) t.dispose();
-  });
+  const free =
+    release ??
+    ((result: T): void => {
+      for (const t of tensorsIn(result)) if (!inputs.includes(t)) t.dispose();
+    });
   options = checkOptions(options, op, { after: true });
   const after = options.after;
   if (after !== undefined) {
     checkEvent(after, op, 'after');
-    if (!after.device.equals(device)) invalidArgument(op, `'after' is an event on ${after.device.toString()} but the tensors are on ${device.toString()}`);
+    if (!after.device.equals(device))
+      invalidArgument(op, `'after' is an event on ${after.device.toString()} but the tensors are on ${device.toString()}`);
     if (after.disposed) throw new DisposedError(`${op}: 'after' was disposed`, op);
   }
   if (commStream === undefined) return new CommWork(device, null, fn(), free);
   if (commStream.disposed) throw new DisposedError(`${op}: 'commStream' was disposed`, op);
-  if (!commStream.device.equals(device)) invalidArgument(op, `'commStream' is on ${commStream.device.toString()} but the tensors are on ${device.toString()}`);
+  if (!commStream.device.equals(device))
+    invalidArgument(op, `'commStream' is on ${commStream.device.toString()} but the tensors are on ${device.toString()}`);
   if (after) commStream.waitEvent(after);
   else {
     // Everything queued on the compute stream so far, the inputs' producers among it.

@@ -50,10 +50,12 @@ export async function rendezvous(options: RendezvousOptions): Promise<Uint8Array
   const jobId = options.jobId ?? '';
   checkPositiveInt(size, op, 'size');
   if (!Number.isSafeInteger(rank) || rank < 0 || rank >= size) invalidArgument(op, `'rank' ${rank} is not in [0, ${size})`);
-  if (!Number.isSafeInteger(port) || port < 1 || port > 65535) invalidArgument(op, `'port' (MASTER_PORT) must be 1..65535; received ${port}`);
+  if (!Number.isSafeInteger(port) || port < 1 || port > 65535)
+    invalidArgument(op, `'port' (MASTER_PORT) must be 1..65535; received ${port}`);
   if (typeof addr !== 'string' || addr === '') invalidArgument(op, `'addr' (MASTER_ADDR) must be a host name or address`);
   checkTimeoutMs(timeoutMs, op);
-  if (typeof jobId !== 'string' || Buffer.byteLength(jobId) > MAX_JOB_ID) invalidArgument(op, `'jobId' must be a string of at most ${MAX_JOB_ID} bytes`);
+  if (typeof jobId !== 'string' || Buffer.byteLength(jobId) > MAX_JOB_ID)
+    invalidArgument(op, `'jobId' must be a string of at most ${MAX_JOB_ID} bytes`);
   if (rank === 0) {
     if (!(options.blob instanceof Uint8Array)) invalidArgument(op, `rank 0 must pass 'blob' (a Uint8Array)`);
     return serve(options.blob, size, addr, port, timeoutMs, jobId);
@@ -91,7 +93,12 @@ function serve(blob: Uint8Array, size: number, addr: string, port: number, timeo
       const told = new Set<Socket>(waiting.values());
       if (also) told.add(also);
       for (const s of told) {
-        if (err) answer(s, err instanceof TimeoutError ? Status.Timeout : Status.Error, Buffer.from(err.message.replace(/^rendezvous: /, ''), 'utf8'));
+        if (err)
+          answer(
+            s,
+            err instanceof TimeoutError ? Status.Timeout : Status.Error,
+            Buffer.from(err.message.replace(/^rendezvous: /, ''), 'utf8'),
+          );
         else answer(s, Status.Blob, blob);
       }
       for (const s of sockets) if (!told.has(s)) s.destroy();
@@ -132,12 +139,31 @@ function serve(blob: Uint8Array, size: number, addr: string, port: number, timeo
         const peerJob = buf.toString('utf8', 16, 16 + idLength);
         if (peerJob !== jobId) {
           // Another job on our port: refuse it and keep serving ours.
-          answer(socket, Status.Error, Buffer.from(`rank 0 at ${where} serves job ${quote(jobId)}, not job ${quote(peerJob)} of rank ${peer}: two jobs share this MASTER_PORT; give each job its own port (the job id comes from MOE_EP_JOB_ID or the launcher)`, 'utf8'));
+          answer(
+            socket,
+            Status.Error,
+            Buffer.from(
+              `rank 0 at ${where} serves job ${quote(jobId)}, not job ${quote(peerJob)} of rank ${peer}: two jobs share this MASTER_PORT; give each job its own port (the job id comes from MOE_EP_JOB_ID or the launcher)`,
+              'utf8',
+            ),
+          );
           return;
         }
-        if (peerSize !== size) return fail(`rank ${peer} says the world has ${peerSize} ranks but rank 0 (${where}) has ${size}: WORLD_SIZE differs between the ranks`, socket);
-        if (peer < 1 || peer >= size) return fail(`a party claims rank ${peer} of ${size}, but rank 0 (${where}) serves ranks 1..${size - 1}: RANK is out of range`, socket);
-        if (waiting.has(peer)) return fail(`two parties claim rank ${peer} of ${size} at rank 0 (${where}): RANK is set twice, or two jobs share this MASTER_PORT (set MOE_EP_JOB_ID per job)`, socket);
+        if (peerSize !== size)
+          return fail(
+            `rank ${peer} says the world has ${peerSize} ranks but rank 0 (${where}) has ${size}: WORLD_SIZE differs between the ranks`,
+            socket,
+          );
+        if (peer < 1 || peer >= size)
+          return fail(
+            `a party claims rank ${peer} of ${size}, but rank 0 (${where}) serves ranks 1..${size - 1}: RANK is out of range`,
+            socket,
+          );
+        if (waiting.has(peer))
+          return fail(
+            `two parties claim rank ${peer} of ${size} at rank 0 (${where}): RANK is set twice, or two jobs share this MASTER_PORT (set MOE_EP_JOB_ID per job)`,
+            socket,
+          );
         waiting.set(peer, socket);
         if (waiting.size === size - 1) finish(null);
       });
@@ -148,7 +174,12 @@ function serve(blob: Uint8Array, size: number, addr: string, port: number, timeo
       timer = setTimeout(() => {
         const missing: number[] = [];
         for (let r = 1; r < size; r++) if (!waiting.has(r)) missing.push(r);
-        finish(new TimeoutError(`rendezvous: timed out after ${timeoutMs} ms on rank 0 (${where}); not heard from rank${missing.length === 1 ? '' : 's'} ${missing.join(', ')}`, 'rendezvous'));
+        finish(
+          new TimeoutError(
+            `rendezvous: timed out after ${timeoutMs} ms on rank 0 (${where}); not heard from rank${missing.length === 1 ? '' : 's'} ${missing.join(', ')}`,
+            'rendezvous',
+          ),
+        );
       }, timeoutMs);
     }
   });
@@ -181,7 +212,16 @@ function fetchBlob(rank: number, size: number, addr: string, port: number, timeo
     // answers only once every rank has checked in; something else on the port may never answer).
     const deadline =
       timeoutMs > 0
-        ? setTimeout(() => settle(new TimeoutError(`rendezvous: timed out after ${timeoutMs} ms on rank ${rank}; not heard from rank 0 at ${where} (${lastError || 'no answer'})`, 'rendezvous')), timeoutMs)
+        ? setTimeout(
+            () =>
+              settle(
+                new TimeoutError(
+                  `rendezvous: timed out after ${timeoutMs} ms on rank ${rank}; not heard from rank 0 at ${where} (${lastError || 'no answer'})`,
+                  'rendezvous',
+                ),
+              ),
+            timeoutMs,
+          )
         : undefined;
     const attempt = (): void => {
       if (settled) return;
@@ -196,7 +236,12 @@ function fetchBlob(rank: number, size: number, addr: string, port: number, timeo
         buf = Buffer.concat([buf, chunk]);
         const n = Math.min(4, buf.length);
         if (!buf.subarray(0, n).equals(MAGIC.subarray(0, n))) {
-          settle(new InvalidArgumentError(`rendezvous: what answers at ${where} is not a moe-ep rank 0 (is MASTER_PORT another service's port?)`, 'rendezvous'));
+          settle(
+            new InvalidArgumentError(
+              `rendezvous: what answers at ${where} is not a moe-ep rank 0 (is MASTER_PORT another service's port?)`,
+              'rendezvous',
+            ),
+          );
           return;
         }
         if (buf.length < 9) return;

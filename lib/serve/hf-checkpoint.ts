@@ -74,7 +74,11 @@ export interface HfMoENames {
 }
 
 /** Names of the MoE block of decoder layer `layer` in `family`'s layout (`block` says which extras exist). */
-export function hfMoENames(family: HfMoEFamily, layer: number, block: Pick<HfMoEBlock, 'selectionBias' | 'sharedFfn' | 'sharedGate'>): HfMoENames {
+export function hfMoENames(
+  family: HfMoEFamily,
+  layer: number,
+  block: Pick<HfMoEBlock, 'selectionBias' | 'sharedFfn' | 'sharedGate'>,
+): HfMoENames {
   if (family === 'mixtral') {
     const p = `model.layers.${layer}.block_sparse_moe`;
     const w = { gate: 'w1', up: 'w3', down: 'w2' } as const;
@@ -168,14 +172,18 @@ export class HfMoECheckpoint implements Disposable {
   /** Opens `dir`: config.json (or options.config), then the index's weight map or model.safetensors's header. */
   static open(dir: string, options: HfOpenOptions = {}): HfMoECheckpoint {
     options = checkOptions(options, 'HfMoECheckpoint.open', { config: true });
-    if (typeof dir !== 'string' || dir === '') invalidArgument('HfMoECheckpoint.open', `'dir' must be a folder path; received ${String(dir)}`);
+    if (typeof dir !== 'string' || dir === '')
+      invalidArgument('HfMoECheckpoint.open', `'dir' must be a folder path; received ${String(dir)}`);
     const real = realFolder(dir, `hf checkpoint ${dir}`);
     const inside = (name: string): string | undefined => resolveInside(real, name, `hf checkpoint ${dir}: ${name}`);
     let config = options.config;
     if (config === undefined) {
       const path = inside(HF_CONFIG_FILE);
       if (path === undefined) fail(dir, `${HF_CONFIG_FILE} is missing (pass options.config to give the model's config another way)`);
-      config = readJson(path, { what: `hf checkpoint ${dir}: ${HF_CONFIG_FILE}`, maxBytes: CONFIG_MAX_BYTES, maxDepth: 16 }) as Record<string, unknown>;
+      config = readJson(path, { what: `hf checkpoint ${dir}: ${HF_CONFIG_FILE}`, maxBytes: CONFIG_MAX_BYTES, maxDepth: 16 }) as Record<
+        string,
+        unknown
+      >;
     }
     const model = hfMoEModel(config, `hf checkpoint ${dir}: ${options.config === undefined ? HF_CONFIG_FILE : 'options.config'}`);
     const weightMap = new Map<string, string>();
@@ -187,7 +195,8 @@ export class HfMoECheckpoint implements Disposable {
       if (map === null || typeof map !== 'object' || Array.isArray(map)) fail(dir, `${HF_INDEX_FILE} has no 'weight_map' object`);
       const checked = new Set<string>();
       for (const [name, file] of Object.entries(map as Record<string, unknown>)) {
-        if (typeof file !== 'string') fail(dir, `${HF_INDEX_FILE}: weight_map['${name}'] must be a file name; found ${JSON.stringify(file)}`);
+        if (typeof file !== 'string')
+          fail(dir, `${HF_INDEX_FILE}: weight_map['${name}'] must be a file name; found ${JSON.stringify(file)}`);
         if (!checked.has(file)) {
           // Plain names only: '../x', '/etc/x', 'sub/x' are refused before any path is built.
           checkPlainName(file, `hf checkpoint ${dir}: ${HF_INDEX_FILE}: weight_map['${name}']`, CheckpointError);
@@ -220,7 +229,10 @@ export class HfMoECheckpoint implements Disposable {
   names(layer: number): HfMoENames {
     if (!this.model.moeLayers.includes(layer)) {
       const l = this.model.moeLayers;
-      invalidArgument('HfMoECheckpoint', `layer ${String(layer)} has no MoE block (the MoE layers are ${l.length > 8 ? `${l.slice(0, 8).join(', ')}, …` : l.join(', ')} of ${this.model.numLayers})`);
+      invalidArgument(
+        'HfMoECheckpoint',
+        `layer ${String(layer)} has no MoE block (the MoE layers are ${l.length > 8 ? `${l.slice(0, 8).join(', ')}, …` : l.join(', ')} of ${this.model.numLayers})`,
+      );
     }
     return hfMoENames(this.family, layer, this.block);
   }
@@ -230,7 +242,10 @@ export class HfMoECheckpoint implements Disposable {
     const file = this.weightMap.get(name);
     if (file === undefined) {
       const like = [...this.weightMap.keys()].filter((n) => n.replace(/\d+/g, '#') === name.replace(/\d+/g, '#')).slice(0, 3);
-      fail(this.dir, `tensor '${name}' is not in the checkpoint (${this.weightMap.size} tensors${like.length ? `; similar: ${like.join(', ')}` : ''})`);
+      fail(
+        this.dir,
+        `tensor '${name}' is not in the checkpoint (${this.weightMap.size} tensors${like.length ? `; similar: ${like.join(', ')}` : ''})`,
+      );
     }
     let f = this.#open.get(file);
     if (f === undefined) {
@@ -245,10 +260,16 @@ export class HfMoECheckpoint implements Disposable {
     const info = f.info(name);
     const fp8 = info.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
     if (!READABLE.includes(info.dtype) && !fp8) {
-      fail(this.dir, `${file}: tensor '${name}' is ${info.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`);
+      fail(
+        this.dir,
+        `${file}: tensor '${name}' is ${info.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`,
+      );
     }
     if (info.shape.join() !== shape.join()) {
-      fail(this.dir, `${file}: tensor '${name}' is [${info.shape.join(',')}] but the ${this.family} config (${HF_CONFIG_FILE}) needs [${shape.join(',')}]`);
+      fail(
+        this.dir,
+        `${file}: tensor '${name}' is [${info.shape.join(',')}] but the ${this.family} config (${HF_CONFIG_FILE}) needs [${shape.join(',')}]`,
+      );
     }
     return { file, f, info };
   }
@@ -267,7 +288,11 @@ export class HfMoECheckpoint implements Disposable {
       return;
     }
     tidy(() => {
-      const src = Tensor.fromArray(storageView(info.dtype, bytes.buffer as ArrayBuffer), { dtype: info.dtype, shape: info.shape, device: 'cpu' });
+      const src = Tensor.fromArray(storageView(info.dtype, bytes.buffer as ArrayBuffer), {
+        dtype: info.dtype,
+        shape: info.shape,
+        device: 'cpu',
+      });
       use(src);
     });
   }
@@ -277,21 +302,34 @@ export class HfMoECheckpoint implements Disposable {
     const block = this.config['quantization_config'] as { weight_block_size?: unknown } | undefined;
     const size = block?.weight_block_size;
     if (size !== undefined && !(Array.isArray(size) && size.length === 2 && size[0] === FP8_WEIGHT_BLOCK && size[1] === FP8_WEIGHT_BLOCK)) {
-      fail(this.dir, `${HF_CONFIG_FILE}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`);
+      fail(
+        this.dir,
+        `${HF_CONFIG_FILE}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`,
+      );
     }
-    if (C % FP8_WEIGHT_BLOCK !== 0) fail(this.dir, `${this.weightMap.get(name)}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
+    if (C % FP8_WEIGHT_BLOCK !== 0)
+      fail(this.dir, `${this.weightMap.get(name)}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
     const scaleName = name + HF_FP8_SCALE_SUFFIX;
-    const rowBlocks = Math.ceil(R / FP8_WEIGHT_BLOCK), colBlocks = C / FP8_WEIGHT_BLOCK;
+    const rowBlocks = Math.ceil(R / FP8_WEIGHT_BLOCK),
+      colBlocks = C / FP8_WEIGHT_BLOCK;
     const s = this.locate(scaleName, [rowBlocks, colBlocks]);
     const scaleBytes = s.f.readBytes(scaleName);
     this.stats.tensorsRead++;
     this.stats.tensorBytes += scaleBytes.byteLength;
     tidy(() => {
-      const scales = Tensor.fromArray(storageView(s.info.dtype, scaleBytes.buffer as ArrayBuffer), { dtype: s.info.dtype, shape: s.info.shape, device: 'cpu' }).cast('f32');
+      const scales = Tensor.fromArray(storageView(s.info.dtype, scaleBytes.buffer as ArrayBuffer), {
+        dtype: s.info.dtype,
+        shape: s.info.shape,
+        device: 'cpu',
+      }).cast('f32');
       // Block rows → one scale row per weight row (the native dequantisation takes [R, C/128]).
       const perBlock = scales.toArray() as Float32Array;
       const perRow = new Float32Array(R * colBlocks);
-      for (let r = 0; r < R; r++) perRow.set(perBlock.subarray(Math.floor(r / FP8_WEIGHT_BLOCK) * colBlocks, (Math.floor(r / FP8_WEIGHT_BLOCK) + 1) * colBlocks), r * colBlocks);
+      for (let r = 0; r < R; r++)
+        perRow.set(
+          perBlock.subarray(Math.floor(r / FP8_WEIGHT_BLOCK) * colBlocks, (Math.floor(r / FP8_WEIGHT_BLOCK) + 1) * colBlocks),
+          r * colBlocks,
+        );
       const q = Tensor.fromArray(bytes, { dtype: 'fp8e4m3', shape: [R, C], device: 'cpu' });
       use(dequantizeFp8({ q, scales: Tensor.fromArray(perRow, { shape: [R, colBlocks], device: 'cpu' }) }, 'f32'));
     });
@@ -336,7 +374,8 @@ export class HfMoECheckpoint implements Disposable {
         this.read(down, [H, f], (src) => into2.narrow(0, i, 1).copy_(src.view(1, H, f).transpose(1, 2)));
       };
       tidy(() => {
-        for (let i = 0; i < El; i++) fill(i, names.expert(first + i, 'gate'), names.expert(first + i, 'up'), names.expert(first + i, 'down'), F, w13, w2);
+        for (let i = 0; i < El; i++)
+          fill(i, names.expert(first + i, 'gate'), names.expert(first + i, 'up'), names.expert(first + i, 'down'), F, w13, w2);
       });
       let sharedW13: Tensor | null = null;
       let sharedW2: Tensor | null = null;
@@ -355,7 +394,15 @@ export class HfMoECheckpoint implements Disposable {
         sharedGate = g;
       }
       return {
-        router, bias, w13, w2, sharedW13, sharedW2, sharedGate, firstExpert: first, localExperts: El,
+        router,
+        bias,
+        w13,
+        w2,
+        sharedW13,
+        sharedW2,
+        sharedGate,
+        firstExpert: first,
+        localExperts: El,
         dispose() {
           for (const t of made) t.dispose();
         },

@@ -83,7 +83,8 @@ class Fields {
       return dflt;
     }
     const v = this.c[f];
-    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) this.fail(`'${f}' must be an integer >= ${min}; found ${JSON.stringify(v)}`);
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min)
+      this.fail(`'${f}' must be an integer >= ${min}; found ${JSON.stringify(v)}`);
     return v;
   }
   num(f: string, dflt: number): number {
@@ -107,7 +108,8 @@ class Fields {
   intList(f: string): number[] {
     if (!this.has(f)) return [];
     const v = this.c[f];
-    if (!Array.isArray(v) || !v.every((x) => Number.isSafeInteger(x) && x >= 0)) this.fail(`'${f}' must be a list of layer indices; found ${JSON.stringify(v)}`);
+    if (!Array.isArray(v) || !v.every((x) => Number.isSafeInteger(x) && x >= 0))
+      this.fail(`'${f}' must be a list of layer indices; found ${JSON.stringify(v)}`);
     return v as number[];
   }
   family(): string {
@@ -135,15 +137,30 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   if (family === 'mixtral') {
     // MixtralSparseMoeBlock: softmax over all experts, top-k, renormalised over the k.
     block = {
-      family, hidden, ffn: c.int('intermediate_size'), numExperts: c.int('num_local_experts'), topK: c.int('num_experts_per_tok'),
-      scoreFunction: 'softmax', groups: 1, topkGroups: 1, normalize: true, routeScale: 1, selectionBias: false, sharedFfn: 0, sharedGate: false,
+      family,
+      hidden,
+      ffn: c.int('intermediate_size'),
+      numExperts: c.int('num_local_experts'),
+      topK: c.int('num_experts_per_tok'),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: true,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: 0,
+      sharedGate: false,
     };
     isMoE = () => true;
   } else if (family === 'deepseek_v3') {
     const scoring = c.str('scoring_func', 'sigmoid');
-    if (scoring !== 'sigmoid') c.fail(`'scoring_func' ${JSON.stringify(scoring)}: DeepSeek-V3 routing is 'sigmoid' (DeepSeek-V2's softmax with group maxima is not supported)`);
+    if (scoring !== 'sigmoid')
+      c.fail(
+        `'scoring_func' ${JSON.stringify(scoring)}: DeepSeek-V3 routing is 'sigmoid' (DeepSeek-V2's softmax with group maxima is not supported)`,
+      );
     const method = c.str('topk_method', 'noaux_tc');
-    if (method !== 'noaux_tc') c.fail(`'topk_method' ${JSON.stringify(method)}: only DeepSeek-V3's 'noaux_tc' (bias-corrected, top-2 group scores) is supported`);
+    if (method !== 'noaux_tc')
+      c.fail(`'topk_method' ${JSON.stringify(method)}: only DeepSeek-V3's 'noaux_tc' (bias-corrected, top-2 group scores) is supported`);
     const E = c.int('n_routed_experts');
     const k = c.int('num_experts_per_tok');
     const nGroup = c.int('n_group', 8); // DeepseekV3Config defaults
@@ -152,16 +169,30 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
     if (nGroup > 1 && topkGroup < nGroup && k !== 2 * topkGroup) {
       // transformers scores a group by the sum of its top 2; the package by its top k/topkGroups.
-      c.fail(`'num_experts_per_tok' = ${k} with 'topk_group' = ${topkGroup}: the package scores a group by the sum of its top num_experts_per_tok/topk_group experts and DeepSeek-V3 by its top 2, so they agree only when num_experts_per_tok = 2·topk_group (DeepSeek-V3: 8 = 2·4)`);
+      c.fail(
+        `'num_experts_per_tok' = ${k} with 'topk_group' = ${topkGroup}: the package scores a group by the sum of its top num_experts_per_tok/topk_group experts and DeepSeek-V3 by its top 2, so they agree only when num_experts_per_tok = 2·topk_group (DeepSeek-V3: 8 = 2·4)`,
+      );
     }
-    if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup) c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
+    if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
+      c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
     const F = c.int('moe_intermediate_size');
     const shared = c.int('n_shared_experts', 1, 0);
     // All groups kept (topk_group = n_group, or one group) is plain top-k.
     const groups = topkGroup === nGroup ? 1 : nGroup;
     block = {
-      family, hidden, ffn: F, numExperts: E, topK: k, scoreFunction: 'sigmoid', groups, topkGroups: groups === 1 ? 1 : topkGroup,
-      normalize: c.bool('norm_topk_prob', true), routeScale: c.num('routed_scaling_factor', 2.5), selectionBias: true, sharedFfn: F * shared, sharedGate: false,
+      family,
+      hidden,
+      ffn: F,
+      numExperts: E,
+      topK: k,
+      scoreFunction: 'sigmoid',
+      groups,
+      topkGroups: groups === 1 ? 1 : topkGroup,
+      normalize: c.bool('norm_topk_prob', true),
+      routeScale: c.num('routed_scaling_factor', 2.5),
+      selectionBias: true,
+      sharedFfn: F * shared,
+      sharedGate: false,
     };
     const firstDense = c.int('first_k_dense_replace', 3, 0);
     const freq = c.int('moe_layer_freq', 1);
@@ -173,8 +204,19 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     const qwen2 = family === 'qwen2_moe';
     const sharedFfn = qwen2 ? c.int('shared_expert_intermediate_size', undefined, 0) : 0;
     block = {
-      family, hidden, ffn: c.int('moe_intermediate_size'), numExperts: E, topK: c.int('num_experts_per_tok'), scoreFunction: 'softmax', groups: 1, topkGroups: 1,
-      normalize: c.bool('norm_topk_prob', false), routeScale: 1, selectionBias: false, sharedFfn, sharedGate: sharedFfn > 0,
+      family,
+      hidden,
+      ffn: c.int('moe_intermediate_size'),
+      numExperts: E,
+      topK: c.int('num_experts_per_tok'),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: c.bool('norm_topk_prob', false),
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn,
+      sharedGate: sharedFfn > 0,
     };
     isMoE = (l) => !mlpOnly.has(l) && (l + 1) % sparseStep === 0;
   }

@@ -131,22 +131,53 @@ interface Workspace {
   logits: Tensor;
   cap: { slot: Tensor; keptPerExpert: Tensor; dropped: Tensor; invalid: Tensor };
   /** One rank only: the permuted layout and the experts' buffers. */
-  local: { rows: Tensor; offsets: Tensor; rowOf: Tensor; rowWeight: Tensor; rowToken: Tensor; invalid: Tensor; h: Tensor; out: Tensor } | null;
+  local: {
+    rows: Tensor;
+    offsets: Tensor;
+    rowOf: Tensor;
+    rowWeight: Tensor;
+    rowToken: Tensor;
+    invalid: Tensor;
+    h: Tensor;
+    out: Tensor;
+  } | null;
   shared: { h: Tensor; out: Tensor } | null;
-  gate: { logit: Tensor; router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor }; identity: Tensor; scaled: Tensor } | null;
+  gate: {
+    logit: Tensor;
+    router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor };
+    identity: Tensor;
+    scaled: Tensor;
+  } | null;
 }
 
 export class MoEInference implements Disposable {
   readonly config: Readonly<{
-    hidden: number; ffn: number; numExperts: number; topK: number; selectionBias: boolean; sharedFfn: number; sharedGate: boolean;
-    capacityFactor: number | undefined; dropPolicy: DropPolicy; dtype: 'bf16' | 'f32'; maxWorkspaces: number;
+    hidden: number;
+    ffn: number;
+    numExperts: number;
+    topK: number;
+    selectionBias: boolean;
+    sharedFfn: number;
+    sharedGate: boolean;
+    capacityFactor: number | undefined;
+    dropPolicy: DropPolicy;
+    dtype: 'bf16' | 'f32';
+    maxWorkspaces: number;
   }>;
   readonly router: ResolvedRouterConfig;
   readonly device: Device;
   readonly group: ExpertParallelGroup;
   readonly localExperts: number;
   /** The weights (router [1,H,E], bias [E] f32 or null, w13 [El,H,2F], w2 [El,F,H], shared, gate [1,H,1]). */
-  readonly weights: Readonly<{ router: Tensor; bias: Tensor | null; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null; sharedGate: Tensor | null }>;
+  readonly weights: Readonly<{
+    router: Tensor;
+    bias: Tensor | null;
+    w13: Tensor;
+    w2: Tensor;
+    sharedW13: Tensor | null;
+    sharedW2: Tensor | null;
+    sharedGate: Tensor | null;
+  }>;
   private readonly dispatcher: Dispatcher | null;
   private readonly gateRouter: ResolvedRouterConfig | null;
   private readonly workspaces = new Map<number, Workspace>();
@@ -159,9 +190,26 @@ export class MoEInference implements Disposable {
     const op = 'MoEInference';
     if (config === null || typeof config !== 'object') invalidArgument(op, `'config' must be an object`);
     checkKeys(config, op, {
-      hidden: true, ffn: true, numExperts: true, topK: true, scoreFunction: true, groups: true, topkGroups: true, normalize: true, routeScale: true,
-      selectionBias: true, sharedFfn: true, sharedGate: true, capacityFactor: true, dropPolicy: true, group: true, transport: true, transportSms: true,
-      dtype: true, device: true, maxWorkspaces: true,
+      hidden: true,
+      ffn: true,
+      numExperts: true,
+      topK: true,
+      scoreFunction: true,
+      groups: true,
+      topkGroups: true,
+      normalize: true,
+      routeScale: true,
+      selectionBias: true,
+      sharedFfn: true,
+      sharedGate: true,
+      capacityFactor: true,
+      dropPolicy: true,
+      group: true,
+      transport: true,
+      transportSms: true,
+      dtype: true,
+      device: true,
+      maxWorkspaces: true,
     });
     const hidden = checkPositiveInt(config.hidden, op, 'hidden');
     const ffn = checkPositiveInt(config.ffn, op, 'ffn');
@@ -180,16 +228,31 @@ export class MoEInference implements Disposable {
     if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
     const selectionBias = checkBoolean(config.selectionBias ?? false, op, 'selectionBias');
     const cf = config.capacityFactor;
-    if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0)) invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);
+    if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0))
+      invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);
     const dropPolicy = checkOneOf(config.dropPolicy ?? 'probs', op, 'dropPolicy', DROP_POLICIES);
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
-    if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda)) invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
+    if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
+      invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const maxWorkspaces = checkPositiveInt(config.maxWorkspaces ?? 8, op, 'maxWorkspaces');
     this.group = config.group ?? singleRankGroup;
-    if (E % this.group.size !== 0) invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
+    if (E % this.group.size !== 0)
+      invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
     this.localExperts = E / this.group.size;
-    this.config = Object.freeze({ hidden, ffn, numExperts: E, topK: this.router.topK, selectionBias, sharedFfn, sharedGate, capacityFactor: cf, dropPolicy, dtype, maxWorkspaces });
+    this.config = Object.freeze({
+      hidden,
+      ffn,
+      numExperts: E,
+      topK: this.router.topK,
+      selectionBias,
+      sharedFfn,
+      sharedGate,
+      capacityFactor: cf,
+      dropPolicy,
+      dtype,
+      maxWorkspaces,
+    });
 
     // The weights: shapes, dtypes and device checked before the layer takes them.
     if (weights === null || typeof weights !== 'object') invalidArgument(op, `'weights' must be an object of tensors`);
@@ -198,14 +261,20 @@ export class MoEInference implements Disposable {
     const want = (name: keyof MoEInferenceWeights, present: boolean, shape: number[], dt: string): Tensor | null => {
       const t = weights[name];
       if (!present) {
-        if (t !== undefined && t !== null) invalidArgument(op, `'weights.${name}' is given but the config has none (${name === 'bias' ? "'selectionBias'" : name === 'sharedGate' ? "'sharedGate'" : "'sharedFfn'"})`);
+        if (t !== undefined && t !== null)
+          invalidArgument(
+            op,
+            `'weights.${name}' is given but the config has none (${name === 'bias' ? "'selectionBias'" : name === 'sharedGate' ? "'sharedGate'" : "'sharedFfn'"})`,
+          );
         return null;
       }
       checkTensor(t, op, `weights.${name}`);
       const w = t as Tensor;
-      if (w.shape.join() !== shape.join()) invalidArgument(op, `'weights.${name}' is [${w.shape.join(',')}]; expected [${shape.join(',')}]`);
+      if (w.shape.join() !== shape.join())
+        invalidArgument(op, `'weights.${name}' is [${w.shape.join(',')}]; expected [${shape.join(',')}]`);
       if (w.dtype !== dt) invalidArgument(op, `'weights.${name}' is ${w.dtype}; expected ${dt}`);
-      if (!w.device.equals(this.device)) invalidArgument(op, `'weights.${name}' is on ${w.device.toString()} but the layer is on ${this.device.toString()}`);
+      if (!w.device.equals(this.device))
+        invalidArgument(op, `'weights.${name}' is on ${w.device.toString()} but the layer is on ${this.device.toString()}`);
       if (!w.isContiguous) invalidArgument(op, `'weights.${name}' must be contiguous`);
       return w;
     };
@@ -220,15 +289,16 @@ export class MoEInference implements Disposable {
     });
     for (const t of Object.values(this.weights)) if (t) keep(t);
     this.gateRouter = sharedGate ? resolveRouterConfig({ numExperts: 1, topK: 1, scoreFunction: 'sigmoid', normalize: false }) : null;
-    this.dispatcher = this.group.size > 1
-      ? new Dispatcher({
-        numExperts: E,
-        group: this.group,
-        padToCapacity: cf !== undefined,
-        ...(config.transport === undefined ? {} : { transport: config.transport }),
-        ...(config.transportSms === undefined ? {} : { transportSms: config.transportSms }),
-      })
-      : null;
+    this.dispatcher =
+      this.group.size > 1
+        ? new Dispatcher({
+            numExperts: E,
+            group: this.group,
+            padToCapacity: cf !== undefined,
+            ...(config.transport === undefined ? {} : { transport: config.transport }),
+            ...(config.transportSms === undefined ? {} : { transportSms: config.transportSms }),
+          })
+        : null;
   }
 
   /**
@@ -238,7 +308,11 @@ export class MoEInference implements Disposable {
   static fromLayer(layer: MoELayer, options: { maxWorkspaces?: number } = {}): MoEInference {
     options = checkOptions(options, 'MoEInference.fromLayer', { maxWorkspaces: true });
     const c = layer.config;
-    if (c.routing !== 'token-choice') invalidArgument('MoEInference.fromLayer', `routing '${c.routing}' is not served (expert choice needs the whole batch's tokens; serving is token choice)`);
+    if (c.routing !== 'token-choice')
+      invalidArgument(
+        'MoEInference.fromLayer',
+        `routing '${c.routing}' is not served (expert choice needs the whole batch's tokens; serving is token choice)`,
+      );
     const weights = tidy(() => ({
       router: layer.compute.router.clone(),
       bias: layer.bias.clone(),
@@ -248,13 +322,28 @@ export class MoEInference implements Disposable {
       sharedW2: layer.compute.sharedW2?.clone() ?? null,
     }));
     try {
-      return new MoEInference({
-        hidden: c.hidden, ffn: c.ffn, numExperts: c.numExperts, topK: c.topK, scoreFunction: c.scoreFunction, groups: c.groups, topkGroups: c.topkGroups,
-        normalize: c.normalize, routeScale: c.routeScale, selectionBias: true, sharedFfn: c.sharedFfn,
-        ...(c.capacityFactor === undefined ? {} : { capacityFactor: c.capacityFactor }), dropPolicy: c.dropPolicy,
-        group: layer.group, dtype: c.dtype as 'bf16' | 'f32', device: layer.device,
-        ...(options.maxWorkspaces === undefined ? {} : { maxWorkspaces: options.maxWorkspaces }),
-      }, weights);
+      return new MoEInference(
+        {
+          hidden: c.hidden,
+          ffn: c.ffn,
+          numExperts: c.numExperts,
+          topK: c.topK,
+          scoreFunction: c.scoreFunction,
+          groups: c.groups,
+          topkGroups: c.topkGroups,
+          normalize: c.normalize,
+          routeScale: c.routeScale,
+          selectionBias: true,
+          sharedFfn: c.sharedFfn,
+          ...(c.capacityFactor === undefined ? {} : { capacityFactor: c.capacityFactor }),
+          dropPolicy: c.dropPolicy,
+          group: layer.group,
+          dtype: c.dtype as 'bf16' | 'f32',
+          device: layer.device,
+          ...(options.maxWorkspaces === undefined ? {} : { maxWorkspaces: options.maxWorkspaces }),
+        },
+        weights,
+      );
     } catch (e) {
       for (const t of Object.values(weights)) t?.dispose();
       throw e;
@@ -268,9 +357,32 @@ export class MoEInference implements Disposable {
   static fromHf(
     ckpt: HfMoECheckpoint,
     layer: number,
-    options: Omit<MoEInferenceConfig, 'hidden' | 'ffn' | 'numExperts' | 'topK' | 'scoreFunction' | 'groups' | 'topkGroups' | 'normalize' | 'routeScale' | 'selectionBias' | 'sharedFfn' | 'sharedGate'> = {},
+    options: Omit<
+      MoEInferenceConfig,
+      | 'hidden'
+      | 'ffn'
+      | 'numExperts'
+      | 'topK'
+      | 'scoreFunction'
+      | 'groups'
+      | 'topkGroups'
+      | 'normalize'
+      | 'routeScale'
+      | 'selectionBias'
+      | 'sharedFfn'
+      | 'sharedGate'
+    > = {},
   ): MoEInference {
-    options = checkOptions(options, 'MoEInference.fromHf', { capacityFactor: true, dropPolicy: true, group: true, transport: true, transportSms: true, dtype: true, device: true, maxWorkspaces: true });
+    options = checkOptions(options, 'MoEInference.fromHf', {
+      capacityFactor: true,
+      dropPolicy: true,
+      group: true,
+      transport: true,
+      transportSms: true,
+      dtype: true,
+      device: true,
+      maxWorkspaces: true,
+    });
     const group = options.group ?? singleRankGroup;
     const device = options.device ?? getDefaultDevice();
     const b = ckpt.block;
@@ -278,8 +390,20 @@ export class MoEInference implements Disposable {
     try {
       return new MoEInference(
         {
-          ...options, device, hidden: b.hidden, ffn: b.ffn, numExperts: b.numExperts, topK: b.topK, scoreFunction: b.scoreFunction, groups: b.groups,
-          topkGroups: b.topkGroups, normalize: b.normalize, routeScale: b.routeScale, selectionBias: b.selectionBias, sharedFfn: b.sharedFfn, sharedGate: b.sharedGate,
+          ...options,
+          device,
+          hidden: b.hidden,
+          ffn: b.ffn,
+          numExperts: b.numExperts,
+          topK: b.topK,
+          scoreFunction: b.scoreFunction,
+          groups: b.groups,
+          topkGroups: b.topkGroups,
+          normalize: b.normalize,
+          routeScale: b.routeScale,
+          selectionBias: b.selectionBias,
+          sharedFfn: b.sharedFfn,
+          sharedGate: b.sharedGate,
         },
         { router: w.router, bias: w.bias, w13: w.w13, w2: w.w2, sharedW13: w.sharedW13, sharedW2: w.sharedW2, sharedGate: w.sharedGate },
       );
@@ -321,7 +445,11 @@ export class MoEInference implements Disposable {
       const all = keep(Tensor.fromArray([0, T], { dtype: 'i32', device }));
       tensors.push(all);
       const routerOut = (n: number, kk: number) => ({
-        indices: make([T, kk], 'i32'), weights: make([T, kk]), tokensPerExpert: make([n], 'i32'), scores: make([T, n]), nanRows: make([2], 'i32'),
+        indices: make([T, kk], 'i32'),
+        weights: make([T, kk]),
+        tokensPerExpert: make([n], 'i32'),
+        scores: make([T, n]),
+        nanRows: make([2], 'i32'),
       });
       const cdt = dtype as 'f32' | 'bf16';
       const R = this.rowsFor(T);
@@ -335,14 +463,25 @@ export class MoEInference implements Disposable {
         local: this.dispatcher
           ? null
           : {
-            rows: make([R, H], cdt), offsets: make([E + 1], 'i32'), rowOf: make([T, k], 'i32'), rowWeight: make([R]), rowToken: make([R], 'i32'),
-            invalid: make([1], 'i32'), h: make([R, F], cdt), out: make([R, H], cdt),
-          },
+              rows: make([R, H], cdt),
+              offsets: make([E + 1], 'i32'),
+              rowOf: make([T, k], 'i32'),
+              rowWeight: make([R]),
+              rowToken: make([R], 'i32'),
+              invalid: make([1], 'i32'),
+              h: make([R, F], cdt),
+              out: make([R, H], cdt),
+            },
         shared: Fs > 0 ? { h: make([T, Fs], cdt), out: make([T, H], cdt) } : null,
         gate: null,
       };
       if (this.config.sharedGate) {
-        const identity = keep(Tensor.fromArray(Int32Array.from({ length: T }, (_, t) => t), { dtype: 'i32', shape: [T, 1], device }));
+        const identity = keep(
+          Tensor.fromArray(
+            Int32Array.from({ length: T }, (_, t) => t),
+            { dtype: 'i32', shape: [T, 1], device },
+          ),
+        );
         tensors.push(identity);
         ws.gate = { logit: make([T, 1]), router: routerOut(1, 1), identity, scaled: make([T, H], cdt) };
       }
@@ -391,7 +530,8 @@ export class MoEInference implements Disposable {
     const op = 'MoEInference.captureDecode';
     if (this.#disposed) invalidArgument(op, 'the layer was disposed');
     checkPositiveInt(T, 'MoEInference', 'T');
-    if (!this.device.isCuda) throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
+    if (!this.device.isCuda)
+      throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
     if (this.dispatcher) {
       throw new UnavailableError(
         `${op}: capture is for one rank; with an expert-parallel group of ${this.group.size} the rows go through the Dispatcher, which allocates per step (and reads counts on the host when dropless)`,
@@ -412,9 +552,13 @@ export class MoEInference implements Disposable {
       this.run(x, ws, y); // the warm-up
       this.#captureStream ??= new Stream(this.device);
       const weights = Object.values(this.weights).filter((t): t is Tensor => t !== null);
-      const graph = CudaGraph.capture(this.#captureStream, () => {
-        this.run(x, ws, y);
-      }, { retain: [...ws.tensors, x, y, ...weights] });
+      const graph = CudaGraph.capture(
+        this.#captureStream,
+        () => {
+          this.run(x, ws, y);
+        },
+        { retain: [...ws.tensors, x, y, ...weights] },
+      );
       const g: DecodeGraph = { T, graph, ws, x, y };
       this.graphs.set(T, g);
       return graphInfo(g);
@@ -447,14 +591,18 @@ export class MoEInference implements Disposable {
     const { hidden: H, dtype } = this.config;
     if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
-    if (!x.device.equals(this.device)) invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
+    if (!x.device.equals(this.device))
+      invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
     const T = x.shape[0] as number;
     if (T === 0) invalidArgument(op, `'x' has no tokens`);
     const out = options.out;
     if (out !== undefined) {
       checkTensor(out, op, 'out');
       if (out.shape.join() !== x.shape.join() || out.dtype !== dtype || !out.device.equals(this.device) || !out.isContiguous) {
-        invalidArgument(op, `'out' must be a contiguous ${dtype} [${x.shape.join(',')}] on ${this.device.toString()}; received ${out.dtype} [${out.shape.join(',')}] on ${out.device.toString()}`);
+        invalidArgument(
+          op,
+          `'out' must be a contiguous ${dtype} [${x.shape.join(',')}] on ${this.device.toString()}; received ${out.dtype} [${out.shape.join(',')}] on ${out.device.toString()}`,
+        );
       }
       if (out.sharesStorageWith(x)) invalidArgument(op, `'out' shares memory with 'x'`);
     }
@@ -542,5 +690,11 @@ function bytesOf(tensors: readonly Tensor[]): number {
 }
 
 function graphInfo(g: DecodeGraph): DecodeGraphInfo {
-  return { T: g.T, workspaceBytes: bytesOf(g.ws.tensors), ioBytes: bytesOf([g.x, g.y]), poolBytes: g.graph.poolBytes, nodes: g.graph.nodeCount };
+  return {
+    T: g.T,
+    workspaceBytes: bytesOf(g.ws.tensors),
+    ioBytes: bytesOf([g.x, g.y]),
+    poolBytes: g.graph.poolBytes,
+    nodes: g.graph.nodeCount,
+  };
 }

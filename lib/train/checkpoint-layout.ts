@@ -142,7 +142,10 @@ export function buildManifest(extras: ManifestExtras, step: number, worldSize: n
     manifest.files[f.file] = { bytes: f.bytes, sha256: f.sha256, ...(f.rank === undefined ? {} : { rank: f.rank }) };
     for (const [n, t] of Object.entries(f.tensors)) {
       const prev = manifest.tensors[n];
-      if (prev) throw new CheckpointError(`tensor '${n}' is written by both ${prev.file} and ${f.file}; sharded names must be distinct across ranks and from the replicated ones`);
+      if (prev)
+        throw new CheckpointError(
+          `tensor '${n}' is written by both ${prev.file} and ${f.file}; sharded names must be distinct across ranks and from the replicated ones`,
+        );
       manifest.tensors[n] = { file: f.file, dtype: t.dtype, shape: t.shape, sha256: t.sha256 };
     }
   }
@@ -169,15 +172,21 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
   function bad(field: string, want: string, got: unknown): never {
     ckptError(dir, `${MANIFEST_FILE}: ${field} must be ${want}; it has ${show(got)}`);
   }
-  if (!isObject(m) || m['format'] !== CHECKPOINT_FORMAT) ckptError(dir, `${MANIFEST_FILE} is not a moe-ep checkpoint manifest (format ${show(isObject(m) ? m['format'] : m)})`);
+  if (!isObject(m) || m['format'] !== CHECKPOINT_FORMAT)
+    ckptError(dir, `${MANIFEST_FILE} is not a moe-ep checkpoint manifest (format ${show(isObject(m) ? m['format'] : m)})`);
   const version = m['formatVersion'];
   if (version !== CHECKPOINT_FORMAT_VERSION) {
-    ckptError(dir, `${MANIFEST_FILE} has format version ${show(version)}; this moe-ep reads version ${CHECKPOINT_FORMAT_VERSION}${typeof version === 'number' && version > CHECKPOINT_FORMAT_VERSION ? ' (written by a newer moe-ep: upgrade)' : ''}`);
+    ckptError(
+      dir,
+      `${MANIFEST_FILE} has format version ${show(version)}; this moe-ep reads version ${CHECKPOINT_FORMAT_VERSION}${typeof version === 'number' && version > CHECKPOINT_FORMAT_VERSION ? ' (written by a newer moe-ep: upgrade)' : ''}`,
+    );
   }
   if (!nonNegativeInt(m['step'])) bad('step', 'a non-negative integer', m['step']);
-  if (typeof m['createdAt'] !== 'string' || Number.isNaN(Date.parse(m['createdAt']))) bad('createdAt', 'an ISO date string', m['createdAt']);
+  if (typeof m['createdAt'] !== 'string' || Number.isNaN(Date.parse(m['createdAt'])))
+    bad('createdAt', 'an ISO date string', m['createdAt']);
   const world = m['world'];
-  if (!isObject(world) || !Number.isSafeInteger(world['size']) || (world['size'] as number) < 1) bad('world.size', 'a positive integer', isObject(world) ? world['size'] : world);
+  if (!isObject(world) || !Number.isSafeInteger(world['size']) || (world['size'] as number) < 1)
+    bad('world.size', 'a positive integer', isObject(world) ? world['size'] : world);
   const worldSize = (world as { size: number }).size;
   const files = m['files'];
   if (!isObject(files)) bad('files', 'an object of file records', files);
@@ -187,7 +196,8 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
     if (!isObject(rec)) bad(f, 'an object with bytes and sha256', rec);
     if (!nonNegativeInt(rec['bytes'])) bad(`${f}.bytes`, 'a non-negative integer', rec['bytes']);
     if (typeof rec['sha256'] !== 'string' || !HEX64.test(rec['sha256'])) bad(`${f}.sha256`, '64 hex digits', rec['sha256']);
-    if (rec['rank'] !== undefined && !(nonNegativeInt(rec['rank']) && rec['rank'] < worldSize)) bad(`${f}.rank`, `a rank below world.size ${worldSize}`, rec['rank']);
+    if (rec['rank'] !== undefined && !(nonNegativeInt(rec['rank']) && rec['rank'] < worldSize))
+      bad(`${f}.rank`, `a rank below world.size ${worldSize}`, rec['rank']);
   }
   const tensors = m['tensors'];
   if (!isObject(tensors)) bad('tensors', 'an object of tensor records', tensors);
@@ -196,10 +206,12 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
     if (name === '' || name === '__metadata__') bad(f, 'a tensor name', name);
     if (!isObject(t)) bad(f, 'an object with file, dtype, shape and sha256', t);
     const file = t['file'];
-    if (typeof file !== 'string' || !Object.hasOwn(files as object, file)) ckptError(dir, `${MANIFEST_FILE} puts tensor '${name}' in ${show(file)}, which it does not list under files`);
+    if (typeof file !== 'string' || !Object.hasOwn(files as object, file))
+      ckptError(dir, `${MANIFEST_FILE} puts tensor '${name}' in ${show(file)}, which it does not list under files`);
     if (!(DTYPES as readonly unknown[]).includes(t['dtype'])) bad(`${f}.dtype`, `one of ${DTYPES.join(', ')}`, t['dtype']);
     const shape = t['shape'];
-    if (!Array.isArray(shape) || shape.length > MAX_TENSOR_RANK || !shape.every(nonNegativeInt)) bad(`${f}.shape`, `an array of at most ${MAX_TENSOR_RANK} non-negative integers`, shape);
+    if (!Array.isArray(shape) || shape.length > MAX_TENSOR_RANK || !shape.every(nonNegativeInt))
+      bad(`${f}.shape`, `an array of at most ${MAX_TENSOR_RANK} non-negative integers`, shape);
     const bytes = (shape as number[]).reduce((a, d) => a * d, dtypeSize[t['dtype'] as DType]);
     const fileBytes = ((files as Record<string, ManifestFile>)[file as string] as ManifestFile).bytes;
     if (bytes > fileBytes) bad(`${f}.shape`, `a tensor that fits its file (${fileBytes} bytes)`, shape);
@@ -208,9 +220,11 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
   const ep = m['ep'];
   if (ep !== undefined) {
     if (!isObject(ep)) bad('ep', 'an object {size, expertsPerRank, numExperts}', ep);
-    for (const k of ['size', 'expertsPerRank'] as const) if (!Number.isSafeInteger(ep[k]) || (ep[k] as number) < 1) bad(`ep.${k}`, 'a positive integer', ep[k]);
+    for (const k of ['size', 'expertsPerRank'] as const)
+      if (!Number.isSafeInteger(ep[k]) || (ep[k] as number) < 1) bad(`ep.${k}`, 'a positive integer', ep[k]);
     const E = (ep['size'] as number) * (ep['expertsPerRank'] as number);
-    if (ep['numExperts'] !== undefined && ep['numExperts'] !== E) bad('ep.numExperts', `ep.size × ep.expertsPerRank = ${E}`, ep['numExperts']);
+    if (ep['numExperts'] !== undefined && ep['numExperts'] !== E)
+      bad('ep.numExperts', `ep.size × ep.expertsPerRank = ${E}`, ep['numExperts']);
   }
   return m as unknown as CheckpointManifest;
 }
@@ -221,7 +235,8 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
  */
 export function readManifestAt(dir: string, real: string, names: string[] = []): CheckpointManifest {
   const path = resolveInside(real, MANIFEST_FILE, `checkpoint ${dir}: ${MANIFEST_FILE}`);
-  if (path === undefined) ckptError(dir, `cannot read ${MANIFEST_FILE}: it is missing (an interrupted save never has one; is this a step folder?)`);
+  if (path === undefined)
+    ckptError(dir, `cannot read ${MANIFEST_FILE}: it is missing (an interrupted save never has one; is this a step folder?)`);
   const m = validateManifest(readJson(path, { what: `checkpoint ${dir}: ${MANIFEST_FILE}`, maxBytes: FILE_LIMITS.manifest }), dir);
   for (const n of [...names, basename(dir), basename(real)]) {
     const named = parseStepDir(n) ?? parseAsideDir(n);
@@ -232,7 +247,8 @@ export function readManifestAt(dir: string, real: string, names: string[] = []):
 
 /** Reads and checks manifest.json of a step folder (format, version, every field, the step against the folder name). */
 export function readManifest(dir: string): CheckpointManifest {
-  if (typeof dir !== 'string' || dir === '') invalidArgument('readManifest', `'dir' must be a step folder (a non-empty string); received ${String(dir)}`);
+  if (typeof dir !== 'string' || dir === '')
+    invalidArgument('readManifest', `'dir' must be a step folder (a non-empty string); received ${String(dir)}`);
   return readManifestAt(dir, realFolder(dir, `checkpoint ${dir}`));
 }
 
@@ -244,13 +260,23 @@ export function checkFiles(dir: string, real: string, manifest: CheckpointManife
 /** A listed file resolved inside the folder, a regular file of its recorded size: its real path. */
 export function checkFileSize(dir: string, real: string, file: string, rec: ManifestFile, manifest: CheckpointManifest): string {
   const held = (): string => {
-    const names = Object.entries(manifest.tensors).filter(([, t]) => t.file === file).map(([n]) => n);
+    const names = Object.entries(manifest.tensors)
+      .filter(([, t]) => t.file === file)
+      .map(([n]) => n);
     return names.length ? `; it holds ${names.length} tensor${names.length > 1 ? 's' : ''} such as '${names[0]}'` : '';
   };
   const path = resolveInside(real, file, `checkpoint ${dir}: ${file}`);
-  if (path === undefined) ckptError(dir, `${file} is missing (${MANIFEST_FILE} lists it with ${rec.bytes} bytes${rec.rank === undefined ? '' : `, written by rank ${rec.rank}`}${held()})`);
+  if (path === undefined)
+    ckptError(
+      dir,
+      `${file} is missing (${MANIFEST_FILE} lists it with ${rec.bytes} bytes${rec.rank === undefined ? '' : `, written by rank ${rec.rank}`}${held()})`,
+    );
   const { size } = statRegular(path, { what: `checkpoint ${dir}: ${file}` });
-  if (size !== rec.bytes) ckptError(dir, `${file} has ${size} bytes but ${MANIFEST_FILE} records ${rec.bytes} (${size < rec.bytes ? 'truncated' : 'grown'}${held()})`);
+  if (size !== rec.bytes)
+    ckptError(
+      dir,
+      `${file} has ${size} bytes but ${MANIFEST_FILE} records ${rec.bytes} (${size < rec.bytes ? 'truncated' : 'grown'}${held()})`,
+    );
   return path;
 }
 
@@ -282,7 +308,9 @@ export function candidates(root: string, rootReal: string): Candidate[] {
     if (step !== undefined) out.push({ name: n, dir: join(root, n), step });
     else if (aside !== undefined && !steps.has(stepDirName(aside))) out.push({ name: n, dir: join(root, n), step: aside });
   }
-  return out.sort((a, b) => b.step - a.step || Number(a.name.startsWith('.')) - Number(b.name.startsWith('.')) || (a.name < b.name ? -1 : 1));
+  return out.sort(
+    (a, b) => b.step - a.step || Number(a.name.startsWith('.')) - Number(b.name.startsWith('.')) || (a.name < b.name ? -1 : 1),
+  );
 }
 
 export interface Located {
@@ -325,7 +353,9 @@ export function findLatest(root: string, rootReal: string): { found: Located | n
     try {
       const path = resolveInside(rootReal, LATEST_FILE, `checkpoint ${where}`);
       if (path === undefined) ckptError(where, 'is a link to nothing');
-      const text = readRegular(path, { what: `checkpoint ${where}`, maxBytes: FILE_LIMITS.latest }).toString('utf8').trim();
+      const text = readRegular(path, { what: `checkpoint ${where}`, maxBytes: FILE_LIMITS.latest })
+        .toString('utf8')
+        .trim();
       pointer = parseStepDir(text);
       if (pointer === undefined) ckptError(where, `names ${JSON.stringify(text.slice(0, 80))}, not a step folder`);
     } catch (e) {
@@ -357,7 +387,11 @@ export function findLatest(root: string, rootReal: string): { found: Located | n
       }
       return { found: { ...base, skipped }, skipped };
     }
-    if (!steps.includes(pointer)) skipped.push({ dir: join(root, LATEST_FILE), reason: `checkpoint ${join(root, LATEST_FILE)}: names ${stepDirName(pointer)}, which is not there` });
+    if (!steps.includes(pointer))
+      skipped.push({
+        dir: join(root, LATEST_FILE),
+        reason: `checkpoint ${join(root, LATEST_FILE)}: names ${stepDirName(pointer)}, which is not there`,
+      });
   }
   for (const step of steps) {
     if (step === pointer) continue; // tried above

@@ -49,7 +49,8 @@ export interface GetOptions {
  */
 export function locateCheckpoint(path: string, options: { checkFiles?: boolean } = {}): Located {
   options = checkOptions(options, 'locateCheckpoint', { checkFiles: true });
-  if (typeof path !== 'string' || path === '') invalidArgument('loadCheckpoint', `'path' must be a checkpoint folder (a non-empty string); received ${String(path)}`);
+  if (typeof path !== 'string' || path === '')
+    invalidArgument('loadCheckpoint', `'path' must be a checkpoint folder (a non-empty string); received ${String(path)}`);
   const real = realFolder(path, `checkpoint ${path}`);
   if (entryExists(real, MANIFEST_FILE)) {
     const manifest = readManifestAt(path, real);
@@ -59,7 +60,10 @@ export function locateCheckpoint(path: string, options: { checkFiles?: boolean }
   const { found, skipped } = findLatest(path, real);
   if (!found) {
     const why = skipped.length ? `; passed over: ${skipped.map((s) => s.reason).join('; ')}` : '';
-    ckptError(path, `no committed checkpoint here (no ${MANIFEST_FILE}, no '${LATEST_FILE}', no step-* folder with a valid manifest and all its files)${why}`);
+    ckptError(
+      path,
+      `no committed checkpoint here (no ${MANIFEST_FILE}, no '${LATEST_FILE}', no step-* folder with a valid manifest and all its files)${why}`,
+    );
   }
   return found;
 }
@@ -83,7 +87,12 @@ export class CheckpointReader implements Disposable {
   private readonly verified = new Set<string>();
 
   /** @internal use loadCheckpoint() */
-  constructor(dir: string, manifest: CheckpointManifest, options: LoadOptions, located?: { real: string; skipped: readonly SkippedCheckpoint[] }) {
+  constructor(
+    dir: string,
+    manifest: CheckpointManifest,
+    options: LoadOptions,
+    located?: { real: string; skipped: readonly SkippedCheckpoint[] },
+  ) {
     this.dir = dir;
     this.manifest = manifest;
     this.verify = options.verify ?? true;
@@ -112,14 +121,18 @@ export class CheckpointReader implements Disposable {
       const names = this.names();
       const shape = (n: string): string => n.replace(/\d+/g, '#'); // layers.#.experts.#.w1
       const near = names.filter((n) => shape(n) === shape(name)).slice(0, 4);
-      ckptError(this.dir, `no tensor '${name}' (it holds ${names.length} tensors${near.length ? `; similar: ${near.join(', ')}` : names.length ? `, e.g. ${names.slice(0, 3).join(', ')}` : ''})`);
+      ckptError(
+        this.dir,
+        `no tensor '${name}' (it holds ${names.length} tensors${near.length ? `; similar: ${near.join(', ')}` : names.length ? `, e.g. ${names.slice(0, 3).join(', ')}` : ''})`,
+      );
     }
     return t;
   }
 
   /** The resolved path of a listed file: inside the folder, a regular file of its recorded size. */
   private pathOf(file: string): string {
-    if (typeof file !== 'string' || !Object.hasOwn(this.manifest.files, file)) ckptError(this.dir, `${String(file)} is not listed in ${MANIFEST_FILE}`);
+    if (typeof file !== 'string' || !Object.hasOwn(this.manifest.files, file))
+      ckptError(this.dir, `${String(file)} is not listed in ${MANIFEST_FILE}`);
     return checkFileSize(this.dir, this.real, file, this.manifest.files[file] as ManifestFile, this.manifest);
   }
 
@@ -135,7 +148,7 @@ export class CheckpointReader implements Disposable {
     const hash = createHash('sha256');
     try {
       const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(rec.bytes, 1)));
-      for (let pos = 0; ; ) {
+      for (let pos = 0; ;) {
         const n = fs.readSync(fd, chunk, 0, chunk.length, pos);
         if (n === 0) break;
         hash.update(chunk.subarray(0, n));
@@ -146,7 +159,10 @@ export class CheckpointReader implements Disposable {
     }
     const got = hash.digest('hex');
     if (got !== rec.sha256) {
-      ckptError(this.dir, `${file} fails its SHA-256 check (manifest ${rec.sha256.slice(0, 16)}…, file ${got.slice(0, 16)}…): ${this.locateDamage(file, path)}`);
+      ckptError(
+        this.dir,
+        `${file} fails its SHA-256 check (manifest ${rec.sha256.slice(0, 16)}…, file ${got.slice(0, 16)}…): ${this.locateDamage(file, path)}`,
+      );
     }
     this.verified.add(file);
   }
@@ -171,17 +187,30 @@ export class CheckpointReader implements Disposable {
       for (const [n, t] of listed) {
         if (!f.has(n)) problems.push(`tensor '${n}' is missing from its header`);
         else if (f.info(n).dtype !== t.dtype || f.info(n).shape.join() !== t.shape.join()) {
-          problems.push(`tensor '${n}' is ${f.info(n).dtype}[${f.info(n).shape}] in its header but ${t.dtype}[${t.shape}] in ${MANIFEST_FILE}`);
+          problems.push(
+            `tensor '${n}' is ${f.info(n).dtype}[${f.info(n).shape}] in its header but ${t.dtype}[${t.shape}] in ${MANIFEST_FILE}`,
+          );
         }
       }
       const extra = f.names.filter((n) => !listed.some(([m]) => m === n));
-      if (extra.length) problems.push(`its header holds ${extra.map((n) => `'${n}'`).slice(0, 5).join(', ')}, which ${MANIFEST_FILE} does not put there`);
+      if (extra.length)
+        problems.push(
+          `its header holds ${extra
+            .map((n) => `'${n}'`)
+            .slice(0, 5)
+            .join(', ')}, which ${MANIFEST_FILE} does not put there`,
+        );
       // One pass: the whole file's hash, and each tensor's over its byte range.
       const fileHash = createHash('sha256');
-      const ranges = [...f.tensors.values()].map((t) => ({ name: t.name, begin: f.dataStart + t.dataOffsets[0], end: f.dataStart + t.dataOffsets[1], hash: createHash('sha256') }));
+      const ranges = [...f.tensors.values()].map((t) => ({
+        name: t.name,
+        begin: f.dataStart + t.dataOffsets[0],
+        end: f.dataStart + t.dataOffsets[1],
+        hash: createHash('sha256'),
+      }));
       const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(f.size, 1)));
       let next = 0;
-      for (let pos = 0; pos < f.size; ) {
+      for (let pos = 0; pos < f.size;) {
         const n = f.readAt(chunk, pos);
         const part = chunk.subarray(0, n);
         fileHash.update(part);
@@ -193,13 +222,24 @@ export class CheckpointReader implements Disposable {
         }
         pos += n;
       }
-      const badTensors = ranges.filter((r) => Object.hasOwn(this.manifest.tensors, r.name) && this.manifest.tensors[r.name]?.file === file && r.hash.digest('hex') !== this.manifest.tensors[r.name]?.sha256).map((r) => `'${r.name}'`);
+      const badTensors = ranges
+        .filter(
+          (r) =>
+            Object.hasOwn(this.manifest.tensors, r.name) &&
+            this.manifest.tensors[r.name]?.file === file &&
+            r.hash.digest('hex') !== this.manifest.tensors[r.name]?.sha256,
+        )
+        .map((r) => `'${r.name}'`);
       const got = fileHash.digest('hex');
       if (got !== rec.sha256) {
-        const where = badTensors.length ? `damaged tensor${badTensors.length > 1 ? 's' : ''} ${badTensors.join(', ')}` : 'the damage is in its header (every tensor matches its checksum)';
+        const where = badTensors.length
+          ? `damaged tensor${badTensors.length > 1 ? 's' : ''} ${badTensors.join(', ')}`
+          : 'the damage is in its header (every tensor matches its checksum)';
         problems.unshift(`fails its SHA-256 check (manifest ${rec.sha256.slice(0, 16)}…, file ${got.slice(0, 16)}…): ${where}`);
       } else if (badTensors.length) {
-        problems.push(`tensor${badTensors.length > 1 ? 's' : ''} ${badTensors.join(', ')} differ${badTensors.length > 1 ? '' : 's'} from ${badTensors.length > 1 ? 'their' : 'its'} SHA-256 in ${MANIFEST_FILE} although the file matches its own`);
+        problems.push(
+          `tensor${badTensors.length > 1 ? 's' : ''} ${badTensors.join(', ')} differ${badTensors.length > 1 ? '' : 's'} from ${badTensors.length > 1 ? 'their' : 'its'} SHA-256 in ${MANIFEST_FILE} although the file matches its own`,
+        );
       }
       if (problems.length) ckptError(this.dir, `${file} ${problems.join('; ')}`);
       this.verified.add(file);
@@ -231,7 +271,9 @@ export class CheckpointReader implements Disposable {
         }
         if (createHash('sha256').update(f.readBytes(n)).digest('hex') !== t.sha256) bad.push(n);
       }
-      return bad.length ? `damaged tensor${bad.length > 1 ? 's' : ''} ${bad.map((b) => `'${b}'`).join(', ')}` : 'the damage is in its header (every tensor matches its checksum)';
+      return bad.length
+        ? `damaged tensor${bad.length > 1 ? 's' : ''} ${bad.map((b) => `'${b}'`).join(', ')}`
+        : 'the damage is in its header (every tensor matches its checksum)';
     } finally {
       f.close();
     }
@@ -257,7 +299,8 @@ export class CheckpointReader implements Disposable {
       if (!f.has(name)) ckptError(this.dir, `${t.file} does not hold tensor '${name}' although ${MANIFEST_FILE} says so`);
       r = f.read(name);
     } catch (e) {
-      if (e instanceof CheckpointError && !e.message.includes(`'${name}'`)) throw new CheckpointError(`${e.message} [while reading tensor '${name}']`);
+      if (e instanceof CheckpointError && !e.message.includes(`'${name}'`))
+        throw new CheckpointError(`${e.message} [while reading tensor '${name}']`);
       throw e;
     }
     if (r.dtype !== t.dtype || r.shape.join() !== t.shape.join()) {

@@ -90,9 +90,19 @@ interface RankReport {
 }
 
 /** Writes one safetensors file of a checkpoint into `dir`: its record for the manifest. */
-function writeCheckpointFile(dir: string, file: string, tensors: Record<string, Tensor | RawTensor>, step: number, rank?: number): FileRecord {
+function writeCheckpointFile(
+  dir: string,
+  file: string,
+  tensors: Record<string, Tensor | RawTensor>,
+  step: number,
+  rank?: number,
+): FileRecord {
   const entries = Object.entries(tensors).map(([n, t]) => entryOf(n, t));
-  const w = writeSafetensors(join(dir, file), entries, { format: CHECKPOINT_FORMAT, step: String(step), ...(rank === undefined ? {} : { rank: String(rank) }) });
+  const w = writeSafetensors(join(dir, file), entries, {
+    format: CHECKPOINT_FORMAT,
+    step: String(step),
+    ...(rank === undefined ? {} : { rank: String(rank) }),
+  });
   const records: FileRecord['tensors'] = {};
   for (const [n, i] of Object.entries(w.tensors)) records[n] = { dtype: i.dtype, shape: i.shape, sha256: i.sha256 };
   return { file, bytes: w.bytes, sha256: w.sha256, ...(rank === undefined ? {} : { rank }), tensors: records };
@@ -106,7 +116,8 @@ function writeCheckpointFile(dir: string, file: string, tensors: Record<string, 
 export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
   const op = 'saveCheckpoint';
   const t0 = Date.now();
-  if (typeof root !== 'string' || root === '') invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
+  if (typeof root !== 'string' || root === '')
+    invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
   const { step, comm } = options;
@@ -120,7 +131,8 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   // Agree on the step and on rank 0's nonce for the temporary folder.
   const hello = exchange(comm, { step, nonce: rank === 0 ? randomBytes(6).toString('hex') : '' });
   const steps = new Set(hello.map((h) => h.step));
-  if (steps.size !== 1) ckptError(root, `${op}: the ranks disagree on the step (${hello.map((h, r) => `rank ${r}: ${h.step}`).join(', ')})`);
+  if (steps.size !== 1)
+    ckptError(root, `${op}: the ranks disagree on the step (${hello.map((h, r) => `rank ${r}: ${h.step}`).join(', ')})`);
   const name = stepDirName(step);
   const tmp = join(root, `.tmp-${name}-${hello[0]!.nonce}`);
   const finalDir = join(root, name);
@@ -161,7 +173,17 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   let status: { ok: boolean; error?: string } = { ok: true };
   if (rank === 0) {
     try {
-      commitDir(root, tmp, finalDir, buildManifest(extras, step, size, reports.flatMap((r) => r.files)));
+      commitDir(
+        root,
+        tmp,
+        finalDir,
+        buildManifest(
+          extras,
+          step,
+          size,
+          reports.flatMap((r) => r.files),
+        ),
+      );
       if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
     } catch (e) {
       status = { ok: false, error: (e as Error).message };

@@ -46,5 +46,19 @@ export {
   type SkippedCheckpoint,
   stepDirName,
 } from './checkpoint-layout.js';
-export { pruneCheckpoints, type RawTensor, saveCheckpoint, type SavedCheckpoint, type SaveOptions, writeCheckpoint } from './checkpoint-save.js';
-export { CheckpointReader, type GetOptions, loadCheckpoint, type LoadOptions, locateCheckpoint, resolveCheckpointDir } from './checkpoint-load.js';
+export {
+  pruneCheckpoints,
+  type RawTensor,
+  saveCheckpoint,
+  type SavedCheckpoint,
+  type SaveOptions,
+  writeCheckpoint,
+} from './checkpoint-save.js';
+export {
+  CheckpointReader,
+  type GetOptions,
+  loadCheckpoint,
+  type LoadOptions,
+  locateCheckpoint,
+  resolveCheckpointDir,
+} from './checkpoint-load.js';

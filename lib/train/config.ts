@@ -31,15 +31,48 @@ export interface TrainConfig {
     overlapComm: boolean;
   };
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
-  optimizer: { lr: number; minLr: number; warmupSteps: number; beta1: number; beta2: number; eps: number; weightDecay: number; clipNorm: number };
+  optimizer: {
+    lr: number;
+    minLr: number;
+    warmupSteps: number;
+    beta1: number;
+    beta2: number;
+    eps: number;
+    weightDecay: number;
+    clipNorm: number;
+  };
   data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number; onDevice: boolean };
-  train: { steps: number; device: 'auto' | 'cpu' | 'cuda'; out: string | null; logEvery: number; progress: boolean; profile: boolean; timeoutMs: number };
+  train: {
+    steps: number;
+    device: 'auto' | 'cpu' | 'cuda';
+    out: string | null;
+    logEvery: number;
+    progress: boolean;
+    profile: boolean;
+    timeoutMs: number;
+  };
   checkpoint: { every: number; keep: number; dir: string | null; resume: string | null };
 }
 
 /** The embedded default: seconds on two CPU cores (docs/benchmarks.md#first-contact); experts matter on its data. */
 export const defaultConfig: TrainConfig = {
-  model: { layers: 2, hidden: 32, ffn: 16, experts: 8, topK: 2, routing: 'token-choice', scoreFunction: 'sigmoid', groups: 1, topkGroups: 1, capacityFactor: null, dropPolicy: 'probs', sharedFfn: 0, loss: 'mse', epSize: null, overlapComm: false },
+  model: {
+    layers: 2,
+    hidden: 32,
+    ffn: 16,
+    experts: 8,
+    topK: 2,
+    routing: 'token-choice',
+    scoreFunction: 'sigmoid',
+    groups: 1,
+    topkGroups: 1,
+    capacityFactor: null,
+    dropPolicy: 'probs',
+    sharedFfn: 0,
+    loss: 'mse',
+    epSize: null,
+    overlapComm: false,
+  },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
@@ -49,7 +82,11 @@ export const defaultConfig: TrainConfig = {
 
 // Integers stay within int32, what the kernels index with (and far inside exact doubles).
 const int = (minimum: number) => ({ type: 'integer', minimum, maximum: 2 ** 31 - 1 });
-const num = (minimum?: number, exclusiveMinimum?: number) => ({ type: 'number', ...(minimum === undefined ? {} : { minimum }), ...(exclusiveMinimum === undefined ? {} : { exclusiveMinimum }) });
+const num = (minimum?: number, exclusiveMinimum?: number) => ({
+  type: 'number',
+  ...(minimum === undefined ? {} : { minimum }),
+  ...(exclusiveMinimum === undefined ? {} : { exclusiveMinimum }),
+});
 const section = (properties: Record<string, unknown>) => ({ type: 'object', additionalProperties: false, properties });
 
 export const trainConfigSchema = {
@@ -66,18 +103,30 @@ export const trainConfigSchema = {
       topK: { ...int(1), description: 'experts per token' },
       routing: {
         enum: ['token-choice', 'expert-choice'],
-        description: "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = ceil(T·capacityFactor/E) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
+        description:
+          "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = ceil(T·capacityFactor/E) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
       },
-      scoreFunction: { enum: ['softmax', 'sigmoid'], description: 'router scores: softmax over the experts, or a sigmoid per expert (DeepSeek-V3)' },
+      scoreFunction: {
+        enum: ['softmax', 'sigmoid'],
+        description: 'router scores: softmax over the experts, or a sigmoid per expert (DeepSeek-V3)',
+      },
       groups: { ...int(1), description: 'expert groups for group-limited routing (1: none)' },
       topkGroups: { ...int(1), description: 'groups a token takes its experts from (divides topK)' },
-      capacityFactor: { anyOf: [{ type: 'null' }, num(undefined, 0)], description: 'expert capacity as a multiple of the even share T·k/E; null: dropless. Expert choice: average experts per token (null: topK)' },
-      dropPolicy: { enum: ['probs', 'position'], description: 'what a full expert drops: the lowest router probabilities, or the last tokens' },
+      capacityFactor: {
+        anyOf: [{ type: 'null' }, num(undefined, 0)],
+        description:
+          'expert capacity as a multiple of the even share T·k/E; null: dropless. Expert choice: average experts per token (null: topK)',
+      },
+      dropPolicy: {
+        enum: ['probs', 'position'],
+        description: 'what a full expert drops: the lowest router probabilities, or the last tokens',
+      },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
       loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
       epSize: {
         anyOf: [{ type: 'null' }, int(1)],
-        description: 'expert-parallel group size (divides the number of ranks); null: all ranks. Experts are replicated over world/epSize groups',
+        description:
+          'expert-parallel group size (divides the number of ranks); null: all ranks. Experts are replicated over world/epSize groups',
       },
       overlapComm: {
         type: 'boolean',
@@ -109,7 +158,8 @@ export const trainConfigSchema = {
       seed: { ...int(0), description: 'seed of the weights and the data (a run repeats exactly)' },
       onDevice: {
         type: 'boolean',
-        description: "make each batch on the training device: the inputs (the same draws as on the CPU) and the targets x·A_c in bf16 there; for wide models on a GPU, whose steps the CPU's normals and f32 GEMM can dominate; the targets then differ from a CPU run's in rounding",
+        description:
+          "make each batch on the training device: the inputs (the same draws as on the CPU) and the targets x·A_c in bf16 there; for wide models on a GPU, whose steps the CPU's normals and f32 GEMM can dominate; the targets then differ from a CPU run's in rounding",
       },
     }),
     train: section({
@@ -121,14 +171,18 @@ export const trainConfigSchema = {
       profile: { type: 'boolean', description: 'wait for the device at the end of each phase, so metrics.jsonl phaseMs is exact (slower)' },
       timeoutMs: {
         ...int(0),
-        description: 'collective timeout in ms (also the start-up rendezvous): past it the run stops with a TimeoutError naming the op and the ranks not heard from; 0: wait forever',
+        description:
+          'collective timeout in ms (also the start-up rendezvous): past it the run stops with a TimeoutError naming the op and the ranks not heard from; 0: wait forever',
       },
     }),
     checkpoint: section({
       every: { ...int(0), description: 'save every N steps (0: only at the end and when stopped: Ctrl-C, SIGTERM, SIGHUP)' },
       keep: { ...int(1), description: 'checkpoints kept (older ones are deleted)' },
       dir: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'default <out>/checkpoints' },
-      resume: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: "'latest' (the newest in dir) or a checkpoint folder" },
+      resume: {
+        anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }],
+        description: "'latest' (the newest in dir) or a checkpoint folder",
+      },
     }),
   },
 } as const;
@@ -149,7 +203,8 @@ function describe(e: ErrorObject): string {
     const section = (trainConfigSchema.properties as Record<string, { properties: object }>)[e.instancePath.slice(1)];
     return `${path}: unknown field '${field}'${didYouMean(field, Object.keys(section ? section.properties : trainConfigSchema.properties))}`;
   }
-  if (e.keyword === 'enum') return `${path}: must be one of ${(e.params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
+  if (e.keyword === 'enum')
+    return `${path}: must be one of ${(e.params['allowedValues'] as unknown[]).map((v) => JSON.stringify(v)).join(', ')}`;
   return `${path}: ${e.message ?? 'is invalid'}`;
 }
 
@@ -163,12 +218,17 @@ export type TrainConfigInput = DeepPartial<TrainConfig>;
  * Plain JavaScript (or parsed JSON) is checked at run time: unknown fields are errors there too.
  */
 export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
-  if (partial === null || typeof partial !== 'object' || Array.isArray(partial)) throw new InvalidArgumentError('config: must be a JSON object', 'config');
+  if (partial === null || typeof partial !== 'object' || Array.isArray(partial))
+    throw new InvalidArgumentError('config: must be a JSON object', 'config');
   // Own keys of the schema only: `__proto__` (which JSON.parse makes an own key) would otherwise set
   // the merged object's prototype and slip past the schema.
   const unknown = Object.keys(partial).filter((k) => !Object.hasOwn(trainConfigSchema.properties, k));
   const sectionNames = Object.keys(trainConfigSchema.properties);
-  if (unknown.length) throw new InvalidArgumentError(`invalid configuration:\n  ${unknown.map((k) => `config: unknown field '${k}'${didYouMean(k, sectionNames)}`).join('\n  ')}`, 'config');
+  if (unknown.length)
+    throw new InvalidArgumentError(
+      `invalid configuration:\n  ${unknown.map((k) => `config: unknown field '${k}'${didYouMean(k, sectionNames)}`).join('\n  ')}`,
+      'config',
+    );
   const merged: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
   for (const [k, v] of Object.entries(partial as Record<string, unknown>)) {
@@ -180,16 +240,34 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
   const c = merged as unknown as TrainConfig;
   const rules: [boolean, string][] = [
     [c.model.topK <= c.model.experts, `config.model.topK: ${c.model.topK} is more than config.model.experts (${c.model.experts})`],
-    [c.model.experts % c.model.groups === 0, `config.model.groups: ${c.model.groups} does not divide config.model.experts (${c.model.experts})`],
-    [c.model.topkGroups <= c.model.groups, `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`],
+    [
+      c.model.experts % c.model.groups === 0,
+      `config.model.groups: ${c.model.groups} does not divide config.model.experts (${c.model.experts})`,
+    ],
+    [
+      c.model.topkGroups <= c.model.groups,
+      `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`,
+    ],
     // Group-limited routing ranks a group by the sum of its best topK/topkGroups scores.
-    [c.model.groups === 1 || c.model.topK % c.model.topkGroups === 0, `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK})`],
+    [
+      c.model.groups === 1 || c.model.topK % c.model.topkGroups === 0,
+      `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK})`,
+    ],
     // Expert choice is balanced by construction and chooses among all experts.
-    [c.model.routing !== 'expert-choice' || c.model.groups === 1, `config.model.groups: must be 1 with routing 'expert-choice' (received ${c.model.groups})`],
-    [c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0), `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`],
+    [
+      c.model.routing !== 'expert-choice' || c.model.groups === 1,
+      `config.model.groups: must be 1 with routing 'expert-choice' (received ${c.model.groups})`,
+    ],
+    [
+      c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0),
+      `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`,
+    ],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],
-    [c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0, `config.balance.seqLen: ${c.balance.seqLen} does not divide config.data.tokensPerStep (${c.data.tokensPerStep})`],
+    [
+      c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0,
+      `config.balance.seqLen: ${c.balance.seqLen} does not divide config.data.tokensPerStep (${c.data.tokensPerStep})`,
+    ],
   ];
   const broken = rules.filter(([ok]) => !ok).map(([, m]) => m);
   if (broken.length) throw new InvalidArgumentError(`invalid configuration:\n  ${broken.join('\n  ')}`, 'config');
@@ -206,7 +284,11 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
 export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; activations: number; data: number } {
   const m = c.model;
   const ep = m.epSize ?? ranks;
-  const H = m.hidden, E = m.experts, F = m.ffn, S = m.sharedFfn, k = m.topK;
+  const H = m.hidden,
+    E = m.experts,
+    F = m.ffn,
+    S = m.sharedFfn,
+    k = m.topK;
   const El = Math.ceil(E / ep);
   const T = Math.ceil(c.data.tokensPerStep / ranks);
   const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H;
@@ -233,10 +315,12 @@ export function trainHelp(): string {
   ];
   const sections = Object.entries(trainConfigSchema.properties).map(([name, schema]): [string, [string, string][]] => [
     name,
-    Object.entries(schema.properties as Record<string, { description?: string; enum?: readonly string[] }>).map(([field, f]): [string, string] => {
-      const value = (defaultConfig as unknown as Record<string, Record<string, unknown>>)[name]?.[field];
-      return [`--${name}.${field} ${JSON.stringify(value)}`, `${f.description ?? ''}${f.enum ? ` (${f.enum.join(' | ')})` : ''}`];
-    }),
+    Object.entries(schema.properties as Record<string, { description?: string; enum?: readonly string[] }>).map(
+      ([field, f]): [string, string] => {
+        const value = (defaultConfig as unknown as Record<string, Record<string, unknown>>)[name]?.[field];
+        return [`--${name}.${field} ${JSON.stringify(value)}`, `${f.description ?? ''}${f.enum ? ` (${f.enum.join(' | ')})` : ''}`];
+      },
+    ),
   ]);
   const left = Math.max(...[...options, ...sections.flatMap(([, rows]) => rows)].map(([l]) => l.length));
   return [
@@ -281,7 +365,13 @@ export function helpTable(rows: readonly (readonly [string, string])[], left: nu
  */
 export function overridesFromArgs(args: string[]): Record<string, Record<string, unknown>> {
   const out: Record<string, Record<string, unknown>> = {};
-  const short: Record<string, string> = { steps: 'train.steps', device: 'train.device', out: 'train.out', resume: 'checkpoint.resume', 'timeout-ms': 'train.timeoutMs' };
+  const short: Record<string, string> = {
+    steps: 'train.steps',
+    device: 'train.device',
+    out: 'train.out',
+    resume: 'checkpoint.resume',
+    'timeout-ms': 'train.timeoutMs',
+  };
   for (let i = 0; i < args.length; i++) {
     const arg = args[i] as string;
     if (!arg.startsWith('--')) throw new InvalidArgumentError(`unexpected argument '${arg}'`, 'train');
@@ -308,12 +398,21 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
     }
     key = short[key] ?? key;
     const [sectionName, field, ...rest] = key.split('.');
-    if (!sectionName || !field || rest.length) throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
+    if (!sectionName || !field || rest.length)
+      throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
     // Checked against the schema before anything is assigned: `--__proto__.x` must not reach Object.prototype.
     const sections = trainConfigSchema.properties as Record<string, { properties: object }>;
-    if (!Object.hasOwn(sections, sectionName)) throw new InvalidArgumentError(`'--${key}': unknown section '${sectionName}'${didYouMean(sectionName, Object.keys(sections))} (one of ${Object.keys(sections).join(', ')})`, 'train');
+    if (!Object.hasOwn(sections, sectionName))
+      throw new InvalidArgumentError(
+        `'--${key}': unknown section '${sectionName}'${didYouMean(sectionName, Object.keys(sections))} (one of ${Object.keys(sections).join(', ')})`,
+        'train',
+      );
     const fields = (sections[sectionName] as { properties: object }).properties;
-    if (!Object.hasOwn(fields, field)) throw new InvalidArgumentError(`'--${key}': config.${sectionName}: unknown field '${field}'${didYouMean(field, Object.keys(fields))}`, 'train');
+    if (!Object.hasOwn(fields, field))
+      throw new InvalidArgumentError(
+        `'--${key}': config.${sectionName}: unknown field '${field}'${didYouMean(field, Object.keys(fields))}`,
+        'train',
+      );
     (out[sectionName] ??= {})[field] = value;
   }
   return out;

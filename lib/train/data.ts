@@ -113,7 +113,8 @@ export class ClusterTask implements Disposable {
     const op = 'ClusterTask.batch';
     checkNonNegativeInt(index, op, 'index');
     checkPositiveInt(tokens, op, 'tokens', { below: 2 ** 31 });
-    if (!Number.isSafeInteger(rank) || rank < 0 || rank >= ranks) invalidArgument(op, `'rank' ${String(rank)} must be an integer in [0, ranks = ${String(ranks)})`);
+    if (!Number.isSafeInteger(rank) || rank < 0 || rank >= ranks)
+      invalidArgument(op, `'rank' ${String(rank)} must be an integer in [0, ranks = ${String(ranks)})`);
     if (!Number.isSafeInteger(ranks) || ranks < 1 || tokens % ranks !== 0) {
       invalidArgument('ClusterTask.batch', `'tokens' ${tokens} must divide evenly over ${ranks} ranks`);
     }

@@ -15,7 +15,17 @@
  *   balanceBiasUpdate  bias [E] f32 (in place), load [E] i32|f32
  */
 import { invalidArgument } from '../errors.js';
-import { checkBoolean, checkKeys, checkMatrix, checkNumber, checkOptionalTensor, checkOptions, checkTensor, withOutput, withOutputs } from '../validate.js';
+import {
+  checkBoolean,
+  checkKeys,
+  checkMatrix,
+  checkNumber,
+  checkOptionalTensor,
+  checkOptions,
+  checkTensor,
+  withOutput,
+  withOutputs,
+} from '../validate.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 
@@ -67,7 +77,13 @@ export interface RmsNormBackwardOptions {
 }
 
 /** Backward of rmsnorm: dx and dWeight from dy, the forward's x and weight and its saved rstd. */
-export function rmsnormBackward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, options: RmsNormBackwardOptions = {}): RmsNormGradients {
+export function rmsnormBackward(
+  dy: Tensor,
+  x: Tensor,
+  weight: Tensor,
+  rstd: Tensor,
+  options: RmsNormBackwardOptions = {},
+): RmsNormGradients {
   const op = 'rmsnormBackward';
   options = checkOptions(options, op, { accumulate: true, out: true });
   checkTensor(dy, op, 'dy');
@@ -163,7 +179,14 @@ export function crossEntropyLoss(pred: Tensor, target: Tensor, options: CrossEnt
   };
   if (grad) make['grad'] = () => Tensor.empty(pred.shape, { dtype: pred.dtype, device: pred.device });
   const o = withOutputs<Record<string, Tensor>>(op, options.out, make, (t) =>
-    native().crossEntropyLoss(pred.handle, target.handle, ignoreIndex, (t['loss'] as Tensor).handle, t['grad']?.handle ?? null, (t['correct'] as Tensor).handle),
+    native().crossEntropyLoss(
+      pred.handle,
+      target.handle,
+      ignoreIndex,
+      (t['loss'] as Tensor).handle,
+      t['grad']?.handle ?? null,
+      (t['correct'] as Tensor).handle,
+    ),
   );
   return { loss: o['loss'] as Tensor, grad: o['grad'] ?? null, correct: o['correct'] as Tensor };
 }
@@ -200,7 +223,16 @@ export function adamwStep(param: Tensor, grad: Tensor, expAvg: Tensor, expAvgSq:
   checkTensor(expAvg, op, 'expAvg');
   checkTensor(expAvgSq, op, 'expAvgSq');
   if (options === null || typeof options !== 'object') invalidArgument(op, `the options (lr, step, ...) must be an object`);
-  checkKeys(options, op, { lr: true, beta1: true, beta2: true, eps: true, weightDecay: true, step: true, gradScale: true, paramBf16: true });
+  checkKeys(options, op, {
+    lr: true,
+    beta1: true,
+    beta2: true,
+    eps: true,
+    weightDecay: true,
+    step: true,
+    gradScale: true,
+    paramBf16: true,
+  });
   const lr = checkNumber(options.lr, op, 'lr', { min: 0 });
   const beta1 = checkNumber(options.beta1 ?? 0.9, op, 'beta1', { min: 0 });
   const beta2 = checkNumber(options.beta2 ?? 0.999, op, 'beta2', { min: 0 });
@@ -208,10 +240,24 @@ export function adamwStep(param: Tensor, grad: Tensor, expAvg: Tensor, expAvgSq:
   const eps = checkNumber(options.eps ?? 1e-8, op, 'eps', { min: 0, minExclusive: true });
   const weightDecay = checkNumber(options.weightDecay ?? 0, op, 'weightDecay', { min: 0 });
   const step = options.step;
-  if (!Number.isSafeInteger(step) || step < 1) invalidArgument(op, `'step' must be an integer ≥ 1 (the first step is 1); received ${String(step)}`);
+  if (!Number.isSafeInteger(step) || step < 1)
+    invalidArgument(op, `'step' must be an integer ≥ 1 (the first step is 1); received ${String(step)}`);
   const gradScale = checkNumber(options.gradScale ?? 1, op, 'gradScale');
   const paramBf16 = checkOptionalTensor(options.paramBf16, op, 'paramBf16');
-  native().adamwStep(param.handle, grad.handle, expAvg.handle, expAvgSq.handle, paramBf16?.handle ?? null, lr, beta1, beta2, eps, weightDecay, step, gradScale);
+  native().adamwStep(
+    param.handle,
+    grad.handle,
+    expAvg.handle,
+    expAvgSq.handle,
+    paramBf16?.handle ?? null,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weightDecay,
+    step,
+    gradScale,
+  );
 }
 
 // ----------------------------------------------------------------------------------- norms, balance
@@ -233,7 +279,12 @@ export function sumOfSquares(x: Tensor, options: SumOfSquaresOptions = {}): Tens
   checkTensor(x, op, 'x');
   const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
   if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
-  return withOutput(op, options.out, () => Tensor.empty([1], { dtype: 'f32', device: x.device }), (out) => native().sumOfSquares(x.handle, out.handle, accumulate));
+  return withOutput(
+    op,
+    options.out,
+    () => Tensor.empty([1], { dtype: 'f32', device: x.device }),
+    (out) => native().sumOfSquares(x.handle, out.handle, accumulate),
+  );
 }
 
 /**

@@ -45,7 +45,13 @@ export interface StepMetrics {
 }
 
 /** routerEntropyNats: the mean per-token routing entropy in nats (averaged over ranks). */
-export function layerMetrics(tokensPerExpert: ArrayLike<number>, dropped: number, assignments: number, routerEntropyNats = 0, expertsPerToken?: ArrayLike<number>): LayerMetrics {
+export function layerMetrics(
+  tokensPerExpert: ArrayLike<number>,
+  dropped: number,
+  assignments: number,
+  routerEntropyNats = 0,
+  expertsPerToken?: ArrayLike<number>,
+): LayerMetrics {
   const load = Array.from(tokensPerExpert);
   const total = load.reduce((a, b) => a + b, 0);
   const mean = total / load.length;

@@ -81,12 +81,27 @@ export class MoEModel implements Disposable {
     const out: Param[] = [];
     this.layers.forEach((l, i) => {
       out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated' });
-      out.push({ name: `layers.${i}.router.weight`, master: l.master.router, computeBf16: bf16 ? l.compute.router.view(H, l.config.numExperts) : null, kind: 'replicated' });
+      out.push({
+        name: `layers.${i}.router.weight`,
+        master: l.master.router,
+        computeBf16: bf16 ? l.compute.router.view(H, l.config.numExperts) : null,
+        kind: 'replicated',
+      });
       out.push({ name: `layers.${i}.experts.w13`, master: l.master.w13, computeBf16: bf16 ? l.compute.w13 : null, kind: 'expert' });
       out.push({ name: `layers.${i}.experts.w2`, master: l.master.w2, computeBf16: bf16 ? l.compute.w2 : null, kind: 'expert' });
       if (l.master.sharedW13 && l.master.sharedW2) {
-        out.push({ name: `layers.${i}.shared.w13`, master: l.master.sharedW13, computeBf16: bf16 ? l.compute.sharedW13 : null, kind: 'replicated' });
-        out.push({ name: `layers.${i}.shared.w2`, master: l.master.sharedW2, computeBf16: bf16 ? l.compute.sharedW2 : null, kind: 'replicated' });
+        out.push({
+          name: `layers.${i}.shared.w13`,
+          master: l.master.sharedW13,
+          computeBf16: bf16 ? l.compute.sharedW13 : null,
+          kind: 'replicated',
+        });
+        out.push({
+          name: `layers.${i}.shared.w2`,
+          master: l.master.sharedW2,
+          computeBf16: bf16 ? l.compute.sharedW2 : null,
+          kind: 'replicated',
+        });
       }
     });
     out.push({ name: 'head.weight', master: this.head, computeBf16: bf16 ? this.headCompute.view(H, H) : null, kind: 'replicated' });
@@ -114,7 +129,12 @@ export class MoEModel implements Disposable {
         const moe = layer.forward(normed);
         auxLoss.add_(moe.auxLoss);
         blocks.push({ h, rstd, normed, moe });
-        routing.push({ tokensPerExpert: moe.tokensPerExpert, dropped: moe.dropped, entropy: moe.routerEntropy, expertsPerToken: moe.expertsPerToken });
+        routing.push({
+          tokensPerExpert: moe.tokensPerExpert,
+          dropped: moe.dropped,
+          entropy: moe.routerEntropy,
+          expertsPerToken: moe.expertsPerToken,
+        });
         h = h.clone().add_(moe.y);
       });
       const pred = groupedGemm('NN', h, this.headCompute, this.all(x.shape[0] as number), { dtype: this.dtype });

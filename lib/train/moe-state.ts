@@ -42,7 +42,8 @@ export function expertIndexOf(name: string): number | undefined {
 
 /** The experts rank `rank` of an EP group of `epSize` owns: [first, first + count). */
 export function ownedExperts(numExperts: number, epSize: number, rank: number): { first: number; count: number } {
-  if (!Number.isSafeInteger(epSize) || epSize < 1 || numExperts % epSize !== 0) invalidArgument('ownedExperts', `'numExperts' ${numExperts} must be a multiple of the EP size ${epSize}`);
+  if (!Number.isSafeInteger(epSize) || epSize < 1 || numExperts % epSize !== 0)
+    invalidArgument('ownedExperts', `'numExperts' ${numExperts} must be a multiple of the EP size ${epSize}`);
   if (!Number.isSafeInteger(rank) || rank < 0 || rank >= epSize) invalidArgument('ownedExperts', `'rank' ${rank} is not in [0, ${epSize})`);
   const count = numExperts / epSize;
   return { first: rank * count, count };
@@ -53,8 +54,19 @@ export function ownedExperts(numExperts: number, epSize: number, rank: number): 
  * named by GLOBAL index: name(e, 'w1') [H, F], name(e, 'w3') [H, F], name(e, 'w2') [F, H] for
  * e = firstExpert … firstExpert + El − 1. New tensors (dispose them after saving).
  */
-export function splitExperts(w13: Tensor, w2: Tensor, firstExpert: number, name: (e: number, w: ExpertWeight) => string): Record<string, Tensor> {
-  if (w13.ndim !== 3 || w2.ndim !== 3 || w13.shape[0] !== w2.shape[0] || (w13.shape[2] as number) !== 2 * (w2.shape[1] as number) || w13.shape[1] !== w2.shape[2]) {
+export function splitExperts(
+  w13: Tensor,
+  w2: Tensor,
+  firstExpert: number,
+  name: (e: number, w: ExpertWeight) => string,
+): Record<string, Tensor> {
+  if (
+    w13.ndim !== 3 ||
+    w2.ndim !== 3 ||
+    w13.shape[0] !== w2.shape[0] ||
+    (w13.shape[2] as number) !== 2 * (w2.shape[1] as number) ||
+    w13.shape[1] !== w2.shape[2]
+  ) {
     invalidArgument('splitExperts', `'w13' must be [El, H, 2F] and 'w2' [El, F, H]; got [${w13.shape}] and [${w2.shape}]`);
   }
   const [El, H, F2] = w13.shape as [number, number, number];
@@ -129,7 +141,11 @@ const MOMENT_KEYS: OptionKeys<MoELayerMoments> = { router: true, w13: true, w2: 
  * and sharded (this rank's experts by global index, and their moments). The expert and shared tensors
  * are new de-interleaved copies; dispose them with disposeState() after saving.
  */
-export function moeLayerState(layer: MoELayer, index: number, moments: MoELayerMoments = {}): { replicated: Record<string, Tensor>; sharded: Record<string, Tensor>; owned: Tensor[] } {
+export function moeLayerState(
+  layer: MoELayer,
+  index: number,
+  moments: MoELayerMoments = {},
+): { replicated: Record<string, Tensor>; sharded: Record<string, Tensor>; owned: Tensor[] } {
   moments = checkOptions(moments, 'moeLayerState', MOMENT_KEYS);
   const first = layer.group.rank * layer.localExperts;
   const replicated: Record<string, Tensor> = {};
@@ -148,10 +164,22 @@ export function moeLayerState(layer: MoELayer, index: number, moments: MoELayerM
   for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
     const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
     if (moments.router) replicated[ckptNames.optim(ckptNames.router(index), m)] = moments.router[key];
-    if (moments.w13 && moments.w2) add(sharded, splitExperts(moments.w13[key], moments.w2[key], first, (e, w) => ckptNames.optim(expertName(e, w), m)));
-    if (moments.sharedW13 && moments.sharedW2) add(replicated, splitExperts(moments.sharedW13[key], moments.sharedW2[key], 0, (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m)));
+    if (moments.w13 && moments.w2)
+      add(
+        sharded,
+        splitExperts(moments.w13[key], moments.w2[key], first, (e, w) => ckptNames.optim(expertName(e, w), m)),
+      );
+    if (moments.sharedW13 && moments.sharedW2)
+      add(
+        replicated,
+        splitExperts(moments.sharedW13[key], moments.sharedW2[key], 0, (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m)),
+      );
   }
-  if (layer.master.sharedW13 && layer.master.sharedW2) add(replicated, splitExperts(layer.master.sharedW13, layer.master.sharedW2, 0, (_e, w) => ckptNames.shared(index, w)));
+  if (layer.master.sharedW13 && layer.master.sharedW2)
+    add(
+      replicated,
+      splitExperts(layer.master.sharedW13, layer.master.sharedW2, 0, (_e, w) => ckptNames.shared(index, w)),
+    );
   return { replicated, sharded, owned };
 }
 
@@ -180,7 +208,9 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   // A router trained to pick tokens does not pick experts (nor the reverse): the other routing is refused.
   const recorded = checkpointRouting(reader);
   if (recorded !== undefined && recorded !== layer.config.routing) {
-    throw new CheckpointError(`checkpoint ${reader.dir}: layer ${index} was trained with routing '${recorded}' (manifest config.model.routing) but this layer routes '${layer.config.routing}'; build the model with the same routing (--model.routing ${recorded})`);
+    throw new CheckpointError(
+      `checkpoint ${reader.dir}: layer ${index} was trained with routing '${recorded}' (manifest config.model.routing) but this layer routes '${layer.config.routing}'; build the model with the same routing (--model.routing ${recorded})`,
+    );
   }
   const El = layer.localExperts;
   const first = layer.group.rank * El;
@@ -198,12 +228,15 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
   intoExperts(layer.master.w13, layer.master.w2, expertName, El, first);
-  if (layer.master.sharedW13 && layer.master.sharedW2) intoExperts(layer.master.sharedW13, layer.master.sharedW2, (_e, w) => ckptNames.shared(index, w), 1, 0);
+  if (layer.master.sharedW13 && layer.master.sharedW2)
+    intoExperts(layer.master.sharedW13, layer.master.sharedW2, (_e, w) => ckptNames.shared(index, w), 1, 0);
   for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
     const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
     if (moments.router) reader.into(ckptNames.optim(ckptNames.router(index), m), moments.router[key]);
-    if (moments.w13 && moments.w2) intoExperts(moments.w13[key], moments.w2[key], (e, w) => ckptNames.optim(expertName(e, w), m), El, first);
-    if (moments.sharedW13 && moments.sharedW2) intoExperts(moments.sharedW13[key], moments.sharedW2[key], (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m), 1, 0);
+    if (moments.w13 && moments.w2)
+      intoExperts(moments.w13[key], moments.w2[key], (e, w) => ckptNames.optim(expertName(e, w), m), El, first);
+    if (moments.sharedW13 && moments.sharedW2)
+      intoExperts(moments.sharedW13[key], moments.sharedW2[key], (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m), 1, 0);
   }
   layer.refreshComputeWeights();
 }

@@ -55,7 +55,12 @@ export function disposeOptimState(state: readonly OptimState[]): void {
  * reduced gradients. Reading the norm is a deliberate host sync: it decides the clipping scale, and
  * the metrics need it.
  */
-export function reduceGradients(state: readonly OptimState[], grads: ReadonlyMap<string, Tensor>, groups: GradientGroups, device: Device): number {
+export function reduceGradients(
+  state: readonly OptimState[],
+  grads: ReadonlyMap<string, Tensor>,
+  groups: GradientGroups,
+  device: Device,
+): number {
   const W = groups.world?.size ?? 1;
   const sqReplicated = Tensor.zeros([1], { device });
   const sqExpert = Tensor.zeros([1], { device });
@@ -92,8 +97,13 @@ export function optimizerStep(
 ): void {
   for (const s of state) {
     adamwStep(s.param.master, grads.get(s.param.name) as Tensor, s.expAvg, s.expAvgSq, {
-      lr, step, beta1: o.beta1, beta2: o.beta2, eps: o.eps,
-      weightDecay: s.param.name.endsWith('norm.weight') ? 0 : o.weightDecay, gradScale,
+      lr,
+      step,
+      beta1: o.beta1,
+      beta2: o.beta2,
+      eps: o.eps,
+      weightDecay: s.param.name.endsWith('norm.weight') ? 0 : o.weightDecay,
+      gradScale,
       ...(s.param.computeBf16 ? { paramBf16: s.param.computeBf16 } : {}),
     });
   }

@@ -72,7 +72,15 @@ export function smooth(values: number[], window: number, log = false): number[] 
 const axis = (name: string, log = false): Record<string, unknown> => ({ type: log ? 'log' : 'value', name, scale: !log });
 
 /** A heatmap over step columns: `data` rows are [column, row, colour value, ...tooltip values]. */
-function heatmapChart(id: string, title: string, steps: number[], rows: number, rowName: string, data: unknown[][], visualMap: Record<string, unknown>): ReportChart {
+function heatmapChart(
+  id: string,
+  title: string,
+  steps: number[],
+  rows: number,
+  rowName: string,
+  data: unknown[][],
+  visualMap: Record<string, unknown>,
+): ReportChart {
   return {
     id,
     title,
@@ -89,7 +97,13 @@ function heatmapChart(id: string, title: string, steps: number[], rows: number, 
   };
 }
 
-function lineChart(id: string, title: string, yName: string, lines: { name: string; points: Point[]; smooth?: boolean; dashed?: boolean }[], log = false): ReportChart {
+function lineChart(
+  id: string,
+  title: string,
+  yName: string,
+  lines: { name: string; points: Point[]; smooth?: boolean; dashed?: boolean }[],
+  log = false,
+): ReportChart {
   const series: Record<string, unknown>[] = [];
   lines.forEach((line, i) => {
     const color = PALETTE[i % PALETTE.length];
@@ -97,10 +111,35 @@ function lineChart(id: string, title: string, yName: string, lines: { name: stri
     const window = line.smooth ? smoothingWindow(ys.length) : 1;
     if (window > 1) {
       const s = smooth(ys, window, log);
-      series.push({ name: line.name, type: 'line', showSymbol: false, silent: true, data: sample(line.points, MAX_POINTS), lineStyle: { color, width: 1, opacity: 0.25 }, itemStyle: { color } });
-      series.push({ name: line.name, type: 'line', showSymbol: false, data: sample(line.points.map((p, j): Point => [p[0], s[j] as number]), MAX_POINTS), lineStyle: { color, width: 2 }, itemStyle: { color } });
+      series.push({
+        name: line.name,
+        type: 'line',
+        showSymbol: false,
+        silent: true,
+        data: sample(line.points, MAX_POINTS),
+        lineStyle: { color, width: 1, opacity: 0.25 },
+        itemStyle: { color },
+      });
+      series.push({
+        name: line.name,
+        type: 'line',
+        showSymbol: false,
+        data: sample(
+          line.points.map((p, j): Point => [p[0], s[j] as number]),
+          MAX_POINTS,
+        ),
+        lineStyle: { color, width: 2 },
+        itemStyle: { color },
+      });
     } else {
-      series.push({ name: line.name, type: 'line', showSymbol: false, data: sample(line.points, MAX_POINTS), lineStyle: { color, width: 1.5, ...(line.dashed ? { type: 'dashed' } : {}) }, itemStyle: { color } });
+      series.push({
+        name: line.name,
+        type: 'line',
+        showSymbol: false,
+        data: sample(line.points, MAX_POINTS),
+        lineStyle: { color, width: 1.5, ...(line.dashed ? { type: 'dashed' } : {}) },
+        itemStyle: { color },
+      });
     }
   });
   return {
@@ -130,15 +169,29 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
       const v = f(s);
       return v === undefined || !Number.isFinite(v) ? [] : [[s.step, v]];
     });
-  const noisy = smoothingWindow(steps.length) > 1 ? ` (a moving average over ${smoothingWindow(steps.length)} steps; raw values faint)` : '';
+  const noisy =
+    smoothingWindow(steps.length) > 1 ? ` (a moving average over ${smoothingWindow(steps.length)} steps; raw values faint)` : '';
 
   charts.push(lineChart('loss', `Loss${noisy}`, 'loss', [{ name: 'loss', points: points((s) => s.loss), smooth: true }], true));
-  if (steps.some((s) => s.accuracy !== undefined)) charts.push(lineChart('accuracy', `Accuracy${noisy}`, 'accuracy', [{ name: 'accuracy', points: points((s) => s.accuracy), smooth: true }]));
+  if (steps.some((s) => s.accuracy !== undefined))
+    charts.push(
+      lineChart('accuracy', `Accuracy${noisy}`, 'accuracy', [{ name: 'accuracy', points: points((s) => s.accuracy), smooth: true }]),
+    );
   const dropped = steps.some((s) => s.layers.some((l) => l.dropped > 0));
   charts.push(
     lineChart('maxvio', `MaxVio: max load / mean load − 1${dropped ? ', and the dropped fraction (dashed)' : ''}${noisy}`, '', [
-      ...Array.from({ length: layers }, (_, l) => ({ name: `MaxVio layer ${l}`, points: points((s) => s.layers[l]?.maxVio), smooth: true })),
-      ...(dropped ? Array.from({ length: layers }, (_, l) => ({ name: `dropped layer ${l}`, points: points((s) => s.layers[l]?.dropped), dashed: true })) : []),
+      ...Array.from({ length: layers }, (_, l) => ({
+        name: `MaxVio layer ${l}`,
+        points: points((s) => s.layers[l]?.maxVio),
+        smooth: true,
+      })),
+      ...(dropped
+        ? Array.from({ length: layers }, (_, l) => ({
+            name: `dropped layer ${l}`,
+            points: points((s) => s.layers[l]?.dropped),
+            dashed: true,
+          }))
+        : []),
     ]),
   );
 
@@ -155,12 +208,20 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
       });
     });
     charts.push(
-      heatmapChart(`load${l}`, `Load per expert relative to the mean, layer ${l} (1 = even; 2 or more is the darkest red)`, columns.map((s) => s.step), experts, 'expert', data, {
-        min: 0,
-        max: 2,
-        text: ['above the mean', 'below'],
-        inRange: { color: ['#2166ac', '#67a9cf', '#d1e5f0', '#f7f7f7', '#fddbc7', '#ef8a62', '#b2182b'] },
-      }),
+      heatmapChart(
+        `load${l}`,
+        `Load per expert relative to the mean, layer ${l} (1 = even; 2 or more is the darkest red)`,
+        columns.map((s) => s.step),
+        experts,
+        'expert',
+        data,
+        {
+          min: 0,
+          max: 2,
+          text: ['above the mean', 'below'],
+          inRange: { color: ['#2166ac', '#67a9cf', '#d1e5f0', '#f7f7f7', '#fddbc7', '#ef8a62', '#b2182b'] },
+        },
+      ),
     );
   }
 
@@ -175,11 +236,19 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
       return h.map((v, n) => [i, n, Number((v / total).toFixed(4)), v]);
     });
     charts.push(
-      heatmapChart(`ept${l}`, `Experts per token (fraction of tokens), layer ${l}`, columns.map((s) => s.step), rows, 'experts', data, {
-        min: 0,
-        max: 1,
-        inRange: { color: ['#f7fbff', '#c6dbef', '#6baed6', '#2171b5', '#08306b'] },
-      }),
+      heatmapChart(
+        `ept${l}`,
+        `Experts per token (fraction of tokens), layer ${l}`,
+        columns.map((s) => s.step),
+        rows,
+        'experts',
+        data,
+        {
+          min: 0,
+          max: 1,
+          inRange: { color: ['#f7fbff', '#c6dbef', '#6baed6', '#2171b5', '#08306b'] },
+        },
+      ),
     );
   }
 
@@ -196,9 +265,21 @@ export function reportCharts(steps: StepMetrics[]): ReportChart[] {
     }
   }
   charts.push(lineChart('lr', 'Learning rate', 'lr', [{ name: 'lr', points: points((s) => s.lr) }]));
-  charts.push(lineChart('gradnorm', `Gradient norm (before clipping)${noisy}`, 'norm', [{ name: 'gradient norm', points: points((s) => s.gradNorm), smooth: true }], true));
+  charts.push(
+    lineChart(
+      'gradnorm',
+      `Gradient norm (before clipping)${noisy}`,
+      'norm',
+      [{ name: 'gradient norm', points: points((s) => s.gradNorm), smooth: true }],
+      true,
+    ),
+  );
   // The first step includes warm-up (allocations, first kernel launches): left out of throughput.
-  charts.push(lineChart('tps', `Throughput${noisy}`, 'tokens/s', [{ name: 'tokens/s', points: points((s) => (s === steps[0] && steps.length > 1 ? undefined : s.tokensPerSecond)), smooth: true }]));
+  charts.push(
+    lineChart('tps', `Throughput${noisy}`, 'tokens/s', [
+      { name: 'tokens/s', points: points((s) => (s === steps[0] && steps.length > 1 ? undefined : s.tokensPerSecond)), smooth: true },
+    ]),
+  );
   for (const c of charts) (c.option as { color?: string[] }).color = PALETTE;
   return charts;
 }
@@ -209,7 +290,9 @@ export function renderReport(input: ReportInput): string {
   const rows = Object.entries(input.summary)
     .map(([k, v]) => `<tr><th>${escapeHtml(k)}</th><td>${escapeHtml(String(v))}</td></tr>`)
     .join('');
-  const divs = charts.map((c) => `<h2>${escapeHtml(c.title)}</h2><div class="chart" id="${c.id}" style="height:${c.height}px"></div>`).join('\n');
+  const divs = charts
+    .map((c) => `<h2>${escapeHtml(c.title)}</h2><div class="chart" id="${c.id}" style="height:${c.height}px"></div>`)
+    .join('\n');
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(input.title)}</title>
 <style>body{font:14px system-ui,sans-serif;margin:24px;max-width:1100px}table{border-collapse:collapse}th,td{padding:2px 10px;text-align:left;border-bottom:1px solid #ddd}

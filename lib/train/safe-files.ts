@@ -94,7 +94,8 @@ export function resolveInside(base: string, name: string, what: string, error: E
     throw new error(`${what}: ${(e as Error).message}`);
   }
   // Nothing about the target (size, kind) is reported: it may be a file the reader must not see.
-  if (!isInside(base, real) || real === base) throw new error(`${what}: resolves outside its folder through a symbolic link; checkpoint files must lie inside the checkpoint folder`);
+  if (!isInside(base, real) || real === base)
+    throw new error(`${what}: resolves outside its folder through a symbolic link; checkpoint files must lie inside the checkpoint folder`);
   return real;
 }
 
@@ -116,7 +117,8 @@ export function statRegular(path: string, o: RegularFileOptions): fs.Stats {
     throw new error(`${o.what}: ${(e as NodeJS.ErrnoException).code === 'ENOENT' ? 'is missing' : (e as Error).message}`);
   }
   if (!st.isFile()) throw new error(`${o.what}: is ${kindOf(st)}; only regular files are read`);
-  if (o.maxBytes !== undefined && st.size > o.maxBytes) throw new error(`${o.what}: has ${st.size} bytes, more than the ${o.maxBytes} bytes allowed for this kind of file`);
+  if (o.maxBytes !== undefined && st.size > o.maxBytes)
+    throw new error(`${o.what}: has ${st.size} bytes, more than the ${o.maxBytes} bytes allowed for this kind of file`);
   return st;
 }
 
@@ -170,8 +172,19 @@ export function readRegular(path: string, o: RegularFileOptions & { maxBytes: nu
  * Checks JSON text's nesting depth (and array lengths) in one pass before JSON.parse, which would
  * otherwise build every level of a crafted `[[[[…` first. Strings are skipped, escapes included.
  */
-export function checkJsonNesting(text: Uint8Array, limits: { maxDepth: number; maxArrayLength?: number }, what: string, error: ErrorClass = CheckpointError): void {
-  const OPEN_OBJ = 0x7b, CLOSE_OBJ = 0x7d, OPEN_ARR = 0x5b, CLOSE_ARR = 0x5d, QUOTE = 0x22, BACKSLASH = 0x5c, COMMA = 0x2c;
+export function checkJsonNesting(
+  text: Uint8Array,
+  limits: { maxDepth: number; maxArrayLength?: number },
+  what: string,
+  error: ErrorClass = CheckpointError,
+): void {
+  const OPEN_OBJ = 0x7b,
+    CLOSE_OBJ = 0x7d,
+    OPEN_ARR = 0x5b,
+    CLOSE_ARR = 0x5d,
+    QUOTE = 0x22,
+    BACKSLASH = 0x5c,
+    COMMA = 0x2c;
   const maxArray = limits.maxArrayLength ?? Infinity;
   // Per open container: -1 for an object, else the commas seen so far in the array.
   const stack: number[] = [];
@@ -228,7 +241,11 @@ export function writeAll(fd: number, bytes: Uint8Array): void {
  * is fsynced (unless fsync is false) and renamed over `path` (which replaces a link there rather
  * than writing through it). `write` gets the temporary's fd; a string or bytes are written as is.
  */
-export function writeFileAtomic(path: string, content: string | Uint8Array | ((fd: number) => void), options: { fsync?: boolean } = {}): void {
+export function writeFileAtomic(
+  path: string,
+  content: string | Uint8Array | ((fd: number) => void),
+  options: { fsync?: boolean } = {},
+): void {
   const tmp = temporaryName(path);
   const fd = createExclusive(tmp);
   try {

@@ -93,10 +93,15 @@ function bytesOf(view: ArrayBufferView): Uint8Array {
 }
 
 /** The header bytes (length prefix included) for tensors laid out back to back in the given order. */
-function encodeHeader(path: string, entries: readonly SafetensorsEntry[], metadata?: Record<string, string>): { header: Buffer; infos: TensorInfo[] } {
+function encodeHeader(
+  path: string,
+  entries: readonly SafetensorsEntry[],
+  metadata?: Record<string, string>,
+): { header: Buffer; infos: TensorInfo[] } {
   const json: Record<string, unknown> = {};
   if (metadata !== undefined) {
-    for (const [k, v] of Object.entries(metadata)) if (typeof v !== 'string') fail(path, `metadata '${k}' must be a string; safetensors metadata holds strings only`);
+    for (const [k, v] of Object.entries(metadata))
+      if (typeof v !== 'string') fail(path, `metadata '${k}' must be a string; safetensors metadata holds strings only`);
     json['__metadata__'] = metadata;
   }
   const infos: TensorInfo[] = [];
@@ -107,10 +112,12 @@ function encodeHeader(path: string, entries: readonly SafetensorsEntry[], metada
     if (name in json) fail(path, 'the name appears twice', name);
     const dtype = toDType(String(e.dtype));
     if (!dtype) fail(path, `unknown dtype ${JSON.stringify(e.dtype)}`, name);
-    if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) fail(path, `bad shape ${JSON.stringify(e.shape)}`, name);
+    if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
+      fail(path, `bad shape ${JSON.stringify(e.shape)}`, name);
     const byteLength = numel(e.shape) * dtypeSize[dtype];
     if (!ArrayBuffer.isView(e.data)) fail(path, 'data must be a TypedArray or DataView', name);
-    if (e.data.byteLength !== byteLength) fail(path, `data has ${e.data.byteLength} bytes but ${dtype}[${e.shape.join(',')}] needs ${byteLength}`, name);
+    if (e.data.byteLength !== byteLength)
+      fail(path, `data has ${e.data.byteLength} bytes but ${dtype}[${e.shape.join(',')}] needs ${byteLength}`, name);
     const info: TensorInfo = { name, dtype, shape: [...e.shape], dataOffsets: [offset, offset + byteLength], byteLength };
     json[name] = { dtype: SAFETENSORS_DTYPE[dtype], shape: info.shape, data_offsets: info.dataOffsets };
     infos.push(info);
@@ -151,7 +158,12 @@ export function writeSafetensors(
         const bytes = bytesOf(e.data);
         writeAll(fd, bytes);
         fileHash.update(bytes);
-        tensors[info.name] = { dtype: info.dtype, shape: info.shape, dataOffsets: info.dataOffsets, sha256: createHash('sha256').update(bytes).digest('hex') };
+        tensors[info.name] = {
+          dtype: info.dtype,
+          shape: info.shape,
+          dataOffsets: info.dataOffsets,
+          sha256: createHash('sha256').update(bytes).digest('hex'),
+        };
       });
     },
     { fsync: options.fsync ?? true },
@@ -175,7 +187,14 @@ export class SafetensorsFile implements Disposable {
   readonly tensors: ReadonlyMap<string, TensorInfo>;
   #fd: number | null;
 
-  private constructor(path: string, fd: number, size: number, dataStart: number, metadata: Record<string, string>, tensors: Map<string, TensorInfo>) {
+  private constructor(
+    path: string,
+    fd: number,
+    size: number,
+    dataStart: number,
+    metadata: Record<string, string>,
+    tensors: Map<string, TensorInfo>,
+  ) {
     this.path = path;
     this.#fd = fd;
     this.size = size;
@@ -195,12 +214,19 @@ export class SafetensorsFile implements Disposable {
       fs.readSync(fd, lenBuf, 0, 8, 0);
       const n64 = lenBuf.readBigUInt64LE(0);
       if (n64 > BigInt(Math.min(MAX_HEADER_BYTES, size - 8))) {
-        fail(path, `the header length ${n64} is larger than the file (${size} bytes) allows${n64 > BigInt(MAX_HEADER_BYTES) ? ` or the ${MAX_HEADER_BYTES}-byte limit` : ''}; truncated or not a safetensors file`);
+        fail(
+          path,
+          `the header length ${n64} is larger than the file (${size} bytes) allows${n64 > BigInt(MAX_HEADER_BYTES) ? ` or the ${MAX_HEADER_BYTES}-byte limit` : ''}; truncated or not a safetensors file`,
+        );
       }
       const n = Number(n64);
       const hbuf = Buffer.alloc(n);
       readFully(fd, hbuf, 8, () => fail(path, 'the file ended inside its header (truncated after it was opened?)'));
-      checkJsonNesting(hbuf, { maxDepth: HEADER_MAX_DEPTH, maxArrayLength: HEADER_MAX_ARRAY }, `safetensors ${basename(path)}: the header (${path})`);
+      checkJsonNesting(
+        hbuf,
+        { maxDepth: HEADER_MAX_DEPTH, maxArrayLength: HEADER_MAX_ARRAY },
+        `safetensors ${basename(path)}: the header (${path})`,
+      );
       let json: unknown;
       try {
         json = JSON.parse(hbuf.toString('utf8'));
@@ -215,35 +241,49 @@ export class SafetensorsFile implements Disposable {
       for (const [name, raw] of Object.entries(json as Record<string, unknown>)) {
         if (name === '__metadata__') {
           if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) fail(path, '__metadata__ must be an object of strings');
-          for (const [k, v] of Object.entries(raw as Record<string, unknown>)) if (typeof v !== 'string') fail(path, `__metadata__ '${k}' is not a string`);
+          for (const [k, v] of Object.entries(raw as Record<string, unknown>))
+            if (typeof v !== 'string') fail(path, `__metadata__ '${k}' is not a string`);
           metadata = raw as Record<string, string>;
           continue;
         }
         const r = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
         if (r === null || typeof r !== 'object') fail(path, 'the header entry is not an object', name);
         const dtype = typeof r.dtype === 'string' ? FROM_SAFETENSORS[r.dtype] : undefined;
-        if (!dtype) fail(path, `unknown dtype ${JSON.stringify(r.dtype)} (moe-ep reads ${Object.values(SAFETENSORS_DTYPE).join(', ')})`, name);
+        if (!dtype)
+          fail(path, `unknown dtype ${JSON.stringify(r.dtype)} (moe-ep reads ${Object.values(SAFETENSORS_DTYPE).join(', ')})`, name);
         const shape = r.shape;
-        if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) fail(path, `bad shape ${JSON.stringify(shape)}`, name);
+        if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0))
+          fail(path, `bad shape ${JSON.stringify(shape)}`, name);
         const off = r.data_offsets;
         if (!Array.isArray(off) || off.length !== 2 || !off.every((d) => Number.isSafeInteger(d) && d >= 0) || off[0] > off[1]) {
           fail(path, `bad data_offsets ${JSON.stringify(off)}`, name);
         }
         const [begin, end] = off as [number, number];
         const byteLength = numel(shape as number[]) * dtypeSize[dtype];
-        if (end - begin !== byteLength) fail(path, `data_offsets [${begin}, ${end}] span ${end - begin} bytes but ${SAFETENSORS_DTYPE[dtype]}[${(shape as number[]).join(',')}] needs ${byteLength}`, name);
-        if (end > dataBytes) fail(path, `data_offsets [${begin}, ${end}] run past the end of the data (${dataBytes} bytes); the file is truncated`, name);
+        if (end - begin !== byteLength)
+          fail(
+            path,
+            `data_offsets [${begin}, ${end}] span ${end - begin} bytes but ${SAFETENSORS_DTYPE[dtype]}[${(shape as number[]).join(',')}] needs ${byteLength}`,
+            name,
+          );
+        if (end > dataBytes)
+          fail(path, `data_offsets [${begin}, ${end}] run past the end of the data (${dataBytes} bytes); the file is truncated`, name);
         list.push({ name, dtype, shape: shape as number[], dataOffsets: [begin, end], byteLength });
       }
       // Back to back in offset order: no overlap, no gap, and the last one ends at the end of the file.
       const sorted = [...list].sort((a, b) => a.dataOffsets[0] - b.dataOffsets[0] || a.dataOffsets[1] - b.dataOffsets[1]);
       let at = 0;
       for (const t of sorted) {
-        if (t.dataOffsets[0] < at) fail(path, `data_offsets [${t.dataOffsets.join(', ')}] overlap the previous tensor (which ends at ${at})`, t.name);
+        if (t.dataOffsets[0] < at)
+          fail(path, `data_offsets [${t.dataOffsets.join(', ')}] overlap the previous tensor (which ends at ${at})`, t.name);
         if (t.dataOffsets[0] > at) fail(path, `data_offsets [${t.dataOffsets.join(', ')}] leave a gap after byte ${at}`, t.name);
         at = t.dataOffsets[1];
       }
-      if (at !== dataBytes) fail(path, `the tensors end at data byte ${at} but the file holds ${dataBytes} data bytes (${at > dataBytes ? 'truncated' : 'trailing bytes'})`);
+      if (at !== dataBytes)
+        fail(
+          path,
+          `the tensors end at data byte ${at} but the file holds ${dataBytes} data bytes (${at > dataBytes ? 'truncated' : 'trailing bytes'})`,
+        );
       return new SafetensorsFile(path, fd, size, dataStart, metadata, new Map(sorted.map((t) => [t.name, t])));
     } catch (e) {
       fs.closeSync(fd);
@@ -261,7 +301,12 @@ export class SafetensorsFile implements Disposable {
 
   info(name: string): TensorInfo {
     const t = this.tensors.get(name);
-    if (!t) fail(this.path, `no such tensor (the file holds ${this.tensors.size}: ${[...this.tensors.keys()].slice(0, 5).join(', ')}${this.tensors.size > 5 ? ', …' : ''})`, name);
+    if (!t)
+      fail(
+        this.path,
+        `no such tensor (the file holds ${this.tensors.size}: ${[...this.tensors.keys()].slice(0, 5).join(', ')}${this.tensors.size > 5 ? ', …' : ''})`,
+        name,
+      );
     return t;
   }
 
@@ -269,7 +314,9 @@ export class SafetensorsFile implements Disposable {
   readBytes(name: string): Uint8Array {
     const t = this.info(name);
     const out = new Uint8Array(t.byteLength);
-    readFully(this.fd, out, this.dataStart + t.dataOffsets[0], () => fail(this.path, 'the file ended while reading (truncated after it was opened?)', name));
+    readFully(this.fd, out, this.dataStart + t.dataOffsets[0], () =>
+      fail(this.path, 'the file ended while reading (truncated after it was opened?)', name),
+    );
     return out;
   }
 
@@ -289,7 +336,7 @@ export class SafetensorsFile implements Disposable {
   /** Feeds the whole file through `hash` in chunks (for checksums). */
   hashInto(hash: Hash): Hash {
     const chunk = Buffer.alloc(Math.min(8 << 20, Math.max(this.size, 1)));
-    for (let pos = 0; pos < this.size; ) {
+    for (let pos = 0; pos < this.size;) {
       const n = fs.readSync(this.fd, chunk, 0, Math.min(chunk.length, this.size - pos), pos);
       if (n === 0) fail(this.path, 'the file ended while hashing');
       hash.update(chunk.subarray(0, n));
@@ -313,7 +360,10 @@ export class SafetensorsFile implements Disposable {
 }
 
 /** Reads every tensor of a file (in file order) and its metadata. */
-export function readSafetensors(path: string): { metadata: Record<string, string>; tensors: { name: string; dtype: DType; shape: number[]; data: Uint8Array }[] } {
+export function readSafetensors(path: string): {
+  metadata: Record<string, string>;
+  tensors: { name: string; dtype: DType; shape: number[]; data: Uint8Array }[];
+} {
   using f = SafetensorsFile.open(path);
   return { metadata: { ...f.metadata }, tensors: f.names.map((name) => ({ name, ...f.read(name) })) };
 }

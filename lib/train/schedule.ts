@@ -37,7 +37,8 @@ export function cosineSchedule(config: CosineScheduleConfig): (step: number) => 
   const maxLr = checkNonNegativeNumber(config.maxLr, op, 'maxLr');
   const minLr = checkNonNegativeNumber(config.minLr ?? 0, op, 'minLr');
   const startLr = checkNonNegativeNumber(config.warmupStartLr ?? 0, op, 'warmupStartLr');
-  if (totalSteps < warmupSteps) invalidArgument('cosineSchedule', `'totalSteps' = ${totalSteps} is less than 'warmupSteps' = ${warmupSteps}`);
+  if (totalSteps < warmupSteps)
+    invalidArgument('cosineSchedule', `'totalSteps' = ${totalSteps} is less than 'warmupSteps' = ${warmupSteps}`);
   if (minLr > maxLr) invalidArgument('cosineSchedule', `'minLr' = ${minLr} is more than 'maxLr' = ${maxLr}`);
   return (step: number): number => {
     checkNonNegativeInt(step, op, 'step');

@@ -30,7 +30,15 @@ import { MoEModel, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
 import { balanceBiasUpdate } from './dense-ops.js';
-import { clipScale, createOptimState, disposeOptimState, type GradientGroups, type OptimState, optimizerStep, reduceGradients } from './optimizer.js';
+import {
+  clipScale,
+  createOptimState,
+  disposeOptimState,
+  type GradientGroups,
+  type OptimState,
+  optimizerStep,
+  reduceGradients,
+} from './optimizer.js';
 import { cosineSchedule } from './schedule.js';
 
 export interface TrainerOptions {
@@ -46,7 +54,8 @@ export interface TrainerOptions {
 function configFields(config: TrainConfig): [string, string][] {
   const out: [string, string][] = [];
   for (const [section, fields] of Object.entries(config)) {
-    for (const [field, value] of Object.entries(fields as Record<string, unknown>)) out.push([`config.${section}.${field}`, JSON.stringify(value)]);
+    for (const [field, value] of Object.entries(fields as Record<string, unknown>))
+      out.push([`config.${section}.${field}`, JSON.stringify(value)]);
   }
   return out.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0));
 }
@@ -83,7 +92,8 @@ export function checkSameConfig(world: Communicator, config: TrainConfig): void 
       byValue.set(v, [...(byValue.get(v) ?? []), r]);
     });
     if (byValue.size < 2) continue;
-    const list = (ranks: number[]): string => (ranks.length > 8 ? `${ranks.slice(0, 8).join(', ')} and ${ranks.length - 8} more` : ranks.join(', '));
+    const list = (ranks: number[]): string =>
+      ranks.length > 8 ? `${ranks.slice(0, 8).join(', ')} and ${ranks.length - 8} more` : ranks.join(', ');
     lines.push(`${path}: ${[...byValue].map(([v, ranks]) => `${v} on rank${ranks.length === 1 ? '' : 's'} ${list(ranks)}`).join('; ')}`);
   }
   invalidArgument(
@@ -132,17 +142,40 @@ export class Trainer implements Disposable {
       this.edp = undefined;
     }
     const want = config.train.device;
-    if (want === 'cuda' && !cuda.isAvailable()) invalidArgument('Trainer', `config.train.device is 'cuda' but no GPU is usable: ${cuda.unavailableReason()}`);
-    this.device = want === 'cpu' ? Device.cpu : want === 'cuda' ? (getDefaultDevice().isCuda ? getDefaultDevice() : Device.cuda(0)) : cuda.isAvailable() ? getDefaultDevice() : Device.cpu;
+    if (want === 'cuda' && !cuda.isAvailable())
+      invalidArgument('Trainer', `config.train.device is 'cuda' but no GPU is usable: ${cuda.unavailableReason()}`);
+    this.device =
+      want === 'cpu'
+        ? Device.cpu
+        : want === 'cuda'
+          ? getDefaultDevice().isCuda
+            ? getDefaultDevice()
+            : Device.cuda(0)
+          : cuda.isAvailable()
+            ? getDefaultDevice()
+            : Device.cpu;
     const dtype = this.device.isCuda ? 'bf16' : 'f32';
     const m = config.model;
     checkMemory(config, this.size, this.device);
     this.model = new MoEModel(
       {
-        layers: m.layers, hidden: m.hidden, ffn: m.ffn, numExperts: m.experts, topK: m.topK, routing: m.routing, scoreFunction: m.scoreFunction,
-        groups: m.groups, topkGroups: m.topkGroups, dropPolicy: m.dropPolicy, sharedFfn: m.sharedFfn, loss: m.loss, commStream: m.overlapComm,
+        layers: m.layers,
+        hidden: m.hidden,
+        ffn: m.ffn,
+        numExperts: m.experts,
+        topK: m.topK,
+        routing: m.routing,
+        scoreFunction: m.scoreFunction,
+        groups: m.groups,
+        topkGroups: m.topkGroups,
+        dropPolicy: m.dropPolicy,
+        sharedFfn: m.sharedFfn,
+        loss: m.loss,
+        commStream: m.overlapComm,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
-        auxLossCoef: config.balance.auxLossCoef, seqAuxLossCoef: config.balance.seqAuxLossCoef, zLossCoef: config.balance.zLossCoef,
+        auxLossCoef: config.balance.auxLossCoef,
+        seqAuxLossCoef: config.balance.seqAuxLossCoef,
+        zLossCoef: config.balance.zLossCoef,
         ...(config.balance.seqLen === null ? {} : { seqLen: config.balance.seqLen }),
       },
       this.device,
@@ -161,12 +194,23 @@ export class Trainer implements Disposable {
     this.state = createOptimState(this.model.params(), this.device);
     const o = config.optimizer;
     // A run shorter than the warm-up warms up over the whole run.
-    this.lr = cosineSchedule({ warmupSteps: Math.min(o.warmupSteps, config.train.steps), totalSteps: config.train.steps, maxLr: o.lr, minLr: o.minLr });
+    this.lr = cosineSchedule({
+      warmupSteps: Math.min(o.warmupSteps, config.train.steps),
+      totalSteps: config.train.steps,
+      maxLr: o.lr,
+      minLr: o.minLr,
+    });
   }
 
   /** The optimizer moments by parameter name (for checkpoints). */
   optimizerState(): { name: string; param: Tensor; expAvg: Tensor; expAvgSq: Tensor; kind: Param['kind'] }[] {
-    return this.state.map((s) => ({ name: s.param.name, param: s.param.master, expAvg: s.expAvg, expAvgSq: s.expAvgSq, kind: s.param.kind }));
+    return this.state.map((s) => ({
+      name: s.param.name,
+      param: s.param.master,
+      expAvg: s.expAvg,
+      expAvgSq: s.expAvgSq,
+      kind: s.param.kind,
+    }));
   }
 
   /** One optimizer step on this rank's shard of batch `this.step`. */
@@ -195,7 +239,10 @@ export class Trainer implements Disposable {
       const loss = fwd.loss.clone();
       const auxLoss = fwd.auxLoss.clone();
       const routing = fwd.routing.map((r) => ({
-        tokensPerExpert: r.tokensPerExpert.clone(), dropped: r.dropped.clone(), entropy: r.entropy.clone(), expertsPerToken: r.expertsPerToken?.clone() ?? null,
+        tokensPerExpert: r.tokensPerExpert.clone(),
+        dropped: r.dropped.clone(),
+        entropy: r.entropy.clone(),
+        expertsPerToken: r.expertsPerToken?.clone() ?? null,
       }));
       endPhase('forward');
       const grads = this.model.backward(fwd);
@@ -289,7 +336,10 @@ export class Trainer implements Disposable {
         Object.assign(replicated, st.replicated);
         Object.assign(sharded, st.sharded);
       }
-      const dense: [string, Tensor][] = [...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]), [ckptNames.head, this.model.head]];
+      const dense: [string, Tensor][] = [
+        ...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]),
+        [ckptNames.head, this.model.head],
+      ];
       for (const [name, t] of dense) {
         replicated[name] = t;
         const m = this.moments(name);
@@ -324,7 +374,10 @@ export class Trainer implements Disposable {
     const reader: CheckpointReader = loadCheckpoint(path, this.world && this.size > 1 ? { comm: this.world } : {});
     try {
       this.model.layers.forEach((layer, i) => loadMoELayer(reader, layer, i, this.layerMoments(i)));
-      const dense: [string, Tensor][] = [...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]), [ckptNames.head, this.model.head]];
+      const dense: [string, Tensor][] = [
+        ...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]),
+        [ckptNames.head, this.model.head],
+      ];
       for (const [name, t] of dense) {
         reader.into(name, t);
         const m = this.moments(name);
@@ -385,7 +438,9 @@ function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
   const onDevice = params + activations + (device.isCuda && !config.data.onDevice ? 0 : data);
   const onHost = device.isCuda ? data : onDevice;
   const gib = (n: number): string => `${(n / 2 ** 30).toFixed(1)} GiB`;
-  const need: [string, number, number][] = [[device.toString(), onDevice, device.isCuda ? native().deviceProperties(device.index).totalMemory : totalmem()]];
+  const need: [string, number, number][] = [
+    [device.toString(), onDevice, device.isCuda ? native().deviceProperties(device.index).totalMemory : totalmem()],
+  ];
   if (device.isCuda) need.push(['host memory', onHost, totalmem()]);
   for (const [where, bytes, have] of need) {
     if (bytes <= have) continue;

@@ -15,8 +15,8 @@ double arg_number(const Napi::CallbackInfo& info, size_t i, const char* op, cons
 
 int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
   double v = arg_number(info, i, op, name);
-  MOE_ARG_CHECK(std::isfinite(v) && v == std::floor(v) && std::fabs(v) <= 9007199254740991.0, op, "'", name,
-                "' must be an integer, got ", v);
+  MOE_ARG_CHECK(std::isfinite(v) && v == std::floor(v) && std::fabs(v) <= 9007199254740991.0, op, "'", name, "' must be an integer, got ",
+                v);
   return int64_t(v);
 }
 

@@ -15,8 +15,8 @@ Napi::Value capacity(const Napi::CallbackInfo& info) {
   int64_t policy = arg_int(info, 4, op, "policy");
   MOE_ARG_CHECK(policy == 0 || policy == 1, op, "'policy' must be 0 (probs) or 1 (position)");
   ops::capacity(arg_tensor(info, 0, op, "indices"), arg_tensor(info, 1, op, "weights", true), arg_int(info, 2, op, "numExperts"),
-                arg_int(info, 3, op, "capacity"), ops::DropPolicy(policy), arg_tensor(info, 5, op, "slot"),
-                arg_tensor(info, 6, op, "kept"), arg_tensor(info, 7, op, "dropped"), arg_tensor(info, 8, op, "invalid"));
+                arg_int(info, 3, op, "capacity"), ops::DropPolicy(policy), arg_tensor(info, 5, op, "slot"), arg_tensor(info, 6, op, "kept"),
+                arg_tensor(info, 7, op, "dropped"), arg_tensor(info, 8, op, "invalid"));
   return info.Env().Undefined();
 }
 

@@ -20,22 +20,16 @@ class CommHandle : public Napi::ObjectWrap<CommHandle> {
     return *ref;
   }
   static void init(Napi::Env env, Napi::Object exports) {
-    Napi::Function cls = DefineClass(env, "CommHandle",
-                                     {InstanceMethod<&CommHandle::rank>("rank"),
-                                      InstanceMethod<&CommHandle::size>("size"),
-                                      InstanceMethod<&CommHandle::backend>("backend"),
-                                      InstanceMethod<&CommHandle::timeout>("timeoutMs"),
-                                      InstanceMethod<&CommHandle::set_timeout>("setTimeoutMs"),
-                                      InstanceMethod<&CommHandle::is_aborted>("isAborted"),
-                                      InstanceMethod<&CommHandle::all_reduce>("allReduce"),
-                                      InstanceMethod<&CommHandle::all_gather>("allGather"),
-                                      InstanceMethod<&CommHandle::broadcast>("broadcast"),
-                                      InstanceMethod<&CommHandle::barrier>("barrier"),
-                                      InstanceMethod<&CommHandle::all_to_all>("allToAll"),
-                                      InstanceMethod<&CommHandle::all_to_all_v>("allToAllV"),
-                                      InstanceMethod<&CommHandle::split>("split"),
-                                      InstanceMethod<&CommHandle::abort>("abort"),
-                                      InstanceMethod<&CommHandle::dispose>("dispose")});
+    Napi::Function cls =
+        DefineClass(env, "CommHandle",
+                    {InstanceMethod<&CommHandle::rank>("rank"), InstanceMethod<&CommHandle::size>("size"),
+                     InstanceMethod<&CommHandle::backend>("backend"), InstanceMethod<&CommHandle::timeout>("timeoutMs"),
+                     InstanceMethod<&CommHandle::set_timeout>("setTimeoutMs"), InstanceMethod<&CommHandle::is_aborted>("isAborted"),
+                     InstanceMethod<&CommHandle::all_reduce>("allReduce"), InstanceMethod<&CommHandle::all_gather>("allGather"),
+                     InstanceMethod<&CommHandle::broadcast>("broadcast"), InstanceMethod<&CommHandle::barrier>("barrier"),
+                     InstanceMethod<&CommHandle::all_to_all>("allToAll"), InstanceMethod<&CommHandle::all_to_all_v>("allToAllV"),
+                     InstanceMethod<&CommHandle::split>("split"), InstanceMethod<&CommHandle::abort>("abort"),
+                     InstanceMethod<&CommHandle::dispose>("dispose")});
     constructor() = Napi::Persistent(cls);
     exports.Set("CommHandle", cls);
   }
@@ -187,8 +181,8 @@ Napi::Value comm_nccl(const Napi::CallbackInfo& info) {
     id.assign(static_cast<const char*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), ta.ByteLength());
   }
   int64_t device = arg_int(info, 3, op, "device");
-  MOE_ARG_CHECK(rank >= 0 && rank < (1 << 30) && size >= 1 && size < (1 << 30) && device >= 0 && device < 64, op,
-                "rank ", rank, ", size ", size, " or device ", device, " out of range");
+  MOE_ARG_CHECK(rank >= 0 && rank < (1 << 30) && size >= 1 && size < (1 << 30) && device >= 0 && device < 64, op, "rank ", rank, ", size ",
+                size, " or device ", device, " out of range");
   return CommHandle::wrap(info.Env(), comm::make_nccl(int(rank), int(size), id, int(device), arg_int(info, 4, op, "timeoutMs")));
 }
 

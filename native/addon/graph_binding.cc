@@ -23,15 +23,12 @@ namespace {
 class GraphHandle : public Napi::ObjectWrap<GraphHandle> {
  public:
   static void init(Napi::Env env, Napi::Object exports) {
-    Napi::Function cls = DefineClass(env, "GraphHandle",
-                                     {InstanceMethod<&GraphHandle::end_capture>("endCapture"),
-                                      InstanceMethod<&GraphHandle::abort_capture>("abortCapture"),
-                                      InstanceMethod<&GraphHandle::replay>("replay"),
-                                      InstanceMethod<&GraphHandle::retain>("retain"),
-                                      InstanceMethod<&GraphHandle::pool_bytes>("poolBytes"),
-                                      InstanceMethod<&GraphHandle::node_count>("nodeCount"),
-                                      InstanceMethod<&GraphHandle::replays>("replays"),
-                                      InstanceMethod<&GraphHandle::dispose>("dispose")});
+    Napi::Function cls =
+        DefineClass(env, "GraphHandle",
+                    {InstanceMethod<&GraphHandle::end_capture>("endCapture"), InstanceMethod<&GraphHandle::abort_capture>("abortCapture"),
+                     InstanceMethod<&GraphHandle::replay>("replay"), InstanceMethod<&GraphHandle::retain>("retain"),
+                     InstanceMethod<&GraphHandle::pool_bytes>("poolBytes"), InstanceMethod<&GraphHandle::node_count>("nodeCount"),
+                     InstanceMethod<&GraphHandle::replays>("replays"), InstanceMethod<&GraphHandle::dispose>("dispose")});
     constructor() = Napi::Persistent(cls);
     exports.Set("GraphHandle", cls);
   }
@@ -75,9 +72,7 @@ class GraphHandle : public Napi::ObjectWrap<GraphHandle> {
   }
   // → what broke the capture ("" when nothing did).
   Napi::Value abort_capture(const Napi::CallbackInfo& info) {
-    return guarded(info.Env(), [&]() -> Napi::Value {
-      return Napi::String::New(info.Env(), live("CudaGraph.capture").abort_capture());
-    });
+    return guarded(info.Env(), [&]() -> Napi::Value { return Napi::String::New(info.Env(), live("CudaGraph.capture").abort_capture()); });
   }
   // replay(stream | null): null is the graph's device's current stream.
   Napi::Value replay(const Napi::CallbackInfo& info) {
@@ -99,16 +94,12 @@ class GraphHandle : public Napi::ObjectWrap<GraphHandle> {
     });
   }
   Napi::Value pool_bytes(const Napi::CallbackInfo& info) {
-    return guarded(info.Env(), [&]() -> Napi::Value {
-      return Napi::Number::New(info.Env(), double(graph_ ? graph_->pool_bytes() : 0));
-    });
+    return guarded(info.Env(), [&]() -> Napi::Value { return Napi::Number::New(info.Env(), double(graph_ ? graph_->pool_bytes() : 0)); });
   }
   Napi::Value node_count(const Napi::CallbackInfo& info) {
     return Napi::Number::New(info.Env(), double(graph_ ? graph_->node_count() : 0));
   }
-  Napi::Value replays(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), double(graph_ ? graph_->replays() : 0));
-  }
+  Napi::Value replays(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(graph_ ? graph_->replays() : 0)); }
   Napi::Value dispose(const Napi::CallbackInfo& info) {
     return guarded(info.Env(), [&]() -> Napi::Value {
       std::unique_ptr<CudaGraph> g = std::move(graph_);

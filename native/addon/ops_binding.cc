@@ -63,8 +63,8 @@ Napi::Value random(const Napi::CallbackInfo& info) {
   const char* op = kind == 0 ? "rand" : "randn";
   int64_t seed = arg_int(info, 4, op, "seed"), offset = arg_int(info, 5, op, "offset");
   MOE_ARG_CHECK(seed >= 0 && offset >= 0, op, "'seed' and 'offset' must be non-negative");
-  ops::RandomParams p{ops::RandomKind(kind), float(arg_number(info, 2, op, "p0")), float(arg_number(info, 3, op, "p1")),
-                      uint64_t(seed), uint64_t(offset)};
+  ops::RandomParams p{ops::RandomKind(kind), float(arg_number(info, 2, op, "p0")), float(arg_number(info, 3, op, "p1")), uint64_t(seed),
+                      uint64_t(offset)};
   ops::random_fill(arg_tensor(info, 0, op, "out"), p);
   return info.Env().Undefined();
 }

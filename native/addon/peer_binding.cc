@@ -39,21 +39,15 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
     return *ref;
   }
   static void init(Napi::Env env, Napi::Object exports) {
-    Napi::Function cls = DefineClass(env, "PeerHandle",
-                                     {InstanceMethod<&PeerHandle::export_handle>("exportHandle"),
-                                      InstanceMethod<&PeerHandle::can_reach>("canReach"),
-                                      InstanceMethod<&PeerHandle::open>("open"),
-                                      InstanceMethod<&PeerHandle::check>("check"),
-                                      InstanceMethod<&PeerHandle::abort>("abort"),
-                                      InstanceMethod<&PeerHandle::is_aborted>("isAborted"),
-                                      InstanceMethod<&PeerHandle::set_timeout>("setTimeoutMs"),
-                                      InstanceMethod<&PeerHandle::synchronize>("synchronize"),
-                                      InstanceMethod<&PeerHandle::close_peers>("closePeers"),
-                                      InstanceMethod<&PeerHandle::dispatch_layout>("dispatchLayout"),
-                                      InstanceMethod<&PeerHandle::dispatch_rows>("dispatchRows"),
-                                      InstanceMethod<&PeerHandle::combine>("combine"),
-                                      InstanceMethod<&PeerHandle::combine_backward>("combineBackward"),
-                                      InstanceMethod<&PeerHandle::dispose>("dispose")});
+    Napi::Function cls =
+        DefineClass(env, "PeerHandle",
+                    {InstanceMethod<&PeerHandle::export_handle>("exportHandle"), InstanceMethod<&PeerHandle::can_reach>("canReach"),
+                     InstanceMethod<&PeerHandle::open>("open"), InstanceMethod<&PeerHandle::check>("check"),
+                     InstanceMethod<&PeerHandle::abort>("abort"), InstanceMethod<&PeerHandle::is_aborted>("isAborted"),
+                     InstanceMethod<&PeerHandle::set_timeout>("setTimeoutMs"), InstanceMethod<&PeerHandle::synchronize>("synchronize"),
+                     InstanceMethod<&PeerHandle::close_peers>("closePeers"), InstanceMethod<&PeerHandle::dispatch_layout>("dispatchLayout"),
+                     InstanceMethod<&PeerHandle::dispatch_rows>("dispatchRows"), InstanceMethod<&PeerHandle::combine>("combine"),
+                     InstanceMethod<&PeerHandle::combine_backward>("combineBackward"), InstanceMethod<&PeerHandle::dispose>("dispose")});
     constructor() = Napi::Persistent(cls);
     exports.Set("PeerHandle", cls);
   }
@@ -119,9 +113,7 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
       return info.Env().Undefined();
     });
   }
-  Napi::Value is_aborted(const Napi::CallbackInfo& info) {
-    return Napi::Boolean::New(info.Env(), transport_ && transport_->aborted());
-  }
+  Napi::Value is_aborted(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), transport_ && transport_->aborted()); }
   Napi::Value set_timeout(const Napi::CallbackInfo& info) {
     return call(info, [&]() -> Napi::Value {
       int64_t ms = arg_int(info, 0, "peerTransport", "timeoutMs");
@@ -215,8 +207,9 @@ Napi::Value peer_create(const Napi::CallbackInfo& info) {
   cap.row_bytes = arg_int(info, 4, op, "rowBytes");
   cap.top_k = int(arg_int(info, 5, op, "topK"));
   cap.local_experts = int(arg_int(info, 6, op, "localExperts"));
-  return PeerHandle::wrap(info.Env(), comm::make_peer_transport(int(arg_int(info, 0, op, "rank")), int(arg_int(info, 1, op, "size")),
-                                                                int(arg_int(info, 2, op, "device")), cap, arg_int(info, 7, op, "timeoutMs")));
+  return PeerHandle::wrap(info.Env(),
+                          comm::make_peer_transport(int(arg_int(info, 0, op, "rank")), int(arg_int(info, 1, op, "size")),
+                                                    int(arg_int(info, 2, op, "device")), cap, arg_int(info, 7, op, "timeoutMs")));
 }
 
 }  // namespace

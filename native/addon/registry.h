@@ -20,5 +20,4 @@ struct BindingRegistrar {
 
 }  // namespace moe::addon
 
-#define MOE_REGISTER_BINDING(init_fn) \
-  static ::moe::addon::BindingRegistrar moe_binding_registrar_##init_fn(init_fn)
+#define MOE_REGISTER_BINDING(init_fn) static ::moe::addon::BindingRegistrar moe_binding_registrar_##init_fn(init_fn)

@@ -25,9 +25,8 @@ Napi::Value router_forward(const Napi::CallbackInfo& info) {
   p.topk_groups = arg_int(info, 5, op, "topkGroups");
   p.normalize = arg_bool(info, 6, op, "normalize");
   p.route_scale = float(arg_number(info, 7, op, "routeScale"));
-  ops::router_forward(arg_tensor(info, 0, op, "logits"), arg_tensor(info, 1, op, "bias", true), p,
-                      arg_tensor(info, 8, op, "indices"), arg_tensor(info, 9, op, "weights"),
-                      arg_tensor(info, 10, op, "tokensPerExpert"), arg_tensor(info, 11, op, "scores"),
+  ops::router_forward(arg_tensor(info, 0, op, "logits"), arg_tensor(info, 1, op, "bias", true), p, arg_tensor(info, 8, op, "indices"),
+                      arg_tensor(info, 9, op, "weights"), arg_tensor(info, 10, op, "tokensPerExpert"), arg_tensor(info, 11, op, "scores"),
                       arg_tensor(info, 12, op, "nanRows"));
   return info.Env().Undefined();
 }
@@ -39,8 +38,8 @@ Napi::Value router_backward(const Napi::CallbackInfo& info) {
   p.score = arg_score(info, 3, op);
   p.normalize = arg_bool(info, 4, op, "normalize");
   p.route_scale = float(arg_number(info, 5, op, "routeScale"));
-  ops::router_backward(arg_tensor(info, 0, op, "dWeights"), arg_tensor(info, 1, op, "scores"), arg_tensor(info, 2, op, "indices"),
-                       p, arg_tensor(info, 6, op, "dLogits"), arg_bool(info, 7, op, "accumulate"));
+  ops::router_backward(arg_tensor(info, 0, op, "dWeights"), arg_tensor(info, 1, op, "scores"), arg_tensor(info, 2, op, "indices"), p,
+                       arg_tensor(info, 6, op, "dLogits"), arg_bool(info, 7, op, "accumulate"));
   return info.Env().Undefined();
 }
 
@@ -48,16 +47,16 @@ Napi::Value router_backward(const Napi::CallbackInfo& info) {
 Napi::Value router_balance_loss(const Napi::CallbackInfo& info) {
   const char* op = "balanceLoss";
   ops::router_balance_loss(arg_tensor(info, 0, op, "scores"), arg_tensor(info, 1, op, "indices"), arg_score(info, 2, op),
-                           arg_int(info, 3, op, "seqLen"), float(arg_number(info, 4, op, "coefficient")),
-                           arg_tensor(info, 5, op, "loss"), arg_tensor(info, 6, op, "dLogits", true));
+                           arg_int(info, 3, op, "seqLen"), float(arg_number(info, 4, op, "coefficient")), arg_tensor(info, 5, op, "loss"),
+                           arg_tensor(info, 6, op, "dLogits", true));
   return info.Env().Undefined();
 }
 
 // routerZLoss(logits, coefficient, loss, dLogits|null)
 Napi::Value router_z_loss(const Napi::CallbackInfo& info) {
   const char* op = "zLoss";
-  ops::router_z_loss(arg_tensor(info, 0, op, "logits"), float(arg_number(info, 1, op, "coefficient")),
-                     arg_tensor(info, 2, op, "loss"), arg_tensor(info, 3, op, "dLogits", true));
+  ops::router_z_loss(arg_tensor(info, 0, op, "logits"), float(arg_number(info, 1, op, "coefficient")), arg_tensor(info, 2, op, "loss"),
+                     arg_tensor(info, 3, op, "dLogits", true));
   return info.Env().Undefined();
 }
 
@@ -80,9 +79,8 @@ Napi::Value router_expert_choice(const Napi::CallbackInfo& info) {
 Napi::Value router_expert_choice_backward(const Napi::CallbackInfo& info) {
   const char* op = "routerBackward";
   ops::router_expert_choice_backward(arg_tensor(info, 0, op, "dWeights"), arg_tensor(info, 1, op, "scores"),
-                                     arg_tensor(info, 2, op, "slot"), arg_score(info, 3, op),
-                                     float(arg_number(info, 4, op, "routeScale")), arg_tensor(info, 5, op, "dLogits"),
-                                     arg_bool(info, 6, op, "accumulate"));
+                                     arg_tensor(info, 2, op, "slot"), arg_score(info, 3, op), float(arg_number(info, 4, op, "routeScale")),
+                                     arg_tensor(info, 5, op, "dLogits"), arg_bool(info, 6, op, "accumulate"));
   return info.Env().Undefined();
 }
 
@@ -93,8 +91,7 @@ static void init_router(Napi::Env env, Napi::Object exports) {
   exports.Set("routerBackward", Napi::Function::New(env, binding<router_backward>, "routerBackward"));
   exports.Set("routerBalanceLoss", Napi::Function::New(env, binding<router_balance_loss>, "routerBalanceLoss"));
   exports.Set("routerExpertChoice", Napi::Function::New(env, binding<router_expert_choice>, "routerExpertChoice"));
-  exports.Set("routerExpertChoiceBackward",
-              Napi::Function::New(env, binding<router_expert_choice_backward>, "routerExpertChoiceBackward"));
+  exports.Set("routerExpertChoiceBackward", Napi::Function::New(env, binding<router_expert_choice_backward>, "routerExpertChoiceBackward"));
   exports.Set("routerZLoss", Napi::Function::New(env, binding<router_z_loss>, "routerZLoss"));
 }
 

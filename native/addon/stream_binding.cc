@@ -38,11 +38,10 @@ Napi::FunctionReference& StreamHandle::constructor() {
 }
 
 void StreamHandle::init(Napi::Env env, Napi::Object exports) {
-  Napi::Function cls = DefineClass(env, "StreamHandle",
-                                   {InstanceMethod<&StreamHandle::synchronize>("synchronize"),
-                                    InstanceMethod<&StreamHandle::query>("query"),
-                                    InstanceMethod<&StreamHandle::wait_event>("waitEvent"),
-                                    InstanceMethod<&StreamHandle::dispose>("dispose")});
+  Napi::Function cls =
+      DefineClass(env, "StreamHandle",
+                  {InstanceMethod<&StreamHandle::synchronize>("synchronize"), InstanceMethod<&StreamHandle::query>("query"),
+                   InstanceMethod<&StreamHandle::wait_event>("waitEvent"), InstanceMethod<&StreamHandle::dispose>("dispose")});
   constructor() = Napi::Persistent(cls);
   exports.Set("StreamHandle", cls);
   exports.Set("setCurrentStream", Napi::Function::New(env, binding<set_current_stream>, "setCurrentStream"));
@@ -94,8 +93,8 @@ Napi::Value StreamHandle::wait_event(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const char* op = "Stream.waitEvent";
     if (disposed_) throw_error(ErrorKind::Disposed, op, "the stream was disposed");
-    MOE_ARG_CHECK(info.Length() > 0 && info[0].IsObject() && info[0].As<Napi::Object>().InstanceOf(EventHandle::constructor().Value()),
-                  op, "'event' must be an Event");
+    MOE_ARG_CHECK(info.Length() > 0 && info[0].IsObject() && info[0].As<Napi::Object>().InstanceOf(EventHandle::constructor().Value()), op,
+                  "'event' must be an Event");
     EventHandle* e = EventHandle::Unwrap(info[0].As<Napi::Object>());
     if (e->disposed()) throw_error(ErrorKind::Disposed, op, "'event' was disposed");
     if (stream_ && e->raw()) cuda::stream_wait_event(device_.index, stream_, e->raw());
@@ -114,13 +113,11 @@ Napi::FunctionReference& EventHandle::constructor() {
 }
 
 void EventHandle::init(Napi::Env env, Napi::Object exports) {
-  Napi::Function cls = DefineClass(env, "EventHandle",
-                                   {InstanceMethod<&EventHandle::record>("record"),
-                                    InstanceMethod<&EventHandle::synchronize>("synchronize"),
-                                    InstanceMethod<&EventHandle::query>("query"),
-                                    InstanceMethod<&EventHandle::elapsed_time>("elapsedTime"),
-                                    InstanceMethod<&EventHandle::block>("block"),
-                                    InstanceMethod<&EventHandle::dispose>("dispose")});
+  Napi::Function cls =
+      DefineClass(env, "EventHandle",
+                  {InstanceMethod<&EventHandle::record>("record"), InstanceMethod<&EventHandle::synchronize>("synchronize"),
+                   InstanceMethod<&EventHandle::query>("query"), InstanceMethod<&EventHandle::elapsed_time>("elapsedTime"),
+                   InstanceMethod<&EventHandle::block>("block"), InstanceMethod<&EventHandle::dispose>("dispose")});
   constructor() = Napi::Persistent(cls);
   exports.Set("EventHandle", cls);
 }

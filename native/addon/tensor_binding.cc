@@ -59,16 +59,13 @@ Napi::FunctionReference& TensorHandle::constructor() {
 }
 
 void TensorHandle::init(Napi::Env env, Napi::Object exports) {
-  Napi::Function cls = DefineClass(env, "TensorHandle",
-                                   {InstanceMethod<&TensorHandle::describe>("describe"),
-                                    InstanceMethod<&TensorHandle::dispose>("dispose"),
-                                    InstanceMethod<&TensorHandle::is_disposed>("isDisposed"),
-                                    InstanceMethod<&TensorHandle::view>("view"),
-                                    InstanceMethod<&TensorHandle::narrow>("narrow"),
-                                    InstanceMethod<&TensorHandle::transpose>("transpose"),
-                                    InstanceMethod<&TensorHandle::to_buffer>("toBuffer"),
-                                    InstanceMethod<&TensorHandle::shares_storage>("sharesStorage"),
-                                    InstanceMethod<&TensorHandle::record_stream>("recordStream")});
+  Napi::Function cls =
+      DefineClass(env, "TensorHandle",
+                  {InstanceMethod<&TensorHandle::describe>("describe"), InstanceMethod<&TensorHandle::dispose>("dispose"),
+                   InstanceMethod<&TensorHandle::is_disposed>("isDisposed"), InstanceMethod<&TensorHandle::view>("view"),
+                   InstanceMethod<&TensorHandle::narrow>("narrow"), InstanceMethod<&TensorHandle::transpose>("transpose"),
+                   InstanceMethod<&TensorHandle::to_buffer>("toBuffer"), InstanceMethod<&TensorHandle::shares_storage>("sharesStorage"),
+                   InstanceMethod<&TensorHandle::record_stream>("recordStream")});
   constructor() = Napi::Persistent(cls);
   exports.Set("TensorHandle", cls);
   exports.Set("tensorEmpty", Napi::Function::New(env, binding<tensor_empty>, "tensorEmpty"));
@@ -138,9 +135,7 @@ Napi::Value TensorHandle::dispose(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-Napi::Value TensorHandle::is_disposed(const Napi::CallbackInfo& info) {
-  return Napi::Boolean::New(info.Env(), !tensor_.defined());
-}
+Napi::Value TensorHandle::is_disposed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !tensor_.defined()); }
 
 Napi::Value TensorHandle::view(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {

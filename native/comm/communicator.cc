@@ -45,9 +45,7 @@ uint64_t mix(uint64_t x) {
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
   return x ^ (x >> 31);
 }
-uint64_t pair_hash(int64_t from, int64_t to, int64_t rows) {
-  return mix(mix((uint64_t(from) << 32) ^ uint64_t(to)) ^ uint64_t(rows));
-}
+uint64_t pair_hash(int64_t from, int64_t to, int64_t rows) { return mix(mix((uint64_t(from) << 32) ^ uint64_t(to)) ^ uint64_t(rows)); }
 
 bool same_call(const CallHeader& a, const CallHeader& b) {
   return a.kind == b.kind && a.dtype == b.dtype && a.rows == b.rows && a.row_elems == b.row_elems && a.arg == b.arg;
@@ -193,7 +191,8 @@ void check_all_reduce(const Tensor& t, ReduceOp op, const char* opname) {
   check_tensor(t, opname, "tensor");
   int o = int(op);
   MOE_ARG_CHECK(o >= 0 && o <= 3, opname, "'op' ", o, " is not sum, max, min or avg");
-  MOE_ARG_CHECK(!(t.dtype() == DType::fp8e4m3), opname, "'tensor' ", t.describe(), ": fp8e4m3 cannot be reduced; cast to f32 or bf16 first");
+  MOE_ARG_CHECK(!(t.dtype() == DType::fp8e4m3), opname, "'tensor' ", t.describe(),
+                ": fp8e4m3 cannot be reduced; cast to f32 or bf16 first");
 }
 
 void check_all_gather(const Tensor& in, const Tensor& out, int size, const char* op) {

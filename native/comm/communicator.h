@@ -40,13 +40,13 @@ enum class CallKind : int64_t { AllReduce = 1, AllGather = 2, Broadcast = 3, All
 // What one rank is about to do, as agree() exchanges it (as kCallHeaderWords int64, in field order):
 // the same size on every rank whatever the call, so the exchange itself can never disagree on sizes.
 struct CallHeader {
-  int64_t kind = 0;        // CallKind
-  int64_t dtype = -1;      // DType code of the tensor as passed; -1: no tensor
-  int64_t rows = 0;        // dim 0; 0 for all_to_all_v (ranks differ) and calls without a tensor
-  int64_t row_elems = 0;   // elements per row (product of dims 1..)
-  int64_t arg = -1;        // the reduce op (all_reduce) or the root (broadcast); -1 otherwise
-  int64_t send_hash = 0;   // all_to_all_v: sum over peers q of mix(rank, q, send_rows[q])
-  int64_t recv_hash = 0;   // all_to_all_v: sum over peers p of mix(p, rank, recv_rows[p])
+  int64_t kind = 0;       // CallKind
+  int64_t dtype = -1;     // DType code of the tensor as passed; -1: no tensor
+  int64_t rows = 0;       // dim 0; 0 for all_to_all_v (ranks differ) and calls without a tensor
+  int64_t row_elems = 0;  // elements per row (product of dims 1..)
+  int64_t arg = -1;       // the reduce op (all_reduce) or the root (broadcast); -1 otherwise
+  int64_t send_hash = 0;  // all_to_all_v: sum over peers q of mix(rank, q, send_rows[q])
+  int64_t recv_hash = 0;  // all_to_all_v: sum over peers p of mix(p, rank, recv_rows[p])
 };
 constexpr int64_t kCallHeaderWords = 7;
 
@@ -110,11 +110,11 @@ std::shared_ptr<Communicator> make_single();
 // unless the application already did. Throws Unavailable saying why when it cannot.
 std::shared_ptr<Communicator> make_mpi_world(int64_t timeout_ms);
 struct MpiStatus {
-  bool built = false;     // the addon was built next to an MPI backend library
-  bool loaded = false;    // the library opened (only tried by mpi_status(true) or first use)
-  std::string path;       // where it was looked for / loaded from
-  std::string library;    // the MPI library's own version string, when loaded
-  std::string error;      // why not, when not loaded
+  bool built = false;   // the addon was built next to an MPI backend library
+  bool loaded = false;  // the library opened (only tried by mpi_status(true) or first use)
+  std::string path;     // where it was looked for / loaded from
+  std::string library;  // the MPI library's own version string, when loaded
+  std::string error;    // why not, when not loaded
 };
 MpiStatus mpi_status(bool try_load);
 

@@ -58,9 +58,7 @@ class SingleCommunicator final : public Communicator {
   }
 
  protected:
-  void gather_words(const char*, const int64_t* mine, int64_t* all, int64_t words) override {
-    std::copy(mine, mine + words, all);
-  }
+  void gather_words(const char*, const int64_t* mine, int64_t* all, int64_t words) override { std::copy(mine, mine + words, all); }
 };
 
 }  // namespace

@@ -80,10 +80,10 @@ struct Block {
   int64_t size;
   // Stream handles stay valid for the life of the process (pooled, never destroyed), so both are
   // safe to key by and to record events on after the JS Stream was disposed.
-  void* stream;                 // the stream it was allocated for; reuse happens on this stream
-  std::vector<void*> used_on;   // other streams that used it (record_stream)
+  void* stream;                      // the stream it was allocated for; reuse happens on this stream
+  std::vector<void*> used_on;        // other streams that used it (record_stream)
   std::vector<cudaEvent_t> pending;  // events those streams must pass before reuse
-  GraphPool* pool = nullptr;    // the CUDA-graph pool that owns it, or null (the general cache)
+  GraphPool* pool = nullptr;         // the CUDA-graph pool that owns it, or null (the general cache)
 };
 
 struct BlockOrder {
@@ -145,7 +145,11 @@ struct DevicePool {
       bool done = true;
       for (auto e : b->pending) {
         if (block_until_done) cudaEventSynchronize(e);
-        else if (cudaEventQuery(e) != cudaSuccess) { cudaGetLastError(); done = false; break; }
+        else if (cudaEventQuery(e) != cudaSuccess) {
+          cudaGetLastError();
+          done = false;
+          break;
+        }
       }
       if (done) {
         for (auto e : b->pending) cudaEventDestroy(e);
@@ -213,10 +217,11 @@ struct DevicePool {
       size_t free_b = 0, total_b = 0;
       cudaMemGetInfo(&free_b, &total_b);
       cudaGetLastError();
-      throw_error(ErrorKind::OutOfMemory, op,
-                  cat("CUDA out of memory on cuda:", device, " allocating ", mib(bytes), ": ", mib(stats.live_bytes), " live in moe-ep tensors, ",
-                      in_capture ? "cache kept (a CUDA graph is being captured on this device)" : "cache released and retried",
-                      "; the device reports ", mib(int64_t(free_b)), " free of ", mib(int64_t(total_b))));
+      throw_error(
+          ErrorKind::OutOfMemory, op,
+          cat("CUDA out of memory on cuda:", device, " allocating ", mib(bytes), ": ", mib(stats.live_bytes), " live in moe-ep tensors, ",
+              in_capture ? "cache kept (a CUDA graph is being captured on this device)" : "cache released and retried",
+              "; the device reports ", mib(int64_t(free_b)), " free of ", mib(int64_t(total_b))));
     }
     stats.device_mallocs++;
     stats.reserved_bytes += size;
@@ -333,7 +338,8 @@ struct DevicePool {
     if (it == live.end()) return;
     Block* b = it->second;
     if (stream == b->stream) return;
-    for (void* s : b->used_on) if (s == stream) return;
+    for (void* s : b->used_on)
+      if (s == stream) return;
     b->used_on.push_back(stream);
   }
 
@@ -403,7 +409,10 @@ DevicePool& device_pool(int device) {
   static std::map<int, DevicePool*>* pools = new std::map<int, DevicePool*>();  // never destroyed
   std::lock_guard<std::mutex> lock(mu);
   auto& p = (*pools)[device];
-  if (!p) { p = new DevicePool(); p->device = device; }
+  if (!p) {
+    p = new DevicePool();
+    p->device = device;
+  }
   return *p;
 }
 #endif

@@ -46,9 +46,7 @@ void refuse_in_capture(const std::string& op, const std::string& what) {
 
 #if MOE_EP_WITH_CUDA
 
-std::string error_string(int code) {
-  return cat(cudaGetErrorName(cudaError_t(code)), " (", cudaGetErrorString(cudaError_t(code)), ")");
-}
+std::string error_string(int code) { return cat(cudaGetErrorName(cudaError_t(code)), " (", cudaGetErrorString(cudaError_t(code)), ")"); }
 
 void check(int code, const std::string& op, const char* what) {
   if (code == cudaSuccess) return;
@@ -77,11 +75,10 @@ const RuntimeStatus& status() {
       else if (e == cudaErrorInsufficientDriver && r.driver_version == 0)
         r.unavailable = "no NVIDIA driver is installed (libcuda.so.1 could not be loaded)";
       else if (e == cudaErrorInsufficientDriver)
-        r.unavailable = cat("the NVIDIA driver supports CUDA ", r.driver_version / 1000, ".", (r.driver_version % 1000) / 10,
-                            " but this addon's runtime is ", r.runtime_version / 1000, ".", (r.runtime_version % 1000) / 10,
-                            "; update the driver");
-      else
-        r.unavailable = cat("cudaGetDeviceCount failed: ", error_string(e));
+        r.unavailable =
+            cat("the NVIDIA driver supports CUDA ", r.driver_version / 1000, ".", (r.driver_version % 1000) / 10,
+                " but this addon's runtime is ", r.runtime_version / 1000, ".", (r.runtime_version % 1000) / 10, "; update the driver");
+      else r.unavailable = cat("cudaGetDeviceCount failed: ", error_string(e));
     } else if (n == 0) {
       r.unavailable = "no CUDA device is visible";
     }
@@ -99,15 +96,21 @@ DeviceProps device_props(int index) {
   check(cudaGetDeviceProperties(&p, index), "cuda.deviceProperties", "cudaGetDeviceProperties");
   char bus[32] = {0};
   cudaDeviceGetPCIBusId(bus, sizeof bus, index);
-  return DeviceProps{index, p.name, int64_t(p.totalGlobalMem), p.major, p.minor, p.multiProcessorCount,
-                     int64_t(p.l2CacheSize), int64_t(p.sharedMemPerBlockOptin), bus};
+  return DeviceProps{index,
+                     p.name,
+                     int64_t(p.totalGlobalMem),
+                     p.major,
+                     p.minor,
+                     p.multiProcessorCount,
+                     int64_t(p.l2CacheSize),
+                     int64_t(p.sharedMemPerBlockOptin),
+                     bus};
 }
 
 void require_device(const Device& device, const char* op) {
   if (!device.is_cuda()) return;
   const auto& s = status();
-  if (s.device_count == 0)
-    throw_error(ErrorKind::Unavailable, op, cat("device ", device.str(), " is not usable: ", s.unavailable));
+  if (s.device_count == 0) throw_error(ErrorKind::Unavailable, op, cat("device ", device.str(), " is not usable: ", s.unavailable));
   if (device.index < 0 || device.index >= s.device_count || device.index >= 64)
     throw_error(ErrorKind::InvalidArgument, op,
                 cat("device ", device.str(), " does not exist: ", s.device_count, " CUDA device(s) visible"));
@@ -169,7 +172,10 @@ void stream_synchronize(int device, void* stream, const char* op) {
 bool stream_query(int device, void* stream) {
   DeviceGuard g(device);
   cudaError_t e = cudaStreamQuery(cudaStream_t(stream));
-  if (e == cudaErrorNotReady) { cudaGetLastError(); return false; }
+  if (e == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
   check(e, "Stream.query", "cudaStreamQuery");
   return true;
 }
@@ -194,7 +200,10 @@ void event_synchronize(void* event) {
 }
 bool event_query(void* event) {
   cudaError_t e = cudaEventQuery(cudaEvent_t(event));
-  if (e == cudaErrorNotReady) { cudaGetLastError(); return false; }
+  if (e == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
   check(e, "Event.query", "cudaEventQuery");
   return true;
 }
@@ -216,20 +225,18 @@ void device_synchronize(int device, const char* op) {
 
 void memcpy_async(void* dst, const void* src, int64_t bytes, int kind, void* stream, const std::string& op) {
   if (bytes == 0) return;
-  if (t_capture_open && kind == DeviceToHost)
-    refuse_in_capture(op, "copies device memory to the host (the host would read it at once)");
+  if (t_capture_open && kind == DeviceToHost) refuse_in_capture(op, "copies device memory to the host (the host would read it at once)");
   if (t_capture_open && kind == HostToDevice)
     refuse_in_capture(op, "copies host memory to the device (a graph would re-read that host buffer on every replay)");
   if (kind == DeviceToHost) ++g_device_to_host;
-  cudaMemcpyKind k = kind == HostToDevice ? cudaMemcpyHostToDevice
-                     : kind == DeviceToHost ? cudaMemcpyDeviceToHost : cudaMemcpyDeviceToDevice;
+  cudaMemcpyKind k = kind == HostToDevice   ? cudaMemcpyHostToDevice
+                     : kind == DeviceToHost ? cudaMemcpyDeviceToHost
+                                            : cudaMemcpyDeviceToDevice;
   check(cudaMemcpyAsync(dst, src, size_t(bytes), k, cudaStream_t(stream)), op, "cudaMemcpyAsync");
 }
-void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_device, int64_t bytes, void* stream,
-                       const std::string& op) {
+void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_device, int64_t bytes, void* stream, const std::string& op) {
   if (bytes == 0) return;
-  check(cudaMemcpyPeerAsync(dst, dst_device, src, src_device, size_t(bytes), cudaStream_t(stream)), op,
-        "cudaMemcpyPeerAsync");
+  check(cudaMemcpyPeerAsync(dst, dst_device, src, src_device, size_t(bytes), cudaStream_t(stream)), op, "cudaMemcpyPeerAsync");
 }
 void memset_async(void* dst, int value, int64_t bytes, void* stream, const std::string& op) {
   if (bytes == 0) return;
@@ -285,7 +292,9 @@ namespace {
 }  // namespace
 
 std::string error_string(int code) { return cat("CUDA error ", code); }
-void check(int code, const std::string& op, const char*) { if (code) not_built(op.c_str()); }
+void check(int code, const std::string& op, const char*) {
+  if (code) not_built(op.c_str());
+}
 void check_launch(const std::string& op) { not_built(op.c_str()); }
 const RuntimeStatus& status() {
   static RuntimeStatus s{false, 0, "this addon was built without CUDA (CPU-only build)", 0, 0};
@@ -296,7 +305,8 @@ DeviceProps device_props(int) { not_built("cuda.deviceProperties"); }
 void require_device(const Device& device, const char* op) {
   if (device.is_cuda())
     throw_error(ErrorKind::Unavailable, op,
-                cat("device ", device.str(), " is not usable: this moe-ep addon was built without CUDA (nvcc was not found or "
+                cat("device ", device.str(),
+                    " is not usable: this moe-ep addon was built without CUDA (nvcc was not found or "
                     "MOE_EP_CUDA=off at build time); rebuild with the CUDA toolkit installed (npm rebuild moe-ep) or use device 'cpu'"));
 }
 DeviceGuard::DeviceGuard(int) { not_built("cuda.setDevice"); }

@@ -21,10 +21,10 @@ struct DeviceProps {
 
 struct RuntimeStatus {
   bool built_with_cuda;
-  int device_count;          // 0 when unusable
-  std::string unavailable;   // why no device is usable ("" when one is)
-  int driver_version;        // e.g. 13000, 0 when no driver
-  int runtime_version;       // of the statically linked runtime
+  int device_count;         // 0 when unusable
+  std::string unavailable;  // why no device is usable ("" when one is)
+  int driver_version;       // e.g. 13000, 0 when no driver
+  int runtime_version;      // of the statically linked runtime
 };
 
 // Cached after the first call; cheap.
@@ -81,8 +81,7 @@ void set_current_stream(int device, void* stream);
 // Raw copies used by the tensor layer.
 void memcpy_async(void* dst, const void* src, int64_t bytes, int kind, void* stream, const std::string& op);
 enum CopyKind { HostToDevice = 1, DeviceToHost = 2, DeviceToDevice = 3 };
-void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_device, int64_t bytes, void* stream,
-                       const std::string& op);
+void memcpy_peer_async(void* dst, int dst_device, const void* src, int src_device, int64_t bytes, void* stream, const std::string& op);
 void memset_async(void* dst, int value, int64_t bytes, void* stream, const std::string& op);
 void mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 

@@ -24,17 +24,18 @@ inline const char* dtype_name(DType t) {
 
 inline int64_t dtype_size(DType t) {
   switch (t) {
-    case DType::f32: case DType::i32: return 4;
-    case DType::bf16: case DType::f16: return 2;
+    case DType::f32:
+    case DType::i32: return 4;
+    case DType::bf16:
+    case DType::f16: return 2;
     case DType::i64: return 8;
-    case DType::u8: case DType::fp8e4m3: return 1;
+    case DType::u8:
+    case DType::fp8e4m3: return 1;
   }
   return 0;
 }
 
-inline bool dtype_is_floating(DType t) {
-  return t == DType::f32 || t == DType::bf16 || t == DType::f16 || t == DType::fp8e4m3;
-}
+inline bool dtype_is_floating(DType t) { return t == DType::f32 || t == DType::bf16 || t == DType::f16 || t == DType::fp8e4m3; }
 
 template <DType D> struct StorageOf;
 template <> struct StorageOf<DType::f32> { using type = float; };

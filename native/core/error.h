@@ -51,19 +51,17 @@ template <typename... Parts> std::string cat(Parts&&... parts) {
   return s.str();
 }
 
-[[noreturn]] inline void throw_error(ErrorKind kind, const std::string& op, const std::string& msg) {
-  throw Error(kind, op, msg);
-}
+[[noreturn]] inline void throw_error(ErrorKind kind, const std::string& op, const std::string& msg) { throw Error(kind, op, msg); }
 
 }  // namespace moe
 
 // MOE_ARG_CHECK(cond, op, message parts...): InvalidArgument naming the op and the argument.
-#define MOE_ARG_CHECK(cond, op, ...) \
-  do { if (!(cond)) ::moe::throw_error(::moe::ErrorKind::InvalidArgument, (op), ::moe::cat(__VA_ARGS__)); } while (0)
+#define MOE_ARG_CHECK(cond, op, ...)                                                                   \
+  do {                                                                                                 \
+    if (!(cond)) ::moe::throw_error(::moe::ErrorKind::InvalidArgument, (op), ::moe::cat(__VA_ARGS__)); \
+  } while (0)
 
-#define MOE_INTERNAL_CHECK(cond, ...)                                                              \
-  do {                                                                                             \
-    if (!(cond))                                                                                   \
-      ::moe::throw_error(::moe::ErrorKind::Internal, "", ::moe::cat(__FILE__, ":", __LINE__, ": ", \
-                                                                    #cond, " ", ##__VA_ARGS__));   \
+#define MOE_INTERNAL_CHECK(cond, ...)                                                                                                      \
+  do {                                                                                                                                     \
+    if (!(cond)) ::moe::throw_error(::moe::ErrorKind::Internal, "", ::moe::cat(__FILE__, ":", __LINE__, ": ", #cond, " ", ##__VA_ARGS__)); \
   } while (0)

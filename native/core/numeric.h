@@ -7,22 +7,32 @@
 
 namespace moe {
 
-struct bf16 { uint16_t bits; };
-struct f16 { uint16_t bits; };
-struct fp8e4m3 { uint8_t bits; };  // OCP E4M3 "fn": bias 7, max 448, no infinities, NaN = S.1111.111
+struct bf16 {
+  uint16_t bits;
+};
+struct f16 {
+  uint16_t bits;
+};
+struct fp8e4m3 {
+  uint8_t bits;
+};  // OCP E4M3 "fn": bias 7, max 448, no infinities, NaN = S.1111.111
 
 MOE_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
-  uint32_t u; std::memcpy(&u, &f, 4); return u;
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
 #endif
 }
 MOE_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float f; std::memcpy(&f, &u, 4); return f;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 #endif
 }
 
@@ -53,7 +63,7 @@ MOE_HD f16 f16_from_float(float f) {
   uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return f16{uint16_t(sign | 0x7e00u)};
   if (a >= 0x477ff000u) return f16{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520: infinity
-  if (a < 0x38800000u) {                                         // below 2^-14: subnormal or zero
+  if (a < 0x38800000u) {                                       // below 2^-14: subnormal or zero
     // value in units of 2^-24, rounded to nearest even
     uint32_t exp = a >> 23;
     if (exp < 102) return f16{sign};  // below half of the smallest subnormal
@@ -84,7 +94,7 @@ MOE_HD fp8e4m3 fp8e4m3_from_float(float f) {
   uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return fp8e4m3{uint8_t(sign | 0x7fu)};
   if (a >= 0x43e00000u) return fp8e4m3{uint8_t(sign | 0x7eu)};  // >= 448 (and inf): saturate to 448
-  if (a < 0x3c800000u) {                                          // below 2^-6: subnormal or zero
+  if (a < 0x3c800000u) {                                        // below 2^-6: subnormal or zero
     uint32_t exp = a >> 23;
     if (exp < 117) return fp8e4m3{sign};  // below half of 2^-9: rounds to zero
     uint32_t man = (a & 0x7fffffu) | 0x800000u;
@@ -106,14 +116,28 @@ MOE_HD float to_float(int64_t v) { return float(v); }
 MOE_HD float to_float(uint8_t v) { return float(v); }
 
 template <typename T> struct Convert;
-template <> struct Convert<float> { MOE_HD static float from(float f) { return f; } };
-template <> struct Convert<bf16> { MOE_HD static bf16 from(float f) { return bf16_from_float(f); } };
-template <> struct Convert<f16> { MOE_HD static f16 from(float f) { return f16_from_float(f); } };
-template <> struct Convert<fp8e4m3> { MOE_HD static fp8e4m3 from(float f) { return fp8e4m3_from_float(f); } };
+template <> struct Convert<float> {
+  MOE_HD static float from(float f) { return f; }
+};
+template <> struct Convert<bf16> {
+  MOE_HD static bf16 from(float f) { return bf16_from_float(f); }
+};
+template <> struct Convert<f16> {
+  MOE_HD static f16 from(float f) { return f16_from_float(f); }
+};
+template <> struct Convert<fp8e4m3> {
+  MOE_HD static fp8e4m3 from(float f) { return fp8e4m3_from_float(f); }
+};
 // float -> integer: truncation toward zero like C; NaN and out-of-range are the caller's to avoid.
-template <> struct Convert<int32_t> { MOE_HD static int32_t from(float f) { return int32_t(f); } };
-template <> struct Convert<int64_t> { MOE_HD static int64_t from(float f) { return int64_t(f); } };
-template <> struct Convert<uint8_t> { MOE_HD static uint8_t from(float f) { return uint8_t(f); } };
+template <> struct Convert<int32_t> {
+  MOE_HD static int32_t from(float f) { return int32_t(f); }
+};
+template <> struct Convert<int64_t> {
+  MOE_HD static int64_t from(float f) { return int64_t(f); }
+};
+template <> struct Convert<uint8_t> {
+  MOE_HD static uint8_t from(float f) { return uint8_t(f); }
+};
 
 template <typename T> MOE_HD T from_float(float f) { return Convert<T>::from(f); }
 

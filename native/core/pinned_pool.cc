@@ -14,8 +14,8 @@ namespace {
 
 struct Pool {
   std::mutex mu;
-  std::multimap<int64_t, void*> free_by_size;   // cached buffers, by size
-  std::unordered_map<void*, int64_t> size_of;   // every buffer handed out or cached
+  std::multimap<int64_t, void*> free_by_size;  // cached buffers, by size
+  std::unordered_map<void*, int64_t> size_of;  // every buffer handed out or cached
   int64_t cached = 0;
 };
 

@@ -96,7 +96,8 @@ Tensor Tensor::view(const Shape& shape, const std::string& op) const {
     known *= out[size_t(infer)];
   }
   check_shape(out, dtype_, op, "shape");
-  MOE_ARG_CHECK(known == numel(), op, "'shape' ", shape_str(shape), " has ", known, " elements but the tensor ", describe(), " has ", numel());
+  MOE_ARG_CHECK(known == numel(), op, "'shape' ", shape_str(shape), " has ", known, " elements but the tensor ", describe(), " has ",
+                numel());
   Tensor t = *this;
   t.shape_ = out;
   t.strides_ = contiguous_strides(out);

@@ -57,7 +57,7 @@ class Tensor {
   template <typename T> T* data() const { return static_cast<T*>(raw()); }
 
   // ---- views (no copy) ----
-  Tensor view(const Shape& shape, const std::string& op = "view") const;      // contiguous only; one -1 allowed
+  Tensor view(const Shape& shape, const std::string& op = "view") const;  // contiguous only; one -1 allowed
   Tensor narrow(int dim, int64_t start, int64_t length, const std::string& op = "narrow") const;
   Tensor transpose(int d0, int d1, const std::string& op = "transpose") const;
 

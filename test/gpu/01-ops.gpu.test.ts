@@ -28,7 +28,11 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
 
   it.each(['f32', 'bf16', 'f16', 'i32', 'i64', 'u8', 'fp8e4m3'] as DType[])('fill %s, contiguous and strided', (dtype) => {
     const value = dtype === 'u8' ? 200 : dtype.startsWith('i') ? -77 : 1.375;
-    for (const shape of [[1000, 300], [7, 1], [0, 5]]) {
+    for (const shape of [
+      [1000, 300],
+      [7, 1],
+      [0, 5],
+    ]) {
       using g = poisoned(shape, dtype, gpu);
       g.fill_(value);
       expect(new Set(g.toNumbers()).size <= 1 && g.toNumbers().every((v) => v === value)).toBe(true);
@@ -77,10 +81,14 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
 
   it.each(floatTypes)('random %s: the same bits as the CPU for uniform, rounding-close for normal', (dtype) => {
     const seed = freshSeed();
-    for (const [kind, opts] of [['rand', { low: -3, high: 5 }], ['randn', { mean: 0.5, std: 2 }]] as const) {
+    for (const [kind, opts] of [
+      ['rand', { low: -3, high: 5 }],
+      ['randn', { mean: 0.5, std: 2 }],
+    ] as const) {
       using g = poisoned([1000, 301], dtype, gpu);
       using c = poisoned([1000, 301], dtype, cpu);
-      const fill = (t: Tensor): Tensor => (kind === 'rand' ? t.random_(0, opts.low!, opts.high!, seed) : t.random_(1, opts.mean!, opts.std!, seed));
+      const fill = (t: Tensor): Tensor =>
+        kind === 'rand' ? t.random_(0, opts.low!, opts.high!, seed) : t.random_(1, opts.mean!, opts.std!, seed);
       void fill(g);
       void fill(c);
       const err = relErr(values(g), values(c));
@@ -90,7 +98,11 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
   });
 
   describe.each(floatTypes)('%s', (dtype) => {
-    it.each([[1000, 300], [4096, 1024], [7, 5]])('add, mul, scale and bias on [%i, %i]', (rows, cols) => {
+    it.each([
+      [1000, 300],
+      [4096, 1024],
+      [7, 5],
+    ])('add, mul, scale and bias on [%i, %i]', (rows, cols) => {
       const [a, ga] = pair([rows, cols], dtype);
       const [b, gb] = pair([rows, cols], dtype);
       const [bias, gbias] = pair([cols], dtype);
@@ -112,7 +124,10 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
     });
 
     it.each([[0], [1], [2]])('sum and max over dim %i of [33, 1000, 7] and rows of [4096, 7168]', (dim) => {
-      for (const shape of [[33, 1000, 7], [4096, 7168]]) {
+      for (const shape of [
+        [33, 1000, 7],
+        [4096, 7168],
+      ]) {
         if (dim >= shape.length) continue;
         const [a, ga] = pair(shape, dtype);
         const outShape = shape.filter((_, i) => i !== dim);
@@ -132,7 +147,11 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
       }
     });
 
-    it.each([[1000, 300, 257], [128, 2048, 96], [1, 7, 1]])('matmul [%i,%i]·[%i] plain, transposed and accumulating', (M, K, N) => {
+    it.each([
+      [1000, 300, 257],
+      [128, 2048, 96],
+      [1, 7, 1],
+    ])('matmul [%i,%i]·[%i] plain, transposed and accumulating', (M, K, N) => {
       const [a, ga] = pair([M, K], dtype);
       const [bt, gbt] = pair([N, K], dtype);
       using b = bt.transpose();

@@ -25,7 +25,10 @@ describe.skipIf(!hasGpu)('caching allocator', () => {
   });
 
   it('emptyCache gives cached blocks back to the driver', () => {
-    { using a = Tensor.empty([4096, 4096], { device: gpu }); void a; }
+    {
+      using a = Tensor.empty([4096, 4096], { device: gpu });
+      void a;
+    }
     expect(memoryStats(gpu).cachedBytes).toBeGreaterThan(0);
     emptyCache(gpu);
     const s = memoryStats(gpu);
@@ -52,7 +55,10 @@ describe.skipIf(!hasGpu)('caching allocator', () => {
   it('peak tracks the high-water mark', () => {
     native().resetPeakMemory(1, 0);
     const base = memoryStats(gpu).liveBytes;
-    { using a = Tensor.empty([8 << 20], { dtype: 'u8', device: gpu }); void a; }
+    {
+      using a = Tensor.empty([8 << 20], { dtype: 'u8', device: gpu });
+      void a;
+    }
     expect(memoryStats(gpu).peakBytes - base).toBeGreaterThanOrEqual(8 << 20);
   });
 });
@@ -74,7 +80,12 @@ describe.skipIf(!hasGpu)('streams and events', () => {
     const out = Tensor.empty([4096, 4096], { device: gpu });
     withStream(s2, () => ops.scale(a, 2, { out }));
     s2.synchronize();
-    expect(out.narrow(0, 4095, 1).toNumbers().every((v) => v === 40)).toBe(true);
+    expect(
+      out
+        .narrow(0, 4095, 1)
+        .toNumbers()
+        .every((v) => v === 40),
+    ).toBe(true);
     expect(end.query()).toBe(true);
     expect(start.elapsedTime(end)).toBeGreaterThan(0);
     out.dispose();

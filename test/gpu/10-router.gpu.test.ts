@@ -62,21 +62,66 @@ function outputs(T: number, E: number, k: number, device: typeof gpu | typeof cp
 // Sizes keep the expected number of near-tie tokens (f32 against double, ~1e-7·k·E per token) well
 // under the allowance below.
 const cases: [string, number, RouterConfig, boolean][] = [
-  ['T=16384 E=256 k=8, 8 groups keep 4, sigmoid + bias, normalised', 16384, { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 }, true],
+  [
+    'T=16384 E=256 k=8, 8 groups keep 4, sigmoid + bias, normalised',
+    16384,
+    { numExperts: 256, topK: 8, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4 },
+    true,
+  ],
   ['T=16384 E=256 k=8, softmax, no groups', 16384, { numExperts: 256, topK: 8 }, false],
-  ['T=3001 E=256 k=4, 8 groups keep 4 (m=1), sigmoid + bias, route scale 2.5', 3001, { numExperts: 256, topK: 4, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4, routeScale: 2.5 }, true],
+  [
+    'T=3001 E=256 k=4, 8 groups keep 4 (m=1), sigmoid + bias, route scale 2.5',
+    3001,
+    { numExperts: 256, topK: 4, scoreFunction: 'sigmoid', groups: 8, topkGroups: 4, routeScale: 2.5 },
+    true,
+  ],
   ['T=2049 E=64 k=24 (k > 16 lanes per token), softmax normalised, bias', 2049, { numExperts: 64, topK: 24, normalize: true }, true],
-  ['T=8192 E=512 k=8, 16 groups keep 4, sigmoid + bias', 8192, { numExperts: 512, topK: 8, scoreFunction: 'sigmoid', groups: 16, topkGroups: 4 }, true],
-  ['T=5003 E=128 k=6, 4 groups keep 3, softmax + bias', 5003, { numExperts: 128, topK: 6, groups: 4, topkGroups: 3, normalize: true }, true],
+  [
+    'T=8192 E=512 k=8, 16 groups keep 4, sigmoid + bias',
+    8192,
+    { numExperts: 512, topK: 8, scoreFunction: 'sigmoid', groups: 16, topkGroups: 4 },
+    true,
+  ],
+  [
+    'T=5003 E=128 k=6, 4 groups keep 3, softmax + bias',
+    5003,
+    { numExperts: 128, topK: 6, groups: 4, topkGroups: 3, normalize: true },
+    true,
+  ],
   ['T=16383 E=8 k=2, softmax (16 tokens per warp)', 16383, { numExperts: 8, topK: 2 }, false],
   ['T=999 E=16 k=16 (k > lanes per token), sigmoid normalised, bias', 999, { numExperts: 16, topK: 16, scoreFunction: 'sigmoid' }, true],
-  ['T=1234 E=32 k=6, 2 groups keep 2 (m=3: generic path on a fast shape)', 1234, { numExperts: 32, topK: 6, scoreFunction: 'sigmoid', groups: 2, topkGroups: 2 }, true],
-  ['T=777 E=64 k=4, 32 groups keep 2 (groups > lanes: generic path)', 777, { numExperts: 64, topK: 4, scoreFunction: 'sigmoid', groups: 32, topkGroups: 2 }, true],
+  [
+    'T=1234 E=32 k=6, 2 groups keep 2 (m=3: generic path on a fast shape)',
+    1234,
+    { numExperts: 32, topK: 6, scoreFunction: 'sigmoid', groups: 2, topkGroups: 2 },
+    true,
+  ],
+  [
+    'T=777 E=64 k=4, 32 groups keep 2 (groups > lanes: generic path)',
+    777,
+    { numExperts: 64, topK: 4, scoreFunction: 'sigmoid', groups: 32, topkGroups: 2 },
+    true,
+  ],
   ['E=1, k=1', 999, { numExperts: 1, topK: 1 }, false],
   ['k=E=64, softmax normalised, bias', 517, { numExperts: 64, topK: 64, normalize: true }, true],
-  ['k=E=40 (k > 32), sigmoid, 4 groups keep 4', 333, { numExperts: 40, topK: 40, scoreFunction: 'sigmoid', groups: 4, topkGroups: 4 }, true],
-  ['T=1001 E=96 k=6, 32 groups keep 3 (generic group path)', 1001, { numExperts: 96, topK: 6, scoreFunction: 'sigmoid', groups: 32, topkGroups: 3 }, true],
-  ['T=4099 E=160 k=4, 5 groups keep 2, route scale 2.5', 4099, { numExperts: 160, topK: 4, scoreFunction: 'sigmoid', groups: 5, topkGroups: 2, routeScale: 2.5 }, true],
+  [
+    'k=E=40 (k > 32), sigmoid, 4 groups keep 4',
+    333,
+    { numExperts: 40, topK: 40, scoreFunction: 'sigmoid', groups: 4, topkGroups: 4 },
+    true,
+  ],
+  [
+    'T=1001 E=96 k=6, 32 groups keep 3 (generic group path)',
+    1001,
+    { numExperts: 96, topK: 6, scoreFunction: 'sigmoid', groups: 32, topkGroups: 3 },
+    true,
+  ],
+  [
+    'T=4099 E=160 k=4, 5 groups keep 2, route scale 2.5',
+    4099,
+    { numExperts: 160, topK: 4, scoreFunction: 'sigmoid', groups: 5, topkGroups: 2, routeScale: 2.5 },
+    true,
+  ],
   ['T=77 E=1024 k=16, 16 groups keep 8', 77, { numExperts: 1024, topK: 16, scoreFunction: 'sigmoid', groups: 16, topkGroups: 8 }, true],
   ['T=3 E=7 k=3 (odd width, scalar loads)', 3, { numExperts: 7, topK: 3, normalize: true }, true],
 ];
@@ -136,7 +181,9 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
         redrawn = separateGroupTies(x, bc ? bias : undefined, config, { seed: stream(3), std: 1.5 }).repaired.length;
         lc = Tensor.fromArray(x, { shape: [T, E], device: cpu });
       }
-      expect(redrawn, `${at}: tokens redrawn for group near ties (a few per 10⁴ expected)`).toBeLessThanOrEqual(Math.max(8, Math.ceil(T * 1e-2)));
+      expect(redrawn, `${at}: tokens redrawn for group near ties (a few per 10⁴ expected)`).toBeLessThanOrEqual(
+        Math.max(8, Math.ceil(T * 1e-2)),
+      );
       const lg = lc.to(gpu);
       const c = outputs(T, E, k, cpu);
       const g = outputs(T, E, k, gpu);
@@ -198,7 +245,13 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
       routerBackward(dwg, g, config, { out: dg });
       expect(relErr(values(dg), values(dc)), at).toBeLessThan(1e-5);
       routerBackward(dwg, g, config, { out: dg, accumulate: true });
-      expect(relErr(values(dg), values(dc).map((x) => 2 * x)), at).toBeLessThan(1e-5);
+      expect(
+        relErr(
+          values(dg),
+          values(dc).map((x) => 2 * x),
+        ),
+        at,
+      ).toBeLessThan(1e-5);
     });
   });
 
@@ -270,8 +323,14 @@ describe.skipIf(!hasGpu)('CUDA router against the CPU reference', () => {
       expect(differing).toBeLessThanOrEqual(2);
 
       // a NaN in the bias makes every row bad
-      const bias = Tensor.fromArray(Array.from({ length: E }, (_, e) => (e === 77 ? NaN : 0.01 * (e % 5))), { shape: [E], device: gpu });
-      const clean = Tensor.fromArray(data.map((v) => (Number.isFinite(v) ? v : 0)), { shape: [T, E], device: gpu });
+      const bias = Tensor.fromArray(
+        Array.from({ length: E }, (_, e) => (e === 77 ? NaN : 0.01 * (e % 5))),
+        { shape: [E], device: gpu },
+      );
+      const clean = Tensor.fromArray(
+        data.map((v) => (Number.isFinite(v) ? v : 0)),
+        { shape: [T, E], device: gpu },
+      );
       const b = outputs(T, E, k, gpu);
       routerForward(clean, config, { bias, out: b, checkNaN: false });
       expect(b.nanRows.toNumbers()).toEqual([T, 0]);

@@ -22,7 +22,6 @@ import { hasGpu } from './gpu.js';
 const gpu = 'cuda:0' as const;
 const cpu = 'cpu' as const;
 
-
 /** k distinct experts per token among the first `used`; weights from `levels` values (ties happen). */
 function routing(T: number, k: number, used: number, seed: number, levels = 7): { idx: Int32Array; w: Float32Array } {
   const r = rng(seed);
@@ -84,14 +83,74 @@ interface Case {
 }
 
 const cases: Case[] = [
-  { name: 'DeepSeek-like T·k=32768 H=7168', T: 4096, k: 8, E: 256, used: 256, H: 7168, dtype: 'bf16', cf: 1.25, policy: 'probs', align: 128, pad: true },
+  {
+    name: 'DeepSeek-like T·k=32768 H=7168',
+    T: 4096,
+    k: 8,
+    E: 256,
+    used: 256,
+    H: 7168,
+    dtype: 'bf16',
+    cf: 1.25,
+    policy: 'probs',
+    align: 128,
+    pad: true,
+  },
   { name: 'dropless T·k=32768 H=4096', T: 16384, k: 2, E: 8, used: 8, H: 4096, dtype: 'bf16', policy: 'probs', align: 128, pad: false },
   { name: 'E=1, H=300', T: 999, k: 1, E: 1, used: 1, H: 300, dtype: 'bf16', policy: 'position', align: 1, pad: false },
   { name: 'k=E, position', T: 777, k: 4, E: 4, used: 4, H: 300, dtype: 'bf16', cf: 0.5, policy: 'position', align: 16, pad: true },
-  { name: 'idle experts, f32, unpadded', T: 1531, k: 2, E: 16, used: 10, H: 300, dtype: 'f32', cf: 1.0, policy: 'probs', align: 1, pad: false },
-  { name: 'probs with heavy drops, odd H', T: 2049, k: 6, E: 64, used: 40, H: 301, dtype: 'bf16', cf: 0.3, policy: 'probs', align: 8, pad: true },
-  { name: 'E=12 (not a power of two), T·k=3000, 17 16-byte vectors per row', T: 1000, k: 3, E: 12, used: 12, H: 136, dtype: 'bf16', cf: 1.1, policy: 'probs', align: 4, pad: true },
-  { name: 'padded to capacity with idle experts (whole segments of padding), E=48', T: 2001, k: 4, E: 48, used: 30, H: 520, dtype: 'bf16', cf: 1.5, policy: 'position', align: 32, pad: true },
+  {
+    name: 'idle experts, f32, unpadded',
+    T: 1531,
+    k: 2,
+    E: 16,
+    used: 10,
+    H: 300,
+    dtype: 'f32',
+    cf: 1.0,
+    policy: 'probs',
+    align: 1,
+    pad: false,
+  },
+  {
+    name: 'probs with heavy drops, odd H',
+    T: 2049,
+    k: 6,
+    E: 64,
+    used: 40,
+    H: 301,
+    dtype: 'bf16',
+    cf: 0.3,
+    policy: 'probs',
+    align: 8,
+    pad: true,
+  },
+  {
+    name: 'E=12 (not a power of two), T·k=3000, 17 16-byte vectors per row',
+    T: 1000,
+    k: 3,
+    E: 12,
+    used: 12,
+    H: 136,
+    dtype: 'bf16',
+    cf: 1.1,
+    policy: 'probs',
+    align: 4,
+    pad: true,
+  },
+  {
+    name: 'padded to capacity with idle experts (whole segments of padding), E=48',
+    T: 2001,
+    k: 4,
+    E: 48,
+    used: 30,
+    H: 520,
+    dtype: 'bf16',
+    cf: 1.5,
+    policy: 'position',
+    align: 32,
+    pad: true,
+  },
   { name: 'T·k=32767 (odd), f32, 8-byte rows', T: 32767, k: 1, E: 7, used: 7, H: 2, dtype: 'f32', policy: 'probs', align: 1, pad: false },
 ];
 
@@ -214,7 +273,10 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
     expect((p.rowToken.toArray() as Int32Array)[gapRow], `seed ${seed}: the gap's token`).toBe(-1);
     expect((p.rowWeight.toArray() as Float32Array)[gapRow], `seed ${seed}: the gap's weight`).toBe(0);
     const gapRowValues = p.rows.narrow(0, gapRow, 1);
-    expect(Array.from(gapRowValues.toFloat32Array()).every((v) => v === 0), `seed ${seed}: the gap's row`).toBe(true);
+    expect(
+      Array.from(gapRowValues.toFloat32Array()).every((v) => v === 0),
+      `seed ${seed}: the gap's row`,
+    ).toBe(true);
     gapRowValues.dispose();
     disposeAll(p);
     disposeAll(cap);

@@ -2,7 +2,15 @@
 // fresh random inputs, outputs poisoned first; ragged groups, empty groups, unaligned sizes.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { kernelOptionDefaults, type KernelOptionsUpdate, memoryStats, resetKernelOptions, setKernelOptions, Tensor, tidy } from '../../lib/index.js';
+import {
+  kernelOptionDefaults,
+  type KernelOptionsUpdate,
+  memoryStats,
+  resetKernelOptions,
+  setKernelOptions,
+  Tensor,
+  tidy,
+} from '../../lib/index.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../../lib/moe/grouped-gemm.js';
 import { floats, freshSeed, poisoned, relErr, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
@@ -69,7 +77,11 @@ const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }
   { path: 'default kernels', kernels: {}, cases },
   { path: 'mma.sync only (groupedGemm.hopper off)', kernels: { groupedGemm: { hopper: false } }, cases: small },
   // The cases whose dW takes the few-rows kernel by default, on the tensor-core kernel alone.
-  { path: 'dW without the few-rows kernel (groupedGemm.fewRows off)', kernels: { groupedGemm: { fewRows: false } }, cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E) },
+  {
+    path: 'dW without the few-rows kernel (groupedGemm.fewRows off)',
+    kernels: { groupedGemm: { fewRows: false } },
+    cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E),
+  },
 ];
 
 describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ kernels, cases }) => {
@@ -95,15 +107,18 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
       for (const outType of ['f32', 'bf16'] as const) {
         // fp32 accumulation over K up to 28672 terms vs a double reference: ~1e-5 to 5e-5 expected.
         const tol = outType === 'f32' ? 1e-4 : 1e-2;
-        const go = poisoned([M, N], outType, gpu), co = poisoned([M, N], outType, cpu);
+        const go = poisoned([M, N], outType, gpu),
+          co = poisoned([M, N], outType, cpu);
         groupedGemm('NN', ga, gb, goff, { out: go });
         groupedGemm('NN', a, b, off, { out: co });
         expect(relErr(values(go), values(co)), `NN ${outType}`).toBeLessThan(tol);
-        const gdA = poisoned([M, K], outType, gpu), cdA = poisoned([M, K], outType, cpu);
+        const gdA = poisoned([M, K], outType, gpu),
+          cdA = poisoned([M, K], outType, cpu);
         groupedGemm('NT', gdC, gb, goff, { out: gdA });
         groupedGemm('NT', dC, b, off, { out: cdA });
         expect(relErr(values(gdA), values(cdA)), `NT ${outType}`).toBeLessThan(tol);
-        const gdW = poisoned([E, K, N], outType, gpu), cdW = poisoned([E, K, N], outType, cpu);
+        const gdW = poisoned([E, K, N], outType, gpu),
+          cdW = poisoned([E, K, N], outType, cpu);
         groupedGemm('TN', ga, gdC, goff, { out: gdW });
         groupedGemm('TN', a, dC, off, { out: cdW });
         expect(relErr(floats(gdW), floats(cdW)), `TN ${outType}`).toBeLessThan(tol);
@@ -113,23 +128,30 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
 
   it('no rows at all, and no groups: NN/NT leave out alone, TN writes dW = 0', () => {
     tidy(() => {
-      const K = 64, N = 128;
+      const K = 64,
+        N = 128;
       for (const E of [0, 3]) {
         const [a, ga] = pair([E === 0 ? 5 : 0, K]);
         const M = a.shape[0] as number;
         const [b, gb] = pair([E, K, N]);
         const [, gdC] = pair([M, N]);
         const [off, goff] = offsets(new Array(E).fill(0));
-        const go = poisoned([M, N], 'f32', gpu), co = poisoned([M, N], 'f32', cpu);
+        const go = poisoned([M, N], 'f32', gpu),
+          co = poisoned([M, N], 'f32', cpu);
         groupedGemm('NN', ga, gb, goff, { out: go });
         groupedGemm('NN', a, b, off, { out: co });
-        expect(Array.from(floats(go)).map(Number.isNaN), `NN E=${E}: rows outside every group keep their contents`).toEqual(Array.from(floats(co)).map(Number.isNaN));
+        expect(Array.from(floats(go)).map(Number.isNaN), `NN E=${E}: rows outside every group keep their contents`).toEqual(
+          Array.from(floats(co)).map(Number.isNaN),
+        );
         const gdA = poisoned([M, K], 'f32', gpu);
         groupedGemm('NT', gdC, gb, goff, { out: gdA });
         expect(floats(gdA).every(Number.isNaN), `NT E=${E}`).toBe(true);
         const gdW = poisoned([E, K, N], 'f32', gpu);
         groupedGemm('TN', ga, gdC, goff, { out: gdW });
-        expect(floats(gdW).every((v) => v === 0), `TN E=${E}: dW = 0`).toBe(true);
+        expect(
+          floats(gdW).every((v) => v === 0),
+          `TN E=${E}: dW = 0`,
+        ).toBe(true);
       }
     });
   });
@@ -142,7 +164,8 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
       const [dC, gdC] = pair([M, N]);
       const [off, goff] = offsets(counts);
       const [start, gstart] = pair([E, K, N]);
-      const gdW = gstart.cast('f32'), cdW = start.cast('f32');
+      const gdW = gstart.cast('f32'),
+        cdW = start.cast('f32');
       groupedGemm('TN', ga, gdC, goff, { out: gdW, accumulate: true });
       groupedGemm('TN', a, dC, off, { out: cdW, accumulate: true });
       expect(relErr(floats(gdW), floats(cdW))).toBeLessThan(1e-4);
@@ -176,27 +199,34 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
     });
   });
 
-  it.each(cases.filter((c) => c.N % 2 === 0))('fused SwiGLU forward and dSwiGLU backward: $name', { timeout: 300_000 }, ({ E, K, N, counts }) => {
-    const M = counts.reduce((s, c) => s + c, 0);
-    const F = N / 2;
-    tidy(() => {
-      const [a, ga] = pair([M, K]);
-      const [w13, gw13] = pair([E, K, N]);
-      const [w2, gw2] = pair([E, F, K]);
-      const [dOut, gdOut] = pair([M, K]);
-      const [off, goff] = offsets(counts);
-      const gh = poisoned([M, F], 'bf16', gpu), ch = poisoned([M, F], 'bf16', cpu);
-      const gg = poisoned([M, N], 'bf16', gpu), cg = poisoned([M, N], 'bf16', cpu);
-      groupedGemmEpilogue('NN', Epilogue.SwiGLU, ga, gw13, goff, gh, gg);
-      groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, off, ch, cg);
-      expect(relErr(values(gg), values(cg)), 'g').toBeLessThan(1e-2);
-      expect(relErr(values(gh), values(ch)), 'h').toBeLessThan(1e-2);
-      // The backward from the same saved g on both sides (the GPU's), so only dSwiGLU is compared.
-      const gSaved = gg.to(cpu);
-      const gdg = poisoned([M, N], 'bf16', gpu), cdg = poisoned([M, N], 'bf16', cpu);
-      groupedGemmEpilogue('NT', Epilogue.DSwiGLU, gdOut, gw2, goff, gdg, gg);
-      groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, off, cdg, gSaved);
-      expect(relErr(values(gdg), values(cdg)), 'dg').toBeLessThan(1e-2);
-    });
-  });
+  it.each(cases.filter((c) => c.N % 2 === 0))(
+    'fused SwiGLU forward and dSwiGLU backward: $name',
+    { timeout: 300_000 },
+    ({ E, K, N, counts }) => {
+      const M = counts.reduce((s, c) => s + c, 0);
+      const F = N / 2;
+      tidy(() => {
+        const [a, ga] = pair([M, K]);
+        const [w13, gw13] = pair([E, K, N]);
+        const [w2, gw2] = pair([E, F, K]);
+        const [dOut, gdOut] = pair([M, K]);
+        const [off, goff] = offsets(counts);
+        const gh = poisoned([M, F], 'bf16', gpu),
+          ch = poisoned([M, F], 'bf16', cpu);
+        const gg = poisoned([M, N], 'bf16', gpu),
+          cg = poisoned([M, N], 'bf16', cpu);
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, ga, gw13, goff, gh, gg);
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, off, ch, cg);
+        expect(relErr(values(gg), values(cg)), 'g').toBeLessThan(1e-2);
+        expect(relErr(values(gh), values(ch)), 'h').toBeLessThan(1e-2);
+        // The backward from the same saved g on both sides (the GPU's), so only dSwiGLU is compared.
+        const gSaved = gg.to(cpu);
+        const gdg = poisoned([M, N], 'bf16', gpu),
+          cdg = poisoned([M, N], 'bf16', cpu);
+        groupedGemmEpilogue('NT', Epilogue.DSwiGLU, gdOut, gw2, goff, gdg, gg);
+        groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, off, cdg, gSaved);
+        expect(relErr(values(gdg), values(cdg)), 'dg').toBeLessThan(1e-2);
+      });
+    },
+  );
 });

@@ -13,7 +13,10 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
   it.each([
     ['dropless, softmax, shared expert', { sharedFfn: 64 }],
     ['dropless, shared expert, communication on its own stream', { sharedFfn: 64, commStream: true }],
-    ['capacity 1.25 padded, sigmoid groups', { capacityFactor: 1.25, padToCapacity: true, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2 }],
+    [
+      'capacity 1.25 padded, sigmoid groups',
+      { capacityFactor: 1.25, padToCapacity: true, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2 },
+    ],
   ] as const)('%s: forward and backward match the CPU', (_n, extra) => {
     const seed = freshSeed();
     const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, ...extra };

@@ -22,19 +22,28 @@ function expectIdentical(a: ArrayLike<number>, b: ArrayLike<number>, what: strin
 }
 
 describe.skipIf(!hasGpu)('fp8 quantisation on the GPU', () => {
-  it.each([[1, 128], [4096, 7168], [333, 384]])('[%i, %i] bf16 rows', (R, H) => {
-    tidy(() => {
-      const c = Tensor.randn([R, H], { seed: freshSeed(), std: 3, device: 'cpu' }).cast('bf16');
-      const g = c.to('cuda:0');
-      const qc = quantizeFp8(c), qg = quantizeFp8(g);
-      expectIdentical(qg.q.toArray() as Uint8Array, qc.q.toArray() as Uint8Array, 'fp8 bytes');
-      expectIdentical(floats(qg.scales), floats(qc.scales), 'scales');
-      const back = dequantizeFp8(qg, 'bf16');
-      expectIdentical(floats(back), floats(dequantizeFp8(qc, 'bf16')), 'dequantised');
-      // e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4, RMS about 2.6e-2.
-      expect(relErr(floats(back), floats(c))).toBeLessThan(0.05);
-    });
-  }, 120_000);
+  it.each([
+    [1, 128],
+    [4096, 7168],
+    [333, 384],
+  ])(
+    '[%i, %i] bf16 rows',
+    (R, H) => {
+      tidy(() => {
+        const c = Tensor.randn([R, H], { seed: freshSeed(), std: 3, device: 'cpu' }).cast('bf16');
+        const g = c.to('cuda:0');
+        const qc = quantizeFp8(c),
+          qg = quantizeFp8(g);
+        expectIdentical(qg.q.toArray() as Uint8Array, qc.q.toArray() as Uint8Array, 'fp8 bytes');
+        expectIdentical(floats(qg.scales), floats(qc.scales), 'scales');
+        const back = dequantizeFp8(qg, 'bf16');
+        expectIdentical(floats(back), floats(dequantizeFp8(qc, 'bf16')), 'dequantised');
+        // e4m3 keeps 3 mantissa bits: a relative rounding error of at most 2^-4, RMS about 2.6e-2.
+        expect(relErr(floats(back), floats(c))).toBeLessThan(0.05);
+      });
+    },
+    120_000,
+  );
 
   // Values chosen where conversions can differ. Block 0 has an amax of exactly 448, so its scale is
   // 1 and the values are the e4m3 inputs themselves: rounding ties (to even), ties in the subnormal
@@ -45,8 +54,32 @@ describe.skipIf(!hasGpu)('fp8 quantisation on the GPU', () => {
   // depends on the platform's division, x86 and the GPU differ there; NaN is NaN either way.)
   it.each(['f32', 'bf16'] as const)('crafted edge values (%s rows)', (dtype) => {
     tidy(() => {
-      const special = [448, -448, 1.0625, 1.1875, -1.0625, 2 ** -10, 3 * 2 ** -10, -(2 ** -10), 2 ** -11, 1.5 * 2 ** -10, 2 ** -9,
-        2 ** -6, 0.9375 * 2 ** -6, 0.96875 * 2 ** -6, 240, 248, 232, 0, -0, 0.5 + 2 ** -5, 13 * 2 ** -5, 416, 432, 440];
+      const special = [
+        448,
+        -448,
+        1.0625,
+        1.1875,
+        -1.0625,
+        2 ** -10,
+        3 * 2 ** -10,
+        -(2 ** -10),
+        2 ** -11,
+        1.5 * 2 ** -10,
+        2 ** -9,
+        2 ** -6,
+        0.9375 * 2 ** -6,
+        0.96875 * 2 ** -6,
+        240,
+        248,
+        232,
+        0,
+        -0,
+        0.5 + 2 ** -5,
+        13 * 2 ** -5,
+        416,
+        432,
+        440,
+      ];
       const H = 384;
       const data = new Float32Array(3 * H);
       for (let r = 0; r < 3; r++) {
@@ -61,7 +94,8 @@ describe.skipIf(!hasGpu)('fp8 quantisation on the GPU', () => {
       }
       const c = Tensor.fromArray(data, { shape: [3, H], device: 'cpu' }).cast(dtype);
       const g = c.to('cuda:0');
-      const qc = quantizeFp8(c), qg = quantizeFp8(g);
+      const qc = quantizeFp8(c),
+        qg = quantizeFp8(g);
       expectIdentical(qg.q.toArray() as Uint8Array, qc.q.toArray() as Uint8Array, 'fp8 bytes');
       expectIdentical(floats(qg.scales), floats(qc.scales), 'scales');
       for (const out of ['f32', 'bf16'] as const) {

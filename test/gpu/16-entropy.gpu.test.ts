@@ -7,7 +7,11 @@ import { freshSeed, poisoned } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
 describe.skipIf(!hasGpu)('router entropy on the GPU', () => {
-  it.each([[16384, 256], [1000, 37], [1, 8]])('[%i, %i]', (T, E) => {
+  it.each([
+    [16384, 256],
+    [1000, 37],
+    [1, 8],
+  ])('[%i, %i]', (T, E) => {
     tidy(() => {
       const c = Tensor.rand([T, E], { seed: freshSeed(), device: 'cpu' });
       const g = c.to('cuda:0');

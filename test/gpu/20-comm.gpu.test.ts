@@ -41,7 +41,9 @@ describe.skipIf(!hasNccl)('NCCL communicator, one rank on cuda:0', () => {
       using c = Communicator.nccl(0, 1, Communicator.ncclUniqueId(), 0, { timeoutMs });
       using s = Tensor.zeros([3, 8], { device: gpu });
       using r = Tensor.zeros([2, 8], { device: gpu });
-      expect(() => c.allToAllV(s, [3], r, [2])).toThrow(/^allToAllV: rank 0 of 1: rank 0 sends 3 rows to rank 0 but rank 0 expects 2 \(recvRows\[0\]\); exchange the counts first \(nothing was sent; the nccl communicator stays usable\)$/);
+      expect(() => c.allToAllV(s, [3], r, [2])).toThrow(
+        /^allToAllV: rank 0 of 1: rank 0 sends 3 rows to rank 0 but rank 0 expects 2 \(recvRows\[0\]\); exchange the counts first \(nothing was sent; the nccl communicator stays usable\)$/,
+      );
       expect(c.aborted).toBe(false);
       using t = Tensor.full([4], 1, { device: gpu });
       expect(c.allReduce(t).to('cpu').toNumbers()).toEqual([1, 1, 1, 1]);

@@ -30,7 +30,9 @@ describe.skipIf(!(hasGpu && hasMpirun && hasMpi))('2 ranks sharing one GPU throu
     const r = mpirun(2, 'moe-layer.mjs', 240_000, ['--device', 'cuda'], oneGpu);
     expect(r.status, r.out).toBe(0);
     for (let k = 0; k < 2; k++) expect(r.out).toContain(`ok rank ${k} of 2`);
-    expect(r.out).toMatch(/moe-ep init: 2 ranks \(\w+\), backend mpi, rank 0 on cuda:0: 2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU/);
+    expect(r.out).toMatch(
+      /moe-ep init: 2 ranks \(\w+\), backend mpi, rank 0 on cuda:0: 2 ranks on this node share 1 GPU\(s\); NCCL refuses two ranks on one GPU/,
+    );
   }, 300_000);
 
   it('training 8 steps at EP=2 and at EP=1 × EDP=2 follows EP=1 on the same GPU (bf16, within 2e-2); the EP=2 checkpoint resumes at EP=1 on the same trajectory', () => {
@@ -45,11 +47,15 @@ describe.skipIf(!(hasGpu && hasMpirun && hasMpi))('2 ranks sharing one GPU throu
       const save = mpirun(2, 'checkpoint.mjs', 240_000, ['save', dir, '--device', 'cuda'], oneGpu);
       expect(save.status, save.out).toBe(0);
       for (let k = 0; k < 2; k++) expect(save.out).toContain(`ok rank ${k} of 2`);
-      const one = spawnSync(process.execPath, [join(packageRoot(), 'test', 'mpi', 'checkpoint.mjs'), 'load', dir, join(dir, 'y.bin'), '--device', 'cuda'], {
-        encoding: 'utf8',
-        env: { ...process.env, ...oneGpu },
-        timeout: 120_000,
-      });
+      const one = spawnSync(
+        process.execPath,
+        [join(packageRoot(), 'test', 'mpi', 'checkpoint.mjs'), 'load', dir, join(dir, 'y.bin'), '--device', 'cuda'],
+        {
+          encoding: 'utf8',
+          env: { ...process.env, ...oneGpu },
+          timeout: 120_000,
+        },
+      );
       expect(one.status, `${one.stdout}${one.stderr}`).toBe(0);
       expect(one.stdout).toContain('ok rank 0 of 1');
     } finally {

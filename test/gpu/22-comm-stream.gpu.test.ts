@@ -10,7 +10,24 @@ import { join } from 'node:path';
 
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { capacity, Communicator, currentStream, Dispatcher, DisposedError, emptyCache, Event, memoryStats, MoELayer, ops, runOnStream, Stream, synchronize, Tensor, tidy, withStream } from '../../lib/index.js';
+import {
+  capacity,
+  Communicator,
+  currentStream,
+  Dispatcher,
+  DisposedError,
+  emptyCache,
+  Event,
+  memoryStats,
+  MoELayer,
+  ops,
+  runOnStream,
+  Stream,
+  synchronize,
+  Tensor,
+  tidy,
+  withStream,
+} from '../../lib/index.js';
 import { native, packageRoot } from '../../lib/native.js';
 import { freshSeed, relErr, rng, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
@@ -56,66 +73,69 @@ describe.skipIf(!hasNccl)('communication on its own stream, NCCL one rank on cud
   it.each([
     ['dropless (the counts are read on the comm stream)', undefined, false],
     ['capacity 1.25 padded (no host sync)', 1.25, true],
-  ] as const)('dispatch, combine and both backward passes on a comm stream beside compute-stream matmuls equal the CPU: %s', (_n, cf, pad) => {
-    const [T, E, k, H, align] = [4096, 32, 4, 512, pad ? 16 : 1];
-    using c = Communicator.nccl(0, 1, Communicator.ncclUniqueId(), 0, { timeoutMs: 30_000 });
-    using comm = new Stream(gpu);
-    const side = new Dispatcher({ numExperts: E, group: c, commStream: comm, align, padToCapacity: pad });
-    const ref = new Dispatcher({ numExperts: E, align, padToCapacity: pad });
-    tidy(() => {
-      const { indices: iC, weights: wC } = routing(T, k, E, freshSeed());
-      const xC = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
-      const dyC = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
-      const [iG, wG, xG, dyG] = [iC, wC, xC, dyC].map((t) => t.to(gpu)) as [Tensor, Tensor, Tensor, Tensor];
-      const capOpts = { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) };
+  ] as const)(
+    'dispatch, combine and both backward passes on a comm stream beside compute-stream matmuls equal the CPU: %s',
+    (_n, cf, pad) => {
+      const [T, E, k, H, align] = [4096, 32, 4, 512, pad ? 16 : 1];
+      using c = Communicator.nccl(0, 1, Communicator.ncclUniqueId(), 0, { timeoutMs: 30_000 });
+      using comm = new Stream(gpu);
+      const side = new Dispatcher({ numExperts: E, group: c, commStream: comm, align, padToCapacity: pad });
+      const ref = new Dispatcher({ numExperts: E, align, padToCapacity: pad });
+      tidy(() => {
+        const { indices: iC, weights: wC } = routing(T, k, E, freshSeed());
+        const xC = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+        const dyC = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+        const [iG, wG, xG, dyG] = [iC, wC, xC, dyC].map((t) => t.to(gpu)) as [Tensor, Tensor, Tensor, Tensor];
+        const capOpts = { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) };
 
-      // CPU reference: "experts" scale their rows by 2.
-      const rC = ref.dispatch(xC, iC, wC, capacity(iC, wC, capOpts));
-      const outC = ops.scale(rC.rows, 2);
-      const yC = ref.combine(outC, rC.handle, wC);
-      const cbC = ref.combineBackward(dyC, outC, rC.handle, wC);
-      const dxC = ref.dispatchBackward(cbC.dExpertOut, rC.handle);
+        // CPU reference: "experts" scale their rows by 2.
+        const rC = ref.dispatch(xC, iC, wC, capacity(iC, wC, capOpts));
+        const outC = ops.scale(rC.rows, 2);
+        const yC = ref.combine(outC, rC.handle, wC);
+        const cbC = ref.combineBackward(dyC, outC, rC.handle, wC);
+        const dxC = ref.dispatchBackward(cbC.dExpertOut, rC.handle);
 
-      // GPU: the compute stream keeps busy with matmuls around every communication.
-      const a = Tensor.randn([2048, 2048], { seed: freshSeed(), dtype: 'bf16', device: gpu });
-      const b = Tensor.randn([2048, 2048], { seed: freshSeed(), dtype: 'bf16', device: gpu });
-      const busy: Tensor[] = [];
-      const capG = capacity(iG, wG, capOpts);
-      const routed = new Event(gpu);
-      routed.record();
-      busy.push(ops.matmul(a, b, { dtype: 'f32' })); // queued before the dispatch, runs beside it
-      const work = side.dispatchAsync(xG, iG, wG, capG, { after: routed });
-      busy.push(ops.matmul(a, b, { dtype: 'f32' }));
-      const got = work.wait();
-      expect(same(got.rows, rC.rows), 'rows').toBe(true);
-      expect(same(got.weights, rC.weights), 'row weights').toBe(true);
-      expect(got.handle.localRows).toEqual(rC.handle.localRows);
-      const outG = ops.scale(got.rows, 2);
-      const yWork = side.combineAsync(outG, got.handle, wG);
-      busy.push(ops.matmul(a, b, { dtype: 'f32' }));
-      expect(relErr(values(yWork.wait()), values(yC)), 'combine').toBeLessThan(1e-6);
-      const cbWork = side.combineBackwardAsync(dyG, outG, got.handle, wG);
-      busy.push(ops.matmul(a, b, { dtype: 'f32' }));
-      const cb = cbWork.wait();
-      // The tolerances of test/gpu/11-capacity-permute for the same ops.
-      expect(relErr(values(cb.dExpertOut), values(cbC.dExpertOut)), 'dExpertOut').toBeLessThan(1e-6);
-      expect(relErr(values(cb.dWeights), values(cbC.dWeights)), 'dWeights').toBeLessThan(1e-4);
-      const dxWork = side.dispatchBackwardAsync(cb.dExpertOut, got.handle);
-      busy.push(ops.matmul(a, b, { dtype: 'f32' }));
-      expect(relErr(values(dxWork.wait()), values(dxC)), 'dx').toBeLessThan(1e-5);
-      for (const w of [work, yWork, cbWork, dxWork]) w.dispose();
+        // GPU: the compute stream keeps busy with matmuls around every communication.
+        const a = Tensor.randn([2048, 2048], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+        const b = Tensor.randn([2048, 2048], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+        const busy: Tensor[] = [];
+        const capG = capacity(iG, wG, capOpts);
+        const routed = new Event(gpu);
+        routed.record();
+        busy.push(ops.matmul(a, b, { dtype: 'f32' })); // queued before the dispatch, runs beside it
+        const work = side.dispatchAsync(xG, iG, wG, capG, { after: routed });
+        busy.push(ops.matmul(a, b, { dtype: 'f32' }));
+        const got = work.wait();
+        expect(same(got.rows, rC.rows), 'rows').toBe(true);
+        expect(same(got.weights, rC.weights), 'row weights').toBe(true);
+        expect(got.handle.localRows).toEqual(rC.handle.localRows);
+        const outG = ops.scale(got.rows, 2);
+        const yWork = side.combineAsync(outG, got.handle, wG);
+        busy.push(ops.matmul(a, b, { dtype: 'f32' }));
+        expect(relErr(values(yWork.wait()), values(yC)), 'combine').toBeLessThan(1e-6);
+        const cbWork = side.combineBackwardAsync(dyG, outG, got.handle, wG);
+        busy.push(ops.matmul(a, b, { dtype: 'f32' }));
+        const cb = cbWork.wait();
+        // The tolerances of test/gpu/11-capacity-permute for the same ops.
+        expect(relErr(values(cb.dExpertOut), values(cbC.dExpertOut)), 'dExpertOut').toBeLessThan(1e-6);
+        expect(relErr(values(cb.dWeights), values(cbC.dWeights)), 'dWeights').toBeLessThan(1e-4);
+        const dxWork = side.dispatchBackwardAsync(cb.dExpertOut, got.handle);
+        busy.push(ops.matmul(a, b, { dtype: 'f32' }));
+        expect(relErr(values(dxWork.wait()), values(dxC)), 'dx').toBeLessThan(1e-5);
+        for (const w of [work, yWork, cbWork, dxWork]) w.dispose();
 
-      // The compute stream's work was not disturbed: every matmul equals the first, whose leading
-      // rows equal the CPU's.
-      for (const m of busy.slice(1)) expect(same(m, busy[0] as Tensor), 'matmul').toBe(true);
-      const rowsC = ops.matmul(a.narrow(0, 0, 16).to(cpu), b.to(cpu), { dtype: 'f32' });
-      expect(relErr(values((busy[0] as Tensor).narrow(0, 0, 16)), values(rowsC))).toBeLessThan(1e-5);
-      routed.dispose();
-      for (const h of [rC.handle, got.handle]) h.dispose();
-    });
-    side.dispose();
-    ref.dispose();
-  });
+        // The compute stream's work was not disturbed: every matmul equals the first, whose leading
+        // rows equal the CPU's.
+        for (const m of busy.slice(1)) expect(same(m, busy[0] as Tensor), 'matmul').toBe(true);
+        const rowsC = ops.matmul(a.narrow(0, 0, 16).to(cpu), b.to(cpu), { dtype: 'f32' });
+        expect(relErr(values((busy[0] as Tensor).narrow(0, 0, 16)), values(rowsC))).toBeLessThan(1e-5);
+        routed.dispose();
+        for (const h of [rC.handle, got.handle]) h.dispose();
+      });
+      side.dispose();
+      ref.dispose();
+    },
+  );
 
   it.each([
     ['timeout 0: stream-ordered only', 0],
@@ -126,11 +146,15 @@ describe.skipIf(!hasNccl)('communication on its own stream, NCCL one rank on cud
     tidy(() => {
       const xC = Tensor.randn([3000, 256], { seed: freshSeed(), device: cpu });
       const send = ops.scale(xC.to(gpu), 3); // produced on the compute stream
-      const work = runOnStream(comm, () => {
-        const recv = Tensor.empty([3000, 256], { device: gpu });
-        c.allToAllV(send, [3000], recv, [3000]);
-        return recv;
-      }, { inputs: [send] });
+      const work = runOnStream(
+        comm,
+        () => {
+          const recv = Tensor.empty([3000, 256], { device: gpu });
+          c.allToAllV(send, [3000], recv, [3000]);
+          return recv;
+        },
+        { inputs: [send] },
+      );
       const a = Tensor.randn([2048, 2048], { seed: freshSeed(), dtype: 'bf16', device: gpu });
       const m = ops.matmul(a, a, { dtype: 'f32' });
       const recv = work.wait();
@@ -253,7 +277,17 @@ describe.skipIf(!hasGpu)('communication streams on cuda:0 without NCCL', () => {
 
   it('the MoE layer with a comm stream: the same outputs and gradients as without (bf16, dropless with a shared expert)', () => {
     const seed = freshSeed();
-    const cfg = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, sharedFfn: 64, seed, device: gpu, dtype: 'bf16' as const, auxLossCoef: 0.01 };
+    const cfg = {
+      hidden: 256,
+      ffn: 128,
+      numExperts: 16,
+      topK: 4,
+      sharedFfn: 64,
+      seed,
+      device: gpu,
+      dtype: 'bf16' as const,
+      auxLossCoef: 0.01,
+    };
     const before = memoryStats(gpu).liveBytes;
     {
       using plain = new MoELayer(cfg);

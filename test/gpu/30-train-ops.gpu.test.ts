@@ -45,7 +45,13 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
   describe.each(actTypes)('%s', (dtype) => {
     const tol = dtype === 'f32' ? 1e-5 : tolerance.bf16;
 
-    it.each([[1, 1], [7, 37], [300, 1000], [1024, 7168], [3, 20000]])('rmsnorm forward and backward on [%i, %i]', (T, H) => {
+    it.each([
+      [1, 1],
+      [7, 37],
+      [300, 1000],
+      [1024, 7168],
+      [3, 20000],
+    ])('rmsnorm forward and backward on [%i, %i]', (T, H) => {
       const [x, gx] = pair([T, H], dtype);
       const [w, gw] = pair([H], 'f32', 0.5, 1.5);
       const [dy, gdy] = pair([T, H], dtype);
@@ -68,7 +74,9 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
         // 1 − x̂² = eps·rstd² ≈ 1e-6: the two terms cancel to about 1e-6 of their size, so an fp32
         // rounding of x̂ or rstd (GPU rsqrtf, or the f32 rstd the CPU reference reads) moves dx by
         // tens of percent of itself. Judge the error against the size of the cancelled terms.
-        const d = floats(dy)[0] as number, ww = floats(w)[0] as number, rs = floats(rstd)[0] as number;
+        const d = floats(dy)[0] as number,
+          ww = floats(w)[0] as number,
+          rs = floats(rstd)[0] as number;
         const scale = Math.abs(rs * d * ww);
         expect(Math.abs((floats(gdx)[0] as number) - (floats(dx)[0] as number)) / scale, 'dx (H = 1)').toBeLessThan(tol);
       } else {
@@ -84,7 +92,11 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
       for (const t of [x, gx, w, gw, dy, gdy, dw0, gdw0]) t.dispose();
     });
 
-    it.each([[1, 1], [33, 100], [4096, 1024]])('mseLoss on [%i, %i]', (T, N) => {
+    it.each([
+      [1, 1],
+      [33, 100],
+      [4096, 1024],
+    ])('mseLoss on [%i, %i]', (T, N) => {
       const [p, gp] = pair([T, N], dtype);
       const [q, gq] = pair([T, N], 'f32');
       using loss = poisoned([1], 'f32', cpu);
@@ -98,7 +110,12 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
       for (const t of [p, gp, q, gq]) t.dispose();
     });
 
-    it.each([[1, 1], [37, 10], [2048, 32000], [5, 3000]])('crossEntropyLoss on [%i, %i] with ignored rows', (T, N) => {
+    it.each([
+      [1, 1],
+      [37, 10],
+      [2048, 32000],
+      [5, 3000],
+    ])('crossEntropyLoss on [%i, %i] with ignored rows', (T, N) => {
       const [p, gp] = pair([T, N], dtype, -4, 4);
       // every third row's target is its argmax, so 'correct' counts something; every fifth is ignored
       const pv = floats(p);
@@ -203,7 +220,10 @@ describe.skipIf(!hasGpu)('the training data on the GPU (data.onDevice)', () => {
     const cfg = { dim: 256, clusters: 16, zipf: 1.1, noise: 0.3, seed: freshSeed() % 1000 };
     using onCpu = new ClusterTask(cfg);
     using onGpu = new ClusterTask({ ...cfg, device: gpu });
-    for (const [rank, ranks] of [[0, 1], [1, 2]] as const) {
+    for (const [rank, ranks] of [
+      [0, 1],
+      [1, 2],
+    ] as const) {
       using a = onCpu.batch(3, 512, rank, ranks);
       using b = onGpu.batch(3, 512, rank, ranks);
       expect(b.y.device.toString()).toBe(gpu);

@@ -8,7 +8,18 @@ import { join } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { Event, HfMoECheckpoint, memoryStats, MoEInference, MoELayer, type MoELayerConfig, ops, synchronize, Tensor, tidy } from '../../lib/index.js';
+import {
+  Event,
+  HfMoECheckpoint,
+  memoryStats,
+  MoEInference,
+  MoELayer,
+  type MoELayerConfig,
+  ops,
+  synchronize,
+  Tensor,
+  tidy,
+} from '../../lib/index.js';
 import { disposeSaved } from '../../lib/moe/layer.js';
 import { buildHfCheckpoint, encode, normals, testConfigs } from '../hf-fixtures.mjs';
 import { hfMoEReference, moeSizes } from '../hf-moe-reference.mjs';
@@ -19,7 +30,10 @@ const gpu = 'cuda:0' as const;
 
 const cases: [string, Partial<MoELayerConfig>][] = [
   ['dropless softmax top-2, normalised (Mixtral-like)', { topK: 2, normalize: true }],
-  ['sigmoid + bias, 4 groups keep 2, top-4, route scale, shared expert (DeepSeek-V3-like)', { scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, routeScale: 2.5, sharedFfn: 256 }],
+  [
+    'sigmoid + bias, 4 groups keep 2, top-4, route scale, shared expert (DeepSeek-V3-like)',
+    { scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, routeScale: 2.5, sharedFfn: 256 },
+  ],
   ['capacity 1.25 (fixed segments)', { capacityFactor: 1.25 }],
 ];
 
@@ -36,10 +50,29 @@ describe.skipIf(!hasGpu)('MoEInference on the GPU', () => {
         // The same weights in f32 on the CPU.
         const k = inf.config;
         using cpu = new MoEInference(
-          { hidden: k.hidden, ffn: k.ffn, numExperts: k.numExperts, topK: k.topK, scoreFunction: inf.router.scoreFunction, groups: inf.router.groups, topkGroups: inf.router.topkGroups,
-            normalize: inf.router.normalize, routeScale: inf.router.routeScale, selectionBias: k.selectionBias, sharedFfn: k.sharedFfn,
-            ...(k.capacityFactor === undefined ? {} : { capacityFactor: k.capacityFactor }), dtype: 'f32', device: 'cpu' },
-          tidy(() => Object.fromEntries(Object.entries(inf.weights).filter(([, t]) => t).map(([key, t]) => [key, (t as Tensor).to('cpu').cast('f32')]))) as never,
+          {
+            hidden: k.hidden,
+            ffn: k.ffn,
+            numExperts: k.numExperts,
+            topK: k.topK,
+            scoreFunction: inf.router.scoreFunction,
+            groups: inf.router.groups,
+            topkGroups: inf.router.topkGroups,
+            normalize: inf.router.normalize,
+            routeScale: inf.router.routeScale,
+            selectionBias: k.selectionBias,
+            sharedFfn: k.sharedFfn,
+            ...(k.capacityFactor === undefined ? {} : { capacityFactor: k.capacityFactor }),
+            dtype: 'f32',
+            device: 'cpu',
+          },
+          tidy(() =>
+            Object.fromEntries(
+              Object.entries(inf.weights)
+                .filter(([, t]) => t)
+                .map(([key, t]) => [key, (t as Tensor).to('cpu').cast('f32')]),
+            ),
+          ) as never,
         );
         for (const T of [1, 8, 64, 256]) {
           tidy(() => {
@@ -89,12 +122,18 @@ describe.skipIf(!hasGpu)('MoEInference on the GPU', () => {
       inf.forward(x, { out });
       const hostMs = performance.now() - h0;
       // Had forward synchronised with the device anywhere, the matmuls queued before it would be done.
-      expect(busy.query(), `${name}: forward returned after ${hostMs.toFixed(2)} ms with ${(n * perMs).toFixed(0)} ms of work queued before it`).toBe(false);
+      expect(
+        busy.query(),
+        `${name}: forward returned after ${hostMs.toFixed(2)} ms with ${(n * perMs).toFixed(0)} ms of work queued before it`,
+      ).toBe(false);
       synchronize(gpu);
       // The workspace holds every buffer; the scratch capacity() and the grouped GEMM take inside comes
       // from the caching allocator's cache (stream-ordered), never from a new cudaMalloc.
       expect(memoryStats(gpu).deviceMallocs - stats0.deviceMallocs, `${name}: device mallocs during the step`).toBe(0);
-      expect(Buffer.from((out.toArray() as Uint16Array).buffer).equals(Buffer.from((ref.toArray() as Uint16Array).buffer)), `${name}: the same bits as the first run`).toBe(true);
+      expect(
+        Buffer.from((out.toArray() as Uint16Array).buffer).equals(Buffer.from((ref.toArray() as Uint16Array).buffer)),
+        `${name}: the same bits as the first run`,
+      ).toBe(true);
       busy.dispose();
       t0.dispose();
       t1.dispose();

@@ -30,7 +30,8 @@ import { hasGpu } from './gpu.js';
 
 const gpu = 'cuda:0' as const;
 const bits = (t: Tensor): Buffer => Buffer.from((t.toArray() as Uint16Array | Float32Array).buffer);
-const bf16Randn = (shape: number[], seed: number, std = 1): Tensor => tidy(() => Tensor.randn(shape, { seed, std, device: gpu }).cast('bf16'));
+const bf16Randn = (shape: number[], seed: number, std = 1): Tensor =>
+  tidy(() => Tensor.randn(shape, { seed, std, device: gpu }).cast('bf16'));
 
 /** Expects fn to throw a GraphCaptureError whose message matches `pattern`. */
 function expectCaptureError(fn: () => unknown, pattern: RegExp): GraphCaptureError {
@@ -120,45 +121,62 @@ describe.skipIf(!hasGpu)('CudaGraph on the GPU', () => {
     const before = memoryStats(gpu);
     const waits0 = cuda.hostWaitCounts();
     const read = expectCaptureError(
-      () => CudaGraph.capture(stream, () => {
-        const y = ops.scale(x, 2);
-        y.toArray();
-        return y;
-      }),
+      () =>
+        CudaGraph.capture(stream, () => {
+          const y = ops.scale(x, 2);
+          y.toArray();
+          return y;
+        }),
       /^CudaGraph\.capture: the capture was broken by toArray, which reads a device tensor on the host .*Nothing was captured and the stream is no longer capturing/,
     );
     expect(read.cause).toBeInstanceOf(CudaError);
     expect((read.cause as Error).message).toMatch(/^toArray: not allowed while a CUDA graph is being captured on this thread/);
     expectCaptureError(
-      () => CudaGraph.capture(stream, () => {
-        const y = ops.scale(x, 2);
-        try {
-          y.toArray();
-        } catch {
-          // swallowed: the capture must still fail
-        }
-        return y;
-      }),
+      () =>
+        CudaGraph.capture(stream, () => {
+          const y = ops.scale(x, 2);
+          try {
+            y.toArray();
+          } catch {
+            // swallowed: the capture must still fail
+          }
+          return y;
+        }),
       /^CudaGraph\.capture: the capture was broken by toArray, which reads a device tensor on the host/,
     );
-    expectCaptureError(() => CudaGraph.capture(stream, () => {
-      ops.scale(x, 2);
-      stream.synchronize();
-    }), /the capture was broken by Stream\.synchronize, which waits for the device/);
-    expectCaptureError(() => CudaGraph.capture(stream, () => {
-      ops.scale(x, 2);
-      synchronize(gpu);
-    }), /the capture was broken by synchronize, which waits for the device/);
-    expectCaptureError(() => CudaGraph.capture(stream, () => Tensor.fromArray([1, 2, 3], { device: gpu })), /the capture was broken by copy, which copies host memory to the device/);
+    expectCaptureError(
+      () =>
+        CudaGraph.capture(stream, () => {
+          ops.scale(x, 2);
+          stream.synchronize();
+        }),
+      /the capture was broken by Stream\.synchronize, which waits for the device/,
+    );
+    expectCaptureError(
+      () =>
+        CudaGraph.capture(stream, () => {
+          ops.scale(x, 2);
+          synchronize(gpu);
+        }),
+      /the capture was broken by synchronize, which waits for the device/,
+    );
+    expectCaptureError(
+      () => CudaGraph.capture(stream, () => Tensor.fromArray([1, 2, 3], { device: gpu })),
+      /the capture was broken by copy, which copies host memory to the device/,
+    );
     // Refused before any CUDA call: the host counters did not move.
     expect(cuda.hostWaitCounts()).toEqual(waits0);
     // Captures do not nest; an error that does not break the capture is rethrown as it is.
     using inner = new Stream(gpu);
     expect(() => CudaGraph.capture(stream, () => CudaGraph.capture(inner, () => undefined))).toThrow(InvalidArgumentError);
-    expect(() => CudaGraph.capture(stream, () => CudaGraph.capture(inner, () => undefined))).toThrow(/this thread is already capturing a CUDA graph/);
-    expect(() => CudaGraph.capture(stream, () => {
-      throw new RangeError('boom');
-    })).toThrow(RangeError);
+    expect(() => CudaGraph.capture(stream, () => CudaGraph.capture(inner, () => undefined))).toThrow(
+      /this thread is already capturing a CUDA graph/,
+    );
+    expect(() =>
+      CudaGraph.capture(stream, () => {
+        throw new RangeError('boom');
+      }),
+    ).toThrow(RangeError);
     // The stream works eagerly again, and nothing was kept.
     const z = withStream(stream, () => ops.scale(x, 3));
     stream.synchronize();

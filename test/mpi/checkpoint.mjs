@@ -27,8 +27,12 @@ const bits = (t) => Buffer.from(t.toArray().buffer);
 // expert rows in the same fp32 order); within bf16 rounding on the GPU, where the peer-memory
 // transport returns each rank's partial sum in bf16 before the owner adds them.
 const relErr = (a, b) => {
-  let num = 0, den = 0;
-  for (let i = 0; i < a.length; i++) { num += (a[i] - b[i]) ** 2; den += b[i] ** 2; }
+  let num = 0,
+    den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
   return Math.sqrt(num / Math.max(den, 1e-30));
 };
 function sameOutput(got, want, what) {
@@ -67,8 +71,10 @@ if (mode === 'save') {
   const reader = loadCheckpoint(dir, { comm: world });
   check(reader.manifest.world.size === n && reader.manifest.files[`rank-${n - 1}.safetensors`], 'manifest lists every rank file');
   loadMoELayer(reader, b, 0, mb);
-  for (const k of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2']) check(bits(b.master[k]).equals(bits(a.master[k])), `EP=${n} reload: ${k} differs`);
-  for (const k of ['w13', 'w2']) for (const m of ['expAvg', 'expAvgSq']) check(bits(mb[k][m]).equals(bits(moments[k][m])), `EP=${n} reload: moment ${k}.${m} differs`);
+  for (const k of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'])
+    check(bits(b.master[k]).equals(bits(a.master[k])), `EP=${n} reload: ${k} differs`);
+  for (const k of ['w13', 'w2'])
+    for (const m of ['expAvg', 'expAvgSq']) check(bits(mb[k][m]).equals(bits(moments[k][m])), `EP=${n} reload: moment ${k}.${m} differs`);
   check(bits(b.bias).equals(bits(a.bias)), 'bias differs');
   check(bits(b.forward(x).y).equals(bits(y)), `EP=${n} reload: output differs`);
 

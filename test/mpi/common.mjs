@@ -46,6 +46,7 @@ export async function scriptDevice(world) {
   const device = getDefaultDevice().toString();
   check(device.startsWith('cuda:'), `--device cuda: init() left the default device at ${device}`);
   // NCCL refuses two ranks on one GPU: init() must have picked MPI, which stages through pinned memory.
-  if (world.size > cuda.deviceCount()) check(world.backend === 'mpi', `${world.size} ranks share ${cuda.deviceCount()} GPU(s) but init() chose ${world.backend}`);
+  if (world.size > cuda.deviceCount())
+    check(world.backend === 'mpi', `${world.size} ranks share ${cuda.deviceCount()} GPU(s) but init() chose ${world.backend}`);
   return { device, gpu: true };
 }

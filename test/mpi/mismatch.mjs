@@ -20,32 +20,70 @@ const mine = (a, b) => (lead ? a : b);
 const theirs = (a, b) => (lead ? b : a);
 const peer = lead ? `ranks? 1[\\d, ]*` : 'rank 0';
 const mismatch = (fn, op, call) =>
-  expectThrow(fn, InvalidArgumentError,
-    new RegExp(`^${op}: rank ${r} of ${n}: ${peer} calls? ${theirs(...call)} but this rank calls ${mine(...call)}( \\(as do(es)? ranks? [\\d, ]+\\))?; every rank must make the same call with the same dtype and shape \\(nothing was sent; the ${backend} communicator stays usable\\)$`),
-    `${op} mismatch`);
-mismatch(() => world.allReduce(Tensor.zeros([mine(2, 3)], on)), 'allReduce', ['allReduce\\(sum\\) on 2 rows × 1 f32', 'allReduce\\(sum\\) on 3 rows × 1 f32']);
-mismatch(() => world.allReduce(Tensor.zeros([4], on), mine('sum', 'max')), 'allReduce', ['allReduce\\(sum\\) on 4 rows × 1 f32', 'allReduce\\(max\\) on 4 rows × 1 f32']);
-mismatch(() => world.allGather(Tensor.zeros([1000, mine(32, 64)], on)), 'allGather', ['allGather on 1000 rows × 32 f32', 'allGather on 1000 rows × 64 f32']);
-mismatch(() => world.broadcast(Tensor.zeros([3], { ...on, dtype: mine('i32', 'f32') }), 0), 'broadcast', ['broadcast\\(root 0\\) on 3 rows × 1 i32', 'broadcast\\(root 0\\) on 3 rows × 1 f32']);
-mismatch(() => world.broadcast(Tensor.zeros([3], on), mine(0, n - 1)), 'broadcast', ['broadcast\\(root 0\\) on 3 rows × 1 f32', `broadcast\\(root ${n - 1}\\) on 3 rows × 1 f32`]);
+  expectThrow(
+    fn,
+    InvalidArgumentError,
+    new RegExp(
+      `^${op}: rank ${r} of ${n}: ${peer} calls? ${theirs(...call)} but this rank calls ${mine(...call)}( \\(as do(es)? ranks? [\\d, ]+\\))?; every rank must make the same call with the same dtype and shape \\(nothing was sent; the ${backend} communicator stays usable\\)$`,
+    ),
+    `${op} mismatch`,
+  );
+mismatch(() => world.allReduce(Tensor.zeros([mine(2, 3)], on)), 'allReduce', [
+  'allReduce\\(sum\\) on 2 rows × 1 f32',
+  'allReduce\\(sum\\) on 3 rows × 1 f32',
+]);
+mismatch(() => world.allReduce(Tensor.zeros([4], on), mine('sum', 'max')), 'allReduce', [
+  'allReduce\\(sum\\) on 4 rows × 1 f32',
+  'allReduce\\(max\\) on 4 rows × 1 f32',
+]);
+mismatch(() => world.allGather(Tensor.zeros([1000, mine(32, 64)], on)), 'allGather', [
+  'allGather on 1000 rows × 32 f32',
+  'allGather on 1000 rows × 64 f32',
+]);
+mismatch(() => world.broadcast(Tensor.zeros([3], { ...on, dtype: mine('i32', 'f32') }), 0), 'broadcast', [
+  'broadcast\\(root 0\\) on 3 rows × 1 i32',
+  'broadcast\\(root 0\\) on 3 rows × 1 f32',
+]);
+mismatch(() => world.broadcast(Tensor.zeros([3], on), mine(0, n - 1)), 'broadcast', [
+  'broadcast\\(root 0\\) on 3 rows × 1 f32',
+  `broadcast\\(root ${n - 1}\\) on 3 rows × 1 f32`,
+]);
 // a large allToAll: 64 KiB against 128 KiB per peer
-mismatch(() => world.allToAll(Tensor.zeros([n * mine(256, 512), 64], on)), 'allToAll', [`allToAll on ${n * 256} rows × 64 f32`, `allToAll on ${n * 512} rows × 64 f32`]);
+mismatch(() => world.allToAll(Tensor.zeros([n * mine(256, 512), 64], on)), 'allToAll', [
+  `allToAll on ${n * 256} rows × 64 f32`,
+  `allToAll on ${n * 512} rows × 64 f32`,
+]);
 // different calls altogether
 const t = Tensor.zeros([2], on);
-mismatch(() => (lead ? world.allReduce(t) : world.broadcast(t, 0)), lead ? 'allReduce' : 'broadcast', ['allReduce\\(sum\\) on 2 rows × 1 f32', 'broadcast\\(root 0\\) on 2 rows × 1 f32']);
-mismatch(() => (lead ? world.barrier() : world.allToAll(Tensor.zeros([n, 1], on))), lead ? 'barrier' : 'allToAll', ['barrier', `allToAll on ${n} rows × 1 f32`]);
+mismatch(() => (lead ? world.allReduce(t) : world.broadcast(t, 0)), lead ? 'allReduce' : 'broadcast', [
+  'allReduce\\(sum\\) on 2 rows × 1 f32',
+  'broadcast\\(root 0\\) on 2 rows × 1 f32',
+]);
+mismatch(() => (lead ? world.barrier() : world.allToAll(Tensor.zeros([n, 1], on))), lead ? 'barrier' : 'allToAll', [
+  'barrier',
+  `allToAll on ${n} rows × 1 f32`,
+]);
 // allToAllV: rank 0 expects one row too many from rank 1; every rank names that pair
 const ones = range(n, () => 1);
 const expects = range(n, (p) => (r === 0 && p === 1 ? 2 : 1));
 const send = Tensor.zeros([n, 2], on);
-expectThrow(() => world.allToAllV(send, ones, Tensor.zeros([n + (lead ? 1 : 0), 2], on), expects), InvalidArgumentError,
-  new RegExp(`^allToAllV: rank ${r} of ${n}: rank 1 sends 1 rows to rank 0 but rank 0 expects 2 \\(recvRows\\[1\\]\\); exchange the counts first \\(nothing was sent; the ${backend} communicator stays usable\\)$`),
-  'count mismatch');
+expectThrow(
+  () => world.allToAllV(send, ones, Tensor.zeros([n + (lead ? 1 : 0), 2], on), expects),
+  InvalidArgumentError,
+  new RegExp(
+    `^allToAllV: rank ${r} of ${n}: rank 1 sends 1 rows to rank 0 but rank 0 expects 2 \\(recvRows\\[1\\]\\); exchange the counts first \\(nothing was sent; the ${backend} communicator stays usable\\)$`,
+  ),
+  'count mismatch',
+);
 
 check(!world.aborted, 'still usable after the mismatches');
 same(world.allReduce(Tensor.full([1], 1, on)).toNumbers(), [n], 'allReduce after the mismatches');
 const recv = world.allToAllV(Tensor.full([n, 2], r, on), ones, Tensor.zeros([n, 2], on), ones);
-same(recv.toNumbers(), range(2 * n, (i) => Math.floor(i / 2)), 'allToAllV after the mismatches');
+same(
+  recv.toNumbers(),
+  range(2 * n, (i) => Math.floor(i / 2)),
+  'allToAllV after the mismatches',
+);
 world.barrier();
 world.dispose();
 console.log(`ok rank ${r} of ${n} (${backend})`);

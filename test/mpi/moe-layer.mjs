@@ -18,8 +18,12 @@ const { device, gpu } = await scriptDevice(world);
 progress(`init on ${device}`);
 const on = { device };
 const relErr = (a, b) => {
-  let n = 0, d = 0;
-  for (let i = 0; i < a.length; i++) { n += (a[i] - b[i]) ** 2; d += b[i] ** 2; }
+  let n = 0,
+    d = 0;
+  for (let i = 0; i < a.length; i++) {
+    n += (a[i] - b[i]) ** 2;
+    d += b[i] ** 2;
+  }
   return Math.sqrt(n / Math.max(d, 1e-30));
 };
 const vals = (t) => Array.from(t.toFloat32Array());
@@ -29,7 +33,10 @@ const bits = (t) => Buffer.from(t.toArray().buffer);
 //    the last rank goes to rank 0's experts (that rank receives nothing from itself), and the
 //    last expert receives nothing at all. The same on a comm stream: the same bits.
 tidy(() => {
-  const E = 2 * P, k = 2, T = 5 + rank, H = 8;
+  const E = 2 * P,
+    k = 2,
+    T = 5 + rank,
+    H = 8;
   const idx = [];
   for (let t = 0; t < T; t++) {
     if (rank === P - 1) idx.push(0, 1);
@@ -52,10 +59,16 @@ tidy(() => {
     .filter((t) => t instanceof Tensor)
     .reduce((sum, t) => sum + Math.ceil((t.numel * dtypeSize[t.dtype]) / 64) * 64, 0);
   // (P > 1: with one rank the result is a view of the permuted rows, which then stay live.)
-  if (!gpu && P > 1) check(memoryStats(device).liveBytes - liveBefore === held, `dispatch keeps only its result and layout live: ${memoryStats(device).liveBytes - liveBefore} bytes, expected ${held}`);
+  if (!gpu && P > 1)
+    check(
+      memoryStats(device).liveBytes - liveBefore === held,
+      `dispatch keeps only its result and layout live: ${memoryStats(device).liveBytes - liveBefore} bytes, expected ${held}`,
+    );
   if (rank === P - 1) check(handle.localRows[1] === 0 || E - 1 !== rank * 2 + 1, 'the last expert receives nothing');
   const y = d.combine(rows, handle, weights);
-  const wv = vals(weights), xv = vals(x), yv = vals(y);
+  const wv = vals(weights),
+    xv = vals(x),
+    yv = vals(y);
   const ref = xv.map((v, i) => v * (wv[Math.floor(i / H) * k] + wv[Math.floor(i / H) * k + 1]));
   check(relErr(yv, ref) < 1e-6, `dispatch∘combine identity on ${device}: relErr ${relErr(yv, ref)}`);
   progress('1: dispatch∘combine identity');
@@ -81,7 +94,10 @@ progress('1: tensors used on the disposed comm stream freed');
 
 // 1b. The same with fp8 rows on the wire (H = 256: two scale blocks per row): within e4m3 precision.
 tidy(() => {
-  const E = 2 * P, k = 2, T = 9 + rank, H = 256;
+  const E = 2 * P,
+    k = 2,
+    T = 9 + rank,
+    H = 256;
   const idx = [];
   for (let t = 0; t < T; t++) idx.push((t + rank) % E, (t + rank + 1) % E);
   const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], ...on });
@@ -91,7 +107,8 @@ tidy(() => {
   const d = new Dispatcher({ numExperts: E, group: world, fp8: true });
   const { rows, handle } = d.dispatch(x, indices, weights, cap);
   const y = d.combine(rows, handle, weights);
-  const wv = vals(weights), xv = vals(x);
+  const wv = vals(weights),
+    xv = vals(x);
   const ref = xv.map((v, i) => v * (wv[Math.floor(i / H) * k] + wv[Math.floor(i / H) * k + 1]));
   const e = relErr(vals(y), ref);
   check(e < 0.05 && e > 0, `fp8 dispatch∘combine on ${device}: relErr ${e}`);
@@ -130,19 +147,28 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   tidy(() => {
     // Capacity mode moves fixed segments of C = ceil(cf·T·k/E) rows: every rank must have the same T.
     const T = extra.padToCapacity ? size.T : size.T + 3 * rank;
-    const xCpu = Tensor.randn([T, H], { seed: 100 + rank, device: 'cpu' }).cast(dtype).cast('f32');
-    const dyCpu = Tensor.randn([T, H], { seed: 200 + rank, device: 'cpu' }).cast(dtype).cast('f32');
+    const xCpu = Tensor.randn([T, H], { seed: 100 + rank, device: 'cpu' })
+      .cast(dtype)
+      .cast('f32');
+    const dyCpu = Tensor.randn([T, H], { seed: 200 + rank, device: 'cpu' })
+      .cast(dtype)
+      .cast('f32');
     const x = xCpu.copyTo({ dtype, device });
     const dy = dyCpu.copyTo({ dtype, device });
-    const fe = ep.forward(x), fr = ref.forward(xCpu);
+    const fe = ep.forward(x),
+      fr = ref.forward(xCpu);
     check(relErr(vals(fe.y), vals(fr.y)) < tol.y, `forward ${what}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
     progress(`2 ${what}: forward`);
     const fo = epOverlap.forward(x);
     check(relErr(vals(fo.y), vals(fe.y)) <= tol.again, `forward with a comm stream ${what}: relErr ${relErr(vals(fo.y), vals(fe.y))}`);
     progress(`2 ${what}: forward with a comm stream`);
-    const ge = ep.backward(fe, dy), gr = ref.backward(fr, dyCpu);
+    const ge = ep.backward(fe, dy),
+      gr = ref.backward(fr, dyCpu);
     check(relErr(vals(ge.dx), vals(gr.dx)) < tol.grad, `dx ${what}: relErr ${relErr(vals(ge.dx), vals(gr.dx))}`);
-    check(relErr(vals(ge.router), vals(gr.router)) < tol.grad, `router gradient ${what}: relErr ${relErr(vals(ge.router), vals(gr.router))}`);
+    check(
+      relErr(vals(ge.router), vals(gr.router)) < tol.grad,
+      `router gradient ${what}: relErr ${relErr(vals(ge.router), vals(gr.router))}`,
+    );
     progress(`2 ${what}: backward`);
     const go = epOverlap.backward(fo, dy);
     for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2']) {
@@ -150,10 +176,16 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
     }
     progress(`2 ${what}: backward with a comm stream`);
     const El = ep.localExperts;
-    for (const [name, g, r] of [['w13', ge.w13, gr.w13], ['w2', ge.w2, gr.w2]]) {
+    for (const [name, g, r] of [
+      ['w13', ge.w13, gr.w13],
+      ['w2', ge.w2, gr.w2],
+    ]) {
       world.allReduce(r, 'sum');
       const slice = r.narrow(0, rank * El, El).contiguous();
-      check(relErr(vals(g), vals(slice)) < tol.grad, `${name} gradient of the local experts ${what}: relErr ${relErr(vals(g), vals(slice))}`);
+      check(
+        relErr(vals(g), vals(slice)) < tol.grad,
+        `${name} gradient of the local experts ${what}: relErr ${relErr(vals(g), vals(slice))}`,
+      );
     }
   });
   ep.dispose();
@@ -168,8 +200,19 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
 //    ranks. A draw whose reference has a near-tie at some column's C-th place (on any rank) is
 //    redrawn, by all ranks together.
 {
-  const H = size.hidden, E = 4 * P, T = size.T;
-  const cfg = { hidden: H, ffn: size.ffn, numExperts: E, topK: 2, capacityFactor: 1.5, sharedFfn: 4, routing: 'expert-choice', zLossCoef: 0.01 };
+  const H = size.hidden,
+    E = 4 * P,
+    T = size.T;
+  const cfg = {
+    hidden: H,
+    ffn: size.ffn,
+    numExperts: E,
+    topK: 2,
+    capacityFactor: 1.5,
+    sharedFfn: 4,
+    routing: 'expert-choice',
+    zLossCoef: 0.01,
+  };
   const dtype = gpu ? 'bf16' : 'f32';
   let done = false;
   for (let attempt = 0; attempt < 10 && !done; attempt++) {
@@ -183,11 +226,20 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
       const w2 = vals(world.allGather(src.w2.cast('f32').contiguous()));
       const router = vals(src.router.cast('f32'));
       const shared = { w13: vals(src.sharedW13.cast('f32')), w2: vals(src.sharedW2.cast('f32')) };
-      const xCpu = Tensor.randn([T, H], { seed: seed + 1 + rank, device: 'cpu' }).cast(dtype).cast('f32');
-      const dyCpu = Tensor.randn([T, H], { seed: seed + 50 + rank, device: 'cpu' }).cast(dtype).cast('f32');
+      const xCpu = Tensor.randn([T, H], { seed: seed + 1 + rank, device: 'cpu' })
+        .cast(dtype)
+        .cast('f32');
+      const dyCpu = Tensor.randn([T, H], { seed: seed + 50 + rank, device: 'cpu' })
+        .cast(dtype)
+        .cast('f32');
       const C = Math.ceil((T * cfg.capacityFactor) / E - 1e-9);
       const ref = expertChoiceReference({
-        x: vals(xCpu), dy: vals(dyCpu), router, w13, w2, shared,
+        x: vals(xCpu),
+        dy: vals(dyCpu),
+        router,
+        w13,
+        w2,
+        shared,
         cfg: { H, F: cfg.ffn, E, Fs: cfg.sharedFfn, C, score: 'softmax', routeScale: 1, zLossCoef: cfg.zLossCoef },
       });
       const gap = Tensor.fromArray([ref.minGap], { device: 'cpu' });
@@ -198,7 +250,10 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
       const x = xCpu.copyTo({ dtype, device });
       const dy = dyCpu.copyTo({ dtype, device });
       const f = ep.forward(x);
-      check(JSON.stringify(f.saved.slot.toNumbers()) === JSON.stringify(Array.from(ref.slot)), `${what}: the chosen tokens differ from the reference's`);
+      check(
+        JSON.stringify(f.saved.slot.toNumbers()) === JSON.stringify(Array.from(ref.slot)),
+        `${what}: the chosen tokens differ from the reference's`,
+      );
       check(JSON.stringify(f.expertsPerToken.toNumbers()) === JSON.stringify(ref.expertsPerToken), `${what}: experts per token`);
       check(relErr(vals(f.y), ref.y) < tol.y, `${what}: forward relErr ${relErr(vals(f.y), ref.y)}`);
       const fo = epOverlap.forward(x);
@@ -206,12 +261,21 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
       progress(`3 ${what}: forward`);
       const g = ep.backward(f, dy);
       const go = epOverlap.backward(fo, dy);
-      for (const [name, got, want] of [['dx', g.dx, ref.dx], ['router', g.router, ref.dRouter], ['shared w13', g.sharedW13, ref.dShared13], ['shared w2', g.sharedW2, ref.dShared2]]) {
+      for (const [name, got, want] of [
+        ['dx', g.dx, ref.dx],
+        ['router', g.router, ref.dRouter],
+        ['shared w13', g.sharedW13, ref.dShared13],
+        ['shared w2', g.sharedW2, ref.dShared2],
+      ]) {
         check(relErr(vals(got), want) < tol.grad, `${what}: ${name} relErr ${relErr(vals(got), want)}`);
       }
-      for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2']) check(relErr(vals(go[k]), vals(g[k])) <= tol.again, `${what}: ${k} with a comm stream`);
+      for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'])
+        check(relErr(vals(go[k]), vals(g[k])) <= tol.again, `${what}: ${k} with a comm stream`);
       const El = ep.localExperts;
-      for (const [name, got, want, per] of [['w13', g.w13, ref.dW13, H * 2 * cfg.ffn], ['w2', g.w2, ref.dW2, cfg.ffn * H]]) {
+      for (const [name, got, want, per] of [
+        ['w13', g.w13, ref.dW13, H * 2 * cfg.ffn],
+        ['w2', g.w2, ref.dW2, cfg.ffn * H],
+      ]) {
         const sum = Tensor.fromArray(Float32Array.from(want), { device: 'cpu' });
         world.allReduce(sum, 'sum');
         const slice = vals(sum).slice(rank * El * per, (rank + 1) * El * per);

@@ -16,9 +16,15 @@ const capacityMode = process.argv.includes('--capacity');
 const world = await init();
 const { device } = await scriptDevice(world);
 const { rank, size: P } = world;
-const E = 4 * P, k = 2, T = 64, H = 256;
+const E = 4 * P,
+  k = 2,
+  T = 64,
+  H = 256;
 const d = new Dispatcher({ numExperts: E, group: world, transport: 'ipc', padToCapacity: capacityMode });
-const indices = Tensor.fromArray(Array.from({ length: T * k }, (_, i) => (i * 7 + rank + (i % k)) % E), { dtype: 'i32', shape: [T, k], device });
+const indices = Tensor.fromArray(
+  Array.from({ length: T * k }, (_, i) => (i * 7 + rank + (i % k)) % E),
+  { dtype: 'i32', shape: [T, k], device },
+);
 const weights = Tensor.rand([T, k], { seed: 5 + rank, device });
 const x = Tensor.randn([T, H], { seed: 9 + rank, device }).cast('bf16');
 const cap = capacity(indices, weights, { numExperts: E, ...(capacityMode ? { capacityFactor: 2 } : {}) });

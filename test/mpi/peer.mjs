@@ -22,8 +22,12 @@ console.log(`rank ${rank}: seed ${seed}`);
 const on = { device };
 
 const relErr = (a, b) => {
-  let n = 0, d = 0;
-  for (let i = 0; i < a.length; i++) { n += (a[i] - b[i]) ** 2; d += b[i] ** 2; }
+  let n = 0,
+    d = 0;
+  for (let i = 0; i < a.length; i++) {
+    n += (a[i] - b[i]) ** 2;
+    d += b[i] ** 2;
+  }
   return Math.sqrt(n / Math.max(d, 1e-30));
 };
 const vals = (t) => Array.from(t.toFloat32Array());
@@ -74,21 +78,32 @@ for (const [ci, c] of cases.entries()) {
     const what = `${c.name} (rank ${rank} of ${P}, seed ${seed})`;
     check(ipc.transport === 'ipc', `${what}: transport ${ipc.transport}: ${ipc.transportReason}`);
     if (c.pad) {
-      check(waits.deviceToHost === before.deviceToHost && waits.synchronizations === before.synchronizations,
-        `${what}: capacity-mode dispatch + combine waited on the host: ${JSON.stringify(before)} → ${JSON.stringify(waits)}`);
+      check(
+        waits.deviceToHost === before.deviceToHost && waits.synchronizations === before.synchronizations,
+        `${what}: capacity-mode dispatch + combine waited on the host: ${JSON.stringify(before)} → ${JSON.stringify(waits)}`,
+      );
     }
     // With align > 1 (dropless) the layouts differ by design: the all-to-all pads every (source,
     // expert) segment at the sender, ipc pads each local expert's rows once. Outputs must agree.
     const sameLayout = (c.align ?? 1) === 1 || c.pad;
     const sum = (a) => a.reduce((u, v) => u + v, 0);
     if (sameLayout) {
-      check(JSON.stringify(A.handle.localRows) === JSON.stringify(B.handle.localRows), `${what}: localRows ${A.handle.localRows} vs ${B.handle.localRows}`);
+      check(
+        JSON.stringify(A.handle.localRows) === JSON.stringify(B.handle.localRows),
+        `${what}: localRows ${A.handle.localRows} vs ${B.handle.localRows}`,
+      );
       check(JSON.stringify(ints(A.handle.localOffsets)) === JSON.stringify(ints(B.handle.localOffsets)), `${what}: localOffsets differ`);
       check(bits(A.rows).equals(bits(B.rows)), `${what}: dispatched rows differ from the all-to-all's`);
       check(bits(A.weights).equals(bits(B.weights)), `${what}: dispatched gate weights differ`);
     } else {
-      check(A.handle.localRows.every((n) => n % c.align === 0) && sum(A.handle.localRows) <= sum(B.handle.localRows), `${what}: localRows ${A.handle.localRows}`);
-      check(Math.abs(sum(vals(A.weights)) - sum(vals(B.weights))) < 1e-3, `${what}: the dispatched gate weights do not add up to the all-to-all's`);
+      check(
+        A.handle.localRows.every((n) => n % c.align === 0) && sum(A.handle.localRows) <= sum(B.handle.localRows),
+        `${what}: localRows ${A.handle.localRows}`,
+      );
+      check(
+        Math.abs(sum(vals(A.weights)) - sum(vals(B.weights))) < 1e-3,
+        `${what}: the dispatched gate weights do not add up to the all-to-all's`,
+      );
     }
     progress(`${c.name}: dispatch`);
 
@@ -97,8 +112,14 @@ for (const [ci, c] of cases.entries()) {
     check(relErr(vals(yA), vals(yB)) < tol, `${what}: combine relErr ${relErr(vals(yA), vals(yB))}`);
     if (!c.fp8 && !c.cf) {
       // Identity experts: every entry kept, so y = x·Σ_j w[t, j].
-      const wv = vals(weights), xv = vals(x);
-      const expect = xv.map((v, i) => { const t = Math.floor(i / c.H); let s = 0; for (let j = 0; j < c.k; j++) s += wv[t * c.k + j]; return v * s; });
+      const wv = vals(weights),
+        xv = vals(x);
+      const expect = xv.map((v, i) => {
+        const t = Math.floor(i / c.H);
+        let s = 0;
+        for (let j = 0; j < c.k; j++) s += wv[t * c.k + j];
+        return v * s;
+      });
       check(relErr(vals(yA), expect) < tol, `${what}: combine(dispatch(x)) ≠ x·Σw: relErr ${relErr(vals(yA), expect)}`);
     }
     progress(`${c.name}: combine`);
@@ -106,7 +127,10 @@ for (const [ci, c] of cases.entries()) {
     const gA = ipc.combineBackward(dy, A.rows, A.handle, weights);
     const gB = ref.combineBackward(dy, B.rows, B.handle, weights);
     if (sameLayout) check(bits(gA.dExpertOut).equals(bits(gB.dExpertOut)), `${what}: combineBackward d(expertOut) differs`);
-    check(relErr(vals(gA.dWeights), vals(gB.dWeights)) < 1e-5, `${what}: combineBackward d(weights) relErr ${relErr(vals(gA.dWeights), vals(gB.dWeights))}`);
+    check(
+      relErr(vals(gA.dWeights), vals(gB.dWeights)) < 1e-5,
+      `${what}: combineBackward d(weights) relErr ${relErr(vals(gA.dWeights), vals(gB.dWeights))}`,
+    );
     progress(`${c.name}: combineBackward`);
 
     const dxA = ipc.dispatchBackward(gA.dExpertOut, A.handle);
@@ -123,7 +147,9 @@ for (const [ci, c] of cases.entries()) {
 // Dropless token counts growing past the buffers (the transport regrows collectively), and many
 // steps in a row (step-numbered flags, no clearing).
 tidy(() => {
-  const E = 4 * P, k = 2, H = 64;
+  const E = 4 * P,
+    k = 2,
+    H = 64;
   const d = new Dispatcher({ numExperts: E, group: world, transport: 'ipc' });
   for (let step = 0; step < 12; step++) {
     tidy(() => {
@@ -134,8 +160,12 @@ tidy(() => {
       const cap = capacity(indices, weights, { numExperts: E });
       const { rows, handle } = d.dispatch(x, indices, weights, cap);
       const y = d.combine(rows, handle, weights);
-      const wv = vals(weights), xv = vals(x);
-      const expect = xv.map((v, i) => { const t = Math.floor(i / H); return v * (wv[t * k] + wv[t * k + 1]); });
+      const wv = vals(weights),
+        xv = vals(x);
+      const expect = xv.map((v, i) => {
+        const t = Math.floor(i / H);
+        return v * (wv[t * k] + wv[t * k + 1]);
+      });
       check(relErr(vals(y), expect) < 1e-2, `growth step ${step} (T ${T}, rank ${rank}, seed ${seed}): relErr ${relErr(vals(y), expect)}`);
       handle.dispose();
     });

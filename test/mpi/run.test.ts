@@ -37,17 +37,23 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   });
 
   // Issue 14, item 1: these overran buffers (malloc(): corrupted top size) or hung.
-  it.each([2, 3])('mismatched calls on %i ranks (sizes, dtype, op, root, the call itself, allToAllV counts): an InvalidArgumentError on every rank naming the peers and both values; the communicator stays usable', (np) => {
-    const r = mpirun(np, 'mismatch.mjs');
-    expect(r.status, r.out).toBe(0);
-    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np} (mpi)`);
-  });
+  it.each([2, 3])(
+    'mismatched calls on %i ranks (sizes, dtype, op, root, the call itself, allToAllV counts): an InvalidArgumentError on every rank naming the peers and both values; the communicator stays usable',
+    (np) => {
+      const r = mpirun(np, 'mismatch.mjs');
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np} (mpi)`);
+    },
+  );
 
-  it.each([2, 4])('dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients; token choice, and expert choice against the plain-loop reference); a comm stream changes no bit', (np) => {
-    const r = mpirun(np, 'moe-layer.mjs');
-    expect(r.status, r.out).toBe(0);
-    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
-  });
+  it.each([2, 4])(
+    'dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients; token choice, and expert choice against the plain-loop reference); a comm stream changes no bit',
+    (np) => {
+      const r = mpirun(np, 'moe-layer.mjs');
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
+    },
+  );
 
   it("the README's multi-rank example (examples/multi-rank.ts) on 2 ranks: allReduce, ragged allToAllV, an MoE layer over both ranks with a comm stream", () => {
     // On the CPU even where there is a GPU (the whole suite runs there too).
@@ -58,16 +64,26 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     expect(r.out).toContain('rank 1: allReduce 3, received 2 + 3 rows, 4 local experts, dx 128,64');
   });
 
-  it.each([2, 4])('training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it; expert choice trains at EP = all ranks', (np) => {
-    const r = mpirun(np, 'train.mjs');
-    expect(r.status, r.out).toBe(0);
-    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
-  });
+  it.each([2, 4])(
+    'training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it; expert choice trains at EP = all ranks',
+    (np) => {
+      const r = mpirun(np, 'train.mjs');
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np}`);
+    },
+  );
 
-  it('`moe-ep train` on 2 ranks with the default run folder: one folder holds both ranks\' checkpoint shards', () => {
+  it("`moe-ep train` on 2 ranks with the default run folder: one folder holds both ranks' checkpoint shards", () => {
     const cwd = fs.mkdtempSync(join(tmpdir(), 'moe-cli-mpi-'));
     try {
-      const r = mpirun(2, join(root, 'dist', 'lib', 'cli', 'main.js'), 60_000, ['train', '--steps', '6', '--no-progress', '--model.experts', '4'], { CUDA_VISIBLE_DEVICES: '' }, cwd);
+      const r = mpirun(
+        2,
+        join(root, 'dist', 'lib', 'cli', 'main.js'),
+        60_000,
+        ['train', '--steps', '6', '--no-progress', '--model.experts', '4'],
+        { CUDA_VISIBLE_DEVICES: '' },
+        cwd,
+      );
       expect(r.status, r.out).toBe(0);
       const runs = fs.readdirSync(join(cwd, 'runs'));
       expect(runs).toHaveLength(1);
@@ -79,11 +95,14 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     }
   });
 
-  it.each([2, 4])('a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s, the late one naming them in turn; all exit cleanly', (np) => {
-    const r = mpirun(np, 'timeout.mjs');
-    expect(r.status, r.out).toBe(0);
-    for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k}`);
-  });
+  it.each([2, 4])(
+    'a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s, the late one naming them in turn; all exit cleanly',
+    (np) => {
+      const r = mpirun(np, 'timeout.mjs');
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k}`);
+    },
+  );
 
   // OpenMPI (4.1) notices the dead rank and kills the whole job at once (exit 137, "exited on signal
   // 9"), usually before the others' timeout fires. What is reliable: the job ends, non-zero, quickly.
@@ -99,14 +118,24 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     const r = mpirun(2, 'freeze.mjs', 60_000);
     killFrozen(r.out);
     expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
-    expect(r.out).toMatch(/rank 0 after \d+ ms: TimeoutError: allReduce: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/);
+    expect(r.out).toMatch(
+      /rank 0 after \d+ ms: TimeoutError: allReduce: timed out after 1500 ms on rank 0 of 2 \(mpi\); not heard from rank 1;/,
+    );
   });
 
   it('moe-ep train --timeout-ms 1500 with a rank frozen mid-run: the other stops with a TimeoutError after 1.5 s naming the frozen rank, and the job ends', () => {
     const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-freeze-'));
     const args = ['train', '--steps', '1000000', '--no-progress', '--timeout-ms', '1500', '--out', 'run'];
     try {
-      const r = mpirunApps([[process.execPath, cli, ...args], [process.execPath, join(root, 'test', 'mpi', 'stop-after.mjs'), '3000', ...args]], 90_000, {}, dir);
+      const r = mpirunApps(
+        [
+          [process.execPath, cli, ...args],
+          [process.execPath, join(root, 'test', 'mpi', 'stop-after.mjs'), '3000', ...args],
+        ],
+        90_000,
+        {},
+        dir,
+      );
       killFrozen(r.out);
       expect(r.status, `the job hung (mpirun was killed by the test's timeout):\n${r.out}`).not.toBeNull();
       expect(r.status, r.out).not.toBe(0);
@@ -122,18 +151,44 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-config-'));
     const args = ['train', '--steps', '2', '--no-progress'];
     try {
-      let r = mpirunApps([[process.execPath, cli, ...args, '--out', 'run'], [process.execPath, cli, ...args, '--out', 'run', '--model.hidden', '64', '--data.tokensPerStep', '512']], 60_000, {}, dir);
+      let r = mpirunApps(
+        [
+          [process.execPath, cli, ...args, '--out', 'run'],
+          [process.execPath, cli, ...args, '--out', 'run', '--model.hidden', '64', '--data.tokensPerStep', '512'],
+        ],
+        60_000,
+        {},
+        dir,
+      );
       expect(r.status, r.out).not.toBe(0);
-      for (const k of [0, 1]) expect(r.out).toContain(`moe-ep: Trainer: rank ${k} of 2: the ranks were given different configurations, but every rank must train the same one:`);
-      expect(r.out.match(/config\.data\.tokensPerStep: 256 on rank 0; 512 on rank 1\n\s+config\.model\.hidden: 32 on rank 0; 64 on rank 1/g)).toHaveLength(2);
+      for (const k of [0, 1])
+        expect(r.out).toContain(
+          `moe-ep: Trainer: rank ${k} of 2: the ranks were given different configurations, but every rank must train the same one:`,
+        );
+      expect(
+        r.out.match(/config\.data\.tokensPerStep: 256 on rank 0; 512 on rank 1\n\s+config\.model\.hidden: 32 on rank 0; 64 on rank 1/g),
+      ).toHaveLength(2);
       expect(r.out).not.toMatch(/corrupted|signal/);
       // Without --out every rank used to name the run folder after its own clock, scattering the
       // checkpoint's shards: rank 0's name now holds for all.
-      r = mpirunApps([[process.execPath, cli, ...args], [process.execPath, cli, ...args]], 60_000, {}, dir);
+      r = mpirunApps(
+        [
+          [process.execPath, cli, ...args],
+          [process.execPath, cli, ...args],
+        ],
+        60_000,
+        {},
+        dir,
+      );
       expect(r.status, r.out).toBe(0);
       const runs = fs.readdirSync(join(dir, 'runs'));
       expect(runs).toHaveLength(1);
-      expect(fs.readdirSync(join(dir, 'runs', runs[0]!, 'checkpoints', 'step-00000002')).sort()).toEqual(['manifest.json', 'rank-0.safetensors', 'rank-1.safetensors', 'replicated.safetensors']);
+      expect(fs.readdirSync(join(dir, 'runs', runs[0]!, 'checkpoints', 'step-00000002')).sort()).toEqual([
+        'manifest.json',
+        'rank-0.safetensors',
+        'rank-1.safetensors',
+        'replicated.safetensors',
+      ]);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
     }
@@ -152,7 +207,8 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
 
   it('checkpoints: saved at EP=4, resharded 4 → 2 → 1 offline (moe-ep ckpt reshard): the same model outputs as never resharding', () => {
     const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-ckpt-'));
-    const cli = (args: string[]) => spawnSync(process.execPath, [join(root, 'dist', 'lib', 'cli', 'main.js'), 'ckpt', ...args], { encoding: 'utf8' });
+    const cli = (args: string[]) =>
+      spawnSync(process.execPath, [join(root, 'dist', 'lib', 'cli', 'main.js'), 'ckpt', ...args], { encoding: 'utf8' });
     try {
       let r = mpirun(4, 'checkpoint.mjs', 90_000, ['save', dir]);
       expect(r.status, r.out).toBe(0);
@@ -165,7 +221,9 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
       expect(r.status, r.out).toBe(0);
       r = mpirun(2, 'checkpoint.mjs', 60_000, ['load', dir, y]); // EP=4 files read directly at EP=2
       expect(r.status, r.out).toBe(0);
-      const one = spawnSync(process.execPath, [join(root, 'test', 'mpi', 'checkpoint.mjs'), 'load', join(dir, 'ep1'), y], { encoding: 'utf8' });
+      const one = spawnSync(process.execPath, [join(root, 'test', 'mpi', 'checkpoint.mjs'), 'load', join(dir, 'ep1'), y], {
+        encoding: 'utf8',
+      });
       expect(one.status, `${one.stdout}${one.stderr}`).toBe(0);
       expect(one.stdout).toContain('ok rank 0 of 1');
     } finally {

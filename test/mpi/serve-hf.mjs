@@ -10,7 +10,8 @@ import { hfMoEReference, moeSizes } from '../hf-moe-reference.mjs';
 import { check } from './common.mjs';
 
 const world = await init();
-const P = world.size, rank = world.rank;
+const P = world.size,
+  rank = world.rank;
 const [dir, family, seedArg, dtype] = process.argv.slice(2);
 const cfg = testConfigs[family];
 check(cfg !== undefined, `unknown family ${family}`);
@@ -18,8 +19,12 @@ const seed = Number(seedArg);
 const { layers } = buildHfCheckpoint(null, cfg, { write: false, seed, dtype });
 const { H, E, k } = moeSizes(cfg);
 const relErr = (a, b) => {
-  let num = 0, den = 0;
-  for (let i = 0; i < a.length; i++) { num += (a[i] - b[i]) ** 2; den += b[i] ** 2; }
+  let num = 0,
+    den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
   return Math.sqrt(num / Math.max(den, 1e-30));
 };
 
@@ -34,16 +39,33 @@ for (const capacityFactor of [undefined, E / k]) {
       ref = hfMoEReference(cfg, w, x64);
       if ((ref.margin > 1e-4 && ref.minChoice > 0) || s > 20) break;
     }
-    const inf = MoEInference.fromHf(ckpt, layer, { group: world, dtype: 'f32', device: 'cpu', ...(capacityFactor ? { capacityFactor } : {}) });
+    const inf = MoEInference.fromHf(ckpt, layer, {
+      group: world,
+      dtype: 'f32',
+      device: 'cpu',
+      ...(capacityFactor ? { capacityFactor } : {}),
+    });
     check(inf.localExperts === E / P, `rank ${rank} holds ${inf.localExperts} experts, expected ${E / P}`);
-    const y = tidy(() => Array.from(inf.forward(Tensor.fromArray(Float32Array.from(x64), { shape: [T, H], device: 'cpu' })).toFloat32Array()));
+    const y = tidy(() =>
+      Array.from(inf.forward(Tensor.fromArray(Float32Array.from(x64), { shape: [T, H], device: 'cpu' })).toFloat32Array()),
+    );
     const err = relErr(y, ref.y);
-    check(err < 2e-6, `${family} layer ${layer}, ${capacityFactor ? `capacity ${capacityFactor}` : 'dropless'}, rank ${rank} of ${P}: relErr ${err} (routing margin ${ref.margin})`);
+    check(
+      err < 2e-6,
+      `${family} layer ${layer}, ${capacityFactor ? `capacity ${capacityFactor}` : 'dropless'}, rank ${rank} of ${P}: relErr ${err} (routing margin ${ref.margin})`,
+    );
     inf.dispose();
   }
   // Only this rank's experts were read: E/P per MoE layer, three matrices each, besides the replicated tensors.
-  const perLayer = 1 + (cfg.model_type === 'deepseek_v3' ? 1 : 0) + (cfg.model_type === 'deepseek_v3' || cfg.model_type === 'qwen2_moe' ? 3 : 0) + (cfg.model_type === 'qwen2_moe' ? 1 : 0);
-  check(ckpt.stats.tensorsRead === layers.size * (perLayer + 3 * (E / P)), `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${layers.size * (perLayer + 3 * (E / P))}`);
+  const perLayer =
+    1 +
+    (cfg.model_type === 'deepseek_v3' ? 1 : 0) +
+    (cfg.model_type === 'deepseek_v3' || cfg.model_type === 'qwen2_moe' ? 3 : 0) +
+    (cfg.model_type === 'qwen2_moe' ? 1 : 0);
+  check(
+    ckpt.stats.tensorsRead === layers.size * (perLayer + 3 * (E / P)),
+    `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${layers.size * (perLayer + 3 * (E / P))}`,
+  );
   ckpt.close();
 }
 console.log(`ok rank ${rank} of ${P} (${family})`);

@@ -13,13 +13,20 @@ const root = fs.mkdtempSync(join(tmpdir(), 'moe-serve-mpi-'));
 afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
 describe.skipIf(!hasMpirun)('serving HF checkpoints under mpirun (CPU, MPI backend)', () => {
-  it.each([2, 4])('EP = %i: Mixtral, DeepSeek-V3 and Qwen2-MoE layouts, dropless and fixed-capacity, each rank its own experts, against the family references', (np) => {
-    for (const [family, seed] of [['mixtral', 5], ['deepseek_v3', 6], ['qwen2_moe', 7]] as const) {
-      const dir = join(root, `${family}-${np}`);
-      buildHfCheckpoint(dir, testConfigs[family], { dtype: 'bf16', shards: 3, seed });
-      const r = mpirun(np, 'serve-hf.mjs', 60_000, [dir, family, String(seed), 'bf16']);
-      expect(r.status, r.out).toBe(0);
-      for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np} (${family})`);
-    }
-  });
+  it.each([2, 4])(
+    'EP = %i: Mixtral, DeepSeek-V3 and Qwen2-MoE layouts, dropless and fixed-capacity, each rank its own experts, against the family references',
+    (np) => {
+      for (const [family, seed] of [
+        ['mixtral', 5],
+        ['deepseek_v3', 6],
+        ['qwen2_moe', 7],
+      ] as const) {
+        const dir = join(root, `${family}-${np}`);
+        buildHfCheckpoint(dir, testConfigs[family], { dtype: 'bf16', shards: 3, seed });
+        const r = mpirun(np, 'serve-hf.mjs', 60_000, [dir, family, String(seed), 'bf16']);
+        expect(r.status, r.out).toBe(0);
+        for (let k = 0; k < np; k++) expect(r.out).toContain(`ok rank ${k} of ${np} (${family})`);
+      }
+    },
+  );
 });

@@ -15,12 +15,20 @@ const ones = Array(n).fill(1);
 if (r === 1) {
   sleepMs(3000);
   const others = Array.from({ length: n }, (_, p) => p).filter((p) => p !== 1);
-  expectThrow(() => world.allToAllV(send, ones, recv, ones), TimeoutError,
-    new RegExp(`^allToAllV: timed out after 2000 ms on rank 1 of ${n} \\(mpi\\); not heard from ranks? ${others.join(', ')}(;|$)`), 'late rank');
+  expectThrow(
+    () => world.allToAllV(send, ones, recv, ones),
+    TimeoutError,
+    new RegExp(`^allToAllV: timed out after 2000 ms on rank 1 of ${n} \\(mpi\\); not heard from ranks? ${others.join(', ')}(;|$)`),
+    'late rank',
+  );
 } else {
   const t0 = Date.now();
-  expectThrow(() => world.allToAllV(send, ones, recv, ones), TimeoutError,
-    new RegExp(`^allToAllV: timed out after 2000 ms on rank ${r} of ${n} \\(mpi\\); not heard from rank 1(;|$)`), 'timeout');
+  expectThrow(
+    () => world.allToAllV(send, ones, recv, ones),
+    TimeoutError,
+    new RegExp(`^allToAllV: timed out after 2000 ms on rank ${r} of ${n} \\(mpi\\); not heard from rank 1(;|$)`),
+    'timeout',
+  );
   const dt = Date.now() - t0;
   check(dt >= 1900 && dt < 4000, `threw after ${dt} ms (timeout 2000)`);
   check(world.aborted, 'aborted after the timeout');

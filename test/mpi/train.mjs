@@ -94,19 +94,31 @@ if (world.rank === 0) {
 {
   const ecCfg = resolveConfig({ ...cfg, model: { ...cfg.model, routing: 'expert-choice' } });
   const t = new Trainer(ecCfg, { world });
-  const T = cfg.data.tokensPerStep, E = cfg.model.experts, P = world.size;
+  const T = cfg.data.tokensPerStep,
+    E = cfg.model.experts,
+    P = world.size;
   const C = Math.ceil(((T / P) * cfg.model.topK) / E);
   const ecLosses = [];
   for (let i = 0; i < cfg.train.steps; i++) {
     const m = t.trainStep();
     ecLosses.push(m.loss);
     for (const l of m.layers) {
-      check(l.tokensPerExpert.every((n) => n === P * C), `expert choice step ${i}: tokens per expert ${l.tokensPerExpert} (expected ${P * C} each)`);
-      check(l.expertsPerToken.reduce((a, b) => a + b, 0) === T, `expert choice step ${i}: experts per token ${l.expertsPerToken} covers ${T} tokens`);
+      check(
+        l.tokensPerExpert.every((n) => n === P * C),
+        `expert choice step ${i}: tokens per expert ${l.tokensPerExpert} (expected ${P * C} each)`,
+      );
+      check(
+        l.expertsPerToken.reduce((a, b) => a + b, 0) === T,
+        `expert choice step ${i}: experts per token ${l.expertsPerToken} covers ${T} tokens`,
+      );
     }
   }
   t.dispose();
-  if (!gpu) check(ecLosses[ecLosses.length - 1] < 0.5 * ecLosses[0], `expert choice at EP=${P}: the loss fell: ${ecLosses[0]} -> ${ecLosses[ecLosses.length - 1]}`);
+  if (!gpu)
+    check(
+      ecLosses[ecLosses.length - 1] < 0.5 * ecLosses[0],
+      `expert choice at EP=${P}: the loss fell: ${ecLosses[0]} -> ${ecLosses[ecLosses.length - 1]}`,
+    );
 }
 world.barrier();
 console.log(`ok rank ${world.rank} of ${world.size}`);

@@ -11,9 +11,9 @@ extern "C" {
 
 enum {
   MOE_MPI_OK = 0,
-  MOE_MPI_INVALID = 1,   // a mismatched or malformed call (InvalidArgument)
-  MOE_MPI_TIMEOUT = 2,   // the timeout passed (Timeout)
-  MOE_MPI_FAILED = 3,    // MPI reported an error (Internal)
+  MOE_MPI_INVALID = 1,  // a mismatched or malformed call (InvalidArgument)
+  MOE_MPI_TIMEOUT = 2,  // the timeout passed (Timeout)
+  MOE_MPI_FAILED = 3,   // MPI reported an error (Internal)
   MOE_MPI_UNAVAILABLE = 4,
 };
 
@@ -37,8 +37,7 @@ typedef struct {
   int (*size)(const moe_mpi_comm* c);
   int (*all_reduce)(moe_mpi_comm* c, void* buf, int64_t count, int dtype, int op, int64_t timeout_ms, const char* opname,
                     moe_mpi_error* err);
-  int (*all_gather)(moe_mpi_comm* c, const void* in, void* out, int64_t bytes, int64_t timeout_ms, const char* opname,
-                    moe_mpi_error* err);
+  int (*all_gather)(moe_mpi_comm* c, const void* in, void* out, int64_t bytes, int64_t timeout_ms, const char* opname, moe_mpi_error* err);
   int (*broadcast)(moe_mpi_comm* c, void* buf, int64_t bytes, int root, int64_t timeout_ms, const char* opname, moe_mpi_error* err);
   // Point-to-point exchange behind the addon's call agreement, all_to_all and all_to_all_v: to every
   // peer p, send_bytes[p] bytes from send (peers in order); from every p, recv_bytes[p] bytes into

@@ -63,8 +63,8 @@ using Clock = std::chrono::steady_clock;
 
 // Polls until every request completes (returns OK), one fails (FAILED, *failed = its index), or
 // the deadline passes (TIMEOUT). done[i] tells which completed; statuses are kept.
-int wait_requests(std::vector<MPI_Request>& reqs, std::vector<char>& done, std::vector<MPI_Status>& st, int64_t timeout_ms,
-                  size_t* failed, int* failed_rc) {
+int wait_requests(std::vector<MPI_Request>& reqs, std::vector<char>& done, std::vector<MPI_Status>& st, int64_t timeout_ms, size_t* failed,
+                  int* failed_rc) {
   auto start = Clock::now();
   size_t remaining = 0;
   for (size_t i = 0; i < reqs.size(); ++i) remaining += done[i] ? 0 : 1;
@@ -132,7 +132,8 @@ void finalize_at_exit(int status, void*) {
     // (the launcher then reports this process and ends the job).
     std::thread([status] {
       std::this_thread::sleep_for(std::chrono::milliseconds(kFinalizeDeadlineMs));
-      fprintf(stderr, "moe-ep: MPI_Finalize did not return within %d ms after a failed collective (a peer is gone or frozen); exiting without it\n",
+      fprintf(stderr,
+              "moe-ep: MPI_Finalize did not return within %d ms after a failed collective (a peer is gone or frozen); exiting without it\n",
               kFinalizeDeadlineMs);
       _exit(status);
     }).detach();
@@ -163,7 +164,11 @@ const char* api_library_version() {
   if (!g_version[0]) {
     int len = 0;
     MPI_Get_library_version(g_version, &len);
-    for (int i = 0; i < len; ++i) if (g_version[i] == '\n' || g_version[i] == ',') { g_version[i] = 0; break; }
+    for (int i = 0; i < len; ++i)
+      if (g_version[i] == '\n' || g_version[i] == ',') {
+        g_version[i] = 0;
+        break;
+      }
   }
   return g_version;
 }
@@ -233,8 +238,7 @@ int api_all_reduce(moe_mpi_comm* c, void* buf, int64_t count, int dtype, int op,
   return MOE_MPI_OK;
 }
 
-int api_all_gather(moe_mpi_comm* c, const void* in, void* out, int64_t bytes, int64_t timeout_ms, const char* opname,
-                   moe_mpi_error* err) {
+int api_all_gather(moe_mpi_comm* c, const void* in, void* out, int64_t bytes, int64_t timeout_ms, const char* opname, moe_mpi_error* err) {
   if (check_count(bytes, "bytes per rank", err)) return err->code;
   MPI_Request req = MPI_REQUEST_NULL;
   int rc = MPI_Iallgather(in, int(bytes), MPI_BYTE, out, int(bytes), MPI_BYTE, c->comm, &req);
@@ -284,8 +288,8 @@ int api_exchange(moe_mpi_comm* c, int tag, const void* send, const int64_t* send
   }
   for (int q = 0; q < n; ++q) {
     int p = (c->rank + q) % n;  // start with ourselves, then the next ranks: spreads the load
-    if (send_bytes[p] > 0 &&
-        (rc = MPI_Isend(static_cast<const char*>(send) + soff[size_t(p)], int(send_bytes[p]), MPI_BYTE, p, tag, c->comm, &reqs[size_t(n + p)])))
+    if (send_bytes[p] > 0 && (rc = MPI_Isend(static_cast<const char*>(send) + soff[size_t(p)], int(send_bytes[p]), MPI_BYTE, p, tag,
+                                             c->comm, &reqs[size_t(n + p)])))
       return post_fail(rc, "MPI_Isend", p);
   }
   std::vector<char> done(reqs.size(), 0);
@@ -350,8 +354,8 @@ void api_free(moe_mpi_comm* c) {
 }
 
 const moe_mpi_api g_api = {
-    MOE_MPI_ABI_VERSION, api_init,     api_library_version, api_world,     api_rank, api_size, api_all_reduce,
-    api_all_gather,      api_broadcast, api_exchange,       api_split,     api_abandon, api_free,
+    MOE_MPI_ABI_VERSION, api_init,      api_library_version, api_world, api_rank,    api_size, api_all_reduce,
+    api_all_gather,      api_broadcast, api_exchange,        api_split, api_abandon, api_free,
 };
 
 }  // namespace

@@ -40,8 +40,9 @@ void load() {
   const char* env = std::getenv("MOE_EP_MPI_LIBRARY");
   g_status.path = (env && *env) ? env : addon_dir() + "/moe_ep_mpi.so";
   if (!g_status.built && !(env && *env)) {
-    g_status.error = "this addon was built without MPI (no MPI headers were found at build time: install an MPI such as "
-                     "OpenMPI's libopenmpi-dev, or set MOE_EP_MPI_LIBRARY to a moe_ep_mpi.so, then rebuild with npm rebuild moe-ep)";
+    g_status.error =
+        "this addon was built without MPI (no MPI headers were found at build time: install an MPI such as "
+        "OpenMPI's libopenmpi-dev, or set MOE_EP_MPI_LIBRARY to a moe_ep_mpi.so, then rebuild with npm rebuild moe-ep)";
     return;
   }
   void* lib = dlopen(g_status.path.c_str(), RTLD_NOW | RTLD_GLOBAL);
@@ -148,7 +149,8 @@ class MpiCommunicator final : public Communicator {
       Tensor tmp = Tensor::empty(t.shape(), DType::f32, cpu_device(), name);
       ops::copy(tmp, t);
       Host h(tmp, false, name);
-      run(name, {&h}, [&](moe_mpi_error* e) { return api_.all_reduce(c_, tmp.raw(), tmp.numel(), MOE_MPI_F32, int(op), timeout_ms_, name, e); });
+      run(name, {&h},
+          [&](moe_mpi_error* e) { return api_.all_reduce(c_, tmp.raw(), tmp.numel(), MOE_MPI_F32, int(op), timeout_ms_, name, e); });
       ops::copy(t, tmp);
       return;
     }
@@ -248,9 +250,8 @@ class MpiCommunicator final : public Communicator {
   void exchange(const char* name, const Tensor& send, const std::vector<int64_t>& sb, const Tensor& recv,
                 const std::vector<int64_t>& rbytes) {
     Host hs(send, true, name), hr(recv, false, name);
-    run(name, {&hs, &hr}, [&](moe_mpi_error* e) {
-      return api_.exchange(c_, kDataTag, hs.ptr(), sb.data(), hr.ptr(), rbytes.data(), timeout_ms_, name, e);
-    });
+    run(name, {&hs, &hr},
+        [&](moe_mpi_error* e) { return api_.exchange(c_, kDataTag, hs.ptr(), sb.data(), hr.ptr(), rbytes.data(), timeout_ms_, name, e); });
     hr.copy_out();
   }
 
@@ -264,8 +265,8 @@ class MpiCommunicator final : public Communicator {
   [[noreturn]] void raise(const char* name, const moe_mpi_error& e) {
     // Any failure once messages are in flight leaves the ranks out of step: abort.
     aborted_ = true;
-    ErrorKind k = e.code == MOE_MPI_TIMEOUT ? ErrorKind::Timeout
-                  : e.code == MOE_MPI_INVALID ? ErrorKind::InvalidArgument
+    ErrorKind k = e.code == MOE_MPI_TIMEOUT       ? ErrorKind::Timeout
+                  : e.code == MOE_MPI_INVALID     ? ErrorKind::InvalidArgument
                   : e.code == MOE_MPI_UNAVAILABLE ? ErrorKind::Unavailable
                                                   : ErrorKind::Internal;
     throw_error(k, name, cat(e.message, "; the communicator is now aborted"));
@@ -285,7 +286,9 @@ std::shared_ptr<Communicator> make_mpi_world(int64_t timeout_ms) {
   moe_mpi_error e{};
   moe_mpi_comm* c = api.world(timeout_ms, &e);
   if (!c) {
-    ErrorKind k = e.code == MOE_MPI_TIMEOUT ? ErrorKind::Timeout : e.code == MOE_MPI_UNAVAILABLE ? ErrorKind::Unavailable : ErrorKind::Internal;
+    ErrorKind k = e.code == MOE_MPI_TIMEOUT       ? ErrorKind::Timeout
+                  : e.code == MOE_MPI_UNAVAILABLE ? ErrorKind::Unavailable
+                                                  : ErrorKind::Internal;
     throw_error(k, op, e.message);
   }
   return std::make_shared<MpiCommunicator>(api, c, timeout_ms);
@@ -296,8 +299,7 @@ MpiStatus mpi_status(bool try_load) {
     try {
       mpi_api("mpiStatus");
       g_status.library = g_mpi->library_version();
-    } catch (const Error&) {
-    }
+    } catch (const Error&) {}
   } else if (!g_status.built && g_status.path.empty()) {
     g_status.built = MOE_EP_WITH_MPI != 0;
     g_status.path = addon_dir() + "/moe_ep_mpi.so";

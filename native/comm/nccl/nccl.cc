@@ -207,9 +207,11 @@ class NcclCommunicator final : public Communicator {
     check(api_.groupStart(), name, "ncclGroupStart");
     for (int p = 0; p < size_; ++p) {
       if (sb[size_t(p)] > 0)
-        check(api_.send(static_cast<const char*>(send.raw()) + so, size_t(sb[size_t(p)]), nccl::Uint8, p, comm_, cstream()), name, "ncclSend");
+        check(api_.send(static_cast<const char*>(send.raw()) + so, size_t(sb[size_t(p)]), nccl::Uint8, p, comm_, cstream()), name,
+              "ncclSend");
       if (rbytes[size_t(p)] > 0)
-        check(api_.recv(static_cast<char*>(recv.raw()) + ro, size_t(rbytes[size_t(p)]), nccl::Uint8, p, comm_, cstream()), name, "ncclRecv");
+        check(api_.recv(static_cast<char*>(recv.raw()) + ro, size_t(rbytes[size_t(p)]), nccl::Uint8, p, comm_, cstream()), name,
+              "ncclRecv");
       so += sb[size_t(p)];
       ro += rbytes[size_t(p)];
     }
@@ -221,7 +223,8 @@ class NcclCommunicator final : public Communicator {
   nccl::Result check(nccl::Result r, const char* name, const char* what) {
     if (r != nccl::Success && r != nccl::InProgress) {
       const char* last = api_.getLastError ? api_.getLastError(comm_) : "";
-      throw_error(ErrorKind::Nccl, name, cat(what, " failed on rank ", rank_, ": ", api_.getErrorString(r), (last && *last) ? cat(" (", last, ")") : ""));
+      throw_error(ErrorKind::Nccl, name,
+                  cat(what, " failed on rank ", rank_, ": ", api_.getErrorString(r), (last && *last) ? cat(" (", last, ")") : ""));
     }
     return r;
   }
@@ -243,13 +246,15 @@ class NcclCommunicator final : public Communicator {
       api_.commGetAsyncError(comm_, &async);
       if (async != nccl::Success && async != nccl::InProgress) {
         abort();
-        throw_error(ErrorKind::Nccl, name, cat("NCCL reported an asynchronous error on rank ", rank_, ": ", api_.getErrorString(async),
-                                               "; the communicator is now aborted"));
+        throw_error(ErrorKind::Nccl, name,
+                    cat("NCCL reported an asynchronous error on rank ", rank_, ": ", api_.getErrorString(async),
+                        "; the communicator is now aborted"));
       }
       if (timeout_ms_ > 0 && std::chrono::steady_clock::now() - start > std::chrono::milliseconds(timeout_ms_)) {
         abort();
-        throw_error(ErrorKind::Timeout, name, cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_,
-                                                  " (nccl); peers not heard from: unknown (NCCL does not say); the communicator is now aborted"));
+        throw_error(ErrorKind::Timeout, name,
+                    cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_,
+                        " (nccl); peers not heard from: unknown (NCCL does not say); the communicator is now aborted"));
       }
       if (waited >= std::chrono::milliseconds(5))
         std::this_thread::sleep_for(std::chrono::microseconds(waited < std::chrono::milliseconds(100) ? 20 : 1000));
@@ -282,7 +287,8 @@ std::shared_ptr<Communicator> make_nccl(int rank, int size, const std::string& u
   nccl::Comm comm = nullptr;
   nccl::Result r = api.commInitRank(&comm, size, id, rank);
   if (r != nccl::Success)
-    throw_error(ErrorKind::Nccl, op, cat("ncclCommInitRank(rank ", rank, " of ", size, ", cuda:", device, ") failed: ", api.getErrorString(r)));
+    throw_error(ErrorKind::Nccl, op,
+                cat("ncclCommInitRank(rank ", rank, " of ", size, ", cuda:", device, ") failed: ", api.getErrorString(r)));
   return std::make_shared<NcclCommunicator>(api, comm, rank, size, device, timeout_ms);
 }
 

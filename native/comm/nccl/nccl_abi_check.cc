@@ -12,14 +12,13 @@ static_assert(sizeof(UniqueId) == sizeof(ncclUniqueId), "ncclUniqueId size");
 static_assert(std::is_same_v<Comm, ncclComm_t>, "ncclComm_t");
 static_assert(std::is_same_v<CudaStream, cudaStream_t>, "cudaStream_t");
 
-static_assert(Success == int(ncclSuccess) && UnhandledCudaError == int(ncclUnhandledCudaError) &&
-              SystemError == int(ncclSystemError) && InternalError == int(ncclInternalError) &&
-              InvalidArgument == int(ncclInvalidArgument) && InvalidUsage == int(ncclInvalidUsage) &&
-              RemoteError == int(ncclRemoteError) && InProgress == int(ncclInProgress),
+static_assert(Success == int(ncclSuccess) && UnhandledCudaError == int(ncclUnhandledCudaError) && SystemError == int(ncclSystemError) &&
+                  InternalError == int(ncclInternalError) && InvalidArgument == int(ncclInvalidArgument) &&
+                  InvalidUsage == int(ncclInvalidUsage) && RemoteError == int(ncclRemoteError) && InProgress == int(ncclInProgress),
               "ncclResult_t values");
 static_assert(Int8 == int(ncclInt8) && Uint8 == int(ncclUint8) && Int32 == int(ncclInt32) && Uint32 == int(ncclUint32) &&
-              Int64 == int(ncclInt64) && Uint64 == int(ncclUint64) && Float16 == int(ncclFloat16) &&
-              Float32 == int(ncclFloat32) && Float64 == int(ncclFloat64) && Bfloat16 == int(ncclBfloat16),
+                  Int64 == int(ncclInt64) && Uint64 == int(ncclUint64) && Float16 == int(ncclFloat16) && Float32 == int(ncclFloat32) &&
+                  Float64 == int(ncclFloat64) && Bfloat16 == int(ncclBfloat16),
               "ncclDataType_t values");
 #if NCCL_VERSION_CODE >= NCCL_VERSION(2, 24, 0)
 static_assert(Float8e4m3 == int(ncclFloat8e4m3) && Float8e5m2 == int(ncclFloat8e5m2), "fp8 ncclDataType_t values");

@@ -38,8 +38,8 @@ std::vector<std::string> candidates() {
   if (const char* v = std::getenv("HOME")) roots.emplace_back(std::string(v) + "/.local");
   for (const char* r : {"/usr/local", "/usr", "/opt/conda"}) roots.emplace_back(r);
   for (const auto& root : roots) {
-    for (const char* sub : {"/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2",
-                            "/lib/python3*/dist-packages/nvidia/nccl/lib/libnccl.so.2"}) {
+    for (const char* sub :
+         {"/lib/python3*/site-packages/nvidia/nccl/lib/libnccl.so.2", "/lib/python3*/dist-packages/nvidia/nccl/lib/libnccl.so.2"}) {
       auto found = glob_paths(root + sub);
       if (found.empty()) g_patterns_without_match.push_back(root + sub);
       for (auto& p : found) c.push_back(p);

@@ -18,8 +18,8 @@ struct LoadAttempt {
 
 struct LoadStatus {
   bool loaded = false;
-  std::string path;     // the file that was opened
-  int version = 0;      // e.g. 22803 for 2.28.3
+  std::string path;  // the file that was opened
+  int version = 0;   // e.g. 22803 for 2.28.3
   std::vector<LoadAttempt> attempts;
   std::string summary;  // why not, when not loaded
 };

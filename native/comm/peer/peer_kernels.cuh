@@ -2,8 +2,8 @@
 // layout as kernels see it, the flag primitives and the kernels. peer_transport.h has the protocol.
 #pragma once
 #include <cuda_runtime.h>
-#include <cub/cub.cuh>
 #include <cstdint>
+#include <cub/cub.cuh>
 
 #include "comm/peer/peer_transport.h"
 #include "core/numeric.h"
@@ -31,17 +31,17 @@ constexpr int64_t kMailCountsOffset = 64;
 
 // One entry of a row's top-k, as the receiver needs it.
 struct Meta {
-  int expert;   // local expert, or -1 when this entry goes to another rank (or was dropped)
-  int slot;     // position among the source's rows for that expert (capacity()'s slot)
+  int expert;  // local expert, or -1 when this entry goes to another rank (or was dropped)
+  int slot;    // position among the source's rows for that expert (capacity()'s slot)
   float weight;
 };
 
 // The pinned host words the kernels report to. Plain stores only (atomics on host memory need
 // PCIe atomics, which not every platform has): each waiting lane marks its own peer.
 struct HostFault {
-  int kind;              // PeerFault (the first writer's, or another failing lane's: both are faults)
-  int op;                // which wait (PeerOp)
-  int peer[kMaxPeers];   // 1: rank p was not heard from, or gave up
+  int kind;             // PeerFault (the first writer's, or another failing lane's: both are faults)
+  int op;               // which wait (PeerOp)
+  int peer[kMaxPeers];  // 1: rank p was not heard from, or gave up
 };
 enum PeerOp : int { kOpDispatch = 1, kOpCombine = 2, kOpCombineBackward = 3, kOpDispatchBackward = 4 };
 
@@ -58,8 +58,8 @@ struct View {
   int P, me, El, k_cap;
   int64_t t_cap, row_stride, mail_stride;
   int64_t off_mail, off_scratch, off_disp_rows, off_disp_meta, off_comb_rows, off_comb_aux;
-  HostFault* fault;     // mapped pinned host memory
-  int64_t timeout_ns;   // 0: wait forever
+  HostFault* fault;    // mapped pinned host memory
+  int64_t timeout_ns;  // 0: wait forever
 };
 
 __device__ __forceinline__ Mail* mail(const View& v, int holder, int slot) {
@@ -203,7 +203,9 @@ template <> struct Chunk8<float> {
 };
 template <typename T> __device__ __forceinline__ float load1(const T* p) { return to_float(*reinterpret_cast<const volatile T*>(p)); }
 template <> __device__ __forceinline__ float load1<float>(const float* p) { return __ldcg(p); }
-template <> __device__ __forceinline__ float load1<bf16>(const bf16* p) { return bits_float(uint32_t(__ldcg(reinterpret_cast<const unsigned short*>(p))) << 16); }
+template <> __device__ __forceinline__ float load1<bf16>(const bf16* p) {
+  return bits_float(uint32_t(__ldcg(reinterpret_cast<const unsigned short*>(p))) << 16);
+}
 
 // ================================================================================== dispatch
 constexpr int kLayoutThreads = 1024;
@@ -213,8 +215,8 @@ constexpr int kCountsThreads = 256;
 // dest[t,j]: the rank of entry j's expert (-1: dropped or invalid). Then, once every destination
 // acknowledged the previous step, sends each its counts (kept[] of its experts), how many token
 // rows it will get and this rank's T.
-__global__ void __launch_bounds__(kLayoutThreads) layout_kernel(View v, const int* idx, const int* slot, const int* kept, int T, int k,
-                                                                 int* pos, int* dest, u64 step) {
+__global__ void __launch_bounds__(kLayoutThreads)
+    layout_kernel(View v, const int* idx, const int* slot, const int* kept, int T, int k, int* pos, int* dest, u64 step) {
   using Scan = cub::BlockScan<int, kLayoutThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int base[kMaxPeers];
@@ -270,8 +272,8 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(View v, const in
 // Dropless, one block: waits for every source's counts, then lays out my received rows: local
 // expert l owns offsets[l] .. offsets[l+1] (its rows rounded up to `align`), source s's rows for l
 // start at seg_start[l·P + s], padding from fill[l]. Reports the sizes to pinned host memory.
-__global__ void __launch_bounds__(kCountsThreads) counts_kernel(View v, int align, int* offsets, int* seg_start, int* fill,
-                                                                 HostCounts* host, u64 step) {
+__global__ void __launch_bounds__(kCountsThreads)
+    counts_kernel(View v, int align, int* offsets, int* seg_start, int* fill, HostCounts* host, u64 step) {
   using Scan = cub::BlockScan<long long, kCountsThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ bool ok;
@@ -360,8 +362,7 @@ struct CopyRows {
 // lane takes 16 values, the 8 lanes of a 128-value block reduce its amax, each lane writes its 16
 // e4m3 bytes to every destination and the block's first lane the fp32 scale, which follows the
 // values (at H rounded up to 16 bytes). One read of x, no fp8 copy in memory.
-template <typename T>
-struct Fp8Rows {
+template <typename T> struct Fp8Rows {
   const T* x;
   int H;  // a multiple of 128
   __device__ __forceinline__ void write(int64_t t, int lane, char* const* dst, int P) const {
@@ -436,9 +437,9 @@ __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int*
 // entry fills are padding (zeros, weight 0, source -1). recv_row_of[(s·cap + i)·k + j] remembers
 // where entry j of (s, i) went, for combine. Acknowledges the step to every source at the end.
 template <typename Out, bool kFp8>
-__global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, const int* seg_start, const int* fill,
-                              const int* offsets, int64_t N, int H, bool vec16, Out* out, float* out_w, int* row_src,
-                              int* recv_row_of, float* recv_w, int* recv_tokens, u64 step) {
+__global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, const int* seg_start, const int* fill, const int* offsets,
+                              int64_t N, int H, bool vec16, Out* out, float* out_w, int* row_src, int* recv_row_of, float* recv_w,
+                              int* recv_tokens, u64 step) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P, El = v.El;
@@ -618,8 +619,7 @@ __global__ void combine_push_kernel(View v, const T* rows, int64_t N, int H, int
 }
 
 // The owner, a warp per token: y[t] = Σ over the ranks t went to of their partial rows, in fp32.
-template <typename T>
-__global__ void combine_reduce_kernel(View v, const int* pos, int T_, int H, T* y, u64 step) {
+template <typename T> __global__ void combine_reduce_kernel(View v, const int* pos, int T_, int H, T* y, u64 step) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;
@@ -664,8 +664,8 @@ __global__ void combine_reduce_kernel(View v, const int* pos, int T_, int H, T* 
 // filled: d_rows[r] = w·dy(s, i) and <dy(s, i), rows[r]> (fp32) into the owner's combine aux at
 // [me][i][j]; padding rows get zeros. dy(s, i) is what the owner pushed into my dispatch region.
 template <typename D, typename R>
-__global__ void cb_expert_kernel(View v, const int* row_src, int64_t N, const R* rows, const float* recv_w, int H, int k,
-                                 int64_t map_cap, R* d_rows, u64 disp_step, u64 comb_step) {
+__global__ void cb_expert_kernel(View v, const int* row_src, int64_t N, const R* rows, const float* recv_w, int H, int k, int64_t map_cap,
+                                 R* d_rows, u64 disp_step, u64 comb_step) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;

@@ -126,7 +126,8 @@ class CudaPeerTransport final : public PeerTransport {
       if (e.size() != size_t(kExportBytes)) return fail(why, cat("rank ", q, "'s export has ", e.size(), " bytes"));
       uint64_t total = 0;
       std::memcpy(&total, e.data() + kIpcHandleBytes + kPciIdBytes, 8);
-      if (total != uint64_t(layout_.total)) return fail(why, cat("rank ", q, "'s buffer has ", total, " bytes, this rank's ", layout_.total));
+      if (total != uint64_t(layout_.total))
+        return fail(why, cat("rank ", q, "'s buffer has ", total, " bytes, this rank's ", layout_.total));
       if (q == rank_) continue;
       char pci[kPciIdBytes];
       std::memcpy(pci, e.data() + kIpcHandleBytes, kPciIdBytes);
@@ -166,7 +167,8 @@ class CudaPeerTransport final : public PeerTransport {
   void check(const char* op) override {
     MOE_ARG_CHECK(open_, op, "the peer-memory transport is not open");
     if (aborted_ && fault_->kind == 0)
-      throw_error(ErrorKind::InvalidArgument, op, cat("the peer-memory transport (rank ", rank_, " of ", size_, ") was aborted; create a new communicator"));
+      throw_error(ErrorKind::InvalidArgument, op,
+                  cat("the peer-memory transport (rank ", rank_, " of ", size_, ") was aborted; create a new communicator"));
     const int kind = __atomic_load_n(&fault_->kind, __ATOMIC_ACQUIRE);
     if (kind == 0) return;
     const int wait_op = fault_->op;
@@ -176,8 +178,8 @@ class CudaPeerTransport final : public PeerTransport {
     const bool first = !aborted_;
     abort();
     std::string msg = kind == int(PeerFault::PeerAborted)
-                          ? cat("rank(s) ", who, " gave up (an error there) while rank ", rank_, " of ", size_, " waited in ", op_name(wait_op),
-                                " (peer-memory transport)")
+                          ? cat("rank(s) ", who, " gave up (an error there) while rank ", rank_, " of ", size_, " waited in ",
+                                op_name(wait_op), " (peer-memory transport)")
                           : cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_, " (peer-memory transport) in ",
                                 op_name(wait_op), ", waiting for rank(s) ", who);
     if (!first) msg += "; the transport was aborted then";
@@ -234,13 +236,14 @@ class CudaPeerTransport final : public PeerTransport {
     need_dropless(plan, offsets, seg_start, fill, op);
     // Dropless: a source with more tokens than the capacity still sends its counts (the mail does
     // not depend on it); the caller grows the transport from max_tokens before any row moves.
-    if (plan.segment >= 0) MOE_ARG_CHECK(T <= cap_.token_cap, op, T, " tokens exceed the peer-memory transport's capacity of ", cap_.token_cap, " per rank");
+    if (plan.segment >= 0)
+      MOE_ARG_CHECK(T <= cap_.token_cap, op, T, " tokens exceed the peer-memory transport's capacity of ", cap_.token_cap, " per rank");
     MOE_ARG_CHECK(k <= cap_.top_k, op, "top-k ", k, " exceeds the transport's ", cap_.top_k);
     cuda::DeviceGuard guard(device_);
     cudaStream_t stream = cudaStream_t(ops::op_stream(indices));
     const u64 step = ++disp_step_;
     peer::layout_kernel<<<1, peer::kLayoutThreads, 0, stream>>>(view(El), indices.data<int>(), slot.data<int>(), kept.data<int>(), int(T),
-                                                               int(k), pos.data<int>(), dest.data<int>(), step);
+                                                                int(k), pos.data<int>(), dest.data<int>(), step);
     cuda::check_launch(op);
     Counts c;
     if (plan.segment >= 0) {
@@ -250,7 +253,7 @@ class CudaPeerTransport final : public PeerTransport {
       return c;
     }
     peer::counts_kernel<<<1, peer::kCountsThreads, 0, stream>>>(view(El), int(plan.align), offsets.data<int>(), seg_start.data<int>(),
-                                                               fill.data<int>(), dev_counts_, step);
+                                                                fill.data<int>(), dev_counts_, step);
     cuda::check_launch(op);
     // The deliberate host wait of dropless dispatch: the received row count sizes the output. It
     // polls pinned memory the counts kernel writes (not a stream synchronisation).
@@ -264,10 +267,10 @@ class CudaPeerTransport final : public PeerTransport {
     return c;
   }
 
-  void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights,
-                     const Tensor& pos, const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill,
-                     const Tensor& offsets, const Tensor& out, const Tensor& out_weights, const Tensor& row_src,
-                     const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) override {
+  void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights, const Tensor& pos,
+                     const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill, const Tensor& offsets,
+                     const Tensor& out, const Tensor& out_weights, const Tensor& row_src, const Tensor& recv_row_of,
+                     const Tensor& recv_weight, const Tensor& recv_tokens) override {
     const char* op = "dispatch";
     check(op);
     need_2d(payload, op, "payload");
@@ -309,7 +312,7 @@ class CudaPeerTransport final : public PeerTransport {
     const dim3 pg = grid(plan.sms, T * 32);
     auto push = [&](auto rows) {
       peer::push_kernel<<<pg, kWorkThreads, 0, stream>>>(v, rows, pos.data<int>(), int(T), indices.data<int>(), slot.data<int>(),
-                                                          weights.data<float>(), dest.data<int>(), int(k), step);
+                                                         weights.data<float>(), dest.data<int>(), int(k), step);
     };
     if (!fp8) push(peer::CopyRows{static_cast<const char*>(payload.raw()), pay_bytes, pay_bytes % 16 == 0});
     else if (payload.dtype() == DType::bf16) push(peer::Fp8Rows<bf16>{payload.data<bf16>(), int(H)});
@@ -321,11 +324,10 @@ class CudaPeerTransport final : public PeerTransport {
     const int* ss = seg_start.defined() ? seg_start.data<int>() : nullptr;
     const int* fl = fill.defined() ? fill.data<int>() : nullptr;
     const int* of = offsets.defined() ? offsets.data<int>() : nullptr;
-#define MOE_EXPAND(OUT, FP8)                                                                                                      \
-  peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, \
-                                                                out.data<OUT>(), out_weights.data<float>(), row_src.data<int>(),    \
-                                                                recv_row_of.data<int>(), recv_weight.data<float>(),                \
-                                                                recv_tokens.data<int>(), step)
+#define MOE_EXPAND(OUT, FP8)                                                                                                               \
+  peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                                           \
+      v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, out.data<OUT>(), out_weights.data<float>(), row_src.data<int>(), \
+      recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>(), step)
     if (out.dtype() == DType::bf16) {
       if (fp8) MOE_EXPAND(bf16, true);
       else MOE_EXPAND(bf16, false);
@@ -371,9 +373,11 @@ class CudaPeerTransport final : public PeerTransport {
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, comb_step), step, -1, 0, wop);
     if (y.dtype() == DType::bf16)
-      peer::combine_reduce_kernel<bf16><<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<bf16>(), step);
+      peer::combine_reduce_kernel<bf16>
+          <<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<bf16>(), step);
     else
-      peer::combine_reduce_kernel<float><<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<float>(), step);
+      peer::combine_reduce_kernel<float>
+          <<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<float>(), step);
     cuda::check_launch(op);
   }
 
@@ -410,7 +414,7 @@ class CudaPeerTransport final : public PeerTransport {
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, rows_step), dstep, offsetof(peer::Mail, comb_ack), cstep - 1, peer::kOpCombineBackward);
     const dim3 g = grid(sms, N * 32);
-#define MOE_CB(D, R)                                                                                                            \
+#define MOE_CB(D, R)                                                                                                                 \
   peer::cb_expert_kernel<D, R><<<g, kWorkThreads, 0, stream>>>(v, row_src.data<int>(), N, rows.data<R>(), recv_weight.data<float>(), \
                                                                int(H), int(k), map_cap, d_rows.data<R>(), dstep, cstep)
     const bool dbf = dy.dtype() == DType::bf16, rbf = rows.dtype() == DType::bf16;
@@ -498,8 +502,9 @@ class CudaPeerTransport final : public PeerTransport {
       const auto waited = std::chrono::steady_clock::now() - start;
       if (timeout_ms_ > 0 && waited > std::chrono::milliseconds(timeout_ms_ + 1000)) {
         abort();
-        throw_error(ErrorKind::Timeout, op, cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_,
-                                                " (peer-memory transport) waiting for the counts of the dispatch (the device never reported)"));
+        throw_error(ErrorKind::Timeout, op,
+                    cat("timed out after ", timeout_ms_, " ms on rank ", rank_, " of ", size_,
+                        " (peer-memory transport) waiting for the counts of the dispatch (the device never reported)"));
       }
       if (waited > std::chrono::microseconds(50)) std::this_thread::sleep_for(std::chrono::microseconds(20));
     }

@@ -36,16 +36,16 @@
 
 namespace moe::comm {
 
-constexpr int kMaxPeers = 8;      // ranks in one peer-memory group (one NVLink domain / host)
-constexpr int kMaxTopK = 32;      // top-k entries per token (one warp lane each)
+constexpr int kMaxPeers = 8;  // ranks in one peer-memory group (one NVLink domain / host)
+constexpr int kMaxTopK = 32;  // top-k entries per token (one warp lane each)
 constexpr int kIpcHandleBytes = 64;
 
 // Sizes every rank agreed on (TypeScript all-gathers the needs and takes the maximum).
 struct PeerCapacity {
-  int64_t token_cap = 0;   // tokens per source rank
-  int64_t row_bytes = 0;   // largest row payload (bf16 row, f32 row, or fp8 row + scales)
-  int top_k = 0;           // meta entries per row
-  int local_experts = 0;   // experts per rank
+  int64_t token_cap = 0;  // tokens per source rank
+  int64_t row_bytes = 0;  // largest row payload (bf16 row, f32 row, or fp8 row + scales)
+  int top_k = 0;          // meta entries per row
+  int local_experts = 0;  // experts per rank
 };
 
 // Why a wait failed (recorded by kernels in pinned host memory).
@@ -87,7 +87,7 @@ class PeerTransport {
     // Capacity mode: segment = roundUp(capacity, align) rows per (local expert, source); -1: dropless.
     int64_t segment = -1;
     int64_t align = 1;
-    int64_t sms = 0;  // blocks are sized for this many SMs (0: all)
+    int64_t sms = 0;        // blocks are sized for this many SMs (0: all)
     int local_experts = 0;  // El of this call (E / P); at most the transport's capacity
     bool fp8 = false;       // rows travel as fp8 e4m3 with one fp32 scale per 128 values (dispatch_rows)
   };
@@ -96,23 +96,21 @@ class PeerTransport {
   // host for the counts every peer sent here (the one deliberate wait) and returns them; in
   // capacity mode returns at once with the static sizes.
   struct Counts {
-    int64_t rows = 0;                 // rows this rank receives, padding included
-    int64_t max_tokens = 0;           // largest T among the sources (dropless; else this rank's T)
+    int64_t rows = 0;                   // rows this rank receives, padding included
+    int64_t max_tokens = 0;             // largest T among the sources (dropless; else this rank's T)
     std::vector<int64_t> segment_rows;  // [El·P] rows per (local expert, source), padding included
     std::vector<int64_t> tokens_from;   // [P] token rows each source sends here (dropless only)
   };
-  virtual Counts dispatch_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const DispatchPlan& plan,
-                                 const Tensor& pos, const Tensor& dest, const Tensor& offsets, const Tensor& seg_start,
-                                 const Tensor& fill) = 0;
+  virtual Counts dispatch_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const DispatchPlan& plan, const Tensor& pos,
+                                 const Tensor& dest, const Tensor& offsets, const Tensor& seg_start, const Tensor& fill) = 0;
   // Phase 2: push the token rows (payload [T, H], bf16 or f32; with plan.fp8 quantised on the way
   // out, as quantizeFp8 does), then expand what arrived into expert-major rows `out` (payload's
   // dtype: a copy, or the fp8 rows dequantised), with their gate weights, the source of each row,
   // and for each received (source, token, entry) its row.
-  virtual void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot,
-                             const Tensor& weights, const Tensor& pos, const Tensor& dest, const DispatchPlan& plan,
-                             const Tensor& seg_start, const Tensor& fill, const Tensor& offsets, const Tensor& out,
-                             const Tensor& out_weights, const Tensor& row_src, const Tensor& recv_row_of,
-                             const Tensor& recv_weight, const Tensor& recv_tokens) = 0;
+  virtual void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights, const Tensor& pos,
+                             const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill,
+                             const Tensor& offsets, const Tensor& out, const Tensor& out_weights, const Tensor& row_src,
+                             const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) = 0;
 
   // ---- combine and the backward passes -----------------------------------------------------
   // y[t] = Σ over the ranks t was sent to of that rank's Σ_j c_j·rows[row(t,j)] (c_j the gate
@@ -121,9 +119,8 @@ class PeerTransport {
                        const Tensor& pos, const Tensor& y, int64_t sms) = 0;
   // Backward of combine: dy pushed to the ranks each token went to; there d_rows[r] = w·dy and
   // d_weight = <dy, rows[r]>, the latter returned to the token's owner into d_weights [T,k].
-  virtual void combine_backward(const Tensor& dy, const Tensor& rows, const Tensor& row_src, const Tensor& recv_weight,
-                                const Tensor& pos, const Tensor& dest, const Tensor& d_rows, const Tensor& d_weights,
-                                int64_t sms) = 0;
+  virtual void combine_backward(const Tensor& dy, const Tensor& rows, const Tensor& row_src, const Tensor& recv_weight, const Tensor& pos,
+                                const Tensor& dest, const Tensor& d_rows, const Tensor& d_weights, int64_t sms) = 0;
 };
 
 // Allocates this rank's buffer for `cap` (zeroed mail) on `device`. Throws Unavailable in a build

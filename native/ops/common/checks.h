@@ -19,16 +19,17 @@ inline void require_contiguous(const Tensor& t, const char* op, const char* arg)
 }
 
 inline void require_dtype(const Tensor& t, std::initializer_list<DType> allowed, const char* op, const char* arg) {
-  for (DType d : allowed) if (t.dtype() == d) return;
+  for (DType d : allowed)
+    if (t.dtype() == d) return;
   std::string names;
   for (DType d : allowed) names += std::string(names.empty() ? "" : ", ") + dtype_name(d);
-  throw_error(ErrorKind::InvalidArgument, op, cat("'", arg, "' ", t.describe(), " has dtype ", dtype_name(t.dtype()),
-                                                  "; expected one of ", names));
+  throw_error(ErrorKind::InvalidArgument, op,
+              cat("'", arg, "' ", t.describe(), " has dtype ", dtype_name(t.dtype()), "; expected one of ", names));
 }
 
 inline void require_same_device(const Tensor& a, const char* arg_a, const Tensor& b, const char* arg_b, const char* op) {
-  MOE_ARG_CHECK(a.device() == b.device(), op, "'", arg_b, "' is on ", b.device().str(), " but '", arg_a, "' is on ",
-                a.device().str(), "; move one with to()");
+  MOE_ARG_CHECK(a.device() == b.device(), op, "'", arg_b, "' is on ", b.device().str(), " but '", arg_a, "' is on ", a.device().str(),
+                "; move one with to()");
 }
 
 inline void require_same_shape(const Tensor& a, const char* arg_a, const Tensor& b, const char* arg_b, const char* op) {

@@ -8,8 +8,8 @@
 namespace moe::ops {
 
 // `t` is a contiguous tensor of one of `allowed` on the device of `like` (named `like_name`).
-inline void require_tensor(const Tensor& t, std::initializer_list<DType> allowed, const Tensor& like, const char* like_name,
-                           const char* op, const char* arg) {
+inline void require_tensor(const Tensor& t, std::initializer_list<DType> allowed, const Tensor& like, const char* like_name, const char* op,
+                           const char* arg) {
   require_defined(t, op, arg);
   require_dtype(t, allowed, op, arg);
   if (&t != &like) require_same_device(like, like_name, t, arg, op);

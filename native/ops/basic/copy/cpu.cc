@@ -1,8 +1,8 @@
 #include <cstring>
 
+#include "ops/basic/copy/copy.h"
 #include "ops/common/convert.h"
 #include "ops/common/strided.h"
-#include "ops/basic/copy/copy.h"
 
 namespace moe::ops {
 

@@ -1,8 +1,8 @@
 #include "core/cuda_runtime.h"
+#include "ops/basic/copy/copy.h"
 #include "ops/common/convert.h"
 #include "ops/common/launch.h"
 #include "ops/common/strided.h"
-#include "ops/basic/copy/copy.h"
 
 namespace moe::ops {
 
@@ -25,8 +25,8 @@ void copy_cuda(const Tensor& dst, const Tensor& src, void* stream) {
     using D = typename decltype(dtag)::type;
     dispatch_dtype(src.dtype(), [&](auto stag) {
       using S = typename decltype(stag)::type;
-      copy_kernel<D, S><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(
-          dst.data<D>(), strided_index(dst), dst.is_contiguous(), src.data<S>(), strided_index(src), src.is_contiguous(), n);
+      copy_kernel<D, S><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(dst.data<D>(), strided_index(dst), dst.is_contiguous(),
+                                                                            src.data<S>(), strided_index(src), src.is_contiguous(), n);
     });
   });
   cuda::check_launch(op);

@@ -1,5 +1,5 @@
-#include "ops/common/convert.h"
 #include "ops/basic/elementwise/elementwise.h"
+#include "ops/common/convert.h"
 
 namespace moe::ops {
 

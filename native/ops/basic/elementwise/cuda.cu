@@ -1,7 +1,7 @@
 #include "core/cuda_runtime.h"
+#include "ops/basic/elementwise/elementwise.h"
 #include "ops/common/convert.h"
 #include "ops/common/launch.h"
-#include "ops/basic/elementwise/elementwise.h"
 
 namespace moe::ops {
 
@@ -28,7 +28,8 @@ void binary_cuda(BinaryOp kind, const Tensor& a, const Tensor& b, const Tensor& 
     using T = typename decltype(tag)::type;
     const T* pb = b.defined() ? b.data<T>() : nullptr;
     if constexpr (IsFloating<T>::value) {
-      binary_kernel<T, float><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(kind, a.data<T>(), pb, nb, out.data<T>(), n, float(alpha));
+      binary_kernel<T, float>
+          <<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(kind, a.data<T>(), pb, nb, out.data<T>(), n, float(alpha));
     } else {
       binary_kernel<T, T><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(kind, a.data<T>(), pb, nb, out.data<T>(), n, T(alpha));
     }

@@ -22,15 +22,15 @@ void binary(BinaryOp kind, const Tensor& a, const Tensor& b, const Tensor& out, 
   require_defined(b, op, "b");
   require_defined(out, op, "out");
   require_dtype(a, kArithmetic, op, "a");
-  MOE_ARG_CHECK(b.dtype() == a.dtype(), op, "'b' ", b.describe(), " has dtype ", dtype_name(b.dtype()), " but 'a' ", a.describe(),
-                " has ", dtype_name(a.dtype()), "; cast one first");
+  MOE_ARG_CHECK(b.dtype() == a.dtype(), op, "'b' ", b.describe(), " has dtype ", dtype_name(b.dtype()), " but 'a' ", a.describe(), " has ",
+                dtype_name(a.dtype()), "; cast one first");
   MOE_ARG_CHECK(out.dtype() == a.dtype(), op, "'out' ", out.describe(), " has dtype ", dtype_name(out.dtype()), " but 'a' has ",
                 dtype_name(a.dtype()));
   require_same_device(a, "a", b, "b", op);
   require_same_device(a, "a", out, "out", op);
   require_same_shape(a, "a", out, "out", op);
-  MOE_ARG_CHECK(is_suffix(b.shape(), a.shape()), op, "'b' shape ", shape_str(b.shape()), " is neither 'a' shape ",
-                shape_str(a.shape()), " nor a trailing part of it");
+  MOE_ARG_CHECK(is_suffix(b.shape(), a.shape()), op, "'b' shape ", shape_str(b.shape()), " is neither 'a' shape ", shape_str(a.shape()),
+                " nor a trailing part of it");
   require_contiguous(a, op, "a");
   require_contiguous(b, op, "b");
   require_contiguous(out, op, "out");

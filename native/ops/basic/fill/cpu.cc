@@ -1,7 +1,7 @@
 #include <cstring>
 
-#include "ops/common/strided.h"
 #include "ops/basic/fill/fill.h"
+#include "ops/common/strided.h"
 
 namespace moe::ops {
 

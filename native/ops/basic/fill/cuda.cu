@@ -1,23 +1,21 @@
 #include "core/cuda_runtime.h"
+#include "ops/basic/fill/fill.h"
 #include "ops/common/launch.h"
 #include "ops/common/strided.h"
-#include "ops/basic/fill/fill.h"
 
 namespace moe::ops {
 
-template <typename T>
-__global__ void fill_kernel(T* out, int64_t n, T value, StridedIndex idx, bool contiguous) {
+template <typename T> __global__ void fill_kernel(T* out, int64_t n, T value, StridedIndex idx, bool contiguous) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[contiguous ? i : idx.offset(i)] = value;
 }
 
-template <typename T>
-static void launch(const Tensor& out, uint64_t pattern, void* stream) {
+template <typename T> static void launch(const Tensor& out, uint64_t pattern, void* stream) {
   T v;
   memcpy(&v, &pattern, sizeof v);
   int64_t n = out.numel();
-  fill_kernel<T><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(static_cast<T*>(out.raw()), n, v, strided_index(out),
-                                                                      out.is_contiguous());
+  fill_kernel<T>
+      <<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(static_cast<T*>(out.raw()), n, v, strided_index(out), out.is_contiguous());
 }
 
 void fill_pattern_cuda(const Tensor& out, uint64_t pattern, void* stream) {

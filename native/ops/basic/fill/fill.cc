@@ -26,7 +26,8 @@ uint64_t element_pattern(DType dtype, double value, const char* op) {
       put(int32_t(value));
       break;
     case DType::i64:
-      MOE_ARG_CHECK(std::fabs(value) <= 9007199254740992.0, op, "'value' ", value, " is beyond 2^53, the exact integer range of a JS number");
+      MOE_ARG_CHECK(std::fabs(value) <= 9007199254740992.0, op, "'value' ", value,
+                    " is beyond 2^53, the exact integer range of a JS number");
       put(int64_t(value));
       break;
     case DType::u8:

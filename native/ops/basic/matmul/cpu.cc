@@ -1,6 +1,6 @@
 #include "core/parallel.h"
-#include "ops/common/convert.h"
 #include "ops/basic/matmul/matmul.h"
+#include "ops/common/convert.h"
 
 namespace moe::ops {
 

@@ -1,7 +1,7 @@
 #include "core/cuda_runtime.h"
+#include "ops/basic/matmul/matmul.h"
 #include "ops/common/convert.h"
 #include "ops/common/launch.h"
-#include "ops/basic/matmul/matmul.h"
 
 namespace moe::ops {
 
@@ -10,8 +10,8 @@ namespace moe::ops {
 constexpr int kTile = 64, kTileK = 16, kMicro = 4;
 
 template <typename I, typename O>
-__global__ void matmul_kernel(const I* a, int64_t as0, int64_t as1, const I* b, int64_t bs0, int64_t bs1, O* out, int64_t M,
-                              int64_t N, int64_t K, bool accumulate) {
+__global__ void matmul_kernel(const I* a, int64_t as0, int64_t as1, const I* b, int64_t bs0, int64_t bs1, O* out, int64_t M, int64_t N,
+                              int64_t K, bool accumulate) {
   __shared__ float sa[kTileK][kTile + 1];
   __shared__ float sb[kTileK][kTile + 1];
   int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -63,9 +63,8 @@ void matmul_cuda(const Tensor& a, const Tensor& b, const Tensor& out, bool accum
     using I = typename decltype(itag)::type;
     dispatch_float(out.dtype(), [&](auto otag) {
       using O = typename decltype(otag)::type;
-      matmul_kernel<I, O><<<grid, 256, 0, cudaStream_t(stream)>>>(a.data<I>(), a.strides()[0], a.strides()[1], b.data<I>(),
-                                                                   b.strides()[0], b.strides()[1], out.data<O>(), M, N, K,
-                                                                   accumulate);
+      matmul_kernel<I, O><<<grid, 256, 0, cudaStream_t(stream)>>>(a.data<I>(), a.strides()[0], a.strides()[1], b.data<I>(), b.strides()[0],
+                                                                  b.strides()[1], out.data<O>(), M, N, K, accumulate);
     });
   });
   cuda::check_launch("matmul");

@@ -16,8 +16,8 @@ void matmul(const Tensor& a, const Tensor& b, const Tensor& out, bool accumulate
   require_dtype(out, {DType::f32, DType::bf16, DType::f16}, op, "out");
   require_same_device(a, "a", b, "b", op);
   require_same_device(a, "a", out, "out", op);
-  MOE_ARG_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, op, "expects 2-D tensors, got 'a' ", a.describe(), ", 'b' ",
-                b.describe(), ", 'out' ", out.describe());
+  MOE_ARG_CHECK(a.dim() == 2 && b.dim() == 2 && out.dim() == 2, op, "expects 2-D tensors, got 'a' ", a.describe(), ", 'b' ", b.describe(),
+                ", 'out' ", out.describe());
   MOE_ARG_CHECK(a.size(1) == b.size(0), op, "inner dimensions differ: 'a' ", shape_str(a.shape()), " · 'b' ", shape_str(b.shape()));
   MOE_ARG_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(1), op, "'out' has shape ", shape_str(out.shape()), " but 'a' ",
                 shape_str(a.shape()), " · 'b' ", shape_str(b.shape()), " is [", a.size(0), ",", b.size(1), "]");

@@ -1,6 +1,6 @@
 #include "core/parallel.h"
-#include "ops/common/convert.h"
 #include "ops/basic/random/sample.h"
+#include "ops/common/convert.h"
 
 namespace moe::ops {
 

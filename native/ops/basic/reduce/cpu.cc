@@ -1,8 +1,8 @@
 #include <cmath>
 #include <limits>
 
-#include "ops/common/convert.h"
 #include "ops/basic/reduce/reduce.h"
+#include "ops/common/convert.h"
 
 namespace moe::ops {
 

@@ -2,9 +2,9 @@
 #include <climits>
 
 #include "core/cuda_runtime.h"
+#include "ops/basic/reduce/reduce.h"
 #include "ops/common/convert.h"
 #include "ops/common/launch.h"
-#include "ops/basic/reduce/reduce.h"
 
 namespace moe::ops {
 
@@ -29,8 +29,7 @@ template <typename I> __device__ auto load_acc(I v) {
 }
 
 // inner == 1: one block per row, a tree reduction through shared memory.
-template <typename I, typename O, typename Acc>
-__global__ void reduce_rows(Reducer<Acc> r, const I* a, int64_t n, O* out) {
+template <typename I, typename O, typename Acc> __global__ void reduce_rows(Reducer<Acc> r, const I* a, int64_t n, O* out) {
   __shared__ Acc partial[kThreads];
   const I* row = a + blockIdx.x * n;
   Acc acc = r.identity();
@@ -68,8 +67,8 @@ void reduce_cuda(ReduceOp kind, const Tensor& a, int64_t outer, int64_t n, int64
         if (inner == 1 && outer <= INT_MAX) {
           reduce_rows<I, O, Acc><<<unsigned(outer), kThreads, 0, cudaStream_t(stream)>>>(r, a.data<I>(), n, out.data<O>());
         } else {
-          reduce_columns<I, O, Acc><<<grid_for(outer * inner), kThreads, 0, cudaStream_t(stream)>>>(r, a.data<I>(), outer, n, inner,
-                                                                                                    out.data<O>());
+          reduce_columns<I, O, Acc>
+              <<<grid_for(outer * inner), kThreads, 0, cudaStream_t(stream)>>>(r, a.data<I>(), outer, n, inner, out.data<O>());
         }
       }
     });

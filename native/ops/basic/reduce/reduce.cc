@@ -18,13 +18,13 @@ void reduce(ReduceOp kind, const Tensor& a, int dim, const Tensor& out) {
   int d = normalize_dim(dim, a.dim(), op, "dim");
   Shape expected = a.shape();
   expected.erase(expected.begin() + d);
-  MOE_ARG_CHECK(out.shape() == expected, op, "'out' has shape ", shape_str(out.shape()), "; reducing ", a.describe(),
-                " over dimension ", d, " gives ", shape_str(expected));
+  MOE_ARG_CHECK(out.shape() == expected, op, "'out' has shape ", shape_str(out.shape()), "; reducing ", a.describe(), " over dimension ", d,
+                " gives ", shape_str(expected));
   int64_t outer = 1, inner = 1, n = a.shape()[size_t(d)];
   for (int i = 0; i < d; ++i) outer *= a.shape()[size_t(i)];
   for (int i = d + 1; i < a.dim(); ++i) inner *= a.shape()[size_t(i)];
-  MOE_ARG_CHECK(kind != ReduceOp::Max || n > 0 || out.numel() == 0, op, "cannot take the max over dimension ", d, " of ",
-                a.describe(), ": it is empty");
+  MOE_ARG_CHECK(kind != ReduceOp::Max || n > 0 || out.numel() == 0, op, "cannot take the max over dimension ", d, " of ", a.describe(),
+                ": it is empty");
   if (out.numel() == 0) return;
   MOE_ON_DEVICE(out, op, reduce_cpu(kind, a, outer, n, inner, out), reduce_cuda(kind, a, outer, n, inner, out, op_stream(out)));
 }

@@ -7,8 +7,8 @@
 
 namespace moe::ops {
 
-void capacity(const Tensor& indices, const Tensor& weights, int64_t num_experts, int64_t capacity, DropPolicy policy,
-              const Tensor& slot, const Tensor& kept, const Tensor& dropped, const Tensor& invalid) {
+void capacity(const Tensor& indices, const Tensor& weights, int64_t num_experts, int64_t capacity, DropPolicy policy, const Tensor& slot,
+              const Tensor& kept, const Tensor& dropped, const Tensor& invalid) {
   const char* op = "capacity";
   require_defined(indices, op, "indices");
   require_dtype(indices, {DType::i32}, op, "indices");
@@ -25,9 +25,13 @@ void capacity(const Tensor& indices, const Tensor& weights, int64_t num_experts,
     require_same_shape(indices, "indices", weights, "weights", op);
     require_same_device(indices, "indices", weights, "weights", op);
   }
-  struct Out { const Tensor& t; const char* name; Shape shape; };
-  for (const Out& o : {Out{slot, "slot", indices.shape()}, Out{kept, "kept", {num_experts}}, Out{dropped, "dropped", {1}},
-                       Out{invalid, "invalid", {1}}}) {
+  struct Out {
+    const Tensor& t;
+    const char* name;
+    Shape shape;
+  };
+  for (const Out& o :
+       {Out{slot, "slot", indices.shape()}, Out{kept, "kept", {num_experts}}, Out{dropped, "dropped", {1}}, Out{invalid, "invalid", {1}}}) {
     require_defined(o.t, op, o.name);
     require_dtype(o.t, {DType::i32}, op, o.name);
     require_contiguous(o.t, op, o.name);

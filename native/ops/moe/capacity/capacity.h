@@ -25,8 +25,8 @@ namespace moe::ops {
 
 enum class DropPolicy : int { Probs = 0, Position = 1 };
 
-void capacity(const Tensor& indices, const Tensor& weights, int64_t num_experts, int64_t capacity, DropPolicy policy,
-              const Tensor& slot, const Tensor& kept, const Tensor& dropped, const Tensor& invalid);
+void capacity(const Tensor& indices, const Tensor& weights, int64_t num_experts, int64_t capacity, DropPolicy policy, const Tensor& slot,
+              const Tensor& kept, const Tensor& dropped, const Tensor& invalid);
 
 void capacity_cpu(const Tensor& indices, const Tensor& weights, int64_t num_experts, int64_t capacity, DropPolicy policy,
                   const Tensor& slot, const Tensor& kept, const Tensor& dropped, const Tensor& invalid);

@@ -6,8 +6,8 @@
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
-#include "ops/moe/capacity/capacity.h"
 #include "ops/common/launch.h"
+#include "ops/moe/capacity/capacity.h"
 
 namespace moe::ops {
 
@@ -56,8 +56,8 @@ template <typename K> __global__ void segment_bounds(const K* sorted, int64_t n,
 }
 
 // Position policy (or dropless): the slot is the position inside the segment, if below capacity.
-__global__ void assign_position(const uint32_t* sorted, const int32_t* order, int64_t n, int32_t E, int64_t cap,
-                                const int32_t* begin, int32_t* slot) {
+__global__ void assign_position(const uint32_t* sorted, const int32_t* order, int64_t n, int32_t E, int64_t cap, const int32_t* begin,
+                                int32_t* slot) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(gridDim.x) * blockDim.x) {
     int32_t e = int32_t(sorted[p]);
     int64_t r = e < E ? p - begin[e] : -1;
@@ -67,8 +67,8 @@ __global__ void assign_position(const uint32_t* sorted, const int32_t* order, in
 
 // Probs policy, first pass: the first C of each weight-ordered segment are kept; the key of the
 // second sort (in (t, j) order) is the expert for kept assignments and the sentinel E otherwise.
-__global__ void choose_probs(const uint64_t* sorted, const int32_t* order, int64_t n, int32_t E, int64_t cap,
-                             const int32_t* begin, uint32_t* keys2) {
+__global__ void choose_probs(const uint64_t* sorted, const int32_t* order, int64_t n, int32_t E, int64_t cap, const int32_t* begin,
+                             uint32_t* keys2) {
   for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(gridDim.x) * blockDim.x) {
     int32_t e = int32_t(sorted[p] >> 32);
     bool keep = e < E && (cap < 0 || p - begin[e] < cap);
@@ -77,10 +77,13 @@ __global__ void choose_probs(const uint64_t* sorted, const int32_t* order, int64
 }
 
 // kept, dropped and invalid from the first sort's segments: one block.
-__global__ void finish_counts(const int32_t* begin, const int32_t* end, int32_t E, int64_t n, int64_t cap, int32_t* kept,
-                              int32_t* dropped, int32_t* invalid) {
+__global__ void finish_counts(const int32_t* begin, const int32_t* end, int32_t E, int64_t n, int64_t cap, int32_t* kept, int32_t* dropped,
+                              int32_t* invalid) {
   __shared__ unsigned long long s_valid, s_dropped;
-  if (threadIdx.x == 0) { s_valid = 0; s_dropped = 0; }
+  if (threadIdx.x == 0) {
+    s_valid = 0;
+    s_dropped = 0;
+  }
   __syncthreads();
   unsigned long long valid = 0, drop = 0;
   for (int32_t e = threadIdx.x; e < E; e += blockDim.x) {
@@ -129,11 +132,13 @@ void capacity_cuda(const Tensor& indices, const Tensor& weights, int64_t num_exp
 
     // Sorts the 32-bit keys k2 (values: vals_in) stably, then finds the segments.
     auto sort32 = [&]() {
-      cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, k2, k2_out, vals_in.data<int32_t>(),
-                                                  vals_out.data<int32_t>(), n, 0, ebits, stream), op, "cub sort (size)");
+      cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, k2, k2_out, vals_in.data<int32_t>(), vals_out.data<int32_t>(), n, 0,
+                                                  ebits, stream),
+                  op, "cub sort (size)");
       Tensor temp = temp_for(temp_bytes);
-      cuda::check(cub::DeviceRadixSort::SortPairs(temp.raw(), temp_bytes, k2, k2_out, vals_in.data<int32_t>(),
-                                                  vals_out.data<int32_t>(), n, 0, ebits, stream), op, "cub sort");
+      cuda::check(cub::DeviceRadixSort::SortPairs(temp.raw(), temp_bytes, k2, k2_out, vals_in.data<int32_t>(), vals_out.data<int32_t>(), n,
+                                                  0, ebits, stream),
+                  op, "cub sort");
       segment_bounds<uint32_t><<<grid_for(n), kThreads, 0, stream>>>(k2_out, n, begin, end);
       cuda::check_launch(op);
     };
@@ -142,22 +147,23 @@ void capacity_cuda(const Tensor& indices, const Tensor& weights, int64_t num_exp
       make_keys_position<<<grid_for(n), kThreads, 0, stream>>>(indices.data<int32_t>(), n, E, k2, vals_in.data<int32_t>());
       cuda::check_launch(op);
       sort32();
-      assign_position<<<grid_for(n), kThreads, 0, stream>>>(k2_out, vals_out.data<int32_t>(), n, E, capacity, begin,
-                                                            slot.data<int32_t>());
+      assign_position<<<grid_for(n), kThreads, 0, stream>>>(k2_out, vals_out.data<int32_t>(), n, E, capacity, begin, slot.data<int32_t>());
       cuda::check_launch(op);
     } else {
       Tensor keys = Tensor::empty({n}, DType::i64, dev, op), keys_out = Tensor::empty({n}, DType::i64, dev, op);
       uint64_t* k64 = reinterpret_cast<uint64_t*>(keys.data<int64_t>());
       uint64_t* k64_out = reinterpret_cast<uint64_t*>(keys_out.data<int64_t>());
       make_keys_probs<<<grid_for(n), kThreads, 0, stream>>>(indices.data<int32_t>(), weights.data<float>(), n, E, k64,
-                                                           vals_in.data<int32_t>());
+                                                            vals_in.data<int32_t>());
       cuda::check_launch(op);
-      cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, k64, k64_out, vals_in.data<int32_t>(),
-                                                  vals_out.data<int32_t>(), n, 0, 32 + ebits, stream), op, "cub sort (size)");
+      cuda::check(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, k64, k64_out, vals_in.data<int32_t>(), vals_out.data<int32_t>(), n,
+                                                  0, 32 + ebits, stream),
+                  op, "cub sort (size)");
       {
         Tensor temp = temp_for(temp_bytes);
-        cuda::check(cub::DeviceRadixSort::SortPairs(temp.raw(), temp_bytes, k64, k64_out, vals_in.data<int32_t>(),
-                                                    vals_out.data<int32_t>(), n, 0, 32 + ebits, stream), op, "cub sort");
+        cuda::check(cub::DeviceRadixSort::SortPairs(temp.raw(), temp_bytes, k64, k64_out, vals_in.data<int32_t>(), vals_out.data<int32_t>(),
+                                                    n, 0, 32 + ebits, stream),
+                    op, "cub sort");
       }
       segment_bounds<uint64_t><<<grid_for(n), kThreads, 0, stream>>>(k64_out, n, begin, end);
       cuda::check_launch(op);
@@ -165,19 +171,18 @@ void capacity_cuda(const Tensor& indices, const Tensor& weights, int64_t num_exp
       cuda::check_launch(op);
       // Counts come from the first sort's segments; the second sort numbers the kept ones in (t, j) order.
       finish_counts<<<1, kThreads, 0, stream>>>(begin, end, E, n, capacity, kept.data<int32_t>(), dropped.data<int32_t>(),
-                                               invalid.data<int32_t>());
+                                                invalid.data<int32_t>());
       cuda::check_launch(op);
       cuda::memset_async(begin, 0, bounds.nbytes(), stream, op);
       // vals_in still holds 0..n-1 (sorts write to vals_out): the second sort runs in (t, j) order.
       sort32();
-      assign_position<<<grid_for(n), kThreads, 0, stream>>>(k2_out, vals_out.data<int32_t>(), n, E, -1, begin,
-                                                            slot.data<int32_t>());
+      assign_position<<<grid_for(n), kThreads, 0, stream>>>(k2_out, vals_out.data<int32_t>(), n, E, -1, begin, slot.data<int32_t>());
       cuda::check_launch(op);
       return;
     }
   }
   finish_counts<<<1, kThreads, 0, stream>>>(begin, end, E, n, capacity, kept.data<int32_t>(), dropped.data<int32_t>(),
-                                           invalid.data<int32_t>());
+                                            invalid.data<int32_t>());
   cuda::check_launch(op);
 }
 

@@ -34,7 +34,9 @@ template <> struct Vec4<float> {
     const float4 f = *reinterpret_cast<const float4*>(p);
     v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
   }
-  static __device__ __forceinline__ void store(float* p, const float* v) { *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]); }
+  static __device__ __forceinline__ void store(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+  }
 };
 
 // Whether every pointer allows the four-value accesses (fresh tensors do; a view at an odd offset
@@ -45,8 +47,7 @@ template <typename T> bool vec4_aligned(const T* dense, const void* q) {
 
 // One warp per 128-value block: each lane holds 4 consecutive values; the block's amax by warp
 // shuffles; each lane stores its 4 e4m3 bytes as one word.
-template <typename T>
-__global__ void quantize_kernel(const T* x, fp8e4m3* q, float* scales, int64_t blocks) {
+template <typename T> __global__ void quantize_kernel(const T* x, fp8e4m3* q, float* scales, int64_t blocks) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; warp < blocks; warp += warps) {
@@ -62,8 +63,7 @@ __global__ void quantize_kernel(const T* x, fp8e4m3* q, float* scales, int64_t b
 }
 
 // The same, one value per lane access (unaligned views).
-template <typename T>
-__global__ void quantize_unaligned_kernel(const T* x, fp8e4m3* q, float* scales, int64_t blocks) {
+template <typename T> __global__ void quantize_unaligned_kernel(const T* x, fp8e4m3* q, float* scales, int64_t blocks) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = (int64_t(gridDim.x) * blockDim.x) >> 5;
   for (int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5; warp < blocks; warp += warps) {
@@ -85,8 +85,7 @@ __global__ void quantize_unaligned_kernel(const T* x, fp8e4m3* q, float* scales,
 }
 
 // A thread per 4 values (one word of e4m3 bytes, one scale).
-template <typename T>
-__global__ void dequantize_kernel(const fp8e4m3* q, const float* scales, T* out, int64_t quads) {
+template <typename T> __global__ void dequantize_kernel(const fp8e4m3* q, const float* scales, T* out, int64_t quads) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < quads; i += int64_t(gridDim.x) * blockDim.x) {
     float v[4];
     fp8x4_dequantize(reinterpret_cast<const uint32_t*>(q)[i], scales[(i * 4) / kFp8Block], v);
@@ -94,8 +93,7 @@ __global__ void dequantize_kernel(const fp8e4m3* q, const float* scales, T* out,
   }
 }
 
-template <typename T>
-__global__ void dequantize_unaligned_kernel(const fp8e4m3* q, const float* scales, T* out, int64_t n) {
+template <typename T> __global__ void dequantize_unaligned_kernel(const fp8e4m3* q, const float* scales, T* out, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     out[i] = from_float<T>(fp8_dequantize(q[i], scales[i / kFp8Block]));
 }
@@ -108,8 +106,7 @@ void quantize_fp8_cuda(const Tensor& x, const Tensor& q, const Tensor& scales, v
     fp8e4m3* pq = q.data<fp8e4m3>();
     if (vec4_aligned(px, pq))
       quantize_kernel<T><<<grid_for(blocks * 32), kThreads, 0, cudaStream_t(stream)>>>(px, pq, scales.data<float>(), blocks);
-    else
-      quantize_unaligned_kernel<T><<<grid_for(blocks * 32), kThreads, 0, cudaStream_t(stream)>>>(px, pq, scales.data<float>(), blocks);
+    else quantize_unaligned_kernel<T><<<grid_for(blocks * 32), kThreads, 0, cudaStream_t(stream)>>>(px, pq, scales.data<float>(), blocks);
   });
   cuda::check_launch("quantizeFp8");
 }
@@ -122,8 +119,7 @@ void dequantize_fp8_cuda(const Tensor& q, const Tensor& scales, const Tensor& ou
     const fp8e4m3* pq = q.data<fp8e4m3>();
     if (vec4_aligned<T>(po, pq))
       dequantize_kernel<T><<<grid_for(n / 4), kThreads, 0, cudaStream_t(stream)>>>(pq, scales.data<float>(), po, n / 4);
-    else
-      dequantize_unaligned_kernel<T><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(pq, scales.data<float>(), po, n);
+    else dequantize_unaligned_kernel<T><<<grid_for(n), kThreads, 0, cudaStream_t(stream)>>>(pq, scales.data<float>(), po, n);
   });
   cuda::check_launch("dequantizeFp8");
 }

@@ -27,8 +27,7 @@ std::vector<int64_t> read_offsets(const GroupedGemm& g, int64_t M) {
 template <typename T> float ld(const T* p, int64_t i) { return to_float(p[i]); }
 
 // Writes one finished row of the product through the epilogue.
-template <typename O>
-void write_row(const GroupedGemm& g, int64_t m, int64_t cols, const std::vector<float>& row) {
+template <typename O> void write_row(const GroupedGemm& g, int64_t m, int64_t cols, const std::vector<float>& row) {
   if (g.epilogue == GemmEpilogue::Store) {
     O* out = g.out.data<O>() + m * cols;
     for (int64_t c = 0; c < cols; ++c) out[c] = from_float<O>(row[size_t(c)] + (g.accumulate ? to_float(out[c]) : 0.0f));
@@ -38,7 +37,10 @@ void write_row(const GroupedGemm& g, int64_t m, int64_t cols, const std::vector<
     O* saved = g.aux.defined() ? g.aux.data<O>() + m * cols : nullptr;
     for (int64_t i = 0; i < cols / 2; ++i) {
       h[i] = from_float<O>(silu(row[size_t(2 * i)]) * row[size_t(2 * i + 1)]);
-      if (saved) { saved[2 * i] = from_float<O>(row[size_t(2 * i)]); saved[2 * i + 1] = from_float<O>(row[size_t(2 * i + 1)]); }
+      if (saved) {
+        saved[2 * i] = from_float<O>(row[size_t(2 * i)]);
+        saved[2 * i + 1] = from_float<O>(row[size_t(2 * i + 1)]);
+      }
     }
   } else {  // DSwiGLU: row holds dh [cols]; g is read as stored
     const O* gs = g.aux.data<O>() + m * 2 * cols;
@@ -51,8 +53,7 @@ void write_row(const GroupedGemm& g, int64_t m, int64_t cols, const std::vector<
   }
 }
 
-template <typename T, typename O>
-void run(const GroupedGemm& g) {
+template <typename T, typename O> void run(const GroupedGemm& g) {
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   auto off = read_offsets(g, M);
   const T* A = g.a.data<T>();

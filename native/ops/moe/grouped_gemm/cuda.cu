@@ -15,8 +15,8 @@
 
 #include "core/cuda_runtime.h"
 #include "ops/common/launch.h"
-#include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
+#include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/hopper.h"
 #include "ops/moe/grouped_gemm/swiglu.h"
 
@@ -25,7 +25,7 @@ namespace moe::ops {
 namespace {
 
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3, THREADS = 128;
-constexpr int TILE_ELEMS = 128 * BK;                    // one operand tile, either orientation
+constexpr int TILE_ELEMS = 128 * BK;                     // one operand tile, either orientation
 constexpr int SMEM_BYTES = STAGES * 2 * TILE_ELEMS * 2;  // A and B tiles, bf16: 96 KiB
 
 // ---- shared-memory addressing (in bf16 elements) --------------------------------------------------
@@ -52,11 +52,13 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
 }
 __device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -70,7 +72,7 @@ struct Params {
   const int32_t* offsets;     // [E+1]
   const int32_t* tile_start;  // [E+1] prefix sums of m-tiles per group (NN, NT)
   void* out;
-  const __nv_bfloat16* aux;   // SwiGLU: where to save g (may be null); DSwiGLU: the saved g
+  const __nv_bfloat16* aux;  // SwiGLU: where to save g (may be null); DSwiGLU: the saved g
   __nv_bfloat16* aux_out;
   int M, E;
   int rows_dim, cols_dim, inner_dim;  // the logical product: out[rows, cols] = Σ_inner
@@ -93,8 +95,8 @@ __device__ __forceinline__ void load_chunk_scalar(__nv_bfloat16* smem, const __n
 // 16-byte chunks; otherwise elements are loaded one by one (shapes like K = 300).
 template <bool A_KMAJOR, bool B_KMAJOR, bool ALIGNED>
 __device__ __forceinline__ void load_stage(__nv_bfloat16* sA, __nv_bfloat16* sB, const __nv_bfloat16* A, int64_t lda,
-                                           const __nv_bfloat16* B, int64_t ldb, int row0, int row_end, int col0, int col_end,
-                                           int k0, int k_end) {
+                                           const __nv_bfloat16* B, int64_t ldb, int row0, int row_end, int col0, int col_end, int k0,
+                                           int k_end) {
   const int tid = threadIdx.x;
   constexpr int KCHUNKS = BK / 8;  // 16-byte chunks along k in a K-major row
 #pragma unroll
@@ -166,19 +168,26 @@ __device__ __forceinline__ void compute_stage(float (&acc)[4][8][4], const __nv_
 }
 
 __device__ __forceinline__ void store_pair(float* out, int64_t idx, float v0, float v1, bool accumulate, bool both) {
-  if (accumulate) { v0 += out[idx]; if (both) v1 += out[idx + 1]; }
+  if (accumulate) {
+    v0 += out[idx];
+    if (both) v1 += out[idx + 1];
+  }
   out[idx] = v0;
   if (both) out[idx + 1] = v1;
 }
 __device__ __forceinline__ void store_pair(__nv_bfloat16* out, int64_t idx, float v0, float v1, bool, bool both) {
-  if (both && (reinterpret_cast<uintptr_t>(out + idx) & 3) == 0) *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
-  else { out[idx] = __float2bfloat16_rn(v0); if (both) out[idx + 1] = __float2bfloat16_rn(v1); }
+  if (both && (reinterpret_cast<uintptr_t>(out + idx) & 3) == 0)
+    *reinterpret_cast<__nv_bfloat162*>(out + idx) = __floats2bfloat162_rn(v0, v1);
+  else {
+    out[idx] = __float2bfloat16_rn(v0);
+    if (both) out[idx + 1] = __float2bfloat16_rn(v1);
+  }
 }
 
 // Writes the accumulators: rows [row0, row_end) × cols [col0, cols) of the product.
 template <GemmEpilogue EPI, typename OutT>
-__device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[4][8][4], OutT* out, int row0, int row_end, int col0,
-                                         int wm, int wn) {
+__device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[4][8][4], OutT* out, int row0, int row_end, int col0, int wm,
+                                         int wn) {
   const int lane = threadIdx.x & 31;
   const int cols = p.cols_dim;
 #pragma unroll
@@ -219,8 +228,8 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[4][
 // then every thread writes whole 16-byte pieces of rows, so stores are full, coalesced lines (the
 // dW product of many small groups is dominated by these writes). Needs cols % 8 == 0.
 template <typename OutT>
-__device__ __forceinline__ void store_staged(const Params& p, const float (&acc)[4][8][4], OutT* out, unsigned char* smem_raw,
-                                             int row0, int row_end, int col0, int wm, int wn) {
+__device__ __forceinline__ void store_staged(const Params& p, const float (&acc)[4][8][4], OutT* out, unsigned char* smem_raw, int row0,
+                                             int row_end, int col0, int wm, int wn) {
   constexpr int LD = 128 + 8;  // padded row, in elements
   OutT* tile = reinterpret_cast<OutT*>(smem_raw);
   const int lane = threadIdx.x & 31;
@@ -250,7 +259,10 @@ __device__ __forceinline__ void store_staged(const Params& p, const float (&acc)
       if (p.accumulate) {
         float4 old = *reinterpret_cast<const float4*>(dst);
         float4 add = *reinterpret_cast<float4*>(&v);
-        add.x += old.x; add.y += old.y; add.z += old.z; add.w += old.w;
+        add.x += old.x;
+        add.y += old.y;
+        add.z += old.z;
+        add.w += old.w;
         v = *reinterpret_cast<uint4*>(&add);
       }
     }
@@ -281,7 +293,8 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
     int lo = 0, hi = p.E - 1;
     while (lo < hi) {
       int mid = (lo + hi + 1) >> 1;
-      if (p.tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
+      if (p.tile_start[mid] <= tile) lo = mid;
+      else hi = mid - 1;
     }
     group = lo;
     int g_begin = min(max(p.offsets[group], 0), p.M), g_end = min(max(p.offsets[group + 1], g_begin), p.M);
@@ -357,7 +370,10 @@ __global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int32_t
   __syncthreads();
   if (threadIdx.x == 0) {
     int acc = 0;
-    for (int e = 0; e < E; ++e) { tile_start[e] = acc; acc += counts[e]; }
+    for (int e = 0; e < E; ++e) {
+      tile_start[e] = acc;
+      acc += counts[e];
+    }
     tile_start[E] = acc;
   }
 }
@@ -368,10 +384,8 @@ void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cud
   auto kernel = aligned ? grouped_gemm_kernel<A_KMAJOR, B_KMAJOR, EPI, OutT, TN, true>
                         : grouped_gemm_kernel<A_KMAJOR, B_KMAJOR, EPI, OutT, TN, false>;
   // Above 48 KiB of dynamic shared memory needs an opt-in (per device, so set on every launch: ~1 µs).
-  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm",
-              "cudaFuncSetAttribute");
-  dim3 grid(unsigned((cols + BN - 1) / BN), TN ? unsigned((rows + BM - 1) / BM) : unsigned((M + BM - 1) / BM + E),
-            TN ? unsigned(E) : 1u);
+  cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES), "groupedGemm", "cudaFuncSetAttribute");
+  dim3 grid(unsigned((cols + BN - 1) / BN), TN ? unsigned((rows + BM - 1) / BM) : unsigned((M + BM - 1) / BM + E), TN ? unsigned(E) : 1u);
   kernel<<<grid, THREADS, SMEM_BYTES, stream>>>(p);
 }
 
@@ -429,20 +443,31 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream_ptr
   auto out_f32 = g.out.dtype() == DType::f32;
   switch (g.mode) {
     case GemmMode::NN:
-      p.rows_dim = M; p.cols_dim = int(N); p.inner_dim = int(K); p.b_group_stride = K * N;
-      if (g.epilogue == GemmEpilogue::SwiGLU) launch<false, true, false, GemmEpilogue::SwiGLU, __nv_bfloat16>(p, M, int(N), E, M, aligned, stream);
+      p.rows_dim = M;
+      p.cols_dim = int(N);
+      p.inner_dim = int(K);
+      p.b_group_stride = K * N;
+      if (g.epilogue == GemmEpilogue::SwiGLU)
+        launch<false, true, false, GemmEpilogue::SwiGLU, __nv_bfloat16>(p, M, int(N), E, M, aligned, stream);
       else if (out_f32) launch<false, true, false, GemmEpilogue::Store, float>(p, M, int(N), E, M, aligned, stream);
       else launch<false, true, false, GemmEpilogue::Store, __nv_bfloat16>(p, M, int(N), E, M, aligned, stream);
       break;
     case GemmMode::NT:
       // out[M, K] = a[M, N] · b_eᵀ: the product's cols are K, its inner dimension N.
-      p.rows_dim = M; p.cols_dim = int(K); p.inner_dim = int(N); p.b_group_stride = K * N;
-      if (g.epilogue == GemmEpilogue::DSwiGLU) launch<false, true, true, GemmEpilogue::DSwiGLU, __nv_bfloat16>(p, M, int(K), E, M, aligned, stream);
+      p.rows_dim = M;
+      p.cols_dim = int(K);
+      p.inner_dim = int(N);
+      p.b_group_stride = K * N;
+      if (g.epilogue == GemmEpilogue::DSwiGLU)
+        launch<false, true, true, GemmEpilogue::DSwiGLU, __nv_bfloat16>(p, M, int(K), E, M, aligned, stream);
       else if (out_f32) launch<false, true, true, GemmEpilogue::Store, float>(p, M, int(K), E, M, aligned, stream);
       else launch<false, true, true, GemmEpilogue::Store, __nv_bfloat16>(p, M, int(K), E, M, aligned, stream);
       break;
     case GemmMode::TN:
-      p.rows_dim = int(K); p.cols_dim = int(N); p.inner_dim = 0; p.b_group_stride = 0;
+      p.rows_dim = int(K);
+      p.cols_dim = int(N);
+      p.inner_dim = 0;
+      p.b_group_stride = 0;
       if (out_f32) launch<true, false, false, GemmEpilogue::Store, float>(p, int(K), int(N), E, M, aligned, stream);
       else launch<true, false, false, GemmEpilogue::Store, __nv_bfloat16>(p, int(K), int(N), E, M, aligned, stream);
       break;

@@ -23,11 +23,11 @@ namespace moe::ops {
 namespace {
 
 constexpr int KB = 32, NB = 256, THREADS = 256;
-constexpr int KSTEPS = 8;                      // slabs of KB output rows per block (b is reused)
-constexpr int VEC = 8;                         // outputs per store
-constexpr int CHUNK = 8;                       // rows in shared memory at a time
-constexpr int ROW_VECS = NB / VEC;             // 32: one warp covers one output row of the slab
-constexpr int VPT = KB * ROW_VECS / THREADS;   // 4 vectors per thread
+constexpr int KSTEPS = 8;                     // slabs of KB output rows per block (b is reused)
+constexpr int VEC = 8;                        // outputs per store
+constexpr int CHUNK = 8;                      // rows in shared memory at a time
+constexpr int ROW_VECS = NB / VEC;            // 32: one warp covers one output row of the slab
+constexpr int VPT = KB * ROW_VECS / THREADS;  // 4 vectors per thread
 static_assert(ROW_VECS == 32 && VPT * THREADS == KB * ROW_VECS, "one warp per slab row, whole vectors per thread");
 
 struct FewRowsParams {
@@ -60,8 +60,7 @@ __device__ __forceinline__ void store_vec(float* p, const float (&v)[VEC], bool 
 // one column band of one group; a group of at most CHUNK rows keeps its b rows in shared memory
 // across them. Thread t owns vectors t + THREADS·j (j < VPT): column piece t % 32 of slab rows
 // t / 32 + 8·j, so each warp's store is 512 contiguous bytes.
-template <typename OutT>
-__global__ void __launch_bounds__(THREADS) few_rows_tn_kernel(FewRowsParams p) {
+template <typename OutT> __global__ void __launch_bounds__(THREADS) few_rows_tn_kernel(FewRowsParams p) {
   __shared__ float a_s[CHUNK][KB];                        // a_e[r, k0 + k], as float
   __shared__ __align__(16) __nv_bfloat16 b_s[CHUNK][NB];  // b_e[r, n0 + n]
   const int e = blockIdx.z, n0 = blockIdx.y * NB;

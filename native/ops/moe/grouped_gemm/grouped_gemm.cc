@@ -58,7 +58,8 @@ void grouped_gemm(const GroupedGemm& g) {
   require_dtype(g.a, {DType::bf16, DType::f32}, op, "a");
   MOE_ARG_CHECK(g.b.dtype() == g.a.dtype(), op, "'b' ", g.b.describe(), " must have the dtype of 'a' (", dtype_name(g.a.dtype()), ")");
   require_dtype(g.offsets, {DType::i32}, op, "offsets");
-  for (const Tensor* t : {&g.b, &g.offsets, &g.out}) require_same_device(g.a, "a", *t, t == &g.b ? "b" : t == &g.offsets ? "offsets" : "out", op);
+  for (const Tensor* t : {&g.b, &g.offsets, &g.out})
+    require_same_device(g.a, "a", *t, t == &g.b ? "b" : t == &g.offsets ? "offsets" : "out", op);
   require_contiguous(g.a, op, "a");
   require_contiguous(g.b, op, "b");
   require_contiguous(g.offsets, op, "offsets");

@@ -23,9 +23,9 @@
 // but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
 // consumers zero those rows in shared memory before the wgmma reads them.
 #include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
-#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -62,10 +62,10 @@ enum class StoreVia { Registers, WarpSlices, Handoff };
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
   static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
-  static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
-  static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
-                                                                // the fragment stores over the banks
-  static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;   // 2560 bytes per warp
+  static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
+  static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
+                                                               // the fragment stores over the banks
+  static constexpr int WARP_STAGING_FLOATS = 16 * STAGING_LD;  // 2560 bytes per warp
   // Handoff row pitch, chosen so that a warp's fragment stores hit every bank once per wavefront:
   // bf16 pairs (4 bytes) at 264 bf16 = 528 bytes (132 words ≡ 4 mod 32).
   static constexpr int TILE_LD_BF16 = BN + 8;
@@ -83,11 +83,11 @@ struct Params {
   const int32_t* offsets;     // [E+1]
   const int32_t* tile_start;  // [E+1] (NN, NT)
   void* out;
-  const __nv_bfloat16* aux;   // DSwiGLU: the saved g
-  __nv_bfloat16* aux_out;     // SwiGLU: where to save g (may be null)
+  const __nv_bfloat16* aux;  // DSwiGLU: the saved g
+  __nv_bfloat16* aux_out;    // SwiGLU: where to save g (may be null)
   int M, E;
-  int rows, cols, inner;      // the product out[rows, cols] (per group for TN); inner: NN/NT only
-  int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
+  int rows, cols, inner;    // the product out[rows, cols] (per group for TN); inner: NN/NT only
+  int n_tiles, tn_m_tiles;  // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
 };
 
@@ -108,25 +108,23 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
-        : "memory");
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(smem_u32(bar)), "r"(parity)
+                 : "memory");
   }
 }
 
 // ---- TMA ------------------------------------------------------------------------------------------
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
-                   smem_u32(dst)),
-               "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
-               : "memory");
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
+      : "memory");
 }
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
   asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(
-          smem_u32(dst)),
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
       : "memory");
 }
@@ -157,8 +155,7 @@ struct Tile {
 // Work item t of the launch. NN/NT: a band of GROUP_M m-tiles (over all groups, in order) sweeps
 // every n-tile, so the weight columns a band needs stay in L2 while its m-tiles use them.
 // TN: group-major, so the blocks in flight share one group's rows of a and b.
-template <GemmMode MODE>
-__device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
   Tile tile;
   if constexpr (MODE == GemmMode::TN) {
     const int per_group = p.tn_m_tiles * p.n_tiles;
@@ -253,8 +250,9 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
       const int j = s * (SLICE / 8) + jj;
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(st_addr + uint32_t((h * 8 * LD + jj * 8) * 4)),
-                     "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(st_addr + uint32_t((h * 8 * LD + jj * 8) * 4)), "f"(d[j * 4 + h * 2]),
+                     "f"(d[j * 4 + h * 2 + 1])
+                     : "memory");
     }
     __syncwarp();
     float4 v[4];
@@ -262,8 +260,9 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
     for (int u = 0; u < 4; ++u)
       asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
                    : "=f"(v[u].x), "=f"(v[u].y), "=f"(v[u].z), "=f"(v[u].w)
-                   : "r"(ld_addr + uint32_t(4 * u * LD * 4)) : "memory");
-    __syncwarp();  // read back before the next slice lands
+                   : "r"(ld_addr + uint32_t(4 * u * LD * 4))
+                   : "memory");
+    __syncwarp();                             // read back before the next slice lands
     if (col + s * SLICE >= p.cols) continue;  // cols % 8 == 0: a piece is all in or all out (lanes past it skip)
     OutT* const dst = out + s * SLICE;
     if (p.accumulate) {
@@ -331,9 +330,10 @@ template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
-  constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
+  constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
-  static_assert((VIA == StoreVia::Registers) == (EPI != GemmEpilogue::Store), "the fused epilogues store from registers, plain results through shared memory");
+  static_assert((VIA == StoreVia::Registers) == (EPI != GemmEpilogue::Store),
+                "the fused epilogues store from registers, plain results through shared memory");
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
   static_assert(VIA != StoreVia::WarpSlices || sizeof(OutT) == 4, "the warp slices take fp32 results");
   constexpr int STAGES = Layout<VIA>::STAGES;
@@ -473,7 +473,8 @@ __global__ void __launch_bounds__(THREADS, 1)
         mbar_arrive(&tile_full);
         ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {
-        const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
+        const uint32_t staging =
+            staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else {
         store_tile<EPI>(p, d, tile, tile.row0 + consumer * 64);
@@ -521,14 +522,15 @@ DeviceInfo device_info() {
     const cuda::DeviceProps props = cuda::device_props(dev);
     // sm_90a machine code runs on compute capability 9.0 only.
     cudaFuncAttributes attr{};
-    const bool image = cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Handoff>) == cudaSuccess;
+    const bool image =
+        cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Handoff>) ==
+        cudaSuccess;
     if (!image) cudaGetLastError();  // clear only the error this call set
     cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && encode_fn() != nullptr, props.multiprocessors};
     known[dev] = true;
   }
   return cache[dev];
 }
-
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
@@ -615,7 +617,7 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   const bool nt = g.mode == GemmMode::NT;
   const int64_t K = g.b.size(1), N = g.b.size(2);
   p.rows = int(M);
-  p.cols = int(nt ? K : N);    // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
+  p.cols = int(nt ? K : N);  // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
   p.inner = int(nt ? N : K);
   p.n_tiles = (p.cols + BN - 1) / BN;
 

@@ -18,8 +18,8 @@ template <typename Fn> void dispatch_bf16_f32(DType d, Fn&& fn) {
 }  // namespace
 
 void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
-                        int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token,
-                        const Tensor& row_weight, const Tensor& invalid) {
+                        int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
+                        const Tensor& invalid) {
   const char* op = "permute";
   const int64_t E = kept.numel(), R = row_token.numel(), n = indices.numel(), k = indices.size(1);
   const int32_t* kp = kept.data<int32_t>();
@@ -29,8 +29,8 @@ void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor&
                   capacity < 0 ? "inf" : std::to_string(capacity), "]");
     off[size_t(e + 1)] = off[size_t(e)] + round_up(capacity < 0 ? kp[e] : capacity, align);
   }
-  MOE_ARG_CHECK(off[size_t(E)] == R, op, "'rowToken' has ", R, " rows but the layout needs ", off[size_t(E)],
-                " (kept counts", capacity < 0 ? "" : " padded to capacity", ", align ", align, ")");
+  MOE_ARG_CHECK(off[size_t(E)] == R, op, "'rowToken' has ", R, " rows but the layout needs ", off[size_t(E)], " (kept counts",
+                capacity < 0 ? "" : " padded to capacity", ", align ", align, ")");
   for (int64_t e = 0; e <= E; ++e) offsets.data<int32_t>()[e] = int32_t(off[size_t(e)]);
   int32_t* tok = row_token.data<int32_t>();
   float* rw = row_weight.data<float>();
@@ -59,8 +59,8 @@ void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor&
     used[size_t(e)]++;
   }
   for (int64_t e = 0; e < E; ++e)
-    MOE_ARG_CHECK(used[size_t(e)] == kp[e], op, "'kept'[", e, "] = ", kp[e], " but 'slot' assigns ", used[size_t(e)],
-                  " rows to expert ", e);
+    MOE_ARG_CHECK(used[size_t(e)] == kp[e], op, "'kept'[", e, "] = ", kp[e], " but 'slot' assigns ", used[size_t(e)], " rows to expert ",
+                  e);
   invalid.data<int32_t>()[0] = 0;
 }
 
@@ -104,8 +104,8 @@ void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weigh
   });
 }
 
-void unpermute_backward_cpu(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of,
-                            const Tensor& row_token, const Tensor& d_rows, const Tensor& d_weights) {
+void unpermute_backward_cpu(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
+                            const Tensor& d_rows, const Tensor& d_weights) {
   const char* op = "unpermuteBackward";
   const int64_t T = row_of.size(0), k = row_of.size(1), R = rows.size(0), H = rows.size(1);
   const int32_t* ro = row_of.data<int32_t>();

@@ -12,9 +12,9 @@
 //             DRAM traffic: x once + rows once, the bytes the benchmark counts.
 //   unpermute and its backward: one block per token, fp32 accumulation, one write per output row.
 // Indices that are out of range are skipped (never dereferenced); see permute.h.
-#include <cub/cub.cuh>
 #include <algorithm>
 #include <climits>
+#include <cub/cub.cuh>
 #include <utility>
 
 #include "core/cuda_runtime.h"
@@ -29,9 +29,9 @@ namespace {
 // ------------------------------------------------------------------------------------- layout
 constexpr int kLayoutThreads = 256;
 
-__global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int32_t* kept, const float* w, int64_t n, int32_t k,
-                              int32_t E, int64_t cap, int64_t align, int64_t R, int32_t* offsets, int32_t* row_of,
-                              int32_t* row_token, float* row_weight, int32_t* invalid) {
+__global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int32_t* kept, const float* w, int64_t n, int32_t k, int32_t E,
+                              int64_t cap, int64_t align, int64_t R, int32_t* offsets, int32_t* row_of, int32_t* row_token,
+                              float* row_weight, int32_t* invalid) {
   extern __shared__ long long s_off[];  // E + 1
   using Scan = cub::BlockScan<long long, kLayoutThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -221,8 +221,8 @@ void launch_gather(const void* x, int64_t T, const int32_t* tok, int64_t R, int6
   unsigned blocks = unsigned((R + kWarpsPerBlock - 1) / kWarpsPerBlock);
   auto go = [&](auto tag) {
     using V = typename decltype(tag)::type;
-    gather_rows<V, kPaddingOnly><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<const V*>(x), T, tok, R, row_bytes / int64_t(sizeof(V)),
-                                                                             static_cast<V*>(rows));
+    gather_rows<V, kPaddingOnly><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<const V*>(x), T, tok, R,
+                                                                             row_bytes / int64_t(sizeof(V)), static_cast<V*>(rows));
   };
   with_vector_type(vb, go);
 }
@@ -354,8 +354,8 @@ template <typename Fn> void dispatch_pack(int n, Fn&& fn) {
 }  // namespace
 
 void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
-                         int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token,
-                         const Tensor& row_weight, const Tensor& invalid, void* stream_ptr) {
+                         int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
+                         const Tensor& invalid, void* stream_ptr) {
   const std::string op = "permute";
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int64_t n = indices.numel(), E = kept.numel(), R = row_token.numel();
@@ -364,9 +364,9 @@ void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor
   cuda::check_launch(op);
   size_t smem = size_t(E + 1) * sizeof(long long);
   layout_kernel<<<grid_for(std::max<int64_t>(n, R), kLayoutThreads), kLayoutThreads, smem, stream>>>(
-      indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, int32_t(indices.size(1)),
-      int32_t(E), capacity, align, R, offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(),
-      row_weight.data<float>(), invalid.data<int32_t>());
+      indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, int32_t(indices.size(1)), int32_t(E),
+      capacity, align, R, offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(),
+      invalid.data<int32_t>());
   cuda::check_launch(op);
 }
 
@@ -395,8 +395,7 @@ void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weig
         constexpr int N = decltype(ntag)::value;
         if constexpr (N * sizeof(I) <= 16) {
           unpermute_kernel<I, O, N><<<unsigned(T), kTokenThreads, smem, cudaStream_t(stream)>>>(
-              rows.data<I>(), R, H, row_of.data<int32_t>(), weights.defined() ? weights.data<float>() : nullptr, int32_t(k),
-              out.data<O>());
+              rows.data<I>(), R, H, row_of.data<int32_t>(), weights.defined() ? weights.data<float>() : nullptr, int32_t(k), out.data<O>());
         }
       });
     });
@@ -404,8 +403,8 @@ void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weig
   cuda::check_launch(op);
 }
 
-void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of,
-                             const Tensor& row_token, const Tensor& d_rows, const Tensor& d_weights, void* stream_ptr) {
+void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
+                             const Tensor& d_rows, const Tensor& d_weights, void* stream_ptr) {
   const char* op = "unpermuteBackward";
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int64_t T = row_of.size(0), k = row_of.size(1), R = rows.size(0), H = rows.size(1);
@@ -424,9 +423,9 @@ void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor&
         dispatch_pack(n, [&](auto ntag) {
           constexpr int N = decltype(ntag)::value;
           if constexpr (N <= kMax) {
-            unpermute_backward_kernel<G, I, O, N><<<unsigned(T), kTokenThreads, 0, stream>>>(
-                dy.data<G>(), rows.data<I>(), R, H, row_of.data<int32_t>(), weights.data<float>(), int32_t(k), d_rows.data<O>(),
-                d_weights.data<float>());
+            unpermute_backward_kernel<G, I, O, N>
+                <<<unsigned(T), kTokenThreads, 0, stream>>>(dy.data<G>(), rows.data<I>(), R, H, row_of.data<int32_t>(),
+                                                            weights.data<float>(), int32_t(k), d_rows.data<O>(), d_weights.data<float>());
           }
         });
       });

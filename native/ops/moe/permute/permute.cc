@@ -26,9 +26,8 @@ void require_2d(const Tensor& t, const char* op, const char* name, const char* w
 
 }  // namespace
 
-void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
-                    int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
-                    const Tensor& invalid) {
+void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity, int64_t align,
+                    const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight, const Tensor& invalid) {
   const char* op = "permute";
   require_2d(indices, op, "indices", "[T,k]");
   require_tensor(indices, {DType::i32}, indices.shape(), indices, "indices", op, "indices");

@@ -39,9 +39,8 @@
 
 namespace moe::ops {
 
-void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
-                    int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
-                    const Tensor& invalid);
+void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity, int64_t align,
+                    const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight, const Tensor& invalid);
 void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of = Tensor());
 void unpermute(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out);
 void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
@@ -49,21 +48,21 @@ void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& weig
 void permute_backward(const Tensor& d_rows, const Tensor& row_of, const Tensor& dx);
 
 void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
-                        int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token,
-                        const Tensor& row_weight, const Tensor& invalid);
+                        int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
+                        const Tensor& invalid);
 void permute_rows_cpu(const Tensor& x, const Tensor& row_token, const Tensor& rows);
 // weights may be undefined (all 1); op names the caller in errors.
 void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op);
-void unpermute_backward_cpu(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of,
-                            const Tensor& row_token, const Tensor& d_rows, const Tensor& d_weights);
+void unpermute_backward_cpu(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
+                            const Tensor& d_rows, const Tensor& d_weights);
 
 void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
-                         int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token,
-                         const Tensor& row_weight, const Tensor& invalid, void* stream);
+                         int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
+                         const Tensor& invalid, void* stream);
 void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of, void* stream);
 void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op, void* stream);
-void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of,
-                             const Tensor& row_token, const Tensor& d_rows, const Tensor& d_weights, void* stream);
+void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
+                             const Tensor& d_rows, const Tensor& d_weights, void* stream);
 
 // Experts the CUDA layout kernel handles (it scans the segment lengths in shared memory).
 constexpr int64_t kMaxExpertsCuda = 4096;

@@ -68,8 +68,8 @@ void router_backward_cuda(const Tensor& d_weights, const Tensor& scores, const T
                           const Tensor& d_logits, bool accumulate, void* stream) {
   const int64_t T = scores.size(0), E = scores.size(1), k = indices.size(1);
   router_backward_kernel<<<token_blocks(T), kWarps * 32, 0, cudaStream_t(stream)>>>(
-      d_weights.data<float>(), scores.data<float>(), indices.data<int32_t>(), T, int(E), int(k), p.score == ScoreFn::Sigmoid,
-      p.normalize, p.route_scale, d_logits.data<float>(), accumulate);
+      d_weights.data<float>(), scores.data<float>(), indices.data<int32_t>(), T, int(E), int(k), p.score == ScoreFn::Sigmoid, p.normalize,
+      p.route_scale, d_logits.data<float>(), accumulate);
   cuda::check_launch("routerBackward");
 }
 

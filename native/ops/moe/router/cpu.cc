@@ -1,6 +1,6 @@
 // Router reference in plain loops, in double: the oracle for the CUDA kernels and the no-GPU path.
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -35,8 +35,8 @@ void row_scores(const float* x, int64_t E, ScoreFn fn, double* s) {
 
 }  // namespace
 
-void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
-                        const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows) {
+void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
+                        const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows) {
   const int64_t T = logits.size(0), E = logits.size(1), k = p.k, G = p.groups, gs = E / G, m = p.k / p.topk_groups;
   const float* x = logits.data<float>();
   const float* b = bias.defined() ? bias.data<float>() : nullptr;
@@ -120,8 +120,8 @@ void router_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Te
   const int32_t* idx = indices.data<int32_t>();
   float* dx = d_logits.data<float>();
   for (int64_t i = 0; i < T * k; ++i)
-    MOE_ARG_CHECK(idx[i] >= 0 && idx[i] < E, op, "'indices' holds ", idx[i], " at token ", i / k, ", slot ", i % k,
-                  "; experts are 0..", E - 1);
+    MOE_ARG_CHECK(idx[i] >= 0 && idx[i] < E, op, "'indices' holds ", idx[i], " at token ", i / k, ", slot ", i % k, "; experts are 0..",
+                  E - 1);
   std::vector<double> ds(static_cast<size_t>(E));
   const double scale = p.route_scale;
   for (int64_t t = 0; t < T; ++t) {
@@ -151,15 +151,15 @@ void router_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Te
   }
 }
 
-void router_balance_loss_cpu(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
-                             const Tensor& loss, const Tensor& d_logits) {
+void router_balance_loss_cpu(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef, const Tensor& loss,
+                             const Tensor& d_logits) {
   const char* op = "balanceLoss";
   const int64_t T = scores.size(0), E = scores.size(1), k = indices.size(1), S = T / seq_len;
   const float* s = scores.data<float>();
   const int32_t* idx = indices.data<int32_t>();
   for (int64_t i = 0; i < T * k; ++i)
-    MOE_ARG_CHECK(idx[i] >= 0 && idx[i] < E, op, "'indices' holds ", idx[i], " at token ", i / k, ", slot ", i % k,
-                  "; experts are 0..", E - 1);
+    MOE_ARG_CHECK(idx[i] >= 0 && idx[i] < E, op, "'indices' holds ", idx[i], " at token ", i / k, ", slot ", i % k, "; experts are 0..",
+                  E - 1);
   const size_t nE = size_t(E);
   std::vector<double> f(nE), P(nE), inv(static_cast<size_t>(seq_len));
   double total = 0;
@@ -214,8 +214,7 @@ void router_z_loss_cpu(const Tensor& logits, float coef, const Tensor& loss, con
     total += lse * lse;
     if (d_logits.defined()) {
       float* dx = d_logits.data<float>() + t * E;
-      for (int64_t e = 0; e < E; ++e)
-        dx[e] = float(double(dx[e]) + double(coef) * 2.0 * lse * std::exp(double(xr[e]) - lse) / double(T));
+      for (int64_t e = 0; e < E; ++e) dx[e] = float(double(dx[e]) + double(coef) * 2.0 * lse * std::exp(double(xr[e]) - lse) / double(T));
     }
   }
   loss.data<float>()[0] = float(double(coef) * total / double(T));

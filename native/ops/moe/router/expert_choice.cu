@@ -95,8 +95,8 @@ __global__ void ec_init(ColState* st, int E, int64_t T, int64_t C, int32_t* kept
 
 // A warp per token: scores as the token-choice router writes them; a non-finite logit makes the
 // row bad (NaN scores, counted).
-__global__ void __launch_bounds__(kEcThreads) ec_scores(const float* __restrict__ logits, int64_t T, int E, bool sigmoid,
-                                                         float* __restrict__ scores, int32_t* nan) {
+__global__ void __launch_bounds__(kEcThreads)
+    ec_scores(const float* __restrict__ logits, int64_t T, int E, bool sigmoid, float* __restrict__ scores, int32_t* nan) {
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kEcWarps + (threadIdx.x >> 5);
   if (t >= T) return;  // whole warps only
@@ -131,9 +131,8 @@ __global__ void __launch_bounds__(kEcThreads) ec_scores(const float* __restrict_
 // Pass `pass` of the radix select: lanes are (row group, column) with W columns per tile, so a
 // warp reads 32/W rows of W consecutive floats each step.
 template <int W>
-__global__ void __launch_bounds__(kEcThreads) ec_hist(const float* __restrict__ scores, int64_t T, int E, int tiles,
-                                                       int64_t chunk_rows, const ColState* __restrict__ st,
-                                                       uint32_t* __restrict__ ghist, int pass) {
+__global__ void __launch_bounds__(kEcThreads) ec_hist(const float* __restrict__ scores, int64_t T, int E, int tiles, int64_t chunk_rows,
+                                                      const ColState* __restrict__ st, uint32_t* __restrict__ ghist, int pass) {
   constexpr int RPW = 32 / W;
   constexpr int kStep = kEcWarps * RPW;  // rows the block reads per step
   __shared__ uint32_t h[W * kHistStride];
@@ -186,8 +185,7 @@ __global__ void __launch_bounds__(kEcThreads) ec_hist(const float* __restrict__ 
 
 // A warp per column: lane l holds digits 32l .. 32l+31; suffix sums over the lanes find the digit
 // whose bucket holds the need-th largest matching key. Zeroes the histogram for the next pass.
-__global__ void __launch_bounds__(kEcThreads) ec_select(uint32_t* __restrict__ ghist, ColState* __restrict__ st, int E,
-                                                         int pass) {
+__global__ void __launch_bounds__(kEcThreads) ec_select(uint32_t* __restrict__ ghist, ColState* __restrict__ st, int E, int pass) {
   const int lane = threadIdx.x & 31;
   const int e = blockIdx.x * kEcWarps + (threadIdx.x >> 5);
   if (e >= E) return;
@@ -243,14 +241,14 @@ __global__ void __launch_bounds__(kEcThreads) ec_select(uint32_t* __restrict__ g
 // The rows of stream (warp, row group) `stream` in chunk `chunk` of ec_count / ec_final.
 template <int W> struct Streams {
   static constexpr int RPW = 32 / W;
-  static constexpr int S = kEcWarps * RPW;            // streams per block
-  static constexpr int kChunk = S * kRowsPerStream;   // rows per chunk
+  static constexpr int S = kEcWarps * RPW;           // streams per block
+  static constexpr int kChunk = S * kRowsPerStream;  // rows per chunk
 };
 
 // Per (tile, chunk): keys above the column's threshold prefix and equal to it.
 template <int W>
-__global__ void __launch_bounds__(kEcThreads) ec_count(const float* __restrict__ scores, int64_t T, int E, int tiles,
-                                                        const ColState* __restrict__ st, int2* __restrict__ cnt) {
+__global__ void __launch_bounds__(kEcThreads)
+    ec_count(const float* __restrict__ scores, int64_t T, int E, int tiles, const ColState* __restrict__ st, int2* __restrict__ cnt) {
   using Sx = Streams<W>;
   __shared__ int s_gt[W], s_eq[W];
   const int tile = int(blockIdx.x % unsigned(tiles));
@@ -278,7 +276,8 @@ __global__ void __launch_bounds__(kEcThreads) ec_count(const float* __restrict__
     if (eq) atomicAdd(&s_eq[col], eq);
   }
   __syncthreads();
-  if (threadIdx.x < W && tile * W + int(threadIdx.x) < E) cnt[chunk * E + tile * W + threadIdx.x] = make_int2(s_gt[threadIdx.x], s_eq[threadIdx.x]);
+  if (threadIdx.x < W && tile * W + int(threadIdx.x) < E)
+    cnt[chunk * E + tile * W + threadIdx.x] = make_int2(s_gt[threadIdx.x], s_eq[threadIdx.x]);
 }
 
 // A warp per column: cnt[c][e] ← the sums of cnt[c'][e] over chunks c' < c (in place).
@@ -307,10 +306,10 @@ __global__ void __launch_bounds__(kEcThreads) ec_scan(int2* __restrict__ cnt, in
 
 // Per (tile, chunk): the chosen tokens, numbered in token order (see the file comment).
 template <int W>
-__global__ void __launch_bounds__(kEcThreads) ec_final(const float* __restrict__ scores, int64_t T, int E, int tiles,
-                                                        const ColState* __restrict__ st, const int2* __restrict__ before,
-                                                        float scale, int32_t* __restrict__ slot, float* __restrict__ weights,
-                                                        int32_t* __restrict__ indices, uint8_t* __restrict__ part) {
+__global__ void __launch_bounds__(kEcThreads)
+    ec_final(const float* __restrict__ scores, int64_t T, int E, int tiles, const ColState* __restrict__ st,
+             const int2* __restrict__ before, float scale, int32_t* __restrict__ slot, float* __restrict__ weights,
+             int32_t* __restrict__ indices, uint8_t* __restrict__ part) {
   using Sx = Streams<W>;
   __shared__ int s_gt[Sx::S * W], s_eq[Sx::S * W];
   const int tile = int(blockIdx.x % unsigned(tiles));
@@ -388,9 +387,9 @@ __global__ void ec_token_hist(const uint8_t* __restrict__ part, int64_t T, int t
 }
 
 // A warp per token: dS = scale·dW where chosen, then softmax's Jacobian or s(1-s).
-__global__ void __launch_bounds__(kEcThreads) ec_backward(const float* __restrict__ dw, const float* __restrict__ scores,
-                                                           const int32_t* __restrict__ slot, int64_t T, int E, bool sigmoid,
-                                                           float scale, float* dx, bool accumulate) {
+__global__ void __launch_bounds__(kEcThreads)
+    ec_backward(const float* __restrict__ dw, const float* __restrict__ scores, const int32_t* __restrict__ slot, int64_t T, int E,
+                bool sigmoid, float scale, float* dx, bool accumulate) {
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kEcWarps + (threadIdx.x >> 5);
   if (t >= T) return;
@@ -429,13 +428,12 @@ struct Plan {
 };
 
 template <int W>
-void launch_selection(const Plan& pl, const float* scores, int64_t T, int E, ColState* st, uint32_t* ghist, int2* cnt,
-                      float scale, int32_t* slot, float* weights, int32_t* indices, uint8_t* part, cudaStream_t stream) {
+void launch_selection(const Plan& pl, const float* scores, int64_t T, int E, ColState* st, uint32_t* ghist, int2* cnt, float scale,
+                      int32_t* slot, float* weights, int32_t* indices, uint8_t* part, cudaStream_t stream) {
   const char* op = "router";
   const unsigned select_blocks = unsigned((E + kEcWarps - 1) / kEcWarps);
   for (int pass = 0; pass < kPasses; ++pass) {
-    ec_hist<W><<<unsigned(pl.tiles * pl.hist_chunks), kEcThreads, 0, stream>>>(scores, T, E, pl.tiles, pl.hist_chunk_rows, st,
-                                                                                  ghist, pass);
+    ec_hist<W><<<unsigned(pl.tiles * pl.hist_chunks), kEcThreads, 0, stream>>>(scores, T, E, pl.tiles, pl.hist_chunk_rows, st, ghist, pass);
     cuda::check_launch(op);
     ec_select<<<select_blocks, kEcThreads, 0, stream>>>(ghist, st, E, pass);
     cuda::check_launch(op);
@@ -466,8 +464,16 @@ void router_expert_choice_cuda(const Tensor& logits, const ExpertChoiceParams& p
   const int tiles = (E + W - 1) / W;
   Plan pl{};
   pl.tiles = tiles;
-  const int64_t step = W == 16 ? hist_step<16>() : W == 8 ? hist_step<8>() : W == 4 ? hist_step<4>() : W == 2 ? hist_step<2>() : hist_step<1>();
-  const int64_t rows = W == 16 ? chunk_rows<16>() : W == 8 ? chunk_rows<8>() : W == 4 ? chunk_rows<4>() : W == 2 ? chunk_rows<2>() : chunk_rows<1>();
+  const int64_t step = W == 16  ? hist_step<16>()
+                       : W == 8 ? hist_step<8>()
+                       : W == 4 ? hist_step<4>()
+                       : W == 2 ? hist_step<2>()
+                                : hist_step<1>();
+  const int64_t rows = W == 16  ? chunk_rows<16>()
+                       : W == 8 ? chunk_rows<8>()
+                       : W == 4 ? chunk_rows<4>()
+                       : W == 2 ? chunk_rows<2>()
+                                : chunk_rows<1>();
   pl.chunks = std::max<int64_t>(1, (T + rows - 1) / rows);
   // Histogram chunks: about 4 blocks per SM over all tiles, each at most 65535 rows (16-bit counters).
   const int64_t want = std::max<int64_t>(1, (4 * int64_t(sm_count(logits.device().index)) + tiles - 1) / tiles);
@@ -498,7 +504,7 @@ void router_expert_choice_cuda(const Tensor& logits, const ExpertChoiceParams& p
   if (T == 0) return;
   const float* s = scores.data<float>();
   ec_scores<<<unsigned((T + kEcWarps - 1) / kEcWarps), kEcThreads, 0, st>>>(logits.data<float>(), T, E, p.score == ScoreFn::Sigmoid,
-                                                                             scores.data<float>(), nan_rows.data<int32_t>());
+                                                                            scores.data<float>(), nan_rows.data<int32_t>());
   cuda::check_launch(op);
   int32_t* idx = indices.defined() ? indices.data<int32_t>() : nullptr;
   int32_t* sl = slot.data<int32_t>();
@@ -515,8 +521,8 @@ void router_expert_choice_cuda(const Tensor& logits, const ExpertChoiceParams& p
   cuda::check_launch(op);
 }
 
-void router_expert_choice_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
-                                        float route_scale, const Tensor& d_logits, bool accumulate, void* stream) {
+void router_expert_choice_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
+                                        const Tensor& d_logits, bool accumulate, void* stream) {
   const int64_t T = scores.size(0), E = scores.size(1);
   MOE_ARG_CHECK(E < INT_MAX, "routerBackward", "'scores' ", scores.describe(), " has too many experts");
   ec_backward<<<unsigned((T + kEcWarps - 1) / kEcWarps), kEcThreads, 0, cudaStream_t(stream)>>>(

@@ -58,7 +58,8 @@ void router_expert_choice_cpu(const Tensor& logits, const ExpertChoiceParams& p,
   // numbered in token order. Experts in groups of 16 (one 64-byte line of a row) split over threads.
   constexpr int64_t kGroup = 16;
   parallel_for((E + kGroup - 1) / kGroup, T * kGroup * 8, [&](int64_t g0, int64_t g1) {
-    std::vector<std::vector<std::pair<float, int64_t>>> cols(static_cast<size_t>(kGroup), std::vector<std::pair<float, int64_t>>(size_t(T)));
+    std::vector<std::vector<std::pair<float, int64_t>>> cols(static_cast<size_t>(kGroup),
+                                                             std::vector<std::pair<float, int64_t>>(size_t(T)));
     std::vector<char> chosen(static_cast<size_t>(T));
     auto ahead = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
       const bool na = std::isnan(a.first), nb = std::isnan(b.first);
@@ -94,8 +95,8 @@ void router_expert_choice_cpu(const Tensor& logits, const ExpertChoiceParams& p,
   }
 }
 
-void router_expert_choice_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
-                                       float route_scale, const Tensor& d_logits, bool accumulate) {
+void router_expert_choice_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
+                                       const Tensor& d_logits, bool accumulate) {
   const char* op = "routerBackward";
   const int64_t T = scores.size(0), E = scores.size(1);
   const float* dw = d_weights.data<float>();

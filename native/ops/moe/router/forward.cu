@@ -32,9 +32,9 @@ __global__ void router_init(int32_t* counts, int E, int32_t* nan, int64_t T) {
 
 }  // namespace
 
-void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
-                         const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows,
-                         RouterForwardKernel kernel, bool pdl, void* stream) {
+void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
+                         const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows, RouterForwardKernel kernel,
+                         bool pdl, void* stream) {
   const char* op = "router";
   const int64_t T = logits.size(0), E = logits.size(1);
   MOE_ARG_CHECK(E <= kMaxCudaExperts, op, "'logits' ", logits.describe(), " has ", E, " experts; the CUDA router handles up to ",

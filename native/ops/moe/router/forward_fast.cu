@@ -66,8 +66,8 @@ template <int L> __device__ __forceinline__ float seg_sum(float v) {
 // score u1) and the next (h2, s2, u2); NaN where there is none. With kAfter, only candidates that
 // come after (lh, ls) in that order count: the lane's heads once (lh, ls) has been taken.
 template <int VPT, bool kAfter>
-__device__ __forceinline__ void lane_top2(const float (&bv)[VPT], const float (&s)[VPT], float lh, int ls, float& h1, int& s1,
-                                          float& u1, float& h2, int& s2, float& u2) {
+__device__ __forceinline__ void lane_top2(const float (&bv)[VPT], const float (&s)[VPT], float lh, int ls, float& h1, int& s1, float& u1,
+                                          float& h2, int& s2, float& u2) {
   h1 = h2 = NAN;
   s1 = s2 = 0;
   u1 = u2 = 0.f;
@@ -87,11 +87,10 @@ __device__ __forceinline__ void lane_top2(const float (&bv)[VPT], const float (&
 // VPT experts per lane (a multiple of 4), L lanes per token: E = VPT·L. See the file comment.
 // Register budget: 64 per thread (4 blocks, 32 warps per SM) up to VPT = 8, 128 for VPT = 16; no spills
 // at either (ptxas -v).
-template <int VPT, int L>
-__global__ void __launch_bounds__(kFastWarps * 32, VPT >= 16 ? 2 : 4) router_fast_kernel(FastArgs a) {
+template <int VPT, int L> __global__ void __launch_bounds__(kFastWarps * 32, VPT >= 16 ? 2 : 4) router_fast_kernel(FastArgs a) {
   constexpr int E = VPT * L;
-  constexpr int TPW = 32 / L;  // tokens per warp
-  constexpr int NV = VPT / 4;  // float4 per lane
+  constexpr int TPW = 32 / L;        // tokens per warp
+  constexpr int NV = VPT / 4;        // float4 per lane
   __shared__ int32_t s_hist[E + 2];  // counts per expert, then bad rows and the first bad row
   const int lane = threadIdx.x & 31;
   const int sl = lane & (L - 1);  // lane within the token's segment
@@ -205,7 +204,7 @@ __global__ void __launch_bounds__(kFastWarps * 32, VPT >= 16 ? 2 : 4) router_fas
       }
       float gscore = a.m == 1 ? g1 : g1 + g2;
       if (gscore != gscore) gscore = -INFINITY;  // +inf + -inf (infinite bias entries): ranks last
-      int ahead = 0;  // groups before this one in (score desc, group asc) order
+      int ahead = 0;                             // groups before this one in (score desc, group asc) order
       for (int g = 0; g < a.G; ++g) {
         const float o = __shfl_sync(kFull, gscore, seg_first + g * GL);
         ahead += (o > gscore || (o == gscore && g < my_group)) ? 1 : 0;

@@ -15,8 +15,7 @@ namespace moe::ops::router_cuda {
 namespace {
 
 // Local argmax over the unmasked slots of this lane (slots are in increasing expert order).
-template <int VPT>
-__device__ __forceinline__ void local_argmax(const float (&b)[VPT], uint32_t masked, int base, float& v, int& i) {
+template <int VPT> __device__ __forceinline__ void local_argmax(const float (&b)[VPT], uint32_t masked, int base, float& v, int& i) {
   v = -INFINITY;
   i = INT_MAX;
 #pragma unroll
@@ -28,8 +27,7 @@ __device__ __forceinline__ void local_argmax(const float (&b)[VPT], uint32_t mas
   }
 }
 
-template <int VPT>
-__global__ void __launch_bounds__(kWarps * 32) router_forward_kernel(FwdArgs a) {
+template <int VPT> __global__ void __launch_bounds__(kWarps * 32) router_forward_kernel(FwdArgs a) {
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (t >= a.T) return;  // whole warps only: T is counted in warps
@@ -106,7 +104,8 @@ __global__ void __launch_bounds__(kWarps * 32) router_forward_kernel(FwdArgs a) 
   if (a.vec && VPT >= 4) {
 #pragma unroll
     for (int q = 0; q < VPT / 4; ++q)
-      if (base + 4 * q < E) *reinterpret_cast<float4*>(srow + base + 4 * q) = make_float4(s[4 * q], s[4 * q + 1], s[4 * q + 2], s[4 * q + 3]);
+      if (base + 4 * q < E)
+        *reinterpret_cast<float4*>(srow + base + 4 * q) = make_float4(s[4 * q], s[4 * q + 1], s[4 * q + 2], s[4 * q + 3]);
   } else {
 #pragma unroll
     for (int v = 0; v < VPT; ++v)

@@ -44,8 +44,8 @@ __global__ void row_inverse_kernel(const float* s, int64_t T, int E, bool sigmoi
 
 // A block per sequence: counts (shared atomics), f_e, P_e, the sequence's Σ f·P, and the gradient
 // coefficient g[q,e] = coef·E/S · f_e / seqLen.
-__global__ void balance_seq_kernel(const float* s, const int32_t* indices, const float* inv, int E, int k, int64_t seq_len,
-                                   int64_t S, float coef, float* seq_loss, float* g) {
+__global__ void balance_seq_kernel(const float* s, const int32_t* indices, const float* inv, int E, int k, int64_t seq_len, int64_t S,
+                                   float coef, float* seq_loss, float* g) {
   extern __shared__ int counts[];
   __shared__ float part[256];
   const int64_t q = blockIdx.x, t0 = q * seq_len;
@@ -76,8 +76,8 @@ __global__ void balance_seq_kernel(const float* s, const int32_t* indices, const
 }
 
 // A warp per token: dLogits += ∂loss/∂logits from g = ∂loss/∂p.
-__global__ void balance_grad_kernel(const float* s, const float* inv, const float* g, int64_t T, int E, int64_t seq_len,
-                                    bool sigmoid, float* dx) {
+__global__ void balance_grad_kernel(const float* s, const float* inv, const float* g, int64_t T, int E, int64_t seq_len, bool sigmoid,
+                                    float* dx) {
   const int lane = threadIdx.x & 31;
   const int64_t t = int64_t(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (t >= T) return;
@@ -115,8 +115,8 @@ __global__ void z_loss_kernel(const float* x, int64_t T, int E, float coef, floa
 
 }  // namespace
 
-void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
-                              const Tensor& loss, const Tensor& d_logits, void* stream) {
+void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef, const Tensor& loss,
+                              const Tensor& d_logits, void* stream) {
   const char* op = "balanceLoss";
   const int64_t T = scores.size(0), E = scores.size(1), k = indices.size(1), S = T / seq_len;
   MOE_ARG_CHECK(E * 4 <= 48 * 1024, op, "'scores' ", scores.describe(), " has too many experts for the CUDA balance loss");
@@ -130,8 +130,8 @@ void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, Score
   const bool sigmoid = score == ScoreFn::Sigmoid;
   row_inverse_kernel<<<token_blocks(T), kWarps * 32, 0, st>>>(scores.data<float>(), T, int(E), sigmoid, inv);
   cuda::check_launch(op);
-  balance_seq_kernel<<<unsigned(S), 256, size_t(E) * sizeof(int), st>>>(scores.data<float>(), indices.data<int32_t>(), inv,
-                                                                        int(E), int(k), seq_len, S, coef, seq_loss, g);
+  balance_seq_kernel<<<unsigned(S), 256, size_t(E) * sizeof(int), st>>>(scores.data<float>(), indices.data<int32_t>(), inv, int(E), int(k),
+                                                                        seq_len, S, coef, seq_loss, g);
   cuda::check_launch(op);
   reduce_sum_kernel<<<1, 1024, 0, st>>>(seq_loss, S, 1.0, loss.data<float>());
   cuda::check_launch(op);

@@ -23,7 +23,9 @@ int fast_lanes(int64_t E) {
     case 16: return 4;
     case 32: return 8;
     case 64: return 16;
-    case 128: case 256: case 512: return 32;
+    case 128:
+    case 256:
+    case 512: return 32;
     default: return 0;
   }
 }
@@ -41,8 +43,8 @@ RouterForwardKernel select_forward_kernel(const Tensor& logits, const Tensor& sc
 #endif
 
 void require_2d(const Tensor& t, int64_t rows, int64_t cols, const char* op, const char* arg, const char* expect) {
-  MOE_ARG_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, "'", arg, "' ", t.describe(), " should have shape [",
-                rows, ",", cols, "] (", expect, ")");
+  MOE_ARG_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, op, "'", arg, "' ", t.describe(), " should have shape [", rows, ",",
+                cols, "] (", expect, ")");
 }
 
 void require_1d(const Tensor& t, int64_t n, const char* op, const char* arg, const char* expect) {
@@ -65,8 +67,8 @@ void check_score(ScoreFn s, const char* op) {
 void set_router_options(const RouterOptions& options) { g_options.store(options); }
 RouterOptions router_options() { return g_options.load(); }
 
-void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
-                    const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows) {
+void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
+                    const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows) {
   const char* op = "router";
   require_tensor(logits, DType::f32, logits, "logits", op, "logits");
   MOE_ARG_CHECK(logits.dim() == 2, op, "'logits' ", logits.describe(), " must be 2-D [tokens, experts]");
@@ -74,11 +76,10 @@ void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams
   MOE_ARG_CHECK(E >= 1, op, "'logits' ", logits.describe(), " has no experts");
   check_score(p.score, op);
   MOE_ARG_CHECK(p.k >= 1 && p.k <= E, op, "'k' = ", p.k, " must be in [1, ", E, "] (the number of experts)");
-  MOE_ARG_CHECK(p.groups >= 1 && p.groups <= kRouterMaxGroups, op, "'groups' = ", p.groups, " must be in [1, ",
-                kRouterMaxGroups, "]");
+  MOE_ARG_CHECK(p.groups >= 1 && p.groups <= kRouterMaxGroups, op, "'groups' = ", p.groups, " must be in [1, ", kRouterMaxGroups, "]");
   MOE_ARG_CHECK(E % p.groups == 0, op, "'groups' = ", p.groups, " does not divide the ", E, " experts");
-  MOE_ARG_CHECK(p.topk_groups >= 1 && p.topk_groups <= p.groups, op, "'topkGroups' = ", p.topk_groups, " must be in [1, ",
-                p.groups, "] ('groups')");
+  MOE_ARG_CHECK(p.topk_groups >= 1 && p.topk_groups <= p.groups, op, "'topkGroups' = ", p.topk_groups, " must be in [1, ", p.groups,
+                "] ('groups')");
   MOE_ARG_CHECK(p.k % p.topk_groups == 0, op, "'k' = ", p.k, " is not divisible by 'topkGroups' = ", p.topk_groups);
   MOE_ARG_CHECK(p.k / p.topk_groups <= E / p.groups, op, "'k' = ", p.k, " needs ", p.k / p.topk_groups,
                 " experts from each of the 'topkGroups' = ", p.topk_groups, " groups but a group has only ", E / p.groups);
@@ -103,8 +104,8 @@ void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams
                                     select_forward_kernel(logits, scores, p, o), o.pdl, op_stream(logits)));
 }
 
-void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
-                     const Tensor& d_logits, bool accumulate) {
+void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p, const Tensor& d_logits,
+                     bool accumulate) {
   const char* op = "routerBackward";
   require_tensor(scores, DType::f32, scores, "scores", op, "scores");
   MOE_ARG_CHECK(scores.dim() == 2 && scores.size(1) >= 1, op, "'scores' ", scores.describe(), " must be 2-D [tokens, experts]");
@@ -124,8 +125,8 @@ void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor
                 router_backward_cuda(d_weights, scores, indices, p, d_logits, accumulate, op_stream(scores)));
 }
 
-void router_balance_loss(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
-                         const Tensor& loss, const Tensor& d_logits) {
+void router_balance_loss(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef, const Tensor& loss,
+                         const Tensor& d_logits) {
   const char* op = "balanceLoss";
   require_tensor(scores, DType::f32, scores, "scores", op, "scores");
   MOE_ARG_CHECK(scores.dim() == 2 && scores.size(1) >= 1 && scores.size(0) >= 1, op, "'scores' ", scores.describe(),
@@ -164,8 +165,8 @@ void router_z_loss(const Tensor& logits, float coef, const Tensor& loss, const T
 }
 
 void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
-                          const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
-                          const Tensor& experts_per_token, const Tensor& nan_rows) {
+                          const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert, const Tensor& experts_per_token,
+                          const Tensor& nan_rows) {
   const char* op = "router";
   require_tensor(logits, DType::f32, logits, "logits", op, "logits");
   MOE_ARG_CHECK(logits.dim() == 2, op, "'logits' ", logits.describe(), " must be 2-D [tokens, experts]");
@@ -201,8 +202,8 @@ void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, con
                                           op_stream(logits)));
 }
 
-void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
-                                   float route_scale, const Tensor& d_logits, bool accumulate) {
+void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
+                                   const Tensor& d_logits, bool accumulate) {
   const char* op = "routerBackward";
   require_tensor(scores, DType::f32, scores, "scores", op, "scores");
   MOE_ARG_CHECK(scores.dim() == 2 && scores.size(1) >= 1, op, "'scores' ", scores.describe(), " must be 2-D [tokens, experts]");
@@ -217,8 +218,7 @@ void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores
   require_2d(d_logits, T, E, op, "dLogits", "like 'scores'");
   if (T == 0) return;
   MOE_ON_DEVICE(scores, op, router_expert_choice_backward_cpu(d_weights, scores, slot, score, route_scale, d_logits, accumulate),
-                router_expert_choice_backward_cuda(d_weights, scores, slot, score, route_scale, d_logits, accumulate,
-                                                   op_stream(scores)));
+                router_expert_choice_backward_cuda(d_weights, scores, slot, score, route_scale, d_logits, accumulate, op_stream(scores)));
 }
 
 }  // namespace moe::ops

@@ -62,14 +62,14 @@ constexpr int64_t kRouterMaxGroups = 32;
 constexpr float kRouterNormEps = 1e-20f;
 
 // bias may be undefined (no bias).
-void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
-                    const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
+void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
+                    const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
 // dLogits = (or += with accumulate) ∂(Σ dWeights·weights)/∂logits. Uses p.score, p.normalize, p.route_scale.
-void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
-                     const Tensor& d_logits, bool accumulate);
+void router_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p, const Tensor& d_logits,
+                     bool accumulate);
 // d_logits may be undefined (value only).
-void router_balance_loss(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
-                         const Tensor& loss, const Tensor& d_logits);
+void router_balance_loss(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef, const Tensor& loss,
+                         const Tensor& d_logits);
 void router_z_loss(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits);
 
 // ---- expert choice (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing")
@@ -99,10 +99,10 @@ struct ExpertChoiceParams {
 constexpr int64_t kExpertChoiceMaxExpertsCuda = 4096;
 
 void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
-                          const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
-                          const Tensor& experts_per_token, const Tensor& nan_rows);
-void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
-                                   float route_scale, const Tensor& d_logits, bool accumulate);
+                          const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert, const Tensor& experts_per_token,
+                          const Tensor& nan_rows);
+void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
+                                   const Tensor& d_logits, bool accumulate);
 
 // ---- kernel switches, set from TypeScript (setKernelOptions in lib/kernel-options.ts, through
 // native/addon/kernel_options_binding.cc). router.cc is the one place they are read: it chooses the
@@ -121,34 +121,34 @@ RouterOptions router_options();
 enum class RouterForwardKernel : int { Generic = 0, Fast = 1 };
 
 // ---- backends (arguments already checked)
-void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
-                        const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
+void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
+                        const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows);
 void router_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
                          const Tensor& d_logits, bool accumulate);
-void router_balance_loss_cpu(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
-                             const Tensor& loss, const Tensor& d_logits);
+void router_balance_loss_cpu(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef, const Tensor& loss,
+                             const Tensor& d_logits);
 void router_z_loss_cpu(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits);
 
 void router_expert_choice_cpu(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
                               const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
                               const Tensor& experts_per_token, const Tensor& nan_rows);
-void router_expert_choice_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
-                                       float route_scale, const Tensor& d_logits, bool accumulate);
+void router_expert_choice_backward_cpu(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
+                                       const Tensor& d_logits, bool accumulate);
 
 // pdl: the fast kernel may be launched as router_init's programmatic dependent, where the device
 // allows it (compute capability 9.0 or newer, and the launch was not refused there before).
-void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices,
-                         const Tensor& weights, const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows,
-                         RouterForwardKernel kernel, bool pdl, void* stream);
+void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
+                         const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows, RouterForwardKernel kernel,
+                         bool pdl, void* stream);
 void router_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& indices, const RouterParams& p,
                           const Tensor& d_logits, bool accumulate, void* stream);
-void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef,
-                              const Tensor& loss, const Tensor& d_logits, void* stream);
+void router_balance_loss_cuda(const Tensor& scores, const Tensor& indices, ScoreFn score, int64_t seq_len, float coef, const Tensor& loss,
+                              const Tensor& d_logits, void* stream);
 void router_z_loss_cuda(const Tensor& logits, float coef, const Tensor& loss, const Tensor& d_logits, void* stream);
 void router_expert_choice_cuda(const Tensor& logits, const ExpertChoiceParams& p, const Tensor& scores, const Tensor& slot,
                                const Tensor& weights, const Tensor& indices, const Tensor& tokens_per_expert,
                                const Tensor& experts_per_token, const Tensor& nan_rows, void* stream);
-void router_expert_choice_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score,
-                                        float route_scale, const Tensor& d_logits, bool accumulate, void* stream);
+void router_expert_choice_backward_cuda(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
+                                        const Tensor& d_logits, bool accumulate, void* stream);
 
 }  // namespace moe::ops

@@ -21,14 +21,14 @@ AdamWScalars adamw_scalars(const AdamWParams& p) {
   return s;
 }
 
-void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                const Tensor& param_bf16, const AdamWParams& p) {
+void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16,
+                const AdamWParams& p) {
   const char* op = "adamw";
   require_tensor(param, {DType::f32}, param, "param", op, "param");
   const int64_t n = param.numel();
   auto same_numel = [&](const Tensor& t, const char* arg) {
-    MOE_ARG_CHECK(t.numel() == n, op, "'", arg, "' ", t.describe(), " has ", t.numel(), " elements but 'param' ",
-                  param.describe(), " has ", n);
+    MOE_ARG_CHECK(t.numel() == n, op, "'", arg, "' ", t.describe(), " has ", t.numel(), " elements but 'param' ", param.describe(), " has ",
+                  n);
   };
   require_tensor(grad, {DType::f32}, param, "param", op, "grad");
   same_numel(grad, "grad");

@@ -33,12 +33,12 @@ struct AdamWScalars {
 };
 AdamWScalars adamw_scalars(const AdamWParams& p);
 
-void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                const Tensor& param_bf16, const AdamWParams& p);
+void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16,
+                const AdamWParams& p);
 
-void adamw_step_cpu(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                    const Tensor& param_bf16, const AdamWScalars& s);
-void adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                     const Tensor& param_bf16, const AdamWScalars& s, void* stream);
+void adamw_step_cpu(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16,
+                    const AdamWScalars& s);
+void adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16,
+                     const AdamWScalars& s, void* stream);
 
 }  // namespace moe::ops

@@ -1,13 +1,13 @@
 // AdamW reference loop: the update of adamw.h element by element, in double from the fp32 state.
 #include <cmath>
 
-#include "ops/train/adamw/adamw.h"
 #include "ops/common/convert.h"
+#include "ops/train/adamw/adamw.h"
 
 namespace moe::ops {
 
-void adamw_step_cpu(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                    const Tensor& param_bf16, const AdamWScalars& s) {
+void adamw_step_cpu(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16,
+                    const AdamWScalars& s) {
   const int64_t n = param.numel();
   float* w = param.data<float>();
   const float* g = grad.data<float>();

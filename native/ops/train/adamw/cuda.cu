@@ -4,9 +4,9 @@
 
 #include "core/cuda_runtime.h"
 #include "core/tensor.h"
-#include "ops/train/adamw/adamw.h"
 #include "ops/common/convert.h"
 #include "ops/common/launch.h"
+#include "ops/train/adamw/adamw.h"
 
 namespace moe::ops {
 
@@ -55,8 +55,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
-void adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                     const Tensor& param_bf16, const AdamWScalars& s, void* stream) {
+void adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& param_bf16,
+                     const AdamWScalars& s, void* stream) {
   const int64_t n = param.numel();
   float* w = param.data<float>();
   const float* g = grad.data<float>();
@@ -64,18 +64,16 @@ void adamw_step_cuda(const Tensor& param, const Tensor& grad, const Tensor& exp_
   float* v = exp_avg_sq.data<float>();
   bf16* wb = param_bf16.defined() ? param_bf16.data<bf16>() : nullptr;
   cudaStream_t st = cudaStream_t(stream);
-  const int64_t n4 = (aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v) && (!wb || reinterpret_cast<uintptr_t>(wb) % 8 == 0))
-                         ? n / 4
-                         : 0;
+  const int64_t n4 =
+      (aligned16(w) && aligned16(g) && aligned16(m) && aligned16(v) && (!wb || reinterpret_cast<uintptr_t>(wb) % 8 == 0)) ? n / 4 : 0;
   if (n4 > 0) {
     adamw_kernel_vec4<<<grid_for(n4), kThreads, 0, st>>>(reinterpret_cast<float4*>(w), reinterpret_cast<const float4*>(g),
-                                                          reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), wb, n4, s);
+                                                         reinterpret_cast<float4*>(m), reinterpret_cast<float4*>(v), wb, n4, s);
     cuda::check_launch("adamw");
   }
   const int64_t done = 4 * n4;
   if (done < n) {
-    adamw_kernel<<<grid_for(n - done), kThreads, 0, st>>>(w + done, g + done, m + done, v + done, wb ? wb + done : nullptr,
-                                                          n - done, s);
+    adamw_kernel<<<grid_for(n - done), kThreads, 0, st>>>(w + done, g + done, m + done, v + done, wb ? wb + done : nullptr, n - done, s);
     cuda::check_launch("adamw");
   }
 }

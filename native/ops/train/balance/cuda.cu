@@ -4,8 +4,8 @@
 
 #include "core/cuda_runtime.h"
 #include "core/tensor.h"
-#include "ops/train/balance/balance.h"
 #include "ops/common/launch.h"
+#include "ops/train/balance/balance.h"
 
 namespace moe::ops {
 
@@ -30,7 +30,8 @@ template <typename L, typename Acc> __global__ void balance_kernel(float* bias, 
 void balance_bias_update_cuda(const Tensor& bias, const Tensor& load, float gamma, void* stream) {
   const int64_t E = bias.size(0);
   cudaStream_t st = cudaStream_t(stream);
-  if (load.dtype() == DType::i32) balance_kernel<int32_t, int64_t><<<1, kThreads, 0, st>>>(bias.data<float>(), load.data<int32_t>(), E, gamma);
+  if (load.dtype() == DType::i32)
+    balance_kernel<int32_t, int64_t><<<1, kThreads, 0, st>>>(bias.data<float>(), load.data<int32_t>(), E, gamma);
   else balance_kernel<float, double><<<1, kThreads, 0, st>>>(bias.data<float>(), load.data<float>(), E, gamma);
   cuda::check_launch("balanceBiasUpdate");
 }

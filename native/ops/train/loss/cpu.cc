@@ -27,16 +27,16 @@ void mse_loss_cpu(const Tensor& pred, const Tensor& target, const Tensor& loss, 
   loss.data<float>()[0] = float(acc / double(n));
 }
 
-void cross_entropy_loss_cpu(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss,
-                            const Tensor& grad, const Tensor& correct) {
+void cross_entropy_loss_cpu(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss, const Tensor& grad,
+                            const Tensor& correct) {
   const char* op = "crossEntropyLoss";
   const int64_t T = pred.size(0), N = pred.size(1);
   const int32_t* y = target.data<int32_t>();
   int64_t count = 0;
   for (int64_t t = 0; t < T; ++t) {
     if (y[t] == ignore_index) continue;
-    MOE_ARG_CHECK(y[t] >= 0 && y[t] < N, op, "'target' row ", t, " is ", y[t], ": not a class in [0, ", N,
-                  ") and not ignoreIndex (", ignore_index, ")");
+    MOE_ARG_CHECK(y[t] >= 0 && y[t] < N, op, "'target' row ", t, " is ", y[t], ": not a class in [0, ", N, ") and not ignoreIndex (",
+                  ignore_index, ")");
     ++count;
   }
   double total = 0;

@@ -127,8 +127,8 @@ __global__ void ce_finish_kernel(const float* row_loss, const int32_t* flags, in
 }
 
 template <typename P>
-__global__ void ce_grad_kernel(const P* p, const int32_t* y, int64_t T, int N, int32_t ignore, const float* lse,
-                               const int32_t* count, P* g) {
+__global__ void ce_grad_kernel(const P* p, const int32_t* y, int64_t T, int N, int32_t ignore, const float* lse, const int32_t* count,
+                               P* g) {
   const int64_t n = T * N;
   const float inv = count[0] > 0 ? 1.f / float(count[0]) : 0.f;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -156,7 +156,7 @@ void mse_loss_cuda(const Tensor& pred, const Tensor& target, const Tensor& loss,
     dispatch_float(target.dtype(), [&](auto ttag) {
       using Q = typename decltype(ttag)::type;
       mse_partial_kernel<P, Q><<<unsigned(B), kThreads, 0, st>>>(pred.data<P>(), target.data<Q>(), n, float(2.0 / double(n)),
-                                                                grad.defined() ? grad.data<P>() : nullptr, partial.data<float>());
+                                                                 grad.defined() ? grad.data<P>() : nullptr, partial.data<float>());
     });
   });
   cuda::check_launch(op);
@@ -164,8 +164,8 @@ void mse_loss_cuda(const Tensor& pred, const Tensor& target, const Tensor& loss,
   cuda::check_launch(op);
 }
 
-void cross_entropy_loss_cuda(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss,
-                             const Tensor& grad, const Tensor& correct, void* stream) {
+void cross_entropy_loss_cuda(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss, const Tensor& grad,
+                             const Tensor& correct, void* stream) {
   const char* op = "crossEntropyLoss";
   const int64_t T = pred.size(0), N = pred.size(1);
   cudaStream_t st = cudaStream_t(stream);
@@ -179,15 +179,15 @@ void cross_entropy_loss_cuda(const Tensor& pred, const Tensor& target, int64_t i
   dispatch_float(pred.dtype(), [&](auto tag) {
     using P = typename decltype(tag)::type;
     if (T > 0) {
-      ce_rows_kernel<P><<<unsigned(std::min<int64_t>(T, INT_MAX)), kRowThreads, 0, st>>>(
-          pred.data<P>(), target.data<int32_t>(), T, int(N), int32_t(ignore_index), lse, row_loss, flags);
+      ce_rows_kernel<P><<<unsigned(std::min<int64_t>(T, INT_MAX)), kRowThreads, 0, st>>>(pred.data<P>(), target.data<int32_t>(), T, int(N),
+                                                                                         int32_t(ignore_index), lse, row_loss, flags);
       cuda::check_launch(op);
     }
     ce_finish_kernel<<<1, kFinishThreads, 0, st>>>(row_loss, flags, T, loss.data<float>(), correct.data<int32_t>(), count);
     cuda::check_launch(op);
     if (grad.defined() && T > 0) {
-      ce_grad_kernel<P><<<grid_for(T * N), kThreads, 0, st>>>(pred.data<P>(), target.data<int32_t>(), T, int(N),
-                                                               int32_t(ignore_index), lse, count, grad.data<P>());
+      ce_grad_kernel<P><<<grid_for(T * N), kThreads, 0, st>>>(pred.data<P>(), target.data<int32_t>(), T, int(N), int32_t(ignore_index), lse,
+                                                              count, grad.data<P>());
       cuda::check_launch(op);
     }
   });

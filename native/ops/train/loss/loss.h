@@ -25,10 +25,10 @@ void cross_entropy_loss(const Tensor& pred, const Tensor& target, int64_t ignore
 
 // ---- backends (arguments already checked; grad may be undefined)
 void mse_loss_cpu(const Tensor& pred, const Tensor& target, const Tensor& loss, const Tensor& grad);
-void cross_entropy_loss_cpu(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss,
-                            const Tensor& grad, const Tensor& correct);
+void cross_entropy_loss_cpu(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss, const Tensor& grad,
+                            const Tensor& correct);
 void mse_loss_cuda(const Tensor& pred, const Tensor& target, const Tensor& loss, const Tensor& grad, void* stream);
-void cross_entropy_loss_cuda(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss,
-                             const Tensor& grad, const Tensor& correct, void* stream);
+void cross_entropy_loss_cuda(const Tensor& pred, const Tensor& target, int64_t ignore_index, const Tensor& loss, const Tensor& grad,
+                             const Tensor& correct, void* stream);
 
 }  // namespace moe::ops

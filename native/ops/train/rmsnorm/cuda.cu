@@ -79,7 +79,7 @@ void rmsnorm_forward_cuda(const Tensor& x, const Tensor& weight, double eps, con
   dispatch_float(x.dtype(), [&](auto tag) {
     using X = typename decltype(tag)::type;
     rmsnorm_forward_kernel<X><<<blocks, row_threads(H), 0, cudaStream_t(stream)>>>(x.data<X>(), weight.data<float>(), T, H, float(eps),
-                                                                                    y.data<X>(), rstd.data<float>());
+                                                                                   y.data<X>(), rstd.data<float>());
   });
   cuda::check_launch("rmsnorm");
 }

@@ -32,8 +32,8 @@ void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, const Te
   MOE_ON_DEVICE(x, op, rmsnorm_forward_cpu(x, weight, eps, y, rstd), rmsnorm_forward_cuda(x, weight, eps, y, rstd, op_stream(x)));
 }
 
-void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dx,
-                      const Tensor& d_weight, bool accumulate) {
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dx, const Tensor& d_weight,
+                      bool accumulate) {
   const char* op = "rmsnormBackward";
   check_rows(x, op);
   const int64_t T = x.size(0), H = x.size(1);

@@ -12,8 +12,8 @@
 namespace moe::ops {
 
 void rmsnorm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd);
-void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dx,
-                      const Tensor& d_weight, bool accumulate);
+void rmsnorm_backward(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& dx, const Tensor& d_weight,
+                      bool accumulate);
 
 // ---- backends (arguments already checked)
 void rmsnorm_forward_cpu(const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd);
