@@ -10,7 +10,7 @@ import { join } from 'node:path';
 
 import { disposeState, init, loadCheckpoint, loadMoELayer, moeLayerState, saveCheckpoint, Tensor } from '../../dist/lib/index.js';
 import { MoELayer } from '../../dist/lib/moe/layer.js';
-import { check, same, scriptDevice } from './common.mjs';
+import { check, relErr, same, scriptDevice } from './common.mjs';
 
 //   --device cuda (after the mode's arguments): the layers on each rank's GPU in bf16 (NCCL with a
 //                 GPU per rank, MPI staging when ranks share one); y.bin holds f32 values either way.
@@ -26,15 +26,6 @@ const bits = (t) => Buffer.from(t.toArray().buffer);
 // Outputs at another EP size: bit for bit in f32 on the CPU (every transport sums a token's k
 // expert rows in the same fp32 order); within bf16 rounding on the GPU, where the peer-memory
 // transport returns each rank's partial sum in bf16 before the owner adds them.
-const relErr = (a, b) => {
-  let num = 0,
-    den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / Math.max(den, 1e-30));
-};
 function sameOutput(got, want, what) {
   if (device === 'cpu') return check(Buffer.from(got.buffer).equals(Buffer.from(want.buffer)), `${what} differs`);
   check(relErr(got, want) < 1e-2, `${what}: relErr ${relErr(got, want)} (bf16 tolerance 1e-2)`);

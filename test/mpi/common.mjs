@@ -50,3 +50,14 @@ export async function scriptDevice(world) {
     check(world.backend === 'mpi', `${world.size} ranks share ${cuda.deviceCount()} GPU(s) but init() chose ${world.backend}`);
   return { device, gpu: true };
 }
+
+/** Relative error in norm, ‖a − b‖ / ‖b‖ (the same measure as test/helpers.ts's relErr). */
+export function relErr(a, b) {
+  let num = 0,
+    den = 0;
+  for (let i = 0; i < a.length; i++) {
+    num += (a[i] - b[i]) ** 2;
+    den += b[i] ** 2;
+  }
+  return Math.sqrt(num / Math.max(den, 1e-30));
+}

@@ -8,7 +8,7 @@
 // Both also run the communication on a comm stream and check it changes nothing.
 import { Dispatcher, dtypeSize, init, memoryStats, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
 import { capacity } from '../../dist/lib/moe/capacity.js';
-import { check, progress, scriptDevice } from './common.mjs';
+import { check, progress, relErr, scriptDevice } from './common.mjs';
 import { expertChoiceReference } from '../expert-choice-reference.mjs';
 
 const world = await init();
@@ -17,15 +17,6 @@ const rank = world.rank;
 const { device, gpu } = await scriptDevice(world);
 progress(`init on ${device}`);
 const on = { device };
-const relErr = (a, b) => {
-  let n = 0,
-    d = 0;
-  for (let i = 0; i < a.length; i++) {
-    n += (a[i] - b[i]) ** 2;
-    d += b[i] ** 2;
-  }
-  return Math.sqrt(n / Math.max(d, 1e-30));
-};
 const vals = (t) => Array.from(t.toFloat32Array());
 const bits = (t) => Buffer.from(t.toArray().buffer);
 

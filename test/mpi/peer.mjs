@@ -10,7 +10,7 @@
 //   - crafted routing: the last rank sends everything to rank 0 (it receives nothing from itself).
 // Each rank prints its seed; a failure names the case.
 import { capacity, cuda, Dispatcher, init, synchronize, Tensor, tidy } from '../../dist/lib/index.js';
-import { check, progress, scriptDevice } from './common.mjs';
+import { check, progress, relErr, scriptDevice } from './common.mjs';
 
 const world = await init();
 const P = world.size;
@@ -21,15 +21,6 @@ const seed = Number(process.env.MOE_EP_TEST_SEED ?? Date.now() % 100000) + 7919 
 console.log(`rank ${rank}: seed ${seed}`);
 const on = { device };
 
-const relErr = (a, b) => {
-  let n = 0,
-    d = 0;
-  for (let i = 0; i < a.length; i++) {
-    n += (a[i] - b[i]) ** 2;
-    d += b[i] ** 2;
-  }
-  return Math.sqrt(n / Math.max(d, 1e-30));
-};
 const vals = (t) => Array.from(t.toFloat32Array());
 const bits = (t) => Buffer.from(t.toArray().buffer);
 const ints = (t) => Array.from(t.toArray());

@@ -7,7 +7,7 @@
 import { HfMoECheckpoint, init, MoEInference, Tensor, tidy } from '../../dist/lib/index.js';
 import { buildHfCheckpoint, encode, normals, testConfigs } from '../hf-fixtures.mjs';
 import { hfMoEReference, moeSizes } from '../hf-moe-reference.mjs';
-import { check } from './common.mjs';
+import { check, relErr } from './common.mjs';
 
 const world = await init();
 const P = world.size,
@@ -18,15 +18,6 @@ check(cfg !== undefined, `unknown family ${family}`);
 const seed = Number(seedArg);
 const { layers } = buildHfCheckpoint(null, cfg, { write: false, seed, dtype });
 const { H, E, k } = moeSizes(cfg);
-const relErr = (a, b) => {
-  let num = 0,
-    den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num += (a[i] - b[i]) ** 2;
-    den += b[i] ** 2;
-  }
-  return Math.sqrt(num / Math.max(den, 1e-30));
-};
 
 for (const capacityFactor of [undefined, E / k]) {
   const ckpt = HfMoECheckpoint.open(dir);
