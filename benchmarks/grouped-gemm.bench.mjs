@@ -536,9 +536,12 @@ const area = `grouped-gemm${shapeArg ? `-shapes${chosen.join('_')}` : ''}${varia
 const peerNote = peerReady
   ? `torch ${peerReady.torch} on ${peerReady.device}, ${peerReady.grouped_mm}: NN torch._grouped_mm(a, b, offs); NT (dC, b.transpose(-2,-1), offs); TN (a.t(), dC, offs); TN32 per row ('torch.call'); offs = the cumulative ends (int32). One process for the run (peers/grouped_gemm_torch.py), inputs handed over once each${peerState ? `; ${peerState}` : ''}`
   : peerState;
+// Columns empty in every row (no peer, no clocks) left out of the table.
+const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((c) => rows.some((r) => r[c] !== null && r[c] !== undefined));
+const tableRows = rows.map((r) => Object.fromEntries(cols.map((c) => [c, r[c] ?? null])));
 writeResult(
   area,
-  rows,
+  tableRows,
   {
     config: { shapes: chosen, products, rounds, calls, warmup, inner, variants, device: dev, dryRun },
     flops: '2·M·K·N per product; M rows in total split into groups by counts',
