@@ -1,5 +1,8 @@
 // The grouped-GEMM shapes of issues #3 and #7 (M rows split into groups by counts, K inner, N
-// columns), shared by the benchmark and the profiling script.
+// columns), shared by the benchmark and the profiling script. `tag`: a short name for tables.
+// `dram`: the shapes where the DRAM roof binds (issue #20): the [E, K, N] weights (or dW) of E=256
+// are 7.5 GB, so every product's bytes at the copy bandwidth (~4.2 TB/s, ~1.8 ms) take longer than
+// its FLOPs at the tensor roof (~750 TFLOP/s: 1.3 ms for E=256, 0.04 ms for decode).
 function balanced(E, M) {
   return Array.from({ length: E }, (_, e) => Math.floor(((e + 1) * M) / E) - Math.floor((e * M) / E));
 }
@@ -13,10 +16,22 @@ function zipf(E, M) {
 }
 
 export const shapes = [
-  { name: 'T=32768 H=7168 F=2048 E=64 balanced', M: 32768, K: 7168, N: 2048, counts: balanced(64, 32768) },
-  { name: 'T=32768 H=7168 F=2048 E=64 zipf', M: 32768, K: 7168, N: 2048, counts: zipf(64, 32768) },
-  { name: 'T=8192 H=4096 F=14336 E=8', M: 8192, K: 4096, N: 14336, counts: balanced(8, 8192) },
-  { name: 'T=4096x8 H=7168 F=2048 E=256', M: 32768, K: 7168, N: 2048, counts: balanced(256, 32768) },
-  { name: 'T=65536x8 H=2048 F=768 E=128 fine-grained', M: 524288, K: 2048, N: 768, counts: balanced(128, 524288) },
-  { name: 'T=128x8 H=7168 F=2048 E=256 decode', M: 1024, K: 7168, N: 2048, counts: balanced(256, 1024) },
+  { name: 'T=32768 H=7168 F=2048 E=64 balanced', tag: 'balanced', M: 32768, K: 7168, N: 2048, counts: balanced(64, 32768) },
+  { name: 'T=32768 H=7168 F=2048 E=64 zipf', tag: 'zipf', M: 32768, K: 7168, N: 2048, counts: zipf(64, 32768) },
+  { name: 'T=8192 H=4096 F=14336 E=8', tag: 'E=8', M: 8192, K: 4096, N: 14336, counts: balanced(8, 8192) },
+  { name: 'T=4096x8 H=7168 F=2048 E=256', tag: 'E=256', M: 32768, K: 7168, N: 2048, counts: balanced(256, 32768), dram: true },
+  { name: 'T=65536x8 H=2048 F=768 E=128 fine-grained', tag: 'fine', M: 524288, K: 2048, N: 768, counts: balanced(128, 524288) },
+  { name: 'T=128x8 H=7168 F=2048 E=256 decode', tag: 'decode', M: 1024, K: 7168, N: 2048, counts: balanced(256, 1024), dram: true },
+];
+
+// The same six cases shrunk for CPU dry runs (the benchmark's --dry-run): the same kinds of counts
+// (balanced, Zipf, few large groups, many groups, many rows, <= 8 rows per group), so every path of
+// the script runs; their times mean nothing.
+export const dryShapes = [
+  { name: 'dry balanced', tag: 'balanced', M: 512, K: 128, N: 64, counts: balanced(8, 512) },
+  { name: 'dry zipf', tag: 'zipf', M: 512, K: 128, N: 64, counts: zipf(8, 512) },
+  { name: 'dry E=2', tag: 'E=2', M: 256, K: 64, N: 256, counts: balanced(2, 256) },
+  { name: 'dry E=16', tag: 'E=16', M: 512, K: 128, N: 64, counts: balanced(16, 512), dram: true },
+  { name: 'dry fine-grained', tag: 'fine', M: 1024, K: 64, N: 48, counts: balanced(16, 1024) },
+  { name: 'dry decode', tag: 'decode', M: 64, K: 128, N: 64, counts: balanced(16, 64), dram: true },
 ];

@@ -1,8 +1,13 @@
-"""Shared by the PyTorch peer scripts: load the inputs a benchmark wrote (harness.mjs writeInputs)
-and time a callable with CUDA events (median over repeats after warm-up)."""
+"""Shared by the PyTorch peer scripts: load the inputs a benchmark wrote (harness.mjs writeInputs),
+whole (load_inputs) or one at a time streamed through a pinned buffer (load_streamed), time a
+callable with CUDA events (median over repeats after warm-up), and, for a peer kept alive by the
+benchmark, exit when the benchmark is gone (watch_parent)."""
 import json
+import math
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import torch
@@ -21,6 +26,59 @@ def load_inputs(folder, device="cuda"):
         if meta["dtype"] == "bf16":
             t = t.view(torch.bfloat16)
         out[name] = t.to(device)
+    return out
+
+
+# load_streamed: the torch dtype of each manifest dtype, and the raw bits' type while reading (bf16
+# read as int16, then viewed as bfloat16).
+TORCH_DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16, "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8}
+RAW_DTYPES = {"bf16": torch.int16, "f32": torch.float32, "f16": torch.float16, "i32": torch.int32, "i64": torch.int64, "u8": torch.uint8}
+
+
+def watch_parent():
+    """Exit when the benchmark that started us is gone (killed by its own timeout, say), even while
+    busy loading or timing: no peer outlives it holding the GPU."""
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(3)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def load_streamed(folder, manifest, name, device, transform=None, chunk_bytes=256 << 20):
+    """One input onto `device`, streamed along dim 0 in chunks of at most chunk_bytes through one
+    (pinned, on CUDA) host buffer; transform(chunk) → the chunk as stored (same shape). `manifest`:
+    the folder's inputs.json (harness.mjs writeInputs), loaded."""
+    meta = manifest[name]
+    shape, dt = list(meta["shape"]), meta["dtype"]
+    raw_t, torch_t = RAW_DTYPES[dt], TORCH_DTYPES[dt]
+    rows = shape[0] if shape else 1
+    row_elems = math.prod(shape[1:]) if len(shape) > 1 else 1
+    item = torch.empty(0, dtype=raw_t).element_size()
+    step = max(1, chunk_bytes // max(1, row_elems * item))
+    step = min(step, max(rows, 1))
+    out = torch.empty(shape, dtype=torch_t, device=device)
+    buf = torch.empty(step * row_elems, dtype=raw_t, pin_memory=device.type == "cuda")
+    path = os.path.join(folder, name + ".bin")
+    with open(path, "rb", buffering=0) as f:
+        for start in range(0, rows, step):
+            n = min(step, rows - start)
+            host = buf[: n * row_elems]
+            mv = memoryview(host.numpy()).cast("B")
+            got = 0
+            while got < len(mv):
+                r = f.readinto(mv[got:])
+                if not r:
+                    raise RuntimeError(f"{path}: ended after {start * row_elems * item + got} bytes; the manifest says {shape} {dt}")
+                got += r
+            chunk = host.view(torch_t).view([n] + shape[1:]).to(device)
+            if transform is not None:
+                chunk = transform(chunk)
+            out[start : start + n].copy_(chunk)
     return out
 
 
