@@ -83,7 +83,8 @@ if (!argv.includes('--child')) {
 const { ops, setKernelOptions, sumOfSquares, synchronize, Tensor, tidy } = await import('../dist/lib/index.js');
 const { groupedGemm } = await import('../dist/lib/moe/grouped-gemm.js');
 const { shapes: fullShapes, dryShapes } = await import('./grouped-gemm-shapes.mjs');
-const { dryRun, PeerSession, printTable, quick, timeRegion, torchAvailable, writeInputs, writeResult } = await import('./harness.mjs');
+const { dryRun, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
+  await import('./harness.mjs');
 
 const dev = dryRun ? 'cpu' : 'cuda:0';
 const onGpu = !dryRun;
@@ -120,17 +121,6 @@ const log = (...m) => console.error(`[grouped-gemm ${elapsed().toFixed(1)} s]`, 
 const sync = () => {
   if (onGpu) synchronize(dev);
 };
-const median = (a) => {
-  const s = a.filter(Number.isFinite).sort((p, q) => p - q);
-  if (!s.length) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; // an even count of rounds: the mean of the middle two
-};
-const range = (a) => {
-  const s = a.filter(Number.isFinite);
-  return s.length ? [Math.min(...s), Math.max(...s)] : [NaN, NaN];
-};
-const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? +v.toFixed(d) : null);
 const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${num(hi, d)}` : null);
 log(
   `${chosen.length} shape(s), products ${products.join(' ')}, ${rounds} round(s) of ${calls} calls a block (inner ${inner}), ` +

@@ -23,6 +23,28 @@ export const dryRun = args.includes('--dry-run');
 const outIndex = args.indexOf('--out');
 export const outDir = outIndex >= 0 ? args[outIndex + 1] : join(import.meta.dirname, 'results');
 
+/** The value after `name` on the command line (`--rounds 5`), or `fallback`. */
+export function flag(name, fallback) {
+  const i = args.indexOf(name);
+  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
+}
+
+/** Median of the finite values (an even count, e.g. --rounds 4: the mean of the middle two); NaN for none. */
+export function median(a) {
+  const s = a.filter(Number.isFinite).sort((p, q) => p - q);
+  if (!s.length) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** [min, max] of the finite values ([NaN, NaN] for none). */
+export function range(a) {
+  const s = a.filter(Number.isFinite);
+  return s.length ? [Math.min(...s), Math.max(...s)] : [NaN, NaN];
+}
+
+/** A finite number rounded to `d` decimals for a result file, else null. */
+export const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? +v.toFixed(d) : null);
 /**
  * Median ms per call of body(ctx, call) over `repeats` timed regions after `warmup`: CUDA events
  * around the region on a GPU, the wall clock on the CPU (dry runs). A region makes `inner`

@@ -93,12 +93,8 @@ const {
 } = await import('../dist/lib/index.js');
 // @internal: the fused SwiGLU / dSwiGLU products expertsForward and expertsBackward make.
 const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
-const { args, dryRun, PeerSession, printTable, quick, timeRegion, torchAvailable, writeInputs, writeResult } =
+const { args, dryRun, flag, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
   await import('./harness.mjs');
-const flag = (name, fallback) => {
-  const i = args.indexOf(name);
-  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
-};
 
 const noPeer = args.includes('--no-peer');
 const dev = dryRun ? 'cpu' : 'cuda:0';
@@ -127,16 +123,6 @@ const dy = Tensor.randn([T, H], { dtype: 'bf16', device: dev, seed: 12 });
 
 const sync = () => {
   if (onGpu) synchronize(dev);
-};
-const median = (a) => {
-  const s = a.filter(Number.isFinite).sort((p, q) => p - q);
-  if (!s.length) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2; // even count (--rounds 2, 4): the mean of the middle two
-};
-const range = (a) => {
-  const s = a.filter(Number.isFinite);
-  return s.length ? [Math.min(...s), Math.max(...s)] : [NaN, NaN];
 };
 /** Frees a forward's outputs and saved tensors (idempotent: backward already freed the saved ones). */
 function disposeForward(f) {
@@ -576,7 +562,6 @@ const callsMs = wallRegion(layerStep, { endSync: false });
 const wallStepMs = wallRegion(layerStep, { endSync: true });
 
 // ------------------------------------------------------------------------------------- report
-const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? +v.toFixed(d) : null);
 const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${num(hi, d)}` : null);
 const col = (arr, key) => arr.map((r) => (typeof r?.[key] === 'number' ? r[key] : NaN));
 const flopsFwd = 2 * T * k * H * 3 * F + 2 * T * H * E; // experts (W1, W3, W2) + router

@@ -95,12 +95,8 @@ if (!Object.hasOwn(SHAPES, shapeName)) {
 const shape = SHAPES[shapeName];
 
 const { cuda, groupedGemm, MoEInference, routerForward, synchronize, Tensor, UnavailableError } = await import('../dist/lib/index.js');
-const { args, dryRun, PeerSession, printTable, quick, timeRegion, torchAvailable, writeInputs, writeResult } =
+const { args, dryRun, flag, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
   await import('./harness.mjs');
-const flag = (name, fallback) => {
-  const i = args.indexOf(name);
-  return i >= 0 && i + 1 < args.length ? args[i + 1] : fallback;
-};
 
 const noPeer = args.includes('--no-peer');
 const dev = dryRun ? 'cpu' : 'cuda:0';
@@ -127,17 +123,6 @@ log(`${label}, T = ${TS.join(', ')}, ${rounds} round(s), ${repeats} repeats a ro
 const sync = () => {
   if (onGpu) synchronize(dev);
 };
-const median = (a) => {
-  const s = a.filter(Number.isFinite).sort((p, q) => p - q);
-  if (!s.length) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-const range = (a) => {
-  const s = a.filter(Number.isFinite);
-  return s.length ? [Math.min(...s), Math.max(...s)] : [NaN, NaN];
-};
-const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? +v.toFixed(d) : null);
 const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${num(hi, d)}` : null);
 
 // ------------------------------------------------------------------------------------ the layer

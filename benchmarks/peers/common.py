@@ -106,3 +106,60 @@ def rel_err(out, ref):
 def emit(obj):
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def grouped_mm_loop(a, b, offs=None, out_dtype=None):
+    """torch._grouped_mm's 2d x 3d and 2d x 2d products group by group (CPU dry runs with an older
+    torch only). 2d x 3d: rows past the last offset are zeros here (torch leaves them undefined)."""
+    outs, start = [], 0
+    ends = offs.tolist()
+    if b.dim() == 3:  # a [M, K] x b [E, K, N] -> [M, N]
+        for e, end in enumerate(ends):
+            outs.append(a[start:end] @ b[e])
+            start = end
+        if start < a.shape[0]:
+            outs.append(a.new_zeros(a.shape[0] - start, b.shape[-1]))
+        out = torch.cat(outs)
+    else:  # a [K, M] (a transposed view) x b [M, N] -> [E, K, N]
+        for end in ends:
+            outs.append(a[:, start:end] @ b[start:end])
+            start = end
+        out = torch.stack(outs)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+def grouped_mm_for(device):
+    """torch._grouped_mm, or on the CPU of a torch without it the loop above: (function, what it is)."""
+    fn = getattr(torch, "_grouped_mm", None)
+    if fn is not None:
+        return fn, "torch._grouped_mm"
+    if device.type == "cuda":
+        raise SystemExit(f"torch {torch.__version__} has no torch._grouped_mm (2.8 or later needed)")
+    return grouped_mm_loop, "a matmul per group (this torch has no _grouped_mm; CPU dry run)"
+
+
+def serve_commands(handlers, on_error=None):
+    """Answers one JSON line per request on stdin until "quit" or end of input: handlers[cmd](request)
+    is emitted; a failed request is reported as {"error"} (on_error(name) runs first) and the next
+    may still run."""
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        cmd = json.loads(line)
+        name = cmd.get("cmd")
+        if name == "quit":
+            break
+        handler = handlers.get(name)
+        if handler is None:
+            emit({"error": f"unknown command {cmd!r}"})
+            continue
+        try:
+            emit(handler(cmd))
+        except Exception as e:
+            if on_error is not None:
+                on_error(name)
+            emit({"error": f"{type(e).__name__}: {e}"})

@@ -40,43 +40,18 @@ import time
 
 import torch
 
-from common import emit, load_streamed, watch_parent
+from common import emit, grouped_mm_for, load_streamed, serve_commands, watch_parent
 
 PRODUCTS = ("NN", "NT", "TN", "TN32")
 
 
-def _grouped_mm_loop(a, b, offs=None, out_dtype=None):
-    """torch._grouped_mm's 2d x 3d and 2d x 2d products group by group (CPU dry runs with an older
-    torch only). 2d x 3d: rows past the last offset are zeros here (torch leaves them undefined)."""
-    outs, start = [], 0
-    ends = offs.tolist()
-    if b.dim() == 3:  # a [M, K] x b [E, K, N] -> [M, N]
-        for e, end in enumerate(ends):
-            outs.append(a[start:end] @ b[e])
-            start = end
-        if start < a.shape[0]:
-            outs.append(a.new_zeros(a.shape[0] - start, b.shape[-1]))
-        out = torch.cat(outs)
-    else:  # a [K, M] (a transposed view) x b [M, N] -> [E, K, N]
-        for end in ends:
-            outs.append(a[:, start:end] @ b[start:end])
-            start = end
-        out = torch.stack(outs)
-    return out if out_dtype is None else out.to(out_dtype)
-
-
-GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def main():
     watch_parent()
     device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cuda")
     on_gpu = device.type == "cuda"
-    grouped_mm = GROUPED_MM
-    if grouped_mm is None:
-        if on_gpu:
-            raise SystemExit(f"torch {torch.__version__} has no torch._grouped_mm (2.8 or later needed)")
-        grouped_mm = _grouped_mm_loop
+    grouped_mm, grouped_mm_is = grouped_mm_for(device)
     if on_gpu:
         torch.cuda.init()
     emit(
@@ -84,7 +59,7 @@ def main():
             "ready": True,
             "torch": torch.__version__,
             "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if on_gpu else ""),
-            "grouped_mm": "torch._grouped_mm" if grouped_mm is GROUPED_MM else "a matmul per group (this torch has no _grouped_mm; CPU dry run)",
+            "grouped_mm": grouped_mm_is,
         }
     )
 
@@ -126,7 +101,7 @@ def main():
         }
         # dW with fp32 results: out_dtype where this torch takes it, else the bf16 dW cast.
         tn32 = "torch._grouped_mm(a.t(), dC, offs, out_dtype=torch.float32)"
-        if grouped_mm is not GROUPED_MM:
+        if grouped_mm_is != "torch._grouped_mm":
             tn32 = "a matmul per group (CPU dry run), results cast to float32"
         errors = {}
         try:
@@ -207,29 +182,11 @@ def main():
         times.sort()
         return {"product": p, "ms": times[len(times) // 2]}
 
-    while True:
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        cmd = json.loads(line)
-        name = cmd.get("cmd")
-        if name == "quit":
-            break
-        try:
-            if name == "shape":
-                emit(shape(cmd))
-            elif name == "time":
-                emit(timed(cmd))
-            else:
-                emit({"error": f"unknown command {cmd!r}"})
-        except Exception as e:  # one failed request is reported, the next may still run
-            if name == "shape":
-                cur.clear()  # no current shape: its time requests answer with an error
-            emit({"error": f"{type(e).__name__}: {e}"})
+    def forget_shape(name):
+        if name == "shape":
+            cur.clear()  # no current shape: its time requests answer with an error
 
+    serve_commands({"shape": shape, "time": timed}, on_error=forget_shape)
 
 if __name__ == "__main__":
     main()

@@ -30,31 +30,17 @@ depend on its own routing only). The first pass also asserts what torch._grouped
 A torch without torch._grouped_mm (older than 2.8) gets a loop of matmuls per group in its place,
 on the CPU only (dry runs of the script): the answers then say so ("grouped_mm").
 """
-import json
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import emit, load_inputs, rel_err
+from common import emit, grouped_mm_for, load_inputs, rel_err, serve_commands
 
 ALIGN = 16
 
 
-def _grouped_mm_loop(a, b, offs):
-    """torch._grouped_mm's 2d x 3d product group by group (CPU dry runs with an older torch only).
-    Rows past the last offset are left undefined by torch; zeros here (the layer never reads them)."""
-    outs, start = [], 0
-    for e, end in enumerate(offs.tolist()):
-        outs.append(a[start:end] @ b[e])
-        start = end
-    if start < a.shape[0]:
-        outs.append(a.new_zeros(a.shape[0] - start, b.shape[-1]))
-    return torch.cat(outs)
-
-
-GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def check_grouped_mm_args(a, b, offs, align=ALIGN):
@@ -108,11 +94,7 @@ def routed_layer(x, wr, k, experts, align=ALIGN):
 def main():
     folder, k = sys.argv[1], int(sys.argv[2])
     device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cuda")
-    grouped_mm = GROUPED_MM
-    if grouped_mm is None:
-        if device.type == "cuda":
-            raise SystemExit(f"torch {torch.__version__} has no torch._grouped_mm (2.8 or later needed)")
-        grouped_mm = _grouped_mm_loop
+    grouped_mm, grouped_mm_is = grouped_mm_for(device)
     inp = load_inputs(folder, device=device)
     dy = inp["dy"]
 
@@ -160,7 +142,7 @@ def main():
         "ready": True,
         "torch": torch.__version__,
         "device": str(device),
-        "grouped_mm": "torch._grouped_mm" if grouped_mm is GROUPED_MM else "a matmul per group (this torch has no _grouped_mm; CPU dry run)",
+        "grouped_mm": grouped_mm_is,
         "routing_mismatch_tokens": int((~same).sum()),
         "rel_err": {
             "y": rel_err(inp["y"], y.detach()),
@@ -254,24 +236,7 @@ def main():
         return result
 
     # ------------------------------------------------------------------------------- commands
-    while True:
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        cmd = json.loads(line)
-        if cmd.get("cmd") == "quit":
-            break
-        if cmd.get("cmd") == "round":
-            try:
-                emit(round_(cmd))
-            except Exception as e:  # one failed round is reported, the next may still run
-                emit({"error": f"{type(e).__name__}: {e}"})
-        else:
-            emit({"error": f"unknown command {cmd!r}"})
-
+    serve_commands({"round": round_})
 
 if __name__ == "__main__":
     main()

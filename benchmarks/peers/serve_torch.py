@@ -46,22 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common import emit, load_streamed as load, rel_err, watch_parent
+from common import emit, grouped_mm_for, load_streamed as load, rel_err, serve_commands, watch_parent
 
 
-def _grouped_mm_loop(a, b, offs):
-    """torch._grouped_mm's 2d × 3d product group by group (CPU dry runs with an older torch only).
-    Rows past the last offset: zeros here (torch leaves them undefined; the layer never reads them)."""
-    outs, start = [], 0
-    for e, end in enumerate(offs.tolist()):
-        outs.append(a[start:end] @ b[e])
-        start = end
-    if start < a.shape[0]:
-        outs.append(a.new_zeros(a.shape[0] - start, b.shape[-1]))
-    return torch.cat(outs)
-
-
-GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def check_grouped_mm_args(a, b, offs):
@@ -135,11 +122,7 @@ def main():
     folder, cfg = sys.argv[1], json.loads(sys.argv[2])
     device = torch.device(sys.argv[3] if len(sys.argv) > 3 else "cuda")
     on_gpu = device.type == "cuda"
-    grouped_mm = GROUPED_MM
-    if grouped_mm is None:
-        if on_gpu:
-            raise SystemExit(f"torch {torch.__version__} has no torch._grouped_mm (2.8 or later needed)")
-        grouped_mm = _grouped_mm_loop
+    grouped_mm, grouped_mm_is = grouped_mm_for(device)
     H, Fw, E = cfg["H"], cfg["F"], cfg["E"]
     Ts = [int(T) for T in cfg["Ts"]]
 
@@ -222,7 +205,7 @@ def main():
             "torch": torch.__version__,
             "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
-            "grouped_mm": "torch._grouped_mm" if grouped_mm is GROUPED_MM else "a matmul per group (this torch has no _grouped_mm; CPU dry run)",
+            "grouped_mm": grouped_mm_is,
             "graphs": "captured per T" if on_gpu else "skipped: CUDA graphs need CUDA (CPU dry run)",
             "graph_errors": {str(T): v for T, v in graph_errors.items()},
             "load_s": load_s,
@@ -286,27 +269,7 @@ def main():
                 )
         return {"warmup": warmup, "repeats": repeats, "rows": out}
 
-    while True:
-        line = sys.stdin.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line:
-            continue
-        cmd = json.loads(line)
-        name = cmd.get("cmd")
-        if name == "quit":
-            break
-        try:
-            if name == "round":
-                emit(per_T(timed, cmd))
-            elif name == "host":
-                emit(per_T(host_timed, cmd))
-            else:
-                emit({"error": f"unknown command {cmd!r}"})
-        except Exception as e:  # one failed request is reported, the next may still run
-            emit({"error": f"{type(e).__name__}: {e}"})
-
+    serve_commands({"round": lambda cmd: per_T(timed, cmd), "host": lambda cmd: per_T(host_timed, cmd)})
 
 if __name__ == "__main__":
     main()
