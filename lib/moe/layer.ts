@@ -39,6 +39,7 @@ import {
   routerEntropy,
   routerForward,
   type RouterConfig,
+  routerFieldsOf,
   zLoss,
 } from './router.js';
 import { trace } from '../trace.js';
@@ -178,14 +179,7 @@ export class MoELayer implements Disposable {
     const hidden = checkPositiveInt(config.hidden, op, 'hidden');
     const ffn = checkPositiveInt(config.ffn, op, 'ffn');
     this.router = resolveRouterConfig({
-      numExperts: config.numExperts,
-      topK: config.topK,
-      scoreFunction: config.scoreFunction ?? 'softmax',
-      groups: config.groups ?? 1,
-      topkGroups: config.topkGroups ?? config.groups ?? 1,
-      ...(config.normalize === undefined ? {} : { normalize: config.normalize }),
-      routeScale: config.routeScale ?? 1,
-      ...(config.routing === undefined ? {} : { routing: config.routing }),
+      ...routerFieldsOf(config),
       // Expert choice reads capacityFactor as the paper's c (token choice's is the layer's own, below).
       ...(config.routing === 'expert-choice' && config.capacityFactor !== undefined ? { capacityFactor: config.capacityFactor } : {}),
     });

@@ -85,6 +85,19 @@ export type ResolvedRouterConfig = Readonly<Required<RouterConfig>>;
 const MAX_GROUPS = 32;
 const validated = new WeakSet<object>();
 
+/** A layer config's router fields (capacityFactor aside: a layer reads it as its own). */
+const LAYER_ROUTER_FIELDS = ['numExperts', 'topK', 'scoreFunction', 'groups', 'topkGroups', 'normalize', 'routeScale', 'routing'] as const;
+
+/**
+ * The router fields a layer's config sets, for resolveRouterConfig (which fills in the defaults and
+ * names a bad field): the layers take their config as a RouterConfig plus their own options.
+ */
+export function routerFieldsOf(config: Partial<RouterConfig>): RouterConfig {
+  const fields: Partial<Record<keyof RouterConfig, unknown>> = {};
+  for (const key of LAYER_ROUTER_FIELDS) if (config[key] !== undefined) fields[key] = config[key];
+  return fields as RouterConfig;
+}
+
 /** Validates a router config and fills in the defaults; every error names the field. */
 export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig {
   if (config === null || typeof config !== 'object') invalidArgument('router', `the config must be an object; received ${String(config)}`);

@@ -47,7 +47,7 @@ import { Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportCh
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
 import { type MoELayer } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
-import { resolveRouterConfig, type ResolvedRouterConfig, routerForward, type ScoreFunction } from '../moe/router.js';
+import { resolveRouterConfig, type ResolvedRouterConfig, routerFieldsOf, routerForward, type ScoreFunction } from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
 
 export interface MoEInferenceConfig {
@@ -169,15 +169,7 @@ export class MoEInference implements Disposable {
   readonly group: ExpertParallelGroup;
   readonly localExperts: number;
   /** The weights (router [1,H,E], bias [E] f32 or null, w13 [El,H,2F], w2 [El,F,H], shared, gate [1,H,1]). */
-  readonly weights: Readonly<{
-    router: Tensor;
-    bias: Tensor | null;
-    w13: Tensor;
-    w2: Tensor;
-    sharedW13: Tensor | null;
-    sharedW2: Tensor | null;
-    sharedGate: Tensor | null;
-  }>;
+  readonly weights: Readonly<Required<MoEInferenceWeights>>;
   private readonly dispatcher: Dispatcher | null;
   private readonly gateRouter: ResolvedRouterConfig | null;
   private readonly workspaces = new Map<number, Workspace>();
@@ -213,15 +205,7 @@ export class MoEInference implements Disposable {
     });
     const hidden = checkPositiveInt(config.hidden, op, 'hidden');
     const ffn = checkPositiveInt(config.ffn, op, 'ffn');
-    this.router = resolveRouterConfig({
-      numExperts: config.numExperts,
-      topK: config.topK,
-      scoreFunction: config.scoreFunction ?? 'softmax',
-      groups: config.groups ?? 1,
-      topkGroups: config.topkGroups ?? config.groups ?? 1,
-      ...(config.normalize === undefined ? {} : { normalize: config.normalize }),
-      routeScale: config.routeScale ?? 1,
-    });
+    this.router = resolveRouterConfig(routerFieldsOf(config));
     const E = this.router.numExperts;
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
     const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
