@@ -9,7 +9,7 @@
 //   - dropless growth: token counts that outgrow the transport's buffers (collective regrowth);
 //   - crafted routing: the last rank sends everything to rank 0 (it receives nothing from itself).
 // Each rank prints its seed; a failure names the case.
-import { capacity, cuda, Dispatcher, init, synchronize, Tensor, tidy } from '../../dist/lib/index.js';
+import { capacity, cuda, Dispatcher, init, ops, synchronize, Tensor, tidy } from '../../dist/lib/index.js';
 import { check, progress, relErr, scriptDevice } from './common.mjs';
 
 const world = await init();
@@ -24,6 +24,16 @@ const on = { device };
 const vals = (t) => Array.from(t.toFloat32Array());
 const bits = (t) => Buffer.from(t.toArray().buffer);
 const ints = (t) => Array.from(t.toArray());
+/** The same values in a view that starts one element past its storage: off the 16-byte boundary
+ *  the transport's kernels move rows in (it must copy such an input, not fault). */
+function misaligned(t) {
+  const n = t.shape.reduce((a, b) => a * b, 1);
+  const view = Tensor.empty([n + 1], { dtype: t.dtype, device })
+    .narrow(0, 1, n)
+    .view(...t.shape);
+  ops.scale(t, 1, { out: view });
+  return view;
+}
 
 /** k distinct experts per token from a seeded LCG; crafted: every token to rank 0's experts. */
 function routing(T, k, E, s, crafted) {
@@ -128,6 +138,22 @@ for (const [ci, c] of cases.entries()) {
     const dxB = ref.dispatchBackward(gB.dExpertOut, B.handle);
     check(relErr(vals(dxA), vals(dxB)) < tol, `${what}: dispatchBackward relErr ${relErr(vals(dxA), vals(dxB))}`);
     progress(`${c.name}: dispatchBackward`);
+
+    // Inputs given as views off a 16-byte boundary: the same bits as from aligned ones.
+    const M = ipc.dispatch(misaligned(x), indices, weights, cap);
+    check(bits(M.rows).equals(bits(A.rows)), `${what}: dispatch of a misaligned x differs`);
+    check(bits(ipc.combine(misaligned(A.rows), A.handle, weights)).equals(bits(yA)), `${what}: combine of misaligned rows differs`);
+    const gM = ipc.combineBackward(misaligned(dy), misaligned(A.rows), A.handle, weights);
+    check(
+      bits(gM.dExpertOut).equals(bits(gA.dExpertOut)) && bits(gM.dWeights).equals(bits(gA.dWeights)),
+      `${what}: combineBackward of misaligned dy and rows differs`,
+    );
+    check(
+      bits(ipc.dispatchBackward(misaligned(gA.dExpertOut), A.handle)).equals(bits(dxA)),
+      `${what}: dispatchBackward of misaligned rows differs`,
+    );
+    M.handle.dispose();
+    progress(`${c.name}: misaligned inputs`);
     A.handle.dispose();
     B.handle.dispose();
     ipc.dispose();

@@ -12,6 +12,7 @@
 #include "comm/peer/peer_transport.h"
 #include "core/cuda_runtime.h"
 #include "core/error.h"
+#include "ops/basic/copy/copy.h"
 #include "ops/common/checks.h"
 
 namespace moe::comm {
@@ -314,9 +315,11 @@ class CudaPeerTransport final : public PeerTransport {
       peer::push_kernel<<<pg, kWorkThreads, 0, stream>>>(v, rows, pos.data<int>(), int(T), indices.data<int>(), slot.data<int>(),
                                                          weights.data<float>(), dest.data<int>(), int(k), step);
     };
-    if (!fp8) push(peer::CopyRows{static_cast<const char*>(payload.raw()), pay_bytes, pay_bytes % 16 == 0});
-    else if (payload.dtype() == DType::bf16) push(peer::Fp8Rows<bf16>{payload.data<bf16>(), int(H)});
-    else push(peer::Fp8Rows<float>{payload.data<float>(), int(H)});
+    need_aligned(out, op, "out");
+    const Tensor src = aligned_rows(payload);
+    if (!fp8) push(peer::CopyRows{static_cast<const char*>(src.raw()), pay_bytes, pay_bytes % 16 == 0});
+    else if (src.dtype() == DType::bf16) push(peer::Fp8Rows<bf16>{src.data<bf16>(), int(H)});
+    else push(peer::Fp8Rows<float>{src.data<float>(), int(H)});
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, rows_step), step, -1, 0, peer::kOpDispatch);
     const dim3 g = grid(plan.sms, std::max<int64_t>(size_ * map_cap, N) * 32);
@@ -360,16 +363,18 @@ class CudaPeerTransport final : public PeerTransport {
                   " exceed the transport's ", layout_.row_stride, " bytes");
     cuda::DeviceGuard guard(device_);
     cudaStream_t stream = cudaStream_t(ops::op_stream(rows));
+    need_aligned(y, op, "y");
+    const Tensor in = aligned_rows(rows);
     const u64 step = ++comb_step_;
     const peer::View v = view();
     wait(stream, offsetof(peer::Mail, comb_ack), step - 1, -1, 0, wop);
     const float* w = recv_weight.defined() ? recv_weight.data<float>() : nullptr;
     if (rows.dtype() == DType::bf16)
       peer::combine_push_kernel<bf16><<<grid(sms, size_ * map_cap * 32), kWorkThreads, 0, stream>>>(
-          v, rows.data<bf16>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>(), step);
+          v, in.data<bf16>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>(), step);
     else
       peer::combine_push_kernel<float><<<grid(sms, size_ * map_cap * 32), kWorkThreads, 0, stream>>>(
-          v, rows.data<float>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>(), step);
+          v, in.data<float>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>(), step);
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, comb_step), step, -1, 0, wop);
     if (y.dtype() == DType::bf16)
@@ -404,18 +409,20 @@ class CudaPeerTransport final : public PeerTransport {
     MOE_ARG_CHECK(pay_bytes <= layout_.row_stride, op, "rows of ", pay_bytes, " bytes exceed the transport's ", layout_.row_stride);
     cuda::DeviceGuard guard(device_);
     cudaStream_t stream = cudaStream_t(ops::op_stream(dy));
+    need_aligned(d_rows, op, "dRows");
+    const Tensor dy_in = aligned_rows(dy), rows_in = aligned_rows(rows);
     const u64 dstep = ++disp_step_, cstep = ++comb_step_;
     const peer::View v = view();
     // dy to every rank its token went to, into their dispatch regions (once acknowledged).
     wait(stream, offsetof(peer::Mail, disp_ack), dstep - 1, -1, 0, peer::kOpCombineBackward);
     peer::push_kernel<<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(
-        v, peer::CopyRows{static_cast<const char*>(dy.raw()), pay_bytes, pay_bytes % 16 == 0}, pos.data<int>(), int(T), nullptr, nullptr,
+        v, peer::CopyRows{static_cast<const char*>(dy_in.raw()), pay_bytes, pay_bytes % 16 == 0}, pos.data<int>(), int(T), nullptr, nullptr,
         nullptr, nullptr, 0, dstep);
     cuda::check_launch(op);
     wait(stream, offsetof(peer::Mail, rows_step), dstep, offsetof(peer::Mail, comb_ack), cstep - 1, peer::kOpCombineBackward);
     const dim3 g = grid(sms, N * 32);
-#define MOE_CB(D, R)                                                                                                                 \
-  peer::cb_expert_kernel<D, R><<<g, kWorkThreads, 0, stream>>>(v, row_src.data<int>(), N, rows.data<R>(), recv_weight.data<float>(), \
+#define MOE_CB(D, R)                                                                                                                    \
+  peer::cb_expert_kernel<D, R><<<g, kWorkThreads, 0, stream>>>(v, row_src.data<int>(), N, rows_in.data<R>(), recv_weight.data<float>(), \
                                                                int(H), int(k), map_cap, d_rows.data<R>(), dstep, cstep)
     const bool dbf = dy.dtype() == DType::bf16, rbf = rows.dtype() == DType::bf16;
     if (dbf && rbf) MOE_CB(bf16, bf16);
@@ -431,6 +438,22 @@ class CudaPeerTransport final : public PeerTransport {
   }
 
  private:
+  // The kernels move rows in 16-byte vectors (peer_kernels.cuh: CopyRows, Fp8Rows, Chunk8), which
+  // fault on an address off a 16-byte boundary, as a view narrowed at an odd element is. Such an input
+  // is copied first, on this call's stream (the copy is freed after the launch; the caching allocator
+  // reuses it only on that stream, after the kernels). Outputs are the caller's fresh tensors: refused.
+  static bool on16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.raw()) % 16 == 0; }
+  static Tensor aligned_rows(const Tensor& t) {
+    if (on16(t)) return t;
+    Tensor copy = Tensor::empty(t.shape(), t.dtype(), t.device(), "peer transport: aligned copy");
+    ops::copy(copy, t);
+    return copy;
+  }
+  static void need_aligned(const Tensor& t, const char* op, const char* name) {
+    MOE_ARG_CHECK(on16(t), op, "'", name, "' ", t.describe(),
+                  " must start at a 16-byte boundary (the rows are written in 16-byte vectors): pass a fresh tensor, not a view");
+  }
+
   // Every tensor a call takes: contiguous, on this transport's GPU, of these dtypes and this shape.
   void need(const Tensor& t, const char* op, const char* name, std::initializer_list<DType> dtypes, const Shape& shape) const {
     ops::require_defined(t, op, name);
