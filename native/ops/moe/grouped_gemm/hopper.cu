@@ -300,29 +300,31 @@ __device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile
                    : "memory");
     }
   }
+  // The bulk-copy engine (async proxy) reads these after the storers see tile_full.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Handoff, storer side: the staged bf16 tile to global memory, one 512-byte row per warp
-// instruction (16 bytes per lane), rows past the tile's end (the group's, or M) and columns past
-// cols skipped.
+// Handoff, storer side: the staged bf16 tile to global memory by the bulk-copy engine, one
+// cp.async.bulk per row (its valid columns: cols % 8 == 0 keeps every size a multiple of 16 bytes,
+// and the Hopper path's out is 16-byte aligned), rows past the tile's end (the group's, or M)
+// skipped. The storer threads only issue the copies and wait until the engine has *read* the rows
+// (wait_group.read), then free the staging buffer: the global writes drain in the background while
+// the consumers fill it with the next tile, so several tiles' writes are in flight. (Through the
+// storer warps' own 16-byte stores, the write-bound E=256 dW ran at 2.3 TB/s, 59% of the roof.)
+// The consumers' plain shared-memory stores are made visible to the engine (the async proxy) by
+// their fence.proxy.async before they arrive on tile_full (handoff_put).
 __device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile, uint32_t tile_smem, int storer) {
-  using OutT = __nv_bfloat16;
   constexpr int LD_BYTES = Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2;
-  constexpr int PER_LANE = 16 / int(sizeof(OutT));  // values per 16-byte piece
-  const int lane = storer & 31, warp = storer >> 5;
-  const int col = tile.col0 + lane * PER_LANE;
-  if (col >= p.cols) return;  // cols % 8 == 0: a lane's piece is all in or all out
-  OutT* const out = static_cast<OutT*>(p.out) + tile.out_base + col;
   const int rows = min(BM, tile.row_end - tile.row0);
-#pragma unroll 4
-  for (int r = warp; r < rows; r += STORER_THREADS / 32) {
-    uint4 v;
-    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(tile_smem + uint32_t(r * LD_BYTES + lane * 16))
+  const uint32_t row_bytes = uint32_t(min(BN, p.cols - tile.col0)) * 2;
+  __nv_bfloat16* const out = static_cast<__nv_bfloat16*>(p.out) + tile.out_base + tile.col0;
+  for (int r = storer; r < rows; r += STORER_THREADS) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(out + int64_t(tile.row0 + r) * p.cols),
+                 "r"(tile_smem + uint32_t(r * LD_BYTES)), "r"(row_bytes)
                  : "memory");
-    *reinterpret_cast<uint4*>(out + int64_t(tile.row0 + r) * p.cols) = v;
   }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
 // ---- the kernel -----------------------------------------------------------------------------------
@@ -407,6 +409,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           handoff_drain(p, tile, staging_smem, storer);
           mbar_arrive(&tile_empty);
         }
+        // Every row's global write done before the kernel ends.
+        asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
       }
     }
   } else {
