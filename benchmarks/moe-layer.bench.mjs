@@ -268,9 +268,8 @@ B.dW2 = groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'f32' });
 B.dLogits = routerBackward(B.ub.dWeights, { scores: B.r.scores, indices: B.r.indices }, layer.router);
 B.dLogitsC = B.dLogits.cast('bf16');
 B.dxRouter = groupedGemm('NT', B.dLogitsC, W.router, all, { dtype: 'bf16' });
+B.dx = permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16', add: B.dxRouter });
 B.dRouter = groupedGemm('TN', x, B.dLogitsC, all, { dtype: 'f32' });
-B.dxExperts = permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16' });
-B.dx = B.dxExperts.clone().add_(B.dxRouter);
 
 // The roofs' own measurements: a 1 GiB device copy (also the pad in front of each phase) and a
 // square bf16 product through our grouped GEMM (one group).
@@ -369,7 +368,7 @@ const PHASES = [
       B.aux.fill_(0);
     },
   },
-  // backward: layer.backward → combineBackward → expertsBackward → routerBackward → router GEMMs → dispatchBackward → dx sum
+  // backward: layer.backward → combineBackward → expertsBackward → routerBackward → router dx GEMM → dispatchBackward (+ router dx) → router dW GEMM
   {
     pass: 'backward',
     name: 'combine bwd',
@@ -429,28 +428,18 @@ const PHASES = [
   },
   {
     pass: 'backward',
+    name: 'permute bwd + router dx',
+    call: 'permuteBackward(dA, rowOf, { add: dxRouter }) (the one-rank dispatch backward, the router dx summed in)',
+    bytes: R * H * b2 + Tk * b4 + 2 * T * H * b2,
+    run: () => permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16', add: B.dxRouter, out: B.dx }),
+  },
+  {
+    pass: 'backward',
     name: 'router dW GEMM (f32)',
     call: "groupedGemm('TN', x, dLogits, [0,T], f32)",
     flops: 2 * T * H * E,
     bytes: T * H * b2 + T * E * b2 + H * E * b4,
     run: () => groupedGemm('TN', x, B.dLogitsC, all, { out: B.dRouter }),
-  },
-  {
-    pass: 'backward',
-    name: 'permute bwd',
-    call: 'permuteBackward(dA, rowOf) (the one-rank dispatch backward)',
-    bytes: R * H * b2 + Tk * b4 + T * H * b2,
-    run: () => permuteBackward(B.dA, B.p.rowOf, { dtype: 'bf16', out: B.dxExperts }),
-  },
-  {
-    pass: 'backward',
-    name: 'dx sum (copy + add)',
-    call: 'dx.clone().add_(dxRouter)',
-    bytes: 5 * T * H * b2,
-    run: () => {
-      B.dx.copy_(B.dxExperts); // the layer's addTensors: clone, then add_
-      B.dx.add_(B.dxRouter);
-    },
   },
 ];
 
@@ -812,7 +801,6 @@ const bufs = [
   B.dLogitsC,
   B.dxRouter,
   B.dRouter,
-  B.dxExperts,
   B.dx,
 ];
 for (const t of new Set(bufs)) if (t instanceof Tensor) t.dispose();

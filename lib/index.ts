@@ -68,6 +68,7 @@ export {
 export {
   permute,
   permuteBackward,
+  type PermuteBackwardOptions,
   permutedRowCount,
   type PermuteOptions,
   type PermuteOutputs,
@@ -112,6 +113,7 @@ export {
 } from './train/dense-ops.js';
 export { cosineLr, cosineSchedule, type CosineScheduleConfig } from './train/schedule.js';
 export {
+  type DispatchBackwardOptions,
   type Dispatched,
   type DispatchHandle,
   Dispatcher,

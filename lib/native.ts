@@ -307,7 +307,7 @@ export interface RawBinding {
     dRows: TensorHandle,
     dWeights: TensorHandle,
   ): void;
-  permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle): void;
+  permuteBackward(dRows: TensorHandle, rowOf: TensorHandle, dx: TensorHandle, add?: TensorHandle | null): void;
   // router (native/ops/moe/router): scoreFn 0 = softmax, 1 = sigmoid
   routerForward(
     logits: TensorHandle,
@@ -435,7 +435,7 @@ export interface RawBinding {
   ): PeerHandle;
 }
 
-const EXPECTED_ABI = 6;
+const EXPECTED_ABI = 7;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

@@ -380,6 +380,17 @@ describe('gradients against central finite differences (f32)', () => {
     const dxv = Array.from(dx.toFloat32Array());
     expect(relErr(dxv, fd)).toBeLessThan(1e-3);
     expect(dxv.some((v) => Math.abs(v) > 0.1)).toBe(true);
+    // `add` joins the sum: dx + add, for another gradient of x (the router's in the layer).
+    using extra = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+    using dxAdd = poisoned([T, H], 'f32', cpu);
+    permuteBackward(GR, p.rowOf, { out: dxAdd, add: extra });
+    const ev = Array.from(extra.toFloat32Array());
+    expect(
+      relErr(
+        Array.from(dxAdd.toFloat32Array()),
+        dxv.map((v, i) => v + (ev[i] as number)),
+      ),
+    ).toBeLessThan(1e-6);
     for (const t of [indices, weights, x, GR, _g]) t.dispose();
     disposeAll(p);
     disposeAll(cap);
@@ -452,6 +463,10 @@ describe('bad calls give named errors', () => {
     );
     expectError(() => unpermute(p.rows, badRowOf, weights), 'unpermute', /'rowOf'\[0,0\] = \d+ is outside \[-1, \d+\)/);
     expectError(() => permuteBackward(p.rows, badRowOf), 'permuteBackward', /'rowOf'\[0,0\]/);
+    using add7 = Tensor.zeros([6, 7], { device: cpu });
+    expectError(() => permuteBackward(p.rows, p.rowOf, { add: add7 }), 'permuteBackward', /'add' has shape \[6,7\]; expected \[6,8\]/);
+    using addBf16 = Tensor.zeros([6, 8], { dtype: 'bf16', device: cpu });
+    expectError(() => permuteBackward(p.rows, p.rowOf, { add: addBf16 }), 'permuteBackward', /'add'.*f32/);
     using w3 = weights.narrow(0, 0, 3);
     expectError(() => unpermute(p.rows, p.rowOf, w3), 'unpermute', /'weights' has shape \[3,2\]/);
     using yI = Tensor.empty([6, 8], { dtype: 'i32', device: cpu });

@@ -88,6 +88,16 @@ describe.each([
           if ((slot[t * k + j] as number) >= 0)
             for (let h = 0; h < H; h++) dxRef[t * H + h] += (wv[t * k + j] as number) * (dyv[t * H + h] as number);
       expect(relErr(dxv, dxRef)).toBeLessThan(1e-6);
+      // With `add` (the layer passes the router's dx): the same sum plus add.
+      using extra = Tensor.randn([T, H], { seed: freshSeed(), device: cpu });
+      using dxAdd = d.dispatchBackward(dExpertOut, handle, { add: extra });
+      const ev = values(extra);
+      expect(
+        relErr(
+          values(dxAdd),
+          dxRef.map((v: number, i) => v + (ev[i] as number)),
+        ),
+      ).toBeLessThan(1e-6);
       handle.dispose();
       d.dispose();
     });

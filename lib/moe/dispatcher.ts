@@ -37,8 +37,8 @@
 import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
-import { checkKeys, checkNonNegativeInt, checkPositiveInt, checkStream, checkTensors } from '../validate.js';
-import { Stream } from '../stream.js';
+import { checkKeys, checkNonNegativeInt, checkOptions, checkPositiveInt, checkStream, checkTensor, checkTensors } from '../validate.js';
+import { Event, Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
 import { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './fp8.js';
@@ -108,6 +108,16 @@ export interface DispatcherConfig {
 export type TransportChoice = 'auto' | 'ipc' | 'nccl';
 /** What a dispatcher moves rows with: one rank ('local'), peer memory, or the group's all-to-all. */
 export type TransportKind = 'local' | 'ipc' | 'nccl' | 'mpi' | 'group';
+
+export interface DispatchBackwardOptions extends CommWorkOptions {
+  /**
+   * Another gradient of x [T,H] in dRows' dtype (the router's): dx = Σ_j dRows(t,j) + add[t]. The
+   * local and all-to-all transports sum it with the rows (one rounding, no extra pass over dx);
+   * 'ipc' adds it to the peer combine's result. With a comm stream it is read after the work queued
+   * on the caller's stream before the call, while the row exchange waits only for `after`.
+   */
+  add?: Tensor;
+}
 
 /** The permute's layout, kept for combine and the backward passes; its rows are freed once sent. */
 export type DispatchLayout = Omit<PermuteResult, 'rows'>;
@@ -631,34 +641,58 @@ export class Dispatcher {
     );
   }
 
-  /** Backward of dispatch: from the gradient w.r.t. the dispatched rows (expert order) to dx [T,H]. */
-  dispatchBackward(dRows: Tensor, handle: DispatchHandle): Tensor {
-    using work = this.dispatchBackwardAsync(dRows, handle);
+  /**
+   * Backward of dispatch: from the gradient w.r.t. the dispatched rows (expert order) to dx [T,H],
+   * plus `add` when given (see DispatchBackwardOptions).
+   */
+  dispatchBackward(dRows: Tensor, handle: DispatchHandle, options: { add?: Tensor } = {}): Tensor {
+    using work = this.dispatchBackwardAsync(dRows, handle, options);
     return work.wait();
   }
 
   /** dispatchBackward() on the comm stream. */
-  dispatchBackwardAsync(dRows: Tensor, handle: DispatchHandle, options?: CommWorkOptions): CommWork<Tensor> {
+  dispatchBackwardAsync(dRows: Tensor, handle: DispatchHandle, options: DispatchBackwardOptions = {}): CommWork<Tensor> {
     const op = 'dispatchBackward';
+    const { add, ...commOptions } = checkOptions(options, op, { after: true, add: true });
     checkTensors(op, { dRows });
-    const inputs = [dRows, ...handleTensors(op, handle)];
-    return launch(
-      op,
-      this.commStream,
-      dRows.device,
-      inputs,
-      () =>
-        tidy(() => {
-          trace.mark('dispatchBackward: start', dRows.device);
-          if (handle.transport === 'ipc') return peerCombine(this.peerFor(op), dRows, handle, this.transportSms, false);
-          const home = this.returnRows(dRows, handle, op, 'dRows');
-          trace.mark('dispatchBackward: row gradients home', dRows.device);
-          const dx = permuteBackward(home, handle.permuted.rowOf, { dtype: dRows.dtype });
-          trace.mark('dispatchBackward: summed per token', dRows.device);
-          return dx;
-        }),
-      options,
-    );
+    if (add !== undefined) checkTensor(add, op, 'add');
+    const inputs = [dRows, ...(add ? [add] : []), ...handleTensors(op, handle)];
+    // With a comm stream, `add` is read after what the caller queued before this call, while the
+    // row exchange waits only for `after`: its producer overlaps the exchange.
+    const addReady = add && this.commStream ? new Event(dRows.device) : null;
+    addReady?.record();
+    try {
+      return launch(
+        op,
+        this.commStream,
+        dRows.device,
+        inputs,
+        () =>
+          tidy(() => {
+            trace.mark('dispatchBackward: start', dRows.device);
+            if (handle.transport === 'ipc') {
+              const dx = peerCombine(this.peerFor(op), dRows, handle, this.transportSms, false);
+              if (add) {
+                if (add.dtype !== dx.dtype || add.shape.join() !== dx.shape.join())
+                  invalidArgument(op, `'add' ${add.dtype} [${add.shape.join(',')}] must be ${dx.dtype} [${dx.shape.join(',')}] like dx`);
+                addReady?.wait(); // the comm stream, current here
+                dx.add_(add); // the peer kernel has no addend: one pass over dx in place
+              }
+              return dx;
+            }
+            const home = this.returnRows(dRows, handle, op, 'dRows');
+            trace.mark('dispatchBackward: row gradients home', dRows.device);
+            addReady?.wait(); // the comm stream, current here
+            // `add` joins the per-token sum: no separate pass over dx.
+            const dx = permuteBackward(home, handle.permuted.rowOf, { dtype: dRows.dtype, ...(add ? { add } : {}) });
+            trace.mark('dispatchBackward: summed per token', dRows.device);
+            return dx;
+          }),
+        commOptions,
+      );
+    } finally {
+      addReady?.dispose(); // a wait already queued keeps it alive on the device
+    }
   }
 
   private peerFor(op: string): PeerTransport {

@@ -15,7 +15,8 @@
  * independent compute in between (lib/parallel/overlap.ts), the same arithmetic in the same order:
  *   forward:  routing → [dispatch ∥ shared expert] → experts → combine
  *   backward: [combine backward ∥ shared expert backward] → experts backward
- *             → [dispatch backward ∥ router backward]
+ *             → [dispatch backward's row exchange ∥ router backward and its dx product]
+ *             → [dispatch backward's per-token sum (+ the router's dx) ∥ router weight gradient]
  * The compute is queued before the communication call, ordered after its inputs by an event, so
  * it overlaps even when the call blocks the host (dropless counts, MPI, NCCL with a timeout).
  */
@@ -357,8 +358,8 @@ export class MoELayer implements Disposable {
       const { rows, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
       const experts = expertsForward(rows, this.compute.w13, this.compute.w2, handle.localOffsets);
       trace.mark('layer forward: experts', x.device);
-      let y = this.dispatcher.combine(experts.out, handle, r.weights);
-      if (shared) y = addTensors(y, shared.out);
+      const y = this.dispatcher.combine(experts.out, handle, r.weights);
+      if (shared) addInto(y, shared.out);
       const saved: MoESaved = {
         x,
         scores: r.scores,
@@ -417,16 +418,24 @@ export class MoELayer implements Disposable {
           this.router,
         );
         if (s.dLogitsAux) dLogits.add_(s.dLogitsAux);
-        // Router input gradient dx += dLogits · Wrᵀ and weight gradient dWr = xᵀ · dLogits.
+        // Router input gradient dLogits · Wrᵀ, summed into dx by the dispatch backward's per-token
+        // sum (no pass of its own); queued before it, so its producer overlaps the row exchange.
         const dLogitsC = dLogits.cast(this.config.dtype);
         const dxRouter = groupedGemm('NT', dLogitsC, this.compute.router, all, { dtype: eg.dA.dtype });
-        const dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(this.config.hidden, this.config.numExperts);
-        let dx = settle(this.dispatcher.dispatchBackwardAsync(eg.dA, s.handle, dAReady ? { after: dAReady } : {}));
-        dx = addTensors(dx, dxRouter);
+        const dxWork = this.dispatcher.dispatchBackwardAsync(eg.dA, s.handle, { ...(dAReady ? { after: dAReady } : {}), add: dxRouter });
+        // Router weight gradient dWr = xᵀ · dLogits, queued after: it overlaps the dispatch backward.
+        let dRouter: Tensor;
+        try {
+          dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(this.config.hidden, this.config.numExperts);
+        } catch (e) {
+          dxWork.dispose();
+          throw e;
+        }
+        const dx = settle(dxWork);
         let sharedW13: Tensor | null = null;
         let sharedW2: Tensor | null = null;
         if (sharedGrads) {
-          dx = addTensors(dx, sharedGrads.dA);
+          addInto(dx, sharedGrads.dA);
           sharedW13 = sharedGrads.dW13;
           sharedW2 = sharedGrads.dW2;
         }
@@ -477,7 +486,9 @@ function settle<T>(work: CommWork<T>): T {
   }
 }
 
-/** a + b in a's dtype (b is cast when it differs): a new tensor. */
-function addTensors(a: Tensor, b: Tensor): Tensor {
-  return tidy(() => a.clone().add_(b.dtype === a.dtype ? b : b.cast(a.dtype)));
+/** a += b in a's dtype (b is cast when it differs), in place: `a` is a fresh result the caller owns. */
+function addInto(a: Tensor, b: Tensor): void {
+  tidy(() => {
+    a.add_(b.dtype === a.dtype ? b : b.cast(a.dtype));
+  });
 }

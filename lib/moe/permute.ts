@@ -220,15 +220,30 @@ export function unpermuteBackward(
   );
 }
 
-/** Backward of permute: dx[t] = Σ_j dRows[rowOf[t,j]] (fp32 accumulation, one write per token). */
-export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: UnpermuteOptions = {}): Tensor {
+export interface PermuteBackwardOptions extends UnpermuteOptions {
+  /**
+   * Another gradient of the same x [T,H] in dx's dtype (the router's), summed into dx in the same
+   * fp32 accumulator: one rounding, and no separate pass to add it. `out` must not be `add`.
+   */
+  add?: Tensor;
+}
+
+/**
+ * Backward of permute: dx[t] = Σ_j dRows[rowOf[t,j]] (+ add[t]), fp32 accumulation, one write per
+ * token.
+ */
+export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: PermuteBackwardOptions = {}): Tensor {
   const op = 'permuteBackward';
-  options = checkOptions(options, op, { dtype: true, out: true });
+  options = checkOptions(options, op, { dtype: true, out: true, add: true });
   checkTensor(dRows, op, 'dRows');
   checkTensor(rowOf, op, 'rowOf');
+  const add = options.add;
+  if (add !== undefined) checkTensor(add, op, 'add');
   if (dRows.ndim !== 2 || rowOf.ndim !== 2)
     invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
   const make = (): Tensor =>
     Tensor.empty([rowOf.shape[0] as number, dRows.shape[1] as number], { dtype: options.dtype ?? dRows.dtype, device: dRows.device });
-  return withOutput(op, options.out, make, (dx) => native().permuteBackward(dRows.handle, rowOf.handle, dx.handle));
+  return withOutput(op, options.out, make, (dx) =>
+    native().permuteBackward(dRows.handle, rowOf.handle, dx.handle, add ? add.handle : null),
+  );
 }

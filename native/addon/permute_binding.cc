@@ -44,10 +44,11 @@ Napi::Value unpermute_backward(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// permuteBackward(dRows, rowOf, dx)
+// permuteBackward(dRows, rowOf, dx, add?)   add: [T,H] summed into dx with the rows
 Napi::Value permute_backward(const Napi::CallbackInfo& info) {
   const char* op = "permuteBackward";
-  ops::permute_backward(arg_tensor(info, 0, op, "dRows"), arg_tensor(info, 1, op, "rowOf"), arg_tensor(info, 2, op, "dx"));
+  ops::permute_backward(arg_tensor(info, 0, op, "dRows"), arg_tensor(info, 1, op, "rowOf"), arg_tensor(info, 2, op, "dx"),
+                        arg_tensor(info, 3, op, "add", true));
   return info.Env().Undefined();
 }
 

@@ -218,6 +218,19 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
     using dxG = poisoned([T, H], 'f32', gpu);
     permuteBackward(gG.dRows, pG.rowOf, { out: dxG });
     expect(relErr(dxG.toFloat32Array(), dxC.toFloat32Array()), 'dx').toBeLessThan(1e-5);
+    // dx + add in the same pass (the layer's router dx), in f32 and in the rows' dtype.
+    for (const dxdt of ['f32', dtype] as const) {
+      const seed = freshSeed();
+      using addF = Tensor.randn([T, H], { seed, device: cpu });
+      using addC = addF.cast(dxdt);
+      using addG = addC.to(gpu);
+      using dxAddC = permuteBackward(gC.dRows, pC.rowOf, { dtype: dxdt, add: addC });
+      using dxAddG = poisoned([T, H], dxdt, gpu);
+      permuteBackward(gG.dRows, pG.rowOf, { out: dxAddG, add: addG });
+      expect(relErr(dxAddG.toFloat32Array(), dxAddC.toFloat32Array()), `dx + add -> ${dxdt}, seed ${seed}`).toBeLessThan(
+        dxdt === 'f32' ? 1e-5 : 4e-3,
+      );
+    }
 
     for (const o of [capC, capG, pC, pG, gC, gG]) disposeAll(o);
   });

@@ -77,7 +77,7 @@ void permute_rows_cpu(const Tensor& x, const Tensor& row_token, const Tensor& ro
   }
 }
 
-void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op) {
+void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& add, const Tensor& out, const char* op) {
   const int64_t T = row_of.size(0), k = row_of.size(1), R = rows.size(0), H = rows.size(1);
   const int32_t* ro = row_of.data<int32_t>();
   const float* w = weights.defined() ? weights.data<float>() : nullptr;
@@ -89,9 +89,10 @@ void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weigh
       using O = typename decltype(otag)::type;
       const I* src = rows.data<I>();
       O* dst = out.data<O>();
+      const O* extra = add.defined() ? add.data<O>() : nullptr;  // add has out's dtype (permute.cc)
       std::vector<double> acc(static_cast<size_t>(H));
       for (int64_t t = 0; t < T; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t h = 0; h < H; ++h) acc[size_t(h)] = extra ? double(to_float(extra[t * H + h])) : 0.0;
         for (int64_t j = 0; j < k; ++j) {
           int32_t r = ro[t * k + j];
           if (r < 0) continue;

@@ -261,10 +261,11 @@ template <typename T, int N> __device__ void store_float(T* p, const float (&f)[
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// out[t] = Σ_j w[t,j]·rows[row_of[t,j]]: one block per token, N elements per access.
+// out[t] = add[t] + Σ_j w[t,j]·rows[row_of[t,j]] (add optional): one block per token, N elements per
+// access.
 template <typename I, typename O, int N>
 __global__ void unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t H, const int32_t* __restrict__ row_of,
-                                 const float* __restrict__ w, int32_t k, O* __restrict__ out) {
+                                 const float* __restrict__ w, int32_t k, const O* __restrict__ add, O* __restrict__ out) {
   extern __shared__ int32_t s_row[];  // k rows, then k weights
   float* s_w = reinterpret_cast<float*>(s_row + k);
   const int64_t t = blockIdx.x;
@@ -276,6 +277,7 @@ __global__ void unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t 
   __syncthreads();
   for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(blockDim.x) * N) {
     float acc[N] = {};
+    if (add) load_float<O, N>(add + t * H + h, acc);
     for (int32_t j = 0; j < k; ++j) {
       int32_t r = s_row[j];
       if (r < 0) continue;
@@ -381,7 +383,8 @@ void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& r
   cuda::check_launch("permute");
 }
 
-void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op, void* stream) {
+void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& add, const Tensor& out, const char* op,
+                    void* stream) {
   const int64_t T = row_of.size(0), k = row_of.size(1), R = rows.size(0), H = rows.size(1);
   if (T == 0 || H == 0) return;
   size_t smem = size_t(k) * 8;
@@ -390,12 +393,15 @@ void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weig
     using I = typename decltype(itag)::type;
     dispatch_bf16_f32(out.dtype(), [&](auto otag) {
       using O = typename decltype(otag)::type;
-      int n = pack_elems(H, int(16 / sizeof(I)), {{rows.raw(), int64_t(sizeof(I))}, {out.raw(), int64_t(sizeof(O))}});
+      int n = pack_elems(
+          H, int(16 / sizeof(I)),
+          {{rows.raw(), int64_t(sizeof(I))}, {out.raw(), int64_t(sizeof(O))}, {add.defined() ? add.raw() : nullptr, int64_t(sizeof(O))}});
       dispatch_pack(n, [&](auto ntag) {
         constexpr int N = decltype(ntag)::value;
         if constexpr (N * sizeof(I) <= 16) {
           unpermute_kernel<I, O, N><<<unsigned(T), kTokenThreads, smem, cudaStream_t(stream)>>>(
-              rows.data<I>(), R, H, row_of.data<int32_t>(), weights.defined() ? weights.data<float>() : nullptr, int32_t(k), out.data<O>());
+              rows.data<I>(), R, H, row_of.data<int32_t>(), weights.defined() ? weights.data<float>() : nullptr, int32_t(k),
+              add.defined() ? add.data<O>() : nullptr, out.data<O>());
         }
       });
     });

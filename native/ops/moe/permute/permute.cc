@@ -92,15 +92,17 @@ void unpermute(const Tensor& rows, const Tensor& row_of, const Tensor& weights, 
   check_unpermute(rows, row_of, weights, out, op, "rows", "out");
   require_defined(weights, op, "weights");
   if (out.numel() == 0) return;
-  MOE_ON_DEVICE(rows, op, unpermute_cpu(rows, row_of, weights, out, op), unpermute_cuda(rows, row_of, weights, out, op, op_stream(rows)));
+  MOE_ON_DEVICE(rows, op, unpermute_cpu(rows, row_of, weights, Tensor(), out, op),
+                unpermute_cuda(rows, row_of, weights, Tensor(), out, op, op_stream(rows)));
 }
 
-void permute_backward(const Tensor& d_rows, const Tensor& row_of, const Tensor& dx) {
+void permute_backward(const Tensor& d_rows, const Tensor& row_of, const Tensor& dx, const Tensor& add) {
   const char* op = "permuteBackward";
   check_unpermute(d_rows, row_of, Tensor(), dx, op, "dRows", "dx");
+  if (add.defined()) require_tensor(add, {dx.dtype()}, dx.shape(), d_rows, "dRows", op, "add");
   if (dx.numel() == 0) return;
-  MOE_ON_DEVICE(d_rows, op, unpermute_cpu(d_rows, row_of, Tensor(), dx, op),
-                unpermute_cuda(d_rows, row_of, Tensor(), dx, op, op_stream(d_rows)));
+  MOE_ON_DEVICE(d_rows, op, unpermute_cpu(d_rows, row_of, Tensor(), add, dx, op),
+                unpermute_cuda(d_rows, row_of, Tensor(), add, dx, op, op_stream(d_rows)));
 }
 
 void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,

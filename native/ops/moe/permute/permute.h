@@ -30,7 +30,9 @@
 //   d_weights[t,j] = <dy[t], rows[row_of[t,j]]> in fp32 (0 when dropped).
 //   dy [T,H], rows [R,H], d_rows [R,H] f32 or bf16; weights, d_weights [T,k] f32.
 //
-// permute_backward: dx[t] = Σ_j d_rows[row_of[t,j]] (unpermute with weights 1).
+// permute_backward: dx[t] = Σ_j d_rows[row_of[t,j]] + add[t] (unpermute with weights 1). `add` [T,H]
+//   of dx's dtype is optional: another gradient of the same x (the router's), summed in the same fp32
+//   accumulator with one rounding, so the layer needs no separate pass to add it.
 //
 // On the GPU, row_of / row_token values outside [−1, R) / [−1, T) are skipped (treated as dropped /
 // padding) rather than read; the CPU path throws for them.
@@ -45,14 +47,14 @@ void permute_rows(const Tensor& x, const Tensor& row_token, const Tensor& rows, 
 void unpermute(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out);
 void unpermute_backward(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
                         const Tensor& d_rows, const Tensor& d_weights);
-void permute_backward(const Tensor& d_rows, const Tensor& row_of, const Tensor& dx);
+void permute_backward(const Tensor& d_rows, const Tensor& row_of, const Tensor& dx, const Tensor& add = Tensor());
 
 void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor& kept, const Tensor& weights, int64_t capacity,
                         int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
                         const Tensor& invalid);
 void permute_rows_cpu(const Tensor& x, const Tensor& row_token, const Tensor& rows);
-// weights may be undefined (all 1); op names the caller in errors.
-void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op);
+// weights may be undefined (all 1), add too (nothing added); op names the caller in errors.
+void unpermute_cpu(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& add, const Tensor& out, const char* op);
 void unpermute_backward_cpu(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
                             const Tensor& d_rows, const Tensor& d_weights);
 
@@ -60,7 +62,8 @@ void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor
                          int64_t align, const Tensor& offsets, const Tensor& row_of, const Tensor& row_token, const Tensor& row_weight,
                          const Tensor& invalid, void* stream);
 void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& rows, const Tensor& row_of, void* stream);
-void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& out, const char* op, void* stream);
+void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weights, const Tensor& add, const Tensor& out, const char* op,
+                    void* stream);
 void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor& weights, const Tensor& row_of, const Tensor& row_token,
                              const Tensor& d_rows, const Tensor& d_weights, void* stream);
 
