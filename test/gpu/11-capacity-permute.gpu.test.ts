@@ -151,6 +151,20 @@ const cases: Case[] = [
     align: 32,
     pad: true,
   },
+  // The backward loads a token's rows 8 assignments at a time: k = 20 is two full tiles and a partial one.
+  {
+    name: 'k=20 (three backward tiles), padded',
+    T: 500,
+    k: 20,
+    E: 32,
+    used: 32,
+    H: 264,
+    dtype: 'bf16',
+    cf: 1.0,
+    policy: 'probs',
+    align: 8,
+    pad: true,
+  },
   { name: 'T·k=32767 (odd), f32, 8-byte rows', T: 32767, k: 1, E: 7, used: 7, H: 2, dtype: 'f32', policy: 'probs', align: 1, pad: false },
 ];
 

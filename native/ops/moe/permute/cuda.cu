@@ -10,7 +10,10 @@
 //             reads the token's row once (the widest aligned vector, 4 per thread in flight) and
 //             writes it to each of its destination rows; further blocks zero the padding rows.
 //             DRAM traffic: x once + rows once, the bytes the benchmark counts.
-//   unpermute and its backward: one block per token, fp32 accumulation, one write per output row.
+//   unpermute: one block per token, fp32 accumulation, one write per output row.
+//   unpermute backward: one block per token, the rows of up to 8 of its assignments loaded at once
+//             (16-byte vectors, all in flight together), dy's row read once; the gate-weight dot
+//             products reduced once per 8 assignments; further blocks zero the padding rows.
 // Indices that are out of range are skipped (never dereferenced); see permute.h.
 #include <algorithm>
 #include <climits>
@@ -93,9 +96,8 @@ __global__ void layout_init_kernel(int64_t R, int32_t* row_token, float* row_wei
 constexpr int kWarpsPerBlock = 8;
 constexpr int kUnroll = 4;
 
-// rows[r] = x[tok[r]] (zeros for tok < 0 or ≥ T); with kPaddingOnly, only rows with tok < 0 are
-// written (zeros) and the others are left alone.
-template <typename V, bool kPaddingOnly>
+// rows[r] = x[tok[r]] (zeros for tok < 0 or ≥ T).
+template <typename V>
 __global__ void gather_rows(const V* __restrict__ x, int64_t T, const int32_t* __restrict__ tok, int64_t R, int64_t row_vecs,
                             V* __restrict__ rows) {
   const int lane = threadIdx.x & 31;
@@ -104,24 +106,21 @@ __global__ void gather_rows(const V* __restrict__ x, int64_t T, const int32_t* _
   const int32_t t = tok[r];
   V* dst = rows + r * row_vecs;
   if (t < 0 || t >= T) {
-    if (kPaddingOnly && t >= 0) return;
     V z;
     memset(&z, 0, sizeof(V));
     for (int64_t i = lane; i < row_vecs; i += 32) dst[i] = z;
     return;
   }
-  if constexpr (!kPaddingOnly) {
-    const V* src = x + t * row_vecs;
-    int64_t i = lane;
-    for (; i + 32 * (kUnroll - 1) < row_vecs; i += 32 * kUnroll) {
-      V v[kUnroll];
+  const V* src = x + t * row_vecs;
+  int64_t i = lane;
+  for (; i + 32 * (kUnroll - 1) < row_vecs; i += 32 * kUnroll) {
+    V v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = src[i + 32 * u];
+    for (int u = 0; u < kUnroll; ++u) v[u] = src[i + 32 * u];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) dst[i + 32 * u] = v[u];
-    }
-    for (; i < row_vecs; i += 32) dst[i] = src[i];
+    for (int u = 0; u < kUnroll; ++u) dst[i + 32 * u] = v[u];
   }
+  for (; i < row_vecs; i += 32) dst[i] = src[i];
 }
 
 // ------------------------------------------------------------------------------------ scatter
@@ -214,15 +213,14 @@ template <typename Go> void with_vector_type(int bytes, Go&& go) {
   }
 }
 
-template <bool kPaddingOnly>
 void launch_gather(const void* x, int64_t T, const int32_t* tok, int64_t R, int64_t row_bytes, void* rows, cudaStream_t stream) {
   if (R == 0 || row_bytes == 0) return;
   int vb = vector_bytes(row_bytes, {x, rows});
   unsigned blocks = unsigned((R + kWarpsPerBlock - 1) / kWarpsPerBlock);
   auto go = [&](auto tag) {
     using V = typename decltype(tag)::type;
-    gather_rows<V, kPaddingOnly><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<const V*>(x), T, tok, R,
-                                                                             row_bytes / int64_t(sizeof(V)), static_cast<V*>(rows));
+    gather_rows<V><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(static_cast<const V*>(x), T, tok, R, row_bytes / int64_t(sizeof(V)),
+                                                               static_cast<V*>(rows));
   };
   with_vector_type(vb, go);
 }
@@ -290,41 +288,95 @@ __global__ void unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t 
   }
 }
 
-// d_rows[row_of[t,j]] = w[t,j]·dy[t]; d_w[t,j] = <dy[t], rows[row_of[t,j]]>: one block per token.
+// ------------------------------------------------------------------------ unpermute backward
+// Assignments of a token whose rows are loaded together: their loads are all in flight before the
+// first is used (a thread holds kBackwardTile 16-byte vectors), which is what keeps DRAM busy.
+constexpr int kBackwardTile = 8;
+constexpr int kTokenWarps = kTokenThreads / 32;
+constexpr int kPadRowsPerTokenBlock = kPadRowsPerWarp * kTokenWarps;
+
+// Blocks [0, T): token t. For its assignments j (a tile of kBackwardTile at a time; one tile for
+// k ≤ 8) and each N-element slice of H: dy[t]'s slice is loaded once, the tile's row slices all
+// at once, then d_rows[row_of[t,j]] = w[t,j]·dy[t] is stored and <dy[t], rows[row_of[t,j]]> summed
+// per thread in fp32. The dot products are summed by warp shuffles and then over the block's warps
+// through shared memory: two barriers per tile, none per assignment.
+// Blocks [T, …): kPadRowsPerTokenBlock rows each; those whose row_token is not a token (padding)
+// get zeros in d_rows.
 template <typename G, typename I, typename O, int N>
-__global__ void unpermute_backward_kernel(const G* __restrict__ dy, const I* __restrict__ rows, int64_t R, int64_t H,
-                                          const int32_t* __restrict__ row_of, const float* __restrict__ w, int32_t k,
-                                          O* __restrict__ d_rows, float* __restrict__ d_w) {
-  using Reduce = cub::BlockReduce<float, kTokenThreads>;
-  __shared__ typename Reduce::TempStorage reduce_storage;
-  const int64_t t = blockIdx.x;
-  for (int32_t j = 0; j < k; ++j) {
-    int32_t r = row_of[t * k + j];
-    bool valid = r >= 0 && r < R;
-    // Uniform over the block (r depends on t and j only): a dropped assignment (most of them under
-    // expert choice, whose k is E) costs no reduction and no barrier.
-    if (!valid) {
-      if (threadIdx.x == 0) d_w[t * k + j] = 0.f;
-      continue;
+__global__ void __launch_bounds__(kTokenThreads)
+    unpermute_backward_kernel(const G* __restrict__ dy, const I* __restrict__ rows, int64_t T, int64_t R, int64_t H,
+                              const int32_t* __restrict__ row_of, const int32_t* __restrict__ row_token, const float* __restrict__ w,
+                              int32_t k, O* __restrict__ d_rows, float* __restrict__ d_w) {
+  __shared__ float s_dot[kBackwardTile][kTokenWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t b = blockIdx.x;
+  if (b >= T) {
+    const int64_t first = (b - T) * kPadRowsPerTokenBlock + int64_t(warp) * kPadRowsPerWarp;
+    bool pad = false;
+    if (lane < kPadRowsPerWarp && first + lane < R) {
+      const int32_t tok = row_token[first + lane];
+      pad = tok < 0 || tok >= T;
     }
-    float wj = w[t * k + j];
-    float dot = 0.f;
-    {
-      for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(blockDim.x) * N) {
-        float g[N], x[N], d[N];
-        load_float<G, N>(dy + t * H + h, g);
-        load_float<I, N>(rows + int64_t(r) * H + h, x);
+    unsigned todo = __ballot_sync(0xffffffffu, pad);
+    const float zero[N] = {};
+    while (todo != 0u) {
+      const int i = __ffs(todo) - 1;
+      todo &= todo - 1u;
+      O* dst = d_rows + (first + i) * H;
+      for (int64_t h = int64_t(lane) * N; h < H; h += 32 * N) store_float<O, N>(dst + h, zero);
+    }
+    return;
+  }
+  const int64_t t = b;
+  const G* g_row = dy + t * H;
+  for (int32_t j0 = 0; j0 < k; j0 += kBackwardTile) {
+    // The tile's rows and weights: the same for every thread, so every branch on them is uniform.
+    int32_t r[kBackwardTile];
+    float wj[kBackwardTile];
+#pragma unroll
+    for (int u = 0; u < kBackwardTile; ++u) {
+      const int32_t j = j0 + u;
+      const int32_t rr = j < k ? row_of[t * k + j] : -1;
+      // A row this token does not own is left to its owner (or to the padding blocks): no row is
+      // written twice, even for a malformed layout.
+      r[u] = (rr >= 0 && rr < R && row_token[rr] == int32_t(t)) ? rr : -1;
+      wj[u] = r[u] >= 0 ? w[t * k + j] : 0.f;
+    }
+    float dot[kBackwardTile] = {};
+    for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(kTokenThreads) * N) {
+      Pack<I, N> x[kBackwardTile];
+#pragma unroll
+      for (int u = 0; u < kBackwardTile; ++u)
+        if (r[u] >= 0) x[u] = *reinterpret_cast<const Pack<I, N>*>(rows + int64_t(r[u]) * H + h);
+      float g[N];
+      load_float<G, N>(g_row + h, g);
+#pragma unroll
+      for (int u = 0; u < kBackwardTile; ++u) {
+        if (r[u] < 0) continue;
+        float d[N];
 #pragma unroll
         for (int i = 0; i < N; ++i) {
-          dot += g[i] * x[i];
-          d[i] = wj * g[i];
+          dot[u] += g[i] * to_float(x[u].v[i]);
+          d[i] = wj[u] * g[i];
         }
-        store_float<O, N>(d_rows + int64_t(r) * H + h, d);
+        store_float<O, N>(d_rows + int64_t(r[u]) * H + h, d);
       }
     }
-    float sum = Reduce(reduce_storage).Sum(dot);
-    if (threadIdx.x == 0) d_w[t * k + j] = sum;
-    __syncthreads();  // reduce_storage is reused by the next j
+#pragma unroll
+    for (int u = 0; u < kBackwardTile; ++u) {
+      float s = dot[u];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) s_dot[u][warp] = s;
+    }
+    __syncthreads();
+    if (threadIdx.x < kBackwardTile && j0 + int32_t(threadIdx.x) < k) {
+      float s = 0.f;  // 0 for a dropped assignment (its partial sums are all 0)
+#pragma unroll
+      for (int v = 0; v < kTokenWarps; ++v) s += s_dot[threadIdx.x][v];
+      d_w[t * k + j0 + threadIdx.x] = s;
+    }
+    if (j0 + kBackwardTile < k) __syncthreads();  // s_dot is reused by the next tile
   }
 }
 
@@ -378,7 +430,7 @@ void permute_rows_cuda(const Tensor& x, const Tensor& row_token, const Tensor& r
     launch_scatter(x.raw(), T, int32_t(row_of.size(1)), row_of.data<int32_t>(), row_token.data<int32_t>(), R, row_bytes, rows.raw(),
                    cudaStream_t(stream));
   } else {
-    launch_gather<false>(x.raw(), T, row_token.data<int32_t>(), R, row_bytes, rows.raw(), cudaStream_t(stream));
+    launch_gather(x.raw(), T, row_token.data<int32_t>(), R, row_bytes, rows.raw(), cudaStream_t(stream));
   }
   cuda::check_launch("permute");
 }
@@ -414,10 +466,10 @@ void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor&
   const char* op = "unpermuteBackward";
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int64_t T = row_of.size(0), k = row_of.size(1), R = rows.size(0), H = rows.size(1);
-  // Padding rows (row_token < 0) get zeros; the others are written by the per-token kernel.
-  launch_gather<true>(nullptr, 0, row_token.data<int32_t>(), R, H * dtype_size(d_rows.dtype()), d_rows.raw(), stream);
-  cuda::check_launch(op);
-  if (T == 0 || k == 0) return;
+  // One block per token, then the blocks that zero the padding rows of d_rows.
+  const int64_t blocks = T + (R + kPadRowsPerTokenBlock - 1) / kPadRowsPerTokenBlock;
+  if (blocks == 0) return;
+  MOE_ARG_CHECK(blocks < INT_MAX, op, "'rowOf' ", row_of.describe(), " and 'rows' ", rows.describe(), " need more than 2^31 blocks");
   dispatch_bf16_f32(dy.dtype(), [&](auto gtag) {
     using G = typename decltype(gtag)::type;
     dispatch_bf16_f32(rows.dtype(), [&](auto itag) {
@@ -429,9 +481,9 @@ void unpermute_backward_cuda(const Tensor& dy, const Tensor& rows, const Tensor&
         dispatch_pack(n, [&](auto ntag) {
           constexpr int N = decltype(ntag)::value;
           if constexpr (N <= kMax) {
-            unpermute_backward_kernel<G, I, O, N>
-                <<<unsigned(T), kTokenThreads, 0, stream>>>(dy.data<G>(), rows.data<I>(), R, H, row_of.data<int32_t>(),
-                                                            weights.data<float>(), int32_t(k), d_rows.data<O>(), d_weights.data<float>());
+            unpermute_backward_kernel<G, I, O, N><<<unsigned(blocks), kTokenThreads, 0, stream>>>(
+                dy.data<G>(), rows.data<I>(), T, R, H, row_of.data<int32_t>(), row_token.data<int32_t>(), weights.data<float>(), int32_t(k),
+                d_rows.data<O>(), d_weights.data<float>());
           }
         });
       });

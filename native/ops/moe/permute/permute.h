@@ -35,7 +35,8 @@
 //   accumulator with one rounding, so the layer needs no separate pass to add it.
 //
 // On the GPU, row_of / row_token values outside [−1, R) / [−1, T) are skipped (treated as dropped /
-// padding) rather than read; the CPU path throws for them.
+// padding) rather than read; the CPU path throws for them. unpermute_backward on the GPU also skips
+// an assignment whose row's row_token is not its token (d_weights 0; no row is written twice).
 #pragma once
 #include "core/tensor.h"
 
