@@ -122,7 +122,18 @@ describe.skipIf(!hasNccl)('communication on its own stream, NCCL one rank on cud
         const dxWork = side.dispatchBackwardAsync(cb.dExpertOut, got.handle);
         busy.push(ops.matmul(a, b, { dtype: 'f32' }));
         expect(relErr(values(dxWork.wait()), values(dxC)), 'dx').toBeLessThan(1e-5);
-        for (const w of [work, yWork, cbWork, dxWork]) w.dispose();
+        // `add` made on the compute stream just before the call, behind a matmul (as the layer makes
+        // the router's dx): the comm stream reads it only after it is made.
+        const addSeed = freshSeed();
+        const addC = Tensor.randn([T, H], { seed: addSeed, device: cpu });
+        busy.push(ops.matmul(a, b, { dtype: 'f32' }));
+        const addG = ops.scale(addC.to(gpu), 1);
+        const dxAddWork = side.dispatchBackwardAsync(cb.dExpertOut, got.handle, { add: addG });
+        busy.push(ops.matmul(a, b, { dtype: 'f32' }));
+        const addV = values(addC);
+        const dxAddRef = values(dxC).map((v, i) => v + (addV[i] as number));
+        expect(relErr(values(dxAddWork.wait()), dxAddRef), `dx + add, seed ${addSeed}`).toBeLessThan(1e-5);
+        for (const w of [work, yWork, cbWork, dxWork, dxAddWork]) w.dispose();
 
         // The compute stream's work was not disturbed: every matmul equals the first, whose leading
         // rows equal the CPU's.
