@@ -38,15 +38,18 @@ struct Meta {
 
 // The pinned host words the kernels report to. Plain stores only (atomics on host memory need
 // PCIe atomics, which not every platform has): each waiting lane marks its own peer.
+// The host also writes `timeout_ns` here (set_timeout_ms): kernels read it when a wait has spun a
+// while, so a captured CUDA graph replays with the timeout in force at replay time.
 struct HostFault {
   int kind;             // PeerFault (the first writer's, or another failing lane's: both are faults)
   int op;               // which wait (PeerOp)
   int peer[kMaxPeers];  // 1: rank p was not heard from, or gave up
+  long long timeout_ns; // written by the host: 0 waits forever
 };
 enum PeerOp : int { kOpDispatch = 1, kOpCombine = 2, kOpCombineBackward = 3, kOpDispatchBackward = 4 };
 
 struct HostCounts {
-  volatile u64 step;   // written last: the fields below belong to this dispatch step
+  volatile u64 step;   // written last: the fields below belong to the dropless dispatch of this host sequence number
   int64_t rows;        // rows received, padding included
   int64_t max_tokens;  // largest token count among the sources
   int data[1];         // segment counts [El·P] (per local expert, per source), then tokens_from [P]
@@ -58,8 +61,7 @@ struct View {
   int P, me, El, k_cap;
   int64_t t_cap, row_stride, mail_stride;
   int64_t off_mail, off_scratch, off_disp_rows, off_disp_meta, off_comb_rows, off_comb_aux;
-  HostFault* fault;    // mapped pinned host memory
-  int64_t timeout_ns;  // 0: wait forever
+  HostFault* fault;  // mapped pinned host memory (and the timeout the host set)
 };
 
 __device__ __forceinline__ Mail* mail(const View& v, int holder, int slot) {
@@ -86,6 +88,19 @@ __device__ __forceinline__ unsigned* scratch_counter(const View& v, int which) {
 }
 enum Counter : int { kCntPush = 0, kCntExpand, kCntCombPush, kCntCombReduce, kCntCbExpert, kCntCbOwner, kCntCount };
 
+// The step counters, one per region, on the device in my own buffer (after the block counters;
+// peers never read them). The first kernel of a call advances its region's counter (the layout
+// kernel for a dispatch, the first wait kernel for a combine or combineBackward); the call's other
+// kernels read it. So no step number is a kernel argument: a call captured in a CUDA graph once and
+// replayed N times advances the protocol exactly like N eager calls, and the two interleave.
+enum Region : int { kRegionDispatch = 0, kRegionCombine = 1, kRegionCount };
+constexpr int kScratchSlots = kCntCount + kRegionCount;  // 128 bytes each
+__device__ __forceinline__ u64* step_counter(const View& v, int region) {
+  return reinterpret_cast<u64*>(v.base[v.me] + v.off_scratch + (kCntCount + region) * 128);
+}
+// The region's current step (set by an earlier kernel of this call, on this stream).
+__device__ __forceinline__ u64 current_step(const View& v, int region) { return *reinterpret_cast<volatile u64*>(step_counter(v, region)); }
+
 __device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
   u64 v;
   asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
@@ -95,6 +110,7 @@ __device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 __device__ __forceinline__ int ld_volatile(const int* p) { return *reinterpret_cast<const volatile int*>(p); }
+__device__ __forceinline__ long long ld_volatile(const long long* p) { return *reinterpret_cast<const volatile long long*>(p); }
 __device__ __forceinline__ u64 global_ns() {
   u64 t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -130,7 +146,8 @@ __device__ bool warp_wait(const View& v, int field, u64 step, int op) {
           ok = false;
           break;
         }
-        if (v.timeout_ns > 0 && global_ns() - start > u64(v.timeout_ns)) {
+        const long long timeout_ns = ld_volatile(&v.fault->timeout_ns);
+        if (timeout_ns > 0 && global_ns() - start > u64(timeout_ns)) {
           record_fault(v, PeerFault::Timeout, lane, op);
           ok = false;
           break;
@@ -142,10 +159,23 @@ __device__ bool warp_wait(const View& v, int field, u64 step, int op) {
   return __all_sync(0xffffffffu, ok);
 }
 
-// One warp: waits for up to two conditions on every slot.
-__global__ void wait_kernel(View v, int field_a, u64 step_a, int field_b, u64 step_b, int op) {
-  if (!warp_wait(v, field_a, step_a, op)) return;
-  if (field_b >= 0) warp_wait(v, field_b, step_b, op);
+// A wait condition: mail field `field` (a byte offset into Mail; -1: none) of every slot reaches
+// the current step of `region` minus `back`.
+struct Await {
+  int field = -1;
+  int region = 0;
+  int back = 0;
+};
+
+// One warp: first advances the step counters of the regions in `bump` (bit r: region r; the first
+// kernel of a combine or combineBackward), then waits for up to two conditions on every slot.
+__global__ void wait_kernel(View v, unsigned bump, Await a, Await b, int op) {
+  if (threadIdx.x == 0)
+    for (int r = 0; r < kRegionCount; ++r)
+      if ((bump >> r) & 1u) *step_counter(v, r) += 1;
+  __syncwarp();
+  if (a.field >= 0 && !warp_wait(v, a.field, current_step(v, a.region) - u64(a.back), op)) return;
+  if (b.field >= 0) warp_wait(v, b.field, current_step(v, b.region) - u64(b.back), op);
 }
 
 // Every thread's writes made visible system-wide, then true in the last block to finish (which
@@ -216,13 +246,19 @@ constexpr int kCountsThreads = 256;
 // acknowledged the previous step, sends each its counts (kept[] of its experts), how many token
 // rows it will get and this rank's T.
 __global__ void __launch_bounds__(kLayoutThreads)
-    layout_kernel(View v, const int* idx, const int* slot, const int* kept, int T, int k, int* pos, int* dest, u64 step) {
+    layout_kernel(View v, const int* idx, const int* slot, const int* kept, int T, int k, int* pos, int* dest) {
   using Scan = cub::BlockScan<int, kLayoutThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int base[kMaxPeers];
   __shared__ bool ok;
+  __shared__ u64 step;
   const int P = v.P, El = v.El, E = El * P;
   if (threadIdx.x < kMaxPeers) base[threadIdx.x] = 0;
+  if (threadIdx.x == 0) {
+    // The first kernel of a dispatch: this call's step.
+    step = current_step(v, kRegionDispatch) + 1;
+    *step_counter(v, kRegionDispatch) = step;
+  }
   __syncthreads();
   for (int t0 = 0; t0 < T; t0 += kLayoutThreads) {
     const int t = t0 + int(threadIdx.x);
@@ -273,11 +309,12 @@ __global__ void __launch_bounds__(kLayoutThreads)
 // expert l owns offsets[l] .. offsets[l+1] (its rows rounded up to `align`), source s's rows for l
 // start at seg_start[l·P + s], padding from fill[l]. Reports the sizes to pinned host memory.
 __global__ void __launch_bounds__(kCountsThreads)
-    counts_kernel(View v, int align, int* offsets, int* seg_start, int* fill, HostCounts* host, u64 step) {
+    counts_kernel(View v, int align, int* offsets, int* seg_start, int* fill, HostCounts* host, u64 host_seq) {
   using Scan = cub::BlockScan<long long, kCountsThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ bool ok;
   const int P = v.P, El = v.El;
+  const u64 step = current_step(v, kRegionDispatch);
   if (threadIdx.x < 32) {
     const bool w = warp_wait(v, offsetof(Mail, counts_step), step, kOpDispatch);
     if (threadIdx.x == 0) ok = w;
@@ -325,7 +362,7 @@ __global__ void __launch_bounds__(kCountsThreads)
   __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
-    host->step = step;
+    host->step = host_seq;
     __threadfence_system();
   }
 }
@@ -401,7 +438,7 @@ template <typename T> struct Fp8Rows {
 // or the layout kernel ran first).
 template <typename Rows>
 __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int* idx, const int* slot, const float* weights,
-                            const int* dest, int k, u64 step) {
+                            const int* dest, int k) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;
@@ -428,7 +465,8 @@ __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int*
         if (dst[p]) disp_meta(v, p, v.me, at[p])[lane] = d == p ? mine : other;
     }
   }
-  if (last_block(scratch_counter(v, kCntPush)) && threadIdx.x < P) st_release_sys(&mail(v, threadIdx.x, v.me)->rows_step, step);
+  if (last_block(scratch_counter(v, kCntPush)) && threadIdx.x < P)
+    st_release_sys(&mail(v, threadIdx.x, v.me)->rows_step, current_step(v, kRegionDispatch));
 }
 
 // The receiver, a warp per (source, token row): waits were done by a wait kernel. Each of the row's
@@ -439,7 +477,7 @@ __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int*
 template <typename Out, bool kFp8>
 __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, const int* seg_start, const int* fill, const int* offsets,
                               int64_t N, int H, bool vec16, Out* out, float* out_w, int* row_src, int* recv_row_of, float* recv_w,
-                              int* recv_tokens, u64 step) {
+                              int* recv_tokens) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P, El = v.El;
@@ -558,7 +596,8 @@ __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, c
       row_src[r] = -1;
     }
   }
-  if (last_block(scratch_counter(v, kCntExpand)) && threadIdx.x < P) st_release_sys(&mail(v, threadIdx.x, v.me)->disp_ack, step);
+  if (last_block(scratch_counter(v, kCntExpand)) && threadIdx.x < P)
+    st_release_sys(&mail(v, threadIdx.x, v.me)->disp_ack, current_step(v, kRegionDispatch));
 }
 
 // The expert rank, a warp per received (source, token): Σ_j c_j·rows[row(j)] over the entries
@@ -566,7 +605,7 @@ __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, c
 // dtype into the owner's combine region at [me][i]. The owners acknowledged the previous step.
 template <typename T>
 __global__ void combine_push_kernel(View v, const T* rows, int64_t N, int H, int k, int64_t map_cap, const int* recv_row_of,
-                                    const float* recv_w, const int* recv_tokens, u64 step) {
+                                    const float* recv_w, const int* recv_tokens) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;
@@ -615,11 +654,12 @@ __global__ void combine_push_kernel(View v, const T* rows, int64_t N, int H, int
       }
     }
   }
-  if (last_block(scratch_counter(v, kCntCombPush)) && threadIdx.x < P) st_release_sys(&mail(v, threadIdx.x, v.me)->comb_step, step);
+  if (last_block(scratch_counter(v, kCntCombPush)) && threadIdx.x < P)
+    st_release_sys(&mail(v, threadIdx.x, v.me)->comb_step, current_step(v, kRegionCombine));
 }
 
 // The owner, a warp per token: y[t] = Σ over the ranks t went to of their partial rows, in fp32.
-template <typename T> __global__ void combine_reduce_kernel(View v, const int* pos, int T_, int H, T* y, u64 step) {
+template <typename T> __global__ void combine_reduce_kernel(View v, const int* pos, int T_, int H, T* y) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;
@@ -657,7 +697,8 @@ template <typename T> __global__ void combine_reduce_kernel(View v, const int* p
       }
     }
   }
-  if (last_block(scratch_counter(v, kCntCombReduce)) && threadIdx.x < P) st_release_sys(&mail(v, threadIdx.x, v.me)->comb_ack, step);
+  if (last_block(scratch_counter(v, kCntCombReduce)) && threadIdx.x < P)
+    st_release_sys(&mail(v, threadIdx.x, v.me)->comb_ack, current_step(v, kRegionCombine));
 }
 
 // Backward of combine on the expert rank, a warp per expert-order row r that entry (s, i, j)
@@ -665,7 +706,7 @@ template <typename T> __global__ void combine_reduce_kernel(View v, const int* p
 // [me][i][j]; padding rows get zeros. dy(s, i) is what the owner pushed into my dispatch region.
 template <typename D, typename R>
 __global__ void cb_expert_kernel(View v, const int* row_src, int64_t N, const R* rows, const float* recv_w, int H, int k, int64_t map_cap,
-                                 R* d_rows, u64 disp_step, u64 comb_step) {
+                                 R* d_rows) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P;
@@ -708,13 +749,13 @@ __global__ void cb_expert_kernel(View v, const int* row_src, int64_t N, const R*
     if (lane == 0) comb_aux(v, s, v.me, i)[j] = dot;
   }
   if (last_block(scratch_counter(v, kCntCbExpert)) && threadIdx.x < P) {
-    st_release_sys(&mail(v, threadIdx.x, v.me)->disp_ack, disp_step);
-    st_release_sys(&mail(v, threadIdx.x, v.me)->comb_step, comb_step);
+    st_release_sys(&mail(v, threadIdx.x, v.me)->disp_ack, current_step(v, kRegionDispatch));
+    st_release_sys(&mail(v, threadIdx.x, v.me)->comb_step, current_step(v, kRegionCombine));
   }
 }
 
 // Backward of combine on the owner: d_weights[t, j] from the rank that holds entry j's expert.
-__global__ void cb_owner_kernel(View v, const int* pos, const int* dest, int T, int k, float* d_weights, u64 step) {
+__global__ void cb_owner_kernel(View v, const int* pos, const int* dest, int T, int k, float* d_weights) {
   const int64_t n = int64_t(T) * k;
   for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < n; q += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = q / k;
@@ -726,7 +767,8 @@ __global__ void cb_owner_kernel(View v, const int* pos, const int* dest, int T, 
     }
     d_weights[q] = val;
   }
-  if (last_block(scratch_counter(v, kCntCbOwner)) && threadIdx.x < v.P) st_release_sys(&mail(v, threadIdx.x, v.me)->comb_ack, step);
+  if (last_block(scratch_counter(v, kCntCbOwner)) && threadIdx.x < v.P)
+    st_release_sys(&mail(v, threadIdx.x, v.me)->comb_ack, current_step(v, kRegionCombine));
 }
 
 }  // namespace moe::comm::peer

@@ -23,6 +23,7 @@ using peer::u64;
 constexpr int kWorkThreads = 256;
 constexpr int kPciIdBytes = 32;
 constexpr int kExportBytes = kIpcHandleBytes + kPciIdBytes + 8;
+constexpr unsigned kBumpDispatch = 1u << peer::kRegionDispatch, kBumpCombine = 1u << peer::kRegionCombine;
 
 void cu(cudaError_t code, const char* op, const char* what) { cuda::check(int(code), op, what); }
 int64_t round_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
@@ -38,7 +39,7 @@ Layout layout_for(int P, const PeerCapacity& cap) {
   l.mail_stride = round_up(peer::kMailCountsOffset + 4 * int64_t(cap.local_experts), 128);
   l.off_mail = 0;
   l.off_scratch = round_up(l.off_mail + P * l.mail_stride, 256);
-  l.off_disp_rows = round_up(l.off_scratch + peer::kCntCount * 128, 256);
+  l.off_disp_rows = round_up(l.off_scratch + peer::kScratchSlots * 128, 256);
   l.off_disp_meta = round_up(l.off_disp_rows + P * cap.token_cap * l.row_stride, 256);
   l.off_comb_rows = round_up(l.off_disp_meta + P * cap.token_cap * cap.top_k * int64_t(sizeof(peer::Meta)), 256);
   l.off_comb_aux = round_up(l.off_comb_rows + P * cap.token_cap * l.row_stride, 256);
@@ -73,11 +74,13 @@ class CudaPeerTransport final : public PeerTransport {
     layout_ = layout_for(size, cap);
     cu(cudaMalloc(&buffer_, size_t(layout_.total)), op, "cudaMalloc of the transport buffer");
     try {
-      // Zeroed: every step counter starts at 0 and nothing is aborted.
+      // Zeroed: every step counter (the mail's and the device-side ones in the scratch) starts at 0
+      // and nothing is aborted.
       cu(cudaMemset(buffer_, 0, size_t(layout_.off_disp_rows)), op, "cudaMemset");
       const size_t host_bytes = sizeof(peer::HostFault) + sizeof(peer::HostCounts) + 4 * size_t(cap.local_experts * size + size + 4);
       cu(cudaHostAlloc(&host_, host_bytes, cudaHostAllocMapped | cudaHostAllocPortable), op, "cudaHostAlloc of the status words");
       std::memset(host_, 0, host_bytes);
+      static_cast<peer::HostFault*>(host_)->timeout_ns = timeout_ms * 1000000;
       void* dev_host = nullptr;
       cu(cudaHostGetDevicePointer(&dev_host, host_, 0), op, "cudaHostGetDevicePointer");
       fault_ = static_cast<peer::HostFault*>(host_);
@@ -101,7 +104,11 @@ class CudaPeerTransport final : public PeerTransport {
   int device() const override { return device_; }
   const PeerCapacity& capacity() const override { return cap_; }
   bool aborted() const override { return aborted_; }
-  void set_timeout_ms(int64_t ms) override { timeout_ms_ = ms; }
+  // A plain store to pinned host memory, which the kernels' waits read (captured graphs included).
+  void set_timeout_ms(int64_t ms) override {
+    timeout_ms_ = ms;
+    if (fault_) reinterpret_cast<volatile long long*>(&fault_->timeout_ns)[0] = ms * 1000000;
+  }
 
   std::vector<uint8_t> export_handle() const override {
     const char* op = "peerTransport";
@@ -240,11 +247,16 @@ class CudaPeerTransport final : public PeerTransport {
     if (plan.segment >= 0)
       MOE_ARG_CHECK(T <= cap_.token_cap, op, T, " tokens exceed the peer-memory transport's capacity of ", cap_.token_cap, " per rank");
     MOE_ARG_CHECK(k <= cap_.top_k, op, "top-k ", k, " exceeds the transport's ", cap_.top_k);
+    // Dropless: the host waits below for the counts, which a graph capture would never deliver.
+    if (plan.segment < 0 && cuda::capture_open_on_this_thread())
+      cuda::refuse_in_capture(op,
+                              "wait on the host for the received row counts of a dropless dispatch (peer-memory transport); capacity "
+                              "mode (fixed segments) waits for nothing and can be captured");
     cuda::DeviceGuard guard(device_);
     cudaStream_t stream = cudaStream_t(ops::op_stream(indices));
-    const u64 step = ++disp_step_;
+    // The step number lives on the device: the layout kernel advances it (peer_kernels.cuh).
     peer::layout_kernel<<<1, peer::kLayoutThreads, 0, stream>>>(view(El), indices.data<int>(), slot.data<int>(), kept.data<int>(), int(T),
-                                                                int(k), pos.data<int>(), dest.data<int>(), step);
+                                                                int(k), pos.data<int>(), dest.data<int>());
     cuda::check_launch(op);
     Counts c;
     if (plan.segment >= 0) {
@@ -253,12 +265,15 @@ class CudaPeerTransport final : public PeerTransport {
       c.segment_rows.assign(size_t(El) * P, plan.segment);
       return c;
     }
+    // The counts reach the host tagged with a host sequence number of their own (dropless calls
+    // are never captured, so a host value is right here).
+    const u64 seq = ++counts_seq_;
     peer::counts_kernel<<<1, peer::kCountsThreads, 0, stream>>>(view(El), int(plan.align), offsets.data<int>(), seg_start.data<int>(),
-                                                                fill.data<int>(), dev_counts_, step);
+                                                                fill.data<int>(), dev_counts_, seq);
     cuda::check_launch(op);
     // The deliberate host wait of dropless dispatch: the received row count sizes the output. It
     // polls pinned memory the counts kernel writes (not a stream synchronisation).
-    wait_host_counts(op, step);
+    wait_host_counts(op, seq);
     c.rows = counts_->rows;
     c.max_tokens = counts_->max_tokens;
     c.segment_rows.resize(size_t(El) * P);
@@ -308,12 +323,11 @@ class CudaPeerTransport final : public PeerTransport {
     cudaStream_t stream = cudaStream_t(ops::op_stream(payload));
     MOE_ARG_CHECK(plan.local_experts >= 1 && plan.local_experts <= cap_.local_experts, op, plan.local_experts,
                   " experts per rank exceed the transport's ", cap_.local_experts);
-    const u64 step = disp_step_;
     const peer::View v = view(plan.local_experts);
     const dim3 pg = grid(plan.sms, T * 32);
     auto push = [&](auto rows) {
       peer::push_kernel<<<pg, kWorkThreads, 0, stream>>>(v, rows, pos.data<int>(), int(T), indices.data<int>(), slot.data<int>(),
-                                                         weights.data<float>(), dest.data<int>(), int(k), step);
+                                                         weights.data<float>(), dest.data<int>(), int(k));
     };
     need_aligned(out, op, "out");
     const Tensor src = aligned_rows(payload);
@@ -321,7 +335,7 @@ class CudaPeerTransport final : public PeerTransport {
     else if (src.dtype() == DType::bf16) push(peer::Fp8Rows<bf16>{src.data<bf16>(), int(H)});
     else push(peer::Fp8Rows<float>{src.data<float>(), int(H)});
     cuda::check_launch(op);
-    wait(stream, offsetof(peer::Mail, rows_step), step, -1, 0, peer::kOpDispatch);
+    wait(stream, 0, {offsetof(peer::Mail, rows_step), peer::kRegionDispatch, 0}, {}, peer::kOpDispatch);
     const dim3 g = grid(plan.sms, std::max<int64_t>(size_ * map_cap, N) * 32);
     const bool out_vec16 = (H * dtype_size(out.dtype())) % 16 == 0;
     const int* ss = seg_start.defined() ? seg_start.data<int>() : nullptr;
@@ -330,7 +344,7 @@ class CudaPeerTransport final : public PeerTransport {
 #define MOE_EXPAND(OUT, FP8)                                                                                                               \
   peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                                           \
       v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, out.data<OUT>(), out_weights.data<float>(), row_src.data<int>(), \
-      recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>(), step)
+      recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>())
     if (out.dtype() == DType::bf16) {
       if (fp8) MOE_EXPAND(bf16, true);
       else MOE_EXPAND(bf16, false);
@@ -365,24 +379,24 @@ class CudaPeerTransport final : public PeerTransport {
     cudaStream_t stream = cudaStream_t(ops::op_stream(rows));
     need_aligned(y, op, "y");
     const Tensor in = aligned_rows(rows);
-    const u64 step = ++comb_step_;
     const peer::View v = view();
-    wait(stream, offsetof(peer::Mail, comb_ack), step - 1, -1, 0, wop);
+    // The first kernel advances the combine step on the device, then waits for the owners'
+    // acknowledgement of the previous one.
+    wait(stream, kBumpCombine, {offsetof(peer::Mail, comb_ack), peer::kRegionCombine, 1}, {}, wop);
     const float* w = recv_weight.defined() ? recv_weight.data<float>() : nullptr;
     if (rows.dtype() == DType::bf16)
       peer::combine_push_kernel<bf16><<<grid(sms, size_ * map_cap * 32), kWorkThreads, 0, stream>>>(
-          v, in.data<bf16>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>(), step);
+          v, in.data<bf16>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>());
     else
       peer::combine_push_kernel<float><<<grid(sms, size_ * map_cap * 32), kWorkThreads, 0, stream>>>(
-          v, in.data<float>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>(), step);
+          v, in.data<float>(), N, int(H), int(k), map_cap, recv_row_of.data<int>(), w, recv_tokens.data<int>());
     cuda::check_launch(op);
-    wait(stream, offsetof(peer::Mail, comb_step), step, -1, 0, wop);
+    wait(stream, 0, {offsetof(peer::Mail, comb_step), peer::kRegionCombine, 0}, {}, wop);
     if (y.dtype() == DType::bf16)
-      peer::combine_reduce_kernel<bf16>
-          <<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<bf16>(), step);
+      peer::combine_reduce_kernel<bf16><<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<bf16>());
     else
       peer::combine_reduce_kernel<float>
-          <<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<float>(), step);
+          <<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(v, pos.data<int>(), int(T), int(H), y.data<float>());
     cuda::check_launch(op);
   }
 
@@ -411,19 +425,20 @@ class CudaPeerTransport final : public PeerTransport {
     cudaStream_t stream = cudaStream_t(ops::op_stream(dy));
     need_aligned(d_rows, op, "dRows");
     const Tensor dy_in = aligned_rows(dy), rows_in = aligned_rows(rows);
-    const u64 dstep = ++disp_step_, cstep = ++comb_step_;
     const peer::View v = view();
-    // dy to every rank its token went to, into their dispatch regions (once acknowledged).
-    wait(stream, offsetof(peer::Mail, disp_ack), dstep - 1, -1, 0, peer::kOpCombineBackward);
+    // Both steps advanced on the device by the first kernel; dy to every rank its token went to,
+    // into their dispatch regions (once acknowledged).
+    wait(stream, kBumpDispatch | kBumpCombine, {offsetof(peer::Mail, disp_ack), peer::kRegionDispatch, 1}, {}, peer::kOpCombineBackward);
     peer::push_kernel<<<grid(sms, T * 32), kWorkThreads, 0, stream>>>(
         v, peer::CopyRows{static_cast<const char*>(dy_in.raw()), pay_bytes, pay_bytes % 16 == 0}, pos.data<int>(), int(T), nullptr, nullptr,
-        nullptr, nullptr, 0, dstep);
+        nullptr, nullptr, 0);
     cuda::check_launch(op);
-    wait(stream, offsetof(peer::Mail, rows_step), dstep, offsetof(peer::Mail, comb_ack), cstep - 1, peer::kOpCombineBackward);
+    wait(stream, 0, {offsetof(peer::Mail, rows_step), peer::kRegionDispatch, 0}, {offsetof(peer::Mail, comb_ack), peer::kRegionCombine, 1},
+         peer::kOpCombineBackward);
     const dim3 g = grid(sms, N * 32);
 #define MOE_CB(D, R)                                                                                                                    \
   peer::cb_expert_kernel<D, R><<<g, kWorkThreads, 0, stream>>>(v, row_src.data<int>(), N, rows_in.data<R>(), recv_weight.data<float>(), \
-                                                               int(H), int(k), map_cap, d_rows.data<R>(), dstep, cstep)
+                                                               int(H), int(k), map_cap, d_rows.data<R>())
     const bool dbf = dy.dtype() == DType::bf16, rbf = rows.dtype() == DType::bf16;
     if (dbf && rbf) MOE_CB(bf16, bf16);
     else if (dbf) MOE_CB(bf16, float);
@@ -431,9 +446,9 @@ class CudaPeerTransport final : public PeerTransport {
     else MOE_CB(float, float);
 #undef MOE_CB
     cuda::check_launch(op);
-    wait(stream, offsetof(peer::Mail, comb_step), cstep, -1, 0, peer::kOpCombineBackward);
+    wait(stream, 0, {offsetof(peer::Mail, comb_step), peer::kRegionCombine, 0}, {}, peer::kOpCombineBackward);
     peer::cb_owner_kernel<<<grid(sms, T * k), kWorkThreads, 0, stream>>>(v, pos.data<int>(), dest.data<int>(), int(T), int(k),
-                                                                         d_weights.data<float>(), cstep);
+                                                                         d_weights.data<float>());
     cuda::check_launch(op);
   }
 
@@ -499,7 +514,6 @@ class CudaPeerTransport final : public PeerTransport {
     v.off_comb_rows = layout_.off_comb_rows;
     v.off_comb_aux = layout_.off_comb_aux;
     v.fault = dev_fault_;
-    v.timeout_ns = timeout_ms_ * 1000000;
     return v;
   }
 
@@ -510,8 +524,9 @@ class CudaPeerTransport final : public PeerTransport {
     return dim3(unsigned(std::max<int64_t>(1, std::min<int64_t>(need, allowed * 4))));
   }
 
-  void wait(cudaStream_t stream, int64_t field_a, u64 step_a, int64_t field_b, u64 step_b, int op) {
-    peer::wait_kernel<<<1, 32, 0, stream>>>(view(), int(field_a), step_a, int(field_b), step_b, op);
+  // A one-warp wait kernel: advances the regions in `bump` first, then waits for `a` and `b`.
+  void wait(cudaStream_t stream, unsigned bump, peer::Await a, peer::Await b, int op) {
+    peer::wait_kernel<<<1, 32, 0, stream>>>(view(), bump, a, b, op);
     cuda::check_launch(op_name(op));
   }
 
@@ -564,7 +579,7 @@ class CudaPeerTransport final : public PeerTransport {
   std::array<bool, kMaxPeers> opened_{};
   bool open_ = false;
   bool aborted_ = false;
-  u64 disp_step_ = 0, comb_step_ = 0;
+  u64 counts_seq_ = 0;  // dropless dispatches so far (tags the counts the host polls for)
 };
 
 }  // namespace

@@ -21,6 +21,17 @@
 // awaited peer set its abort flag; a failed wait is recorded in pinned host memory, which the host
 // checks at every call (PeerTransport::check) and while it waits for dropless counts.
 //
+// The step counters live on the device, in this rank's own buffer (peers never read them): the
+// first kernel of a call advances its region's counter (the layout kernel of a dispatch, the first
+// wait kernel of a combine or combineBackward) and the call's later kernels read it; no step number
+// is a kernel argument. So capacity-mode calls can be captured in a CUDA graph: each replay
+// advances the protocol exactly like an eager call, and eager calls and replays interleave freely
+// (in the same collective order on every rank). The timeout is read from pinned host memory too,
+// so a replay waits with the timeout set at replay time. A wait that fails inside a replay is
+// recorded like any other and thrown by the next host call into the transport (check(); for
+// MoEInference, its next forward). Dropless dispatch waits on the host for the counts and refuses
+// to be captured.
+//
 // Layout of the received rows (the experts' input): local expert major, then source rank, then the
 // source's slot order (capacity()'s slot: token order). Capacity mode: every (expert, source)
 // segment is exactly `capacity` rows (rounded up to `align`), so nothing is read on the host.
