@@ -327,6 +327,16 @@ export class Dispatcher {
     return this.#transport;
   }
 
+  /**
+   * @internal The peer-memory transport this dispatcher moves rows with, or null when they travel
+   * another way. Decides the transport first (collective at the first call on a GPU, like the first
+   * dispatch): MoEInference's low-latency decode path drives the transport with buffers of its own.
+   */
+  peerTransportFor(x: Tensor, topK: number): PeerTransport | null {
+    this.chooseTransport(x, topK);
+    return this.#peer;
+  }
+
   /** Ships x's routed rows to their experts' owners. `cap` comes from capacity() on this rank. */
   dispatch(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
     using work = this.dispatchAsync(x, indices, weights, cap);

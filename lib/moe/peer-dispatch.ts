@@ -19,9 +19,10 @@
 import { type CapacityResult } from './capacity.js';
 import { FP8_BLOCK } from './fp8.js';
 import { type PeerNeed, PeerTransport } from './peer-transport.js';
-import { dtypeSize } from '../dtype.js';
+import { type Device } from '../device.js';
+import { type DType, dtypeSize } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
-import { Tensor } from '../tensor.js';
+import { keep, Tensor } from '../tensor.js';
 import { trace } from '../trace.js';
 
 /** The layout of one step through the peer transport, kept for combine and the backward passes. */
@@ -263,4 +264,145 @@ export function peerCombineBackward(
   }
   trace.mark('combineBackward (ipc): dy pushed, gradients back', dy.device);
   return { dExpertOut, dWeights };
+}
+
+/**
+ * The low-latency decode path through the peer transport: capacity mode with every buffer made
+ * once per token count (peerDecodeBuffers) and reused by every step, so a step allocates nothing,
+ * reads nothing on the host and can be captured in a CUDA graph (MoEInference.captureDecode).
+ * Every rank must run the same T (its fixed segments are C = capacity rows per (local expert,
+ * source rank)), in the same order of calls.
+ *
+ * Per rank and token count T, with N = El·P·C received rows: pos [T,P] + dest [T,k] i32, rows
+ * [N,H] in x's dtype, rowWeights + rowSrc [N], recvRowOf + recvWeight [P,T,k], recvTokens [P],
+ * offsets [El+1] (static: l·P·C).
+ */
+export interface PeerDecodeBuffers {
+  readonly T: number;
+  readonly topK: number;
+  /** Rows per (local expert, source rank): the capacity C. */
+  readonly segment: number;
+  readonly localExperts: number;
+  readonly pos: Tensor;
+  readonly dest: Tensor;
+  /** The experts' input [N,H], local expert major, then source rank, then the source's slot. */
+  readonly rows: Tensor;
+  readonly rowWeights: Tensor;
+  readonly rowSrc: Tensor;
+  readonly recvRowOf: Tensor;
+  readonly recvWeight: Tensor;
+  readonly recvTokens: Tensor;
+  /** [El+1] i32: local expert l's rows start at l·P·C. */
+  readonly offsets: Tensor;
+  /** Every tensor above, for disposal and for a graph's `retain`. */
+  readonly tensors: readonly Tensor[];
+}
+
+/** What a decode step of T tokens needs from the transport (the bucket's worst case). */
+export function peerDecodeNeed(T: number, topK: number, hidden: number, dtype: DType, localExperts: number): PeerNeed {
+  return { tokens: T, rowBytes: hidden * dtypeSize[dtype], topK, localExperts };
+}
+
+/** Makes the buffers of a decode step (eagerly: the offsets are copied from the host). */
+export function peerDecodeBuffers(
+  o: { P: number; localExperts: number; T: number; topK: number; hidden: number; segment: number; dtype: DType },
+  device: Device,
+): PeerDecodeBuffers {
+  const { P, localExperts: El, T, topK: k, hidden: H, segment } = o;
+  const made: Tensor[] = [];
+  const make = (shape: number[], dtype: DType): Tensor => {
+    const t = keep(Tensor.empty(shape, { dtype, device }));
+    made.push(t);
+    return t;
+  };
+  try {
+    const N = El * P * segment;
+    const b = {
+      T,
+      topK: k,
+      segment,
+      localExperts: El,
+      pos: make([T, P], 'i32'),
+      dest: make([T, k], 'i32'),
+      rows: make([N, H], o.dtype),
+      rowWeights: make([N], 'f32'),
+      rowSrc: make([N], 'i32'),
+      recvRowOf: make([P, T, k], 'i32'),
+      recvWeight: make([P, T, k], 'f32'),
+      recvTokens: make([P], 'i32'),
+      offsets: keep(
+        Tensor.fromArray(
+          Array.from({ length: El + 1 }, (_, l) => l * P * segment),
+          { dtype: 'i32', device },
+        ),
+      ),
+      tensors: made,
+    };
+    made.push(b.offsets);
+    return b;
+  } catch (e) {
+    for (const t of made) t.dispose();
+    throw e;
+  }
+}
+
+/**
+ * Dispatch into `b`: layout on the device, each token row pushed once per destination rank, expanded
+ * there into b.rows (fixed segments, padding zeroed). No host read, no allocation. `slot` and
+ * `kept` come from capacity() with a capacity factor on this rank's tokens.
+ */
+export function peerDispatchInto(
+  transport: PeerTransport,
+  x: Tensor,
+  indices: Tensor,
+  weights: Tensor,
+  slot: Tensor,
+  kept: Tensor,
+  b: PeerDecodeBuffers,
+  sms: number,
+): void {
+  const h = transport.handle;
+  h.dispatchLayout(
+    indices.handle,
+    slot.handle,
+    kept.handle,
+    b.segment,
+    1,
+    sms,
+    b.localExperts,
+    b.pos.handle,
+    b.dest.handle,
+    null,
+    null,
+    null,
+  );
+  h.dispatchRows(
+    x.handle,
+    indices.handle,
+    slot.handle,
+    weights.handle,
+    b.pos.handle,
+    b.dest.handle,
+    b.segment,
+    1,
+    sms,
+    b.localExperts,
+    false,
+    null,
+    null,
+    null,
+    b.rows.handle,
+    b.rowWeights.handle,
+    b.rowSrc.handle,
+    b.recvRowOf.handle,
+    b.recvWeight.handle,
+    b.recvTokens.handle,
+  );
+  trace.mark('dispatch (ipc, low latency): rows pushed and expanded', x.device);
+}
+
+/** Combine of the step dispatched into `b`: y [T,H] = Σ_j w[t,j]·expertOut[row(t,j)] (fp32 sums), written into y. */
+export function peerCombineInto(transport: PeerTransport, expertOut: Tensor, b: PeerDecodeBuffers, y: Tensor, sms: number): void {
+  transport.handle.combine(expertOut.handle, b.recvRowOf.handle, b.recvWeight.handle, b.recvTokens.handle, b.pos.handle, y.handle, sms);
+  trace.mark('combine (ipc, low latency): rows home and summed', expertOut.device);
 }

@@ -14,7 +14,9 @@
  * hidden size, top-k, or expert count (equal on every rank for one layer), the token count in
  * capacity mode (equal on every rank there), and in dropless mode the largest token count among the
  * sources, which the count exchange reports to every rank. Growing waits for the device, meets the
- * others at a barrier, and replaces every buffer.
+ * others at a barrier, and replaces every buffer: `generation` counts the replacements, so whoever
+ * captured the old buffers' addresses in a CUDA graph (MoEInference.captureDecode) knows to capture
+ * again (every rank sees the same growth at the same call, so every rank recaptures).
  */
 import { hostname } from 'node:os';
 import { readFileSync } from 'node:fs';
@@ -54,6 +56,7 @@ export class PeerTransport implements Disposable {
   readonly device: Device;
   #handle: PeerHandle | null;
   #capacity: PeerNeed;
+  #generation = 0;
 
   private constructor(comm: Communicator, device: Device, handle: PeerHandle, capacity: PeerNeed) {
     this.comm = comm;
@@ -150,6 +153,25 @@ export class PeerTransport implements Disposable {
   get aborted(): boolean {
     return this.#handle?.isAborted() ?? false;
   }
+  /** How many times the buffers were replaced (grownFor): graphs captured before a growth address freed memory. */
+  get generation(): number {
+    return this.#generation;
+  }
+  /**
+   * Device bytes of this rank's buffer: per source rank, tokens × (two rows of `rowBytes` rounded up
+   * to 16, and 16 bytes of metadata per top-k entry), plus the mail (64 + 4·localExperts bytes per
+   * rank, cache-line rounded) and 1 KiB of counters (native layout_for, to within its 256-byte alignments).
+   */
+  get bufferBytes(): number {
+    const c = this.#capacity;
+    const P = this.comm.size;
+    const row = roundUp(Math.max(c.rowBytes, 16), 16);
+    return P * c.tokens * (2 * row + 16 * c.topK) + P * roundUp(64 + 4 * c.localExperts, 128) + 1024;
+  }
+  /** Throws the TimeoutError a failed wait recorded (in a replayed graph too), naming `op`. */
+  check(op: string): void {
+    this.handle.check(op);
+  }
 
   /**
    * This transport, grown first when `need` exceeds its capacity. Collective: call it only where
@@ -173,6 +195,7 @@ export class PeerTransport implements Disposable {
     if (typeof made === 'string') throw new Error(`peer-memory transport: could not grow: ${made}`);
     this.#handle = made.#handle;
     this.#capacity = made.#capacity;
+    this.#generation++;
     made.#handle = null;
     return this;
   }

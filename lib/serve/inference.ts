@@ -24,16 +24,32 @@
  * allocation). Callers that serve varying batch sizes pad x to a few bucket sizes so the workspaces
  * (and graphs) stay few.
  *
- * Several ranks: routing and the shared expert use the workspace; the rows go through the
- * Dispatcher (lib/moe/dispatcher.ts), which allocates per step. With a capacity factor it moves
- * fixed segments and never waits for the host; dropless it reads the counts once per step (the
- * dispatcher's one deliberate host synchronisation).
+ * Several ranks (an expert-parallel `group`): routing and the shared expert use the workspace.
+ * With a capacity factor on GPUs that reach each other's memory (the 'ipc' peer-memory transport:
+ * one host, or ranks sharing one GPU), the rows take the low-latency path: dispatch into fixed
+ * (local expert, source rank) segments of C rows, the experts, and combine, all into buffers of the
+ * workspace (lib/moe/peer-dispatch.ts peerDecodeBuffers), with the transport's step counters on the
+ * device: no host synchronisation and no allocation per step, so captureDecode(T) works on every
+ * rank (each rank captures its own graph; every rank must then call forward with the same T in the
+ * same order, as for any collective). Every rank's T must be equal (pad to the bucket). Otherwise
+ * (dropless, or the rows travel by NCCL/MPI) the rows go through the Dispatcher
+ * (lib/moe/dispatcher.ts), eagerly: it allocates per step, and dropless it reads the counts once per
+ * step (the dispatcher's one deliberate host synchronisation); captureDecode refuses and says why.
+ *
+ * Faults across ranks: a wait that times out (the communicator's timeoutMs) or sees a peer give up
+ * is recorded by the kernels in pinned host memory. An eager step throws it at its next transport
+ * call; a replayed graph cannot throw, so forward() checks before every replay: the failure of a
+ * replay surfaces as a TimeoutError from the next forward() (after the device finished waiting).
  *
  * Workspace bytes per T on one rank, R = rowsFor(T): 8·T·E (logits, scores) + 16·T·k (indices,
  * weights, slot, rowOf) + 8·R (rowWeight, rowToken) + 2·R·(2H + F) (rows, expert outputs,
  * activations) + with a shared expert 2·T·(Fs + H), with its gate 2·T·H + 20·T + 12 more, plus
  * 12·E + 32 bytes of counters; f32 layers double the 2-byte terms. workspaceBytes(T) gives the
- * exact figure. Nothing else is held beyond the weights.
+ * exact figure. Nothing else is held beyond the weights. On the low-latency path across ranks the
+ * workspace holds, instead of the one-rank rows, with N = El·P·C: 2·N·(2H + F) (rows, expert
+ * outputs, activations) + 8·N + 4·T·(P + k) + 8·P·T·k + 4·(P + El + 1) bytes (made at the first
+ * forward of T), and the communicator's peer transport holds one buffer shared by every layer on it
+ * (decodeGraphs()' transportBytes; sized for the largest T and grown collectively).
  */
 import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
@@ -44,6 +60,8 @@ import { checkBoolean, checkKeys, checkNonNegativeInt, checkOneOf, checkOptions,
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
 import { Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from '../moe/dispatcher.js';
+import { type PeerDecodeBuffers, peerCombineInto, peerDecodeBuffers, peerDecodeNeed, peerDispatchInto } from '../moe/peer-dispatch.js';
+import { type PeerTransport } from '../moe/peer-transport.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
 import { type MoELayer } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
@@ -109,6 +127,11 @@ export interface DecodeGraphInfo {
   poolBytes: number;
   /** Nodes (kernels, memsets, copies) in the graph. */
   nodes: number;
+  /**
+   * Across ranks (the low-latency path): device bytes of the communicator's peer-transport buffer
+   * on this rank, shared by every layer and graph on that communicator (0 with one rank).
+   */
+  transportBytes: number;
 }
 
 /** A decode step captured in a CUDA graph for one token count. */
@@ -120,6 +143,9 @@ interface DecodeGraph {
   x: Tensor;
   /** The captured output. */
   y: Tensor;
+  /** Across ranks: the transport the graph's kernels address, and its generation at capture. */
+  peer: PeerTransport | null;
+  generation: number;
 }
 
 /** The buffers of one token count. */
@@ -142,6 +168,8 @@ interface Workspace {
     out: Tensor;
   } | null;
   shared: { h: Tensor; out: Tensor } | null;
+  /** Across ranks, the low-latency path: the transport's buffers and the experts' (made at the first forward of T). */
+  ep: { buf: PeerDecodeBuffers; h: Tensor; out: Tensor } | null;
   gate: {
     logit: Tensor;
     router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor };
@@ -175,6 +203,8 @@ export class MoEInference implements Disposable {
   private readonly workspaces = new Map<number, Workspace>();
   private readonly graphs = new Map<number, DecodeGraph>();
   #captureStream: Stream | null = null;
+  /** Across ranks: the peer transport of the low-latency path, null when rows go through the Dispatcher; undefined until decided. */
+  #lowLatency: PeerTransport | null | undefined = undefined;
   #disposed = false;
 
   /** Takes ownership of `weights` (checked against the config); dispose() frees them. */
@@ -457,6 +487,7 @@ export class MoEInference implements Disposable {
               out: make([R, H], cdt),
             },
         shared: Fs > 0 ? { h: make([T, Fs], cdt), out: make([T, H], cdt) } : null,
+        ep: null,
         gate: null,
       };
       if (this.config.sharedGate) {
@@ -497,7 +528,7 @@ export class MoEInference implements Disposable {
   }
 
   /**
-   * Captures the decode step for T tokens (one rank, CUDA) in a CUDA graph: later forwards of T
+   * Captures the decode step for T tokens (CUDA) in a CUDA graph: later forwards of T
    * tokens copy x into the captured input, replay the graph (one launch, no host work per kernel,
    * no host synchronisation, no allocation) and copy the captured output into `out` (or a new
    * tensor). Before capturing it runs the step once eagerly on the current stream (a warm-up: the
@@ -509,6 +540,14 @@ export class MoEInference implements Disposable {
    * and output + the graph's pool (the scratch capacity() and the grouped GEMMs allocate inside:
    * their sort buffers and tile starts; decodeGraphs() gives its size). releaseGraphs() or
    * releaseWorkspaces() free it.
+   *
+   * Across ranks (an expert-parallel group): collective, like forward. Every rank captures its own
+   * graph for the same T in the same order; the warm-up step runs on every rank and sizes the peer
+   * transport's buffers for T (collectively; a growth makes every rank capture its earlier graphs
+   * again, here or at their next forward). Needs a capacity factor and the 'ipc' peer-memory
+   * transport: dropless, or rows travelling by NCCL/MPI, throw an UnavailableError saying why (those
+   * run eagerly). All ranks must then replay together: forward(x) of T on every rank, in the same
+   * order as every other collective call on the communicator.
    */
   captureDecode(T: number): DecodeGraphInfo {
     const op = 'MoEInference.captureDecode';
@@ -516,9 +555,10 @@ export class MoEInference implements Disposable {
     checkPositiveInt(T, 'MoEInference', 'T');
     if (!this.device.isCuda)
       throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
-    if (this.dispatcher) {
+    if (this.dispatcher && this.config.capacityFactor === undefined) {
+      const { numExperts: E, topK: k } = this.config;
       throw new UnavailableError(
-        `${op}: capture is for one rank; with an expert-parallel group of ${this.group.size} the rows go through the Dispatcher, which allocates per step (and reads counts on the host when dropless)`,
+        `${op}: a dropless layer across ranks (an expert-parallel group of ${this.group.size}) cannot be captured: every step learns on the host how many rows each rank sends here (to size the experts' rows), which a replayed graph cannot do. Give the layer a 'capacityFactor' (fixed segments of C = ceil(cf·T·k/E) rows per expert and source rank; cf = E/k = ${E / k} never drops) to capture it, or run its steps eagerly`,
         op,
       );
     }
@@ -533,23 +573,58 @@ export class MoEInference implements Disposable {
       made.push(x);
       const y = keep(Tensor.empty([T, H], { dtype, device: this.device }));
       made.push(y);
-      this.run(x, ws, y); // the warm-up
-      this.#captureStream ??= new Stream(this.device);
-      const weights = Object.values(this.weights).filter((t): t is Tensor => t !== null);
-      const graph = CudaGraph.capture(
-        this.#captureStream,
-        () => {
-          this.run(x, ws, y);
-        },
-        { retain: [...ws.tensors, x, y, ...weights] },
-      );
-      const g: DecodeGraph = { T, graph, ws, x, y };
+      // The warm-up. Across ranks it is collective: it decides the transport (at the layer's first
+      // step) and grows the transport's buffers to T's worst case before anything is captured.
+      this.run(x, ws, y);
+      let peer: PeerTransport | null = null;
+      if (this.dispatcher) {
+        peer = this.#lowLatency ?? null;
+        if (peer === null) {
+          const d = this.dispatcher;
+          throw new UnavailableError(
+            `${op}: across ranks only the 'ipc' peer-memory transport can be captured (its step counters live on the device); this group's rows travel by '${d.transport ?? 'nccl'}'${d.transportReason ? ` (${d.transportReason})` : ''}, whose all-to-all path allocates and talks to the host each step: it runs eagerly. Capture needs GPUs of one host that can address each other's memory (or ranks sharing one GPU) and 'transport' 'auto' or 'ipc'`,
+            op,
+          );
+        }
+      }
+      const g = this.captureGraph(T, ws, x, y, peer);
       this.graphs.set(T, g);
+      // Graphs captured before this warm-up grew the transport address freed buffers: again.
+      this.refreshGraphs();
       return graphInfo(g);
     } catch (e) {
       for (const t of made) t.dispose();
       for (const t of ws.tensors) t.dispose();
       throw e;
+    }
+  }
+
+  /** One step of T through `ws` captured on the layer's capture stream. */
+  private captureGraph(T: number, ws: Workspace, x: Tensor, y: Tensor, peer: PeerTransport | null): DecodeGraph {
+    this.#captureStream ??= new Stream(this.device);
+    const weights = Object.values(this.weights).filter((t): t is Tensor => t !== null);
+    const generation = peer?.generation ?? 0;
+    const graph = CudaGraph.capture(
+      this.#captureStream,
+      () => {
+        this.run(x, ws, y);
+      },
+      { retain: [...ws.tensors, x, y, ...weights] },
+    );
+    return { T, graph, ws, x, y, peer, generation };
+  }
+
+  /**
+   * Captures again the graphs whose transport grew since their capture (its buffers were replaced).
+   * Every rank sees a growth at the same collective call, so every rank does this at the same point.
+   */
+  private refreshGraphs(): void {
+    for (const g of this.graphs.values()) {
+      if (g.peer === null || g.generation === g.peer.generation) continue;
+      g.graph.dispose(); // after the replays queued so far; the buffers stay (they are the layer's)
+      const fresh = this.captureGraph(g.T, g.ws, g.x, g.y, g.peer);
+      g.graph = fresh.graph;
+      g.generation = fresh.generation;
     }
   }
 
@@ -592,6 +667,13 @@ export class MoEInference implements Disposable {
     }
     const g = this.graphs.get(T);
     if (g) {
+      if (g.peer) {
+        // Across ranks: a wait that failed in an earlier replay (recorded by the kernels in pinned
+        // host memory: a host read, not a device wait) is thrown here; and a transport that grew
+        // since the capture means capturing again (every rank grew at the same call).
+        g.peer.check(op);
+        if (g.generation !== g.peer.generation) this.refreshGraphs();
+      }
       // The captured step: device copies in and out around one graph launch, all on the current stream.
       g.x.copy_(x);
       g.graph.replay();
@@ -623,6 +705,8 @@ export class MoEInference implements Disposable {
         groupedGemmEpilogue('NN', Epilogue.SwiGLU, p.rows, w.w13, p.offsets, l.h, null);
         groupedGemm('NN', l.h, w.w2, p.offsets, { out: l.out });
         y = unpermute(l.out, p.rowOf, r.weights, out ? { out } : {});
+      } else if (this.lowLatencyTransport(x)) {
+        y = this.runLowLatency(this.#lowLatency as PeerTransport, x, ws, r.indices, r.weights, cap.slot, cap.keptPerExpert, out);
       } else {
         const d = this.dispatcher as Dispatcher;
         const { rows, handle } = d.dispatch(x, r.indices, r.weights, cap);
@@ -655,6 +739,61 @@ export class MoEInference implements Disposable {
     });
   }
 
+  /**
+   * Across ranks: the peer transport of the low-latency path, or null when rows go through the
+   * Dispatcher (dropless, on the CPU, or the group's all-to-all). Decided at the first step, which
+   * is collective (every rank reaches the same answer).
+   */
+  private lowLatencyTransport(x: Tensor): PeerTransport | null {
+    if (this.#lowLatency === undefined) {
+      const d = this.dispatcher;
+      this.#lowLatency =
+        d && this.config.capacityFactor !== undefined && this.device.isCuda ? d.peerTransportFor(x, this.config.topK) : null;
+    }
+    return this.#lowLatency;
+  }
+
+  /**
+   * The low-latency step across ranks: dispatch into T's fixed segments, the experts, and combine
+   * into y (`out` or a new tensor), through the workspace's buffers. No host read; nothing
+   * allocated but the result (and the scratch the grouped GEMMs take from the caching allocator).
+   */
+  private runLowLatency(
+    peer: PeerTransport,
+    x: Tensor,
+    ws: Workspace,
+    indices: Tensor,
+    weights: Tensor,
+    slot: Tensor,
+    kept: Tensor,
+    out: Tensor | undefined,
+  ): Tensor {
+    const { hidden: H, ffn: F, numExperts: E, topK: k, dtype } = this.config;
+    const T = ws.T;
+    const El = this.localExperts;
+    const sms = (this.dispatcher as Dispatcher).transportSms;
+    // Every rank has the same T, so the growth decision (collective) is the same everywhere.
+    const t = peer.grownFor(peerDecodeNeed(T, k, H, dtype, El));
+    if (ws.ep === null) {
+      const segment = expertCapacity(T, k, E, this.config.capacityFactor as number);
+      const buf = peerDecodeBuffers({ P: this.group.size, localExperts: El, T, topK: k, hidden: H, segment, dtype }, this.device);
+      ws.tensors.push(...buf.tensors);
+      const N = buf.rows.shape[0] as number;
+      const h = keep(Tensor.empty([N, F], { dtype, device: this.device }));
+      ws.tensors.push(h);
+      const o = keep(Tensor.empty([N, H], { dtype, device: this.device }));
+      ws.tensors.push(o);
+      ws.ep = { buf, h, out: o };
+    }
+    const ep = ws.ep;
+    peerDispatchInto(t, x, indices, weights, slot, kept, ep.buf, sms);
+    groupedGemmEpilogue('NN', Epilogue.SwiGLU, ep.buf.rows, this.weights.w13, ep.buf.offsets, ep.h, null);
+    groupedGemm('NN', ep.h, this.weights.w2, ep.buf.offsets, { out: ep.out });
+    const y = out ?? Tensor.empty([T, H], { dtype, device: this.device });
+    peerCombineInto(t, ep.out, ep.buf, y, sms);
+    return y;
+  }
+
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
@@ -680,5 +819,6 @@ function graphInfo(g: DecodeGraph): DecodeGraphInfo {
     ioBytes: bytesOf([g.x, g.y]),
     poolBytes: g.graph.poolBytes,
     nodes: g.graph.nodeCount,
+    transportBytes: g.peer?.bufferBytes ?? 0,
   };
 }
