@@ -6,6 +6,9 @@
 // the router) over the device-copy bandwidth measured in the same run.
 //   node benchmarks/serve.bench.mjs [--shape deepseek|mixtral|both] [--rounds N] [--out DIR] [--quick]
 //                                   [--no-peer] [--dry-run]
+//   mpirun --oversubscribe -np P node benchmarks/serve.bench.mjs --ranks P [--quick] [--out DIR] [--dry-run]
+//     across P ranks sharing one GPU: eager against graph-replayed decode steps of the expert-parallel
+//     layer (the low-latency path) and its dispatch and combine alone (benchmarks/serve-ranks.mjs).
 // Shapes (bf16 weights, dropless, one rank holding every expert, no shared expert):
 //   deepseek  DeepSeek-V3's routed experts: H=7168 F=2048 E=256 top-8, sigmoid scores, selection
 //             bias, 8 groups keep 4, renormalised, route scale 2.5 (22.5 GB of expert weights)
@@ -67,6 +70,11 @@ const SHAPES = {
 };
 const TS = [1, 8, 64, 128, 256];
 const argv = process.argv.slice(2);
+if (argv.includes('--ranks')) {
+  const { runRanks } = await import('./serve-ranks.mjs');
+  await runRanks();
+  process.exit(process.exitCode ?? 0);
+}
 const shapeAt = argv.indexOf('--shape');
 const shapeName = shapeAt >= 0 ? argv[shapeAt + 1] : 'both';
 if (shapeName === 'both' || shapeName === 'all') {

@@ -41,10 +41,10 @@ struct Meta {
 // The host also writes `timeout_ns` here (set_timeout_ms): kernels read it when a wait has spun a
 // while, so a captured CUDA graph replays with the timeout in force at replay time.
 struct HostFault {
-  int kind;             // PeerFault (the first writer's, or another failing lane's: both are faults)
-  int op;               // which wait (PeerOp)
-  int peer[kMaxPeers];  // 1: rank p was not heard from, or gave up
-  long long timeout_ns; // written by the host: 0 waits forever
+  int kind;              // PeerFault (the first writer's, or another failing lane's: both are faults)
+  int op;                // which wait (PeerOp)
+  int peer[kMaxPeers];   // 1: rank p was not heard from, or gave up
+  long long timeout_ns;  // written by the host: 0 waits forever
 };
 enum PeerOp : int { kOpDispatch = 1, kOpCombine = 2, kOpCombineBackward = 3, kOpDispatchBackward = 4 };
 
