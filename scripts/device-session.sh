@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [multi] [ncu] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [ncu] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
@@ -127,6 +127,36 @@ if [[ " $what " == *" peer "* ]]; then
     mp 4 node benchmarks/dispatch.bench.mjs --out "$OUT" --transport ipc --no-peer ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -16 | tee -a "$OUT/peer.log" || status=1
   fi
   (( mps )) && { echo quit | nvidia-cuda-mps-control; echo "MPS daemon stopped"; }
+fi
+
+if [[ " $what " == *" serve-ep "* ]]; then
+  # MoEInference across ranks sharing GPU 0 (issue 19): the low-latency path and its CUDA graphs at 2
+  # and 4 ranks (time-sliced, then under MPS), a rank killed after capture, then serve.bench.mjs
+  # --ranks 2 and 4 (under MPS when it started). MOE_EP_PEER_NO_MPS=1: no MPS daemon.
+  step "serving across ranks sharing GPU 0"
+  mpe() { local np=$1; shift; timeout "${MOE_EP_PEER_TIMEOUT:-240}" mpirun --allow-run-as-root --oversubscribe -np "$np" -x CUDA_VISIBLE_DEVICES=0 "$@"; }
+  run_serve_ep() {
+    for np in 2 4; do
+      echo "--- [$1] serve-ep.mjs, $np ranks"
+      mpe "$np" node test/mpi/serve-ep.mjs --device cuda > "/tmp/serve-ep-$1-$np.log" 2>&1 && echo ok || { status=1; tail -25 "/tmp/serve-ep-$1-$np.log"; }
+      cat "/tmp/serve-ep-$1-$np.log" >> "$OUT/serve-ep.log"
+    done
+  }
+  run_serve_ep time-sliced
+  echo "--- serve-ep.mjs --kill (rank 1 killed after capture; 3 s timeout)"
+  OMPI_MCA_orte_enable_recovery=1 mpe 2 -x OMPI_MCA_orte_enable_recovery node test/mpi/serve-ep.mjs --device cuda --kill 2>&1 | grep -E "^rank .* after" | tee -a "$OUT/serve-ep.log"
+  smps=0
+  if [[ -z ${MOE_EP_PEER_NO_MPS:-} ]] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && smps=1 && echo "MPS daemon started"
+  fi
+  (( smps )) && run_serve_ep mps
+  for np in 2 4; do
+    echo "--- serve.bench.mjs --ranks $np (ranks share GPU 0)"
+    mpe "$np" node benchmarks/serve.bench.mjs --ranks "$np" --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -12 | tee -a "$OUT/serve-ep.log" || status=1
+  done
+  (( smps )) && { echo quit | nvidia-cuda-mps-control; echo "MPS daemon stopped"; }
 fi
 
 if [[ " $what " == *" multi "* ]]; then

@@ -6,6 +6,8 @@ import { DisposedError, Event, memoryStats, Stream, Tensor, tidy, trace } from '
 import { CommWork } from '../lib/parallel/overlap.js';
 import { capacity } from '../lib/moe/capacity.js';
 import { type DispatchHandle, Dispatcher } from '../lib/moe/dispatcher.js';
+import { peerDecodeBuffers, peerDecodeNeed } from '../lib/moe/peer-dispatch.js';
+import { Device } from '../lib/device.js';
 import { expectInvalidArgument, freshSeed, relErr, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -373,5 +375,28 @@ describe('trace: the phase timeline', () => {
         trace.disable();
       }
     });
+  });
+});
+
+describe('the low-latency decode buffers (peer transport, capacity mode)', () => {
+  it('are sized for T tokens, P ranks and C rows per (local expert, source); offsets l·P·C; all disposed', () => {
+    const before = memoryStats(cpu).liveBytes;
+    const [P, El, T, k, H, C] = [4, 3, 8, 2, 16, 5];
+    const b = peerDecodeBuffers({ P, localExperts: El, T, topK: k, hidden: H, segment: C, dtype: 'bf16' }, Device.parse(cpu, 'test'));
+    const N = El * P * C;
+    expect(b.pos.shape).toEqual([T, P]);
+    expect(b.dest.shape).toEqual([T, k]);
+    expect(b.rows.shape).toEqual([N, H]);
+    expect(b.rows.dtype).toBe('bf16');
+    expect(b.rowWeights.shape).toEqual([N]);
+    expect(b.rowSrc.shape).toEqual([N]);
+    expect(b.recvRowOf.shape).toEqual([P, T, k]);
+    expect(b.recvWeight.shape).toEqual([P, T, k]);
+    expect(b.recvTokens.shape).toEqual([P]);
+    expect(Array.from(b.offsets.toArray() as Int32Array)).toEqual([0, P * C, 2 * P * C, 3 * P * C]);
+    expect(b.tensors).toHaveLength(9);
+    expect(peerDecodeNeed(T, k, H, 'bf16', El)).toEqual({ tokens: T, rowBytes: 2 * H, topK: k, localExperts: El });
+    for (const t of b.tensors) t.dispose();
+    expect(memoryStats(cpu).liveBytes).toBe(before);
   });
 });
