@@ -316,8 +316,12 @@ describe.skipIf(!hasGpu)('the ping-pong Hopper kernel (dW, fp32 results) against
     const M = counts.reduce((s, c) => s + c, 0) + 3;
     tidy(() => {
       const ga = Tensor.rand([M, K], { seed, low: -1, high: 1, device: cpu }).cast('bf16').to(gpu);
-      const gb = Tensor.rand([E, K, N], { seed: seed + 1, low: -1, high: 1, device: cpu }).cast('bf16').to(gpu);
-      const gdC = Tensor.rand([M, N], { seed: seed + 2, low: -1, high: 1, device: cpu }).cast('bf16').to(gpu);
+      const gb = Tensor.rand([E, K, N], { seed: seed + 1, low: -1, high: 1, device: cpu })
+        .cast('bf16')
+        .to(gpu);
+      const gdC = Tensor.rand([M, N], { seed: seed + 2, low: -1, high: 1, device: cpu })
+        .cast('bf16')
+        .to(gpu);
       const [, goff] = offsets(counts);
       const run = (pingpong: boolean) => {
         setKernelOptions({ groupedGemm: { pingpong } });

@@ -41,9 +41,9 @@ void grouped_gemm(const GroupedGemm& g);
 // alignas(4): held in a std::atomic (grouped_gemm.cc), which is lock-free only at 1, 2, 4 or 8 bytes
 // (3 bools would need libatomic, which the addon does not link).
 struct alignas(4) GroupedGemmOptions {
-  bool hopper = true;    // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
-  bool few_rows = true;  // dW with few rows per group on average (decode): the streaming kernel
-  bool pingpong = false; // fp32 results (dW above all) on the ping-pong Hopper kernel: not yet measured
+  bool hopper = true;     // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
+  bool few_rows = true;   // dW with few rows per group on average (decode): the streaming kernel
+  bool pingpong = false;  // fp32 results (dW above all) on the ping-pong Hopper kernel: not yet measured
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();

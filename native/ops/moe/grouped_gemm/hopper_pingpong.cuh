@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(THREADS, 1)
               const int box = i / per_box, rest = i % per_box;
               *reinterpret_cast<uint4*>(sa + box * BOX_BYTES + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
             }
-            fence_proxy_async_smem();                 // plain stores before the tensor cores' reads
+            fence_proxy_async_smem();                          // plain stores before the tensor cores' reads
             if (consumer == 0) named_sync<BAR_ZERO + 0>(128);  // this warpgroup alone owns the stage
             else named_sync<BAR_ZERO + 1>(128);
           }
@@ -309,10 +309,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int kk = 0; kk < BK / 16; ++kk) {
           // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
           const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BOX_BYTES, 1024) : smem_desc(sb + kk * 32, 16, 1024);
-          const uint64_t da0 =
-              A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BOX_BYTES, 1024) : smem_desc(sa + kk * 32, 16, 1024);
-          const uint64_t da1 = A_MN_MAJOR ? smem_desc(sa + BOX_BYTES + kk * 16 * 128, BOX_BYTES, 1024)
-                                          : smem_desc(sa + 64 * 128 + kk * 32, 16, 1024);
+          const uint64_t da0 = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BOX_BYTES, 1024) : smem_desc(sa + kk * 32, 16, 1024);
+          const uint64_t da1 =
+              A_MN_MAJOR ? smem_desc(sa + BOX_BYTES + kk * 16 * 128, BOX_BYTES, 1024) : smem_desc(sa + 64 * 128 + kk * 32, 16, 1024);
           wgmma_m64n128k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d0, da0, db, kt > 0 || kk > 0);
           wgmma_m64n128k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d1, da1, db, kt > 0 || kk > 0);
         }
@@ -327,7 +326,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (consumer == 0) named_arrive<BAR_ORDER + 1>(2 * 128);
         else named_arrive<BAR_ORDER + 0>(2 * 128);
       }
-      wgmma_wait<0>();                                                      // (4)
+      wgmma_wait<0>();  // (4)
       if (prev >= 0 && tid == 0) mbar_arrive(&empty[prev]);
       // (5) TN, a group of no rows (k_tiles 0): dW_e = 0 (d is zero), or unchanged with accumulate.
       if (tile.k_tiles == 0 && p.accumulate) continue;
@@ -355,7 +354,8 @@ struct Problem {
   bool accumulate;
 };
 
-template <Mode MODE> inline const char* launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+template <Mode MODE>
+inline const char* launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   auto kernel = grouped_gemm_pingpong_kernel<MODE>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) != cudaSuccess)
     return "cudaFuncSetAttribute (max dynamic shared memory) failed";

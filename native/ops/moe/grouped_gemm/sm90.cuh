@@ -6,8 +6,8 @@
 // hopper.cu keeps its own copies of the same primitives for now (another change is editing it).
 #pragma once
 #include <cuda.h>
-#include <cuda_runtime.h>
 #include <cudaTypedefs.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 
