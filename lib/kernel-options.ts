@@ -10,14 +10,19 @@
  *                               group on average); false: the mma.sync kernel there too
  *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
  *                               the few-rows kernel; false: the tensor-core kernels
+ *   groupedGemm.pingpong false  products with fp32 results (training's dW above all, NN and NT too)
+ *                               that the Hopper kernel takes run on its ping-pong form: each
+ *                               consumer warpgroup stores its own 128×128 tile while the other
+ *                               computes the next (hopper_pingpong.cuh); off until measured
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
  *                               programmatic dependent (sm_90 and newer); false: a plain launch
  *
  * The environment sets the starting values, read once when this module loads; setKernelOptions
- * overrides them, and nothing else does. '0' turns a switch off, any other value leaves it on:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
+ * its default:
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_PINGPONG=1  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF switched variants that are no
  * longer in the addon, since issue 15: benchmarks/kernels/grouped_gemm/. Set, they are named on
  * stderr once and change nothing.)
@@ -32,6 +37,8 @@ export interface GroupedGemmKernelOptions {
   hopper: boolean;
   /** dW with at most 8 rows per group on average on the few-rows streaming kernel (default true). */
   fewRows: boolean;
+  /** fp32-result products (dW) on the ping-pong form of the Hopper kernel (default false: not yet measured). */
+  pingpong: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -51,13 +58,13 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
 /** The environment variable behind each switch. */
 const ENVIRONMENT = {
-  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS' },
+  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS', pingpong: 'MOE_EP_GG_PINGPONG' },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };
 
@@ -67,13 +74,16 @@ function copy(o: KernelOptions): KernelOptions {
   return { groupedGemm: { ...o.groupedGemm }, router: { ...o.router } };
 }
 
-/** The switches as the environment sets them: '0' is off, unset or anything else the default. */
+/** The switches as the environment sets them: '0' is off, '1' on, unset or anything else the default. */
 export function kernelOptionsFromEnvironment(env: NodeJS.ProcessEnv = process.env): KernelOptions {
   const o = copy(kernelOptionDefaults);
   for (const g of Object.keys(ENVIRONMENT) as (keyof KernelOptions)[]) {
     const vars: Record<string, string> = ENVIRONMENT[g];
     const group = o[g] as unknown as Record<string, boolean>;
-    for (const [key, name] of Object.entries(vars)) if (env[name] === '0') group[key] = false;
+    for (const [key, name] of Object.entries(vars)) {
+      if (env[name] === '0') group[key] = false;
+      else if (env[name] === '1') group[key] = true;
+    }
   }
   return o;
 }

@@ -1,5 +1,7 @@
 // The CUDA grouped GEMM (NN, NT, TN and the fused SwiGLU epilogues) against the CPU reference on
-// fresh random inputs, outputs poisoned first; ragged groups, empty groups, unaligned sizes.
+// fresh random inputs, outputs poisoned first; ragged groups, empty groups, unaligned sizes. The
+// ping-pong Hopper kernel for fp32 results (groupedGemm.pingpong, off by default) against the CPU
+// reference and against the default Hopper kernel at the end.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
 import {
@@ -76,6 +78,13 @@ const small = cases.filter((c) => c.K * c.N <= 1 << 22);
 const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }[] = [
   { path: 'default kernels', kernels: {}, cases },
   { path: 'mma.sync only (groupedGemm.hopper off)', kernels: { groupedGemm: { hopper: false } }, cases: small },
+  // fp32 results (NN, NT and TN with ≥ 32 rows per group) on the ping-pong form of the Hopper kernel;
+  // bf16 results and the fused epilogues as by default. All but the largest case (CPU reference time).
+  {
+    path: 'fp32 results on the ping-pong kernel (groupedGemm.pingpong on)',
+    kernels: { groupedGemm: { pingpong: true } },
+    cases: cases.filter((c) => c.K * c.N <= 1 << 25),
+  },
   // The cases whose dW takes the few-rows kernel by default, on the tensor-core kernel alone.
   {
     path: 'dW without the few-rows kernel (groupedGemm.fewRows off)',
@@ -229,4 +238,104 @@ describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU referenc
       });
     },
   );
+});
+
+// The ping-pong kernel's own edge cases, dW (TN) with fp32 results, where its protocol could go wrong:
+// groups of no rows (a tile with no k-steps), of fewer rows than a k-step, of counts not a multiple
+// of 64 (rows zeroed in shared memory), K and N not multiples of the 128×128 tile, one tile in all,
+// an odd number of tiles per block (on 132 SMs), many tiles per block, and accumulate. Each against
+// the CPU reference and against the default Hopper kernel (warp slices) on the same inputs, outputs
+// poisoned first. Every dW here averages ≥ 32 rows per group, so the Hopper kernels take it.
+const pingpongCases: { name: string; E: number; K: number; N: number; counts: number[] }[] = [
+  { name: 'one tile in all (E=1, K=N=64, 37 rows)', E: 1, K: 64, N: 64, counts: [37] },
+  {
+    name: 'groups of 0, 1, 5, 63, 64, 65, 127, 200 rows',
+    E: 10,
+    K: 256,
+    N: 384,
+    counts: [0, 1, 5, 63, 64, 65, 0, 127, 200, 3],
+  },
+  { name: 'K=200, N=328: partial m and n tiles', E: 5, K: 200, N: 328, counts: [70, 0, 129, 33, 300] },
+  { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 133] },
+  // 53 groups × 1 × 5 tiles = 265 = 2·132 + 1: block 0 takes three tiles, the rest two.
+  { name: '265 tiles: an odd number per block', E: 53, K: 128, N: 640, counts: Array.from({ length: 53 }, (_, e) => 20 + ((e * 37) % 50)) },
+  // 8 × 4 × 8 = 256 tiles of ~700 rows: two per block and many k-steps; the ring wraps many times.
+  { name: 'long groups: ~11 k-steps per tile', E: 8, K: 512, N: 1024, counts: [700, 650, 0, 701, 64, 1000, 333, 999] },
+];
+
+describe.skipIf(!hasGpu)('the ping-pong Hopper kernel (dW, fp32 results) against the CPU reference and the default kernel', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+    setKernelOptions(kernelOptionDefaults);
+  });
+  afterEach(() => {
+    resetKernelOptions();
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(pingpongCases)('TN: $name', { timeout: 300_000 }, ({ E, K, N, counts }) => {
+    const seed = freshSeed();
+    console.log(`ping-pong TN ${E}×${K}×${N}: seed ${seed}`);
+    const M = counts.reduce((s, c) => s + c, 0) + 3; // 3 rows outside every group
+    tidy(() => {
+      const a = Tensor.rand([M, K], { seed, low: -1, high: 1, device: cpu }).cast('bf16');
+      const dC = Tensor.rand([M, N], { seed: seed + 1, low: -1, high: 1, device: cpu }).cast('bf16');
+      const ga = a.to(gpu),
+        gdC = dC.to(gpu);
+      const [off, goff] = offsets(counts);
+      const cdW = poisoned([E, K, N], 'f32', cpu);
+      groupedGemm('TN', a, dC, off, { out: cdW });
+      setKernelOptions({ groupedGemm: { pingpong: false } });
+      const base = poisoned([E, K, N], 'f32', gpu);
+      groupedGemm('TN', ga, gdC, goff, { out: base });
+      setKernelOptions({ groupedGemm: { pingpong: true } });
+      const gdW = poisoned([E, K, N], 'f32', gpu);
+      groupedGemm('TN', ga, gdC, goff, { out: gdW });
+      const got = floats(gdW);
+      expect(got.every(Number.isFinite), `seed ${seed}: every output written`).toBe(true);
+      expect(relErr(got, floats(cdW)), `seed ${seed}: vs CPU`).toBeLessThan(1e-4);
+      expect(relErr(got, floats(base)), `seed ${seed}: vs the default Hopper kernel`).toBeLessThan(1e-5);
+      // accumulate onto random contents: out += product (groups of no rows leave theirs alone)
+      const start = Tensor.rand([E, K, N], { seed: seed + 2, low: -1, high: 1, device: cpu });
+      const cAcc = start.clone(),
+        gAcc = start.to(gpu);
+      groupedGemm('TN', a, dC, off, { out: cAcc, accumulate: true });
+      groupedGemm('TN', ga, gdC, goff, { out: gAcc, accumulate: true });
+      expect(relErr(floats(gAcc), floats(cAcc)), `seed ${seed}: accumulate vs CPU`).toBeLessThan(1e-4);
+    });
+  });
+
+  it('NN and NT with fp32 results: the ping-pong kernel against the default one', { timeout: 300_000 }, () => {
+    const seed = freshSeed();
+    console.log(`ping-pong NN/NT: seed ${seed}`);
+    const E = 6,
+      K = 328,
+      N = 200;
+    const counts = [0, 1, 300, 129, 0, 777];
+    const M = counts.reduce((s, c) => s + c, 0) + 3;
+    tidy(() => {
+      const ga = Tensor.rand([M, K], { seed, low: -1, high: 1, device: cpu }).cast('bf16').to(gpu);
+      const gb = Tensor.rand([E, K, N], { seed: seed + 1, low: -1, high: 1, device: cpu })
+        .cast('bf16')
+        .to(gpu);
+      const gdC = Tensor.rand([M, N], { seed: seed + 2, low: -1, high: 1, device: cpu })
+        .cast('bf16')
+        .to(gpu);
+      const [, goff] = offsets(counts);
+      const run = (pingpong: boolean) => {
+        setKernelOptions({ groupedGemm: { pingpong } });
+        const y = poisoned([M, N], 'f32', gpu),
+          dA = poisoned([M, K], 'f32', gpu);
+        groupedGemm('NN', ga, gb, goff, { out: y });
+        groupedGemm('NT', gdC, gb, goff, { out: dA });
+        return { y: floats(y), dA: floats(dA) };
+      };
+      const base = run(false),
+        pp = run(true);
+      // rows outside every group stay NaN in both; relErr skips matching NaNs and fails on others
+      expect(relErr(pp.y, base.y), `seed ${seed}: NN`).toBeLessThan(1e-5);
+      expect(relErr(pp.dA, base.dA), `seed ${seed}: NT`).toBeLessThan(1e-5);
+    });
+  });
 });

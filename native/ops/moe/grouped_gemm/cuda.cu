@@ -18,6 +18,7 @@
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/hopper_pingpong.h"
 #include "ops/moe/grouped_gemm/swiglu.h"
 
 namespace moe::ops {
@@ -431,9 +432,11 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream_ptr
     cuda::check_launch(op);
     p.tile_start = tile_start.data<int32_t>();
   }
-  if (kernel == GemmKernel::Hopper) {
+  if (kernel == GemmKernel::Hopper || kernel == GemmKernel::HopperPingpong) {
 #if MOE_EP_WITH_HOPPER
-    grouped_gemm_hopper(g, p.tile_start, stream);  // tile_start: null for TN, which needs none
+    // tile_start: null for TN, which needs none
+    if (kernel == GemmKernel::HopperPingpong) grouped_gemm_hopper_pingpong(g, p.tile_start, stream);
+    else grouped_gemm_hopper(g, p.tile_start, stream);
     return;
 #else
     MOE_INTERNAL_CHECK(false, "groupedGemm: the Hopper kernel was chosen in a build without it");

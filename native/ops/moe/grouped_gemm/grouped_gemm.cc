@@ -6,6 +6,7 @@
 #include "ops/common/dispatch.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/hopper_pingpong.h"
 
 namespace moe::ops {
 
@@ -17,6 +18,7 @@ const char* op_name(const GroupedGemm& g) {
 }
 
 std::atomic<GroupedGemmOptions> g_options{GroupedGemmOptions{}};
+static_assert(std::atomic<GroupedGemmOptions>::is_always_lock_free, "the options must fit a lock-free atomic (no libatomic)");
 
 #if MOE_EP_WITH_CUDA
 // dW on the Hopper kernel only from this many rows per group on average. dW with few rows per group
@@ -31,6 +33,9 @@ constexpr int64_t kHopperDwMinRowsPerGroup = 32;
 //    tensor cores), where its limits allow.
 // 2. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
 //    kHopperDwMinRowsPerGroup rows per group on average).
+//    With groupedGemm.pingpong on, its fp32-result Store products (dW above all; NN and NT too) take
+//    the ping-pong form instead (hopper_pingpong.cu: each consumer warpgroup stores its own 128×128
+//    tile while the other computes the next). Off by default until it is measured on the GPU.
 // 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
 // Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type
 // (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment.
@@ -39,7 +44,8 @@ GemmKernel select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
   const bool tn = g.mode == GemmMode::TN;
   if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
 #if MOE_EP_WITH_HOPPER
-  if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g)) return GemmKernel::Hopper;
+  if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g))
+    return o.pingpong && grouped_gemm_pingpong_fits(g) ? GemmKernel::HopperPingpong : GemmKernel::Hopper;
 #endif
   return GemmKernel::MmaSync;
 }

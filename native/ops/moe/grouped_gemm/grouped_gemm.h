@@ -38,16 +38,20 @@ void grouped_gemm(const GroupedGemm& g);
 // native/addon/kernel_options_binding.cc). grouped_gemm.cc is the one place they are read: it
 // chooses the CUDA kernel of each call from them (GemmKernel). The defaults are the kernels that
 // measured fastest (benchmarks/grouped-gemm.md); switching one off is for comparisons and tests.
-struct GroupedGemmOptions {
-  bool hopper = true;    // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
-  bool few_rows = true;  // dW with few rows per group on average (decode): the streaming kernel
+// alignas(4): held in a std::atomic (grouped_gemm.cc), which is lock-free only at 1, 2, 4 or 8 bytes
+// (3 bools would need libatomic, which the addon does not link).
+struct alignas(4) GroupedGemmOptions {
+  bool hopper = true;     // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
+  bool few_rows = true;   // dW with few rows per group on average (decode): the streaming kernel
+  bool pingpong = false;  // fp32 results (dW above all) on the ping-pong Hopper kernel: not yet measured
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
 
 // The CUDA kernels: mma.sync (cuda.cu; any shape, sm_80 and sm_90), the Hopper one (hopper.cu; built
-// with MOE_EP_WITH_HOPPER) and the few-rows dW kernel (few_rows.cu).
-enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2 };
+// with MOE_EP_WITH_HOPPER), its ping-pong form for fp32 results (hopper_pingpong.cu, same build) and
+// the few-rows dW kernel (few_rows.cu).
+enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, HopperPingpong = 3 };
 
 void grouped_gemm_cpu(const GroupedGemm& g);
 void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream);
