@@ -33,7 +33,8 @@
 // mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) on every product (dW with ≤ 8 rows
 // per group still takes the few-rows kernel then), tensorCores = { fewRows: false } on dW where the
 // few-rows kernel is the default (≤ 8 rows per group on average: decode); per round their time over
-// the default's, and their results against the default's on the check slices. LIST: mmaSync,tensorCores.
+// the default's, and their results against the default's on the check slices; pingpong = { pingpong: true }
+// on the fp32-result dW (TN32): the ping-pong form of the Hopper kernel. LIST: mmaSync,tensorCores,pingpong.
 // Clocks (a GPU with nvidia-smi, unless --no-smi): the SM clock, power and temperature sampled every
 // 50 ms; each block gets the means over its span (torch's blocks too), so a ratio can be set beside
 // the clocks the two sides ran at.
@@ -101,7 +102,7 @@ const warmup = dryRun ? 1 : 2;
 const PRODUCTS = ['NN', 'NT', 'TN', 'TN32'];
 const products = flag('--products', PRODUCTS.join(',')).split(',');
 for (const p of products) if (!PRODUCTS.includes(p)) throw new Error(`--products: unknown product ${p} (${PRODUCTS.join(', ')})`);
-const KERNELS = { mmaSync: { hopper: false }, tensorCores: { fewRows: false } };
+const KERNELS = { mmaSync: { hopper: false }, tensorCores: { fewRows: false }, pingpong: { pingpong: true } };
 const variantList = flag('--variants', '', Object.keys(KERNELS).join(','));
 const variants = variantList ? variantList.split(',') : [];
 for (const v of variants)
@@ -259,7 +260,9 @@ for (const [pos, i] of chosen.entries()) {
     TN32: () => groupedGemm('TN', a, dC, offsets, { out: outs.TN32 }),
   };
   const fewRows = s.M <= 8 * E; // where dW takes the few-rows kernel by default
-  const variantsFor = (p) => variants.filter((v) => v !== 'tensorCores' || ((p === 'TN' || p === 'TN32') && fewRows));
+  // pingpong changes only fp32 results (the TN32 dW of training).
+  const variantsFor = (p) =>
+    variants.filter((v) => (v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'pingpong' ? p === 'TN32' : true));
 
   // The check slices: rows of the first and last non-empty groups (NN, NT), the first rows of the
   // first and last experts' dW (TN, TN32); views of our outputs.
@@ -539,7 +542,7 @@ writeResult(
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
-      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
+      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), pingpong = { pingpong: true } on the fp32 dW (TN32); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
       : 'off (--variants to time the addon’s other kernels in the same rounds)',
     clocks: smiState ?? 'not sampled',
     peer: peerNote,
