@@ -10,6 +10,10 @@
  *                               group on average); false: the mma.sync kernel there too
  *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
  *                               the few-rows kernel; false: the tensor-core kernels
+ *   groupedGemm.decode   false  the forward (NN, Store or SwiGLU) with a handful of rows per group
+ *                               (all rows ≤ 32, or ≤ 16 per group on average) on the decode kernel:
+ *                               weights streamed once, split along K, for the groups of ≤ 16 or 32
+ *                               rows (the tile kernels take any larger group); off until measured
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -18,6 +22,7 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, any other value leaves it on:
  *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ * and, for a switch whose default is off, '1' turns it on: MOE_EP_GG_DECODE=1.
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF switched variants that are no
  * longer in the addon, since issue 15: benchmarks/kernels/grouped_gemm/. Set, they are named on
  * stderr once and change nothing.)
@@ -32,6 +37,8 @@ export interface GroupedGemmKernelOptions {
   hopper: boolean;
   /** dW with at most 8 rows per group on average on the few-rows streaming kernel (default true). */
   fewRows: boolean;
+  /** The forward with a handful of rows per group on the split-K decode kernel (default false until measured). */
+  decode: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -51,13 +58,13 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: false }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
 /** The environment variable behind each switch. */
 const ENVIRONMENT = {
-  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS' },
+  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS', decode: 'MOE_EP_GG_DECODE' },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };
 
@@ -67,13 +74,19 @@ function copy(o: KernelOptions): KernelOptions {
   return { groupedGemm: { ...o.groupedGemm }, router: { ...o.router } };
 }
 
-/** The switches as the environment sets them: '0' is off, unset or anything else the default. */
+/**
+ * The switches as the environment sets them: '0' is off; for a switch on by default, unset or
+ * anything else leaves it on; for one off by default, '1' turns it on and anything else leaves it off.
+ */
 export function kernelOptionsFromEnvironment(env: NodeJS.ProcessEnv = process.env): KernelOptions {
   const o = copy(kernelOptionDefaults);
   for (const g of Object.keys(ENVIRONMENT) as (keyof KernelOptions)[]) {
     const vars: Record<string, string> = ENVIRONMENT[g];
     const group = o[g] as unknown as Record<string, boolean>;
-    for (const [key, name] of Object.entries(vars)) if (env[name] === '0') group[key] = false;
+    for (const [key, name] of Object.entries(vars)) {
+      if (env[name] === '0') group[key] = false;
+      else if (env[name] === '1') group[key] = true;
+    }
   }
   return o;
 }

@@ -17,7 +17,8 @@ import {
 } from '../lib/index.js';
 import { native, packageRoot } from '../lib/native.js';
 
-const allOn: KernelOptions = { groupedGemm: { hopper: true, fewRows: true }, router: { fast: true, pdl: true } };
+// Every measured winner on; the decode kernel (groupedGemm.decode) stays off until it is measured.
+const defaults: KernelOptions = { groupedGemm: { hopper: true, fewRows: true, decode: false }, router: { fast: true, pdl: true } };
 
 describe('kernel switches', () => {
   afterEach(() => {
@@ -25,21 +26,22 @@ describe('kernel switches', () => {
   });
 
   it('default to every measured winner on', () => {
-    expect(kernelOptionDefaults).toEqual(allOn);
-    expect(kernelOptionsFromEnvironment({})).toEqual(allOn);
+    expect(kernelOptionDefaults).toEqual(defaults);
+    expect(kernelOptionsFromEnvironment({})).toEqual(defaults);
   });
 
-  it("take their starting values from the environment: '0' is off, anything else leaves the default", () => {
+  it("take their starting values from the environment: '0' is off, '1' is on, anything else leaves the default", () => {
     expect(
       kernelOptionsFromEnvironment({ MOE_EP_GG_HOPPER: '0', MOE_EP_GG_FEW_ROWS: '1', MOE_EP_ROUTER_FAST: 'no', MOE_EP_PDL: '0' }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true },
+      groupedGemm: { hopper: false, fewRows: true, decode: false },
       router: { fast: true, pdl: false },
     });
-    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_FEW_ROWS: '0', MOE_EP_ROUTER_FAST: '0' })).toEqual({
-      groupedGemm: { hopper: true, fewRows: false },
+    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_FEW_ROWS: '0', MOE_EP_ROUTER_FAST: '0', MOE_EP_GG_DECODE: '1' })).toEqual({
+      groupedGemm: { hopper: true, fewRows: false, decode: true },
       router: { fast: false, pdl: true },
     });
+    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_DECODE: 'yes' }).groupedGemm.decode).toBe(false);
   });
 
   it('setKernelOptions changes the switches named, keeps the others, reaches the addon, and returns what was in force', () => {
@@ -79,13 +81,16 @@ describe('kernel switches', () => {
   });
 
   it('the raw binding takes every switch and refuses a missing or mistyped one, naming it', () => {
-    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true }, router: allOn.router } as never)).toThrow(
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true }, router: defaults.router } as never)).toThrow(
       /setKernelOptions: 'groupedGemm.fewRows' must be a boolean/,
     );
-    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true } } as never)).toThrow(
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true }, router: defaults.router } as never)).toThrow(
+      /setKernelOptions: 'groupedGemm.decode' must be a boolean/,
+    );
+    expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true, decode: false } } as never)).toThrow(
       /setKernelOptions: 'router' must be an object/,
     );
-    expect(() => native().setKernelOptions({ ...allOn, router: { fast: true, pdl: 1 } } as never)).toThrow(
+    expect(() => native().setKernelOptions({ ...defaults, router: { fast: true, pdl: 1 } } as never)).toThrow(
       /'router.pdl' must be a boolean/,
     );
   });
@@ -99,6 +104,7 @@ describe('kernel switches', () => {
       ...process.env,
       MOE_EP_GG_FEW_ROWS: '0',
       MOE_EP_ROUTER_FAST: '0',
+      MOE_EP_GG_DECODE: '1',
       MOE_EP_GG_HOPPER_HANDOFF: '1',
       MOE_EP_GG_TILE: '32',
     };
@@ -107,7 +113,7 @@ describe('kernel switches', () => {
     delete env['MOE_EP_GG_HOPPER_STAGED'];
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
-    const expected = { groupedGemm: { hopper: true, fewRows: false }, router: { fast: false, pdl: true } };
+    const expected = { groupedGemm: { hopper: true, fewRows: false, decode: true }, router: { fast: false, pdl: true } };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });
     expect(r.stderr).toMatch(/MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_HANDOFF no longer switch anything/);
     expect(r.stderr.match(/no longer switch/g)).toHaveLength(1);
