@@ -84,9 +84,15 @@ struct DecodeParams {
   bool accumulate;
 };
 
-__device__ __forceinline__ uint4 ld_stream(const __nv_bfloat16* p) {
+// 16 bytes read once (no L1 allocation), zeros when !pred: predicated inside the asm, so the
+// batch of loads stays branch-free and issues back to back.
+__device__ __forceinline__ uint4 ld_stream(const __nv_bfloat16* p, bool pred) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(int(pred)));
   return v;
 }
 
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(THREADS, blocks_per_sm<TT>()) decode_nn_kernel
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int dk = (q & 1) + 8 * (q >> 1);  // rows k, k+1, k+8, k+9
-        wv[u][q] = step_ok && n_ok && k + dk < p.K ? ld_stream(wu + dk * N) : make_uint4(0, 0, 0, 0);
+        wv[u][q] = ld_stream(wu + dk * N, step_ok && n_ok && k + dk < p.K);
       }
 #pragma unroll
       for (int mt = 0; mt < TT; ++mt) {
