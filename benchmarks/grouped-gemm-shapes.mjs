@@ -22,7 +22,37 @@ export const shapes = [
   { name: 'T=4096x8 H=7168 F=2048 E=256', tag: 'E=256', M: 32768, K: 7168, N: 2048, counts: balanced(256, 32768), dram: true },
   { name: 'T=65536x8 H=2048 F=768 E=128 fine-grained', tag: 'fine', M: 524288, K: 2048, N: 768, counts: balanced(128, 524288) },
   { name: 'T=128x8 H=7168 F=2048 E=256 decode', tag: 'decode', M: 1024, K: 7168, N: 2048, counts: balanced(256, 1024), dram: true },
+  // Mixtral's decode forward (issue #19), top-2 of 8 experts at T = 1, 8, 64: the up projection
+  // (K = H = 4096, N = 2F = 28672, W1|W3 interleaved) and the down one (K = F = 14336, N = H = 4096).
+  // Not in the default run: `--shapes=mixtral-decode` (or their indices) with `--products=NN`; the
+  // roof counts the touched experts' weights only. Group sizes: T=1 two experts, T=8 seven, T=64 all.
+  ...mixtralDecode(),
 ];
+function mixtralDecode() {
+  const counts = { 1: [0, 1, 0, 0, 1, 0, 0, 0], 8: [3, 2, 0, 4, 1, 2, 3, 1], 64: [18, 14, 17, 12, 20, 15, 16, 16] };
+  return Object.entries(counts).flatMap(([T, c]) => [
+    {
+      name: `Mixtral T=${T} up H=4096 2F=28672 top-2 of 8`,
+      tag: `mx${T}up`,
+      M: 2 * T,
+      K: 4096,
+      N: 28672,
+      counts: c,
+      dram: true,
+      set: 'mixtral-decode',
+    },
+    {
+      name: `Mixtral T=${T} down F=14336 H=4096 top-2 of 8`,
+      tag: `mx${T}dn`,
+      M: 2 * T,
+      K: 14336,
+      N: 4096,
+      counts: c,
+      dram: true,
+      set: 'mixtral-decode',
+    },
+  ]);
+}
 
 // The same six cases shrunk for CPU dry runs (the benchmark's --dry-run): the same kinds of counts
 // (balanced, Zipf, few large groups, many groups, many rows, <= 8 rows per group), so every path of
@@ -34,4 +64,5 @@ export const dryShapes = [
   { name: 'dry E=16', tag: 'E=16', M: 512, K: 128, N: 64, counts: balanced(16, 512), dram: true },
   { name: 'dry fine-grained', tag: 'fine', M: 1024, K: 64, N: 48, counts: balanced(16, 1024) },
   { name: 'dry decode', tag: 'decode', M: 64, K: 128, N: 64, counts: balanced(16, 64), dram: true },
+  { name: 'dry Mixtral T=1', tag: 'mx1', M: 2, K: 256, N: 512, counts: [0, 1, 0, 0, 1, 0, 0, 0], dram: true, set: 'mixtral-decode' },
 ];

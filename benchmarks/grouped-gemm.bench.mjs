@@ -34,7 +34,10 @@
 // per group still takes the few-rows kernel then), tensorCores = { fewRows: false } on dW where the
 // few-rows kernel is the default (≤ 8 rows per group on average: decode); per round their time over
 // the default's, and their results against the default's on the check slices; pingpong = { pingpong: true }
-// on the fp32-result dW (TN32): the ping-pong form of the Hopper kernel. LIST: mmaSync,tensorCores,pingpong.
+// on the fp32-result dW (TN32): the ping-pong form of the Hopper kernel; decode = { decode: true }: the
+// split-K decode kernel, forward NN only, where its row limits let it. LIST: mmaSync,tensorCores,pingpong,decode.
+// --shapes=mixtral-decode: Mixtral's decode forward at T = 1, 8, 64 (grouped-gemm-shapes.mjs; with
+// --products=NN --variants=decode, the decode kernel against the current one in the same rounds).
 // Clocks (a GPU with nvidia-smi, unless --no-smi): the SM clock, power and temperature sampled every
 // 50 ms; each block gets the means over its span (torch's blocks too), so a ratio can be set beside
 // the clocks the two sides ran at.
@@ -102,14 +105,23 @@ const warmup = dryRun ? 1 : 2;
 const PRODUCTS = ['NN', 'NT', 'TN', 'TN32'];
 const products = flag('--products', PRODUCTS.join(',')).split(',');
 for (const p of products) if (!PRODUCTS.includes(p)) throw new Error(`--products: unknown product ${p} (${PRODUCTS.join(', ')})`);
-const KERNELS = { mmaSync: { hopper: false }, tensorCores: { fewRows: false }, pingpong: { pingpong: true } };
+const KERNELS = {
+  mmaSync: { hopper: false },
+  tensorCores: { fewRows: false },
+  pingpong: { pingpong: true },
+  decode: { decode: true },
+};
 const variantList = flag('--variants', '', Object.keys(KERNELS).join(','));
 const variants = variantList ? variantList.split(',') : [];
 for (const v of variants)
   if (!Object.hasOwn(KERNELS, v)) throw new Error(`--variants: unknown variant ${v} (${Object.keys(KERNELS).join(', ')})`);
 const shapeList = dryRun ? dryShapes : fullShapes;
 const shapeArg = flag('--shapes', process.env.MOE_EP_GG_SHAPES ?? '');
-const chosen = shapeArg ? shapeArg.split(',').map(Number) : shapeList.map((_, i) => i);
+// Named sets (a shape's `set`) expand to their indices; shapes in a set run only when asked for.
+const chosen = shapeArg
+  ? shapeArg.split(',').flatMap((x) => (/^\d+$/.test(x) ? [Number(x)] : shapeList.flatMap((s, i) => (s.set === x ? [i] : []))))
+  : shapeList.flatMap((s, i) => (s.set ? [] : [i]));
+if (!chosen.length) throw new Error(`--shapes: no shape in ${shapeArg}`);
 for (const i of chosen) if (!Number.isInteger(i) || !shapeList[i]) throw new Error(`--shapes: no shape ${i} (0–${shapeList.length - 1})`);
 /** Relative error in norm allowed between ours and torch on the check slices. */
 const TOLERANCE = 1e-2;
@@ -216,7 +228,9 @@ const keysOf = (s) => Object.fromEntries(Object.entries(dimsOf(s)).map(([n, d]) 
 /** Bytes each product moves at least: its inputs read once, its output written once (offsets too). */
 function productBytes(s, p) {
   const E = s.counts.length;
-  const [a, b, dC, offs] = [s.M * s.K * 2, E * s.K * s.N * 2, s.M * s.N * 2, (E + 1) * 4];
+  // The forward and dA read only the experts that have rows (all of them but in the decode sets).
+  const touched = s.counts.filter((c) => c > 0).length;
+  const [a, b, dC, offs] = [s.M * s.K * 2, touched * s.K * s.N * 2, s.M * s.N * 2, (E + 1) * 4];
   if (p === 'NN') return a + b + s.M * s.N * 2 + offs;
   if (p === 'NT') return dC + b + s.M * s.K * 2 + offs;
   return a + dC + E * s.K * s.N * (p === 'TN32' ? 4 : 2) + offs;
@@ -260,9 +274,11 @@ for (const [pos, i] of chosen.entries()) {
     TN32: () => groupedGemm('TN', a, dC, offsets, { out: outs.TN32 }),
   };
   const fewRows = s.M <= 8 * E; // where dW takes the few-rows kernel by default
-  // pingpong changes only fp32 results (the TN32 dW of training).
+  // pingpong changes only fp32 results (the TN32 dW of training); decode only the forward (NN).
   const variantsFor = (p) =>
-    variants.filter((v) => (v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'pingpong' ? p === 'TN32' : true));
+    variants.filter((v) =>
+      v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'pingpong' ? p === 'TN32' : v === 'decode' ? p === 'NN' : true,
+    );
 
   // The check slices: rows of the first and last non-empty groups (NN, NT), the first rows of the
   // first and last experts' dW (TN, TN32); views of our outputs.
@@ -542,7 +558,7 @@ writeResult(
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
-      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), pingpong = { pingpong: true } on the fp32 dW (TN32); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
+      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), pingpong = { pingpong: true } on the fp32 dW (TN32), decode = { decode: true } on the forward (NN; the split-K decode kernel where its row limits let it, native/ops/moe/grouped_gemm/decode.cu); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
       : 'off (--variants to time the addon’s other kernels in the same rounds)',
     clocks: smiState ?? 'not sampled',
     peer: peerNote,

@@ -14,6 +14,10 @@
  *                               that the Hopper kernel takes run on its ping-pong form: each
  *                               consumer warpgroup stores its own 128×128 tile while the other
  *                               computes the next (hopper_pingpong.cuh); off until measured
+ *   groupedGemm.decode   false  the forward (NN, Store or SwiGLU) with a handful of rows per group
+ *                               (all rows ≤ 32, or ≤ 16 per group on average) on the decode kernel:
+ *                               weights streamed once, split along K, for the groups of ≤ 16 or 32
+ *                               rows (the tile kernels take any larger group); off until measured
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -39,6 +43,8 @@ export interface GroupedGemmKernelOptions {
   fewRows: boolean;
   /** fp32-result products (dW) on the ping-pong form of the Hopper kernel (default false: not yet measured). */
   pingpong: boolean;
+  /** The forward with a handful of rows per group on the split-K decode kernel (default false until measured). */
+  decode: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -58,13 +64,13 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: false }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
 /** The environment variable behind each switch. */
 const ENVIRONMENT = {
-  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS', pingpong: 'MOE_EP_GG_PINGPONG' },
+  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS', pingpong: 'MOE_EP_GG_PINGPONG', decode: 'MOE_EP_GG_DECODE' },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };
 

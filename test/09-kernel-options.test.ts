@@ -17,9 +17,9 @@ import {
 } from '../lib/index.js';
 import { native, packageRoot } from '../lib/native.js';
 
-// Every measured winner on; the ping-pong dW kernel is off until it is measured.
+// Every measured winner on; the ping-pong dW kernel and the decode kernel are off until they are measured.
 const defaults: KernelOptions = {
-  groupedGemm: { hopper: true, fewRows: true, pingpong: false },
+  groupedGemm: { hopper: true, fewRows: true, pingpong: false, decode: false },
   router: { fast: true, pdl: true },
 };
 
@@ -28,7 +28,7 @@ describe('kernel switches', () => {
     resetKernelOptions();
   });
 
-  it('default to every measured winner on (and the unmeasured ping-pong kernel off)', () => {
+  it('default to every measured winner on (and the unmeasured ping-pong and decode kernels off)', () => {
     expect(kernelOptionDefaults).toEqual(defaults);
     expect(kernelOptionsFromEnvironment({})).toEqual(defaults);
   });
@@ -43,13 +43,16 @@ describe('kernel switches', () => {
         MOE_EP_PDL: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true, pingpong: false },
+      groupedGemm: { hopper: false, fewRows: true, pingpong: false, decode: false },
       router: { fast: true, pdl: false },
     });
-    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_FEW_ROWS: '0', MOE_EP_GG_PINGPONG: '1', MOE_EP_ROUTER_FAST: '0' })).toEqual({
-      groupedGemm: { hopper: true, fewRows: false, pingpong: true },
+    expect(
+      kernelOptionsFromEnvironment({ MOE_EP_GG_FEW_ROWS: '0', MOE_EP_GG_PINGPONG: '1', MOE_EP_ROUTER_FAST: '0', MOE_EP_GG_DECODE: '1' }),
+    ).toEqual({
+      groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true },
       router: { fast: false, pdl: true },
     });
+    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_DECODE: 'yes' }).groupedGemm.decode).toBe(false);
   });
 
   it('setKernelOptions changes the switches named, keeps the others, reaches the addon, and returns what was in force', () => {
@@ -98,6 +101,9 @@ describe('kernel switches', () => {
     expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true }, router: defaults.router } as never)).toThrow(
       /setKernelOptions: 'groupedGemm.pingpong' must be a boolean/,
     );
+    expect(() =>
+      native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true, pingpong: false }, router: defaults.router } as never),
+    ).toThrow(/setKernelOptions: 'groupedGemm.decode' must be a boolean/);
     expect(() => native().setKernelOptions({ groupedGemm: defaults.groupedGemm } as never)).toThrow(
       /setKernelOptions: 'router' must be an object/,
     );
@@ -116,6 +122,7 @@ describe('kernel switches', () => {
       MOE_EP_GG_FEW_ROWS: '0',
       MOE_EP_GG_PINGPONG: '1',
       MOE_EP_ROUTER_FAST: '0',
+      MOE_EP_GG_DECODE: '1',
       MOE_EP_GG_HOPPER_HANDOFF: '1',
       MOE_EP_GG_TILE: '32',
     };
@@ -124,7 +131,7 @@ describe('kernel switches', () => {
     delete env['MOE_EP_GG_HOPPER_STAGED'];
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
-    const expected = { groupedGemm: { hopper: true, fewRows: false, pingpong: true }, router: { fast: false, pdl: true } };
+    const expected = { groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true }, router: { fast: false, pdl: true } };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });
     expect(r.stderr).toMatch(/MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_HANDOFF no longer switch anything/);
     expect(r.stderr.match(/no longer switch/g)).toHaveLength(1);

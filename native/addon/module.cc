@@ -20,7 +20,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("abiVersion", Napi::Number::New(env, 8));  // 2: recordStream, Event.wait, stream pool; 3: peer transport; 4: fp8 quantised in
                                                          // the peer push; 5: setKernelOptions; 6: CUDA graphs (GraphHandle,
                                                          // memoryStats.graphPoolBytes); 7: permuteBackward's add; 8: setKernelOptions
-                                                         // takes groupedGemm.pingpong
+                                                         // takes groupedGemm.pingpong and .decode
   TensorHandle::init(env, exports);
   StreamHandle::init(env, exports);
   EventHandle::init(env, exports);

@@ -1,6 +1,7 @@
 // Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90,
 // and grouped_gemm_cuda, which runs the kernel grouped_gemm.cc chose: this one (the portable one
-// and the fallback), the wgmma/TMA kernel (hopper.cu) or the few-rows dW kernel (few_rows.cu).
+// and the fallback), the wgmma/TMA kernel (hopper.cu) or the few-rows dW kernel (few_rows.cu), after
+// the decode kernel (decode.cu) where that was chosen for the groups of a few rows.
 //
 // Block tile 128×128×64, 4 warps each computing 64×64, a 3-stage cp.async ring in shared memory
 // with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. (v1's 128×128×32
@@ -15,6 +16,7 @@
 
 #include "core/cuda_runtime.h"
 #include "ops/common/launch.h"
+#include "ops/moe/grouped_gemm/decode.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/hopper.h"
@@ -362,11 +364,12 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
 }
 
 // tile_start[e] = Σ_{g<e} ceil(rows_g / BM), from the device-side offsets: one block, E ≤ 4096.
-__global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int32_t* tile_start) {
+// Groups of at most skip_rows rows count no tiles (the decode kernel computes them).
+__global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int skip_rows, int32_t* tile_start) {
   extern __shared__ int32_t counts[];
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int b = min(max(offsets[e], 0), M), end = min(max(offsets[e + 1], b), M);
-    counts[e] = (end - b + BM - 1) / BM;
+    counts[e] = end - b <= skip_rows ? 0 : (end - b + BM - 1) / BM;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -392,7 +395,8 @@ void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cud
 
 }  // namespace
 
-void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream_ptr) {
+void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr) {
+  const GemmKernel kernel = choice.kernel;
   const std::string op = "groupedGemm";
   MOE_ARG_CHECK(g.a.dtype() == DType::bf16, op, "the CUDA grouped GEMM takes bf16 operands; 'a' is ", g.a.describe());
   if (g.epilogue != GemmEpilogue::Store) {
@@ -402,6 +406,11 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream_ptr
                     "the fused SwiGLU epilogues write bf16 into 4-byte-aligned tensors; got ", t->describe());
   }
   cudaStream_t stream = cudaStream_t(stream_ptr);
+  if (choice.decode_rows > 0) {
+    // The groups of 1..decode_rows rows; the tile kernel below takes the larger ones, if any can be.
+    decode_nn(g, choice.decode_rows, stream);
+    if (g.a.size(0) <= choice.decode_rows) return;
+  }
   if (kernel == GemmKernel::FewRows) {
     few_rows_tn(g, stream);
     return;
@@ -428,7 +437,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream_ptr
   if (g.mode != GemmMode::TN) {
     tile_start = Tensor::empty({E + 1}, DType::i32, g.a.device(), op);
     MOE_ARG_CHECK(E <= 8192, op, "at most 8192 groups, got ", E);
-    tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(p.offsets, E, M, tile_start.data<int32_t>());
+    tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(p.offsets, E, M, choice.decode_rows, tile_start.data<int32_t>());
     cuda::check_launch(op);
     p.tile_start = tile_start.data<int32_t>();
   }

@@ -4,6 +4,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/dispatch.h"
+#include "ops/moe/grouped_gemm/decode.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/hopper.h"
 #include "ops/moe/grouped_gemm/hopper_pingpong.h"
@@ -39,7 +40,7 @@ constexpr int64_t kHopperDwMinRowsPerGroup = 32;
 // 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
 // Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type
 // (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment.
-GemmKernel select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
+GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   const bool tn = g.mode == GemmMode::TN;
   if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
@@ -48,6 +49,34 @@ GemmKernel select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
     return o.pingpong && grouped_gemm_pingpong_fits(g) ? GemmKernel::HopperPingpong : GemmKernel::Hopper;
 #endif
   return GemmKernel::MmaSync;
+}
+
+// The decode kernel's row limit for a forward (NN) call of M rows over E groups, or 0 when it should
+// not run. The host knows M and E, not the per-group counts (reading them would synchronise):
+// - M ≤ 32: no group can have more than M rows, so the decode kernel takes every group, with the
+//   smallest of its limits (8, 16, 32 rows) that covers M (fewer token tiles, fewer registers).
+// - M ≤ kDecodeMaxAverage·E (a handful of rows per group on average: T ≤ 64 on Mixtral's top-2 of
+//   8, T ≤ 256 on DeepSeek-V3's top-8 of 256): the decode kernel takes the groups of up to 16 rows
+//   (average ≤ 4) or 32 rows, and the tile kernel the rare larger ones (a skewed routing). The limit
+//   is about 4× the average, so balanced routings leave the tile kernel nothing but its empty launch.
+// - otherwise the tile kernels alone: with tens of rows per group on average they are the faster.
+// Why 32 rows at most: mma.sync at 32 tokens per weight byte is still a quarter of its rate at the
+// weights' bandwidth (decode.cu), and 4 token tiles of accumulators are what fits in registers
+// beside 4 KB of loads in flight per warp.
+constexpr int64_t kDecodeMaxAverage = 16;
+int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  if (!o.decode || g.mode != GemmMode::NN || !decode_nn_fits(g)) return 0;
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
+  for (int rows : DECODE_ROWS)
+    if (M <= rows) return rows;
+  if (M > kDecodeMaxAverage * E) return 0;
+  return M <= 4 * E ? 16 : DECODE_MAX_ROWS;
+}
+
+// 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
+//    tile kernel chosen above for any larger group (decode_rows).
+GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  return GemmChoice{select_tile_kernel(g, o), decode_rows(g, o)};
 }
 #endif
 }  // namespace

@@ -38,12 +38,15 @@ void grouped_gemm(const GroupedGemm& g);
 // native/addon/kernel_options_binding.cc). grouped_gemm.cc is the one place they are read: it
 // chooses the CUDA kernel of each call from them (GemmKernel). The defaults are the kernels that
 // measured fastest (benchmarks/grouped-gemm.md); switching one off is for comparisons and tests.
-// alignas(4): held in a std::atomic (grouped_gemm.cc), which is lock-free only at 1, 2, 4 or 8 bytes
-// (3 bools would need libatomic, which the addon does not link).
-struct alignas(4) GroupedGemmOptions {
+// Eight-byte aligned: held in a std::atomic (grouped_gemm.cc), which is lock-free only at 1, 2, 4 or
+// 8 bytes (more bools would need libatomic, which the addon does not link).
+struct alignas(8) GroupedGemmOptions {
   bool hopper = true;     // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
   bool few_rows = true;   // dW with few rows per group on average (decode): the streaming kernel
   bool pingpong = false;  // fp32 results (dW above all) on the ping-pong Hopper kernel: not yet measured
+  // The forward (NN, Store or SwiGLU) with a handful of rows per group (decode): the split-K weight
+  // streaming kernel (decode.cu). Off until measured on the H200 (issue 19).
+  bool decode = false;
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
@@ -53,7 +56,16 @@ GroupedGemmOptions grouped_gemm_options();
 // the few-rows dW kernel (few_rows.cu).
 enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, HopperPingpong = 3 };
 
+// What grouped_gemm.cc chose for a call. decode_rows = 0: `kernel` for every group. decode_rows > 0
+// (NN only): the decode kernel (decode.cu) computes the groups of 1..decode_rows rows, and `kernel`
+// the larger ones, launched only when the call has more than decode_rows rows (otherwise no group
+// can be larger).
+struct GemmChoice {
+  GemmKernel kernel = GemmKernel::MmaSync;
+  int decode_rows = 0;
+};
+
 void grouped_gemm_cpu(const GroupedGemm& g);
-void grouped_gemm_cuda(const GroupedGemm& g, GemmKernel kernel, void* stream);
+void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream);
 
 }  // namespace moe::ops
