@@ -18,6 +18,11 @@
  *                               (all rows ≤ 32, or ≤ 16 per group on average) on the decode kernel:
  *                               weights streamed once, split along K, for the groups of ≤ 16 or 32
  *                               rows (the tile kernels take any larger group); off until measured
+ *   groupedGemm.fusedHandoff
+ *                        false  the Hopper kernel's fused SwiGLU (forward) and dSwiGLU (backward)
+ *                               epilogues applied by its storer warps to the handed-off bf16 tile
+ *                               while the consumers go on with the next tile; false: stored from
+ *                               the consumers' registers (off until measured on the GPU)
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -26,7 +31,8 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_PINGPONG=1  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_PINGPONG=1  MOE_EP_GG_FUSED_HANDOFF=1
+ *   MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF switched variants that are no
  * longer in the addon, since issue 15: benchmarks/kernels/grouped_gemm/. Set, they are named on
  * stderr once and change nothing.)
@@ -45,6 +51,11 @@ export interface GroupedGemmKernelOptions {
   pingpong: boolean;
   /** The forward with a handful of rows per group on the split-K decode kernel (default false until measured). */
   decode: boolean;
+  /**
+   * The Hopper kernel's fused SwiGLU/dSwiGLU epilogues handed off to its storer warps instead of
+   * stored from the consumers' registers (default false until measured).
+   */
+  fusedHandoff: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -64,13 +75,19 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: false }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: false }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
 /** The environment variable behind each switch. */
 const ENVIRONMENT = {
-  groupedGemm: { hopper: 'MOE_EP_GG_HOPPER', fewRows: 'MOE_EP_GG_FEW_ROWS', pingpong: 'MOE_EP_GG_PINGPONG', decode: 'MOE_EP_GG_DECODE' },
+  groupedGemm: {
+    hopper: 'MOE_EP_GG_HOPPER',
+    fewRows: 'MOE_EP_GG_FEW_ROWS',
+    pingpong: 'MOE_EP_GG_PINGPONG',
+    decode: 'MOE_EP_GG_DECODE',
+    fusedHandoff: 'MOE_EP_GG_FUSED_HANDOFF',
+  },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };
 

@@ -435,7 +435,7 @@ export interface RawBinding {
   ): PeerHandle;
 }
 
-const EXPECTED_ABI = 8;
+const EXPECTED_ABI = 9;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

@@ -17,9 +17,9 @@ import {
 } from '../lib/index.js';
 import { native, packageRoot } from '../lib/native.js';
 
-// Every measured winner on; the ping-pong dW kernel and the decode kernel are off until they are measured.
+// Every measured winner on; the ping-pong dW kernel, the decode kernel and the fused hand-off are off until they are measured.
 const defaults: KernelOptions = {
-  groupedGemm: { hopper: true, fewRows: true, pingpong: false, decode: false },
+  groupedGemm: { hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: false },
   router: { fast: true, pdl: true },
 };
 
@@ -28,7 +28,7 @@ describe('kernel switches', () => {
     resetKernelOptions();
   });
 
-  it('default to every measured winner on (and the unmeasured ping-pong and decode kernels off)', () => {
+  it('default to every measured winner on (and the unmeasured ping-pong and decode kernels and fused hand-off off)', () => {
     expect(kernelOptionDefaults).toEqual(defaults);
     expect(kernelOptionsFromEnvironment({})).toEqual(defaults);
   });
@@ -39,17 +39,24 @@ describe('kernel switches', () => {
         MOE_EP_GG_HOPPER: '0',
         MOE_EP_GG_FEW_ROWS: '1',
         MOE_EP_GG_PINGPONG: 'yes',
+        MOE_EP_GG_FUSED_HANDOFF: 'yes',
         MOE_EP_ROUTER_FAST: 'no',
         MOE_EP_PDL: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true, pingpong: false, decode: false },
+      groupedGemm: { hopper: false, fewRows: true, pingpong: false, decode: false, fusedHandoff: false },
       router: { fast: true, pdl: false },
     });
     expect(
-      kernelOptionsFromEnvironment({ MOE_EP_GG_FEW_ROWS: '0', MOE_EP_GG_PINGPONG: '1', MOE_EP_ROUTER_FAST: '0', MOE_EP_GG_DECODE: '1' }),
+      kernelOptionsFromEnvironment({
+        MOE_EP_GG_FEW_ROWS: '0',
+        MOE_EP_GG_PINGPONG: '1',
+        MOE_EP_ROUTER_FAST: '0',
+        MOE_EP_GG_DECODE: '1',
+        MOE_EP_GG_FUSED_HANDOFF: '1',
+      }),
     ).toEqual({
-      groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true },
+      groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true, fusedHandoff: true },
       router: { fast: false, pdl: true },
     });
     expect(kernelOptionsFromEnvironment({ MOE_EP_GG_DECODE: 'yes' }).groupedGemm.decode).toBe(false);
@@ -68,6 +75,8 @@ describe('kernel switches', () => {
     expect(native().kernelOptions()).toEqual(now);
     setKernelOptions({ router: { fast: false } });
     expect(native().kernelOptions()).toEqual({ ...now, router: { ...now.router, fast: false } });
+    setKernelOptions({ groupedGemm: { fusedHandoff: !start.groupedGemm.fusedHandoff } });
+    expect(native().kernelOptions().groupedGemm).toEqual({ ...now.groupedGemm, fusedHandoff: !start.groupedGemm.fusedHandoff });
     setKernelOptions(before);
     expect(native().kernelOptions()).toEqual(start);
     // kernelOptions() hands out a copy
@@ -104,6 +113,12 @@ describe('kernel switches', () => {
     expect(() =>
       native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true, pingpong: false }, router: defaults.router } as never),
     ).toThrow(/setKernelOptions: 'groupedGemm.decode' must be a boolean/);
+    expect(() =>
+      native().setKernelOptions({
+        groupedGemm: { hopper: true, fewRows: true, pingpong: false, decode: false },
+        router: defaults.router,
+      } as never),
+    ).toThrow(/setKernelOptions: 'groupedGemm.fusedHandoff' must be a boolean/);
     expect(() => native().setKernelOptions({ groupedGemm: defaults.groupedGemm } as never)).toThrow(
       /setKernelOptions: 'router' must be an object/,
     );
@@ -121,6 +136,7 @@ describe('kernel switches', () => {
       ...process.env,
       MOE_EP_GG_FEW_ROWS: '0',
       MOE_EP_GG_PINGPONG: '1',
+      MOE_EP_GG_FUSED_HANDOFF: '1',
       MOE_EP_ROUTER_FAST: '0',
       MOE_EP_GG_DECODE: '1',
       MOE_EP_GG_HOPPER_HANDOFF: '1',
@@ -131,7 +147,7 @@ describe('kernel switches', () => {
     delete env['MOE_EP_GG_HOPPER_STAGED'];
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
-    const expected = { groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true }, router: { fast: false, pdl: true } };
+    const expected = { groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true, fusedHandoff: true }, router: { fast: false, pdl: true } };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });
     expect(r.stderr).toMatch(/MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_HANDOFF no longer switch anything/);
     expect(r.stderr.match(/no longer switch/g)).toHaveLength(1);

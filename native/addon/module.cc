@@ -17,10 +17,10 @@ Napi::Value set_error_classes(const Napi::CallbackInfo& info) {
 
 Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("setErrorClasses", Napi::Function::New(env, binding<set_error_classes>, "setErrorClasses"));
-  exports.Set("abiVersion", Napi::Number::New(env, 8));  // 2: recordStream, Event.wait, stream pool; 3: peer transport; 4: fp8 quantised in
-                                                         // the peer push; 5: setKernelOptions; 6: CUDA graphs (GraphHandle,
-                                                         // memoryStats.graphPoolBytes); 7: permuteBackward's add; 8: setKernelOptions
-                                                         // takes groupedGemm.pingpong and .decode
+  // 2: recordStream, Event.wait, stream pool; 3: peer transport; 4: fp8 quantised in the peer push;
+  // 5: setKernelOptions; 6: CUDA graphs (GraphHandle, memoryStats.graphPoolBytes); 7: permuteBackward's
+  // add; 8: setKernelOptions takes groupedGemm.pingpong and .decode; 9: and groupedGemm.fusedHandoff
+  exports.Set("abiVersion", Napi::Number::New(env, 9));
   TensorHandle::init(env, exports);
   StreamHandle::init(env, exports);
   EventHandle::init(env, exports);

@@ -32,21 +32,22 @@ template <typename O> void write_row(const GroupedGemm& g, int64_t m, int64_t co
     O* out = g.out.data<O>() + m * cols;
     for (int64_t c = 0; c < cols; ++c) out[c] = from_float<O>(row[size_t(c)] + (g.accumulate ? to_float(out[c]) : 0.0f));
   } else if (g.epilogue == GemmEpilogue::SwiGLU) {
-    // h from the fp32 accumulators, as the kernel does; g stored in out's dtype (bf16 on the GPU).
+    // g stored in out's dtype (bf16 on the GPU), and h from g as stored, saved or not (swiglu.h).
     O* h = g.out.data<O>() + m * (cols / 2);
     O* saved = g.aux.defined() ? g.aux.data<O>() + m * cols : nullptr;
     for (int64_t i = 0; i < cols / 2; ++i) {
-      h[i] = from_float<O>(silu(row[size_t(2 * i)]) * row[size_t(2 * i + 1)]);
+      const O g1 = from_float<O>(row[size_t(2 * i)]), g3 = from_float<O>(row[size_t(2 * i + 1)]);
+      h[i] = from_float<O>(silu(to_float(g1)) * to_float(g3));
       if (saved) {
-        saved[2 * i] = from_float<O>(row[size_t(2 * i)]);
-        saved[2 * i + 1] = from_float<O>(row[size_t(2 * i + 1)]);
+        saved[2 * i] = g1;
+        saved[2 * i + 1] = g3;
       }
     }
-  } else {  // DSwiGLU: row holds dh [cols]; g is read as stored
+  } else {  // DSwiGLU: row holds dh [cols], taken as stored in out's dtype; g is read as stored
     const O* gs = g.aux.data<O>() + m * 2 * cols;
     O* dg = g.out.data<O>() + m * 2 * cols;
     for (int64_t i = 0; i < cols; ++i) {
-      float g1 = to_float(gs[2 * i]), g3 = to_float(gs[2 * i + 1]), dh = row[size_t(i)];
+      float g1 = to_float(gs[2 * i]), g3 = to_float(gs[2 * i + 1]), dh = to_float(from_float<O>(row[size_t(i)]));
       dg[2 * i] = from_float<O>(dh * g3 * silu_grad(g1));
       dg[2 * i + 1] = from_float<O>(dh * silu(g1));
     }

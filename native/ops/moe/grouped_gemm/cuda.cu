@@ -205,6 +205,11 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&acc)[4][
         if (c >= cols) continue;
         float v0 = acc[mt][nt][half * 2], v1 = acc[mt][nt][half * 2 + 1];
         bool both = c + 1 < cols;
+        if constexpr (EPI != GemmEpilogue::Store) {
+          // The fused epilogues take the product as stored in bf16 (swiglu.h).
+          v0 = __bfloat162float(__float2bfloat16_rn(v0));
+          v1 = __bfloat162float(__float2bfloat16_rn(v1));
+        }
         if constexpr (EPI == GemmEpilogue::Store) {
           store_pair(out, int64_t(r) * cols + c, v0, v1, p.accumulate, both);
         } else if constexpr (EPI == GemmEpilogue::SwiGLU) {
@@ -445,7 +450,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
 #if MOE_EP_WITH_HOPPER
     // tile_start: null for TN, which needs none
     if (kernel == GemmKernel::HopperPingpong) grouped_gemm_hopper_pingpong(g, p.tile_start, stream);
-    else grouped_gemm_hopper(g, p.tile_start, stream);
+    else grouped_gemm_hopper(g, p.tile_start, choice.fused, stream);
     return;
 #else
     MOE_INTERNAL_CHECK(false, "groupedGemm: the Hopper kernel was chosen in a build without it");

@@ -39,7 +39,9 @@ constexpr int64_t kHopperDwMinRowsPerGroup = 32;
 //    tile while the other computes the next). Off by default until it is measured on the GPU.
 // 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
 // Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type
-// (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment.
+// (hopper.cu, launch()), and for the fused SwiGLU/dSwiGLU epilogues from fused_handoff here: from
+// the consumers' registers (the default until the hand-off is measured) or handed off to the storer
+// warps; inside mma.sync, the loader and the store follow from the alignment.
 GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   const bool tn = g.mode == GemmMode::TN;
@@ -76,7 +78,7 @@ int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
 // 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
 //    tile kernel chosen above for any larger group (decode_rows).
 GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
-  return GemmChoice{select_tile_kernel(g, o), decode_rows(g, o)};
+  return GemmChoice{select_tile_kernel(g, o), decode_rows(g, o), o.fused_handoff ? FusedStore::Handoff : FusedStore::Registers};
 }
 #endif
 }  // namespace

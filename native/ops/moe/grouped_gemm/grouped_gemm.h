@@ -14,8 +14,11 @@
 //   SwiGLU   NN only. b's columns interleave W1 and W3 (column 2i is W1's column i, 2i+1 is W3's),
 //            so each thread holds matching pairs: h[:, i] = silu(g1) · g3 is written to `out`
 //            [M, N/2] (bf16), and the pre-activations g = a·b to `aux` [M, N] (bf16) when given.
+//            h is computed from g as stored (rounded to out's dtype), whether or not g is saved.
 //   DSwiGLU  NT only. The result is dh [M, K']; with the saved g (`aux`, [M, 2K'] bf16,
-//            interleaved) it writes dg [M, 2K'] to `out`: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1).
+//            interleaved) it writes dg [M, 2K'] to `out`: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1),
+//            dh rounded to out's dtype first. (Both as an unfused GEMM and elementwise op would
+//            compute them: swiglu.h.)
 // Rows of `out` outside every group (at or beyond offsets[E]) are not written.
 #pragma once
 #include "core/tensor.h"
@@ -47,6 +50,9 @@ struct alignas(8) GroupedGemmOptions {
   // The forward (NN, Store or SwiGLU) with a handful of rows per group (decode): the split-K weight
   // streaming kernel (decode.cu). Off until measured on the H200 (issue 19).
   bool decode = false;
+  bool fused_handoff = false;  // the Hopper kernel's SwiGLU/dSwiGLU epilogues applied by its storer
+                               // warps from the handed-off tile, instead of from the consumers'
+                               // registers (off until measured on the GPU)
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
@@ -55,6 +61,8 @@ GroupedGemmOptions grouped_gemm_options();
 // with MOE_EP_WITH_HOPPER), its ping-pong form for fp32 results (hopper_pingpong.cu, same build) and
 // the few-rows dW kernel (few_rows.cu).
 enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, HopperPingpong = 3 };
+// How the Hopper kernel stores the fused SwiGLU and dSwiGLU epilogues (hopper.cu, StoreVia).
+enum class FusedStore : int { Registers = 0, Handoff = 1 };
 
 // What grouped_gemm.cc chose for a call. decode_rows = 0: `kernel` for every group. decode_rows > 0
 // (NN only): the decode kernel (decode.cu) computes the groups of 1..decode_rows rows, and `kernel`
@@ -63,6 +71,7 @@ enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, HopperPingpo
 struct GemmChoice {
   GemmKernel kernel = GemmKernel::MmaSync;
   int decode_rows = 0;
+  FusedStore fused = FusedStore::Registers;  // the Hopper kernel's fused SwiGLU/dSwiGLU epilogues
 };
 
 void grouped_gemm_cpu(const GroupedGemm& g);

@@ -12,7 +12,9 @@
 // store the last one (through one of the epilogues below).
 // The other ways of storing a tile that were measured and lost (Store from registers, the warp
 // slices for bf16 results, the hand-off of fp32 results in two halves) are steps 05-07 of the
-// ladder in benchmarks/kernels/grouped_gemm/.
+// ladder in benchmarks/kernels/grouped_gemm/. The fused epilogues have two ways here (from registers,
+// or handed off to the storer warps: StoreVia), chosen by GroupedGemmOptions::fused_handoff until
+// the GPU says which one wins.
 //
 // Shared-memory layouts (128-byte swizzle, the pattern TMA writes and wgmma reads):
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
@@ -49,18 +51,26 @@ constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
 constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
-// result type (launch() below):
-//   Registers   straight from the fragments: the fused SwiGLU and dSwiGLU epilogues.
+// result type (launch() below; a template argument of the kernel, so that a way that loses can move
+// to the ladder in benchmarks/kernels/grouped_gemm/ as it is):
+//   Registers   straight from the fragments: the fused SwiGLU and dSwiGLU epilogues, unless the
+//               hand-off is chosen for them (GroupedGemmOptions::fused_handoff).
 //   WarpSlices  Store with fp32 results (accumulating or not; v6): each consumer warp stages 16×32
 //               fp32 slices in its own shared memory and stores whole 16-byte row pieces.
-//   Handoff     Store with bf16 results (never accumulating; v7): the consumers drop the 128×256
-//               tile into shared memory (66 KiB) and go on to the next tile's mainloop; three warps
-//               of the producer warpgroup (otherwise idle) copy it to global memory meanwhile. It
-//               costs the ring a stage (3 instead of 4).
+//   Handoff     Store with bf16 results (never accumulating; v7), and the fused epilogues when
+//               chosen: the consumers drop the 128×256 product tile, in bf16, into shared memory
+//               (66 KiB) and go on to the next tile's mainloop; three warps of the producer warpgroup
+//               (otherwise idle) copy it to global memory meanwhile, applying the fused epilogue on
+//               the way (SwiGLU: h and the saved g; dSwiGLU: dg from dh and the saved g, which they
+//               fetch themselves). It costs the ring a stage (3 instead of 4).
 enum class StoreVia { Registers, WarpSlices, Handoff };
 
-// Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
-template <StoreVia VIA> struct Layout {
+constexpr int STORER_WARPS = 3;                  // Handoff: warps 1-3 of the producer warpgroup
+constexpr int STORER_THREADS = 32 * STORER_WARPS;
+
+// Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
+// then (dSwiGLU hand-off) the storers' rings of saved-g rows.
+template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
@@ -72,12 +82,21 @@ template <StoreVia VIA> struct Layout {
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
                                                                    : 0;
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
+  // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
+  // (2·BN bf16 = 1 KiB), filled by cp.async G_RING_ROWS rows ahead of the row being stored.
+  static constexpr int G_RING_ROWS = 4;
+  static constexpr int G_ROW_BYTES = 2 * BN * 2;
+  static constexpr int G_RING_BYTES =
+      VIA == StoreVia::Handoff && EPI == GemmEpilogue::DSwiGLU ? STORER_WARPS * G_RING_ROWS * G_ROW_BYTES : 0;
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + G_RING_BYTES + 1024;  // + slack to align the ring
 };
 constexpr int MAX_STAGES = 4;
-constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgroup
-static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
-static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+// 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
+static_assert(Layout<StoreVia::Registers>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -192,7 +211,8 @@ template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p
 // ---- epilogue -------------------------------------------------------------------------------------
 // The fused epilogues, straight from a consumer warpgroup's 64×256 accumulators: thread (warp w,
 // lane l) holds rows 16w + l/4 (+8) and, in each 8-column block j, columns 8j + 2(l%4) and the next
-// (d[4j..4j+3]). cols % 8 == 0 here, so a pair is either wholly inside or wholly outside.
+// (d[4j..4j+3]). cols % 8 == 0 here, so a pair is either wholly inside or wholly outside. The
+// elementwise step takes the product rounded to bf16, as stored (swiglu.h), like the hand-off's.
 template <GemmEpilogue EPI>
 __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0) {
   static_assert(EPI != GemmEpilogue::Store, "plain results go through shared memory (WarpSlices, Handoff)");
@@ -206,11 +226,12 @@ __device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128
     for (int j = 0; j < BN / 8; ++j) {
       const int c = tile.col0 + j * 8 + (lane & 3) * 2;
       if (c >= cols) continue;
-      const float v0 = d[j * 4 + half * 2], v1 = d[j * 4 + half * 2 + 1];
+      const __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + half * 2], d[j * 4 + half * 2 + 1]);
+      const float v0 = __low2float(v), v1 = __high2float(v);
       if constexpr (EPI == GemmEpilogue::SwiGLU) {
         // (v0, v1) = (g1, g3) of hidden unit c/2: W1 and W3 columns interleave.
         static_cast<__nv_bfloat16*>(p.out)[int64_t(r) * (cols / 2) + c / 2] = __float2bfloat16_rn(silu(v0) * v1);
-        if (p.aux_out) *reinterpret_cast<__nv_bfloat162*>(p.aux_out + int64_t(r) * cols + c) = __floats2bfloat162_rn(v0, v1);
+        if (p.aux_out) *reinterpret_cast<__nv_bfloat162*>(p.aux_out + int64_t(r) * cols + c) = v;
       } else {  // DSwiGLU: (v0, v1) = dh of hidden units c, c+1; the saved g holds (g1, g3) for each.
         const int64_t base = int64_t(r) * (2 * cols) + 2 * c;
         const uint2 g = *reinterpret_cast<const uint2*>(p.aux + base);  // g1(c) g3(c) g1(c+1) g3(c+1)
@@ -327,6 +348,183 @@ __device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile,
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
+// ---- the fused epilogues, handed off ---------------------------------------------------------------
+// The consumers hand over the bf16 product exactly as for Store (handoff_put); the storers apply the
+// epilogue while copying it out. Why the storers and not the consumers: the fused results do not fit
+// beside the ring. SwiGLU's h (32 KiB) and g (64 KiB) per 128×256 tile, or dSwiGLU's saved g and dg
+// (128 KiB each), exceed the 83 KiB that the 3-stage ring (144 KiB) leaves of the 227 KiB; the bf16
+// product tile (66 KiB) is what fits, and from it the storers can make every output. The price is
+// that the epilogue sees the product rounded to bf16 (the stored g; dh as an unfused GEMM would store
+// it), which is what every path computes (swiglu.h).
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+__device__ __forceinline__ __nv_bfloat162 as_bf162(uint32_t w) { return *reinterpret_cast<const __nv_bfloat162*>(&w); }
+__device__ __forceinline__ uint32_t as_u32(__nv_bfloat162 v) { return *reinterpret_cast<const uint32_t*>(&v); }
+
+// SwiGLU, storer side. The tile holds (g1, g3) column pairs of hidden units col0/2 .. col0/2 + 127.
+// Lane l takes tile columns 8l .. 8l+7 of a row: a 16-byte piece of g (the warp writes 512 contiguous
+// bytes of the saved g) and the 4 h values from it, 8 bytes (the warp writes 256 contiguous bytes of
+// h: every 32-byte sector whole in one instruction, as 16-byte stores from half the lanes would).
+__device__ __forceinline__ void handoff_drain_swiglu(const Params& p, const Tile& tile, uint32_t tile_smem, int storer) {
+  constexpr int LD_BYTES = Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2;
+  const int lane = storer & 31, warp = storer >> 5;
+  const int col = tile.col0 + lane * 8;
+  if (col >= p.cols) return;  // cols % 8 == 0: a lane's piece is all in or all out
+  __nv_bfloat16* const h = static_cast<__nv_bfloat16*>(p.out) + col / 2;
+  __nv_bfloat16* const g = p.aux_out ? p.aux_out + col : nullptr;  // null: g is not saved
+  const int64_t h_ld = p.cols / 2;
+  const int rows = min(BM, tile.row_end - tile.row0);
+#pragma unroll 2
+  for (int r = warp; r < rows; r += STORER_WARPS) {
+    uint4 v;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(tile_smem + uint32_t(r * LD_BYTES + lane * 16))
+                 : "memory");
+    const int64_t row = tile.row0 + r;
+    if (g) *reinterpret_cast<uint4*>(g + row * p.cols) = v;
+    float hv[4];
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const __nv_bfloat162 gp = as_bf162(w[u]);  // (g1, g3) of hidden unit col/2 + u
+      hv[u] = silu(__low2float(gp)) * __high2float(gp);
+    }
+    uint2 hp;
+    hp.x = as_u32(__floats2bfloat162_rn(hv[0], hv[1]));
+    hp.y = as_u32(__floats2bfloat162_rn(hv[2], hv[3]));
+    *reinterpret_cast<uint2*>(h + row * h_ld) = hp;
+  }
+}
+
+// dSwiGLU, storer side. The tile holds dh (bf16) of hidden units col0 .. col0+255; the saved g and
+// dg are [rows, 2·cols] with (g1, g3) interleaved, so a tile row reads 1 KiB of g and writes 1 KiB of
+// dg. Lane l takes hidden units 4l .. 4l+3 (piece 0) and 128+4l .. +3 (piece 1) of a row: 8 bytes of
+// dh each from the tile, 16 bytes of g and of dg each (the warp moves 512 contiguous bytes per
+// instruction). cols % 8 == 0: each piece is all in or all out (and piece 1 is out when piece 0 is).
+//
+// The saved g is the epilogue's one read from global memory (the register path's consumers wait for
+// it there). Here the storers read it while the consumers run the next tile's mainloop. A load from
+// DRAM takes ~1 µs and a storer thread holds 40 registers (setmaxnreg), too few to keep more than a
+// row or two of g in flight in registers; so each storer warp streams its rows of g through its own
+// ring of G_RING_ROWS rows in shared memory with cp.async (nothing held in registers while the copies
+// fly), G_RING_ROWS rows ahead of the row being stored, and the first G_RING_ROWS rows are requested
+// before the tile is even handed over (dswiglu_prefetch, right after the previous tile is out).
+// Not the whole g tile in shared memory (the brief's first idea, by TMA): 128 KiB does not fit.
+//
+// Synchronisation of the ring: none beyond each thread's own cp.async groups. A lane reads back only
+// the 2 × 16 bytes it copied itself, and cp.async.wait_group makes a thread's completed copies visible
+// to that thread. Group j is row j: dswiglu_prefetch commits groups 0 .. R-1 (R = G_RING_ROWS; rows
+// past the warp's share commit empty groups), and iteration i of the drain commits group i + R after
+// its stores. So when iteration i waits with "at most R-1 groups pending", R + i groups have been
+// committed and groups 0 .. i are complete: row i has landed. Every row j < n is waited for in its own
+// iteration, so no copy is in flight after the drain (nor when the kernel exits). A slot is refilled
+// (row i + R) only after the stores of row i, which need the values loaded from it: in-order issue
+// puts the refill behind those loads (WAR), and the "memory" clobbers keep the compiler from moving it.
+__device__ __forceinline__ int storer_rows(const Tile& tile, int warp) {
+  const int rows = min(BM, tile.row_end - tile.row0);  // rows warp, warp + 3, … of the tile
+  return rows > warp ? (rows - warp + STORER_WARPS - 1) / STORER_WARPS : 0;
+}
+// Where this lane's piece 0 of row i of its warp's share starts in g and in dg (the same offset in
+// both: [rows, 2·cols] each), in elements: the first row's offset plus i rows of the share.
+__device__ __forceinline__ int64_t dswiglu_offset(const Params& p, const Tile& tile, int storer) {
+  return int64_t(tile.row0 + (storer >> 5)) * (2 * p.cols) + 2 * tile.col0 + (storer & 31) * 8;
+}
+__device__ __forceinline__ int64_t dswiglu_row_stride(const Params& p) { return int64_t(STORER_WARPS) * 2 * p.cols; }
+// Ring slot of row i for this lane (its 16 bytes of piece 0; piece 1 is 512 bytes on).
+__device__ __forceinline__ uint32_t dswiglu_slot(uint32_t g_ring, int storer, int i) {
+  using L = Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>;
+  return g_ring + uint32_t(((storer >> 5) * L::G_RING_ROWS + i % L::G_RING_ROWS) * L::G_ROW_BYTES + (storer & 31) * 16);
+}
+__device__ __forceinline__ void dswiglu_fetch(const Params& p, uint32_t slot, int64_t offset, bool in0, bool in1) {
+  if (in0) cp_async16(slot, p.aux + offset);
+  if (in1) cp_async16(slot + 512, p.aux + offset + 256);
+}
+__device__ __forceinline__ void dswiglu_prefetch(const Params& p, const Tile& tile, uint32_t g_ring, int storer) {
+  constexpr int R = Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::G_RING_ROWS;
+  const int n = storer_rows(tile, storer >> 5);
+  const int lane = storer & 31;
+  const bool in0 = tile.col0 + 4 * lane < p.cols, in1 = tile.col0 + 128 + 4 * lane < p.cols;
+  const int64_t offset = dswiglu_offset(p, tile, storer);
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    if (i < n) dswiglu_fetch(p, dswiglu_slot(g_ring, storer, i), offset + i * dswiglu_row_stride(p), in0, in1);
+    cp_async_commit();
+  }
+}
+// dg of one hidden unit, packed (dg1, dg3), from dh and the saved (g1, g3).
+__device__ __forceinline__ uint32_t dswiglu_unit(float dh, uint32_t g_pair) {
+  const __nv_bfloat162 g = as_bf162(g_pair);
+  const float g1 = __low2float(g), g3 = __high2float(g);
+  return as_u32(__floats2bfloat162_rn(dh * g3 * silu_grad(g1), dh * silu(g1)));
+}
+__device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Tile& tile, uint32_t tile_smem, uint32_t g_ring, int storer) {
+  using L = Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>;
+  constexpr int R = L::G_RING_ROWS, LD_BYTES = L::TILE_LD_BF16 * 2;
+  const int lane = storer & 31, warp = storer >> 5;
+  const int n = storer_rows(tile, warp);
+  const bool in0 = tile.col0 + 4 * lane < p.cols, in1 = tile.col0 + 128 + 4 * lane < p.cols;
+  if (!in0) return;  // then in1 is out too; this lane committed only empty groups
+  int64_t offset = dswiglu_offset(p, tile, storer);  // of row i
+  uint32_t dh_at = tile_smem + uint32_t(warp * LD_BYTES + lane * 8);
+#pragma unroll 1
+  for (int i = 0; i < n; ++i, offset += dswiglu_row_stride(p), dh_at += STORER_WARPS * LD_BYTES) {
+    cp_async_wait<R - 1>();  // row i of g has landed
+    const uint32_t slot = dswiglu_slot(g_ring, storer, i);
+#pragma unroll
+    for (int piece = 0; piece < 2; ++piece) {
+      if (piece == 1 && !in1) break;
+      uint32_t dh0, dh1;
+      uint4 g;
+      asm volatile("ld.shared.v2.b32 {%0, %1}, [%2];\n" : "=r"(dh0), "=r"(dh1) : "r"(dh_at + uint32_t(piece * 256)) : "memory");
+      asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                   : "=r"(g.x), "=r"(g.y), "=r"(g.z), "=r"(g.w)
+                   : "r"(slot + uint32_t(piece * 512))
+                   : "memory");
+      const __nv_bfloat162 da = as_bf162(dh0), db = as_bf162(dh1);  // dh of units 4l .. 4l+3 (+128)
+      uint4 dg;
+      dg.x = dswiglu_unit(__low2float(da), g.x);
+      dg.y = dswiglu_unit(__high2float(da), g.y);
+      dg.z = dswiglu_unit(__low2float(db), g.z);
+      dg.w = dswiglu_unit(__high2float(db), g.w);
+      *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + offset + piece * 256) = dg;
+    }
+    if (i + R < n) dswiglu_fetch(p, dswiglu_slot(g_ring, storer, i + R), offset + R * dswiglu_row_stride(p), in0, in1);
+    cp_async_commit();
+  }
+}
+
+// ---- the hand-off's barriers, on paper -----------------------------------------------------------
+// The same for Store, SwiGLU and dSwiGLU: the fused epilogues add no barrier (dSwiGLU's g ring is
+// private to each storer lane, above). tile_full takes 256 arrivals (every consumer thread), tile_empty
+// 96 (every storer thread); both start in phase 0, and a wait for parity 1 on a fresh barrier passes.
+//   consumer thread, its n-th tile (n = 0, 1, …): mainloop; wait tile_empty parity (n & 1) ^ 1;
+//                    put its fragments into the staging tile; arrive tile_full.
+//   storer thread, its n-th tile: [dSwiGLU: cp.async its first 4 rows of g]; wait tile_full parity
+//                    n & 1; drain (read the staging tile, write global memory); arrive tile_empty.
+// n = 0: the consumers' wait (parity 1) passes at once; their 256 arrivals complete tile_full phase 0;
+//        the storers' wait (parity 0) passes only then; their 96 arrivals complete tile_empty phase 0.
+// n = 1: the consumers' wait (parity 0 of tile_empty) passes only once every storer has read tile 0,
+//        so the staging tile is never overwritten while it is read; the storers' wait (parity 1 of
+//        tile_full) only once every consumer has put tile 1.
+// No side gets two phases ahead (which would alias the parity): a consumer's put n+1 follows the
+//        completion of tile_empty phase n, i.e. every storer's arrival for tile n; a storer's drain n+1
+//        follows the completion of tile_full phase n+1, i.e. every consumer's put n+1.
+// Both sides walk the same work items (tile_at(t), t = blockIdx.x, += gridDim.x), so the counts of
+//        puts and drains match and nothing waits for a tile that never comes; a block with no work
+//        item runs neither loop. The consumers exit after their last put; the storers drain it after
+//        (shared memory lives until the block's last thread exits) with no cp.async left in flight.
+// Ordering: the staging tile is written (st.shared) and read (ld.shared) in the generic proxy only,
+//        ordered by arrive (release) and wait (acquire); the async proxy (TMA, wgmma) never touches
+//        the staging tile or the g ring, so no proxy fence is needed. No named barrier is involved
+//        (the kernel's one, bar 1 over 256 threads, is TN's zeroing, among the consumers only).
+// The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages).
+
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -334,11 +532,12 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
-  static_assert((VIA == StoreVia::Registers) == (EPI != GemmEpilogue::Store),
-                "the fused epilogues store from registers, plain results through shared memory");
+  static_assert(VIA != StoreVia::Registers || EPI != GemmEpilogue::Store, "plain results go through shared memory");
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
-  static_assert(VIA != StoreVia::WarpSlices || sizeof(OutT) == 4, "the warp slices take fp32 results");
-  constexpr int STAGES = Layout<VIA>::STAGES;
+  static_assert(VIA != StoreVia::WarpSlices || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store), "the warp slices take fp32 results");
+  static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
+  using L = Layout<VIA, EPI>;
+  constexpr int STAGES = L::STAGES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
@@ -346,6 +545,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
   __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
   const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
+  const uint32_t g_ring = staging_smem + L::STAGING_BYTES;  // dSwiGLU hand-off only
 
   const int wg = threadIdx.x >> 7;
   if (threadIdx.x == 0) {
@@ -405,8 +605,11 @@ __global__ void __launch_bounds__(THREADS, 1)
         uint32_t n = 0;  // tiles done
         for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
           const Tile tile = tile_at<MODE>(p, t, m_tiles);
+          if constexpr (EPI == GemmEpilogue::DSwiGLU) dswiglu_prefetch(p, tile, g_ring, storer);  // g needs no tile
           mbar_wait(&tile_full, n & 1);
-          handoff_drain(p, tile, staging_smem, storer);
+          if constexpr (EPI == GemmEpilogue::Store) handoff_drain(p, tile, staging_smem, storer);
+          else if constexpr (EPI == GemmEpilogue::SwiGLU) handoff_drain_swiglu(p, tile, staging_smem, storer);
+          else handoff_drain_dswiglu(p, tile, staging_smem, g_ring, storer);
           mbar_arrive(&tile_empty);
         }
         // Every row's global write done before the kernel ends.
@@ -478,7 +681,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging =
-            staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
+            staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else {
         store_tile<EPI>(p, d, tile, tile.row0 + consumer * 64);
@@ -539,7 +742,7 @@ DeviceInfo device_info() {
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
-  constexpr int smem = Layout<VIA>::SMEM_BYTES;
+  constexpr int smem = Layout<VIA, EPI>::SMEM_BYTES;
   if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
@@ -549,19 +752,25 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
 }
 
-// How the tiles are stored follows from the epilogue and the result type (see StoreVia):
+// How the tiles are stored follows from the epilogue and the result type (see StoreVia), and for
+// the fused epilogues from grouped_gemm.cc's choice:
 // - bf16 results (never accumulated: grouped_gemm.cc asks for f32 out with accumulate): handed to
 //   the producer's storer warps through shared memory while the consumers go on with the next tile
 //   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
 //   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
 // - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
 //   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
-// - SwiGLU, dSwiGLU: from registers.
+// - SwiGLU, dSwiGLU: from registers, or handed off (FusedStore::Handoff; not yet measured).
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  if constexpr (EPI != GemmEpilogue::Store) launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
-  else if constexpr (sizeof(OutT) == 2) launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
-  else launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, FusedStore fused, int sms, cudaStream_t stream) {
+  if constexpr (EPI != GemmEpilogue::Store) {
+    if (fused == FusedStore::Handoff) launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+    else launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
+  } else if constexpr (sizeof(OutT) == 2) {
+    launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+  } else {
+    launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
+  }
 }
 
 }  // namespace
@@ -582,7 +791,7 @@ bool grouped_gemm_hopper_fits(const GroupedGemm& g) {
   return hopper::device_info().hopper;
 }
 
-void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream_ptr) {
+void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, FusedStore fused, void* stream_ptr) {
   using namespace hopper;
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   Params p{};
@@ -593,7 +802,7 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.aux_out = (g.epilogue == GemmEpilogue::SwiGLU && g.aux.defined()) ? g.aux.data<__nv_bfloat16>() : nullptr;
   p.M = int(M);
   p.E = int(E);
-  p.accumulate = g.accumulate;
+  p.accumulate = g.accumulate && g.epilogue == GemmEpilogue::Store;  // the fused epilogues always overwrite
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int sms = device_info().sms;
   const bool f32 = g.out.dtype() == DType::f32;
@@ -612,8 +821,8 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
     if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
-    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
+    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
     cuda::check_launch("groupedGemm");
     return;
   }
@@ -636,13 +845,13 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
   if (!nt) {
-    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
   }
   cuda::check_launch("groupedGemm");
 }
