@@ -339,3 +339,102 @@ describe.skipIf(!hasGpu)('the ping-pong Hopper kernel (dW, fp32 results) against
     });
   });
 });
+
+// The fused epilogues both ways on the Hopper kernel: from the consumers' registers and handed off
+// to the storer warps (groupedGemm.fusedHandoff), each against the CPU reference and against each
+// other (both take the product as stored in bf16, so g is bit-identical and h, dg agree to a rare
+// last-bit difference), outputs poisoned first. SwiGLU with and without saving g, then dSwiGLU from
+// the same saved g on every side. Each case keeps 3 rows outside every group (never written). F is a
+// multiple of 8 throughout, so dSwiGLU's NT product takes the Hopper kernel too. (Without the Hopper
+// kernel, e.g. on sm_80, both ways are the mma.sync kernel's.)
+const fusedCases: { name: string; E: number; K: number; F: number; counts: number[] }[] = [
+  { name: 'E=1, 37 rows: one partial tile', E: 1, K: 64, F: 32, counts: [37] },
+  // N = 2F = 400: SwiGLU's second n-tile holds 144 columns (lanes 18-31 of its storers idle);
+  // dSwiGLU's one n-tile 200 columns (its pieces at 128 + 4·lane in for lanes < 18 only).
+  { name: 'ragged with empty groups, M not a tile multiple, partial n-tiles (F=200)', E: 8, K: 256, F: 200, counts: raggedCounts(8, 1000) },
+  { name: 'H=7168, F=2048: the layer shape, few rows', E: 4, K: 7168, F: 2048, counts: raggedCounts(4, 200) },
+  // ~3 SwiGLU and ~1.5 dSwiGLU tiles per block on 132 SMs: the hand-off's barriers and the g ring
+  // go round more than once.
+  { name: 'M=12000, K=64, F=512: several tiles per block', E: 4, K: 64, F: 512, counts: raggedCounts(4, 12000) },
+  { name: 'many small groups (E=256, 2 rows each)', E: 256, K: 128, F: 128, counts: new Array(256).fill(2) },
+  { name: 'K=24, F=24: under one tile', E: 3, K: 24, F: 24, counts: [10, 0, 33] },
+  { name: 'no rows in any group (3 rows outside them)', E: 3, K: 64, F: 64, counts: [0, 0, 0] },
+];
+
+/** How many elements differ in their bits (NaN poison included: unwritten on one side only counts). */
+function bitsDiffer(x: Float32Array, y: Float32Array): number {
+  if (x.length !== y.length) return Infinity;
+  const a = new Uint32Array(x.buffer, x.byteOffset, x.length),
+    b = new Uint32Array(y.buffer, y.byteOffset, y.length);
+  let n = 0;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) n++;
+  return n;
+}
+
+describe.skipIf(!hasGpu)('fused SwiGLU/dSwiGLU epilogues: hand-off and registers against the CPU reference', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+    setKernelOptions(kernelOptionDefaults);
+  });
+  afterEach(() => {
+    resetKernelOptions();
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(fusedCases)('$name', { timeout: 300_000 }, ({ E, K, F, counts }) => {
+    const M = counts.reduce((s, c) => s + c, 0) + 3;
+    const N = 2 * F;
+    const seeds = { a: freshSeed(), w13: freshSeed(), w2: freshSeed(), dOut: freshSeed() };
+    const tag = `E=${E} K=${K} F=${F} M=${M} seeds ${JSON.stringify(seeds)}`;
+    console.log(`12-grouped-gemm fused epilogues: ${tag}`);
+    const seeded = (shape: number[], seed: number): [Tensor, Tensor] => {
+      const c = tidy(() => Tensor.rand(shape, { seed, low: -1, high: 1, device: cpu }).cast('bf16'));
+      return [c, c.to(gpu)];
+    };
+    tidy(() => {
+      const [a, ga] = seeded([M, K], seeds.a);
+      const [w13, gw13] = seeded([E, K, N], seeds.w13);
+      const [w2, gw2] = seeded([E, F, K], seeds.w2);
+      const [dOut, gdOut] = seeded([M, K], seeds.dOut);
+      const [off, goff] = offsets(counts);
+
+      // CPU reference.
+      const ch = poisoned([M, F], 'bf16', cpu),
+        cg = poisoned([M, N], 'bf16', cpu),
+        cdg = poisoned([M, N], 'bf16', cpu);
+      groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, off, ch, cg);
+      const gSaved = cg.to(gpu); // the saved g every side's backward reads
+      groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, off, cdg, cg);
+
+      const run = (fusedHandoff: boolean) => {
+        setKernelOptions({ groupedGemm: { fusedHandoff } });
+        const h = poisoned([M, F], 'bf16', gpu),
+          g = poisoned([M, N], 'bf16', gpu),
+          hOnly = poisoned([M, F], 'bf16', gpu),
+          dg = poisoned([M, N], 'bf16', gpu);
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, ga, gw13, goff, h, g);
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, ga, gw13, goff, hOnly, null); // g not saved
+        groupedGemmEpilogue('NT', Epilogue.DSwiGLU, gdOut, gw2, goff, dg, gSaved);
+        return { h: floats(h), g: floats(g), hOnly: floats(hOnly), dg: floats(dg) };
+      };
+      const handoff = run(true);
+      const registers = run(false);
+      const ref = { h: floats(ch), g: floats(cg), dg: floats(cdg) };
+      for (const [way, r] of [
+        ['hand-off', handoff],
+        ['registers', registers],
+      ] as const) {
+        expect(relErr(r.g, ref.g), `${way} g vs CPU (${tag})`).toBeLessThan(1e-2);
+        expect(relErr(r.h, ref.h), `${way} h vs CPU (${tag})`).toBeLessThan(1e-2);
+        expect(relErr(r.hOnly, ref.h), `${way} h without saving g vs CPU (${tag})`).toBeLessThan(1e-2);
+        expect(bitsDiffer(r.hOnly, r.h), `${way}: h is the same whether or not g is saved (${tag})`).toBe(0);
+        expect(relErr(r.dg, ref.dg), `${way} dg vs CPU (${tag})`).toBeLessThan(1e-2);
+      }
+      // The two ways: the same accumulators rounded the same way, the same elementwise code.
+      expect(bitsDiffer(handoff.g, registers.g), `hand-off g = registers g (${tag})`).toBe(0);
+      expect(relErr(handoff.h, registers.h), `hand-off h vs registers (${tag})`).toBeLessThan(1e-3);
+      expect(relErr(handoff.dg, registers.dg), `hand-off dg vs registers (${tag})`).toBeLessThan(1e-3);
+    });
+  });
+});

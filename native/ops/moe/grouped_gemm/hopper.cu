@@ -65,7 +65,7 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               fetch themselves). It costs the ring a stage (3 instead of 4).
 enum class StoreVia { Registers, WarpSlices, Handoff };
 
-constexpr int STORER_WARPS = 3;                  // Handoff: warps 1-3 of the producer warpgroup
+constexpr int STORER_WARPS = 3;  // Handoff: warps 1-3 of the producer warpgroup
 constexpr int STORER_THREADS = 32 * STORER_WARPS;
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
@@ -469,7 +469,7 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
   const int lane = storer & 31, warp = storer >> 5;
   const int n = storer_rows(tile, warp);
   const bool in0 = tile.col0 + 4 * lane < p.cols, in1 = tile.col0 + 128 + 4 * lane < p.cols;
-  if (!in0) return;  // then in1 is out too; this lane committed only empty groups
+  if (!in0) return;                                  // then in1 is out too; this lane committed only empty groups
   int64_t offset = dswiglu_offset(p, tile, storer);  // of row i
   uint32_t dh_at = tile_smem + uint32_t(warp * LD_BYTES + lane * 8);
 #pragma unroll 1
@@ -680,8 +680,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         mbar_arrive(&tile_full);
         ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {
-        const uint32_t staging =
-            staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
+        const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else {
         store_tile<EPI>(p, d, tile, tile.row0 + consumer * 64);
@@ -849,7 +848,8 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, FusedS
     else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
     else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU)
+      launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
     else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
     else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
   }
