@@ -27,6 +27,10 @@ export const shapes = [
   // Not in the default run: `--shapes=mixtral-decode` (or their indices) with `--products=NN`; the
   // roof counts the touched experts' weights only. Group sizes: T=1 two experts, T=8 seven, T=64 all.
   ...mixtralDecode(),
+  // The MoE layer's expert GEMMs with their fused epilogues (issue #20; `fused`: the benchmark's
+  // fused products run on it): K = H, N = 2F (W1 and W3 interleaved); the up projection NN+SwiGLU
+  // [M, H]·[E, H, 2F], the down projection's dA NT+dSwiGLU [M, H]·[E, F, H]ᵀ with the saved g.
+  { name: 'layer T=4096x8 H=7168 F=2048 E=32', tag: 'layer', M: 32768, K: 7168, N: 4096, counts: balanced(32, 32768), fused: true },
 ];
 function mixtralDecode() {
   const counts = { 1: [0, 1, 0, 0, 1, 0, 0, 0], 8: [3, 2, 0, 4, 1, 2, 3, 1], 64: [18, 14, 17, 12, 20, 15, 16, 16] };
@@ -54,7 +58,7 @@ function mixtralDecode() {
   ]);
 }
 
-// The same six cases shrunk for CPU dry runs (the benchmark's --dry-run): the same kinds of counts
+// The same seven cases shrunk for CPU dry runs (the benchmark's --dry-run): the same kinds of counts
 // (balanced, Zipf, few large groups, many groups, many rows, <= 8 rows per group), so every path of
 // the script runs; their times mean nothing.
 export const dryShapes = [
@@ -65,4 +69,5 @@ export const dryShapes = [
   { name: 'dry fine-grained', tag: 'fine', M: 1024, K: 64, N: 48, counts: balanced(16, 1024) },
   { name: 'dry decode', tag: 'decode', M: 64, K: 128, N: 64, counts: balanced(16, 64), dram: true },
   { name: 'dry Mixtral T=1', tag: 'mx1', M: 2, K: 256, N: 512, counts: [0, 1, 0, 0, 1, 0, 0, 0], dram: true, set: 'mixtral-decode' },
+  { name: 'dry layer', tag: 'layer', M: 512, K: 128, N: 128, counts: balanced(8, 512), fused: true },
 ];

@@ -3,12 +3,21 @@
 // and torch in blocks A B A B …, so that clock drift (the H200's clock follows its power draw; one
 // pass can be 10% off) moves both sides of each ratio alike.
 //   node benchmarks/grouped-gemm.bench.mjs [--rounds N] [--calls N] [--quick] [--variants[=LIST]]
-//        [--shapes=0,3] [--products=NN,NT,TN,TN32] [--inner N] [--no-peer] [--no-smi] [--dry-run]
+//        [--shapes=0,3] [--products=NN,NT,TN,TN32,SWIGLU,DH,DSWIGLU] [--inner N] [--no-peer] [--no-smi]
+//        [--dry-run]
 //        [--timeout-s S] [--out DIR]
 // Products, per shape of grouped-gemm-shapes.mjs (M rows in groups by counts; a [M,K], b [E,K,N],
 // dC [M,N], bf16, random, seeded): NN forward a·b_e [M,N]; NT dA dC·b_eᵀ [M,K]; TN dW a_eᵀ·dC_e
 // [E,K,N] bf16; TN32 the same dW with fp32 results (what training computes: expertsBackward).
 // 6 shapes × 4 = 24 products (the issue's 18 with bf16 results, plus the 6 training dWs).
+// The fused epilogues (issue #20), on the shapes marked `fused` (the layer's: K = H, N = 2F), with w2
+// [E, N/2, K] a further input: SWIGLU the up projection NN with the SwiGLU epilogue, h [M, N/2] and
+// the saved g [M, N] (torch: _grouped_mm, then silu(g[:, 0::2]) · g[:, 1::2]); DH the down
+// projection's plain dA, dh = a·w2_eᵀ [M, N/2] (a stands in for dOut); DSWIGLU the same with the
+// dSwiGLU epilogue, dG [M, N] from dh and the saved g of SWIGLU (torch: _grouped_mm, then what its
+// autograd runs for silu(g1)·g3: silu_backward(dh·g3, g1) and dh·silu(g1) into the interleaved dG,
+// from its own saved g). A fused shape runs NN (the same product as SWIGLU without the epilogue),
+// SWIGLU, DH, DSWIGLU unless --products says otherwise; the other shapes never run the fused ones.
 // Rounds (--rounds N, default 5): per product, each round times one block of ours and one of torch
 // (and of each --variants kernel, and for the DRAM-bound shapes a device copy), in the order
 // A B … in even rounds and … B A in odd ones. A block is the median over `calls` timed regions
@@ -35,9 +44,13 @@
 // few-rows kernel is the default (≤ 8 rows per group on average: decode); per round their time over
 // the default's, and their results against the default's on the check slices; pingpong = { pingpong: true }
 // on the fp32-result dW (TN32): the ping-pong form of the Hopper kernel; decode = { decode: true }: the
-// split-K decode kernel, forward NN only, where its row limits let it. LIST: mmaSync,tensorCores,pingpong,decode.
+// split-K decode kernel, forward NN only, where its row limits let it. fusedHandoff and fusedRegisters =
+// { fusedHandoff: true / false } on SWIGLU and DSWIGLU (the one that is not the default: the Hopper
+// kernel's fused epilogues handed off to its storer warps, or from registers).
+// LIST: mmaSync,tensorCores,pingpong,decode,fusedHandoff,fusedRegisters.
 // --shapes=mixtral-decode: Mixtral's decode forward at T = 1, 8, 64 (grouped-gemm-shapes.mjs; with
 // --products=NN --variants=decode, the decode kernel against the current one in the same rounds).
+// --shapes=layer (a shape's tag, like its index, picks it): the fused products on the layer's shape.
 // Clocks (a GPU with nvidia-smi, unless --no-smi): the SM clock, power and temperature sampled every
 // 50 ms; each block gets the means over its span (torch's blocks too), so a ratio can be set beside
 // the clocks the two sides ran at.
@@ -84,8 +97,8 @@ if (!argv.includes('--child')) {
   process.exit(r.status ?? 1);
 }
 
-const { ops, setKernelOptions, sumOfSquares, synchronize, Tensor, tidy } = await import('../dist/lib/index.js');
-const { groupedGemm } = await import('../dist/lib/moe/grouped-gemm.js');
+const { kernelOptions, ops, setKernelOptions, sumOfSquares, synchronize, Tensor, tidy } = await import('../dist/lib/index.js');
+const { Epilogue, groupedGemm, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
 const { shapes: fullShapes, dryShapes } = await import('./grouped-gemm-shapes.mjs');
 const { dryRun, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
   await import('./harness.mjs');
@@ -102,14 +115,21 @@ const rounds = positiveInt('--rounds', 5);
 const calls = positiveInt('--calls', dryRun ? 3 : quick ? 10 : 20);
 const inner = positiveInt('--inner', 1);
 const warmup = dryRun ? 1 : 2;
-const PRODUCTS = ['NN', 'NT', 'TN', 'TN32'];
-const products = flag('--products', PRODUCTS.join(',')).split(',');
+const PLAIN = ['NN', 'NT', 'TN', 'TN32'];
+const FUSED = ['SWIGLU', 'DH', 'DSWIGLU']; // on the shapes marked `fused` only
+const PRODUCTS = [...PLAIN, ...FUSED];
+const productArg = flag('--products', '');
+const products = productArg ? productArg.split(',') : PRODUCTS;
 for (const p of products) if (!PRODUCTS.includes(p)) throw new Error(`--products: unknown product ${p} (${PRODUCTS.join(', ')})`);
+/** The products run on a shape: the plain ones everywhere, the fused ones on fused shapes (there NN, SWIGLU, DH, DSWIGLU by default). */
+const productsOf = (s) => products.filter((p) => (FUSED.includes(p) ? s.fused : productArg || !s.fused || p === 'NN'));
 const KERNELS = {
   mmaSync: { hopper: false },
   tensorCores: { fewRows: false },
   pingpong: { pingpong: true },
   decode: { decode: true },
+  fusedHandoff: { fusedHandoff: true },
+  fusedRegisters: { fusedHandoff: false },
 };
 const variantList = flag('--variants', '', Object.keys(KERNELS).join(','));
 const variants = variantList ? variantList.split(',') : [];
@@ -119,14 +139,25 @@ const shapeList = dryRun ? dryShapes : fullShapes;
 const shapeArg = flag('--shapes', process.env.MOE_EP_GG_SHAPES ?? '');
 // Named sets (a shape's `set`) expand to their indices; shapes in a set run only when asked for.
 const chosen = shapeArg
-  ? shapeArg.split(',').flatMap((x) => (/^\d+$/.test(x) ? [Number(x)] : shapeList.flatMap((s, i) => (s.set === x ? [i] : []))))
+  ? shapeArg
+      .split(',')
+      .flatMap((x) => (/^\d+$/.test(x) ? [Number(x)] : shapeList.flatMap((s, i) => (s.set === x || s.tag === x ? [i] : []))))
   : shapeList.flatMap((s, i) => (s.set ? [] : [i]));
 if (!chosen.length) throw new Error(`--shapes: no shape in ${shapeArg}`);
 for (const i of chosen) if (!Number.isInteger(i) || !shapeList[i]) throw new Error(`--shapes: no shape ${i} (0–${shapeList.length - 1})`);
 /** Relative error in norm allowed between ours and torch on the check slices. */
 const TOLERANCE = 1e-2;
 const CHECK_ROWS = 1024;
-const PRODUCT_NAMES = { NN: 'forward NN', NT: 'dA NT', TN: 'dW TN', TN32: 'dW TN, fp32 out' };
+const PRODUCT_NAMES = {
+  NN: 'forward NN',
+  NT: 'dA NT',
+  TN: 'dW TN',
+  TN32: 'dW TN, fp32 out',
+  SWIGLU: 'up NN+SwiGLU',
+  DH: 'down dA NT (dh)',
+  DSWIGLU: 'down dA NT+dSwiGLU',
+};
+const ROW_PRODUCTS = ['NN', 'NT', 'SWIGLU', 'DH', 'DSWIGLU']; // outputs [M, …]: checked by rows
 
 const tStart = performance.now();
 const elapsed = () => (performance.now() - tStart) / 1e3;
@@ -221,8 +252,13 @@ function inputsDir(bytes) {
 
 // The inputs of each shape, by key: a tensor made with the same shape and seed is the same tensor,
 // so the peer keeps what a later shape uses again.
-const SEEDS = { a: { seed: 1, std: 1 }, b: { seed: 2, std: 0.02 }, dC: { seed: 3, std: 1 } };
-const dimsOf = (s) => ({ a: [s.M, s.K], b: [s.counts.length, s.K, s.N], dC: [s.M, s.N] });
+const SEEDS = { a: { seed: 1, std: 1 }, b: { seed: 2, std: 0.02 }, dC: { seed: 3, std: 1 }, w2: { seed: 4, std: 0.02 } };
+const dimsOf = (s) => ({
+  a: [s.M, s.K],
+  b: [s.counts.length, s.K, s.N],
+  dC: [s.M, s.N],
+  ...(s.fused ? { w2: [s.counts.length, s.N / 2, s.K] } : {}),
+});
 const keysOf = (s) => Object.fromEntries(Object.entries(dimsOf(s)).map(([n, d]) => [n, `${n}_${d.join('x')}_s${SEEDS[n].seed}`]));
 
 /** Bytes each product moves at least: its inputs read once, its output written once (offsets too). */
@@ -233,6 +269,10 @@ function productBytes(s, p) {
   const [a, b, dC, offs] = [s.M * s.K * 2, touched * s.K * s.N * 2, s.M * s.N * 2, (E + 1) * 4];
   if (p === 'NN') return a + b + s.M * s.N * 2 + offs;
   if (p === 'NT') return dC + b + s.M * s.K * 2 + offs;
+  const w2 = E * (s.N / 2) * s.K * 2;
+  if (p === 'SWIGLU') return a + b + s.M * (s.N / 2) * 2 + s.M * s.N * 2 + offs; // h and g written
+  if (p === 'DH') return a + w2 + s.M * (s.N / 2) * 2 + offs;
+  if (p === 'DSWIGLU') return a + w2 + 2 * s.M * s.N * 2 + offs; // g read, dG written
   return a + dC + E * s.K * s.N * (p === 'TN32' ? 4 : 2) + offs;
 }
 
@@ -256,7 +296,8 @@ for (const [pos, i] of chosen.entries()) {
   const E = s.counts.length;
   const off = [0];
   for (const c of s.counts) off.push(off[off.length - 1] + c);
-  const flops = 2 * s.M * s.K * s.N;
+  const flopsOf = (p) => 2 * s.M * s.K * (p === 'DH' || p === 'DSWIGLU' ? s.N / 2 : s.N);
+  const shapeProducts = productsOf(s);
   const dims = dimsOf(s);
   const keys = keysOf(s);
   log(`shape ${i}: ${s.name} (M=${s.M} K=${s.K} N=${s.N} E=${E})`);
@@ -264,20 +305,52 @@ for (const [pos, i] of chosen.entries()) {
   const a = Tensor.randn(dims.a, { dtype: 'bf16', device: dev, ...SEEDS.a });
   const b = Tensor.randn(dims.b, { dtype: 'bf16', device: dev, ...SEEDS.b });
   const dC = Tensor.randn(dims.dC, { dtype: 'bf16', device: dev, ...SEEDS.dC });
+  const w2 = dims.w2 ? Tensor.randn(dims.w2, { dtype: 'bf16', device: dev, ...SEEDS.w2 }) : null;
   const offsets = Tensor.fromArray(off, { dtype: 'i32', device: dev });
-  const outShapes = { NN: [[s.M, s.N], 'bf16'], NT: [[s.M, s.K], 'bf16'], TN: [[E, s.K, s.N], 'bf16'], TN32: [[E, s.K, s.N], 'f32'] };
-  const outs = Object.fromEntries(products.map((p) => [p, Tensor.empty(outShapes[p][0], { dtype: outShapes[p][1], device: dev })]));
+  const outShapes = {
+    NN: [[s.M, s.N], 'bf16'],
+    NT: [[s.M, s.K], 'bf16'],
+    TN: [[E, s.K, s.N], 'bf16'],
+    TN32: [[E, s.K, s.N], 'f32'],
+    SWIGLU: [[s.M, s.N / 2], 'bf16'],
+    DH: [[s.M, s.N / 2], 'bf16'],
+    DSWIGLU: [[s.M, s.N], 'bf16'],
+  };
+  const outs = Object.fromEntries(shapeProducts.map((p) => [p, Tensor.empty(outShapes[p][0], { dtype: outShapes[p][1], device: dev })]));
+  // SWIGLU's saved g, which DSWIGLU reads: made once here, so DSWIGLU can run alone.
+  const gSaved = shapeProducts.some((p) => p === 'SWIGLU' || p === 'DSWIGLU')
+    ? Tensor.empty([s.M, s.N], { dtype: 'bf16', device: dev })
+    : null;
   const run = {
     NN: () => groupedGemm('NN', a, b, offsets, { out: outs.NN }),
     NT: () => groupedGemm('NT', dC, b, offsets, { out: outs.NT }),
     TN: () => groupedGemm('TN', a, dC, offsets, { out: outs.TN }),
     TN32: () => groupedGemm('TN', a, dC, offsets, { out: outs.TN32 }),
+    SWIGLU: () => groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, b, offsets, outs.SWIGLU, gSaved),
+    DH: () => groupedGemm('NT', a, w2, offsets, { out: outs.DH }),
+    DSWIGLU: () => groupedGemmEpilogue('NT', Epilogue.DSwiGLU, a, w2, offsets, outs.DSWIGLU, gSaved),
   };
+  if (gSaved) {
+    const h = Tensor.empty(outShapes.SWIGLU[0], { dtype: 'bf16', device: dev });
+    groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, b, offsets, h, gSaved);
+    h.dispose();
+  }
   const fewRows = s.M <= 8 * E; // where dW takes the few-rows kernel by default
-  // pingpong changes only fp32 results (the TN32 dW of training); decode only the forward (NN).
+  const fusedEpilogue = (p) => p === 'SWIGLU' || p === 'DSWIGLU';
+  const handoffDefault = kernelOptions().groupedGemm.fusedHandoff;
+  // pingpong changes only fp32 results (the TN32 dW of training); decode only the forward (NN);
+  // fusedHandoff / fusedRegisters only the fused epilogues, and only the one that is not the default.
   const variantsFor = (p) =>
     variants.filter((v) =>
-      v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'pingpong' ? p === 'TN32' : v === 'decode' ? p === 'NN' : true,
+      v === 'tensorCores'
+        ? (p === 'TN' || p === 'TN32') && fewRows
+        : v === 'pingpong'
+          ? p === 'TN32'
+          : v === 'decode'
+            ? p === 'NN'
+            : v === 'fusedHandoff' || v === 'fusedRegisters'
+              ? fusedEpilogue(p) && (v === 'fusedHandoff') !== handoffDefault
+              : true,
     );
 
   // The check slices: rows of the first and last non-empty groups (NN, NT), the first rows of the
@@ -285,7 +358,7 @@ for (const [pos, i] of chosen.entries()) {
   const nonEmpty = s.counts.map((c, g) => (c > 0 ? g : -1)).filter((g) => g >= 0);
   const ends = [...new Set([nonEmpty[0], nonEmpty.at(-1)])].filter((g) => g !== undefined);
   const slices = (p) =>
-    p === 'NN' || p === 'NT'
+    ROW_PRODUCTS.includes(p)
       ? ends.map((g) => ({ rows: [off[g], Math.min(s.counts[g], CHECK_ROWS)] }))
       : [...new Set([0, E - 1])].map((e) => ({ expert: e, krows: Math.min(s.K, CHECK_ROWS) }));
   const view = (p, c) =>
@@ -296,7 +369,7 @@ for (const [pos, i] of chosen.entries()) {
   const checkFiles = {};
   const checkList = [];
   const variantErr = {};
-  for (const p of products) {
+  for (const p of shapeProducts) {
     run[p]();
     const own = [];
     for (const [j, c] of slices(p).entries()) {
@@ -326,7 +399,7 @@ for (const [pos, i] of chosen.entries()) {
   if (peer) {
     const later = new Set(chosen.slice(pos + 1).flatMap((j) => Object.values(keysOf(shapeList[j]))));
     const give = { offsets };
-    for (const [n, k] of Object.entries(keys)) if (!peerHeld.has(k)) give[k] = { a, b, dC }[n];
+    for (const [n, k] of Object.entries(keys)) if (!peerHeld.has(k)) give[k] = { a, b, dC, w2 }[n];
     Object.assign(give, checkFiles);
     const bytes = Object.values(give).reduce((x, t) => x + t.numel * (t.dtype === 'f32' || t.dtype === 'i32' ? 4 : 2), 0);
     const dir = inputsDir(bytes);
@@ -371,7 +444,7 @@ for (const [pos, i] of chosen.entries()) {
   });
 
   // The rounds, product by product.
-  for (const p of products) {
+  for (const p of shapeProducts) {
     const torchHas = peer && peerCheck && !(peerCheck.errors ?? {})[p];
     const entries = ['ours', ...(torchHas ? ['torch'] : []), ...variantsFor(p), ...(s.dram ? ['copy'] : [])];
     const perRound = [];
@@ -404,14 +477,14 @@ for (const [pos, i] of chosen.entries()) {
       shapeIndex: i,
       s,
       p,
-      flops,
+      flops: flopsOf(p),
       bytes: productBytes(s, p),
       perRound,
       torchVariant: p === 'TN32' ? (peerCheck?.tn32 ?? null) : null,
     });
   }
 
-  for (const t of [a, b, dC, offsets, ...Object.values(outs)]) t?.dispose();
+  for (const t of [a, b, dC, w2, gSaved, offsets, ...Object.values(outs)]) t?.dispose();
 }
 if (peer) await peer.close();
 copySrc.dispose();
@@ -543,7 +616,7 @@ const checkResult = failed.length
 
 const area = `grouped-gemm${shapeArg ? `-shapes${chosen.join('_')}` : ''}${variants.length ? '-variants' : ''}${dryRun ? '-dryrun' : ''}`;
 const peerNote = peerReady
-  ? `torch ${peerReady.torch} on ${peerReady.device}, ${peerReady.grouped_mm}: NN torch._grouped_mm(a, b, offs); NT (dC, b.transpose(-2,-1), offs); TN (a.t(), dC, offs); TN32 per row ('torch.call'); offs = the cumulative ends (int32). One process for the run (peers/grouped_gemm_torch.py), inputs handed over once each${peerState ? `; ${peerState}` : ''}`
+  ? `torch ${peerReady.torch} on ${peerReady.device}, ${peerReady.grouped_mm}: NN torch._grouped_mm(a, b, offs); NT (dC, b.transpose(-2,-1), offs); TN (a.t(), dC, offs); TN32 per row ('torch.call'); SWIGLU g = _grouped_mm(a, b, offs), h = silu(g[:, 0::2])·g[:, 1::2]; DH _grouped_mm(a, w2.transpose(-2,-1), offs); DSWIGLU dh as DH, then dG[:, 0::2] = silu_backward(dh·g3, g1), dG[:, 1::2] = dh·silu(g1) from its own saved g; offs = the cumulative ends (int32). One process for the run (peers/grouped_gemm_torch.py), inputs handed over once each${peerState ? `; ${peerState}` : ''}`
   : peerState;
 // Columns empty in every row (no peer, no clocks) left out of the table.
 const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))].filter((c) => rows.some((r) => r[c] !== null && r[c] !== undefined));
@@ -553,12 +626,12 @@ writeResult(
   tableRows,
   {
     config: { shapes: chosen, products, rounds, calls, warmup, inner, variants, device: dev, dryRun },
-    flops: '2·M·K·N per product; M rows in total split into groups by counts',
+    flops: '2·M·K·N per product (DH, DSWIGLU: 2·M·K·N/2, the product dh = a·w2_eᵀ); M rows in total split into groups by counts',
     timing: `${rounds} round(s) per product; a round times one block of ours (the default kernel choice) and one of torch (and of each variant; a device copy on the DRAM-bound shapes), in the order given by 'order' (reversed every other round); a block = median of ${calls} regions after ${warmup} untimed, ${inner} call(s) per region, CUDA events, the device idle at the start of each region. 'ours ms', 'torch ms': median of the round medians (an even count: the mean of the middle two), ranges over rounds; TFLOP/s from the medians; torch/ours = per round the ratio of the two blocks, its median and min–max (≥ 1: ours faster)`,
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
-      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), pingpong = { pingpong: true } on the fp32 dW (TN32), decode = { decode: true } on the forward (NN; the split-K decode kernel where its row limits let it, native/ops/moe/grouped_gemm/decode.cu); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
+      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), pingpong = { pingpong: true } on the fp32 dW (TN32), decode = { decode: true } on the forward (NN; the split-K decode kernel where its row limits let it, native/ops/moe/grouped_gemm/decode.cu); fusedHandoff / fusedRegisters = { fusedHandoff: true / false } on SWIGLU and DSWIGLU where it is not the default (the Hopper kernel's fused epilogues handed off to its storer warps / from registers); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
       : 'off (--variants to time the addon’s other kernels in the same rounds)',
     clocks: smiState ?? 'not sampled',
     peer: peerNote,

@@ -6,7 +6,7 @@ usage: grouped_gemm_torch.py [cuda | cpu]
 Kept alive by the benchmark for the whole run and driven through stdin/stdout (one JSON line per
 request, one JSON line per answer). It first prints {"ready": true, "torch", "device",
 "grouped_mm"}; then:
-  {"cmd": "shape", "dir": D, "inputs": {"a": KEY, "b": KEY, "dC": KEY}, "keep": [KEY, ...],
+  {"cmd": "shape", "dir": D, "inputs": {"a": KEY, "b": KEY, "dC": KEY[, "w2": KEY]}, "keep": [KEY, ...],
    "checks": [...]}: makes the shape current. Inputs it does not hold yet are in D (harness.mjs
       writeInputs, file name = KEY), with the shape's offsets [E+1] i32 ("offsets") and our outputs'
       check slices; it keeps by KEY every input it loads and drops those outside keep and inputs
@@ -30,6 +30,13 @@ Products (a [M,K], b [E,K,N], dC [M,N] bf16; offs = the cumulative ends of the g
   TN32  dW with fp32 results (what training keeps): out_dtype=torch.float32 where this torch takes
         it; where it refuses (torch's grouped mm writes the inputs' dtype), the bf16 dW then
         .float(): what a bf16 torch training step hands its fp32 master weights. "tn32" says which.
+With w2 [E, N/2, K] (the shapes the benchmark marks fused: K = H, N = 2F), the fused epilogues done
+the unfused way, each op rounding to bf16 as eager torch does:
+  SWIGLU   g = torch._grouped_mm(a, b, offs); h = silu(g[:, 0::2]) * g[:, 1::2]     h [M, N/2]
+  DH       torch._grouped_mm(a, w2.transpose(-2, -1), offs)                       dh [M, N/2]
+  DSWIGLU  dh as DH; from the saved g (made once per shape by this peer's own forward) what
+           autograd runs for silu(g1) * g3: dG[:, 0::2] = silu_backward(dh * g3, g1),
+           dG[:, 1::2] = dh * silu(g1) (silu(g1) saved by the forward)            dG [M, N]
 A torch without torch._grouped_mm (older than 2.8) gets a loop of matmuls per group in its place,
 on the CPU only (dry runs of the script): "grouped_mm" then says so.
 """
@@ -42,7 +49,7 @@ import torch
 
 from common import emit, grouped_mm_for, load_streamed, serve_commands, watch_parent
 
-PRODUCTS = ("NN", "NT", "TN", "TN32")
+PRODUCTS = ("NN", "NT", "TN", "TN32", "SWIGLU", "DH", "DSWIGLU")
 
 
 
@@ -114,10 +121,33 @@ def main():
             tn32 = f"torch._grouped_mm(a.t(), dC, offs).float() (out_dtype=float32 refused: {str(e).splitlines()[0][:160]})"
             fn["TN32"] = lambda: grouped_mm(at, dc, offs=ends).float()
 
+        # The fused epilogues (shapes with w2), the unfused way.
+        if "w2" in inputs:
+            w2 = held[inputs["w2"]]
+            w2t = w2.transpose(-2, -1)
+            g_saved = grouped_mm(a, b, offs=ends)  # the forward's saved g, this peer's own
+            g1, g3 = g_saved[:, 0::2], g_saved[:, 1::2]
+            silu_g1 = torch.nn.functional.silu(g1)  # what autograd saves for the mul's backward
+
+            def swiglu():
+                g = grouped_mm(a, b, offs=ends)
+                return torch.nn.functional.silu(g[:, 0::2]) * g[:, 1::2]
+
+            def dswiglu():
+                dh = grouped_mm(a, w2t, offs=ends)
+                dg = torch.empty_like(g_saved)
+                dg[:, 0::2] = torch.ops.aten.silu_backward(dh * g3, g1)
+                dg[:, 1::2] = dh * silu_g1
+                return dg
+
+            fn["SWIGLU"] = swiglu
+            fn["DH"] = lambda: grouped_mm(a, w2t, offs=ends)
+            fn["DSWIGLU"] = dswiglu
+
         # The check: each product once, our slices against torch's.
         t1 = time.perf_counter()
         rel = {}
-        for p in PRODUCTS:
+        for p in [q for q in PRODUCTS if q in fn]:
             mine = [c for c in cmd.get("checks", []) if c["product"] == p]
             try:
                 out = fn[p]()
