@@ -415,7 +415,8 @@ __device__ __forceinline__ void handoff_drain_swiglu(const Params& p, const Tile
 // ring of G_RING_ROWS rows in shared memory with cp.async (nothing held in registers while the copies
 // fly), G_RING_ROWS rows ahead of the row being stored, and the first G_RING_ROWS rows are requested
 // before the tile is even handed over (dswiglu_prefetch, right after the previous tile is out).
-// Not the whole g tile in shared memory (the brief's first idea, by TMA): 128 KiB does not fit.
+// Not the whole g tile in shared memory (one TMA copy per tile): 128 KiB does not fit beside the ring
+// and the staging tile.
 //
 // Synchronisation of the ring: none beyond each thread's own cp.async groups. A lane reads back only
 // the 2 × 16 bytes it copied itself, and cp.async.wait_group makes a thread's completed copies visible
