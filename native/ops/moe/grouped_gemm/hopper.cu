@@ -520,10 +520,16 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 //        puts and drains match and nothing waits for a tile that never comes; a block with no work
 //        item runs neither loop. The consumers exit after their last put; the storers drain it after
 //        (shared memory lives until the block's last thread exits) with no cp.async left in flight.
-// Ordering: the staging tile is written (st.shared) and read (ld.shared) in the generic proxy only,
-//        ordered by arrive (release) and wait (acquire); the async proxy (TMA, wgmma) never touches
-//        the staging tile or the g ring, so no proxy fence is needed. No named barrier is involved
-//        (the kernel's one, bar 1 over 256 threads, is TN's zeroing, among the consumers only).
+// Ordering: the consumers write the staging tile with st.shared (generic proxy), ordered before the
+//        storers' reads by arrive (release) and wait (acquire). Store: the storers' reads are the
+//        bulk-copy engine's (async proxy), hence the consumers' fence.proxy.async before they arrive
+//        (handoff_put), and the storers' cp.async.bulk.wait_group.read before they arrive on
+//        tile_empty (the engine has read the rows before the consumers may overwrite them). SwiGLU,
+//        dSwiGLU: the storers read with ld.shared (generic proxy), so the mbarrier alone orders both
+//        ways (the fence is then not needed, and harmless); their cp.async (LDGSTS) into the g ring
+//        is waited for by the thread that reads it, and the g ring is nobody else's. The async proxy
+//        (TMA loads, wgmma) never touches the g ring. No named barrier is involved (the kernel's one,
+//        bar 1 over 256 threads, is TN's zeroing, among the consumers only).
 // The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages).
 
 // ---- the kernel -----------------------------------------------------------------------------------
