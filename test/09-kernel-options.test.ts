@@ -147,7 +147,10 @@ describe('kernel switches', () => {
     delete env['MOE_EP_GG_HOPPER_STAGED'];
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
-    const expected = { groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true, fusedHandoff: true }, router: { fast: false, pdl: true } };
+    const expected = {
+      groupedGemm: { hopper: true, fewRows: false, pingpong: true, decode: true, fusedHandoff: true },
+      router: { fast: false, pdl: true },
+    };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });
     expect(r.stderr).toMatch(/MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_HANDOFF no longer switch anything/);
     expect(r.stderr.match(/no longer switch/g)).toHaveLength(1);
