@@ -116,15 +116,20 @@ __device__ __forceinline__ void group_bounds(const DecodeParams& p, int e, int& 
 template <GemmEpilogue EPI, typename OutT>
 __device__ __forceinline__ void finish8(const DecodeParams& p, int m, int n, const float (&v)[8]) {
   if constexpr (EPI == GemmEpilogue::SwiGLU) {
-    // (v[2i], v[2i+1]) = (g1, g3) of hidden unit n/2 + i.
-    uint2 h;
-    h.x = pack_bf16(silu(v[0]) * v[1], silu(v[2]) * v[3]);
-    h.y = pack_bf16(silu(v[4]) * v[5], silu(v[6]) * v[7]);
-    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + int64_t(m) * (p.N / 2) + n / 2) = h;
-    if (p.aux_out) {
-      const uint4 g = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
-      *reinterpret_cast<uint4*>(p.aux_out + int64_t(m) * p.N + n) = g;
+    // (v[2i], v[2i+1]) = (g1, g3) of hidden unit n/2 + i; h from g as stored in bf16 (swiglu.h).
+    const uint4 g = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
+    const uint32_t gw[4] = {g.x, g.y, g.z, g.w};
+    float hv[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const __nv_bfloat162 gp = *reinterpret_cast<const __nv_bfloat162*>(&gw[u]);
+      hv[u] = silu(__low2float(gp)) * __high2float(gp);
     }
+    uint2 h;
+    h.x = pack_bf16(hv[0], hv[1]);
+    h.y = pack_bf16(hv[2], hv[3]);
+    *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + int64_t(m) * (p.N / 2) + n / 2) = h;
+    if (p.aux_out) *reinterpret_cast<uint4*>(p.aux_out + int64_t(m) * p.N + n) = g;
   } else if constexpr (sizeof(OutT) == 2) {
     const uint4 o = make_uint4(pack_bf16(v[0], v[1]), pack_bf16(v[2], v[3]), pack_bf16(v[4], v[5]), pack_bf16(v[6], v[7]));
     *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + int64_t(m) * p.N + n) = o;
