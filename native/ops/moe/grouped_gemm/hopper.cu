@@ -36,7 +36,9 @@
 #include "core/cuda_runtime.h"
 #include "core/error.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/sm90.cuh"
 #include "ops/moe/grouped_gemm/swiglu.h"
+#include "ops/moe/grouped_gemm/tile_order.cuh"
 #include "ops/moe/grouped_gemm/wgmma.cuh"
 
 namespace moe::ops {
@@ -110,102 +112,14 @@ struct Params {
   bool accumulate;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-// ---- mbarriers ----------------------------------------------------------------------------------
-__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count));
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
-// Waits until the phase with the given parity has completed. A fresh barrier counts its phase
-// "before the first" (parity 1) as complete, which lets the producer fill every stage once.
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  while (!done) {
-    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(smem_u32(bar)), "r"(parity)
-                 : "memory");
-  }
-}
-
-// ---- TMA ------------------------------------------------------------------------------------------
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1)
-      : "memory");
-}
-__device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1, int c2) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_u32(bar)), "r"(c0), "r"(c1), "r"(c2)
-      : "memory");
-}
-
-// ---- wgmma ----------------------------------------------------------------------------------------
-// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading-dimension byte offset
-// (LBO), stride-dimension byte offset (SBO), all in 16-byte units. K-major: SBO = 1024 (the next 8
-// rows), LBO unused. MN-major: LBO = the next 64 elements along m/n, SBO = the next 8 rows along k.
-__device__ __forceinline__ uint64_t smem_desc(const void* p, uint32_t lbo_bytes, uint32_t sbo_bytes) {
-  uint64_t d = 0;
-  d |= uint64_t((smem_u32(p) & 0x3FFFF) >> 4);
-  d |= uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16;
-  d |= uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32;
-  d |= uint64_t(1) << 62;  // 128-byte swizzle
-  return d;
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// mbarriers, TMA loads, shared-memory descriptors and the wgmma fences: sm90.cuh (shared with the
+// ping-pong kernel).
+using namespace sm90;
 
 // ---- work items -----------------------------------------------------------------------------------
-struct Tile {
-  int group, row0, row_end, col0;
-  int k_begin, k_end, k_tiles;  // the inner range: NN/NT all of it; TN the group's rows
-  int64_t out_base;             // TN: the group's [rows, cols] block of out
-};
-
-// Work item t of the launch. NN/NT: a band of GROUP_M m-tiles (over all groups, in order) sweeps
-// every n-tile, so the weight columns a band needs stay in L2 while its m-tiles use them.
-// TN: group-major, so the blocks in flight share one group's rows of a and b.
+// Work item t of the launch (tile_order.cuh: NN/NT in bands of GROUP_M m-tiles, TN group-major).
 template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
-  Tile tile;
-  if constexpr (MODE == GemmMode::TN) {
-    const int per_group = p.tn_m_tiles * p.n_tiles;
-    tile.group = t / per_group;
-    tile.row0 = ((t % per_group) / p.n_tiles) * BM;
-    tile.col0 = (t % p.n_tiles) * BN;
-    tile.row_end = p.rows;
-    tile.k_begin = min(max(__ldg(p.offsets + tile.group), 0), p.M);
-    tile.k_end = min(max(__ldg(p.offsets + tile.group + 1), tile.k_begin), p.M);
-    tile.out_base = int64_t(tile.group) * p.rows * p.cols;
-  } else {
-    const int per_band = GROUP_M * p.n_tiles;
-    const int band_m = (t / per_band) * GROUP_M, band_rows = min(m_tiles - band_m, GROUP_M);
-    const int m = band_m + (t % per_band) % band_rows;
-    tile.col0 = ((t % per_band) / band_rows) * BN;
-    int lo = 0, hi = p.E - 1;  // the group owning m-tile m: the last e with tile_start[e] <= m
-    while (lo < hi) {
-      int mid = (lo + hi + 1) >> 1;
-      if (__ldg(p.tile_start + mid) <= m) lo = mid;
-      else hi = mid - 1;
-    }
-    tile.group = lo;
-    const int begin = min(max(__ldg(p.offsets + lo), 0), p.M);
-    tile.row_end = min(max(__ldg(p.offsets + lo + 1), begin), p.M);
-    tile.row0 = begin + (m - __ldg(p.tile_start + lo)) * BM;
-    tile.k_begin = 0;
-    tile.k_end = p.inner;
-    tile.out_base = 0;
-  }
-  tile.k_tiles = (tile.k_end - tile.k_begin + BK - 1) / BK;
-  return tile;
+  return tile_in_order<MODE == GemmMode::TN, BM, BN, BK, GROUP_M>(p, t, m_tiles);
 }
 
 // ---- epilogue -------------------------------------------------------------------------------------
@@ -697,25 +611,10 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 // ---- host side ------------------------------------------------------------------------------------
-PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      f = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
-  }();
-  return fn;
-}
-
-// A bf16 tensor map with 128-byte swizzle. dims/box are innermost first; strides (bytes) for dims 1..
+// A bf16 tensor map with 128-byte swizzle (sm90.cuh). dims/box are innermost first; strides (bytes) for dims 1..
 CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
   CUtensorMap map;
-  const cuuint32_t unit[3] = {1, 1, 1};
-  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, cuuint32_t(rank), const_cast<void*>(base), dims, strides, box, unit,
-                           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = encode_bf16_map(&map, base, rank, dims, strides, box);
   MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
   return map;
 }
@@ -739,7 +638,7 @@ DeviceInfo device_info() {
         cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, StoreVia::Handoff>) ==
         cudaSuccess;
     if (!image) cudaGetLastError();  // clear only the error this call set
-    cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && encode_fn() != nullptr, props.multiprocessors};
+    cache[dev] = DeviceInfo{props.major == 9 && props.minor == 0 && image && tensor_map_encoder() != nullptr, props.multiprocessors};
     known[dev] = true;
   }
   return cache[dev];

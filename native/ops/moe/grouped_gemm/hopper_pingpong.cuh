@@ -84,6 +84,7 @@
 #include <cstdint>
 
 #include "sm90.cuh"
+#include "tile_order.cuh"
 #include "wgmma.cuh"
 
 namespace moe::ops::pingpong {
@@ -114,45 +115,12 @@ struct Params {
   int accumulate;
 };
 
-struct Tile {
-  int group, row0, row_end, col0;
-  int k_begin, k_end, k_tiles;  // the inner range: NN/NT all of it; TN the group's rows
-  int64_t out_base;             // TN: the group's [rows, cols] block of out
-};
+using sm90::Tile;
+using sm90::tile_in_order;
 
-// Work item t, in hopper.cu's order (with 128-column tiles).
+// Work item t, in hopper.cu's order (tile_order.cuh) with 128-column tiles.
 template <Mode MODE> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
-  Tile tile;
-  if constexpr (MODE == Mode::TN) {
-    const int per_group = p.tn_m_tiles * p.n_tiles;
-    tile.group = t / per_group;
-    tile.row0 = ((t % per_group) / p.n_tiles) * BM;
-    tile.col0 = (t % p.n_tiles) * BN;
-    tile.row_end = p.rows;
-    tile.k_begin = min(max(__ldg(p.offsets + tile.group), 0), p.M);
-    tile.k_end = min(max(__ldg(p.offsets + tile.group + 1), tile.k_begin), p.M);
-    tile.out_base = int64_t(tile.group) * p.rows * p.cols;
-  } else {
-    const int per_band = GROUP_M * p.n_tiles;
-    const int band_m = (t / per_band) * GROUP_M, band_rows = min(m_tiles - band_m, GROUP_M);
-    const int m = band_m + (t % per_band) % band_rows;
-    tile.col0 = ((t % per_band) / band_rows) * BN;
-    int lo = 0, hi = p.E - 1;  // the group owning m-tile m: the last e with tile_start[e] <= m
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (__ldg(p.tile_start + mid) <= m) lo = mid;
-      else hi = mid - 1;
-    }
-    tile.group = lo;
-    const int begin = min(max(__ldg(p.offsets + lo), 0), p.M);
-    tile.row_end = min(max(__ldg(p.offsets + lo + 1), begin), p.M);
-    tile.row0 = begin + (m - __ldg(p.tile_start + lo)) * BM;
-    tile.k_begin = 0;
-    tile.k_end = p.inner;
-    tile.out_base = 0;
-  }
-  tile.k_tiles = (tile.k_end - tile.k_begin + BK - 1) / BK;
-  return tile;
+  return tile_in_order<MODE == Mode::TN, BM, BN, BK, GROUP_M>(p, t, m_tiles);
 }
 
 __device__ __forceinline__ void advance(int& stage, uint32_t& round, int steps) {
