@@ -13,16 +13,19 @@
  *   groupedGemm.pingpong false  products with fp32 results (training's dW above all, NN and NT too)
  *                               that the Hopper kernel takes run on its ping-pong form: each
  *                               consumer warpgroup stores its own 128×128 tile while the other
- *                               computes the next (hopper_pingpong.cuh); off until measured
+ *                               computes the next (hopper_pingpong.cuh); off: measured slower on
+ *                               the fp32 dW (balanced 3%, E=256 12%; H200, cf38d04)
  *   groupedGemm.decode   false  the forward (NN, Store or SwiGLU) with a handful of rows per group
  *                               (all rows ≤ 32, or ≤ 16 per group on average) on the decode kernel:
  *                               weights streamed once, split along K, for the groups of ≤ 16 or 32
- *                               rows (the tile kernels take any larger group); off until measured
+ *                               rows (the tile kernels take any larger group); off: faster at 1-16
+ *                               rows in all (Mixtral T = 1: 0.25 against 0.39 ms a layer) but
+ *                               slower at 16 rows per group on average (Mixtral T = 64; H200, cf38d04)
  *   groupedGemm.fusedHandoff
- *                        false  the Hopper kernel's fused SwiGLU (forward) and dSwiGLU (backward)
+ *                        true   the Hopper kernel's fused SwiGLU (forward) and dSwiGLU (backward)
  *                               epilogues applied by its storer warps to the handed-off bf16 tile
- *                               while the consumers go on with the next tile; false: stored from
- *                               the consumers' registers (off until measured on the GPU)
+ *                               while the consumers go on with the next tile (15% and 23% faster on
+ *                               the layer's shape, H200); false: stored from the consumers' registers
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -75,7 +78,7 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: false }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: true }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 

@@ -19,7 +19,7 @@ import { native, packageRoot } from '../lib/native.js';
 
 // Every measured winner on; the ping-pong dW kernel, the decode kernel and the fused hand-off are off until they are measured.
 const defaults: KernelOptions = {
-  groupedGemm: { hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: false },
+  groupedGemm: { hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: true },
   router: { fast: true, pdl: true },
 };
 
@@ -44,7 +44,7 @@ describe('kernel switches', () => {
         MOE_EP_PDL: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true, pingpong: false, decode: false, fusedHandoff: false },
+      groupedGemm: { hopper: false, fewRows: true, pingpong: false, decode: false, fusedHandoff: true },
       router: { fast: true, pdl: false },
     });
     expect(

@@ -165,8 +165,11 @@ describe.skipIf(!hasGpu).each(tileKernels)('decode grouped GEMM (NN) beside the 
       decode(false);
       const off = poisoned([2, 512], 'f32', gpu);
       groupedGemm('NN', ga, gb, goff, { out: off });
-      // Another summation order (split-K partials, 16-k MMA steps): equal within f32 rounding, not bit for bit.
-      expect(relErr(floats(on), floats(off)), `seed ${seed}`).toBeLessThan(1e-5);
+      // Another summation order (split-K partials, 16-k MMA steps): equal within f32 rounding, not bit
+      // for bit. Two orders of K = 14336 f32 sums differ by about √K·2⁻²⁴ ≈ 7e-6 of the result, a few
+      // times that where partial sums cancel (1.5e-5 and 1.6e-5 measured on the H200, cf38d04), at
+      // most K·2⁻²⁴ ≈ 8.5e-4 of the terms' magnitude; an indexing mistake gives O(1).
+      expect(relErr(floats(on), floats(off)), `seed ${seed}`).toBeLessThan(2e-4);
       expect(bits(on).equals(bits(off)), `seed ${seed}: the same bits would mean the decode kernel did not run`).toBe(false);
     });
   });
