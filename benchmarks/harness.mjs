@@ -15,7 +15,7 @@ import { Console } from 'node:console';
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { dtypeSize, Event, getDefaultDevice, info, init, launchEnv, synchronize } from '../dist/lib/index.js';
+import { dtypeSize, Event, getDefaultDevice, info, init, kernelOptions, launchEnv, synchronize } from '../dist/lib/index.js';
 
 export const args = process.argv.slice(2);
 export const quick = args.includes('--quick');
@@ -287,6 +287,9 @@ export function environment() {
     node: process.version,
     moeEp: i.version,
     torch,
+    // The kernel switches in force when the result is written (the environment's MOE_EP_GG_* and the
+    // like set them at load): which kernels the default rows ran.
+    kernelOptions: kernelOptions(),
   };
 }
 
