@@ -100,6 +100,9 @@ describe.each([
           dxRef.map((v: number, i) => v + (ev[i] as number)),
         ),
       ).toBeLessThan(1e-6);
+      // A wrong `add` is refused before anything is queued, naming it.
+      using short = Tensor.zeros([T - 1, H], { device: cpu });
+      expect(() => d.dispatchBackward(dExpertOut, handle, { add: short })).toThrow(/dispatchBackward: 'add' f32 \[\d+,\d+\] must be f32/);
       handle.dispose();
       d.dispose();
     });

@@ -665,8 +665,16 @@ export class Dispatcher {
     const op = 'dispatchBackward';
     const { add, ...commOptions } = checkOptions(options, op, { after: true, add: true });
     checkTensors(op, { dRows });
-    if (add !== undefined) checkTensor(add, op, 'add');
-    const inputs = [dRows, ...(add ? [add] : []), ...handleTensors(op, handle)];
+    const inputs = [dRows, ...handleTensors(op, handle)];
+    if (add !== undefined) {
+      // Checked here, before anything is queued, whichever transport runs: dx's dtype and shape.
+      checkTensor(add, op, 'add');
+      const T = (handle.transport === 'ipc' ? handle.pos : handle.permuted.rowOf).shape[0] as number;
+      const want = [T, dRows.shape[1] as number];
+      if (add.dtype !== dRows.dtype || add.shape.join() !== want.join())
+        invalidArgument(op, `'add' ${add.dtype} [${add.shape.join(',')}] must be ${dRows.dtype} [${want.join(',')}] like dx`);
+      inputs.push(add);
+    }
     // With a comm stream, `add` is read after what the caller queued before this call, while the
     // row exchange waits only for `after`: its producer overlaps the exchange.
     const addReady = add && this.commStream ? new Event(dRows.device) : null;
@@ -683,8 +691,6 @@ export class Dispatcher {
             if (handle.transport === 'ipc') {
               const dx = peerCombine(this.peerFor(op), dRows, handle, this.transportSms, false);
               if (add) {
-                if (add.dtype !== dx.dtype || add.shape.join() !== dx.shape.join())
-                  invalidArgument(op, `'add' ${add.dtype} [${add.shape.join(',')}] must be ${dx.dtype} [${dx.shape.join(',')}] like dx`);
                 addReady?.wait(); // the comm stream, current here
                 dx.add_(add); // the peer kernel has no addend: one pass over dx in place
               }
