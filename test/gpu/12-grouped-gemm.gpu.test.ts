@@ -16,20 +16,11 @@ import {
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../../lib/moe/grouped-gemm.js';
 import { floats, freshSeed, poisoned, relErr, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
+import { offsets, pair } from './grouped-gemm-inputs.js';
 
 const gpu = 'cuda:0' as const;
 const cpu = 'cpu' as const;
 
-function pair(shape: number[], scale = 1): [Tensor, Tensor] {
-  const c = tidy(() => Tensor.rand(shape, { seed: freshSeed(), low: -scale, high: scale, device: cpu }).cast('bf16'));
-  return [c, c.to(gpu)];
-}
-function offsets(counts: number[]): [Tensor, Tensor] {
-  const off = [0];
-  for (const c of counts) off.push((off[off.length - 1] as number) + c);
-  const t = Tensor.fromArray(off, { dtype: 'i32', device: cpu });
-  return [t, t.to(gpu)];
-}
 /** Ragged counts summing to `total` over E groups, some of them empty. */
 function raggedCounts(E: number, total: number): number[] {
   const weights = Array.from({ length: E }, (_, e) => (e % 5 === 1 ? 0 : 1 + ((e * 7919 + freshSeed()) % 13)));

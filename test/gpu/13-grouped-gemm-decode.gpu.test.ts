@@ -22,21 +22,12 @@ import {
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../../lib/moe/grouped-gemm.js';
 import { floats, freshSeed, poisoned, relErr, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
+import { offsets, pair } from './grouped-gemm-inputs.js';
 
 const gpu = 'cuda:0' as const;
 const cpu = 'cpu' as const;
 const bits = (t: Tensor): Buffer => Buffer.from((t.toArray() as Uint16Array | Float32Array).buffer);
 
-function pair(shape: number[], seed: number, scale = 1): [Tensor, Tensor] {
-  const c = tidy(() => Tensor.rand(shape, { seed, low: -scale, high: scale, device: cpu }).cast('bf16'));
-  return [c, c.to(gpu)];
-}
-function offsets(counts: number[]): [Tensor, Tensor] {
-  const off = [0];
-  for (const c of counts) off.push((off[off.length - 1] as number) + c);
-  const t = Tensor.fromArray(off, { dtype: 'i32', device: cpu });
-  return [t, t.to(gpu)];
-}
 /** E groups, mostly 0..maxRows rows (every fifth empty), from the seed. */
 function ragged(E: number, maxRows: number, seed: number): number[] {
   return Array.from({ length: E }, (_, e) => (e % 5 === 1 ? 0 : (e * 7919 + seed) % (maxRows + 1)));
