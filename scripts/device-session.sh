@@ -84,6 +84,20 @@ if [[ " $what " == *" interop "* ]]; then
   python3 test/interop/check_safetensors.py /tmp/run-interop/checkpoints --cuda 2>&1 | tee "$OUT/interop.log" || status=1
 fi
 
+# Ranks sharing GPU 0 (the peer and serve-ep steps): mpirun with a bound, and the MPS daemon, which
+# lets their cross-process spin-waits progress without time slicing (MOE_EP_PEER_NO_MPS=1: never
+# started; mps_stop does nothing then).
+mp() { local np=$1; shift; timeout "${MOE_EP_PEER_TIMEOUT:-240}" mpirun --allow-run-as-root --oversubscribe -np "$np" -x CUDA_VISIBLE_DEVICES=0 "$@"; }
+mps=0
+mps_start() {
+  if [[ -z ${MOE_EP_PEER_NO_MPS:-} ]] && command -v nvidia-cuda-mps-control > /dev/null; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    nvidia-cuda-mps-control -d && mps=1 && echo "MPS daemon started"
+  fi
+}
+mps_stop() { if (( mps )); then echo quit | nvidia-cuda-mps-control; mps=0; echo "MPS daemon stopped"; fi; }
+
 if [[ " $what " == *" peer "* ]]; then
   # The peer-memory ('ipc') transport with ranks sharing GPU 0 (issue 16): correctness at 2 and 4
   # ranks, the EP layer and training, a frozen rank, then the dispatch benchmark per transport.
@@ -91,7 +105,6 @@ if [[ " $what " == *" peer "* ]]; then
   # daemon runs: the correctness scripts run once without it, then everything under it; the
   # daemon is stopped before the step ends (MOE_EP_PEER_NO_MPS=1: never started).
   step "peer-memory transport, ranks sharing GPU 0"
-  mp() { local np=$1; shift; timeout "${MOE_EP_PEER_TIMEOUT:-240}" mpirun --allow-run-as-root --oversubscribe -np "$np" -x CUDA_VISIBLE_DEVICES=0 "$@"; }
   run_peer() {
     local tag=$1
     for np in 2 4; do
@@ -101,12 +114,7 @@ if [[ " $what " == *" peer "* ]]; then
     done
   }
   run_peer time-sliced
-  mps=0
-  if [[ -z ${MOE_EP_PEER_NO_MPS:-} ]] && command -v nvidia-cuda-mps-control > /dev/null; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d && mps=1 && echo "MPS daemon started"
-  fi
+  mps_start
   (( mps )) && run_peer mps
   for extra in "" "--capacity"; do
     echo "--- peer-fault.mjs $extra (rank 1 frozen; 3 s timeout)"
@@ -126,7 +134,7 @@ if [[ " $what " == *" peer "* ]]; then
     mp 2 node benchmarks/dispatch.bench.mjs --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -16 | tee -a "$OUT/peer.log" || status=1
     mp 4 node benchmarks/dispatch.bench.mjs --out "$OUT" --transport ipc --no-peer ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -16 | tee -a "$OUT/peer.log" || status=1
   fi
-  (( mps )) && { echo quit | nvidia-cuda-mps-control; echo "MPS daemon stopped"; }
+  mps_stop
 fi
 
 if [[ " $what " == *" serve-ep "* ]]; then
@@ -134,29 +142,23 @@ if [[ " $what " == *" serve-ep "* ]]; then
   # and 4 ranks (time-sliced, then under MPS), a rank killed after capture, then serve.bench.mjs
   # --ranks 2 and 4 (under MPS when it started). MOE_EP_PEER_NO_MPS=1: no MPS daemon.
   step "serving across ranks sharing GPU 0"
-  mpe() { local np=$1; shift; timeout "${MOE_EP_PEER_TIMEOUT:-240}" mpirun --allow-run-as-root --oversubscribe -np "$np" -x CUDA_VISIBLE_DEVICES=0 "$@"; }
   run_serve_ep() {
     for np in 2 4; do
       echo "--- [$1] serve-ep.mjs, $np ranks"
-      mpe "$np" node test/mpi/serve-ep.mjs --device cuda > "/tmp/serve-ep-$1-$np.log" 2>&1 && echo ok || { status=1; tail -25 "/tmp/serve-ep-$1-$np.log"; }
+      mp "$np" node test/mpi/serve-ep.mjs --device cuda > "/tmp/serve-ep-$1-$np.log" 2>&1 && echo ok || { status=1; tail -25 "/tmp/serve-ep-$1-$np.log"; }
       cat "/tmp/serve-ep-$1-$np.log" >> "$OUT/serve-ep.log"
     done
   }
   run_serve_ep time-sliced
   echo "--- serve-ep.mjs --kill (rank 1 killed after capture; 3 s timeout)"
-  OMPI_MCA_orte_enable_recovery=1 mpe 2 -x OMPI_MCA_orte_enable_recovery node test/mpi/serve-ep.mjs --device cuda --kill 2>&1 | grep -E "^rank .* after" | tee -a "$OUT/serve-ep.log"
-  smps=0
-  if [[ -z ${MOE_EP_PEER_NO_MPS:-} ]] && command -v nvidia-cuda-mps-control > /dev/null; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    nvidia-cuda-mps-control -d && smps=1 && echo "MPS daemon started"
-  fi
-  (( smps )) && run_serve_ep mps
+  OMPI_MCA_orte_enable_recovery=1 mp 2 -x OMPI_MCA_orte_enable_recovery node test/mpi/serve-ep.mjs --device cuda --kill 2>&1 | grep -E "^rank .* after" | tee -a "$OUT/serve-ep.log"
+  mps_start
+  (( mps )) && run_serve_ep mps
   for np in 2 4; do
     echo "--- serve.bench.mjs --ranks $np (ranks share GPU 0)"
-    mpe "$np" node benchmarks/serve.bench.mjs --ranks "$np" --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -12 | tee -a "$OUT/serve-ep.log" || status=1
+    mp "$np" node benchmarks/serve.bench.mjs --ranks "$np" --out "$OUT" ${MOE_EP_BENCH_ARGS:-} 2>&1 | tail -12 | tee -a "$OUT/serve-ep.log" || status=1
   done
-  (( smps )) && { echo quit | nvidia-cuda-mps-control; echo "MPS daemon stopped"; }
+  mps_stop
 fi
 
 if [[ " $what " == *" multi "* ]]; then
