@@ -15,12 +15,12 @@
  *                               consumer warpgroup stores its own 128×128 tile while the other
  *                               computes the next (hopper_pingpong.cuh); off: measured slower on
  *                               the fp32 dW (balanced 3%, E=256 12%; H200, cf38d04)
- *   groupedGemm.decode   false  the forward (NN, Store or SwiGLU) with a handful of rows per group
- *                               (all rows ≤ 32, or ≤ 16 per group on average) on the decode kernel:
+ *   groupedGemm.decode   true   the forward (NN, Store or SwiGLU) with a handful of rows per group
+ *                               (all rows ≤ 32, or ≤ 4 per group on average) on the decode kernel:
  *                               weights streamed once, split along K, for the groups of ≤ 16 or 32
- *                               rows (the tile kernels take any larger group); off: faster at 1-16
- *                               rows in all (Mixtral T = 1: 0.25 against 0.39 ms a layer) but
- *                               slower at 16 rows per group on average (Mixtral T = 64; H200, cf38d04)
+ *                               rows (the tile kernels take any larger group). A layer's decode
+ *                               step at T = 1: Mixtral 0.25 against 0.39 ms, DeepSeek-V3 0.28
+ *                               against 0.38 (H200, 54297f7); false: the tile kernels for every group
  *   groupedGemm.fusedHandoff
  *                        true   the Hopper kernel's fused SwiGLU (forward) and dSwiGLU (backward)
  *                               epilogues applied by its storer warps to the handed-off bf16 tile
@@ -34,7 +34,7 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_PINGPONG=1  MOE_EP_GG_FUSED_HANDOFF=1
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_PINGPONG=1  MOE_EP_GG_DECODE=0  MOE_EP_GG_FUSED_HANDOFF=0
  *   MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF switched variants that are no
  * longer in the addon, since issue 15: benchmarks/kernels/grouped_gemm/. Set, they are named on
@@ -52,11 +52,11 @@ export interface GroupedGemmKernelOptions {
   fewRows: boolean;
   /** fp32-result products (dW) on the ping-pong form of the Hopper kernel (default false: not yet measured). */
   pingpong: boolean;
-  /** The forward with a handful of rows per group on the split-K decode kernel (default false until measured). */
+  /** The forward with a handful of rows per group on the split-K decode kernel (default true). */
   decode: boolean;
   /**
    * The Hopper kernel's fused SwiGLU/dSwiGLU epilogues handed off to its storer warps instead of
-   * stored from the consumers' registers (default false until measured).
+   * stored from the consumers' registers (default true).
    */
   fusedHandoff: boolean;
 }
@@ -78,7 +78,7 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: false, fusedHandoff: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: true, fusedHandoff: true }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 

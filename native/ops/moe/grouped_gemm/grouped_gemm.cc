@@ -57,22 +57,23 @@ GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
 // not run. The host knows M and E, not the per-group counts (reading them would synchronise):
 // - M ≤ 32: no group can have more than M rows, so the decode kernel takes every group, with the
 //   smallest of its limits (8, 16, 32 rows) that covers M (fewer token tiles, fewer registers).
-// - M ≤ kDecodeMaxAverage·E (a handful of rows per group on average: T ≤ 64 on Mixtral's top-2 of
-//   8, T ≤ 256 on DeepSeek-V3's top-8 of 256): the decode kernel takes the groups of up to 16 rows
-//   (average ≤ 4) or 32 rows, and the tile kernel the rare larger ones (a skewed routing). The limit
-//   is about 4× the average, so balanced routings leave the tile kernel nothing but its empty launch.
-// - otherwise the tile kernels alone: with tens of rows per group on average they are the faster.
+// - M ≤ kDecodeMaxAverage·E (at most 4 rows per group on average: T ≤ 16 on Mixtral's top-2 of 8,
+//   T ≤ 128 on DeepSeek-V3's top-8 of 256): the decode kernel takes the groups of up to 16 rows and
+//   the tile kernel the rare larger ones (a skewed routing).
+// - otherwise the tile kernels alone. Measured on the H200 (54297f7,
+//   benchmarks/results/serve-{mixtral,deepseek}-54297f7.json, a layer's graph, decode on vs off):
+//   4 rows per group on average win (DeepSeek-V3 T = 128: 5.07 vs 5.25 ms), 8 lose (DeepSeek-V3
+//   T = 256 with the 32-row limit: 5.96 vs 5.55) and 16 lose (Mixtral T = 64: 1.12 vs 0.81).
 // Why 32 rows at most: mma.sync at 32 tokens per weight byte is still a quarter of its rate at the
 // weights' bandwidth (decode.cu), and 4 token tiles of accumulators are what fits in registers
 // beside 4 KB of loads in flight per warp.
-constexpr int64_t kDecodeMaxAverage = 16;
+constexpr int64_t kDecodeMaxAverage = 4;
 int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
   if (!o.decode || g.mode != GemmMode::NN || !decode_nn_fits(g)) return 0;
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   for (int rows : DECODE_ROWS)
     if (M <= rows) return rows;
-  if (M > kDecodeMaxAverage * E) return 0;
-  return M <= 4 * E ? 16 : DECODE_MAX_ROWS;
+  return M <= kDecodeMaxAverage * E ? 16 : 0;
 }
 
 // 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the

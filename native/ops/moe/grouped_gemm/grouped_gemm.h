@@ -48,8 +48,8 @@ struct alignas(8) GroupedGemmOptions {
   bool few_rows = true;   // dW with few rows per group on average (decode): the streaming kernel
   bool pingpong = false;  // fp32 results (dW above all) on the ping-pong Hopper kernel: not yet measured
   // The forward (NN, Store or SwiGLU) with a handful of rows per group (decode): the split-K weight
-  // streaming kernel (decode.cu). Off until measured on the H200 (issue 19).
-  bool decode = false;
+  // streaming kernel (decode.cu), where grouped_gemm.cc's decode_rows takes it.
+  bool decode = true;
   // The Hopper kernel's SwiGLU/dSwiGLU epilogues applied by its storer warps to the handed-off tile
   // instead of from the consumers' registers: 15% and 23% faster on the layer's shape (H200, cf38d04,
   // benchmarks/results/grouped-gemm-shapes12-variants-cf38d04.json).
