@@ -5,7 +5,7 @@
 // against the weight-bandwidth roof: the bytes of the experts the routing of that T touches (plus
 // the router) over the device-copy bandwidth measured in the same run.
 //   node benchmarks/serve.bench.mjs [--shape deepseek|mixtral|both] [--rounds N] [--out DIR] [--quick]
-//                                   [--no-peer] [--no-decode] [--no-phases] [--dry-run]
+//                                   [--no-peer] [--no-tile] [--no-phases] [--dry-run]
 //   mpirun --oversubscribe -np P node benchmarks/serve.bench.mjs --ranks P [--quick] [--out DIR] [--dry-run]
 //     across P ranks sharing one GPU: eager against graph-replayed decode steps of the expert-parallel
 //     layer (the low-latency path) and its dispatch and combine alone (benchmarks/serve-ranks.mjs).
@@ -32,15 +32,18 @@
 // in norm below 2e-2; tokens the fp32 near-ties route differently are counted, left out of the
 // judged error, and may be at most 2% of T), ours graph == ours eager bit for bit, torch graph
 // against torch eager (reported).
-// The decode kernel (groupedGemm.decode, native/ops/moe/grouped_gemm/decode.cu; unless --no-decode):
-// a third layer on the same weights captures its steps with the switch on (a graph keeps the
-// kernels chosen at capture), timed in the same rounds as ours graph, alternating which goes first
-// ('ours decode graph', 'graph/decode' = ours graph / ours decode graph per round, 'tgraph/decode');
-// checked against ours eager (relative error in norm, the same tolerance as against torch).
+// The decode kernel (groupedGemm.decode, native/ops/moe/grouped_gemm/decode.cu, on by default and
+// taken where grouped_gemm.cc's decode_rows says): unless --no-tile, a third layer on the same
+// weights captures its steps with the switch off (the tile kernels for every group; a graph keeps
+// the kernels chosen at capture), timed in the same rounds as ours graph, alternating which goes
+// first ('ours tile graph', 'tile/graph' = ours tile graph / ours graph per round: above 1 where
+// the decode kernel wins, 'tgraph/tile'); checked against ours eager (relative error in norm, the
+// same tolerance as against torch).
 // Phases (unless --no-phases; T = 1 and 64): the expert GEMMs of the step alone, each captured in
 // its own graph on our routing's group sizes (random rows), with the tile kernels and with the
 // decode kernel, timed in the same rounds: 'up' (SwiGLU, [T·k, H]·W13_e), 'down' ([T·k, F]·W2_e) and
-// 'rest' = ours graph − up − down (router, permute, combine, copies and the graph launch).
+// 'rest' = ours graph − up − down of the kernels ours graph runs (router, permute, combine, copies
+// and the graph launch).
 // The script exits 1 when a check fails, a graph step waits on the host, or the peer failed
 // (after writing its result).
 // --dry-run: tiny shapes on the CPU (wall-clock timing), through the same calls; CUDA graphs are
@@ -111,14 +114,16 @@ if (!Object.hasOwn(SHAPES, shapeName)) {
 }
 const shape = SHAPES[shapeName];
 
-const { cuda, CudaGraph, groupedGemm, MoEInference, routerForward, setKernelOptions, Stream, synchronize, Tensor, UnavailableError } =
+const { cuda, CudaGraph, groupedGemm, kernelOptions, MoEInference, routerForward, setKernelOptions, Stream, synchronize, Tensor, UnavailableError } =
   await import('../dist/lib/index.js');
 const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
 const { args, dryRun, flag, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
   await import('./harness.mjs');
 
 const noPeer = args.includes('--no-peer');
-const withDecode = !args.includes('--no-decode');
+const withTile = !args.includes('--no-tile');
+/** The kernels ours eager and ours graph run: the decode kernel where it is taken, unless switched off. */
+const decodeDefault = kernelOptions().groupedGemm.decode;
 const withPhases = !args.includes('--no-phases');
 const PHASE_TS = [1, 64];
 const dev = dryRun ? 'cpu' : 'cuda:0';
@@ -181,7 +186,7 @@ const views = () => ({
 });
 const eager = new MoEInference(layerConfig, views());
 const graphed = new MoEInference(layerConfig, views());
-const graphedDecode = withDecode ? new MoEInference(layerConfig, views()) : null; // captured with groupedGemm.decode on
+const graphedTile = withTile ? new MoEInference(layerConfig, views()) : null; // captured with groupedGemm.decode off
 for (const t of Object.values(weights)) t?.dispose();
 const expertBytes = 3 * H * F * 2; // w13 (gate and up) + w2 of one expert, bf16
 const routerBytes = H * E * 2;
@@ -191,7 +196,7 @@ const xAll = Tensor.randn([Tmax, H], { dtype: 'bf16', device: dev, seed: 105 });
 const xs = new Map(TS.map((T) => [T, xAll.narrow(0, 0, T).clone()]));
 const yEager = new Map(TS.map((T) => [T, Tensor.empty([T, H], { dtype: 'bf16', device: dev })]));
 const yGraph = new Map(TS.map((T) => [T, Tensor.empty([T, H], { dtype: 'bf16', device: dev })]));
-const yDecode = new Map(TS.map((T) => [T, Tensor.empty([T, H], { dtype: 'bf16', device: dev })]));
+const yTile = new Map(TS.map((T) => [T, Tensor.empty([T, H], { dtype: 'bf16', device: dev })]));
 const all = new Map(TS.map((T) => [T, Tensor.fromArray([0, T], { dtype: 'i32', device: dev })]));
 
 // Our routing per T, through the layer's own first two ops (router GEMM, routerForward) on its
@@ -252,28 +257,28 @@ if (graphState) log(`ours graph ${graphState}`);
 else log(`ours: ${TS.length} graphs captured (${elapsed()})`);
 const hasGraph = (T) => graphInfo.has(T);
 
-// The decode kernel's graphs: captured with the switch on (the graph keeps that choice), checked
-// against ours eager (the tile kernels) by relative error in norm.
-const decodeInfo = new Map();
-const decodeCheck = new Map();
-let decodeState = withDecode ? null : 'skipped (--no-decode)';
-if (withDecode && graphState) decodeState = `skipped: no graphs (${graphState})`;
-if (decodeState === null) {
-  const before = setKernelOptions({ groupedGemm: { decode: true } });
+// The tile kernels' graphs: captured with the decode kernel switched off (the graph keeps that
+// choice), checked against ours eager by relative error in norm.
+const tileInfo = new Map();
+const tileCheck = new Map();
+let tileState = withTile ? null : 'skipped (--no-tile)';
+if (withTile && graphState) tileState = `skipped: no graphs (${graphState})`;
+if (tileState === null) {
+  const before = setKernelOptions({ groupedGemm: { decode: false } });
   try {
     for (const T of TS) {
-      decodeInfo.set(T, graphedDecode.captureDecode(T));
-      graphedDecode.forward(xs.get(T), { out: yDecode.get(T) });
+      tileInfo.set(T, graphedTile.captureDecode(T));
+      graphedTile.forward(xs.get(T), { out: yTile.get(T) });
     }
   } catch (e) {
-    decodeState = `capture failed: ${e.message}`;
-    log(`ours decode graph ${decodeState}`);
-    decodeInfo.clear();
+    tileState = `capture failed: ${e.message}`;
+    log(`ours tile graph ${tileState}`);
+    tileInfo.clear();
   } finally {
     setKernelOptions(before);
   }
-  for (const T of decodeInfo.keys()) {
-    const a = bits(yDecode.get(T));
+  for (const T of tileInfo.keys()) {
+    const a = bits(yTile.get(T));
     const b = bits(yEager.get(T));
     let num2 = 0;
     let den2 = 0;
@@ -283,11 +288,11 @@ if (decodeState === null) {
       num2 += (x - y) ** 2;
       den2 += y * y;
     }
-    decodeCheck.set(T, { relErrVsEager: Math.sqrt(num2 / Math.max(den2, 1e-30)) });
+    tileCheck.set(T, { relErrVsEager: Math.sqrt(num2 / Math.max(den2, 1e-30)) });
   }
-  if (decodeInfo.size) log(`ours decode: ${decodeInfo.size} graphs captured with groupedGemm.decode on (${elapsed()})`);
+  if (tileInfo.size) log(`ours tile: ${tileInfo.size} graphs captured with groupedGemm.decode off (${elapsed()})`);
 }
-const hasDecode = (T) => decodeInfo.has(T);
+const hasTile = (T) => tileInfo.has(T);
 
 // Phases: the expert GEMMs alone, each in its own graph, on our routing's group sizes at T.
 const phaseGraphs = new Map(); // T -> { tile: { up, down }, decode: { up, down } }
@@ -316,7 +321,7 @@ if (phaseState === null) {
         ['tile', false],
         ['decode', true],
       ]) {
-        if (decode && !withDecode) continue;
+        if (!withTile && decode !== decodeDefault) continue;
         const before = setKernelOptions({ groupedGemm: { decode } });
         try {
           graphs[name] = {
@@ -424,16 +429,15 @@ function oursRound(round) {
     const x = xs.get(T);
     const eagerMs = timeRegion(() => eager.forward(x, { out: yEager.get(T) }), { device: dev, warmup, repeats });
     let graphMs = null;
-    let decodeGraphMs = null;
+    let tileGraphMs = null;
     const timeGraph = () => {
       if (hasGraph(T)) graphMs = timeRegion(() => graphed.forward(x, { out: yGraph.get(T) }), { device: dev, warmup, repeats });
     };
-    const timeDecode = () => {
-      if (hasDecode(T))
-        decodeGraphMs = timeRegion(() => graphedDecode.forward(x, { out: yDecode.get(T) }), { device: dev, warmup, repeats });
+    const timeTile = () => {
+      if (hasTile(T)) tileGraphMs = timeRegion(() => graphedTile.forward(x, { out: yTile.get(T) }), { device: dev, warmup, repeats });
     };
     // Alternating which of the two graphs goes first, round by round.
-    for (const f of round % 2 ? [timeDecode, timeGraph] : [timeGraph, timeDecode]) f();
+    for (const f of round % 2 ? [timeTile, timeGraph] : [timeGraph, timeTile]) f();
     const phases = {};
     const ph = phaseGraphs.get(T);
     if (ph) {
@@ -446,7 +450,7 @@ function oursRound(round) {
         };
       }
     }
-    return { T, eagerMs, graphMs, decodeGraphMs, phases };
+    return { T, eagerMs, graphMs, tileGraphMs, phases };
   });
   const copyMs = timeRegion(() => copyDst.copy_(copySrc), { device: dev, warmup: 2, repeats: 10 });
   return { rows, copyMs, copyGBs: (2 * copyBytes) / (copyMs * 1e6) };
@@ -479,11 +483,11 @@ for (let round = 0; round < rounds; round++) {
     `round ${round + 1}/${rounds} (${((performance.now() - t0) / 1e3).toFixed(1)} s): ` +
       TS.map((T) => {
         const g = at(T).graphMs ?? at(T).eagerMs;
-        const d = at(T).decodeGraphMs;
+        const d = at(T).tileGraphMs;
         const tg = tAt(T)?.graph_ms ?? tAt(T)?.eager_ms;
         return `T=${T} ${g.toFixed(3)}${d === null ? '' : `/${d.toFixed(3)}`}${Number.isFinite(tg) ? `/${tg.toFixed(3)}` : ''}`;
       }).join(', ') +
-      ` ms (ours ${hasGraph(TS[0]) ? 'graph' : 'eager'}${hasDecode(TS[0]) ? ' / ours decode graph' : ''}${peer || theirs?.rows ? ' / torch' : ''}), copy ${o.copyGBs.toFixed(0)} GB/s`,
+      ` ms (ours ${hasGraph(TS[0]) ? 'graph' : 'eager'}${hasTile(TS[0]) ? ' / ours tile graph' : ''}${peer || theirs?.rows ? ' / torch' : ''}), copy ${o.copyGBs.toFixed(0)} GB/s`,
   );
 }
 
@@ -554,8 +558,10 @@ function phasesOf(T, og) {
       downRange: range(down).map((v) => num(v, 4)),
     };
   }
-  const up = ours.map((o) => o.rows.find((q) => q.T === T)?.phases?.tile?.upMs ?? NaN);
-  const down = ours.map((o) => o.rows.find((q) => q.T === T)?.phases?.tile?.downMs ?? NaN);
+  // The GEMMs ours graph runs: the decode graphs follow the same rule (decode_rows) as the layer's.
+  const mine = decodeDefault ? 'decode' : 'tile';
+  const up = ours.map((o) => o.rows.find((q) => q.T === T)?.phases?.[mine]?.upMs ?? NaN);
+  const down = ours.map((o) => o.rows.find((q) => q.T === T)?.phases?.[mine]?.downMs ?? NaN);
   out.restMs = num(median(og.map((g, i) => g - up[i] - down[i])), 4);
   return out;
 }
@@ -564,7 +570,7 @@ const perT = TS.map((T) => {
   const og = oursCol(T, 'graphMs');
   const te = torchCol(T, 'eager_ms');
   const tg = torchCol(T, 'graph_ms');
-  const od = oursCol(T, 'decodeGraphMs');
+  const ot = oursCol(T, 'tileGraphMs');
   const experts = routing.get(T).experts;
   const roofBytes = experts * expertBytes + routerBytes;
   const roofMs = (roofBytes / (copyGBs * 1e9)) * 1e3;
@@ -581,11 +587,11 @@ const perT = TS.map((T) => {
     torchGraph: { median: median(tg), range: range(tg), perRound: tg },
     graphRatio: ratio(og, tg), // torch graph / ours graph, per round
     eagerRatio: ratio(oe, te), // torch eager / ours eager, per round
-    oursDecodeGraph: { median: median(od), range: range(od), perRound: od },
-    decodeRatio: ratio(od, og), // ours graph / ours decode graph, per round
-    torchDecodeRatio: ratio(od, tg), // torch graph / ours decode graph, per round
-    decodeCheck: decodeCheck.get(T) ?? null,
-    decodeGraphInfo: decodeInfo.get(T) ?? null,
+    oursTileGraph: { median: median(ot), range: range(ot), perRound: ot },
+    tileRatio: ratio(og, ot), // ours tile graph / ours graph, per round
+    torchTileRatio: ratio(ot, tg), // torch graph / ours tile graph, per round
+    tileCheck: tileCheck.get(T) ?? null,
+    tileGraphInfo: tileInfo.get(T) ?? null,
     phases: phaseGraphs.has(T) ? phasesOf(T, og) : null,
     host: h,
     torchHost: th ? { eagerMs: th.eager_ms, graphMs: th.graph_ms } : null,
@@ -608,10 +614,10 @@ const rows = perT.map((p) => ({
   'ratio range': p.graphRatio.length ? fmtRange(range(p.graphRatio), 2) : null,
   'teager/ours': p.eagerRatio.length ? num(median(p.eagerRatio), 2) : null,
   'ours/roof': num((Number.isFinite(p.oursGraph.median) ? p.oursGraph.median : p.oursEager.median) / p.roofMs, 2),
-  'ours decode graph': num(p.oursDecodeGraph.median),
-  'graph/decode': p.decodeRatio.length ? num(median(p.decodeRatio), 2) : null,
-  'tgraph/decode': p.torchDecodeRatio.length ? num(median(p.torchDecodeRatio), 2) : null,
-  'decode/roof': num(p.oursDecodeGraph.median / p.roofMs, 2),
+  'ours tile graph': num(p.oursTileGraph.median),
+  'tile/graph': p.tileRatio.length ? num(median(p.tileRatio), 2) : null,
+  'tgraph/tile': p.torchTileRatio.length ? num(median(p.torchTileRatio), 2) : null,
+  'tile/roof': num(p.oursTileGraph.median / p.roofMs, 2),
   'host ms eager': num(p.host.eagerMs),
   'host ms graph': num(p.host.graphMs),
   'waits/step graph': p.host.graphWaits ? p.host.graphWaits.deviceToHost + p.host.graphWaits.synchronizations : null,
@@ -657,13 +663,13 @@ const waitsResult = !hasGraph(TS[0])
     ? `FAILED: the graph step waits on the host at T=${waiting.map((p) => p.T).join(', ')}`
     : `passed: 0 host waits per graph step at every T (${waitSteps} steps each)`;
 if (waitsResult.startsWith('FAILED')) failures.push(`host waits ${waitsResult}`);
-const decodeBad = [...decodeCheck.entries()].filter(([, c]) => !(c.relErrVsEager < TOLERANCE));
-const decodeResult = decodeState
-  ? decodeState
-  : decodeBad.length
-    ? `FAILED: ${decodeBad.map(([T, c]) => `T=${T} relErr ${c.relErrVsEager}`).join(', ')} (tolerance ${TOLERANCE})`
-    : `passed: ours decode graph vs ours eager within ${TOLERANCE} at every T (max ${num(Math.max(...[...decodeCheck.values()].map((c) => c.relErrVsEager)), 5)})`;
-if (decodeResult.startsWith('FAILED') || decodeResult.startsWith('capture failed')) failures.push(`decode ${decodeResult}`);
+const tileBad = [...tileCheck.entries()].filter(([, c]) => !(c.relErrVsEager < TOLERANCE));
+const tileResult = tileState
+  ? tileState
+  : tileBad.length
+    ? `FAILED: ${tileBad.map(([T, c]) => `T=${T} relErr ${c.relErrVsEager}`).join(', ')} (tolerance ${TOLERANCE})`
+    : `passed: ours tile graph vs ours eager (groupedGemm.decode ${decodeDefault ? 'on' : 'off'}) within ${TOLERANCE} at every T (max ${num(Math.max(...[...tileCheck.values()].map((c) => c.relErrVsEager)), 5)})`;
+if (tileResult.startsWith('FAILED') || tileResult.startsWith('capture failed')) failures.push(`tile ${tileResult}`);
 
 const checkRows = perT
   .filter((p) => p.check || p.graphCheck)
@@ -704,10 +710,11 @@ writeResult(
     check: checkResult,
     graph: graphResult,
     hostWaits: waitsResult,
-    decode: decodeResult,
+    kernels: `ours eager and ours graph: the kernel switches in force (groupedGemm.decode ${decodeDefault ? 'on' : 'off'}); ours tile graph: groupedGemm.decode off`,
+    tile: tileResult,
     phases:
       phaseState ??
-      `T = ${PHASE_TS.join(', ')}: the up (SwiGLU) and down GEMMs alone on our routing's group sizes (random rows), each captured in its own graph, with the tile kernels and with groupedGemm.decode on, timed in the same rounds (medians over rounds); restMs = ours graph − tile up − tile down per round (router, permute, combine, the copies in and out, the graph launch)`,
+      `T = ${PHASE_TS.join(', ')}: the up (SwiGLU) and down GEMMs alone on our routing's group sizes (random rows), each captured in its own graph, with the tile kernels and with groupedGemm.decode on, timed in the same rounds (medians over rounds); restMs = ours graph − up − down of the kernels ours graph runs (${decodeDefault ? 'decode' : 'tile'}) per round (router, permute, combine, the copies in and out, the graph launch)`,
     timing: `${rounds} round(s); each times ours (per T: eager, then graph) and then the torch peer (per T: eager, then graph), one Python process kept alive for the run. Per region: the GPU idle, CUDA events around one call (a step's latency from an idle GPU, host launch work included), median of ${repeats} after ${warmup} warm-up; per variant the median of the round medians and the range over rounds. 'tgraph/ours' = torch graph / ours graph per round (median, 'ratio range' its min–max); 'teager/ours' = torch eager / ours eager per round (median). Ours eager = MoEInference.forward(x, { out }) through its per-T workspace; ours graph = forward of a captured T (copy x in, one graph launch, copy y out); torch graph the same three steps`,
     roof: `roof ms = (experts touched by our routing of those T tokens × 3·H·F·2 bytes + the router's H·E·2 bytes) / the device-copy bandwidth (a ${copyBytes / 2 ** 20} MiB Tensor.copy_, read + write counted, median over rounds: ${num(copyGBs, 1)} GB/s); 'ours/roof' = ours graph (eager without graphs) / roof`,
     host: `host ms: the wall time of one forward() call with no synchronisation after it, the GPU idle before each (median of ${hostRepeats}): the host's cost per step (the graph step: two device copies and one graph launch). waits/step: cuda.hostWaitCounts() (device-to-host copies + synchronisations) over ${waitSteps} steps, per step; 0 required for the graph path`,
@@ -731,15 +738,15 @@ writeResult(
         ]),
       ),
       graphRatioPerRound: p.graphRatio.map((v) => num(v, 3)),
-      oursDecodeGraph: {
-        median: num(p.oursDecodeGraph.median, 4),
-        range: p.oursDecodeGraph.range.map((v) => num(v, 4)),
-        perRound: p.oursDecodeGraph.perRound.map((v) => num(v, 4)),
+      oursTileGraph: {
+        median: num(p.oursTileGraph.median, 4),
+        range: p.oursTileGraph.range.map((v) => num(v, 4)),
+        perRound: p.oursTileGraph.perRound.map((v) => num(v, 4)),
       },
-      decodeRatioPerRound: p.decodeRatio.map((v) => num(v, 3)),
-      torchDecodeRatioPerRound: p.torchDecodeRatio.map((v) => num(v, 3)),
-      decodeCheck: p.decodeCheck,
-      decodeGraph: p.decodeGraphInfo,
+      tileRatioPerRound: p.tileRatio.map((v) => num(v, 3)),
+      torchTileRatioPerRound: p.torchTileRatio.map((v) => num(v, 3)),
+      tileCheck: p.tileCheck,
+      tileGraph: p.tileGraphInfo,
       phases: p.phases,
       eagerRatioPerRound: p.eagerRatio.map((v) => num(v, 3)),
       host: {
@@ -770,20 +777,20 @@ const phaseRows = perT
     'down decode': p.phases.decode?.downMs ?? null,
     'rest (graph − up − down)': p.phases.restMs,
     'ours graph': num(p.oursGraph.median),
-    'ours decode graph': num(p.oursDecodeGraph.median),
+    'ours tile graph': num(p.oursTileGraph.median),
   }));
 if (phaseRows.length)
   printTable('phases (ms, each GEMM alone in its own graph; rest = router, permute, combine, copies, launch)', phaseRows);
-console.log(`decode: ${decodeResult}${phaseState ? `\nphases: ${phaseState}` : ''}`);
+console.log(`tile: ${tileResult}${phaseState ? `\nphases: ${phaseState}` : ''}`);
 console.log(`check: ${checkResult}\ngraph: ${graphResult}\nhost waits: ${waitsResult}\n(${elapsed()})`);
 
 // ------------------------------------------------------------------------------------ cleanup
 eager.dispose();
 graphed.dispose();
-graphedDecode?.dispose();
+graphedTile?.dispose();
 for (const { graphs } of phaseGraphs.values()) for (const g of Object.values(graphs)) for (const x of Object.values(g)) x.dispose();
 for (const t of phaseTensors) t.dispose();
-for (const m of [xs, yEager, yGraph, yDecode, all]) for (const t of m.values()) t.dispose();
+for (const m of [xs, yEager, yGraph, yTile, all]) for (const t of m.values()) t.dispose();
 for (const { indices } of routing.values()) indices.dispose();
 for (const t of [xAll, copySrc, copyDst]) t.dispose();
 if (failures.length) {
