@@ -56,6 +56,80 @@ export interface PeerDispatchOptions {
 
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 
+/** What the layout and row kernels of a dispatch take (the raw binding's positional order lives in rawLayout/rawRows only). */
+interface RawDispatch {
+  indices: Tensor;
+  slot: Tensor;
+  kept: Tensor;
+  /** Capacity mode: rows per (local expert, source rank) segment; dropless: -1. */
+  segment: number;
+  align: number;
+  sms: number;
+  localExperts: number;
+  pos: Tensor;
+  dest: Tensor;
+  /** Dropless only (null in capacity mode): the local offsets, segment starts and fill counters. */
+  offsets: Tensor | null;
+  segStart: Tensor | null;
+  fill: Tensor | null;
+}
+
+interface RawDispatchRows extends RawDispatch {
+  x: Tensor;
+  weights: Tensor;
+  fp8: boolean;
+  rows: Tensor;
+  rowWeights: Tensor;
+  rowSrc: Tensor;
+  recvRowOf: Tensor;
+  recvWeight: Tensor;
+  recvTokens: Tensor;
+}
+
+/** The layout kernel: each token's position at each destination rank, and the counts (read on the host when dropless). */
+function rawLayout(t: PeerTransport, a: RawDispatch) {
+  return t.handle.dispatchLayout(
+    a.indices.handle,
+    a.slot.handle,
+    a.kept.handle,
+    a.segment,
+    a.align,
+    a.sms,
+    a.localExperts,
+    a.pos.handle,
+    a.dest.handle,
+    a.offsets?.handle ?? null,
+    a.segStart?.handle ?? null,
+    a.fill?.handle ?? null,
+  );
+}
+
+/** The row kernels: each token row pushed once per destination rank and expanded there. */
+function rawRows(t: PeerTransport, a: RawDispatchRows): void {
+  t.handle.dispatchRows(
+    a.x.handle,
+    a.indices.handle,
+    a.slot.handle,
+    a.weights.handle,
+    a.pos.handle,
+    a.dest.handle,
+    a.segment,
+    a.align,
+    a.sms,
+    a.localExperts,
+    a.fp8,
+    a.segStart?.handle ?? null,
+    a.fill?.handle ?? null,
+    a.offsets?.handle ?? null,
+    a.rows.handle,
+    a.rowWeights.handle,
+    a.rowSrc.handle,
+    a.recvRowOf.handle,
+    a.recvWeight.handle,
+    a.recvTokens.handle,
+  );
+}
+
 /** The payload bytes of one token row: x's row, or its fp8 values then their scales 16-byte aligned. */
 export function peerRowBytes(x: Tensor, fp8: boolean): number {
   const H = x.shape[1] as number;
@@ -91,21 +165,21 @@ export function peerDispatch(
     const offsets = capacityMode ? null : track(Tensor.empty([El + 1], { dtype: 'i32', ...dev }));
     const segStart = capacityMode ? null : track(Tensor.empty([El * P], { dtype: 'i32', ...dev }));
     const fill = capacityMode ? null : track(Tensor.empty([El], { dtype: 'i32', ...dev }));
-    const layout = () =>
-      t.handle.dispatchLayout(
-        indices.handle,
-        cap.slot.handle,
-        cap.keptPerExpert.handle,
-        segment,
-        o.align,
-        o.sms,
-        El,
-        pos.handle,
-        dest.handle,
-        offsets?.handle ?? null,
-        segStart?.handle ?? null,
-        fill?.handle ?? null,
-      );
+    const args: RawDispatch = {
+      indices,
+      slot: cap.slot,
+      kept: cap.keptPerExpert,
+      segment,
+      align: o.align,
+      sms: o.sms,
+      localExperts: El,
+      pos,
+      dest,
+      offsets,
+      segStart,
+      fill,
+    };
+    const layout = () => rawLayout(t, args);
     let counts = layout();
     if (!capacityMode && counts.maxTokens > t.capacity.tokens) {
       t = t.grownFor({ ...need, tokens: counts.maxTokens });
@@ -120,28 +194,7 @@ export function peerDispatch(
     const recvRowOf = track(Tensor.empty([P, mapCap, k], { dtype: 'i32', ...dev }));
     const recvWeight = track(Tensor.empty([P, mapCap, k], { dtype: 'f32', ...dev }));
     const recvTokens = track(Tensor.empty([P], { dtype: 'i32', ...dev }));
-    t.handle.dispatchRows(
-      x.handle,
-      indices.handle,
-      cap.slot.handle,
-      weights.handle,
-      pos.handle,
-      dest.handle,
-      segment,
-      o.align,
-      o.sms,
-      El,
-      o.fp8,
-      segStart?.handle ?? null,
-      fill?.handle ?? null,
-      offsets?.handle ?? null,
-      rows.handle,
-      rowWeights.handle,
-      rowSrc.handle,
-      recvRowOf.handle,
-      recvWeight.handle,
-      recvTokens.handle,
-    );
+    rawRows(t, { ...args, x, weights, fp8: o.fp8, rows, rowWeights, rowSrc, recvRowOf, recvWeight, recvTokens });
     trace.mark('dispatch (ipc): rows pushed and expanded', x.device);
     // Segment sizes on the host: static in capacity mode, read with the counts in dropless mode.
     const recvCounts = Array.from({ length: P * El }, (_, i) => {
@@ -361,43 +414,33 @@ export function peerDispatchInto(
   b: PeerDecodeBuffers,
   sms: number,
 ): void {
-  const h = transport.handle;
-  h.dispatchLayout(
-    indices.handle,
-    slot.handle,
-    kept.handle,
-    b.segment,
-    1,
+  const args: RawDispatch = {
+    indices,
+    slot,
+    kept,
+    segment: b.segment,
+    align: 1,
     sms,
-    b.localExperts,
-    b.pos.handle,
-    b.dest.handle,
-    null,
-    null,
-    null,
-  );
-  h.dispatchRows(
-    x.handle,
-    indices.handle,
-    slot.handle,
-    weights.handle,
-    b.pos.handle,
-    b.dest.handle,
-    b.segment,
-    1,
-    sms,
-    b.localExperts,
-    false,
-    null,
-    null,
-    null,
-    b.rows.handle,
-    b.rowWeights.handle,
-    b.rowSrc.handle,
-    b.recvRowOf.handle,
-    b.recvWeight.handle,
-    b.recvTokens.handle,
-  );
+    localExperts: b.localExperts,
+    pos: b.pos,
+    dest: b.dest,
+    offsets: null,
+    segStart: null,
+    fill: null,
+  };
+  rawLayout(transport, args);
+  rawRows(transport, {
+    ...args,
+    x,
+    weights,
+    fp8: false,
+    rows: b.rows,
+    rowWeights: b.rowWeights,
+    rowSrc: b.rowSrc,
+    recvRowOf: b.recvRowOf,
+    recvWeight: b.recvWeight,
+    recvTokens: b.recvTokens,
+  });
   trace.mark('dispatch (ipc, low latency): rows pushed and expanded', x.device);
 }
 
