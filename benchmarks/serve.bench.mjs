@@ -114,8 +114,19 @@ if (!Object.hasOwn(SHAPES, shapeName)) {
 }
 const shape = SHAPES[shapeName];
 
-const { cuda, CudaGraph, groupedGemm, kernelOptions, MoEInference, routerForward, setKernelOptions, Stream, synchronize, Tensor, UnavailableError } =
-  await import('../dist/lib/index.js');
+const {
+  cuda,
+  CudaGraph,
+  groupedGemm,
+  kernelOptions,
+  MoEInference,
+  routerForward,
+  setKernelOptions,
+  Stream,
+  synchronize,
+  Tensor,
+  UnavailableError,
+} = await import('../dist/lib/index.js');
 const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
 const { args, dryRun, flag, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
   await import('./harness.mjs');
