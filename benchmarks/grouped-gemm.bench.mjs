@@ -42,12 +42,12 @@
 // mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) on every product (dW with ≤ 8 rows
 // per group still takes the few-rows kernel then), tensorCores = { fewRows: false } on dW where the
 // few-rows kernel is the default (≤ 8 rows per group on average: decode); per round their time over
-// the default's, and their results against the default's on the check slices; pingpong = { pingpong: true }
-// on the fp32-result dW (TN32): the ping-pong form of the Hopper kernel; decode = { decode: true }: the
-// split-K decode kernel, forward NN only, where its row limits let it. fusedHandoff and fusedRegisters =
-// { fusedHandoff: true / false } on SWIGLU and DSWIGLU (the one that is not the default: the Hopper
-// kernel's fused epilogues handed off to its storer warps, or from registers).
-// LIST: mmaSync,tensorCores,pingpong,decode,fusedHandoff,fusedRegisters.
+// the default's, and their results against the default's on the check slices; decode = { decode: true }:
+// the split-K decode kernel, forward NN only, where its row limits let it.
+// LIST: mmaSync,tensorCores,decode. (The variants that lost left the addon for the ladder in
+// kernels/grouped_gemm/, each a program that times itself against the shipped kernel: the ping-pong
+// kernel for the fp32 dW, once `pingpong`, is 08; the fused epilogues from registers, once
+// `fusedRegisters` against `fusedHandoff`, are 09.)
 // --shapes=mixtral-decode: Mixtral's decode forward at T = 1, 8, 64 (grouped-gemm-shapes.mjs; with
 // --products=NN --variants=decode, the decode kernel against the current one in the same rounds).
 // --shapes=layer (a shape's tag, like its index, picks it): the fused products on the layer's shape.
@@ -97,7 +97,7 @@ if (!argv.includes('--child')) {
   process.exit(r.status ?? 1);
 }
 
-const { kernelOptions, ops, setKernelOptions, sumOfSquares, synchronize, Tensor, tidy } = await import('../dist/lib/index.js');
+const { ops, setKernelOptions, sumOfSquares, synchronize, Tensor, tidy } = await import('../dist/lib/index.js');
 const { Epilogue, groupedGemm, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
 const { shapes: fullShapes, dryShapes } = await import('./grouped-gemm-shapes.mjs');
 const { dryRun, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
@@ -126,10 +126,7 @@ const productsOf = (s) => products.filter((p) => (FUSED.includes(p) ? s.fused : 
 const KERNELS = {
   mmaSync: { hopper: false },
   tensorCores: { fewRows: false },
-  pingpong: { pingpong: true },
   decode: { decode: true },
-  fusedHandoff: { fusedHandoff: true },
-  fusedRegisters: { fusedHandoff: false },
 };
 const variantList = flag('--variants', '', Object.keys(KERNELS).join(','));
 const variants = variantList ? variantList.split(',') : [];
@@ -336,22 +333,9 @@ for (const [pos, i] of chosen.entries()) {
     h.dispose();
   }
   const fewRows = s.M <= 8 * E; // where dW takes the few-rows kernel by default
-  const fusedEpilogue = (p) => p === 'SWIGLU' || p === 'DSWIGLU';
-  const handoffDefault = kernelOptions().groupedGemm.fusedHandoff;
-  // pingpong changes only fp32 results (the TN32 dW of training); decode only the forward (NN);
-  // fusedHandoff / fusedRegisters only the fused epilogues, and only the one that is not the default.
+  // decode changes only the forward (NN).
   const variantsFor = (p) =>
-    variants.filter((v) =>
-      v === 'tensorCores'
-        ? (p === 'TN' || p === 'TN32') && fewRows
-        : v === 'pingpong'
-          ? p === 'TN32'
-          : v === 'decode'
-            ? p === 'NN'
-            : v === 'fusedHandoff' || v === 'fusedRegisters'
-              ? fusedEpilogue(p) && (v === 'fusedHandoff') !== handoffDefault
-              : true,
-    );
+    variants.filter((v) => (v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'decode' ? p === 'NN' : true));
 
   // The check slices: rows of the first and last non-empty groups (NN, NT), the first rows of the
   // first and last experts' dW (TN, TN32); views of our outputs.
@@ -631,7 +615,7 @@ writeResult(
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
-      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), pingpong = { pingpong: true } on the fp32 dW (TN32), decode = { decode: true } on the forward (NN; the split-K decode kernel where its row limits let it, native/ops/moe/grouped_gemm/decode.cu); fusedHandoff / fusedRegisters = { fusedHandoff: true / false } on SWIGLU and DSWIGLU where it is not the default (the Hopper kernel's fused epilogues handed off to its storer warps / from registers); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
+      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), decode = { decode: true } on the forward (NN; the split-K decode kernel where its row limits let it, native/ops/moe/grouped_gemm/decode.cu); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
       : 'off (--variants to time the addon’s other kernels in the same rounds)',
     clocks: smiState ?? 'not sampled',
     peer: peerNote,

@@ -10,22 +10,12 @@
  *                               group on average); false: the mma.sync kernel there too
  *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
  *                               the few-rows kernel; false: the tensor-core kernels
- *   groupedGemm.pingpong false  products with fp32 results (training's dW above all, NN and NT too)
- *                               that the Hopper kernel takes run on its ping-pong form: each
- *                               consumer warpgroup stores its own 128×128 tile while the other
- *                               computes the next (hopper_pingpong.cuh); off: measured slower on
- *                               the fp32 dW (balanced 3%, E=256 12%; H200, cf38d04)
  *   groupedGemm.decode   true   the forward (NN, Store or SwiGLU) with a handful of rows per group
  *                               (all rows ≤ 32, or ≤ 4 per group on average) on the decode kernel:
  *                               weights streamed once, split along K, for the groups of ≤ 16 or 32
  *                               rows (the tile kernels take any larger group). A layer's decode
  *                               step at T = 1: Mixtral 0.25 against 0.39 ms, DeepSeek-V3 0.28
  *                               against 0.38 (H200, 54297f7); false: the tile kernels for every group
- *   groupedGemm.fusedHandoff
- *                        true   the Hopper kernel's fused SwiGLU (forward) and dSwiGLU (backward)
- *                               epilogues applied by its storer warps to the handed-off bf16 tile
- *                               while the consumers go on with the next tile (15% and 23% faster on
- *                               the layer's shape, H200); false: stored from the consumers' registers
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -34,11 +24,13 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_PINGPONG=1  MOE_EP_GG_DECODE=0  MOE_EP_GG_FUSED_HANDOFF=0
- *   MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
- * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF switched variants that are no
- * longer in the addon, since issue 15: benchmarks/kernels/grouped_gemm/. Set, they are named on
- * stderr once and change nothing.)
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF, and later
+ * MOE_EP_GG_PINGPONG and MOE_EP_GG_FUSED_HANDOFF, switched variants that are no longer in the addon:
+ * benchmarks/kernels/grouped_gemm/, steps 01 and 05-09. Set, they are named on stderr once and change
+ * nothing. The switches groupedGemm.pingpong (the ping-pong kernel for fp32 results, measured slower)
+ * and groupedGemm.fusedHandoff (the fused SwiGLU/dSwiGLU epilogues handed off, measured faster than
+ * from registers and now the only way) went with them: setKernelOptions refuses them by name.)
  */
 // lib/native.ts imports this module (to apply the switches as the addon loads), so it checks its
 // argument with errors.ts alone: validate.ts imports tensor.ts and stream.ts, which import native.ts.
@@ -50,15 +42,8 @@ export interface GroupedGemmKernelOptions {
   hopper: boolean;
   /** dW with at most 8 rows per group on average on the few-rows streaming kernel (default true). */
   fewRows: boolean;
-  /** fp32-result products (dW) on the ping-pong form of the Hopper kernel (default false: not yet measured). */
-  pingpong: boolean;
   /** The forward with a handful of rows per group on the split-K decode kernel (default true). */
   decode: boolean;
-  /**
-   * The Hopper kernel's fused SwiGLU/dSwiGLU epilogues handed off to its storer warps instead of
-   * stored from the consumers' registers (default true).
-   */
-  fusedHandoff: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -78,7 +63,7 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, pingpong: false, decode: true, fusedHandoff: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
@@ -87,14 +72,14 @@ const ENVIRONMENT = {
   groupedGemm: {
     hopper: 'MOE_EP_GG_HOPPER',
     fewRows: 'MOE_EP_GG_FEW_ROWS',
-    pingpong: 'MOE_EP_GG_PINGPONG',
     decode: 'MOE_EP_GG_DECODE',
-    fusedHandoff: 'MOE_EP_GG_FUSED_HANDOFF',
   },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };
 
-const RETIRED = ['MOE_EP_GG_TILE', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF'];
+const RETIRED = ['MOE_EP_GG_TILE', 'MOE_EP_GG_HOPPER_STAGED', 'MOE_EP_GG_HOPPER_HANDOFF', 'MOE_EP_GG_PINGPONG', 'MOE_EP_GG_FUSED_HANDOFF'];
+/** Switches that left with their kernels: setKernelOptions refuses them as unknown and says where they went. */
+const RETIRED_OPTIONS: { readonly [G in keyof KernelOptions]?: readonly string[] } = { groupedGemm: ['pingpong', 'fusedHandoff'] };
 
 function copy(o: KernelOptions): KernelOptions {
   return { groupedGemm: { ...o.groupedGemm }, router: { ...o.router } };
@@ -129,13 +114,22 @@ export function kernelOptions(): KernelOptions {
   return copy(current);
 }
 
-/** Refuses a non-object and names unknown keys, as validate.ts's checkKeys does. */
-function checkKeys(o: unknown, op: string, known: readonly string[]): Record<string, unknown> {
+/**
+ * Refuses a non-object and names unknown keys, as validate.ts's checkKeys does; retired ones (a
+ * switch whose kernel left the addon) are also said to be so.
+ */
+function checkKeys(o: unknown, op: string, known: readonly string[], retired: readonly string[] = []): Record<string, unknown> {
   if (o === null || typeof o !== 'object' || Array.isArray(o)) {
     invalidArgument(op, `'options' must be an object; received ${o === null ? 'null' : Array.isArray(o) ? 'an array' : typeof o}`);
   }
   const names = Object.keys(o);
-  if (names.some((n) => !known.includes(n))) invalidArgument(op, unknownNames(names, known));
+  if (names.some((n) => !known.includes(n))) {
+    const gone = names.filter((n) => retired.includes(n));
+    const note = gone.length
+      ? `; ${gone.map((n) => `'${n}'`).join(', ')} chose between kernel variants until the slower one left the addon (benchmarks/kernels/grouped_gemm/ in the repository)`
+      : '';
+    invalidArgument(op, unknownNames(names, known) + note);
+  }
   return o as Record<string, unknown>;
 }
 
@@ -150,7 +144,7 @@ export function setKernelOptions(update: KernelOptionsUpdate): KernelOptions {
   const next = copy(current);
   for (const g of Object.keys(groups) as (keyof KernelOptions)[]) {
     if (groups[g] === undefined) continue;
-    const given = checkKeys(groups[g], `${op}: ${g}`, Object.keys(ENVIRONMENT[g]));
+    const given = checkKeys(groups[g], `${op}: ${g}`, Object.keys(ENVIRONMENT[g]), RETIRED_OPTIONS[g]);
     for (const [key, value] of Object.entries(given)) {
       if (value === undefined) continue;
       // validate.ts's checkBoolean wording

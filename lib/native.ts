@@ -435,7 +435,7 @@ export interface RawBinding {
   ): PeerHandle;
 }
 
-const EXPECTED_ABI = 9;
+const EXPECTED_ABI = 10;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

@@ -1,7 +1,7 @@
 // Step 08 of the grouped-GEMM ladder: the ping-pong Hopper kernel for fp32 results
-// (native/ops/moe/grouped_gemm/hopper_pingpong.cuh, included as the addon builds it; in the addon
-// behind setKernelOptions({ groupedGemm: { pingpong: true } })) against the warp slices the addon
-// ships for fp32 (case 0). Each consumer warpgroup owns a 128×128 tile and stores it from its
+// (hopper_pingpong.cuh; in the addon behind setKernelOptions({ groupedGemm: { pingpong: true } })
+// until it measured slower, then moved here unchanged) against the warp slices the addon ships for
+// fp32 (case 0). Each consumer warpgroup owns a 128×128 tile and stores it from its
 // registers while the other warpgroup's mainloop runs; case 0's two warpgroups share a 128×256
 // tile and both stop the tensor cores to store it.
 //
@@ -15,7 +15,7 @@
 // checked at 2048 sampled outputs against the CPU reference and in full against case 0, then both
 // are timed interleaved over the rounds (A B / B A).
 #include "hopper_epilogues.cuh"
-#include "../../../native/ops/moe/grouped_gemm/hopper_pingpong.cuh"
+#include "hopper_pingpong.cuh"
 
 using moe::ops::hopper::StoreVia;
 

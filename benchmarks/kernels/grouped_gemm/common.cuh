@@ -232,6 +232,14 @@ inline void print_problem(const char* program, const Problem& p) {
               prop.major, prop.minor, prop.multiProcessorCount, p.M, p.E, p.K, p.N, flops(p) / 1e12);
 }
 
+// The device's multiprocessor count (the persistent kernels' grid).
+inline int sm_count() {
+  int dev = 0, sms = 0;
+  CHECK_CUDA(cudaGetDevice(&dev));
+  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
+}
+
 // tile_start[e] = Σ_{g<e} ceil(rows_g / bm): the NN/NT m-tiles of every group, on the device.
 inline int32_t* tile_starts(const Problem& p, int bm) {
   std::vector<int32_t> ts(p.E + 1, 0);

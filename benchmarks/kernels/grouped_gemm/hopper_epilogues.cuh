@@ -639,11 +639,4 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   CHECK_CUDA(cudaFree(o1));
 }
 
-inline int sm_count() {
-  int dev = 0, sms = 0;
-  CHECK_CUDA(cudaGetDevice(&dev));
-  CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  return sms;
-}
-
 }  // namespace ladder

@@ -20,7 +20,6 @@
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/hopper.h"
-#include "ops/moe/grouped_gemm/hopper_pingpong.h"
 #include "ops/moe/grouped_gemm/swiglu.h"
 
 namespace moe::ops {
@@ -446,11 +445,9 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
     cuda::check_launch(op);
     p.tile_start = tile_start.data<int32_t>();
   }
-  if (kernel == GemmKernel::Hopper || kernel == GemmKernel::HopperPingpong) {
+  if (kernel == GemmKernel::Hopper) {
 #if MOE_EP_WITH_HOPPER
-    // tile_start: null for TN, which needs none
-    if (kernel == GemmKernel::HopperPingpong) grouped_gemm_hopper_pingpong(g, p.tile_start, stream);
-    else grouped_gemm_hopper(g, p.tile_start, choice.fused, stream);
+    grouped_gemm_hopper(g, p.tile_start, stream);  // tile_start: null for TN, which needs none
     return;
 #else
     MOE_INTERNAL_CHECK(false, "groupedGemm: the Hopper kernel was chosen in a build without it");

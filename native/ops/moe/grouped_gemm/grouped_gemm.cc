@@ -7,7 +7,6 @@
 #include "ops/moe/grouped_gemm/decode.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/hopper.h"
-#include "ops/moe/grouped_gemm/hopper_pingpong.h"
 
 namespace moe::ops {
 
@@ -34,21 +33,18 @@ constexpr int64_t kHopperDwMinRowsPerGroup = 32;
 //    tensor cores), where its limits allow.
 // 2. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
 //    kHopperDwMinRowsPerGroup rows per group on average).
-//    With groupedGemm.pingpong on, its fp32-result Store products (dW above all; NN and NT too) take
-//    the ping-pong form instead (hopper_pingpong.cu: each consumer warpgroup stores its own 128×128
-//    tile while the other computes the next). Off by default until it is measured on the GPU.
 // 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
-// Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type
-// (hopper.cu, launch()), and for the fused SwiGLU/dSwiGLU epilogues from fused_handoff here: from
-// the consumers' registers (the default until the hand-off is measured) or handed off to the storer
-// warps; inside mma.sync, the loader and the store follow from the alignment.
+// Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type alone
+// (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment. Two
+// variants that lost on the H200 live in the ladder (benchmarks/kernels/grouped_gemm/), no longer
+// here: the ping-pong kernel for fp32 results (08) and the fused epilogues stored from the
+// consumers' registers (09).
 GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   const bool tn = g.mode == GemmMode::TN;
   if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
 #if MOE_EP_WITH_HOPPER
-  if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g))
-    return o.pingpong && grouped_gemm_pingpong_fits(g) ? GemmKernel::HopperPingpong : GemmKernel::Hopper;
+  if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g)) return GemmKernel::Hopper;
 #endif
   return GemmKernel::MmaSync;
 }
@@ -79,7 +75,7 @@ int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
 // 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
 //    tile kernel chosen above for any larger group (decode_rows).
 GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
-  return GemmChoice{select_tile_kernel(g, o), decode_rows(g, o), o.fused_handoff ? FusedStore::Handoff : FusedStore::Registers};
+  return GemmChoice{select_tile_kernel(g, o), decode_rows(g, o)};
 }
 #endif
 }  // namespace

@@ -44,26 +44,18 @@ void grouped_gemm(const GroupedGemm& g);
 // Eight-byte aligned: held in a std::atomic (grouped_gemm.cc), which is lock-free only at 1, 2, 4 or
 // 8 bytes (more bools would need libatomic, which the addon does not link).
 struct alignas(8) GroupedGemmOptions {
-  bool hopper = true;     // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
-  bool few_rows = true;   // dW with few rows per group on average (decode): the streaming kernel
-  bool pingpong = false;  // fp32 results (dW above all) on the ping-pong Hopper kernel: not yet measured
+  bool hopper = true;    // the TMA + wgmma kernel on compute capability 9.0, for the shapes it takes
+  bool few_rows = true;  // dW with few rows per group on average (decode): the streaming kernel
   // The forward (NN, Store or SwiGLU) with a handful of rows per group (decode): the split-K weight
   // streaming kernel (decode.cu), where grouped_gemm.cc's decode_rows takes it.
   bool decode = true;
-  // The Hopper kernel's SwiGLU/dSwiGLU epilogues applied by its storer warps to the handed-off tile
-  // instead of from the consumers' registers: 15% and 23% faster on the layer's shape (H200, cf38d04,
-  // benchmarks/results/grouped-gemm-shapes12-variants-cf38d04.json).
-  bool fused_handoff = true;
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
 
 // The CUDA kernels: mma.sync (cuda.cu; any shape, sm_80 and sm_90), the Hopper one (hopper.cu; built
-// with MOE_EP_WITH_HOPPER), its ping-pong form for fp32 results (hopper_pingpong.cu, same build) and
-// the few-rows dW kernel (few_rows.cu).
-enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, HopperPingpong = 3 };
-// How the Hopper kernel stores the fused SwiGLU and dSwiGLU epilogues (hopper.cu, StoreVia).
-enum class FusedStore : int { Registers = 0, Handoff = 1 };
+// with MOE_EP_WITH_HOPPER) and the few-rows dW kernel (few_rows.cu).
+enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2 };
 
 // What grouped_gemm.cc chose for a call. decode_rows = 0: `kernel` for every group. decode_rows > 0
 // (NN only): the decode kernel (decode.cu) computes the groups of 1..decode_rows rows, and `kernel`
@@ -72,7 +64,6 @@ enum class FusedStore : int { Registers = 0, Handoff = 1 };
 struct GemmChoice {
   GemmKernel kernel = GemmKernel::MmaSync;
   int decode_rows = 0;
-  FusedStore fused = FusedStore::Registers;  // the Hopper kernel's fused SwiGLU/dSwiGLU epilogues
 };
 
 void grouped_gemm_cpu(const GroupedGemm& g);

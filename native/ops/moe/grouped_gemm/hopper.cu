@@ -11,10 +11,8 @@
 // (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
 // store the last one (through one of the epilogues below).
 // The other ways of storing a tile that were measured and lost (Store from registers, the warp
-// slices for bf16 results, the hand-off of fp32 results in two halves) are steps 05-07 of the
-// ladder in benchmarks/kernels/grouped_gemm/. The fused epilogues have two ways here (from registers,
-// or handed off to the storer warps: StoreVia), chosen by GroupedGemmOptions::fused_handoff until
-// the GPU says which one wins.
+// slices for bf16 results, the hand-off of fp32 results in two halves, the fused SwiGLU/dSwiGLU
+// epilogues from registers) are steps 05-07 and 09 of the ladder in benchmarks/kernels/grouped_gemm/.
 //
 // Shared-memory layouts (128-byte swizzle, the pattern TMA writes and wgmma reads):
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
@@ -55,17 +53,15 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
 // result type (launch() below; a template argument of the kernel, so that a way that loses can move
 // to the ladder in benchmarks/kernels/grouped_gemm/ as it is):
-//   Registers   straight from the fragments: the fused SwiGLU and dSwiGLU epilogues, unless the
-//               hand-off is chosen for them (GroupedGemmOptions::fused_handoff).
 //   WarpSlices  Store with fp32 results (accumulating or not; v6): each consumer warp stages 16×32
 //               fp32 slices in its own shared memory and stores whole 16-byte row pieces.
-//   Handoff     Store with bf16 results (never accumulating; v7), and the fused epilogues when
-//               chosen: the consumers drop the 128×256 product tile, in bf16, into shared memory
+//   Handoff     Store with bf16 results (never accumulating; v7), and the fused epilogues (v9):
+//               the consumers drop the 128×256 product tile, in bf16, into shared memory
 //               (66 KiB) and go on to the next tile's mainloop; three warps of the producer warpgroup
 //               (otherwise idle) copy it to global memory meanwhile, applying the fused epilogue on
 //               the way (SwiGLU: h and the saved g; dSwiGLU: dg from dh and the saved g, which they
 //               fetch themselves). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { Registers, WarpSlices, Handoff };
+enum class StoreVia { WarpSlices, Handoff };
 
 constexpr int STORER_WARPS = 3;  // Handoff: warps 1-3 of the producer warpgroup
 constexpr int STORER_THREADS = 32 * STORER_WARPS;
@@ -94,7 +90,6 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
 };
 constexpr int MAX_STAGES = 4;
 // 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
-static_assert(Layout<StoreVia::Registers>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
@@ -113,7 +108,7 @@ struct Params {
 };
 
 // mbarriers, TMA loads, shared-memory descriptors and the wgmma fences: sm90.cuh (shared with the
-// ping-pong kernel).
+// ladder's ping-pong kernel, benchmarks/kernels/grouped_gemm/hopper_pingpong.cuh).
 using namespace sm90;
 
 // ---- work items -----------------------------------------------------------------------------------
@@ -123,43 +118,6 @@ template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p
 }
 
 // ---- epilogue -------------------------------------------------------------------------------------
-// The fused epilogues, straight from a consumer warpgroup's 64×256 accumulators: thread (warp w,
-// lane l) holds rows 16w + l/4 (+8) and, in each 8-column block j, columns 8j + 2(l%4) and the next
-// (d[4j..4j+3]). cols % 8 == 0 here, so a pair is either wholly inside or wholly outside. The
-// elementwise step takes the product rounded to bf16, as stored (swiglu.h), like the hand-off's.
-template <GemmEpilogue EPI>
-__device__ __forceinline__ void store_tile(const Params& p, const float (&d)[128], const Tile& tile, int wg_row0) {
-  static_assert(EPI != GemmEpilogue::Store, "plain results go through shared memory (WarpSlices, Handoff)");
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-  const int cols = p.cols;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = wg_row0 + warp * 16 + (lane >> 2) + half * 8;
-    if (r >= tile.row_end) continue;
-#pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int c = tile.col0 + j * 8 + (lane & 3) * 2;
-      if (c >= cols) continue;
-      const __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + half * 2], d[j * 4 + half * 2 + 1]);
-      const float v0 = __low2float(v), v1 = __high2float(v);
-      if constexpr (EPI == GemmEpilogue::SwiGLU) {
-        // (v0, v1) = (g1, g3) of hidden unit c/2: W1 and W3 columns interleave.
-        static_cast<__nv_bfloat16*>(p.out)[int64_t(r) * (cols / 2) + c / 2] = __float2bfloat16_rn(silu(v0) * v1);
-        if (p.aux_out) *reinterpret_cast<__nv_bfloat162*>(p.aux_out + int64_t(r) * cols + c) = v;
-      } else {  // DSwiGLU: (v0, v1) = dh of hidden units c, c+1; the saved g holds (g1, g3) for each.
-        const int64_t base = int64_t(r) * (2 * cols) + 2 * c;
-        const uint2 g = *reinterpret_cast<const uint2*>(p.aux + base);  // g1(c) g3(c) g1(c+1) g3(c+1)
-        const __nv_bfloat162 ga = *reinterpret_cast<const __nv_bfloat162*>(&g.x), gb = *reinterpret_cast<const __nv_bfloat162*>(&g.y);
-        const float g1a = __low2float(ga), g3a = __high2float(ga), g1b = __low2float(gb), g3b = __high2float(gb);
-        uint2 dg;
-        *reinterpret_cast<__nv_bfloat162*>(&dg.x) = __floats2bfloat162_rn(v0 * g3a * silu_grad(g1a), v0 * silu(g1a));
-        *reinterpret_cast<__nv_bfloat162*>(&dg.y) = __floats2bfloat162_rn(v1 * g3b * silu_grad(g1b), v1 * silu(g1b));
-        *reinterpret_cast<uint2*>(static_cast<__nv_bfloat16*>(p.out) + base) = dg;
-      }
-    }
-  }
-}
-
 // The Store epilogue of fp32 results through shared memory: each consumer warp drops its 16×256
 // accumulators into its own 16×32 fp32 slice, 32 columns at a time, and reads them back as whole
 // rows in 16-byte pieces, a warp instruction covering 4 rows × 32 columns. With accumulate, all of a
@@ -322,8 +280,8 @@ __device__ __forceinline__ void handoff_drain_swiglu(const Params& p, const Tile
 // dh each from the tile, 16 bytes of g and of dg each (the warp moves 512 contiguous bytes per
 // instruction). cols % 8 == 0: each piece is all in or all out (and piece 1 is out when piece 0 is).
 //
-// The saved g is the epilogue's one read from global memory (the register path's consumers wait for
-// it there). Here the storers read it while the consumers run the next tile's mainloop. A load from
+// The saved g is the epilogue's one read from global memory (stored from registers, ladder step 09,
+// the consumers wait for it there). Here the storers read it while the consumers run the next tile's mainloop. A load from
 // DRAM takes ~1 µs and a storer thread holds 40 registers (setmaxnreg), too few to keep more than a
 // row or two of g in flight in registers; so each storer warp streams its rows of g through its own
 // ring of G_RING_ROWS rows in shared memory with cp.async (nothing held in registers while the copies
@@ -453,7 +411,6 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
-  static_assert(VIA != StoreVia::Registers || EPI != GemmEpilogue::Store, "plain results go through shared memory");
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
   static_assert(VIA != StoreVia::WarpSlices || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store), "the warp slices take fp32 results");
   static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
@@ -603,8 +560,6 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
-      } else {
-        store_tile<EPI>(p, d, tile, tile.row0 + consumer * 64);
       }
     }
   }
@@ -657,21 +612,19 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
 }
 
-// How the tiles are stored follows from the epilogue and the result type (see StoreVia), and for
-// the fused epilogues from grouped_gemm.cc's choice:
+// How the tiles are stored follows from the epilogue and the result type (see StoreVia):
 // - bf16 results (never accumulated: grouped_gemm.cc asks for f32 out with accumulate): handed to
 //   the producer's storer warps through shared memory while the consumers go on with the next tile
 //   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
 //   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
 // - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
 //   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
-// - SwiGLU, dSwiGLU: from registers, or handed off (FusedStore::Handoff; not yet measured).
+// - SwiGLU, dSwiGLU (bf16 results): handed off too, the storer warps applying the epilogue (v9;
+//   H200, cf38d04, the layer's shape, against from the consumers' registers: up + SwiGLU 2.89 vs
+//   3.35 ms, down dA + dSwiGLU 1.42 vs 1.84; the registers way is step 09 of the ladder).
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, FusedStore fused, int sms, cudaStream_t stream) {
-  if constexpr (EPI != GemmEpilogue::Store) {
-    if (fused == FusedStore::Handoff) launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
-    else launch_layout<MODE, EPI, OutT, StoreVia::Registers>(map_a, map_b, p, sms, stream);
-  } else if constexpr (sizeof(OutT) == 2) {
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) {
     launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
   } else {
     launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
@@ -696,7 +649,7 @@ bool grouped_gemm_hopper_fits(const GroupedGemm& g) {
   return hopper::device_info().hopper;
 }
 
-void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, FusedStore fused, void* stream_ptr) {
+void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream_ptr) {
   using namespace hopper;
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   Params p{};
@@ -726,8 +679,8 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, FusedS
     const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
     if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
-    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
-    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
+    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
     cuda::check_launch("groupedGemm");
     return;
   }
@@ -750,14 +703,13 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, FusedS
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
   if (!nt) {
-    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
-    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
-    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU)
-      launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
-    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, fused, sms, stream);
-    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, fused, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
   }
   cuda::check_launch("groupedGemm");
 }

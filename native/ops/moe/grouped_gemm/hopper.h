@@ -16,7 +16,6 @@ bool grouped_gemm_hopper_fits(const GroupedGemm& g);
 
 // tile_start (NN, NT): [E+1] device prefix of ceil(rows_e / 128), the same m-tiles as the mma.sync
 // kernel's; TN needs none (its work items are known on the host: E × K-tiles × N-tiles).
-// fused: how the SwiGLU/dSwiGLU epilogues are stored (grouped_gemm.cc chooses).
-void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, FusedStore fused, void* stream);
+void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream);
 
 }  // namespace moe::ops

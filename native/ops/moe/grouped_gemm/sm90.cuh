@@ -1,9 +1,7 @@
-// Hopper (sm_90a) building blocks for the ping-pong grouped GEMM (hopper_pingpong.cuh): mbarriers,
-// TMA tile loads, wgmma shared-memory descriptors and fences, named barriers, and the host-side
-// tensor-map encoder reached through the runtime's driver entry point (cudart is static).
-// Self-contained (CUDA headers only) so that the ladder program
-// benchmarks/kernels/grouped_gemm/08-hopper-pingpong-fp32.cu compiles the addon's kernel as it is.
-// hopper.cu keeps its own copies of the same primitives for now (another change is editing it).
+// Hopper (sm_90a) building blocks of the Hopper grouped GEMM (hopper.cu): mbarriers, TMA tile
+// loads, wgmma shared-memory descriptors and fences, and the host-side tensor-map encoder reached
+// through the runtime's driver entry point (cudart is static). Self-contained (CUDA headers only) so
+// that the ladder programs in benchmarks/kernels/grouped_gemm/ (08's ping-pong kernel) include it.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -28,7 +26,7 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 // Returns once the phase of the given parity has completed, i.e. while the barrier's current phase
 // has the other parity. A fresh barrier is in phase 0, so waiting for parity 1 passes at once (the
 // producer's first pass over the ring). Only parities are compared: the caller must never be two
-// phases behind or ahead (see the protocol in hopper_pingpong.cuh).
+// phases behind or ahead (see the hand-off's barriers in hopper.cu).
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   uint32_t done = 0;
   while (!done) {
@@ -39,25 +37,7 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   }
 }
 
-// ---- named barriers (bar.sync / bar.arrive with an explicit thread count) -----------------------
-// Barrier 0 is __syncthreads; callers pick ids 1..15 that no other barrier of the kernel uses.
-template <int ID> __device__ __forceinline__ void named_sync(int threads) {
-  static_assert(ID > 0 && ID < 16, "barrier 0 is __syncthreads; 16 per block");
-  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "r"(threads) : "memory");
-}
-template <int ID> __device__ __forceinline__ void named_arrive(int threads) {
-  static_assert(ID > 0 && ID < 16, "barrier 0 is __syncthreads; 16 per block");
-  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "r"(threads) : "memory");
-}
-
-// Plain (generic-proxy) shared-memory stores that the tensor cores or the copy engine (async proxy)
-// touch next: each writing thread fences before the barrier that orders them.
-__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-
 // ---- TMA ------------------------------------------------------------------------------------------
-__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
-  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
-}
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar, int c0, int c1) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(smem_u32(dst)),

@@ -1,6 +1,7 @@
-// The order in which the Hopper grouped GEMMs (hopper.cu, hopper_pingpong.cuh) walk their output
-// tiles, and what a tile covers. One definition for both kernels, so that they agree on the order
-// their benchmarks and tests compare. CUDA headers only (the ladder programs include it too).
+// The order in which the Hopper grouped GEMM (hopper.cu) walks its output tiles, and what a tile
+// covers. One definition for it and the ladder's ping-pong kernel (benchmarks/kernels/grouped_gemm/
+// hopper_pingpong.cuh), so that they agree on the order their benchmarks compare. CUDA headers only
+// (the ladder programs include it too).
 #pragma once
 #include <cstdint>
 

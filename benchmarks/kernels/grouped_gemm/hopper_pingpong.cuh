@@ -5,9 +5,11 @@
 // results: each tile reduces over one expert's rows only, ~16 k-steps, so hopper.cu's consumers
 // spend ~25% of the time storing a 128 KiB fp32 tile while no wgmma runs); NN and NT with fp32
 // results take it too. The idea is CUTLASS's "KernelTmaWarpSpecializedPingpong"; this is our own code.
-// Chosen by grouped_gemm.cc (option groupedGemm.pingpong); host entry: hopper_pingpong.cu. Header-only
-// (CUDA headers alone) so that the ladder program benchmarks/kernels/grouped_gemm/08-hopper-pingpong-fp32.cu
-// times this very code.
+// Step 08 of the ladder (08-hopper-pingpong-fp32.cu). It was in the addon, behind the switch
+// groupedGemm.pingpong (off), from its introduction until it measured slower than the warp slices
+// (H200, cf38d04: README.md, step 08); moved here unchanged (device code and run()), with the few
+// helpers of sm90.cuh and wgmma.cuh that only it used (the end of this file). It still includes the
+// addon's shared sm90.cuh, tile_order.cuh and wgmma.cuh, which hopper.cu uses.
 //
 // Block: 3 warpgroups, 384 threads, one block per SM, persistent over the launch's tiles
 // t = blockIdx.x + j·gridDim.x (j = 0 .. mine-1, `mine` the block's tile count) in the order of
@@ -83,9 +85,63 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "sm90.cuh"
-#include "tile_order.cuh"
-#include "wgmma.cuh"
+#include "../../../native/ops/moe/grouped_gemm/sm90.cuh"
+#include "../../../native/ops/moe/grouped_gemm/tile_order.cuh"
+#include "../../../native/ops/moe/grouped_gemm/wgmma.cuh"
+
+// ---- what only this kernel used of sm90.cuh and wgmma.cuh (moved with it, unchanged) --------------
+namespace moe::ops::sm90 {
+
+// ---- named barriers (bar.sync / bar.arrive with an explicit thread count) -----------------------
+// Barrier 0 is __syncthreads; callers pick ids 1..15 that no other barrier of the kernel uses.
+template <int ID> __device__ __forceinline__ void named_sync(int threads) {
+  static_assert(ID > 0 && ID < 16, "barrier 0 is __syncthreads; 16 per block");
+  asm volatile("bar.sync %0, %1;\n" ::"n"(ID), "r"(threads) : "memory");
+}
+template <int ID> __device__ __forceinline__ void named_arrive(int threads) {
+  static_assert(ID > 0 && ID < 16, "barrier 0 is __syncthreads; 16 per block");
+  asm volatile("bar.arrive %0, %1;\n" ::"n"(ID), "r"(threads) : "memory");
+}
+
+// Plain (generic-proxy) shared-memory stores that the tensor cores or the copy engine (async proxy)
+// touch next: each writing thread fences before the barrier that orders them.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// TMA descriptor prefetch (was in sm90.cuh).
+__device__ __forceinline__ void prefetch_tensormap(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+}  // namespace moe::ops::sm90
+
+namespace moe::ops::hopper {
+
+// One wgmma.mma_async m64n128k16 (bf16 × bf16 → f32): the ping-pong kernel's two 64-row halves of
+// a 128×128 tile (below). Same conventions as wgmma.cuh's m64n256k16; 64 accumulators per thread.
+template <int TRANS_A, int TRANS_B>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %68, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, %66, %67;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]),
+        "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),
+        "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]),
+        "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+        "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]),
+        "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),
+        "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_A), "n"(TRANS_B), "r"(scale_d));
+}
+
+}  // namespace moe::ops::hopper
 
 namespace moe::ops::pingpong {
 
