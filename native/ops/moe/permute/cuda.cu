@@ -10,7 +10,8 @@
 //             reads the token's row once (the widest aligned vector, 4 per thread in flight) and
 //             writes it to each of its destination rows; further blocks zero the padding rows.
 //             DRAM traffic: x once + rows once, the bytes the benchmark counts.
-//   unpermute: one block per token, fp32 accumulation, one write per output row.
+//   unpermute: a block per token (per column chunk of a token when there are few tokens), fp32
+//             accumulation in a fixed order whatever the grid, one write per output element.
 //   unpermute backward: one block per token, the rows of up to 8 of its assignments loaded at once
 //             (16-byte vectors, all in flight together), dy's row read once; the gate-weight dot
 //             products reduced once per 8 assignments; further blocks zero the padding rows.
@@ -259,33 +260,72 @@ template <typename T, int N> __device__ void store_float(T* p, const float (&f)[
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// out[t] = add[t] + Σ_j w[t,j]·rows[row_of[t,j]] (add optional): one block per token, N elements per
-// access.
+// out[t] = add[t] + Σ_j w[t,j]·rows[row_of[t,j]] (add optional), N elements per access. Block b
+// handles token b / chunks and the columns [c·chunk, (c+1)·chunk) ∩ [0, H) with c = b % chunks
+// (chunks = 1, chunk ≥ H: one block per token). Each element's sum is the same whatever the grid:
+// acc = add (or 0), then acc += w[t,j]·row for j = 0, 1, …, k-1 in that order, skipping dropped
+// ones; the rows of up to kUnpermuteTile assignments are loaded together before they are added,
+// which changes when loads are issued, not the order of the additions.
+constexpr int kUnpermuteTile = 8;
 template <typename I, typename O, int N>
-__global__ void unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t H, const int32_t* __restrict__ row_of,
-                                 const float* __restrict__ w, int32_t k, const O* __restrict__ add, O* __restrict__ out) {
+__global__ void __launch_bounds__(kTokenThreads)
+    unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t H, const int32_t* __restrict__ row_of, const float* __restrict__ w,
+                     int32_t k, const O* __restrict__ add, O* __restrict__ out, int64_t chunk, int32_t chunks) {
   extern __shared__ int32_t s_row[];  // k rows, then k weights
   float* s_w = reinterpret_cast<float*>(s_row + k);
-  const int64_t t = blockIdx.x;
+  const int64_t t = blockIdx.x / unsigned(chunks);
+  const int64_t h_begin = int64_t(blockIdx.x % unsigned(chunks)) * chunk;
+  const int64_t h_end = h_begin + chunk < H ? h_begin + chunk : H;
   for (int32_t j = threadIdx.x; j < k; j += blockDim.x) {
     int32_t r = row_of[t * k + j];
     s_row[j] = (r >= 0 && r < R) ? r : -1;
     s_w[j] = w ? w[t * k + j] : 1.f;
   }
   __syncthreads();
-  for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(blockDim.x) * N) {
+  for (int64_t h = h_begin + int64_t(threadIdx.x) * N; h < h_end; h += int64_t(blockDim.x) * N) {
     float acc[N] = {};
     if (add) load_float<O, N>(add + t * H + h, acc);
-    for (int32_t j = 0; j < k; ++j) {
-      int32_t r = s_row[j];
-      if (r < 0) continue;
-      float v[N];
-      load_float<I, N>(rows + int64_t(r) * H + h, v);
+    for (int32_t j0 = 0; j0 < k; j0 += kUnpermuteTile) {
+      // The tile's rows are the same for every thread (shared memory), so these branches are uniform.
+      Pack<I, N> x[kUnpermuteTile];
 #pragma unroll
-      for (int i = 0; i < N; ++i) acc[i] += s_w[j] * v[i];
+      for (int u = 0; u < kUnpermuteTile; ++u) {
+        const int32_t j = j0 + u;
+        const int32_t r = j < k ? s_row[j] : -1;
+        if (r >= 0) x[u] = *reinterpret_cast<const Pack<I, N>*>(rows + int64_t(r) * H + h);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnpermuteTile; ++u) {
+        const int32_t j = j0 + u;
+        if (j >= k || s_row[j] < 0) continue;
+        const float wj = s_w[j];
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] += wj * to_float(x[u].v[i]);
+      }
     }
     store_float<O, N>(out + t * H + h, acc);
   }
+}
+
+// Column chunks per token. With at least kUnpermuteTargetBlocks tokens, one block per token (chunks
+// = 1). With fewer, H is cut into chunks of whole block steps (kTokenThreads·N elements, so every
+// access stays N-aligned) until about kUnpermuteTargetBlocks blocks run, at most one step per block:
+// e.g. T = 128, H = 7168 bf16 (N = 8): 7 chunks of 1024 columns, 896 blocks; T = 64, H = 4096: 256.
+// 1024 blocks of 128 threads ≈ 8 per SM on a 132-SM H200 (half its thread slots), and each thread
+// keeps up to kUnpermuteTile 16-byte loads in flight. The grid never changes a result (see above).
+constexpr int64_t kUnpermuteTargetBlocks = 1024;
+struct UnpermuteGrid {
+  int64_t chunk;   // columns per block
+  int64_t chunks;  // blocks per token
+};
+UnpermuteGrid unpermute_grid(int64_t T, int64_t H, int N) {
+  const int64_t step = int64_t(kTokenThreads) * N;
+  const int64_t steps = (H + step - 1) / step;
+  const int64_t want = (kUnpermuteTargetBlocks + T - 1) / T;
+  int64_t chunks = std::max<int64_t>(1, std::min(steps, want));
+  const int64_t per = (steps + chunks - 1) / chunks;  // steps per block
+  chunks = (steps + per - 1) / per;
+  return chunks <= 1 ? UnpermuteGrid{H, 1} : UnpermuteGrid{per * step, chunks};
 }
 
 // ------------------------------------------------------------------------ unpermute backward
@@ -451,9 +491,11 @@ void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weig
       dispatch_pack(n, [&](auto ntag) {
         constexpr int N = decltype(ntag)::value;
         if constexpr (N * sizeof(I) <= 16) {
-          unpermute_kernel<I, O, N><<<unsigned(T), kTokenThreads, smem, cudaStream_t(stream)>>>(
+          const UnpermuteGrid g = unpermute_grid(T, H, N);
+          // T < 2^31 (rowOf's numel is checked); chunks > 1 only when T < kUnpermuteTargetBlocks.
+          unpermute_kernel<I, O, N><<<unsigned(T * g.chunks), kTokenThreads, smem, cudaStream_t(stream)>>>(
               rows.data<I>(), R, H, row_of.data<int32_t>(), weights.defined() ? weights.data<float>() : nullptr, int32_t(k),
-              add.defined() ? add.data<O>() : nullptr, out.data<O>());
+              add.defined() ? add.data<O>() : nullptr, out.data<O>(), g.chunk, int32_t(g.chunks));
         }
       });
     });
