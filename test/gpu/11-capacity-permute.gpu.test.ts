@@ -166,6 +166,47 @@ const cases: Case[] = [
     pad: true,
   },
   { name: 'T·k=32767 (odd), f32, 8-byte rows', T: 32767, k: 1, E: 7, used: 7, H: 2, dtype: 'f32', policy: 'probs', align: 1, pad: false },
+  // Serving-step shapes: capacity's single-block path, the one-launch layout (n ≤ 1024, R ≤ 8192),
+  // unpermute with each token's columns over several blocks.
+  {
+    name: 'Mixtral decode T=64 k=2 E=8, dropless, H=4096',
+    T: 64,
+    k: 2,
+    E: 8,
+    used: 8,
+    H: 4096,
+    dtype: 'bf16',
+    policy: 'probs',
+    align: 1,
+    pad: false,
+  },
+  {
+    name: 'DeepSeek-V3 decode T=128 k=8 E=256, position cf=1, padded, H=7168',
+    T: 128,
+    k: 8,
+    E: 256,
+    used: 256,
+    H: 7168,
+    dtype: 'bf16',
+    cf: 1.0,
+    policy: 'position',
+    align: 8,
+    pad: true,
+  },
+  // n = 1024 but R = 256·64 = 16384 rows: the layout's grid of blocks after capacity's single block.
+  {
+    name: 'n=1024 with R=16384 (padding rows)',
+    T: 128,
+    k: 8,
+    E: 256,
+    used: 256,
+    H: 64,
+    dtype: 'f32',
+    cf: 1.0,
+    policy: 'position',
+    align: 64,
+    pad: true,
+  },
 ];
 
 describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference', () => {

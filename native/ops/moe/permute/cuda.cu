@@ -1,7 +1,9 @@
 // Permute / unpermute kernels.
 //   layout:   every row starts as padding (an init kernel), then one kernel: every block scans the E
 //             segment lengths in shared memory (E ≤ 4096), block 0 writes offsets, and a grid-stride
-//             loop places assignments, each claiming its row with a compare-and-swap.
+//             loop places assignments, each claiming its row with a compare-and-swap. Up to 1024
+//             assignments and 8192 rows, one block of 512 does all of it (init included) in one
+//             launch.
 //   gather:   one warp per destination row, the widest aligned vector (16 bytes for rows whose byte
 //             length and base addresses allow it), no atomics. Reads x once per destination row:
 //             with k > 1 a token's row is read k times, mostly from DRAM (the rows of one token are
@@ -32,14 +34,39 @@ namespace {
 
 // ------------------------------------------------------------------------------------- layout
 constexpr int kLayoutThreads = 256;
+// The fused layout (kFused): one block of kLayoutFusedThreads threads does layout_init_kernel's work,
+// counts invalid assignments in shared memory and writes the count once, so the layout is one
+// launch instead of a memset, the init kernel and this kernel. permute_layout_cuda takes it up to
+// kLayoutFusedMaxN assignments (two steps of the placement loop, whose loads and compare-and-swap
+// form a dependent chain per step: T·k = 1024 for DeepSeek-V3's decode step at T = 128) and
+// kLayoutFusedMaxR rows (16 steps of plain stores). 512 threads: at 1024, cub's 64-bit block scan
+// needs more than the 64 registers a thread may have and spills.
+constexpr int kLayoutFusedThreads = 512;
+constexpr int64_t kLayoutFusedMaxN = 2 * kLayoutFusedThreads;
+constexpr int64_t kLayoutFusedMaxR = 16 * kLayoutFusedThreads;
 
-__global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int32_t* kept, const float* w, int64_t n, int32_t k, int32_t E,
-                              int64_t cap, int64_t align, int64_t R, int32_t* offsets, int32_t* row_of, int32_t* row_token,
-                              float* row_weight, int32_t* invalid) {
-  extern __shared__ long long s_off[];  // E + 1
-  using Scan = cub::BlockScan<long long, kLayoutThreads>;
+// kFused: the init and the zeroed count come first; the __syncthreads() after the scan orders
+// those writes before any claim (a barrier makes a block's global writes visible to the block).
+template <bool kFused>
+__global__ void __launch_bounds__(kFused ? kLayoutFusedThreads : kLayoutThreads)
+    layout_kernel(const int32_t* idx, const int32_t* slot, const int32_t* kept, const float* w, int64_t n, int32_t k, int32_t E,
+                  int64_t cap, int64_t align, int64_t R, int32_t* offsets, int32_t* row_of, int32_t* row_token, float* row_weight,
+                  int32_t* invalid) {
+  constexpr int kBlock = kFused ? kLayoutFusedThreads : kLayoutThreads;  // threads per block
+  extern __shared__ long long s_off[];                                   // E + 1
+  using Scan = cub::BlockScan<long long, kBlock>;
   __shared__ typename Scan::TempStorage scan_storage;
-  const int32_t chunk = (E + kLayoutThreads - 1) / kLayoutThreads;
+  __shared__ int32_t s_invalid;
+  int32_t* const out_invalid = invalid;
+  if constexpr (kFused) {
+    for (int64_t r = threadIdx.x; r < R; r += kBlock) {
+      row_token[r] = -1;
+      row_weight[r] = 0.f;
+    }
+    if (threadIdx.x == 0) s_invalid = 0;
+    invalid = &s_invalid;  // counted in shared memory, written once at the end
+  }
+  const int32_t chunk = (E + kBlock - 1) / kBlock;
   const int32_t lo = min(E, int32_t(threadIdx.x) * chunk), hi = min(E, lo + chunk);
   auto seg_len = [&](int32_t e) -> long long {
     long long len = cap >= 0 ? cap : (kept[e] > 0 ? kept[e] : 0);
@@ -82,6 +109,10 @@ __global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int
     }
     row_of[i] = r;
     if (r >= 0) row_weight[r] = w[i];
+  }
+  if constexpr (kFused) {
+    __syncthreads();
+    if (threadIdx.x == 0) *out_invalid = s_invalid;
   }
 }
 
@@ -453,14 +484,23 @@ void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor
   const std::string op = "permute";
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int64_t n = indices.numel(), E = kept.numel(), R = row_token.numel();
-  cuda::memset_async(invalid.raw(), 0, 4, stream, op);
-  layout_init_kernel<<<grid_for(R, kLayoutThreads), kLayoutThreads, 0, stream>>>(R, row_token.data<int32_t>(), row_weight.data<float>());
-  cuda::check_launch(op);
-  size_t smem = size_t(E + 1) * sizeof(long long);
-  layout_kernel<<<grid_for(std::max<int64_t>(n, R), kLayoutThreads), kLayoutThreads, smem, stream>>>(
-      indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, int32_t(indices.size(1)), int32_t(E),
-      capacity, align, R, offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(),
-      invalid.data<int32_t>());
+  // The one place that picks the layout's launches: the fused single block for a serving step's
+  // few assignments and rows; otherwise the memset, the init kernel and a grid of blocks.
+  const bool fused = n <= kLayoutFusedMaxN && R <= kLayoutFusedMaxR;
+  const size_t smem = size_t(E + 1) * sizeof(long long);
+  const int32_t k = int32_t(indices.size(1));
+  if (fused) {
+    layout_kernel<true><<<1, kLayoutFusedThreads, smem, stream>>>(
+        indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, k, int32_t(E), capacity, align, R,
+        offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(), invalid.data<int32_t>());
+  } else {
+    cuda::memset_async(invalid.raw(), 0, 4, stream, op);
+    layout_init_kernel<<<grid_for(R, kLayoutThreads), kLayoutThreads, 0, stream>>>(R, row_token.data<int32_t>(), row_weight.data<float>());
+    cuda::check_launch(op);
+    layout_kernel<false><<<grid_for(std::max<int64_t>(n, R), kLayoutThreads), kLayoutThreads, smem, stream>>>(
+        indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, k, int32_t(E), capacity, align, R,
+        offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(), invalid.data<int32_t>());
+  }
   cuda::check_launch(op);
 }
 
