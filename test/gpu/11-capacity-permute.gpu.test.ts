@@ -166,6 +166,47 @@ const cases: Case[] = [
     pad: true,
   },
   { name: 'T·k=32767 (odd), f32, 8-byte rows', T: 32767, k: 1, E: 7, used: 7, H: 2, dtype: 'f32', policy: 'probs', align: 1, pad: false },
+  // Serving-step shapes: capacity's single-block path, the one-launch layout (n ≤ 1024, R ≤ 8192),
+  // unpermute with each token's columns over several blocks.
+  {
+    name: 'Mixtral decode T=64 k=2 E=8, dropless, H=4096',
+    T: 64,
+    k: 2,
+    E: 8,
+    used: 8,
+    H: 4096,
+    dtype: 'bf16',
+    policy: 'probs',
+    align: 1,
+    pad: false,
+  },
+  {
+    name: 'DeepSeek-V3 decode T=128 k=8 E=256, position cf=1, padded, H=7168',
+    T: 128,
+    k: 8,
+    E: 256,
+    used: 256,
+    H: 7168,
+    dtype: 'bf16',
+    cf: 1.0,
+    policy: 'position',
+    align: 8,
+    pad: true,
+  },
+  // n = 1024 but R = 256·64 = 16384 rows: the layout's grid of blocks after capacity's single block.
+  {
+    name: 'n=1024 with R=16384 (padding rows)',
+    T: 128,
+    k: 8,
+    E: 256,
+    used: 256,
+    H: 64,
+    dtype: 'f32',
+    cf: 1.0,
+    policy: 'position',
+    align: 64,
+    pad: true,
+  },
 ];
 
 describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference', () => {
@@ -307,5 +348,224 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
     gapRowValues.dispose();
     disposeAll(p);
     disposeAll(cap);
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+// Capacity's two CUDA paths (native/ops/moe/capacity/cuda.cu, small_path): 'position' and dropless
+// with n = T·k ≤ 8192 and E ≤ 512 run as one single-block kernel; 'probs' with a capacity, larger n
+// or larger E run the radix sorts. Each case names the path its shape takes.
+
+/** Position policy / dropless as plain loops, with out-of-range ids skipped and counted (the CUDA
+ *  contract; the CPU op throws for them instead). Checked against the CPU op where ids are valid. */
+function positionReference(idx: Int32Array, E: number, cap: number | null) {
+  const count = new Int32Array(E);
+  const slot = new Int32Array(idx.length);
+  let invalid = 0;
+  idx.forEach((e, i) => {
+    if (e < 0 || e >= E) {
+      slot[i] = -1;
+      invalid++;
+      return;
+    }
+    const r = count[e] as number;
+    count[e] = r + 1;
+    slot[i] = cap === null || r < cap ? r : -1;
+  });
+  const kept = count.map((c) => (cap === null ? c : Math.min(c, cap)));
+  const valid = count.reduce((a, b) => a + b, 0);
+  const keptTotal = kept.reduce((a, b) => a + b, 0);
+  return { slot, keptPerExpert: kept, dropped: Int32Array.of(valid - keptTotal), invalid: Int32Array.of(invalid) };
+}
+
+interface CapacityCase {
+  name: string;
+  T: number;
+  k: number;
+  E: number;
+  used: number;
+  cf?: number;
+  policy: DropPolicy;
+  /** Assignments given an out-of-range expert id (compared with positionReference). */
+  bad?: number;
+  /** Every assignment goes to expert 0 (k = 1). */
+  oneExpert?: boolean;
+}
+
+const capacityCases: CapacityCase[] = [
+  // small path
+  { name: 'small: n = 0, dropless', T: 0, k: 2, E: 8, used: 8, policy: 'position' },
+  { name: 'small: n = 0, position', T: 0, k: 2, E: 8, used: 8, cf: 1, policy: 'position' },
+  { name: 'small: n = 1, dropless', T: 1, k: 1, E: 8, used: 8, policy: 'probs' },
+  { name: 'small: n = 1, C = 0 drops it', T: 1, k: 1, E: 8, used: 8, cf: 1e-12, policy: 'position' },
+  { name: 'small: Mixtral decode T=64 k=2 E=8, dropless', T: 64, k: 2, E: 8, used: 8, policy: 'probs' },
+  { name: 'small: Mixtral decode, position cf=0.5', T: 64, k: 2, E: 8, used: 8, cf: 0.5, policy: 'position' },
+  { name: 'small: DeepSeek-V3 decode T=128 k=8 E=256, dropless', T: 128, k: 8, E: 256, used: 256, policy: 'position' },
+  { name: 'small: DeepSeek-V3 decode, position cf=0.5', T: 128, k: 8, E: 256, used: 200, cf: 0.5, policy: 'position' },
+  { name: 'small: n = 8192 (the limit), E=256, position cf=0.8', T: 1024, k: 8, E: 256, used: 256, cf: 0.8, policy: 'position' },
+  { name: 'small: E = 512 (the limit), n = 8000, dropless', T: 1000, k: 8, E: 512, used: 512, policy: 'position' },
+  { name: 'small: E = 1, n = 999, position cf=0.5', T: 999, k: 1, E: 1, used: 1, cf: 0.5, policy: 'position' },
+  { name: 'small: one expert takes all 8192, dropless', T: 8192, k: 1, E: 4, used: 4, policy: 'position', oneExpert: true },
+  { name: 'small: out-of-range ids, E=8, position cf=1', T: 300, k: 2, E: 8, used: 8, cf: 1, policy: 'position', bad: 7 },
+  { name: 'small: out-of-range ids, E=256, dropless', T: 128, k: 8, E: 256, used: 256, policy: 'position', bad: 30 },
+  // radix path
+  { name: 'radix: n = 8193, dropless', T: 8193, k: 1, E: 8, used: 8, policy: 'position' },
+  { name: 'radix: n = 8193, position cf=0.5', T: 8193, k: 1, E: 8, used: 8, cf: 0.5, policy: 'position' },
+  { name: 'radix: n = 16384, E=256, position cf=0.9', T: 2048, k: 8, E: 256, used: 256, cf: 0.9, policy: 'position' },
+  { name: 'radix: E = 513, n = 512, dropless', T: 64, k: 8, E: 513, used: 513, policy: 'position' },
+  { name: 'radix: E = 1024, n = 1024, position cf=0.5', T: 128, k: 8, E: 1024, used: 700, cf: 0.5, policy: 'position' },
+  { name: "radix: 'probs' with a capacity at n = 128", T: 64, k: 2, E: 8, used: 8, cf: 0.5, policy: 'probs' },
+  { name: 'radix: out-of-range ids, n = 16384, dropless', T: 2048, k: 8, E: 256, used: 256, policy: 'position', bad: 50 },
+  { name: 'radix: out-of-range ids, E = 1024, position cf=0.5', T: 128, k: 8, E: 1024, used: 1024, cf: 0.5, policy: 'position', bad: 10 },
+];
+
+describe.skipIf(!hasGpu)('capacity: the single-block and the radix CUDA paths against the CPU reference', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+  });
+  afterEach(() => {
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(capacityCases)('$name', (c) => {
+    const { T, k, E } = c;
+    const seed = freshSeed();
+    const ro = routing(T, k, c.used, seed);
+    if (c.oneExpert) ro.idx.fill(0);
+    const r = rng(seed ^ 0x5bd1e995);
+    const badIds = [-1, -7, E, E + 1, 1 << 20, -(1 << 30)];
+    for (let b = 0; b < (c.bad ?? 0); b++) ro.idx[Math.floor(r() * T * k)] = badIds[b % badIds.length] as number;
+    const label = `seed ${seed}`;
+    using iG = Tensor.fromArray(ro.idx, { dtype: 'i32', shape: [T, k], device: gpu });
+    using wG = Tensor.fromArray(ro.w, { dtype: 'f32', shape: [T, k], device: gpu });
+    const opts = (device: DeviceLike) => ({
+      numExperts: E,
+      dropPolicy: c.policy,
+      out: poisonedCapacity(T, k, E, device),
+      ...(c.cf === undefined ? {} : { capacityFactor: c.cf }),
+    });
+    const capG: CapacityResult = capacity(iG, wG, opts(gpu));
+    const got = {
+      slot: capG.slot.toArray() as Int32Array,
+      keptPerExpert: capG.keptPerExpert.toArray() as Int32Array,
+      dropped: capG.dropped.toArray() as Int32Array,
+      invalid: capG.invalid.toArray() as Int32Array,
+    };
+    if (c.bad === undefined) {
+      using iC = Tensor.fromArray(ro.idx, { dtype: 'i32', shape: [T, k], device: cpu });
+      using wC = Tensor.fromArray(ro.w, { dtype: 'f32', shape: [T, k], device: cpu });
+      const capC: CapacityResult = capacity(iC, wC, opts(cpu));
+      for (const key of ['slot', 'keptPerExpert', 'dropped', 'invalid'] as const)
+        expect(same(capG[key], capC[key]), `${key}, ${label}`).toBe(true);
+      if (c.policy === 'position' || c.cf === undefined) {
+        // The plain-loop reference used for out-of-range ids agrees with the CPU op on valid ones.
+        const ref = positionReference(ro.idx, E, capC.capacity);
+        for (const key of ['slot', 'keptPerExpert', 'dropped', 'invalid'] as const)
+          expect(Array.from(capC[key].toArray() as Int32Array), `reference ${key}, ${label}`).toEqual(Array.from(ref[key]));
+      }
+      if (c.cf !== undefined && c.cf < 1 && T > 0) expect(capC.dropped.item(), `drops happen, ${label}`).toBeGreaterThan(0);
+      disposeAll(capC);
+    } else {
+      const ref = positionReference(ro.idx, E, capG.capacity);
+      expect(ref.invalid[0], label).toBeGreaterThan(0);
+      for (const key of ['slot', 'keptPerExpert', 'dropped', 'invalid'] as const)
+        expect(Array.from(got[key]), `${key}, ${label}`).toEqual(Array.from(ref[key]));
+    }
+    disposeAll(capG);
+  });
+});
+
+// ------------------------------------------------------------------------------------------------
+// Unpermute (and permuteBackward, the same kernel with weights 1 and an optional add) at few tokens,
+// where the CUDA kernel splits each token's columns over several blocks, and at T ≥ 1024, one block
+// per token. Every variant against the CPU reference; and each output element's fp32 sum has a fixed
+// order whatever the grid, so the rows of a few-token call equal, bit for bit, the same tokens' rows
+// of a many-token call.
+
+interface UnpermuteShape {
+  name: string;
+  H: number;
+  k: number;
+}
+const unpermuteShapes: UnpermuteShape[] = [
+  { name: 'DeepSeek-V3 H=7168 k=8', H: 7168, k: 8 },
+  { name: 'Mixtral H=4096 k=2', H: 4096, k: 2 },
+  { name: 'H=64·37 (a partial last column chunk) k=3', H: 64 * 37, k: 3 },
+  { name: 'H=301 (one element per access) k=10 (two load tiles)', H: 301, k: 10 },
+];
+const bigT = 1031; // ≥ 1024 tokens: one block per token
+const smallTs = [1, 7, 128] as const;
+
+describe.skipIf(!hasGpu)('unpermute at few and many tokens against the CPU reference', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+  });
+  afterEach(() => {
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(unpermuteShapes)('$name', ({ H, k }) => {
+    const seed = freshSeed();
+    const label = `seed ${seed}`;
+    const r = rng(seed);
+    // rowOf: a random permutation of the rows, about one assignment in 8 dropped (-1).
+    const R = bigT * k;
+    const perm = Int32Array.from({ length: R }, (_, i) => i);
+    for (let i = R - 1; i > 0; i--) {
+      const p = Math.floor(r() * (i + 1));
+      [perm[i], perm[p]] = [perm[p] as number, perm[i] as number];
+    }
+    const rowOf = perm.map((v) => (r() < 0.125 ? -1 : v));
+    const w = Float32Array.from({ length: R }, () => Math.fround(r() * 2 - 0.5));
+    const add = Float32Array.from({ length: bigT * H }, () => Math.fround(r() * 4 - 2));
+    using rowsF = Tensor.randn([R, H], { seed: seed + 1, device: cpu });
+
+    for (const rdt of ['bf16', 'f32'] as const) {
+      using rowsC = rowsF.cast(rdt);
+      using rowsG = rowsC.to(gpu);
+      // Variants: [what, output dtype, with weights, add dtype or null, tolerance against the CPU].
+      const variants: Array<[string, 'f32' | 'bf16', boolean, boolean, number]> = [
+        ['unpermute', 'f32', true, false, 1e-6],
+        ['unpermute', 'bf16', true, false, 4e-3],
+        ['permuteBackward', 'f32', false, false, 1e-5],
+        ['permuteBackward + add', 'f32', false, true, 1e-5],
+        ['permuteBackward + add', rdt, false, true, rdt === 'f32' ? 1e-5 : 4e-3],
+      ];
+      for (const [what, odt, weighted, withAdd, tol] of variants) {
+        const tag = `${what}, rows ${rdt} -> ${odt}, ${label}`;
+        // Runs the variant on tokens [t0, t0 + T) on `device`, into a poisoned output there.
+        const run = (device: DeviceLike, t0: number, T: number): Tensor => {
+          using ro = Tensor.fromArray(rowOf.subarray(t0 * k, (t0 + T) * k), { dtype: 'i32', shape: [T, k], device });
+          const rows = device === cpu ? rowsC : rowsG;
+          const out = poisoned([T, H], odt, device);
+          if (weighted) {
+            using wt = Tensor.fromArray(w.subarray(t0 * k, (t0 + T) * k), { dtype: 'f32', shape: [T, k], device });
+            unpermute(rows, ro, wt, { out });
+          } else if (withAdd) {
+            using addF = Tensor.fromArray(add.subarray(t0 * H, (t0 + T) * H), { dtype: 'f32', shape: [T, H], device });
+            using addT = addF.cast(odt);
+            permuteBackward(rows, ro, { out, add: addT });
+          } else {
+            permuteBackward(rows, ro, { out });
+          }
+          return out;
+        };
+        using yC = run(cpu, 0, bigT);
+        using yG = run(gpu, 0, bigT);
+        const refAll = yC.toFloat32Array();
+        expect(relErr(yG.toFloat32Array(), refAll), `T=${bigT}: ${tag}`).toBeLessThan(tol);
+        const bigBytes = bytes(yG);
+        const esize = odt === 'f32' ? 4 : 2;
+        for (const T of smallTs) {
+          const t0 = Math.min(bigT - T, 5 + T);
+          using ySmall = run(gpu, t0, T);
+          const want = bigBytes.subarray(t0 * H * esize, (t0 + T) * H * esize);
+          expect(bytes(ySmall).equals(want), `T=${T} (tokens ${t0}..): bit-identical to the same tokens at T=${bigT}, ${tag}`).toBe(true);
+          expect(relErr(ySmall.toFloat32Array(), refAll.subarray(t0 * H, (t0 + T) * H)), `T=${T}: ${tag}`).toBeLessThan(tol);
+        }
+      }
+    }
   });
 });

@@ -17,7 +17,8 @@
 //
 // Policies: Probs keeps each expert's C highest-weight assignments (ties and NaN: a NaN weight ranks
 // as -inf; equal weights keep the earlier (t, j)); Position keeps the earliest C in (t, j) order.
-// The CUDA path makes no host synchronisation (stable CUB radix sorts + small kernels).
+// The CUDA path makes no host synchronisation: 'position' and dropless with T·k ≤ 8192 and E ≤ 512
+// run as one single-block kernel; everything else as stable CUB radix sorts + small kernels (cuda.cu).
 #pragma once
 #include "core/tensor.h"
 

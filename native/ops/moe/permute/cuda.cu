@@ -1,7 +1,9 @@
 // Permute / unpermute kernels.
 //   layout:   every row starts as padding (an init kernel), then one kernel: every block scans the E
 //             segment lengths in shared memory (E ≤ 4096), block 0 writes offsets, and a grid-stride
-//             loop places assignments, each claiming its row with a compare-and-swap.
+//             loop places assignments, each claiming its row with a compare-and-swap. Up to 1024
+//             assignments and 8192 rows, one block of 512 does all of it (init included) in one
+//             launch.
 //   gather:   one warp per destination row, the widest aligned vector (16 bytes for rows whose byte
 //             length and base addresses allow it), no atomics. Reads x once per destination row:
 //             with k > 1 a token's row is read k times, mostly from DRAM (the rows of one token are
@@ -10,7 +12,8 @@
 //             reads the token's row once (the widest aligned vector, 4 per thread in flight) and
 //             writes it to each of its destination rows; further blocks zero the padding rows.
 //             DRAM traffic: x once + rows once, the bytes the benchmark counts.
-//   unpermute: one block per token, fp32 accumulation, one write per output row.
+//   unpermute: a block per token (per column chunk of a token when there are few tokens), fp32
+//             accumulation in a fixed order whatever the grid, one write per output element.
 //   unpermute backward: one block per token, the rows of up to 8 of its assignments loaded at once
 //             (16-byte vectors, all in flight together), dy's row read once; the gate-weight dot
 //             products reduced once per 8 assignments; further blocks zero the padding rows.
@@ -31,14 +34,39 @@ namespace {
 
 // ------------------------------------------------------------------------------------- layout
 constexpr int kLayoutThreads = 256;
+// The fused layout (kFused): one block of kLayoutFusedThreads threads does layout_init_kernel's work,
+// counts invalid assignments in shared memory and writes the count once, so the layout is one
+// launch instead of a memset, the init kernel and this kernel. permute_layout_cuda takes it up to
+// kLayoutFusedMaxN assignments (two steps of the placement loop, whose loads and compare-and-swap
+// form a dependent chain per step: T·k = 1024 for DeepSeek-V3's decode step at T = 128) and
+// kLayoutFusedMaxR rows (16 steps of plain stores). 512 threads: at 1024, cub's 64-bit block scan
+// needs more than the 64 registers a thread may have and spills.
+constexpr int kLayoutFusedThreads = 512;
+constexpr int64_t kLayoutFusedMaxN = 2 * kLayoutFusedThreads;
+constexpr int64_t kLayoutFusedMaxR = 16 * kLayoutFusedThreads;
 
-__global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int32_t* kept, const float* w, int64_t n, int32_t k, int32_t E,
-                              int64_t cap, int64_t align, int64_t R, int32_t* offsets, int32_t* row_of, int32_t* row_token,
-                              float* row_weight, int32_t* invalid) {
-  extern __shared__ long long s_off[];  // E + 1
-  using Scan = cub::BlockScan<long long, kLayoutThreads>;
+// kFused: the init and the zeroed count come first; the __syncthreads() after the scan orders
+// those writes before any claim (a barrier makes a block's global writes visible to the block).
+template <bool kFused>
+__global__ void __launch_bounds__(kFused ? kLayoutFusedThreads : kLayoutThreads)
+    layout_kernel(const int32_t* idx, const int32_t* slot, const int32_t* kept, const float* w, int64_t n, int32_t k, int32_t E,
+                  int64_t cap, int64_t align, int64_t R, int32_t* offsets, int32_t* row_of, int32_t* row_token, float* row_weight,
+                  int32_t* invalid) {
+  constexpr int kBlock = kFused ? kLayoutFusedThreads : kLayoutThreads;  // threads per block
+  extern __shared__ long long s_off[];                                   // E + 1
+  using Scan = cub::BlockScan<long long, kBlock>;
   __shared__ typename Scan::TempStorage scan_storage;
-  const int32_t chunk = (E + kLayoutThreads - 1) / kLayoutThreads;
+  __shared__ int32_t s_invalid;
+  int32_t* const out_invalid = invalid;
+  if constexpr (kFused) {
+    for (int64_t r = threadIdx.x; r < R; r += kBlock) {
+      row_token[r] = -1;
+      row_weight[r] = 0.f;
+    }
+    if (threadIdx.x == 0) s_invalid = 0;
+    invalid = &s_invalid;  // counted in shared memory, written once at the end
+  }
+  const int32_t chunk = (E + kBlock - 1) / kBlock;
   const int32_t lo = min(E, int32_t(threadIdx.x) * chunk), hi = min(E, lo + chunk);
   auto seg_len = [&](int32_t e) -> long long {
     long long len = cap >= 0 ? cap : (kept[e] > 0 ? kept[e] : 0);
@@ -81,6 +109,10 @@ __global__ void layout_kernel(const int32_t* idx, const int32_t* slot, const int
     }
     row_of[i] = r;
     if (r >= 0) row_weight[r] = w[i];
+  }
+  if constexpr (kFused) {
+    __syncthreads();
+    if (threadIdx.x == 0) *out_invalid = s_invalid;
   }
 }
 
@@ -259,33 +291,72 @@ template <typename T, int N> __device__ void store_float(T* p, const float (&f)[
   *reinterpret_cast<Pack<T, N>*>(p) = pk;
 }
 
-// out[t] = add[t] + Σ_j w[t,j]·rows[row_of[t,j]] (add optional): one block per token, N elements per
-// access.
+// out[t] = add[t] + Σ_j w[t,j]·rows[row_of[t,j]] (add optional), N elements per access. Block b
+// handles token b / chunks and the columns [c·chunk, (c+1)·chunk) ∩ [0, H) with c = b % chunks
+// (chunks = 1, chunk ≥ H: one block per token). Each element's sum is the same whatever the grid:
+// acc = add (or 0), then acc += w[t,j]·row for j = 0, 1, …, k-1 in that order, skipping dropped
+// ones; the rows of up to kUnpermuteTile assignments are loaded together before they are added,
+// which changes when loads are issued, not the order of the additions.
+constexpr int kUnpermuteTile = 8;
 template <typename I, typename O, int N>
-__global__ void unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t H, const int32_t* __restrict__ row_of,
-                                 const float* __restrict__ w, int32_t k, const O* __restrict__ add, O* __restrict__ out) {
+__global__ void __launch_bounds__(kTokenThreads)
+    unpermute_kernel(const I* __restrict__ rows, int64_t R, int64_t H, const int32_t* __restrict__ row_of, const float* __restrict__ w,
+                     int32_t k, const O* __restrict__ add, O* __restrict__ out, int64_t chunk, int32_t chunks) {
   extern __shared__ int32_t s_row[];  // k rows, then k weights
   float* s_w = reinterpret_cast<float*>(s_row + k);
-  const int64_t t = blockIdx.x;
+  const int64_t t = blockIdx.x / unsigned(chunks);
+  const int64_t h_begin = int64_t(blockIdx.x % unsigned(chunks)) * chunk;
+  const int64_t h_end = h_begin + chunk < H ? h_begin + chunk : H;
   for (int32_t j = threadIdx.x; j < k; j += blockDim.x) {
     int32_t r = row_of[t * k + j];
     s_row[j] = (r >= 0 && r < R) ? r : -1;
     s_w[j] = w ? w[t * k + j] : 1.f;
   }
   __syncthreads();
-  for (int64_t h = int64_t(threadIdx.x) * N; h < H; h += int64_t(blockDim.x) * N) {
+  for (int64_t h = h_begin + int64_t(threadIdx.x) * N; h < h_end; h += int64_t(blockDim.x) * N) {
     float acc[N] = {};
     if (add) load_float<O, N>(add + t * H + h, acc);
-    for (int32_t j = 0; j < k; ++j) {
-      int32_t r = s_row[j];
-      if (r < 0) continue;
-      float v[N];
-      load_float<I, N>(rows + int64_t(r) * H + h, v);
+    for (int32_t j0 = 0; j0 < k; j0 += kUnpermuteTile) {
+      // The tile's rows are the same for every thread (shared memory), so these branches are uniform.
+      Pack<I, N> x[kUnpermuteTile];
 #pragma unroll
-      for (int i = 0; i < N; ++i) acc[i] += s_w[j] * v[i];
+      for (int u = 0; u < kUnpermuteTile; ++u) {
+        const int32_t j = j0 + u;
+        const int32_t r = j < k ? s_row[j] : -1;
+        if (r >= 0) x[u] = *reinterpret_cast<const Pack<I, N>*>(rows + int64_t(r) * H + h);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnpermuteTile; ++u) {
+        const int32_t j = j0 + u;
+        if (j >= k || s_row[j] < 0) continue;
+        const float wj = s_w[j];
+#pragma unroll
+        for (int i = 0; i < N; ++i) acc[i] += wj * to_float(x[u].v[i]);
+      }
     }
     store_float<O, N>(out + t * H + h, acc);
   }
+}
+
+// Column chunks per token. With at least kUnpermuteTargetBlocks tokens, one block per token (chunks
+// = 1). With fewer, H is cut into chunks of whole block steps (kTokenThreads·N elements, so every
+// access stays N-aligned) until about kUnpermuteTargetBlocks blocks run, at most one step per block:
+// e.g. T = 128, H = 7168 bf16 (N = 8): 7 chunks of 1024 columns, 896 blocks; T = 64, H = 4096: 256.
+// 1024 blocks of 128 threads ≈ 8 per SM on a 132-SM H200 (half its thread slots), and each thread
+// keeps up to kUnpermuteTile 16-byte loads in flight. The grid never changes a result (see above).
+constexpr int64_t kUnpermuteTargetBlocks = 1024;
+struct UnpermuteGrid {
+  int64_t chunk;   // columns per block
+  int64_t chunks;  // blocks per token
+};
+UnpermuteGrid unpermute_grid(int64_t T, int64_t H, int N) {
+  const int64_t step = int64_t(kTokenThreads) * N;
+  const int64_t steps = (H + step - 1) / step;
+  const int64_t want = (kUnpermuteTargetBlocks + T - 1) / T;
+  int64_t chunks = std::max<int64_t>(1, std::min(steps, want));
+  const int64_t per = (steps + chunks - 1) / chunks;  // steps per block
+  chunks = (steps + per - 1) / per;
+  return chunks <= 1 ? UnpermuteGrid{H, 1} : UnpermuteGrid{per * step, chunks};
 }
 
 // ------------------------------------------------------------------------ unpermute backward
@@ -413,14 +484,23 @@ void permute_layout_cuda(const Tensor& indices, const Tensor& slot, const Tensor
   const std::string op = "permute";
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int64_t n = indices.numel(), E = kept.numel(), R = row_token.numel();
-  cuda::memset_async(invalid.raw(), 0, 4, stream, op);
-  layout_init_kernel<<<grid_for(R, kLayoutThreads), kLayoutThreads, 0, stream>>>(R, row_token.data<int32_t>(), row_weight.data<float>());
-  cuda::check_launch(op);
-  size_t smem = size_t(E + 1) * sizeof(long long);
-  layout_kernel<<<grid_for(std::max<int64_t>(n, R), kLayoutThreads), kLayoutThreads, smem, stream>>>(
-      indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, int32_t(indices.size(1)), int32_t(E),
-      capacity, align, R, offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(),
-      invalid.data<int32_t>());
+  // The one place that picks the layout's launches: the fused single block for a serving step's
+  // few assignments and rows; otherwise the memset, the init kernel and a grid of blocks.
+  const bool fused = n <= kLayoutFusedMaxN && R <= kLayoutFusedMaxR;
+  const size_t smem = size_t(E + 1) * sizeof(long long);
+  const int32_t k = int32_t(indices.size(1));
+  if (fused) {
+    layout_kernel<true><<<1, kLayoutFusedThreads, smem, stream>>>(
+        indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, k, int32_t(E), capacity, align, R,
+        offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(), invalid.data<int32_t>());
+  } else {
+    cuda::memset_async(invalid.raw(), 0, 4, stream, op);
+    layout_init_kernel<<<grid_for(R, kLayoutThreads), kLayoutThreads, 0, stream>>>(R, row_token.data<int32_t>(), row_weight.data<float>());
+    cuda::check_launch(op);
+    layout_kernel<false><<<grid_for(std::max<int64_t>(n, R), kLayoutThreads), kLayoutThreads, smem, stream>>>(
+        indices.data<int32_t>(), slot.data<int32_t>(), kept.data<int32_t>(), weights.data<float>(), n, k, int32_t(E), capacity, align, R,
+        offsets.data<int32_t>(), row_of.data<int32_t>(), row_token.data<int32_t>(), row_weight.data<float>(), invalid.data<int32_t>());
+  }
   cuda::check_launch(op);
 }
 
@@ -451,9 +531,11 @@ void unpermute_cuda(const Tensor& rows, const Tensor& row_of, const Tensor& weig
       dispatch_pack(n, [&](auto ntag) {
         constexpr int N = decltype(ntag)::value;
         if constexpr (N * sizeof(I) <= 16) {
-          unpermute_kernel<I, O, N><<<unsigned(T), kTokenThreads, smem, cudaStream_t(stream)>>>(
+          const UnpermuteGrid g = unpermute_grid(T, H, N);
+          // T < 2^31 (rowOf's numel is checked); chunks > 1 only when T < kUnpermuteTargetBlocks.
+          unpermute_kernel<I, O, N><<<unsigned(T * g.chunks), kTokenThreads, smem, cudaStream_t(stream)>>>(
               rows.data<I>(), R, H, row_of.data<int32_t>(), weights.defined() ? weights.data<float>() : nullptr, int32_t(k),
-              add.defined() ? add.data<O>() : nullptr, out.data<O>());
+              add.defined() ? add.data<O>() : nullptr, out.data<O>(), g.chunk, int32_t(g.chunks));
         }
       });
     });
