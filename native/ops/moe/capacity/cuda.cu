@@ -222,7 +222,7 @@ bool small_path(DropPolicy policy, int64_t capacity, int64_t n, int64_t E) {
   return (policy == DropPolicy::Position || capacity < 0) && n <= kSmallMaxN && E <= kSmallMaxExperts;
 }
 
-int bits_for(int64_t v) {  // bits needed to hold 0..v  // bits needed to hold 0..v
+int bits_for(int64_t v) {  // bits needed to hold 0..v
   int b = 1;
   while ((int64_t(1) << b) <= v) ++b;
   return b;
