@@ -16,6 +16,12 @@
  *                               rows (the tile kernels take any larger group). A layer's decode
  *                               step at T = 1: Mixtral 0.25 against 0.39 ms, DeepSeek-V3 0.28
  *                               against 0.38 (H200, 54297f7); false: the tile kernels for every group
+ *   groupedGemm.skinny   true   the forward (NN, plain store) with one group and N ≤ 256 columns,
+ *                               K and N multiples of 8 (the router's logits x·Wr) on the split-K
+ *                               skinny kernel: every SM streams x, where the tile kernels give one
+ *                               block per 128 rows; past 64 columns only up to 1024 rows. Sums in a
+ *                               fixed order (the same bits every run). Not yet measured on the GPU;
+ *                               false: the tile (or decode) kernels
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -24,7 +30,8 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0
+ *   MOE_EP_PDL=0
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF, and later
  * MOE_EP_GG_PINGPONG and MOE_EP_GG_FUSED_HANDOFF, switched variants that are no longer in the addon:
  * benchmarks/kernels/grouped_gemm/, steps 01 and 05-09. Set, they are named on stderr once and change
@@ -44,6 +51,8 @@ export interface GroupedGemmKernelOptions {
   fewRows: boolean;
   /** The forward with a handful of rows per group on the split-K decode kernel (default true). */
   decode: boolean;
+  /** The forward with one group and at most 256 columns (the router's logits) on the split-K skinny kernel (default true). */
+  skinny: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -63,7 +72,7 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true, skinny: true }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
@@ -73,6 +82,7 @@ const ENVIRONMENT = {
     hopper: 'MOE_EP_GG_HOPPER',
     fewRows: 'MOE_EP_GG_FEW_ROWS',
     decode: 'MOE_EP_GG_DECODE',
+    skinny: 'MOE_EP_GG_SKINNY',
   },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };

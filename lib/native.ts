@@ -435,7 +435,7 @@ export interface RawBinding {
   ): PeerHandle;
 }
 
-const EXPECTED_ABI = 10;
+const EXPECTED_ABI = 11;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

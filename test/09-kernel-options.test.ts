@@ -20,7 +20,7 @@ import { native, packageRoot } from '../lib/native.js';
 // Every measured winner on (the decode kernel included). The losing variants have no switch: they
 // live in benchmarks/kernels/grouped_gemm/.
 const defaults: KernelOptions = {
-  groupedGemm: { hopper: true, fewRows: true, decode: true },
+  groupedGemm: { hopper: true, fewRows: true, decode: true, skinny: true },
   router: { fast: true, pdl: true },
 };
 
@@ -43,7 +43,7 @@ describe('kernel switches', () => {
         MOE_EP_PDL: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true, decode: true },
+      groupedGemm: { hopper: false, fewRows: true, decode: true, skinny: true },
       router: { fast: true, pdl: false },
     });
     expect(
@@ -53,12 +53,14 @@ describe('kernel switches', () => {
         MOE_EP_ROUTER_FAST: '0',
         MOE_EP_GG_DECODE: '0',
         MOE_EP_GG_FUSED_HANDOFF: '0',
+        MOE_EP_GG_SKINNY: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: true, fewRows: false, decode: false },
+      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false },
       router: { fast: false, pdl: true },
     });
     expect(kernelOptionsFromEnvironment({ MOE_EP_GG_DECODE: 'yes' }).groupedGemm.decode).toBe(true);
+    expect(kernelOptionsFromEnvironment({ MOE_EP_GG_SKINNY: 'off' }).groupedGemm.skinny).toBe(true);
   });
 
   it('setKernelOptions changes the switches named, keeps the others, reaches the addon, and returns what was in force', () => {
@@ -76,6 +78,12 @@ describe('kernel switches', () => {
     expect(native().kernelOptions()).toEqual({ ...now, router: { ...now.router, fast: false } });
     setKernelOptions({ groupedGemm: { fewRows: !start.groupedGemm.fewRows } });
     expect(native().kernelOptions().groupedGemm).toEqual({ ...now.groupedGemm, fewRows: !start.groupedGemm.fewRows });
+    setKernelOptions({ groupedGemm: { skinny: !start.groupedGemm.skinny } });
+    expect(native().kernelOptions().groupedGemm).toEqual({
+      ...now.groupedGemm,
+      fewRows: !start.groupedGemm.fewRows,
+      skinny: !start.groupedGemm.skinny,
+    });
     setKernelOptions(before);
     expect(native().kernelOptions()).toEqual(start);
     // kernelOptions() hands out a copy
@@ -95,7 +103,7 @@ describe('kernel switches', () => {
       // the switches whose losing kernels moved to the ladder: unknown now, and said to be retired
       [
         { groupedGemm: { pingpong: true } },
-        /groupedGemm: unknown option 'pingpong'; expected 'hopper', 'fewRows', 'decode'; 'pingpong' chose between kernel variants until the slower one left the addon/,
+        /groupedGemm: unknown option 'pingpong'; expected 'hopper', 'fewRows', 'decode', 'skinny'; 'pingpong' chose between kernel variants until the slower one left the addon/,
       ],
       [
         { groupedGemm: { fusedHandoff: false } },
@@ -119,6 +127,9 @@ describe('kernel switches', () => {
     expect(() => native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true }, router: defaults.router } as never)).toThrow(
       /setKernelOptions: 'groupedGemm.decode' must be a boolean/,
     );
+    expect(() =>
+      native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true, decode: true }, router: defaults.router } as never),
+    ).toThrow(/setKernelOptions: 'groupedGemm.skinny' must be a boolean/);
     expect(() => native().setKernelOptions({ groupedGemm: defaults.groupedGemm } as never)).toThrow(
       /setKernelOptions: 'router' must be an object/,
     );
@@ -139,6 +150,7 @@ describe('kernel switches', () => {
       MOE_EP_GG_FUSED_HANDOFF: '0',
       MOE_EP_ROUTER_FAST: '0',
       MOE_EP_GG_DECODE: '0',
+      MOE_EP_GG_SKINNY: '0',
       MOE_EP_GG_HOPPER_HANDOFF: '1',
       MOE_EP_GG_TILE: '32',
     };
@@ -148,7 +160,7 @@ describe('kernel switches', () => {
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
     const expected = {
-      groupedGemm: { hopper: true, fewRows: false, decode: false },
+      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false },
       router: { fast: false, pdl: true },
     };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });

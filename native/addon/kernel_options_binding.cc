@@ -1,4 +1,4 @@
-// Kernel switches: setKernelOptions({ groupedGemm: { hopper, fewRows, decode }, router: { fast, pdl } }) and
+// Kernel switches: setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny }, router: { fast, pdl } }) and
 // kernelOptions(). lib/kernel-options.ts decides the values (defaults, the environment, the caller's
 // choices) and always passes every field; each op's .cc reads its struct when it picks a kernel.
 #include "addon/args.h"
@@ -25,7 +25,7 @@ bool flag(const Napi::Object& g, const char* group_name, const char* name) {
   return v.As<Napi::Boolean>().Value();
 }
 
-// setKernelOptions({ groupedGemm: { hopper, fewRows, decode }, router: { fast, pdl } }): every field given.
+// setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny }, router: { fast, pdl } }): every field given.
 Napi::Value set_kernel_options(const Napi::CallbackInfo& info) {
   MOE_ARG_CHECK(info.Length() >= 1 && info[0].IsObject(), kOp, "expects an object { groupedGemm, router }");
   const Napi::Object o = info[0].As<Napi::Object>();
@@ -34,6 +34,7 @@ Napi::Value set_kernel_options(const Napi::CallbackInfo& info) {
   g.hopper = flag(gg, "groupedGemm", "hopper");
   g.few_rows = flag(gg, "groupedGemm", "fewRows");
   g.decode = flag(gg, "groupedGemm", "decode");
+  g.skinny = flag(gg, "groupedGemm", "skinny");
   ops::RouterOptions ro;
   ro.fast = flag(r, "router", "fast");
   ro.pdl = flag(r, "router", "pdl");
@@ -51,6 +52,7 @@ Napi::Value kernel_options(const Napi::CallbackInfo& info) {
   gg.Set("hopper", Napi::Boolean::New(env, g.hopper));
   gg.Set("fewRows", Napi::Boolean::New(env, g.few_rows));
   gg.Set("decode", Napi::Boolean::New(env, g.decode));
+  gg.Set("skinny", Napi::Boolean::New(env, g.skinny));
   r.Set("fast", Napi::Boolean::New(env, ro.fast));
   r.Set("pdl", Napi::Boolean::New(env, ro.pdl));
   o.Set("groupedGemm", gg);

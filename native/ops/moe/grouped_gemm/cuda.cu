@@ -1,7 +1,8 @@
 // Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90,
 // and grouped_gemm_cuda, which runs the kernel grouped_gemm.cc chose: this one (the portable one
-// and the fallback), the wgmma/TMA kernel (hopper.cu) or the few-rows dW kernel (few_rows.cu), after
-// the decode kernel (decode.cu) where that was chosen for the groups of a few rows.
+// and the fallback), the wgmma/TMA kernel (hopper.cu), the few-rows dW kernel (few_rows.cu) or the
+// skinny one-group forward (skinny.cu), after the decode kernel (decode.cu) where that was chosen for
+// the groups of a few rows.
 //
 // Block tile 128×128×64, 4 warps each computing 64×64, a 3-stage cp.async ring in shared memory
 // with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. (v1's 128×128×32
@@ -20,6 +21,7 @@
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/skinny.h"
 #include "ops/moe/grouped_gemm/swiglu.h"
 
 namespace moe::ops {
@@ -410,6 +412,10 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
                     "the fused SwiGLU epilogues write bf16 into 4-byte-aligned tensors; got ", t->describe());
   }
   cudaStream_t stream = cudaStream_t(stream_ptr);
+  if (kernel == GemmKernel::Skinny) {
+    skinny_nn(g, stream);
+    return;
+  }
   if (choice.decode_rows > 0) {
     // The groups of 1..decode_rows rows; the tile kernel below takes the larger ones, if any can be.
     decode_nn(g, choice.decode_rows, stream);

@@ -7,6 +7,7 @@
 #include "ops/moe/grouped_gemm/decode.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/skinny.h"
 
 namespace moe::ops {
 
@@ -27,7 +28,18 @@ static_assert(std::atomic<GroupedGemmOptions>::is_always_lock_free, "the options
 // between 4 and 128 is not measured.
 constexpr int64_t kHopperDwMinRowsPerGroup = 32;
 
+// The skinny kernel past 64 columns only up to this many rows. It reads `a` once per 64-column band
+// and `b` once per 32 rows (skinny.cu), so at N = 256 and many rows its L2 traffic is ~12 times a's
+// bytes; at T ≤ 1024 the tile kernels have ≤ 8 blocks of 128 rows for it. Not measured: a bound
+// from that arithmetic, to be replaced by the H200's crossover.
+constexpr int64_t kSkinnyWideMaxRows = 1024;
+
 // The one place the CUDA kernel of a call is chosen, from the options and the shape:
+// 0. The forward (NN, Store) with one group and N ≤ 256 columns, the router's logits x·Wr, on the
+//    skinny kernel (skinny.cu; groupedGemm.skinny): K split across blocks so that every SM streams
+//    x, where the tile kernels give it one block per 128 rows (and the decode kernel, at ≤ 32 rows,
+//    one warp's columns per 256). Past 64 columns only up to kSkinnyWideMaxRows rows. Not yet
+//    measured on the GPU.
 // 1. dW with at most FEW_ROWS_AVERAGE rows per group on average (decode) is bound by its stores:
 //    the few-rows kernel streams them (few_rows.cu; H200, 40314f2: 12.6 vs 10.1 TFLOP/s on the
 //    tensor cores), where its limits allow.
@@ -42,6 +54,7 @@ constexpr int64_t kHopperDwMinRowsPerGroup = 32;
 GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   const bool tn = g.mode == GemmMode::TN;
+  if (o.skinny && skinny_nn_fits(g) && (g.b.size(2) <= 64 || M <= kSkinnyWideMaxRows)) return GemmKernel::Skinny;
   if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
 #if MOE_EP_WITH_HOPPER
   if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g)) return GemmKernel::Hopper;
@@ -73,9 +86,11 @@ int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
 }
 
 // 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
-//    tile kernel chosen above for any larger group (decode_rows).
+//    tile kernel chosen above for any larger group (decode_rows); not beside the skinny kernel,
+//    which takes every row of its one group.
 GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
-  return GemmChoice{select_tile_kernel(g, o), decode_rows(g, o)};
+  const GemmKernel kernel = select_tile_kernel(g, o);
+  return GemmChoice{kernel, kernel == GemmKernel::Skinny ? 0 : decode_rows(g, o)};
 }
 #endif
 }  // namespace
