@@ -285,17 +285,31 @@ template <typename OutT> __global__ void __launch_bounds__(FINISH_THREADS) skinn
   group_rows(p, begin, end);
   if (m < begin || m >= end) return;
   float v[8] = {};
-  for (int s = 0; s < p.splits; ++s) {
-    const float4* src = reinterpret_cast<const float4*>(p.partial + (int64_t(s) * p.M + m) * p.N + n);
-    const float4 x = __ldcg(src), y = __ldcg(src + 1);
-    v[0] += x.x;
-    v[1] += x.y;
-    v[2] += x.z;
-    v[3] += x.w;
-    v[4] += y.x;
-    v[5] += y.y;
-    v[6] += y.z;
-    v[7] += y.w;
+  // Batches of 8 splits: their 16 loads issued together, then added in split order.
+  for (int s0 = 0; s0 < p.splits; s0 += 8) {
+    float4 part[8][2];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (s0 + u < p.splits) {
+        const float4* src = reinterpret_cast<const float4*>(p.partial + (int64_t(s0 + u) * p.M + m) * p.N + n);
+        part[u][0] = __ldcg(src);
+        part[u][1] = __ldcg(src + 1);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      if (s0 + u < p.splits) {
+        const float4 x = part[u][0], y = part[u][1];
+        v[0] += x.x;
+        v[1] += x.y;
+        v[2] += x.z;
+        v[3] += x.w;
+        v[4] += y.x;
+        v[5] += y.y;
+        v[6] += y.z;
+        v[7] += y.w;
+      }
+    }
   }
   store_out<8, OutT>(p, int(m), n, v);
 }
@@ -309,28 +323,33 @@ struct Plan {
 // - TT: the fewest 8-token tiles that cover M (at most 4 with 64-column bands, 8 otherwise: ≤ 64
 //   accumulators per lane), then halved while the grid, even split as far as it goes, would not give
 //   every SM two blocks (small M is bound by latency: more blocks with fewer bytes each).
-// - splits: as many as one wave of resident blocks takes (blocks_per_sm per SM, rounded down), but at least one chunk per
-//   warp (splits ≤ chunks ÷ 4), the partial sums' traffic (8·splits·M·N bytes, written and read
-//   back) at most the bytes streamed (2·M·K + 2·K·N), and at most MAX_SPLITS; chunks per split a
-//   multiple of 4 (every warp of a block the same number of chunks, but in the last split).
-// E.g. 132 SMs: Mixtral T = 64 (K 4096, N 8): CPL 2, TT 1, 8 tiles × 32 splits of 4 chunks, 256
-// blocks (one chunk per warp); DeepSeek-V3 T = 128 (K 7168, N 256): CPL 8, TT 4, 4 tiles × 4 bands × 19 splits, 304
-// blocks; T = 4096 (K 7168, N 32): CPL 4, TT 8, 64 tiles × 6 splits of 40 chunks, 384 blocks.
+// - splits: as many as one wave of resident blocks takes (blocks_per_sm per SM, rounded down), but
+//   at least one full batch of U chunks per warp (splits ≤ chunks ÷ 4U), the partial sums' traffic
+//   (8·splits·M·N bytes, written and read back) at most the bytes streamed (2·M·K + 2·K·N), and at
+//   most MAX_SPLITS; chunks per split a multiple of 4 (every warp of a block the same number of
+//   chunks, but in the last split).
+// E.g. 132 SMs: Mixtral T = 64 (K 4096, N 8): CPL 2, TT 1 (U 4), 8 tiles × 8 splits of 16 chunks,
+// 64 blocks (each warp's 4 chunks in one batch); T = 256: 32 tiles × 8 splits, 256 blocks;
+// DeepSeek-V3 T = 128 (K 7168, N 256): CPL 8, TT 4 (U 1), 4 tiles × 4 bands × 19 splits of 12
+// chunks, 304 blocks; T = 4096 (K 7168, N 32): CPL 4, TT 8 (U 1), 64 tiles × 6 splits of 40 chunks,
+// 384 blocks.
 Plan make_plan(int64_t M, int64_t K, int64_t N, int sms) {
   Plan pl{};
   pl.cpl = N <= 16 ? 2 : N <= 32 ? 4 : 8;
   pl.bands = int((N + 8 * pl.cpl - 1) / (8 * pl.cpl));
   const int64_t chunks = (K + CHUNK - 1) / CHUNK;
-  const int64_t most_splits = std::clamp<int64_t>(chunks / WARPS, 1, MAX_SPLITS);
+  // At least one full batch of loads (U chunks) per warp: fewer would add blocks, partial sums and
+  // finishing work without taking a round trip off any warp.
+  auto most_splits = [&](int t) { return std::clamp<int64_t>(chunks / (WARPS * unroll(pl.cpl, t)), 1, MAX_SPLITS); };
   const int max_tt = pl.cpl == 8 ? 4 : 8;
   int tt = 1;
   while (tt < max_tt && 8 * tt < M) tt *= 2;
   auto tiles = [&](int t) { return (M + 8 * t - 1) / (8 * t); };
-  while (tt > 1 && tiles(tt) * pl.bands * most_splits < 2 * int64_t(sms)) tt /= 2;
+  while (tt > 1 && tiles(tt) * pl.bands * most_splits(tt) < 2 * int64_t(sms)) tt /= 2;
   pl.tt = tt;
   const int64_t base = tiles(tt) * pl.bands, target = int64_t(blocks_per_sm(pl.cpl, tt)) * sms;
   int64_t splits = std::max<int64_t>(1, target / base);  // rounded down: one wave, no tail of a few blocks
-  splits = std::min(splits, most_splits);
+  splits = std::min(splits, most_splits(tt));
   splits = std::min(splits, std::max<int64_t>(1, (2 * M * K + 2 * K * N) / (8 * M * N)));
   splits = std::clamp<int64_t>(splits, 1, MAX_SPLITS);
   int64_t per_split = (chunks + splits - 1) / splits;
@@ -384,10 +403,11 @@ bool skinny_nn_fits(const GroupedGemm& g) {
   if (M < 1 || K < 8 || N < 8 || K % 8 != 0 || N % 8 != 0 || N > SKINNY_MAX_N) return false;
   auto aligned = [](const Tensor& t) { return (reinterpret_cast<uintptr_t>(t.raw()) & 15) == 0; };
   if (!aligned(g.a) || !aligned(g.b) || !aligned(g.out)) return false;
-  // Grid: ceil(M/8)·bands·MAX_SPLITS blocks at most and M·N/8 finishing threads; indices in int.
+  // Grid: ceil(M/8)·bands·MAX_SPLITS blocks at most, and M·N/8 finishing threads in blocks of
+  // FINISH_THREADS; grid sizes below 2^31.
   const int64_t bands = (N + 63) / 64;
   return M < (int64_t(1) << 31) && K < (int64_t(1) << 31) && (M + 7) / 8 * bands * MAX_SPLITS < (int64_t(1) << 31) &&
-         M * (N / 8) < (int64_t(1) << 40);
+         M * (N / 8) / FINISH_THREADS < (int64_t(1) << 30);
 }
 
 void skinny_nn(const GroupedGemm& g, void* stream_ptr) {
