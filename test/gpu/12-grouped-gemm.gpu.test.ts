@@ -68,7 +68,14 @@ function fewRowCounts(): number[] {
 const small = cases.filter((c) => c.K * c.N <= 1 << 22);
 const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }[] = [
   { path: 'default kernels', kernels: {}, cases },
-  { path: 'mma.sync only (groupedGemm.hopper off)', kernels: { groupedGemm: { hopper: false } }, cases: small },
+  // The forward with one group takes the skinny kernel by default (test 17); these two paths keep the
+  // tile kernels checked on it.
+  { path: 'mma.sync only (groupedGemm.hopper and .skinny off)', kernels: { groupedGemm: { hopper: false, skinny: false } }, cases: small },
+  {
+    path: 'one group on the tile kernels (groupedGemm.skinny off)',
+    kernels: { groupedGemm: { skinny: false } },
+    cases: cases.filter((c) => c.E === 1),
+  },
   // The cases whose dW takes the few-rows kernel by default, on the tensor-core kernel alone.
   {
     path: 'dW without the few-rows kernel (groupedGemm.fewRows off)',
