@@ -20,8 +20,9 @@
  *                               K and N multiples of 8 (the router's logits x·Wr) on the split-K
  *                               skinny kernel: every SM streams x, where the tile kernels give one
  *                               block per 128 rows; past 64 columns only up to 1024 rows. Sums in a
- *                               fixed order (the same bits every run). Not yet measured on the GPU;
- *                               false: the tile (or decode) kernels
+ *                               fixed order (the same bits every run). The layer's x·Wr (T=4096,
+ *                               H=7168, E=32): 24 against 73 µs (H200, 5b01f47); false: the tile
+ *                               (or decode) kernels
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
