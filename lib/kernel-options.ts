@@ -33,6 +33,10 @@
  * its default:
  *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0
  *   MOE_EP_PDL=0
+ * The switches are one set per process: they live in the addon, which a process loads once and
+ * its worker threads share. The first thread to load the addon applies its environment's values;
+ * a thread that loads it later (a worker) adopts the switches in force instead of resetting them;
+ * setKernelOptions in any thread changes them for all, and kernelOptions() reads them back.
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF, and later
  * MOE_EP_GG_PINGPONG and MOE_EP_GG_FUSED_HANDOFF, switched variants that are no longer in the addon:
  * benchmarks/kernels/grouped_gemm/, steps 01 and 05-09. Set, they are named on stderr once and change
@@ -120,8 +124,9 @@ if (retired.length) {
 }
 let current = copy(fromEnvironment);
 
-/** The switches in force (a copy). */
+/** The switches in force (a copy), as the addon holds them for the process (loading it if this thread has not). */
 export function kernelOptions(): KernelOptions {
+  current = copy(native().kernelOptions());
   return copy(current);
 }
 
@@ -152,7 +157,8 @@ function checkKeys(o: unknown, op: string, known: readonly string[], retired: re
 export function setKernelOptions(update: KernelOptionsUpdate): KernelOptions {
   const op = 'setKernelOptions';
   const groups = checkKeys(update, op, Object.keys(ENVIRONMENT));
-  const next = copy(current);
+  const before = kernelOptions();
+  const next = copy(before);
   for (const g of Object.keys(groups) as (keyof KernelOptions)[]) {
     if (groups[g] === undefined) continue;
     const given = checkKeys(groups[g], `${op}: ${g}`, Object.keys(ENVIRONMENT[g]), RETIRED_OPTIONS[g]);
@@ -163,10 +169,9 @@ export function setKernelOptions(update: KernelOptionsUpdate): KernelOptions {
       (next[g] as unknown as Record<string, boolean>)[key] = value;
     }
   }
-  const before = current;
   native().setKernelOptions(next);
   current = next;
-  return copy(before);
+  return before;
 }
 
 /** Back to the starting values: the defaults as the environment set them at load. */
@@ -174,7 +179,23 @@ export function resetKernelOptions(): KernelOptions {
   return setKernelOptions(fromEnvironment);
 }
 
-/** Called by lib/native.ts on the freshly loaded addon: the switches in force, before any op runs. */
-export function applyKernelOptions(raw: { setKernelOptions(o: KernelOptions): void }): void {
-  raw.setKernelOptions(current);
+/** Whether two sets of switches are the same. */
+function sameOptions(a: KernelOptions, b: KernelOptions): boolean {
+  return (Object.keys(ENVIRONMENT) as (keyof KernelOptions)[]).every((g) =>
+    Object.keys(ENVIRONMENT[g]).every(
+      (k) => (a[g] as unknown as Record<string, boolean>)[k] === (b[g] as unknown as Record<string, boolean>)[k],
+    ),
+  );
+}
+
+/**
+ * Called by lib/native.ts on the addon as this thread loads it, before any op runs. The addon's
+ * switches still at the compiled defaults: no thread has applied an environment or set any, so this
+ * thread's environment values go in. Otherwise another thread of the process got there first (the
+ * main thread, before this worker): they are adopted, not reset.
+ */
+export function applyKernelOptions(raw: { setKernelOptions(o: KernelOptions): void; kernelOptions(): KernelOptions }): void {
+  const inAddon = raw.kernelOptions();
+  if (sameOptions(inAddon, kernelOptionDefaults)) raw.setKernelOptions(current);
+  else current = copy(inAddon);
 }

@@ -3,6 +3,8 @@
 // kernels they choose run on the GPU only (test/gpu/10-router, test/gpu/12-grouped-gemm).
 import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { Worker } from 'node:worker_threads';
 
 import { afterEach, describe, expect, it } from 'vitest';
 
@@ -136,6 +138,34 @@ describe('kernel switches', () => {
     expect(() => native().setKernelOptions({ ...defaults, router: { fast: true, pdl: 1 } } as never)).toThrow(
       /'router.pdl' must be a boolean/,
     );
+  });
+
+  it('are one set per process: a worker thread that loads the package adopts them, and what it sets reaches this thread', async () => {
+    const start = kernelOptions();
+    setKernelOptions({ groupedGemm: { decode: !start.groupedGemm.decode } });
+    const index = pathToFileURL(join(packageRoot(), 'dist', 'lib', 'index.js')).href;
+    // The worker's environment asks for the opposite decode value: loading must not reset the process's switches to it.
+    const code = `const { parentPort } = require('node:worker_threads');
+      import(${JSON.stringify(index)}).then((m) => {
+        const seen = m.kernelOptions();
+        m.setKernelOptions({ groupedGemm: { skinny: !seen.groupedGemm.skinny } });
+        parentPort.postMessage(seen);
+      }, (e) => parentPort.postMessage({ error: String(e) }));`;
+    const worker = new Worker(code, {
+      eval: true,
+      env: { ...process.env, MOE_EP_GG_DECODE: start.groupedGemm.decode ? '1' : '0' },
+    });
+    const seen = await new Promise<KernelOptions & { error?: string }>((resolve, reject) => {
+      worker.once('message', resolve);
+      worker.once('error', reject);
+    });
+    await worker.terminate();
+    expect(seen.error).toBeUndefined();
+    expect(seen.groupedGemm.decode, 'the worker adopted the switch set here').toBe(!start.groupedGemm.decode);
+    const now = kernelOptions();
+    expect(now.groupedGemm.decode).toBe(!start.groupedGemm.decode);
+    expect(now.groupedGemm.skinny, "the worker's change is seen here").toBe(!start.groupedGemm.skinny);
+    expect(native().kernelOptions()).toEqual(now);
   });
 
   it('a fresh process starts from its environment before any op runs, and names retired switches once', () => {
