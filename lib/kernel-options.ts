@@ -192,7 +192,9 @@ function sameOptions(a: KernelOptions, b: KernelOptions): boolean {
  * Called by lib/native.ts on the addon as this thread loads it, before any op runs. The addon's
  * switches still at the compiled defaults: no thread has applied an environment or set any, so this
  * thread's environment values go in. Otherwise another thread of the process got there first (the
- * main thread, before this worker): they are adopted, not reset.
+ * main thread, before this worker): they are adopted, not reset. This relies on the addon's compiled
+ * defaults (GroupedGemmOptions, RouterOptions) being kernelOptionDefaults: test 09's fresh-process
+ * case fails if they drift apart (the environment would then be ignored).
  */
 export function applyKernelOptions(raw: { setKernelOptions(o: KernelOptions): void; kernelOptions(): KernelOptions }): void {
   const inAddon = raw.kernelOptions();
