@@ -42,14 +42,15 @@
 // mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) on every product (dW with ≤ 8 rows
 // per group still takes the few-rows kernel then), tensorCores = { fewRows: false } on dW where the
 // few-rows kernel is the default (≤ 8 rows per group on average: decode); per round their time over
-// the default's, and their results against the default's on the check slices; decode = { decode: true }:
-// the split-K decode kernel, forward NN only, where its row limits let it.
-// LIST: mmaSync,tensorCores,decode. (The variants that lost left the addon for the ladder in
+// the default's, and their results against the default's on the check slices; noDecode = { decode: false }:
+// the tile kernels where the default takes the split-K decode kernel (forward NN only, where its row
+// limits let it).
+// LIST: mmaSync,tensorCores,noDecode. (The variants that lost left the addon for the ladder in
 // kernels/grouped_gemm/, each a program that times itself against the shipped kernel: the ping-pong
 // kernel for the fp32 dW, once `pingpong`, is 08; the fused epilogues from registers, once
 // `fusedRegisters` against `fusedHandoff`, are 09.)
 // --shapes=mixtral-decode: Mixtral's decode forward at T = 1, 8, 64 (grouped-gemm-shapes.mjs; with
-// --products=NN --variants=decode, the decode kernel against the current one in the same rounds).
+// --products=NN --variants=noDecode, the decode kernel (the default) against the tile kernels in the same rounds).
 // --shapes=layer (a shape's tag, like its index, picks it): the fused products on the layer's shape.
 // Clocks (a GPU with nvidia-smi, unless --no-smi): the SM clock, power and temperature sampled every
 // 50 ms; each block gets the means over its span (torch's blocks too), so a ratio can be set beside
@@ -126,7 +127,7 @@ const productsOf = (s) => products.filter((p) => (FUSED.includes(p) ? s.fused : 
 const KERNELS = {
   mmaSync: { hopper: false },
   tensorCores: { fewRows: false },
-  decode: { decode: true },
+  noDecode: { decode: false },
 };
 const variantList = flag('--variants', '', Object.keys(KERNELS).join(','));
 const variants = variantList ? variantList.split(',') : [];
@@ -333,9 +334,9 @@ for (const [pos, i] of chosen.entries()) {
     h.dispose();
   }
   const fewRows = s.M <= 8 * E; // where dW takes the few-rows kernel by default
-  // decode changes only the forward (NN).
+  // noDecode changes only the forward (NN).
   const variantsFor = (p) =>
-    variants.filter((v) => (v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'decode' ? p === 'NN' : true));
+    variants.filter((v) => (v === 'tensorCores' ? (p === 'TN' || p === 'TN32') && fewRows : v === 'noDecode' ? p === 'NN' : true));
 
   // The check slices: rows of the first and last non-empty groups (NN, NT), the first rows of the
   // first and last experts' dW (TN, TN32); views of our outputs.
@@ -615,7 +616,7 @@ writeResult(
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
-      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), decode = { decode: true } on the forward (NN; the split-K decode kernel where its row limits let it, native/ops/moe/grouped_gemm/decode.cu); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
+      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), noDecode = { decode: false } on the forward (NN; the tile kernels where the default takes the split-K decode kernel, native/ops/moe/grouped_gemm/decode.cu); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
       : 'off (--variants to time the addon’s other kernels in the same rounds)',
     clocks: smiState ?? 'not sampled',
     peer: peerNote,

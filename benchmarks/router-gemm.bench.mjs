@@ -162,9 +162,12 @@ try {
           const p = await peer.request({ cmd: 'round', case: c.i, warmup, repeats, inner: c.inner, sets: c.sets.length }, 300_000);
           if (p.error) throw new Error(p.error);
           t.linear.push(p.linear_ms);
-          if (p.mm_f32_ms != null) t.mm_f32.push(p.mm_f32_ms);
+          t.mm_f32.push(p.mm_f32_ms ?? null);
         } catch (e) {
           console.error(`router-gemm: peer round failed: ${e.message}`);
+          // A round without the peer keeps its place, so that ratios pair the same rounds.
+          t.linear.push(null);
+          t.mm_f32.push(null);
         }
       }
     }
@@ -175,7 +178,9 @@ try {
   for (const c of cases) {
     const t = times[c.name];
     const bytes = bytesOf(c);
-    const ratio = (theirs, mine) => theirs.map((v, k) => v / mine[k]);
+    // Per round (the peer's rounds that failed, null, are left out of both sides).
+    const ratio = (theirs, mine) => theirs.flatMap((v, k) => (v == null ? [] : [v / mine[k]]));
+    const present = (ms) => ms.filter((v) => v != null);
     const row = (variant, ms, ratioToOn) => ({
       shape: c.name,
       T: c.T,
@@ -193,8 +198,8 @@ try {
     });
     rows.push(row('ours skinny on', t.on, null));
     rows.push(row('ours skinny off', t.off, ratio(t.off, t.on)));
-    if (t.linear.length) rows.push(row('torch F.linear(x, Wr.t()).float()', t.linear, ratio(t.linear, t.on.slice(0, t.linear.length))));
-    if (t.mm_f32.length) rows.push(row('torch.mm(x, Wr, out_dtype=f32)', t.mm_f32, ratio(t.mm_f32, t.on.slice(0, t.mm_f32.length))));
+    if (present(t.linear).length) rows.push(row('torch F.linear(x, Wr.t()).float()', present(t.linear), ratio(t.linear, t.on)));
+    if (present(t.mm_f32).length) rows.push(row('torch.mm(x, Wr, out_dtype=f32)', present(t.mm_f32), ratio(t.mm_f32, t.on)));
   }
   writeResult(
     'router-gemm',

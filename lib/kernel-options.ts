@@ -20,7 +20,7 @@
  *                               K and N multiples of 8 (the router's logits x·Wr) on the split-K
  *                               skinny kernel: every SM streams x, where the tile kernels give one
  *                               block per 128 rows; past 64 columns only up to 1024 rows. Sums in a
- *                               fixed order (the same bits every run). The layer's x·Wr (T=4096,
+ *                               fixed order (the same bits every run on one GPU). The layer's x·Wr (T=4096,
  *                               H=7168, E=32): 24 against 73 µs (H200, 5b01f47); false: the tile
  *                               (or decode) kernels
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
@@ -34,9 +34,12 @@
  *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0
  *   MOE_EP_PDL=0
  * The switches are one set per process: they live in the addon, which a process loads once and
- * its worker threads share. The first thread to load the addon applies its environment's values;
- * a thread that loads it later (a worker) adopts the switches in force instead of resetting them;
- * setKernelOptions in any thread changes them for all, and kernelOptions() reads them back.
+ * its worker threads share. A thread loading the addon finds them either at the compiled defaults
+ * (no thread has set any): it applies its environment's values; or not: another thread got there
+ * first, and it adopts them instead of resetting them. (So a worker started with an environment of
+ * its own applies it when the process's switches happen to equal the defaults.) setKernelOptions in
+ * any thread changes them for all (two threads setting at once: the last write wins whole), and
+ * kernelOptions() reads them back.
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF, and later
  * MOE_EP_GG_PINGPONG and MOE_EP_GG_FUSED_HANDOFF, switched variants that are no longer in the addon:
  * benchmarks/kernels/grouped_gemm/, steps 01 and 05-09. Set, they are named on stderr once and change

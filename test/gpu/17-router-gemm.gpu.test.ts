@@ -191,12 +191,14 @@ describe.skipIf(!hasGpu)('router logits on the skinny grouped GEMM (NN, one grou
     });
   });
 
-  it('accumulate: f32 out += x·Wr onto random contents, split and unsplit', () => {
+  // Both shapes plan to several splits on a 132-SM H200 (8 and 2), so accumulate goes through the
+  // finishing pass; the single-split path's accumulate (store_out in the main kernel) is not covered.
+  it('accumulate: f32 out += x·Wr onto random contents (split-K shapes: the finishing pass adds)', () => {
     const seed = freshSeed();
     console.info(`[router gemm] accumulate: seed ${seed}`);
     for (const [M, K, N] of [
       [64, 4096, 8], // many splits: the finishing pass adds
-      [4096, 512, 32], // few chunks per row block
+      [4096, 512, 32], // few chunks per row block (2 splits)
     ] as const) {
       const at = `seed ${seed}, M=${M}, K=${K}, N=${N}`;
       tidy(() => {

@@ -27,8 +27,8 @@
 // its own partial sums; the warps' sums are then added in warp order through shared memory by warp
 // 0. With one split the block writes `out`; with several, its fp32 partial [split][M][N] (scratch
 // from the caching allocator, stream-ordered) and a finishing kernel adds the splits in split
-// order. Every sum is in an order fixed by the shape alone: two runs, or a graph replay, give the
-// same bits.
+// order. Every sum is in an order fixed by the shape and the device's SM count (the plan): two runs,
+// or a graph replay, on one device give the same bits.
 //
 // Bytes: a is read once per band (bands = ceil(N/WN): 1 at N ≤ 64, 4 at N = 256) and b once per
 // token tile (ceil(M/(8·TT)) tiles; L2 hits mostly). The plan (skinny_nn) picks CPL from N and TT from
