@@ -178,6 +178,25 @@ describe('moe-ep train (CLI)', () => {
     );
   });
 
+  it('model.transport reaches every layer; one process has no peers, so it refuses ipc and moves nothing for nccl', () => {
+    const cfg = (transport: 'auto' | 'ipc' | 'nccl') =>
+      resolveConfig({
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, transport },
+        data: { tokensPerStep: 32 },
+        train: { device: 'cpu', steps: 1, progress: false },
+      });
+    expect(defaultConfig.model.transport).toBe('auto');
+    {
+      using t = new Trainer(cfg('nccl'));
+      t.trainStep();
+      for (const layer of t.model.layers) expect([layer.dispatcher.transportChoice, layer.dispatcher.transport]).toEqual(['nccl', 'local']);
+    }
+    expect(() => new Trainer(cfg('ipc'))).toThrow(/'transport' 'ipc' needs a Communicator/);
+    expect(() => resolveConfig({ model: { transport: 'nvlink' } } as unknown as Partial2)).toThrow(
+      /config\.model\.transport: must be one of "auto", "ipc", "nccl"/,
+    );
+  });
+
   it('the programmatic example (examples/train.ts) trains', () => {
     const r = spawnSync(process.execPath, [join(packageRoot(), 'dist', 'examples', 'train.js'), '60'], { encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);

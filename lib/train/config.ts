@@ -29,6 +29,8 @@ export interface TrainConfig {
     epSize: number | null;
     /** The all-to-alls on their own stream beside independent compute (MoELayer's commStream); the same results. */
     overlapComm: boolean;
+    /** How rows travel between ranks (Dispatcher's `transport`): 'auto' | 'ipc' | 'nccl'. */
+    transport: 'auto' | 'ipc' | 'nccl';
   };
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: {
@@ -72,6 +74,7 @@ export const defaultConfig: TrainConfig = {
     loss: 'mse',
     epSize: null,
     overlapComm: false,
+    transport: 'auto',
   },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
@@ -131,6 +134,11 @@ export const trainConfigSchema = {
       overlapComm: {
         type: 'boolean',
         description: 'run the all-to-alls on their own stream beside the shared expert and the router backward (same results)',
+      },
+      transport: {
+        enum: ['auto', 'ipc', 'nccl'],
+        description:
+          "how rows travel between ranks: 'auto' (peer memory when the ranks' GPUs reach each other's, else the communicator's all-to-all), 'ipc' (peer memory, required), 'nccl' (the communicator's all-to-all: NCCL, or MPI)",
       },
     }),
     balance: section({

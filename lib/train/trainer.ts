@@ -172,6 +172,7 @@ export class Trainer implements Disposable {
         sharedFfn: m.sharedFfn,
         loss: m.loss,
         commStream: m.overlapComm,
+        transport: m.transport,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef,
         seqAuxLossCoef: config.balance.seqAuxLossCoef,

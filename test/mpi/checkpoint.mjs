@@ -10,17 +10,21 @@ import { join } from 'node:path';
 
 import { disposeState, init, loadCheckpoint, loadMoELayer, moeLayerState, saveCheckpoint, Tensor } from '../../dist/lib/index.js';
 import { MoELayer } from '../../dist/lib/moe/layer.js';
-import { check, relErr, same, scriptDevice } from './common.mjs';
+import { check, positionalArgs, relErr, same, scriptDevice, scriptTransport } from './common.mjs';
 
 //   --device cuda (after the mode's arguments): the layers on each rank's GPU in bf16 (NCCL with a
 //                 GPU per rank, MPI staging when ranks share one); y.bin holds f32 values either way.
-const [mode, dir, yPath] = process.argv.slice(2).filter((a, i, all) => a !== '--device' && all[i - 1] !== '--device');
+//   --transport auto|ipc|nccl (default auto): the layers' transport when several ranks run them.
+const [mode, dir, yPath] = positionalArgs();
 const world = await init({ timeoutMs: 20000 });
 const { rank: r, size: n } = world;
 const { device } = await scriptDevice(world);
 const on = { device };
 const cfg = { hidden: 8, ffn: 6, numExperts: 8, topK: 2, dtype: device === 'cpu' ? 'f32' : 'bf16', device, sharedFfn: 4 };
 const group = n > 1 ? world : undefined;
+// The transport only where rows cross ranks (one rank: no group, no transport).
+const transportConfig = scriptTransport().config;
+const tr = n > 1 ? transportConfig : {};
 const x = Tensor.randn([12, 8], { seed: 99, device, dtype: cfg.dtype }); // the same batch on every rank
 const bits = (t) => Buffer.from(t.toArray().buffer);
 // Outputs at another EP size: bit for bit in f32 on the CPU (every transport sums a token's k
@@ -33,7 +37,7 @@ function sameOutput(got, want, what) {
 const f32 = (t) => (t.dtype === 'f32' ? t : t.cast('f32'));
 
 if (mode === 'save') {
-  const a = new MoELayer({ ...cfg, seed: 5, ...(group ? { group } : {}) });
+  const a = new MoELayer({ ...cfg, seed: 5, ...(group ? { group, ...tr } : {}) });
   a.bias.copy_(Tensor.fromArray([0.1, -0.2, 0.3, 0, 0.05, 0, -0.1, 0.2], on));
   // Moments drawn by global position, like the weights: the same global state at any EP size.
   const El = a.localExperts;
@@ -56,7 +60,7 @@ if (mode === 'save') {
   if (r === 0) fs.writeFileSync(join(dir, 'y.bin'), bits(f32(y)));
 
   // Reload at this EP size: each rank's own experts and moments come back exactly.
-  const b = new MoELayer({ ...cfg, seed: 6, ...(group ? { group } : {}) });
+  const b = new MoELayer({ ...cfg, seed: 6, ...(group ? { group, ...tr } : {}) });
   const zeros = (t) => ({ expAvg: Tensor.zeros([...t.shape], on), expAvgSq: Tensor.zeros([...t.shape], on) });
   const mb = { w13: zeros(b.master.w13), w2: zeros(b.master.w2) };
   const reader = loadCheckpoint(dir, { comm: world });
@@ -84,7 +88,7 @@ if (mode === 'save') {
   }
   world.barrier();
 } else if (mode === 'load') {
-  const b = new MoELayer({ ...cfg, seed: 11, ...(group ? { group } : {}) });
+  const b = new MoELayer({ ...cfg, seed: 11, ...(group ? { group, ...tr } : {}) });
   const reader = loadCheckpoint(dir, { comm: world });
   loadMoELayer(reader, b, 0);
   const y = b.forward(x).y;

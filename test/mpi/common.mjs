@@ -51,6 +51,36 @@ export async function scriptDevice(world) {
   return { device, gpu: true };
 }
 
+/**
+ * `--transport auto|ipc|nccl` (default auto): how the scripts' dispatchers and layers move rows
+ * (lib/moe/dispatcher.ts). With one GPU per rank and peer access, 'auto' takes 'ipc', so a run
+ * that must cover NCCL asks for it. Returns the value and the config fragment to spread into a
+ * Dispatcher, MoELayer or train config ({} for auto).
+ */
+export function scriptTransport() {
+  const i = process.argv.indexOf('--transport');
+  const transport = i > 0 ? process.argv[i + 1] : 'auto';
+  check(['auto', 'ipc', 'nccl'].includes(transport), `--transport must be auto, ipc or nccl; received ${transport}`);
+  return { transport, config: transport === 'auto' ? {} : { transport } };
+}
+
+/**
+ * The transport a dispatcher used, checked against the one asked for: 'ipc' must be 'ipc'; 'nccl'
+ * is the communicator's all-to-all ('nccl', or 'mpi' when the communicator is MPI).
+ */
+export function checkTransport(dispatcher, asked, what) {
+  const used = dispatcher.transport;
+  if (asked === 'ipc') check(used === 'ipc', `${what}: --transport ipc but rows went through ${used}`);
+  if (asked === 'nccl') check(used === 'nccl' || used === 'mpi', `${what}: --transport nccl but rows went through ${used}`);
+  return used;
+}
+
+/** The arguments that are not `--name value` options (e.g. checkpoint.mjs's mode and paths). */
+export function positionalArgs(options = ['--device', '--transport']) {
+  const all = process.argv.slice(2);
+  return all.filter((a, i) => !options.includes(a) && !options.includes(all[i - 1]));
+}
+
 /** Relative error in norm, ‖a − b‖ / ‖b‖ (the same measure as test/helpers.ts's relErr). */
 export function relErr(a, b) {
   let num = 0,

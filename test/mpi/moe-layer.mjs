@@ -6,15 +6,24 @@
 //                  backend's pinned staging); the layer in bf16 against the f32 CPU reference
 //                  built from the same bf16-rounded weights and inputs.
 // Both also run the communication on a comm stream and check it changes nothing.
+//   --transport auto|ipc|nccl (default auto): the dispatchers' and layers' transport. With a GPU per
+//                  rank and peer access 'auto' takes 'ipc'; `--transport nccl` covers the
+//                  communicator's all-to-all there. Expert-choice routing (section 3) cannot use
+//                  'ipc' (every token goes to all experts): it runs on 'auto' unless 'nccl' is asked.
+//                  The last line names the transport the layer used.
 import { Dispatcher, dtypeSize, init, memoryStats, MoELayer, singleRankGroup, Stream, Tensor, tidy } from '../../dist/lib/index.js';
 import { capacity } from '../../dist/lib/moe/capacity.js';
-import { check, progress, relErr, scriptDevice } from './common.mjs';
+import { check, checkTransport, progress, relErr, scriptDevice, scriptTransport } from './common.mjs';
 import { expertChoiceReference } from '../expert-choice-reference.mjs';
 
 const world = await init();
 const P = world.size;
 const rank = world.rank;
 const { device, gpu } = await scriptDevice(world);
+const tr = scriptTransport();
+// The transport asked for is checked where rows cross ranks (one rank: 'local', unless 'ipc').
+const checkUsed = (d, what) => (P > 1 || tr.transport === 'ipc' ? checkTransport(d, tr.transport, what) : d.transport);
+let layerTransport = null;
 progress(`init on ${device}`);
 const on = { device };
 const vals = (t) => Array.from(t.toFloat32Array());
@@ -36,11 +45,12 @@ tidy(() => {
   const indices = Tensor.fromArray(idx, { dtype: 'i32', shape: [T, k], ...on });
   const weights = Tensor.rand([T, k], { seed: 50 + rank, ...on });
   const x = Tensor.randn([T, H], { seed: 60 + rank, ...on });
-  const d = new Dispatcher({ numExperts: E, group: world });
+  const d = new Dispatcher({ numExperts: E, group: world, ...tr.config });
   const cap = capacity(indices, weights, { numExperts: E });
   const liveBefore = memoryStats(device).liveBytes;
   const dispatched = d.dispatch(x, indices, weights, cap);
   const { rows, handle } = dispatched;
+  checkUsed(d, `dispatch on ${device}`);
   check(handle.localRows.reduce((a, b) => a + b, 0) === rows.shape[0], 'dispatched rows match the layout');
   // Once sent, the permuted rows are freed: what stays live is the result and the handle's layout
   // (host blocks are rounded to 64 bytes).
@@ -65,7 +75,7 @@ tidy(() => {
   progress('1: dispatch∘combine identity');
 
   const comm = new Stream(device);
-  const side = new Dispatcher({ numExperts: E, group: world, commStream: comm });
+  const side = new Dispatcher({ numExperts: E, group: world, commStream: comm, ...tr.config });
   const work = side.dispatchAsync(x, indices, weights, cap);
   const got = work.wait();
   check(bits(got.rows).equals(bits(rows)), `dispatch on a comm stream on ${device}: other rows`);
@@ -95,8 +105,9 @@ tidy(() => {
   const weights = Tensor.rand([T, k], { seed: 70 + rank, ...on });
   const x = Tensor.randn([T, H], { seed: 80 + rank, ...on }).cast('bf16');
   const cap = capacity(indices, weights, { numExperts: E });
-  const d = new Dispatcher({ numExperts: E, group: world, fp8: true });
+  const d = new Dispatcher({ numExperts: E, group: world, fp8: true, ...tr.config });
   const { rows, handle } = d.dispatch(x, indices, weights, cap);
+  checkUsed(d, `fp8 dispatch on ${device}`);
   const y = d.combine(rows, handle, weights);
   const wv = vals(weights),
     xv = vals(x);
@@ -118,8 +129,8 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   const H = size.hidden;
   const cfg = { hidden: H, ffn: size.ffn, numExperts: 4 * P, topK: 2, seed: 42, sharedFfn: 4, auxLossCoef: 0.01, ...extra };
   const dtype = gpu ? 'bf16' : 'f32';
-  const ep = new MoELayer({ ...cfg, dtype, device, group: world });
-  const epOverlap = new MoELayer({ ...cfg, dtype, device, group: world, commStream: true });
+  const ep = new MoELayer({ ...cfg, dtype, device, group: world, ...tr.config });
+  const epOverlap = new MoELayer({ ...cfg, dtype, device, group: world, commStream: true, ...tr.config });
   const ref = new MoELayer({ ...cfg, dtype: 'f32', device: 'cpu', group: singleRankGroup });
   const what = `${device} ${JSON.stringify(extra)}`;
   if (gpu) {
@@ -148,6 +159,7 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
     const dy = dyCpu.copyTo({ dtype, device });
     const fe = ep.forward(x),
       fr = ref.forward(xCpu);
+    layerTransport = checkUsed(ep.dispatcher, `layer ${what}`);
     check(relErr(vals(fe.y), vals(fr.y)) < tol.y, `forward ${what}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
     progress(`2 ${what}: forward`);
     const fo = epOverlap.forward(x);
@@ -208,8 +220,9 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   let done = false;
   for (let attempt = 0; attempt < 10 && !done; attempt++) {
     const seed = 300 + 17 * attempt;
-    const ep = new MoELayer({ ...cfg, seed, dtype, device, group: world });
-    const epOverlap = new MoELayer({ ...cfg, seed, dtype, device, group: world, commStream: true });
+    const ecTransport = tr.transport === 'nccl' ? tr.config : {};
+    const ep = new MoELayer({ ...cfg, seed, dtype, device, group: world, ...ecTransport });
+    const epOverlap = new MoELayer({ ...cfg, seed, dtype, device, group: world, commStream: true, ...ecTransport });
     tidy(() => {
       // The global weights as the EP layer computes with them (CPU: its f32 masters; GPU: its bf16 copies).
       const src = gpu ? ep.compute : ep.master;
@@ -279,4 +292,4 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   }
   check(done, 'expert choice: no draw without a near-tie at a threshold in 10 attempts');
 }
-console.log(`ok rank ${rank} of ${P}`);
+console.log(`ok rank ${rank} of ${P} (transport ${layerTransport})`);

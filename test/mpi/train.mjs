@@ -6,6 +6,10 @@
 //   --device cuda: bf16 on the ranks' GPU (several ranks may share one, through MPI staging), the
 //                  references on rank 0's GPU: 8 steps within 2e-2 (bf16 rounding differs with the
 //                  rows' grouping).
+//   --transport auto|ipc|nccl (default auto): model.transport of the trainers at EP = world size
+//                  (and of the EDP groups); the one-rank references use 'auto' (no transport).
+//                  Expert choice cannot use 'ipc' (every token to all experts): it runs on 'auto'
+//                  unless 'nccl' is asked.
 import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,10 +17,11 @@ import { join } from 'node:path';
 import { init, Tensor } from '../../dist/lib/index.js';
 import { resolveConfig } from '../../dist/lib/train/config.js';
 import { Trainer } from '../../dist/lib/train/trainer.js';
-import { check, scriptDevice } from './common.mjs';
+import { check, checkTransport, scriptDevice, scriptTransport } from './common.mjs';
 
 const world = await init();
 const { gpu } = await scriptDevice(world);
+const tr = scriptTransport();
 const cfg = resolveConfig({
   model: { hidden: 16, ffn: 8, experts: 8, topK: 2 },
   data: { tokensPerStep: 64 },
@@ -30,12 +35,15 @@ const name = Tensor.fromArray(world.rank === 0 ? [Math.floor(Math.random() * 2 *
 world.broadcast(name, 0);
 const dir = join(tmpdir(), `moe-train-mpi-${name.item()}`);
 
-const ep = new Trainer(cfg, { world });
+// The trainers at EP > 1 with the transport asked for; the one-rank references keep 'auto'.
+const withTransport = (c) => resolveConfig({ ...c, model: { ...c.model, transport: tr.transport } });
+const ep = new Trainer(withTransport(cfg), { world });
 const losses = [];
 for (let i = 0; i < cfg.train.steps; i++) {
   losses.push(ep.trainStep().loss);
   if (ep.step === saveAt) ep.saveCheckpoint(dir); // collective: every rank writes its experts
 }
+const used = world.size > 1 ? checkTransport(ep.model.layers[0].dispatcher, tr.transport, 'EP training') : 'local';
 ep.dispose();
 if (world.rank === 0) {
   const close = (a, b, what) => {
@@ -62,7 +70,7 @@ if (world.rank === 0) {
   const epSize = world.size / 2;
   const edpCfg = resolveConfig({ ...cfg, model: { ...cfg.model, epSize } });
   const dirEdp = `${dir}-edp`;
-  const t = new Trainer(edpCfg, { world });
+  const t = new Trainer(withTransport(edpCfg), { world });
   const edpLosses = [];
   for (let i = 0; i < cfg.train.steps; i++) {
     edpLosses.push(t.trainStep().loss);
@@ -92,7 +100,10 @@ if (world.rank === 0) {
 // batch (C = ceil((T/P)·k/E) per expert and rank), so the metrics all-reduced over the ranks show
 // every expert at P·C tokens and the experts-per-token histogram covering the whole batch.
 {
-  const ecCfg = resolveConfig({ ...cfg, model: { ...cfg.model, routing: 'expert-choice' } });
+  const ecCfg = resolveConfig({
+    ...cfg,
+    model: { ...cfg.model, routing: 'expert-choice', transport: tr.transport === 'nccl' ? 'nccl' : 'auto' },
+  });
   const t = new Trainer(ecCfg, { world });
   const T = cfg.data.tokensPerStep,
     E = cfg.model.experts,
@@ -121,4 +132,4 @@ if (world.rank === 0) {
     );
 }
 world.barrier();
-console.log(`ok rank ${world.rank} of ${world.size}`);
+console.log(`ok rank ${world.rank} of ${world.size} (transport ${used})`);
