@@ -1,14 +1,21 @@
 // serve.bench.mjs --ranks P: the decode step of MoEInference across P ranks (expert parallel, the
 // low-latency path: capacity mode through the peer-memory transport), eager against replayed from a
 // CUDA graph (captureDecode on every rank), and the low-latency dispatch and combine alone.
-//   mpirun --oversubscribe -np P node benchmarks/serve.bench.mjs --ranks P [--quick] [--out DIR] [--dry-run]
-// The ranks SHARE ONE GPU here (CUDA IPC between processes on the same device): the figures say what
-// the protocol, the launches and the host cost, not what NVLink would give. Without the MPS daemon
-// the ranks' kernels time-slice the GPU (each cross-rank wait then costs a slice); with it they
-// run side by side.
+//   mpirun --oversubscribe -np P node benchmarks/serve.bench.mjs --ranks P [--experts E] [--quick] [--out DIR] [--dry-run]
+// Ranks sharing ONE GPU (CUDA_VISIBLE_DEVICES=0; the device session's serve-ep step): CUDA IPC
+// between processes on the same device, so the figures say what the protocol, the launches and the
+// host cost, not what NVLink would give. Without the MPS daemon the ranks' kernels time-slice the
+// GPU (each cross-rank wait then costs a slice); with it they run side by side. Result:
+// serve-<P>ranks-shared-gpu-<commit>.json.
+// One GPU per rank (mpirun -np P on a machine of P GPUs; the session's multi-bench step): peer
+// memory between the GPUs, the figure to set beside DeepEP's low-latency kernels (EP8, 128 tokens,
+// hidden 7168, top-8: about 77 µs dispatch (FP8) and 114 µs combine on H800 over RDMA; ours moves
+// bf16 rows both ways). Result: serve-<P>ranks-<P>gpus[-E<E>]-<commit>.json. Which case ran is read from the
+// ranks' devices, not assumed.
 // Shape: DeepSeek-V3's expert shape (H=7168, F=2048, top-8, sigmoid, bias) with E = 8·P experts
-// (8 per rank), capacity factor E/k (C = T: nothing dropped, N = E·T rows per rank), no shared expert;
-// every rank has T tokens (T = 1, 8, 64, 128), random inputs seeded per rank.
+// (8 per rank; --experts E: E experts, a multiple of P, e.g. DeepSeek-V3's 256), capacity factor
+// E/k (C = T: nothing dropped, N = E·T rows per rank), no shared expert; every rank has T tokens
+// (T = 1, 8, 64, 128), random inputs seeded per rank.
 // Timing: per T, CUDA events around one call after every rank waited for its device and met the
 // others at a barrier; median of `repeats` after warm-up on each rank; the row reports rank 0's
 // median and the largest median over the ranks (a collective step is as slow as its slowest rank).
@@ -36,9 +43,20 @@ export async function runRanks() {
   }
   const Ts = [1, 8, 64, 128];
   const { H, F } = dryRun ? { H: 128, F: 64 } : { H: 7168, F: 2048 };
-  const El = 8,
-    E = El * P,
-    k = 8;
+  const k = 8;
+  const E = Number(flag('--experts', String(8 * P)));
+  if (!Number.isSafeInteger(E) || E < k || E % P !== 0) {
+    console.error(`--experts ${flag('--experts')}: must be an integer of at least ${k} and a multiple of the ${P} ranks`);
+    process.exit(2);
+  }
+  const El = E / P;
+  // The ranks' devices: several ranks on one GPU (CUDA IPC within it), or a GPU each (peer memory across GPUs).
+  const ordinal = onGpu ? Number(dev.split(':')[1]) : -1;
+  const ordinals = Array.from(world.allGather(Tensor.fromArray([ordinal], { dtype: 'i32', device: 'cpu' })).toArray());
+  const sharedGpu = !onGpu || new Set(ordinals).size < P;
+  const where = sharedGpu
+    ? `${P} ranks sharing ONE ${onGpu ? 'GPU' : 'CPU'} (not an NVLink figure)`
+    : `${P} ranks on ${P} GPUs (peer memory between them)`;
   const cf = E / k;
   const warmup = dryRun ? 1 : 3;
   const repeats = dryRun ? 3 : quick ? 10 : 20;
@@ -55,9 +73,7 @@ export async function runRanks() {
     device: dev,
     ...(onGpu ? { transport: 'ipc' } : {}),
   };
-  log(
-    `serve --ranks ${P}: ${P} ranks sharing ONE ${onGpu ? 'GPU' : 'CPU'} (not an NVLink figure); H=${H} F=${F} E=${E} top-${k}, capacity ${cf}`,
-  );
+  log(`serve --ranks ${P}: ${where}; H=${H} F=${F} E=${E} top-${k}, capacity ${cf}`);
   const make = (seed) => ({
     router: Tensor.randn([1, H, E], { dtype: 'bf16', device: dev, seed: 11, std: 0.5 }),
     bias: Tensor.randn([E], { device: dev, seed: 12, std: 0.05 }),
@@ -133,16 +149,26 @@ export async function runRanks() {
   }
   const notes = {
     ranks: P,
-    sharing: `${P} ranks share ONE ${onGpu ? 'GPU' : 'CPU'} (CUDA IPC between processes on the same device): not an NVLink figure`,
+    sharing: sharedGpu
+      ? `${P} ranks share ONE ${onGpu ? 'GPU' : 'CPU'} (CUDA IPC between processes on the same device): not an NVLink figure`
+      : `one GPU per rank (devices ${ordinals.join(', ')}): peer memory between the GPUs`,
+    published:
+      'DeepEP low-latency kernels (pure RDMA: an H800 and a CX7 InfiniBand NIC per rank), EP8, 128 tokens per rank, hidden 7168, top-8: about 77 µs dispatch (FP8 rows) and 114 µs combine (BF16); ours moves bf16 rows both ways',
     mps: process.env.CUDA_MPS_PIPE_DIRECTORY
       ? `MPS pipe directory ${process.env.CUDA_MPS_PIPE_DIRECTORY}`
       : 'MPS not known to be running (time-sliced)',
-    shape: `H=${H} F=${F} E=${E} (8 per rank) top-${k} sigmoid + bias, capacity ${cf} (C = T), no shared expert`,
+    shape: `H=${H} F=${F} E=${E} (${El} per rank) top-${k} sigmoid + bias, capacity ${cf} (C = T), no shared expert`,
     timing: `CUDA events around one call after a device sync and a barrier; median of ${repeats} after ${warmup} warm-up; r0: rank 0, max: the slowest rank`,
   };
   if (rank === 0) {
-    writeResult(`serve-${P}ranks-shared-gpu`, rows, notes, {}, { print: 'none' });
-    printTable(`serve --ranks ${P}: ranks share ONE ${onGpu ? 'GPU' : 'CPU'} (not an NVLink figure)`, rows);
+    writeResult(
+      `serve-${P}ranks-${sharedGpu ? 'shared-gpu' : `${P}gpus`}${E === 8 * P ? '' : `-E${E}`}`,
+      rows,
+      notes,
+      {},
+      { print: 'none' },
+    );
+    printTable(`serve --ranks ${P}: ${where}`, rows);
   }
   const bad = rows.some((r) => r['host waits in 10 replays'] !== null && r['host waits in 10 replays'] !== 0);
   graphed?.dispose();

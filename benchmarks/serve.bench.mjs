@@ -6,9 +6,10 @@
 // the router) over the device-copy bandwidth measured in the same run.
 //   node benchmarks/serve.bench.mjs [--shape deepseek|mixtral|both] [--rounds N] [--out DIR] [--quick]
 //                                   [--no-peer] [--no-tile] [--no-phases] [--dry-run]
-//   mpirun --oversubscribe -np P node benchmarks/serve.bench.mjs --ranks P [--quick] [--out DIR] [--dry-run]
-//     across P ranks sharing one GPU: eager against graph-replayed decode steps of the expert-parallel
-//     layer (the low-latency path) and its dispatch and combine alone (benchmarks/serve-ranks.mjs).
+//   mpirun --oversubscribe -np P node benchmarks/serve.bench.mjs --ranks P [--experts E] [--quick] [--out DIR] [--dry-run]
+//     across P ranks (sharing one GPU, or one GPU each): eager against graph-replayed decode steps
+//     of the expert-parallel layer (the low-latency path) and its dispatch and combine alone
+//     (benchmarks/serve-ranks.mjs).
 // Shapes (bf16 weights, dropless, one rank holding every expert, no shared expert):
 //   deepseek  DeepSeek-V3's routed experts: H=7168 F=2048 E=256 top-8, sigmoid scores, selection
 //             bias, 8 groups keep 4, renormalised, route scale 2.5 (22.5 GB of expert weights)
