@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [ncu] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
@@ -25,7 +25,10 @@ else
 fi
 
 step "info"
-node dist/lib/cli/main.js info | tee "$OUT/info.txt"
+# With a multi step the information goes into multi.log instead: only 8 files come back from a call.
+info_file=$OUT/info.txt
+[[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]] && info_file=$OUT/multi.log
+node dist/lib/cli/main.js info | tee -a "$info_file"
 
 if [[ " $what " == *" tests "* ]]; then
   step "npm run test:gpu"
@@ -161,52 +164,195 @@ if [[ " $what " == *" serve-ep "* ]]; then
   mps_stop
 fi
 
-if [[ " $what " == *" multi "* ]]; then
-  # Several GPUs (issue #8): one rank per GPU, so init() picks NCCL. The test/mpi scripts check their
-  # results on every rank (EP=N layer and training against EP=1, mismatched calls caught by NCCL's
-  # header all-gather on every rank (issue 14), checkpoints across EP sizes); the
-  # dispatch benchmark runs DeepEP's configuration beside torch's all_to_all_single.
+# ------------------------------------------------------------------------------------------------
+# multi, multi-rest: several GPUs, one rank per GPU (issue #18; not yet run on a machine of 4 or 8
+# GPUs, nor in this form on 2). Two calls of at most 10 minutes on nvidia-h200-x2, -x4 or -x8:
+#   call 1: bash .device/enter bash scripts/device-session.sh multi
+#   call 2: MOE_EP_SKIP_BUILD=1 bash .device/enter bash scripts/device-session.sh multi-rest
+#           (MOE_EP_SKIP_BUILD skips the build only where build/Release/moe_ep.node exists: on the
+#           machine call 1 left, if still warm (30 s after a call); a fresh one builds, 50-80 s.
+#           Never carry this machine's CPU-only build/ there.)
+#   on 2 GPUs both fit one call: bash .device/enter bash scripts/device-session.sh multi multi-rest
+# Every task runs under `timeout` and under a deadline for the whole call (MOE_EP_DEADLINE_S,
+# default 550 s from the script's start, the build included; .device/enter unpacks before that): a
+# task that no longer fits is skipped and named so, a hang costs one task's bound, and the call
+# still returns its files.
+# Both transports each time: 'ipc' (peer memory over NVLink: the dispatcher's choice with a GPU per
+# rank) and 'nccl' (NCCL's all-to-all), picked with --transport.
+#   multi, in order of importance:
+#     1. correctness at EP=2, ipc then nccl: test/mpi/moe-layer.mjs (dispatch/combine identity, bf16
+#        and fp8; the layer at EP=2 against EP=1 forward and backward, with and without a comm
+#        stream; expert choice), train.mjs (8 steps against EP=1, resumed at EP=1, EDP, expert
+#        choice), checkpoint.mjs (saved at EP=2, loaded at EP=1); mismatch.mjs (NCCL's call check).
+#        The last 2-GPU run failed in moe-layer and train (host tensors refused by NCCL; fixed in
+#        be7f67e, not rerun): these must pass.
+#     2. dispatch.bench.mjs at EP=N (N = every GPU): DeepEP's configuration, BF16 and FP8 dispatch,
+#        BF16 combine, ipc and nccl, GB/s in DeepEP's accounting, wire MB, torch all_to_all_single
+#        on the same split sizes in the same rounds -> dispatch-<N>ranks-nccl-<commit>.json
+#     3. ep-step.bench.mjs --overlap at EP=N: the layer step against the same per-rank work at EP=1,
+#        compute and exchange, ipc and nccl, with and without a comm stream
+#        -> ep-step-<N>ranks-nccl-<commit>.json
+#     4. a rank killed (SIGKILL) mid-step, 2 processes started without mpirun (RANK/WORLD_SIZE):
+#        nccl (kill.mjs: raw allToAllV) and ipc (peer-fault.mjs --stop kill, dropless and capacity);
+#        every survivor must print a TimeoutError within 8 s (3 s timeout + slack).
+#   multi-rest:
+#     5. correctness at EP=N as in 1 (checkpoint saved at N, loaded at N/2 and 1); mismatch at N
+#     6. dispatch.bench.mjs at EP=2 when N > 2 (issue #18's EP=2 goal) -> dispatch-2ranks-nccl-<commit>.json
+#     7. serve.bench.mjs --ranks N --experts 256: MoEInference's low-latency path across the GPUs,
+#        eager and graph-replayed decode steps, its dispatch and combine alone (issue #19, beside
+#        DeepEP's low-latency figures) -> serve-<N>ranks-<N>gpus-E256-<commit>.json
+#     8. the kills of 4 at N ranks when N > 2
+#     9. correctness at EP=4 when N = 8
+#    10. ep-step.bench.mjs --overlap --shared-ffn 2048 (a DeepSeek-V3 shared expert for the comm
+#        stream to hide the exchanges behind) -> ep-step-<N>ranks-nccl-shared2048-<commit>.json
+#    11. dispatch.bench.mjs --no-peer --timeout-ms 0 (no host wait after each NCCL collective: what
+#        that wait costs) -> dispatch-<N>ranks-nccl-no-timeout-<commit>.json
+# Files in $OUT (8 come back from a call): build.log, multi.log (moe-ep info, every task's output,
+# a status line per task), multi-summary.json (per task: status ok|failed|timeout|skipped, seconds,
+# command), and the result JSON named above: 5 files for multi, at most 7 for multi-rest, 8 for
+# both in one call.
+# Time: estimates from what the scripts do, NOT yet measured (multi-summary.json will say); the
+# bounds are the timeouts. Build 50-80 s (none with MOE_EP_SKIP_BUILD). Correctness at one EP size,
+# both transports: moe-layer 10-20 s, train 15-30 s, checkpoint 5-10 s, each twice, mismatch ~5 s:
+# 65-125 s at EP=2, 80-180 s at EP=4 or 8 (bounds 150/180/120 s per script, 60 s mismatch).
+# dispatch with the torch peer (3 rounds, the peer restarted each round): 45-70 s at EP=2, 60-100 s
+# at EP=8 (bound 300 s). ep-step: 20-40 s (bound 180). Kills: 25-45 s (bound 75 s each). serve
+# --ranks N: 30-60 s (its own watchdog: 170 s). dispatch without the peer: 15-30 s.
+#   multi:      x2 205-350 s, x4 and x8 215-380 s (build included)
+#   multi-rest: x2 80-160 s (steps 7, 10, 11; 270-480 s as one call with multi), x4 270-475 s,
+#               x8 320-575 s with a carried build (the deadline may skip steps 10-11 there)
+if [[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]]; then
   gpus=$(nvidia-smi -L | wc -l)
   step "multi-GPU: $gpus GPUs"
-  for np in 2 4 8; do
-    (( np <= gpus )) || continue
-    for script in moe-layer.mjs train.mjs mismatch.mjs; do
-      echo "--- mpirun -np $np $script --device cuda"
-      timeout 300 mpirun --allow-run-as-root -np "$np" node "test/mpi/$script" --device cuda > "/tmp/multi-$np-$script.log" 2>&1 \
-        && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-$script.log"; }
-      cat "/tmp/multi-$np-$script.log" >> "$OUT/multi.log"
-    done
-    # A checkpoint saved at EP = np, loaded at EP = np/2 and at EP = 1: the same outputs.
-    ck=/tmp/ckpt-multi-$np
-    rm -rf "$ck" && mkdir -p "$ck"
-    echo "--- checkpoint saved at EP=$np, loaded at EP=$((np / 2)) and EP=1 (--device cuda)"
-    { timeout 300 mpirun --allow-run-as-root -np "$np" node test/mpi/checkpoint.mjs save "$ck" --device cuda \
-      && timeout 300 mpirun --allow-run-as-root -np $((np / 2)) node test/mpi/checkpoint.mjs load "$ck" "$ck/y.bin" --device cuda \
-      && timeout 120 node test/mpi/checkpoint.mjs load "$ck" "$ck/y.bin" --device cuda; } > "/tmp/multi-$np-ckpt.log" 2>&1 \
-      && echo "ok" || { status=1; tail -20 "/tmp/multi-$np-ckpt.log"; }
-    cat "/tmp/multi-$np-ckpt.log" >> "$OUT/multi.log"
-  done
-  if (( gpus >= 2 )); then
-    timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/dispatch.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -40 || status=1
-    # The same without a timeout: NCCL collectives are then queued with no host wait after each,
-    # which prices that wait (the timeline in the JSON shows where the rest goes).
-    timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/dispatch.bench.mjs --out "$OUT" --no-peer --timeout-ms 0 2>&1 | tee -a "$OUT/multi.log" | tail -30 || status=1
-    # Weak scaling: one layer step at EP = every GPU against the same per-rank work at EP = 1.
-    timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/ep-step.bench.mjs --out "$OUT" 2>&1 | tee -a "$OUT/multi.log" | tail -12 || status=1
-    timeout 300 mpirun --allow-run-as-root -np "$gpus" node benchmarks/ep-step.bench.mjs --out "$OUT" --timeout-ms 0 2>&1 | tee -a "$OUT/multi.log" | tail -8 || status=1
-    # A rank killed mid-collective, without mpirun (which would kill the job itself): the survivor's
-    # NCCL wait must end in a TimeoutError naming the op and rank 1 within the 3 s timeout + slack.
-    echo "--- kill rank 1 (2 processes, TCP rendezvous, NCCL)"
-    for r in 0 1; do
-      RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=29517 \
-        timeout 60 node test/mpi/kill.mjs --device cuda > "/tmp/kill-$r.log" 2>&1 &
+  # NVLink multicast stays off on these shared hosts (.device/enter sets them too; kept here for runs without it).
+  export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+  [[ $MOE_EP_MACHINE == nvidia-h200 ]] && export MOE_EP_MACHINE=nvidia-h200-x$gpus
+  log=$OUT/multi.log
+  summary=/tmp/multi-summary.tsv
+  : > "$summary"
+  deadline=${MOE_EP_DEADLINE_S:-550}
+  # mpirun binds ranks to cores by default (to one core each at -np 2): node's threads, NCCL's proxy
+  # and the torch peer it starts would share it.
+  mpi() { mpirun --allow-run-as-root --bind-to none -np "$@"; }
+  # Ranks started without mpirun (RANK/WORLD_SIZE, one GPU each, NCCL over a TCP rendezvous): a
+  # killed rank does not take the others down. envrun NP PORT command...; each bounded to 60 s.
+  envrun() {
+    local np=$1 port=$2 r
+    shift 2
+    for ((r = 0; r < np; r++)); do
+      RANK=$r WORLD_SIZE=$np LOCAL_RANK=$r LOCAL_WORLD_SIZE=$np MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+        timeout -k 5 60 "$@" > "/tmp/envrun-$port-$r.log" 2>&1 &
     done
     wait
-    cat /tmp/kill-0.log | tee -a "$OUT/multi.log"
-    # "rank 0 after <ms> ms: TimeoutError: allToAllV ...", within the 3 s timeout plus 5 s of slack.
-    ms=$(sed -nE 's/^rank 0 after ([0-9]+) ms: TimeoutError: allToAllV.*/\1/p' /tmp/kill-0.log)
-    [[ -n $ms ]] && (( ms < 8000 )) || { echo "kill: no TimeoutError from allToAllV within 8 s on rank 0"; status=1; }
+    for ((r = 0; r < np; r++)); do cat "/tmp/envrun-$port-$r.log"; done
+  }
+  export -f mpi envrun
+  # task NAME BOUND_S MIN_S COMMAND [CHECK...]: runs COMMAND (a bash command line) under timeout
+  # min(BOUND_S, time left before the deadline), its output appended to multi.log; skipped when
+  # less than MIN_S is left. CHECK (optional): a check_* function and its arguments, called with the
+  # task's output file last, that must succeed too.
+  task() {
+    local name=$1 bound=$2 min=$3 cmd=$4 left=$((deadline - SECONDS)) t0=$SECONDS rc st out=/tmp/task-$1.log
+    shift 4
+    if ((left < min)); then
+      echo "--- $name: skipped ($left s left before the deadline, needs ~$min)" | tee -a "$log"
+      printf '%s\tskipped\t0\t%s\n' "$name" "$cmd" >> "$summary"
+      status=1
+      return
+    fi
+    ((bound > left - 5)) && bound=$((left - 5))
+    echo "--- $name (bound ${bound} s): $cmd" >> "$log"
+    # Straight into multi.log too, so that what a task printed comes back even if the call is cut short.
+    timeout -k 10 "$bound" bash -c "$cmd" 2>&1 | tee "$out" >> "$log"
+    rc=${PIPESTATUS[0]}
+    if ((rc == 124 || rc == 137)); then st=timeout
+    elif ((rc != 0)); then st=failed
+    elif (($# > 0)) && ! "$@" "$out" >> "$log" 2>&1; then st=failed
+    else st=ok; fi
+    [[ $st == ok ]] || status=1
+    echo "--- $name: $st (rc $rc) in $((SECONDS - t0)) s" | tee -a "$log"
+    [[ $st == ok ]] || tail -15 "$out"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$st" "$((SECONDS - t0))" "$cmd" >> "$summary"
+  }
+  # Every rank printed "ok rank R of NP (transport TR)": the rows went the way asked.
+  check_transport() {
+    local np=$1 tr=$2 n
+    n=$(grep -cE "^ok rank [0-9]+ of $np \\(transport $tr\\)\$" "$3")
+    ((n == np)) || { echo "check: $n of $np ranks printed 'ok rank R of $np (transport $tr)'"; return 1; }
+  }
+  # Every rank printed "ok rank R of NP" (with anything after).
+  check_ok() {
+    local np=$1 n
+    n=$(grep -cE "^ok rank [0-9]+ of $np( |\$)" "$2")
+    ((n == np)) || { echo "check: $n of $np ranks printed 'ok rank R of $np'"; return 1; }
+  }
+  # Every survivor of a kill (NP - 1 ranks) ended in a TimeoutError within 8 s (the 3 s timeout + slack).
+  check_kills() {
+    local np=$1 n
+    n=$(sed -nE 's/^rank [0-9]+ after ([0-9]+) ms: TimeoutError.*/\1/p' "$2" | awk '$1 < 8000' | wc -l)
+    ((n == np - 1)) || { echo "check: $n of $((np - 1)) survivors ended in a TimeoutError within 8 s"; return 1; }
+  }
+  # Correctness at EP = np through transport tr (ipc or nccl).
+  correctness() {
+    local np=$1 tr=$2 ck=/tmp/ckpt-multi-$1-$2 load
+    task "ep$np-$tr-moe-layer" 150 20 "mpi $np node test/mpi/moe-layer.mjs --device cuda --transport $tr" check_transport "$np" "$tr"
+    task "ep$np-$tr-train" 180 25 "mpi $np node test/mpi/train.mjs --device cuda --transport $tr" check_transport "$np" "$tr"
+    # A checkpoint saved at EP = np, loaded at EP = np/2 (when above 1) and at EP = 1: the same outputs.
+    load="node test/mpi/checkpoint.mjs load $ck $ck/y.bin --device cuda"
+    ((np > 2)) && load="mpi $((np / 2)) node test/mpi/checkpoint.mjs load $ck $ck/y.bin --device cuda --transport $tr && $load"
+    task "ep$np-$tr-checkpoint" 120 15 "rm -rf $ck && mkdir -p $ck && mpi $np node test/mpi/checkpoint.mjs save $ck --device cuda --transport $tr && $load"
+  }
+  correctness_all() {
+    (($1 <= gpus)) || return 0
+    correctness "$1" ipc
+    correctness "$1" nccl
+    task "ep$1-mismatch" 60 10 "mpi $1 node test/mpi/mismatch.mjs --device cuda" check_ok "$1"
+  }
+  # Kills at np ranks, rendezvous ports from `port` on: NCCL, then ipc dropless and in capacity mode.
+  kill_tests() {
+    local np=$1 port=$2
+    ((np <= gpus)) || return 0
+    task "kill-$np-nccl" 75 15 "envrun $np $port node test/mpi/kill.mjs --device cuda" check_kills "$np"
+    task "kill-$np-ipc" 75 15 "envrun $np $((port + 1)) node test/mpi/peer-fault.mjs --device cuda --stop kill" check_kills "$np"
+    task "kill-$np-ipc-capacity" 75 15 "envrun $np $((port + 2)) node test/mpi/peer-fault.mjs --device cuda --stop kill --capacity" check_kills "$np"
+  }
+  {
+    echo "# $MOE_EP_MACHINE ($gpus GPUs), commit ${MOE_EP_COMMIT:-unknown}: scripts/device-session.sh $what"
+    nvidia-smi topo -m 2>&1 | head -12
+  } >> "$log"
+  if ((gpus < 2)); then
+    echo "multi: $gpus GPU(s); needs 2 or more" | tee -a "$log"
+    status=1
   fi
+  if ((gpus >= 2)) && [[ " $what " == *" multi "* ]]; then
+    correctness_all 2
+    task "dispatch-ep$gpus" 300 60 "mpi $gpus node benchmarks/dispatch.bench.mjs --out $OUT"
+    task "ep-step-ep$gpus" 180 30 "mpi $gpus node benchmarks/ep-step.bench.mjs --overlap --out $OUT"
+    kill_tests 2 29517
+  fi
+  if ((gpus >= 2)) && [[ " $what " == *" multi-rest "* ]]; then
+    ((gpus > 2)) && correctness_all "$gpus"
+    ((gpus > 2)) && task "dispatch-ep2" 240 60 "mpi 2 node benchmarks/dispatch.bench.mjs --out $OUT"
+    experts=256
+    ((256 % gpus == 0)) || experts=$((8 * gpus))
+    task "serve-ep$gpus" 180 30 "mpi $gpus node benchmarks/serve.bench.mjs --ranks $gpus --experts $experts --out $OUT"
+    ((gpus > 2)) && kill_tests "$gpus" 29527
+    ((gpus == 8)) && correctness_all 4
+    task "ep-step-ep$gpus-shared" 180 30 "mpi $gpus node benchmarks/ep-step.bench.mjs --overlap --shared-ffn 2048 --out $OUT"
+    task "dispatch-ep$gpus-no-timeout" 180 40 "mpi $gpus node benchmarks/dispatch.bench.mjs --out $OUT --no-peer --timeout-ms 0"
+  fi
+  # multi-summary.json: one entry per task, in the order run.
+  node -e '
+    const fs = require("fs");
+    const rows = fs.readFileSync(process.argv[1], "utf8").split("\n").filter(Boolean).map((l) => {
+      const [task, status, seconds, ...cmd] = l.split("\t");
+      return { task, status, seconds: Number(seconds), command: cmd.join("\t") };
+    });
+    const out = { machine: process.env.MOE_EP_MACHINE, gpus: Number(process.argv[3]), commit: process.env.MOE_EP_COMMIT ?? null,
+      steps: process.argv[4], deadlineS: Number(process.argv[5]), totalS: Number(process.argv[6]), tasks: rows };
+    fs.writeFileSync(process.argv[2], JSON.stringify(out, null, 2) + "\n");
+    for (const r of rows) console.log(`${r.status.padEnd(8)} ${String(r.seconds).padStart(4)} s  ${r.task}`);
+  ' "$summary" "$OUT/multi-summary.json" "$gpus" "$what" "$deadline" "$SECONDS" | tee -a "$log"
 fi
 
 if [[ " $what " == *" ncu "* ]]; then
