@@ -125,12 +125,9 @@ if (retired.length) {
     `moe-ep: ${retired.join(', ')} no longer switch${retired.length > 1 ? '' : 'es'} anything: those kernel variants left the addon (benchmarks/kernels/grouped_gemm/ in the repository)\n`,
   );
 }
-let current = copy(fromEnvironment);
-
 /** The switches in force (a copy), as the addon holds them for the process (loading it if this thread has not). */
 export function kernelOptions(): KernelOptions {
-  current = copy(native().kernelOptions());
-  return copy(current);
+  return copy(native().kernelOptions());
 }
 
 /**
@@ -173,7 +170,6 @@ export function setKernelOptions(update: KernelOptionsUpdate): KernelOptions {
     }
   }
   native().setKernelOptions(next);
-  current = next;
   return before;
 }
 
@@ -200,7 +196,5 @@ function sameOptions(a: KernelOptions, b: KernelOptions): boolean {
  * case fails if they drift apart (the environment would then be ignored).
  */
 export function applyKernelOptions(raw: { setKernelOptions(o: KernelOptions): void; kernelOptions(): KernelOptions }): void {
-  const inAddon = raw.kernelOptions();
-  if (sameOptions(inAddon, kernelOptionDefaults)) raw.setKernelOptions(current);
-  else current = copy(inAddon);
+  if (sameOptions(raw.kernelOptions(), kernelOptionDefaults)) raw.setKernelOptions(fromEnvironment);
 }
