@@ -43,6 +43,17 @@ export function range(a) {
   return s.length ? [Math.min(...s), Math.max(...s)] : [NaN, NaN];
 }
 
+/** ‖a − b‖ / ‖b‖ of two equal-length arrays of numbers (host values: toArray() of f32 tensors). */
+export function relErrInNorm(a, b) {
+  let num2 = 0;
+  let den2 = 0;
+  for (let i = 0; i < a.length; i++) {
+    num2 += (a[i] - b[i]) ** 2;
+    den2 += b[i] * b[i];
+  }
+  return Math.sqrt(num2 / Math.max(den2, 1e-30));
+}
+
 /** A finite number rounded to `d` decimals for a result file, else null. */
 export const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? +v.toFixed(d) : null);
 /**

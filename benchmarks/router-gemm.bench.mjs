@@ -36,6 +36,7 @@ import {
   PeerSession,
   quick,
   range,
+  relErrInNorm,
   timeRegion,
   torchAvailable,
   writeInputs,
@@ -62,15 +63,6 @@ const warmup = dryRun ? 1 : 5;
 
 const bytesOf = (s) => s.T * s.H * 2 + s.H * s.E * 2 + s.T * s.E * 4;
 const setsOf = (s) => Math.min(MAX_SETS, Math.max(2, Math.ceil((3 * L2_BYTES) / bytesOf(s))));
-const relErr = (a, b) => {
-  let num2 = 0,
-    den = 0;
-  for (let i = 0; i < a.length; i++) {
-    num2 += (a[i] - b[i]) ** 2;
-    den += b[i] * b[i];
-  }
-  return Math.sqrt(num2 / Math.max(den, 1e-30));
-};
 
 const dir = mkdtempSync(join(dryRun ? tmpdir() : '/dev/shm', 'router-gemm-'));
 const peerWanted = !args.includes('--no-peer');
@@ -122,7 +114,7 @@ try {
   for (const c of cases) {
     const on = withSkinny(true, () => groupedGemm('NN', c.x, c.wr, c.offsets, { dtype: 'f32' }));
     const off = withSkinny(false, () => groupedGemm('NN', c.x, c.wr, c.offsets, { dtype: 'f32' }));
-    checks[`${c.name}: skinny on vs off`] = num(relErr(on.toArray(), off.toArray()), 9);
+    checks[`${c.name}: skinny on vs off`] = num(relErrInNorm(on.toArray(), off.toArray()), 9);
     ours[`logits${c.i}`] = on;
     off.dispose();
   }

@@ -129,8 +129,22 @@ const {
   UnavailableError,
 } = await import('../dist/lib/index.js');
 const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
-const { args, dryRun, flag, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
-  await import('./harness.mjs');
+const {
+  args,
+  dryRun,
+  flag,
+  median,
+  num,
+  PeerSession,
+  printTable,
+  quick,
+  range,
+  relErrInNorm,
+  timeRegion,
+  torchAvailable,
+  writeInputs,
+  writeResult,
+} = await import('./harness.mjs');
 
 const noPeer = args.includes('--no-peer');
 const withTile = !args.includes('--no-tile');
@@ -290,17 +304,9 @@ if (tileState === null) {
     setKernelOptions(before);
   }
   for (const T of tileInfo.keys()) {
-    const a = bits(yTile.get(T));
-    const b = bits(yEager.get(T));
-    let num2 = 0;
-    let den2 = 0;
-    for (let i = 0; i < a.length; i++) {
-      const x = bf16ToF32(a[i]);
-      const y = bf16ToF32(b[i]);
-      num2 += (x - y) ** 2;
-      den2 += y * y;
-    }
-    tileCheck.set(T, { relErrVsEager: Math.sqrt(num2 / Math.max(den2, 1e-30)) });
+    const a = Array.from(bits(yTile.get(T)), bf16ToF32);
+    const b = Array.from(bits(yEager.get(T)), bf16ToF32);
+    tileCheck.set(T, { relErrVsEager: relErrInNorm(a, b) });
   }
   if (tileInfo.size) log(`ours tile: ${tileInfo.size} graphs captured with groupedGemm.decode off (${elapsed()})`);
 }
