@@ -3,8 +3,9 @@
 // (dW, whose inner dimension is each group's rows). Shapes TMA cannot describe stay on the mma.sync
 // kernel (cuda.cu). Compiled for sm_90a alone (CMake).
 //
-// Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×64 A
-// tile and a 64×256 B tile per stage into a 4-stage ring, each stage completed on a "full" mbarrier
+// Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×BK A
+// tile and a BK×256 B tile per stage into a ring (BK = 64, or 32 for fp32 dW; 3 or 4 stages: see
+// Layout), each stage completed on a "full" mbarrier
 // by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
 // 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128 fp32 accumulators
 // per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
@@ -18,7 +19,8 @@
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
 //   B   NT (K-major): [256 n][64 k], like A.
 //       NN (MN-major): four [64 k][64 n] boxes side by side, 8 KiB apart along n.
-//   TN  A = a_eᵀ (MN-major): two [64 k][64 m] boxes, one per consumer; B = b_e as for NN.
+//   TN  A = a_eᵀ (MN-major): two [BK k][64 m] boxes, one per consumer; B = b_e as for NN, [BK k][64 n]
+//       boxes BK·128 bytes apart.
 // NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
 // but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
 // consumers zero those rows in shared memory before the wgmma reads them.
@@ -44,12 +46,9 @@ namespace moe::ops {
 namespace hopper {
 namespace {
 
-constexpr int BM = 128, BN = 256, BK = 64, GROUP_M = 8;
+constexpr int BM = 128, BN = 256, GROUP_M = 8;  // the k-step (BK) belongs to the layout (below)
 constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
-constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
-constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
 // result type (launch() below; a template argument of the kernel, so that a way that loses can move
 // to the ladder in benchmarks/kernels/grouped_gemm/ as it is):
@@ -61,7 +60,19 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               (otherwise idle) copy it to global memory meanwhile, applying the fused epilogue on
 //               the way (SwiGLU: h and the saved g; dSwiGLU: dg from dh and the saved g, which they
 //               fetch themselves). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { WarpSlices, Handoff };
+//   HandoffF32  dW (TN) with fp32 results, accumulating or not: the consumers drop the whole 128×256
+//               fp32 tile (128 KiB) into shared memory, laid out as eight 128-row × 32-column boxes
+//               in the 128-byte swizzle, and go on to the next tile's mainloop; one storer thread
+//               writes the boxes out with TMA tensor stores (accumulate: the reduce form, the add
+//               done by the memory system), which also clip the rows and columns past the group's
+//               block. To make room the ring takes k in steps of 32 (4 stages of 24 KiB). The warp
+//               slices left the consumers storing for ~30% of each dW tile (ncu, 67d9aab: the
+//               layer's fp32 dW13 keeps the tensor pipe 74% busy against 95% for its dA).
+enum class StoreVia { WarpSlices, Handoff, HandoffF32 };
+
+// HandoffF32: the staged tile's boxes, 128 rows × 128 bytes (32 fp32), no pad: the swizzle spreads
+// the banks.
+constexpr int F32_BOX_BYTES = BM * 128;
 
 constexpr int STORER_WARPS = 3;  // Handoff: warps 1-3 of the producer warpgroup
 constexpr int STORER_THREADS = 32 * STORER_WARPS;
@@ -69,6 +80,10 @@ constexpr int STORER_THREADS = 32 * STORER_WARPS;
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
 template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
+  static constexpr int BK = VIA == StoreVia::HandoffF32 ? 32 : 64;  // k per stage
+  static constexpr int A_BYTES = BM * BK * 2;                       // 16 KiB (8 at BK = 32)
+  static constexpr int B_BYTES = BN * BK * 2;                       // 32 KiB (16)
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
   static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
@@ -79,7 +94,7 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   static constexpr int TILE_LD_BF16 = BN + 8;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
-                                                                   : 0;
+                                                                   : BM * BN * 4;
   // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
   // (2·BN bf16 = 1 KiB), filled by cp.async G_RING_ROWS rows ahead of the row being stored.
   static constexpr int G_RING_ROWS = 4;
@@ -94,6 +109,7 @@ static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::HandoffF32>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -113,7 +129,7 @@ using namespace sm90;
 
 // ---- work items -----------------------------------------------------------------------------------
 // Work item t of the launch (tile_order.cuh: NN/NT in bands of GROUP_M m-tiles, TN group-major).
-template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+template <GemmMode MODE, int BK> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
   return tile_in_order<MODE == GemmMode::TN, BM, BN, BK, GROUP_M>(p, t, m_tiles);
 }
 
@@ -215,6 +231,48 @@ __device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile,
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(out + int64_t(tile.row0 + r) * p.cols),
                  "r"(tile_smem + uint32_t(r * LD_BYTES)), "r"(row_bytes)
                  : "memory");
+  }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+
+// HandoffF32, consumer side: this warpgroup's 64 rows of the fp32 tile into shared memory, as eight
+// boxes of 128 rows × 32 columns in the layout a 128-byte-swizzled tensor map stores from: the
+// 16-byte chunk c of row r of a box sits at chunk c ^ (r % 8). A fragment pair (row 16w + l/4 (+8),
+// columns 8j + 2(l%4), +1) is 8 bytes of chunk 2(j%4) + (l%4)/2 of box j/4; the XOR with the row
+// puts a warp's 32 pairs on every bank twice, the least two wavefronts of 256 bytes can take.
+__device__ __forceinline__ void handoff_put_f32(const float (&d)[128], uint32_t tile_smem, int consumer) {
+  constexpr int BOX = F32_BOX_BYTES;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  const int row = consumer * 64 + warp * 16 + (lane >> 2);  // row % 8 == lane / 4, and so for row + 8
+  const uint32_t base = tile_smem + uint32_t(row * 128 + (lane & 1) * 8);
+#pragma unroll
+  for (int j = 0; j < BN / 8; ++j) {
+    const int chunk = (2 * (j & 3) + ((lane & 3) >> 1)) ^ (lane >> 2);
+    const uint32_t at = base + uint32_t((j >> 2) * BOX + chunk * 16);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at + uint32_t(h * 8 * 128)), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1])
+                   : "memory");
+  }
+  // The tensor stores (async proxy) read these after the storer sees tile_full.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// HandoffF32, storer side: one thread writes the staged tile to the group's [rows, cols] block of out
+// with a TMA tensor store per 32-column box (the map's bounds clip what lies past the block), or adds
+// it there (accumulate), then waits until the engine has read shared memory, so that the consumers
+// may refill it; the global writes drain in the background. A group of no rows with accumulate
+// leaves its block alone (the consumers hand over zeros there, which are not written).
+__device__ __forceinline__ void handoff_drain_f32(const Params& p, const Tile& tile, const CUtensorMap* map_out, uint32_t tile_smem,
+                                                  int storer) {
+  constexpr int BOX = F32_BOX_BYTES;
+  if (storer != 0 || (p.accumulate && tile.k_tiles == 0)) return;
+#pragma unroll 1
+  for (int b = 0; b < BN / 32 && tile.col0 + 32 * b < p.cols; ++b) {
+    const uint32_t src = tile_smem + uint32_t(b * BOX);
+    if (p.accumulate) tma_add_3d(map_out, src, tile.col0 + 32 * b, tile.row0, tile.group);
+    else tma_store_3d(map_out, src, tile.col0 + 32 * b, tile.row0, tile.group);
   }
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
@@ -402,26 +460,33 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 //        is waited for by the thread that reads it, and the g ring is nobody else's. The async proxy
 //        (TMA loads, wgmma) never touches the g ring. No named barrier is involved (the kernel's one,
 //        bar 1 over 256 threads, is TN's zeroing, among the consumers only).
-// The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages).
+// HandoffF32 uses the same two barriers with the same counts: storer 0 issues the tensor stores and
+//        waits for the engine's reads (wait_group.read) before it arrives on tile_empty; the other 95
+//        storers arrive at once, so the phase completes only with storer 0's arrival. The consumers'
+//        fence.proxy.async orders their st.shared before the engine's reads, as for Store.
+// The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages for the
+// bf16 hand-off, 4 stages of half the k for HandoffF32).
 
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
-    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                              const __grid_constant__ CUtensorMap map_out, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
   static_assert(VIA != StoreVia::WarpSlices || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store), "the warp slices take fp32 results");
+  static_assert(VIA != StoreVia::HandoffF32 || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store && TN), "the fp32 hand-off: dW (TN)");
   static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
   using L = Layout<VIA, EPI>;
-  constexpr int STAGES = L::STAGES;
+  constexpr int STAGES = L::STAGES, BK = L::BK, A_BYTES = L::A_BYTES, STAGE_BYTES = L::STAGE_BYTES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
-  __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
+  __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff, HandoffF32: consumers → storers → consumers
   const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
   const uint32_t g_ring = staging_smem + L::STAGING_BYTES;  // dSwiGLU hand-off only
 
@@ -449,7 +514,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       int stage = 0;
       uint32_t round = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Tile tile = tile_at<MODE>(p, t, m_tiles);
+        const Tile tile = tile_at<MODE, BK>(p, t, m_tiles);
         for (int kt = 0; kt < tile.k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
@@ -476,16 +541,17 @@ __global__ void __launch_bounds__(THREADS, 1)
           }
         }
       }
-    } else if constexpr (VIA == StoreVia::Handoff) {
+    } else if constexpr (VIA == StoreVia::Handoff || VIA == StoreVia::HandoffF32) {
       if (threadIdx.x >= 32) {
         // Storers: walk the same tiles; each tile the consumers hand over is copied out.
         const int storer = threadIdx.x - 32;
         uint32_t n = 0;  // tiles done
         for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
-          const Tile tile = tile_at<MODE>(p, t, m_tiles);
+          const Tile tile = tile_at<MODE, BK>(p, t, m_tiles);
           if constexpr (EPI == GemmEpilogue::DSwiGLU) dswiglu_prefetch(p, tile, g_ring, storer);  // g needs no tile
           mbar_wait(&tile_full, n & 1);
-          if constexpr (EPI == GemmEpilogue::Store) handoff_drain(p, tile, staging_smem, storer);
+          if constexpr (VIA == StoreVia::HandoffF32) handoff_drain_f32(p, tile, &map_out, staging_smem, storer);
+          else if constexpr (EPI == GemmEpilogue::Store) handoff_drain(p, tile, staging_smem, storer);
           else if constexpr (EPI == GemmEpilogue::SwiGLU) handoff_drain_swiglu(p, tile, staging_smem, storer);
           else handoff_drain_dswiglu(p, tile, staging_smem, g_ring, storer);
           mbar_arrive(&tile_empty);
@@ -500,13 +566,14 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;  // Handoff: tiles handed over (the barriers' phase)
+    uint32_t n = 0;  // Handoff, HandoffF32: tiles handed over (the barriers' phase)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const Tile tile = tile_at<MODE>(p, t, m_tiles);
+      const Tile tile = tile_at<MODE, BK>(p, t, m_tiles);
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
-        unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
+        // This warpgroup's 64 rows: K-major, 64 rows of 128 bytes on; MN-major (TN), the second box.
+        unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (A_MN_MAJOR ? BK * 128 : 64 * 128);
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
         if constexpr (TN) {
           // The group ends inside this k-tile: zero the rows past its end (they hold the next
@@ -545,16 +612,18 @@ __global__ void __launch_bounds__(THREADS, 1)
       wgmma_wait<0>();
       if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
       if (tile.k_tiles == 0) {
-        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating; the hand-off, which
-        // the storers expect every tile through, never accumulates: see launch_layout).
-        if (VIA != StoreVia::Handoff && p.accumulate) continue;
+        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating). The hand-offs hand
+        // the zeros over all the same (the storers expect every tile): the bf16 one never
+        // accumulates (launch_layout), the fp32 one's storer skips the tile when accumulating.
+        if (VIA == StoreVia::WarpSlices && p.accumulate) continue;
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
-      if constexpr (VIA == StoreVia::Handoff) {
+      if constexpr (VIA == StoreVia::Handoff || VIA == StoreVia::HandoffF32) {
         // The storers have copied out the previous tile (a fresh barrier's first wait passes).
         mbar_wait(&tile_empty, (n & 1) ^ 1);
-        handoff_put(d, staging_smem, consumer);
+        if constexpr (VIA == StoreVia::Handoff) handoff_put(d, staging_smem, consumer);
+        else handoff_put_f32(d, staging_smem, consumer);
         mbar_arrive(&tile_full);
         ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {
@@ -566,10 +635,12 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 // ---- host side ------------------------------------------------------------------------------------
-// A bf16 tensor map with 128-byte swizzle (sm90.cuh). dims/box are innermost first; strides (bytes) for dims 1..
-CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
+// A tensor map with 128-byte swizzle (sm90.cuh), bf16 unless told. dims/box are innermost first;
+// strides (bytes) for dims 1..
+CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                     CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16) {
   CUtensorMap map;
-  const CUresult r = encode_bf16_map(&map, base, rank, dims, strides, box);
+  const CUresult r = encode_swizzled_map(&map, type, base, rank, dims, strides, box);
   MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
   return map;
 }
@@ -600,7 +671,8 @@ DeviceInfo device_info() {
 }
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
-void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms,
+                   cudaStream_t stream) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
   constexpr int smem = Layout<VIA, EPI>::SMEM_BYTES;
   if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
@@ -609,7 +681,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
-  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, map_out, p);
 }
 
 // How the tiles are stored follows from the epilogue and the result type (see StoreVia):
@@ -617,18 +689,23 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 //   the producer's storer warps through shared memory while the consumers go on with the next tile
 //   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
 //   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
-// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
-//   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
+// - fp32 dW (TN): the whole tile handed off and written by TMA tensor stores (HandoffF32).
+// - fp32 forward and dA (NN, NT): warp slices (the hand-off in two halves was no faster there:
+//   balanced 440 vs 434, E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward
+//   715 vs 656). HandoffF32 would need their K-major A at 64-byte rows (k in steps of 32).
 // - SwiGLU, dSwiGLU (bf16 results): handed off too, the storer warps applying the epilogue (v9;
 //   H200, cf38d04, the layer's shape, against from the consumers' registers: up + SwiGLU 2.89 vs
 //   3.35 ms, down dA + dSwiGLU 1.42 vs 1.84; the registers way is step 09 of the ladder).
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr StoreVia store_via() {
+  if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) return StoreVia::Handoff;
+  else if constexpr (MODE == GemmMode::TN) return StoreVia::HandoffF32;
+  else return StoreVia::WarpSlices;
+}
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr int k_step() { return Layout<store_via<MODE, EPI, OutT>(), EPI>::BK; }
+// map_out: HandoffF32's tensor map of out (unused, and not encoded, for the other ways).
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) {
-    launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
-  } else {
-    launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
-  }
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms, cudaStream_t stream) {
+  launch_layout<MODE, EPI, OutT, store_via<MODE, EPI, OutT>()>(map_a, map_b, map_out, p, sms, stream);
 }
 
 }  // namespace
@@ -673,14 +750,25 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     p.cols = int(N);
     p.n_tiles = int((N + BN - 1) / BN);
     p.tn_m_tiles = int((K + BM - 1) / BM);
+    // [64 rows][BK columns] boxes, BK as the way the tile is stored has it.
     const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
     const cuuint64_t b_dims[2] = {cuuint64_t(N), cuuint64_t(M)}, b_strides[1] = {cuuint64_t(N) * 2};
-    const cuuint32_t box[2] = {64, BK};
+    const cuuint32_t box[2] = {64, cuuint32_t(f32 ? k_step<GemmMode::TN, GemmEpilogue::Store, float>()
+                                                  : k_step<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>())};
     const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
     if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
-    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (f32) {
+      // out [E, K, N] fp32, stored as [128 rows][32 columns] boxes (HandoffF32).
+      static_assert(store_via<GemmMode::TN, GemmEpilogue::Store, float>() == StoreVia::HandoffF32,
+                    "fp32 dW goes through the tensor stores");
+      const cuuint64_t o_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, o_strides[2] = {cuuint64_t(N) * 4, cuuint64_t(K * N) * 4};
+      const cuuint32_t o_box[3] = {32, BM, 1};
+      const CUtensorMap map_out = make_map(g.out.raw(), 3, o_dims, o_strides, o_box, CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
+      launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, map_out, p, sms, stream);
+    } else {
+      launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    }
     cuda::check_launch("groupedGemm");
     return;
   }
@@ -694,6 +782,10 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
 
   // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
   const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
+  constexpr int BK = k_step<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>();  // the same for every NN/NT way
+  static_assert(
+      k_step<GemmMode::NN, GemmEpilogue::Store, float>() == BK && k_step<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>() == BK,
+      "NN/NT boxes: one k step");
   const cuuint32_t a_box[2] = {BK, BM};
   const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, a_box);
   // B: [E, K, N] with N innermost. NN reads [64 k][64 n] boxes; NT reads [256 k-rows][64 n] boxes
@@ -703,13 +795,15 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
   if (!nt) {
-    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::SwiGLU)
+      launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU)
+      launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
   }
   cuda::check_launch("groupedGemm");
 }
