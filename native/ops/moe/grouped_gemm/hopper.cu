@@ -3,12 +3,12 @@
 // (dW, whose inner dimension is each group's rows). Shapes TMA cannot describe stay on the mma.sync
 // kernel (cuda.cu). Compiled for sm_90a alone (CMake).
 //
-// Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×BK A
-// tile and a BK×256 B tile per stage into a ring (BK = 64, or 32 for fp32 dW; 3 or 4 stages: see
-// Layout), each stage completed on a "full" mbarrier
-// by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
-// 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128 fp32 accumulators
-// per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
+// Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×64 A
+// tile and a 64×256 B tile per stage into a ring (3 to 5 stages: see Layout), each stage completed
+// on a "full" mbarrier by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns
+// 64 rows of the 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128
+// fp32 accumulators per thread), then frees the stage on its "empty" mbarrier. (fp32 dW: tiles
+// and B 128 columns wide, m64n128k16, 64 accumulators.) Both sides walk the same sequence of
 // (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
 // store the last one (through one of the epilogues below).
 // The other ways of storing a tile that were measured and lost (Store from registers, the warp
@@ -19,8 +19,8 @@
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
 //   B   NT (K-major): [256 n][64 k], like A.
 //       NN (MN-major): four [64 k][64 n] boxes side by side, 8 KiB apart along n.
-//   TN  A = a_eᵀ (MN-major): two [BK k][64 m] boxes, one per consumer; B = b_e as for NN, [BK k][64 n]
-//       boxes BK·128 bytes apart.
+//   TN  A = a_eᵀ (MN-major): two [64 k][64 m] boxes, one per consumer; B = b_e as for NN (two
+//       boxes for the 128-wide fp32 dW tiles).
 // NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
 // but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
 // consumers zero those rows in shared memory before the wgmma reads them.
@@ -46,7 +46,8 @@ namespace moe::ops {
 namespace hopper {
 namespace {
 
-constexpr int BM = 128, BN = 256, GROUP_M = 8;  // the k-step (BK) belongs to the layout (below)
+// Tiles of BM × BN outputs, k in steps of BK; fp32 dW (HandoffF32, below) takes tiles BN_F32 wide.
+constexpr int BM = 128, BN = 256, BN_F32 = 128, BK = 64, GROUP_M = 8;
 constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 // How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
@@ -60,14 +61,17 @@ constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 //               (otherwise idle) copy it to global memory meanwhile, applying the fused epilogue on
 //               the way (SwiGLU: h and the saved g; dSwiGLU: dg from dh and the saved g, which they
 //               fetch themselves). It costs the ring a stage (3 instead of 4).
-//   HandoffF32  dW (TN) with fp32 results, accumulating or not: the consumers drop the whole 128×256
-//               fp32 tile (128 KiB) into shared memory, laid out as eight 128-row × 32-column boxes
-//               in the 128-byte swizzle, and go on to the next tile's mainloop; one storer thread
-//               writes the boxes out with TMA tensor stores (accumulate: the reduce form, the add
-//               done by the memory system), which also clip the rows and columns past the group's
-//               block. To make room the ring takes k in steps of 32 (4 stages of 24 KiB). The warp
-//               slices left the consumers storing for ~30% of each dW tile (ncu, 67d9aab: the
-//               layer's fp32 dW13 keeps the tensor pipe 74% busy against 95% for its dA).
+//   HandoffF32  dW (TN) with fp32 results, accumulating or not, in tiles 128 columns wide: the
+//               consumers drop the whole 128×128 fp32 tile (64 KiB) into shared memory, laid out as
+//               four 128-row × 32-column boxes in the 128-byte swizzle, and go on to the next tile's
+//               mainloop; one storer thread writes the boxes out with TMA tensor stores (accumulate:
+//               the reduce form, the add done by the memory system), which also clip the rows and
+//               columns past the group's block. The ring keeps 5 stages of 32 KiB. The warp slices
+//               left the consumers storing for ~30% of each dW tile (ncu, 67d9aab: the layer's fp32
+//               dW13 keeps the tensor pipe 74% busy against 95% for its dA). Why not the whole
+//               128×256 tile (128 KiB): beside it the ring keeps 96 KiB, and at 4 stages of k = 32
+//               the mainloop starved (H200, 3d84012: the tensor pipe 55% busy, dW13 3.64 ms
+//               against 3.03 with the warp slices).
 enum class StoreVia { WarpSlices, Handoff, HandoffF32 };
 
 // HandoffF32: the staged tile's boxes, 128 rows × 128 bytes (32 fp32), no pad: the swizzle spreads
@@ -80,11 +84,11 @@ constexpr int STORER_THREADS = 32 * STORER_WARPS;
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
 template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
-  static constexpr int BK = VIA == StoreVia::HandoffF32 ? 32 : 64;  // k per stage
-  static constexpr int A_BYTES = BM * BK * 2;                       // 16 KiB (8 at BK = 32)
-  static constexpr int B_BYTES = BN * BK * 2;                       // 32 KiB (16)
+  static constexpr int TILE_N = VIA == StoreVia::HandoffF32 ? BN_F32 : BN;  // output columns per tile
+  static constexpr int A_BYTES = BM * BK * 2;                               // 16 KiB
+  static constexpr int B_BYTES = TILE_N * BK * 2;                           // 32 KiB (16 for HandoffF32)
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
+  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : VIA == StoreVia::HandoffF32 ? 5 : 4;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
                                                                // the fragment stores over the banks
@@ -94,7 +98,7 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   static constexpr int TILE_LD_BF16 = BN + 8;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
-                                                                   : BM * BN * 4;
+                                                                   : BM * BN_F32 * 4;
   // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
   // (2·BN bf16 = 1 KiB), filled by cp.async G_RING_ROWS rows ahead of the row being stored.
   static constexpr int G_RING_ROWS = 4;
@@ -103,7 +107,7 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
       VIA == StoreVia::Handoff && EPI == GemmEpilogue::DSwiGLU ? STORER_WARPS * G_RING_ROWS * G_ROW_BYTES : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + G_RING_BYTES + 1024;  // + slack to align the ring
 };
-constexpr int MAX_STAGES = 4;
+constexpr int MAX_STAGES = 5;
 // 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
@@ -129,8 +133,8 @@ using namespace sm90;
 
 // ---- work items -----------------------------------------------------------------------------------
 // Work item t of the launch (tile_order.cuh: NN/NT in bands of GROUP_M m-tiles, TN group-major).
-template <GemmMode MODE, int BK> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
-  return tile_in_order<MODE == GemmMode::TN, BM, BN, BK, GROUP_M>(p, t, m_tiles);
+template <GemmMode MODE, int TILE_N> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+  return tile_in_order<MODE == GemmMode::TN, BM, TILE_N, BK, GROUP_M>(p, t, m_tiles);
 }
 
 // ---- epilogue -------------------------------------------------------------------------------------
@@ -236,24 +240,38 @@ __device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile,
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
 }
 
-// HandoffF32, consumer side: this warpgroup's 64 rows of the fp32 tile into shared memory, as eight
-// boxes of 128 rows × 32 columns in the layout a 128-byte-swizzled tensor map stores from: the
-// 16-byte chunk c of row r of a box sits at chunk c ^ (r % 8). A fragment pair (row 16w + l/4 (+8),
-// columns 8j + 2(l%4), +1) is 8 bytes of chunk 2(j%4) + (l%4)/2 of box j/4; the XOR with the row
-// puts a warp's 32 pairs on every bank twice, the least two wavefronts of 256 bytes can take.
-__device__ __forceinline__ void handoff_put_f32(const float (&d)[128], uint32_t tile_smem, int consumer) {
-  constexpr int BOX = F32_BOX_BYTES;
+// HandoffF32, consumer side: this warpgroup's 64 rows of the 128×128 fp32 tile into shared memory,
+// as four boxes of 128 rows × 32 columns in the layout a 128-byte-swizzled tensor map stores from:
+// the 16-byte chunk c of row r of a box sits at chunk c ^ (r % 8). Lane l holds pairs of row
+// 16w + l/4 (+8) at columns 8j + 2(l%4), +1, i.e. 8 bytes of chunk 2(j%4) + (l%4)/2 of box j/4.
+// Banks: a warp's 8-byte stores go by half-warps, whose 16 lanes span only rows r % 8 in 0-3 or 4-7;
+// storing the same j from every lane would put them on 4 of the 8 chunks, twice each (measured at
+// 3d84012: 4.8 wavefronts per store where 2 is the least). So in each store the lanes with (l%4)/2 = 1
+// take the pair two j further on (j + 2, or j - 2 in the second store of the two): with the XOR,
+// the 16 lanes of a half-warp then cover all 8 chunks once, one wavefront per half-warp.
+__device__ __forceinline__ void handoff_put_f32(const float (&d)[BN_F32 / 2], uint32_t tile_smem, int consumer) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-  const int row = consumer * 64 + warp * 16 + (lane >> 2);  // row % 8 == lane / 4, and so for row + 8
+  const int q = lane >> 2, half = (lane >> 1) & 1;  // row within 8; which 16 bytes of a 32-byte j
+  const int row = consumer * 64 + warp * 16 + q;    // row % 8 == q, and so for row + 8
   const uint32_t base = tile_smem + uint32_t(row * 128 + (lane & 1) * 8);
 #pragma unroll
-  for (int j = 0; j < BN / 8; ++j) {
-    const int chunk = (2 * (j & 3) + ((lane & 3) >> 1)) ^ (lane >> 2);
-    const uint32_t at = base + uint32_t((j >> 2) * BOX + chunk * 16);
+  for (int box = 0; box < BN_F32 / 32; ++box) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
-      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at + uint32_t(h * 8 * 128)), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1])
-                   : "memory");
+    for (int jj = 0; jj < 2; ++jj) {
+#pragma unroll
+      for (int second = 0; second < 2; ++second) {
+        const bool far = (half ^ second) != 0;  // this lane stores j + 2 (else j) of the box
+        const int j_near = 4 * box + jj, j_far = j_near + 2;
+        const int chunk = (2 * (far ? jj + 2 : jj) + half) ^ q;
+        const uint32_t at = base + uint32_t(box * F32_BOX_BYTES + chunk * 16);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float x = far ? d[j_far * 4 + h * 2] : d[j_near * 4 + h * 2];
+          const float y = far ? d[j_far * 4 + h * 2 + 1] : d[j_near * 4 + h * 2 + 1];
+          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at + uint32_t(h * 8 * 128)), "f"(x), "f"(y) : "memory");
+        }
+      }
+    }
   }
   // The tensor stores (async proxy) read these after the storer sees tile_full.
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -266,13 +284,12 @@ __device__ __forceinline__ void handoff_put_f32(const float (&d)[128], uint32_t 
 // leaves its block alone (the consumers hand over zeros there, which are not written).
 __device__ __forceinline__ void handoff_drain_f32(const Params& p, const Tile& tile, const CUtensorMap* map_out, uint32_t tile_smem,
                                                   int storer) {
-  constexpr int BOX = F32_BOX_BYTES;
   if (storer != 0 || (p.accumulate && tile.k_tiles == 0)) return;
 #pragma unroll 1
-  for (int b = 0; b < BN / 32 && tile.col0 + 32 * b < p.cols; ++b) {
-    const uint32_t src = tile_smem + uint32_t(b * BOX);
-    if (p.accumulate) tma_add_3d(map_out, src, tile.col0 + 32 * b, tile.row0, tile.group);
-    else tma_store_3d(map_out, src, tile.col0 + 32 * b, tile.row0, tile.group);
+  for (int box = 0; box < BN_F32 / 32 && tile.col0 + 32 * box < p.cols; ++box) {
+    const uint32_t src = tile_smem + uint32_t(box * F32_BOX_BYTES);
+    if (p.accumulate) tma_add_3d(map_out, src, tile.col0 + 32 * box, tile.row0, tile.group);
+    else tma_store_3d(map_out, src, tile.col0 + 32 * box, tile.row0, tile.group);
   }
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
@@ -465,7 +482,7 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 //        storers arrive at once, so the phase completes only with storer 0's arrival. The consumers'
 //        fence.proxy.async orders their st.shared before the engine's reads, as for Store.
 // The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages for the
-// bf16 hand-off, 4 stages of half the k for HandoffF32).
+// bf16 hand-off, 5 of the narrower B for HandoffF32).
 
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
@@ -480,7 +497,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   static_assert(VIA != StoreVia::HandoffF32 || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store && TN), "the fp32 hand-off: dW (TN)");
   static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
   using L = Layout<VIA, EPI>;
-  constexpr int STAGES = L::STAGES, BK = L::BK, A_BYTES = L::A_BYTES, STAGE_BYTES = L::STAGE_BYTES;
+  constexpr int STAGES = L::STAGES, TILE_N = L::TILE_N, A_BYTES = L::A_BYTES, STAGE_BYTES = L::STAGE_BYTES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
@@ -514,7 +531,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       int stage = 0;
       uint32_t round = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Tile tile = tile_at<MODE, BK>(p, t, m_tiles);
+        const Tile tile = tile_at<MODE, TILE_N>(p, t, m_tiles);
         for (int kt = 0; kt < tile.k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
@@ -525,14 +542,15 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
             for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * (BK * 128), &map_a, &full[stage], tile.row0 + 64 * j, k0);
 #pragma unroll
-            for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0);
+            for (int j = 0; j < TILE_N / 64; ++j) tma_load_2d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0);
           } else {
             tma_load_2d(sa, &map_a, &full[stage], k0, tile.row0);
             if constexpr (MODE == GemmMode::NT) {
               tma_load_3d(sb, &map_b, &full[stage], k0, tile.col0, tile.group);
             } else {
 #pragma unroll
-              for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+              for (int j = 0; j < TILE_N / 64; ++j)
+                tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
             }
           }
           if (++stage == STAGES) {
@@ -547,7 +565,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         const int storer = threadIdx.x - 32;
         uint32_t n = 0;  // tiles done
         for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
-          const Tile tile = tile_at<MODE, BK>(p, t, m_tiles);
+          const Tile tile = tile_at<MODE, TILE_N>(p, t, m_tiles);
           if constexpr (EPI == GemmEpilogue::DSwiGLU) dswiglu_prefetch(p, tile, g_ring, storer);  // g needs no tile
           mbar_wait(&tile_full, n & 1);
           if constexpr (VIA == StoreVia::HandoffF32) handoff_drain_f32(p, tile, &map_out, staging_smem, storer);
@@ -563,17 +581,16 @@ __global__ void __launch_bounds__(THREADS, 1)
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int consumer = wg - 1;
-    float d[128];
+    float d[TILE_N / 2];  // this warpgroup's 64 × TILE_N accumulators
     int stage = 0;
     uint32_t round = 0;
     uint32_t n = 0;  // Handoff, HandoffF32: tiles handed over (the barriers' phase)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const Tile tile = tile_at<MODE, BK>(p, t, m_tiles);
+      const Tile tile = tile_at<MODE, TILE_N>(p, t, m_tiles);
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
-        // This warpgroup's 64 rows: K-major, 64 rows of 128 bytes on; MN-major (TN), the second box.
-        unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (A_MN_MAJOR ? BK * 128 : 64 * 128);
+        unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
         if constexpr (TN) {
           // The group ends inside this k-tile: zero the rows past its end (they hold the next
@@ -582,9 +599,10 @@ __global__ void __launch_bounds__(THREADS, 1)
           const int valid = tile.k_end - (tile.k_begin + kt * BK);
           if (valid < BK) {
             const int lane128 = threadIdx.x & 127;
-            for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
+            constexpr int B_BOXES = TILE_N / 64 / CONSUMERS;  // this consumer's share of the B boxes
+            for (int i = lane128; i < (BK - valid) * 8 * (1 + B_BOXES); i += 128) {
               const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
-              unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
+              unsigned char* base = box == 0 ? sa : sb + (B_BOXES * consumer + box - 1) * (BK * 128);
               *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
             }
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -597,7 +615,8 @@ __global__ void __launch_bounds__(THREADS, 1)
           // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
           const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
           const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
-          wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+          if constexpr (TILE_N == 256) wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+          else wgmma_m64n128k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
         }
         wgmma_commit();
         // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
@@ -617,7 +636,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         // accumulates (launch_layout), the fp32 one's storer skips the tile when accumulating.
         if (VIA == StoreVia::WarpSlices && p.accumulate) continue;
 #pragma unroll
-        for (int i = 0; i < 128; ++i) d[i] = 0.f;
+        for (int i = 0; i < TILE_N / 2; ++i) d[i] = 0.f;
       }
       if constexpr (VIA == StoreVia::Handoff || VIA == StoreVia::HandoffF32) {
         // The storers have copied out the previous tile (a fresh barrier's first wait passes).
@@ -701,7 +720,9 @@ template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr StoreVia sto
   else if constexpr (MODE == GemmMode::TN) return StoreVia::HandoffF32;
   else return StoreVia::WarpSlices;
 }
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr int k_step() { return Layout<store_via<MODE, EPI, OutT>(), EPI>::BK; }
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr int tile_n() {
+  return Layout<store_via<MODE, EPI, OutT>(), EPI>::TILE_N;
+}
 // map_out: HandoffF32's tensor map of out (unused, and not encoded, for the other ways).
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms, cudaStream_t stream) {
@@ -748,13 +769,13 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     const int64_t K = g.a.size(1), N = g.b.size(1);
     p.rows = int(K);
     p.cols = int(N);
-    p.n_tiles = int((N + BN - 1) / BN);
+    const int tile_cols =
+        f32 ? tile_n<GemmMode::TN, GemmEpilogue::Store, float>() : tile_n<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>();
+    p.n_tiles = int((N + tile_cols - 1) / tile_cols);
     p.tn_m_tiles = int((K + BM - 1) / BM);
-    // [64 rows][BK columns] boxes, BK as the way the tile is stored has it.
     const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
     const cuuint64_t b_dims[2] = {cuuint64_t(N), cuuint64_t(M)}, b_strides[1] = {cuuint64_t(N) * 2};
-    const cuuint32_t box[2] = {64, cuuint32_t(f32 ? k_step<GemmMode::TN, GemmEpilogue::Store, float>()
-                                                  : k_step<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>())};
+    const cuuint32_t box[2] = {64, BK};
     const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
     if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
@@ -778,14 +799,12 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.rows = int(M);
   p.cols = int(nt ? K : N);  // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
   p.inner = int(nt ? N : K);
+  static_assert(tile_n<GemmMode::NN, GemmEpilogue::Store, float>() == BN && tile_n<GemmMode::NT, GemmEpilogue::Store, float>() == BN,
+                "NN/NT: every way takes BN-wide tiles");
   p.n_tiles = (p.cols + BN - 1) / BN;
 
   // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
   const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
-  constexpr int BK = k_step<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>();  // the same for every NN/NT way
-  static_assert(
-      k_step<GemmMode::NN, GemmEpilogue::Store, float>() == BK && k_step<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>() == BK,
-      "NN/NT boxes: one k step");
   const cuuint32_t a_box[2] = {BK, BM};
   const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, a_box);
   // B: [E, K, N] with N innermost. NN reads [64 k][64 n] boxes; NT reads [256 k-rows][64 n] boxes
