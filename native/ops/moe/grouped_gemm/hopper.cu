@@ -4,11 +4,10 @@
 // kernel (cuda.cu). Compiled for sm_90a alone (CMake).
 //
 // Block: 3 warpgroups. Warpgroup 0 is the producer: one thread issues the TMA loads of a 128×64 A
-// tile and a 64×256 B tile per stage into a ring (3 to 5 stages: see Layout), each stage completed
-// on a "full" mbarrier by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns
-// 64 rows of the 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128
-// fp32 accumulators per thread), then frees the stage on its "empty" mbarrier. (fp32 dW: tiles
-// and B 128 columns wide, m64n128k16, 64 accumulators.) Both sides walk the same sequence of
+// tile and a 64×256 B tile per stage into a 4-stage ring, each stage completed on a "full" mbarrier
+// by the copy engine's byte count. Warpgroups 1 and 2 are consumers: each owns 64 rows of the
+// 128×256 output tile and issues wgmma m64n256k16 straight from shared memory (128 fp32 accumulators
+// per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
 // (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
 // store the last one (through one of the epilogues below).
 // The other ways of storing a tile that were measured and lost (Store from registers, the warp
@@ -19,8 +18,7 @@
 //   A   [128 rows][64 k], K-major: 128-byte rows; core matrices of 8 rows are 1024 bytes apart.
 //   B   NT (K-major): [256 n][64 k], like A.
 //       NN (MN-major): four [64 k][64 n] boxes side by side, 8 KiB apart along n.
-//   TN  A = a_eᵀ (MN-major): two [64 k][64 m] boxes, one per consumer; B = b_e as for NN (two
-//       boxes for the 128-wide fp32 dW tiles).
+//   TN  A = a_eᵀ (MN-major): two [64 k][64 m] boxes, one per consumer; B = b_e as for NN.
 // NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
 // but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
 // consumers zero those rows in shared memory before the wgmma reads them.
@@ -46,10 +44,12 @@ namespace moe::ops {
 namespace hopper {
 namespace {
 
-// Tiles of BM × BN outputs, k in steps of BK; fp32 dW (HandoffF32, below) takes tiles BN_F32 wide.
-constexpr int BM = 128, BN = 256, BN_F32 = 128, BK = 64, GROUP_M = 8;
+constexpr int BM = 128, BN = 256, BK = 64, GROUP_M = 8;
 constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows each
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
+constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
+constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
 // result type (launch() below; a template argument of the kernel, so that a way that loses can move
 // to the ladder in benchmarks/kernels/grouped_gemm/ as it is):
@@ -61,22 +61,7 @@ constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 //               (otherwise idle) copy it to global memory meanwhile, applying the fused epilogue on
 //               the way (SwiGLU: h and the saved g; dSwiGLU: dg from dh and the saved g, which they
 //               fetch themselves). It costs the ring a stage (3 instead of 4).
-//   HandoffF32  dW (TN) with fp32 results, accumulating or not, in tiles 128 columns wide: the
-//               consumers drop the whole 128×128 fp32 tile (64 KiB) into shared memory, laid out as
-//               four 128-row × 32-column boxes in the 128-byte swizzle, and go on to the next tile's
-//               mainloop; one storer thread writes the boxes out with TMA tensor stores (accumulate:
-//               the reduce form, the add done by the memory system), which also clip the rows and
-//               columns past the group's block. The ring keeps 5 stages of 32 KiB. The warp slices
-//               left the consumers storing for ~30% of each dW tile (ncu, 67d9aab: the layer's fp32
-//               dW13 keeps the tensor pipe 74% busy against 95% for its dA). Why not the whole
-//               128×256 tile (128 KiB): beside it the ring keeps 96 KiB, and at 4 stages of k = 32
-//               the mainloop starved (H200, 3d84012: the tensor pipe 55% busy, dW13 3.64 ms
-//               against 3.03 with the warp slices).
-enum class StoreVia { WarpSlices, Handoff, HandoffF32 };
-
-// HandoffF32: the staged tile's boxes, 128 rows × 128 bytes (32 fp32), no pad: the swizzle spreads
-// the banks.
-constexpr int F32_BOX_BYTES = BM * 128;
+enum class StoreVia { WarpSlices, Handoff };
 
 constexpr int STORER_WARPS = 3;  // Handoff: warps 1-3 of the producer warpgroup
 constexpr int STORER_THREADS = 32 * STORER_WARPS;
@@ -84,11 +69,7 @@ constexpr int STORER_THREADS = 32 * STORER_WARPS;
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
 template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
-  static constexpr int TILE_N = VIA == StoreVia::HandoffF32 ? BN_F32 : BN;  // output columns per tile
-  static constexpr int A_BYTES = BM * BK * 2;                               // 16 KiB
-  static constexpr int B_BYTES = TILE_N * BK * 2;                           // 32 KiB (16 for HandoffF32)
-  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : VIA == StoreVia::HandoffF32 ? 5 : 4;
+  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
                                                                // the fragment stores over the banks
@@ -98,7 +79,7 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   static constexpr int TILE_LD_BF16 = BN + 8;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
-                                                                   : BM * BN_F32 * 4;
+                                                                   : 0;
   // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
   // (2·BN bf16 = 1 KiB), filled by cp.async G_RING_ROWS rows ahead of the row being stored.
   static constexpr int G_RING_ROWS = 4;
@@ -107,13 +88,12 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
       VIA == StoreVia::Handoff && EPI == GemmEpilogue::DSwiGLU ? STORER_WARPS * G_RING_ROWS * G_ROW_BYTES : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + G_RING_BYTES + 1024;  // + slack to align the ring
 };
-constexpr int MAX_STAGES = 5;
+constexpr int MAX_STAGES = 4;
 // 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
-static_assert(Layout<StoreVia::HandoffF32>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -133,8 +113,8 @@ using namespace sm90;
 
 // ---- work items -----------------------------------------------------------------------------------
 // Work item t of the launch (tile_order.cuh: NN/NT in bands of GROUP_M m-tiles, TN group-major).
-template <GemmMode MODE, int TILE_N> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
-  return tile_in_order<MODE == GemmMode::TN, BM, TILE_N, BK, GROUP_M>(p, t, m_tiles);
+template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+  return tile_in_order<MODE == GemmMode::TN, BM, BN, BK, GROUP_M>(p, t, m_tiles);
 }
 
 // ---- epilogue -------------------------------------------------------------------------------------
@@ -235,61 +215,6 @@ __device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile,
     asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(out + int64_t(tile.row0 + r) * p.cols),
                  "r"(tile_smem + uint32_t(r * LD_BYTES)), "r"(row_bytes)
                  : "memory");
-  }
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
-}
-
-// HandoffF32, consumer side: this warpgroup's 64 rows of the 128×128 fp32 tile into shared memory,
-// as four boxes of 128 rows × 32 columns in the layout a 128-byte-swizzled tensor map stores from:
-// the 16-byte chunk c of row r of a box sits at chunk c ^ (r % 8). Lane l holds pairs of row
-// 16w + l/4 (+8) at columns 8j + 2(l%4), +1, i.e. 8 bytes of chunk 2(j%4) + (l%4)/2 of box j/4.
-// Banks: a warp's 8-byte stores go by half-warps, whose 16 lanes span only rows r % 8 in 0-3 or 4-7;
-// storing the same j from every lane would put them on 4 of the 8 chunks, twice each (measured at
-// 3d84012: 4.8 wavefronts per store where 2 is the least). So in each store the lanes with (l%4)/2 = 1
-// take the pair two j further on (j + 2, or j - 2 in the second store of the two): with the XOR,
-// the 16 lanes of a half-warp then cover all 8 chunks once, one wavefront per half-warp.
-__device__ __forceinline__ void handoff_put_f32(const float (&d)[BN_F32 / 2], uint32_t tile_smem, int consumer) {
-  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-  const int q = lane >> 2, half = (lane >> 1) & 1;  // row within 8; which 16 bytes of a 32-byte j
-  const int row = consumer * 64 + warp * 16 + q;    // row % 8 == q, and so for row + 8
-  const uint32_t base = tile_smem + uint32_t(row * 128 + (lane & 1) * 8);
-#pragma unroll
-  for (int box = 0; box < BN_F32 / 32; ++box) {
-#pragma unroll
-    for (int jj = 0; jj < 2; ++jj) {
-#pragma unroll
-      for (int second = 0; second < 2; ++second) {
-        const bool far = (half ^ second) != 0;  // this lane stores j + 2 (else j) of the box
-        const int j_near = 4 * box + jj, j_far = j_near + 2;
-        const int chunk = (2 * (far ? jj + 2 : jj) + half) ^ q;
-        const uint32_t at = base + uint32_t(box * F32_BOX_BYTES + chunk * 16);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float x = far ? d[j_far * 4 + h * 2] : d[j_near * 4 + h * 2];
-          const float y = far ? d[j_far * 4 + h * 2 + 1] : d[j_near * 4 + h * 2 + 1];
-          asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at + uint32_t(h * 8 * 128)), "f"(x), "f"(y) : "memory");
-        }
-      }
-    }
-  }
-  // The tensor stores (async proxy) read these after the storer sees tile_full.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
-// HandoffF32, storer side: one thread writes the staged tile to the group's [rows, cols] block of out
-// with a TMA tensor store per 32-column box (the map's bounds clip what lies past the block), or adds
-// it there (accumulate), then waits until the engine has read shared memory, so that the consumers
-// may refill it; the global writes drain in the background. A group of no rows with accumulate
-// leaves its block alone (the consumers hand over zeros there, which are not written).
-__device__ __forceinline__ void handoff_drain_f32(const Params& p, const Tile& tile, const CUtensorMap* map_out, uint32_t tile_smem,
-                                                  int storer) {
-  if (storer != 0 || (p.accumulate && tile.k_tiles == 0)) return;
-#pragma unroll 1
-  for (int box = 0; box < BN_F32 / 32 && tile.col0 + 32 * box < p.cols; ++box) {
-    const uint32_t src = tile_smem + uint32_t(box * F32_BOX_BYTES);
-    if (p.accumulate) tma_add_3d(map_out, src, tile.col0 + 32 * box, tile.row0, tile.group);
-    else tma_store_3d(map_out, src, tile.col0 + 32 * box, tile.row0, tile.group);
   }
   asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
   asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
@@ -477,33 +402,26 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 //        is waited for by the thread that reads it, and the g ring is nobody else's. The async proxy
 //        (TMA loads, wgmma) never touches the g ring. No named barrier is involved (the kernel's one,
 //        bar 1 over 256 threads, is TN's zeroing, among the consumers only).
-// HandoffF32 uses the same two barriers with the same counts: storer 0 issues the tensor stores and
-//        waits for the engine's reads (wait_group.read) before it arrives on tile_empty; the other 95
-//        storers arrive at once, so the phase completes only with storer 0's arrival. The consumers'
-//        fence.proxy.async orders their st.shared before the engine's reads, as for Store.
-// The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages for the
-// bf16 hand-off, 5 of the narrower B for HandoffF32).
+// The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages).
 
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
-    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
-                              const __grid_constant__ CUtensorMap map_out, Params p) {
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
   static_assert(VIA != StoreVia::WarpSlices || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store), "the warp slices take fp32 results");
-  static_assert(VIA != StoreVia::HandoffF32 || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store && TN), "the fp32 hand-off: dW (TN)");
   static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
   using L = Layout<VIA, EPI>;
-  constexpr int STAGES = L::STAGES, TILE_N = L::TILE_N, A_BYTES = L::A_BYTES, STAGE_BYTES = L::STAGE_BYTES;
+  constexpr int STAGES = L::STAGES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
-  __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff, HandoffF32: consumers → storers → consumers
+  __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
   const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
   const uint32_t g_ring = staging_smem + L::STAGING_BYTES;  // dSwiGLU hand-off only
 
@@ -531,7 +449,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       int stage = 0;
       uint32_t round = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const Tile tile = tile_at<MODE, TILE_N>(p, t, m_tiles);
+        const Tile tile = tile_at<MODE>(p, t, m_tiles);
         for (int kt = 0; kt < tile.k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
@@ -542,15 +460,14 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
             for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * (BK * 128), &map_a, &full[stage], tile.row0 + 64 * j, k0);
 #pragma unroll
-            for (int j = 0; j < TILE_N / 64; ++j) tma_load_2d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0);
+            for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0);
           } else {
             tma_load_2d(sa, &map_a, &full[stage], k0, tile.row0);
             if constexpr (MODE == GemmMode::NT) {
               tma_load_3d(sb, &map_b, &full[stage], k0, tile.col0, tile.group);
             } else {
 #pragma unroll
-              for (int j = 0; j < TILE_N / 64; ++j)
-                tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+              for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
             }
           }
           if (++stage == STAGES) {
@@ -559,17 +476,16 @@ __global__ void __launch_bounds__(THREADS, 1)
           }
         }
       }
-    } else if constexpr (VIA == StoreVia::Handoff || VIA == StoreVia::HandoffF32) {
+    } else if constexpr (VIA == StoreVia::Handoff) {
       if (threadIdx.x >= 32) {
         // Storers: walk the same tiles; each tile the consumers hand over is copied out.
         const int storer = threadIdx.x - 32;
         uint32_t n = 0;  // tiles done
         for (int t = blockIdx.x; t < total; t += gridDim.x, ++n) {
-          const Tile tile = tile_at<MODE, TILE_N>(p, t, m_tiles);
+          const Tile tile = tile_at<MODE>(p, t, m_tiles);
           if constexpr (EPI == GemmEpilogue::DSwiGLU) dswiglu_prefetch(p, tile, g_ring, storer);  // g needs no tile
           mbar_wait(&tile_full, n & 1);
-          if constexpr (VIA == StoreVia::HandoffF32) handoff_drain_f32(p, tile, &map_out, staging_smem, storer);
-          else if constexpr (EPI == GemmEpilogue::Store) handoff_drain(p, tile, staging_smem, storer);
+          if constexpr (EPI == GemmEpilogue::Store) handoff_drain(p, tile, staging_smem, storer);
           else if constexpr (EPI == GemmEpilogue::SwiGLU) handoff_drain_swiglu(p, tile, staging_smem, storer);
           else handoff_drain_dswiglu(p, tile, staging_smem, g_ring, storer);
           mbar_arrive(&tile_empty);
@@ -581,12 +497,12 @@ __global__ void __launch_bounds__(THREADS, 1)
   } else {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int consumer = wg - 1;
-    float d[TILE_N / 2];  // this warpgroup's 64 × TILE_N accumulators
+    float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;  // Handoff, HandoffF32: tiles handed over (the barriers' phase)
+    uint32_t n = 0;  // Handoff: tiles handed over (the barriers' phase)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
-      const Tile tile = tile_at<MODE, TILE_N>(p, t, m_tiles);
+      const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
@@ -599,10 +515,9 @@ __global__ void __launch_bounds__(THREADS, 1)
           const int valid = tile.k_end - (tile.k_begin + kt * BK);
           if (valid < BK) {
             const int lane128 = threadIdx.x & 127;
-            constexpr int B_BOXES = TILE_N / 64 / CONSUMERS;  // this consumer's share of the B boxes
-            for (int i = lane128; i < (BK - valid) * 8 * (1 + B_BOXES); i += 128) {
+            for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
               const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
-              unsigned char* base = box == 0 ? sa : sb + (B_BOXES * consumer + box - 1) * (BK * 128);
+              unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
               *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
             }
             asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
@@ -615,8 +530,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
           const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
           const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
-          if constexpr (TILE_N == 256) wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
-          else wgmma_m64n128k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+          wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
         }
         wgmma_commit();
         // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
@@ -631,18 +545,16 @@ __global__ void __launch_bounds__(THREADS, 1)
       wgmma_wait<0>();
       if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
       if (tile.k_tiles == 0) {
-        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating). The hand-offs hand
-        // the zeros over all the same (the storers expect every tile): the bf16 one never
-        // accumulates (launch_layout), the fp32 one's storer skips the tile when accumulating.
-        if (VIA == StoreVia::WarpSlices && p.accumulate) continue;
+        // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating; the hand-off, which
+        // the storers expect every tile through, never accumulates: see launch_layout).
+        if (VIA != StoreVia::Handoff && p.accumulate) continue;
 #pragma unroll
-        for (int i = 0; i < TILE_N / 2; ++i) d[i] = 0.f;
+        for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
-      if constexpr (VIA == StoreVia::Handoff || VIA == StoreVia::HandoffF32) {
+      if constexpr (VIA == StoreVia::Handoff) {
         // The storers have copied out the previous tile (a fresh barrier's first wait passes).
         mbar_wait(&tile_empty, (n & 1) ^ 1);
-        if constexpr (VIA == StoreVia::Handoff) handoff_put(d, staging_smem, consumer);
-        else handoff_put_f32(d, staging_smem, consumer);
+        handoff_put(d, staging_smem, consumer);
         mbar_arrive(&tile_full);
         ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {
@@ -654,12 +566,10 @@ __global__ void __launch_bounds__(THREADS, 1)
 }
 
 // ---- host side ------------------------------------------------------------------------------------
-// A tensor map with 128-byte swizzle (sm90.cuh), bf16 unless told. dims/box are innermost first;
-// strides (bytes) for dims 1..
-CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
-                     CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16) {
+// A bf16 tensor map with 128-byte swizzle (sm90.cuh). dims/box are innermost first; strides (bytes) for dims 1..
+CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
   CUtensorMap map;
-  const CUresult r = encode_swizzled_map(&map, type, base, rank, dims, strides, box);
+  const CUresult r = encode_bf16_map(&map, base, rank, dims, strides, box);
   MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
   return map;
 }
@@ -690,8 +600,7 @@ DeviceInfo device_info() {
 }
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
-void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms,
-                   cudaStream_t stream) {
+void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
   constexpr int smem = Layout<VIA, EPI>::SMEM_BYTES;
   if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
@@ -700,7 +609,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUt
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
-  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, map_out, p);
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
 }
 
 // How the tiles are stored follows from the epilogue and the result type (see StoreVia):
@@ -708,25 +617,22 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUt
 //   the producer's storer warps through shared memory while the consumers go on with the next tile
 //   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
 //   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
-// - fp32 dW (TN): the whole tile handed off and written by TMA tensor stores (HandoffF32).
-// - fp32 forward and dA (NN, NT): warp slices (the hand-off in two halves was no faster there:
-//   balanced 440 vs 434, E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward
-//   715 vs 656). HandoffF32 would need their K-major A at 64-byte rows (k in steps of 32).
+// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
+//   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
+//   Handing the fp32 dW tile off whole, written by TMA tensor stores, lost as well (ncu on the
+//   layer's dW13, cycles of the kernel: warp slices 4.88 M, 67d9aab; the 128×256 tile beside a
+//   4-stage ring of k = 32, 6.43 M, d2f028e; 128×128 tiles beside a 5-stage ring, 4.96 M,
+//   9fa034d: benchmarks/results/ncu-layer-dw13-*.csv.gz). The code is in git at 9fa034d.
 // - SwiGLU, dSwiGLU (bf16 results): handed off too, the storer warps applying the epilogue (v9;
 //   H200, cf38d04, the layer's shape, against from the consumers' registers: up + SwiGLU 2.89 vs
 //   3.35 ms, down dA + dSwiGLU 1.42 vs 1.84; the registers way is step 09 of the ladder).
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr StoreVia store_via() {
-  if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) return StoreVia::Handoff;
-  else if constexpr (MODE == GemmMode::TN) return StoreVia::HandoffF32;
-  else return StoreVia::WarpSlices;
-}
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT> constexpr int tile_n() {
-  return Layout<store_via<MODE, EPI, OutT>(), EPI>::TILE_N;
-}
-// map_out: HandoffF32's tensor map of out (unused, and not encoded, for the other ways).
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms, cudaStream_t stream) {
-  launch_layout<MODE, EPI, OutT, store_via<MODE, EPI, OutT>()>(map_a, map_b, map_out, p, sms, stream);
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+  if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) {
+    launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+  } else {
+    launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
+  }
 }
 
 }  // namespace
@@ -769,9 +675,7 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     const int64_t K = g.a.size(1), N = g.b.size(1);
     p.rows = int(K);
     p.cols = int(N);
-    const int tile_cols =
-        f32 ? tile_n<GemmMode::TN, GemmEpilogue::Store, float>() : tile_n<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>();
-    p.n_tiles = int((N + tile_cols - 1) / tile_cols);
+    p.n_tiles = int((N + BN - 1) / BN);
     p.tn_m_tiles = int((K + BM - 1) / BM);
     const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
     const cuuint64_t b_dims[2] = {cuuint64_t(N), cuuint64_t(M)}, b_strides[1] = {cuuint64_t(N) * 2};
@@ -779,17 +683,8 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
     if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
-    if (f32) {
-      // out [E, K, N] fp32, stored as [128 rows][32 columns] boxes (HandoffF32).
-      static_assert(store_via<GemmMode::TN, GemmEpilogue::Store, float>() == StoreVia::HandoffF32,
-                    "fp32 dW goes through the tensor stores");
-      const cuuint64_t o_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, o_strides[2] = {cuuint64_t(N) * 4, cuuint64_t(K * N) * 4};
-      const cuuint32_t o_box[3] = {32, BM, 1};
-      const CUtensorMap map_out = make_map(g.out.raw(), 3, o_dims, o_strides, o_box, CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
-      launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, map_out, p, sms, stream);
-    } else {
-      launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
-    }
+    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
     cuda::check_launch("groupedGemm");
     return;
   }
@@ -799,8 +694,6 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.rows = int(M);
   p.cols = int(nt ? K : N);  // NN: out[M, N] = a[M, K]·b_e; NT: out[M, K] = a[M, N]·b_eᵀ
   p.inner = int(nt ? N : K);
-  static_assert(tile_n<GemmMode::NN, GemmEpilogue::Store, float>() == BN && tile_n<GemmMode::NT, GemmEpilogue::Store, float>() == BN,
-                "NN/NT: every way takes BN-wide tiles");
   p.n_tiles = (p.cols + BN - 1) / BN;
 
   // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
@@ -814,15 +707,13 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
   if (!nt) {
-    if (g.epilogue == GemmEpilogue::SwiGLU)
-      launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
-    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, CUtensorMap{}, p, sms, stream);
-    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU)
-      launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
-    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, CUtensorMap{}, p, sms, stream);
-    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, CUtensorMap{}, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
   }
   cuda::check_launch("groupedGemm");
 }

@@ -1,8 +1,7 @@
 // Hopper (sm_90a) building blocks of the Hopper grouped GEMM (hopper.cu): mbarriers, TMA tile
-// loads and stores, wgmma shared-memory descriptors and fences, and the host-side tensor-map
-// encoder reached through the runtime's driver entry point (cudart is static). Self-contained (CUDA
-// headers only) so that the ladder programs in benchmarks/kernels/grouped_gemm/ (08's ping-pong
-// kernel) include it.
+// loads, wgmma shared-memory descriptors and fences, and the host-side tensor-map encoder reached
+// through the runtime's driver entry point (cudart is static). Self-contained (CUDA headers only) so
+// that the ladder programs in benchmarks/kernels/grouped_gemm/ (08's ping-pong kernel) include it.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -52,23 +51,6 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
-// Stores of a shared-memory box to global memory through a tensor map (the box laid out as the map's
-// swizzle says), in the issuing thread's bulk group: plain, or added to what is there (the add done
-// by the memory system, element by element). Shared memory written by ordinary stores must be made
-// visible to the copy engine first (fence.proxy.async.shared::cta).
-__device__ __forceinline__ void tma_store_3d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(reinterpret_cast<uint64_t>(map)),
-      "r"(src), "r"(c0), "r"(c1), "r"(c2)
-      : "memory");
-}
-__device__ __forceinline__ void tma_add_3d(const CUtensorMap* map, uint32_t src, int c0, int c1, int c2) {
-  asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
-                   reinterpret_cast<uint64_t>(map)),
-               "r"(src), "r"(c0), "r"(c1), "r"(c2)
-               : "memory");
-}
-
 // ---- wgmma ----------------------------------------------------------------------------------------
 // Shared-memory matrix descriptor, 128-byte swizzle: start address, leading-dimension byte offset
 // (LBO), stride-dimension byte offset (SBO), all in 16-byte units. K-major: SBO = 1024 (the next 8
@@ -98,20 +80,16 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// A tensor map with 128-byte swizzle; dims and box innermost first, strides (bytes) for dims 1...
-// Loads: out-of-bounds parts of a box are zero-filled (and still count toward the barrier's bytes).
-// Stores: out-of-bounds parts of a box are not written.
-inline CUresult encode_swizzled_map(CUtensorMap* map, CUtensorMapDataType type, const void* base, int rank, const cuuint64_t* dims,
-                                    const cuuint64_t* strides, const cuuint32_t* box) {
+// A bf16 tensor map with 128-byte swizzle; dims and box innermost first, strides (bytes) for dims 1...
+// Out-of-bounds parts of a box are zero-filled (and still count toward the barrier's bytes).
+inline CUresult encode_bf16_map(CUtensorMap* map, const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
+                                const cuuint32_t* box) {
   const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (!encode) return CUDA_ERROR_NOT_FOUND;
   const cuuint32_t unit[3] = {1, 1, 1};
-  return encode(map, type, cuuint32_t(rank), const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-}
-inline CUresult encode_bf16_map(CUtensorMap* map, const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides,
-                                const cuuint32_t* box) {
-  return encode_swizzled_map(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, base, rank, dims, strides, box);
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, cuuint32_t(rank), const_cast<void*>(base), dims, strides, box, unit,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
 }  // namespace moe::ops::sm90
