@@ -53,6 +53,7 @@
 #include "core/cuda_runtime.h"
 #include "core/error.h"
 #include "ops/moe/grouped_gemm/decode.h"
+#include "ops/moe/grouped_gemm/mma_sync.cuh"
 #include "ops/moe/grouped_gemm/swiglu.h"
 
 namespace moe::ops {
@@ -94,17 +95,6 @@ __device__ __forceinline__ uint4 ld_stream(const __nv_bfloat16* p, bool pred) {
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p), "r"(int(pred)));
   return v;
-}
-
-__device__ __forceinline__ void mma_bf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
 }
 
 __device__ __forceinline__ void group_bounds(const DecodeParams& p, int e, int& begin, int& end) {
