@@ -1,5 +1,6 @@
 #include "core/cuda_runtime.h"
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 
@@ -105,6 +106,18 @@ DeviceProps device_props(int index) {
                      int64_t(p.l2CacheSize),
                      int64_t(p.sharedMemPerBlockOptin),
                      bus};
+}
+
+int multiprocessors(int index) {
+  static std::atomic<int> cache[64];  // 0: not asked yet
+  require_device(cuda_device(index), "cuda.multiprocessors");
+  int n = cache[index].load(std::memory_order_relaxed);
+  if (n == 0) {
+    check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, index), "cuda.multiprocessors", "cudaDeviceGetAttribute");
+    n = std::max(n, 1);
+    cache[index].store(n, std::memory_order_relaxed);
+  }
+  return n;
 }
 
 void require_device(const Device& device, const char* op) {
@@ -302,6 +315,7 @@ const RuntimeStatus& status() {
 }
 bool available() { return false; }
 DeviceProps device_props(int) { not_built("cuda.deviceProperties"); }
+int multiprocessors(int) { not_built("cuda.multiprocessors"); }
 void require_device(const Device& device, const char* op) {
   if (device.is_cuda())
     throw_error(ErrorKind::Unavailable, op,

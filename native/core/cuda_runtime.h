@@ -31,6 +31,9 @@ struct RuntimeStatus {
 const RuntimeStatus& status();
 bool available();
 DeviceProps device_props(int index);
+// The device's SM count, cached per device after the first call: cheap enough for every launch
+// that sizes its grid by it.
+int multiprocessors(int index);
 
 // Throws Unavailable with the reason when `device` cannot be used by this build or machine.
 void require_device(const Device& device, const char* op);

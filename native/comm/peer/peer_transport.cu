@@ -88,7 +88,7 @@ class CudaPeerTransport final : public PeerTransport {
       dev_fault_ = static_cast<peer::HostFault*>(dev_host);
       dev_counts_ = reinterpret_cast<peer::HostCounts*>(static_cast<char*>(dev_host) + sizeof(peer::HostFault));
       cu(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking), op, "cudaStreamCreate");
-      cu(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device), op, "cudaDeviceGetAttribute");
+      sm_count_ = cuda::multiprocessors(device);
       cu(cudaDeviceSynchronize(), op, "cudaDeviceSynchronize");
     } catch (...) {
       release();

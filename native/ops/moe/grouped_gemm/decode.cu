@@ -48,7 +48,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
@@ -323,16 +322,6 @@ template <int TT> void launch_epilogue(const GroupedGemm& g, const DecodeParams&
   else launch<TT, GemmEpilogue::Store, __nv_bfloat16>(p, blocks, stream);
 }
 
-int multiprocessors() {
-  static std::mutex mu;
-  static int cache[64] = {};
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 132;
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache[dev] == 0) cache[dev] = std::max(1, cuda::device_props(dev).multiprocessors);
-  return cache[dev];
-}
-
 }  // namespace
 
 bool decode_nn_fits(const GroupedGemm& g) {
@@ -380,7 +369,7 @@ void decode_nn(const GroupedGemm& g, int max_rows, void* stream_ptr) {
   const int U = max_rows == 8 ? unroll<1>() : unroll<2>();
   const int per_sm = max_rows == 32 ? blocks_per_sm<4>() : blocks_per_sm<1>();
   const int64_t G = std::min(E, M), steps = (K + KSTEP - 1) / KSTEP, base = G * p.n_tiles;
-  const int64_t target = int64_t(per_sm) * multiprocessors();
+  const int64_t target = int64_t(per_sm) * cuda::multiprocessors(g.a.device().index);
   int64_t splits = base >= target ? 1 : (target + base - 1) / base;
   splits = std::min(splits, std::max<int64_t>(1, steps / MIN_STEPS_PER_SPLIT));
   splits = std::min(splits, std::max<int64_t>(1, G * K / (64 * M)));

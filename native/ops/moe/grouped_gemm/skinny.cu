@@ -377,12 +377,6 @@ template <typename OutT> void launch_plan(const Plan& pl, const SkinnyParams& p,
   }
 }
 
-int multiprocessors(int device) {
-  int n = 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n < 1) return 132;
-  return n;
-}
-
 }  // namespace
 
 bool skinny_nn_fits(const GroupedGemm& g) {
@@ -403,7 +397,7 @@ bool skinny_nn_fits(const GroupedGemm& g) {
 void skinny_nn(const GroupedGemm& g, void* stream_ptr) {
   const int64_t M = g.a.size(0), K = g.b.size(1), N = g.b.size(2);
   cudaStream_t stream = cudaStream_t(stream_ptr);
-  const Plan pl = make_plan(M, K, N, multiprocessors(g.a.device().index));
+  const Plan pl = make_plan(M, K, N, cuda::multiprocessors(g.a.device().index));
   SkinnyParams p{};
   p.a = g.a.data<__nv_bfloat16>();
   p.b = g.b.data<__nv_bfloat16>();

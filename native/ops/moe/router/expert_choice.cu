@@ -27,7 +27,6 @@
 // [T,E] f32), after the logits are read and the scores written once; the final pass writes slot,
 // weights and indices. The selection's floor is one read of the scores.
 #include <algorithm>
-#include <atomic>
 #include <climits>
 #include <cstdint>
 
@@ -409,17 +408,6 @@ __global__ void __launch_bounds__(kEcThreads)
   }
 }
 
-int sm_count(int device) {
-  static std::atomic<int> cached[64];
-  if (device < 0 || device >= 64) return 132;
-  int v = cached[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    cuda::check(cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device), "router", "cudaDeviceGetAttribute");
-    cached[device].store(std::max(v, 1), std::memory_order_relaxed);
-  }
-  return std::max(v, 1);
-}
-
 int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
 struct Plan {
@@ -476,7 +464,7 @@ void router_expert_choice_cuda(const Tensor& logits, const ExpertChoiceParams& p
                                 : chunk_rows<1>();
   pl.chunks = std::max<int64_t>(1, (T + rows - 1) / rows);
   // Histogram chunks: about 4 blocks per SM over all tiles, each at most 65535 rows (16-bit counters).
-  const int64_t want = std::max<int64_t>(1, (4 * int64_t(sm_count(logits.device().index)) + tiles - 1) / tiles);
+  const int64_t want = std::max<int64_t>(1, (4 * int64_t(cuda::multiprocessors(logits.device().index)) + tiles - 1) / tiles);
   int64_t hrows = align_up(std::max<int64_t>(1, (T + want - 1) / want), step);
   hrows = std::min<int64_t>(hrows, 65535 / step * step);
   pl.hist_chunk_rows = hrows;

@@ -278,11 +278,10 @@ template <int VPT, int L> __global__ void __launch_bounds__(kFastWarps * 32, VPT
 
 // Blocks of `kernel` resident on the whole device at once: the persistent grid's size.
 template <typename Kernel> int resident_blocks(Kernel kernel, int device) {
-  int per_sm = 0, sms = 0;
+  int per_sm = 0;
   cuda::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kFastWarps * 32, 0), "router",
               "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
-  cuda::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "router", "cudaDeviceGetAttribute");
-  return std::max(1, per_sm) * std::max(1, sms);
+  return std::max(1, per_sm) * cuda::multiprocessors(device);
 }
 
 // Whether this device takes the fast forward as router_init's programmatic dependent: compute
