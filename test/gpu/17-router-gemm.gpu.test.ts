@@ -191,14 +191,20 @@ describe.skipIf(!hasGpu)('router logits on the skinny grouped GEMM (NN, one grou
     });
   });
 
-  // Both shapes plan to several splits on a 132-SM H200 (8 and 2), so accumulate goes through the
-  // finishing pass; the single-split path's accumulate (store_out in the main kernel) is not covered.
-  it('accumulate: f32 out += x·Wr onto random contents (split-K shapes: the finishing pass adds)', () => {
+  // Both paths that add onto `out` (skinny.cu's plan, make_plan, on a 132-SM H200): the first two
+  // shapes plan to several splits (8 and 2), so the finishing pass adds (store_out with 8 columns per
+  // thread); the last two to one split, so the main kernel adds as it stores (store_out with CPL
+  // columns per lane: 2 at N = 8, 4 at N = 32). One split because the chunks (K/32: 16 and 8) give
+  // no warp a full batch of loads with more (most_splits: chunks / (4 warps · unroll) = 16 / (4·4)
+  // and 8 / (4·2) = 1), whatever the SM count from 5 SMs up. M = 100: the last 8-row tile is partial.
+  it('accumulate: f32 out += x·Wr onto random contents (split-K and single-split shapes)', () => {
     const seed = freshSeed();
     console.info(`[router gemm] accumulate: seed ${seed}`);
     for (const [M, K, N] of [
       [64, 4096, 8], // many splits: the finishing pass adds
       [4096, 512, 32], // few chunks per row block (2 splits)
+      [100, 512, 8], // one split: the main kernel adds, 2 columns per lane
+      [100, 256, 32], // one split: the main kernel adds, 4 columns per lane
     ] as const) {
       const at = `seed ${seed}, M=${M}, K=${K}, N=${N}`;
       tidy(() => {
