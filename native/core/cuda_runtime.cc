@@ -109,13 +109,15 @@ DeviceProps device_props(int index) {
 }
 
 int multiprocessors(int index) {
-  static std::atomic<int> cache[64];  // 0: not asked yet
+  constexpr int kCached = 64;              // devices past this are asked every time
+  static std::atomic<int> cache[kCached];  // 0: not asked yet
   require_device(cuda_device(index), "cuda.multiprocessors");
-  int n = cache[index].load(std::memory_order_relaxed);
+  const bool cached = index >= 0 && index < kCached;
+  int n = cached ? cache[index].load(std::memory_order_relaxed) : 0;
   if (n == 0) {
     check(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, index), "cuda.multiprocessors", "cudaDeviceGetAttribute");
     n = std::max(n, 1);
-    cache[index].store(n, std::memory_order_relaxed);
+    if (cached) cache[index].store(n, std::memory_order_relaxed);
   }
   return n;
 }
