@@ -86,6 +86,8 @@ int main(int argc, char** argv) {
   const ladder::Inputs in = ladder::make_inputs(pr);
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
   const int sms = ladder::sm_count();
+  std::printf("grids: 10a %d CTAs; 10b %d clusters of 2 resident at once (cudaOccupancyMaxActiveClusters)\n",
+              moe::ops::cluster_f32::resident_clusters<1>(sms), moe::ops::cluster_f32::resident_clusters<2>(sms));
   const ladder::Mode m = ladder::Mode::TN;
   const size_t n = ladder::out_elems(pr, m);
   float* o[3] = {nullptr, nullptr, nullptr};

@@ -300,6 +300,31 @@ inline CUresult encode_map(CUtensorMap* map, CUtensorMapDataType type, const voi
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
+// How many clusters of CLUSTER CTAs can run at once (CLUSTER = 1: the SMs), as the occupancy API
+// sees this kernel with its shared memory; 0 if none fits.
+template <int CLUSTER> int resident_clusters(int sms) {
+  auto kernel = dw_f32_kernel<CLUSTER>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) != cudaSuccess) return 0;
+  if constexpr (CLUSTER == 1) {
+    return sms;
+  } else {
+    cudaLaunchConfig_t cfg{};
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = CLUSTER;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.gridDim = dim3(unsigned(sms / CLUSTER * CLUSTER));
+    cfg.blockDim = dim3(THREADS);
+    cfg.dynamicSmemBytes = SMEM_BYTES;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int resident = 0;
+    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &cfg) != cudaSuccess) return 0;
+    return std::min(resident, sms / CLUSTER);
+  }
+}
+
 // dW_e[K, N] (+)= a_eᵀ · c_e over each group's rows: a [M, K] bf16, c [M, N] bf16, out [E, K, N] fp32.
 // Returns null, or why it could not run.
 template <int CLUSTER>
@@ -338,14 +363,9 @@ const char* run(const void* a, const void* c, const int32_t* offsets, float* out
   cfg.numAttrs = 1;
   // Persistent: as many clusters as can be resident at once (2-CTA clusters need two SMs of one GPC),
   // never more than there are work items.
-  int clusters = sms / CLUSTER;
-  if constexpr (CLUSTER > 1) {
-    cfg.gridDim = dim3(unsigned(clusters * CLUSTER));
-    int resident = 0;
-    if (cudaOccupancyMaxActiveClusters(&resident, kernel, &cfg) != cudaSuccess || resident < 1) return "no 2-CTA cluster fits";
-    clusters = std::min(clusters, resident);
-  }
-  clusters = std::max(1, std::min(clusters, items<CLUSTER>(p)));
+  const int resident = resident_clusters<CLUSTER>(sms);
+  if (resident < 1) return "no cluster of this kernel fits";
+  const int clusters = std::max(1, std::min(resident, items<CLUSTER>(p)));
   cfg.gridDim = dim3(unsigned(clusters * CLUSTER));
   if (cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_out, p) != cudaSuccess) return "cudaLaunchKernelEx failed";
   return nullptr;
