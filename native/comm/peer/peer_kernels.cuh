@@ -43,11 +43,8 @@ struct Meta {
 struct HostFault {
   int kind;              // PeerFault (the first writer's, or another failing lane's: both are faults)
   int op;                // which wait (PeerOp)
-  int peer[kMaxPeers];   // 1: rank p was not heard from, gave up, or sent another T (TokenMismatch)
+  int peer[kMaxPeers];   // 1: rank p was not heard from, or gave up
   long long timeout_ns;  // written by the host: 0 waits forever
-  // TokenMismatch: this rank's T and, for each flagged peer, the T it dispatched.
-  int tokens_mine;
-  int tokens_peer[kMaxPeers];
 };
 enum PeerOp : int { kOpDispatch = 1, kOpCombine = 2, kOpCombineBackward = 3, kOpDispatchBackward = 4 };
 
@@ -126,20 +123,6 @@ __device__ __forceinline__ void record_fault(const View& v, PeerFault kind, int 
   f->op = op;
   __threadfence_system();
   f->kind = int(kind);  // last: the host reads the rest once it sees a kind
-  __threadfence_system();
-}
-
-// A source dispatched T rows where this rank, with fixed segments (capacity mode), expects its own
-// T: the segments were sized from different capacities, so the step's rows are not where either
-// side thinks (the receiver's bounds keep every access inside its buffers; the results are wrong).
-__device__ __forceinline__ void record_token_mismatch(const View& v, int peer, int tokens_peer, int tokens_mine) {
-  volatile HostFault* f = v.fault;
-  f->tokens_peer[peer] = tokens_peer;
-  f->tokens_mine = tokens_mine;
-  f->peer[peer] = 1;
-  f->op = kOpDispatch;
-  __threadfence_system();
-  f->kind = int(PeerFault::TokenMismatch);  // last, as in record_fault
   __threadfence_system();
 }
 
@@ -491,19 +474,13 @@ __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int*
 // seg_start[l·P + s] + slot), converted from the payload (a copy, or fp8 dequantised); rows no
 // entry fills are padding (zeros, weight 0, source -1). recv_row_of[(s·cap + i)·k + j] remembers
 // where entry j of (s, i) went, for combine. Acknowledges the step to every source at the end.
-// Capacity mode: a source whose T is not this rank's (t_mine) is recorded as a TokenMismatch fault,
-// which the host reports at its next call into the transport.
 template <typename Out, bool kFp8>
-__global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, int t_mine, const int* seg_start, const int* fill,
-                              const int* offsets, int64_t N, int H, bool vec16, Out* out, float* out_w, int* row_src, int* recv_row_of,
-                              float* recv_w, int* recv_tokens) {
+__global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, const int* seg_start, const int* fill, const int* offsets,
+                              int64_t N, int H, bool vec16, Out* out, float* out_w, int* row_src, int* recv_row_of, float* recv_w,
+                              int* recv_tokens) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P, El = v.El;
-  if (segment >= 0 && blockIdx.x == 0 && threadIdx.x < P) {
-    const int t_src = ld_volatile(&mail(v, v.me, threadIdx.x)->t_src);
-    if (t_src != t_mine) record_token_mismatch(v, threadIdx.x, t_src, t_mine);
-  }
   const int64_t cap = v.t_cap < map_cap ? v.t_cap : map_cap;
   auto tokens_from = [&](int s) -> int64_t {
     const int64_t n = ld_volatile(&mail(v, v.me, s)->n_tokens);

@@ -185,18 +185,6 @@ class CudaPeerTransport final : public PeerTransport {
       if (reinterpret_cast<volatile int*>(fault_->peer)[p]) who += cat(who.empty() ? "" : ", ", p);
     const bool first = !aborted_;
     abort();
-    if (kind == int(PeerFault::TokenMismatch)) {
-      std::string theirs;
-      for (int p = 0; p < size_; ++p)
-        if (reinterpret_cast<volatile int*>(fault_->peer)[p])
-          theirs += cat(theirs.empty() ? "" : ", ", "rank ", p, " dispatched ", reinterpret_cast<volatile int*>(fault_->tokens_peer)[p]);
-      std::string msg = cat("rank ", rank_, " of ", size_, ": ", theirs, " tokens but this rank dispatched ",
-                            reinterpret_cast<volatile int*>(&fault_->tokens_mine)[0],
-                            "; with a capacity factor (fixed segments) every rank must dispatch the same number of tokens (pad to a "
-                            "common T). Seen on the device after that dispatch ran: its results are not valid, and the peer-memory "
-                            "transport was aborted (create a new communicator)");
-      throw_error(ErrorKind::InvalidArgument, op, msg);
-    }
     std::string msg = kind == int(PeerFault::PeerAborted)
                           ? cat("rank(s) ", who, " gave up (an error there) while rank ", rank_, " of ", size_, " waited in ",
                                 op_name(wait_op), " (peer-memory transport)")
@@ -353,10 +341,10 @@ class CudaPeerTransport final : public PeerTransport {
     const int* ss = seg_start.defined() ? seg_start.data<int>() : nullptr;
     const int* fl = fill.defined() ? fill.data<int>() : nullptr;
     const int* of = offsets.defined() ? offsets.data<int>() : nullptr;
-#define MOE_EXPAND(OUT, FP8)                                                                                                  \
-  peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                              \
-      v, int(k), map_cap, plan.segment, int(T), ss, fl, of, N, int(H), out_vec16, out.data<OUT>(), out_weights.data<float>(), \
-      row_src.data<int>(), recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>())
+#define MOE_EXPAND(OUT, FP8)                                                                                                               \
+  peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                                           \
+      v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, out.data<OUT>(), out_weights.data<float>(), row_src.data<int>(), \
+      recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>())
     if (out.dtype() == DType::bf16) {
       if (fp8) MOE_EXPAND(bf16, true);
       else MOE_EXPAND(bf16, false);

@@ -60,8 +60,7 @@ struct PeerCapacity {
 };
 
 // Why a wait failed (recorded by kernels in pinned host memory).
-// TokenMismatch: in capacity mode a peer dispatched another number of tokens than this rank.
-enum class PeerFault : int { None = 0, Timeout = 1, PeerAborted = 2, TokenMismatch = 3 };
+enum class PeerFault : int { None = 0, Timeout = 1, PeerAborted = 2, Corrupt = 3 };
 
 class PeerTransport {
  public:
