@@ -11,6 +11,8 @@ import { shapes } from './grouped-gemm-shapes.mjs';
 const dev = process.argv.includes('--cpu') ? 'cpu' : 'cuda:0';
 const only = process.env.MOE_EP_GG_SHAPES;
 const products = process.env.MOE_EP_GG_PRODUCTS?.split(',');
+for (const p of products ?? [])
+  if (!['NN', 'NT', 'TN', 'TN32'].includes(p)) throw new Error(`MOE_EP_GG_PRODUCTS: unknown product '${p}' (NN, NT, TN, TN32)`);
 for (const [i, s] of shapes.entries()) {
   if (only && !only.split(',').includes(String(i))) continue;
   const scale = dev === 'cpu' ? 64 : 1; // a quick check of the script on the CPU: shapes shrunk

@@ -109,7 +109,9 @@ DeviceProps device_props(int index) {
 }
 
 int multiprocessors(int index) {
-  constexpr int kCached = 64;              // devices past this are asked every time
+  // require_device refuses indexes past 63, so every device is cached; the bound below keeps the
+  // cache safe on its own.
+  constexpr int kCached = 64;
   static std::atomic<int> cache[kCached];  // 0: not asked yet
   require_device(cuda_device(index), "cuda.multiprocessors");
   const bool cached = index >= 0 && index < kCached;
