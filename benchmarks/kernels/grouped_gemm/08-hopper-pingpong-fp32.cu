@@ -21,34 +21,6 @@ using moe::ops::hopper::StoreVia;
 
 namespace {
 
-// Counts that exercise the ping-pong kernel's edges: every 7th group empty, every 5th under one
-// k-step (1-63 rows), the rest ragged around the mean; the total stays M.
-ladder::Problem ragged(const ladder::Problem& b) {
-  ladder::Problem p = b;
-  std::vector<int> counts(p.E);
-  int64_t sum = 0;
-  for (int e = 0; e < p.E; ++e) {
-    counts[e] = e % 7 == 3 ? 0 : e % 5 == 2 ? 1 + (e * 13) % 63 : std::max(1, (p.M / p.E) / 2 + (e * 7919) % std::max(1, p.M / p.E));
-    sum += counts[e];
-  }
-  // scale the ragged ones so that the total is M (the remainder to the last non-empty group)
-  int64_t fixed = 0, free_sum = 0;
-  for (int e = 0; e < p.E; ++e) (e % 7 == 3 || e % 5 == 2 ? fixed : free_sum) += counts[e];
-  int64_t left = std::max<int64_t>(0, p.M - fixed), given = 0;
-  int last = -1;
-  for (int e = 0; e < p.E; ++e)
-    if (!(e % 7 == 3 || e % 5 == 2)) {
-      counts[e] = free_sum ? int(counts[e] * left / free_sum) : 0;
-      given += counts[e];
-      last = e;
-    }
-  if (last >= 0) counts[last] += int(left - given);
-  p.offsets.assign(p.E + 1, 0);
-  for (int e = 0; e < p.E; ++e) p.offsets[e + 1] = p.offsets[e] + counts[e];
-  p.M = p.offsets[p.E];
-  return p;
-}
-
 void run_pingpong(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, float* out, int sms) {
   namespace pp = moe::ops::pingpong;
   pp::Problem q{};
@@ -64,7 +36,8 @@ void run_pingpong(ladder::Mode m, const ladder::Problem& pr, const ladder::Input
   CHECK(failed == nullptr, "%s", failed);
 }
 
-void compare(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, int sms, const ladder::Args& args) {
+void compare(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, int sms,
+             const ladder::Args& args) {
   using moe::ops::hopper::run;
   const size_t n = ladder::out_elems(pr, m);
   float *o0 = nullptr, *o1 = nullptr;
@@ -90,9 +63,9 @@ void compare(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in
     unwritten0 += std::isnan(r0[i]);
     unwritten1 += std::isnan(r1[i]);
   }
-  const auto ms = ladder::time_interleaved({[&] { run<StoreVia::WarpSlices, float>(m, pr, in, tile_start, o0, sms); },
-                                            [&] { run_pingpong(m, pr, in, tile_start, o1, sms); }},
-                                           args.rounds, args.repeats);
+  const auto ms = ladder::time_interleaved(
+      {[&] { run<StoreVia::WarpSlices, float>(m, pr, in, tile_start, o0, sms); }, [&] { run_pingpong(m, pr, in, tile_start, o1, sms); }},
+      args.rounds, args.repeats);
   std::printf("%s, fp32 results (unwritten outputs: case 0 %zu, 08 %zu)\n", ladder::mode_name(m), unwritten0, unwritten1);
   ladder::report("case 0: warp slices (shipped for fp32)", pr, ms[0], ladder::check_against_cpu(pr, in, m, r0), 0.0);
   ladder::report("08: ping-pong, 128x128 per warpgroup", pr, ms[1], ladder::check_against_cpu(pr, in, m, r1), ladder::rel_err(r1, r0));
@@ -110,27 +83,13 @@ void compare(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in
 
 int main(int argc, char** argv) {
   // --ragged and --modes are this program's; the rest go to ladder::parse_args.
-  bool use_ragged = false;
-  int modes = 1;
-  std::vector<char*> rest = {argv[0]};
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    if ((k == "--ragged" || k == "--modes") && i + 1 < argc) {
-      (k == "--ragged" ? void(use_ragged = std::atoi(argv[i + 1]) != 0) : void(modes = std::atoi(argv[i + 1])));
-      ++i;
-    } else {
-      rest.push_back(argv[i]);
-    }
-  }
-  ladder::Args args = ladder::parse_args(int(rest.size()), rest.data(), 32, 32768, 7168, 4096);
-  if (use_ragged) args.problem = ragged(args.problem);
+  const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
+  const int modes = ladder::take_flag(argc, argv, "--modes", 1);
+  ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
+  if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
   ladder::print_problem("08-hopper-pingpong-fp32", pr);
-  if (use_ragged) {
-    std::printf("ragged counts:");
-    for (int e = 0; e < pr.E; ++e) std::printf(" %d", pr.offsets[e + 1] - pr.offsets[e]);
-    std::printf("\n");
-  }
+  if (use_ragged) ladder::print_counts(pr);
   CHECK(pr.K % 8 == 0 && pr.N % 8 == 0 && pr.M > 0, "the Hopper kernels need K and N multiples of 8 (TMA) and M > 0");
   const ladder::Inputs in = ladder::make_inputs(pr);
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);

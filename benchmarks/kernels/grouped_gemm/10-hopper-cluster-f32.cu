@@ -6,7 +6,7 @@
 //   make 10-hopper-cluster-f32
 //   ./10-hopper-cluster-f32 --E 32 --M 32768 --K 7168 --N 4096     # the layer's dW13
 //   ./10-hopper-cluster-f32 --E 32 --M 32768 --K 2048 --N 7168     # the layer's dW2
-//   ./10-hopper-cluster-f32 ... --ragged 1    # ragged counts: empty and sub-k-step groups
+//   ./10-hopper-cluster-f32 ... --ragged 1    # ragged counts (ladder::ragged): empty and sub-k-step groups
 //   ./10-hopper-cluster-f32 --E 3 --M 600 --K 200 --N 328 --ragged 1   # an odd m-tile count (2)
 //
 // Outputs are poisoned (NaN) before the checked run: every element must be written. Each result is
@@ -19,34 +19,6 @@
 using moe::ops::hopper::StoreVia;
 
 namespace {
-
-// Every 7th group empty, every 5th under one k-step (1-63 rows), the others sharing the rest of M
-// unevenly (weights 1, 2, 3 in turn); the total is M.
-ladder::Problem ragged(const ladder::Problem& b) {
-  ladder::Problem p = b;
-  std::vector<int> counts(p.E, -1);  // -1: a free group
-  int64_t fixed = 0, weights = 0;
-  for (int e = 0; e < p.E; ++e) {
-    if (e % 7 == 3) counts[e] = 0;
-    else if (e % 5 == 2) counts[e] = 1 + (e * 13) % 63;
-    if (counts[e] >= 0) fixed += counts[e];
-    else weights += e % 3 + 1;
-  }
-  const int64_t left = std::max<int64_t>(0, p.M - fixed);
-  int64_t given = 0;
-  int last = -1;
-  for (int e = 0; e < p.E; ++e)
-    if (counts[e] < 0) {
-      counts[e] = int(left * (e % 3 + 1) / weights);
-      given += counts[e];
-      last = e;
-    }
-  if (last >= 0) counts[last] += int(left - given);
-  p.offsets.assign(p.E + 1, 0);
-  for (int e = 0; e < p.E; ++e) p.offsets[e + 1] = p.offsets[e] + counts[e];
-  p.M = p.offsets[p.E];
-  return p;
-}
 
 template <int CLUSTER> void run_cluster(const ladder::Problem& pr, const ladder::Inputs& in, float* out, bool accumulate, int sms) {
   const char* failed =
@@ -63,25 +35,12 @@ size_t unwritten(const std::vector<float>& r) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool use_ragged = false;
-  std::vector<char*> rest = {argv[0]};
-  for (int i = 1; i < argc; ++i) {
-    const std::string k = argv[i];
-    if (k == "--ragged" && i + 1 < argc) {
-      use_ragged = std::atoi(argv[++i]) != 0;
-    } else {
-      rest.push_back(argv[i]);
-    }
-  }
-  ladder::Args args = ladder::parse_args(int(rest.size()), rest.data(), 32, 32768, 7168, 4096);
-  if (use_ragged) args.problem = ragged(args.problem);
+  const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;  // this program's; the rest: parse_args
+  ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
+  if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
   ladder::print_problem("10-hopper-cluster-f32", pr);
-  if (use_ragged) {
-    std::printf("ragged counts:");
-    for (int e = 0; e < pr.E; ++e) std::printf(" %d", pr.offsets[e + 1] - pr.offsets[e]);
-    std::printf("\n");
-  }
+  if (use_ragged) ladder::print_counts(pr);
   CHECK(pr.K % 8 == 0 && pr.N % 8 == 0 && pr.M > 0, "the Hopper kernels need K and N multiples of 8 (TMA) and M > 0");
   const ladder::Inputs in = ladder::make_inputs(pr);
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);

@@ -22,22 +22,22 @@
 #include <string>
 #include <vector>
 
-#define CHECK_CUDA(call)                                                                              \
-  do {                                                                                                \
-    cudaError_t err_ = (call);                                                                        \
-    if (err_ != cudaSuccess) {                                                                        \
+#define CHECK_CUDA(call)                                                                            \
+  do {                                                                                              \
+    cudaError_t err_ = (call);                                                                      \
+    if (err_ != cudaSuccess) {                                                                      \
       std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                   \
-    }                                                                                                 \
+      std::exit(1);                                                                                 \
+    }                                                                                               \
   } while (0)
-#define CHECK(cond, ...)                                          \
-  do {                                                            \
-    if (!(cond)) {                                                \
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (!(cond)) {                                                    \
       std::fprintf(stderr, "%s:%d: %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                          \
-      std::fprintf(stderr, "\n");                                 \
-      std::exit(1);                                               \
-    }                                                             \
+      std::fprintf(stderr, __VA_ARGS__);                              \
+      std::fprintf(stderr, "\n");                                     \
+      std::exit(1);                                                   \
+    }                                                                 \
   } while (0)
 
 namespace ladder {
@@ -80,6 +80,53 @@ inline Args parse_args(int argc, char** argv, int E, int M, int K, int N) {
   CHECK(E >= 1 && M >= 0 && K > 0 && N > 0, "bad problem E=%d M=%d K=%d N=%d", E, M, K, N);
   a.problem = balanced(E, M, K, N);
   return a;
+}
+
+// Counts that exercise a kernel's edges (--ragged 1 in 08 and 10): every 7th group empty, every 5th
+// under one k-step (1-63 rows), the rest ragged around the mean; the total stays M.
+inline Problem ragged(const Problem& b) {
+  Problem p = b;
+  std::vector<int> counts(p.E);
+  int64_t sum = 0;
+  for (int e = 0; e < p.E; ++e) {
+    counts[e] = e % 7 == 3 ? 0 : e % 5 == 2 ? 1 + (e * 13) % 63 : std::max(1, (p.M / p.E) / 2 + (e * 7919) % std::max(1, p.M / p.E));
+    sum += counts[e];
+  }
+  // scale the ragged ones so that the total is M (the remainder to the last non-empty group)
+  int64_t fixed = 0, free_sum = 0;
+  for (int e = 0; e < p.E; ++e) (e % 7 == 3 || e % 5 == 2 ? fixed : free_sum) += counts[e];
+  int64_t left = std::max<int64_t>(0, p.M - fixed), given = 0;
+  int last = -1;
+  for (int e = 0; e < p.E; ++e)
+    if (!(e % 7 == 3 || e % 5 == 2)) {
+      counts[e] = free_sum ? int(counts[e] * left / free_sum) : 0;
+      given += counts[e];
+      last = e;
+    }
+  if (last >= 0) counts[last] += int(left - given);
+  p.offsets.assign(p.E + 1, 0);
+  for (int e = 0; e < p.E; ++e) p.offsets[e + 1] = p.offsets[e] + counts[e];
+  p.M = p.offsets[p.E];
+  return p;
+}
+
+// A program's own `--name V` taken out of argv (before parse_args, which refuses what it does not
+// know): V, or dflt when absent.
+inline int take_flag(int& argc, char** argv, const char* name, int dflt) {
+  for (int i = 1; i + 1 < argc; ++i)
+    if (std::string(argv[i]) == name) {
+      const int v = std::atoi(argv[i + 1]);
+      for (int k = i; k + 2 <= argc; ++k) argv[k] = argv[k + 2];
+      argc -= 2;
+      return v;
+    }
+  return dflt;
+}
+
+inline void print_counts(const Problem& p) {
+  std::printf("ragged counts:");
+  for (int e = 0; e < p.E; ++e) std::printf(" %d", p.offsets[e + 1] - p.offsets[e]);
+  std::printf("\n");
 }
 
 // Uniform in [-scale, scale], rounded to bf16, from a 64-bit LCG: the same inputs on every run.

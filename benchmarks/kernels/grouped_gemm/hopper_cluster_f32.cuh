@@ -300,6 +300,22 @@ inline CUresult encode_map(CUtensorMap* map, CUtensorMapDataType type, const voi
                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
 }
 
+// The launch of `clusters` clusters of CLUSTER CTAs (attr: storage for the cluster attribute).
+template <int CLUSTER> cudaLaunchConfig_t launch_config(int clusters, cudaStream_t stream, cudaLaunchAttribute& attr) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = CLUSTER;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(clusters * CLUSTER));
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = SMEM_BYTES;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
 // How many clusters of CLUSTER CTAs can run at once (CLUSTER = 1: the SMs), as the occupancy API
 // sees this kernel with its shared memory; 0 if none fits.
 template <int CLUSTER> int resident_clusters(int sms) {
@@ -308,17 +324,8 @@ template <int CLUSTER> int resident_clusters(int sms) {
   if constexpr (CLUSTER == 1) {
     return sms;
   } else {
-    cudaLaunchConfig_t cfg{};
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = CLUSTER;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.gridDim = dim3(unsigned(sms / CLUSTER * CLUSTER));
-    cfg.blockDim = dim3(THREADS);
-    cfg.dynamicSmemBytes = SMEM_BYTES;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = launch_config<CLUSTER>(sms / CLUSTER, 0, attr);
     int resident = 0;
     if (cudaOccupancyMaxActiveClusters(&resident, kernel, &cfg) != cudaSuccess) return 0;
     return std::min(resident, sms / CLUSTER);
@@ -347,27 +354,13 @@ const char* run(const void* a, const void* c, const int32_t* offsets, float* out
       encode_map(&map_b, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, c, 2, b_dims, b_strides, box) != CUDA_SUCCESS ||
       encode_map(&map_out, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, out, 3, o_dims, o_strides, o_box) != CUDA_SUCCESS)
     return "cuTensorMapEncodeTiled failed";
-  auto kernel = dw_f32_kernel<CLUSTER>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) != cudaSuccess)
-    return "cudaFuncSetAttribute (shared memory) failed";
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = CLUSTER;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.blockDim = dim3(THREADS);
-  cfg.dynamicSmemBytes = SMEM_BYTES;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
   // Persistent: as many clusters as can be resident at once (2-CTA clusters need two SMs of one GPC),
   // never more than there are work items.
-  const int resident = resident_clusters<CLUSTER>(sms);
+  static const int resident = resident_clusters<CLUSTER>(sms);  // asked once (one device per program)
   if (resident < 1) return "no cluster of this kernel fits";
-  const int clusters = std::max(1, std::min(resident, items<CLUSTER>(p)));
-  cfg.gridDim = dim3(unsigned(clusters * CLUSTER));
-  if (cudaLaunchKernelEx(&cfg, kernel, map_a, map_b, map_out, p) != cudaSuccess) return "cudaLaunchKernelEx failed";
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = launch_config<CLUSTER>(std::max(1, std::min(resident, items<CLUSTER>(p))), stream, attr);
+  if (cudaLaunchKernelEx(&cfg, dw_f32_kernel<CLUSTER>, map_a, map_b, map_out, p) != cudaSuccess) return "cudaLaunchKernelEx failed";
   return nullptr;
 }
 
