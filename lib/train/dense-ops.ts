@@ -130,7 +130,13 @@ export interface MseLossOptions {
   out?: LossOutputs;
 }
 
-/** MSE: loss = mean over all elements of (pred − target)²; grad = 2(pred − target)/numel. */
+/**
+ * MSE: loss = mean over all elements of (pred − target)²; grad = 2(pred − target)/numel. `grad` is a
+ * Tensor unless `{ grad: false }` is passed (then null), as the overloads tell TypeScript.
+ */
+export function mseLoss(pred: Tensor, target: Tensor, options: MseLossOptions & { grad: false }): LossResult & { grad: null };
+export function mseLoss(pred: Tensor, target: Tensor, options?: MseLossOptions & { grad?: true }): LossResult & { grad: Tensor };
+export function mseLoss(pred: Tensor, target: Tensor, options?: MseLossOptions): LossResult;
 export function mseLoss(pred: Tensor, target: Tensor, options: MseLossOptions = {}): LossResult {
   const op = 'mseLoss';
   options = checkOptions(options, op, { grad: true, out: true });
@@ -162,7 +168,19 @@ export interface CrossEntropyOptions {
  * Cross-entropy with class targets: loss = mean over non-ignored rows of −log softmax(pred)[target];
  * grad = (softmax − onehot)/count (0 on ignored rows). With every row ignored, loss and grad are 0.
  * A target outside [0, N) that is not ignoreIndex throws on the CPU; on the GPU it makes the loss NaN.
+ * `grad` is a Tensor unless `{ grad: false }` is passed (then null), as the overloads tell TypeScript.
  */
+export function crossEntropyLoss(
+  pred: Tensor,
+  target: Tensor,
+  options: CrossEntropyOptions & { grad: false },
+): CrossEntropyResult & { grad: null };
+export function crossEntropyLoss(
+  pred: Tensor,
+  target: Tensor,
+  options?: CrossEntropyOptions & { grad?: true },
+): CrossEntropyResult & { grad: Tensor };
+export function crossEntropyLoss(pred: Tensor, target: Tensor, options?: CrossEntropyOptions): CrossEntropyResult;
 export function crossEntropyLoss(pred: Tensor, target: Tensor, options: CrossEntropyOptions = {}): CrossEntropyResult {
   const op = 'crossEntropyLoss';
   options = checkOptions(options, op, { ignoreIndex: true, grad: true, out: true });
