@@ -171,6 +171,11 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
           const err = relErr(y, ref.y);
           expect(err, `${c.what}, layer ${layer}: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(2e-6);
         }
+        // No layer given: the first layer with an MoE block.
+        const first = ckpt.model.moeLayers[0] as number;
+        using byDefault = MoEInference.fromHf(ckpt, undefined, { dtype: 'f32', device: 'cpu' });
+        const yd = tidy(() => Array.from(byDefault.forward(c.x).toFloat32Array()));
+        expect(relErr(yd, (c.refs.get(first) as { y: Float64Array }).y), `${c.what}: no layer given`).toBeLessThan(2e-6);
         c.x.dispose();
       });
     }

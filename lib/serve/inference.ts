@@ -51,7 +51,7 @@
  * forward of T), and the communicator's peer transport holds one buffer shared by every layer on it
  * (decodeGraphs()' transportBytes; sized for the largest T and grown collectively).
  */
-import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
+import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
 import { invalidArgument, UnavailableError } from '../errors.js';
 import { CudaGraph } from '../graph.js';
@@ -247,6 +247,7 @@ export class MoEInference implements Disposable {
     const dropPolicy = checkOneOf(config.dropPolicy ?? 'probs', op, 'dropPolicy', DROP_POLICIES);
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
+    checkDeviceUsable(this.device, op);
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
       invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const maxWorkspaces = checkPositiveInt(config.maxWorkspaces ?? 8, op, 'maxWorkspaces');
@@ -365,12 +366,13 @@ export class MoEInference implements Disposable {
   }
 
   /**
-   * Decoder layer `layer`'s MoE block from a Hugging Face checkpoint: this rank's experts only (its
-   * place in `group`), in `dtype` on `device`, with the family's router options.
+   * Decoder layer `layer`'s MoE block from a Hugging Face checkpoint (default: the first layer with
+   * one, `ckpt.model.moeLayers[0]`): this rank's experts only (its place in `group`), in `dtype` on
+   * `device`, with the family's router options.
    */
   static fromHf(
     ckpt: HfMoECheckpoint,
-    layer: number,
+    layer?: number,
     options: Omit<
       MoEInferenceConfig,
       | 'hidden'
@@ -400,7 +402,9 @@ export class MoEInference implements Disposable {
     const group = options.group ?? singleRankGroup;
     const device = options.device ?? getDefaultDevice();
     const b = ckpt.block;
-    const w: HfMoEWeights = ckpt.readLayer(layer, { rank: group.rank, worldSize: group.size, dtype: options.dtype ?? 'bf16', device });
+    const index = layer ?? ckpt.model.moeLayers[0];
+    if (index === undefined) invalidArgument('MoEInference.fromHf', `the checkpoint ${ckpt.dir} has no layer with an MoE block`);
+    const w: HfMoEWeights = ckpt.readLayer(index, { rank: group.rank, worldSize: group.size, dtype: options.dtype ?? 'bf16', device });
     try {
       return new MoEInference(
         {
