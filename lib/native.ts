@@ -490,7 +490,7 @@ function load(): RawBinding {
   }
   if (raw.abiVersion !== EXPECTED_ABI) {
     throw new Error(
-      `moe-ep: the addon at ${loadedFrom} has binding ABI ${raw.abiVersion} but this library expects ${EXPECTED_ABI}; rebuild it (npm rebuild moe-ep).`,
+      `moe-ep: the addon at ${loadedFrom} has binding ABI ${raw.abiVersion} but this library expects ${EXPECTED_ABI}; rebuild it from source (MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep).`,
     );
   }
   raw.setErrorClasses(errorClasses);

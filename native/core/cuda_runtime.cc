@@ -304,7 +304,7 @@ namespace {
 [[noreturn]] void not_built(const char* op) {
   throw_error(ErrorKind::Unavailable, op,
               "this moe-ep addon was built without CUDA (nvcc was not found or MOE_EP_CUDA=off at build time); "
-              "rebuild with the CUDA toolkit installed (npm rebuild moe-ep) or use device 'cpu'");
+              "install the CUDA toolkit and rebuild from source (MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep) or use device 'cpu'");
 }
 }  // namespace
 
@@ -325,7 +325,8 @@ void require_device(const Device& device, const char* op) {
     throw_error(ErrorKind::Unavailable, op,
                 cat("device ", device.str(),
                     " is not usable: this moe-ep addon was built without CUDA (nvcc was not found or "
-                    "MOE_EP_CUDA=off at build time); rebuild with the CUDA toolkit installed (npm rebuild moe-ep) or use device 'cpu'"));
+                    "MOE_EP_CUDA=off at build time); install the CUDA toolkit and rebuild from source (MOE_EP_BUILD_FROM_SOURCE=1 npm "
+                    "rebuild moe-ep) or use device 'cpu'"));
 }
 DeviceGuard::DeviceGuard(int) { not_built("cuda.setDevice"); }
 DeviceGuard::~DeviceGuard() {}

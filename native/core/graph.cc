@@ -152,7 +152,7 @@ void CudaGraph::destroy() {
 CudaGraph::CudaGraph(const Device& device, void* stream) : device_(device), stream_(stream) {
   throw_error(ErrorKind::Unavailable, kCapture,
               "CUDA graphs need CUDA, and this moe-ep addon was built without it (nvcc was not found or MOE_EP_CUDA=off at "
-              "build time); rebuild with the CUDA toolkit installed (npm rebuild moe-ep)");
+              "build time); install the CUDA toolkit and rebuild from source (MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep)");
 }
 void CudaGraph::close(bool) {}
 void CudaGraph::end_capture() {}

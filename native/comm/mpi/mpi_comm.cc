@@ -42,7 +42,8 @@ void load() {
   if (!g_status.built && !(env && *env)) {
     g_status.error =
         "this addon was built without MPI (no MPI headers were found at build time: install an MPI such as "
-        "OpenMPI's libopenmpi-dev, or set MOE_EP_MPI_LIBRARY to a moe_ep_mpi.so, then rebuild with npm rebuild moe-ep)";
+        "OpenMPI's libopenmpi-dev, or set MOE_EP_MPI_LIBRARY to a moe_ep_mpi.so, then rebuild from source: MOE_EP_BUILD_FROM_SOURCE=1 npm "
+        "rebuild moe-ep)";
     return;
   }
   void* lib = dlopen(g_status.path.c_str(), RTLD_NOW | RTLD_GLOBAL);
