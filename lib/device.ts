@@ -2,7 +2,7 @@
  * Devices: 'cpu' or 'cuda:N'. The default device is cuda:0 when a GPU is usable, else cpu;
  * MOE_EP_DEVICE or setDefaultDevice() override it.
  */
-import { invalidArgument } from './errors.js';
+import { invalidArgument, UnavailableError } from './errors.js';
 import { native } from './native.js';
 import { DEVICE_TYPE } from './native-codes.js';
 import { checkNonNegativeInt } from './validate.js';
@@ -68,6 +68,24 @@ export const cuda = {
     return native().hostWaitCounts();
   },
 };
+
+/**
+ * Throws an UnavailableError naming `op` when `device` is a GPU this process cannot use (no CUDA in
+ * this build, no GPU visible, or an index past the visible ones), so that an object made for it
+ * fails where it is made, with what to do, rather than in its first allocation.
+ */
+export function checkDeviceUsable(device: Device, op: string): void {
+  if (!device.isCuda) return;
+  const { deviceCount, unavailable } = native().cudaStatus();
+  if (deviceCount === 0)
+    throw new UnavailableError(
+      `${op}: device ${device.toString()} is not usable: ${unavailable}. Use device 'cpu', or on a machine with a GPU and ` +
+        `the CUDA toolkit rebuild from source (MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep)`,
+      op,
+    );
+  if (device.index >= deviceCount)
+    throw new UnavailableError(`${op}: device ${device.toString()} is not usable: ${deviceCount} CUDA device(s) visible`, op);
+}
 
 let defaultDevice: Device | undefined;
 

@@ -20,7 +20,7 @@
  * The compute is queued before the communication call, ordered after its inputs by an event, so
  * it overlaps even when the call blocks the host (dropless counts, MPI, NCCL with a timeout).
  */
-import { Device, type DeviceLike, getDefaultDevice } from '../device.js';
+import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
@@ -201,6 +201,7 @@ export class MoELayer implements Disposable {
     if (config.dropPolicy !== undefined) checkOneOf(config.dropPolicy, op, 'dropPolicy', DROP_POLICIES);
     const dtype = config.dtype ?? 'bf16';
     this.device = Device.parse(config.device ?? getDefaultDevice(), op);
+    checkDeviceUsable(this.device, op);
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
       invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
@@ -307,7 +308,8 @@ export class MoELayer implements Disposable {
   forward(x: Tensor): MoEForward {
     const op = 'MoELayer.forward';
     const { hidden, dtype } = this.config;
-    if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]`);
+    if (!(x instanceof Tensor)) invalidArgument(op, `'x' must be a Tensor [T, ${hidden}]`);
+    if (x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]; received [${x.shape.join(', ')}]`);
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device))
       invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
