@@ -216,7 +216,10 @@ function reshard(args: string[]): number {
   const keep = integerFlag(flag(args, '--keep'), '--keep', 1);
   checkFlags(args, [], 1, reshardUsage); // what the flags above did not take
   const [path] = args.filter((a) => !a.startsWith('--'));
-  if (!path || ep === undefined || out === undefined) throw new Error(`reshard needs <dir>, --ep N and --out <root>\n\n${reshardUsage}`);
+  if (!path || ep === undefined || out === undefined) {
+    const missing = [!path && '<dir>', ep === undefined && '--ep N', out === undefined && '--out <root>'].filter(Boolean).join(', ');
+    throw new Error(`reshard needs <dir>, --ep N and --out <root>; missing: ${missing}\n\n${reshardUsage}`);
+  }
   const reader = loadCheckpoint(path, { verify: true });
   try {
     reader.verifyAll();

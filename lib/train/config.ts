@@ -406,8 +406,21 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
     }
     key = short[key] ?? key;
     const [sectionName, field, ...rest] = key.split('.');
-    if (!sectionName || !field || rest.length)
-      throw new InvalidArgumentError(`'--${key}' must name section.field (e.g. --model.experts 16)`, 'train');
+    if (!sectionName || !field || rest.length) {
+      // A bare name: one of the shortcuts misspelt, or a field given without its section.
+      const named = [...Object.keys(short), 'no-progress', 'config', 'overwrite'];
+      const fieldsOf = Object.entries(trainConfigSchema.properties as Record<string, { properties: object }>).flatMap(([sec, v]) =>
+        Object.keys(v.properties).map((f) => `${sec}.${f}`),
+      );
+      const shortcut = rest.length ? undefined : closestName(key, named);
+      const asField = rest.length ? [] : fieldsOf.filter((f) => closestName(key, [f.slice(f.indexOf('.') + 1)]) !== undefined);
+      const guess = shortcut ?? (asField.length ? asField.join("' or '--") : undefined);
+      throw new InvalidArgumentError(
+        `'--${key}' must name section.field (e.g. --model.experts 16) or be one of --${named.join(', --')}` +
+          (guess ? ` (did you mean '--${guess}'?)` : ''),
+        'train',
+      );
+    }
     // Checked against the schema before anything is assigned: `--__proto__.x` must not reach Object.prototype.
     const sections = trainConfigSchema.properties as Record<string, { properties: object }>;
     if (!Object.hasOwn(sections, sectionName))
