@@ -26,13 +26,16 @@
 // reported as median and range, so a drifting GPU clock hits both sides alike.
 // Ours includes the layout on the device, and in dropless mode the one host read of the received
 // counts; DeepEP's tuning loop reuses a cached layout (no count exchange).
+// FP8, two ways: 'dispatch FP8' delivers rows dequantised to bf16 (fp8: true); 'dispatch FP8 kept'
+// delivers the e4m3 rows and their scales (fp8: 'keep'), as DeepEP's FP8 dispatch does, for the
+// expert GEMM to read as they are (groupedGemm('NN') takes them).
 import { spawnSync } from 'node:child_process';
 import { existsSync, mkdirSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { capacity, Dispatcher, synchronize, Tensor, trace } from '../dist/lib/index.js';
+import { capacity, dequantizeFp8, Dispatcher, synchronize, Tensor, trace } from '../dist/lib/index.js';
 import { args, benchWorld, dryRun, quick, randomRouting, timeRegion, writeInputs, writeResult } from './harness.mjs';
 
 const noPeer = args.includes('--no-peer');
@@ -140,12 +143,15 @@ function identityRelErr(y) {
   return Math.sqrt(num / Math.max(den, 1e-30));
 }
 
-// Per transport: a BF16 and an FP8 dispatcher, one dispatch kept for combine, the checks.
+// Per transport: a BF16 dispatcher, an FP8 one whose rows arrive dequantised (fp8: true) and one
+// whose rows arrive as FP8 with their scales (fp8: 'keep', DeepEP's FP8 dispatch; the expert GEMM
+// reads them as they are), one dispatch kept for combine, the checks.
 const runs = transports.map((t) => {
   const group = world;
   const choice = t === 'local' ? {} : { transport: t };
   const bf16 = new Dispatcher({ numExperts: E, group, ...choice });
   const fp8 = new Dispatcher({ numExperts: E, group, fp8: true, ...choice });
+  const fp8Kept = new Dispatcher({ numExperts: E, group, fp8: 'keep', ...choice });
   const kept = bf16.dispatch(x, indices, weights, cap);
   const y = bf16.combine(kept.rows, kept.handle, weights);
   const check = identityRelErr(y);
@@ -155,9 +161,26 @@ const runs = transports.map((t) => {
   const check8 = identityRelErr(y8);
   for (const u of [y8, d8.rows, d8.weights]) u.dispose();
   d8.handle.dispose();
+  const dk = fp8Kept.dispatch(x, indices, weights, cap);
+  const deq = dequantizeFp8({ q: dk.rows, scales: dk.scales }, 'bf16');
+  const yk = fp8Kept.combine(deq, dk.handle, weights);
+  const check8k = identityRelErr(yk);
+  for (const u of [yk, deq, dk.rows, dk.scales, dk.weights]) u.dispose();
+  dk.handle.dispose();
   if (!(check < 1e-2)) console.error(`rank ${rank} ${t}: dispatch∘combine with identity experts is off: relErr ${check}`);
   if (!(check8 < 8e-2)) console.error(`rank ${rank} ${t}: FP8 dispatch∘combine is off: relErr ${check8}`);
-  return { name: bf16.transport ?? t, bf16, fp8, kept, check, check8, ms: { dispatch: [], combine: [], dispatchFp8: [] } };
+  if (!(check8k < 8e-2)) console.error(`rank ${rank} ${t}: FP8 (kept) dispatch∘combine is off: relErr ${check8k}`);
+  return {
+    name: bf16.transport ?? t,
+    bf16,
+    fp8,
+    fp8Kept,
+    kept,
+    check,
+    check8,
+    check8k,
+    ms: { dispatch: [], combine: [], dispatchFp8: [], dispatchFp8Kept: [] },
+  };
 });
 log(
   `dispatch: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} H=${H} top-${k} E=${E}, transports ${runs.map((r) => r.name).join(', ')}, ${rounds} round(s)`,
@@ -168,6 +191,7 @@ function timeTransport(run) {
   const t = run.name;
   const dispose = (d) => () => {
     d.rows.dispose();
+    d.scales?.dispose();
     d.weights.dispose();
     d.handle.dispose();
   };
@@ -179,6 +203,7 @@ function timeTransport(run) {
     }),
   );
   run.ms.dispatchFp8.push(timeOp(t, () => dispose(run.fp8.dispatch(x, indices, weights, cap))));
+  run.ms.dispatchFp8Kept.push(timeOp(t, () => dispose(run.fp8Kept.dispatch(x, indices, weights, cap))));
 }
 
 // ---------------------------------------------------------------------------------------- peer
@@ -313,12 +338,18 @@ const median = (a) => {
   return s.length ? s[Math.floor(s.length / 2)] : NaN;
 };
 const PEER_KEYS = ['dispatch_a2a_ms', 'dispatch_fp8_a2a_ms', 'combine_a2a_ms', 'dispatch_full_ms', 'combine_full_ms'];
-const OPS = ['dispatch', 'combine', 'dispatchFp8'];
+const OPS = ['dispatch', 'combine', 'dispatchFp8', 'dispatchFp8Kept'];
+const OP_LABEL = {
+  dispatch: 'dispatch BF16',
+  combine: 'combine BF16',
+  dispatchFp8: 'dispatch FP8',
+  dispatchFp8Kept: 'dispatch FP8 kept',
+};
 // Per rank: for each transport and op, per round ms; per round the peer's; then the counts.
 const mine = [
   ...runs.flatMap((run) => OPS.flatMap((op) => Array.from({ length: rounds }, (_, i) => run.ms[op][i] ?? NaN))),
   ...PEER_KEYS.flatMap((key) => Array.from({ length: rounds }, (_, i) => Number(peerRounds[i]?.[key] ?? NaN))),
-  ...runs.flatMap((run) => [run.check, run.check8]),
+  ...runs.flatMap((run) => [run.check, run.check8, run.check8k]),
   tokenRowsRecv,
   selfTokenRows,
   expertRowsRecv,
@@ -343,7 +374,7 @@ if (rank === 0) {
     const take = (n) => row.slice(at, (at += n));
     const ours = runs.map(() => Object.fromEntries(OPS.map((op) => [op, take(rounds)])));
     const peer = Object.fromEntries(PEER_KEYS.map((key) => [key, take(rounds)]));
-    const checks = runs.map(() => take(2));
+    const checks = runs.map(() => take(3));
     const [tokRecv, _selfTok, _expRecv, , tokOut, expOut] = take(6);
     runs.forEach((run, ti) => {
       for (const op of OPS) {
@@ -352,12 +383,13 @@ if (rank === 0) {
         const ratios = ms.map((m, i) => peer[peerKey][i] / m).filter(Number.isFinite);
         const full = op === 'dispatch' ? peer.dispatch_full_ms : op === 'combine' ? peer.combine_full_ms : null;
         const fullRatios = full ? ms.map((m, i) => full[i] / m).filter(Number.isFinite) : [];
-        const rowBytes = op === 'dispatchFp8' ? fp8Row : bf16Row;
+        const fp8Op = op === 'dispatchFp8' || op === 'dispatchFp8Kept';
+        const rowBytes = fp8Op ? fp8Row : bf16Row;
         const wireRows = run.name === 'ipc' ? tokOut : run.name === 'local' ? 0 : expOut;
         table.push({
           rank: r,
           transport: run.name,
-          op: op === 'dispatchFp8' ? 'dispatch FP8' : `${op} BF16`,
+          op: OP_LABEL[op],
           ms: num(median(ms)),
           'ms range': ms.length > 1 ? `${num(Math.min(...ms))}–${num(Math.max(...ms))}` : null,
           'GB/s (DeepEP)': gbs(tokRecv, median(ms), rowBytes),
@@ -367,7 +399,7 @@ if (rank === 0) {
           'ratio range': ratios.length > 1 ? `${num(Math.min(...ratios), 2)}–${num(Math.max(...ratios), 2)}` : null,
           'torch full ms': full ? num(median(full)) : null,
           'torch full/ours': fullRatios.length ? num(median(fullRatios), 2) : null,
-          check: num(op === 'dispatchFp8' ? checks[ti][1] : checks[ti][0], 6),
+          check: num(checks[ti][op === 'dispatchFp8' ? 1 : op === 'dispatchFp8Kept' ? 2 : 0], 6),
         });
       }
     });
@@ -410,6 +442,7 @@ for (const run of runs) {
   run.kept.handle.dispose();
   run.bf16.dispose();
   run.fp8.dispose();
+  run.fp8Kept.dispose();
 }
 for (const t of [indices, weights, x, mineT, ...Object.values(peerInputs)]) if (!t.disposed) t.dispose();
 if (allT !== mineT) allT.dispose();

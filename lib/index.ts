@@ -127,6 +127,7 @@ export {
   type TransportKind,
 } from './moe/dispatcher.js';
 export { expertsBackward, expertsForward, interleaveW13 } from './moe/experts.js';
+export { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './moe/fp8.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export { disposeSaved, type MoEForward, type MoEGrads, MoELayer, type MoELayerConfig } from './moe/layer.js';
 export { CheckpointError } from './errors.js';

@@ -187,6 +187,7 @@ export type PeerHandle = Branded<
       recvRowOf: TensorHandle,
       recvWeight: TensorHandle,
       recvTokens: TensorHandle,
+      outScales: TensorHandle | null,
     ): void;
     combine(
       rows: TensorHandle,
@@ -269,6 +270,7 @@ export interface RawBinding {
     out: TensorHandle,
     g: TensorHandle | null,
     accumulate: boolean,
+    aScales: TensorHandle | null,
   ): void;
   // capacity and permute
   capacity(

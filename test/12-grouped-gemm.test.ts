@@ -4,6 +4,7 @@ import { describe, expect, it } from 'vitest';
 
 import { InvalidArgumentError, Tensor, tidy } from '../lib/index.js';
 import { expertsBackward, expertsForward, interleaveW13 } from '../lib/moe/experts.js';
+import { dequantizeFp8, quantizeFp8 } from '../lib/moe/fp8.js';
 import { groupedGemm } from '../lib/moe/grouped-gemm.js';
 import { freshSeed, poisoned, relErr, values } from './helpers.js';
 
@@ -164,5 +165,55 @@ describe('SwiGLU experts, f32 reference', () => {
     grads.dA.dispose();
     grads.dW13.dispose();
     grads.dW2.dispose();
+  });
+});
+
+describe('fp8 rows into the forward product', () => {
+  // fp8 rows ({ q, scales }, what an fp8 'keep' dispatch delivers) are the bf16 GEMM of the
+  // dequantised rows: bit for bit, on every path (the CPU dequantises first; the GPU tests compare
+  // the Hopper kernel, which dequantises in shared memory, the same way).
+  const counts = [3, 0, 5, 3]; // every row in a group: no unwritten rows to compare
+  const [M, K, N] = [11, 256, 24];
+
+  it('NN and the SwiGLU experts on fp8 rows equal them on the dequantised rows', () => {
+    tidy(() => {
+      const x = rand([M, K], 'bf16', 3);
+      const rows = quantizeFp8(x);
+      const dense = dequantizeFp8(rows, 'bf16');
+      const b = rand([4, K, N], 'bf16');
+      const off = offsetsOf(counts);
+      for (const dtype of ['bf16', 'f32'] as const) {
+        const out = poisoned([M, N], dtype, cpu);
+        groupedGemm('NN', rows, b, off, { out });
+        expect(values(out)).toEqual(values(groupedGemm('NN', dense, b, off, { dtype })));
+      }
+      expect(groupedGemm('NN', rows, b, off).dtype).toBe('bf16'); // b's dtype, not the rows'
+      const w13 = rand([4, K, 2 * N], 'bf16', 0.1);
+      const w2 = rand([4, N, K], 'bf16', 0.1);
+      const viaFp8 = expertsForward(rows, w13, w2, off);
+      const viaDense = expertsForward(dense, w13, w2, off);
+      expect(viaFp8.g.dtype).toBe('bf16');
+      expect(values(viaFp8.out)).toEqual(values(viaDense.out));
+      expect(values(viaFp8.h)).toEqual(values(viaDense.h));
+      // Backward takes the same fp8 rows (dequantised for dW13).
+      const dOut = rand([M, K], 'bf16');
+      const g8 = expertsBackward(dOut, rows, w13, w2, off, viaFp8);
+      const gd = expertsBackward(dOut, dense, w13, w2, off, viaDense);
+      expect(values(g8.dW13)).toEqual(values(gd.dW13));
+      expect(values(g8.dA)).toEqual(values(gd.dA));
+    });
+  });
+
+  it('refuses fp8 rows outside the forward, and scales or weights that do not fit, naming the argument', () => {
+    tidy(() => {
+      const rows = quantizeFp8(rand([M, K], 'bf16'));
+      const b = rand([4, K, N], 'bf16');
+      const off = offsetsOf(counts);
+      expect(() => groupedGemm('NT', rows, rand([4, N, K], 'bf16'), off)).toThrow(/fp8 rows are taken by the 'NN' \(forward\) product only/);
+      expect(() => groupedGemm('NN', { q: rows.q, scales: rand([M, 1]) }, b, off)).toThrow(/'aScales' must be \[11,2\], got f32\[11,1\]/);
+      expect(() => groupedGemm('NN', rows, rand([4, K, N], 'f32'), off)).toThrow(/'b' .* must be bf16 when 'a' holds fp8 rows/);
+      expect(() => groupedGemm('NN', { q: rows.q } as never, b, off)).toThrow(/'a' must be a Tensor or fp8 rows \{ q, scales \}/);
+      expect(() => groupedGemm('NN', { q: rows.q, scales: rows.q }, b, off)).toThrow(/'aScales' fp8e4m3\[11,256\] cpu has dtype fp8e4m3; expected one of f32/);
+    });
   });
 });

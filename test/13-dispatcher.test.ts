@@ -8,6 +8,7 @@ import { capacity } from '../lib/moe/capacity.js';
 import { type DispatchHandle, Dispatcher } from '../lib/moe/dispatcher.js';
 import { peerDecodeBuffers, peerDecodeNeed } from '../lib/moe/peer-dispatch.js';
 import { Device } from '../lib/device.js';
+import { dequantizeFp8 } from '../lib/moe/fp8.js';
 import { expectInvalidArgument, freshSeed, relErr, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -137,6 +138,36 @@ describe('fp8 dispatch', () => {
       plain.handle.dispose();
       fp8.handle.dispose();
     });
+  });
+  it.each([
+    ['dropless', {}, undefined],
+    ['capacity mode, padded', { padToCapacity: true, align: 4 }, 1.0],
+  ] as const)("fp8: 'keep' delivers the e4m3 rows and their scales, which dequantise to the fp8: true rows (%s)", (_name, layout, cf) => {
+    tidy(() => {
+      const [T, E, k, H] = [33, 8, 2, 256];
+      const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu }).cast('bf16');
+      x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
+      const { indices, weights } = routing(T, E, k);
+      const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
+      const kept = new Dispatcher({ numExperts: E, fp8: 'keep', ...layout }).dispatch(x, indices, weights, cap);
+      const deq = new Dispatcher({ numExperts: E, fp8: true, ...layout }).dispatch(x, indices, weights, cap);
+      expect(kept.rows.dtype).toBe('fp8e4m3');
+      expect(kept.rows.shape).toEqual(deq.rows.shape);
+      expect(deq.scales).toBeUndefined();
+      const scales = kept.scales as Tensor;
+      expect(scales.shape).toEqual([kept.rows.shape[0], H / 128]);
+      expect(values(dequantizeFp8({ q: kept.rows, scales }, 'bf16'))).toEqual(values(deq.rows));
+      expect(values(kept.weights)).toEqual(values(deq.weights));
+      // Padding rows (weight 0): zero bytes and zero scales.
+      const w = values(kept.weights),
+        s = values(scales);
+      for (let r = 0; r < w.length; r++) if (w[r] === 0) expect(s.slice(r * 2, r * 2 + 2)).toEqual([0, 0]);
+      kept.handle.dispose();
+      deq.handle.dispose();
+    });
+  });
+  it("refuses an fp8 setting other than true, false or 'keep'", () => {
+    expect(() => new Dispatcher({ numExperts: 8, fp8: 'yes' as never })).toThrow(/'fp8' must be true, false or 'keep'; received "yes"/);
   });
   it('rows whose length is not a multiple of 128 are refused', () => {
     expect(() =>

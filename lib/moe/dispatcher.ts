@@ -80,11 +80,13 @@ export interface DispatcherConfig {
   /** Fixed-size segments of exactly C rows (capacity mode): no host synchronisation. */
   padToCapacity?: boolean;
   /**
-   * Dispatch rows as fp8 e4m3 with one fp32 scale per 128 values (half the bytes of bf16; rows
-   * are dequantised to x's dtype on arrival). Combine and both backward passes stay in x's dtype.
-   * Needs a hidden size that is a multiple of 128.
+   * Dispatch rows as fp8 e4m3 with one fp32 scale per 128 values (half the bytes of bf16).
+   * true: rows are dequantised to x's dtype on arrival. 'keep': they arrive as they travelled,
+   * `rows` fp8e4m3 and `scales` [rows, H/128] f32 (quantizeFp8's format, DeepEP's fp8 dispatch),
+   * for expertsForward / groupedGemm('NN'), which take them as they are. Combine and both backward
+   * passes stay in x's dtype. Needs a hidden size that is a multiple of 128.
    */
-  fp8?: boolean;
+  fp8?: boolean | 'keep';
   /**
    * Run dispatch, combine and their backward passes (permute, count exchange, all-to-alls,
    * regrouping, unpermute) on this stream, on the tensors' device, so the caller can overlap them
@@ -145,8 +147,10 @@ export interface ExchangeDispatchHandle extends Disposable {
 }
 
 export interface Dispatched {
-  /** Rows for the local experts, expert-contiguous: [Σ localRows, H]. */
+  /** Rows for the local experts, expert-contiguous: [Σ localRows, H] (fp8e4m3 with fp8 'keep'). */
   rows: Tensor;
+  /** fp8 'keep' only: the rows' scales [Σ localRows, H/128] f32, one per 128 values (0 for padding). */
+  scales?: Tensor;
   /** The gate weight of each of those rows [Σ localRows] f32 (0 for padding). */
   weights: Tensor;
   handle: DispatchHandle;
@@ -170,6 +174,13 @@ interface ExchangePlan {
   offsets: Tensor;
   /** Capacity mode: the maps are shared through the cache, released with this; null: they belong to the step. */
   release: (() => void) | null;
+}
+
+/** What the exchange phase delivers: rows, the scales of kept fp8 rows, the gate weights. */
+interface ReceivedRows {
+  rows: Tensor;
+  scales: Tensor | null;
+  weights: Tensor;
 }
 
 const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
@@ -234,7 +245,7 @@ export class Dispatcher {
   readonly localExperts: number;
   readonly align: number;
   readonly padToCapacity: boolean;
-  readonly fp8: boolean;
+  readonly fp8: boolean | 'keep';
   readonly commStream: Stream | undefined;
   readonly transportChoice: TransportChoice;
   readonly transportSms: number;
@@ -279,7 +290,10 @@ export class Dispatcher {
     this.localExperts = config.numExperts / group.size;
     this.align = align;
     this.padToCapacity = config.padToCapacity ?? false;
-    this.fp8 = config.fp8 ?? false;
+    const fp8 = config.fp8 ?? false;
+    if (fp8 !== true && fp8 !== false && fp8 !== 'keep')
+      invalidArgument(op, `'fp8' must be true, false or 'keep'; received ${JSON.stringify(fp8)}`);
+    this.fp8 = fp8;
     this.commStream = config.commStream === undefined ? undefined : checkStream(config.commStream, op, 'commStream');
     const choice = config.transport ?? 'auto';
     if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl')
@@ -315,7 +329,7 @@ export class Dispatcher {
       const H = x.shape[1] as number;
       const need = {
         tokens: x.shape[0] as number,
-        rowBytes: Math.max(peerRowBytes(x, this.fp8), H * dtypeSize[x.dtype]),
+        rowBytes: Math.max(peerRowBytes(x, this.fp8 !== false), H * dtypeSize[x.dtype]),
         topK,
         localExperts: this.localExperts,
       };
@@ -357,6 +371,7 @@ export class Dispatcher {
       options,
       (d) => {
         d.rows.dispose();
+        d.scales?.dispose();
         d.weights.dispose();
         d.handle.dispose();
       },
@@ -376,7 +391,7 @@ export class Dispatcher {
         invalidArgument(op, `the 'ipc' transport takes top-k up to ${PEER_MAX_TOP_K}; received ${indices.shape[1]}`);
       if (this.fp8 && (x.shape[1] as number) % FP8_BLOCK !== 0)
         invalidArgument(op, `fp8 rows need a hidden size that is a multiple of ${FP8_BLOCK}`);
-      return peerDispatch(this.#peer as PeerTransport, x, indices, weights, cap, {
+      const { scales, ...d } = peerDispatch(this.#peer as PeerTransport, x, indices, weights, cap, {
         numExperts: this.numExperts,
         align: this.align,
         padToCapacity: this.padToCapacity,
@@ -384,6 +399,7 @@ export class Dispatcher {
         sms: this.transportSms,
         staticOffsets: (El, P, segment, like) => this.staticOffsets(El, P, segment, like),
       });
+      return scales ? { ...d, scales } : d;
     }
     if (transport === 'local') return this.dispatchLocal(x, indices, weights, cap);
     return this.dispatchExchange(x, indices, weights, cap);
@@ -393,16 +409,34 @@ export class Dispatcher {
    * One rank: the permute is the dispatch. Dropless with align 1 and capacity mode read nothing on
    * the host; the handle's host counts are read from the offsets only if someone asks for them.
    * FP8: x's T rows make the e4m3 round trip before the permute (the permute copies whole rows,
-   * so this equals quantising the permuted rows, k times cheaper; nothing crosses a wire here).
+   * so this equals quantising the permuted rows, k times cheaper; nothing crosses a wire here), so
+   * that one rank computes what several do. 'keep': the e4m3 rows are permuted, and their scales
+   * beside them: half the bytes of the bf16 permute written.
    */
   private dispatchLocal(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult): Dispatched {
     trace.mark('dispatch: start', x.device);
-    const source = this.fp8 ? tidy(() => dequantizeFp8(quantizeFp8(x), x.dtype)) : x;
+    const keep = this.fp8 === 'keep';
+    const quantized = this.fp8 !== false ? quantizeFp8(x) : null;
     let permuted: PermuteResult;
+    let scales: Tensor | null = null;
     try {
-      permuted = permute(source, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
+      const source = quantized === null ? x : keep ? quantized.q : tidy(() => dequantizeFp8(quantized, x.dtype));
+      try {
+        permuted = permute(source, indices, weights, cap, { align: this.align, padToCapacity: this.padToCapacity });
+      } finally {
+        if (source !== x && source !== quantized?.q) source.dispose();
+      }
+      if (keep && quantized) {
+        try {
+          scales = this.permuteLike(quantized.scales, permuted);
+        } catch (e) {
+          for (const t of Object.values(permuted)) if (t instanceof Tensor) t.dispose();
+          throw e;
+        }
+      }
     } finally {
-      if (source !== x) source.dispose();
+      quantized?.q.dispose();
+      quantized?.scales.dispose();
     }
     trace.mark('dispatch: permuted', x.device);
     const { rows, ...layout } = permuted;
@@ -440,7 +474,8 @@ export class Dispatcher {
         this.dispose();
       },
     };
-    return { rows, weights: layout.rowWeight.view(-1), handle };
+    const rowWeights = layout.rowWeight.view(-1);
+    return scales ? { rows, scales, weights: rowWeights, handle } : { rows, weights: rowWeights, handle };
   }
 
   /**
@@ -452,8 +487,9 @@ export class Dispatcher {
     trace.mark('dispatch: start', x.device);
     const plan = this.planExchange(x, indices, weights, cap);
     try {
-      const [rows, rowWeights] = tidy(() => this.regroup(this.exchangeRows(plan, x), plan.toExpert));
-      return { rows, weights: rowWeights, handle: this.exchangeHandle(plan) };
+      const got = tidy(() => this.regroup(this.exchangeRows(plan, x), plan.toExpert));
+      const handle = this.exchangeHandle(plan);
+      return got.scales ? { rows: got.rows, scales: got.scales, weights: got.weights, handle } : { rows: got.rows, weights: got.weights, handle };
     } catch (e) {
       for (const t of [...Object.values(plan.permuted), ...(plan.release ? [] : [plan.toExpert, plan.toSource, plan.offsets])])
         if (t instanceof Tensor) t.dispose();
@@ -523,26 +559,38 @@ export class Dispatcher {
   }
 
   /**
-   * Exchange phase: the permuted rows (fp8: and their scales, dequantised on arrival to x's dtype)
-   * and their gate weights, all-to-all-v; what arrives is in (source rank, local expert) order.
+   * Exchange phase: the permuted rows (fp8: and their scales, dequantised on arrival to x's dtype
+   * unless kept) and their gate weights, all-to-all-v; what arrives is in (source rank, local
+   * expert) order.
    */
-  private exchangeRows(plan: ExchangePlan, x: Tensor): [Tensor, Tensor] {
+  private exchangeRows(plan: ExchangePlan, x: Tensor): ReceivedRows {
     const { permuted, scaleRows, sendRows, recvRows } = plan;
     const totalRecv = recvRows.reduce((a, b) => a + b, 0);
     const H = x.shape[1] as number;
-    const received = scaleRows
-      ? this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype)
-      : this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+    let rows: Tensor;
+    let scales: Tensor | null = null;
+    if (scaleRows && this.fp8 === 'keep') {
+      rows = this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+      scales = this.exchange(scaleRows, sendRows, recvRows, [totalRecv, H / FP8_BLOCK]);
+    } else if (scaleRows) {
+      rows = this.exchangeFp8({ q: permuted.rows, scales: scaleRows }, sendRows, recvRows, totalRecv, x.dtype);
+    } else {
+      rows = this.exchange(permuted.rows, sendRows, recvRows, [totalRecv, H]);
+    }
     trace.mark('dispatch: rows exchanged', x.device);
-    const receivedWeights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
+    const weights = this.exchange(permuted.rowWeight.view(-1, 1), sendRows, recvRows, [totalRecv, 1]);
     trace.mark('dispatch: weights exchanged', x.device);
-    return [received, receivedWeights];
+    return { rows, scales, weights };
   }
 
-  /** Regroup phase: rows and weights from (source rank, local expert) into (local expert, source rank) order. */
-  private regroup([received, receivedWeights]: [Tensor, Tensor], toExpert: Tensor | null): [Tensor, Tensor] {
-    const result: [Tensor, Tensor] = [this.reorder(received, toExpert), this.reorder(receivedWeights, toExpert).view(-1)];
-    trace.mark('dispatch: regrouped by local expert', received.device);
+  /** Regroup phase: rows (and kept fp8 rows' scales) and weights from (source rank, local expert) into (local expert, source rank) order. */
+  private regroup(received: ReceivedRows, toExpert: Tensor | null): ReceivedRows {
+    const result: ReceivedRows = {
+      rows: this.reorder(received.rows, toExpert),
+      scales: received.scales ? this.reorder(received.scales, toExpert) : null,
+      weights: this.reorder(received.weights, toExpert).view(-1),
+    };
+    trace.mark('dispatch: regrouped by local expert', received.rows.device);
     return result;
   }
 

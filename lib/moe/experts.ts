@@ -7,10 +7,12 @@
  * Shapes (E local experts, H hidden, F ffn, M rows grouped by offsets [E+1] i32):
  *   a [M,H] bf16 · w13 [E,H,2F] bf16 (W1 and W3 interleaved by column: 2i ← W1[:,i], 2i+1 ← W3[:,i])
  *   → g [M,2F] (saved pre-activations), h [M,F] · w2 [E,F,H] → out [M,H]
+ * `a` may be fp8 rows ({ q, scales }: an fp8 'keep' dispatch), read by the first GEMM as they are.
  */
 import { invalidArgument } from '../errors.js';
 import { checkTensor, checkTensors } from '../validate.js';
 import { Tensor, tidy } from '../tensor.js';
+import { dequantizeFp8, type Fp8Rows } from './fp8.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
 
 export interface ExpertsForward {
@@ -44,18 +46,28 @@ export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
   return w13;
 }
 
+/** The rows of fp8 rows, or the tensor itself; fp8 rows are checked to be { q, scales } tensors. */
+function rowsTensor(op: string, a: Tensor | Fp8Rows): Tensor {
+  if (a instanceof Tensor) return a;
+  if (a === null || typeof a !== 'object' || !(a.q instanceof Tensor) || !(a.scales instanceof Tensor))
+    invalidArgument(op, `'a' must be a Tensor or fp8 rows { q, scales }; received ${a === null ? 'null' : typeof a}`);
+  return a.q;
+}
+
 /**
  * Forward over expert-contiguous rows. Saved activations take a's dtype (bf16 on the GPU; f32 is
- * accepted on the CPU, where the reference runs in f32 for gradient checks).
+ * accepted on the CPU, where the reference runs in f32 for gradient checks); with fp8 rows, w13's.
  */
-export function expertsForward(a: Tensor, w13: Tensor, w2: Tensor, offsets: Tensor): ExpertsForward {
+export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor, offsets: Tensor): ExpertsForward {
+  const a = rowsTensor('expertsForward', aRows);
   checkShapes('expertsForward', { a, w13, w2, offsets });
   const M = a.shape[0] as number;
   const F2 = w13.shape[2] as number;
-  const g = Tensor.empty([M, F2], { dtype: a.dtype, device: a.device });
-  const h = Tensor.empty([M, F2 / 2], { dtype: a.dtype, device: a.device });
+  const dtype = a === aRows ? a.dtype : w13.dtype;
+  const g = Tensor.empty([M, F2], { dtype, device: a.device });
+  const h = Tensor.empty([M, F2 / 2], { dtype, device: a.device });
   try {
-    groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, offsets, h, g);
+    groupedGemmEpilogue('NN', Epilogue.SwiGLU, aRows, w13, offsets, h, g);
     const out = groupedGemm('NN', h, w2, offsets);
     return { out, g, h };
   } catch (e) {
@@ -76,20 +88,26 @@ function checkShapes(op: string, t: Record<string, unknown>): void {
   }
 }
 
-/** Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32. */
+/**
+ * Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32.
+ * fp8 rows are dequantised for dW13 (the forward's rows, as the forward multiplied them).
+ */
 export function expertsBackward(
   dOut: Tensor,
-  a: Tensor,
+  aRows: Tensor | Fp8Rows,
   w13: Tensor,
   w2: Tensor,
   offsets: Tensor,
   saved: { g: Tensor; h: Tensor },
 ): ExpertsGrads {
   if (saved === null || typeof saved !== 'object') invalidArgument('expertsBackward', `'saved' must be expertsForward's { g, h }`);
-  checkShapes('expertsBackward', { dOut, a, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
+  const rows = rowsTensor('expertsBackward', aRows);
+  checkShapes('expertsBackward', { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
+  const a = rows === aRows ? rows : dequantizeFp8(aRows as Fp8Rows, w13.dtype);
   const M = a.shape[0] as number;
-  const dG = Tensor.empty([M, w13.shape[2] as number], { dtype: a.dtype, device: a.device });
+  let dG: Tensor | null = null;
   try {
+    dG = Tensor.empty([M, w13.shape[2] as number], { dtype: a.dtype, device: a.device });
     // dh = dOut · W2ᵀ, with dSwiGLU fused: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1)
     groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, offsets, dG, saved.g);
     const dA = groupedGemm('NT', dG, w13, offsets);
@@ -97,6 +115,7 @@ export function expertsBackward(
     const dW2 = groupedGemm('TN', saved.h, dOut, offsets, { dtype: 'f32' });
     return { dA, dW13, dW2 };
   } finally {
-    dG.dispose();
+    dG?.dispose();
+    if (a !== rows) a.dispose();
   }
 }

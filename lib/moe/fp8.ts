@@ -3,6 +3,7 @@
  * scale = amax/448 per block, values saturated. Halves the bytes a bf16 dispatch moves.
  */
 import { invalidArgument } from '../errors.js';
+import { checkTensors } from '../validate.js';
 import { native } from '../native.js';
 import { type DType } from '../dtype.js';
 import { Tensor } from '../tensor.js';
@@ -30,7 +31,13 @@ export function quantizeFp8(x: Tensor): Fp8Rows {
   return { q, scales };
 }
 
+/** Back to `dtype` (bf16 or f32): value · scale, rounded once. */
 export function dequantizeFp8(rows: Fp8Rows, dtype: DType = 'bf16'): Tensor {
+  const op = 'dequantizeFp8';
+  if (rows === null || typeof rows !== 'object' || !(rows.q instanceof Tensor) || !(rows.scales instanceof Tensor))
+    invalidArgument(op, `'rows' must be fp8 rows { q, scales } (quantizeFp8's result)`);
+  checkTensors(op, { 'rows.q': rows.q, 'rows.scales': rows.scales });
+  if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${JSON.stringify(dtype)}`);
   const out = Tensor.empty(rows.q.shape, { dtype, device: rows.q.device });
   try {
     native().dequantizeFp8(rows.q.handle, rows.scales.handle, out.handle);

@@ -6,6 +6,10 @@
  *   'NT'  out[M,K]   = a[M,N] · b_eᵀ         b [E,K,N]      dA = dC · Wᵀ
  *   'TN'  out[E,K,N] : out_e = a_eᵀ · b_e    a [M,K], b [M,N]  dW (inner dim = each group's rows)
  *
+ * 'NN' also takes fp8 rows for `a` (quantizeFp8's { q, scales }, what an fp8 dispatch with
+ * `fp8: 'keep'` delivers): the product of the dequantised rows, bit for bit, without a bf16 copy of
+ * them on Hopper (the kernel dequantises its tiles in shared memory).
+ *
  * See native/ops/moe/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */
 import { type DType } from '../dtype.js';
@@ -14,6 +18,7 @@ import { checkOptions, checkTensor, checkTensors, withOutput } from '../validate
 import { native } from '../native.js';
 import { GEMM_EPILOGUE, GEMM_MODE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
+import { type Fp8Rows } from './fp8.js';
 
 export type GemmMode = 'NN' | 'NT' | 'TN';
 /** The fused epilogues (GEMM_EPILOGUE in lib/native-codes.ts). */
@@ -28,6 +33,15 @@ export interface GroupedGemmOptions {
   accumulate?: boolean;
 }
 
+/** a as the binding takes it: the rows and, for fp8 rows, their scales. */
+function rowsOf(op: string, a: Tensor | Fp8Rows): [Tensor, Tensor | null] {
+  if (a instanceof Tensor) return [a, null];
+  if (a === null || typeof a !== 'object' || !(a.q instanceof Tensor) || !(a.scales instanceof Tensor))
+    invalidArgument(op, `'a' must be a Tensor or fp8 rows { q, scales } (quantizeFp8's result); received ${a === null ? 'null' : typeof a}`);
+  checkTensors(op, { 'a.q': a.q, 'a.scales': a.scales });
+  return [a.q, a.scales];
+}
+
 function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number[] {
   const E = (offsets.shape[0] ?? 1) - 1;
   if (mode === 'TN') return [E, a.shape[1] ?? 0, b.shape[1] ?? 0];
@@ -35,17 +49,26 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
   return [a.shape[0] ?? 0, b.shape[1] ?? 0];
 }
 
-export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
+export function groupedGemm(
+  mode: GemmMode,
+  aRows: Tensor | Fp8Rows,
+  b: Tensor,
+  offsets: Tensor,
+  options: GroupedGemmOptions = {},
+): Tensor {
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
   if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode))
     invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
+  const [a, aScales] = rowsOf(op, aRows);
+  if (aScales && mode !== 'NN') invalidArgument(op, `fp8 rows are taken by the 'NN' (forward) product only; received mode '${mode}'`);
   checkTensors(op, { a, b, offsets });
   if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1)
     invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
   if (options.out !== undefined) checkTensor(options.out, op, 'out');
   if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
-  const make = (): Tensor => Tensor.empty(outShape(mode, a, b, offsets), { dtype: options.dtype ?? a.dtype, device: a.device });
+  const dtype = options.dtype ?? (aScales ? b.dtype : a.dtype);
+  const make = (): Tensor => Tensor.empty(outShape(mode, a, b, offsets), { dtype, device: a.device });
   return withOutput(op, options.out, make, (out) =>
     native().groupedGemm(
       GEMM_MODE[mode],
@@ -56,6 +79,7 @@ export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tenso
       out.handle,
       null,
       options.accumulate ?? false,
+      aScales ? aScales.handle : null,
     ),
   );
 }
@@ -64,11 +88,22 @@ export function groupedGemm(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tenso
 export function groupedGemmEpilogue(
   mode: GemmMode,
   epilogue: Epilogue,
-  a: Tensor,
+  aRows: Tensor | Fp8Rows,
   b: Tensor,
   offsets: Tensor,
   out: Tensor,
   g: Tensor | null,
 ): void {
-  native().groupedGemm(GEMM_MODE[mode], epilogue, a.handle, b.handle, offsets.handle, out.handle, g ? g.handle : null, false);
+  const [a, aScales] = rowsOf('groupedGemm', aRows);
+  native().groupedGemm(
+    GEMM_MODE[mode],
+    epilogue,
+    a.handle,
+    b.handle,
+    offsets.handle,
+    out.handle,
+    g ? g.handle : null,
+    false,
+    aScales ? aScales.handle : null,
+  );
 }

@@ -48,7 +48,8 @@ export interface PeerDispatchOptions {
   numExperts: number;
   align: number;
   padToCapacity: boolean;
-  fp8: boolean;
+  /** Rows travel as fp8; 'keep': they arrive as fp8 with their scales (not dequantised). */
+  fp8: boolean | 'keep';
   sms: number;
   /** Capacity mode's static offsets [El+1], made once per segment size (owned by the caller). */
   staticOffsets: (localExperts: number, P: number, segment: number, like: Tensor) => Tensor;
@@ -79,6 +80,8 @@ interface RawDispatchRows extends RawDispatch {
   weights: Tensor;
   fp8: boolean;
   rows: Tensor;
+  /** fp8 rows kept: their scales [N, H/128] (rows is then fp8e4m3). */
+  rowScales: Tensor | null;
   rowWeights: Tensor;
   rowSrc: Tensor;
   recvRowOf: Tensor;
@@ -127,6 +130,7 @@ function rawRows(t: PeerTransport, a: RawDispatchRows): void {
     a.recvRowOf.handle,
     a.recvWeight.handle,
     a.recvTokens.handle,
+    a.rowScales?.handle ?? null,
   );
 }
 
@@ -144,14 +148,15 @@ export function peerDispatch(
   weights: Tensor,
   cap: CapacityResult,
   o: PeerDispatchOptions,
-): { rows: Tensor; weights: Tensor; handle: PeerDispatchHandle } {
+): { rows: Tensor; scales: Tensor | null; weights: Tensor; handle: PeerDispatchHandle } {
   const P = transport.comm.size;
   const El = o.numExperts / P;
   const [T, k] = indices.shape as [number, number];
   const H = x.shape[1] as number;
   const capacityMode = o.padToCapacity;
   const segment = capacityMode ? roundUp(cap.capacity as number, o.align) : -1;
-  const need: PeerNeed = { tokens: T, rowBytes: Math.max(peerRowBytes(x, o.fp8), H * dtypeSize[x.dtype]), topK: k, localExperts: El };
+  const fp8 = o.fp8 !== false;
+  const need: PeerNeed = { tokens: T, rowBytes: Math.max(peerRowBytes(x, fp8), H * dtypeSize[x.dtype]), topK: k, localExperts: El };
   const dev = { device: x.device };
   const made: Tensor[] = [];
   const track = (t: Tensor): Tensor => (made.push(t), t);
@@ -188,13 +193,15 @@ export function peerDispatch(
     trace.mark(capacityMode ? 'dispatch (ipc): layout' : 'dispatch (ipc): layout, counts read', x.device);
     const N = counts.rows;
     const mapCap = Math.max(1, capacityMode ? T : Math.max(...counts.tokensFrom));
-    const rows = track(Tensor.empty([N, H], { dtype: x.dtype, ...dev }));
+    const keep = o.fp8 === 'keep';
+    const rows = track(Tensor.empty([N, H], { dtype: keep ? 'fp8e4m3' : x.dtype, ...dev }));
+    const rowScales = keep ? track(Tensor.empty([N, H / FP8_BLOCK], { dtype: 'f32', ...dev })) : null;
     const rowWeights = track(Tensor.empty([N], { dtype: 'f32', ...dev }));
     const rowSrc = track(Tensor.empty([N], { dtype: 'i32', ...dev }));
     const recvRowOf = track(Tensor.empty([P, mapCap, k], { dtype: 'i32', ...dev }));
     const recvWeight = track(Tensor.empty([P, mapCap, k], { dtype: 'f32', ...dev }));
     const recvTokens = track(Tensor.empty([P], { dtype: 'i32', ...dev }));
-    rawRows(t, { ...args, x, weights, fp8: o.fp8, rows, rowWeights, rowSrc, recvRowOf, recvWeight, recvTokens });
+    rawRows(t, { ...args, x, weights, fp8, rows, rowScales, rowWeights, rowSrc, recvRowOf, recvWeight, recvTokens });
     trace.mark('dispatch (ipc): rows pushed and expanded', x.device);
     // Segment sizes on the host: static in capacity mode, read with the counts in dropless mode.
     const recvCounts = Array.from({ length: P * El }, (_, i) => {
@@ -229,7 +236,7 @@ export function peerDispatch(
         this.dispose();
       },
     };
-    return { rows, weights: rowWeights, handle };
+    return { rows, scales: rowScales, weights: rowWeights, handle };
   } catch (e) {
     for (const tensor of made) tensor.dispose();
     throw e;
@@ -435,6 +442,7 @@ export function peerDispatchInto(
     weights,
     fp8: false,
     rows: b.rows,
+    rowScales: null,
     rowWeights: b.rowWeights,
     rowSrc: b.rowSrc,
     recvRowOf: b.recvRowOf,

@@ -8,7 +8,7 @@ namespace moe::addon {
 
 namespace {
 
-// groupedGemm(mode, epilogue, a, b, offsets, out, aux | null, accumulate)
+// groupedGemm(mode, epilogue, a, b, offsets, out, aux | null, accumulate, aScales | null)
 Napi::Value grouped_gemm(const Napi::CallbackInfo& info) {
   const char* op = "groupedGemm";
   int64_t mode = arg_int(info, 0, op, "mode"), epilogue = arg_int(info, 1, op, "epilogue");
@@ -23,6 +23,7 @@ Napi::Value grouped_gemm(const Napi::CallbackInfo& info) {
   g.out = arg_tensor(info, 5, op, "out");
   g.aux = arg_tensor(info, 6, op, "g", true);
   g.accumulate = arg_bool(info, 7, op, "accumulate");
+  g.a_scales = arg_tensor(info, 8, op, "aScales", true);
   ops::grouped_gemm(g);
   return info.Env().Undefined();
 }

@@ -7,9 +7,11 @@
 //     rows' dtype on the wire); combineBackward: d(expertOut) bit for bit, d(weights) within 1e-5;
 //   - capacity mode: no device-to-host copy and no synchronisation in dispatch + combine;
 //   - dropless growth: token counts that outgrow the transport's buffers (collective regrowth);
-//   - crafted routing: the last rank sends everything to rank 0 (it receives nothing from itself).
+//   - crafted routing: the last rank sends everything to rank 0 (it receives nothing from itself);
+//   - fp8 rows kept (fp8: 'keep'): the e4m3 bytes and scales equal the all-to-all's bit for bit,
+//     dequantised they are the fp8: true rows, and the experts on them give the same outputs.
 // Each rank prints its seed; a failure names the case.
-import { capacity, cuda, Dispatcher, init, ops, synchronize, Tensor, tidy } from '../../dist/lib/index.js';
+import { capacity, cuda, dequantizeFp8, Dispatcher, expertsForward, init, ops, synchronize, Tensor, tidy } from '../../dist/lib/index.js';
 import { check, progress, relErr, scriptDevice } from './common.mjs';
 
 const world = await init();
@@ -158,6 +160,59 @@ for (const [ci, c] of cases.entries()) {
     B.handle.dispose();
     ipc.dispose();
     ref.dispose();
+  });
+}
+
+// fp8 rows kept, dropless and capacity mode: through 'ipc' and the all-to-all the same bytes and
+// scales; dequantised, the rows that fp8: true delivers; the experts' forward on them (the GEMM
+// reading fp8 rows) equal to the forward on the dequantised rows, bit for bit.
+for (const [ci, c] of [
+  { name: 'fp8 kept, dropless', pad: false },
+  { name: 'fp8 kept, capacity', pad: true, cf: 1.0 },
+].entries()) {
+  tidy(() => {
+    const [E, k, H, F] = [4 * P, 2, 256, 128];
+    const T = c.pad ? 40 : 37 + 5 * rank;
+    const indices = Tensor.fromArray(routing(T, k, E, seed + 313 * ci, false), { dtype: 'i32', shape: [T, k], ...on });
+    const weights = Tensor.rand([T, k], { seed: seed + 11, ...on });
+    const x = Tensor.randn([T, H], { seed: seed + 12, ...on }).cast('bf16');
+    const cap = capacity(indices, weights, { numExperts: E, ...(c.cf ? { capacityFactor: c.cf } : {}) });
+    const common = { numExperts: E, group: world, padToCapacity: c.pad };
+    const ipcKeep = new Dispatcher({ ...common, fp8: 'keep', transport: 'ipc' });
+    const refKeep = new Dispatcher({ ...common, fp8: 'keep', transport: 'nccl' });
+    const ipcDeq = new Dispatcher({ ...common, fp8: true, transport: 'ipc' });
+    const what = `${c.name} (rank ${rank} of ${P}, seed ${seed})`;
+    const before = cuda.hostWaitCounts();
+    const A = ipcKeep.dispatch(x, indices, weights, cap);
+    const waits = cuda.hostWaitCounts();
+    if (c.pad)
+      check(
+        waits.deviceToHost === before.deviceToHost && waits.synchronizations === before.synchronizations,
+        `${what}: capacity-mode dispatch waited on the host`,
+      );
+    const B = refKeep.dispatch(x, indices, weights, cap);
+    const D = ipcDeq.dispatch(x, indices, weights, cap);
+    check(A.rows.dtype === 'fp8e4m3' && A.scales?.dtype === 'f32' && B.scales !== undefined, `${what}: kept rows are ${A.rows.dtype}`);
+    check(A.scales.shape.join() === `${A.rows.shape[0]},${H / 128}`, `${what}: scales [${A.scales.shape}]`);
+    check(bits(A.rows).equals(bits(B.rows)) && bits(A.scales).equals(bits(B.scales)), `${what}: kept rows differ from the all-to-all's`);
+    check(bits(A.weights).equals(bits(B.weights)), `${what}: gate weights differ from the all-to-all's`);
+    const deq = dequantizeFp8({ q: A.rows, scales: A.scales }, 'bf16');
+    check(bits(deq).equals(bits(D.rows)), `${what}: dequantised kept rows differ from the fp8: true rows`);
+    // The experts on the kept rows, the first GEMM reading them as they are.
+    const El = E / P;
+    const w13 = Tensor.randn([El, H, 2 * F], { seed: seed + 13, std: 0.05, ...on }).cast('bf16');
+    const w2 = Tensor.randn([El, F, H], { seed: seed + 14, std: 0.05, ...on }).cast('bf16');
+    const fKeep = expertsForward({ q: A.rows, scales: A.scales }, w13, w2, A.handle.localOffsets);
+    const fDeq = expertsForward(D.rows, w13, w2, D.handle.localOffsets);
+    check(bits(fKeep.out).equals(bits(fDeq.out)) && bits(fKeep.g).equals(bits(fDeq.g)), `${what}: experts on kept rows differ`);
+    const y = ipcKeep.combine(fKeep.out, A.handle, weights);
+    const yRef = ipcDeq.combine(fDeq.out, D.handle, weights);
+    check(bits(y).equals(bits(yRef)), `${what}: combine after the kept rows' experts differs`);
+    progress(`${c.name}`);
+    for (const d of [A, B, D]) d.handle.dispose();
+    ipcKeep.dispose();
+    refKeep.dispose();
+    ipcDeq.dispose();
   });
 }
 

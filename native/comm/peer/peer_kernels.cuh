@@ -471,13 +471,14 @@ __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int*
 
 // The receiver, a warp per (source, token row): waits were done by a wait kernel. Each of the row's
 // entries that is mine goes to its expert-major row (capacity: (l·P + s)·segment + slot; dropless:
-// seg_start[l·P + s] + slot), converted from the payload (a copy, or fp8 dequantised); rows no
-// entry fills are padding (zeros, weight 0, source -1). recv_row_of[(s·cap + i)·k + j] remembers
+// seg_start[l·P + s] + slot), converted from the payload (a copy, or fp8 dequantised); with fp8
+// rows kept (Out = fp8e4m3, out_scales given) the e4m3 bytes are copied and the row's scales go to
+// out_scales [N, H/128]. Rows no entry fills are padding (zeros, scale 0, weight 0, source -1). recv_row_of[(s·cap + i)·k + j] remembers
 // where entry j of (s, i) went, for combine. Acknowledges the step to every source at the end.
 template <typename Out, bool kFp8>
 __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, const int* seg_start, const int* fill, const int* offsets,
-                              int64_t N, int H, bool vec16, Out* out, float* out_w, int* row_src, int* recv_row_of, float* recv_w,
-                              int* recv_tokens) {
+                              int64_t N, int H, bool vec16, Out* out, float* out_scales, float* out_w, int* row_src, int* recv_row_of,
+                              float* recv_w, int* recv_tokens) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P, El = v.El;
@@ -568,6 +569,19 @@ __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, c
           }
         }
       }
+      if (out_scales) {
+        // Kept fp8 rows: the scales that follow the values on the wire, one per 128 values.
+        const int blocks = H / 128;
+        const float* scales = reinterpret_cast<const float*>(src + (H + 15) / 16 * 16);
+        for (int c0 = 0; c0 < blocks; c0 += 32) {  // the whole warp in every round (the shuffles)
+          const int c = c0 + lane;
+          const float scale = c < blocks ? __ldcg(scales + c) : 0.0f;
+          for (unsigned bits = valid; bits; bits &= bits - 1) {
+            const int r = __shfl_sync(0xffffffffu, row, __ffs(bits) - 1);
+            if (c < blocks) out_scales[int64_t(r) * blocks + c] = scale;
+          }
+        }
+      }
     }
   }
   // Padding rows: capacity segments past the source's kept count; dropless rows past fill[l].
@@ -591,6 +605,8 @@ __global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, c
     if (!pad) continue;
     char* o = reinterpret_cast<char*>(out + r * H);
     for (int64_t c = lane; c < row_bytes / 4; c += 32) reinterpret_cast<int*>(o)[c] = 0;
+    if (out_scales)
+      for (int c = lane; c < H / 128; c += 32) out_scales[r * (H / 128) + c] = 0.0f;
     if (lane == 0) {
       out_w[r] = 0.0f;
       row_src[r] = -1;

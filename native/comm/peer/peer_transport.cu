@@ -285,8 +285,8 @@ class CudaPeerTransport final : public PeerTransport {
 
   void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights, const Tensor& pos,
                      const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill, const Tensor& offsets,
-                     const Tensor& out, const Tensor& out_weights, const Tensor& row_src, const Tensor& recv_row_of,
-                     const Tensor& recv_weight, const Tensor& recv_tokens) override {
+                     const Tensor& out, const Tensor& out_scales, const Tensor& out_weights, const Tensor& row_src,
+                     const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) override {
     const char* op = "dispatch";
     check(op);
     need_2d(payload, op, "payload");
@@ -302,7 +302,15 @@ class CudaPeerTransport final : public PeerTransport {
     need(pos, op, "pos", {DType::i32}, {T, P});
     need(dest, op, "dest", {DType::i32}, {T, k});
     need_dropless(plan, offsets, seg_start, fill, op);
-    need(out, op, "out", {DType::bf16, DType::f32}, {N, H});
+    // fp8 rows kept: out holds the e4m3 bytes as sent, out_scales their scales.
+    const bool keep = out.dtype() == DType::fp8e4m3;
+    need(out, op, "out", {DType::bf16, DType::f32, DType::fp8e4m3}, {N, H});
+    if (keep) {
+      MOE_ARG_CHECK(plan.fp8, op, "fp8 'out' rows need fp8 rows on the wire");
+      need(out_scales, op, "outScales", {DType::f32}, {N, H / 128});
+    } else {
+      MOE_ARG_CHECK(!out_scales.defined(), op, "'outScales' goes with fp8 'out' rows only");
+    }
     need(out_weights, op, "outWeights", {DType::f32}, {N});
     need(row_src, op, "rowSrc", {DType::i32}, {N});
     need(recv_row_of, op, "recvRowOf", {DType::i32}, {P, mc, k});
@@ -317,7 +325,8 @@ class CudaPeerTransport final : public PeerTransport {
     MOE_ARG_CHECK(pay_bytes <= layout_.row_stride, op, "a row of ", pay_bytes, " bytes exceeds the transport's ", layout_.row_stride);
     MOE_ARG_CHECK(pay_bytes % 4 == 0, op, "row bytes must be multiples of 4 (an even hidden size for bf16)");
     if (fp8) MOE_ARG_CHECK(H % 128 == 0, op, "fp8 rows need a hidden size that is a multiple of 128");
-    MOE_ARG_CHECK(payload.dtype() == out.dtype(), op, "rows are ", dtype_name(payload.dtype()), " but 'out' is ", dtype_name(out.dtype()));
+    MOE_ARG_CHECK(keep || payload.dtype() == out.dtype(), op, "rows are ", dtype_name(payload.dtype()), " but 'out' is ",
+                  dtype_name(out.dtype()));
     const int64_t map_cap = recv_row_of.size(1);
     cuda::DeviceGuard guard(device_);
     cudaStream_t stream = cudaStream_t(ops::op_stream(payload));
@@ -343,9 +352,12 @@ class CudaPeerTransport final : public PeerTransport {
     const int* of = offsets.defined() ? offsets.data<int>() : nullptr;
 #define MOE_EXPAND(OUT, FP8)                                                                                                               \
   peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                                           \
-      v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, out.data<OUT>(), out_weights.data<float>(), row_src.data<int>(), \
-      recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>())
-    if (out.dtype() == DType::bf16) {
+      v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, out.data<OUT>(),                                                 \
+      keep ? out_scales.data<float>() : nullptr, out_weights.data<float>(), row_src.data<int>(), recv_row_of.data<int>(),                \
+      recv_weight.data<float>(), recv_tokens.data<int>())
+    if (keep) {
+      MOE_EXPAND(fp8e4m3, false);  // a copy of the e4m3 bytes, and the scales beside
+    } else if (out.dtype() == DType::bf16) {
       if (fp8) MOE_EXPAND(bf16, true);
       else MOE_EXPAND(bf16, false);
     } else {

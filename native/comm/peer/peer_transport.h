@@ -116,11 +116,13 @@ class PeerTransport {
                                  const Tensor& dest, const Tensor& offsets, const Tensor& seg_start, const Tensor& fill) = 0;
   // Phase 2: push the token rows (payload [T, H], bf16 or f32; with plan.fp8 quantised on the way
   // out, as quantizeFp8 does), then expand what arrived into expert-major rows `out` (payload's
-  // dtype: a copy, or the fp8 rows dequantised), with their gate weights, the source of each row,
-  // and for each received (source, token, entry) its row.
+  // dtype: a copy, or the fp8 rows dequantised; fp8e4m3: the fp8 rows kept, their scales in
+  // out_scales [N, H/128]), with their gate weights, the source of each row, and for each received
+  // (source, token, entry) its row.
   virtual void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights, const Tensor& pos,
                              const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill,
-                             const Tensor& offsets, const Tensor& out, const Tensor& out_weights, const Tensor& row_src,
+                             const Tensor& offsets, const Tensor& out, const Tensor& out_scales, const Tensor& out_weights,
+                             const Tensor& row_src,
                              const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) = 0;
 
   // ---- combine and the backward passes -----------------------------------------------------

@@ -4,6 +4,7 @@
 
 #include "ops/common/checks.h"
 #include "ops/common/dispatch.h"
+#include "ops/moe/fp8/fp8.h"
 #include "ops/moe/grouped_gemm/decode.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/hopper.h"
@@ -77,12 +78,14 @@ GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
 // weights' bandwidth (decode.cu), and 4 token tiles of accumulators are what fits in registers
 // beside 4 KB of loads in flight per warp.
 constexpr int64_t kDecodeMaxAverage = 4;
-int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
-  if (!o.decode || g.mode != GemmMode::NN || !decode_nn_fits(g)) return 0;
-  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
+int decode_rows_for_size(int64_t M, int64_t E) {
   for (int rows : DECODE_ROWS)
     if (M <= rows) return rows;
   return M <= kDecodeMaxAverage * E ? 16 : 0;
+}
+int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  if (!o.decode || g.mode != GemmMode::NN || !decode_nn_fits(g)) return 0;
+  return decode_rows_for_size(g.a.size(0), g.offsets.size(0) - 1);
 }
 
 // 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
@@ -95,6 +98,21 @@ GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
 #endif
 }  // namespace
 
+// fp8 rows go to the Hopper kernel as they are when the same call with bf16 rows would run there
+// alone (no decode kernel beside it) and that kernel takes them (bf16 results, K in whole scale
+// blocks: grouped_gemm_hopper_fits); every other call dequantises first (grouped_gemm below).
+static bool fp8_rows_in_kernel(const GroupedGemm& g) {
+#if MOE_EP_WITH_CUDA
+  if (g.a.device().is_cpu()) return false;
+  const GroupedGemmOptions o = grouped_gemm_options();
+  const bool decode = o.decode && decode_rows_for_size(g.a.size(0), g.offsets.size(0) - 1) > 0;
+  return !decode && select_tile_kernel(g, o) == GemmKernel::Hopper;
+#else
+  (void)g;
+  return false;
+#endif
+}
+
 void set_grouped_gemm_options(const GroupedGemmOptions& options) { g_options.store(options); }
 GroupedGemmOptions grouped_gemm_options() { return g_options.load(); }
 
@@ -104,8 +122,20 @@ void grouped_gemm(const GroupedGemm& g) {
   require_defined(g.b, op, "b");
   require_defined(g.offsets, op, "offsets");
   require_defined(g.out, op, "out");
-  require_dtype(g.a, {DType::bf16, DType::f32}, op, "a");
-  MOE_ARG_CHECK(g.b.dtype() == g.a.dtype(), op, "'b' ", g.b.describe(), " must have the dtype of 'a' (", dtype_name(g.a.dtype()), ")");
+  require_dtype(g.a, {DType::bf16, DType::f32, DType::fp8e4m3}, op, "a");
+  const bool fp8_a = g.a.dtype() == DType::fp8e4m3;
+  if (fp8_a) {
+    MOE_ARG_CHECK(g.mode == GemmMode::NN && g.epilogue != GemmEpilogue::DSwiGLU, op,
+                  "fp8 rows ('a' fp8e4m3) are taken by the forward (NN) product only");
+    MOE_ARG_CHECK(g.b.dtype() == DType::bf16, op, "'b' ", g.b.describe(), " must be bf16 when 'a' holds fp8 rows");
+    require_defined(g.a_scales, op, "aScales");
+    require_dtype(g.a_scales, {DType::f32}, op, "aScales");
+    require_same_device(g.a, "a", g.a_scales, "aScales", op);
+    require_contiguous(g.a_scales, op, "aScales");
+  } else {
+    MOE_ARG_CHECK(g.b.dtype() == g.a.dtype(), op, "'b' ", g.b.describe(), " must have the dtype of 'a' (", dtype_name(g.a.dtype()), ")");
+    MOE_ARG_CHECK(!g.a_scales.defined(), op, "'aScales' goes with fp8 rows only; 'a' is ", dtype_name(g.a.dtype()));
+  }
   require_dtype(g.offsets, {DType::i32}, op, "offsets");
   for (const Tensor* t : {&g.b, &g.offsets, &g.out})
     require_same_device(g.a, "a", *t, t == &g.b ? "b" : t == &g.offsets ? "offsets" : "out", op);
@@ -165,7 +195,23 @@ void grouped_gemm(const GroupedGemm& g) {
   }
   MOE_ARG_CHECK(g.out.shape() == expected, op, "'out' must be ", shape_str(expected), ", got ", g.out.describe());
   MOE_ARG_CHECK(M <= INT32_MAX && g.a.size(1) <= INT32_MAX && expected.back() <= INT32_MAX, op, "dimensions beyond 2^31 are not supported");
+  if (fp8_a) {
+    const int64_t K = g.a.size(1);
+    MOE_ARG_CHECK(K % kFp8Block == 0, op, "fp8 rows need K a multiple of ", kFp8Block, ", got ", K);
+    const Shape scales_shape{M, K / kFp8Block};
+    MOE_ARG_CHECK(g.a_scales.shape() == scales_shape, op, "'aScales' must be ", shape_str(scales_shape), ", got ", g.a_scales.describe());
+  }
   if (g.out.numel() == 0) return;
+  if (fp8_a && !fp8_rows_in_kernel(g)) {
+    // Everywhere but the Hopper kernel: the bf16 GEMM of the dequantised rows, which the fused path
+    // equals bit for bit.
+    GroupedGemm dense = g;
+    dense.a = Tensor::empty(g.a.shape(), DType::bf16, g.a.device(), op);
+    dense.a_scales = Tensor();
+    dequantize_fp8(g.a, g.a_scales, dense.a);
+    grouped_gemm(dense);
+    return;
+  }
   MOE_ON_DEVICE(g.a, op, grouped_gemm_cpu(g), grouped_gemm_cuda(g, select_cuda_kernel(g, grouped_gemm_options()), op_stream(g.a)));
 }
 
