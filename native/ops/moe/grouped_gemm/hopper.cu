@@ -442,8 +442,8 @@ __device__ __forceinline__ void fp8_rows_to_bf16(const unsigned char* q, uint32_
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     float v[8];
-    fp8x4_dequantize(words[2 * j], scale, v);
-    fp8x4_dequantize(words[2 * j + 1], scale, v + 4);
+    fp8x4_dequantize_alu(words[2 * j], scale, v);
+    fp8x4_dequantize_alu(words[2 * j + 1], scale, v + 4);
     const uint32_t at = row_at + uint32_t(((4 * h + j) ^ (r & 7)) << 4);
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(bf16x2_bits(v[0], v[1])), "r"(bf16x2_bits(v[2], v[3])),
                  "r"(bf16x2_bits(v[4], v[5])), "r"(bf16x2_bits(v[6], v[7]))
