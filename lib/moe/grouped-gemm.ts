@@ -7,8 +7,8 @@
  *   'TN'  out[E,K,N] : out_e = a_eᵀ · b_e    a [M,K], b [M,N]  dW (inner dim = each group's rows)
  *
  * 'NN' also takes fp8 rows for `a` (quantizeFp8's { q, scales }, what an fp8 dispatch with
- * `fp8: 'keep'` delivers): the product of the dequantised rows, bit for bit, without a bf16 copy of
- * them on Hopper (the kernel dequantises its tiles in shared memory).
+ * `fp8: 'keep'` delivers): the product of the dequantised rows, through a bf16 copy of them
+ * (native/ops/moe/grouped_gemm/grouped_gemm.cc says why the kernel does not dequantise its tiles).
  *
  * See native/ops/moe/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */

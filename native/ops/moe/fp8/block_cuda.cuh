@@ -24,26 +24,6 @@ __device__ __forceinline__ void fp8x4_dequantize(uint32_t packed, float scale, f
   out[3] = b.y * scale;
 }
 
-// The same values as fp8x4_dequantize, without the conversion unit (quarter rate; the Hopper GEMM
-// that reads fp8 rows converts a tile per k-step and must not wait on it): each byte's sign,
-// exponent and mantissa are placed in an fp32 pattern that reads as 2^-120 times the e4m3 value
-// (e4m3 subnormals land on fp32 subnormals: exact), times 2^120 (exact), times the scale (the same
-// fp32 multiply). The pattern misreads NaN (S.1111.111, as 480): a word holding one takes
-// fp8x4_dequantize.
-__device__ __forceinline__ void fp8x4_dequantize_alu(uint32_t packed, float scale, float* out) {
-  const uint32_t t = (packed & 0x7f7f7f7fu) ^ 0x7f7f7f7fu;  // a zero byte where a value is NaN
-  if (((t - 0x01010101u) & ~t & 0x80808080u) != 0u) {
-    fp8x4_dequantize(packed, scale, out);
-    return;
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t b = packed >> (8 * j);
-    const uint32_t bits = ((b & 0x80u) << 24) | ((b & 0x7fu) << 20);
-    out[j] = (__uint_as_float(bits) * 0x1p120f) * scale;
-  }
-}
-
 // Four values divided by `scale` (a division, as fp8_quantize does) and rounded to e4m3, packed.
 __device__ __forceinline__ uint32_t fp8x4_quantize(const float* v, float scale) {
   float s[4];

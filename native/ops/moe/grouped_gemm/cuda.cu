@@ -401,9 +401,7 @@ void launch(const Params& p, int rows, int cols, int E, int M, bool aligned, cud
 void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr) {
   const GemmKernel kernel = choice.kernel;
   const std::string op = "groupedGemm";
-  // fp8 rows reach this far only for the Hopper kernel (grouped_gemm.cc dequantises them otherwise).
-  MOE_ARG_CHECK(g.a.dtype() == DType::bf16 || (g.a.dtype() == DType::fp8e4m3 && kernel == GemmKernel::Hopper && choice.decode_rows == 0), op,
-                "the CUDA grouped GEMM takes bf16 operands; 'a' is ", g.a.describe());
+  MOE_ARG_CHECK(g.a.dtype() == DType::bf16, op, "the CUDA grouped GEMM takes bf16 operands; 'a' is ", g.a.describe());
   if (g.epilogue != GemmEpilogue::Store) {
     // The fused epilogues store bf16 pairs: their outputs must sit on 4-byte boundaries.
     for (const Tensor* t : {&g.out, &g.aux})

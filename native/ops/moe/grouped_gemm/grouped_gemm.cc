@@ -78,14 +78,12 @@ GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
 // weights' bandwidth (decode.cu), and 4 token tiles of accumulators are what fits in registers
 // beside 4 KB of loads in flight per warp.
 constexpr int64_t kDecodeMaxAverage = 4;
-int decode_rows_for_size(int64_t M, int64_t E) {
+int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  if (!o.decode || g.mode != GemmMode::NN || !decode_nn_fits(g)) return 0;
+  const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   for (int rows : DECODE_ROWS)
     if (M <= rows) return rows;
   return M <= kDecodeMaxAverage * E ? 16 : 0;
-}
-int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
-  if (!o.decode || g.mode != GemmMode::NN || !decode_nn_fits(g)) return 0;
-  return decode_rows_for_size(g.a.size(0), g.offsets.size(0) - 1);
 }
 
 // 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
@@ -97,21 +95,6 @@ GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
 }
 #endif
 }  // namespace
-
-// fp8 rows go to the Hopper kernel as they are when the same call with bf16 rows would run there
-// alone (no decode kernel beside it) and that kernel takes them (bf16 results, K in whole scale
-// blocks: grouped_gemm_hopper_fits); every other call dequantises first (grouped_gemm below).
-static bool fp8_rows_in_kernel(const GroupedGemm& g) {
-#if MOE_EP_WITH_CUDA
-  if (g.a.device().is_cpu()) return false;
-  const GroupedGemmOptions o = grouped_gemm_options();
-  const bool decode = o.decode && decode_rows_for_size(g.a.size(0), g.offsets.size(0) - 1) > 0;
-  return !decode && select_tile_kernel(g, o) == GemmKernel::Hopper;
-#else
-  (void)g;
-  return false;
-#endif
-}
 
 void set_grouped_gemm_options(const GroupedGemmOptions& options) { g_options.store(options); }
 GroupedGemmOptions grouped_gemm_options() { return g_options.load(); }
@@ -202,9 +185,15 @@ void grouped_gemm(const GroupedGemm& g) {
     MOE_ARG_CHECK(g.a_scales.shape() == scales_shape, op, "'aScales' must be ", shape_str(scales_shape), ", got ", g.a_scales.describe());
   }
   if (g.out.numel() == 0) return;
-  if (fp8_a && !fp8_rows_in_kernel(g)) {
-    // Everywhere but the Hopper kernel: the bf16 GEMM of the dequantised rows, which the fused path
-    // equals bit for bit.
+  if (fp8_a) {
+    // fp8 rows: dequantised to a bf16 copy, then the bf16 GEMM (whichever kernel it takes).
+    // Dequantising inside the Hopper kernel instead (each consumer converting its A tile in shared
+    // memory, bit-equal to this) lost on the H200: it converts every A tile once per n-tile (N/256
+    // times; 16 at the layer's W13), where this converts it once. The layer's up + SwiGLU product
+    // (M=32768, K=7168, N=4096) ran 0.82× and 0.71× as fast as this path in the two forms tried
+    // (conversion instructions, and integer/FMA ones; benchmarks/results/fp8-rows-a7ab0af.json,
+    // fp8-rows-dc98f05.json, ncu-fp8-rows-dc98f05.csv.gz). The code is in git at a7ab0af and dc98f05.
+    // Reading fp8 rows without a copy needs fp8 tensor-core products (e4m3 weights too).
     GroupedGemm dense = g;
     dense.a = Tensor::empty(g.a.shape(), DType::bf16, g.a.device(), op);
     dense.a_scales = Tensor();

@@ -21,10 +21,9 @@
 //            compute them: swiglu.h.)
 // Rows of `out` outside every group (at or beyond offsets[E]) are not written.
 // fp8 rows (NN only, Store or SwiGLU): `a` may be fp8e4m3 with `a_scales` [M, K/128] f32, one scale
-// per 128 values of a row (quantizeFp8's format, what an fp8 dispatch delivers); the product is the
-// bf16 GEMM of the dequantised rows, bf16(e4m3 · scale), bit for bit. On the Hopper kernel the
-// consumers dequantise a's tiles in shared memory (no bf16 copy in memory); elsewhere (the CPU, other
-// kernels, f32 results) a bf16 copy is made first.
+// per 128 values of a row (quantizeFp8's format, what an fp8 'keep' dispatch delivers); the product
+// is the bf16 GEMM of the dequantised rows, bf16(e4m3 · scale): a bf16 copy is made first
+// (grouped_gemm.cc says why not inside the kernel).
 #pragma once
 #include "core/tensor.h"
 

@@ -33,7 +33,6 @@
 
 #include "core/cuda_runtime.h"
 #include "core/error.h"
-#include "ops/moe/fp8/block_cuda.cuh"
 #include "ops/moe/grouped_gemm/hopper.h"
 #include "ops/moe/grouped_gemm/sm90.cuh"
 #include "ops/moe/grouped_gemm/swiglu.h"
@@ -50,15 +49,7 @@ constexpr int CONSUMERS = 2;                    // warpgroups of 64 output rows 
 constexpr int THREADS = 128 * (1 + CONSUMERS);  // + the producer warpgroup
 constexpr int A_BYTES = BM * BK * 2;            // 16 KiB
 constexpr int B_BYTES = BN * BK * 2;            // 32 KiB
-// A stage of the ring: the A tile (bf16, or with fp8 rows the 128×64 e4m3 bytes as they are in
-// memory, 8 KiB), then the B tile, 1024-byte aligned for its swizzle.
-template <bool FP8_A> struct Stage {
-  static constexpr int A = FP8_A ? BM * BK : A_BYTES;
-  static constexpr int BYTES = A + B_BYTES;
-  // fp8 rows: the bf16 A tiles the consumers convert into, two (one per stage in flight on the
-  // tensor cores, see the mainloop); none otherwise.
-  static constexpr int CONVERTED = FP8_A ? 2 * A_BYTES : 0;
-};
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // How a consumer warpgroup's 64×256 accumulators reach global memory, one way per epilogue and
 // result type (launch() below; a template argument of the kernel, so that a way that loses can move
 // to the ladder in benchmarks/kernels/grouped_gemm/ as it is):
@@ -77,9 +68,8 @@ constexpr int STORER_THREADS = 32 * STORER_WARPS;
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
-template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store, bool FP8_A = false> struct Layout {
+template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
-  static constexpr int STAGE_BYTES = Stage<FP8_A>::BYTES;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
                                                                // the fragment stores over the banks
@@ -96,8 +86,7 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store, bool FP8_A = fal
   static constexpr int G_ROW_BYTES = 2 * BN * 2;
   static constexpr int G_RING_BYTES =
       VIA == StoreVia::Handoff && EPI == GemmEpilogue::DSwiGLU ? STORER_WARPS * G_RING_ROWS * G_ROW_BYTES : 0;
-  static constexpr int SMEM_BYTES =
-      STAGES * STAGE_BYTES + Stage<FP8_A>::CONVERTED + STAGING_BYTES + G_RING_BYTES + 1024;  // + slack to align the ring
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + G_RING_BYTES + 1024;  // + slack to align the ring
 };
 constexpr int MAX_STAGES = 4;
 // 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
@@ -105,7 +94,6 @@ static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
-static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU, true>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -117,7 +105,6 @@ struct Params {
   int rows, cols, inner;    // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;  // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
-  const float* a_scales;  // fp8 rows: [M, inner/128], one per 128 values of a row
 };
 
 // mbarriers, TMA loads, shared-memory descriptors and the wgmma fences: sm90.cuh (shared with the
@@ -417,66 +404,25 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 //        bar 1 over 256 threads, is TN's zeroing, among the consumers only).
 // The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages).
 
-// ---- fp8 rows --------------------------------------------------------------------------------------
-// With fp8 rows (NN only) the ring holds a's e4m3 bytes as TMA copied them ([128 rows][64 bytes], no
-// swizzle) and each consumer converts its 64 rows into a bf16 tile laid out exactly as TMA lays out
-// a bf16 A tile (128-byte swizzle: 16-byte chunk c of row r at chunk c ^ (r % 8)), which the wgmmas
-// then read as usual. Value = bf16(e4m3 · scale), the multiply and rounding of dequantizeFp8, so the
-// product equals the bf16 GEMM of the dequantised rows bit for bit. Thread i of the warpgroup takes
-// row i / 2, values 32·(i % 2) .. +31: two 16-byte loads and four 16-byte stores, a quarter-warp's
-// stores on 8 distinct chunks (no bank conflict).
-__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) { return as_u32(__floats2bfloat162_rn(lo, hi)); }
-__device__ __forceinline__ void fp8_rows_to_bf16(const unsigned char* q, uint32_t tile, float scale, int i) {
-  const int r = i >> 1, h = i & 1;
-  uint4 raw[2];
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(raw[0].x), "=r"(raw[0].y), "=r"(raw[0].z), "=r"(raw[0].w)
-               : "r"(smem_u32(q + r * BK + h * 32))
-               : "memory");
-  asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(raw[1].x), "=r"(raw[1].y), "=r"(raw[1].z), "=r"(raw[1].w)
-               : "r"(smem_u32(q + r * BK + h * 32 + 16))
-               : "memory");
-  const uint32_t words[8] = {raw[0].x, raw[0].y, raw[0].z, raw[0].w, raw[1].x, raw[1].y, raw[1].z, raw[1].w};
-  const uint32_t row_at = tile + uint32_t((r >> 3) * 1024 + (r & 7) * 128);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    float v[8];
-    fp8x4_dequantize_alu(words[2 * j], scale, v);
-    fp8x4_dequantize_alu(words[2 * j + 1], scale, v + 4);
-    const uint32_t at = row_at + uint32_t(((4 * h + j) ^ (r & 7)) << 4);
-    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(at), "r"(bf16x2_bits(v[0], v[1])), "r"(bf16x2_bits(v[2], v[3])),
-                 "r"(bf16x2_bits(v[4], v[5])), "r"(bf16x2_bits(v[6], v[7]))
-                 : "memory");
-  }
-}
-// The scale of row `row` for the k-tile starting at k0 (a k-tile lies inside one 128-value block);
-// rows past M (zero-filled by TMA) get 0.
-__device__ __forceinline__ float fp8_row_scale(const Params& p, int row, int k0) {
-  return row < p.M ? __ldg(p.a_scales + int64_t(row) * (p.inner / 128) + k0 / 128) : 0.f;
-}
-
 // ---- the kernel -----------------------------------------------------------------------------------
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA, bool FP8_A = false>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
     grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
-  static_assert(!FP8_A || (MODE == GemmMode::NN && VIA == StoreVia::Handoff), "fp8 rows: the forward (NN) with bf16 results");
   constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
   static_assert(VIA != StoreVia::WarpSlices || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store), "the warp slices take fp32 results");
   static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
-  using L = Layout<VIA, EPI, FP8_A>;
-  constexpr int STAGES = L::STAGES, STAGE_BYTES = L::STAGE_BYTES, A_STAGE = Stage<FP8_A>::A;
+  using L = Layout<VIA, EPI>;
+  constexpr int STAGES = L::STAGES;
   extern __shared__ unsigned char smem_raw[];
   // The 128-byte swizzle pattern repeats every 1024 bytes: the ring starts on such a boundary, so the
   // descriptors' base-offset field stays 0.
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
   __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
-  unsigned char* const converted = ring + STAGES * STAGE_BYTES;  // fp8 rows: the consumers' bf16 A tiles
-  const uint32_t staging_smem = smem_u32(converted + Stage<FP8_A>::CONVERTED);
+  const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
   const uint32_t g_ring = staging_smem + L::STAGING_BYTES;  // dSwiGLU hand-off only
 
   const int wg = threadIdx.x >> 7;
@@ -507,7 +453,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int kt = 0; kt < tile.k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
-          unsigned char* sb = sa + A_STAGE;
+          unsigned char* sb = sa + A_BYTES;
           mbar_arrive_expect_tx(&full[stage], STAGE_BYTES);  // out-of-bounds parts still count: TMA zero-fills them
           const int k0 = tile.k_begin + kt * BK;
           if constexpr (TN) {
@@ -554,32 +500,14 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;          // Handoff: tiles handed over (the barriers' phase)
-    uint32_t converts = 0;   // fp8 rows: k-tiles converted (which of the two bf16 tiles is next)
-    const int conv_row = consumer * 64 + ((threadIdx.x & 127) >> 1);  // fp8 rows: this thread's row of the tile
+    uint32_t n = 0;  // Handoff: tiles handed over (the barriers' phase)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
-      // fp8 rows: the scale of the next k-tile is loaded one k-tile ahead (its latency hidden behind
-      // that k-tile's wgmmas); the first of a tile is waited for once.
-      float next_scale = 0.f;
-      if constexpr (FP8_A) next_scale = tile.k_tiles > 0 ? fp8_row_scale(p, tile.row0 + conv_row, tile.k_begin) : 0.f;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
-        unsigned char* sb = ring + stage * STAGE_BYTES + A_STAGE;
-        if constexpr (FP8_A) {
-          // Convert this warpgroup's 64 rows into the bf16 tile the wgmmas of two k-tiles ago read
-          // (wgmma_wait<1> below has seen them finish), make the plain stores visible to the tensor
-          // cores (async proxy), and wait for the warpgroup's other threads before the wgmmas.
-          const float scale = next_scale;
-          if (kt + 1 < tile.k_tiles) next_scale = fp8_row_scale(p, tile.row0 + conv_row, tile.k_begin + (kt + 1) * BK);
-          sa = converted + (converts & 1) * A_BYTES + consumer * (64 * 128);
-          fp8_rows_to_bf16(ring + stage * STAGE_BYTES + consumer * (64 * BK), smem_u32(sa), scale, threadIdx.x & 127);
-          ++converts;
-          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-          asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-        }
+        unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
         if constexpr (TN) {
           // The group ends inside this k-tile: zero the rows past its end (they hold the next
           // group's rows) in this consumer's A box and in its half of the B boxes, then make the
@@ -646,14 +574,6 @@ CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const c
   return map;
 }
 
-// A byte tensor map without swizzle (fp8 rows, 2-D): dims/box innermost first.
-CUtensorMap make_byte_map(const void* base, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
-  CUtensorMap map;
-  const CUresult r = encode_map(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, CU_TENSOR_MAP_SWIZZLE_NONE, base, 2, dims, strides, box);
-  MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed for the fp8 rows (CUresult ", int(r), ")");
-  return map;
-}
-
 struct DeviceInfo {
   bool hopper = false;
   int sms = 0;
@@ -679,10 +599,10 @@ DeviceInfo device_info() {
   return cache[dev];
 }
 
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA, bool FP8_A = false>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
-  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA, FP8_A>;
-  constexpr int smem = Layout<VIA, EPI, FP8_A>::SMEM_BYTES;
+  auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
+  constexpr int smem = Layout<VIA, EPI>::SMEM_BYTES;
   if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
@@ -706,10 +626,10 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 // - SwiGLU, dSwiGLU (bf16 results): handed off too, the storer warps applying the epilogue (v9;
 //   H200, cf38d04, the layer's shape, against from the consumers' registers: up + SwiGLU 2.89 vs
 //   3.35 ms, down dA + dSwiGLU 1.42 vs 1.84; the registers way is step 09 of the ladder).
-template <GemmMode MODE, GemmEpilogue EPI, typename OutT, bool FP8_A = false>
+template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
 void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
   if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) {
-    launch_layout<MODE, EPI, OutT, StoreVia::Handoff, FP8_A>(map_a, map_b, p, sms, stream);
+    launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
   } else {
     launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
   }
@@ -729,8 +649,6 @@ bool grouped_gemm_hopper_fits(const GroupedGemm& g) {
   // no groups (NN/NT with E = 0) stay on the mma.sync kernel, which handles both.
   if (g.a.size(0) == 0 || g.offsets.size(0) < 2) return false;
   if (!aligned16(g.a) || !aligned16(g.b) || !aligned16(g.out) || !aligned16(g.aux)) return false;
-  // fp8 rows: the forward with bf16 results, whole 128-value scale blocks (a k-tile of 64 lies in one).
-  if (g.a.dtype() == DType::fp8e4m3 && (g.mode != GemmMode::NN || g.out.dtype() != DType::bf16 || K % 128 != 0)) return false;
   if (g.a.size(0) >= (int64_t(1) << 31) || K >= (int64_t(1) << 31) || N >= (int64_t(1) << 31)) return false;
   return hopper::device_info().hopper;
 }
@@ -744,7 +662,6 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.out = g.out.raw();
   p.aux = g.aux.defined() ? g.aux.data<__nv_bfloat16>() : nullptr;
   p.aux_out = (g.epilogue == GemmEpilogue::SwiGLU && g.aux.defined()) ? g.aux.data<__nv_bfloat16>() : nullptr;
-  p.a_scales = g.a_scales.defined() ? g.a_scales.data<float>() : nullptr;
   p.M = int(M);
   p.E = int(E);
   p.accumulate = g.accumulate && g.epilogue == GemmEpilogue::Store;  // the fused epilogues always overwrite
@@ -779,22 +696,17 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.inner = int(nt ? N : K);
   p.n_tiles = (p.cols + BN - 1) / BN;
 
-  // A: [M, inner] rows, boxes of 128 rows × 64 along inner (fp8 rows: their bytes, unswizzled).
-  const bool fp8_a = g.a.dtype() == DType::fp8e4m3;
-  const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * (fp8_a ? 1 : 2)};
+  // A: [M, inner] rows, boxes of 128 rows × 64 along inner.
+  const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
   const cuuint32_t a_box[2] = {BK, BM};
-  const CUtensorMap map_a = fp8_a ? make_byte_map(g.a.raw(), a_dims, a_strides, a_box) : make_map(g.a.raw(), 2, a_dims, a_strides, a_box);
+  const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, a_box);
   // B: [E, K, N] with N innermost. NN reads [64 k][64 n] boxes; NT reads [256 k-rows][64 n] boxes
   // (its rows are the product's columns, its N the product's inner dimension).
   const cuuint64_t b_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, b_strides[2] = {cuuint64_t(N) * 2, cuuint64_t(N * K) * 2};
   const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
-  if (fp8_a) {
-    MOE_INTERNAL_CHECK(!nt && !f32 && p.a_scales, "groupedGemm: fp8 rows reached the Hopper kernel outside the forward with bf16 results");
-    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16, true>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16, true>(map_a, map_b, p, sms, stream);
-  } else if (!nt) {
+  if (!nt) {
     if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
     else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
     else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
