@@ -58,8 +58,7 @@ for (const s of shapes) {
   if (!same) console.error(`${s.name}: the product on fp8 rows differs from the one on the dequantised rows`);
 
   const ms = Object.fromEntries(VARIANTS.map((v) => [v, []]));
-  for (let r = 0; r < rounds; r++)
-    for (const v of VARIANTS) ms[v].push(timeRegion(run[v], { device: dev, warmup: 3, repeats }));
+  for (let r = 0; r < rounds; r++) for (const v of VARIANTS) ms[v].push(timeRegion(run[v], { device: dev, warmup: 3, repeats }));
   const flops = 2 * s.M * s.K * s.N;
   const rowBytes = { 'fp8 rows': s.M * s.K * (1 + 4 / 128 + 4), 'bf16 rows': s.M * s.K * 2 };
   for (const v of VARIANTS) {
@@ -68,11 +67,15 @@ for (const s of shapes) {
       shape: s.name,
       variant: v,
       ms: num(median(ms[v])),
-      'ms range': range(ms[v]).map((u) => num(u)).join('–'),
+      'ms range': range(ms[v])
+        .map((u) => num(u))
+        .join('–'),
       'TFLOP/s': num(flops / median(ms[v]) / 1e9, 1),
       'rows GB': num(rowBytes[v] / 1e9, 3),
       'bf16 rows / this': num(median(perRound('bf16 rows')), 3),
-      'bf16 rows / this range': range(perRound('bf16 rows')).map((u) => num(u, 3)).join('–'),
+      'bf16 rows / this range': range(perRound('bf16 rows'))
+        .map((u) => num(u, 3))
+        .join('–'),
       'bit-equal to bf16 rows of the dequantised values': v === 'fp8 rows' ? same : null,
     });
   }

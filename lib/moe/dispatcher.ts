@@ -489,7 +489,9 @@ export class Dispatcher {
     try {
       const got = tidy(() => this.regroup(this.exchangeRows(plan, x), plan.toExpert));
       const handle = this.exchangeHandle(plan);
-      return got.scales ? { rows: got.rows, scales: got.scales, weights: got.weights, handle } : { rows: got.rows, weights: got.weights, handle };
+      return got.scales
+        ? { rows: got.rows, scales: got.scales, weights: got.weights, handle }
+        : { rows: got.rows, weights: got.weights, handle };
     } catch (e) {
       for (const t of [...Object.values(plan.permuted), ...(plan.release ? [] : [plan.toExpert, plan.toSource, plan.offsets])])
         if (t instanceof Tensor) t.dispose();

@@ -37,7 +37,10 @@ export interface GroupedGemmOptions {
 function rowsOf(op: string, a: Tensor | Fp8Rows): [Tensor, Tensor | null] {
   if (a instanceof Tensor) return [a, null];
   if (a === null || typeof a !== 'object' || !(a.q instanceof Tensor) || !(a.scales instanceof Tensor))
-    invalidArgument(op, `'a' must be a Tensor or fp8 rows { q, scales } (quantizeFp8's result); received ${a === null ? 'null' : typeof a}`);
+    invalidArgument(
+      op,
+      `'a' must be a Tensor or fp8 rows { q, scales } (quantizeFp8's result); received ${a === null ? 'null' : typeof a}`,
+    );
   checkTensors(op, { 'a.q': a.q, 'a.scales': a.scales });
   return [a.q, a.scales];
 }
@@ -49,13 +52,7 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
   return [a.shape[0] ?? 0, b.shape[1] ?? 0];
 }
 
-export function groupedGemm(
-  mode: GemmMode,
-  aRows: Tensor | Fp8Rows,
-  b: Tensor,
-  offsets: Tensor,
-  options: GroupedGemmOptions = {},
-): Tensor {
+export function groupedGemm(mode: GemmMode, aRows: Tensor | Fp8Rows, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
   if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode))

@@ -163,8 +163,8 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
       t.dispatch_rows(arg_tensor(info, 0, op, "payload"), arg_tensor(info, 1, op, "indices"), arg_tensor(info, 2, op, "slot"),
                       arg_tensor(info, 3, op, "weights"), arg_tensor(info, 4, op, "pos"), arg_tensor(info, 5, op, "dest"), p,
                       arg_tensor(info, 11, op, "segStart", true), arg_tensor(info, 12, op, "fill", true),
-                      arg_tensor(info, 13, op, "offsets", true), arg_tensor(info, 14, op, "out"), arg_tensor(info, 20, op, "outScales", true),
-                      arg_tensor(info, 15, op, "outWeights"),
+                      arg_tensor(info, 13, op, "offsets", true), arg_tensor(info, 14, op, "out"),
+                      arg_tensor(info, 20, op, "outScales", true), arg_tensor(info, 15, op, "outWeights"),
                       arg_tensor(info, 16, op, "rowSrc"), arg_tensor(info, 17, op, "recvRowOf"), arg_tensor(info, 18, op, "recvWeight"),
                       arg_tensor(info, 19, op, "recvTokens"));
       return info.Env().Undefined();

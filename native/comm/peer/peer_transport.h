@@ -122,8 +122,7 @@ class PeerTransport {
   virtual void dispatch_rows(const Tensor& payload, const Tensor& indices, const Tensor& slot, const Tensor& weights, const Tensor& pos,
                              const Tensor& dest, const DispatchPlan& plan, const Tensor& seg_start, const Tensor& fill,
                              const Tensor& offsets, const Tensor& out, const Tensor& out_scales, const Tensor& out_weights,
-                             const Tensor& row_src,
-                             const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) = 0;
+                             const Tensor& row_src, const Tensor& recv_row_of, const Tensor& recv_weight, const Tensor& recv_tokens) = 0;
 
   // ---- combine and the backward passes -----------------------------------------------------
   // y[t] = Σ over the ranks t was sent to of that rank's Σ_j c_j·rows[row(t,j)] (c_j the gate
