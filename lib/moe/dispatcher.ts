@@ -25,8 +25,10 @@
  * Capacity mode with padToCapacity moves fixed-size segments: nothing is read back to the host and
  * the maps are cached per shape, so a step can be captured in a CUDA graph. Every rank must then
  * have the same capacity C = ceil(cf·T·k/E), i.e. the same number of tokens T (equal micro-batches);
- * the communicator reports a mismatch as an error naming the peer. Dropless mode must learn how
- * many rows arrive: it reads the counts once per step (the one host wait, named below).
+ * the communicator reports a mismatch as an error naming the peer (through 'ipc' the receivers'
+ * kernels see it, and the next call into the transport throws it, the transport then aborted).
+ * Dropless mode must learn how many rows arrive: it reads the counts once per step (the one host
+ * wait, named below).
  *
  * Overlap: with `commStream`, every phase above runs on that stream, ordered after the caller's
  * work by an event (lib/parallel/overlap.ts). The *Async methods return a CommWork whose wait() makes the

@@ -1,7 +1,9 @@
 // The peer-memory ('ipc') transport with several ranks sharing one GPU (CUDA IPC between
 // processes; the MPI communicator only exchanges the buffers' handles): test/mpi/peer.mjs against
 // the all-to-all path at 2 and 4 ranks, the EP layer at 4 ranks against one rank (test/mpi's
-// moe-layer.mjs; 2 ranks run in test 21, also through 'ipc'), and a rank that stops or dies mid-step.
+// moe-layer.mjs; 2 ranks run in test 21, also through 'ipc'), a rank dispatching another T in
+// capacity mode (test/mpi/peer-tokens.mjs), and a rank that stops or dies mid-step (also with the
+// others then dispatching another T: still a TimeoutError naming it, not a token mismatch).
 // Cross-process spin-waits on one GPU progress by time slicing unless the MPS daemon runs
 // (scripts/device-session.sh starts it): slower, same results.
 import { describe, expect, it } from 'vitest';
@@ -32,11 +34,21 @@ describe.skipIf(!(hasGpu && hasMpirun && hasMpi))('the peer-memory transport, ra
     for (let k = 0; k < 4; k++) expect(r.out).toContain(`ok rank ${k} of 4`);
   }, 360_000);
 
+  for (const P of [2, 4]) {
+    it(`${P} ranks, capacity mode: the last rank dispatching half the others' tokens ends every rank in an InvalidArgumentError naming the ranks and both counts, and later calls refuse`, () => {
+      const r = mpirun(P, 'peer-tokens.mjs', 120_000, ['--device', 'cuda'], oneGpu);
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < P; k++) expect(r.out).toContain(`ok rank ${k} of ${P}`);
+    }, 180_000);
+  }
+
   // Frozen (SIGSTOP) in dropless and capacity mode, and killed (SIGKILL: mpirun must then leave the
   // others running, which its recovery mode does).
   const faults: { name: string; args: string[]; env: Record<string, string> }[] = [
     { name: 'a rank frozen mid-step', args: [], env: {} },
     { name: 'a rank frozen mid-step (capacity mode)', args: ['--capacity'], env: {} },
+    // The frozen rank's mail still holds the previous step's T: not a token mismatch.
+    { name: 'a rank frozen mid-step (capacity mode), the others dispatching another T', args: ['--capacity', '--other-t'], env: {} },
     { name: 'a rank killed mid-step (SIGKILL)', args: ['--stop', 'kill'], env: { OMPI_MCA_orte_enable_recovery: '1' } },
   ];
   for (const f of faults) {

@@ -6,6 +6,8 @@
 //                or OMPI_MCA_orte_enable_recovery=1), or the launcher tears the job down first.
 //   --capacity: capacity mode, where dispatch never waits on the host: the timeout surfaces at the
 //               next call after the device finished waiting.
+//   --other-t: the surviving ranks' step has half the tokens of the first (capacity mode: the stopped
+//              rank's mail still says the first step's T, which must not read as a token mismatch).
 // Prints "rank R after N ms: TimeoutError: ..." on every surviving rank.
 import { capacity, Dispatcher, init, synchronize, Tensor, TimeoutError } from '../../dist/lib/index.js';
 import { scriptDevice } from './common.mjs';
@@ -13,6 +15,7 @@ import { scriptDevice } from './common.mjs';
 const arg = (name, dflt) => (process.argv.includes(name) ? process.argv[process.argv.indexOf(name) + 1] : dflt);
 const stop = arg('--stop', 'freeze');
 const capacityMode = process.argv.includes('--capacity');
+const otherT = process.argv.includes('--other-t');
 const world = await init();
 const { device } = await scriptDevice(world);
 const { rank, size: P } = world;
@@ -21,13 +24,18 @@ const E = 4 * P,
   T = 64,
   H = 256;
 const d = new Dispatcher({ numExperts: E, group: world, transport: 'ipc', padToCapacity: capacityMode });
-const indices = Tensor.fromArray(
-  Array.from({ length: T * k }, (_, i) => (i * 7 + rank + (i % k)) % E),
-  { dtype: 'i32', shape: [T, k], device },
-);
-const weights = Tensor.rand([T, k], { seed: 5 + rank, device });
-const x = Tensor.randn([T, H], { seed: 9 + rank, device }).cast('bf16');
-const cap = capacity(indices, weights, { numExperts: E, ...(capacityMode ? { capacityFactor: 2 } : {}) });
+/** A step's inputs for `tokens` rows. */
+function inputs(tokens) {
+  const indices = Tensor.fromArray(
+    Array.from({ length: tokens * k }, (_, i) => (i * 7 + rank + (i % k)) % E),
+    { dtype: 'i32', shape: [tokens, k], device },
+  );
+  const weights = Tensor.rand([tokens, k], { seed: 5 + rank, device });
+  const x = Tensor.randn([tokens, H], { seed: 9 + rank, device }).cast('bf16');
+  const cap = capacity(indices, weights, { numExperts: E, ...(capacityMode ? { capacityFactor: 2 } : {}) });
+  return { indices, weights, x, cap };
+}
+let { indices, weights, x, cap } = inputs(T);
 // Every rank alive: one step, and every rank's pid for the clean-up.
 {
   const { rows, handle } = d.dispatch(x, indices, weights, cap);
@@ -40,6 +48,7 @@ synchronize(device);
 world.barrier();
 world.timeoutMs = 3000;
 if (rank === P - 1) process.kill(process.pid, stop === 'kill' ? 'SIGKILL' : 'SIGSTOP');
+if (otherT) ({ indices, weights, x, cap } = inputs(T / 2));
 const t0 = Date.now();
 try {
   const { rows, handle } = d.dispatch(x, indices, weights, cap);

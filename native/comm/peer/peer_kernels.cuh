@@ -45,6 +45,11 @@ struct HostFault {
   int op;                // which wait (PeerOp)
   int peer[kMaxPeers];   // 1: rank p was not heard from, or gave up
   long long timeout_ns;  // written by the host: 0 waits forever
+  // TokenMismatch (capacity mode): the sources that dispatched another T than this rank, their T
+  // and this rank's (check_source_tokens).
+  int mismatch[kMaxPeers];
+  int tokens_peer[kMaxPeers];
+  int tokens_mine;
 };
 enum PeerOp : int { kOpDispatch = 1, kOpCombine = 2, kOpCombineBackward = 3, kOpDispatchBackward = 4 };
 
@@ -124,6 +129,44 @@ __device__ __forceinline__ void record_fault(const View& v, PeerFault kind, int 
   __threadfence_system();
   f->kind = int(kind);  // last: the host reads the rest once it sees a kind
   __threadfence_system();
+}
+
+// Capacity mode: every source must dispatch this rank's T (the fixed segments are sized from it;
+// otherwise the rows are not where either side thinks: the receiver's bounds keep every access in its
+// buffers, the results are wrong). Lane s (< P) of the calling warp compares source s's T from the
+// mail with t_mine, only while no fault is recorded and only when s's counts for this step are in:
+// a source that died or failed leaves an earlier step's T there, and its wait has recorded the
+// Timeout or PeerAborted that the host must report instead. A mismatch is recorded once per warp,
+// its kind written last, after every lane's fields (as record_fault does).
+__device__ void check_source_tokens(const View& v, int t_mine) {
+  const int lane = threadIdx.x & 31;
+  const u64 step = current_step(v, kRegionDispatch);
+  int t_src = 0;
+  bool differs = false;
+  if (ld_volatile(&v.fault->kind) == 0 && lane < v.P) {
+    const Mail* m = mail(v, v.me, lane);
+    if (ld_acquire_sys(&m->counts_step) == step) {
+      t_src = ld_volatile(&m->t_src);
+      differs = t_src != t_mine;
+    }
+  }
+  const unsigned mask = __ballot_sync(0xffffffffu, differs);
+  if (mask == 0u) return;
+  volatile HostFault* f = v.fault;
+  if (differs) {
+    f->tokens_peer[lane] = t_src;
+    f->mismatch[lane] = 1;
+  }
+  const int writer = __ffs(mask) - 1;
+  if (lane == writer) f->tokens_mine = t_mine;
+  __threadfence_system();
+  __syncwarp();
+  if (lane == writer) {
+    f->op = kOpDispatch;
+    __threadfence_system();
+    f->kind = int(PeerFault::TokenMismatch);
+    __threadfence_system();
+  }
 }
 
 // Lane p (< P) of the calling warp waits until mail slot p's field (a byte offset into Mail)
@@ -475,13 +518,15 @@ __global__ void push_kernel(View v, Rows rows, const int* pos, int T, const int*
 // rows kept (Out = fp8e4m3, out_scales given) the e4m3 bytes are copied and the row's scales go to
 // out_scales [N, H/128]. Rows no entry fills are padding (zeros, scale 0, weight 0, source -1). recv_row_of[(s·cap + i)·k + j] remembers
 // where entry j of (s, i) went, for combine. Acknowledges the step to every source at the end.
+// Capacity mode: block 0's first warp checks that every source dispatched t_mine tokens.
 template <typename Out, bool kFp8>
-__global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, const int* seg_start, const int* fill, const int* offsets,
-                              int64_t N, int H, bool vec16, Out* out, float* out_scales, float* out_w, int* row_src, int* recv_row_of,
-                              float* recv_w, int* recv_tokens) {
+__global__ void expand_kernel(View v, int k, int64_t map_cap, int64_t segment, int t_mine, const int* seg_start, const int* fill,
+                              const int* offsets, int64_t N, int H, bool vec16, Out* out, float* out_scales, float* out_w, int* row_src,
+                              int* recv_row_of, float* recv_w, int* recv_tokens) {
   const int lane = threadIdx.x & 31;
   const int64_t warp0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32, warps = int64_t(gridDim.x) * blockDim.x / 32;
   const int P = v.P, El = v.El;
+  if (segment >= 0 && blockIdx.x == 0 && threadIdx.x < 32) check_source_tokens(v, t_mine);
   const int64_t cap = v.t_cap < map_cap ? v.t_cap : map_cap;
   auto tokens_from = [&](int s) -> int64_t {
     const int64_t n = ld_volatile(&mail(v, v.me, s)->n_tokens);

@@ -185,6 +185,18 @@ class CudaPeerTransport final : public PeerTransport {
       if (reinterpret_cast<volatile int*>(fault_->peer)[p]) who += cat(who.empty() ? "" : ", ", p);
     const bool first = !aborted_;
     abort();
+    if (kind == int(PeerFault::TokenMismatch)) {
+      std::string theirs;
+      for (int p = 0; p < size_; ++p)
+        if (reinterpret_cast<volatile int*>(fault_->mismatch)[p])
+          theirs += cat(theirs.empty() ? "" : ", ", "rank ", p, " dispatched ", reinterpret_cast<volatile int*>(fault_->tokens_peer)[p]);
+      throw_error(ErrorKind::InvalidArgument, op,
+                  cat("rank ", rank_, " of ", size_, ": ", theirs, " tokens but this rank dispatched ",
+                      *reinterpret_cast<volatile int*>(&fault_->tokens_mine),
+                      "; with a capacity factor (fixed segments) every rank must dispatch the same number of tokens (pad to a "
+                      "common T). Seen on the device after that dispatch ran: its results are not valid, and the peer-memory "
+                      "transport was aborted (create a new communicator)"));
+    }
     std::string msg = kind == int(PeerFault::PeerAborted)
                           ? cat("rank(s) ", who, " gave up (an error there) while rank ", rank_, " of ", size_, " waited in ",
                                 op_name(wait_op), " (peer-memory transport)")
@@ -352,7 +364,8 @@ class CudaPeerTransport final : public PeerTransport {
     const int* of = offsets.defined() ? offsets.data<int>() : nullptr;
 #define MOE_EXPAND(OUT, FP8)                                                                                                          \
   peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                                      \
-      v, int(k), map_cap, plan.segment, ss, fl, of, N, int(H), out_vec16, out.data<OUT>(), keep ? out_scales.data<float>() : nullptr, \
+      v, int(k), map_cap, plan.segment, int(T), ss, fl, of, N, int(H), out_vec16, out.data<OUT>(),                                   \
+      keep ? out_scales.data<float>() : nullptr,                                                                                      \
       out_weights.data<float>(), row_src.data<int>(), recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>())
     if (keep) {
       MOE_EXPAND(fp8e4m3, false);  // a copy of the e4m3 bytes, and the scales beside

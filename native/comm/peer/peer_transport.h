@@ -60,7 +60,8 @@ struct PeerCapacity {
 };
 
 // Why a wait failed (recorded by kernels in pinned host memory).
-enum class PeerFault : int { None = 0, Timeout = 1, PeerAborted = 2, Corrupt = 3 };
+// TokenMismatch: in capacity mode a source dispatched another number of tokens than this rank.
+enum class PeerFault : int { None = 0, Timeout = 1, PeerAborted = 2, TokenMismatch = 3 };
 
 class PeerTransport {
  public:
