@@ -362,11 +362,11 @@ class CudaPeerTransport final : public PeerTransport {
     const int* ss = seg_start.defined() ? seg_start.data<int>() : nullptr;
     const int* fl = fill.defined() ? fill.data<int>() : nullptr;
     const int* of = offsets.defined() ? offsets.data<int>() : nullptr;
-#define MOE_EXPAND(OUT, FP8)                                                                                                          \
-  peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(                                                                      \
-      v, int(k), map_cap, plan.segment, int(T), ss, fl, of, N, int(H), out_vec16, out.data<OUT>(),                                   \
-      keep ? out_scales.data<float>() : nullptr,                                                                                      \
-      out_weights.data<float>(), row_src.data<int>(), recv_row_of.data<int>(), recv_weight.data<float>(), recv_tokens.data<int>())
+#define MOE_EXPAND(OUT, FP8)                                                                                                             \
+  peer::expand_kernel<OUT, FP8><<<g, kWorkThreads, 0, stream>>>(v, int(k), map_cap, plan.segment, int(T), ss, fl, of, N, int(H),         \
+                                                                out_vec16, out.data<OUT>(), keep ? out_scales.data<float>() : nullptr,   \
+                                                                out_weights.data<float>(), row_src.data<int>(), recv_row_of.data<int>(), \
+                                                                recv_weight.data<float>(), recv_tokens.data<int>())
     if (keep) {
       MOE_EXPAND(fp8e4m3, false);  // a copy of the e4m3 bytes, and the scales beside
     } else if (out.dtype() == DType::bf16) {
