@@ -112,18 +112,22 @@ describe.each([
 });
 
 describe('fp8 dispatch', () => {
+  /** 33 bf16 rows of 256 (one with a large block, to exercise per-block scales), their routing and capacity. */
+  function fp8Inputs(cf: number | undefined) {
+    const [T, E, k, H] = [33, 8, 2, 256];
+    const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu }).cast('bf16');
+    x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
+    const { indices, weights } = routing(T, E, k);
+    const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
+    return { E, H, x, indices, weights, cap };
+  }
   it.each([
     ['dropless', {}, undefined],
     ['segments aligned to 4 rows', { align: 4 }, undefined],
     ['capacity mode, padded', { padToCapacity: true, align: 4 }, 1.0],
   ] as const)('rows arrive within fp8 e4m3 precision of the bf16 dispatch, per-128 scales (%s)', (_name, layout, cf) => {
     tidy(() => {
-      const [T, E, k, H] = [33, 8, 2, 256];
-      const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu }).cast('bf16');
-      // one row with a large block, to exercise per-block scales
-      x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
-      const { indices, weights } = routing(T, E, k);
-      const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
+      const { E, H, x, indices, weights, cap } = fp8Inputs(cf);
       const plain = new Dispatcher({ numExperts: E, ...layout }).dispatch(x, indices, weights, cap);
       const fp8 = new Dispatcher({ numExperts: E, fp8: true, ...layout }).dispatch(x, indices, weights, cap);
       expect(fp8.rows.dtype).toBe('bf16');
@@ -144,11 +148,7 @@ describe('fp8 dispatch', () => {
     ['capacity mode, padded', { padToCapacity: true, align: 4 }, 1.0],
   ] as const)("fp8: 'keep' delivers the e4m3 rows and their scales, which dequantise to the fp8: true rows (%s)", (_name, layout, cf) => {
     tidy(() => {
-      const [T, E, k, H] = [33, 8, 2, 256];
-      const x = Tensor.randn([T, H], { seed: freshSeed(), device: cpu }).cast('bf16');
-      x.narrow(0, 0, 1).narrow(1, 0, 128).fill_(300);
-      const { indices, weights } = routing(T, E, k);
-      const cap = capacity(indices, weights, { numExperts: E, ...(cf === undefined ? {} : { capacityFactor: cf }) });
+      const { E, H, x, indices, weights, cap } = fp8Inputs(cf);
       const kept = new Dispatcher({ numExperts: E, fp8: 'keep', ...layout }).dispatch(x, indices, weights, cap);
       const deq = new Dispatcher({ numExperts: E, fp8: true, ...layout }).dispatch(x, indices, weights, cap);
       expect(kept.rows.dtype).toBe('fp8e4m3');
