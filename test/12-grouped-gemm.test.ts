@@ -170,8 +170,8 @@ describe('SwiGLU experts, f32 reference', () => {
 
 describe('fp8 rows into the forward product', () => {
   // fp8 rows ({ q, scales }, what an fp8 'keep' dispatch delivers) are the bf16 GEMM of the
-  // dequantised rows: bit for bit, on every path (the CPU dequantises first; the GPU tests compare
-  // the Hopper kernel, which dequantises in shared memory, the same way).
+  // dequantised rows, bit for bit (the op dequantises into a bf16 copy first, on every device); the
+  // errors name the argument.
   const counts = [3, 0, 5, 3]; // every row in a group: no unwritten rows to compare
   const [M, K, N] = [11, 256, 24];
 

@@ -25,8 +25,10 @@
  * Capacity mode with padToCapacity moves fixed-size segments: nothing is read back to the host and
  * the maps are cached per shape, so a step can be captured in a CUDA graph. Every rank must then
  * have the same capacity C = ceil(cf·T·k/E), i.e. the same number of tokens T (equal micro-batches);
- * the communicator reports a mismatch as an error naming the peer (through 'ipc' the receivers'
- * kernels see it, and the next call into the transport throws it, the transport then aborted).
+ * the communicator reports a mismatch of C as an error naming the peer. Through 'ipc' the receivers'
+ * kernels compare T itself (a source with more tokens than the receiver's T would lose rows there),
+ * so it refuses unequal T even where C happens to agree: the next call into the transport throws,
+ * the transport then aborted.
  * Dropless mode must learn how many rows arrive: it reads the counts once per step (the one host
  * wait, named below).
  *
@@ -85,8 +87,9 @@ export interface DispatcherConfig {
    * Dispatch rows as fp8 e4m3 with one fp32 scale per 128 values (half the bytes of bf16).
    * true: rows are dequantised to x's dtype on arrival. 'keep': they arrive as they travelled,
    * `rows` fp8e4m3 and `scales` [rows, H/128] f32 (quantizeFp8's format, DeepEP's fp8 dispatch),
-   * for expertsForward / groupedGemm('NN'), which take them as they are. Combine and both backward
-   * passes stay in x's dtype. Needs a hidden size that is a multiple of 128.
+   * for expertsForward / groupedGemm('NN'), which take them (through a bf16 copy: 'keep' halves the
+   * bytes dispatch writes, and the experts pay the dequantise that true does on arrival). Combine
+   * and both backward passes stay in x's dtype. Needs a hidden size that is a multiple of 128.
    */
   fp8?: boolean | 'keep';
   /**

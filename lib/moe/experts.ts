@@ -7,7 +7,8 @@
  * Shapes (E local experts, H hidden, F ffn, M rows grouped by offsets [E+1] i32):
  *   a [M,H] bf16 · w13 [E,H,2F] bf16 (W1 and W3 interleaved by column: 2i ← W1[:,i], 2i+1 ← W3[:,i])
  *   → g [M,2F] (saved pre-activations), h [M,F] · w2 [E,F,H] → out [M,H]
- * `a` may be fp8 rows ({ q, scales }: an fp8 'keep' dispatch), read by the first GEMM as they are.
+ * `a` may be fp8 rows ({ q, scales }: an fp8 'keep' dispatch); the first GEMM takes them through a
+ * bf16 copy (grouped-gemm.ts).
  */
 import { invalidArgument } from '../errors.js';
 import { checkTensor, checkTensors } from '../validate.js';

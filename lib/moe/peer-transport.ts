@@ -168,7 +168,10 @@ export class PeerTransport implements Disposable {
     const row = roundUp(Math.max(c.rowBytes, 16), 16);
     return P * c.tokens * (2 * row + 16 * c.topK) + P * roundUp(64 + 4 * c.localExperts, 128) + 1024;
   }
-  /** Throws the TimeoutError a failed wait recorded (in a replayed graph too), naming `op`. */
+  /**
+   * Throws what the kernels recorded (in a replayed graph too), naming `op`: the TimeoutError of a
+   * failed wait, or the InvalidArgumentError of a source that dispatched another T in capacity mode.
+   */
   check(op: string): void {
     this.handle.check(op);
   }

@@ -39,7 +39,9 @@
  * Faults across ranks: a wait that times out (the communicator's timeoutMs) or sees a peer give up
  * is recorded by the kernels in pinned host memory. An eager step throws it at its next transport
  * call; a replayed graph cannot throw, so forward() checks before every replay: the failure of a
- * replay surfaces as a TimeoutError from the next forward() (after the device finished waiting).
+ * replay surfaces as a TimeoutError from the next forward() (after the device finished waiting). A
+ * rank whose T differs from the others' is seen on the device too: an InvalidArgumentError naming the
+ * ranks and both counts, at the next transport call.
  *
  * Workspace bytes per T on one rank, R = rowsFor(T): 8·T·E (logits, scores) + 16·T·k (indices,
  * weights, slot, rowOf) + 8·R (rowWeight, rowToken) + 2·R·(2H + F) (rows, expert outputs,

@@ -382,10 +382,11 @@ describe.skipIf(!hasGpu)('fused SwiGLU/dSwiGLU epilogues handed off, against the
   });
 });
 
-// fp8 rows ({ q, scales }: an fp8 'keep' dispatch) into the forward: the bf16 GEMM of the
-// dequantised rows, bit for bit (Store, SwiGLU with g saved, f32 results), poisoned outputs, rows
-// outside every group never written, on the tile kernels and the decode kernel (few rows); then the
-// values against the CPU reference.
+// fp8 rows ({ q, scales }: an fp8 'keep' dispatch) into the forward on the GPU: the op dequantises
+// into a bf16 copy and runs the bf16 GEMM, so its results must equal dequantizeFp8 + the GEMM called
+// by hand bit for bit (Store, SwiGLU with g saved, f32 results; poisoned outputs, rows outside every
+// group never written; the tile kernels and the decode kernel, few rows) — a check of the GPU path's
+// plumbing; the values are checked against the CPU reference (its own dequantisation and GEMM).
 const fp8Cases: { name: string; E: number; K: number; F: number; counts: number[] }[] = [
   { name: 'ragged with empty groups, M not a tile multiple, K=256', E: 8, K: 256, F: 200, counts: raggedCounts(8, 1000) },
   { name: 'the layer shape H=7168, F=2048, a few hundred rows', E: 4, K: 7168, F: 2048, counts: raggedCounts(4, 700) },

@@ -3,7 +3,9 @@
 // dispatches half as many as the others after a first step that agreed. The receivers' kernels see
 // the sources' token counts in the mail: every rank must end in an InvalidArgumentError naming the
 // ranks and both counts at its next call into the transport (here the combine, after a
-// synchronize), never a hang or wrong results without an error; and every later call must refuse.
+// synchronize), not wrong results without an error; and every later call must refuse. (A T past the
+// transport's token capacity is another case: that rank grows its buffers alone and the others time
+// out; docs/serving.md.)
 // Prints "ok rank R of P" when it did.
 import { capacity, Dispatcher, init, InvalidArgumentError, synchronize, Tensor, tidy } from '../../dist/lib/index.js';
 import { check, expectThrow, scriptDevice } from './common.mjs';

@@ -134,10 +134,11 @@ __device__ __forceinline__ void record_fault(const View& v, PeerFault kind, int 
 // Capacity mode: every source must dispatch this rank's T (the fixed segments are sized from it;
 // otherwise the rows are not where either side thinks: the receiver's bounds keep every access in its
 // buffers, the results are wrong). Lane s (< P) of the calling warp compares source s's T from the
-// mail with t_mine, only while no fault is recorded and only when s's counts for this step are in:
-// a source that died or failed leaves an earlier step's T there, and its wait has recorded the
-// Timeout or PeerAborted that the host must report instead. A mismatch is recorded once per warp,
-// its kind written last, after every lane's fields (as record_fault does).
+// mail with t_mine, only while no fault is recorded: a source that died or failed leaves an earlier
+// step's T there, and the rows wait before this kernel has recorded the Timeout or PeerAborted that
+// the host must report instead. It also compares only when s's counts for this step are in (always
+// so once that wait succeeded: a second guard, should this kernel ever run without it). A mismatch
+// is recorded once per warp, its kind written last, after every lane's fields (as record_fault does).
 __device__ void check_source_tokens(const View& v, int t_mine) {
   const int lane = threadIdx.x & 31;
   const u64 step = current_step(v, kRegionDispatch);
