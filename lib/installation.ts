@@ -101,6 +101,9 @@ export function formatInfo(i: Info): string {
     lines.push(
       `NCCL       ${i.nccl.versionString} from ${i.nccl.path}${i.addon.ncclAbiChecked ? ' (ABI checked against nccl.h at build time)' : ''}`,
     );
+  else if (i.cuda.devices.length === 0)
+    // Without GPUs NCCL has nothing to do: one line, not every place the loader looked.
+    lines.push(`NCCL       not loaded, not needed without GPUs (moe-ep info --json lists where the loader looked)`);
   else lines.push(`NCCL       not loaded: ${i.nccl.error.replace(/\n/g, '\n           ')}`);
   lines.push(`MPI        ${i.mpi.available ? `${i.mpi.library || 'loaded'} via ${i.mpi.path}` : `no: ${i.mpi.reason}`}`);
   lines.push(`transport  ${i.transport.summary}`);
