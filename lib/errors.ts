@@ -77,6 +77,11 @@ export function invalidArgument(op: string, message: string): never {
   throw new InvalidArgumentError(`${op}: ${message}`, op);
 }
 
+/** Throws a DisposedError naming the op and what was disposed (`what`: "the layer", "the tensor"…). */
+export function usedAfterDispose(op: string, what: string): never {
+  throw new DisposedError(`${op}: ${what} was disposed and cannot be used`, op);
+}
+
 /** The candidate closest to `name` (same letters ignoring case and _ or -, else at most ~1 edit in 4), if any. */
 export function closestName(name: string, candidates: readonly string[]): string | undefined {
   const fold = (s: string): string => s.toLowerCase().replace(/[-_\s]/g, '');

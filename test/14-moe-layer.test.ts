@@ -2,7 +2,7 @@
 // against finite differences; config validation.
 import { describe, expect, it } from 'vitest';
 
-import { memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
+import { DisposedError, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
 import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
 import { routerForward } from '../lib/moe/router.js';
 import { freshSeed, relErr, values } from './helpers.js';
@@ -170,6 +170,19 @@ describe('MoELayer on one rank', () => {
     throw new Error('no random draw with a locally stable routing in 20 attempts');
   });
 
+  it('a disposed layer says so, naming the method (not a disposed tensor inside it); dispose twice is fine', () => {
+    const layer = new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, device: cpu, dtype: 'f32' });
+    const x = Tensor.randn([3, 16], { seed: freshSeed(), device: cpu });
+    const fwd = layer.forward(x);
+    layer.dispose();
+    layer.dispose();
+    expect(() => layer.forward(x)).toThrow(DisposedError);
+    expect(() => layer.forward(x)).toThrow(/^MoELayer\.forward: the layer was disposed and cannot be used$/);
+    expect(() => layer.backward(fwd, x)).toThrow(/^MoELayer\.backward: the layer was disposed/);
+    expect(() => layer.refreshComputeWeights()).toThrow(/^MoELayer\.refreshComputeWeights: the layer was disposed/);
+    disposeSaved(fwd);
+    x.dispose();
+  });
   it('validates the config with errors naming the field', () => {
     expect(() => new MoELayer({ ...base, hidden: 0 })).toThrow(/'hidden' must be a positive integer/);
     expect(() => new MoELayer({ ...base, topK: 5 })).toThrow(/topK/);

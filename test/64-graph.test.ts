@@ -96,7 +96,11 @@ describe('MoEInference.captureDecode without a GPU', () => {
       });
       inf.releaseGraphs();
       inf.dispose();
-      expectInvalidArgument(() => inf.captureDecode(4), /MoEInference\.captureDecode: the layer was disposed/);
+      expect(() => inf.captureDecode(4)).toThrow(DisposedError);
+      tidy(() => {
+        const x = Tensor.randn([4, 16], { device: cpu });
+        expect(() => inf.forward(x)).toThrow(/MoEInference\.forward: the layer was disposed and cannot be used/);
+      });
     });
   });
 });

@@ -24,7 +24,7 @@ import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '..
 import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, usedAfterDispose } from '../errors.js';
 import { checkKeys, checkNonNegativeInt, checkNonNegativeNumber, checkOneOf, checkPositiveInt, checkTensor } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
@@ -137,6 +137,7 @@ export class MoELayer implements Disposable {
   readonly group: ExpertParallelGroup;
   readonly localExperts: number;
   readonly dispatcher: Dispatcher;
+  #disposed = false;
   /** fp32 master weights. */
   readonly master: { router: Tensor; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null };
   /** Compute copies in `dtype` (router as [1, H, E] for the one-group GEMM). */
@@ -278,6 +279,7 @@ export class MoELayer implements Disposable {
 
   /** Copies the fp32 masters into the compute copies (after every optimizer step). */
   refreshComputeWeights(): void {
+    if (this.#disposed) usedAfterDispose('MoELayer.refreshComputeWeights', 'the layer');
     tidy(() => {
       this.compute.router.copy_(this.master.router.view(1, this.config.hidden, this.config.numExperts));
       this.compute.w13.copy_(this.master.w13);
@@ -307,6 +309,7 @@ export class MoELayer implements Disposable {
   /** x [T, H] in the compute dtype → y [T, H]. Keep the result until backward, then dispose its tensors. */
   forward(x: Tensor): MoEForward {
     const op = 'MoELayer.forward';
+    if (this.#disposed) usedAfterDispose(op, 'the layer');
     const { hidden, dtype } = this.config;
     if (!(x instanceof Tensor)) invalidArgument(op, `'x' must be a Tensor [T, ${hidden}]`);
     if (x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]; received [${x.shape.join(', ')}]`);
@@ -391,6 +394,7 @@ export class MoELayer implements Disposable {
   /** dy [T, H] → dx and the parameter gradients (fp32). Releases the forward's saved tensors. */
   backward(fwd: MoEForward, dy: Tensor): MoEGrads {
     const op = 'MoELayer.backward';
+    if (this.#disposed) usedAfterDispose(op, 'the layer');
     const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
     if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor))
       invalidArgument(op, `'fwd' must be what forward() returned`);
@@ -461,6 +465,8 @@ export class MoELayer implements Disposable {
   }
 
   dispose(): void {
+    if (this.#disposed) return;
+    this.#disposed = true;
     for (const t of [...Object.values(this.master), ...Object.values(this.compute), this.bias, ...this.allOffsets.values()]) t?.dispose();
     this.allOffsets.clear();
     this.dispatcher.dispose();

@@ -55,7 +55,7 @@
  */
 import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
-import { invalidArgument, UnavailableError } from '../errors.js';
+import { invalidArgument, UnavailableError, usedAfterDispose } from '../errors.js';
 import { CudaGraph } from '../graph.js';
 import { Stream } from '../stream.js';
 import { checkBoolean, checkKeys, checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor } from '../validate.js';
@@ -557,7 +557,7 @@ export class MoEInference implements Disposable {
    */
   captureDecode(T: number): DecodeGraphInfo {
     const op = 'MoEInference.captureDecode';
-    if (this.#disposed) invalidArgument(op, 'the layer was disposed');
+    if (this.#disposed) usedAfterDispose(op, 'the layer');
     checkPositiveInt(T, 'MoEInference', 'T');
     if (!this.device.isCuda)
       throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
@@ -651,7 +651,7 @@ export class MoEInference implements Disposable {
   /** y [T,H] for x [T,H] (the layer's dtype and device). No host synchronisation on a GPU (see the module doc). */
   forward(x: Tensor, options: MoEInferenceForwardOptions = {}): Tensor {
     const op = 'MoEInference.forward';
-    if (this.#disposed) invalidArgument(op, 'the layer was disposed');
+    if (this.#disposed) usedAfterDispose(op, 'the layer');
     options = checkOptions(options, op, { out: true });
     const { hidden: H, dtype } = this.config;
     if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
