@@ -4,7 +4,7 @@
 // `out`), the Qwen2-MoE shared gate against a float64 oracle, config and argument errors, no leaks.
 import { describe, expect, it } from 'vitest';
 
-import { memoryStats, MoEInference, MoELayer, type MoELayerConfig, Tensor, tidy } from '../lib/index.js';
+import { DisposedError, memoryStats, MoEInference, MoELayer, type MoELayerConfig, Tensor, tidy } from '../lib/index.js';
 import { disposeSaved } from '../lib/moe/layer.js';
 import { expectInvalidArgument, expectNoLeak, freshSeed, relErr, values } from './helpers.js';
 
@@ -231,6 +231,7 @@ describe('arguments', () => {
     expectInvalidArgument(() => inf.forward(x, { out: x }), /'out' shares memory with 'x'/);
     expectInvalidArgument(() => inf.forward(x, { bogus: 1 } as never), /bogus/);
     inf.dispose();
-    expectInvalidArgument(() => inf.forward(x), /disposed/);
+    expect(() => inf.forward(x)).toThrow(DisposedError);
+    expect(() => inf.forward(x)).toThrow(/MoEInference.forward: .*disposed/);
   });
 });
