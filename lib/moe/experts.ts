@@ -65,16 +65,21 @@ export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor,
   const M = a.shape[0] as number;
   const F2 = w13.shape[2] as number;
   const dtype = a === aRows ? a.dtype : w13.dtype;
+  // The GEMM reads fp8 rows against bf16 weights; f32 weights (the CPU's reference runs) get the
+  // rows dequantised here, to the same values.
+  const f32Rows = a !== aRows && w13.dtype === 'f32' ? dequantizeFp8(aRows as Fp8Rows, 'f32') : null;
   const g = Tensor.empty([M, F2], { dtype, device: a.device });
   const h = Tensor.empty([M, F2 / 2], { dtype, device: a.device });
   try {
-    groupedGemmEpilogue('NN', Epilogue.SwiGLU, aRows, w13, offsets, h, g);
+    groupedGemmEpilogue('NN', Epilogue.SwiGLU, f32Rows ?? aRows, w13, offsets, h, g);
     const out = groupedGemm('NN', h, w2, offsets);
     return { out, g, h };
   } catch (e) {
     g.dispose();
     h.dispose();
     throw e;
+  } finally {
+    f32Rows?.dispose();
   }
 }
 

@@ -30,6 +30,7 @@ import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
+import { FP8_BLOCK } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
 import {
   balanceLoss,
@@ -72,6 +73,15 @@ export interface MoELayerConfig extends RouterConfig {
   transport?: TransportChoice;
   /** SMs the 'ipc' transport's kernels may occupy (default: all). */
   transportSms?: number;
+  /**
+   * Dispatch the routed rows as fp8 e4m3 with one fp32 scale per 128 values (the Dispatcher's
+   * `fp8`; DeepSeek-V3's fp8 dispatch): half the bytes on the wire, `hidden` a multiple of 128.
+   * true: rows are dequantised to `dtype` on arrival; 'keep': the experts take the e4m3 rows and
+   * their scales (the first GEMM reads them through a dtype copy), and backward keeps them, half
+   * the memory of the saved rows. The experts then compute on the quantised rows; the router, the
+   * shared expert, the combine and every gradient stay in `dtype`. Default false.
+   */
+  fp8Dispatch?: boolean | 'keep';
   /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
   dtype?: DType;
   device?: DeviceLike;
@@ -109,6 +119,8 @@ interface MoESaved {
   slot: Tensor | null;
   handle: DispatchHandle;
   rows: Tensor;
+  /** fp8Dispatch 'keep': the e4m3 rows' scales [rows, H/128] f32 (rows are then e4m3). */
+  rowScales: Tensor | null;
   expertOut: Tensor;
   g: Tensor;
   h: Tensor;
@@ -170,6 +182,7 @@ export class MoELayer implements Disposable {
       commStream: true,
       transport: true,
       transportSms: true,
+      fp8Dispatch: true,
       dtype: true,
       device: true,
       seed: true,
@@ -212,6 +225,11 @@ export class MoELayer implements Disposable {
       invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
     const seqLen = config.seqLen;
     if (seqLen !== undefined) checkPositiveInt(seqLen, op, 'seqLen');
+    const fp8Dispatch = config.fp8Dispatch ?? false;
+    if (fp8Dispatch !== true && fp8Dispatch !== false && fp8Dispatch !== 'keep')
+      invalidArgument(op, `'fp8Dispatch' must be true, false or 'keep'; received ${JSON.stringify(fp8Dispatch)}`);
+    if (fp8Dispatch !== false && hidden % FP8_BLOCK !== 0)
+      invalidArgument(op, `'fp8Dispatch' needs a 'hidden' that is a multiple of ${FP8_BLOCK} (one scale per ${FP8_BLOCK} values); received ${hidden}`);
     this.config = {
       hidden,
       ffn,
@@ -227,6 +245,7 @@ export class MoELayer implements Disposable {
       dropPolicy: config.dropPolicy ?? 'probs',
       padToCapacity: expertChoice || (config.padToCapacity ?? false),
       sharedFfn,
+      fp8Dispatch,
       dtype,
       seed: config.seed ?? 1234,
       auxLossCoef: checkNonNegativeNumber(config.auxLossCoef ?? 0, op, 'auxLossCoef'),
@@ -247,6 +266,7 @@ export class MoELayer implements Disposable {
       numExperts: E,
       group: this.group,
       padToCapacity: this.config.padToCapacity,
+      fp8: fp8Dispatch,
       ...(commStream ? { commStream } : {}),
       ...(config.transport === undefined ? {} : { transport: config.transport }),
       ...(config.transportSms === undefined ? {} : { transportSms: config.transportSms }),
@@ -360,8 +380,9 @@ export class MoELayer implements Disposable {
       using routed = this.markProduced();
       let shared: { g: Tensor; h: Tensor; out: Tensor } | null = null;
       if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
-      const { rows, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
-      const experts = expertsForward(rows, this.compute.w13, this.compute.w2, handle.localOffsets);
+      const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
+      const rowScales = scales ?? null;
+      const experts = expertsForward(rowScales ? { q: rows, scales: rowScales } : rows, this.compute.w13, this.compute.w2, handle.localOffsets);
       trace.mark('layer forward: experts', x.device);
       const y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) addInto(y, shared.out);
@@ -373,6 +394,7 @@ export class MoELayer implements Disposable {
         slot: ec?.slot ?? null,
         handle,
         rows,
+        rowScales,
         expertOut: experts.out,
         g: experts.g,
         h: experts.h,
@@ -415,7 +437,8 @@ export class MoELayer implements Disposable {
         const { dExpertOut, dWeights } = settle(
           this.dispatcher.combineBackwardAsync(dy, s.expertOut, s.handle, s.weights, dyReady ? { after: dyReady } : {}),
         );
-        const eg = expertsBackward(dExpertOut, s.rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
+        const rows = s.rowScales ? { q: s.rows, scales: s.rowScales } : s.rows;
+        const eg = expertsBackward(dExpertOut, rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
         const dLogits = routerBackward(
@@ -481,7 +504,7 @@ export class MoELayer implements Disposable {
 export function disposeSaved(fwd: MoEForward): void {
   const s = fwd.saved;
   s.handle.dispose();
-  for (const t of [s.scores, s.indices, s.weights, s.slot, s.rows, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h])
+  for (const t of [s.scores, s.indices, s.weights, s.slot, s.rows, s.rowScales, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h])
     t?.dispose();
 }
 

@@ -31,6 +31,8 @@ export interface TrainConfig {
     overlapComm: boolean;
     /** How rows travel between ranks (Dispatcher's `transport`): 'auto' | 'ipc' | 'nccl'. */
     transport: 'auto' | 'ipc' | 'nccl';
+    /** Routed rows dispatched as fp8 e4m3 with per-128 scales (MoELayer's fp8Dispatch): false | true | 'keep'. */
+    fp8Dispatch: boolean | 'keep';
   };
   balance: { gamma: number; auxLossCoef: number; seqAuxLossCoef: number; seqLen: number | null; zLossCoef: number };
   optimizer: {
@@ -75,6 +77,7 @@ export const defaultConfig: TrainConfig = {
     epSize: null,
     overlapComm: false,
     transport: 'auto',
+    fp8Dispatch: false,
   },
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
@@ -139,6 +142,11 @@ export const trainConfigSchema = {
         enum: ['auto', 'ipc', 'nccl'],
         description:
           "how rows travel between ranks: 'auto' (peer memory when the ranks' GPUs reach each other's, else the communicator's all-to-all), 'ipc' (peer memory, required), 'nccl' (the communicator's all-to-all: NCCL, or MPI)",
+      },
+      fp8Dispatch: {
+        enum: [false, true, 'keep'],
+        description:
+          "dispatch the routed rows as fp8 e4m3 with one scale per 128 values (half the bytes; hidden a multiple of 128): true dequantises them on arrival, 'keep' hands the experts e4m3 rows",
       },
     }),
     balance: section({
@@ -269,6 +277,11 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
     [
       c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0),
       `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`,
+    ],
+    // One fp32 scale per 128 values of a row (lib/moe/fp8.ts).
+    [
+      c.model.fp8Dispatch === false || c.model.hidden % 128 === 0,
+      `config.model.fp8Dispatch: needs config.model.hidden to be a multiple of 128 (received ${c.model.hidden})`,
     ],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],

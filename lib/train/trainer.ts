@@ -173,6 +173,7 @@ export class Trainer implements Disposable {
         loss: m.loss,
         commStream: m.overlapComm,
         transport: m.transport,
+        fp8Dispatch: m.fp8Dispatch,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef,
         seqAuxLossCoef: config.balance.seqAuxLossCoef,

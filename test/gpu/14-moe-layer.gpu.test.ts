@@ -1,5 +1,6 @@
 // MoELayer on the GPU (bf16) against the same layer on the CPU (f32 compute, same global weights):
-// forward output and gradients within bf16 tolerance, dropless and capacity modes.
+// forward output and gradients within bf16 tolerance, dropless and capacity modes, bf16 and fp8
+// dispatch (both layers quantising the same rows).
 import { describe, expect, it } from 'vitest';
 
 import { memoryStats, Tensor, tidy } from '../../lib/index.js';
@@ -17,6 +18,8 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
       'capacity 1.25 padded, sigmoid groups',
       { capacityFactor: 1.25, padToCapacity: true, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2 },
     ],
+    ['dropless, fp8 dispatch dequantised on arrival, shared expert', { sharedFfn: 64, fp8Dispatch: true }],
+    ['capacity 1.25 padded, fp8 dispatch kept as e4m3', { capacityFactor: 1.25, padToCapacity: true, fp8Dispatch: 'keep' }],
   ] as const)('%s: forward and backward match the CPU', (_n, extra) => {
     const seed = freshSeed();
     const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, ...extra };
@@ -38,6 +41,16 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         const fc = c.forward(xb.to('cpu').cast('f32'));
         // Near-tied router scores may pick different experts in bf16: compare in norm.
         expect(relErr(values(fg.y), values(fc.y))).toBeLessThan(3e-2);
+        if ('fp8Dispatch' in extra) {
+          expect(fg.saved.rows.dtype).toBe(extra.fp8Dispatch === 'keep' ? 'fp8e4m3' : 'bf16');
+          // e4m3's error (3 mantissa bits) is above bf16's: the GPU output must sit nearer the CPU
+          // layer that quantised the rows than one that did not.
+          using plain = new MoELayer({ ...config, fp8Dispatch: false, device: 'cpu', dtype: 'f32' });
+          for (const k of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) plain.master[k]?.copy_(c.master[k] as Tensor);
+          plain.refreshComputeWeights();
+          const fp = plain.forward(xb.to('cpu').cast('f32'));
+          expect(relErr(values(fg.y), values(fc.y))).toBeLessThan(relErr(values(fg.y), values(fp.y)));
+        }
         const gg = g.backward(fg, dyb);
         const gc = c.backward(fc, dyb.to('cpu').cast('f32'));
         expect(relErr(values(gg.dx), values(gc.dx)), 'dx').toBeLessThan(5e-2);

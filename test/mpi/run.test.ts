@@ -47,7 +47,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   );
 
   it.each([2, 4])(
-    'dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients; token choice, and expert choice against the plain-loop reference); a comm stream changes no bit',
+    'dispatch/combine and the MoE layer at EP=%i equal one-rank references (forward, backward, expert gradients; token choice with bf16 and fp8 dispatch, and expert choice against the plain-loop reference); a comm stream changes no bit',
     (np) => {
       const r = mpirun(np, 'moe-layer.mjs');
       expect(r.status, r.out).toBe(0);
