@@ -175,24 +175,30 @@ describe('MoELayer on one rank', () => {
       expect(memoryStats(cpu).liveBytes).toBe(before);
     });
 
-    it.each([true, 'keep'] as const)('%s: on rows e4m3 holds (nearly) exactly, forward and every gradient equal the unquantised dispatch', (mode) => {
-      // Rows already through e4m3 quantise again to the same values up to the scale's last bit
-      // (amax/448 recomputed from amax = 448·scale), so both layers compute the same thing.
-      const seed = freshSeed();
-      using plain = new MoELayer({ ...fp8Base, seed });
-      using fp8 = new MoELayer({ ...fp8Base, seed, fp8Dispatch: mode });
-      tidy(() => {
-        const x = Tensor.fromArray(quantised(Tensor.randn([9, 128], { seed: freshSeed(), device: cpu })), { shape: [9, 128], device: cpu });
-        const dy = Tensor.randn([9, 128], { seed: freshSeed(), device: cpu });
-        const a = plain.forward(x),
-          b = fp8.forward(x);
-        expect(relErr(values(b.y), values(a.y)), `seed ${seed}`).toBeLessThan(1e-6);
-        const ga = plain.backward(a, dy),
-          gb = fp8.backward(b, dy);
-        for (const name of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const)
-          expect(relErr(values(gb[name] as Tensor), values(ga[name] as Tensor)), `${name}, seed ${seed}`).toBeLessThan(1e-6);
-      });
-    });
+    it.each([true, 'keep'] as const)(
+      '%s: on rows e4m3 holds (nearly) exactly, forward and every gradient equal the unquantised dispatch',
+      (mode) => {
+        // Rows already through e4m3 quantise again to the same values up to the scale's last bit
+        // (amax/448 recomputed from amax = 448·scale), so both layers compute the same thing.
+        const seed = freshSeed();
+        using plain = new MoELayer({ ...fp8Base, seed });
+        using fp8 = new MoELayer({ ...fp8Base, seed, fp8Dispatch: mode });
+        tidy(() => {
+          const x = Tensor.fromArray(quantised(Tensor.randn([9, 128], { seed: freshSeed(), device: cpu })), {
+            shape: [9, 128],
+            device: cpu,
+          });
+          const dy = Tensor.randn([9, 128], { seed: freshSeed(), device: cpu });
+          const a = plain.forward(x),
+            b = fp8.forward(x);
+          expect(relErr(values(b.y), values(a.y)), `seed ${seed}`).toBeLessThan(1e-6);
+          const ga = plain.backward(a, dy),
+            gb = fp8.backward(b, dy);
+          for (const name of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const)
+            expect(relErr(values(gb[name] as Tensor), values(ga[name] as Tensor)), `${name}, seed ${seed}`).toBeLessThan(1e-6);
+        });
+      },
+    );
 
     it('is checked at construction, naming the field', () => {
       expect(() => new MoELayer({ ...fp8Base, fp8Dispatch: 'yes' as never })).toThrow(

@@ -229,7 +229,10 @@ export class MoELayer implements Disposable {
     if (fp8Dispatch !== true && fp8Dispatch !== false && fp8Dispatch !== 'keep')
       invalidArgument(op, `'fp8Dispatch' must be true, false or 'keep'; received ${JSON.stringify(fp8Dispatch)}`);
     if (fp8Dispatch !== false && hidden % FP8_BLOCK !== 0)
-      invalidArgument(op, `'fp8Dispatch' needs a 'hidden' that is a multiple of ${FP8_BLOCK} (one scale per ${FP8_BLOCK} values); received ${hidden}`);
+      invalidArgument(
+        op,
+        `'fp8Dispatch' needs a 'hidden' that is a multiple of ${FP8_BLOCK} (one scale per ${FP8_BLOCK} values); received ${hidden}`,
+      );
     this.config = {
       hidden,
       ffn,
@@ -382,7 +385,12 @@ export class MoELayer implements Disposable {
       if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
       const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
       const rowScales = scales ?? null;
-      const experts = expertsForward(rowScales ? { q: rows, scales: rowScales } : rows, this.compute.w13, this.compute.w2, handle.localOffsets);
+      const experts = expertsForward(
+        rowScales ? { q: rows, scales: rowScales } : rows,
+        this.compute.w13,
+        this.compute.w2,
+        handle.localOffsets,
+      );
       trace.mark('layer forward: experts', x.device);
       const y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) addInto(y, shared.out);
@@ -504,7 +512,20 @@ export class MoELayer implements Disposable {
 export function disposeSaved(fwd: MoEForward): void {
   const s = fwd.saved;
   s.handle.dispose();
-  for (const t of [s.scores, s.indices, s.weights, s.slot, s.rows, s.rowScales, s.expertOut, s.g, s.h, s.dLogitsAux, s.shared?.g, s.shared?.h])
+  for (const t of [
+    s.scores,
+    s.indices,
+    s.weights,
+    s.slot,
+    s.rows,
+    s.rowScales,
+    s.expertOut,
+    s.g,
+    s.h,
+    s.dLogitsAux,
+    s.shared?.g,
+    s.shared?.h,
+  ])
     t?.dispose();
 }
 
