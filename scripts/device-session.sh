@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [ladder] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
-#    MOE_EP_TESTS=path: run only those GPU test files)
+#    MOE_EP_TESTS=path: run only those GPU test files; MOE_EP_LADDER, MOE_EP_LADDER_ARGS, MOE_EP_LADDER_NCU: the ladder step)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
@@ -15,7 +15,9 @@ status=0
 step() { echo "=== $1"; }
 
 step "build"
-if [[ -n ${MOE_EP_SKIP_BUILD:-} && -e build/Release/moe_ep.node ]]; then
+if [[ $what == ladder ]]; then
+  echo "skipped: the ladder's programs need no addon"
+elif [[ -n ${MOE_EP_SKIP_BUILD:-} && -e build/Release/moe_ep.node ]]; then
   # The addon came along (built on the dev machine for sm_90, carried as build/Release): saves ~80 s.
   echo "skipped: using the carried build/Release"
 elif ! (time MOE_EP_CUDA=on npm run build:native) > "$OUT/build.log" 2>&1; then
@@ -28,7 +30,7 @@ step "info"
 # With a multi step the information goes into multi.log instead: only 8 files come back from a call.
 info_file=$OUT/info.txt
 [[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]] && info_file=$OUT/multi.log
-node dist/lib/cli/main.js info | tee -a "$info_file"
+[[ $what == ladder ]] || node dist/lib/cli/main.js info | tee -a "$info_file"
 
 if [[ " $what " == *" tests "* ]]; then
   step "npm run test:gpu"
@@ -370,6 +372,39 @@ if [[ " $what " == *" ncu "* ]]; then
     tail -5 "$OUT/ncu.err"
     grep -c '"' "$OUT/ncu-grouped-gemm.csv" || true
   fi
+fi
+
+if [[ " $what " == *" ladder "* ]]; then
+  # The grouped-GEMM ladder's standalone programs (benchmarks/kernels/grouped_gemm/README.md; no addon
+  # needed). MOE_EP_LADDER: the steps to run (default 10) with MOE_EP_LADDER_ARGS (default: the
+  # layer's dW13, 5 rounds); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
+  # Nsight Compute on the step's first three launches (case 0 and the variants, in the checked run):
+  # the full section set as CSV, and the per-instruction source page (SASS with warp-stall samples)
+  # gzipped, to see where each kernel's warps wait (issue 20: ladder 10b's per-stage protocol).
+  step "ladder"
+  ladder_dir=benchmarks/kernels/grouped_gemm
+  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  for n in ${MOE_EP_LADDER:-10}; do
+    src=$(cd "$ladder_dir" && ls "$n"-*.cu 2>/dev/null | head -1)
+    if [[ -z $src ]]; then echo "no ladder step $n"; status=1; continue; fi
+    prog=${src%.cu}
+    if ! make -s -C "$ladder_dir" "$prog" > "$OUT/ladder$n-build.log" 2>&1; then
+      echo "ladder $n: build failed"; tail -20 "$OUT/ladder$n-build.log"; status=1; continue
+    fi
+    echo "--- $prog ${MOE_EP_LADDER_ARGS:---E 32 --M 32768 --K 7168 --N 4096 --rounds 5}"
+    timeout 300 "./$ladder_dir/$prog" ${MOE_EP_LADDER_ARGS:---E 32 --M 32768 --K 7168 --N 4096 --rounds 5} 2>&1 | tee "$OUT/ladder$n.txt" || status=1
+    if [[ -n ${MOE_EP_LADDER_NCU:-} ]]; then
+      if [[ -z $ncu_bin ]]; then echo "no ncu on this machine"; continue; fi
+      rep=/tmp/ncu-ladder$n
+      timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --launch-count 3 --set full --import-source yes \
+        -f -o "$rep" "./$ladder_dir/$prog" ${MOE_EP_LADDER_ARGS:---E 32 --M 32768 --K 7168 --N 4096} --rounds 1 --repeats 1 \
+        > "$OUT/ncu-ladder$n.log" 2>&1 || status=1
+      tail -3 "$OUT/ncu-ladder$n.log"
+      "$ncu_bin" --import "$rep.ncu-rep" --csv --page details > "$OUT/ncu-ladder$n.csv" 2>> "$OUT/ncu-ladder$n.log" || status=1
+      "$ncu_bin" --import "$rep.ncu-rep" --csv --page source --print-source sass 2>> "$OUT/ncu-ladder$n.log" | gzip > "$OUT/ncu-ladder$n-source.csv.gz"
+      ls -l "$OUT/ncu-ladder$n.csv" "$OUT/ncu-ladder$n-source.csv.gz"
+    fi
+  done
 fi
 
 if [[ " $what " == *" bench "* ]]; then
