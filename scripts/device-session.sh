@@ -378,7 +378,8 @@ if [[ " $what " == *" ladder "* ]]; then
   # The grouped-GEMM ladder's standalone programs (benchmarks/kernels/grouped_gemm/README.md; no addon
   # needed). MOE_EP_LADDER: the steps to run (default 10) with MOE_EP_LADDER_ARGS (default: the
   # layer's dW13, 5 rounds); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
-  # Nsight Compute on the step's first three launches (case 0 and the variants, in the checked run):
+  # Nsight Compute on the step's first MOE_EP_LADDER_NCU_LAUNCHES launches (default 5: step 10's case 0
+  # and its four variants, in the checked run):
   # the full section set as CSV, and the per-instruction source page (SASS with warp-stall samples)
   # gzipped, to see where each kernel's warps wait (issue 20: ladder 10b's per-stage protocol).
   step "ladder"
@@ -396,7 +397,7 @@ if [[ " $what " == *" ladder "* ]]; then
     if [[ -n ${MOE_EP_LADDER_NCU:-} ]]; then
       if [[ -z $ncu_bin ]]; then echo "no ncu on this machine"; continue; fi
       rep=/tmp/ncu-ladder$n
-      timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --launch-count 3 --set full --import-source yes \
+      timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --launch-count "${MOE_EP_LADDER_NCU_LAUNCHES:-5}" --set full --import-source yes \
         -f -o "$rep" "./$ladder_dir/$prog" ${MOE_EP_LADDER_ARGS:---E 32 --M 32768 --K 7168 --N 4096} --rounds 1 --repeats 1 \
         > "$OUT/ncu-ladder$n.log" 2>&1 || status=1
       tail -3 "$OUT/ncu-ladder$n.log"

@@ -30,6 +30,14 @@
 //   reaches a barrier not yet initialised) and before exit (none reaches a CTA that has exited).
 // Zeroing the rows past a group's end in the last k-step (as hopper.cu's TN path) touches only this
 // CTA's copy of a stage, after its full[s] and before its consumers release it.
+//
+// Two more pairings take 10b apart (issue 20: 10b ran at 0.415x the warp slices with all 132 SMs
+// busy, so the cost is in the protocol): Pair::OwnLoads (10c) launches the same clusters and walks
+// the same items, but each CTA loads all of B itself and releases only its own stages (10a's
+// protocol in a cluster launch); Pair::Lockstep (10d) loads all of B itself too, but releases its
+// stages in both CTAs as 10b does (10b's lockstep without the multicast). 10c slow: the cluster
+// launch or the item order; 10d as slow as 10b: the two CTAs waiting for each other; 10d fast and
+// 10b slow: the multicast itself.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -45,6 +53,9 @@
 namespace moe::ops::cluster_f32 {
 
 using namespace moe::ops::sm90;
+
+// How the CTAs of a 2-CTA cluster share B and release stages (see above; one CTA: ignored).
+enum class Pair { Multicast, OwnLoads, Lockstep };
 
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, CONSUMERS = 2, THREADS = 384;
 constexpr int A_BYTES = BM * BK * 2, B_BOX_BYTES = 64 * BK * 2, STAGE_BYTES = A_BYTES + 2 * B_BOX_BYTES;  // 16 + 2 × 8 KiB
@@ -162,11 +173,13 @@ __device__ __forceinline__ void drain_f32(const Params& p, const Item& it, const
 }
 
 // ---- the kernel -----------------------------------------------------------------------------------
-template <int CLUSTER>
+template <int CLUSTER, Pair PAIR = Pair::Multicast>
 __global__ void __launch_bounds__(THREADS, 1)
     dw_f32_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                   const __grid_constant__ CUtensorMap map_out, Params p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or pairs");
+  constexpr bool multicast = CLUSTER > 1 && PAIR == Pair::Multicast;
+  constexpr bool release_both = CLUSTER > 1 && PAIR != Pair::OwnLoads;  // each stage freed by both CTAs' consumers
   extern __shared__ unsigned char smem_raw[];
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
@@ -179,7 +192,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], CONSUMERS * CLUSTER);
+      mbar_init(&empty[s], CONSUMERS * (release_both ? CLUSTER : 1));
     }
     mbar_init(&tile_full, CONSUMERS * 128);
     mbar_init(&tile_empty, STORER_THREADS);
@@ -203,7 +216,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           const int k0 = it.k_begin + kt * BK;
 #pragma unroll
           for (int j = 0; j < BM / 64; ++j) tma_load_2d(sa + j * (BK * 128), &map_a, &full[stage], it.row0 + 64 * j, k0);
-          if constexpr (CLUSTER == 1) {
+          if constexpr (!multicast) {
 #pragma unroll
             for (int j = 0; j < BN / 64; ++j) tma_load_2d(sb + j * B_BOX_BYTES, &map_b, &full[stage], it.col0 + 64 * j, k0);
           } else {
@@ -237,7 +250,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     auto release = [&](int s) {
       if ((threadIdx.x & 127) != 0) return;
       mbar_arrive(&empty[s]);
-      if constexpr (CLUSTER > 1) mbar_arrive_in(&empty[s], rank ^ 1);
+      if constexpr (release_both) mbar_arrive_in(&empty[s], rank ^ 1);
     };
     for (int u = first; u < total; u += stride) {
       const Item it = item_at<CLUSTER>(p, u, rank);
@@ -318,8 +331,8 @@ template <int CLUSTER> cudaLaunchConfig_t launch_config(int clusters, cudaStream
 
 // How many clusters of CLUSTER CTAs can run at once (CLUSTER = 1: the SMs), as the occupancy API
 // sees this kernel with its shared memory; 0 if none fits.
-template <int CLUSTER> int resident_clusters(int sms) {
-  auto kernel = dw_f32_kernel<CLUSTER>;
+template <int CLUSTER, Pair PAIR = Pair::Multicast> int resident_clusters(int sms) {
+  auto kernel = dw_f32_kernel<CLUSTER, PAIR>;
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES) != cudaSuccess) return 0;
   if constexpr (CLUSTER == 1) {
     return sms;
@@ -334,7 +347,7 @@ template <int CLUSTER> int resident_clusters(int sms) {
 
 // dW_e[K, N] (+)= a_eᵀ · c_e over each group's rows: a [M, K] bf16, c [M, N] bf16, out [E, K, N] fp32.
 // Returns null, or why it could not run.
-template <int CLUSTER>
+template <int CLUSTER, Pair PAIR = Pair::Multicast>
 const char* run(const void* a, const void* c, const int32_t* offsets, float* out, int M, int E, int K, int N, bool accumulate, int sms,
                 cudaStream_t stream) {
   Params p{};
@@ -356,11 +369,11 @@ const char* run(const void* a, const void* c, const int32_t* offsets, float* out
     return "cuTensorMapEncodeTiled failed";
   // Persistent: as many clusters as can be resident at once (2-CTA clusters need two SMs of one GPC),
   // never more than there are work items.
-  static const int resident = resident_clusters<CLUSTER>(sms);  // asked once (one device per program)
+  static const int resident = resident_clusters<CLUSTER, PAIR>(sms);  // asked once (one device per program)
   if (resident < 1) return "no cluster of this kernel fits";
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = launch_config<CLUSTER>(std::max(1, std::min(resident, items<CLUSTER>(p))), stream, attr);
-  if (cudaLaunchKernelEx(&cfg, dw_f32_kernel<CLUSTER>, map_a, map_b, map_out, p) != cudaSuccess) return "cudaLaunchKernelEx failed";
+  if (cudaLaunchKernelEx(&cfg, dw_f32_kernel<CLUSTER, PAIR>, map_a, map_b, map_out, p) != cudaSuccess) return "cudaLaunchKernelEx failed";
   return nullptr;
 }
 
