@@ -67,13 +67,21 @@ describe('moe-ep info', () => {
 
   it('unknown options and stray arguments fail with usage rather than being ignored', () => {
     const typo = run(['info', '--jsn']);
-    expect(typo.status).toBe(1);
+    expect(typo.status).toBe(2);
     expect(typo.stderr).toMatch(/unknown option --jsn \(did you mean --json\?\)[\s\S]*usage: moe-ep info \[--json\]/);
     expect(run(['info', 'extra']).stderr).toMatch(/unexpected argument extra/);
     const inspect = run(['ckpt', 'inspect', '/nonexistent', '--verbose']);
-    expect(inspect.status).toBe(1);
+    expect(inspect.status).toBe(2);
     expect(inspect.stderr).toMatch(/unknown option --verbose/);
     expect(run(['ckpt', 'reshard', '/a', '/b', '--ep', '2', '--out', '/c']).stderr).toMatch(/unexpected argument \/b/);
+    // Exit 2 for every command line that cannot be read, the usage on stderr; 1 for a failure.
+    for (const args of [[], ['ckpt'], ['train', 'stray'], ['train', '--steps'], ['info', 'extra']]) {
+      const r = run(args);
+      expect(r.status, args.join(' ')).toBe(2);
+      expect(r.stdout, args.join(' ')).toBe('');
+    }
+    expect(run([]).stderr).toMatch(/^usage: moe-ep <command>/);
+    expect(run(['train', 'stray']).stderr).toMatch(/unexpected argument 'stray'/);
   });
 });
 

@@ -292,6 +292,7 @@ describe('moe-ep train (CLI)', () => {
       expect(r.stderr).toMatch(/config\.model\.experts: must be >= 1/);
       expect(r.stderr).toMatch(/config\.optimizer\.lr: must be > 0/);
       const bad = spawnSync(process.execPath, [cli, 'train', '--model.expertz', '4'], { encoding: 'utf8' });
+      expect(bad.status).toBe(2); // a command line naming no such field (a bad value in a file: 1, above)
       expect(bad.stderr).toMatch(/config\.model: unknown field 'expertz' \(did you mean 'experts'\?\)/);
       const groups = spawnSync(
         process.execPath,

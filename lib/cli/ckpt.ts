@@ -286,10 +286,12 @@ export function runCkpt(args: string[]): number {
     case 'reshard':
       return reshard(rest);
     case undefined:
+      console.error(usage);
+      return 2;
     case '-h':
     case '--help':
       console.log(usage);
-      return sub === undefined ? 2 : 0;
+      return 0;
     default:
       console.error(`moe-ep ckpt: unknown subcommand '${sub}'\n\n${usage}`);
       return 2;

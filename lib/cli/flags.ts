@@ -1,5 +1,10 @@
 import { closestName } from '../errors.js';
 
+/** A command line the command cannot take (unknown option, stray argument): `moe-ep` exits 2, as getopt tools do. */
+export class UsageError extends Error {
+  override name = 'UsageError';
+}
+
 /** Refusing what a subcommand does not know, so that a typo is an error rather than silently ignored. */
 export function checkFlags(args: readonly string[], known: readonly string[], positionals: number, usage: string): void {
   const unknown = args.filter((a) => a.startsWith('-') && !known.includes(a));
@@ -8,8 +13,8 @@ export function checkFlags(args: readonly string[], known: readonly string[], po
       const close = closestName(a, known);
       return close ? `${a} (did you mean ${close}?)` : a;
     });
-    throw new Error(`unknown option${unknown.length > 1 ? 's' : ''} ${named.join(', ')}\n\n${usage}`);
+    throw new UsageError(`unknown option${unknown.length > 1 ? 's' : ''} ${named.join(', ')}\n\n${usage}`);
   }
   const extra = args.filter((a) => !a.startsWith('-')).slice(positionals);
-  if (extra.length > 0) throw new Error(`unexpected argument${extra.length > 1 ? 's' : ''} ${extra.join(', ')}\n\n${usage}`);
+  if (extra.length > 0) throw new UsageError(`unexpected argument${extra.length > 1 ? 's' : ''} ${extra.join(', ')}\n\n${usage}`);
 }

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { packageRoot } from '../native.js';
 import { helpTable } from '../train/config.js';
 import { runCkpt } from './ckpt.js';
+import { UsageError } from './flags.js';
 import { runInfo } from './info.js';
 import { runTrain } from './train.js';
 
@@ -17,7 +18,14 @@ const commands: [string, string][] = [
   ['--version', 'the version of moe-ep'],
   ['--help', 'this help; `moe-ep <command> --help` for each command'],
 ];
-const usage = ['usage: moe-ep <command> [options]', '', 'commands:', ...helpTable(commands, 18)].join('\n');
+const usage = [
+  'usage: moe-ep <command> [options]',
+  '',
+  'commands:',
+  ...helpTable(commands, 18),
+  '',
+  'exit status: 0 done, 1 failed (error on stderr), 2 a command line it cannot read (usage on stderr)',
+].join('\n');
 
 function version(): string {
   return (JSON.parse(readFileSync(join(packageRoot(), 'package.json'), 'utf8')) as { version: string }).version;
@@ -38,11 +46,14 @@ async function main(argv: string[]): Promise<number> {
       console.log(version());
       return 0;
     case undefined:
+      // No command is a usage error (exit 2, usage on stderr); asking for help is not.
+      console.error(usage);
+      return 2;
     case '-h':
     case '--help':
     case 'help':
       console.log(usage);
-      return command === undefined ? 1 : 0;
+      return 0;
     default:
       console.error(`moe-ep: unknown command '${command}'\n\n${usage}`);
       return 2;
@@ -55,6 +66,6 @@ main(process.argv.slice(2)).then(
   },
   (e: unknown) => {
     console.error(`moe-ep: ${(e as Error).message}`);
-    process.exitCode = 1;
+    process.exitCode = e instanceof UsageError ? 2 : 1;
   },
 );

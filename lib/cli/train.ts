@@ -19,6 +19,7 @@ import { init } from '../parallel/init.js';
 import { InvalidArgumentError } from '../errors.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig, type TrainConfigInput } from '../train/config.js';
 import { FILE_LIMITS, readJson, writeFileAtomic } from '../train/safe-files.js';
+import { UsageError } from './flags.js';
 import { MetricsLog, readMetrics, type StepMetrics } from '../train/metrics.js';
 import { writeReport } from '../train/report.js';
 import { Trainer } from '../train/trainer.js';
@@ -43,7 +44,13 @@ function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean }
       }) as Record<string, unknown>;
     } else rest.push(args[i] as string);
   }
-  const overrides = overridesFromArgs(rest);
+  let overrides: ReturnType<typeof overridesFromArgs>;
+  try {
+    overrides = overridesFromArgs(rest);
+  } catch (e) {
+    // A command line it cannot read (a stray argument, a flag with no value or no such field): exit 2.
+    throw e instanceof InvalidArgumentError ? new UsageError(e.message) : e;
+  }
   for (const [section, fields] of Object.entries(overrides)) {
     const base = file[section];
     file[section] = base !== null && typeof base === 'object' ? { ...(base as object), ...fields } : fields;
