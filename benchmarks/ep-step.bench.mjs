@@ -3,7 +3,7 @@
 // communicator) stands beside the same per-rank work at EP = 1 (each rank alone with El experts and
 // its T tokens: no exchange), and the step's communication is timed on its own.
 //   mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run] [--transport ipc|nccl]
-//        [--overlap] [--shared-ffn Fs] [--timeout-ms N]
+//        [--overlap] [--shared-ffn Fs] [--fp8 true|keep] [--timeout-ms N]
 //   node benchmarks/ep-step.bench.mjs                                  (P = 1: no exchange at all)
 // Shape: T = 4096 tokens per rank, H = 7168, F = 2048, 8 experts per rank (E = 8P), top-8, bf16,
 // softmax routing, dropless, no shared expert (--dry-run: tiny shapes on the CPU, MPI backend).
@@ -12,6 +12,9 @@
 // Transports (lib/moe/dispatcher.ts): several ranks on GPUs time the step through 'ipc' (peer
 // memory) and 'nccl' (the communicator's all-to-all), one layer each, one after the other
 // (--transport picks one); on the CPU (dry runs) the MPI all-to-all.
+// --fp8 true|keep: the layers dispatch fp8 rows (MoELayer's fp8Dispatch, EP=1 included: the same
+//            per-rank work); with 'keep' the comm regions combine a bf16 stand-in for the expert
+//            output (the rows arrive as e4m3). Result file ep-step-…-fp8 / -fp8keep.
 // --overlap: per transport also the same step on a layer with a comm stream (commStream: true:
 //            the exchanges on their own stream beside the shared expert and the router backward);
 //            'overlap saves ms' = step without − step with.
@@ -38,7 +41,7 @@ import { args, benchWorld, dryRun, flag, quick, timeRegion, writeResult } from '
 const { world, P, rank, dev, onGpu, log } = await benchWorld({ timeoutMs: 60_000 });
 if (args.includes('--help')) {
   log(
-    'mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run] [--transport ipc|nccl] [--overlap] [--shared-ffn Fs] [--timeout-ms N]',
+    'mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run] [--transport ipc|nccl] [--overlap] [--shared-ffn Fs] [--fp8 true|keep] [--timeout-ms N]',
   );
   process.exit(0);
 }
@@ -50,6 +53,9 @@ const sharedFfn = Number(flag('--shared-ffn', '0'));
 if (!Number.isSafeInteger(sharedFfn) || sharedFfn < 0)
   throw new Error(`--shared-ffn must be a non-negative integer; received ${flag('--shared-ffn')}`);
 const Fs = dryRun && sharedFfn > 0 ? 32 : sharedFfn;
+const fp8Flag = flag('--fp8', null);
+if (fp8Flag !== null && fp8Flag !== 'true' && fp8Flag !== 'keep') throw new Error(`--fp8 must be true or keep; received ${fp8Flag}`);
+const fp8Dispatch = fp8Flag === null ? false : fp8Flag === 'keep' ? 'keep' : true;
 const asked = flag('--transport', null);
 if (asked !== null && asked !== 'ipc' && asked !== 'nccl') throw new Error(`--transport must be ipc or nccl; received ${asked}`);
 // One rank: no exchange ('local'). Several: both transports on GPUs, the all-to-all on the CPU.
@@ -98,6 +104,7 @@ const layerConfig = {
   device: dev,
   seed: 1234,
   ...(Fs ? { sharedFfn: Fs } : {}),
+  ...(fp8Dispatch ? { fp8Dispatch } : {}),
 };
 const x = Tensor.randn([T, H], { dtype, device: dev, seed: 11 + rank });
 const dy = Tensor.randn([T, H], { dtype, device: dev, seed: 31 + rank });
@@ -119,22 +126,33 @@ function measure(transport) {
   disposeForward(f0);
   const cap = capacity(indices, weights, { numExperts: E });
   const d = layer.dispatcher;
+  // What combine and combineBackward take as the experts' output: the dispatched rows themselves,
+  // or with fp8 'keep' (e4m3 rows) a bf16 stand-in of their shape, made once.
+  let standIn = null;
+  const expertOut = (got) => {
+    if (fp8Dispatch !== 'keep') return got.rows;
+    standIn ??= Tensor.randn([got.rows.shape[0], H], { dtype, device: dev, seed: 51 + rank });
+    return standIn;
+  };
+  const disposeDispatched = (got) => {
+    for (const t of [got.rows, got.scales, got.weights]) t?.dispose();
+    got.handle.dispose();
+  };
   const commForward = time(() => {
     const got = d.dispatch(x, indices, weights, cap);
-    const y = d.combine(got.rows, got.handle, weights);
+    const y = d.combine(expertOut(got), got.handle, weights);
     return () => {
       y.dispose();
-      for (const t of [got.rows, got.weights]) t.dispose();
-      got.handle.dispose();
+      disposeDispatched(got);
     };
   });
   const commBackward = time(
     (got) => {
-      const back = d.combineBackward(dy, got.rows, got.handle, weights);
+      const back = d.combineBackward(dy, expertOut(got), got.handle, weights);
       const dx = d.dispatchBackward(back.dExpertOut, got.handle);
       return () => {
-        for (const t of [dx, back.dExpertOut, back.dWeights, got.rows, got.weights]) t.dispose();
-        got.handle.dispose();
+        for (const t of [dx, back.dExpertOut, back.dWeights]) t.dispose();
+        disposeDispatched(got);
       };
     },
     () => d.dispatch(x, indices, weights, cap),
@@ -142,10 +160,10 @@ function measure(transport) {
   const recvRows = (() => {
     const got = d.dispatch(x, indices, weights, cap);
     const n = got.rows.shape[0];
-    for (const t of [got.rows, got.weights]) t.dispose();
-    got.handle.dispose();
+    disposeDispatched(got);
     return n;
   })();
+  standIn?.dispose();
   for (const t of [indices, weights]) t.dispose();
   for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
   layer.dispose();
@@ -227,7 +245,7 @@ if (rank === 0) {
     }),
   );
   writeResult(
-    `ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${Fs ? `-shared${Fs}` : ''}${world.timeoutMs === 0 ? '-no-timeout' : ''}`,
+    `ep-step${dryRun ? '-dryrun' : ''}-${P}rank${P > 1 ? 's' : ''}-${world.backend}${Fs ? `-shared${Fs}` : ''}${fp8Dispatch ? `-fp8${fp8Dispatch === 'keep' ? 'keep' : ''}` : ''}${world.timeoutMs === 0 ? '-no-timeout' : ''}`,
     rows,
     {
       config: {
@@ -235,6 +253,7 @@ if (rank === 0) {
         hidden: H,
         ffn: F,
         sharedFfn: Fs,
+        fp8Dispatch,
         expertsPerRank: El,
         experts: E,
         topK: k,
