@@ -75,7 +75,16 @@ describe('moe-ep info', () => {
     expect(inspect.stderr).toMatch(/unknown option --verbose/);
     expect(run(['ckpt', 'reshard', '/a', '/b', '--ep', '2', '--out', '/c']).stderr).toMatch(/unexpected argument \/b/);
     // Exit 2 for every command line that cannot be read, the usage on stderr; 1 for a failure.
-    for (const args of [[], ['ckpt'], ['train', 'stray'], ['train', '--steps'], ['info', 'extra']]) {
+    for (const args of [
+      [],
+      ['ckpt'],
+      ['ckpt', 'inspect'],
+      ['ckpt', 'reshard', '/a', '--ep'],
+      ['train', 'stray'],
+      ['train', '--steps'],
+      ['train', '--config'],
+      ['info', 'extra'],
+    ]) {
       const r = run(args);
       expect(r.status, args.join(' ')).toBe(2);
       expect(r.stdout, args.join(' ')).toBe('');

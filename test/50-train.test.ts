@@ -62,6 +62,20 @@ describe('training on the default task (CPU)', () => {
     expect(moe.loss).toBeLessThan(0.8 * dense.loss);
   });
 
+  it("model.fp8Dispatch reaches every layer's dispatcher, from the command line too; hidden must be a multiple of 128", () => {
+    const overrides = overridesFromArgs(['--model.fp8Dispatch', 'keep', '--model.hidden', '128', '--steps', '3']);
+    const cfg = resolveConfig({ ...overrides, train: { ...overrides['train'], device: 'cpu', progress: false } } as Partial2);
+    using t = new Trainer(cfg);
+    expect(t.model.layers.map((l) => l.dispatcher.fp8)).toEqual(['keep', 'keep']);
+    expect(t.run().every((s) => Number.isFinite(s.loss))).toBe(true);
+    expect(() => resolveConfig({ model: { fp8Dispatch: true } })).toThrow(
+      /config\.model\.fp8Dispatch: needs config\.model\.hidden to be a multiple of 128 \(received 32\)/,
+    );
+    expect(() => resolveConfig({ model: { fp8Dispatch: 'yes' as never } })).toThrow(
+      /config\.model\.fp8Dispatch: must be one of false, true, "keep"/,
+    );
+  });
+
   it('the classification variant (cross-entropy on the argmax class) reaches over 85% accuracy', () => {
     const cfg = resolveConfig({ model: { loss: 'cross-entropy' }, train: { device: 'cpu', progress: false } });
     using t = new Trainer(cfg);

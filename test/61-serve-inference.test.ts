@@ -68,6 +68,11 @@ describe('MoEInference equals MoELayer.forward (same weights)', () => {
     using layer = new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, routing: 'expert-choice' });
     expectInvalidArgument(() => MoEInference.fromLayer(layer), /routing 'expert-choice' is not served/);
   });
+
+  it.each([true, 'keep'] as const)('a training layer with fp8Dispatch %s is refused (a served copy would compute otherwise)', (mode) => {
+    using layer = new MoELayer({ hidden: 128, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, fp8Dispatch: mode });
+    expectInvalidArgument(() => MoEInference.fromLayer(layer), /fp8Dispatch .* is not served: MoEInference dispatches rows unquantised/);
+  });
 });
 
 describe('fixed buffers', () => {

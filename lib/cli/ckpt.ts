@@ -19,7 +19,7 @@ import {
 } from '../train/checkpoint.js';
 import { expertIndexOf } from '../train/moe-state.js';
 import { helpTable } from '../train/config.js';
-import { checkFlags } from './flags.js';
+import { checkFlags, UsageError } from './flags.js';
 
 const inspectUsage = [
   'usage: moe-ep ckpt inspect <dir> [--json] [--no-verify]',
@@ -75,7 +75,7 @@ function flag(args: string[], name: string): string | undefined {
   const i = args.indexOf(name);
   if (i < 0) return undefined;
   const v = args[i + 1];
-  if (v === undefined || v.startsWith('--')) throw new Error(`${name} needs a value\n\n${reshardUsage}`);
+  if (v === undefined || v.startsWith('--')) throw new UsageError(`${name} needs a value\n\n${reshardUsage}`);
   args.splice(i, 2);
   return v;
 }
@@ -131,7 +131,7 @@ function inspect(args: string[]): number {
   const json = args.includes('--json');
   const verify = !args.includes('--no-verify');
   const [path] = args.filter((a) => !a.startsWith('--'));
-  if (!path) throw new Error(`inspect needs a directory\n\n${inspectUsage}`);
+  if (!path) throw new UsageError(`inspect needs a directory\n\n${inspectUsage}`);
   // Not loadCheckpoint(): it stops at the first missing or resized file; inspect reports each file.
   const located = locateCheckpoint(path, { checkFiles: false });
   const { dir, manifest: m } = located;
@@ -218,7 +218,7 @@ function reshard(args: string[]): number {
   const [path] = args.filter((a) => !a.startsWith('--'));
   if (!path || ep === undefined || out === undefined) {
     const missing = [!path && '<dir>', ep === undefined && '--ep N', out === undefined && '--out <root>'].filter(Boolean).join(', ');
-    throw new Error(`reshard needs <dir>, --ep N and --out <root>; missing: ${missing}\n\n${reshardUsage}`);
+    throw new UsageError(`reshard needs <dir>, --ep N and --out <root>; missing: ${missing}\n\n${reshardUsage}`);
   }
   const reader = loadCheckpoint(path, { verify: true });
   try {

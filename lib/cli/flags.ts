@@ -1,6 +1,9 @@
 import { closestName } from '../errors.js';
 
-/** A command line the command cannot take (unknown option, stray argument): `moe-ep` exits 2, as getopt tools do. */
+/**
+ * A command line the command cannot read (a missing, unknown or stray argument, a flag without its
+ * value): `moe-ep` exits 2, as getopt tools do. A value it reads but refuses is an ordinary error (1).
+ */
 export class UsageError extends Error {
   override name = 'UsageError';
 }

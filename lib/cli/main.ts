@@ -24,7 +24,7 @@ const usage = [
   'commands:',
   ...helpTable(commands, 18),
   '',
-  'exit status: 0 done, 1 failed (error on stderr), 2 a command line it cannot read (usage on stderr)',
+  'exit status: 0 done, 1 failed (or a bad value), 2 a missing, unknown or stray argument',
 ].join('\n');
 
 function version(): string {

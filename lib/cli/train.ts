@@ -35,7 +35,7 @@ function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean }
     if (args[i] === '--overwrite') overwrite = true;
     else if (args[i] === '--config') {
       const path = args[++i];
-      if (!path) throw new InvalidArgumentError(`'--config' needs a file`, 'train');
+      if (!path) throw new UsageError(`'--config' needs a file`);
       // A regular file of at most 1 MiB (a FIFO or /dev/zero would hang the read), bounded JSON.
       file = readJson(path, {
         what: `cannot read the config file ${path}`,

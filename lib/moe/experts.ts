@@ -8,7 +8,7 @@
  *   a [M,H] bf16 · w13 [E,H,2F] bf16 (W1 and W3 interleaved by column: 2i ← W1[:,i], 2i+1 ← W3[:,i])
  *   → g [M,2F] (saved pre-activations), h [M,F] · w2 [E,F,H] → out [M,H]
  * `a` may be fp8 rows ({ q, scales }: an fp8 'keep' dispatch); the first GEMM takes them through a
- * bf16 copy (grouped-gemm.ts).
+ * bf16 copy (grouped-gemm.ts), or against f32 weights (the CPU) through an f32 copy made here.
  */
 import { invalidArgument } from '../errors.js';
 import { checkTensor, checkTensors } from '../validate.js';
@@ -67,16 +67,18 @@ export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor,
   const dtype = a === aRows ? a.dtype : w13.dtype;
   // The GEMM reads fp8 rows against bf16 weights; f32 weights (the CPU's reference runs) get the
   // rows dequantised here, to the same values.
-  const f32Rows = a !== aRows && w13.dtype === 'f32' ? dequantizeFp8(aRows as Fp8Rows, 'f32') : null;
+  let f32Rows: Tensor | null = null;
   const g = Tensor.empty([M, F2], { dtype, device: a.device });
-  const h = Tensor.empty([M, F2 / 2], { dtype, device: a.device });
+  let h: Tensor | null = null;
   try {
+    h = Tensor.empty([M, F2 / 2], { dtype, device: a.device });
+    if (a !== aRows && w13.dtype === 'f32') f32Rows = dequantizeFp8(aRows as Fp8Rows, 'f32');
     groupedGemmEpilogue('NN', Epilogue.SwiGLU, f32Rows ?? aRows, w13, offsets, h, g);
     const out = groupedGemm('NN', h, w2, offsets);
     return { out, g, h };
   } catch (e) {
     g.dispose();
-    h.dispose();
+    h?.dispose();
     throw e;
   } finally {
     f32Rows?.dispose();

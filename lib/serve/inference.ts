@@ -320,7 +320,8 @@ export class MoEInference implements Disposable {
 
   /**
    * An inference copy of a training layer: its compute-dtype weights (and balancing bias) cloned,
-   * the same router options, capacity factor, drop policy and group. Token choice only.
+   * the same router options, capacity factor, drop policy and group. Token choice only, without
+   * fp8Dispatch (serving dispatches unquantised rows).
    */
   static fromLayer(layer: MoELayer, options: { maxWorkspaces?: number } = {}): MoEInference {
     options = checkOptions(options, 'MoEInference.fromLayer', { maxWorkspaces: true });
@@ -329,6 +330,12 @@ export class MoEInference implements Disposable {
       invalidArgument(
         'MoEInference.fromLayer',
         `routing '${c.routing}' is not served (expert choice needs the whole batch's tokens; serving is token choice)`,
+      );
+    // A served copy must compute what the layer computes, and serving dispatches unquantised rows.
+    if (c.fp8Dispatch !== false)
+      invalidArgument(
+        'MoEInference.fromLayer',
+        `the layer's fp8Dispatch ${JSON.stringify(c.fp8Dispatch)} is not served: MoEInference dispatches rows unquantised, so its outputs would differ from the layer's (new MoEInference(config, weights) serves the same weights unquantised)`,
       );
     const weights = tidy(() => ({
       router: layer.compute.router.clone(),

@@ -6,6 +6,7 @@
 import { Ajv, type ErrorObject } from 'ajv';
 
 import { closestName, InvalidArgumentError } from '../errors.js';
+import { FP8_BLOCK } from '../moe/fp8.js';
 
 export interface TrainConfig {
   model: {
@@ -278,10 +279,10 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0),
       `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`,
     ],
-    // One fp32 scale per 128 values of a row (lib/moe/fp8.ts).
+    // One fp32 scale per FP8_BLOCK values of a row.
     [
-      c.model.fp8Dispatch === false || c.model.hidden % 128 === 0,
-      `config.model.fp8Dispatch: needs config.model.hidden to be a multiple of 128 (received ${c.model.hidden})`,
+      c.model.fp8Dispatch === false || c.model.hidden % FP8_BLOCK === 0,
+      `config.model.fp8Dispatch: needs config.model.hidden to be a multiple of ${FP8_BLOCK} (received ${c.model.hidden})`,
     ],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],

@@ -162,6 +162,10 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
     const fe = ep.forward(x),
       fr = ref.forward(xCpu);
     layerTransport = checkUsed(ep.dispatcher, `layer ${what}`);
+    // The option reached both layers' dispatchers: rows arrive as e4m3 (the reference's too).
+    const fp8 = extra.fp8Dispatch ?? false;
+    check(ep.dispatcher.fp8 === fp8 && ref.dispatcher.fp8 === fp8, `fp8Dispatch ${what}: ${ep.dispatcher.fp8}, ${ref.dispatcher.fp8}`);
+    check(fe.saved.rows.dtype === (fp8 === 'keep' ? 'fp8e4m3' : dtype), `rows ${what}: ${fe.saved.rows.dtype}`);
     check(relErr(vals(fe.y), vals(fr.y)) < tol.y, `forward ${what}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
     progress(`2 ${what}: forward`);
     const fo = epOverlap.forward(x);

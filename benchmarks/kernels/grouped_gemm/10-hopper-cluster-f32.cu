@@ -28,7 +28,7 @@ template <int CLUSTER, Pair PAIR = Pair::Multicast>
 void run_cluster(const ladder::Problem& pr, const ladder::Inputs& in, float* out, bool accumulate, int sms) {
   const char* failed =
       moe::ops::cluster_f32::run<CLUSTER, PAIR>(in.da, in.dc, in.doffsets, out, pr.M, pr.E, pr.K, pr.N, accumulate, sms, cudaStream_t(0));
-  CHECK(failed == nullptr, "cluster %d: %s", CLUSTER, failed);
+  CHECK(failed == nullptr, "cluster %d, pairing %d: %s", CLUSTER, int(PAIR), failed);
 }
 
 size_t unwritten(const std::vector<float>& r) {

@@ -5,7 +5,7 @@
 // the 128-wide hand-off ran level with the warp slices (ncu on the layer's dW13: 4.96 M cycles
 // against 4.88 M, tensor pipe 72.8%) with the L2 at 77.6% of its throughput, against 63.9% for the
 // 128×256 tiles. Sharing B between two CTAs cuts a quarter of the operand reads from L2. Written in
-// session 9 and compiled for sm_90a; not yet run on a GPU.
+// session 9; 10a and 10b ran on the H200 (README), 10c and 10d (below) are compiled, not yet run.
 //
 // Block: 3 warpgroups (384 threads), one block per SM, persistent. Warpgroup 0: thread 0 issues the
 // TMA loads into a 5-stage ring (A: two [64 k][64 m] boxes of a_eᵀ; B: two [64 k][64 n] boxes of
@@ -246,7 +246,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     int stage = 0;
     uint32_t round = 0;
     uint32_t n = 0;
-    // Releases a stage: this CTA's consumers and, in a cluster, the peer's (its multicast writes here).
+    // Releases a stage: in this CTA and, when both CTAs release (10b: the peer's multicast writes
+    // here; 10d: the same lockstep without it), in the peer.
     auto release = [&](int s) {
       if ((threadIdx.x & 127) != 0) return;
       mbar_arrive(&empty[s]);
