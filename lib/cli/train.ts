@@ -161,7 +161,7 @@ export async function runTrain(args: string[]): Promise<number> {
   const m = config.model;
   if (lead) {
     console.log(
-      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (${m.routing === 'expert-choice' ? `expert choice, ${m.capacityFactor ?? m.topK} experts per token on average` : `top-${m.topK}`}, ${m.scoreFunction}${m.routing === 'expert-choice' ? '' : m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}), ` +
+      `moe-ep train: ${m.layers} MoE layers, ${m.experts} experts (${m.routing === 'expert-choice' ? `expert choice, ${m.capacityFactor ?? m.topK} experts per token on average` : `top-${m.topK}`}, ${m.scoreFunction}${m.routing === 'expert-choice' ? '' : m.capacityFactor === null ? ', dropless' : `, capacity ${m.capacityFactor}`}${m.fp8Dispatch === false ? '' : `, fp8 dispatch${m.fp8Dispatch === 'keep' ? " 'keep'" : ''}`}), ` +
         `hidden ${m.hidden}, ffn ${m.ffn}; ${world.size} rank(s) [${world.backend}] on ${trainer.device.toString()}; ${config.train.steps} steps of ${config.data.tokensPerStep} tokens`,
     );
     console.log(`run folder: ${out}`);
