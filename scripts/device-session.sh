@@ -376,18 +376,21 @@ fi
 
 if [[ " $what " == *" ladder "* ]]; then
   # The grouped-GEMM ladder's standalone programs (benchmarks/kernels/grouped_gemm/README.md; no addon
-  # needed). MOE_EP_LADDER: the steps to run (default 10) with MOE_EP_LADDER_ARGS (default: the
-  # layer's dW13, 5 rounds); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
+  # needed). MOE_EP_LADDER: the steps to run (default "10 11") with MOE_EP_LADDER_ARGS (default: 5
+  # rounds on the step's own shape; step 10 on the layer's dW13); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
   # Nsight Compute on the step's first MOE_EP_LADDER_NCU_LAUNCHES launches (default 5: step 10's case 0
-  # and its four variants, in the checked run):
+  # and its four variants in the checked run; step 11's two kernels, then its timing's first launches):
   # the full section set as CSV, and the per-instruction source page (SASS with warp-stall samples)
   # gzipped, to see where each kernel's warps wait (issue 20: ladder 10b's per-stage protocol).
   step "ladder"
   ladder_dir=benchmarks/kernels/grouped_gemm
-  ladder_args=${MOE_EP_LADDER_ARGS:---E 32 --M 32768 --K 7168 --N 4096 --rounds 5}
   nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-  for n in ${MOE_EP_LADDER:-10}; do
+  for n in ${MOE_EP_LADDER:-10 11}; do
+    if [[ -n ${MOE_EP_LADDER_ARGS:-} ]]; then ladder_args=$MOE_EP_LADDER_ARGS
+    elif [[ $n == 10 ]]; then ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
+    else ladder_args="--rounds 5"
+    fi
     src=$(cd "$ladder_dir" && ls "$n"-*.cu 2>/dev/null | head -1)
     if [[ -z $src ]]; then echo "no ladder step $n"; status=1; continue; fi
     prog=${src%.cu}

@@ -1,0 +1,122 @@
+// Step 11 of the grouped-GEMM ladder: dW (TN, bf16 results) for groups of at most 128 rows with the
+// group's B slice resident in shared memory (hopper_b_resident.cuh says why and how), against the
+// addon's Hopper TN kernel with the hand-off (case 0: hopper_epilogues.cuh, 31c19a6's device code; the
+// addon's later bulk-copy drain measured level with it on this shape, grouped-gemm.md v10) and a
+// device copy timed in the same rounds (the DRAM roof). Written in session 11; compiled, not yet run.
+//
+//   make 11-hopper-b-resident-dw
+//   ./11-hopper-b-resident-dw                          # E=256 M=32768 K=7168 N=2048: 128 rows a group
+//   ./11-hopper-b-resident-dw --ragged 1               # counts of 0-128 rows (empty, sub-k-step, ragged)
+//   ./11-hopper-b-resident-dw --E 5 --M 500 --K 200 --N 328 --ragged 1   # partial m- and n-tiles
+//
+// Outputs are poisoned (NaN) before the checked run: every element must be written. Each result is
+// checked at 2048 sampled outputs against the CPU reference and in full against case 0 (the same
+// k order, so the same bits are expected); then case 0, step 11 and the copy are timed interleaved.
+// The roof: the bytes of dW (E·K·N bf16) at the copy's bandwidth (2 × 1 GiB moved per copy), as
+// benchmarks/grouped-gemm.bench.mjs counts it.
+#include "hopper_b_resident.cuh"
+
+namespace {
+
+// Ragged counts of at most 128 rows: every 7th group empty, every 5th under one k-step (1-63 rows),
+// the rest 64-128 rows; M becomes their sum.
+ladder::Problem ragged_short(const ladder::Problem& b) {
+  ladder::Problem p = b;
+  p.offsets.assign(p.E + 1, 0);
+  for (int e = 0; e < p.E; ++e) {
+    const int rows = e % 7 == 3 ? 0 : e % 5 == 2 ? 1 + (e * 13) % 63 : 64 + (e * 7919) % 65;
+    p.offsets[e + 1] = p.offsets[e] + rows;
+  }
+  p.M = p.offsets[p.E];
+  return p;
+}
+
+// The inputs of the TN product only (a and c; ladder::make_inputs also draws the [E, K, N] weights,
+// 7.5 GB at the default shape, which TN never reads).
+ladder::Inputs make_tn_inputs(const ladder::Problem& p) {
+  ladder::Inputs in;
+  in.a = ladder::random_bf16(size_t(p.M) * p.K, 1, 1.f);
+  in.c = ladder::random_bf16(size_t(p.M) * p.N, 3, 1.f);
+  in.da = ladder::to_device(in.a);
+  in.dc = ladder::to_device(in.c);
+  in.doffsets = ladder::to_device(std::vector<int32_t>(p.offsets.begin(), p.offsets.end()));
+  return in;
+}
+
+size_t unwritten(const std::vector<float>& r) {
+  size_t n = 0;
+  for (float v : r) n += std::isnan(v);
+  return n;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
+  ladder::Args args = ladder::parse_args(argc, argv, 256, 32768, 7168, 2048);
+  if (use_ragged) args.problem = ragged_short(args.problem);
+  const ladder::Problem& pr = args.problem;
+  ladder::print_problem("11-hopper-b-resident-dw", pr);
+  if (use_ragged) ladder::print_counts(pr);
+  CHECK(pr.K % 8 == 0 && pr.N % 8 == 0 && pr.M > 0, "the Hopper kernels need K and N multiples of 8 (TMA) and M > 0");
+  const ladder::Inputs in = make_tn_inputs(pr);
+  const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
+  const int sms = ladder::sm_count();
+  const ladder::Mode m = ladder::Mode::TN;
+  const size_t n = ladder::out_elems(pr, m);
+  __nv_bfloat16* o[2] = {nullptr, nullptr};
+  for (auto*& x : o) {
+    CHECK_CUDA(cudaMalloc(&x, std::max<size_t>(1, n) * sizeof(__nv_bfloat16)));
+    CHECK_CUDA(cudaMemset(x, 0xFF, n * sizeof(__nv_bfloat16)));  // NaN
+  }
+  using moe::ops::hopper::StoreVia;
+  auto case0 = [&] { moe::ops::hopper::run<StoreVia::Handoff, __nv_bfloat16>(m, pr, in, tile_start, o[0], sms); };
+  auto resident = [&] { moe::ops::hopper::b_resident::run(pr, in, o[1], sms); };
+  case0();
+  resident();
+  CHECK_CUDA(cudaGetLastError());
+  CHECK_CUDA(cudaDeviceSynchronize());
+  const std::vector<float> r0 = ladder::to_host_floats(o[0], n), r1 = ladder::to_host_floats(o[1], n);
+  std::printf("TN, bf16 results (unwritten outputs: case 0 %zu, 11 %zu)\n", unwritten(r0), unwritten(r1));
+  CHECK(unwritten(r0) == 0 && unwritten(r1) == 0, "outputs left unwritten");
+
+  // The roof's copy: 1 GiB device to device (its own buffers).
+  const size_t copy_bytes = size_t(1) << 30;
+  void *src = nullptr, *dst = nullptr;
+  CHECK_CUDA(cudaMalloc(&src, copy_bytes));
+  CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
+  CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
+  auto copy = [&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); };
+
+  const auto ms = ladder::time_interleaved({case0, resident, copy}, args.rounds, args.repeats);
+  ladder::report("case 0: the addon's TN kernel, hand-off", pr, ms[0], ladder::check_against_cpu(pr, in, m, r0), 0.0);
+  ladder::report("11: B resident, A streamed", pr, ms[1], ladder::check_against_cpu(pr, in, m, r1), ladder::rel_err(r1, r0));
+  const double copy_bw = 2.0 * double(copy_bytes) / (median(ms[2]) * 1e-3);  // bytes/s, read + write
+  const double roof_ms = double(n) * 2 / copy_bw * 1e3;
+  std::printf("  device copy of 1 GiB: %.3f ms (%.0f GB/s read + write); dW's %.2f GB at that rate: %.3f ms\n", median(ms[2]),
+              copy_bw / 1e9, double(n) * 2 / 1e9, roof_ms);
+  for (int c = 0; c < 2; ++c) {
+    std::vector<double> share, ratio;
+    for (size_t r = 0; r < ms[c].size(); ++r) {
+      const double bw = 2.0 * double(copy_bytes) / (ms[2][r] * 1e-3);
+      share.push_back(double(n) * 2 / bw * 1e3 / ms[c][r]);
+      ratio.push_back(ms[0][r] / ms[c][r]);
+    }
+    std::sort(share.begin(), share.end());
+    std::sort(ratio.begin(), ratio.end());
+    std::printf("  %s: share of the roof per round %.3f [%.3f, %.3f]", c == 0 ? "case 0" : "11", share[share.size() / 2], share.front(),
+                share.back());
+    if (c == 1)
+      std::printf("; time case 0 / 11 per round %.3f [%.3f, %.3f] (> 1: faster)", ratio[ratio.size() / 2], ratio.front(), ratio.back());
+    std::printf("\n");
+  }
+  for (auto* x : o) CHECK_CUDA(cudaFree(x));
+  CHECK_CUDA(cudaFree(src));
+  CHECK_CUDA(cudaFree(dst));
+  return 0;
+}
