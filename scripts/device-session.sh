@@ -382,13 +382,23 @@ if [[ " $what " == *" ladder "* ]]; then
   # and its four variants in the checked run; step 11's two kernels, then its timing's first launches):
   # the full section set as CSV, and the per-instruction source page (SASS with warp-stall samples)
   # gzipped, to see where each kernel's warps wait (issue 20: ladder 10b's per-stage protocol).
+  # Files: ladder<step>.txt (the small checks, the timed run, ncu's log), ncu-ladder<step>.csv and
+  # ncu-ladder<step>-source.csv.gz: 6 for steps 10 and 11, so run it as a call of its own.
   step "ladder"
   ladder_dir=benchmarks/kernels/grouped_gemm
   nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   for n in ${MOE_EP_LADDER:-10 11}; do
+    # Small ragged problems first (partial tiles, empty and sub-k-step groups; a second or two): a
+    # step that fails them is not timed. Then the step's own shape (10: the layer's dW13).
+    checks=()
     if [[ -n ${MOE_EP_LADDER_ARGS:-} ]]; then ladder_args=$MOE_EP_LADDER_ARGS
-    elif [[ $n == 10 ]]; then ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
+    elif [[ $n == 10 ]]; then
+      ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
+      checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1")
+    elif [[ $n == 11 ]]; then
+      ladder_args="--rounds 5"
+      checks=("--E 5 --M 500 --K 200 --N 328 --ragged 1" "--E 7 --M 500 --K 136 --N 264 --ragged 1")
     else ladder_args="--rounds 5"
     fi
     src=$(cd "$ladder_dir" && ls "$n"-*.cu 2>/dev/null | head -1)
@@ -398,9 +408,17 @@ if [[ " $what " == *" ladder "* ]]; then
     if ! make -s -C "$ladder_dir" NVCC="$nvcc_bin" "$prog" > "/tmp/ladder$n-build.log" 2>&1; then
       echo "ladder $n: build failed"; tail -20 "/tmp/ladder$n-build.log"; status=1; continue
     fi
-    echo "--- $prog $ladder_args"
-    # shellcheck disable=SC2086 # the arguments are meant to split
-    if ! timeout 300 "./$ladder_dir/$prog" $ladder_args 2>&1 | tee "$OUT/ladder$n.txt"; then
+: > "$OUT/ladder$n.txt"
+    ok=1
+    for c in "${checks[@]}"; do
+      echo "--- $prog $c --rounds 1 --repeats 1" | tee -a "$OUT/ladder$n.txt"
+      # shellcheck disable=SC2086 # the arguments are meant to split
+      timeout 60 "./$ladder_dir/$prog" $c --rounds 1 --repeats 1 >> "$OUT/ladder$n.txt" 2>&1 || { ok=0; break; }
+    done
+    if ((!ok)); then tail -5 "$OUT/ladder$n.txt"; echo "ladder $n: a small check failed; not timed"; status=1; continue; fi
+    echo "--- $prog $ladder_args" | tee -a "$OUT/ladder$n.txt"
+    # shellcheck disable=SC2086
+    if ! timeout 300 "./$ladder_dir/$prog" $ladder_args 2>&1 | tee -a "$OUT/ladder$n.txt"; then
       # A failed or hung check: profiling the same launches would only spend the call's time.
       echo "ladder $n: failed; no profile"; status=1; continue
     fi
@@ -409,11 +427,13 @@ if [[ " $what " == *" ladder "* ]]; then
     rep=/tmp/ncu-ladder$n
     # shellcheck disable=SC2086
     timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --launch-count "${MOE_EP_LADDER_NCU_LAUNCHES:-5}" --set full \
-      --import-source yes -f -o "$rep" "./$ladder_dir/$prog" $ladder_args --rounds 1 --repeats 1 > "$OUT/ncu-ladder$n.log" 2>&1 || status=1
-    tail -3 "$OUT/ncu-ladder$n.log"
-    "$ncu_bin" --import "$rep.ncu-rep" --csv --page details > "$OUT/ncu-ladder$n.csv" 2>> "$OUT/ncu-ladder$n.log" || status=1
-    "$ncu_bin" --import "$rep.ncu-rep" --csv --page source --print-source sass 2>> "$OUT/ncu-ladder$n.log" \
+      --import-source yes -f -o "$rep" "./$ladder_dir/$prog" $ladder_args --rounds 1 --repeats 1 > "/tmp/ncu-ladder$n.log" 2>&1 || status=1
+    # ncu's own output joins the step's (3 files a step: 8 come back from a call).
+    "$ncu_bin" --import "$rep.ncu-rep" --csv --page details > "$OUT/ncu-ladder$n.csv" 2>> "/tmp/ncu-ladder$n.log" || status=1
+    "$ncu_bin" --import "$rep.ncu-rep" --csv --page source --print-source sass 2>> "/tmp/ncu-ladder$n.log" \
       | gzip > "$OUT/ncu-ladder$n-source.csv.gz" || status=1
+    { echo "--- ncu"; cat "/tmp/ncu-ladder$n.log"; } >> "$OUT/ladder$n.txt"
+    tail -3 "/tmp/ncu-ladder$n.log"
     ls -l "$OUT/ncu-ladder$n.csv" "$OUT/ncu-ladder$n-source.csv.gz"
   done
 fi

@@ -17,7 +17,7 @@
 // hopper_epilogues.cuh).
 //
 // Shared memory (1024-aligned, 128-byte swizzle):
-//   A ring   4 stages × 16 KiB: two [64 k][64 m] boxes of a_eᵀ, one per consumer
+//   A ring   5 stages × 16 KiB: two [64 k][64 m] boxes of a_eᵀ, one per consumer
 //   B        k-tiles × 32 KiB: per k-step four [64 k][64 n] boxes of dC_e, loaded once per item
 //   staging  the 128×256 bf16 tile (528-byte rows), drained by the bulk-copy engine (as hopper.cu v10)
 //
@@ -37,13 +37,32 @@
 namespace moe::ops::hopper::b_resident {
 
 constexpr int K_TILES_MAX = 2;  // groups of at most 128 rows
-constexpr int A_STAGES = 4;
+constexpr int A_STAGES = 5;
 constexpr int A_STAGE_BYTES = 2 * BK * 128;                                    // 16 KiB
 constexpr int B_K_TILE_BYTES = (BN / 64) * BK * 128;                           // 32 KiB
 constexpr int STAGING_LD_BYTES = Layout<StoreVia::Handoff>::TILE_LD_BF16 * 2;  // 528
 constexpr int STAGING_BYTES = BM * STAGING_LD_BYTES;
 constexpr int SMEM_BYTES = A_STAGES * A_STAGE_BYTES + K_TILES_MAX * B_K_TILE_BYTES + STAGING_BYTES + 1024;
 static_assert(SMEM_BYTES + 128 <= 232448, "over the 227 KiB opt-in (128: the static mbarriers)");
+
+// A first run of a kernel that never ran: every wait is bounded (about 10 s of the SM clock, checked
+// every 4096 polls), past which the block traps, so that a protocol error ends the program with a
+// launch failure instead of hanging the device call. (A printf of which wait it was would be worth
+// having, but its call makes the kernel spill; a debugging run can add it.)
+__device__ __forceinline__ bool try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done)
+               : "r"(smem_u32(bar)), "r"(parity)
+               : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
+  if (try_wait(bar, parity)) return;
+  const long long deadline = clock64() + 20'000'000'000LL;
+  for (uint32_t polls = 1; !try_wait(bar, parity); ++polls)
+    if ((polls & 4095) == 0 && clock64() > deadline) __trap();
+}
 
 struct Item {
   int group, col0, k_begin, k_end, k_tiles;
@@ -118,11 +137,14 @@ __global__ void __launch_bounds__(THREADS, 1)
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     if (threadIdx.x == 0) {
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
+      asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
       int stage = 0;
       uint32_t round = 0, item_n = 0;
       for (int i = blockIdx.x; i < items; i += gridDim.x, ++item_n) {
         const Item it = item_at(p, i);
-        mbar_wait(&b_empty, (item_n & 1) ^ 1);  // the consumers are done with the previous item's B
+        if (it.k_tiles > K_TILES_MAX) __trap();  // the host checks; B would overrun its region
+        wait(&b_empty, (item_n & 1) ^ 1);        // the consumers are done with the previous item's B
         mbar_arrive_expect_tx(&b_full, uint32_t(it.k_tiles * B_K_TILE_BYTES));
         for (int kt = 0; kt < it.k_tiles; ++kt)
 #pragma unroll
@@ -130,7 +152,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             tma_load_2d(b_res + kt * B_K_TILE_BYTES + j * (BK * 128), &map_b, &b_full, it.col0 + 64 * j, it.k_begin + kt * BK);
         for (int m = 0; m < p.tn_m_tiles; ++m)
           for (int kt = 0; kt < it.k_tiles; ++kt) {
-            mbar_wait(&empty[stage], (round & 1) ^ 1);
+            wait(&empty[stage], (round & 1) ^ 1);
             unsigned char* sa = ring + stage * A_STAGE_BYTES;
             mbar_arrive_expect_tx(&full[stage], A_STAGE_BYTES);
 #pragma unroll
@@ -147,7 +169,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int i = blockIdx.x; i < items; i += gridDim.x) {
         const Item it = item_at(p, i);
         for (int m = 0; m < p.tn_m_tiles; ++m, ++n) {
-          mbar_wait(&tile_full, n & 1);
+          wait(&tile_full, n & 1);
           drain_bulk(p, tile_of(p, it, m), staging, storer);
           mbar_arrive(&tile_empty);
         }
@@ -164,7 +186,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int i = blockIdx.x; i < items; i += gridDim.x, ++item_n) {
       const Item it = item_at(p, i);
       const int valid_last = it.k_end - (it.k_begin + (it.k_tiles - 1) * BK);  // rows of the group in its last k-step
-      mbar_wait(&b_full, item_n & 1);
+      wait(&b_full, item_n & 1);
       if (it.k_tiles > 0 && valid_last < BK) {
         zero_rows(b_res + (it.k_tiles - 1) * B_K_TILE_BYTES + 2 * consumer * (BK * 128), 2, valid_last, lane128, 128);
         asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both halves zeroed before either consumer reads B
@@ -172,7 +194,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int m = 0; m < p.tn_m_tiles; ++m) {
         int prev = -1;
         for (int kt = 0; kt < it.k_tiles; ++kt) {
-          mbar_wait(&full[stage], round & 1);
+          wait(&full[stage], round & 1);
           unsigned char* sa = ring + stage * A_STAGE_BYTES + consumer * (BK * 128);  // this warpgroup's 64 rows
           if (kt == it.k_tiles - 1 && valid_last < BK) {
             zero_rows(sa, 1, valid_last, lane128, 128);
@@ -199,18 +221,19 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         wgmma_wait<0>();
         if (prev >= 0 && lane128 == 0) mbar_arrive(&empty[prev]);
+        // Every wgmma reading this item's B has completed: the producer may load the next item's.
+        if (m == p.tn_m_tiles - 1 && lane128 == 0) mbar_arrive(&b_empty);
         if (it.k_tiles == 0) {
 #pragma unroll
           for (int j = 0; j < 128; ++j) d[j] = 0.f;  // a group of no rows: dW_e = 0
         }
-        mbar_wait(&tile_empty, (n & 1) ^ 1);
+        wait(&tile_empty, (n & 1) ^ 1);
         handoff_put<__nv_bfloat16>(d, staging, consumer, 0);
         // The storers' reads are the bulk-copy engine's (async proxy): order the st.shared before them.
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         mbar_arrive(&tile_full);
         ++n;
       }
-      if (lane128 == 0) mbar_arrive(&b_empty);  // every wgmma reading this item's B has completed (wait<0>)
     }
   }
 }
