@@ -99,6 +99,7 @@ describe('loading the addon', () => {
     const r = run(['info'], { MOE_EP_ADDON: '/nonexistent/moe_ep.node' });
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(/native addon could not be loaded[\s\S]*MOE_EP_ADDON=\/nonexistent[\s\S]*Possible solutions/);
+    expect(r.stderr).not.toMatch(/moe-ep: moe-ep:/);
   });
 
   it('loads with no GPU visible and says so', () => {

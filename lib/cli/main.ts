@@ -65,7 +65,9 @@ main(process.argv.slice(2)).then(
     process.exitCode = code;
   },
   (e: unknown) => {
-    console.error(`moe-ep: ${(e as Error).message}`);
+    const message = (e as Error).message;
+    // Some errors name moe-ep themselves (the addon loader's): not twice.
+    console.error(message.startsWith('moe-ep') ? message : `moe-ep: ${message}`);
     process.exitCode = e instanceof UsageError ? 2 : 1;
   },
 );
