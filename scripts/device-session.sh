@@ -13,6 +13,8 @@ export MOE_EP_MACHINE=${MOE_EP_MACHINE:-nvidia-h200}
 what=${*:-tests}
 status=0
 step() { echo "=== $1"; }
+# Nsight Compute (the ncu and ladder steps): on PATH or where CUDA and Nsight install it; empty if none.
+find_ncu() { command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1; }
 
 step "build"
 if [[ $what == ladder ]]; then
@@ -362,7 +364,7 @@ if [[ " $what " == *" ncu "* ]]; then
   # launched twice each (warm-up, then again), speed of light, pipes, memory and warp stalls, as CSV.
   # --clock-control none: the GPU's clocks stay as they are (they are never to be changed here).
   step "ncu: grouped GEMM"
-  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ncu_bin=$(find_ncu)
   if [[ -z $ncu_bin ]]; then
     echo "no ncu on this machine"
   else
@@ -387,7 +389,7 @@ if [[ " $what " == *" ladder "* ]]; then
   step "ladder"
   ladder_dir=benchmarks/kernels/grouped_gemm
   nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
-  ncu_bin=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ncu_bin=$(find_ncu)
   for n in ${MOE_EP_LADDER:-10 11}; do
     # Small ragged problems first (partial tiles, empty and sub-k-step groups; a second or two): a
     # step that fails them is not timed. Then the step's own shape (10: the layer's dW13).
