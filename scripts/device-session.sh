@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [ladder] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [suite] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [ladder] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
 #    MOE_EP_TESTS=path: run only those GPU test files; MOE_EP_LADDER, MOE_EP_LADDER_ARGS, MOE_EP_LADDER_NCU: the ladder step)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
@@ -104,6 +104,34 @@ mps_start() {
   fi
 }
 mps_stop() { if (( mps )); then echo quit | nvidia-cuda-mps-control; mps=0; echo "MPS daemon stopped"; fi; }
+
+if [[ " $what " == *" suite "* ]]; then
+  # The whole GPU suite as three vitest runs, one summary each, named for the commit and the group
+  # (benchmarks/results/gpu-tests-<commit>-<group>.json): the ranks of 23 and 62 share GPU 0 and run
+  # under the MPS daemon; the grouped-GEMM and permute files (11, 12, 13, 17: most of the time) alone;
+  # every other file together. MOE_EP_SUITE_GROUPS picks some of "mps rest gemm" (default: all three,
+  # ~7 minutes after the build at 0ccb1d6, so two calls may be needed with a build: see the README).
+  step "GPU suite in three groups"
+  gemm_files="test/gpu/11-capacity-permute test/gpu/12-grouped-gemm test/gpu/13-grouped-gemm-decode test/gpu/17-router-gemm"
+  mps_files="test/gpu/23-peer-transport test/gpu/62-serve-ep"
+  rest_files=$(ls test/gpu/*.gpu.test.ts | sed 's/\.gpu\.test\.ts$//' | grep -vE '/(11|12|13|17|23|62)-' | tr '\n' ' ')
+  suite_group() {
+    local name=$1 prefix=$2 json=/tmp/gpu-tests-$1.json
+    shift 2
+    echo "--- $name: $*" >> "$OUT/suite.log"
+    MOE_EP_REQUIRE_GPU=1 npx vitest run "$@" --reporter=default --reporter=json --outputFile.json="$json" >> "$OUT/suite.log" 2>&1 || status=1
+    MOE_EP_TEST_COMMAND="${prefix}MOE_EP_REQUIRE_GPU=1 npx vitest run $*" node scripts/gpu-test-summary.mjs "$json" \
+      "$OUT/gpu-tests-${MOE_EP_COMMIT:-unknown}-$name.json" | tail -3
+  }
+  for group in ${MOE_EP_SUITE_GROUPS:-mps rest gemm}; do
+    case $group in
+      mps) mps_start; suite_group 23-62-mps "MPS daemon on; " $mps_files; mps_stop ;;
+      rest) suite_group all-but-11-12-13-17-23-62 "" $rest_files ;;
+      gemm) suite_group 11-12-13-17 "" $gemm_files ;;
+      *) echo "suite: unknown group $group (mps, rest, gemm)"; status=1 ;;
+    esac
+  done
+fi
 
 if [[ " $what " == *" peer "* ]]; then
   # The peer-memory ('ipc') transport with ranks sharing GPU 0 (issue 16): correctness at 2 and 4
