@@ -438,7 +438,7 @@ if [[ " $what " == *" ladder "* ]]; then
     if ! make -s -C "$ladder_dir" NVCC="$nvcc_bin" "$prog" > "/tmp/ladder$n-build.log" 2>&1; then
       echo "ladder $n: build failed"; tail -20 "/tmp/ladder$n-build.log"; status=1; continue
     fi
-: > "$OUT/ladder$n.txt"
+    : > "$OUT/ladder$n.txt"
     ok=1
     for c in "${checks[@]}"; do
       echo "--- $prog $c --rounds 1 --repeats 1" | tee -a "$OUT/ladder$n.txt"

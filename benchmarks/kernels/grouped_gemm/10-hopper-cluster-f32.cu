@@ -2,8 +2,9 @@
 // to TMA tensor stores, one CTA per tile (10a: the addon's kernel at 9fa034d) or 2-CTA clusters
 // sharing B by TMA multicast (10b), against the warp slices the addon ships for fp32 (case 0); 10c
 // and 10d take 10b apart (clusters with each CTA loading all of B, releasing only its own stages or
-// both CTAs' as 10b). hopper_cluster_f32.cuh says why and how. 10a and 10b ran on the H200 (README);
-// 10c and 10d are compiled (session 11), not yet run.
+// both CTAs' as 10b); 10e and 10f are 10b and 10d with the peer's stage released at CTA scope (the
+// cluster-scope release is what 10b and 10d lose to: ladder10-b215a4b, mbar_arrive_in). hopper_cluster_f32.cuh
+// says why and how. 10a-10d ran on the H200 (README); 10e and 10f are compiled (session 12).
 //
 //   make 10-hopper-cluster-f32
 //   ./10-hopper-cluster-f32 --E 32 --M 32768 --K 7168 --N 4096     # the layer's dW13
@@ -51,9 +52,10 @@ int main(int argc, char** argv) {
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
   const int sms = ladder::sm_count();
   using moe::ops::cluster_f32::resident_clusters;
-  std::printf("grids: 10a %d CTAs; 10b %d, 10c %d, 10d %d clusters of 2 resident at once (cudaOccupancyMaxActiveClusters)\n",
+  std::printf("grids: 10a %d CTAs; 10b %d, 10c %d, 10d %d, 10e %d, 10f %d clusters of 2 resident at once (cudaOccupancyMaxActiveClusters)\n",
               resident_clusters<1>(sms), resident_clusters<2, Pair::Multicast>(sms), resident_clusters<2, Pair::OwnLoads>(sms),
-              resident_clusters<2, Pair::Lockstep>(sms));
+              resident_clusters<2, Pair::Lockstep>(sms), resident_clusters<2, Pair::MulticastCtaRelease>(sms),
+              resident_clusters<2, Pair::LockstepCtaRelease>(sms));
   const ladder::Mode m = ladder::Mode::TN;
   const size_t n = ladder::out_elems(pr, m);
   // Case 0 (the warp slices), then the variants; variant v writes o[v].
@@ -67,6 +69,8 @@ int main(int argc, char** argv) {
       {"10b", "10b: 128x128 hand-off, 2-CTA multicast of B", run_cluster<2, Pair::Multicast>},
       {"10c", "10c: 2-CTA clusters, own B loads, own release", run_cluster<2, Pair::OwnLoads>},
       {"10d", "10d: 2-CTA clusters, own B loads, both release", run_cluster<2, Pair::Lockstep>},
+      {"10e", "10e: 10b, peer released at CTA scope", run_cluster<2, Pair::MulticastCtaRelease>},
+      {"10f", "10f: 10d, peer released at CTA scope", run_cluster<2, Pair::LockstepCtaRelease>},
   };
   const size_t cases = variants.size() + 1;
   std::vector<float*> o(cases, nullptr);

@@ -54,8 +54,10 @@ namespace moe::ops::cluster_f32 {
 
 using namespace moe::ops::sm90;
 
-// How the CTAs of a 2-CTA cluster share B and release stages (see above; one CTA: ignored).
-enum class Pair { Multicast, OwnLoads, Lockstep };
+// How the CTAs of a 2-CTA cluster share B and release stages (see above; one CTA: ignored). The
+// *CtaRelease pairings are Multicast and Lockstep with the peer's stage released at CTA scope
+// (mbar_arrive_in says why; 10e and 10f).
+enum class Pair { Multicast, OwnLoads, Lockstep, MulticastCtaRelease, LockstepCtaRelease };
 
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 5, CONSUMERS = 2, THREADS = 384;
 constexpr int A_BYTES = BM * BK * 2, B_BOX_BYTES = 64 * BK * 2, STAGE_BYTES = A_BYTES + 2 * B_BOX_BYTES;  // 16 + 2 × 8 KiB
@@ -101,11 +103,18 @@ __device__ __forceinline__ int cluster_rank() {
 __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
-// Arrives on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ void mbar_arrive_in(uint64_t* bar, int rank) {
+// Arrives on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster, with release
+// semantics at cluster scope (CLUSTER_SCOPE) or the default CTA scope. The cluster-scope form compiles
+// to MEMBAR.ALL.CTA + ERRBAR before the arrive (ncu, ladder10-b215a4b: 10% of 10b's and 10d's warp
+// samples stall on that membar, and their HGMMAs wait twice as long). The CTA scope is enough here:
+// what the arrive releases is a ring stage this thread's warpgroup has only read, through wgmma,
+// whose reads wgmma.wait_group completed before the arrive; nothing it wrote has to be seen by the
+// peer (CUTLASS's ClusterBarrier::arrive(cta_id) is the same plain arrive).
+template <bool CLUSTER_SCOPE> __device__ __forceinline__ void mbar_arrive_in(uint64_t* bar, int rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(smem_u32(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  if constexpr (CLUSTER_SCOPE) asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+  else asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
 }
 // A 2-D TMA load written to the same offset in every CTA of `mask`, each CTA's mbarrier at `bar`'s
 // offset credited with the bytes it received.
@@ -178,8 +187,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     dw_f32_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
                   const __grid_constant__ CUtensorMap map_out, Params p) {
   static_assert(CLUSTER == 1 || CLUSTER == 2, "one CTA, or pairs");
-  constexpr bool multicast = CLUSTER > 1 && PAIR == Pair::Multicast;
+  constexpr bool multicast = CLUSTER > 1 && (PAIR == Pair::Multicast || PAIR == Pair::MulticastCtaRelease);
   constexpr bool release_both = CLUSTER > 1 && PAIR != Pair::OwnLoads;  // each stage freed by both CTAs' consumers
+  constexpr bool cluster_scope_release = PAIR == Pair::Multicast || PAIR == Pair::Lockstep;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
@@ -251,7 +261,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     auto release = [&](int s) {
       if ((threadIdx.x & 127) != 0) return;
       mbar_arrive(&empty[s]);
-      if constexpr (release_both) mbar_arrive_in(&empty[s], rank ^ 1);
+      if constexpr (release_both) mbar_arrive_in<cluster_scope_release>(&empty[s], rank ^ 1);
     };
     for (int u = first; u < total; u += stride) {
       const Item it = item_at<CLUSTER>(p, u, rank);
