@@ -137,8 +137,12 @@ int main(int argc, char** argv) {
   // dW here is nearly all writes (7.5 GB out, ~0.5 GB of operands in), so this is the product's
   // tighter roof; the copy's read + write rate stays the benchmark's roof (grouped-gemm.bench.mjs).
   auto fill = [&] { CHECK_CUDA(cudaMemsetAsync(o[1], 0, n * 2)); };
+  // The probes (hopper_b_resident.cuh: their outputs are not the product, so they run after the checks).
+  using moe::ops::hopper::b_resident::Probe;
+  auto no_mma = [&] { moe::ops::hopper::b_resident::run<Probe::NoMma>(pr, in, o[1], sms); };
+  auto no_store = [&] { moe::ops::hopper::b_resident::run<Probe::NoStore>(pr, in, o[1], sms); };
 
-  const auto ms = ladder::time_interleaved({case0, resident, copy, fill}, args.rounds, args.repeats);
+  const auto ms = ladder::time_interleaved({case0, resident, copy, fill, no_mma, no_store}, args.rounds, args.repeats);
   ladder::report("case 0: the addon's TN kernel, hand-off", pr, ms[0], err0, 0.0);
   ladder::report("11: B resident, A streamed", pr, ms[1], err1, differ ? std::nan("") : 0.0);
   const double copy_bw = 2.0 * double(copy_bytes) / (median(ms[2]) * 1e-3);  // bytes/s, read + write
@@ -147,6 +151,12 @@ int main(int argc, char** argv) {
               copy_bw / 1e9, double(n) * 2 / 1e9, roof_ms);
   std::printf("  cudaMemset of dW's %.2f GB: %.3f ms (%.0f GB/s written)\n", double(n) * 2 / 1e9, median(ms[3]),
               double(n) * 2 / (median(ms[3]) * 1e-3) / 1e9);
+  const char* probe_names[2] = {"11 without the wgmma (loads, hand-off, stores)", "11 without the stores (loads, wgmma, hand-off)"};
+  for (int c = 4; c < 6; ++c) {
+    std::vector<double> v = ms[c];
+    std::sort(v.begin(), v.end());
+    std::printf("  probe, %s: %.3f ms [%.3f, %.3f]\n", probe_names[c - 4], v[v.size() / 2], v.front(), v.back());
+  }
   for (int c = 0; c < 2; ++c) {
     std::vector<double> share, ratio;
     for (size_t r = 0; r < ms[c].size(); ++r) {
