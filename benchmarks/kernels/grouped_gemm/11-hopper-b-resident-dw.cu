@@ -2,7 +2,8 @@
 // group's B slice resident in shared memory (hopper_b_resident.cuh says why and how), against the
 // addon's Hopper TN kernel with the hand-off (case 0: hopper_epilogues.cuh, 31c19a6's device code; the
 // addon's later bulk-copy drain measured level with it on this shape, grouped-gemm.md v10) and a
-// device copy timed in the same rounds (the DRAM roof). Written in session 11; compiled, not yet run.
+// device copy timed in the same rounds (the DRAM roof). Written in session 11, first run in session 12;
+// the tensor-store drains 11t and 11t2 (hopper_b_resident.cuh: Drain) compiled in session 12, not yet run.
 //
 //   make 11-hopper-b-resident-dw
 //   ./11-hopper-b-resident-dw                          # E=256 M=32768 K=7168 N=2048: 128 rows a group
@@ -20,6 +21,8 @@
 // The roof: the bytes of dW (E·K·N bf16) at the copy's bandwidth (2 × 1 GiB moved per copy), as
 // benchmarks/grouped-gemm.bench.mjs counts it; beside it the write roof, a cudaMemset of dW's bytes
 // (session 12: the first run had step 11 at 0.58 of the copy roof with DRAM at 60% in ncu).
+#include <functional>
+
 #include "hopper_b_resident.cuh"
 
 namespace {
@@ -100,31 +103,45 @@ int main(int argc, char** argv) {
   const int sms = ladder::sm_count();
   const ladder::Mode m = ladder::Mode::TN;
   const size_t n = ladder::out_elems(pr, m);
-  __nv_bfloat16* o[2] = {nullptr, nullptr};
+  // Case 0, then step 11 with each drain (hopper_b_resident.cuh: Drain); kernel c writes o[c].
+  using moe::ops::hopper::StoreVia;
+  namespace br = moe::ops::hopper::b_resident;
+  struct Kernel {
+    const char* name;
+    const char* what;
+    std::function<void(__nv_bfloat16*)> run;
+  };
+  const std::vector<Kernel> kernels = {
+      {"case 0", "case 0: the addon's TN kernel, hand-off",
+       [&](__nv_bfloat16* out) { moe::ops::hopper::run<StoreVia::Handoff, __nv_bfloat16>(m, pr, in, tile_start, out, sms); }},
+      {"11", "11: B resident, rows by cp.async.bulk", [&](__nv_bfloat16* out) { br::run<br::Probe::None, br::Drain::RowCopies>(pr, in, out, sms); }},
+      {"11t", "11t: tensor stores, one buffer", [&](__nv_bfloat16* out) { br::run<br::Probe::None, br::Drain::TensorStores>(pr, in, out, sms); }},
+      {"11t2", "11t2: tensor stores, two buffers", [&](__nv_bfloat16* out) { br::run<br::Probe::None, br::Drain::TensorStores2>(pr, in, out, sms); }},
+  };
+  const size_t K_COUNT = kernels.size();
+  std::vector<__nv_bfloat16*> o(K_COUNT, nullptr);
   for (auto*& x : o) {
     CHECK_CUDA(cudaMalloc(&x, std::max<size_t>(1, n) * sizeof(__nv_bfloat16)));
     CHECK_CUDA(cudaMemset(x, 0xFF, n * sizeof(__nv_bfloat16)));  // NaN
   }
-  using moe::ops::hopper::StoreVia;
-  auto case0 = [&] { moe::ops::hopper::run<StoreVia::Handoff, __nv_bfloat16>(m, pr, in, tile_start, o[0], sms); };
-  auto resident = [&] { moe::ops::hopper::b_resident::run(pr, in, o[1], sms); };
-  case0();
-  resident();
+  for (size_t c = 0; c < K_COUNT; ++c) kernels[c].run(o[c]);
   CHECK_CUDA(cudaGetLastError());
   CHECK_CUDA(cudaDeviceSynchronize());
-  const std::vector<uint16_t> r0 = raw_bf16(o[0], n), r1 = raw_bf16(o[1], n);
-  size_t nan0 = 0, nan1 = 0, differ = 0;
-  for (size_t i = 0; i < n; ++i) {
-    nan0 += is_nan_bf16(r0[i]);
-    nan1 += is_nan_bf16(r1[i]);
-    differ += r0[i] != r1[i];
+  const std::vector<uint16_t> r0 = raw_bf16(o[0], n);
+  std::vector<double> err(K_COUNT), vs0(K_COUNT);
+  std::printf("TN, bf16 results (same operands and k order as case 0: 0 outputs differing expected)\n");
+  for (size_t c = 0; c < K_COUNT; ++c) {
+    const std::vector<uint16_t> rc = c == 0 ? r0 : raw_bf16(o[c], n);
+    size_t nans = 0, differ = 0;
+    for (size_t i = 0; i < n; ++i) {
+      nans += is_nan_bf16(rc[i]);
+      differ += rc[i] != r0[i];
+    }
+    std::printf("  %s: %zu unwritten, %zu of %zu differ from case 0\n", kernels[c].name, nans, differ, n);
+    CHECK(nans == 0, "outputs left unwritten");
+    err[c] = sampled_err(pr, in, rc);
+    vs0[c] = differ ? std::nan("") : 0.0;
   }
-  std::printf(
-      "TN, bf16 results (unwritten outputs: case 0 %zu, 11 %zu); 11 against case 0: %zu of %zu outputs differ (same operands\n"
-      "and k order: 0 expected)\n",
-      nan0, nan1, differ, n);
-  CHECK(nan0 == 0 && nan1 == 0, "outputs left unwritten");
-  const double err0 = sampled_err(pr, in, r0), err1 = sampled_err(pr, in, r1);
 
   // The roof's copy: 1 GiB device to device (its own buffers).
   const size_t copy_bytes = size_t(1) << 30;
@@ -132,47 +149,49 @@ int main(int argc, char** argv) {
   CHECK_CUDA(cudaMalloc(&src, copy_bytes));
   CHECK_CUDA(cudaMalloc(&dst, copy_bytes));
   CHECK_CUDA(cudaMemset(src, 1, copy_bytes));
-  auto copy = [&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); };
   // The write roof: dW's own bytes written by cudaMemset (into step 11's output, checked already).
   // dW here is nearly all writes (7.5 GB out, ~0.5 GB of operands in), so this is the product's
   // tighter roof; the copy's read + write rate stays the benchmark's roof (grouped-gemm.bench.mjs).
-  auto fill = [&] { CHECK_CUDA(cudaMemsetAsync(o[1], 0, n * 2)); };
-  // The probes (hopper_b_resident.cuh: their outputs are not the product, so they run after the checks).
-  using moe::ops::hopper::b_resident::Probe;
-  auto no_mma = [&] { moe::ops::hopper::b_resident::run<Probe::NoMma>(pr, in, o[1], sms); };
-  auto no_store = [&] { moe::ops::hopper::b_resident::run<Probe::NoStore>(pr, in, o[1], sms); };
+  // Then the probes (hopper_b_resident.cuh: their outputs are not the product, so they run after the checks).
+  std::vector<std::function<void()>> runs;
+  for (size_t c = 0; c < K_COUNT; ++c) runs.push_back([&, c] { kernels[c].run(o[c]); });
+  const size_t COPY = runs.size(), FILL = COPY + 1, PROBES = COPY + 2;
+  runs.push_back([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, copy_bytes, cudaMemcpyDeviceToDevice)); });
+  runs.push_back([&] { CHECK_CUDA(cudaMemsetAsync(o[1], 0, n * 2)); });
+  runs.push_back([&] { br::run<br::Probe::NoMma, br::Drain::RowCopies>(pr, in, o[1], sms); });
+  runs.push_back([&] { br::run<br::Probe::NoStore, br::Drain::RowCopies>(pr, in, o[1], sms); });
+  runs.push_back([&] { br::run<br::Probe::NoMma, br::Drain::TensorStores2>(pr, in, o[1], sms); });
+  const char* probe_names[3] = {"11 without the wgmma (loads, hand-off, stores)", "11 without the stores (loads, wgmma, hand-off)",
+                                "11t2 without the wgmma"};
 
-  const auto ms = ladder::time_interleaved({case0, resident, copy, fill, no_mma, no_store}, args.rounds, args.repeats);
-  ladder::report("case 0: the addon's TN kernel, hand-off", pr, ms[0], err0, 0.0);
-  ladder::report("11: B resident, A streamed", pr, ms[1], err1, differ ? std::nan("") : 0.0);
-  const double copy_bw = 2.0 * double(copy_bytes) / (median(ms[2]) * 1e-3);  // bytes/s, read + write
+  const auto ms = ladder::time_interleaved(runs, args.rounds, args.repeats);
+  for (size_t c = 0; c < K_COUNT; ++c) ladder::report(kernels[c].what, pr, ms[c], err[c], vs0[c]);
+  const double copy_bw = 2.0 * double(copy_bytes) / (median(ms[COPY]) * 1e-3);  // bytes/s, read + write
   const double roof_ms = double(n) * 2 / copy_bw * 1e3;
-  std::printf("  device copy of 1 GiB: %.3f ms (%.0f GB/s read + write); dW's %.2f GB at that rate: %.3f ms\n", median(ms[2]),
+  std::printf("  device copy of 1 GiB: %.3f ms (%.0f GB/s read + write); dW's %.2f GB at that rate: %.3f ms\n", median(ms[COPY]),
               copy_bw / 1e9, double(n) * 2 / 1e9, roof_ms);
-  std::printf("  cudaMemset of dW's %.2f GB: %.3f ms (%.0f GB/s written)\n", double(n) * 2 / 1e9, median(ms[3]),
-              double(n) * 2 / (median(ms[3]) * 1e-3) / 1e9);
-  const char* probe_names[2] = {"11 without the wgmma (loads, hand-off, stores)", "11 without the stores (loads, wgmma, hand-off)"};
-  for (int c = 4; c < 6; ++c) {
+  std::printf("  cudaMemset of dW's %.2f GB: %.3f ms (%.0f GB/s written)\n", double(n) * 2 / 1e9, median(ms[FILL]),
+              double(n) * 2 / (median(ms[FILL]) * 1e-3) / 1e9);
+  for (size_t c = PROBES; c < runs.size(); ++c) {
     std::vector<double> v = ms[c];
     std::sort(v.begin(), v.end());
-    std::printf("  probe, %s: %.3f ms [%.3f, %.3f]\n", probe_names[c - 4], v[v.size() / 2], v.front(), v.back());
+    std::printf("  probe, %s: %.3f ms [%.3f, %.3f]\n", probe_names[c - PROBES], v[v.size() / 2], v.front(), v.back());
   }
-  for (int c = 0; c < 2; ++c) {
-    std::vector<double> share, ratio;
+  for (size_t c = 0; c < K_COUNT; ++c) {
+    std::vector<double> share, ratio, fill_share;
     for (size_t r = 0; r < ms[c].size(); ++r) {
-      const double bw = 2.0 * double(copy_bytes) / (ms[2][r] * 1e-3);
+      const double bw = 2.0 * double(copy_bytes) / (ms[COPY][r] * 1e-3);
       share.push_back(double(n) * 2 / bw * 1e3 / ms[c][r]);
       ratio.push_back(ms[0][r] / ms[c][r]);
+      fill_share.push_back(ms[FILL][r] / ms[c][r]);
     }
     std::sort(share.begin(), share.end());
     std::sort(ratio.begin(), ratio.end());
-    std::printf("  %s: share of the roof per round %.3f [%.3f, %.3f]", c == 0 ? "case 0" : "11", share[share.size() / 2], share.front(),
-                share.back());
-    if (c == 1)
-      std::printf("; time case 0 / 11 per round %.3f [%.3f, %.3f] (> 1: faster)", ratio[ratio.size() / 2], ratio.front(), ratio.back());
-    std::vector<double> fill_share;
-    for (size_t r = 0; r < ms[c].size(); ++r) fill_share.push_back(ms[3][r] / ms[c][r]);
     std::sort(fill_share.begin(), fill_share.end());
+    std::printf("  %s: share of the roof per round %.3f [%.3f, %.3f]", kernels[c].name, share[share.size() / 2], share.front(), share.back());
+    if (c > 0)
+      std::printf("; time case 0 / %s per round %.3f [%.3f, %.3f] (> 1: faster)", kernels[c].name, ratio[ratio.size() / 2], ratio.front(),
+                  ratio.back());
     std::printf("; time of the memset / this per round %.3f [%.3f, %.3f]\n", fill_share[fill_share.size() / 2], fill_share.front(),
                 fill_share.back());
   }
