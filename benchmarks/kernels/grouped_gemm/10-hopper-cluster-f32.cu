@@ -4,7 +4,7 @@
 // and 10d take 10b apart (clusters with each CTA loading all of B, releasing only its own stages or
 // both CTAs' as 10b); 10e and 10f are 10b and 10d with the peer's stage released at CTA scope (the
 // cluster-scope release is what 10b and 10d lose to: ladder10-b215a4b, mbar_arrive_in). hopper_cluster_f32.cuh
-// says why and how. 10a-10d ran on the H200 (README); 10e and 10f are compiled (session 12).
+// says why and how. All ran on the H200 (README, results/ladder10-4392a81.txt).
 //
 //   make 10-hopper-cluster-f32
 //   ./10-hopper-cluster-f32 --E 32 --M 32768 --K 7168 --N 4096     # the layer's dW13

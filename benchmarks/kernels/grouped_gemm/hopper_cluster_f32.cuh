@@ -5,7 +5,7 @@
 // the 128-wide hand-off ran level with the warp slices (ncu on the layer's dW13: 4.96 M cycles
 // against 4.88 M, tensor pipe 72.8%) with the L2 at 77.6% of its throughput, against 63.9% for the
 // 128×256 tiles. Sharing B between two CTAs cuts a quarter of the operand reads from L2. Written in
-// session 9; 10a and 10b ran on the H200 (README), 10c and 10d (below) are compiled, not yet run.
+// session 9; all six variants ran on the H200 (README: 10b's slowness was its remote arrive's cluster-scope release).
 //
 // Block: 3 warpgroups (384 threads), one block per SM, persistent. Warpgroup 0: thread 0 issues the
 // TMA loads into a 5-stage ring (A: two [64 k][64 m] boxes of a_eᵀ; B: two [64 k][64 n] boxes of
@@ -35,9 +35,9 @@
 // busy, so the cost is in the protocol): Pair::OwnLoads (10c) launches the same clusters and walks
 // the same items, but each CTA loads all of B itself and releases only its own stages (10a's
 // protocol in a cluster launch); Pair::Lockstep (10d) loads all of B itself too, but releases its
-// stages in both CTAs as 10b does (10b's lockstep without the multicast). 10c slow: the cluster
-// launch or the item order; 10d as slow as 10b: the two CTAs waiting for each other; 10d fast and
-// 10b slow: the multicast itself.
+// stages in both CTAs as 10b does (10b's lockstep without the multicast). Measured: 10c level with
+// the warp slices, 10d as slow as 10b; 10e and 10f (10b and 10d with the remote arrive at CTA scope,
+// mbar_arrive_in) level again: the cost was the cluster-scope release, not the lockstep.
 #pragma once
 #include <cuda.h>
 #include <cudaTypedefs.h>
