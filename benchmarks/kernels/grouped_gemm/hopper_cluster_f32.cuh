@@ -104,9 +104,12 @@ __device__ __forceinline__ void cluster_sync() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 // Arrives on the mbarrier at the same shared-memory offset in CTA `rank` of the cluster, with release
-// semantics at cluster scope (CLUSTER_SCOPE) or the default CTA scope. The cluster-scope form compiles
-// to MEMBAR.ALL.CTA + ERRBAR before the arrive (ncu, ladder10-b215a4b: 10% of 10b's and 10d's warp
-// samples stall on that membar, and their HGMMAs wait twice as long). The CTA scope is enough here:
+// semantics at cluster scope (CLUSTER_SCOPE) or the default CTA scope. With the cluster scope, 10b and
+// 10d ran at half speed, ~10% of their warp samples stalled on a membar (ERRBAR and MEMBAR.ALL.CTA
+// among their hottest instructions) and their HGMMAs waited twice as long (ncu, ladder10-b215a4b);
+// at CTA scope they run level (ladder10-4392a81). Which instruction differs is not identified: a
+// count of MEMBAR/ERRBAR in the SASS is the same for both scopes (results/sass10-membar-4392a81.txt).
+// The CTA scope is enough here:
 // what the arrive releases is a ring stage this thread's warpgroup has only read, through wgmma,
 // whose reads wgmma.wait_group completed before the arrive; nothing it wrote has to be seen by the
 // peer (CUTLASS's ClusterBarrier::arrive(cta_id) is the same plain arrive).
