@@ -109,8 +109,9 @@ if [[ " $what " == *" suite "* ]]; then
   # The whole GPU suite as three vitest runs, one summary each, named for the commit and the group
   # (benchmarks/results/gpu-tests-<commit>-<group>.json): the ranks of 23 and 62 share GPU 0 and run
   # under the MPS daemon; the grouped-GEMM and permute files (11, 12, 13, 17: most of the time) alone;
-  # every other file together. MOE_EP_SUITE_GROUPS picks some of "mps rest gemm" (default: all three,
-  # ~7 minutes after the build at 0ccb1d6, so two calls may be needed with a build: see the README).
+  # every other file together. MOE_EP_SUITE_GROUPS picks some of "mps rest gemm" (default: all three).
+  # With a build, all three may not fit one 10-minute call: run "mps rest" first, then "gemm" with
+  # MOE_EP_SKIP_BUILD=1 on the still-warm machine (as for gpu-tests-b215a4b-*.json).
   step "GPU suite in three groups"
   gemm_files="test/gpu/11-capacity-permute test/gpu/12-grouped-gemm test/gpu/13-grouped-gemm-decode test/gpu/17-router-gemm"
   mps_files="test/gpu/23-peer-transport test/gpu/62-serve-ep"
