@@ -83,6 +83,16 @@ const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }
     kernels: { groupedGemm: { fewRows: false } },
     cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E),
   },
+  // The cases whose bf16 dW takes the B-resident kernel by default (32-128 rows per group on
+  // average, grouped_gemm.cc), on the general Hopper kernel's TN path.
+  {
+    path: 'dW without the B-resident kernel (groupedGemm.bResident off)',
+    kernels: { groupedGemm: { bResident: false } },
+    cases: cases.filter((c) => {
+      const M = c.counts.reduce((s, n) => s + n, 3);
+      return M >= 32 * c.E && M <= 128 * c.E;
+    }),
+  },
 ];
 
 describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ kernels, cases }) => {

@@ -23,7 +23,10 @@
 // B loads. A group of at most 128 rows (≤ 2 k-tiles) loads its B slice once per work item and every
 // m-tile reuses it. A larger group (a skewed routing: the host knows only the average) streams
 // instead: per m-tile, its k-tiles two at a time, each pair loaded into B after the consumers have
-// released the last (slower, but the same products in the same k order). Both sides derive the same
+// released the last (slower, but the same products in the same k order). Not measured, and a risk
+// under heavy skew: a work item is a (group, n-tile) over all the group's m-tiles, so a hot expert
+// runs on only n_tiles blocks, one B buffer at a time (a fix: split large groups' items along m, or
+// leave them to hopper.cu). A skewed case should be timed before this path is trusted there. Both sides derive the same
 // sequence of B loads from the offsets, and count them on b_full / b_empty:
 //   b_full   1 arrival (the producer's expect_tx of the load's bytes; 0 bytes for a group of no rows)
 //   b_empty  2 arrivals (each consumer, once every wgmma reading that load has completed)
@@ -65,9 +68,27 @@ static_assert(SMEM_BYTES + 128 <= 232448, "over the 227 KiB opt-in (128: the sta
 struct Params {
   const int32_t* offsets;  // [E+1]
   int M, E;
-  int rows, cols;        // dW_e is [rows = K, cols = N]
+  int cols;              // dW_e is [K, cols = N]
   int m_tiles, n_tiles;  // of one group's [rows, cols]
 };
+
+// Until this kernel has run on a GPU, every wait is bounded: about 10 s of the SM clock (checked every
+// 4096 polls), past which the block traps, so that a protocol error fails the launch (a CUDA error
+// the op reports) instead of hanging the process. The ladder's kernel (11t) waited the same way.
+__device__ __forceinline__ bool try_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(done)
+               : "r"(smem_u32(bar)), "r"(parity)
+               : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
+  if (try_wait(bar, parity)) return;
+  const long long deadline = clock64() + 20'000'000'000LL;
+  for (uint32_t polls = 1; !try_wait(bar, parity); ++polls)
+    if ((polls & 4095) == 0 && clock64() > deadline) __trap();
+}
 
 struct Item {
   int group, col0, k_begin, k_end, k_tiles;
@@ -162,7 +183,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       uint32_t round = 0, b_loads = 0;
       // B's k-tiles [kt0, kt0 + count) of the item, once the consumers released the previous load.
       auto load_b = [&](const Item& it, int kt0, int count) {
-        mbar_wait(&b_empty, (b_loads & 1) ^ 1);
+        wait(&b_empty, (b_loads & 1) ^ 1);
         mbar_arrive_expect_tx(&b_full, uint32_t(count * B_K_TILE_BYTES));
         for (int kt = 0; kt < count; ++kt)
 #pragma unroll
@@ -171,7 +192,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         ++b_loads;
       };
       auto load_a = [&](const Item& it, int m, int kt) {
-        mbar_wait(&empty[stage], (round & 1) ^ 1);
+        wait(&empty[stage], (round & 1) ^ 1);
         unsigned char* sa = ring + stage * A_STAGE_BYTES;
         mbar_arrive_expect_tx(&full[stage], A_STAGE_BYTES);
 #pragma unroll
@@ -202,7 +223,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int i = blockIdx.x; i < items; i += gridDim.x) {
         const Item it = item_at(p, i);
         for (int m = 0; m < p.m_tiles; ++m, ++n) {
-          mbar_wait(&tile_full, n & 1);
+          wait(&tile_full, n & 1);
           store_tile(p, &map_out, it.group, m * BM, it.col0, staging);
           // The staging is free once the engine has read it; the writes themselves stay in flight.
           asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
@@ -221,7 +242,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     // Waits for B's next load; zeroes the rows past the group's end when that load holds the group's
     // last k-tile (k-tile index `last_slot` in B), each consumer two of its four boxes, both then meeting.
     auto acquire_b = [&](int last_slot, int valid_last) {
-      mbar_wait(&b_full, b_uses & 1);
+      wait(&b_full, b_uses & 1);
       if (last_slot >= 0 && valid_last < BK) {
         zero_rows(b_res + last_slot * B_K_TILE_BYTES + 2 * consumer * (BK * 128), 2, valid_last, lane128);
         asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both halves zeroed before either consumer reads B
@@ -241,7 +262,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         for (int kt = 0; kt < it.k_tiles; ++kt) {
           const int slot = kt % B_K_TILES;
           if (!it.b_shared && slot == 0) acquire_b(kt + B_K_TILES >= it.k_tiles ? it.k_tiles - 1 - kt : -1, valid_last);
-          mbar_wait(&full[stage], round & 1);
+          wait(&full[stage], round & 1);
           unsigned char* sa = ring + stage * A_STAGE_BYTES + consumer * (BK * 128);  // this warpgroup's 64 rows
           if (kt == it.k_tiles - 1 && valid_last < BK) {
             zero_rows(sa, 1, valid_last, lane128);
@@ -282,7 +303,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 #pragma unroll
           for (int j = 0; j < 128; ++j) d[j] = 0.f;  // a group of no rows: dW_e = 0
         }
-        mbar_wait(&tile_empty, (n & 1) ^ 1);
+        wait(&tile_empty, (n & 1) ^ 1);
         put_tile(d, staging, consumer);
         mbar_arrive(&tile_full);
         ++n;
@@ -306,12 +327,14 @@ void grouped_gemm_b_resident(const GroupedGemm& g, void* stream_ptr) {
   p.offsets = g.offsets.data<int32_t>();
   p.M = int(M);
   p.E = int(E);
-  p.rows = int(K);
   p.cols = int(N);
   p.m_tiles = int((K + BM - 1) / BM);
   p.n_tiles = int((N + BN - 1) / BN);
   const int64_t items = E * p.n_tiles;
   if (items == 0) return;
+  // The shared path frees B after a group's last m-tile: K = 0 (no m-tiles) would never free it.
+  // grouped_gemm_hopper_fits refuses K = 0; this pins it.
+  MOE_INTERNAL_CHECK(K > 0 && N > 0, "groupedGemm: the B-resident dW needs K and N > 0");
   // a [M, K] and dC [M, N], both read as [64 rows][64 columns] boxes (as hopper.cu's TN path); dW as
   // [E][K][N], stored as [1][128][64] boxes.
   const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
