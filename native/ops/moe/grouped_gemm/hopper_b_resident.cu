@@ -9,8 +9,8 @@
 // 11-hopper-b-resident-dw.cu), which ran the E=256 dW 1.263× as fast as hopper.cu's kernel on the
 // H200, bit-equal (results/ladder11-5425189.txt). Rows past a group's end are zeroed as in hopper.cu.
 //
-// Block: 3 warpgroups, one block per SM, persistent over the work items (group, 256-column n-tile),
-// n fastest (the blocks in flight share a group's A slices through L2). Warpgroup 0: thread 0 issues
+// Block: 3 warpgroups, one block per SM, persistent over the work items (item_at), n fastest (the
+// blocks in flight share a group's A slices through L2). Warpgroup 0: thread 0 issues
 // the TMA loads, thread 32 the tensor stores; warpgroups 1 and 2 are the consumers, each owning 64
 // rows of the 128×256 tile (wgmma m64n256k16, 128 fp32 accumulators a thread).
 //
@@ -20,14 +20,15 @@
 //   staging  the 128×256 bf16 tile as four [128 rows][64 columns] boxes (64 KiB), the layout the
 //            output's tensor map stores from
 //
-// B loads. A group of at most 128 rows (≤ 2 k-tiles) loads its B slice once per work item and every
-// m-tile reuses it. A larger group (a skewed routing: the host knows only the average) streams
-// instead: per m-tile, its k-tiles two at a time, each pair loaded into B after the consumers have
-// released the last (slower, but the same products in the same k order). Not measured, and a risk
-// under heavy skew: a work item is a (group, n-tile) over all the group's m-tiles, so a hot expert
-// runs on only n_tiles blocks, one B buffer at a time (a fix: split large groups' items along m, or
-// leave them to hopper.cu). A skewed case should be timed before this path is trusted there. Both sides derive the same
-// sequence of B loads from the offsets, and count them on b_full / b_empty:
+// Work items and B loads. A group of at most 128 rows (≤ 2 k-tiles) is one item per n-tile: it loads
+// its B slice once and all its m-tiles reuse it. A larger group (a skewed routing: the host knows
+// only the average) is one item per (m-tile, n-tile), spread over the grid like the rest, and
+// streams its k-tiles two at a time, each pair loaded into B after the consumers have released the
+// last (slower per tile, but the same products in the same k order). The index space is
+// m_tiles × E × n_tiles with m slowest: the first E × n_tiles indices are every group's first (or
+// only) item, the later ones the large groups' further m-tiles; a small group's indices past the
+// first are no work. (The large-group path is not yet timed.) Both sides derive the same sequence of
+// B loads from the offsets, and count them on b_full / b_empty:
 //   b_full   1 arrival (the producer's expect_tx of the load's bytes; 0 bytes for a group of no rows)
 //   b_empty  2 arrivals (each consumer, once every wgmma reading that load has completed)
 // Beside them the A ring's full/empty and the staging's tile_full (256 consumer threads) and
@@ -92,16 +93,21 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
 
 struct Item {
   int group, col0, k_begin, k_end, k_tiles;
-  bool b_shared;  // ≤ B_K_TILES k-tiles: B loaded once for all m-tiles
+  int m_begin, m_end;  // the m-tiles it covers: all of them (B shared), one (B streamed), or none
+  bool b_shared;       // ≤ B_K_TILES k-tiles: B loaded once for all the item's m-tiles
 };
+// Index i of m_tiles × E × n_tiles (m slowest; see "Work items" above).
 __device__ __forceinline__ Item item_at(const Params& p, int i) {
   Item it;
-  it.group = i / p.n_tiles;
-  it.col0 = (i % p.n_tiles) * BN;
+  const int per_m = p.E * p.n_tiles, m = i / per_m, r = i % per_m;
+  it.group = r / p.n_tiles;
+  it.col0 = (r % p.n_tiles) * BN;
   it.k_begin = min(max(__ldg(p.offsets + it.group), 0), p.M);
   it.k_end = min(max(__ldg(p.offsets + it.group + 1), it.k_begin), p.M);
   it.k_tiles = (it.k_end - it.k_begin + BK - 1) / BK;
   it.b_shared = it.k_tiles <= B_K_TILES;
+  it.m_begin = m;
+  it.m_end = it.b_shared ? (m == 0 ? p.m_tiles : 0) : m + 1;
   return it;
 }
 
@@ -172,7 +178,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  const int items = p.E * p.n_tiles;
+  const int items = p.m_tiles * p.E * p.n_tiles;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -204,12 +210,13 @@ __global__ void __launch_bounds__(THREADS, 1)
       };
       for (int i = blockIdx.x; i < items; i += gridDim.x) {
         const Item it = item_at(p, i);
+        if (it.m_begin >= it.m_end) continue;  // no work at this index
         if (it.b_shared) {
           load_b(it, 0, it.k_tiles);
-          for (int m = 0; m < p.m_tiles; ++m)
+          for (int m = it.m_begin; m < it.m_end; ++m)
             for (int kt = 0; kt < it.k_tiles; ++kt) load_a(it, m, kt);
         } else {
-          for (int m = 0; m < p.m_tiles; ++m)
+          for (int m = it.m_begin; m < it.m_end; ++m)
             for (int kt0 = 0; kt0 < it.k_tiles; kt0 += B_K_TILES) {
               const int count = min(B_K_TILES, it.k_tiles - kt0);
               load_b(it, kt0, count);
@@ -222,7 +229,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       uint32_t n = 0;
       for (int i = blockIdx.x; i < items; i += gridDim.x) {
         const Item it = item_at(p, i);
-        for (int m = 0; m < p.m_tiles; ++m, ++n) {
+        for (int m = it.m_begin; m < it.m_end; ++m, ++n) {
           wait(&tile_full, n & 1);
           store_tile(p, &map_out, it.group, m * BM, it.col0, staging);
           // The staging is free once the engine has read it; the writes themselves stay in flight.
@@ -256,8 +263,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int i = blockIdx.x; i < items; i += gridDim.x) {
       const Item it = item_at(p, i);
       const int valid_last = it.k_end - (it.k_begin + (it.k_tiles - 1) * BK);  // rows of the group in its last k-step
+      if (it.m_begin >= it.m_end) continue;                                    // no work at this index
       if (it.b_shared) acquire_b(it.k_tiles - 1, valid_last);
-      for (int m = 0; m < p.m_tiles; ++m) {
+      for (int m = it.m_begin; m < it.m_end; ++m) {
         int prev = -1;
         for (int kt = 0; kt < it.k_tiles; ++kt) {
           const int slot = kt % B_K_TILES;
@@ -298,7 +306,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         wgmma_wait<0>();
         if (prev >= 0 && lane128 == 0) mbar_arrive(&empty[prev]);
-        if (it.b_shared && m == p.m_tiles - 1) release_b();
+        if (it.b_shared && m == it.m_end - 1) release_b();
         if (it.k_tiles == 0) {
 #pragma unroll
           for (int j = 0; j < 128; ++j) d[j] = 0.f;  // a group of no rows: dW_e = 0
@@ -330,8 +338,10 @@ void grouped_gemm_b_resident(const GroupedGemm& g, void* stream_ptr) {
   p.cols = int(N);
   p.m_tiles = int((K + BM - 1) / BM);
   p.n_tiles = int((N + BN - 1) / BN);
-  const int64_t items = E * p.n_tiles;
+  const int64_t items = int64_t(p.m_tiles) * E * p.n_tiles;
   if (items == 0) return;
+  MOE_ARG_CHECK(items < (int64_t(1) << 31), "groupedGemm", "dW of ", E, " groups of [", K, ", ", N,
+                "]: too many tiles for the B-resident kernel");
   // The shared path frees B after a group's last m-tile: K = 0 (no m-tiles) would never free it.
   // grouped_gemm_hopper_fits refuses K = 0; this pins it.
   MOE_INTERNAL_CHECK(K > 0 && N > 0, "groupedGemm: the B-resident dW needs K and N > 0");
