@@ -177,8 +177,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     mbar_init(&tile_empty, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
-  const int items = p.m_tiles * p.E * p.n_tiles;
+  // Only when some group streams (over B_K_TILES k-tiles) do indices past the first E × n_tiles hold
+  // work; otherwise every role stops there instead of scanning m_tiles times as many empty indices.
+  // Every thread reads the same offsets, so the roles agree. (Also the barrier after the inits.)
+  bool streams = false;
+  for (int e = threadIdx.x; e < p.E; e += THREADS) {
+    const int begin = min(max(__ldg(p.offsets + e), 0), p.M), end = min(max(__ldg(p.offsets + e + 1), begin), p.M);
+    streams |= end - begin > B_K_TILES * BK;
+  }
+  const int items = __syncthreads_or(streams) ? p.m_tiles * p.E * p.n_tiles : p.E * p.n_tiles;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -340,11 +347,10 @@ void grouped_gemm_b_resident(const GroupedGemm& g, void* stream_ptr) {
   p.n_tiles = int((N + BN - 1) / BN);
   const int64_t items = int64_t(p.m_tiles) * E * p.n_tiles;
   if (items == 0) return;
-  MOE_ARG_CHECK(items < (int64_t(1) << 31), "groupedGemm", "dW of ", E, " groups of [", K, ", ", N,
+  // (K = 0 or N = 0 returned above: with no m-tiles the shared path would never free B.) The index
+  // space and the blocks' strides through it stay within int.
+  MOE_ARG_CHECK(items + 4096 < (int64_t(1) << 31), "groupedGemm", "dW of ", E, " groups of [", K, ", ", N,
                 "]: too many tiles for the B-resident kernel");
-  // The shared path frees B after a group's last m-tile: K = 0 (no m-tiles) would never free it.
-  // grouped_gemm_hopper_fits refuses K = 0; this pins it.
-  MOE_INTERNAL_CHECK(K > 0 && N > 0, "groupedGemm: the B-resident dW needs K and N > 0");
   // a [M, K] and dC [M, N], both read as [64 rows][64 columns] boxes (as hopper.cu's TN path); dW as
   // [E][K][N], stored as [1][128][64] boxes.
   const cuuint64_t a_dims[2] = {cuuint64_t(K), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(K) * 2};
