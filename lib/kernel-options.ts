@@ -8,6 +8,10 @@
  *   groupedGemm.hopper   true   the TMA + wgmma kernel on compute capability 9.0 (H100, H200) for
  *                               the shapes it takes (K and N multiples of 8; dW from 32 rows per
  *                               group on average); false: the mma.sync kernel there too
+ *   groupedGemm.bResident true  dW with bf16 results and 32-128 rows per group on average (E=256:
+ *                               DeepSeek-V3's training step) on the Hopper kernel that keeps each
+ *                               group's dC slice in shared memory and stores by TMA tensor stores;
+ *                               false: the general Hopper kernel (needs hopper on)
  *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
  *                               the few-rows kernel; false: the tensor-core kernels
  *   groupedGemm.decode   true   the forward (NN, Store or SwiGLU) with a handful of rows per group
@@ -31,7 +35,7 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_B_RESIDENT=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0
  *   MOE_EP_PDL=0
  * The switches are one set per process: they live in the addon, which a process loads once and
  * its worker threads share. A thread loading the addon finds them either at the compiled defaults
@@ -61,6 +65,8 @@ export interface GroupedGemmKernelOptions {
   decode: boolean;
   /** The forward with one group and at most 256 columns (the router's logits) on the split-K skinny kernel (default true). */
   skinny: boolean;
+  /** dW (bf16 results) with 32-128 rows per group on average on the B-resident Hopper kernel (default true). */
+  bResident: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -80,7 +86,7 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true, skinny: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true, skinny: true, bResident: true }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
@@ -91,6 +97,7 @@ const ENVIRONMENT = {
     fewRows: 'MOE_EP_GG_FEW_ROWS',
     decode: 'MOE_EP_GG_DECODE',
     skinny: 'MOE_EP_GG_SKINNY',
+    bResident: 'MOE_EP_GG_B_RESIDENT',
   },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };

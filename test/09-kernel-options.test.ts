@@ -22,7 +22,7 @@ import { native, packageRoot } from '../lib/native.js';
 // Every measured winner on (the decode kernel included). The losing variants have no switch: they
 // live in benchmarks/kernels/grouped_gemm/.
 const defaults: KernelOptions = {
-  groupedGemm: { hopper: true, fewRows: true, decode: true, skinny: true },
+  groupedGemm: { hopper: true, fewRows: true, decode: true, skinny: true, bResident: true },
   router: { fast: true, pdl: true },
 };
 
@@ -41,11 +41,12 @@ describe('kernel switches', () => {
       kernelOptionsFromEnvironment({
         MOE_EP_GG_HOPPER: '0',
         MOE_EP_GG_FEW_ROWS: '1',
+        MOE_EP_GG_B_RESIDENT: '0',
         MOE_EP_ROUTER_FAST: 'no',
         MOE_EP_PDL: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true, decode: true, skinny: true },
+      groupedGemm: { hopper: false, fewRows: true, decode: true, skinny: true, bResident: false },
       router: { fast: true, pdl: false },
     });
     expect(
@@ -58,7 +59,7 @@ describe('kernel switches', () => {
         MOE_EP_GG_SKINNY: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false },
+      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false, bResident: true },
       router: { fast: false, pdl: true },
     });
     expect(kernelOptionsFromEnvironment({ MOE_EP_GG_DECODE: 'yes' }).groupedGemm.decode).toBe(true);
@@ -105,7 +106,7 @@ describe('kernel switches', () => {
       // the switches whose losing kernels moved to the ladder: unknown now, and said to be retired
       [
         { groupedGemm: { pingpong: true } },
-        /groupedGemm: unknown option 'pingpong'; expected 'hopper', 'fewRows', 'decode', 'skinny'; 'pingpong' chose between kernel variants until the slower one left the addon/,
+        /groupedGemm: unknown option 'pingpong'; expected 'hopper', 'fewRows', 'decode', 'skinny', 'bResident'; 'pingpong' chose between kernel variants until the slower one left the addon/,
       ],
       [
         { groupedGemm: { fusedHandoff: false } },
@@ -132,6 +133,12 @@ describe('kernel switches', () => {
     expect(() =>
       native().setKernelOptions({ groupedGemm: { hopper: true, fewRows: true, decode: true }, router: defaults.router } as never),
     ).toThrow(/setKernelOptions: 'groupedGemm.skinny' must be a boolean/);
+    expect(() =>
+      native().setKernelOptions({
+        groupedGemm: { hopper: true, fewRows: true, decode: true, skinny: true },
+        router: defaults.router,
+      } as never),
+    ).toThrow(/setKernelOptions: 'groupedGemm.bResident' must be a boolean/);
     expect(() => native().setKernelOptions({ groupedGemm: defaults.groupedGemm } as never)).toThrow(
       /setKernelOptions: 'router' must be an object/,
     );
@@ -181,6 +188,7 @@ describe('kernel switches', () => {
       MOE_EP_ROUTER_FAST: '0',
       MOE_EP_GG_DECODE: '0',
       MOE_EP_GG_SKINNY: '0',
+      MOE_EP_GG_B_RESIDENT: '0',
       MOE_EP_GG_HOPPER_HANDOFF: '1',
       MOE_EP_GG_TILE: '32',
     };
@@ -190,7 +198,7 @@ describe('kernel switches', () => {
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
     const expected = {
-      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false },
+      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false, bResident: false },
       router: { fast: false, pdl: true },
     };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });

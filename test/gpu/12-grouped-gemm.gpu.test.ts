@@ -83,6 +83,16 @@ const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }
     kernels: { groupedGemm: { fewRows: false } },
     cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E),
   },
+  // The cases whose bf16 dW takes the B-resident kernel by default (32-128 rows per group on
+  // average, grouped_gemm.cc), on the general Hopper kernel's TN path.
+  {
+    path: 'dW without the B-resident kernel (groupedGemm.bResident off)',
+    kernels: { groupedGemm: { bResident: false } },
+    cases: cases.filter((c) => {
+      const M = c.counts.reduce((s, n) => s + n, 3);
+      return M >= 32 * c.E && M <= 128 * c.E;
+    }),
+  },
 ];
 
 describe.skipIf(!hasGpu).each(paths)('CUDA grouped GEMM against the CPU reference: $path', ({ kernels, cases }) => {
@@ -294,6 +304,63 @@ describe.skipIf(!hasGpu)('the Hopper kernel on the edges of dW (TN, fp32 results
       groupedGemm('TN', a, dC, off, { out: cAcc, accumulate: true });
       groupedGemm('TN', ga, gdC, goff, { out: gAcc, accumulate: true });
       expect(relErr(floats(gAcc), floats(cAcc)), `seed ${seed}: accumulate vs CPU`).toBeLessThan(1e-4);
+    });
+  });
+});
+
+// dW with bf16 results and 32-128 rows per group on average takes the B-resident Hopper kernel by
+// default (native/ops/moe/grouped_gemm/hopper_b_resident.cu): each group's dC slice kept in shared
+// memory, a group over 128 rows streaming it two k-steps at a time, the tiles stored by TMA tensor
+// stores. Against the CPU reference, and bit for bit against the general Hopper kernel
+// (groupedGemm.bResident off): the same wgmma over the same k order, rounded to bf16 the same way.
+// Outputs poisoned; every dW_e written (groups of no rows: zeros). Off Hopper both sides are the
+// mma.sync kernel and the comparison holds trivially.
+const bResidentCases: { name: string; E: number; K: number; N: number; counts: number[] }[] = [
+  {
+    name: 'E=16, groups of 0-300 rows (1, 63-65, 127-129 and over 128: streamed), K=392, N=328: partial m- and n-tiles',
+    E: 16,
+    K: 392,
+    N: 328,
+    counts: [0, 1, 63, 64, 65, 127, 128, 129, 257, 300, 0, 50, 100, 128, 64, 32],
+  },
+  // 32 × 4 = 128 items of 8 m-tiles each: the ring, the B loads and the staging go round many times.
+  { name: 'E=32 groups of 100 rows, K=N=1024', E: 32, K: 1024, N: 1024, counts: new Array(32).fill(100) },
+  { name: 'E=8, every row in one group (1000 rows: 16 k-steps streamed)', E: 8, K: 256, N: 512, counts: [0, 0, 0, 1000, 0, 0, 0, 0] },
+];
+
+describe.skipIf(!hasGpu)('the B-resident dW (TN, bf16 results) against the CPU reference and the general Hopper kernel', () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+    setKernelOptions(kernelOptionDefaults);
+  });
+  afterEach(() => {
+    resetKernelOptions();
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(bResidentCases)('TN: $name', { timeout: 300_000 }, ({ E, K, N, counts }) => {
+    const seed = freshSeed();
+    console.log(`B-resident dW TN ${E}×${K}×${N}: seed ${seed}`);
+    const M = counts.reduce((s, c) => s + c, 0) + 3; // 3 rows outside every group
+    expect(M >= 32 * E && M <= 128 * E, 'the case is in the B-resident range (32-128 rows per group on average)').toBe(true);
+    tidy(() => {
+      const a = Tensor.rand([M, K], { seed, low: -1, high: 1, device: cpu }).cast('bf16');
+      const dC = Tensor.rand([M, N], { seed: seed + 1, low: -1, high: 1, device: cpu }).cast('bf16');
+      const ga = a.to(gpu),
+        gdC = dC.to(gpu);
+      const [off, goff] = offsets(counts);
+      const cdW = poisoned([E, K, N], 'bf16', cpu);
+      groupedGemm('TN', a, dC, off, { out: cdW });
+      const resident = poisoned([E, K, N], 'bf16', gpu);
+      groupedGemm('TN', ga, gdC, goff, { out: resident });
+      setKernelOptions({ groupedGemm: { bResident: false } });
+      const general = poisoned([E, K, N], 'bf16', gpu);
+      groupedGemm('TN', ga, gdC, goff, { out: general });
+      const got = floats(resident);
+      expect(got.every(Number.isFinite), `seed ${seed}: every output written`).toBe(true);
+      expect(relErr(got, floats(cdW)), `seed ${seed}: vs CPU`).toBeLessThan(1e-2);
+      expect(bitsDiffer(got, floats(general)), `seed ${seed}: bits differing from the general Hopper kernel`).toBe(0);
     });
   });
 });

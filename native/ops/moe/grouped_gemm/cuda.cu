@@ -1,8 +1,8 @@
 // Grouped GEMM on tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate), for sm_80 and sm_90,
 // and grouped_gemm_cuda, which runs the kernel grouped_gemm.cc chose: this one (the portable one
-// and the fallback), the wgmma/TMA kernel (hopper.cu), the few-rows dW kernel (few_rows.cu) or the
-// skinny one-group forward (skinny.cu), after the decode kernel (decode.cu) where that was chosen for
-// the groups of a few rows.
+// and the fallback), the wgmma/TMA kernel (hopper.cu) or its B-resident dW (hopper_b_resident.cu),
+// the few-rows dW kernel (few_rows.cu) or the skinny one-group forward (skinny.cu), after the decode
+// kernel (decode.cu) where that was chosen for the groups of a few rows.
 //
 // Block tile 128×128×64, 4 warps each computing 64×64, a 3-stage cp.async ring in shared memory
 // with XOR-swizzled 16-byte chunks so ldmatrix reads are free of bank conflicts. (v1's 128×128×32
@@ -21,6 +21,7 @@
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/hopper_b_resident.h"
 #include "ops/moe/grouped_gemm/mma_sync.cuh"
 #include "ops/moe/grouped_gemm/skinny.h"
 #include "ops/moe/grouped_gemm/swiglu.h"
@@ -421,6 +422,14 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
   if (kernel == GemmKernel::FewRows) {
     few_rows_tn(g, stream);
     return;
+  }
+  if (kernel == GemmKernel::HopperBResident) {
+#if MOE_EP_WITH_HOPPER
+    grouped_gemm_b_resident(g, stream);
+    return;
+#else
+    MOE_INTERNAL_CHECK(false, "groupedGemm: the B-resident Hopper kernel was chosen in a build without it");
+#endif
   }
   const int M = int(g.a.size(0)), E = int(g.offsets.size(0) - 1);
   Params p{};

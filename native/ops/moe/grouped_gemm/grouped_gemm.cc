@@ -8,6 +8,7 @@
 #include "ops/moe/grouped_gemm/decode.h"
 #include "ops/moe/grouped_gemm/few_rows.h"
 #include "ops/moe/grouped_gemm/hopper.h"
+#include "ops/moe/grouped_gemm/hopper_b_resident.h"
 #include "ops/moe/grouped_gemm/skinny.h"
 
 namespace moe::ops {
@@ -44,9 +45,14 @@ constexpr int64_t kSkinnyWideMaxRows = 1024;
 // 1. dW with at most FEW_ROWS_AVERAGE rows per group on average (decode) is bound by its stores:
 //    the few-rows kernel streams them (few_rows.cu; H200, 40314f2: 12.6 vs 10.1 TFLOP/s on the
 //    tensor cores), where its limits allow.
-// 2. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
+// 2. dW with bf16 results and kHopperDwMinRowsPerGroup to B_RESIDENT_MAX_AVERAGE_ROWS rows per group
+//    on average, on the B-resident Hopper kernel (hopper_b_resident.cu): the group's dC slice stays in
+//    shared memory while its m-tiles stream through, the tiles leave by TMA tensor stores. As ladder
+//    step 11t it ran the E=256 dW (128 rows per group) 1.263× as fast as hopper.cu's kernel, bit-equal
+//    (H200, benchmarks/results/ladder11-5425189.txt); from 32 to 127 rows it is not measured.
+// 3. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
 //    kHopperDwMinRowsPerGroup rows per group on average).
-// 3. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
+// 4. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.
 // Inside the Hopper kernel, how tiles are stored follows from the epilogue and the result type alone
 // (hopper.cu, launch()); inside mma.sync, the loader and the store follow from the alignment. Two
 // variants that lost on the H200 live in the ladder (benchmarks/kernels/grouped_gemm/), no longer
@@ -58,6 +64,9 @@ GemmKernel select_tile_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
   if (o.skinny && skinny_nn_fits(g) && (g.b.size(2) <= 64 || M <= kSkinnyWideMaxRows)) return GemmKernel::Skinny;
   if (o.few_rows && tn && M <= FEW_ROWS_AVERAGE * E && few_rows_tn_fits(g)) return GemmKernel::FewRows;
 #if MOE_EP_WITH_HOPPER
+  if (o.hopper && o.b_resident && tn && M >= kHopperDwMinRowsPerGroup * E && M <= B_RESIDENT_MAX_AVERAGE_ROWS * E &&
+      grouped_gemm_b_resident_fits(g))
+    return GemmKernel::HopperBResident;
   if (o.hopper && !(tn && M < kHopperDwMinRowsPerGroup * E) && grouped_gemm_hopper_fits(g)) return GemmKernel::Hopper;
 #endif
   return GemmKernel::MmaSync;
@@ -86,7 +95,7 @@ int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
   return M <= kDecodeMaxAverage * E ? 16 : 0;
 }
 
-// 4. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
+// 5. The decode kernel (decode.cu) for the forward with a handful of rows per group, beside the
 //    tile kernel chosen above for any larger group (decode_rows); not beside the skinny kernel,
 //    which takes every row of its one group.
 GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {

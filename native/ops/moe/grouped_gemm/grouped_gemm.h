@@ -57,14 +57,18 @@ struct alignas(8) GroupedGemmOptions {
   // The forward (NN, Store) with one group and at most 256 columns (the router's logits x·Wr): the
   // split-K skinny kernel (skinny.cu), where grouped_gemm.cc's select_tile_kernel takes it.
   bool skinny = true;
+  // dW (TN, bf16 results) with 32-128 rows per group on average on Hopper: the group's dC slice
+  // resident in shared memory, tiles stored by TMA tensor stores (hopper_b_resident.cu), where
+  // grouped_gemm.cc's select_tile_kernel takes it. Needs `hopper` on too.
+  bool b_resident = true;
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
 
 // The CUDA kernels: mma.sync (cuda.cu; any shape, sm_80 and sm_90), the Hopper one (hopper.cu; built
-// with MOE_EP_WITH_HOPPER), the few-rows dW kernel (few_rows.cu) and the skinny one-group forward
-// (skinny.cu).
-enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, Skinny = 3 };
+// with MOE_EP_WITH_HOPPER) and its B-resident dW for few rows per group (hopper_b_resident.cu), the
+// few-rows dW kernel (few_rows.cu) and the skinny one-group forward (skinny.cu).
+enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, Skinny = 3, HopperBResident = 4 };
 
 // What grouped_gemm.cc chose for a call. decode_rows = 0: `kernel` for every group. decode_rows > 0
 // (NN only): the decode kernel (decode.cu) computes the groups of 1..decode_rows rows, and `kernel`
