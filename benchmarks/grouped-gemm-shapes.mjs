@@ -31,10 +31,19 @@ export const shapes = [
   // fused products run on it): K = H, N = 2F (W1 and W3 interleaved); the up projection NN+SwiGLU
   // [M, H]·[E, H, 2F], the down projection's dA NT+dSwiGLU [M, H]·[E, F, H]ᵀ with the saved g.
   { name: 'layer T=4096x8 H=7168 F=2048 E=32', tag: 'layer', M: 32768, K: 7168, N: 4096, counts: balanced(32, 32768), fused: true },
-  // E=256 with Zipf counts (6424 rows down to 16 per group, 128 on average): the B-resident dW's
-  // large groups stream their dC slice instead of keeping it resident. Not in the default run:
+  // E=256 with Zipf counts (6424 rows down to 16 per group, 128 on average): the bf16 dW's groups
+  // over 128 rows leave the B-resident kernel for the general one. Not in the default run:
   // `--shapes=skewed`.
-  { name: 'T=4096x8 H=7168 F=2048 E=256 zipf', tag: 'E=256zipf', M: 32768, K: 7168, N: 2048, counts: zipf(256, 32768), dram: true, set: 'skewed' },
+  {
+    name: 'T=4096x8 H=7168 F=2048 E=256 zipf',
+    tag: 'E=256zipf',
+    M: 32768,
+    K: 7168,
+    N: 2048,
+    counts: zipf(256, 32768),
+    dram: true,
+    set: 'skewed',
+  },
 ];
 function mixtralDecode() {
   const counts = { 1: [0, 1, 0, 0, 1, 0, 0, 0], 8: [3, 2, 0, 4, 1, 2, 3, 1], 64: [18, 14, 17, 12, 20, 15, 16, 16] };

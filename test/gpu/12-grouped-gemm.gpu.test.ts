@@ -310,14 +310,14 @@ describe.skipIf(!hasGpu)('the Hopper kernel on the edges of dW (TN, fp32 results
 
 // dW with bf16 results and 32-128 rows per group on average takes the B-resident Hopper kernel by
 // default (native/ops/moe/grouped_gemm/hopper_b_resident.cu): each group's dC slice kept in shared
-// memory, a group over 128 rows streaming it two k-steps at a time, the tiles stored by TMA tensor
-// stores. Against the CPU reference, and bit for bit against the general Hopper kernel
-// (groupedGemm.bResident off): the same wgmma over the same k order, rounded to bf16 the same way.
+// memory, the tiles stored by TMA tensor stores; a group over 128 rows (a skewed routing) left to
+// the general Hopper kernel, launched after it over those groups alone. Against the CPU reference,
+// and bit for bit against the general Hopper kernel alone (groupedGemm.bResident off): the same wgmma over the same k order, rounded to bf16 the same way.
 // Outputs poisoned; every dW_e written (groups of no rows: zeros). Off Hopper both sides are the
 // mma.sync kernel and the comparison holds trivially.
 const bResidentCases: { name: string; E: number; K: number; N: number; counts: number[] }[] = [
   {
-    name: 'E=16, groups of 0-300 rows (1, 63-65, 127-129 and over 128: streamed), K=392, N=328: partial m- and n-tiles',
+    name: 'E=16, groups of 0-300 rows (1, 63-65, 127, 128; 129, 257 and 300 on the general kernel), K=392, N=328: partial m- and n-tiles',
     E: 16,
     K: 392,
     N: 328,
@@ -325,7 +325,13 @@ const bResidentCases: { name: string; E: number; K: number; N: number; counts: n
   },
   // 32 × 4 = 128 items of 8 m-tiles each: the ring, the B loads and the staging go round many times.
   { name: 'E=32 groups of 100 rows, K=N=1024', E: 32, K: 1024, N: 1024, counts: new Array(32).fill(100) },
-  { name: 'E=8, every row in one group (1000 rows: 16 k-steps streamed)', E: 8, K: 256, N: 512, counts: [0, 0, 0, 1000, 0, 0, 0, 0] },
+  {
+    name: 'E=8, every row in one group (1000 rows: the general kernel; the B-resident one writes the empty groups’ zeros)',
+    E: 8,
+    K: 256,
+    N: 512,
+    counts: [0, 0, 0, 1000, 0, 0, 0, 0],
+  },
 ];
 
 describe.skipIf(!hasGpu)('the B-resident dW (TN, bf16 results) against the CPU reference and the general Hopper kernel', () => {

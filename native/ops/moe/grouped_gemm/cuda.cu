@@ -367,13 +367,15 @@ __global__ void __launch_bounds__(THREADS) grouped_gemm_kernel(Params p) {
   else epilogue<EPI, OutT>(p, acc, out, row0, row_end, col0, wm, wn);
 }
 
-// tile_start[e] = Σ_{g<e} ceil(rows_g / BM), from the device-side offsets: one block, E ≤ 4096.
-// Groups of at most skip_rows rows count no tiles (the decode kernel computes them).
-__global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int skip_rows, int32_t* tile_start) {
+// tile_start[e] = Σ_{g<e} ceil(rows_g / BM), from the device-side offsets: one block, E ≤ 8192 (the
+// counts in its shared memory). Groups of at most skip_rows rows count nothing (the decode kernel, or
+// the B-resident one, computes them). With one_each a group counts 1 instead of its m-tiles (TN: the
+// groups hopper.cu's kernel computes beside the B-resident kernel).
+__global__ void tile_starts_kernel(const int32_t* offsets, int E, int M, int skip_rows, bool one_each, int32_t* tile_start) {
   extern __shared__ int32_t counts[];
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     int b = min(max(offsets[e], 0), M), end = min(max(offsets[e + 1], b), M);
-    counts[e] = end - b <= skip_rows ? 0 : (end - b + BM - 1) / BM;
+    counts[e] = end - b <= skip_rows ? 0 : one_each ? 1 : (end - b + BM - 1) / BM;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -425,8 +427,16 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
   }
   if (kernel == GemmKernel::HopperBResident) {
 #if MOE_EP_WITH_HOPPER
+    // The groups of at most B_RESIDENT_MAX_GROUP_ROWS rows; then hopper.cu's kernel over the larger
+    // ones of a skewed routing, if any (the host does not know: with none, its blocks find no work).
     grouped_gemm_b_resident(g, stream);
-    return;
+    const int E = int(g.offsets.size(0) - 1);
+    Tensor large = Tensor::empty({E + 1}, DType::i32, g.a.device(), op);
+    tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(g.offsets.data<int32_t>(), E, int(g.a.size(0)), B_RESIDENT_MAX_GROUP_ROWS,
+                                                                true, large.data<int32_t>());
+    cuda::check_launch(op);
+    grouped_gemm_hopper(g, large.data<int32_t>(), stream);
+    return;  // `large` is freed here: the caching allocator reuses it only after the kernels queued on this stream
 #else
     MOE_INTERNAL_CHECK(false, "groupedGemm: the B-resident Hopper kernel was chosen in a build without it");
 #endif
@@ -453,7 +463,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
   if (g.mode != GemmMode::TN) {
     tile_start = Tensor::empty({E + 1}, DType::i32, g.a.device(), op);
     MOE_ARG_CHECK(E <= 8192, op, "at most 8192 groups, got ", E);
-    tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(p.offsets, E, M, choice.decode_rows, tile_start.data<int32_t>());
+    tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(p.offsets, E, M, choice.decode_rows, false, tile_start.data<int32_t>());
     cuda::check_launch(op);
     p.tile_start = tile_start.data<int32_t>();
   }

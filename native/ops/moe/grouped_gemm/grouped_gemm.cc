@@ -49,7 +49,9 @@ constexpr int64_t kSkinnyWideMaxRows = 1024;
 //    on average, on the B-resident Hopper kernel (hopper_b_resident.cu): the group's dC slice stays in
 //    shared memory while its m-tiles stream through, the tiles leave by TMA tensor stores. As ladder
 //    step 11t it ran the E=256 dW (128 rows per group) 1.263× as fast as hopper.cu's kernel, bit-equal
-//    (H200, benchmarks/results/ladder11-5425189.txt); from 32 to 127 rows it is not measured.
+//    (H200, benchmarks/results/ladder11-5425189.txt); from 32 to 127 rows it is not measured. The
+//    host knows only the average: the groups over 128 rows of a skewed routing go to the Hopper
+//    kernel (3.), launched after it over those groups alone (grouped_gemm_cuda).
 // 3. The Hopper kernel (hopper.cu) on compute capability 9.0 for the shapes TMA describes (dW from
 //    kHopperDwMinRowsPerGroup rows per group on average).
 // 4. The mma.sync kernel (cuda.cu) otherwise: sm_80, sizes not a multiple of 8, either switch off.

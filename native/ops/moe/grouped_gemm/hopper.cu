@@ -97,7 +97,8 @@ static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 
 
 struct Params {
   const int32_t* offsets;     // [E+1]
-  const int32_t* tile_start;  // [E+1] (NN, NT)
+  const int32_t* tile_start;  // [E+1] NN, NT: each group's first m-tile; TN: null (every group) or
+                              // the prefix of the groups to compute, 1 each (the others' dW untouched)
   void* out;
   const __nv_bfloat16* aux;  // DSwiGLU: the saved g
   __nv_bfloat16* aux_out;    // SwiGLU: where to save g (may be null)
@@ -113,7 +114,20 @@ using namespace sm90;
 
 // ---- work items -----------------------------------------------------------------------------------
 // Work item t of the launch (tile_order.cuh: NN/NT in bands of GROUP_M m-tiles, TN group-major).
+// TN over some groups (tile_start given): the items of the b-th group counted, b = t / per_group.
 template <GemmMode MODE> __device__ __forceinline__ Tile tile_at(const Params& p, int t, int m_tiles) {
+  if constexpr (MODE == GemmMode::TN) {
+    if (p.tile_start != nullptr) {
+      const int per_group = p.tn_m_tiles * p.n_tiles, b = t / per_group;
+      int lo = 0, hi = p.E - 1;  // the first group e with tile_start[e + 1] > b: the b-th counted
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        if (__ldg(p.tile_start + mid + 1) > b) hi = mid;
+        else lo = mid + 1;
+      }
+      t = lo * per_group + t % per_group;
+    }
+  }
   return tile_in_order<MODE == GemmMode::TN, BM, BN, BK, GROUP_M>(p, t, m_tiles);
 }
 
@@ -438,7 +452,8 @@ __global__ void __launch_bounds__(THREADS, 1)
   __syncthreads();
 
   const int m_tiles = TN ? p.tn_m_tiles : __ldg(p.tile_start + p.E);
-  const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
+  const int groups = TN && p.tile_start != nullptr ? __ldg(p.tile_start + p.E) : p.E;  // TN: the groups computed
+  const int total = TN ? groups * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
 
   if (wg == 0) {
     // Producer: few registers; one thread issues every copy.

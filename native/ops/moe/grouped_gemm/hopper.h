@@ -15,7 +15,9 @@ namespace moe::ops {
 bool grouped_gemm_hopper_fits(const GroupedGemm& g);
 
 // tile_start (NN, NT): [E+1] device prefix of ceil(rows_e / 128), the same m-tiles as the mma.sync
-// kernel's; TN needs none (its work items are known on the host: E × K-tiles × N-tiles).
+// kernel's. TN: null for every group (its work items are known on the host: E × K-tiles × N-tiles),
+// or the [E+1] device prefix of the groups to compute, 1 each, 0 for a group to leave alone (the
+// large groups beside the B-resident kernel, hopper_b_resident.h).
 void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream);
 
 }  // namespace moe::ops

@@ -20,15 +20,13 @@
 //   staging  the 128×256 bf16 tile as four [128 rows][64 columns] boxes (64 KiB), the layout the
 //            output's tensor map stores from
 //
-// Work items and B loads. A group of at most 128 rows (≤ 2 k-tiles) is one item per n-tile: it loads
-// its B slice once and all its m-tiles reuse it. A larger group (a skewed routing: the host knows
-// only the average) is one item per (m-tile, n-tile), spread over the grid like the rest, and
-// streams its k-tiles two at a time, each pair loaded into B after the consumers have released the
-// last (slower per tile, but the same products in the same k order). The index space is
-// m_tiles × E × n_tiles with m slowest: the first E × n_tiles indices are every group's first (or
-// only) item, the later ones the large groups' further m-tiles; a small group's indices past the
-// first are no work. (The large-group path is not yet timed.) Both sides derive the same sequence of
-// B loads from the offsets, and count them on b_full / b_empty:
+// Work items and B loads. A group of at most B_RESIDENT_MAX_GROUP_ROWS = 128 rows (≤ 2 k-tiles) is
+// one item per n-tile: it loads its B slice once and all its m-tiles reuse it. A larger group (a
+// skewed routing: the host knows only the average) is no work here: grouped_gemm_cuda runs
+// hopper.cu's kernel over those groups alone after this one. (Streaming a large group's B through
+// this kernel's one B buffer, as first written, ran the E=256 Zipf dW at 0.82× hopper.cu's speed:
+// H200, 91e7d0f, benchmarks/results/grouped-gemm-shapes3_13-variants-91e7d0f.json.) Both sides
+// derive the same sequence of B loads from the offsets, and count them on b_full / b_empty:
 //   b_full   1 arrival (the producer's expect_tx of the load's bytes; 0 bytes for a group of no rows)
 //   b_empty  2 arrivals (each consumer, once every wgmma reading that load has completed)
 // Beside them the A ring's full/empty and the staging's tile_full (256 consumer threads) and
@@ -91,23 +89,21 @@ __device__ __forceinline__ void wait(uint64_t* bar, uint32_t parity) {
     if ((polls & 4095) == 0 && clock64() > deadline) __trap();
 }
 
+static_assert(B_K_TILES * BK == B_RESIDENT_MAX_GROUP_ROWS, "the groups this kernel takes are those whose B fits");
+
 struct Item {
   int group, col0, k_begin, k_end, k_tiles;
-  int m_begin, m_end;  // the m-tiles it covers: all of them (B shared), one (B streamed), or none
-  bool b_shared;       // ≤ B_K_TILES k-tiles: B loaded once for all the item's m-tiles
+  bool work;  // the group's B fits (≤ B_K_TILES k-tiles): all its m-tiles here; otherwise hopper.cu's
 };
-// Index i of m_tiles × E × n_tiles (m slowest; see "Work items" above).
+// Index i of E × n_tiles (n fastest).
 __device__ __forceinline__ Item item_at(const Params& p, int i) {
   Item it;
-  const int per_m = p.E * p.n_tiles, m = i / per_m, r = i % per_m;
-  it.group = r / p.n_tiles;
-  it.col0 = (r % p.n_tiles) * BN;
+  it.group = i / p.n_tiles;
+  it.col0 = (i % p.n_tiles) * BN;
   it.k_begin = min(max(__ldg(p.offsets + it.group), 0), p.M);
   it.k_end = min(max(__ldg(p.offsets + it.group + 1), it.k_begin), p.M);
   it.k_tiles = (it.k_end - it.k_begin + BK - 1) / BK;
-  it.b_shared = it.k_tiles <= B_K_TILES;
-  it.m_begin = m;
-  it.m_end = it.b_shared ? (m == 0 ? p.m_tiles : 0) : m + 1;
+  it.work = it.k_tiles <= B_K_TILES;
   return it;
 }
 
@@ -177,15 +173,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     mbar_init(&tile_empty, 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  // Only when some group streams (over B_K_TILES k-tiles) do indices past the first E × n_tiles hold
-  // work; otherwise every role stops there instead of scanning m_tiles times as many empty indices.
-  // Every thread reads the same offsets, so the roles agree. (Also the barrier after the inits.)
-  bool streams = false;
-  for (int e = threadIdx.x; e < p.E; e += THREADS) {
-    const int begin = min(max(__ldg(p.offsets + e), 0), p.M), end = min(max(__ldg(p.offsets + e + 1), begin), p.M);
-    streams |= end - begin > B_K_TILES * BK;
-  }
-  const int items = __syncthreads_or(streams) ? p.m_tiles * p.E * p.n_tiles : p.E * p.n_tiles;
+  __syncthreads();
+  const int items = p.E * p.n_tiles;
 
   if (wg == 0) {
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
@@ -194,14 +183,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
       int stage = 0;
       uint32_t round = 0, b_loads = 0;
-      // B's k-tiles [kt0, kt0 + count) of the item, once the consumers released the previous load.
-      auto load_b = [&](const Item& it, int kt0, int count) {
+      // The item's B slice (its k_tiles, at most B_K_TILES), once the consumers released the last.
+      auto load_b = [&](const Item& it) {
         wait(&b_empty, (b_loads & 1) ^ 1);
-        mbar_arrive_expect_tx(&b_full, uint32_t(count * B_K_TILE_BYTES));
-        for (int kt = 0; kt < count; ++kt)
+        mbar_arrive_expect_tx(&b_full, uint32_t(it.k_tiles * B_K_TILE_BYTES));
+        for (int kt = 0; kt < it.k_tiles; ++kt)
 #pragma unroll
           for (int j = 0; j < BN / 64; ++j)
-            tma_load_2d(b_res + kt * B_K_TILE_BYTES + j * (BK * 128), &map_b, &b_full, it.col0 + 64 * j, it.k_begin + (kt0 + kt) * BK);
+            tma_load_2d(b_res + kt * B_K_TILE_BYTES + j * (BK * 128), &map_b, &b_full, it.col0 + 64 * j, it.k_begin + kt * BK);
         ++b_loads;
       };
       auto load_a = [&](const Item& it, int m, int kt) {
@@ -217,26 +206,18 @@ __global__ void __launch_bounds__(THREADS, 1)
       };
       for (int i = blockIdx.x; i < items; i += gridDim.x) {
         const Item it = item_at(p, i);
-        if (it.m_begin >= it.m_end) continue;  // no work at this index
-        if (it.b_shared) {
-          load_b(it, 0, it.k_tiles);
-          for (int m = it.m_begin; m < it.m_end; ++m)
-            for (int kt = 0; kt < it.k_tiles; ++kt) load_a(it, m, kt);
-        } else {
-          for (int m = it.m_begin; m < it.m_end; ++m)
-            for (int kt0 = 0; kt0 < it.k_tiles; kt0 += B_K_TILES) {
-              const int count = min(B_K_TILES, it.k_tiles - kt0);
-              load_b(it, kt0, count);
-              for (int kt = kt0; kt < kt0 + count; ++kt) load_a(it, m, kt);
-            }
-        }
+        if (!it.work) continue;
+        load_b(it);
+        for (int m = 0; m < p.m_tiles; ++m)
+          for (int kt = 0; kt < it.k_tiles; ++kt) load_a(it, m, kt);
       }
     } else if (threadIdx.x == 32) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_out)) : "memory");
       uint32_t n = 0;
       for (int i = blockIdx.x; i < items; i += gridDim.x) {
         const Item it = item_at(p, i);
-        for (int m = it.m_begin; m < it.m_end; ++m, ++n) {
+        if (!it.work) continue;
+        for (int m = 0; m < p.m_tiles; ++m, ++n) {
           wait(&tile_full, n & 1);
           store_tile(p, &map_out, it.group, m * BM, it.col0, staging);
           // The staging is free once the engine has read it; the writes themselves stay in flight.
@@ -253,12 +234,12 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0, n = 0, b_uses = 0;
-    // Waits for B's next load; zeroes the rows past the group's end when that load holds the group's
-    // last k-tile (k-tile index `last_slot` in B), each consumer two of its four boxes, both then meeting.
-    auto acquire_b = [&](int last_slot, int valid_last) {
+    // Waits for the item's B slice; zeroes the rows past the group's end in its last k-tile, each
+    // consumer two of that k-tile's four boxes, both then meeting.
+    auto acquire_b = [&](const Item& it, int valid_last) {
       wait(&b_full, b_uses & 1);
-      if (last_slot >= 0 && valid_last < BK) {
-        zero_rows(b_res + last_slot * B_K_TILE_BYTES + 2 * consumer * (BK * 128), 2, valid_last, lane128);
+      if (it.k_tiles > 0 && valid_last < BK) {
+        zero_rows(b_res + (it.k_tiles - 1) * B_K_TILE_BYTES + 2 * consumer * (BK * 128), 2, valid_last, lane128);
         asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both halves zeroed before either consumer reads B
       }
     };
@@ -270,13 +251,11 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int i = blockIdx.x; i < items; i += gridDim.x) {
       const Item it = item_at(p, i);
       const int valid_last = it.k_end - (it.k_begin + (it.k_tiles - 1) * BK);  // rows of the group in its last k-step
-      if (it.m_begin >= it.m_end) continue;                                    // no work at this index
-      if (it.b_shared) acquire_b(it.k_tiles - 1, valid_last);
-      for (int m = it.m_begin; m < it.m_end; ++m) {
+      if (!it.work) continue;
+      acquire_b(it, valid_last);
+      for (int m = 0; m < p.m_tiles; ++m) {
         int prev = -1;
         for (int kt = 0; kt < it.k_tiles; ++kt) {
-          const int slot = kt % B_K_TILES;
-          if (!it.b_shared && slot == 0) acquire_b(kt + B_K_TILES >= it.k_tiles ? it.k_tiles - 1 - kt : -1, valid_last);
           wait(&full[stage], round & 1);
           unsigned char* sa = ring + stage * A_STAGE_BYTES + consumer * (BK * 128);  // this warpgroup's 64 rows
           if (kt == it.k_tiles - 1 && valid_last < BK) {
@@ -285,7 +264,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             if (consumer == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
             else asm volatile("bar.sync 3, 128;\n" ::: "memory");
           }
-          const unsigned char* sb = b_res + slot * B_K_TILE_BYTES;
+          const unsigned char* sb = b_res + kt * B_K_TILE_BYTES;
           wgmma_fence();
 #pragma unroll
           for (int kk = 0; kk < BK / 16; ++kk) {
@@ -294,18 +273,9 @@ __global__ void __launch_bounds__(THREADS, 1)
             hopper::wgmma_m64n256k16<1, 1>(d, da, db, kt > 0 || kk > 0);
           }
           wgmma_commit();
-          if (!it.b_shared && (slot == B_K_TILES - 1 || kt == it.k_tiles - 1)) {
-            // The end of a streamed load: all its wgmma done before B is refilled.
-            wgmma_wait<0>();
-            if (prev >= 0 && lane128 == 0) mbar_arrive(&empty[prev]);
-            if (lane128 == 0) mbar_arrive(&empty[stage]);
-            prev = -1;
-            release_b();
-          } else {
-            wgmma_wait<1>();
-            if (prev >= 0 && lane128 == 0) mbar_arrive(&empty[prev]);
-            prev = stage;
-          }
+          wgmma_wait<1>();
+          if (prev >= 0 && lane128 == 0) mbar_arrive(&empty[prev]);
+          prev = stage;
           if (++stage == A_STAGES) {
             stage = 0;
             ++round;
@@ -313,7 +283,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
         wgmma_wait<0>();
         if (prev >= 0 && lane128 == 0) mbar_arrive(&empty[prev]);
-        if (it.b_shared && m == it.m_end - 1) release_b();
+        if (m == p.m_tiles - 1) release_b();
         if (it.k_tiles == 0) {
 #pragma unroll
           for (int j = 0; j < 128; ++j) d[j] = 0.f;  // a group of no rows: dW_e = 0
@@ -331,8 +301,9 @@ __global__ void __launch_bounds__(THREADS, 1)
 }  // namespace b_resident
 
 bool grouped_gemm_b_resident_fits(const GroupedGemm& g) {
+  // E ≤ 8192: the prefix of the large groups (grouped_gemm_cuda) is counted in one block's shared memory.
   return g.mode == GemmMode::TN && g.epilogue == GemmEpilogue::Store && g.out.dtype() == DType::bf16 && !g.accumulate &&
-         grouped_gemm_hopper_fits(g);
+         g.offsets.size(0) - 1 <= 8192 && grouped_gemm_hopper_fits(g);
 }
 
 void grouped_gemm_b_resident(const GroupedGemm& g, void* stream_ptr) {
@@ -345,10 +316,11 @@ void grouped_gemm_b_resident(const GroupedGemm& g, void* stream_ptr) {
   p.cols = int(N);
   p.m_tiles = int((K + BM - 1) / BM);
   p.n_tiles = int((N + BN - 1) / BN);
-  const int64_t items = int64_t(p.m_tiles) * E * p.n_tiles;
-  if (items == 0) return;
-  // (K = 0 or N = 0 returned above: with no m-tiles the shared path would never free B.) The index
-  // space and the blocks' strides through it stay within int.
+  const int64_t items = E * int64_t(p.n_tiles);
+  // With no m-tiles (K = 0) an item would never free B; grouped_gemm_hopper_fits refuses K = 0 and
+  // N = 0 already.
+  if (items == 0 || p.m_tiles == 0) return;
+  // The index space and the blocks' strides through it stay within int.
   MOE_ARG_CHECK(items + 4096 < (int64_t(1) << 31), "groupedGemm", "dW of ", E, " groups of [", K, ", ", N,
                 "]: too many tiles for the B-resident kernel");
   // a [M, K] and dC [M, N], both read as [64 rows][64 columns] boxes (as hopper.cu's TN path); dW as
