@@ -1,8 +1,10 @@
 // Summarises an Nsight Compute CSV of benchmarks/grouped-gemm-profile.mjs (scripts/device-session.sh
 // step `ncu`) as a markdown table: per (shape, product) the profiled launch's duration, SM clock,
-// speed-of-light figures, L2 hit rate, IPC, cycles per issued instruction and ncu's top stall rule.
+// speed-of-light figures, L2 hit rate, IPC, cycles per issued instruction and ncu's top stall rule
+// (two rows for the B-resident dW: its kernel and the general one over the large groups).
 //   node benchmarks/ncu-summary.mjs ncu-grouped-gemm.csv[.gz]
-// MOE_EP_GG_SHAPES=0,2,4: the shapes the profile ran (as given to grouped-gemm-profile.mjs).
+// MOE_EP_GG_SHAPES=0,2,4 and MOE_EP_GG_PRODUCTS=NN,TN: the shapes and products the profile ran (as
+// given to grouped-gemm-profile.mjs).
 import { readFileSync } from 'node:fs';
 import { gunzipSync } from 'node:zlib';
 
@@ -54,12 +56,24 @@ for (const line of lines.slice(1)) {
 
 const num = (v) => Number(String(v ?? '').replace(/,/g, ''));
 const sol = 'GPU Speed Of Light Throughput';
-const products = ['forward NN', 'dA NT', 'dW TN'];
-const rows = [...launches.values()].filter((_, i) => i % 2 === 1); // every second launch: the warm one
+// The products the profile ran per shape, in its order (MOE_EP_GG_PRODUCTS, as grouped-gemm-profile.mjs).
+const tags = process.env.MOE_EP_GG_PRODUCTS?.split(',') ?? ['NN', 'NT', 'TN'];
+const productName = { NN: 'forward NN', NT: 'dA NT', TN: 'dW TN', TN32: 'dW TN fp32' };
+// A call is one launch, or two for the B-resident dW: its kernel, then hopper.cu's over the groups of
+// over 128 rows (grouped_gemm.cc; with none it finds no work). Each product is called twice: the
+// second call is the profiled one.
+const calls = [];
+for (const l of launches.values()) {
+  const last = calls.at(-1);
+  if (last && /dw_b_resident/.test(last.at(-1).kernel) && /grouped_gemm_wgmma/.test(l.kernel)) last.push(l);
+  else calls.push([l]);
+}
+const rows = calls.filter((_, i) => i % 2 === 1).flatMap((call, j) => call.map((l) => ({ l, j })));
+const kernelTag = (k) => (/dw_b_resident/.test(k) ? 'B-resident' : /wgmma/.test(k) ? 'wgmma' : 'mma.sync');
 console.log('| shape | product | kernel | ms | SM MHz | SM % | DRAM % | L2 % | L2 hit % | IPC | cycles/issue | top stall (ncu rule) |');
 console.log('|---|---|---|---|---|---|---|---|---|---|---|---|');
-rows.forEach((l, j) => {
-  const shape = profiled[Math.floor(j / 3)]?.name ?? '?';
+rows.forEach(({ l, j }) => {
+  const shape = profiled[Math.floor(j / tags.length)]?.name ?? '?';
   const m = (section, name) => l.metrics.get(`${section}|${name}`);
   const top = l.rules.sort((a, b) => b.speedup - a.speedup)[0];
   const stall = top
@@ -67,7 +81,7 @@ rows.forEach((l, j) => {
     : '';
   const stallCycles = top?.text.match(/spends ([\d.]+) cycles/)?.[1];
   console.log(
-    `| ${shape} | ${products[j % 3]} | ${/wgmma/.test(l.kernel) ? 'wgmma' : 'mma.sync'} | ${(num(m(sol, 'Duration')) / 1e6).toFixed(3)} | ` +
+    `| ${shape} | ${productName[tags[j % tags.length]]} | ${kernelTag(l.kernel)} | ${(num(m(sol, 'Duration')) / 1e6).toFixed(3)} | ` +
       `${(num(m(sol, 'SM Frequency')) / 1e6).toFixed(0)} | ${m(sol, 'Compute (SM) Throughput')} | ${m(sol, 'DRAM Throughput')} | ` +
       `${m(sol, 'L2 Cache Throughput')} | ${m('Memory Workload Analysis', 'L2 Hit Rate')} | ${m('Compute Workload Analysis', 'Executed Ipc Active')} | ` +
       `${m('Warp State Statistics', 'Warp Cycles Per Issued Instruction')} | ${stallCycles ? `${stallCycles} cycles ` : ''}${stall} |`,

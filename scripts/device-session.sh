@@ -397,7 +397,8 @@ if [[ " $what " == *" ncu "* ]]; then
   if [[ -z $ncu_bin ]]; then
     echo "no ncu on this machine"
   else
-    timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --kernel-name regex:grouped_gemm \
+    # The kernels of a product: grouped_gemm* (hopper.cu, cuda.cu) and the B-resident dW's dw_b_resident*.
+    timeout "${MOE_EP_NCU_TIMEOUT:-240}" "$ncu_bin" --clock-control none --kernel-name 'regex:grouped_gemm|dw_b_resident' \
       --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section WarpStateStats \
       --csv --page details node benchmarks/grouped-gemm-profile.mjs > "$OUT/ncu-grouped-gemm.csv" 2> "$OUT/ncu.err" || status=1
     tail -5 "$OUT/ncu.err"
