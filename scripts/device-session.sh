@@ -409,7 +409,7 @@ fi
 if [[ " $what " == *" ladder "* ]]; then
   # The grouped-GEMM ladder's standalone programs (benchmarks/kernels/grouped_gemm/README.md; no addon
   # needed). MOE_EP_LADDER: the steps to run (default "10 11") with MOE_EP_LADDER_ARGS (default: 5
-  # rounds on the step's own shape; step 10 on the layer's dW13); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
+  # rounds on the step's own shape; steps 10 and 12 on the layer's dW13); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
   # Nsight Compute on the step's first MOE_EP_LADDER_NCU_LAUNCHES launches (default 5: step 10's case 0
   # and its four variants in the checked run; step 11's two kernels, then its timing's first launches):
   # the full section set as CSV, and the per-instruction source page (SASS with warp-stall samples)
@@ -428,6 +428,9 @@ if [[ " $what " == *" ladder "* ]]; then
     elif [[ $n == 10 ]]; then
       ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
       checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1")
+    elif [[ $n == 12 ]]; then
+      ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
+      checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1" "--E 5 --M 700 --K 136 --N 264 --ragged 1")
     elif [[ $n == 11 ]]; then
       ladder_args="--rounds 5"
       checks=("--E 5 --M 500 --K 200 --N 328 --ragged 1" "--E 7 --M 500 --K 136 --N 264 --ragged 1")

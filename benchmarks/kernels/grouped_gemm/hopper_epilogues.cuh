@@ -7,7 +7,10 @@
 //   WarpSlices  each consumer warp stores through its own 16×32 fp32 slices (v6)
 //   Handoff     the tile to shared memory, stored by the producer's idle warps (v7; fp32 in halves)
 // Since issue 15 the addon keeps Handoff for bf16 results, WarpSlices for fp32 ones and Registers
-// for the fused SwiGLU/dSwiGLU epilogues only.
+// for the fused SwiGLU/dSwiGLU epilogues only. Ladder step 12 (session 13) adds a fourth way, not
+// in hopper.cu at any commit:
+//   ConsumerTma fp32 dW (TN) only: each consumer warpgroup drains its 64×256 tile in four quarters
+//               through its own 16 KiB of staging by TMA tensor stores (4-stage ring kept)
 // sm_90a only: nvcc -gencode=arch=compute_90a,code=sm_90a (as CMake builds hopper.cu).
 #pragma once
 #include <cuda.h>
@@ -59,7 +62,7 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               bf16 tiles go in one piece (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB
 //               each: the consumers wait for the first half to be copied before they drop the
 //               second). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { Registers, WarpSlices, Handoff };
+enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma };
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
@@ -73,15 +76,20 @@ template <StoreVia VIA> struct Layout {
   // warp per wavefront) at 136 floats = 544 bytes (≡ 8 mod 32).
   static constexpr int TILE_LD_BF16 = BN + 8;
   static constexpr int TILE_LD_F32 = BN / 2 + 8;
-  static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
-                                       : VIA == StoreVia::Handoff  ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
-                                                                   : 0;
+  // ConsumerTma: per consumer a quarter of its 64×256 fp32 tile, two [64 rows][32 floats] boxes.
+  static constexpr int TMA_BOX_BYTES = 64 * 32 * 4;  // 8 KiB
+  static constexpr int TMA_STAGING_PER_CONSUMER = 2 * TMA_BOX_BYTES;
+  static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices    ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
+                                       : VIA == StoreVia::Handoff     ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
+                                       : VIA == StoreVia::ConsumerTma ? CONSUMERS * TMA_STAGING_PER_CONSUMER
+                                                                      : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
 constexpr int MAX_STAGES = 4;
 constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgroup
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -369,14 +377,60 @@ __device__ __forceinline__ void handoff_drain(const Params& p, const Tile& tile,
   }
 }
 
+// ConsumerTma (step 12; fp32 TN): this warpgroup's 64×256 accumulators leave in four quarters of 64
+// columns through its own staging (two [64 rows][32 floats] boxes in the 128-byte swizzle: 16-byte
+// chunk c of row r at chunk c ^ (r % 8)), each quarter by two TMA tensor stores that the warpgroup's
+// first thread issues into the [E][K][N] fp32 map; the staging is written again only once the engine
+// has read the previous quarter out (wait_group.read). A thread's pairs in quarter q: row
+// 16w + l/4 (+8), local column 8jl + 2(l%4): box jl/4, chunk 2(jl%4) + (l%4)/2, byte 8(l%2) in it;
+// the 8 rows of a store have distinct r % 8, so it takes the least wavefronts (two).
+__device__ __forceinline__ void consumer_bar(int consumer) {
+  if (consumer == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  else asm volatile("bar.sync 3, 128;\n" ::: "memory");
+}
+__device__ __forceinline__ void store_tile_tma(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
+                                               const CUtensorMap* map_out) {
+  constexpr int BOX = Layout<StoreVia::ConsumerTma>::TMA_BOX_BYTES;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, lane128 = threadIdx.x & 127;
+#pragma unroll
+  for (int q = 0; q < BN / 64; ++q) {
+    if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+    consumer_bar(consumer);  // the previous quarter (or tile) read out of the staging
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+      for (int jl = 0; jl < 8; ++jl) {
+        const int j = q * 8 + jl, chunk = 2 * (jl & 3) + ((lane & 3) >> 1);
+        const uint32_t at = staging + uint32_t((jl >> 2) * BOX + r * 128 + ((chunk ^ (r & 7)) * 16) + (lane & 1) * 8);
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
+    consumer_bar(consumer);
+    if (lane128 == 0) {
+#pragma unroll
+      for (int b = 0; b < 2; ++b)
+        asm volatile(
+            "cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                reinterpret_cast<uint64_t>(map_out)),
+            "r"(staging + uint32_t(b * BOX)), "r"(tile.col0 + 64 * q + 32 * b), "r"(tile.row0 + 64 * consumer), "r"(tile.group)
+            : "memory");
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    }
+  }
+}
+
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
-    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                              const __grid_constant__ CUtensorMap map_out, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA == StoreVia::Registers || EPI == GemmEpilogue::Store, "staged epilogues store plain results");
+  static_assert(VIA != StoreVia::ConsumerTma || (TN && sizeof(OutT) == 4), "ConsumerTma: fp32 dW only (its map is [E][K][N])");
   constexpr int STAGES = Layout<VIA>::STAGES;
   constexpr int HANDOFFS = sizeof(OutT) == 4 ? 2 : 1;  // Handoff: pieces per tile (fp32: two halves)
   extern __shared__ unsigned char smem_raw[];
@@ -520,9 +574,15 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
+      } else if constexpr (VIA == StoreVia::ConsumerTma) {
+        store_tile_tma(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
       } else {
         store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
       }
+    }
+    if constexpr (VIA == StoreVia::ConsumerTma) {
+      // The staging must outlive the engine's reads, and the writes land before the kernel ends.
+      if ((threadIdx.x & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     }
   }
 }
@@ -553,7 +613,8 @@ CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const c
 
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
-void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream,
+                   const CUtensorMap* map_out = nullptr) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
   constexpr int smem = Layout<VIA>::SMEM_BYTES;
   if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
@@ -562,11 +623,26 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
-  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
+  if constexpr (VIA == StoreVia::ConsumerTma) MOE_INTERNAL_CHECK(map_out != nullptr, "ConsumerTma needs the output's tensor map");
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, map_out ? *map_out : map_b, p);  // others ignore map_out
 }
 // ---- end of the copy -------------------------------------------------------------------------------
 
+// ConsumerTma's output map: fp32 [E][K][N] (dW), boxes of [1][64 rows][32 floats], 128-byte swizzle.
+CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
+  CUtensorMap map;
+  const cuuint64_t dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, strides[2] = {cuuint64_t(N) * 4, cuuint64_t(K * N) * 4};
+  const cuuint32_t box[3] = {32, 64, 1}, unit[3] = {1, 1, 1};
+  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, base, dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
+  return map;
+}
+
 }  // namespace
+
+template <StoreVia VIA, typename OutT>
+void run_nn_nt(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms);
 
 // One Store product (`a` for NN and TN, `c` for NT; bf16 or fp32 results, overwritten) with the
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
@@ -590,9 +666,33 @@ void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, co
     const cuuint32_t box[2] = {64, BK};
     const CUtensorMap map_a = make_map(in.da, 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(in.dc, 2, b_dims, b_strides, box);
-    launch_layout<GemmMode::TN, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0);
+    if constexpr (VIA == StoreVia::ConsumerTma) {
+      static_assert(sizeof(OutT) == 4, "ConsumerTma: fp32 results");
+      const CUtensorMap map_out = make_out_map_f32(out, E, K, N);
+      launch_layout<GemmMode::TN, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0, &map_out);
+    } else {
+      launch_layout<GemmMode::TN, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0);
+    }
     return;
   }
+  if constexpr (VIA == StoreVia::ConsumerTma) {
+    CHECK(false, "ConsumerTma runs dW (TN) only");
+  } else {
+    run_nn_nt<VIA>(m, pr, in, tile_start, out, sms);
+  }
+}
+
+// NN and NT for run() (every way but ConsumerTma).
+template <StoreVia VIA, typename OutT>
+void run_nn_nt(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms) {
+  Params p{};
+  p.offsets = in.doffsets;
+  p.tile_start = tile_start;
+  p.out = out;
+  p.M = pr.M;
+  p.E = pr.E;
+  p.accumulate = false;
+  const int64_t M = pr.M, E = pr.E, K = pr.K, N = pr.N;
   const bool nt = m == ladder::Mode::NT;
   p.rows = int(M);
   p.cols = int(nt ? K : N);

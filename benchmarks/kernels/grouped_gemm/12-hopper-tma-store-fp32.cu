@@ -1,0 +1,37 @@
+// Step 12 of the grouped-GEMM ladder (session 13): training's fp32 dW (TN) drained by TMA tensor
+// stores that the consumer warpgroups issue themselves (StoreVia::ConsumerTma in hopper_epilogues.cuh),
+// against the warp slices the addon ships for fp32 results (case 0).
+//
+// Why: on the layer's dW shapes the warp slices leave the consumers storing for ~30% of each tile
+// (benchmarks/kernels-notes.md, "fp32 dW with its stores hidden"); the ways tried so far to hide
+// that (the fp32 hand-off to the storer warps in two halves by row copies, 07; the ping-pong kernel,
+// 08; the whole tile or 128-wide tiles through TMA stores beside a smaller ring, 10a) lost or ran
+// level. Here the 4-stage ring stays whole: each consumer drains its 64×256 fp32 tile in four
+// quarters through 16 KiB of its own staging, the global writes left to the copy engine, so a
+// consumer spends per quarter only its shared-memory stores and a wait for the engine's read of the
+// previous quarter. Ladder 11t (bf16, one staging buffer, tensor stores) ran 1.26× row copies.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I../../../native 12-hopper-tma-store-fp32.cu -o 12-hopper-tma-store-fp32
+//   ./12-hopper-tma-store-fp32 [--E 32 --M 32768 --K 7168 --N 4096 --rounds 5 --repeats 20] [--ragged 1]
+//
+// dW (TN) only; each result checked at sampled outputs against the CPU reference and in full
+// against case 0 (the same accumulators stored another way: equal bit for bit), then both timed
+// interleaved over the rounds. Default shape: the layer's dW13 (E=32, 1024 rows per group,
+// K = H = 7168, N = 2F = 4096); the layer's dW2 is --K 2048 --N 7168.
+#include "hopper_epilogues.cuh"
+
+using moe::ops::hopper::StoreVia;
+
+int main(int argc, char** argv) {
+  const ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
+  const ladder::Problem& pr = args.problem;
+  ladder::print_problem("12-hopper-tma-store-fp32", pr);
+  CHECK(pr.K % 8 == 0 && pr.N % 8 == 0, "the Hopper kernel needs K and N multiples of 8 (TMA)");
+  const ladder::Inputs in = ladder::make_inputs(pr);
+  const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
+  const int sms = ladder::sm_count();
+  ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                      "case 0: warp slices (shipped for fp32)",
+                                                                      "12: consumer-issued TMA stores, quarter tiles");
+  return 0;
+}
