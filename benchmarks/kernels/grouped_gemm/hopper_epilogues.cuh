@@ -641,9 +641,6 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 
 }  // namespace
 
-template <StoreVia VIA, typename OutT>
-void run_nn_nt(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms);
-
 // One Store product (`a` for NN and TN, `c` for NT; bf16 or fp32 results, overwritten) with the
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
 template <StoreVia VIA, typename OutT>
@@ -678,34 +675,20 @@ void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, co
   if constexpr (VIA == StoreVia::ConsumerTma) {
     CHECK(false, "ConsumerTma runs dW (TN) only");
   } else {
-    run_nn_nt<VIA>(m, pr, in, tile_start, out, sms);
+    const bool nt = m == ladder::Mode::NT;
+    p.rows = int(M);
+    p.cols = int(nt ? K : N);
+    p.inner = int(nt ? N : K);
+    p.n_tiles = (p.cols + BN - 1) / BN;
+    const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
+    const cuuint32_t a_box[2] = {BK, BM};
+    const CUtensorMap map_a = make_map(nt ? in.dc : in.da, 2, a_dims, a_strides, a_box);
+    const cuuint64_t b_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, b_strides[2] = {cuuint64_t(N) * 2, cuuint64_t(N * K) * 2};
+    const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
+    const CUtensorMap map_b = make_map(in.db, 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
+    if (nt) launch_layout<GemmMode::NT, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0);
+    else launch_layout<GemmMode::NN, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0);
   }
-}
-
-// NN and NT for run() (every way but ConsumerTma).
-template <StoreVia VIA, typename OutT>
-void run_nn_nt(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms) {
-  Params p{};
-  p.offsets = in.doffsets;
-  p.tile_start = tile_start;
-  p.out = out;
-  p.M = pr.M;
-  p.E = pr.E;
-  p.accumulate = false;
-  const int64_t M = pr.M, E = pr.E, K = pr.K, N = pr.N;
-  const bool nt = m == ladder::Mode::NT;
-  p.rows = int(M);
-  p.cols = int(nt ? K : N);
-  p.inner = int(nt ? N : K);
-  p.n_tiles = (p.cols + BN - 1) / BN;
-  const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
-  const cuuint32_t a_box[2] = {BK, BM};
-  const CUtensorMap map_a = make_map(nt ? in.dc : in.da, 2, a_dims, a_strides, a_box);
-  const cuuint64_t b_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, b_strides[2] = {cuuint64_t(N) * 2, cuuint64_t(N * K) * 2};
-  const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
-  const CUtensorMap map_b = make_map(in.db, 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
-  if (nt) launch_layout<GemmMode::NT, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0);
-  else launch_layout<GemmMode::NN, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0);
 }
 
 constexpr int kTileRows = BM;
