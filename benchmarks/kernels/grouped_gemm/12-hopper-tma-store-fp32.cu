@@ -23,15 +23,21 @@
 using moe::ops::hopper::StoreVia;
 
 int main(int argc, char** argv) {
-  const ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
+  const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;  // this program's; the rest: parse_args
+  ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
+  if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
   ladder::print_problem("12-hopper-tma-store-fp32", pr);
-  CHECK(pr.K % 8 == 0 && pr.N % 8 == 0, "the Hopper kernel needs K and N multiples of 8 (TMA)");
+  if (use_ragged) ladder::print_counts(pr);
+  CHECK(pr.K % 8 == 0 && pr.N % 8 == 0 && pr.M > 0, "the Hopper kernel needs K and N multiples of 8 (TMA) and M > 0");
   const ladder::Inputs in = ladder::make_inputs(pr);
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
   const int sms = ladder::sm_count();
   ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                       "case 0: warp slices (shipped for fp32)",
                                                                       "12: consumer-issued TMA stores, quarter tiles");
+  ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                            "case 0: warp slices (shipped for fp32)",
+                                                                            "12b: the same, eighths through two boxes in turn");
   return 0;
 }

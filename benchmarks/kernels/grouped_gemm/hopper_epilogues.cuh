@@ -11,6 +11,8 @@
 // in hopper.cu at any commit:
 //   ConsumerTma fp32 dW (TN) only: each consumer warpgroup drains its 64×256 tile in four quarters
 //               through its own 16 KiB of staging by TMA tensor stores (4-stage ring kept)
+//   ConsumerTmaDouble  the same staging as two 8 KiB boxes used in turn: eight eighths, each written
+//               while the engine reads the one before (no wait for an empty staging)
 // sm_90a only: nvcc -gencode=arch=compute_90a,code=sm_90a (as CMake builds hopper.cu).
 #pragma once
 #include <cuda.h>
@@ -62,7 +64,8 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               bf16 tiles go in one piece (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB
 //               each: the consumers wait for the first half to be copied before they drop the
 //               second). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma };
+enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma, ConsumerTmaDouble };
+constexpr bool by_consumer_tma(StoreVia v) { return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble; }
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
@@ -81,7 +84,7 @@ template <StoreVia VIA> struct Layout {
   static constexpr int TMA_STAGING_PER_CONSUMER = 2 * TMA_BOX_BYTES;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices    ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff     ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
-                                       : VIA == StoreVia::ConsumerTma ? CONSUMERS * TMA_STAGING_PER_CONSUMER
+                                       : by_consumer_tma(VIA)        ? CONSUMERS * TMA_STAGING_PER_CONSUMER
                                                                       : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
 };
@@ -89,6 +92,7 @@ constexpr int MAX_STAGES = 4;
 constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgroup
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+static_assert(Layout<StoreVia::ConsumerTmaDouble>::SMEM_BYTES == Layout<StoreVia::ConsumerTma>::SMEM_BYTES, "the same staging");
 static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 
 struct Params {
@@ -421,6 +425,42 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], const Tile
   }
 }
 
+// ConsumerTmaDouble: the same staging as two [64 rows][32 floats] boxes taken in turn; this
+// warpgroup's tile leaves in eight eighths of 32 columns, one tensor store each. Eighth e goes to box
+// e % 2 once the engine has read eighth e - 2 out of it (wait_group.read 1: all but the latest group),
+// so the warpgroup writes one box while the engine reads the other. Fragment placement as above with
+// the eighth's four column groups j = 4e .. 4e + 3 (chunk 2·jl + (l%4)/2).
+__device__ __forceinline__ void store_tile_tma_double(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
+                                                      const CUtensorMap* map_out) {
+  constexpr int BOX = Layout<StoreVia::ConsumerTmaDouble>::TMA_BOX_BYTES;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, lane128 = threadIdx.x & 127;
+#pragma unroll
+  for (int e = 0; e < BN / 32; ++e) {
+    const uint32_t box = staging + uint32_t((e & 1) * BOX);
+    if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
+    consumer_bar(consumer);  // eighth e - 2 read out of this box
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+      for (int jl = 0; jl < 4; ++jl) {
+        const int j = e * 4 + jl, chunk = 2 * jl + ((lane & 3) >> 1);
+        const uint32_t at = box + uint32_t(r * 128 + ((chunk ^ (r & 7)) * 16) + (lane & 1) * 8);
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
+    consumer_bar(consumer);
+    if (lane128 == 0) {
+      asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                       reinterpret_cast<uint64_t>(map_out)),
+                   "r"(box), "r"(tile.col0 + 32 * e), "r"(tile.row0 + 64 * consumer), "r"(tile.group)
+                   : "memory");
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    }
+  }
+}
+
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -430,7 +470,7 @@ __global__ void __launch_bounds__(THREADS, 1)
   constexpr bool A_MN_MAJOR = TN;                     // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA == StoreVia::Registers || EPI == GemmEpilogue::Store, "staged epilogues store plain results");
-  static_assert(VIA != StoreVia::ConsumerTma || (TN && sizeof(OutT) == 4), "ConsumerTma: fp32 dW only (its map is [E][K][N])");
+  static_assert(!by_consumer_tma(VIA) || (TN && sizeof(OutT) == 4), "ConsumerTma: fp32 dW only (its map is [E][K][N])");
   constexpr int STAGES = Layout<VIA>::STAGES;
   constexpr int HANDOFFS = sizeof(OutT) == 4 ? 2 : 1;  // Handoff: pieces per tile (fp32: two halves)
   extern __shared__ unsigned char smem_raw[];
@@ -574,13 +614,15 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
+      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble) {
+        store_tile_tma_double(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
       } else if constexpr (VIA == StoreVia::ConsumerTma) {
         store_tile_tma(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
       } else {
         store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
       }
     }
-    if constexpr (VIA == StoreVia::ConsumerTma) {
+    if constexpr (by_consumer_tma(VIA)) {
       // The staging must outlive the engine's reads, and the writes land before the kernel ends.
       if ((threadIdx.x & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     }
@@ -623,7 +665,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
-  if constexpr (VIA == StoreVia::ConsumerTma) MOE_INTERNAL_CHECK(map_out != nullptr, "ConsumerTma needs the output's tensor map");
+  if constexpr (by_consumer_tma(VIA)) MOE_INTERNAL_CHECK(map_out != nullptr, "ConsumerTma needs the output's tensor map");
   kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, map_out ? *map_out : map_b, p);  // others ignore map_out
 }
 // ---- end of the copy -------------------------------------------------------------------------------
@@ -663,7 +705,7 @@ void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, co
     const cuuint32_t box[2] = {64, BK};
     const CUtensorMap map_a = make_map(in.da, 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(in.dc, 2, b_dims, b_strides, box);
-    if constexpr (VIA == StoreVia::ConsumerTma) {
+    if constexpr (by_consumer_tma(VIA)) {
       static_assert(sizeof(OutT) == 4, "ConsumerTma: fp32 results");
       const CUtensorMap map_out = make_out_map_f32(out, E, K, N);
       launch_layout<GemmMode::TN, GemmEpilogue::Store, OutT, VIA>(map_a, map_b, p, sms, 0, &map_out);
@@ -672,7 +714,7 @@ void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, co
     }
     return;
   }
-  if constexpr (VIA == StoreVia::ConsumerTma) {
+  if constexpr (by_consumer_tma(VIA)) {
     CHECK(false, "ConsumerTma runs dW (TN) only");
   } else {
     const bool nt = m == ladder::Mode::NT;
