@@ -10,6 +10,9 @@
 // quarters through 16 KiB of its own staging, the global writes left to the copy engine, so a
 // consumer spends per quarter only its shared-memory stores and a wait for the engine's read of the
 // previous quarter. Ladder 11t (bf16, one staging buffer, tensor stores) ran 1.26× row copies.
+// 12b keeps the 16 KiB but as two 8 KiB boxes taken in turn (eighths: the consumers write one box
+// while the engine reads the other); 12c gives the staging five boxes a consumer (80 KiB) and the
+// ring a stage (3), so that most of a tile's stores drain during the next tile's mainloop.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I../../../native 12-hopper-tma-store-fp32.cu -o 12-hopper-tma-store-fp32
 //   ./12-hopper-tma-store-fp32 [--E 32 --M 32768 --K 7168 --N 4096 --rounds 5 --repeats 20] [--ragged 1]
@@ -39,5 +42,8 @@ int main(int argc, char** argv) {
   ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                             "case 0: warp slices (shipped for fp32)",
                                                                             "12b: the same, eighths through two boxes in turn");
+  ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                          "case 0: warp slices (shipped for fp32)",
+                                                                          "12c: eighths through five boxes, 3-stage ring");
   return 0;
 }

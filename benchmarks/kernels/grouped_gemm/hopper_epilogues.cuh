@@ -13,6 +13,8 @@
 //               through its own 16 KiB of staging by TMA tensor stores (4-stage ring kept)
 //   ConsumerTmaDouble  the same staging as two 8 KiB boxes used in turn: eight eighths, each written
 //               while the engine reads the one before (no wait for an empty staging)
+//   ConsumerTmaDeep    eighths through five boxes per consumer (80 KiB of staging) beside a 3-stage
+//               ring: up to 40 KiB of a consumer's tile still draining while it starts the next tile
 // sm_90a only: nvcc -gencode=arch=compute_90a,code=sm_90a (as CMake builds hopper.cu).
 #pragma once
 #include <cuda.h>
@@ -64,12 +66,14 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               bf16 tiles go in one piece (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB
 //               each: the consumers wait for the first half to be copied before they drop the
 //               second). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma, ConsumerTmaDouble };
-constexpr bool by_consumer_tma(StoreVia v) { return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble; }
+enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma, ConsumerTmaDouble, ConsumerTmaDeep };
+constexpr bool by_consumer_tma(StoreVia v) {
+  return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep;
+}
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
+  static constexpr int STAGES = VIA == StoreVia::Handoff || VIA == StoreVia::ConsumerTmaDeep ? 3 : 4;
   static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
@@ -81,7 +85,8 @@ template <StoreVia VIA> struct Layout {
   static constexpr int TILE_LD_F32 = BN / 2 + 8;
   // ConsumerTma: per consumer a quarter of its 64×256 fp32 tile, two [64 rows][32 floats] boxes.
   static constexpr int TMA_BOX_BYTES = 64 * 32 * 4;  // 8 KiB
-  static constexpr int TMA_STAGING_PER_CONSUMER = 2 * TMA_BOX_BYTES;
+  static constexpr int TMA_BOXES = VIA == StoreVia::ConsumerTmaDeep ? 5 : 2;  // per consumer
+  static constexpr int TMA_STAGING_PER_CONSUMER = TMA_BOXES * TMA_BOX_BYTES;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices    ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff     ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
                                        : by_consumer_tma(VIA)        ? CONSUMERS * TMA_STAGING_PER_CONSUMER
@@ -93,6 +98,7 @@ constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgr
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 static_assert(Layout<StoreVia::ConsumerTmaDouble>::SMEM_BYTES == Layout<StoreVia::ConsumerTma>::SMEM_BYTES, "the same staging");
+static_assert(Layout<StoreVia::ConsumerTmaDeep>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 
 struct Params {
@@ -425,20 +431,23 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], const Tile
   }
 }
 
-// ConsumerTmaDouble: the same staging as two [64 rows][32 floats] boxes taken in turn; this
-// warpgroup's tile leaves in eight eighths of 32 columns, one tensor store each. Eighth e goes to box
-// e % 2 once the engine has read eighth e - 2 out of it (wait_group.read 1: all but the latest group),
-// so the warpgroup writes one box while the engine reads the other. Fragment placement as above with
-// the eighth's four column groups j = 4e .. 4e + 3 (chunk 2·jl + (l%4)/2).
-__device__ __forceinline__ void store_tile_tma_double(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
-                                                      const CUtensorMap* map_out) {
+// ConsumerTmaDouble, ConsumerTmaDeep: the staging as BOXES [64 rows][32 floats] boxes taken in
+// turn (2 or 5); this warpgroup's tile leaves in eight eighths of 32 columns, one tensor store each.
+// The n-th eighth this warpgroup stores (counted over its tiles: `sent`) goes to box n % BOXES once
+// the engine has read eighth n - BOXES out of it (wait_group.read BOXES - 1: all but the latest
+// BOXES - 1 groups), so the warpgroup writes one box while the engine reads the others, and the last
+// BOXES - 1 eighths of a tile still drain while the next tile's mainloop runs. Fragment placement as
+// above with the eighth's four column groups j = 4e .. 4e + 3 (chunk 2·jl + (l%4)/2).
+template <int BOXES>
+__device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
+                                                     const CUtensorMap* map_out, uint32_t& sent) {
   constexpr int BOX = Layout<StoreVia::ConsumerTmaDouble>::TMA_BOX_BYTES;
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, lane128 = threadIdx.x & 127;
 #pragma unroll
-  for (int e = 0; e < BN / 32; ++e) {
-    const uint32_t box = staging + uint32_t((e & 1) * BOX);
-    if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read 1;\n" ::: "memory");
-    consumer_bar(consumer);  // eighth e - 2 read out of this box
+  for (int e = 0; e < BN / 32; ++e, ++sent) {
+    const uint32_t box = staging + uint32_t((sent % BOXES) * BOX);
+    if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(BOXES - 1) : "memory");
+    consumer_bar(consumer);  // eighth sent - BOXES read out of this box
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp * 16 + (lane >> 2) + 8 * h;
@@ -553,7 +562,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;  // Handoff: pieces handed over (the barriers' phase)
+    uint32_t n = 0;           // Handoff: pieces handed over (the barriers' phase)
+    uint32_t boxes_sent = 0;  // ConsumerTmaDouble/Deep: eighths stored (which box is next)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
@@ -614,8 +624,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
-      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble) {
-        store_tile_tma_double(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
+      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || VIA == StoreVia::ConsumerTmaDeep) {
+        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
+                                                     &map_out, boxes_sent);
       } else if constexpr (VIA == StoreVia::ConsumerTma) {
         store_tile_tma(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
       } else {
