@@ -10,6 +10,8 @@
 // per thread), then frees the stage on its "empty" mbarrier. Both sides walk the same sequence of
 // (m-tile, n-tile) work items, so the producer runs ahead into the next tile while the consumers
 // store the last one (through one of the epilogues below).
+// (TN with fp32 results, training's dW: the consumers drop their tile into shared-memory boxes and
+// leave its global writes to TMA tensor stores that drain during the next tile's mainloop.)
 // The other ways of storing a tile that were measured and lost (Store from registers, the warp
 // slices for bf16 results, the hand-off of fp32 results in two halves, the fused SwiGLU/dSwiGLU
 // epilogues from registers) are steps 05-07 and 09 of the ladder in benchmarks/kernels/grouped_gemm/.
@@ -55,13 +57,21 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // to the ladder in benchmarks/kernels/grouped_gemm/ as it is):
 //   WarpSlices  Store with fp32 results (accumulating or not; v6): each consumer warp stages 16×32
 //               fp32 slices in its own shared memory and stores whole 16-byte row pieces.
+//   TmaBoxes    TN (dW) with fp32 results (accumulating or not; v12): each consumer warpgroup drops
+//               its 64×256 tile, 32 columns at a time, into TMA_BOXES boxes of its own
+//               ([64 rows][32 floats], 8 KiB) taken in turn, and one of its threads sends each box
+//               out by a TMA tensor store (a reduce-add when accumulating) into the [E][K][N] result.
+//               A box is written again once the engine has read it out, so most of a tile's
+//               128 KiB drains while the next tile's mainloop runs: the warp slices wrote all of it
+//               from the consumers while every SM did the same (ladder step 12). It costs the ring a
+//               stage (3 instead of 4).
 //   Handoff     Store with bf16 results (never accumulating; v7), and the fused epilogues (v9):
 //               the consumers drop the 128×256 product tile, in bf16, into shared memory
 //               (66 KiB) and go on to the next tile's mainloop; three warps of the producer warpgroup
 //               (otherwise idle) copy it to global memory meanwhile, applying the fused epilogue on
 //               the way (SwiGLU: h and the saved g; dSwiGLU: dg from dh and the saved g, which they
 //               fetch themselves). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { WarpSlices, Handoff };
+enum class StoreVia { WarpSlices, TmaBoxes, Handoff };
 
 constexpr int STORER_WARPS = 3;  // Handoff: warps 1-3 of the producer warpgroup
 constexpr int STORER_THREADS = 32 * STORER_WARPS;
@@ -69,7 +79,7 @@ constexpr int STORER_THREADS = 32 * STORER_WARPS;
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
 template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff ? 3 : 4;
+  static constexpr int STAGES = VIA == StoreVia::WarpSlices ? 4 : 3;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
                                                                // the fragment stores over the banks
@@ -77,7 +87,11 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   // Handoff row pitch, chosen so that a warp's fragment stores hit every bank once per wavefront:
   // bf16 pairs (4 bytes) at 264 bf16 = 528 bytes (132 words ≡ 4 mod 32).
   static constexpr int TILE_LD_BF16 = BN + 8;
+  // TmaBoxes: per consumer TMA_BOXES boxes of [64 rows][32 floats] in the 128-byte swizzle.
+  static constexpr int TMA_BOXES = 5;
+  static constexpr int TMA_BOX_BYTES = 64 * 32 * 4;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
+                                       : VIA == StoreVia::TmaBoxes ? CONSUMERS * TMA_BOXES * TMA_BOX_BYTES
                                        : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
                                                                    : 0;
   // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
@@ -91,6 +105,7 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
 constexpr int MAX_STAGES = 4;
 // 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
 static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::TmaBoxes>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
 static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
@@ -188,6 +203,60 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
 #pragma unroll
     for (int u = 0; u < 4; ++u)
       if (row + 4 * u < tile.row_end) *reinterpret_cast<float4*>(dst + u * pitch4) = v[u];
+  }
+}
+
+// TmaBoxes: this warpgroup's 64×256 accumulators leave in eight pieces of 32 columns, each through
+// the next of its TMA_BOXES boxes ([64 rows][32 floats], 128 bytes a row, 16-byte chunk c of row r
+// at chunk c ^ (r % 8): the 128-byte swizzle the output map names) and one tensor store of it into
+// the [E][K][N] result, issued by the warpgroup's first thread (cp.reduce.async.bulk.tensor .add
+// when accumulating). `sent` counts the pieces this warpgroup has sent (over its tiles): piece n goes
+// to box n % TMA_BOXES once the engine has read piece n - TMA_BOXES out of it (wait_group.read
+// TMA_BOXES - 1: all but the latest TMA_BOXES - 1 bulk groups, each piece being one). Rows past K and
+// columns past N are not written (the map's bounds), so a partial tile needs no mask.
+// A thread's pairs: row 16w + l/4 (+8), columns 8j + 2(l%4) of the tile; piece e holds j = 4e .. 4e+3,
+// column group jl = j - 4e at chunk 2jl + (l%4)/2, byte 8(l%2) in it. The 8 rows of a warp's store
+// have distinct r % 8, so each st.shared.v2 takes the least wavefronts (two).
+__device__ __forceinline__ void consumer_bar(int consumer) {
+  // Named barriers 2 and 3, one per consumer warpgroup (1 is TN's zeroing over both).
+  if (consumer == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  else asm volatile("bar.sync 3, 128;\n" ::: "memory");
+}
+__device__ __forceinline__ void store_tile_tma_boxes(const Params& p, const float (&d)[128], const Tile& tile, int consumer, uint32_t boxes,
+                                                     const CUtensorMap* map_out, uint32_t& sent) {
+  using L = Layout<StoreVia::TmaBoxes>;
+  const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+  const bool issuer = (threadIdx.x & 127) == 0;
+#pragma unroll
+  for (int e = 0; e < BN / 32; ++e, ++sent) {
+    const uint32_t box = boxes + uint32_t((sent % L::TMA_BOXES) * L::TMA_BOX_BYTES);
+    if (issuer) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(L::TMA_BOXES - 1) : "memory");
+    consumer_bar(consumer);  // the box's previous piece read out by the engine
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+      for (int jl = 0; jl < 4; ++jl) {
+        const int j = e * 4 + jl, chunk = 2 * jl + ((lane & 3) >> 1);
+        const uint32_t at = box + uint32_t(r * 128 + ((chunk ^ (r & 7)) * 16) + (lane & 1) * 8);
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+      }
+    }
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine (async proxy) reads what st.shared wrote
+    consumer_bar(consumer);
+    if (issuer) {
+      const uint64_t map = reinterpret_cast<uint64_t>(map_out);
+      const int col = tile.col0 + 32 * e, row = tile.row0 + 64 * consumer;
+      if (p.accumulate)
+        asm volatile("cp.reduce.async.bulk.tensor.3d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(map),
+                     "r"(box), "r"(col), "r"(row), "r"(tile.group)
+                     : "memory");
+      else
+        asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(map), "r"(box),
+                     "r"(col), "r"(row), "r"(tile.group)
+                     : "memory");
+      asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+    }
   }
 }
 
@@ -421,12 +490,14 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
-    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b, Params p) {
+    grouped_gemm_wgmma_kernel(const __grid_constant__ CUtensorMap map_a, const __grid_constant__ CUtensorMap map_b,
+                              const __grid_constant__ CUtensorMap map_out, Params p) {
   constexpr bool TN = MODE == GemmMode::TN;
   constexpr bool A_MN_MAJOR = TN;                    // a_eᵀ: its rows (k of a) are contiguous
   constexpr bool B_MN_MAJOR = MODE != GemmMode::NT;  // NN: b_e [inner, cols]; TN: b_e [rows_e, cols]
   static_assert(VIA != StoreVia::Handoff || sizeof(OutT) == 2, "the hand-off takes bf16 results");
   static_assert(VIA != StoreVia::WarpSlices || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store), "the warp slices take fp32 results");
+  static_assert(VIA != StoreVia::TmaBoxes || (sizeof(OutT) == 4 && EPI == GemmEpilogue::Store && TN), "the TMA boxes: fp32 dW (map_out)");
   static_assert(EPI == GemmEpilogue::Store || (sizeof(OutT) == 2 && !TN), "the fused epilogues: NN/NT with bf16 results");
   using L = Layout<VIA, EPI>;
   constexpr int STAGES = L::STAGES;
@@ -515,7 +586,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     float d[128];
     int stage = 0;
     uint32_t round = 0;
-    uint32_t n = 0;  // Handoff: tiles handed over (the barriers' phase)
+    uint32_t n = 0;     // Handoff: tiles handed over (the barriers' phase)
+    uint32_t sent = 0;  // TmaBoxes: pieces sent (which box is next)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
@@ -575,16 +647,23 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
+      } else {
+        store_tile_tma_boxes(p, d, tile, consumer, staging_smem + uint32_t(consumer * L::TMA_BOXES * L::TMA_BOX_BYTES), &map_out, sent);
       }
+    }
+    if constexpr (VIA == StoreVia::TmaBoxes) {
+      // The boxes must outlive the engine's reads of them, and the results land before the kernel ends.
+      if ((threadIdx.x & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     }
   }
 }
 
 // ---- host side ------------------------------------------------------------------------------------
 // A bf16 tensor map with 128-byte swizzle (sm90.cuh). dims/box are innermost first; strides (bytes) for dims 1..
-CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box) {
+CUtensorMap make_map(const void* base, int rank, const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                     CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16) {
   CUtensorMap map;
-  const CUresult r = encode_bf16_map(&map, base, rank, dims, strides, box);
+  const CUresult r = encode_map(&map, type, base, rank, dims, strides, box);
   MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
   return map;
 }
@@ -615,7 +694,8 @@ DeviceInfo device_info() {
 }
 
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
-void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms,
+                   cudaStream_t stream) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
   constexpr int smem = Layout<VIA, EPI>::SMEM_BYTES;
   if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
@@ -624,7 +704,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
   const int grid = int(std::max<int64_t>(1, std::min<int64_t>(sms, most_tiles)));
-  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, p);
+  kernel<<<grid, THREADS, smem, stream>>>(map_a, map_b, map_out, p);
 }
 
 // How the tiles are stored follows from the epilogue and the result type (see StoreVia):
@@ -632,7 +712,8 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 //   the producer's storer warps through shared memory while the consumers go on with the next tile
 //   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
 //   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
-// - fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
+// - fp32 dW (TN): the TMA boxes (ladder step 12; see StoreVia).
+// - other fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
 //   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
 //   Handing the fp32 dW tile off whole, written by TMA tensor stores, lost as well (ncu on the
 //   layer's dW13, cycles of the kernel: warp slices 4.88 M, 67d9aab; the 128×256 tile beside a
@@ -641,12 +722,16 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 // - SwiGLU, dSwiGLU (bf16 results): handed off too, the storer warps applying the epilogue (v9;
 //   H200, cf38d04, the layer's shape, against from the consumers' registers: up + SwiGLU 2.89 vs
 //   3.35 ms, down dA + dSwiGLU 1.42 vs 1.84; the registers way is step 09 of the ladder).
+// map_out: TN with fp32 results only (the result as [E][K][N], boxes of [1][64][32]); the others
+// ignore it (any map will do).
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT>
-void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const Params& p, int sms, cudaStream_t stream) {
+void launch(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUtensorMap& map_out, const Params& p, int sms, cudaStream_t stream) {
   if constexpr (EPI != GemmEpilogue::Store || sizeof(OutT) == 2) {
-    launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, p, sms, stream);
+    launch_layout<MODE, EPI, OutT, StoreVia::Handoff>(map_a, map_b, map_out, p, sms, stream);
+  } else if constexpr (MODE == GemmMode::TN) {
+    launch_layout<MODE, EPI, OutT, StoreVia::TmaBoxes>(map_a, map_b, map_out, p, sms, stream);
   } else {
-    launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, p, sms, stream);
+    launch_layout<MODE, EPI, OutT, StoreVia::WarpSlices>(map_a, map_b, map_out, p, sms, stream);
   }
 }
 
@@ -698,8 +783,14 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     const CUtensorMap map_a = make_map(g.a.raw(), 2, a_dims, a_strides, box);
     const CUtensorMap map_b = make_map(g.b.raw(), 2, b_dims, b_strides, box);
     if (p.E * int64_t(p.tn_m_tiles) * p.n_tiles == 0) return;
-    if (f32) launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (f32) {
+      const cuuint64_t o_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, o_strides[2] = {cuuint64_t(N) * 4, cuuint64_t(K * N) * 4};
+      const cuuint32_t o_box[3] = {32, 64, 1};
+      const CUtensorMap map_out = make_map(g.out.raw(), 3, o_dims, o_strides, o_box, CU_TENSOR_MAP_DATA_TYPE_FLOAT32);
+      launch<GemmMode::TN, GemmEpilogue::Store, float>(map_a, map_b, map_out, p, sms, stream);
+    } else {
+      launch<GemmMode::TN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
+    }
     cuda::check_launch("groupedGemm");
     return;
   }
@@ -722,13 +813,13 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   const CUtensorMap map_b = make_map(g.b.raw(), 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
 
   if (!nt) {
-    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::SwiGLU) launch<GemmMode::NN, GemmEpilogue::SwiGLU, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, map_b, p, sms, stream);
+    else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, p, sms, stream);
-    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, p, sms, stream);
-    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
+    else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, map_b, p, sms, stream);
+    else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
   }
   cuda::check_launch("groupedGemm");
 }
