@@ -44,6 +44,18 @@ export const shapes = [
     dram: true,
     set: 'skewed',
   },
+  // The layer's down projection: forward NN [M, F]·[E, F, H] (the layer step's least efficient
+  // GEMM, 73% of the roof in results/moe-layer-217f16e.json) and, as TN32, training's dW2. Not in the
+  // default run: `--shapes=layer-down` (with `--products=NN,TN32`).
+  {
+    name: 'layer down T=4096x8 F=2048 H=7168 E=32',
+    tag: 'layerdown',
+    M: 32768,
+    K: 2048,
+    N: 7168,
+    counts: balanced(32, 32768),
+    set: 'layer-down',
+  },
 ];
 function mixtralDecode() {
   const counts = { 1: [0, 1, 0, 0, 1, 0, 0, 0], 8: [3, 2, 0, 4, 1, 2, 3, 1], 64: [18, 14, 17, 12, 20, 15, 16, 16] };
