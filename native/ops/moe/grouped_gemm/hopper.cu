@@ -817,7 +817,8 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
     else if (f32) launch<GemmMode::NN, GemmEpilogue::Store, float>(map_a, map_b, map_b, p, sms, stream);
     else launch<GemmMode::NN, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
   } else {
-    if (g.epilogue == GemmEpilogue::DSwiGLU) launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
+    if (g.epilogue == GemmEpilogue::DSwiGLU)
+      launch<GemmMode::NT, GemmEpilogue::DSwiGLU, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
     else if (f32) launch<GemmMode::NT, GemmEpilogue::Store, float>(map_a, map_b, map_b, p, sms, stream);
     else launch<GemmMode::NT, GemmEpilogue::Store, __nv_bfloat16>(map_a, map_b, map_b, p, sms, stream);
   }
