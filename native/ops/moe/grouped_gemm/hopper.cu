@@ -79,7 +79,6 @@ constexpr int STORER_THREADS = 32 * STORER_WARPS;
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
 template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::WarpSlices ? 4 : 3;
   static constexpr int SLICE = 32;                             // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                 // floats per staged row: the pad spreads
                                                                // the fragment stores over the banks
@@ -94,6 +93,11 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
                                        : VIA == StoreVia::TmaBoxes ? CONSUMERS * TMA_BOXES * TMA_BOX_BYTES
                                        : VIA == StoreVia::Handoff  ? BM * TILE_LD_BF16 * 2
                                                                    : 0;
+  // The ring: 4 stages beside the warp slices, 3 beside the hand-off's tile, and beside the TMA boxes
+  // as many as fit in the 227 KiB opt-in (3 with five boxes a consumer; 4 would with two).
+  static constexpr int STAGES = VIA == StoreVia::WarpSlices ? 4
+                                : VIA == StoreVia::Handoff  ? 3
+                                                            : std::min(4, (232448 - 96 - 1024 - STAGING_BYTES) / STAGE_BYTES);
   // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
   // (2·BN bf16 = 1 KiB), filled by cp.async G_RING_ROWS rows ahead of the row being stored.
   static constexpr int G_RING_ROWS = 4;
