@@ -26,7 +26,10 @@
 using moe::ops::hopper::StoreVia;
 
 int main(int argc, char** argv) {
-  const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;  // this program's; the rest: parse_args
+  // --ragged and --only are this program's; the rest go to ladder::parse_args. --only 1, 2, 3: compare
+  // case 0 with step 12, 12b or 12c alone (0: all three), e.g. to profile one pair.
+  const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
+  const int only = ladder::take_flag(argc, argv, "--only", 0);
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
@@ -36,13 +39,16 @@ int main(int argc, char** argv) {
   const ladder::Inputs in = ladder::make_inputs(pr);
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
   const int sms = ladder::sm_count();
-  ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+  if (only == 0 || only == 1)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                       "case 0: warp slices (shipped for fp32)",
                                                                       "12: consumer-issued TMA stores, quarter tiles");
-  ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+  if (only == 0 || only == 2)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                             "case 0: warp slices (shipped for fp32)",
                                                                             "12b: the same, eighths through two boxes in turn");
-  ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+  if (only == 0 || only == 3)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                           "case 0: warp slices (shipped for fp32)",
                                                                           "12c: eighths through five boxes, 3-stage ring");
   return 0;
