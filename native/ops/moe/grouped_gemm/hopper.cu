@@ -716,7 +716,9 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const CUt
 //   the producer's storer warps through shared memory while the consumers go on with the next tile
 //   (H200, 250fecf, against the warp slices: balanced forward 744 vs 708 TFLOP/s, dA 731 vs 588,
 //   dW 630 vs 466; 15 of 18 products faster, the rest within 2 %).
-// - fp32 dW (TN): the TMA boxes (ladder step 12; see StoreVia).
+// - fp32 dW (TN): the TMA boxes (ladder step 12c; H200, 0e908c6, the layer's dW13 and dW2 against
+//   the warp slices in the same rounds: 3.42 vs 3.60 ms and 1.77 vs 1.82; in ncu's cycles level:
+//   benchmarks/kernels-notes.md, "fp32 dW with its stores hidden").
 // - other fp32 results: warp slices (the hand-off in two halves was no faster there: balanced 440 vs 434,
 //   E=8 469 vs 499; and against register-direct stores, H200, f838df1: forward 715 vs 656).
 //   Handing the fp32 dW tile off whole, written by TMA tensor stores, lost as well (ncu on the
