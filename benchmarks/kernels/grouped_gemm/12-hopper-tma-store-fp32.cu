@@ -27,7 +27,8 @@ using moe::ops::hopper::StoreVia;
 
 int main(int argc, char** argv) {
   // --ragged and --only are this program's; the rest go to ladder::parse_args. --only 1, 2, 3: compare
-  // case 0 with step 12, 12b or 12c alone (0: all three), e.g. to profile one pair.
+  // case 0 with step 12, 12b or 12c alone (0: all three), e.g. to profile one pair; 4, 5: with the
+  // probes that store nothing (4- and 3-stage rings).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
@@ -51,5 +52,14 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                           "case 0: warp slices (shipped for fp32)",
                                                                           "12c: eighths through five boxes, 3-stage ring");
+  // Probes (only when asked for): the same loads and wgmmas with no stores at all.
+  if (only == 4)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeNoStore, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                       "case 0: warp slices (shipped for fp32)",
+                                                                       "probe: no stores, 4-stage ring (result unwritten)");
+  if (only == 5)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeNoStore3, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                        "case 0: warp slices (shipped for fp32)",
+                                                                        "probe: no stores, 3-stage ring (result unwritten)");
   return 0;
 }

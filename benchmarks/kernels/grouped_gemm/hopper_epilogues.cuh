@@ -66,14 +66,16 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               bf16 tiles go in one piece (66 KiB), fp32 tiles in two halves of 128 columns (68 KiB
 //               each: the consumers wait for the first half to be copied before they drop the
 //               second). It costs the ring a stage (3 instead of 4).
-enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma, ConsumerTmaDouble, ConsumerTmaDeep };
+// ProbeNoStore, ProbeNoStore3: probes, not ways to store: the tile is computed and never written
+// (4- and 3-stage rings), to time the loads and wgmmas alone (ladder 12's --only 4 and 5).
+enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma, ConsumerTmaDouble, ConsumerTmaDeep, ProbeNoStore, ProbeNoStore3 };
 constexpr bool by_consumer_tma(StoreVia v) {
   return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep;
 }
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff || VIA == StoreVia::ConsumerTmaDeep ? 3 : 4;
+  static constexpr int STAGES = VIA == StoreVia::Handoff || VIA == StoreVia::ConsumerTmaDeep || VIA == StoreVia::ProbeNoStore3 ? 3 : 4;
   static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
@@ -627,6 +629,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || VIA == StoreVia::ConsumerTmaDeep) {
         store_tile_tma_boxes<Layout<VIA>::TMA_BOXES>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
+      } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
+        // The accumulators are dropped: only the wgmma_wait above orders anything.
       } else if constexpr (VIA == StoreVia::ConsumerTma) {
         store_tile_tma(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
       } else {
