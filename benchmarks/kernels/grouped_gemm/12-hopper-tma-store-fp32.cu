@@ -28,9 +28,12 @@ using moe::ops::hopper::StoreVia;
 int main(int argc, char** argv) {
   // --ragged and --only are this program's; the rest go to ladder::parse_args. --only 1, 2, 3: compare
   // case 0 with step 12, 12b or 12c alone (0: all three), e.g. to profile one pair; 4, 5: with the
-  // probes that store nothing (4- and 3-stage rings).
+  // probes that store nothing (4- and 3-stage rings); 6, 7: case 0 against itself and against 12c with
+  // the blocks' starts staggered (block b waits (b % --stagger-phases) · --stagger-ns, default 2 and
+  // 6000 ns: about half a dW13 tile), so that their results are not all written at once.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
+  const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
@@ -61,5 +64,13 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeNoStore3, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                         "case 0: warp slices (shipped for fp32)",
                                                                         "probe: no stores, 3-stage ring (result unwritten)");
+  if (only == 6)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::WarpSlices, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                     "case 0: warp slices (shipped for fp32)",
+                                                                     "probe: warp slices, blocks staggered", stagger);
+  if (only == 7)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                          "case 0: warp slices (shipped for fp32)",
+                                                                          "probe: 12c, blocks staggered", stagger);
   return 0;
 }

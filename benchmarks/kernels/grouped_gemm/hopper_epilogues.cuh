@@ -113,6 +113,9 @@ struct Params {
   int rows, cols, inner;      // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
+  // A probe (ladder 12, --stagger-ns): block b starts (b % stagger_phases) · stagger_ns later, so the
+  // blocks' equal tiles end, and their results are written, at different moments. 0: no delay.
+  int stagger_ns, stagger_phases;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -503,6 +506,15 @@ __global__ void __launch_bounds__(THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+  if (p.stagger_ns > 0 && p.stagger_phases > 1) {
+    const uint64_t wait = uint64_t(blockIdx.x % p.stagger_phases) * uint64_t(p.stagger_ns);
+    uint64_t t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do {
+      __nanosleep(200);
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    } while (t - t0 < wait);
+  }
 
   const int m_tiles = TN ? p.tn_m_tiles : __ldg(p.tile_start + p.E);
   const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
@@ -701,8 +713,11 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 // One Store product (`a` for NN and TN, `c` for NT; bf16 or fp32 results, overwritten) with the
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
 template <StoreVia VIA, typename OutT>
-void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms) {
+void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
+         int stagger_ns = 0, int stagger_phases = 0) {
   Params p{};
+  p.stagger_ns = stagger_ns;
+  p.stagger_phases = stagger_phases;
   p.offsets = in.doffsets;
   p.tile_start = tile_start;
   p.out = out;
@@ -755,10 +770,14 @@ constexpr int kTileRows = BM;
 namespace ladder {
 
 // Runs one product with two ways of storing its tiles (case 0: the one the addon ships for this
-// result type; `other`: the ladder's step), checks both and times them interleaved.
+// result type; `other`: the ladder's step), checks both and times them interleaved. other_stagger:
+// the other side's blocks start staggered (Params::stagger_ns, stagger_phases), case 0's never.
+struct Stagger {
+  int ns = 0, phases = 0;
+};
 template <moe::ops::hopper::StoreVia CASE0, moe::ops::hopper::StoreVia OTHER, typename OutT>
 void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
-             const char* other) {
+             const char* other, Stagger other_stagger = {}) {
   using moe::ops::hopper::run;
   const size_t n = out_elems(pr, m);
   OutT *o0 = nullptr, *o1 = nullptr;
@@ -767,10 +786,10 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   CHECK_CUDA(cudaMemset(o0, 0, n * sizeof(OutT)));
   CHECK_CUDA(cudaMemset(o1, 0, n * sizeof(OutT)));
   run<CASE0>(m, pr, in, tile_start, o0, sms);
-  run<OTHER>(m, pr, in, tile_start, o1, sms);
+  run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases);
   CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> r0 = to_host_floats(o0, n), r1 = to_host_floats(o1, n);
-  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms); }},
+  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases); }},
                                    args.rounds, args.repeats);
   std::printf("%s, %s results\n", mode_name(m), sizeof(OutT) == 2 ? "bf16" : "fp32");
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
