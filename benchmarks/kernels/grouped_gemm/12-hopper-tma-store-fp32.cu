@@ -30,7 +30,8 @@ int main(int argc, char** argv) {
   // case 0 with step 12, 12b or 12c alone (0: all three), e.g. to profile one pair; 4, 5: with the
   // probes that store nothing (4- and 3-stage rings); 6, 7: case 0 against itself and against 12c with
   // the blocks' starts staggered (block b waits (b % --stagger-phases) · --stagger-ns, default 2 and
-  // 6000 ns: about half a dW13 tile), so that their results are not all written at once.
+  // 6000 ns: about half a dW13 tile), so that their results are not all written at once; 8: case 0
+  // against 12c with an evict-first L2 policy on its stores.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
@@ -72,5 +73,8 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                           "case 0: warp slices (shipped for fp32)",
                                                                           "probe: 12c, blocks staggered", stagger);
+  if (only == 8)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepEvictFirst, float>(
+        ladder::Mode::TN, pr, in, tile_start, sms, args, "case 0: warp slices (shipped for fp32)", "probe: 12c, stores evict-first in L2");
   return 0;
 }

@@ -68,14 +68,30 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               second). It costs the ring a stage (3 instead of 4).
 // ProbeNoStore, ProbeNoStore3: probes, not ways to store: the tile is computed and never written
 // (4- and 3-stage rings), to time the loads and wgmmas alone (ladder 12's --only 4 and 5).
-enum class StoreVia { Registers, WarpSlices, Handoff, ConsumerTma, ConsumerTmaDouble, ConsumerTmaDeep, ProbeNoStore, ProbeNoStore3 };
+// ConsumerTmaDeepEvictFirst: ConsumerTmaDeep with an evict-first L2 policy on its stores (a probe: do
+// the results push A and B out of L2?).
+enum class StoreVia {
+  Registers,
+  WarpSlices,
+  Handoff,
+  ConsumerTma,
+  ConsumerTmaDouble,
+  ConsumerTmaDeep,
+  ProbeNoStore,
+  ProbeNoStore3,
+  ConsumerTmaDeepEvictFirst
+};
 constexpr bool by_consumer_tma(StoreVia v) {
-  return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep;
+  return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep ||
+         v == StoreVia::ConsumerTmaDeepEvictFirst;
 }
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff || VIA == StoreVia::ConsumerTmaDeep || VIA == StoreVia::ProbeNoStore3 ? 3 : 4;
+  static constexpr int STAGES = VIA == StoreVia::Handoff || VIA == StoreVia::ConsumerTmaDeep || VIA == StoreVia::ConsumerTmaDeepEvictFirst ||
+                                        VIA == StoreVia::ProbeNoStore3
+                                    ? 3
+                                    : 4;
   static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
   static constexpr int STAGING_LD = SLICE + 8;                  // floats per staged row: the pad spreads
                                                                 // the fragment stores over the banks
@@ -87,7 +103,7 @@ template <StoreVia VIA> struct Layout {
   static constexpr int TILE_LD_F32 = BN / 2 + 8;
   // ConsumerTma: per consumer a quarter of its 64×256 fp32 tile, two [64 rows][32 floats] boxes.
   static constexpr int TMA_BOX_BYTES = 64 * 32 * 4;  // 8 KiB
-  static constexpr int TMA_BOXES = VIA == StoreVia::ConsumerTmaDeep ? 5 : 2;  // per consumer
+  static constexpr int TMA_BOXES = VIA == StoreVia::ConsumerTmaDeep || VIA == StoreVia::ConsumerTmaDeepEvictFirst ? 5 : 2;  // per consumer
   static constexpr int TMA_STAGING_PER_CONSUMER = TMA_BOXES * TMA_BOX_BYTES;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices    ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff     ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
@@ -443,9 +459,11 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], const Tile
 // BOXES - 1 groups), so the warpgroup writes one box while the engine reads the others, and the last
 // BOXES - 1 eighths of a tile still drain while the next tile's mainloop runs. Fragment placement as
 // above with the eighth's four column groups j = 4e .. 4e + 3 (chunk 2·jl + (l%4)/2).
-template <int BOXES>
+template <int BOXES, bool EVICT_FIRST = false>
 __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
                                                      const CUtensorMap* map_out, uint32_t& sent) {
+  uint64_t policy = 0;
+  if constexpr (EVICT_FIRST) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   constexpr int BOX = Layout<StoreVia::ConsumerTmaDouble>::TMA_BOX_BYTES;
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, lane128 = threadIdx.x & 127;
 #pragma unroll
@@ -466,10 +484,16 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
     consumer_bar(consumer);
     if (lane128 == 0) {
-      asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
-                       reinterpret_cast<uint64_t>(map_out)),
-                   "r"(box), "r"(tile.col0 + 32 * e), "r"(tile.row0 + 64 * consumer), "r"(tile.group)
-                   : "memory");
+      if constexpr (EVICT_FIRST)
+        asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4}], [%1], %5;\n" ::"l"(
+                         reinterpret_cast<uint64_t>(map_out)),
+                     "r"(box), "r"(tile.col0 + 32 * e), "r"(tile.row0 + 64 * consumer), "r"(tile.group), "l"(policy)
+                     : "memory");
+      else
+        asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                         reinterpret_cast<uint64_t>(map_out)),
+                     "r"(box), "r"(tile.col0 + 32 * e), "r"(tile.row0 + 64 * consumer), "r"(tile.group)
+                     : "memory");
       asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
     }
   }
@@ -638,8 +662,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
-      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || VIA == StoreVia::ConsumerTmaDeep) {
-        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
+      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || VIA == StoreVia::ConsumerTmaDeep ||
+                           VIA == StoreVia::ConsumerTmaDeepEvictFirst) {
+        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA == StoreVia::ConsumerTmaDeepEvictFirst>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
       } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
         // The accumulators are dropped: only the wgmma_wait above orders anything.
