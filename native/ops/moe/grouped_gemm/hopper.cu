@@ -76,6 +76,12 @@ enum class StoreVia { WarpSlices, TmaBoxes, Handoff };
 constexpr int STORER_WARPS = 3;  // Handoff: warps 1-3 of the producer warpgroup
 constexpr int STORER_THREADS = 32 * STORER_WARPS;
 
+// What a block's dynamic shared memory may take: the 227 KiB opt-in (232448 bytes) less the static
+// mbarriers (80 bytes, rounded up to 96); and the slack that lets the ring start on a 1024-byte
+// boundary (the 128-byte swizzle's period).
+constexpr int DYNAMIC_SMEM_LIMIT = 232448 - 96;
+constexpr int RING_ALIGN_SLACK = 1024;
+
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile),
 // then (dSwiGLU hand-off) the storers' rings of saved-g rows.
 template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
@@ -96,23 +102,23 @@ template <StoreVia VIA, GemmEpilogue EPI = GemmEpilogue::Store> struct Layout {
   // The ring: 4 stages beside the warp slices, 3 beside the hand-off's tile, and beside the TMA boxes
   // as many as fit in the 227 KiB opt-in (3 with five boxes a consumer; 4 would with two).
   static constexpr int STAGES = VIA == StoreVia::WarpSlices ? 4
-                                : VIA == StoreVia::Handoff  ? 3
-                                                            : std::min(4, (232448 - 96 - 1024 - STAGING_BYTES) / STAGE_BYTES);
+                                : VIA == StoreVia::Handoff
+                                    ? 3
+                                    : std::min(4, (DYNAMIC_SMEM_LIMIT - RING_ALIGN_SLACK - STAGING_BYTES) / STAGE_BYTES);
   // dSwiGLU hand-off: each storer warp's ring of G_RING_ROWS rows of the saved g, one tile row each
   // (2·BN bf16 = 1 KiB), filled by cp.async G_RING_ROWS rows ahead of the row being stored.
   static constexpr int G_RING_ROWS = 4;
   static constexpr int G_ROW_BYTES = 2 * BN * 2;
   static constexpr int G_RING_BYTES =
       VIA == StoreVia::Handoff && EPI == GemmEpilogue::DSwiGLU ? STORER_WARPS * G_RING_ROWS * G_ROW_BYTES : 0;
-  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + G_RING_BYTES + 1024;  // + slack to align the ring
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + G_RING_BYTES + RING_ALIGN_SLACK;
 };
 constexpr int MAX_STAGES = 4;
-// 232448: the 227 KiB opt-in per block; 96: the static mbarriers (80 bytes) rounded up.
-static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
-static_assert(Layout<StoreVia::TmaBoxes>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
-static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
-static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
-static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES <= DYNAMIC_SMEM_LIMIT, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::TmaBoxes>::SMEM_BYTES <= DYNAMIC_SMEM_LIMIT, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES <= DYNAMIC_SMEM_LIMIT, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::Handoff, GemmEpilogue::SwiGLU>::SMEM_BYTES <= DYNAMIC_SMEM_LIMIT, "over the 227 KiB opt-in");
+static_assert(Layout<StoreVia::Handoff, GemmEpilogue::DSwiGLU>::SMEM_BYTES <= DYNAMIC_SMEM_LIMIT, "over the 227 KiB opt-in");
 
 struct Params {
   const int32_t* offsets;     // [E+1]
