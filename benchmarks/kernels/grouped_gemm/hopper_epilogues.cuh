@@ -27,6 +27,7 @@
 
 #include "common.cuh"
 #include "../../../native/ops/moe/grouped_gemm/wgmma.cuh"
+#include "../../../native/ops/moe/grouped_gemm/sm90.cuh"  // encode_map: the addon's tensor-map encoder
 
 // What the copy needs from the addon's headers.
 #define MOE_ARG_CHECK(cond, op, ...) CHECK(cond, "%s: a tensor map was refused", op)
@@ -726,9 +727,8 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
 CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
   CUtensorMap map;
   const cuuint64_t dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, strides[2] = {cuuint64_t(N) * 4, cuuint64_t(K * N) * 4};
-  const cuuint32_t box[3] = {32, 64, 1}, unit[3] = {1, 1, 1};
-  CUresult r = encode_fn()(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 3, base, dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                           CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const cuuint32_t box[3] = {32, 64, 1};
+  const CUresult r = moe::ops::sm90::encode_map(&map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, base, 3, dims, strides, box);
   MOE_ARG_CHECK(r == CUDA_SUCCESS, "groupedGemm", "cuTensorMapEncodeTiled failed (CUresult ", int(r), ")");
   return map;
 }
