@@ -31,7 +31,8 @@ int main(int argc, char** argv) {
   // probes that store nothing (4- and 3-stage rings); 6, 7: case 0 against itself and against 12c with
   // the blocks' starts staggered (block b waits (b % --stagger-phases) · --stagger-ns, default 2 and
   // 6000 ns: about half a dW13 tile), so that their results are not all written at once; 8: case 0
-  // against 12c with an evict-first L2 policy on its stores.
+  // against 12c with an evict-first L2 policy on its stores; 9: case 0 against 12c writing every tile
+  // of a block into one block-private slot (~17 MiB, L2-resident; its result wrong by design).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
@@ -76,5 +77,9 @@ int main(int argc, char** argv) {
   if (only == 8)
     ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepEvictFirst, float>(
         ladder::Mode::TN, pr, in, tile_start, sms, args, "case 0: warp slices (shipped for fp32)", "probe: 12c, stores evict-first in L2");
+  if (only == 9)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeL2Resident, float>(
+        ladder::Mode::TN, pr, in, tile_start, sms, args, "case 0: warp slices (shipped for fp32)",
+        "probe: 12c, each block's tiles into one L2-resident slot (result wrong by design)");
   return 0;
 }

@@ -71,6 +71,9 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // (4- and 3-stage rings), to time the loads and wgmmas alone (ladder 12's --only 4 and 5).
 // ConsumerTmaDeepEvictFirst: ConsumerTmaDeep with an evict-first L2 policy on its stores (a probe: do
 // the results push A and B out of L2?).
+// ProbeL2Resident: ConsumerTmaDeep with every tile of a block written to the same block-private
+// 128×256 slot of group 0 (132 slots: ~17 MiB, held in L2), so the results never have to reach DRAM
+// (a probe, its output wrong by design: is it the DRAM writes or the path to L2 that costs?).
 enum class StoreVia {
   Registers,
   WarpSlices,
@@ -80,17 +83,20 @@ enum class StoreVia {
   ConsumerTmaDeep,
   ProbeNoStore,
   ProbeNoStore3,
-  ConsumerTmaDeepEvictFirst
+  ConsumerTmaDeepEvictFirst,
+  ProbeL2Resident
 };
 constexpr bool by_consumer_tma(StoreVia v) {
   return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep ||
-         v == StoreVia::ConsumerTmaDeepEvictFirst;
+         v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident;
+}
+constexpr bool tma_deep(StoreVia v) {
+  return v == StoreVia::ConsumerTmaDeep || v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident;
 }
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff || VIA == StoreVia::ConsumerTmaDeep || VIA == StoreVia::ConsumerTmaDeepEvictFirst ||
-                                        VIA == StoreVia::ProbeNoStore3
+  static constexpr int STAGES = VIA == StoreVia::Handoff || tma_deep(VIA) || VIA == StoreVia::ProbeNoStore3
                                     ? 3
                                     : 4;
   static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
@@ -104,7 +110,7 @@ template <StoreVia VIA> struct Layout {
   static constexpr int TILE_LD_F32 = BN / 2 + 8;
   // ConsumerTma: per consumer a quarter of its 64×256 fp32 tile, two [64 rows][32 floats] boxes.
   static constexpr int TMA_BOX_BYTES = 64 * 32 * 4;  // 8 KiB
-  static constexpr int TMA_BOXES = VIA == StoreVia::ConsumerTmaDeep || VIA == StoreVia::ConsumerTmaDeepEvictFirst ? 5 : 2;  // per consumer
+  static constexpr int TMA_BOXES = tma_deep(VIA) ? 5 : 2;  // per consumer
   static constexpr int TMA_STAGING_PER_CONSUMER = TMA_BOXES * TMA_BOX_BYTES;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices    ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
                                        : VIA == StoreVia::Handoff     ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
@@ -460,13 +466,17 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], const Tile
 // BOXES - 1 groups), so the warpgroup writes one box while the engine reads the others, and the last
 // BOXES - 1 eighths of a tile still drain while the next tile's mainloop runs. Fragment placement as
 // above with the eighth's four column groups j = 4e .. 4e + 3 (chunk 2·jl + (l%4)/2).
-template <int BOXES, bool EVICT_FIRST = false>
+template <int BOXES, bool EVICT_FIRST = false, bool L2_RESIDENT = false>
 __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
                                                      const CUtensorMap* map_out, uint32_t& sent) {
   uint64_t policy = 0;
   if constexpr (EVICT_FIRST) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   constexpr int BOX = Layout<StoreVia::ConsumerTmaDouble>::TMA_BOX_BYTES;
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3, lane128 = threadIdx.x & 127;
+  // ProbeL2Resident: this block's own slot (the layer's dW13 has 56 × 16 tiles in a group).
+  const int col0 = L2_RESIDENT ? int(blockIdx.x / 56 % 16) * BN : tile.col0;
+  const int row0 = L2_RESIDENT ? int(blockIdx.x % 56) * BM : tile.row0;
+  const int group = L2_RESIDENT ? 0 : tile.group;
 #pragma unroll
   for (int e = 0; e < BN / 32; ++e, ++sent) {
     const uint32_t box = staging + uint32_t((sent % BOXES) * BOX);
@@ -493,7 +503,7 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
       else
         asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
                          reinterpret_cast<uint64_t>(map_out)),
-                     "r"(box), "r"(tile.col0 + 32 * e), "r"(tile.row0 + 64 * consumer), "r"(tile.group)
+                     "r"(box), "r"(col0 + 32 * e), "r"(row0 + 64 * consumer), "r"(group)
                      : "memory");
       asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
     }
@@ -663,9 +673,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
-      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || VIA == StoreVia::ConsumerTmaDeep ||
-                           VIA == StoreVia::ConsumerTmaDeepEvictFirst) {
-        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA == StoreVia::ConsumerTmaDeepEvictFirst>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
+      } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || tma_deep(VIA)) {
+        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA == StoreVia::ConsumerTmaDeepEvictFirst, VIA == StoreVia::ProbeL2Resident>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
       } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
         // The accumulators are dropped: only the wgmma_wait above orders anything.
