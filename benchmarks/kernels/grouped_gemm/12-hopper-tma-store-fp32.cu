@@ -32,7 +32,8 @@ int main(int argc, char** argv) {
   // the blocks' starts staggered (block b waits (b % --stagger-phases) · --stagger-ns, default 2 and
   // 6000 ns: about half a dW13 tile), so that their results are not all written at once; 8: case 0
   // against 12c with an evict-first L2 policy on its stores; 9: case 0 against 12c writing every tile
-  // of a block into one block-private slot (~17 MiB, L2-resident; its result wrong by design).
+  // of a block into one block-private slot (~17 MiB, L2-resident; its result wrong by design); 10: 12c
+  // issuing no tensor store (the consumers' own work alone); 11: 12c issuing half of its stores.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
@@ -81,5 +82,13 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeL2Resident, float>(
         ladder::Mode::TN, pr, in, tile_start, sms, args, "case 0: warp slices (shipped for fp32)",
         "probe: 12c, each block's tiles into one L2-resident slot (result wrong by design)");
+  if (only == 10)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                          "case 0: warp slices (shipped for fp32)",
+                                                                          "probe: 12c's consumer work, no tensor store (result unwritten)");
+  if (only == 11)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeHalfStores, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                          "case 0: warp slices (shipped for fp32)",
+                                                                          "probe: 12c storing half its eighths (result half written)");
   return 0;
 }

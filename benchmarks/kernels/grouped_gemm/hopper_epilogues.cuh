@@ -74,6 +74,9 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // ProbeL2Resident: ConsumerTmaDeep with every tile of a block written to the same block-private
 // 128×256 slot of group 0 (132 slots: ~17 MiB, held in L2), so the results never have to reach DRAM
 // (a probe, its output wrong by design: is it the DRAM writes or the path to L2 that costs?).
+// ProbeBoxesNoTma: ConsumerTmaDeep's consumers doing all their work (shared-memory stores, fences,
+// barriers, waits) but issuing no tensor store (is it the consumers' own time that costs?).
+// ProbeHalfStores: ConsumerTmaDeep issuing only the even eighths' stores (half the bytes leave).
 enum class StoreVia {
   Registers,
   WarpSlices,
@@ -84,14 +87,18 @@ enum class StoreVia {
   ProbeNoStore,
   ProbeNoStore3,
   ConsumerTmaDeepEvictFirst,
-  ProbeL2Resident
+  ProbeL2Resident,
+  ProbeBoxesNoTma,
+  ProbeHalfStores
 };
+constexpr bool tma_deep_probe(StoreVia v) {
+  return v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident || v == StoreVia::ProbeBoxesNoTma ||
+         v == StoreVia::ProbeHalfStores;
+}
+constexpr bool tma_deep(StoreVia v) { return v == StoreVia::ConsumerTmaDeep || tma_deep_probe(v); }
 constexpr bool by_consumer_tma(StoreVia v) {
   return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep ||
-         v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident;
-}
-constexpr bool tma_deep(StoreVia v) {
-  return v == StoreVia::ConsumerTmaDeep || v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident;
+         tma_deep_probe(v);
 }
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
@@ -466,9 +473,10 @@ __device__ __forceinline__ void store_tile_tma(const float (&d)[128], const Tile
 // BOXES - 1 groups), so the warpgroup writes one box while the engine reads the others, and the last
 // BOXES - 1 eighths of a tile still drain while the next tile's mainloop runs. Fragment placement as
 // above with the eighth's four column groups j = 4e .. 4e + 3 (chunk 2·jl + (l%4)/2).
-template <int BOXES, bool EVICT_FIRST = false, bool L2_RESIDENT = false>
+template <int BOXES, StoreVia VIA = StoreVia::ConsumerTmaDeep>
 __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], const Tile& tile, int consumer, uint32_t staging,
                                                      const CUtensorMap* map_out, uint32_t& sent) {
+  constexpr bool EVICT_FIRST = VIA == StoreVia::ConsumerTmaDeepEvictFirst, L2_RESIDENT = VIA == StoreVia::ProbeL2Resident;
   uint64_t policy = 0;
   if constexpr (EVICT_FIRST) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   constexpr int BOX = Layout<StoreVia::ConsumerTmaDouble>::TMA_BOX_BYTES;
@@ -494,7 +502,8 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
     consumer_bar(consumer);
-    if (lane128 == 0) {
+    const bool issue = VIA != StoreVia::ProbeBoxesNoTma && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
+    if (lane128 == 0 && issue) {
       if constexpr (EVICT_FIRST)
         asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4}], [%1], %5;\n" ::"l"(
                          reinterpret_cast<uint64_t>(map_out)),
@@ -674,7 +683,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * Layout<VIA>::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
       } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || tma_deep(VIA)) {
-        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA == StoreVia::ConsumerTmaDeepEvictFirst, VIA == StoreVia::ProbeL2Resident>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
+        store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
       } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
         // The accumulators are dropped: only the wgmma_wait above orders anything.
