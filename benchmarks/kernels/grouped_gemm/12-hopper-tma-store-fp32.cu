@@ -33,7 +33,8 @@ int main(int argc, char** argv) {
   // 6000 ns: about half a dW13 tile), so that their results are not all written at once; 8: case 0
   // against 12c with an evict-first L2 policy on its stores; 9: case 0 against 12c writing every tile
   // of a block into one block-private slot (~17 MiB, L2-resident; its result wrong by design); 10: 12c
-  // issuing no tensor store (the consumers' own work alone); 11: 12c issuing half of its stores.
+  // issuing no tensor store (the consumers' own work alone); 11: 12c issuing half of its stores; 12,
+  // 13: 10 without the proxy fence, and without the fence and the barriers (shared stores alone).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
@@ -90,5 +91,13 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeHalfStores, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                           "case 0: warp slices (shipped for fp32)",
                                                                           "probe: 12c storing half its eighths (result half written)");
+  if (only == 12)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoFence, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                            "case 0: warp slices (shipped for fp32)",
+                                                                            "probe: 10 without the proxy fence (result unwritten)");
+  if (only == 13)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoSync, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                           "case 0: warp slices (shipped for fp32)",
+                                                                           "probe: 10 with shared stores only (result unwritten)");
   return 0;
 }

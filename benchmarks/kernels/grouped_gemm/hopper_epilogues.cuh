@@ -77,6 +77,8 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // ProbeBoxesNoTma: ConsumerTmaDeep's consumers doing all their work (shared-memory stores, fences,
 // barriers, waits) but issuing no tensor store (is it the consumers' own time that costs?).
 // ProbeHalfStores: ConsumerTmaDeep issuing only the even eighths' stores (half the bytes leave).
+// ProbeBoxesNoFence, ProbeBoxesNoSync: ProbeBoxesNoTma without the proxy fence, and without the
+// fence and the warpgroup's two barriers per eighth (only the shared-memory stores left).
 enum class StoreVia {
   Registers,
   WarpSlices,
@@ -89,11 +91,13 @@ enum class StoreVia {
   ConsumerTmaDeepEvictFirst,
   ProbeL2Resident,
   ProbeBoxesNoTma,
-  ProbeHalfStores
+  ProbeHalfStores,
+  ProbeBoxesNoFence,
+  ProbeBoxesNoSync
 };
 constexpr bool tma_deep_probe(StoreVia v) {
   return v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident || v == StoreVia::ProbeBoxesNoTma ||
-         v == StoreVia::ProbeHalfStores;
+         v == StoreVia::ProbeHalfStores || v == StoreVia::ProbeBoxesNoFence || v == StoreVia::ProbeBoxesNoSync;
 }
 constexpr bool tma_deep(StoreVia v) { return v == StoreVia::ConsumerTmaDeep || tma_deep_probe(v); }
 constexpr bool by_consumer_tma(StoreVia v) {
@@ -488,8 +492,9 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
 #pragma unroll
   for (int e = 0; e < BN / 32; ++e, ++sent) {
     const uint32_t box = staging + uint32_t((sent % BOXES) * BOX);
+    constexpr bool SYNC = VIA != StoreVia::ProbeBoxesNoSync, FENCE = SYNC && VIA != StoreVia::ProbeBoxesNoFence;
     if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(BOXES - 1) : "memory");
-    consumer_bar(consumer);  // eighth sent - BOXES read out of this box
+    if (SYNC) consumer_bar(consumer);  // eighth sent - BOXES read out of this box
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp * 16 + (lane >> 2) + 8 * h;
@@ -500,9 +505,9 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
         asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
       }
     }
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
-    consumer_bar(consumer);
-    const bool issue = VIA != StoreVia::ProbeBoxesNoTma && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
+    if (FENCE) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
+    if (SYNC) consumer_bar(consumer);
+    const bool issue = VIA != StoreVia::ProbeBoxesNoTma && VIA != StoreVia::ProbeBoxesNoFence && VIA != StoreVia::ProbeBoxesNoSync && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
     if (lane128 == 0 && issue) {
       if constexpr (EVICT_FIRST)
         asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4}], [%1], %5;\n" ::"l"(
