@@ -34,7 +34,9 @@ int main(int argc, char** argv) {
   // against 12c with an evict-first L2 policy on its stores; 9: case 0 against 12c writing every tile
   // of a block into one block-private slot (~17 MiB, L2-resident; its result wrong by design); 10: 12c
   // issuing no tensor store (the consumers' own work alone); 11: 12c issuing half of its stores; 12,
-  // 13: 10 without the proxy fence, and without the fence and the barriers (shared stores alone).
+  // 13: 10 without the proxy fence, and without the fence and the barriers (shared stores alone); 14:
+  // case 0 against 12d (12c with its shared-memory stores free of bank conflicts); 15: 13 with 12d's
+  // placement.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
@@ -99,5 +101,13 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoSync, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                            "case 0: warp slices (shipped for fp32)",
                                                                            "probe: 10 with shared stores only (result unwritten)");
+  if (only == 14)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepSpread, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                                "case 0: warp slices (shipped for fp32)",
+                                                                                "12d: 12c, shared stores free of bank conflicts");
+  if (only == 15)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeSpreadNoSync, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                            "case 0: warp slices (shipped for fp32)",
+                                                                            "probe: 13 with 12d's placement (result unwritten)");
   return 0;
 }

@@ -79,6 +79,9 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // ProbeHalfStores: ConsumerTmaDeep issuing only the even eighths' stores (half the bytes leave).
 // ProbeBoxesNoFence, ProbeBoxesNoSync: ProbeBoxesNoTma without the proxy fence, and without the
 // fence and the warpgroup's two barriers per eighth (only the shared-memory stores left).
+// ConsumerTmaDeepSpread (12d): ConsumerTmaDeep with its shared-memory stores free of bank conflicts
+// (lanes of odd rows write column group jl ^ 2: see store_tile_tma_boxes); ProbeSpreadNoSync:
+// ProbeBoxesNoSync with that placement.
 enum class StoreVia {
   Registers,
   WarpSlices,
@@ -93,11 +96,14 @@ enum class StoreVia {
   ProbeBoxesNoTma,
   ProbeHalfStores,
   ProbeBoxesNoFence,
-  ProbeBoxesNoSync
+  ProbeBoxesNoSync,
+  ConsumerTmaDeepSpread,
+  ProbeSpreadNoSync
 };
 constexpr bool tma_deep_probe(StoreVia v) {
   return v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident || v == StoreVia::ProbeBoxesNoTma ||
-         v == StoreVia::ProbeHalfStores || v == StoreVia::ProbeBoxesNoFence || v == StoreVia::ProbeBoxesNoSync;
+         v == StoreVia::ProbeHalfStores || v == StoreVia::ProbeBoxesNoFence || v == StoreVia::ProbeBoxesNoSync ||
+         v == StoreVia::ConsumerTmaDeepSpread || v == StoreVia::ProbeSpreadNoSync;
 }
 constexpr bool tma_deep(StoreVia v) { return v == StoreVia::ConsumerTmaDeep || tma_deep_probe(v); }
 constexpr bool by_consumer_tma(StoreVia v) {
@@ -492,22 +498,28 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
 #pragma unroll
   for (int e = 0; e < BN / 32; ++e, ++sent) {
     const uint32_t box = staging + uint32_t((sent % BOXES) * BOX);
-    constexpr bool SYNC = VIA != StoreVia::ProbeBoxesNoSync, FENCE = SYNC && VIA != StoreVia::ProbeBoxesNoFence;
+    constexpr bool SYNC = VIA != StoreVia::ProbeBoxesNoSync && VIA != StoreVia::ProbeSpreadNoSync, FENCE = SYNC && VIA != StoreVia::ProbeBoxesNoFence;
     if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(BOXES - 1) : "memory");
     if (SYNC) consumer_bar(consumer);  // eighth sent - BOXES read out of this box
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp * 16 + (lane >> 2) + 8 * h;
+      // 12d: lanes of odd rows write column group jl ^ 2 (an 8-byte store is served half a warp at a
+      // time; with one jl its 16 pairs fall on 4 chunks twice: two-way bank conflicts).
+      constexpr bool SPREAD = VIA == StoreVia::ConsumerTmaDeepSpread || VIA == StoreVia::ProbeSpreadNoSync;
+      const bool swap = SPREAD && ((lane >> 2) & 1);
 #pragma unroll
       for (int jl = 0; jl < 4; ++jl) {
-        const int j = e * 4 + jl, chunk = 2 * jl + ((lane & 3) >> 1);
+        const int j = e * 4 + jl, js = e * 4 + (jl ^ 2), chunk = 2 * (swap ? jl ^ 2 : jl) + ((lane & 3) >> 1);
+        const float v0 = swap ? d[js * 4 + h * 2] : d[j * 4 + h * 2], v1 = swap ? d[js * 4 + h * 2 + 1] : d[j * 4 + h * 2 + 1];
         const uint32_t at = box + uint32_t(r * 128 + ((chunk ^ (r & 7)) * 16) + (lane & 1) * 8);
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(v0), "f"(v1) : "memory");
       }
     }
     if (FENCE) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
     if (SYNC) consumer_bar(consumer);
-    const bool issue = VIA != StoreVia::ProbeBoxesNoTma && VIA != StoreVia::ProbeBoxesNoFence && VIA != StoreVia::ProbeBoxesNoSync && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
+    const bool issue = VIA != StoreVia::ProbeBoxesNoTma && VIA != StoreVia::ProbeBoxesNoFence && VIA != StoreVia::ProbeBoxesNoSync &&
+                       VIA != StoreVia::ProbeSpreadNoSync && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
     if (lane128 == 0 && issue) {
       if constexpr (EVICT_FIRST)
         asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4}], [%1], %5;\n" ::"l"(

@@ -225,8 +225,12 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
 // TMA_BOXES - 1: all but the latest TMA_BOXES - 1 bulk groups, each piece being one). Rows past K and
 // columns past N are not written (the map's bounds), so a partial tile needs no mask.
 // A thread's pairs: row 16w + l/4 (+8), columns 8j + 2(l%4) of the tile; piece e holds j = 4e .. 4e+3,
-// column group jl = j - 4e at chunk 2jl + (l%4)/2, byte 8(l%2) in it. The 8 rows of a warp's store
-// have distinct r % 8, so each st.shared.v2 takes the least wavefronts (two).
+// column group jl = j - 4e at chunk 2jl + (l%4)/2, byte 8(l%2) in it. Shared memory serves an 8-byte
+// store half a warp at a time: in the half's four rows (r % 8 = 0-3 or 4-7) the swizzle moves chunks
+// 2jl and 2jl + 1 only among four places, so with one jl for all lanes each bank is hit twice (four
+// wavefronts a store, not two: ncu at 6169be6). Lanes of odd rows therefore write column group
+// jl ^ 2 when the others write jl: the chunk's third bit then differs between neighbouring rows, the
+// half's 16 pairs land in 8 distinct chunks, and the store takes two wavefronts.
 __device__ __forceinline__ void consumer_bar(int consumer) {
   // Named barriers 2 and 3, one per consumer warpgroup (1 is TN's zeroing over both).
   if (consumer == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
@@ -245,11 +249,16 @@ __device__ __forceinline__ void store_tile_tma_boxes(const Params& p, const floa
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = warp * 16 + (lane >> 2) + 8 * h;
+      const bool odd_row = (lane >> 2) & 1;
 #pragma unroll
       for (int jl = 0; jl < 4; ++jl) {
-        const int j = e * 4 + jl, chunk = 2 * jl + ((lane & 3) >> 1);
+        // Both candidates' registers are named at compile time: a select, not an indexed (local) array.
+        const int j_even = e * 4 + jl, j_odd = e * 4 + (jl ^ 2);
+        const float v0 = odd_row ? d[j_odd * 4 + h * 2] : d[j_even * 4 + h * 2];
+        const float v1 = odd_row ? d[j_odd * 4 + h * 2 + 1] : d[j_even * 4 + h * 2 + 1];
+        const int chunk = 2 * (odd_row ? jl ^ 2 : jl) + ((lane & 3) >> 1);
         const uint32_t at = box + uint32_t(r * 128 + ((chunk ^ (r & 7)) * 16) + (lane & 1) * 8);
-        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(d[j * 4 + h * 2]), "f"(d[j * 4 + h * 2 + 1]) : "memory");
+        asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(at), "f"(v0), "f"(v1) : "memory");
       }
     }
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine (async proxy) reads what st.shared wrote
