@@ -36,10 +36,13 @@ int main(int argc, char** argv) {
   // issuing no tensor store (the consumers' own work alone); 11: 12c issuing half of its stores; 12,
   // 13: 10 without the proxy fence, and without the fence and the barriers (shared stores alone); 14:
   // case 0 against 12d (12c with its shared-memory stores free of bank conflicts); 15: 13 with 12d's
-  // placement.
+  // placement; 16: case 0 against the fp32 tile stored straight from the registers (v5's way, never
+  // measured for fp32); 17: case 0 against the probe that pauses --pause-ns (default 600) per tile in
+  // place of an epilogue.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
+  const ladder::Stagger pause{0, 0, ladder::take_flag(argc, argv, "--pause-ns", 600)};
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
@@ -109,5 +112,12 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeSpreadNoSync, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                             "case 0: warp slices (shipped for fp32)",
                                                                             "probe: 13 with 12d's placement (result unwritten)");
+  if (only == 16)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::Registers, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                    "case 0: warp slices (shipped for fp32)", "05's way: from the registers");
+  if (only == 17)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbePause, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                     "case 0: warp slices (shipped for fp32)",
+                                                                     "probe: a pause of --pause-ns a tile, no epilogue (result unwritten)", pause);
   return 0;
 }

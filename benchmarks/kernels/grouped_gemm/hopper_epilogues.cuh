@@ -82,6 +82,8 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 // ConsumerTmaDeepSpread (12d): ConsumerTmaDeep with its shared-memory stores free of bank conflicts
 // (lanes of odd rows write column group jl ^ 2: see store_tile_tma_boxes); ProbeSpreadNoSync:
 // ProbeBoxesNoSync with that placement.
+// ProbePause: the 3-stage ring, and in place of any epilogue the consumers wait Params::pause_ns per
+// tile (a probe: what does a pause of known length at every tile boundary cost?).
 enum class StoreVia {
   Registers,
   WarpSlices,
@@ -98,7 +100,8 @@ enum class StoreVia {
   ProbeBoxesNoFence,
   ProbeBoxesNoSync,
   ConsumerTmaDeepSpread,
-  ProbeSpreadNoSync
+  ProbeSpreadNoSync,
+  ProbePause
 };
 constexpr bool tma_deep_probe(StoreVia v) {
   return v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident || v == StoreVia::ProbeBoxesNoTma ||
@@ -113,7 +116,7 @@ constexpr bool by_consumer_tma(StoreVia v) {
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff || tma_deep(VIA) || VIA == StoreVia::ProbeNoStore3
+  static constexpr int STAGES = VIA == StoreVia::Handoff || tma_deep(VIA) || VIA == StoreVia::ProbeNoStore3 || VIA == StoreVia::ProbePause
                                     ? 3
                                     : 4;
   static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
@@ -156,6 +159,7 @@ struct Params {
   // A probe (ladder 12, --stagger-ns): block b starts (b % stagger_phases) · stagger_ns later, so the
   // blocks' equal tiles end, and their results are written, at different moments. 0: no delay.
   int stagger_ns, stagger_phases;
+  int pause_ns;  // ProbePause: the consumers' wait per tile
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -702,6 +706,11 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || tma_deep(VIA)) {
         store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
+      } else if constexpr (VIA == StoreVia::ProbePause) {
+        uint64_t t0, t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+        do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        while (t - t0 < uint64_t(p.pause_ns));
       } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
         // The accumulators are dropped: only the wgmma_wait above orders anything.
       } else if constexpr (VIA == StoreVia::ConsumerTma) {
@@ -774,10 +783,11 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
 template <StoreVia VIA, typename OutT>
 void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
-         int stagger_ns = 0, int stagger_phases = 0) {
+         int stagger_ns = 0, int stagger_phases = 0, int pause_ns = 0) {
   Params p{};
   p.stagger_ns = stagger_ns;
   p.stagger_phases = stagger_phases;
+  p.pause_ns = pause_ns;
   p.offsets = in.doffsets;
   p.tile_start = tile_start;
   p.out = out;
@@ -834,6 +844,7 @@ namespace ladder {
 // the other side's blocks start staggered (Params::stagger_ns, stagger_phases), case 0's never.
 struct Stagger {
   int ns = 0, phases = 0;
+  int pause_ns = 0;  // ProbePause's wait per tile
 };
 template <moe::ops::hopper::StoreVia CASE0, moe::ops::hopper::StoreVia OTHER, typename OutT>
 void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
@@ -846,10 +857,10 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   CHECK_CUDA(cudaMemset(o0, 0, n * sizeof(OutT)));
   CHECK_CUDA(cudaMemset(o1, 0, n * sizeof(OutT)));
   run<CASE0>(m, pr, in, tile_start, o0, sms);
-  run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases);
+  run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns);
   CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> r0 = to_host_floats(o0, n), r1 = to_host_floats(o1, n);
-  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases); }},
+  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns); }},
                                    args.rounds, args.repeats);
   std::printf("%s, %s results\n", mode_name(m), sizeof(OutT) == 2 ? "bf16" : "fp32");
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
