@@ -38,11 +38,14 @@ int main(int argc, char** argv) {
   // case 0 against 12d (12c with its shared-memory stores free of bank conflicts); 15: 13 with 12d's
   // placement; 16: case 0 against the fp32 tile stored straight from the registers (v5's way, never
   // measured for fp32); 17: case 0 against the probe that pauses --pause-ns (default 600) per tile in
-  // place of an epilogue.
+  // place of an epilogue; 18, 19: case 0 against 12d and against itself with the second consumer
+  // warpgroup starting --lag-ns (default 1000) late, so that the two stay out of step if the ring lets
+  // them (one's epilogue under the other's wgmmas).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
   const ladder::Stagger pause{0, 0, ladder::take_flag(argc, argv, "--pause-ns", 600)};
+  const ladder::Stagger lag{0, 0, 0, ladder::take_flag(argc, argv, "--lag-ns", 1000)};
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
@@ -119,5 +122,13 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::ProbePause, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                      "case 0: warp slices (shipped for fp32)",
                                                                      "probe: a pause of --pause-ns a tile, no epilogue (result unwritten)", pause);
+  if (only == 18)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepSpread, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                                "case 0: warp slices (shipped for fp32)",
+                                                                                "probe: 12d, second consumer --lag-ns late", lag);
+  if (only == 19)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::WarpSlices, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                     "case 0: warp slices (shipped for fp32)",
+                                                                     "probe: warp slices, second consumer --lag-ns late", lag);
   return 0;
 }

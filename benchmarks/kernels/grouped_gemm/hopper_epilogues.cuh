@@ -160,6 +160,10 @@ struct Params {
   // blocks' equal tiles end, and their results are written, at different moments. 0: no delay.
   int stagger_ns, stagger_phases;
   int pause_ns;  // ProbePause: the consumers' wait per tile
+  // A probe (ladder 12, --lag-ns): the second consumer warpgroup starts lag_ns late, so that the two
+  // reach each tile boundary at different moments (one's epilogue under the other's wgmmas) for as
+  // long as the shared ring lets them stay out of step. 0: together.
+  int lag_ns;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -643,6 +647,12 @@ __global__ void __launch_bounds__(THREADS, 1)
     uint32_t round = 0;
     uint32_t n = 0;           // Handoff: pieces handed over (the barriers' phase)
     uint32_t boxes_sent = 0;  // ConsumerTmaDouble/Deep: eighths stored (which box is next)
+    if (consumer == 1 && p.lag_ns > 0) {
+      uint64_t t0, t;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+      do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+      while (t - t0 < uint64_t(p.lag_ns));
+    }
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
@@ -783,11 +793,12 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
 template <StoreVia VIA, typename OutT>
 void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
-         int stagger_ns = 0, int stagger_phases = 0, int pause_ns = 0) {
+         int stagger_ns = 0, int stagger_phases = 0, int pause_ns = 0, int lag_ns = 0) {
   Params p{};
   p.stagger_ns = stagger_ns;
   p.stagger_phases = stagger_phases;
   p.pause_ns = pause_ns;
+  p.lag_ns = lag_ns;
   p.offsets = in.doffsets;
   p.tile_start = tile_start;
   p.out = out;
@@ -845,6 +856,7 @@ namespace ladder {
 struct Stagger {
   int ns = 0, phases = 0;
   int pause_ns = 0;  // ProbePause's wait per tile
+  int lag_ns = 0;    // the second consumer's late start (Params::lag_ns)
 };
 template <moe::ops::hopper::StoreVia CASE0, moe::ops::hopper::StoreVia OTHER, typename OutT>
 void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
@@ -857,10 +869,10 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   CHECK_CUDA(cudaMemset(o0, 0, n * sizeof(OutT)));
   CHECK_CUDA(cudaMemset(o1, 0, n * sizeof(OutT)));
   run<CASE0>(m, pr, in, tile_start, o0, sms);
-  run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns);
+  run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns, other_stagger.lag_ns);
   CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> r0 = to_host_floats(o0, n), r1 = to_host_floats(o1, n);
-  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns); }},
+  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns, other_stagger.lag_ns); }},
                                    args.rounds, args.repeats);
   std::printf("%s, %s results\n", mode_name(m), sizeof(OutT) == 2 ? "bf16" : "fp32");
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
