@@ -40,12 +40,15 @@ int main(int argc, char** argv) {
   // measured for fp32); 17: case 0 against the probe that pauses --pause-ns (default 600) per tile in
   // place of an epilogue; 18, 19: case 0 against 12d and against itself with the second consumer
   // warpgroup starting --lag-ns (default 1000) late, so that the two stay out of step if the ring lets
-  // them (one's epilogue under the other's wgmmas).
+  // them (one's epilogue under the other's wgmmas). --trace 1: one more launch of each step or probe
+  // with block 0's consumers marking every tile's start, first full stage, last wgmma and epilogue
+  // end (clock64), summarised as medians.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
-  const ladder::Stagger stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
-  const ladder::Stagger pause{0, 0, ladder::take_flag(argc, argv, "--pause-ns", 600)};
-  const ladder::Stagger lag{0, 0, 0, ladder::take_flag(argc, argv, "--lag-ns", 1000)};
+  const ladder::Probe stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
+  const ladder::Probe pause{0, 0, ladder::take_flag(argc, argv, "--pause-ns", 600)};
+  const ladder::Probe lag{0, 0, 0, ladder::take_flag(argc, argv, "--lag-ns", 1000)};
+  ladder::trace_every_compare = ladder::take_flag(argc, argv, "--trace", 0) != 0;
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;

@@ -164,6 +164,11 @@ struct Params {
   // reach each tile boundary at different moments (one's epilogue under the other's wgmmas) for as
   // long as the shared ring lets them stay out of step. 0: together.
   int lag_ns;
+  // A probe (ladder 12, --trace): block 0's consumers record clock64() per tile at its start, when its
+  // first stage is full, after its last wgmma and after its epilogue, into trace[consumer][tile][4]
+  // (trace_tiles tiles at most). Null: nothing recorded.
+  long long* trace;
+  int trace_tiles;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -653,11 +658,18 @@ __global__ void __launch_bounds__(THREADS, 1)
       do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
       while (t - t0 < uint64_t(p.lag_ns));
     }
+    const bool tracing = p.trace != nullptr && blockIdx.x == 0 && (threadIdx.x & 127) == 0;
+    int traced = 0;  // tiles recorded
+    auto mark = [&](int point) {
+      if (tracing && traced < p.trace_tiles) p.trace[(size_t(consumer) * p.trace_tiles + traced) * 4 + point] = clock64();
+    };
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
+      mark(0);
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
+        if (kt == 0) mark(1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
         if constexpr (TN) {
@@ -695,6 +707,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         }
       }
       wgmma_wait<0>();
+      mark(2);
       if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
       if (tile.k_tiles == 0) {
         // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating; the hand-off, which
@@ -728,6 +741,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else {
         store_tile<EPI, OutT>(p, d, tile, tile.row0 + consumer * 64);
       }
+      mark(3);
+      ++traced;
     }
     if constexpr (by_consumer_tma(VIA)) {
       // The staging must outlive the engine's reads, and the writes land before the kernel ends.
@@ -793,12 +808,15 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
 template <StoreVia VIA, typename OutT>
 void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
-         int stagger_ns = 0, int stagger_phases = 0, int pause_ns = 0, int lag_ns = 0) {
+         int stagger_ns = 0, int stagger_phases = 0, int pause_ns = 0, int lag_ns = 0, long long* trace = nullptr,
+         int trace_tiles = 0) {
   Params p{};
   p.stagger_ns = stagger_ns;
   p.stagger_phases = stagger_phases;
   p.pause_ns = pause_ns;
   p.lag_ns = lag_ns;
+  p.trace = trace;
+  p.trace_tiles = trace_tiles;
   p.offsets = in.doffsets;
   p.tile_start = tile_start;
   p.out = out;
@@ -851,16 +869,48 @@ constexpr int kTileRows = BM;
 namespace ladder {
 
 // Runs one product with two ways of storing its tiles (case 0: the one the addon ships for this
-// result type; `other`: the ladder's step), checks both and times them interleaved. other_stagger:
+// result type; `other`: the ladder's step), checks both and times them interleaved. other_probe:
 // the other side's blocks start staggered (Params::stagger_ns, stagger_phases), case 0's never.
-struct Stagger {
+struct Probe {
   int ns = 0, phases = 0;
   int pause_ns = 0;  // ProbePause's wait per tile
   int lag_ns = 0;    // the second consumer's late start (Params::lag_ns)
+  bool trace = false;  // one more launch of the other side with Params::trace, summarised
 };
+inline bool trace_every_compare = false;  // --trace: as Probe::trace for every compare
+
+// --trace: block 0's per-tile clock marks (Params::trace) summarised per consumer: medians over its
+// tiles (the first two left out) of the wait for the tile's first stage, the mainloop, the epilogue
+// and the whole tile, and the median distance between the consumers' mainloop ends (0: in step).
+inline void print_trace(const std::vector<long long>& tr, int tiles) {
+  auto median = [](std::vector<long long> v) {
+    if (v.empty()) return 0LL;
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  auto at = [&](int c, int t, int i) { return tr[(size_t(c) * tiles + t) * 4 + i]; };
+  int n = 0;
+  while (n < tiles && at(0, n, 3) != 0 && at(1, n, 3) != 0) ++n;
+  std::printf("  trace, block 0, %d tiles (cycles, medians over tiles 2..%d):\n", n, n - 1);
+  for (int c = 0; c < 2; ++c) {
+    std::vector<long long> wait, main, epi, whole;
+    for (int t = 2; t < n; ++t) {
+      wait.push_back(at(c, t, 1) - at(c, t, 0));
+      main.push_back(at(c, t, 2) - at(c, t, 1));
+      epi.push_back(at(c, t, 3) - at(c, t, 2));
+      if (t + 1 < n) whole.push_back(at(c, t + 1, 0) - at(c, t, 0));
+    }
+    std::printf("    consumer %d: first-stage wait %lld, mainloop %lld, epilogue %lld, tile %lld\n", c, median(wait), median(main),
+                median(epi), median(whole));
+  }
+  std::vector<long long> lag;
+  for (int t = 2; t < n; ++t) lag.push_back(at(1, t, 2) - at(0, t, 2));
+  std::printf("    consumer 1's mainloop ends after consumer 0's by %lld (median; tile 2: %lld, last: %lld)\n", median(lag),
+              n > 2 ? lag.front() : 0LL, n > 2 ? lag.back() : 0LL);
+}
 template <moe::ops::hopper::StoreVia CASE0, moe::ops::hopper::StoreVia OTHER, typename OutT>
 void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
-             const char* other, Stagger other_stagger = {}) {
+             const char* other, Probe other_probe = {}) {
   using moe::ops::hopper::run;
   const size_t n = out_elems(pr, m);
   OutT *o0 = nullptr, *o1 = nullptr;
@@ -869,14 +919,27 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   CHECK_CUDA(cudaMemset(o0, 0, n * sizeof(OutT)));
   CHECK_CUDA(cudaMemset(o1, 0, n * sizeof(OutT)));
   run<CASE0>(m, pr, in, tile_start, o0, sms);
-  run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns, other_stagger.lag_ns);
+  run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe.ns, other_probe.phases, other_probe.pause_ns, other_probe.lag_ns);
   CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> r0 = to_host_floats(o0, n), r1 = to_host_floats(o1, n);
-  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_stagger.ns, other_stagger.phases, other_stagger.pause_ns, other_stagger.lag_ns); }},
+  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe.ns, other_probe.phases, other_probe.pause_ns, other_probe.lag_ns); }},
                                    args.rounds, args.repeats);
   std::printf("%s, %s results\n", mode_name(m), sizeof(OutT) == 2 ? "bf16" : "fp32");
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
   report(other, pr, ms[1], check_against_cpu(pr, in, m, r1), rel_err(r1, r0));
+  if (other_probe.trace || trace_every_compare) {
+    constexpr int TRACE_TILES = 512;
+    long long* dtrace = nullptr;
+    CHECK_CUDA(cudaMalloc(&dtrace, 2 * TRACE_TILES * 4 * sizeof(long long)));
+    CHECK_CUDA(cudaMemset(dtrace, 0, 2 * TRACE_TILES * 4 * sizeof(long long)));
+    run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe.ns, other_probe.phases, other_probe.pause_ns, other_probe.lag_ns,
+               dtrace, TRACE_TILES);
+    CHECK_CUDA(cudaDeviceSynchronize());
+    std::vector<long long> tr(2 * TRACE_TILES * 4);
+    CHECK_CUDA(cudaMemcpy(tr.data(), dtrace, tr.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+    CHECK_CUDA(cudaFree(dtrace));
+    print_trace(tr, TRACE_TILES);
+  }
   CHECK_CUDA(cudaFree(o0));
   CHECK_CUDA(cudaFree(o1));
 }
