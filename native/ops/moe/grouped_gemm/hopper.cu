@@ -230,7 +230,8 @@ __device__ __forceinline__ void store_tile_staged(const Params& p, const float (
 // 2jl and 2jl + 1 only among four places, so with one jl for all lanes each bank is hit twice (four
 // wavefronts a store, not two: ncu at 6169be6). Lanes of odd rows therefore write column group
 // jl ^ 2 when the others write jl: the chunk's third bit then differs between neighbouring rows, the
-// half's 16 pairs land in 8 distinct chunks, and the store takes two wavefronts.
+// half's 16 pairs land in 8 distinct chunks: two wavefronts a store by the bank arithmetic (ncu not
+// rerun; the ladder's st.shared-only probe went 3.005 → 2.902 ms with it, results/ladder12d-cb69f8f.txt).
 __device__ __forceinline__ void consumer_bar(int consumer) {
   // Named barriers 2 and 3, one per consumer warpgroup (1 is TN's zeroing over both).
   if (consumer == 0) asm volatile("bar.sync 2, 128;\n" ::: "memory");
