@@ -40,7 +40,8 @@ int main(int argc, char** argv) {
   // measured for fp32); 17: case 0 against the probe that pauses --pause-ns (default 600) per tile in
   // place of an epilogue; 18, 19: case 0 against 12d and against itself with the second consumer
   // warpgroup starting --lag-ns (default 1000) late, so that the two stay out of step if the ring lets
-  // them (one's epilogue under the other's wgmmas). --trace 1: one more launch of each step or probe
+  // them (one's epilogue under the other's wgmmas); 20: the same with 12b (two 8 KiB boxes a consumer,
+  // so the ring keeps 4 stages for the lag). --trace 1: one more launch of each step or probe
   // with block 0's consumers marking every tile's start, first full stage, last wgmma and epilogue
   // end (clock64), summarised as medians.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
@@ -133,5 +134,9 @@ int main(int argc, char** argv) {
     ladder::compare<StoreVia::WarpSlices, StoreVia::WarpSlices, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
                                                                      "case 0: warp slices (shipped for fp32)",
                                                                      "probe: warp slices, second consumer --lag-ns late", lag);
+  if (only == 20)
+    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                            "case 0: warp slices (shipped for fp32)",
+                                                                            "probe: 12b (4-stage ring), second consumer --lag-ns late", lag);
   return 0;
 }
