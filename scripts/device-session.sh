@@ -409,7 +409,8 @@ fi
 if [[ " $what " == *" ladder "* ]]; then
   # The grouped-GEMM ladder's standalone programs (benchmarks/kernels/grouped_gemm/README.md; no addon
   # needed). MOE_EP_LADDER: the steps to run (default "10 11") with MOE_EP_LADDER_ARGS (default: 5
-  # rounds on the step's own shape; steps 10 and 12 on the layer's dW13); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
+  # rounds on the step's own shape; steps 10 and 12 on the layer's dW13; several runs separated by
+  # ';', the ragged checks first with each run's --only); each step's output goes to ladder<step>.txt. MOE_EP_LADDER_NCU=1 adds
   # Nsight Compute on the step's first MOE_EP_LADDER_NCU_LAUNCHES launches (default 5: step 10's case 0
   # and its four variants in the checked run; step 11's two kernels, then its timing's first launches):
   # the full section set as CSV, and the per-instruction source page (SASS with warp-stall samples)
@@ -423,19 +424,20 @@ if [[ " $what " == *" ladder "* ]]; then
   for n in ${MOE_EP_LADDER:-10 11}; do
     # Small ragged problems first (partial tiles, empty and sub-k-step groups; a second or two): a
     # step that fails them is not timed. Then the step's own shape (10: the layer's dW13).
-    checks=()
-    if [[ -n ${MOE_EP_LADDER_ARGS:-} ]]; then ladder_args=$MOE_EP_LADDER_ARGS
-    elif [[ $n == 10 ]]; then
-      ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
-      checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1")
-    elif [[ $n == 12 ]]; then
-      ladder_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
-      checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1" "--E 5 --M 700 --K 136 --N 264 --ragged 1")
-    elif [[ $n == 11 ]]; then
-      ladder_args="--rounds 5"
-      checks=("--E 5 --M 500 --K 200 --N 328 --ragged 1" "--E 7 --M 500 --K 136 --N 264 --ragged 1")
-    else ladder_args="--rounds 5"
-    fi
+    case $n in
+      10) default_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
+          checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1") ;;
+      12) default_args="--E 32 --M 32768 --K 7168 --N 4096 --rounds 5"
+          checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1" "--E 5 --M 700 --K 136 --N 264 --ragged 1") ;;
+      11) default_args="--rounds 5"
+          checks=("--E 5 --M 500 --K 200 --N 328 --ragged 1" "--E 7 --M 500 --K 136 --N 264 --ragged 1") ;;
+      *) default_args="--rounds 5"; checks=() ;;
+    esac
+    # MOE_EP_LADDER_ARGS: one timed run, or several separated by ';' (e.g. "… --only 5; … --only 14").
+    # The checks run with each run's --only, so that every variant timed was checked first.
+    IFS=';' read -ra runs <<< "${MOE_EP_LADDER_ARGS:-$default_args}"
+    mapfile -t onlys < <(for r in "${runs[@]}"; do grep -oE -- '--only [0-9]+' <<< "$r" || true; done | sort -u)
+    ((${#onlys[@]})) || onlys=("")
     src=$(cd "$ladder_dir" && ls "$n"-*.cu 2>/dev/null | head -1)
     if [[ -z $src ]]; then echo "no ladder step $n"; status=1; continue; fi
     prog=${src%.cu}
@@ -446,17 +448,22 @@ if [[ " $what " == *" ladder "* ]]; then
     : > "$OUT/ladder$n.txt"
     ok=1
     for c in "${checks[@]}"; do
-      echo "--- $prog $c --rounds 1 --repeats 1" | tee -a "$OUT/ladder$n.txt"
-      # shellcheck disable=SC2086 # the arguments are meant to split
-      timeout 60 "./$ladder_dir/$prog" $c --rounds 1 --repeats 1 >> "$OUT/ladder$n.txt" 2>&1 || { ok=0; break; }
+      for o in "${onlys[@]}"; do
+        echo "--- $prog $c $o --rounds 1 --repeats 1" | tee -a "$OUT/ladder$n.txt"
+        # shellcheck disable=SC2086 # the arguments are meant to split
+        timeout 60 "./$ladder_dir/$prog" $c $o --rounds 1 --repeats 1 >> "$OUT/ladder$n.txt" 2>&1 || { ok=0; break 2; }
+      done
     done
     if ((!ok)); then tail -5 "$OUT/ladder$n.txt"; echo "ladder $n: a small check failed; not timed"; status=1; continue; fi
-    echo "--- $prog $ladder_args" | tee -a "$OUT/ladder$n.txt"
-    # shellcheck disable=SC2086
-    if ! timeout 300 "./$ladder_dir/$prog" $ladder_args 2>&1 | tee -a "$OUT/ladder$n.txt"; then
-      # A failed or hung check: profiling the same launches would only spend the call's time.
-      echo "ladder $n: failed; no profile"; status=1; continue
-    fi
+    for ladder_args in "${runs[@]}"; do
+      echo "--- $prog $ladder_args" | tee -a "$OUT/ladder$n.txt"
+      # shellcheck disable=SC2086
+      timeout 300 "./$ladder_dir/$prog" $ladder_args 2>&1 | tee -a "$OUT/ladder$n.txt"
+      # A failed or hung run: profiling the same launches would only spend the call's time.
+      ((PIPESTATUS[0] == 0)) || { ok=0; break; }
+    done
+    if ((!ok)); then echo "ladder $n: failed; no profile"; status=1; continue; fi
+    ladder_args=${runs[0]}  # ncu profiles the first run's launches
     [[ -n ${MOE_EP_LADDER_NCU:-} ]] || continue
     if [[ -z $ncu_bin ]]; then echo "no ncu on this machine"; status=1; continue; fi
     rep=/tmp/ncu-ladder$n
