@@ -21,9 +21,12 @@
 // against case 0 (the same accumulators stored another way: equal bit for bit), then both timed
 // interleaved over the rounds. Default shape: the layer's dW13 (E=32, 1024 rows per group,
 // K = H = 7168, N = 2F = 4096); the layer's dW2 is --K 2048 --N 7168.
+#include <type_traits>
+
 #include "hopper_epilogues.cuh"
 
 using moe::ops::hopper::StoreVia;
+template <StoreVia V> using Via = std::integral_constant<StoreVia, V>;
 
 int main(int argc, char** argv) {
   // --ragged and --only are this program's; the rest go to ladder::parse_args. --only 1, 2, 3: compare
@@ -46,10 +49,13 @@ int main(int argc, char** argv) {
   // end (clock64), summarised as medians.
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
-  const ladder::Probe stagger{ladder::take_flag(argc, argv, "--stagger-ns", 6000), ladder::take_flag(argc, argv, "--stagger-phases", 2)};
-  const ladder::Probe pause{0, 0, ladder::take_flag(argc, argv, "--pause-ns", 600)};
-  const ladder::Probe lag{0, 0, 0, ladder::take_flag(argc, argv, "--lag-ns", 1000)};
-  ladder::trace_every_compare = ladder::take_flag(argc, argv, "--trace", 0) != 0;
+  const bool trace = ladder::take_flag(argc, argv, "--trace", 0) != 0;
+  ladder::Probe plain, stagger, pause, lag;
+  stagger.stagger_ns = ladder::take_flag(argc, argv, "--stagger-ns", 6000);
+  stagger.stagger_phases = ladder::take_flag(argc, argv, "--stagger-phases", 2);
+  pause.pause_ns = ladder::take_flag(argc, argv, "--pause-ns", 600);
+  lag.lag_ns = ladder::take_flag(argc, argv, "--lag-ns", 1000);
+  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag}) probe->trace = trace;
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;
@@ -59,84 +65,32 @@ int main(int argc, char** argv) {
   const ladder::Inputs in = ladder::make_inputs(pr);
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
   const int sms = ladder::sm_count();
-  if (only == 0 || only == 1)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                      "case 0: warp slices (shipped for fp32)",
-                                                                      "12: consumer-issued TMA stores, quarter tiles");
-  if (only == 0 || only == 2)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                            "case 0: warp slices (shipped for fp32)",
-                                                                            "12b: the same, eighths through two boxes in turn");
-  if (only == 0 || only == 3)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                          "case 0: warp slices (shipped for fp32)",
-                                                                          "12c: eighths through five boxes, 3-stage ring");
-  // Probes (only when asked for): the same loads and wgmmas with no stores at all.
-  if (only == 4)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeNoStore, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                       "case 0: warp slices (shipped for fp32)",
-                                                                       "probe: no stores, 4-stage ring (result unwritten)");
-  if (only == 5)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeNoStore3, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                        "case 0: warp slices (shipped for fp32)",
-                                                                        "probe: no stores, 3-stage ring (result unwritten)");
-  if (only == 6)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::WarpSlices, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                     "case 0: warp slices (shipped for fp32)",
-                                                                     "probe: warp slices, blocks staggered", stagger);
-  if (only == 7)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeep, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                          "case 0: warp slices (shipped for fp32)",
-                                                                          "probe: 12c, blocks staggered", stagger);
-  if (only == 8)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepEvictFirst, float>(
-        ladder::Mode::TN, pr, in, tile_start, sms, args, "case 0: warp slices (shipped for fp32)", "probe: 12c, stores evict-first in L2");
-  if (only == 9)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeL2Resident, float>(
-        ladder::Mode::TN, pr, in, tile_start, sms, args, "case 0: warp slices (shipped for fp32)",
-        "probe: 12c, each block's tiles into one L2-resident slot (result wrong by design)");
-  if (only == 10)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoTma, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                          "case 0: warp slices (shipped for fp32)",
-                                                                          "probe: 12c's consumer work, no tensor store (result unwritten)");
-  if (only == 11)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeHalfStores, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                          "case 0: warp slices (shipped for fp32)",
-                                                                          "probe: 12c storing half its eighths (result half written)");
-  if (only == 12)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoFence, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                            "case 0: warp slices (shipped for fp32)",
-                                                                            "probe: 10 without the proxy fence (result unwritten)");
-  if (only == 13)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeBoxesNoSync, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                           "case 0: warp slices (shipped for fp32)",
-                                                                           "probe: 10 with shared stores only (result unwritten)");
-  if (only == 14)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepSpread, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                                "case 0: warp slices (shipped for fp32)",
-                                                                                "12d: 12c, shared stores free of bank conflicts");
-  if (only == 15)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbeSpreadNoSync, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                            "case 0: warp slices (shipped for fp32)",
-                                                                            "probe: 13 with 12d's placement (result unwritten)");
-  if (only == 16)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::Registers, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                    "case 0: warp slices (shipped for fp32)", "05's way: from the registers");
-  if (only == 17)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ProbePause, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                     "case 0: warp slices (shipped for fp32)",
-                                                                     "probe: a pause of --pause-ns a tile, no epilogue (result unwritten)", pause);
-  if (only == 18)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDeepSpread, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                                "case 0: warp slices (shipped for fp32)",
-                                                                                "probe: 12d, second consumer --lag-ns late", lag);
-  if (only == 19)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::WarpSlices, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                     "case 0: warp slices (shipped for fp32)",
-                                                                     "probe: warp slices, second consumer --lag-ns late", lag);
-  if (only == 20)
-    ladder::compare<StoreVia::WarpSlices, StoreVia::ConsumerTmaDouble, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
-                                                                            "case 0: warp slices (shipped for fp32)",
-                                                                            "probe: 12b (4-stage ring), second consumer --lag-ns late", lag);
+  // Each pairing: case 0 (the warp slices, the addon's fp32 dW until 8944e80) against one step or probe.
+  auto against_case0 = [&](auto via, const char* label, const ladder::Probe& probe) {
+    ladder::compare<StoreVia::WarpSlices, decltype(via)::value, float>(ladder::Mode::TN, pr, in, tile_start, sms, args,
+                                                                      "case 0: warp slices (shipped for fp32)", label, probe);
+  };
+  if (only == 0 || only == 1) against_case0(Via<StoreVia::ConsumerTma>{}, "12: consumer-issued TMA stores, quarter tiles", plain);
+  if (only == 0 || only == 2) against_case0(Via<StoreVia::ConsumerTmaDouble>{}, "12b: the same, eighths through two boxes in turn", plain);
+  if (only == 0 || only == 3) against_case0(Via<StoreVia::ConsumerTmaDeep>{}, "12c: eighths through five boxes, 3-stage ring", plain);
+  // Probes (only when asked for): the same loads and wgmmas with no stores at all, or with a part of
+  // the epilogue left out.
+  if (only == 4) against_case0(Via<StoreVia::ProbeNoStore>{}, "probe: no stores, 4-stage ring (result unwritten)", plain);
+  if (only == 5) against_case0(Via<StoreVia::ProbeNoStore3>{}, "probe: no stores, 3-stage ring (result unwritten)", plain);
+  if (only == 6) against_case0(Via<StoreVia::WarpSlices>{}, "probe: warp slices, blocks staggered", stagger);
+  if (only == 7) against_case0(Via<StoreVia::ConsumerTmaDeep>{}, "probe: 12c, blocks staggered", stagger);
+  if (only == 8) against_case0(Via<StoreVia::ConsumerTmaDeepEvictFirst>{}, "probe: 12c, stores evict-first in L2", plain);
+  if (only == 9) against_case0(Via<StoreVia::ProbeL2Resident>{}, "probe: 12c, each block's tiles into one L2-resident slot (result wrong by design)", plain);
+  if (only == 10) against_case0(Via<StoreVia::ProbeBoxesNoTma>{}, "probe: 12c's consumer work, no tensor store (result unwritten)", plain);
+  if (only == 11) against_case0(Via<StoreVia::ProbeHalfStores>{}, "probe: 12c storing half its eighths (result half written)", plain);
+  if (only == 12) against_case0(Via<StoreVia::ProbeBoxesNoFence>{}, "probe: 10 without the proxy fence (result unwritten)", plain);
+  if (only == 13) against_case0(Via<StoreVia::ProbeBoxesNoSync>{}, "probe: 10 with shared stores only (result unwritten)", plain);
+  if (only == 14) against_case0(Via<StoreVia::ConsumerTmaDeepSpread>{}, "12d: 12c, shared stores free of bank conflicts", plain);
+  if (only == 15) against_case0(Via<StoreVia::ProbeSpreadNoSync>{}, "probe: 13 with 12d's placement (result unwritten)", plain);
+  if (only == 16) against_case0(Via<StoreVia::Registers>{}, "05's way: from the registers", plain);
+  if (only == 17) against_case0(Via<StoreVia::ProbePause>{}, "probe: a pause of --pause-ns a tile, no epilogue (result unwritten)", pause);
+  if (only == 18) against_case0(Via<StoreVia::ConsumerTmaDeepSpread>{}, "probe: 12d, second consumer --lag-ns late", lag);
+  if (only == 19) against_case0(Via<StoreVia::WarpSlices>{}, "probe: warp slices, second consumer --lag-ns late", lag);
+  if (only == 20) against_case0(Via<StoreVia::ConsumerTmaDouble>{}, "probe: 12b (4-stage ring), second consumer --lag-ns late", lag);
   return 0;
 }

@@ -108,6 +108,12 @@ constexpr bool tma_deep_probe(StoreVia v) {
          v == StoreVia::ProbeHalfStores || v == StoreVia::ProbeBoxesNoFence || v == StoreVia::ProbeBoxesNoSync ||
          v == StoreVia::ConsumerTmaDeepSpread || v == StoreVia::ProbeSpreadNoSync;
 }
+// The TMA-box probes that leave part of the consumers' work out.
+constexpr bool skips_tensor_stores(StoreVia v) {
+  return v == StoreVia::ProbeBoxesNoTma || v == StoreVia::ProbeBoxesNoFence || v == StoreVia::ProbeBoxesNoSync ||
+         v == StoreVia::ProbeSpreadNoSync;
+}
+constexpr bool skips_box_sync(StoreVia v) { return v == StoreVia::ProbeBoxesNoSync || v == StoreVia::ProbeSpreadNoSync; }
 constexpr bool tma_deep(StoreVia v) { return v == StoreVia::ConsumerTmaDeep || tma_deep_probe(v); }
 constexpr bool by_consumer_tma(StoreVia v) {
   return v == StoreVia::ConsumerTma || v == StoreVia::ConsumerTmaDouble || v == StoreVia::ConsumerTmaDeep ||
@@ -146,6 +152,22 @@ static_assert(Layout<StoreVia::ConsumerTmaDouble>::SMEM_BYTES == Layout<StoreVia
 static_assert(Layout<StoreVia::ConsumerTmaDeep>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
 
+// The probes' knobs (ladder 12), set on the host per run; run() copies them into Params.
+//   stagger_ns, stagger_phases (--stagger-ns): block b starts (b % stagger_phases) · stagger_ns later,
+//     so that the blocks' equal tiles end, and their results are written, at different moments;
+//   pause_ns (--pause-ns): ProbePause's wait per tile in place of an epilogue;
+//   lag_ns (--lag-ns): the second consumer warpgroup starts lag_ns late, so that the two reach each
+//     tile boundary at different moments (one's epilogue under the other's wgmmas) for as long as
+//     the shared ring lets them stay out of step;
+//   trace (--trace): one more launch with Params::trace, block 0's per-tile clock marks, summarised.
+// 0 / false: not used.
+struct ProbeKnobs {
+  int stagger_ns = 0, stagger_phases = 0;
+  int pause_ns = 0;
+  int lag_ns = 0;
+  bool trace = false;
+};
+
 struct Params {
   const int32_t* offsets;     // [E+1]
   const int32_t* tile_start;  // [E+1] (NN, NT)
@@ -156,22 +178,23 @@ struct Params {
   int rows, cols, inner;      // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
-  // A probe (ladder 12, --stagger-ns): block b starts (b % stagger_phases) · stagger_ns later, so the
-  // blocks' equal tiles end, and their results are written, at different moments. 0: no delay.
-  int stagger_ns, stagger_phases;
-  int pause_ns;  // ProbePause: the consumers' wait per tile
-  // A probe (ladder 12, --lag-ns): the second consumer warpgroup starts lag_ns late, so that the two
-  // reach each tile boundary at different moments (one's epilogue under the other's wgmmas) for as
-  // long as the shared ring lets them stay out of step. 0: together.
-  int lag_ns;
-  // A probe (ladder 12, --trace): block 0's consumers record clock64() per tile at its start, when its
-  // first stage is full, after its last wgmma and after its epilogue, into trace[consumer][tile][4]
-  // (trace_tiles tiles at most). Null: nothing recorded.
+  ProbeKnobs probe;  // the host's trace flag travels unused
+  // --trace: block 0's consumers record clock64() per tile at its start, when its first stage is
+  // full, after its last wgmma and after its epilogue, into trace[consumer][tile][4] (trace_tiles
+  // tiles at most). Null: nothing recorded.
   long long* trace;
   int trace_tiles;
 };
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// The probes' waits: spin on the global timer for ns nanoseconds.
+__device__ __forceinline__ void spin_ns(uint64_t ns) {
+  uint64_t t0, t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+  do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  while (t - t0 < ns);
+}
 
 // ---- mbarriers ----------------------------------------------------------------------------------
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -511,7 +534,7 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
 #pragma unroll
   for (int e = 0; e < BN / 32; ++e, ++sent) {
     const uint32_t box = staging + uint32_t((sent % BOXES) * BOX);
-    constexpr bool SYNC = VIA != StoreVia::ProbeBoxesNoSync && VIA != StoreVia::ProbeSpreadNoSync, FENCE = SYNC && VIA != StoreVia::ProbeBoxesNoFence;
+    constexpr bool SYNC = !skips_box_sync(VIA), FENCE = SYNC && VIA != StoreVia::ProbeBoxesNoFence;
     if (lane128 == 0) asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(BOXES - 1) : "memory");
     if (SYNC) consumer_bar(consumer);  // eighth sent - BOXES read out of this box
 #pragma unroll
@@ -531,13 +554,12 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
     }
     if (FENCE) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the engine reads what st.shared wrote
     if (SYNC) consumer_bar(consumer);
-    const bool issue = VIA != StoreVia::ProbeBoxesNoTma && VIA != StoreVia::ProbeBoxesNoFence && VIA != StoreVia::ProbeBoxesNoSync &&
-                       VIA != StoreVia::ProbeSpreadNoSync && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
+    const bool issue = !skips_tensor_stores(VIA) && (VIA != StoreVia::ProbeHalfStores || e % 2 == 0);
     if (lane128 == 0 && issue) {
       if constexpr (EVICT_FIRST)
         asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group.L2::cache_hint [%0, {%2, %3, %4}], [%1], %5;\n" ::"l"(
                          reinterpret_cast<uint64_t>(map_out)),
-                     "r"(box), "r"(tile.col0 + 32 * e), "r"(tile.row0 + 64 * consumer), "r"(tile.group), "l"(policy)
+                     "r"(box), "r"(col0 + 32 * e), "r"(row0 + 64 * consumer), "r"(group), "l"(policy)
                      : "memory");
       else
         asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.tile.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
@@ -580,15 +602,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
-  if (p.stagger_ns > 0 && p.stagger_phases > 1) {
-    const uint64_t wait = uint64_t(blockIdx.x % p.stagger_phases) * uint64_t(p.stagger_ns);
-    uint64_t t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do {
-      __nanosleep(200);
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    } while (t - t0 < wait);
-  }
+  if (p.probe.stagger_ns > 0 && p.probe.stagger_phases > 1)
+    spin_ns(uint64_t(blockIdx.x % p.probe.stagger_phases) * uint64_t(p.probe.stagger_ns));
 
   const int m_tiles = TN ? p.tn_m_tiles : __ldg(p.tile_start + p.E);
   const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
@@ -652,12 +667,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     uint32_t round = 0;
     uint32_t n = 0;           // Handoff: pieces handed over (the barriers' phase)
     uint32_t boxes_sent = 0;  // ConsumerTmaDouble/Deep: eighths stored (which box is next)
-    if (consumer == 1 && p.lag_ns > 0) {
-      uint64_t t0, t;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-      do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-      while (t - t0 < uint64_t(p.lag_ns));
-    }
+    if (consumer == 1 && p.probe.lag_ns > 0) spin_ns(uint64_t(p.probe.lag_ns));
     const bool tracing = p.trace != nullptr && blockIdx.x == 0 && (threadIdx.x & 127) == 0;
     int traced = 0;  // tiles recorded
     auto mark = [&](int point) {
@@ -730,10 +740,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
       } else if constexpr (VIA == StoreVia::ProbePause) {
-        uint64_t t0, t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-        do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        while (t - t0 < uint64_t(p.pause_ns));
+        spin_ns(uint64_t(p.probe.pause_ns));
       } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
         // The accumulators are dropped: only the wgmma_wait above orders anything.
       } else if constexpr (VIA == StoreVia::ConsumerTma) {
@@ -808,13 +815,9 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 // given way of storing the tiles; tile_start: the NN/NT m-tiles (ladder::tile_starts(p, BM)).
 template <StoreVia VIA, typename OutT>
 void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
-         int stagger_ns = 0, int stagger_phases = 0, int pause_ns = 0, int lag_ns = 0, long long* trace = nullptr,
-         int trace_tiles = 0) {
+         const ProbeKnobs& probe = {}, long long* trace = nullptr, int trace_tiles = 0) {
   Params p{};
-  p.stagger_ns = stagger_ns;
-  p.stagger_phases = stagger_phases;
-  p.pause_ns = pause_ns;
-  p.lag_ns = lag_ns;
+  p.probe = probe;
   p.trace = trace;
   p.trace_tiles = trace_tiles;
   p.offsets = in.doffsets;
@@ -868,16 +871,7 @@ constexpr int kTileRows = BM;
 
 namespace ladder {
 
-// Runs one product with two ways of storing its tiles (case 0: the one the addon ships for this
-// result type; `other`: the ladder's step), checks both and times them interleaved. other_probe:
-// the other side's blocks start staggered (Params::stagger_ns, stagger_phases), case 0's never.
-struct Probe {
-  int ns = 0, phases = 0;
-  int pause_ns = 0;  // ProbePause's wait per tile
-  int lag_ns = 0;    // the second consumer's late start (Params::lag_ns)
-  bool trace = false;  // one more launch of the other side with Params::trace, summarised
-};
-inline bool trace_every_compare = false;  // --trace: as Probe::trace for every compare
+using Probe = moe::ops::hopper::ProbeKnobs;
 
 // --trace: block 0's per-tile clock marks (Params::trace) summarised per consumer: medians over its
 // tiles (the first two left out) of the wait for the tile's first stage, the mainloop, the epilogue
@@ -908,6 +902,9 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
   std::printf("    consumer 1's mainloop ends after consumer 0's by %lld (median; tile 2: %lld, last: %lld)\n", median(lag),
               n > 2 ? lag.front() : 0LL, n > 2 ? lag.back() : 0LL);
 }
+// Runs one product with two ways of storing its tiles (case 0: the one the addon ships for this
+// result type; `other`: the ladder's step), checks both and times them interleaved. other_probe:
+// the probes' knobs for the other side only (case 0 runs plain).
 template <moe::ops::hopper::StoreVia CASE0, moe::ops::hopper::StoreVia OTHER, typename OutT>
 void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
              const char* other, Probe other_probe = {}) {
@@ -919,21 +916,20 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   CHECK_CUDA(cudaMemset(o0, 0, n * sizeof(OutT)));
   CHECK_CUDA(cudaMemset(o1, 0, n * sizeof(OutT)));
   run<CASE0>(m, pr, in, tile_start, o0, sms);
-  run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe.ns, other_probe.phases, other_probe.pause_ns, other_probe.lag_ns);
+  run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe);
   CHECK_CUDA(cudaDeviceSynchronize());
   const std::vector<float> r0 = to_host_floats(o0, n), r1 = to_host_floats(o1, n);
-  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe.ns, other_probe.phases, other_probe.pause_ns, other_probe.lag_ns); }},
+  const auto ms = time_interleaved({[&] { run<CASE0>(m, pr, in, tile_start, o0, sms); }, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe); }},
                                    args.rounds, args.repeats);
   std::printf("%s, %s results\n", mode_name(m), sizeof(OutT) == 2 ? "bf16" : "fp32");
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
   report(other, pr, ms[1], check_against_cpu(pr, in, m, r1), rel_err(r1, r0));
-  if (other_probe.trace || trace_every_compare) {
+  if (other_probe.trace) {
     constexpr int TRACE_TILES = 512;
     long long* dtrace = nullptr;
     CHECK_CUDA(cudaMalloc(&dtrace, 2 * TRACE_TILES * 4 * sizeof(long long)));
     CHECK_CUDA(cudaMemset(dtrace, 0, 2 * TRACE_TILES * 4 * sizeof(long long)));
-    run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe.ns, other_probe.phases, other_probe.pause_ns, other_probe.lag_ns,
-               dtrace, TRACE_TILES);
+    run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe, dtrace, TRACE_TILES);
     CHECK_CUDA(cudaDeviceSynchronize());
     std::vector<long long> tr(2 * TRACE_TILES * 4);
     CHECK_CUDA(cudaMemcpy(tr.data(), dtrace, tr.size() * sizeof(long long), cudaMemcpyDeviceToHost));
