@@ -46,7 +46,9 @@ int main(int argc, char** argv) {
   // them (one's epilogue under the other's wgmmas); 20: the same with 12b (two 8 KiB boxes a consumer,
   // so the ring keeps 4 stages for the lag). --trace 1: one more launch of each step or probe
   // with block 0's consumers marking every tile's start, first full stage, last wgmma and epilogue
-  // end (clock64), summarised as medians.
+  // end (clock64), summarised as medians, for case 0 and the other side, with the SM clock they
+  // imply. --soak-ms N: each side alone back to back for N ms after the timed rounds, its wall-clock
+  // window printed (nvidia-smi's clock and power samples: device-session.sh's MOE_EP_LADDER_SMI).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const bool trace = ladder::take_flag(argc, argv, "--trace", 0) != 0;
@@ -55,7 +57,11 @@ int main(int argc, char** argv) {
   stagger.stagger_phases = ladder::take_flag(argc, argv, "--stagger-phases", 2);
   pause.pause_ns = ladder::take_flag(argc, argv, "--pause-ns", 600);
   lag.lag_ns = ladder::take_flag(argc, argv, "--lag-ns", 1000);
-  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag}) probe->trace = trace;
+  const int soak_ms = ladder::take_flag(argc, argv, "--soak-ms", 0);
+  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag}) {
+    probe->trace = trace;
+    probe->soak_ms = soak_ms;
+  }
   ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
   if (use_ragged) args.problem = ladder::ragged(args.problem);
   const ladder::Problem& pr = args.problem;

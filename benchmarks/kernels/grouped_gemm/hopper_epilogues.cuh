@@ -23,7 +23,9 @@
 #include <cudaTypedefs.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <functional>
 
 #include "common.cuh"
 #include "../../../native/ops/moe/grouped_gemm/wgmma.cuh"
@@ -159,14 +161,21 @@ static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over th
 //   lag_ns (--lag-ns): the second consumer warpgroup starts lag_ns late, so that the two reach each
 //     tile boundary at different moments (one's epilogue under the other's wgmmas) for as long as
 //     the shared ring lets them stay out of step;
-//   trace (--trace): one more launch with Params::trace, block 0's per-tile clock marks, summarised.
+//   trace (--trace): one more launch of each side with Params::trace, block 0's per-tile clock
+//     marks, summarised, with the SM clock they imply (cycles over global-timer nanoseconds);
+//   soak_ms (--soak-ms): after the timed rounds, each side alone back to back for soak_ms, its
+//     wall-clock window printed (to line up with nvidia-smi's clock and power samples) with its
+//     time a launch.
 // 0 / false: not used.
 struct ProbeKnobs {
   int stagger_ns = 0, stagger_phases = 0;
   int pause_ns = 0;
   int lag_ns = 0;
   bool trace = false;
+  int soak_ms = 0;
 };
+
+constexpr int kTracePoints = 5;  // Params::trace: 4 clock64 marks a tile, then the global timer at its start
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -178,10 +187,10 @@ struct Params {
   int rows, cols, inner;      // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
-  ProbeKnobs probe;  // the host's trace flag travels unused
+  ProbeKnobs probe;  // the host's trace and soak knobs travel unused
   // --trace: block 0's consumers record clock64() per tile at its start, when its first stage is
-  // full, after its last wgmma and after its epilogue, into trace[consumer][tile][4] (trace_tiles
-  // tiles at most). Null: nothing recorded.
+  // full, after its last wgmma and after its epilogue, and the global timer (ns) at its start, into
+  // trace[consumer][tile][kTracePoints] (trace_tiles tiles at most). Null: nothing recorded.
   long long* trace;
   int trace_tiles;
 };
@@ -671,7 +680,14 @@ __global__ void __launch_bounds__(THREADS, 1)
     const bool tracing = p.trace != nullptr && blockIdx.x == 0 && (threadIdx.x & 127) == 0;
     int traced = 0;  // tiles recorded
     auto mark = [&](int point) {
-      if (tracing && traced < p.trace_tiles) p.trace[(size_t(consumer) * p.trace_tiles + traced) * 4 + point] = clock64();
+      if (!tracing || traced >= p.trace_tiles) return;
+      long long* marks = p.trace + (size_t(consumer) * p.trace_tiles + traced) * kTracePoints;
+      marks[point] = clock64();
+      if (point == 0) {
+        uint64_t ns;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+        marks[kTracePoints - 1] = (long long)ns;
+      }
     };
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
@@ -882,7 +898,8 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
-  auto at = [&](int c, int t, int i) { return tr[(size_t(c) * tiles + t) * 4 + i]; };
+  using moe::ops::hopper::kTracePoints;
+  auto at = [&](int c, int t, int i) { return tr[(size_t(c) * tiles + t) * kTracePoints + i]; };
   int n = 0;
   while (n < tiles && at(0, n, 3) != 0 && at(1, n, 3) != 0) ++n;
   std::printf("  trace, block 0, %d tiles (cycles, medians over tiles 2..%d):\n", n, n - 1);
@@ -901,6 +918,50 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
   for (int t = 2; t < n; ++t) lag.push_back(at(1, t, 2) - at(0, t, 2));
   std::printf("    consumer 1's mainloop ends after consumer 0's by %lld (median; tile 2: %lld, last: %lld)\n", median(lag),
               n > 2 ? lag.front() : 0LL, n > 2 ? lag.back() : 0LL);
+  // The SM clock over the traced tiles: the global timer ticks in ns whatever the clock does.
+  if (n > 3) {
+    const long long cycles = at(0, n - 1, 0) - at(0, 2, 0), ns = at(0, n - 1, kTracePoints - 1) - at(0, 2, kTracePoints - 1);
+    std::printf("    SM clock over tiles 2..%d: %lld cycles in %.1f us = %.3f GHz\n", n - 1, cycles, ns * 1e-3, ns > 0 ? double(cycles) / ns : 0.0);
+  }
+}
+
+// One launch of `variant` with block 0's trace on, summarised (print_trace).
+template <moe::ops::hopper::StoreVia VIA, typename OutT>
+void trace_once(const char* label, Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, OutT* out, int sms,
+                const Probe& probe) {
+  using moe::ops::hopper::kTracePoints;
+  constexpr int TRACE_TILES = 512;
+  long long* dtrace = nullptr;
+  const size_t n = size_t(2) * TRACE_TILES * kTracePoints;
+  CHECK_CUDA(cudaMalloc(&dtrace, n * sizeof(long long)));
+  CHECK_CUDA(cudaMemset(dtrace, 0, n * sizeof(long long)));
+  moe::ops::hopper::run<VIA>(m, pr, in, tile_start, out, sms, probe, dtrace, TRACE_TILES);
+  CHECK_CUDA(cudaDeviceSynchronize());
+  std::vector<long long> tr(n);
+  CHECK_CUDA(cudaMemcpy(tr.data(), dtrace, n * sizeof(long long), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaFree(dtrace));
+  std::printf("  [%s]\n", label);
+  print_trace(tr, TRACE_TILES);
+}
+
+// --soak-ms: `launch` back to back for about soak_ms, in batches of 10; prints the wall-clock
+// window (ms since the epoch, as nvidia-smi's samples can be matched to it) and the time a launch.
+inline void soak(const char* label, int soak_ms, const std::function<void()>& launch) {
+  using clock = std::chrono::system_clock;
+  const auto epoch_ms = [](clock::time_point t) {
+    return (long long)std::chrono::duration_cast<std::chrono::milliseconds>(t.time_since_epoch()).count();
+  };
+  const auto t0 = clock::now();
+  int launches = 0;
+  while (std::chrono::duration_cast<std::chrono::milliseconds>(clock::now() - t0).count() < soak_ms) {
+    for (int i = 0; i < 10; ++i) launch();
+    CHECK_CUDA(cudaDeviceSynchronize());
+    launches += 10;
+  }
+  const auto t1 = clock::now();
+  const double ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+  std::printf("  soak [%s]: %d launches, %.3f ms a launch, wall clock %lld..%lld ms since the epoch\n", label, launches,
+              ms / launches, epoch_ms(t0), epoch_ms(t1));
 }
 // Runs one product with two ways of storing its tiles (case 0: the one the addon ships for this
 // result type; `other`: the ladder's step), checks both and times them interleaved. other_probe:
@@ -925,16 +986,12 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
   report(other, pr, ms[1], check_against_cpu(pr, in, m, r1), rel_err(r1, r0));
   if (other_probe.trace) {
-    constexpr int TRACE_TILES = 512;
-    long long* dtrace = nullptr;
-    CHECK_CUDA(cudaMalloc(&dtrace, 2 * TRACE_TILES * 4 * sizeof(long long)));
-    CHECK_CUDA(cudaMemset(dtrace, 0, 2 * TRACE_TILES * 4 * sizeof(long long)));
-    run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe, dtrace, TRACE_TILES);
-    CHECK_CUDA(cudaDeviceSynchronize());
-    std::vector<long long> tr(2 * TRACE_TILES * 4);
-    CHECK_CUDA(cudaMemcpy(tr.data(), dtrace, tr.size() * sizeof(long long), cudaMemcpyDeviceToHost));
-    CHECK_CUDA(cudaFree(dtrace));
-    print_trace(tr, TRACE_TILES);
+    trace_once<CASE0>(case0, m, pr, in, tile_start, o0, sms, Probe{});
+    trace_once<OTHER>(other, m, pr, in, tile_start, o1, sms, other_probe);
+  }
+  if (other_probe.soak_ms > 0) {
+    soak(case0, other_probe.soak_ms, [&] { run<CASE0>(m, pr, in, tile_start, o0, sms); });
+    soak(other, other_probe.soak_ms, [&] { run<OTHER>(m, pr, in, tile_start, o1, sms, other_probe); });
   }
   CHECK_CUDA(cudaFree(o0));
   CHECK_CUDA(cudaFree(o1));
