@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
   // place of an epilogue; 18, 19: case 0 against 12d and against itself with the second consumer
   // warpgroup starting --lag-ns (default 1000) late, so that the two stay out of step if the ring lets
   // them (one's epilogue under the other's wgmmas); 20: the same with 12b (two 8 KiB boxes a consumer,
-  // so the ring keeps 4 stages for the lag). --trace 1: one more launch of each step or probe
+  // so the ring keeps 4 stages for the lag); 21: NN, bf16, the hand-off against itself. --trace 1: one more launch of each step or probe
   // with block 0's consumers marking every tile's start, first full stage, last wgmma and epilogue
   // end (clock64), summarised as medians, for case 0 and the other side, with the SM clock they
   // imply. --soak-ms N: each side alone back to back for N ms after the timed rounds, its wall-clock
@@ -98,5 +98,10 @@ int main(int argc, char** argv) {
   if (only == 18) against_case0(Via<StoreVia::ConsumerTmaDeepSpread>{}, "probe: 12d, second consumer --lag-ns late", lag);
   if (only == 19) against_case0(Via<StoreVia::WarpSlices>{}, "probe: warp slices, second consumer --lag-ns late", lag);
   if (only == 20) against_case0(Via<StoreVia::ConsumerTmaDouble>{}, "probe: 12b (4-stage ring), second consumer --lag-ns late", lag);
+  // 21: not dW: the NN product (the layer's up or down projection, bf16 results) with the hand-off
+  // the addon ships for it, against itself, for --trace's per-tile marks of a long-k product.
+  if (only == 21)
+    ladder::compare<StoreVia::Handoff, StoreVia::Handoff, __nv_bfloat16>(ladder::Mode::NN, pr, in, tile_start, sms, args, "case 0: hand-off (shipped for bf16)",
+                                                                         "the same (NN, bf16)", plain);
   return 0;
 }

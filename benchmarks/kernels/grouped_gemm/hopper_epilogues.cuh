@@ -175,7 +175,10 @@ struct ProbeKnobs {
   int soak_ms = 0;
 };
 
-constexpr int kTracePoints = 5;  // Params::trace: 4 clock64 marks a tile, then the global timer at its start
+// Params::trace, per tile: clock64 at its start (after tile_at), its first full stage, its last
+// wgmma and its epilogue's end; the global timer at its start; clock64 before its tile_at.
+constexpr int kTracePoints = 6;
+constexpr int kTraceGlobalTimer = 4, kTraceBeforeLookup = 5;
 
 struct Params {
   const int32_t* offsets;     // [E+1]
@@ -188,8 +191,7 @@ struct Params {
   int n_tiles, tn_m_tiles;    // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
   ProbeKnobs probe;  // the host's trace and soak knobs travel unused
-  // --trace: block 0's consumers record clock64() per tile at its start, when its first stage is
-  // full, after its last wgmma and after its epilogue, and the global timer (ns) at its start, into
+  // --trace: block 0's consumers record kTracePoints marks per tile into
   // trace[consumer][tile][kTracePoints] (trace_tiles tiles at most). Null: nothing recorded.
   long long* trace;
   int trace_tiles;
@@ -686,10 +688,11 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (point == 0) {
         uint64_t ns;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-        marks[kTracePoints - 1] = (long long)ns;
+        marks[kTraceGlobalTimer] = (long long)ns;
       }
     };
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      mark(kTraceBeforeLookup);
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       int prev = -1;
       mark(0);
@@ -898,21 +901,27 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
   };
+  using moe::ops::hopper::kTraceBeforeLookup;
+  using moe::ops::hopper::kTraceGlobalTimer;
   using moe::ops::hopper::kTracePoints;
   auto at = [&](int c, int t, int i) { return tr[(size_t(c) * tiles + t) * kTracePoints + i]; };
   int n = 0;
   while (n < tiles && at(0, n, 3) != 0 && at(1, n, 3) != 0) ++n;
   std::printf("  trace, block 0, %d tiles (cycles, medians over tiles 2..%d):\n", n, n - 1);
   for (int c = 0; c < 2; ++c) {
-    std::vector<long long> wait, main, epi, whole;
+    std::vector<long long> lookup, wait, main, epi, rest, whole;
     for (int t = 2; t < n; ++t) {
+      lookup.push_back(at(c, t, 0) - at(c, t, kTraceBeforeLookup));
       wait.push_back(at(c, t, 1) - at(c, t, 0));
       main.push_back(at(c, t, 2) - at(c, t, 1));
       epi.push_back(at(c, t, 3) - at(c, t, 2));
-      if (t + 1 < n) whole.push_back(at(c, t + 1, 0) - at(c, t, 0));
+      if (t + 1 < n) {
+        rest.push_back(at(c, t + 1, kTraceBeforeLookup) - at(c, t, 3));
+        whole.push_back(at(c, t + 1, 0) - at(c, t, 0));
+      }
     }
-    std::printf("    consumer %d: first-stage wait %lld, mainloop %lld, epilogue %lld, tile %lld\n", c, median(wait), median(main),
-                median(epi), median(whole));
+    std::printf("    consumer %d: tile_at %lld, first-stage wait %lld, mainloop %lld, epilogue %lld, epilogue end to next tile %lld, tile %lld\n",
+                c, median(lookup), median(wait), median(main), median(epi), median(rest), median(whole));
   }
   std::vector<long long> lag;
   for (int t = 2; t < n; ++t) lag.push_back(at(1, t, 2) - at(0, t, 2));
@@ -920,7 +929,7 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
               n > 2 ? lag.front() : 0LL, n > 2 ? lag.back() : 0LL);
   // The SM clock over the traced tiles: the global timer ticks in ns whatever the clock does.
   if (n > 3) {
-    const long long cycles = at(0, n - 1, 0) - at(0, 2, 0), ns = at(0, n - 1, kTracePoints - 1) - at(0, 2, kTracePoints - 1);
+    const long long cycles = at(0, n - 1, 0) - at(0, 2, 0), ns = at(0, n - 1, kTraceGlobalTimer) - at(0, 2, kTraceGlobalTimer);
     std::printf("    SM clock over tiles 2..%d: %lld cycles in %.1f us = %.3f GHz\n", n - 1, cycles, ns * 1e-3, ns > 0 ? double(cycles) / ns : 0.0);
   }
 }
