@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session, run there from the project root through .device/enter:
-#   bash .device/enter bash scripts/device-session.sh [tests] [suite] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [ladder] [bench]
+#   bash .device/enter bash scripts/device-session.sh [tests] [suite] [all] [sass] [train [train-wide]] [interop] [peer] [serve-ep] [multi] [multi-rest] [ncu] [ladder] [power] [bench]
 #   (MOE_EP_SKIP_BUILD=1: use a carried build/Release; MOE_EP_BENCH="dispatch moe-layer": only those benchmarks; MOE_EP_BENCH_ARGS=--quick: fewer repeats;
-#    MOE_EP_TESTS=path: run only those GPU test files; MOE_EP_LADDER, MOE_EP_LADDER_ARGS, MOE_EP_LADDER_NCU, MOE_EP_LADDER_SMI: the ladder step)
+#    MOE_EP_TESTS=path: run only those GPU test files; MOE_EP_LADDER, MOE_EP_LADDER_ARGS, MOE_EP_LADDER_NCU: the ladder step; MOE_EP_SMI=1: clock and power samples)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
@@ -15,6 +15,20 @@ status=0
 step() { echo "=== $1"; }
 # Nsight Compute (the ncu and ladder steps): on PATH or where CUDA and Nsight install it; empty if none.
 find_ncu() { command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1; }
+
+# MOE_EP_SMI=1: nvidia-smi samples the SM clock and the power draw every 20 ms through the whole
+# session into smi.csv.gz (the GEMMs run at the clock the power limit allows: issue 20). The ladder's
+# --soak-ms windows and power_roof.py's cases line up with it by their wall-clock times.
+smi_pid=
+if [[ -n ${MOE_EP_SMI:-} ]]; then
+  smi_fields=timestamp,clocks.sm,clocks.mem,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
+  # Older drivers lack some fields (nvidia-smi then refuses the whole query): fall back to fewer.
+  nvidia-smi --query-gpu=$smi_fields --format=csv -c 1 > /dev/null 2>&1 || smi_fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
+  nvidia-smi --query-gpu=$smi_fields --format=csv,nounits -lms 20 > "$OUT/smi.csv" 2>&1 &
+  smi_pid=$!
+fi
+stop_smi() { if [[ -n $smi_pid ]]; then kill "$smi_pid" 2> /dev/null; wait "$smi_pid" 2> /dev/null; gzip -f "$OUT/smi.csv"; smi_pid=; fi; }
+trap stop_smi EXIT
 
 step "build"
 if [[ $what == ladder ]]; then
@@ -419,16 +433,6 @@ if [[ " $what " == *" ladder "* ]]; then
   # ncu-ladder<step>-source.csv.gz: 6 for steps 10 and 11, so run it as a call of its own.
   step "ladder"
   ladder_dir=benchmarks/kernels/grouped_gemm
-  # MOE_EP_LADDER_SMI=1: nvidia-smi samples the SM clock, power and the clock-event reasons every
-  # 20 ms through the whole step into smi-ladder.csv (the runs' --soak-ms windows line up with it).
-  smi_pid=
-  if [[ -n ${MOE_EP_LADDER_SMI:-} ]]; then
-    smi_fields=timestamp,clocks.sm,clocks.mem,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
-    # Older drivers lack some fields (nvidia-smi then refuses the whole query): fall back to fewer.
-    nvidia-smi --query-gpu=$smi_fields --format=csv -c 1 > /dev/null 2>&1 || smi_fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
-    nvidia-smi --query-gpu=$smi_fields --format=csv,nounits -lms 20 > "$OUT/smi-ladder.csv" 2>&1 &
-    smi_pid=$!
-  fi
   nvcc_bin=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
   ncu_bin=$(find_ncu)
   for n in ${MOE_EP_LADDER:-10 11}; do
@@ -488,7 +492,13 @@ if [[ " $what " == *" ladder "* ]]; then
     tail -3 "/tmp/ncu-ladder$n.log"
     ls -l "$OUT/ncu-ladder$n.csv" "$OUT/ncu-ladder$n-source.csv.gz"
   done
-  if [[ -n $smi_pid ]]; then kill "$smi_pid" 2> /dev/null; wait "$smi_pid" 2> /dev/null; gzip -f "$OUT/smi-ladder.csv"; fi
+fi
+
+if [[ " $what " == *" power "* ]]; then
+  # PyTorch's GEMMs soaked under the power limit (benchmarks/peers/power_roof.py): the roof a step's
+  # grouped GEMMs meet, with the SM clock and power each settles at.
+  step "power roof"
+  timeout 120 python3 benchmarks/peers/power_roof.py --out "$OUT/power-roof-${MOE_EP_COMMIT:-unknown}.json" || status=1
 fi
 
 if [[ " $what " == *" bench "* ]]; then
