@@ -70,7 +70,8 @@ constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
 //               each: the consumers wait for the first half to be copied before they drop the
 //               second). It costs the ring a stage (3 instead of 4).
 // ProbeNoStore, ProbeNoStore3: probes, not ways to store: the tile is computed and never written
-// (4- and 3-stage rings), to time the loads and wgmmas alone (ladder 12's --only 4 and 5).
+// (4- and 3-stage rings), to time the loads and wgmmas alone (ladder 12's --only 4 and 5). Their
+// accumulators go to a store that never runs, else ptxas drops the wgmmas (kernel, below).
 // ConsumerTmaDeepEvictFirst: ConsumerTmaDeep with an evict-first L2 policy on its stores (a probe: do
 // the results push A and B out of L2?).
 // ProbeL2Resident: ConsumerTmaDeep with every tile of a block written to the same block-private
@@ -758,10 +759,16 @@ __global__ void __launch_bounds__(THREADS, 1)
       } else if constexpr (VIA == StoreVia::ConsumerTmaDouble || tma_deep(VIA)) {
         store_tile_tma_boxes<Layout<VIA>::TMA_BOXES, VIA>(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER),
                                                      &map_out, boxes_sent);
-      } else if constexpr (VIA == StoreVia::ProbePause) {
-        spin_ns(uint64_t(p.probe.pause_ns));
-      } else if constexpr (VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
-        // The accumulators are dropped: only the wgmma_wait above orders anything.
+      } else if constexpr (VIA == StoreVia::ProbePause || VIA == StoreVia::ProbeNoStore || VIA == StoreVia::ProbeNoStore3) {
+        if constexpr (VIA == StoreVia::ProbePause) spin_ns(uint64_t(p.probe.pause_ns));
+        // ptxas drops wgmmas whose results nothing reads: at d211733 and before, these probes ran one
+        // HGMMA of each k-step's four (their SASS: results/sass-ladder12-hgmma-d211733.txt). A store
+        // under a condition that never holds at run time (rows < 0) keeps all four.
+        if (p.rows < 0) {
+          float* sink = static_cast<float*>(p.out) + size_t(threadIdx.x) * 128;
+#pragma unroll
+          for (int i = 0; i < 128; ++i) sink[i] = d[i];
+        }
       } else if constexpr (VIA == StoreVia::ConsumerTma) {
         store_tile_tma(d, tile, consumer, staging_smem + uint32_t(consumer * Layout<VIA>::TMA_STAGING_PER_CONSUMER), &map_out);
       } else {
