@@ -7,7 +7,8 @@
 // - startPeer(script, args): the same script kept alive and driven by JSON lines on stdin/stdout
 //   (one request, one answer), so that ours and the peer can alternate in rounds on inputs loaded once;
 // - writeResult(area, rows): JSON in --out (default benchmarks/results) with commit, GPU and
-//   versions, and a table printed last; printTable(title, rows) for further tables.
+//   versions, the SM clock and power the run drew (gpu-power.mjs: nvidia-smi sampled from the first
+//   timed region on a GPU), and a table printed last; printTable(title, rows) for further tables.
 // --dry-run (each script's tiny CPU shapes) goes through the same calls: events are created, recorded
 // and synchronised on the CPU too (wall-clock times), and writeInputs writes in small slices.
 import { execFileSync, spawn } from 'node:child_process';
@@ -16,6 +17,7 @@ import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:f
 import { join } from 'node:path';
 
 import { dtypeSize, Event, getDefaultDevice, info, init, kernelOptions, launchEnv, synchronize } from '../dist/lib/index.js';
+import { gpuPowerSummary, startGpuSampler } from './gpu-power.mjs';
 
 export const args = process.argv.slice(2);
 export const quick = args.includes('--quick');
@@ -69,6 +71,7 @@ export const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? 
  */
 export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quick ? 10 : 50, inner = 1, setup, before } = {}) {
   const onGpu = device !== 'cpu';
+  if (onGpu) startGpuSampler(); // the clock and power each result ran at (gpu-power.mjs)
   const times = [];
   let call = 0;
   for (let i = 0; i < warmup + repeats; i++) {
@@ -313,8 +316,15 @@ export function writeResult(area, rows, notes = {}, extra = {}, { print = 'conso
   mkdirSync(outDir, { recursive: true });
   const env = environment();
   const file = join(outDir, `${area}-${env.commit}.json`);
-  writeFileSync(file, JSON.stringify({ area, ...env, notes, rows, ...extra }, null, 2) + '\n');
+  const gpuPower = gpuPowerSummary();
+  writeFileSync(file, JSON.stringify({ area, ...env, notes, rows, ...extra, gpuPower }, null, 2) + '\n');
   console.log(`\n${area} on ${env.gpu || 'the CPU'} (commit ${env.commit}, torch ${env.torch ?? 'absent'}) -> ${file}`);
+  if (gpuPower?.smClockMHzUnderLoad) {
+    const { smClockMHzUnderLoad: c, powerWUnderLoad: w } = gpuPower;
+    console.log(
+      `GPU under load: SM clock ${c.median} MHz (${c.min}-${c.max}; max ${gpuPower.maxSmClockMHz}), power ${w.median} W (limit ${gpuPower.powerLimitW}), ${Math.round(gpuPower.shareAtLimit * 100)}% of the samples at the limit`,
+    );
+  }
   // No colours: under mpirun stdout is a pty, and the table also goes to logs.
   if (print === 'console') new Console({ stdout: process.stdout, stderr: process.stderr, colorMode: false }).table(rows);
   else if (print === 'compact') printTable(null, rows);

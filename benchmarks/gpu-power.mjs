@@ -1,0 +1,126 @@
+// The GPU's SM clock and power draw through a benchmark run. Held for seconds, every GEMM of the
+// layer reaches the GPU's power limit (700 W on an H200) and its SM clock settles well below the
+// boost clock (benchmarks/kernels-notes.md, "The power limit sets the pace"), so a figure means
+// little without the clock it ran at. The harness starts the sampler at the first timed region on a
+// GPU: nvidia-smi writes a sample every 50 ms to a temporary file (with its own timestamps, so that a
+// host blocked in a CUDA synchronize loses none). writeResult adds the summary of the samples drawn
+// under load to the result file.
+// Without nvidia-smi (the CPU, dry runs) nothing starts and the summary is null. The sampler is
+// stopped when the process exits, and `timeout` ends it in any case: a killed benchmark leaves no
+// nvidia-smi looping on the machine.
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+const SAMPLE_MS = 50;
+const MAX_SECONDS = 3600; // the sampler's bound when nothing stops it
+// A sample is "under load" when the GPU draws at least this share of its power limit, and "at the
+// limit" within LIMIT_BAND of it.
+const LOAD_SHARE = 0.5;
+const LIMIT_BAND = 0.03;
+
+let sampler; // undefined: not tried; null: no nvidia-smi; else { dir, file, gpu, powerLimitW, maxSmClockMHz }
+
+/** The nvidia-smi index of the GPU this process uses: the first of CUDA_VISIBLE_DEVICES when it is a number, else 0. */
+function gpuIndex() {
+  const first = (process.env.CUDA_VISIBLE_DEVICES ?? '').split(',')[0].trim();
+  return /^\d+$/.test(first) ? first : '0';
+}
+
+/** Starts sampling, once per process; a no-op without nvidia-smi. */
+export function startGpuSampler() {
+  if (sampler !== undefined) return;
+  sampler = null;
+  const gpu = gpuIndex();
+  const probe = spawnSync('nvidia-smi', ['-i', gpu, '--query-gpu=power.limit,clocks.max.sm', '--format=csv,noheader,nounits'], {
+    encoding: 'utf8',
+    timeout: 15_000,
+  });
+  if (probe.status !== 0 || !probe.stdout) return;
+  const [powerLimitW, maxSmClockMHz] = probe.stdout
+    .split('\n')[0]
+    .split(',')
+    .map((v) => Number(v));
+  const dir = mkdtempSync(join(tmpdir(), 'moe-ep-gpu-power-'));
+  const file = join(dir, 'samples.csv');
+  const fd = openSync(file, 'w');
+  const child = spawn(
+    'timeout',
+    [
+      String(MAX_SECONDS),
+      'nvidia-smi',
+      '-i',
+      gpu,
+      '--query-gpu=timestamp,clocks.sm,power.draw',
+      '--format=csv,noheader,nounits',
+      '-lms',
+      String(SAMPLE_MS),
+    ],
+    { stdio: ['ignore', fd, 'ignore'] },
+  );
+  closeSync(fd);
+  child.on('error', () => {}); // no `timeout`: no samples, the summary says so
+  child.unref();
+  process.on('exit', () => {
+    child.kill();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  sampler = {
+    dir,
+    file,
+    gpu,
+    powerLimitW: Number.isFinite(powerLimitW) ? powerLimitW : null,
+    maxSmClockMHz: Number.isFinite(maxSmClockMHz) ? maxSmClockMHz : null,
+  };
+}
+
+/** Parses nvidia-smi's lines (timestamp, SM clock MHz, power W); lines that do not parse are skipped. */
+export function parseSamples(text) {
+  const samples = [];
+  for (const line of text.split('\n')) {
+    const [, clock, power] = line.split(',').map((v) => v.trim());
+    const smClockMHz = Number(clock);
+    const powerW = Number(power);
+    if (clock && power && Number.isFinite(smClockMHz) && Number.isFinite(powerW)) samples.push({ smClockMHz, powerW });
+  }
+  return samples;
+}
+
+function quantiles(values) {
+  const v = [...values].sort((a, b) => a - b);
+  return { median: v[Math.floor(v.length / 2)], min: v[0], max: v[v.length - 1] };
+}
+
+/**
+ * The samples so far summarised: those under load (at least LOAD_SHARE of the power limit) give the
+ * SM clock and the power the timed work ran at (ours and any peer's alike: one GPU, one run). Null
+ * when no sampler runs.
+ */
+export function summariseSamples(samples, powerLimitW, maxSmClockMHz) {
+  const loaded = powerLimitW ? samples.filter((s) => s.powerW >= LOAD_SHARE * powerLimitW) : [];
+  return {
+    what: `nvidia-smi every ${SAMPLE_MS} ms through the run so far; under load: drawing at least ${LOAD_SHARE * 100}% of the power limit (ours and the peer's work alike); at the limit: within ${LIMIT_BAND * 100}% of it`,
+    powerLimitW,
+    maxSmClockMHz,
+    samples: samples.length,
+    underLoad: loaded.length,
+    smClockMHzUnderLoad: loaded.length ? quantiles(loaded.map((s) => s.smClockMHz)) : null,
+    powerWUnderLoad: loaded.length ? quantiles(loaded.map((s) => s.powerW)) : null,
+    shareAtLimit: loaded.length
+      ? +(loaded.filter((s) => s.powerW >= (1 - LIMIT_BAND) * powerLimitW).length / loaded.length).toFixed(3)
+      : null,
+  };
+}
+
+/** The summary of this process's samples so far (summariseSamples), or null without a sampler. */
+export function gpuPowerSummary() {
+  if (!sampler) return null;
+  let text = '';
+  try {
+    text = readFileSync(sampler.file, 'utf8');
+  } catch {
+    // the file went with the process's exit: nothing sampled
+  }
+  return { gpu: sampler.gpu, ...summariseSamples(parseSamples(text), sampler.powerLimitW, sampler.maxSmClockMHz) };
+}
