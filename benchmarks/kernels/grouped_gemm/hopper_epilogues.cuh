@@ -193,10 +193,17 @@ struct Params {
   bool accumulate;
   ProbeKnobs probe;  // the host's trace and soak knobs travel unused
   // --trace: block 0's consumers record kTracePoints marks per tile into
-  // trace[consumer][tile][kTracePoints] (trace_tiles tiles at most). Null: nothing recorded.
+  // trace[consumer][tile][kTracePoints] (trace_tiles tiles at most); after those, every block's first
+  // consumer records the global timer when it starts its tiles and when its last store has landed,
+  // at block_times(trace, trace_tiles)[2 * block + {0, 1}]. Null: nothing recorded.
   long long* trace;
   int trace_tiles;
 };
+
+// Where --trace keeps every block's start and end (global timer, ns): after block 0's tile marks.
+__host__ __device__ inline long long* block_times(long long* trace, int trace_tiles) {
+  return trace + size_t(2) * trace_tiles * kTracePoints;
+}
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
 
@@ -692,6 +699,13 @@ __global__ void __launch_bounds__(THREADS, 1)
         marks[kTraceGlobalTimer] = (long long)ns;
       }
     };
+    auto mark_block = [&](int which) {
+      if (p.trace == nullptr || consumer != 0 || (threadIdx.x & 127) != 0) return;
+      uint64_t ns;
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+      block_times(p.trace, p.trace_tiles)[2 * blockIdx.x + which] = (long long)ns;
+    };
+    mark_block(0);
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       mark(kTraceBeforeLookup);
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
@@ -781,6 +795,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       // The staging must outlive the engine's reads, and the writes land before the kernel ends.
       if ((threadIdx.x & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     }
+    mark_block(1);
   }
 }
 
@@ -941,6 +956,25 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
   }
 }
 
+// Every block's time from its first tile to its last store landed, against the launch's span (the
+// first start to the last end): a persistent grid with tiles dealt out in turn ends with its slowest
+// block, so a wide spread is time a work queue would win back.
+inline void print_block_times(const long long* times, int blocks) {
+  std::vector<double> us;
+  long long first = 0, last = 0;
+  for (int b = 0; b < blocks; ++b) {
+    const long long start = times[2 * b], end = times[2 * b + 1];
+    if (start == 0 || end == 0) continue;  // a block that did not run (grid smaller than the SMs)
+    us.push_back((end - start) * 1e-3);
+    first = first == 0 ? start : std::min(first, start);
+    last = std::max(last, end);
+  }
+  if (us.empty()) return;
+  std::sort(us.begin(), us.end());
+  std::printf("    blocks (%zu): from first tile to last store %.1f us median, %.1f min, %.1f max; the launch's span %.1f us\n", us.size(),
+              us[us.size() / 2], us.front(), us.back(), (last - first) * 1e-3);
+}
+
 // One launch of `variant` with block 0's trace on, summarised (print_trace).
 template <moe::ops::hopper::StoreVia VIA, typename OutT>
 void trace_once(const char* label, Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, OutT* out, int sms,
@@ -948,7 +982,7 @@ void trace_once(const char* label, Mode m, const Problem& pr, const Inputs& in, 
   using moe::ops::hopper::kTracePoints;
   constexpr int TRACE_TILES = 512;
   long long* dtrace = nullptr;
-  const size_t n = size_t(2) * TRACE_TILES * kTracePoints;
+  const size_t n = size_t(2) * TRACE_TILES * kTracePoints + size_t(2) * sms;  // + every block's start and end
   CHECK_CUDA(cudaMalloc(&dtrace, n * sizeof(long long)));
   CHECK_CUDA(cudaMemset(dtrace, 0, n * sizeof(long long)));
   moe::ops::hopper::run<VIA>(m, pr, in, tile_start, out, sms, probe, dtrace, TRACE_TILES);
@@ -958,6 +992,7 @@ void trace_once(const char* label, Mode m, const Problem& pr, const Inputs& in, 
   CHECK_CUDA(cudaFree(dtrace));
   std::printf("  [%s]\n", label);
   print_trace(tr, TRACE_TILES);
+  print_block_times(moe::ops::hopper::block_times(tr.data(), TRACE_TILES), sms);
 }
 
 // --soak-ms: `launch` back to back for about soak_ms, in batches of 10; prints the wall-clock
