@@ -22,17 +22,22 @@ const LIMIT_BAND = 0.03;
 
 let sampler; // undefined: not tried; null: no nvidia-smi; else { dir, file, gpu, powerLimitW, maxSmClockMHz }
 
-/** The nvidia-smi index of the GPU this process uses: the first of CUDA_VISIBLE_DEVICES when it is a number, else 0. */
-function gpuIndex() {
-  const first = (process.env.CUDA_VISIBLE_DEVICES ?? '').split(',')[0].trim();
-  return /^\d+$/.test(first) ? first : '0';
+/**
+ * The nvidia-smi index of `device` ('cuda:N'): entry N of CUDA_VISIBLE_DEVICES when that lists
+ * indices, else N. (nvidia-smi counts in PCI bus order, CUDA fastest first: the same on a machine of
+ * one GPU model.)
+ */
+export function gpuIndex(device, visible = process.env.CUDA_VISIBLE_DEVICES) {
+  const ordinal = Number(/^cuda:(\d+)$/.exec(device)?.[1] ?? 0);
+  const listed = (visible ?? '').split(',').map((v) => v.trim());
+  return visible && listed.every((v) => /^\d+$/.test(v)) && ordinal < listed.length ? listed[ordinal] : String(ordinal);
 }
 
-/** Starts sampling, once per process; a no-op without nvidia-smi. */
-export function startGpuSampler() {
+/** Starts sampling the GPU behind `device` ('cuda:N'), once per process; a no-op without nvidia-smi. */
+export function startGpuSampler(device = 'cuda:0') {
   if (sampler !== undefined) return;
   sampler = null;
-  const gpu = gpuIndex();
+  const gpu = gpuIndex(device);
   const probe = spawnSync('nvidia-smi', ['-i', gpu, '--query-gpu=power.limit,clocks.max.sm', '--format=csv,noheader,nounits'], {
     encoding: 'utf8',
     timeout: 15_000,

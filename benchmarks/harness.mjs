@@ -71,7 +71,7 @@ export const num = (v, d = 3) => (typeof v === 'number' && Number.isFinite(v) ? 
  */
 export function timeRegion(body, { device = 'cuda:0', warmup = 5, repeats = quick ? 10 : 50, inner = 1, setup, before } = {}) {
   const onGpu = device !== 'cpu';
-  if (onGpu) startGpuSampler(); // the clock and power each result ran at (gpu-power.mjs)
+  if (onGpu) startGpuSampler(device); // the clock and power each result ran at (gpu-power.mjs)
   const times = [];
   let call = 0;
   for (let i = 0; i < warmup + repeats; i++) {

@@ -27,6 +27,7 @@ type Summary = {
   shareAtLimit: number | null;
 };
 type GpuPower = {
+  gpuIndex(device: string, visible?: string): string;
   parseSamples(text: string): { smClockMHz: number; powerW: number }[];
   summariseSamples(samples: { smClockMHz: number; powerW: number }[], powerLimitW: number | null, maxSmClockMHz: number | null): Summary;
 };
@@ -77,6 +78,19 @@ describe('gpu-power.mjs: parsing and summary', () => {
   });
 });
 
+describe('gpu-power.mjs: which GPU', () => {
+  it("maps 'cuda:N' through CUDA_VISIBLE_DEVICES when it lists indices", async () => {
+    const power = (await import(moduleUrl)) as GpuPower;
+    expect(power.gpuIndex('cuda:0', '')).toBe('0');
+    expect(power.gpuIndex('cuda:2', '')).toBe('2');
+    expect(power.gpuIndex('cuda:1', '3,1')).toBe('1');
+    expect(power.gpuIndex('cuda:0', '3,1')).toBe('3');
+    // UUIDs, or an ordinal past the list: the ordinal itself.
+    expect(power.gpuIndex('cuda:1', 'GPU-1234,GPU-5678')).toBe('1');
+    expect(power.gpuIndex('cuda:4', '3,1')).toBe('4');
+  });
+});
+
 describe('gpu-power.mjs: the sampler in a process', () => {
   it('samples through a fake nvidia-smi, and the sampler is gone after the process exits', () => {
     const bin = join(scratch, 'bin');
@@ -98,14 +112,14 @@ esac
     );
     chmodSync(join(bin, 'nvidia-smi'), 0o755);
     const out = runWithPath(
-      `power.startGpuSampler(); power.startGpuSampler();
+      `power.startGpuSampler('cuda:0'); power.startGpuSampler('cuda:1');
        await new Promise((r) => setTimeout(r, 600));
        console.log(JSON.stringify(power.gpuPowerSummary()));`,
       `${bin}:${process.env.PATH ?? ''}`,
       { CUDA_VISIBLE_DEVICES: '3,1' },
     );
     const summary = JSON.parse(out.trim()) as Summary;
-    expect(summary.gpu).toBe('3'); // the first visible GPU
+    expect(summary.gpu).toBe('3'); // cuda:0 is the first visible GPU; the second start did nothing
     expect(summary.powerLimitW).toBe(700);
     expect(summary.maxSmClockMHz).toBe(1980);
     expect(summary.underLoad).toBeGreaterThan(0);
