@@ -1,13 +1,14 @@
 // The GPU's SM clock and power draw through a benchmark run. Held for seconds, every GEMM of the
-// layer reaches the GPU's power limit (700 W on an H200) and its SM clock settles well below the
-// boost clock (benchmarks/kernels-notes.md, "The power limit sets the pace"), so a figure means
-// little without the clock it ran at. The harness starts the sampler at the first timed region on a
-// GPU: nvidia-smi writes a sample every 50 ms to a temporary file (with its own timestamps, so that a
-// host blocked in a CUDA synchronize loses none). writeResult adds the summary of the samples drawn
-// under load to the result file.
-// Without nvidia-smi (the CPU, dry runs) nothing starts and the summary is null. The sampler is
-// stopped when the process exits, and `timeout` ends it in any case: a killed benchmark leaves no
-// nvidia-smi looping on the machine.
+// layer measured that way reaches the GPU's power limit (700 W on an H200) and its SM clock settles
+// well below the boost clock (benchmarks/kernels-notes.md, "The power limit sets the pace"), so a
+// figure means little without the clock it ran at. The harness starts the sampler at the first timed
+// region on a GPU: nvidia-smi writes a sample every 50 ms to a temporary file (with its own
+// timestamps, so that a host blocked in a CUDA synchronize loses none). writeResult adds the summary
+// of the samples drawn under load to the result file.
+// Without nvidia-smi (the CPU, dry runs) nothing starts and the summary is null. The sampler lives
+// only as long as this process: a shell holds the read end of a pipe from it and stops nvidia-smi
+// when the pipe closes, which happens however the process ends (exit, a signal, SIGKILL); `timeout`
+// bounds it in any case.
 import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -23,58 +24,63 @@ const LIMIT_BAND = 0.03;
 let sampler; // undefined: not tried; null: no nvidia-smi; else { dir, file, gpu, powerLimitW, maxSmClockMHz }
 
 /**
- * The nvidia-smi index of `device` ('cuda:N'): entry N of CUDA_VISIBLE_DEVICES when that lists
- * indices, else N. (nvidia-smi counts in PCI bus order, CUDA fastest first: the same on a machine of
- * one GPU model.)
+ * The nvidia-smi id of `device` ('cuda:N'): entry N of CUDA_VISIBLE_DEVICES when that lists GPU
+ * indices or UUIDs (nvidia-smi -i takes both), else N. (nvidia-smi counts in PCI bus order, CUDA
+ * fastest first: the same on a machine of one GPU model.)
  */
 export function gpuIndex(device, visible = process.env.CUDA_VISIBLE_DEVICES) {
   const ordinal = Number(/^cuda:(\d+)$/.exec(device)?.[1] ?? 0);
   const listed = (visible ?? '').split(',').map((v) => v.trim());
-  return visible && listed.every((v) => /^\d+$/.test(v)) && ordinal < listed.length ? listed[ordinal] : String(ordinal);
+  const usable = visible && listed.every((v) => /^\d+$/.test(v) || /^(GPU|MIG)-[\w-]+$/.test(v));
+  return usable && ordinal < listed.length ? listed[ordinal] : String(ordinal);
 }
+
+/** Runs nvidia-smi once on GPU `gpu` for `fields`; its first line, or null when it fails. */
+function querySmi(gpu, fields) {
+  const r = spawnSync('nvidia-smi', ['-i', gpu, `--query-gpu=${fields}`, '--format=csv,noheader,nounits'], {
+    encoding: 'utf8',
+    timeout: 15_000,
+  });
+  return r.status === 0 && r.stdout ? r.stdout.split('\n')[0] : null;
+}
+
+// The sampler's shell: nvidia-smi in the background, then a wait on the pipe from this process; at
+// EOF (this process gone) it stops nvidia-smi. The shell then ignores INT, TERM and HUP (cat inherits
+// that; nvidia-smi, started before, does not), so that a signal to the whole process group does not
+// take it down before it has stopped nvidia-smi.
+const SAMPLER_SCRIPT = `timeout "$4" nvidia-smi -i "$1" --query-gpu=timestamp,clocks.sm,"$2" --format=csv,noheader,nounits -lms "$3" &
+p=$!
+trap '' INT TERM HUP
+cat > /dev/null
+kill $p 2> /dev/null`;
 
 /** Starts sampling the GPU behind `device` ('cuda:N'), once per process; a no-op without nvidia-smi. */
 export function startGpuSampler(device = 'cuda:0') {
   if (sampler !== undefined) return;
   sampler = null;
   const gpu = gpuIndex(device);
-  const probe = spawnSync('nvidia-smi', ['-i', gpu, '--query-gpu=power.limit,clocks.max.sm', '--format=csv,noheader,nounits'], {
-    encoding: 'utf8',
-    timeout: 15_000,
-  });
-  if (probe.status !== 0 || !probe.stdout) return;
-  const [powerLimitW, maxSmClockMHz] = probe.stdout
-    .split('\n')[0]
-    .split(',')
-    .map((v) => Number(v));
+  const limits = querySmi(gpu, 'power.limit,clocks.max.sm');
+  if (limits === null) return;
+  const [powerLimitW, maxSmClockMHz] = limits.split(',').map((v) => Number(v));
+  // power.draw is a 1 s average on recent drivers; power.draw.instant, where there is one, is not.
+  const powerField = querySmi(gpu, 'power.draw.instant') !== null ? 'power.draw.instant' : 'power.draw';
   const dir = mkdtempSync(join(tmpdir(), 'moe-ep-gpu-power-'));
   const file = join(dir, 'samples.csv');
   const fd = openSync(file, 'w');
-  const child = spawn(
-    'timeout',
-    [
-      String(MAX_SECONDS),
-      'nvidia-smi',
-      '-i',
-      gpu,
-      '--query-gpu=timestamp,clocks.sm,power.draw',
-      '--format=csv,noheader,nounits',
-      '-lms',
-      String(SAMPLE_MS),
-    ],
-    { stdio: ['ignore', fd, 'ignore'] },
-  );
-  closeSync(fd);
-  child.on('error', () => {}); // no `timeout`: no samples, the summary says so
-  child.unref();
-  process.on('exit', () => {
-    child.kill();
-    rmSync(dir, { recursive: true, force: true });
+  const child = spawn('sh', ['-c', SAMPLER_SCRIPT, 'sh', gpu, powerField, String(SAMPLE_MS), String(MAX_SECONDS)], {
+    stdio: ['pipe', fd, 'ignore'],
   });
+  closeSync(fd);
+  child.on('error', () => {}); // no sh: no samples, the summary says so
+  child.stdin.on('error', () => {});
+  child.unref();
+  child.stdin.unref(); // the pipe must not keep this process alive; its end closing is the signal
+  process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
   sampler = {
     dir,
     file,
     gpu,
+    powerField,
     powerLimitW: Number.isFinite(powerLimitW) ? powerLimitW : null,
     maxSmClockMHz: Number.isFinite(maxSmClockMHz) ? maxSmClockMHz : null,
   };
@@ -127,5 +133,9 @@ export function gpuPowerSummary() {
   } catch {
     // the file went with the process's exit: nothing sampled
   }
-  return { gpu: sampler.gpu, ...summariseSamples(parseSamples(text), sampler.powerLimitW, sampler.maxSmClockMHz) };
+  return {
+    gpu: sampler.gpu,
+    powerField: sampler.powerField,
+    ...summariseSamples(parseSamples(text), sampler.powerLimitW, sampler.maxSmClockMHz),
+  };
 }

@@ -16,23 +16,30 @@ step() { echo "=== $1"; }
 # Nsight Compute (the ncu and ladder steps): on PATH or where CUDA and Nsight install it; empty if none.
 find_ncu() { command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1; }
 
-# MOE_EP_SMI=1: nvidia-smi samples the SM clock and the power draw every 20 ms through the whole
-# session into smi.csv.gz (the GEMMs run at the clock the power limit allows: issue 20). The ladder's
-# --soak-ms windows and power_roof.py's cases line up with it by their wall-clock times.
+# MOE_EP_SMI=1: nvidia-smi samples every GPU's SM clock and power draw every 20 ms through the whole
+# session into smi.csv.gz, one line per GPU with its index (the GEMMs run at the clock the power
+# limit allows: issue 20). The ladder's --soak-ms windows and power_roof.py's cases line up with it
+# by their wall-clock times. timeout bounds the sampler if the script dies without its EXIT trap.
 smi_pid=
-if [[ -n ${MOE_EP_SMI:-} ]]; then
-  smi_fields=timestamp,clocks.sm,clocks.mem,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
+if [[ ${MOE_EP_SMI:-0} != 0 ]]; then
+  smi_fields=timestamp,index,clocks.sm,clocks.mem,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
   # Older drivers lack some fields (nvidia-smi then refuses the whole query): fall back to fewer.
-  nvidia-smi --query-gpu=$smi_fields --format=csv -c 1 > /dev/null 2>&1 || smi_fields=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu
-  nvidia-smi --query-gpu=$smi_fields --format=csv,nounits -lms 20 > "$OUT/smi.csv" 2>&1 &
+  nvidia-smi --query-gpu=$smi_fields --format=csv -c 1 > /dev/null 2>&1 || smi_fields=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu
+  timeout 3600 nvidia-smi --query-gpu=$smi_fields --format=csv,nounits -lms 20 > "$OUT/smi.csv" 2> /dev/null &
   smi_pid=$!
 fi
 stop_smi() { if [[ -n $smi_pid ]]; then kill "$smi_pid" 2> /dev/null; wait "$smi_pid" 2> /dev/null; gzip -f "$OUT/smi.csv"; smi_pid=; fi; }
 trap stop_smi EXIT
+trap 'exit 143' TERM INT HUP  # a signal ends the script through its EXIT trap (bash skips it otherwise)
+
+# The ladder's programs and the power step's Python need no addon: with only those, neither the
+# build nor the info step runs.
+needs_addon=0
+for w in $what; do [[ $w == ladder || $w == power ]] || needs_addon=1; done
 
 step "build"
-if [[ $what == ladder ]]; then
-  echo "skipped: the ladder's programs need no addon"
+if ((!needs_addon)); then
+  echo "skipped: the ladder's programs and the power step need no addon"
 elif [[ -n ${MOE_EP_SKIP_BUILD:-} && -e build/Release/moe_ep.node ]]; then
   # The addon came along (built on the dev machine for sm_90, carried as build/Release): saves ~80 s.
   echo "skipped: using the carried build/Release"
@@ -46,7 +53,7 @@ step "info"
 # With a multi step the information goes into multi.log instead: only 8 files come back from a call.
 info_file=$OUT/info.txt
 [[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]] && info_file=$OUT/multi.log
-[[ $what == ladder ]] || node dist/lib/cli/main.js info | tee -a "$info_file"
+((!needs_addon)) || node dist/lib/cli/main.js info | tee -a "$info_file"
 
 if [[ " $what " == *" tests "* ]]; then
   step "npm run test:gpu"

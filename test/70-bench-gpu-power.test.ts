@@ -2,7 +2,7 @@
 // summarised, and the sampler's life in a process, against a fake nvidia-smi on PATH (this machine
 // may have none): it starts at the first call, its samples reach the summary, and it is gone once
 // the process exits. Without nvidia-smi nothing starts and the summary is null.
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -79,26 +79,28 @@ describe('gpu-power.mjs: parsing and summary', () => {
 });
 
 describe('gpu-power.mjs: which GPU', () => {
-  it("maps 'cuda:N' through CUDA_VISIBLE_DEVICES when it lists indices", async () => {
+  it("maps 'cuda:N' through CUDA_VISIBLE_DEVICES when it lists indices or UUIDs", async () => {
     const power = (await import(moduleUrl)) as GpuPower;
     expect(power.gpuIndex('cuda:0', '')).toBe('0');
     expect(power.gpuIndex('cuda:2', '')).toBe('2');
     expect(power.gpuIndex('cuda:1', '3,1')).toBe('1');
     expect(power.gpuIndex('cuda:0', '3,1')).toBe('3');
-    // UUIDs, or an ordinal past the list: the ordinal itself.
-    expect(power.gpuIndex('cuda:1', 'GPU-1234,GPU-5678')).toBe('1');
+    // UUIDs pass through (nvidia-smi -i takes them); anything else, or an ordinal past the list: the ordinal.
+    expect(power.gpuIndex('cuda:1', 'GPU-1234,GPU-5678')).toBe('GPU-5678');
+    expect(power.gpuIndex('cuda:1', 'all,none')).toBe('1');
     expect(power.gpuIndex('cuda:4', '3,1')).toBe('4');
   });
 });
 
 describe('gpu-power.mjs: the sampler in a process', () => {
-  it('samples through a fake nvidia-smi, and the sampler is gone after the process exits', () => {
-    const bin = join(scratch, 'bin');
-    const pidFile = join(scratch, 'sampler.pid');
-    const argsFile = join(scratch, 'sampler.args');
+  const bin = join(scratch, 'bin');
+  const pidFile = join(scratch, 'sampler.pid');
+  const argsFile = join(scratch, 'sampler.args');
+  // The fake answers the probes (power limit and max clock; power.draw.instant) and, when looping
+  // (-lms), writes a sample every 20 ms until stopped, after noting its pid and arguments. Its
+  // columns are timestamp, clock, power: the test checks that this is the order asked for.
+  const writeFake = () => {
     spawnSync('mkdir', ['-p', bin]);
-    // The fake answers the probe (power limit, max clock) and, when looping (-lms), writes a sample
-    // every 20 ms until killed, after noting its pid and arguments.
     writeFileSync(
       join(bin, 'nvidia-smi'),
       `#!/bin/sh
@@ -106,11 +108,33 @@ case "$*" in
   *-lms*) echo $$ > ${JSON.stringify(pidFile)}; echo "$*" > ${JSON.stringify(argsFile)}
           while true; do echo "2026/12/03 17:10:40.123, 1485, 691.5"; echo "2026/12/03 17:10:40.143, 1980, 100"; sleep 0.02; done ;;
   *power.limit*) echo "700.00, 1980" ;;
+  *power.draw.instant*) echo "95.0" ;;
   *) exit 1 ;;
 esac
 `,
     );
     chmodSync(join(bin, 'nvidia-smi'), 0o755);
+    rmSync(pidFile, { force: true });
+  };
+  /** Whether process `pid` still runs (a zombie counts as gone). */
+  const running = (pid: number): boolean => {
+    try {
+      return !readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ');
+    } catch {
+      return false; // gone between the check and the read, or never there
+    }
+  };
+  /** Waits up to 5 s for `pid` to stop; whether it did. */
+  const stops = (pid: number): boolean => {
+    for (let i = 0; i < 50; i++) {
+      if (!running(pid)) return true;
+      spawnSync('sleep', ['0.1']);
+    }
+    return false;
+  };
+
+  it('samples through a fake nvidia-smi, and the sampler is gone after the process exits', () => {
+    writeFake();
     const out = runWithPath(
       `power.startGpuSampler('cuda:0'); power.startGpuSampler('cuda:1');
        await new Promise((r) => setTimeout(r, 600));
@@ -118,8 +142,9 @@ esac
       `${bin}:${process.env.PATH ?? ''}`,
       { CUDA_VISIBLE_DEVICES: '3,1' },
     );
-    const summary = JSON.parse(out.trim()) as Summary;
+    const summary = JSON.parse(out.trim()) as Summary & { powerField: string };
     expect(summary.gpu).toBe('3'); // cuda:0 is the first visible GPU; the second start did nothing
+    expect(summary.powerField).toBe('power.draw.instant');
     expect(summary.powerLimitW).toBe(700);
     expect(summary.maxSmClockMHz).toBe(1980);
     expect(summary.underLoad).toBeGreaterThan(0);
@@ -127,15 +152,35 @@ esac
     expect(summary.smClockMHzUnderLoad?.median).toBe(1485);
     expect(summary.powerWUnderLoad?.median).toBe(691.5);
     expect(summary.shareAtLimit).toBe(1);
-    expect(readFileSync(argsFile, 'utf8')).toContain('-i 3');
-    // Started once (a second call does nothing), and stopped with the process: the loop's pid is gone.
-    const pid = Number(readFileSync(pidFile, 'utf8').trim());
-    let alive = true;
-    for (let i = 0; i < 50 && alive; i++) {
-      alive = existsSync(`/proc/${pid}`) && !readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z ');
-      if (alive) spawnSync('sleep', ['0.1']);
+    expect(readFileSync(argsFile, 'utf8').trim()).toBe(
+      '-i 3 --query-gpu=timestamp,clocks.sm,power.draw.instant --format=csv,noheader,nounits -lms 50',
+    );
+    // Stopped with the process: the loop's pid is gone.
+    expect(stops(Number(readFileSync(pidFile, 'utf8').trim()))).toBe(true);
+  });
+
+  it('the sampler also stops when the process is killed (SIGTERM, SIGKILL)', async () => {
+    writeFake();
+    for (const signal of ['SIGTERM', 'SIGKILL'] as const) {
+      rmSync(pidFile, { force: true });
+      const child = spawn(
+        process.execPath,
+        [
+          '--input-type=module',
+          '-e',
+          `import * as power from ${JSON.stringify(moduleUrl)};\npower.startGpuSampler(); setInterval(() => {}, 1000);`,
+        ],
+        { env: { ...process.env, PATH: `${bin}:${process.env.PATH ?? ''}` }, stdio: 'ignore' },
+      );
+      for (let i = 0; i < 100 && !existsSync(pidFile); i++) await new Promise((r) => setTimeout(r, 50));
+      expect(existsSync(pidFile), `the sampler started (${signal})`).toBe(true);
+      const loop = Number(readFileSync(pidFile, 'utf8').trim());
+      expect(running(loop)).toBe(true);
+      const exited = new Promise((r) => child.on('exit', r));
+      child.kill(signal);
+      await exited;
+      expect(stops(loop), `the loop stopped after ${signal}`).toBe(true);
     }
-    expect(alive).toBe(false);
   });
 
   it('with an nvidia-smi that fails (as without one) nothing starts and the summary is null', () => {

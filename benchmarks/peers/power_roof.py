@@ -14,12 +14,13 @@ Cases (bf16, the layer's main shape: T·k = 32768 rows, H = 7168, 2F = 4096, E =
                inputs' dtype)
   idle         nothing launched (the GPU's idle clock and power)
 Per case: launches, ms a launch (wall clock over the soak / launches), TFLOP/s, and the median SM
-clock (MHz) and power (W) over the soak's samples after its first 0.5 s. The power limit is read
-once (nvidia-smi's power.limit).
+clock (MHz) and power (W) over the soak's samples after its first 0.5 s (power.draw.instant where
+the driver has it, else power.draw, a 1 s average). The power limit is read once (power.limit).
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -27,29 +28,48 @@ import time
 import torch
 
 
+def smi_gpu():
+    # The nvidia-smi id of cuda:0: the first entry of CUDA_VISIBLE_DEVICES (an index or a UUID), else 0.
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return first if first else "0"
+
+
 def smi_query(fields):
-    r = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"], capture_output=True, text=True)
+    r = subprocess.run(["nvidia-smi", "-i", smi_gpu(), f"--query-gpu={fields}", "--format=csv,noheader,nounits"], capture_output=True, text=True)
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else None
 
 
+def as_float(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+# power.draw is a 1 s average on recent drivers; power.draw.instant, where there is one, is not.
+POWER_FIELD = "power.draw.instant" if smi_query("power.draw.instant") is not None else "power.draw"
+
+
 def soak(label, flops, launch, seconds):
-    # nvidia-smi samples every 20 ms for the whole soak; each line is read back with the host time
-    # it arrived, so the first 0.5 s (the clock settling) can be left out.
+    # nvidia-smi samples every 20 ms for the whole soak. The lines carry no time: they are taken as
+    # evenly spread over the soak, and those of its first 0.5 s (the clock settling) are left out.
     smi = subprocess.Popen(
-        ["nvidia-smi", "--query-gpu=clocks.sm,power.draw", "--format=csv,noheader,nounits", "-lms", "20"],
+        ["nvidia-smi", "-i", smi_gpu(), f"--query-gpu=clocks.sm,{POWER_FIELD}", "--format=csv,noheader,nounits", "-lms", "20"],
         stdout=subprocess.PIPE,
         text=True,
     )
-    torch.cuda.synchronize()
-    t0 = time.time()
-    launches = 0
-    while time.time() - t0 < seconds:
-        for _ in range(10):
-            launch()
+    try:
         torch.cuda.synchronize()
-        launches += 10
-    wall = time.time() - t0
-    smi.terminate()
+        t0 = time.time()
+        launches = 0
+        while time.time() - t0 < seconds:
+            for _ in range(10):
+                launch()
+            torch.cuda.synchronize()
+            launches += 10
+        wall = time.time() - t0
+    finally:
+        smi.terminate()
     out, _ = smi.communicate()
     samples = []
     for line in out.splitlines():
@@ -108,8 +128,9 @@ def main():
         "what": "torch GEMMs soaked under the power limit (benchmarks/peers/power_roof.py)",
         "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
-        "power_limit_w": smi_query("power.limit"),
-        "max_sm_clock_mhz": smi_query("clocks.max.sm"),
+        "power_limit_w": as_float(smi_query("power.limit")),
+        "max_sm_clock_mhz": as_float(smi_query("clocks.max.sm")),
+        "power_field": POWER_FIELD,
         "seconds_per_case": args.seconds,
         "rows": rows,
     }

@@ -47,8 +47,8 @@ int main(int argc, char** argv) {
   // so the ring keeps 4 stages for the lag); 21: NN, bf16, the hand-off against itself. --trace 1: one more launch of each step or probe
   // with block 0's consumers marking every tile's start, first full stage, last wgmma and epilogue
   // end (clock64), summarised as medians, for case 0 and the other side, with the SM clock they
-  // imply, and every block's time from its first tile to its last store beside the launch's span. --soak-ms N: each side alone back to back for N ms after the timed rounds, its wall-clock
-  // window printed (nvidia-smi's clock and power samples: device-session.sh's MOE_EP_LADDER_SMI).
+  // imply, and every block's time from its first tile to its last end beside the launch's span. --soak-ms N: each side alone back to back for N ms after the timed rounds, its wall-clock
+  // window printed (nvidia-smi's clock and power samples: device-session.sh's MOE_EP_SMI).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const bool trace = ladder::take_flag(argc, argv, "--trace", 0) != 0;

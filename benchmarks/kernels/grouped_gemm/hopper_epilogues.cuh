@@ -193,9 +193,10 @@ struct Params {
   bool accumulate;
   ProbeKnobs probe;  // the host's trace and soak knobs travel unused
   // --trace: block 0's consumers record kTracePoints marks per tile into
-  // trace[consumer][tile][kTracePoints] (trace_tiles tiles at most); after those, every block's first
-  // consumer records the global timer when it starts its tiles and when its last store has landed,
-  // at block_times(trace, trace_tiles)[2 * block + {0, 1}]. Null: nothing recorded.
+  // trace[consumer][tile][kTracePoints] (trace_tiles tiles at most); after those, at
+  // block_times(trace, trace_tiles)[2 * block + {0, 1}], every block's global timer when its first
+  // consumer starts its tiles, and the latest of its consumers' and storers' ends (after their own
+  // tensor stores have landed; plain stores are not waited for). Null: nothing recorded.
   long long* trace;
   int trace_tiles;
 };
@@ -203,6 +204,16 @@ struct Params {
 // Where --trace keeps every block's start and end (global timer, ns): after block 0's tile marks.
 __host__ __device__ inline long long* block_times(long long* trace, int trace_tiles) {
   return trace + size_t(2) * trace_tiles * kTracePoints;
+}
+
+// --trace: this block's start (which 0, one writer) or a candidate for its end (which 1: the latest
+// of the writers wins).
+__device__ __forceinline__ void mark_block_time(const Params& p, int which) {
+  uint64_t ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  long long* slot = block_times(p.trace, p.trace_tiles) + 2 * blockIdx.x + which;
+  if (which == 0) *slot = (long long)ns;
+  else atomicMax(reinterpret_cast<unsigned long long*>(slot), (unsigned long long)ns);
 }
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
@@ -676,6 +687,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             mbar_arrive(&tile_empty);
           }
         }
+        if (p.trace != nullptr && storer == 0) mark_block_time(p, 1);
       }
     }
   } else {
@@ -699,13 +711,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         marks[kTraceGlobalTimer] = (long long)ns;
       }
     };
-    auto mark_block = [&](int which) {
-      if (p.trace == nullptr || consumer != 0 || (threadIdx.x & 127) != 0) return;
-      uint64_t ns;
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-      block_times(p.trace, p.trace_tiles)[2 * blockIdx.x + which] = (long long)ns;
-    };
-    mark_block(0);
+    if (p.trace != nullptr && consumer == 0 && (threadIdx.x & 127) == 0) mark_block_time(p, 0);
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       mark(kTraceBeforeLookup);
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
@@ -795,7 +801,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       // The staging must outlive the engine's reads, and the writes land before the kernel ends.
       if ((threadIdx.x & 127) == 0) asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
     }
-    mark_block(1);
+    if (p.trace != nullptr && (threadIdx.x & 127) == 0) mark_block_time(p, 1);
   }
 }
 
@@ -956,7 +962,7 @@ inline void print_trace(const std::vector<long long>& tr, int tiles) {
   }
 }
 
-// Every block's time from its first tile to its last store landed, against the launch's span (the
+// Every block's time from its first tile to its last consumer's or storer's end, against the launch's span (the
 // first start to the last end): a persistent grid with tiles dealt out in turn ends with its slowest
 // block, so a wide spread is time a work queue would win back.
 inline void print_block_times(const long long* times, int blocks) {
@@ -971,7 +977,7 @@ inline void print_block_times(const long long* times, int blocks) {
   }
   if (us.empty()) return;
   std::sort(us.begin(), us.end());
-  std::printf("    blocks (%zu): from first tile to last store %.1f us median, %.1f min, %.1f max; the launch's span %.1f us\n", us.size(),
+  std::printf("    blocks (%zu): from the first tile to the last end %.1f us median, %.1f min, %.1f max; the launch's span %.1f us\n", us.size(),
               us[us.size() / 2], us.front(), us.back(), (last - first) * 1e-3);
 }
 

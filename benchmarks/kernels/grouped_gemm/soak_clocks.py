@@ -5,6 +5,7 @@ window less its first 300 ms (the clock settling).
   python3 soak_clocks.py LADDER_OUTPUT.txt SMI.csv.gz
 
 nvidia-smi's timestamps are read as UTC (the GPU machine's clock), the windows' as ms since the epoch.
+When the samples name each GPU (an index column), only GPU 0's are used: the ladder runs there.
 """
 import csv
 import datetime
@@ -28,6 +29,8 @@ def read_samples(path):
             try:
                 t = datetime.datetime.strptime(d["timestamp"], "%Y/%m/%d %H:%M:%S.%f").replace(tzinfo=datetime.timezone.utc)
             except ValueError:
+                continue
+            if d.get("index", "0") != "0":
                 continue
             samples.append((t.timestamp() * 1000, d))
     return head, samples
