@@ -21,7 +21,7 @@ const MAX_SECONDS = 3600; // the sampler's bound when nothing stops it
 const LOAD_SHARE = 0.5;
 const LIMIT_BAND = 0.03;
 
-let sampler; // undefined: not tried; null: no nvidia-smi; else { dir, file, gpu, powerLimitW, maxSmClockMHz }
+let sampler; // undefined: not tried; null: no nvidia-smi; else { file, gpu, powerField, powerLimitW, maxSmClockMHz }
 
 /**
  * The nvidia-smi id of `device` ('cuda:N'): entry N of CUDA_VISIBLE_DEVICES when that lists GPU
@@ -77,7 +77,6 @@ export function startGpuSampler(device = 'cuda:0') {
   child.stdin.unref(); // the pipe must not keep this process alive; its end closing is the signal
   process.on('exit', () => rmSync(dir, { recursive: true, force: true }));
   sampler = {
-    dir,
     file,
     gpu,
     powerField,

@@ -3,7 +3,7 @@
 // may have none): it starts at the first call, its samples reach the summary, and it is gone once
 // the process exits. Without nvidia-smi nothing starts and the summary is null.
 import { spawn, spawnSync } from 'node:child_process';
-import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -100,7 +100,7 @@ describe('gpu-power.mjs: the sampler in a process', () => {
   // (-lms), writes a sample every 20 ms until stopped, after noting its pid and arguments. Its
   // columns are timestamp, clock, power: the test checks that this is the order asked for.
   const writeFake = () => {
-    spawnSync('mkdir', ['-p', bin]);
+    mkdirSync(bin, { recursive: true });
     writeFileSync(
       join(bin, 'nvidia-smi'),
       `#!/bin/sh
@@ -186,7 +186,7 @@ esac
   it('with an nvidia-smi that fails (as without one) nothing starts and the summary is null', () => {
     // A failing fake first on PATH stands for a machine without a GPU, even on one that has nvidia-smi.
     const failing = join(scratch, 'failing-bin');
-    spawnSync('mkdir', ['-p', failing]);
+    mkdirSync(failing, { recursive: true });
     writeFileSync(join(failing, 'nvidia-smi'), '#!/bin/sh\nexit 9\n');
     chmodSync(join(failing, 'nvidia-smi'), 0o755);
     const out = runWithPath(

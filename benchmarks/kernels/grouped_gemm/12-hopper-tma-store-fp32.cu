@@ -44,11 +44,12 @@ int main(int argc, char** argv) {
   // place of an epilogue; 18, 19: case 0 against 12d and against itself with the second consumer
   // warpgroup starting --lag-ns (default 1000) late, so that the two stay out of step if the ring lets
   // them (one's epilogue under the other's wgmmas); 20: the same with 12b (two 8 KiB boxes a consumer,
-  // so the ring keeps 4 stages for the lag); 21: NN, bf16, the hand-off against itself. --trace 1: one more launch of each step or probe
-  // with block 0's consumers marking every tile's start, first full stage, last wgmma and epilogue
-  // end (clock64), summarised as medians, for case 0 and the other side, with the SM clock they
-  // imply, and every block's time from its first tile to its last end beside the launch's span. --soak-ms N: each side alone back to back for N ms after the timed rounds, its wall-clock
-  // window printed (nvidia-smi's clock and power samples: device-session.sh's MOE_EP_SMI).
+  // so the ring keeps 4 stages for the lag); 21: NN, bf16, the hand-off against itself. --trace 1:
+  // one more launch of each side with block 0's consumers marking every tile's start, first full
+  // stage, last wgmma and epilogue end (clock64), summarised as medians with the SM clock they imply,
+  // and every block's time from its first tile to its last end beside the launch's span. --soak-ms
+  // N: each side alone back to back for N ms after the timed rounds, its wall-clock window printed
+  // (nvidia-smi's clock and power samples: device-session.sh's MOE_EP_SMI).
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const bool trace = ladder::take_flag(argc, argv, "--trace", 0) != 0;

@@ -201,6 +201,13 @@ struct Params {
   int trace_tiles;
 };
 
+// The global timer (ns, whatever the SM clock does): the probes' waits and the trace's marks.
+__device__ __forceinline__ uint64_t global_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
 // Where --trace keeps every block's start and end (global timer, ns): after block 0's tile marks.
 __host__ __device__ inline long long* block_times(long long* trace, int trace_tiles) {
   return trace + size_t(2) * trace_tiles * kTracePoints;
@@ -209,8 +216,7 @@ __host__ __device__ inline long long* block_times(long long* trace, int trace_ti
 // --trace: this block's start (which 0, one writer) or a candidate for its end (which 1: the latest
 // of the writers wins).
 __device__ __forceinline__ void mark_block_time(const Params& p, int which) {
-  uint64_t ns;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  const uint64_t ns = global_ns();
   long long* slot = block_times(p.trace, p.trace_tiles) + 2 * blockIdx.x + which;
   if (which == 0) *slot = (long long)ns;
   else atomicMax(reinterpret_cast<unsigned long long*>(slot), (unsigned long long)ns);
@@ -220,10 +226,9 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) { return uint32_t(__
 
 // The probes' waits: spin on the global timer for ns nanoseconds.
 __device__ __forceinline__ void spin_ns(uint64_t ns) {
-  uint64_t t0, t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-  do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  while (t - t0 < ns);
+  const uint64_t t0 = global_ns();
+  while (global_ns() - t0 < ns) {
+  }
 }
 
 // ---- mbarriers ----------------------------------------------------------------------------------
@@ -705,11 +710,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (!tracing || traced >= p.trace_tiles) return;
       long long* marks = p.trace + (size_t(consumer) * p.trace_tiles + traced) * kTracePoints;
       marks[point] = clock64();
-      if (point == 0) {
-        uint64_t ns;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-        marks[kTraceGlobalTimer] = (long long)ns;
-      }
+      if (point == 0) marks[kTraceGlobalTimer] = (long long)global_ns();
     };
     if (p.trace != nullptr && consumer == 0 && (threadIdx.x & 127) == 0) mark_block_time(p, 0);
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
