@@ -15,6 +15,23 @@ function zipf(E, M) {
   return counts;
 }
 
+// The counts a router gives: each of M = T·k rows to one of E experts drawn uniformly (a seeded
+// mulberry32, so every run has the same counts): ragged, every group's last m-tile (and, for dW,
+// last k-tile) partly filled, as in a real step; the balanced shapes' groups end on whole tiles.
+function routed(E, M, seed) {
+  let a = seed >>> 0;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const counts = new Array(E).fill(0);
+  for (let i = 0; i < M; i++) counts[Math.floor(next() * E)]++;
+  return counts;
+}
+
 export const shapes = [
   { name: 'T=32768 H=7168 F=2048 E=64 balanced', tag: 'balanced', M: 32768, K: 7168, N: 2048, counts: balanced(64, 32768) },
   { name: 'T=32768 H=7168 F=2048 E=64 zipf', tag: 'zipf', M: 32768, K: 7168, N: 2048, counts: zipf(64, 32768) },
@@ -56,6 +73,39 @@ export const shapes = [
     counts: balanced(32, 32768),
     set: 'layer-down',
   },
+  // The two MoE layers of moe-layer.bench.mjs with routed counts (`--shapes=routed`, not in the
+  // default run): the main layer's up projection (fused: NN, SwiGLU, NT = its dA, TN32 = dW13,
+  // DSWIGLU = the down projection's dA) and its down projection (NN, TN32 = dW2), and the fine
+  // layer's up projection (H=2048, 2F=1536, E=128: 256 rows per group on average).
+  {
+    name: 'layer routed T=4096x8 H=7168 F=2048 E=32',
+    tag: 'layerR',
+    M: 32768,
+    K: 7168,
+    N: 4096,
+    counts: routed(32, 32768, 20),
+    fused: true,
+    set: 'routed',
+  },
+  {
+    name: 'layer down routed T=4096x8 F=2048 H=7168 E=32',
+    tag: 'layerdownR',
+    M: 32768,
+    K: 2048,
+    N: 7168,
+    counts: routed(32, 32768, 20),
+    set: 'routed',
+  },
+  {
+    name: 'fine layer routed T=4096x8 H=2048 F=768 E=128',
+    tag: 'fineR',
+    M: 32768,
+    K: 2048,
+    N: 1536,
+    counts: routed(128, 32768, 21),
+    fused: true,
+    set: 'routed',
+  },
 ];
 function mixtralDecode() {
   const counts = { 1: [0, 1, 0, 0, 1, 0, 0, 0], 8: [3, 2, 0, 4, 1, 2, 3, 1], 64: [18, 14, 17, 12, 20, 15, 16, 16] };
@@ -96,4 +146,5 @@ export const dryShapes = [
   { name: 'dry Mixtral T=1', tag: 'mx1', M: 2, K: 256, N: 512, counts: [0, 1, 0, 0, 1, 0, 0, 0], dram: true, set: 'mixtral-decode' },
   { name: 'dry layer', tag: 'layer', M: 512, K: 128, N: 128, counts: balanced(8, 512), fused: true },
   { name: 'dry E=16 zipf', tag: 'E=16zipf', M: 512, K: 128, N: 64, counts: zipf(16, 512), dram: true, set: 'skewed' },
+  { name: 'dry layer routed', tag: 'layerR', M: 512, K: 128, N: 128, counts: routed(8, 512, 20), fused: true, set: 'routed' },
 ];

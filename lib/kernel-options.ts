@@ -12,6 +12,11 @@
  *                               DeepSeek-V3's training step) on the Hopper kernel that keeps each
  *                               group's dC slice in shared memory and stores by TMA tensor stores;
  *                               false: the general Hopper kernel (needs hopper on)
+ *   groupedGemm.trimTails true  the Hopper kernel runs no wgmma on rows past a group's end: the
+ *                               second consumer warpgroup of a group's last m-tile when that tile
+ *                               has at most 64 rows (forward, dA), the k16 steps past a group's last
+ *                               row (dW). The same results (those rows are never stored, or are
+ *                               zeros); false: every tile computed whole, as before
  *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
  *                               the few-rows kernel; false: the tensor-core kernels
  *   groupedGemm.decode   true   the forward (NN, Store or SwiGLU) with a handful of rows per group
@@ -35,8 +40,8 @@
  * The environment sets the starting values, read once when this module loads; setKernelOptions
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
- *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_B_RESIDENT=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0  MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0
- *   MOE_EP_PDL=0
+ *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_B_RESIDENT=0  MOE_EP_GG_TRIM_TAILS=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0
+ *   MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
  * The switches are one set per process: they live in the addon, which a process loads once and
  * its worker threads share. A thread loading the addon finds them either at the compiled defaults
  * (no thread has set any): it applies its environment's values; or not: another thread got there
@@ -67,6 +72,8 @@ export interface GroupedGemmKernelOptions {
   skinny: boolean;
   /** dW (bf16 results) with 32-128 rows per group on average on the B-resident Hopper kernel (default true). */
   bResident: boolean;
+  /** The Hopper kernel skips its wgmmas on rows past a group's end (default true; the same results). */
+  trimTails: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -86,7 +93,7 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true, skinny: true, bResident: true }),
+  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true, skinny: true, bResident: true, trimTails: true }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
@@ -98,6 +105,7 @@ const ENVIRONMENT = {
     decode: 'MOE_EP_GG_DECODE',
     skinny: 'MOE_EP_GG_SKINNY',
     bResident: 'MOE_EP_GG_B_RESIDENT',
+    trimTails: 'MOE_EP_GG_TRIM_TAILS',
   },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };

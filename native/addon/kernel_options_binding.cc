@@ -1,4 +1,4 @@
-// Kernel switches: setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident }, router: { fast, pdl } }) and
+// Kernel switches: setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident, trimTails }, router: { fast, pdl } }) and
 // kernelOptions(). lib/kernel-options.ts decides the values (defaults, the environment, the caller's
 // choices) and always passes every field; each op's .cc reads its struct when it picks a kernel.
 #include "addon/args.h"
@@ -25,7 +25,7 @@ bool flag(const Napi::Object& g, const char* group_name, const char* name) {
   return v.As<Napi::Boolean>().Value();
 }
 
-// setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident }, router: { fast, pdl } }): every field given.
+// setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident, trimTails }, router: { fast, pdl } }): every field given.
 Napi::Value set_kernel_options(const Napi::CallbackInfo& info) {
   MOE_ARG_CHECK(info.Length() >= 1 && info[0].IsObject(), kOp, "expects an object { groupedGemm, router }");
   const Napi::Object o = info[0].As<Napi::Object>();
@@ -36,6 +36,7 @@ Napi::Value set_kernel_options(const Napi::CallbackInfo& info) {
   g.decode = flag(gg, "groupedGemm", "decode");
   g.skinny = flag(gg, "groupedGemm", "skinny");
   g.b_resident = flag(gg, "groupedGemm", "bResident");
+  g.trim_tails = flag(gg, "groupedGemm", "trimTails");
   ops::RouterOptions ro;
   ro.fast = flag(r, "router", "fast");
   ro.pdl = flag(r, "router", "pdl");
@@ -52,6 +53,7 @@ Napi::Value kernel_options(const Napi::CallbackInfo& info) {
   Napi::Object gg = Napi::Object::New(env), r = Napi::Object::New(env), o = Napi::Object::New(env);
   gg.Set("hopper", Napi::Boolean::New(env, g.hopper));
   gg.Set("bResident", Napi::Boolean::New(env, g.b_resident));
+  gg.Set("trimTails", Napi::Boolean::New(env, g.trim_tails));
   gg.Set("fewRows", Napi::Boolean::New(env, g.few_rows));
   gg.Set("decode", Napi::Boolean::New(env, g.decode));
   gg.Set("skinny", Napi::Boolean::New(env, g.skinny));

@@ -43,6 +43,10 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   { name: 'K=200, N=328: partial k and n tiles', E: 5, K: 200, N: 328, counts: raggedCounts(5, 700) },
   // Less than one k tile and one staged slice of columns.
   { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 33] },
+  // Groups whose last m-tile holds 1, 63, 64, 65, 127 or 128 rows (the Hopper kernel's second
+  // consumer has rows of its own from 65 on: groupedGemm.trimTails), and whose last k-tile for dW
+  // holds 1, 63, 64 or 65 rows.
+  { name: 'last tiles of 1, 63, 64, 65, 127, 128 rows', E: 8, K: 256, N: 512, counts: [129, 63, 64, 65, 127, 128, 0, 192] },
   // More work items than SMs: each persistent block walks several tiles through its ring.
   { name: 'M=6000 over 4 groups, N=1024: several tiles per block', E: 4, K: 256, N: 1024, counts: raggedCounts(4, 6000) },
   // Many tiles per block (~5 NN tiles on 132 SMs; NT several n-tiles each; TN ~4 tiles per block
@@ -85,6 +89,12 @@ const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }
   },
   // The cases whose bf16 dW takes the B-resident kernel by default (32-128 rows per group on
   // average, grouped_gemm.cc), on the general Hopper kernel's TN path.
+  // Every tile computed whole (the results must not change: tests below compare the bits).
+  {
+    path: 'untrimmed tails (groupedGemm.trimTails off)',
+    kernels: { groupedGemm: { trimTails: false } },
+    cases: cases.filter((c) => c.name.startsWith('last tiles') || c.name.startsWith('ragged')),
+  },
   {
     path: 'dW without the B-resident kernel (groupedGemm.bResident off)',
     kernels: { groupedGemm: { bResident: false } },
@@ -264,6 +274,9 @@ const dwEdgeCases: { name: string; E: number; K: number; N: number; counts: numb
   { name: 'K=200, N=328: partial m and n tiles', E: 5, K: 200, N: 328, counts: [70, 0, 129, 33, 300] },
   { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 133] },
   // 53 groups × 1 × 5 tiles = 265 = 2·132 + 1: block 0 takes three tiles, the rest two.
+  // A group's last k-tile holding 16, 17, 32, 33, 48 or 47 rows: trimmed (groupedGemm.trimTails), it
+  // runs 1-3 of its 4 k16 steps, zeroing the rows past the group's end only up to the next 16.
+  { name: 'groups ending on and beside the k16 steps', E: 8, K: 128, N: 256, counts: [16, 17, 32, 33, 48, 80, 111, 112] },
   { name: '265 tiles: an odd number per block', E: 53, K: 128, N: 640, counts: Array.from({ length: 53 }, (_, e) => 20 + ((e * 37) % 50)) },
   // 8 × 4 × 8 = 256 tiles of ~700 rows: two per block and many k-steps; the ring wraps many times.
   { name: 'long groups: ~11 k-steps per tile', E: 8, K: 512, N: 1024, counts: [700, 650, 0, 701, 64, 1000, 333, 999] },
@@ -400,6 +413,69 @@ function bitsDiffer(x: Float32Array, y: Float32Array): number {
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) n++;
   return n;
 }
+
+// groupedGemm.trimTails skips only work whose results are never stored (the second consumer of a
+// group's last m-tile of at most 64 rows) or are products of zeroed rows (a dW's k16 steps past the
+// group's end): every product, the fused epilogues included, gives the same bits on and off, and
+// the CPU's values. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64 rows.
+describe.skipIf(!hasGpu)('trimmed tails (groupedGemm.trimTails): the same bits as every tile computed whole', () => {
+  beforeEach(() => setKernelOptions(kernelOptionDefaults));
+  afterEach(() => resetKernelOptions());
+  const E = 12,
+    K = 320,
+    F = 192,
+    counts = [1, 16, 17, 47, 63, 64, 65, 112, 127, 128, 0, 200];
+  it('NN, NT, TN (bf16 and f32 results), SwiGLU and dSwiGLU', { timeout: 300_000 }, () => {
+    const seed = freshSeed();
+    console.log(`trimmed tails: seed ${seed}`);
+    const M = counts.reduce((s, c) => s + c, 0) + 3; // 3 rows outside every group
+    tidy(() => {
+      const rand = (shape: number[], k: number) => Tensor.rand(shape, { seed: seed + k, low: -1, high: 1, device: gpu }).cast('bf16');
+      const a = rand([M, K], 0),
+        w13 = rand([E, K, 2 * F], 1),
+        w2 = rand([E, F, K], 2),
+        dC = rand([M, 2 * F], 3);
+      const [, off] = offsets(counts);
+      /** Every product once with the switch as given; the outputs' floats. */
+      const run = (trimTails: boolean): Record<string, Float32Array> => {
+        setKernelOptions({ groupedGemm: { trimTails, bResident: false } }); // bf16 dW on hopper.cu's kernel too
+        const got: Record<string, Float32Array> = {};
+        for (const outType of ['f32', 'bf16'] as const) {
+          const nn = poisoned([M, 2 * F], outType, gpu);
+          groupedGemm('NN', a, w13, off, { out: nn });
+          const nt = poisoned([M, K], outType, gpu);
+          groupedGemm('NT', dC, w13, off, { out: nt });
+          const tn = poisoned([E, K, 2 * F], outType, gpu);
+          groupedGemm('TN', a, dC, off, { out: tn });
+          Object.assign(got, { [`NN ${outType}`]: floats(nn), [`NT ${outType}`]: floats(nt), [`TN ${outType}`]: floats(tn) });
+        }
+        const h = poisoned([M, F], 'bf16', gpu),
+          g = poisoned([M, 2 * F], 'bf16', gpu);
+        groupedGemmEpilogue('NN', Epilogue.SwiGLU, a, w13, off, h, g);
+        const dg = poisoned([M, 2 * F], 'bf16', gpu);
+        groupedGemmEpilogue('NT', Epilogue.DSwiGLU, rand([M, K], 4), w2, off, dg, g);
+        return { ...got, 'SwiGLU h': floats(h), 'SwiGLU g': floats(g), dSwiGLU: floats(dg) };
+      };
+      const trimmed = run(true),
+        whole = run(false);
+      for (const [name, bits] of Object.entries(whole)) {
+        // NaN poison left in the 3 rows outside every group compares equal bit for bit.
+        expect(bitsDiffer(trimmed[name] as Float32Array, bits), `seed ${seed}: ${name}, bits differing`).toBe(0);
+      }
+      // And the trimmed products are the CPU's (the whole ones are checked in the paths above).
+      const [coff] = offsets(counts);
+      const cpuA = a.to(cpu),
+        cpuW = w13.to(cpu),
+        cpuDC = dC.to(cpu);
+      const cnn = poisoned([M, 2 * F], 'f32', cpu);
+      groupedGemm('NN', cpuA, cpuW, coff, { out: cnn });
+      const ctn = poisoned([E, K, 2 * F], 'f32', cpu);
+      groupedGemm('TN', cpuA, cpuDC, coff, { out: ctn });
+      expect(relErr(trimmed['NN f32'] as Float32Array, values(cnn)), `seed ${seed}: NN vs CPU`).toBeLessThan(1e-4);
+      expect(relErr(trimmed['TN f32'] as Float32Array, floats(ctn)), `seed ${seed}: TN vs CPU`).toBeLessThan(1e-4);
+    });
+  });
+});
 
 describe.skipIf(!hasGpu)('fused SwiGLU/dSwiGLU epilogues handed off, against the CPU reference', () => {
   let baseline = 0;

@@ -435,7 +435,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
     tile_starts_kernel<<<1, 256, E * sizeof(int32_t), stream>>>(g.offsets.data<int32_t>(), E, int(g.a.size(0)), B_RESIDENT_MAX_GROUP_ROWS,
                                                                 true, large.data<int32_t>());
     cuda::check_launch(op);
-    grouped_gemm_hopper(g, large.data<int32_t>(), stream);
+    grouped_gemm_hopper(g, large.data<int32_t>(), choice.trim_tails, stream);
     return;  // `large` is freed here: the caching allocator reuses it only after the kernels queued on this stream
 #else
     MOE_INTERNAL_CHECK(false, "groupedGemm: the B-resident Hopper kernel was chosen in a build without it");
@@ -469,7 +469,7 @@ void grouped_gemm_cuda(const GroupedGemm& g, GemmChoice choice, void* stream_ptr
   }
   if (kernel == GemmKernel::Hopper) {
 #if MOE_EP_WITH_HOPPER
-    grouped_gemm_hopper(g, p.tile_start, stream);  // tile_start: null for TN, which needs none
+    grouped_gemm_hopper(g, p.tile_start, choice.trim_tails, stream);  // tile_start: null for TN, which needs none
     return;
 #else
     MOE_INTERNAL_CHECK(false, "groupedGemm: the Hopper kernel was chosen in a build without it");

@@ -102,7 +102,7 @@ int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
 //    which takes every row of its one group.
 GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
   const GemmKernel kernel = select_tile_kernel(g, o);
-  return GemmChoice{kernel, kernel == GemmKernel::Skinny ? 0 : decode_rows(g, o)};
+  return GemmChoice{kernel, kernel == GemmKernel::Skinny ? 0 : decode_rows(g, o), o.trim_tails};
 }
 #endif
 }  // namespace

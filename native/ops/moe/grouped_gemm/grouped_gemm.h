@@ -61,6 +61,10 @@ struct alignas(8) GroupedGemmOptions {
   // resident in shared memory, tiles stored by TMA tensor stores (hopper_b_resident.cu), where
   // grouped_gemm.cc's select_tile_kernel takes it. Needs `hopper` on too.
   bool b_resident = true;
+  // The Hopper kernel (hopper.cu) runs no wgmma on rows past a group's end: NN/NT the second
+  // consumer of a group's last tile when it has at most 64 rows, TN the k16 steps past the group's
+  // last row. Results unchanged (those rows are never stored, or zeroed).
+  bool trim_tails = true;
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
@@ -77,6 +81,7 @@ enum class GemmKernel : int { MmaSync = 0, Hopper = 1, FewRows = 2, Skinny = 3, 
 struct GemmChoice {
   GemmKernel kernel = GemmKernel::MmaSync;
   int decode_rows = 0;
+  bool trim_tails = true;  // the Hopper kernel's (GroupedGemmOptions::trim_tails)
 };
 
 void grouped_gemm_cpu(const GroupedGemm& g);

@@ -24,6 +24,11 @@
 // NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
 // but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
 // consumers zero those rows in shared memory before the wgmma reads them.
+// Trimmed tails (Params::trim_tails, groupedGemm.trimTails): no wgmma on what a group's end leaves
+// out. NN/NT: a tile of at most 64 rows (a group's last) leaves the second consumer none of its own:
+// it takes its stages off the ring without a wgmma and hands over nothing. TN: the last k-tile runs
+// only the k16 steps that hold rows of the group (zeroing the rows past its end up to the next
+// multiple of 16). The same sums: what is skipped is rows never stored, or products of zeroed rows.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -131,6 +136,7 @@ struct Params {
   int rows, cols, inner;    // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;  // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
+  bool trim_tails;  // no wgmma on rows past a group's end (the header)
 };
 
 // mbarriers, TMA loads, shared-memory descriptors and the wgmma fences: sm90.cuh (shared with the
@@ -507,6 +513,21 @@ __device__ __forceinline__ void handoff_drain_dswiglu(const Params& p, const Til
 //        bar 1 over 256 threads, is TN's zeroing, among the consumers only).
 // The ring's full/empty barriers are untouched by the epilogue way (only its depth: 3 stages).
 
+// ---- the mainloop's wgmmas --------------------------------------------------------------------------
+// One stage's wgmmas for a warpgroup, K_STEPS of its BK/16 k16 steps, fenced and committed as a group.
+// K-major operands: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
+template <int K_STEPS, bool A_MN_MAJOR, bool B_MN_MAJOR>
+__device__ __forceinline__ void issue_k_steps(float (&d)[128], unsigned char* sa, unsigned char* sb, bool accumulate) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < K_STEPS; ++kk) {
+    const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
+    const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
+    wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, accumulate || kk > 0);
+  }
+  wgmma_commit();
+}
+
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -610,36 +631,54 @@ __global__ void __launch_bounds__(THREADS, 1)
     uint32_t sent = 0;  // TmaBoxes: pieces sent (which box is next)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
+      // NN/NT, trimmed: a tile of at most 64 rows has none in the second consumer's half.
+      const bool no_rows = !TN && p.trim_tails && consumer == 1 && tile.row_end - tile.row0 <= 64;
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
+        if (no_rows) {
+          // Take the stage off the ring unread. After the wait, not before: an arrival may only
+          // count towards the phase whose copies this consumer has seen land (the other consumer's
+          // arrival for this stage comes after its wgmmas, so the producer still waits for those).
+          if ((threadIdx.x & 127) == 0) mbar_arrive(&empty[stage]);
+          if (++stage == STAGES) {
+            stage = 0;
+            ++round;
+          }
+          continue;
+        }
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
+        int k_steps = BK / 16;  // the k16 steps this k-tile runs
         if constexpr (TN) {
           // The group ends inside this k-tile: zero the rows past its end (they hold the next
           // group's rows) in this consumer's A box and in its half of the B boxes, then make the
           // plain stores visible to the tensor cores (async proxy) before either consumer reads.
+          // Trimmed: only up to the next multiple of 16, the rows the k16 steps still run read.
           const int valid = tile.k_end - (tile.k_begin + kt * BK);
           if (valid < BK) {
-            const int lane128 = threadIdx.x & 127;
-            for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
-              const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
-              unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
-              *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+            if (p.trim_tails) k_steps = (valid + 15) / 16;
+            const int zero_end = k_steps * 16, zero_rows = zero_end - valid;
+            if (zero_rows > 0) {
+              const int lane128 = threadIdx.x & 127;
+              for (int i = lane128; i < zero_rows * 8 * 3; i += 128) {
+                const int box = i / (zero_rows * 8), rest = i % (zero_rows * 8);
+                unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
+                *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+              }
+              asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+              asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
             }
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
           }
         }
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
-          const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
-          const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
-          wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+        // Each case a whole fence-to-commit sequence of a count known at compile time: a wgmma behind
+        // a run-time guard inside one makes ptxas serialise every wgmma of the kernel (C7520).
+        switch (k_steps) {
+          case 1: issue_k_steps<1, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
+          case 2: issue_k_steps<2, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
+          case 3: issue_k_steps<3, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
+          default: issue_k_steps<BK / 16, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0);
         }
-        wgmma_commit();
         // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
         wgmma_wait<1>();
         if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
@@ -660,10 +699,14 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       if constexpr (VIA == StoreVia::Handoff) {
         // The storers have copied out the previous tile (a fresh barrier's first wait passes).
+        // A consumer with no rows of the tile puts nothing (the storers copy only the tile's rows)
+        // but still arrives: tile_full counts every consumer thread.
         mbar_wait(&tile_empty, (n & 1) ^ 1);
-        handoff_put(d, staging_smem, consumer);
+        if (!no_rows) handoff_put(d, staging_smem, consumer);
         mbar_arrive(&tile_full);
         ++n;
+      } else if (no_rows) {
+        continue;  // nothing of this consumer's to store
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
@@ -775,7 +818,7 @@ bool grouped_gemm_hopper_fits(const GroupedGemm& g) {
   return hopper::device_info().hopper;
 }
 
-void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* stream_ptr) {
+void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, bool trim_tails, void* stream_ptr) {
   using namespace hopper;
   const int64_t M = g.a.size(0), E = g.offsets.size(0) - 1;
   Params p{};
@@ -787,6 +830,7 @@ void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, void* 
   p.M = int(M);
   p.E = int(E);
   p.accumulate = g.accumulate && g.epilogue == GemmEpilogue::Store;  // the fused epilogues always overwrite
+  p.trim_tails = trim_tails;
   cudaStream_t stream = cudaStream_t(stream_ptr);
   const int sms = device_info().sms;
   const bool f32 = g.out.dtype() == DType::f32;
