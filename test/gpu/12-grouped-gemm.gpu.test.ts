@@ -44,8 +44,8 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   // Less than one k tile and one staged slice of columns.
   { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 33] },
   // Groups whose last m-tile holds 1, 63, 64, 65, 127 or 128 rows (the Hopper kernel's second
-  // consumer has rows of its own from 65 on: groupedGemm.trimTails), and whose last k-tile for dW
-  // holds 1, 63, 64 or 65 rows.
+  // consumer has rows of its own from 65 on), and whose last k-tile for dW holds 1, 63, 64 or 65
+  // rows (1 or 4 k16 steps run: groupedGemm.trimTails).
   { name: 'last tiles of 1, 63, 64, 65, 127, 128 rows', E: 8, K: 256, N: 512, counts: [129, 63, 64, 65, 127, 128, 0, 192] },
   // More work items than SMs: each persistent block walks several tiles through its ring.
   { name: 'M=6000 over 4 groups, N=1024: several tiles per block', E: 4, K: 256, N: 1024, counts: raggedCounts(4, 6000) },
@@ -87,14 +87,14 @@ const paths: { path: string; kernels: KernelOptionsUpdate; cases: typeof cases }
     kernels: { groupedGemm: { fewRows: false } },
     cases: cases.filter((c) => c.counts.reduce((s, n) => s + n, 3) <= 8 * c.E),
   },
-  // The cases whose bf16 dW takes the B-resident kernel by default (32-128 rows per group on
-  // average, grouped_gemm.cc), on the general Hopper kernel's TN path.
-  // Every tile computed whole (the results must not change: tests below compare the bits).
+  // dW's last k-tiles computed whole (the results must not change: a test below compares the bits).
   {
     path: 'untrimmed tails (groupedGemm.trimTails off)',
     kernels: { groupedGemm: { trimTails: false } },
     cases: cases.filter((c) => c.name.startsWith('last tiles') || c.name.startsWith('ragged')),
   },
+  // The cases whose bf16 dW takes the B-resident kernel by default (32-128 rows per group on
+  // average, grouped_gemm.cc), on the general Hopper kernel's TN path.
   {
     path: 'dW without the B-resident kernel (groupedGemm.bResident off)',
     kernels: { groupedGemm: { bResident: false } },
@@ -414,11 +414,10 @@ function bitsDiffer(x: Float32Array, y: Float32Array): number {
   return n;
 }
 
-// groupedGemm.trimTails skips only work whose results are never stored (the second consumer of a
-// group's last m-tile of at most 64 rows) or are products of zeroed rows (a dW's k16 steps past the
-// group's end): every product, the fused epilogues included, gives the same bits on and off, and
-// the CPU's values. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64 rows.
-describe.skipIf(!hasGpu)('trimmed tails (groupedGemm.trimTails): the same bits as every tile computed whole', () => {
+// groupedGemm.trimTails skips only products of zeroed rows (a dW's k16 steps past the group's end):
+// dW gives the same bits on and off, and the CPU's values; the other products (which the switch
+// leaves alone) the same bits too. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64.
+describe.skipIf(!hasGpu)('trimmed tails (groupedGemm.trimTails): the same bits as every k-tile computed whole', () => {
   beforeEach(() => setKernelOptions(kernelOptionDefaults));
   afterEach(() => resetKernelOptions());
   const E = 12,

@@ -61,9 +61,8 @@ struct alignas(8) GroupedGemmOptions {
   // resident in shared memory, tiles stored by TMA tensor stores (hopper_b_resident.cu), where
   // grouped_gemm.cc's select_tile_kernel takes it. Needs `hopper` on too.
   bool b_resident = true;
-  // The Hopper kernel (hopper.cu) runs no wgmma on rows past a group's end: NN/NT the second
-  // consumer of a group's last tile when it has at most 64 rows, TN the k16 steps past the group's
-  // last row. Results unchanged (those rows are never stored, or zeroed).
+  // dW (TN) on the Hopper kernel (hopper.cu): a group's last k-tile runs only the k16 steps that
+  // hold its rows. Results unchanged (the steps skipped multiply zeroed rows).
   bool trim_tails = true;
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);

@@ -24,11 +24,11 @@
 // NN/NT: rows past a group's end (the next group's, or past M and zero-filled by TMA) are multiplied
 // but never stored. TN: the last k-tile of a group would reach into the next group's rows, so the
 // consumers zero those rows in shared memory before the wgmma reads them.
-// Trimmed tails (Params::trim_tails, groupedGemm.trimTails): no wgmma on what a group's end leaves
-// out. NN/NT: a tile of at most 64 rows (a group's last) leaves the second consumer none of its own:
-// it takes its stages off the ring without a wgmma and hands over nothing. TN: the last k-tile runs
-// only the k16 steps that hold rows of the group (zeroing the rows past its end up to the next
-// multiple of 16). The same sums: what is skipped is rows never stored, or products of zeroed rows.
+// Trimmed tails (Params::trim_tails, groupedGemm.trimTails): TN's last k-tile of a group runs only
+// the k16 steps that hold rows of the group, zeroing the rows past its end up to the next multiple
+// of 16 (the same sums: what is skipped is products of zeroed rows). NN/NT keep computing whole
+// tiles: letting the second consumer skip a group's last tile when it holds at most 64 rows ran
+// slower under the power limit (benchmarks/grouped-gemm.md, v13).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -136,7 +136,7 @@ struct Params {
   int rows, cols, inner;    // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;  // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
-  bool trim_tails;  // no wgmma on rows past a group's end (the header)
+  bool trim_tails;  // TN: no wgmma on the k16 steps past a group's end (the header)
 };
 
 // mbarriers, TMA loads, shared-memory descriptors and the wgmma fences: sm90.cuh (shared with the
@@ -631,22 +631,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     uint32_t sent = 0;  // TmaBoxes: pieces sent (which box is next)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
-      // NN/NT, trimmed: a tile of at most 64 rows has none in the second consumer's half.
-      const bool no_rows = !TN && p.trim_tails && consumer == 1 && tile.row_end - tile.row0 <= 64;
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
-        if (no_rows) {
-          // Take the stage off the ring unread. After the wait, not before: an arrival may only
-          // count towards the phase whose copies this consumer has seen land (the other consumer's
-          // arrival for this stage comes after its wgmmas, so the producer still waits for those).
-          if ((threadIdx.x & 127) == 0) mbar_arrive(&empty[stage]);
-          if (++stage == STAGES) {
-            stage = 0;
-            ++round;
-          }
-          continue;
-        }
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
         int k_steps = BK / 16;  // the k16 steps this k-tile runs
@@ -699,14 +686,10 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
       if constexpr (VIA == StoreVia::Handoff) {
         // The storers have copied out the previous tile (a fresh barrier's first wait passes).
-        // A consumer with no rows of the tile puts nothing (the storers copy only the tile's rows)
-        // but still arrives: tile_full counts every consumer thread.
         mbar_wait(&tile_empty, (n & 1) ^ 1);
-        if (!no_rows) handoff_put(d, staging_smem, consumer);
+        handoff_put(d, staging_smem, consumer);
         mbar_arrive(&tile_full);
         ++n;
-      } else if (no_rows) {
-        continue;  // nothing of this consumer's to store
       } else if constexpr (VIA == StoreVia::WarpSlices) {
         const uint32_t staging = staging_smem + uint32_t(((threadIdx.x >> 5) - 4) * L::WARP_STAGING_FLOATS * 4);  // this warp's slice
         store_tile_staged<OutT>(p, d, tile, tile.row0 + consumer * 64, staging);
