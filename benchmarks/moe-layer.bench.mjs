@@ -27,6 +27,9 @@
 // on its own behind a 1 GiB device copy that keeps the GPU busy while the host queues the calls, so
 // a phase's figure is GPU time without the host's per-call cost. Sum of phases vs the measured pass:
 // the gap is the host and launch overhead between kernels.
+// Timeline: one step traced (lib/trace.ts), the GPU idle at its start: per mark of the layer and its
+// dispatcher, when the host and the GPU reached it; where the GPU's lag behind the host is near 0,
+// the GPU had run out of work (the fine shape's forward waits on the host: benchmarks/README.md).
 // Check: outputs and gradients against the torch layer (once, before timing), relative error in norm
 // within TOLERANCE (bf16); the script exits 1 when a check fails or the peer did not run on a GPU
 // (after writing the result). --dry-run: tiny shapes on the CPU (wall clock), to check the script and
@@ -88,6 +91,7 @@ const {
   synchronize,
   Tensor,
   tidy,
+  trace,
   unpermute,
   unpermuteBackward,
 } = await import('../dist/lib/index.js');
@@ -550,6 +554,30 @@ if (peer) await peer.close();
 const callsMs = wallRegion(layerStep, { endSync: false });
 const wallStepMs = wallRegion(layerStep, { endSync: true });
 
+// One step traced (lib/trace.ts), the GPU idle at its start: when the host and the GPU reached each
+// of the layer's and the dispatcher's marks, from the first. 'GPU lag' = GPU time − host time: near
+// 0, the GPU had caught up with the host there (it was waiting for work); large, work was queued.
+// (A mark's event costs the host a few µs.) The second of two traced steps is kept.
+function tracedStep() {
+  sync();
+  trace.enable();
+  try {
+    const cleanup = layerStep();
+    const rows = trace.collect().map((r) => ({
+      mark: r.name,
+      hostMs: num(r.hostMs, 3),
+      gpuMs: r.gpuMs === null ? null : num(r.gpuMs, 3),
+      lagMs: r.gpuMs === null ? null : num(r.gpuMs - r.hostMs, 3),
+    }));
+    cleanup();
+    return rows;
+  } finally {
+    trace.disable();
+  }
+}
+tracedStep();
+const timeline = tracedStep();
+
 // ------------------------------------------------------------------------------------- report
 const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${num(hi, d)}` : null);
 const col = (arr, key) => arr.map((r) => (typeof r?.[key] === 'number' ? r[key] : NaN));
@@ -749,6 +777,8 @@ writeResult(
     check: checkResult,
     timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
+    timeline:
+      "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",
     host: "host row: wall time of the forward() + backward() calls with no trailing synchronize, the GPU idle at the start. The layer reads nothing from the device on this path (one rank, dropless, align 1; since f83fa52), so this is the host's time per step (JS, validation, allocation, launches); 'of step' compares it to the device time of the step. An upper bound if some call blocks (an allocation missing the cache).",
     flops: 'forward: 2·T·k·H·3F (experts) + 2·T·H·E (router); backward counted as 2× forward',
     peer: peerNote,
@@ -762,6 +792,7 @@ writeResult(
     phases,
     phaseSums: sums,
     host: { callsMs: num(callsMs, 4), wallStepMs: num(wallStepMs, 4), ofStep: num(callsMs / stepMs, 3) },
+    timeline,
     rounds: ours.map((o, i) => ({
       ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) },
       torch: torch[i],
@@ -774,6 +805,10 @@ const peakFrom = peakOverride !== null ? '--peak-tflops' : Number.isFinite(torch
 printTable(
   `phases of our step, ${label}; roofs ${sig(peakTflops)} TFLOP/s (${peakFrom}), ${sig(copyGBs)} GB/s (device copy); %pass: of the measured pass`,
   phaseRows,
+);
+printTable(
+  'one step traced: when the host and the GPU reached each mark (ms from the first); GPU lag near 0: the GPU waited for the host',
+  timeline.map((r) => ({ mark: r.mark, 'host ms': r.hostMs, 'GPU ms': r.gpuMs, 'GPU lag': r.lagMs })),
 );
 if (checkRows.length) printTable('check (once, before timing)', checkRows);
 

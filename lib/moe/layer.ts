@@ -409,13 +409,15 @@ export class MoELayer implements Disposable {
         dLogitsAux,
         shared: shared ? { g: shared.g, h: shared.h } : null,
       };
+      const entropy = routerEntropy(r.scores);
+      trace.mark('layer forward: end', x.device);
       return {
         y,
         tokensPerExpert: r.tokensPerExpert,
         dropped: cap.dropped,
         expertsPerToken: ec?.expertsPerToken ?? null,
         auxLoss,
-        routerEntropy: routerEntropy(r.scores),
+        routerEntropy: entropy,
         saved,
       };
     });
@@ -436,6 +438,7 @@ export class MoELayer implements Disposable {
     try {
       return tidy(() => {
         const all = this.wholeBatch(T);
+        trace.mark('layer backward: start', dy.device);
         // The combine backward waits for dy only: the shared expert's backward overlaps it.
         using dyReady = this.markProduced();
         let sharedGrads: { dA: Tensor; dW13: Tensor; dW2: Tensor } | null = null;
@@ -447,6 +450,7 @@ export class MoELayer implements Disposable {
         );
         const rows = s.rowScales ? { q: s.rows, scales: s.rowScales } : s.rows;
         const eg = expertsBackward(dExpertOut, rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
+        trace.mark('layer backward: experts', dy.device);
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
         const dLogits = routerBackward(
@@ -476,6 +480,7 @@ export class MoELayer implements Disposable {
           sharedW13 = sharedGrads.dW13;
           sharedW2 = sharedGrads.dW2;
         }
+        trace.mark('layer backward: end', dy.device);
         return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2 };
       });
     } finally {
