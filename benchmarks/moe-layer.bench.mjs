@@ -21,6 +21,9 @@
 //   forward  = MoELayer.forward (router GEMM, routing, capacity, permute, experts, combine)
 //   backward = MoELayer.backward (a fresh forward before each, untimed)
 //   step     = forward + backward in one region
+//   step, host ahead = the same queued behind four 1 GiB copies (~2 ms on an H200): the host has issued
+//              the step before the GPU starts it, as in a training loop whose host outruns its GPU;
+//              against `step`, what the GPU spent waiting for the host (ours only)
 //   adamw    = three fused AdamW steps on the fp32 masters, refreshing the bf16 compute copies
 // Breakdown: the layer's exported ops called one by one in the layer's order (layer.ts, experts.ts,
 // the dispatcher's one-rank path) on the step's own tensors, outputs preallocated; each phase timed
@@ -138,7 +141,7 @@ function disposeGrads(g) {
 }
 
 /** Median ms of body(ctx), setup() untimed before each run, the device idle at the start. */
-const timeLayer = (body, { setup } = {}) => timeRegion(body, { device: dev, warmup, repeats, setup, before: sync });
+const timeLayer = (body, { setup, before = sync } = {}) => timeRegion(body, { device: dev, warmup, repeats, setup, before });
 
 /** Median wall-clock ms of body() with the GPU idle at the start; `endSync` syncs or not. */
 function wallRegion(body, { endSync }) {
@@ -463,6 +466,22 @@ function timePhase(fn) {
   });
 }
 
+/**
+ * The step's GPU time with the host ahead, as in a training loop whose host outruns its GPU: the step
+ * queued behind HEAD_START_COPIES 1 GiB copies (~0.5 ms each on an H200), so that the host has issued
+ * all of it, or most, before the start event fires. Against the step timed from an idle GPU (the
+ * 'forward + backward' row), the difference is the time the GPU spent waiting for the host.
+ */
+const HEAD_START_COPIES = 4;
+function timeStepHostAhead() {
+  return timeLayer(layerStep, {
+    before: () => {
+      sync();
+      for (let i = 0; i < HEAD_START_COPIES; i++) copyDst.copy_(copySrc);
+    },
+  });
+}
+
 // ------------------------------------------------------------------------------------- rounds
 /** One round of ours: the layer's passes, AdamW, the phases, the roofs' own measurements. */
 function oursRound() {
@@ -481,6 +500,7 @@ function oursRound() {
     { setup: () => layer.forward(x) },
   );
   const stepMs = timeLayer(layerStep);
+  const stepHostAheadMs = timeStepHostAhead();
   const adamwMs = timeLayer(() => {
     adamSteps++;
     for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step: adamSteps, weightDecay: 0.1, paramBf16: q.c });
@@ -498,6 +518,7 @@ function oursRound() {
     forwardMs,
     backwardMs,
     stepMs,
+    stepHostAheadMs,
     adamwMs,
     phases,
     copyMs,
@@ -620,6 +641,15 @@ const comparisons = [
 ];
 const stepMs = median(col(ours, 'stepMs'));
 const rows = comparisons.map((c) => c.row);
+{
+  const ahead = col(ours, 'stepHostAheadMs');
+  rows.push({
+    what: 'forward + backward, host ahead',
+    'ours ms': num(median(ahead)),
+    range: fmtRange(range(ahead)),
+    'TFLOP/s': tf(3 * flopsFwd, median(ahead)),
+  });
+}
 rows.push({ what: 'host per step (TS calls)', 'ours ms': num(callsMs), 'of step': num(callsMs / stepMs, 3) });
 rows.push({ what: 'wall: step + synchronize', 'ours ms': num(wallStepMs) });
 
@@ -721,6 +751,21 @@ phaseRows.push({
   '%roof': pct(roofAll, stepMs),
   'gap ms': num(stepMs - sumAll, 4),
 });
+// The same step with the host ahead (timeStepHostAhead): its gap is the GPU's own idle time.
+const stepHostAheadMs = median(col(ours, 'stepHostAheadMs'));
+sums.stepHostAhead = {
+  phasesMs: num(sumAll, 4),
+  roofMs: num(roofAll, 4),
+  measuredMs: num(stepHostAheadMs, 4),
+  gapMs: num(stepHostAheadMs - sumAll, 4),
+};
+phaseRows.push({
+  phase: 'step: measured, host ahead',
+  ms: num(stepHostAheadMs, 4),
+  'roof ms': num(roofAll, 4),
+  '%roof': pct(roofAll, stepHostAheadMs),
+  'gap ms': num(stepHostAheadMs - sumAll, 4),
+});
 
 // The check (once, before timing).
 const err = check?.rel_err ?? {};
@@ -775,7 +820,7 @@ writeResult(
       phaseInner,
     },
     check: checkResult,
-    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${HEAD_START_COPIES} copies of ${copyBytes / 2 ** 20} MiB, so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",
