@@ -21,9 +21,10 @@
 //   forward  = MoELayer.forward (router GEMM, routing, capacity, permute, experts, combine)
 //   backward = MoELayer.backward (a fresh forward before each, untimed)
 //   step     = forward + backward in one region
-//   step, host ahead = the same queued behind four 1 GiB copies (~2 ms on an H200): the host has issued
-//              the step before the GPU starts it, as in a training loop whose host outruns its GPU;
-//              against `step`, what the GPU spent waiting for the host (ours only)
+//   step, host ahead = the same queued behind 1 GiB copies that outlast the host's time to issue it
+//              (measured before the rounds): the host has issued the step before the GPU starts it, as
+//              in a training loop whose host outruns its GPU; against `step`, what the GPU spent
+//              waiting for the host (ours only)
 //   adamw    = three fused AdamW steps on the fp32 masters, refreshing the bf16 compute copies
 // Breakdown: the layer's exported ops called one by one in the layer's order (layer.ts, experts.ts,
 // the dispatcher's one-rank path) on the step's own tensors, outputs preallocated; each phase timed
@@ -32,7 +33,7 @@
 // the gap is the host and launch overhead between kernels.
 // Timeline: one step traced (lib/trace.ts), the GPU idle at its start: per mark of the layer and its
 // dispatcher, when the host and the GPU reached it; where the GPU's lag behind the host is near 0,
-// the GPU had run out of work (the fine shape's forward waits on the host: benchmarks/README.md).
+// the GPU had run out of work (whether the fine shape's forward waits on the host: benchmarks/README.md).
 // Check: outputs and gradients against the torch layer (once, before timing), relative error in norm
 // within TOLERANCE (bf16); the script exits 1 when a check fails or the peer did not run on a GPU
 // (after writing the result). --dry-run: tiny shapes on the CPU (wall clock), to check the script and
@@ -468,16 +469,25 @@ function timePhase(fn) {
 
 /**
  * The step's GPU time with the host ahead, as in a training loop whose host outruns its GPU: the step
- * queued behind HEAD_START_COPIES 1 GiB copies (~0.5 ms each on an H200), so that the host has issued
- * all of it, or most, before the start event fires. Against the step timed from an idle GPU (the
- * 'forward + backward' row), the difference is the time the GPU spent waiting for the host.
+ * queued behind enough 1 GiB copies (~0.5 ms each on an H200) to outlast the host's time to issue it
+ * (measured once here, before the rounds, plus one copy), so that the start event fires after the
+ * host has issued the whole step. Against the step timed from an idle GPU (the 'forward + backward'
+ * row), the difference is the time the GPU spent waiting for the host.
  */
-const HEAD_START_COPIES = 4;
+const headStart = (() => {
+  if (!onGpu) return { copies: 1, hostMs: null, copyMs: null }; // the CPU runs the copies before the step anyway
+  const hostMs = wallRegion(layerStep, { endSync: false });
+  const copyMs = timeRegion(() => copyDst.copy_(copySrc), { device: dev, warmup: 2, repeats: 5, before: sync });
+  return { copies: Math.min(64, Math.ceil(hostMs / copyMs) + 1), hostMs, copyMs };
+})();
+log(
+  `host ahead: ${headStart.copies} copies before the step (host ${num(headStart.hostMs, 3)} ms a step, a copy ${num(headStart.copyMs, 3)} ms)`,
+);
 function timeStepHostAhead() {
   return timeLayer(layerStep, {
     before: () => {
       sync();
-      for (let i = 0; i < HEAD_START_COPIES; i++) copyDst.copy_(copySrc);
+      for (let i = 0; i < headStart.copies; i++) copyDst.copy_(copySrc);
     },
   });
 }
@@ -581,6 +591,7 @@ const wallStepMs = wallRegion(layerStep, { endSync: true });
 // (A mark's event costs the host a few µs.) The second of two traced steps is kept.
 function tracedStep() {
   sync();
+  const wasEnabled = trace.enabled;
   trace.enable();
   try {
     const cleanup = layerStep();
@@ -593,7 +604,7 @@ function tracedStep() {
     cleanup();
     return rows;
   } finally {
-    trace.disable();
+    if (!wasEnabled) trace.disable();
   }
 }
 tracedStep();
@@ -820,7 +831,7 @@ writeResult(
       phaseInner,
     },
     check: checkResult,
-    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${HEAD_START_COPIES} copies of ${copyBytes / 2 ** 20} MiB, so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",

@@ -44,8 +44,8 @@ const cases: { name: string; E: number; K: number; N: number; counts: number[] }
   // Less than one k tile and one staged slice of columns.
   { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 33] },
   // Groups whose last m-tile holds 1, 63, 64, 65, 127 or 128 rows (the Hopper kernel's second
-  // consumer has rows of its own from 65 on), and whose last k-tile for dW holds 1, 63, 64 or 65
-  // rows (1 or 4 k16 steps run: groupedGemm.trimTails).
+  // consumer has rows of its own from 65 on), and whose last k-tile for dW holds 1, 63 or 64 rows
+  // (1 or 4 k16 steps run: groupedGemm.trimTails).
   { name: 'last tiles of 1, 63, 64, 65, 127, 128 rows', E: 8, K: 256, N: 512, counts: [129, 63, 64, 65, 127, 128, 0, 192] },
   // More work items than SMs: each persistent block walks several tiles through its ring.
   { name: 'M=6000 over 4 groups, N=1024: several tiles per block', E: 4, K: 256, N: 1024, counts: raggedCounts(4, 6000) },
@@ -273,10 +273,10 @@ const dwEdgeCases: { name: string; E: number; K: number; N: number; counts: numb
   },
   { name: 'K=200, N=328: partial m and n tiles', E: 5, K: 200, N: 328, counts: [70, 0, 129, 33, 300] },
   { name: 'K=24, N=40: under one tile', E: 3, K: 24, N: 40, counts: [10, 0, 133] },
-  // 53 groups × 1 × 5 tiles = 265 = 2·132 + 1: block 0 takes three tiles, the rest two.
   // A group's last k-tile holding 16, 17, 32, 33, 48 or 47 rows: trimmed (groupedGemm.trimTails), it
   // runs 1-3 of its 4 k16 steps, zeroing the rows past the group's end only up to the next 16.
   { name: 'groups ending on and beside the k16 steps', E: 8, K: 128, N: 256, counts: [16, 17, 32, 33, 48, 80, 111, 112] },
+  // 53 groups × 1 × 5 tiles = 265 = 2·132 + 1: block 0 takes three tiles, the rest two.
   { name: '265 tiles: an odd number per block', E: 53, K: 128, N: 640, counts: Array.from({ length: 53 }, (_, e) => 20 + ((e * 37) % 50)) },
   // 8 × 4 × 8 = 256 tiles of ~700 rows: two per block and many k-steps; the ring wraps many times.
   { name: 'long groups: ~11 k-steps per tile', E: 8, K: 512, N: 1024, counts: [700, 650, 0, 701, 64, 1000, 333, 999] },
@@ -300,6 +300,9 @@ describe.skipIf(!hasGpu)('the Hopper kernel on the edges of dW (TN, fp32 results
     tidy(() => {
       const a = Tensor.rand([M, K], { seed, low: -1, high: 1, device: cpu }).cast('bf16');
       const dC = Tensor.rand([M, N], { seed: seed + 1, low: -1, high: 1, device: cpu }).cast('bf16');
+      // NaN in the rows outside every group, which the last group's k-tile loads: the kernel must
+      // zero them in both operands (or not read them), or NaN reaches the last expert's dW.
+      for (const t of [a, dC]) t.narrow(0, M - 3, 3).fill_(NaN);
       const ga = a.to(gpu),
         gdC = dC.to(gpu);
       const [off, goff] = offsets(counts);
@@ -415,8 +418,10 @@ function bitsDiffer(x: Float32Array, y: Float32Array): number {
 }
 
 // groupedGemm.trimTails skips only products of zeroed rows (a dW's k16 steps past the group's end):
-// dW gives the same bits on and off, and the CPU's values; the other products (which the switch
-// leaves alone) the same bits too. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64.
+// dW gives the same bits on and off (an exactly zero sum aside, whose sign the skipped +0 terms could
+// change: random inputs never give one), and the CPU's values; the other products (which the switch
+// leaves alone) the same bits too. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64;
+// NaN in the rows outside every group, which the last group's k-tiles load and must zero or skip.
 describe.skipIf(!hasGpu)('trimmed tails (groupedGemm.trimTails): the same bits as every k-tile computed whole', () => {
   beforeEach(() => setKernelOptions(kernelOptionDefaults));
   afterEach(() => resetKernelOptions());
@@ -434,6 +439,7 @@ describe.skipIf(!hasGpu)('trimmed tails (groupedGemm.trimTails): the same bits a
         w13 = rand([E, K, 2 * F], 1),
         w2 = rand([E, F, K], 2),
         dC = rand([M, 2 * F], 3);
+      for (const t of [a, dC]) t.narrow(0, M - 3, 3).fill_(NaN);
       const [, off] = offsets(counts);
       /** Every product once with the switch as given; the outputs' floats. */
       const run = (trimTails: boolean): Record<string, Float32Array> => {
