@@ -3,7 +3,7 @@
 // and torch in blocks A B A B …, so that clock drift (the H200's clock follows its power draw; one
 // pass can be 10% off) moves both sides of each ratio alike.
 //   node benchmarks/grouped-gemm.bench.mjs [--rounds N] [--calls N] [--quick] [--variants[=LIST]]
-//        [--shapes=0,3] [--products=NN,NT,TN,TN32,SWIGLU,DH,DSWIGLU] [--inner N] [--no-peer] [--no-smi]
+//        [--shapes=0,3] [--products=NN,NT,TN,TN32,SWIGLU,DH,DSWIGLU] [--inner N | --region-ms MS] [--no-peer] [--no-smi]
 //        [--dry-run]
 //        [--timeout-s S] [--out DIR]
 // Products, per shape of grouped-gemm-shapes.mjs (M rows in groups by counts; a [M,K], b [E,K,N],
@@ -22,7 +22,8 @@
 // (and of each --variants kernel, and for the DRAM-bound shapes a device copy), in the order
 // A B … in even rounds and … B A in odd ones. A block is the median over `calls` timed regions
 // (default 20, 10 with --quick) after 2 untimed ones, CUDA events around each region, the device
-// idle at its start (--inner N: N back-to-back calls per region, time per call). The peer is one
+// idle at its start (--inner N: N back-to-back calls per region, time per call; --region-ms MS: per
+// product as many as take ~MS ms, for kernels compared at the power limit). The peer is one
 // Python process kept alive for the whole run (harness.mjs PeerSession,
 // peers/grouped_gemm_torch.py) that holds the same inputs: ours makes them on the device (Philox,
 // seeded), writes each once (writeInputs to /dev/shm, or the temporary folder when /dev/shm has no
@@ -120,6 +121,15 @@ const positiveInt = (name, fallback) => {
 const rounds = positiveInt('--rounds', 5);
 const calls = positiveInt('--calls', dryRun ? 3 : quick ? 10 : 20);
 const inner = positiveInt('--inner', 1);
+// --region-ms MS: per product, as many back-to-back calls a region as take about MS ms (from one
+// call's time, measured before its rounds), for ours, torch and the variants alike: regions long
+// enough for the power controller to settle, so an A/B compares the kernels at the power limit
+// (issue 20: short blocks swung 0.76-1.19 where soaked ones agreed within 2%).
+const regionMsFlag = flag('--region-ms', null);
+const regionMs = regionMsFlag === null ? null : Number(regionMsFlag);
+if (regionMs !== null && !(regionMs > 0)) throw new Error(`--region-ms must be a positive number; received ${regionMsFlag}`);
+if (regionMs !== null && flag('--inner', null) !== null)
+  throw new Error('--region-ms sets the calls per region itself: give it or --inner, not both');
 const warmup = dryRun ? 1 : 2;
 const PLAIN = ['NN', 'NT', 'TN', 'TN32'];
 const FUSED = ['SWIGLU', 'DH', 'DSWIGLU']; // on the shapes marked `fused` only
@@ -172,7 +182,7 @@ const sync = () => {
 };
 const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${num(hi, d)}` : null);
 log(
-  `${chosen.length} shape(s), products ${products.join(' ')}, ${rounds} round(s) of ${calls} calls a block (inner ${inner}), ` +
+  `${chosen.length} shape(s), products ${products.join(' ')}, ${rounds} round(s) of ${calls} calls a block (${regionMs === null ? `inner ${inner}` : `regions of ~${regionMs} ms`}), ` +
     `variants ${variants.length ? variants.join(' ') : 'off'}, device ${dev}`,
 );
 
@@ -450,6 +460,9 @@ for (const [pos, i] of chosen.entries()) {
   for (const p of shapeProducts) {
     const torchHas = peer && peerCheck && !(peerCheck.errors ?? {})[p];
     const entries = ['ours', ...(torchHas ? ['torch'] : []), ...variantsFor(p), ...(s.dram ? ['copy'] : [])];
+    // Calls per region: --inner, or with --region-ms from one call's time (ours, default kernels).
+    const innerP =
+      regionMs === null ? inner : Math.max(1, Math.ceil(regionMs / timeRegion(run[p], { device: dev, warmup: 1, repeats: 3 })));
     const perRound = [];
     for (let r = 0; r < rounds; r++) {
       const order = r % 2 ? [...entries].reverse() : entries;
@@ -457,18 +470,18 @@ for (const [pos, i] of chosen.entries()) {
       for (const what of order) {
         const t0 = Date.now();
         let ms = null;
-        if (what === 'ours') ms = timeRegion(run[p], { device: dev, warmup, repeats: calls, inner });
+        if (what === 'ours') ms = timeRegion(run[p], { device: dev, warmup, repeats: calls, inner: innerP });
         else if (what === 'copy') ms = timeRegion(() => copyDst.copy_(copySrc), { device: dev, warmup, repeats: calls });
         else if (what === 'torch') {
           if (!peer) continue;
           try {
-            const ans = await peer.request({ cmd: 'time', product: p, warmup, calls, inner }, 60_000);
+            const ans = await peer.request({ cmd: 'time', product: p, warmup, calls, inner: innerP }, 60_000);
             if (ans.error) rec.torchError = ans.error;
             else ms = ans.ms;
           } catch (e) {
             await dropPeer(`shape ${i} ${p} round ${r + 1}: ${String(e.message ?? e)}`);
           }
-        } else ms = withKernels(KERNELS[what], () => timeRegion(run[p], { device: dev, warmup, repeats: calls, inner }));
+        } else ms = withKernels(KERNELS[what], () => timeRegion(run[p], { device: dev, warmup, repeats: calls, inner: innerP }));
         rec.ms[what] = ms;
         blocks.push({ rec, what, t0, t1: Date.now() });
       }
@@ -483,6 +496,7 @@ for (const [pos, i] of chosen.entries()) {
       flops: flopsOf(p),
       bytes: productBytes(s, p),
       perRound,
+      inner: innerP,
       torchVariant: p === 'TN32' ? (peerCheck?.tn32 ?? null) : null,
     });
   }
@@ -551,6 +565,7 @@ for (const x of results) {
     E: x.s.counts.length,
     flops: x.flops,
     bytes: x.bytes,
+    callsPerRegion: x.inner,
     ours: { msMedian: num(median(ours), 4), msRange: range(ours).map((v) => num(v, 4)), tflops: num(tf(x.flops, median(ours)), 1) },
     torch: {
       msMedian: num(median(torch), 4),
@@ -628,9 +643,9 @@ writeResult(
   area,
   tableRows,
   {
-    config: { shapes: chosen, products, rounds, calls, warmup, inner, variants, device: dev, dryRun },
+    config: { shapes: chosen, products, rounds, calls, warmup, inner, regionMs, variants, device: dev, dryRun },
     flops: '2·M·K·N per product (DH, DSWIGLU: 2·M·K·N/2, the product dh = a·w2_eᵀ); M rows in total split into groups by counts',
-    timing: `${rounds} round(s) per product; a round times one block of ours (the default kernel choice) and one of torch (and of each variant; a device copy on the DRAM-bound shapes), in the order given by 'order' (reversed every other round); a block = median of ${calls} regions after ${warmup} untimed, ${inner} call(s) per region, CUDA events, the device idle at the start of each region. 'ours ms', 'torch ms': median of the round medians (an even count: the mean of the middle two), ranges over rounds; TFLOP/s from the medians; torch/ours = per round the ratio of the two blocks, its median and min–max (≥ 1: ours faster)`,
+    timing: `${rounds} round(s) per product; a round times one block of ours (the default kernel choice) and one of torch (and of each variant; a device copy on the DRAM-bound shapes), in the order given by 'order' (reversed every other round); a block = median of ${calls} regions after ${warmup} untimed, ${regionMs === null ? `${inner} call(s) per region` : `per product as many calls a region as take ~${regionMs} ms (callsPerRegion)`}, CUDA events, the device idle at the start of each region. 'ours ms', 'torch ms': median of the round medians (an even count: the mean of the middle two), ranges over rounds; TFLOP/s from the medians; torch/ours = per round the ratio of the two blocks, its median and min–max (≥ 1: ours faster)`,
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
