@@ -3,6 +3,8 @@
 // `dram`: the shapes where the DRAM roof binds (issue #20): the [E, K, N] weights (or dW) of E=256
 // are 7.5 GB, so every product's bytes at the copy bandwidth (~4.2 TB/s, ~1.8 ms) take longer than
 // its FLOPs at the tensor roof (~750 TFLOP/s: 1.3 ms for E=256, 0.04 ms for decode).
+import { mulberry32 } from './mulberry32.mjs';
+
 function balanced(E, M) {
   return Array.from({ length: E }, (_, e) => Math.floor(((e + 1) * M) / E) - Math.floor((e * M) / E));
 }
@@ -19,14 +21,7 @@ function zipf(E, M) {
 // mulberry32, so every run has the same counts): ragged, every group's last m-tile (and, for dW,
 // last k-tile) partly filled, as in a real step; the balanced shapes' groups end on whole tiles.
 function routed(E, M, seed) {
-  let a = seed >>> 0;
-  const next = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const next = mulberry32(seed);
   const counts = new Array(E).fill(0);
   for (let i = 0; i < M; i++) counts[Math.floor(next() * E)]++;
   return counts;

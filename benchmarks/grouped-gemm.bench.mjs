@@ -496,7 +496,7 @@ for (const [pos, i] of chosen.entries()) {
       flops: flopsOf(p),
       bytes: productBytes(s, p),
       perRound,
-      inner: innerP,
+      callsPerRegion: innerP,
       torchVariant: p === 'TN32' ? (peerCheck?.tn32 ?? null) : null,
     });
   }
@@ -565,7 +565,7 @@ for (const x of results) {
     E: x.s.counts.length,
     flops: x.flops,
     bytes: x.bytes,
-    callsPerRegion: x.inner,
+    callsPerRegion: x.callsPerRegion,
     ours: { msMedian: num(median(ours), 4), msRange: range(ours).map((v) => num(v, 4)), tflops: num(tf(x.flops, median(ours)), 1) },
     torch: {
       msMedian: num(median(torch), 4),

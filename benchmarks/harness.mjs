@@ -18,6 +18,7 @@ import { join } from 'node:path';
 
 import { dtypeSize, Event, getDefaultDevice, info, init, kernelOptions, launchEnv, synchronize } from '../dist/lib/index.js';
 import { gpuPowerSummary, startGpuSampler } from './gpu-power.mjs';
+import { mulberry32 } from './mulberry32.mjs';
 
 export const args = process.argv.slice(2);
 export const quick = args.includes('--quick');
@@ -367,14 +368,7 @@ export function printTable(title, rows) {
  * weights, from a seeded mulberry32 stream: the same routing on every run and every rank.
  */
 export function randomRouting(T, k, E, seed) {
-  let a = seed >>> 0;
-  const r = () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const r = mulberry32(seed);
   const idx = new Int32Array(T * k);
   const w = new Float32Array(T * k);
   const pool = Int32Array.from({ length: E }, (_, i) => i);
