@@ -61,11 +61,18 @@ const INT_RANGE: Partial<Record<DType, [number, number]>> = { i32: [-(2 ** 31), 
  */
 const scopes: Set<Tensor>[] = [];
 
-/** @internal The tensors in `value` (a tensor, or inside arrays and plain objects), as tidy() finds them. */
+/**
+ * @internal The tensors in `value` (a tensor, or inside arrays and plain objects), as tidy() finds them.
+ * Only data properties are followed: a getter is never called, since one may do work (the one-rank
+ * dispatch handle's row counts read the offsets back to the host, a whole-device wait).
+ */
 export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth = 0): Set<Tensor> {
   if (value instanceof Tensor) found.add(value);
-  else if (depth < 10 && value !== null && typeof value === 'object') {
-    for (const v of Array.isArray(value) ? value : Object.values(value)) tensorsIn(v, found, depth + 1);
+  else if (Array.isArray(value)) {
+    if (depth < 10) for (const v of value) tensorsIn(v, found, depth + 1);
+  } else if (depth < 10 && value !== null && typeof value === 'object') {
+    for (const d of Object.values(Object.getOwnPropertyDescriptors(value)))
+      if (d.enumerable && 'value' in d) tensorsIn(d.value, found, depth + 1);
   }
   return found;
 }

@@ -184,4 +184,23 @@ describe('lifetime', () => {
     ).toThrow('boom');
     expect(memoryStats(cpu).liveBytes).toBe(base);
   });
+
+  it('tidy never calls a getter of what it returns (a getter may read the device: a host wait)', () => {
+    let calls = 0;
+    const out = tidy(() => {
+      const t = Tensor.zeros([4], { device: cpu });
+      const lazy = Tensor.zeros([4], { device: cpu }); // reachable through the getter alone: released
+      return {
+        t,
+        nested: [{ t }],
+        get counts(): number {
+          calls++;
+          return lazy.numel;
+        },
+      };
+    });
+    expect(calls).toBe(0);
+    expect(out.t.disposed).toBe(false);
+    out.t.dispose();
+  });
 });

@@ -1,6 +1,6 @@
 // MoELayer on one rank in f32 on the CPU: forward against a float64 oracle written here, backward
 // against finite differences; config validation.
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 
 import { DisposedError, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
 import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
@@ -232,6 +232,29 @@ describe('MoELayer on one rank', () => {
       }
       // Past 16 shapes the caches evict: 20 more token counts leave as many tensors alive.
       expect(live(), JSON.stringify(extra)).toBe(after20);
+    }
+  });
+
+  it("a forward and backward never read the dispatch handle's row counts (a wait for the device on a GPU)", () => {
+    // The one-rank dispatch handle reads its row counts lazily, through getters that nothing in the
+    // step may touch: on a GPU the read waits for every queued kernel, so the host could not issue
+    // the backward while the forward runs (tidy() once did, at each forward's end). The CPU path
+    // reads elsewhere on purpose (the router's NaN check, the permute's counts); GPU test 14 checks
+    // that the GPU step reads nothing at all.
+    using layer = new MoELayer({ ...base, seed: freshSeed() });
+    using x = Tensor.randn([7, 8], { seed: freshSeed(), device: cpu });
+    using dy = Tensor.randn([7, 8], { seed: freshSeed(), device: cpu });
+    const reads = vi.spyOn(Tensor.prototype, 'toArray');
+    try {
+      tidy(() => {
+        const f = layer.forward(x);
+        const offsets = f.saved.handle.localOffsets;
+        const g = layer.backward(f, dy);
+        for (const t of Object.values(g)) t?.dispose();
+        expect(reads.mock.contexts).not.toContain(offsets);
+      });
+    } finally {
+      reads.mockRestore();
     }
   });
 

@@ -1,7 +1,7 @@
 // MoELayer on the GPU (bf16) against the same layer on the CPU (f32 compute, same global weights):
 // forward output and gradients within bf16 tolerance, dropless and capacity modes, bf16 and fp8
 // dispatch (both layers quantising the same rows).
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 
 import { memoryStats, Tensor, tidy } from '../../lib/index.js';
 import { MoELayer, type MoELayerConfig } from '../../lib/moe/layer.js';
@@ -60,5 +60,26 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
       });
     }
     expect(memoryStats(gpu).liveBytes).toBe(before);
+  });
+
+  it.each([
+    ['dropless', {}],
+    ['dropless, communication on its own stream', { commStream: true }],
+  ] as const)('%s: a forward and backward read nothing back to the host', (_n, extra) => {
+    // A read waits for every queued kernel: one inside the step would keep the host from issuing
+    // the backward while the forward runs (tidy() once read the dispatch handle's lazy row counts).
+    using layer = new MoELayer({ hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed: freshSeed(), device: gpu, dtype: 'bf16', ...extra });
+    using x = Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+    using dy = Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+    const reads = vi.spyOn(Tensor.prototype, 'toArray');
+    try {
+      tidy(() => {
+        const g = layer.backward(layer.forward(x), dy);
+        for (const t of Object.values(g)) t?.dispose();
+      });
+      expect(reads).not.toHaveBeenCalled();
+    } finally {
+      reads.mockRestore();
+    }
   });
 });
