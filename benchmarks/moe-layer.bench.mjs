@@ -25,6 +25,9 @@
 //              (measured before the rounds): the host has issued the step before the GPU starts it, as
 //              in a training loop whose host outruns its GPU; against `step`, what the GPU spent
 //              waiting for the host (ours only)
+//   step, N back to back = N steps queued in one region (main 12, fine 64: ~200 ms), over N: a
+//              training loop's steady state, the GEMMs at the clock their sustained power allows;
+//              torch the same (the figure issue 20's step goal is read against)
 //   adamw    = three fused AdamW steps on the fp32 masters, refreshing the bf16 compute copies
 // Breakdown: the layer's exported ops called one by one in the layer's order (layer.ts, experts.ts,
 // the dispatcher's one-rank path) on the step's own tensors, outputs preallocated; each phase timed
@@ -50,8 +53,13 @@ import { fileURLToPath } from 'node:url';
 
 // ------------------------------------------------------------------------------------- shapes
 const SHAPES = {
-  main: { area: 'moe-layer', full: { T: 4096, H: 7168, F: 2048, E: 32, k: 8 }, dry: { T: 64, H: 128, F: 64, E: 32, k: 8 } },
-  fine: { area: 'moe-layer-fine', full: { T: 4096, H: 2048, F: 768, E: 128, k: 8 }, dry: { T: 64, H: 64, F: 48, E: 128, k: 8 } },
+  main: { area: 'moe-layer', streak: 12, full: { T: 4096, H: 7168, F: 2048, E: 32, k: 8 }, dry: { T: 64, H: 128, F: 64, E: 32, k: 8 } },
+  fine: {
+    area: 'moe-layer-fine',
+    streak: 64,
+    full: { T: 4096, H: 2048, F: 768, E: 128, k: 8 },
+    dry: { T: 64, H: 64, F: 48, E: 128, k: 8 },
+  },
 };
 const argv = process.argv.slice(2);
 const shapeAt = argv.indexOf('--shape');
@@ -117,6 +125,10 @@ if (peakOverride !== null && !(peakOverride > 0)) throw new Error(`--peak-tflops
 const warmup = dryRun ? 1 : 3;
 const repeats = dryRun ? 3 : quick ? 5 : 10; // per round
 const phaseRepeats = dryRun ? 2 : quick ? 5 : 8; // per phase per round
+// Steps back to back (a training loop's steady state): `streak` steps queued in one region, ~200 ms
+// of GPU work on the H200, long enough for the power controller to act on them; the same for torch.
+const streak = dryRun ? 2 : shape.streak;
+const streakRepeats = dryRun ? 2 : 3; // per round, after one warm-up streak
 const phaseInner = dryRun ? 1 : 3; // back-to-back calls per timed phase region
 /** Relative error in norm allowed between ours and torch (bf16 products; see the notes). */
 const TOLERANCE = 2e-2;
@@ -492,6 +504,24 @@ function timeStepHostAhead() {
   });
 }
 
+/**
+ * A step's GPU time in a training loop's steady state: `streak` steps queued back to back in one
+ * region (each step's gradients and saved tensors released as soon as it is queued: the allocator
+ * reuses them in stream order), the region's time over `streak`. Only the first step starts from an
+ * idle GPU; the host, issuing a step in well under a step's GPU time, stays ahead after it. The
+ * GEMMs run at the clock their sustained power allows, as in training (kernels-notes.md, the power
+ * limit): the figure issue 20's step goal is read against.
+ */
+function timeStreak() {
+  const ms = timeRegion(
+    () => {
+      for (let i = 0; i < streak; i++) layerStep()();
+    },
+    { device: dev, warmup: 1, repeats: streakRepeats, before: sync },
+  );
+  return ms / streak;
+}
+
 // ------------------------------------------------------------------------------------- rounds
 /** One round of ours: the layer's passes, AdamW, the phases, the roofs' own measurements. */
 function oursRound() {
@@ -511,6 +541,7 @@ function oursRound() {
   );
   const stepMs = timeLayer(layerStep);
   const stepHostAheadMs = timeStepHostAhead();
+  const streakMs = timeStreak();
   const adamwMs = timeLayer(() => {
     adamSteps++;
     for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step: adamSteps, weightDecay: 0.1, paramBf16: q.c });
@@ -529,6 +560,7 @@ function oursRound() {
     backwardMs,
     stepMs,
     stepHostAheadMs,
+    streakMs,
     adamwMs,
     phases,
     copyMs,
@@ -556,7 +588,10 @@ for (let round = 0; round < rounds; round++) {
   let theirs = null;
   if (peer) {
     try {
-      theirs = await peer.request({ cmd: 'round', warmup, repeats, peak_n: dryRun ? 256 : 8192 }, 60_000); // ~2 s for main
+      theirs = await peer.request(
+        { cmd: 'round', warmup, repeats, streak, streak_repeats: streakRepeats, peak_n: dryRun ? 256 : 8192 },
+        60_000,
+      ); // ~4 s for main
       if (theirs.error) log(`round ${round + 1}: torch peer error: ${theirs.error}`);
     } catch (e) {
       theirs = { error: String(e.message ?? e) };
@@ -648,6 +683,7 @@ const comparisons = [
   compare('forward', 'forwardMs', 'forward_ms', flopsFwd),
   compare('backward', 'backwardMs', 'backward_ms', 2 * flopsFwd),
   compare('forward + backward', 'stepMs', 'step_ms', 3 * flopsFwd),
+  compare(`forward + backward, ${streak} back to back`, 'streakMs', 'streak_ms', 3 * flopsFwd),
   compare('AdamW (fp32 → bf16)', 'adamwMs', 'adamw_ms', 0),
 ];
 const stepMs = median(col(ours, 'stepMs'));
@@ -774,6 +810,16 @@ phaseRows.push({
   '%roof': pct(roofAll, stepHostAheadMs),
   'gap ms': num(stepHostAheadMs - sumAll, 4),
 });
+// Steps back to back (timeStreak): the training loop's steady state, at the sustained clock.
+const streakMs = median(col(ours, 'streakMs'));
+sums.streak = { phasesMs: num(sumAll, 4), roofMs: num(roofAll, 4), measuredMs: num(streakMs, 4), gapMs: num(streakMs - sumAll, 4) };
+phaseRows.push({
+  phase: `step: measured, ${streak} back to back`,
+  ms: num(streakMs, 4),
+  'roof ms': num(roofAll, 4),
+  '%roof': pct(roofAll, streakMs),
+  'gap ms': num(streakMs - sumAll, 4),
+});
 
 // The check (once, before timing).
 const err = check?.rel_err ?? {};
@@ -828,7 +874,7 @@ writeResult(
       phaseInner,
     },
     check: checkResult,
-    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",

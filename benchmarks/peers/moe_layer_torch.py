@@ -208,14 +208,23 @@ def main():
 
     peak = {}
 
+    def steps(ex, n):
+        # n steps back to back (a training loop's steady state), each step's gradients dropped
+        # as it is queued: what ours does with its streak
+        for _ in range(n):
+            routed_layer(x, wr, k, ex)[0].backward(dy)
+            zero_grads()
+
     def round_(cmd):
         warmup, repeats = int(cmd.get("warmup", 3)), int(cmd.get("repeats", 10))
+        streak, streak_repeats = int(cmd.get("streak", 8)), int(cmd.get("streak_repeats", 3))
         result = {"warmup": warmup, "repeats": repeats}
         dy_ = dy
         for tag, ex in (("", experts), ("fused_", experts_fused)):
             result[tag + "forward_ms"] = timed(lambda _: routed_layer(x, wr, k, ex), warmup, repeats)
             result[tag + "backward_ms"] = timed(lambda y: y.backward(dy_), warmup, repeats, setup=lambda: routed_layer(x, wr, k, ex)[0])
             result[tag + "step_ms"] = timed(lambda _: routed_layer(x, wr, k, ex)[0].backward(dy_), warmup, repeats)
+            result[tag + "streak_ms"] = timed(lambda _: steps(ex, streak), 1, streak_repeats) / streak
         if not adam:
             adam["masters"] = [p.detach().float().clone() for p in model]
             for m in adam["masters"]:
