@@ -488,7 +488,8 @@ for (const [pos, i] of chosen.entries()) {
       perRound.push(rec);
     }
     const line = perRound.map((r) => `${num(r.ms.ours, 3)}${r.ms.torch ? `/${num(r.ms.torch, 3)}` : ''}`).join(' ');
-    log(`  ${PRODUCT_NAMES[p]}: ours${peer ? '/torch' : ''} ms per round ${line}`);
+    const variantLines = variantsFor(p).map((v) => `; ${v} ${perRound.map((r) => num(r.ms[v], 3)).join(' ')}`);
+    log(`  ${PRODUCT_NAMES[p]}: ours${peer ? '/torch' : ''} ms per round ${line}${variantLines.join('')}`);
     results.push({
       shapeIndex: i,
       s,
