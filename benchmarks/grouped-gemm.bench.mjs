@@ -49,9 +49,8 @@
 // noBResident = { bResident: false }: bf16 dW (TN) on hopper.cu's kernel where the default takes the
 // B-resident one (32 to 128 rows per group on average: E=256).
 // untrimmed = { trimTails: false } on dW (TN, TN32): every k-tile's four k16 steps, where the default
-// runs only those holding rows of the group in its last k-tile; on the bf16 forward and dA (NN, NT
-// and the fused products): every m-tile 128×256, where the default computes a group's last m-tile
-// of at most 64 rows as a narrow 64×256 one (both matter where groups end mid-tile: --shapes=routed).
+// runs only those holding rows of the group in its last k-tile (it matters where groups end
+// mid-tile: --shapes=routed).
 // LIST: mmaSync,tensorCores,noDecode,noBResident,untrimmed. (The variants that lost left the addon for the ladder in
 // kernels/grouped_gemm/, each a program that times itself against the shipped kernel: the ping-pong
 // kernel for the fp32 dW, once `pingpong`, is 08; the fused epilogues from registers, once
@@ -353,17 +352,18 @@ for (const [pos, i] of chosen.entries()) {
   }
   const fewRows = s.M <= 8 * E; // where dW takes the few-rows kernel by default
   const bResident = s.M >= 32 * E && s.M <= 128 * E; // where bf16 dW takes the B-resident kernel by default
-  // noDecode changes only the forward (NN), noBResident only the bf16 dW (TN), untrimmed every product.
+  // noDecode changes only the forward (NN), noBResident only the bf16 dW (TN).
   const variantsFor = (p) =>
-    variants.filter(
-      (v) =>
-        v === 'tensorCores'
-          ? (p === 'TN' || p === 'TN32') && fewRows
-          : v === 'noDecode'
-            ? p === 'NN'
-            : v === 'noBResident'
-              ? p === 'TN' && bResident
-              : true, // untrimmed: every product (dW's k16 steps; the bf16 forward and dA's narrow tiles)
+    variants.filter((v) =>
+      v === 'tensorCores'
+        ? (p === 'TN' || p === 'TN32') && fewRows
+        : v === 'noDecode'
+          ? p === 'NN'
+          : v === 'noBResident'
+            ? p === 'TN' && bResident
+            : v === 'untrimmed'
+              ? p === 'TN' || p === 'TN32'
+              : true,
     );
 
   // The check slices: rows of the first and last non-empty groups (NN, NT), the first rows of the
@@ -650,7 +650,7 @@ writeResult(
     dram: `shapes marked dram (E=256, decode): bytes = the inputs read once and the output written once (a M·K, b E·K·N, dC M·N at 2 bytes; outputs M·N, M·K, E·K·N at 2, or 4 for TN32; offsets); roof = bytes / the bandwidth of a ${copyBytes / 2 ** 20} MiB f32 device-to-device Tensor.copy_ (read + write counted) timed in the same rounds; '%roof' = per round roof / measured, median`,
     check: `${checkResult}. Each product once per side before the rounds; our outputs' slices (rows of the first and last non-empty groups, at most ${CHECK_ROWS} each, for NN and NT; the first ${CHECK_ROWS} rows of the first and last experts' [K, N] for TN, TN32) against torch's, relative error in norm over the slices, tolerance ${TOLERANCE}`,
     variants: variants.length
-      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), noDecode = { decode: false } on the forward (NN; the tile kernels where the default takes the split-K decode kernel, native/ops/moe/grouped_gemm/decode.cu), noBResident = { bResident: false } on bf16 dW (TN) where the default takes the B-resident kernel (32 to 128 rows per group on average; hopper_b_resident.cu), untrimmed = { trimTails: false } (dW: every k-tile's four k16 steps on the Hopper kernel, where the default runs only those holding rows of the group; bf16 forward and dA: every m-tile 128x256, where the default computes a group's last m-tile of at most 64 rows as a narrow 64x256 one); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
+      ? `timed in the same rounds as further blocks: mmaSync = setKernelOptions({ groupedGemm: { hopper: false } }) (the mma.sync kernel; dW at <= 8 rows per group takes the few-rows kernel under either switch), tensorCores = { fewRows: false } on dW where the few-rows kernel is the default (<= 8 rows per group on average), noDecode = { decode: false } on the forward (NN; the tile kernels where the default takes the split-K decode kernel, native/ops/moe/grouped_gemm/decode.cu), noBResident = { bResident: false } on bf16 dW (TN) where the default takes the B-resident kernel (32 to 128 rows per group on average; hopper_b_resident.cu), untrimmed = { trimTails: false } on dW (every k-tile's four k16 steps on the Hopper kernel, where the default runs only those holding rows of the group); timeOverDefault per round (> 1: the default faster); variantsVsDefault in checks: relative error in norm (RMS over the slices) of a variant's results against the default's`
       : 'off (--variants to time the addon’s other kernels in the same rounds)',
     clocks: smiState ?? 'not sampled',
     peer: peerNote,

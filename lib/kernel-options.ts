@@ -12,13 +12,10 @@
  *                               DeepSeek-V3's training step) on the Hopper kernel that keeps each
  *                               group's dC slice in shared memory and stores by TMA tensor stores;
  *                               false: the general Hopper kernel (needs hopper on)
- *   groupedGemm.trimTails true  no tensor-core work past a group's end on the Hopper kernel. dW (TN):
- *                               a group's last k-tile runs only the k16 steps that hold its rows
- *                               (the rest would multiply zeroed rows); the layer's dW13 2.7% and dW2
- *                               3.4% faster at the power limit (H200, dc449a0). bf16 forward and dA
- *                               (NN, NT, SwiGLU, dSwiGLU): a group's last m-tile of at most 64 rows
- *                               is computed 64×256, both consumer warpgroups on its rows, each with
- *                               half the columns. The same results; false: every tile whole
+ *   groupedGemm.trimTails true  dW (TN) on the Hopper kernel: a group's last k-tile runs only the
+ *                               k16 steps that hold its rows (the rest would multiply zeroed rows).
+ *                               The same results. The layer's dW13 2.7% and dW2 3.4% faster at the
+ *                               power limit (H200, dc449a0); false: every k-tile's four steps
  *   groupedGemm.fewRows  true   dW with at most 8 rows per group on average (decode) streamed by
  *                               the few-rows kernel; false: the tensor-core kernels
  *   groupedGemm.decode   true   the forward (NN, Store or SwiGLU) with a handful of rows per group

@@ -419,11 +419,8 @@ function bitsDiffer(x: Float32Array, y: Float32Array): number {
 
 // groupedGemm.trimTails skips only products of zeroed rows (a dW's k16 steps past the group's end):
 // dW gives the same bits on and off (an exactly zero sum aside, whose sign the skipped +0 terms could
-// change: random inputs never give one), and the CPU's values. The bf16 forward and dA (NN, NT,
-// SwiGLU, dSwiGLU) compute a group's last m-tile of at most 64 rows narrow (m64n128 wgmmas, the two
-// consumers on the same rows, each with half the columns): the same sums in the same k order, so the
-// same bits as the whole tile's m64n256 (tails of 1, 16, 17, 47, 63 and 64 rows narrow; 65 and more
-// whole). The fp32 forward and dA, which the switch leaves alone, the same bits too. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64;
+// change: random inputs never give one), and the CPU's values; the other products (which the switch
+// leaves alone) the same bits too. Groups with last m-tiles of 1-128 rows and last k-tiles of 1-64;
 // NaN in the rows outside every group, which the last group's k-tiles load and must zero or skip.
 describe.skipIf(!hasGpu)('trimmed tails (groupedGemm.trimTails): the same bits as every k-tile computed whole', () => {
   beforeEach(() => setKernelOptions(kernelOptionDefaults));

@@ -26,11 +26,9 @@
 // consumers zero those rows in shared memory before the wgmma reads them.
 // Trimmed tails (Params::trim_tails, groupedGemm.trimTails): TN's last k-tile of a group runs only
 // the k16 steps that hold rows of the group, zeroing the rows past its end up to the next multiple
-// of 16 (the same sums: what is skipped is products of zeroed rows). NN/NT with the hand-off: a
-// group's last m-tile holding at most 64 rows is a narrow tile, computed 64×256 instead of 128×256:
-// both consumers take its 64 rows, each with half the columns (wgmma m64n128k16), so the two stay in
-// step on the same stages at half the work. (Letting the second consumer skip such a tile while the
-// first computed it whole ran slower under the power limit: the two out of step; grouped-gemm.md, v13.)
+// of 16 (the same sums: what is skipped is products of zeroed rows). NN/NT keep computing whole
+// tiles: letting the second consumer skip a group's last tile when it holds at most 64 rows ran
+// slower under the power limit (benchmarks/grouped-gemm.md, v13).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -138,7 +136,7 @@ struct Params {
   int rows, cols, inner;    // the product out[rows, cols] (per group for TN); inner: NN/NT only
   int n_tiles, tn_m_tiles;  // tiles along cols; TN: tiles along rows (per group)
   bool accumulate;
-  bool trim_tails;  // TN: no wgmma on the k16 steps past a group's end; NN/NT hand-off: narrow tiles (the header)
+  bool trim_tails;  // TN: no wgmma on the k16 steps past a group's end (the header)
 };
 
 // mbarriers, TMA loads, shared-memory descriptors and the wgmma fences: sm90.cuh (shared with the
@@ -288,16 +286,15 @@ __device__ __forceinline__ void store_tile_tma_boxes(const Params& p, const floa
   }
 }
 
-// Handoff, consumer side: this warpgroup's 64×COLS accumulators (from row row0, column col0 of the
-// tile) into the bf16 tile in shared memory as pairs: row 16w + l/4 (+8), columns 8j + 2(l%4).
-// A whole tile: COLS = 256 at (64·consumer, 0); a narrow one: COLS = 128 at (0, 128·consumer).
-template <int COLS> __device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int row0, int col0) {
+// Handoff, consumer side: this warpgroup's 64 rows of the bf16 tile into shared memory as pairs:
+// row 16w + l/4 (+8), columns 8j + 2(l%4).
+__device__ __forceinline__ void handoff_put(const float (&d)[128], uint32_t tile_smem, int consumer) {
   const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-  const int row = row0 + warp * 16 + (lane >> 2);
+  const int row = consumer * 64 + warp * 16 + (lane >> 2);
   constexpr int LD = Layout<StoreVia::Handoff>::TILE_LD_BF16;
-  const uint32_t base = tile_smem + uint32_t((row * LD + col0 + (lane & 3) * 2) * 2);
+  const uint32_t base = tile_smem + uint32_t((row * LD + (lane & 3) * 2) * 2);
 #pragma unroll
-  for (int j = 0; j < COLS / 8; ++j) {
+  for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       __nv_bfloat162 v = __floats2bfloat162_rn(d[j * 4 + h * 2], d[j * 4 + h * 2 + 1]);
@@ -530,20 +527,6 @@ __device__ __forceinline__ void issue_k_steps(float (&d)[128], unsigned char* sa
   }
   wgmma_commit();
 }
-// A narrow tile's stage (NN/NT): the 64 rows at sa against the 128 columns of B at sb (this
-// consumer's half: 16 KiB into the stage's B for both layouts, two of NN's four [64 k][64 n] boxes
-// or 128 of NT's 256 K-major rows), into d[0..63].
-template <bool B_MN_MAJOR>
-__device__ __forceinline__ void issue_k_steps_narrow(float (&d)[128], unsigned char* sa, unsigned char* sb, bool accumulate) {
-  wgmma_fence();
-#pragma unroll
-  for (int kk = 0; kk < BK / 16; ++kk) {
-    const uint64_t da = smem_desc(sa + kk * 32, 16, 1024);
-    const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
-    wgmma_m64n128k16<0, B_MN_MAJOR ? 1 : 0>(d, da, db, accumulate || kk > 0);
-  }
-  wgmma_commit();
-}
 
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
@@ -648,47 +631,40 @@ __global__ void __launch_bounds__(THREADS, 1)
     uint32_t sent = 0;  // TmaBoxes: pieces sent (which box is next)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
-      // A narrow tile (the header): both consumers on its 64 rows, each with half the columns.
-      const bool narrow = !TN && VIA == StoreVia::Handoff && p.trim_tails && tile.row_end - tile.row0 <= 64;
       int prev = -1;
       for (int kt = 0; kt < tile.k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
-        if (narrow) {
-          // Its own fence-to-commit sequence, like each case of the switch below (C7520).
-          issue_k_steps_narrow<B_MN_MAJOR>(d, ring + stage * STAGE_BYTES, sb + consumer * (B_BYTES / 2), kt > 0);
-        } else {
-          int k_steps = BK / 16;  // the k16 steps this k-tile runs
-          if constexpr (TN) {
-            // The group ends inside this k-tile: zero the rows past its end (they hold the next
-            // group's rows) in this consumer's A box and in its half of the B boxes, then make the
-            // plain stores visible to the tensor cores (async proxy) before either consumer reads.
-            // Trimmed: only up to the next multiple of 16, the rows the k16 steps still run read.
-            const int valid = tile.k_end - (tile.k_begin + kt * BK);
-            if (valid < BK) {
-              if (p.trim_tails) k_steps = (valid + 15) / 16;
-              const int zero_end = k_steps * 16, zero_rows = zero_end - valid;
-              if (zero_rows > 0) {
-                const int lane128 = threadIdx.x & 127;
-                for (int i = lane128; i < zero_rows * 8 * 3; i += 128) {
-                  const int box = i / (zero_rows * 8), rest = i % (zero_rows * 8);
-                  unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
-                  *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
-                }
-                asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-                asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
+        int k_steps = BK / 16;  // the k16 steps this k-tile runs
+        if constexpr (TN) {
+          // The group ends inside this k-tile: zero the rows past its end (they hold the next
+          // group's rows) in this consumer's A box and in its half of the B boxes, then make the
+          // plain stores visible to the tensor cores (async proxy) before either consumer reads.
+          // Trimmed: only up to the next multiple of 16, the rows the k16 steps still run read.
+          const int valid = tile.k_end - (tile.k_begin + kt * BK);
+          if (valid < BK) {
+            if (p.trim_tails) k_steps = (valid + 15) / 16;
+            const int zero_end = k_steps * 16, zero_rows = zero_end - valid;
+            if (zero_rows > 0) {
+              const int lane128 = threadIdx.x & 127;
+              for (int i = lane128; i < zero_rows * 8 * 3; i += 128) {
+                const int box = i / (zero_rows * 8), rest = i % (zero_rows * 8);
+                unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
+                *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
               }
+              asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+              asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
             }
           }
-          // Each case a whole fence-to-commit sequence of a count known at compile time: a wgmma behind
-          // a run-time guard inside one makes ptxas serialise every wgmma of the kernel (C7520).
-          switch (k_steps) {
-            case 1: issue_k_steps<1, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
-            case 2: issue_k_steps<2, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
-            case 3: issue_k_steps<3, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
-            default: issue_k_steps<BK / 16, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0);
-          }
+        }
+        // Each case a whole fence-to-commit sequence of a count known at compile time: a wgmma behind
+        // a run-time guard inside one makes ptxas serialise every wgmma of the kernel (C7520).
+        switch (k_steps) {
+          case 1: issue_k_steps<1, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
+          case 2: issue_k_steps<2, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
+          case 3: issue_k_steps<3, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0); break;
+          default: issue_k_steps<BK / 16, A_MN_MAJOR, B_MN_MAJOR>(d, sa, sb, kt > 0);
         }
         // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
         wgmma_wait<1>();
@@ -711,8 +687,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       if constexpr (VIA == StoreVia::Handoff) {
         // The storers have copied out the previous tile (a fresh barrier's first wait passes).
         mbar_wait(&tile_empty, (n & 1) ^ 1);
-        if (narrow) handoff_put<BN / 2>(d, staging_smem, 0, consumer * (BN / 2));
-        else handoff_put<BN>(d, staging_smem, consumer * 64, 0);
+        handoff_put(d, staging_smem, consumer);
         mbar_arrive(&tile_full);
         ++n;
       } else if constexpr (VIA == StoreVia::WarpSlices) {

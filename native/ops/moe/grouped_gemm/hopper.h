@@ -18,8 +18,7 @@ bool grouped_gemm_hopper_fits(const GroupedGemm& g);
 // kernel's. TN: null for every group (its work items are known on the host: E × K-tiles × N-tiles),
 // or the [E+1] device prefix of the groups to compute, 1 each, 0 for a group to leave alone (the
 // large groups beside the B-resident kernel, hopper_b_resident.h).
-// trim_tails: TN runs no wgmma on the k16 steps past a group's end; NN/NT with bf16 results compute a
-// group's last m-tile of at most 64 rows as a narrow 64×256 tile (groupedGemm.trimTails; hopper.cu's header).
+// trim_tails: TN runs no wgmma on the k16 steps past a group's end (groupedGemm.trimTails; hopper.cu's header).
 void grouped_gemm_hopper(const GroupedGemm& g, const int32_t* tile_start, bool trim_tails, void* stream);
 
 }  // namespace moe::ops
