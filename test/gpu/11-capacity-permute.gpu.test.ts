@@ -352,9 +352,11 @@ describe.skipIf(!hasGpu)('capacity and permute on CUDA against the CPU reference
 });
 
 // ------------------------------------------------------------------------------------------------
-// Capacity's two CUDA paths (native/ops/moe/capacity/cuda.cu, small_path): 'position' and dropless
-// with n = T·k ≤ 8192 and E ≤ 512 run as one single-block kernel; 'probs' with a capacity, larger n
-// or larger E run the radix sorts. Each case names the path its shape takes.
+// Capacity's two CUDA paths (native/ops/moe/capacity/cuda.cu, chunked_path): 'position' and
+// dropless with n = T·k ≤ 2^20 and E ≤ 512 run in chunks of 8192 assignments, a block each (one
+// chunk: one kernel; more: a counting pass, then the assigning pass adding the earlier chunks'
+// counts); 'probs' with a capacity, larger n or larger E run the radix sorts. Each case names the
+// path its shape takes ('one chunk', 'chunks' or 'radix').
 
 /** Position policy / dropless as plain loops, with out-of-range ids skipped and counted (the CUDA
  *  contract; the CPU op throws for them instead). Checked against the CPU op where ids are valid. */
@@ -393,33 +395,57 @@ interface CapacityCase {
 }
 
 const capacityCases: CapacityCase[] = [
-  // small path
-  { name: 'small: n = 0, dropless', T: 0, k: 2, E: 8, used: 8, policy: 'position' },
-  { name: 'small: n = 0, position', T: 0, k: 2, E: 8, used: 8, cf: 1, policy: 'position' },
-  { name: 'small: n = 1, dropless', T: 1, k: 1, E: 8, used: 8, policy: 'probs' },
-  { name: 'small: n = 1, C = 0 drops it', T: 1, k: 1, E: 8, used: 8, cf: 1e-12, policy: 'position' },
-  { name: 'small: Mixtral decode T=64 k=2 E=8, dropless', T: 64, k: 2, E: 8, used: 8, policy: 'probs' },
-  { name: 'small: Mixtral decode, position cf=0.5', T: 64, k: 2, E: 8, used: 8, cf: 0.5, policy: 'position' },
-  { name: 'small: DeepSeek-V3 decode T=128 k=8 E=256, dropless', T: 128, k: 8, E: 256, used: 256, policy: 'position' },
-  { name: 'small: DeepSeek-V3 decode, position cf=0.5', T: 128, k: 8, E: 256, used: 200, cf: 0.5, policy: 'position' },
-  { name: 'small: n = 8192 (the limit), E=256, position cf=0.8', T: 1024, k: 8, E: 256, used: 256, cf: 0.8, policy: 'position' },
-  { name: 'small: E = 512 (the limit), n = 8000, dropless', T: 1000, k: 8, E: 512, used: 512, policy: 'position' },
-  { name: 'small: E = 1, n = 999, position cf=0.5', T: 999, k: 1, E: 1, used: 1, cf: 0.5, policy: 'position' },
-  { name: 'small: one expert takes all 8192, dropless', T: 8192, k: 1, E: 4, used: 4, policy: 'position', oneExpert: true },
-  { name: 'small: out-of-range ids, E=8, position cf=1', T: 300, k: 2, E: 8, used: 8, cf: 1, policy: 'position', bad: 7 },
-  { name: 'small: out-of-range ids, E=256, dropless', T: 128, k: 8, E: 256, used: 256, policy: 'position', bad: 30 },
+  // chunked path, one chunk
+  { name: 'one chunk: n = 0, dropless', T: 0, k: 2, E: 8, used: 8, policy: 'position' },
+  { name: 'one chunk: n = 0, position', T: 0, k: 2, E: 8, used: 8, cf: 1, policy: 'position' },
+  { name: 'one chunk: n = 1, dropless', T: 1, k: 1, E: 8, used: 8, policy: 'probs' },
+  { name: 'one chunk: n = 1, C = 0 drops it', T: 1, k: 1, E: 8, used: 8, cf: 1e-12, policy: 'position' },
+  { name: 'one chunk: Mixtral decode T=64 k=2 E=8, dropless', T: 64, k: 2, E: 8, used: 8, policy: 'probs' },
+  { name: 'one chunk: Mixtral decode, position cf=0.5', T: 64, k: 2, E: 8, used: 8, cf: 0.5, policy: 'position' },
+  { name: 'one chunk: DeepSeek-V3 decode T=128 k=8 E=256, dropless', T: 128, k: 8, E: 256, used: 256, policy: 'position' },
+  { name: 'one chunk: DeepSeek-V3 decode, position cf=0.5', T: 128, k: 8, E: 256, used: 200, cf: 0.5, policy: 'position' },
+  { name: 'one chunk: n = 8192 (a whole chunk), E=256, position cf=0.8', T: 1024, k: 8, E: 256, used: 256, cf: 0.8, policy: 'position' },
+  { name: 'one chunk: E = 512 (the limit), n = 8000, dropless', T: 1000, k: 8, E: 512, used: 512, policy: 'position' },
+  { name: 'one chunk: E = 1, n = 999, position cf=0.5', T: 999, k: 1, E: 1, used: 1, cf: 0.5, policy: 'position' },
+  { name: 'one chunk: one expert takes all 8192, dropless', T: 8192, k: 1, E: 4, used: 4, policy: 'position', oneExpert: true },
+  { name: 'one chunk: out-of-range ids, E=8, position cf=1', T: 300, k: 2, E: 8, used: 8, cf: 1, policy: 'position', bad: 7 },
+  { name: 'one chunk: out-of-range ids, E=256, dropless', T: 128, k: 8, E: 256, used: 256, policy: 'position', bad: 30 },
+  // chunked path, several chunks
+  { name: 'chunks: n = 8193 (a second chunk of 1), dropless', T: 8193, k: 1, E: 8, used: 8, policy: 'position' },
+  { name: 'chunks: n = 8193, position cf=0.5', T: 8193, k: 1, E: 8, used: 8, cf: 0.5, policy: 'position' },
+  { name: 'chunks: n = 16384, E=256, position cf=0.9', T: 2048, k: 8, E: 256, used: 256, cf: 0.9, policy: 'position' },
+  { name: "chunks: the main layer's T=4096 k=8 E=32, dropless", T: 4096, k: 8, E: 32, used: 32, policy: 'probs' },
+  { name: "chunks: the fine layer's T=4096 k=8 E=128, dropless", T: 4096, k: 8, E: 128, used: 128, policy: 'probs' },
+  {
+    name: 'chunks: E = 512, n = 40000 (a partial last chunk), position cf=0.7',
+    T: 5000,
+    k: 8,
+    E: 512,
+    used: 512,
+    cf: 0.7,
+    policy: 'position',
+  },
+  {
+    name: 'chunks: one expert takes all 100000 (slots past 65535), dropless',
+    T: 100000,
+    k: 1,
+    E: 4,
+    used: 4,
+    policy: 'position',
+    oneExpert: true,
+  },
+  { name: 'chunks: n = 2^20 (the limit), E=64, position cf=1', T: 131072, k: 8, E: 64, used: 64, cf: 1, policy: 'position' },
+  { name: 'chunks: out-of-range ids, n = 16384, dropless', T: 2048, k: 8, E: 256, used: 256, policy: 'position', bad: 50 },
+  { name: 'chunks: out-of-range ids, n = 20000, position cf=0.6', T: 2500, k: 8, E: 64, used: 64, cf: 0.6, policy: 'position', bad: 40 },
   // radix path
-  { name: 'radix: n = 8193, dropless', T: 8193, k: 1, E: 8, used: 8, policy: 'position' },
-  { name: 'radix: n = 8193, position cf=0.5', T: 8193, k: 1, E: 8, used: 8, cf: 0.5, policy: 'position' },
-  { name: 'radix: n = 16384, E=256, position cf=0.9', T: 2048, k: 8, E: 256, used: 256, cf: 0.9, policy: 'position' },
+  { name: 'radix: n = 2^20 + 8 (past the chunked limit), dropless', T: 131073, k: 8, E: 64, used: 64, policy: 'position' },
   { name: 'radix: E = 513, n = 512, dropless', T: 64, k: 8, E: 513, used: 513, policy: 'position' },
   { name: 'radix: E = 1024, n = 1024, position cf=0.5', T: 128, k: 8, E: 1024, used: 700, cf: 0.5, policy: 'position' },
   { name: "radix: 'probs' with a capacity at n = 128", T: 64, k: 2, E: 8, used: 8, cf: 0.5, policy: 'probs' },
-  { name: 'radix: out-of-range ids, n = 16384, dropless', T: 2048, k: 8, E: 256, used: 256, policy: 'position', bad: 50 },
   { name: 'radix: out-of-range ids, E = 1024, position cf=0.5', T: 128, k: 8, E: 1024, used: 1024, cf: 0.5, policy: 'position', bad: 10 },
 ];
 
-describe.skipIf(!hasGpu)('capacity: the single-block and the radix CUDA paths against the CPU reference', () => {
+describe.skipIf(!hasGpu)('capacity: the chunked and the radix CUDA paths against the CPU reference', () => {
   let baseline = 0;
   beforeEach(() => {
     baseline = memoryStats(gpu).liveBytes;

@@ -1,10 +1,14 @@
-// Capacity on the GPU with no host synchronisation. Two paths, chosen in one place (small_path):
-//   small:  'position' or dropless with n = T·k ≤ kSmallMaxN and E ≤ kSmallMaxExperts: one kernel of
-//           one block, shared-memory counters, no atomics on ranks (see capacity_small).
-//   radix:  everything else ('probs' with a capacity, large n or E): stable CUB radix sorts group the
-//           assignments by expert (keeping (t, j) order inside an expert, or ordering by descending
-//           weight for 'probs'), segment bounds come from comparing neighbours in the sorted keys,
-//           and a slot is a position inside a segment.
+// Capacity on the GPU with no host synchronisation. Two paths, chosen in one place (chunked_path):
+//   chunked: 'position' or dropless with n = T·k ≤ kChunkedMaxN and E ≤ kChunkMaxExperts: chunks of
+//            kChunk assignments, a block each, shared-memory counters, no atomics on ranks (see
+//            capacity_chunks). One chunk (decode): one kernel. More (a training step's T·k): a
+//            counting pass writes each chunk's per-expert counts, and the assigning pass adds the
+//            counts of the chunks before its own. Two launches where the radix sorts took nine
+//            (the layer's T·k = 32768: 32-40 µs of the step).
+//   radix:   everything else ('probs' with a capacity, larger n or E): stable CUB radix sorts group
+//            the assignments by expert (keeping (t, j) order inside an expert, or ordering by
+//            descending weight for 'probs'), segment bounds come from comparing neighbours in the
+//            sorted keys, and a slot is a position inside a segment.
 // Out-of-range expert ids are skipped (slot -1, in neither kept nor dropped) and counted into
 // `invalid` on both paths.
 #include <cub/cub.cuh>
@@ -107,47 +111,58 @@ __global__ void finish_counts(const int32_t* begin, const int32_t* end, int32_t 
   }
 }
 
-// ------------------------------------------------------------------------------ small path
-// One block of kSmallThreads threads. Warp w owns the contiguous assignments [w·seg, (w+1)·seg)
-// (seg a multiple of 32, at most 32·kSmallIters) and walks them 32 at a time in (t, j) order:
-// __match_any_sync groups the lanes holding the same expert, a lane's rank is the warp's running
-// count of its expert plus the number of lower lanes in its group, and the group's lowest lane then
-// adds the group's size to that count (only this warp's row of the table, between __syncwarp()s).
-// After a barrier, each expert's counts are turned into exclusive prefixes over the warps (in warp
-// order), so slot = prefix[w][e] + rank = the number of earlier assignments of e in (t, j) order:
-// exact and deterministic (ranks use no atomics; the two block-wide counts are integer sums).
-constexpr int kSmallThreads = 1024;
-constexpr int kSmallWarps = kSmallThreads / 32;
-constexpr int kSmallIters = 8;  // 32-assignment steps per warp: assignments a lane keeps in registers
-constexpr int64_t kSmallMaxN = int64_t(kSmallWarps) * 32 * kSmallIters;  // 8192
-// Table [kSmallWarps][E] of u16 (counts ≤ seg ≤ 256, prefixes ≤ n ≤ 8192): 64·E bytes of dynamic
-// shared memory, 32 KiB at E = 512, under the 48 KiB a launch gets without opting in.
-constexpr int64_t kSmallMaxExperts = 512;
-static_assert(kSmallMaxN <= 65535, "the small path's u16 table holds prefixes up to n");
-static_assert(kSmallWarps * kSmallMaxExperts * 2 <= 48 * 1024 - 64, "the small path's table fits in 48 KiB");
+// ---------------------------------------------------------------------------- chunked path
+// A block of kChunkThreads threads per chunk of kChunk assignments (the last chunk shorter). Warp w
+// owns the contiguous assignments [w·seg, (w+1)·seg) of its chunk (seg a multiple of 32, at most
+// 32·kChunkIters) and walks them 32 at a time in (t, j) order: __match_any_sync groups the lanes
+// holding the same expert, a lane's rank is the warp's running count of its expert plus the number
+// of lower lanes in its group, and the group's lowest lane then adds the group's size to that count
+// (only this warp's row of the table, between __syncwarp()s). After a barrier, each expert's counts
+// are turned into exclusive prefixes over the warps (in warp order), and the chunks before this one
+// add their counts (chunk_counts, from the counting pass), so slot = the number of earlier
+// assignments of e in (t, j) order: exact and deterministic (integer sums only, no atomics on ranks).
+constexpr int kChunkThreads = 1024;
+constexpr int kChunkWarps = kChunkThreads / 32;
+constexpr int kChunkIters = 8;                                       // 32-assignment steps per warp: assignments a lane keeps in registers
+constexpr int64_t kChunk = int64_t(kChunkWarps) * 32 * kChunkIters;  // 8192
+constexpr int64_t kChunkedMaxN = 128 * kChunk;                       // 2^20: the assigning pass sums at most 127 chunks' counts per expert
+// Table [kChunkWarps][E] of u16 (counts ≤ seg ≤ 256, prefixes ≤ kChunk = 8192) and the chunk's base
+// per expert (i32: up to n): 68·E bytes of dynamic shared memory, 34 KiB at E = 512, under the 48 KiB
+// a launch gets without opting in.
+constexpr int64_t kChunkMaxExperts = 512;
+static_assert(kChunk <= 65535, "the chunk's u16 table holds prefixes up to kChunk");
+static_assert(kChunkWarps * kChunkMaxExperts * 2 + kChunkMaxExperts * 4 <= 48 * 1024 - 64, "the table and bases fit in 48 KiB");
+static_assert(kChunkedMaxN <= (int64_t(1) << 30), "n and the slots fit an int32");
 
-__global__ void __launch_bounds__(kSmallThreads, 1)
-    capacity_small(const int32_t* __restrict__ idx, int32_t n, int32_t E, int32_t cap, int32_t* __restrict__ slot,
-                   int32_t* __restrict__ kept, int32_t* __restrict__ dropped, int32_t* __restrict__ invalid) {
-  extern __shared__ uint16_t s_table[];  // [kSmallWarps][E]: counts, then exclusive prefixes over warps
+// COUNT: write this chunk's per-expert counts to chunk_counts[chunk][e] and stop. Otherwise assign:
+// chunk_counts null means one chunk (no other counts, this block writes the totals); else block 0
+// writes kept, dropped and invalid from every chunk's counts.
+template <bool COUNT>
+__global__ void __launch_bounds__(kChunkThreads, 1)
+    capacity_chunks(const int32_t* __restrict__ idx, int32_t n, int32_t E, int32_t cap, int32_t* __restrict__ chunk_counts,
+                    int32_t* __restrict__ slot, int32_t* __restrict__ kept, int32_t* __restrict__ dropped, int32_t* __restrict__ invalid) {
+  extern __shared__ uint16_t s_table[];                                     // [kChunkWarps][E]: counts, then exclusive prefixes over warps
+  int32_t* s_base = reinterpret_cast<int32_t*>(s_table + kChunkWarps * E);  // [E]: assignments of e in earlier chunks
   __shared__ int32_t s_valid, s_dropped;
   const int lane = int(threadIdx.x & 31), warp = int(threadIdx.x >> 5);
+  const int chunk = int(blockIdx.x);
+  const int begin = chunk * int(kChunk), len = min(n - begin, int(kChunk));
   // Assignments per warp: a multiple of 32, so every step of a warp is one aligned 128-byte load.
-  const int seg = ((n + kSmallWarps - 1) / kSmallWarps + 31) / 32 * 32;
-  const int first = warp * seg;
-  // Loads first (all in flight together): key = expert id, or -1 for out-of-range ids and lanes past n.
-  int32_t key[kSmallIters];
+  const int seg = ((len + kChunkWarps - 1) / kChunkWarps + 31) / 32 * 32;
+  const int first = begin + warp * seg, end = begin + len;
+  // Loads first (all in flight together): key = expert id, or -1 for out-of-range ids and lanes past the chunk.
+  int32_t key[kChunkIters];
 #pragma unroll
-  for (int it = 0; it < kSmallIters; ++it) {
+  for (int it = 0; it < kChunkIters; ++it) {
     const int i = first + it * 32 + lane;
     int32_t e = -1;
-    if (it * 32 < seg && i < n) {
+    if (it * 32 < seg && i < end) {
       e = idx[i];
       if (e < 0 || e >= E) e = -1;
     }
     key[it] = e;
   }
-  for (int i = int(threadIdx.x); i < kSmallWarps * E; i += kSmallThreads) s_table[i] = 0;
+  for (int i = int(threadIdx.x); i < kChunkWarps * E; i += kChunkThreads) s_table[i] = 0;
   if (threadIdx.x == 0) {
     s_valid = 0;
     s_dropped = 0;
@@ -155,9 +170,9 @@ __global__ void __launch_bounds__(kSmallThreads, 1)
   __syncthreads();
 
   uint16_t* mine = s_table + warp * E;
-  int32_t rank[kSmallIters];
+  int32_t rank[kChunkIters];
 #pragma unroll
-  for (int it = 0; it < kSmallIters; ++it) {
+  for (int it = 0; it < kChunkIters; ++it) {
     rank[it] = 0;
     if (it * 32 < seg) {  // the same for the whole block: every lane reaches the warp intrinsics
       const int32_t e = key[it];
@@ -171,55 +186,82 @@ __global__ void __launch_bounds__(kSmallThreads, 1)
   }
   __syncthreads();
 
-  // Per expert (E ≤ kSmallThreads: one thread each): prefixes over the warps, kept, and the two sums.
-  int32_t valid = 0, drop = 0;
-  for (int32_t e = int32_t(threadIdx.x); e < E; e += kSmallThreads) {
-    int32_t run = 0;
+  if constexpr (COUNT) {
+    for (int32_t e = int32_t(threadIdx.x); e < E; e += kChunkThreads) {
+      int32_t run = 0;
 #pragma unroll 8
-    for (int w = 0; w < kSmallWarps; ++w) {
-      const int32_t c = s_table[w * E + e];
-      s_table[w * E + e] = uint16_t(run);
-      run += c;
+      for (int w = 0; w < kChunkWarps; ++w) run += s_table[w * E + e];
+      chunk_counts[int64_t(chunk) * E + e] = run;
     }
-    const int32_t keep = cap < 0 ? run : min(run, cap);
-    kept[e] = keep;
-    valid += run;
-    drop += run - keep;
-  }
+    return;
+  } else {
+    // Per expert (E ≤ kChunkThreads: one thread each): prefixes over the warps, the chunk's base, and
+    // (block 0, which writes kept, dropped and invalid) the totals over every chunk.
+    const bool totals = chunk == 0;
+    const int chunks = int((n + kChunk - 1) / kChunk);
+    int32_t valid = 0, drop = 0;
+    for (int32_t e = int32_t(threadIdx.x); e < E; e += kChunkThreads) {
+      int32_t run = 0;
+#pragma unroll 8
+      for (int w = 0; w < kChunkWarps; ++w) {
+        const int32_t c = s_table[w * E + e];
+        s_table[w * E + e] = uint16_t(run);
+        run += c;
+      }
+      int32_t base = 0, total = run;
+      if (chunk_counts != nullptr) {
+        total = 0;
+        for (int c = 0; c < (totals ? chunks : chunk); ++c) {
+          const int32_t count = chunk_counts[int64_t(c) * E + e];
+          if (c < chunk) base += count;
+          total += count;
+        }
+      }
+      s_base[e] = base;
+      if (totals) {
+        const int32_t keep = cap < 0 ? total : min(total, cap);
+        kept[e] = keep;
+        valid += total;
+        drop += total - keep;
+      }
+    }
+    if (totals) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    valid += __shfl_xor_sync(0xffffffffu, valid, off);
-    drop += __shfl_xor_sync(0xffffffffu, drop, off);
-  }
-  if (lane == 0 && (valid != 0 || drop != 0)) {
-    atomicAdd(&s_valid, valid);
-    atomicAdd(&s_dropped, drop);
-  }
-  __syncthreads();
+      for (int off = 16; off > 0; off >>= 1) {
+        valid += __shfl_xor_sync(0xffffffffu, valid, off);
+        drop += __shfl_xor_sync(0xffffffffu, drop, off);
+      }
+      if (lane == 0 && (valid != 0 || drop != 0)) {
+        atomicAdd(&s_valid, valid);
+        atomicAdd(&s_dropped, drop);
+      }
+    }
+    __syncthreads();
 
 #pragma unroll
-  for (int it = 0; it < kSmallIters; ++it) {
-    const int i = first + it * 32 + lane;
-    if (it * 32 < seg && i < n) {
-      const int32_t e = key[it];
-      int32_t s = -1;
-      if (e >= 0) {
-        const int32_t r = int32_t(s_table[warp * E + e]) + rank[it];
-        s = (cap < 0 || r < cap) ? r : -1;
+    for (int it = 0; it < kChunkIters; ++it) {
+      const int i = first + it * 32 + lane;
+      if (it * 32 < seg && i < end) {
+        const int32_t e = key[it];
+        int32_t s = -1;
+        if (e >= 0) {
+          const int32_t r = s_base[e] + int32_t(s_table[warp * E + e]) + rank[it];
+          s = (cap < 0 || r < cap) ? r : -1;
+        }
+        slot[i] = s;
       }
-      slot[i] = s;
     }
-  }
-  if (threadIdx.x == 0) {
-    dropped[0] = s_dropped;
-    invalid[0] = n - s_valid;
+    if (totals && threadIdx.x == 0) {
+      dropped[0] = s_dropped;
+      invalid[0] = n - s_valid;
+    }
   }
 }
 
-// The one place that picks the path: the small path handles 'position' and dropless (no sort by
-// weight needed) when the assignments fit one block's registers and the experts its table.
-bool small_path(DropPolicy policy, int64_t capacity, int64_t n, int64_t E) {
-  return (policy == DropPolicy::Position || capacity < 0) && n <= kSmallMaxN && E <= kSmallMaxExperts;
+// The one place that picks the path: the chunked path handles 'position' and dropless (no sort by
+// weight needed) when the experts fit its table and the chunks its sums.
+bool chunked_path(DropPolicy policy, int64_t capacity, int64_t n, int64_t E) {
+  return (policy == DropPolicy::Position || capacity < 0) && n <= kChunkedMaxN && E <= kChunkMaxExperts;
 }
 
 int bits_for(int64_t v) {  // bits needed to hold 0..v
@@ -237,11 +279,22 @@ void capacity_cuda(const Tensor& indices, const Tensor& weights, int64_t num_exp
   const int64_t n = indices.numel();
   const int32_t E = int32_t(num_experts);
   const Device& dev = indices.device();
-  if (small_path(policy, capacity, n, num_experts)) {
-    // Every output is written by the kernel (no memset): slot for all n, kept for all E.
-    const size_t smem = size_t(kSmallWarps) * size_t(num_experts) * sizeof(uint16_t);
-    capacity_small<<<1, kSmallThreads, smem, stream>>>(indices.data<int32_t>(), int32_t(n), E, int32_t(capacity), slot.data<int32_t>(),
-                                                       kept.data<int32_t>(), dropped.data<int32_t>(), invalid.data<int32_t>());
+  if (chunked_path(policy, capacity, n, num_experts)) {
+    // Every output is written by the kernels (no memset): slot for all n, kept for all E. n = 0 is one
+    // (empty) chunk, which still writes the totals.
+    const size_t smem = size_t(num_experts) * (size_t(kChunkWarps) * sizeof(uint16_t) + sizeof(int32_t));
+    const int chunks = int(std::max<int64_t>(1, (n + kChunk - 1) / kChunk));
+    const int32_t cap = int32_t(capacity < 0 ? -1 : std::min<int64_t>(capacity, kChunkedMaxN));
+    Tensor counts;
+    if (chunks > 1) {
+      counts = Tensor::empty({int64_t(chunks) * num_experts}, DType::i32, dev, op);
+      capacity_chunks<true><<<chunks, kChunkThreads, smem, stream>>>(indices.data<int32_t>(), int32_t(n), E, cap, counts.data<int32_t>(),
+                                                                     nullptr, nullptr, nullptr, nullptr);
+      cuda::check_launch(op);
+    }
+    capacity_chunks<false><<<chunks, kChunkThreads, smem, stream>>>(indices.data<int32_t>(), int32_t(n), E, cap,
+                                                                    chunks > 1 ? counts.data<int32_t>() : nullptr, slot.data<int32_t>(),
+                                                                    kept.data<int32_t>(), dropped.data<int32_t>(), invalid.data<int32_t>());
     cuda::check_launch(op);
     return;
   }
