@@ -68,6 +68,8 @@ const scopes: Set<Tensor>[] = [];
  */
 export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth = 0): Set<Tensor> {
   if (value instanceof Tensor) found.add(value);
+  else if (ArrayBuffer.isView(value))
+    return found; // typed arrays and Buffers hold numbers (and one descriptor per element)
   else if (Array.isArray(value)) {
     if (depth < 10) for (const v of value) tensorsIn(v, found, depth + 1);
   } else if (depth < 10 && value !== null && typeof value === 'object') {
@@ -79,8 +81,10 @@ export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth 
 
 /**
  * Runs `fn` and disposes every tensor created inside it except those it returns (a tensor, or
- * tensors inside a returned array or plain object, up to 10 levels deep) and those passed to keep(). Intermediates such
- * as views created inline (`a.transpose()`) are released too. Scopes nest; `fn` must be synchronous.
+ * tensors inside a returned array or plain object, up to 10 levels deep, through data properties:
+ * a tensor reachable only through a getter is disposed, and no getter is called) and those passed
+ * to keep(). Intermediates such as views created inline (`a.transpose()`) are released too. Scopes
+ * nest; `fn` must be synchronous.
  */
 export function tidy<T>(fn: () => T): T {
   if (typeof fn !== 'function') invalidArgument('tidy', `'fn' must be a function; received ${fn === null ? 'null' : typeof fn}`);

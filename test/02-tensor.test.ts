@@ -187,20 +187,24 @@ describe('lifetime', () => {
 
   it('tidy never calls a getter of what it returns (a getter may read the device: a host wait)', () => {
     let calls = 0;
+    let lazy: Tensor | undefined;
     const out = tidy(() => {
       const t = Tensor.zeros([4], { device: cpu });
-      const lazy = Tensor.zeros([4], { device: cpu }); // reachable through the getter alone: released
+      const made = Tensor.zeros([4], { device: cpu }); // reachable through the getter alone: released
+      lazy = made;
       return {
         t,
         nested: [{ t }],
         get counts(): number {
           calls++;
-          return lazy.numel;
+          return made.numel;
         },
+        bytes: new Float32Array(4), // a typed array: no tensors in it
       };
     });
     expect(calls).toBe(0);
     expect(out.t.disposed).toBe(false);
+    expect(lazy?.disposed).toBe(true);
     out.t.dispose();
   });
 });

@@ -7,9 +7,11 @@ usage: moe_layer_torch.py <inputs folder> <top-k> [cuda | cpu]
 Kept alive by the benchmark and driven through stdin/stdout, so that ours and this peer alternate
 in rounds on inputs loaded once: after loading the inputs and running the check it prints one JSON
 line (the check, "ready": true); then it answers each JSON line on stdin with one JSON line:
-  {"cmd": "round", "warmup": W, "repeats": R, "peak_n": N}: one round of timings: forward, backward
-      and forward + backward of both variants, AdamW, and a square bf16 N×N·N×N torch.matmul
-      (matmul_tflops, the tensor-core roof the benchmark's breakdown uses);
+  {"cmd": "round", "warmup": W, "repeats": R, "streak": S, "streak_repeats": Q, "peak_n": N}: one
+      round of timings: forward, backward, forward + backward, and S forward + backward steps back
+      to back (median of Q regions after one, over S: streak_ms) of both variants (the fused one's
+      keys prefixed fused_), AdamW, and a square bf16 N×N·N×N torch.matmul (matmul_tflops, the
+      tensor-core roof the benchmark's breakdown uses);
   {"cmd": "quit"} (or the end of stdin): exits.
 
 Inputs (harness.mjs writeInputs): x, dy [T,H] bf16; router [H,E] bf16; w1, w3 [E,H,F] bf16 (out of
@@ -19,8 +21,8 @@ f32, dW2 [E,F,H] f32, indices [T,k] i32.
 The layer (as moe-ep's MoELayer with softmax routing, normalize = false, dropless):
   logits = x·Wr in fp32; probs = softmax(logits); (w, idx) = top-k(probs), w not renormalised;
   assignments sorted by expert (stable), each expert's group padded to a multiple of 16 rows with
-  zero rows (torch._grouped_mm's backward wants aligned groups) within a static bound, so no host
-  sync; g1 = xs·W1, g3 = xs·W3 (torch._grouped_mm, offs = cumulative padded counts, int32);
+  zero rows (torch._grouped_mm's backward wants aligned groups) within a static bound, the counts
+  by an integer scatter (torch.bincount reads the maximum on the host), so no host sync; g1 = xs·W1, g3 = xs·W3 (torch._grouped_mm, offs = cumulative padded counts, int32);
   out = (silu(g1)·g3)·W2; y[t] = Σ_j w[t,j]·out[row(t,j)] in fp32, then bf16. Backward: autograd
   with dy. 'fused': the same with one GEMM against [W1 | W3] ([E,H,2F], a leaf made once).
 Check (before timing): y, dx, dRouter, dW1, dW3, dW2 against ours, relative error in norm; y and dx
@@ -73,7 +75,9 @@ def routed_layer(x, wr, k, experts, align=ALIGN):
     topw, topi = probs.topk(k, dim=-1)
     flat = topi.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
+    # Not torch.bincount: on CUDA it reads the maximum back to the host (a wait for every kernel
+    # queued before it, so a step could never be queued ahead of the GPU). An exact integer scatter.
+    counts = torch.zeros(E, dtype=torch.long, device=x.device).index_add_(0, flat, torch.ones_like(flat))
     padded = (counts + align - 1) // align * align
     ends = padded.cumsum(0)
     starts = ends - padded

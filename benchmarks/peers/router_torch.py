@@ -48,7 +48,9 @@ def route(logits, bias, c):
     if normalize:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     w = w * scale
-    counts = torch.bincount(idx.flatten(), minlength=E)
+    # Not torch.bincount: on CUDA it reads the maximum back to the host, a sync our router never makes.
+    flat = idx.flatten()
+    counts = torch.zeros(E, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     return idx, w, scores, counts
 
 

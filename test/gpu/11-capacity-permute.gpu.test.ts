@@ -437,6 +437,15 @@ const capacityCases: CapacityCase[] = [
   { name: 'chunks: n = 2^20 (the limit), E=64, position cf=1', T: 131072, k: 8, E: 64, used: 64, cf: 1, policy: 'position' },
   { name: 'chunks: out-of-range ids, n = 16384, dropless', T: 2048, k: 8, E: 256, used: 256, policy: 'position', bad: 50 },
   { name: 'chunks: out-of-range ids, n = 20000, position cf=0.6', T: 2500, k: 8, E: 64, used: 64, cf: 0.6, policy: 'position', bad: 40 },
+  {
+    name: 'chunks: a capacity past 2^20 (cf = 1e6: clamped, nothing dropped), n = 20000',
+    T: 2500,
+    k: 8,
+    E: 64,
+    used: 64,
+    cf: 1e6,
+    policy: 'position',
+  },
   // radix path
   { name: 'radix: n = 2^20 + 8 (past the chunked limit), dropless', T: 131073, k: 8, E: 64, used: 64, policy: 'position' },
   { name: 'radix: E = 513, n = 512, dropless', T: 64, k: 8, E: 513, used: 513, policy: 'position' },

@@ -125,7 +125,7 @@ constexpr int kChunkThreads = 1024;
 constexpr int kChunkWarps = kChunkThreads / 32;
 constexpr int kChunkIters = 8;                                       // 32-assignment steps per warp: assignments a lane keeps in registers
 constexpr int64_t kChunk = int64_t(kChunkWarps) * 32 * kChunkIters;  // 8192
-constexpr int64_t kChunkedMaxN = 128 * kChunk;                       // 2^20: the assigning pass sums at most 127 chunks' counts per expert
+constexpr int64_t kChunkedMaxN = 128 * kChunk;  // 2^20: block 0 of the assigning pass sums 128 chunks' counts per expert
 // Table [kChunkWarps][E] of u16 (counts ≤ seg ≤ 256, prefixes ≤ kChunk = 8192) and the chunk's base
 // per expert (i32: up to n): 68·E bytes of dynamic shared memory, 34 KiB at E = 512, under the 48 KiB
 // a launch gets without opting in.
