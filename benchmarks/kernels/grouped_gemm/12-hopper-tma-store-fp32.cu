@@ -44,7 +44,11 @@ int main(int argc, char** argv) {
   // place of an epilogue; 18, 19: case 0 against 12d and against itself with the second consumer
   // warpgroup starting --lag-ns (default 1000) late, so that the two stay out of step if the ring lets
   // them (one's epilogue under the other's wgmmas); 20: the same with 12b (two 8 KiB boxes a consumer,
-  // so the ring keeps 4 stages for the lag); 21: NN, bf16, the hand-off against itself. --trace 1:
+  // so the ring keeps 4 stages for the lag); 21: NN, bf16, the hand-off against itself; 22: NN, bf16,
+  // the hand-off against itself with every --short-every-th tile (default 16) doing part of its work
+  // (--short-kind 1, default: narrow, both consumers on 64 rows with half the columns each; 2: half
+  // its k-tiles), its result wrong by design: with --soak-ms and MOE_EP_SMI, whether the clock falls
+  // by more than the work saved (grouped-gemm.md v13, v14). --trace 1:
   // one more launch of each side with block 0's consumers marking every tile's start, first full
   // stage, last wgmma and epilogue end (clock64), summarised as medians with the SM clock they imply,
   // and every block's time from its first tile to its last end beside the launch's span. --soak-ms
@@ -53,13 +57,16 @@ int main(int argc, char** argv) {
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int only = ladder::take_flag(argc, argv, "--only", 0);
   const bool trace = ladder::take_flag(argc, argv, "--trace", 0) != 0;
-  ladder::Probe plain, stagger, pause, lag;
+  ladder::Probe plain, stagger, pause, lag, shorts;
   stagger.stagger_ns = ladder::take_flag(argc, argv, "--stagger-ns", 6000);
   stagger.stagger_phases = ladder::take_flag(argc, argv, "--stagger-phases", 2);
   pause.pause_ns = ladder::take_flag(argc, argv, "--pause-ns", 600);
   lag.lag_ns = ladder::take_flag(argc, argv, "--lag-ns", 1000);
+  shorts.short_every = ladder::take_flag(argc, argv, "--short-every", 16);
+  shorts.short_kind = ladder::take_flag(argc, argv, "--short-kind", 1);
+  CHECK(shorts.short_every >= 1 && (shorts.short_kind == 1 || shorts.short_kind == 2), "--short-every >= 1, --short-kind 1 or 2");
   const int soak_ms = ladder::take_flag(argc, argv, "--soak-ms", 0);
-  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag}) {
+  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag, &shorts}) {
     probe->trace = trace;
     probe->soak_ms = soak_ms;
   }
@@ -104,5 +111,11 @@ int main(int argc, char** argv) {
   if (only == 21)
     ladder::compare<StoreVia::Handoff, StoreVia::Handoff, __nv_bfloat16>(ladder::Mode::NN, pr, in, tile_start, sms, args, "case 0: hand-off (shipped for bf16)",
                                                                          "the same (NN, bf16)", plain);
+  if (only == 22)
+    ladder::compare<StoreVia::Handoff, StoreVia::Handoff, __nv_bfloat16>(
+        ladder::Mode::NN, pr, in, tile_start, sms, args, "case 0: hand-off (shipped for bf16)",
+        shorts.short_kind == 1 ? "probe: every --short-every-th tile narrow (result wrong by design)"
+                               : "probe: every --short-every-th tile half its k-tiles (result wrong by design)",
+        shorts);
   return 0;
 }

@@ -167,11 +167,19 @@ static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over th
 //   soak_ms (--soak-ms): after the timed rounds, each side alone back to back for soak_ms, its
 //     wall-clock window printed (to line up with nvidia-smi's clock and power samples) with its
 //     time a launch.
+//   short_every, short_kind (--short-every, --short-kind; NN and NT): every short_every-th work item
+//     (t % short_every == 0) does part of a tile's work, its result wrong by design. Kind 1, narrow:
+//     both consumers on the tile's first 64 rows, each with half the columns (wgmma m64n128k16 from
+//     the same stages: the addon's v14, 4bdf8cd); kind 2, half k: the tile's first half of its k-tiles
+//     only, whole m64n256k16 wgmmas (the producer loads only those). Whether cutting some tiles' work
+//     lowers the clock under the power limit by more than it saves (v13, v14 in grouped-gemm.md), and
+//     whether the instruction shape or the tile's shorter duration does it.
 // 0 / false: not used.
 struct ProbeKnobs {
   int stagger_ns = 0, stagger_phases = 0;
   int pause_ns = 0;
   int lag_ns = 0;
+  int short_every = 0, short_kind = 0;
   bool trace = false;
   int soak_ms = 0;
 };
@@ -606,6 +614,26 @@ __device__ __forceinline__ void store_tile_tma_boxes(const float (&d)[128], cons
   }
 }
 
+// The probe's narrow tiles (ProbeKnobs::short_kind 1): wgmma m64n128k16 into d[0..63] (the first half
+// of the m64n256 fragment, in the same order). The addon does not ship it (v14 was reverted).
+template <int TRANS_B>
+__device__ __forceinline__ void probe_wgmma_m64n128k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %67, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1, 0, %66;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "n"(TRANS_B), "r"(scale_d));
+}
+// The probe's rule: is work item t a short one, and of which kind (0: a whole tile).
+__device__ __forceinline__ int probe_short_kind(const ProbeKnobs& k, int t) {
+  return k.short_every > 0 && t % k.short_every == 0 ? k.short_kind : 0;
+}
+
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -653,7 +681,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       uint32_t round = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
         const Tile tile = tile_at<MODE>(p, t, m_tiles);
-        for (int kt = 0; kt < tile.k_tiles; ++kt) {
+        const int k_tiles = !TN && probe_short_kind(p.probe, t) == 2 ? (tile.k_tiles + 1) / 2 : tile.k_tiles;
+        for (int kt = 0; kt < k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
           unsigned char* sb = sa + A_BYTES;
@@ -716,13 +745,36 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       mark(kTraceBeforeLookup);
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
+      const int short_kind = TN ? 0 : probe_short_kind(p.probe, t);
+      const int k_tiles = short_kind == 2 ? (tile.k_tiles + 1) / 2 : tile.k_tiles;
       int prev = -1;
       mark(0);
-      for (int kt = 0; kt < tile.k_tiles; ++kt) {
+      for (int kt = 0; kt < k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
         if (kt == 0) mark(1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
+        if (short_kind == 1) {
+          // Narrow: both consumers on the first 64 rows, each with its half of B's 256 columns (16 KiB
+          // into the stage's B in both layouts). Its own fence-to-commit sequence (C7520).
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < BK / 16; ++kk) {
+            const uint64_t da = smem_desc(ring + stage * STAGE_BYTES + kk * 32, 16, 1024);
+            unsigned char* half_b = sb + consumer * (B_BYTES / 2);
+            const uint64_t db = B_MN_MAJOR ? smem_desc(half_b + kk * 16 * 128, BK * 128, 1024) : smem_desc(half_b + kk * 32, 16, 1024);
+            probe_wgmma_m64n128k16<B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+          }
+          wgmma_commit();
+          wgmma_wait<1>();
+          if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
+          prev = stage;
+          if (++stage == STAGES) {
+            stage = 0;
+            ++round;
+          }
+          continue;
+        }
         if constexpr (TN) {
           // The group ends inside this k-tile: zero the rows past its end (they hold the next
           // group's rows) in this consumer's A box and in its half of the B boxes, then make the
