@@ -452,6 +452,9 @@ if [[ " $what " == *" ladder "* ]]; then
           checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1" "--E 5 --M 700 --K 136 --N 264 --ragged 1") ;;
       11) default_args="--rounds 5"
           checks=("--E 5 --M 500 --K 200 --N 328 --ragged 1" "--E 7 --M 500 --K 136 --N 264 --ragged 1") ;;
+      # 13: the layer's up projection (its default shape); K = 200 leaves a partial last k-tile.
+      13) default_args="--rounds 5"
+          checks=("--E 3 --M 600 --K 200 --N 328 --ragged 1" "--E 5 --M 700 --K 136 --N 264 --ragged 1") ;;
       *) default_args="--rounds 5"; checks=() ;;
     esac
     # MOE_EP_LADDER_ARGS: one timed run, or several separated by ';' (e.g. "… --only 5; … --only 14").

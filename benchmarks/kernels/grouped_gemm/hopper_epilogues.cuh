@@ -104,8 +104,11 @@ enum class StoreVia {
   ProbeBoxesNoSync,
   ConsumerTmaDeepSpread,
   ProbeSpreadNoSync,
-  ProbePause
+  ProbePause,
+  HandoffGatherA  // ladder 13: the hand-off, A's rows gathered by the producer warp (ProbeKnobs::gather_x)
 };
+// The hand-off's ways: the consumers drop the tile into shared memory, the storer warps copy it out.
+constexpr bool handoff(StoreVia v) { return v == StoreVia::Handoff || v == StoreVia::HandoffGatherA; }
 constexpr bool tma_deep_probe(StoreVia v) {
   return v == StoreVia::ConsumerTmaDeepEvictFirst || v == StoreVia::ProbeL2Resident || v == StoreVia::ProbeBoxesNoTma ||
          v == StoreVia::ProbeHalfStores || v == StoreVia::ProbeBoxesNoFence || v == StoreVia::ProbeBoxesNoSync ||
@@ -125,7 +128,7 @@ constexpr bool by_consumer_tma(StoreVia v) {
 
 // Shared memory: the ring, then the epilogue's staging (none, per-warp slices, or the whole tile).
 template <StoreVia VIA> struct Layout {
-  static constexpr int STAGES = VIA == StoreVia::Handoff || tma_deep(VIA) || VIA == StoreVia::ProbeNoStore3 || VIA == StoreVia::ProbePause
+  static constexpr int STAGES = handoff(VIA) || tma_deep(VIA) || VIA == StoreVia::ProbeNoStore3 || VIA == StoreVia::ProbePause
                                     ? 3
                                     : 4;
   static constexpr int SLICE = 32;                              // WarpSlices: columns per staged slice
@@ -142,7 +145,7 @@ template <StoreVia VIA> struct Layout {
   static constexpr int TMA_BOXES = tma_deep(VIA) ? 5 : 2;  // per consumer
   static constexpr int TMA_STAGING_PER_CONSUMER = TMA_BOXES * TMA_BOX_BYTES;
   static constexpr int STAGING_BYTES = VIA == StoreVia::WarpSlices    ? CONSUMERS * 4 * WARP_STAGING_FLOATS * 4
-                                       : VIA == StoreVia::Handoff     ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
+                                       : handoff(VIA)                 ? std::max(BM * TILE_LD_F32 * 4, BM * TILE_LD_BF16 * 2)
                                        : by_consumer_tma(VIA)        ? CONSUMERS * TMA_STAGING_PER_CONSUMER
                                                                       : 0;
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + STAGING_BYTES + 1024;  // + slack to align the ring
@@ -174,8 +177,19 @@ static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over th
 //     only, whole m64n256k16 wgmmas (the producer loads only those). Whether cutting some tiles' work
 //     lowers the clock under the power limit by more than it saves (v13, v14 in grouped-gemm.md), and
 //     whether the instruction shape or the tile's shorter duration does it.
-// 0 / false: not used.
+//   gather_x, gather_rows, gather_ld (ladder 13; NN only): A's rows are not read from a permuted
+//     [M, K] matrix by TMA but gathered by the producer warp from x [T, gather_ld] (row r of the
+//     product is x[gather_rows[r]], a zero row for -1 or r ≥ M): each lane cp.asyncs 4 of a stage's 128
+//     rows in 16-byte chunks into the 128-byte swizzle and arrives on the stage's full barrier when
+//     they land (cp.async.mbarrier.arrive.noinc; the barrier then counts 32 lanes beside the TMA's
+//     arrive for B); the consumers fence the async proxy after each stage's wait, since cp.async writes
+//     through the generic proxy and wgmma reads through the async one. The permute fused into the up
+//     projection's loads (issue 20): no [M, K] copy of x's rows is written or read.
+// 0 / false / null: not used.
 struct ProbeKnobs {
+  const __nv_bfloat16* gather_x = nullptr;
+  const int32_t* gather_rows = nullptr;
+  int gather_ld = 0;
   int stagger_ns = 0, stagger_phases = 0;
   int pause_ns = 0;
   int lag_ns = 0;
@@ -629,6 +643,56 @@ __device__ __forceinline__ void probe_wgmma_m64n128k16(float (&d)[128], uint64_t
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(desc_a), "l"(desc_b), "n"(TRANS_B), "r"(scale_d));
 }
+// Ladder 13's producer (ProbeKnobs::gather_x; NN): the whole warp walks the work items. Lane 0
+// issues B's TMA loads and the expect_tx for B's bytes alone; every lane then gathers 4 of the
+// stage's 128 A rows (r = lane + 32·i), 8 chunks of 16 bytes each, chunk c of row r at chunk
+// c ^ (r % 8) of its 128-byte row (the 128-byte swizzle TMA would write), and arrives on the full
+// barrier once its copies land. Rows past M, tokens -1 and columns past K are zero-filled (a
+// source size of 0), as TMA zero-fills what lies outside its box.
+template <GemmMode MODE, int STAGES>
+__device__ __forceinline__ void gather_producer(const Params& p, const CUtensorMap& map_b, unsigned char* ring, uint64_t* full,
+                                                uint64_t* empty, int m_tiles, int total) {
+  const int lane = threadIdx.x & 31;
+  if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
+  const int ld = p.probe.gather_ld;
+  int stage = 0;
+  uint32_t round = 0;
+  for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    const Tile tile = tile_at<MODE>(p, t, m_tiles);
+    for (int kt = 0; kt < tile.k_tiles; ++kt) {
+      mbar_wait(&empty[stage], (round & 1) ^ 1);
+      unsigned char* sa = ring + stage * STAGE_BYTES;
+      unsigned char* sb = sa + A_BYTES;
+      const int k0 = tile.k_begin + kt * BK;
+      if (lane == 0) {
+        mbar_arrive_expect_tx(&full[stage], B_BYTES);
+#pragma unroll
+        for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+      }
+#pragma unroll 1  // few registers: the producer warp runs on 40
+      for (int i = 0; i < 4; ++i) {
+        const int r = lane + 32 * i;
+        // The row's token, read again each stage (an L1 hit) rather than held: registers are few.
+        const int tok = tile.row0 + r < p.M ? __ldg(p.probe.gather_rows + tile.row0 + r) : -1;
+        const uint32_t dst_row = smem_u32(sa) + uint32_t(r * 128);
+        const __nv_bfloat16* src_row = p.probe.gather_x + (size_t(tok < 0 ? 0 : tok) * ld + k0);
+#pragma unroll
+        for (int c = 0; c < 8; ++c) {
+          const uint32_t bytes = tok >= 0 && k0 + 8 * c < ld ? 16u : 0u;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_row + uint32_t(((c ^ (r & 7)) << 4))),
+                       "l"(bytes ? src_row + 8 * c : p.probe.gather_x), "r"(bytes)
+                       : "memory");
+        }
+      }
+      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(&full[stage])) : "memory");
+      if (++stage == STAGES) {
+        stage = 0;
+        ++round;
+      }
+    }
+  }
+}
+
 // The probe's rule: is work item t a short one, and of which kind (0: a whole tile).
 __device__ __forceinline__ int probe_short_kind(const ProbeKnobs& k, int t) {
   return k.short_every > 0 && t % k.short_every == 0 ? k.short_kind : 0;
@@ -657,7 +721,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int wg = threadIdx.x >> 7;
   if (threadIdx.x == 0) {
     for (int s = 0; s < STAGES; ++s) {
-      mbar_init(&full[s], 1);           // the producer's arrive.expect_tx; the copy engine adds the bytes
+      // The producer's arrive.expect_tx (the copy engine adds the bytes); gathering, also one
+      // cp.async arrival from each lane of the producer warp.
+      mbar_init(&full[s], VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN ? 1 + 32 : 1);
       mbar_init(&empty[s], CONSUMERS);  // one arrive per consumer warpgroup
     }
     mbar_init(&tile_full, CONSUMERS * 128);  // every consumer thread, after its part of the tile
@@ -672,9 +738,15 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
 
   if (wg == 0) {
-    // Producer: few registers; one thread issues every copy.
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-    if (threadIdx.x == 0) {
+    // Producer: few registers; one thread issues every copy (gathering: the whole warp, below, with 48
+    // registers, which it needs to run without spilling: 128·48 + 256·232 = 65536, the whole file).
+    if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN) asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n");
+    else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+    // Ladder 13: the whole warp gathers A; the storers as ever.
+    constexpr bool gathered = VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN;  // run() launches it for NN only
+    if (gathered && threadIdx.x < 32) {
+      if constexpr (gathered) gather_producer<MODE, STAGES>(p, map_b, ring, full, empty, m_tiles, total);
+    } else if (!gathered && threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
       int stage = 0;
@@ -708,7 +780,7 @@ __global__ void __launch_bounds__(THREADS, 1)
           }
         }
       }
-    } else if constexpr (VIA == StoreVia::Handoff) {
+    } else if constexpr (handoff(VIA)) {
       if (threadIdx.x >= 32) {
         // Storers: walk the same tiles; each piece the consumers hand over is copied out.
         const int storer = threadIdx.x - 32;
@@ -751,6 +823,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       mark(0);
       for (int kt = 0; kt < k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
+        // Gathered A (ladder 13): the producer's cp.async wrote it through the generic proxy.
+        if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         if (kt == 0) mark(1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
@@ -815,11 +889,11 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (tile.k_tiles == 0) {
         // TN with a group of no rows: dW_e = 0 (or unchanged when accumulating; the hand-off, which
         // the storers expect every tile through, never accumulates: see launch_layout).
-        if (VIA != StoreVia::Handoff && p.accumulate) continue;
+        if (!handoff(VIA) && p.accumulate) continue;
 #pragma unroll
         for (int i = 0; i < 128; ++i) d[i] = 0.f;
       }
-      if constexpr (VIA == StoreVia::Handoff) {
+      if constexpr (handoff(VIA)) {
         for (int half = 0; half < HANDOFFS; ++half, ++n) {
           // The storers have copied out the previous piece (a fresh barrier's first wait passes).
           mbar_wait(&tile_empty, (n & 1) ^ 1);
@@ -888,7 +962,7 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
                    const CUtensorMap* map_out = nullptr) {
   auto kernel = grouped_gemm_wgmma_kernel<MODE, EPI, OutT, VIA>;
   constexpr int smem = Layout<VIA>::SMEM_BYTES;
-  if constexpr (VIA == StoreVia::Handoff) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
+  if constexpr (handoff(VIA)) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
   // blocks than the largest possible number of work items.
@@ -916,6 +990,8 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 template <StoreVia VIA, typename OutT>
 void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
          const ProbeKnobs& probe = {}, long long* trace = nullptr, int trace_tiles = 0) {
+  CHECK(VIA != StoreVia::HandoffGatherA || (m == ladder::Mode::NN && probe.gather_x != nullptr && probe.gather_rows != nullptr),
+        "HandoffGatherA (ladder 13) runs NN with ProbeKnobs::gather_x and gather_rows");
   Params p{};
   p.probe = probe;
   p.trace = trace;
