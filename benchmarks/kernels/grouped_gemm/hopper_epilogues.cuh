@@ -178,9 +178,9 @@ static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over th
 //     lowers the clock under the power limit by more than it saves (v13, v14 in grouped-gemm.md), and
 //     whether the instruction shape or the tile's shorter duration does it.
 //   gather_x, gather_rows, gather_ld (ladder 13; NN only): A's rows are not read from a permuted
-//     [M, K] matrix by TMA but gathered by the producer warp from x [T, gather_ld] (row r of the
-//     product is x[gather_rows[r]], a zero row for -1 or r ≥ M): each lane cp.asyncs 4 of a stage's 128
-//     rows in 16-byte chunks into the 128-byte swizzle and arrives on the stage's full barrier when
+//     [M, K] matrix by TMA but gathered by the producer warp from x (rows of gather_ld elements; row r
+//     of the product is x[gather_rows[r]], a zero row for -1 or r ≥ M): the lanes cp.async a stage's
+//     128 rows in 16-byte chunks into the 128-byte swizzle and arrive on the stage's full barrier when
 //     they land (cp.async.mbarrier.arrive.noinc; the barrier then counts 32 lanes beside the TMA's
 //     arrive for B); the consumers fence the async proxy after each stage's wait, since cp.async writes
 //     through the generic proxy and wgmma reads through the async one. The permute fused into the up
@@ -644,21 +644,29 @@ __device__ __forceinline__ void probe_wgmma_m64n128k16(float (&d)[128], uint64_t
       : "l"(desc_a), "l"(desc_b), "n"(TRANS_B), "r"(scale_d));
 }
 // Ladder 13's producer (ProbeKnobs::gather_x; NN): the whole warp walks the work items. Lane 0
-// issues B's TMA loads and the expect_tx for B's bytes alone; every lane then gathers 4 of the
-// stage's 128 A rows (r = lane + 32·i), 8 chunks of 16 bytes each, chunk c of row r at chunk
-// c ^ (r % 8) of its 128-byte row (the 128-byte swizzle TMA would write), and arrives on the full
-// barrier once its copies land. Rows past M, tokens -1 and columns past K are zero-filled (a
-// source size of 0), as TMA zero-fills what lies outside its box.
+// issues B's TMA loads and the expect_tx for B's bytes alone. The stage's 128 A rows go 4 at a time,
+// 8 lanes to a row, lane l copying 16-byte chunk c = l % 8 of row 4·j + l / 8 (j = 0..31): each
+// warp instruction reads 4 whole 128-byte row pieces (coalesced), and writes chunk c of row r to
+// chunk c ^ (r % 8) of its 128-byte row (the 128-byte swizzle TMA would write). A row's token is
+// loaded once per tile by the lane r % 32 and passed round by a shuffle. Every lane arrives on the
+// full barrier once its copies land. Rows past M, tokens -1 and columns past the inner dimension are
+// zero-filled (a source size of 0), as TMA zero-fills what lies outside its box.
 template <GemmMode MODE, int STAGES>
 __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorMap& map_b, unsigned char* ring, uint64_t* full,
                                                 uint64_t* empty, int m_tiles, int total) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, chunk = lane & 7, quad = lane >> 3;
   if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
   const int ld = p.probe.gather_ld;
   int stage = 0;
   uint32_t round = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const Tile tile = tile_at<MODE>(p, t, m_tiles);
+    int token[4];  // rows lane + 32·i of the tile
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = tile.row0 + lane + 32 * i;
+      token[i] = row < p.M ? __ldg(p.probe.gather_rows + row) : -1;
+    }
     for (int kt = 0; kt < tile.k_tiles; ++kt) {
       mbar_wait(&empty[stage], (round & 1) ^ 1);
       unsigned char* sa = ring + stage * STAGE_BYTES;
@@ -669,18 +677,17 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
 #pragma unroll
         for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
       }
-#pragma unroll 1  // few registers: the producer warp runs on 40
-      for (int i = 0; i < 4; ++i) {
-        const int r = lane + 32 * i;
-        // The row's token, read again each stage (an L1 hit) rather than held: registers are few.
-        const int tok = tile.row0 + r < p.M ? __ldg(p.probe.gather_rows + tile.row0 + r) : -1;
-        const uint32_t dst_row = smem_u32(sa) + uint32_t(r * 128);
-        const __nv_bfloat16* src_row = p.probe.gather_x + (size_t(tok < 0 ? 0 : tok) * ld + k0);
+      const bool column_in = k0 + 8 * chunk < p.inner;
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const uint32_t bytes = tok >= 0 && k0 + 8 * c < ld ? 16u : 0u;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_row + uint32_t(((c ^ (r & 7)) << 4))),
-                       "l"(bytes ? src_row + 8 * c : p.probe.gather_x), "r"(bytes)
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int r = 32 * i + 4 * jj + quad;  // this lane's row: the token lane r % 32 holds
+          const int tok = __shfl_sync(0xffffffffu, token[i], 4 * jj + quad);
+          const uint32_t bytes = tok >= 0 && column_in ? 16u : 0u;
+          const __nv_bfloat16* src = bytes ? p.probe.gather_x + (size_t(tok) * ld + k0 + 8 * chunk) : p.probe.gather_x;
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(sa) + uint32_t(r * 128 + ((chunk ^ (r & 7)) << 4))),
+                       "l"(src), "r"(bytes)
                        : "memory");
         }
       }
@@ -691,6 +698,8 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
       }
     }
   }
+  // No copy (nor its barrier arrival) left in flight when the warp exits.
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
 }
 
 // The probe's rule: is work item t a short one, and of which kind (0: a whole tile).
@@ -738,9 +747,12 @@ __global__ void __launch_bounds__(THREADS, 1)
   const int total = TN ? p.E * p.tn_m_tiles * p.n_tiles : m_tiles * p.n_tiles;
 
   if (wg == 0) {
-    // Producer: few registers; one thread issues every copy (gathering: the whole warp, below, with 48
-    // registers, which it needs to run without spilling: 128·48 + 256·232 = 65536, the whole file).
-    if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN) asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n");
+    // Producer: few registers; one thread issues every copy (gathering: the whole warp, below, on 56
+    // registers, the consumers then on 224). setmaxnreg.inc waits for registers the CTA's pool holds,
+    // and the pool is what the launch gave it (168 · 384 = 64512; launch_layout checks the 168):
+    // 40 · 128 + 232 · 256 and 56 · 128 + 224 · 256 both add up to it. (48/232 would leave the
+    // consumers 1024 short, waiting for ever.)
+    if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN) asm volatile("setmaxnreg.dec.sync.aligned.u32 56;\n");
     else asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
     // Ladder 13: the whole warp gathers A; the storers as ever.
     constexpr bool gathered = VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN;  // run() launches it for NN only
@@ -797,7 +809,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       }
     }
   } else {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN) asm volatile("setmaxnreg.inc.sync.aligned.u32 224;\n");
+    else asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int consumer = wg - 1;
     float d[128];
     int stage = 0;
@@ -964,6 +977,11 @@ void launch_layout(const CUtensorMap& map_a, const CUtensorMap& map_b, const Par
   constexpr int smem = Layout<VIA>::SMEM_BYTES;
   if constexpr (handoff(VIA)) MOE_INTERNAL_CHECK(!p.accumulate, "the hand-off epilogue overwrites: it cannot accumulate");
   cuda::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), "groupedGemm", "cudaFuncSetAttribute");
+  // The setmaxnreg splits (the kernel) add up to 168 registers a thread at launch: any other count
+  // would leave the consumers' setmaxnreg.inc waiting for ever, or waste registers.
+  cudaFuncAttributes attr{};
+  cuda::check(cudaFuncGetAttributes(&attr, kernel), "groupedGemm", "cudaFuncGetAttributes");
+  MOE_INTERNAL_CHECK(attr.numRegs == 168, "the kernel must be compiled to 168 registers a thread (its setmaxnreg splits assume it)");
   // Persistent: at most one block per SM (the ring takes most of its shared memory), never more
   // blocks than the largest possible number of work items.
   const int64_t most_tiles = MODE == GemmMode::TN ? int64_t(p.E) * p.tn_m_tiles * p.n_tiles : (int64_t(p.M) / BM + p.E) * p.n_tiles;
@@ -990,8 +1008,9 @@ CUtensorMap make_out_map_f32(void* base, int64_t E, int64_t K, int64_t N) {
 template <StoreVia VIA, typename OutT>
 void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, const int32_t* tile_start, OutT* out, int sms,
          const ProbeKnobs& probe = {}, long long* trace = nullptr, int trace_tiles = 0) {
-  CHECK(VIA != StoreVia::HandoffGatherA || (m == ladder::Mode::NN && probe.gather_x != nullptr && probe.gather_rows != nullptr),
-        "HandoffGatherA (ladder 13) runs NN with ProbeKnobs::gather_x and gather_rows");
+  CHECK(VIA != StoreVia::HandoffGatherA || (m == ladder::Mode::NN && probe.gather_x != nullptr && probe.gather_rows != nullptr &&
+                                             probe.gather_ld >= pr.K && probe.short_every == 0),
+        "HandoffGatherA (ladder 13) runs NN with ProbeKnobs::gather_x, gather_rows and gather_ld >= K, and no short tiles");
   Params p{};
   p.probe = probe;
   p.trace = trace;
