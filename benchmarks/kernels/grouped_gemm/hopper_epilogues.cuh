@@ -706,6 +706,10 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
 __device__ __forceinline__ int probe_short_kind(const ProbeKnobs& k, int t) {
   return k.short_every > 0 && t % k.short_every == 0 ? k.short_kind : 0;
 }
+// The k-tiles work item t runs (producer and consumers alike): half of them for a kind-2 short tile.
+__device__ __forceinline__ int probe_k_tiles(const ProbeKnobs& k, int t, int k_tiles) {
+  return probe_short_kind(k, t) == 2 ? (k_tiles + 1) / 2 : k_tiles;
+}
 
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
@@ -765,7 +769,7 @@ __global__ void __launch_bounds__(THREADS, 1)
       uint32_t round = 0;
       for (int t = blockIdx.x; t < total; t += gridDim.x) {
         const Tile tile = tile_at<MODE>(p, t, m_tiles);
-        const int k_tiles = !TN && probe_short_kind(p.probe, t) == 2 ? (tile.k_tiles + 1) / 2 : tile.k_tiles;
+        const int k_tiles = TN ? tile.k_tiles : probe_k_tiles(p.probe, t, tile.k_tiles);
         for (int kt = 0; kt < k_tiles; ++kt) {
           mbar_wait(&empty[stage], (round & 1) ^ 1);
           unsigned char* sa = ring + stage * STAGE_BYTES;
@@ -830,8 +834,8 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int t = blockIdx.x; t < total; t += gridDim.x) {
       mark(kTraceBeforeLookup);
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
-      const int short_kind = TN ? 0 : probe_short_kind(p.probe, t);
-      const int k_tiles = short_kind == 2 ? (tile.k_tiles + 1) / 2 : tile.k_tiles;
+      const bool narrow = !TN && probe_short_kind(p.probe, t) == 1;
+      const int k_tiles = TN ? tile.k_tiles : probe_k_tiles(p.probe, t, tile.k_tiles);
       int prev = -1;
       mark(0);
       for (int kt = 0; kt < k_tiles; ++kt) {
@@ -841,7 +845,7 @@ __global__ void __launch_bounds__(THREADS, 1)
         if (kt == 0) mark(1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
-        if (short_kind == 1) {
+        if (narrow) {
           // Narrow: both consumers on the first 64 rows, each with its half of B's 256 columns (16 KiB
           // into the stage's B in both layouts). Its own fence-to-commit sequence (C7520).
           wgmma_fence();
@@ -853,40 +857,33 @@ __global__ void __launch_bounds__(THREADS, 1)
             probe_wgmma_m64n128k16<B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
           }
           wgmma_commit();
-          wgmma_wait<1>();
-          if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
-          prev = stage;
-          if (++stage == STAGES) {
-            stage = 0;
-            ++round;
-          }
-          continue;
-        }
-        if constexpr (TN) {
-          // The group ends inside this k-tile: zero the rows past its end (they hold the next
-          // group's rows) in this consumer's A box and in its half of the B boxes, then make the
-          // plain stores visible to the tensor cores (async proxy) before either consumer reads.
-          const int valid = tile.k_end - (tile.k_begin + kt * BK);
-          if (valid < BK) {
-            const int lane128 = threadIdx.x & 127;
-            for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
-              const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
-              unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
-              *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+        } else {
+          if constexpr (TN) {
+            // The group ends inside this k-tile: zero the rows past its end (they hold the next
+            // group's rows) in this consumer's A box and in its half of the B boxes, then make the
+            // plain stores visible to the tensor cores (async proxy) before either consumer reads.
+            const int valid = tile.k_end - (tile.k_begin + kt * BK);
+            if (valid < BK) {
+              const int lane128 = threadIdx.x & 127;
+              for (int i = lane128; i < (BK - valid) * 8 * 3; i += 128) {
+                const int box = i / ((BK - valid) * 8), rest = i % ((BK - valid) * 8);
+                unsigned char* base = box == 0 ? sa : sb + (2 * consumer + box - 1) * (BK * 128);
+                *reinterpret_cast<uint4*>(base + (valid + rest / 8) * 128 + (rest % 8) * 16) = make_uint4(0, 0, 0, 0);
+              }
+              asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+              asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
             }
-            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-            asm volatile("bar.sync 1, 256;\n" ::: "memory");  // both consumers (the producer is not in it)
           }
-        }
-        wgmma_fence();
+          wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) {
-          // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
-          const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
-          const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
-          wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+          for (int kk = 0; kk < BK / 16; ++kk) {
+            // K-major: the next 16 k are 32 bytes along the swizzled row. MN-major: 16 rows down.
+            const uint64_t da = A_MN_MAJOR ? smem_desc(sa + kk * 16 * 128, BK * 128, 1024) : smem_desc(sa + kk * 32, 16, 1024);
+            const uint64_t db = B_MN_MAJOR ? smem_desc(sb + kk * 16 * 128, BK * 128, 1024) : smem_desc(sb + kk * 32, 16, 1024);
+            wgmma_m64n256k16<A_MN_MAJOR ? 1 : 0, B_MN_MAJOR ? 1 : 0>(d, da, db, kt > 0 || kk > 0);
+          }
+          wgmma_commit();
         }
-        wgmma_commit();
         // Keep one stage's wgmmas in flight: once the previous stage's have finished, free it.
         wgmma_wait<1>();
         if (prev >= 0 && (threadIdx.x & 127) == 0) mbar_arrive(&empty[prev]);
