@@ -22,9 +22,9 @@
 //   backward = MoELayer.backward (a fresh forward before each, untimed)
 //   step     = forward + backward in one region
 //   step, host ahead = the same queued behind 1 GiB copies that outlast the host's time to issue it
-//              (measured before the rounds): the host has issued the step before the GPU starts it, as
-//              in a training loop whose host outruns its GPU; against `step`, what the GPU spent
-//              waiting for the host (ours only)
+//              (measured before the rounds): the host has issued the step before the GPU starts it
+//              (ours only). The copies draw less power than the step, which then starts with power
+//              to spare: read it beside the back-to-back row, not as the GPU's wait for the host alone
 //   step, N back to back = N steps queued in one region (main 12, fine 64: ~200 ms), over N: a
 //              training loop's steady state, the GEMMs at the clock their sustained power allows;
 //              torch the same (the figure issue 20's step goal is read against)
@@ -36,7 +36,7 @@
 // the gap is the host and launch overhead between kernels.
 // Timeline: one step traced (lib/trace.ts), the GPU idle at its start: per mark of the layer and its
 // dispatcher, when the host and the GPU reached it; where the GPU's lag behind the host is near 0,
-// the GPU had run out of work (whether the fine shape's forward waits on the host: benchmarks/README.md).
+// the GPU had run out of work (the trace that found the host waiting for each forward: benchmarks/README.md).
 // Check: outputs and gradients against the torch layer (once, before timing), relative error in norm
 // within TOLERANCE (bf16); the script exits 1 when a check fails or the peer did not run on a GPU
 // (after writing the result). --dry-run: tiny shapes on the CPU (wall clock), to check the script and
@@ -484,7 +484,8 @@ function timePhase(fn) {
  * queued behind enough 1 GiB copies (~0.5 ms each on an H200) to outlast the host's time to issue it
  * (measured once here, before the rounds, plus one copy), so that the start event fires after the
  * host has issued the whole step. Against the step timed from an idle GPU (the 'forward + backward'
- * row), the difference is the time the GPU spent waiting for the host.
+ * row), the difference is the GPU's wait for the host, and also the power the copies left unspent
+ * (13 copies before it made a step 10% faster at 7a15c7b: benchmarks/README.md).
  */
 const headStart = (() => {
   if (!onGpu) return { copies: 1, hostMs: null, copyMs: null }; // the CPU runs the copies before the step anyway
@@ -746,6 +747,15 @@ const phases = PHASES.map((p, i) => {
 const passMs = { forward: median(col(ours, 'forwardMs')), backward: median(col(ours, 'backwardMs')) };
 const sums = {};
 const pct = (a, b) => num((100 * a) / b, 1);
+/** The breakdown's row for a sum of phases: their roof, and their share of the measured pass. */
+function pushSum(label, sum, roof, measuredMs) {
+  phaseRows.push({ phase: label, ms: num(sum, 4), 'roof ms': num(roof, 4), '%roof': pct(roof, sum), '%pass': pct(sum, measuredMs) });
+}
+/** A measured pass or step against the sum of its phases: its `phaseSums` entry (`sums[key]`) and its row. */
+function pushMeasured(key, label, sum, roof, ms) {
+  sums[key] = { phasesMs: num(sum, 4), roofMs: num(roof, 4), measuredMs: num(ms, 4), gapMs: num(ms - sum, 4) };
+  phaseRows.push({ phase: label, ms: num(ms, 4), 'roof ms': num(roof, 4), '%roof': pct(roof, ms), 'gap ms': num(ms - sum, 4) });
+}
 for (const pass of ['forward', 'backward']) {
   const mine = phases.filter((p) => p.pass === pass);
   for (const p of mine) {
@@ -763,63 +773,17 @@ for (const pass of ['forward', 'backward']) {
   }
   const sum = mine.reduce((s, p) => s + p.ms, 0);
   const roof = mine.reduce((s, p) => s + p.roofMs, 0);
-  sums[pass] = { phasesMs: num(sum, 4), roofMs: num(roof, 4), measuredMs: num(passMs[pass], 4), gapMs: num(passMs[pass] - sum, 4) };
-  phaseRows.push({
-    phase: `${pass}: sum of phases`,
-    ms: num(sum, 4),
-    'roof ms': num(roof, 4),
-    '%roof': pct(roof, sum),
-    '%pass': pct(sum, passMs[pass]),
-  });
-  phaseRows.push({
-    phase: `${pass}: measured`,
-    ms: num(passMs[pass], 4),
-    'roof ms': num(roof, 4),
-    '%roof': pct(roof, passMs[pass]),
-    'gap ms': num(passMs[pass] - sum, 4),
-  });
+  pushSum(`${pass}: sum of phases`, sum, roof, passMs[pass]);
+  pushMeasured(pass, `${pass}: measured`, sum, roof, passMs[pass]);
 }
 const sumAll = sums.forward.phasesMs + sums.backward.phasesMs;
 const roofAll = sums.forward.roofMs + sums.backward.roofMs;
-sums.step = { phasesMs: num(sumAll, 4), roofMs: num(roofAll, 4), measuredMs: num(stepMs, 4), gapMs: num(stepMs - sumAll, 4) };
-phaseRows.push({
-  phase: 'step: sum of phases',
-  ms: num(sumAll, 4),
-  'roof ms': num(roofAll, 4),
-  '%roof': pct(roofAll, sumAll),
-  '%pass': pct(sumAll, stepMs),
-});
-phaseRows.push({
-  phase: 'step: measured (fwd + bwd)',
-  ms: num(stepMs, 4),
-  'roof ms': num(roofAll, 4),
-  '%roof': pct(roofAll, stepMs),
-  'gap ms': num(stepMs - sumAll, 4),
-});
-// The same step with the host ahead (timeStepHostAhead): its gap is the GPU's own idle time.
-sums.stepHostAhead = {
-  phasesMs: num(sumAll, 4),
-  roofMs: num(roofAll, 4),
-  measuredMs: num(stepHostAheadMs, 4),
-  gapMs: num(stepHostAheadMs - sumAll, 4),
-};
-phaseRows.push({
-  phase: 'step: measured, host ahead',
-  ms: num(stepHostAheadMs, 4),
-  'roof ms': num(roofAll, 4),
-  '%roof': pct(roofAll, stepHostAheadMs),
-  'gap ms': num(stepHostAheadMs - sumAll, 4),
-});
-// Steps back to back (timeStreak): the training loop's steady state, at the sustained clock.
-const streakMs = median(col(ours, 'streakMs'));
-sums.streak = { phasesMs: num(sumAll, 4), roofMs: num(roofAll, 4), measuredMs: num(streakMs, 4), gapMs: num(streakMs - sumAll, 4) };
-phaseRows.push({
-  phase: `step: measured, ${streak} back to back`,
-  ms: num(streakMs, 4),
-  'roof ms': num(roofAll, 4),
-  '%roof': pct(roofAll, streakMs),
-  'gap ms': num(streakMs - sumAll, 4),
-});
+pushSum('step: sum of phases', sumAll, roofAll, stepMs);
+pushMeasured('step', 'step: measured (fwd + bwd)', sumAll, roofAll, stepMs);
+// The same step with the host ahead (timeStepHostAhead), and steps back to back (timeStreak): the
+// training loop's steady state, at the sustained clock.
+pushMeasured('stepHostAhead', 'step: measured, host ahead', sumAll, roofAll, stepHostAheadMs);
+pushMeasured('streak', `step: measured, ${streak} back to back`, sumAll, roofAll, median(col(ours, 'streakMs')));
 
 // The check (once, before timing).
 const err = check?.rel_err ?? {};
@@ -878,7 +842,7 @@ writeResult(
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",
-    host: "host row: wall time of the forward() + backward() calls with no trailing synchronize, the GPU idle at the start. The layer reads nothing from the device on this path (one rank, dropless, align 1; since f83fa52), so this is the host's time per step (JS, validation, allocation, launches); 'of step' compares it to the device time of the step. An upper bound if some call blocks (an allocation missing the cache).",
+    host: "host row: wall time of the forward() + backward() calls with no trailing synchronize, the GPU idle at the start. The layer reads nothing from the device on this path (one rank, dropless, align 1; since a8795c2: before it, tidy() read the dispatch handle's row counts at each forward's end, a wait for the GPU inside this figure), so this is the host's time per step (JS, validation, allocation, launches); 'of step' compares it to the device time of the step. An upper bound if some call blocks (an allocation missing the cache).",
     flops: 'forward: 2·T·k·H·3F (experts) + 2·T·H·E (router); backward counted as 2× forward',
     peer: peerNote,
     tolerance: `relative errors in norm (‖ours − torch‖/‖torch‖) below ${TOLERANCE}: bf16 products agree to about 1e-2; near-ties in the fp32 logits may pick different experts for a few tokens (counted), which moves those tokens’ rows and the norm a little ('same routing': y and dx over the tokens routed alike)`,
