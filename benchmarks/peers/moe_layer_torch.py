@@ -22,7 +22,8 @@ The layer (as moe-ep's MoELayer with softmax routing, normalize = false, droples
   logits = x·Wr in fp32; probs = softmax(logits); (w, idx) = top-k(probs), w not renormalised;
   assignments sorted by expert (stable), each expert's group padded to a multiple of 16 rows with
   zero rows (torch._grouped_mm's backward wants aligned groups) within a static bound, the counts
-  by an integer scatter (torch.bincount reads the maximum on the host), so no host sync; g1 = xs·W1, g3 = xs·W3 (torch._grouped_mm, offs = cumulative padded counts, int32);
+  by an integer scatter (torch.bincount reads the maximum on the host), so no host sync;
+  g1 = xs·W1, g3 = xs·W3 (torch._grouped_mm, offs = cumulative padded counts, int32);
   out = (silu(g1)·g3)·W2; y[t] = Σ_j w[t,j]·out[row(t,j)] in fp32, then bf16. Backward: autograd
   with dy. 'fused': the same with one GEMM against [W1 | W3] ([E,H,2F], a leaf made once).
 Check (before timing): y, dx, dRouter, dW1, dW3, dW2 against ours, relative error in norm; y and dx
