@@ -190,6 +190,11 @@ struct ProbeKnobs {
   const __nv_bfloat16* gather_x = nullptr;
   const int32_t* gather_rows = nullptr;
   int gather_ld = 0;
+  // How a gathered stage completes (ladder 13): 0 each lane's cp.async arrival on the full barrier,
+  // the consumers fencing the async proxy after each wait; 1 each lane waits for its copies one stage
+  // behind (cp.async.wait_group 1), fences the async proxy itself and arrives, the consumers
+  // fence nothing; 2 (a probe, not memory-model safe) as 0 with no fence at all: what the fence costs.
+  int gather_completion = 0;
   int stagger_ns = 0, stagger_phases = 0;
   int pause_ns = 0;
   int lag_ns = 0;
@@ -657,7 +662,7 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
   const int lane = threadIdx.x & 31, chunk = lane & 7, quad = lane >> 3;
   if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
   const int ld = p.probe.gather_ld;
-  int stage = 0;
+  int stage = 0, prev_stage = -1;  // prev_stage: mode 1's stage whose arrival is still to come
   uint32_t round = 0;
   for (int t = blockIdx.x; t < total; t += gridDim.x) {
     const Tile tile = tile_at<MODE>(p, t, m_tiles);
@@ -691,15 +696,31 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
                        : "memory");
         }
       }
-      asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(&full[stage])) : "memory");
+      if (p.probe.gather_completion == 1) {
+        // This stage's copies as one group; the previous stage's have landed once at most one group
+        // is pending: fence them into the async proxy (wgmma reads through it), then arrive.
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+        if (prev_stage >= 0) {
+          asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+          mbar_arrive(&full[prev_stage]);
+        }
+        prev_stage = stage;
+      } else {
+        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(&full[stage])) : "memory");
+      }
       if (++stage == STAGES) {
         stage = 0;
         ++round;
       }
     }
   }
-  // No copy (nor its barrier arrival) left in flight when the warp exits.
+  // No copy (nor its barrier arrival) left in flight when the warp exits; mode 1's last stage arrives here.
   asm volatile("cp.async.wait_all;\n" ::: "memory");
+  if (prev_stage >= 0) {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    mbar_arrive(&full[prev_stage]);
+  }
 }
 
 // The probe's rule: is work item t a short one, and of which kind (0: a whole tile).
@@ -841,7 +862,8 @@ __global__ void __launch_bounds__(THREADS, 1)
       for (int kt = 0; kt < k_tiles; ++kt) {
         mbar_wait(&full[stage], round & 1);
         // Gathered A (ladder 13): the producer's cp.async wrote it through the generic proxy.
-        if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        if constexpr (VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN)
+          if (p.probe.gather_completion == 0) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         if (kt == 0) mark(1);
         unsigned char* sa = ring + stage * STAGE_BYTES + consumer * (64 * 128);  // this warpgroup's 64 rows
         unsigned char* sb = ring + stage * STAGE_BYTES + A_BYTES;
