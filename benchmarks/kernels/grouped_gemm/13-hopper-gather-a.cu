@@ -73,16 +73,18 @@ int main(int argc, char** argv) {
 
   const int32_t* tile_start = ladder::tile_starts(pr, moe::ops::hopper::kTileRows);
   const int sms = ladder::sm_count();
-  // The three ways a gathered stage completes (ProbeKnobs::gather_completion).
-  const char* const completion_names[3] = {"13: gathered, lanes' cp.async arrivals, consumers fence",
+  // The ways a gathered stage is loaded and completes (ProbeKnobs::gather_completion).
+  const char* const completion_names[4] = {"13: gathered, lanes' cp.async arrivals, consumers fence",
                                            "13b: gathered, lanes wait a stage behind, fence, arrive",
-                                           "13x: gathered, no proxy fence (probe, unsafe)"};
+                                           "13x: gathered, no proxy fence (probe, unsafe)",
+                                           "13t: gathered by a TMA load per row"};
   ladder::Probe gather;
   gather.gather_x = dx;
   gather.gather_rows = drows;
   gather.gather_ld = pr.K;
   gather.soak_ms = soak_ms;
-  CHECK(completion >= 0 && completion <= 2, "--completion must be 0, 1 or 2");
+  CHECK(completion >= 0 && completion <= 3, "--completion must be 0, 1, 2 or 3");
+  gather.gather_tokens = T;
   gather.gather_completion = completion;
   std::printf("x: %d tokens, each row of the product one of them (top-%d), every 97th a zero row\n", T, top_k);
   // The kernels alone, checked: case 0 on the permuted rows against the gathered kernel on x.
@@ -93,7 +95,7 @@ int main(int argc, char** argv) {
   // What the fusion is for: the permute's copy and case 0, against the gathered kernel alone, in
   // each of its three completions (all interleaved in the same rounds).
   const size_t n = ladder::out_elems(pr, ladder::Mode::NN);
-  __nv_bfloat16 *o0 = nullptr, *permuted = nullptr, *og[3] = {nullptr, nullptr, nullptr};
+  __nv_bfloat16 *o0 = nullptr, *permuted = nullptr, *og[4] = {nullptr, nullptr, nullptr, nullptr};
   CHECK_CUDA(cudaMalloc(&o0, n * sizeof(__nv_bfloat16)));
   for (auto*& o : og) CHECK_CUDA(cudaMalloc(&o, n * sizeof(__nv_bfloat16)));
   CHECK_CUDA(cudaMalloc(&permuted, size_t(pr.M) * pr.K * sizeof(__nv_bfloat16)));
@@ -107,9 +109,9 @@ int main(int argc, char** argv) {
     gather_rows_kernel<<<copy_blocks, 256>>>(dx, drows, pr.M, pr.K, permuted);
     moe::ops::hopper::run<StoreVia::Handoff>(ladder::Mode::NN, pr, on_permuted, tile_start, o0, sms);
   };
-  ladder::Probe modes[3] = {gather, gather, gather};
+  ladder::Probe modes[4] = {gather, gather, gather, gather};
   std::vector<std::function<void()>> variants{permute_then_gemm};
-  for (int c = 0; c < 3; ++c) {
+  for (int c = 0; c < 4; ++c) {
     modes[c].gather_completion = c;
     modes[c].soak_ms = 0;  // the compare above soaked; here every variant runs its rounds as timed
     variants.push_back([&, c] { moe::ops::hopper::run<StoreVia::HandoffGatherA>(ladder::Mode::NN, pr, in, tile_start, og[c], sms, modes[c]); });
@@ -121,13 +123,13 @@ int main(int argc, char** argv) {
   std::printf("permute + GEMM against the gathered GEMM, interleaved\n");
   ladder::report("permute (row-gather copy) + case 0", pr, ms[0], 0.0, 0.0);
   bool ok = true;
-  for (int c = 0; c < 3; ++c) {
+  for (int c = 0; c < 4; ++c) {
     const std::vector<float> rc = ladder::to_host_floats(og[c], n);
     const double vs_case0 = ladder::rel_err(rc, r0), vs_cpu = ladder::check_against_cpu(pr, in, ladder::Mode::NN, rc);
     ladder::report(completion_names[c], pr, ms[1 + c], vs_cpu, vs_case0);
     if (c != 2) ok = ok && vs_case0 == 0.0 && vs_cpu < 1e-2;  // 13x is a probe: reported, never trusted
   }
-  std::vector<double> copy_ms = ms[4];
+  std::vector<double> copy_ms = ms[5];
   std::sort(copy_ms.begin(), copy_ms.end());
   const double copy_med = copy_ms[copy_ms.size() / 2], copy_bytes = 2.0 * pr.M * pr.K * sizeof(__nv_bfloat16);  // rows read + written
   std::printf("  %-44s %8.3f ms [%.3f, %.3f]  %7.1f GB/s (rows read and written)\n", "the permute's copy alone", copy_med, copy_ms.front(),

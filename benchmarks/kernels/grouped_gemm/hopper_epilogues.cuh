@@ -193,8 +193,12 @@ struct ProbeKnobs {
   // How a gathered stage completes (ladder 13): 0 each lane's cp.async arrival on the full barrier,
   // the consumers fencing the async proxy after each wait; 1 each lane waits for its copies one stage
   // behind (cp.async.wait_group 1), fences the async proxy itself and arrives, the consumers
-  // fence nothing; 2 (a probe, not memory-model safe) as 0 with no fence at all: what the fence costs.
+  // fence nothing; 2 (a probe, not memory-model safe) as 0 with no fence at all: what the fence costs;
+  // 3 no cp.async: each lane issues a TMA load of one row (a box of 64 columns × 1 row of x, whose
+  // tensor map run() builds in map_a) for 4 of the stage's rows, straight into the 128-byte swizzle
+  // (TMA swizzles by the destination's address bits), the stage completing on its bytes alone.
   int gather_completion = 0;
+  int gather_tokens = 0;  // x's rows (mode 3's tensor map; a token of -1 loads row gather_tokens: zeros)
   int stagger_ns = 0, stagger_phases = 0;
   int pause_ns = 0;
   int lag_ns = 0;
@@ -657,10 +661,12 @@ __device__ __forceinline__ void probe_wgmma_m64n128k16(float (&d)[128], uint64_t
 // full barrier once its copies land. Rows past M, tokens -1 and columns past the inner dimension are
 // zero-filled (a source size of 0), as TMA zero-fills what lies outside its box.
 template <GemmMode MODE, int STAGES>
-__device__ __forceinline__ void gather_producer(const Params& p, const CUtensorMap& map_b, unsigned char* ring, uint64_t* full,
-                                                uint64_t* empty, int m_tiles, int total) {
+__device__ __forceinline__ void gather_producer(const Params& p, const CUtensorMap& map_x, const CUtensorMap& map_b, unsigned char* ring,
+                                                uint64_t* full, uint64_t* empty, int m_tiles, int total) {
   const int lane = threadIdx.x & 31, chunk = lane & 7, quad = lane >> 3;
+  const bool by_rows = p.probe.gather_completion == 3;
   if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
+  if (lane == 0 && by_rows) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_x)) : "memory");
   const int ld = p.probe.gather_ld;
   int stage = 0, prev_stage = -1;  // prev_stage: mode 1's stage whose arrival is still to come
   uint32_t round = 0;
@@ -678,9 +684,22 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
       unsigned char* sb = sa + A_BYTES;
       const int k0 = tile.k_begin + kt * BK;
       if (lane == 0) {
-        mbar_arrive_expect_tx(&full[stage], B_BYTES);
+        mbar_arrive_expect_tx(&full[stage], by_rows ? A_BYTES + B_BYTES : B_BYTES);
 #pragma unroll
         for (int j = 0; j < BN / 64; ++j) tma_load_3d(sb + j * (BK * 128), &map_b, &full[stage], tile.col0 + 64 * j, k0, tile.group);
+      }
+      if (by_rows) {
+        __syncwarp();  // the bytes expected before any row's bytes land
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = lane + 32 * i;
+          tma_load_2d(sa + r * 128, &map_x, &full[stage], k0, token[i] >= 0 ? token[i] : p.probe.gather_tokens);
+        }
+        if (++stage == STAGES) {
+          stage = 0;
+          ++round;
+        }
+        continue;
       }
       const bool column_in = k0 + 8 * chunk < p.inner;
 #pragma unroll
@@ -757,7 +776,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     for (int s = 0; s < STAGES; ++s) {
       // The producer's arrive.expect_tx (the copy engine adds the bytes); gathering, also one
       // cp.async arrival from each lane of the producer warp.
-      mbar_init(&full[s], VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN ? 1 + 32 : 1);
+      mbar_init(&full[s], VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN && p.probe.gather_completion != 3 ? 1 + 32 : 1);
       mbar_init(&empty[s], CONSUMERS);  // one arrive per consumer warpgroup
     }
     mbar_init(&tile_full, CONSUMERS * 128);  // every consumer thread, after its part of the tile
@@ -782,7 +801,7 @@ __global__ void __launch_bounds__(THREADS, 1)
     // Ladder 13: the whole warp gathers A; the storers as ever.
     constexpr bool gathered = VIA == StoreVia::HandoffGatherA && MODE == GemmMode::NN;  // run() launches it for NN only
     if (gathered && threadIdx.x < 32) {
-      if constexpr (gathered) gather_producer<MODE, STAGES>(p, map_b, ring, full, empty, m_tiles, total);
+      if constexpr (gathered) gather_producer<MODE, STAGES>(p, map_a, map_b, ring, full, empty, m_tiles, total);
     } else if (!gathered && threadIdx.x == 0) {
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_a)) : "memory");
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
@@ -1070,7 +1089,14 @@ void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, co
     p.n_tiles = (p.cols + BN - 1) / BN;
     const cuuint64_t a_dims[2] = {cuuint64_t(p.inner), cuuint64_t(M)}, a_strides[1] = {cuuint64_t(p.inner) * 2};
     const cuuint32_t a_box[2] = {BK, BM};
-    const CUtensorMap map_a = make_map(nt ? in.dc : in.da, 2, a_dims, a_strides, a_box);
+    CUtensorMap map_a = make_map(nt ? in.dc : in.da, 2, a_dims, a_strides, a_box);
+    if (VIA == StoreVia::HandoffGatherA && probe.gather_completion == 3) {
+      // Ladder 13's row loads: x [gather_tokens, K] (rows gather_ld apart), one row a box.
+      CHECK(probe.gather_tokens > 0, "gather_completion 3 needs ProbeKnobs::gather_tokens");
+      const cuuint64_t x_dims[2] = {cuuint64_t(K), cuuint64_t(probe.gather_tokens)}, x_strides[1] = {cuuint64_t(probe.gather_ld) * 2};
+      const cuuint32_t x_box[2] = {BK, 1};
+      map_a = make_map(const_cast<__nv_bfloat16*>(probe.gather_x), 2, x_dims, x_strides, x_box);
+    }
     const cuuint64_t b_dims[3] = {cuuint64_t(N), cuuint64_t(K), cuuint64_t(E)}, b_strides[2] = {cuuint64_t(N) * 2, cuuint64_t(N * K) * 2};
     const cuuint32_t b_box_nn[3] = {64, BK, 1}, b_box_nt[3] = {BK, BN, 1};
     const CUtensorMap map_b = make_map(in.db, 3, b_dims, b_strides, nt ? b_box_nt : b_box_nn);
