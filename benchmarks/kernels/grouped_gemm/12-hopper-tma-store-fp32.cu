@@ -48,7 +48,8 @@ int main(int argc, char** argv) {
   // the hand-off against itself with every --short-every-th tile (default 16) doing part of its work
   // (--short-kind 1, default: narrow, both consumers on 64 rows with half the columns each; 2: half
   // its k-tiles), its result wrong by design: with --soak-ms and MOE_EP_SMI, whether the clock falls
-  // by more than the work saved (grouped-gemm.md v13, v14). --trace 1:
+  // by more than the work saved (grouped-gemm.md v13, v14); --short-wave 1: every --short-every-th
+  // wave of work items short instead of single items (the blocks stay in step). --trace 1:
   // one more launch of each side with block 0's consumers marking every tile's start, first full
   // stage, last wgmma and epilogue end (clock64), summarised as medians with the SM clock they imply,
   // and every block's time from its first tile to its last end beside the launch's span. --soak-ms
@@ -64,6 +65,7 @@ int main(int argc, char** argv) {
   lag.lag_ns = ladder::take_flag(argc, argv, "--lag-ns", 1000);
   shorts.short_every = ladder::take_flag(argc, argv, "--short-every", 16);
   shorts.short_kind = ladder::take_flag(argc, argv, "--short-kind", 1);
+  shorts.short_wave = ladder::take_flag(argc, argv, "--short-wave", 0) != 0;  // whole waves short (hopper_epilogues.cuh)
   CHECK(shorts.short_every >= 1 && (shorts.short_kind == 1 || shorts.short_kind == 2), "--short-every >= 1, --short-kind 1 or 2");
   const int soak_ms = ladder::take_flag(argc, argv, "--soak-ms", 0);
   for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag, &shorts}) {
@@ -114,8 +116,10 @@ int main(int argc, char** argv) {
   if (only == 22)
     ladder::compare<StoreVia::Handoff, StoreVia::Handoff, __nv_bfloat16>(
         ladder::Mode::NN, pr, in, tile_start, sms, args, "case 0: hand-off (shipped for bf16)",
-        shorts.short_kind == 1 ? "probe: every --short-every-th tile narrow (result wrong by design)"
-                               : "probe: every --short-every-th tile half its k-tiles (result wrong by design)",
+        shorts.short_wave ? (shorts.short_kind == 1 ? "probe: every --short-every-th wave narrow (result wrong by design)"
+                                                    : "probe: every --short-every-th wave half its k-tiles (result wrong by design)")
+                          : (shorts.short_kind == 1 ? "probe: every --short-every-th tile narrow (result wrong by design)"
+                                                    : "probe: every --short-every-th tile half its k-tiles (result wrong by design)"),
         shorts);
   return 0;
 }

@@ -11,6 +11,8 @@
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I../../../native 13-hopper-gather-a.cu -o 13-hopper-gather-a
 //   ./13-hopper-gather-a [--E 32 --M 32768 --K 7168 --N 4096 --top-k 8 --rounds 5 --repeats 20] [--ragged 1] [--soak-ms N]
+//                        [--completion 0|1|2|3: the form checked and soaked first]
+//   ./13-hopper-gather-a --gather-rate 1 [--M --K --rounds --repeats]: the gather alone, 1, 2, 4 and 8 warps a block
 //
 // x has T = M / top-k rows; row r of the product is x[rows[r]], rows drawn at random (each token
 // about top-k times), every 97th a padding row (-1: zeros, as the permute's padding). Case 0 is the
@@ -39,9 +41,90 @@ __global__ void gather_rows_kernel(const __nv_bfloat16* __restrict__ x, const in
   for (int c = lane; c < K / 8; c += 32) dst[c] = token < 0 ? make_uint4(0, 0, 0, 0) : src[c];
 }
 
+// --gather-rate: how fast W warps of one block gather 128-row stages of x into shared memory with
+// the producer's cp.async pattern (8 lanes to a row, 16-byte chunks into the 128-byte swizzle; the
+// tile's 128 tokens loaded once, 4 a lane, and passed round by shuffles), nothing consuming them: a
+// ring of 4 stages, 3 in flight (cp.async.wait_group 2). Each block walks m-tiles and their k-tiles
+// in the GEMM's order (one n-tile's worth), so the rows and their reuse are the GEMM's. What it
+// answers: how many warps keep up with the up GEMM's A rate.
+__global__ void gather_rate_kernel(const __nv_bfloat16* __restrict__ x, const int32_t* __restrict__ rows, int M, int K, unsigned* sink) {
+  extern __shared__ __align__(1024) unsigned char ring[];
+  const int warps = int(blockDim.x >> 5), warp = int(threadIdx.x >> 5), lane = int(threadIdx.x & 31);
+  const int chunk = lane & 7, quad = lane >> 3, k_tiles = K / 64, m_tiles = (M + 127) / 128;
+  int slot = 0;
+  for (int t = int(blockIdx.x); t < m_tiles; t += int(gridDim.x)) {
+    int token[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int row = t * 128 + lane + 32 * i;
+      token[i] = row < M ? __ldg(rows + row) : -1;
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      const uint32_t sa = uint32_t(__cvta_generic_to_shared(ring + slot * 16384));
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int jj = 0; jj < 8; ++jj) {
+          const int j = 8 * i + jj;  // instruction j of the stage's 32 (4 rows each): warp j % warps issues it
+          const int tok = __shfl_sync(0xffffffffu, token[i], 4 * jj + quad);
+          if (j % warps != warp) continue;
+          const int r = 32 * i + 4 * jj + quad;
+          const uint32_t bytes = tok >= 0 ? 16u : 0u;
+          const __nv_bfloat16* src = x + (size_t(tok < 0 ? 0 : tok) * K + kt * 64 + 8 * chunk);
+          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(sa + uint32_t(r * 128 + ((chunk ^ (r & 7)) << 4))), "l"(src),
+                       "r"(bytes)
+                       : "memory");
+        }
+      asm volatile("cp.async.commit_group;\n" ::: "memory");
+      asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+      slot = (slot + 1) & 3;
+    }
+  }
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(sink, unsigned(ring[blockIdx.x % 16384]));  // keeps the copies live
+}
+
+int gather_rate(int argc, char** argv) {
+  ladder::Args args = ladder::parse_args(argc, argv, 32, 32768, 7168, 4096);
+  const ladder::Problem& pr = args.problem;
+  const int T = std::max(1, pr.M / 8);
+  const std::vector<__nv_bfloat16> x = ladder::random_bf16(size_t(T) * pr.K, 4, 1.f);
+  std::vector<int32_t> rows(pr.M);
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  for (int r = 0; r < pr.M; ++r) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    rows[r] = r % 97 == 96 ? -1 : int((state >> 33) % uint64_t(T));
+  }
+  __nv_bfloat16* dx = ladder::to_device(x);
+  int32_t* drows = ladder::to_device(rows);
+  unsigned* sink = nullptr;
+  CHECK_CUDA(cudaMalloc(&sink, sizeof(unsigned)));
+  const int sms = ladder::sm_count(), stages_total = ((pr.M + 127) / 128) * (pr.K / 64);  // K % 64 == 0 here
+  CHECK_CUDA(cudaFuncSetAttribute(gather_rate_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 4 * 16384));
+  const int warp_counts[4] = {1, 2, 4, 8};
+  std::vector<std::function<void()>> variants;
+  for (int w : warp_counts)
+    variants.push_back([=] { gather_rate_kernel<<<sms, 32 * w, 4 * 16384>>>(dx, drows, pr.M, pr.K, sink); });
+  const auto ms = ladder::time_interleaved(variants, args.rounds, args.repeats);
+  const double bytes = double(stages_total) * 16384;
+  std::printf("gather rate: %d stages of 128 rows x 64 columns (%.2f GB, one n-tile's A), x %d tokens x %d, %d blocks\n", stages_total,
+              bytes / 1e9, T, pr.K, sms);
+  for (int i = 0; i < 4; ++i) {
+    std::vector<double> m = ms[i];
+    std::sort(m.begin(), m.end());
+    const double med = m[m.size() / 2];
+    std::printf("  %d warp(s) a block: %8.3f ms [%.3f, %.3f]  %7.1f GB/s, %.1f GB/s an SM\n", warp_counts[i], med, m.front(), m.back(),
+                bytes / (med * 1e-3) / 1e9, bytes / (med * 1e-3) / 1e9 / sms);
+  }
+  CHECK_CUDA(cudaFree(sink));
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (ladder::take_flag(argc, argv, "--gather-rate", 0) != 0) return gather_rate(argc, argv);
   const bool use_ragged = ladder::take_flag(argc, argv, "--ragged", 0) != 0;
   const int top_k = ladder::take_flag(argc, argv, "--top-k", 8);
   const int soak_ms = ladder::take_flag(argc, argv, "--soak-ms", 0);

@@ -176,7 +176,10 @@ static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over th
 //     the same stages: the addon's v14, 4bdf8cd); kind 2, half k: the tile's first half of its k-tiles
 //     only, whole m64n256k16 wgmmas (the producer loads only those). Whether cutting some tiles' work
 //     lowers the clock under the power limit by more than it saves (v13, v14 in grouped-gemm.md), and
-//     whether the instruction shape or the tile's shorter duration does it.
+//     whether the instruction shape or the tile's shorter duration does it. short_wave
+//     (--short-wave 1): whole waves short instead (every short_every-th wave of gridDim.x items),
+//     so every block's tiles keep the same length at the same time (session 19: single short items
+//     let the blocks drift apart, and the main layer's DRAM reads doubled).
 //   gather_x, gather_rows, gather_ld (ladder 13; NN only): A's rows are not read from a permuted
 //     [M, K] matrix by TMA but gathered by the producer warp from x (rows of gather_ld elements; row r
 //     of the product is x[gather_rows[r]], a zero row for -1 or r ≥ M): the lanes cp.async a stage's
@@ -203,6 +206,7 @@ struct ProbeKnobs {
   int pause_ns = 0;
   int lag_ns = 0;
   int short_every = 0, short_kind = 0;
+  bool short_wave = false;
   bool trace = false;
   int soak_ms = 0;
 };
@@ -744,7 +748,10 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
 
 // The probe's rule: is work item t a short one, and of which kind (0: a whole tile).
 __device__ __forceinline__ int probe_short_kind(const ProbeKnobs& k, int t) {
-  return k.short_every > 0 && t % k.short_every == 0 ? k.short_kind : 0;
+  // short_wave: whole waves (every short_every-th run of gridDim.x work items, as the blocks take
+  // them: block b's i-th item is b + i·gridDim.x) instead of single items: the blocks stay in step.
+  const int unit = k.short_wave ? t / int(gridDim.x) : t;
+  return k.short_every > 0 && unit % k.short_every == 0 ? k.short_kind : 0;
 }
 // The k-tiles work item t runs (producer and consumers alike): half of them for a kind-2 short tile.
 __device__ __forceinline__ int probe_k_tiles(const ProbeKnobs& k, int t, int k_tiles) {
