@@ -49,7 +49,10 @@ int main(int argc, char** argv) {
   // (--short-kind 1, default: narrow, both consumers on 64 rows with half the columns each; 2: half
   // its k-tiles), its result wrong by design: with --soak-ms and MOE_EP_SMI, whether the clock falls
   // by more than the work saved (grouped-gemm.md v13, v14); --short-wave 1: every --short-every-th
-  // wave of work items short instead of single items (the blocks stay in step). --trace 1:
+  // wave of work items short instead of single items (the blocks stay in step); --dynamic 1: the
+  // probe side's blocks draw their work items from a global counter (the items in flight stay a
+  // window of about one wave whatever the tiles' lengths); 23: case 0 against itself with dynamic
+  // work items, plain tiles (the scheduler's own cost). --trace 1:
   // one more launch of each side with block 0's consumers marking every tile's start, first full
   // stage, last wgmma and epilogue end (clock64), summarised as medians with the SM clock they imply,
   // and every block's time from its first tile to its last end beside the launch's span. --soak-ms
@@ -66,9 +69,21 @@ int main(int argc, char** argv) {
   shorts.short_every = ladder::take_flag(argc, argv, "--short-every", 16);
   shorts.short_kind = ladder::take_flag(argc, argv, "--short-kind", 1);
   shorts.short_wave = ladder::take_flag(argc, argv, "--short-wave", 0) != 0;  // whole waves short (hopper_epilogues.cuh)
+  // --dynamic 1: 22's probe side draws its work items from a global counter (ProbeKnobs::tile_counter);
+  // 23 times case 0 against itself with dynamic work items (the scheduler's own cost).
+  const bool dynamic = ladder::take_flag(argc, argv, "--dynamic", 0) != 0;
+  CHECK(!dynamic || only == 22, "--dynamic 1 goes with --only 22 (23 is dynamic anyway)");
+  int* tile_counter = nullptr;  // [next item, blocks done], zeroed once: the kernel's last block zeroes them again
+  if (dynamic || only == 23) {
+    CHECK_CUDA(cudaMalloc(&tile_counter, 2 * sizeof(int)));
+    CHECK_CUDA(cudaMemset(tile_counter, 0, 2 * sizeof(int)));
+  }
+  if (dynamic) shorts.tile_counter = tile_counter;
+  ladder::Probe dynamic_items;
+  dynamic_items.tile_counter = tile_counter;
   CHECK(shorts.short_every >= 1 && (shorts.short_kind == 1 || shorts.short_kind == 2), "--short-every >= 1, --short-kind 1 or 2");
   const int soak_ms = ladder::take_flag(argc, argv, "--soak-ms", 0);
-  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag, &shorts}) {
+  for (ladder::Probe* probe : {&plain, &stagger, &pause, &lag, &shorts, &dynamic_items}) {
     probe->trace = trace;
     probe->soak_ms = soak_ms;
   }
@@ -121,5 +136,9 @@ int main(int argc, char** argv) {
                           : (shorts.short_kind == 1 ? "probe: every --short-every-th tile narrow (result wrong by design)"
                                                     : "probe: every --short-every-th tile half its k-tiles (result wrong by design)"),
         shorts);
+  if (only == 23)
+    ladder::compare<StoreVia::Handoff, StoreVia::Handoff, __nv_bfloat16>(ladder::Mode::NN, pr, in, tile_start, sms, args, "case 0: hand-off (shipped for bf16)",
+                                                                         "the same, dynamic work items", dynamic_items);
+  if (tile_counter != nullptr) CHECK_CUDA(cudaFree(tile_counter));
   return 0;
 }

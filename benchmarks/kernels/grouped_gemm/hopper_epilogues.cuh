@@ -152,11 +152,11 @@ template <StoreVia VIA> struct Layout {
 };
 constexpr int MAX_STAGES = 4;
 constexpr int STORER_THREADS = 96;  // Handoff: warps 1-3 of the producer warpgroup
-static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
-static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+static_assert(Layout<StoreVia::WarpSlices>::SMEM_BYTES + 240 <= 232448, "over the 227 KiB opt-in (240: the static mbarriers and work ids)");
+static_assert(Layout<StoreVia::Handoff>::SMEM_BYTES + 240 <= 232448, "over the 227 KiB opt-in (240: the static mbarriers and work ids)");
 static_assert(Layout<StoreVia::ConsumerTmaDouble>::SMEM_BYTES == Layout<StoreVia::ConsumerTma>::SMEM_BYTES, "the same staging");
-static_assert(Layout<StoreVia::ConsumerTmaDeep>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
-static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 96 <= 232448, "over the 227 KiB opt-in (96: the static mbarriers)");
+static_assert(Layout<StoreVia::ConsumerTmaDeep>::SMEM_BYTES + 240 <= 232448, "over the 227 KiB opt-in (240: the static mbarriers and work ids)");
+static_assert(Layout<StoreVia::ConsumerTma>::SMEM_BYTES + 240 <= 232448, "over the 227 KiB opt-in (240: the static mbarriers and work ids)");
 
 // The probes' knobs (ladder 12), set on the host per run; run() copies them into Params.
 //   stagger_ns, stagger_phases (--stagger-ns): block b starts (b % stagger_phases) · stagger_ns later,
@@ -207,6 +207,14 @@ struct ProbeKnobs {
   int lag_ns = 0;
   int short_every = 0, short_kind = 0;
   bool short_wave = false;
+  // Dynamic work items (ladder 12 --dynamic; the hand-off, NN and NT): each block's producer thread
+  // draws its next work item from tile_counter[0] and passes it to its consumers and storers through
+  // a ring of kWorkSlots ids in shared memory, instead of the static b, b + gridDim.x, …: blocks whose
+  // tiles end early take the next items rather than running ahead into far ones, so the items in
+  // flight stay a window of about gridDim.x consecutive ones. tile_counter[1] counts the blocks done;
+  // the last one zeroes both, so the two ints are zeroed once at allocation and every launch after
+  // finds them zero (stream order), with no memset in the timed launches.
+  int* tile_counter = nullptr;
   bool trace = false;
   int soak_ms = 0;
 };
@@ -667,6 +675,9 @@ __device__ __forceinline__ void probe_wgmma_m64n128k16(float (&d)[128], uint64_t
 template <GemmMode MODE, int STAGES>
 __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorMap& map_x, const CUtensorMap& map_b, unsigned char* ring,
                                                 uint64_t* full, uint64_t* empty, int m_tiles, int total) {
+  // Mode 1 arrives for a stage only after issuing the next: with 2 stages its empty wait would need
+  // the arrival it has not made yet.
+  static_assert(STAGES >= 3, "gather_completion 1 needs 3 stages or more");
   const int lane = threadIdx.x & 31, chunk = lane & 7, quad = lane >> 3;
   const bool by_rows = p.probe.gather_completion == 3;
   if (lane == 0) asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
@@ -758,6 +769,48 @@ __device__ __forceinline__ int probe_k_tiles(const ProbeKnobs& k, int t, int k_t
   return probe_short_kind(k, t) == 2 ? (k_tiles + 1) / 2 : k_tiles;
 }
 
+// The work items a role of the block walks (ProbeKnobs::tile_counter): static, item i is
+// blockIdx.x + i·gridDim.x; dynamic, the producer thread draws each from the counter and publishes it
+// in slot i % kWorkSlots, which every consumer and storer warp reads and releases (one arrival a warp).
+// Past the last item the id is `total` (every role stops there). With dynamic items, --trace's
+// "epilogue end to next lookup" includes the wait for the next id.
+// Any number of slots is free of deadlock (a reader releases item i - kWorkSlots having needed only
+// loads the producer issued before it blocks); 8 lets the producer run as far ahead as its ring.
+constexpr int kWorkSlots = 8;
+struct WorkItems {
+  int* ids;  // shared: kWorkSlots ids
+  uint64_t* filled;
+  uint64_t* released;
+  int* counter;  // null: static
+  __device__ __forceinline__ int produce(int i, int total) const {
+    if (counter == nullptr) return int(blockIdx.x) + i * int(gridDim.x);
+    const int slot = i % kWorkSlots;
+    mbar_wait(&released[slot], ((i / kWorkSlots) & 1) ^ 1);
+    const int t = min(atomicAdd(counter, 1), total);
+    if (t == total) {
+      // This block's last draw. The last block to get here zeroes both counters for the next launch:
+      // every other block's draws come before its count (the fence), so none can follow the reset.
+      __threadfence();
+      if (atomicAdd(counter + 1, 1) == int(gridDim.x) - 1) {
+        atomicExch(counter, 0);
+        atomicExch(counter + 1, 0);
+      }
+    }
+    *reinterpret_cast<volatile int*>(ids + slot) = t;
+    mbar_arrive(&filled[slot]);  // release: the id is visible to the threads that acquire the phase
+    return t;
+  }
+  __device__ __forceinline__ int consume(int i) const {
+    if (counter == nullptr) return int(blockIdx.x) + i * int(gridDim.x);
+    const int slot = i % kWorkSlots;
+    mbar_wait(&filled[slot], (i / kWorkSlots) & 1);
+    const int t = *reinterpret_cast<volatile int*>(ids + slot);
+    __syncwarp();  // every lane's read before its warp releases the slot
+    if ((threadIdx.x & 31) == 0) mbar_arrive(&released[slot]);
+    return t;
+  }
+};
+
 // ---- the kernel -----------------------------------------------------------------------------------
 template <GemmMode MODE, GemmEpilogue EPI, typename OutT, StoreVia VIA>
 __global__ void __launch_bounds__(THREADS, 1)
@@ -776,6 +829,9 @@ __global__ void __launch_bounds__(THREADS, 1)
   unsigned char* ring = reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
   __shared__ __align__(8) uint64_t full[MAX_STAGES], empty[MAX_STAGES];
   __shared__ __align__(8) uint64_t tile_full, tile_empty;  // Handoff: consumers → storers → consumers
+  __shared__ __align__(8) uint64_t work_filled[kWorkSlots], work_released[kWorkSlots];  // dynamic work items
+  __shared__ int work_ids[kWorkSlots];
+  const WorkItems work{work_ids, work_filled, work_released, p.probe.tile_counter};
   const uint32_t staging_smem = smem_u32(ring + STAGES * STAGE_BYTES);
 
   const int wg = threadIdx.x >> 7;
@@ -788,6 +844,10 @@ __global__ void __launch_bounds__(THREADS, 1)
     }
     mbar_init(&tile_full, CONSUMERS * 128);  // every consumer thread, after its part of the tile
     mbar_init(&tile_empty, STORER_THREADS);  // every storer thread, after reading the tile
+    for (int s = 0; s < kWorkSlots; ++s) {
+      mbar_init(&work_filled[s], 1);                                           // the producer thread
+      mbar_init(&work_released[s], CONSUMERS * 4 + (handoff(VIA) ? STORER_THREADS / 32 : 0));  // every reader warp
+    }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -814,7 +874,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&map_b)) : "memory");
       int stage = 0;
       uint32_t round = 0;
-      for (int t = blockIdx.x; t < total; t += gridDim.x) {
+      for (int i = 0;; ++i) {
+        const int t = work.produce(i, total);
+        if (t >= total) break;
         const Tile tile = tile_at<MODE>(p, t, m_tiles);
         const int k_tiles = TN ? tile.k_tiles : probe_k_tiles(p.probe, t, tile.k_tiles);
         for (int kt = 0; kt < k_tiles; ++kt) {
@@ -848,7 +910,9 @@ __global__ void __launch_bounds__(THREADS, 1)
         // Storers: walk the same tiles; each piece the consumers hand over is copied out.
         const int storer = threadIdx.x - 32;
         uint32_t n = 0;  // pieces done
-        for (int t = blockIdx.x; t < total; t += gridDim.x) {
+        for (int i = 0;; ++i) {
+          const int t = work.consume(i);
+          if (t >= total) break;
           const Tile tile = tile_at<MODE>(p, t, m_tiles);
           for (int half = 0; half < HANDOFFS; ++half, ++n) {
             mbar_wait(&tile_full, n & 1);
@@ -878,7 +942,9 @@ __global__ void __launch_bounds__(THREADS, 1)
       if (point == 0) marks[kTraceGlobalTimer] = (long long)global_ns();
     };
     if (p.trace != nullptr && consumer == 0 && (threadIdx.x & 127) == 0) mark_block_time(p, 0);
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
+    for (int i = 0;; ++i) {
+      const int t = work.consume(i);
+      if (t >= total) break;
       mark(kTraceBeforeLookup);
       const Tile tile = tile_at<MODE>(p, t, m_tiles);
       const bool narrow = !TN && probe_short_kind(p.probe, t) == 1;
@@ -1056,6 +1122,8 @@ void run(ladder::Mode m, const ladder::Problem& pr, const ladder::Inputs& in, co
   CHECK(VIA != StoreVia::HandoffGatherA || (m == ladder::Mode::NN && probe.gather_x != nullptr && probe.gather_rows != nullptr &&
                                              probe.gather_ld >= pr.K && probe.short_every == 0),
         "HandoffGatherA (ladder 13) runs NN with ProbeKnobs::gather_x, gather_rows and gather_ld >= K, and no short tiles");
+  CHECK(probe.tile_counter == nullptr || (VIA == StoreVia::Handoff && m != ladder::Mode::TN),
+        "dynamic work items (ProbeKnobs::tile_counter) run the hand-off, NN or NT");
   Params p{};
   p.probe = probe;
   p.trace = trace;
