@@ -5,10 +5,15 @@
 #    MOE_EP_TESTS=path: run only those GPU test files; MOE_EP_LADDER, MOE_EP_LADDER_ARGS, MOE_EP_LADDER_NCU: the ladder step; MOE_EP_SMI=1: clock and power samples)
 # Builds the addon there (proving the build, and checking the NCCL ABI against the real nccl.h),
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
-# Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit (there is no .git there).
+# Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit in the result files; unset, it
+# is the copy's git HEAD when it has one (with -dirty when tracked files differ from it), else unknown.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
+if [[ -z ${MOE_EP_COMMIT:-} ]] && MOE_EP_COMMIT=$(git rev-parse --short HEAD 2> /dev/null); then
+  [[ -z $(git status --porcelain --untracked-files=no 2> /dev/null) ]] || MOE_EP_COMMIT+=-dirty
+fi
+export MOE_EP_COMMIT=${MOE_EP_COMMIT:-unknown}
 export MOE_EP_MACHINE=${MOE_EP_MACHINE:-nvidia-h200}
 what=${*:-tests}
 status=0
