@@ -41,6 +41,18 @@ __global__ void gather_rows_kernel(const __nv_bfloat16* __restrict__ x, const in
   for (int c = lane; c < K / 8; c += 32) dst[c] = token < 0 ? make_uint4(0, 0, 0, 0) : src[c];
 }
 
+// Row r of the product is x[rows[r]]: tokens drawn at random (each about M / T times), every 97th a
+// padding row (-1: zeros, as the permute's padding).
+std::vector<int32_t> routed_rows(int M, int T) {
+  std::vector<int32_t> rows(M);
+  uint64_t state = 0x9e3779b97f4a7c15ull;
+  for (int r = 0; r < M; ++r) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    rows[r] = r % 97 == 96 ? -1 : int((state >> 33) % uint64_t(T));
+  }
+  return rows;
+}
+
 // --gather-rate: how fast W warps of one block gather 128-row stages of x into shared memory with
 // the producer's cp.async pattern (8 lanes to a row, 16-byte chunks into the 128-byte swizzle; the
 // tile's 128 tokens loaded once, 4 a lane, and passed round by shuffles), nothing consuming them: a
@@ -90,12 +102,7 @@ int gather_rate(int argc, char** argv) {
   const ladder::Problem& pr = args.problem;
   const int T = std::max(1, pr.M / 8);
   const std::vector<__nv_bfloat16> x = ladder::random_bf16(size_t(T) * pr.K, 4, 1.f);
-  std::vector<int32_t> rows(pr.M);
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  for (int r = 0; r < pr.M; ++r) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    rows[r] = r % 97 == 96 ? -1 : int((state >> 33) % uint64_t(T));
-  }
+  const std::vector<int32_t> rows = routed_rows(pr.M, T);
   __nv_bfloat16* dx = ladder::to_device(x);
   int32_t* drows = ladder::to_device(rows);
   unsigned* sink = nullptr;
@@ -141,12 +148,7 @@ int main(int argc, char** argv) {
   // x [T, K] and rows [M]; A (case 0's input, and the CPU reference's) = x[rows], zero rows for -1.
   const int T = std::max(1, pr.M / top_k);
   const std::vector<__nv_bfloat16> x = ladder::random_bf16(size_t(T) * pr.K, 4, 1.f);
-  std::vector<int32_t> rows(pr.M);
-  uint64_t state = 0x9e3779b97f4a7c15ull;
-  for (int r = 0; r < pr.M; ++r) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    rows[r] = r % 97 == 96 ? -1 : int((state >> 33) % uint64_t(T));
-  }
+  const std::vector<int32_t> rows = routed_rows(pr.M, T);
   const __nv_bfloat16 zero = __float2bfloat16(0.f);
   for (int r = 0; r < pr.M; ++r)
     for (int k = 0; k < pr.K; ++k) in.a[size_t(r) * pr.K + k] = rows[r] < 0 ? zero : x[size_t(rows[r]) * pr.K + k];
