@@ -1290,9 +1290,10 @@ inline void soak(const char* label, int soak_ms, const std::function<void()>& la
 }
 // Runs one product with two ways of storing its tiles (case 0: the one the addon ships for this
 // result type; `other`: the ladder's step), checks both and times them interleaved. other_probe:
-// the probes' knobs for the other side only (case 0 runs plain).
+// the probes' knobs for the other side only (case 0 runs plain). Returns the other side's relative
+// error against case 0 (0: the same bits).
 template <moe::ops::hopper::StoreVia CASE0, moe::ops::hopper::StoreVia OTHER, typename OutT>
-void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
+double compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_start, int sms, const Args& args, const char* case0,
              const char* other, Probe other_probe = {}) {
   using moe::ops::hopper::run;
   const size_t n = out_elems(pr, m);
@@ -1309,7 +1310,8 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
                                    args.rounds, args.repeats);
   std::printf("%s, %s results\n", mode_name(m), sizeof(OutT) == 2 ? "bf16" : "fp32");
   report(case0, pr, ms[0], check_against_cpu(pr, in, m, r0), 0.0);
-  report(other, pr, ms[1], check_against_cpu(pr, in, m, r1), rel_err(r1, r0));
+  const double vs_case0 = rel_err(r1, r0);
+  report(other, pr, ms[1], check_against_cpu(pr, in, m, r1), vs_case0);
   if (other_probe.trace) {
     trace_once<CASE0>(case0, m, pr, in, tile_start, o0, sms, Probe{});
     trace_once<OTHER>(other, m, pr, in, tile_start, o1, sms, other_probe);
@@ -1320,6 +1322,7 @@ void compare(Mode m, const Problem& pr, const Inputs& in, const int32_t* tile_st
   }
   CHECK_CUDA(cudaFree(o0));
   CHECK_CUDA(cudaFree(o1));
+  return vs_case0;
 }
 
 }  // namespace ladder
