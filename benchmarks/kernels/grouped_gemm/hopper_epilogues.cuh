@@ -710,38 +710,34 @@ __device__ __forceinline__ void gather_producer(const Params& p, const CUtensorM
           const int r = lane + 32 * i;
           tma_load_2d(sa + r * 128, &map_x, &full[stage], k0, token[i] >= 0 ? token[i] : p.probe.gather_tokens);
         }
-        if (++stage == STAGES) {
-          stage = 0;
-          ++round;
-        }
-        continue;
-      }
-      const bool column_in = k0 + 8 * chunk < p.inner;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) {
-          const int r = 32 * i + 4 * jj + quad;  // this lane's row: the token lane r % 32 holds
-          const int tok = __shfl_sync(0xffffffffu, token[i], 4 * jj + quad);
-          const uint32_t bytes = tok >= 0 && column_in ? 16u : 0u;
-          const __nv_bfloat16* src = bytes ? p.probe.gather_x + (size_t(tok) * ld + k0 + 8 * chunk) : p.probe.gather_x;
-          asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(sa) + uint32_t(r * 128 + ((chunk ^ (r & 7)) << 4))),
-                       "l"(src), "r"(bytes)
-                       : "memory");
-        }
-      }
-      if (p.probe.gather_completion == 1) {
-        // This stage's copies as one group; the previous stage's have landed once at most one group
-        // is pending: fence them into the async proxy (wgmma reads through it), then arrive.
-        asm volatile("cp.async.commit_group;\n" ::: "memory");
-        if (prev_stage >= 0) {
-          asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-          asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-          mbar_arrive(&full[prev_stage]);
-        }
-        prev_stage = stage;
       } else {
-        asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(&full[stage])) : "memory");
+        const bool column_in = k0 + 8 * chunk < p.inner;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int jj = 0; jj < 8; ++jj) {
+            const int r = 32 * i + 4 * jj + quad;  // this lane's row: the token lane r % 32 holds
+            const int tok = __shfl_sync(0xffffffffu, token[i], 4 * jj + quad);
+            const uint32_t bytes = tok >= 0 && column_in ? 16u : 0u;
+            const __nv_bfloat16* src = bytes ? p.probe.gather_x + (size_t(tok) * ld + k0 + 8 * chunk) : p.probe.gather_x;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(sa) + uint32_t(r * 128 + ((chunk ^ (r & 7)) << 4))),
+                         "l"(src), "r"(bytes)
+                         : "memory");
+          }
+        }
+        if (p.probe.gather_completion == 1) {
+          // This stage's copies as one group; the previous stage's have landed once at most one group
+          // is pending: fence them into the async proxy (wgmma reads through it), then arrive.
+          asm volatile("cp.async.commit_group;\n" ::: "memory");
+          if (prev_stage >= 0) {
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+            asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+            mbar_arrive(&full[prev_stage]);
+          }
+          prev_stage = stage;
+        } else {
+          asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(&full[stage])) : "memory");
+        }
       }
       if (++stage == STAGES) {
         stage = 0;
