@@ -4,7 +4,7 @@
 // into its phases, each timed on the GPU and set against the roof (a measured tensor-core peak and
 // a measured device-copy bandwidth).
 //   node benchmarks/moe-layer.bench.mjs [--shape main|fine|all] [--rounds N] [--out DIR] [--quick]
-//                                       [--no-peer] [--peak-tflops X] [--dry-run]
+//                                       [--no-peer] [--peak-tflops X] [--variant G.K=true|false[,…]] [--dry-run]
 // Shapes (bf16, softmax routing without renormalisation, dropless, no shared expert, no aux losses):
 //   main  H=7168 F=2048 E=32 top-8 T=4096 (DeepSeek-V3's hidden and expert sizes, 32 experts on one GPU)
 //   fine  H=2048 F=768 E=128 top-8 T=4096 (many small experts: the MoE layer of Qwen3-30B-A3B, the
@@ -37,6 +37,14 @@
 // Timeline: one step traced (lib/trace.ts), the GPU idle at its start: per mark of the layer and its
 // dispatcher, when the host and the GPU reached it; where the GPU's lag behind the host is near 0,
 // the GPU had run out of work (the trace that found the host waiting for each forward: benchmarks/README.md).
+// --variant G.K=true|false[,…] (kernel switches, lib/kernel-options.ts: e.g. groupedGemm.trimTails=false):
+// a second 'ours' with those switches set, timed in the same rounds as the default (the two in the
+// order A B in even rounds, B A in odd ones, then torch), so that a kernel change is read at the
+// layer in one run, beside the default at the same clock drift; per metric and per phase its time
+// and the ratio variant/default per round (> 1: the default faster). Its outputs and gradients are
+// checked once against the default's (y, dx, the router's gradient, the first and last experts'
+// w13 and w2 gradients; relative error in norm within TOLERANCE, judged only where both routed every
+// token alike). The file is <area>-vs-<switches>-<commit>.json, so it never replaces a plain run's.
 // Check: outputs and gradients against the torch layer (once, before timing), relative error in norm
 // within TOLERANCE (bf16); the script exits 1 when a check fails or the peer did not run on a GPU
 // (after writing the result). --dry-run: tiny shapes on the CPU (wall clock), to check the script and
@@ -100,6 +108,7 @@ const {
   routerBackward,
   routerEntropy,
   routerForward,
+  setKernelOptions,
   synchronize,
   Tensor,
   tidy,
@@ -109,8 +118,22 @@ const {
 } = await import('../dist/lib/index.js');
 // @internal: the fused SwiGLU / dSwiGLU products expertsForward and expertsBackward make.
 const { Epilogue, groupedGemmEpilogue } = await import('../dist/lib/moe/grouped-gemm.js');
-const { args, dryRun, flag, median, num, PeerSession, printTable, quick, range, timeRegion, torchAvailable, writeInputs, writeResult } =
-  await import('./harness.mjs');
+const {
+  args,
+  dryRun,
+  flag,
+  median,
+  num,
+  PeerSession,
+  printTable,
+  quick,
+  range,
+  relErrInNorm,
+  timeRegion,
+  torchAvailable,
+  writeInputs,
+  writeResult,
+} = await import('./harness.mjs');
 
 const noPeer = args.includes('--no-peer');
 const dev = dryRun ? 'cpu' : 'cuda:0';
@@ -122,6 +145,7 @@ if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must 
 const peakFlag = flag('--peak-tflops', null);
 const peakOverride = peakFlag === null ? null : Number(peakFlag);
 if (peakOverride !== null && !(peakOverride > 0)) throw new Error(`--peak-tflops must be a positive number; received ${peakFlag}`);
+const variant = parseVariant(flag('--variant', null));
 const warmup = dryRun ? 1 : 3;
 const repeats = dryRun ? 3 : quick ? 5 : 10; // per round
 const phaseRepeats = dryRun ? 2 : quick ? 5 : 8; // per phase per round
@@ -130,6 +154,44 @@ const phaseRepeats = dryRun ? 2 : quick ? 5 : 8; // per phase per round
 const streak = dryRun ? 2 : shape.streak;
 const streakRepeats = dryRun ? 2 : 3; // per round, after one warm-up streak
 const phaseInner = dryRun ? 1 : 3; // back-to-back calls per timed phase region
+/**
+ * --variant's switches: { update (setKernelOptions's argument), slug (for the file name) }, or null
+ * without the flag. Each entry is group.switch=true|false; setKernelOptions refuses unknown names, and
+ * a variant that changes no switch in force is refused too (it would time the default twice).
+ */
+function parseVariant(text) {
+  if (text === null) return null;
+  const update = {};
+  const parts = [];
+  for (const entry of text.split(',')) {
+    const m = /^([A-Za-z]+)\.([A-Za-z]+)=(true|false)$/.exec(entry.trim());
+    if (!m)
+      throw new Error(
+        `--variant: '${entry}' is not group.switch=true|false (e.g. groupedGemm.trimTails=false; lib/kernel-options.ts lists the switches)`,
+      );
+    (update[m[1]] ??= {})[m[2]] = m[3] === 'true';
+    parts.push(`${m[2]}-${m[3] === 'true' ? 'on' : 'off'}`);
+  }
+  let before;
+  try {
+    before = setKernelOptions(update); // refuses a switch it does not know, naming it
+  } catch (e) {
+    throw new Error(`--variant ${text}: ${e.message}`, { cause: e });
+  }
+  setKernelOptions(before);
+  const changes = Object.entries(update).some(([g, keys]) => Object.entries(keys).some(([key, v]) => before[g][key] !== v));
+  if (!changes) throw new Error(`--variant ${text}: every switch is already so (the default would be timed against itself)`);
+  return { text, update, slug: parts.join('-') };
+}
+/** fn() with the variant's switches set, the previous ones put back afterwards. */
+function withVariant(fn) {
+  const before = setKernelOptions(variant.update);
+  try {
+    return fn();
+  } finally {
+    setKernelOptions(before);
+  }
+}
 /** Relative error in norm allowed between ours and torch (bf16 products; see the notes). */
 const TOLERANCE = 2e-2;
 const label = `T=${T} H=${H} F=${F} E=${E} top-${k}`;
@@ -191,6 +253,52 @@ const oursIndices = f0.saved.indices.clone(); // backward releases what forward 
 const y0 = f0.y;
 const g0 = layer.backward(f0, dy);
 sync();
+
+// ------------------------------------------------ --variant: its outputs against the default's, once
+/**
+ * One step with the variant's switches against f0/g0 (the default's): relative error in norm per
+ * tensor (the experts' gradients on their first and last expert: the whole of w13's is GBs on the
+ * host), and the tokens the two routed differently (a switch on the router's GEMM may flip a
+ * near-tie; y and dx then differ on those tokens by design, so nothing is judged).
+ */
+function checkVariant() {
+  const { f, g, indices } = withVariant(() => {
+    const f = layer.forward(x);
+    const indices = f.saved.indices.clone(); // backward releases what forward saved
+    return { f, g: layer.backward(f, dy), indices };
+  });
+  const host = (t) => t.toFloat32Array();
+  const a = indices.toArray();
+  const b = oursIndices.toArray();
+  let rerouted = 0;
+  for (let t = 0; t < T; t++) {
+    for (let j = 0; j < k; j++) {
+      if (a[t * k + j] !== b[t * k + j]) {
+        rerouted++;
+        break;
+      }
+    }
+  }
+  const expertSlices = (name) => [0, E - 1].map((e) => [`${name}[${e}]`, g[name].narrow(0, e, 1), g0[name].narrow(0, e, 1)]);
+  const pairs = [['y', f.y, y0], ['dx', g.dx, g0.dx], ['router', g.router, g0.router], ...expertSlices('w13'), ...expertSlices('w2')];
+  const relErr = {};
+  for (const [name, mine, ref] of pairs) relErr[name] = num(relErrInNorm(host(mine), host(ref)), 6);
+  disposeGrads(g);
+  disposeForward(f);
+  indices.dispose();
+  const failed = Object.entries(relErr)
+    .filter(([, v]) => !(v < TOLERANCE))
+    .map(([n]) => n);
+  const result =
+    rerouted > 0
+      ? `not judged: ${rerouted} token(s) routed differently`
+      : failed.length
+        ? `FAILED: ${failed.join(', ')} ≥ ${TOLERANCE}`
+        : `passed: all ${pairs.length} within ${TOLERANCE}`;
+  log(`variant ${variant.text} against the default: ${result} (${JSON.stringify(relErr)})`);
+  return { result, rerouted, relErr };
+}
+const variantCheck = variant ? checkVariant() : null;
 
 // ------------------------------------------------------------- the peer: inputs, start, the check
 /** The peer's answers: check (once), rounds (one per round, or { error }). */
@@ -582,9 +690,12 @@ function layerStep() {
 
 const ours = [];
 const torch = [];
+const oursVariant = []; // --variant: its rounds, timed beside ours' (A B, then B A)
 for (let round = 0; round < rounds; round++) {
   const t0 = performance.now();
+  if (variant && round % 2 === 1) oursVariant.push(withVariant(oursRound));
   ours.push(oursRound());
+  if (variant && round % 2 === 0) oursVariant.push(withVariant(oursRound));
   sync();
   let theirs = null;
   if (peer) {
@@ -608,6 +719,7 @@ for (let round = 0; round < rounds; round++) {
   log(
     `round ${round + 1}/${rounds} (${((performance.now() - t0) / 1e3).toFixed(1)} s): ours step ${o.stepMs.toFixed(3)} ms` +
       (Number.isFinite(best) ? `, torch ${best.toFixed(3)} ms (${(best / o.stepMs).toFixed(2)}x)` : '') +
+      (variant ? `, variant ${oursVariant.at(-1).stepMs.toFixed(3)} ms` : '') +
       `, phases sum ${o.phases.reduce((s, v) => s + v, 0).toFixed(3)} ms, copy ${o.copyGBs.toFixed(0)} GB/s` +
       (Number.isFinite(theirs?.matmul_tflops) ? `, torch matmul ${theirs.matmul_tflops.toFixed(0)} TFLOP/s` : ''),
   );
@@ -699,6 +811,46 @@ rows.push({
 rows.push({ what: 'host per step (TS calls)', 'ours ms': num(callsMs), 'of step': num(callsMs / stepMs, 3) });
 rows.push({ what: 'wall: step + synchronize', 'ours ms': num(wallStepMs) });
 
+// --variant: per metric and per phase, its time and the ratio variant/default of each round.
+/** Per round variant / default of `pick(round)` (a number): the ratios, their median and range. */
+function variantRatios(pick) {
+  const perRound = ours.map((o, i) => pick(oursVariant[i]) / pick(o));
+  return { perRound: perRound.map((v) => num(v, 4)), median: num(median(perRound), 4), range: range(perRound).map((v) => num(v, 4)) };
+}
+const VARIANT_METRICS = [
+  ['forward', 'forwardMs'],
+  ['backward', 'backwardMs'],
+  ['forward + backward', 'stepMs'],
+  ['forward + backward, host ahead', 'stepHostAheadMs'],
+  [`forward + backward, ${streak} back to back`, 'streakMs'],
+];
+const variantReport = variant && {
+  switches: variant.update,
+  check: variantCheck,
+  metrics: VARIANT_METRICS.map(([what, key]) => ({
+    what,
+    ms: num(median(col(oursVariant, key)), 4),
+    perRound: col(oursVariant, key).map((v) => num(v, 4)),
+    variantOverDefault: variantRatios((r) => r[key]),
+  })),
+  phases: PHASES.map((p, i) => ({
+    phase: p.name,
+    ms: num(median(oursVariant.map((r) => r.phases[i])), 4),
+    variantOverDefault: variantRatios((r) => r.phases[i]),
+  })),
+};
+if (variantReport) {
+  for (const m of variantReport.metrics) {
+    rows.push({
+      what: `variant: ${m.what}`,
+      'ours ms': m.ms,
+      range: fmtRange(range(m.perRound)),
+      'variant/default': m.variantOverDefault.median,
+      'v/d range': fmtRange(m.variantOverDefault.range),
+    });
+  }
+}
+
 // Roofs: per round, then the median over rounds.
 const copyGBs = median(col(ours, 'copyGBs'));
 const torchPeak = median(col(torch, 'matmul_tflops'));
@@ -759,6 +911,7 @@ function pushMeasured(key, label, sum, roof, ms) {
 for (const pass of ['forward', 'backward']) {
   const mine = phases.filter((p) => p.pass === pass);
   for (const p of mine) {
+    const v = variantReport?.phases.find((q) => q.phase === p.phase);
     phaseRows.push({
       phase: `${pass === 'forward' ? 'F' : 'B'} ${p.phase}`,
       ms: p.ms,
@@ -769,6 +922,7 @@ for (const pass of ['forward', 'backward']) {
       'roof ms': p.roofMs,
       '%roof': pct(p.shareOfRoof, 1),
       '%pass': pct(p.ms, passMs[pass]),
+      ...(v ? { 'variant ms': v.ms, 'v/d': v.variantOverDefault.median } : {}),
     });
   }
   const sum = mine.reduce((s, p) => s + p.ms, 0);
@@ -818,7 +972,7 @@ const peerNote =
     : `torch ${check.torch} (${check.grouped_mm}): the same layer in autograd on the same bf16 weights and inputs: logits = x·Wr in fp32, softmax, top-k, weights = chosen probabilities, sort by expert (groups padded to multiples of 16 rows, no host sync), SwiGLU with torch._grouped_mm (W1 and W3 separate; 'fused': one [H,2F] GEMM), weighted unpermute in fp32, backward with dy; AdamW: torch.optim.AdamW(fused=True) on fp32 masters + copy into the bf16 params; matmul: torch.matmul of two bf16 N×N matrices (the tensor-core roof)${peerState ? `; ${peerState}` : ''}`;
 
 writeResult(
-  `${shape.area}${dryRun ? '-dryrun' : ''}`,
+  `${shape.area}${variant ? `-vs-${variant.slug}` : ''}${dryRun ? '-dryrun' : ''}`,
   rows,
   {
     config: {
@@ -847,6 +1001,9 @@ writeResult(
     peer: peerNote,
     tolerance: `relative errors in norm (‖ours − torch‖/‖torch‖) below ${TOLERANCE}: bf16 products agree to about 1e-2; near-ties in the fp32 logits may pick different experts for a few tokens (counted), which moves those tokens’ rows and the norm a little ('same routing': y and dx over the tokens routed alike)`,
     torchFusedVsUnfusedY: check?.fused_vs_unfused_y ?? null,
+    variant: variant
+      ? `--variant ${variant.text}: our layer again with those kernel switches set, timed in the same rounds as the default (A B in even rounds, B A in odd ones, then torch): 'variant: …' rows and the phases' 'variant ms'; variant/default = per round the variant's time over the default's, median and range (> 1: the default faster); its outputs and gradients checked once against the default's (variant.check)`
+      : null,
   },
   {
     checkRows,
@@ -856,6 +1013,7 @@ writeResult(
     phaseSums: sums,
     host: { callsMs: num(callsMs, 4), wallStepMs: num(wallStepMs, 4), ofStep: num(callsMs / stepMs, 3) },
     timeline,
+    variant: variantReport,
     rounds: ours.map((o, i) => ({
       ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) },
       torch: torch[i],
@@ -907,4 +1065,6 @@ disposeGrads(g0);
 for (const t of [y0, f0.tokensPerExpert, f0.dropped, f0.auxLoss, f0.routerEntropy, oursIndices, x, dy]) t.dispose();
 layer.dispose();
 console.log(`check: ${checkResult}`);
-if (checkResult.startsWith('FAILED') || checkResult.startsWith('not run')) process.exitCode = 1;
+if (variantCheck) console.log(`variant check: ${variantCheck.result}`);
+if (checkResult.startsWith('FAILED') || checkResult.startsWith('not run') || variantCheck?.result.startsWith('FAILED'))
+  process.exitCode = 1;
