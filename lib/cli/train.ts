@@ -9,8 +9,8 @@
  * the current step, every rank at the same step, with a checkpoint and the report, and it says how
  * to resume.
  */
-import { existsSync, rmSync } from 'node:fs';
-import { join, relative, resolve } from 'node:path';
+import { accessSync, constants, existsSync, readdirSync, rmSync, statSync } from 'node:fs';
+import { dirname, join, relative, resolve } from 'node:path';
 
 import cliProgress from 'cli-progress';
 
@@ -18,6 +18,7 @@ import { allGatherJson } from '../parallel/gather-json.js';
 import { init } from '../parallel/init.js';
 import { InvalidArgumentError } from '../errors.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig, type TrainConfigInput } from '../train/config.js';
+import { LATEST_FILE, parseAsideDir, parseStepDir } from '../train/checkpoint-layout.js';
 import { FILE_LIMITS, readJson, writeFileAtomic } from '../train/safe-files.js';
 import { UsageError } from './flags.js';
 import { MetricsLog, readMetrics, type StepMetrics } from '../train/metrics.js';
@@ -26,6 +27,38 @@ import { Trainer } from '../train/trainer.js';
 
 /** What a run folder holds; one that has any of these already holds a run. */
 const RUN_FILES = ['metrics.jsonl', 'report.html', 'config.json', 'checkpoints'];
+
+/** The entries of a checkpoint folder that are saved checkpoints: `latest`, step-N, and a re-save's asides. */
+function checkpointEntries(dir: string): string[] {
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return []; // missing (or not a folder: the write check below says so)
+  }
+  return names.filter((n) => n === LATEST_FILE || parseStepDir(n) !== undefined || parseAsideDir(n) !== undefined).sort();
+}
+
+/**
+ * Why this run cannot write into `dir` (null: it can), found before any step is trained and without
+ * creating anything: the folder, or the nearest of its parents that exists, must be a folder this
+ * process may write (access(2): a read-only file system too). `flag` names the option.
+ */
+function unwritable(dir: string, flag: string): string | null {
+  let p = dir;
+  while (!existsSync(p) && dirname(p) !== p) p = dirname(p);
+  try {
+    if (!statSync(p).isDirectory())
+      return `${flag} ${dir}: cannot write there (${p === dir ? 'it is a file' : `${p} is a file`}; it must be a folder)`;
+    accessSync(p, constants.W_OK | constants.X_OK);
+    return null;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    const why =
+      code === 'EACCES' || code === 'EPERM' ? 'permission denied' : code === 'EROFS' ? 'a read-only file system' : (e as Error).message;
+    return `${flag} ${dir}: cannot write there (${p === dir ? '' : `${p}: `}${why})`;
+  }
+}
 
 function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean } {
   let file: Record<string, unknown> = {};
@@ -108,8 +141,29 @@ export async function runTrain(args: string[]): Promise<number> {
     );
   }
   if (overwrite && lead) for (const f of found) rmSync(join(out, f), { recursive: true, force: true });
-  const trainer = new Trainer(config, world.size > 1 ? { world } : {});
   const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
+  // A checkpoint folder of its own (--checkpoint.dir) may hold another run's checkpoints: saving over
+  // them would replace that run's steps and prune the rest. The same choice as for --out.
+  if (config.checkpoint.dir !== null) {
+    const held = [...new Set(allGatherJson(world, checkpointEntries(ckptDir)).flat())].sort();
+    if (held.length > 0 && !resuming && !overwrite) {
+      throw new InvalidArgumentError(
+        `--checkpoint.dir ${ckptDir} already holds checkpoints (${held.slice(0, 4).join(', ')}${held.length > 4 ? ', …' : ''}): --resume continues from them, --overwrite replaces them, or choose another folder`,
+        'train',
+      );
+    }
+    if (overwrite && lead) for (const f of held) rmSync(join(ckptDir, f), { recursive: true, force: true });
+  }
+  // Every folder the run writes, checked on every rank before training: a run that could not save
+  // would otherwise find out at its first checkpoint, or at the end.
+  const problems = allGatherJson(
+    world,
+    [lead ? unwritable(out, '--out') : null, unwritable(ckptDir, config.checkpoint.dir === null ? '--out' : '--checkpoint.dir')].filter(
+      (p): p is string => p !== null,
+    ),
+  ).flat();
+  if (problems.length > 0) throw new InvalidArgumentError([...new Set(problems)].join('; '), 'train');
+  const trainer = new Trainer(config, world.size > 1 ? { world } : {});
   let resumedAt: number | null = null;
   if (resuming) {
     const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume as string);

@@ -117,6 +117,9 @@ class Fields {
   }
 }
 
+/** Layers a config may declare (the largest MoE models have fewer than 200). */
+const MAX_LAYERS = 65536;
+
 /**
  * The MoE block and layers of a Hugging Face config (config.json's object). `where` prefixes errors
  * (e.g. the file). Throws a CheckpointError naming the field for anything missing, malformed or not
@@ -132,6 +135,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   const family = type as HfMoEFamily;
   const hidden = c.int('hidden_size');
   const numLayers = c.int('num_hidden_layers');
+  // The MoE layers are listed one by one below: a crafted count must not take the heap.
+  if (numLayers > MAX_LAYERS) c.fail(`'num_hidden_layers' = ${numLayers}: more than the ${MAX_LAYERS} layers this loader takes`);
   let block: HfMoEBlock;
   let isMoE: (layer: number) => boolean;
   if (family === 'mixtral') {

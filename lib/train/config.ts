@@ -410,13 +410,17 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
       if (eq >= 0) {
         raw = key.slice(eq + 1);
         key = key.slice(0, eq);
-      } else raw = args[++i];
-      if (raw === undefined) throw new InvalidArgumentError(`'--${key}' needs a value`, 'train');
-      try {
-        value = JSON.parse(raw);
-      } catch {
-        value = raw;
+      } else {
+        raw = args[++i];
+        // `--out --no-progress`: the value is missing and the next flag would be taken for it.
+        if (raw !== undefined && /^--[A-Za-z]/.test(raw))
+          throw new InvalidArgumentError(
+            `'--${key}' needs a value, and '${raw}' looks like the next flag (for a value that starts with '--', write --${key}=${raw})`,
+            'train',
+          );
       }
+      if (raw === undefined) throw new InvalidArgumentError(`'--${key}' needs a value`, 'train');
+      value = raw; // parsed below, once the field (and so its type) is known
     }
     key = short[key] ?? key;
     const [sectionName, field, ...rest] = key.split('.');
@@ -448,7 +452,23 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
         `'--${key}': config.${sectionName}: unknown field '${field}'${didYouMean(field, Object.keys(fields))}`,
         'train',
       );
-    (out[sectionName] ??= {})[field] = value;
+    (out[sectionName] ??= {})[field] =
+      typeof value === 'string' ? parseValue(value, (fields as Record<string, object>)[field] as object) : value;
   }
   return out;
+}
+
+/**
+ * A command-line value for a field of the schema: JSON when it parses (numbers, booleans, null),
+ * else the string; for a field that holds a string or null (a folder: train.out, checkpoint.dir,
+ * checkpoint.resume) the string as written, so that `--out 123` names the folder 123.
+ */
+function parseValue(raw: string, schema: object): unknown {
+  const types = 'anyOf' in schema ? (schema.anyOf as { type?: string }[]).map((t) => t.type) : [(schema as { type?: string }).type];
+  if (types.every((t) => t === 'string' || t === 'null')) return raw === 'null' && types.includes('null') ? null : raw;
+  try {
+    return JSON.parse(raw);
+  } catch {
+    return raw;
+  }
 }

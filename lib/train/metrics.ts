@@ -11,9 +11,12 @@
  *   expertsPerToken  expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing
  *                    zeros dropped)
  */
-import { appendFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
+
+import { InvalidArgumentError } from '../errors.js';
 import { checkOptions } from '../validate.js';
+import { openRegular, writeFileAtomic } from './safe-files.js';
 
 export interface LayerMetrics {
   tokensPerExpert: number[];
@@ -74,10 +77,15 @@ function trimZeros(v: number[]): number[] {
   return v.slice(0, n);
 }
 
+/** Appends: to a regular file only, never through a link planted at the path (which fails: ELOOP). */
+const APPEND_FLAGS = constants.O_WRONLY | constants.O_APPEND | constants.O_CREAT | constants.O_NOFOLLOW;
+
 /**
  * Appends one JSON object per line. The file (and its folder) is created afresh, or with
  * `resumeAt` continued: lines of steps from `resumeAt` on (logged after the checkpoint a run
- * resumes from) are dropped, so the file holds each step once.
+ * resumes from) are dropped, so the file holds each step once. Either way the new file is written
+ * beside the old one and renamed over it: a run killed meanwhile leaves the old file whole, and a
+ * link at the path is replaced, never written through.
  */
 export class MetricsLog {
   constructor(
@@ -87,25 +95,74 @@ export class MetricsLog {
     options = checkOptions(options, 'MetricsLog', { resumeAt: true });
     mkdirSync(dirname(path), { recursive: true });
     const resumeAt = options.resumeAt;
-    const kept = resumeAt === undefined ? [] : readMetrics(path).filter((m) => m.step < resumeAt);
-    writeFileSync(path, kept.map((m) => JSON.stringify(m) + '\n').join(''));
+    writeFileAtomic(path, (fd) => {
+      if (resumeAt === undefined) return;
+      forEachLine(path, (line, m) => {
+        if (m.step < resumeAt) writeSync(fd, line + '\n');
+      });
+    });
   }
   append(m: StepMetrics): void {
-    appendFileSync(this.path, JSON.stringify(m) + '\n');
+    const fd = openSync(this.path, APPEND_FLAGS, 0o644);
+    try {
+      writeSync(fd, JSON.stringify(m) + '\n');
+    } finally {
+      closeSync(fd);
+    }
+  }
+}
+
+/**
+ * Each whole line of a metrics log with its parsed object, read in chunks (a long run's file may be
+ * larger than one string can hold); a line that does not parse (an unfinished line written as a
+ * process died) is skipped. Nothing when there is no file; only a regular file is read (a FIFO would
+ * block), and a link at the path is refused.
+ */
+function forEachLine(path: string, visit: (line: string, m: StepMetrics) => void): void {
+  if (!existsSync(path) && !isLink(path)) return;
+  if (isLink(path))
+    throw new InvalidArgumentError(`the metrics log ${path}: is a symbolic link; only regular files are read`, 'MetricsLog');
+  const { fd } = openRegular(path, { what: `the metrics log ${path}`, error: InvalidArgumentError });
+  try {
+    const chunk = Buffer.alloc(1 << 20);
+    let pending: Buffer[] = [];
+    const line = (bytes: Buffer): void => {
+      const text = bytes.toString('utf8');
+      if (!text.trim()) return;
+      let m: StepMetrics;
+      try {
+        m = JSON.parse(text) as StepMetrics;
+      } catch {
+        return;
+      }
+      visit(text, m);
+    };
+    for (let n; (n = readSync(fd, chunk, 0, chunk.length, null)) > 0;) {
+      let start = 0;
+      for (let nl = chunk.indexOf(0x0a, 0); nl >= 0 && nl < n; nl = chunk.indexOf(0x0a, start)) {
+        line(Buffer.concat([...pending, chunk.subarray(start, nl)]));
+        pending = [];
+        start = nl + 1;
+      }
+      if (start < n) pending.push(Buffer.from(chunk.subarray(start, n)));
+    }
+    if (pending.length) line(Buffer.concat(pending));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+function isLink(path: string): boolean {
+  try {
+    return lstatSync(path).isSymbolicLink();
+  } catch {
+    return false;
   }
 }
 
 /** The steps a metrics.jsonl holds ([] when there is no file); a torn last line (a killed run) is skipped. */
 export function readMetrics(path: string): StepMetrics[] {
-  if (!existsSync(path)) return [];
   const out: StepMetrics[] = [];
-  for (const line of readFileSync(path, 'utf8').split('\n')) {
-    if (!line.trim()) continue;
-    try {
-      out.push(JSON.parse(line) as StepMetrics);
-    } catch {
-      // an unfinished line written as the process died
-    }
-  }
+  forEachLine(path, (_line, m) => out.push(m));
   return out;
 }

@@ -111,6 +111,19 @@ export function joinExperts(
       w2s.push(get(name(firstExpert + i, 'w2')));
     }
     const [H, F] = w1s[0]!.shape as [number, number];
+    // Every expert as expert `firstExpert`'s: the views below would take a transposed tensor of the
+    // same size without a word.
+    const expect = (t: Tensor, e: number, w: ExpertWeight, shape: [number, number]): void => {
+      if (t.shape.length !== 2 || t.shape[0] !== shape[0] || t.shape[1] !== shape[1])
+        throw new CheckpointError(
+          `checkpoint ${reader.dir}: tensor '${name(e, w)}' has shape [${t.shape.join(', ')}] where [${shape.join(', ')}] was expected (as '${name(firstExpert, 'w1')}' [${H}, ${F}] says)`,
+        );
+    };
+    for (let i = 0; i < count; i++) {
+      expect(w1s[i]!, firstExpert + i, 'w1', [H, F]);
+      expect(w3s[i]!, firstExpert + i, 'w3', [H, F]);
+      expect(w2s[i]!, firstExpert + i, 'w2', [F, H]);
+    }
     const w1 = Tensor.empty([count, H, F], { dtype, device: 'cpu' });
     const w3 = Tensor.empty([count, H, F], { dtype, device: 'cpu' });
     const w2 = Tensor.empty([count, F, H], { dtype, device: 'cpu' });
@@ -218,6 +231,12 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   const intoExperts = (w13: Tensor, w2: Tensor, name: (e: number, w: ExpertWeight) => string, count: number, from: number): void => {
     const j = joinExperts(reader, from, count, name);
     try {
+      const [, H, F2] = w13.shape as [number, number, number];
+      const [, h, f2] = j.w13.shape as [number, number, number];
+      if (h !== H || f2 !== F2)
+        throw new CheckpointError(
+          `checkpoint ${reader.dir}: layer ${index}'s '${name(from, 'w1')}' is [${h}, ${f2 / 2}] but this layer's experts are [hidden ${H}, ffn ${F2 / 2}]; build the model with the checkpoint's sizes`,
+        );
       w13.copy_(j.w13);
       w2.copy_(j.w2);
     } finally {

@@ -8,10 +8,11 @@
  * can be archived with the run. The charts are plain ECharts options (reportCharts), which
  * scripts/report-picture.mjs also renders without a browser for docs/report.png.
  */
-import { readFileSync, writeFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
 import { type StepMetrics } from './metrics.js';
+import { writeFileAtomic } from './safe-files.js';
 
 export interface ReportInput {
   title: string;
@@ -313,6 +314,7 @@ for (const c of charts) {
 `;
 }
 
+/** Written beside `path` and renamed over it: a link at the path is replaced, never written through. */
 export function writeReport(path: string, input: ReportInput): void {
-  writeFileSync(path, renderReport(input));
+  writeFileAtomic(path, renderReport(input), { fsync: false });
 }

@@ -17,7 +17,7 @@ import { totalmem } from 'node:os';
 import { type Communicator } from '../parallel/communicator.js';
 import { allGatherJson } from '../parallel/gather-json.js';
 import { expertGroups } from '../parallel/init.js';
-import { invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument } from '../errors.js';
 import { checkOptions } from '../validate.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
@@ -375,6 +375,7 @@ export class Trainer implements Disposable {
   resume(path: string): number {
     const reader: CheckpointReader = loadCheckpoint(path, this.world && this.size > 1 ? { comm: this.world } : {});
     try {
+      checkSameRun(reader, this.config);
       this.model.layers.forEach((layer, i) => loadMoELayer(reader, layer, i, this.layerMoments(i)));
       const dense: [string, Tensor][] = [
         ...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]),
@@ -453,4 +454,34 @@ function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
         `but it has ${gib(have)}: reduce config.model.experts (${m.experts}), model.hidden (${m.hidden}), model.ffn (${m.ffn}), model.layers (${m.layers}), data.tokensPerStep (${config.data.tokensPerStep}) or data.clusters (${config.data.clusters}), or use more ranks`,
     );
   }
+}
+
+/**
+ * What a resumed run must share with the run that saved the checkpoint: the model's function (its
+ * sizes, routing and loss) and the task it learns (the cluster map, made from data.seed). Batch size,
+ * EP size, transport, the optimizer and the balancing may change.
+ */
+const SAME_ON_RESUME = {
+  model: ['layers', 'hidden', 'ffn', 'experts', 'topK', 'routing', 'scoreFunction', 'groups', 'topkGroups', 'sharedFfn', 'loss'],
+  data: ['clusters', 'seed'],
+} as const;
+
+/** Refuses a checkpoint whose recorded config (manifest config) differs from `config` where SAME_ON_RESUME says. */
+function checkSameRun(reader: CheckpointReader, config: TrainConfig): void {
+  const recorded = reader.manifest.config as Record<string, Record<string, unknown> | undefined> | null | undefined;
+  if (recorded === null || typeof recorded !== 'object') return; // saved without a config (by other code): nothing to compare
+  const differ: string[] = [];
+  for (const [section, fields] of Object.entries(SAME_ON_RESUME) as [keyof typeof SAME_ON_RESUME, readonly string[]][]) {
+    const was = recorded[section];
+    if (was === null || typeof was !== 'object') continue;
+    const now = config[section] as unknown as Record<string, unknown>;
+    for (const f of fields) {
+      if (Object.hasOwn(was, f) && JSON.stringify(was[f]) !== JSON.stringify(now[f]))
+        differ.push(`${section}.${f} ${JSON.stringify(was[f])} (this run: ${JSON.stringify(now[f])})`);
+    }
+  }
+  if (differ.length > 0)
+    throw new CheckpointError(
+      `checkpoint ${reader.dir}: saved by a run with ${differ.join(', ')}; resume with the same values (the saved run's config.json, or --section.field overrides) or start a new run`,
+    );
 }
