@@ -185,15 +185,20 @@ export class Tensor implements Disposable {
   /** Uniform in [low, high) (default [0, 1)), from the Philox stream `seed`. */
   static rand(shape: readonly number[], options: RandomOptions & { low?: number; high?: number } = {}): Tensor {
     options = checkOptions(options, 'Tensor.rand', { dtype: true, device: true, seed: true, offset: true, low: true, high: true });
+    const low = checkRandomParam(options.low ?? 0, 'rand', 'low');
+    const high = checkRandomParam(options.high ?? 1, 'rand', 'high');
     const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
-    return t.random_(RANDOM_KIND.uniform, options.low ?? 0, options.high ?? 1, options.seed, options.offset);
+    return t.random_(RANDOM_KIND.uniform, low, high, options.seed, options.offset);
   }
 
   /** Normal with `mean` and `std` (default 0 and 1), from the Philox stream `seed`. */
   static randn(shape: readonly number[], options: RandomOptions & { mean?: number; std?: number } = {}): Tensor {
     options = checkOptions(options, 'Tensor.randn', { dtype: true, device: true, seed: true, offset: true, mean: true, std: true });
+    const mean = checkRandomParam(options.mean ?? 0, 'randn', 'mean');
+    const std = checkRandomParam(options.std ?? 1, 'randn', 'std');
+    if (std < 0) invalidArgument('randn', `'std' must be ≥ 0; received ${std}`);
     const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
-    return t.random_(RANDOM_KIND.normal, options.mean ?? 0, options.std ?? 1, options.seed, options.offset);
+    return t.random_(RANDOM_KIND.normal, mean, std, options.seed, options.offset);
   }
 
   /**
@@ -218,30 +223,61 @@ export class Tensor implements Disposable {
     const dtype = checkDType(options.dtype ?? implied ?? 'f32', op);
     const raw = typed && rawArrayMatches(typed, dtype);
     if (raw) return new Tensor(native().tensorFromBuffer(typed, shape, DTYPE_CODE[dtype], ...device.code));
-    // Plain numbers (or a TypedArray of another type): integers, once checked, go straight into the
-    // dtype's own array; other numbers through f32, converted natively (rounded for bf16/f16/fp8).
-    const values = Array.from(data as ArrayLike<number>);
+    // Plain numbers (or a TypedArray of another type), checked one by one before anything the size
+    // of `data` is made (an array-like's length alone may be absurd); then integers go straight into
+    // the dtype's own array, other numbers through f32, converted natively (rounded for bf16/f16/fp8).
+    const values = data as ArrayLike<unknown>;
     const integral = dtype === 'i32' || dtype === 'i64' || dtype === 'u8';
-    for (let i = 0; i < values.length; i++) {
+    const range = INT_RANGE[dtype];
+    for (let i = 0; i < length; i++) {
       const v = values[i];
       if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
         invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
       }
-      const range = INT_RANGE[dtype];
       if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
     }
-    if (dtype === 'i32') return new Tensor(native().tensorFromBuffer(Int32Array.from(values), shape, DTYPE_CODE.i32, ...device.code));
-    if (dtype === 'u8') return new Tensor(native().tensorFromBuffer(Uint8Array.from(values), shape, DTYPE_CODE.u8, ...device.code));
+    /** A host array of `length` values of data (a RangeError from an allocation too large for the process named). */
+    const copied = <A extends Int32Array | Uint8Array | Float32Array | BigInt64Array>(make: (n: number) => A): A => {
+      let a: A;
+      try {
+        a = make(length);
+      } catch (e) {
+        if (e instanceof RangeError) invalidArgument(op, `'data': ${length} values do not fit in one host array here (${e.message})`);
+        throw e;
+      }
+      if (a instanceof BigInt64Array) for (let i = 0; i < length; i++) a[i] = BigInt(values[i] as number);
+      else if (typed) a.set(typed as unknown as ArrayLike<number>);
+      else for (let i = 0; i < length; i++) a[i] = values[i] as number;
+      return a;
+    };
+    if (dtype === 'i32')
+      return new Tensor(
+        native().tensorFromBuffer(
+          copied((n) => new Int32Array(n)),
+          shape,
+          DTYPE_CODE.i32,
+          ...device.code,
+        ),
+      );
+    if (dtype === 'u8')
+      return new Tensor(
+        native().tensorFromBuffer(
+          copied((n) => new Uint8Array(n)),
+          shape,
+          DTYPE_CODE.u8,
+          ...device.code,
+        ),
+      );
     if (dtype === 'i64')
       return new Tensor(
         native().tensorFromBuffer(
-          BigInt64Array.from(values, (v) => BigInt(v)),
+          copied((n) => new BigInt64Array(n)),
           shape,
           DTYPE_CODE.i64,
           ...device.code,
         ),
       );
-    const f32 = Float32Array.from(values);
+    const f32 = copied((n) => new Float32Array(n));
     if (dtype === 'f32') return new Tensor(native().tensorFromBuffer(f32, shape, DTYPE_CODE.f32, ...device.code));
     const host = new Tensor(native().tensorFromBuffer(f32, shape, DTYPE_CODE.f32, ...Device.cpu.code));
     try {
@@ -276,10 +312,13 @@ export class Tensor implements Disposable {
   }
   /** Elements [start, start + length) along `dim`, sharing storage. */
   narrow(dim: number, start: number, length: number): Tensor {
+    checkDim(this, dim, 'narrow', 'dim');
     return new Tensor(this.handle.narrow(dim, start, length));
   }
   /** Swaps two dimensions, sharing storage (the result is usually not contiguous). */
   transpose(dim0 = 0, dim1 = 1): Tensor {
+    checkDim(this, dim0, 'transpose', 'dim0');
+    checkDim(this, dim1, 'transpose', 'dim1');
     return new Tensor(this.handle.transpose(dim0, dim1));
   }
   sharesStorageWith(other: Tensor): boolean {
@@ -324,13 +363,13 @@ export class Tensor implements Disposable {
   /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
   copy_(src: Tensor): this {
     checkTensor(src, 'copy', 'src');
-    native().copy(this.handle, src.handle);
+    withSeparate(this, src, (s) => native().copy(this.handle, s.handle));
     return this;
   }
   /** this += alpha·other in place (same dtype; `other` may be a trailing part of this shape). */
   add_(other: Tensor, alpha = 1): this {
     checkTensor(other, 'add', 'other');
-    native().binary(BINARY_OP.add, this.handle, other.handle, this.handle, alpha);
+    withSeparate(this, other, (o) => native().binary(BINARY_OP.add, this.handle, o.handle, this.handle, alpha));
     return this;
   }
   fill_(value: number): this {
@@ -408,4 +447,36 @@ function rawArrayMatches(a: ArrayBufferView, dtype: DType): boolean {
     case 'fp8e4m3':
       return a instanceof Uint8Array;
   }
+}
+
+/**
+ * run(src), with src first copied aside when it is another view of dst's memory: the element-wise
+ * kernels write dst while they read src, so a transposed or shifted view of dst would read values
+ * already overwritten (t.copy_(t.transpose()) gave a wrong matrix). The very same tensor reads each
+ * element before writing it, and needs no copy.
+ */
+function withSeparate(dst: Tensor, src: Tensor, run: (src: Tensor) => void): void {
+  if (src === dst || !src.sharesStorageWith(dst)) {
+    run(src);
+    return;
+  }
+  const aside = src.clone();
+  try {
+    run(aside);
+  } finally {
+    aside.dispose();
+  }
+}
+
+/** A dimension of t: an integer in [-ndim, ndim) (the binding would wrap 2^32 to 0). */
+function checkDim(t: Tensor, dim: unknown, op: string, arg: string): void {
+  if (typeof dim !== 'number' || !Number.isInteger(dim) || dim < -t.ndim || dim >= t.ndim)
+    invalidArgument(op, `'${arg}' must be an integer in [${-t.ndim}, ${t.ndim}) for a ${t.ndim}-D tensor; received ${String(dim)}`);
+}
+
+/** A distribution's parameter: a finite number within float32's range (the values are drawn in float32). */
+function checkRandomParam(v: unknown, op: string, arg: string): number {
+  if (typeof v !== 'number' || !Number.isFinite(v) || Math.abs(v) > 3.4028234663852886e38)
+    invalidArgument(op, `'${arg}' must be a finite number within float32's range; received ${String(v)}`);
+  return v;
 }

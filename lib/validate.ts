@@ -10,7 +10,7 @@
  * stays with it.
  */
 import { type DType, DTYPES } from './dtype.js';
-import { invalidArgument, unknownNames } from './errors.js';
+import { DisposedError, invalidArgument, unknownNames } from './errors.js';
 // tensor.ts and stream.ts import this module too; their classes are only used when a check runs,
 // after every module has loaded.
 import { Event, Stream } from './stream.js';
@@ -54,7 +54,26 @@ export function checkOptions<T extends object>(options: T | undefined, op: strin
 
 export function checkTensor(t: unknown, op: string, arg: string): Tensor {
   if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
+  if (t.disposed) throw new DisposedError(`${op}: '${arg}' was disposed and cannot be used`, op);
   return t;
+}
+
+/**
+ * Refuses an output that shares memory with an input (`outputs` and `inputs`: argument name → tensor,
+ * absent ones skipped): the kernels read their inputs while they write their outputs, in tiles and
+ * out of order, so an output over an input would read values it had already overwritten.
+ */
+export function checkSeparate(
+  op: string,
+  outputs: Record<string, Tensor | null | undefined>,
+  inputs: Record<string, Tensor | null | undefined>,
+): void {
+  for (const [o, t] of Object.entries(outputs)) {
+    if (!t) continue;
+    for (const [i, u] of Object.entries(inputs)) {
+      if (u && t.sharesStorageWith(u)) invalidArgument(op, `'${o}' shares memory with '${i}'; the op needs a separate output`);
+    }
+  }
 }
 
 /** A tensor, or undefined when the argument was left out. */

@@ -16,6 +16,7 @@ import {
   Dispatcher,
   DisposedError,
   Event,
+  adamwStep,
   expertsForward,
   groupedGemm,
   InvalidArgumentError,
@@ -38,6 +39,7 @@ import {
   Tensor,
   tidy,
   UnavailableError,
+  unpermute,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
 
@@ -480,6 +482,134 @@ const cases: Case[] = [
     InvalidArgumentError,
     /Event: unknown option 'colour'; expected 'timing'$/,
   ],
+  // Found by an audit (session 20): each of these crashed the process, gave a wrong result or named no argument.
+  [
+    'narrow on dim 2^32 (wrapped to 0)',
+    () => f([2, 3]).narrow(2 ** 32, 0, 1),
+    InvalidArgumentError,
+    /narrow: 'dim' must be an integer in \[-2, 2\)/,
+  ],
+  [
+    'transpose of dim 2^32',
+    () => f([2, 3]).transpose(2 ** 32, 1),
+    InvalidArgumentError,
+    /transpose: 'dim0' must be an integer in \[-2, 2\)/,
+  ],
+  [
+    'fromArray of an empty array-like with a huge length (aborted node)',
+    () => Tensor.fromArray({ length: 5e8 } as ArrayLike<number>, { device: cpu }),
+    InvalidArgumentError,
+    /fromArray: 'data'\[0\] = undefined is not a number/,
+  ],
+  [
+    'groupedGemm into its own input',
+    () => {
+      const a = f([4, 4], 'bf16');
+      return groupedGemm('TN', a, f([4, 4], 'bf16'), i32([0, 4], [2]), { out: a.view(1, 4, 4) });
+    },
+    InvalidArgumentError,
+    /groupedGemm: 'out' shares memory with 'a'; the op needs a separate output/,
+  ],
+  [
+    'groupedGemm with an unknown dtype',
+    () => groupedGemm('NN', f([2, 4]), f([1, 4, 4]), i32([0, 2], [2]), { dtype: 'f64' as never }),
+    InvalidArgumentError,
+    /groupedGemm: 'dtype' must be one of/,
+  ],
+  [
+    'unpermute into its rows',
+    () => {
+      const { indices, cap } = routed();
+      const p = permute(f([2, 3]), indices, f([2, 2]), cap);
+      return unpermute(p.rows, p.rowOf, f([2, 2]), { out: p.rows.narrow(0, 0, 2) });
+    },
+    InvalidArgumentError,
+    /unpermute: 'out' shares memory with 'rows'/,
+  ],
+  [
+    'permute into its input',
+    () => {
+      const { indices, cap } = routed();
+      const x = f([4, 3]);
+      return permute(x.narrow(0, 0, 2), indices, f([2, 2]), cap, { out: { rows: x } });
+    },
+    InvalidArgumentError,
+    /permute: 'out\.rows' shares memory with 'x'/,
+  ],
+  [
+    'adamwStep with one tensor for both moments',
+    () => {
+      const s = f([4]);
+      return adamwStep(f([4]), f([4]), s, s, { lr: 1e-3, step: 1 });
+    },
+    InvalidArgumentError,
+    /adamw: 'expAvg' shares memory with 'expAvgSq'/,
+  ],
+  [
+    'adamwStep with an eps float32 rounds to 0',
+    () => adamwStep(f([4]), f([4]), f([4]), f([4]), { lr: 1e-3, step: 1, eps: 1e-50 }),
+    InvalidArgumentError,
+    /adamw: 'eps' = 1e-50 is below float32's smallest normal/,
+  ],
+  [
+    'adamwStep with lr beyond float32',
+    () => adamwStep(f([4]), f([4]), f([4]), f([4]), { lr: 1e300, step: 1 }),
+    InvalidArgumentError,
+    /adamw: 'lr' = 1e\+300 is beyond float32's range/,
+  ],
+  [
+    'MoELayer with a fractional seed (streams of another seed)',
+    () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, seed: 1.0625 }),
+    InvalidArgumentError,
+    /MoELayer: 'seed' must be a non-negative integer/,
+  ],
+  [
+    'MoELayer with an infinite capacityFactor',
+    () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, capacityFactor: Infinity }),
+    InvalidArgumentError,
+    /MoELayer: 'capacityFactor' must be a finite positive number/,
+  ],
+  [
+    'MoELayer with padToCapacity not a boolean',
+    () =>
+      new MoELayer({
+        hidden: 8,
+        ffn: 4,
+        numExperts: 4,
+        topK: 2,
+        dtype: 'f32',
+        device: cpu,
+        capacityFactor: 1,
+        padToCapacity: 'yes' as never,
+      }),
+    InvalidArgumentError,
+    /MoELayer: 'padToCapacity' must be/,
+  ],
+  [
+    'MoELayer with a zLossCoef beyond float32',
+    () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, zLossCoef: 1e39 }),
+    InvalidArgumentError,
+    /MoELayer: 'zLossCoef' = 1e\+39 is beyond float32's range/,
+  ],
+  [
+    'randn with a NaN mean',
+    () => Tensor.randn([2], { mean: NaN, device: cpu }),
+    InvalidArgumentError,
+    /randn: 'mean' must be a finite number/,
+  ],
+  [
+    'rand with a high beyond float32',
+    () => Tensor.rand([2], { high: 1e39, device: cpu }),
+    InvalidArgumentError,
+    /rand: 'high' must be a finite number within float32's range/,
+  ],
+  [
+    'a disposed offsets tensor, named',
+    () => groupedGemm('NN', f([2, 4]), f([1, 4, 4]), disposed()),
+    DisposedError,
+    /groupedGemm: 'offsets' was disposed/,
+  ],
+  ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
 ];
 
 describe('bad calls give clear errors', () => {
@@ -513,6 +643,37 @@ describe('bad calls give clear errors', () => {
     for (const keep of [-1, 0, NaN, null])
       expect(() => pruneCheckpoints(root, keep as never)).toThrow(/pruneCheckpoints: 'keep' must be a positive integer/);
     expect(listCheckpoints(root)).toHaveLength(1);
+  });
+
+  it('copy_ and add_ from another view of the same memory read the values as they were (they read overwritten ones)', () => {
+    const t = Tensor.fromArray([0, 1, 2, 3, 4, 5, 6, 7, 8], { shape: [3, 3], device: cpu });
+    t.copy_(t.transpose());
+    expect(t.toNumbers()).toEqual([0, 3, 6, 1, 4, 7, 2, 5, 8]);
+    const u = Tensor.fromArray([1, 2, 3, 4], { device: cpu });
+    u.narrow(0, 1, 3).add_(u.narrow(0, 0, 3));
+    expect(u.toNumbers()).toEqual([1, 3, 5, 7]);
+    u.add_(u);
+    expect(u.toNumbers()).toEqual([2, 6, 10, 14]);
+  });
+
+  it('an absurd capacityFactor pads no more than T·k rows (it asked for gigabytes), and expert choice takes it', () => {
+    const { indices } = routed();
+    const cap = capacity(indices, f([2, 2]), { numExperts: 4, capacityFactor: 2.7e8 });
+    expect(cap.capacity).toBe(4);
+    const p = permute(f([2, 3]), indices, f([2, 2]), cap, { padToCapacity: true });
+    expect(p.numRows).toBe(16);
+    // Expert choice: C = min(T, …) = 3 (it was refused as a capacity beyond i32).
+    using layer = new MoELayer({
+      hidden: 8,
+      ffn: 4,
+      numExperts: 4,
+      topK: 2,
+      dtype: 'f32',
+      device: cpu,
+      routing: 'expert-choice',
+      capacityFactor: 1e12,
+    });
+    tidy(() => expect(layer.forward(Tensor.randn([3, 8], { device: cpu, seed: 1 })).tokensPerExpert.toNumbers()).toEqual([3, 3, 3, 3]));
   });
 
   it('a CUDA device on a machine without one is Unavailable, with the reason', () => {

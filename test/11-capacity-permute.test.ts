@@ -139,11 +139,16 @@ describe('capacity', () => {
     disposeAll(pos);
   });
 
-  it('expertCapacity is ceil(cf·T·k/E) without float noise', () => {
+  it('expertCapacity is min(ceil(cf·T·k/E), T·k) without float noise', () => {
     expect(expertCapacity(100, 1, 10, 1.1)).toBe(11);
     expect(expertCapacity(97, 2, 8, 1)).toBe(25);
     expect(expertCapacity(4096, 8, 256, 1.25)).toBe(160);
     expect(expertCapacity(0, 2, 8, 1)).toBe(0);
+    // Never more than the T·k assignments: an absurd factor pads no more than that (it asked for
+    // gigabytes of padding rows), and does not overflow i32.
+    expect(expertCapacity(3, 2, 3, 2.7e8)).toBe(6);
+    expect(expertCapacity(3, 1, 4, 1e12)).toBe(3);
+    expect(expertCapacity(100, 2, 8, 4)).toBe(100);
   });
 });
 

@@ -57,8 +57,10 @@ export interface CapacityOptions {
 }
 
 /**
- * C = ceil(cf·T·k/E). The product is taken in float64; a result within 1e-9 (relative) above an
- * integer is rounded down to it, so that e.g. cf = 1.1, T·k = 100, E = 10 gives 11 and not 12.
+ * C = min(ceil(cf·T·k/E), T·k). The product is taken in float64; a result within 1e-9 (relative)
+ * above an integer is rounded down to it, so that e.g. cf = 1.1, T·k = 100, E = 10 gives 11 and not
+ * 12. No expert can receive more than the T·k assignments, so a larger C would keep nothing more,
+ * only pad more rows (an absurd capacityFactor with padToCapacity asked for gigabytes of them).
  */
 export function expertCapacity(numTokens: number, topK: number, numExperts: number, capacityFactor: number): number {
   const op = 'capacity';
@@ -67,7 +69,7 @@ export function expertCapacity(numTokens: number, topK: number, numExperts: numb
   checkPositiveInt(numExperts, op, 'numExperts');
   checkPositiveNumber(capacityFactor, op, 'capacityFactor');
   const exact = (capacityFactor * numTokens * topK) / numExperts;
-  const c = Math.max(0, Math.ceil(exact - 1e-9 * Math.max(1, exact)));
+  const c = Math.min(numTokens * topK, Math.max(0, Math.ceil(exact - 1e-9 * Math.max(1, exact))));
   if (c >= 2 ** 31 - 1) invalidArgument(op, `the capacity ${c} does not fit in i32`);
   return c;
 }

@@ -14,7 +14,7 @@
  */
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
-import { checkOptions, checkTensor, checkTensors, withOutput } from '../validate.js';
+import { checkDType, checkOptions, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
 import { native } from '../native.js';
 import { GEMM_EPILOGUE, GEMM_MODE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
@@ -26,6 +26,10 @@ export const Epilogue = GEMM_EPILOGUE;
 export type Epilogue = (typeof Epilogue)[keyof typeof Epilogue];
 
 export interface GroupedGemmOptions {
+  /**
+   * Where the result goes (its own memory: sharing any with `a` or `b` is refused). Rows past
+   * offsets[E] (NN, NT) are not written: a fresh output holds whatever memory was there.
+   */
   out?: Tensor;
   /** Output dtype when `out` is not given (default: a's dtype). */
   dtype?: DType;
@@ -63,8 +67,9 @@ export function groupedGemm(mode: GemmMode, aRows: Tensor | Fp8Rows, b: Tensor, 
   if (offsets.ndim !== 1 || (offsets.shape[0] as number) < 1)
     invalidArgument(op, `'offsets' must be [E+1]; received [${offsets.shape.join(',')}]`);
   if (options.out !== undefined) checkTensor(options.out, op, 'out');
+  checkSeparate(op, { out: options.out }, { a, b, 'a.scales': aScales });
   if (options.accumulate && !options.out) invalidArgument(op, `'accumulate' needs 'out'`);
-  const dtype = options.dtype ?? (aScales ? b.dtype : a.dtype);
+  const dtype = options.dtype === undefined ? (aScales ? b.dtype : a.dtype) : checkDType(options.dtype, op);
   const make = (): Tensor => Tensor.empty(outShape(mode, a, b, offsets), { dtype, device: a.device });
   return withOutput(op, options.out, make, (out) =>
     native().groupedGemm(

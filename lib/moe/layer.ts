@@ -25,7 +25,15 @@ import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { invalidArgument, usedAfterDispose } from '../errors.js';
-import { checkKeys, checkNonNegativeInt, checkNonNegativeNumber, checkOneOf, checkPositiveInt, checkTensor } from '../validate.js';
+import {
+  checkBoolean,
+  checkKeys,
+  checkNonNegativeInt,
+  checkNonNegativeNumber,
+  checkOneOf,
+  checkPositiveInt,
+  checkTensor,
+} from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
@@ -206,8 +214,21 @@ export class MoELayer implements Disposable {
       if (config.auxLossCoef || config.seqAuxLossCoef)
         invalidArgument(op, `'auxLossCoef' and 'seqAuxLossCoef' must be 0 with routing 'expert-choice' (balanced by construction)`);
     }
-    if (config.capacityFactor !== undefined && !(typeof config.capacityFactor === 'number' && config.capacityFactor > 0)) {
-      invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(config.capacityFactor)}`);
+    if (
+      config.capacityFactor !== undefined &&
+      !(typeof config.capacityFactor === 'number' && config.capacityFactor > 0 && Number.isFinite(config.capacityFactor))
+    ) {
+      invalidArgument(
+        op,
+        `'capacityFactor' must be a finite positive number (omit it for dropless); received ${String(config.capacityFactor)}`,
+      );
+    }
+    if (config.padToCapacity !== undefined) checkBoolean(config.padToCapacity, op, 'padToCapacity');
+    // Weights come from the Philox streams seed·16 + 0…4: each must be an exact integer.
+    if (config.seed !== undefined) {
+      checkNonNegativeInt(config.seed, op, 'seed');
+      if (config.seed > MAX_SEED)
+        invalidArgument(op, `'seed' must be at most ${MAX_SEED} (the weights' streams are seed·16 + 0…4); received ${config.seed}`);
     }
     if (config.padToCapacity && config.capacityFactor === undefined && !expertChoice)
       invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
@@ -251,10 +272,10 @@ export class MoELayer implements Disposable {
       fp8Dispatch,
       dtype,
       seed: config.seed ?? 1234,
-      auxLossCoef: checkNonNegativeNumber(config.auxLossCoef ?? 0, op, 'auxLossCoef'),
-      seqAuxLossCoef: checkNonNegativeNumber(config.seqAuxLossCoef ?? 0, op, 'seqAuxLossCoef'),
+      auxLossCoef: lossCoef(config.auxLossCoef, op, 'auxLossCoef'),
+      seqAuxLossCoef: lossCoef(config.seqAuxLossCoef, op, 'seqAuxLossCoef'),
       seqLen,
-      zLossCoef: checkNonNegativeNumber(config.zLossCoef ?? 0, op, 'zLossCoef'),
+      zLossCoef: lossCoef(config.zLossCoef, op, 'zLossCoef'),
     };
     if (this.config.seqAuxLossCoef > 0 && seqLen === undefined) invalidArgument(op, `'seqAuxLossCoef' needs 'seqLen'`);
     this.localExperts = E / this.group.size;
@@ -535,6 +556,16 @@ export function disposeSaved(fwd: MoEForward): void {
 }
 
 /** The communication's result, the current stream ordered after it; the work's event freed. */
+/** The largest seed whose weight streams (seed·16 + 0…4) are exact integers. */
+const MAX_SEED = Math.floor((Number.MAX_SAFE_INTEGER - 15) / 16);
+
+/** A balance loss's coefficient: non-negative, and a float32 (the losses are computed in float32). */
+function lossCoef(v: number | undefined, op: string, arg: string): number {
+  const c = checkNonNegativeNumber(v ?? 0, op, arg);
+  if (c > 3.4028234663852886e38) invalidArgument(op, `'${arg}' = ${c} is beyond float32's range (the loss is computed in float32)`);
+  return c;
+}
+
 function settle<T>(work: CommWork<T>): T {
   try {
     return work.wait();

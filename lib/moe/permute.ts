@@ -22,7 +22,16 @@
  */
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
-import { checkBoolean, checkOptions, checkPositiveInt, checkTensor, checkTensors, withOutput, withOutputs } from '../validate.js';
+import {
+  checkBoolean,
+  checkOptions,
+  checkPositiveInt,
+  checkSeparate,
+  checkTensor,
+  checkTensors,
+  withOutput,
+  withOutputs,
+} from '../validate.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
@@ -119,6 +128,14 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   }
   const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
   const padToCapacity = checkBoolean(options.padToCapacity ?? false, op, 'padToCapacity');
+  const given = (options.out ?? {}) as Partial<Record<keyof PermuteOutputs, Tensor>>;
+  checkSeparate(op, Object.fromEntries(Object.entries(given).map(([k, t]) => [`out.${k}`, checkTensor(t, op, `out.${k}`)])), {
+    x,
+    indices,
+    weights,
+    'cap.slot': cap.slot,
+    'cap.keptPerExpert': cap.keptPerExpert,
+  });
   const [T, k] = indices.shape as [number, number];
   // On a GPU, dropless with align 1 keeps every assignment, so R = T·k is known without reading the
   // counts (bad counts are caught by the layout kernel's invalid count there): the segment sizes are
@@ -184,6 +201,7 @@ export function unpermute(rows: Tensor, rowOf: Tensor, weights: Tensor, options:
   checkTensor(weights, op, 'weights');
   if (rows.ndim !== 2 || rowOf.ndim !== 2)
     invalidArgument(op, `'rows' must be [R,H] and 'rowOf' [T,k]; received [${rows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
+  if (options.out !== undefined) checkSeparate(op, { out: checkTensor(options.out, op, 'out') }, { rows, rowOf, weights });
   const make = (): Tensor =>
     Tensor.empty([rowOf.shape[0] as number, rows.shape[1] as number], { dtype: options.dtype ?? rows.dtype, device: rows.device });
   return withOutput(op, options.out, make, (y) => native().unpermute(rows.handle, rowOf.handle, weights.handle, y.handle));
@@ -208,6 +226,14 @@ export function unpermuteBackward(
   const op = 'unpermuteBackward';
   options = checkOptions(options, op, { dtype: true, out: true });
   checkTensors(op, { dy, rows, weights, rowOf, rowToken });
+  const given = (options.out ?? {}) as Partial<UnpermuteGradients>;
+  checkSeparate(op, Object.fromEntries(Object.entries(given).map(([k, t]) => [`out.${k}`, checkTensor(t, op, `out.${k}`)])), {
+    dy,
+    rows,
+    weights,
+    rowOf,
+    rowToken,
+  });
   return withOutputs<UnpermuteGradients>(
     op,
     options.out ?? {},
@@ -241,6 +267,7 @@ export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: PermuteBa
   if (add !== undefined) checkTensor(add, op, 'add');
   if (dRows.ndim !== 2 || rowOf.ndim !== 2)
     invalidArgument(op, `'dRows' must be [R,H] and 'rowOf' [T,k]; received [${dRows.shape.join(',')}] and [${rowOf.shape.join(',')}]`);
+  if (options.out !== undefined) checkSeparate(op, { out: checkTensor(options.out, op, 'out') }, { dRows, rowOf, add });
   const make = (): Tensor =>
     Tensor.empty([rowOf.shape[0] as number, dRows.shape[1] as number], { dtype: options.dtype ?? dRows.dtype, device: dRows.device });
   return withOutput(op, options.out, make, (dx) =>
