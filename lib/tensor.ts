@@ -6,7 +6,7 @@
  * backstop: device memory is scarce and the GC does not see it, so dispose what you create.
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
-import { type DType, dtypeFromCode, dtypeOfArray, type StorageArray, storageView } from './dtype.js';
+import { type DType, dtypeFromCode, dtypeOfArray, dtypeSize, type StorageArray, storageView } from './dtype.js';
 import { DisposedError, invalidArgument } from './errors.js';
 import { checkDType, checkNonNegativeInt, checkOptions, checkStream, checkTensor } from './validate.js';
 import { native, type TensorHandle } from './native.js';
@@ -326,6 +326,17 @@ export class Tensor implements Disposable {
     return this.handle.sharesStorage(other.handle);
   }
   /**
+   * @internal Whether the two reach common memory: the same storage and intersecting byte extents
+   * (from the first element to the last; views that interleave without touching count as overlapping).
+   * Views of one allocation that lie apart do not.
+   */
+  overlaps(other: Tensor): boolean {
+    if (this.numel === 0 || other.numel === 0 || !this.sharesStorageWith(other)) return false;
+    const [a0, a1] = byteExtent(this);
+    const [b0, b1] = byteExtent(other);
+    return a0 < b1 && b0 < a1;
+  }
+  /**
    * Marks this tensor's memory as used on `stream` (default: its device's current stream). The
    * caching allocator reuses a freed block only on the stream it was allocated for; after this, it
    * also waits until the work queued on `stream` when the tensor is freed has finished. Needed when
@@ -362,12 +373,14 @@ export class Tensor implements Disposable {
   }
   /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
   copy_(src: Tensor): this {
+    checkTensor(this, 'copy', 'dst');
     checkTensor(src, 'copy', 'src');
     withSeparate(this, src, (s) => native().copy(this.handle, s.handle));
     return this;
   }
   /** this += alpha·other in place (same dtype; `other` may be a trailing part of this shape). */
   add_(other: Tensor, alpha = 1): this {
+    checkTensor(this, 'add', 'a');
     checkTensor(other, 'add', 'other');
     withSeparate(this, other, (o) => native().binary(BINARY_OP.add, this.handle, o.handle, this.handle, alpha));
     return this;
@@ -449,14 +462,23 @@ function rawArrayMatches(a: ArrayBufferView, dtype: DType): boolean {
   }
 }
 
+/** [first, last + 1) bytes of a non-empty view within its storage (strides are never negative here). */
+function byteExtent(t: Tensor): [number, number] {
+  const d = t.handle.describe();
+  let last = d.offset;
+  d.shape.forEach((n, i) => (last += (n - 1) * (d.strides[i] as number)));
+  const size = dtypeSize[t.dtype];
+  return [d.offset * size, (last + 1) * size];
+}
+
 /**
- * run(src), with src first copied aside when it is another view of dst's memory: the element-wise
+ * run(src), with src first copied aside when it overlaps dst's memory: the element-wise
  * kernels write dst while they read src, so a transposed or shifted view of dst would read values
  * already overwritten (t.copy_(t.transpose()) gave a wrong matrix). The very same tensor reads each
  * element before writing it, and needs no copy.
  */
 function withSeparate(dst: Tensor, src: Tensor, run: (src: Tensor) => void): void {
-  if (src === dst || !src.sharesStorageWith(dst)) {
+  if (src === dst || !src.overlaps(dst)) {
     run(src);
     return;
   }

@@ -59,9 +59,10 @@ export function checkTensor(t: unknown, op: string, arg: string): Tensor {
 }
 
 /**
- * Refuses an output that shares memory with an input (`outputs` and `inputs`: argument name → tensor,
+ * Refuses an output whose memory overlaps an input's (`outputs` and `inputs`: argument name → tensor,
  * absent ones skipped): the kernels read their inputs while they write their outputs, in tiles and
- * out of order, so an output over an input would read values it had already overwritten.
+ * out of order, so an output over an input would read values it had already overwritten. Views of
+ * one allocation that lie apart are fine.
  */
 export function checkSeparate(
   op: string,
@@ -71,7 +72,7 @@ export function checkSeparate(
   for (const [o, t] of Object.entries(outputs)) {
     if (!t) continue;
     for (const [i, u] of Object.entries(inputs)) {
-      if (u && t.sharesStorageWith(u)) invalidArgument(op, `'${o}' shares memory with '${i}'; the op needs a separate output`);
+      if (u && t.overlaps(u)) invalidArgument(op, `'${o}' overlaps '${i}' in memory; the op needs a separate output`);
     }
   }
 }

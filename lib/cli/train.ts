@@ -144,8 +144,10 @@ export async function runTrain(args: string[]): Promise<number> {
   const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
   // A checkpoint folder of its own (--checkpoint.dir) may hold another run's checkpoints: saving over
   // them would replace that run's steps and prune the rest. The same choice as for --out.
+  // Gathered on every rank whatever its config says (ranks given different configs are refused by
+  // the Trainer's check below, and must reach it through the same collectives).
+  const held = [...new Set(allGatherJson(world, config.checkpoint.dir === null ? [] : checkpointEntries(ckptDir)).flat())].sort();
   if (config.checkpoint.dir !== null) {
-    const held = [...new Set(allGatherJson(world, checkpointEntries(ckptDir)).flat())].sort();
     if (held.length > 0 && !resuming && !overwrite) {
       throw new InvalidArgumentError(
         `--checkpoint.dir ${ckptDir} already holds checkpoints (${held.slice(0, 4).join(', ')}${held.length > 4 ? ', …' : ''}): --resume continues from them, --overwrite replaces them, or choose another folder`,

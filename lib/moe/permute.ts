@@ -110,6 +110,16 @@ function checkCap(cap: CapacityResult, op: string): void {
   }
 }
 
+/** The tensors given in an `out` object, named out.<key> (entries left undefined are made by the op). */
+function givenOutputs(op: string, out: object | undefined): Record<string, Tensor> {
+  if (out === undefined || out === null || typeof out !== 'object') return {}; // withOutputs names a bad `out`
+  return Object.fromEntries(
+    Object.entries(out)
+      .filter(([, t]) => t !== undefined)
+      .map(([k, t]) => [`out.${k}`, checkTensor(t, op, `out.${k}`)]),
+  );
+}
+
 /** Gathers x's rows into expert-contiguous order. See the module doc for the outputs. */
 export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options: PermuteOptions = {}): PermuteResult {
   const op = 'permute';
@@ -128,8 +138,7 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
   }
   const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
   const padToCapacity = checkBoolean(options.padToCapacity ?? false, op, 'padToCapacity');
-  const given = (options.out ?? {}) as Partial<Record<keyof PermuteOutputs, Tensor>>;
-  checkSeparate(op, Object.fromEntries(Object.entries(given).map(([k, t]) => [`out.${k}`, checkTensor(t, op, `out.${k}`)])), {
+  checkSeparate(op, givenOutputs(op, options.out), {
     x,
     indices,
     weights,
@@ -226,8 +235,7 @@ export function unpermuteBackward(
   const op = 'unpermuteBackward';
   options = checkOptions(options, op, { dtype: true, out: true });
   checkTensors(op, { dy, rows, weights, rowOf, rowToken });
-  const given = (options.out ?? {}) as Partial<UnpermuteGradients>;
-  checkSeparate(op, Object.fromEntries(Object.entries(given).map(([k, t]) => [`out.${k}`, checkTensor(t, op, `out.${k}`)])), {
+  checkSeparate(op, givenOutputs(op, options.out), {
     dy,
     rows,
     weights,

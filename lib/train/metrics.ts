@@ -11,12 +11,12 @@
  *   expertsPerToken  expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing
  *                    zeros dropped)
  */
-import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readSync, writeSync } from 'node:fs';
+import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 import { InvalidArgumentError } from '../errors.js';
 import { checkOptions } from '../validate.js';
-import { openRegular, writeFileAtomic } from './safe-files.js';
+import { openRegular, writeAll, writeFileAtomic } from './safe-files.js';
 
 export interface LayerMetrics {
   tokensPerExpert: number[];
@@ -97,15 +97,27 @@ export class MetricsLog {
     const resumeAt = options.resumeAt;
     writeFileAtomic(path, (fd) => {
       if (resumeAt === undefined) return;
+      // The kept lines in batches of about 1 MiB (writeAll loops over short writes).
+      let batch: string[] = [];
+      let bytes = 0;
+      const flush = (): void => {
+        writeAll(fd, Buffer.from(batch.join('')));
+        batch = [];
+        bytes = 0;
+      };
       forEachLine(path, (line, m) => {
-        if (m.step < resumeAt) writeSync(fd, line + '\n');
+        if (m.step >= resumeAt) return;
+        batch.push(line + '\n');
+        bytes += line.length + 1;
+        if (bytes >= 1 << 20) flush();
       });
+      flush();
     });
   }
   append(m: StepMetrics): void {
     const fd = openSync(this.path, APPEND_FLAGS, 0o644);
     try {
-      writeSync(fd, JSON.stringify(m) + '\n');
+      writeAll(fd, Buffer.from(JSON.stringify(m) + '\n'));
     } finally {
       closeSync(fd);
     }

@@ -471,17 +471,20 @@ function checkSameRun(reader: CheckpointReader, config: TrainConfig): void {
   const recorded = reader.manifest.config as Record<string, Record<string, unknown> | undefined> | null | undefined;
   if (recorded === null || typeof recorded !== 'object') return; // saved without a config (by other code): nothing to compare
   const differ: string[] = [];
+  const flags: string[] = [];
   for (const [section, fields] of Object.entries(SAME_ON_RESUME) as [keyof typeof SAME_ON_RESUME, readonly string[]][]) {
     const was = recorded[section];
     if (was === null || typeof was !== 'object') continue;
     const now = config[section] as unknown as Record<string, unknown>;
     for (const f of fields) {
-      if (Object.hasOwn(was, f) && JSON.stringify(was[f]) !== JSON.stringify(now[f]))
+      if (Object.hasOwn(was, f) && JSON.stringify(was[f]) !== JSON.stringify(now[f])) {
         differ.push(`${section}.${f} ${JSON.stringify(was[f])} (this run: ${JSON.stringify(now[f])})`);
+        flags.push(`--${section}.${f} ${typeof was[f] === 'string' ? was[f] : JSON.stringify(was[f])}`);
+      }
     }
   }
   if (differ.length > 0)
     throw new CheckpointError(
-      `checkpoint ${reader.dir}: saved by a run with ${differ.join(', ')}; resume with the same values (the saved run's config.json, or --section.field overrides) or start a new run`,
+      `checkpoint ${reader.dir}: saved by a run with ${differ.join(', ')}; resume with the saved run's values (${flags.join(' ')}, or its config.json) or start a new run`,
     );
 }
