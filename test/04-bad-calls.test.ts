@@ -23,6 +23,7 @@ import {
   listCheckpoints,
   loadCheckpoint,
   MoELayer,
+  MoEInference,
   MoEModel,
   permute,
   pruneCheckpoints,
@@ -40,6 +41,7 @@ import {
   tidy,
   UnavailableError,
   unpermute,
+  writeSafetensors,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
 
@@ -609,6 +611,31 @@ const cases: Case[] = [
     DisposedError,
     /groupedGemm: 'offsets' was disposed/,
   ],
+  // A second audit (serving, the dispatcher, files; session 20).
+  [
+    'broadcast to root 2^32 (wrapped to rank 0)',
+    () => Communicator.single().broadcast(f([2]), 2 ** 32),
+    InvalidArgumentError,
+    /broadcast: 'root' 4294967296 is not a rank of this communicator of size 1/,
+  ],
+  [
+    'MoELayer with a group that is no group',
+    () => new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, group: 'world' as never }),
+    InvalidArgumentError,
+    /MoELayer: 'group' must be an ExpertParallelGroup/,
+  ],
+  [
+    'Dispatcher with rank 5 of 1',
+    () => new Dispatcher({ numExperts: 4, group: { ...singleRankGroup, rank: 5 } }),
+    InvalidArgumentError,
+    /Dispatcher: 'group' has rank 5 and size 1/,
+  ],
+  [
+    'MoEInference.fromLayer(null)',
+    () => MoEInference.fromLayer(null as never),
+    InvalidArgumentError,
+    /MoEInference\.fromLayer: 'layer' must be a MoELayer; received null/,
+  ],
   ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
 ];
 
@@ -662,6 +689,59 @@ describe('bad calls give clear errors', () => {
     const { indices, cap } = routed();
     const q = permute(f([2, 3]), indices, f([2, 2]), cap, { out: { rows: undefined } as never });
     expect(q.rows.shape).toEqual([4, 3]);
+  });
+
+  it("a peer's row counts are checked before anything their size is made (a huge one got the process OOM-killed)", () => {
+    for (const [counts, message] of [
+      [[5, -3, 5, -3], /dispatch: rank 0 reported -3 rows for local expert 1/],
+      [[2 ** 31 - 1, 5, 0, 0], /dispatch: the peers reported 2147483652 rows for this rank, more than i32 indexes/],
+    ] as const) {
+      // Two ranks, this one rank 0: its partner's allToAll answers with `counts`.
+      const group = {
+        rank: 0,
+        size: 2,
+        allToAll: (_send: Tensor, recv: Tensor) => recv.copy_(Tensor.fromArray([...counts], { dtype: 'i32', device: cpu })),
+        allToAllV: () => {
+          throw new Error('not reached');
+        },
+      };
+      const d = new Dispatcher({ numExperts: 4, group });
+      const { indices, cap } = routed();
+      tidy(() => expect(() => d.dispatch(f([2, 3]), indices, f([2, 2]), cap)).toThrow(message));
+    }
+  });
+
+  it('MoEInference: rowsFor checks T; workspaceBytes and weightBytes refuse a disposed layer (they allocated a workspace)', () => {
+    using layer = new MoELayer({ hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu });
+    const inf = MoEInference.fromLayer(layer);
+    expect(inf.rowsFor(3)).toBe(6);
+    for (const T of [-3, 1.5, 'x'])
+      expect(() => inf.rowsFor(T as never)).toThrow(/MoEInference\.rowsFor: 'T' must be a non-negative integer/);
+    inf.dispose();
+    const live = memoryStats(cpu).liveBytes;
+    expect(() => inf.workspaceBytes(65536)).toThrow(DisposedError);
+    expect(() => inf.weightBytes).toThrow(DisposedError);
+    expect(memoryStats(cpu).liveBytes).toBe(live);
+  });
+
+  it('safetensors: tensors named constructor, toString or __proto__ are written and read back; a checkpoint root that is a file is named', () => {
+    const dir = tmp();
+    const path = join(dir, 'x.safetensors');
+    const entries = ['constructor', 'toString', '__proto__'].map((name, i) => ({
+      name,
+      dtype: 'F32',
+      shape: [1],
+      data: new Float32Array([i]),
+    }));
+    writeSafetensors(path, entries);
+    using file = SafetensorsFile.open(path);
+    expect([...file.names].sort()).toEqual(['__proto__', 'constructor', 'toString']);
+    const root = join(dir, 'a-file');
+    writeFileSync(root, 'x');
+    expect(() => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) } })).toThrow(CheckpointError);
+    expect(() => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) } })).toThrow(
+      /saveCheckpoint failed, nothing was committed: rank 0: E(EXIST|NOTDIR)/,
+    );
   });
 
   it('copy_ and add_ from another view of the same memory read the values as they were (they read overwritten ones)', () => {

@@ -300,3 +300,27 @@ describe('calls', () => {
     }
   });
 });
+
+// Found by an audit (session 20).
+describe('config.json sizes that disagree with the files, and bad layer indices', () => {
+  it('a huge size in config.json is refused naming the tensor before anything that size is allocated', () => {
+    const { dir } = fresh();
+    const path = join(dir, 'config.json');
+    const config = JSON.parse(fs.readFileSync(path, 'utf8')) as Record<string, unknown>;
+    for (const [field, value] of [
+      ['hidden_size', 2 ** 40],
+      ['moe_intermediate_size', 2 ** 36],
+    ] as const) {
+      fs.writeFileSync(path, JSON.stringify({ ...config, [field]: value }));
+      expectCheckpointError(dir, /tensor 'model\.layers\.1\.mlp\.\S+' is \[\d+,\d+\] but the deepseek_v3 config \(config\.json\) needs \[/);
+    }
+    fs.writeFileSync(path, JSON.stringify({ ...config, moe_intermediate_size: 2 ** 30, n_shared_experts: 2 ** 30 }));
+    expect(() => HfMoECheckpoint.open(dir)).toThrow(/'moe_intermediate_size' × 'n_shared_experts' = 1073741824 × 1073741824 is beyond/);
+  });
+
+  it("a layer given as a string is refused as such (it said 'layer 1 has no MoE block (the MoE layers are … 1 …)')", () => {
+    const { dir } = fresh();
+    using ckpt = HfMoECheckpoint.open(dir);
+    expect(() => ckpt.readLayer('1' as never, { device: 'cpu' })).toThrow(/'layer' must be an integer; received "1"/);
+  });
+});

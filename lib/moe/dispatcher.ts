@@ -219,6 +219,22 @@ function cachePut<V>(cache: Map<string, V>, key: string, value: V, drop: (v: V) 
   cache.set(key, value);
 }
 
+/**
+ * The expert-parallel group a Dispatcher, MoELayer or MoEInference is given (undefined: this rank
+ * alone): a Communicator, or an object with an integer rank in [0, size), allToAll and allToAllV.
+ */
+export function checkGroup(group: unknown, op: string): ExpertParallelGroup {
+  if (group === undefined) return singleRankGroup;
+  const g = group as ExpertParallelGroup;
+  if (group === null || typeof group !== 'object' || typeof g.allToAll !== 'function' || typeof g.allToAllV !== 'function') {
+    invalidArgument(op, `'group' must be an ExpertParallelGroup (a Communicator, or an object with rank, size, allToAll and allToAllV)`);
+  }
+  if (!Number.isSafeInteger(g.size) || g.size < 1 || !Number.isSafeInteger(g.rank) || g.rank < 0 || g.rank >= g.size) {
+    invalidArgument(op, `'group' has rank ${String(g.rank)} and size ${String(g.size)}; expected 0 <= rank < size`);
+  }
+  return g;
+}
+
 /** Tensors shared by the handles that use them (cached layouts): freed when evicted and unused. */
 class Shared {
   refs = 0;
@@ -272,19 +288,7 @@ export class Dispatcher {
       transport: true,
       transportSms: true,
     });
-    const group = config.group ?? singleRankGroup;
-    if (group === null || typeof group !== 'object' || typeof group.allToAll !== 'function' || typeof group.allToAllV !== 'function') {
-      invalidArgument(op, `'group' must be an ExpertParallelGroup (a Communicator, or an object with rank, size, allToAll and allToAllV)`);
-    }
-    if (
-      !Number.isSafeInteger(group.size) ||
-      group.size < 1 ||
-      !Number.isSafeInteger(group.rank) ||
-      group.rank < 0 ||
-      group.rank >= group.size
-    ) {
-      invalidArgument(op, `'group' has rank ${String(group.rank)} and size ${String(group.size)}; expected 0 <= rank < size`);
-    }
+    const group = checkGroup(config.group, op);
     checkPositiveInt(config.numExperts, op, 'numExperts');
     if (config.numExperts % group.size !== 0) {
       invalidArgument(op, `'numExperts' ${config.numExperts} must be a multiple of the expert-parallel group size ${group.size}`);
@@ -789,7 +793,22 @@ export class Dispatcher {
       const send = Tensor.fromArray(segment, { dtype: 'i32', device: like.device, shape: [this.numExperts] });
       const recv = Tensor.empty([this.numExperts], { dtype: 'i32', device: like.device });
       this.group.allToAll(send, recv);
-      return Array.from(recv.toArray() as Int32Array); // read on the host: part of the dropless sync
+      const counts = Array.from(recv.toArray() as Int32Array); // read on the host: part of the dropless sync
+      // What the peers said is checked before anything is made its size: a negative count, or rows
+      // past what i32 indexes, is a peer's fault (its memory or its code), named as such.
+      const El = this.localExperts;
+      let total = 0;
+      counts.forEach((n, i) => {
+        if (n < 0)
+          invalidArgument(
+            'dispatch',
+            `rank ${Math.floor(i / El)} reported ${n} rows for local expert ${i % El} (a peer's counts must be >= 0)`,
+          );
+        total += n;
+      });
+      if (total > 2 ** 31 - 1)
+        invalidArgument('dispatch', `the peers reported ${total} rows for this rank, more than i32 indexes (${counts.join(', ')})`);
+      return counts;
     });
   }
 

@@ -36,7 +36,7 @@ import {
 } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
-import { type DispatchHandle, Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from './dispatcher.js';
+import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
 import { expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
@@ -240,7 +240,7 @@ export class MoELayer implements Disposable {
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
       invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
-    this.group = config.group ?? singleRankGroup;
+    this.group = checkGroup(config.group, op);
     const E = this.router.numExperts;
     if (E % this.group.size !== 0)
       invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);

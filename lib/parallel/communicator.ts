@@ -121,6 +121,9 @@ export class Communicator implements Disposable {
   /** In place: every rank's t becomes root's t. */
   broadcast(t: Tensor, root: number): Tensor {
     checkTensor(t, 'broadcast', 't');
+    // (The binding takes a 32-bit int: 2^32 would be rank 0.)
+    if (!Number.isSafeInteger(root) || root < 0 || root >= this.size)
+      invalidArgument('broadcast', `'root' ${String(root)} is not a rank of this communicator of size ${this.size}`);
     this.#staged([t], [t], ([d]) => this.handle.broadcast(d!.handle, root));
     return t;
   }

@@ -227,6 +227,7 @@ export class HfMoECheckpoint implements Disposable {
 
   /** The tensor names of a layer's MoE block (the layer must be one of model.moeLayers). */
   names(layer: number): HfMoENames {
+    if (!Number.isSafeInteger(layer)) invalidArgument('HfMoECheckpoint', `'layer' must be an integer; received ${JSON.stringify(layer)}`);
     if (!this.model.moeLayers.includes(layer)) {
       const l = this.model.moeLayers;
       invalidArgument(
@@ -355,6 +356,21 @@ export class HfMoECheckpoint implements Disposable {
       return t;
     };
     try {
+      // The files' shapes first (headers only): a config.json whose sizes disagree with the tensors
+      // must be refused by name, not allocate what it asks for.
+      this.locate(names.gate, [E, H]);
+      if (El > 0) {
+        this.locate(names.expert(first, 'gate'), [F, H]);
+        this.locate(names.expert(first, 'up'), [F, H]);
+        this.locate(names.expert(first, 'down'), [H, F]);
+      }
+      if (names.shared !== null)
+        for (const [w, shape] of [
+          ['gate', [Fs, H]],
+          ['up', [Fs, H]],
+          ['down', [H, Fs]],
+        ] as const)
+          this.locate(names.shared(w), shape);
       // The gate [E,H] → router [1,H,E].
       const router = alloc([1, H, E]);
       this.read(names.gate, [E, H], (src) => router.copy_(src.view(1, E, H).transpose(1, 2)));

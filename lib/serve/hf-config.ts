@@ -184,6 +184,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     const shared = c.int('n_shared_experts', 1, 0);
     // All groups kept (topk_group = n_group, or one group) is plain top-k.
     const groups = topkGroup === nGroup ? 1 : nGroup;
+    if (!Number.isSafeInteger(F * shared))
+      c.fail(`'moe_intermediate_size' × 'n_shared_experts' = ${F} × ${shared} is beyond the integers a size can hold`);
     block = {
       family,
       hidden,

@@ -61,11 +61,11 @@ import { Stream } from '../stream.js';
 import { checkBoolean, checkKeys, checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
-import { Dispatcher, type ExpertParallelGroup, singleRankGroup, type TransportChoice } from '../moe/dispatcher.js';
+import { checkGroup, Dispatcher, type ExpertParallelGroup, type TransportChoice } from '../moe/dispatcher.js';
 import { type PeerDecodeBuffers, peerCombineInto, peerDecodeBuffers, peerDecodeNeed, peerDispatchInto } from '../moe/peer-dispatch.js';
 import { type PeerTransport } from '../moe/peer-transport.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
-import { type MoELayer } from '../moe/layer.js';
+import { MoELayer } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
 import { resolveRouterConfig, type ResolvedRouterConfig, routerFieldsOf, routerForward, type ScoreFunction } from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
@@ -253,7 +253,7 @@ export class MoEInference implements Disposable {
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
       invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const maxWorkspaces = checkPositiveInt(config.maxWorkspaces ?? 8, op, 'maxWorkspaces');
-    this.group = config.group ?? singleRankGroup;
+    this.group = checkGroup(config.group, op);
     if (E % this.group.size !== 0)
       invalidArgument(op, `'numExperts' ${E} must be a multiple of the expert-parallel group size ${this.group.size}`);
     this.localExperts = E / this.group.size;
@@ -324,6 +324,8 @@ export class MoEInference implements Disposable {
    * fp8Dispatch (serving dispatches unquantised rows).
    */
   static fromLayer(layer: MoELayer, options: { maxWorkspaces?: number } = {}): MoEInference {
+    if (!(layer instanceof MoELayer))
+      invalidArgument('MoEInference.fromLayer', `'layer' must be a MoELayer; received ${layer === null ? 'null' : typeof layer}`);
     options = checkOptions(options, 'MoEInference.fromLayer', { maxWorkspaces: true });
     const c = layer.config;
     if (c.routing !== 'token-choice')
@@ -408,7 +410,7 @@ export class MoEInference implements Disposable {
       device: true,
       maxWorkspaces: true,
     });
-    const group = options.group ?? singleRankGroup;
+    const group = checkGroup(options.group, 'MoEInference.fromHf');
     const device = options.device ?? getDefaultDevice();
     const b = ckpt.block;
     const index = layer ?? ckpt.model.moeLayers[0];
@@ -442,6 +444,7 @@ export class MoEInference implements Disposable {
 
   /** Rows the experts' buffers hold for T tokens on one rank: T·k dropless, E·C with a capacity factor. */
   rowsFor(T: number): number {
+    checkNonNegativeInt(T, 'MoEInference.rowsFor', 'T');
     const { numExperts: E, topK: k, capacityFactor: cf } = this.config;
     return cf === undefined ? T * k : E * expertCapacity(T, k, E, cf);
   }
@@ -523,6 +526,7 @@ export class MoEInference implements Disposable {
 
   /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused; a captured T's are its graph's). */
   workspaceBytes(T: number): number {
+    if (this.#disposed) usedAfterDispose('MoEInference.workspaceBytes', 'the layer');
     checkPositiveInt(T, 'MoEInference', 'T');
     const ws = this.graphs.get(T)?.ws ?? this.workspace(T);
     return bytesOf(ws.tensors);
@@ -530,6 +534,7 @@ export class MoEInference implements Disposable {
 
   /** Bytes of the weights this rank holds. */
   get weightBytes(): number {
+    if (this.#disposed) usedAfterDispose('MoEInference.weightBytes', 'the layer');
     return Object.values(this.weights).reduce((s, t) => s + (t ? t.numel * dtypeSize[t.dtype] : 0), 0);
   }
 

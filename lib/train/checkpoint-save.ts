@@ -166,7 +166,7 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   const reports = exchange(comm, report);
   const failed = reports.map((r, i) => (r.ok ? null : `rank ${i}: ${r.error}`)).filter((x) => x !== null);
   if (failed.length) {
-    if (rank === 0) fs.rmSync(tmp, { recursive: true, force: true });
+    if (rank === 0) removeQuietly(tmp);
     ckptError(finalDir, `${op} failed, nothing was committed: ${failed.join('; ')}`);
   }
 
@@ -191,7 +191,7 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   }
   const final = exchange(comm, status)[0]!;
   if (!final.ok) {
-    if (rank === 0) fs.rmSync(tmp, { recursive: true, force: true });
+    if (rank === 0) removeQuietly(tmp);
     ckptError(finalDir, `${op}: rank 0 could not commit: ${final.error}`);
   }
   return { dir: finalDir, step, bytes: written, ms: Date.now() - t0 };
@@ -324,4 +324,16 @@ export function pruneCheckpoints(root: string, keep: number, protect?: string): 
   }
   fsyncDir(root);
   return removed;
+}
+
+/**
+ * Removes a failed save's temporary folder. Its own failure (root is a file: ENOTDIR) must not
+ * replace the error that says why the save failed.
+ */
+function removeQuietly(tmp: string): void {
+  try {
+    fs.rmSync(tmp, { recursive: true, force: true });
+  } catch {
+    // nothing was made there
+  }
 }

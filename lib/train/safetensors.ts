@@ -98,7 +98,7 @@ function encodeHeader(
   entries: readonly SafetensorsEntry[],
   metadata?: Record<string, string>,
 ): { header: Buffer; infos: TensorInfo[] } {
-  const json: Record<string, unknown> = {};
+  const json: Record<string, unknown> = Object.create(null) as Record<string, unknown>; // no inherited names: a tensor may be called constructor or __proto__
   if (metadata !== undefined) {
     for (const [k, v] of Object.entries(metadata))
       if (typeof v !== 'string') fail(path, `metadata '${k}' must be a string; safetensors metadata holds strings only`);
@@ -109,7 +109,7 @@ function encodeHeader(
   for (const e of entries) {
     const name = e.name;
     if (typeof name !== 'string' || name === '' || name === '__metadata__') fail(path, `bad tensor name ${JSON.stringify(name)}`);
-    if (name in json) fail(path, 'the name appears twice', name);
+    if (Object.hasOwn(json, name)) fail(path, 'the name appears twice', name);
     const dtype = toDType(String(e.dtype));
     if (!dtype) fail(path, `unknown dtype ${JSON.stringify(e.dtype)}`, name);
     if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
