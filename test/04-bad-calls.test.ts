@@ -636,6 +636,30 @@ const cases: Case[] = [
     InvalidArgumentError,
     /MoEInference\.fromLayer: 'layer' must be a MoELayer; received null/,
   ],
+  [
+    'saveCheckpoint of replicated: 5 (committed an empty checkpoint)',
+    () => saveCheckpoint(tmp(), { step: 1, replicated: 5 as never }),
+    InvalidArgumentError,
+    /saveCheckpoint: 'replicated' must be an object of name → tensor; received number/,
+  ],
+  [
+    'saveCheckpoint of replicated: [t] (saved a tensor named "0")',
+    () => saveCheckpoint(tmp(), { step: 1, replicated: [f([2])] as never }),
+    InvalidArgumentError,
+    /'replicated' must be an object of name → tensor; received an array/,
+  ],
+  [
+    'saveCheckpoint of a null tensor, named',
+    () => saveCheckpoint(tmp(), { step: 1, replicated: { a: null as never } }),
+    CheckpointError,
+    /tensor 'a' must be a Tensor or \{ dtype, shape, data \}; received null/,
+  ],
+  [
+    'loadCheckpoint with verify: "yes"',
+    () => loadCheckpoint(checkpoint(), { verify: 'yes' as never }),
+    InvalidArgumentError,
+    /loadCheckpoint: 'verify' must be/,
+  ],
   ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
 ];
 

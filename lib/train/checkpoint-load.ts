@@ -11,7 +11,7 @@ import { type DType, storageView } from '../dtype.js';
 import { CheckpointError, invalidArgument } from '../errors.js';
 import { type Communicator } from '../parallel/communicator.js';
 import { Tensor } from '../tensor.js';
-import { checkOptions, checkTensor } from '../validate.js';
+import { checkBoolean, checkOptions, checkTensor } from '../validate.js';
 import {
   type CheckpointManifest,
   checkFiles,
@@ -350,6 +350,7 @@ export class CheckpointReader implements Disposable {
  */
 export function loadCheckpoint(path: string, options: LoadOptions = {}): CheckpointReader {
   options = checkOptions(options, 'loadCheckpoint', { comm: true, verify: true });
+  if (options.verify !== undefined) checkBoolean(options.verify, 'loadCheckpoint', 'verify');
   const located = locateCheckpoint(path);
   return new CheckpointReader(located.dir, located.manifest, options, located);
 }

@@ -12,7 +12,7 @@ import { CheckpointError, InvalidArgumentError, invalidArgument } from '../error
 import { type Communicator } from '../parallel/communicator.js';
 import { allGatherJson } from '../parallel/gather-json.js';
 import { Tensor } from '../tensor.js';
-import { checkKeys, checkNonNegativeInt, checkPositiveInt } from '../validate.js';
+import { checkKeys, checkNonNegativeInt, checkPositiveInt, checkTensor } from '../validate.js';
 import {
   buildManifest,
   candidates,
@@ -67,7 +67,13 @@ export interface SavedCheckpoint {
 const nonce = (bytes = 4): string => randomBytes(bytes).toString('hex');
 
 function entryOf(name: string, t: Tensor | RawTensor): SafetensorsEntry {
+  if (t === null || typeof t !== 'object')
+    invalidArgument(
+      'saveCheckpoint',
+      `tensor '${name}' must be a Tensor or { dtype, shape, data }; received ${t === null ? 'null' : typeof t}`,
+    );
   if (t instanceof Tensor) {
+    checkTensor(t, 'saveCheckpoint', name);
     const c = t.isContiguous ? t : t.contiguous();
     try {
       return { name, dtype: t.dtype, shape: [...t.shape], data: c.toArray() };
@@ -120,6 +126,15 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
     invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
+  // Maps of name → tensor (a number, or an array whose indices became names, saved nothing or "0").
+  for (const key of ['replicated', 'sharded'] as const) {
+    const m = options[key];
+    if (m !== undefined && (m === null || typeof m !== 'object' || Array.isArray(m) || m instanceof Tensor))
+      invalidArgument(
+        op,
+        `'${key}' must be an object of name → tensor; received ${m === null ? 'null' : Array.isArray(m) ? 'an array' : typeof m}`,
+      );
+  }
   const { step, comm } = options;
   checkNonNegativeInt(step, op, 'step');
   if (options.keep !== undefined) checkPositiveInt(options.keep, op, 'keep');
