@@ -16,6 +16,7 @@
  */
 import { Device, type DeviceLike } from './device.js';
 import { Event } from './stream.js';
+import { invalidArgument } from './errors.js';
 
 export interface TraceRow {
   name: string;
@@ -47,6 +48,7 @@ export const trace = {
   /** Notes that the host reached `name` now, and (on a GPU) when the device's current stream does. */
   mark(name: string, device: DeviceLike): void {
     if (!enabled) return;
+    if (typeof name !== 'string') invalidArgument('trace.mark', `'name' must be a string; received ${typeof name}`);
     const d = Device.parse(device, 'trace.mark');
     let event: Event | null = null;
     if (d.isCuda) {

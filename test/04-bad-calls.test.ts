@@ -39,6 +39,7 @@ import {
   Stream,
   Tensor,
   tidy,
+  trace,
   UnavailableError,
   unpermute,
   writeSafetensors,
@@ -660,6 +661,51 @@ const cases: Case[] = [
     InvalidArgumentError,
     /loadCheckpoint: 'verify' must be/,
   ],
+  [
+    'trace.mark with a number for a name',
+    () => {
+      trace.enable();
+      try {
+        trace.mark(42 as never, cpu);
+      } finally {
+        trace.disable();
+      }
+    },
+    InvalidArgumentError,
+    /trace\.mark: 'name' must be a string; received number/,
+  ],
+  [
+    'singleRankGroup.allToAll(null)',
+    () => singleRankGroup.allToAll(null as never, f([2])),
+    InvalidArgumentError,
+    /allToAll: 'send' must be a Tensor; received null/,
+  ],
+  [
+    'singleRankGroup.allToAllV with row counts that are not the rows',
+    () => singleRankGroup.allToAllV(f([2, 3]), [5], f([2, 3]), [5]),
+    InvalidArgumentError,
+    /allToAllV: 'sendRows' must be one row count \(one rank\) within the 2 rows/,
+  ],
+  [
+    'MoEInference.forward of a transposed x, named',
+    () => {
+      using layer = new MoELayer({ hidden: 4, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu });
+      using inf = MoEInference.fromLayer(layer);
+      return inf.forward(f([4, 4]).transpose());
+    },
+    InvalidArgumentError,
+    /MoEInference\.forward: 'x' must be contiguous/,
+  ],
+  [
+    'MoEInference.forward of a disposed x, named',
+    () => {
+      using layer = new MoELayer({ hidden: 4, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu });
+      using inf = MoEInference.fromLayer(layer);
+      return inf.forward(disposed());
+    },
+    DisposedError,
+    /MoEInference\.forward: 'x' was disposed/,
+  ],
   ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
 ];
 
@@ -760,6 +806,11 @@ describe('bad calls give clear errors', () => {
     writeSafetensors(path, entries);
     using file = SafetensorsFile.open(path);
     expect([...file.names].sort()).toEqual(['__proto__', 'constructor', 'toString']);
+    for (const position of [-5, 1e6, 1.5])
+      expect(() => file.readAt(new Uint8Array(4), position)).toThrow(
+        /SafetensorsFile\.readAt: 'position' must be an integer in \[0, \d+\]/,
+      );
+    expect(() => file.readAt([0, 0] as never, 0)).toThrow(/SafetensorsFile\.readAt: 'out' must be a Uint8Array/);
     const root = join(dir, 'a-file');
     writeFileSync(root, 'x');
     expect(() => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) } })).toThrow(CheckpointError);

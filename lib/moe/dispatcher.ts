@@ -67,8 +67,24 @@ export interface ExpertParallelGroup {
 export const singleRankGroup: ExpertParallelGroup = {
   rank: 0,
   size: 1,
-  allToAll: (send, recv) => (recv as Tensor).copy_(send),
+  allToAll: (send, recv) => {
+    checkTensors('allToAll', { send, recv });
+    return (recv as Tensor).copy_(send);
+  },
   allToAllV: (send, sendRows, recv, recvRows) => {
+    checkTensors('allToAllV', { send, recv });
+    // One rank: one count each way, within its tensor's rows.
+    for (const [name, rows, t] of [
+      ['sendRows', sendRows, send],
+      ['recvRows', recvRows, recv],
+    ] as const) {
+      const n = Array.isArray(rows) && rows.length === 1 ? rows[0] : undefined;
+      if (!Number.isSafeInteger(n) || (n as number) < 0 || (n as number) > (t.shape[0] ?? 0))
+        invalidArgument(
+          'allToAllV',
+          `'${name}' must be one row count (one rank) within the ${String(t.shape[0])} rows of its tensor; received ${JSON.stringify(rows)}`,
+        );
+    }
     if (sendRows[0] !== recvRows[0])
       invalidArgument('allToAllV', `one rank sends ${sendRows[0]} rows to itself but expects ${recvRows[0]}`);
     return (recv as Tensor).copy_(send);

@@ -666,7 +666,9 @@ export class MoEInference implements Disposable {
     if (this.#disposed) usedAfterDispose(op, 'the layer');
     options = checkOptions(options, op, { out: true });
     const { hidden: H, dtype } = this.config;
-    if (!(x instanceof Tensor) || x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
+    checkTensor(x, op, 'x');
+    if (x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
+    if (!x.isContiguous) invalidArgument(op, `'x' must be contiguous (x.contiguous() makes a copy that is)`);
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device))
       invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);

@@ -328,6 +328,12 @@ export class SafetensorsFile implements Disposable {
 
   /** Reads up to `out.length` bytes (never past the end) at file offset `position`; the count read. */
   readAt(out: Uint8Array, position: number): number {
+    if (!(out instanceof Uint8Array)) invalidArgument('SafetensorsFile.readAt', `'out' must be a Uint8Array`);
+    if (!Number.isSafeInteger(position) || position < 0 || position > this.size)
+      invalidArgument(
+        'SafetensorsFile.readAt',
+        `'position' must be an integer in [0, ${this.size}] (the file's size); received ${String(position)}`,
+      );
     const n = fs.readSync(this.fd, out, 0, Math.min(out.length, this.size - position), position);
     if (n === 0 && position < this.size) fail(this.path, 'the file ended early (truncated after it was opened?)');
     return n;
