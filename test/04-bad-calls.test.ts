@@ -706,6 +706,24 @@ const cases: Case[] = [
     DisposedError,
     /MoEInference\.forward: 'x' was disposed/,
   ],
+  [
+    'writeSafetensors of a null entry',
+    () => writeSafetensors(join(tmp(), 'x.safetensors'), [null as never]),
+    InvalidArgumentError,
+    /writeSafetensors: each entry must be \{ name, dtype, shape, data \}; received null/,
+  ],
+  [
+    'writeSafetensors of an object for entries',
+    () => writeSafetensors(join(tmp(), 'x.safetensors'), {} as never),
+    InvalidArgumentError,
+    /writeSafetensors: 'entries' must be an array/,
+  ],
+  [
+    'writeSafetensors with null metadata',
+    () => writeSafetensors(join(tmp(), 'x.safetensors'), [], null as never),
+    InvalidArgumentError,
+    /writeSafetensors: 'metadata' must be an object of strings/,
+  ],
   ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
 ];
 

@@ -99,7 +99,10 @@ function encodeHeader(
   metadata?: Record<string, string>,
 ): { header: Buffer; infos: TensorInfo[] } {
   const json: Record<string, unknown> = Object.create(null) as Record<string, unknown>; // no inherited names: a tensor may be called constructor or __proto__
+  if (!Array.isArray(entries as unknown)) invalidArgument('writeSafetensors', `'entries' must be an array of { name, dtype, shape, data }`);
   if (metadata !== undefined) {
+    if (metadata === null || typeof metadata !== 'object' || Array.isArray(metadata))
+      invalidArgument('writeSafetensors', `'metadata' must be an object of strings`);
     for (const [k, v] of Object.entries(metadata))
       if (typeof v !== 'string') fail(path, `metadata '${k}' must be a string; safetensors metadata holds strings only`);
     json['__metadata__'] = metadata;
@@ -107,6 +110,8 @@ function encodeHeader(
   const infos: TensorInfo[] = [];
   let offset = 0;
   for (const e of entries) {
+    if (e === null || typeof e !== 'object')
+      invalidArgument('writeSafetensors', `each entry must be { name, dtype, shape, data }; received ${e === null ? 'null' : typeof e}`);
     const name = e.name;
     if (typeof name !== 'string' || name === '' || name === '__metadata__') fail(path, `bad tensor name ${JSON.stringify(name)}`);
     if (Object.hasOwn(json, name)) fail(path, 'the name appears twice', name);
