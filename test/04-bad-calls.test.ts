@@ -684,7 +684,7 @@ const cases: Case[] = [
     'singleRankGroup.allToAllV with row counts that are not the rows',
     () => singleRankGroup.allToAllV(f([2, 3]), [5], f([2, 3]), [5]),
     InvalidArgumentError,
-    /allToAllV: 'sendRows' must be one row count \(one rank\) within the 2 rows/,
+    /allToAllV: 'sendRows' must be \[2\] \(one rank: the rows of its tensor\); received \[5\]/,
   ],
   [
     'MoEInference.forward of a transposed x, named',
@@ -829,6 +829,21 @@ describe('bad calls give clear errors', () => {
         /SafetensorsFile\.readAt: 'position' must be an integer in \[0, \d+\]/,
       );
     expect(() => file.readAt([0, 0] as never, 0)).toThrow(/SafetensorsFile\.readAt: 'out' must be a Uint8Array/);
+    // And through a checkpoint: saved, listed in the manifest, read back, verified.
+    const ckpt = join(dir, 'ckpt');
+    saveCheckpoint(ckpt, {
+      step: 1,
+      replicated: { ['__proto__']: Tensor.fromArray([7], { device: cpu }), constructor: Tensor.fromArray([8], { device: cpu }) },
+    });
+    const reader = loadCheckpoint(ckpt);
+    try {
+      expect(reader.names().sort()).toEqual(['__proto__', 'constructor']);
+      expect(reader.get('__proto__').toNumbers()).toEqual([7]);
+      expect(reader.get('constructor').toNumbers()).toEqual([8]);
+      reader.verifyAll();
+    } finally {
+      reader.close();
+    }
     const root = join(dir, 'a-file');
     writeFileSync(root, 'x');
     expect(() => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) } })).toThrow(CheckpointError);

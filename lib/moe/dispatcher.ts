@@ -73,16 +73,16 @@ export const singleRankGroup: ExpertParallelGroup = {
   },
   allToAllV: (send, sendRows, recv, recvRows) => {
     checkTensors('allToAllV', { send, recv });
-    // One rank: one count each way, within its tensor's rows.
+    // One rank: one count each way, its tensor's rows (as Communicator.single() has them).
     for (const [name, rows, t] of [
       ['sendRows', sendRows, send],
       ['recvRows', recvRows, recv],
     ] as const) {
       const n = Array.isArray(rows) && rows.length === 1 ? rows[0] : undefined;
-      if (!Number.isSafeInteger(n) || (n as number) < 0 || (n as number) > (t.shape[0] ?? 0))
+      if (n !== t.shape[0])
         invalidArgument(
           'allToAllV',
-          `'${name}' must be one row count (one rank) within the ${String(t.shape[0])} rows of its tensor; received ${JSON.stringify(rows)}`,
+          `'${name}' must be [${String(t.shape[0])}] (one rank: the rows of its tensor); received ${JSON.stringify(rows)}`,
         );
     }
     if (sendRows[0] !== recvRows[0])

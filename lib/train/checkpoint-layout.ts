@@ -136,12 +136,14 @@ export function buildManifest(extras: ManifestExtras, step: number, worldSize: n
     createdAt: new Date().toISOString(),
     world: { size: worldSize },
     files: {},
-    tensors: {},
+    // No inherited names: a tensor may be called constructor or __proto__ (assigned into a plain
+    // object, '__proto__' would set its prototype and the tensor would vanish from the manifest).
+    tensors: Object.create(null) as CheckpointManifest['tensors'],
   };
   for (const f of files) {
     manifest.files[f.file] = { bytes: f.bytes, sha256: f.sha256, ...(f.rank === undefined ? {} : { rank: f.rank }) };
     for (const [n, t] of Object.entries(f.tensors)) {
-      const prev = manifest.tensors[n];
+      const prev = Object.hasOwn(manifest.tensors, n) ? manifest.tensors[n] : undefined;
       if (prev)
         throw new CheckpointError(
           `tensor '${n}' is written by both ${prev.file} and ${f.file}; sharded names must be distinct across ranks and from the replicated ones`,

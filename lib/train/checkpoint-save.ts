@@ -109,7 +109,7 @@ function writeCheckpointFile(
     step: String(step),
     ...(rank === undefined ? {} : { rank: String(rank) }),
   });
-  const records: FileRecord['tensors'] = {};
+  const records = Object.create(null) as FileRecord['tensors']; // a tensor may be called __proto__
   for (const [n, i] of Object.entries(w.tensors)) records[n] = { dtype: i.dtype, shape: i.shape, sha256: i.sha256 };
   return { file, bytes: w.bytes, sha256: w.sha256, ...(rank === undefined ? {} : { rank }), tensors: records };
 }

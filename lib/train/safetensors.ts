@@ -152,7 +152,7 @@ export function writeSafetensors(
   options = checkOptions(options, 'writeSafetensors', { fsync: true });
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
-  const tensors: WrittenFile['tensors'] = {};
+  const tensors = Object.create(null) as WrittenFile['tensors']; // a tensor may be called __proto__
   writeFileAtomic(
     path,
     (fd) => {
