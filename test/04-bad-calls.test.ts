@@ -724,6 +724,17 @@ const cases: Case[] = [
     InvalidArgumentError,
     /writeSafetensors: 'metadata' must be an object of strings/,
   ],
+  [
+    'a disposed Dispatcher (it worked on, caching maps nothing freed)',
+    () => {
+      const d = new Dispatcher({ numExperts: 4 });
+      d.dispose();
+      const { indices, cap } = routed();
+      return d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+    },
+    DisposedError,
+    /dispatch: the dispatcher was disposed and cannot be used/,
+  ],
   ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
 ];
 

@@ -40,7 +40,7 @@
  */
 import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, usedAfterDispose } from '../errors.js';
 import { checkKeys, checkNonNegativeInt, checkOptions, checkPositiveInt, checkStream, checkTensor, checkTensors } from '../validate.js';
 import { Event, Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
@@ -289,6 +289,7 @@ export class Dispatcher {
   #transport: TransportKind | null = null;
   #transportReason = '';
   #peer: PeerTransport | null = null;
+  #disposed = false;
   private mapCache = new Map<string, Shared>();
 
   constructor(config: DispatcherConfig) {
@@ -385,6 +386,7 @@ export class Dispatcher {
   /** dispatch() on the comm stream; the result arrives through the CommWork's wait(). */
   dispatchAsync(x: Tensor, indices: Tensor, weights: Tensor, cap: CapacityResult, options?: CommWorkOptions): CommWork<Dispatched> {
     const op = 'dispatch';
+    this.checkLive(op);
     checkTensors(op, { x, indices, weights });
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
     return launch(
@@ -660,6 +662,7 @@ export class Dispatcher {
   /** combine() on the comm stream. */
   combineAsync(expertOut: Tensor, handle: DispatchHandle, weights: Tensor, options?: CommWorkOptions): CommWork<Tensor> {
     const op = 'combine';
+    this.checkLive(op);
     checkTensors(op, { expertOut, weights });
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(
@@ -699,6 +702,7 @@ export class Dispatcher {
     options?: CommWorkOptions,
   ): CommWork<{ dExpertOut: Tensor; dWeights: Tensor }> {
     const op = 'combineBackward';
+    this.checkLive(op);
     checkTensors(op, { dy, expertOut, weights });
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(
@@ -738,6 +742,7 @@ export class Dispatcher {
   /** dispatchBackward() on the comm stream. */
   dispatchBackwardAsync(dRows: Tensor, handle: DispatchHandle, options: DispatchBackwardOptions = {}): CommWork<Tensor> {
     const op = 'dispatchBackward';
+    this.checkLive(op);
     const { add, ...commOptions } = checkOptions(options, op, { after: true, add: true });
     checkTensors(op, { dRows });
     const inputs = [dRows, ...handleTensors(op, handle)];
@@ -932,9 +937,17 @@ export class Dispatcher {
     return { toExpert, toSource, offsets, release: entry.acquire() };
   }
 
-  /** Releases cached layout maps (handles still holding one keep it until they are disposed). */
+  /**
+   * Releases cached layout maps (handles still holding one keep it until they are disposed). The
+   * dispatcher refuses work afterwards (it would cache maps again that nothing frees).
+   */
   dispose(): void {
+    this.#disposed = true;
     for (const m of this.mapCache.values()) m.evict();
     this.mapCache.clear();
+  }
+
+  private checkLive(op: string): void {
+    if (this.#disposed) usedAfterDispose(op, 'the dispatcher');
   }
 }
