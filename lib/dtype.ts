@@ -9,6 +9,9 @@ export type DType = (typeof DTYPES)[number];
 
 export const dtypeSize: Record<DType, number> = { f32: 4, bf16: 2, f16: 2, i32: 4, i64: 8, u8: 1, fp8e4m3: 1 };
 export const FLOATING: readonly DType[] = ['f32', 'bf16', 'f16', 'fp8e4m3'];
+/** float32's largest finite value and its smallest normal one. */
+export const F32_MAX = 3.4028234663852886e38;
+export const F32_MIN_NORMAL = 1.1754943508222875e-38;
 
 /** The TypedArray holding a dtype's raw values. */
 export type StorageArray<D extends DType = DType> = D extends 'f32'

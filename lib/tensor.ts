@@ -8,7 +8,7 @@
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
 import { type DType, dtypeFromCode, dtypeOfArray, dtypeSize, type StorageArray, storageView } from './dtype.js';
 import { DisposedError, invalidArgument } from './errors.js';
-import { checkDType, checkNonNegativeInt, checkOptions, checkStream, checkTensor } from './validate.js';
+import { checkDType, checkFloat32, checkNonNegativeInt, checkNumber, checkOptions, checkStream, checkTensor } from './validate.js';
 import { native, type TensorHandle } from './native.js';
 import { BINARY_OP, DEVICE_TYPE, DTYPE_CODE, RANDOM_KIND } from './native-codes.js';
 import { Stream } from './stream.js';
@@ -498,7 +498,5 @@ function checkDim(t: Tensor, dim: unknown, op: string, arg: string): void {
 
 /** A distribution's parameter: a finite number within float32's range (the values are drawn in float32). */
 function checkRandomParam(v: unknown, op: string, arg: string): number {
-  if (typeof v !== 'number' || !Number.isFinite(v) || Math.abs(v) > 3.4028234663852886e38)
-    invalidArgument(op, `'${arg}' must be a finite number within float32's range; received ${String(v)}`);
-  return v;
+  return checkFloat32(checkNumber(v, op, arg), op, arg);
 }

@@ -9,7 +9,7 @@
  * function alone checks (a shape it needs before allocating, a relation between two arguments)
  * stays with it.
  */
-import { type DType, DTYPES } from './dtype.js';
+import { type DType, DTYPES, F32_MAX } from './dtype.js';
 import { DisposedError, invalidArgument, unknownNames } from './errors.js';
 // tensor.ts and stream.ts import this module too; their classes are only used when a check runs,
 // after every module has loaded.
@@ -135,6 +135,15 @@ export function checkNumber(
   }
   if (v < min || (minExclusive && v === min))
     invalidArgument(op, `'${arg}' = ${v} must be ${minExclusive ? 'greater than' : 'at least'} ${min}`);
+  return v;
+}
+
+/**
+ * A finite number the native code will take as a float32 (a kernel's parameter): beyond float32's
+ * range it would become infinity there.
+ */
+export function checkFloat32(v: number, op: string, arg: string): number {
+  if (Math.abs(v) > F32_MAX) invalidArgument(op, `'${arg}' = ${v} is beyond float32's range (the op computes in float32)`);
   return v;
 }
 

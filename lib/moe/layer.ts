@@ -27,6 +27,7 @@ import { type DType } from '../dtype.js';
 import { invalidArgument, usedAfterDispose } from '../errors.js';
 import {
   checkBoolean,
+  checkFloat32,
   checkKeys,
   checkNonNegativeInt,
   checkNonNegativeNumber,
@@ -555,17 +556,15 @@ export function disposeSaved(fwd: MoEForward): void {
     t?.dispose();
 }
 
-/** The communication's result, the current stream ordered after it; the work's event freed. */
 /** The largest seed whose weight streams (seed·16 + 0…4) are exact integers. */
 const MAX_SEED = Math.floor((Number.MAX_SAFE_INTEGER - 15) / 16);
 
 /** A balance loss's coefficient: non-negative, and a float32 (the losses are computed in float32). */
 function lossCoef(v: number | undefined, op: string, arg: string): number {
-  const c = checkNonNegativeNumber(v ?? 0, op, arg);
-  if (c > 3.4028234663852886e38) invalidArgument(op, `'${arg}' = ${c} is beyond float32's range (the loss is computed in float32)`);
-  return c;
+  return checkFloat32(checkNonNegativeNumber(v ?? 0, op, arg), op, arg);
 }
 
+/** The communication's result, the current stream ordered after it; the work's event freed. */
 function settle<T>(work: CommWork<T>): T {
   try {
     return work.wait();

@@ -15,8 +15,10 @@
  *   balanceBiasUpdate  bias [E] f32 (in place), load [E] i32|f32
  */
 import { invalidArgument } from '../errors.js';
+import { F32_MIN_NORMAL } from '../dtype.js';
 import {
   checkBoolean,
+  checkFloat32,
   checkKeys,
   checkMatrix,
   checkNumber,
@@ -235,10 +237,6 @@ export interface AdamWOptions {
  *   param ← param − lr·wd·param;  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
  *   param ← param − lr/(1−β1^step) · m / (sqrt(v)/sqrt(1−β2^step) + eps)
  */
-/** float32's largest finite value and its smallest normal one. */
-const F32_MAX = 3.4028234663852886e38;
-const F32_MIN_NORMAL = 1.1754943508222875e-38;
-
 export function adamwStep(param: Tensor, grad: Tensor, expAvg: Tensor, expAvgSq: Tensor, options: AdamWOptions): void {
   const op = 'adamw';
   checkTensor(param, op, 'param');
@@ -258,21 +256,17 @@ export function adamwStep(param: Tensor, grad: Tensor, expAvg: Tensor, expAvgSq:
   });
   // The kernel computes in float32: every number must be one (an eps that rounds to 0, or a rate
   // that rounds to infinity, turned every parameter into NaN or infinity).
-  const f32 = (v: number, arg: string): number => {
-    if (Math.abs(v) > F32_MAX) invalidArgument(op, `'${arg}' = ${v} is beyond float32's range (the update is computed in float32)`);
-    return v;
-  };
-  const lr = f32(checkNumber(options.lr, op, 'lr', { min: 0 }), 'lr');
+  const lr = checkFloat32(checkNumber(options.lr, op, 'lr', { min: 0 }), op, 'lr');
   const beta1 = checkNumber(options.beta1 ?? 0.9, op, 'beta1', { min: 0 });
   const beta2 = checkNumber(options.beta2 ?? 0.999, op, 'beta2', { min: 0 });
   if (beta1 >= 1 || beta2 >= 1) invalidArgument(op, `'beta1' = ${beta1} and 'beta2' = ${beta2} must be below 1`);
-  const eps = f32(checkNumber(options.eps ?? 1e-8, op, 'eps', { min: 0, minExclusive: true }), 'eps');
+  const eps = checkFloat32(checkNumber(options.eps ?? 1e-8, op, 'eps', { min: 0, minExclusive: true }), op, 'eps');
   if (eps < F32_MIN_NORMAL) invalidArgument(op, `'eps' = ${eps} is below float32's smallest normal number, ${F32_MIN_NORMAL}`);
-  const weightDecay = f32(checkNumber(options.weightDecay ?? 0, op, 'weightDecay', { min: 0 }), 'weightDecay');
+  const weightDecay = checkFloat32(checkNumber(options.weightDecay ?? 0, op, 'weightDecay', { min: 0 }), op, 'weightDecay');
   const step = options.step;
   if (!Number.isSafeInteger(step) || step < 1)
     invalidArgument(op, `'step' must be an integer ≥ 1 (the first step is 1); received ${String(step)}`);
-  const gradScale = f32(checkNumber(options.gradScale ?? 1, op, 'gradScale'), 'gradScale');
+  const gradScale = checkFloat32(checkNumber(options.gradScale ?? 1, op, 'gradScale'), op, 'gradScale');
   const paramBf16 = checkOptionalTensor(options.paramBf16, op, 'paramBf16');
   // Each tensor its own memory: the update reads each one once and writes param, the moments and
   // the bf16 copy; two of them in one place would mix (expAvg as expAvgSq gave wrong parameters).

@@ -131,9 +131,9 @@ export class MetricsLog {
  * block), and a link at the path is refused.
  */
 function forEachLine(path: string, visit: (line: string, m: StepMetrics) => void): void {
-  if (!existsSync(path) && !isLink(path)) return;
   if (isLink(path))
     throw new InvalidArgumentError(`the metrics log ${path}: is a symbolic link; only regular files are read`, 'MetricsLog');
+  if (!existsSync(path)) return;
   const { fd } = openRegular(path, { what: `the metrics log ${path}`, error: InvalidArgumentError });
   try {
     const chunk = Buffer.alloc(1 << 20);
