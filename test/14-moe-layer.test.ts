@@ -281,12 +281,101 @@ describe('MoELayer on one rank', () => {
     disposeSaved(fwd);
     x.dispose();
   });
+  it('sigmoid top-1 is not renormalised by default, so its router learns', () => {
+    const seed = freshSeed();
+    using layer = new MoELayer({ ...base, topK: 1, scoreFunction: 'sigmoid', seed });
+    expect(layer.config.normalize, `seed ${seed}`).toBe(false);
+    using x = Tensor.randn([6, 8], { seed: seed + 1, device: cpu });
+    using dy = Tensor.randn([6, 8], { seed: seed + 2, device: cpu });
+    const grads = tidy(() => layer.backward(layer.forward(x), dy));
+    try {
+      expect(Math.max(...values(grads.router).map(Math.abs)), `seed ${seed}`).toBeGreaterThan(1e-6);
+    } finally {
+      for (const g of Object.values(grads)) g?.dispose();
+    }
+  });
+
+  // DeepSeek-V3's eq. 18 and Megatron-Core count f_e over each token's top-k of the plain scores:
+  // the selection bias and the group limit steer routing only.
+  it("the balance losses count each token's top-k of the plain scores, not its biased, group-limited routing", () => {
+    const seed = freshSeed();
+    const [T, H, E, k] = [6, 8, 8, 2];
+    const coef = { aux: 0.1, seq: 0.05, seqLen: 3 };
+    using layer = new MoELayer({
+      ...base,
+      numExperts: E,
+      topK: k,
+      groups: 4,
+      topkGroups: 2,
+      scoreFunction: 'sigmoid',
+      seed,
+      auxLossCoef: coef.aux,
+      seqAuxLossCoef: coef.seq,
+      seqLen: coef.seqLen,
+    });
+    // Experts 6 and 7 (group 3) strongly favoured: every token is routed to one of them.
+    using bias = Tensor.fromArray([0, 0, 0, 0, 0, 0, 10, 10], { device: cpu });
+    layer.bias.copy_(bias);
+    using x = Tensor.randn([T, H], { seed: seed + 1, device: cpu });
+    const xv = values(x),
+      wr = values(layer.master.router);
+    const scores = Array.from({ length: T }, (_, t) =>
+      Array.from({ length: E }, (_, e) => {
+        let l = 0;
+        for (let h = 0; h < H; h++) l += (xv[t * H + h] as number) * (wr[h * E + e] as number);
+        return 1 / (1 + Math.exp(-l));
+      }),
+    );
+    const topK = (row: number[]): number[] =>
+      row
+        .map((v, e) => [v, e] as const)
+        .sort((a, b) => b[0] - a[0] || a[1] - b[1])
+        .slice(0, k)
+        .map(([, e]) => e);
+    const plain = scores.map(topK);
+    // α·E·Σ_e f_e·P_e per sequence, averaged: f_e = count/(Ts·k), P_e = mean of the renormalised scores.
+    const loss = (chosen: number[][], seqLen: number): number => {
+      let total = 0;
+      for (let s0 = 0; s0 < T; s0 += seqLen) {
+        for (let e = 0; e < E; e++) {
+          let count = 0,
+            p = 0;
+          for (let t = s0; t < s0 + seqLen; t++) {
+            if ((chosen[t] as number[]).includes(e)) count++;
+            const row = scores[t] as number[];
+            p += (row[e] as number) / row.reduce((a, b) => a + b, 0);
+          }
+          total += E * (count / (seqLen * k)) * (p / seqLen);
+        }
+      }
+      return total / (T / seqLen);
+    };
+    tidy(() => {
+      const f = layer.forward(x);
+      const routedFlat = f.saved.indices.toNumbers();
+      const routed = Array.from({ length: T }, (_, t) => routedFlat.slice(t * k, t * k + k));
+      expect(
+        routed.some((r, t) => r.includes(6) !== (plain[t] as number[]).includes(6) || r.includes(7) !== (plain[t] as number[]).includes(7)),
+        `seed ${seed}: the bias must move some token's experts, or this test checks nothing`,
+      ).toBe(true);
+      const expected = coef.aux * loss(plain, T) + coef.seq * loss(plain, coef.seqLen);
+      const ifRouted = coef.aux * loss(routed, T) + coef.seq * loss(routed, coef.seqLen);
+      expect(Math.abs(expected - ifRouted), `seed ${seed}`).toBeGreaterThan(1e-3);
+      expect(f.auxLoss.item(), `seed ${seed}`).toBeCloseTo(expected, 5);
+      disposeSaved(f);
+    });
+  });
+
   it('validates the config with errors naming the field', () => {
     expect(() => new MoELayer({ ...base, hidden: 0 })).toThrow(/'hidden' must be a positive integer/);
     expect(() => new MoELayer({ ...base, topK: 5 })).toThrow(/topK/);
     expect(() => new MoELayer({ ...base, capacityFactor: -1 })).toThrow(/'capacityFactor' must be a finite positive number/);
     expect(() => new MoELayer({ ...base, padToCapacity: true })).toThrow(/'padToCapacity' needs 'capacityFactor'/);
     expect(() => new MoELayer({ ...base, seqAuxLossCoef: 0.1 })).toThrow(/'seqAuxLossCoef' needs 'seqLen'/);
+    // A lone renormalised weight is routeScale for every token: the router would never learn.
+    expect(() => new MoELayer({ ...base, topK: 1, normalize: true })).toThrow(
+      /MoELayer: 'normalize' with 'topK' 1 makes every weight 1 \('routeScale'\), so the router would get no gradient/,
+    );
     expect(() => new MoELayer({ ...base, dtype: 'f16' })).toThrow(/'dtype' must be 'bf16'/);
     expect(() => new MoELayer({ ...base, commStream: 'yes' as unknown as boolean })).toThrow(
       /MoELayer: 'commStream' must be a Stream or a boolean; received yes/,

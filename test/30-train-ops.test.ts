@@ -410,13 +410,14 @@ describe('cosineSchedule', () => {
     const lr = cosineSchedule({ warmupSteps: 10, totalSteps: 110, maxLr: 1e-3, minLr: 1e-4 });
     expect(lr(0)).toBeCloseTo(1e-4, 12); // (0+1)/10 of maxLr, from 0
     expect(lr(4)).toBeCloseTo(5e-4, 12);
-    expect(lr(9)).toBeCloseTo(1e-3, 12);
-    expect(lr(10)).toBeCloseTo(1e-3, 12);
-    expect(lr(60)).toBeCloseTo(5.5e-4, 12); // half way: the mean of max and min
-    expect(lr(110)).toBeCloseTo(1e-4, 12);
+    expect(lr(9)).toBeCloseTo(1e-3, 12); // the peak, once: one index n = step + 1 throughout
+    expect(lr(10)).toBeCloseTo(1e-4 + 0.45e-3 * (1 + Math.cos(Math.PI / 100)), 12);
+    expect(lr(10)).toBeLessThan(lr(9));
+    expect(lr(59)).toBeCloseTo(5.5e-4, 12); // half way: the mean of max and min
+    expect(lr(109)).toBe(1e-4); // the run's last step takes the floor
     expect(lr(1000)).toBe(1e-4);
-    for (let s = 10; s < 110; s++) expect(lr(s + 1)).toBeLessThanOrEqual(lr(s));
-    expect(cosineLr(35, { warmupSteps: 10, totalSteps: 110, maxLr: 1e-3, minLr: 1e-4 })).toBeCloseTo(
+    for (let s = 9; s < 109; s++) expect(lr(s + 1)).toBeLessThan(lr(s));
+    expect(cosineLr(34, { warmupSteps: 10, totalSteps: 110, maxLr: 1e-3, minLr: 1e-4 })).toBeCloseTo(
       1e-4 + 0.45e-3 * (1 + Math.cos(Math.PI / 4)),
       12,
     );
@@ -427,9 +428,12 @@ describe('cosineSchedule', () => {
     expect(fromMin(0)).toBeCloseTo(0.4, 12);
     expect(fromMin(3)).toBeCloseTo(1, 12);
     const noWarm = cosineSchedule({ warmupSteps: 0, totalSteps: 4, maxLr: 2 });
-    expect(noWarm(0)).toBe(2);
-    expect(noWarm(2)).toBeCloseTo(1, 12);
-    expect(noWarm(4)).toBeCloseTo(0, 12);
+    expect(noWarm(0)).toBeCloseTo(1 + Math.cos(Math.PI / 4), 12);
+    expect(noWarm(1)).toBeCloseTo(1, 12);
+    expect(noWarm(3)).toBe(0);
+    // a run no longer than its warm-up ends at the peak
+    const allWarm = cosineSchedule({ warmupSteps: 4, totalSteps: 4, maxLr: 1, minLr: 0.1 });
+    expect([0, 1, 2, 3, 4].map(allWarm)).toEqual([0.25, 0.5, 0.75, 1, 0.1]);
     expect(() => cosineSchedule({ warmupSteps: 5, totalSteps: 4, maxLr: 1 })).toThrow(/'totalSteps'/);
     expect(() => cosineSchedule({ warmupSteps: 1, totalSteps: 4, maxLr: 1, minLr: 2 })).toThrow(/'minLr'/);
     expect(() => cosineSchedule({ warmupSteps: 1.5, totalSteps: 4, maxLr: 1 })).toThrow(/'warmupSteps'/);

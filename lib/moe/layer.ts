@@ -154,6 +154,12 @@ export class MoELayer implements Disposable {
     seqLen: number | undefined;
   };
   readonly router: ResolvedRouterConfig;
+  /**
+   * The balance losses' router: a plain top-k of the scores over all experts, no bias, no groups
+   * (DeepSeek-V3's eq. 18 and Megatron-Core count f_e so; the bias and the group limit steer
+   * selection only). Null when no balance loss is on.
+   */
+  private readonly balanceRouter: ResolvedRouterConfig | null;
   readonly device: Device;
   readonly group: ExpertParallelGroup;
   readonly localExperts: number;
@@ -208,6 +214,12 @@ export class MoELayer implements Disposable {
       ...(config.routing === 'expert-choice' && config.capacityFactor !== undefined ? { capacityFactor: config.capacityFactor } : {}),
     });
     const expertChoice = this.router.routing === 'expert-choice';
+    // A lone weight divided by itself is routeScale for every token: routing would never learn.
+    if (this.router.normalize && this.router.topK === 1)
+      invalidArgument(
+        op,
+        `'normalize' with 'topK' 1 makes every weight ${this.router.routeScale} ('routeScale'), so the router would get no gradient; set it false`,
+      );
     if (expertChoice) {
       // Fixed C-row segments, no host sync; balanced by construction, so no balance losses.
       if (config.padToCapacity === false)
@@ -279,6 +291,10 @@ export class MoELayer implements Disposable {
       zLossCoef: lossCoef(config.zLossCoef, op, 'zLossCoef'),
     };
     if (this.config.seqAuxLossCoef > 0 && seqLen === undefined) invalidArgument(op, `'seqAuxLossCoef' needs 'seqLen'`);
+    this.balanceRouter =
+      this.config.auxLossCoef > 0 || this.config.seqAuxLossCoef > 0
+        ? resolveRouterConfig({ numExperts: E, topK: this.router.topK, scoreFunction: this.router.scoreFunction })
+        : null;
     this.localExperts = E / this.group.size;
     const cs = config.commStream ?? false;
     if (typeof cs !== 'boolean' && !(cs instanceof Stream))
@@ -377,11 +393,11 @@ export class MoELayer implements Disposable {
       if (auxLossCoef > 0 || seqAuxLossCoef > 0 || zLossCoef > 0) {
         const d = Tensor.zeros([T, this.config.numExperts], { device: this.device });
         dLogitsAux = d;
-        if (auxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, r.indices, this.router, { coefficient: auxLossCoef, dLogits: d }));
-        if (seqAuxLossCoef > 0)
-          auxLoss.add_(
-            balanceLoss(r.scores, r.indices, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }),
-          );
+        // f_e counts each token's plain top-k, not its routed experts (this.balanceRouter).
+        const counted = this.balanceRouter ? routerForward(logits, this.balanceRouter).indices : null;
+        if (counted && auxLossCoef > 0) auxLoss.add_(balanceLoss(r.scores, counted, this.router, { coefficient: auxLossCoef, dLogits: d }));
+        if (counted && seqAuxLossCoef > 0)
+          auxLoss.add_(balanceLoss(r.scores, counted, this.router, { coefficient: seqAuxLossCoef, seqLen: seqLen as number, dLogits: d }));
         if (zLossCoef > 0) auxLoss.add_(zLoss(logits, { coefficient: zLossCoef, dLogits: d }));
       }
       // Expert choice: every expert keeps exactly its C chosen tokens, numbered by the router's slot.

@@ -67,7 +67,11 @@ export interface RouterConfig {
   groups?: number;
   /** Groups each token keeps (1 ≤ topkGroups ≤ groups, divides topK). Default: all groups. */
   topkGroups?: number;
-  /** Normalise the weights over the chosen experts. Default: true for sigmoid token choice, else false. */
+  /**
+   * Normalise the weights over the chosen experts. Default: true for sigmoid token choice with
+   * topK > 1, else false. At topK 1 every weight would be routeScale and the router would get no
+   * gradient, so MoELayer refuses it there (a served model may still ask for it).
+   */
   normalize?: boolean;
   /** Multiplies the weights. Default 1. */
   routeScale?: number;
@@ -135,7 +139,14 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   if (routing !== 'token-choice' && routing !== 'expert-choice') {
     invalidArgument('router', `'routing' must be 'token-choice' or 'expert-choice'; received ${String(routing)}`);
   }
-  const normalize = checkBoolean(config.normalize ?? (scoreFunction === 'sigmoid' && routing === 'token-choice'), 'router', 'normalize');
+  // Sigmoid scores are renormalised over the chosen experts by default, but not at k = 1: a single
+  // weight renormalised is routeScale for every token, and the router gets no gradient (Megatron-Core
+  // normalises sigmoid weights only for topk > 1).
+  const normalize = checkBoolean(
+    config.normalize ?? (scoreFunction === 'sigmoid' && routing === 'token-choice' && k > 1),
+    'router',
+    'normalize',
+  );
   const routeScale = checkNumber(config.routeScale ?? 1, 'router', 'routeScale');
   const capacityFactor = checkPositiveNumber(config.capacityFactor ?? k, 'router', 'capacityFactor');
   if (routing === 'expert-choice') {
@@ -407,8 +418,10 @@ function lossInto(device: Device, out: Tensor | undefined, op: string, fn: (loss
 }
 
 /**
- * Load-balancing loss α·E·Σ_e f_e·P_e: f_e the fraction of the T·k assignments routed to e (no
- * gradient), P_e the mean over tokens of the router probability of e. For sigmoid routers the
+ * Load-balancing loss α·E·Σ_e f_e·P_e: f_e the fraction of the T·k assignments in `indices` that
+ * go to e (no gradient), P_e the mean over tokens of the router probability of e. The papers count
+ * each token's top-k of the plain scores over all experts (DeepSeek-V3 eq. 18, Megatron-Core), and
+ * MoELayer passes those: with a selection bias or groups they differ from the routed indices. For sigmoid routers the
  * probabilities are the scores normalised to sum 1 per token (as DeepSeek-V3 does).
  * With `seqLen` (T = numSeqs·seqLen) it is DeepSeek-V3's sequence-wise loss: the same per
  * sequence, averaged over sequences. Without it, the Switch (batch-wise) loss.

@@ -1,16 +1,17 @@
 /**
  * Learning-rate schedule: linear warm-up, then cosine decay to a floor. Steps count from 0 (the
- * first optimizer step is step 0 here; AdamW's bias-correction `step` is this + 1).
+ * first optimizer step is step 0 here; AdamW's bias-correction `step` is this + 1). One index n =
+ * step + 1 (the steps taken once this one is) runs through both parts, as in Megatron-Core's
+ * scheduler, so maxLr comes once and the last step of a totalSteps run takes minLr:
  *
- *   step < warmupSteps:                 lr = warmupStartLr + (maxLr − warmupStartLr)·(step + 1)/warmupSteps
- *                                       (the first step already moves; step warmupSteps−1 reaches maxLr)
- *   warmupSteps ≤ step ≤ totalSteps:    p = (step − warmupSteps)/(totalSteps − warmupSteps)
- *                                       lr = minLr + ½(maxLr − minLr)(1 + cos(π·p))
- *   step > totalSteps:                  lr = minLr
+ *   n ≤ warmupSteps:                  lr = warmupStartLr + (maxLr − warmupStartLr)·n/warmupSteps
+ *   warmupSteps < n ≤ totalSteps:     p = (n − warmupSteps)/(totalSteps − warmupSteps)
+ *                                     lr = minLr + ½(maxLr − minLr)(1 + cos(π·p))
+ *   n > totalSteps:                   lr = minLr
  *
- * The warm-up starts from 0 by default (warmupStartLr: 0); pass warmupStartLr: minLr to warm up from
- * the floor instead. totalSteps counts the warm-up too; totalSteps == warmupSteps gives maxLr at
- * that step and minLr after it.
+ * The warm-up line starts at warmupStartLr (default 0) one step before step 0, so the first step
+ * already moves; pass warmupStartLr: minLr to warm up from the floor. totalSteps counts the warm-up
+ * too; totalSteps == warmupSteps warms up to maxLr at the last step and holds minLr after it.
  */
 import { invalidArgument } from '../errors.js';
 import { checkKeys, checkNonNegativeInt, checkNonNegativeNumber } from '../validate.js';
@@ -18,7 +19,7 @@ import { checkKeys, checkNonNegativeInt, checkNonNegativeNumber } from '../valid
 export interface CosineScheduleConfig {
   /** Steps of linear warm-up (0: none). */
   warmupSteps: number;
-  /** The step at which the cosine reaches minLr (warm-up included); ≥ warmupSteps. */
+  /** Steps of the run, warm-up included (≥ warmupSteps): its last step, totalSteps − 1, takes minLr. */
   totalSteps: number;
   maxLr: number;
   /** Floor of the cosine. Default 0. */
@@ -42,10 +43,10 @@ export function cosineSchedule(config: CosineScheduleConfig): (step: number) => 
   if (minLr > maxLr) invalidArgument('cosineSchedule', `'minLr' = ${minLr} is more than 'maxLr' = ${maxLr}`);
   return (step: number): number => {
     checkNonNegativeInt(step, op, 'step');
-    if (step < warmupSteps) return startLr + ((maxLr - startLr) * (step + 1)) / warmupSteps;
-    if (step > totalSteps) return minLr;
-    const span = totalSteps - warmupSteps;
-    const p = span === 0 ? 0 : (step - warmupSteps) / span;
+    const n = step + 1;
+    if (n <= warmupSteps) return startLr + ((maxLr - startLr) * n) / warmupSteps;
+    if (n >= totalSteps) return minLr;
+    const p = (n - warmupSteps) / (totalSteps - warmupSteps);
     return minLr + 0.5 * (maxLr - minLr) * (1 + Math.cos(Math.PI * p));
   };
 }
