@@ -20,7 +20,7 @@ export interface TrainConfig {
     scoreFunction: 'softmax' | 'sigmoid';
     groups: number;
     topkGroups: number;
-    /** null: dropless (expert choice: topK). Expert choice: C = ceil(T·capacityFactor/E) tokens per expert and rank. */
+    /** null: dropless (expert choice: topK). Expert choice: C = min(T, ceil(T·capacityFactor/E)) tokens per expert and rank. */
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
     sharedFfn: number;
@@ -111,7 +111,7 @@ export const trainConfigSchema = {
       routing: {
         enum: ['token-choice', 'expert-choice'],
         description:
-          "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = ceil(T·capacityFactor/E) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
+          "'token-choice': each token takes its top-k experts; 'expert-choice': each expert takes its top-C of each rank's tokens, C = min(T, ceil(T·capacityFactor/E)) (capacityFactor null: topK, the same compute), balanced by construction (no bias, no balance loss)",
       },
       scoreFunction: {
         enum: ['softmax', 'sigmoid'],
@@ -154,7 +154,10 @@ export const trainConfigSchema = {
       gamma: { ...num(0), description: 'auxiliary-loss-free bias step (0 freezes the bias)' },
       auxLossCoef: { ...num(0), description: 'weight of the Switch (batch-wise) balance loss (0: off)' },
       seqAuxLossCoef: { ...num(0), description: 'weight of the sequence-wise balance loss (DeepSeek-V3; needs seqLen)' },
-      seqLen: { anyOf: [{ type: 'null' }, int(1)], description: 'tokens per sequence for the sequence-wise loss (divides tokensPerStep)' },
+      seqLen: {
+        anyOf: [{ type: 'null' }, int(1)],
+        description: "tokens per sequence for the sequence-wise loss (divides each rank's share of tokensPerStep)",
+      },
       zLossCoef: { ...num(0), description: 'weight of the router z-loss, which keeps the logits small (0: off)' },
     }),
     optimizer: section({

@@ -131,6 +131,17 @@ export class Trainer implements Disposable {
     this.world = options.world;
     this.rank = options.world?.rank ?? 0;
     this.size = options.world?.size ?? 1;
+    // Each rank trains on its own slice of the step's batch, and the sequence-wise loss runs on that
+    // slice: both must divide evenly (every rank has this config, so every rank stops here alike).
+    const { tokensPerStep } = config.data;
+    if (tokensPerStep % this.size !== 0)
+      invalidArgument('Trainer', `config.data.tokensPerStep ${tokensPerStep} must divide evenly over the ${this.size} ranks`);
+    const seqLen = config.balance.seqLen;
+    if (seqLen !== null && (tokensPerStep / this.size) % seqLen !== 0)
+      invalidArgument(
+        'Trainer',
+        `config.balance.seqLen ${seqLen} must divide each rank's ${tokensPerStep / this.size} tokens (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks): the sequence-wise loss runs on each rank's own tokens`,
+      );
     const epSize = config.model.epSize ?? this.size;
     if (options.world && epSize < this.size) {
       const { ep, edp } = expertGroups(options.world, epSize);

@@ -14,10 +14,10 @@ import { rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { init, Tensor } from '../../dist/lib/index.js';
+import { init, InvalidArgumentError, Tensor } from '../../dist/lib/index.js';
 import { resolveConfig } from '../../dist/lib/train/config.js';
 import { Trainer } from '../../dist/lib/train/trainer.js';
-import { check, checkTransport, scriptDevice, scriptTransport } from './common.mjs';
+import { check, checkTransport, expectThrow, scriptDevice, scriptTransport } from './common.mjs';
 
 const world = await init();
 const { gpu } = await scriptDevice(world);
@@ -131,5 +131,13 @@ if (world.rank === 0) {
       `expert choice at EP=${P}: the loss fell: ${ecLosses[0]} -> ${ecLosses[ecLosses.length - 1]}`,
     );
 }
+// The sequence-wise loss runs on each rank's own tokens: a seqLen that divides the global batch but
+// not a rank's share is refused by the Trainer on every rank, before the first step.
+expectThrow(
+  () => new Trainer(resolveConfig({ ...cfg, balance: { seqAuxLossCoef: 0.01, seqLen: cfg.data.tokensPerStep } }), { world }),
+  InvalidArgumentError,
+  new RegExp(`config\\.balance\\.seqLen ${cfg.data.tokensPerStep} must divide each rank's ${cfg.data.tokensPerStep / world.size} tokens`),
+  'a seqLen larger than a rank share',
+);
 world.barrier();
 console.log(`ok rank ${world.rank} of ${world.size} (transport ${used})`);
