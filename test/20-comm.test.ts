@@ -22,6 +22,7 @@ import {
 } from '../lib/index.js';
 import { expectInvalidArgument } from './helpers.js';
 import { packageRoot } from '../lib/native.js';
+import { rendezvousPort } from '../lib/parallel/init.js';
 
 const cpu = { device: 'cpu' as const };
 
@@ -142,12 +143,17 @@ describe('launcher environments', () => {
   });
   it('Slurm, with its compressed tasks-per-node list', () => {
     expect(
-      launchEnv({ SLURM_PROCID: '7', SLURM_NTASKS: '9', SLURM_LOCALID: '1', SLURM_NODEID: '2', SLURM_TASKS_PER_NODE: '4(x2),1' }),
+      launchEnv({ SLURM_PROCID: '7', SLURM_NTASKS: '9', SLURM_LOCALID: '3', SLURM_NODEID: '1', SLURM_TASKS_PER_NODE: '4(x2),1' }),
     ).toEqual({
       launcher: 'slurm',
       rank: 7,
       size: 9,
-      localRank: 1,
+      localRank: 3,
+      localSize: 4,
+    });
+    expect(
+      launchEnv({ SLURM_PROCID: '8', SLURM_NTASKS: '9', SLURM_LOCALID: '0', SLURM_NODEID: '2', SLURM_TASKS_PER_NODE: '4(x2),1' }),
+    ).toMatchObject({
       localSize: 1,
     });
   });
@@ -159,7 +165,7 @@ describe('launcher environments', () => {
     expect(() => launchEnv({ OMPI_COMM_WORLD_RANK: 'x', OMPI_COMM_WORLD_SIZE: '2' })).toThrow(
       /OMPI_COMM_WORLD_RANK="x" is not a non-negative integer/,
     );
-    expect(() => launchEnv({ PMI_RANK: '4', PMI_SIZE: '4' })).toThrow(/rank 4 is not in \[0, 4\)/);
+    expect(() => launchEnv({ PMI_RANK: '4', PMI_SIZE: '4', MPI_LOCALRANKID: '0' })).toThrow(/rank 4 is not in \[0, 4\)/);
   });
   it('backend choice: single, mpi on CPU or shared GPUs, nccl with a GPU per rank and NCCL', () => {
     const le = (size: number, localRank: number, localSize?: number) => ({
@@ -197,13 +203,71 @@ describe('launcher environments', () => {
   it('ranks started from RANK/WORLD_SIZE (not by an MPI launcher) are refused the MPI backend rather than each becoming rank 0 of 1', () => {
     const env = { launcher: 'env' as const, rank: 1, size: 2, localRank: 1, localSize: 2 };
     expect(() => chooseBackend(env, 'auto', 0, () => true)).toThrow(
-      /init: rank 1 of 2 was started from RANK\/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks \(no usable GPU\)/,
+      /init: rank 1 of 2 was started from RANK\/WORLD_SIZE \(env\), not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks \(no usable GPU\)/,
     );
     expect(() => chooseBackend(env, 'auto', 1, () => true)).toThrow(/share 1 GPU/);
     expect(() => chooseBackend(env, 'auto', 2, () => false)).toThrow(/NCCL does not load/);
     expect(() => chooseBackend(env, 'mpi', 2, () => true)).toThrow(/cannot join the ranks \(requested\)/);
     expect(chooseBackend(env, 'auto', 2, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:1' });
     expect(chooseBackend({ ...env, launcher: 'openmpi' }, 'auto', 0, () => true)).toMatchObject({ backend: 'mpi' });
+  });
+  // From an audit: torchrun under srun or in an sbatch script inherits Slurm's variables, which
+  // describe torchrun's own task; a partial environment was read as a world of one.
+  it('torchrun wins over the Slurm variables it inherits; its ranks need LOCAL_RANK', () => {
+    const slurm = { SLURM_PROCID: '1', SLURM_NTASKS: '2', SLURM_LOCALID: '0', SLURM_TASKS_PER_NODE: '1(x2)', SLURM_NODEID: '1' };
+    const torch = { TORCHELASTIC_RUN_ID: 'job7', RANK: '13', WORLD_SIZE: '16', LOCAL_RANK: '5', LOCAL_WORLD_SIZE: '8' };
+    expect(launchEnv({ ...slurm, ...torch })).toEqual({ launcher: 'torchrun', rank: 13, size: 16, localRank: 5, localSize: 8 });
+    expect(() => launchEnv({ ...slurm, ...torch, LOCAL_RANK: undefined })).toThrow(
+      /init: launcher torchrun started 16 ranks but none of LOCAL_RANK is set: which GPU is this rank's\?/,
+    );
+    expect(() => launchEnv({ TORCHELASTIC_RUN_ID: 'none', WORLD_SIZE: '4' })).toThrow(
+      /WORLD_SIZE=4 \(launcher torchrun\) but RANK is not set/,
+    );
+    // Slurm's rank and a RANK/WORLD_SIZE that disagree, without torchrun to say which is inner
+    expect(() => launchEnv({ ...slurm, RANK: '3', WORLD_SIZE: '8' })).toThrow(
+      /Slurm says rank 1 of 2 \(SLURM_PROCID, SLURM_NTASKS\) but RANK=3, WORLD_SIZE=8: two launchers' variables disagree/,
+    );
+    expect(launchEnv({ ...slurm, RANK: '1', WORLD_SIZE: '2' })).toMatchObject({ launcher: 'slurm', rank: 1, size: 2 });
+  });
+  it('a partial or inconsistent launcher environment is refused, naming the variables', () => {
+    expect(() => launchEnv({ WORLD_SIZE: '4' })).toThrow(/init: WORLD_SIZE=4 \(launcher env\) but RANK is not set/);
+    expect(launchEnv({ WORLD_SIZE: '1' })).toMatchObject({ launcher: 'none', size: 1 });
+    expect(() => launchEnv({ OMPI_COMM_WORLD_SIZE: '2', OMPI_COMM_WORLD_LOCAL_RANK: '0' })).toThrow(
+      /OMPI_COMM_WORLD_SIZE=2 \(launcher openmpi\) but OMPI_COMM_WORLD_RANK is not set/,
+    );
+    expect(() => launchEnv({ PMI_RANK: '1', PMI_SIZE: '4' })).toThrow(
+      /launcher mpich started 4 ranks but none of MPI_LOCALRANKID, PMI_LOCAL_RANK, PALS_LOCAL_RANKID, SLURM_LOCALID is set/,
+    );
+    // Cray PALS and srun --mpi=pmi2 name the local rank otherwise
+    expect(launchEnv({ PMI_RANK: '5', PMI_SIZE: '8', PALS_LOCAL_RANKID: '1', PALS_LOCAL_SIZE: '4' })).toMatchObject({
+      launcher: 'mpich',
+      localRank: 1,
+      localSize: 4,
+    });
+    expect(launchEnv({ PMI_RANK: '3', PMI_SIZE: '4', SLURM_LOCALID: '1', SLURM_TASKS_PER_NODE: '2(x2)', SLURM_NODEID: '1' })).toMatchObject(
+      {
+        launcher: 'mpich',
+        localRank: 1,
+        localSize: 2,
+      },
+    );
+    expect(() => launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '3', LOCAL_WORLD_SIZE: '2' })).toThrow(
+      /launcher env: local rank 3 is not in \[0, 2\) \(the ranks on this node\)/,
+    );
+    for (const odd of ['0x2', '1e1', ' 3 ', '+2', '2.0'])
+      expect(() => launchEnv({ RANK: odd, WORLD_SIZE: '16' }), odd).toThrow(/RANK=".*" is not a non-negative integer/);
+  });
+  it("GPU sharing: counted only where the ranks per node are known; the ranks' own answer wins", () => {
+    const le = (localSize?: number) => ({ launcher: 'openmpi' as const, rank: 1, size: 4, localRank: 1, localSize });
+    // a pod per rank: no local size, one GPU each: not a shared GPU
+    expect(chooseBackend({ ...le(), launcher: 'env' }, 'auto', 1, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:0' });
+    // Slurm's --gpus-per-task: 4 ranks on the node, each seeing its own one GPU (asked: no sharing)
+    expect(chooseBackend(le(4), 'auto', 1, () => true, false)).toMatchObject({ backend: 'nccl', device: 'cuda:0' });
+    expect(chooseBackend(le(4), 'nccl', 1, () => true, false)).toMatchObject({ backend: 'nccl' });
+    const asked = chooseBackend(le(4), 'auto', 1, () => true, true);
+    expect(asked.backend).toBe('mpi');
+    expect(asked.reason).toMatch(/^ranks on this node share a GPU \(the same PCI bus id\); NCCL refuses/);
+    expect(() => chooseBackend(le(4), 'nccl', 1, () => true, true)).toThrow(/share a GPU \(the same PCI bus id\)/);
   });
   it("init's 'log' must be a boolean or a function", async () => {
     await expect(init({ log: 'yes' as unknown as boolean, env: {} })).rejects.toThrow(
@@ -270,7 +334,7 @@ describe('TCP rendezvous', () => {
       const e = await errorOf(rendezvous({ rank: 1, size: 2, addr: '127.0.0.1', port, timeoutMs: 500 }));
       expect(e).toBeInstanceOf(TimeoutError);
       expect(e.message).toMatch(
-        /^rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127\.0\.0\.1:\d+ \(connected; no answer yet: rank 0 answers once all 2 ranks have checked in\)$/,
+        /^rendezvous: timed out after 500 ms on rank 1; not heard from rank 0 at 127\.0\.0\.1:\d+ \(connected; no answer yet: rank 0 answers once all 2 ranks have checked in, or another program may hold this port \(torchrun's own store listens on MASTER_PORT\); MOE_EP_MASTER_PORT gives moe-ep a port of its own\)$/,
       );
     } finally {
       silent.close();
@@ -287,6 +351,37 @@ describe('TCP rendezvous', () => {
     } finally {
       http.close();
     }
+  }, 20_000);
+
+  // From an audit: rank 0 listened on 0.0.0.0, which an IPv6 MASTER_ADDR never reaches.
+  it("rank 0 on '::' serves IPv6 and IPv4 parties alike; an IPv6 address is bracketed in messages", async () => {
+    for (const addr of ['::1', '127.0.0.1']) {
+      const port = await freePort();
+      const zero = rendezvous({ rank: 0, size: 2, addr: '::', port, blob, timeoutMs: 20_000 });
+      expect([...(await rendezvous({ rank: 1, size: 2, addr, port, timeoutMs: 20_000 }))], addr).toEqual([7, 8, 9]);
+      expect([...(await zero)]).toEqual([7, 8, 9]);
+    }
+    const e = await errorOf(rendezvous({ rank: 1, size: 2, addr: '::1', port: await freePort(), timeoutMs: 300 }));
+    expect(e.message).toMatch(/not heard from rank 0 at \[::1\]:\d+/);
+  }, 20_000);
+
+  it("a port another program holds (torchrun's store holds MASTER_PORT) fails rank 0 at once, naming MOE_EP_MASTER_PORT", async () => {
+    const other = createServer(() => {});
+    const port = await listen(other);
+    try {
+      const e = await errorOf(rendezvous({ rank: 0, size: 2, port, blob, ...local }));
+      expect(e.message).toMatch(
+        /^rendezvous: rank 0 cannot listen on 127\.0\.0\.1:\d+: listen EADDRINUSE.*: another program may hold this port \(torchrun's own store listens on MASTER_PORT\); MOE_EP_MASTER_PORT gives moe-ep a port of its own$/,
+      );
+    } finally {
+      other.close();
+    }
+    const le = launchEnv({ TORCHELASTIC_RUN_ID: 'j', RANK: '0', WORLD_SIZE: '2', LOCAL_RANK: '0' });
+    expect(rendezvousPort(le, { MASTER_PORT: '29500' }, {})).toBe(29501);
+    expect(rendezvousPort(le, { MASTER_PORT: '29500', MOE_EP_MASTER_PORT: '31000' }, {})).toBe(31000);
+    expect(rendezvousPort(le, { MASTER_PORT: '29500' }, { masterPort: 4242 })).toBe(4242);
+    expect(rendezvousPort({ ...le, launcher: 'env' }, { MASTER_PORT: '29500' }, {})).toBe(29500);
+    expect(() => rendezvousPort(le, { MASTER_PORT: '29500x' }, {})).toThrow(/MASTER_PORT="29500x" is not a non-negative integer/);
   }, 20_000);
 
   it('two jobs on one port: a party of the other job is refused naming both job ids; rank 0 still serves its own job', async () => {

@@ -6,15 +6,18 @@
  * communicator. options.backend or MOE_EP_BACKEND override the choice. With GPUs and several
  * ranks, rank 0 logs the choice and why to stderr (`log: false` silences it).
  */
+import { hostname } from 'node:os';
+
 import { cuda, setDefaultDevice } from '../device.js';
 import { invalidArgument } from '../errors.js';
 import { checkOptions } from '../validate.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { type Backend, Communicator, DEFAULT_TIMEOUT_MS } from './communicator.js';
+import { allGatherJson } from './gather-json.js';
 import { rendezvous } from './rendezvous.js';
 
-export type Launcher = 'openmpi' | 'mpich' | 'slurm' | 'env' | 'none';
+export type Launcher = 'torchrun' | 'openmpi' | 'mpich' | 'slurm' | 'env' | 'none';
 
 export interface LaunchEnv {
   launcher: Launcher;
@@ -25,12 +28,28 @@ export interface LaunchEnv {
   localSize: number | undefined;
 }
 
+/** A variable as a plain decimal integer (no '0x2', '1e1', ' 3 ' or '+2'), or undefined when unset. */
 function int(env: NodeJS.ProcessEnv, name: string): number | undefined {
   const v = env[name];
   if (v === undefined || v === '') return undefined;
-  const n = Number(v);
-  if (!Number.isSafeInteger(n) || n < 0)
-    invalidArgument('init', `environment variable ${name}=${JSON.stringify(v)} is not a non-negative integer`);
+  const n = /^\d+$/.test(v) ? Number(v) : NaN;
+  if (!Number.isSafeInteger(n)) invalidArgument('init', `environment variable ${name}=${JSON.stringify(v)} is not a non-negative integer`);
+  return n;
+}
+
+/** The first of `names` that is set, as an integer. */
+function firstInt(env: NodeJS.ProcessEnv, names: readonly string[]): number | undefined {
+  for (const name of names) {
+    const n = int(env, name);
+    if (n !== undefined) return n;
+  }
+  return undefined;
+}
+
+/** A variable the launcher always sets: its absence means a broken or partial environment. */
+function required(env: NodeJS.ProcessEnv, name: string, launcher: string, because: string): number {
+  const n = int(env, name);
+  if (n === undefined) invalidArgument('init', `${because} (launcher ${launcher}) but ${name} is not set`);
   return n;
 }
 
@@ -47,50 +66,84 @@ function slurmTasksOnNode(spec: string | undefined, nodeId: number | undefined):
 }
 
 /**
- * Rank, size and local rank from the launcher's variables (a pure function of `env`):
- * OpenMPI OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK(/LOCAL_SIZE); MPICH/Hydra PMI_RANK/PMI_SIZE,
- * MPI_LOCALRANKID(/MPI_LOCALNRANKS); Slurm SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID
- * (SLURM_TASKS_PER_NODE, SLURM_NODEID); generic RANK/WORLD_SIZE/LOCAL_RANK(/LOCAL_WORLD_SIZE).
- * No launcher: rank 0 of 1.
+ * Rank, size and local rank from the launcher's variables (a pure function of `env`), the innermost
+ * launcher first (torchrun under srun or in an sbatch script inherits Slurm's variables, which then
+ * describe torchrun's own task, not this process):
+ *   torchrun (TORCHELASTIC_RUN_ID set): RANK/WORLD_SIZE/LOCAL_RANK(/LOCAL_WORLD_SIZE);
+ *   OpenMPI: OMPI_COMM_WORLD_RANK/SIZE/LOCAL_RANK(/LOCAL_SIZE);
+ *   MPICH/Hydra, Intel MPI, Cray PALS, srun --mpi=pmi2: PMI_RANK/PMI_SIZE, MPI_LOCALRANKID or
+ *     PMI_LOCAL_RANK or PALS_LOCAL_RANKID or SLURM_LOCALID (/MPI_LOCALNRANKS, PMI_LOCAL_SIZE,
+ *     PALS_LOCAL_SIZE, Slurm's task list);
+ *   Slurm: SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (SLURM_TASKS_PER_NODE, SLURM_NODEID);
+ *   any other: RANK/WORLD_SIZE/LOCAL_RANK(/LOCAL_WORLD_SIZE).
+ * No launcher: rank 0 of 1. A partial environment (a size without its rank; an MPI launcher's or
+ * torchrun's ranks without their local rank) or an inconsistent one (a local rank past the local
+ * size; Slurm's rank and RANK/WORLD_SIZE that differ) is refused, naming the variables, rather than
+ * read as a world of one or a GPU shared by accident.
  */
 export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
   let e: LaunchEnv;
-  if (env['OMPI_COMM_WORLD_SIZE'] !== undefined) {
+  const world = (launcher: Launcher, rank: string, size: string, why: string): { rank: number; size: number } => {
+    const n = required(env, size, launcher, why);
+    return { rank: n > 1 ? required(env, rank, launcher, `${size}=${n}`) : (int(env, rank) ?? 0), size: n };
+  };
+  const local = (launcher: Launcher, names: readonly string[], size: number): number => {
+    const n = firstInt(env, names);
+    if (n === undefined && size > 1)
+      invalidArgument(
+        'init',
+        `launcher ${launcher} started ${size} ranks but none of ${names.join(', ')} is set: which GPU is this rank's?`,
+      );
+    return n ?? 0;
+  };
+  if (env['TORCHELASTIC_RUN_ID'] !== undefined) {
+    const w = world('torchrun', 'RANK', 'WORLD_SIZE', 'TORCHELASTIC_RUN_ID is set');
+    e = { launcher: 'torchrun', ...w, localRank: local('torchrun', ['LOCAL_RANK'], w.size), localSize: int(env, 'LOCAL_WORLD_SIZE') };
+  } else if (env['OMPI_COMM_WORLD_SIZE'] !== undefined) {
+    const w = world('openmpi', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_SIZE is set');
     e = {
       launcher: 'openmpi',
-      rank: int(env, 'OMPI_COMM_WORLD_RANK') ?? 0,
-      size: int(env, 'OMPI_COMM_WORLD_SIZE') ?? 1,
-      localRank: int(env, 'OMPI_COMM_WORLD_LOCAL_RANK') ?? 0,
+      ...w,
+      localRank: local('openmpi', ['OMPI_COMM_WORLD_LOCAL_RANK'], w.size),
       localSize: int(env, 'OMPI_COMM_WORLD_LOCAL_SIZE'),
     };
-  } else if (env['PMI_SIZE'] !== undefined && env['PMI_RANK'] !== undefined) {
+  } else if (env['PMI_SIZE'] !== undefined) {
+    const w = world('mpich', 'PMI_RANK', 'PMI_SIZE', 'PMI_SIZE is set');
     e = {
       launcher: 'mpich',
-      rank: int(env, 'PMI_RANK') ?? 0,
-      size: int(env, 'PMI_SIZE') ?? 1,
-      localRank: int(env, 'MPI_LOCALRANKID') ?? 0,
-      localSize: int(env, 'MPI_LOCALNRANKS'),
+      ...w,
+      // srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE too, and only Slurm's local id.
+      localRank: local('mpich', ['MPI_LOCALRANKID', 'PMI_LOCAL_RANK', 'PALS_LOCAL_RANKID', 'SLURM_LOCALID'], w.size),
+      localSize:
+        firstInt(env, ['MPI_LOCALNRANKS', 'PMI_LOCAL_SIZE', 'PALS_LOCAL_SIZE']) ??
+        slurmTasksOnNode(env['SLURM_TASKS_PER_NODE'], int(env, 'SLURM_NODEID')),
     };
   } else if (env['SLURM_PROCID'] !== undefined && env['SLURM_NTASKS'] !== undefined) {
+    const w = world('slurm', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NTASKS is set');
     e = {
       launcher: 'slurm',
-      rank: int(env, 'SLURM_PROCID') ?? 0,
-      size: int(env, 'SLURM_NTASKS') ?? 1,
-      localRank: int(env, 'SLURM_LOCALID') ?? 0,
+      ...w,
+      localRank: local('slurm', ['SLURM_LOCALID'], w.size),
       localSize: slurmTasksOnNode(env['SLURM_TASKS_PER_NODE'], int(env, 'SLURM_NODEID')),
     };
-  } else if (env['WORLD_SIZE'] !== undefined && env['RANK'] !== undefined) {
-    e = {
-      launcher: 'env',
-      rank: int(env, 'RANK') ?? 0,
-      size: int(env, 'WORLD_SIZE') ?? 1,
-      localRank: int(env, 'LOCAL_RANK') ?? 0,
-      localSize: int(env, 'LOCAL_WORLD_SIZE'),
-    };
+    // A launcher of another kind inside srun sets RANK/WORLD_SIZE of its own: which to trust is
+    // not ours to guess when they disagree.
+    const rank = int(env, 'RANK'),
+      size = int(env, 'WORLD_SIZE');
+    if (size !== undefined && (size !== e.size || (rank !== undefined && rank !== e.rank)))
+      invalidArgument(
+        'init',
+        `Slurm says rank ${e.rank} of ${e.size} (SLURM_PROCID, SLURM_NTASKS) but RANK=${rank ?? '(unset)'}, WORLD_SIZE=${size}: two launchers' variables disagree; unset the stale ones (torchrun sets TORCHELASTIC_RUN_ID, which makes its own win)`,
+      );
+  } else if (env['WORLD_SIZE'] !== undefined && (int(env, 'WORLD_SIZE') !== 1 || env['RANK'] !== undefined)) {
+    const w = world('env', 'RANK', 'WORLD_SIZE', 'WORLD_SIZE is set');
+    e = { launcher: 'env', ...w, localRank: int(env, 'LOCAL_RANK') ?? 0, localSize: int(env, 'LOCAL_WORLD_SIZE') };
   } else {
     e = { launcher: 'none', rank: 0, size: 1, localRank: 0, localSize: 1 };
   }
   if (e.size < 1 || e.rank >= e.size) invalidArgument('init', `launcher ${e.launcher}: rank ${e.rank} is not in [0, ${e.size})`);
+  if (e.localSize !== undefined && (e.localSize < 1 || e.localRank >= e.localSize))
+    invalidArgument('init', `launcher ${e.launcher}: local rank ${e.localRank} is not in [0, ${e.localSize}) (the ranks on this node)`);
   return e;
 }
 
@@ -134,12 +187,28 @@ export interface BackendChoice {
   reason: string;
 }
 
-/** The backend and device init() would choose (pure apart from probing GPUs and NCCL). */
-export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: number, ncclLoads: () => boolean): BackendChoice {
+/**
+ * The backend and device init() would choose (pure apart from probing NCCL). `sharesGpu`: whether
+ * ranks on this node share a GPU, when init asked them (their visible GPUs may differ, as with
+ * Slurm's --gpus-per-task); omitted, it is counted: more ranks on this node than GPUs visible to
+ * each means sharing. Ranks per node unknown (no local size) counts as a GPU each: NCCL itself
+ * refuses two ranks on one GPU.
+ */
+export function chooseBackend(
+  le: LaunchEnv,
+  requested: Backend | 'auto',
+  gpus: number,
+  ncclLoads: () => boolean,
+  sharesGpu?: boolean,
+): BackendChoice {
   const device = gpus > 0 ? `cuda:${le.localRank % gpus}` : 'cpu';
-  const perNode = le.localSize ?? le.size;
-  const shared = `${perNode} ranks on this node share ${gpus} GPU(s)`;
-  if (requested === 'nccl' && gpus > 0 && perNode > gpus) {
+  const counted = le.localSize !== undefined && le.localSize > gpus;
+  const shares = gpus > 0 && le.size > 1 && (sharesGpu ?? counted);
+  const shared =
+    sharesGpu === undefined
+      ? `${le.localSize ?? le.size} ranks on this node share ${gpus} GPU(s)`
+      : 'ranks on this node share a GPU (the same PCI bus id)';
+  if (requested === 'nccl' && shares) {
     // NCCL would fail later in ncclCommInitRank ("duplicate GPU"); say why now.
     invalidArgument(
       'init',
@@ -150,7 +219,7 @@ export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: 
     if (requested !== 'auto') return { backend: requested, device, reason: 'requested' };
     if (le.size === 1) return { backend: 'single', device, reason: 'one rank' };
     if (gpus === 0) return { backend: 'mpi', device, reason: 'no usable GPU' };
-    if (perNode > gpus)
+    if (shares)
       return {
         backend: 'mpi',
         device,
@@ -161,13 +230,32 @@ export function chooseBackend(le: LaunchEnv, requested: Backend | 'auto', gpus: 
   })();
   // Ranks started from RANK/WORLD_SIZE alone are separate programs to MPI: each would be rank 0 of a
   // world of 1 (MPI_Init as a singleton), silently. Only NCCL (TCP rendezvous) joins them.
-  if (choice.backend === 'mpi' && le.size > 1 && le.launcher === 'env') {
+  if (choice.backend === 'mpi' && le.size > 1 && (le.launcher === 'env' || le.launcher === 'torchrun')) {
     invalidArgument(
       'init',
-      `rank ${le.rank} of ${le.size} was started from RANK/WORLD_SIZE, not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks (${choice.reason}); start them with mpirun, or give each rank its own GPU with NCCL loadable`,
+      `rank ${le.rank} of ${le.size} was started from RANK/WORLD_SIZE (${le.launcher}), not by mpirun, mpiexec or srun, so the MPI backend cannot join the ranks (${choice.reason}); start them with mpirun, or give each rank its own GPU with NCCL loadable`,
     );
   }
   return choice;
+}
+
+/**
+ * Whether ranks on this node share a GPU, asked of the ranks themselves, where counting cannot
+ * tell: CUDA_VISIBLE_DEVICES is set (a launcher binding GPUs per task, e.g. Slurm's
+ * --gpus-per-task, shows each rank only its own) and there are more ranks on the node than GPUs
+ * this rank sees. Every rank's (host, PCI bus id) is gathered over MPI, where the launcher is one
+ * that MPI joins. Undefined: counting decides (no binding, or nothing to ask over).
+ */
+function askGpuSharing(le: LaunchEnv, env: NodeJS.ProcessEnv, gpus: number, timeoutMs: number): boolean | undefined {
+  if (gpus === 0 || le.size === 1 || env['CUDA_VISIBLE_DEVICES'] === undefined) return undefined;
+  if (le.localSize === undefined || le.localSize <= gpus) return undefined;
+  if (!(le.launcher === 'openmpi' || le.launcher === 'mpich' || le.launcher === 'slurm') || !native().mpiStatus(true).loaded)
+    return undefined;
+  using world = Communicator.mpi({ timeoutMs });
+  if (world.size !== le.size || world.rank !== le.rank) return undefined; // the 'mpi' path reports this
+  const mine = `${hostname()} ${native().deviceProperties(le.localRank % gpus).pciBusId}`;
+  const all = allGatherJson(world, mine);
+  return new Set(all).size < all.length;
 }
 
 function parseBackend(v: unknown, where: string): Backend | 'auto' {
@@ -199,7 +287,8 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
         : 'auto';
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const gpus = cuda.deviceCount();
-  const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded);
+  const sharesGpu = requested === 'auto' || requested === 'nccl' ? askGpuSharing(le, env, gpus, timeoutMs) : undefined;
+  const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded, sharesGpu);
   if (options.setDevice !== false && choice.device !== 'cpu') setDefaultDevice(choice.device as `cuda:${number}`);
   const log = options.log ?? true;
   if (typeof log !== 'boolean' && typeof log !== 'function')
@@ -218,12 +307,11 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
     }
     case 'mpi': {
       const c = Communicator.mpi({ timeoutMs });
-      if (c.size !== le.size || c.rank !== le.rank) {
+      try {
+        checkMpiWorld(le, c);
+      } catch (e) {
         c.dispose();
-        invalidArgument(
-          'init',
-          `the launcher (${le.launcher}) says rank ${le.rank} of ${le.size} but MPI sees rank ${c.rank} of ${c.size}: MPI was not started with these ranks (under srun, give it --mpi=pmix or pmi2)`,
-        );
+        throw e;
       }
       return c;
     }
@@ -260,13 +348,16 @@ async function shareNcclId(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitO
   const mpiLaunched = le.launcher === 'openmpi' || le.launcher === 'mpich';
   if (mpiLaunched && native().mpiStatus(true).loaded) {
     using world = Communicator.mpi({ timeoutMs });
+    // An MPI library of another kind than the launcher starts as a world of one: each rank would
+    // keep its own (zero) id and NCCL would hang or fail obscurely.
+    checkMpiWorld(le, world);
     const id = le.rank === 0 ? Communicator.ncclUniqueId() : new Uint8Array(128);
     using t = Tensor.fromArray(id, { dtype: 'u8', device: 'cpu' });
     world.broadcast(t, 0);
     return t.toArray() as Uint8Array;
   }
   const addr = options.masterAddr ?? env['MASTER_ADDR'];
-  const port = options.masterPort ?? (env['MASTER_PORT'] ? Number(env['MASTER_PORT']) : undefined);
+  const port = rendezvousPort(le, env, options);
   if (!addr || port === undefined) {
     invalidArgument(
       'init',
@@ -277,12 +368,40 @@ async function shareNcclId(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitO
   return rendezvous({
     rank: le.rank,
     size: le.size,
-    addr: le.rank === 0 && addr !== 'localhost' ? '0.0.0.0' : addr,
+    // Rank 0 listens on a loopback address itself (the job stays on this host), else on every
+    // interface, IPv4 and IPv6 (MASTER_ADDR names it as the others reach it, which may not be an
+    // address of its own: a NAT, a service name).
+    addr: le.rank === 0 && !isLoopback(addr) ? '::' : addr,
     port,
     ...(blob ? { blob } : {}),
     timeoutMs,
     jobId: jobId(env),
   });
+}
+
+function isLoopback(addr: string): boolean {
+  return addr === 'localhost' || addr === '::1' || /^127\.\d+\.\d+\.\d+$/.test(addr);
+}
+
+/**
+ * Rank 0's rendezvous port: the masterPort option, else MOE_EP_MASTER_PORT, else MASTER_PORT, but
+ * MASTER_PORT + 1 under torchrun, whose own store already listens on MASTER_PORT.
+ */
+export function rendezvousPort(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitOptions): number | undefined {
+  if (options.masterPort !== undefined) return options.masterPort;
+  const own = int(env, 'MOE_EP_MASTER_PORT');
+  if (own !== undefined) return own;
+  const master = int(env, 'MASTER_PORT');
+  if (master === undefined) return undefined;
+  return le.launcher === 'torchrun' ? master + 1 : master;
+}
+
+function checkMpiWorld(le: LaunchEnv, world: Communicator): void {
+  if (world.size !== le.size || world.rank !== le.rank)
+    invalidArgument(
+      'init',
+      `the launcher (${le.launcher}) says rank ${le.rank} of ${le.size} but MPI sees rank ${world.rank} of ${world.size}: MPI was not started with these ranks (the MPI library is of another kind than the launcher; under srun, give it --mpi=pmix or pmi2)`,
+    );
 }
 
 /**

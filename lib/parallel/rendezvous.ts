@@ -20,7 +20,10 @@ import { checkKeys, checkPositiveInt, checkTimeoutMs } from '../validate.js';
 export interface RendezvousOptions {
   rank: number;
   size: number;
-  /** Rank 0's address (rank 0 listens on it; '0.0.0.0' listens everywhere). */
+  /**
+   * Rank 0's address. Rank 0 listens on it: '::' listens on every interface, IPv4 and IPv6 (IPv4
+   * alone where the host has no IPv6), '0.0.0.0' on every IPv4 one.
+   */
   addr: string;
   port: number;
   /** Rank 0: the bytes to share. Ignored on other ranks. */
@@ -72,6 +75,11 @@ function answer(socket: Socket, status: Status, payload: Uint8Array): void {
 }
 
 const quote = (s: string): string => JSON.stringify(s);
+/** host:port, an IPv6 address in brackets. */
+const hostPort = (addr: string, port: number): string => (addr.includes(':') ? `[${addr}]:${port}` : `${addr}:${port}`);
+/** What to try when the port does not open: another program may hold it (torchrun's store does). */
+const PORT_HINT =
+  "another program may hold this port (torchrun's own store listens on MASTER_PORT); MOE_EP_MASTER_PORT gives moe-ep a port of its own";
 
 function serve(blob: Uint8Array, size: number, addr: string, port: number, timeoutMs: number, jobId: string): Promise<Uint8Array> {
   return new Promise((resolve, reject) => {
@@ -79,7 +87,7 @@ function serve(blob: Uint8Array, size: number, addr: string, port: number, timeo
       resolve(blob);
       return;
     }
-    const where = `${addr}:${port}`;
+    const where = hostPort(addr, port);
     const waiting = new Map<number, Socket>(); // ranks checked in, waiting for the answer
     const sockets = new Set<Socket>();
     let done = false;
@@ -168,8 +176,17 @@ function serve(blob: Uint8Array, size: number, addr: string, port: number, timeo
         if (waiting.size === size - 1) finish(null);
       });
     });
-    server.on('error', (e) => fail(`rank 0 cannot listen on ${where}: ${e.message}`));
-    server.listen(port, addr);
+    let host = addr;
+    server.on('error', (e: NodeJS.ErrnoException) => {
+      // '::' on a host without IPv6: every IPv4 interface instead.
+      if (host === '::' && (e.code === 'EAFNOSUPPORT' || e.code === 'EADDRNOTAVAIL')) {
+        host = '0.0.0.0';
+        server.listen(port, host);
+        return;
+      }
+      fail(`rank 0 cannot listen on ${where}: ${e.message}${e.code === 'EADDRINUSE' ? `: ${PORT_HINT}` : ''}`);
+    });
+    server.listen(port, host);
     if (timeoutMs > 0) {
       timer = setTimeout(() => {
         const missing: number[] = [];
@@ -186,7 +203,7 @@ function serve(blob: Uint8Array, size: number, addr: string, port: number, timeo
 }
 
 function fetchBlob(rank: number, size: number, addr: string, port: number, timeoutMs: number, jobId: string): Promise<Uint8Array> {
-  const where = `${addr}:${port}`;
+  const where = hostPort(addr, port);
   const id = Buffer.from(jobId, 'utf8');
   const hello = Buffer.alloc(16 + id.length);
   MAGIC.copy(hello, 0);
@@ -229,7 +246,7 @@ function fetchBlob(rank: number, size: number, addr: string, port: number, timeo
       socket = s;
       let buf = Buffer.alloc(0);
       s.on('connect', () => {
-        lastError = `connected; no answer yet: rank 0 answers once all ${size} ranks have checked in`;
+        lastError = `connected; no answer yet: rank 0 answers once all ${size} ranks have checked in, or ${PORT_HINT}`;
         s.write(hello);
       });
       s.on('data', (chunk: Buffer) => {
