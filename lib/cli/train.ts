@@ -124,7 +124,7 @@ export async function runTrain(args: string[]): Promise<number> {
   // so that the ranks make the same collectives.
   const stamp = allGatherJson(world, new Date().toISOString().replace(/[:.]/g, '-'))[0] as string;
   const out = resolve(config.train.out ?? join('runs', stamp));
-  // What each rank sees there (ranks need not share a file system), gathered so that every rank
+  // What each rank sees there (checkpoints need one shared file system, which each save checks), gathered so that every rank
   // refuses together, and every rank has looked before rank 0 deletes or writes anything.
   const found = [
     ...new Set(

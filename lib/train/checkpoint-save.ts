@@ -114,17 +114,10 @@ function writeCheckpointFile(
   return { file, bytes: w.bytes, sha256: w.sha256, ...(rank === undefined ? {} : { rank }), tensors: records };
 }
 
-/**
- * Saves one checkpoint (collective when `comm` has several ranks: every rank calls it with the same
- * step). Returns once the checkpoint is committed on every rank, or throws on every rank (naming the
- * rank that failed) with nothing committed.
- */
-export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
-  const op = 'saveCheckpoint';
-  const t0 = Date.now();
+/** saveCheckpoint's own arguments (the step's agreement across ranks is checked after the exchange). */
+function checkSaveArguments(root: string, options: SaveOptions, op: string): void {
   if (typeof root !== 'string' || root === '')
     invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
-  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
   // Maps of name → tensor (a number, or an array whose indices became names, saved nothing or "0").
   for (const key of ['replicated', 'sharded'] as const) {
@@ -135,19 +128,46 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
         `'${key}' must be an object of name → tensor; received ${m === null ? 'null' : Array.isArray(m) ? 'an array' : typeof m}`,
       );
   }
-  const { step, comm } = options;
-  checkNonNegativeInt(step, op, 'step');
+  checkNonNegativeInt(options.step, op, 'step');
   if (options.keep !== undefined) checkPositiveInt(options.keep, op, 'keep');
-  const extras = options.manifestExtras ?? {};
-  checkManifestExtras(extras, op);
+  checkManifestExtras(options.manifestExtras ?? {}, op);
+}
+
+/**
+ * Saves one checkpoint (collective when `comm` has several ranks: every rank calls it with the same
+ * step). Returns once the checkpoint is committed on every rank, or throws on every rank (naming the
+ * rank that failed) with nothing committed.
+ */
+export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
+  const op = 'saveCheckpoint';
+  const t0 = Date.now();
+  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
+  const { step, comm } = options;
+  // Arguments are checked before the first exchange but refused after it, so that a rank given
+  // bad ones fails every rank (naming it) instead of leaving its peers in a collective until the
+  // timeout.
+  let refused: Error | null = null;
+  try {
+    checkSaveArguments(root, options, op);
+  } catch (e) {
+    refused = e as Error;
+  }
   const rank = comm?.rank ?? 0;
   const size = comm?.size ?? 1;
 
   // Agree on the step and on rank 0's nonce for the temporary folder.
-  const hello = exchange(comm, { step, nonce: rank === 0 ? randomBytes(6).toString('hex') : '' });
+  const hello = exchange(comm, {
+    step: refused ? null : step, // (a refused step may not even be JSON: 1n)
+    nonce: rank === 0 ? randomBytes(6).toString('hex') : '',
+    refused: refused?.message ?? null,
+  });
+  if (refused) throw refused;
+  const others = hello.map((h, r) => (h.refused === null ? null : `rank ${r}: ${h.refused}`)).filter((x) => x !== null);
+  if (others.length) invalidArgument(op, `another rank's arguments were refused, nothing was written: ${others.join('; ')}`);
   const steps = new Set(hello.map((h) => h.step));
   if (steps.size !== 1)
     ckptError(root, `${op}: the ranks disagree on the step (${hello.map((h, r) => `rank ${r}: ${h.step}`).join(', ')})`);
+  const extras = options.manifestExtras ?? {};
   const name = stepDirName(step);
   const tmp = join(root, `.tmp-${name}-${hello[0]!.nonce}`);
   const finalDir = join(root, name);
@@ -181,13 +201,14 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   const reports = exchange(comm, report);
   const failed = reports.map((r, i) => (r.ok ? null : `rank ${i}: ${r.error}`)).filter((x) => x !== null);
   if (failed.length) {
-    if (rank === 0) removeQuietly(tmp);
+    removeQuietly(tmp); // every rank: without a shared file system each has a folder of its own
     ckptError(finalDir, `${op} failed, nothing was committed: ${failed.join('; ')}`);
   }
 
   let status: { ok: boolean; error?: string } = { ok: true };
   if (rank === 0) {
     try {
+      checkFilesArrived(tmp, reports);
       commitDir(
         root,
         tmp,
@@ -206,10 +227,31 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   }
   const final = exchange(comm, status)[0]!;
   if (!final.ok) {
-    if (rank === 0) removeQuietly(tmp);
+    removeQuietly(tmp);
     ckptError(finalDir, `${op}: rank 0 could not commit: ${final.error}`);
   }
   return { dir: finalDir, step, bytes: written, ms: Date.now() - t0 };
+}
+
+/**
+ * Rank 0 commits what it sees: every rank's files must be in its temporary folder at the size the
+ * rank wrote. Ranks that do not share the file system (node-local disks, a root that differs per
+ * rank) would otherwise commit a checkpoint that never loads, and `keep` would prune the good ones.
+ */
+function checkFilesArrived(tmp: string, reports: RankReport[]): void {
+  for (const [r, report] of reports.entries())
+    for (const f of report.files) {
+      let st: fs.Stats | undefined;
+      try {
+        st = fs.lstatSync(join(tmp, f.file));
+      } catch {
+        st = undefined;
+      }
+      if (!st?.isFile() || st.size !== f.bytes)
+        throw new Error(
+          `rank ${r}'s ${f.file} is not in ${tmp} as rank 0 sees it (${st ? `${st.size} bytes, not ${f.bytes}` : 'missing'}): every rank must see the checkpoint folder on one shared file system`,
+        );
+    }
 }
 
 /**

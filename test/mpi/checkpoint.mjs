@@ -5,12 +5,28 @@
 //                      at EP=1 (rank 0 alone reading every expert): identical tensors and outputs.
 //   load <dir> <y.bin> a layer with other weights loads <dir> at this EP size (any size, also without
 //                      mpirun) and gives the same output as y.bin, bit for bit.
+//   faults <dir>       each rank saves into a root of its own (<dir>/node-<rank>, as node-local disks
+//                      would be): every rank gets a CheckpointError naming the shared file system,
+//                      nothing is committed, and keep: 1 does not prune rank 0's good checkpoint; a
+//                      rank given a bad option fails every rank at once, naming it.
 import * as fs from 'node:fs';
 import { join } from 'node:path';
 
-import { disposeState, init, loadCheckpoint, loadMoELayer, moeLayerState, saveCheckpoint, Tensor } from '../../dist/lib/index.js';
+import {
+  CheckpointError,
+  InvalidArgumentError,
+  disposeState,
+  init,
+  latestCheckpoint,
+  listCheckpoints,
+  loadCheckpoint,
+  loadMoELayer,
+  moeLayerState,
+  saveCheckpoint,
+  Tensor,
+} from '../../dist/lib/index.js';
 import { MoELayer } from '../../dist/lib/moe/layer.js';
-import { check, positionalArgs, relErr, same, scriptDevice, scriptTransport } from './common.mjs';
+import { check, expectThrow, positionalArgs, relErr, same, scriptDevice, scriptTransport } from './common.mjs';
 
 //   --device cuda (after the mode's arguments): the layers on each rank's GPU in bf16 (NCCL with a
 //                 GPU per rank, MPI staging when ranks share one); y.bin holds f32 values either way.
@@ -97,6 +113,42 @@ if (mode === 'save') {
   if (reader.manifest.ep.size === n) same(f32(y).toFloat32Array(), ref, what);
   else sameOutput(f32(y).toFloat32Array(), ref, what);
   world.barrier();
+} else if (mode === 'faults') {
+  const own = join(dir, `node-${r}`);
+  const rep = Tensor.fromArray([1, 2]);
+  if (r === 0) saveCheckpoint(own, { step: 4, replicated: { rep } }); // a good one-process checkpoint
+  world.barrier();
+  expectThrow(
+    () => saveCheckpoint(own, { step: 5, comm: world, replicated: { rep }, sharded: { [`e${r}`]: Tensor.fromArray([r]) }, keep: 1 }),
+    CheckpointError,
+    /rank 0 could not commit: rank 1's rank-1\.safetensors is not in .* as rank 0 sees it \(missing\): every rank must see the checkpoint folder on one shared file system/,
+    'a save into roots that differ per rank',
+  );
+  world.barrier();
+  check(
+    fs.readdirSync(own).every((e) => !e.startsWith('.tmp-')),
+    `rank ${r}: a temporary folder was left in ${own}`,
+  );
+  if (r === 0) {
+    check(
+      JSON.stringify(listCheckpoints(own).map((c) => c.step)) === '[4]',
+      `the good step 4 was pruned: ${JSON.stringify(listCheckpoints(own))}`,
+    );
+    check(latestCheckpoint(own)?.step === 4, 'the good step 4 no longer loads');
+  }
+  // A bad option on one rank: that rank's own error, the other's names it, no one waits for a timeout.
+  const t0 = Date.now();
+  const e = expectThrow(
+    () => saveCheckpoint(join(dir, 'shared'), { step: 1, comm: world, replicated: { rep }, keep: r === 1 ? 0 : 2 }),
+    InvalidArgumentError,
+    r === 1
+      ? /^saveCheckpoint: 'keep' must be a positive integer/
+      : /another rank's arguments were refused, nothing was written: rank 1: saveCheckpoint: 'keep'/,
+    'a bad option on rank 1',
+  );
+  check(Date.now() - t0 < 10_000, `the refusal took ${Date.now() - t0} ms (${e.message})`);
+  world.barrier(); // the communicator is still usable
+  check(!fs.existsSync(join(dir, 'shared')) || fs.readdirSync(join(dir, 'shared')).length === 0, 'something was written');
 } else {
   check(false, `unknown mode ${mode}`);
 }

@@ -205,6 +205,17 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     }
   });
 
+  it('checkpoints: ranks that do not share the folder (a root per rank) are refused on every rank, nothing committed or pruned; a bad option on one rank fails every rank at once', () => {
+    const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-ckpt-'));
+    try {
+      const r = mpirun(2, 'checkpoint.mjs', 60_000, ['faults', dir]);
+      expect(r.status, r.out).toBe(0);
+      for (let k = 0; k < 2; k++) expect(r.out).toContain(`ok rank ${k} of 2`);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('checkpoints: saved at EP=4, resharded 4 → 2 → 1 offline (moe-ep ckpt reshard): the same model outputs as never resharding', () => {
     const dir = fs.mkdtempSync(join(tmpdir(), 'moe-ep-mpi-ckpt-'));
     const cli = (args: string[]) =>
