@@ -58,7 +58,8 @@ describe('training on the default task (CPU)', () => {
 
   it('at equal per-token FLOPs, 8 experts (top-2, ffn 8) beat one expert (ffn 16) by at least 20%', () => {
     const moe = train({ model: { experts: 8, topK: 2, ffn: 8 } });
-    const dense = train({ model: { experts: 1, topK: 1, ffn: 16 } });
+    // softmax over one expert: its weight is exactly 1, a dense FFN (sigmoid top-1 would be a gate)
+    const dense = train({ model: { experts: 1, topK: 1, ffn: 16, scoreFunction: 'softmax' } });
     expect(moe.loss).toBeLessThan(0.8 * dense.loss);
   });
 
