@@ -1,8 +1,8 @@
 // The figures of docs/train.md's "Balancing, measured", on the CPU: `moe-ep train`'s default task
 // (1000 steps), mean loss and MaxVio over the last 100 steps, for
 //   - bias balancing off (γ = 0), the default γ = 1e-3, and γ = 3e-4;
-//   - at equal per-token FLOPs, 8 experts (top-2, ffn 8: the default) against one expert of ffn 16
-//     (softmax over one expert: its weight is 1, a dense FFN).
+//   - at equal per-token FLOPs, 8 experts (top-2, ffn 8) against one expert of ffn 16 (softmax over
+//     one expert: its weight is 1, a dense FFN). The default model is 8 experts, top-2, ffn 16.
 // Training on the CPU is deterministic (fixed seeds, fixed reduction orders), so one run of each is
 // the figure; test/50-train.test.ts asserts the same relations with margins.
 //   node benchmarks/train-balance.mjs [--out DIR] [--steps N]
@@ -17,7 +17,8 @@ const runs = [
   ['balancing off (γ = 0)', { balance: { gamma: 0 } }],
   ['γ = 1e-3 (the default)', {}],
   ['γ = 3e-4', { balance: { gamma: 3e-4 } }],
-  ['one expert, ffn 16 (dense)', { model: { experts: 1, topK: 1, ffn: 16, scoreFunction: 'softmax' } }],
+  ['8 experts, top-2, ffn 8', { model: { experts: 8, topK: 2, ffn: 8 } }],
+  ['one expert, ffn 16 (dense: the same per-token FLOPs)', { model: { experts: 1, topK: 1, ffn: 16, scoreFunction: 'softmax' } }],
 ];
 const rows = [];
 for (const [what, overrides] of runs) {
