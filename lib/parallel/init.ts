@@ -242,13 +242,13 @@ export function chooseBackend(
 /**
  * Whether ranks on this node share a GPU, asked of the ranks themselves, where counting cannot
  * tell: CUDA_VISIBLE_DEVICES is set (a launcher binding GPUs per task, e.g. Slurm's
- * --gpus-per-task, shows each rank only its own) and there are more ranks on the node than GPUs
- * this rank sees. Every rank's (host, PCI bus id) is gathered over MPI, where the launcher is one
- * that MPI joins. Undefined: counting decides (no binding, or nothing to ask over).
+ * --gpus-per-task, shows each rank only its own). Every rank's (host, PCI bus id) is gathered over
+ * MPI, where the launcher is one that MPI joins. Collective: the condition uses nothing that
+ * differs between the ranks of one job (not the ranks per node, which may), so that all ask or
+ * none does. Undefined: counting decides (no binding, or nothing to ask over).
  */
 function askGpuSharing(le: LaunchEnv, env: NodeJS.ProcessEnv, gpus: number, timeoutMs: number): boolean | undefined {
   if (gpus === 0 || le.size === 1 || env['CUDA_VISIBLE_DEVICES'] === undefined) return undefined;
-  if (le.localSize === undefined || le.localSize <= gpus) return undefined;
   if (!(le.launcher === 'openmpi' || le.launcher === 'mpich' || le.launcher === 'slurm') || !native().mpiStatus(true).loaded)
     return undefined;
   using world = Communicator.mpi({ timeoutMs });
