@@ -40,7 +40,7 @@
  */
 import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
-import { invalidArgument, usedAfterDispose } from '../errors.js';
+import { invalidArgument, InvalidArgumentError, usedAfterDispose } from '../errors.js';
 import { checkKeys, checkNonNegativeInt, checkOptions, checkPositiveInt, checkStream, checkTensor, checkTensors } from '../validate.js';
 import { Event, Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
@@ -859,7 +859,18 @@ export class Dispatcher {
     // A group of one sends everything to itself: hand back a view, no copy.
     if (this.group.size === 1) return send.view(...shape);
     const recv = Tensor.empty(shape, { dtype: send.dtype, device: send.device });
-    this.group.allToAllV(send, sendRows, recv, recvRows);
+    try {
+      this.group.allToAllV(send, sendRows, recv, recvRows);
+    } catch (e) {
+      recv.dispose();
+      // Fixed segments are sized from this rank's C alone: counts that disagree mean another C.
+      if (this.padToCapacity && e instanceof InvalidArgumentError && /expects/.test(e.message))
+        throw new InvalidArgumentError(
+          `${e.message}. With padToCapacity every rank sends C rows per expert, so every rank needs the same capacity C = min(ceil(capacityFactor·T·k/E), T·k): the ranks' T or capacityFactor give different ones`,
+          e.op,
+        );
+      throw e;
+    }
     return recv;
   }
 

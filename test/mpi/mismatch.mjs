@@ -4,7 +4,7 @@
 // the agreement these overran buffers (malloc(): corrupted top size) or hung.
 //   --device cpu (default): host tensors (MPI under mpirun).
 //   --device cuda: each rank's GPU (NCCL with a GPU per rank; MPI staging when ranks share one).
-import { init, InvalidArgumentError, Tensor } from '../../dist/lib/index.js';
+import { capacity, Dispatcher, init, InvalidArgumentError, Tensor } from '../../dist/lib/index.js';
 import { check, expectThrow, same, scriptDevice } from './common.mjs';
 
 const world = await init({ timeoutMs: 20000 });
@@ -75,6 +75,30 @@ expectThrow(
   ),
   'count mismatch',
 );
+
+// A dispatcher in capacity mode with padToCapacity sizes its segments from its own C: ranks whose T
+// gives another C are told so, not only that the counts differ.
+{
+  const E = 2 * n,
+    k = 2,
+    T = mine(8, 16),
+    H = 4;
+  const indices = Tensor.fromArray(
+    range(T * k, (i) => (i + Math.floor(i / k)) % E),
+    { dtype: 'i32', shape: [T, k], device },
+  );
+  const weights = Tensor.rand([T, k], { seed: 5 + r, device });
+  const x = Tensor.randn([T, H], { seed: 7 + r, device });
+  const d = new Dispatcher({ numExperts: E, group: world, padToCapacity: true, transport: 'nccl' }); // the all-to-all's check
+  const cap = capacity(indices, weights, { numExperts: E, capacityFactor: 1 });
+  expectThrow(
+    () => d.dispatch(x, indices, weights, cap),
+    InvalidArgumentError,
+    /expects .*With padToCapacity every rank sends C rows per expert, so every rank needs the same capacity C = min\(ceil\(capacityFactor·T·k\/E\), T·k\): the ranks' T or capacityFactor give different ones$/,
+    'capacity mode with another C on rank 0',
+  );
+  d.dispose();
+}
 
 check(!world.aborted, 'still usable after the mismatches');
 same(world.allReduce(Tensor.full([1], 1, on)).toNumbers(), [n], 'allReduce after the mismatches');
