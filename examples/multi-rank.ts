@@ -1,7 +1,7 @@
 // examples/multi-rank.ts — the Multi-rank example of the README, run by test/mpi/run.test.ts:
 //   node dist/examples/multi-rank.js               one process
 //   mpirun -np 2 node dist/examples/multi-rank.js  two ranks (MPI on the CPU; NCCL with a GPU per rank)
-import { getDefaultDevice, init, MoELayer, Tensor, tidy } from '../lib/index.js';
+import { getDefaultDevice, init, MoELayer, ops, Tensor, tidy } from '../lib/index.js';
 
 const world = await init(); // rank, size, local rank and device from the launcher
 const { rank, size } = world;
@@ -25,7 +25,11 @@ const grads = tidy(() => {
   const fwd = layer.forward(x);
   return layer.backward(fwd, Tensor.randn([128, 64], { dtype: 'bf16', seed: 20 + rank }));
 });
-world.allReduce(grads.router, 'avg'); // the router is replicated; the experts' gradients are already whole
+// Data parallelism over the ranks' tokens, as moe-ep train does: the replicated weights' gradients
+// are averaged; an expert's gradient already sums every rank's tokens (dispatch brought them to
+// it), so it is divided by the ranks to match.
+for (const g of [grads.router, grads.sharedW13, grads.sharedW2]) if (g) world.allReduce(g, 'avg');
+for (const g of [grads.w13, grads.w2]) ops.scale(g, 1 / size, { out: g });
 console.log(
   `rank ${rank}: allReduce ${t.item()}, received ${recvRows.join(' + ')} rows, ${layer.localExperts} local experts, dx ${grads.dx.shape}`,
 );
