@@ -104,6 +104,26 @@ describe('metrics.jsonl and report.html', () => {
     expect(readMetrics(join(out, 'metrics.jsonl')).map((m) => m.step)).toEqual([3, 4]); // steps count from 0: the checkpoint at 3 resumes with step 3
   });
 
+  // From a user trial: it printed 'after 0 steps', re-saved the checkpoint and rewrote config.json.
+  it('--resume with --steps not past the checkpoint is refused before the run folder is touched; a longer run says its schedule changed', () => {
+    const out = fresh();
+    expect(train(['--steps', '4', '--out', out]).status).toBe(0);
+    const config = readFileSync(join(out, 'config.json'), 'utf8');
+    for (const steps of ['4', '3']) {
+      const r = train(['--steps', steps, '--out', out, '--resume']);
+      expect(r.status, steps).not.toBe(0);
+      expect(r.stderr).toMatch(
+        new RegExp(`the checkpoint in .* is at step 4 and --steps ${steps} leaves nothing to train: give --steps above 4`),
+      );
+    }
+    expect(readFileSync(join(out, 'config.json'), 'utf8')).toBe(config);
+    const longer = train(['--steps', '6', '--out', out, '--resume']);
+    expect(longer.status, longer.stderr).toBe(0);
+    expect(longer.stdout).toMatch(
+      /note: the saved run was set for 4 steps and this one for 6: the learning rate follows the 6-step schedule from step 4 \(\d\.\d\de-\d+ there\)/,
+    );
+  });
+
   it('a FIFO at metrics.jsonl: --resume fails at once, naming it (no hang)', () => {
     const out = fresh();
     expect(train(['--steps', '2', '--out', out]).status).toBe(0);

@@ -170,7 +170,18 @@ export async function runTrain(args: string[]): Promise<number> {
   if (resuming) {
     const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume as string);
     resumedAt = trainer.resume(from);
+    // Nothing left to train: refused before anything in the run folder is rewritten.
+    if (resumedAt >= config.train.steps)
+      throw new InvalidArgumentError(
+        `the checkpoint in ${from} is at step ${resumedAt} and --steps ${config.train.steps} leaves nothing to train: give --steps above ${resumedAt} to continue the run`,
+        'train',
+      );
     if (lead) console.log(`resumed from ${from} at step ${resumedAt}`);
+    const was = trainer.resumedFrom?.savedSteps ?? null;
+    if (lead && was !== null && was !== config.train.steps)
+      console.log(
+        `note: the saved run was set for ${was} steps and this one for ${config.train.steps}: the learning rate follows the ${config.train.steps}-step schedule from step ${resumedAt} (${trainer.lrAt(resumedAt).toExponential(2)} there)`,
+      );
     for (const s of trainer.resumedFrom?.skipped ?? []) if (lead) console.error(`moe-ep: passed over ${s.dir}: ${s.reason}`);
   }
   const save = (): string => {

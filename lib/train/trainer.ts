@@ -117,8 +117,12 @@ export class Trainer implements Disposable {
   private readonly lr: (step: number) => number;
   /** The next step to run (0-based); a resumed run starts later. */
   step = 0;
-  /** What the last resume() read, and the newer checkpoints it passed over (failed verification). */
-  resumedFrom: { dir: string; step: number; skipped: readonly SkippedCheckpoint[] } | null = null;
+  /**
+   * What the last resume() read, the newer checkpoints it passed over (failed verification), and the
+   * steps the saved run was configured for (null when its manifest has no config): the schedule
+   * follows this run's train.steps, which may differ.
+   */
+  resumedFrom: { dir: string; step: number; skipped: readonly SkippedCheckpoint[]; savedSteps: number | null } | null = null;
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
     options = checkOptions(options, 'Trainer', { world: true });
@@ -213,6 +217,11 @@ export class Trainer implements Disposable {
       maxLr: o.lr,
       minLr: o.minLr,
     });
+  }
+
+  /** The learning rate of step `step` (0-based) under this run's schedule. */
+  lrAt(step: number): number {
+    return this.lr(step);
   }
 
   /** The optimizer moments by parameter name (for checkpoints). */
@@ -402,7 +411,7 @@ export class Trainer implements Disposable {
       }
       this.model.refreshComputeWeights();
       this.step = reader.step;
-      this.resumedFrom = { dir: reader.dir, step: reader.step, skipped: reader.skipped };
+      this.resumedFrom = { dir: reader.dir, step: reader.step, skipped: reader.skipped, savedSteps: savedSteps(reader) };
       return this.step;
     } finally {
       reader.close();
@@ -478,6 +487,13 @@ const SAME_ON_RESUME = {
 } as const;
 
 /** Refuses a checkpoint whose recorded config (manifest config) differs from `config` where SAME_ON_RESUME says. */
+/** train.steps of the run that saved the checkpoint, when its manifest records a config. */
+function savedSteps(reader: CheckpointReader): number | null {
+  const recorded = reader.manifest.config as { train?: { steps?: unknown } } | null | undefined;
+  const steps = recorded !== null && typeof recorded === 'object' ? recorded.train?.steps : undefined;
+  return typeof steps === 'number' && Number.isSafeInteger(steps) ? steps : null;
+}
+
 function checkSameRun(reader: CheckpointReader, config: TrainConfig): void {
   const recorded = reader.manifest.config as Record<string, Record<string, unknown> | undefined> | null | undefined;
   if (recorded === null || typeof recorded !== 'object') return; // saved without a config (by other code): nothing to compare
