@@ -232,11 +232,16 @@ describe('launcher environments', () => {
   it('a partial or inconsistent launcher environment is refused, naming the variables', () => {
     expect(() => launchEnv({ WORLD_SIZE: '4' })).toThrow(/init: WORLD_SIZE=4 \(launcher env\) but RANK is not set/);
     expect(launchEnv({ WORLD_SIZE: '1' })).toMatchObject({ launcher: 'none', size: 1 });
+    expect(launchEnv({ WORLD_SIZE: '', RANK: '' })).toMatchObject({ launcher: 'none', size: 1 }); // empty is unset
+    // an sbatch script's inherited SLURM_LOCALID is not this PMI rank's: not read
+    expect(() => launchEnv({ PMI_RANK: '2', PMI_SIZE: '4', SLURM_PROCID: '0', SLURM_NTASKS: '1', SLURM_LOCALID: '0' })).toThrow(
+      /launcher mpich started 4 ranks but none of MPI_LOCALRANKID, PMI_LOCAL_RANK, PALS_LOCAL_RANKID is set/,
+    );
     expect(() => launchEnv({ OMPI_COMM_WORLD_SIZE: '2', OMPI_COMM_WORLD_LOCAL_RANK: '0' })).toThrow(
       /OMPI_COMM_WORLD_SIZE=2 \(launcher openmpi\) but OMPI_COMM_WORLD_RANK is not set/,
     );
     expect(() => launchEnv({ PMI_RANK: '1', PMI_SIZE: '4' })).toThrow(
-      /launcher mpich started 4 ranks but none of MPI_LOCALRANKID, PMI_LOCAL_RANK, PALS_LOCAL_RANKID, SLURM_LOCALID is set/,
+      /launcher mpich started 4 ranks but none of MPI_LOCALRANKID, PMI_LOCAL_RANK, PALS_LOCAL_RANKID is set/,
     );
     // Cray PALS and srun --mpi=pmi2 name the local rank otherwise
     expect(launchEnv({ PMI_RANK: '5', PMI_SIZE: '8', PALS_LOCAL_RANKID: '1', PALS_LOCAL_SIZE: '4' })).toMatchObject({
@@ -244,13 +249,21 @@ describe('launcher environments', () => {
       localRank: 1,
       localSize: 4,
     });
-    expect(launchEnv({ PMI_RANK: '3', PMI_SIZE: '4', SLURM_LOCALID: '1', SLURM_TASKS_PER_NODE: '2(x2)', SLURM_NODEID: '1' })).toMatchObject(
-      {
-        launcher: 'mpich',
-        localRank: 1,
-        localSize: 2,
-      },
-    );
+    expect(
+      launchEnv({
+        PMI_RANK: '3',
+        PMI_SIZE: '4',
+        SLURM_PROCID: '3',
+        SLURM_NTASKS: '4',
+        SLURM_LOCALID: '1',
+        SLURM_TASKS_PER_NODE: '2(x2)',
+        SLURM_NODEID: '1',
+      }),
+    ).toMatchObject({
+      launcher: 'mpich',
+      localRank: 1,
+      localSize: 2,
+    });
     expect(() => launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '3', LOCAL_WORLD_SIZE: '2' })).toThrow(
       /launcher env: local rank 3 is not in \[0, 2\) \(the ranks on this node\)/,
     );
@@ -261,13 +274,23 @@ describe('launcher environments', () => {
     const le = (localSize?: number) => ({ launcher: 'openmpi' as const, rank: 1, size: 4, localRank: 1, localSize });
     // a pod per rank: no local size, one GPU each: not a shared GPU
     expect(chooseBackend({ ...le(), launcher: 'env' }, 'auto', 1, () => true)).toMatchObject({ backend: 'nccl', device: 'cuda:0' });
-    // Slurm's --gpus-per-task: 4 ranks on the node, each seeing its own one GPU (asked: no sharing)
-    expect(chooseBackend(le(4), 'auto', 1, () => true, false)).toMatchObject({ backend: 'nccl', device: 'cuda:0' });
-    expect(chooseBackend(le(4), 'nccl', 1, () => true, false)).toMatchObject({ backend: 'nccl' });
-    const asked = chooseBackend(le(4), 'auto', 1, () => true, true);
+    // a GPU per rank by CUDA_VISIBLE_DEVICES: 4 ranks on the node, each seeing its own (asked: no sharing)
+    expect(chooseBackend(le(4), 'auto', 1, () => true, { sharesGpu: false })).toMatchObject({ backend: 'nccl', device: 'cuda:0' });
+    expect(chooseBackend(le(4), 'nccl', 1, () => true, { sharesGpu: false })).toMatchObject({ backend: 'nccl' });
+    const asked = chooseBackend(le(4), 'auto', 1, () => true, { sharesGpu: true, visibleDevicesSet: true });
     expect(asked.backend).toBe('mpi');
-    expect(asked.reason).toMatch(/^ranks on this node share a GPU \(the same PCI bus id\); NCCL refuses/);
-    expect(() => chooseBackend(le(4), 'nccl', 1, () => true, true)).toThrow(/share a GPU \(the same PCI bus id\)/);
+    expect(asked.reason).toMatch(/^ranks on this node share a GPU \(the same PCI bus id\); NCCL refuses[^(]*$/);
+    expect(() => chooseBackend(le(4), 'nccl', 1, () => true, { sharesGpu: true })).toThrow(/share a GPU \(the same PCI bus id\)/);
+    // not asked (no MPI launcher) but CUDA_VISIBLE_DEVICES set: counted for 'auto', saying how to take
+    // NCCL; a requested 'nccl' is let through to NCCL's own duplicate check
+    const unsure = chooseBackend({ ...le(4), launcher: 'slurm' }, 'auto', 1, () => true, { visibleDevicesSet: true });
+    expect(unsure).toMatchObject({ backend: 'mpi' });
+    expect(unsure.reason).toMatch(
+      /\(counted: where CUDA_VISIBLE_DEVICES gives each rank a GPU of its own, MOE_EP_BACKEND=nccl takes NCCL\)$/,
+    );
+    expect(chooseBackend({ ...le(4), launcher: 'slurm' }, 'nccl', 1, () => true, { visibleDevicesSet: true })).toMatchObject({
+      backend: 'nccl',
+    });
   });
   it("init's 'log' must be a boolean or a function", async () => {
     await expect(init({ log: 'yes' as unknown as boolean, env: {} })).rejects.toThrow(
@@ -382,6 +405,10 @@ describe('TCP rendezvous', () => {
     expect(rendezvousPort(le, { MASTER_PORT: '29500' }, { masterPort: 4242 })).toBe(4242);
     expect(rendezvousPort({ ...le, launcher: 'env' }, { MASTER_PORT: '29500' }, {})).toBe(29500);
     expect(() => rendezvousPort(le, { MASTER_PORT: '29500x' }, {})).toThrow(/MASTER_PORT="29500x" is not a non-negative integer/);
+    expect(() => rendezvousPort(le, { MASTER_PORT: '65535' }, {})).toThrow(
+      /init: the rendezvous port 65536 \(MASTER_PORT \+ 1 under torchrun\) must be 1\.\.65535; MOE_EP_MASTER_PORT sets another/,
+    );
+    expect(() => rendezvousPort(le, { MOE_EP_MASTER_PORT: '0' }, {})).toThrow(/the rendezvous port 0 \(MOE_EP_MASTER_PORT\)/);
   }, 20_000);
 
   it('two jobs on one port: a party of the other job is refused naming both job ids; rank 0 still serves its own job', async () => {

@@ -410,7 +410,7 @@ describe('cosineSchedule', () => {
     const lr = cosineSchedule({ warmupSteps: 10, totalSteps: 110, maxLr: 1e-3, minLr: 1e-4 });
     expect(lr(0)).toBeCloseTo(1e-4, 12); // (0+1)/10 of maxLr, from 0
     expect(lr(4)).toBeCloseTo(5e-4, 12);
-    expect(lr(9)).toBeCloseTo(1e-3, 12); // the peak, once: one index n = step + 1 throughout
+    expect(lr(9)).toBeCloseTo(1e-3, 12); // the peak, once: the warm-up's last step
     expect(lr(10)).toBeCloseTo(1e-4 + 0.45e-3 * (1 + Math.cos(Math.PI / 100)), 12);
     expect(lr(10)).toBeLessThan(lr(9));
     expect(lr(59)).toBeCloseTo(5.5e-4, 12); // half way: the mean of max and min
@@ -427,10 +427,11 @@ describe('cosineSchedule', () => {
     const fromMin = cosineSchedule({ warmupSteps: 4, totalSteps: 8, maxLr: 1, minLr: 0.2, warmupStartLr: 0.2 });
     expect(fromMin(0)).toBeCloseTo(0.4, 12);
     expect(fromMin(3)).toBeCloseTo(1, 12);
+    // without warm-up step 0 is the peak and the last step the floor
     const noWarm = cosineSchedule({ warmupSteps: 0, totalSteps: 4, maxLr: 2 });
-    expect(noWarm(0)).toBeCloseTo(1 + Math.cos(Math.PI / 4), 12);
-    expect(noWarm(1)).toBeCloseTo(1, 12);
-    expect(noWarm(3)).toBe(0);
+    expect([0, 1, 2, 3, 4].map(noWarm).map((v) => Number(v.toFixed(12)))).toEqual([2, 1.5, 0.5, 0, 0]);
+    // a one-step run trains at maxLr
+    expect(cosineSchedule({ warmupSteps: 0, totalSteps: 1, maxLr: 2, minLr: 0.1 })(0)).toBe(2);
     // a run no longer than its warm-up ends at the peak
     const allWarm = cosineSchedule({ warmupSteps: 4, totalSteps: 4, maxLr: 1, minLr: 0.1 });
     expect([0, 1, 2, 3, 4].map(allWarm)).toEqual([0.25, 0.5, 0.75, 1, 0.1]);

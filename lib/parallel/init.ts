@@ -6,6 +6,7 @@
  * communicator. options.backend or MOE_EP_BACKEND override the choice. With GPUs and several
  * ranks, rank 0 logs the choice and why to stderr (`log: false` silences it).
  */
+import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 
 import { cuda, setDefaultDevice } from '../device.js';
@@ -36,6 +37,9 @@ function int(env: NodeJS.ProcessEnv, name: string): number | undefined {
   if (!Number.isSafeInteger(n)) invalidArgument('init', `environment variable ${name}=${JSON.stringify(v)} is not a non-negative integer`);
   return n;
 }
+
+/** Set to something: an empty value counts as unset. */
+const isSet = (env: NodeJS.ProcessEnv, name: string): boolean => env[name] !== undefined && env[name] !== '';
 
 /** The first of `names` that is set, as an integer. */
 function firstInt(env: NodeJS.ProcessEnv, names: readonly string[]): number | undefined {
@@ -96,10 +100,10 @@ export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
       );
     return n ?? 0;
   };
-  if (env['TORCHELASTIC_RUN_ID'] !== undefined) {
+  if (isSet(env, 'TORCHELASTIC_RUN_ID')) {
     const w = world('torchrun', 'RANK', 'WORLD_SIZE', 'TORCHELASTIC_RUN_ID is set');
     e = { launcher: 'torchrun', ...w, localRank: local('torchrun', ['LOCAL_RANK'], w.size), localSize: int(env, 'LOCAL_WORLD_SIZE') };
-  } else if (env['OMPI_COMM_WORLD_SIZE'] !== undefined) {
+  } else if (isSet(env, 'OMPI_COMM_WORLD_SIZE')) {
     const w = world('openmpi', 'OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_SIZE is set');
     e = {
       launcher: 'openmpi',
@@ -107,18 +111,20 @@ export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
       localRank: local('openmpi', ['OMPI_COMM_WORLD_LOCAL_RANK'], w.size),
       localSize: int(env, 'OMPI_COMM_WORLD_LOCAL_SIZE'),
     };
-  } else if (env['PMI_SIZE'] !== undefined) {
+  } else if (isSet(env, 'PMI_SIZE')) {
     const w = world('mpich', 'PMI_RANK', 'PMI_SIZE', 'PMI_SIZE is set');
+    // srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE too, and only Slurm's local id; Slurm's variables
+    // describe this process only when they name the same rank (an sbatch script's are inherited).
+    const bySrun = int(env, 'SLURM_PROCID') === w.rank && int(env, 'SLURM_NTASKS') === w.size;
     e = {
       launcher: 'mpich',
       ...w,
-      // srun --mpi=pmi2 sets PMI_RANK/PMI_SIZE too, and only Slurm's local id.
-      localRank: local('mpich', ['MPI_LOCALRANKID', 'PMI_LOCAL_RANK', 'PALS_LOCAL_RANKID', 'SLURM_LOCALID'], w.size),
+      localRank: local('mpich', ['MPI_LOCALRANKID', 'PMI_LOCAL_RANK', 'PALS_LOCAL_RANKID', ...(bySrun ? ['SLURM_LOCALID'] : [])], w.size),
       localSize:
         firstInt(env, ['MPI_LOCALNRANKS', 'PMI_LOCAL_SIZE', 'PALS_LOCAL_SIZE']) ??
-        slurmTasksOnNode(env['SLURM_TASKS_PER_NODE'], int(env, 'SLURM_NODEID')),
+        (bySrun ? slurmTasksOnNode(env['SLURM_TASKS_PER_NODE'], int(env, 'SLURM_NODEID')) : undefined),
     };
-  } else if (env['SLURM_PROCID'] !== undefined && env['SLURM_NTASKS'] !== undefined) {
+  } else if (isSet(env, 'SLURM_PROCID') && isSet(env, 'SLURM_NTASKS')) {
     const w = world('slurm', 'SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NTASKS is set');
     e = {
       launcher: 'slurm',
@@ -135,7 +141,7 @@ export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
         'init',
         `Slurm says rank ${e.rank} of ${e.size} (SLURM_PROCID, SLURM_NTASKS) but RANK=${rank ?? '(unset)'}, WORLD_SIZE=${size}: two launchers' variables disagree; unset the stale ones (torchrun sets TORCHELASTIC_RUN_ID, which makes its own win)`,
       );
-  } else if (env['WORLD_SIZE'] !== undefined && (int(env, 'WORLD_SIZE') !== 1 || env['RANK'] !== undefined)) {
+  } else if (isSet(env, 'WORLD_SIZE') && (int(env, 'WORLD_SIZE') !== 1 || isSet(env, 'RANK'))) {
     const w = world('env', 'RANK', 'WORLD_SIZE', 'WORLD_SIZE is set');
     e = { launcher: 'env', ...w, localRank: int(env, 'LOCAL_RANK') ?? 0, localSize: int(env, 'LOCAL_WORLD_SIZE') };
   } else {
@@ -187,11 +193,22 @@ export interface BackendChoice {
   reason: string;
 }
 
+/** What init() knows of GPU sharing on this node, beyond the counts. */
+export interface GpuSharing {
+  /** The ranks' own answer (host and PCI bus id of each rank's GPU), when init asked them. */
+  sharesGpu?: boolean;
+  /**
+   * CUDA_VISIBLE_DEVICES is set: each rank may see only its own GPUs, so a count of more ranks than
+   * GPUs visible does not prove sharing. Counting still decides 'auto', but a requested 'nccl' is
+   * let through (NCCL refuses a duplicate GPU itself).
+   */
+  visibleDevicesSet?: boolean;
+}
+
 /**
- * The backend and device init() would choose (pure apart from probing NCCL). `sharesGpu`: whether
- * ranks on this node share a GPU, when init asked them (their visible GPUs may differ, as with
- * Slurm's --gpus-per-task); omitted, it is counted: more ranks on this node than GPUs visible to
- * each means sharing. Ranks per node unknown (no local size) counts as a GPU each: NCCL itself
+ * The backend and device init() would choose (pure apart from probing NCCL). Sharing is the ranks'
+ * answer when init asked them (`sharing.sharesGpu`), else counted: more ranks on this node than
+ * GPUs visible to each. Ranks per node unknown (no local size) counts as a GPU each: NCCL itself
  * refuses two ranks on one GPU.
  */
 export function chooseBackend(
@@ -199,16 +216,19 @@ export function chooseBackend(
   requested: Backend | 'auto',
   gpus: number,
   ncclLoads: () => boolean,
-  sharesGpu?: boolean,
+  sharing: GpuSharing = {},
 ): BackendChoice {
   const device = gpus > 0 ? `cuda:${le.localRank % gpus}` : 'cpu';
+  const asked = sharing.sharesGpu;
   const counted = le.localSize !== undefined && le.localSize > gpus;
-  const shares = gpus > 0 && le.size > 1 && (sharesGpu ?? counted);
+  const shares = gpus > 0 && le.size > 1 && (asked ?? counted);
   const shared =
-    sharesGpu === undefined
+    asked === undefined
       ? `${le.localSize ?? le.size} ranks on this node share ${gpus} GPU(s)`
       : 'ranks on this node share a GPU (the same PCI bus id)';
-  if (requested === 'nccl' && shares) {
+  // Counted with CUDA_VISIBLE_DEVICES set, the sharing may not be real: say how to take NCCL anyway.
+  const unsure = asked === undefined && sharing.visibleDevicesSet === true;
+  if (requested === 'nccl' && shares && !unsure) {
     // NCCL would fail later in ncclCommInitRank ("duplicate GPU"); say why now.
     invalidArgument(
       'init',
@@ -223,7 +243,7 @@ export function chooseBackend(
       return {
         backend: 'mpi',
         device,
-        reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory`,
+        reason: `${shared}; NCCL refuses two ranks on one GPU, so MPI carries the data, staging device buffers through pinned host memory${unsure ? ' (counted: where CUDA_VISIBLE_DEVICES gives each rank a GPU of its own, MOE_EP_BACKEND=nccl takes NCCL)' : ''}`,
       };
     if (!ncclLoads()) return { backend: 'mpi', device, reason: 'NCCL does not load' };
     return { backend: 'nccl', device, reason: 'one GPU per rank and NCCL loads' };
@@ -240,21 +260,55 @@ export function chooseBackend(
 }
 
 /**
- * Whether ranks on this node share a GPU, asked of the ranks themselves, where counting cannot
- * tell: CUDA_VISIBLE_DEVICES is set (a launcher binding GPUs per task, e.g. Slurm's
- * --gpus-per-task, shows each rank only its own). Every rank's (host, PCI bus id) is gathered over
- * MPI, where the launcher is one that MPI joins. Collective: the condition uses nothing that
- * differs between the ranks of one job (not the ranks per node, which may), so that all ask or
- * none does. Undefined: counting decides (no binding, or nothing to ask over).
+ * The launchers whose ranks MPI joins without asking anything of the job: OpenMPI's mpirun and the
+ * MPICH-style ones (mpiexec, srun --mpi=pmi2, which set PMI_RANK). There init shares the NCCL id and
+ * asks about GPU sharing over MPI. Not plain srun: MPI_Init there needs Slurm's PMI support in the
+ * MPI library, and aborts without it.
  */
-function askGpuSharing(le: LaunchEnv, env: NodeJS.ProcessEnv, gpus: number, timeoutMs: number): boolean | undefined {
-  if (gpus === 0 || le.size === 1 || env['CUDA_VISIBLE_DEVICES'] === undefined) return undefined;
-  if (!(le.launcher === 'openmpi' || le.launcher === 'mpich' || le.launcher === 'slurm') || !native().mpiStatus(true).loaded)
+function mpiJoins(le: LaunchEnv): boolean {
+  return le.launcher === 'openmpi' || le.launcher === 'mpich';
+}
+
+/** This machine, as two processes on it agree and two machines do not (containers share a boot id). */
+function machineId(): string {
+  let boot = '';
+  try {
+    boot = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim();
+  } catch {
+    // not Linux, or no /proc: the host name alone
+  }
+  return `${hostname()} ${boot}`;
+}
+
+/**
+ * Whether ranks on a node share a GPU, asked of the ranks where counting cannot tell:
+ * CUDA_VISIBLE_DEVICES set (a wrapper or scheduler showing each rank only its own GPUs) under a
+ * launcher MPI joins. Collective over MPI: every rank of such a launch takes part, whatever its own
+ * view (a rank without GPUs or without CUDA_VISIBLE_DEVICES sends null), and all decide from the
+ * same gathered list, so no rank waits in a collective the others skipped. Undefined: counting
+ * decides (some rank has no such view, or nothing to ask over).
+ */
+function askGpuSharing(
+  le: LaunchEnv,
+  env: NodeJS.ProcessEnv,
+  gpus: number,
+  requested: Backend | 'auto',
+  timeoutMs: number,
+): boolean | undefined {
+  if (le.size === 1 || !mpiJoins(le) || (requested !== 'auto' && requested !== 'nccl') || !native().mpiStatus(true).loaded)
     return undefined;
   using world = Communicator.mpi({ timeoutMs });
-  if (world.size !== le.size || world.rank !== le.rank) return undefined; // the 'mpi' path reports this
-  const mine = `${hostname()} ${native().deviceProperties(le.localRank % gpus).pciBusId}`;
+  if (world.size !== le.size || world.rank !== le.rank) return undefined; // every rank alone alike; the 'mpi' path reports it
+  let mine: string | null = null;
+  if (gpus > 0 && isSet(env, 'CUDA_VISIBLE_DEVICES')) {
+    try {
+      mine = `${machineId()} ${native().deviceProperties(le.localRank % gpus).pciBusId}`;
+    } catch {
+      mine = null; // its GPU failed: this rank's own errors come later, after the collective
+    }
+  }
   const all = allGatherJson(world, mine);
+  if (all.some((g) => g === null)) return undefined;
   return new Set(all).size < all.length;
 }
 
@@ -287,8 +341,11 @@ export async function init(options: InitOptions = {}): Promise<Communicator> {
         : 'auto';
   const timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
   const gpus = cuda.deviceCount();
-  const sharesGpu = requested === 'auto' || requested === 'nccl' ? askGpuSharing(le, env, gpus, timeoutMs) : undefined;
-  const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded, sharesGpu);
+  const sharesGpu = askGpuSharing(le, env, gpus, requested, timeoutMs);
+  const choice = chooseBackend(le, requested, gpus, () => native().ncclStatus().loaded, {
+    ...(sharesGpu === undefined ? {} : { sharesGpu }),
+    visibleDevicesSet: isSet(env, 'CUDA_VISIBLE_DEVICES'),
+  });
   if (options.setDevice !== false && choice.device !== 'cpu') setDefaultDevice(choice.device as `cuda:${number}`);
   const log = options.log ?? true;
   if (typeof log !== 'boolean' && typeof log !== 'function')
@@ -345,8 +402,7 @@ function connectPeers(c: Communicator, device: number): void {
 /** Rank 0's NCCL unique id on every rank: over MPI under an MPI launcher, else the TCP rendezvous. */
 async function shareNcclId(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitOptions, timeoutMs: number): Promise<Uint8Array> {
   if (le.size === 1) return Communicator.ncclUniqueId();
-  const mpiLaunched = le.launcher === 'openmpi' || le.launcher === 'mpich';
-  if (mpiLaunched && native().mpiStatus(true).loaded) {
+  if (mpiJoins(le) && native().mpiStatus(true).loaded) {
     using world = Communicator.mpi({ timeoutMs });
     // An MPI library of another kind than the launcher starts as a world of one: each rank would
     // keep its own (zero) id and NCCL would hang or fail obscurely.
@@ -388,12 +444,17 @@ function isLoopback(addr: string): boolean {
  * MASTER_PORT + 1 under torchrun, whose own store already listens on MASTER_PORT.
  */
 export function rendezvousPort(le: LaunchEnv, env: NodeJS.ProcessEnv, options: InitOptions): number | undefined {
-  if (options.masterPort !== undefined) return options.masterPort;
+  const checked = (port: number, from: string): number => {
+    if (!Number.isSafeInteger(port) || port < 1 || port > 65535)
+      invalidArgument('init', `the rendezvous port ${port} (${from}) must be 1..65535; MOE_EP_MASTER_PORT sets another`);
+    return port;
+  };
+  if (options.masterPort !== undefined) return checked(options.masterPort, "the 'masterPort' option");
   const own = int(env, 'MOE_EP_MASTER_PORT');
-  if (own !== undefined) return own;
+  if (own !== undefined) return checked(own, 'MOE_EP_MASTER_PORT');
   const master = int(env, 'MASTER_PORT');
   if (master === undefined) return undefined;
-  return le.launcher === 'torchrun' ? master + 1 : master;
+  return le.launcher === 'torchrun' ? checked(master + 1, 'MASTER_PORT + 1 under torchrun') : checked(master, 'MASTER_PORT');
 }
 
 function checkMpiWorld(le: LaunchEnv, world: Communicator): void {

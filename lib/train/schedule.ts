@@ -1,13 +1,13 @@
 /**
  * Learning-rate schedule: linear warm-up, then cosine decay to a floor. Steps count from 0 (the
- * first optimizer step is step 0 here; AdamW's bias-correction `step` is this + 1). One index n =
- * step + 1 (the steps taken once this one is) runs through both parts, as in Megatron-Core's
- * scheduler, so maxLr comes once and the last step of a totalSteps run takes minLr:
+ * first optimizer step is step 0 here; AdamW's bias-correction `step` is this + 1). maxLr comes on
+ * one step, the peak P (the warm-up's last step, or step 0 without warm-up), and the last step of a
+ * totalSteps run takes minLr:
  *
- *   n ≤ warmupSteps:                  lr = warmupStartLr + (maxLr − warmupStartLr)·n/warmupSteps
- *   warmupSteps < n ≤ totalSteps:     p = (n − warmupSteps)/(totalSteps − warmupSteps)
- *                                     lr = minLr + ½(maxLr − minLr)(1 + cos(π·p))
- *   n > totalSteps:                   lr = minLr
+ *   step < warmupSteps:                  lr = warmupStartLr + (maxLr − warmupStartLr)·(step + 1)/warmupSteps
+ *   P ≤ step ≤ L (L = totalSteps − 1):   p = (step − P)/(L − P)   (0 when L = P)
+ *                                        lr = minLr + ½(maxLr − minLr)(1 + cos(π·p))
+ *   step > L:                            lr = minLr
  *
  * The warm-up line starts at warmupStartLr (default 0) one step before step 0, so the first step
  * already moves; pass warmupStartLr: minLr to warm up from the floor. totalSteps counts the warm-up
@@ -43,10 +43,11 @@ export function cosineSchedule(config: CosineScheduleConfig): (step: number) => 
   if (minLr > maxLr) invalidArgument('cosineSchedule', `'minLr' = ${minLr} is more than 'maxLr' = ${maxLr}`);
   return (step: number): number => {
     checkNonNegativeInt(step, op, 'step');
-    const n = step + 1;
-    if (n <= warmupSteps) return startLr + ((maxLr - startLr) * n) / warmupSteps;
-    if (n >= totalSteps) return minLr;
-    const p = (n - warmupSteps) / (totalSteps - warmupSteps);
+    if (step < warmupSteps) return startLr + ((maxLr - startLr) * (step + 1)) / warmupSteps;
+    const peak = Math.max(warmupSteps - 1, 0);
+    const last = totalSteps - 1;
+    if (step > last) return minLr;
+    const p = last === peak ? 0 : (step - peak) / (last - peak);
     return minLr + 0.5 * (maxLr - minLr) * (1 + Math.cos(Math.PI * p));
   };
 }
