@@ -4,8 +4,9 @@
  *
  *   node dist/examples/train.js                  one process (GPU if there is one, else CPU)
  *   mpirun -np 2 node dist/examples/train.js     experts over 2 ranks (MPI on the CPU, NCCL with a GPU per rank)
+ * In an installed package: node node_modules/moe-ep/dist/examples/train.js
  */
-import { adamwStep, balanceBiasUpdate, ClusterTask, init, mseLoss, MoELayer, Tensor, tidy } from '../lib/index.js';
+import { adamwStep, balanceBiasUpdate, ClusterTask, init, mseLoss, MoELayer, ops, Tensor, tidy } from '../lib/index.js';
 
 const steps = Number(process.argv[2] ?? 200);
 const world = await init();
@@ -31,7 +32,10 @@ for (let step = 0; step < steps; step++) {
     const fwd = layer.forward(x);
     const { loss, grad } = mseLoss(fwd.y, y);
     const g = layer.backward(fwd, grad as Tensor);
-    world.allReduce(g.router, 'avg'); // the router is replicated; each expert's gradient is already whole
+    // The router is replicated: averaged over the ranks. An expert's gradient already sums every
+    // rank's tokens (dispatch brought them to it): divided by the ranks to match.
+    world.allReduce(g.router, 'avg');
+    for (const e of [g.w13, g.w2]) ops.scale(e, 1 / world.size, { out: e });
     [g.router, g.w13, g.w2].forEach((grad, i) =>
       adamwStep(params[i] as Tensor, grad, moments[i]![0], moments[i]![1], { lr: 3e-3, step: step + 1, weightDecay: 0.01 }),
     );
