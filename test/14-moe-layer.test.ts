@@ -281,6 +281,16 @@ describe('MoELayer on one rank', () => {
     disposeSaved(fwd);
     x.dispose();
   });
+  it('a second backward of one forward says the saved tensors were released, not which internal one', () => {
+    using layer = new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, device: cpu, dtype: 'f32' });
+    using x = Tensor.randn([3, 16], { seed: freshSeed(), device: cpu });
+    const fwd = layer.forward(x);
+    for (const g of Object.values(layer.backward(fwd, x))) g?.dispose();
+    expect(() => layer.backward(fwd, x)).toThrow(
+      /^MoELayer\.backward: this forward's saved tensors were released by an earlier backward\(\) or disposeSaved\(\): run forward\(\) again$/,
+    );
+    fwd.y.dispose();
+  });
   it('sigmoid top-1 is not renormalised by default, so its router learns', () => {
     const seed = freshSeed();
     using layer = new MoELayer({ ...base, topK: 1, scoreFunction: 'sigmoid', seed });

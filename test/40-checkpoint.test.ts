@@ -260,6 +260,9 @@ describe('checkpoints', () => {
     expect(() => r.get('layers.0.experts.2.w1')).toThrow(
       /no tensor 'layers\.0\.experts\.2\.w1' \(it holds 3 tensors; similar: layers\.0\.experts\.0\.w1/,
     );
+    expect(() => r.get('layers.0.ruoter.weight')).toThrow(
+      /no tensor 'layers\.0\.ruoter\.weight' \(it holds 3 tensors; did you mean 'layers\.0\.router\.weight'\?\)/,
+    );
   });
 
   function corruptCase(mutate: (stepDir: string) => void): () => void {

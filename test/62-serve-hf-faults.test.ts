@@ -164,6 +164,9 @@ describe('tensors', () => {
       dir,
       /tensor 'model\.layers\.1\.mlp\.gate\.weight' is \[16,16\] but the deepseek_v3 config \(config.json\) needs \[32,16\]/,
     );
+    // The same config given as options.config is named as such, not as the folder's config.json.
+    using given = HfMoECheckpoint.open(dir, { config: { ...cfg, n_routed_experts: 32 } });
+    expect(() => given.readLayer(1, { device: 'cpu' })).toThrow(/but the deepseek_v3 config \(options\.config\) needs \[32,16\]/);
     // One expert rewritten as I32, another as FP8: the message says what is read.
     const single = join(root, `c${n++}`);
     const built = buildHfCheckpoint(single, cfg, { shards: 0, seed: 3 });

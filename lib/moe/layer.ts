@@ -24,7 +24,7 @@ import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '..
 import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument, usedAfterDispose } from '../errors.js';
+import { DisposedError, invalidArgument, usedAfterDispose } from '../errors.js';
 import {
   checkBoolean,
   checkFloat32,
@@ -469,6 +469,12 @@ export class MoELayer implements Disposable {
     if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor))
       invalidArgument(op, `'fwd' must be what forward() returned`);
     const s = fwd.saved;
+    // A forward's saved tensors serve one backward (which releases them), or disposeSaved.
+    if (s.expertOut.disposed)
+      throw new DisposedError(
+        `${op}: this forward's saved tensors were released by an earlier backward() or disposeSaved(): run forward() again`,
+        op,
+      );
     checkTensor(dy, op, 'dy');
     if (dy.shape.join() !== s.x.shape.join())
       invalidArgument(op, `'dy' [${dy.shape.join(',')}] must have the shape of the forward's 'x' [${s.x.shape.join(',')}]`);

@@ -160,13 +160,23 @@ export class HfMoECheckpoint implements Disposable {
   /** Real path of the folder: every file read lies inside it. */
   readonly #real: string;
   readonly #open = new Map<string, SafetensorsFile>();
+  /** Where the config came from, for errors: the folder's config.json or options.config. */
+  readonly #configSource: string;
 
-  private constructor(dir: string, real: string, config: Record<string, unknown>, model: HfMoEModel, weightMap: Map<string, string>) {
+  private constructor(
+    dir: string,
+    real: string,
+    config: Record<string, unknown>,
+    model: HfMoEModel,
+    weightMap: Map<string, string>,
+    configSource: string,
+  ) {
     this.dir = dir;
     this.#real = real;
     this.config = config;
     this.model = model;
     this.weightMap = weightMap;
+    this.#configSource = configSource;
   }
 
   /** Opens `dir`: config.json (or options.config), then the index's weight map or model.safetensors's header. */
@@ -185,7 +195,8 @@ export class HfMoECheckpoint implements Disposable {
         unknown
       >;
     }
-    const model = hfMoEModel(config, `hf checkpoint ${dir}: ${options.config === undefined ? HF_CONFIG_FILE : 'options.config'}`);
+    const configSource = options.config === undefined ? HF_CONFIG_FILE : 'options.config';
+    const model = hfMoEModel(config, `hf checkpoint ${dir}: ${configSource}`);
     const weightMap = new Map<string, string>();
     const index = inside(HF_INDEX_FILE);
     if (index !== undefined) {
@@ -208,14 +219,14 @@ export class HfMoECheckpoint implements Disposable {
       const single = inside(HF_SINGLE_FILE);
       if (single === undefined) fail(dir, `neither ${HF_INDEX_FILE} nor ${HF_SINGLE_FILE} is there`);
       const f = SafetensorsFile.open(single);
-      const ckpt = new HfMoECheckpoint(dir, real, config, model, weightMap);
+      const ckpt = new HfMoECheckpoint(dir, real, config, model, weightMap, configSource);
       ckpt.#open.set(HF_SINGLE_FILE, f);
       ckpt.stats.filesOpened++;
       ckpt.stats.headerBytes += f.dataStart;
       for (const name of f.names) weightMap.set(name, HF_SINGLE_FILE);
       return ckpt;
     }
-    return new HfMoECheckpoint(dir, real, config, model, weightMap);
+    return new HfMoECheckpoint(dir, real, config, model, weightMap, configSource);
   }
 
   get family(): HfMoEFamily {
@@ -269,7 +280,7 @@ export class HfMoECheckpoint implements Disposable {
     if (info.shape.join() !== shape.join()) {
       fail(
         this.dir,
-        `${file}: tensor '${name}' is [${info.shape.join(',')}] but the ${this.family} config (${HF_CONFIG_FILE}) needs [${shape.join(',')}]`,
+        `${file}: tensor '${name}' is [${info.shape.join(',')}] but the ${this.family} config (${this.#configSource}) needs [${shape.join(',')}]`,
       );
     }
     return { file, f, info };
@@ -305,7 +316,7 @@ export class HfMoECheckpoint implements Disposable {
     if (size !== undefined && !(Array.isArray(size) && size.length === 2 && size[0] === FP8_WEIGHT_BLOCK && size[1] === FP8_WEIGHT_BLOCK)) {
       fail(
         this.dir,
-        `${HF_CONFIG_FILE}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`,
+        `${this.#configSource}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`,
       );
     }
     if (C % FP8_WEIGHT_BLOCK !== 0)

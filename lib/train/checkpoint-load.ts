@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 
 import { type DeviceLike } from '../device.js';
 import { type DType, storageView } from '../dtype.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
+import { CheckpointError, closestName, invalidArgument } from '../errors.js';
 import { type Communicator } from '../parallel/communicator.js';
 import { Tensor } from '../tensor.js';
 import { checkBoolean, checkOptions, checkTensor } from '../validate.js';
@@ -121,9 +121,10 @@ export class CheckpointReader implements Disposable {
       const names = this.names();
       const shape = (n: string): string => n.replace(/\d+/g, '#'); // layers.#.experts.#.w1
       const near = names.filter((n) => shape(n) === shape(name)).slice(0, 4);
+      const typo = near.length ? undefined : closestName(name, names); // 'haed.weight' for 'head.weight'
       ckptError(
         this.dir,
-        `no tensor '${name}' (it holds ${names.length} tensors${near.length ? `; similar: ${near.join(', ')}` : names.length ? `, e.g. ${names.slice(0, 3).join(', ')}` : ''})`,
+        `no tensor '${name}' (it holds ${names.length} tensors${near.length ? `; similar: ${near.join(', ')}` : typo ? `; did you mean '${typo}'?` : names.length ? `, e.g. ${names.slice(0, 3).join(', ')}` : ''})`,
       );
     }
     return t;
