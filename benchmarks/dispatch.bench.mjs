@@ -42,10 +42,17 @@ const noPeer = args.includes('--no-peer');
 const flag = (name, dflt) => (args.includes(name) ? args[args.indexOf(name) + 1] : dflt);
 
 // Published intranode figures, DeepEP's accounting (benchmarks/README.md, shared research notes).
+// Which dispatch dtype each was measured with matters: set BF16 rows beside BF16 figures, and the
+// 'dispatch FP8 kept' rows beside FP8 ones.
 const PUBLISHED =
-  'DeepEP V1 normal kernels EP8: H800 FP8 dispatch 153 / BF16 combine 158 GB/s; 8×H100 BF16 329 / 287 GB/s; UCCL-EP EP8 on 8×H200 320 / 319 GB/s; DeepEP EP2 on 2×H100 FP8 dispatch ~460 GB/s';
+  'DeepEP V1 normal kernels EP8: H800 FP8 dispatch 153 / BF16 combine 158 GB/s; 8×H100 BF16 dispatch 329 / BF16 combine 287 GB/s; UCCL-EP (DeepEP kernels) EP8 on 8×H200 FP8 dispatch 320 / BF16 combine 319 GB/s; DeepEP EP2 on 2×H100 FP8 dispatch ~460 GB/s';
+// How DeepEP's own test times (deep_ep tests/test_intranode.py), against ours.
+const DEEPEP_TIMING =
+  "DeepEP's figures come from its tuning loop: a cached layout, FP8 input already quantised, the mean of back-to-back calls with L2 flushed, the best of its configurations, rank 0; ours include the layout, the count exchange and its host read and the FP8 quantisation, and take the median of single calls each after a sync and a barrier: ours are the conservative side";
 
-const { world, le, P, rank, dev, onGpu, log } = await benchWorld();
+// A minute per collective at most: a transport that hangs fails with a TimeoutError well inside the
+// task's bound, and the result file is still written with what the other transports measured.
+const { world, le, P, rank, dev, onGpu, log } = await benchWorld({ timeoutMs: 60_000 });
 
 const full = args.includes('--full');
 const cfg = dryRun && !full ? { T: 64, H: 256, k: 8, E: 32 } : { T: 4096, H: 7168, k: 8, E: 256 };
@@ -88,6 +95,7 @@ for (let src = 0; src < P; src++) {
 const { idx, w } = routingOf(rank);
 // What this rank sends: (token, expert) rows per destination (the all-to-all), unique token rows (ipc).
 const sendRows = new Array(P).fill(0);
+const sendTokenRows = new Array(P).fill(0);
 let tokenRowsSentOut = 0;
 for (let t = 0; t < T; t++) {
   const dests = new Set();
@@ -96,8 +104,22 @@ for (let t = 0; t < T; t++) {
     sendRows[p]++;
     dests.add(p);
   }
+  for (const p of dests) sendTokenRows[p]++;
   tokenRowsSentOut += [...dests].filter((p) => p !== rank).length;
 }
+// Unique token rows each source sends here: the split sizes of the torch all-to-all that moves
+// what 'ipc' moves (one row per (token, destination rank)).
+const recvTokenRows = Array.from({ length: P }, (_, src) => {
+  const use = routingOf(src).idx;
+  let n = 0;
+  for (let t = 0; t < T; t++)
+    for (let j = 0; j < k; j++)
+      if (Math.floor(use[t * k + j] / El) === rank) {
+        n++;
+        break;
+      }
+  return n;
+});
 const recvRows = Array.from({ length: P }, (_, src) => {
   const use = routingOf(src).idx;
   let n = 0;
@@ -146,7 +168,29 @@ function identityRelErr(y) {
 // Per transport: a BF16 dispatcher, an FP8 one whose rows arrive dequantised (fp8: true) and one
 // whose rows arrive as FP8 with their scales (fp8: 'keep', DeepEP's FP8 dispatch; the expert GEMM
 // reads them as they are), one dispatch kept for combine, the checks.
+// A transport that fails (a throw, or a peer's TimeoutError) is recorded and the others go on: the
+// result file keeps what they measured and says what failed.
+const errors = {};
+function failed(name, e) {
+  errors[name] = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
+  console.error(`rank ${rank} ${name}: ${errors[name]}`);
+}
 const runs = transports.map((t) => {
+  try {
+    return setUp(t);
+  } catch (e) {
+    failed(t, e);
+    return {
+      name: t,
+      error: true,
+      check: NaN,
+      check8: NaN,
+      check8k: NaN,
+      ms: { dispatch: [], combine: [], dispatchFp8: [], dispatchFp8Kept: [] },
+    };
+  }
+});
+function setUp(t) {
   const group = world;
   const choice = t === 'local' ? {} : { transport: t };
   const bf16 = new Dispatcher({ numExperts: E, group, ...choice });
@@ -181,7 +225,7 @@ const runs = transports.map((t) => {
     check8k,
     ms: { dispatch: [], combine: [], dispatchFp8: [], dispatchFp8Kept: [] },
   };
-});
+}
 log(
   `dispatch: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} H=${H} top-${k} E=${E}, transports ${runs.map((r) => r.name).join(', ')}, ${rounds} round(s)`,
 );
@@ -232,6 +276,8 @@ const peerInputs = {
   ),
   sendRows: Tensor.fromArray(sendRows, { dtype: 'i32', device: 'cpu' }),
   recvRows: Tensor.fromArray(recvRows, { dtype: 'i32', device: 'cpu' }),
+  sendTokenRows: Tensor.fromArray(sendTokenRows, { dtype: 'i32', device: 'cpu' }),
+  recvTokenRows: Tensor.fromArray(recvTokenRows, { dtype: 'i32', device: 'cpu' }),
 };
 const peerRounds = [];
 async function timePeer() {
@@ -291,9 +337,17 @@ async function timePeer() {
   peerRounds.push(peer);
 }
 
-for (let round = 0; round < rounds; round++) {
-  for (const run of runs) timeTransport(run);
-  if (!noPeer) await timePeer();
+for (let round = 0; round < rounds && !world.aborted; round++) {
+  for (const run of runs) {
+    if (run.error || world.aborted) continue;
+    try {
+      timeTransport(run);
+    } catch (e) {
+      run.error = true;
+      failed(run.name, e);
+    }
+  }
+  if (!noPeer && !world.aborted) await timePeer();
   log(
     `round ${round + 1}/${rounds}: ${runs.map((r) => `${r.name} dispatch ${r.ms.dispatch.at(-1)?.toFixed(3)} ms`).join(', ')}${noPeer ? '' : `, torch a2a ${peerRounds.at(-1)?.dispatch_a2a_ms?.toFixed?.(3)} ms`}`,
   );
@@ -320,16 +374,18 @@ function traced(run, fp8 = false) {
   }
 }
 const timelines = Object.fromEntries(
-  runs.flatMap(
-    (run) => (
-      traced(run),
-      traced(run, true),
-      [
-        [run.name, traced(run)],
-        [`${run.name} FP8`, traced(run, true)],
-      ]
+  runs
+    .filter((run) => !run.error && !world.aborted)
+    .flatMap(
+      (run) => (
+        traced(run),
+        traced(run, true),
+        [
+          [run.name, traced(run)],
+          [`${run.name} FP8`, traced(run, true)],
+        ]
+      ),
     ),
-  ),
 );
 
 // ------------------------------------------------------------------------------- gather, report
@@ -337,7 +393,16 @@ const median = (a) => {
   const s = a.filter(Number.isFinite).sort((u, v) => u - v);
   return s.length ? s[Math.floor(s.length / 2)] : NaN;
 };
-const PEER_KEYS = ['dispatch_a2a_ms', 'dispatch_fp8_a2a_ms', 'combine_a2a_ms', 'dispatch_full_ms', 'combine_full_ms'];
+const PEER_KEYS = [
+  'dispatch_a2a_ms',
+  'dispatch_fp8_a2a_ms',
+  'combine_a2a_ms',
+  'dispatch_full_ms',
+  'combine_full_ms',
+  'dispatch_tok_a2a_ms',
+  'dispatch_fp8_tok_a2a_ms',
+  'combine_tok_a2a_ms',
+];
 const OPS = ['dispatch', 'combine', 'dispatchFp8', 'dispatchFp8Kept'];
 const OP_LABEL = {
   dispatch: 'dispatch BF16',
@@ -358,9 +423,18 @@ const mine = [
   expertRowsSentOut,
 ].map((v) => (typeof v === 'number' && Number.isFinite(v) ? v : NaN));
 const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: 'cpu' });
-const allT = P > 1 ? world.allGather(mineT.view(1, -1)) : mineT.view(1, -1);
+// A communicator aborted by a failure cannot gather: rank 0 then reports its own rows alone.
+let allT = mineT.view(1, -1);
+if (P > 1 && !world.aborted) {
+  try {
+    allT = world.allGather(mineT.view(1, -1));
+  } catch (e) {
+    failed('gather', e);
+  }
+}
 const all = Array.from(allT.toArray());
 const width = mine.length;
+const reported = all.length / width; // P, or 1 when the gather failed
 
 if (rank === 0) {
   const bf16Row = H * 2;
@@ -368,7 +442,7 @@ if (rank === 0) {
   const gbs = (rows, ms, rowBytes) => (Number.isFinite(ms) && ms > 0 ? +((rows * rowBytes) / (ms * 1e6)).toFixed(1) : null);
   const num = (v, d = 3) => (Number.isFinite(v) ? +v.toFixed(d) : null);
   const table = [];
-  for (let r = 0; r < P; r++) {
+  for (let r = 0; r < reported; r++) {
     const row = all.slice(r * width, (r + 1) * width);
     let at = 0;
     const take = (n) => row.slice(at, (at += n));
@@ -379,7 +453,10 @@ if (rank === 0) {
     runs.forEach((run, ti) => {
       for (const op of OPS) {
         const ms = ours[ti][op];
-        const peerKey = op === 'dispatch' ? 'dispatch_a2a_ms' : op === 'combine' ? 'combine_a2a_ms' : 'dispatch_fp8_a2a_ms';
+        // 'ipc' moves a token's row once per destination rank: torch on those split sizes is its peer;
+        // the all-to-all transports move (token, expert) rows, as torch does on theirs.
+        const byToken = run.name === 'ipc';
+        const peerKey = `${op === 'dispatch' ? 'dispatch' : op === 'combine' ? 'combine' : 'dispatch_fp8'}${byToken ? '_tok' : ''}_a2a_ms`;
         const ratios = ms.map((m, i) => peer[peerKey][i] / m).filter(Number.isFinite);
         const full = op === 'dispatch' ? peer.dispatch_full_ms : op === 'combine' ? peer.combine_full_ms : null;
         const fullRatios = full ? ms.map((m, i) => full[i] / m).filter(Number.isFinite) : [];
@@ -393,7 +470,9 @@ if (rank === 0) {
           ms: num(median(ms)),
           'ms range': ms.length > 1 ? `${num(Math.min(...ms))}–${num(Math.max(...ms))}` : null,
           'GB/s (DeepEP)': gbs(tokRecv, median(ms), rowBytes),
-          'wire MB': num((wireRows * (rowBytes + (run.name === 'ipc' ? 12 * k : 4))) / 1e6, 1),
+          // combine sends the rows back without the dispatch's entries
+          'wire MB': num((wireRows * (rowBytes + (op === 'combine' ? 0 : run.name === 'ipc' ? 12 * k : 4))) / 1e6, 1),
+          'torch rows': byToken ? '(token, rank)' : '(token, expert)',
           'torch a2a ms': num(median(peer[peerKey])),
           'torch a2a/ours': ratios.length ? num(median(ratios), 2) : null,
           'ratio range': ratios.length > 1 ? `${num(Math.min(...ratios), 2)}–${num(Math.max(...ratios), 2)}` : null,
@@ -419,15 +498,18 @@ if (rank === 0) {
     },
     backend: world.backend,
     device: dev,
-    transports: runs.map((r) => ({ name: r.name, why: r.bf16.transportReason || undefined })),
+    transports: runs.map((r) => ({ name: r.name, why: r.bf16?.transportReason || undefined })),
     rowsRank0: { tokenRowsRecv, selfTokenRows, expertRowsRecv, selfExpertRows, tokenRowsSentOut, expertRowsSentOut },
     bytes:
-      "'GB/s (DeepEP)' = unique (token, destination rank) rows received (own included) × row bytes / median ms; BF16 row hidden·2, FP8 row hidden + hidden/128·4; combine credited the BF16 dispatch's rows. 'wire MB' = bytes sent to other ranks: token rows + 12·k bytes of entries each (ipc), (token, expert) rows + a 4-byte weight each (nccl)",
+      "'GB/s (DeepEP)' = unique (token, destination rank) rows received (own included) × row bytes / median ms; BF16 row hidden·2, FP8 row hidden + hidden/128·4; combine credited the BF16 dispatch's rows. 'wire MB' = bytes sent to other ranks: token rows + 12·k bytes of entries each (ipc dispatch), (token, expert) rows + a 4-byte weight each (nccl dispatch), the rows alone (combine)",
     published: PUBLISHED,
+    publishedTiming: DEEPEP_TIMING,
+    ...(Object.keys(errors).length ? { errors } : {}),
+    ...(reported < P ? { reportedRanks: `rank 0 only: the communicator was aborted (${Object.values(errors).join('; ')})` } : {}),
     timing: `per round: CUDA events, median of the repeats after warm-up, each call after a device sync and a barrier; ${rounds} round(s), each timing every transport then the torch peer; 'ms' is the median of the round medians, ranges over rounds; ratios per round`,
     peer: noPeer
       ? 'skipped (--no-peer)'
-      : `torch ${peerRounds[0]?.torch ?? '?'} ${peerRounds[0]?.backend ?? ''}: all_to_all_single of the (token, expert) rows on the same split sizes (a2a; FP8: the same rows at the FP8 row size); full = x.index_select(rowToken) + a2a (dispatch), a2a back + index_add_ of rows·weight (combine)${peerRounds.find((p) => p.error) ? `; error: ${peerRounds.find((p) => p.error).error}` : ''}`,
+      : `torch ${peerRounds[0]?.torch ?? '?'} ${peerRounds[0]?.backend ?? ''}: all_to_all_single on the same split sizes as the transport ('torch rows': the (token, expert) rows of the all-to-all transports, or for ipc the unique (token, destination rank) rows it moves); a2a, FP8: the same rows at the FP8 row size; full (the (token, expert) rows only) = x.index_select(rowToken) + a2a (dispatch), a2a back + index_add_ of rows·weight (combine)${peerRounds.find((p) => p.error) ? `; error: ${peerRounds.find((p) => p.error).error}` : ''}`,
     sharedGpu:
       onGpu && P > 1 && world.backend === 'mpi'
         ? "ranks share one GPU: ipc moves rows through that GPU's memory (no NVLink); nccl here is MPI with host staging"
@@ -437,6 +519,7 @@ if (rank === 0) {
 }
 
 for (const run of runs) {
+  if (!run.bf16) continue; // failed before it was set up
   run.kept.rows.dispose();
   run.kept.weights.dispose();
   run.kept.handle.dispose();

@@ -3,7 +3,7 @@
 // communicator) stands beside the same per-rank work at EP = 1 (each rank alone with El experts and
 // its T tokens: no exchange), and the step's communication is timed on its own.
 //   mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run] [--transport ipc|nccl]
-//        [--overlap] [--shared-ffn Fs] [--fp8 true|keep] [--timeout-ms N]
+//        [--overlap] [--shared-ffn Fs] [--fp8 true|keep] [--rounds N] [--timeout-ms N]
 //   node benchmarks/ep-step.bench.mjs                                  (P = 1: no exchange at all)
 // Shape: T = 4096 tokens per rank, H = 7168, F = 2048, 8 experts per rank (E = 8P), top-8, bf16,
 // softmax routing, dropless, no shared expert (--dry-run: tiny shapes on the CPU, MPI backend).
@@ -19,7 +19,10 @@
 //            the exchanges on their own stream beside the shared expert and the router backward);
 //            'overlap saves ms' = step without − step with.
 // Timing: CUDA events, median after warm-up; before each region every rank waits for its device and
-// meets the others at a barrier, so the regions start together.
+// meets the others at a barrier, so the regions start together. --rounds N (default 3): each round
+// times every transport's step (with and without a comm stream) and then the step at EP=1, so the
+// efficiency is a ratio within one round (a drifting clock hits both) and is reported as the median
+// and range over rounds; the exchanges alone are timed once per transport.
 //   step (EP=P)   forward + backward of MoELayer({ group: world }). The optimizer step is local and
 //                 the same at any EP size (benchmarks/moe-layer.bench.mjs times it).
 //   step (EP=1)   the same on a layer with El experts and a one-rank group, on this rank's GPU.
@@ -29,6 +32,7 @@
 //   compute ≈ step(EP=P) − comm (the layer does not overlap them unless given a comm stream). The
 //                 comm regions also hold the permute, unpermute, regrouping and the count reads,
 //                 so this undercounts compute a little.
+//   exposed comm ≈ step with a comm stream − compute: what the overlap left of the exchanges.
 // Weak-scaling efficiency = step(EP=1) / step(EP=P). Below 1 for two reasons: the exchanges, and
 // load imbalance (at EP=1 with top-8 of 8 experts every expert gets every token; at EP=P a rank
 // gets what the router sends it): 'imbalance' = the rows this rank received / (T·k).
@@ -41,7 +45,7 @@ import { args, benchWorld, dryRun, flag, quick, timeRegion, writeResult } from '
 const { world, P, rank, dev, onGpu, log } = await benchWorld({ timeoutMs: 60_000 });
 if (args.includes('--help')) {
   log(
-    'mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run] [--transport ipc|nccl] [--overlap] [--shared-ffn Fs] [--fp8 true|keep] [--timeout-ms N]',
+    'mpirun -np P node benchmarks/ep-step.bench.mjs [--out DIR] [--quick] [--dry-run] [--transport ipc|nccl] [--overlap] [--shared-ffn Fs] [--fp8 true|keep] [--rounds N] [--timeout-ms N]',
   );
   process.exit(0);
 }
@@ -65,6 +69,8 @@ const dtype = dryRun ? 'f32' : 'bf16';
 const staged = onGpu && world.backend === 'mpi';
 const warmup = dryRun ? 1 : staged ? 1 : 3;
 const repeats = dryRun ? 3 : staged ? 3 : quick ? 10 : 30;
+const rounds = Number(flag('--rounds', dryRun ? '1' : '3'));
+if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must be a positive integer; received ${flag('--rounds')}`);
 
 /** Every rank waits for its device, then all meet: each timed region starts together. */
 function align() {
@@ -113,13 +119,8 @@ const dy = Tensor.randn([T, H], { dtype, device: dev, seed: 31 + rank });
 log(
   `ep-step: ${P} rank(s), backend ${world.backend}, device ${dev}, T=${T} per rank, H=${H} F=${F}${Fs ? ` shared ${Fs}` : ''}, ${El} experts per rank (E=${E}), top-${k}, transports ${transports.join(', ')}${overlaps.length > 1 ? ', with and without a comm stream' : ''}, warm-up ${warmup}, repeats ${repeats}`,
 );
-/** Per transport: the step without (and with) a comm stream, and the step's exchanges alone. */
-function measure(transport) {
-  const choice = transport === 'local' ? {} : { transport };
-  const layer = new MoELayer({ ...layerConfig, numExperts: E, group: world, ...choice });
-  const stepP = stepMs(layer, x, dy);
-  const used = layer.dispatcher.transport ?? transport;
-  // The step's exchanges on the routing the layer's forward chose, rows of the step's size.
+/** The step's exchanges alone, through `layer`'s Dispatcher on the routing its forward chose. */
+function commMs(layer) {
   const f0 = layer.forward(x);
   const indices = f0.saved.indices.clone();
   const weights = f0.saved.weights.clone();
@@ -138,89 +139,158 @@ function measure(transport) {
     for (const t of [got.rows, got.scales, got.weights]) t?.dispose();
     got.handle.dispose();
   };
-  const commForward = time(() => {
-    const got = d.dispatch(x, indices, weights, cap);
-    const y = d.combine(expertOut(got), got.handle, weights);
-    return () => {
-      y.dispose();
-      disposeDispatched(got);
-    };
-  });
-  const commBackward = time(
-    (got) => {
-      const back = d.combineBackward(dy, expertOut(got), got.handle, weights);
-      const dx = d.dispatchBackward(back.dExpertOut, got.handle);
+  try {
+    const commForward = time(() => {
+      const got = d.dispatch(x, indices, weights, cap);
+      const y = d.combine(expertOut(got), got.handle, weights);
       return () => {
-        for (const t of [dx, back.dExpertOut, back.dWeights]) t.dispose();
+        y.dispose();
         disposeDispatched(got);
       };
-    },
-    () => d.dispatch(x, indices, weights, cap),
-  );
-  const recvRows = (() => {
+    });
+    const commBackward = time(
+      (got) => {
+        const back = d.combineBackward(dy, expertOut(got), got.handle, weights);
+        const dx = d.dispatchBackward(back.dExpertOut, got.handle);
+        return () => {
+          for (const t of [dx, back.dExpertOut, back.dWeights]) t.dispose();
+          disposeDispatched(got);
+        };
+      },
+      () => d.dispatch(x, indices, weights, cap),
+    );
     const got = d.dispatch(x, indices, weights, cap);
-    const n = got.rows.shape[0];
+    const recvRows = got.rows.shape[0];
     disposeDispatched(got);
-    return n;
-  })();
-  standIn?.dispose();
-  for (const t of [indices, weights]) t.dispose();
-  for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
-  layer.dispose();
-  let stepOverlap = NaN;
-  if (overlaps.includes(true)) {
-    // The same weights (same seed) and inputs, the exchanges on the layer's own comm stream.
-    const over = new MoELayer({ ...layerConfig, numExperts: E, group: world, commStream: true, ...choice });
-    stepOverlap = stepMs(over, x, dy);
-    over.dispose();
+    return { commForward, commBackward, recvRows };
+  } finally {
+    standIn?.dispose();
+    for (const t of [indices, weights]) t.dispose();
+    for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
   }
-  log(`  ${used}: step ${stepP.toFixed(3)} ms${overlaps.length > 1 ? `, with a comm stream ${stepOverlap.toFixed(3)} ms` : ''}`);
-  return { used, values: [stepP, stepOverlap, commForward, commBackward, recvRows] };
 }
-const measured = transports.map(measure);
 
-// ------------------------------------------------------------------------------- EP = 1
+// A transport that fails (a throw, or a peer's TimeoutError) is recorded and the others go on.
+const errors = {};
+function failed(name, e) {
+  errors[name] = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
+  console.error(`rank ${rank} ${name}: ${errors[name]}`);
+}
+// Per transport its layers (the same weights: same seed), made once: without and with a comm stream.
+const runs = transports.map((transport) => {
+  const choice = transport === 'local' ? {} : { transport };
+  const run = { name: transport, stepP: [], stepOverlap: [], commForward: NaN, commBackward: NaN, recvRows: NaN, layer: null, over: null };
+  try {
+    run.layer = new MoELayer({ ...layerConfig, numExperts: E, group: world, ...choice });
+    if (overlaps.includes(true)) run.over = new MoELayer({ ...layerConfig, numExperts: E, group: world, commStream: true, ...choice });
+  } catch (e) {
+    failed(transport, e);
+    run.error = true;
+  }
+  return run;
+});
 const alone = new MoELayer({ ...layerConfig, numExperts: El });
-const step1 = stepMs(alone, x, dy);
+const step1 = [];
+for (let round = 0; round < rounds && !world.aborted; round++) {
+  for (const run of runs) {
+    if (run.error || world.aborted) continue;
+    try {
+      run.stepP.push(stepMs(run.layer, x, dy));
+      run.name = run.layer.dispatcher.transport ?? run.name;
+      if (run.over) run.stepOverlap.push(stepMs(run.over, x, dy));
+      if (round === 0) Object.assign(run, commMs(run.layer));
+    } catch (e) {
+      failed(run.name, e);
+      run.error = true;
+    }
+  }
+  step1.push(stepMs(alone, x, dy)); // this rank alone: no collective
+  log(
+    `  round ${round + 1}/${rounds}: EP=1 ${step1.at(-1).toFixed(3)} ms; ${runs.map((r) => (r.error ? `${r.name} failed` : `${r.name} ${r.stepP.at(-1)?.toFixed(3)} ms${r.over ? ` (comm stream ${r.stepOverlap.at(-1)?.toFixed(3)})` : ''}`)).join(', ')}`,
+  );
+}
 alone.dispose();
+for (const run of runs) {
+  run.layer?.dispose();
+  run.over?.dispose();
+}
 
 // ------------------------------------------------------------------------------- report
-const FIELDS = ['stepP', 'stepOverlap', 'commForward', 'commBackward', 'recvRows'];
-const mine = [step1, ...measured.flatMap((m) => m.values)].map((v) => (Number.isFinite(v) ? v : -1));
+// Per rank: step1 per round, then per transport stepP per round, stepOverlap per round, the comm
+// regions and the rows received.
+const perRound = (a) => Array.from({ length: rounds }, (_, i) => a[i] ?? NaN);
+const mine = [
+  ...perRound(step1),
+  ...runs.flatMap((r) => [...perRound(r.stepP), ...perRound(r.stepOverlap), r.commForward, r.commBackward, r.recvRows]),
+].map((v) => (Number.isFinite(v) ? v : -1));
 const width = mine.length;
-const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: dev });
-const allT = P > 1 ? world.allGather(mineT) : mineT;
+const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: 'cpu' });
+// A communicator aborted by a failure cannot gather: rank 0 then reports its own figures alone.
+let allT = mineT;
+if (P > 1 && !world.aborted) {
+  try {
+    allT = world.allGather(mineT);
+  } catch (e) {
+    failed('gather', e);
+  }
+}
 const all = Array.from(allT.toArray()).map((v) => (v < 0 ? NaN : v));
-// perRank[r][ti] = { step1, stepP, stepOverlap, commForward, commBackward, recvRows }
-const perRank = Array.from({ length: P }, (_, r) => {
+const reported = all.length / width;
+const perTransport = 2 * rounds + 3; // stepP and stepOverlap per round, the two comm regions, the rows
+// perRank[r] = { step1: [rounds], runs: [{ stepP: [rounds], stepOverlap: [rounds], commForward, commBackward, recvRows }] }
+const perRank = Array.from({ length: reported }, (_, r) => {
   const row = all.slice(r * width, (r + 1) * width);
-  return measured.map((_, ti) => ({
-    step1: row[0],
-    ...Object.fromEntries(FIELDS.map((f, i) => [f, row[1 + ti * FIELDS.length + i]])),
-  }));
+  return {
+    step1: row.slice(0, rounds),
+    runs: runs.map((_, ti) => {
+      const at = rounds + ti * perTransport;
+      return {
+        stepP: row.slice(at, at + rounds),
+        stepOverlap: row.slice(at + rounds, at + 2 * rounds),
+        commForward: row[at + 2 * rounds],
+        commBackward: row[at + 2 * rounds + 1],
+        recvRows: row[at + 2 * rounds + 2],
+      };
+    }),
+  };
 });
 if (rank === 0) {
   const num = (v, dgt = 3) => (Number.isFinite(v) ? +v.toFixed(dgt) : null);
+  const median = (a) => {
+    const s = a.filter(Number.isFinite).sort((u, v) => u - v);
+    return s.length ? s[Math.floor(s.length / 2)] : NaN;
+  };
+  const range = (a, dgt = 3) => {
+    const f = a.filter(Number.isFinite);
+    return f.length > 1 ? `${num(Math.min(...f), dgt)}–${num(Math.max(...f), dgt)}` : null;
+  };
   // forward + backward (3×): three H×F products per routed row, three H×Fs per token with a shared expert
   const flops = 3 * 2 * T * H * 3 * (k * F + Fs);
   const rows = [];
-  measured.forEach((meas, ti) => {
+  runs.forEach((run, ti) => {
     for (const overlap of overlaps) {
-      for (let r = 0; r < P; r++) {
-        const m = perRank[r][ti];
-        const step = overlap ? m.stepOverlap : m.stepP;
+      for (let r = 0; r < reported; r++) {
+        const pr = perRank[r];
+        const m = pr.runs[ti];
+        const steps = overlap ? m.stepOverlap : m.stepP;
+        const eff = steps.map((s, i) => pr.step1[i] / s);
+        const step = median(steps);
+        const compute = median(m.stepP) - m.commForward - m.commBackward;
         rows.push({
           rank: r,
-          transport: meas.used,
+          transport: run.name,
           'comm stream': overlap,
           'step EP=P ms': num(step),
-          'step EP=1 ms': num(m.step1),
-          'weak-scaling eff.': num(m.step1 / step, 2),
+          'step range': range(steps),
+          'step EP=1 ms': num(median(pr.step1)),
+          'weak-scaling eff.': num(median(eff), 2),
+          'eff. range': range(eff, 2),
           'comm fwd ms': overlap ? null : num(m.commForward),
           'comm bwd ms': overlap ? null : num(m.commBackward),
-          'compute ≈ ms': overlap ? null : num(m.stepP - m.commForward - m.commBackward),
-          'comm share': overlap ? null : num((m.commForward + m.commBackward) / m.stepP, 2),
-          'overlap saves ms': overlap ? num(m.stepP - m.stepOverlap) : null,
+          'compute ≈ ms': overlap ? null : num(compute),
+          'comm share': overlap ? null : num((m.commForward + m.commBackward) / median(m.stepP), 2),
+          'exposed comm ≈ ms': overlap ? num(step - compute) : null,
+          'overlap saves ms': overlap ? num(median(m.stepP) - step) : null,
           'rows received': m.recvRows,
           imbalance: num(m.recvRows / (T * k), 2),
           'TFLOP/s EP=P': num(flops / (step * 1e-3) / 1e12, 1),
@@ -228,19 +298,24 @@ if (rank === 0) {
       }
     }
   });
-  // A collective step is as slow as its slowest rank: per transport and comm stream, the largest.
-  const slowest = measured.flatMap((meas, ti) =>
+  // A collective step is as slow as its slowest rank: per round the largest over ranks, then the
+  // median and range of the rounds' efficiencies.
+  const slowest = runs.flatMap((run, ti) =>
     overlaps.map((overlap) => {
-      const worst = (f) => Math.max(...perRank.map((pr) => pr[ti][f]));
-      const step = worst(overlap ? 'stepOverlap' : 'stepP');
+      const worst = (pick) => Array.from({ length: rounds }, (_, i) => Math.max(...perRank.map((pr) => pick(pr)[i])));
+      const stepP = worst((pr) => (overlap ? pr.runs[ti].stepOverlap : pr.runs[ti].stepP));
+      const step1Worst = worst((pr) => pr.step1);
+      const eff = stepP.map((s, i) => step1Worst[i] / s);
       return {
-        transport: meas.used,
+        transport: run.name,
         commStream: overlap,
-        stepP: num(step),
-        step1: num(worst('step1')),
-        efficiency: num(worst('step1') / step, 2),
-        commForward: num(worst('commForward')),
-        commBackward: num(worst('commBackward')),
+        stepP: num(median(stepP)),
+        stepRange: range(stepP),
+        step1: num(median(step1Worst)),
+        efficiency: num(median(eff), 2),
+        efficiencyRange: range(eff, 2),
+        commForward: num(Math.max(...perRank.map((pr) => pr.runs[ti].commForward))),
+        commBackward: num(Math.max(...perRank.map((pr) => pr.runs[ti].commBackward))),
       };
     }),
   );
@@ -260,28 +335,30 @@ if (rank === 0) {
         ranks: P,
         dtype,
         routing: 'softmax router of the layer (seed 1234), dropless',
-        transports: measured.map((m) => m.used),
+        transports: runs.map((r) => r.name),
         commStream: overlaps,
         warmup,
         repeats,
+        rounds,
       },
       backend: world.backend,
       device: dev,
-      timing:
-        'CUDA events, median; each region starts after a device sync and a barrier of all ranks. step = MoELayer forward + backward (no optimizer step: local, the same at any EP size); the transports one after the other, each with its own layer (same weights)',
-      comm: "the layer's Dispatcher on the routing its forward chose: forward = dispatch + combine, backward = combineBackward + dispatchBackward, each including its count exchange and host read; compute ≈ step − comm on the layer without a comm stream (not overlapped)",
+      timing: `CUDA events, median; each region starts after a device sync and a barrier of all ranks. step = MoELayer forward + backward (no optimizer step: local, the same at any EP size). ${rounds} round(s), each timing every transport's step (its own layers, same weights), with and without a comm stream, then the step at EP=1: 'step EP=P ms' and 'step EP=1 ms' are medians over rounds, 'weak-scaling eff.' the median of the rounds' ratios, with their ranges`,
+      comm: "the layer's Dispatcher on the routing its forward chose, timed once per transport: forward = dispatch + combine, backward = combineBackward + dispatchBackward, each including its count exchange and host read; compute ≈ step − comm on the layer without a comm stream (not overlapped); exposed comm ≈ step with a comm stream − that compute",
       overlap:
         overlaps.length > 1
           ? "'comm stream' true: the same step on a layer with commStream: true (the exchanges on their own stream beside the shared expert and the router backward); 'overlap saves ms' = step without − step with"
           : 'not timed (--overlap)',
       weakScaling:
-        'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P; it also falls with load imbalance: imbalance = rows this rank received / (T·k) (1 at EP=1)',
+        'efficiency = step at EP=1 with the same per-rank experts and tokens / step at EP=P, within each round; it also falls with load imbalance: imbalance = rows this rank received / (T·k) (1 at EP=1)',
       flops:
         '2·(T·k)·H·3F per forward (W1, W3, W2) plus 2·T·H·3Fs for a shared expert, ×3 for forward + backward; router and permute not counted',
       sharedGpu:
         world.backend === 'mpi' && onGpu
           ? 'ranks share a GPU through the MPI backend: the EP=1 runs contend for it and the exchanges are host staging, not NVLink'
           : undefined,
+      ...(Object.keys(errors).length ? { errors } : {}),
+      ...(reported < P ? { reportedRanks: `rank 0 only: the communicator was aborted (${Object.values(errors).join('; ')})` } : {}),
       slowestRank: slowest,
     },
   );

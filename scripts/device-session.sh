@@ -249,8 +249,10 @@ fi
 #        BF16 combine, ipc and nccl, GB/s in DeepEP's accounting, wire MB, torch all_to_all_single
 #        on the same split sizes in the same rounds -> dispatch-<N>ranks-nccl-<commit>.json
 #     3. ep-step.bench.mjs --overlap at EP=N: the layer step against the same per-rank work at EP=1,
-#        compute and exchange, ipc and nccl, with and without a comm stream
-#        -> ep-step-<N>ranks-nccl-<commit>.json
+#        compute and exchange, ipc and nccl, with and without a comm stream, 3 interleaved rounds
+#        -> ep-step-<N>ranks-nccl-<commit>.json; then the same with --shared-ffn 2048 (a DeepSeek-V3
+#        shared expert for the comm stream to hide the exchanges behind: #18's overlap goal)
+#        -> ep-step-<N>ranks-nccl-shared2048-<commit>.json
 #     4. a rank killed (SIGKILL) mid-step, 2 processes started without mpirun (RANK/WORLD_SIZE):
 #        nccl (kill.mjs: raw allToAllV) and ipc (peer-fault.mjs --stop kill, dropless and capacity);
 #        every survivor must print a TimeoutError within 8 s (3 s timeout + slack).
@@ -262,24 +264,27 @@ fi
 #        DeepEP's low-latency figures) -> serve-<N>ranks-<N>gpus-E256-<commit>.json
 #     8. the kills of 4 at N ranks when N > 2
 #     9. correctness at EP=4 when N = 8
-#    10. ep-step.bench.mjs --overlap --shared-ffn 2048 (a DeepSeek-V3 shared expert for the comm
-#        stream to hide the exchanges behind) -> ep-step-<N>ranks-nccl-shared2048-<commit>.json
-#    11. dispatch.bench.mjs --no-peer --timeout-ms 0 (no host wait after each NCCL collective: what
+#    10. dispatch.bench.mjs --no-peer --timeout-ms 0 (no host wait after each NCCL collective: what
 #        that wait costs) -> dispatch-<N>ranks-nccl-no-timeout-<commit>.json
 # Files in $OUT (8 come back from a call): build.log, multi.log (moe-ep info, every task's output,
 # a status line per task), multi-summary.json (per task: status ok|failed|timeout|skipped, seconds,
-# command), and the result JSON named above: 5 files for multi, at most 7 for multi-rest, 8 for
-# both in one call.
+# command), and the result JSON named above: 6 files for multi, at most 6 for multi-rest, 8 for
+# both in one call (so no MOE_EP_SMI=1 there: its file would be the ninth and not come back).
+# Carry [".device", "dist"] (git-ignored; every bench imports ../dist), never build/ (this machine's
+# is CPU-only): `npm run build` and ../shared/device/pack first.
+# A transport that fails inside a bench is recorded in its result file ('errors') and the others
+# go on; the benches' collectives time out after 60 s.
 # Time: estimates from what the scripts do, NOT yet measured (multi-summary.json will say); the
 # bounds are the timeouts. Build 50-80 s (none with MOE_EP_SKIP_BUILD). Correctness at one EP size,
 # both transports: moe-layer 10-20 s, train 15-30 s, checkpoint 5-10 s, each twice, mismatch ~5 s:
 # 65-125 s at EP=2, 80-180 s at EP=4 or 8 (bounds 150/180/120 s per script, 60 s mismatch).
 # dispatch with the torch peer (3 rounds, the peer restarted each round): 45-70 s at EP=2, 60-100 s
-# at EP=8 (bound 300 s). ep-step: 20-40 s (bound 180). Kills: 25-45 s (bound 75 s each). serve
-# --ranks N: 30-60 s (its own watchdog: 170 s). dispatch without the peer: 15-30 s.
-#   multi:      x2 205-350 s, x4 and x8 215-380 s (build included)
-#   multi-rest: x2 80-160 s (steps 7, 10, 11; 270-480 s as one call with multi), x4 270-475 s,
-#               x8 320-575 s with a carried build (the deadline may skip steps 10-11 there)
+# at EP=8 (bound 300 s). ep-step (3 rounds): 30-60 s each, two of them (bound 180). Kills: 25-45 s
+# (bound 75 s each). serve --ranks N: 30-60 s (its own watchdog: 170 s). dispatch without the
+# peer: 15-30 s.
+#   multi:      x2 235-410 s, x4 and x8 245-440 s (build included)
+#   multi-rest: x2 45-90 s (steps 7 and 10; 280-500 s as one call with multi: the deadline may skip
+#               step 10 there), x4 240-415 s, x8 290-515 s with a carried build
 if [[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]]; then
   gpus=$(nvidia-smi -L | wc -l)
   step "multi-GPU: $gpus GPUs"
@@ -387,6 +392,7 @@ if [[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]]; then
     correctness_all 2
     task "dispatch-ep$gpus" 300 60 "mpi $gpus node benchmarks/dispatch.bench.mjs --out $OUT"
     task "ep-step-ep$gpus" 180 30 "mpi $gpus node benchmarks/ep-step.bench.mjs --overlap --out $OUT"
+    task "ep-step-ep$gpus-shared" 180 30 "mpi $gpus node benchmarks/ep-step.bench.mjs --overlap --shared-ffn 2048 --out $OUT"
     kill_tests 2 29517
   fi
   if ((gpus >= 2)) && [[ " $what " == *" multi-rest "* ]]; then
@@ -397,7 +403,6 @@ if [[ " $what " == *" multi "* || " $what " == *" multi-rest "* ]]; then
     task "serve-ep$gpus" 180 30 "mpi $gpus node benchmarks/serve.bench.mjs --ranks $gpus --experts $experts --out $OUT"
     ((gpus > 2)) && kill_tests "$gpus" 29527
     ((gpus == 8)) && correctness_all 4
-    task "ep-step-ep$gpus-shared" 180 30 "mpi $gpus node benchmarks/ep-step.bench.mjs --overlap --shared-ffn 2048 --out $OUT"
     task "dispatch-ep$gpus-no-timeout" 180 40 "mpi $gpus node benchmarks/dispatch.bench.mjs --out $OUT --no-peer --timeout-ms 0"
   fi
   # multi-summary.json: one entry per task, in the order run.

@@ -16,7 +16,9 @@ usage: dispatch_torch.py <inputs folder> <repeats> [nccl | gloo | gloo-staged | 
   timing: `gloo-staged cpu` runs the staging copies through unpinned host buffers).
 
 Inputs (harness.mjs writeInputs): x [T,H] bf16, rowToken [R] i32 (our permuted order: rows grouped
-by global expert, so by destination rank), rowWeight [R] f32, sendRows [P] i32, recvRows [P] i32.
+by global expert, so by destination rank), rowWeight [R] f32, sendRows [P] i32, recvRows [P] i32,
+and sendTokenRows [P] i32, recvTokenRows [P] i32: the unique (token, destination rank) rows, what
+the 'ipc' transport moves (a token's row once per rank holding any of its experts).
 Times:
   dispatch_a2a_ms:  all_to_all_single of the permuted rows (sendRows out, recvRows in)
   dispatch_fp8_a2a_ms: the same rows at the FP8 dispatch's size: H + H/128·4 bytes a row (e4m3
@@ -24,6 +26,8 @@ Times:
   combine_a2a_ms:   the way back (recvRows out, sendRows in)
   dispatch_full_ms: x.index_select(0, rowToken) then the all-to-all (our dispatch also regroups)
   combine_full_ms:  the all-to-all back then y.index_add_(0, rowToken, rows·rowWeight) in fp32
+  dispatch_tok_a2a_ms, dispatch_fp8_tok_a2a_ms, combine_tok_a2a_ms: the same three all-to-alls on
+                    the unique (token, destination rank) split sizes: the bytes 'ipc' moves
 Prints one JSON object (its last line).
 """
 import datetime
@@ -79,6 +83,8 @@ def main():
     rw = inp["rowWeight"]
     send = [int(v) for v in inp["sendRows"].cpu().tolist()]
     recv = [int(v) for v in inp["recvRows"].cpu().tolist()]
+    send_tok = [int(v) for v in inp["sendTokenRows"].cpu().tolist()]
+    recv_tok = [int(v) for v in inp["recvTokenRows"].cpu().tolist()]
     T, H = x.shape
     R, Rr = tok.numel(), sum(recv)
     assert R == sum(send), f"rank {rank}: {R} permuted rows but sendRows sums to {sum(send)}"
@@ -91,9 +97,16 @@ def main():
     fp8_row = H + (H // 128) * 4
     rows8 = torch.zeros(R, fp8_row, dtype=torch.uint8, device=device)
     recv8 = torch.empty(Rr, fp8_row, dtype=torch.uint8, device=device)
+    # Unique token rows (what 'ipc' moves): the bytes only; the first rows of x stand in for them.
+    Rt, Rtr = sum(send_tok), sum(recv_tok)
+    tok_rows = x.repeat((Rt + T - 1) // T, 1)[:Rt].contiguous()
+    tok_recv = torch.empty(Rtr, H, dtype=x.dtype, device=device)
+    tok_rows8 = torch.zeros(Rt, fp8_row, dtype=torch.uint8, device=device)
+    tok_recv8 = torch.empty(Rtr, fp8_row, dtype=torch.uint8, device=device)
+    tok_back = torch.empty(Rt, H, dtype=x.dtype, device=device)
     pin = device.type == "cuda"
     if staged:  # pinned host buffers, made once (our MPI backend stages through pinned memory)
-        most = max(R, Rr)
+        most = max(R, Rr, Rt, Rtr)
         host_send = torch.empty(most * 2 * H, dtype=torch.uint8, pin_memory=pin)
         host_recv = torch.empty(most * 2 * H, dtype=torch.uint8, pin_memory=pin)
 
@@ -117,6 +130,15 @@ def main():
 
     def combine_a2a():
         a2a(back_buf, recv_buf, send, recv)
+
+    def dispatch_tok_a2a():
+        a2a(tok_recv, tok_rows, recv_tok, send_tok)
+
+    def dispatch_tok_fp8_a2a():
+        a2a(tok_recv8, tok_rows8, recv_tok, send_tok)
+
+    def combine_tok_a2a():
+        a2a(tok_back, tok_recv, send_tok, recv_tok)
 
     def dispatch_full():
         r = x.index_select(0, src)
@@ -170,6 +192,9 @@ def main():
     out["combine_a2a_ms"] = timed(combine_a2a)
     out["dispatch_full_ms"] = timed(dispatch_full)
     out["combine_full_ms"] = timed(combine_full)
+    out["dispatch_tok_a2a_ms"] = timed(dispatch_tok_a2a)
+    out["dispatch_fp8_tok_a2a_ms"] = timed(dispatch_tok_fp8_a2a)
+    out["combine_tok_a2a_ms"] = timed(combine_tok_a2a)
     align()
     dist.destroy_process_group()
     emit(out)
