@@ -55,6 +55,35 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     },
   );
 
+  // Issue #18's benches run once on a rare multi-GPU machine: their scripts are kept runnable here.
+  it('the EP benchmarks run dry on 2 ranks (dispatch; ep-step with a comm stream and a shared expert), and a transport that fails is recorded in the result file', () => {
+    const out = fs.mkdtempSync(join(tmpdir(), 'moe-ep-bench-dry-'));
+    const bench = (name: string) => join(root, 'benchmarks', name);
+    const results = (dir: string): { rows: unknown[]; notes: { errors?: Record<string, string> } }[] =>
+      fs.readdirSync(dir).map((f) => JSON.parse(fs.readFileSync(join(dir, f), 'utf8')));
+    try {
+      const runs: [string, string[], (r: { rows: unknown[]; notes: { errors?: Record<string, string> } }) => void][] = [
+        ['dispatch.bench.mjs', ['--no-peer'], (r) => expect(r.rows).toHaveLength(8)],
+        [
+          'dispatch.bench.mjs',
+          ['--no-peer', '--transport', 'ipc'],
+          (r) => expect(r.notes.errors?.['ipc']).toMatch(/'ipc' cannot be used: the tensors are on the CPU/),
+        ],
+        ['ep-step.bench.mjs', ['--overlap', '--shared-ffn', '2048'], (r) => expect(r.rows).toHaveLength(4)],
+      ];
+      runs.forEach(([name, args, check], i) => {
+        const dir = join(out, String(i));
+        const r = mpirun(2, bench(name), 120_000, ['--dry-run', '--out', dir, ...args]);
+        expect(r.status, r.out).toBe(0);
+        const files = results(dir);
+        expect(files, `${name} ${args.join(' ')}`).toHaveLength(1);
+        check(files[0]!);
+      });
+    } finally {
+      fs.rmSync(out, { recursive: true, force: true });
+    }
+  });
+
   it("the README's multi-rank example (examples/multi-rank.ts) on 2 ranks: allReduce, ragged allToAllV, an MoE layer over both ranks with a comm stream", () => {
     // On the CPU even where there is a GPU (the whole suite runs there too).
     const r = mpirun(2, join(root, 'dist', 'examples', 'multi-rank.js'), 60_000, [], { CUDA_VISIBLE_DEVICES: '' });
