@@ -144,6 +144,10 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
     bad({ ...testConfigs.deepseek_v3, num_experts_per_tok: 6 }, /'num_experts_per_tok' = 6 with 'topk_group' = 2: .*top 2/);
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
+    // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
+    for (const family of ['mixtral', 'deepseek_v3', 'qwen2_moe', 'qwen3_moe'] as const)
+      bad({ ...testConfigs[family], hidden_act: 'gelu' }, /'hidden_act' "gelu": the package's experts compute SiLU-gated MLPs/);
+    expect(hfMoEModel({ ...testConfigs.mixtral, hidden_act: 'swish' }).block.family).toBe('mixtral');
     bad({ ...testConfigs.deepseek_v3, topk_method: 'group_limited_greedy' }, /'topk_method' "group_limited_greedy"/);
     bad({ ...testConfigs.deepseek_v3, n_group: 3 }, /'n_group' = 3 does not divide 'n_routed_experts' = 16/);
     bad({ ...testConfigs.qwen2_moe, norm_topk_prob: 'yes' }, /'norm_topk_prob' must be true or false/);

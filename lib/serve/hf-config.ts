@@ -133,6 +133,11 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     c.fail(`'model_type' ${JSON.stringify(type)} is not a supported MoE family (${HF_MOE_FAMILIES.join(', ')})`);
   }
   const family = type as HfMoEFamily;
+  // The experts (and shared expert) are SwiGLU: act(gate)·up with act = SiLU. Another activation
+  // would load and give wrong outputs, so it is refused (the families' configs default to silu).
+  const act = c.str('hidden_act', 'silu');
+  if (act !== 'silu' && act !== 'swish')
+    c.fail(`'hidden_act' ${JSON.stringify(act)}: the package's experts compute SiLU-gated MLPs ('silu' or 'swish') only`);
   const hidden = c.int('hidden_size');
   const numLayers = c.int('num_hidden_layers');
   // The MoE layers are listed one by one below: a crafted count must not take the heap.
@@ -202,6 +207,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       sharedGate: false,
     };
     const firstDense = c.int('first_k_dense_replace', 3, 0);
+    // DeepSeek's own modeling code (modeling_deepseek.py) reads moe_layer_freq; transformers' port
+    // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = c.int('moe_layer_freq', 1);
     isMoE = (l) => l >= firstDense && l % freq === 0;
   } else {
