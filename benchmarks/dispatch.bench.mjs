@@ -36,7 +36,19 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { capacity, dequantizeFp8, Dispatcher, synchronize, Tensor, trace } from '../dist/lib/index.js';
-import { args, benchWorld, dryRun, quick, randomRouting, timeRegion, writeInputs, writeResult } from './harness.mjs';
+import {
+  agreeFailures,
+  args,
+  benchWorld,
+  dryRun,
+  median,
+  quick,
+  randomRouting,
+  range,
+  timeRegion,
+  writeInputs,
+  writeResult,
+} from './harness.mjs';
 
 const noPeer = args.includes('--no-peer');
 const flag = (name, dflt) => (args.includes(name) ? args[args.indexOf(name) + 1] : dflt);
@@ -136,7 +148,7 @@ const cap = capacity(indices, weights, { numExperts: E }); // dropless: no capac
 /** Every rank waits for its device, then all meet: each timed call starts together. */
 function align() {
   if (onGpu) synchronize(dev);
-  if (P > 1) {
+  if (P > 1 && !world.aborted) {
     world.barrier();
     if (onGpu) synchronize(dev);
   }
@@ -171,24 +183,40 @@ function identityRelErr(y) {
 // A transport that fails (a throw, or a peer's TimeoutError) is recorded and the others go on: the
 // result file keeps what they measured and says what failed.
 const errors = {};
+/** This rank's message for error `e` of stage `name`, logged. */
 function failed(name, e) {
-  errors[name] = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
-  console.error(`rank ${rank} ${name}: ${errors[name]}`);
+  const message = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
+  console.error(`rank ${rank} ${name}: ${message}`);
+  return message;
 }
+/** Every rank agrees on how the stage went; true (and the ranks' messages kept) when any failed. */
+function stageFailed(name, failure) {
+  const failures = agreeFailures(world, failure);
+  if (failures.length) errors[name] = failures.join('; ');
+  return failures.length > 0;
+}
+// Every stage ends with the ranks agreeing whether any of them failed it (agreeFailures), so a
+// failure on one rank drops that transport on all of them and the collectives stay in step.
 const runs = transports.map((t) => {
+  let run = null;
+  let failure = null;
   try {
-    return setUp(t);
+    run = setUp(t);
   } catch (e) {
-    failed(t, e);
+    failure = failed(t, e);
+  }
+  if (stageFailed(t, failure)) {
     return {
       name: t,
-      error: true,
       check: NaN,
       check8: NaN,
       check8k: NaN,
       ms: { dispatch: [], combine: [], dispatchFp8: [], dispatchFp8Kept: [] },
+      ...(run ?? {}),
+      error: true,
     };
   }
+  return run;
 });
 function setUp(t) {
   const group = world;
@@ -280,6 +308,8 @@ const peerInputs = {
   recvTokenRows: Tensor.fromArray(recvTokenRows, { dtype: 'i32', device: 'cpu' }),
 };
 const peerRounds = [];
+/** A torch peer's bound: inside the task's, with the rounds before it. */
+const PEER_TIMEOUT_MS = 150_000;
 async function timePeer() {
   const shared = Tensor.fromArray(rank === 0 ? [await freePort(), Math.floor(Math.random() * 2 ** 30)] : [0, 0], {
     dtype: 'i32',
@@ -307,7 +337,7 @@ async function timePeer() {
     ],
     {
       encoding: 'utf8',
-      timeout: 240_000,
+      timeout: PEER_TIMEOUT_MS,
       killSignal: 'SIGKILL',
       maxBuffer: 64 << 20,
       env: {
@@ -331,23 +361,43 @@ async function timePeer() {
     peer = { error: `${r.error?.message ?? `exit ${r.status}`}: ${(r.stderr ?? '').trim().split('\n').slice(-3).join(' | ')}` };
     console.error(`rank ${rank}: torch peer failed: ${peer.error}`);
   }
-  align();
+  // The ranks meet again once every python is done, however long a failing one takes (up to the
+  // spawn's bound): the collective timeout is stretched for this one barrier.
+  const timeoutMs = world.timeoutMs;
+  if (timeoutMs > 0) world.timeoutMs = Math.max(timeoutMs, PEER_TIMEOUT_MS + 30_000);
+  try {
+    align();
+  } finally {
+    if (!world.aborted) world.timeoutMs = timeoutMs;
+  }
   rmSync(dir, { recursive: true, force: true });
   if (rank === 0) rmSync(root, { recursive: true, force: true });
   peerRounds.push(peer);
+  return peer;
 }
 
+let peerOn = !noPeer;
 for (let round = 0; round < rounds && !world.aborted; round++) {
   for (const run of runs) {
     if (run.error || world.aborted) continue;
+    let failure = null;
     try {
       timeTransport(run);
     } catch (e) {
-      run.error = true;
-      failed(run.name, e);
+      failure = failed(run.name, e);
     }
+    if (stageFailed(run.name, failure)) run.error = true;
   }
-  if (!noPeer && !world.aborted) await timePeer();
+  if (peerOn && !world.aborted) {
+    let failure;
+    try {
+      failure = (await timePeer()).error ?? null;
+    } catch (e) {
+      failure = failed('torch peer', e);
+    }
+    // A peer that failed on any rank is not started again: its rounds so far stay in the file.
+    if (stageFailed('torch peer', failure)) peerOn = false;
+  }
   log(
     `round ${round + 1}/${rounds}: ${runs.map((r) => `${r.name} dispatch ${r.ms.dispatch.at(-1)?.toFixed(3)} ms`).join(', ')}${noPeer ? '' : `, torch a2a ${peerRounds.at(-1)?.dispatch_a2a_ms?.toFixed?.(3)} ms`}`,
   );
@@ -389,10 +439,6 @@ const timelines = Object.fromEntries(
 );
 
 // ------------------------------------------------------------------------------- gather, report
-const median = (a) => {
-  const s = a.filter(Number.isFinite).sort((u, v) => u - v);
-  return s.length ? s[Math.floor(s.length / 2)] : NaN;
-};
 const PEER_KEYS = [
   'dispatch_a2a_ms',
   'dispatch_fp8_a2a_ms',
@@ -429,7 +475,7 @@ if (P > 1 && !world.aborted) {
   try {
     allT = world.allGather(mineT.view(1, -1));
   } catch (e) {
-    failed('gather', e);
+    errors.gather = failed('gather', e);
   }
 }
 const all = Array.from(allT.toArray());
@@ -449,7 +495,7 @@ if (rank === 0) {
     const ours = runs.map(() => Object.fromEntries(OPS.map((op) => [op, take(rounds)])));
     const peer = Object.fromEntries(PEER_KEYS.map((key) => [key, take(rounds)]));
     const checks = runs.map(() => take(3));
-    const [tokRecv, _selfTok, _expRecv, , tokOut, expOut] = take(6);
+    const [tokRecv, selfTok, expRecv, selfExp, tokOut, expOut] = take(6);
     runs.forEach((run, ti) => {
       for (const op of OPS) {
         const ms = ours[ti][op];
@@ -462,20 +508,40 @@ if (rank === 0) {
         const fullRatios = full ? ms.map((m, i) => full[i] / m).filter(Number.isFinite) : [];
         const fp8Op = op === 'dispatchFp8' || op === 'dispatchFp8Kept';
         const rowBytes = fp8Op ? fp8Row : bf16Row;
-        const wireRows = run.name === 'ipc' ? tokOut : run.name === 'local' ? 0 : expOut;
+        // dispatch sends its rows out; combine sends back the rows it received from the others
+        const wireRows =
+          run.name === 'local'
+            ? 0
+            : op === 'combine'
+              ? run.name === 'ipc'
+                ? tokRecv - selfTok
+                : expRecv - selfExp
+              : run.name === 'ipc'
+                ? tokOut
+                : expOut;
         table.push({
           rank: r,
           transport: run.name,
           op: OP_LABEL[op],
           ms: num(median(ms)),
-          'ms range': ms.length > 1 ? `${num(Math.min(...ms))}–${num(Math.max(...ms))}` : null,
+          'ms range':
+            ms.filter(Number.isFinite).length > 1
+              ? range(ms)
+                  .map((v) => num(v))
+                  .join('–')
+              : null,
           'GB/s (DeepEP)': gbs(tokRecv, median(ms), rowBytes),
           // combine sends the rows back without the dispatch's entries
           'wire MB': num((wireRows * (rowBytes + (op === 'combine' ? 0 : run.name === 'ipc' ? 12 * k : 4))) / 1e6, 1),
           'torch rows': byToken ? '(token, rank)' : '(token, expert)',
           'torch a2a ms': num(median(peer[peerKey])),
           'torch a2a/ours': ratios.length ? num(median(ratios), 2) : null,
-          'ratio range': ratios.length > 1 ? `${num(Math.min(...ratios), 2)}–${num(Math.max(...ratios), 2)}` : null,
+          'ratio range':
+            ratios.length > 1
+              ? range(ratios)
+                  .map((v) => num(v, 2))
+                  .join('–')
+              : null,
           'torch full ms': full ? num(median(full)) : null,
           'torch full/ours': fullRatios.length ? num(median(fullRatios), 2) : null,
           check: num(checks[ti][op === 'dispatchFp8' ? 1 : op === 'dispatchFp8Kept' ? 2 : 0], 6),
@@ -518,6 +584,10 @@ if (rank === 0) {
   });
 }
 
+// After an abort rank 0 writes the file with its own figures; a rank that left first with a failure
+// would make mpirun end the job before it does, so the others give it time (mpirun ends them when
+// rank 0 exits).
+if (world.aborted && rank !== 0) await new Promise((resolve) => setTimeout(resolve, 90_000));
 for (const run of runs) {
   if (!run.bf16) continue; // failed before it was set up
   run.kept.rows.dispose();
@@ -531,3 +601,5 @@ for (const t of [indices, weights, x, mineT, ...Object.values(peerInputs)]) if (
 if (allT !== mineT) allT.dispose();
 for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
 world.dispose();
+// The file is written; the exit status still says that something failed (device-session marks it).
+if (Object.keys(errors).length) process.exitCode = 1;

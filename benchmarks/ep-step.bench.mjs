@@ -39,7 +39,7 @@
 // Ranks sharing a GPU (MPI backend, host staging) contend for it: the EP=1 figure is then the
 // slowest of P concurrent runs, and the comm figure measures host staging, not NVLink.
 import { capacity, disposeSaved, MoELayer, synchronize, Tensor } from '../dist/lib/index.js';
-import { args, benchWorld, dryRun, flag, quick, timeRegion, writeResult } from './harness.mjs';
+import { agreeFailures, args, benchWorld, dryRun, flag, median, quick, range, timeRegion, writeResult } from './harness.mjs';
 
 // A minute per collective at most: a rank that fails must not leave the others waiting 5 minutes.
 const { world, P, rank, dev, onGpu, log } = await benchWorld({ timeoutMs: 60_000 });
@@ -75,7 +75,7 @@ if (!Number.isSafeInteger(rounds) || rounds < 1) throw new Error(`--rounds must 
 /** Every rank waits for its device, then all meet: each timed region starts together. */
 function align() {
   if (onGpu) synchronize(dev);
-  if (P > 1) {
+  if (P > 1 && !world.aborted) {
     world.barrier();
     if (onGpu) synchronize(dev);
   }
@@ -172,21 +172,32 @@ function commMs(layer) {
 
 // A transport that fails (a throw, or a peer's TimeoutError) is recorded and the others go on.
 const errors = {};
+/** This rank's message for error `e` of stage `name`, logged. */
 function failed(name, e) {
-  errors[name] = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
-  console.error(`rank ${rank} ${name}: ${errors[name]}`);
+  const message = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
+  console.error(`rank ${rank} ${name}: ${message}`);
+  return message;
+}
+/** Every rank agrees on how the stage went; true (and the ranks' messages kept) when any failed. */
+function stageFailed(name, failure) {
+  const failures = agreeFailures(world, failure);
+  if (failures.length) errors[name] = failures.join('; ');
+  return failures.length > 0;
 }
 // Per transport its layers (the same weights: same seed), made once: without and with a comm stream.
 const runs = transports.map((transport) => {
   const choice = transport === 'local' ? {} : { transport };
   const run = { name: transport, stepP: [], stepOverlap: [], commForward: NaN, commBackward: NaN, recvRows: NaN, layer: null, over: null };
+  let failure = null;
   try {
     run.layer = new MoELayer({ ...layerConfig, numExperts: E, group: world, ...choice });
     if (overlaps.includes(true)) run.over = new MoELayer({ ...layerConfig, numExperts: E, group: world, commStream: true, ...choice });
   } catch (e) {
-    failed(transport, e);
-    run.error = true;
+    failure = failed(transport, e);
   }
+  // Every stage ends with the ranks agreeing whether any failed it: a failure on one rank drops
+  // that transport on all of them, and the collectives stay in step.
+  if (stageFailed(transport, failure)) run.error = true;
   return run;
 });
 const alone = new MoELayer({ ...layerConfig, numExperts: El });
@@ -194,19 +205,25 @@ const step1 = [];
 for (let round = 0; round < rounds && !world.aborted; round++) {
   for (const run of runs) {
     if (run.error || world.aborted) continue;
+    let failure = null;
     try {
       run.stepP.push(stepMs(run.layer, x, dy));
       run.name = run.layer.dispatcher.transport ?? run.name;
       if (run.over) run.stepOverlap.push(stepMs(run.over, x, dy));
       if (round === 0) Object.assign(run, commMs(run.layer));
     } catch (e) {
-      failed(run.name, e);
-      run.error = true;
+      failure = failed(run.name, e);
     }
+    if (stageFailed(run.name, failure)) run.error = true;
   }
-  step1.push(stepMs(alone, x, dy)); // this rank alone: no collective
+  try {
+    step1.push(stepMs(alone, x, dy)); // this rank alone (the barrier before each call aside)
+  } catch (e) {
+    errors['EP=1'] = failed('EP=1', e);
+    step1.push(NaN);
+  }
   log(
-    `  round ${round + 1}/${rounds}: EP=1 ${step1.at(-1).toFixed(3)} ms; ${runs.map((r) => (r.error ? `${r.name} failed` : `${r.name} ${r.stepP.at(-1)?.toFixed(3)} ms${r.over ? ` (comm stream ${r.stepOverlap.at(-1)?.toFixed(3)})` : ''}`)).join(', ')}`,
+    `  round ${round + 1}/${rounds}: EP=1 ${step1.at(-1)?.toFixed(3)} ms; ${runs.map((r) => (r.error ? `${r.name} failed` : `${r.name} ${r.stepP.at(-1)?.toFixed(3)} ms${r.over ? ` (comm stream ${r.stepOverlap.at(-1)?.toFixed(3)})` : ''}`)).join(', ')}`,
   );
 }
 alone.dispose();
@@ -231,7 +248,7 @@ if (P > 1 && !world.aborted) {
   try {
     allT = world.allGather(mineT);
   } catch (e) {
-    failed('gather', e);
+    errors.gather = failed('gather', e);
   }
 }
 const all = Array.from(allT.toArray()).map((v) => (v < 0 ? NaN : v));
@@ -256,14 +273,12 @@ const perRank = Array.from({ length: reported }, (_, r) => {
 });
 if (rank === 0) {
   const num = (v, dgt = 3) => (Number.isFinite(v) ? +v.toFixed(dgt) : null);
-  const median = (a) => {
-    const s = a.filter(Number.isFinite).sort((u, v) => u - v);
-    return s.length ? s[Math.floor(s.length / 2)] : NaN;
-  };
-  const range = (a, dgt = 3) => {
-    const f = a.filter(Number.isFinite);
-    return f.length > 1 ? `${num(Math.min(...f), dgt)}–${num(Math.max(...f), dgt)}` : null;
-  };
+  const spread = (a, dgt = 3) =>
+    a.filter(Number.isFinite).length > 1
+      ? range(a)
+          .map((v) => num(v, dgt))
+          .join('–')
+      : null;
   // forward + backward (3×): three H×F products per routed row, three H×Fs per token with a shared expert
   const flops = 3 * 2 * T * H * 3 * (k * F + Fs);
   const rows = [];
@@ -281,10 +296,10 @@ if (rank === 0) {
           transport: run.name,
           'comm stream': overlap,
           'step EP=P ms': num(step),
-          'step range': range(steps),
+          'step range': spread(steps),
           'step EP=1 ms': num(median(pr.step1)),
           'weak-scaling eff.': num(median(eff), 2),
-          'eff. range': range(eff, 2),
+          'eff. range': spread(eff, 2),
           'comm fwd ms': overlap ? null : num(m.commForward),
           'comm bwd ms': overlap ? null : num(m.commBackward),
           'compute ≈ ms': overlap ? null : num(compute),
@@ -310,10 +325,10 @@ if (rank === 0) {
         transport: run.name,
         commStream: overlap,
         stepP: num(median(stepP)),
-        stepRange: range(stepP),
+        stepRange: spread(stepP),
         step1: num(median(step1Worst)),
         efficiency: num(median(eff), 2),
-        efficiencyRange: range(eff, 2),
+        efficiencyRange: spread(eff, 2),
         commForward: num(Math.max(...perRank.map((pr) => pr.runs[ti].commForward))),
         commBackward: num(Math.max(...perRank.map((pr) => pr.runs[ti].commBackward))),
       };
@@ -363,6 +378,12 @@ if (rank === 0) {
     },
   );
 }
+// After an abort rank 0 writes the file with its own figures; a rank that left first with a failure
+// would make mpirun end the job before it does, so the others give it time (mpirun ends them when
+// rank 0 exits).
+if (world.aborted && rank !== 0) await new Promise((resolve) => setTimeout(resolve, 90_000));
 for (const t of [x, dy, mineT]) t.dispose();
 if (allT !== mineT) allT.dispose();
 world.dispose();
+// The file is written; the exit status still says that something failed (device-session marks it).
+if (Object.keys(errors).length) process.exitCode = 1;

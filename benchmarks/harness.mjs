@@ -16,7 +16,18 @@ import { Console } from 'node:console';
 import { closeSync, mkdirSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 
-import { dtypeSize, Event, getDefaultDevice, info, init, kernelOptions, launchEnv, synchronize } from '../dist/lib/index.js';
+import {
+  dtypeSize,
+  Event,
+  getDefaultDevice,
+  info,
+  init,
+  InvalidArgumentError,
+  kernelOptions,
+  launchEnv,
+  synchronize,
+} from '../dist/lib/index.js';
+import { allGatherJson } from '../dist/lib/parallel/gather-json.js';
 import { gpuPowerSummary, startGpuSampler } from './gpu-power.mjs';
 import { mulberry32 } from './mulberry32.mjs';
 
@@ -390,6 +401,30 @@ export function randomRouting(T, k, E, seed) {
  * rank's device, the launcher's environment (le) and a log that only rank 0 prints. Dry runs stay on the CPU with the MPI backend
  * (several ranks) or none. `timeoutMs` bounds every collective.
  */
+/**
+ * What every rank's part of a stage ended with, agreed by all ranks: `failure` is this rank's
+ * error message (null: its part went well); the result lists the failed ranks' messages
+ * ("rank r: …"), empty when none failed. Every rank gets the same list, so all go on with the next
+ * stage or all drop the failed one together: a rank that skipped a collective its peers make would
+ * leave them out of step. A peer may still be inside the failed stage's collective when this rank
+ * arrives: the call check refuses the mismatched pair on both (nothing moves, the communicator
+ * stays usable), the peer's stage fails there and it comes here too, so a refused agreement is
+ * tried again. An aborted communicator (a peer timed out) cannot agree: this rank's own message.
+ */
+export function agreeFailures(world, failure) {
+  const own = failure === null ? [] : [`rank ${world.rank}: ${failure}`];
+  if (world.size === 1) return own;
+  for (let attempt = 0; attempt < 4; attempt++) {
+    if (world.aborted) break;
+    try {
+      return allGatherJson(world, failure).flatMap((m, r) => (m === null ? [] : [`rank ${r}: ${m}`]));
+    } catch (e) {
+      if (!(e instanceof InvalidArgumentError)) break;
+    }
+  }
+  return own.length ? own : [`rank ${world.rank}: the ranks could not agree (the communicator was aborted)`];
+}
+
 export async function benchWorld({ timeoutMs } = {}) {
   // --timeout-ms N overrides the benchmark's choice (0: no timeout, so NCCL collectives are only
   // queued, with no host wait after each: what that wait costs).

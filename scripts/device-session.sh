@@ -272,8 +272,10 @@ fi
 # both in one call (so no MOE_EP_SMI=1 there: its file would be the ninth and not come back).
 # Carry [".device", "dist"] (git-ignored; every bench imports ../dist), never build/ (this machine's
 # is CPU-only): `npm run build` and ../shared/device/pack first.
-# A transport that fails inside a bench is recorded in its result file ('errors') and the others
-# go on; the benches' collectives time out after 60 s.
+# A transport that fails inside a bench (on any rank) is dropped on every rank and recorded in the
+# result file ('errors', each rank's message); the others go on, the file is written and the task
+# shows failed (exit 1). The benches' collectives time out after 60 s; after a timeout rank 0
+# writes its own rows.
 # Time: estimates from what the scripts do, NOT yet measured (multi-summary.json will say); the
 # bounds are the timeouts. Build 50-80 s (none with MOE_EP_SKIP_BUILD). Correctness at one EP size,
 # both transports: moe-layer 10-20 s, train 15-30 s, checkpoint 5-10 s, each twice, mismatch ~5 s:

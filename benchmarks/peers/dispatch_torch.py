@@ -74,8 +74,10 @@ def main():
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = os.environ.get("MASTER_PORT", "29511")
     kw = {"device_id": device} if backend == "nccl" else {}
+    # 45 s: a peer that died takes the others down within the Node ranks' 60 s collective timeout,
+    # so every rank comes back from the peer round and the ranks stay in step.
     dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=180), **kw)
+                            timeout=datetime.timedelta(seconds=45), **kw)
 
     inp = load_inputs(folder, device=device)
     x = inp["x"]

@@ -486,7 +486,6 @@ const SAME_ON_RESUME = {
   data: ['clusters', 'seed'],
 } as const;
 
-/** Refuses a checkpoint whose recorded config (manifest config) differs from `config` where SAME_ON_RESUME says. */
 /** train.steps of the run that saved the checkpoint, when its manifest records a config. */
 function savedSteps(reader: CheckpointReader): number | null {
   const recorded = reader.manifest.config as { train?: { steps?: unknown } } | null | undefined;
@@ -494,6 +493,7 @@ function savedSteps(reader: CheckpointReader): number | null {
   return typeof steps === 'number' && Number.isSafeInteger(steps) ? steps : null;
 }
 
+/** Refuses a checkpoint whose recorded config (manifest config) differs from `config` where SAME_ON_RESUME says. */
 function checkSameRun(reader: CheckpointReader, config: TrainConfig): void {
   const recorded = reader.manifest.config as Record<string, Record<string, unknown> | undefined> | null | undefined;
   if (recorded === null || typeof recorded !== 'object') return; // saved without a config (by other code): nothing to compare

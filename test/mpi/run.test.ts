@@ -62,19 +62,24 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     const results = (dir: string): { rows: unknown[]; notes: { errors?: Record<string, string> } }[] =>
       fs.readdirSync(dir).map((f) => JSON.parse(fs.readFileSync(join(dir, f), 'utf8')));
     try {
-      const runs: [string, string[], (r: { rows: unknown[]; notes: { errors?: Record<string, string> } }) => void][] = [
-        ['dispatch.bench.mjs', ['--no-peer'], (r) => expect(r.rows).toHaveLength(8)],
+      // [script, flags, exit status (1: something failed, the file written all the same), check]
+      const runs: [string, string[], number, (r: { rows: unknown[]; notes: { errors?: Record<string, string> } }) => void][] = [
+        ['dispatch.bench.mjs', ['--no-peer'], 0, (r) => expect(r.rows).toHaveLength(8)],
         [
           'dispatch.bench.mjs',
           ['--no-peer', '--transport', 'ipc'],
-          (r) => expect(r.notes.errors?.['ipc']).toMatch(/'ipc' cannot be used: the tensors are on the CPU/),
+          1,
+          (r) =>
+            expect(r.notes.errors?.['ipc']).toMatch(
+              /^rank 0: InvalidArgumentError: .*'ipc' cannot be used: the tensors are on the CPU; rank 1: /,
+            ),
         ],
-        ['ep-step.bench.mjs', ['--overlap', '--shared-ffn', '2048'], (r) => expect(r.rows).toHaveLength(4)],
+        ['ep-step.bench.mjs', ['--overlap', '--shared-ffn', '2048'], 0, (r) => expect(r.rows).toHaveLength(4)],
       ];
-      runs.forEach(([name, args, check], i) => {
+      runs.forEach(([name, args, status, check], i) => {
         const dir = join(out, String(i));
         const r = mpirun(2, bench(name), 120_000, ['--dry-run', '--out', dir, ...args]);
-        expect(r.status, r.out).toBe(0);
+        expect(r.status, r.out).toBe(status);
         const files = results(dir);
         expect(files, `${name} ${args.join(' ')}`).toHaveLength(1);
         check(files[0]!);
