@@ -60,7 +60,7 @@ export interface MoELayerConfig extends RouterConfig {
   hidden: number;
   ffn: number;
   /**
-   * Token choice: per-expert capacity factor, C = ceil(cf·T·k/E); omitted: dropless. Expert choice:
+   * Token choice: per-expert capacity factor, C = min(ceil(cf·T·k/E), T·k); omitted: dropless. Expert choice:
    * the paper's c, C = min(T, ceil(T·cf/E)) tokens per expert (default topK: the compute of top-k token
    * choice); fixed C-row segments always, each rank choosing among its own T tokens.
    */

@@ -1,6 +1,7 @@
 /**
  * Per-step, per-layer routing metrics and the JSON-lines log.
- *   tokensPerExpert  assignments each expert received this step (all-reduced over ranks by the caller)
+ *   tokensPerExpert  assignments the router sent each expert this step, before capacity drops
+ *                    (all-reduced over ranks by the caller)
  *   maxVio           max_e load_e / mean_load − 1 (DeepSeek-V3's balance measure; 0 is perfect)
  *   dropped          fraction of the T·k assignments dropped for capacity
  *   loadEntropy      entropy of the load distribution, normalised by ln E (1: uniform loads)
