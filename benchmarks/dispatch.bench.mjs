@@ -37,8 +37,8 @@ import { join } from 'node:path';
 
 import { capacity, dequantizeFp8, Dispatcher, synchronize, Tensor, trace } from '../dist/lib/index.js';
 import {
-  agreeFailures,
   args,
+  benchFailures,
   benchWorld,
   dryRun,
   median,
@@ -181,22 +181,10 @@ function identityRelErr(y) {
 // whose rows arrive as FP8 with their scales (fp8: 'keep', DeepEP's FP8 dispatch; the expert GEMM
 // reads them as they are), one dispatch kept for combine, the checks.
 // A transport that fails (a throw, or a peer's TimeoutError) is recorded and the others go on: the
-// result file keeps what they measured and says what failed.
-const errors = {};
-/** This rank's message for error `e` of stage `name`, logged. */
-function failed(name, e) {
-  const message = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
-  console.error(`rank ${rank} ${name}: ${message}`);
-  return message;
-}
-/** Every rank agrees on how the stage went; true (and the ranks' messages kept) when any failed. */
-function stageFailed(name, failure) {
-  const failures = agreeFailures(world, failure);
-  if (failures.length) errors[name] = failures.join('; ');
-  return failures.length > 0;
-}
-// Every stage ends with the ranks agreeing whether any of them failed it (agreeFailures), so a
-// failure on one rank drops that transport on all of them and the collectives stay in step.
+// result file keeps what they measured and says what failed. Every stage ends with the ranks
+// agreeing whether any of them failed it, so a failure on one rank drops that transport on all of
+// them and the collectives stay in step.
+const { failed, stageFailed, ...failures } = benchFailures(world);
 const runs = transports.map((t) => {
   let run = null;
   let failure = null;
@@ -468,17 +456,8 @@ const mine = [
   tokenRowsSentOut,
   expertRowsSentOut,
 ].map((v) => (typeof v === 'number' && Number.isFinite(v) ? v : NaN));
-const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: 'cpu' });
 // A communicator aborted by a failure cannot gather: rank 0 then reports its own rows alone.
-let allT = mineT.view(1, -1);
-if (P > 1 && !world.aborted) {
-  try {
-    allT = world.allGather(mineT.view(1, -1));
-  } catch (e) {
-    errors.gather = failed('gather', e);
-  }
-}
-const all = Array.from(allT.toArray());
+const all = failures.gather(mine);
 const width = mine.length;
 const reported = all.length / width; // P, or 1 when the gather failed
 
@@ -570,8 +549,7 @@ if (rank === 0) {
       "'GB/s (DeepEP)' = unique (token, destination rank) rows received (own included) × row bytes / median ms; BF16 row hidden·2, FP8 row hidden + hidden/128·4; combine credited the BF16 dispatch's rows. 'wire MB' = bytes sent to other ranks: token rows + 12·k bytes of entries each (ipc dispatch), (token, expert) rows + a 4-byte weight each (nccl dispatch), the rows alone (combine)",
     published: PUBLISHED,
     publishedTiming: DEEPEP_TIMING,
-    ...(Object.keys(errors).length ? { errors } : {}),
-    ...(reported < P ? { reportedRanks: `rank 0 only: the communicator was aborted (${Object.values(errors).join('; ')})` } : {}),
+    ...failures.notes(reported),
     timing: `per round: CUDA events, median of the repeats after warm-up, each call after a device sync and a barrier; ${rounds} round(s), each timing every transport then the torch peer; 'ms' is the median of the round medians, ranges over rounds; ratios per round`,
     peer: noPeer
       ? 'skipped (--no-peer)'
@@ -584,10 +562,6 @@ if (rank === 0) {
   });
 }
 
-// After an abort rank 0 writes the file with its own figures; a rank that left first with a failure
-// would make mpirun end the job before it does, so the others give it time (mpirun ends them when
-// rank 0 exits).
-if (world.aborted && rank !== 0) await new Promise((resolve) => setTimeout(resolve, 90_000));
 for (const run of runs) {
   if (!run.bf16) continue; // failed before it was set up
   run.kept.rows.dispose();
@@ -597,9 +571,6 @@ for (const run of runs) {
   run.fp8.dispose();
   run.fp8Kept.dispose();
 }
-for (const t of [indices, weights, x, mineT, ...Object.values(peerInputs)]) if (!t.disposed) t.dispose();
-if (allT !== mineT) allT.dispose();
+for (const t of [indices, weights, x, ...Object.values(peerInputs)]) if (!t.disposed) t.dispose();
 for (const t of Object.values(cap)) if (t instanceof Tensor) t.dispose();
-world.dispose();
-// The file is written; the exit status still says that something failed (device-session marks it).
-if (Object.keys(errors).length) process.exitCode = 1;
+await failures.end();

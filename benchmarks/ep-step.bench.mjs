@@ -39,7 +39,7 @@
 // Ranks sharing a GPU (MPI backend, host staging) contend for it: the EP=1 figure is then the
 // slowest of P concurrent runs, and the comm figure measures host staging, not NVLink.
 import { capacity, disposeSaved, MoELayer, synchronize, Tensor } from '../dist/lib/index.js';
-import { agreeFailures, args, benchWorld, dryRun, flag, median, quick, range, timeRegion, writeResult } from './harness.mjs';
+import { args, benchFailures, benchWorld, dryRun, flag, median, quick, range, timeRegion, writeResult } from './harness.mjs';
 
 // A minute per collective at most: a rank that fails must not leave the others waiting 5 minutes.
 const { world, P, rank, dev, onGpu, log } = await benchWorld({ timeoutMs: 60_000 });
@@ -171,19 +171,7 @@ function commMs(layer) {
 }
 
 // A transport that fails (a throw, or a peer's TimeoutError) is recorded and the others go on.
-const errors = {};
-/** This rank's message for error `e` of stage `name`, logged. */
-function failed(name, e) {
-  const message = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
-  console.error(`rank ${rank} ${name}: ${message}`);
-  return message;
-}
-/** Every rank agrees on how the stage went; true (and the ranks' messages kept) when any failed. */
-function stageFailed(name, failure) {
-  const failures = agreeFailures(world, failure);
-  if (failures.length) errors[name] = failures.join('; ');
-  return failures.length > 0;
-}
+const { failed, stageFailed, ...failures } = benchFailures(world);
 // Per transport its layers (the same weights: same seed), made once: without and with a comm stream.
 const runs = transports.map((transport) => {
   const choice = transport === 'local' ? {} : { transport };
@@ -195,8 +183,8 @@ const runs = transports.map((transport) => {
   } catch (e) {
     failure = failed(transport, e);
   }
-  // Every stage ends with the ranks agreeing whether any failed it: a failure on one rank drops
-  // that transport on all of them, and the collectives stay in step.
+  // Every stage ends with the ranks agreeing whether any failed it (benchFailures): a failure on
+  // one rank drops that transport on all of them, and the collectives stay in step.
   if (stageFailed(transport, failure)) run.error = true;
   return run;
 });
@@ -219,7 +207,7 @@ for (let round = 0; round < rounds && !world.aborted; round++) {
   try {
     step1.push(stepMs(alone, x, dy)); // this rank alone (the barrier before each call aside)
   } catch (e) {
-    errors['EP=1'] = failed('EP=1', e);
+    failures.errors['EP=1'] = failed('EP=1', e);
     step1.push(NaN);
   }
   log(
@@ -241,17 +229,8 @@ const mine = [
   ...runs.flatMap((r) => [...perRound(r.stepP), ...perRound(r.stepOverlap), r.commForward, r.commBackward, r.recvRows]),
 ].map((v) => (Number.isFinite(v) ? v : -1));
 const width = mine.length;
-const mineT = Tensor.fromArray(mine, { dtype: 'f32', device: 'cpu' });
 // A communicator aborted by a failure cannot gather: rank 0 then reports its own figures alone.
-let allT = mineT;
-if (P > 1 && !world.aborted) {
-  try {
-    allT = world.allGather(mineT);
-  } catch (e) {
-    errors.gather = failed('gather', e);
-  }
-}
-const all = Array.from(allT.toArray()).map((v) => (v < 0 ? NaN : v));
+const all = failures.gather(mine).map((v) => (v < 0 ? NaN : v));
 const reported = all.length / width;
 const perTransport = 2 * rounds + 3; // stepP and stepOverlap per round, the two comm regions, the rows
 // perRank[r] = { step1: [rounds], runs: [{ stepP: [rounds], stepOverlap: [rounds], commForward, commBackward, recvRows }] }
@@ -372,18 +351,10 @@ if (rank === 0) {
         world.backend === 'mpi' && onGpu
           ? 'ranks share a GPU through the MPI backend: the EP=1 runs contend for it and the exchanges are host staging, not NVLink'
           : undefined,
-      ...(Object.keys(errors).length ? { errors } : {}),
-      ...(reported < P ? { reportedRanks: `rank 0 only: the communicator was aborted (${Object.values(errors).join('; ')})` } : {}),
+      ...failures.notes(reported),
       slowestRank: slowest,
     },
   );
 }
-// After an abort rank 0 writes the file with its own figures; a rank that left first with a failure
-// would make mpirun end the job before it does, so the others give it time (mpirun ends them when
-// rank 0 exits).
-if (world.aborted && rank !== 0) await new Promise((resolve) => setTimeout(resolve, 90_000));
-for (const t of [x, dy, mineT]) t.dispose();
-if (allT !== mineT) allT.dispose();
-world.dispose();
-// The file is written; the exit status still says that something failed (device-session marks it).
-if (Object.keys(errors).length) process.exitCode = 1;
+for (const t of [x, dy]) t.dispose();
+await failures.end();

@@ -26,6 +26,7 @@ import {
   kernelOptions,
   launchEnv,
   synchronize,
+  Tensor,
 } from '../dist/lib/index.js';
 import { allGatherJson } from '../dist/lib/parallel/gather-json.js';
 import { gpuPowerSummary, startGpuSampler } from './gpu-power.mjs';
@@ -423,6 +424,70 @@ export function agreeFailures(world, failure) {
     }
   }
   return own.length ? own : [`rank ${world.rank}: the ranks could not agree (the communicator was aborted)`];
+}
+
+/**
+ * A multi-rank bench's failures: each stage a rank fails is logged (`failed`, which returns the
+ * message), agreed by every rank (`stageFailed`: true when any rank failed it, every rank's message
+ * kept in `errors`), and reported: `gather` collects every rank's numbers (this rank's alone once
+ * the communicator is aborted), `notes` says what failed in the result file, and `end` closes the
+ * world and makes the exit status say it. The result file is always written by rank 0.
+ */
+export function benchFailures(world) {
+  const errors = {};
+  const failed = (name, e) => {
+    const message = `${e?.name ?? 'Error'}: ${e?.message ?? String(e)}`;
+    console.error(`rank ${world.rank} ${name}: ${message}`);
+    return message;
+  };
+  return {
+    errors,
+    failed,
+    stageFailed(name, failure) {
+      const failures = agreeFailures(world, failure);
+      if (failures.length) errors[name] = failures.join('; ');
+      return failures.length > 0;
+    },
+    /** Every rank's `values` (f32) back to back in rank order, or this rank's alone. */
+    gather(values) {
+      const mine = Tensor.fromArray(values, { dtype: 'f32', device: 'cpu' });
+      try {
+        if (world.size > 1 && !world.aborted) {
+          try {
+            const all = world.allGather(mine.view(1, -1));
+            const out = Array.from(all.toArray());
+            all.dispose();
+            return out;
+          } catch (e) {
+            errors.gather = failed('gather', e);
+          }
+        }
+        return Array.from(mine.toArray());
+      } finally {
+        mine.dispose();
+      }
+    },
+    /** The result file's notes on failures; `reported` ranks' rows are in it. */
+    notes(reported) {
+      return {
+        ...(Object.keys(errors).length ? { errors } : {}),
+        ...(reported < world.size
+          ? { reportedRanks: `rank 0 only: the communicator was aborted (${Object.values(errors).join('; ')})` }
+          : {}),
+      };
+    },
+    /**
+     * After an abort rank 0 writes the file with its own figures; a rank that left first with a
+     * failure would make mpirun end the job before it does, so the others give it time (mpirun ends
+     * them when rank 0 exits). Then the world is closed, and the exit status says whether anything
+     * failed (the file is written all the same; device-session marks the task).
+     */
+    async end() {
+      if (world.aborted && world.rank !== 0) await new Promise((resolve) => setTimeout(resolve, 90_000));
+      world.dispose();
+      if (Object.keys(errors).length) process.exitCode = 1;
+    },
+  };
 }
 
 export async function benchWorld({ timeoutMs } = {}) {
