@@ -11,6 +11,10 @@ void mean_row_entropy_cpu(const Tensor& scores, const Tensor& out) {
   for (int64_t t = 0; t < T; ++t) {
     double sum = 0;
     for (int64_t e = 0; e < E; ++e) sum += s[t * E + e];
+    if (!std::isfinite(sum)) {  // a NaN or infinite score: the mean says so rather than hiding the row
+      total += std::nan("");
+      continue;
+    }
     if (!(sum > 0)) continue;
     double h = 0;
     for (int64_t e = 0; e < E; ++e) {

@@ -17,6 +17,10 @@ __global__ void row_entropy_kernel(const float* s, int64_t T, int64_t E, float* 
     float sum = 0.f;
     for (int64_t e = lane; e < E; e += 32) sum += row[e];
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (!isfinite(sum)) {  // a NaN or infinite score: the mean says so rather than hiding the row
+      acc += __int_as_float(0x7fc00000);
+      continue;
+    }
     if (!(sum > 0.f)) continue;
     float h = 0.f;
     for (int64_t e = lane; e < E; e += 32) {
