@@ -86,4 +86,39 @@ describe('integer casts', () => {
     expect(Array.from(big.toArray() as BigInt64Array)).toEqual([2n ** 40n, -(2n ** 40n) - 3n]);
     expect(big.cast('f32').toNumbers()).toEqual([2 ** 40, Math.fround(-(2 ** 40) - 3)]);
   });
+
+  // C++ leaves a float-to-int cast of NaN or of a value past the type's range undefined; the addon
+  // saturates as the GPU's cvt.rzi does (NaN → 0, past either end → that end), on both paths.
+  it('saturates floats past the integer range, and takes NaN to 0', () => {
+    const sources = [NaN, Infinity, -Infinity, 3e9, -3e9, 2147483520, 2 ** 31, -(2 ** 31), 1e19, -1e19, 255.9, 256, -0.9, -1];
+    const i32 = [
+      0,
+      2 ** 31 - 1,
+      -(2 ** 31),
+      2 ** 31 - 1,
+      -(2 ** 31),
+      2147483520,
+      2 ** 31 - 1,
+      -(2 ** 31),
+      2 ** 31 - 1,
+      -(2 ** 31),
+      255,
+      256,
+      0,
+      -1,
+    ];
+    const i64Max = 2n ** 63n - 1n;
+    const i64Min = -(2n ** 63n);
+    const i64 = [0n, i64Max, i64Min, 3000000000n, -3000000000n, 2147483520n, 2n ** 31n, -(2n ** 31n), i64Max, i64Min, 255n, 256n, 0n, -1n];
+    const u8 = [0, 255, 0, 255, 0, 255, 255, 0, 255, 0, 255, 255, 0, 0];
+    using t = Tensor.fromArray(sources, { device: 'cpu' });
+    expect(Array.from(t.cast('i32').toArray() as Int32Array)).toEqual(i32);
+    expect(Array.from(t.cast('i64').toArray() as BigInt64Array)).toEqual(i64);
+    expect(Array.from(t.cast('u8').toArray() as Uint8Array)).toEqual(u8);
+    for (const half of ['bf16', 'f16'] as const) {
+      using h = t.cast(half);
+      expect(Array.from(h.cast('i32').toArray() as Int32Array).slice(0, 3), half).toEqual([0, 2 ** 31 - 1, -(2 ** 31)]);
+      expect(Array.from(h.cast('u8').toArray() as Uint8Array).slice(0, 3), half).toEqual([0, 255, 0]);
+    }
+  });
 });

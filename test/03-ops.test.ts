@@ -128,4 +128,30 @@ describe('matmul', () => {
       ),
     ).toBeLessThan(outType === 'f32' ? 1e-6 : tolerance[outType]);
   });
+
+  // The oracle of every GEMM kernel: each output is the double sum of its K products in the order
+  // k = 0 … K−1, rounded once, whichever loop order the CPU uses for b's layout. The same sum in
+  // JavaScript (doubles) gives the same bits.
+  it.each([false, true])(
+    'sums each output in order in double, rounded once: the same bits as a plain loop (b transposed: %s)',
+    (transB) => {
+      const [M, K, N] = [17, 300, 33];
+      using a = randomInput([M, K], 'f32');
+      using stored = randomInput(transB ? [N, K] : [K, N], 'f32');
+      using b = transB ? stored.transpose() : stored.view(K, N);
+      const av = values(a),
+        sv = values(stored);
+      const bAt = (k: number, n: number): number => (transB ? sv[n * K + k] : sv[k * N + n]) as number;
+      const ref: number[] = [];
+      for (let m = 0; m < M; m++)
+        for (let n = 0; n < N; n++) {
+          let s = 0;
+          for (let k = 0; k < K; k++) s += (av[m * K + k] as number) * bAt(k, n);
+          ref.push(Math.fround(s));
+        }
+      using out = poisoned([M, N], 'f32', cpu);
+      ops.matmul(a, b, { out });
+      expect(Array.from(out.toFloat32Array())).toEqual(ref);
+    },
+  );
 });

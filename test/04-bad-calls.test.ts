@@ -165,6 +165,14 @@ const cases: Case[] = [
   ['raw: tensor expected', () => native().fill({} as never, 1), InvalidArgumentError, /fill: 'out' must be a tensor/],
   ['raw: number expected', () => native().fill(f([1]).handle, 'x' as never), InvalidArgumentError, /fill: 'value' must be a number/],
   ['raw: bad dtype code', () => native().tensorEmpty([1], 99, 0, 0), InvalidArgumentError, /not a dtype code/],
+  // an int the op keeps in 32 bits: refused, not wrapped (2^32 would have become dim 0)
+  [
+    'raw: a dim past 32 bits',
+    () => native().reduce(0, f([2, 3]).handle, 2 ** 32, f([3]).handle),
+    InvalidArgumentError,
+    /'dim' must fit in 32 bits/,
+  ],
+  ['raw: a narrow dim past 32 bits', () => f([2, 3]).handle.narrow(2 ** 32 + 1, 0, 1), InvalidArgumentError, /'dim' must fit in 32 bits/],
   ['raw: bad shape element', () => native().tensorEmpty([1, 'a' as never], 0, 0, 0), InvalidArgumentError, /element 1 is not a number/],
   ['ops given a non-tensor', () => ops.add(3 as never, f([1])), InvalidArgumentError, /add: 'a' must be a Tensor/],
   [

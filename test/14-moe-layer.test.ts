@@ -452,6 +452,11 @@ describe('router entropy metric', () => {
       const ref = (h(v.slice(0, 4)) + h(v.slice(4, 8)) + h(v.slice(8, 12)) + h(v.slice(12, 16))) / 4;
       expect(routerEntropy(s).item()).toBeCloseTo(ref, 6);
       expect(() => routerEntropy(Tensor.zeros([4], { device: cpu }))).toThrow(/'scores' must be \[T, E\]/);
+      // a row with a NaN or infinite score is not counted as 0 nats: the mean is NaN
+      for (const bad of [NaN, Infinity]) {
+        const withBad = Tensor.fromArray([0.5, 0.5, bad, 0], { shape: [2, 2], device: cpu });
+        expect(routerEntropy(withBad).item(), String(bad)).toBeNaN();
+      }
     });
   });
 });

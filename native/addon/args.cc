@@ -1,6 +1,7 @@
 #include "addon/args.h"
 
 #include <cmath>
+#include <cstdint>
 
 #include "addon/stream_binding.h"
 #include "addon/tensor_binding.h"
@@ -18,6 +19,12 @@ int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* op, const 
   MOE_ARG_CHECK(std::isfinite(v) && v == std::floor(v) && std::fabs(v) <= 9007199254740991.0, op, "'", name, "' must be an integer, got ",
                 v);
   return int64_t(v);
+}
+
+int arg_i32(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {
+  int64_t v = arg_int(info, i, op, name);
+  MOE_ARG_CHECK(v >= INT32_MIN && v <= INT32_MAX, op, "'", name, "' must fit in 32 bits, got ", v);
+  return int(v);
 }
 
 bool arg_bool(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name) {

@@ -13,6 +13,9 @@ namespace moe::addon {
 
 double arg_number(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
 int64_t arg_int(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
+// An integer argument the op keeps in an int (a dim, a rank, a device): refused past 32 bits rather
+// than wrapped by the cast (2^32 + 1 would become 1).
+int arg_i32(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
 bool arg_bool(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
 DType arg_dtype(const Napi::CallbackInfo& info, size_t i, const char* op, const char* name);
 Device arg_device(const Napi::CallbackInfo& info, size_t i, const char* op);  // two arguments: type, index

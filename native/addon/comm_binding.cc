@@ -108,7 +108,7 @@ class CommHandle : public Napi::ObjectWrap<CommHandle> {
     return call(info, [&]() -> Napi::Value {
       const char* op = "broadcast";
       auto& c = live(op);
-      c.broadcast(arg_tensor(info, 0, op, "tensor"), int(arg_int(info, 1, op, "root")));
+      c.broadcast(arg_tensor(info, 0, op, "tensor"), arg_i32(info, 1, op, "root"));
       return info.Env().Undefined();
     });
   }

@@ -44,7 +44,7 @@ Napi::Value reduce(const Napi::CallbackInfo& info) {
   int64_t kind = arg_int(info, 0, "reduce", "kind");
   MOE_ARG_CHECK(kind == 0 || kind == 1, "reduce", "'kind' must be 0 (sum) or 1 (max)");
   const char* op = kind == 0 ? "sum" : "max";
-  ops::reduce(ops::ReduceOp(kind), arg_tensor(info, 1, op, "a"), int(arg_int(info, 2, op, "dim")), arg_tensor(info, 3, op, "out"));
+  ops::reduce(ops::ReduceOp(kind), arg_tensor(info, 1, op, "a"), arg_i32(info, 2, op, "dim"), arg_tensor(info, 3, op, "out"));
   return info.Env().Undefined();
 }
 

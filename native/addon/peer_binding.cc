@@ -71,7 +71,7 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
     p.segment = arg_int(info, i, op, "segment");
     p.align = arg_int(info, i + 1, op, "align");
     p.sms = arg_int(info, i + 2, op, "sms");
-    p.local_experts = int(arg_int(info, i + 3, op, "localExperts"));
+    p.local_experts = arg_i32(info, i + 3, op, "localExperts");
     MOE_ARG_CHECK(p.segment >= -1 && p.align >= 1 && p.sms >= 0 && p.local_experts >= 1, op, "bad plan: segment ", p.segment, ", align ",
                   p.align, ", sms ", p.sms, ", localExperts ", p.local_experts);
     return p;
@@ -206,11 +206,10 @@ Napi::Value peer_create(const Napi::CallbackInfo& info) {
   comm::PeerCapacity cap;
   cap.token_cap = arg_int(info, 3, op, "tokenCap");
   cap.row_bytes = arg_int(info, 4, op, "rowBytes");
-  cap.top_k = int(arg_int(info, 5, op, "topK"));
-  cap.local_experts = int(arg_int(info, 6, op, "localExperts"));
-  return PeerHandle::wrap(info.Env(),
-                          comm::make_peer_transport(int(arg_int(info, 0, op, "rank")), int(arg_int(info, 1, op, "size")),
-                                                    int(arg_int(info, 2, op, "device")), cap, arg_int(info, 7, op, "timeoutMs")));
+  cap.top_k = arg_i32(info, 5, op, "topK");
+  cap.local_experts = arg_i32(info, 6, op, "localExperts");
+  return PeerHandle::wrap(info.Env(), comm::make_peer_transport(arg_i32(info, 0, op, "rank"), arg_i32(info, 1, op, "size"),
+                                                                arg_i32(info, 2, op, "device"), cap, arg_int(info, 7, op, "timeoutMs")));
 }
 
 }  // namespace

@@ -74,7 +74,7 @@ Napi::Value cuda_status(const Napi::CallbackInfo& info) {
 
 Napi::Value device_properties(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  cuda::DeviceProps p = cuda::device_props(int(arg_int(info, 0, "deviceProperties", "index")));
+  cuda::DeviceProps p = cuda::device_props(arg_i32(info, 0, "deviceProperties", "index"));
   int64_t free_b = 0, total_b = 0;
   cuda::mem_get_info(p.index, &free_b, &total_b);
   Napi::Object o = Napi::Object::New(env);

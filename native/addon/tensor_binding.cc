@@ -147,7 +147,7 @@ Napi::Value TensorHandle::view(const Napi::CallbackInfo& info) {
 Napi::Value TensorHandle::narrow(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const char* op = "narrow";
-    Tensor t = live(op).narrow(int(arg_int(info, 0, op, "dim")), arg_int(info, 1, op, "start"), arg_int(info, 2, op, "length"));
+    Tensor t = live(op).narrow(arg_i32(info, 0, op, "dim"), arg_int(info, 1, op, "start"), arg_int(info, 2, op, "length"));
     return wrap(info.Env(), std::move(t));
   });
 }
@@ -155,7 +155,7 @@ Napi::Value TensorHandle::narrow(const Napi::CallbackInfo& info) {
 Napi::Value TensorHandle::transpose(const Napi::CallbackInfo& info) {
   return guarded(info.Env(), [&]() -> Napi::Value {
     const char* op = "transpose";
-    Tensor t = live(op).transpose(int(arg_int(info, 0, op, "dim0")), int(arg_int(info, 1, op, "dim1")));
+    Tensor t = live(op).transpose(arg_i32(info, 0, op, "dim0"), arg_i32(info, 1, op, "dim1"));
     return wrap(info.Env(), std::move(t));
   });
 }

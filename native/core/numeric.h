@@ -128,15 +128,29 @@ template <> struct Convert<f16> {
 template <> struct Convert<fp8e4m3> {
   MOE_HD static fp8e4m3 from(float f) { return fp8e4m3_from_float(f); }
 };
-// float -> integer: truncation toward zero like C; NaN and out-of-range are the caller's to avoid.
+// float -> integer: truncation toward zero, saturating: NaN gives 0 and a value past the type's range
+// its nearest end, as the GPU's cvt.rzi does. A plain C++ cast of those is undefined behaviour
+// (whatever the CPU's instruction leaves), so both paths clamp explicitly and agree bit for bit.
+// `upper` is 2^bits (exact in float); the lower end is exact in float too.
+template <typename I> MOE_HD I saturating_trunc(float f, float lower, float upper, I lowest, I highest) {
+  if (!(f == f)) return I(0);
+  if (f <= lower) return lowest;
+  if (f >= upper) return highest;
+  return I(f);
+}
 template <> struct Convert<int32_t> {
-  MOE_HD static int32_t from(float f) { return int32_t(f); }
+  MOE_HD static int32_t from(float f) {
+    return saturating_trunc<int32_t>(f, -2147483648.0f, 2147483648.0f, int32_t(-2147483647 - 1), int32_t(2147483647));
+  }
 };
 template <> struct Convert<int64_t> {
-  MOE_HD static int64_t from(float f) { return int64_t(f); }
+  MOE_HD static int64_t from(float f) {
+    return saturating_trunc<int64_t>(f, -9223372036854775808.0f, 9223372036854775808.0f, int64_t(-9223372036854775807LL - 1),
+                                     int64_t(9223372036854775807LL));
+  }
 };
 template <> struct Convert<uint8_t> {
-  MOE_HD static uint8_t from(float f) { return uint8_t(f); }
+  MOE_HD static uint8_t from(float f) { return saturating_trunc<uint8_t>(f, 0.0f, 256.0f, uint8_t(0), uint8_t(255)); }
 };
 
 template <typename T> MOE_HD T from_float(float f) { return Convert<T>::from(f); }

@@ -64,6 +64,22 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
     }
   });
 
+  // The CPU saturates explicitly (a C++ cast is undefined there); the kernel must give the same bits.
+  it('casts NaN, infinities and floats past the integer range as the CPU does (saturating)', () => {
+    const edges = [NaN, Infinity, -Infinity, 3e9, -3e9, 2147483520, 2 ** 31, -(2 ** 31), 1e19, -1e19, 255.9, 256, -0.9, -1, 7.5];
+    using f = Tensor.fromArray(edges, { device: cpu });
+    for (const from of ['f32', 'bf16', 'f16', 'fp8e4m3'] as DType[]) {
+      using src = f.cast(from);
+      using gsrc = src.to(gpu);
+      for (const to of ['i32', 'i64', 'u8'] as DType[]) {
+        using g = poisoned([edges.length], to, gpu);
+        g.copy_(gsrc);
+        using c = src.cast(to);
+        expect(Array.from(g.toArray() as ArrayLike<unknown>), `${from} -> ${to}`).toEqual(Array.from(c.toArray() as ArrayLike<unknown>));
+      }
+    }
+  });
+
   it('moves data cpu -> cuda -> cpu unchanged, including strided views', () => {
     using a = Tensor.randn([333, 77], { seed: freshSeed(), device: cpu });
     using g = a.to(gpu);

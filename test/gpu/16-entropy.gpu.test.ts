@@ -21,4 +21,17 @@ describe.skipIf(!hasGpu)('router entropy on the GPU', () => {
       expect(Math.abs(out.item() - routerEntropy(c).item()) / Math.log(E)).toBeLessThan(1e-5);
     });
   });
+
+  it('a row with a NaN or infinite score makes the mean NaN, as on the CPU', () => {
+    tidy(() => {
+      for (const bad of [NaN, Infinity]) {
+        const c = Tensor.rand([1000, 64], { seed: freshSeed(), device: 'cpu' });
+        c.narrow(0, 517, 1).narrow(1, 3, 1).fill_(bad);
+        const out = poisoned([1], 'f32', 'cuda:0');
+        routerEntropy(c.to('cuda:0'), { out });
+        expect(out.item(), String(bad)).toBeNaN();
+        expect(routerEntropy(c).item(), String(bad)).toBeNaN();
+      }
+    });
+  });
 });

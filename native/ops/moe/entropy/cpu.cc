@@ -10,7 +10,17 @@ void mean_row_entropy_cpu(const Tensor& scores, const Tensor& out) {
   double total = 0;
   for (int64_t t = 0; t < T; ++t) {
     double sum = 0;
-    for (int64_t e = 0; e < E; ++e) sum += s[t * E + e];
+    bool finite = true;
+    for (int64_t e = 0; e < E; ++e) {
+      sum += s[t * E + e];
+      finite = finite && std::isfinite(s[t * E + e]);
+    }
+    // A NaN or infinite score: the mean says so rather than hiding the row. Tested per score, not on
+    // the sum, whose overflow would differ between this double sum and the kernel's float one.
+    if (!finite) {
+      total += std::nan("");
+      continue;
+    }
     if (!(sum > 0)) continue;
     double h = 0;
     for (int64_t e = 0; e < E; ++e) {

@@ -15,8 +15,16 @@ __global__ void row_entropy_kernel(const float* s, int64_t T, int64_t E, float* 
   for (int64_t t = int64_t(blockIdx.x) * kWarps + warp; t < T; t += int64_t(gridDim.x) * kWarps) {
     const float* row = s + t * E;
     float sum = 0.f;
-    for (int64_t e = lane; e < E; e += 32) sum += row[e];
+    bool finite = true;
+    for (int64_t e = lane; e < E; e += 32) {
+      sum += row[e];
+      finite = finite && isfinite(row[e]);
+    }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (!__all_sync(0xffffffffu, finite)) {  // a NaN or infinite score, as on the CPU (per score, not the sum)
+      acc += __int_as_float(0x7fc00000);
+      continue;
+    }
     if (!(sum > 0.f)) continue;
     float h = 0.f;
     for (int64_t e = lane; e < E; e += 32) {
