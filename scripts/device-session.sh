@@ -7,6 +7,7 @@
 # prints `moe-ep info`, runs the GPU suite and the whole suite, and the benchmarks when asked.
 # Logs and JSON go to $OUT (or ./out). MOE_EP_COMMIT names the commit in the result files; unset, it
 # is the copy's git HEAD when it has one (with -dirty when tracked files differ from it), else unknown.
+# Set it when calling through the device tool: its copy may carry a .git from earlier (session 22 got 3af50cf-dirty for cdda9e3).
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
