@@ -8,7 +8,7 @@ import { join, resolve } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { cuda, defaultConfig, memoryStats } from '../lib/index.js';
+import { CheckpointError, cuda, defaultConfig, loadCheckpoint, loadMoELayer, memoryStats, MoELayer } from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
 import { overridesFromArgs, resolveConfig } from '../lib/train/config.js';
 import { Trainer } from '../lib/train/trainer.js';
@@ -348,6 +348,53 @@ describe('checkpoints in training', () => {
       expect(resumed).toEqual(straight.slice(12));
     } finally {
       rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("the manifest records the router's weighting; a layer weighting otherwise, or a sigmoid topK 1 checkpoint from before the record, is refused", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'moe-router-record-'));
+    const top1 = mkdtempSync(join(tmpdir(), 'moe-router-top1-'));
+    try {
+      const model = { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 0 };
+      const cfg = resolveConfig({ model, data: { tokensPerStep: 64 }, train: { device: 'cpu', steps: 2, progress: false } });
+      {
+        using t = new Trainer(cfg);
+        t.trainStep();
+        const saved = t.saveCheckpoint(dir);
+        const manifest = JSON.parse(readFileSync(join(saved.dir, 'manifest.json'), 'utf8')) as { router: unknown };
+        expect(manifest.router).toEqual({ normalize: true, routeScale: t.model.layers[0]!.config.routeScale });
+      }
+      const layerOf = (routeScale: number): MoELayer =>
+        new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, scoreFunction: 'sigmoid', routeScale, dtype: 'f32', device: 'cpu' });
+      const reader = loadCheckpoint(dir);
+      try {
+        using other = layerOf(2.5);
+        expect(() => loadMoELayer(reader, other, 0)).toThrow(CheckpointError);
+        expect(() => loadMoELayer(reader, other, 0)).toThrow(
+          /normalize true, routeScale 1 \(manifest router\) but this layer has normalize true, routeScale 2\.5/,
+        );
+        using same = layerOf(1);
+        loadMoELayer(reader, same, 0);
+      } finally {
+        reader.close();
+      }
+      // A sigmoid topK 1 run saved without the record (before it existed) normalised every weight.
+      const cfg1 = resolveConfig({ ...cfg, model: { ...cfg.model, topK: 1 } });
+      {
+        using t = new Trainer(cfg1);
+        t.trainStep();
+        const saved = t.saveCheckpoint(top1);
+        const path = join(saved.dir, 'manifest.json');
+        const manifest = JSON.parse(readFileSync(path, 'utf8')) as { router?: unknown };
+        expect(manifest.router).toEqual({ normalize: false, routeScale: t.model.layers[0]!.config.routeScale });
+        delete manifest.router;
+        writeFileSync(path, JSON.stringify(manifest));
+      }
+      using again = new Trainer(cfg1);
+      expect(() => again.resume(top1)).toThrow(/saved before checkpoints recorded the router's weighting, by a sigmoid topK 1 run/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+      rmSync(top1, { recursive: true, force: true });
     }
   });
 });

@@ -212,6 +212,40 @@ export function checkpointRouting(reader: CheckpointReader): 'token-choice' | 'e
   return model.routing === 'expert-choice' ? 'expert-choice' : 'token-choice';
 }
 
+/** How the router turns scores into weights: recorded by Trainer.saveCheckpoint (manifest `router`). */
+export interface RouterWeighting {
+  normalize: boolean;
+  routeScale: number;
+}
+
+/** The manifest's `router` record for `layer` (Trainer.saveCheckpoint writes it). */
+export function routerWeighting(layer: MoELayer): RouterWeighting {
+  return { normalize: layer.config.normalize, routeScale: layer.config.routeScale };
+}
+
+/**
+ * Refuses a checkpoint whose router weighted its scores otherwise than `layer` does: the same
+ * weights would route and scale tokens differently. The manifest's `router` record when there is
+ * one; without it (saved before moe-ep 0.1.0 recorded it), a Trainer run with sigmoid scores and
+ * topK 1, which then normalised every weight to routeScale and now does not.
+ */
+function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: number): void {
+  const recorded = reader.manifest.router as Partial<RouterWeighting> | null | undefined;
+  const now = routerWeighting(layer);
+  if (recorded !== null && typeof recorded === 'object') {
+    if (recorded.normalize !== now.normalize || recorded.routeScale !== now.routeScale)
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: layer ${index}'s router was trained with normalize ${String(recorded.normalize)}, routeScale ${String(recorded.routeScale)} (manifest router) but this layer has normalize ${now.normalize}, routeScale ${now.routeScale}; build the layer with the checkpoint's values`,
+      );
+    return;
+  }
+  const model = (reader.manifest.config as { model?: { scoreFunction?: unknown; topK?: unknown } } | null | undefined)?.model;
+  if (model?.scoreFunction === 'sigmoid' && model.topK === 1 && layer.config.topK === 1)
+    throw new CheckpointError(
+      `checkpoint ${reader.dir}: saved before checkpoints recorded the router's weighting, by a sigmoid topK 1 run, which then normalised every weight to routeScale (so its router never learned); this version weights by σ(logit) and refuses to normalise a single weight: start a new run`,
+    );
+}
+
 /**
  * Loads layer `index` into a MoE layer built with the same sizes (any EP size: it reads the experts
  * it owns by global index), moments too when given, then refreshes the compute copies.
@@ -225,6 +259,7 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
       `checkpoint ${reader.dir}: layer ${index} was trained with routing '${recorded}' (manifest config.model.routing) but this layer routes '${layer.config.routing}'; build the model with the same routing (--model.routing ${recorded})`,
     );
   }
+  checkRouterWeighting(reader, layer, index);
   const El = layer.localExperts;
   const first = layer.group.rank * El;
   const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);

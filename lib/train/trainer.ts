@@ -21,6 +21,7 @@ import { CheckpointError, invalidArgument } from '../errors.js';
 import { checkOptions } from '../validate.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
+import { type MoELayer } from '../moe/layer.js';
 import { native } from '../native.js';
 import { Tensor, tidy } from '../tensor.js';
 import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
@@ -28,7 +29,7 @@ import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { MoEModel, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
-import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState } from './moe-state.js';
+import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState, routerWeighting } from './moe-state.js';
 import { balanceBiasUpdate } from './dense-ops.js';
 import {
   clipScale,
@@ -380,6 +381,7 @@ export class Trainer implements Disposable {
         manifestExtras: {
           config: this.config,
           ep: { size: this.group.size, expertsPerRank: E / this.group.size, numExperts: E },
+          router: routerWeighting(this.model.layers[0] as MoELayer), // the same in every layer
           data: { nextBatch: this.step, tokensPerStep: this.config.data.tokensPerStep, seed: this.config.data.seed },
           optimizer: { step: this.step },
           rng: { note: 'stateless: weights from Philox(seed, offset), batches from the step index' },
