@@ -55,9 +55,13 @@ const rows = shapes.map(([n, dt, trans], i) => {
   return {
     shape: `${n}³ ${dt}${trans ? ', b transposed' : ''}`,
     'this ms': num(a),
-    'this range': range(ms.this[i]).map((v) => num(v)).join('–'),
+    'this range': range(ms.this[i])
+      .map((v) => num(v))
+      .join('–'),
     'other ms': num(b),
-    'other range': range(ms.other[i]).map((v) => num(v)).join('–'),
+    'other range': range(ms.other[i])
+      .map((v) => num(v))
+      .join('–'),
     'other/this': num(b / a, 2),
     'this GFLOP/s': num(flops / a / 1e6, 2),
     'other GFLOP/s': num(flops / b / 1e6, 2),

@@ -174,6 +174,8 @@ export {
   type MoELayerMoments,
   moeLayerState,
   ownedExperts,
+  routerWeighting,
+  type RouterWeighting,
   splitExperts,
 } from './train/moe-state.js';
 export { type Batch, ClusterTask, type ClusterTaskConfig } from './train/data.js';
