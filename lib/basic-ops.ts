@@ -6,7 +6,7 @@
  */
 import { type DType } from './dtype.js';
 import { invalidArgument } from './errors.js';
-import { checkNumber, checkOptions, checkTensor, withOutput } from './validate.js';
+import { checkNumber, checkOptions, checkSeparateOrSame, checkTensor, withOutput } from './validate.js';
 import { native } from './native.js';
 import { BINARY_OP, REDUCE_OP } from './native-codes.js';
 import { Tensor } from './tensor.js';
@@ -27,7 +27,10 @@ export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number 
   checkTensor(a, 'add', 'a');
   checkTensor(b, 'add', 'b');
   const alpha = checkNumber(options.alpha ?? 1, 'add', 'alpha', { finite: false });
-  return withOutput('add', options.out, resultLike(a), (out) => native().binary(BINARY_OP.add, a.handle, b.handle, out.handle, alpha));
+  return withOutput('add', options.out, resultLike(a), (out) => {
+    checkSeparateOrSame('add', { out }, { a, b });
+    native().binary(BINARY_OP.add, a.handle, b.handle, out.handle, alpha);
+  });
 }
 
 /** out = a ⊙ b (elementwise; `b` may be a trailing part of a's shape). */
@@ -35,7 +38,10 @@ export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
   options = checkOptions(options, 'mul', { out: true });
   checkTensor(a, 'mul', 'a');
   checkTensor(b, 'mul', 'b');
-  return withOutput('mul', options.out, resultLike(a), (out) => native().binary(BINARY_OP.mul, a.handle, b.handle, out.handle, 1));
+  return withOutput('mul', options.out, resultLike(a), (out) => {
+    checkSeparateOrSame('mul', { out }, { a, b });
+    native().binary(BINARY_OP.mul, a.handle, b.handle, out.handle, 1);
+  });
 }
 
 /** out = alpha·a. */
@@ -43,7 +49,10 @@ export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor
   options = checkOptions(options, 'scale', { out: true });
   checkTensor(a, 'scale', 'a');
   checkNumber(alpha, 'scale', 'alpha', { finite: false });
-  return withOutput('scale', options.out, resultLike(a), (out) => native().scale(a.handle, alpha, out.handle));
+  return withOutput('scale', options.out, resultLike(a), (out) => {
+    checkSeparateOrSame('scale', { out }, { a });
+    native().scale(a.handle, alpha, out.handle);
+  });
 }
 
 function reduced(a: Tensor, dim: number, op: string): number[] {

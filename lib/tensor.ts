@@ -337,6 +337,19 @@ export class Tensor implements Disposable {
     return a0 < b1 && b0 < a1;
   }
   /**
+   * @internal Whether the two are views of the very same elements: the same storage, first element,
+   * shape and strides (an elementwise op may write such an output while it reads the input).
+   */
+  sameElementsAs(other: Tensor): boolean {
+    if (!this.sharesStorageWith(other) || this.numel !== other.numel || this.ndim !== other.ndim) return false;
+    if (this.numel === 0) return true;
+    return (
+      byteExtent(this)[0] === byteExtent(other)[0] &&
+      this.shape.every((n, i) => n === other.shape[i]) &&
+      this.strides.every((s, i) => s === other.strides[i])
+    );
+  }
+  /**
    * Marks this tensor's memory as used on `stream` (default: its device's current stream). The
    * caching allocator reuses a freed block only on the stream it was allocated for; after this, it
    * also waits until the work queued on `stream` when the tensor is freed has finished. Needed when

@@ -77,6 +77,25 @@ export function checkSeparate(
   }
 }
 
+/**
+ * checkSeparate for elementwise ops: an output may also be exactly an input (the same elements;
+ * each is read before it is written), but not overlap one otherwise (a shifted view would read
+ * values already written).
+ */
+export function checkSeparateOrSame(
+  op: string,
+  outputs: Record<string, Tensor | null | undefined>,
+  inputs: Record<string, Tensor | null | undefined>,
+): void {
+  for (const [o, t] of Object.entries(outputs)) {
+    if (!t) continue;
+    for (const [i, u] of Object.entries(inputs)) {
+      if (u && t.overlaps(u) && !t.sameElementsAs(u))
+        invalidArgument(op, `'${o}' overlaps '${i}' in memory without being the same elements; use a separate output, or '${i}' itself`);
+    }
+  }
+}
+
 /** A tensor, or undefined when the argument was left out. */
 export function checkOptionalTensor(t: unknown, op: string, arg: string): Tensor | undefined {
   return t === undefined ? undefined : checkTensor(t, op, arg);

@@ -17,6 +17,8 @@ import {
   DisposedError,
   Event,
   adamwStep,
+  balanceBiasUpdate,
+  expertsBackward,
   expertsForward,
   groupedGemm,
   InvalidArgumentError,
@@ -42,7 +44,11 @@ import {
   trace,
   UnavailableError,
   unpermute,
+  writeCheckpoint,
   writeSafetensors,
+  mseLoss,
+  rmsnorm,
+  resolveConfig,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
 
@@ -57,6 +63,8 @@ const disposed = (): Tensor => {
 
 const i32 = (data: number[], shape: number[]): Tensor => Tensor.fromArray(data, { shape, dtype: 'i32', device: cpu });
 const tmp = (): string => mkdtempSync(join(tmpdir(), 'moe-ep-bad-'));
+/** One of writeCheckpoint's files: `name` holding a tensor 'w'. */
+const file = (name: string) => ({ file: name, tensors: () => ({ w: f([2]) }) });
 /** A checkpoint root holding step 1 (one tensor 'w'), its manifest passed through `edit`. */
 const checkpoint = (edit: (m: Record<string, unknown>) => void = () => {}): string => {
   const root = tmp();
@@ -737,6 +745,100 @@ const cases: Case[] = [
     /dispatch: the dispatcher was disposed and cannot be used/,
   ],
   ['copy_ from a disposed src, named', () => f([2, 2]).copy_(disposed()), DisposedError, /copy: 'src' was disposed/],
+  // writeCheckpoint commits over the step's old checkpoint: what could not load is refused first.
+  ...(
+    [
+      ['worldSize NaN', { worldSize: NaN }, /'worldSize' must be a positive integer; received NaN/],
+      [
+        'a file given twice',
+        { files: [file('a.safetensors'), file('a.safetensors')] },
+        /'files\[1\]\.file' "a\.safetensors" is given twice/,
+      ],
+      ['a file named manifest.json', { files: [file('manifest.json')] }, /'files\[0\]\.file' "manifest\.json" must end in \.safetensors/],
+      [
+        'a rank that is not a number',
+        { files: [{ ...file('a.safetensors'), rank: 'x' }] },
+        /'files\[0\]\.rank' must be a non-negative integer/,
+      ],
+      ['a rank past worldSize', { files: [{ ...file('a.safetensors'), rank: 1 }] }, /'files\[0\]\.rank' = 1 is not below worldSize 1/],
+      ['files not an array', { files: 'a' }, /'files' must be an array/],
+    ] as [string, object, RegExp][]
+  ).map(([what, change, message]): Case => [
+    `writeCheckpoint with ${what}, before anything is written`,
+    () => writeCheckpoint(tmp(), { step: 1, worldSize: 1, files: [file('a.safetensors')], ...change } as never),
+    InvalidArgumentError,
+    message,
+  ]),
+  [
+    'manifestExtras given as a string',
+    () => saveCheckpoint(tmp(), { step: 1, replicated: { w: f([2]) }, manifestExtras: 'abc' as never }),
+    InvalidArgumentError,
+    /saveCheckpoint: 'manifestExtras' must be an object of JSON values; received string/,
+  ],
+  [
+    'add into a shifted view of its input',
+    () => {
+      const a = f([9]);
+      return ops.add(a.narrow(0, 0, 8), f([8]), { out: a.narrow(0, 1, 8) });
+    },
+    InvalidArgumentError,
+    /add: 'out' overlaps 'a' in memory without being the same elements/,
+  ],
+  [
+    'mseLoss writing its gradient over pred',
+    () => {
+      const s = f([4, 4]);
+      return mseLoss(s.narrow(0, 0, 3), f([3, 4]), { out: { grad: s.narrow(0, 1, 3) } });
+    },
+    InvalidArgumentError,
+    /mseLoss: 'out\.grad' overlaps 'pred' in memory/,
+  ],
+  [
+    'rmsnorm writing y over x',
+    () => {
+      const x = f([3, 4]);
+      return rmsnorm(x, f([4]), { out: { y: x } });
+    },
+    InvalidArgumentError,
+    /rmsnorm: 'out\.y' overlaps 'x' in memory/,
+  ],
+  [
+    'balanceBiasUpdate with gamma past float32',
+    () => balanceBiasUpdate(f([4]), i32([1, 2, 2, 3], [4]), 1e39),
+    InvalidArgumentError,
+    /balanceBiasUpdate: 'gamma' = 1e\+39 is beyond float32's range/,
+  ],
+  [
+    "expertsBackward with rows that are not the weights' H",
+    () => {
+      const w13 = f([2, 3, 8]);
+      const w2 = f([2, 4, 3]);
+      const offsets = i32([0, 2, 5], [3]);
+      const a = f([5, 3]);
+      const fwd = expertsForward(a, w13, w2, offsets);
+      return expertsBackward(f([5, 3]), f([5, 7]), w13, w2, offsets, fwd);
+    },
+    InvalidArgumentError,
+    /expertsBackward: 'a' must be \[5,3\] \(M from 'a', H and F from 'w13'\); received \[5,7\]/,
+  ],
+  [
+    "MoELayer.backward of another layer's forward",
+    () => {
+      using one = new MoELayer(smallLayer);
+      using other = new MoELayer({ ...smallLayer, seed: 9 });
+      const fwd = one.forward(f([3, 8]));
+      return other.backward(fwd, f([3, 8]));
+    },
+    InvalidArgumentError,
+    /MoELayer\.backward: 'fwd' came from another MoELayer's forward\(\)/,
+  ],
+  [
+    'a config whose AdamW eps is below float32',
+    () => resolveConfig({ optimizer: { eps: 1e-50 } }),
+    InvalidArgumentError,
+    /config\.optimizer\.eps: 1e-50 is below float32's smallest normal number/,
+  ],
+  ['a config whose lr is past float32', () => resolveConfig({ optimizer: { lr: 1e39 } }), InvalidArgumentError, /optimizer\.lr/],
 ];
 
 describe('bad calls give clear errors', () => {

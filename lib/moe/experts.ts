@@ -97,6 +97,28 @@ function checkShapes(op: string, t: Record<string, unknown>): void {
 }
 
 /**
+ * The backward's operands against the weights (the products would otherwise take any K and return
+ * gradients of the wrong shape): a and dOut [M,H], saved.g [M,2F] and saved.h [M,F], with H and F
+ * from w13 [E,H,2F] and w2 [E,F,H].
+ */
+function checkBackwardShapes(a: Tensor, w13: Tensor, w2: Tensor, dOut: Tensor, saved: { g: Tensor; h: Tensor }): void {
+  const op = 'expertsBackward';
+  const [, H, F2] = w13.shape as [number, number, number];
+  const M = a.shape[0] as number;
+  if (w2.ndim !== 3 || w2.shape[1] !== F2 / 2 || w2.shape[2] !== H)
+    invalidArgument(op, `'w2' must be [E,${F2 / 2},${H}] (w13 is [${w13.shape.join(',')}]); received [${w2.shape.join(',')}]`);
+  const want: [string, Tensor, number[]][] = [
+    ['a', a, [M, H]],
+    ['dOut', dOut, [M, H]],
+    ['saved.g', saved.g, [M, F2]],
+    ['saved.h', saved.h, [M, F2 / 2]],
+  ];
+  for (const [name, t, shape] of want)
+    if (t.ndim !== 2 || t.shape[0] !== shape[0] || t.shape[1] !== shape[1])
+      invalidArgument(op, `'${name}' must be [${shape.join(',')}] (M from 'a', H and F from 'w13'); received [${t.shape.join(',')}]`);
+}
+
+/**
  * Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32.
  * fp8 rows are dequantised for dW13 (the forward's rows, as the forward multiplied them).
  */
@@ -111,6 +133,7 @@ export function expertsBackward(
   if (saved === null || typeof saved !== 'object') invalidArgument('expertsBackward', `'saved' must be expertsForward's { g, h }`);
   const rows = rowsTensor('expertsBackward', aRows);
   checkShapes('expertsBackward', { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
+  checkBackwardShapes(rows, w13, w2, dOut, saved);
   const a = rows === aRows ? rows : dequantizeFp8(aRows as Fp8Rows, w13.dtype);
   const M = a.shape[0] as number;
   let dG: Tensor | null = null;

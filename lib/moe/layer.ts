@@ -119,6 +119,9 @@ export interface MoEForward {
   saved: MoESaved;
 }
 
+/** Which layer made each forward's saved state: a backward needs its own layer's weights and routing. */
+const forwardOwner = new WeakMap<object, MoELayer>();
+
 interface MoESaved {
   x: Tensor;
   scores: Tensor;
@@ -447,6 +450,7 @@ export class MoELayer implements Disposable {
         dLogitsAux,
         shared: shared ? { g: shared.g, h: shared.h } : null,
       };
+      forwardOwner.set(saved, this);
       const entropy = routerEntropy(r.scores);
       trace.mark('layer forward: end', x.device);
       return {
@@ -469,6 +473,7 @@ export class MoELayer implements Disposable {
     if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor))
       invalidArgument(op, `'fwd' must be what forward() returned`);
     const s = fwd.saved;
+    if (forwardOwner.get(s) !== this) invalidArgument(op, `'fwd' came from another MoELayer's forward(); pass this layer's`);
     // A forward's saved tensors serve one backward (which releases them), or disposeSaved.
     if (s.expertOut.disposed)
       throw new DisposedError(

@@ -119,6 +119,12 @@ export interface FileRecord {
 
 /** Refuses caller extras that would overwrite the manifest's own fields. */
 export function checkManifestExtras(extras: ManifestExtras, op: string): void {
+  // A string or an array would be spread into the manifest key by key ("0": …).
+  if (extras === null || typeof extras !== 'object' || Array.isArray(extras))
+    invalidArgument(
+      op,
+      `'manifestExtras' must be an object of JSON values; received ${Array.isArray(extras) ? 'an array' : typeof extras}`,
+    );
   for (const k of Object.keys(extras)) if (RESERVED.has(k)) invalidArgument(op, `manifestExtras.${k} is reserved for the manifest itself`);
 }
 

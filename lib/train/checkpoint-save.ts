@@ -273,9 +273,10 @@ export function writeCheckpoint(
   checkKeys(options, 'writeCheckpoint', { step: true, worldSize: true, files: true, manifestExtras: true, keep: true });
   const { step } = options;
   checkNonNegativeInt(step, 'writeCheckpoint', 'step');
+  const worldSize = checkPositiveInt(options.worldSize, 'writeCheckpoint', 'worldSize');
   const extras = options.manifestExtras ?? {};
   checkManifestExtras(extras, 'writeCheckpoint');
-  for (const [i, f] of options.files.entries()) checkPlainName(f.file, `writeCheckpoint: files[${i}].file`, InvalidArgumentError);
+  checkCheckpointFiles(options.files, worldSize);
   fs.mkdirSync(root, { recursive: true });
   const name = stepDirName(step);
   const tmp = join(root, `.tmp-${name}-${nonce(6)}`);
@@ -289,13 +290,39 @@ export function writeCheckpoint(
       files.push(w);
     }
     fsyncDir(tmp);
-    commitDir(root, tmp, join(root, name), buildManifest(extras, step, options.worldSize, files));
+    commitDir(root, tmp, join(root, name), buildManifest(extras, step, worldSize, files));
   } catch (e) {
     fs.rmSync(tmp, { recursive: true, force: true });
     throw e;
   }
   if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
   return { dir: join(root, name), step, bytes, ms: Date.now() - t0 };
+}
+
+/**
+ * writeCheckpoint's files, checked before anything is written (a checkpoint committed from them
+ * replaces the step's old one, so one that could not load would lose it): an array of { file,
+ * rank?, tensors() }, each file a distinct plain name ending in .safetensors (the manifest's own
+ * name is taken), each rank an integer in [0, worldSize).
+ */
+function checkCheckpointFiles(files: unknown, worldSize: number): void {
+  const op = 'writeCheckpoint';
+  if (!Array.isArray(files)) invalidArgument(op, `'files' must be an array of { file, rank?, tensors }`);
+  const seen = new Set<string>();
+  for (const [i, f] of (files as unknown[]).entries()) {
+    const at = `files[${i}]`;
+    if (f === null || typeof f !== 'object') invalidArgument(op, `'${at}' must be an object { file, rank?, tensors }`);
+    const { file, rank, tensors } = f as { file: unknown; rank?: unknown; tensors: unknown };
+    checkPlainName(file as string, `${op}: ${at}.file`, InvalidArgumentError);
+    if (!(file as string).endsWith('.safetensors'))
+      invalidArgument(op, `'${at}.file' ${JSON.stringify(file)} must end in .safetensors (the checkpoint's tensor files)`);
+    if (seen.has(file as string)) invalidArgument(op, `'${at}.file' ${JSON.stringify(file)} is given twice`);
+    seen.add(file as string);
+    if (rank !== undefined) checkNonNegativeInt(rank, op, `${at}.rank`, `(below worldSize ${worldSize})`);
+    if (rank !== undefined && (rank as number) >= worldSize)
+      invalidArgument(op, `'${at}.rank' = ${String(rank)} is not below worldSize ${worldSize}`);
+    if (typeof tensors !== 'function') invalidArgument(op, `'${at}.tensors' must be a function returning the file's tensors`);
+  }
 }
 
 /**

@@ -5,6 +5,7 @@
  */
 import { Ajv, type ErrorObject } from 'ajv';
 
+import { F32_MAX, F32_MIN_NORMAL } from '../dtype.js';
 import { closestName, InvalidArgumentError } from '../errors.js';
 import { FP8_BLOCK } from '../moe/fp8.js';
 
@@ -89,10 +90,12 @@ export const defaultConfig: TrainConfig = {
 
 // Integers stay within int32, what the kernels index with (and far inside exact doubles).
 const int = (minimum: number) => ({ type: 'integer', minimum, maximum: 2 ** 31 - 1 });
+// Every number field ends up in float32 arithmetic (the kernels, the data task): at most F32_MAX.
 const num = (minimum?: number, exclusiveMinimum?: number) => ({
   type: 'number',
   ...(minimum === undefined ? {} : { minimum }),
   ...(exclusiveMinimum === undefined ? {} : { exclusiveMinimum }),
+  maximum: F32_MAX,
 });
 const section = (properties: Record<string, unknown>) => ({ type: 'object', additionalProperties: false, properties });
 
@@ -288,6 +291,10 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       `config.model.fp8Dispatch: needs config.model.hidden to be a multiple of ${FP8_BLOCK} (received ${c.model.hidden})`,
     ],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
+    [
+      c.optimizer.eps >= F32_MIN_NORMAL,
+      `config.optimizer.eps: ${c.optimizer.eps} is below float32's smallest normal number, ${F32_MIN_NORMAL} (AdamW computes in float32)`,
+    ],
     [c.balance.seqAuxLossCoef === 0 || c.balance.seqLen !== null, `config.balance.seqLen: needed when seqAuxLossCoef > 0`],
     [
       c.balance.seqLen === null || c.data.tokensPerStep % c.balance.seqLen === 0,

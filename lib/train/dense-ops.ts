@@ -62,7 +62,10 @@ export function rmsnorm(x: Tensor, weight: Tensor, options: RmsNormOptions = {})
       y: () => Tensor.empty(x.shape, { dtype: x.dtype, device: x.device }),
       rstd: () => Tensor.empty([T], { dtype: 'f32', device: x.device }),
     },
-    (o) => native().rmsnormForward(x.handle, weight.handle, eps, o.y.handle, o.rstd.handle),
+    (o) => {
+      checkSeparate(op, { 'out.y': o.y, 'out.rstd': o.rstd }, { x, weight });
+      native().rmsnormForward(x.handle, weight.handle, eps, o.y.handle, o.rstd.handle);
+    },
   );
 }
 
@@ -103,7 +106,10 @@ export function rmsnormBackward(
       dx: () => Tensor.empty(x.shape, { dtype: x.dtype, device: x.device }),
       dWeight: () => Tensor.empty([H], { dtype: 'f32', device: x.device }),
     },
-    (o) => native().rmsnormBackward(dy.handle, x.handle, weight.handle, rstd.handle, o.dx.handle, o.dWeight.handle, accumulate),
+    (o) => {
+      checkSeparate(op, { 'out.dx': o.dx, 'out.dWeight': o.dWeight }, { dy, x, weight, rstd });
+      native().rmsnormBackward(dy.handle, x.handle, weight.handle, rstd.handle, o.dx.handle, o.dWeight.handle, accumulate);
+    },
   );
 }
 
@@ -148,9 +154,10 @@ export function mseLoss(pred: Tensor, target: Tensor, options: MseLossOptions = 
   const grad = wantGrad(options, op);
   const make: Record<string, () => Tensor> = { loss: () => Tensor.empty([1], { dtype: 'f32', device: pred.device }) };
   if (grad) make['grad'] = () => Tensor.empty(pred.shape, { dtype: pred.dtype, device: pred.device });
-  const o = withOutputs<Record<string, Tensor>>(op, options.out, make, (t) =>
-    native().mseLoss(pred.handle, target.handle, (t['loss'] as Tensor).handle, t['grad']?.handle ?? null),
-  );
+  const o = withOutputs<Record<string, Tensor>>(op, options.out, make, (t) => {
+    checkSeparate(op, { 'out.loss': t['loss'], 'out.grad': t['grad'] }, { pred, target });
+    native().mseLoss(pred.handle, target.handle, (t['loss'] as Tensor).handle, t['grad']?.handle ?? null);
+  });
   return { loss: o['loss'] as Tensor, grad: o['grad'] ?? null };
 }
 
@@ -199,7 +206,8 @@ export function crossEntropyLoss(pred: Tensor, target: Tensor, options: CrossEnt
     correct: () => Tensor.empty([1], { dtype: 'i32', device: pred.device }),
   };
   if (grad) make['grad'] = () => Tensor.empty(pred.shape, { dtype: pred.dtype, device: pred.device });
-  const o = withOutputs<Record<string, Tensor>>(op, options.out, make, (t) =>
+  const o = withOutputs<Record<string, Tensor>>(op, options.out, make, (t) => {
+    checkSeparate(op, { 'out.loss': t['loss'], 'out.grad': t['grad'], 'out.correct': t['correct'] }, { pred, target });
     native().crossEntropyLoss(
       pred.handle,
       target.handle,
@@ -207,8 +215,8 @@ export function crossEntropyLoss(pred: Tensor, target: Tensor, options: CrossEnt
       (t['loss'] as Tensor).handle,
       t['grad']?.handle ?? null,
       (t['correct'] as Tensor).handle,
-    ),
-  );
+    );
+  });
   return { loss: o['loss'] as Tensor, grad: o['grad'] ?? null, correct: o['correct'] as Tensor };
 }
 
@@ -326,7 +334,7 @@ export function balanceBiasUpdate(bias: Tensor, load: Tensor, gamma: number): Te
   const op = 'balanceBiasUpdate';
   checkTensor(bias, op, 'bias');
   checkTensor(load, op, 'load');
-  checkNumber(gamma, op, 'gamma');
+  checkFloat32(checkNumber(gamma, op, 'gamma'), op, 'gamma');
   native().balanceBiasUpdate(bias.handle, load.handle, gamma);
   return bias;
 }
