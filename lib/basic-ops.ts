@@ -5,7 +5,7 @@
  * Shapes, dtypes and devices are checked natively, with errors that name the op and the argument.
  */
 import { type DType } from './dtype.js';
-import { invalidArgument } from './errors.js';
+import { invalidArgument, plain } from './errors.js';
 import { checkNumber, checkOptions, checkSeparateOrSame, checkTensor, withOutput } from './validate.js';
 import { native } from './native.js';
 import { BINARY_OP, REDUCE_OP } from './native-codes.js';
@@ -57,7 +57,7 @@ export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor
 
 function reduced(a: Tensor, dim: number, op: string): number[] {
   if (!Number.isInteger(dim) || dim < -a.ndim || dim >= a.ndim) {
-    invalidArgument(op, `'dim' = ${dim} is out of range for a tensor of rank ${a.ndim}`);
+    invalidArgument(op, `'dim' = ${plain(dim)} is out of range for a tensor of rank ${a.ndim}`);
   }
   const d = dim < 0 ? dim + a.ndim : dim;
   return a.shape.filter((_, i) => i !== d);

@@ -2,7 +2,7 @@
  * Devices: 'cpu' or 'cuda:N'. The default device is cuda:0 when a GPU is usable, else cpu;
  * MOE_EP_DEVICE or setDefaultDevice() override it.
  */
-import { invalidArgument, UnavailableError } from './errors.js';
+import { invalidArgument, UnavailableError, shown } from './errors.js';
 import { native } from './native.js';
 import { DEVICE_TYPE } from './native-codes.js';
 import { checkNonNegativeInt } from './validate.js';
@@ -27,7 +27,7 @@ export class Device {
       const m = /^cuda(?::(\d+))?$/.exec(spec);
       if (m) return Device.cuda(m[1] === undefined ? 0 : Number(m[1]));
     }
-    return invalidArgument(op, `'device' must be 'cpu', 'cuda' or 'cuda:N'; received ${JSON.stringify(spec)}`);
+    return invalidArgument(op, `'device' must be 'cpu', 'cuda' or 'cuda:N'; received ${shown(spec)}`);
   }
 
   get isCuda(): boolean {

@@ -72,6 +72,27 @@ export const errorClasses: Record<ErrorKind, new (message: string) => MoeError> 
   Internal: InternalError,
 };
 
+/**
+ * A value as an error message quotes it, JSON where it can be; never throws, whatever the value
+ * (a BigInt, a Symbol, an object without a prototype, one whose getters throw).
+ */
+export function shown(v: unknown): string {
+  try {
+    return JSON.stringify(v, (_k, x: unknown) => (typeof x === 'bigint' ? `${x}n` : x)) ?? plain(v);
+  } catch {
+    return plain(v);
+  }
+}
+
+/** String(v), or the value's kind where String throws. */
+export function plain(v: unknown): string {
+  try {
+    return typeof v === 'symbol' ? v.toString() : String(v);
+  } catch {
+    return Object.prototype.toString.call(v);
+  }
+}
+
 /** Throws an InvalidArgumentError naming the op and the argument, in the addon's wording. */
 export function invalidArgument(op: string, message: string): never {
   throw new InvalidArgumentError(`${op}: ${message}`, op);

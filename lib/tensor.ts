@@ -7,7 +7,7 @@
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
 import { type DType, dtypeFromCode, dtypeOfArray, dtypeSize, type StorageArray, storageView } from './dtype.js';
-import { DisposedError, invalidArgument } from './errors.js';
+import { DisposedError, invalidArgument, shown } from './errors.js';
 import { checkDType, checkFloat32, checkNonNegativeInt, checkNumber, checkOptions, checkStream, checkTensor } from './validate.js';
 import { native, type TensorHandle } from './native.js';
 import { BINARY_OP, DEVICE_TYPE, DTYPE_CODE, RANDOM_KIND } from './native-codes.js';
@@ -33,7 +33,7 @@ export interface RandomOptions extends CreateOptions {
 
 function checkShape(shape: unknown, op: string): number[] {
   if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
-    invalidArgument(op, `'shape' must be an array of non-negative integers; received ${JSON.stringify(shape)}`);
+    invalidArgument(op, `'shape' must be an array of non-negative integers; received ${shown(shape)}`);
   }
   return shape as number[];
 }

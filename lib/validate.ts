@@ -10,13 +10,13 @@
  * stays with it.
  */
 import { type DType, DTYPES, F32_MAX } from './dtype.js';
-import { DisposedError, invalidArgument, unknownNames } from './errors.js';
+import { DisposedError, invalidArgument, plain, shown, unknownNames } from './errors.js';
 // tensor.ts and stream.ts import this module too; their classes are only used when a check runs,
 // after every module has loaded.
 import { Event, Stream } from './stream.js';
 import { Tensor } from './tensor.js';
 
-const received = (v: unknown): string => String(v);
+const received = (v: unknown): string => plain(v);
 
 // ---------------------------------------------------------------------------------- options objects
 
@@ -115,7 +115,7 @@ export function checkMatrix(t: Tensor, op: string, arg: string): [number, number
 /** A dtype name (one of DTYPES). */
 export function checkDType(value: unknown, op: string, arg = 'dtype'): DType {
   if (typeof value !== 'string' || !(DTYPES as readonly string[]).includes(value)) {
-    invalidArgument(op, `'${arg}' must be one of ${DTYPES.join(', ')}; received ${JSON.stringify(value)}`);
+    invalidArgument(op, `'${arg}' must be one of ${DTYPES.join(', ')}; received ${shown(value)}`);
   }
   return value as DType;
 }

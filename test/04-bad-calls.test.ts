@@ -838,6 +838,49 @@ const cases: Case[] = [
     InvalidArgumentError,
     /config\.optimizer\.eps: 1e-50 is below float32's smallest normal number/,
   ],
+  [
+    'a BigInt dtype, quoted in the message',
+    () => Tensor.zeros([2], { dtype: 1n as never, device: cpu }),
+    InvalidArgumentError,
+    /empty: 'dtype' must be one of .*; received "1n"/,
+  ],
+  ['a Symbol for dim', () => ops.sum(f([2]), Symbol('d') as never), InvalidArgumentError, /sum: 'dim' = Symbol\(d\) is out of range/],
+  [
+    'an object without a prototype for alpha',
+    () => ops.scale(f([2]), Object.create(null) as never),
+    InvalidArgumentError,
+    /scale: 'alpha' must be a number; received \[object Object\]/,
+  ],
+  [
+    'MoELayer.forward of a transposed x, named as the layer',
+    () => {
+      using layer = new MoELayer(smallLayer);
+      return layer.forward(f([8, 3]).transpose());
+    },
+    InvalidArgumentError,
+    /MoELayer\.forward: 'x' must be contiguous/,
+  ],
+  [
+    'MoELayer.forward of a disposed x, named as the layer',
+    () => {
+      using layer = new MoELayer(smallLayer);
+      const x = f([3, 8]);
+      x.dispose();
+      return layer.forward(x);
+    },
+    DisposedError,
+    /MoELayer\.forward: 'x' was disposed/,
+  ],
+  [
+    'MoELayer.backward of a strided dy, named as the layer',
+    () => {
+      using layer = new MoELayer(smallLayer);
+      const fwd = layer.forward(f([3, 8]));
+      return layer.backward(fwd, f([8, 3]).transpose());
+    },
+    InvalidArgumentError,
+    /MoELayer\.backward: 'dy' must be a contiguous f32 tensor on cpu, as the forward's 'x'; received a strided f32/,
+  ],
   ['a config whose lr is past float32', () => resolveConfig({ optimizer: { lr: 1e39 } }), InvalidArgumentError, /optimizer\.lr/],
 ];
 

@@ -40,7 +40,7 @@
  */
 import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
-import { invalidArgument, InvalidArgumentError, usedAfterDispose } from '../errors.js';
+import { invalidArgument, InvalidArgumentError, usedAfterDispose, shown } from '../errors.js';
 import { checkKeys, checkNonNegativeInt, checkOptions, checkPositiveInt, checkStream, checkTensor, checkTensors } from '../validate.js';
 import { Event, Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
@@ -82,7 +82,7 @@ export const singleRankGroup: ExpertParallelGroup = {
       if (n !== t.shape[0])
         invalidArgument(
           'allToAllV',
-          `'${name}' must be [${String(t.shape[0])}] (one rank: the rows of its tensor); received ${JSON.stringify(rows)}`,
+          `'${name}' must be [${String(t.shape[0])}] (one rank: the rows of its tensor); received ${shown(rows)}`,
         );
     }
     if (sendRows[0] !== recvRows[0])
@@ -317,13 +317,12 @@ export class Dispatcher {
     this.align = align;
     this.padToCapacity = config.padToCapacity ?? false;
     const fp8 = config.fp8 ?? false;
-    if (fp8 !== true && fp8 !== false && fp8 !== 'keep')
-      invalidArgument(op, `'fp8' must be true, false or 'keep'; received ${JSON.stringify(fp8)}`);
+    if (fp8 !== true && fp8 !== false && fp8 !== 'keep') invalidArgument(op, `'fp8' must be true, false or 'keep'; received ${shown(fp8)}`);
     this.fp8 = fp8;
     this.commStream = config.commStream === undefined ? undefined : checkStream(config.commStream, op, 'commStream');
     const choice = config.transport ?? 'auto';
     if (choice !== 'auto' && choice !== 'ipc' && choice !== 'nccl')
-      invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${JSON.stringify(choice)}`);
+      invalidArgument(op, `'transport' must be 'auto', 'ipc' or 'nccl'; received ${shown(choice)}`);
     if (choice === 'ipc' && !(group instanceof Communicator)) invalidArgument(op, `'transport' 'ipc' needs a Communicator as 'group'`);
     this.transportChoice = choice;
     this.transportSms = checkNonNegativeInt(config.transportSms ?? 0, op, 'transportSms', '(0: all SMs)');

@@ -2,7 +2,7 @@
  * FP8 (e4m3) rows with one fp32 scale per 128 values (DeepEP / DeepSeek-V3 dispatch format):
  * scale = amax/448 per block, values saturated. Halves the bytes a bf16 dispatch moves.
  */
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, shown } from '../errors.js';
 import { checkTensors } from '../validate.js';
 import { native } from '../native.js';
 import { type DType } from '../dtype.js';
@@ -37,7 +37,7 @@ export function dequantizeFp8(rows: Fp8Rows, dtype: DType = 'bf16'): Tensor {
   if (rows === null || typeof rows !== 'object' || !(rows.q instanceof Tensor) || !(rows.scales instanceof Tensor))
     invalidArgument(op, `'rows' must be fp8 rows { q, scales } (quantizeFp8's result)`);
   checkTensors(op, { 'rows.q': rows.q, 'rows.scales': rows.scales });
-  if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${JSON.stringify(dtype)}`);
+  if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${shown(dtype)}`);
   const out = Tensor.empty(rows.q.shape, { dtype, device: rows.q.device });
   try {
     native().dequantizeFp8(rows.q.handle, rows.scales.handle, out.handle);

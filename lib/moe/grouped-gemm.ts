@@ -13,7 +13,7 @@
  * See native/ops/moe/grouped_gemm/grouped_gemm.h for the fused SwiGLU epilogues used by experts.ts.
  */
 import { type DType } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, shown } from '../errors.js';
 import { checkDType, checkOptions, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
 import { native } from '../native.js';
 import { GEMM_EPILOGUE, GEMM_MODE } from '../native-codes.js';
@@ -60,7 +60,7 @@ export function groupedGemm(mode: GemmMode, aRows: Tensor | Fp8Rows, b: Tensor, 
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
   if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode))
-    invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${JSON.stringify(mode)}`);
+    invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${shown(mode)}`);
   const [a, aScales] = rowsOf(op, aRows);
   if (aScales && mode !== 'NN') invalidArgument(op, `fp8 rows are taken by the 'NN' (forward) product only; received mode '${mode}'`);
   checkTensors(op, { a, b, offsets });

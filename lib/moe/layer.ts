@@ -24,7 +24,7 @@ import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '..
 import { type CommWork } from '../parallel/overlap.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
-import { DisposedError, invalidArgument, usedAfterDispose } from '../errors.js';
+import { DisposedError, invalidArgument, usedAfterDispose, shown } from '../errors.js';
 import {
   checkBoolean,
   checkFloat32,
@@ -264,7 +264,7 @@ export class MoELayer implements Disposable {
     if (seqLen !== undefined) checkPositiveInt(seqLen, op, 'seqLen');
     const fp8Dispatch = config.fp8Dispatch ?? false;
     if (fp8Dispatch !== true && fp8Dispatch !== false && fp8Dispatch !== 'keep')
-      invalidArgument(op, `'fp8Dispatch' must be true, false or 'keep'; received ${JSON.stringify(fp8Dispatch)}`);
+      invalidArgument(op, `'fp8Dispatch' must be true, false or 'keep'; received ${shown(fp8Dispatch)}`);
     if (fp8Dispatch !== false && hidden % FP8_BLOCK !== 0)
       invalidArgument(
         op,
@@ -375,8 +375,9 @@ export class MoELayer implements Disposable {
     const op = 'MoELayer.forward';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
     const { hidden, dtype } = this.config;
-    if (!(x instanceof Tensor)) invalidArgument(op, `'x' must be a Tensor [T, ${hidden}]`);
+    checkTensor(x, op, 'x');
     if (x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]; received [${x.shape.join(', ')}]`);
+    if (!x.isContiguous) invalidArgument(op, `'x' must be contiguous (x.contiguous() makes a copy that is)`);
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device))
       invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
@@ -483,6 +484,12 @@ export class MoELayer implements Disposable {
     checkTensor(dy, op, 'dy');
     if (dy.shape.join() !== s.x.shape.join())
       invalidArgument(op, `'dy' [${dy.shape.join(',')}] must have the shape of the forward's 'x' [${s.x.shape.join(',')}]`);
+    // The combine's backward takes dy in the layer's dtype or in f32.
+    if ((dy.dtype !== s.x.dtype && dy.dtype !== 'f32') || !dy.device.equals(s.x.device) || !dy.isContiguous)
+      invalidArgument(
+        op,
+        `'dy' must be a contiguous ${s.x.dtype}${s.x.dtype === 'f32' ? '' : ' or f32'} tensor on ${s.x.device.toString()}, as the forward's 'x'; received ${dy.isContiguous ? '' : 'a strided '}${dy.dtype} on ${dy.device.toString()}`,
+      );
     const T = s.x.shape[0] as number;
     try {
       return tidy(() => {

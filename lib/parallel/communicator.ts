@@ -15,7 +15,7 @@
  * checkpoint's metadata, a metric read on the host) goes through a copy on the communicator's GPU
  * and back, which costs a host synchronisation; keep bulk data on the GPU.
  */
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, shown } from '../errors.js';
 import { checkOptions, checkTensor, checkTimeoutMs } from '../validate.js';
 import { type CommHandle, native } from '../native.js';
 import { COLLECTIVE_REDUCE } from '../native-codes.js';
@@ -98,7 +98,7 @@ export class Communicator implements Disposable {
   allReduce(t: Tensor, op: ReduceOp = 'sum'): Tensor {
     checkTensor(t, 'allReduce', 't');
     const code = Object.hasOwn(COLLECTIVE_REDUCE, op) ? COLLECTIVE_REDUCE[op] : undefined;
-    if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${JSON.stringify(op)}`);
+    if (code === undefined) invalidArgument('allReduce', `'op' must be sum, max, min or avg; received ${shown(op)}`);
     this.#staged([t], [t], ([d]) => this.handle.allReduce(d!.handle, code));
     return t;
   }

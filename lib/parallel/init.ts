@@ -10,7 +10,7 @@ import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 
 import { cuda, setDefaultDevice } from '../device.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, shown } from '../errors.js';
 import { checkOptions } from '../validate.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
@@ -314,7 +314,7 @@ function askGpuSharing(
 
 function parseBackend(v: unknown, where: string): Backend | 'auto' {
   if (v === 'auto' || v === 'single' || v === 'mpi' || v === 'nccl') return v;
-  return invalidArgument('init', `${where} must be auto, single, mpi or nccl; received ${JSON.stringify(v)}`);
+  return invalidArgument('init', `${where} must be auto, single, mpi or nccl; received ${shown(v)}`);
 }
 
 /**

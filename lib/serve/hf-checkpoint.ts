@@ -39,7 +39,7 @@ import { basename } from 'node:path';
 
 import { type DeviceLike, Device, getDefaultDevice } from '../device.js';
 import { type DType, storageView } from '../dtype.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument, shown } from '../errors.js';
 import { checkOptions } from '../validate.js';
 import { dequantizeFp8, FP8_BLOCK } from '../moe/fp8.js';
 import { Tensor, tidy } from '../tensor.js';
@@ -238,7 +238,7 @@ export class HfMoECheckpoint implements Disposable {
 
   /** The tensor names of a layer's MoE block (the layer must be one of model.moeLayers). */
   names(layer: number): HfMoENames {
-    if (!Number.isSafeInteger(layer)) invalidArgument('HfMoECheckpoint', `'layer' must be an integer; received ${JSON.stringify(layer)}`);
+    if (!Number.isSafeInteger(layer)) invalidArgument('HfMoECheckpoint', `'layer' must be an integer; received ${shown(layer)}`);
     if (!this.model.moeLayers.includes(layer)) {
       const l = this.model.moeLayers;
       invalidArgument(
