@@ -20,6 +20,8 @@ import {
   balanceBiasUpdate,
   expertsBackward,
   expertsForward,
+  interleaveW13,
+  moeLayerState,
   groupedGemm,
   InvalidArgumentError,
   listCheckpoints,
@@ -880,6 +882,39 @@ const cases: Case[] = [
     },
     InvalidArgumentError,
     /MoELayer\.backward: 'dy' must be a contiguous f32 tensor on cpu, as the forward's 'x'; received a strided f32/,
+  ],
+  [
+    'listCheckpoints of null',
+    () => listCheckpoints(null as never),
+    InvalidArgumentError,
+    /listCheckpoints: 'root' must be a folder path \(a non-empty string\); received null/,
+  ],
+  [
+    'pruneCheckpoints of an empty root',
+    () => pruneCheckpoints('', 1),
+    InvalidArgumentError,
+    /pruneCheckpoints: 'root' must be a folder path/,
+  ],
+  [
+    'a Dispatcher given padToCapacity as a string',
+    () => new Dispatcher({ numExperts: 4, padToCapacity: 'no' as never }),
+    InvalidArgumentError,
+    /'padToCapacity' must be/,
+  ],
+  [
+    'interleaveW13 of two dtypes',
+    () => interleaveW13(f([1, 2, 3], 'i32'), f([1, 2, 3])),
+    InvalidArgumentError,
+    /interleaveW13: 'w1' and 'w3' must share dtype and device/,
+  ],
+  [
+    'moeLayerState with index NaN',
+    () => {
+      using layer = new MoELayer(smallLayer);
+      return moeLayerState(layer, NaN);
+    },
+    InvalidArgumentError,
+    /moeLayerState: 'index' must be a non-negative integer/,
   ],
   ['a config whose lr is past float32', () => resolveConfig({ optimizer: { lr: 1e39 } }), InvalidArgumentError, /optimizer\.lr/],
 ];

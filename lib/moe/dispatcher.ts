@@ -41,7 +41,16 @@
 import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap.js';
 import { type DType, dtypeSize } from '../dtype.js';
 import { invalidArgument, InvalidArgumentError, usedAfterDispose, shown } from '../errors.js';
-import { checkKeys, checkNonNegativeInt, checkOptions, checkPositiveInt, checkStream, checkTensor, checkTensors } from '../validate.js';
+import {
+  checkBoolean,
+  checkKeys,
+  checkNonNegativeInt,
+  checkOptions,
+  checkPositiveInt,
+  checkStream,
+  checkTensor,
+  checkTensors,
+} from '../validate.js';
 import { Event, Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
@@ -315,7 +324,7 @@ export class Dispatcher {
     this.group = group;
     this.localExperts = config.numExperts / group.size;
     this.align = align;
-    this.padToCapacity = config.padToCapacity ?? false;
+    this.padToCapacity = checkBoolean(config.padToCapacity ?? false, op, 'padToCapacity');
     const fp8 = config.fp8 ?? false;
     if (fp8 !== true && fp8 !== false && fp8 !== 'keep') invalidArgument(op, `'fp8' must be true, false or 'keep'; received ${shown(fp8)}`);
     this.fp8 = fp8;

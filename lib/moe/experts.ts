@@ -36,6 +36,11 @@ export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
   if (w1.ndim !== 3 || w1.shape.join() !== w3.shape.join()) {
     invalidArgument('interleaveW13', `'w1' and 'w3' must both be [E,H,F], got [${w1.shape}] and [${w3.shape}]`);
   }
+  if (w1.dtype !== w3.dtype || !w1.device.equals(w3.device))
+    invalidArgument(
+      'interleaveW13',
+      `'w1' and 'w3' must share dtype and device; got ${w1.dtype} on ${w1.device.toString()} and ${w3.dtype} on ${w3.device.toString()}`,
+    );
   const [E, H, F] = w1.shape as [number, number, number];
   const w13 = Tensor.empty([E, H, 2 * F], { dtype: w1.dtype, device: w1.device });
   tidy(() => {

@@ -243,6 +243,7 @@ export function routerForward(
 ): RouterOutputs {
   const op = 'router';
   options = checkOptions(options, op, { bias: true, checkNaN: true, out: true });
+  if (options.checkNaN !== undefined) checkBoolean(options.checkNaN, op, 'checkNaN');
   const cfg = resolve(config);
   if (cfg.routing === 'expert-choice') return expertChoiceForward(logits, cfg, options);
   const T = checkLogits(logits, cfg, op);

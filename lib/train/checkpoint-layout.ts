@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import { basename, join } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument, shown } from '../errors.js';
 import { checkNonNegativeInt } from '../validate.js';
 import { checkPlainName, FILE_LIMITS, readJson, readRegular, realFolder, resolveInside, statRegular } from './safe-files.js';
 
@@ -115,6 +115,13 @@ export interface FileRecord {
   sha256: string;
   rank?: number;
   tensors: Record<string, { dtype: DType; shape: number[]; sha256: string }>;
+}
+
+/** A checkpoint root or folder argument: a non-empty path string (null gave [] or a raw ENOENT). */
+export function checkRootPath(root: unknown, op: string, arg = 'root'): string {
+  if (typeof root !== 'string' || root === '' || root.includes('\0'))
+    invalidArgument(op, `'${arg}' must be a folder path (a non-empty string); received ${shown(root)}`);
+  return root;
 }
 
 /** Refuses caller extras that would overwrite the manifest's own fields. */
@@ -415,6 +422,7 @@ export function findLatest(root: string, rootReal: string): { found: Located | n
  * are not read (latestCheckpoint() verifies).
  */
 export function listCheckpoints(root: string): { dir: string; step: number }[] {
+  checkRootPath(root, 'listCheckpoints');
   let rootReal: string;
   try {
     rootReal = realFolder(root, `checkpoint ${root}`);
@@ -445,6 +453,7 @@ export function listCheckpoints(root: string): { dir: string; step: number }[] {
  * are never candidates.
  */
 export function latestCheckpoint(root: string): { dir: string; step: number; skipped?: SkippedCheckpoint[] } | null {
+  checkRootPath(root, 'latestCheckpoint');
   let rootReal: string;
   try {
     rootReal = realFolder(root, `checkpoint ${root}`);

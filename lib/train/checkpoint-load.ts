@@ -13,16 +13,16 @@ import { type Communicator } from '../parallel/communicator.js';
 import { Tensor } from '../tensor.js';
 import { checkBoolean, checkOptions, checkTensor } from '../validate.js';
 import {
-  type CheckpointManifest,
   checkFiles,
   checkFileSize,
+  type CheckpointManifest,
   ckptError,
   entryExists,
   findLatest,
   LATEST_FILE,
   type Located,
-  type ManifestFile,
   MANIFEST_FILE,
+  type ManifestFile,
   type ManifestTensor,
   readManifestAt,
   type SkippedCheckpoint,

@@ -16,16 +16,17 @@ import { checkKeys, checkNonNegativeInt, checkPositiveInt, checkTensor } from '.
 import {
   buildManifest,
   candidates,
+  checkManifestExtras,
   CHECKPOINT_FORMAT,
   type CheckpointManifest,
-  checkManifestExtras,
+  checkRootPath,
   ckptError,
   entryExists,
   type FileRecord,
   LATEST_FILE,
   listCheckpoints,
-  type ManifestExtras,
   MANIFEST_FILE,
+  type ManifestExtras,
   parseAsideDir,
   parseStepDir,
   REPLICATED_FILE,
@@ -141,6 +142,7 @@ function checkSaveArguments(root: string, options: SaveOptions, op: string): voi
 export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
   const op = 'saveCheckpoint';
   const t0 = Date.now();
+  checkRootPath(root, op);
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   const { step, comm } = options;
   // Arguments are checked before the first exchange but refused after it, so that a rank given
@@ -270,6 +272,7 @@ export function writeCheckpoint(
   },
 ): SavedCheckpoint {
   const t0 = Date.now();
+  checkRootPath(root, 'writeCheckpoint');
   checkKeys(options, 'writeCheckpoint', { step: true, worldSize: true, files: true, manifestExtras: true, keep: true });
   const { step } = options;
   checkNonNegativeInt(step, 'writeCheckpoint', 'step');
@@ -387,6 +390,7 @@ function recoverAsides(root: string, rootReal: string): void {
  */
 export function pruneCheckpoints(root: string, keep: number, protect?: string): string[] {
   // keep < 1 (or NaN, which slice() reads as 0) would delete every checkpoint.
+  checkRootPath(root, 'pruneCheckpoints');
   checkPositiveInt(keep, 'pruneCheckpoints', 'keep');
   const rootReal = realFolder(root, `checkpoint ${root}`);
   recoverAsides(root, rootReal);

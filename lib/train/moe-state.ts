@@ -15,7 +15,7 @@
  */
 import type { DeviceLike } from '../device.js';
 import { CheckpointError, invalidArgument } from '../errors.js';
-import { checkOptions, type OptionKeys } from '../validate.js';
+import { checkNonNegativeInt, checkOptions, checkPositiveInt, checkTensor, type OptionKeys } from '../validate.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
 import { Tensor, tidy } from '../tensor.js';
@@ -42,6 +42,7 @@ export function expertIndexOf(name: string): number | undefined {
 
 /** The experts rank `rank` of an EP group of `epSize` owns: [first, first + count). */
 export function ownedExperts(numExperts: number, epSize: number, rank: number): { first: number; count: number } {
+  checkPositiveInt(numExperts, 'ownedExperts', 'numExperts');
   if (!Number.isSafeInteger(epSize) || epSize < 1 || numExperts % epSize !== 0)
     invalidArgument('ownedExperts', `'numExperts' ${numExperts} must be a multiple of the EP size ${epSize}`);
   if (!Number.isSafeInteger(rank) || rank < 0 || rank >= epSize) invalidArgument('ownedExperts', `'rank' ${rank} is not in [0, ${epSize})`);
@@ -60,6 +61,9 @@ export function splitExperts(
   firstExpert: number,
   name: (e: number, w: ExpertWeight) => string,
 ): Record<string, Tensor> {
+  checkTensor(w13, 'splitExperts', 'w13');
+  checkTensor(w2, 'splitExperts', 'w2');
+  checkNonNegativeInt(firstExpert, 'splitExperts', 'firstExpert');
   if (
     w13.ndim !== 3 ||
     w2.ndim !== 3 ||
@@ -160,6 +164,7 @@ export function moeLayerState(
   moments: MoELayerMoments = {},
 ): { replicated: Record<string, Tensor>; sharded: Record<string, Tensor>; owned: Tensor[] } {
   moments = checkOptions(moments, 'moeLayerState', MOMENT_KEYS);
+  checkNonNegativeInt(index, 'moeLayerState', 'index'); // it names the checkpoint's tensors
   const first = layer.group.rank * layer.localExperts;
   const replicated: Record<string, Tensor> = {};
   const sharded: Record<string, Tensor> = {};
