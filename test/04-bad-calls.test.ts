@@ -14,6 +14,7 @@ import {
   defaultConfig,
   Device,
   Dispatcher,
+  disposeSaved,
   DisposedError,
   Event,
   adamwStep,
@@ -915,6 +916,18 @@ const cases: Case[] = [
     },
     InvalidArgumentError,
     /moeLayerState: 'index' must be a non-negative integer/,
+  ],
+  [
+    'disposeSaved of null',
+    () => disposeSaved(null as never),
+    InvalidArgumentError,
+    /disposeSaved: 'fwd' must be what MoELayer\.forward\(\) returned/,
+  ],
+  [
+    'a one-rank allToAll into another dtype',
+    () => singleRankGroup.allToAll(f([2]), f([2], 'i32')),
+    InvalidArgumentError,
+    /allToAll: 'recv' is i32 but 'send' is f32/,
   ],
   ['a config whose lr is past float32', () => resolveConfig({ optimizer: { lr: 1e39 } }), InvalidArgumentError, /optimizer\.lr/],
 ];

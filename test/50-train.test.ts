@@ -297,6 +297,11 @@ describe('moe-ep train (CLI)', () => {
     expect(r.stdout).toMatch(/--timeout-ms N/);
   });
 
+  it('a config section given as undefined keeps its defaults, as a missing one', () => {
+    // A JavaScript caller (or a spread of an optional field) may pass it; the type does not allow it.
+    expect(resolveConfig({ model: undefined, optimizer: { lr: 1e-3 } } as never)).toEqual(resolveConfig({ optimizer: { lr: 1e-3 } }));
+  });
+
   it('reads --config and points at the bad field', () => {
     const dir = mkdtempSync(join(tmpdir(), 'moe-cfg-'));
     try {

@@ -72,12 +72,19 @@ export interface ExpertParallelGroup {
   allToAllV(send: Tensor, sendRows: number[], recv: Tensor, recvRows: number[]): unknown;
 }
 
+/** An exchange moves bytes: a recv of another dtype would be a cast (copy_ converts), which no peer does. */
+function checkSameBytes(op: string, send: Tensor, recv: Tensor): void {
+  if (send.dtype !== recv.dtype)
+    invalidArgument(op, `'recv' is ${recv.dtype} but 'send' is ${send.dtype}; an exchange moves bytes, it does not convert`);
+}
+
 /** A group of one: what a single process without a launcher uses. */
 export const singleRankGroup: ExpertParallelGroup = {
   rank: 0,
   size: 1,
   allToAll: (send, recv) => {
     checkTensors('allToAll', { send, recv });
+    checkSameBytes('allToAll', send, recv);
     return (recv as Tensor).copy_(send);
   },
   allToAllV: (send, sendRows, recv, recvRows) => {
@@ -96,6 +103,7 @@ export const singleRankGroup: ExpertParallelGroup = {
     }
     if (sendRows[0] !== recvRows[0])
       invalidArgument('allToAllV', `one rank sends ${sendRows[0]} rows to itself but expects ${recvRows[0]}`);
+    checkSameBytes('allToAllV', send, recv);
     return (recv as Tensor).copy_(send);
   },
 };

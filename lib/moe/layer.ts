@@ -571,6 +571,9 @@ export class MoELayer implements Disposable {
 
 /** Releases what a forward kept for backward (backward calls this itself). */
 export function disposeSaved(fwd: MoEForward): void {
+  const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
+  if (saved === null || typeof saved !== 'object' || !forwardOwner.has(saved))
+    invalidArgument('disposeSaved', `'fwd' must be what MoELayer.forward() returned`);
   const s = fwd.saved;
   s.handle.dispose();
   for (const t of [

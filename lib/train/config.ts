@@ -255,6 +255,7 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
   const merged: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(defaultConfig)) merged[k] = { ...v };
   for (const [k, v] of Object.entries(partial as Record<string, unknown>)) {
+    if (v === undefined) continue; // a section left undefined keeps its defaults, as a missing one
     merged[k] = v !== null && typeof v === 'object' && !Array.isArray(v) ? { ...(merged[k] as object), ...v } : v;
   }
   if (!validate(merged)) {
