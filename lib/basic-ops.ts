@@ -6,7 +6,7 @@
  */
 import { type DType } from './dtype.js';
 import { invalidArgument, plain } from './errors.js';
-import { checkNumber, checkOptions, checkSeparateOrSame, checkTensor, withOutput } from './validate.js';
+import { checkNumber, checkOptions, checkSeparate, checkTensor, withOutput } from './validate.js';
 import { native } from './native.js';
 import { BINARY_OP, REDUCE_OP } from './native-codes.js';
 import { Tensor } from './tensor.js';
@@ -28,7 +28,7 @@ export function add(a: Tensor, b: Tensor, options: OutOption & { alpha?: number 
   checkTensor(b, 'add', 'b');
   const alpha = checkNumber(options.alpha ?? 1, 'add', 'alpha', { finite: false });
   return withOutput('add', options.out, resultLike(a), (out) => {
-    checkSeparateOrSame('add', { out }, { a, b });
+    checkSeparate('add', { out }, { a, b }, { sameAllowed: true });
     native().binary(BINARY_OP.add, a.handle, b.handle, out.handle, alpha);
   });
 }
@@ -39,7 +39,7 @@ export function mul(a: Tensor, b: Tensor, options: OutOption = {}): Tensor {
   checkTensor(a, 'mul', 'a');
   checkTensor(b, 'mul', 'b');
   return withOutput('mul', options.out, resultLike(a), (out) => {
-    checkSeparateOrSame('mul', { out }, { a, b });
+    checkSeparate('mul', { out }, { a, b }, { sameAllowed: true });
     native().binary(BINARY_OP.mul, a.handle, b.handle, out.handle, 1);
   });
 }
@@ -50,7 +50,7 @@ export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor
   checkTensor(a, 'scale', 'a');
   checkNumber(alpha, 'scale', 'alpha', { finite: false });
   return withOutput('scale', options.out, resultLike(a), (out) => {
-    checkSeparateOrSame('scale', { out }, { a });
+    checkSeparate('scale', { out }, { a }, { sameAllowed: true });
     native().scale(a.handle, alpha, out.handle);
   });
 }

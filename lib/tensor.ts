@@ -487,11 +487,11 @@ function byteExtent(t: Tensor): [number, number] {
 /**
  * run(src), with src first copied aside when it overlaps dst's memory: the element-wise
  * kernels write dst while they read src, so a transposed or shifted view of dst would read values
- * already overwritten (t.copy_(t.transpose()) gave a wrong matrix). The very same tensor reads each
- * element before writing it, and needs no copy.
+ * already overwritten (t.copy_(t.transpose()) gave a wrong matrix). The very same elements (the same
+ * tensor, or a view with its offset, shape and strides) are each read before written: no copy.
  */
 function withSeparate(dst: Tensor, src: Tensor, run: (src: Tensor) => void): void {
-  if (src === dst || !src.overlaps(dst)) {
+  if (!src.overlaps(dst) || src.sameElementsAs(dst)) {
     run(src);
     return;
   }

@@ -62,35 +62,21 @@ export function checkTensor(t: unknown, op: string, arg: string): Tensor {
  * Refuses an output whose memory overlaps an input's (`outputs` and `inputs`: argument name → tensor,
  * absent ones skipped): the kernels read their inputs while they write their outputs, in tiles and
  * out of order, so an output over an input would read values it had already overwritten. Views of
- * one allocation that lie apart are fine.
+ * one allocation that lie apart are fine. With `sameAllowed` (elementwise ops, which read each
+ * element before writing it) an output may also be exactly an input: the same elements.
  */
 export function checkSeparate(
   op: string,
   outputs: Record<string, Tensor | null | undefined>,
   inputs: Record<string, Tensor | null | undefined>,
+  { sameAllowed = false }: { sameAllowed?: boolean } = {},
 ): void {
   for (const [o, t] of Object.entries(outputs)) {
     if (!t) continue;
     for (const [i, u] of Object.entries(inputs)) {
-      if (u && t.overlaps(u)) invalidArgument(op, `'${o}' overlaps '${i}' in memory; the op needs a separate output`);
-    }
-  }
-}
-
-/**
- * checkSeparate for elementwise ops: an output may also be exactly an input (the same elements;
- * each is read before it is written), but not overlap one otherwise (a shifted view would read
- * values already written).
- */
-export function checkSeparateOrSame(
-  op: string,
-  outputs: Record<string, Tensor | null | undefined>,
-  inputs: Record<string, Tensor | null | undefined>,
-): void {
-  for (const [o, t] of Object.entries(outputs)) {
-    if (!t) continue;
-    for (const [i, u] of Object.entries(inputs)) {
-      if (u && t.overlaps(u) && !t.sameElementsAs(u))
+      if (!u || !t.overlaps(u)) continue;
+      if (!sameAllowed) invalidArgument(op, `'${o}' overlaps '${i}' in memory; the op needs a separate output`);
+      if (!t.sameElementsAs(u))
         invalidArgument(op, `'${o}' overlaps '${i}' in memory without being the same elements; use a separate output, or '${i}' itself`);
     }
   }

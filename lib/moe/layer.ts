@@ -471,10 +471,10 @@ export class MoELayer implements Disposable {
     const op = 'MoELayer.backward';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
     const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
-    if (saved === null || typeof saved !== 'object' || !((saved as MoESaved).x instanceof Tensor))
-      invalidArgument(op, `'fwd' must be what forward() returned`);
+    const owner = saved !== null && typeof saved === 'object' ? forwardOwner.get(saved) : undefined;
+    if (owner === undefined) invalidArgument(op, `'fwd' must be what forward() returned`);
+    if (owner !== this) invalidArgument(op, `'fwd' came from another MoELayer's forward(); pass this layer's`);
     const s = fwd.saved;
-    if (forwardOwner.get(s) !== this) invalidArgument(op, `'fwd' came from another MoELayer's forward(); pass this layer's`);
     // A forward's saved tensors serve one backward (which releases them), or disposeSaved.
     if (s.expertOut.disposed)
       throw new DisposedError(
