@@ -1,14 +1,15 @@
 /**
- * Basic ops (the public `ops` namespace: add, mul, scale, sum, max, matmul), each with a CPU
+ * Basic ops (the public `ops` namespace: add, mul, scale, sum, max, matmul, and the activations relu,
+ * silu, gelu with their backward passes), each with a CPU
  * reference and a CUDA kernel behind it (native/ops/basic/<op>/). Every op allocates its result unless
  * `out` is given; `out` lets callers reuse memory (and lets tests poison outputs before a run).
  * Shapes, dtypes and devices are checked natively, with errors that name the op and the argument.
  */
 import { type DType } from './dtype.js';
 import { invalidArgument, plain } from './errors.js';
-import { checkNumber, checkOptions, checkSeparate, checkTensor, withOutput } from './validate.js';
+import { checkNumber, checkOneOf, checkOptions, checkSeparate, checkTensor, withOutput } from './validate.js';
 import { native } from './native.js';
-import { BINARY_OP, REDUCE_OP } from './native-codes.js';
+import { ACTIVATION, BINARY_OP, REDUCE_OP } from './native-codes.js';
 import { Tensor } from './tensor.js';
 
 export interface OutOption {
@@ -53,6 +54,65 @@ export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor
     checkSeparate('scale', { out }, { a }, { sameAllowed: true });
     native().scale(a.handle, alpha, out.handle);
   });
+}
+
+// ---- activations: fp32 math, one rounding into x's dtype (f32, bf16 or f16), as torch defines them.
+// Each backward takes the forward's input x (not its output) and returns dx = dy·f'(x).
+
+/** GELU's two forms, torch's `approximate` argument: 'none' x·Φ(x) (erf), 'tanh' its tanh approximation. */
+export type GeluApproximate = 'none' | 'tanh';
+const GELU_APPROXIMATE: readonly GeluApproximate[] = ['none', 'tanh'];
+
+function geluKind(options: { approximate?: GeluApproximate }, op: string): number {
+  const approximate = checkOneOf(options.approximate ?? 'none', op, 'approximate', GELU_APPROXIMATE);
+  return approximate === 'tanh' ? ACTIVATION.geluTanh : ACTIVATION.gelu;
+}
+
+function activate(kind: number, op: string, x: Tensor, out: Tensor | undefined): Tensor {
+  checkTensor(x, op, 'x');
+  return withOutput(op, out, resultLike(x), (o) => native().activation(kind, x.handle, o.handle));
+}
+
+function activateBackward(kind: number, op: string, dy: Tensor, x: Tensor, out: Tensor | undefined): Tensor {
+  checkTensor(dy, op, 'dy');
+  checkTensor(x, op, 'x');
+  return withOutput(op, out, resultLike(x), (o) => native().activationBackward(kind, dy.handle, x.handle, o.handle));
+}
+
+/** max(x, 0); NaN stays NaN. `out` may be x. */
+export function relu(x: Tensor, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'relu', { out: true });
+  return activate(ACTIVATION.relu, 'relu', x, options.out);
+}
+
+/** dx = dy where x > 0 (or x is NaN, as torch's threshold_backward), else 0. */
+export function reluBackward(dy: Tensor, x: Tensor, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'reluBackward', { out: true });
+  return activateBackward(ACTIVATION.relu, 'reluBackward', dy, x, options.out);
+}
+
+/** x·σ(x) (SiLU, swish). `out` may be x. */
+export function silu(x: Tensor, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'silu', { out: true });
+  return activate(ACTIVATION.silu, 'silu', x, options.out);
+}
+
+/** dx = dy·σ(x)·(1 + x·(1 − σ(x))). */
+export function siluBackward(dy: Tensor, x: Tensor, options: OutOption = {}): Tensor {
+  options = checkOptions(options, 'siluBackward', { out: true });
+  return activateBackward(ACTIVATION.silu, 'siluBackward', dy, x, options.out);
+}
+
+/** x·Φ(x) = ½x(1 + erf(x/√2)), or with `approximate: 'tanh'` ½x(1 + tanh(√(2/π)(x + 0.044715x³))). */
+export function gelu(x: Tensor, options: OutOption & { approximate?: GeluApproximate } = {}): Tensor {
+  options = checkOptions(options, 'gelu', { out: true, approximate: true });
+  return activate(geluKind(options, 'gelu'), 'gelu', x, options.out);
+}
+
+/** dx = dy·GELU'(x), for the same `approximate` as the forward. */
+export function geluBackward(dy: Tensor, x: Tensor, options: OutOption & { approximate?: GeluApproximate } = {}): Tensor {
+  options = checkOptions(options, 'geluBackward', { out: true, approximate: true });
+  return activateBackward(geluKind(options, 'geluBackward'), 'geluBackward', dy, x, options.out);
 }
 
 function reduced(a: Tensor, dim: number, op: string): number[] {

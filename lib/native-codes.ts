@@ -13,6 +13,9 @@ export const DEVICE_TYPE = { cpu: 0, cuda: 1 } as const;
 /** native/ops/basic/elementwise/elementwise.h BinaryOp. */
 export const BINARY_OP = { add: 0, mul: 1 } as const;
 
+/** native/ops/basic/activation/activation.h Activation. */
+export const ACTIVATION = { relu: 0, silu: 1, gelu: 2, geluTanh: 3 } as const;
+
 /** native/ops/basic/reduce/reduce.h ReduceOp. */
 export const REDUCE_OP = { sum: 0, max: 1 } as const;
 

@@ -253,6 +253,8 @@ export interface RawBinding {
   binary(kind: number, a: TensorHandle, b: TensorHandle, out: TensorHandle, alpha: number): void;
   scale(a: TensorHandle, alpha: number, out: TensorHandle): void;
   reduce(kind: number, a: TensorHandle, dim: number, out: TensorHandle): void;
+  activation(kind: number, x: TensorHandle, out: TensorHandle): void;
+  activationBackward(kind: number, dy: TensorHandle, x: TensorHandle, dx: TensorHandle): void;
   matmul(a: TensorHandle, b: TensorHandle, out: TensorHandle, accumulate: boolean): void;
   random(out: TensorHandle, kind: number, p0: number, p1: number, seed: number, offset: number): void;
   // mean row entropy of router scores (a metric)

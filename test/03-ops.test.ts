@@ -3,6 +3,7 @@
 import { describe, expect, it } from 'vitest';
 
 import { type DType, ops, Tensor } from '../lib/index.js';
+import { ACTIVATION_OPS, ACTIVATIONS, activationGradRef, activationRef, erf, firstActivationMismatch } from './activation-reference.js';
 import { f32, freshSeed, poisoned, relErr, tolerance, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -39,6 +40,97 @@ describe.each(floatTypes)('elementwise %s', (dtype) => {
       // The op computes in fp32 and rounds once into dtype: exact agreement with the oracle.
       expect(values(out), name).toEqual(roundTo(ref, dtype));
     }
+  });
+});
+
+/** Values where the formulas turn: zeros, the tails where 1 + erf and 1 + tanh cancel, overflow of exp, NaN and infinities. */
+const ACTIVATION_EDGES = [
+  0,
+  -0,
+  1e-3,
+  -1e-3,
+  1,
+  -1,
+  3,
+  -3,
+  6,
+  -6,
+  10,
+  -10,
+  20,
+  -20,
+  50,
+  -50,
+  88,
+  -88,
+  100,
+  -100,
+  1e20,
+  -1e20,
+  NaN,
+  Infinity,
+  -Infinity,
+];
+
+describe('erf (the oracle of the activations)', () => {
+  it('matches tabulated values to 1e-12', () => {
+    // Abramowitz and Stegun, table 7.1, and erf(−x) = −erf(x)
+    const table: [number, number][] = [
+      [0, 0],
+      [0.1, 0.1124629160182849],
+      [0.5, 0.5204998778130465],
+      [1, 0.8427007929497149],
+      [2, 0.9953222650189527],
+      [2.5, 0.999593047982555],
+      [3, 0.9999779095030014],
+      [4, 0.9999999845827421],
+    ];
+    for (const [x, want] of table) {
+      expect(Math.abs(erf(x) - want), `erf(${x})`).toBeLessThan(1e-12);
+      expect(Math.abs(erf(-x) + want), `erf(${-x})`).toBeLessThan(1e-12);
+    }
+  });
+});
+
+describe.each(floatTypes)('activations %s', (dtype) => {
+  it.each(ACTIVATIONS)('%s forward and backward against float64, random and edge inputs, outputs poisoned', (kind) => {
+    const seed = freshSeed();
+    using r = Tensor.rand([37, 53], { seed, low: -8, high: 8, device: cpu });
+    using edges = Tensor.fromArray(ACTIVATION_EDGES, { device: cpu });
+    using xf = Tensor.empty([37 * 53 + ACTIVATION_EDGES.length], { device: cpu });
+    xf.narrow(0, 0, 37 * 53).copy_(r.view(-1));
+    xf.narrow(0, 37 * 53, ACTIVATION_EDGES.length).copy_(edges);
+    using x = xf.cast(dtype);
+    using dyf = Tensor.rand(x.shape, { seed: seed + 1, low: -2, high: 2, device: cpu });
+    using dy = dyf.cast(dtype);
+    const xs = values(x);
+    const dys = values(dy);
+    const { forward, backward } = ACTIVATION_OPS[kind];
+    using y = poisoned(x.shape, dtype, cpu);
+    forward(x, y);
+    using dx = poisoned(x.shape, dtype, cpu);
+    backward(dy, x, dx);
+    for (const [what, got, ref, dyArg] of [
+      ['forward', values(y), xs.map((v) => activationRef(kind, v)), undefined],
+      ['backward', values(dx), xs.map((v, i) => activationGradRef(kind, dys[i] as number, v)), dys],
+    ] as const) {
+      const bad = firstActivationMismatch(dtype, got, ref, xs, dyArg);
+      const detail = bad < 0 ? '' : ` at ${bad}: x ${xs[bad]}, dy ${dys[bad]}, got ${got[bad]}, float64 ${ref[bad]}`;
+      expect(bad, `${kind} ${what} ${dtype} (seed ${seed})${detail}`).toBe(-1);
+    }
+  });
+
+  it('in place: out may be the input (forward) or dy (backward)', () => {
+    using x = randomInput([5, 7], dtype, -4, 4);
+    using dy = randomInput([5, 7], dtype);
+    using y = ops.silu(x);
+    using dx = ops.geluBackward(dy, x, { approximate: 'tanh' });
+    using xc = x.clone();
+    ops.silu(xc, { out: xc });
+    expect(values(xc)).toEqual(values(y));
+    using dyc = dy.clone();
+    ops.geluBackward(dyc, x, { out: dyc, approximate: 'tanh' });
+    expect(values(dyc)).toEqual(values(dx));
   });
 });
 

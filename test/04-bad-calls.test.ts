@@ -94,6 +94,32 @@ const cases: Case[] = [
   ['add on u8', () => ops.add(f([2], 'u8'), f([2], 'u8')), InvalidArgumentError, /add: 'a' .* expected one of f32, bf16, f16, i32, i64/],
   ['matmul on i32', () => ops.matmul(f([2, 2], 'i32'), f([2, 2], 'i32')), InvalidArgumentError, /matmul: 'a' .*i32/],
   ['sum of fp8', () => ops.sum(f([4], 'fp8e4m3'), 0), InvalidArgumentError, /sum: 'a' .*fp8e4m3/],
+  ['relu on i32', () => ops.relu(f([2], 'i32')), InvalidArgumentError, /relu: 'x' .*i32.* expected one of f32, bf16, f16/],
+  [
+    'geluBackward into an out of another dtype',
+    () => ops.geluBackward(f([2]), f([2]), { out: f([2], 'bf16') }),
+    InvalidArgumentError,
+    /geluBackward: 'out' .* has dtype bf16 but 'x'/,
+  ],
+  [
+    'gelu with an unknown approximation',
+    () => ops.gelu(f([2]), { approximate: 'erf' as never }),
+    InvalidArgumentError,
+    /gelu: 'approximate' must be one of none, tanh; received erf/,
+  ],
+  [
+    'siluBackward of different shapes',
+    () => ops.siluBackward(f([3]), f([2])),
+    InvalidArgumentError,
+    /siluBackward: 'dy' has shape \[3\] but 'x' has shape \[2\]/,
+  ],
+  ['strided input to relu', () => ops.relu(f([3, 4]).transpose()), InvalidArgumentError, /relu: 'x' .* strided is not contiguous/],
+  [
+    'reluBackward given a non-tensor',
+    () => ops.reluBackward(f([1]), 3 as never),
+    InvalidArgumentError,
+    /reluBackward: 'x' must be a Tensor/,
+  ],
   ['unknown dtype name', () => Tensor.zeros([2], { dtype: 'f64' as never, device: cpu }), InvalidArgumentError, /'dtype' must be one of/],
   ['rand into an integer tensor', () => f([3], 'i32').random_(0, 0, 1, 1), InvalidArgumentError, /rand: 'out' .*i32/],
   // shape mismatch

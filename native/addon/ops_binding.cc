@@ -3,6 +3,7 @@
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
+#include "ops/basic/activation/activation.h"
 #include "ops/basic/copy/copy.h"
 #include "ops/basic/elementwise/elementwise.h"
 #include "ops/basic/fill/fill.h"
@@ -36,6 +37,29 @@ Napi::Value binary(const Napi::CallbackInfo& info) {
 
 Napi::Value scale(const Napi::CallbackInfo& info) {
   ops::scale(arg_tensor(info, 0, "scale", "a"), arg_number(info, 1, "scale", "alpha"), arg_tensor(info, 2, "scale", "out"));
+  return info.Env().Undefined();
+}
+
+// The activation's kind, checked against activation.h's enum.
+ops::Activation arg_activation(const Napi::CallbackInfo& info, size_t index, const char* op) {
+  int kind = arg_i32(info, index, op, "kind");
+  MOE_ARG_CHECK(kind >= 0 && kind <= 3, op, "'kind' must be 0 (relu), 1 (silu), 2 (gelu) or 3 (gelu, tanh); received ", kind);
+  return ops::Activation(kind);
+}
+
+// activation(kind, x, out)
+Napi::Value activation(const Napi::CallbackInfo& info) {
+  ops::Activation kind = arg_activation(info, 0, "activation");
+  const char* op = ops::activation_name(kind);
+  ops::activation(kind, arg_tensor(info, 1, op, "x"), arg_tensor(info, 2, op, "out"));
+  return info.Env().Undefined();
+}
+
+// activationBackward(kind, dy, x, dx)
+Napi::Value activation_backward(const Napi::CallbackInfo& info) {
+  ops::Activation kind = arg_activation(info, 0, "activationBackward");
+  const char* op = ops::activation_backward_name(kind);
+  ops::activation_backward(kind, arg_tensor(info, 1, op, "dy"), arg_tensor(info, 2, op, "x"), arg_tensor(info, 3, op, "out"));
   return info.Env().Undefined();
 }
 
@@ -77,6 +101,8 @@ static void init_ops(Napi::Env env, Napi::Object exports) {
   exports.Set("binary", Napi::Function::New(env, binding<binary>, "binary"));
   exports.Set("scale", Napi::Function::New(env, binding<scale>, "scale"));
   exports.Set("reduce", Napi::Function::New(env, binding<reduce>, "reduce"));
+  exports.Set("activation", Napi::Function::New(env, binding<activation>, "activation"));
+  exports.Set("activationBackward", Napi::Function::New(env, binding<activation_backward>, "activationBackward"));
   exports.Set("matmul", Napi::Function::New(env, binding<matmul>, "matmul"));
   exports.Set("random", Napi::Function::New(env, binding<random>, "random"));
 }
