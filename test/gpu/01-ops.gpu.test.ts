@@ -140,40 +140,55 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
       for (const t of [a, ga, b, gb, bias, gbias]) t.dispose();
     });
 
-    it.each(ACTIVATIONS)('%s forward and backward on [1000, 300], [4099, 1031] and the edges (NaN, ±inf, the tails)', (kind) => {
-      const { forward, backward } = ACTIVATION_OPS[kind];
-      const edges = [0, -0, 1e-3, -1e-3, 3, -3, 10, -10, 20, -20, 88, -88, 100, -100, 1e20, -1e20, NaN, Infinity, -Infinity];
-      for (const shape of [[1000, 300], [4099, 1031], [edges.length]]) {
-        const seed = freshSeed();
-        using xf =
-          shape.length === 1 ? Tensor.fromArray(edges, { device: cpu }) : Tensor.rand(shape, { seed, low: -8, high: 8, device: cpu });
-        using x = xf.cast(dtype);
-        using gx = x.to(gpu);
-        using dyf = Tensor.rand(shape, { seed: seed + 1, low: -2, high: 2, device: cpu });
-        using dy = dyf.cast(dtype);
-        using gdy = dy.to(gpu);
-        using gy = poisoned(shape, dtype, gpu);
-        using cy = poisoned(shape, dtype, cpu);
-        forward(gx, gy);
-        forward(x, cy);
-        using gdx = poisoned(shape, dtype, gpu);
-        using cdx = poisoned(shape, dtype, cpu);
-        backward(gdy, gx, gdx);
-        backward(dy, x, cdx);
-        const xs = values(x);
-        const dys = values(dy);
-        // expf, erff and tanhf differ by a few ulp between the GPU and the CPU: within one ulp of the
-        // dtype after rounding (activation-reference.ts), NaN and infinities the same.
-        for (const [what, g, c, dyArg] of [
-          ['forward', values(gy), values(cy), undefined],
-          ['backward', values(gdx), values(cdx), dys],
-        ] as const) {
-          const bad = firstActivationMismatch(dtype, g, c, xs, dyArg);
-          const detail = bad < 0 ? '' : ` at ${bad}: x ${xs[bad]}, dy ${dys[bad]}, cuda ${g[bad]}, cpu ${c[bad]}`;
-          expect(bad, `${kind} ${what} [${shape}] (seed ${seed})${detail}`).toBe(-1);
+    // [1000, 300]: 16-byte vectors only; [4099, 1031]: vectors and a scalar tail (an odd count);
+    // 'offset': x one element into its buffer, not 16-byte aligned, so the scalar loop alone.
+    it.each(ACTIVATIONS)(
+      '%s forward and backward on [1000, 300], [4099, 1031], an unaligned view and the edges (NaN, ±inf, the tails)',
+      (kind) => {
+        const { forward, backward } = ACTIVATION_OPS[kind];
+        const edges = [0, -0, 1e-3, -1e-3, 3, -3, 10, -10, 20, -20, 88, -88, 100, -100, 1e20, -1e20, NaN, Infinity, -Infinity];
+        const cases: [string, number[]][] = [
+          ['', [1000, 300]],
+          ['', [4099, 1031]],
+          ['offset', [777, 65]],
+          ['edges', [edges.length]],
+        ];
+        for (const [name, shape] of cases) {
+          const seed = freshSeed();
+          using xf =
+            name === 'edges' ? Tensor.fromArray(edges, { device: cpu }) : Tensor.rand(shape, { seed, low: -8, high: 8, device: cpu });
+          using x = xf.cast(dtype);
+          using gbuf = Tensor.empty([x.numel + 1], { dtype, device: gpu });
+          using xflat = x.view(-1);
+          using gview = gbuf.narrow(0, name === 'offset' ? 1 : 0, x.numel);
+          gview.copy_(xflat);
+          using gx = gview.view(...shape);
+          using dyf = Tensor.rand(shape, { seed: seed + 1, low: -2, high: 2, device: cpu });
+          using dy = dyf.cast(dtype);
+          using gdy = dy.to(gpu);
+          using gy = poisoned(shape, dtype, gpu);
+          using cy = poisoned(shape, dtype, cpu);
+          forward(gx, gy);
+          forward(x, cy);
+          using gdx = poisoned(shape, dtype, gpu);
+          using cdx = poisoned(shape, dtype, cpu);
+          backward(gdy, gx, gdx);
+          backward(dy, x, cdx);
+          const xs = values(x);
+          const dys = values(dy);
+          // expf, erff and tanhf differ by a few ulp between the GPU and the CPU: within one ulp of the
+          // dtype after rounding (activation-reference.ts), NaN and infinities the same.
+          for (const [what, g, c, dyArg] of [
+            ['forward', values(gy), values(cy), undefined],
+            ['backward', values(gdx), values(cdx), dys],
+          ] as const) {
+            const bad = firstActivationMismatch(dtype, g, c, xs, dyArg);
+            const detail = bad < 0 ? '' : ` at ${bad}: x ${xs[bad]}, dy ${dys[bad]}, cuda ${g[bad]}, cpu ${c[bad]}`;
+            expect(bad, `${kind} ${what} ${name} [${shape}] (seed ${seed})${detail}`).toBe(-1);
+          }
         }
-      }
-    });
+      },
+    );
 
     it.each([[0], [1], [2]])('sum and max over dim %i of [33, 1000, 7] and rows of [4096, 7168]', (dim) => {
       for (const shape of [
