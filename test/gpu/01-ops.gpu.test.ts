@@ -186,6 +186,15 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
             const detail = bad < 0 ? '' : ` at ${bad}: x ${xs[bad]}, dy ${dys[bad]}, cuda ${g[bad]}, cpu ${c[bad]}`;
             expect(bad, `${kind} ${what} ${name} [${shape}] (seed ${seed})${detail}`).toBe(-1);
           }
+          if (name === '') {
+            // In place on the GPU: out = x (forward) and out = dy (backward) give the same bits.
+            using gxi = gx.clone();
+            forward(gxi, gxi);
+            expect(values(gxi), `${kind} forward in place [${shape}]`).toEqual(values(gy));
+            using gdyi = gdy.clone();
+            backward(gdyi, gx, gdyi);
+            expect(values(gdyi), `${kind} backward in place [${shape}]`).toEqual(values(gdx));
+          }
         }
       },
     );

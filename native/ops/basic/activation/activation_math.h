@@ -53,7 +53,7 @@ MOE_HD float activation_grad(Activation kind, float dy, float x) {
       float t = tanhf(kSqrt2OverPi * (x + kGeluCubic * (x_sq * x)));
       float left = 0.5f * x;
       float tanh_derivative = 1.0f - t * t;
-      // Where tanh has saturated its derivative is exactly 0, and for a finite x with |x| ≥ 1.8e19
+      // Where tanh has saturated its derivative is exactly 0, and for a finite x with |x| ≥ 1.8447e19 (√FLT_MAX)
       // x² has overflowed: 0·inf would make NaN of a term that is 0 (torch gives NaN there). An
       // infinite x still gives NaN, as torch and the erf form do.
       bool saturated = tanh_derivative == 0.0f && x - x == 0.0f;
