@@ -70,13 +70,19 @@ function geluKind(options: { approximate?: GeluApproximate }, op: string): numbe
 
 function activate(kind: number, op: string, x: Tensor, out: Tensor | undefined): Tensor {
   checkTensor(x, op, 'x');
-  return withOutput(op, out, resultLike(x), (o) => native().activation(kind, x.handle, o.handle));
+  return withOutput(op, out, resultLike(x), (o) => {
+    checkSeparateOrSame(op, { out: o }, { x });
+    native().activation(kind, x.handle, o.handle);
+  });
 }
 
 function activateBackward(kind: number, op: string, dy: Tensor, x: Tensor, out: Tensor | undefined): Tensor {
   checkTensor(dy, op, 'dy');
   checkTensor(x, op, 'x');
-  return withOutput(op, out, resultLike(x), (o) => native().activationBackward(kind, dy.handle, x.handle, o.handle));
+  return withOutput(op, out, resultLike(x), (o) => {
+    checkSeparateOrSame(op, { out: o }, { dy, x });
+    native().activationBackward(kind, dy.handle, x.handle, o.handle);
+  });
 }
 
 /** max(x, 0); NaN stays NaN. `out` may be x. */

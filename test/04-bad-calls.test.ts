@@ -94,6 +94,15 @@ const cases: Case[] = [
   ['add on u8', () => ops.add(f([2], 'u8'), f([2], 'u8')), InvalidArgumentError, /add: 'a' .* expected one of f32, bf16, f16, i32, i64/],
   ['matmul on i32', () => ops.matmul(f([2, 2], 'i32'), f([2, 2], 'i32')), InvalidArgumentError, /matmul: 'a' .*i32/],
   ['sum of fp8', () => ops.sum(f([4], 'fp8e4m3'), 0), InvalidArgumentError, /sum: 'a' .*fp8e4m3/],
+  [
+    'silu into a shifted view of its input',
+    () => {
+      const a = f([9]);
+      return ops.silu(a.narrow(0, 0, 8), { out: a.narrow(0, 1, 8) });
+    },
+    InvalidArgumentError,
+    /silu: 'out' overlaps 'x' in memory without being the same elements/,
+  ],
   ['relu on i32', () => ops.relu(f([2], 'i32')), InvalidArgumentError, /relu: 'x' .*i32.* expected one of f32, bf16, f16/],
   [
     'geluBackward into an out of another dtype',
