@@ -71,7 +71,7 @@ function geluKind(options: { approximate?: GeluApproximate }, op: string): numbe
 function activate(kind: number, op: string, x: Tensor, out: Tensor | undefined): Tensor {
   checkTensor(x, op, 'x');
   return withOutput(op, out, resultLike(x), (o) => {
-    checkSeparateOrSame(op, { out: o }, { x });
+    checkSeparate(op, { out: o }, { x }, { sameAllowed: true });
     native().activation(kind, x.handle, o.handle);
   });
 }
@@ -80,7 +80,7 @@ function activateBackward(kind: number, op: string, dy: Tensor, x: Tensor, out: 
   checkTensor(dy, op, 'dy');
   checkTensor(x, op, 'x');
   return withOutput(op, out, resultLike(x), (o) => {
-    checkSeparateOrSame(op, { out: o }, { dy, x });
+    checkSeparate(op, { out: o }, { dy, x }, { sameAllowed: true });
     native().activationBackward(kind, dy.handle, x.handle, o.handle);
   });
 }
