@@ -163,23 +163,30 @@ export class Tensor implements Disposable {
   /** Uninitialised memory (its contents are whatever was there). */
   static empty(shape: readonly number[], options: CreateOptions = {}): Tensor {
     options = checkOptions(options, 'Tensor.empty', { dtype: true, device: true });
-    const dtype = checkDType(options.dtype ?? 'f32', 'empty');
-    const device = Device.parse(options.device ?? getDefaultDevice(), 'empty');
-    const dims = checkShape(shape, 'empty');
+    return Tensor.allocate(shape, options, 'empty');
+  }
+
+  /** empty() for the creators: their own name in the errors (zeros with dtype 'f64' named empty). */
+  private static allocate(shape: readonly number[], options: CreateOptions, op: string): Tensor {
+    const dtype = checkDType(options.dtype ?? 'f32', op);
+    const device = Device.parse(options.device ?? getDefaultDevice(), op);
+    const dims = checkShape(shape, op);
     return new Tensor(native().tensorEmpty(dims, DTYPE_CODE[dtype], ...device.code), { shape: dims, dtype, device });
   }
 
   static full(shape: readonly number[], value: number, options: CreateOptions = {}): Tensor {
     options = checkOptions(options, 'Tensor.full', { dtype: true, device: true });
-    if (typeof value !== 'number') invalidArgument('full', `'value' must be a number; received ${typeof value}`);
-    const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
-    t.fill_(value);
-    return t;
+    return Tensor.filled(shape, value, options, 'full');
+  }
+
+  private static filled(shape: readonly number[], value: number, options: CreateOptions, op: string): Tensor {
+    if (typeof value !== 'number') invalidArgument(op, `'value' must be a number; received ${typeof value}`);
+    return Tensor.allocate(shape, options, op).fill_(value);
   }
 
   static zeros(shape: readonly number[], options: CreateOptions = {}): Tensor {
     options = checkOptions(options, 'Tensor.zeros', { dtype: true, device: true });
-    return Tensor.full(shape, 0, options);
+    return Tensor.filled(shape, 0, options, 'zeros');
   }
 
   /** Uniform in [low, high) (default [0, 1)), from the Philox stream `seed`. */
@@ -187,7 +194,7 @@ export class Tensor implements Disposable {
     options = checkOptions(options, 'Tensor.rand', { dtype: true, device: true, seed: true, offset: true, low: true, high: true });
     const low = checkRandomParam(options.low ?? 0, 'rand', 'low');
     const high = checkRandomParam(options.high ?? 1, 'rand', 'high');
-    const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
+    const t = Tensor.allocate(shape, options, 'rand');
     return t.random_(RANDOM_KIND.uniform, low, high, options.seed, options.offset);
   }
 
@@ -197,7 +204,7 @@ export class Tensor implements Disposable {
     const mean = checkRandomParam(options.mean ?? 0, 'randn', 'mean');
     const std = checkRandomParam(options.std ?? 1, 'randn', 'std');
     if (std < 0) invalidArgument('randn', `'std' must be ≥ 0; received ${std}`);
-    const t = Tensor.empty(shape, { dtype: options.dtype, device: options.device });
+    const t = Tensor.allocate(shape, options, 'randn');
     return t.random_(RANDOM_KIND.normal, mean, std, options.seed, options.offset);
   }
 
@@ -229,13 +236,17 @@ export class Tensor implements Disposable {
     const values = data as ArrayLike<unknown>;
     const integral = dtype === 'i32' || dtype === 'i64' || dtype === 'u8';
     const range = INT_RANGE[dtype];
-    for (let i = 0; i < length; i++) {
+    // Every read goes through valueAt, the copy's too: a getter or a Proxy may answer differently
+    // the second time, and the copy must store only what was checked.
+    const valueAt = (i: number): number => {
       const v = values[i];
       if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
         invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
       }
       if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
-    }
+      return v;
+    };
+    for (let i = 0; i < length; i++) valueAt(i);
     /** A host array of `length` values of data (a RangeError from an allocation too large for the process named). */
     const copied = <A extends Int32Array | Uint8Array | Float32Array | BigInt64Array>(make: (n: number) => A): A => {
       let a: A;
@@ -245,9 +256,9 @@ export class Tensor implements Disposable {
         if (e instanceof RangeError) invalidArgument(op, `'data': ${length} values do not fit in one host array here (${e.message})`);
         throw e;
       }
-      if (a instanceof BigInt64Array) for (let i = 0; i < length; i++) a[i] = BigInt(values[i] as number);
+      if (a instanceof BigInt64Array) for (let i = 0; i < length; i++) a[i] = BigInt(valueAt(i));
       else if (typed) a.set(typed as unknown as ArrayLike<number>);
-      else for (let i = 0; i < length; i++) a[i] = values[i] as number;
+      else for (let i = 0; i < length; i++) a[i] = valueAt(i);
       return a;
     };
     if (dtype === 'i32')
@@ -289,10 +300,24 @@ export class Tensor implements Disposable {
     }
   }
 
+  /**
+   * @internal A Tensor made by this class (the private slot present), not merely an object whose
+   * prototype is Tensor's (`Object.create(Tensor.prototype)` passed instanceof and then threw a raw
+   * TypeError reading the slot).
+   */
+  static isTensor(v: unknown): v is Tensor {
+    return v instanceof Tensor && #handle in v;
+  }
+
   // ---------------------------------------------------------------------------- properties
   /** @internal The native handle; throws once disposed. */
   get handle(): TensorHandle {
     if (this.#handle === null) throw new DisposedError('tensor: the tensor was disposed and cannot be used', 'tensor');
+    return this.#handle;
+  }
+  /** The handle for method `op` (named in the error once disposed, where `handle` names no op). */
+  private live(op: string): TensorHandle {
+    if (this.#handle === null) throw new DisposedError(`${op}: the tensor was disposed and cannot be used`, op);
     return this.#handle;
   }
   get disposed(): boolean {
@@ -308,22 +333,25 @@ export class Tensor implements Disposable {
   // --------------------------------------------------------------------------------- views
   /** Same elements, new shape (one dimension may be -1). Contiguous tensors only. */
   view(...shape: number[]): Tensor {
-    return new Tensor(this.handle.view(shape));
+    return new Tensor(this.live('view').view(shape));
   }
   /** Elements [start, start + length) along `dim`, sharing storage. */
   narrow(dim: number, start: number, length: number): Tensor {
+    const handle = this.live('narrow');
     checkDim(this, dim, 'narrow', 'dim');
-    return new Tensor(this.handle.narrow(dim, start, length));
+    return new Tensor(handle.narrow(dim, start, length));
   }
   /** Swaps two dimensions, sharing storage (the result is usually not contiguous). */
   transpose(dim0 = 0, dim1 = 1): Tensor {
+    const handle = this.live('transpose');
     checkDim(this, dim0, 'transpose', 'dim0');
     checkDim(this, dim1, 'transpose', 'dim1');
-    return new Tensor(this.handle.transpose(dim0, dim1));
+    return new Tensor(handle.transpose(dim0, dim1));
   }
   sharesStorageWith(other: Tensor): boolean {
+    const handle = this.live('sharesStorageWith');
     checkTensor(other, 'sharesStorageWith', 'other');
-    return this.handle.sharesStorage(other.handle);
+    return handle.sharesStorage(other.handle);
   }
   /**
    * @internal Whether the two reach common memory: the same storage and intersecting byte extents
@@ -357,17 +385,19 @@ export class Tensor implements Disposable {
    * on the CPU.
    */
   recordStream(stream?: Stream): this {
+    const handle = this.live('recordStream');
     if (stream !== undefined) checkStream(stream, 'recordStream');
-    this.handle.recordStream(stream ? stream.handle : null);
+    handle.recordStream(stream ? stream.handle : null);
     return this;
   }
 
   // ------------------------------------------------------------------------------- copies
   /** A contiguous tensor with these values in `dtype` on `device` (a new tensor, always). */
   copyTo(options: CreateOptions = {}): Tensor {
+    const handle = this.live('copyTo');
     options = checkOptions(options, 'Tensor.copyTo', { dtype: true, device: true });
-    const out = Tensor.empty(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device });
-    native().copy(out.handle, this.handle);
+    const out = Tensor.allocate(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device }, 'copyTo');
+    native().copy(out.handle, handle);
     return out;
   }
   /** A copy on `device`. */
@@ -399,24 +429,25 @@ export class Tensor implements Disposable {
     return this;
   }
   fill_(value: number): this {
-    native().fill(this.handle, value);
+    native().fill(this.live('fill_'), value);
     return this;
   }
   /** @internal kind RANDOM_KIND.uniform: uniform(p0, p1); RANDOM_KIND.normal: normal(p0, p1). */
   random_(kind: 0 | 1, p0: number, p1: number, seed?: number, offset = 0): this {
+    const handle = this.live('random_'); // before the global stream advances
     if (seed === undefined) {
       seed = generator.seed;
       offset = generator.offset;
       generator.offset += this.numel;
     }
-    native().random(this.handle, kind, p0, p1, seed, offset);
+    native().random(handle, kind, p0, p1, seed, offset);
     return this;
   }
 
   // ------------------------------------------------------------------------------ reading
   /** The raw values in row-major order (bf16/f16 as Uint16Array bits). Waits for the device. */
   toArray(): StorageArray {
-    return storageView(this.dtype, this.handle.toBuffer());
+    return storageView(this.dtype, this.live('toArray').toBuffer());
   }
   /** The values as float32 (converted natively for bf16, f16 and fp8). */
   toFloat32Array(): Float32Array {

@@ -53,8 +53,18 @@ export function checkOptions<T extends object>(options: T | undefined, op: strin
 // ------------------------------------------------------------------------------------------ tensors
 
 export function checkTensor(t: unknown, op: string, arg: string): Tensor {
-  if (!(t instanceof Tensor)) invalidArgument(op, `'${arg}' must be a Tensor; received ${t === null ? 'null' : typeof t}`);
+  if (!Tensor.isTensor(t))
+    invalidArgument(
+      op,
+      `'${arg}' must be a Tensor; received ${t === null ? 'null' : t instanceof Tensor ? 'an object made from Tensor.prototype without its constructor' : typeof t}`,
+    );
   if (t.disposed) throw new DisposedError(`${op}: '${arg}' was disposed and cannot be used`, op);
+  return t;
+}
+
+/** A tensor whose rows the op reads as one dense block (a transposed view would be misread). */
+export function checkContiguous(t: Tensor, op: string, arg: string): Tensor {
+  if (!t.isContiguous) invalidArgument(op, `'${arg}' must be contiguous (${arg}.contiguous() makes a copy that is)`);
   return t;
 }
 

@@ -22,6 +22,7 @@ import {
   expertsBackward,
   expertsForward,
   interleaveW13,
+  joinExperts,
   moeLayerState,
   groupedGemm,
   InvalidArgumentError,
@@ -857,7 +858,7 @@ const cases: Case[] = [
       return expertsBackward(f([5, 3]), f([5, 7]), w13, w2, offsets, fwd);
     },
     InvalidArgumentError,
-    /expertsBackward: 'a' must be \[5,3\] \(M from 'a', H and F from 'w13'\); received \[5,7\]/,
+    /expertsBackward: 'a' must be \[M,3\] \(H from 'w13' \[2,3,8\]\); received \[5,7\]/,
   ],
   [
     "MoELayer.backward of another layer's forward",
@@ -880,7 +881,7 @@ const cases: Case[] = [
     'a BigInt dtype, quoted in the message',
     () => Tensor.zeros([2], { dtype: 1n as never, device: cpu }),
     InvalidArgumentError,
-    /empty: 'dtype' must be one of .*; received "1n"/,
+    /^zeros: 'dtype' must be one of .*; received "1n"/,
   ],
   ['a Symbol for dim', () => ops.sum(f([2]), Symbol('d') as never), InvalidArgumentError, /sum: 'dim' = Symbol\(d\) is out of range/],
   [
@@ -965,6 +966,144 @@ const cases: Case[] = [
     /allToAll: 'recv' is i32 but 'send' is f32/,
   ],
   ['a config whose lr is past float32', () => resolveConfig({ optimizer: { lr: 1e39 } }), InvalidArgumentError, /optimizer\.lr/],
+  // From session 22's fuzzing: raw TypeErrors and errors that named an internal op
+  [
+    'writeSafetensors without a path',
+    () => writeSafetensors(undefined as never, []),
+    InvalidArgumentError,
+    /writeSafetensors: 'path' must be a file path/,
+  ],
+  [
+    'SafetensorsFile.open of an empty path',
+    () => SafetensorsFile.open(''),
+    InvalidArgumentError,
+    /SafetensorsFile\.open: 'path' must be a file path/,
+  ],
+  [
+    'saveCheckpoint with a comm that is not a Communicator',
+    () => saveCheckpoint(tmp(), { step: 1, comm: 'x' as never }),
+    InvalidArgumentError,
+    /saveCheckpoint: 'comm' must be a Communicator; received "x"|saveCheckpoint: 'comm' must be a Communicator .*received "x"/,
+  ],
+  [
+    'loadCheckpoint with a comm that is not a Communicator',
+    () => loadCheckpoint(checkpoint(), { comm: { rank: 0, size: 1 } as never }),
+    InvalidArgumentError,
+    /loadCheckpoint: 'comm' must be a Communicator/,
+  ],
+  [
+    'joinExperts of no experts',
+    () => joinExperts(loadCheckpoint(checkpoint()), 0, 0, () => 'w'),
+    InvalidArgumentError,
+    /joinExperts: 'count' must be a positive integer/,
+  ],
+  [
+    'joinExperts without a name function',
+    () => joinExperts(loadCheckpoint(checkpoint()), 0, 1, 'w' as never),
+    InvalidArgumentError,
+    /joinExperts: 'name' must be a function/,
+  ],
+  [
+    'ClusterTask with a fractional seed',
+    () => new ClusterTask({ dim: 4, clusters: 2, zipf: 1, noise: 0.1, seed: 1.5 }),
+    InvalidArgumentError,
+    /ClusterTask: 'seed' must be a non-negative integer/,
+  ],
+  [
+    'ClusterTask with noise that overflows f32 losses',
+    () => new ClusterTask({ dim: 4, clusters: 2, zipf: 1, noise: 1e308, seed: 1 }),
+    InvalidArgumentError,
+    /ClusterTask: 'noise' must be in \[0, 1000000\]/,
+  ],
+  [
+    'ClusterTask with an infinite zipf',
+    () => new ClusterTask({ dim: 4, clusters: 2, zipf: Infinity, noise: 0.1, seed: 1 }),
+    InvalidArgumentError,
+    /ClusterTask: 'zipf' must be a finite number/,
+  ],
+  [
+    "a train config with noise past ClusterTask's bound",
+    () => resolveConfig({ data: { noise: 1e7 } }),
+    InvalidArgumentError,
+    /data\.noise/,
+  ],
+  [
+    'a Tensor made from its prototype without the constructor',
+    () => ops.add(Object.create(Tensor.prototype) as Tensor, f([1])),
+    InvalidArgumentError,
+    /add: 'a' must be a Tensor; received an object made from Tensor\.prototype/,
+  ],
+  [
+    'MoELayer with routeScale past float32',
+    () => new MoELayer({ ...smallLayer, routeScale: 1e39 }),
+    InvalidArgumentError,
+    /'routeScale' = 1e\+39 is beyond float32's range/,
+  ],
+  [
+    'combine of a transposed expertOut',
+    () => {
+      const { indices, cap } = routed();
+      const d = new Dispatcher({ numExperts: 4 });
+      const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+      return d.combine(f([3, 4]).transpose(), r.handle, f([2, 2]));
+    },
+    InvalidArgumentError,
+    /combine: 'expertOut' must be contiguous/,
+  ],
+  [
+    'expertsForward with rows of another H than the weights',
+    () => expertsForward(f([2, 5]), f([4, 8, 8]), f([4, 4, 8]), Tensor.fromArray([0, 1, 2, 2, 2], { dtype: 'i32', device: cpu })),
+    InvalidArgumentError,
+    /expertsForward: 'a' must be \[M,8\] \(H from 'w13'/,
+  ],
+  [
+    'expertsForward with w2 of another F',
+    () => expertsForward(f([2, 8]), f([4, 8, 8]), f([4, 3, 8]), Tensor.fromArray([0, 1, 2, 2, 2], { dtype: 'i32', device: cpu })),
+    InvalidArgumentError,
+    /expertsForward: 'w2' must be \[4,4,8\]/,
+  ],
+  [
+    'zeros of an unknown dtype names zeros',
+    () => Tensor.zeros([2], { dtype: 'f64' as never, device: cpu }),
+    InvalidArgumentError,
+    /^zeros: 'dtype' must be one of/,
+  ],
+  [
+    'randn of an unknown dtype names randn',
+    () => Tensor.randn([2], { dtype: 'f64' as never, device: cpu }),
+    InvalidArgumentError,
+    /^randn: 'dtype' must be one of/,
+  ],
+  ['view of a disposed tensor names view', () => disposed().view(4), DisposedError, /^view: the tensor was disposed/],
+  ['toArray of a disposed tensor names toArray', () => disposed().toArray(), DisposedError, /^toArray: the tensor was disposed/],
+  ['cast of a disposed tensor names copyTo', () => disposed().cast('bf16'), DisposedError, /^copyTo: the tensor was disposed/],
+  [
+    'CheckpointReader.get into an unknown dtype names itself',
+    () => loadCheckpoint(checkpoint()).get('w', { dtype: 'f64' as never }),
+    InvalidArgumentError,
+    /^CheckpointReader\.get: 'dtype' must be one of/,
+  ],
+  [
+    'CheckpointReader.get onto a bad device names itself',
+    () => loadCheckpoint(checkpoint()).get('w', { device: 'tpu:0' as never }),
+    InvalidArgumentError,
+    /^CheckpointReader\.get: /,
+  ],
+  [
+    'fromArray where a getter changes its answer after the check',
+    () => {
+      let reads = 0;
+      const data = {
+        length: 1,
+        get 0() {
+          return reads++ === 0 ? 1 : 1.5;
+        },
+      };
+      return Tensor.fromArray(data, { dtype: 'i32', device: cpu });
+    },
+    InvalidArgumentError,
+    /fromArray: 'data'\[0\] = 1\.5 is not an integer/,
+  ],
 ];
 
 describe('bad calls give clear errors', () => {
@@ -1045,6 +1184,8 @@ describe('bad calls give clear errors', () => {
     expect(inf.rowsFor(3)).toBe(6);
     for (const T of [-3, 1.5, 'x'])
       expect(() => inf.rowsFor(T as never)).toThrow(/MoEInference\.rowsFor: 'T' must be a non-negative integer/);
+    // T·topK rows past int32 (it failed inside fromArray)
+    expect(() => inf.workspaceBytes(2 ** 31)).toThrow(/MoEInference\.workspaceBytes: 2147483648 tokens route 4294967296 rows \(topK 2\)/);
     inf.dispose();
     const live = memoryStats(cpu).liveBytes;
     expect(() => inf.workspaceBytes(65536)).toThrow(DisposedError);

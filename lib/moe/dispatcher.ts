@@ -42,6 +42,7 @@ import { type CommWork, type CommWorkOptions, launch } from '../parallel/overlap
 import { type DType, dtypeSize } from '../dtype.js';
 import { invalidArgument, InvalidArgumentError, usedAfterDispose, shown } from '../errors.js';
 import {
+  checkContiguous,
   checkBoolean,
   checkKeys,
   checkNonNegativeInt,
@@ -680,6 +681,7 @@ export class Dispatcher {
     const op = 'combine';
     this.checkLive(op);
     checkTensors(op, { expertOut, weights });
+    checkContiguous(expertOut, op, 'expertOut');
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(
       op,
@@ -720,6 +722,8 @@ export class Dispatcher {
     const op = 'combineBackward';
     this.checkLive(op);
     checkTensors(op, { dy, expertOut, weights });
+    checkContiguous(dy, op, 'dy');
+    checkContiguous(expertOut, op, 'expertOut');
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(
       op,

@@ -46,8 +46,10 @@ export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
   tidy(() => {
     // A [E,H,F,2] view of w13: slot 0 takes W1, slot 1 takes W3.
     const pairs = w13.view(E, H, F, 2);
-    pairs.narrow(3, 0, 1).copy_(w1.view(E, H, F, 1));
-    pairs.narrow(3, 1, 1).copy_(w3.view(E, H, F, 1));
+    // A strided w1 or w3 (a transposed checkpoint tensor) is copied first: view needs the layout.
+    const dense = (t: Tensor): Tensor => (t.isContiguous ? t : t.contiguous());
+    pairs.narrow(3, 0, 1).copy_(dense(w1).view(E, H, F, 1));
+    pairs.narrow(3, 1, 1).copy_(dense(w3).view(E, H, F, 1));
   });
   return w13;
 }
@@ -90,28 +92,34 @@ export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor,
   }
 }
 
-/** The tensor arguments, and the ranks the allocations here depend on (the GEMMs check the rest). */
+/**
+ * The tensor arguments, and the shapes the layer's products agree on: a [M,H], w13 [E,H,2F] and
+ * w2 [E,F,H] (the GEMMs check offsets and the rest, under their own names).
+ */
 function checkShapes(op: string, t: Record<string, unknown>): void {
   checkTensors(op, t);
   const a = t.a as Tensor,
-    w13 = t.w13 as Tensor;
-  if (a.ndim !== 2) invalidArgument(op, `'a' must be [M,H]; received [${a.shape.join(',')}]`);
+    w13 = t.w13 as Tensor,
+    w2 = t.w2 as Tensor;
   if (w13.ndim !== 3 || (w13.shape[2] as number) % 2 !== 0) {
     invalidArgument(op, `'w13' must be [E,H,2F] (W1 and W3 interleaved: an even last dimension); received [${w13.shape.join(',')}]`);
   }
+  const [E, H, F2] = w13.shape as [number, number, number];
+  if (a.ndim !== 2 || a.shape[1] !== H)
+    invalidArgument(op, `'a' must be [M,${H}] (H from 'w13' [${w13.shape.join(',')}]); received [${a.shape.join(',')}]`);
+  if (w2.ndim !== 3 || w2.shape[0] !== E || w2.shape[1] !== F2 / 2 || w2.shape[2] !== H)
+    invalidArgument(op, `'w2' must be [${E},${F2 / 2},${H}] (w13 is [${w13.shape.join(',')}]); received [${w2.shape.join(',')}]`);
 }
 
 /**
  * The backward's operands against the weights (the products would otherwise take any K and return
  * gradients of the wrong shape): a and dOut [M,H], saved.g [M,2F] and saved.h [M,F], with H and F
- * from w13 [E,H,2F] and w2 [E,F,H].
+ * from w13 [E,H,2F] (checkShapes has checked w2 against it).
  */
-function checkBackwardShapes(a: Tensor, w13: Tensor, w2: Tensor, dOut: Tensor, saved: { g: Tensor; h: Tensor }): void {
+function checkBackwardShapes(a: Tensor, w13: Tensor, dOut: Tensor, saved: { g: Tensor; h: Tensor }): void {
   const op = 'expertsBackward';
   const [, H, F2] = w13.shape as [number, number, number];
   const M = a.shape[0] as number;
-  if (w2.ndim !== 3 || w2.shape[1] !== F2 / 2 || w2.shape[2] !== H)
-    invalidArgument(op, `'w2' must be [E,${F2 / 2},${H}] (w13 is [${w13.shape.join(',')}]); received [${w2.shape.join(',')}]`);
   const want: [string, Tensor, number[]][] = [
     ['a', a, [M, H]],
     ['dOut', dOut, [M, H]],
@@ -138,7 +146,7 @@ export function expertsBackward(
   if (saved === null || typeof saved !== 'object') invalidArgument('expertsBackward', `'saved' must be expertsForward's { g, h }`);
   const rows = rowsTensor('expertsBackward', aRows);
   checkShapes('expertsBackward', { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
-  checkBackwardShapes(rows, w13, w2, dOut, saved);
+  checkBackwardShapes(rows, w13, dOut, saved);
   const a = rows === aRows ? rows : dequantizeFp8(aRows as Fp8Rows, w13.dtype);
   const M = a.shape[0] as number;
   let dG: Tensor | null = null;

@@ -26,6 +26,7 @@ import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { DisposedError, invalidArgument, usedAfterDispose, shown } from '../errors.js';
 import {
+  checkContiguous,
   checkBoolean,
   checkFloat32,
   checkKeys,
@@ -377,7 +378,7 @@ export class MoELayer implements Disposable {
     const { hidden, dtype } = this.config;
     checkTensor(x, op, 'x');
     if (x.ndim !== 2 || x.shape[1] !== hidden) invalidArgument(op, `'x' must be [T, ${hidden}]; received [${x.shape.join(', ')}]`);
-    if (!x.isContiguous) invalidArgument(op, `'x' must be contiguous (x.contiguous() makes a copy that is)`);
+    checkContiguous(x, op, 'x');
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device))
       invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);

@@ -38,6 +38,7 @@
 import type { Device } from '../device.js';
 import { invalidArgument } from '../errors.js';
 import {
+  checkFloat32,
   checkBoolean,
   checkKeys,
   checkNumber,
@@ -147,7 +148,7 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
     'router',
     'normalize',
   );
-  const routeScale = checkNumber(config.routeScale ?? 1, 'router', 'routeScale');
+  const routeScale = checkFloat32(checkNumber(config.routeScale ?? 1, 'router', 'routeScale'), 'router', 'routeScale');
   const capacityFactor = checkPositiveNumber(config.capacityFactor ?? k, 'router', 'capacityFactor');
   if (routing === 'expert-choice') {
     if (groups !== 1)

@@ -226,3 +226,10 @@ export class Communicator implements Disposable {
     return `Communicator(${this.backend}, rank ${this.rank} of ${this.size})`;
   }
 }
+
+/** An optional `comm` option: undefined, or a Communicator (a look-alike object failed inside a collective). */
+export function checkOptionalCommunicator(comm: unknown, op: string, arg = 'comm'): Communicator | undefined {
+  if (comm !== undefined && !(comm instanceof Communicator))
+    invalidArgument(op, `'${arg}' must be a Communicator (from init() or Communicator's factories); received ${shown(comm)}`);
+  return comm;
+}

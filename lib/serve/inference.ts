@@ -58,7 +58,16 @@ import { dtypeSize } from '../dtype.js';
 import { invalidArgument, UnavailableError, usedAfterDispose } from '../errors.js';
 import { CudaGraph } from '../graph.js';
 import { Stream } from '../stream.js';
-import { checkBoolean, checkKeys, checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor } from '../validate.js';
+import {
+  checkBoolean,
+  checkContiguous,
+  checkKeys,
+  checkNonNegativeInt,
+  checkOneOf,
+  checkOptions,
+  checkPositiveInt,
+  checkTensor,
+} from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe/capacity.js';
 import { checkGroup, Dispatcher, type ExpertParallelGroup, type TransportChoice } from '../moe/dispatcher.js';
@@ -524,10 +533,19 @@ export class MoEInference implements Disposable {
     }
   }
 
+  /** T tokens route T·topK rows, which the kernels index with int32. */
+  private checkRoutedRows(T: number, op: string): void {
+    const { topK } = this.config;
+    if (T * topK > 2 ** 31 - 1)
+      invalidArgument(op, `${T} tokens route ${T * topK} rows (topK ${topK}); at most 2^31 − 1 fit the kernels' int32 indices`);
+  }
+
   /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused; a captured T's are its graph's). */
   workspaceBytes(T: number): number {
-    if (this.#disposed) usedAfterDispose('MoEInference.workspaceBytes', 'the layer');
-    checkPositiveInt(T, 'MoEInference', 'T');
+    const op = 'MoEInference.workspaceBytes';
+    if (this.#disposed) usedAfterDispose(op, 'the layer');
+    checkPositiveInt(T, op, 'T');
+    this.checkRoutedRows(T, op);
     const ws = this.graphs.get(T)?.ws ?? this.workspace(T);
     return bytesOf(ws.tensors);
   }
@@ -668,12 +686,13 @@ export class MoEInference implements Disposable {
     const { hidden: H, dtype } = this.config;
     checkTensor(x, op, 'x');
     if (x.ndim !== 2 || x.shape[1] !== H) invalidArgument(op, `'x' must be [T, ${H}]`);
-    if (!x.isContiguous) invalidArgument(op, `'x' must be contiguous (x.contiguous() makes a copy that is)`);
+    checkContiguous(x, op, 'x');
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device))
       invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
     const T = x.shape[0] as number;
     if (T === 0) invalidArgument(op, `'x' has no tokens`);
+    this.checkRoutedRows(T, op);
     const out = options.out;
     if (out !== undefined) {
       checkTensor(out, op, 'out');

@@ -6,12 +6,12 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 
-import { type DeviceLike } from '../device.js';
+import { Device, type DeviceLike } from '../device.js';
 import { type DType, storageView } from '../dtype.js';
 import { CheckpointError, closestName, invalidArgument } from '../errors.js';
-import { type Communicator } from '../parallel/communicator.js';
+import { type Communicator, checkOptionalCommunicator } from '../parallel/communicator.js';
 import { Tensor } from '../tensor.js';
-import { checkBoolean, checkOptions, checkTensor } from '../validate.js';
+import { checkBoolean, checkDType, checkOptions, checkTensor } from '../validate.js';
 import {
   checkFiles,
   checkFileSize,
@@ -312,12 +312,16 @@ export class CheckpointReader implements Disposable {
 
   /** One tensor on `device` (default: the default device), converted to `dtype` when given. */
   get(name: string, options: GetOptions = {}): Tensor {
-    options = checkOptions(options, 'CheckpointReader.get', { device: true, dtype: true });
+    const op = 'CheckpointReader.get';
+    options = checkOptions(options, op, { device: true, dtype: true });
+    // Checked here, before the read, so the errors name this call (not the cast or fromArray inside).
+    const device = options.device === undefined ? undefined : Device.parse(options.device, op);
+    if (options.dtype !== undefined) checkDType(options.dtype, op);
     const r = this.getRaw(name);
     const base = Tensor.fromArray(storageView(r.dtype, r.data.buffer as ArrayBuffer), {
       dtype: r.dtype,
       shape: r.shape,
-      ...(options.device === undefined ? {} : { device: options.device }),
+      ...(device === undefined ? {} : { device }),
     });
     if (options.dtype === undefined || options.dtype === r.dtype) return base;
     try {
@@ -352,6 +356,7 @@ export class CheckpointReader implements Disposable {
 export function loadCheckpoint(path: string, options: LoadOptions = {}): CheckpointReader {
   options = checkOptions(options, 'loadCheckpoint', { comm: true, verify: true });
   if (options.verify !== undefined) checkBoolean(options.verify, 'loadCheckpoint', 'verify');
+  checkOptionalCommunicator(options.comm, 'loadCheckpoint');
   const located = locateCheckpoint(path);
   return new CheckpointReader(located.dir, located.manifest, options, located);
 }

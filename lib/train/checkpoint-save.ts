@@ -9,7 +9,7 @@ import { basename, join } from 'node:path';
 
 import { type DType } from '../dtype.js';
 import { CheckpointError, InvalidArgumentError, invalidArgument } from '../errors.js';
-import { type Communicator } from '../parallel/communicator.js';
+import { type Communicator, checkOptionalCommunicator } from '../parallel/communicator.js';
 import { allGatherJson } from '../parallel/gather-json.js';
 import { Tensor } from '../tensor.js';
 import { checkKeys, checkNonNegativeInt, checkPositiveInt, checkTensor } from '../validate.js';
@@ -144,7 +144,9 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   const t0 = Date.now();
   checkRootPath(root, op);
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
-  const { step, comm } = options;
+  const { step } = options;
+  // Checked before the rest: without a communicator there is no exchange to refuse the others through.
+  const comm = checkOptionalCommunicator(options.comm, op);
   // Arguments are checked before the first exchange but refused after it, so that a rank given
   // bad ones fails every rank (naming it) instead of leaving its peers in a collective until the
   // timeout.

@@ -8,6 +8,7 @@ import { Ajv, type ErrorObject } from 'ajv';
 import { F32_MAX, F32_MIN_NORMAL } from '../dtype.js';
 import { closestName, InvalidArgumentError } from '../errors.js';
 import { FP8_BLOCK } from '../moe/fp8.js';
+import { CLUSTER_NOISE_MAX } from './data.js';
 
 export interface TrainConfig {
   model: {
@@ -176,7 +177,11 @@ export const trainConfigSchema = {
     data: section({
       clusters: { ...int(1), description: 'clusters of the synthetic inputs, each with its own target map' },
       zipf: { ...num(0), description: 'Zipf exponent of the cluster frequencies (0: uniform)' },
-      noise: { ...num(0), description: 'standard deviation of the inputs around their cluster centre' },
+      noise: {
+        ...num(0),
+        maximum: CLUSTER_NOISE_MAX,
+        description: 'standard deviation of the inputs around their cluster centre (unit-scale clusters)',
+      },
       tokensPerStep: { ...int(1), description: 'global batch per step, split evenly over the ranks' },
       seed: { ...int(0), description: 'seed of the weights and the data (a run repeats exactly)' },
       onDevice: {

@@ -65,6 +65,10 @@ function splitmix(seed: number): () => number {
   };
 }
 
+/** The largest within-cluster σ ClusterTask takes (the train config's data.noise bound too). */
+export const CLUSTER_NOISE_MAX = 1e6;
+const MAX_SEED = 2 ** 48;
+
 export class ClusterTask implements Disposable {
   readonly config: ClusterTaskConfig;
   private readonly centres: Tensor; // [K, dim]
@@ -78,8 +82,15 @@ export class ClusterTask implements Disposable {
     const op = 'ClusterTask';
     checkKeys(config, op, { dim: true, clusters: true, zipf: true, noise: true, seed: true, device: true });
     for (const f of ['dim', 'clusters'] as const) checkPositiveInt(config[f], op, f);
-    if (!(config.zipf >= 0)) invalidArgument(op, `'zipf' must be ≥ 0; received ${String(config.zipf)}`);
-    if (!(config.noise >= 0)) invalidArgument(op, `'noise' must be ≥ 0; received ${String(config.noise)}`);
+    if (!(config.zipf >= 0 && config.zipf < Infinity))
+      invalidArgument(op, `'zipf' must be a finite number ≥ 0; received ${String(config.zipf)}`);
+    // Centres and maps are unit-scale: a σ far past them drowns the clusters, and past ~1e19 the
+    // squared errors of the f32 losses overflow (noise 1e308 made NaN batches).
+    if (!(config.noise >= 0 && config.noise <= CLUSTER_NOISE_MAX))
+      invalidArgument(op, `'noise' must be in [0, ${CLUSTER_NOISE_MAX}] (the clusters are unit-scale); received ${String(config.noise)}`);
+    // Seeds seed·8 + 1 and + 2 must stay exact integers, and splitmix takes an integer.
+    checkNonNegativeInt(config.seed, op, 'seed');
+    if (config.seed > MAX_SEED) invalidArgument(op, `'seed' must be at most ${MAX_SEED}; received ${config.seed}`);
     this.config = { ...config };
     const { dim, clusters, seed } = config;
     this.centres = keep(Tensor.randn([clusters, dim], { seed: seed * 8 + 1, device: 'cpu' }));

@@ -103,6 +103,11 @@ export function joinExperts(
   options: { device?: DeviceLike; dtype?: 'f32' | 'bf16' } = {},
 ): { w13: Tensor; w2: Tensor } {
   options = checkOptions(options, 'joinExperts', { device: true, dtype: true });
+  if (reader === null || typeof reader !== 'object' || typeof (reader as { get?: unknown }).get !== 'function')
+    invalidArgument('joinExperts', `'reader' must be a CheckpointReader (from loadCheckpoint)`);
+  checkNonNegativeInt(firstExpert, 'joinExperts', 'firstExpert');
+  checkPositiveInt(count, 'joinExperts', 'count');
+  if (typeof name !== 'function') invalidArgument('joinExperts', `'name' must be a function (expert, weight) → tensor name`);
   const dtype = options.dtype ?? 'f32';
   const get = (n: string): Tensor => reader.get(n, { device: 'cpu', dtype });
   return tidy(() => {

@@ -21,7 +21,7 @@ import * as fs from 'node:fs';
 import { basename } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument, shown } from '../errors.js';
 import { checkOptions } from '../validate.js';
 import { checkJsonNesting, openRegular, readFully, writeAll, writeFileAtomic } from './safe-files.js';
 
@@ -138,6 +138,13 @@ function encodeHeader(
   return { header, infos };
 }
 
+/** A file path argument: a non-empty string without NUL (undefined gave a raw TypeError from node:path). */
+function checkFilePath(path: unknown, op: string): string {
+  if (typeof path !== 'string' || path === '' || path.includes('\0'))
+    invalidArgument(op, `'path' must be a file path (a non-empty string); received ${shown(path)}`);
+  return path;
+}
+
 /**
  * Writes a safetensors file (tensors in the order given, back to back). Returns its size and the
  * SHA-256 of the file and of every tensor. `fsync` (default true) flushes the file to disk before
@@ -149,6 +156,7 @@ export function writeSafetensors(
   metadata?: Record<string, string>,
   options: { fsync?: boolean } = {},
 ): WrittenFile {
+  checkFilePath(path, 'writeSafetensors');
   options = checkOptions(options, 'writeSafetensors', { fsync: true });
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
@@ -210,7 +218,7 @@ export class SafetensorsFile implements Disposable {
 
   /** Opens and validates the header (offsets in range, contiguous, sizes = numel·itemsize, known dtypes). */
   static open(path: string): SafetensorsFile {
-    if (typeof path !== 'string') invalidArgument('SafetensorsFile.open', `'path' must be a string; received ${String(path)}`);
+    checkFilePath(path, 'SafetensorsFile.open');
     // Regular files only, stat before open: a FIFO would block the open, a device never end.
     const { fd, size } = openRegular(path, { what: `safetensors ${basename(path)} (${path})` });
     try {
