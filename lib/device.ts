@@ -47,17 +47,21 @@ export class Device {
 
 export type DeviceLike = Device | 'cpu' | 'cuda' | `cuda:${number}`;
 
+/** The addon's CUDA status, asked once: it is fixed for the process (the addon caches it too), and every GPU allocation checks it. */
+let cudaStatusOnce: ReturnType<ReturnType<typeof native>['cudaStatus']> | undefined;
+const cudaStatus = () => (cudaStatusOnce ??= native().cudaStatus());
+
 export const cuda = {
   /** True when this build has CUDA and a usable GPU is visible. */
   isAvailable(): boolean {
-    return native().cudaStatus().deviceCount > 0;
+    return cudaStatus().deviceCount > 0;
   },
   deviceCount(): number {
-    return native().cudaStatus().deviceCount;
+    return cudaStatus().deviceCount;
   },
   /** Why no GPU is usable ('' when one is). */
   unavailableReason(): string {
-    return native().cudaStatus().unavailable;
+    return cudaStatus().unavailable;
   },
   /**
    * How often this process has made the host wait for a GPU so far: device-to-host copies and
@@ -76,7 +80,7 @@ export const cuda = {
  */
 export function checkDeviceUsable(device: Device, op: string): void {
   if (!device.isCuda) return;
-  const { deviceCount, unavailable } = native().cudaStatus();
+  const { deviceCount, unavailable } = cudaStatus();
   if (deviceCount === 0)
     throw new UnavailableError(
       `${op}: device ${device.toString()} is not usable: ${unavailable}. Use device 'cpu', or on a machine with a GPU and ` +

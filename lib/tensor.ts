@@ -5,7 +5,7 @@
  * too is disposed. Garbage collection releases forgotten tensors eventually, but only as a
  * backstop: device memory is scarce and the GC does not see it, so dispose what you create.
  */
-import { Device, type DeviceLike, getDefaultDevice } from './device.js';
+import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from './device.js';
 import { type DType, dtypeFromCode, dtypeOfArray, dtypeSize, type StorageArray, storageView } from './dtype.js';
 import { DisposedError, invalidArgument, shown } from './errors.js';
 import { checkDType, checkFloat32, checkNonNegativeInt, checkNumber, checkOptions, checkStream, checkTensor } from './validate.js';
@@ -170,6 +170,7 @@ export class Tensor implements Disposable {
   private static allocate(shape: readonly number[], options: CreateOptions, op: string): Tensor {
     const dtype = checkDType(options.dtype ?? 'f32', op);
     const device = Device.parse(options.device ?? getDefaultDevice(), op);
+    checkDeviceUsable(device, op);
     const dims = checkShape(shape, op);
     return new Tensor(native().tensorEmpty(dims, DTYPE_CODE[dtype], ...device.code), { shape: dims, dtype, device });
   }
@@ -394,25 +395,29 @@ export class Tensor implements Disposable {
   // ------------------------------------------------------------------------------- copies
   /** A contiguous tensor with these values in `dtype` on `device` (a new tensor, always). */
   copyTo(options: CreateOptions = {}): Tensor {
-    const handle = this.live('copyTo');
     options = checkOptions(options, 'Tensor.copyTo', { dtype: true, device: true });
-    const out = Tensor.allocate(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device }, 'copyTo');
+    return this.copied(options, 'copyTo');
+  }
+  /** copyTo for the methods built on it: their own name in the errors. */
+  private copied(options: CreateOptions, op: string): Tensor {
+    const handle = this.live(op);
+    const out = Tensor.allocate(this.shape, { dtype: options.dtype ?? this.dtype, device: options.device ?? this.device }, op);
     native().copy(out.handle, handle);
     return out;
   }
   /** A copy on `device`. */
   to(device: DeviceLike): Tensor {
-    return this.copyTo({ device });
+    return this.copied({ device }, 'to');
   }
   /** Converted to `dtype` (a copy). */
   cast(dtype: DType): Tensor {
-    return this.copyTo({ dtype: checkDType(dtype, 'cast') });
+    return this.copied({ dtype: checkDType(dtype, 'cast') }, 'cast');
   }
   contiguous(): Tensor {
-    return this.copyTo();
+    return this.copied({}, 'contiguous');
   }
   clone(): Tensor {
-    return this.copyTo();
+    return this.copied({}, 'clone');
   }
   /** Copies `src` into this tensor (shapes must match; dtype and device may differ). */
   copy_(src: Tensor): this {

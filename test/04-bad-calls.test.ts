@@ -23,6 +23,7 @@ import {
   expertsForward,
   interleaveW13,
   joinExperts,
+  quantizeFp8,
   moeLayerState,
   groupedGemm,
   InvalidArgumentError,
@@ -983,13 +984,13 @@ const cases: Case[] = [
     'saveCheckpoint with a comm that is not a Communicator',
     () => saveCheckpoint(tmp(), { step: 1, comm: 'x' as never }),
     InvalidArgumentError,
-    /saveCheckpoint: 'comm' must be a Communicator; received "x"|saveCheckpoint: 'comm' must be a Communicator .*received "x"/,
+    /saveCheckpoint: 'comm' must be a Communicator .*; received "x"/,
   ],
   [
-    'loadCheckpoint with a comm that is not a Communicator',
-    () => loadCheckpoint(checkpoint(), { comm: { rank: 0, size: 1 } as never }),
+    'loadCheckpoint with a comm without an integer rank and size',
+    () => loadCheckpoint(checkpoint(), { comm: 'x' as never }),
     InvalidArgumentError,
-    /loadCheckpoint: 'comm' must be a Communicator/,
+    /loadCheckpoint: 'comm' must have an integer rank in \[0, size\); received rank undefined and size undefined/,
   ],
   [
     'joinExperts of no experts',
@@ -1076,7 +1077,49 @@ const cases: Case[] = [
   ],
   ['view of a disposed tensor names view', () => disposed().view(4), DisposedError, /^view: the tensor was disposed/],
   ['toArray of a disposed tensor names toArray', () => disposed().toArray(), DisposedError, /^toArray: the tensor was disposed/],
-  ['cast of a disposed tensor names copyTo', () => disposed().cast('bf16'), DisposedError, /^copyTo: the tensor was disposed/],
+  ['cast of a disposed tensor names cast', () => disposed().cast('bf16'), DisposedError, /^cast: the tensor was disposed/],
+  ['clone of a disposed tensor names clone', () => disposed().clone(), DisposedError, /^clone: the tensor was disposed/],
+  ['narrow of a disposed tensor names narrow', () => disposed().narrow(0, 0, 1), DisposedError, /^narrow: the tensor was disposed/],
+  [
+    'quantizeFp8 of a Tensor made from its prototype',
+    () => quantizeFp8(Object.create(Tensor.prototype) as Tensor),
+    InvalidArgumentError,
+    /quantizeFp8: 'x' must be a \[R, H\] tensor/,
+  ],
+  [
+    'a Trainer whose world is not a Communicator',
+    () => new Trainer(defaultConfig, { world: 'x' as never }),
+    InvalidArgumentError,
+    /Trainer: 'world' must be a Communicator/,
+  ],
+  [
+    'joinExperts into an integer dtype, before reading',
+    () => joinExperts(loadCheckpoint(checkpoint()), 0, 1, () => 'missing', { dtype: 'i32' as never }),
+    InvalidArgumentError,
+    /joinExperts: 'dtype' must be one of f32, bf16/,
+  ],
+  [
+    'dispatchBackward of strided row gradients',
+    () => {
+      const { indices, cap } = routed();
+      const d = new Dispatcher({ numExperts: 4 });
+      const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+      return d.dispatchBackward(f([3, 4]).transpose(), r.handle);
+    },
+    InvalidArgumentError,
+    /dispatchBackward: 'dRows' must be contiguous/,
+  ],
+  [
+    'combineBackward of a strided dy',
+    () => {
+      const { indices, cap } = routed();
+      const d = new Dispatcher({ numExperts: 4 });
+      const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+      return d.combineBackward(f([3, 2]).transpose(), f([4, 3]), r.handle, f([2, 2]));
+    },
+    InvalidArgumentError,
+    /combineBackward: 'dy' must be contiguous/,
+  ],
   [
     'CheckpointReader.get into an unknown dtype names itself',
     () => loadCheckpoint(checkpoint()).get('w', { dtype: 'f64' as never }),
@@ -1176,6 +1219,30 @@ describe('bad calls give clear errors', () => {
       const { indices, cap } = routed();
       tidy(() => expect(() => d.dispatch(f([2, 3]), indices, f([2, 2]), cap)).toThrow(message));
     }
+  });
+
+  it('interleaveW13 takes transposed w1 and w3 as their contiguous copies (a view of them failed inside, naming view)', () => {
+    const shape = [2, 3, 4];
+    const w1 = Tensor.randn(shape, { seed: 11, device: cpu });
+    const w3 = Tensor.randn(shape, { seed: 12, device: cpu });
+    // [E, F, H] tensors transposed to [E, H, F] views: strided, as a checkpoint's [F, H] layout gives.
+    const w1t = w1.transpose(1, 2).contiguous().transpose(1, 2);
+    const w3t = w3.transpose(1, 2).contiguous().transpose(1, 2);
+    expect(w1t.isContiguous).toBe(false);
+    const live = memoryStats(cpu).liveBytes;
+    using fromViews = interleaveW13(w1t, w3t);
+    using fromCopies = interleaveW13(w1, w3);
+    expect(fromViews.toNumbers()).toEqual(fromCopies.toNumbers());
+    expect(memoryStats(cpu).liveBytes).toBe(live + 2 * fromViews.numel * 4); // the copies were freed
+    for (const t of [w1, w3, w1t, w3t]) t.dispose();
+  });
+
+  it('MoEInference counts expert rows with a capacity factor; captureDecode names itself', () => {
+    using layer = new MoELayer({ ...smallLayer, capacityFactor: 4 });
+    using inf = MoEInference.fromLayer(layer);
+    // C = ceil(4·T·2/4) = 2T rows an expert, 8T in all: past int32 from T = 2^28.
+    expect(() => inf.workspaceBytes(2 ** 28)).toThrow(/MoEInference\.workspaceBytes: 268435456 tokens make 2147483648 expert rows/);
+    expect(() => inf.captureDecode(-1)).toThrow(/MoEInference\.captureDecode: 'T' must be a positive integer/);
   });
 
   it('MoEInference: rowsFor checks T; workspaceBytes and weightBytes refuse a disposed layer (they allocated a workspace)', () => {

@@ -228,7 +228,7 @@ const PEER_MAX_TOP_K = 32;
 
 /** The handle's tensors (the communication reads them), after checking it is one. */
 function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
-  if (handle === null || typeof handle !== 'object' || !(handle.localOffsets instanceof Tensor)) {
+  if (handle === null || typeof handle !== 'object' || !Tensor.isTensor(handle.localOffsets)) {
     invalidArgument(op, `'handle' must be the handle dispatch() returned`);
   }
   if (handle.transport === 'ipc')
@@ -765,6 +765,7 @@ export class Dispatcher {
     this.checkLive(op);
     const { add, ...commOptions } = checkOptions(options, op, { after: true, add: true });
     checkTensors(op, { dRows });
+    checkContiguous(dRows, op, 'dRows');
     const inputs = [dRows, ...handleTensors(op, handle)];
     if (add !== undefined) {
       // Checked here, before anything is queued, whichever transport runs: dx's dtype and shape.

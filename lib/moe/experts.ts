@@ -43,21 +43,26 @@ export function interleaveW13(w1: Tensor, w3: Tensor): Tensor {
     );
   const [E, H, F] = w1.shape as [number, number, number];
   const w13 = Tensor.empty([E, H, 2 * F], { dtype: w1.dtype, device: w1.device });
-  tidy(() => {
-    // A [E,H,F,2] view of w13: slot 0 takes W1, slot 1 takes W3.
-    const pairs = w13.view(E, H, F, 2);
-    // A strided w1 or w3 (a transposed checkpoint tensor) is copied first: view needs the layout.
-    const dense = (t: Tensor): Tensor => (t.isContiguous ? t : t.contiguous());
-    pairs.narrow(3, 0, 1).copy_(dense(w1).view(E, H, F, 1));
-    pairs.narrow(3, 1, 1).copy_(dense(w3).view(E, H, F, 1));
-  });
+  try {
+    tidy(() => {
+      // A [E,H,F,2] view of w13: slot 0 takes W1, slot 1 takes W3.
+      const pairs = w13.view(E, H, F, 2);
+      // A strided w1 or w3 (a transposed checkpoint tensor) is copied first: view needs the layout.
+      const dense = (t: Tensor): Tensor => (t.isContiguous ? t : t.contiguous());
+      pairs.narrow(3, 0, 1).copy_(dense(w1).view(E, H, F, 1));
+      pairs.narrow(3, 1, 1).copy_(dense(w3).view(E, H, F, 1));
+    });
+  } catch (e) {
+    w13.dispose(); // those copies can run out of memory
+    throw e;
+  }
   return w13;
 }
 
 /** The rows of fp8 rows, or the tensor itself; fp8 rows are checked to be { q, scales } tensors. */
 function rowsTensor(op: string, a: Tensor | Fp8Rows): Tensor {
-  if (a instanceof Tensor) return a;
-  if (a === null || typeof a !== 'object' || !(a.q instanceof Tensor) || !(a.scales instanceof Tensor))
+  if (Tensor.isTensor(a)) return a;
+  if (a === null || typeof a !== 'object' || !Tensor.isTensor(a.q) || !Tensor.isTensor(a.scales))
     invalidArgument(op, `'a' must be a Tensor or fp8 rows { q, scales }; received ${a === null ? 'null' : typeof a}`);
   return a.q;
 }

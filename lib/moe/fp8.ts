@@ -16,7 +16,7 @@ export interface Fp8Rows {
 }
 
 export function quantizeFp8(x: Tensor): Fp8Rows {
-  if (!(x instanceof Tensor) || x.ndim !== 2) invalidArgument('quantizeFp8', `'x' must be a [R, H] tensor`);
+  if (!Tensor.isTensor(x) || x.ndim !== 2) invalidArgument('quantizeFp8', `'x' must be a [R, H] tensor`);
   const [R, H] = x.shape as [number, number];
   if (H % FP8_BLOCK !== 0) invalidArgument('quantizeFp8', `'x' rows of ${H} values are not a multiple of ${FP8_BLOCK}`);
   const q = Tensor.empty([R, H], { dtype: 'fp8e4m3', device: x.device });
@@ -34,7 +34,7 @@ export function quantizeFp8(x: Tensor): Fp8Rows {
 /** Back to `dtype` (bf16 or f32): value · scale, rounded once. */
 export function dequantizeFp8(rows: Fp8Rows, dtype: DType = 'bf16'): Tensor {
   const op = 'dequantizeFp8';
-  if (rows === null || typeof rows !== 'object' || !(rows.q instanceof Tensor) || !(rows.scales instanceof Tensor))
+  if (rows === null || typeof rows !== 'object' || !Tensor.isTensor(rows.q) || !Tensor.isTensor(rows.scales))
     invalidArgument(op, `'rows' must be fp8 rows { q, scales } (quantizeFp8's result)`);
   checkTensors(op, { 'rows.q': rows.q, 'rows.scales': rows.scales });
   if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${shown(dtype)}`);

@@ -39,8 +39,8 @@ export interface GroupedGemmOptions {
 
 /** a as the binding takes it: the rows and, for fp8 rows, their scales. */
 function rowsOf(op: string, a: Tensor | Fp8Rows): [Tensor, Tensor | null] {
-  if (a instanceof Tensor) return [a, null];
-  if (a === null || typeof a !== 'object' || !(a.q instanceof Tensor) || !(a.scales instanceof Tensor))
+  if (Tensor.isTensor(a)) return [a, null];
+  if (a === null || typeof a !== 'object' || !Tensor.isTensor(a.q) || !Tensor.isTensor(a.scales))
     invalidArgument(
       op,
       `'a' must be a Tensor or fp8 rows { q, scales } (quantizeFp8's result); received ${a === null ? 'null' : typeof a}`,

@@ -227,9 +227,13 @@ export class Communicator implements Disposable {
   }
 }
 
-/** An optional `comm` option: undefined, or a Communicator (a look-alike object failed inside a collective). */
+/**
+ * An optional `comm` option of a collective (saveCheckpoint): undefined or null (none), or a
+ * Communicator (a look-alike object failed inside the first collective with a raw TypeError).
+ */
 export function checkOptionalCommunicator(comm: unknown, op: string, arg = 'comm'): Communicator | undefined {
-  if (comm !== undefined && !(comm instanceof Communicator))
+  if (comm === undefined || comm === null) return undefined;
+  if (!(comm instanceof Communicator))
     invalidArgument(op, `'${arg}' must be a Communicator (from init() or Communicator's factories); received ${shown(comm)}`);
   return comm;
 }

@@ -128,7 +128,7 @@ export function runOnStream<T>(stream: Stream, fn: () => T, options: RunOnStream
   if (typeof fn !== 'function') invalidArgument(op, `'fn' must be a function`);
   options = checkOptions(options, op, { after: true, inputs: true });
   const inputs = options.inputs ?? [];
-  if (!Array.isArray(inputs) || !inputs.every((t) => t instanceof Tensor)) invalidArgument(op, `'inputs' must be an array of Tensors`);
+  if (!Array.isArray(inputs) || !inputs.every((t) => Tensor.isTensor(t))) invalidArgument(op, `'inputs' must be an array of Tensors`);
   for (const t of inputs)
     if (!t.device.equals(stream.device))
       invalidArgument(op, `'inputs' holds a tensor on ${t.device.toString()} but the stream is on ${stream.device.toString()}`);

@@ -533,11 +533,15 @@ export class MoEInference implements Disposable {
     }
   }
 
-  /** T tokens route T·topK rows, which the kernels index with int32. */
+  /** T tokens route T·topK rows (E·C with a capacity factor), which the kernels index with int32. */
   private checkRoutedRows(T: number, op: string): void {
     const { topK } = this.config;
-    if (T * topK > 2 ** 31 - 1)
+    const limit = 2 ** 31 - 1;
+    if (T * topK > limit)
       invalidArgument(op, `${T} tokens route ${T * topK} rows (topK ${topK}); at most 2^31 − 1 fit the kernels' int32 indices`);
+    const rows = this.rowsFor(T);
+    if (rows > limit)
+      invalidArgument(op, `${T} tokens make ${rows} expert rows (numExperts × capacity); at most 2^31 − 1 fit the kernels' int32 indices`);
   }
 
   /** Bytes of the buffers a forward of T tokens uses (made on first use of T, then reused; a captured T's are its graph's). */
@@ -588,7 +592,8 @@ export class MoEInference implements Disposable {
   captureDecode(T: number): DecodeGraphInfo {
     const op = 'MoEInference.captureDecode';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
-    checkPositiveInt(T, 'MoEInference', 'T');
+    checkPositiveInt(T, op, 'T');
+    this.checkRoutedRows(T, op);
     if (!this.device.isCuda)
       throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
     if (this.dispatcher && this.config.capacityFactor === undefined) {

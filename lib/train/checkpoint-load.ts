@@ -6,10 +6,10 @@
 import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 
-import { Device, type DeviceLike } from '../device.js';
+import { checkDeviceUsable, Device, type DeviceLike } from '../device.js';
 import { type DType, storageView } from '../dtype.js';
-import { CheckpointError, closestName, invalidArgument } from '../errors.js';
-import { type Communicator, checkOptionalCommunicator } from '../parallel/communicator.js';
+import { CheckpointError, closestName, invalidArgument, shown } from '../errors.js';
+import { type Communicator } from '../parallel/communicator.js';
 import { Tensor } from '../tensor.js';
 import { checkBoolean, checkDType, checkOptions, checkTensor } from '../validate.js';
 import {
@@ -316,6 +316,7 @@ export class CheckpointReader implements Disposable {
     options = checkOptions(options, op, { device: true, dtype: true });
     // Checked here, before the read, so the errors name this call (not the cast or fromArray inside).
     const device = options.device === undefined ? undefined : Device.parse(options.device, op);
+    if (device) checkDeviceUsable(device, op);
     if (options.dtype !== undefined) checkDType(options.dtype, op);
     const r = this.getRaw(name);
     const base = Tensor.fromArray(storageView(r.dtype, r.data.buffer as ArrayBuffer), {
@@ -356,7 +357,22 @@ export class CheckpointReader implements Disposable {
 export function loadCheckpoint(path: string, options: LoadOptions = {}): CheckpointReader {
   options = checkOptions(options, 'loadCheckpoint', { comm: true, verify: true });
   if (options.verify !== undefined) checkBoolean(options.verify, 'loadCheckpoint', 'verify');
-  checkOptionalCommunicator(options.comm, 'loadCheckpoint');
+  // Loading is not collective: only rank and size are read, so any { rank, size } will do.
+  const comm = options.comm as unknown;
+  if (comm !== undefined && comm !== null) {
+    const { rank, size } = comm as { rank?: unknown; size?: unknown };
+    if (
+      !Number.isSafeInteger(size) ||
+      (size as number) < 1 ||
+      !Number.isSafeInteger(rank) ||
+      (rank as number) < 0 ||
+      (rank as number) >= (size as number)
+    )
+      invalidArgument(
+        'loadCheckpoint',
+        `'comm' must have an integer rank in [0, size); received rank ${shown(rank)} and size ${shown(size)}`,
+      );
+  }
   const located = locateCheckpoint(path);
   return new CheckpointReader(located.dir, located.manifest, options, located);
 }

@@ -73,7 +73,7 @@ function entryOf(name: string, t: Tensor | RawTensor): SafetensorsEntry {
       'saveCheckpoint',
       `tensor '${name}' must be a Tensor or { dtype, shape, data }; received ${t === null ? 'null' : typeof t}`,
     );
-  if (t instanceof Tensor) {
+  if (Tensor.isTensor(t)) {
     checkTensor(t, 'saveCheckpoint', name);
     const c = t.isContiguous ? t : t.contiguous();
     try {

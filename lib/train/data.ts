@@ -67,7 +67,8 @@ function splitmix(seed: number): () => number {
 
 /** The largest within-cluster σ ClusterTask takes (the train config's data.noise bound too). */
 export const CLUSTER_NOISE_MAX = 1e6;
-const MAX_SEED = 2 ** 48;
+/** The train config's bound too: seed·1_000_003 + batch index (the batches' stream) stays an exact integer. */
+const MAX_SEED = 2 ** 31 - 1;
 
 export class ClusterTask implements Disposable {
   readonly config: ClusterTaskConfig;
@@ -88,7 +89,7 @@ export class ClusterTask implements Disposable {
     // squared errors of the f32 losses overflow (noise 1e308 made NaN batches).
     if (!(config.noise >= 0 && config.noise <= CLUSTER_NOISE_MAX))
       invalidArgument(op, `'noise' must be in [0, ${CLUSTER_NOISE_MAX}] (the clusters are unit-scale); received ${String(config.noise)}`);
-    // Seeds seed·8 + 1 and + 2 must stay exact integers, and splitmix takes an integer.
+    // splitmix takes an integer, and the seeds derived from it must stay exact (MAX_SEED).
     checkNonNegativeInt(config.seed, op, 'seed');
     if (config.seed > MAX_SEED) invalidArgument(op, `'seed' must be at most ${MAX_SEED}; received ${config.seed}`);
     this.config = { ...config };

@@ -13,9 +13,9 @@
  * tools read them as ordinary [H, F] matrices. Rank r of an EP group of P owns global experts
  * r·E/P … (r+1)·E/P − 1, so any EP size reads exactly the experts it owns by name.
  */
-import type { DeviceLike } from '../device.js';
+import { checkDeviceUsable, Device, type DeviceLike } from '../device.js';
 import { CheckpointError, invalidArgument } from '../errors.js';
-import { checkNonNegativeInt, checkOptions, checkPositiveInt, checkTensor, type OptionKeys } from '../validate.js';
+import { checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor, type OptionKeys } from '../validate.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
 import { Tensor, tidy } from '../tensor.js';
@@ -108,7 +108,9 @@ export function joinExperts(
   checkNonNegativeInt(firstExpert, 'joinExperts', 'firstExpert');
   checkPositiveInt(count, 'joinExperts', 'count');
   if (typeof name !== 'function') invalidArgument('joinExperts', `'name' must be a function (expert, weight) → tensor name`);
-  const dtype = options.dtype ?? 'f32';
+  // Before any expert is read (a bad device failed after reading them all, naming copyTo).
+  const dtype = checkOneOf(options.dtype ?? 'f32', 'joinExperts', 'dtype', ['f32', 'bf16'] as const);
+  if (options.device !== undefined) checkDeviceUsable(Device.parse(options.device, 'joinExperts'), 'joinExperts');
   const get = (n: string): Tensor => reader.get(n, { device: 'cpu', dtype });
   return tidy(() => {
     const w1s: Tensor[] = [];

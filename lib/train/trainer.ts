@@ -14,7 +14,7 @@
  */
 import { totalmem } from 'node:os';
 
-import { type Communicator } from '../parallel/communicator.js';
+import { checkOptionalCommunicator, type Communicator } from '../parallel/communicator.js';
 import { allGatherJson } from '../parallel/gather-json.js';
 import { expertGroups } from '../parallel/init.js';
 import { CheckpointError, invalidArgument } from '../errors.js';
@@ -127,6 +127,7 @@ export class Trainer implements Disposable {
 
   constructor(config: TrainConfig, options: { world?: Communicator } = {}) {
     options = checkOptions(options, 'Trainer', { world: true });
+    checkOptionalCommunicator(options.world, 'Trainer', 'world');
     // Checked (and any missing fields defaulted) as the CLI does; a resolved config comes back equal.
     config = resolveConfig(config);
     // Before any other collective: ranks that disagree on sizes would otherwise fail in the first
