@@ -1,7 +1,8 @@
 /**
- * Basic ops (the public `ops` namespace: add, mul, scale, sum, max, matmul, and the activations relu,
- * silu, gelu with their backward passes), each with a CPU
- * reference and a CUDA kernel behind it (native/ops/basic/<op>/). Every op allocates its result unless
+ * Basic ops (the public `ops` namespace: add, mul, scale, sum, max, matmul, the activations relu,
+ * silu, gelu with their backward passes, and cat), each with a CPU
+ * reference and a CUDA kernel behind it (native/ops/basic/<op>/; cat is copies into views of its
+ * result, through the copy kernel). Every op allocates its result unless
  * `out` is given; `out` lets callers reuse memory (and lets tests poison outputs before a run).
  * Shapes, dtypes and devices are checked natively, with errors that name the op and the argument.
  */
@@ -159,5 +160,53 @@ export function matmul(a: Tensor, b: Tensor, options: OutOption & { accumulate?:
       invalidArgument('matmul', `'out' shares memory with 'a' or 'b'; the product needs a separate output`);
     }
     native().matmul(a.handle, b.handle, out.handle, options.accumulate ?? false);
+  });
+}
+
+/**
+ * The tensors joined along `dim` (torch.cat): one dtype and device, the same shape but in `dim`
+ * (a tensor with 0 there adds nothing). Its backward is narrow views of the gradient:
+ * `dy.narrow(dim, offset, n)` for each input. Inputs may be strided views; each is one copy into
+ * its slice of the result, by the copy kernel (which takes strided views on both sides).
+ */
+export function cat(tensors: readonly Tensor[], dim = 0, options: OutOption = {}): Tensor {
+  const op = 'cat';
+  options = checkOptions(options, op, { out: true });
+  if (!Array.isArray(tensors as unknown) || tensors.length === 0) invalidArgument(op, `'tensors' must be a non-empty array of tensors`);
+  tensors.forEach((t, i) => checkTensor(t, op, `tensors[${i}]`));
+  const first = tensors[0] as Tensor;
+  if (first.ndim === 0) invalidArgument(op, `'tensors[0]' has no dimensions to join along`);
+  if (!Number.isInteger(dim) || dim < -first.ndim || dim >= first.ndim)
+    invalidArgument(op, `'dim' = ${plain(dim)} is out of range for tensors of rank ${first.ndim}`);
+  const d = dim < 0 ? dim + first.ndim : dim;
+  let joined = 0;
+  tensors.forEach((t, i) => {
+    if (t.dtype !== first.dtype) invalidArgument(op, `'tensors[${i}]' is ${t.dtype} but 'tensors[0]' is ${first.dtype}`);
+    if (!t.device.equals(first.device))
+      invalidArgument(op, `'tensors[${i}]' is on ${t.device.toString()} but 'tensors[0]' is on ${first.device.toString()}`);
+    if (t.ndim !== first.ndim || t.shape.some((n, j) => j !== d && n !== first.shape[j]))
+      invalidArgument(
+        op,
+        `'tensors[${i}]' has shape [${t.shape.join(',')}] but 'tensors[0]' has [${first.shape.join(',')}]; they may differ only in dim ${d}`,
+      );
+    joined += t.shape[d] as number;
+  });
+  const shape = first.shape.map((n, j) => (j === d ? joined : n));
+  return withOutput(op, options.out, resultLike(first, shape), (out) => {
+    if (out.shape.join() !== shape.join() || out.dtype !== first.dtype || !out.device.equals(first.device))
+      invalidArgument(
+        op,
+        `'out' must be ${first.dtype} [${shape.join(',')}] on ${first.device.toString()}; received ${out.dtype} [${out.shape.join(',')}] on ${out.device.toString()}`,
+      );
+    checkSeparate(op, { out }, Object.fromEntries(tensors.map((t, i) => [`tensors[${i}]`, t])));
+    let offset = 0;
+    for (const t of tensors) {
+      const n = t.shape[d] as number;
+      if (n > 0 && t.numel > 0) {
+        using slice = out.narrow(d, offset, n);
+        slice.copy_(t);
+      }
+      offset += n;
+    }
   });
 }

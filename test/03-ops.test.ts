@@ -178,6 +178,68 @@ describe.each(floatTypes)('reductions %s', (dtype) => {
   });
 });
 
+/** torch.cat in plain loops: row-major values of each input, joined along dim d. */
+function catRef(inputs: { shape: number[]; values: number[] }[], d: number): number[] {
+  const outer = (inputs[0] as { shape: number[] }).shape.slice(0, d).reduce((x, y) => x * y, 1);
+  const out: number[] = [];
+  for (let o = 0; o < outer; o++)
+    for (const { shape, values: v } of inputs) {
+      const chunk = shape.slice(d).reduce((x, y) => x * y, 1); // input's elements per outer index
+      for (let j = 0; j < chunk; j++) out.push(v[o * chunk + j] as number);
+    }
+  return out;
+}
+
+describe('cat', () => {
+  it.each(['f32', 'bf16', 'i32'] as DType[])('%s along every dim (negative too), with a transposed input and an empty one', (dtype) => {
+    const seed = freshSeed();
+    for (const dim of [0, 1, 2, -1]) {
+      const d = dim < 0 ? dim + 3 : dim;
+      const sizes = [3, 1, 0, 4];
+      const inputs = sizes.map((n, i) => {
+        const shape = [2, 5, 3];
+        shape[d] = n;
+        using f = Tensor.rand(shape, { seed: seed + i, low: -50, high: 50, device: cpu });
+        return f.cast(dtype);
+      });
+      // The second input as a strided view with the same values: a transposed copy, transposed back.
+      const [a0, a1] = inputs as [Tensor, Tensor];
+      using a1T = a1.transpose(0, 2);
+      using a1t = a1T.contiguous();
+      const a1view = a1t.transpose(0, 2);
+      expect(a1view.isContiguous).toBe(false);
+      const ref = catRef(
+        inputs.map((t) => ({ shape: [...t.shape], values: values(t) })),
+        d,
+      );
+      const shape = [2, 5, 3];
+      shape[d] = sizes.reduce((x, y) => x + y, 0);
+      using out = poisoned(shape, dtype, cpu);
+      ops.cat([a0, a1view, ...inputs.slice(2)], dim, { out });
+      expect(values(out), `dim ${dim} seed ${seed}`).toEqual(ref);
+      using made = ops.cat(inputs, dim);
+      expect(made.shape).toEqual(shape);
+      expect(values(made), `dim ${dim} seed ${seed} (allocated)`).toEqual(ref);
+      for (const t of [...inputs, a1view]) t.dispose();
+    }
+  });
+
+  it('one input is a copy of it; a strided out is written through its view', () => {
+    using a = Tensor.fromArray([1, 2, 3, 4, 5, 6], { shape: [2, 3], device: cpu });
+    using b = Tensor.fromArray([7, 8], { shape: [2, 1], device: cpu });
+    using one = ops.cat([a], 1);
+    expect(one.sharesStorageWith(a)).toBe(false);
+    expect(one.toNumbers()).toEqual([1, 2, 3, 4, 5, 6]);
+    using backing = poisoned([4, 2], 'f32', cpu);
+    const outT = backing.transpose(); // [2, 4], strided
+    ops.cat([a, b], 1, { out: outT });
+    expect(outT.toFloat32Array().length).toBe(8);
+    using dense = outT.contiguous();
+    expect(dense.toNumbers()).toEqual([1, 2, 3, 7, 4, 5, 6, 8]);
+    outT.dispose();
+  });
+});
+
 describe('reductions, edge cases', () => {
   it('max propagates NaN; sums integers exactly', () => {
     using a = Tensor.fromArray([1, NaN, 3, 4, 5, 6], { shape: [2, 3], device: cpu });

@@ -105,6 +105,42 @@ const cases: Case[] = [
     InvalidArgumentError,
     /silu: 'out' overlaps 'x' in memory without being the same elements/,
   ],
+  ['cat of no tensors', () => ops.cat([]), InvalidArgumentError, /cat: 'tensors' must be a non-empty array of tensors/],
+  ['cat of a non-array', () => ops.cat(f([2]) as never), InvalidArgumentError, /cat: 'tensors' must be a non-empty array/],
+  [
+    'cat of mixed dtypes',
+    () => ops.cat([f([2]), f([2], 'bf16')]),
+    InvalidArgumentError,
+    /cat: 'tensors\[1\]' is bf16 but 'tensors\[0\]' is f32/,
+  ],
+  [
+    'cat of shapes that differ outside dim',
+    () => ops.cat([f([2, 3]), f([3, 3])], 1),
+    InvalidArgumentError,
+    /cat: 'tensors\[1\]' has shape \[3,3\] but 'tensors\[0\]' has \[2,3\]; they may differ only in dim 1/,
+  ],
+  [
+    'cat along a dim out of range',
+    () => ops.cat([f([2, 3])], 2),
+    InvalidArgumentError,
+    /cat: 'dim' = 2 is out of range for tensors of rank 2/,
+  ],
+  [
+    'cat into an out of the wrong shape',
+    () => ops.cat([f([2]), f([3])], 0, { out: f([4]) }),
+    InvalidArgumentError,
+    /cat: 'out' must be f32 \[5\] on cpu; received f32 \[4\]/,
+  ],
+  [
+    'cat into an out over one of its inputs',
+    () => {
+      const a = f([6]);
+      return ops.cat([a.narrow(0, 0, 2), f([1])], 0, { out: a.narrow(0, 1, 3) });
+    },
+    InvalidArgumentError,
+    /cat: 'out' overlaps 'tensors\[0\]' in memory/,
+  ],
+  ['cat given a non-tensor', () => ops.cat([f([2]), 3 as never]), InvalidArgumentError, /cat: 'tensors\[1\]' must be a Tensor/],
   ['relu on i32', () => ops.relu(f([2], 'i32')), InvalidArgumentError, /relu: 'x' .*i32.* expected one of f32, bf16, f16/],
   [
     'geluBackward into an out of another dtype',

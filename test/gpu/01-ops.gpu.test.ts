@@ -65,6 +65,34 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
     }
   });
 
+  it.each(['f32', 'bf16', 'i64'] as DType[])('cat %s along each dim, a transposed input among them, into a poisoned out', (dtype) => {
+    for (const dim of [0, 1, -1]) {
+      const d = dim < 0 ? dim + 3 : dim;
+      const parts = [5, 1, 0, 130].map((n) => {
+        const shape = [4, 33, 7];
+        shape[d] = n;
+        return pair(shape, dtype, -100, 100);
+      });
+      const [[c1, g1]] = [parts[1] as [Tensor, Tensor]];
+      using c1T = c1.transpose(0, 2);
+      using g1T = g1.transpose(0, 2);
+      using c1t = c1T.contiguous();
+      using g1t = g1T.contiguous();
+      const cpuInputs = parts.map(([c]) => c);
+      const gpuInputs = parts.map(([, g]) => g);
+      cpuInputs[1] = c1t.transpose(0, 2);
+      gpuInputs[1] = g1t.transpose(0, 2);
+      const shape = [4, 33, 7];
+      shape[d] = 136;
+      using cOut = poisoned(shape, dtype, cpu);
+      using gOut = poisoned(shape, dtype, gpu);
+      ops.cat(cpuInputs, dim, { out: cOut });
+      ops.cat(gpuInputs, dim, { out: gOut });
+      expect(Array.from(gOut.toArray() as ArrayLike<unknown>), `dim ${dim}`).toEqual(Array.from(cOut.toArray() as ArrayLike<unknown>));
+      for (const t of [...parts.flat(), cpuInputs[1] as Tensor, gpuInputs[1] as Tensor]) t.dispose();
+    }
+  });
+
   // The CPU saturates explicitly (a C++ cast is undefined there); the kernel must give the same bits.
   it('casts NaN, infinities and floats past the integer range as the CPU does (saturating)', () => {
     const edges = [NaN, Infinity, -Infinity, 3e9, -3e9, 2147483520, 2 ** 31, -(2 ** 31), 1e19, -1e19, 255.9, 256, -0.9, -1, 7.5];
