@@ -126,10 +126,18 @@ export {
   type TransportChoice,
   type TransportKind,
 } from './moe/dispatcher.js';
-export { expertsBackward, expertsForward, interleaveW13 } from './moe/experts.js';
+export { expertsBackward, type ExpertsBackwardOptions, expertsForward, interleaveW13 } from './moe/experts.js';
 export { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './moe/fp8.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
-export { disposeSaved, type MoEForward, type MoEGrads, MoELayer, type MoELayerConfig } from './moe/layer.js';
+export {
+  disposeSaved,
+  type MoEBackwardOptions,
+  type MoEForward,
+  type MoEGradBuffers,
+  type MoEGrads,
+  MoELayer,
+  type MoELayerConfig,
+} from './moe/layer.js';
 export { CheckpointError } from './errors.js';
 export {
   MAX_HEADER_BYTES,

@@ -268,6 +268,109 @@ describe('MoELayer on one rank', () => {
     throw new Error('no random draw with a locally stable routing in 20 attempts');
   });
 
+  it.each([
+    ['with a shared expert', base],
+    ['without one, capacity mode', { ...base, sharedFfn: 0, capacityFactor: 1.25 }],
+  ] as [string, MoELayerConfig][])(
+    'backward with accumulate adds each weight gradient into the buffers: two micro-batches give the sum of two fresh backwards (%s)',
+    (_name, config) => {
+      const seed = freshSeed();
+      using layer = new MoELayer({ ...config, seed });
+      const { hidden: H } = layer.config;
+      const batches = [0, 1].map((i) => ({
+        x: Tensor.randn([7, H], { seed: seed * 10 + i, device: cpu }),
+        dy: Tensor.randn([7, H], { seed: seed * 10 + 5 + i, device: cpu }),
+      }));
+      const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
+      // Fresh gradients, summed on the host in float64.
+      const sums = new Map<string, number[]>();
+      const freshDx: number[][] = [];
+      for (const { x, dy } of batches) {
+        const g = layer.backward(layer.forward(x), dy);
+        freshDx.push(values(g.dx));
+        for (const k of keys) {
+          const t = g[k];
+          if (!t) continue;
+          const v = values(t);
+          const acc = sums.get(k) ?? new Array<number>(v.length).fill(0);
+          sums.set(
+            k,
+            acc.map((a, i) => a + (v[i] as number)),
+          );
+        }
+        for (const t of Object.values(g)) t?.dispose();
+      }
+      // The same two micro-batches into buffers that start at zero.
+      const buffers = Object.fromEntries(
+        keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu })]),
+      ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor };
+      batches.forEach(({ x, dy }, b) => {
+        const g = layer.backward(layer.forward(x), dy, { accumulate: buffers });
+        for (const k of keys) expect(g[k] ?? null, `${k} comes back as the buffer`).toBe(buffers[k] ?? null);
+        expect(relErr(values(g.dx), freshDx[b] as number[]), 'dx as without accumulate').toBeLessThan(1e-6);
+        g.dx.dispose();
+      });
+      for (const k of keys) {
+        const buf = buffers[k];
+        if (!buf) continue;
+        expect(relErr(values(buf), sums.get(k) as number[]), `${k} (seed ${seed})`).toBeLessThan(1e-6);
+      }
+      for (const t of [...Object.values(buffers), ...batches.flatMap((b) => [b.x, b.dy])]) t.dispose();
+    },
+  );
+
+  it('backward refuses accumulate buffers of the wrong dtype, shape or layout, missing, extra or overlapping ones', () => {
+    using layer = new MoELayer({ ...base, seed: freshSeed() });
+    const { hidden: H } = layer.config;
+    const zerosLike = (k: 'router' | 'w13' | 'w2' | 'sharedW13' | 'sharedW2') =>
+      Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu });
+    using x = Tensor.randn([5, H], { seed: 3, device: cpu });
+    using dy = Tensor.randn([5, H], { seed: 4, device: cpu });
+    const good = {
+      router: zerosLike('router'),
+      w13: zerosLike('w13'),
+      w2: zerosLike('w2'),
+      sharedW13: zerosLike('sharedW13'),
+      sharedW2: zerosLike('sharedW2'),
+    };
+    using bf = Tensor.zeros(layer.master.w2.shape, { dtype: 'bf16', device: cpu });
+    using small = Tensor.zeros([1, 2], { device: cpu });
+    const [E, F, Hh] = layer.master.w2.shape as [number, number, number];
+    using wideBacking = Tensor.zeros([E, Hh, F], { device: cpu });
+    const strided = wideBacking.transpose(1, 2);
+    // Two views of one allocation whose last 8 elements are shared.
+    using backing = Tensor.zeros([E * F * Hh + 16], { device: cpu });
+    using w2Slice = backing.narrow(0, 0, E * F * Hh);
+    using sharedSlice = backing.narrow(0, E * F * Hh - 8, 24);
+    using w2View = w2Slice.view(E, F, Hh);
+    using sharedView = sharedSlice.view(1, 3, Hh);
+    const bad: [string, object, RegExp][] = [
+      ['bf16', { ...good, w2: bf }, /'accumulate\.w2' must be a contiguous f32 \[4,4,8\] on cpu; received bf16/],
+      ['shape', { ...good, router: small }, /'accumulate\.router' must be a contiguous f32 \[8,4\]/],
+      ['strided', { ...good, w2: strided }, /'accumulate\.w2' must be a contiguous f32 .*received a strided f32/],
+      ['missing', { router: good.router, w13: good.w13, w2: good.w2 }, /'accumulate\.sharedW13' is missing/],
+      ['overlapping', { ...good, w2: w2View, sharedW2: sharedView }, /'accumulate\.w2' overlaps 'accumulate\.sharedW2' in memory/],
+      ['unknown key', { ...good, bias: good.router }, /MoELayer\.backward: .*'bias'/],
+    ];
+    for (const [what, accumulate, message] of bad) {
+      const fwd = layer.forward(x);
+      expect(() => layer.backward(fwd, dy, { accumulate: accumulate as never }), what).toThrow(message);
+      disposeSaved(fwd);
+    }
+    strided.dispose();
+    for (const t of Object.values(good)) t.dispose();
+    using plain = new MoELayer({ ...base, sharedFfn: 0, seed: 1 });
+    const fwd = plain.forward(x);
+    const r = Tensor.zeros(plain.master.router.shape, { device: cpu });
+    const w13 = Tensor.zeros(plain.master.w13.shape, { device: cpu });
+    const w2 = Tensor.zeros(plain.master.w2.shape, { device: cpu });
+    expect(() => plain.backward(fwd, dy, { accumulate: { router: r, w13, w2, sharedW13: w13 } })).toThrow(
+      /'accumulate\.sharedW13' was given but the layer has no shared expert/,
+    );
+    disposeSaved(fwd);
+    for (const t of [r, w13, w2]) t.dispose();
+  });
+
   it('a disposed layer says so, naming the method (not a disposed tensor inside it); dispose twice is fine', () => {
     const layer = new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, device: cpu, dtype: 'f32' });
     const x = Tensor.randn([3, 16], { seed: freshSeed(), device: cpu });

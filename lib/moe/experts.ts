@@ -11,7 +11,7 @@
  * bf16 copy (grouped-gemm.ts), or against f32 weights (the CPU) through an f32 copy made here.
  */
 import { invalidArgument } from '../errors.js';
-import { checkTensor, checkTensors } from '../validate.js';
+import { checkOptions, checkSeparate, checkTensor, checkTensors } from '../validate.js';
 import { Tensor, tidy } from '../tensor.js';
 import { dequantizeFp8, type Fp8Rows } from './fp8.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
@@ -27,6 +27,26 @@ export interface ExpertsGrads {
   dA: Tensor;
   dW13: Tensor;
   dW2: Tensor;
+}
+
+export interface ExpertsBackwardOptions {
+  /**
+   * Gradient accumulation: f32 tensors of w13's and w2's shapes (contiguous, on their device) that
+   * the weight gradients are added into; they come back as dW13 and dW2.
+   */
+  accumulate?: { dW13: Tensor; dW2: Tensor };
+}
+
+/** An f32 buffer of `like`'s shape on its device, contiguous: where a weight's gradient is added. */
+export function checkAccumulator(op: string, arg: string, t: unknown, like: Tensor): Tensor {
+  checkTensor(t, op, arg);
+  const buf = t as Tensor;
+  if (buf.dtype !== 'f32' || buf.shape.join() !== like.shape.join() || !buf.device.equals(like.device) || !buf.isContiguous)
+    invalidArgument(
+      op,
+      `'${arg}' must be a contiguous f32 [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
+    );
+  return buf;
 }
 
 /** Interleaves W1 and W3 [E,H,F] (any device, bf16 or f32) into the w13 layout [E,H,2F]. */
@@ -147,11 +167,22 @@ export function expertsBackward(
   w2: Tensor,
   offsets: Tensor,
   saved: { g: Tensor; h: Tensor },
+  options: ExpertsBackwardOptions = {},
 ): ExpertsGrads {
-  if (saved === null || typeof saved !== 'object') invalidArgument('expertsBackward', `'saved' must be expertsForward's { g, h }`);
-  const rows = rowsTensor('expertsBackward', aRows);
-  checkShapes('expertsBackward', { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
+  const op = 'expertsBackward';
+  if (saved === null || typeof saved !== 'object') invalidArgument(op, `'saved' must be expertsForward's { g, h }`);
+  options = checkOptions(options, op, { accumulate: true });
+  const rows = rowsTensor(op, aRows);
+  checkShapes(op, { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
   checkBackwardShapes(rows, w13, dOut, saved);
+  const into = options.accumulate;
+  if (into !== undefined) {
+    if (into === null || typeof into !== 'object')
+      invalidArgument(op, `'accumulate' must be { dW13, dW2 }: f32 tensors to add the weight gradients into`);
+    checkAccumulator(op, 'accumulate.dW13', into.dW13, w13);
+    checkAccumulator(op, 'accumulate.dW2', into.dW2, w2);
+    checkSeparate(op, { 'accumulate.dW13': into.dW13 }, { 'accumulate.dW2': into.dW2 });
+  }
   const a = rows === aRows ? rows : dequantizeFp8(aRows as Fp8Rows, w13.dtype);
   const M = a.shape[0] as number;
   let dG: Tensor | null = null;
@@ -160,8 +191,9 @@ export function expertsBackward(
     // dh = dOut · W2ᵀ, with dSwiGLU fused: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1)
     groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, offsets, dG, saved.g);
     const dA = groupedGemm('NT', dG, w13, offsets);
-    const dW13 = groupedGemm('TN', a, dG, offsets, { dtype: 'f32' });
-    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, { dtype: 'f32' });
+    // With accumulate, the GEMMs' epilogues add into the caller's buffers (no gradient tensor, no pass of its own).
+    const dW13 = groupedGemm('TN', a, dG, offsets, into ? { out: into.dW13, accumulate: true } : { dtype: 'f32' });
+    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, into ? { out: into.dW2, accumulate: true } : { dtype: 'f32' });
     return { dA, dW13, dW2 };
   } finally {
     dG?.dispose();

@@ -26,20 +26,22 @@ import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { DisposedError, invalidArgument, usedAfterDispose, shown } from '../errors.js';
 import {
-  checkContiguous,
   checkBoolean,
+  checkContiguous,
   checkFloat32,
   checkKeys,
   checkNonNegativeInt,
   checkNonNegativeNumber,
   checkOneOf,
+  checkOptions,
   checkPositiveInt,
+  checkSeparate,
   checkTensor,
 } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
-import { expertsBackward, expertsForward } from './experts.js';
+import { checkAccumulator, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
 import {
@@ -148,6 +150,25 @@ export interface MoEGrads {
   w2: Tensor; // [El, F, H] f32
   sharedW13: Tensor | null;
   sharedW2: Tensor | null;
+}
+
+/** f32 buffers of the master weights' shapes that backward adds the weight gradients into. */
+export interface MoEGradBuffers {
+  router: Tensor;
+  w13: Tensor;
+  w2: Tensor;
+  /** With a shared expert (sharedFfn), both; without one, left out or null. */
+  sharedW13?: Tensor | null;
+  sharedW2?: Tensor | null;
+}
+
+export interface MoEBackwardOptions {
+  /**
+   * Gradient accumulation over micro-batches: the weight gradients are added into these buffers by
+   * the GEMMs' epilogues (no gradient tensors made, no pass of their own), and come back as the
+   * result's router, w13, w2, sharedW13 and sharedW2. Zero them before the first micro-batch.
+   */
+  accumulate?: MoEGradBuffers;
 }
 
 export class MoELayer implements Disposable {
@@ -468,9 +489,11 @@ export class MoELayer implements Disposable {
   }
 
   /** dy [T, H] → dx and the parameter gradients (fp32). Releases the forward's saved tensors. */
-  backward(fwd: MoEForward, dy: Tensor): MoEGrads {
+  backward(fwd: MoEForward, dy: Tensor, options: MoEBackwardOptions = {}): MoEGrads {
     const op = 'MoELayer.backward';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
+    options = checkOptions(options, op, { accumulate: true });
+    const into = options.accumulate === undefined ? undefined : this.checkGradBuffers(options.accumulate, op);
     const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
     const owner = saved !== null && typeof saved === 'object' ? forwardOwner.get(saved) : undefined;
     if (owner === undefined) invalidArgument(op, `'fwd' must be what forward() returned`);
@@ -500,13 +523,25 @@ export class MoELayer implements Disposable {
         using dyReady = this.markProduced();
         let sharedGrads: { dA: Tensor; dW13: Tensor; dW2: Tensor } | null = null;
         if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
-          sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared);
+          sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared, {
+            ...(into?.sharedW13 && into.sharedW2 ? { accumulate: { dW13: into.sharedW13, dW2: into.sharedW2 } } : {}),
+          });
         }
         const { dExpertOut, dWeights } = settle(
           this.dispatcher.combineBackwardAsync(dy, s.expertOut, s.handle, s.weights, dyReady ? { after: dyReady } : {}),
         );
         const rows = s.rowScales ? { q: s.rows, scales: s.rowScales } : s.rows;
-        const eg = expertsBackward(dExpertOut, rows, this.compute.w13, this.compute.w2, s.handle.localOffsets, { g: s.g, h: s.h });
+        const eg = expertsBackward(
+          dExpertOut,
+          rows,
+          this.compute.w13,
+          this.compute.w2,
+          s.handle.localOffsets,
+          { g: s.g, h: s.h },
+          {
+            ...(into ? { accumulate: { dW13: into.w13, dW2: into.w2 } } : {}),
+          },
+        );
         trace.mark('layer backward: experts', dy.device);
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
@@ -524,7 +559,13 @@ export class MoELayer implements Disposable {
         // Router weight gradient dWr = xᵀ · dLogits, queued after: it overlaps the dispatch backward.
         let dRouter: Tensor;
         try {
-          dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(this.config.hidden, this.config.numExperts);
+          const { hidden: H, numExperts: E } = this.config;
+          if (into) {
+            // The product is [1, H, E] (one group): added through a view of the caller's [H, E].
+            using routerOut = into.router.view(1, H, E);
+            groupedGemm('TN', s.x, dLogitsC, all, { out: routerOut, accumulate: true });
+            dRouter = into.router;
+          } else dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(H, E);
         } catch (e) {
           dxWork.dispose();
           throw e;
@@ -543,6 +584,28 @@ export class MoELayer implements Disposable {
     } finally {
       disposeSaved(fwd);
     }
+  }
+
+  /** backward's accumulate buffers: each an f32 buffer of its master's shape, none overlapping another. */
+  private checkGradBuffers(given: unknown, op: string): MoEGradBuffers {
+    if (given === null || typeof given !== 'object')
+      invalidArgument(op, `'accumulate' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert): f32 tensors`);
+    const b = checkKeys(given as MoEGradBuffers, op, { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true });
+    const named: Record<string, Tensor> = {};
+    for (const key of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) {
+      const master = this.master[key];
+      const buf = b[key];
+      if (master === null) {
+        if (buf !== undefined && buf !== null) invalidArgument(op, `'accumulate.${key}' was given but the layer has no shared expert`);
+        continue;
+      }
+      if (buf === undefined || buf === null) invalidArgument(op, `'accumulate.${key}' is missing: give a buffer for every weight gradient`);
+      named[`accumulate.${key}`] = checkAccumulator(op, `accumulate.${key}`, buf, master);
+    }
+    const names = Object.keys(named);
+    for (const [i, n] of names.entries())
+      checkSeparate(op, { [n]: named[n] }, Object.fromEntries(names.slice(i + 1).map((m) => [m, named[m]])));
+    return b;
   }
 
   /**

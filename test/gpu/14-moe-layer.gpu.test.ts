@@ -63,6 +63,50 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
   });
 
   it.each([
+    ['dropless, shared expert', { sharedFfn: 64 }],
+    ['capacity 1.25, communication on its own stream', { capacityFactor: 1.25, commStream: true }],
+  ] as const)('%s: backward with accumulate gives the sum of two fresh backwards (the GEMMs add into the buffers)', (_n, extra) => {
+    const seed = freshSeed();
+    const before = memoryStats(gpu).liveBytes;
+    {
+      using layer = new MoELayer({ hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, device: gpu, dtype: 'bf16', ...extra });
+      tidy(() => {
+        const batches = [0, 1].map(() => ({
+          x: Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu }),
+          dy: Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu }),
+        }));
+        const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
+        const sums = new Map<string, number[]>();
+        for (const { x, dy } of batches) {
+          const g = layer.backward(layer.forward(x), dy);
+          for (const k of keys) {
+            const t = g[k];
+            if (!t) continue;
+            const v = values(t);
+            const acc = sums.get(k) ?? new Array<number>(v.length).fill(0);
+            sums.set(
+              k,
+              acc.map((a, i) => a + (v[i] as number)),
+            );
+          }
+        }
+        // Buffers poisoned with a known value, not zero: the epilogue must add to what is there.
+        const buffers = Object.fromEntries(
+          keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.full((layer.master[k] as Tensor).shape, 0.5, { device: gpu })]),
+        ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor };
+        for (const { x, dy } of batches) layer.backward(layer.forward(x), dy, { accumulate: buffers });
+        for (const k of keys) {
+          const buf = buffers[k];
+          if (!buf) continue;
+          const want = (sums.get(k) as number[]).map((v) => v + 0.5);
+          expect(relErr(values(buf), want), `${k} (seed ${seed})`).toBeLessThan(1e-5);
+        }
+      });
+    }
+    expect(memoryStats(gpu).liveBytes).toBe(before);
+  });
+
+  it.each([
     ['dropless', {}],
     ['dropless, communication on its own stream', { commStream: true }],
   ] as const)('%s: a forward and backward read nothing back to the host', (_n, extra) => {
