@@ -173,7 +173,8 @@ export function cat(tensors: readonly Tensor[], dim = 0, options: OutOption = {}
   const op = 'cat';
   options = checkOptions(options, op, { out: true });
   if (!Array.isArray(tensors as unknown) || tensors.length === 0) invalidArgument(op, `'tensors' must be a non-empty array of tensors`);
-  tensors.forEach((t, i) => checkTensor(t, op, `tensors[${i}]`));
+  // An index loop, not forEach: a hole in the array ([a, , b]) is refused as tensors[1], not skipped.
+  for (let i = 0; i < tensors.length; i++) checkTensor(tensors[i], op, `tensors[${i}]`);
   const first = tensors[0] as Tensor;
   if (first.ndim === 0) invalidArgument(op, `'tensors[0]' has no dimensions to join along`);
   if (!Number.isInteger(dim) || dim < -first.ndim || dim >= first.ndim)

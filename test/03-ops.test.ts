@@ -191,38 +191,41 @@ function catRef(inputs: { shape: number[]; values: number[] }[], d: number): num
 }
 
 describe('cat', () => {
-  it.each(['f32', 'bf16', 'i32'] as DType[])('%s along every dim (negative too), with a transposed input and an empty one', (dtype) => {
-    const seed = freshSeed();
-    for (const dim of [0, 1, 2, -1]) {
-      const d = dim < 0 ? dim + 3 : dim;
-      const sizes = [3, 1, 0, 4];
-      const inputs = sizes.map((n, i) => {
+  it.each(['f32', 'bf16', 'i32'] as DType[])(
+    '%s along every dim (and each negative one), with a transposed input and an empty one',
+    (dtype) => {
+      const seed = freshSeed();
+      for (const dim of [0, 1, 2, -1, -2, -3]) {
+        const d = dim < 0 ? dim + 3 : dim;
+        const sizes = [3, 1, 0, 4];
+        const inputs = sizes.map((n, i) => {
+          const shape = [2, 5, 3];
+          shape[d] = n;
+          using f = Tensor.rand(shape, { seed: seed + i, low: -50, high: 50, device: cpu });
+          return f.cast(dtype);
+        });
+        // The second input as a strided view with the same values: a transposed copy, transposed back.
+        const [a0, a1] = inputs as [Tensor, Tensor];
+        using a1T = a1.transpose(0, 2);
+        using a1t = a1T.contiguous();
+        const a1view = a1t.transpose(0, 2);
+        expect(a1view.isContiguous).toBe(false);
+        const ref = catRef(
+          inputs.map((t) => ({ shape: [...t.shape], values: values(t) })),
+          d,
+        );
         const shape = [2, 5, 3];
-        shape[d] = n;
-        using f = Tensor.rand(shape, { seed: seed + i, low: -50, high: 50, device: cpu });
-        return f.cast(dtype);
-      });
-      // The second input as a strided view with the same values: a transposed copy, transposed back.
-      const [a0, a1] = inputs as [Tensor, Tensor];
-      using a1T = a1.transpose(0, 2);
-      using a1t = a1T.contiguous();
-      const a1view = a1t.transpose(0, 2);
-      expect(a1view.isContiguous).toBe(false);
-      const ref = catRef(
-        inputs.map((t) => ({ shape: [...t.shape], values: values(t) })),
-        d,
-      );
-      const shape = [2, 5, 3];
-      shape[d] = sizes.reduce((x, y) => x + y, 0);
-      using out = poisoned(shape, dtype, cpu);
-      ops.cat([a0, a1view, ...inputs.slice(2)], dim, { out });
-      expect(values(out), `dim ${dim} seed ${seed}`).toEqual(ref);
-      using made = ops.cat(inputs, dim);
-      expect(made.shape).toEqual(shape);
-      expect(values(made), `dim ${dim} seed ${seed} (allocated)`).toEqual(ref);
-      for (const t of [...inputs, a1view]) t.dispose();
-    }
-  });
+        shape[d] = sizes.reduce((x, y) => x + y, 0);
+        using out = poisoned(shape, dtype, cpu);
+        ops.cat([a0, a1view, ...inputs.slice(2)], dim, { out });
+        expect(values(out), `dim ${dim} seed ${seed}`).toEqual(ref);
+        using made = ops.cat(inputs, dim);
+        expect(made.shape).toEqual(shape);
+        expect(values(made), `dim ${dim} seed ${seed} (allocated)`).toEqual(ref);
+        for (const t of [...inputs, a1view]) t.dispose();
+      }
+    },
+  );
 
   it('one input is a copy of it; a strided out is written through its view', () => {
     using a = Tensor.fromArray([1, 2, 3, 4, 5, 6], { shape: [2, 3], device: cpu });

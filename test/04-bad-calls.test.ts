@@ -141,6 +141,24 @@ const cases: Case[] = [
     /cat: 'out' overlaps 'tensors\[0\]' in memory/,
   ],
   ['cat given a non-tensor', () => ops.cat([f([2]), 3 as never]), InvalidArgumentError, /cat: 'tensors\[1\]' must be a Tensor/],
+  [
+    'cat of an array with a hole',
+    () => ops.cat(Object.assign(new Array<Tensor>(3), { 0: f([2]), 2: f([2]) })),
+    InvalidArgumentError,
+    /cat: 'tensors\[1\]' must be a Tensor; received undefined/,
+  ],
+  [
+    'cat into an out of another dtype',
+    () => ops.cat([f([2]), f([3])], 0, { out: f([5], 'bf16') }),
+    InvalidArgumentError,
+    /cat: 'out' must be f32 \[5\] on cpu; received bf16 \[5\]/,
+  ],
+  [
+    'cat along dim -3 of rank 2',
+    () => ops.cat([f([2, 3])], -3),
+    InvalidArgumentError,
+    /cat: 'dim' = -3 is out of range for tensors of rank 2/,
+  ],
   ['relu on i32', () => ops.relu(f([2], 'i32')), InvalidArgumentError, /relu: 'x' .*i32.* expected one of f32, bf16, f16/],
   [
     'geluBackward into an out of another dtype',

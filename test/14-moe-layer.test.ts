@@ -4,6 +4,7 @@ import { describe, expect, it, vi } from 'vitest';
 
 import { DisposedError, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
 import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
+import { expertsBackward, expertsForward } from '../lib/moe/experts.js';
 import { dequantizeFp8, quantizeFp8 } from '../lib/moe/fp8.js';
 import { routerForward } from '../lib/moe/router.js';
 import { freshSeed, relErr, values } from './helpers.js';
@@ -272,7 +273,7 @@ describe('MoELayer on one rank', () => {
     ['with a shared expert', base],
     ['without one, capacity mode', { ...base, sharedFfn: 0, capacityFactor: 1.25 }],
   ] as [string, MoELayerConfig][])(
-    'backward with accumulate adds each weight gradient into the buffers: two micro-batches give the sum of two fresh backwards (%s)',
+    'backward with out and accumulate adds each weight gradient into the buffers: two micro-batches give the sum of two fresh backwards (%s)',
     (_name, config) => {
       const seed = freshSeed();
       using layer = new MoELayer({ ...config, seed });
@@ -305,7 +306,7 @@ describe('MoELayer on one rank', () => {
         keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu })]),
       ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor };
       batches.forEach(({ x, dy }, b) => {
-        const g = layer.backward(layer.forward(x), dy, { accumulate: buffers });
+        const g = layer.backward(layer.forward(x), dy, { out: buffers, accumulate: true });
         for (const k of keys) expect(g[k] ?? null, `${k} comes back as the buffer`).toBe(buffers[k] ?? null);
         expect(relErr(values(g.dx), freshDx[b] as number[]), 'dx as without accumulate').toBeLessThan(1e-6);
         g.dx.dispose();
@@ -319,7 +320,7 @@ describe('MoELayer on one rank', () => {
     },
   );
 
-  it('backward refuses accumulate buffers of the wrong dtype, shape or layout, missing, extra or overlapping ones', () => {
+  it('backward refuses out buffers of the wrong dtype, shape or layout, missing, extra or overlapping ones, before any product runs', () => {
     using layer = new MoELayer({ ...base, seed: freshSeed() });
     const { hidden: H } = layer.config;
     const zerosLike = (k: 'router' | 'w13' | 'w2' | 'sharedW13' | 'sharedW2') =>
@@ -344,19 +345,36 @@ describe('MoELayer on one rank', () => {
     using sharedSlice = backing.narrow(0, E * F * Hh - 8, 24);
     using w2View = w2Slice.view(E, F, Hh);
     using sharedView = sharedSlice.view(1, 3, Hh);
-    const bad: [string, object, RegExp][] = [
-      ['bf16', { ...good, w2: bf }, /'accumulate\.w2' must be a contiguous f32 \[4,4,8\] on cpu; received bf16/],
-      ['shape', { ...good, router: small }, /'accumulate\.router' must be a contiguous f32 \[8,4\]/],
-      ['strided', { ...good, w2: strided }, /'accumulate\.w2' must be a contiguous f32 .*received a strided f32/],
-      ['missing', { router: good.router, w13: good.w13, w2: good.w2 }, /'accumulate\.sharedW13' is missing/],
-      ['overlapping', { ...good, w2: w2View, sharedW2: sharedView }, /'accumulate\.w2' overlaps 'accumulate\.sharedW2' in memory/],
-      ['unknown key', { ...good, bias: good.router }, /MoELayer\.backward: .*'bias'/],
+    // A sharedW2 buffer over dy's memory (dy [5, 8] f32 is 40 elements; sharedW2 [1, 3, 8] 24).
+    using dyBacking = Tensor.randn([40], { seed: 5, device: cpu });
+    using dyOver = dyBacking.view(5, H);
+    using dyTail = dyBacking.narrow(0, 16, 24);
+    using sharedOverDy = dyTail.view(1, 3, Hh);
+    const bad: [string, object, RegExp, Tensor?][] = [
+      ['bf16', { ...good, w2: bf }, /'out\.w2' must be a contiguous f32 \[4,4,8\] on cpu; received bf16/],
+      ['shape', { ...good, router: small }, /'out\.router' must be a contiguous f32 \[8,4\]/],
+      ['strided', { ...good, w2: strided }, /'out\.w2' must be a contiguous f32 .*received a strided f32/],
+      ['missing', { router: good.router, w13: good.w13, w2: good.w2 }, /'out\.sharedW13' is missing/],
+      ['overlapping', { ...good, w2: w2View, sharedW2: sharedView }, /'out\.w2' overlaps 'out\.sharedW2' in memory/],
+      ['unknown key', { ...good, dx: good.router }, /MoELayer\.backward: 'out' has an unknown key 'dx'/],
+      ['the masters themselves', layer.master, /'out\.router' overlaps 'master\.router' in memory/],
+      ['over dy', { ...good, sharedW2: sharedOverDy }, /'out\.sharedW2' overlaps 'dy' in memory/, dyOver],
     ];
-    for (const [what, accumulate, message] of bad) {
+    const masterBefore = values(layer.master.w13);
+    for (const [what, out, message, dyGiven] of bad) {
       const fwd = layer.forward(x);
-      expect(() => layer.backward(fwd, dy, { accumulate: accumulate as never }), what).toThrow(message);
-      disposeSaved(fwd);
+      expect(() => layer.backward(fwd, dyGiven ?? dy, { out: out as never, accumulate: true }), what).toThrow(message);
+      // Refused before any product: the buffers are still zero and the forward is still usable.
+      for (const t of Object.values(good))
+        expect(
+          values(t).every((v) => v === 0),
+          `${what}: buffers untouched`,
+        ).toBe(true);
+      const g = layer.backward(fwd, dy);
+      for (const t of Object.values(g)) t?.dispose();
     }
+    expect(values(layer.master.w13)).toEqual(masterBefore);
+    expect(() => layer.backward(layer.forward(x), dy, { accumulate: true })).toThrow(/MoELayer\.backward: 'accumulate' needs 'out'/);
     strided.dispose();
     for (const t of Object.values(good)) t.dispose();
     using plain = new MoELayer({ ...base, sharedFfn: 0, seed: 1 });
@@ -364,11 +382,54 @@ describe('MoELayer on one rank', () => {
     const r = Tensor.zeros(plain.master.router.shape, { device: cpu });
     const w13 = Tensor.zeros(plain.master.w13.shape, { device: cpu });
     const w2 = Tensor.zeros(plain.master.w2.shape, { device: cpu });
-    expect(() => plain.backward(fwd, dy, { accumulate: { router: r, w13, w2, sharedW13: w13 } })).toThrow(
-      /'accumulate\.sharedW13' was given but the layer has no shared expert/,
+    expect(() => plain.backward(fwd, dy, { out: { router: r, w13, w2, sharedW13: w13 } })).toThrow(
+      /'out\.sharedW13' was given but the layer has no shared expert/,
     );
-    disposeSaved(fwd);
-    for (const t of [r, w13, w2]) t.dispose();
+    // out without accumulate: the gradients written into the buffers (twice: the same values, not their sum).
+    r.fill_(7);
+    const g1 = plain.backward(fwd, dy, { out: { router: r, w13, w2 } });
+    expect(g1.router).toBe(r);
+    const once = values(r);
+    const g2 = plain.backward(plain.forward(x), dy, { out: { router: r, w13, w2 } });
+    expect(values(r)).toEqual(once);
+    for (const t of [r, w13, w2, g1.dx, g2.dx]) t.dispose();
+  });
+
+  it('expertsBackward: out and accumulate, checked before the first product', () => {
+    using w13 = Tensor.randn([2, 8, 6], { seed: 1, device: cpu });
+    using w2 = Tensor.randn([2, 3, 8], { seed: 2, device: cpu });
+    using a = Tensor.randn([5, 8], { seed: 3, device: cpu });
+    using dOut = Tensor.randn([5, 8], { seed: 4, device: cpu });
+    using offsets = Tensor.fromArray([0, 2, 5], { dtype: 'i32', device: cpu });
+    const fwd = expertsForward(a, w13, w2, offsets);
+    const fresh = expertsBackward(dOut, a, w13, w2, offsets, fwd);
+    using dW13 = Tensor.full(w13.shape, 1, { device: cpu });
+    using dW2 = Tensor.full(w2.shape, 1, { device: cpu });
+    const acc = expertsBackward(dOut, a, w13, w2, offsets, fwd, { out: { dW13, dW2 }, accumulate: true });
+    expect(acc.dW13).toBe(dW13);
+    expect(
+      relErr(
+        values(dW13),
+        values(fresh.dW13).map((v) => v + 1),
+      ),
+    ).toBeLessThan(1e-6);
+    expect(
+      relErr(
+        values(dW2),
+        values(fresh.dW2).map((v) => v + 1),
+      ),
+    ).toBeLessThan(1e-6);
+    const before = values(dW13);
+    const refuse = (options: object, message: RegExp) => {
+      expect(() => expertsBackward(dOut, a, w13, w2, offsets, fwd, options as never)).toThrow(message);
+      expect(values(dW13)).toEqual(before);
+    };
+    refuse({ accumulate: true }, /expertsBackward: 'accumulate' needs 'out'/);
+    refuse({ out: null }, /expertsBackward: 'out' must be \{ dW13, dW2 \}/);
+    refuse({ out: { dW13, dW2: dW13 } }, /'out\.dW2' must be a contiguous f32 \[2,3,8\]/);
+    refuse({ out: { dW13, dW2, extra: dW2 } }, /expertsBackward: .*'extra'/);
+    refuse({ out: { dW13: w13, dW2 }, accumulate: true }, /'out\.dW13' overlaps 'w13' in memory/);
+    for (const t of [fresh.dA, fresh.dW13, fresh.dW2, acc.dA, fwd.out, fwd.g, fwd.h]) t.dispose();
   });
 
   it('a disposed layer says so, naming the method (not a disposed tensor inside it); dispose twice is fine', () => {

@@ -11,7 +11,7 @@
  * bf16 copy (grouped-gemm.ts), or against f32 weights (the CPU) through an f32 copy made here.
  */
 import { invalidArgument } from '../errors.js';
-import { checkOptions, checkSeparate, checkTensor, checkTensors } from '../validate.js';
+import { checkBoolean, checkKeys, checkOptions, checkSeparate, checkTensor, checkTensors } from '../validate.js';
 import { Tensor, tidy } from '../tensor.js';
 import { dequantizeFp8, type Fp8Rows } from './fp8.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
@@ -31,10 +31,12 @@ export interface ExpertsGrads {
 
 export interface ExpertsBackwardOptions {
   /**
-   * Gradient accumulation: f32 tensors of w13's and w2's shapes (contiguous, on their device) that
-   * the weight gradients are added into; they come back as dW13 and dW2.
+   * Where dW13 and dW2 go: f32 tensors of w13's and w2's shapes (contiguous, on their device), which
+   * come back as the result's dW13 and dW2. Without `accumulate` the gradients overwrite them.
    */
-  accumulate?: { dW13: Tensor; dW2: Tensor };
+  out?: { dW13: Tensor; dW2: Tensor };
+  /** Add the weight gradients into `out` (gradient accumulation over micro-batches). */
+  accumulate?: boolean;
 }
 
 /** An f32 buffer of `like`'s shape on its device, contiguous: where a weight's gradient is added. */
@@ -171,17 +173,20 @@ export function expertsBackward(
 ): ExpertsGrads {
   const op = 'expertsBackward';
   if (saved === null || typeof saved !== 'object') invalidArgument(op, `'saved' must be expertsForward's { g, h }`);
-  options = checkOptions(options, op, { accumulate: true });
+  options = checkOptions(options, op, { out: true, accumulate: true });
   const rows = rowsTensor(op, aRows);
   checkShapes(op, { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
   checkBackwardShapes(rows, w13, dOut, saved);
-  const into = options.accumulate;
+  const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
+  const into = options.out;
+  if (accumulate && into === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
   if (into !== undefined) {
-    if (into === null || typeof into !== 'object')
-      invalidArgument(op, `'accumulate' must be { dW13, dW2 }: f32 tensors to add the weight gradients into`);
-    checkAccumulator(op, 'accumulate.dW13', into.dW13, w13);
-    checkAccumulator(op, 'accumulate.dW2', into.dW2, w2);
-    checkSeparate(op, { 'accumulate.dW13': into.dW13 }, { 'accumulate.dW2': into.dW2 });
+    if (into === null || typeof into !== 'object') invalidArgument(op, `'out' must be { dW13, dW2 }: f32 tensors for the weight gradients`);
+    checkKeys(into, op, { dW13: true, dW2: true });
+    const bufs = { 'out.dW13': checkAccumulator(op, 'out.dW13', into.dW13, w13), 'out.dW2': checkAccumulator(op, 'out.dW2', into.dW2, w2) };
+    // All before the first product, so a refused call changes nothing.
+    checkSeparate(op, { 'out.dW13': bufs['out.dW13'] }, { 'out.dW2': bufs['out.dW2'] });
+    checkSeparate(op, bufs, { dOut, a: rows, 'saved.g': saved.g, 'saved.h': saved.h, w13, w2 });
   }
   const a = rows === aRows ? rows : dequantizeFp8(aRows as Fp8Rows, w13.dtype);
   const M = a.shape[0] as number;
@@ -191,9 +196,9 @@ export function expertsBackward(
     // dh = dOut · W2ᵀ, with dSwiGLU fused: dg1 = dh·g3·silu'(g1), dg3 = dh·silu(g1)
     groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, offsets, dG, saved.g);
     const dA = groupedGemm('NT', dG, w13, offsets);
-    // With accumulate, the GEMMs' epilogues add into the caller's buffers (no gradient tensor, no pass of its own).
-    const dW13 = groupedGemm('TN', a, dG, offsets, into ? { out: into.dW13, accumulate: true } : { dtype: 'f32' });
-    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, into ? { out: into.dW2, accumulate: true } : { dtype: 'f32' });
+    // Into the caller's buffers, or added to them by the GEMMs' epilogues (no gradient tensor, no pass of its own).
+    const dW13 = groupedGemm('TN', a, dG, offsets, into ? { out: into.dW13, accumulate } : { dtype: 'f32' });
+    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, into ? { out: into.dW2, accumulate } : { dtype: 'f32' });
     return { dA, dW13, dW2 };
   } finally {
     dG?.dispose();

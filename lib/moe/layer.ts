@@ -152,7 +152,7 @@ export interface MoEGrads {
   sharedW2: Tensor | null;
 }
 
-/** f32 buffers of the master weights' shapes that backward adds the weight gradients into. */
+/** f32 buffers of the master weights' shapes for backward's weight gradients (its `out`). */
 export interface MoEGradBuffers {
   router: Tensor;
   w13: Tensor;
@@ -164,11 +164,17 @@ export interface MoEGradBuffers {
 
 export interface MoEBackwardOptions {
   /**
-   * Gradient accumulation over micro-batches: the weight gradients are added into these buffers by
-   * the GEMMs' epilogues (no gradient tensors made, no pass of their own), and come back as the
-   * result's router, w13, w2, sharedW13 and sharedW2. Zero them before the first micro-batch.
+   * Where the weight gradients go, instead of new tensors: they come back as the result's router,
+   * w13, w2, sharedW13 and sharedW2 (the caller's buffers: dispose them yourself, not through the
+   * result). `dx` is always new.
    */
-  accumulate?: MoEGradBuffers;
+  out?: MoEGradBuffers;
+  /**
+   * Add the weight gradients into `out` (gradient accumulation over micro-batches): the GEMMs'
+   * epilogues add them, with no gradient tensors made and no pass of their own. Zero `out` before
+   * the first micro-batch.
+   */
+  accumulate?: boolean;
 }
 
 export class MoELayer implements Disposable {
@@ -492,8 +498,9 @@ export class MoELayer implements Disposable {
   backward(fwd: MoEForward, dy: Tensor, options: MoEBackwardOptions = {}): MoEGrads {
     const op = 'MoELayer.backward';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
-    options = checkOptions(options, op, { accumulate: true });
-    const into = options.accumulate === undefined ? undefined : this.checkGradBuffers(options.accumulate, op);
+    options = checkOptions(options, op, { out: true, accumulate: true });
+    const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
+    if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
     const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
     const owner = saved !== null && typeof saved === 'object' ? forwardOwner.get(saved) : undefined;
     if (owner === undefined) invalidArgument(op, `'fwd' must be what forward() returned`);
@@ -514,6 +521,9 @@ export class MoELayer implements Disposable {
         op,
         `'dy' must be a contiguous ${s.x.dtype}${s.x.dtype === 'f32' ? '' : ' or f32'} tensor on ${s.x.device.toString()}, as the forward's 'x'; received ${dy.isContiguous ? '' : 'a strided '}${dy.dtype} on ${dy.device.toString()}`,
       );
+    // Checked against each other, dy, the saved input and the layer's own tensors before any
+    // product runs: a refused call leaves the buffers and the forward as they were.
+    const into = options.out === undefined ? undefined : this.checkGradBuffers(options.out, op, { dy, x: s.x });
     const T = s.x.shape[0] as number;
     try {
       return tidy(() => {
@@ -524,7 +534,7 @@ export class MoELayer implements Disposable {
         let sharedGrads: { dA: Tensor; dW13: Tensor; dW2: Tensor } | null = null;
         if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
           sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared, {
-            ...(into?.sharedW13 && into.sharedW2 ? { accumulate: { dW13: into.sharedW13, dW2: into.sharedW2 } } : {}),
+            ...(into?.sharedW13 && into.sharedW2 ? { out: { dW13: into.sharedW13, dW2: into.sharedW2 }, accumulate } : {}),
           });
         }
         const { dExpertOut, dWeights } = settle(
@@ -539,7 +549,7 @@ export class MoELayer implements Disposable {
           s.handle.localOffsets,
           { g: s.g, h: s.h },
           {
-            ...(into ? { accumulate: { dW13: into.w13, dW2: into.w2 } } : {}),
+            ...(into ? { out: { dW13: into.w13, dW2: into.w2 }, accumulate } : {}),
           },
         );
         trace.mark('layer backward: experts', dy.device);
@@ -563,7 +573,7 @@ export class MoELayer implements Disposable {
           if (into) {
             // The product is [1, H, E] (one group): added through a view of the caller's [H, E].
             using routerOut = into.router.view(1, H, E);
-            groupedGemm('TN', s.x, dLogitsC, all, { out: routerOut, accumulate: true });
+            groupedGemm('TN', s.x, dLogitsC, all, { out: routerOut, accumulate });
             dRouter = into.router;
           } else dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(H, E);
         } catch (e) {
@@ -586,25 +596,38 @@ export class MoELayer implements Disposable {
     }
   }
 
-  /** backward's accumulate buffers: each an f32 buffer of its master's shape, none overlapping another. */
-  private checkGradBuffers(given: unknown, op: string): MoEGradBuffers {
-    if (given === null || typeof given !== 'object')
-      invalidArgument(op, `'accumulate' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert): f32 tensors`);
-    const b = checkKeys(given as MoEGradBuffers, op, { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true });
+  /**
+   * backward's `out`: each an f32 buffer of its master's shape, contiguous, on the layer's device,
+   * apart from every other and from dy, the saved input and the layer's own tensors (the masters
+   * themselves have the right shapes, and would silently take the gradients).
+   */
+  private checkGradBuffers(given: unknown, op: string, inputs: { dy: Tensor; x: Tensor }): MoEGradBuffers {
+    const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
+    if (given === null || typeof given !== 'object' || Array.isArray(given))
+      invalidArgument(op, `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert): f32 tensors`);
+    for (const k of Object.keys(given))
+      if (!(keys as readonly string[]).includes(k)) invalidArgument(op, `'out' has an unknown key '${k}' (it takes ${keys.join(', ')})`);
+    const b = given as MoEGradBuffers;
     const named: Record<string, Tensor> = {};
-    for (const key of ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const) {
+    for (const key of keys) {
       const master = this.master[key];
       const buf = b[key];
       if (master === null) {
-        if (buf !== undefined && buf !== null) invalidArgument(op, `'accumulate.${key}' was given but the layer has no shared expert`);
+        if (buf !== undefined && buf !== null) invalidArgument(op, `'out.${key}' was given but the layer has no shared expert`);
         continue;
       }
-      if (buf === undefined || buf === null) invalidArgument(op, `'accumulate.${key}' is missing: give a buffer for every weight gradient`);
-      named[`accumulate.${key}`] = checkAccumulator(op, `accumulate.${key}`, buf, master);
+      if (buf === undefined || buf === null) invalidArgument(op, `'out.${key}' is missing: give a buffer for every weight gradient`);
+      named[`out.${key}`] = checkAccumulator(op, `out.${key}`, buf, master);
     }
     const names = Object.keys(named);
     for (const [i, n] of names.entries())
       checkSeparate(op, { [n]: named[n] }, Object.fromEntries(names.slice(i + 1).map((m) => [m, named[m]])));
+    const own: Record<string, Tensor | null> = { bias: this.bias };
+    for (const k of keys) {
+      own[`master.${k}`] = this.master[k];
+      own[`compute.${k}`] = this.compute[k];
+    }
+    checkSeparate(op, named, { dy: inputs.dy, "the forward's x": inputs.x, ...own });
     return b;
   }
 

@@ -65,7 +65,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
   it.each([
     ['dropless, shared expert', { sharedFfn: 64 }],
     ['capacity 1.25, communication on its own stream', { capacityFactor: 1.25, commStream: true }],
-  ] as const)('%s: backward with accumulate gives the sum of two fresh backwards (the GEMMs add into the buffers)', (_n, extra) => {
+  ] as const)('%s: backward with out and accumulate gives the sum of two fresh backwards (the GEMMs add into the buffers)', (_n, extra) => {
     const seed = freshSeed();
     const before = memoryStats(gpu).liveBytes;
     {
@@ -94,7 +94,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         const buffers = Object.fromEntries(
           keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.full((layer.master[k] as Tensor).shape, 0.5, { device: gpu })]),
         ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor };
-        for (const { x, dy } of batches) layer.backward(layer.forward(x), dy, { accumulate: buffers });
+        for (const { x, dy } of batches) layer.backward(layer.forward(x), dy, { out: buffers, accumulate: true });
         for (const k of keys) {
           const buf = buffers[k];
           if (!buf) continue;
