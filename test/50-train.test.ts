@@ -193,6 +193,47 @@ describe('moe-ep train (CLI)', () => {
     );
   });
 
+  it.each(['mse', 'cross-entropy'] as const)(
+    'train.microBatches (%s): 2 and 4 passes a step, gradients accumulated, follow the one-pass trajectory',
+    (loss) => {
+      const run = (microBatches: number) => {
+        const cfg = resolveConfig({
+          model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, loss },
+          // A large eps and no clipping make AdamW's step depend on the gradients' scale (it is
+          // otherwise nearly scale-free), so a sum left undivided by the passes would show.
+          ...(loss === 'mse' ? { optimizer: { eps: 0.1, clipNorm: 0 } } : {}),
+          data: { tokensPerStep: 64 },
+          train: { device: 'cpu', steps: 12, progress: false, microBatches },
+        });
+        using t = new Trainer(cfg);
+        return t.run();
+      };
+      const one = run(1);
+      for (const m of [2, 4]) {
+        const steps = run(m);
+        steps.forEach((s, i) => {
+          const ref = one[i] as (typeof one)[number];
+          // The same tokens and gradients, summed in another order: equal to fp32 rounding.
+          expect(Math.abs(s.loss - ref.loss), `step ${i} loss, ${m} micro-batches`).toBeLessThan(1e-4 * ref.loss);
+          expect(Math.abs(s.gradNorm - ref.gradNorm), `step ${i} gradNorm, ${m} micro-batches`).toBeLessThan(1e-3 * ref.gradNorm);
+          expect(s.accuracy, `step ${i} accuracy`).toBe(ref.accuracy);
+          expect(s.layers.map((l) => l.maxVio)).toEqual(ref.layers.map((l) => l.maxVio)); // loads are counts: exact
+        });
+      }
+      expect(() => run(3)).toThrow(/config\.train\.microBatches 3 must divide each rank's 64 tokens/);
+      expect(() => resolveConfig({ train: { microBatches: 0 } } as Partial2)).toThrow(/config\.train\.microBatches/);
+    },
+  );
+
+  it("with micro-batches the sequence-wise loss needs seqLen to divide each forward's tokens", () => {
+    const cfg = resolveConfig({
+      balance: { seqAuxLossCoef: 1e-3, seqLen: 32 },
+      data: { tokensPerStep: 64 },
+      train: { device: 'cpu', steps: 1, progress: false, microBatches: 4 },
+    });
+    expect(() => new Trainer(cfg)).toThrow(/config\.balance\.seqLen 32 must divide the 16 tokens of each forward .*and 4 micro-batches/);
+  });
+
   it('model.transport reaches every layer; one process has no peers, so it refuses ipc and moves nothing for nccl', () => {
     const cfg = (transport: 'auto' | 'ipc' | 'nccl') =>
       resolveConfig({

@@ -51,6 +51,8 @@ export interface TrainConfig {
   data: { clusters: number; zipf: number; noise: number; tokensPerStep: number; seed: number; onDevice: boolean };
   train: {
     steps: number;
+    /** Each rank's share of a step in this many forward/backward passes, gradients accumulated (1: one pass). */
+    microBatches: number;
     device: 'auto' | 'cpu' | 'cuda';
     out: string | null;
     logEvery: number;
@@ -85,7 +87,7 @@ export const defaultConfig: TrainConfig = {
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
-  train: { steps: 1000, device: 'auto', out: null, logEvery: 1, progress: true, profile: false, timeoutMs: 300_000 },
+  train: { steps: 1000, microBatches: 1, device: 'auto', out: null, logEvery: 1, progress: true, profile: false, timeoutMs: 300_000 },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
@@ -192,6 +194,10 @@ export const trainConfigSchema = {
     }),
     train: section({
       steps: { ...int(1), description: 'optimizer steps (the learning-rate schedule ends there)' },
+      microBatches: {
+        ...int(1),
+        description: "each rank's tokens of a step in N forward/backward passes, gradients accumulated (activation memory / N)",
+      },
       device: { enum: ['auto', 'cpu', 'cuda'], description: 'auto: the GPU when one is usable, else the CPU' },
       out: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'run folder (default runs/<timestamp>)' },
       logEvery: { ...int(1), description: 'write every N-th step to metrics.jsonl (and the report)' },

@@ -6,6 +6,7 @@
  */
 import { type Device } from '../device.js';
 import { type DType } from '../dtype.js';
+import { invalidArgument } from '../errors.js';
 import { checkPositiveInt } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
@@ -147,29 +148,72 @@ export class MoEModel implements Disposable {
     });
   }
 
-  /** Gradients by parameter name (fp32). Releases the forward's saved tensors. */
-  backward(fwd: ModelForward): Map<string, Tensor> {
+  /**
+   * Gradients by parameter name (fp32). Releases the forward's saved tensors. With `accumulate`
+   * (a map from every parameter name to an f32 buffer of its shape, as `backward` returns) the
+   * gradients are added into those buffers by the kernels themselves, and the map comes back.
+   */
+  backward(fwd: ModelForward, options: { accumulate?: ReadonlyMap<string, Tensor> } = {}): Map<string, Tensor> {
+    const into = options.accumulate;
+    const buffer = (name: string): Tensor => {
+      const t = into?.get(name);
+      if (!t) invalidArgument('MoEModel.backward', `'accumulate' has no buffer for '${name}'`);
+      return t;
+    };
     const grads = new Map<string, Tensor>();
     const s = fwd.saved;
     try {
       tidy(() => {
         const H = this.config.hidden;
         const all = this.all(s.last.shape[0] as number);
-        grads.set('head.weight', keep(groupedGemm('TN', s.last, s.dPred, all, { dtype: 'f32' }).view(H, H)));
+        if (into) {
+          using head = buffer('head.weight').view(1, H, H);
+          groupedGemm('TN', s.last, s.dPred, all, { out: head, accumulate: true });
+          grads.set('head.weight', buffer('head.weight'));
+        } else grads.set('head.weight', keep(groupedGemm('TN', s.last, s.dPred, all, { dtype: 'f32' }).view(H, H)));
         let dh = groupedGemm('NT', s.dPred, this.headCompute, all, { dtype: this.dtype });
         for (let i = this.layers.length - 1; i >= 0; i--) {
           const b = s.blocks[i] as BlockSaved;
           const layer = this.layers[i] as MoELayer;
-          const g = layer.backward(b.moe, dh);
-          const n = rmsnormBackward(g.dx, b.h, this.norms[i] as Tensor, b.rstd);
+          const names = {
+            norm: `layers.${i}.norm.weight`,
+            router: `layers.${i}.router.weight`,
+            w13: `layers.${i}.experts.w13`,
+            w2: `layers.${i}.experts.w2`,
+            sharedW13: `layers.${i}.shared.w13`,
+            sharedW2: `layers.${i}.shared.w2`,
+          };
+          const shared = layer.master.sharedW13 !== null;
+          const g = layer.backward(
+            b.moe,
+            dh,
+            into
+              ? {
+                  out: {
+                    router: buffer(names.router),
+                    w13: buffer(names.w13),
+                    w2: buffer(names.w2),
+                    ...(shared ? { sharedW13: buffer(names.sharedW13), sharedW2: buffer(names.sharedW2) } : {}),
+                  },
+                  accumulate: true,
+                }
+              : {},
+          );
+          const n = rmsnormBackward(
+            g.dx,
+            b.h,
+            this.norms[i] as Tensor,
+            b.rstd,
+            into ? { accumulate: true, out: { dWeight: buffer(names.norm) } } : {},
+          );
           dh = dh.clone().add_(n.dx);
-          grads.set(`layers.${i}.norm.weight`, keep(n.dWeight));
-          grads.set(`layers.${i}.router.weight`, keep(g.router));
-          grads.set(`layers.${i}.experts.w13`, keep(g.w13));
-          grads.set(`layers.${i}.experts.w2`, keep(g.w2));
+          grads.set(names.norm, into ? n.dWeight : keep(n.dWeight));
+          grads.set(names.router, into ? g.router : keep(g.router));
+          grads.set(names.w13, into ? g.w13 : keep(g.w13));
+          grads.set(names.w2, into ? g.w2 : keep(g.w2));
           if (g.sharedW13 && g.sharedW2) {
-            grads.set(`layers.${i}.shared.w13`, keep(g.sharedW13));
-            grads.set(`layers.${i}.shared.w2`, keep(g.sharedW2));
+            grads.set(names.sharedW13, into ? g.sharedW13 : keep(g.sharedW13));
+            grads.set(names.sharedW2, into ? g.sharedW2 : keep(g.sharedW2));
           }
         }
       });

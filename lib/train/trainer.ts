@@ -24,10 +24,11 @@ import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js'
 import { type MoELayer } from '../moe/layer.js';
 import { native } from '../native.js';
 import { Tensor, tidy } from '../tensor.js';
+import { scale } from '../basic-ops.js';
 import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
-import { MoEModel, type Param } from './model.js';
+import { MoEModel, type ModelForward, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState, routerWeighting } from './moe-state.js';
 import { balanceBiasUpdate } from './dense-ops.js';
@@ -142,11 +143,20 @@ export class Trainer implements Disposable {
     const { tokensPerStep } = config.data;
     if (tokensPerStep % this.size !== 0)
       invalidArgument('Trainer', `config.data.tokensPerStep ${tokensPerStep} must divide evenly over the ${this.size} ranks`);
-    const seqLen = config.balance.seqLen;
-    if (seqLen !== null && (tokensPerStep / this.size) % seqLen !== 0)
+    // Micro-batches split each rank's tokens again, and every forward runs on one of them.
+    const { microBatches } = config.train;
+    const perRank = tokensPerStep / this.size;
+    if (perRank % microBatches !== 0)
       invalidArgument(
         'Trainer',
-        `config.balance.seqLen ${seqLen} must divide each rank's ${tokensPerStep / this.size} tokens (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks): the sequence-wise loss runs on each rank's own tokens`,
+        `config.train.microBatches ${microBatches} must divide each rank's ${perRank} tokens (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks)`,
+      );
+    const perPass = perRank / microBatches;
+    const seqLen = config.balance.seqLen;
+    if (seqLen !== null && perPass % seqLen !== 0)
+      invalidArgument(
+        'Trainer',
+        `config.balance.seqLen ${seqLen} must divide the ${perPass} tokens of each forward (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks${microBatches > 1 ? ` and ${microBatches} micro-batches` : ''}): the sequence-wise loss runs on each forward's own tokens`,
       );
     const epSize = config.model.epSize ?? this.size;
     if (options.world && epSize < this.size) {
@@ -258,24 +268,70 @@ export class Trainer implements Disposable {
       const target = c.model.loss === 'cross-entropy' ? ClusterTask.labels(batch).to(this.device) : y;
       batch.dispose();
       endPhase('data');
-      const fwd = this.model.forward(x, target);
-      const correct = fwd.correct ? fwd.correct.cast('f32') : null;
-      const loss = fwd.loss.clone();
-      const auxLoss = fwd.auxLoss.clone();
-      const routing = fwd.routing.map((r) => ({
-        tokensPerExpert: r.tokensPerExpert.clone(),
-        dropped: r.dropped.clone(),
-        entropy: r.entropy.clone(),
-        expertsPerToken: r.expertsPerToken?.clone() ?? null,
-      }));
-      endPhase('forward');
-      const grads = this.model.backward(fwd);
-      endPhase('backward');
+      // One forward and backward, or train.microBatches of them over row slices, the gradients
+      // summed in place (the GEMMs' and rmsnorm's accumulate) and divided by their number at the
+      // optimizer; the metrics are summed (counts) or averaged (loss, entropy) over the passes.
+      const m = c.train.microBatches;
+      const rows = (x.shape[0] as number) / m;
+      let grads: Map<string, Tensor> | null = null;
+      let sums: {
+        correct: Tensor | null;
+        loss: Tensor;
+        auxLoss: Tensor;
+        routing: { tokensPerExpert: Tensor; dropped: Tensor; entropy: Tensor; expertsPerToken: Tensor | null }[];
+      } | null = null;
+      try {
+        if (m > 1) grads = new Map(this.state.map((s) => [s.param.name, Tensor.zeros(s.param.master.shape, { device: this.device })]));
+        for (let i = 0; i < m; i++) {
+          const fwd = m === 1 ? this.model.forward(x, target) : this.passOf(x, target, i * rows, rows);
+          if (!sums) {
+            sums = {
+              correct: fwd.correct ? fwd.correct.cast('f32') : null,
+              loss: fwd.loss.clone(),
+              auxLoss: fwd.auxLoss.clone(),
+              routing: fwd.routing.map((r) => ({
+                tokensPerExpert: r.tokensPerExpert.clone(),
+                dropped: r.dropped.clone(),
+                entropy: r.entropy.clone(),
+                expertsPerToken: r.expertsPerToken?.clone() ?? null,
+              })),
+            };
+          } else {
+            const acc = sums;
+            if (acc.correct && fwd.correct) acc.correct.add_(fwd.correct.cast('f32'));
+            acc.loss.add_(fwd.loss);
+            acc.auxLoss.add_(fwd.auxLoss);
+            fwd.routing.forEach((r, l) => {
+              const a = acc.routing[l] as (typeof acc.routing)[number];
+              a.tokensPerExpert.add_(r.tokensPerExpert);
+              a.dropped.add_(r.dropped);
+              a.entropy.add_(r.entropy);
+              if (a.expertsPerToken && r.expertsPerToken) a.expertsPerToken.add_(r.expertsPerToken);
+            });
+          }
+          endPhase('forward');
+          if (grads) this.model.backward(fwd, { accumulate: grads });
+          else grads = this.model.backward(fwd);
+          endPhase('backward');
+        }
+      } catch (e) {
+        for (const g of grads?.values() ?? []) g.dispose();
+        throw e;
+      }
+      const { correct, loss, auxLoss, routing } = sums as NonNullable<typeof sums>;
+      const stepGrads = grads as Map<string, Tensor>;
+      if (m > 1) {
+        scale(loss, 1 / m, { out: loss });
+        scale(auxLoss, 1 / m, { out: auxLoss });
+        for (const r of routing) scale(r.entropy, 1 / m, { out: r.entropy });
+      }
       try {
         // Data-parallel reduction, global-norm clipping, AdamW (a deliberate host sync reads the norm).
-        const gradNorm = reduceGradients(this.state, grads, this.gradientGroups(), this.device);
+        // With micro-batches the buffers hold the sum of m passes' gradients: their mean is that / m.
+        const gradNorm = reduceGradients(this.state, stepGrads, this.gradientGroups(), this.device) / m;
         const lr = this.lr(this.step);
-        optimizerStep(this.state, grads, c.optimizer, { lr, step: this.step + 1, gradScale: clipScale(gradNorm, c.optimizer.clipNorm) });
+        const gradScale = clipScale(gradNorm, c.optimizer.clipNorm) / m;
+        optimizerStep(this.state, stepGrads, c.optimizer, { lr, step: this.step + 1, gradScale });
         if (this.model.dtype !== 'bf16') this.model.refreshComputeWeights();
         endPhase('optimizer');
         // Balancing: the bias follows the global expert loads.
@@ -317,11 +373,19 @@ export class Trainer implements Disposable {
           phaseMs: { ...phaseMs },
         };
       } finally {
-        for (const g of grads.values()) g.dispose();
+        for (const g of stepGrads.values()) g.dispose();
       }
     });
     this.step++;
     return metrics;
+  }
+
+  /**
+   * The forward of micro-batch rows [first, first + rows) of this rank's x and target: views (the
+   * backward reads them as the forward saved them; the step's tidy frees them).
+   */
+  private passOf(x: Tensor, target: Tensor, first: number, rows: number): ModelForward {
+    return this.model.forward(x.narrow(0, first, rows), target.narrow(0, first, rows));
   }
 
   private gradientGroups(): GradientGroups {

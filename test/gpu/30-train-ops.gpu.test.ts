@@ -15,6 +15,8 @@ import {
   sumOfSquares,
   Tensor,
 } from '../../lib/index.js';
+import { resolveConfig } from '../../lib/train/config.js';
+import { Trainer } from '../../lib/train/trainer.js';
 import { freshSeed, poisoned, relErr, tolerance, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
@@ -236,5 +238,26 @@ describe.skipIf(!hasGpu)('the training data on the GPU (data.onDevice)', () => {
       using labels = ClusterTask.labels(b);
       expect(labels.shape).toEqual([a.y.shape[0]]);
     }
+  });
+});
+
+describe.skipIf(!hasGpu)('train.microBatches on the GPU', () => {
+  it('2 passes a step (the bf16 GEMMs and rmsnorm accumulating into f32 buffers) follow the one-pass losses', () => {
+    const run = (microBatches: number): number[] => {
+      const cfg = resolveConfig({
+        model: { hidden: 128, ffn: 64, experts: 8, topK: 2, sharedFfn: 32 },
+        data: { tokensPerStep: 512 },
+        train: { device: 'cuda', steps: 10, progress: false, microBatches },
+      });
+      using t = new Trainer(cfg);
+      return t.run().map((s) => s.loss);
+    };
+    const live = memoryStats(gpu).liveBytes;
+    const one = run(1);
+    const two = run(2);
+    // bf16 compute: the passes' sums differ in order and rounding, so the trajectories agree closely, not bit for bit.
+    two.forEach((l, i) => expect(Math.abs(l - (one[i] as number)), `step ${i}`).toBeLessThan(2e-2 * (one[i] as number)));
+    expect(two[two.length - 1]).toBeLessThan(two[0] as number);
+    expect(memoryStats(gpu).liveBytes).toBe(live);
   });
 });
