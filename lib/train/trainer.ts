@@ -156,7 +156,9 @@ export class Trainer implements Disposable {
     if (seqLen !== null && perPass % seqLen !== 0)
       invalidArgument(
         'Trainer',
-        `config.balance.seqLen ${seqLen} must divide the ${perPass} tokens of each forward (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks${microBatches > 1 ? ` and ${microBatches} micro-batches` : ''}): the sequence-wise loss runs on each forward's own tokens`,
+        microBatches === 1
+          ? `config.balance.seqLen ${seqLen} must divide each rank's ${perRank} tokens (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks): the sequence-wise loss runs on each rank's own tokens`
+          : `config.balance.seqLen ${seqLen} must divide the ${perPass} tokens of each forward (config.data.tokensPerStep ${tokensPerStep} over ${this.size} ranks and ${microBatches} micro-batches): the sequence-wise loss runs on each forward's own tokens`,
       );
     const epSize = config.model.epSize ?? this.size;
     if (options.world && epSize < this.size) {

@@ -1,6 +1,7 @@
 // Under mpirun: training at EP = world size follows the EP=1 trajectory on the same global batches,
 // and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory;
-// expert-choice routing trains at EP = world size with every expert at exactly C tokens per rank.
+// expert-choice routing trains at EP = world size with every expert at exactly C tokens per rank;
+// two micro-batches a step at EP = world size follow the EP=1 trajectory too.
 // Rank 0 trains the one-rank references in the same process and compares step by step.
 //   --device cpu (default): f32, 25 steps, losses within 2e-3 of EP=1.
 //   --device cuda: bf16 on the ranks' GPU (several ranks may share one, through MPI staging), the
@@ -94,6 +95,24 @@ if (world.rank === 0) {
       check(rel < tolerance, `resumed from the EDP checkpoint, step ${saveAtEdp + i}: ${rest[i]} vs ${edpLosses[saveAtEdp + i]}`);
     }
     rmSync(dirEdp, { recursive: true, force: true });
+  }
+}
+// Micro-batches at EP = world size: each rank's share in 2 forward/backward passes, the gradients
+// accumulated in place, on the EP=1 one-pass trajectory (the exchanges run once per pass).
+{
+  const mbCfg = resolveConfig({ ...cfg, train: { ...cfg.train, microBatches: 2 } });
+  const t = new Trainer(withTransport(mbCfg), { world });
+  const mbLosses = [];
+  for (let i = 0; i < cfg.train.steps; i++) mbLosses.push(t.trainStep().loss);
+  t.dispose();
+  if (world.rank === 0) {
+    const ref = new Trainer(cfg);
+    const refLosses = ref.run().map((s) => s.loss);
+    ref.dispose();
+    for (let i = 0; i < refLosses.length; i++) {
+      const rel = Math.abs(mbLosses[i] - refLosses[i]) / refLosses[i];
+      check(rel < tolerance, `EP=${world.size} with 2 micro-batches, step ${i}: ${mbLosses[i]} vs EP=1 ${refLosses[i]}`);
+    }
   }
 }
 // Expert choice at EP = world size: each rank's experts choose among that rank's share of the
