@@ -7,7 +7,7 @@ import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js
 import { expertsBackward, expertsForward } from '../lib/moe/experts.js';
 import { dequantizeFp8, quantizeFp8 } from '../lib/moe/fp8.js';
 import { routerForward } from '../lib/moe/router.js';
-import { freshSeed, relErr, values } from './helpers.js';
+import { freshGradientSums, freshSeed, MOE_WEIGHT_GRADS, relErr, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
 const silu = (v: number): number => v / (1 + Math.exp(-v));
@@ -282,25 +282,8 @@ describe('MoELayer on one rank', () => {
         x: Tensor.randn([7, H], { seed: seed * 10 + i, device: cpu }),
         dy: Tensor.randn([7, H], { seed: seed * 10 + 5 + i, device: cpu }),
       }));
-      const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
-      // Fresh gradients, summed on the host in float64.
-      const sums = new Map<string, number[]>();
-      const freshDx: number[][] = [];
-      for (const { x, dy } of batches) {
-        const g = layer.backward(layer.forward(x), dy);
-        freshDx.push(values(g.dx));
-        for (const k of keys) {
-          const t = g[k];
-          if (!t) continue;
-          const v = values(t);
-          const acc = sums.get(k) ?? new Array<number>(v.length).fill(0);
-          sums.set(
-            k,
-            acc.map((a, i) => a + (v[i] as number)),
-          );
-        }
-        for (const t of Object.values(g)) t?.dispose();
-      }
+      const keys = MOE_WEIGHT_GRADS;
+      const { sums, dx: freshDx } = freshGradientSums(layer, batches);
       // The same two micro-batches into buffers that start at zero.
       const buffers = Object.fromEntries(
         keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu })]),

@@ -1,7 +1,7 @@
 // Shared test helpers: independent float64 oracles and comparison by relative norm.
 import { expect } from 'vitest';
 
-import { type DType, type DeviceLike, InvalidArgumentError, memoryStats, Tensor } from '../lib/index.js';
+import { type DType, type DeviceLike, InvalidArgumentError, memoryStats, type MoELayer, Tensor } from '../lib/index.js';
 
 /** ‖out − ref‖ / ‖ref‖ (or ‖out‖ when ref is all zeros). NaN anywhere gives Infinity. */
 export function relErr(out: ArrayLike<number>, ref: ArrayLike<number>): number {
@@ -103,4 +103,35 @@ export function rng(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** The weight gradients' names in MoELayer.backward's result (and its `out`). */
+export const MOE_WEIGHT_GRADS = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
+
+/**
+ * Fresh backwards of `layer` over the batches: each weight gradient summed on the host in float64
+ * (by name), and each batch's dx. The reference for gradient accumulation.
+ */
+export function freshGradientSums(
+  layer: MoELayer,
+  batches: readonly { x: Tensor; dy: Tensor }[],
+): { sums: Map<string, number[]>; dx: number[][] } {
+  const sums = new Map<string, number[]>();
+  const dx: number[][] = [];
+  for (const { x, dy } of batches) {
+    const g = layer.backward(layer.forward(x), dy);
+    dx.push(values(g.dx));
+    for (const k of MOE_WEIGHT_GRADS) {
+      const t = g[k];
+      if (!t) continue;
+      const v = values(t);
+      const acc = sums.get(k) ?? new Array<number>(v.length).fill(0);
+      sums.set(
+        k,
+        acc.map((a, i) => a + (v[i] as number)),
+      );
+    }
+    for (const t of Object.values(g)) t?.dispose();
+  }
+  return { sums, dx };
 }

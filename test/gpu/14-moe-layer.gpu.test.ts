@@ -5,7 +5,7 @@ import { describe, expect, it, vi } from 'vitest';
 
 import { memoryStats, Tensor, tidy } from '../../lib/index.js';
 import { MoELayer, type MoELayerConfig } from '../../lib/moe/layer.js';
-import { freshSeed, relErr, values } from '../helpers.js';
+import { freshGradientSums, freshSeed, MOE_WEIGHT_GRADS, relErr, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
 const gpu = 'cuda:0' as const;
@@ -75,21 +75,8 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
           x: Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu }),
           dy: Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu }),
         }));
-        const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
-        const sums = new Map<string, number[]>();
-        for (const { x, dy } of batches) {
-          const g = layer.backward(layer.forward(x), dy);
-          for (const k of keys) {
-            const t = g[k];
-            if (!t) continue;
-            const v = values(t);
-            const acc = sums.get(k) ?? new Array<number>(v.length).fill(0);
-            sums.set(
-              k,
-              acc.map((a, i) => a + (v[i] as number)),
-            );
-          }
-        }
+        const keys = MOE_WEIGHT_GRADS;
+        const { sums } = freshGradientSums(layer, batches);
         // Buffers poisoned with a known value, not zero: the epilogue must add to what is there.
         const buffers = Object.fromEntries(
           keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.full((layer.master[k] as Tensor).shape, 0.5, { device: gpu })]),

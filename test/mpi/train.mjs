@@ -46,17 +46,25 @@ for (let i = 0; i < cfg.train.steps; i++) {
 }
 const used = world.size > 1 ? checkTransport(ep.model.layers[0].dispatcher, tr.transport, 'EP training') : 'local';
 ep.dispose();
+/** Each loss of `a` within the tolerance of `b`'s (rank 0 compares). */
+const close = (a, b, what) => {
+  for (let i = 0; i < a.length; i++) {
+    const rel = Math.abs(a[i] - b[i]) / b[i];
+    check(rel < tolerance, `${what}, step ${i}: ${a[i]} vs ${b[i]} (rel ${rel.toExponential(2)})`);
+  }
+};
+/** The one-rank reference trajectory, trained once on rank 0. */
+let refLosses = null;
+const reference = () => {
+  if (!refLosses) {
+    const ref = new Trainer(cfg);
+    refLosses = ref.run().map((s) => s.loss);
+    ref.dispose();
+  }
+  return refLosses;
+};
 if (world.rank === 0) {
-  const close = (a, b, what) => {
-    for (let i = 0; i < a.length; i++) {
-      const rel = Math.abs(a[i] - b[i]) / b[i];
-      check(rel < tolerance, `${what}, step ${i}: ${a[i]} vs ${b[i]} (rel ${rel.toExponential(2)})`);
-    }
-  };
-  const ref = new Trainer(cfg);
-  const refLosses = ref.run().map((s) => s.loss);
-  ref.dispose();
-  close(losses, refLosses, `EP=${world.size} against EP=1`);
+  close(losses, reference(), `EP=${world.size} against EP=1`);
   if (!gpu) check(losses[losses.length - 1] < 0.5 * losses[0], `the loss fell: ${losses[0]} -> ${losses[losses.length - 1]}`);
   // The EP=size checkpoint, resumed by one rank holding all experts.
   const resumed = new Trainer(cfg);
@@ -79,21 +87,12 @@ if (world.rank === 0) {
   }
   t.dispose();
   if (world.rank === 0) {
-    const ref = new Trainer(cfg);
-    const refLosses = ref.run().map((s) => s.loss);
-    ref.dispose();
-    for (let i = 0; i < refLosses.length; i++) {
-      const rel = Math.abs(edpLosses[i] - refLosses[i]) / refLosses[i];
-      check(rel < tolerance, `EP=${epSize} x EDP=2, step ${i}: ${edpLosses[i]} vs EP=1 ${refLosses[i]}`);
-    }
+    close(edpLosses, reference(), `EP=${epSize} x EDP=2 against EP=1`);
     const resumed = new Trainer(cfg);
     check(resumed.resume(dirEdp) === saveAtEdp, `resumed the EDP checkpoint at step ${saveAtEdp}`);
     const rest = resumed.run().map((s) => s.loss);
     resumed.dispose();
-    for (let i = 0; i < rest.length; i++) {
-      const rel = Math.abs(rest[i] - edpLosses[saveAtEdp + i]) / edpLosses[saveAtEdp + i];
-      check(rel < tolerance, `resumed from the EDP checkpoint, step ${saveAtEdp + i}: ${rest[i]} vs ${edpLosses[saveAtEdp + i]}`);
-    }
+    close(rest, edpLosses.slice(saveAtEdp), `resumed from the EDP checkpoint (steps counted from ${saveAtEdp})`);
     rmSync(dirEdp, { recursive: true, force: true });
   }
 }
@@ -105,15 +104,7 @@ if (world.rank === 0) {
   const mbLosses = [];
   for (let i = 0; i < cfg.train.steps; i++) mbLosses.push(t.trainStep().loss);
   t.dispose();
-  if (world.rank === 0) {
-    const ref = new Trainer(cfg);
-    const refLosses = ref.run().map((s) => s.loss);
-    ref.dispose();
-    for (let i = 0; i < refLosses.length; i++) {
-      const rel = Math.abs(mbLosses[i] - refLosses[i]) / refLosses[i];
-      check(rel < tolerance, `EP=${world.size} with 2 micro-batches, step ${i}: ${mbLosses[i]} vs EP=1 ${refLosses[i]}`);
-    }
-  }
+  if (world.rank === 0) close(mbLosses, reference(), `EP=${world.size} with 2 micro-batches against EP=1`);
 }
 // Expert choice at EP = world size: each rank's experts choose among that rank's share of the
 // batch (C = ceil((T/P)·k/E) per expert and rank), so the metrics all-reduced over the ranks show
