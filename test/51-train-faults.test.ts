@@ -131,12 +131,16 @@ describe('bad configurations fail at once, naming what to change', () => {
     const est = estimateMemory(big);
     expect(est.params).toBeGreaterThan(50 * 2 ** 30); // 1e6 experts × 3·32·16 weights × 20 bytes, 2 layers
     expect(estimateMemory(resolveConfig({})).params).toBeLessThan(2 ** 20);
+    // A backward keeps one pass's activations: micro-batches divide them, not the parameters.
+    const quarter = estimateMemory(resolveConfig({ model: { experts: 1_000_000 }, train: { microBatches: 4 } }));
+    expect(quarter.activations).toBe(est.activations / 4);
+    expect(quarter.params).toBe(est.params);
     const out = tmp();
     const r = trainBounded(['--model.experts', '1000000', '--steps', '1', '--out', out, '--no-progress']);
     expect(r.signal, r.stderr).toBeNull();
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(
-      /this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\)/,
+      /this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\).*raise train\.microBatches \(1: the activations shrink with it\)/,
     );
     expect(existsSync(join(out, 'checkpoints'))).toBe(false);
   });

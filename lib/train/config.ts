@@ -334,7 +334,8 @@ export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; act
     S = m.sharedFfn,
     k = m.topK;
   const El = Math.ceil(E / ep);
-  const T = Math.ceil(c.data.tokensPerStep / ranks);
+  // The activations a backward keeps are one forward's: a micro-batch of each rank's share.
+  const T = Math.ceil(c.data.tokensPerStep / ranks / c.train.microBatches);
   const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H;
   const params = (m.layers * perLayer + H * H) * 20;
   // Per layer: x, norms and residuals [T,H]; logits, scores, aux gradients [T,E]; the routed rows,

@@ -540,7 +540,8 @@ function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
     invalidArgument(
       'Trainer',
       `this configuration needs about ${gib(bytes)} per rank on ${where} (parameters and optimizer state ${gib(params)}, activations ${gib(activations)}, data task ${gib(data)}) ` +
-        `but it has ${gib(have)}: reduce config.model.experts (${m.experts}), model.hidden (${m.hidden}), model.ffn (${m.ffn}), model.layers (${m.layers}), data.tokensPerStep (${config.data.tokensPerStep}) or data.clusters (${config.data.clusters}), or use more ranks`,
+        `but it has ${gib(have)}: reduce config.model.experts (${m.experts}), model.hidden (${m.hidden}), model.ffn (${m.ffn}), model.layers (${m.layers}), data.tokensPerStep (${config.data.tokensPerStep}) or data.clusters (${config.data.clusters}), ` +
+        `raise train.microBatches (${config.train.microBatches}: the activations shrink with it), or use more ranks`,
     );
   }
 }
