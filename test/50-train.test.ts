@@ -8,9 +8,10 @@ import { join, resolve } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { CheckpointError, cuda, defaultConfig, loadCheckpoint, loadMoELayer, memoryStats, MoELayer } from '../lib/index.js';
+import { CheckpointError, cuda, defaultConfig, loadCheckpoint, loadMoELayer, memoryStats, MoELayer, Tensor } from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
 import { overridesFromArgs, resolveConfig } from '../lib/train/config.js';
+import { releaseForward } from '../lib/train/model.js';
 import { Trainer } from '../lib/train/trainer.js';
 
 type Partial2 = Parameters<typeof resolveConfig>[0];
@@ -224,6 +225,85 @@ describe('moe-ep train (CLI)', () => {
       expect(() => resolveConfig({ train: { microBatches: 0 } } as Partial2)).toThrow(/config\.train\.microBatches/);
     },
   );
+
+  it("train.microBatches: the clip compares the mean gradient's norm; aux losses, entropy and expert-choice counts combine over the passes", () => {
+    const run = (microBatches: number, extra: Partial2 = {}) => {
+      const cfg = resolveConfig({
+        ...extra,
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, ...(extra?.model ?? {}) },
+        data: { tokensPerStep: 64 },
+        train: { device: 'cpu', steps: 8, progress: false, microBatches },
+      } as Partial2);
+      using t = new Trainer(cfg);
+      return t.run();
+    };
+    // Clipping on (gradNorm is ~6-18 here, clipped to 0.5) with a scale-sensitive AdamW: clipping
+    // the sum's norm instead of the mean's would step differently.
+    const clipped = { optimizer: { eps: 0.1, clipNorm: 0.5 } } as Partial2;
+    const one = run(1, clipped);
+    const two = run(2, clipped);
+    two.forEach((s, i) =>
+      expect(Math.abs(s.loss - (one[i] as (typeof one)[number]).loss), `clipped, step ${i}`).toBeLessThan(
+        1e-4 * (one[i] as (typeof one)[number]).loss,
+      ),
+    );
+    // z-loss and the sequence-wise loss (seqLen dividing each pass): the logged aux loss and router
+    // entropy are the passes' mean, equal to one pass's over the same tokens.
+    const aux = { balance: { zLossCoef: 1e-3, seqAuxLossCoef: 1e-2, seqLen: 16 } } as Partial2;
+    const aux1 = run(1, aux);
+    for (const m of [2, 4]) {
+      run(m, aux).forEach((s, i) => {
+        const r = aux1[i] as (typeof aux1)[number];
+        expect(Math.abs(s.auxLoss - r.auxLoss), `auxLoss step ${i}, ${m} passes`).toBeLessThan(1e-4 * r.auxLoss);
+        s.layers.forEach((l, j) =>
+          expect(Math.abs(l.routerEntropy - (r.layers[j] as (typeof r.layers)[number]).routerEntropy)).toBeLessThan(1e-5),
+        );
+      });
+    }
+    // Expert choice: each pass's experts pick among its tokens; the step's histogram covers every token.
+    for (const s of run(4, { model: { routing: 'expert-choice' } } as Partial2))
+      for (const l of s.layers) expect((l.expertsPerToken ?? []).reduce((a, b) => a + b, 0)).toBe(64);
+  });
+
+  it('MoEModel.backward checks every accumulate buffer before any product (a master as its own buffer took the gradient)', () => {
+    const cfg = resolveConfig({
+      model: { hidden: 16, ffn: 8, experts: 4, topK: 2 },
+      data: { tokensPerStep: 32 },
+      train: { device: 'cpu', steps: 1, progress: false },
+    });
+    using t = new Trainer(cfg);
+    const model = t.model;
+    const fresh = () => new Map(t.optimizerState().map((p) => [p.name, Tensor.zeros(p.param.shape, { device: 'cpu' })]));
+    const x = Tensor.randn([32, 16], { seed: 1, device: 'cpu' });
+    const y = Tensor.randn([32, 16], { seed: 2, device: 'cpu' });
+    const headBefore = Array.from(model.head.toFloat32Array());
+    const cases: [string, (m: Map<string, Tensor>) => void, RegExp][] = [
+      ['missing', (m) => m.delete('layers.0.norm.weight'), /MoEModel\.backward: 'accumulate' has no buffer for 'layers\.0\.norm\.weight'/],
+      ['the master itself', (m) => m.set('head.weight', model.head), /'accumulate 'head\.weight'' overlaps 'head\.weight' in memory/],
+      [
+        'bf16',
+        (m) => m.set('layers.0.experts.w2', Tensor.zeros(model.layers[0]!.master.w2.shape, { dtype: 'bf16', device: 'cpu' })),
+        /must be a contiguous f32/,
+      ],
+    ];
+    for (const [what, edit, message] of cases) {
+      const bufs = fresh();
+      edit(bufs);
+      const fwd = model.forward(x, y);
+      expect(() => model.backward(fwd, { accumulate: bufs }), what).toThrow(message);
+      for (const [name, b] of bufs)
+        if (b !== model.head && b.dtype === 'f32')
+          expect(
+            Array.from(b.toFloat32Array()).every((v) => v === 0),
+            `${what}: ${name} untouched`,
+          ).toBe(true);
+      releaseForward(fwd);
+      for (const b of bufs.values()) if (b !== model.head) b.dispose();
+    }
+    expect(Array.from(model.head.toFloat32Array())).toEqual(headBefore);
+    x.dispose();
+    y.dispose();
+  });
 
   it("with micro-batches the sequence-wise loss needs seqLen to divide each forward's tokens", () => {
     const cfg = resolveConfig({

@@ -7,8 +7,9 @@
 import { type Device } from '../device.js';
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
-import { checkPositiveInt } from '../validate.js';
+import { checkPositiveInt, checkSeparate } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
+import { checkAccumulator } from '../moe/experts.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -154,12 +155,8 @@ export class MoEModel implements Disposable {
    * gradients are added into those buffers by the kernels themselves, and the map comes back.
    */
   backward(fwd: ModelForward, options: { accumulate?: ReadonlyMap<string, Tensor> } = {}): Map<string, Tensor> {
-    const into = options.accumulate;
-    const buffer = (name: string): Tensor => {
-      const t = into?.get(name);
-      if (!t) invalidArgument('MoEModel.backward', `'accumulate' has no buffer for '${name}'`);
-      return t;
-    };
+    const into = options.accumulate === undefined ? undefined : this.checkGradBuffers(options.accumulate);
+    const buffer = (name: string): Tensor => into?.get(name) as Tensor;
     const grads = new Map<string, Tensor>();
     const s = fwd.saved;
     try {
@@ -217,10 +214,42 @@ export class MoEModel implements Disposable {
           }
         }
       });
+    } catch (e) {
+      // The gradients kept so far left the tidy: free them (accumulate's buffers are the caller's).
+      if (!into) for (const g of grads.values()) g.dispose();
+      throw e;
     } finally {
       releaseForward(fwd);
     }
     return grads;
+  }
+
+  /**
+   * backward's accumulate buffers, all checked before any product runs (a late refusal would leave
+   * some buffers added into): one for every parameter, an f32 buffer of its master's shape,
+   * contiguous, on the model's device, apart from each other and from every weight.
+   */
+  private checkGradBuffers(given: unknown): ReadonlyMap<string, Tensor> {
+    const op = 'MoEModel.backward';
+    if (!(given instanceof Map))
+      invalidArgument(op, `'accumulate' must be a Map from parameter name to an f32 buffer (as backward returns)`);
+    const buffers = given as ReadonlyMap<string, unknown>;
+    const named: Record<string, Tensor> = {};
+    const weights: Record<string, Tensor> = { 'head.compute': this.headCompute };
+    // params() makes a view of each router's compute copy: the tidy frees them, the masters stay.
+    const masters = tidy(() => this.params().map((p): [string, Tensor] => [p.name, p.master]));
+    for (const [name, master] of masters) {
+      const buf = buffers.get(name);
+      if (buf === undefined) invalidArgument(op, `'accumulate' has no buffer for '${name}'`);
+      named[`accumulate '${name}'`] = checkAccumulator(op, `accumulate '${name}'`, buf, master);
+      weights[name] = master;
+    }
+    for (const l of this.layers) for (const [k, t] of Object.entries(l.compute)) if (t) weights[`compute ${k}`] = t;
+    const names = Object.keys(named);
+    for (const [i, n] of names.entries())
+      checkSeparate(op, { [n]: named[n] }, Object.fromEntries(names.slice(i + 1).map((m) => [m, named[m]])));
+    checkSeparate(op, named, weights);
+    return buffers as ReadonlyMap<string, Tensor>;
   }
 
   dispose(): void {
