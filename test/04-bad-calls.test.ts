@@ -1164,6 +1164,26 @@ const cases: Case[] = [
     /dispatchBackward: 'dRows' must be contiguous/,
   ],
   [
+    'dispatch of a transposed x',
+    () => {
+      const { indices, cap } = routed();
+      return new Dispatcher({ numExperts: 4 }).dispatch(f([3, 2]).transpose(), indices, f([2, 2]), cap);
+    },
+    InvalidArgumentError,
+    /^dispatch: 'x' must be contiguous/,
+  ],
+  [
+    'combine with strided weights',
+    () => {
+      const { indices, cap } = routed();
+      const d = new Dispatcher({ numExperts: 4 });
+      const r = d.dispatch(f([2, 3]), indices, f([2, 2]), cap);
+      return d.combine(f([4, 3]), r.handle, f([2, 2]).transpose());
+    },
+    InvalidArgumentError,
+    /^combine: 'weights' must be contiguous/,
+  ],
+  [
     'combineBackward of a strided dy',
     () => {
       const { indices, cap } = routed();

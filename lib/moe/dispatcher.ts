@@ -405,6 +405,8 @@ export class Dispatcher {
     const op = 'dispatch';
     this.checkLive(op);
     checkTensors(op, { x, indices, weights });
+    // Strided ones failed inside permute, naming it: the kernels read each as one dense block.
+    for (const [name, t] of [['x', x], ['indices', indices], ['weights', weights]] as const) checkContiguous(t, op, name);
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
     return launch(
       op,
@@ -682,6 +684,7 @@ export class Dispatcher {
     this.checkLive(op);
     checkTensors(op, { expertOut, weights });
     checkContiguous(expertOut, op, 'expertOut');
+    checkContiguous(weights, op, 'weights');
     const inputs = [expertOut, weights, ...handleTensors(op, handle)];
     return launch(
       op,
@@ -724,6 +727,7 @@ export class Dispatcher {
     checkTensors(op, { dy, expertOut, weights });
     checkContiguous(dy, op, 'dy');
     checkContiguous(expertOut, op, 'expertOut');
+    checkContiguous(weights, op, 'weights');
     const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
     return launch(
       op,
@@ -770,6 +774,7 @@ export class Dispatcher {
     if (add !== undefined) {
       // Checked here, before anything is queued, whichever transport runs: dx's dtype and shape.
       checkTensor(add, op, 'add');
+      checkContiguous(add, op, 'add');
       const T = (handle.transport === 'ipc' ? handle.pos : handle.permuted.rowOf).shape[0] as number;
       const want = [T, dRows.shape[1] as number];
       if (add.dtype !== dRows.dtype || add.shape.join() !== want.join())
