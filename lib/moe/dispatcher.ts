@@ -406,7 +406,9 @@ export class Dispatcher {
     this.checkLive(op);
     checkTensors(op, { x, indices, weights });
     // Strided ones failed inside permute, naming it: the kernels read each as one dense block.
-    for (const [name, t] of [['x', x], ['indices', indices], ['weights', weights]] as const) checkContiguous(t, op, name);
+    checkContiguous(x, op, 'x');
+    checkContiguous(indices, op, 'indices');
+    checkContiguous(weights, op, 'weights');
     if (cap === null || typeof cap !== 'object') invalidArgument(op, `'cap' must be the result of capacity()`);
     return launch(
       op,
