@@ -117,8 +117,7 @@ function writeCheckpointFile(
 
 /** saveCheckpoint's own arguments (the step's agreement across ranks is checked after the exchange). */
 function checkSaveArguments(root: string, options: SaveOptions, op: string): void {
-  if (typeof root !== 'string' || root === '')
-    invalidArgument(op, `'root' must be a folder path (a non-empty string); received ${String(root)}`);
+  checkRootPath(root, op);
   checkKeys(options, op, { step: true, comm: true, replicated: true, sharded: true, manifestExtras: true, keep: true });
   // Maps of name → tensor (a number, or an array whose indices became names, saved nothing or "0").
   for (const key of ['replicated', 'sharded'] as const) {
@@ -142,7 +141,6 @@ function checkSaveArguments(root: string, options: SaveOptions, op: string): voi
 export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpoint {
   const op = 'saveCheckpoint';
   const t0 = Date.now();
-  checkRootPath(root, op);
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'step'`);
   const { step } = options;
   // Checked before the rest: without a communicator there is no exchange to refuse the others through.

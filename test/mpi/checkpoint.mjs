@@ -148,6 +148,18 @@ if (mode === 'save') {
   );
   check(Date.now() - t0 < 10_000, `the refusal took ${Date.now() - t0} ms (${e.message})`);
   world.barrier(); // the communicator is still usable
+  // A root that is not a path on one rank: refused the same way (it threw at once on that rank, leaving the other in the exchange).
+  const t1 = Date.now();
+  expectThrow(
+    () => saveCheckpoint(r === 1 ? null : join(dir, 'shared'), { step: 1, comm: world, replicated: { rep } }),
+    InvalidArgumentError,
+    r === 1
+      ? /^saveCheckpoint: 'root' must be a folder path/
+      : /another rank's arguments were refused, nothing was written: rank 1: saveCheckpoint: 'root'/,
+    'a root that is not a path on rank 1',
+  );
+  check(Date.now() - t1 < 10_000, `the root refusal took ${Date.now() - t1} ms`);
+  world.barrier();
   check(!fs.existsSync(join(dir, 'shared')) || fs.readdirSync(join(dir, 'shared')).length === 0, 'something was written');
 } else {
   check(false, `unknown mode ${mode}`);
