@@ -313,8 +313,7 @@ export class Tensor implements Disposable {
   // ---------------------------------------------------------------------------- properties
   /** @internal The native handle; throws once disposed. */
   get handle(): TensorHandle {
-    if (this.#handle === null) throw new DisposedError('tensor: the tensor was disposed and cannot be used', 'tensor');
-    return this.#handle;
+    return this.live('tensor');
   }
   /** The handle for method `op` (named in the error once disposed, where `handle` names no op). */
   private live(op: string): TensorHandle {

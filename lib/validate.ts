@@ -69,6 +69,28 @@ export function checkContiguous(t: Tensor, op: string, arg: string): Tensor {
 }
 
 /**
+ * An f32 buffer of `like`'s shape on its device, contiguous: where a weight's gradient is written or
+ * added (backward's `out`).
+ */
+export function checkGradBuffer(op: string, arg: string, t: unknown, like: Tensor): Tensor {
+  const buf = checkTensor(t, op, arg);
+  if (buf.dtype !== 'f32' || buf.shape.join() !== like.shape.join() || !buf.device.equals(like.device) || !buf.isContiguous)
+    invalidArgument(
+      op,
+      `'${arg}' must be a contiguous f32 [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
+    );
+  return buf;
+}
+
+/** checkSeparate for several outputs that must also lie apart from each other. */
+export function checkApart(op: string, outputs: Record<string, Tensor>, inputs: Record<string, Tensor | null | undefined>): void {
+  const names = Object.keys(outputs);
+  for (const [i, n] of names.entries())
+    checkSeparate(op, { [n]: outputs[n] }, Object.fromEntries(names.slice(i + 1).map((m) => [m, outputs[m]])));
+  checkSeparate(op, outputs, inputs);
+}
+
+/**
  * Refuses an output whose memory overlaps an input's (`outputs` and `inputs`: argument name → tensor,
  * absent ones skipped): the kernels read their inputs while they write their outputs, in tiles and
  * out of order, so an output over an input would read values it had already overwritten. Views of

@@ -281,6 +281,14 @@ describe('moe-ep train (CLI)', () => {
       ['missing', (m) => m.delete('layers.0.norm.weight'), /MoEModel\.backward: 'accumulate' has no buffer for 'layers\.0\.norm\.weight'/],
       ['the master itself', (m) => m.set('head.weight', model.head), /'accumulate 'head\.weight'' overlaps 'head\.weight' in memory/],
       [
+        'one buffer for two layers',
+        (m) => {
+          m.get('layers.1.norm.weight')?.dispose();
+          m.set('layers.1.norm.weight', m.get('layers.0.norm.weight') as Tensor);
+        },
+        /'accumulate' gives 'layers\.1\.norm\.weight' a tensor already given to another parameter/,
+      ],
+      [
         'bf16',
         (m) => m.set('layers.0.experts.w2', Tensor.zeros(model.layers[0]!.master.w2.shape, { dtype: 'bf16', device: 'cpu' })),
         /must be a contiguous f32/,

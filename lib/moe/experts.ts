@@ -11,7 +11,7 @@
  * bf16 copy (grouped-gemm.ts), or against f32 weights (the CPU) through an f32 copy made here.
  */
 import { invalidArgument } from '../errors.js';
-import { checkBoolean, checkKeys, checkOptions, checkSeparate, checkTensor, checkTensors } from '../validate.js';
+import { checkApart, checkBoolean, checkGradBuffer, checkKeys, checkOptions, checkTensor, checkTensors } from '../validate.js';
 import { Tensor, tidy } from '../tensor.js';
 import { dequantizeFp8, type Fp8Rows } from './fp8.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from './grouped-gemm.js';
@@ -37,18 +37,6 @@ export interface ExpertsBackwardOptions {
   out?: { dW13: Tensor; dW2: Tensor };
   /** Add the weight gradients into `out` (gradient accumulation over micro-batches). */
   accumulate?: boolean;
-}
-
-/** An f32 buffer of `like`'s shape on its device, contiguous: where a weight's gradient is added. */
-export function checkAccumulator(op: string, arg: string, t: unknown, like: Tensor): Tensor {
-  checkTensor(t, op, arg);
-  const buf = t as Tensor;
-  if (buf.dtype !== 'f32' || buf.shape.join() !== like.shape.join() || !buf.device.equals(like.device) || !buf.isContiguous)
-    invalidArgument(
-      op,
-      `'${arg}' must be a contiguous f32 [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
-    );
-  return buf;
 }
 
 /** Interleaves W1 and W3 [E,H,F] (any device, bf16 or f32) into the w13 layout [E,H,2F]. */
@@ -183,10 +171,9 @@ export function expertsBackward(
   if (into !== undefined) {
     if (into === null || typeof into !== 'object') invalidArgument(op, `'out' must be { dW13, dW2 }: f32 tensors for the weight gradients`);
     checkKeys(into, op, { dW13: true, dW2: true });
-    const bufs = { 'out.dW13': checkAccumulator(op, 'out.dW13', into.dW13, w13), 'out.dW2': checkAccumulator(op, 'out.dW2', into.dW2, w2) };
+    const bufs = { 'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w13), 'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w2) };
     // All before the first product, so a refused call changes nothing.
-    checkSeparate(op, { 'out.dW13': bufs['out.dW13'] }, { 'out.dW2': bufs['out.dW2'] });
-    checkSeparate(op, bufs, { dOut, a: rows, 'saved.g': saved.g, 'saved.h': saved.h, w13, w2 });
+    checkApart(op, bufs, { dOut, a: rows, 'saved.g': saved.g, 'saved.h': saved.h, w13, w2 });
   }
   const a = rows === aRows ? rows : dequantizeFp8(aRows as Fp8Rows, w13.dtype);
   const M = a.shape[0] as number;

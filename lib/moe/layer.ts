@@ -26,22 +26,23 @@ import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { DisposedError, invalidArgument, usedAfterDispose, shown } from '../errors.js';
 import {
+  checkApart,
   checkBoolean,
   checkContiguous,
   checkFloat32,
+  checkGradBuffer,
   checkKeys,
   checkNonNegativeInt,
   checkNonNegativeNumber,
   checkOneOf,
   checkOptions,
   checkPositiveInt,
-  checkSeparate,
   checkTensor,
 } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
-import { checkAccumulator, expertsBackward, expertsForward } from './experts.js';
+import { expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
 import {
@@ -617,17 +618,14 @@ export class MoELayer implements Disposable {
         continue;
       }
       if (buf === undefined || buf === null) invalidArgument(op, `'out.${key}' is missing: give a buffer for every weight gradient`);
-      named[`out.${key}`] = checkAccumulator(op, `out.${key}`, buf, master);
+      named[`out.${key}`] = checkGradBuffer(op, `out.${key}`, buf, master);
     }
-    const names = Object.keys(named);
-    for (const [i, n] of names.entries())
-      checkSeparate(op, { [n]: named[n] }, Object.fromEntries(names.slice(i + 1).map((m) => [m, named[m]])));
     const own: Record<string, Tensor | null> = { bias: this.bias };
     for (const k of keys) {
       own[`master.${k}`] = this.master[k];
       own[`compute.${k}`] = this.compute[k];
     }
-    checkSeparate(op, named, { dy: inputs.dy, "the forward's x": inputs.x, ...own });
+    checkApart(op, named, { dy: inputs.dy, "the forward's x": inputs.x, ...own });
     return b;
   }
 

@@ -7,9 +7,8 @@
 import { type Device } from '../device.js';
 import { type DType } from '../dtype.js';
 import { invalidArgument } from '../errors.js';
-import { checkPositiveInt, checkSeparate } from '../validate.js';
+import { checkApart, checkGradBuffer, checkPositiveInt } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
-import { checkAccumulator } from '../moe/experts.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
 import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -227,28 +226,36 @@ export class MoEModel implements Disposable {
   /**
    * backward's accumulate buffers, all checked before any product runs (a late refusal would leave
    * some buffers added into): one for every parameter, an f32 buffer of its master's shape,
-   * contiguous, on the model's device, apart from each other and from every weight.
+   * contiguous, on the model's device. Overlaps are looked for within each owner (the head; a layer
+   * with its norm): a buffer over that owner's weights or another of its buffers. Across owners a
+   * tensor given twice is caught by identity; pairs across every parameter would be O(parameters²)
+   * native calls a micro-batch.
    */
   private checkGradBuffers(given: unknown): ReadonlyMap<string, Tensor> {
     const op = 'MoEModel.backward';
     if (!(given instanceof Map))
       invalidArgument(op, `'accumulate' must be a Map from parameter name to an f32 buffer (as backward returns)`);
     const buffers = given as ReadonlyMap<string, unknown>;
-    const named: Record<string, Tensor> = {};
-    const weights: Record<string, Tensor> = { 'head.compute': this.headCompute };
+    const owners = new Map<string, { named: Record<string, Tensor>; own: Record<string, Tensor | null> }>();
+    owners.set('head', { named: {}, own: { 'head.weight': this.head, 'head compute': this.headCompute } });
+    this.layers.forEach((l, i) => {
+      const own: Record<string, Tensor | null> = { [`layers.${i}.norm.weight`]: this.norms[i] as Tensor, [`layers.${i} bias`]: l.bias };
+      for (const [k, t] of Object.entries(l.master)) own[`layers.${i} master ${k}`] = t;
+      for (const [k, t] of Object.entries(l.compute)) own[`layers.${i} compute ${k}`] = t;
+      owners.set(`layers.${i}`, { named: {}, own });
+    });
+    const seen = new Set<unknown>();
     // params() makes a view of each router's compute copy: the tidy frees them, the masters stay.
     const masters = tidy(() => this.params().map((p): [string, Tensor] => [p.name, p.master]));
     for (const [name, master] of masters) {
       const buf = buffers.get(name);
       if (buf === undefined) invalidArgument(op, `'accumulate' has no buffer for '${name}'`);
-      named[`accumulate '${name}'`] = checkAccumulator(op, `accumulate '${name}'`, buf, master);
-      weights[name] = master;
+      if (seen.has(buf)) invalidArgument(op, `'accumulate' gives '${name}' a tensor already given to another parameter`);
+      seen.add(buf);
+      const owner = owners.get(name.startsWith('layers.') ? name.split('.', 2).join('.') : 'head');
+      (owner as { named: Record<string, Tensor> }).named[`accumulate '${name}'`] = checkGradBuffer(op, `accumulate '${name}'`, buf, master);
     }
-    for (const l of this.layers) for (const [k, t] of Object.entries(l.compute)) if (t) weights[`compute ${k}`] = t;
-    const names = Object.keys(named);
-    for (const [i, n] of names.entries())
-      checkSeparate(op, { [n]: named[n] }, Object.fromEntries(names.slice(i + 1).map((m) => [m, named[m]])));
-    checkSeparate(op, named, weights);
+    for (const { named, own } of owners.values()) checkApart(op, named, own);
     return buffers as ReadonlyMap<string, Tensor>;
   }
 
