@@ -37,7 +37,8 @@
 // Timeline: one step traced (lib/trace.ts), the GPU idle at its start: per mark of the layer and its
 // dispatcher, when the host and the GPU reached it; where the GPU's lag behind the host is near 0,
 // the GPU had run out of work (the trace that found the host waiting for each forward: benchmarks/README.md).
-// --variant G.K=true|false[,…] (kernel switches, lib/kernel-options.ts: e.g. groupedGemm.trimTails=false):
+// --variant G.K=true|false[,…] (kernel switches, lib/kernel-options.ts: e.g. groupedGemm.trimTails=false;
+// and layer.recompute=experts|layer, MoELayer's recompute, on a second layer of the same weights):
 // a second 'ours' with those switches set, timed in the same rounds as the default (the two in the
 // order A B in even rounds, B A in odd ones, then torch), so that a kernel change is read at the
 // layer in one run, beside the default at the same clock drift; per metric and per phase its time
@@ -102,9 +103,12 @@ const {
   capacity,
   disposeSaved,
   groupedGemm,
+  memoryStats,
   MoELayer,
   permute,
   permuteBackward,
+  RECOMPUTE_MODES,
+  resetPeakMemory,
   routerBackward,
   routerEntropy,
   routerForward,
@@ -155,19 +159,31 @@ const streak = dryRun ? 2 : shape.streak;
 const streakRepeats = dryRun ? 2 : 3; // per round, after one warm-up streak
 const phaseInner = dryRun ? 1 : 3; // back-to-back calls per timed phase region
 /**
- * --variant's switches: { update (setKernelOptions's argument), slug (for the file name) }, or null
- * without the flag. Each entry is group.switch=true|false; setKernelOptions refuses unknown names, and
- * a variant that changes no switch in force is refused too (it would time the default twice).
+ * --variant's switches: { update (setKernelOptions's argument), layerOptions (MoELayer options for a
+ * second layer of the same weights, or null), slug (for the file name) }, or null without the flag.
+ * Each entry is group.switch=true|false, or layer.recompute=MODE; setKernelOptions refuses unknown
+ * names, and a variant that changes nothing in force is refused too (it would time the default twice).
  */
 function parseVariant(text) {
   if (text === null) return null;
   const update = {};
+  let layerOptions = null;
   const parts = [];
   for (const entry of text.split(',')) {
+    const r = /^layer\.recompute=([a-z]+)$/.exec(entry.trim());
+    if (r) {
+      if (!RECOMPUTE_MODES.includes(r[1]) || r[1] === 'none')
+        throw new Error(
+          `--variant: '${entry}': recompute is one of ${RECOMPUTE_MODES.filter((m) => m !== 'none').join(', ')} (none is the default)`,
+        );
+      layerOptions = { recompute: r[1] };
+      parts.push(`recompute-${r[1]}`);
+      continue;
+    }
     const m = /^([A-Za-z]+)\.([A-Za-z]+)=(true|false)$/.exec(entry.trim());
     if (!m)
       throw new Error(
-        `--variant: '${entry}' is not group.switch=true|false (e.g. groupedGemm.trimTails=false; lib/kernel-options.ts lists the switches)`,
+        `--variant: '${entry}' is not group.switch=true|false (e.g. groupedGemm.trimTails=false; lib/kernel-options.ts lists the switches) or layer.recompute=experts|layer`,
       );
     (update[m[1]] ??= {})[m[2]] = m[3] === 'true';
     parts.push(`${m[2]}-${m[3] === 'true' ? 'on' : 'off'}`);
@@ -180,15 +196,19 @@ function parseVariant(text) {
   }
   setKernelOptions(before);
   const changes = Object.entries(update).some(([g, keys]) => Object.entries(keys).some(([key, v]) => before[g][key] !== v));
-  if (!changes) throw new Error(`--variant ${text}: every switch is already so (the default would be timed against itself)`);
-  return { text, update, slug: parts.join('-') };
+  if (!changes && !layerOptions)
+    throw new Error(`--variant ${text}: every switch is already so (the default would be timed against itself)`);
+  return { text, update, layerOptions, slug: parts.join('-') };
 }
-/** fn() with the variant's switches set, the previous ones put back afterwards. */
+/** fn() with the variant's switches set and its layer in place, the previous ones put back afterwards. */
 function withVariant(fn) {
   const before = setKernelOptions(variant.update);
+  const defaultLayer = layer;
+  layer = variantLayer ?? layer;
   try {
     return fn();
   } finally {
+    layer = defaultLayer;
     setKernelOptions(before);
   }
 }
@@ -198,7 +218,10 @@ const label = `T=${T} H=${H} F=${F} E=${E} top-${k}`;
 const log = (...m) => console.error(`[moe-layer ${shapeName}]`, ...m);
 log(`${label}, ${rounds} round(s), ${repeats} repeats a round, device ${dev}`);
 
-const layer = new MoELayer({ hidden: H, ffn: F, numExperts: E, topK: k, scoreFunction: 'softmax', dtype: 'bf16', device: dev, seed: 1234 });
+const layerConfig = { hidden: H, ffn: F, numExperts: E, topK: k, scoreFunction: 'softmax', dtype: 'bf16', device: dev, seed: 1234 };
+/** The layer timed: the default's, or the variant's (same weights, its options) inside withVariant. */
+let layer = new MoELayer(layerConfig);
+const variantLayer = variant?.layerOptions ? new MoELayer({ ...layerConfig, ...variant.layerOptions }) : null;
 if (layer.config.normalize !== false) throw new Error('expected the softmax default normalize = false');
 const x = Tensor.randn([T, H], { dtype: 'bf16', device: dev, seed: 11 });
 const dy = Tensor.randn([T, H], { dtype: 'bf16', device: dev, seed: 12 });
@@ -299,6 +322,28 @@ function checkVariant() {
   return { result, rerouted, relErr };
 }
 const variantCheck = variant ? checkVariant() : null;
+
+// ------------------------------------------------------- memory: what a forward keeps, a step's peak
+/**
+ * Bytes the current layer's forward keeps for backward (live after it, less before), and a step's
+ * peak above what was live before it (the allocator's counts: blocks as handed out, rounded).
+ */
+function stepMemory() {
+  sync();
+  const before = memoryStats(dev).liveBytes;
+  resetPeakMemory(dev);
+  const f = layer.forward(x);
+  sync();
+  const keptBytes = memoryStats(dev).liveBytes - before;
+  const g = layer.backward(f, dy);
+  sync();
+  const stepPeakBytes = memoryStats(dev).peakBytes - before;
+  disposeGrads(g);
+  disposeForward(f);
+  return { keptBytes, stepPeakBytes };
+}
+const memory = { default: stepMemory(), variant: variant ? withVariant(stepMemory) : null };
+log(`memory: ${JSON.stringify(memory)}`);
 
 // ------------------------------------------------------------- the peer: inputs, start, the check
 /** The peer's answers: check (once), rounds (one per round, or { error }). */
@@ -826,6 +871,7 @@ const VARIANT_METRICS = [
 ];
 const variantReport = variant && {
   switches: variant.update,
+  layerOptions: variant.layerOptions,
   check: variantCheck,
   metrics: VARIANT_METRICS.map(([what, key]) => ({
     what,
@@ -1001,8 +1047,10 @@ writeResult(
     peer: peerNote,
     tolerance: `relative errors in norm (‖ours − torch‖/‖torch‖) below ${TOLERANCE}: bf16 products agree to about 1e-2; near-ties in the fp32 logits may pick different experts for a few tokens (counted), which moves those tokens’ rows and the norm a little ('same routing': y and dx over the tokens routed alike)`,
     torchFusedVsUnfusedY: check?.fused_vs_unfused_y ?? null,
+    memory:
+      "memory: per layer (the default's, and the variant's), the bytes a forward keeps for backward (live after it less before) and a step's peak above what was live before it, from the allocator's counts (blocks as handed out), measured once after the check",
     variant: variant
-      ? `--variant ${variant.text}: our layer again with those kernel switches set, timed in the same rounds as the default (A B in even rounds, B A in odd ones, then torch): 'variant: …' rows and the phases' 'variant ms'; variant/default = per round the variant's time over the default's, median and range (> 1: the default faster); its outputs and gradients checked once against the default's (variant.check)`
+      ? `--variant ${variant.text}: our layer again with those switches set (layer.* options: a second layer of the same weights), timed in the same rounds as the default (A B in even rounds, B A in odd ones, then torch): 'variant: …' rows and the phases' 'variant ms'; variant/default = per round the variant's time over the default's, median and range (> 1: the default faster); its outputs and gradients checked once against the default's (variant.check)`
       : null,
   },
   {
@@ -1013,6 +1061,7 @@ writeResult(
     phaseSums: sums,
     host: { callsMs: num(callsMs, 4), wallStepMs: num(wallStepMs, 4), ofStep: num(callsMs / stepMs, 3) },
     timeline,
+    memory,
     variant: variantReport,
     rounds: ours.map((o, i) => ({
       ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) },
@@ -1064,6 +1113,7 @@ for (const t of [all, copySrc, copyDst, sqA, sqB, sqC, sqOffsets]) t.dispose();
 disposeGrads(g0);
 for (const t of [y0, f0.tokensPerExpert, f0.dropped, f0.auxLoss, f0.routerEntropy, oursIndices, x, dy]) t.dispose();
 layer.dispose();
+variantLayer?.dispose();
 console.log(`check: ${checkResult}`);
 if (variantCheck) console.log(`variant check: ${variantCheck.result}`);
 if (checkResult.startsWith('FAILED') || checkResult.startsWith('not run') || variantCheck?.result.startsWith('FAILED'))

@@ -126,7 +126,7 @@ export {
   type TransportChoice,
   type TransportKind,
 } from './moe/dispatcher.js';
-export { expertsBackward, type ExpertsBackwardOptions, expertsForward, interleaveW13 } from './moe/experts.js';
+export { expertsActivations, expertsBackward, type ExpertsBackwardOptions, expertsForward, interleaveW13 } from './moe/experts.js';
 export { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './moe/fp8.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export {
@@ -137,6 +137,8 @@ export {
   type MoEGrads,
   MoELayer,
   type MoELayerConfig,
+  type Recompute,
+  RECOMPUTE_MODES,
 } from './moe/layer.js';
 export { CheckpointError } from './errors.js';
 export {

@@ -168,9 +168,9 @@ describe('MoELayer on one rank', () => {
           expect(relErr(y, oracle(layer, x, quantised(x))), `seed ${seed}`).toBeLessThan(1e-5);
           // The quantisation shows (e4m3 keeps 3 mantissa bits): an option that did nothing fails here.
           expect(relErr(y, oracle(layer, x)), `seed ${seed}`).toBeGreaterThan(1e-3);
-          expect(f.saved.rows.dtype).toBe(mode === 'keep' ? 'fp8e4m3' : 'f32');
-          expect(f.saved.rowScales?.shape ?? null).toEqual(mode === 'keep' ? [f.saved.rows.shape[0], 1] : null);
-          const scales = f.saved.rowScales;
+          expect(f.saved.dispatched?.rows.dtype).toBe(mode === 'keep' ? 'fp8e4m3' : 'f32');
+          expect(f.saved.dispatched?.rowScales?.shape ?? null).toEqual(mode === 'keep' ? [f.saved.dispatched?.rows.shape[0], 1] : null);
+          const scales = f.saved.dispatched?.rowScales;
           disposeSaved(f);
           // Freed by disposeSaved itself (the tidy around would hide a leak from the live-bytes check).
           expect(scales?.disposed ?? true).toBe(true);
@@ -196,11 +196,11 @@ describe('MoELayer on one rank', () => {
           const a = plain.forward(x),
             b = fp8.forward(x);
           expect(relErr(values(b.y), values(a.y)), `seed ${seed}`).toBeLessThan(1e-6);
-          const scales = b.saved.rowScales;
+          const scales = b.saved.dispatched?.rowScales;
           const ga = plain.backward(a, dy),
             gb = fp8.backward(b, dy);
           expect(scales?.disposed ?? true, 'backward frees the saved scales').toBe(true);
-          expect(b.saved.rows.disposed).toBe(true);
+          expect(b.saved.dispatched?.rows.disposed).toBe(true);
           for (const name of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const)
             expect(relErr(values(gb[name] as Tensor), values(ga[name] as Tensor)), `${name}, seed ${seed}`).toBeLessThan(1e-6);
         });
@@ -249,7 +249,7 @@ describe('MoELayer on one rank', () => {
     try {
       tidy(() => {
         const f = layer.forward(x);
-        const offsets = f.saved.handle.localOffsets;
+        const offsets = f.saved.dispatched?.handle.localOffsets;
         const g = layer.backward(f, dy);
         for (const t of Object.values(g)) t?.dispose();
         expect(reads.mock.contexts).not.toContain(offsets);

@@ -226,6 +226,33 @@ describe('moe-ep train (CLI)', () => {
     },
   );
 
+  it("train.recompute: 'experts' and 'layer' reach every layer and follow the trajectory of 'none' bit for bit, with micro-batches too", () => {
+    const run = (recompute: 'none' | 'experts' | 'layer', microBatches = 1) => {
+      const cfg = resolveConfig({
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, capacityFactor: 1.5 },
+        balance: { auxLossCoef: 1e-2 },
+        data: { tokensPerStep: 64 },
+        train: { device: 'cpu', steps: 6, progress: false, microBatches, recompute },
+      });
+      using t = new Trainer(cfg);
+      for (const layer of t.model.layers) expect(layer.config.recompute).toBe(recompute);
+      const steps = t.run().map(({ tokensPerSecond: _t, phaseMs: _p, ...s }) => s);
+      return { steps, w13: Array.from(t.model.layers[1]?.master.w13.toFloat32Array() ?? []) };
+    };
+    expect(defaultConfig.train.recompute).toBe('none');
+    for (const microBatches of [1, 2]) {
+      const plain = run('none', microBatches);
+      for (const mode of ['experts', 'layer'] as const) {
+        const again = run(mode, microBatches);
+        expect(again.steps, `${mode}, ${microBatches} micro-batches`).toEqual(plain.steps);
+        expect(again.w13, `${mode}, ${microBatches} micro-batches: the weights after the run`).toEqual(plain.w13);
+      }
+    }
+    expect(() => resolveConfig({ train: { recompute: 'all' } } as unknown as Partial2)).toThrow(
+      /config\.train\.recompute: must be one of "none", "experts", "layer"/,
+    );
+  });
+
   it("train.microBatches: the clip compares the mean gradient's norm; aux losses, entropy and expert-choice counts combine over the passes", () => {
     const run = (microBatches: number, extra: Partial2 = {}) => {
       const cfg = resolveConfig({

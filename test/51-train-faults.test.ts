@@ -135,12 +135,23 @@ describe('bad configurations fail at once, naming what to change', () => {
     const quarter = estimateMemory(resolveConfig({ model: { experts: 1_000_000 }, train: { microBatches: 4 } }));
     expect(quarter.activations).toBe(est.activations / 4);
     expect(quarter.params).toBe(est.params);
+    // Recompute: the layers but the one in backward keep less (2 layers; experts drop M·(3F+H) of
+    // M·(2H+3F) routed values and the shared expert's, layer all of them), parameters unchanged.
+    const kept = (recompute: 'experts' | 'layer') =>
+      estimateMemory(resolveConfig({ model: { experts: 1_000_000, sharedFfn: 8 }, train: { recompute } }));
+    const whole = estimateMemory(resolveConfig({ model: { experts: 1_000_000, sharedFfn: 8 } }));
+    const [H, F, E, S, k, T] = [32, 16, 1_000_000, 8, 2, 256];
+    const layerValues = T * (4 * H + 3 * E + 3 * S) + T * k * (2 * H + 3 * F);
+    expect(whole.activations).toBe(2 * layerValues * 8);
+    expect(kept('experts').activations).toBe((layerValues + layerValues - T * 3 * S - T * k * (H + 3 * F)) * 8);
+    expect(kept('layer').activations).toBe((layerValues + layerValues - T * 3 * S - T * k * (2 * H + 3 * F)) * 8);
+    expect(kept('layer').params).toBe(whole.params);
     const out = tmp();
     const r = trainBounded(['--model.experts', '1000000', '--steps', '1', '--out', out, '--no-progress']);
     expect(r.signal, r.stderr).toBeNull();
     expect(r.status).toBe(1);
     expect(r.stderr).toMatch(
-      /this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\).*raise train\.microBatches \(1: the activations shrink with it\)/,
+      /this configuration needs about [\d.]+ GiB per rank on cpu \(parameters and optimizer state [\d.]+ GiB, activations [\d.]+ GiB, data task [\d.]+ GiB\) but it has [\d.]+ GiB: reduce config\.model\.experts \(1000000\).*raise train\.microBatches \(1: the activations shrink with it\), set train\.recompute \(none: 'experts' or 'layer' keep less\)/,
     );
     expect(existsSync(join(out, 'checkpoints'))).toBe(false);
   });

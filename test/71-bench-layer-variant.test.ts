@@ -70,7 +70,27 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
     expect(r.stdout).toMatch(/variant check: passed/);
   }, 120_000);
 
+  it('layer.recompute: a second layer of the same weights, the same bits, keeping less', () => {
+    const r = runBench(['--variant', 'layer.recompute=layer']);
+    expect(r.status, r.stderr.slice(-2000)).toBe(0);
+    const file = join(scratch, 'moe-layer-vs-recompute-layer-dryrun-test.json');
+    const d = JSON.parse(readFileSync(file, 'utf8')) as Result & {
+      memory: Record<'default' | 'variant', { keptBytes: number; stepPeakBytes: number }>;
+      variant: { layerOptions: Record<string, string> };
+    };
+    expect(d.variant.layerOptions).toEqual({ recompute: 'layer' });
+    expect(d.variant.switches).toEqual({});
+    expect(d.variant.check.result).toMatch(/^passed/);
+    for (const v of Object.values(d.variant.check.relErr)) expect(v).toBe(0);
+    // The dry run's main shape, T=64 H=128 F=64 top-8: 512 routed rows whose bf16 rows, SwiGLU
+    // halves and outputs (2H + 3F values each) 'layer' does not keep.
+    expect(d.memory.default.keptBytes - d.memory.variant.keptBytes).toBeGreaterThanOrEqual(512 * (2 * 128 + 3 * 64) * 2);
+    expect(d.memory.variant.stepPeakBytes).toBeGreaterThan(d.memory.variant.keptBytes);
+  }, 120_000);
+
   it.each([
+    ['layer.recompute=all', /--variant: 'layer\.recompute=all': recompute is one of experts, layer/],
+    ['layer.recompute=none', /recompute is one of experts, layer \(none is the default\)/],
     ['trimTails', /--variant: 'trimTails' is not group\.switch=true\|false/],
     ['groupedGemm.trimTails=no', /is not group\.switch=true\|false/],
     ['groupedGemm.bogus=false', /--variant groupedGemm\.bogus=false: .*unknown option 'bogus'/],

@@ -82,8 +82,31 @@ function rowsTensor(op: string, a: Tensor | Fp8Rows): Tensor {
  * accepted on the CPU, where the reference runs in f32 for gradient checks); with fp8 rows, w13's.
  */
 export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor, offsets: Tensor): ExpertsForward {
-  const a = rowsTensor('expertsForward', aRows);
-  checkShapes('expertsForward', { a, w13, w2, offsets });
+  const op = 'expertsForward';
+  checkShapes(op, { a: rowsTensor(op, aRows), w13, w2, offsets });
+  const { g, h } = activations(op, aRows, w13, offsets);
+  try {
+    const out = groupedGemm('NN', h, w2, offsets);
+    return { out, g, h };
+  } catch (e) {
+    g.dispose();
+    h.dispose();
+    throw e;
+  }
+}
+
+/**
+ * The first half of expertsForward: g and h without the down projection (what a backward needs
+ * of a forward that did not keep them, when nothing reads its output: a shared expert's).
+ */
+export function expertsActivations(aRows: Tensor | Fp8Rows, w13: Tensor, offsets: Tensor): { g: Tensor; h: Tensor } {
+  const op = 'expertsActivations';
+  checkShapes(op, { a: rowsTensor(op, aRows), w13, offsets });
+  return activations(op, aRows, w13, offsets);
+}
+
+function activations(op: string, aRows: Tensor | Fp8Rows, w13: Tensor, offsets: Tensor): { g: Tensor; h: Tensor } {
+  const a = rowsTensor(op, aRows);
   const M = a.shape[0] as number;
   const F2 = w13.shape[2] as number;
   const dtype = a === aRows ? a.dtype : w13.dtype;
@@ -96,8 +119,7 @@ export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor,
     h = Tensor.empty([M, F2 / 2], { dtype, device: a.device });
     if (a !== aRows && w13.dtype === 'f32') f32Rows = dequantizeFp8(aRows as Fp8Rows, 'f32');
     groupedGemmEpilogue('NN', Epilogue.SwiGLU, f32Rows ?? aRows, w13, offsets, h, g);
-    const out = groupedGemm('NN', h, w2, offsets);
-    return { out, g, h };
+    return { g, h };
   } catch (e) {
     g.dispose();
     h?.dispose();
@@ -115,14 +137,14 @@ function checkShapes(op: string, t: Record<string, unknown>): void {
   checkTensors(op, t);
   const a = t.a as Tensor,
     w13 = t.w13 as Tensor,
-    w2 = t.w2 as Tensor;
+    w2 = t.w2 as Tensor | undefined;
   if (w13.ndim !== 3 || (w13.shape[2] as number) % 2 !== 0) {
     invalidArgument(op, `'w13' must be [E,H,2F] (W1 and W3 interleaved: an even last dimension); received [${w13.shape.join(',')}]`);
   }
   const [E, H, F2] = w13.shape as [number, number, number];
   if (a.ndim !== 2 || a.shape[1] !== H)
     invalidArgument(op, `'a' must be [M,${H}] (H from 'w13' [${w13.shape.join(',')}]); received [${a.shape.join(',')}]`);
-  if (w2.ndim !== 3 || w2.shape[0] !== E || w2.shape[1] !== F2 / 2 || w2.shape[2] !== H)
+  if (w2 !== undefined && (w2.ndim !== 3 || w2.shape[0] !== E || w2.shape[1] !== F2 / 2 || w2.shape[2] !== H))
     invalidArgument(op, `'w2' must be [${E},${F2 / 2},${H}] (w13 is [${w13.shape.join(',')}]); received [${w2.shape.join(',')}]`);
 }
 

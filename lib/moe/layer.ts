@@ -40,9 +40,16 @@ import {
   checkTensor,
 } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
-import { capacity, DROP_POLICIES, type DropPolicy } from './capacity.js';
-import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
-import { expertsBackward, expertsForward } from './experts.js';
+import { capacity, type CapacityResult, DROP_POLICIES, type DropPolicy } from './capacity.js';
+import {
+  checkGroup,
+  type Dispatched,
+  type DispatchHandle,
+  Dispatcher,
+  type ExpertParallelGroup,
+  type TransportChoice,
+} from './dispatcher.js';
+import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
 import {
@@ -95,6 +102,21 @@ export interface MoELayerConfig extends RouterConfig {
    * shared expert, the combine and every gradient stay in `dtype`. Default false.
    */
   fp8Dispatch?: boolean | 'keep';
+  /**
+   * What the forward keeps for backward, against what backward computes again (activation
+   * recomputation, as Megatron-Core's recompute modules offer for the MoE layer; M routed rows on
+   * this rank):
+   *   'none'    (default) everything: the dispatched rows [M,H], the experts' SwiGLU input and
+   *             output [M,3F] and their output rows [M,H], the shared expert's [T,3S].
+   *   'experts' the dispatched rows and the routing: backward first runs the experts' two forward
+   *             GEMMs again (and the shared expert's first): M·(3F+H) + T·3S fewer values kept, for
+   *             about a third more GEMM work in a step.
+   *   'layer'   the routing alone (indices, weights, scores, the capacity layout): backward also
+   *             dispatches x again (a second all-to-all), so a further M·H fewer values are kept.
+   * Every kernel is deterministic and the routing is not recomputed, so the gradients are the same
+   * bits as with 'none'. x must stay alive until backward, as always.
+   */
+  recompute?: Recompute;
   /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
   dtype?: DType;
   device?: DeviceLike;
@@ -107,6 +129,9 @@ export interface MoELayerConfig extends RouterConfig {
   seqLen?: number;
   zLossCoef?: number;
 }
+
+export type Recompute = 'none' | 'experts' | 'layer';
+export const RECOMPUTE_MODES: readonly Recompute[] = ['none', 'experts', 'layer'];
 
 export interface MoEForward {
   y: Tensor;
@@ -127,22 +152,33 @@ export interface MoEForward {
 const forwardOwner = new WeakMap<object, MoELayer>();
 
 interface MoESaved {
+  /** The caller's input (not owned: the caller keeps it alive until backward). */
   x: Tensor;
   scores: Tensor;
   indices: Tensor;
   weights: Tensor;
   /** Expert choice: the router's slot [T,E] (which pairs carry a gradient). */
   slot: Tensor | null;
+  dLogitsAux: Tensor | null;
+  /** recompute 'layer': the capacity layout, to dispatch x again; otherwise null. */
+  layout: SavedLayout | null;
+  /** The dispatched rows and their layout; null with recompute 'layer'. */
+  dispatched: DispatchedRows | null;
+  /** The experts' pre-activations g [M,2F], activations h [M,F] and output rows; null with recompute. */
+  experts: { g: Tensor; h: Tensor; out: Tensor } | null;
+  /** The shared expert's g and h; null without one or with recompute. */
+  shared: { g: Tensor; h: Tensor } | null;
+}
+
+interface DispatchedRows {
   handle: DispatchHandle;
   rows: Tensor;
   /** fp8Dispatch 'keep': the e4m3 rows' scales [rows, H/128] f32 (rows are then e4m3). */
   rowScales: Tensor | null;
-  expertOut: Tensor;
-  g: Tensor;
-  h: Tensor;
-  dLogitsAux: Tensor | null;
-  shared: { g: Tensor; h: Tensor } | null;
 }
+
+/** What the dispatch reads of capacity()'s result (its counts of dropped and invalid assignments are not read). */
+type SavedLayout = Omit<CapacityResult, 'dropped' | 'invalid'>;
 
 export interface MoEGrads {
   dx: Tensor;
@@ -230,6 +266,7 @@ export class MoELayer implements Disposable {
       transport: true,
       transportSms: true,
       fp8Dispatch: true,
+      recompute: true,
       dtype: true,
       device: true,
       seed: true,
@@ -315,6 +352,7 @@ export class MoELayer implements Disposable {
       padToCapacity: expertChoice || (config.padToCapacity ?? false),
       sharedFfn,
       fp8Dispatch,
+      recompute: checkOneOf(config.recompute ?? 'none', op, 'recompute', RECOMPUTE_MODES),
       dtype,
       seed: config.seed ?? 1234,
       auxLossCoef: lossCoef(config.auxLossCoef, op, 'auxLossCoef'),
@@ -465,21 +503,31 @@ export class MoELayer implements Disposable {
       trace.mark('layer forward: experts', x.device);
       const y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) addInto(y, shared.out);
+      // What is not saved here is released by tidy() once the queued kernels no longer need it
+      // (the allocator reuses memory in stream order), and made again by backward (restore()).
+      const { recompute } = this.config;
       const saved: MoESaved = {
         x,
         scores: r.scores,
         indices: r.indices,
         weights: r.weights,
         slot: ec?.slot ?? null,
-        handle,
-        rows,
-        rowScales,
-        expertOut: experts.out,
-        g: experts.g,
-        h: experts.h,
         dLogitsAux,
-        shared: shared ? { g: shared.g, h: shared.h } : null,
+        layout:
+          recompute === 'layer'
+            ? {
+                slot: cap.slot,
+                // Expert choice returns these counts as tokensPerExpert, which the caller may release.
+                keptPerExpert: ec ? cap.keptPerExpert.clone() : cap.keptPerExpert,
+                capacity: cap.capacity,
+                numExperts: cap.numExperts,
+              }
+            : null,
+        dispatched: recompute === 'layer' ? null : { handle, rows, rowScales },
+        experts: recompute === 'none' ? experts : null,
+        shared: shared && recompute === 'none' ? { g: shared.g, h: shared.h } : null,
       };
+      if (recompute === 'layer') handle.dispose();
       forwardOwner.set(saved, this);
       const entropy = routerEntropy(r.scores);
       trace.mark('layer forward: end', x.device);
@@ -508,7 +556,7 @@ export class MoELayer implements Disposable {
     if (owner !== this) invalidArgument(op, `'fwd' came from another MoELayer's forward(); pass this layer's`);
     const s = fwd.saved;
     // A forward's saved tensors serve one backward (which releases them), or disposeSaved.
-    if (s.expertOut.disposed)
+    if (s.indices.disposed)
       throw new DisposedError(
         `${op}: this forward's saved tensors were released by an earlier backward() or disposeSaved(): run forward() again`,
         op,
@@ -522,6 +570,9 @@ export class MoELayer implements Disposable {
         op,
         `'dy' must be a contiguous ${s.x.dtype}${s.x.dtype === 'f32' ? '' : ' or f32'} tensor on ${s.x.device.toString()}, as the forward's 'x'; received ${dy.isContiguous ? '' : 'a strided '}${dy.dtype} on ${dy.device.toString()}`,
       );
+    // Backward reads x (the router's weight gradient, the shared expert's, recomputation): a
+    // released x fails here, named, before anything is queued.
+    if (s.x.disposed) throw new DisposedError(`${op}: the forward's 'x' was disposed; keep it until backward, which reads it`, op);
     // Checked against each other, dy, the saved input and the layer's own tensors before any
     // product runs: a refused call leaves the buffers and the forward as they were.
     const into = options.out === undefined ? undefined : this.checkGradBuffers(options.out, op, { dy, x: s.x });
@@ -530,25 +581,27 @@ export class MoELayer implements Disposable {
       return tidy(() => {
         const all = this.wholeBatch(T);
         trace.mark('layer backward: start', dy.device);
+        const { dispatched, experts, shared } = this.restore(s, all);
+        const { handle } = dispatched;
         // The combine backward waits for dy only: the shared expert's backward overlaps it.
         using dyReady = this.markProduced();
         let sharedGrads: { dA: Tensor; dW13: Tensor; dW2: Tensor } | null = null;
-        if (s.shared && this.compute.sharedW13 && this.compute.sharedW2) {
-          sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, s.shared, {
+        if (shared && this.compute.sharedW13 && this.compute.sharedW2) {
+          sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, shared, {
             ...(into?.sharedW13 && into.sharedW2 ? { out: { dW13: into.sharedW13, dW2: into.sharedW2 }, accumulate } : {}),
           });
         }
         const { dExpertOut, dWeights } = settle(
-          this.dispatcher.combineBackwardAsync(dy, s.expertOut, s.handle, s.weights, dyReady ? { after: dyReady } : {}),
+          this.dispatcher.combineBackwardAsync(dy, experts.out, handle, s.weights, dyReady ? { after: dyReady } : {}),
         );
-        const rows = s.rowScales ? { q: s.rows, scales: s.rowScales } : s.rows;
+        const rows = dispatched.rowScales ? { q: dispatched.rows, scales: dispatched.rowScales } : dispatched.rows;
         const eg = expertsBackward(
           dExpertOut,
           rows,
           this.compute.w13,
           this.compute.w2,
-          s.handle.localOffsets,
-          { g: s.g, h: s.h },
+          handle.localOffsets,
+          { g: experts.g, h: experts.h },
           {
             ...(into ? { out: { dW13: into.w13, dW2: into.w2 }, accumulate } : {}),
           },
@@ -566,7 +619,7 @@ export class MoELayer implements Disposable {
         // sum (no pass of its own); queued before it, so its producer overlaps the row exchange.
         const dLogitsC = dLogits.cast(this.config.dtype);
         const dxRouter = groupedGemm('NT', dLogitsC, this.compute.router, all, { dtype: eg.dA.dtype });
-        const dxWork = this.dispatcher.dispatchBackwardAsync(eg.dA, s.handle, { ...(dAReady ? { after: dAReady } : {}), add: dxRouter });
+        const dxWork = this.dispatcher.dispatchBackwardAsync(eg.dA, handle, { ...(dAReady ? { after: dAReady } : {}), add: dxRouter });
         // Router weight gradient dWr = xᵀ · dLogits, queued after: it overlaps the dispatch backward.
         let dRouter: Tensor;
         try {
@@ -595,6 +648,37 @@ export class MoELayer implements Disposable {
     } finally {
       disposeSaved(fwd);
     }
+  }
+
+  /**
+   * What backward needs that the forward did not keep (config.recompute), made again from what it
+   * did: the dispatch of x with the saved routing ('layer'), then the experts' forward over those
+   * rows and the shared expert's activations. The same kernels on the same inputs: the same bits.
+   */
+  private restore(
+    s: MoESaved,
+    all: Tensor,
+  ): { dispatched: DispatchedRows; experts: { g: Tensor; h: Tensor; out: Tensor }; shared: { g: Tensor; h: Tensor } | null } {
+    let work: CommWork<Dispatched> | null = null;
+    if (s.dispatched === null) {
+      const layout = s.layout as SavedLayout;
+      // Placeholders for the counts the dispatch does not read (the forward returned the real ones).
+      const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
+      work = this.dispatcher.dispatchAsync(s.x, s.indices, s.weights, { ...layout, dropped: none(), invalid: none() });
+    }
+    // The shared expert's activations are queued beside the dispatch.
+    let shared = s.shared;
+    if (shared === null && this.compute.sharedW13) shared = expertsActivations(s.x, this.compute.sharedW13, all);
+    let dispatched = s.dispatched;
+    if (work) {
+      const { rows, scales, handle } = settle(work);
+      dispatched = { rows, rowScales: scales ?? null, handle };
+    }
+    const d = dispatched as DispatchedRows;
+    const experts =
+      s.experts ??
+      expertsForward(d.rowScales ? { q: d.rows, scales: d.rowScales } : d.rows, this.compute.w13, this.compute.w2, d.handle.localOffsets);
+    return { dispatched: d, experts, shared };
   }
 
   /**
@@ -660,18 +744,20 @@ export function disposeSaved(fwd: MoEForward): void {
   if (saved === null || typeof saved !== 'object' || !forwardOwner.has(saved))
     invalidArgument('disposeSaved', `'fwd' must be what MoELayer.forward() returned`);
   const s = fwd.saved;
-  s.handle.dispose();
+  s.dispatched?.handle.dispose();
   for (const t of [
     s.scores,
     s.indices,
     s.weights,
     s.slot,
-    s.rows,
-    s.rowScales,
-    s.expertOut,
-    s.g,
-    s.h,
     s.dLogitsAux,
+    s.layout?.slot,
+    s.layout?.keptPerExpert,
+    s.dispatched?.rows,
+    s.dispatched?.rowScales,
+    s.experts?.out,
+    s.experts?.g,
+    s.experts?.h,
     s.shared?.g,
     s.shared?.h,
   ])

@@ -8,6 +8,7 @@ import { Ajv, type ErrorObject } from 'ajv';
 import { F32_MAX, F32_MIN_NORMAL } from '../dtype.js';
 import { closestName, InvalidArgumentError } from '../errors.js';
 import { FP8_BLOCK } from '../moe/fp8.js';
+import { type Recompute, RECOMPUTE_MODES } from '../moe/layer.js';
 import { CLUSTER_NOISE_MAX } from './data.js';
 
 export interface TrainConfig {
@@ -53,6 +54,8 @@ export interface TrainConfig {
     steps: number;
     /** Each rank's share of a step in this many forward/backward passes, gradients accumulated (1: one pass). */
     microBatches: number;
+    /** What each MoE layer's backward computes again instead of keeping from the forward (MoELayer's recompute). */
+    recompute: Recompute;
     device: 'auto' | 'cpu' | 'cuda';
     out: string | null;
     logEvery: number;
@@ -87,7 +90,17 @@ export const defaultConfig: TrainConfig = {
   balance: { gamma: 1e-3, auxLossCoef: 0, seqAuxLossCoef: 0, seqLen: null, zLossCoef: 0 },
   optimizer: { lr: 5e-3, minLr: 5e-4, warmupSteps: 50, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.01, clipNorm: 1 },
   data: { clusters: 32, zipf: 1.2, noise: 0.3, tokensPerStep: 256, seed: 1, onDevice: false },
-  train: { steps: 1000, microBatches: 1, device: 'auto', out: null, logEvery: 1, progress: true, profile: false, timeoutMs: 300_000 },
+  train: {
+    steps: 1000,
+    microBatches: 1,
+    recompute: 'none',
+    device: 'auto',
+    out: null,
+    logEvery: 1,
+    progress: true,
+    profile: false,
+    timeoutMs: 300_000,
+  },
   checkpoint: { every: 0, keep: 3, dir: null, resume: null },
 };
 
@@ -197,6 +210,11 @@ export const trainConfigSchema = {
       microBatches: {
         ...int(1),
         description: "each rank's tokens of a step in N forward/backward passes, gradients accumulated (activation memory / N)",
+      },
+      recompute: {
+        enum: RECOMPUTE_MODES,
+        description:
+          "what each MoE layer's backward computes again instead of keeping: experts (their forward GEMMs: the SwiGLU halves and output rows not kept) or layer (the dispatch too: the routed rows not kept); the same gradients, bit for bit",
       },
       device: { enum: ['auto', 'cpu', 'cuda'], description: 'auto: the GPU when one is usable, else the CPU' },
       out: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'run folder (default runs/<timestamp>)' },
@@ -340,7 +358,11 @@ export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; act
   const params = (m.layers * perLayer + H * H) * 20;
   // Per layer: x, norms and residuals [T,H]; logits, scores, aux gradients [T,E]; the routed rows,
   // the experts' inputs/outputs [T·k,H] and their SwiGLU halves [T·k,3F]; the shared expert [T,3S].
-  const activations = m.layers * (T * (4 * H + 3 * E + 3 * S) + T * k * (2 * H + 3 * F)) * 4 * 2;
+  // With train.recompute the layers keep less, and the one in backward holds it all again.
+  const routedKept = { none: 2 * H + 3 * F, experts: H, layer: 0 }[c.train.recompute];
+  const kept = T * (4 * H + 3 * E + (c.train.recompute === 'none' ? 3 * S : 0)) + T * k * routedKept;
+  const whole = T * (4 * H + 3 * E + 3 * S) + T * k * (2 * H + 3 * F);
+  const activations = ((m.layers - 1) * kept + whole) * 4 * 2;
   const data = c.data.clusters * H * (H + 1) * 4;
   return { params, activations, data };
 }

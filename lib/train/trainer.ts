@@ -203,6 +203,7 @@ export class Trainer implements Disposable {
         commStream: m.overlapComm,
         transport: m.transport,
         fp8Dispatch: m.fp8Dispatch,
+        recompute: config.train.recompute,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef,
         seqAuxLossCoef: config.balance.seqAuxLossCoef,
@@ -541,7 +542,7 @@ function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
       'Trainer',
       `this configuration needs about ${gib(bytes)} per rank on ${where} (parameters and optimizer state ${gib(params)}, activations ${gib(activations)}, data task ${gib(data)}) ` +
         `but it has ${gib(have)}: reduce config.model.experts (${m.experts}), model.hidden (${m.hidden}), model.ffn (${m.ffn}), model.layers (${m.layers}), data.tokensPerStep (${config.data.tokensPerStep}) or data.clusters (${config.data.clusters}), ` +
-        `raise train.microBatches (${config.train.microBatches}: the activations shrink with it), or use more ranks`,
+        `raise train.microBatches (${config.train.microBatches}: the activations shrink with it), set train.recompute (${config.train.recompute}: 'experts' or 'layer' keep less), or use more ranks`,
     );
   }
 }

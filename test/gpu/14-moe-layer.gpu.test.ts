@@ -42,7 +42,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         // Near-tied router scores may pick different experts in bf16: compare in norm.
         expect(relErr(values(fg.y), values(fc.y))).toBeLessThan(3e-2);
         if ('fp8Dispatch' in extra) {
-          expect(fg.saved.rows.dtype).toBe(extra.fp8Dispatch === 'keep' ? 'fp8e4m3' : 'bf16');
+          expect(fg.saved.dispatched?.rows.dtype).toBe(extra.fp8Dispatch === 'keep' ? 'fp8e4m3' : 'bf16');
           // e4m3's error (3 mantissa bits) is above bf16's: the GPU output must sit nearer the CPU
           // layer that quantised the rows than one that did not.
           using plain = new MoELayer({ ...config, fp8Dispatch: false, device: 'cpu', dtype: 'f32' });
@@ -94,8 +94,50 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
   });
 
   it.each([
+    ['dropless, shared expert', { sharedFfn: 64 }],
+    ['capacity 1.25 padded, communication on its own stream', { capacityFactor: 1.25, padToCapacity: true, commStream: true }],
+    ['dropless, fp8 dispatch kept as e4m3', { fp8Dispatch: 'keep' }],
+    ['expert choice', { routing: 'expert-choice', capacityFactor: 4 }],
+  ] as const)("%s: recompute 'experts' and 'layer' give the bits of 'none', keeping less", (_n, extra) => {
+    const seed = freshSeed();
+    const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, device: gpu, dtype: 'bf16', ...extra };
+    const bits = (t: Tensor | null): number[] => (t ? Array.from(new Uint8Array((t.toArray() as Uint16Array | Float32Array).buffer)) : []);
+    const before = memoryStats(gpu).liveBytes;
+    {
+      using plain = new MoELayer(config);
+      using x = Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+      using dy = Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+      const step = (layer: MoELayer) =>
+        tidy(() => {
+          const atStart = memoryStats(gpu).liveBytes;
+          const f = layer.forward(x);
+          const kept = memoryStats(gpu).liveBytes - atStart;
+          const y = bits(f.y);
+          const g = layer.backward(f, dy);
+          return { kept, y, grads: (['dx', ...MOE_WEIGHT_GRADS] as const).map((k) => bits(g[k])) };
+        });
+      step(plain); // warm-up: the layer's cached offsets, the kernels' first launches
+      const ref = step(plain);
+      for (const recompute of ['experts', 'layer'] as const) {
+        using again = new MoELayer({ ...config, recompute });
+        step(again);
+        const r = step(again);
+        expect(r.y, `${recompute}: y, seed ${seed}`).toEqual(ref.y);
+        (['dx', ...MOE_WEIGHT_GRADS] as const).forEach((k, i) =>
+          expect(r.grads[i], `${recompute}: ${k}, seed ${seed}`).toEqual(ref.grads[i]),
+        );
+        // Not kept: the experts' g, h and output rows (bf16), on at least 1000·k = 4000 rows of
+        // 3F + H values (the allocator's rounding aside).
+        expect(ref.kept - r.kept, `${recompute}: bytes a forward keeps`).toBeGreaterThanOrEqual(4000 * (3 * 128 + 256) * 2 * 0.9);
+      }
+    }
+    expect(memoryStats(gpu).liveBytes).toBe(before);
+  });
+
+  it.each([
     ['dropless', {}],
     ['dropless, communication on its own stream', { commStream: true }],
+    ["dropless, recompute 'layer' (the rows dispatched again)", { recompute: 'layer' }],
   ] as const)('%s: a forward and backward read nothing back to the host', (_n, extra) => {
     // A read waits for every queued kernel: one inside the step would keep the host from issuing
     // the backward while the forward runs (tidy() once read the dispatch handle's lazy row counts).

@@ -27,6 +27,12 @@ let layerTransport = null;
 progress(`init on ${device}`);
 const on = { device };
 const vals = (t) => Array.from(t.toFloat32Array());
+/** A tensor's bytes (null: none), to compare bit for bit. */
+const bitsOf = (t) => {
+  if (t === null) return [];
+  const a = t.toArray();
+  return Array.from(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+};
 const bits = (t) => Buffer.from(t.toArray().buffer);
 
 // 1. Dispatch → identity experts → combine returns Σ_j w·x, with crafted routing: every token of
@@ -120,19 +126,27 @@ progress('1b: fp8 dispatch∘combine');
 
 // 2. The layer at EP = P equals the one-rank CPU layer with the same global weights, forward and
 //    backward; local expert gradients equal the reference gradients summed over ranks. With a
-//    comm stream the EP layer gives the same outputs again.
+//    comm stream the EP layer gives the same outputs again, and with recompute (backward dispatching
+//    x again across the ranks with 'layer') the same bits.
 //    CPU: f32 both, tight tolerances. GPU: bf16 against f32 from the same bf16-rounded weights and
 //    inputs, the tolerances of test/gpu/14-moe-layer (a wider layer, so bf16 noise averages out).
 //    With fp8Dispatch 'keep' both layers quantise the same rows to e4m3 (row by row, wherever the
 //    row goes), so they still agree to the same tolerances.
 const size = gpu ? { hidden: 64, ffn: 32, T: 96 } : { hidden: 16, ffn: 8, T: 24 };
 const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, again: 0 };
-for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid' }, { fp8Dispatch: 'keep', hidden: 128 }]) {
+const recomputeOf = ['layer', 'experts', 'layer'];
+for (const [i, extra] of [
+  {},
+  { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid' },
+  { fp8Dispatch: 'keep', hidden: 128 },
+].entries()) {
   const H = extra.hidden ?? size.hidden;
   const cfg = { ffn: size.ffn, numExperts: 4 * P, topK: 2, seed: 42, sharedFfn: 4, auxLossCoef: 0.01, ...extra, hidden: H };
   const dtype = gpu ? 'bf16' : 'f32';
   const ep = new MoELayer({ ...cfg, dtype, device, group: world, ...tr.config });
   const epOverlap = new MoELayer({ ...cfg, dtype, device, group: world, commStream: true, ...tr.config });
+  const recompute = recomputeOf[i];
+  const epRecompute = new MoELayer({ ...cfg, dtype, device, group: world, recompute, ...tr.config });
   const ref = new MoELayer({ ...cfg, dtype: 'f32', device: 'cpu', group: singleRankGroup });
   const what = `${device} ${JSON.stringify(extra)}`;
   if (gpu) {
@@ -165,7 +179,7 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
     // The option reached both layers' dispatchers: rows arrive as e4m3 (the reference's too).
     const fp8 = extra.fp8Dispatch ?? false;
     check(ep.dispatcher.fp8 === fp8 && ref.dispatcher.fp8 === fp8, `fp8Dispatch ${what}: ${ep.dispatcher.fp8}, ${ref.dispatcher.fp8}`);
-    check(fe.saved.rows.dtype === (fp8 === 'keep' ? 'fp8e4m3' : dtype), `rows ${what}: ${fe.saved.rows.dtype}`);
+    check(fe.saved.dispatched?.rows.dtype === (fp8 === 'keep' ? 'fp8e4m3' : dtype), `rows ${what}: ${fe.saved.dispatched?.rows.dtype}`);
     check(relErr(vals(fe.y), vals(fr.y)) < tol.y, `forward ${what}: relErr ${relErr(vals(fe.y), vals(fr.y))}`);
     progress(`2 ${what}: forward`);
     const fo = epOverlap.forward(x);
@@ -184,6 +198,17 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
       check(relErr(vals(go[k]), vals(ge[k])) <= tol.again, `${k} with a comm stream ${what}: relErr ${relErr(vals(go[k]), vals(ge[k]))}`);
     }
     progress(`2 ${what}: backward with a comm stream`);
+    // Recompute: the same kernels on the same inputs (the rows dispatched again with 'layer').
+    const fc = epRecompute.forward(x);
+    check(
+      (fc.saved.dispatched === null) === (recompute === 'layer') && fc.saved.experts === null,
+      `recompute ${recompute} ${what}: kept too much`,
+    );
+    const gc = epRecompute.backward(fc, dy);
+    check(JSON.stringify(bitsOf(fc.y)) === JSON.stringify(bitsOf(fe.y)), `forward with recompute ${recompute} ${what}`);
+    for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'])
+      check(JSON.stringify(bitsOf(gc[k])) === JSON.stringify(bitsOf(ge[k])), `${k} with recompute ${recompute} ${what}: not the same bits`);
+    progress(`2 ${what}: recompute ${recompute}, the same bits`);
     const El = ep.localExperts;
     for (const [name, g, r] of [
       ['w13', ge.w13, gr.w13],
@@ -199,6 +224,7 @@ for (const extra of [{}, { capacityFactor: 1.0, padToCapacity: true, scoreFuncti
   });
   ep.dispose();
   epOverlap.dispose();
+  epRecompute.dispose();
   ref.dispose();
   progress(`2 ${what}: expert gradients, layers disposed`);
 }

@@ -97,14 +97,21 @@ if (world.rank === 0) {
   }
 }
 // Micro-batches at EP = world size: each rank's share in 2 forward/backward passes, the gradients
-// accumulated in place, on the EP=1 one-pass trajectory (the exchanges run once per pass).
+// accumulated in place, on the EP=1 one-pass trajectory (the exchanges run once per pass). Again
+// with recompute 'layer' (each backward dispatches its rows again): the same bits.
 {
-  const mbCfg = resolveConfig({ ...cfg, train: { ...cfg.train, microBatches: 2 } });
-  const t = new Trainer(withTransport(mbCfg), { world });
-  const mbLosses = [];
-  for (let i = 0; i < cfg.train.steps; i++) mbLosses.push(t.trainStep().loss);
-  t.dispose();
+  const run = (recompute) => {
+    const mbCfg = resolveConfig({ ...cfg, train: { ...cfg.train, microBatches: 2, recompute } });
+    const t = new Trainer(withTransport(mbCfg), { world });
+    const mbLosses = [];
+    for (let i = 0; i < cfg.train.steps; i++) mbLosses.push(t.trainStep().loss);
+    t.dispose();
+    return mbLosses;
+  };
+  const mbLosses = run('none');
   if (world.rank === 0) close(mbLosses, reference(), `EP=${world.size} with 2 micro-batches against EP=1`);
+  const again = run('layer');
+  check(JSON.stringify(again) === JSON.stringify(mbLosses), `recompute 'layer' at EP=${world.size}: ${again} vs ${mbLosses}`);
 }
 // Expert choice at EP = world size: each rank's experts choose among that rank's share of the
 // batch (C = ceil((T/P)·k/E) per expert and rank), so the metrics all-reduced over the ranks show
