@@ -80,11 +80,14 @@ export const cuda = {
  */
 export function checkDeviceUsable(device: Device, op: string): void {
   if (!device.isCuda) return;
-  const { deviceCount, unavailable } = cudaStatus();
+  const { builtWithCuda, deviceCount, unavailable } = cudaStatus();
+  // A rebuild helps only an addon built without CUDA; one with CUDA needs a GPU it can see.
   if (deviceCount === 0)
     throw new UnavailableError(
-      `${op}: device ${device.toString()} is not usable: ${unavailable}. Use device 'cpu', or on a machine with a GPU and ` +
-        `the CUDA toolkit rebuild from source (MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep)`,
+      `${op}: device ${device.toString()} is not usable: ${unavailable}. Use device 'cpu'` +
+        (builtWithCuda
+          ? ''
+          : `, or on a machine with a GPU and the CUDA toolkit rebuild from source (MOE_EP_BUILD_FROM_SOURCE=1 npm rebuild moe-ep)`),
       op,
     );
   if (device.index >= deviceCount)

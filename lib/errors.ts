@@ -136,12 +136,12 @@ function editDistance(a: string, b: string): number {
 }
 
 /** "unknown option 'x' (did you mean 'y'?)" for each name not in `known`; '' when all are known. */
-export function unknownNames(names: readonly string[], known: readonly string[]): string {
+export function unknownNames(names: readonly string[], known: readonly string[], what = 'option'): string {
   const unknown = names.filter((n) => !known.includes(n));
   if (unknown.length === 0) return '';
   const each = unknown.map((n) => {
     const close = closestName(n, known);
     return `'${n}'${close ? ` (did you mean '${close}'?)` : ''}`;
   });
-  return `unknown option${unknown.length > 1 ? 's' : ''} ${each.join(', ')}; expected ${known.length ? known.map((k) => `'${k}'`).join(', ') : 'none'}`;
+  return `unknown ${what}${unknown.length > 1 ? 's' : ''} ${each.join(', ')}; expected ${known.length ? known.map((k) => `'${k}'`).join(', ') : 'none'}`;
 }

@@ -4,7 +4,7 @@
  */
 import { Device, type DeviceLike, getDefaultDevice } from './device.js';
 import { DisposedError, invalidArgument } from './errors.js';
-import { checkEvent, checkOptions, checkStream } from './validate.js';
+import { checkBoolean, checkEvent, checkOptions, checkStream } from './validate.js';
 import { type EventHandle, native, type StreamHandle } from './native.js';
 
 export class Stream implements Disposable {
@@ -61,12 +61,15 @@ export class Stream implements Disposable {
 
 export class Event implements Disposable {
   readonly device: Device;
+  /** Created with `timing: true` (elapsedTime reads it). */
+  readonly timing: boolean;
   #handle: EventHandle | null;
 
   constructor(device: DeviceLike = getDefaultDevice(), options: { timing?: boolean } = {}) {
     options = checkOptions(options, 'Event', { timing: true });
     this.device = Device.parse(device, 'Event');
-    this.#handle = new (native().EventHandle)(...this.device.code, options.timing ?? false);
+    this.timing = checkBoolean(options.timing ?? false, 'Event', 'timing');
+    this.#handle = new (native().EventHandle)(...this.device.code, this.timing);
   }
 
   /** @internal */
@@ -96,8 +99,14 @@ export class Event implements Disposable {
   }
   /** Milliseconds from this event to `end` (both created with `timing: true`, recorded and complete). */
   elapsedTime(end: Event): number {
-    checkEvent(end, 'Event.elapsedTime', 'end');
-    return this.handle.elapsedTime(end.handle);
+    const op = 'Event.elapsedTime';
+    checkEvent(end, op, 'end');
+    const handle = this.handle;
+    // CPU events complete when recorded and hold no time: say so, not that timing was not asked for.
+    if (!this.device.isCuda || !end.device.isCuda)
+      invalidArgument(op, `events on the CPU hold no times (CPU work completes as it is queued); time events on a CUDA device`);
+    if (!this.timing || !end.timing) invalidArgument(op, `both events must be created with { timing: true }`);
+    return handle.elapsedTime(end.handle);
   }
   get disposed(): boolean {
     return this.#handle === null;

@@ -455,6 +455,7 @@ export class Tensor implements Disposable {
   }
   /** The values as float32 (converted natively for bf16, f16 and fp8). */
   toFloat32Array(): Float32Array {
+    this.live('toFloat32Array');
     if (this.dtype === 'f32') return this.toArray() as Float32Array;
     const f = this.copyTo({ dtype: 'f32', device: 'cpu' });
     try {
@@ -465,11 +466,13 @@ export class Tensor implements Disposable {
   }
   /** Plain numbers (i64 values beyond 2^53 lose precision). */
   toNumbers(): number[] {
+    this.live('toNumbers');
     const a = this.dtype === 'i64' ? Array.from(this.toArray() as BigInt64Array, Number) : Array.from(this.toFloat32OrInt());
     return a;
   }
   /** The single value of a one-element tensor. */
   item(): number {
+    this.live('item');
     if (this.numel !== 1) invalidArgument('item', `the tensor has ${this.numel} elements; item() needs exactly one`);
     return this.toNumbers()[0] as number;
   }

@@ -278,11 +278,22 @@ const cases: Case[] = [
   ['raw: bad shape element', () => native().tensorEmpty([1, 'a' as never], 0, 0, 0), InvalidArgumentError, /element 1 is not a number/],
   ['ops given a non-tensor', () => ops.add(3 as never, f([1])), InvalidArgumentError, /add: 'a' must be a Tensor/],
   [
-    'elapsed time of unrecorded events',
+    'elapsed time of CPU events (created with timing: the CPU holds no times, said as such)',
     () => new Event(cpu, { timing: true }).elapsedTime(new Event(cpu, { timing: true })),
     InvalidArgumentError,
-    /both events must be recorded/,
+    /^Event\.elapsedTime: events on the CPU hold no times \(CPU work completes as it is queued\); time events on a CUDA device$/,
   ],
+  ['Event timing not a boolean', () => new Event(cpu, { timing: 1 as never }), InvalidArgumentError, /Event: 'timing' must be a boolean/],
+  ...(['item', 'toNumbers', 'toFloat32Array'] as const).map((method): [string, () => unknown, typeof DisposedError, RegExp] => [
+    `${method}() of a disposed bf16 tensor of 4 elements names ${method}`,
+    () => {
+      const t = Tensor.zeros([4], { dtype: 'bf16', device: cpu });
+      t.dispose();
+      return t[method]();
+    },
+    DisposedError,
+    new RegExp(`^${method}: the tensor was disposed`),
+  ]),
   // found by fuzzing the public API: JS-side checks that named nothing or let garbage through
   [
     'fromArray value beyond i32',
@@ -1400,5 +1411,9 @@ describe('bad calls give clear errors', () => {
     if (native().cudaStatus().deviceCount > 0) return;
     expect(() => Tensor.zeros([2], { device: 'cuda:0' })).toThrow(UnavailableError);
     expect(() => Tensor.zeros([2], { device: 'cuda:0' })).toThrow(/not usable: |built without CUDA/);
+    // A rebuild from source is advised only to an addon built without CUDA: one with it needs a GPU.
+    const layer = () => new MoELayer({ ...smallLayer, device: 'cuda:0' });
+    if (native().cudaStatus().builtWithCuda) expect(layer).toThrow(/^MoELayer: device cuda:0 is not usable: [^]*Use device 'cpu'$/);
+    else expect(layer).toThrow(/Use device 'cpu', or on a machine with a GPU and the CUDA toolkit rebuild from source/);
   });
 });

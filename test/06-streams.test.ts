@@ -122,11 +122,14 @@ describe('streams and events on the CPU', () => {
     native().setCurrentStream(0, null); // the default stream: always fine
   });
 
-  it('events without timing cannot be timed', () => {
+  it('CPU events cannot be timed, and say why', () => {
     using a = new Event('cpu');
-    using b = new Event('cpu');
+    using b = new Event('cpu', { timing: true });
+    expect(a.timing).toBe(false);
+    expect(b.timing).toBe(true);
     a.record();
     b.record();
-    expect(() => a.elapsedTime(b)).toThrow(/timing/);
+    expect(() => a.elapsedTime(b)).toThrow(/events on the CPU hold no times/);
+    expect(() => b.elapsedTime(b)).toThrow(/events on the CPU hold no times/);
   });
 });

@@ -202,7 +202,7 @@ describe('arguments', () => {
     expectNoLeak(cpu, () => {
       const bad = (cfg: object, w: object, re: RegExp): void => {
         expectInvalidArgument(() => new MoEInference(cfg as never, w as never), re);
-        for (const t of Object.values(w)) (t as Tensor | null)?.dispose();
+        for (const t of Object.values(w)) if (Tensor.isTensor(t)) t.dispose();
       };
       bad({ ...base, hidden: 0 }, weights(), /'hidden' must be a positive integer/);
       bad({ ...base, topK: 5 }, weights(), /'topK' = 5 is more than 'numExperts' = 4/);
@@ -221,6 +221,38 @@ describe('arguments', () => {
       );
       bad({ ...base, selectionBias: true }, weights(), /'weights.bias' must be a Tensor/);
       bad({ ...base, numExperts: 6 }, weights(), /'weights.router' is \[1,8,4\]; expected \[1,8,6\]/);
+      // Weights are named as weights, with the closest one.
+      bad(
+        base,
+        { ...weights(), w31: null },
+        /^MoEInference: 'weights': unknown weight 'w31' \(did you mean 'w13'\?\); expected 'router', 'bias', 'w13'/,
+      );
+      // readLayer's bookkeeping must name this rank's experts (one rank: 0…3).
+      bad(
+        base,
+        { ...weights(), firstExpert: 4, localExperts: 4 },
+        /'weights\.firstExpert' is 4 but this rank holds experts 0…3 \(4 of them\)/,
+      );
+      bad(base, { ...weights(), firstExpert: 0, localExperts: 2 }, /'weights\.localExperts' is 2 but this rank holds experts 0…3/);
+    });
+  });
+
+  it("takes HfMoECheckpoint.readLayer's result as it is (its firstExpert, localExperts and dispose)", () => {
+    expectNoLeak(cpu, () => {
+      const w = weights();
+      const layerRead = {
+        ...w,
+        bias: null,
+        sharedW13: null,
+        sharedW2: null,
+        sharedGate: null,
+        firstExpert: 0,
+        localExperts: E,
+        dispose: () => {},
+      };
+      using inf = new MoEInference(base, layerRead);
+      using x = Tensor.zeros([3, H], { device: cpu });
+      inf.forward(x).dispose();
     });
   });
 

@@ -55,7 +55,7 @@
  */
 import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { dtypeSize } from '../dtype.js';
-import { invalidArgument, UnavailableError, usedAfterDispose } from '../errors.js';
+import { invalidArgument, shown, UnavailableError, unknownNames, usedAfterDispose } from '../errors.js';
 import { CudaGraph } from '../graph.js';
 import { Stream } from '../stream.js';
 import {
@@ -110,7 +110,11 @@ export interface MoEInferenceConfig {
   maxWorkspaces?: number;
 }
 
-/** The weights an MoEInference holds (and owns: it disposes them). Shapes as in HfMoEWeights. */
+/**
+ * The weights an MoEInference holds (and owns: it disposes them). Shapes as in HfMoEWeights;
+ * HfMoECheckpoint.readLayer's result passes as it is (its firstExpert and localExperts are checked
+ * against this rank's place in the group, its dispose is not called).
+ */
 export interface MoEInferenceWeights {
   router: Tensor;
   bias?: Tensor | null;
@@ -119,6 +123,27 @@ export interface MoEInferenceWeights {
   sharedW13?: Tensor | null;
   sharedW2?: Tensor | null;
   sharedGate?: Tensor | null;
+}
+
+const WEIGHT_TENSORS = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'] as const;
+
+/** The weights' keys: the tensors, and readLayer's bookkeeping, which must name this rank's experts. */
+function checkWeightKeys(weights: object, op: string, firstExpert: number, localExperts: number): void {
+  const known = [...WEIGHT_TENSORS, 'firstExpert', 'localExperts', 'dispose'];
+  const names = Object.keys(weights);
+  if (names.some((n) => !known.includes(n))) invalidArgument(op, `'weights': ${unknownNames(names, [...WEIGHT_TENSORS], 'weight')}`);
+  const w = weights as { firstExpert?: unknown; localExperts?: unknown };
+  for (const [key, want] of [
+    ['firstExpert', firstExpert],
+    ['localExperts', localExperts],
+  ] as const) {
+    const given: unknown = w[key];
+    if (given !== undefined && given !== want)
+      invalidArgument(
+        op,
+        `'weights.${key}' is ${shown(given)} but this rank holds experts ${firstExpert}…${firstExpert + localExperts - 1} (${localExperts} of them): read the layer with this rank's { rank, worldSize }`,
+      );
+  }
 }
 
 export interface MoEInferenceForwardOptions {
@@ -282,8 +307,8 @@ export class MoEInference implements Disposable {
 
     // The weights: shapes, dtypes and device checked before the layer takes them.
     if (weights === null || typeof weights !== 'object') invalidArgument(op, `'weights' must be an object of tensors`);
-    checkKeys(weights, op, { router: true, bias: true, w13: true, w2: true, sharedW13: true, sharedW2: true, sharedGate: true });
     const El = this.localExperts;
+    checkWeightKeys(weights, op, this.group.rank * El, El);
     const want = (name: keyof MoEInferenceWeights, present: boolean, shape: number[], dt: string): Tensor | null => {
       const t = weights[name];
       if (!present) {
