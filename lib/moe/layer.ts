@@ -41,14 +41,7 @@ import {
 } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type CapacityResult, DROP_POLICIES, type DropPolicy } from './capacity.js';
-import {
-  checkGroup,
-  type Dispatched,
-  type DispatchHandle,
-  Dispatcher,
-  type ExpertParallelGroup,
-  type TransportChoice,
-} from './dispatcher.js';
+import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
 import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
@@ -577,11 +570,14 @@ export class MoELayer implements Disposable {
     // product runs: a refused call leaves the buffers and the forward as they were.
     const into = options.out === undefined ? undefined : this.checkGradBuffers(options.out, op, { dy, x: s.x });
     const T = s.x.shape[0] as number;
+    // A handle the backward's re-dispatch made (recompute 'layer'), released after the step.
+    const restored: { handle: DispatchHandle | null } = { handle: null };
     try {
       return tidy(() => {
         const all = this.wholeBatch(T);
         trace.mark('layer backward: start', dy.device);
         const { dispatched, experts, shared } = this.restore(s, all);
+        if (dispatched !== s.dispatched) restored.handle = dispatched.handle;
         const { handle } = dispatched;
         // The combine backward waits for dy only: the shared expert's backward overlaps it.
         using dyReady = this.markProduced();
@@ -646,6 +642,7 @@ export class MoELayer implements Disposable {
         return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2 };
       });
     } finally {
+      restored.handle?.dispose();
       disposeSaved(fwd);
     }
   }
@@ -654,30 +651,47 @@ export class MoELayer implements Disposable {
    * What backward needs that the forward did not keep (config.recompute), made again from what it
    * did: the dispatch of x with the saved routing ('layer'), then the experts' forward over those
    * rows and the shared expert's activations. The same kernels on the same inputs: the same bits.
+   * A dispatched handle made here is the caller's to dispose (it may hold the dispatcher's cached
+   * layouts, released only by its dispose).
    */
   private restore(
     s: MoESaved,
     all: Tensor,
   ): { dispatched: DispatchedRows; experts: { g: Tensor; h: Tensor; out: Tensor }; shared: { g: Tensor; h: Tensor } | null } {
-    let work: CommWork<Dispatched> | null = null;
-    if (s.dispatched === null) {
-      const layout = s.layout as SavedLayout;
-      // Placeholders for the counts the dispatch does not read (the forward returned the real ones).
-      const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
-      work = this.dispatcher.dispatchAsync(s.x, s.indices, s.weights, { ...layout, dropped: none(), invalid: none() });
-    }
-    // The shared expert's activations are queued beside the dispatch.
+    // The dispatch waits for what was queued before this mark only: the shared expert's activations,
+    // queued next, overlap it (as in the forward: compute first, then the call that may block the host).
+    using queued = s.dispatched === null ? this.markProduced() : undefined;
     let shared = s.shared;
     if (shared === null && this.compute.sharedW13) shared = expertsActivations(s.x, this.compute.sharedW13, all);
     let dispatched = s.dispatched;
-    if (work) {
+    if (dispatched === null) {
+      const layout = s.layout as SavedLayout;
+      // Placeholders for the counts the dispatch does not read (the forward returned the real ones).
+      const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
+      const work = this.dispatcher.dispatchAsync(
+        s.x,
+        s.indices,
+        s.weights,
+        { ...layout, dropped: none(), invalid: none() },
+        queued ? { after: queued } : {},
+      );
       const { rows, scales, handle } = settle(work);
       dispatched = { rows, rowScales: scales ?? null, handle };
     }
-    const d = dispatched as DispatchedRows;
-    const experts =
-      s.experts ??
-      expertsForward(d.rowScales ? { q: d.rows, scales: d.rowScales } : d.rows, this.compute.w13, this.compute.w2, d.handle.localOffsets);
+    const d = dispatched;
+    let experts = s.experts;
+    try {
+      experts ??= expertsForward(
+        d.rowScales ? { q: d.rows, scales: d.rowScales } : d.rows,
+        this.compute.w13,
+        this.compute.w2,
+        d.handle.localOffsets,
+      );
+    } catch (e) {
+      // The handle of a dispatch made here holds cached layouts (several ranks): released, not leaked.
+      if (d !== s.dispatched) d.handle.dispose();
+      throw e;
+    }
     return { dispatched: d, experts, shared };
   }
 
@@ -725,6 +739,9 @@ export class MoELayer implements Disposable {
     return e;
   }
 
+  get disposed(): boolean {
+    return this.#disposed;
+  }
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;

@@ -134,7 +134,9 @@ progress('1b: fp8 dispatch∘combine');
 //    row goes), so they still agree to the same tolerances.
 const size = gpu ? { hidden: 64, ffn: 32, T: 96 } : { hidden: 16, ffn: 8, T: 24 };
 const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, again: 0 };
-const recomputeOf = ['layer', 'experts', 'layer'];
+// 'layer' on the padded configuration: its re-dispatch takes the dispatcher's cached layouts, which
+// only the handle's dispose releases (a leak found in review: checked below, after the layers go).
+const recomputeOf = ['experts', 'layer', 'layer'];
 for (const [i, extra] of [
   {},
   { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid' },
@@ -145,8 +147,6 @@ for (const [i, extra] of [
   const dtype = gpu ? 'bf16' : 'f32';
   const ep = new MoELayer({ ...cfg, dtype, device, group: world, ...tr.config });
   const epOverlap = new MoELayer({ ...cfg, dtype, device, group: world, commStream: true, ...tr.config });
-  const recompute = recomputeOf[i];
-  const epRecompute = new MoELayer({ ...cfg, dtype, device, group: world, recompute, ...tr.config });
   const ref = new MoELayer({ ...cfg, dtype: 'f32', device: 'cpu', group: singleRankGroup });
   const what = `${device} ${JSON.stringify(extra)}`;
   if (gpu) {
@@ -162,17 +162,21 @@ for (const [i, extra] of [
     });
     progress(`2 ${what}: reference weights gathered`);
   }
-  tidy(() => {
-    // Capacity mode moves fixed segments of C = ceil(cf·T·k/E) rows: every rank must have the same T.
-    const T = extra.padToCapacity ? size.T : size.T + 3 * rank;
+  // Capacity mode moves fixed segments of C = ceil(cf·T·k/E) rows: every rank must have the same T.
+  const T = extra.padToCapacity ? size.T : size.T + 3 * rank;
+  const inputs = () => {
     const xCpu = Tensor.randn([T, H], { seed: 100 + rank, device: 'cpu' })
       .cast(dtype)
       .cast('f32');
     const dyCpu = Tensor.randn([T, H], { seed: 200 + rank, device: 'cpu' })
       .cast(dtype)
       .cast('f32');
-    const x = xCpu.copyTo({ dtype, device });
-    const dy = dyCpu.copyTo({ dtype, device });
+    return { xCpu, dyCpu, x: xCpu.copyTo({ dtype, device }), dy: dyCpu.copyTo({ dtype, device }) };
+  };
+  const grads = ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'];
+  let want = null; // the EP layer's output and gradients, bit for bit
+  tidy(() => {
+    const { xCpu, dyCpu, x, dy } = inputs();
     const fe = ep.forward(x),
       fr = ref.forward(xCpu);
     layerTransport = checkUsed(ep.dispatcher, `layer ${what}`);
@@ -198,17 +202,7 @@ for (const [i, extra] of [
       check(relErr(vals(go[k]), vals(ge[k])) <= tol.again, `${k} with a comm stream ${what}: relErr ${relErr(vals(go[k]), vals(ge[k]))}`);
     }
     progress(`2 ${what}: backward with a comm stream`);
-    // Recompute: the same kernels on the same inputs (the rows dispatched again with 'layer').
-    const fc = epRecompute.forward(x);
-    check(
-      (fc.saved.dispatched === null) === (recompute === 'layer') && fc.saved.experts === null,
-      `recompute ${recompute} ${what}: kept too much`,
-    );
-    const gc = epRecompute.backward(fc, dy);
-    check(JSON.stringify(bitsOf(fc.y)) === JSON.stringify(bitsOf(fe.y)), `forward with recompute ${recompute} ${what}`);
-    for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'])
-      check(JSON.stringify(bitsOf(gc[k])) === JSON.stringify(bitsOf(ge[k])), `${k} with recompute ${recompute} ${what}: not the same bits`);
-    progress(`2 ${what}: recompute ${recompute}, the same bits`);
+    want = JSON.stringify([bitsOf(fe.y), ...grads.map((k) => bitsOf(ge[k]))]);
     const El = ep.localExperts;
     for (const [name, g, r] of [
       ['w13', ge.w13, gr.w13],
@@ -222,9 +216,34 @@ for (const [i, extra] of [
       );
     }
   });
+  // Recompute: the same kernels on the same inputs (the rows dispatched again with 'layer'), the
+  // same bits; nothing left live once the layer is gone (the dispatcher's cached layouts included).
+  const recompute = recomputeOf[i];
+  const liveAtStart = memoryStats(device).liveBytes;
+  {
+    const epRecompute = new MoELayer({ ...cfg, dtype, device, group: world, recompute, ...tr.config });
+    for (let step = 0; step < 2; step++) {
+      tidy(() => {
+        const { x, dy } = inputs();
+        const fc = epRecompute.forward(x);
+        check(
+          (fc.saved.dispatched === null) === (recompute === 'layer') && fc.saved.experts === null,
+          `recompute ${recompute} ${what}: kept too much`,
+        );
+        const gc = epRecompute.backward(fc, dy);
+        const got = JSON.stringify([bitsOf(fc.y), ...grads.map((k) => bitsOf(gc[k]))]);
+        check(got === want, `recompute ${recompute} ${what}, step ${step}: y and the gradients are not the same bits`);
+      });
+    }
+    epRecompute.dispose();
+  }
+  check(
+    memoryStats(device).liveBytes === liveAtStart,
+    `recompute ${recompute} ${what}: ${memoryStats(device).liveBytes - liveAtStart} bytes left live`,
+  );
+  progress(`2 ${what}: recompute ${recompute}, the same bits, nothing left live`);
   ep.dispose();
   epOverlap.dispose();
-  epRecompute.dispose();
   ref.dispose();
   progress(`2 ${what}: expert gradients, layers disposed`);
 }
