@@ -103,6 +103,43 @@ describe('config.json → the package (hfMoEModel)', () => {
     });
     expect(q.moeLayers).toEqual([1, 2]);
     expect(hfMoEModel(testConfigs.qwen3_moe).block).toMatchObject({ normalize: true, sharedFfn: 0, sharedGate: false });
+    // The same blocks under other model_types, with their config classes' defaults where the test
+    // configs leave a field out (GLM-4.5: one group, renormalised; dots1: not renormalised;
+    // Qwen3-Next: renormalised; OLMoE: not, its experts' width in intermediate_size).
+    expect(hfMoEModel(testConfigs.kimi_k2).block).toMatchObject({
+      scoreFunction: 'sigmoid',
+      selectionBias: true,
+      groups: 1,
+      routeScale: 2.827,
+      sharedFfn: 8,
+    });
+    expect(hfMoEModel(testConfigs.glm4_moe).block).toMatchObject({
+      scoreFunction: 'sigmoid',
+      selectionBias: true,
+      groups: 1,
+      normalize: true,
+      routeScale: 2.5,
+      sharedFfn: 8,
+    });
+    expect(hfMoEModel({ ...testConfigs.glm4_moe, routed_scaling_factor: undefined }).block.routeScale).toBe(1);
+    expect(hfMoEModel(testConfigs.glm4_moe).moeLayers).toEqual([1, 2]);
+    expect(hfMoEModel({ ...testConfigs.glm4_moe, first_k_dense_replace: undefined }).moeLayers).toEqual([1, 2]);
+    expect(hfMoEModel(testConfigs.dots1).block).toMatchObject({ normalize: false, routeScale: 2.5, sharedFfn: 12, topK: 3 });
+    expect(hfMoEModel(testConfigs.dots1).moeLayers).toEqual([0, 1]);
+    expect(hfMoEModel(testConfigs.qwen3_next).block).toMatchObject({
+      scoreFunction: 'softmax',
+      normalize: true,
+      sharedFfn: 8,
+      sharedGate: true,
+    });
+    expect(hfMoEModel(testConfigs.olmoe).block).toMatchObject({
+      scoreFunction: 'softmax',
+      normalize: false,
+      ffn: 8,
+      sharedFfn: 0,
+      sharedGate: false,
+    });
+    expect(hfMoEModel({ ...testConfigs.olmoe, decoder_sparse_step: 2 }).moeLayers).toEqual([0, 1]); // not read: every layer
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -138,14 +175,14 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, qwen2_moe, qwen3_moe\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
     bad({ ...testConfigs.deepseek_v3, num_experts_per_tok: 6 }, /'num_experts_per_tok' = 6 with 'topk_group' = 2: .*top 2/);
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
     // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
-    for (const family of ['mixtral', 'deepseek_v3', 'qwen2_moe', 'qwen3_moe'] as const)
+    for (const family of families)
       bad({ ...testConfigs[family], hidden_act: 'gelu' }, /'hidden_act' "gelu": the package's experts compute SiLU-gated MLPs/);
     expect(hfMoEModel({ ...testConfigs.mixtral, hidden_act: 'swish' }).block.family).toBe('mixtral');
     bad({ ...testConfigs.deepseek_v3, topk_method: 'group_limited_greedy' }, /'topk_method' "group_limited_greedy"/);
@@ -153,6 +190,15 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.qwen2_moe, norm_topk_prob: 'yes' }, /'norm_topk_prob' must be true or false/);
     bad({ ...testConfigs.qwen2_moe, mlp_only_layers: 'all' }, /'mlp_only_layers' must be a list of layer indices/);
     bad({ ...testConfigs.qwen3_moe, num_experts_per_tok: 9 }, /'num_experts_per_tok' = 9 is more than the 8 experts/);
+    // Kimi K2 has no config class to default from: its published configs give every field.
+    bad(
+      { ...testConfigs.kimi_k2, routed_scaling_factor: undefined },
+      /'routed_scaling_factor' is missing \(the kimi_k2 MoE block needs it\)/,
+    );
+    bad({ ...testConfigs.kimi_k2, norm_topk_prob: undefined }, /'norm_topk_prob' is missing/);
+    bad({ ...testConfigs.dots1, n_shared_experts: undefined }, /'n_shared_experts' is missing \(the dots1 MoE block needs it\)/);
+    bad({ ...testConfigs.olmoe, intermediate_size: undefined }, /'intermediate_size' is missing \(the olmoe MoE block needs it\)/);
+    bad({ ...testConfigs.qwen3_next, shared_expert_intermediate_size: undefined }, /'shared_expert_intermediate_size' is missing/);
     bad([], /must be a JSON object/);
   });
 });

@@ -71,4 +71,7 @@ export function blockNames(
   sharedGate: string | null;
 };
 export function buildHfCheckpoint(dir: string, cfg: HfTestConfig, options?: BuildOptions): BuiltCheckpoint;
-export const testConfigs: Record<'mixtral' | 'deepseek_v3' | 'qwen2_moe' | 'qwen3_moe', HfTestConfig>;
+export const testConfigs: Record<
+  'mixtral' | 'deepseek_v3' | 'qwen2_moe' | 'qwen3_moe' | 'kimi_k2' | 'glm4_moe' | 'dots1' | 'qwen3_next' | 'olmoe',
+  HfTestConfig
+>;

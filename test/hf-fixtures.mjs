@@ -201,8 +201,8 @@ export function blockNames(cfg, layer) {
     return { gate: `${p}.gate.weight`, bias: null, expert: (j, x) => `${p}.experts.${j}.${m[x]}.weight`, shared: null, sharedGate: null };
   }
   const p = `model.layers.${layer}.mlp`;
-  const ds = cfg.model_type === 'deepseek_v3';
-  const qwen2 = cfg.model_type === 'qwen2_moe';
+  const ds = ['deepseek_v3', 'kimi_k2', 'glm4_moe', 'dots1'].includes(cfg.model_type);
+  const qwen2 = cfg.model_type === 'qwen2_moe' || cfg.model_type === 'qwen3_next';
   return {
     gate: `${p}.gate.weight`,
     bias: ds ? `${p}.gate.e_score_correction_bias` : null,
@@ -308,7 +308,7 @@ export function buildHfCheckpoint(
   return { cfg, layers, weightMap, files, entries };
 }
 
-/** Configs of the four families at test size. */
+/** Configs of the families at test size (the fields left out take each config class's default). */
 export const testConfigs = {
   mixtral: {
     model_type: 'mixtral',
@@ -359,6 +359,72 @@ export const testConfigs = {
     norm_topk_prob: true,
     decoder_sparse_step: 1,
     mlp_only_layers: [],
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Kimi K2 as published (DeepSeek-V3's fields, one group, its own scaling), at test size.
+  kimi_k2: {
+    model_type: 'kimi_k2',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    n_routed_experts: 12,
+    num_experts_per_tok: 4,
+    n_group: 1,
+    topk_group: 1,
+    n_shared_experts: 1,
+    routed_scaling_factor: 2.827,
+    norm_topk_prob: true,
+    scoring_func: 'sigmoid',
+    topk_method: 'noaux_tc',
+    first_k_dense_replace: 1,
+    moe_layer_freq: 1,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // GLM-4.5 leaves n_group, topk_group and norm_topk_prob to Glm4MoeConfig's defaults (1, 1, true).
+  glm4_moe: {
+    model_type: 'glm4_moe',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    n_routed_experts: 8,
+    num_experts_per_tok: 2,
+    n_shared_experts: 1,
+    routed_scaling_factor: 2.5,
+    first_k_dense_replace: 1,
+    num_hidden_layers: 3,
+    hidden_act: 'silu',
+  },
+  // dots1: norm_topk_prob left out (Dots1Config: false), two shared experts.
+  dots1: {
+    model_type: 'dots1',
+    hidden_size: 16,
+    moe_intermediate_size: 6,
+    n_routed_experts: 8,
+    num_experts_per_tok: 3,
+    n_shared_experts: 2,
+    routed_scaling_factor: 2.5,
+    first_k_dense_replace: 0,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Qwen3-Next's block: a gated shared expert, norm_topk_prob left out (Qwen3NextConfig: true).
+  qwen3_next: {
+    model_type: 'qwen3_next',
+    hidden_size: 16,
+    moe_intermediate_size: 4,
+    num_experts: 16,
+    num_experts_per_tok: 4,
+    shared_expert_intermediate_size: 8,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // OLMoE: the experts' width in intermediate_size, every layer MoE, norm_topk_prob left out (false).
+  olmoe: {
+    model_type: 'olmoe',
+    hidden_size: 16,
+    intermediate_size: 8,
+    num_experts: 8,
+    num_experts_per_tok: 2,
     num_hidden_layers: 2,
     hidden_act: 'silu',
   },

@@ -26,6 +26,39 @@
 // dropped group score), so callers can require routing decisions to be far from float error;
 // minChoice is the smallest selection score seen.
 
+// Other model_types with these blocks, and their config classes' defaults (transformers'
+// configuration_glm4_moe.py, configuration_dots1.py, configuration_qwen3_next.py,
+// configuration_olmoe.py; Kimi K2 ships DeepSeek's code and sets every field):
+//   kimi_k2, glm4_moe, dots1: deepseek_v3's block; qwen3_next: qwen2_moe's; olmoe: qwen3_moe's with
+//   the expert width in intermediate_size and every layer MoE.
+const DEEPSEEK_DEFAULTS = {
+  deepseek_v3: {
+    n_group: 8,
+    topk_group: 4,
+    norm_topk_prob: true,
+    routed_scaling_factor: 2.5,
+    first_k_dense_replace: 3,
+    n_shared_experts: 1,
+  },
+  kimi_k2: {},
+  glm4_moe: { n_group: 1, topk_group: 1, norm_topk_prob: true, routed_scaling_factor: 1, first_k_dense_replace: 1, n_shared_experts: 1 },
+  dots1: { n_group: 1, topk_group: 1, norm_topk_prob: false, routed_scaling_factor: 1, first_k_dense_replace: 0 },
+};
+const QWEN_DEFAULTS = {
+  qwen2_moe: { norm_topk_prob: false, gatedShared: true },
+  qwen3_moe: { norm_topk_prob: false, gatedShared: false },
+  qwen3_next: { norm_topk_prob: true, gatedShared: true },
+  olmoe: { norm_topk_prob: false, gatedShared: false },
+};
+const isDeepSeekLike = (cfg) => Object.hasOwn(DEEPSEEK_DEFAULTS, cfg.model_type);
+/** config.json's field, else the family's default (a field a family requires must be given). */
+function field(cfg, name) {
+  if (cfg[name] !== undefined && cfg[name] !== null) return cfg[name];
+  const d = (DEEPSEEK_DEFAULTS[cfg.model_type] ?? QWEN_DEFAULTS[cfg.model_type] ?? {})[name];
+  if (d === undefined) throw new Error(`reference: ${cfg.model_type} config needs '${name}'`);
+  return d;
+}
+
 const silu = (v) => v / (1 + Math.exp(-v));
 const sigmoid = (v) => 1 / (1 + Math.exp(-v));
 
@@ -34,9 +67,12 @@ export function moeLayersOf(cfg) {
   const layers = [];
   for (let l = 0; l < cfg.num_hidden_layers; l++) {
     let moe;
-    if (cfg.model_type === 'mixtral') moe = true;
-    else if (cfg.model_type === 'deepseek_v3') moe = l >= (cfg.first_k_dense_replace ?? 3) && l % (cfg.moe_layer_freq ?? 1) === 0;
-    else moe = !(cfg.mlp_only_layers ?? []).includes(l) && (l + 1) % (cfg.decoder_sparse_step ?? 1) === 0;
+    if (cfg.model_type === 'mixtral' || cfg.model_type === 'olmoe') moe = true;
+    else if (isDeepSeekLike(cfg)) {
+      // Only DeepSeek's own code (deepseek_v3, kimi_k2) reads moe_layer_freq.
+      const freq = cfg.model_type === 'deepseek_v3' || cfg.model_type === 'kimi_k2' ? (cfg.moe_layer_freq ?? 1) : 1;
+      moe = l >= field(cfg, 'first_k_dense_replace') && l % freq === 0;
+    } else moe = !(cfg.mlp_only_layers ?? []).includes(l) && (l + 1) % (cfg.decoder_sparse_step ?? 1) === 0;
     if (moe) layers.push(l);
   }
   return layers;
@@ -49,17 +85,23 @@ export function moeSizes(cfg) {
     case 'mixtral':
       return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'deepseek_v3':
+    case 'kimi_k2':
+    case 'glm4_moe':
+    case 'dots1':
       return {
         H,
         F: cfg.moe_intermediate_size,
         E: cfg.n_routed_experts,
         k: cfg.num_experts_per_tok,
-        Fs: cfg.moe_intermediate_size * (cfg.n_shared_experts ?? 1),
+        Fs: cfg.moe_intermediate_size * field(cfg, 'n_shared_experts'),
       };
     case 'qwen2_moe':
+    case 'qwen3_next':
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: cfg.shared_expert_intermediate_size };
     case 'qwen3_moe':
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'olmoe':
+      return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     default:
       throw new Error(`reference: unknown model_type ${cfg.model_type}`);
   }
@@ -108,12 +150,12 @@ export function hfMoEReference(cfg, w, x) {
       logits[e] = a;
     }
     let chosen, weights;
-    if (cfg.model_type === 'deepseek_v3') {
+    if (isDeepSeekLike(cfg)) {
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
       for (const v of c) minChoice = Math.min(minChoice, v);
-      const G = cfg.n_group ?? 8,
-        kg = cfg.topk_group ?? 4,
+      const G = field(cfg, 'n_group'),
+        kg = field(cfg, 'topk_group'),
         gs = E / G;
       const groupScore = new Float64Array(G);
       for (let g = 0; g < G; g++) {
@@ -128,11 +170,11 @@ export function hfMoEReference(cfg, w, x) {
       chosen = top.chosen;
       margin = Math.min(margin, c[chosen[k - 1]] - top.next);
       weights = chosen.map((e) => s[e]);
-      if (cfg.norm_topk_prob ?? true) {
+      if (field(cfg, 'norm_topk_prob')) {
         const z = weights.reduce((a, b) => a + b, 0) + 1e-20;
         weights = weights.map((v) => v / z);
       }
-      const rsf = cfg.routed_scaling_factor ?? 2.5;
+      const rsf = field(cfg, 'routed_scaling_factor');
       weights = weights.map((v) => v * rsf);
     } else {
       const mx = Math.max(...logits);
@@ -144,7 +186,7 @@ export function hfMoEReference(cfg, w, x) {
       chosen = top.chosen;
       margin = Math.min(margin, p[chosen[k - 1]] - top.next);
       weights = chosen.map((e) => p[e]);
-      const renorm = cfg.model_type === 'mixtral' ? true : (cfg.norm_topk_prob ?? false);
+      const renorm = cfg.model_type === 'mixtral' ? true : field(cfg, 'norm_topk_prob');
       if (renorm) {
         const z = weights.reduce((a, b) => a + b, 0);
         weights = weights.map((v) => v / z);
@@ -155,10 +197,10 @@ export function hfMoEReference(cfg, w, x) {
       const o = mlp(xr, w.experts[e], H, F);
       for (let h = 0; h < H; h++) yr[h] += weights[j] * o[h];
     });
-    if (Fs > 0 && cfg.model_type !== 'mixtral' && cfg.model_type !== 'qwen3_moe') {
+    if (Fs > 0) {
       const o = mlp(xr, w.shared, H, Fs);
       let scale = 1;
-      if (cfg.model_type === 'qwen2_moe') {
+      if (QWEN_DEFAULTS[cfg.model_type]?.gatedShared) {
         let a = 0;
         for (let j = 0; j < H; j++) a += w.sharedGate[j] * xr[j];
         scale = sigmoid(a);

@@ -9,10 +9,11 @@
  *                                                       ....J.w3.weight   [F,H]  up projection
  *                                                       ....J.w2.weight   [H,F]  down projection
  *   deepseek_v3  model.layers.L.mlp.gate.weight [E,H], model.layers.L.mlp.gate.e_score_correction_bias [E]
+ *   (kimi_k2, glm4_moe, dots1 as deepseek_v3)
  *   qwen2_moe    model.layers.L.mlp.experts.J.gate_proj|up_proj.weight [F,H], ...down_proj.weight [H,F]
  *   qwen3_moe    shared: deepseek_v3 model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight,
- *                qwen2_moe model.layers.L.mlp.shared_expert.{...}.weight and
- *                model.layers.L.mlp.shared_expert_gate.weight [1,H]
+ *   (qwen3_next, qwen2_moe model.layers.L.mlp.shared_expert.{...}.weight and
+ *   olmoe)       model.layers.L.mlp.shared_expert_gate.weight [1,H]
  *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
  * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
@@ -46,7 +47,7 @@ import { Tensor, tidy } from '../tensor.js';
 import { ownedExperts } from '../train/moe-state.js';
 import { checkPlainName, readJson, realFolder, resolveInside } from '../train/safe-files.js';
 import { SafetensorsFile, type TensorInfo } from '../train/safetensors.js';
-import { type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel } from './hf-config.js';
+import { type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel, isDeepSeekV3Block } from './hf-config.js';
 
 export const HF_CONFIG_FILE = 'config.json';
 export const HF_INDEX_FILE = 'model.safetensors.index.json';
@@ -86,7 +87,7 @@ export function hfMoENames(
   }
   const p = `model.layers.${layer}.mlp`;
   const proj = (x: HfProjection): string => `${x}_proj`;
-  const sharedPrefix = family === 'deepseek_v3' ? `${p}.shared_experts` : `${p}.shared_expert`;
+  const sharedPrefix = isDeepSeekV3Block(family) ? `${p}.shared_experts` : `${p}.shared_expert`;
   return {
     gate: `${p}.gate.weight`,
     bias: block.selectionBias ? `${p}.gate.e_score_correction_bias` : null,

@@ -18,6 +18,15 @@
  *                MoE layers: (layer + 1) % decoder_sparse_step == 0 and layer ∉ mlp_only_layers
  *   qwen3_moe    as qwen2_moe without the shared expert
  *
+ * The same blocks under other model_types (transformers' classes reuse them; the config classes'
+ * defaults differ, DEEPSEEK_V3_BLOCKS and QWEN_MOE_BLOCKS below):
+ *   kimi_k2      Kimi K2: DeepSeek-V3's architecture (published with DeepSeek's code; no defaults)
+ *   glm4_moe     GLM-4.5: DeepSeek-V3's router and block, without scoring_func/topk_method/moe_layer_freq
+ *   dots1        dots.llm1: DeepSeek-V3's router and block (Dots1MoE is DeepseekV3MoE)
+ *   qwen3_next   Qwen3-Next's MoE block: qwen2_moe's (shared expert and its gate); the model's other
+ *                layers (linear attention) are the caller's
+ *   olmoe        OLMoE: qwen3_moe's block, the expert width in intermediate_size, every layer MoE
+ *
  * Mapping onto the package (lib/moe/router.ts, lib/serve/inference.ts):
  *   softmax/sigmoid → scoreFunction; norm_topk_prob / Mixtral's renormalisation → normalize;
  *   routed_scaling_factor → routeScale; n_group/topk_group → groups/topkGroups (the package's group
@@ -32,8 +41,58 @@
 import { CheckpointError } from '../errors.js';
 import { type ScoreFunction } from '../moe/router.js';
 
-export const HF_MOE_FAMILIES = ['mixtral', 'deepseek_v3', 'qwen2_moe', 'qwen3_moe'] as const;
+export const HF_MOE_FAMILIES = [
+  'mixtral',
+  'deepseek_v3',
+  'kimi_k2',
+  'glm4_moe',
+  'dots1',
+  'qwen2_moe',
+  'qwen3_moe',
+  'qwen3_next',
+  'olmoe',
+] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
+
+/**
+ * The families whose MoE block is DeepSeek-V3's (transformers' Glm4Moe and Dots1 classes reuse its
+ * router and block; Kimi K2 is published as the DeepSeek-V3 architecture under its own model_type),
+ * with their config classes' defaults for the fields config.json may leave out. `undefined`: the
+ * field is required (Kimi K2 has no config class in transformers; dots1's counts default to None).
+ * `deepseekFields`: scoring_func, topk_method and moe_layer_freq are read (DeepSeek's own code).
+ */
+const DEEPSEEK_V3_BLOCKS = {
+  deepseek_v3: { nGroup: 8, topkGroup: 4, norm: true, scale: 2.5, firstDense: 3, shared: 1, deepseekFields: true },
+  kimi_k2: {
+    nGroup: undefined,
+    topkGroup: undefined,
+    norm: undefined,
+    scale: undefined,
+    firstDense: undefined,
+    shared: undefined,
+    deepseekFields: true,
+  },
+  glm4_moe: { nGroup: 1, topkGroup: 1, norm: true, scale: 1, firstDense: 1, shared: 1, deepseekFields: false },
+  dots1: { nGroup: 1, topkGroup: 1, norm: false, scale: 1, firstDense: 0, shared: undefined, deepseekFields: false },
+} as const;
+
+/**
+ * The families whose MoE block is Qwen2-MoE's or Qwen3-MoE's: softmax, top-k, optional
+ * renormalisation; with a shared expert, gated by sigmoid(x·shared_expert_gate). `width`: the
+ * field of one expert's width; `sparseLayers`: decoder_sparse_step and mlp_only_layers pick the
+ * MoE layers (else every layer is one); `norm`: norm_topk_prob's default.
+ */
+const QWEN_MOE_BLOCKS = {
+  qwen2_moe: { width: 'moe_intermediate_size', shared: true, norm: false, sparseLayers: true },
+  qwen3_moe: { width: 'moe_intermediate_size', shared: false, norm: false, sparseLayers: true },
+  qwen3_next: { width: 'moe_intermediate_size', shared: true, norm: true, sparseLayers: true },
+  olmoe: { width: 'intermediate_size', shared: false, norm: false, sparseLayers: false },
+} as const;
+
+/** Whether a family's MoE block is DeepSeek-V3's (its tensor names: gate bias, shared_experts). */
+export function isDeepSeekV3Block(family: HfMoEFamily): family is keyof typeof DEEPSEEK_V3_BLOCKS {
+  return Object.hasOwn(DEEPSEEK_V3_BLOCKS, family);
+}
 
 /** One family's MoE block in the package's terms (the inference layer's config fields). */
 export interface HfMoEBlock {
@@ -87,14 +146,20 @@ class Fields {
       this.fail(`'${f}' must be an integer >= ${min}; found ${JSON.stringify(v)}`);
     return v;
   }
-  num(f: string, dflt: number): number {
-    if (!this.has(f)) return dflt;
+  num(f: string, dflt: number | undefined): number {
+    if (!this.has(f)) {
+      if (dflt === undefined) this.fail(`'${f}' is missing (the ${this.family()} MoE block needs it)`);
+      return dflt;
+    }
     const v = this.c[f];
     if (typeof v !== 'number' || !Number.isFinite(v)) this.fail(`'${f}' must be a finite number; found ${JSON.stringify(v)}`);
     return v;
   }
-  bool(f: string, dflt: boolean): boolean {
-    if (!this.has(f)) return dflt;
+  bool(f: string, dflt: boolean | undefined): boolean {
+    if (!this.has(f)) {
+      if (dflt === undefined) this.fail(`'${f}' is missing (the ${this.family()} MoE block needs it)`);
+      return dflt;
+    }
     const v = this.c[f];
     if (typeof v !== 'boolean') this.fail(`'${f}' must be true or false; found ${JSON.stringify(v)}`);
     return v;
@@ -162,19 +227,22 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       sharedGate: false,
     };
     isMoE = () => true;
-  } else if (family === 'deepseek_v3') {
-    const scoring = c.str('scoring_func', 'sigmoid');
-    if (scoring !== 'sigmoid')
-      c.fail(
-        `'scoring_func' ${JSON.stringify(scoring)}: DeepSeek-V3 routing is 'sigmoid' (DeepSeek-V2's softmax with group maxima is not supported)`,
-      );
-    const method = c.str('topk_method', 'noaux_tc');
-    if (method !== 'noaux_tc')
-      c.fail(`'topk_method' ${JSON.stringify(method)}: only DeepSeek-V3's 'noaux_tc' (bias-corrected, top-2 group scores) is supported`);
+  } else if (isDeepSeekV3Block(family)) {
+    const d = DEEPSEEK_V3_BLOCKS[family];
+    if (d.deepseekFields) {
+      const scoring = c.str('scoring_func', 'sigmoid');
+      if (scoring !== 'sigmoid')
+        c.fail(
+          `'scoring_func' ${JSON.stringify(scoring)}: DeepSeek-V3 routing is 'sigmoid' (DeepSeek-V2's softmax with group maxima is not supported)`,
+        );
+      const method = c.str('topk_method', 'noaux_tc');
+      if (method !== 'noaux_tc')
+        c.fail(`'topk_method' ${JSON.stringify(method)}: only DeepSeek-V3's 'noaux_tc' (bias-corrected, top-2 group scores) is supported`);
+    }
     const E = c.int('n_routed_experts');
     const k = c.int('num_experts_per_tok');
-    const nGroup = c.int('n_group', 8); // DeepseekV3Config defaults
-    const topkGroup = c.int('topk_group', 4);
+    const nGroup = c.int('n_group', d.nGroup);
+    const topkGroup = c.int('topk_group', d.topkGroup);
     if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'n_routed_experts' = ${E}`);
     if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
     if (nGroup > 1 && topkGroup < nGroup && k !== 2 * topkGroup) {
@@ -186,7 +254,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
       c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
     const F = c.int('moe_intermediate_size');
-    const shared = c.int('n_shared_experts', 1, 0);
+    const shared = c.int('n_shared_experts', d.shared, 0);
     // All groups kept (topk_group = n_group, or one group) is plain top-k.
     const groups = topkGroup === nGroup ? 1 : nGroup;
     if (!Number.isSafeInteger(F * shared))
@@ -200,33 +268,33 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       scoreFunction: 'sigmoid',
       groups,
       topkGroups: groups === 1 ? 1 : topkGroup,
-      normalize: c.bool('norm_topk_prob', true),
-      routeScale: c.num('routed_scaling_factor', 2.5),
+      normalize: c.bool('norm_topk_prob', d.norm),
+      routeScale: c.num('routed_scaling_factor', d.scale),
       selectionBias: true,
       sharedFfn: F * shared,
       sharedGate: false,
     };
-    const firstDense = c.int('first_k_dense_replace', 3, 0);
+    const firstDense = c.int('first_k_dense_replace', d.firstDense, 0);
     // DeepSeek's own modeling code (modeling_deepseek.py) reads moe_layer_freq; transformers' port
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
-    const freq = c.int('moe_layer_freq', 1);
+    const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
     isMoE = (l) => l >= firstDense && l % freq === 0;
   } else {
+    const q = QWEN_MOE_BLOCKS[family];
     const E = c.int('num_experts');
-    const sparseStep = c.int('decoder_sparse_step', 1);
-    const mlpOnly = new Set(c.intList('mlp_only_layers'));
-    const qwen2 = family === 'qwen2_moe';
-    const sharedFfn = qwen2 ? c.int('shared_expert_intermediate_size', undefined, 0) : 0;
+    const sparseStep = q.sparseLayers ? c.int('decoder_sparse_step', 1) : 1;
+    const mlpOnly = new Set(q.sparseLayers ? c.intList('mlp_only_layers') : []);
+    const sharedFfn = q.shared ? c.int('shared_expert_intermediate_size', undefined, 0) : 0;
     block = {
       family,
       hidden,
-      ffn: c.int('moe_intermediate_size'),
+      ffn: c.int(q.width),
       numExperts: E,
       topK: c.int('num_experts_per_tok'),
       scoreFunction: 'softmax',
       groups: 1,
       topkGroups: 1,
-      normalize: c.bool('norm_topk_prob', false),
+      normalize: c.bool('norm_topk_prob', q.norm),
       routeScale: 1,
       selectionBias: false,
       sharedFfn,

@@ -5,7 +5,7 @@
 // experts' weights (rebuilt in memory from the seed). Dropless, and with fixed capacity segments
 // (capacityFactor = E/k: C = T, nothing can be dropped), f32 on the CPU.
 import { HfMoECheckpoint, init, MoEInference, Tensor, tidy } from '../../dist/lib/index.js';
-import { buildHfCheckpoint, encode, normals, testConfigs } from '../hf-fixtures.mjs';
+import { blockNames, buildHfCheckpoint, encode, normals, testConfigs } from '../hf-fixtures.mjs';
 import { hfMoEReference, moeSizes } from '../hf-moe-reference.mjs';
 import { check, relErr } from './common.mjs';
 
@@ -17,7 +17,7 @@ const cfg = testConfigs[family];
 check(cfg !== undefined, `unknown family ${family}`);
 const seed = Number(seedArg);
 const { layers } = buildHfCheckpoint(null, cfg, { write: false, seed, dtype });
-const { H, E, k } = moeSizes(cfg);
+const { H, E, k, Fs } = moeSizes(cfg);
 
 for (const capacityFactor of [undefined, E / k]) {
   const ckpt = HfMoECheckpoint.open(dir);
@@ -48,11 +48,8 @@ for (const capacityFactor of [undefined, E / k]) {
     inf.dispose();
   }
   // Only this rank's experts were read: E/P per MoE layer, three matrices each, besides the replicated tensors.
-  const perLayer =
-    1 +
-    (cfg.model_type === 'deepseek_v3' ? 1 : 0) +
-    (cfg.model_type === 'deepseek_v3' || cfg.model_type === 'qwen2_moe' ? 3 : 0) +
-    (cfg.model_type === 'qwen2_moe' ? 1 : 0);
+  const names = blockNames(cfg, [...layers.keys()][0]);
+  const perLayer = 1 + (names.bias ? 1 : 0) + (names.shared && Fs > 0 ? 3 : 0) + (names.sharedGate ? 1 : 0);
   check(
     ckpt.stats.tensorsRead === layers.size * (perLayer + 3 * (E / P)),
     `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${layers.size * (perLayer + 3 * (E / P))}`,
