@@ -207,6 +207,7 @@ export {
   HF_FP8_SCALE_SUFFIX,
   HF_INDEX_FILE,
   HF_SINGLE_FILE,
+  type HfLayerInspection,
   HfMoECheckpoint,
   type HfMoENames,
   hfMoENames,

@@ -50,6 +50,8 @@ describe('moe-ep info', () => {
       [['ckpt', '--help'], /^usage: moe-ep ckpt <command>/],
       [['ckpt', 'inspect', '--help'], /^usage: moe-ep ckpt inspect <dir>[\s\S]*--no-verify +skip reading/],
       [['ckpt', 'reshard', '--help'], /^usage: moe-ep ckpt reshard <dir>[\s\S]*--ep N +the new expert-parallel size/],
+      [['hf', '--help'], /^usage: moe-ep hf inspect <dir>/],
+      [['hf', 'inspect', '--help'], /^usage: moe-ep hf inspect <dir> \[--json\] \[--ranks P\][\s\S]*--ranks P +the expert weights/],
     ];
     for (const [args, pattern] of helps) {
       const r = run(args);
@@ -84,6 +86,10 @@ describe('moe-ep info', () => {
       ['train', '--steps'],
       ['train', '--config'],
       ['info', 'extra'],
+      ['hf'],
+      ['hf', 'inspect'],
+      ['hf', 'inspect', '/a', '/b'],
+      ['hf', 'inspect', '/a', '--ranks'],
     ]) {
       const r = run(args);
       expect(r.status, args.join(' ')).toBe(2);

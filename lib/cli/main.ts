@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { packageRoot } from '../native.js';
 import { helpTable } from '../train/config.js';
 import { runCkpt } from './ckpt.js';
+import { runHf } from './hf.js';
 import { UsageError } from './flags.js';
 import { runInfo } from './info.js';
 import { runTrain } from './train.js';
@@ -15,6 +16,7 @@ const commands: [string, string][] = [
   ['info [--json]', 'package, addon, GPUs, CUDA, NCCL and MPI as this machine sees them'],
   ['ckpt inspect <dir>', "a checkpoint's tensors, expert-parallel layout and per-file checksum status"],
   ['ckpt reshard <dir>', "rewrite a checkpoint's expert shards for another expert-parallel size (offline)"],
+  ['hf inspect <dir>', 'a Hugging Face MoE checkpoint as the serving loader reads it, checked from its headers'],
   ['--version', 'the version of moe-ep'],
   ['--help', 'this help; `moe-ep <command> --help` for each command'],
 ];
@@ -40,6 +42,8 @@ async function main(argv: string[]): Promise<number> {
       return runInfo(rest);
     case 'ckpt':
       return runCkpt(rest);
+    case 'hf':
+      return runHf(rest);
     case '-v':
     case '--version':
     case 'version':

@@ -126,6 +126,17 @@ export interface HfReadOptions {
   device?: DeviceLike;
 }
 
+/** HfMoECheckpoint.inspectLayer's answer. */
+export interface HfLayerInspection {
+  layer: number;
+  /** Tensors found as the config needs them, and their data bytes; of those, the routed experts' bytes. */
+  tensors: number;
+  bytes: number;
+  expertBytes: number;
+  /** What readLayer would refuse, one message per tensor (empty: the layer loads). */
+  problems: string[];
+}
+
 export interface HfOpenOptions {
   /** Use this object instead of the folder's config.json. */
   config?: Record<string, unknown>;
@@ -442,6 +453,48 @@ export class HfMoECheckpoint implements Disposable {
       for (const t of made) t.dispose();
       throw e;
     }
+  }
+
+  /**
+   * Checks, from the files' headers alone (no weight bytes read), every tensor that readLayer(layer)
+   * would read for any rank: present where the weight map says, a readable dtype, the config's shape,
+   * FP8 weights with block scales of the right shape. Returns the tensors' count and data bytes (FP8
+   * scales included), and each problem found as the message readLayer would throw.
+   */
+  inspectLayer(layer: number): HfLayerInspection {
+    const names = this.names(layer);
+    const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = this.block;
+    // [name, shape, a routed expert's]
+    const wanted: [string, number[], boolean][] = [[names.gate, [E, H], false]];
+    if (names.bias !== null) wanted.push([names.bias, [E], false]);
+    for (let j = 0; j < E; j++)
+      wanted.push([names.expert(j, 'gate'), [F, H], true], [names.expert(j, 'up'), [F, H], true], [names.expert(j, 'down'), [H, F], true]);
+    if (names.shared !== null)
+      wanted.push([names.shared('gate'), [Fs, H], false], [names.shared('up'), [Fs, H], false], [names.shared('down'), [H, Fs], false]);
+    if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false]);
+    const result: HfLayerInspection = { layer, tensors: 0, bytes: 0, expertBytes: 0, problems: [] };
+    const check = (name: string, shape: readonly number[], expert: boolean): TensorInfo | null => {
+      try {
+        const { info } = this.locate(name, shape);
+        result.tensors++;
+        result.bytes += info.byteLength;
+        if (expert) result.expertBytes += info.byteLength;
+        return info;
+      } catch (e) {
+        if (!(e instanceof CheckpointError)) throw e;
+        result.problems.push(e.message);
+        return null;
+      }
+    };
+    for (const [name, shape, expert] of wanted) {
+      const info = check(name, shape, expert);
+      if (info?.dtype !== 'fp8e4m3') continue;
+      const [R, C] = shape as [number, number];
+      if (C % FP8_WEIGHT_BLOCK !== 0)
+        result.problems.push(`hf checkpoint ${this.dir}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
+      else check(name + HF_FP8_SCALE_SUFFIX, [Math.ceil(R / FP8_WEIGHT_BLOCK), C / FP8_WEIGHT_BLOCK], expert);
+    }
+    return result;
   }
 
   /** The file names this checkpoint's weight map refers to. */

@@ -1,0 +1,89 @@
+// `moe-ep hf inspect`: a Hugging Face MoE checkpoint checked from its headers, as the serving loader
+// reads it: the block in the package's terms, the MoE layers, each rank's share; a tensor missing,
+// of the wrong shape, or FP8 without usable scales is named with its layer and the exit status is 1.
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, describe, expect, it } from 'vitest';
+
+import { packageRoot } from '../lib/native.js';
+import { buildHfCheckpoint, testConfigs } from './hf-fixtures.mjs';
+
+const root = fs.mkdtempSync(join(tmpdir(), 'moe-hf-cli-'));
+afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
+const cli = join(packageRoot(), 'dist', 'lib', 'cli', 'main.js');
+const run = (...args: string[]) => spawnSync(process.execPath, [cli, 'hf', ...args], { encoding: 'utf8', timeout: 60_000 });
+
+describe('moe-ep hf inspect', () => {
+  it('a whole checkpoint: the block, the MoE layers, each rank’s experts; exit 0; --json the same facts', () => {
+    const dir = join(root, 'v3');
+    buildHfCheckpoint(dir, testConfigs.deepseek_v3, { dtype: 'bf16', shards: 3, seed: 1 });
+    const r = run('inspect', dir, '--ranks', '4');
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain(`hf checkpoint ${dir}: deepseek_v3, 3 layers, 2 with an MoE block (1, 2)`);
+    expect(r.stdout).toContain(
+      'block: hidden 16, 16 experts of width 8; sigmoid, selection bias, 4 groups keep 2, top-4, weights renormalised, × 2.5; shared expert of width 16',
+    );
+    // 16 experts × 3 bf16 matrices of 8·16 values = 12 KiB a layer; a quarter per rank.
+    expect(r.stdout).toContain('per MoE layer and rank at 4 ranks: 4 experts, 3.00 KiB as stored');
+    expect(r.stdout).toMatch(/ok: every MoE layer loads\n$/);
+    const j = run('inspect', dir, '--json');
+    expect(j.status).toBe(0);
+    const d = JSON.parse(j.stdout) as {
+      ok: boolean;
+      moeLayers: number[];
+      layers: { tensors: number; expertBytes: number; problems: string[] }[];
+      stats: { tensorBytes: number };
+    };
+    expect(d.ok).toBe(true);
+    expect(d.moeLayers).toEqual([1, 2]);
+    // gate, bias, 48 expert matrices, 3 shared: 53 a layer; only headers were read.
+    expect(d.layers.map((l) => [l.tensors, l.expertBytes, l.problems.length])).toEqual([
+      [53, 12288, 0],
+      [53, 12288, 0],
+    ]);
+    expect(d.stats.tensorBytes).toBe(0);
+  });
+
+  it('names what would not load: a tensor missing from the index, one of the wrong shape, FP8 weights too narrow for 128-blocks', () => {
+    const dir = join(root, 'broken');
+    const built = buildHfCheckpoint(dir, testConfigs.qwen3_next, { dtype: 'bf16', shards: 2, seed: 2 });
+    const indexPath = join(dir, 'model.safetensors.index.json');
+    const index = JSON.parse(fs.readFileSync(indexPath, 'utf8')) as { weight_map: Record<string, string> };
+    delete index.weight_map['model.layers.1.mlp.experts.5.up_proj.weight'];
+    fs.writeFileSync(indexPath, JSON.stringify(index));
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...built.cfg, moe_intermediate_size: 6 }));
+    const r = run('inspect', dir);
+    expect(r.status).toBe(1);
+    expect(r.stdout).toMatch(
+      /layer 0: .*tensor 'model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight' is \[4,16\] but the qwen3_next config \(config\.json\) needs \[6,16\]/,
+    );
+    expect(r.stdout).toMatch(/… and \d+ more problems \(--json lists them all\)/);
+    expect(r.stdout).toMatch(/FAILED: 2 of 2 MoE layers would not load\n$/);
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(built.cfg));
+    const missing = run('inspect', dir);
+    expect(missing.status).toBe(1);
+    expect(missing.stdout).toContain("layer 1: tensor 'model.layers.1.mlp.experts.5.up_proj.weight' is not in the checkpoint");
+    expect(missing.stdout).toContain('FAILED: 1 of 2 MoE layers would not load');
+    const fp8 = join(root, 'fp8');
+    buildHfCheckpoint(fp8, testConfigs.glm4_moe, { dtype: 'bf16', shards: 0, seed: 3, fp8: true });
+    const f = run('inspect', fp8);
+    expect(f.status).toBe(1);
+    expect(f.stdout).toContain("FP8 tensor 'model.layers.1.mlp.experts.0.gate_proj.weight' has 16 columns, not a multiple of 128");
+  });
+
+  it('usage errors exit 2, bad values 1, each said', () => {
+    const dir = join(root, 'v3');
+    expect(run().status).toBe(2);
+    expect(run('inspect').stderr).toMatch(/hf inspect needs the checkpoint folder/);
+    expect(run('inspect', dir, '--jsn').stderr).toMatch(/unknown option --jsn \(did you mean --json\?\)/);
+    expect(run('check', dir).stderr).toMatch(/unknown hf command 'check'/);
+    const r = run('inspect', dir, '--ranks', '3');
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/--ranks 3 does not divide the 16 experts/);
+    expect(run('inspect', join(root, 'nothing')).stderr).toMatch(/no such folder/);
+    expect(run('inspect', '--help').stdout).toMatch(/^usage: moe-ep hf inspect <dir> \[--json\] \[--ranks P\]/);
+  });
+});
