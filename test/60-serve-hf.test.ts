@@ -140,6 +140,27 @@ describe('config.json → the package (hfMoEModel)', () => {
       sharedGate: false,
     });
     expect(hfMoEModel({ ...testConfigs.olmoe, decoder_sparse_step: 2 }).moeLayers).toEqual([0, 1]); // not read: every layer
+    // Ernie 4.5: softmax with a selection bias, always renormalised, ungated shared experts of
+    // moe_intermediate_size · moe_num_shared_experts; MoE from layer 1 (the default start) to the last.
+    expect(hfMoEModel(testConfigs.ernie4_5_moe).block).toMatchObject({
+      scoreFunction: 'softmax',
+      selectionBias: true,
+      normalize: true,
+      numExperts: 8,
+      topK: 3,
+      sharedFfn: 12,
+      sharedGate: false,
+    });
+    expect(hfMoEModel(testConfigs.ernie4_5_moe).moeLayers).toEqual([1, 2]);
+    expect(
+      hfMoEModel({
+        ...testConfigs.ernie4_5_moe,
+        num_hidden_layers: 8,
+        moe_layer_start_index: 2,
+        moe_layer_end_index: 6,
+        moe_layer_interval: 2,
+      }).moeLayers,
+    ).toEqual([3, 5]);
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -175,7 +196,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -198,6 +219,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.kimi_k2, norm_topk_prob: undefined }, /'norm_topk_prob' is missing/);
     bad({ ...testConfigs.dots1, n_shared_experts: undefined }, /'n_shared_experts' is missing \(the dots1 MoE block needs it\)/);
     bad({ ...testConfigs.olmoe, intermediate_size: undefined }, /'intermediate_size' is missing \(the olmoe MoE block needs it\)/);
+    bad({ ...testConfigs.ernie4_5_moe, use_bias: true }, /'use_bias' true: the package's experts have no bias terms/);
     bad({ ...testConfigs.qwen3_next, shared_expert_intermediate_size: undefined }, /'shared_expert_intermediate_size' is missing/);
     bad([], /must be a JSON object/);
   });

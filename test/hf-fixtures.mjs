@@ -202,12 +202,13 @@ export function blockNames(cfg, layer) {
   }
   const p = `model.layers.${layer}.mlp`;
   const ds = ['deepseek_v3', 'kimi_k2', 'glm4_moe', 'dots1'].includes(cfg.model_type);
+  const ernie = cfg.model_type === 'ernie4_5_moe';
   const qwen2 = cfg.model_type === 'qwen2_moe' || cfg.model_type === 'qwen3_next';
   return {
     gate: `${p}.gate.weight`,
-    bias: ds ? `${p}.gate.e_score_correction_bias` : null,
+    bias: ds ? `${p}.gate.e_score_correction_bias` : ernie ? `${p}.moe_statics.e_score_correction_bias` : null,
     expert: (j, x) => `${p}.experts.${j}.${x}_proj.weight`,
-    shared: ds ? (x) => `${p}.shared_experts.${x}_proj.weight` : qwen2 ? (x) => `${p}.shared_expert.${x}_proj.weight` : null,
+    shared: ds || ernie ? (x) => `${p}.shared_experts.${x}_proj.weight` : qwen2 ? (x) => `${p}.shared_expert.${x}_proj.weight` : null,
     sharedGate: qwen2 ? `${p}.shared_expert_gate.weight` : null,
   };
 }
@@ -250,7 +251,8 @@ export function buildHfCheckpoint(
     const w = { gate: add(n.gate, [E, H], rand(E * H, 1 / Math.sqrt(H))), bias: null, experts: [], shared: null, sharedGate: null };
     if (n.bias) {
       const b = rand(E).map((v) => biasScale * Math.tanh(v));
-      w.bias = add(n.bias, [E], b, biasDtype);
+      // Ernie 4.5 stores its bias as [1,E] (one group of experts).
+      w.bias = add(n.bias, cfg.model_type === 'ernie4_5_moe' ? [1, E] : [E], b, biasDtype);
     }
     // With fp8, the expert matrices are stored as DeepSeek-V3 publishes them (the gate stays as it is).
     const weight = (name, R, C, std) => {
@@ -416,6 +418,18 @@ export const testConfigs = {
     num_experts_per_tok: 4,
     shared_expert_intermediate_size: 8,
     num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Ernie 4.5: softmax with a selection bias, always renormalised, two ungated shared experts;
+  // MoE from moe_layer_start_index 1 (left out) to the last layer.
+  ernie4_5_moe: {
+    model_type: 'ernie4_5_moe',
+    hidden_size: 16,
+    moe_intermediate_size: 6,
+    moe_num_experts: 8,
+    moe_k: 3,
+    moe_num_shared_experts: 2,
+    num_hidden_layers: 3,
     hidden_act: 'silu',
   },
   // OLMoE: the experts' width in intermediate_size, every layer MoE, norm_topk_prob left out (false).

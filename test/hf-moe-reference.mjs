@@ -68,7 +68,11 @@ export function moeLayersOf(cfg) {
   for (let l = 0; l < cfg.num_hidden_layers; l++) {
     let moe;
     if (cfg.model_type === 'mixtral' || cfg.model_type === 'olmoe') moe = true;
-    else if (isDeepSeekLike(cfg)) {
+    else if (cfg.model_type === 'ernie4_5_moe') {
+      // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
+      const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
+      moe = (l + 1) % (cfg.moe_layer_interval ?? 1) === 0 && l >= (cfg.moe_layer_start_index ?? 1) && l <= end;
+    } else if (isDeepSeekLike(cfg)) {
       // Only DeepSeek's own code (deepseek_v3, kimi_k2) reads moe_layer_freq.
       const freq = cfg.model_type === 'deepseek_v3' || cfg.model_type === 'kimi_k2' ? (cfg.moe_layer_freq ?? 1) : 1;
       moe = l >= field(cfg, 'first_k_dense_replace') && l % freq === 0;
@@ -102,6 +106,14 @@ export function moeSizes(cfg) {
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'olmoe':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'ernie4_5_moe':
+      return {
+        H,
+        F: cfg.moe_intermediate_size,
+        E: cfg.moe_num_experts,
+        k: cfg.moe_k,
+        Fs: cfg.moe_intermediate_size * (cfg.moe_num_shared_experts ?? 2),
+      };
     default:
       throw new Error(`reference: unknown model_type ${cfg.model_type}`);
   }
@@ -181,15 +193,19 @@ export function hfMoEReference(cfg, w, x) {
       const ex = logits.map((v) => Math.exp(v - mx));
       const sum = ex.reduce((a, b) => a + b, 0);
       const p = ex.map((v) => v / sum);
+      // Ernie 4.5 chooses by p + bias and divides by max(Σ p_top, moe_norm_min); the others by p alone.
+      const ernie = cfg.model_type === 'ernie4_5_moe';
+      const c = ernie && w.bias ? p.map((v, e) => v + w.bias[e]) : p;
+      // minChoice matters where dropped groups are filled (DeepSeek-V3's path): here it is p's.
       for (const v of p) minChoice = Math.min(minChoice, v);
-      const top = topN(p, k);
+      const top = topN(c, k);
       chosen = top.chosen;
-      margin = Math.min(margin, p[chosen[k - 1]] - top.next);
+      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
       weights = chosen.map((e) => p[e]);
-      const renorm = cfg.model_type === 'mixtral' ? true : field(cfg, 'norm_topk_prob');
+      const renorm = cfg.model_type === 'mixtral' || ernie ? true : field(cfg, 'norm_topk_prob');
       if (renorm) {
         const z = weights.reduce((a, b) => a + b, 0);
-        weights = weights.map((v) => v / z);
+        weights = weights.map((v) => v / (ernie ? Math.max(z, cfg.moe_norm_min ?? 1e-12) : z));
       }
     }
     const yr = y.subarray(t * H, (t + 1) * H);

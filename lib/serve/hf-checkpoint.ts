@@ -14,6 +14,7 @@
  *   qwen3_moe    shared: deepseek_v3 model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight,
  *   (qwen3_next, qwen2_moe model.layers.L.mlp.shared_expert.{...}.weight and
  *   olmoe)       model.layers.L.mlp.shared_expert_gate.weight [1,H]
+ *   ernie4_5_moe as deepseek_v3 but the bias: model.layers.L.mlp.moe_statics.e_score_correction_bias [1,E]
  *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
  * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
@@ -69,6 +70,8 @@ export type HfProjection = 'gate' | 'up' | 'down';
 export interface HfMoENames {
   gate: string;
   bias: string | null;
+  /** The bias tensor's shape in the files for E experts: [E], or Ernie 4.5's [1,E]. */
+  biasShape(E: number): number[];
   expert(j: number, w: HfProjection): string;
   shared: ((w: HfProjection) => string) | null;
   sharedGate: string | null;
@@ -83,14 +86,23 @@ export function hfMoENames(
   if (family === 'mixtral') {
     const p = `model.layers.${layer}.block_sparse_moe`;
     const w = { gate: 'w1', up: 'w3', down: 'w2' } as const;
-    return { gate: `${p}.gate.weight`, bias: null, expert: (j, x) => `${p}.experts.${j}.${w[x]}.weight`, shared: null, sharedGate: null };
+    return {
+      gate: `${p}.gate.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: (j, x) => `${p}.experts.${j}.${w[x]}.weight`,
+      shared: null,
+      sharedGate: null,
+    };
   }
   const p = `model.layers.${layer}.mlp`;
   const proj = (x: HfProjection): string => `${x}_proj`;
-  const sharedPrefix = isDeepSeekV3Block(family) ? `${p}.shared_experts` : `${p}.shared_expert`;
+  const ernie = family === 'ernie4_5_moe';
+  const sharedPrefix = isDeepSeekV3Block(family) || ernie ? `${p}.shared_experts` : `${p}.shared_expert`;
   return {
     gate: `${p}.gate.weight`,
-    bias: block.selectionBias ? `${p}.gate.e_score_correction_bias` : null,
+    bias: block.selectionBias ? (ernie ? `${p}.moe_statics.e_score_correction_bias` : `${p}.gate.e_score_correction_bias`) : null,
+    biasShape: (E) => (ernie ? [1, E] : [E]),
     expert: (j, x) => `${p}.experts.${j}.${proj(x)}.weight`,
     shared: block.sharedFfn > 0 ? (x) => `${sharedPrefix}.${proj(x)}.weight` : null,
     sharedGate: block.sharedGate ? `${p}.shared_expert_gate.weight` : null,
@@ -400,7 +412,7 @@ export class HfMoECheckpoint implements Disposable {
       let bias: Tensor | null = null;
       if (names.bias !== null) {
         const b = alloc([E], 'f32');
-        this.read(names.bias, [E], (src) => b.copy_(src));
+        this.read(names.bias, names.biasShape(E), (src) => b.copy_(src.view(E)));
         bias = b;
       }
       const w13 = alloc([El, H, 2 * F]);
@@ -466,7 +478,7 @@ export class HfMoECheckpoint implements Disposable {
     const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = this.block;
     // [name, shape, a routed expert's]
     const wanted: [string, number[], boolean][] = [[names.gate, [E, H], false]];
-    if (names.bias !== null) wanted.push([names.bias, [E], false]);
+    if (names.bias !== null) wanted.push([names.bias, names.biasShape(E), false]);
     for (let j = 0; j < E; j++)
       wanted.push([names.expert(j, 'gate'), [F, H], true], [names.expert(j, 'up'), [F, H], true], [names.expert(j, 'down'), [H, F], true]);
     if (names.shared !== null)

@@ -26,6 +26,12 @@
  *   qwen3_next   Qwen3-Next's MoE block: qwen2_moe's (shared expert and its gate); the model's other
  *                layers (linear attention) are the caller's
  *   olmoe        OLMoE: qwen3_moe's block, the expert width in intermediate_size, every layer MoE
+ *   ernie4_5_moe p = softmax(x·Wgᵀ) (in fp32); b = moe_statics.e_score_correction_bias [1,E]
+ *                (selection only: top-k of p + b); weights = p_top / max(Σ p_top, moe_norm_min);
+ *                y = Σ_j weights_j · E_j(x) + S(x), S the shared experts (width
+ *                moe_intermediate_size · moe_num_shared_experts), added ungated
+ *                MoE layers: (layer + 1) % moe_layer_interval == 0 and moe_layer_start_index ≤ layer
+ *                ≤ moe_layer_end_index (-1: the last); use_bias (biases in the experts) is refused
  *
  * Mapping onto the package (lib/moe/router.ts, lib/serve/inference.ts):
  *   softmax/sigmoid → scoreFunction; norm_topk_prob / Mixtral's renormalisation → normalize;
@@ -51,6 +57,7 @@ export const HF_MOE_FAMILIES = [
   'qwen3_moe',
   'qwen3_next',
   'olmoe',
+  'ernie4_5_moe',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -279,6 +286,34 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
     isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'ernie4_5_moe') {
+    if (c.bool('use_bias', false)) c.fail(`'use_bias' true: the package's experts have no bias terms`);
+    const F = c.int('moe_intermediate_size');
+    const shared = c.int('moe_num_shared_experts', 2, 0);
+    if (!Number.isSafeInteger(F * shared))
+      c.fail(`'moe_intermediate_size' × 'moe_num_shared_experts' = ${F} × ${shared} is beyond the integers a size can hold`);
+    // Ernie divides by max(Σ p_top, moe_norm_min = 1e-12): the sum of k softmax probabilities is
+    // below that only for logits some 27 apart, where the package's plain sum differs.
+    block = {
+      family,
+      hidden,
+      ffn: F,
+      numExperts: c.int('moe_num_experts'),
+      topK: c.int('moe_k'),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: true,
+      routeScale: 1,
+      selectionBias: true,
+      sharedFfn: F * shared,
+      sharedGate: false,
+    };
+    const interval = c.int('moe_layer_interval', 1);
+    const start = c.int('moe_layer_start_index', 1, 0);
+    const endField = c.has('moe_layer_end_index') ? c.int('moe_layer_end_index', undefined, -1) : -1;
+    const end = endField === -1 ? numLayers - 1 : endField;
+    isMoE = (l) => (l + 1) % interval === 0 && l >= start && l <= end;
   } else {
     const q = QWEN_MOE_BLOCKS[family];
     const E = c.int('num_experts');
