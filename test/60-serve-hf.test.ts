@@ -161,6 +161,19 @@ describe('config.json → the package (hfMoEModel)', () => {
         moe_layer_interval: 2,
       }).moeLayers,
     ).toEqual([3, 5]);
+    // MiniMax-M2: Mixtral's layout, DeepSeek-V3's sigmoid and selection bias, renormalised, every layer.
+    expect(hfMoEModel(testConfigs.minimax_m2).block).toMatchObject({
+      scoreFunction: 'sigmoid',
+      selectionBias: true,
+      normalize: true,
+      routeScale: 1,
+      groups: 1,
+      ffn: 8,
+      numExperts: 8,
+      topK: 3,
+      sharedFfn: 0,
+    });
+    expect(hfMoEModel(testConfigs.minimax_m2).moeLayers).toEqual([0, 1]);
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -196,7 +209,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -220,6 +233,10 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.dots1, n_shared_experts: undefined }, /'n_shared_experts' is missing \(the dots1 MoE block needs it\)/);
     bad({ ...testConfigs.olmoe, intermediate_size: undefined }, /'intermediate_size' is missing \(the olmoe MoE block needs it\)/);
     bad({ ...testConfigs.ernie4_5_moe, use_bias: true }, /'use_bias' true: the package's experts have no bias terms/);
+    bad(
+      { ...testConfigs.minimax_m2, shared_intermediate_size: 64 },
+      /'shared_intermediate_size' > 0: MiniMax-M2's block \(transformers'\) has no shared expert/,
+    );
     bad({ ...testConfigs.qwen3_next, shared_expert_intermediate_size: undefined }, /'shared_expert_intermediate_size' is missing/);
     bad([], /must be a JSON object/);
   });

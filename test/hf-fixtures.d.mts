@@ -72,6 +72,16 @@ export function blockNames(
 };
 export function buildHfCheckpoint(dir: string, cfg: HfTestConfig, options?: BuildOptions): BuiltCheckpoint;
 export const testConfigs: Record<
-  'mixtral' | 'deepseek_v3' | 'qwen2_moe' | 'qwen3_moe' | 'kimi_k2' | 'glm4_moe' | 'dots1' | 'qwen3_next' | 'olmoe' | 'ernie4_5_moe',
+  | 'mixtral'
+  | 'deepseek_v3'
+  | 'qwen2_moe'
+  | 'qwen3_moe'
+  | 'kimi_k2'
+  | 'glm4_moe'
+  | 'dots1'
+  | 'qwen3_next'
+  | 'olmoe'
+  | 'ernie4_5_moe'
+  | 'minimax_m2',
   HfTestConfig
 >;

@@ -195,10 +195,11 @@ export function poisonTensors(dir, weightMap, names) {
 
 /** Tensor names of one MoE block in a family's layout (written independently of lib/serve). */
 export function blockNames(cfg, layer) {
-  if (cfg.model_type === 'mixtral') {
+  if (cfg.model_type === 'mixtral' || cfg.model_type === 'minimax_m2') {
     const p = `model.layers.${layer}.block_sparse_moe`;
     const m = { gate: 'w1', up: 'w3', down: 'w2' };
-    return { gate: `${p}.gate.weight`, bias: null, expert: (j, x) => `${p}.experts.${j}.${m[x]}.weight`, shared: null, sharedGate: null };
+    const bias = cfg.model_type === 'minimax_m2' ? `${p}.e_score_correction_bias` : null;
+    return { gate: `${p}.gate.weight`, bias, expert: (j, x) => `${p}.experts.${j}.${m[x]}.weight`, shared: null, sharedGate: null };
   }
   const p = `model.layers.${layer}.mlp`;
   const ds = ['deepseek_v3', 'kimi_k2', 'glm4_moe', 'dots1'].includes(cfg.model_type);
@@ -430,6 +431,16 @@ export const testConfigs = {
     moe_k: 3,
     moe_num_shared_experts: 2,
     num_hidden_layers: 3,
+    hidden_act: 'silu',
+  },
+  // MiniMax-M2: Mixtral's layout with a sigmoid router and a selection bias, always renormalised.
+  minimax_m2: {
+    model_type: 'minimax_m2',
+    hidden_size: 16,
+    intermediate_size: 8,
+    num_local_experts: 8,
+    num_experts_per_tok: 3,
+    num_hidden_layers: 2,
     hidden_act: 'silu',
   },
   // OLMoE: the experts' width in intermediate_size, every layer MoE, norm_topk_prob left out (false).

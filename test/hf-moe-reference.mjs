@@ -67,7 +67,7 @@ export function moeLayersOf(cfg) {
   const layers = [];
   for (let l = 0; l < cfg.num_hidden_layers; l++) {
     let moe;
-    if (cfg.model_type === 'mixtral' || cfg.model_type === 'olmoe') moe = true;
+    if (cfg.model_type === 'mixtral' || cfg.model_type === 'olmoe' || cfg.model_type === 'minimax_m2') moe = true;
     else if (cfg.model_type === 'ernie4_5_moe') {
       // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
       const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
@@ -87,6 +87,7 @@ export function moeSizes(cfg) {
   const H = cfg.hidden_size;
   switch (cfg.model_type) {
     case 'mixtral':
+    case 'minimax_m2':
       return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'deepseek_v3':
     case 'kimi_k2':
@@ -162,7 +163,17 @@ export function hfMoEReference(cfg, w, x) {
       logits[e] = a;
     }
     let chosen, weights;
-    if (isDeepSeekLike(cfg)) {
+    if (cfg.model_type === 'minimax_m2') {
+      // MiniMaxM2TopKRouter: sigmoid, top-k of s + bias, the chosen s divided by their sum.
+      const s = logits.map(sigmoid);
+      const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
+      for (const v of s) minChoice = Math.min(minChoice, v);
+      const top = topN(c, k);
+      chosen = top.chosen;
+      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
+      const z = chosen.reduce((a, e) => a + s[e], 0);
+      weights = chosen.map((e) => s[e] / z);
+    } else if (isDeepSeekLike(cfg)) {
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
       for (const v of c) minChoice = Math.min(minChoice, v);

@@ -15,6 +15,7 @@
  *   (qwen3_next, qwen2_moe model.layers.L.mlp.shared_expert.{...}.weight and
  *   olmoe)       model.layers.L.mlp.shared_expert_gate.weight [1,H]
  *   ernie4_5_moe as deepseek_v3 but the bias: model.layers.L.mlp.moe_statics.e_score_correction_bias [1,E]
+ *   minimax_m2   as mixtral, and model.layers.L.block_sparse_moe.e_score_correction_bias [E]
  *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
  * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
@@ -83,12 +84,12 @@ export function hfMoENames(
   layer: number,
   block: Pick<HfMoEBlock, 'selectionBias' | 'sharedFfn' | 'sharedGate'>,
 ): HfMoENames {
-  if (family === 'mixtral') {
+  if (family === 'mixtral' || family === 'minimax_m2') {
     const p = `model.layers.${layer}.block_sparse_moe`;
     const w = { gate: 'w1', up: 'w3', down: 'w2' } as const;
     return {
       gate: `${p}.gate.weight`,
-      bias: null,
+      bias: block.selectionBias ? `${p}.e_score_correction_bias` : null,
       biasShape: (E) => [E],
       expert: (j, x) => `${p}.experts.${j}.${w[x]}.weight`,
       shared: null,

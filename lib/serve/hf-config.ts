@@ -32,6 +32,9 @@
  *                moe_intermediate_size · moe_num_shared_experts), added ungated
  *                MoE layers: (layer + 1) % moe_layer_interval == 0 and moe_layer_start_index ≤ layer
  *                ≤ moe_layer_end_index (-1: the last); use_bias (biases in the experts) is refused
+ *   minimax_m2   MiniMax-M2: s = sigmoid(x·Wgᵀ); b = e_score_correction_bias (selection only);
+ *                top-k of s + b; weights = s_top / Σ s_top; y = Σ_j weights_j · E_j(x), Mixtral's
+ *                tensor names and expert width (intermediate_size); every layer is an MoE layer
  *
  * Mapping onto the package (lib/moe/router.ts, lib/serve/inference.ts):
  *   softmax/sigmoid → scoreFunction; norm_topk_prob / Mixtral's renormalisation → normalize;
@@ -58,6 +61,7 @@ export const HF_MOE_FAMILIES = [
   'qwen3_next',
   'olmoe',
   'ernie4_5_moe',
+  'minimax_m2',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -286,6 +290,26 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
     isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'minimax_m2') {
+    // transformers' MiniMaxM2SparseMoeBlock: Mixtral's block with DeepSeek-V3's sigmoid and bias, no shared expert.
+    if (c.int('shared_intermediate_size', 0, 0) > 0)
+      c.fail(`'shared_intermediate_size' > 0: MiniMax-M2's block (transformers') has no shared expert`);
+    block = {
+      family,
+      hidden,
+      ffn: c.int('intermediate_size'),
+      numExperts: c.int('num_local_experts'),
+      topK: c.int('num_experts_per_tok'),
+      scoreFunction: 'sigmoid',
+      groups: 1,
+      topkGroups: 1,
+      normalize: true,
+      routeScale: 1,
+      selectionBias: true,
+      sharedFfn: 0,
+      sharedGate: false,
+    };
+    isMoE = () => true;
   } else if (family === 'ernie4_5_moe') {
     if (c.bool('use_bias', false)) c.fail(`'use_bias' true: the package's experts have no bias terms`);
     const F = c.int('moe_intermediate_size');
