@@ -113,6 +113,13 @@ describe('config.json → the package (hfMoEModel)', () => {
       routeScale: 2.827,
       sharedFfn: 8,
     });
+    // Kimi K2 runs DeepSeek's own code: its config class's defaults (V3's), and no renormalisation of a lone weight.
+    expect(hfMoEModel({ ...testConfigs.kimi_k2, routed_scaling_factor: undefined, n_shared_experts: undefined }).block).toMatchObject({
+      routeScale: 2.5,
+      sharedFfn: 8,
+    });
+    expect(hfMoEModel({ ...testConfigs.kimi_k2, num_experts_per_tok: 1 }).block.normalize).toBe(false);
+    expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 1, topk_group: 1, num_experts_per_tok: 1 }).block.normalize).toBe(true);
     expect(hfMoEModel(testConfigs.glm4_moe).block).toMatchObject({
       scoreFunction: 'sigmoid',
       selectionBias: true,
@@ -224,12 +231,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.qwen2_moe, norm_topk_prob: 'yes' }, /'norm_topk_prob' must be true or false/);
     bad({ ...testConfigs.qwen2_moe, mlp_only_layers: 'all' }, /'mlp_only_layers' must be a list of layer indices/);
     bad({ ...testConfigs.qwen3_moe, num_experts_per_tok: 9 }, /'num_experts_per_tok' = 9 is more than the 8 experts/);
-    // Kimi K2 has no config class to default from: its published configs give every field.
-    bad(
-      { ...testConfigs.kimi_k2, routed_scaling_factor: undefined },
-      /'routed_scaling_factor' is missing \(the kimi_k2 MoE block needs it\)/,
-    );
-    bad({ ...testConfigs.kimi_k2, norm_topk_prob: undefined }, /'norm_topk_prob' is missing/);
+    bad({ ...testConfigs.olmoe, num_experts: 2 ** 20 }, /1048576 experts: more than the 65536 this loader takes/);
     bad({ ...testConfigs.dots1, n_shared_experts: undefined }, /'n_shared_experts' is missing \(the dots1 MoE block needs it\)/);
     bad({ ...testConfigs.olmoe, intermediate_size: undefined }, /'intermediate_size' is missing \(the olmoe MoE block needs it\)/);
     bad({ ...testConfigs.ernie4_5_moe, use_bias: true }, /'use_bias' true: the package's experts have no bias terms/);

@@ -5,7 +5,7 @@
  * readable dtype, the config's shape; FP8 weights with their block scales). Exit 1 when a layer would
  * not load, each problem named.
  */
-import { HfMoECheckpoint } from '../serve/hf-checkpoint.js';
+import { HfMoECheckpoint, INSPECT_PROBLEMS_KEPT } from '../serve/hf-checkpoint.js';
 import { type HfMoEBlock } from '../serve/hf-config.js';
 import { helpTable } from '../train/config.js';
 import { checkFlags, UsageError } from './flags.js';
@@ -100,7 +100,8 @@ export function runHf(args: string[]): number {
   if (block.numExperts % ranks !== 0)
     throw new Error(`--ranks ${ranks} does not divide the ${block.numExperts} experts (each rank holds E/P of them)`);
   const layers = moeLayers.map((l) => ckpt.inspectLayer(l));
-  const ok = layers.every((l) => l.problems.length === 0);
+  // No MoE layer is nothing to serve: MoEInference.fromHf refuses it too.
+  const ok = moeLayers.length > 0 && layers.every((l) => l.problems.length === 0);
   // The routed experts' bytes of one MoE layer (the first: every MoE layer has the same sizes).
   const expertBytes = layers[0] && layers[0].problems.length === 0 ? layers[0].expertBytes : null;
   if (rest.includes('--json')) {
@@ -124,15 +125,18 @@ export function runHf(args: string[]): number {
     lines.push(
       `per MoE layer and rank at ${ranks} rank${ranks > 1 ? 's' : ''}: ${block.numExperts / ranks} experts, ${fmtBytes(expertBytes / ranks)} as stored`,
     );
-  // The first problems, without the folder each message repeats; --json has them all.
+  // The first problems, without the folder each message repeats; --json has more.
   const problems = layers.flatMap((l) => l.problems.map((p) => `layer ${l.layer}: ${p.replace(`hf checkpoint ${dir}: `, '')}`));
+  const more = layers.reduce((s, l) => s + l.moreProblems, 0) + Math.max(0, problems.length - SHOWN_PROBLEMS);
   lines.push(...problems.slice(0, SHOWN_PROBLEMS));
-  if (problems.length > SHOWN_PROBLEMS) lines.push(`… and ${problems.length - SHOWN_PROBLEMS} more problems (--json lists them all)`);
-  lines.push(
-    ok
-      ? `ok: every MoE layer loads`
-      : `FAILED: ${layers.filter((l) => l.problems.length).length} of ${layers.length} MoE layers would not load`,
-  );
+  if (more > 0) lines.push(`… and ${more} more problems (--json lists the first ${INSPECT_PROBLEMS_KEPT} of each layer)`);
+  if (moeLayers.length === 0) lines.push('FAILED: the config declares no layer with an MoE block');
+  else
+    lines.push(
+      ok
+        ? `ok: every MoE layer loads`
+        : `FAILED: ${layers.filter((l) => l.problems.length).length} of ${layers.length} MoE layers would not load`,
+    );
   console.log(lines.join('\n'));
   return ok ? 0 : 1;
 }

@@ -146,9 +146,14 @@ export interface HfLayerInspection {
   tensors: number;
   bytes: number;
   expertBytes: number;
-  /** What readLayer would refuse, one message per tensor (empty: the layer loads). */
+  /** What readLayer would refuse, one message per tensor, the first INSPECT_PROBLEMS_KEPT (empty: the layer loads). */
   problems: string[];
+  /** Problems found past those. */
+  moreProblems: number;
 }
+
+/** Problems inspectLayer keeps in full per layer. */
+export const INSPECT_PROBLEMS_KEPT = 32;
 
 export interface HfOpenOptions {
   /** Use this object instead of the folder's config.json. */
@@ -187,6 +192,8 @@ export class HfMoECheckpoint implements Disposable {
   readonly #open = new Map<string, SafetensorsFile>();
   /** Where the config came from, for errors: the folder's config.json or options.config. */
   readonly #configSource: string;
+  /** Weight-map names by their pattern (digits as #), for the hint of a missing tensor. */
+  #patterns: Map<string, string[]> | undefined;
 
   private constructor(
     dir: string,
@@ -274,11 +281,25 @@ export class HfMoECheckpoint implements Disposable {
     return hfMoENames(this.family, layer, this.block);
   }
 
+  /** Up to 3 names of the weight map that differ from `name` in their numbers only (built once: inspect asks for many). */
+  private similarNames(name: string): string[] {
+    const pattern = (n: string): string => n.replace(/\d+/g, '#');
+    if (this.#patterns === undefined) {
+      this.#patterns = new Map();
+      for (const n of this.weightMap.keys()) {
+        const list = this.#patterns.get(pattern(n));
+        if (list === undefined) this.#patterns.set(pattern(n), [n]);
+        else if (list.length < 3) list.push(n);
+      }
+    }
+    return this.#patterns.get(pattern(name)) ?? [];
+  }
+
   /** The open file holding `name`, and its header entry, checked against `shape`. */
   private locate(name: string, shape: readonly number[]): { file: string; f: SafetensorsFile; info: TensorInfo } {
     const file = this.weightMap.get(name);
     if (file === undefined) {
-      const like = [...this.weightMap.keys()].filter((n) => n.replace(/\d+/g, '#') === name.replace(/\d+/g, '#')).slice(0, 3);
+      const like = this.similarNames(name);
       fail(
         this.dir,
         `tensor '${name}' is not in the checkpoint (${this.weightMap.size} tensors${like.length ? `; similar: ${like.join(', ')}` : ''})`,
@@ -334,18 +355,21 @@ export class HfMoECheckpoint implements Disposable {
     });
   }
 
-  /** An FP8 weight [R,C] and its block scales [ceil(R/128), C/128], dequantised to f32 (module doc). */
-  private readFp8(name: string, [R, C]: [number, number], bytes: Uint8Array, use: (src: Tensor) => void): void {
+  /** Why an FP8 weight of C columns cannot be read (the config's block size, the columns), or null. */
+  private fp8Problem(name: string, C: number): string | null {
     const block = this.config['quantization_config'] as { weight_block_size?: unknown } | undefined;
     const size = block?.weight_block_size;
-    if (size !== undefined && !(Array.isArray(size) && size.length === 2 && size[0] === FP8_WEIGHT_BLOCK && size[1] === FP8_WEIGHT_BLOCK)) {
-      fail(
-        this.dir,
-        `${this.#configSource}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`,
-      );
-    }
+    if (size !== undefined && !(Array.isArray(size) && size.length === 2 && size[0] === FP8_WEIGHT_BLOCK && size[1] === FP8_WEIGHT_BLOCK))
+      return `${this.#configSource}: quantization_config.weight_block_size ${JSON.stringify(size)}: FP8 weights are read with 128×128 blocks only`;
     if (C % FP8_WEIGHT_BLOCK !== 0)
-      fail(this.dir, `${this.weightMap.get(name)}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
+      return `${this.weightMap.get(name)}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`;
+    return null;
+  }
+
+  /** An FP8 weight [R,C] and its block scales [ceil(R/128), C/128], dequantised to f32 (module doc). */
+  private readFp8(name: string, [R, C]: [number, number], bytes: Uint8Array, use: (src: Tensor) => void): void {
+    const problem = this.fp8Problem(name, C);
+    if (problem !== null) fail(this.dir, problem);
     const scaleName = name + HF_FP8_SCALE_SUFFIX;
     const rowBlocks = Math.ceil(R / FP8_WEIGHT_BLOCK),
       colBlocks = C / FP8_WEIGHT_BLOCK;
@@ -485,7 +509,12 @@ export class HfMoECheckpoint implements Disposable {
     if (names.shared !== null)
       wanted.push([names.shared('gate'), [Fs, H], false], [names.shared('up'), [Fs, H], false], [names.shared('down'), [H, Fs], false]);
     if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false]);
-    const result: HfLayerInspection = { layer, tensors: 0, bytes: 0, expertBytes: 0, problems: [] };
+    const result: HfLayerInspection = { layer, tensors: 0, bytes: 0, expertBytes: 0, problems: [], moreProblems: 0 };
+    // The first problems are kept whole; a checkpoint of another layout fails every tensor.
+    const problem = (message: string): void => {
+      if (result.problems.length < INSPECT_PROBLEMS_KEPT) result.problems.push(message);
+      else result.moreProblems++;
+    };
     const check = (name: string, shape: readonly number[], expert: boolean): TensorInfo | null => {
       try {
         const { info } = this.locate(name, shape);
@@ -495,7 +524,7 @@ export class HfMoECheckpoint implements Disposable {
         return info;
       } catch (e) {
         if (!(e instanceof CheckpointError)) throw e;
-        result.problems.push(e.message);
+        problem(e.message);
         return null;
       }
     };
@@ -503,8 +532,8 @@ export class HfMoECheckpoint implements Disposable {
       const info = check(name, shape, expert);
       if (info?.dtype !== 'fp8e4m3') continue;
       const [R, C] = shape as [number, number];
-      if (C % FP8_WEIGHT_BLOCK !== 0)
-        result.problems.push(`hf checkpoint ${this.dir}: FP8 tensor '${name}' has ${C} columns, not a multiple of ${FP8_WEIGHT_BLOCK}`);
+      const fp8 = this.fp8Problem(name, C);
+      if (fp8 !== null) problem(`hf checkpoint ${this.dir}: ${fp8}`);
       else check(name + HF_FP8_SCALE_SUFFIX, [Math.ceil(R / FP8_WEIGHT_BLOCK), C / FP8_WEIGHT_BLOCK], expert);
     }
     return result;

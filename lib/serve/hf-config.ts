@@ -20,7 +20,8 @@
  *
  * The same blocks under other model_types (transformers' classes reuse them; the config classes'
  * defaults differ, DEEPSEEK_V3_BLOCKS and QWEN_MOE_BLOCKS below):
- *   kimi_k2      Kimi K2: DeepSeek-V3's architecture (published with DeepSeek's code; no defaults)
+ *   kimi_k2      Kimi K2: DeepSeek-V3's architecture, run by DeepSeek's own modeling_deepseek.py
+ *                (which renormalises only for top-k > 1)
  *   glm4_moe     GLM-4.5: DeepSeek-V3's router and block, without scoring_func/topk_method/moe_layer_freq
  *   dots1        dots.llm1: DeepSeek-V3's router and block (Dots1MoE is DeepseekV3MoE)
  *   qwen3_next   Qwen3-Next's MoE block: qwen2_moe's (shared expert and its gate); the model's other
@@ -69,20 +70,13 @@ export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
  * The families whose MoE block is DeepSeek-V3's (transformers' Glm4Moe and Dots1 classes reuse its
  * router and block; Kimi K2 is published as the DeepSeek-V3 architecture under its own model_type),
  * with their config classes' defaults for the fields config.json may leave out. `undefined`: the
- * field is required (Kimi K2 has no config class in transformers; dots1's counts default to None).
- * `deepseekFields`: scoring_func, topk_method and moe_layer_freq are read (DeepSeek's own code).
+ * field is required (dots1's shared-expert count defaults to None). `deepseekFields`: scoring_func,
+ * topk_method and moe_layer_freq are read (DeepSeek's own code).
  */
 const DEEPSEEK_V3_BLOCKS = {
   deepseek_v3: { nGroup: 8, topkGroup: 4, norm: true, scale: 2.5, firstDense: 3, shared: 1, deepseekFields: true },
-  kimi_k2: {
-    nGroup: undefined,
-    topkGroup: undefined,
-    norm: undefined,
-    scale: undefined,
-    firstDense: undefined,
-    shared: undefined,
-    deepseekFields: true,
-  },
+  // Kimi K2 ships DeepSeek's own configuration_deepseek.py, whose defaults are these too.
+  kimi_k2: { nGroup: 8, topkGroup: 4, norm: true, scale: 2.5, firstDense: 3, shared: 1, deepseekFields: true },
   glm4_moe: { nGroup: 1, topkGroup: 1, norm: true, scale: 1, firstDense: 1, shared: 1, deepseekFields: false },
   dots1: { nGroup: 1, topkGroup: 1, norm: false, scale: 1, firstDense: 0, shared: undefined, deepseekFields: false },
 } as const;
@@ -193,8 +187,9 @@ class Fields {
   }
 }
 
-/** Layers a config may declare (the largest MoE models have fewer than 200). */
+/** Layers and experts a config may declare (the largest MoE models have fewer than 200 and 512). */
 const MAX_LAYERS = 65536;
+const MAX_EXPERTS = 65536;
 
 /**
  * The MoE block and layers of a Hugging Face config (config.json's object). `where` prefixes errors
@@ -279,7 +274,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       scoreFunction: 'sigmoid',
       groups,
       topkGroups: groups === 1 ? 1 : topkGroup,
-      normalize: c.bool('norm_topk_prob', d.norm),
+      // DeepSeek's own code (Kimi K2's) renormalises only when k > 1; transformers' port always.
+      normalize: c.bool('norm_topk_prob', d.norm) && (family !== 'kimi_k2' || k > 1),
       routeScale: c.num('routed_scaling_factor', d.scale),
       selectionBias: true,
       sharedFfn: F * shared,
@@ -361,6 +357,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     };
     isMoE = (l) => !mlpOnly.has(l) && (l + 1) % sparseStep === 0;
   }
+  // Every expert's tensor names are listed when a layer is read or inspected: a crafted count must not take the heap.
+  if (block.numExperts > MAX_EXPERTS) c.fail(`${block.numExperts} experts: more than the ${MAX_EXPERTS} this loader takes`);
   if (block.topK > block.numExperts) c.fail(`'num_experts_per_tok' = ${block.topK} is more than the ${block.numExperts} experts`);
   if (block.groups > 32) c.fail(`'n_group' = ${block.groups}: the package's router takes at most 32 groups`);
   const moeLayers = Array.from({ length: numLayers }, (_, l) => l).filter(isMoE);
