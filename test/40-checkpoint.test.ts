@@ -191,8 +191,8 @@ describe('safetensors', () => {
     ],
     [
       'an unknown dtype',
-      (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F64', shape: [1], bytes: new Uint8Array(8) }]),
-      /tensor 'w': unknown dtype "F64"/,
+      (p: string) => miniWrite(p, [{ name: 'w', dtype: 'F4', shape: [2], bytes: new Uint8Array(1) }]),
+      /tensor 'w': unknown dtype "F4"/,
     ],
     [
       'a size that is not numel·itemsize',
@@ -213,6 +213,27 @@ describe('safetensors', () => {
     expect(() => SafetensorsFile.open(p)).toThrow(CheckpointError);
     expect(() => SafetensorsFile.open(p)).toThrow(pattern);
     expect(() => SafetensorsFile.open(p)).toThrow(/safetensors bad\.safetensors/);
+  });
+
+  it('a tensor of a dtype moe-ep does not read (F64, BOOL, U32…) leaves the file open: the others read, that one refused by name', () => {
+    const p = join(tmp(), 'mixed.safetensors');
+    miniWrite(p, [
+      { name: 'inv_freq', dtype: 'F64', shape: [2], bytes: new Uint8Array(16) },
+      { name: 'w', dtype: 'F32', shape: [2], bytes: new Uint8Array(new Float32Array([1.5, -2]).buffer) },
+      { name: 'mask', dtype: 'BOOL', shape: [3], bytes: new Uint8Array([1, 0, 1]) },
+    ]);
+    using f = SafetensorsFile.open(p);
+    expect(f.names).toEqual(['w']);
+    expect(f.allNames.sort()).toEqual(['inv_freq', 'mask', 'w']);
+    expect(Array.from(new Float32Array(f.readBytes('w').buffer))).toEqual([1.5, -2]);
+    expect(() => f.info('inv_freq')).toThrow(/tensor 'inv_freq': dtype F64, which moe-ep does not read \(it reads F32, /);
+    expect(() => f.readBytes('mask')).toThrow(/tensor 'mask': dtype BOOL, which moe-ep does not read/);
+    // Read whole, as readSafetensors promises, the file is refused by that tensor's name.
+    expect(() => readSafetensors(p)).toThrow(/tensor 'inv_freq': dtype F64, which moe-ep does not read/);
+    // Its size is still checked: a BOOL[3] over 2 bytes is a damaged file.
+    const bad = join(tmp(), 'bad-bool.safetensors');
+    miniWrite(bad, [{ name: 'mask', dtype: 'BOOL', shape: [3], bytes: new Uint8Array(2) }]);
+    expect(() => SafetensorsFile.open(bad)).toThrow(/tensor 'mask': data_offsets \[0, 2\] span 2 bytes but BOOL\[3\] needs 3/);
   });
 
   it('rejects overlapping offsets', () => {

@@ -152,6 +152,19 @@ describe('tensors', () => {
     );
   });
 
+  it("a shard holding a tensor of a dtype moe-ep does not read (not one of the MoE block's) still serves the block", () => {
+    // A review found one such tensor anywhere in a shard made every MoE tensor in it unreadable.
+    const dir = join(root, `c${n++}`);
+    const built = buildHfCheckpoint(dir, cfg, { shards: 0, seed: 7 });
+    const retyped = built.entries.map((e) => (e.name === 'model.layers.0.self_attn.q_proj.weight' ? { ...e, dtype: 'U16' } : e));
+    writeSafetensorsFile(join(dir, 'model.safetensors'), retyped);
+    using ckpt = HfMoECheckpoint.open(dir);
+    expect(ckpt.weightMap.has('model.layers.0.self_attn.q_proj.weight')).toBe(true);
+    expect(ckpt.inspectLayer(1).problems).toEqual([]);
+    using w = ckpt.readLayer(1, { device: 'cpu' });
+    expect(w.w13.shape[0]).toBe(16);
+  });
+
   it('a tensor of the wrong shape (config and files disagree) or dtype: file, tensor, both shapes', () => {
     const { dir } = fresh();
     fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...cfg, moe_intermediate_size: 10 }));
@@ -180,7 +193,7 @@ describe('tensors', () => {
     writeSafetensorsFile(join(single, 'model.safetensors'), entries);
     expectCheckpointError(
       single,
-      /safetensors model.safetensors tensor 'model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight': unknown dtype "I16"/,
+      /model\.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.2\.down_proj\.weight' is I16; the MoE weights are read from BF16, F16, F32, or F8_E4M3/,
     );
     writeSafetensorsFile(
       join(single, 'model.safetensors'),

@@ -255,7 +255,7 @@ export class HfMoECheckpoint implements Disposable {
       ckpt.#open.set(HF_SINGLE_FILE, f);
       ckpt.stats.filesOpened++;
       ckpt.stats.headerBytes += f.dataStart;
-      for (const name of f.names) weightMap.set(name, HF_SINGLE_FILE);
+      for (const name of f.allNames) weightMap.set(name, HF_SINGLE_FILE);
       return ckpt;
     }
     return new HfMoECheckpoint(dir, real, config, model, weightMap, configSource);
@@ -314,6 +314,12 @@ export class HfMoECheckpoint implements Disposable {
       this.stats.filesOpened++;
       this.stats.headerBytes += f.dataStart;
     }
+    const other = f.foreign.get(name);
+    if (other)
+      fail(
+        this.dir,
+        `${file}: tensor '${name}' is ${other.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales`,
+      );
     if (!f.has(name)) fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
     const info = f.info(name);
     const fp8 = info.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);

@@ -193,7 +193,7 @@ export class CheckpointReader implements Disposable {
           );
         }
       }
-      const extra = f.names.filter((n) => !listed.some(([m]) => m === n));
+      const extra = f.allNames.filter((n) => !listed.some(([m]) => m === n));
       if (extra.length)
         problems.push(
           `its header holds ${extra

@@ -36,6 +36,31 @@ export const SAFETENSORS_DTYPE: Record<DType, string> = {
   fp8e4m3: 'F8_E4M3',
 };
 const FROM_SAFETENSORS: Record<string, DType> = Object.fromEntries(Object.entries(SAFETENSORS_DTYPE).map(([k, v]) => [v, k as DType]));
+/**
+ * Safetensors dtypes moe-ep does not read but can size: a file holding one (a checkpoint's F64 or
+ * BOOL buffer beside the weights) still opens, its other tensors readable; that tensor is refused
+ * by name when asked for. Sub-byte and unlisted dtypes still refuse the file.
+ */
+const FOREIGN_ITEM_BYTES: Readonly<Record<string, number>> = {
+  BOOL: 1,
+  I8: 1,
+  I16: 2,
+  U16: 2,
+  U32: 4,
+  U64: 8,
+  F64: 8,
+  F8_E5M2: 1,
+  F8_E8M0: 1,
+};
+
+/** A tensor of a dtype moe-ep does not read (FOREIGN_ITEM_BYTES): its safetensors dtype and place. */
+export interface ForeignTensorInfo {
+  name: string;
+  dtype: string;
+  shape: number[];
+  dataOffsets: [number, number];
+  byteLength: number;
+}
 
 /** Largest header accepted (the reference implementation's limit is 100 MB). */
 export const MAX_HEADER_BYTES = 100_000_000;
@@ -198,6 +223,8 @@ export class SafetensorsFile implements Disposable {
   readonly metadata: Record<string, string>;
   /** Tensors in file order. */
   readonly tensors: ReadonlyMap<string, TensorInfo>;
+  /** Tensors of dtypes moe-ep does not read (FOREIGN_ITEM_BYTES), in file order. */
+  readonly foreign: ReadonlyMap<string, ForeignTensorInfo>;
   #fd: number | null;
 
   private constructor(
@@ -207,7 +234,9 @@ export class SafetensorsFile implements Disposable {
     dataStart: number,
     metadata: Record<string, string>,
     tensors: Map<string, TensorInfo>,
+    foreign: Map<string, ForeignTensorInfo>,
   ) {
+    this.foreign = foreign;
     this.path = path;
     this.#fd = fd;
     this.size = size;
@@ -251,6 +280,7 @@ export class SafetensorsFile implements Disposable {
       const dataBytes = size - dataStart;
       let metadata: Record<string, string> = {};
       const list: TensorInfo[] = [];
+      const foreign: ForeignTensorInfo[] = [];
       for (const [name, raw] of Object.entries(json as Record<string, unknown>)) {
         if (name === '__metadata__') {
           if (raw === null || typeof raw !== 'object' || Array.isArray(raw)) fail(path, '__metadata__ must be an object of strings');
@@ -262,7 +292,9 @@ export class SafetensorsFile implements Disposable {
         const r = raw as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
         if (r === null || typeof r !== 'object') fail(path, 'the header entry is not an object', name);
         const dtype = typeof r.dtype === 'string' ? FROM_SAFETENSORS[r.dtype] : undefined;
-        if (!dtype)
+        const foreignBytes =
+          typeof r.dtype === 'string' && Object.hasOwn(FOREIGN_ITEM_BYTES, r.dtype) ? FOREIGN_ITEM_BYTES[r.dtype] : undefined;
+        if (!dtype && foreignBytes === undefined)
           fail(path, `unknown dtype ${JSON.stringify(r.dtype)} (moe-ep reads ${Object.values(SAFETENSORS_DTYPE).join(', ')})`, name);
         const shape = r.shape;
         if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0))
@@ -272,19 +304,23 @@ export class SafetensorsFile implements Disposable {
           fail(path, `bad data_offsets ${JSON.stringify(off)}`, name);
         }
         const [begin, end] = off as [number, number];
-        const byteLength = numel(shape as number[]) * dtypeSize[dtype];
+        const stDtype = dtype ? SAFETENSORS_DTYPE[dtype] : (r.dtype as string);
+        const byteLength = numel(shape as number[]) * (dtype ? dtypeSize[dtype] : (foreignBytes as number));
         if (end - begin !== byteLength)
           fail(
             path,
-            `data_offsets [${begin}, ${end}] span ${end - begin} bytes but ${SAFETENSORS_DTYPE[dtype]}[${(shape as number[]).join(',')}] needs ${byteLength}`,
+            `data_offsets [${begin}, ${end}] span ${end - begin} bytes but ${stDtype}[${(shape as number[]).join(',')}] needs ${byteLength}`,
             name,
           );
         if (end > dataBytes)
           fail(path, `data_offsets [${begin}, ${end}] run past the end of the data (${dataBytes} bytes); the file is truncated`, name);
-        list.push({ name, dtype, shape: shape as number[], dataOffsets: [begin, end], byteLength });
+        if (dtype) list.push({ name, dtype, shape: shape as number[], dataOffsets: [begin, end], byteLength });
+        else foreign.push({ name, dtype: stDtype, shape: shape as number[], dataOffsets: [begin, end], byteLength });
       }
       // Back to back in offset order: no overlap, no gap, and the last one ends at the end of the file.
-      const sorted = [...list].sort((a, b) => a.dataOffsets[0] - b.dataOffsets[0] || a.dataOffsets[1] - b.dataOffsets[1]);
+      const byOffset = (a: { dataOffsets: [number, number] }, b: { dataOffsets: [number, number] }): number =>
+        a.dataOffsets[0] - b.dataOffsets[0] || a.dataOffsets[1] - b.dataOffsets[1];
+      const sorted = [...list, ...foreign].sort(byOffset);
       let at = 0;
       for (const t of sorted) {
         if (t.dataOffsets[0] < at)
@@ -297,15 +333,28 @@ export class SafetensorsFile implements Disposable {
           path,
           `the tensors end at data byte ${at} but the file holds ${dataBytes} data bytes (${at > dataBytes ? 'truncated' : 'trailing bytes'})`,
         );
-      return new SafetensorsFile(path, fd, size, dataStart, metadata, new Map(sorted.map((t) => [t.name, t])));
+      const readable = list.sort(byOffset);
+      return new SafetensorsFile(
+        path,
+        fd,
+        size,
+        dataStart,
+        metadata,
+        new Map(readable.map((t) => [t.name, t])),
+        new Map(foreign.sort(byOffset).map((t) => [t.name, t])),
+      );
     } catch (e) {
       fs.closeSync(fd);
       throw e;
     }
   }
 
+  /** The tensors moe-ep reads; `allNames` adds those of foreign dtypes. */
   get names(): string[] {
     return [...this.tensors.keys()];
+  }
+  get allNames(): string[] {
+    return [...this.tensors.keys(), ...this.foreign.keys()];
   }
 
   has(name: string): boolean {
@@ -314,6 +363,9 @@ export class SafetensorsFile implements Disposable {
 
   info(name: string): TensorInfo {
     const t = this.tensors.get(name);
+    const other = this.foreign.get(name);
+    if (other)
+      fail(this.path, `dtype ${other.dtype}, which moe-ep does not read (it reads ${Object.values(SAFETENSORS_DTYPE).join(', ')})`, name);
     if (!t)
       fail(
         this.path,
@@ -384,5 +436,7 @@ export function readSafetensors(path: string): {
   tensors: { name: string; dtype: DType; shape: number[]; data: Uint8Array }[];
 } {
   using f = SafetensorsFile.open(path);
+  // The whole file, as promised: a tensor of a dtype moe-ep does not read is refused by name.
+  for (const name of f.foreign.keys()) f.info(name);
   return { metadata: { ...f.metadata }, tensors: f.names.map((name) => ({ name, ...f.read(name) })) };
 }
