@@ -501,6 +501,12 @@ describe('MoE layer state', () => {
     expect(Array.from(c.master.w13.toFloat32Array())).toEqual(Array.from(a.master.w13.toFloat32Array().subarray(2 * 8 * 12)));
     expect(Array.from(c.master.w2.toFloat32Array())).toEqual(Array.from(a.master.w2.toFloat32Array().subarray(2 * 6 * 8)));
     expect(ckptNames.optim(ckptNames.expert(0, 3, 'w1'), 'exp_avg')).toBe('optim.layers.0.experts.3.w1.exp_avg');
+    // A layer without the checkpoint's shared expert would drop it silently: refused, named.
+    using d = new MoELayer({ ...cfg, sharedFfn: 0, seed: 8 });
+    expect(() => loadMoELayer(r, d, 0)).toThrow(/layer 0 has a shared expert \('layers\.0\.shared\.w1'\) but this layer has none/);
+    // A shared expert of another width is named as the shared expert's, not the experts'.
+    using e = new MoELayer({ ...cfg, sharedFfn: (cfg.sharedFfn as number) + 2, seed: 9 });
+    expect(() => loadMoELayer(r, e, 0)).toThrow(/'layers\.0\.shared\.w1' is \[\d+, \d+\] but this layer's shared expert is \[hidden/);
   });
 });
 

@@ -349,6 +349,29 @@ describe('moe-ep train (CLI)', () => {
     expect(() => new Trainer(cfg)).toThrow(/config\.balance\.seqLen 32 must divide the 16 tokens of each forward .*and 4 micro-batches/);
   });
 
+  it("model.normalize and model.routeScale reach every layer (Megatron-Core's default softmax router is normalize true); null keeps the router's default", () => {
+    const layers = (model: Record<string, unknown>) => {
+      const cfg = resolveConfig({
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, ...model },
+        data: { tokensPerStep: 32 },
+        train: { device: 'cpu', steps: 1, progress: false },
+      } as Partial2);
+      using t = new Trainer(cfg);
+      return t.model.layers.map((l) => [l.config.normalize, l.config.routeScale]);
+    };
+    expect(defaultConfig.model.normalize).toBeNull();
+    expect(layers({ scoreFunction: 'softmax' })).toEqual([
+      [false, 1],
+      [false, 1],
+    ]);
+    expect(layers({ scoreFunction: 'softmax', normalize: true, routeScale: 2.5 })).toEqual([
+      [true, 2.5],
+      [true, 2.5],
+    ]);
+    expect(layers({})[0]).toEqual([true, 1]); // sigmoid, top-2: renormalised by default
+    expect(() => resolveConfig({ model: { routeScale: 0 } } as Partial2)).toThrow(/config\.model\.routeScale: must be > 0/);
+  });
+
   it('model.transport reaches every layer; one process has no peers, so it refuses ipc and moves nothing for nccl', () => {
     const cfg = (transport: 'auto' | 'ipc' | 'nccl') =>
       resolveConfig({
@@ -523,7 +546,14 @@ describe('checkpoints in training', () => {
         t.trainStep();
         const saved = t.saveCheckpoint(dir);
         const manifest = JSON.parse(readFileSync(join(saved.dir, 'manifest.json'), 'utf8')) as { router: unknown };
-        expect(manifest.router).toEqual({ normalize: true, routeScale: t.model.layers[0]!.config.routeScale });
+        expect(manifest.router).toEqual({
+          normalize: true,
+          routeScale: t.model.layers[0]!.config.routeScale,
+          scoreFunction: 'sigmoid',
+          topK: 2,
+          groups: 1,
+          topkGroups: 1,
+        });
       }
       const layerOf = (routeScale: number): MoELayer =>
         new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, scoreFunction: 'sigmoid', routeScale, dtype: 'f32', device: 'cpu' });
@@ -536,6 +566,27 @@ describe('checkpoints in training', () => {
         );
         using same = layerOf(1);
         loadMoELayer(reader, same, 0);
+        // A router that scores otherwise, or picks another k, computes something else with the same
+        // weights; a shared expert the layer lacks would be dropped: each is refused, named.
+        using softmax = new MoELayer({
+          hidden: 16,
+          ffn: 8,
+          numExperts: 4,
+          topK: 2,
+          scoreFunction: 'softmax',
+          normalize: true,
+          dtype: 'f32',
+          device: 'cpu',
+        });
+        expect(() => loadMoELayer(reader, softmax, 0)).toThrow(
+          /router was trained with scoreFunction "sigmoid" but this layer has scoreFunction "softmax"/,
+        );
+        using top3 = new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 3, scoreFunction: 'sigmoid', dtype: 'f32', device: 'cpu' });
+        expect(() => loadMoELayer(reader, top3, 0)).toThrow(/router was trained with topK 2 but this layer has topK 3/);
+        const m = same.master.w13;
+        expect(() => loadMoELayer(reader, same, 0, { w13: { expAvg: m, expAvgSq: m } })).toThrow(
+          /loadMoELayer: 'moments\.w13' was given without 'moments\.w2': give both or neither/,
+        );
       } finally {
         reader.close();
       }
@@ -547,7 +598,7 @@ describe('checkpoints in training', () => {
         const saved = t.saveCheckpoint(top1);
         const path = join(saved.dir, 'manifest.json');
         const manifest = JSON.parse(readFileSync(path, 'utf8')) as { router?: unknown };
-        expect(manifest.router).toEqual({ normalize: false, routeScale: t.model.layers[0]!.config.routeScale });
+        expect(manifest.router).toMatchObject({ normalize: false, routeScale: t.model.layers[0]!.config.routeScale });
         delete manifest.router;
         writeFileSync(path, JSON.stringify(manifest));
       }

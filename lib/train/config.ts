@@ -21,6 +21,10 @@ export interface TrainConfig {
     /** 'token-choice': each token its top-k experts; 'expert-choice': each expert its top-C tokens (docs/expert-choice.md). */
     routing: 'token-choice' | 'expert-choice';
     scoreFunction: 'softmax' | 'sigmoid';
+    /** Weights renormalised over the chosen experts; null: the router's default (sigmoid top-k > 1: on; softmax: off). */
+    normalize: boolean | null;
+    /** Factor on the weights (DeepSeek-V3's routed_scaling_factor). */
+    routeScale: number;
     groups: number;
     topkGroups: number;
     /** null: dropless (expert choice: topK). Expert choice: C = min(T, ceil(T·capacityFactor/E)) tokens per expert and rank. */
@@ -76,6 +80,8 @@ export const defaultConfig: TrainConfig = {
     topK: 2,
     routing: 'token-choice',
     scoreFunction: 'sigmoid',
+    normalize: null,
+    routeScale: 1,
     groups: 1,
     topkGroups: 1,
     capacityFactor: null,
@@ -136,6 +142,12 @@ export const trainConfigSchema = {
         enum: ['softmax', 'sigmoid'],
         description: 'router scores: softmax over the experts, or a sigmoid per expert (DeepSeek-V3)',
       },
+      normalize: {
+        anyOf: [{ type: 'null' }, { type: 'boolean' }],
+        description:
+          "weights renormalised over the chosen experts (Megatron-Core's default softmax router: true); null: the router's default (sigmoid with topK > 1: true; softmax: false, Megatron's --moe-router-pre-softmax)",
+      },
+      routeScale: { ...num(undefined, 0), description: "factor on the weights (Megatron's --moe-router-topk-scaling-factor)" },
       groups: { ...int(1), description: 'expert groups for group-limited routing (1: none)' },
       topkGroups: { ...int(1), description: 'groups a token takes its experts from (divides topK)' },
       capacityFactor: {

@@ -160,6 +160,21 @@ export interface MoELayerMoments {
 
 const MOMENT_KEYS: OptionKeys<MoELayerMoments> = { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true };
 
+/** The moments, checked: w13's and w2's come together (one without the other would be skipped silently), as do the shared expert's. */
+function checkMoments(moments: MoELayerMoments | undefined, op: string): MoELayerMoments {
+  const m = checkOptions(moments, op, MOMENT_KEYS);
+  for (const [a, b] of [
+    ['w13', 'w2'],
+    ['sharedW13', 'sharedW2'],
+  ] as const)
+    if ((m[a] === undefined) !== (m[b] === undefined))
+      invalidArgument(
+        op,
+        `'moments.${m[a] === undefined ? b : a}' was given without 'moments.${m[a] === undefined ? a : b}': give both or neither`,
+      );
+  return m;
+}
+
 /**
  * A MoE layer's tensors for saveCheckpoint: replicated (router, bias, shared expert and their moments)
  * and sharded (this rank's experts by global index, and their moments). The expert and shared tensors
@@ -170,7 +185,7 @@ export function moeLayerState(
   index: number,
   moments: MoELayerMoments = {},
 ): { replicated: Record<string, Tensor>; sharded: Record<string, Tensor>; owned: Tensor[] } {
-  moments = checkOptions(moments, 'moeLayerState', MOMENT_KEYS);
+  moments = checkMoments(moments, 'moeLayerState');
   checkNonNegativeInt(index, 'moeLayerState', 'index'); // it names the checkpoint's tensors
   const first = layer.group.rank * layer.localExperts;
   const replicated: Record<string, Tensor> = {};
@@ -224,15 +239,23 @@ export function checkpointRouting(reader: CheckpointReader): 'token-choice' | 'e
   return model.routing === 'expert-choice' ? 'expert-choice' : 'token-choice';
 }
 
-/** How the router turns scores into weights: recorded by Trainer.saveCheckpoint (manifest `router`). */
+/**
+ * How the router scores and weights: recorded by Trainer.saveCheckpoint (manifest `router`). The
+ * score function, top-k and groups are recorded since 2026-12-05; older records hold the first two.
+ */
 export interface RouterWeighting {
   normalize: boolean;
   routeScale: number;
+  scoreFunction?: string;
+  topK?: number;
+  groups?: number;
+  topkGroups?: number;
 }
 
 /** The manifest's `router` record for `layer` (Trainer.saveCheckpoint writes it). */
 export function routerWeighting(layer: MoELayer): RouterWeighting {
-  return { normalize: layer.config.normalize, routeScale: layer.config.routeScale };
+  const { normalize, routeScale, scoreFunction, topK, groups, topkGroups } = layer.config;
+  return { normalize, routeScale, scoreFunction, topK, groups, topkGroups };
 }
 
 /**
@@ -244,6 +267,20 @@ export function routerWeighting(layer: MoELayer): RouterWeighting {
 function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: number): void {
   const recorded = reader.manifest.router as Partial<RouterWeighting> | null | undefined;
   const now = routerWeighting(layer);
+  const model = (reader.manifest.config as { model?: Record<string, unknown> } | null | undefined)?.model;
+  // What a router trained one way computes another way: each field the manifest records (the
+  // router record, or moe-ep train's config.model) must be this layer's.
+  const fromConfig: Partial<Record<keyof RouterWeighting, unknown>> =
+    model !== null && typeof model === 'object'
+      ? { scoreFunction: model['scoreFunction'], topK: model['topK'], groups: model['groups'], topkGroups: model['topkGroups'] }
+      : {};
+  for (const key of ['scoreFunction', 'topK', 'groups', 'topkGroups'] as const) {
+    const was = recorded !== null && typeof recorded === 'object' && recorded[key] !== undefined ? recorded[key] : fromConfig[key];
+    if (was !== undefined && was !== now[key])
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: layer ${index}'s router was trained with ${key} ${JSON.stringify(was)} but this layer has ${key} ${JSON.stringify(now[key])}; build the layer with the checkpoint's value`,
+      );
+  }
   if (recorded !== null && typeof recorded === 'object') {
     if (recorded.normalize !== now.normalize || recorded.routeScale !== now.routeScale)
       throw new CheckpointError(
@@ -251,7 +288,6 @@ function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: 
       );
     return;
   }
-  const model = (reader.manifest.config as { model?: { scoreFunction?: unknown; topK?: unknown } } | null | undefined)?.model;
   if (model?.scoreFunction === 'sigmoid' && model.topK === 1 && layer.config.topK === 1)
     throw new CheckpointError(
       `checkpoint ${reader.dir}: saved before checkpoints recorded the router's weighting, by a sigmoid topK 1 run, which then normalised every weight to routeScale (so its router never learned); this version weights by σ(logit) and refuses to normalise a single weight: start a new run`,
@@ -263,7 +299,7 @@ function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: 
  * it owns by global index), moments too when given, then refreshes the compute copies.
  */
 export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
-  moments = checkOptions(moments, 'loadMoELayer', MOMENT_KEYS);
+  moments = checkMoments(moments, 'loadMoELayer');
   // A router trained to pick tokens does not pick experts (nor the reverse): the other routing is refused.
   const recorded = checkpointRouting(reader);
   if (recorded !== undefined && recorded !== layer.config.routing) {
@@ -275,14 +311,26 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   const El = layer.localExperts;
   const first = layer.group.rank * El;
   const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);
-  const intoExperts = (w13: Tensor, w2: Tensor, name: (e: number, w: ExpertWeight) => string, count: number, from: number): void => {
+  // A shared expert in the checkpoint that the layer lacks would be dropped without a word.
+  if (!layer.master.sharedW13 && Object.hasOwn(reader.manifest.tensors, ckptNames.shared(index, 'w1')))
+    throw new CheckpointError(
+      `checkpoint ${reader.dir}: layer ${index} has a shared expert ('${ckptNames.shared(index, 'w1')}') but this layer has none; build it with the checkpoint's sharedFfn`,
+    );
+  const intoExperts = (
+    w13: Tensor,
+    w2: Tensor,
+    name: (e: number, w: ExpertWeight) => string,
+    count: number,
+    from: number,
+    what = "this layer's experts are",
+  ): void => {
     const j = joinExperts(reader, from, count, name);
     try {
       const [, H, F2] = w13.shape as [number, number, number];
       const [, h, f2] = j.w13.shape as [number, number, number];
       if (h !== H || f2 !== F2)
         throw new CheckpointError(
-          `checkpoint ${reader.dir}: layer ${index}'s '${name(from, 'w1')}' is [${h}, ${f2 / 2}] but this layer's experts are [hidden ${H}, ffn ${F2 / 2}]; build the model with the checkpoint's sizes`,
+          `checkpoint ${reader.dir}: layer ${index}'s '${name(from, 'w1')}' is [${h}, ${f2 / 2}] but ${what} [hidden ${H}, ffn ${F2 / 2}]; build the model with the checkpoint's sizes`,
         );
       w13.copy_(j.w13);
       w2.copy_(j.w2);
@@ -295,7 +343,14 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   reader.into(ckptNames.bias(index), layer.bias);
   intoExperts(layer.master.w13, layer.master.w2, expertName, El, first);
   if (layer.master.sharedW13 && layer.master.sharedW2)
-    intoExperts(layer.master.sharedW13, layer.master.sharedW2, (_e, w) => ckptNames.shared(index, w), 1, 0);
+    intoExperts(
+      layer.master.sharedW13,
+      layer.master.sharedW2,
+      (_e, w) => ckptNames.shared(index, w),
+      1,
+      0,
+      "this layer's shared expert is",
+    );
   for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
     const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
     if (moments.router) reader.into(ckptNames.optim(ckptNames.router(index), m), moments.router[key]);

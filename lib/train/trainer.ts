@@ -195,6 +195,8 @@ export class Trainer implements Disposable {
         topK: m.topK,
         routing: m.routing,
         scoreFunction: m.scoreFunction,
+        ...(m.normalize === null ? {} : { normalize: m.normalize }),
+        routeScale: m.routeScale,
         groups: m.groups,
         topkGroups: m.topkGroups,
         dropPolicy: m.dropPolicy,
