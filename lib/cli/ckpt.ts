@@ -20,6 +20,7 @@ import {
 import { expertIndexOf } from '../train/moe-state.js';
 import { helpTable } from '../train/config.js';
 import { checkFlags, UsageError } from './flags.js';
+import { fmtBytes } from './format.js';
 
 const inspectUsage = [
   'usage: moe-ep ckpt inspect <dir> [--json] [--no-verify]',
@@ -86,18 +87,6 @@ function integerFlag(v: string | undefined, name: string, min: number): number |
   if (!/^\d+$/.test(v) || !Number.isSafeInteger(n) || n < min)
     throw new Error(`${name} must be ${min > 0 ? 'a positive' : 'a non-negative'} integer; received ${v}`);
   return n;
-}
-
-function fmtBytes(n: number): string {
-  if (n < 1024) return `${n} B`;
-  const u = ['KiB', 'MiB', 'GiB', 'TiB'];
-  let v = n / 1024;
-  let i = 0;
-  while (v >= 1024 && i < u.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${v.toFixed(v < 10 ? 2 : 1)} ${u[i]}`;
 }
 
 function table(rows: string[][]): string {

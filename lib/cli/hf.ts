@@ -9,6 +9,7 @@ import { HfMoECheckpoint, INSPECT_PROBLEMS_KEPT } from '../serve/hf-checkpoint.j
 import { type HfMoEBlock } from '../serve/hf-config.js';
 import { helpTable } from '../train/config.js';
 import { checkFlags, UsageError } from './flags.js';
+import { fmtBytes } from './format.js';
 
 const inspectUsage = [
   'usage: moe-ep hf inspect <dir> [--json] [--ranks P]',
@@ -32,18 +33,6 @@ const inspectUsage = [
 const SHOWN_PROBLEMS = 12;
 
 const usage = ['usage: moe-ep hf inspect <dir> ...', '', '`moe-ep hf inspect --help` describes it.'].join('\n');
-
-function fmtBytes(n: number): string {
-  if (n < 1024) return `${n} B`;
-  const units = ['KiB', 'MiB', 'GiB', 'TiB'];
-  let v = n / 1024;
-  let i = 0;
-  while (v >= 1024 && i < units.length - 1) {
-    v /= 1024;
-    i++;
-  }
-  return `${v.toFixed(v < 10 ? 2 : 1)} ${units[i]}`;
-}
 
 /** Layer indices as ranges: 3–60, or 1, 3, 5. */
 function ranges(layers: readonly number[]): string {

@@ -175,6 +175,14 @@ class Fields {
     if (typeof v !== 'string') this.fail(`'${f}' must be a string; found ${JSON.stringify(v)}`);
     return v;
   }
+  /** One expert's width and the shared experts' count (default `count`): their total width, a size. */
+  sharedWidth(widthField: string, countField: string, count: number | undefined): { width: number; total: number } {
+    const width = this.int(widthField);
+    const n = this.int(countField, count, 0);
+    if (!Number.isSafeInteger(width * n))
+      this.fail(`'${widthField}' × '${countField}' = ${width} × ${n} is beyond the integers a size can hold`);
+    return { width, total: width * n };
+  }
   intList(f: string): number[] {
     if (!this.has(f)) return [];
     const v = this.c[f];
@@ -215,20 +223,24 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   if (numLayers > MAX_LAYERS) c.fail(`'num_hidden_layers' = ${numLayers}: more than the ${MAX_LAYERS} layers this loader takes`);
   let block: HfMoEBlock;
   let isMoE: (layer: number) => boolean;
-  if (family === 'mixtral') {
-    // MixtralSparseMoeBlock: softmax over all experts, top-k, renormalised over the k.
+  if (family === 'mixtral' || family === 'minimax_m2') {
+    // MixtralSparseMoeBlock: softmax over all experts, top-k, renormalised over the k. MiniMax-M2's
+    // (transformers') is the same block with DeepSeek-V3's sigmoid and selection bias, no shared expert.
+    const minimax = family === 'minimax_m2';
+    if (minimax && c.int('shared_intermediate_size', 0, 0) > 0)
+      c.fail(`'shared_intermediate_size' > 0: MiniMax-M2's block (transformers') has no shared expert`);
     block = {
       family,
       hidden,
       ffn: c.int('intermediate_size'),
       numExperts: c.int('num_local_experts'),
       topK: c.int('num_experts_per_tok'),
-      scoreFunction: 'softmax',
+      scoreFunction: minimax ? 'sigmoid' : 'softmax',
       groups: 1,
       topkGroups: 1,
       normalize: true,
       routeScale: 1,
-      selectionBias: false,
+      selectionBias: minimax,
       sharedFfn: 0,
       sharedGate: false,
     };
@@ -259,12 +271,9 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     }
     if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
       c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
-    const F = c.int('moe_intermediate_size');
-    const shared = c.int('n_shared_experts', d.shared, 0);
+    const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', d.shared);
     // All groups kept (topk_group = n_group, or one group) is plain top-k.
     const groups = topkGroup === nGroup ? 1 : nGroup;
-    if (!Number.isSafeInteger(F * shared))
-      c.fail(`'moe_intermediate_size' × 'n_shared_experts' = ${F} × ${shared} is beyond the integers a size can hold`);
     block = {
       family,
       hidden,
@@ -278,7 +287,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       normalize: c.bool('norm_topk_prob', d.norm) && (family !== 'kimi_k2' || k > 1),
       routeScale: c.num('routed_scaling_factor', d.scale),
       selectionBias: true,
-      sharedFfn: F * shared,
+      sharedFfn,
       sharedGate: false,
     };
     const firstDense = c.int('first_k_dense_replace', d.firstDense, 0);
@@ -286,32 +295,9 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
     isMoE = (l) => l >= firstDense && l % freq === 0;
-  } else if (family === 'minimax_m2') {
-    // transformers' MiniMaxM2SparseMoeBlock: Mixtral's block with DeepSeek-V3's sigmoid and bias, no shared expert.
-    if (c.int('shared_intermediate_size', 0, 0) > 0)
-      c.fail(`'shared_intermediate_size' > 0: MiniMax-M2's block (transformers') has no shared expert`);
-    block = {
-      family,
-      hidden,
-      ffn: c.int('intermediate_size'),
-      numExperts: c.int('num_local_experts'),
-      topK: c.int('num_experts_per_tok'),
-      scoreFunction: 'sigmoid',
-      groups: 1,
-      topkGroups: 1,
-      normalize: true,
-      routeScale: 1,
-      selectionBias: true,
-      sharedFfn: 0,
-      sharedGate: false,
-    };
-    isMoE = () => true;
   } else if (family === 'ernie4_5_moe') {
     if (c.bool('use_bias', false)) c.fail(`'use_bias' true: the package's experts have no bias terms`);
-    const F = c.int('moe_intermediate_size');
-    const shared = c.int('moe_num_shared_experts', 2, 0);
-    if (!Number.isSafeInteger(F * shared))
-      c.fail(`'moe_intermediate_size' × 'moe_num_shared_experts' = ${F} × ${shared} is beyond the integers a size can hold`);
+    const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'moe_num_shared_experts', 2);
     // Ernie divides by max(Σ p_top, moe_norm_min = 1e-12): the sum of k softmax probabilities is
     // below that only for logits some 27 apart, where the package's plain sum differs.
     block = {
@@ -326,7 +312,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       normalize: true,
       routeScale: 1,
       selectionBias: true,
-      sharedFfn: F * shared,
+      sharedFfn,
       sharedGate: false,
     };
     const interval = c.int('moe_layer_interval', 1);
