@@ -348,6 +348,20 @@ describe('checkpoints', () => {
     expect(r.get('layers.0.experts.0.w1', { device: 'cpu' }).toNumbers()).toEqual([5, 6]);
   });
 
+  it('a tensor whose header dtype moe-ep does not read (an I32 patched to U32) is named with both dtypes, not called missing', () => {
+    const dir = tmp();
+    saveCheckpoint(dir, { step: 1, replicated: { idx: Tensor.fromArray([1, 2], { dtype: 'i32', device: 'cpu' }) } });
+    const p = join(dir, 'step-00000001', 'replicated.safetensors');
+    const b = fs.readFileSync(p);
+    const at = b.indexOf('"I32"');
+    expect(at).toBeGreaterThan(0);
+    b.write('"U32"', at);
+    fs.writeFileSync(p, b);
+    using r = loadCheckpoint(dir, { verify: false });
+    expect(() => r.getRaw('idx')).toThrow(/replicated\.safetensors holds tensor 'idx' as U32 but manifest\.json says i32/);
+    expect(() => r.verifyAll()).toThrow(/tensor 'idx' is U32\[2\] in its header but i32\[2\] in manifest\.json/);
+  });
+
   it('keep-last-K pruning; leftovers of interrupted saves are never picked and are cleaned up', () => {
     const dir = tmp();
     for (let s = 1; s <= 6; s++) {

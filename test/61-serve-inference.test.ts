@@ -225,7 +225,13 @@ describe('arguments', () => {
       bad(
         base,
         { ...weights(), w31: null },
-        /^MoEInference: 'weights': unknown weight 'w31' \(did you mean 'w13'\?\); expected 'router', 'bias', 'w13'/,
+        /^MoEInference: 'weights': unknown key 'w31' \(did you mean 'w13'\?\); expected 'router', 'bias', 'w13'/,
+      );
+      // Beside readLayer's bookkeeping, only the misspelt key is named (a review found all four named).
+      bad(
+        base,
+        { ...weights(), firstExpert: 0, localExperts: 4, dispose: () => {}, sharedGat: null },
+        /unknown key 'sharedGat' \(did you mean 'sharedGate'\?\);/,
       );
       // readLayer's bookkeeping must name this rank's experts (one rank: 0…3).
       bad(

@@ -131,7 +131,7 @@ const WEIGHT_TENSORS = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 
 function checkWeightKeys(weights: object, op: string, firstExpert: number, localExperts: number): void {
   const known = [...WEIGHT_TENSORS, 'firstExpert', 'localExperts', 'dispose'];
   const names = Object.keys(weights);
-  if (names.some((n) => !known.includes(n))) invalidArgument(op, `'weights': ${unknownNames(names, [...WEIGHT_TENSORS], 'weight')}`);
+  if (names.some((n) => !known.includes(n))) invalidArgument(op, `'weights': ${unknownNames(names, known, 'key')}`);
   const w = weights as { firstExpert?: unknown; localExperts?: unknown };
   for (const [key, want] of [
     ['firstExpert', firstExpert],

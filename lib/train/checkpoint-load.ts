@@ -186,7 +186,10 @@ export class CheckpointReader implements Disposable {
       const problems: string[] = [];
       const listed = Object.entries(this.manifest.tensors).filter(([, t]) => t.file === file);
       for (const [n, t] of listed) {
-        if (!f.has(n)) problems.push(`tensor '${n}' is missing from its header`);
+        const other = f.foreign.get(n);
+        if (other)
+          problems.push(`tensor '${n}' is ${other.dtype}[${other.shape}] in its header but ${t.dtype}[${t.shape}] in ${MANIFEST_FILE}`);
+        else if (!f.has(n)) problems.push(`tensor '${n}' is missing from its header`);
         else if (f.info(n).dtype !== t.dtype || f.info(n).shape.join() !== t.shape.join()) {
           problems.push(
             `tensor '${n}' is ${f.info(n).dtype}[${f.info(n).shape}] in its header but ${t.dtype}[${t.shape}] in ${MANIFEST_FILE}`,
@@ -267,7 +270,7 @@ export class CheckpointReader implements Disposable {
       for (const [n, t] of Object.entries(this.manifest.tensors)) {
         if (t.file !== file) continue;
         if (!f.has(n)) {
-          bad.push(`${n} (missing from the header)`);
+          bad.push(`${n} (${f.foreign.has(n) ? `${f.foreign.get(n)?.dtype} in the header` : 'missing from the header'})`);
           continue;
         }
         if (createHash('sha256').update(f.readBytes(n)).digest('hex') !== t.sha256) bad.push(n);
@@ -297,6 +300,8 @@ export class CheckpointReader implements Disposable {
     let r: { dtype: DType; shape: number[]; data: Uint8Array };
     try {
       const f = this.file(t.file);
+      const other = f.foreign.get(name);
+      if (other) ckptError(this.dir, `${t.file} holds tensor '${name}' as ${other.dtype} but ${MANIFEST_FILE} says ${t.dtype}`);
       if (!f.has(name)) ckptError(this.dir, `${t.file} does not hold tensor '${name}' although ${MANIFEST_FILE} says so`);
       r = f.read(name);
     } catch (e) {
