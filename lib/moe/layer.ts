@@ -226,6 +226,8 @@ export class MoELayer implements Disposable {
   readonly localExperts: number;
   readonly dispatcher: Dispatcher;
   #disposed = false;
+  /** The group's layers were found to agree (checkGroupAgrees, at the first forward on several ranks). */
+  #groupAgrees = false;
   /** fp32 master weights. */
   readonly master: { router: Tensor; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null };
   /** Compute copies in `dtype` (router as [1, H, E] for the one-group GEMM). */
@@ -441,6 +443,7 @@ export class MoELayer implements Disposable {
     if (x.dtype !== dtype) invalidArgument(op, `'x' is ${x.dtype} but the layer computes in ${dtype}`);
     if (!x.device.equals(this.device))
       invalidArgument(op, `'x' is on ${x.device.toString()} but the layer is on ${this.device.toString()}`);
+    this.checkGroupAgrees(op);
     const T = x.shape[0] as number;
     return tidy(() => {
       const all = this.wholeBatch(T);
@@ -725,6 +728,77 @@ export class MoELayer implements Disposable {
     }
     checkApart(op, named, { dy: inputs.dy, "the forward's x": inputs.x, ...own });
     return b;
+  }
+
+  /**
+   * The first forward on several ranks compares the layer's configuration across the group (one
+   * small all-to-all): ranks built with another topK, capacity or recompute would otherwise route
+   * and exchange inconsistently without an error, or wait for each other forever. Every rank sees
+   * every rank's values, so all refuse together, naming the fields.
+   */
+  private checkGroupAgrees(op: string): void {
+    const P = this.group.size;
+    if (this.#groupAgrees || P === 1) return;
+    const c = this.config;
+    // [name, value as a number, the choices it indexes (shown by name), or 'none' for -1]
+    const choice = <T>(name: string, v: T, of: readonly T[]): [string, number, readonly unknown[]] => [name, of.indexOf(v), of];
+    const fields: [string, number, readonly unknown[] | 'none' | null][] = [
+      ['hidden', c.hidden, null],
+      ['ffn', c.ffn, null],
+      ['numExperts', c.numExperts, null],
+      ['topK', c.topK, null],
+      choice('routing', c.routing, ['token-choice', 'expert-choice']),
+      choice('scoreFunction', c.scoreFunction, ['softmax', 'sigmoid']),
+      ['groups', c.groups, null],
+      ['topkGroups', c.topkGroups, null],
+      choice('normalize', c.normalize, [false, true]),
+      ['routeScale', c.routeScale, null],
+      ['capacityFactor', c.capacityFactor ?? -1, 'none'],
+      choice('dropPolicy', c.dropPolicy, DROP_POLICIES),
+      choice('padToCapacity', c.padToCapacity, [false, true]),
+      ['sharedFfn', c.sharedFfn, null],
+      choice('fp8Dispatch', c.fp8Dispatch, [false, true, 'keep']),
+      choice('recompute', c.recompute, RECOMPUTE_MODES),
+      choice('dtype', c.dtype, ['f32', 'bf16']),
+      ['seed', c.seed, null],
+      ['auxLossCoef', c.auxLossCoef, null],
+      ['seqAuxLossCoef', c.seqAuxLossCoef, null],
+      ['seqLen', c.seqLen ?? -1, 'none'],
+      ['zLossCoef', c.zLossCoef, null],
+    ];
+    const shownValue = (v: number, how: readonly unknown[] | 'none' | null): string =>
+      how === 'none' ? (v === -1 ? 'none' : String(v)) : how ? JSON.stringify(how[v]) : String(v);
+    // Exact values, floats included: each as its float64 bits in an i64.
+    const bits = new DataView(new ArrayBuffer(8));
+    const asBits = (v: number): bigint => {
+      bits.setFloat64(0, v);
+      return bits.getBigInt64(0);
+    };
+    const n = fields.length;
+    const mine = fields.map(([, v]) => asBits(v));
+    const all = tidy(() => {
+      const send = Tensor.fromArray(
+        BigInt64Array.from({ length: P * n }, (_, i) => mine[i % n] as bigint),
+        { dtype: 'i64', device: this.device },
+      );
+      const recv = Tensor.empty([P * n], { dtype: 'i64', device: this.device });
+      this.group.allToAll(send, recv);
+      return recv.toArray() as BigInt64Array;
+    });
+    const differ: string[] = [];
+    for (let p = 0; p < P; p++)
+      fields.forEach(([name, v, how], i) => {
+        const theirs = all[p * n + i] as bigint;
+        if (theirs === mine[i]) return;
+        bits.setBigInt64(0, theirs);
+        differ.push(`${name} ${shownValue(v, how)} on rank ${this.group.rank} but ${shownValue(bits.getFloat64(0), how)} on rank ${p}`);
+      });
+    if (differ.length)
+      invalidArgument(
+        op,
+        `the expert-parallel group's layers differ (${differ.slice(0, 4).join('; ')}${differ.length > 4 ? `; and ${differ.length - 4} more` : ''}): build every rank's layer with the same configuration`,
+      );
+    this.#groupAgrees = true;
   }
 
   /**

@@ -343,4 +343,34 @@ for (const [i, extra] of [
   }
   check(done, 'expert choice: no draw without a near-tie at a threshold in 10 attempts');
 }
+// 4. Ranks whose layers differ (another topK and recompute on the last rank): the first forward
+//    refuses on every rank together, naming the fields, before any exchange could go astray.
+{
+  const last = rank === P - 1;
+  const odd = new MoELayer({
+    hidden: 16,
+    ffn: 8,
+    numExperts: 2 * P,
+    topK: last ? 3 : 2,
+    recompute: last ? 'layer' : 'none',
+    dtype: gpu ? 'bf16' : 'f32',
+    device,
+    group: world,
+    ...tr.config,
+  });
+  let message = '';
+  try {
+    tidy(() => odd.forward(Tensor.randn([8, 16], { seed: rank, device, dtype: gpu ? 'bf16' : 'f32' })));
+  } catch (e) {
+    message = `${e.constructor.name}: ${e.message}`;
+  }
+  check(
+    /^InvalidArgumentError: MoELayer\.forward: the expert-parallel group's layers differ \(topK \d on rank \d+ but \d on rank \d+; recompute "\w+" on rank/.test(
+      message,
+    ),
+    `layers that differ across ranks: ${message || 'no error'}`,
+  );
+  odd.dispose();
+  progress('4: layers that differ across ranks refused on every rank');
+}
 console.log(`ok rank ${rank} of ${P} (transport ${layerTransport})`);
