@@ -83,8 +83,9 @@ function rowsTensor(op: string, a: Tensor | Fp8Rows): Tensor {
  */
 export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor, offsets: Tensor): ExpertsForward {
   const op = 'expertsForward';
-  checkShapes(op, { a: rowsTensor(op, aRows), w13, w2, offsets });
-  const { g, h } = activations(op, aRows, w13, offsets);
+  const a = rowsTensor(op, aRows);
+  checkShapes(op, { a, w13, w2, offsets });
+  const { g, h } = activations(a, aRows, w13, offsets);
   try {
     const out = groupedGemm('NN', h, w2, offsets);
     return { out, g, h };
@@ -101,12 +102,13 @@ export function expertsForward(aRows: Tensor | Fp8Rows, w13: Tensor, w2: Tensor,
  */
 export function expertsActivations(aRows: Tensor | Fp8Rows, w13: Tensor, offsets: Tensor): { g: Tensor; h: Tensor } {
   const op = 'expertsActivations';
-  checkShapes(op, { a: rowsTensor(op, aRows), w13, offsets });
-  return activations(op, aRows, w13, offsets);
+  const a = rowsTensor(op, aRows);
+  checkShapes(op, { a, w13, offsets });
+  return activations(a, aRows, w13, offsets);
 }
 
-function activations(op: string, aRows: Tensor | Fp8Rows, w13: Tensor, offsets: Tensor): { g: Tensor; h: Tensor } {
-  const a = rowsTensor(op, aRows);
+/** g and h of checked arguments: `a` is aRows itself, or its e4m3 rows. */
+function activations(a: Tensor, aRows: Tensor | Fp8Rows, w13: Tensor, offsets: Tensor): { g: Tensor; h: Tensor } {
   const M = a.shape[0] as number;
   const F2 = w13.shape[2] as number;
   const dtype = a === aRows ? a.dtype : w13.dtype;

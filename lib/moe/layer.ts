@@ -43,7 +43,7 @@ import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type CapacityResult, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
 import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
-import { FP8_BLOCK } from './fp8.js';
+import { FP8_BLOCK, type Fp8Rows } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
 import {
   balanceLoss,
@@ -489,13 +489,8 @@ export class MoELayer implements Disposable {
       let shared: { g: Tensor; h: Tensor; out: Tensor } | null = null;
       if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
       const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
-      const rowScales = scales ?? null;
-      const experts = expertsForward(
-        rowScales ? { q: rows, scales: rowScales } : rows,
-        this.compute.w13,
-        this.compute.w2,
-        handle.localOffsets,
-      );
+      const dispatched: DispatchedRows = { handle, rows, rowScales: scales ?? null };
+      const experts = expertsForward(expertRows(dispatched), this.compute.w13, this.compute.w2, handle.localOffsets);
       trace.mark('layer forward: experts', x.device);
       const y = this.dispatcher.combine(experts.out, handle, r.weights);
       if (shared) addInto(y, shared.out);
@@ -519,7 +514,7 @@ export class MoELayer implements Disposable {
                 numExperts: cap.numExperts,
               }
             : null,
-        dispatched: recompute === 'layer' ? null : { handle, rows, rowScales },
+        dispatched: recompute === 'layer' ? null : dispatched,
         experts: recompute === 'none' ? experts : null,
         shared: shared && recompute === 'none' ? { g: shared.g, h: shared.h } : null,
       };
@@ -579,8 +574,7 @@ export class MoELayer implements Disposable {
       return tidy(() => {
         const all = this.wholeBatch(T);
         trace.mark('layer backward: start', dy.device);
-        const { dispatched, experts, shared } = this.restore(s, all);
-        if (dispatched !== s.dispatched) restored.handle = dispatched.handle;
+        const { dispatched, experts, shared } = this.restore(s, all, restored);
         const { handle } = dispatched;
         // The combine backward waits for dy only: the shared expert's backward overlaps it.
         using dyReady = this.markProduced();
@@ -593,10 +587,9 @@ export class MoELayer implements Disposable {
         const { dExpertOut, dWeights } = settle(
           this.dispatcher.combineBackwardAsync(dy, experts.out, handle, s.weights, dyReady ? { after: dyReady } : {}),
         );
-        const rows = dispatched.rowScales ? { q: dispatched.rows, scales: dispatched.rowScales } : dispatched.rows;
         const eg = expertsBackward(
           dExpertOut,
-          rows,
+          expertRows(dispatched),
           this.compute.w13,
           this.compute.w2,
           handle.localOffsets,
@@ -654,47 +647,32 @@ export class MoELayer implements Disposable {
    * What backward needs that the forward did not keep (config.recompute), made again from what it
    * did: the dispatch of x with the saved routing ('layer'), then the experts' forward over those
    * rows and the shared expert's activations. The same kernels on the same inputs: the same bits.
-   * A dispatched handle made here is the caller's to dispose (it may hold the dispatcher's cached
-   * layouts, released only by its dispose).
+   * A handle dispatched here goes into `made` as soon as it exists: the caller disposes it (it may
+   * hold the dispatcher's cached layouts, released only by its dispose).
    */
   private restore(
     s: MoESaved,
     all: Tensor,
+    made: { handle: DispatchHandle | null },
   ): { dispatched: DispatchedRows; experts: { g: Tensor; h: Tensor; out: Tensor }; shared: { g: Tensor; h: Tensor } | null } {
     // The dispatch waits for what was queued before this mark only: the shared expert's activations,
     // queued next, overlap it (as in the forward: compute first, then the call that may block the host).
     using queued = s.dispatched === null ? this.markProduced() : undefined;
-    let shared = s.shared;
-    if (shared === null && this.compute.sharedW13) shared = expertsActivations(s.x, this.compute.sharedW13, all);
+    const shared = s.shared ?? (this.compute.sharedW13 ? expertsActivations(s.x, this.compute.sharedW13, all) : null);
     let dispatched = s.dispatched;
     if (dispatched === null) {
       const layout = s.layout as SavedLayout;
       // Placeholders for the counts the dispatch does not read (the forward returned the real ones).
       const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
-      const work = this.dispatcher.dispatchAsync(
-        s.x,
-        s.indices,
-        s.weights,
-        { ...layout, dropped: none(), invalid: none() },
-        queued ? { after: queued } : {},
+      const again = { ...layout, dropped: none(), invalid: none() };
+      const { rows, scales, handle } = settle(
+        this.dispatcher.dispatchAsync(s.x, s.indices, s.weights, again, queued ? { after: queued } : {}),
       );
-      const { rows, scales, handle } = settle(work);
+      made.handle = handle;
       dispatched = { rows, rowScales: scales ?? null, handle };
     }
     const d = dispatched;
-    let experts = s.experts;
-    try {
-      experts ??= expertsForward(
-        d.rowScales ? { q: d.rows, scales: d.rowScales } : d.rows,
-        this.compute.w13,
-        this.compute.w2,
-        d.handle.localOffsets,
-      );
-    } catch (e) {
-      // The handle of a dispatch made here holds cached layouts (several ranks): released, not leaked.
-      if (d !== s.dispatched) d.handle.dispose();
-      throw e;
-    }
+    const experts = s.experts ?? expertsForward(expertRows(d), this.compute.w13, this.compute.w2, d.handle.localOffsets);
     return { dispatched: d, experts, shared };
   }
 
@@ -861,6 +839,11 @@ const MAX_SEED = Math.floor((Number.MAX_SAFE_INTEGER - 15) / 16);
 /** A balance loss's coefficient: non-negative, and a float32 (the losses are computed in float32). */
 function lossCoef(v: number | undefined, op: string, arg: string): number {
   return checkFloat32(checkNonNegativeNumber(v ?? 0, op, arg), op, arg);
+}
+
+/** The rows the experts read: e4m3 with their scales (fp8Dispatch 'keep'), or the rows themselves. */
+function expertRows(d: DispatchedRows): Tensor | Fp8Rows {
+  return d.rowScales ? { q: d.rows, scales: d.rowScales } : d.rows;
 }
 
 /** The communication's result, the current stream ordered after it; the work's event freed. */

@@ -314,19 +314,16 @@ export class HfMoECheckpoint implements Disposable {
       this.stats.filesOpened++;
       this.stats.headerBytes += f.dataStart;
     }
-    const other = f.foreign.get(name);
-    if (other)
+    // A dtype moe-ep does not read at all (f.foreign), or one the MoE weights are not read from.
+    const foreign = f.foreign.get(name)?.dtype;
+    if (foreign === undefined && !f.has(name))
+      fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
+    const info = foreign === undefined ? f.info(name) : null;
+    const fp8 = info?.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
+    if (info === null || (!READABLE.includes(info.dtype) && !fp8)) {
       fail(
         this.dir,
-        `${file}: tensor '${name}' is ${other.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales`,
-      );
-    if (!f.has(name)) fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
-    const info = f.info(name);
-    const fp8 = info.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
-    if (!READABLE.includes(info.dtype) && !fp8) {
-      fail(
-        this.dir,
-        `${file}: tensor '${name}' is ${info.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`,
+        `${file}: tensor '${name}' is ${foreign ?? info?.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info?.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`,
       );
     }
     if (info.shape.join() !== shape.join()) {

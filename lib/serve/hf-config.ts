@@ -73,10 +73,11 @@ export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
  * field is required (dots1's shared-expert count defaults to None). `deepseekFields`: scoring_func,
  * topk_method and moe_layer_freq are read (DeepSeek's own code).
  */
+const DEEPSEEK_V3_DEFAULTS = { nGroup: 8, topkGroup: 4, norm: true, scale: 2.5, firstDense: 3, shared: 1, deepseekFields: true } as const;
 const DEEPSEEK_V3_BLOCKS = {
-  deepseek_v3: { nGroup: 8, topkGroup: 4, norm: true, scale: 2.5, firstDense: 3, shared: 1, deepseekFields: true },
+  deepseek_v3: DEEPSEEK_V3_DEFAULTS,
   // Kimi K2 ships DeepSeek's own configuration_deepseek.py, whose defaults are these too.
-  kimi_k2: { nGroup: 8, topkGroup: 4, norm: true, scale: 2.5, firstDense: 3, shared: 1, deepseekFields: true },
+  kimi_k2: DEEPSEEK_V3_DEFAULTS,
   glm4_moe: { nGroup: 1, topkGroup: 1, norm: true, scale: 1, firstDense: 1, shared: 1, deepseekFields: false },
   dots1: { nGroup: 1, topkGroup: 1, norm: false, scale: 1, firstDense: 0, shared: undefined, deepseekFields: false },
 } as const;
@@ -317,7 +318,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     };
     const interval = c.int('moe_layer_interval', 1);
     const start = c.int('moe_layer_start_index', 1, 0);
-    const endField = c.has('moe_layer_end_index') ? c.int('moe_layer_end_index', undefined, -1) : -1;
+    const endField = c.int('moe_layer_end_index', -1, -1);
     const end = endField === -1 ? numLayers - 1 : endField;
     isMoE = (l) => (l + 1) % interval === 0 && l >= start && l <= end;
   } else {
