@@ -22,6 +22,7 @@
  */
 import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { type CommWork } from '../parallel/overlap.js';
+import { type AgreedField, checkGroupAgrees, choiceField, optionalField } from '../parallel/group-agrees.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { DisposedError, invalidArgument, usedAfterDispose, shown } from '../errors.js';
@@ -715,67 +716,33 @@ export class MoELayer implements Disposable {
    * every rank's values, so all refuse together, naming the fields.
    */
   private checkGroupAgrees(op: string): void {
-    const P = this.group.size;
-    if (this.#groupAgrees || P === 1) return;
+    if (this.#groupAgrees || this.group.size === 1) return;
     const c = this.config;
-    // [name, value as a number, the choices it indexes (shown by name), or 'none' for -1]
-    const choice = <T>(name: string, v: T, of: readonly T[]): [string, number, readonly unknown[]] => [name, of.indexOf(v), of];
-    const fields: [string, number, readonly unknown[] | 'none' | null][] = [
-      ['hidden', c.hidden, null],
-      ['ffn', c.ffn, null],
-      ['numExperts', c.numExperts, null],
-      ['topK', c.topK, null],
-      choice('routing', c.routing, ['token-choice', 'expert-choice']),
-      choice('scoreFunction', c.scoreFunction, ['softmax', 'sigmoid']),
-      ['groups', c.groups, null],
-      ['topkGroups', c.topkGroups, null],
-      choice('normalize', c.normalize, [false, true]),
-      ['routeScale', c.routeScale, null],
-      ['capacityFactor', c.capacityFactor ?? -1, 'none'],
-      choice('dropPolicy', c.dropPolicy, DROP_POLICIES),
-      choice('padToCapacity', c.padToCapacity, [false, true]),
-      ['sharedFfn', c.sharedFfn, null],
-      choice('fp8Dispatch', c.fp8Dispatch, [false, true, 'keep']),
-      choice('recompute', c.recompute, RECOMPUTE_MODES),
-      choice('dtype', c.dtype, ['f32', 'bf16']),
-      ['seed', c.seed, null],
-      ['auxLossCoef', c.auxLossCoef, null],
-      ['seqAuxLossCoef', c.seqAuxLossCoef, null],
-      ['seqLen', c.seqLen ?? -1, 'none'],
-      ['zLossCoef', c.zLossCoef, null],
-    ];
-    const shownValue = (v: number, how: readonly unknown[] | 'none' | null): string =>
-      how === 'none' ? (v === -1 ? 'none' : String(v)) : how ? JSON.stringify(how[v]) : String(v);
-    // Exact values, floats included: each as its float64 bits in an i64.
-    const bits = new DataView(new ArrayBuffer(8));
-    const asBits = (v: number): bigint => {
-      bits.setFloat64(0, v);
-      return bits.getBigInt64(0);
-    };
-    const n = fields.length;
-    const mine = fields.map(([, v]) => asBits(v));
-    const all = tidy(() => {
-      const send = Tensor.fromArray(
-        BigInt64Array.from({ length: P * n }, (_, i) => mine[i % n] as bigint),
-        { dtype: 'i64', device: this.device },
-      );
-      const recv = Tensor.empty([P * n], { dtype: 'i64', device: this.device });
-      this.group.allToAll(send, recv);
-      return recv.toArray() as BigInt64Array;
-    });
-    const differ: string[] = [];
-    for (let p = 0; p < P; p++)
-      fields.forEach(([name, v, how], i) => {
-        const theirs = all[p * n + i] as bigint;
-        if (theirs === mine[i]) return;
-        bits.setBigInt64(0, theirs);
-        differ.push(`${name} ${shownValue(v, how)} on rank ${this.group.rank} but ${shownValue(bits.getFloat64(0), how)} on rank ${p}`);
-      });
-    if (differ.length)
-      invalidArgument(
-        op,
-        `the expert-parallel group's layers differ (${differ.slice(0, 4).join('; ')}${differ.length > 4 ? `; and ${differ.length - 4} more` : ''}): build every rank's layer with the same configuration`,
-      );
+    const n = (name: string, value: number): AgreedField => ({ name, value });
+    checkGroupAgrees(this.group, this.device, op, 'layers', [
+      n('hidden', c.hidden),
+      n('ffn', c.ffn),
+      n('numExperts', c.numExperts),
+      n('topK', c.topK),
+      choiceField('routing', c.routing, ['token-choice', 'expert-choice']),
+      choiceField('scoreFunction', c.scoreFunction, ['softmax', 'sigmoid']),
+      n('groups', c.groups),
+      n('topkGroups', c.topkGroups),
+      choiceField('normalize', c.normalize, [false, true]),
+      n('routeScale', c.routeScale),
+      optionalField('capacityFactor', c.capacityFactor),
+      choiceField('dropPolicy', c.dropPolicy, DROP_POLICIES),
+      choiceField('padToCapacity', c.padToCapacity, [false, true]),
+      n('sharedFfn', c.sharedFfn),
+      choiceField('fp8Dispatch', c.fp8Dispatch, [false, true, 'keep']),
+      choiceField('recompute', c.recompute, RECOMPUTE_MODES),
+      choiceField('dtype', c.dtype, ['f32', 'bf16']),
+      n('seed', c.seed),
+      n('auxLossCoef', c.auxLossCoef),
+      n('seqAuxLossCoef', c.seqAuxLossCoef),
+      optionalField('seqLen', c.seqLen),
+      n('zLossCoef', c.zLossCoef),
+    ]);
     this.#groupAgrees = true;
   }
 

@@ -58,6 +58,7 @@ import { dtypeSize } from '../dtype.js';
 import { invalidArgument, shown, UnavailableError, unknownNames, usedAfterDispose } from '../errors.js';
 import { CudaGraph } from '../graph.js';
 import { Stream } from '../stream.js';
+import { type AgreedField, checkGroupAgrees, choiceField, optionalField } from '../parallel/group-agrees.js';
 import {
   checkBoolean,
   checkContiguous,
@@ -241,6 +242,8 @@ export class MoEInference implements Disposable {
   #captureStream: Stream | null = null;
   /** Across ranks: the peer transport of the low-latency path, null when rows go through the Dispatcher; undefined until decided. */
   #lowLatency: PeerTransport | null | undefined = undefined;
+  /** The group's layers were found to agree (checkGroupAgrees, at the first step on several ranks). */
+  #groupAgrees = false;
   #disposed = false;
 
   /** Takes ownership of `weights` (checked against the config); dispose() frees them. */
@@ -630,6 +633,7 @@ export class MoEInference implements Disposable {
     }
     const have = this.graphs.get(T);
     if (have) return graphInfo(have);
+    this.checkGroupAgrees(op);
     const ws = this.workspace(T);
     this.workspaces.delete(T); // the graph's from now on
     const { hidden: H, dtype } = this.config;
@@ -734,6 +738,7 @@ export class MoEInference implements Disposable {
       }
       if (out.sharesStorageWith(x)) invalidArgument(op, `'out' shares memory with 'x'`);
     }
+    this.checkGroupAgrees(op);
     const g = this.graphs.get(T);
     if (g) {
       if (g.peer) {
@@ -749,6 +754,37 @@ export class MoEInference implements Disposable {
       return out ? out.copy_(g.y) : g.y.clone();
     }
     return this.run(x, this.workspace(T), out);
+  }
+
+  /**
+   * The first step on several ranks (forward or captureDecode) compares the layer's configuration
+   * across the group, before the first exchange: ranks holding another topK, capacity or router
+   * would route and exchange inconsistently without an error. All refuse together, naming the fields.
+   */
+  private checkGroupAgrees(op: string): void {
+    if (this.#groupAgrees || this.group.size === 1) return;
+    const c = this.config;
+    const r = this.router;
+    const n = (name: string, value: number): AgreedField => ({ name, value });
+    const yesNo = [false, true];
+    checkGroupAgrees(this.group, this.device, op, 'layers', [
+      n('hidden', c.hidden),
+      n('ffn', c.ffn),
+      n('numExperts', c.numExperts),
+      n('topK', c.topK),
+      choiceField('scoreFunction', r.scoreFunction, ['softmax', 'sigmoid']),
+      n('groups', r.groups),
+      n('topkGroups', r.topkGroups),
+      choiceField('normalize', r.normalize, yesNo),
+      n('routeScale', r.routeScale),
+      choiceField('selectionBias', c.selectionBias, yesNo),
+      n('sharedFfn', c.sharedFfn),
+      choiceField('sharedGate', c.sharedGate, yesNo),
+      optionalField('capacityFactor', c.capacityFactor),
+      choiceField('dropPolicy', c.dropPolicy, DROP_POLICIES),
+      choiceField('dtype', c.dtype, ['f32', 'bf16']),
+    ]);
+    this.#groupAgrees = true;
   }
 
   /** One forward of x (checked by the caller) through the workspace `ws` of its token count. */

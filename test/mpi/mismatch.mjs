@@ -4,7 +4,7 @@
 // the agreement these overran buffers (malloc(): corrupted top size) or hung.
 //   --device cpu (default): host tensors (MPI under mpirun).
 //   --device cuda: each rank's GPU (NCCL with a GPU per rank; MPI staging when ranks share one).
-import { capacity, Dispatcher, init, InvalidArgumentError, Tensor } from '../../dist/lib/index.js';
+import { capacity, Dispatcher, init, InvalidArgumentError, MoEInference, Tensor } from '../../dist/lib/index.js';
 import { check, expectThrow, same, scriptDevice } from './common.mjs';
 
 const world = await init({ timeoutMs: 20000 });
@@ -98,6 +98,34 @@ expectThrow(
     'capacity mode with another C on rank 0',
   );
   d.dispose();
+}
+
+// A served layer whose configuration differs on rank 0 (another topK and no capacity): its first
+// forward refuses on every rank together, naming both fields with both values, before any exchange.
+{
+  const E = 2 * n,
+    H = 8,
+    F = 4,
+    El = 2,
+    T = 4;
+  const dtype = device === 'cpu' ? 'f32' : 'bf16';
+  const w = (shape, seed) => Tensor.randn(shape, { seed, device }).cast(dtype);
+  const inf = new MoEInference(
+    { hidden: H, ffn: F, numExperts: E, topK: mine(1, 2), ...(lead ? {} : { capacityFactor: 2 }), group: world, dtype, device },
+    { router: w([1, H, E], 1), w13: w([El, H, 2 * F], 2 + r), w2: w([El, F, H], 3 + r) },
+  );
+  const other = lead ? 1 : 0;
+  const topK = `topK ${mine(1, 2)} on rank ${r} but ${theirs(1, 2)} on rank ${other}`;
+  const cf = `capacityFactor ${mine('none', 2)} on rank ${r} but ${theirs('none', 2)} on rank ${other}`;
+  expectThrow(
+    () => inf.forward(w([T, H], 9 + r)),
+    InvalidArgumentError,
+    new RegExp(
+      `^MoEInference\\.forward: the expert-parallel group's layers differ \\(${topK}; ${cf}[;)].*build every rank's layer with the same configuration$`,
+    ),
+    'MoEInference whose topK and capacity differ on rank 0',
+  );
+  inf.dispose();
 }
 
 check(!world.aborted, 'still usable after the mismatches');
