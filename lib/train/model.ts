@@ -53,6 +53,7 @@ export class MoEModel implements Disposable {
   private readonly headCompute: Tensor; // [1, H, H]
   readonly dtype: DType;
   private readonly offsets = new Map<number, Tensor>();
+  private readonly computeViews = new Map<string, Tensor>();
 
   constructor(
     readonly config: ModelConfig,
@@ -80,12 +81,22 @@ export class MoEModel implements Disposable {
     const bf16 = this.dtype === 'bf16';
     const H = this.config.hidden;
     const out: Param[] = [];
+    // The [H,E] and [H,H] views of the [1,H,E] and [1,H,H] compute copies, made once and owned by
+    // the model (a view holds its storage: one made per call outlived the model).
+    const view = (name: string, of: Tensor, ...shape: number[]): Tensor => {
+      let v = this.computeViews.get(name);
+      if (!v) {
+        v = keep(of.view(...shape));
+        this.computeViews.set(name, v);
+      }
+      return v;
+    };
     this.layers.forEach((l, i) => {
       out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated' });
       out.push({
         name: `layers.${i}.router.weight`,
         master: l.master.router,
-        computeBf16: bf16 ? l.compute.router.view(H, l.config.numExperts) : null,
+        computeBf16: bf16 ? view(`layers.${i}.router.weight`, l.compute.router, H, l.config.numExperts) : null,
         kind: 'replicated',
       });
       out.push({ name: `layers.${i}.experts.w13`, master: l.master.w13, computeBf16: bf16 ? l.compute.w13 : null, kind: 'expert' });
@@ -105,7 +116,12 @@ export class MoEModel implements Disposable {
         });
       }
     });
-    out.push({ name: 'head.weight', master: this.head, computeBf16: bf16 ? this.headCompute.view(H, H) : null, kind: 'replicated' });
+    out.push({
+      name: 'head.weight',
+      master: this.head,
+      computeBf16: bf16 ? view('head.weight', this.headCompute, H, H) : null,
+      kind: 'replicated',
+    });
     return out;
   }
 
@@ -245,8 +261,7 @@ export class MoEModel implements Disposable {
       owners.set(`layers.${i}`, { named: {}, own });
     });
     const seen = new Set<unknown>();
-    // params() makes a view of each router's compute copy: the tidy frees them, the masters stay.
-    const masters = tidy(() => this.params().map((p): [string, Tensor] => [p.name, p.master]));
+    const masters = this.params().map((p): [string, Tensor] => [p.name, p.master]);
     for (const [name, master] of masters) {
       const buf = buffers.get(name);
       if (buf === undefined) invalidArgument(op, `'accumulate' has no buffer for '${name}'`);
@@ -261,7 +276,7 @@ export class MoEModel implements Disposable {
 
   dispose(): void {
     for (const l of this.layers) l.dispose();
-    for (const t of [...this.norms, this.head, this.headCompute, ...this.offsets.values()]) t.dispose();
+    for (const t of [...this.norms, this.head, this.headCompute, ...this.offsets.values(), ...this.computeViews.values()]) t.dispose();
   }
   [Symbol.dispose](): void {
     this.dispose();
