@@ -181,6 +181,24 @@ describe('config.json → the package (hfMoEModel)', () => {
       sharedFfn: 0,
     });
     expect(hfMoEModel(testConfigs.minimax_m2).moeLayers).toEqual([0, 1]);
+    // Hunyuan: softmax, renormalised for k > 1 only, an ungated shared MLP of the experts' width
+    // (intermediate_size), per-layer lists holding one value; every layer MoE.
+    expect(hfMoEModel(testConfigs.hunyuan_v1_moe).block).toMatchObject({
+      scoreFunction: 'softmax',
+      selectionBias: false,
+      normalize: true,
+      ffn: 8,
+      numExperts: 8,
+      topK: 3,
+      sharedFfn: 8,
+      sharedGate: false,
+    });
+    expect(hfMoEModel(testConfigs.hunyuan_v1_moe).moeLayers).toEqual([0, 1]);
+    expect(hfMoEModel({ ...testConfigs.hunyuan_v1_moe, moe_topk: 1, num_experts: 4 }).block).toMatchObject({
+      topK: 1,
+      numExperts: 4,
+      normalize: false,
+    });
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -216,7 +234,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -240,6 +258,18 @@ describe('config.json → the package (hfMoEModel)', () => {
       /'shared_intermediate_size' > 0: MiniMax-M2's block \(transformers'\) has no shared expert/,
     );
     bad({ ...testConfigs.qwen3_next, shared_expert_intermediate_size: undefined }, /'shared_expert_intermediate_size' is missing/);
+    bad(
+      { ...testConfigs.hunyuan_v1_moe, moe_topk: [2, 3] },
+      /'moe_topk' differs between layers \(2, 3\): the loader serves one MoE block shape for every layer/,
+    );
+    bad(
+      { ...testConfigs.hunyuan_v1_moe, num_experts: [8, 8, 8] },
+      /'num_experts' must be an integer >= 1 or a list of 2 of them \(one per layer\); found \[8,8,8\]/,
+    );
+    bad(
+      { ...testConfigs.hunyuan_v1_moe, intermediate_size: undefined },
+      /'intermediate_size' is missing \(the hunyuan_v1_moe MoE block needs it\)/,
+    );
     bad([], /must be a JSON object/);
   });
 });

@@ -202,6 +202,14 @@ export function blockNames(cfg, layer) {
     return { gate: `${p}.gate.weight`, bias, expert: (j, x) => `${p}.experts.${j}.${m[x]}.weight`, shared: null, sharedGate: null };
   }
   const p = `model.layers.${layer}.mlp`;
+  if (cfg.model_type === 'hunyuan_v1_moe')
+    return {
+      gate: `${p}.gate.wg.weight`,
+      bias: null,
+      expert: (j, x) => `${p}.experts.${j}.${x}_proj.weight`,
+      shared: (x) => `${p}.shared_mlp.${x}_proj.weight`,
+      sharedGate: null,
+    };
   const ds = ['deepseek_v3', 'kimi_k2', 'glm4_moe', 'dots1'].includes(cfg.model_type);
   const ernie = cfg.model_type === 'ernie4_5_moe';
   const qwen2 = cfg.model_type === 'qwen2_moe' || cfg.model_type === 'qwen3_next';
@@ -249,7 +257,15 @@ export function buildHfCheckpoint(
       continue;
     }
     const n = blockNames(cfg, l);
-    const w = { gate: add(n.gate, [E, H], rand(E * H, 1 / Math.sqrt(H))), bias: null, experts: [], shared: null, sharedGate: null };
+    // Hunyuan publishes its gate (wg) in F32 whatever the other weights' dtype.
+    const gateDtype = cfg.model_type === 'hunyuan_v1_moe' ? 'f32' : dtype;
+    const w = {
+      gate: add(n.gate, [E, H], rand(E * H, 1 / Math.sqrt(H)), gateDtype),
+      bias: null,
+      experts: [],
+      shared: null,
+      sharedGate: null,
+    };
     if (n.bias) {
       const b = rand(E).map((v) => biasScale * Math.tanh(v));
       // Ernie 4.5 stores its bias as [1,E] (one group of experts).
@@ -440,6 +456,17 @@ export const testConfigs = {
     intermediate_size: 8,
     num_local_experts: 8,
     num_experts_per_tok: 3,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Hunyuan-A13B: per-layer lists for the expert count and top-k (as published), a shared MLP of
+  // the experts' width, every layer MoE.
+  hunyuan_v1_moe: {
+    model_type: 'hunyuan_v1_moe',
+    hidden_size: 16,
+    intermediate_size: 8,
+    num_experts: [8, 8],
+    moe_topk: [3, 3],
     num_hidden_layers: 2,
     hidden_act: 'silu',
   },

@@ -19,6 +19,10 @@
 //   qwen2_moe:   p = softmax; top-k; w = p_top (/ Σ p_top if norm_topk_prob); y = Σ w_j·MLP_j(x)
 //                + sigmoid(x·sharedGate)·MLP_shared(x)
 //   qwen3_moe:   as qwen2_moe without a shared expert
+//   hunyuan_v1_moe: p = softmax; top-k (moe_topk); w = p_top / Σ p_top when k > 1, p_top at top-1;
+//                y = Σ w_j·MLP_j(x) + MLP_shared(x), experts and shared MLP of intermediate_size
+//                (dropless, as vLLM serves it: transformers' eager topkgating also caps each expert
+//                at max(k, ⌊k·T/E⌋) assignments of the batch for k > 1, which this reference omits)
 //   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
 //
 // Returns { y [T·H], margin, minChoice }: margin is the smallest gap, over tokens, between the last
@@ -67,7 +71,7 @@ export function moeLayersOf(cfg) {
   const layers = [];
   for (let l = 0; l < cfg.num_hidden_layers; l++) {
     let moe;
-    if (cfg.model_type === 'mixtral' || cfg.model_type === 'olmoe' || cfg.model_type === 'minimax_m2') moe = true;
+    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe'].includes(cfg.model_type)) moe = true;
     else if (cfg.model_type === 'ernie4_5_moe') {
       // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
       const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
@@ -107,6 +111,12 @@ export function moeSizes(cfg) {
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'olmoe':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'hunyuan_v1_moe': {
+      // num_experts and moe_topk: an integer, or one per layer (HunYuanMoE reads [layer_idx]; the
+      // test configs hold one value throughout, so layer 0's stands for every layer).
+      const first = (v) => (Array.isArray(v) ? v[0] : v);
+      return { H, F: cfg.intermediate_size, E: first(cfg.num_experts), k: first(cfg.moe_topk), Fs: cfg.intermediate_size };
+    }
     case 'ernie4_5_moe':
       return {
         H,
@@ -213,7 +223,9 @@ export function hfMoEReference(cfg, w, x) {
       chosen = top.chosen;
       margin = Math.min(margin, c[chosen[k - 1]] - top.next);
       weights = chosen.map((e) => p[e]);
-      const renorm = cfg.model_type === 'mixtral' || ernie ? true : field(cfg, 'norm_topk_prob');
+      // Hunyuan's topkgating renormalises for k > 1; its top-1 path keeps the probability.
+      const renorm =
+        cfg.model_type === 'hunyuan_v1_moe' ? k > 1 : cfg.model_type === 'mixtral' || ernie ? true : field(cfg, 'norm_topk_prob');
       if (renorm) {
         const z = weights.reduce((a, b) => a + b, 0);
         weights = weights.map((v) => v / (ernie ? Math.max(z, cfg.moe_norm_min ?? 1e-12) : z));

@@ -16,6 +16,8 @@
  *   olmoe)       model.layers.L.mlp.shared_expert_gate.weight [1,H]
  *   ernie4_5_moe as deepseek_v3 but the bias: model.layers.L.mlp.moe_statics.e_score_correction_bias [1,E]
  *   minimax_m2   as mixtral, and model.layers.L.block_sparse_moe.e_score_correction_bias [E]
+ *   hunyuan_v1_moe  model.layers.L.mlp.gate.wg.weight [E,H] (F32 as published), experts as qwen2_moe,
+ *                model.layers.L.mlp.shared_mlp.{gate,up,down}_proj.weight
  *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
  * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
@@ -98,6 +100,15 @@ export function hfMoENames(
   }
   const p = `model.layers.${layer}.mlp`;
   const proj = (x: HfProjection): string => `${x}_proj`;
+  if (family === 'hunyuan_v1_moe')
+    return {
+      gate: `${p}.gate.wg.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: (j, x) => `${p}.experts.${j}.${proj(x)}.weight`,
+      shared: block.sharedFfn > 0 ? (x) => `${p}.shared_mlp.${proj(x)}.weight` : null,
+      sharedGate: null,
+    };
   const ernie = family === 'ernie4_5_moe';
   const sharedPrefix = isDeepSeekV3Block(family) || ernie ? `${p}.shared_experts` : `${p}.shared_expert`;
   return {

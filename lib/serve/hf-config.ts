@@ -36,6 +36,14 @@
  *   minimax_m2   MiniMax-M2: s = sigmoid(x·Wgᵀ); b = e_score_correction_bias (selection only);
  *                top-k of s + b; weights = s_top / Σ s_top; y = Σ_j weights_j · E_j(x), Mixtral's
  *                tensor names and expert width (intermediate_size); every layer is an MoE layer
+ *   hunyuan_v1_moe  Hunyuan-A13B (transformers' HunYuanMoE): p = softmax(x·Wgᵀ) (the gate `wg` in
+ *                fp32); top-k (moe_topk); weights = p_top / Σ p_top when k > 1, p_top at top-1;
+ *                y = Σ_j weights_j · E_j(x) + S(x), S the shared MLP, added ungated; experts and
+ *                shared MLP of width intermediate_size; every layer is an MoE layer. num_experts and
+ *                moe_topk may be per-layer lists (one value throughout is served). Dropless, as vLLM
+ *                serves it: transformers' eager topkgating also caps each expert at max(k, ⌊k·T/E⌋)
+ *                of the batch's assignments for k > 1 (top-1 choices first) and drops the rest,
+ *                which the package does not reproduce
  *
  * Mapping onto the package (lib/moe/router.ts, lib/serve/inference.ts):
  *   softmax/sigmoid → scoreFunction; norm_topk_prob / Mixtral's renormalisation → normalize;
@@ -63,6 +71,7 @@ export const HF_MOE_FAMILIES = [
   'olmoe',
   'ernie4_5_moe',
   'minimax_m2',
+  'hunyuan_v1_moe',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -184,6 +193,22 @@ class Fields {
       this.fail(`'${widthField}' × '${countField}' = ${width} × ${n} is beyond the integers a size can hold`);
     return { width, total: width * n };
   }
+  /**
+   * An integer given once or per layer (a list of `layers` values, as Hunyuan's num_experts and
+   * moe_topk may be): the package serves one block shape, so a list must hold one value throughout.
+   */
+  intOrUniformList(f: string, dflt: number, layers: number): number {
+    const v = this.has(f) ? this.c[f] : undefined;
+    if (!Array.isArray(v)) return this.int(f, dflt);
+    if (v.length !== layers || !v.every((x) => Number.isSafeInteger(x) && x >= 1))
+      this.fail(`'${f}' must be an integer >= 1 or a list of ${layers} of them (one per layer); found ${JSON.stringify(v).slice(0, 200)}`);
+    const values = v as number[];
+    if (values.some((x) => x !== values[0]))
+      this.fail(
+        `'${f}' differs between layers (${[...new Set(values)].slice(0, 8).join(', ')}): the loader serves one MoE block shape for every layer`,
+      );
+    return values[0] as number;
+  }
   intList(f: string): number[] {
     if (!this.has(f)) return [];
     const v = this.c[f];
@@ -296,6 +321,27 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
     isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'hunyuan_v1_moe') {
+    // HunYuanMoE: the shared MLP always (transformers builds it whatever num_shared_expert says),
+    // experts and shared MLP both of intermediate_size; top-1 keeps its probability unscaled.
+    const F = c.int('intermediate_size');
+    const k = c.intOrUniformList('moe_topk', 1, numLayers);
+    block = {
+      family,
+      hidden,
+      ffn: F,
+      numExperts: c.intOrUniformList('num_experts', 1, numLayers),
+      topK: k,
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: k > 1,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: F,
+      sharedGate: false,
+    };
+    isMoE = () => true;
   } else if (family === 'ernie4_5_moe') {
     if (c.bool('use_bias', false)) c.fail(`'use_bias' true: the package's experts have no bias terms`);
     const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'moe_num_shared_experts', 2);
