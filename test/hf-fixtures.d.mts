@@ -82,6 +82,7 @@ export const testConfigs: Record<
   | 'qwen3_next'
   | 'olmoe'
   | 'ernie4_5_moe'
-  | 'minimax_m2',
+  | 'minimax_m2'
+  | 'hunyuan_v1_moe',
   HfTestConfig
 >;
