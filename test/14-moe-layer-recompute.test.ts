@@ -27,6 +27,7 @@ const CONFIGS: [string, Partial<MoELayerConfig>][] = [
   ['capacity 1.25 padded, with a comm stream', { capacityFactor: 1.25, padToCapacity: true, commStream: true }],
   ['expert choice', { routing: 'expert-choice', capacityFactor: 2 }],
   ['bf16, 2 groups keep 1', { dtype: 'bf16', groups: 2, topkGroups: 1 }],
+  ['the shared expert gated (its output recomputed too)', { sharedGate: true, capacityFactor: 1.25 }],
   ["fp8Dispatch 'keep' (e4m3 rows)", { hidden: 128, fp8Dispatch: 'keep' }],
   ['fp8Dispatch true', { hidden: 128, fp8Dispatch: true, sharedFfn: 0 }],
 ];
@@ -109,6 +110,25 @@ describe('MoELayer recompute', () => {
     // and kept counts [E] (i32) to dispatch again.
     expect(experts - layer).toBeGreaterThanOrEqual(f32(M * 16) - f32(T * 2) - f32(4));
     console.log(`recompute memory (seed ${seed}): a forward keeps ${none} B (none), ${experts} B (experts), ${layer} B (layer)`);
+    // With the shared expert gated, 'none' also keeps its output [T,H] (the gate's gradient reads
+    // it), which 'experts' computes again; the gate's σ, scores and indices [T,1] stay in every mode.
+    const gated = { ...config, sharedGate: true };
+    const keptGated = (recompute: Recompute): number => {
+      using layer = new MoELayer({ ...gated, recompute });
+      const release = (f: MoEForward): void => {
+        disposeSaved(f);
+        for (const t of [f.y, f.tokensPerExpert, f.dropped, f.auxLoss, f.routerEntropy]) t.dispose();
+      };
+      release(layer.forward(x));
+      const before = memoryStats(cpu).liveBytes;
+      const f = layer.forward(x);
+      const bytes = memoryStats(cpu).liveBytes - before;
+      release(f);
+      return bytes;
+    };
+    const [gNone, gExperts] = (['none', 'experts'] as const).map(keptGated) as [number, number];
+    expect(gNone - gExperts).toBe(none - experts + f32(T * 16));
+    expect(gExperts - experts).toBe(3 * f32(T)); // σ, scores (f32) and indices (i32), [T,1] each
   });
 
   it("a backward whose forward's x was disposed says so before anything runs; the forward stays releasable", () => {

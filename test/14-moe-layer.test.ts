@@ -51,12 +51,16 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
   const y = new Array(T * H).fill(0);
   const s13 = layer.master.sharedW13 ? values(layer.master.sharedW13) : [];
   const s2 = layer.master.sharedW2 ? values(layer.master.sharedW2) : [];
+  const gate = layer.master.sharedGate ? values(layer.master.sharedGate) : null;
   for (let t = 0; t < T; t++) {
     for (let j = 0; j < k; j++) {
       const out = ffn(expertInput ?? xv, t, w13, w2, r.idx[t * k + j] as number, F);
       for (let h = 0; h < H; h++) y[t * H + h] += (r.w[t * k + j] as number) * (out[h] as number);
     }
-    if (Fs) ffn(xv, t, s13, s2, 0, Fs).forEach((v, h) => (y[t * H + h] += v));
+    // sharedGate: the shared expert's output scaled by sigmoid(x·g).
+    let scale = 1;
+    if (gate) scale = 1 / (1 + Math.exp(-gate.reduce((a, g, h) => a + g * (xv[t * H + h] as number), 0)));
+    if (Fs) ffn(xv, t, s13, s2, 0, Fs).forEach((v, h) => (y[t * H + h] += scale * v));
   }
   return y;
 }
@@ -64,8 +68,8 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
 const base: MoELayerConfig = { hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, sharedFfn: 3 };
 
 /** One finite-difference check of MoELayer.backward; false when a perturbation moved the routing. */
-function gradientCheck(): boolean {
-  using layer = new MoELayer({ ...base, seed: freshSeed(), auxLossCoef: 0.1, zLossCoef: 0.01 });
+function gradientCheck(config: MoELayerConfig = base): boolean {
+  using layer = new MoELayer({ ...config, seed: freshSeed(), auxLossCoef: 0.1, zLossCoef: 0.01 });
   const T = 5;
   using x = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
   using R = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
@@ -107,7 +111,9 @@ function gradientCheck(): boolean {
       ['w13', grads.w13, layer.master.w13, true],
       ['w2', grads.w2, layer.master.w2, true],
       ['shared w13', grads.sharedW13 as Tensor, layer.master.sharedW13 as Tensor, true],
+      ['shared w2', grads.sharedW2 as Tensor, layer.master.sharedW2 as Tensor, true],
     ];
+    if (layer.master.sharedGate) checks.push(['shared gate', grads.sharedGate as Tensor, layer.master.sharedGate, true]);
     const errors = checks.map(([name, g, t, refresh]) => {
       const analytic = values(g);
       const picks = pick(t.numel);
@@ -131,6 +137,7 @@ describe('MoELayer on one rank', () => {
   it.each([
     ['softmax', { ...base }],
     ['sigmoid, 2 groups keep 1, no shared expert', { ...base, scoreFunction: 'sigmoid', groups: 2, topkGroups: 1, sharedFfn: 0 }],
+    ['the shared expert gated by sigmoid(x·g)', { ...base, sharedGate: true }],
   ] as const)('forward equals the float64 oracle: %s', (_n, config) => {
     const before = memoryStats(cpu).liveBytes;
     {
@@ -259,18 +266,22 @@ describe('MoELayer on one rank', () => {
     }
   });
 
-  it('backward matches finite differences for x, the router and the experts', () => {
+  it.each([
+    ['', base],
+    [' (the shared expert gated by sigmoid(x·g), and its gate)', { ...base, sharedGate: true }],
+  ] as [string, MoELayerConfig][])('backward matches finite differences for x, the router and the experts%s', (_name, config) => {
     // Finite differences are only meaningful where the routing is locally constant: a random draw
     // whose top-k nearly ties flips under a ±h step. Such draws are detected (the selection seen by
     // any perturbed forward differs) and redrawn; every attempt compares, none is skipped silently.
     for (let attempt = 0; attempt < 20; attempt++) {
-      if (gradientCheck()) return;
+      if (gradientCheck(config)) return;
     }
     throw new Error('no random draw with a locally stable routing in 20 attempts');
   });
 
   it.each([
     ['with a shared expert', base],
+    ['with a gated shared expert', { ...base, sharedGate: true }],
     ['without one, capacity mode', { ...base, sharedFfn: 0, capacityFactor: 1.25 }],
   ] as [string, MoELayerConfig][])(
     'backward with out and accumulate adds each weight gradient into the buffers: two micro-batches give the sum of two fresh backwards (%s)',
@@ -287,7 +298,7 @@ describe('MoELayer on one rank', () => {
       // The same two micro-batches into buffers that start at zero.
       const buffers = Object.fromEntries(
         keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu })]),
-      ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor };
+      ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor; sharedGate?: Tensor };
       batches.forEach(({ x, dy }, b) => {
         const g = layer.backward(layer.forward(x), dy, { out: buffers, accumulate: true });
         for (const k of keys) expect(g[k] ?? null, `${k} comes back as the buffer`).toBe(buffers[k] ?? null);

@@ -8,6 +8,7 @@
  *   experts  w13 [El, H, 2F]        W1 and W3 interleaved by column (see experts.ts); w2 [El, F, H]
  *            the El = E/P experts this rank owns (global experts rank·El … rank·El + El − 1)
  *   shared   w13 [1, H, 2Fs], w2 [1, Fs, H]   optional dense SwiGLU every token passes through
+ *            gate [H] (sharedGate)        its output scaled per token by sigmoid(x·gate)
  * Weights are drawn from Philox streams indexed by global position, so a rank's experts are
  * exactly its slice of the same global weights at any expert-parallel size.
  *
@@ -46,6 +47,7 @@ import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, 
 import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK, type Fp8Rows } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
+import { unpermute, unpermuteBackward } from './permute.js';
 import {
   balanceLoss,
   expertChoiceForward,
@@ -75,6 +77,11 @@ export interface MoELayerConfig extends RouterConfig {
   padToCapacity?: boolean;
   /** FFN size of the shared expert; 0 or omitted: none. */
   sharedFfn?: number;
+  /**
+   * Scale the shared expert's output per token by sigmoid(x·g), g [H] a learned gate (Qwen2-MoE's
+   * and Qwen3-Next's shared_expert_gate). Needs sharedFfn. Default false.
+   */
+  sharedGate?: boolean;
   /** Expert-parallel group (default: this process alone). */
   group?: ExpertParallelGroup;
   /**
@@ -101,7 +108,8 @@ export interface MoELayerConfig extends RouterConfig {
    * recomputation, as Megatron-Core's recompute modules offer for the MoE layer; M routed rows on
    * this rank):
    *   'none'    (default) everything: the dispatched rows [M,H], the experts' SwiGLU input and
-   *             output [M,3F] and their output rows [M,H], the shared expert's [T,3S].
+   *             output [M,3F] and their output rows [M,H], the shared expert's [T,3S] (and its
+   *             output [T,H] with sharedGate, whose gradient reads it).
    *   'experts' the dispatched rows and the routing: backward first runs the experts' two forward
    *             GEMMs again (and the shared expert's first): M·(3F+H) + T·3S fewer values kept, for
    *             about a third more GEMM work in a step.
@@ -160,8 +168,10 @@ interface MoESaved {
   dispatched: DispatchedRows | null;
   /** The experts' pre-activations g [M,2F], activations h [M,F] and output rows; null with recompute. */
   experts: { g: Tensor; h: Tensor; out: Tensor } | null;
-  /** The shared expert's g and h; null without one or with recompute. */
-  shared: { g: Tensor; h: Tensor } | null;
+  /** The shared expert's g and h (and its output, with sharedGate); null without one or with recompute. */
+  shared: { g: Tensor; h: Tensor; out: Tensor | null } | null;
+  /** sharedGate: the gate's sigmoid (scores = weights [T,1] f32) and its indices [T,1]; null without. */
+  gate: { scores: Tensor; indices: Tensor; weights: Tensor } | null;
 }
 
 interface DispatchedRows {
@@ -181,6 +191,8 @@ export interface MoEGrads {
   w2: Tensor; // [El, F, H] f32
   sharedW13: Tensor | null;
   sharedW2: Tensor | null;
+  /** sharedGate's gradient [H] f32, or null. */
+  sharedGate: Tensor | null;
 }
 
 /** f32 buffers of the master weights' shapes for backward's weight gradients (its `out`). */
@@ -191,12 +203,14 @@ export interface MoEGradBuffers {
   /** With a shared expert (sharedFfn), both; without one, left out or null. */
   sharedW13?: Tensor | null;
   sharedW2?: Tensor | null;
+  /** With sharedGate; without it, left out or null. */
+  sharedGate?: Tensor | null;
 }
 
 export interface MoEBackwardOptions {
   /**
    * Where the weight gradients go, instead of new tensors: they come back as the result's router,
-   * w13, w2, sharedW13 and sharedW2 (the caller's buffers: dispose them yourself, not through the
+   * w13, w2, sharedW13, sharedW2 and sharedGate (the caller's buffers: dispose them yourself, not through the
    * result). `dx` is always new.
    */
   out?: MoEGradBuffers;
@@ -207,6 +221,19 @@ export interface MoEBackwardOptions {
    */
   accumulate?: boolean;
 }
+
+/** The layer's weights, masters or compute copies. */
+interface LayerWeights {
+  router: Tensor;
+  w13: Tensor;
+  w2: Tensor;
+  sharedW13: Tensor | null;
+  sharedW2: Tensor | null;
+  sharedGate: Tensor | null;
+}
+
+/** The shared expert's gate as a router: one expert, top-1, sigmoid, not renormalised (its weight is the sigmoid). */
+const SHARED_GATE_ROUTER = resolveRouterConfig({ numExperts: 1, topK: 1, scoreFunction: 'sigmoid', normalize: false });
 
 export class MoELayer implements Disposable {
   readonly config: Readonly<
@@ -229,13 +256,14 @@ export class MoELayer implements Disposable {
   #disposed = false;
   /** The group's layers were found to agree (checkGroupAgrees, at the first forward on several ranks). */
   #groupAgrees = false;
-  /** fp32 master weights. */
-  readonly master: { router: Tensor; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null };
-  /** Compute copies in `dtype` (router as [1, H, E] for the one-group GEMM). */
-  readonly compute: { router: Tensor; w13: Tensor; w2: Tensor; sharedW13: Tensor | null; sharedW2: Tensor | null };
+  /** fp32 master weights (sharedGate [H]). */
+  readonly master: LayerWeights;
+  /** Compute copies in `dtype` (router as [1, H, E] and sharedGate as [1, H, 1] for the one-group GEMMs). */
+  readonly compute: LayerWeights;
   /** Selection-only balancing bias [E] f32. */
   readonly bias: Tensor;
   private readonly allOffsets: Map<number, Tensor> = new Map();
+  private readonly tokenRowsCache: Map<number, Tensor> = new Map();
   /** The stream the layer made for `commStream: true` (disposed with the layer). */
   private readonly ownStream: Stream | undefined;
 
@@ -257,6 +285,7 @@ export class MoELayer implements Disposable {
       dropPolicy: true,
       padToCapacity: true,
       sharedFfn: true,
+      sharedGate: true,
       group: true,
       commStream: true,
       transport: true,
@@ -302,11 +331,11 @@ export class MoELayer implements Disposable {
       );
     }
     if (config.padToCapacity !== undefined) checkBoolean(config.padToCapacity, op, 'padToCapacity');
-    // Weights come from the Philox streams seed·16 + 0…4: each must be an exact integer.
+    // Weights come from the Philox streams seed·16 + 0…5: each must be an exact integer.
     if (config.seed !== undefined) {
       checkNonNegativeInt(config.seed, op, 'seed');
       if (config.seed > MAX_SEED)
-        invalidArgument(op, `'seed' must be at most ${MAX_SEED} (the weights' streams are seed·16 + 0…4); received ${config.seed}`);
+        invalidArgument(op, `'seed' must be at most ${MAX_SEED} (the weights' streams are seed·16 + 0…5); received ${config.seed}`);
     }
     if (config.padToCapacity && config.capacityFactor === undefined && !expertChoice)
       invalidArgument(op, `'padToCapacity' needs 'capacityFactor'`);
@@ -318,6 +347,8 @@ export class MoELayer implements Disposable {
     if (dtype !== 'bf16' && !(dtype === 'f32' && !this.device.isCuda))
       invalidArgument(op, `'dtype' must be 'bf16' (or 'f32' on the CPU); received ${String(dtype)}`);
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
+    const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
+    if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
     this.group = checkGroup(config.group, op);
     const E = this.router.numExperts;
     if (E % this.group.size !== 0)
@@ -347,6 +378,7 @@ export class MoELayer implements Disposable {
       dropPolicy: config.dropPolicy ?? 'probs',
       padToCapacity: expertChoice || (config.padToCapacity ?? false),
       sharedFfn,
+      sharedGate,
       fp8Dispatch,
       recompute: checkOneOf(config.recompute ?? 'none', op, 'recompute', RECOMPUTE_MODES),
       dtype,
@@ -392,6 +424,7 @@ export class MoELayer implements Disposable {
       w2: normal([El, ffn, hidden], 1 / Math.sqrt(ffn), 2, first * ffn * hidden),
       sharedW13: sharedFfn ? normal([1, hidden, 2 * sharedFfn], 1 / Math.sqrt(hidden), 3) : null,
       sharedW2: sharedFfn ? normal([1, sharedFfn, hidden], 1 / Math.sqrt(sharedFfn), 4) : null,
+      sharedGate: sharedGate ? normal([hidden], 1 / Math.sqrt(hidden), 5) : null,
     };
     this.bias = Tensor.zeros([E], { device });
     this.compute = {
@@ -400,6 +433,7 @@ export class MoELayer implements Disposable {
       w2: Tensor.empty([El, ffn, hidden], { dtype, device }),
       sharedW13: sharedFfn ? Tensor.empty([1, hidden, 2 * sharedFfn], { dtype, device }) : null,
       sharedW2: sharedFfn ? Tensor.empty([1, sharedFfn, hidden], { dtype, device }) : null,
+      sharedGate: sharedGate ? Tensor.empty([1, hidden, 1], { dtype, device }) : null,
     };
     this.refreshComputeWeights();
   }
@@ -413,6 +447,8 @@ export class MoELayer implements Disposable {
       this.compute.w2.copy_(this.master.w2);
       if (this.compute.sharedW13 && this.master.sharedW13) this.compute.sharedW13.copy_(this.master.sharedW13);
       if (this.compute.sharedW2 && this.master.sharedW2) this.compute.sharedW2.copy_(this.master.sharedW2);
+      if (this.compute.sharedGate && this.master.sharedGate)
+        this.compute.sharedGate.copy_(this.master.sharedGate.view(1, this.config.hidden, 1));
     });
   }
 
@@ -489,12 +525,22 @@ export class MoELayer implements Disposable {
       using routed = this.markProduced();
       let shared: { g: Tensor; h: Tensor; out: Tensor } | null = null;
       if (this.compute.sharedW13 && this.compute.sharedW2) shared = expertsForward(x, this.compute.sharedW13, this.compute.sharedW2, all);
+      // sharedGate: sigmoid(x·g) per token through the router (one expert, top-1), applied as a
+      // one-row-per-token unpermute: fp32 products, one rounding (as MoEInference does).
+      let gate: MoESaved['gate'] = null;
+      let sharedOut = shared?.out ?? null;
+      if (shared && this.compute.sharedGate) {
+        const logit = groupedGemm('NN', x, this.compute.sharedGate, all, { dtype: 'f32' });
+        const g = routerForward(logit, SHARED_GATE_ROUTER);
+        gate = { scores: g.scores, indices: g.indices, weights: g.weights };
+        sharedOut = unpermute(shared.out, this.tokenRows(T), g.weights);
+      }
       const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
       const dispatched: DispatchedRows = { handle, rows, rowScales: scales ?? null };
       const experts = expertsForward(expertRows(dispatched), this.compute.w13, this.compute.w2, handle.localOffsets);
       trace.mark('layer forward: experts', x.device);
       const y = this.dispatcher.combine(experts.out, handle, r.weights);
-      if (shared) addInto(y, shared.out);
+      if (sharedOut) addInto(y, sharedOut);
       // What is not saved here is released by tidy() once the queued kernels no longer need it
       // (the allocator reuses memory in stream order), and made again by backward (restore()).
       const { recompute } = this.config;
@@ -517,7 +563,9 @@ export class MoELayer implements Disposable {
             : null,
         dispatched: recompute === 'layer' ? null : dispatched,
         experts: recompute === 'none' ? experts : null,
-        shared: shared && recompute === 'none' ? { g: shared.g, h: shared.h } : null,
+        // The gate's gradient reads the shared expert's output: kept with it.
+        shared: shared && recompute === 'none' ? { g: shared.g, h: shared.h, out: gate ? shared.out : null } : null,
+        gate,
       };
       if (recompute === 'layer') handle.dispose();
       forwardOwner.set(saved, this);
@@ -580,8 +628,18 @@ export class MoELayer implements Disposable {
         // The combine backward waits for dy only: the shared expert's backward overlaps it.
         using dyReady = this.markProduced();
         let sharedGrads: { dA: Tensor; dW13: Tensor; dW2: Tensor } | null = null;
+        let gateGrads: { dx: Tensor; dGate: Tensor } | null = null;
         if (shared && this.compute.sharedW13 && this.compute.sharedW2) {
-          sharedGrads = expertsBackward(dy, s.x, this.compute.sharedW13, this.compute.sharedW2, all, shared, {
+          // sharedGate: y += σ·S, so S's gradient is σ·dy and σ's is <dy, S> per token (the
+          // unpermute's backward), then the sigmoid's (the router's) and the gate GEMM's.
+          let dShared = dy;
+          if (s.gate && shared.out && this.compute.sharedGate) {
+            const tokens = this.tokenRows(T);
+            const u = unpermuteBackward(dy, shared.out, s.gate.weights, tokens, tokens.view(T));
+            dShared = u.dRows;
+            gateGrads = this.gateBackward(u.dWeights, s.gate, s.x, all, into?.sharedGate ?? null, accumulate);
+          }
+          sharedGrads = expertsBackward(dShared, s.x, this.compute.sharedW13, this.compute.sharedW2, all, shared, {
             ...(into?.sharedW13 && into.sharedW2 ? { out: { dW13: into.sharedW13, dW2: into.sharedW2 }, accumulate } : {}),
           });
         }
@@ -635,8 +693,9 @@ export class MoELayer implements Disposable {
           sharedW13 = sharedGrads.dW13;
           sharedW2 = sharedGrads.dW2;
         }
+        if (gateGrads) addInto(dx, gateGrads.dx);
         trace.mark('layer backward: end', dy.device);
-        return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2 };
+        return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2, sharedGate: gateGrads?.dGate ?? null };
       });
     } finally {
       restored.handle?.dispose();
@@ -655,11 +714,11 @@ export class MoELayer implements Disposable {
     s: MoESaved,
     all: Tensor,
     made: { handle: DispatchHandle | null },
-  ): { dispatched: DispatchedRows; experts: { g: Tensor; h: Tensor; out: Tensor }; shared: { g: Tensor; h: Tensor } | null } {
+  ): { dispatched: DispatchedRows; experts: { g: Tensor; h: Tensor; out: Tensor }; shared: MoESaved['shared'] } {
     // The dispatch waits for what was queued before this mark only: the shared expert's activations,
     // queued next, overlap it (as in the forward: compute first, then the call that may block the host).
     using queued = s.dispatched === null ? this.markProduced() : undefined;
-    const shared = s.shared ?? (this.compute.sharedW13 ? expertsActivations(s.x, this.compute.sharedW13, all) : null);
+    const shared = s.shared ?? this.sharedActivations(s.x, all);
     let dispatched = s.dispatched;
     if (dispatched === null) {
       const layout = s.layout as SavedLayout;
@@ -678,14 +737,73 @@ export class MoELayer implements Disposable {
   }
 
   /**
+   * The shared expert's activations made again (recompute): g and h, and its output too with
+   * sharedGate (the gate's gradient reads it); null without a shared expert.
+   */
+  private sharedActivations(x: Tensor, all: Tensor): MoESaved['shared'] {
+    const { sharedW13, sharedW2, sharedGate } = this.compute;
+    if (!sharedW13 || !sharedW2) return null;
+    if (sharedGate) return expertsForward(x, sharedW13, sharedW2, all);
+    return { ...expertsActivations(x, sharedW13, all), out: null };
+  }
+
+  /**
+   * The shared expert gate's backward from dσ [T,1] (the unpermute's dWeights): dz = σ(1-σ)·dσ
+   * (the router's backward), then dx = dz·gᵀ [T,H] and dg = xᵀ·dz [H] (into `out`, added with
+   * `accumulate`, or a new f32 tensor).
+   */
+  private gateBackward(
+    dSigmoid: Tensor,
+    gate: NonNullable<MoESaved['gate']>,
+    x: Tensor,
+    all: Tensor,
+    out: Tensor | null,
+    accumulate: boolean,
+  ): { dx: Tensor; dGate: Tensor } {
+    const g = this.compute.sharedGate as Tensor;
+    const H = this.config.hidden;
+    const dLogit = routerBackward(dSigmoid, { scores: gate.scores, indices: gate.indices }, SHARED_GATE_ROUTER).cast(this.config.dtype);
+    const dx = groupedGemm('NT', dLogit, g, all);
+    if (out) {
+      using view = out.view(1, H, 1);
+      groupedGemm('TN', x, dLogit, all, { out: view, accumulate });
+      return { dx, dGate: out };
+    }
+    return { dx, dGate: groupedGemm('TN', x, dLogit, all, { dtype: 'f32' }).view(H) };
+  }
+
+  /** Rows [T,1] i32 holding 0…T-1: the shared gate's one-row-per-token unpermute (cached per T, as wholeBatch). */
+  private tokenRows(T: number): Tensor {
+    let t = this.tokenRowsCache.get(T);
+    if (!t) {
+      if (this.tokenRowsCache.size >= 16) {
+        const [oldT, old] = this.tokenRowsCache.entries().next().value as [number, Tensor];
+        this.tokenRowsCache.delete(oldT);
+        old.dispose();
+      }
+      t = keep(
+        Tensor.fromArray(
+          Int32Array.from({ length: T }, (_, i) => i),
+          { dtype: 'i32', shape: [T, 1], device: this.device },
+        ),
+      );
+      this.tokenRowsCache.set(T, t);
+    }
+    return t;
+  }
+
+  /**
    * backward's `out`: each an f32 buffer of its master's shape, contiguous, on the layer's device,
    * apart from every other and from dy, the saved input and the layer's own tensors (the masters
    * themselves have the right shapes, and would silently take the gradients).
    */
   private checkGradBuffers(given: unknown, op: string, inputs: { dy: Tensor; x: Tensor }): MoEGradBuffers {
-    const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2'] as const;
+    const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'] as const;
     if (given === null || typeof given !== 'object' || Array.isArray(given))
-      invalidArgument(op, `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert): f32 tensors`);
+      invalidArgument(
+        op,
+        `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert, sharedGate with its gate): f32 tensors`,
+      );
     for (const k of Object.keys(given))
       if (!(keys as readonly string[]).includes(k)) invalidArgument(op, `'out' has an unknown key '${k}' (it takes ${keys.join(', ')})`);
     const b = given as MoEGradBuffers;
@@ -694,7 +812,11 @@ export class MoELayer implements Disposable {
       const master = this.master[key];
       const buf = b[key];
       if (master === null) {
-        if (buf !== undefined && buf !== null) invalidArgument(op, `'out.${key}' was given but the layer has no shared expert`);
+        if (buf !== undefined && buf !== null)
+          invalidArgument(
+            op,
+            `'out.${key}' was given but the layer has no shared expert${key === 'sharedGate' && this.master.sharedW13 ? ' gate' : ''}`,
+          );
         continue;
       }
       if (buf === undefined || buf === null) invalidArgument(op, `'out.${key}' is missing: give a buffer for every weight gradient`);
@@ -734,6 +856,7 @@ export class MoELayer implements Disposable {
       choiceField('dropPolicy', c.dropPolicy, DROP_POLICIES),
       choiceField('padToCapacity', c.padToCapacity, [false, true]),
       n('sharedFfn', c.sharedFfn),
+      choiceField('sharedGate', c.sharedGate, [false, true]),
       choiceField('fp8Dispatch', c.fp8Dispatch, [false, true, 'keep']),
       choiceField('recompute', c.recompute, RECOMPUTE_MODES),
       choiceField('dtype', c.dtype, ['f32', 'bf16']),
@@ -764,7 +887,14 @@ export class MoELayer implements Disposable {
   dispose(): void {
     if (this.#disposed) return;
     this.#disposed = true;
-    for (const t of [...Object.values(this.master), ...Object.values(this.compute), this.bias, ...this.allOffsets.values()]) t?.dispose();
+    for (const t of [
+      ...Object.values(this.master),
+      ...Object.values(this.compute),
+      this.bias,
+      ...this.allOffsets.values(),
+      ...this.tokenRowsCache.values(),
+    ])
+      t?.dispose();
     this.allOffsets.clear();
     this.dispatcher.dispose();
     this.ownStream?.dispose();
@@ -796,11 +926,15 @@ export function disposeSaved(fwd: MoEForward): void {
     s.experts?.h,
     s.shared?.g,
     s.shared?.h,
+    s.shared?.out,
+    s.gate?.scores,
+    s.gate?.indices,
+    s.gate?.weights,
   ])
     t?.dispose();
 }
 
-/** The largest seed whose weight streams (seed·16 + 0…4) are exact integers. */
+/** The largest seed whose weight streams (seed·16 + 0…5) are exact integers. */
 const MAX_SEED = Math.floor((Number.MAX_SAFE_INTEGER - 15) / 16);
 
 /** A balance loss's coefficient: non-negative, and a float32 (the losses are computed in float32). */

@@ -13,6 +13,7 @@ const gpu = 'cuda:0' as const;
 describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
   it.each([
     ['dropless, softmax, shared expert', { sharedFfn: 64 }],
+    ['dropless, shared expert gated by sigmoid(x·g)', { sharedFfn: 64, sharedGate: true }],
     ['dropless, shared expert, communication on its own stream', { sharedFfn: 64, commStream: true }],
     [
       'capacity 1.25 padded, sigmoid groups',
@@ -34,6 +35,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         c.master.w2.copy_(g.compute.w2);
         if (c.master.sharedW13 && g.compute.sharedW13) c.master.sharedW13.copy_(g.compute.sharedW13);
         if (c.master.sharedW2 && g.compute.sharedW2) c.master.sharedW2.copy_(g.compute.sharedW2);
+        if (c.master.sharedGate && g.compute.sharedGate) c.master.sharedGate.copy_(g.compute.sharedGate.view(256));
         c.refreshComputeWeights();
         const xb = Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
         const dyb = Tensor.randn([1000, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
@@ -56,6 +58,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         expect(relErr(values(gg.dx), values(gc.dx)), 'dx').toBeLessThan(5e-2);
         expect(relErr(values(gg.w13), values(gc.w13)), 'w13').toBeLessThan(5e-2);
         expect(relErr(values(gg.w2), values(gc.w2)), 'w2').toBeLessThan(5e-2);
+        if (gc.sharedGate) expect(relErr(values(gg.sharedGate as Tensor), values(gc.sharedGate)), 'sharedGate').toBeLessThan(5e-2);
         expect(relErr(values(gg.router), values(gc.router)), 'router').toBeLessThan(5e-2);
       });
     }
@@ -64,6 +67,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
 
   it.each([
     ['dropless, shared expert', { sharedFfn: 64 }],
+    ['dropless, gated shared expert', { sharedFfn: 64, sharedGate: true }],
     ['capacity 1.25, communication on its own stream', { capacityFactor: 1.25, commStream: true }],
   ] as const)('%s: backward with out and accumulate gives the sum of two fresh backwards (the GEMMs add into the buffers)', (_n, extra) => {
     const seed = freshSeed();
@@ -80,7 +84,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         // Buffers poisoned with a known value, not zero: the epilogue must add to what is there.
         const buffers = Object.fromEntries(
           keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.full((layer.master[k] as Tensor).shape, 0.5, { device: gpu })]),
-        ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor };
+        ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor; sharedGate?: Tensor };
         for (const { x, dy } of batches) layer.backward(layer.forward(x), dy, { out: buffers, accumulate: true });
         for (const k of keys) {
           const buf = buffers[k];
@@ -95,6 +99,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
 
   it.each([
     ['dropless, shared expert', { sharedFfn: 64 }],
+    ['dropless, gated shared expert', { sharedFfn: 64, sharedGate: true }],
     ['capacity 1.25 padded, communication on its own stream', { capacityFactor: 1.25, padToCapacity: true, commStream: true }],
     ['dropless, fp8 dispatch kept as e4m3', { fp8Dispatch: 'keep' }],
     ['expert choice', { routing: 'expert-choice', capacityFactor: 4 }],
