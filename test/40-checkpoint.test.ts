@@ -522,6 +522,51 @@ describe('MoE layer state', () => {
     using e = new MoELayer({ ...cfg, sharedFfn: (cfg.sharedFfn as number) + 2, seed: 9 });
     expect(() => loadMoELayer(r, e, 0)).toThrow(/'layers\.0\.shared\.w1' is \[\d+, \d+\] but this layer's shared expert is \[hidden/);
   });
+
+  it('a gated shared expert: the gate and its moments round trip (the same outputs); a layer gated otherwise is refused, either way', () => {
+    const dir = tmp();
+    using a = new MoELayer({ ...cfg, sharedGate: true, seed: 5 });
+    const moments = {
+      sharedGate: { expAvg: Tensor.randn([8], { seed: 1, device: 'cpu' }), expAvgSq: Tensor.rand([8], { seed: 2, device: 'cpu' }) },
+    };
+    const state = moeLayerState(a, 0, moments);
+    expect(Object.keys(state.replicated)).toEqual(
+      expect.arrayContaining(['layers.0.shared.gate', 'optim.layers.0.shared.gate.exp_avg', 'optim.layers.0.shared.gate.exp_avg_sq']),
+    );
+    saveCheckpoint(dir, {
+      step: 1,
+      replicated: state.replicated,
+      sharded: state.sharded,
+      manifestExtras: { ep: { size: 1, expertsPerRank: 4 } },
+    });
+    disposeState(state);
+    using r = loadCheckpoint(dir);
+    using b = new MoELayer({ ...cfg, sharedGate: true, seed: 6 });
+    const mb = { sharedGate: { expAvg: Tensor.zeros([8], { device: 'cpu' }), expAvgSq: Tensor.zeros([8], { device: 'cpu' }) } };
+    loadMoELayer(r, b, 0, mb);
+    expect(Array.from((b.master.sharedGate as Tensor).toFloat32Array())).toEqual(
+      Array.from((a.master.sharedGate as Tensor).toFloat32Array()),
+    );
+    expect(Array.from(mb.sharedGate.expAvgSq.toFloat32Array())).toEqual(Array.from(moments.sharedGate.expAvgSq.toFloat32Array()));
+    using xa = x();
+    expect(Array.from(b.forward(xa).y.toFloat32Array())).toEqual(Array.from(a.forward(xa).y.toFloat32Array()));
+    using ungated = new MoELayer({ ...cfg, seed: 7 });
+    expect(() => loadMoELayer(r, ungated, 0)).toThrow(
+      /layer 0's shared expert is gated \('layers\.0\.shared\.gate'\) but this layer's is not; build it with sharedGate true/,
+    );
+    // The other way: an ungated checkpoint into a gated layer.
+    const dir2 = tmp();
+    const plain = moeLayerState(ungated, 0);
+    saveCheckpoint(dir2, {
+      step: 1,
+      replicated: plain.replicated,
+      sharded: plain.sharded,
+      manifestExtras: { ep: { size: 1, expertsPerRank: 4 } },
+    });
+    disposeState(plain);
+    using r2 = loadCheckpoint(dir2);
+    expect(() => loadMoELayer(r2, b, 0)).toThrow(/layer 0 has no shared expert gate \('layers\.0\.shared\.gate'\) but this layer has one/);
+  });
 });
 
 // ----------------------------------------------------------------------------------------- CLI

@@ -507,12 +507,15 @@ describe('moe-ep train (CLI)', () => {
 });
 
 describe('checkpoints in training', () => {
-  it('a run resumed from a checkpoint follows the uninterrupted run exactly', async () => {
+  it.each([
+    ['', false],
+    [' (a gated shared expert: its gate and moments saved and read)', true],
+  ] as const)('a run resumed from a checkpoint follows the uninterrupted run exactly%s', async (_n, sharedGate) => {
     const { mkdtempSync: mk, rmSync: rm } = await import('node:fs');
     const dir = mk(join(tmpdir(), 'moe-resume-'));
     try {
       const cfg = resolveConfig({
-        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4 },
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, sharedGate },
         data: { tokensPerStep: 64 },
         train: { device: 'cpu', steps: 30, progress: false },
       });

@@ -31,6 +31,8 @@ export interface TrainConfig {
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
     sharedFfn: number;
+    /** Scale the shared expert's output per token by sigmoid(x·g), g learned (Qwen2-MoE); needs sharedFfn. */
+    sharedGate: boolean;
     /** 'mse': regress the cluster map's output; 'cross-entropy': classify its argmax (hidden classes). */
     loss: 'mse' | 'cross-entropy';
     /** Expert-parallel group size; null: the whole world. Smaller sizes replicate the experts over expert-data-parallel groups. */
@@ -87,6 +89,7 @@ export const defaultConfig: TrainConfig = {
     capacityFactor: null,
     dropPolicy: 'probs',
     sharedFfn: 0,
+    sharedGate: false,
     loss: 'mse',
     epSize: null,
     overlapComm: false,
@@ -160,6 +163,10 @@ export const trainConfigSchema = {
         description: 'what a full expert drops: the lowest router probabilities, or the last tokens',
       },
       sharedFfn: { ...int(0), description: '0: no shared expert' },
+      sharedGate: {
+        type: 'boolean',
+        description: "scale the shared expert's output per token by sigmoid(x·g), g learned (Qwen2-MoE; needs sharedFfn)",
+      },
       loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
       epSize: {
         anyOf: [{ type: 'null' }, int(1)],
@@ -327,6 +334,7 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0),
       `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`,
     ],
+    [!c.model.sharedGate || c.model.sharedFfn > 0, `config.model.sharedGate: needs a shared expert (config.model.sharedFfn > 0)`],
     // One fp32 scale per FP8_BLOCK values of a row.
     [
       c.model.fp8Dispatch === false || c.model.hidden % FP8_BLOCK === 0,
@@ -366,14 +374,17 @@ export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; act
   const El = Math.ceil(E / ep);
   // The activations a backward keeps are one forward's: a micro-batch of each rank's share.
   const T = Math.ceil(c.data.tokensPerStep / ranks / c.train.microBatches);
-  const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H;
+  const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H + (m.sharedGate ? H : 0);
   const params = (m.layers * perLayer + H * H) * 20;
   // Per layer: x, norms and residuals [T,H]; logits, scores, aux gradients [T,E]; the routed rows,
   // the experts' inputs/outputs [T·k,H] and their SwiGLU halves [T·k,3F]; the shared expert [T,3S].
   // With train.recompute the layers keep less, and the one in backward holds it all again.
   const routedKept = { none: 2 * H + 3 * F, experts: H, layer: 0 }[c.train.recompute];
-  const kept = T * (4 * H + 3 * E + (c.train.recompute === 'none' ? 3 * S : 0)) + T * k * routedKept;
-  const whole = T * (4 * H + 3 * E + 3 * S) + T * k * (2 * H + 3 * F);
+  // A gated shared expert also keeps its output [T,H] (unless recomputed) and the gate [T,3].
+  const gateKept = m.sharedGate ? 3 : 0;
+  const sharedKept = 3 * S + (m.sharedGate ? H : 0);
+  const kept = T * (4 * H + 3 * E + gateKept + (c.train.recompute === 'none' ? sharedKept : 0)) + T * k * routedKept;
+  const whole = T * (4 * H + 3 * E + gateKept + sharedKept) + T * k * (2 * H + 3 * F);
   const activations = ((m.layers - 1) * kept + whole) * 4 * 2;
   const data = c.data.clusters * H * (H + 1) * 4;
   return { params, activations, data };

@@ -115,6 +115,13 @@ export class MoEModel implements Disposable {
           kind: 'replicated',
         });
       }
+      if (l.master.sharedGate && l.compute.sharedGate)
+        out.push({
+          name: `layers.${i}.shared.gate`,
+          master: l.master.sharedGate,
+          computeBf16: bf16 ? view(`layers.${i}.shared.gate`, l.compute.sharedGate, H) : null,
+          kind: 'replicated',
+        });
     });
     out.push({
       name: 'head.weight',
@@ -194,8 +201,10 @@ export class MoEModel implements Disposable {
             w2: `layers.${i}.experts.w2`,
             sharedW13: `layers.${i}.shared.w13`,
             sharedW2: `layers.${i}.shared.w2`,
+            sharedGate: `layers.${i}.shared.gate`,
           };
           const shared = layer.master.sharedW13 !== null;
+          const gated = layer.master.sharedGate !== null;
           const g = layer.backward(
             b.moe,
             dh,
@@ -206,6 +215,7 @@ export class MoEModel implements Disposable {
                     w13: buffer(names.w13),
                     w2: buffer(names.w2),
                     ...(shared ? { sharedW13: buffer(names.sharedW13), sharedW2: buffer(names.sharedW2) } : {}),
+                    ...(gated ? { sharedGate: buffer(names.sharedGate) } : {}),
                   },
                   accumulate: true,
                 }
@@ -227,6 +237,7 @@ export class MoEModel implements Disposable {
             grads.set(names.sharedW13, into ? g.sharedW13 : keep(g.sharedW13));
             grads.set(names.sharedW2, into ? g.sharedW2 : keep(g.sharedW2));
           }
+          if (g.sharedGate) grads.set(names.sharedGate, into ? g.sharedGate : keep(g.sharedGate));
         }
       });
     } catch (e) {

@@ -6,6 +6,7 @@
  *   layers.{i}.experts.{e}.w1|w3      [H, F]           sharded, e = GLOBAL expert index
  *   layers.{i}.experts.{e}.w2         [F, H]           sharded
  *   layers.{i}.shared.w1|w3|w2        as above         replicated (shared expert)
+ *   layers.{i}.shared.gate            [H]     f32      replicated (sharedGate)
  *   layers.{i}.norm.weight, head.weight                replicated
  *   optim.{param name}.exp_avg|exp_avg_sq              next to their parameter (sharded with experts)
  *
@@ -29,6 +30,7 @@ export const ckptNames = {
   bias: (layer: number): string => `layers.${layer}.bias`,
   expert: (layer: number, e: number, w: ExpertWeight): string => `layers.${layer}.experts.${e}.${w}`,
   shared: (layer: number, w: ExpertWeight): string => `layers.${layer}.shared.${w}`,
+  sharedGate: (layer: number): string => `layers.${layer}.shared.gate`,
   norm: (layer: number): string => `layers.${layer}.norm.weight`,
   head: 'head.weight',
   optim: (param: string, moment: MomentName): string => `optim.${param}.${moment}`,
@@ -156,9 +158,10 @@ export interface MoELayerMoments {
   w2?: { expAvg: Tensor; expAvgSq: Tensor };
   sharedW13?: { expAvg: Tensor; expAvgSq: Tensor };
   sharedW2?: { expAvg: Tensor; expAvgSq: Tensor };
+  sharedGate?: { expAvg: Tensor; expAvgSq: Tensor };
 }
 
-const MOMENT_KEYS: OptionKeys<MoELayerMoments> = { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true };
+const MOMENT_KEYS: OptionKeys<MoELayerMoments> = { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true, sharedGate: true };
 
 /** The moments, checked: w13's and w2's come together (one without the other would be skipped silently), as do the shared expert's. */
 function checkMoments(moments: MoELayerMoments | undefined, op: string): MoELayerMoments {
@@ -204,6 +207,7 @@ export function moeLayerState(
   for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
     const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
     if (moments.router) replicated[ckptNames.optim(ckptNames.router(index), m)] = moments.router[key];
+    if (moments.sharedGate) replicated[ckptNames.optim(ckptNames.sharedGate(index), m)] = moments.sharedGate[key];
     if (moments.w13 && moments.w2)
       add(
         sharded,
@@ -220,6 +224,7 @@ export function moeLayerState(
       replicated,
       splitExperts(layer.master.sharedW13, layer.master.sharedW2, 0, (_e, w) => ckptNames.shared(index, w)),
     );
+  if (layer.master.sharedGate) replicated[ckptNames.sharedGate(index)] = layer.master.sharedGate;
   return { replicated, sharded, owned };
 }
 
@@ -316,6 +321,15 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
     throw new CheckpointError(
       `checkpoint ${reader.dir}: layer ${index} has a shared expert ('${ckptNames.shared(index, 'w1')}') but this layer has none; build it with the checkpoint's sharedFfn`,
     );
+  // The same for the shared expert's gate, either way: a gated output read ungated (or the reverse) is another function.
+  const gateName = ckptNames.sharedGate(index);
+  const hasGate = Object.hasOwn(reader.manifest.tensors, gateName);
+  if (hasGate !== (layer.master.sharedGate !== null))
+    throw new CheckpointError(
+      hasGate
+        ? `checkpoint ${reader.dir}: layer ${index}'s shared expert is gated ('${gateName}') but this layer's is not; build it with sharedGate true`
+        : `checkpoint ${reader.dir}: layer ${index} has no shared expert gate ('${gateName}') but this layer has one; build it without sharedGate`,
+    );
   const intoExperts = (
     w13: Tensor,
     w2: Tensor,
@@ -341,6 +355,7 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   };
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
+  if (layer.master.sharedGate) reader.into(gateName, layer.master.sharedGate);
   intoExperts(layer.master.w13, layer.master.w2, expertName, El, first);
   if (layer.master.sharedW13 && layer.master.sharedW2)
     intoExperts(
@@ -354,6 +369,7 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
     const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
     if (moments.router) reader.into(ckptNames.optim(ckptNames.router(index), m), moments.router[key]);
+    if (moments.sharedGate) reader.into(ckptNames.optim(gateName, m), moments.sharedGate[key]);
     if (moments.w13 && moments.w2)
       intoExperts(moments.w13[key], moments.w2[key], (e, w) => ckptNames.optim(expertName(e, w), m), El, first);
     if (moments.sharedW13 && moments.sharedW2)

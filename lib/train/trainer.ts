@@ -201,6 +201,7 @@ export class Trainer implements Disposable {
         topkGroups: m.topkGroups,
         dropPolicy: m.dropPolicy,
         sharedFfn: m.sharedFfn,
+        sharedGate: m.sharedGate,
         loss: m.loss,
         commStream: m.overlapComm,
         transport: m.transport,
@@ -413,6 +414,7 @@ export class Trainer implements Disposable {
     put('w2', `layers.${i}.experts.w2`);
     put('sharedW13', `layers.${i}.shared.w13`);
     put('sharedW2', `layers.${i}.shared.w2`);
+    put('sharedGate', `layers.${i}.shared.gate`);
     return m;
   }
 
@@ -555,7 +557,20 @@ function checkMemory(config: TrainConfig, ranks: number, device: Device): void {
  * EP size, transport, the optimizer and the balancing may change.
  */
 const SAME_ON_RESUME = {
-  model: ['layers', 'hidden', 'ffn', 'experts', 'topK', 'routing', 'scoreFunction', 'groups', 'topkGroups', 'sharedFfn', 'loss'],
+  model: [
+    'layers',
+    'hidden',
+    'ffn',
+    'experts',
+    'topK',
+    'routing',
+    'scoreFunction',
+    'groups',
+    'topkGroups',
+    'sharedFfn',
+    'sharedGate',
+    'loss',
+  ],
   data: ['clusters', 'seed'],
 } as const;
 
