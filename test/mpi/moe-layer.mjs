@@ -131,7 +131,8 @@ progress('1b: fp8 dispatch∘combine');
 //    CPU: f32 both, tight tolerances. GPU: bf16 against f32 from the same bf16-rounded weights and
 //    inputs, the tolerances of test/gpu/14-moe-layer (a wider layer, so bf16 noise averages out).
 //    With fp8Dispatch 'keep' both layers quantise the same rows to e4m3 (row by row, wherever the
-//    row goes), so they still agree to the same tolerances.
+//    row goes), so they still agree to the same tolerances. The capacity configuration gates the
+//    shared expert (sharedGate): its gradient, replicated like the router's, is each rank's own.
 const size = gpu ? { hidden: 64, ffn: 32, T: 96 } : { hidden: 16, ffn: 8, T: 24 };
 const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, again: 0 };
 // 'layer' on the padded configuration: its re-dispatch takes the dispatcher's cached layouts, which
@@ -139,7 +140,7 @@ const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, 
 const recomputeOf = ['experts', 'layer', 'layer'];
 for (const [i, extra] of [
   {},
-  { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid' },
+  { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid', sharedGate: true },
   { fp8Dispatch: 'keep', hidden: 128 },
 ].entries()) {
   const H = extra.hidden ?? size.hidden;
@@ -158,6 +159,7 @@ for (const [i, extra] of [
       ref.master.w2.copy_(world.allGather(ep.compute.w2));
       ref.master.sharedW13.copy_(ep.compute.sharedW13);
       ref.master.sharedW2.copy_(ep.compute.sharedW2);
+      if (ep.compute.sharedGate) ref.master.sharedGate.copy_(ep.compute.sharedGate.view(H));
       ref.refreshComputeWeights();
     });
     progress(`2 ${what}: reference weights gathered`);
@@ -173,7 +175,7 @@ for (const [i, extra] of [
       .cast('f32');
     return { xCpu, dyCpu, x: xCpu.copyTo({ dtype, device }), dy: dyCpu.copyTo({ dtype, device }) };
   };
-  const grads = ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2'];
+  const grads = ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2', ...(extra.sharedGate ? ['sharedGate'] : [])];
   let want = null; // the EP layer's output and gradients, bit for bit
   tidy(() => {
     const { xCpu, dyCpu, x, dy } = inputs();
@@ -196,9 +198,15 @@ for (const [i, extra] of [
       relErr(vals(ge.router), vals(gr.router)) < tol.grad,
       `router gradient ${what}: relErr ${relErr(vals(ge.router), vals(gr.router))}`,
     );
+    // The shared expert's gate: replicated, so each rank's gradient is its own tokens' (as the router's).
+    if (extra.sharedGate)
+      check(
+        relErr(vals(ge.sharedGate), vals(gr.sharedGate)) < tol.grad,
+        `shared gate gradient ${what}: relErr ${relErr(vals(ge.sharedGate), vals(gr.sharedGate))}`,
+      );
     progress(`2 ${what}: backward`);
     const go = epOverlap.backward(fo, dy);
-    for (const k of ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2']) {
+    for (const k of grads) {
       check(relErr(vals(go[k]), vals(ge[k])) <= tol.again, `${k} with a comm stream ${what}: relErr ${relErr(vals(go[k]), vals(ge[k]))}`);
     }
     progress(`2 ${what}: backward with a comm stream`);

@@ -24,7 +24,8 @@ const world = await init();
 const { gpu } = await scriptDevice(world);
 const tr = scriptTransport();
 const cfg = resolveConfig({
-  model: { hidden: 16, ffn: 8, experts: 8, topK: 2 },
+  // A gated shared expert (sharedGate): its gate is a replicated parameter, reduced like the router.
+  model: { hidden: 16, ffn: 8, experts: 8, topK: 2, sharedFfn: 8, sharedGate: true },
   data: { tokensPerStep: 64 },
   train: { device: gpu ? 'cuda' : 'cpu', steps: gpu ? 8 : 25, progress: false },
 });
