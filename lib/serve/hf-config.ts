@@ -51,7 +51,7 @@
  *   score is the sum of the top topK/topkGroups biased scores, so DeepSeek-V3's top-2 needs
  *   num_experts_per_tok / topk_group = 2, which its released configs have: 8 / 4);
  *   e_score_correction_bias → the selection-only bias; shared experts → sharedFfn; Qwen2-MoE's
- *   shared_expert_gate → sharedGate (serving path only: the training layer has no such gate).
+ *   shared_expert_gate → sharedGate (MoELayer's sharedGate trains the same gate).
  *
  * Behavioural fields missing from config.json take the transformers config class's defaults (named
  * below); the sizes (hidden_size, expert counts and widths, num_hidden_layers) are required.
