@@ -23,7 +23,7 @@
  */
 import { checkDeviceUsable, Device, type DeviceLike, getDefaultDevice } from '../device.js';
 import { type CommWork } from '../parallel/overlap.js';
-import { type AgreedField, checkGroupAgrees, choiceField, optionalField } from '../parallel/group-agrees.js';
+import { checkGroupAgrees, choiceField, numberField, optionalField } from '../parallel/group-agrees.js';
 import { Event, Stream } from '../stream.js';
 import { type DType } from '../dtype.js';
 import { DisposedError, invalidArgument, usedAfterDispose, shown } from '../errors.js';
@@ -454,19 +454,7 @@ export class MoELayer implements Disposable {
 
   /** Offsets [0, T] for one-group products over all T tokens (router, shared expert). */
   private wholeBatch(T: number): Tensor {
-    let t = this.allOffsets.get(T);
-    if (!t) {
-      // A few token counts recur (training, serving buckets): keep the latest 16. An evicted tensor
-      // may still be read by queued kernels; the allocator reuses it only after them (stream order).
-      if (this.allOffsets.size >= 16) {
-        const [oldT, old] = this.allOffsets.entries().next().value as [number, Tensor];
-        this.allOffsets.delete(oldT);
-        old.dispose();
-      }
-      t = keep(Tensor.fromArray([0, T], { dtype: 'i32', device: this.device })); // cached: outlives any tidy()
-      this.allOffsets.set(T, t);
-    }
-    return t;
+    return cachedPerTokenCount(this.allOffsets, T, () => Tensor.fromArray([0, T], { dtype: 'i32', device: this.device }));
   }
 
   /** x [T, H] in the compute dtype → y [T, H]. Keep the result until backward, then dispose its tensors. */
@@ -774,22 +762,12 @@ export class MoELayer implements Disposable {
 
   /** Rows [T,1] i32 holding 0…T-1: the shared gate's one-row-per-token unpermute (cached per T, as wholeBatch). */
   private tokenRows(T: number): Tensor {
-    let t = this.tokenRowsCache.get(T);
-    if (!t) {
-      if (this.tokenRowsCache.size >= 16) {
-        const [oldT, old] = this.tokenRowsCache.entries().next().value as [number, Tensor];
-        this.tokenRowsCache.delete(oldT);
-        old.dispose();
-      }
-      t = keep(
-        Tensor.fromArray(
-          Int32Array.from({ length: T }, (_, i) => i),
-          { dtype: 'i32', shape: [T, 1], device: this.device },
-        ),
+    const rows = (): Tensor =>
+      Tensor.fromArray(
+        Int32Array.from({ length: T }, (_, i) => i),
+        { dtype: 'i32', shape: [T, 1], device: this.device },
       );
-      this.tokenRowsCache.set(T, t);
-    }
-    return t;
+    return cachedPerTokenCount(this.tokenRowsCache, T, rows);
   }
 
   /**
@@ -840,7 +818,7 @@ export class MoELayer implements Disposable {
   private checkGroupAgrees(op: string): void {
     if (this.#groupAgrees || this.group.size === 1) return;
     const c = this.config;
-    const n = (name: string, value: number): AgreedField => ({ name, value });
+    const n = numberField;
     checkGroupAgrees(this.group, this.device, op, 'layers', [
       n('hidden', c.hidden),
       n('ffn', c.ffn),
@@ -940,6 +918,25 @@ const MAX_SEED = Math.floor((Number.MAX_SAFE_INTEGER - 15) / 16);
 /** A balance loss's coefficient: non-negative, and a float32 (the losses are computed in float32). */
 function lossCoef(v: number | undefined, op: string, arg: string): number {
   return checkFloat32(checkNonNegativeNumber(v ?? 0, op, arg), op, arg);
+}
+
+/**
+ * The tensor of token count T in `cache`, made by `make` the first time (kept: it outlives any
+ * tidy()). A few token counts recur (training, serving buckets): the latest 16 are kept. An evicted
+ * tensor may still be read by queued kernels; the allocator reuses it only after them (stream order).
+ */
+function cachedPerTokenCount(cache: Map<number, Tensor>, T: number, make: () => Tensor): Tensor {
+  let t = cache.get(T);
+  if (!t) {
+    if (cache.size >= 16) {
+      const [oldT, old] = cache.entries().next().value as [number, Tensor];
+      cache.delete(oldT);
+      old.dispose();
+    }
+    t = keep(make());
+    cache.set(T, t);
+  }
+  return t;
 }
 
 /** The rows the experts read: e4m3 with their scales (fp8Dispatch 'keep'), or the rows themselves. */

@@ -26,6 +26,11 @@ export interface AgreedField {
   none?: boolean;
 }
 
+/** A numeric field, compared exactly. */
+export function numberField(name: string, value: number): AgreedField {
+  return { name, value };
+}
+
 /** A field of a few choices, compared as the index of `value` in `of`. */
 export function choiceField<T>(name: string, value: T, of: readonly T[]): AgreedField {
   return { name, value: of.indexOf(value), of };

@@ -58,7 +58,7 @@ import { dtypeSize } from '../dtype.js';
 import { invalidArgument, shown, UnavailableError, unknownNames, usedAfterDispose } from '../errors.js';
 import { CudaGraph } from '../graph.js';
 import { Stream } from '../stream.js';
-import { type AgreedField, checkGroupAgrees, choiceField, optionalField } from '../parallel/group-agrees.js';
+import { checkGroupAgrees, choiceField, numberField, optionalField } from '../parallel/group-agrees.js';
 import {
   checkBoolean,
   checkContiguous,
@@ -765,7 +765,7 @@ export class MoEInference implements Disposable {
     if (this.#groupAgrees || this.group.size === 1) return;
     const c = this.config;
     const r = this.router;
-    const n = (name: string, value: number): AgreedField => ({ name, value });
+    const n = numberField;
     const yesNo = [false, true];
     checkGroupAgrees(this.group, this.device, op, 'layers', [
       n('hidden', c.hidden),
