@@ -129,6 +129,7 @@ export {
 export { expertsActivations, expertsBackward, type ExpertsBackwardOptions, expertsForward, interleaveW13 } from './moe/experts.js';
 export { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './moe/fp8.js';
 export { type DenseFfn, upcycleExperts } from './moe/upcycle.js';
+export { type HfMoELayerOptions, moeLayerFromHf } from './train/from-hf.js';
 export { type GemmMode, groupedGemm, type GroupedGemmOptions } from './moe/grouped-gemm.js';
 export {
   disposeSaved,

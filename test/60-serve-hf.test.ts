@@ -1,15 +1,15 @@
 // Serving Hugging Face MoE checkpoints: small checkpoints in the Mixtral, DeepSeek-V3, Qwen2-MoE and
 // Qwen3-MoE layouts are built here (test/hf-fixtures.mjs), loaded into MoEInference on the CPU and
 // compared with plain-loop float64 references of each family's MoE block (test/hf-moe-reference.mjs).
-// Also: config mapping, each rank reading only its experts' bytes, and the training layer loaded
-// from the same files. Seeds are in the test names and failure messages.
+// Also: config mapping, each rank reading only its experts' bytes, and the training layer built
+// from the same files (moeLayerFromHf) against the same references. Seeds are in the test names and failure messages.
 import * as fs from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, MoELayer, Tensor, tidy } from '../lib/index.js';
+import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
 import { buildHfCheckpoint, encode, normals, poisonTensors, testConfigs } from './hf-fixtures.mjs';
 import { hfMoEReference, moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
 import { relErr } from './helpers.js';
@@ -383,48 +383,48 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     x.dispose();
   });
 
-  it('the training layer (MoELayer) given the same weights computes the same block (Mixtral, DeepSeek-V3; Qwen2-MoE without its gate has no training-layer counterpart)', () => {
-    for (const family of ['mixtral', 'deepseek_v3'] as const) {
-      const c = checkpointAndTokens(family, { dtype: 'bf16', shards: 3, layerDtype: 'f32', T: 12, seed: 71 });
+  // moeLayerFromHf: the checkpoint's block as a trainable layer (every family, gated shared experts included).
+  for (const family of families) {
+    it(`moeLayerFromHf (${family}): the training layer computes the family's block from the files' weights, and trains`, () => {
+      const c = checkpointAndTokens(family, { dtype: 'f32', shards: 2, layerDtype: 'f32', T: 12, seed: 71 + families.indexOf(family) });
       using ckpt = HfMoECheckpoint.open(c.dir);
-      const layerIdx = [...c.refs.keys()][0] as number;
-      using w = ckpt.readLayer(layerIdx, { dtype: 'f32', device: 'cpu' });
-      const b = ckpt.block;
-      using layer = new MoELayer({
-        hidden: b.hidden,
-        ffn: b.ffn,
-        numExperts: b.numExperts,
-        topK: b.topK,
-        scoreFunction: b.scoreFunction,
-        groups: b.groups,
-        topkGroups: b.topkGroups,
-        normalize: b.normalize,
-        routeScale: b.routeScale,
-        sharedFfn: b.sharedFfn,
-        dtype: 'f32',
-        device: 'cpu',
-      });
-      tidy(() => {
-        layer.master.router.copy_(w.router.view(b.hidden, b.numExperts));
-        layer.master.w13.copy_(w.w13);
-        layer.master.w2.copy_(w.w2);
-        if (w.sharedW13 && w.sharedW2) {
-          layer.master.sharedW13?.copy_(w.sharedW13);
-          layer.master.sharedW2?.copy_(w.sharedW2);
+      for (const [layerIdx, ref] of c.refs) {
+        using layer = moeLayerFromHf(ckpt, layerIdx, { dtype: 'f32', device: 'cpu' });
+        expect(layer.config.sharedGate).toBe(ckpt.block.sharedGate);
+        const { y, grads } = tidy(() => {
+          const fwd = layer.forward(c.x);
+          const v = Array.from(fwd.y.toFloat32Array());
+          const g = layer.backward(fwd, Tensor.full(c.x.shape, 1, { device: 'cpu' }));
+          return { y: v, grads: Object.entries(g).filter(([, t]) => t !== null) as [string, Tensor][] };
+        });
+        const err = relErr(y, ref.y);
+        expect(err, `${c.what}, layer ${layerIdx}: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(2e-6);
+        for (const [k, t] of grads) {
+          expect(Array.from(t.toFloat32Array()).every(Number.isFinite), `${k} is finite`).toBe(true);
+          t.dispose();
         }
-        if (w.bias) layer.bias.copy_(w.bias);
-      });
-      layer.refreshComputeWeights();
-      const y = tidy(() => {
-        const fwd = layer.forward(c.x);
-        const v = Array.from(fwd.y.toFloat32Array());
-        layer.backward(fwd, Tensor.zeros(c.x.shape, { device: 'cpu' })); // releases what forward kept
-        return v;
-      });
-      const err = relErr(y, (c.refs.get(layerIdx) as { y: Float64Array }).y);
-      expect(err, `${c.what}: relErr ${err}`).toBeLessThan(2e-6);
+        if (ckpt.block.sharedGate) expect(grads.map(([k]) => k)).toContain('sharedGate');
+      }
       c.x.dispose();
-    }
+    });
+  }
+
+  it('moeLayerFromHf: rank r of P holds its experts alone; what the block fixes is not an option', () => {
+    const c = checkpointAndTokens('qwen2_moe', { dtype: 'bf16', shards: 3, layerDtype: 'f32', T: 4, seed: 90 });
+    using ckpt = HfMoECheckpoint.open(c.dir);
+    const layerIdx = ckpt.model.moeLayers[0] as number;
+    using whole = moeLayerFromHf(ckpt, layerIdx, { dtype: 'f32', device: 'cpu' });
+    // Rank 1 of an EP group of 2 (building and loading need no collective).
+    const group = { rank: 1, size: 2, allToAll: () => undefined, allToAllV: () => undefined };
+    using half = moeLayerFromHf(ckpt, undefined, { dtype: 'f32', device: 'cpu', group });
+    const El = ckpt.block.numExperts / 2;
+    const per = whole.master.w13.numel / ckpt.block.numExperts;
+    expect(Array.from(half.master.w13.toFloat32Array())).toEqual(Array.from(whole.master.w13.toFloat32Array().subarray(El * per)));
+    expect(Array.from((half.master.sharedGate as Tensor).toFloat32Array())).toEqual(
+      Array.from((whole.master.sharedGate as Tensor).toFloat32Array()),
+    );
+    expect(() => moeLayerFromHf(ckpt, layerIdx, { topK: 1 } as never)).toThrow(/moeLayerFromHf: .*'topK'/);
+    c.x.dispose();
   });
 });
 

@@ -19,6 +19,7 @@ const cases: [string, Partial<MoELayerConfig>][] = [
     { scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, topK: 4, routeScale: 2.5, sharedFfn: 24, numExperts: 16 },
   ],
   ['softmax top-1, shared expert', { topK: 1, sharedFfn: 8 }],
+  ['shared expert gated by sigmoid(x·g) (Qwen2-MoE-like)', { sharedFfn: 8, sharedGate: true }],
   ['capacity 1.0, drop by probability (drops happen)', { capacityFactor: 1.0, dropPolicy: 'probs' }],
   [
     'capacity 1.25 padded, drop by position, sigmoid',
@@ -37,10 +38,15 @@ describe('MoEInference equals MoELayer.forward (same weights)', () => {
           tidy(() => layer.bias.copy_(Tensor.randn([layer.config.numExperts], { std: 0.05, seed: seed + 1, device: cpu })));
           using inf = MoEInference.fromLayer(layer);
           expect(inf.weightBytes).toBe(
-            [layer.compute.router, layer.bias, layer.compute.w13, layer.compute.w2, layer.compute.sharedW13, layer.compute.sharedW2].reduce(
-              (s, t) => s + (t ? t.numel * (t.dtype === 'bf16' ? 2 : 4) : 0),
-              0,
-            ),
+            [
+              layer.compute.router,
+              layer.bias,
+              layer.compute.w13,
+              layer.compute.w2,
+              layer.compute.sharedW13,
+              layer.compute.sharedW2,
+              layer.compute.sharedGate,
+            ].reduce((s, t) => s + (t ? t.numel * (t.dtype === 'bf16' ? 2 : 4) : 0), 0),
           );
           for (const T of [1, 6, 64, 6]) {
             tidy(() => {

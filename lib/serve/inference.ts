@@ -383,6 +383,7 @@ export class MoEInference implements Disposable {
       w2: layer.compute.w2.clone(),
       sharedW13: layer.compute.sharedW13?.clone() ?? null,
       sharedW2: layer.compute.sharedW2?.clone() ?? null,
+      sharedGate: layer.compute.sharedGate?.clone() ?? null,
     }));
     try {
       return new MoEInference(
@@ -398,6 +399,7 @@ export class MoEInference implements Disposable {
           routeScale: c.routeScale,
           selectionBias: true,
           sharedFfn: c.sharedFfn,
+          sharedGate: c.sharedGate,
           ...(c.capacityFactor === undefined ? {} : { capacityFactor: c.capacityFactor }),
           dropPolicy: c.dropPolicy,
           group: layer.group,

@@ -1,0 +1,99 @@
+/**
+ * A Hugging Face checkpoint's MoE block as a trainable MoELayer: the serving loader's weights
+ * (lib/serve/hf-checkpoint.ts, this rank's experts only) read in f32 into the layer's fp32 masters,
+ * with the block's router, shared expert and gate as its configuration. For fine-tuning, or for
+ * continuing to train, Mixtral, DeepSeek-V3, Qwen-MoE and the other families the loader reads.
+ *
+ *   router [1,H,E] → master.router [H,E]        w13, w2 → master.w13, master.w2 (the layer's layout)
+ *   e_score_correction_bias → bias [E]          (selection only in both; balancing then moves it)
+ *   shared expert → master.sharedW13/W2          shared_expert_gate [1,H,1] → master.sharedGate [H]
+ */
+import { getDefaultDevice } from '../device.js';
+import { invalidArgument } from '../errors.js';
+import { MoELayer, type MoELayerConfig } from '../moe/layer.js';
+import { checkGroup } from '../moe/dispatcher.js';
+import { type HfMoECheckpoint } from '../serve/hf-checkpoint.js';
+import { tidy } from '../tensor.js';
+import { checkOptions } from '../validate.js';
+
+/** What the block fixes (from config.json); everything else of MoELayerConfig may be given. */
+type FromBlock =
+  | 'hidden'
+  | 'ffn'
+  | 'numExperts'
+  | 'topK'
+  | 'routing'
+  | 'scoreFunction'
+  | 'groups'
+  | 'topkGroups'
+  | 'normalize'
+  | 'routeScale'
+  | 'sharedFfn'
+  | 'sharedGate'
+  | 'seed';
+export type HfMoELayerOptions = Omit<MoELayerConfig, FromBlock>;
+
+/**
+ * MoE layer `layer` of `ckpt` (default: the first with an MoE block) as a MoELayer whose masters
+ * hold the checkpoint's weights (converted exactly to f32) and whose compute copies are refreshed
+ * from them. With `group`, each rank reads only the experts it owns. The layer's outputs equal the
+ * family's block (dropless; with `capacityFactor`, tokens over an expert's capacity are dropped).
+ */
+export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: HfMoELayerOptions = {}): MoELayer {
+  const op = 'moeLayerFromHf';
+  options = checkOptions(options, op, {
+    capacityFactor: true,
+    dropPolicy: true,
+    padToCapacity: true,
+    group: true,
+    commStream: true,
+    transport: true,
+    transportSms: true,
+    fp8Dispatch: true,
+    recompute: true,
+    dtype: true,
+    device: true,
+    auxLossCoef: true,
+    seqAuxLossCoef: true,
+    seqLen: true,
+    zLossCoef: true,
+  });
+  const index = layer ?? ckpt.model.moeLayers[0];
+  if (index === undefined) invalidArgument(op, `the checkpoint ${ckpt.dir} has no layer with an MoE block`);
+  const b = ckpt.block;
+  const group = checkGroup(options.group, op);
+  const device = options.device ?? getDefaultDevice();
+  const moe = new MoELayer({
+    ...options,
+    device,
+    hidden: b.hidden,
+    ffn: b.ffn,
+    numExperts: b.numExperts,
+    topK: b.topK,
+    scoreFunction: b.scoreFunction,
+    groups: b.groups,
+    topkGroups: b.topkGroups,
+    normalize: b.normalize,
+    routeScale: b.routeScale,
+    sharedFfn: b.sharedFfn,
+    sharedGate: b.sharedGate,
+  });
+  try {
+    using w = ckpt.readLayer(index, { rank: group.rank, worldSize: group.size, dtype: 'f32', device });
+    const m = moe.master;
+    tidy(() => {
+      m.router.copy_(w.router.view(b.hidden, b.numExperts));
+      m.w13.copy_(w.w13);
+      m.w2.copy_(w.w2);
+      if (w.bias) moe.bias.copy_(w.bias);
+      if (m.sharedW13 && w.sharedW13) m.sharedW13.copy_(w.sharedW13);
+      if (m.sharedW2 && w.sharedW2) m.sharedW2.copy_(w.sharedW2);
+      if (m.sharedGate && w.sharedGate) m.sharedGate.copy_(w.sharedGate.view(b.hidden));
+    });
+    moe.refreshComputeWeights();
+    return moe;
+  } catch (e) {
+    moe.dispose();
+    throw e;
+  }
+}
