@@ -14,6 +14,7 @@ import {
   memoryStats,
   MoEInference,
   MoELayer,
+  moeLayerFromHf,
   type MoELayerConfig,
   ops,
   synchronize,
@@ -140,7 +141,7 @@ describe.skipIf(!hasGpu)('MoEInference on the GPU', () => {
     }
   });
 
-  it('Hugging Face checkpoints (each family, bf16 files) loaded onto the GPU match their references', () => {
+  it('Hugging Face checkpoints (each family, bf16 files) loaded onto the GPU match their references, served and as training layers', () => {
     const root = fs.mkdtempSync(join(tmpdir(), 'moe-serve-gpu-'));
     try {
       for (const family of Object.keys(testConfigs) as (keyof typeof testConfigs)[]) {
@@ -155,6 +156,17 @@ describe.skipIf(!hasGpu)('MoEInference on the GPU', () => {
           using moe = MoEInference.fromHf(ckpt, layer, { device: gpu });
           const y = tidy(() => values(moe.forward(Tensor.fromArray(Float32Array.from(x64), { shape: [64, H], device: gpu }).cast('bf16'))));
           expect(relErr(y, ref.y), `${family} layer ${layer} (routing margin ${ref.margin})`).toBeLessThan(3e-2);
+          // The same block as a training layer (moeLayerFromHf: f32 masters on the GPU, bf16 compute), forward and backward.
+          using train = moeLayerFromHf(ckpt, layer, { device: gpu });
+          const yt = tidy(() => {
+            const x = Tensor.fromArray(Float32Array.from(x64), { shape: [64, H], device: gpu }).cast('bf16');
+            const f = train.forward(x);
+            const v = values(f.y);
+            const g = train.backward(f, Tensor.full([64, H], 1, { dtype: 'bf16', device: gpu }));
+            for (const t of Object.values(g)) if (t) expect(values(t).every(Number.isFinite), `${family}: finite gradients`).toBe(true);
+            return v;
+          });
+          expect(relErr(yt, ref.y), `${family} layer ${layer}, training layer (routing margin ${ref.margin})`).toBeLessThan(3e-2);
         }
       }
     } finally {
