@@ -3,8 +3,9 @@
 // argv[4]'s seed), reads only its own experts into an MoEInference over the world communicator,
 // routes its own tokens, and compares y with the family's float64 reference computed from all
 // experts' weights (rebuilt in memory from the seed). Dropless, and with fixed capacity segments
-// (capacityFactor = E/k: C = T, nothing can be dropped), f32 on the CPU.
-import { HfMoECheckpoint, init, MoEInference, Tensor, tidy } from '../../dist/lib/index.js';
+// (capacityFactor = E/k: C = T, nothing can be dropped), f32 on the CPU. The same block as a
+// training layer over the same ranks (moeLayerFromHf), forward against the reference, then backward.
+import { HfMoECheckpoint, init, MoEInference, moeLayerFromHf, Tensor, tidy } from '../../dist/lib/index.js';
 import { blockNames, buildHfCheckpoint, encode, normals, testConfigs } from '../hf-fixtures.mjs';
 import { hfMoEReference, moeSizes } from '../hf-moe-reference.mjs';
 import { check, relErr } from './common.mjs';
@@ -46,13 +47,25 @@ for (const capacityFactor of [undefined, E / k]) {
       `${family} layer ${layer}, ${capacityFactor ? `capacity ${capacityFactor}` : 'dropless'}, rank ${rank} of ${P}: relErr ${err} (routing margin ${ref.margin})`,
     );
     inf.dispose();
+    // The same block as a training layer across the ranks (moeLayerFromHf): each rank holds its experts, the same output.
+    const train = moeLayerFromHf(ckpt, layer, { group: world, dtype: 'f32', device: 'cpu', ...(capacityFactor ? { capacityFactor } : {}) });
+    const yt = tidy(() => {
+      const f = train.forward(Tensor.fromArray(Float32Array.from(x64), { shape: [T, H], device: 'cpu' }));
+      const v = Array.from(f.y.toFloat32Array());
+      train.backward(f, Tensor.full([T, H], 1, { device: 'cpu' })); // collective: every rank's backward exchanges rows
+      return v;
+    });
+    const errT = relErr(yt, ref.y);
+    check(errT < 2e-6, `${family} layer ${layer}, training layer, rank ${rank} of ${P}: relErr ${errT}`);
+    train.dispose();
   }
-  // Only this rank's experts were read: E/P per MoE layer, three matrices each, besides the replicated tensors.
+  // Only this rank's experts were read: E/P per MoE layer, three matrices each, besides the replicated
+  // tensors; twice (the served layer, then the training layer).
   const names = blockNames(cfg, [...layers.keys()][0]);
   const perLayer = 1 + (names.bias ? 1 : 0) + (names.shared && Fs > 0 ? 3 : 0) + (names.sharedGate ? 1 : 0);
   check(
-    ckpt.stats.tensorsRead === layers.size * (perLayer + 3 * (E / P)),
-    `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${layers.size * (perLayer + 3 * (E / P))}`,
+    ckpt.stats.tensorsRead === 2 * layers.size * (perLayer + 3 * (E / P)),
+    `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${2 * layers.size * (perLayer + 3 * (E / P))}`,
   );
   ckpt.close();
 }
