@@ -79,6 +79,7 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
     sharedGate: b.sharedGate,
   });
   try {
+    // Read in f32 beside the masters (a peak of twice their bytes), then freed.
     using w = ckpt.readLayer(index, { rank: group.rank, worldSize: group.size, dtype: 'f32', device });
     const m = moe.master;
     tidy(() => {
