@@ -426,6 +426,31 @@ describe('MoELayer on one rank', () => {
     for (const t of [fresh.dA, fresh.dW13, fresh.dW2, acc.dA, fwd.out, fwd.g, fwd.h]) t.dispose();
   });
 
+  it.each([
+    ['a shared expert', {}],
+    ['a gated shared expert', { sharedGate: true }],
+  ] as const)("a bf16 layer with %s takes an f32 dy (backward's contract): the gradients of the bf16 dy within bf16 noise", (_n, extra) => {
+    // The shared expert's GEMMs refused an f32 dy before (a reviewer's find): 'b' bf16 must have the dtype of 'a' (f32).
+    const seed = freshSeed();
+    using layer = new MoELayer({ ...base, ...extra, dtype: 'bf16', seed });
+    using x = Tensor.randn([9, 8], { seed: seed + 1, device: cpu, dtype: 'bf16' });
+    using dy16 = Tensor.randn([9, 8], { seed: seed + 2, device: cpu, dtype: 'bf16' });
+    using dy32 = dy16.cast('f32');
+    tidy(() => {
+      const a = layer.backward(layer.forward(x), dy16);
+      const b = layer.backward(layer.forward(x), dy32);
+      for (const k of ['dx', ...MOE_WEIGHT_GRADS] as const) {
+        const ta = a[k],
+          tb = b[k];
+        if (!ta || !tb) {
+          expect(ta ?? null, k).toBe(tb ?? null);
+          continue;
+        }
+        expect(relErr(values(tb), values(ta)), `${k} (seed ${seed})`).toBeLessThan(2e-2);
+      }
+    });
+  });
+
   it('a disposed layer says so, naming the method (not a disposed tensor inside it); dispose twice is fine', () => {
     const layer = new MoELayer({ hidden: 16, ffn: 8, numExperts: 4, topK: 2, device: cpu, dtype: 'f32' });
     const x = Tensor.randn([3, 16], { seed: freshSeed(), device: cpu });

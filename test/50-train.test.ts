@@ -526,8 +526,18 @@ describe('checkpoints in training', () => {
       }
       {
         using b = new Trainer(cfg);
+        const gate0 = sharedGate ? Array.from((b.model.layers[0]?.master.sharedGate as Tensor).toFloat32Array()) : [];
         for (let i = 0; i < 12; i++) b.trainStep();
         b.saveCheckpoint(dir, 2);
+        if (sharedGate) {
+          // The gate is a trained parameter: it moved, and its AdamW moments are in the checkpoint.
+          const gate = Array.from((b.model.layers[0]?.master.sharedGate as Tensor).toFloat32Array());
+          expect(gate.some((g, i) => g !== gate0[i])).toBe(true);
+          using r = loadCheckpoint(dir);
+          expect(Object.keys(r.manifest.tensors)).toEqual(
+            expect.arrayContaining(['layers.0.shared.gate', 'optim.layers.0.shared.gate.exp_avg', 'optim.layers.0.shared.gate.exp_avg_sq']),
+          );
+        }
       }
       using c = new Trainer(cfg);
       expect(c.resume(dir)).toBe(12);

@@ -111,8 +111,8 @@ export interface MoELayerConfig extends RouterConfig {
    *             output [M,3F] and their output rows [M,H], the shared expert's [T,3S] (and its
    *             output [T,H] with sharedGate, whose gradient reads it).
    *   'experts' the dispatched rows and the routing: backward first runs the experts' two forward
-   *             GEMMs again (and the shared expert's first): M·(3F+H) + T·3S fewer values kept, for
-   *             about a third more GEMM work in a step.
+   *             GEMMs again (and the shared expert's first; both with sharedGate): M·(3F+H) + T·3S
+   *             (+ T·H with sharedGate) fewer values kept, for about a third more GEMM work in a step.
    *   'layer'   the routing alone (indices, weights, scores, the capacity layout): backward also
    *             dispatches x again (a second all-to-all), so a further M·H fewer values are kept.
    * Every kernel is deterministic and the routing is not recomputed, so the gradients are the same
@@ -620,7 +620,8 @@ export class MoELayer implements Disposable {
         if (shared && this.compute.sharedW13 && this.compute.sharedW2) {
           // sharedGate: y += σ·S, so S's gradient is σ·dy and σ's is <dy, S> per token (the
           // unpermute's backward), then the sigmoid's (the router's) and the gate GEMM's.
-          let dShared = dy;
+          // The shared expert's GEMMs take dy in the layer's dtype (backward accepts an f32 dy).
+          let dShared = dy.dtype === this.config.dtype ? dy : dy.cast(this.config.dtype);
           if (s.gate && shared.out && this.compute.sharedGate) {
             const tokens = this.tokenRows(T);
             const u = unpermuteBackward(dy, shared.out, s.gate.weights, tokens, tokens.view(T));
@@ -874,6 +875,7 @@ export class MoELayer implements Disposable {
     ])
       t?.dispose();
     this.allOffsets.clear();
+    this.tokenRowsCache.clear();
     this.dispatcher.dispose();
     this.ownStream?.dispose();
   }

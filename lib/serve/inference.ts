@@ -623,6 +623,9 @@ export class MoEInference implements Disposable {
     const op = 'MoEInference.captureDecode';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
     checkPositiveInt(T, op, 'T');
+    // First, across ranks: a rank whose configuration differs (another capacity factor) would
+    // otherwise refuse below on its own while the others wait in the exchange.
+    this.checkGroupAgrees(op);
     this.checkRoutedRows(T, op);
     if (!this.device.isCuda)
       throw new UnavailableError(`${op}: CUDA graphs need a CUDA device; this layer is on ${this.device.toString()}`, op);
@@ -635,7 +638,6 @@ export class MoEInference implements Disposable {
     }
     const have = this.graphs.get(T);
     if (have) return graphInfo(have);
-    this.checkGroupAgrees(op);
     const ws = this.workspace(T);
     this.workspaces.delete(T); // the graph's from now on
     const { hidden: H, dtype } = this.config;

@@ -60,6 +60,8 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
   });
   const index = layer ?? ckpt.model.moeLayers[0];
   if (index === undefined) invalidArgument(op, `the checkpoint ${ckpt.dir} has no layer with an MoE block`);
+  // The layer is named before the MoELayer draws its (then replaced) initial weights.
+  ckpt.names(index);
   const b = ckpt.block;
   const group = checkGroup(options.group, op);
   const device = options.device ?? getDefaultDevice();

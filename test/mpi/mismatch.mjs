@@ -125,6 +125,14 @@ expectThrow(
     ),
     'MoEInference whose topK and capacity differ on rank 0',
   );
+  // captureDecode compares first too: a rank without a capacity factor would otherwise refuse on
+  // its own (dropless cannot be captured) while the others waited in the exchange (a reviewer's find).
+  expectThrow(
+    () => inf.captureDecode(T),
+    InvalidArgumentError,
+    new RegExp(`^MoEInference\\.captureDecode: the expert-parallel group's layers differ \\(${topK}; ${cf}[;)]`),
+    'captureDecode of a MoEInference whose topK and capacity differ on rank 0',
+  );
   inf.dispose();
 }
 
