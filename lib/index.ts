@@ -217,5 +217,6 @@ export {
   type HfProjection,
   type HfReadOptions,
   type HfReadStats,
+  type HfWeightName,
 } from './serve/hf-checkpoint.js';
 export { MoEInference, type MoEInferenceConfig, type MoEInferenceForwardOptions, type MoEInferenceWeights } from './serve/inference.js';

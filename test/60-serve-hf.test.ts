@@ -409,6 +409,38 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     });
   }
 
+  it("readLayer's into: the weights land in the caller's tensors, the same bits as new ones, which its dispose leaves; wrong ones refused by name", () => {
+    const c = checkpointAndTokens('deepseek_v3', { dtype: 'bf16', shards: 2, layerDtype: 'f32', T: 4, seed: 91 });
+    using ckpt = HfMoECheckpoint.open(c.dir);
+    const layerIdx = ckpt.model.moeLayers[0] as number;
+    using fresh = ckpt.readLayer(layerIdx, { dtype: 'f32', device: 'cpu' });
+    const mine = {
+      router: Tensor.full(fresh.router.shape, 7, { device: 'cpu' }),
+      bias: Tensor.full(fresh.bias?.shape ?? [1], 7, { device: 'cpu' }),
+      w13: Tensor.full(fresh.w13.shape, 7, { device: 'cpu' }),
+      w2: Tensor.full(fresh.w2.shape, 7, { device: 'cpu' }),
+      sharedW13: Tensor.full(fresh.sharedW13?.shape ?? [1], 7, { device: 'cpu' }),
+      sharedW2: Tensor.full(fresh.sharedW2?.shape ?? [1], 7, { device: 'cpu' }),
+    };
+    const got = ckpt.readLayer(layerIdx, { dtype: 'f32', device: 'cpu', into: mine });
+    for (const k of Object.keys(mine) as (keyof typeof mine)[]) {
+      expect(got[k], k).toBe(mine[k]);
+      expect(Array.from(mine[k].toFloat32Array()), k).toEqual(Array.from((fresh[k] as Tensor).toFloat32Array()));
+    }
+    got.dispose();
+    expect(Object.values(mine).every((t) => !t.disposed)).toBe(true);
+    const bad = (into: object, re: RegExp): void => {
+      expect(() => ckpt.readLayer(layerIdx, { dtype: 'f32', device: 'cpu', into })).toThrow(re);
+    };
+    bad({ w2: mine.w13 }, /'into\.w2' must be a contiguous f32 \[\d+,\d+,\d+\] on cpu; received f32 \[/);
+    using bf = Tensor.zeros(fresh.w13.shape, { dtype: 'bf16', device: 'cpu' });
+    bad({ w13: bf }, /'into\.w13' must be a contiguous f32/);
+    bad({ w31: mine.w13 }, /'into' has an unknown key 'w31'/);
+    bad({ sharedGate: mine.bias }, /'into\.sharedGate' was given but the deepseek_v3 block has none/);
+    for (const t of Object.values(mine)) t.dispose();
+    c.x.dispose();
+  });
+
   it('moeLayerFromHf: rank r of P holds its experts alone; what the block fixes is not an option', () => {
     const c = checkpointAndTokens('qwen2_moe', { dtype: 'bf16', shards: 3, layerDtype: 'f32', T: 4, seed: 90 });
     using ckpt = HfMoECheckpoint.open(c.dir);

@@ -148,7 +148,17 @@ export interface HfReadOptions {
   /** The layer's dtype: bf16 (default) or f32 (CPU tests). */
   dtype?: 'bf16' | 'f32';
   device?: DeviceLike;
+  /**
+   * Read into these tensors instead of new ones (each contiguous, of its result's shape, `dtype`,
+   * the bias f32, on `device`): a training layer's masters, with no second copy. They stay the
+   * caller's (the result's dispose leaves them); a failed read may leave them partly written.
+   */
+  into?: Partial<Record<HfWeightName, Tensor>>;
 }
+
+/** The tensors of one layer's MoE weights. */
+export type HfWeightName = 'router' | 'bias' | 'w13' | 'w2' | 'sharedW13' | 'sharedW2' | 'sharedGate';
+const WEIGHT_NAMES: readonly HfWeightName[] = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'];
 
 /** HfMoECheckpoint.inspectLayer's answer. */
 export interface HfLayerInspection {
@@ -416,15 +426,38 @@ export class HfMoECheckpoint implements Disposable {
    */
   readLayer(layer: number, options: HfReadOptions = {}): HfMoEWeights {
     const op = 'HfMoECheckpoint.readLayer';
-    options = checkOptions(options, op, { rank: true, worldSize: true, dtype: true, device: true });
+    options = checkOptions(options, op, { rank: true, worldSize: true, dtype: true, device: true, into: true });
     const names = this.names(layer);
     const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = this.block;
     const { first, count: El } = ownedExperts(E, options.worldSize ?? 1, options.rank ?? 0);
     const dtype = options.dtype ?? 'bf16';
     if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${String(dtype)}`);
     const device = Device.parse(options.device ?? getDefaultDevice(), op);
+    const into = options.into ?? {};
+    if (into === null || typeof into !== 'object') invalidArgument(op, `'into' must be an object of tensors`);
+    for (const k of Object.keys(into))
+      if (!(WEIGHT_NAMES as readonly string[]).includes(k))
+        invalidArgument(op, `'into' has an unknown key '${k}' (it takes ${WEIGHT_NAMES.join(', ')})`);
+    const absent: Partial<Record<HfWeightName, boolean>> = {
+      bias: names.bias === null,
+      sharedW13: names.shared === null,
+      sharedW2: names.shared === null,
+      sharedGate: names.sharedGate === null,
+    };
+    for (const k of Object.keys(into) as HfWeightName[])
+      if (absent[k] && into[k] !== undefined) invalidArgument(op, `'into.${k}' was given but the ${this.family} block has none`);
     const made: Tensor[] = [];
-    const alloc = (shape: number[], dt: DType = dtype): Tensor => {
+    const alloc = (name: HfWeightName, shape: number[], dt: DType = dtype): Tensor => {
+      const given = into[name];
+      if (given !== undefined) {
+        if (!(given instanceof Tensor)) invalidArgument(op, `'into.${name}' must be a Tensor`);
+        if (given.shape.join() !== shape.join() || given.dtype !== dt || !given.device.equals(device) || !given.isContiguous)
+          invalidArgument(
+            op,
+            `'into.${name}' must be a contiguous ${dt} [${shape.join(',')}] on ${device.toString()}; received ${given.dtype} [${given.shape.join(',')}] on ${given.device.toString()}`,
+          );
+        return given;
+      }
       const t = Tensor.empty(shape, { dtype: dt, device });
       made.push(t);
       return t;
@@ -446,16 +479,16 @@ export class HfMoECheckpoint implements Disposable {
         ] as const)
           this.locate(names.shared(w), shape);
       // The gate [E,H] → router [1,H,E].
-      const router = alloc([1, H, E]);
+      const router = alloc('router', [1, H, E]);
       this.read(names.gate, [E, H], (src) => router.copy_(src.view(1, E, H).transpose(1, 2)));
       let bias: Tensor | null = null;
       if (names.bias !== null) {
-        const b = alloc([E], 'f32');
+        const b = alloc('bias', [E], 'f32');
         this.read(names.bias, names.biasShape(E), (src) => b.copy_(src.view(E)));
         bias = b;
       }
-      const w13 = alloc([El, H, 2 * F]);
-      const w2 = alloc([El, F, H]);
+      const w13 = alloc('w13', [El, H, 2 * F]);
+      const w2 = alloc('w2', [El, F, H]);
       const fill = (i: number, gate: string, up: string, down: string, f: number, into13: Tensor, into2: Tensor): void => {
         // w13[i] viewed as [H, F, 2]: slot 0 takes gateᵀ, slot 1 upᵀ (each [F,H] in the file).
         const pairs = into13.view(into13.shape[0] as number, H, f, 2).narrow(0, i, 1);
@@ -470,8 +503,8 @@ export class HfMoECheckpoint implements Disposable {
       let sharedW13: Tensor | null = null;
       let sharedW2: Tensor | null = null;
       if (names.shared !== null) {
-        const s13 = alloc([1, H, 2 * Fs]);
-        const s2 = alloc([1, Fs, H]);
+        const s13 = alloc('sharedW13', [1, H, 2 * Fs]);
+        const s2 = alloc('sharedW2', [1, Fs, H]);
         const sh = names.shared;
         tidy(() => fill(0, sh('gate'), sh('up'), sh('down'), Fs, s13, s2));
         sharedW13 = s13;
@@ -479,7 +512,7 @@ export class HfMoECheckpoint implements Disposable {
       }
       let sharedGate: Tensor | null = null;
       if (names.sharedGate !== null) {
-        const g = alloc([1, H, 1]);
+        const g = alloc('sharedGate', [1, H, 1]);
         this.read(names.sharedGate, [1, H], (src) => g.copy_(src.view(1, H, 1)));
         sharedGate = g;
       }

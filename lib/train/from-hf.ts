@@ -1,6 +1,6 @@
 /**
  * A Hugging Face checkpoint's MoE block as a trainable MoELayer: the serving loader's weights
- * (lib/serve/hf-checkpoint.ts, this rank's experts only) read in f32 into the layer's fp32 masters,
+ * (lib/serve/hf-checkpoint.ts, this rank's experts only) read in f32 straight into the layer's fp32 masters,
  * with the block's router, shared expert and gate as its configuration. For fine-tuning, or for
  * continuing to train, Mixtral, DeepSeek-V3, Qwen-MoE and the other families the loader reads.
  *
@@ -12,8 +12,8 @@ import { getDefaultDevice } from '../device.js';
 import { invalidArgument } from '../errors.js';
 import { MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { checkGroup } from '../moe/dispatcher.js';
-import { type HfMoECheckpoint } from '../serve/hf-checkpoint.js';
-import { tidy } from '../tensor.js';
+import { type HfMoECheckpoint, type HfWeightName } from '../serve/hf-checkpoint.js';
+import { type Tensor, tidy } from '../tensor.js';
 import { checkOptions } from '../validate.js';
 
 /** What the block fixes (from config.json); everything else of MoELayerConfig may be given. */
@@ -81,17 +81,18 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
     sharedGate: b.sharedGate,
   });
   try {
-    // Read in f32 beside the masters (a peak of twice their bytes), then freed.
-    using w = ckpt.readLayer(index, { rank: group.rank, worldSize: group.size, dtype: 'f32', device });
+    // Read straight into the masters (the router and gate through views of their layer shapes): no second copy.
     const m = moe.master;
     tidy(() => {
-      m.router.copy_(w.router.view(b.hidden, b.numExperts));
-      m.w13.copy_(w.w13);
-      m.w2.copy_(w.w2);
-      if (w.bias) moe.bias.copy_(w.bias);
-      if (m.sharedW13 && w.sharedW13) m.sharedW13.copy_(w.sharedW13);
-      if (m.sharedW2 && w.sharedW2) m.sharedW2.copy_(w.sharedW2);
-      if (m.sharedGate && w.sharedGate) m.sharedGate.copy_(w.sharedGate.view(b.hidden));
+      const into: Partial<Record<HfWeightName, Tensor>> = {
+        router: m.router.view(1, b.hidden, b.numExperts),
+        w13: m.w13,
+        w2: m.w2,
+        ...(b.selectionBias ? { bias: moe.bias } : {}),
+        ...(m.sharedW13 && m.sharedW2 ? { sharedW13: m.sharedW13, sharedW2: m.sharedW2 } : {}),
+        ...(m.sharedGate ? { sharedGate: m.sharedGate.view(1, b.hidden, 1) } : {}),
+      };
+      ckpt.readLayer(index, { rank: group.rank, worldSize: group.size, dtype: 'f32', device, into }).dispose();
     });
     moe.refreshComputeWeights();
     return moe;
