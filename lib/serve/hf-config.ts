@@ -130,6 +130,27 @@ export interface HfMoEBlock {
   sharedGate: boolean;
 }
 
+/** The block's fields both layers take as they are (MoEInference adds selectionBias; MoELayer always has a bias). */
+export function layerFieldsOf(
+  b: HfMoEBlock,
+): Pick<
+  HfMoEBlock,
+  | 'hidden'
+  | 'ffn'
+  | 'numExperts'
+  | 'topK'
+  | 'scoreFunction'
+  | 'groups'
+  | 'topkGroups'
+  | 'normalize'
+  | 'routeScale'
+  | 'sharedFfn'
+  | 'sharedGate'
+> {
+  const { hidden, ffn, numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale, sharedFfn, sharedGate } = b;
+  return { hidden, ffn, numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale, sharedFfn, sharedGate };
+}
+
 export interface HfMoEModel {
   block: HfMoEBlock;
   numLayers: number;

@@ -79,6 +79,7 @@ import { MoELayer } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
 import { resolveRouterConfig, type ResolvedRouterConfig, routerFieldsOf, routerForward, type ScoreFunction } from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
+import { layerFieldsOf } from './hf-config.js';
 
 export interface MoEInferenceConfig {
   hidden: number;
@@ -460,18 +461,8 @@ export class MoEInference implements Disposable {
         {
           ...options,
           device,
-          hidden: b.hidden,
-          ffn: b.ffn,
-          numExperts: b.numExperts,
-          topK: b.topK,
-          scoreFunction: b.scoreFunction,
-          groups: b.groups,
-          topkGroups: b.topkGroups,
-          normalize: b.normalize,
-          routeScale: b.routeScale,
+          ...layerFieldsOf(b),
           selectionBias: b.selectionBias,
-          sharedFfn: b.sharedFfn,
-          sharedGate: b.sharedGate,
         },
         { router: w.router, bias: w.bias, w13: w.w13, w2: w.w2, sharedW13: w.sharedW13, sharedW2: w.sharedW2, sharedGate: w.sharedGate },
       );

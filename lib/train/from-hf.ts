@@ -13,6 +13,7 @@ import { invalidArgument } from '../errors.js';
 import { MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { checkGroup } from '../moe/dispatcher.js';
 import { type HfMoECheckpoint, type HfWeightName } from '../serve/hf-checkpoint.js';
+import { layerFieldsOf } from '../serve/hf-config.js';
 import { type Tensor, tidy } from '../tensor.js';
 import { checkOptions } from '../validate.js';
 
@@ -65,21 +66,7 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
   const b = ckpt.block;
   const group = checkGroup(options.group, op);
   const device = options.device ?? getDefaultDevice();
-  const moe = new MoELayer({
-    ...options,
-    device,
-    hidden: b.hidden,
-    ffn: b.ffn,
-    numExperts: b.numExperts,
-    topK: b.topK,
-    scoreFunction: b.scoreFunction,
-    groups: b.groups,
-    topkGroups: b.topkGroups,
-    normalize: b.normalize,
-    routeScale: b.routeScale,
-    sharedFfn: b.sharedFfn,
-    sharedGate: b.sharedGate,
-  });
+  const moe = new MoELayer({ ...options, device, ...layerFieldsOf(b) });
   try {
     // Read straight into the masters (the router and gate through views of their layer shapes): no second copy.
     const m = moe.master;
