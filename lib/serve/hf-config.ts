@@ -131,24 +131,24 @@ export interface HfMoEBlock {
 }
 
 /** The block's fields both layers take as they are (MoEInference adds selectionBias; MoELayer always has a bias). */
-export function layerFieldsOf(
-  b: HfMoEBlock,
-): Pick<
-  HfMoEBlock,
-  | 'hidden'
-  | 'ffn'
-  | 'numExperts'
-  | 'topK'
-  | 'scoreFunction'
-  | 'groups'
-  | 'topkGroups'
-  | 'normalize'
-  | 'routeScale'
-  | 'sharedFfn'
-  | 'sharedGate'
-> {
-  const { hidden, ffn, numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale, sharedFfn, sharedGate } = b;
-  return { hidden, ffn, numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale, sharedFfn, sharedGate };
+export const HF_LAYER_FIELDS = [
+  'hidden',
+  'ffn',
+  'numExperts',
+  'topK',
+  'scoreFunction',
+  'groups',
+  'topkGroups',
+  'normalize',
+  'routeScale',
+  'sharedFfn',
+  'sharedGate',
+] as const;
+export type HfLayerField = (typeof HF_LAYER_FIELDS)[number];
+
+/** Those fields of a block, for a layer's config. */
+export function layerFieldsOf(b: HfMoEBlock): Pick<HfMoEBlock, HfLayerField> {
+  return Object.fromEntries(HF_LAYER_FIELDS.map((k) => [k, b[k]])) as Pick<HfMoEBlock, HfLayerField>;
 }
 
 export interface HfMoEModel {

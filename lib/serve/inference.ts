@@ -79,7 +79,7 @@ import { MoELayer } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
 import { resolveRouterConfig, type ResolvedRouterConfig, routerFieldsOf, routerForward, type ScoreFunction } from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
-import { layerFieldsOf } from './hf-config.js';
+import { type HfLayerField, layerFieldsOf } from './hf-config.js';
 
 export interface MoEInferenceConfig {
   hidden: number;
@@ -424,21 +424,7 @@ export class MoEInference implements Disposable {
   static fromHf(
     ckpt: HfMoECheckpoint,
     layer?: number,
-    options: Omit<
-      MoEInferenceConfig,
-      | 'hidden'
-      | 'ffn'
-      | 'numExperts'
-      | 'topK'
-      | 'scoreFunction'
-      | 'groups'
-      | 'topkGroups'
-      | 'normalize'
-      | 'routeScale'
-      | 'selectionBias'
-      | 'sharedFfn'
-      | 'sharedGate'
-    > = {},
+    options: Omit<MoEInferenceConfig, HfLayerField | 'selectionBias'> = {},
   ): MoEInference {
     options = checkOptions(options, 'MoEInference.fromHf', {
       capacityFactor: true,

@@ -13,26 +13,13 @@ import { invalidArgument } from '../errors.js';
 import { MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { checkGroup } from '../moe/dispatcher.js';
 import { type HfMoECheckpoint, type HfWeightName } from '../serve/hf-checkpoint.js';
-import { layerFieldsOf } from '../serve/hf-config.js';
+import { HF_LAYER_FIELDS, layerFieldsOf } from '../serve/hf-config.js';
 import { type Tensor, tidy } from '../tensor.js';
-import { checkOptions } from '../validate.js';
 
-/** What the block fixes (from config.json); everything else of MoELayerConfig may be given. */
-type FromBlock =
-  | 'hidden'
-  | 'ffn'
-  | 'numExperts'
-  | 'topK'
-  | 'routing'
-  | 'scoreFunction'
-  | 'groups'
-  | 'topkGroups'
-  | 'normalize'
-  | 'routeScale'
-  | 'sharedFfn'
-  | 'sharedGate'
-  | 'seed';
-export type HfMoELayerOptions = Omit<MoELayerConfig, FromBlock>;
+/** What the checkpoint fixes: the block's fields, token choice, and the weights (so no seed). */
+const FROM_CHECKPOINT = [...HF_LAYER_FIELDS, 'routing', 'seed'] as const;
+/** The rest of MoELayerConfig may be given. */
+export type HfMoELayerOptions = Omit<MoELayerConfig, (typeof FROM_CHECKPOINT)[number]>;
 
 /**
  * MoE layer `layer` of `ckpt` (default: the first with an MoE block) as a MoELayer whose masters
@@ -42,23 +29,11 @@ export type HfMoELayerOptions = Omit<MoELayerConfig, FromBlock>;
  */
 export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: HfMoELayerOptions = {}): MoELayer {
   const op = 'moeLayerFromHf';
-  options = checkOptions(options, op, {
-    capacityFactor: true,
-    dropPolicy: true,
-    padToCapacity: true,
-    group: true,
-    commStream: true,
-    transport: true,
-    transportSms: true,
-    fp8Dispatch: true,
-    recompute: true,
-    dtype: true,
-    device: true,
-    auxLossCoef: true,
-    seqAuxLossCoef: true,
-    seqLen: true,
-    zLossCoef: true,
-  });
+  // The other keys MoELayer's constructor checks itself.
+  if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object`);
+  const fixed = FROM_CHECKPOINT.filter((k) => (options as Record<string, unknown>)[k] !== undefined);
+  if (fixed.length > 0)
+    invalidArgument(op, `${fixed.map((k) => `'${k}'`).join(', ')}: set by the checkpoint (its config.json and weights), not an option`);
   const index = layer ?? ckpt.model.moeLayers[0];
   if (index === undefined) invalidArgument(op, `the checkpoint ${ckpt.dir} has no layer with an MoE block`);
   // The layer is named before the MoELayer draws its (then replaced) initial weights.
