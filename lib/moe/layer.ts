@@ -232,8 +232,11 @@ interface LayerWeights {
   sharedGate: Tensor | null;
 }
 
-/** The shared expert's gate as a router: one expert, top-1, sigmoid, not renormalised (its weight is the sigmoid). */
-const SHARED_GATE_ROUTER = resolveRouterConfig({ numExperts: 1, topK: 1, scoreFunction: 'sigmoid', normalize: false });
+/**
+ * The shared expert's gate as a router: one expert, top-1, sigmoid, not renormalised (its weight is
+ * the sigmoid). MoEInference serves the gate through the same router.
+ */
+export const SHARED_GATE_ROUTER = resolveRouterConfig({ numExperts: 1, topK: 1, scoreFunction: 'sigmoid', normalize: false });
 
 export class MoELayer implements Disposable {
   readonly config: Readonly<

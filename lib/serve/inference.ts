@@ -75,7 +75,7 @@ import { checkGroup, Dispatcher, type ExpertParallelGroup, type TransportChoice 
 import { type PeerDecodeBuffers, peerCombineInto, peerDecodeBuffers, peerDecodeNeed, peerDispatchInto } from '../moe/peer-dispatch.js';
 import { type PeerTransport } from '../moe/peer-transport.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
-import { MoELayer } from '../moe/layer.js';
+import { MoELayer, SHARED_GATE_ROUTER } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
 import { resolveRouterConfig, type ResolvedRouterConfig, routerFieldsOf, routerForward, type ScoreFunction } from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
@@ -343,7 +343,7 @@ export class MoEInference implements Disposable {
       sharedGate: want('sharedGate', sharedGate, [1, hidden, 1], dtype),
     });
     for (const t of Object.values(this.weights)) if (t) keep(t);
-    this.gateRouter = sharedGate ? resolveRouterConfig({ numExperts: 1, topK: 1, scoreFunction: 'sigmoid', normalize: false }) : null;
+    this.gateRouter = sharedGate ? SHARED_GATE_ROUTER : null;
     this.dispatcher =
       this.group.size > 1
         ? new Dispatcher({
