@@ -1362,6 +1362,19 @@ describe('bad calls give clear errors', () => {
         /SafetensorsFile\.readAt: 'position' must be an integer in \[0, \d+\]/,
       );
     expect(() => file.readAt([0, 0] as never, 0)).toThrow(/SafetensorsFile\.readAt: 'out' must be a Uint8Array/);
+    // readRows: rows of the first dimension, inside the tensor only.
+    expect(Array.from(new Float32Array(file.readRows('toString', 0, 1).buffer))).toEqual([1]);
+    expect(file.readRows('toString', 1, 0).byteLength).toBe(0);
+    for (const [first, count] of [
+      [1, 1],
+      [-1, 1],
+      [0, 2],
+      [0.5, 1],
+    ])
+      expect(() => file.readRows('toString', first as number, count as number)).toThrow(
+        /SafetensorsFile\.readRows: rows \[.*\) are not inside tensor 'toString''s 1 rows/,
+      );
+    expect(() => file.readRows('nope', 0, 1)).toThrow(/tensor 'nope': no such tensor/);
     // And through a checkpoint: saved, listed in the manifest, read back, verified.
     const ckpt = join(dir, 'ckpt');
     saveCheckpoint(ckpt, {

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 
 import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
-import { buildHfCheckpoint, encode, normals, poisonTensors, testConfigs } from './hf-fixtures.mjs';
+import { blockNames, buildHfCheckpoint, encode, normals, poisonRows, poisonTensors, testConfigs } from './hf-fixtures.mjs';
 import { hfMoEReference, moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
 import { relErr } from './helpers.js';
 
@@ -199,6 +199,27 @@ describe('config.json → the package (hfMoEModel)', () => {
       numExperts: 4,
       normalize: false,
     });
+    // Qwen3-VL-MoE: the language model's fields from text_config; renormalised although norm_topk_prob says false.
+    expect(hfMoEModel(testConfigs.qwen3_vl_moe)).toMatchObject({
+      block: { family: 'qwen3_vl_moe', hidden: 16, ffn: 6, numExperts: 8, topK: 3, normalize: true, sharedFfn: 0, sharedGate: false },
+      numLayers: 3,
+      moeLayers: [0, 2],
+    });
+    // Granite: softmax over the top-k logits (the renormalised top-k), every layer MoE; the shared
+    // MLP's width from shared_intermediate_size, its default none (granitemoeshared) or 1024 (hybrid).
+    const granite = { scoreFunction: 'softmax', normalize: true, selectionBias: false, sharedGate: false, routeScale: 1 };
+    expect(hfMoEModel(testConfigs.granitemoe)).toMatchObject({
+      block: { ...granite, ffn: 8, numExperts: 8, topK: 2, sharedFfn: 0 },
+      moeLayers: [0, 1],
+    });
+    expect(hfMoEModel({ ...testConfigs.granitemoe, shared_intermediate_size: 64 }).block.sharedFfn).toBe(0); // not GraniteMoe's field
+    expect(hfMoEModel(testConfigs.granitemoeshared).block).toMatchObject({ ...granite, ffn: 6, topK: 3, sharedFfn: 10 });
+    expect(hfMoEModel({ ...testConfigs.granitemoeshared, shared_intermediate_size: undefined }).block.sharedFfn).toBe(0);
+    expect(hfMoEModel(testConfigs.granitemoehybrid)).toMatchObject({
+      block: { ...granite, ffn: 4, numExperts: 16, topK: 4, sharedFfn: 8 },
+      moeLayers: [0, 1],
+    });
+    expect(hfMoEModel({ ...testConfigs.granitemoehybrid, shared_intermediate_size: undefined }).block.sharedFfn).toBe(1024);
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -234,15 +255,22 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
     bad({ ...testConfigs.deepseek_v3, num_experts_per_tok: 6 }, /'num_experts_per_tok' = 6 with 'topk_group' = 2: .*top 2/);
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
     // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
-    for (const family of families)
-      bad({ ...testConfigs[family], hidden_act: 'gelu' }, /'hidden_act' "gelu": the package's experts compute SiLU-gated MLPs/);
+    for (const family of families) {
+      const c: Record<string, unknown> = testConfigs[family];
+      // A multimodal config's activation is its language model's (text_config's).
+      const text = c['text_config'] as Record<string, unknown> | undefined;
+      bad(
+        text ? { ...c, text_config: { ...text, hidden_act: 'gelu' } } : { ...c, hidden_act: 'gelu' },
+        /'hidden_act' "gelu": the package's experts compute SiLU-gated MLPs/,
+      );
+    }
     expect(hfMoEModel({ ...testConfigs.mixtral, hidden_act: 'swish' }).block.family).toBe('mixtral');
     bad({ ...testConfigs.deepseek_v3, topk_method: 'group_limited_greedy' }, /'topk_method' "group_limited_greedy"/);
     bad({ ...testConfigs.deepseek_v3, n_group: 3 }, /'n_group' = 3 does not divide 'n_routed_experts' = 16/);
@@ -271,6 +299,16 @@ describe('config.json → the package (hfMoEModel)', () => {
       /'intermediate_size' is missing \(the hunyuan_v1_moe MoE block needs it\)/,
     );
     bad([], /must be a JSON object/);
+    // A multimodal config's language model is its text_config, named in the errors.
+    bad(
+      { ...testConfigs.qwen3_vl_moe, text_config: undefined },
+      /^config\.json: 'text_config' must be an object \(the qwen3_vl_moe language model's config\); found null$/,
+    );
+    bad(
+      { ...testConfigs.qwen3_vl_moe, text_config: { ...(testConfigs.qwen3_vl_moe.text_config as object), num_experts: undefined } },
+      /^config\.json: text_config: 'num_experts' is missing \(the qwen3_vl_moe MoE block needs it\)$/,
+    );
+    bad({ ...testConfigs.granitemoehybrid, num_local_experts: 0 }, /'num_local_experts' must be an integer >= 1; found 0/);
   });
 });
 
@@ -516,6 +554,58 @@ describe('expert parallelism: each rank reads only its own experts', () => {
         const shardBytes = [...touched].reduce((s: number, f) => s + fs.statSync(join(copy, f as string)).size, 0);
         expect(ckpt.stats.tensorBytes + ckpt.stats.headerBytes).toBeLessThan(shardBytes);
         expect(Fs).toBe(16);
+        fs.rmSync(copy, { recursive: true, force: true });
+      }
+    });
+  }
+  // Fused experts ([E, …] tensors): a rank reads its experts' rows of them alone.
+  for (const [family, P] of [
+    ['granitemoehybrid', 2],
+    ['granitemoehybrid', 4],
+    ['qwen3_vl_moe', 2],
+    ['qwen3_vl_moe', 4],
+  ] as const) {
+    it(`${P} ranks of ${family} (fused experts): the rank's slice, bit for bit; only its experts' rows read; other rows poisoned change nothing`, () => {
+      const dir = fresh();
+      const cfg = testConfigs[family];
+      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 60 + P });
+      const { H, F, E } = moeSizes(cfg);
+      const El = E / P;
+      const layer = [...built.layers.keys()].at(-1) as number;
+      const full = tidy(() => {
+        using ckpt = HfMoECheckpoint.open(dir);
+        using w = ckpt.readLayer(layer, { device: 'cpu' });
+        return { w13: Array.from(w.w13.toArray() as Uint16Array), w2: Array.from(w.w2.toArray() as Uint16Array) };
+      });
+      const sizeOf = (name: string): number =>
+        (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
+      const n = blockNames(cfg, layer);
+      const fused = n.fused as { gateUp: string; down: string };
+      for (let r = 0; r < P; r++) {
+        const copy = `${dir}-rank${r}`;
+        fs.cpSync(dir, copy, { recursive: true });
+        // Every other rank's rows, and every other layer's experts whole.
+        for (const l of built.layers.keys()) {
+          const f = blockNames(cfg, l).fused as { gateUp: string; down: string };
+          const keep = (j: number): boolean => l === layer && j >= r * El && j < (r + 1) * El;
+          poisonRows(copy, built.weightMap, f.gateUp, keep);
+          poisonRows(copy, built.weightMap, f.down, keep);
+        }
+        using ckpt = HfMoECheckpoint.open(copy);
+        using w = ckpt.readLayer(layer, { rank: r, worldSize: P, device: 'cpu' });
+        expect(w.firstExpert).toBe(r * El);
+        const per13 = H * 2 * F,
+          per2 = F * H;
+        expect(Array.from(w.w13.toArray() as Uint16Array)).toEqual(full.w13.slice(r * El * per13, (r + 1) * El * per13));
+        expect(Array.from(w.w2.toArray() as Uint16Array)).toEqual(full.w2.slice(r * El * per2, (r + 1) * El * per2));
+        // Bytes read: the gate, the shared MLP, and El/E of each fused tensor (one read per expert and tensor).
+        const replicated = [n.gate];
+        const shared = n.shared as { gateUp: string; down: string } | null;
+        if (shared) replicated.push(shared.gateUp, shared.down);
+        expect(ckpt.stats.tensorsRead).toBe(replicated.length + 2 * El);
+        expect(ckpt.stats.tensorBytes).toBe(
+          replicated.reduce((s, m) => s + sizeOf(m), 0) + ((sizeOf(fused.gateUp) + sizeOf(fused.down)) * El) / E,
+        );
         fs.rmSync(copy, { recursive: true, force: true });
       }
     });

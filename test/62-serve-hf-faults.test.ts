@@ -205,6 +205,63 @@ describe('tensors', () => {
     );
   });
 
+  it('fused experts (Granite, Qwen3-VL-MoE): a wrong shape names both; FP8 (even with scales) and other dtypes are refused; inspect agrees', () => {
+    const granite = testConfigs.granitemoehybrid;
+    const dir = join(root, `c${n++}`);
+    const built = buildHfCheckpoint(dir, granite, { shards: 0, seed: 5 });
+    const gateUp = 'model.layers.1.block_sparse_moe.input_linear.weight';
+    // config.json's expert width disagrees with the fused tensor: named before anything is allocated.
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...granite, intermediate_size: 5 }));
+    expectCheckpointError(
+      dir,
+      /model\.safetensors: tensor 'model\.layers\.1\.block_sparse_moe\.input_linear\.weight' is \[16,8,16\] but the granitemoehybrid config \(config\.json\) needs \[16,10,16\]/,
+    );
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(granite));
+    // FP8 with a scale tensor beside it: DeepSeek-V3's block layout is for 2-D weights, not fused ones.
+    const fp8 = built.entries.flatMap((e) =>
+      e.name === gateUp
+        ? [
+            { ...e, dtype: 'F8_E4M3', shape: [16, 8, 32] },
+            { name: `${gateUp}_scale_inv`, dtype: 'F32', shape: [1, 1], bytes: new Uint8Array(4) },
+          ]
+        : [e],
+    );
+    writeSafetensorsFile(join(dir, 'model.safetensors'), fp8);
+    const fused =
+      /model\.safetensors: tensor 'model\.layers\.1\.block_sparse_moe\.input_linear\.weight' is fp8e4m3; fused expert tensors are read from BF16, F16 or F32/;
+    expectCheckpointError(dir, fused);
+    {
+      using ckpt = HfMoECheckpoint.open(dir);
+      const inspected = ckpt.inspectLayer(1);
+      expect(inspected.problems).toHaveLength(1);
+      expect(inspected.problems[0]).toMatch(fused);
+    }
+    writeSafetensorsFile(
+      join(dir, 'model.safetensors'),
+      built.entries.map((e) => (e.name === 'model.layers.1.block_sparse_moe.output_linear.weight' ? { ...e, dtype: 'I16' } : e)),
+    );
+    expectCheckpointError(dir, /tensor 'model\.layers\.1\.block_sparse_moe\.output_linear\.weight' is I16; fused expert tensors are read/);
+    // Qwen3-VL-MoE's down_proj given as nn.Linear weights ([E,H,F], the transpose of its layout).
+    const qvl = join(root, `c${n++}`);
+    const q = buildHfCheckpoint(qvl, testConfigs.qwen3_vl_moe, { shards: 0, seed: 6 });
+    const down = 'model.language_model.layers.0.mlp.experts.down_proj';
+    writeSafetensorsFile(
+      join(qvl, 'model.safetensors'),
+      q.entries.map((e) => (e.name === down ? { ...e, shape: [8, 16, 6] } : e)),
+    );
+    let err: unknown;
+    try {
+      using ckpt = HfMoECheckpoint.open(qvl);
+      ckpt.readLayer(0, { device: 'cpu' }).dispose();
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(CheckpointError);
+    expect((err as Error).message).toMatch(
+      /tensor 'model\.language_model\.layers\.0\.mlp\.experts\.down_proj' is \[8,16,6\] but the qwen3_vl_moe config \(config\.json\) needs \[8,6,16\]/,
+    );
+  });
+
   it('FP8 weights: a block size other than 128×128, columns not a multiple of 128, scales of the wrong shape', () => {
     const fp8cfg = {
       ...cfg,

@@ -60,14 +60,19 @@ export function readHeader(path: string): {
   tensors: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
 };
 export function poisonTensors(dir: string, weightMap: Record<string, string>, names: string[]): void;
+export function poisonRows(dir: string, weightMap: Record<string, string>, name: string, keep: (row: number) => boolean): void;
 export function blockNames(
   cfg: HfTestConfig,
   layer: number,
 ): {
   gate: string;
   bias: string | null;
-  expert: (j: number, x: string) => string;
-  shared: ((x: string) => string) | null;
+  /** Expert j's tensor of projection x, where each expert has its own. */
+  expert?: (j: number, x: string) => string;
+  /** The experts' fused tensors: 'xW' gate_up [E,H,2F], down [E,F,H]; 'linear' [E,2F,H], [E,H,F]. */
+  fused?: { gateUp: string; down: string; layout: 'xW' | 'linear' };
+  /** The shared MLP: projection x's name, or Granite's two tensors. */
+  shared: ((x: string) => string) | { gateUp: string; down: string } | null;
   sharedGate: string | null;
 };
 export function buildHfCheckpoint(dir: string, cfg: HfTestConfig, options?: BuildOptions): BuiltCheckpoint;
@@ -83,6 +88,10 @@ export const testConfigs: Record<
   | 'olmoe'
   | 'ernie4_5_moe'
   | 'minimax_m2'
-  | 'hunyuan_v1_moe',
+  | 'hunyuan_v1_moe'
+  | 'qwen3_vl_moe'
+  | 'granitemoe'
+  | 'granitemoeshared'
+  | 'granitemoehybrid',
   HfTestConfig
 >;

@@ -193,8 +193,55 @@ export function poisonTensors(dir, weightMap, names) {
   }
 }
 
-/** Tensor names of one MoE block in a family's layout (written independently of lib/serve). */
+const GRANITE = ['granitemoe', 'granitemoeshared', 'granitemoehybrid'];
+
+/**
+ * Overwrites rows of one tensor (along its first dimension: experts of a fused [E, …] tensor) in
+ * place with 0xff; `keep(row)` says which rows stay.
+ */
+export function poisonRows(dir, weightMap, name, keep) {
+  const path = join(dir, weightMap[name]);
+  const { dataStart, tensors } = readHeader(path);
+  const [b, e] = tensors[name].data_offsets;
+  const rows = tensors[name].shape[0];
+  const rowBytes = (e - b) / rows;
+  const fd = fs.openSync(path, 'r+');
+  try {
+    for (let r = 0; r < rows; r++) if (!keep(r)) fs.writeSync(fd, Buffer.alloc(rowBytes, 0xff), 0, rowBytes, dataStart + b + r * rowBytes);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/**
+ * Tensor names of one MoE block in a family's layout (written independently of lib/serve). Fused
+ * families: `fused` = { gateUp, down, layout } instead of `expert`, layout 'xW' (gate_up [E,H,2F],
+ * down [E,F,H]) or 'linear' ([E,2F,H], [E,H,F]); Granite's shared MLP is { gateUp [2S,H], down [H,S] }.
+ */
 export function blockNames(cfg, layer) {
+  if (GRANITE.includes(cfg.model_type)) {
+    const p = `model.layers.${layer}.block_sparse_moe`;
+    const s = `model.layers.${layer}.shared_mlp`;
+    const hasShared =
+      cfg.model_type !== 'granitemoe' && (cfg.shared_intermediate_size ?? (cfg.model_type === 'granitemoehybrid' ? 1024 : 0)) > 0;
+    return {
+      gate: `${p}.router.layer.weight`,
+      bias: null,
+      fused: { gateUp: `${p}.input_linear.weight`, down: `${p}.output_linear.weight`, layout: 'linear' },
+      shared: hasShared ? { gateUp: `${s}.input_linear.weight`, down: `${s}.output_linear.weight` } : null,
+      sharedGate: null,
+    };
+  }
+  if (cfg.model_type === 'qwen3_vl_moe') {
+    const p = `model.language_model.layers.${layer}.mlp`;
+    return {
+      gate: `${p}.gate.weight`,
+      bias: null,
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'xW' },
+      shared: null,
+      sharedGate: null,
+    };
+  }
   if (cfg.model_type === 'mixtral' || cfg.model_type === 'minimax_m2') {
     const p = `model.layers.${layer}.block_sparse_moe`;
     const m = { gate: 'w1', up: 'w3', down: 'w2' };
@@ -246,14 +293,17 @@ export function buildHfCheckpoint(
     return decoded;
   };
   const layers = new Map();
-  add('model.embed_tokens.weight', [32, H], rand(32 * H));
-  for (let l = 0; l < cfg.num_hidden_layers; l++) {
-    add(`model.layers.${l}.input_layernorm.weight`, [H], rand(H));
-    add(`model.layers.${l}.self_attn.q_proj.weight`, [H, H], rand(H * H, 1 / Math.sqrt(H)));
+  // Qwen3-VL-MoE's language model lies under model.language_model (its vision tower under model.visual).
+  const model = cfg.model_type === 'qwen3_vl_moe' ? 'model.language_model' : 'model';
+  if (cfg.model_type === 'qwen3_vl_moe') add('model.visual.patch_embed.proj.weight', [H, 3, 2, 2], rand(12 * H));
+  add(`${model}.embed_tokens.weight`, [32, H], rand(32 * H));
+  for (let l = 0; l < (cfg.text_config ?? cfg).num_hidden_layers; l++) {
+    add(`${model}.layers.${l}.input_layernorm.weight`, [H], rand(H));
+    add(`${model}.layers.${l}.self_attn.q_proj.weight`, [H, H], rand(H * H, 1 / Math.sqrt(H)));
     if (!moe.has(l)) {
       const Fd = 2 * F;
-      for (const x of ['gate', 'up']) add(`model.layers.${l}.mlp.${x}_proj.weight`, [Fd, H], rand(Fd * H, 1 / Math.sqrt(H)));
-      add(`model.layers.${l}.mlp.down_proj.weight`, [H, Fd], rand(H * Fd, 1 / Math.sqrt(Fd)));
+      for (const x of ['gate', 'up']) add(`${model}.layers.${l}.mlp.${x}_proj.weight`, [Fd, H], rand(Fd * H, 1 / Math.sqrt(H)));
+      add(`${model}.layers.${l}.mlp.down_proj.weight`, [H, Fd], rand(H * Fd, 1 / Math.sqrt(Fd)));
       continue;
     }
     const n = blockNames(cfg, l);
@@ -284,12 +334,45 @@ export function buildHfCheckpoint(
       up: weight(name('up'), f, H, 1 / Math.sqrt(H)),
       down: weight(name('down'), H, f, 1 / Math.sqrt(f)),
     });
-    for (let j = 0; j < E; j++) w.experts.push(mlp((x) => n.expert(j, x), F));
-    if (n.shared && Fs > 0) w.shared = mlp(n.shared, Fs);
+    // An MLP's values as the file will hold them (rounded to `dtype`), written by the caller.
+    const values = (f) => ({
+      gate: encode(rand(f * H, 1 / Math.sqrt(H)), dtype).decoded,
+      up: encode(rand(f * H, 1 / Math.sqrt(H)), dtype).decoded,
+      down: encode(rand(H * f, 1 / Math.sqrt(f)), dtype).decoded,
+    });
+    if (n.fused) {
+      if (fp8) throw new Error(`fixtures: ${cfg.model_type}'s fused experts are not written in FP8`);
+      for (let j = 0; j < E; j++) w.experts.push(values(F));
+      // Element by element from the per-expert nn.Linear weights (gate/up [F,H], down [H,F]).
+      const gateUp = new Float64Array(E * 2 * F * H);
+      const down = new Float64Array(E * F * H);
+      w.experts.forEach((m, e) => {
+        for (let r = 0; r < 2 * F; r++)
+          for (let h = 0; h < H; h++) {
+            const v = r < F ? m.gate[r * H + h] : m.up[(r - F) * H + h];
+            // xW: [e][h][r]; linear: [e][r][h].
+            gateUp[n.fused.layout === 'xW' ? (e * H + h) * 2 * F + r : (e * 2 * F + r) * H + h] = v;
+          }
+        for (let h = 0; h < H; h++)
+          for (let f = 0; f < F; f++) down[n.fused.layout === 'xW' ? (e * F + f) * H + h : (e * H + h) * F + f] = m.down[h * F + f];
+      });
+      add(n.fused.gateUp, n.fused.layout === 'xW' ? [E, H, 2 * F] : [E, 2 * F, H], gateUp);
+      add(n.fused.down, n.fused.layout === 'xW' ? [E, F, H] : [E, H, F], down);
+    } else for (let j = 0; j < E; j++) w.experts.push(mlp((x) => n.expert(j, x), F));
+    if (n.shared && 'gateUp' in n.shared) {
+      // Granite's shared MLP: input_linear [2S,H] = gate rows, then up rows.
+      if (fp8) throw new Error(`fixtures: ${cfg.model_type}'s shared MLP is not written in FP8`);
+      w.shared = values(Fs);
+      const gateUp = new Float64Array(2 * Fs * H);
+      gateUp.set(w.shared.gate, 0);
+      gateUp.set(w.shared.up, Fs * H);
+      add(n.shared.gateUp, [2 * Fs, H], gateUp);
+      add(n.shared.down, [H, Fs], w.shared.down);
+    } else if (n.shared && Fs > 0) w.shared = mlp(n.shared, Fs);
     if (n.sharedGate) w.sharedGate = add(n.sharedGate, [1, H], rand(H, 1 / Math.sqrt(H)));
     layers.set(l, w);
   }
-  add('model.norm.weight', [H], rand(H));
+  add(`${model}.norm.weight`, [H], rand(H));
   if (!write) return { cfg, layers, weightMap: {}, files: [], entries };
   if (writeConfig) fs.writeFileSync(join(dir, 'config.json'), JSON.stringify(cfg, null, 2));
   const weightMap = {};
@@ -467,6 +550,58 @@ export const testConfigs = {
     intermediate_size: 8,
     num_experts: [8, 8],
     moe_topk: [3, 3],
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Qwen3-VL-MoE: the language model's fields in text_config; fused experts; norm_topk_prob false
+  // here to show it is not read (transformers always renormalises); layer 1 dense (mlp_only_layers).
+  qwen3_vl_moe: {
+    model_type: 'qwen3_vl_moe',
+    text_config: {
+      model_type: 'qwen3_vl_moe_text',
+      hidden_size: 16,
+      moe_intermediate_size: 6,
+      num_experts: 8,
+      num_experts_per_tok: 3,
+      norm_topk_prob: false,
+      decoder_sparse_step: 1,
+      mlp_only_layers: [1],
+      num_hidden_layers: 3,
+      hidden_act: 'silu',
+    },
+    vision_config: { model_type: 'qwen3_vl_moe', depth: 2 },
+  },
+  // Granite 3.x MoE: top-k of the logits, softmax over them; fused experts; no shared MLP.
+  granitemoe: {
+    model_type: 'granitemoe',
+    hidden_size: 16,
+    intermediate_size: 8,
+    num_local_experts: 8,
+    num_experts_per_tok: 2,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // GraniteMoeShared: granitemoe's block and a shared MLP (input_linear [2S,H], output_linear [H,S]).
+  granitemoeshared: {
+    model_type: 'granitemoeshared',
+    hidden_size: 16,
+    intermediate_size: 6,
+    num_local_experts: 8,
+    num_experts_per_tok: 3,
+    shared_intermediate_size: 10,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Granite 4.0 (granitemoehybrid): Mamba and attention layers alike carry the MoE block and the
+  // shared MLP (shared_intermediate_size's default, 1024, is too wide for a test: given).
+  granitemoehybrid: {
+    model_type: 'granitemoehybrid',
+    hidden_size: 16,
+    intermediate_size: 4,
+    num_local_experts: 16,
+    num_experts_per_tok: 4,
+    shared_intermediate_size: 8,
+    layer_types: ['mamba', 'attention'],
     num_hidden_layers: 2,
     hidden_act: 'silu',
   },

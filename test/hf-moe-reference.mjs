@@ -23,6 +23,11 @@
 //                y = Σ w_j·MLP_j(x) + MLP_shared(x), experts and shared MLP of intermediate_size
 //                (dropless, as vLLM serves it: transformers' eager topkgating also caps each expert
 //                at max(k, ⌊k·T/E⌋) assignments of the batch for k > 1, which this reference omits)
+//   granitemoe:  top-k of the logits, softmax over those k (= mixtral's renormalised top-k of the
+//                softmax); y = Σ w_j·MLP_j(x) (+ MLP_shared(x), ungated, for granitemoeshared and
+//                granitemoehybrid with shared_intermediate_size > 0; the hybrid's default is 1024)
+//   qwen3_vl_moe: qwen3_moe's block, always renormalised (norm_topk_prob is not read), its fields in
+//                config.json's text_config
 //   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
 //
 // Returns { y [T·H], margin, minChoice }: margin is the smallest gap, over tokens, between the last
@@ -55,6 +60,9 @@ const QWEN_DEFAULTS = {
   olmoe: { norm_topk_prob: false, gatedShared: false },
 };
 const isDeepSeekLike = (cfg) => Object.hasOwn(DEEPSEEK_DEFAULTS, cfg.model_type);
+const GRANITE = ['granitemoe', 'granitemoeshared', 'granitemoehybrid'];
+/** The object holding the language model's fields (a multimodal config's text_config). */
+const text = (cfg) => (cfg.model_type === 'qwen3_vl_moe' ? cfg.text_config : cfg);
 /** config.json's field, else the family's default (a field a family requires must be given). */
 function field(cfg, name) {
   if (cfg[name] !== undefined && cfg[name] !== null) return cfg[name];
@@ -69,9 +77,10 @@ const sigmoid = (v) => 1 / (1 + Math.exp(-v));
 /** The decoder layers whose MLP is an MoE block, from config.json's fields. */
 export function moeLayersOf(cfg) {
   const layers = [];
-  for (let l = 0; l < cfg.num_hidden_layers; l++) {
+  const c = text(cfg);
+  for (let l = 0; l < c.num_hidden_layers; l++) {
     let moe;
-    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe'].includes(cfg.model_type)) moe = true;
+    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', ...GRANITE].includes(cfg.model_type)) moe = true;
     else if (cfg.model_type === 'ernie4_5_moe') {
       // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
       const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
@@ -80,7 +89,7 @@ export function moeLayersOf(cfg) {
       // Only DeepSeek's own code (deepseek_v3, kimi_k2) reads moe_layer_freq.
       const freq = cfg.model_type === 'deepseek_v3' || cfg.model_type === 'kimi_k2' ? (cfg.moe_layer_freq ?? 1) : 1;
       moe = l >= field(cfg, 'first_k_dense_replace') && l % freq === 0;
-    } else moe = !(cfg.mlp_only_layers ?? []).includes(l) && (l + 1) % (cfg.decoder_sparse_step ?? 1) === 0;
+    } else moe = !(c.mlp_only_layers ?? []).includes(l) && (l + 1) % (c.decoder_sparse_step ?? 1) === 0;
     if (moe) layers.push(l);
   }
   return layers;
@@ -111,6 +120,17 @@ export function moeSizes(cfg) {
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'olmoe':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'qwen3_vl_moe': {
+      const t = cfg.text_config;
+      return { H: t.hidden_size, F: t.moe_intermediate_size, E: t.num_experts, k: t.num_experts_per_tok, Fs: 0 };
+    }
+    case 'granitemoe':
+    case 'granitemoeshared':
+    case 'granitemoehybrid': {
+      // GraniteMoeShared's shared_intermediate_size defaults to 0 (none), GraniteMoeHybrid's to 1024.
+      const Fs = cfg.model_type === 'granitemoe' ? 0 : (cfg.shared_intermediate_size ?? (cfg.model_type === 'granitemoehybrid' ? 1024 : 0));
+      return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs };
+    }
     case 'hunyuan_v1_moe': {
       // num_experts and moe_topk: an integer, or one per layer (HunYuanMoE reads [layer_idx]; the
       // test configs hold one value throughout, so layer 0's stands for every layer).
@@ -224,11 +244,19 @@ export function hfMoEReference(cfg, w, x) {
       margin = Math.min(margin, c[chosen[k - 1]] - top.next);
       weights = chosen.map((e) => p[e]);
       // Hunyuan's topkgating renormalises for k > 1; its top-1 path keeps the probability.
-      const renorm =
-        cfg.model_type === 'hunyuan_v1_moe' ? k > 1 : cfg.model_type === 'mixtral' || ernie ? true : field(cfg, 'norm_topk_prob');
+      // Granite's softmax over the top-k logits is the renormalised top-k; Qwen3-VL-MoE always renormalises.
+      const always = ['mixtral', 'qwen3_vl_moe', ...GRANITE].includes(cfg.model_type) || ernie;
+      const renorm = cfg.model_type === 'hunyuan_v1_moe' ? k > 1 : always ? true : field(cfg, 'norm_topk_prob');
       if (renorm) {
         const z = weights.reduce((a, b) => a + b, 0);
         weights = weights.map((v) => v / (ernie ? Math.max(z, cfg.moe_norm_min ?? 1e-12) : z));
+      }
+      if (GRANITE.includes(cfg.model_type)) {
+        // Literally as GraniteMoeTopKGating: softmax over the chosen logits (the same choice: p is monotone in them).
+        const m = Math.max(...chosen.map((e) => logits[e]));
+        const ex = chosen.map((e) => Math.exp(logits[e] - m));
+        const z = ex.reduce((a, b) => a + b, 0);
+        weights = ex.map((v) => v / z);
       }
     }
     const yr = y.subarray(t * H, (t + 1) * H);

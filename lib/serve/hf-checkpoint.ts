@@ -19,6 +19,18 @@
  *   hunyuan_v1_moe  model.layers.L.mlp.gate.wg.weight [E,H] (F32 as published), experts as qwen2_moe,
  *                model.layers.L.mlp.shared_mlp.{gate,up,down}_proj.weight
  *
+ * Experts fused, one tensor per projection for all E (the expert first; gate and up in one tensor,
+ * the gate's F first, then the up's):
+ *   qwen3_vl_moe model.language_model.layers.L.mlp.gate.weight [E,H]
+ *                model.language_model.layers.L.mlp.experts.gate_up_proj [E,H,2F]  (x·W: columns)
+ *                model.language_model.layers.L.mlp.experts.down_proj    [E,F,H]
+ *   granitemoe   model.layers.L.block_sparse_moe.router.layer.weight [E,H]
+ *   (granitemoe- model.layers.L.block_sparse_moe.input_linear.weight  [E,2F,H] (nn.Linear per expert: rows)
+ *   shared,      model.layers.L.block_sparse_moe.output_linear.weight [E,H,F]
+ *   granitemoe-  shared: model.layers.L.shared_mlp.input_linear.weight [2Fs,H], output_linear.weight [H,Fs]
+ *   hybrid)
+ *   A rank reads its experts' rows of the fused tensors alone (one positioned read per expert).
+ *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
  * [El,H,2F] with W1ᵀ and W3ᵀ interleaved by column (2i ← gate row i, 2i+1 ← up row i), w2 [El,F,H]
  * (the transpose of down_proj), the bias as f32. Files may hold BF16, F16 or F32; values are
@@ -51,7 +63,7 @@ import { Tensor, tidy } from '../tensor.js';
 import { ownedExperts } from '../train/moe-state.js';
 import { checkPlainName, readJson, realFolder, resolveInside } from '../train/safe-files.js';
 import { SafetensorsFile, type TensorInfo } from '../train/safetensors.js';
-import { type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel, isDeepSeekV3Block } from './hf-config.js';
+import { type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel, isDeepSeekV3Block, isGraniteBlock } from './hf-config.js';
 
 export const HF_CONFIG_FILE = 'config.json';
 export const HF_INDEX_FILE = 'model.safetensors.index.json';
@@ -67,7 +79,23 @@ const READABLE: readonly DType[] = ['bf16', 'f16', 'f32'];
 export const HF_FP8_SCALE_SUFFIX = '_scale_inv';
 const FP8_WEIGHT_BLOCK = FP8_BLOCK;
 
-export type HfProjection = 'gate' | 'up' | 'down';
+/** One MLP's tensors (nn.Linear weights, [out, in]). */
+export type HfMlpNames =
+  /** gate [F,H], up [F,H], down [H,F]. */
+  | { gate: string; up: string; down: string }
+  /** Granite's: gateUp [2F,H] (the gate's F rows, then the up's), down [H,F]. */
+  | { gateUp: string; down: string };
+
+/** Every routed expert in one tensor per projection, the expert first. */
+export interface HfFusedExpertNames {
+  gateUp: string;
+  down: string;
+  /**
+   * 'x·W': gateUp [E,H,2F] (the gate's F columns, then the up's) and down [E,F,H] (Qwen3-VL-MoE);
+   * 'nn.Linear': gateUp [E,2F,H] (the gate's rows first) and down [E,H,F] (Granite).
+   */
+  layout: 'x·W' | 'nn.Linear';
+}
 
 /** The tensor names of one layer's MoE block. */
 export interface HfMoENames {
@@ -75,9 +103,60 @@ export interface HfMoENames {
   bias: string | null;
   /** The bias tensor's shape in the files for E experts: [E], or Ernie 4.5's [1,E]. */
   biasShape(E: number): number[];
-  expert(j: number, w: HfProjection): string;
-  shared: ((w: HfProjection) => string) | null;
+  /** Expert j's tensors where each expert has its own, else null (`fused`). */
+  expert: ((j: number) => HfMlpNames) | null;
+  /** The experts' fused tensors where they are stored so, else null (`expert`). */
+  fused: HfFusedExpertNames | null;
+  shared: HfMlpNames | null;
   sharedGate: string | null;
+}
+
+/** An MLP's tensors with their shapes in the files, for F wide and H hidden. */
+function mlpTensors(m: HfMlpNames, F: number, H: number): [string, number[]][] {
+  return 'gateUp' in m
+    ? [
+        [m.gateUp, [2 * F, H]],
+        [m.down, [H, F]],
+      ]
+    : [
+        [m.gate, [F, H]],
+        [m.up, [F, H]],
+        [m.down, [H, F]],
+      ];
+}
+
+/** The fused experts' tensors with their shapes in the files, for E experts F wide and H hidden. */
+function fusedTensors(f: HfFusedExpertNames, E: number, F: number, H: number): [gateUp: [string, number[]], down: [string, number[]]] {
+  return f.layout === 'x·W'
+    ? [
+        [f.gateUp, [E, H, 2 * F]],
+        [f.down, [E, F, H]],
+      ]
+    : [
+        [f.gateUp, [E, 2 * F, H]],
+        [f.down, [E, H, F]],
+      ];
+}
+
+/**
+ * The routed experts' tensors to check for expert j, with their shapes and whether FP8 is readable:
+ * its own where each expert has them, else the fused ones (the same for every j).
+ */
+function expertTensors(names: HfMoENames, j: number, E: number, F: number, H: number): [string, number[], boolean][] {
+  if (names.expert !== null) return mlpTensors(names.expert(j), F, H).map(([n, s]) => [n, s, true]);
+  return fusedTensors(names.fused as HfFusedExpertNames, E, F, H).map(([n, s]) => [n, s, false]);
+}
+
+/**
+ * Copies one MLP's gate and up into `pairs` [1,H,f,2] (slot 0 ← gateᵀ, slot 1 ← upᵀ) from a CPU
+ * tensor holding the gate's f first, then the up's: [1,2,f,H] as rows of nn.Linear weights
+ * ('rows'), or [1,H,2,f] as columns of x·W ('columns').
+ */
+function copyGateUp(pairs: Tensor, gateUp: Tensor, layout: 'rows' | 'columns'): void {
+  for (const half of [0, 1]) {
+    const src = layout === 'rows' ? gateUp.narrow(1, half, 1).transpose(1, 3) : gateUp.narrow(2, half, 1).transpose(2, 3);
+    pairs.narrow(3, half, 1).copy_(src);
+  }
 }
 
 /** Names of the MoE block of decoder layer `layer` in `family`'s layout (`block` says which extras exist). */
@@ -86,27 +165,58 @@ export function hfMoENames(
   layer: number,
   block: Pick<HfMoEBlock, 'selectionBias' | 'sharedFfn' | 'sharedGate'>,
 ): HfMoENames {
+  /** gate_proj, up_proj, down_proj under `prefix`. */
+  const projections = (prefix: string): HfMlpNames => ({
+    gate: `${prefix}.gate_proj.weight`,
+    up: `${prefix}.up_proj.weight`,
+    down: `${prefix}.down_proj.weight`,
+  });
   if (family === 'mixtral' || family === 'minimax_m2') {
     const p = `model.layers.${layer}.block_sparse_moe`;
-    const w = { gate: 'w1', up: 'w3', down: 'w2' } as const;
     return {
       gate: `${p}.gate.weight`,
       bias: block.selectionBias ? `${p}.e_score_correction_bias` : null,
       biasShape: (E) => [E],
-      expert: (j, x) => `${p}.experts.${j}.${w[x]}.weight`,
+      expert: (j) => ({ gate: `${p}.experts.${j}.w1.weight`, up: `${p}.experts.${j}.w3.weight`, down: `${p}.experts.${j}.w2.weight` }),
+      fused: null,
+      shared: null,
+      sharedGate: null,
+    };
+  }
+  if (isGraniteBlock(family)) {
+    const p = `model.layers.${layer}.block_sparse_moe`;
+    const s = `model.layers.${layer}.shared_mlp`;
+    return {
+      gate: `${p}.router.layer.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: null,
+      fused: { gateUp: `${p}.input_linear.weight`, down: `${p}.output_linear.weight`, layout: 'nn.Linear' },
+      shared: block.sharedFfn > 0 ? { gateUp: `${s}.input_linear.weight`, down: `${s}.output_linear.weight` } : null,
+      sharedGate: null,
+    };
+  }
+  if (family === 'qwen3_vl_moe') {
+    const p = `model.language_model.layers.${layer}.mlp`;
+    return {
+      gate: `${p}.gate.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: null,
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W' },
       shared: null,
       sharedGate: null,
     };
   }
   const p = `model.layers.${layer}.mlp`;
-  const proj = (x: HfProjection): string => `${x}_proj`;
   if (family === 'hunyuan_v1_moe')
     return {
       gate: `${p}.gate.wg.weight`,
       bias: null,
       biasShape: (E) => [E],
-      expert: (j, x) => `${p}.experts.${j}.${proj(x)}.weight`,
-      shared: block.sharedFfn > 0 ? (x) => `${p}.shared_mlp.${proj(x)}.weight` : null,
+      expert: (j) => projections(`${p}.experts.${j}`),
+      fused: null,
+      shared: block.sharedFfn > 0 ? projections(`${p}.shared_mlp`) : null,
       sharedGate: null,
     };
   const ernie = family === 'ernie4_5_moe';
@@ -115,8 +225,9 @@ export function hfMoENames(
     gate: `${p}.gate.weight`,
     bias: block.selectionBias ? (ernie ? `${p}.moe_statics.e_score_correction_bias` : `${p}.gate.e_score_correction_bias`) : null,
     biasShape: (E) => (ernie ? [1, E] : [E]),
-    expert: (j, x) => `${p}.experts.${j}.${proj(x)}.weight`,
-    shared: block.sharedFfn > 0 ? (x) => `${sharedPrefix}.${proj(x)}.weight` : null,
+    expert: (j) => projections(`${p}.experts.${j}`),
+    fused: null,
+    shared: block.sharedFfn > 0 ? projections(sharedPrefix) : null,
     sharedGate: block.sharedGate ? `${p}.shared_expert_gate.weight` : null,
   };
 }
@@ -316,8 +427,11 @@ export class HfMoECheckpoint implements Disposable {
     return this.#patterns.get(pattern(name)) ?? [];
   }
 
-  /** The open file holding `name`, and its header entry, checked against `shape`. */
-  private locate(name: string, shape: readonly number[]): { file: string; f: SafetensorsFile; info: TensorInfo } {
+  /**
+   * The open file holding `name`, and its header entry, checked against `shape`. `fp8`: whether an
+   * F8_E4M3 tensor with block scales is readable (2-D weights); fused expert tensors are not.
+   */
+  private locate(name: string, shape: readonly number[], fp8Readable = true): { file: string; f: SafetensorsFile; info: TensorInfo } {
     const file = this.weightMap.get(name);
     if (file === undefined) {
       const like = this.similarNames(name);
@@ -340,11 +454,13 @@ export class HfMoECheckpoint implements Disposable {
     if (foreign === undefined && !f.has(name))
       fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
     const info = foreign === undefined ? f.info(name) : null;
-    const fp8 = info?.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
+    const fp8 = fp8Readable && info?.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
     if (info === null || (!READABLE.includes(info.dtype) && !fp8)) {
       fail(
         this.dir,
-        `${file}: tensor '${name}' is ${foreign ?? info?.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info?.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`,
+        fp8Readable
+          ? `${file}: tensor '${name}' is ${foreign ?? info?.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info?.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`
+          : `${file}: tensor '${name}' is ${foreign ?? info?.dtype}; fused expert tensors are read from BF16, F16 or F32`,
       );
     }
     if (info.shape.join() !== shape.join()) {
@@ -377,6 +493,26 @@ export class HfMoECheckpoint implements Disposable {
       });
       use(src);
     });
+  }
+
+  /**
+   * Expert j's rows of a fused [E, …] tensor (after checking its shape) as a CPU tensor [1, …] of
+   * the file's dtype, passed to `use`; only those rows' bytes are read.
+   */
+  private readExpertRows(name: string, shape: readonly number[], j: number, use: (src: Tensor) => void): void {
+    const { f, info } = this.locate(name, shape, false);
+    const bytes = f.readRows(name, j, 1);
+    this.stats.tensorsRead++;
+    this.stats.tensorBytes += bytes.byteLength;
+    tidy(() =>
+      use(
+        Tensor.fromArray(storageView(info.dtype, bytes.buffer as ArrayBuffer), {
+          dtype: info.dtype,
+          shape: [1, ...info.shape.slice(1)],
+          device: 'cpu',
+        }),
+      ),
+    );
   }
 
   /** Why an FP8 weight of C columns cannot be read (the config's block size, the columns), or null. */
@@ -466,18 +602,8 @@ export class HfMoECheckpoint implements Disposable {
       // The files' shapes first (headers only): a config.json whose sizes disagree with the tensors
       // must be refused by name, not allocate what it asks for.
       this.locate(names.gate, [E, H]);
-      if (El > 0) {
-        this.locate(names.expert(first, 'gate'), [F, H]);
-        this.locate(names.expert(first, 'up'), [F, H]);
-        this.locate(names.expert(first, 'down'), [H, F]);
-      }
-      if (names.shared !== null)
-        for (const [w, shape] of [
-          ['gate', [Fs, H]],
-          ['up', [Fs, H]],
-          ['down', [H, Fs]],
-        ] as const)
-          this.locate(names.shared(w), shape);
+      if (El > 0) for (const [name, shape, fp8] of expertTensors(names, first, E, F, H)) this.locate(name, shape, fp8);
+      if (names.shared !== null) for (const [name, shape] of mlpTensors(names.shared, Fs, H)) this.locate(name, shape);
       // The gate [E,H] → router [1,H,E].
       const router = alloc('router', [1, H, E]);
       this.read(names.gate, [E, H], (src) => router.copy_(src.view(1, E, H).transpose(1, 2)));
@@ -489,16 +615,33 @@ export class HfMoECheckpoint implements Disposable {
       }
       const w13 = alloc('w13', [El, H, 2 * F]);
       const w2 = alloc('w2', [El, F, H]);
-      const fill = (i: number, gate: string, up: string, down: string, f: number, into13: Tensor, into2: Tensor): void => {
-        // w13[i] viewed as [H, F, 2]: slot 0 takes gateᵀ, slot 1 upᵀ (each [F,H] in the file).
-        const pairs = into13.view(into13.shape[0] as number, H, f, 2).narrow(0, i, 1);
-        this.read(gate, [f, H], (src) => pairs.narrow(3, 0, 1).copy_(src.view(1, f, H, 1).transpose(1, 2)));
-        this.read(up, [f, H], (src) => pairs.narrow(3, 1, 1).copy_(src.view(1, f, H, 1).transpose(1, 2)));
-        this.read(down, [H, f], (src) => into2.narrow(0, i, 1).copy_(src.view(1, H, f).transpose(1, 2)));
+      /** w13[i] of `into13` viewed as [1,H,f,2]: slot 0 takes the gateᵀ, slot 1 the upᵀ. */
+      const pairsOf = (into13: Tensor, i: number, f: number): Tensor => into13.view(into13.shape[0] as number, H, f, 2).narrow(0, i, 1);
+      /** One MLP stored as nn.Linear weights ([out, in]) into row i of into13 and into2. */
+      const fill = (i: number, m: HfMlpNames, f: number, into13: Tensor, into2: Tensor): void => {
+        const pairs = pairsOf(into13, i, f);
+        if ('gateUp' in m) this.read(m.gateUp, [2 * f, H], (src) => copyGateUp(pairs, src.view(1, 2, f, H), 'rows'));
+        else {
+          this.read(m.gate, [f, H], (src) => pairs.narrow(3, 0, 1).copy_(src.view(1, f, H, 1).transpose(1, 2)));
+          this.read(m.up, [f, H], (src) => pairs.narrow(3, 1, 1).copy_(src.view(1, f, H, 1).transpose(1, 2)));
+        }
+        this.read(m.down, [H, f], (src) => into2.narrow(0, i, 1).copy_(src.view(1, H, f).transpose(1, 2)));
+      };
+      /** Expert first + i's rows of the fused tensors into row i of w13 and w2. */
+      const fillFused = (i: number, fused: HfFusedExpertNames): void => {
+        const [[gateUp, gateUpShape], [down, downShape]] = fusedTensors(fused, E, F, H);
+        const columns = fused.layout === 'x·W';
+        const pairs = pairsOf(w13, i, F);
+        this.readExpertRows(gateUp, gateUpShape, first + i, (src) =>
+          copyGateUp(pairs, columns ? src.view(1, H, 2, F) : src.view(1, 2, F, H), columns ? 'columns' : 'rows'),
+        );
+        this.readExpertRows(down, downShape, first + i, (src) => w2.narrow(0, i, 1).copy_(columns ? src : src.transpose(1, 2)));
       };
       tidy(() => {
-        for (let i = 0; i < El; i++)
-          fill(i, names.expert(first + i, 'gate'), names.expert(first + i, 'up'), names.expert(first + i, 'down'), F, w13, w2);
+        for (let i = 0; i < El; i++) {
+          if (names.expert !== null) fill(i, names.expert(first + i), F, w13, w2);
+          else fillFused(i, names.fused as HfFusedExpertNames);
+        }
       });
       let sharedW13: Tensor | null = null;
       let sharedW2: Tensor | null = null;
@@ -506,7 +649,7 @@ export class HfMoECheckpoint implements Disposable {
         const s13 = alloc('sharedW13', [1, H, 2 * Fs]);
         const s2 = alloc('sharedW2', [1, Fs, H]);
         const sh = names.shared;
-        tidy(() => fill(0, sh('gate'), sh('up'), sh('down'), Fs, s13, s2));
+        tidy(() => fill(0, sh, Fs, s13, s2));
         sharedW13 = s13;
         sharedW2 = s2;
       }
@@ -549,22 +692,23 @@ export class HfMoECheckpoint implements Disposable {
     const names = this.names(layer);
     const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = this.block;
     // [name, shape, a routed expert's]
-    const wanted: [string, number[], boolean][] = [[names.gate, [E, H], false]];
-    if (names.bias !== null) wanted.push([names.bias, names.biasShape(E), false]);
-    for (let j = 0; j < E; j++)
-      wanted.push([names.expert(j, 'gate'), [F, H], true], [names.expert(j, 'up'), [F, H], true], [names.expert(j, 'down'), [H, F], true]);
-    if (names.shared !== null)
-      wanted.push([names.shared('gate'), [Fs, H], false], [names.shared('up'), [Fs, H], false], [names.shared('down'), [H, Fs], false]);
-    if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false]);
+    // [name, shape, a routed expert's, FP8 readable]
+    const wanted: [string, number[], boolean, boolean][] = [[names.gate, [E, H], false, true]];
+    if (names.bias !== null) wanted.push([names.bias, names.biasShape(E), false, true]);
+    // Every expert's tensors (the fused ones once).
+    for (let j = 0; j < (names.expert === null ? 1 : E); j++)
+      for (const [name, shape, fp8] of expertTensors(names, j, E, F, H)) wanted.push([name, shape, true, fp8]);
+    if (names.shared !== null) for (const [name, shape] of mlpTensors(names.shared, Fs, H)) wanted.push([name, shape, false, true]);
+    if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false, true]);
     const result: HfLayerInspection = { layer, tensors: 0, bytes: 0, expertBytes: 0, problems: [], moreProblems: 0 };
     // The first problems are kept whole; a checkpoint of another layout fails every tensor.
     const problem = (message: string): void => {
       if (result.problems.length < INSPECT_PROBLEMS_KEPT) result.problems.push(message);
       else result.moreProblems++;
     };
-    const check = (name: string, shape: readonly number[], expert: boolean): TensorInfo | null => {
+    const check = (name: string, shape: readonly number[], expert: boolean, fp8Readable = true): TensorInfo | null => {
       try {
-        const { info } = this.locate(name, shape);
+        const { info } = this.locate(name, shape, fp8Readable);
         result.tensors++;
         result.bytes += info.byteLength;
         if (expert) result.expertBytes += info.byteLength;
@@ -575,8 +719,8 @@ export class HfMoECheckpoint implements Disposable {
         return null;
       }
     };
-    for (const [name, shape, expert] of wanted) {
-      const info = check(name, shape, expert);
+    for (const [name, shape, expert, fp8Readable] of wanted) {
+      const info = check(name, shape, expert, fp8Readable);
       if (info?.dtype !== 'fp8e4m3') continue;
       const [R, C] = shape as [number, number];
       const fp8 = this.fp8Problem(name, C);

@@ -17,6 +17,13 @@
  *                false); y = Σ_j weights_j · E_j(x) + sigmoid(x·g) · S(x), g = shared_expert_gate [1,H]
  *                MoE layers: (layer + 1) % decoder_sparse_step == 0 and layer ∉ mlp_only_layers
  *   qwen3_moe    as qwen2_moe without the shared expert
+ *   granitemoe   Granite 3.x MoE (transformers' GraniteMoe, from JetMoe's gating): top-k of the logits,
+ *                softmax over those k in fp32 (= softmax, top-k, renormalised); experts of
+ *                intermediate_size; every layer is an MoE layer
+ *   granitemoeshared, granitemoehybrid  granitemoe's block plus a shared MLP of
+ *                shared_intermediate_size added ungated (granitemoeshared: none at 0, its default;
+ *                granitemoehybrid, Granite 4.0, default 1024); granitemoehybrid's Mamba and attention
+ *                layers all carry the block (the model's other layers are the caller's)
  *
  * The same blocks under other model_types (transformers' classes reuse them; the config classes'
  * defaults differ, DEEPSEEK_V3_BLOCKS and QWEN_MOE_BLOCKS below):
@@ -27,6 +34,9 @@
  *   qwen3_next   Qwen3-Next's MoE block: qwen2_moe's (shared expert and its gate); the model's other
  *                layers (linear attention) are the caller's
  *   olmoe        OLMoE: qwen3_moe's block, the expert width in intermediate_size, every layer MoE
+ *   qwen3_vl_moe Qwen3-VL-MoE's language model: qwen3_moe's block, always renormalised (transformers
+ *                does not read norm_topk_prob), its fields in config.json's text_config; the vision
+ *                tower is the caller's
  *   ernie4_5_moe p = softmax(x·Wgᵀ) (in fp32); b = moe_statics.e_score_correction_bias [1,E]
  *                (selection only: top-k of p + b); weights = p_top / max(Σ p_top, moe_norm_min);
  *                y = Σ_j weights_j · E_j(x) + S(x), S the shared experts (width
@@ -72,6 +82,10 @@ export const HF_MOE_FAMILIES = [
   'ernie4_5_moe',
   'minimax_m2',
   'hunyuan_v1_moe',
+  'qwen3_vl_moe',
+  'granitemoe',
+  'granitemoeshared',
+  'granitemoehybrid',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -102,7 +116,30 @@ const QWEN_MOE_BLOCKS = {
   qwen3_moe: { width: 'moe_intermediate_size', shared: false, norm: false, sparseLayers: true },
   qwen3_next: { width: 'moe_intermediate_size', shared: true, norm: true, sparseLayers: true },
   olmoe: { width: 'intermediate_size', shared: false, norm: false, sparseLayers: false },
+  // Qwen3VLMoeTextSparseMoeBlock renormalises whatever norm_topk_prob says.
+  qwen3_vl_moe: { width: 'moe_intermediate_size', shared: false, norm: 'always', sparseLayers: true },
 } as const;
+
+/**
+ * The families whose MoE block is Granite's (GraniteMoe's, with GraniteMoeShared's shared MLP):
+ * `shared`: the default of shared_intermediate_size, or null where the block has no shared MLP.
+ */
+const GRANITE_BLOCKS = {
+  granitemoe: { shared: null },
+  granitemoeshared: { shared: 0 },
+  granitemoehybrid: { shared: 1024 },
+} as const;
+
+/** Whether a family's MoE block is Granite's (its tensor names: block_sparse_moe.input_linear, shared_mlp). */
+export function isGraniteBlock(family: HfMoEFamily): family is keyof typeof GRANITE_BLOCKS {
+  return Object.hasOwn(GRANITE_BLOCKS, family);
+}
+
+/**
+ * The families whose config.json wraps the language model's in `text_config` (multimodal models:
+ * the MoE block is the language model's).
+ */
+const TEXT_CONFIG_FAMILIES: readonly HfMoEFamily[] = ['qwen3_vl_moe'];
 
 /** Whether a family's MoE block is DeepSeek-V3's (its tensor names: gate bias, shared_experts). */
 export function isDeepSeekV3Block(family: HfMoEFamily): family is keyof typeof DEEPSEEK_V3_BLOCKS {
@@ -165,6 +202,8 @@ class Fields {
   constructor(
     private readonly c: Json,
     private readonly where: string,
+    /** The family named in errors (the model_type of config.json, whose fields may lie in text_config). */
+    private readonly familyName: string,
   ) {}
   fail(message: string): never {
     throw new CheckpointError(`${this.where}: ${message}`);
@@ -238,7 +277,14 @@ class Fields {
     return v as number[];
   }
   family(): string {
-    return String(this.c['model_type']);
+    return this.familyName;
+  }
+  /** A nested config object (a multimodal model's text_config), its fields read with errors naming it. */
+  nested(f: string): Fields {
+    const v = this.c[f];
+    if (v === null || typeof v !== 'object' || Array.isArray(v))
+      this.fail(`'${f}' must be an object (the ${this.familyName} language model's config); found ${JSON.stringify(v ?? null)}`);
+    return new Fields(v as Json, `${this.where}: ${f}`, this.familyName);
   }
 }
 
@@ -253,12 +299,13 @@ const MAX_EXPERTS = 65536;
  */
 export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   if (config === null || typeof config !== 'object' || Array.isArray(config)) throw new CheckpointError(`${where}: must be a JSON object`);
-  const c = new Fields(config as Json, where);
-  const type = c.str('model_type', '');
+  const top = new Fields(config as Json, where, String((config as Json)['model_type']));
+  const type = top.str('model_type', '');
   if (!(HF_MOE_FAMILIES as readonly string[]).includes(type)) {
-    c.fail(`'model_type' ${JSON.stringify(type)} is not a supported MoE family (${HF_MOE_FAMILIES.join(', ')})`);
+    top.fail(`'model_type' ${JSON.stringify(type)} is not a supported MoE family (${HF_MOE_FAMILIES.join(', ')})`);
   }
   const family = type as HfMoEFamily;
+  const c = TEXT_CONFIG_FAMILIES.includes(family) ? top.nested('text_config') : top;
   // The experts (and shared expert) are SwiGLU: act(gate)·up with act = SiLU. Another activation
   // would load and give wrong outputs, so it is refused (the families' configs default to silu).
   const act = c.str('hidden_act', 'silu');
@@ -388,6 +435,26 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     const endField = c.int('moe_layer_end_index', -1, -1);
     const end = endField === -1 ? numLayers - 1 : endField;
     isMoE = (l) => (l + 1) % interval === 0 && l >= start && l <= end;
+  } else if (isGraniteBlock(family)) {
+    // GraniteMoeTopKGating: top-k of the logits, then softmax over those k (in fp32): the
+    // renormalised top-k of the softmax. The shared MLP is added ungated.
+    const sharedDefault = GRANITE_BLOCKS[family].shared;
+    block = {
+      family,
+      hidden,
+      ffn: c.int('intermediate_size'),
+      numExperts: c.int('num_local_experts'),
+      topK: c.int('num_experts_per_tok'),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: true,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: sharedDefault === null ? 0 : c.int('shared_intermediate_size', sharedDefault, 0),
+      sharedGate: false,
+    };
+    isMoE = () => true;
   } else {
     const q = QWEN_MOE_BLOCKS[family];
     const E = c.int('num_experts');
@@ -403,7 +470,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       scoreFunction: 'softmax',
       groups: 1,
       topkGroups: 1,
-      normalize: c.bool('norm_topk_prob', q.norm),
+      normalize: q.norm === 'always' ? true : c.bool('norm_topk_prob', q.norm),
       routeScale: 1,
       selectionBias: false,
       sharedFfn,

@@ -385,6 +385,27 @@ export class SafetensorsFile implements Disposable {
     return out;
   }
 
+  /**
+   * Rows [first, first + count) of one tensor along its first dimension (a contiguous byte range,
+   * e.g. some experts of a fused [E, …] tensor), read from the file alone.
+   */
+  readRows(name: string, first: number, count: number): Uint8Array {
+    const t = this.info(name);
+    const rows = t.shape[0];
+    if (rows === undefined) invalidArgument('SafetensorsFile.readRows', `tensor '${name}' is a scalar: it has no rows`);
+    if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count) || first < 0 || count < 0 || first + count > rows)
+      invalidArgument(
+        'SafetensorsFile.readRows',
+        `rows [${String(first)}, ${String(first)} + ${String(count)}) are not inside tensor '${name}''s ${rows} rows`,
+      );
+    const rowBytes = rows === 0 ? 0 : t.byteLength / rows;
+    const out = new Uint8Array(rowBytes * count);
+    readFully(this.fd, out, this.dataStart + t.dataOffsets[0] + first * rowBytes, () =>
+      fail(this.path, 'the file ended while reading (truncated after it was opened?)', name),
+    );
+    return out;
+  }
+
   /** One tensor: dtype, shape and raw bytes (the dtype's TypedArray over them via `storageView`). */
   read(name: string): { dtype: DType; shape: number[]; data: Uint8Array } {
     const t = this.info(name);

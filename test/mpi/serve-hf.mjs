@@ -59,14 +59,15 @@ for (const capacityFactor of [undefined, E / k]) {
     check(errT < 2e-6, `${family} layer ${layer}, training layer, rank ${rank} of ${P}: relErr ${errT}`);
     train.dispose();
   }
-  // Only this rank's experts were read: E/P per MoE layer, three matrices each, besides the replicated
-  // tensors; twice (the served layer, then the training layer).
+  // Only this rank's experts were read: E/P per MoE layer, three matrices each (two rows of the fused
+  // tensors each where the experts are fused), besides the replicated tensors; twice (the served
+  // layer, then the training layer).
   const names = blockNames(cfg, [...layers.keys()][0]);
-  const perLayer = 1 + (names.bias ? 1 : 0) + (names.shared && Fs > 0 ? 3 : 0) + (names.sharedGate ? 1 : 0);
-  check(
-    ckpt.stats.tensorsRead === 2 * layers.size * (perLayer + 3 * (E / P)),
-    `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${2 * layers.size * (perLayer + 3 * (E / P))}`,
-  );
+  const sharedReads = !names.shared || Fs === 0 ? 0 : typeof names.shared === 'function' ? 3 : 2;
+  const perLayer = 1 + (names.bias ? 1 : 0) + sharedReads + (names.sharedGate ? 1 : 0);
+  const perExpert = names.fused ? 2 : 3;
+  const expected = 2 * layers.size * (perLayer + perExpert * (E / P));
+  check(ckpt.stats.tensorsRead === expected, `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${expected}`);
   ckpt.close();
 }
 console.log(`ok rank ${rank} of ${P} (${family})`);
