@@ -24,6 +24,8 @@ export {
   type LossOptions,
   type ResolvedRouterConfig,
   resolveRouterConfig,
+  ROUTE_WEIGHTS_ON,
+  type RouteWeightsOn,
   Router,
   routerBackward,
   type RouterBackwardOptions,

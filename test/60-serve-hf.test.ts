@@ -9,7 +9,7 @@ import { join } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
+import { CheckpointError, HfMoECheckpoint, hfMoEModel, memoryStats, MoEInference, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
 import { blockNames, buildHfCheckpoint, encode, normals, poisonRows, poisonTensors, testConfigs } from './hf-fixtures.mjs';
 import { hfMoEReference, moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
 import { relErr } from './helpers.js';
@@ -73,6 +73,7 @@ describe('config.json → the package (hfMoEModel)', () => {
       selectionBias: false,
       sharedFfn: 0,
       sharedGate: false,
+      routeWeightsOn: 'output',
     });
     expect(m.moeLayers).toEqual([0, 1]);
     const d = hfMoEModel(testConfigs.deepseek_v3);
@@ -90,6 +91,7 @@ describe('config.json → the package (hfMoEModel)', () => {
       selectionBias: true,
       sharedFfn: 16,
       sharedGate: false,
+      routeWeightsOn: 'output',
     });
     expect(d.moeLayers).toEqual([1, 2]);
     const q = hfMoEModel(testConfigs.qwen2_moe);
@@ -220,6 +222,28 @@ describe('config.json → the package (hfMoEModel)', () => {
       moeLayers: [0, 1],
     });
     expect(hfMoEModel({ ...testConfigs.granitemoehybrid, shared_intermediate_size: undefined }).block.sharedFfn).toBe(1024);
+    // Llama 4: top-1 sigmoid weights on the experts' input, a shared expert of the experts' width;
+    // every interleave_moe_layer_step-th layer from step − 1, or moe_layers as listed.
+    const l4 = testConfigs.llama4;
+    const l4text = l4.text_config as Record<string, unknown>;
+    expect(hfMoEModel(l4)).toMatchObject({
+      block: {
+        scoreFunction: 'sigmoid',
+        normalize: false,
+        topK: 1,
+        numExperts: 8,
+        ffn: 6,
+        sharedFfn: 6,
+        sharedGate: false,
+        routeWeightsOn: 'input',
+      },
+      numLayers: 4,
+      moeLayers: [1, 3],
+    });
+    expect(hfMoEModel({ ...l4, text_config: { ...l4text, interleave_moe_layer_step: undefined } }).moeLayers).toEqual([0, 1, 2, 3]);
+    expect(hfMoEModel({ ...l4, text_config: { ...l4text, moe_layers: [0, 2] } }).moeLayers).toEqual([0, 2]);
+    expect(hfMoEModel({ ...l4, text_config: { ...l4text, num_experts_per_tok: undefined } }).block.topK).toBe(1);
+    for (const f of families) if (f !== 'llama4') expect(hfMoEModel(testConfigs[f]).block.routeWeightsOn).toBe('output');
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -255,7 +279,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -307,6 +331,10 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad(
       { ...testConfigs.qwen3_vl_moe, text_config: { ...(testConfigs.qwen3_vl_moe.text_config as object), num_experts: undefined } },
       /^config\.json: text_config: 'num_experts' is missing \(the qwen3_vl_moe MoE block needs it\)$/,
+    );
+    bad(
+      { ...testConfigs.llama4, text_config: { ...(testConfigs.llama4.text_config as object), num_experts_per_tok: 2 } },
+      /text_config: 'num_experts_per_tok' = 2: Llama 4's block scales each expert's input by its router weight, which the package serves for top-1/,
     );
     bad({ ...testConfigs.granitemoehybrid, num_local_experts: 0 }, /'num_local_experts' must be an integer >= 1; found 0/);
   });
@@ -422,7 +450,8 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
   });
 
   // moeLayerFromHf: the checkpoint's block as a trainable layer (every family, gated shared experts included).
-  for (const family of families) {
+  // Llama 4's block (weights on the experts' input) is served, not trained: refused below.
+  for (const family of families.filter((f) => f !== 'llama4')) {
     it(`moeLayerFromHf (${family}): the training layer computes the family's block from the files' weights, and trains`, () => {
       const c = checkpointAndTokens(family, { dtype: 'f32', shards: 2, layerDtype: 'f32', T: 12, seed: 71 + families.indexOf(family) });
       using ckpt = HfMoECheckpoint.open(c.dir);
@@ -495,6 +524,34 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     );
     expect(() => moeLayerFromHf(ckpt, layerIdx, { topK: 1 } as never)).toThrow(/moeLayerFromHf: .*'topK'/);
     c.x.dispose();
+  });
+
+  it("Llama 4: served with the router weight on the experts' input (MoEInference); refused as a training layer; the option checked", () => {
+    const dir = fresh();
+    buildHfCheckpoint(dir, testConfigs.llama4, { dtype: 'bf16', shards: 0, seed: 3 });
+    using ckpt = HfMoECheckpoint.open(dir);
+    const live = memoryStats('cpu').liveBytes;
+    expect(() => moeLayerFromHf(ckpt, 1, { dtype: 'f32', device: 'cpu' })).toThrow(
+      /moeLayerFromHf: the llama4 block applies its router weights to the experts' input \(routeWeightsOn 'input'\), which MoELayer does not train; MoEInference\.fromHf serves it/,
+    );
+    expect(memoryStats('cpu').liveBytes).toBe(live);
+    using inf = MoEInference.fromHf(ckpt, 1, { dtype: 'f32', device: 'cpu' });
+    expect(inf.config.routeWeightsOn).toBe('input');
+    // The option on its own: top-1 only, one of two values.
+    const cfg = { hidden: 4, ffn: 2, numExperts: 2, topK: 2, device: 'cpu', dtype: 'f32' } as const;
+    const weights = () => ({
+      router: Tensor.zeros([1, 4, 2], { device: 'cpu' }),
+      w13: Tensor.zeros([2, 4, 4], { device: 'cpu' }),
+      w2: Tensor.zeros([2, 2, 4], { device: 'cpu' }),
+    });
+    tidy(() => {
+      expect(() => new MoEInference({ ...cfg, routeWeightsOn: 'input' }, weights())).toThrow(
+        /MoEInference: 'routeWeightsOn' 'input' needs topK 1 \(Llama 4's\); received topK 2/,
+      );
+      expect(() => new MoEInference({ ...cfg, topK: 1, routeWeightsOn: 'both' as never }, weights())).toThrow(
+        /MoEInference: 'routeWeightsOn'/,
+      );
+    });
   });
 });
 

@@ -92,6 +92,7 @@ export const testConfigs: Record<
   | 'qwen3_vl_moe'
   | 'granitemoe'
   | 'granitemoeshared'
-  | 'granitemoehybrid',
+  | 'granitemoehybrid'
+  | 'llama4',
   HfTestConfig
 >;

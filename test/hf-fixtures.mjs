@@ -232,6 +232,16 @@ export function blockNames(cfg, layer) {
       sharedGate: null,
     };
   }
+  if (cfg.model_type === 'llama4') {
+    const p = `language_model.model.layers.${layer}.feed_forward`;
+    return {
+      gate: `${p}.router.weight`,
+      bias: null,
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'xW' },
+      shared: (x) => `${p}.shared_expert.${x}_proj.weight`,
+      sharedGate: null,
+    };
+  }
   if (cfg.model_type === 'qwen3_vl_moe') {
     const p = `model.language_model.layers.${layer}.mlp`;
     return {
@@ -294,7 +304,8 @@ export function buildHfCheckpoint(
   };
   const layers = new Map();
   // Qwen3-VL-MoE's language model lies under model.language_model (its vision tower under model.visual).
-  const model = cfg.model_type === 'qwen3_vl_moe' ? 'model.language_model' : 'model';
+  // Llama 4's under language_model.model.
+  const model = cfg.model_type === 'qwen3_vl_moe' ? 'model.language_model' : cfg.model_type === 'llama4' ? 'language_model.model' : 'model';
   if (cfg.model_type === 'qwen3_vl_moe') add('model.visual.patch_embed.proj.weight', [H, 3, 2, 2], rand(12 * H));
   add(`${model}.embed_tokens.weight`, [32, H], rand(32 * H));
   for (let l = 0; l < (cfg.text_config ?? cfg).num_hidden_layers; l++) {
@@ -570,6 +581,23 @@ export const testConfigs = {
       hidden_act: 'silu',
     },
     vision_config: { model_type: 'qwen3_vl_moe', depth: 2 },
+  },
+  // Llama 4 (its language model in text_config): top-1, sigmoid of the chosen logit scaling the
+  // expert's input; fused experts; a shared expert of intermediate_size; every second layer MoE.
+  llama4: {
+    model_type: 'llama4',
+    text_config: {
+      model_type: 'llama4_text',
+      hidden_size: 16,
+      intermediate_size: 6,
+      intermediate_size_mlp: 12,
+      num_local_experts: 8,
+      num_experts_per_tok: 1,
+      interleave_moe_layer_step: 2,
+      num_hidden_layers: 4,
+      hidden_act: 'silu',
+    },
+    vision_config: { model_type: 'llama4_vision_model' },
   },
   // Granite 3.x MoE: top-k of the logits, softmax over them; fused experts; no shared MLP.
   granitemoe: {

@@ -26,6 +26,10 @@
 //   granitemoe:  top-k of the logits, softmax over those k (= mixtral's renormalised top-k of the
 //                softmax); y = Σ w_j·MLP_j(x) (+ MLP_shared(x), ungated, for granitemoeshared and
 //                granitemoehybrid with shared_intermediate_size > 0; the hybrid's default is 1024)
+//   llama4:      top-k of the logits; s = sigmoid of the chosen ones (no renormalisation), scaling the
+//                expert's INPUT: y = Σ_j MLP_j(s_j·x) + MLP_shared(x), experts and shared expert of
+//                intermediate_size; MoE layers: moe_layers, else every interleave_moe_layer_step-th
+//                (from step − 1); its fields in config.json's text_config
 //   qwen3_vl_moe: qwen3_moe's block, always renormalised (norm_topk_prob is not read), its fields in
 //                config.json's text_config
 //   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
@@ -62,7 +66,7 @@ const QWEN_DEFAULTS = {
 const isDeepSeekLike = (cfg) => Object.hasOwn(DEEPSEEK_DEFAULTS, cfg.model_type);
 const GRANITE = ['granitemoe', 'granitemoeshared', 'granitemoehybrid'];
 /** The object holding the language model's fields (a multimodal config's text_config). */
-const text = (cfg) => (cfg.model_type === 'qwen3_vl_moe' ? cfg.text_config : cfg);
+const text = (cfg) => (cfg.model_type === 'qwen3_vl_moe' || cfg.model_type === 'llama4' ? cfg.text_config : cfg);
 /** config.json's field, else the family's default (a field a family requires must be given). */
 function field(cfg, name) {
   if (cfg[name] !== undefined && cfg[name] !== null) return cfg[name];
@@ -81,6 +85,8 @@ export function moeLayersOf(cfg) {
   for (let l = 0; l < c.num_hidden_layers; l++) {
     let moe;
     if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', ...GRANITE].includes(cfg.model_type)) moe = true;
+    else if (cfg.model_type === 'llama4')
+      moe = c.moe_layers ? c.moe_layers.includes(l) : l % (c.interleave_moe_layer_step ?? 1) === (c.interleave_moe_layer_step ?? 1) - 1;
     else if (cfg.model_type === 'ernie4_5_moe') {
       // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
       const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
@@ -120,6 +126,10 @@ export function moeSizes(cfg) {
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'olmoe':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'llama4': {
+      const t = cfg.text_config;
+      return { H: t.hidden_size, F: t.intermediate_size, E: t.num_local_experts, k: t.num_experts_per_tok ?? 1, Fs: t.intermediate_size };
+    }
     case 'qwen3_vl_moe': {
       const t = cfg.text_config;
       return { H: t.hidden_size, F: t.moe_intermediate_size, E: t.num_experts, k: t.num_experts_per_tok, Fs: 0 };
@@ -193,7 +203,15 @@ export function hfMoEReference(cfg, w, x) {
       logits[e] = a;
     }
     let chosen, weights;
-    if (cfg.model_type === 'minimax_m2') {
+    // Llama 4: the weights scale the expert's input (below).
+    const onInput = cfg.model_type === 'llama4';
+    if (onInput) {
+      const top = topN(logits, k);
+      chosen = top.chosen;
+      margin = Math.min(margin, logits[chosen[k - 1]] - top.next);
+      weights = chosen.map((e) => sigmoid(logits[e]));
+      for (const v of weights) minChoice = Math.min(minChoice, v);
+    } else if (cfg.model_type === 'minimax_m2') {
       // MiniMaxM2TopKRouter: sigmoid, top-k of s + bias, the chosen s divided by their sum.
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
@@ -261,6 +279,16 @@ export function hfMoEReference(cfg, w, x) {
     }
     const yr = y.subarray(t * H, (t + 1) * H);
     chosen.forEach((e, j) => {
+      if (onInput) {
+        const o = mlp(
+          xr.map((v) => weights[j] * v),
+          w.experts[e],
+          H,
+          F,
+        );
+        for (let h = 0; h < H; h++) yr[h] += o[h];
+        return;
+      }
       const o = mlp(xr, w.experts[e], H, F);
       for (let h = 0; h < H; h++) yr[h] += weights[j] * o[h];
     });

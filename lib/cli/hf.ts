@@ -54,6 +54,7 @@ function routing(b: HfMoEBlock): string {
   parts.push(`top-${b.topK}`);
   parts.push(b.normalize ? 'weights renormalised' : 'weights as scored');
   if (b.routeScale !== 1) parts.push(`× ${b.routeScale}`);
+  if (b.routeWeightsOn === 'input') parts.push("weights scale the experts' input");
   return parts.join(', ');
 }
 

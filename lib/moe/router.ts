@@ -55,6 +55,12 @@ import { Tensor } from '../tensor.js';
 import { expertCapacity } from './capacity.js';
 
 export type ScoreFunction = 'softmax' | 'sigmoid';
+/**
+ * Where a token's router weight w applies to expert j: its output, y = Σ_j w_j·E_j(x) (every family
+ * but one), or its input, y = Σ_j E_j(w_j·x) (Llama 4). Serving takes both (MoEInference).
+ */
+export type RouteWeightsOn = 'output' | 'input';
+export const ROUTE_WEIGHTS_ON: readonly RouteWeightsOn[] = ['output', 'input'];
 export type Routing = 'token-choice' | 'expert-choice';
 
 export interface RouterConfig {

@@ -29,6 +29,9 @@
  *   shared,      model.layers.L.block_sparse_moe.output_linear.weight [E,H,F]
  *   granitemoe-  shared: model.layers.L.shared_mlp.input_linear.weight [2Fs,H], output_linear.weight [H,Fs]
  *   hybrid)
+ *   llama4       language_model.model.layers.L.feed_forward.router.weight [E,H]
+ *                ….feed_forward.experts.gate_up_proj [E,H,2F], ….experts.down_proj [E,F,H] (as qwen3_vl_moe)
+ *                shared: ….feed_forward.shared_expert.{gate,up,down}_proj.weight
  *   A rank reads its experts' rows of the fused tensors alone (one positioned read per expert).
  *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
@@ -91,7 +94,7 @@ export interface HfFusedExpertNames {
   gateUp: string;
   down: string;
   /**
-   * 'x·W': gateUp [E,H,2F] (the gate's F columns, then the up's) and down [E,F,H] (Qwen3-VL-MoE);
+   * 'x·W': gateUp [E,H,2F] (the gate's F columns, then the up's) and down [E,F,H] (Qwen3-VL-MoE, Llama 4);
    * 'nn.Linear': gateUp [E,2F,H] (the gate's rows first) and down [E,H,F] (Granite).
    */
   layout: 'x·W' | 'nn.Linear';
@@ -193,6 +196,18 @@ export function hfMoENames(
       expert: null,
       fused: { gateUp: `${p}.input_linear.weight`, down: `${p}.output_linear.weight`, layout: 'nn.Linear' },
       shared: block.sharedFfn > 0 ? { gateUp: `${s}.input_linear.weight`, down: `${s}.output_linear.weight` } : null,
+      sharedGate: null,
+    };
+  }
+  if (family === 'llama4') {
+    const p = `language_model.model.layers.${layer}.feed_forward`;
+    return {
+      gate: `${p}.router.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: null,
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W' },
+      shared: block.sharedFfn > 0 ? projections(`${p}.shared_expert`) : null,
       sharedGate: null,
     };
   }

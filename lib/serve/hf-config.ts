@@ -34,6 +34,11 @@
  *   qwen3_next   Qwen3-Next's MoE block: qwen2_moe's (shared expert and its gate); the model's other
  *                layers (linear attention) are the caller's
  *   olmoe        OLMoE: qwen3_moe's block, the expert width in intermediate_size, every layer MoE
+ *   llama4       Llama 4 (Scout, Maverick; its language model, fields in text_config): top-k of the
+ *                logits, s = sigmoid of the chosen (not renormalised), and s scales the expert's
+ *                INPUT: y = Σ_j E_j(s_j·x) + S(x), S the shared expert of intermediate_size (the
+ *                experts' width too), added ungated; served for top-1, as every released Llama 4 is;
+ *                MoE layers: moe_layers, else every interleave_moe_layer_step-th from step − 1
  *   qwen3_vl_moe Qwen3-VL-MoE's language model: qwen3_moe's block, always renormalised (transformers
  *                does not read norm_topk_prob), its fields in config.json's text_config; the vision
  *                tower is the caller's
@@ -67,7 +72,7 @@
  * below); the sizes (hidden_size, expert counts and widths, num_hidden_layers) are required.
  */
 import { CheckpointError } from '../errors.js';
-import { type ScoreFunction } from '../moe/router.js';
+import { type RouteWeightsOn, type ScoreFunction } from '../moe/router.js';
 
 export const HF_MOE_FAMILIES = [
   'mixtral',
@@ -86,6 +91,7 @@ export const HF_MOE_FAMILIES = [
   'granitemoe',
   'granitemoeshared',
   'granitemoehybrid',
+  'llama4',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -139,7 +145,7 @@ export function isGraniteBlock(family: HfMoEFamily): family is keyof typeof GRAN
  * The families whose config.json wraps the language model's in `text_config` (multimodal models:
  * the MoE block is the language model's).
  */
-const TEXT_CONFIG_FAMILIES: readonly HfMoEFamily[] = ['qwen3_vl_moe'];
+const TEXT_CONFIG_FAMILIES: readonly HfMoEFamily[] = ['qwen3_vl_moe', 'llama4'];
 
 /** Whether a family's MoE block is DeepSeek-V3's (its tensor names: gate bias, shared_experts). */
 export function isDeepSeekV3Block(family: HfMoEFamily): family is keyof typeof DEEPSEEK_V3_BLOCKS {
@@ -165,6 +171,8 @@ export interface HfMoEBlock {
   sharedFfn: number;
   /** Qwen2-MoE: the shared expert's output is scaled by sigmoid(x·shared_expert_gate). */
   sharedGate: boolean;
+  /** Where the router's weight applies: the expert's output (every family but Llama 4) or its input. */
+  routeWeightsOn: RouteWeightsOn;
 }
 
 /** The block's fields both layers take as they are (MoEInference adds selectionBias; MoELayer always has a bias). */
@@ -337,6 +345,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       selectionBias: minimax,
       sharedFfn: 0,
       sharedGate: false,
+      routeWeightsOn: 'output',
     };
     isMoE = () => true;
   } else if (isDeepSeekV3Block(family)) {
@@ -383,6 +392,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       selectionBias: true,
       sharedFfn,
       sharedGate: false,
+      routeWeightsOn: 'output',
     };
     const firstDense = c.int('first_k_dense_replace', d.firstDense, 0);
     // DeepSeek's own modeling code (modeling_deepseek.py) reads moe_layer_freq; transformers' port
@@ -408,6 +418,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       selectionBias: false,
       sharedFfn: F,
       sharedGate: false,
+      routeWeightsOn: 'output',
     };
     isMoE = () => true;
   } else if (family === 'ernie4_5_moe') {
@@ -429,12 +440,41 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       selectionBias: true,
       sharedFfn,
       sharedGate: false,
+      routeWeightsOn: 'output',
     };
     const interval = c.int('moe_layer_interval', 1);
     const start = c.int('moe_layer_start_index', 1, 0);
     const endField = c.int('moe_layer_end_index', -1, -1);
     const end = endField === -1 ? numLayers - 1 : endField;
     isMoE = (l) => (l + 1) % interval === 0 && l >= start && l <= end;
+  } else if (family === 'llama4') {
+    // Llama4TextMoe: top-k of the logits, sigmoid of the chosen ones, which scale the expert's input;
+    // the shared expert (of the experts' width) always, added.
+    const F = c.int('intermediate_size');
+    const k = c.int('num_experts_per_tok', 1);
+    if (k !== 1)
+      c.fail(
+        `'num_experts_per_tok' = ${k}: Llama 4's block scales each expert's input by its router weight, which the package serves for top-1 (every released Llama 4)`,
+      );
+    block = {
+      family,
+      hidden,
+      ffn: F,
+      numExperts: c.int('num_local_experts'),
+      topK: k,
+      scoreFunction: 'sigmoid',
+      groups: 1,
+      topkGroups: 1,
+      normalize: false,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: F,
+      sharedGate: false,
+      routeWeightsOn: 'input',
+    };
+    const listed = c.has('moe_layers') ? new Set(c.intList('moe_layers')) : null;
+    const step = c.int('interleave_moe_layer_step', 1);
+    isMoE = (l) => (listed ? listed.has(l) : (l + 1) % step === 0);
   } else if (isGraniteBlock(family)) {
     // GraniteMoeTopKGating: top-k of the logits, then softmax over those k (in fp32): the
     // renormalised top-k of the softmax. The shared MLP is added ungated.
@@ -453,6 +493,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       selectionBias: false,
       sharedFfn: sharedDefault === null ? 0 : c.int('shared_intermediate_size', sharedDefault, 0),
       sharedGate: false,
+      routeWeightsOn: 'output',
     };
     isMoE = () => true;
   } else {
@@ -475,6 +516,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       selectionBias: false,
       sharedFfn,
       sharedGate: sharedFfn > 0,
+      routeWeightsOn: 'output',
     };
     isMoE = (l) => !mlpOnly.has(l) && (l + 1) % sparseStep === 0;
   }

@@ -77,7 +77,15 @@ import { type PeerTransport } from '../moe/peer-transport.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
 import { MoELayer, SHARED_GATE_ROUTER } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
-import { resolveRouterConfig, type ResolvedRouterConfig, routerFieldsOf, routerForward, type ScoreFunction } from '../moe/router.js';
+import {
+  resolveRouterConfig,
+  type ResolvedRouterConfig,
+  ROUTE_WEIGHTS_ON,
+  type RouteWeightsOn,
+  routerFieldsOf,
+  routerForward,
+  type ScoreFunction,
+} from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
 import { type HfLayerField, layerFieldsOf } from './hf-config.js';
 
@@ -98,6 +106,11 @@ export interface MoEInferenceConfig {
   sharedFfn?: number;
   /** Scale the shared expert's output per token by sigmoid(x·g), g [H] (Qwen2-MoE). Needs sharedFfn. */
   sharedGate?: boolean;
+  /**
+   * Where the router's weight w applies: 'output' (default), y = Σ_j w_j·E_j(x); or 'input', Llama
+   * 4's y = Σ_j E_j(w_j·x), for topK 1 only (with k > 1 each expert would take its own scaled copy).
+   */
+  routeWeightsOn?: RouteWeightsOn;
   /** Per-expert capacity C = ceil(cf·T·k/E) in fixed segments; omitted: dropless. cf = E/k never drops. */
   capacityFactor?: number;
   dropPolicy?: DropPolicy;
@@ -211,9 +224,12 @@ interface Workspace {
   gate: {
     logit: Tensor;
     router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor };
-    identity: Tensor;
     scaled: Tensor;
   } | null;
+  /** Row t → token t [T,1] (the one-row-per-token unpermutes of the gate and of routeWeightsOn 'input'), or null. */
+  identity: Tensor | null;
+  /** routeWeightsOn 'input': the scaled tokens w·x, and weights of 1 for the experts' outputs. */
+  input: { scaled: Tensor; ones: Tensor } | null;
 }
 
 export class MoEInference implements Disposable {
@@ -225,6 +241,7 @@ export class MoEInference implements Disposable {
     selectionBias: boolean;
     sharedFfn: number;
     sharedGate: boolean;
+    routeWeightsOn: RouteWeightsOn;
     capacityFactor: number | undefined;
     dropPolicy: DropPolicy;
     dtype: 'bf16' | 'f32';
@@ -264,6 +281,7 @@ export class MoEInference implements Disposable {
       selectionBias: true,
       sharedFfn: true,
       sharedGate: true,
+      routeWeightsOn: true,
       capacityFactor: true,
       dropPolicy: true,
       group: true,
@@ -281,6 +299,12 @@ export class MoEInference implements Disposable {
     const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
     if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
     const selectionBias = checkBoolean(config.selectionBias ?? false, op, 'selectionBias');
+    const routeWeightsOn = checkOneOf(config.routeWeightsOn ?? 'output', op, 'routeWeightsOn', ROUTE_WEIGHTS_ON);
+    if (routeWeightsOn === 'input' && this.router.topK !== 1)
+      invalidArgument(
+        op,
+        `'routeWeightsOn' 'input' needs topK 1 (Llama 4's); received topK ${this.router.topK}: with more, each expert would take its own scaled copy of the token`,
+      );
     const cf = config.capacityFactor;
     if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0))
       invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);
@@ -303,6 +327,7 @@ export class MoEInference implements Disposable {
       selectionBias,
       sharedFfn,
       sharedGate,
+      routeWeightsOn,
       capacityFactor: cf,
       dropPolicy,
       dtype,
@@ -424,7 +449,7 @@ export class MoEInference implements Disposable {
   static fromHf(
     ckpt: HfMoECheckpoint,
     layer?: number,
-    options: Omit<MoEInferenceConfig, HfLayerField | 'selectionBias'> = {},
+    options: Omit<MoEInferenceConfig, HfLayerField | 'selectionBias' | 'routeWeightsOn'> = {},
   ): MoEInference {
     options = checkOptions(options, 'MoEInference.fromHf', {
       capacityFactor: true,
@@ -449,6 +474,7 @@ export class MoEInference implements Disposable {
           device,
           ...layerFieldsOf(b),
           selectionBias: b.selectionBias,
+          routeWeightsOn: b.routeWeightsOn,
         },
         { router: w.router, bias: w.bias, w13: w.w13, w2: w.w2, sharedW13: w.sharedW13, sharedW2: w.sharedW2, sharedGate: w.sharedGate },
       );
@@ -521,16 +547,23 @@ export class MoEInference implements Disposable {
         shared: Fs > 0 ? { h: make([T, Fs], cdt), out: make([T, H], cdt) } : null,
         ep: null,
         gate: null,
+        input: null,
+        identity: null,
       };
-      if (this.config.sharedGate) {
-        const identity = keep(
+      if (this.config.sharedGate || this.config.routeWeightsOn === 'input') {
+        ws.identity = keep(
           Tensor.fromArray(
             Int32Array.from({ length: T }, (_, t) => t),
             { dtype: 'i32', shape: [T, 1], device },
           ),
         );
-        tensors.push(identity);
-        ws.gate = { logit: make([T, 1]), router: routerOut(1, 1), identity, scaled: make([T, H], cdt) };
+        tensors.push(ws.identity);
+      }
+      if (this.config.sharedGate) ws.gate = { logit: make([T, 1]), router: routerOut(1, 1), scaled: make([T, H], cdt) };
+      if (this.config.routeWeightsOn === 'input') {
+        const ones = keep(Tensor.full([T, 1], 1, { device }));
+        tensors.push(ones);
+        ws.input = { scaled: make([T, H], cdt), ones };
       }
       this.workspaces.set(T, ws);
       return ws;
@@ -761,6 +794,7 @@ export class MoEInference implements Disposable {
       choiceField('selectionBias', c.selectionBias, yesNo),
       n('sharedFfn', c.sharedFfn),
       choiceField('sharedGate', c.sharedGate, yesNo),
+      choiceField('routeWeightsOn', c.routeWeightsOn, ROUTE_WEIGHTS_ON),
       optionalField('capacityFactor', c.capacityFactor),
       choiceField('dropPolicy', c.dropPolicy, DROP_POLICIES),
       choiceField('dtype', c.dtype, ['f32', 'bf16']),
@@ -781,27 +815,35 @@ export class MoEInference implements Disposable {
         dropPolicy: this.config.dropPolicy,
         out: ws.cap,
       });
+      // routeWeightsOn 'input' (Llama 4, top-1): the experts take w·x (a one-row-per-token
+      // unpermute: fp32 products, one rounding) and their outputs come back with weight 1.
+      let xIn = x;
+      let wOut = r.weights;
+      if (ws.input && ws.identity) {
+        xIn = unpermute(x, ws.identity, r.weights, { out: ws.input.scaled });
+        wOut = ws.input.ones;
+      }
       let y: Tensor;
       if (ws.local) {
         const l = ws.local;
-        const p = permute(x, r.indices, r.weights, cap, {
+        const p = permute(xIn, r.indices, wOut, cap, {
           padToCapacity: this.config.capacityFactor !== undefined,
           out: { rows: l.rows, offsets: l.offsets, rowOf: l.rowOf, rowWeight: l.rowWeight, rowToken: l.rowToken, invalid: l.invalid },
         });
         groupedGemmEpilogue('NN', Epilogue.SwiGLU, p.rows, w.w13, p.offsets, l.h, null);
         groupedGemm('NN', l.h, w.w2, p.offsets, { out: l.out });
-        y = unpermute(l.out, p.rowOf, r.weights, out ? { out } : {});
+        y = unpermute(l.out, p.rowOf, wOut, out ? { out } : {});
       } else if (this.lowLatencyTransport(x)) {
-        y = this.runLowLatency(this.#lowLatency as PeerTransport, x, ws, r.indices, r.weights, cap.slot, cap.keptPerExpert, out);
+        y = this.runLowLatency(this.#lowLatency as PeerTransport, xIn, ws, r.indices, wOut, cap.slot, cap.keptPerExpert, out);
       } else {
         const d = this.dispatcher as Dispatcher;
-        const { rows, handle } = d.dispatch(x, r.indices, r.weights, cap);
+        const { rows, handle } = d.dispatch(xIn, r.indices, wOut, cap);
         try {
           const M = rows.shape[0] as number;
           const h = Tensor.empty([M, this.config.ffn], { dtype, device: this.device });
           groupedGemmEpilogue('NN', Epilogue.SwiGLU, rows, w.w13, handle.localOffsets, h, null);
           const expertOut = groupedGemm('NN', h, w.w2, handle.localOffsets);
-          y = d.combine(expertOut, handle, r.weights);
+          y = d.combine(expertOut, handle, wOut);
           if (out) y = out.copy_(y);
         } finally {
           handle.dispose();
@@ -811,13 +853,13 @@ export class MoEInference implements Disposable {
         groupedGemmEpilogue('NN', Epilogue.SwiGLU, x, w.sharedW13, ws.all, ws.shared.h, null);
         groupedGemm('NN', ws.shared.h, w.sharedW2, ws.all, { out: ws.shared.out });
         let s = ws.shared.out;
-        if (ws.gate && w.sharedGate && this.gateRouter) {
+        if (ws.gate && ws.identity && w.sharedGate && this.gateRouter) {
           // sigmoid(x·g) per token through the router (one expert, top-1, sigmoid, not normalised),
           // applied as a one-row-per-token unpermute: fp32 products, one rounding.
           const g = ws.gate;
           groupedGemm('NN', x, w.sharedGate, ws.all, { out: g.logit });
           const gr = routerForward(g.logit, this.gateRouter, { out: g.router });
-          s = unpermute(s, g.identity, gr.weights, { out: g.scaled });
+          s = unpermute(s, ws.identity, gr.weights, { out: g.scaled });
         }
         y.add_(s);
       }

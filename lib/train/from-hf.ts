@@ -39,6 +39,11 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
   // The layer is named before the MoELayer draws its (then replaced) initial weights.
   ckpt.names(index);
   const b = ckpt.block;
+  if (b.routeWeightsOn !== 'output')
+    invalidArgument(
+      op,
+      `the ${b.family} block applies its router weights to the experts' input (routeWeightsOn '${b.routeWeightsOn}'), which MoELayer does not train; MoEInference.fromHf serves it`,
+    );
   const group = checkGroup(options.group, op);
   const device = options.device ?? getDefaultDevice();
   const moe = new MoELayer({ ...options, device, ...layerFieldsOf(b) });
