@@ -262,6 +262,9 @@ export interface RawBinding {
   // fp8 rows for dispatch
   quantizeFp8(x: TensorHandle, q: TensorHandle, scales: TensorHandle): void;
   dequantizeFp8(q: TensorHandle, scales: TensorHandle, out: TensorHandle): void;
+  // experts' biases and gpt-oss's gated activation
+  expertBias(rows: TensorHandle, bias: TensorHandle, offsets: TensorHandle): void;
+  clampedSwiglu(h13: TensorHandle, out: TensorHandle, alpha: number, limit: number): void;
   // grouped GEMM (experts)
   groupedGemm(
     mode: number,

@@ -2,7 +2,7 @@
 // live device bytes back at their baseline after each test.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { type DType, memoryStats, ops, Tensor } from '../../lib/index.js';
+import { clampedSwiglu, type DType, expertBias, memoryStats, ops, Tensor } from '../../lib/index.js';
 import { ACTIVATION_OPS, ACTIVATIONS, firstActivationMismatch } from '../activation-reference.js';
 import { freshSeed, poisoned, relErr, tolerance, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
@@ -291,4 +291,48 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
       same(ops.max(ga, 1), ops.max(a, 1));
     }
   });
+
+  it.each(floatTypes)(
+    "expertBias and clampedSwiglu (gpt-oss's experts) %s: as the CPU; padding rows and out-of-order offsets untouched",
+    (dtype) => {
+      // expertBias: 6 experts over 1000 rows (one empty), rows past the last offset left as they are.
+      const offsets = [0, 1, 300, 300, 640, 901, 990];
+      const [rows, grows] = pair([1000, 96], dtype);
+      const [bias, gbias] = pair([6, 96], dtype);
+      using off = Tensor.fromArray(offsets, { dtype: 'i32', device: cpu });
+      using goff = off.to(gpu);
+      expertBias(rows, bias, off);
+      expertBias(grows, gbias, goff);
+      // The same fp32 add and one rounding on both: the same bits.
+      expect(values(grows)).toEqual(values(rows));
+      // Offsets out of order or past the rows: clamped, nothing written out of bounds.
+      using bad = Tensor.fromArray([500, 10, 5000, 0, 0, -3, -1], { dtype: 'i32', device: gpu });
+      using before = grows.clone();
+      expertBias(grows, gbias, bad);
+      const b = values(before),
+        g = values(grows),
+        bv = values(bias);
+      // Expert 1 covers rows [10, 1000); the others nothing.
+      using want = Tensor.fromArray(
+        Float32Array.from(b.map((v, i) => (i >= 10 * 96 ? Math.fround(v + (bv[96 + (i % 96)] as number)) : v))),
+        { shape: [1000, 96], device: cpu },
+      ).cast(dtype);
+      expect(g).toEqual(values(want));
+      // clampedSwiglu: values past ±7 on both sides; the device's expf may differ from the host's by an
+      // fp32 ulp, which can move a rounding into bf16/f16 by one unit: compared within that.
+      const [h13, gh13] = pair([777, 2 * 130], dtype, -11, 11);
+      using out = poisoned([777, 130], dtype, cpu);
+      using gout = poisoned([777, 130], dtype, gpu);
+      clampedSwiglu(h13, { out });
+      clampedSwiglu(gh13, { out: gout });
+      const c = values(out),
+        d = values(gout);
+      const unit = dtype === 'f32' ? 2 ** -21 : dtype === 'bf16' ? 2 ** -7 : 2 ** -10;
+      for (let i = 0; i < c.length; i++)
+        expect(Math.abs((d[i] as number) - (c[i] as number)), `element ${i}`).toBeLessThanOrEqual(
+          unit * Math.abs(c[i] as number) + 2 ** -24,
+        );
+      for (const t of [rows, grows, bias, gbias, h13, gh13]) t.dispose();
+    },
+  );
 });

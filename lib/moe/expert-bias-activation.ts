@@ -1,0 +1,56 @@
+/**
+ * The experts' biases and gpt-oss's clamped SwiGLU, for experts that are not plain SwiGLU MLPs
+ * (gpt-oss: h13 = a·W13 + b13[e]; h = clampedSwiglu(h13); out = h·W2 + b2[e]). The grouped GEMM
+ * runs without an epilogue; these ops work on its output rows in the expert-contiguous layout.
+ *
+ *   expertBias(rows [M,N], bias [E,N], offsets [E+1] i32)   rows[r] += bias[e] for offsets[e] ≤ r < offsets[e+1]
+ *   clampedSwiglu(h13 [M,2F]) → [M,F]                        gate and up interleaved by column (w13's layout):
+ *       g = min(gate, limit); u = clamp(up, −limit, limit); h = (u + 1) · g · sigmoid(alpha · g)
+ *
+ * fp32 math, one rounding into the tensors' dtype (f32, bf16 or f16). The offsets stay on the
+ * device (no host read): the kernels clamp each expert's range into the rows, so rows past
+ * offsets[E] (capacity padding) are left as they are.
+ */
+import { invalidArgument } from '../errors.js';
+import { native } from '../native.js';
+import { Tensor } from '../tensor.js';
+import { checkFloat32, checkNumber, checkOptions, checkTensor, checkTensors, withOutput } from '../validate.js';
+
+/** gpt-oss's constants (its config's swiglu_limit is the limit). */
+export const GPT_OSS_ALPHA = 1.702;
+export const GPT_OSS_LIMIT = 7;
+
+/** Adds each row's expert bias in place (`rows` returned). */
+export function expertBias(rows: Tensor, bias: Tensor, offsets: Tensor): Tensor {
+  const op = 'expertBias';
+  checkTensors(op, { rows, bias, offsets });
+  native().expertBias(rows.handle, bias.handle, offsets.handle);
+  return rows;
+}
+
+export interface ClampedSwigluOptions {
+  /** The sigmoid's slope (default gpt-oss's 1.702). */
+  alpha?: number;
+  /** The clamp (default gpt-oss's 7; Infinity: none). */
+  limit?: number;
+  /** Write h [M,F] here. */
+  out?: Tensor;
+}
+
+/** h [M,F] from h13 [M,2F] (see the module doc). */
+export function clampedSwiglu(h13: Tensor, options: ClampedSwigluOptions = {}): Tensor {
+  const op = 'clampedSwiglu';
+  options = checkOptions(options, op, { alpha: true, limit: true, out: true });
+  checkTensor(h13, op, 'h13');
+  const alpha = checkFloat32(checkNumber(options.alpha ?? GPT_OSS_ALPHA, op, 'alpha'), op, 'alpha');
+  const limit = checkNumber(options.limit ?? GPT_OSS_LIMIT, op, 'limit', { finite: false, min: 0, minExclusive: true });
+  if (h13.ndim !== 2 || (h13.shape[1] as number) % 2 !== 0)
+    invalidArgument(op, `'h13' [${h13.shape.join(',')}] must be [M, 2F]: gate and up interleaved by column`);
+  const [M, F2] = h13.shape as [number, number];
+  return withOutput(
+    op,
+    options.out,
+    () => Tensor.empty([M, F2 / 2], { dtype: h13.dtype, device: h13.device }),
+    (out) => native().clampedSwiglu(h13.handle, out.handle, alpha, limit),
+  );
+}
