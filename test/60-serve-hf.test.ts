@@ -74,6 +74,9 @@ describe('config.json → the package (hfMoEModel)', () => {
       sharedFfn: 0,
       sharedGate: false,
       routeWeightsOn: 'output',
+      routerBias: false,
+      expertBias: false,
+      activation: { kind: 'swiglu' },
     });
     expect(m.moeLayers).toEqual([0, 1]);
     const d = hfMoEModel(testConfigs.deepseek_v3);
@@ -92,6 +95,9 @@ describe('config.json → the package (hfMoEModel)', () => {
       sharedFfn: 16,
       sharedGate: false,
       routeWeightsOn: 'output',
+      routerBias: false,
+      expertBias: false,
+      activation: { kind: 'swiglu' },
     });
     expect(d.moeLayers).toEqual([1, 2]);
     const q = hfMoEModel(testConfigs.qwen2_moe);
@@ -244,6 +250,32 @@ describe('config.json → the package (hfMoEModel)', () => {
     expect(hfMoEModel({ ...l4, text_config: { ...l4text, moe_layers: [0, 2] } }).moeLayers).toEqual([0, 2]);
     expect(hfMoEModel({ ...l4, text_config: { ...l4text, num_experts_per_tok: undefined } }).block.topK).toBe(1);
     for (const f of families) if (f !== 'llama4') expect(hfMoEModel(testConfigs[f]).block.routeWeightsOn).toBe('output');
+    // gpt-oss: the router's bias on the logits, top-k then softmax over the k (renormalised), the
+    // experts' biases and clamped SwiGLU with its limit from swiglu_limit; experts_per_token read too.
+    expect(hfMoEModel(testConfigs.gpt_oss)).toMatchObject({
+      block: {
+        scoreFunction: 'softmax',
+        normalize: true,
+        topK: 2,
+        numExperts: 8,
+        ffn: 32,
+        hidden: 64,
+        sharedFfn: 0,
+        routerBias: true,
+        expertBias: true,
+        activation: { kind: 'clamped-swiglu', alpha: 1.702, limit: 7 },
+      },
+      moeLayers: [0, 1],
+    });
+    expect(hfMoEModel({ ...testConfigs.gpt_oss, num_experts_per_tok: undefined, experts_per_token: 3 }).block.topK).toBe(3);
+    expect(hfMoEModel({ ...testConfigs.gpt_oss, swiglu_limit: undefined }).block.activation).toEqual({
+      kind: 'clamped-swiglu',
+      alpha: 1.702,
+      limit: 7,
+    });
+    for (const f of families)
+      if (f !== 'gpt_oss')
+        expect(hfMoEModel(testConfigs[f]).block).toMatchObject({ routerBias: false, expertBias: false, activation: { kind: 'swiglu' } });
     // The layer rules agree with the reference's own reading of the fields.
     for (const f of families) expect(hfMoEModel(testConfigs[f]).moeLayers).toEqual(moeLayersOf(testConfigs[f]));
     expect(hfMoEModel({ ...testConfigs.qwen2_moe, decoder_sparse_step: 2, mlp_only_layers: [], num_hidden_layers: 6 }).moeLayers).toEqual([
@@ -279,7 +311,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -336,6 +368,8 @@ describe('config.json → the package (hfMoEModel)', () => {
       { ...testConfigs.llama4, text_config: { ...(testConfigs.llama4.text_config as object), num_experts_per_tok: 2 } },
       /text_config: 'num_experts_per_tok' = 2: Llama 4's block scales each expert's input by its router weight, which the package serves for top-1/,
     );
+    bad({ ...testConfigs.gpt_oss, swiglu_limit: -1 }, /'swiglu_limit' must be a positive number; found -1/);
+    bad({ ...testConfigs.gpt_oss, num_experts_per_tok: undefined, experts_per_token: undefined }, /'num_experts_per_tok' is missing/);
     bad({ ...testConfigs.granitemoehybrid, num_local_experts: 0 }, /'num_local_experts' must be an integer >= 1; found 0/);
   });
 });
@@ -450,8 +484,8 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
   });
 
   // moeLayerFromHf: the checkpoint's block as a trainable layer (every family, gated shared experts included).
-  // Llama 4's block (weights on the experts' input) is served, not trained: refused below.
-  for (const family of families.filter((f) => f !== 'llama4')) {
+  // Llama 4's block (weights on the experts' input) and gpt-oss's (biases, clamped SwiGLU) are served, not trained: refused below.
+  for (const family of families.filter((f) => f !== 'llama4' && f !== 'gpt_oss')) {
     it(`moeLayerFromHf (${family}): the training layer computes the family's block from the files' weights, and trains`, () => {
       const c = checkpointAndTokens(family, { dtype: 'f32', shards: 2, layerDtype: 'f32', T: 12, seed: 71 + families.indexOf(family) });
       using ckpt = HfMoECheckpoint.open(c.dir);
@@ -524,6 +558,76 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     );
     expect(() => moeLayerFromHf(ckpt, layerIdx, { topK: 1 } as never)).toThrow(/moeLayerFromHf: .*'topK'/);
     c.x.dispose();
+  });
+
+  it('gpt-oss: MXFP4 as published and the dequantised BF16 layout give the reference; refused as a training layer; the options checked', () => {
+    // The BF16 layout (gate_up_proj [E,H,2F] interleaved, as dequantised copies publish it) and the
+    // MXFP4 one built from the same seed hold different values: each against its own reference.
+    const { quantization_config: _, ...bf16Config } = testConfigs.gpt_oss;
+    for (const [what, cfg] of [
+      ['MXFP4', testConfigs.gpt_oss],
+      ['BF16', bf16Config],
+    ] as const) {
+      const dir = fresh();
+      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 17 });
+      using ckpt = HfMoECheckpoint.open(dir);
+      const names = [...ckpt.weightMap.keys()];
+      expect(names.some((n) => n.endsWith('gate_up_proj_blocks'))).toBe(what === 'MXFP4');
+      for (const [layer, w] of built.layers) {
+        let ref, x64;
+        for (let s = 0; ; s++) {
+          x64 = encode(normals(300 + s)(9 * 64), 'f32').decoded;
+          ref = hfMoEReference(cfg, w, x64);
+          if (ref.margin > 1e-4 || s > 20) break;
+        }
+        using inf = MoEInference.fromHf(ckpt, layer, { dtype: 'f32', device: 'cpu' });
+        expect(inf.config).toMatchObject({
+          routerBias: true,
+          expertBias: true,
+          activation: 'clamped-swiglu',
+          swigluAlpha: 1.702,
+          swigluLimit: 7,
+        });
+        const y = tidy(() =>
+          Array.from(inf.forward(Tensor.fromArray(Float32Array.from(x64), { shape: [9, 64], device: 'cpu' })).toFloat32Array()),
+        );
+        const err = relErr(y, ref.y);
+        expect(err, `${what} layer ${layer}: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(2e-6);
+      }
+      expect(() => moeLayerFromHf(ckpt, 0, { dtype: 'f32', device: 'cpu' })).toThrow(
+        /moeLayerFromHf: the gpt_oss block has biases in its router and experts and a clamped-swiglu activation, which MoELayer does not train/,
+      );
+    }
+    // The options on their own.
+    const cfg = { hidden: 4, ffn: 2, numExperts: 2, topK: 1, device: 'cpu', dtype: 'f32' } as const;
+    const weights = (extra: object = {}) => ({
+      router: Tensor.zeros([1, 4, 2], { device: 'cpu' }),
+      w13: Tensor.zeros([2, 4, 4], { device: 'cpu' }),
+      w2: Tensor.zeros([2, 2, 4], { device: 'cpu' }),
+      ...extra,
+    });
+    tidy(() => {
+      expect(() => new MoEInference({ ...cfg, expertBias: true }, weights())).toThrow(
+        /MoEInference: 'expertBias' needs the 'clamped-swiglu' activation/,
+      );
+      expect(() => new MoEInference({ ...cfg, swigluLimit: 5 }, weights())).toThrow(
+        /MoEInference: 'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation/,
+      );
+      expect(() => new MoEInference({ ...cfg, activation: 'gelu' as never }, weights())).toThrow(/MoEInference: 'activation'/);
+      expect(() => new MoEInference({ ...cfg, activation: 'clamped-swiglu', swigluLimit: 0 }, weights())).toThrow(
+        /'swigluLimit' = 0 must be greater than 0/,
+      );
+      expect(() => new MoEInference(cfg, weights({ routerBias: Tensor.zeros([2], { device: 'cpu' }) }))).toThrow(
+        /MoEInference: 'weights\.routerBias' is given but the config has none \('routerBias'\)/,
+      );
+      expect(
+        () =>
+          new MoEInference(
+            { ...cfg, activation: 'clamped-swiglu', expertBias: true },
+            weights({ w13Bias: Tensor.zeros([2, 4], { device: 'cpu' }) }),
+          ),
+      ).toThrow(/MoEInference: 'weights\.w2Bias'/);
+    });
   });
 
   it("Llama 4: served with the router weight on the experts' input (MoEInference); refused as a training layer; the option checked", () => {
@@ -615,6 +719,62 @@ describe('expert parallelism: each rank reads only its own experts', () => {
       }
     });
   }
+  it("2 and 4 ranks of gpt-oss in MXFP4: the rank's slice, bit for bit; only its experts' rows of the blocks, scales and biases read; other rows poisoned change nothing", () => {
+    const dir = fresh();
+    const cfg = testConfigs.gpt_oss;
+    const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 3, seed: 23 });
+    const { H, F, E } = moeSizes(cfg);
+    const layer = 1;
+    const full = tidy(() => {
+      using ckpt = HfMoECheckpoint.open(dir);
+      using w = ckpt.readLayer(layer, { device: 'cpu' });
+      const v = (t: Tensor | null): number[] => Array.from((t as Tensor).toArray() as Uint16Array);
+      return { w13: v(w.w13), w2: v(w.w2), w13Bias: v(w.w13Bias), w2Bias: v(w.w2Bias) };
+    });
+    const sizeOf = (name: string): number =>
+      (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
+    const n = blockNames(cfg, layer);
+    const fused = n.fused as { gateUp: string; down: string };
+    const eb = n.expertBias as { gateUp: string; down: string };
+    const perExpert = [
+      `${fused.gateUp}_blocks`,
+      `${fused.gateUp}_scales`,
+      `${fused.down}_blocks`,
+      `${fused.down}_scales`,
+      eb.gateUp,
+      eb.down,
+    ];
+    for (const P of [2, 4]) {
+      const El = E / P;
+      for (let r = 0; r < P; r++) {
+        const copy = `${dir}-${P}-rank${r}`;
+        fs.cpSync(dir, copy, { recursive: true });
+        for (const l of built.layers.keys()) {
+          const ln = blockNames(cfg, l);
+          const lf = ln.fused as { gateUp: string; down: string };
+          const lb = ln.expertBias as { gateUp: string; down: string };
+          const keep = (j: number): boolean => l === layer && j >= r * El && j < (r + 1) * El;
+          for (const name of [`${lf.gateUp}_blocks`, `${lf.gateUp}_scales`, `${lf.down}_blocks`, `${lf.down}_scales`, lb.gateUp, lb.down])
+            poisonRows(copy, built.weightMap, name, keep);
+        }
+        using ckpt = HfMoECheckpoint.open(copy);
+        using w = ckpt.readLayer(layer, { rank: r, worldSize: P, device: 'cpu' });
+        const slice = (all: number[], per: number): number[] => all.slice(r * El * per, (r + 1) * El * per);
+        const v = (t: Tensor | null): number[] => Array.from((t as Tensor).toArray() as Uint16Array);
+        expect(v(w.w13)).toEqual(slice(full.w13, H * 2 * F));
+        expect(v(w.w2)).toEqual(slice(full.w2, F * H));
+        expect(v(w.w13Bias)).toEqual(slice(full.w13Bias, 2 * F));
+        expect(v(w.w2Bias)).toEqual(slice(full.w2Bias, H));
+        // The router and its bias whole; one read per expert of each of the six fused tensors.
+        expect(ckpt.stats.tensorsRead).toBe(2 + perExpert.length * El);
+        expect(ckpt.stats.tensorBytes).toBe(
+          sizeOf(n.gate) + sizeOf(n.routerBias as string) + (perExpert.reduce((s, m) => s + sizeOf(m), 0) * El) / E,
+        );
+        fs.rmSync(copy, { recursive: true, force: true });
+      }
+    }
+  });
+
   // Fused experts ([E, …] tensors): a rank reads its experts' rows of them alone.
   for (const [family, P] of [
     ['granitemoehybrid', 2],

@@ -15,6 +15,10 @@ export interface MlpWeights {
   gate: Float64Array;
   up: Float64Array;
   down: Float64Array;
+  /** gpt-oss's biases. */
+  gateBias?: Float64Array;
+  upBias?: Float64Array;
+  downBias?: Float64Array;
 }
 export interface MoEBlockWeights {
   gate: Float64Array;
@@ -22,6 +26,8 @@ export interface MoEBlockWeights {
   experts: MlpWeights[];
   shared: MlpWeights | null;
   sharedGate: Float64Array | null;
+  /** gpt-oss: the router's bias [E]. */
+  routerBias?: Float64Array;
 }
 export interface BuiltCheckpoint {
   cfg: HfTestConfig;
@@ -60,6 +66,12 @@ export function readHeader(path: string): {
   tensors: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
 };
 export function poisonTensors(dir: string, weightMap: Record<string, string>, names: string[]): void;
+export function randomMxfp4(
+  rows: number,
+  cols: number,
+  seed: number,
+  minExp?: number,
+): { blocks: Uint8Array; scales: Uint8Array; values: Float64Array };
 export function poisonRows(dir: string, weightMap: Record<string, string>, name: string, keep: (row: number) => boolean): void;
 export function blockNames(
   cfg: HfTestConfig,
@@ -69,8 +81,11 @@ export function blockNames(
   bias: string | null;
   /** Expert j's tensor of projection x, where each expert has its own. */
   expert?: (j: number, x: string) => string;
-  /** The experts' fused tensors: 'xW' gate_up [E,H,2F], down [E,F,H]; 'linear' [E,2F,H], [E,H,F]. */
-  fused?: { gateUp: string; down: string; layout: 'xW' | 'linear' };
+  /** The experts' fused tensors: 'xW' gate_up [E,H,2F], down [E,F,H]; 'linear' [E,2F,H], [E,H,F]; split 'interleaved' for gpt-oss. */
+  fused?: { gateUp: string; down: string; layout: 'xW' | 'linear'; split?: 'interleaved' };
+  /** gpt-oss: the router's bias and the experts' biases. */
+  routerBias?: string;
+  expertBias?: { gateUp: string; down: string };
   /** The shared MLP: projection x's name, or Granite's two tensors. */
   shared: ((x: string) => string) | { gateUp: string; down: string } | null;
   sharedGate: string | null;
@@ -93,6 +108,7 @@ export const testConfigs: Record<
   | 'granitemoe'
   | 'granitemoeshared'
   | 'granitemoehybrid'
-  | 'llama4',
+  | 'llama4'
+  | 'gpt_oss',
   HfTestConfig
 >;

@@ -195,6 +195,43 @@ export function poisonTensors(dir, weightMap, names) {
 
 const GRANITE = ['granitemoe', 'granitemoeshared', 'granitemoehybrid'];
 
+/** FP4 e2m1 by code (bit 3 the sign), written here independently of lib/serve. */
+const FP4 = [0, 0.5, 1, 1.5, 2, 3, 4, 6];
+const fp4Value = (code) => (code & 8 ? -1 : 1) * FP4[code & 7];
+
+/**
+ * Random MXFP4 weights [rows, cols] (nn.Linear orientation, cols a multiple of 32): a code per value
+ * and an E8M0 scale per 32 values of a row, scales 2^(s−127) with s in [minExp, minExp + 2] + 127.
+ * Returns { blocks [rows, cols/32, 16] (two codes a byte, the first value in the low nibble),
+ * scales [rows, cols/32], values (float64, exact) }.
+ */
+export function randomMxfp4(rows, cols, seed, minExp = -5) {
+  let a = seed >>> 0;
+  const next = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (t ^ (t >>> 14)) >>> 0;
+  };
+  const groups = cols / 32;
+  const blocks = new Uint8Array(rows * groups * 16);
+  const scales = new Uint8Array(rows * groups);
+  const values = new Float64Array(rows * cols);
+  for (let r = 0; r < rows; r++)
+    for (let g = 0; g < groups; g++) {
+      const s = 127 + minExp + (next() % 3);
+      scales[r * groups + g] = s;
+      for (let i = 0; i < 32; i++) {
+        const code = next() & 15;
+        const byte = (r * groups + g) * 16 + (i >> 1);
+        blocks[byte] |= i % 2 === 0 ? code : code << 4;
+        values[r * cols + g * 32 + i] = fp4Value(code) * 2 ** (s - 127);
+      }
+    }
+  return { blocks, scales, values };
+}
+
 /**
  * Overwrites rows of one tensor (along its first dimension: experts of a fused [E, …] tensor) in
  * place with 0xff; `keep(row)` says which rows stay.
@@ -219,6 +256,18 @@ export function poisonRows(dir, weightMap, name, keep) {
  * down [E,F,H]) or 'linear' ([E,2F,H], [E,H,F]); Granite's shared MLP is { gateUp [2S,H], down [H,S] }.
  */
 export function blockNames(cfg, layer) {
+  if (cfg.model_type === 'gpt_oss') {
+    const p = `model.layers.${layer}.mlp`;
+    return {
+      gate: `${p}.router.weight`,
+      bias: null,
+      routerBias: `${p}.router.bias`,
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'xW', split: 'interleaved' },
+      expertBias: { gateUp: `${p}.experts.gate_up_proj_bias`, down: `${p}.experts.down_proj_bias` },
+      shared: null,
+      sharedGate: null,
+    };
+  }
   if (GRANITE.includes(cfg.model_type)) {
     const p = `model.layers.${layer}.block_sparse_moe`;
     const s = `model.layers.${layer}.shared_mlp`;
@@ -327,6 +376,8 @@ export function buildHfCheckpoint(
       shared: null,
       sharedGate: null,
     };
+    // gpt-oss: the router's bias on the logits.
+    if (n.routerBias) w.routerBias = add(n.routerBias, [E], rand(E, 0.5));
     if (n.bias) {
       const b = rand(E).map((v) => biasScale * Math.tanh(v));
       // Ernie 4.5 stores its bias as [1,E] (one group of experts).
@@ -351,7 +402,53 @@ export function buildHfCheckpoint(
       up: encode(rand(f * H, 1 / Math.sqrt(H)), dtype).decoded,
       down: encode(rand(H * f, 1 / Math.sqrt(f)), dtype).decoded,
     });
-    if (n.fused) {
+    if (n.fused && n.fused.split === 'interleaved') {
+      // gpt-oss: gate and up interleaved (column/row 2i the gate's i); MXFP4 where config.json says so
+      // (as published: blocks and scales, [E, out, in]), else gate_up_proj [E,H,2F], down_proj [E,F,H].
+      if (fp8) throw new Error(`fixtures: ${cfg.model_type}'s experts are not written in FP8`);
+      const mxfp4 = cfg.quantization_config?.quant_method === 'mxfp4';
+      const gateUpLinear = new Float64Array(E * 2 * F * H); // [E, 2F, H]
+      const downLinear = new Float64Array(E * H * F); // [E, H, F]
+      if (mxfp4) {
+        const gu = randomMxfp4(E * 2 * F, H, seed * 7919 + l);
+        const dn = randomMxfp4(E * H, F, seed * 7919 + l + 1000);
+        gateUpLinear.set(gu.values);
+        downLinear.set(dn.values);
+        const raw = (name, shape, bytes) => entries.push({ name, dtype: 'U8', shape, bytes });
+        raw(`${n.fused.gateUp}_blocks`, [E, 2 * F, H / 32, 16], gu.blocks);
+        raw(`${n.fused.gateUp}_scales`, [E, 2 * F, H / 32], gu.scales);
+        raw(`${n.fused.down}_blocks`, [E, H, F / 32, 16], dn.blocks);
+        raw(`${n.fused.down}_scales`, [E, H, F / 32], dn.scales);
+      } else {
+        gateUpLinear.set(encode(rand(E * 2 * F * H, 1 / Math.sqrt(H)), dtype).decoded);
+        downLinear.set(encode(rand(E * H * F, 1 / Math.sqrt(F)), dtype).decoded);
+        // x·W: gate_up [E,H,2F] = the transpose of each expert's [2F,H]; down [E,F,H].
+        const gu = new Float64Array(E * H * 2 * F);
+        const dn = new Float64Array(E * F * H);
+        for (let e = 0; e < E; e++) {
+          for (let r = 0; r < 2 * F; r++) for (let h = 0; h < H; h++) gu[(e * H + h) * 2 * F + r] = gateUpLinear[(e * 2 * F + r) * H + h];
+          for (let h = 0; h < H; h++) for (let f = 0; f < F; f++) dn[(e * F + f) * H + h] = downLinear[(e * H + h) * F + f];
+        }
+        add(n.fused.gateUp, [E, H, 2 * F], gu);
+        add(n.fused.down, [E, F, H], dn);
+      }
+      // Biases large enough that some pre-activations pass the clamp (±7).
+      const gateUpBias = add(n.expertBias.gateUp, [E, 2 * F], rand(E * 2 * F, 3));
+      const downBias = add(n.expertBias.down, [E, H], rand(E * H, 0.5));
+      for (let e = 0; e < E; e++) {
+        const m = { gate: new Float64Array(F * H), up: new Float64Array(F * H), down: new Float64Array(H * F) };
+        for (let i = 0; i < F; i++)
+          for (let h = 0; h < H; h++) {
+            m.gate[i * H + h] = gateUpLinear[(e * 2 * F + 2 * i) * H + h];
+            m.up[i * H + h] = gateUpLinear[(e * 2 * F + 2 * i + 1) * H + h];
+          }
+        m.down.set(downLinear.subarray(e * H * F, (e + 1) * H * F));
+        m.gateBias = Float64Array.from({ length: F }, (_, i) => gateUpBias[e * 2 * F + 2 * i]);
+        m.upBias = Float64Array.from({ length: F }, (_, i) => gateUpBias[e * 2 * F + 2 * i + 1]);
+        m.downBias = downBias.slice(e * H, (e + 1) * H);
+        w.experts.push(m);
+      }
+    } else if (n.fused) {
       if (fp8) throw new Error(`fixtures: ${cfg.model_type}'s fused experts are not written in FP8`);
       for (let j = 0; j < E; j++) w.experts.push(values(F));
       // Element by element from the per-expert nn.Linear weights (gate/up [F,H], down [H,F]).
@@ -581,6 +678,23 @@ export const testConfigs = {
       hidden_act: 'silu',
     },
     vision_config: { model_type: 'qwen3_vl_moe', depth: 2 },
+  },
+  // gpt-oss as published: MXFP4 experts (H and F multiples of 32), a router bias, expert biases,
+  // the clamped SwiGLU (swiglu_limit), every layer MoE.
+  gpt_oss: {
+    model_type: 'gpt_oss',
+    hidden_size: 64,
+    intermediate_size: 32,
+    num_local_experts: 8,
+    num_experts_per_tok: 2,
+    experts_per_token: 2,
+    swiglu_limit: 7.0,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+    quantization_config: {
+      quant_method: 'mxfp4',
+      modules_to_not_convert: ['model.layers.*.self_attn', 'model.layers.*.mlp.router', 'model.embed_tokens', 'lm_head'],
+    },
   },
   // Llama 4 (its language model in text_config): top-1, sigmoid of the chosen logit scaling the
   // expert's input; fused experts; a shared expert of intermediate_size; every second layer MoE.

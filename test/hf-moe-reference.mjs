@@ -26,6 +26,10 @@
 //   granitemoe:  top-k of the logits, softmax over those k (= mixtral's renormalised top-k of the
 //                softmax); y = Σ w_j·MLP_j(x) (+ MLP_shared(x), ungated, for granitemoeshared and
 //                granitemoehybrid with shared_intermediate_size > 0; the hybrid's default is 1024)
+//   gpt_oss:     logits = x·gateᵀ + routerBias; top-k of the logits; w = softmax over those k;
+//                expert: g = gate·x + gateBias, u = up·x + upBias, h = (clamp(u, ±L) + 1)·min(g, L)·
+//                sigmoid(1.702·min(g, L)) (L = swiglu_limit, default 7), E(x) = down·h + downBias;
+//                y = Σ w_j·E_j(x) (transformers' GptOssExperts, openai/gpt-oss's swiglu)
 //   llama4:      top-k of the logits; s = sigmoid of the chosen ones (no renormalisation), scaling the
 //                expert's INPUT: y = Σ_j MLP_j(s_j·x) + MLP_shared(x), experts and shared expert of
 //                intermediate_size; MoE layers: moe_layers, else every interleave_moe_layer_step-th
@@ -84,7 +88,7 @@ export function moeLayersOf(cfg) {
   const c = text(cfg);
   for (let l = 0; l < c.num_hidden_layers; l++) {
     let moe;
-    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', ...GRANITE].includes(cfg.model_type)) moe = true;
+    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', 'gpt_oss', ...GRANITE].includes(cfg.model_type)) moe = true;
     else if (cfg.model_type === 'llama4')
       moe = c.moe_layers ? c.moe_layers.includes(l) : l % (c.interleave_moe_layer_step ?? 1) === (c.interleave_moe_layer_step ?? 1) - 1;
     else if (cfg.model_type === 'ernie4_5_moe') {
@@ -126,6 +130,8 @@ export function moeSizes(cfg) {
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'olmoe':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'gpt_oss':
+      return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok ?? cfg.experts_per_token, Fs: 0 };
     case 'llama4': {
       const t = cfg.text_config;
       return { H: t.hidden_size, F: t.intermediate_size, E: t.num_local_experts, k: t.num_experts_per_tok ?? 1, Fs: t.intermediate_size };
@@ -158,6 +164,30 @@ export function moeSizes(cfg) {
     default:
       throw new Error(`reference: unknown model_type ${cfg.model_type}`);
   }
+}
+
+/** gpt-oss's expert: biases after both projections, the clamped SwiGLU between. */
+function gptOssMlp(xr, m, H, F, limit) {
+  const alpha = 1.702;
+  const h = new Float64Array(F);
+  for (let i = 0; i < F; i++) {
+    let g = m.gateBias[i],
+      u = m.upBias[i];
+    for (let j = 0; j < H; j++) {
+      g += m.gate[i * H + j] * xr[j];
+      u += m.up[i * H + j] * xr[j];
+    }
+    g = Math.min(g, limit);
+    u = Math.max(-limit, Math.min(u, limit));
+    h[i] = (u + 1) * g * sigmoid(alpha * g);
+  }
+  const out = new Float64Array(H);
+  for (let o = 0; o < H; o++) {
+    let a = m.downBias[o];
+    for (let i = 0; i < F; i++) a += m.down[o * F + i] * h[i];
+    out[o] = a;
+  }
+  return out;
 }
 
 function mlp(xr, m, H, F) {
@@ -205,7 +235,18 @@ export function hfMoEReference(cfg, w, x) {
     let chosen, weights;
     // Llama 4: the weights scale the expert's input (below).
     const onInput = cfg.model_type === 'llama4';
-    if (onInput) {
+    if (cfg.model_type === 'gpt_oss') {
+      // GptOssTopKRouter: the bias on the logits, top-k of them, softmax over the k.
+      const l = logits.map((v, e) => v + w.routerBias[e]);
+      const top = topN(l, k);
+      chosen = top.chosen;
+      margin = Math.min(margin, l[chosen[k - 1]] - top.next);
+      const m = l[chosen[0]];
+      const ex = chosen.map((e) => Math.exp(l[e] - m));
+      const z = ex.reduce((a, b) => a + b, 0);
+      weights = ex.map((v) => v / z);
+      for (const v of weights) minChoice = Math.min(minChoice, v);
+    } else if (onInput) {
       const top = topN(logits, k);
       chosen = top.chosen;
       margin = Math.min(margin, logits[chosen[k - 1]] - top.next);
@@ -289,7 +330,7 @@ export function hfMoEReference(cfg, w, x) {
         for (let h = 0; h < H; h++) yr[h] += o[h];
         return;
       }
-      const o = mlp(xr, w.experts[e], H, F);
+      const o = cfg.model_type === 'gpt_oss' ? gptOssMlp(xr, w.experts[e], H, F, cfg.swiglu_limit ?? 7) : mlp(xr, w.experts[e], H, F);
       for (let h = 0; h < H; h++) yr[h] += weights[j] * o[h];
     });
     if (Fs > 0) {

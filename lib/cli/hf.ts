@@ -49,6 +49,7 @@ function ranges(layers: readonly number[]): string {
 /** The block's routing in words. */
 function routing(b: HfMoEBlock): string {
   const parts: string[] = [b.scoreFunction];
+  if (b.routerBias) parts.push('router bias');
   if (b.selectionBias) parts.push('selection bias');
   if (b.groups > 1) parts.push(`${b.groups} groups keep ${b.topkGroups}`);
   parts.push(`top-${b.topK}`);
@@ -108,6 +109,9 @@ export function runHf(args: string[]): number {
   const lines = [
     `hf checkpoint ${dir}: ${block.family}, ${numLayers} layers, ${moeLayers.length} with an MoE block (${ranges(moeLayers)})`,
     `block: hidden ${block.hidden}, ${block.numExperts} experts of width ${block.ffn}; ${routing(block)}` +
+      (block.activation.kind === 'clamped-swiglu'
+        ? `; clamped SwiGLU (alpha ${block.activation.alpha}, limit ${block.activation.limit})${block.expertBias ? ' with expert biases' : ''}`
+        : '') +
       (block.sharedFfn > 0 ? `; shared expert of width ${block.sharedFfn}${block.sharedGate ? ', gated' : ''}` : '; no shared expert'),
     `files: ${ckpt.files.length}, headers read ${fmtBytes(ckpt.stats.headerBytes)}; MoE tensors ${layers.reduce((s, l) => s + l.tensors, 0)}, ${fmtBytes(total)}`,
   ];

@@ -32,6 +32,15 @@
  *   llama4       language_model.model.layers.L.feed_forward.router.weight [E,H]
  *                ….feed_forward.experts.gate_up_proj [E,H,2F], ….experts.down_proj [E,F,H] (as qwen3_vl_moe)
  *                shared: ….feed_forward.shared_expert.{gate,up,down}_proj.weight
+ *   gpt_oss      model.layers.L.mlp.router.weight [E,H], model.layers.L.mlp.router.bias [E]
+ *                model.layers.L.mlp.experts.gate_up_proj [E,H,2F] (x·W, gate and up INTERLEAVED by
+ *                column: 2i the gate's i, 2i+1 the up's, w13's own layout), ….experts.down_proj [E,F,H],
+ *                ….experts.gate_up_proj_bias [E,2F] (interleaved too), ….experts.down_proj_bias [E,H];
+ *                as published, the two matrices in MXFP4 (config.json's quantization_config quant_method
+ *                "mxfp4"): `<name>_blocks` U8 [E,out,in/32,16] (two FP4 e2m1 codes a byte, the low
+ *                nibble first) and `<name>_scales` U8 [E,out,in/32] (E8M0: 2^(s−127) for each 32
+ *                values of a row), out × in the nn.Linear orientation (gate_up [E,2F,H], down [E,H,F]);
+ *                decoded exactly (w = fp4(code)·2^(s−127), representable in bf16) as they are read
  *   A rank reads its experts' rows of the fused tensors alone (one positioned read per expert).
  *
  * What the layer holds (lib/moe/experts.ts): router [1,H,E] (the transpose of the gate), w13
@@ -93,6 +102,8 @@ export type HfMlpNames =
 export interface HfFusedExpertNames {
   gateUp: string;
   down: string;
+  /** How gateUp's 2F splits: the gate's F then the up's ('halves'), or alternating gate, up ('interleaved', gpt-oss). */
+  split: 'halves' | 'interleaved';
   /**
    * 'x·W': gateUp [E,H,2F] (the gate's F columns, then the up's) and down [E,F,H] (Qwen3-VL-MoE, Llama 4);
    * 'nn.Linear': gateUp [E,2F,H] (the gate's rows first) and down [E,H,F] (Granite).
@@ -112,6 +123,38 @@ export interface HfMoENames {
   fused: HfFusedExpertNames | null;
   shared: HfMlpNames | null;
   sharedGate: string | null;
+  /** gpt-oss: the router's bias [E] (on the logits), or null. */
+  routerBias: string | null;
+  /** gpt-oss: the experts' fused biases, gateUp [E,2F] (split as the fused weight) and down [E,H], or null. */
+  expertBias: { gateUp: string; down: string } | null;
+}
+
+/** The two-nibble FP4 (e2m1) values by code: sign bit 3, then 0, 0.5, 1, 1.5, 2, 3, 4, 6. */
+const FP4_E2M1 = [0, 0.5, 1, 1.5, 2, 3, 4, 6, -0, -0.5, -1, -1.5, -2, -3, -4, -6];
+/** MXFP4: values a scale covers, and the suffixes of the packed codes and the scales. */
+export const MXFP4_BLOCK = 32;
+export const HF_MXFP4_BLOCKS_SUFFIX = '_blocks';
+export const HF_MXFP4_SCALES_SUFFIX = '_scales';
+
+/**
+ * Decodes MXFP4 rows: `blocks` [rows, in/32, 16] bytes (the low nibble first) and `scales` [rows,
+ * in/32] E8M0 bytes → [rows, in] values fp4(code)·2^(scale−127), exact in f32.
+ */
+export function decodeMxfp4(blocks: Uint8Array, scales: Uint8Array, rows: number, inDim: number): Float32Array {
+  const groups = inDim / MXFP4_BLOCK;
+  const out = new Float32Array(rows * inDim);
+  for (let r = 0; r < rows; r++)
+    for (let g = 0; g < groups; g++) {
+      const scale = 2 ** ((scales[r * groups + g] as number) - 127);
+      const base = (r * groups + g) * (MXFP4_BLOCK / 2);
+      const o = r * inDim + g * MXFP4_BLOCK;
+      for (let b = 0; b < MXFP4_BLOCK / 2; b++) {
+        const byte = blocks[base + b] as number;
+        out[o + 2 * b] = (FP4_E2M1[byte & 15] as number) * scale;
+        out[o + 2 * b + 1] = (FP4_E2M1[byte >> 4] as number) * scale;
+      }
+    }
+  return out;
 }
 
 /** An MLP's tensors with their shapes in the files, for F wide and H hidden. */
@@ -142,12 +185,32 @@ function fusedTensors(f: HfFusedExpertNames, E: number, F: number, H: number): [
 }
 
 /**
- * The routed experts' tensors to check for expert j, with their shapes and whether FP8 is readable:
- * its own where each expert has them, else the fused ones (the same for every j).
+ * What a tensor may hold: 'weight' BF16, F16, F32 or FP8 with block scales (2-D weights); 'fused'
+ * BF16, F16 or F32 (the fused experts and their biases); 'packed' U8 (MXFP4 codes and scales).
  */
-function expertTensors(names: HfMoENames, j: number, E: number, F: number, H: number): [string, number[], boolean][] {
-  if (names.expert !== null) return mlpTensors(names.expert(j), F, H).map(([n, s]) => [n, s, true]);
-  return fusedTensors(names.fused as HfFusedExpertNames, E, F, H).map(([n, s]) => [n, s, false]);
+type Readable = 'weight' | 'fused' | 'packed';
+
+/** A fused weight [E, out, in] in MXFP4: its blocks and scales with their shapes (in a multiple of 32). */
+function mxfp4Tensors(name: string, E: number, out: number, inDim: number): [string, number[], Readable][] {
+  return [
+    [name + HF_MXFP4_BLOCKS_SUFFIX, [E, out, inDim / MXFP4_BLOCK, MXFP4_BLOCK / 2], 'packed'],
+    [name + HF_MXFP4_SCALES_SUFFIX, [E, out, inDim / MXFP4_BLOCK], 'packed'],
+  ];
+}
+
+/**
+ * The routed experts' tensors to check for expert j, with their shapes and what they may hold:
+ * its own where each expert has them, else the fused ones (the same for every j; in MXFP4, their
+ * blocks and scales), with the experts' biases.
+ */
+function expertTensors(names: HfMoENames, j: number, E: number, F: number, H: number, mxfp4: boolean): [string, number[], Readable][] {
+  if (names.expert !== null) return mlpTensors(names.expert(j), F, H).map(([n, s]) => [n, s, 'weight']);
+  const fused = names.fused as HfFusedExpertNames;
+  const list: [string, number[], Readable][] = mxfp4
+    ? [...mxfp4Tensors(fused.gateUp, E, 2 * F, H), ...mxfp4Tensors(fused.down, E, H, F)]
+    : fusedTensors(fused, E, F, H).map(([n, s]) => [n, s, 'fused']);
+  if (names.expertBias !== null) list.push([names.expertBias.gateUp, [E, 2 * F], 'fused'], [names.expertBias.down, [E, H], 'fused']);
+  return list;
 }
 
 /**
@@ -184,6 +247,8 @@ export function hfMoENames(
       fused: null,
       shared: null,
       sharedGate: null,
+      routerBias: null,
+      expertBias: null,
     };
   }
   if (isGraniteBlock(family)) {
@@ -194,9 +259,25 @@ export function hfMoENames(
       bias: null,
       biasShape: (E) => [E],
       expert: null,
-      fused: { gateUp: `${p}.input_linear.weight`, down: `${p}.output_linear.weight`, layout: 'nn.Linear' },
+      fused: { gateUp: `${p}.input_linear.weight`, down: `${p}.output_linear.weight`, layout: 'nn.Linear', split: 'halves' },
       shared: block.sharedFfn > 0 ? { gateUp: `${s}.input_linear.weight`, down: `${s}.output_linear.weight` } : null,
       sharedGate: null,
+      routerBias: null,
+      expertBias: null,
+    };
+  }
+  if (family === 'gpt_oss') {
+    const p = `model.layers.${layer}.mlp`;
+    return {
+      gate: `${p}.router.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: null,
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W', split: 'interleaved' },
+      shared: null,
+      sharedGate: null,
+      routerBias: `${p}.router.bias`,
+      expertBias: { gateUp: `${p}.experts.gate_up_proj_bias`, down: `${p}.experts.down_proj_bias` },
     };
   }
   if (family === 'llama4') {
@@ -206,9 +287,11 @@ export function hfMoENames(
       bias: null,
       biasShape: (E) => [E],
       expert: null,
-      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W' },
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W', split: 'halves' },
       shared: block.sharedFfn > 0 ? projections(`${p}.shared_expert`) : null,
       sharedGate: null,
+      routerBias: null,
+      expertBias: null,
     };
   }
   if (family === 'qwen3_vl_moe') {
@@ -218,9 +301,11 @@ export function hfMoENames(
       bias: null,
       biasShape: (E) => [E],
       expert: null,
-      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W' },
+      fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W', split: 'halves' },
       shared: null,
       sharedGate: null,
+      routerBias: null,
+      expertBias: null,
     };
   }
   const p = `model.layers.${layer}.mlp`;
@@ -233,6 +318,8 @@ export function hfMoENames(
       fused: null,
       shared: block.sharedFfn > 0 ? projections(`${p}.shared_mlp`) : null,
       sharedGate: null,
+      routerBias: null,
+      expertBias: null,
     };
   const ernie = family === 'ernie4_5_moe';
   const sharedPrefix = isDeepSeekV3Block(family) || ernie ? `${p}.shared_experts` : `${p}.shared_expert`;
@@ -244,6 +331,8 @@ export function hfMoENames(
     fused: null,
     shared: block.sharedFfn > 0 ? projections(sharedPrefix) : null,
     sharedGate: block.sharedGate ? `${p}.shared_expert_gate.weight` : null,
+    routerBias: null,
+    expertBias: null,
   };
 }
 
@@ -261,6 +350,10 @@ export interface HfMoEWeights extends Disposable {
   sharedW2: Tensor | null;
   /** Qwen2-MoE's shared_expert_gate as [1,H,1], or null. */
   sharedGate: Tensor | null;
+  /** gpt-oss: the router's bias [E] f32, the experts' biases [El,2F] (interleaved as w13) and [El,H]; or null. */
+  routerBias: Tensor | null;
+  w13Bias: Tensor | null;
+  w2Bias: Tensor | null;
   /** Global index of the first local expert, and how many there are. */
   firstExpert: number;
   localExperts: number;
@@ -283,8 +376,19 @@ export interface HfReadOptions {
 }
 
 /** The tensors of one layer's MoE weights. */
-export type HfWeightName = 'router' | 'bias' | 'w13' | 'w2' | 'sharedW13' | 'sharedW2' | 'sharedGate';
-const WEIGHT_NAMES: readonly HfWeightName[] = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'];
+export type HfWeightName = 'router' | 'bias' | 'w13' | 'w2' | 'sharedW13' | 'sharedW2' | 'sharedGate' | 'routerBias' | 'w13Bias' | 'w2Bias';
+const WEIGHT_NAMES: readonly HfWeightName[] = [
+  'router',
+  'bias',
+  'w13',
+  'w2',
+  'sharedW13',
+  'sharedW2',
+  'sharedGate',
+  'routerBias',
+  'w13Bias',
+  'w2Bias',
+];
 
 /** HfMoECheckpoint.inspectLayer's answer. */
 export interface HfLayerInspection {
@@ -442,11 +546,12 @@ export class HfMoECheckpoint implements Disposable {
     return this.#patterns.get(pattern(name)) ?? [];
   }
 
-  /**
-   * The open file holding `name`, and its header entry, checked against `shape`. `fp8`: whether an
-   * F8_E4M3 tensor with block scales is readable (2-D weights); fused expert tensors are not.
-   */
-  private locate(name: string, shape: readonly number[], fp8Readable = true): { file: string; f: SafetensorsFile; info: TensorInfo } {
+  /** The open file holding `name`, and its header entry, checked against `shape` and what it may hold (Readable). */
+  private locate(
+    name: string,
+    shape: readonly number[],
+    readable: Readable = 'weight',
+  ): { file: string; f: SafetensorsFile; info: TensorInfo } {
     const file = this.weightMap.get(name);
     if (file === undefined) {
       const like = this.similarNames(name);
@@ -469,15 +574,20 @@ export class HfMoECheckpoint implements Disposable {
     if (foreign === undefined && !f.has(name))
       fail(this.dir, `${file} does not hold tensor '${name}' although ${HF_INDEX_FILE} puts it there`);
     const info = foreign === undefined ? f.info(name) : null;
-    const fp8 = fp8Readable && info?.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
-    if (info === null || (!READABLE.includes(info.dtype) && !fp8)) {
+    const fp8 = readable === 'weight' && info?.dtype === 'fp8e4m3' && this.weightMap.has(name + HF_FP8_SCALE_SUFFIX);
+    const ok = info !== null && (readable === 'packed' ? info.dtype === 'u8' : READABLE.includes(info.dtype) || fp8);
+    if (!ok) {
+      const is = `${file}: tensor '${name}' is ${foreign ?? info?.dtype}`;
       fail(
         this.dir,
-        fp8Readable
-          ? `${file}: tensor '${name}' is ${foreign ?? info?.dtype}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info?.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`
-          : `${file}: tensor '${name}' is ${foreign ?? info?.dtype}; fused expert tensors are read from BF16, F16 or F32`,
+        readable === 'weight'
+          ? `${is}; the MoE weights are read from BF16, F16, F32, or F8_E4M3 with '${name}${HF_FP8_SCALE_SUFFIX}' block scales${info?.dtype === 'fp8e4m3' ? ` (there is no '${name}${HF_FP8_SCALE_SUFFIX}')` : ''}`
+          : readable === 'fused'
+            ? `${is}; fused expert tensors are read from BF16, F16 or F32`
+            : `${is}; MXFP4 blocks and scales are U8`,
       );
     }
+    if (info === null) throw new Error('unreachable');
     if (info.shape.join() !== shape.join()) {
       fail(
         this.dir,
@@ -515,7 +625,7 @@ export class HfMoECheckpoint implements Disposable {
    * the file's dtype, passed to `use`; only those rows' bytes are read.
    */
   private readExpertRows(name: string, shape: readonly number[], j: number, use: (src: Tensor) => void): void {
-    const { f, info } = this.locate(name, shape, false);
+    const { f, info } = this.locate(name, shape, 'fused');
     const bytes = f.readRows(name, j, 1);
     this.stats.tensorsRead++;
     this.stats.tensorBytes += bytes.byteLength;
@@ -528,6 +638,43 @@ export class HfMoECheckpoint implements Disposable {
         }),
       ),
     );
+  }
+
+  /**
+   * Expert j's rows of a fused MXFP4 weight [E, out, in] (`<name>_blocks` and `<name>_scales`),
+   * decoded, as a CPU f32 tensor [1, out, in] passed to `use`; only those rows' bytes are read.
+   */
+  private readMxfp4Rows(name: string, E: number, out: number, inDim: number, j: number, use: (src: Tensor) => void): void {
+    const [[blocksName, blocksShape], [scalesName, scalesShape]] = mxfp4Tensors(name, E, out, inDim) as [
+      [string, number[], Readable],
+      [string, number[], Readable],
+    ];
+    const b = this.locate(blocksName, blocksShape, 'packed');
+    const sc = this.locate(scalesName, scalesShape, 'packed');
+    const blocks = b.f.readRows(blocksName, j, 1);
+    const scales = sc.f.readRows(scalesName, j, 1);
+    this.stats.tensorsRead += 2;
+    this.stats.tensorBytes += blocks.byteLength + scales.byteLength;
+    tidy(() => use(Tensor.fromArray(decodeMxfp4(blocks, scales, out, inDim), { shape: [1, out, inDim], device: 'cpu' })));
+  }
+
+  /**
+   * Whether the fused experts are stored in MXFP4 (their `_blocks` in the weight map); then the
+   * widths they pack (H and F) must be multiples of 32, else the layer is refused by name.
+   */
+  private isMxfp4(names: HfMoENames, F: number, H: number): boolean {
+    const fused = names.fused;
+    if (fused === null || !this.weightMap.has(fused.gateUp + HF_MXFP4_BLOCKS_SUFFIX)) return false;
+    for (const [what, n] of [
+      ['hidden_size', H],
+      ['intermediate_size', F],
+    ] as const)
+      if (n % MXFP4_BLOCK !== 0)
+        fail(
+          this.dir,
+          `the experts are in MXFP4 ('${fused.gateUp}${HF_MXFP4_BLOCKS_SUFFIX}'), whose blocks hold ${MXFP4_BLOCK} values of a row: ${what} ${n} is not a multiple of ${MXFP4_BLOCK}`,
+        );
+    return true;
   }
 
   /** Why an FP8 weight of C columns cannot be read (the config's block size, the columns), or null. */
@@ -594,6 +741,9 @@ export class HfMoECheckpoint implements Disposable {
       sharedW13: names.shared === null,
       sharedW2: names.shared === null,
       sharedGate: names.sharedGate === null,
+      routerBias: names.routerBias === null,
+      w13Bias: names.expertBias === null,
+      w2Bias: names.expertBias === null,
     };
     for (const k of Object.keys(into) as HfWeightName[])
       if (absent[k] && into[k] !== undefined) invalidArgument(op, `'into.${k}' was given but the ${this.family} block has none`);
@@ -617,7 +767,8 @@ export class HfMoECheckpoint implements Disposable {
       // The files' shapes first (headers only): a config.json whose sizes disagree with the tensors
       // must be refused by name, not allocate what it asks for.
       this.locate(names.gate, [E, H]);
-      if (El > 0) for (const [name, shape, fp8] of expertTensors(names, first, E, F, H)) this.locate(name, shape, fp8);
+      const mxfp4 = this.isMxfp4(names, F, H);
+      if (El > 0) for (const [name, shape, readable] of expertTensors(names, first, E, F, H, mxfp4)) this.locate(name, shape, readable);
       if (names.shared !== null) for (const [name, shape] of mlpTensors(names.shared, Fs, H)) this.locate(name, shape);
       // The gate [E,H] → router [1,H,E].
       const router = alloc('router', [1, H, E]);
@@ -627,6 +778,12 @@ export class HfMoECheckpoint implements Disposable {
         const b = alloc('bias', [E], 'f32');
         this.read(names.bias, names.biasShape(E), (src) => b.copy_(src.view(E)));
         bias = b;
+      }
+      let routerBias: Tensor | null = null;
+      if (names.routerBias !== null) {
+        const b = alloc('routerBias', [E], 'f32');
+        this.read(names.routerBias, [E], (src) => b.copy_(src));
+        routerBias = b;
       }
       const w13 = alloc('w13', [El, H, 2 * F]);
       const w2 = alloc('w2', [El, F, H]);
@@ -642,15 +799,25 @@ export class HfMoECheckpoint implements Disposable {
         }
         this.read(m.down, [H, f], (src) => into2.narrow(0, i, 1).copy_(src.view(1, H, f).transpose(1, 2)));
       };
-      /** Expert first + i's rows of the fused tensors into row i of w13 and w2. */
+      /**
+       * Expert first + i's rows of the fused tensors into row i of w13 and w2: [1,H,2F] and [1,F,H]
+       * ('columns', x·W) or [1,2F,H] and [1,H,F] ('rows', nn.Linear; MXFP4 is stored so).
+       */
       const fillFused = (i: number, fused: HfFusedExpertNames): void => {
         const [[gateUp, gateUpShape], [down, downShape]] = fusedTensors(fused, E, F, H);
-        const columns = fused.layout === 'x·W';
-        const pairs = pairsOf(w13, i, F);
-        this.readExpertRows(gateUp, gateUpShape, first + i, (src) =>
-          copyGateUp(pairs, columns ? src.view(1, H, 2, F) : src.view(1, 2, F, H), columns ? 'columns' : 'rows'),
-        );
-        this.readExpertRows(down, downShape, first + i, (src) => w2.narrow(0, i, 1).copy_(columns ? src : src.transpose(1, 2)));
+        const orientation = !mxfp4 && fused.layout === 'x·W' ? 'columns' : 'rows';
+        const intoGateUp = (src: Tensor): void => {
+          if (fused.split === 'interleaved') w13.narrow(0, i, 1).copy_(orientation === 'columns' ? src : src.transpose(1, 2));
+          else copyGateUp(pairsOf(w13, i, F), orientation === 'columns' ? src.view(1, H, 2, F) : src.view(1, 2, F, H), orientation);
+        };
+        const intoDown = (src: Tensor): void => void w2.narrow(0, i, 1).copy_(orientation === 'columns' ? src : src.transpose(1, 2));
+        if (mxfp4) {
+          this.readMxfp4Rows(gateUp, E, 2 * F, H, first + i, intoGateUp);
+          this.readMxfp4Rows(down, E, H, F, first + i, intoDown);
+        } else {
+          this.readExpertRows(gateUp, gateUpShape, first + i, intoGateUp);
+          this.readExpertRows(down, downShape, first + i, intoDown);
+        }
       };
       tidy(() => {
         for (let i = 0; i < El; i++) {
@@ -658,6 +825,32 @@ export class HfMoECheckpoint implements Disposable {
           else fillFused(i, names.fused as HfFusedExpertNames);
         }
       });
+      // The experts' biases (gpt-oss): rows of [E,2F] (split as the fused weight) and [E,H].
+      let w13Bias: Tensor | null = null;
+      let w2Bias: Tensor | null = null;
+      if (names.expertBias !== null) {
+        const eb = names.expertBias;
+        const b13 = alloc('w13Bias', [El, 2 * F]);
+        const b2 = alloc('w2Bias', [El, H]);
+        const interleaved = names.fused?.split === 'interleaved';
+        tidy(() => {
+          for (let i = 0; i < El; i++) {
+            this.readExpertRows(eb.gateUp, [E, 2 * F], first + i, (src) => {
+              const row = b13.narrow(0, i, 1);
+              if (interleaved) row.copy_(src);
+              else
+                for (const half of [0, 1])
+                  row
+                    .view(1, F, 2)
+                    .narrow(2, half, 1)
+                    .copy_(src.view(1, 2, F).narrow(1, half, 1).transpose(1, 2));
+            });
+            this.readExpertRows(eb.down, [E, H], first + i, (src) => b2.narrow(0, i, 1).copy_(src));
+          }
+        });
+        w13Bias = b13;
+        w2Bias = b2;
+      }
       let sharedW13: Tensor | null = null;
       let sharedW2: Tensor | null = null;
       if (names.shared !== null) {
@@ -682,6 +875,9 @@ export class HfMoECheckpoint implements Disposable {
         sharedW13,
         sharedW2,
         sharedGate,
+        routerBias,
+        w13Bias,
+        w2Bias,
         firstExpert: first,
         localExperts: El,
         dispose() {
@@ -706,24 +902,31 @@ export class HfMoECheckpoint implements Disposable {
   inspectLayer(layer: number): HfLayerInspection {
     const names = this.names(layer);
     const { hidden: H, ffn: F, numExperts: E, sharedFfn: Fs } = this.block;
-    // [name, shape, a routed expert's]
-    // [name, shape, a routed expert's, FP8 readable]
-    const wanted: [string, number[], boolean, boolean][] = [[names.gate, [E, H], false, true]];
-    if (names.bias !== null) wanted.push([names.bias, names.biasShape(E), false, true]);
-    // Every expert's tensors (the fused ones once).
-    for (let j = 0; j < (names.expert === null ? 1 : E); j++)
-      for (const [name, shape, fp8] of expertTensors(names, j, E, F, H)) wanted.push([name, shape, true, fp8]);
-    if (names.shared !== null) for (const [name, shape] of mlpTensors(names.shared, Fs, H)) wanted.push([name, shape, false, true]);
-    if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false, true]);
     const result: HfLayerInspection = { layer, tensors: 0, bytes: 0, expertBytes: 0, problems: [], moreProblems: 0 };
     // The first problems are kept whole; a checkpoint of another layout fails every tensor.
     const problem = (message: string): void => {
       if (result.problems.length < INSPECT_PROBLEMS_KEPT) result.problems.push(message);
       else result.moreProblems++;
     };
-    const check = (name: string, shape: readonly number[], expert: boolean, fp8Readable = true): TensorInfo | null => {
+    // [name, shape, a routed expert's, what it may hold]
+    const wanted: [string, number[], boolean, Readable][] = [[names.gate, [E, H], false, 'weight']];
+    if (names.bias !== null) wanted.push([names.bias, names.biasShape(E), false, 'weight']);
+    if (names.routerBias !== null) wanted.push([names.routerBias, [E], false, 'weight']);
+    // Every expert's tensors (the fused ones once; MXFP4's blocks and scales where the files hold them).
+    let mxfp4 = false;
+    try {
+      mxfp4 = this.isMxfp4(names, F, H);
+    } catch (e) {
+      if (!(e instanceof CheckpointError)) throw e;
+      problem(e.message);
+    }
+    for (let j = 0; j < (names.expert === null ? 1 : E); j++)
+      for (const [name, shape, readable] of expertTensors(names, j, E, F, H, mxfp4)) wanted.push([name, shape, true, readable]);
+    if (names.shared !== null) for (const [name, shape] of mlpTensors(names.shared, Fs, H)) wanted.push([name, shape, false, 'weight']);
+    if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false, 'weight']);
+    const check = (name: string, shape: readonly number[], expert: boolean, readable: Readable = 'weight'): TensorInfo | null => {
       try {
-        const { info } = this.locate(name, shape, fp8Readable);
+        const { info } = this.locate(name, shape, readable);
         result.tensors++;
         result.bytes += info.byteLength;
         if (expert) result.expertBytes += info.byteLength;
@@ -734,8 +937,8 @@ export class HfMoECheckpoint implements Disposable {
         return null;
       }
     };
-    for (const [name, shape, expert, fp8Readable] of wanted) {
-      const info = check(name, shape, expert, fp8Readable);
+    for (const [name, shape, expert, readable] of wanted) {
+      const info = check(name, shape, expert, readable);
       if (info?.dtype !== 'fp8e4m3') continue;
       const [R, C] = shape as [number, number];
       const fp8 = this.fp8Problem(name, C);

@@ -39,6 +39,11 @@
  *                INPUT: y = Σ_j E_j(s_j·x) + S(x), S the shared expert of intermediate_size (the
  *                experts' width too), added ungated; served for top-1, as every released Llama 4 is;
  *                MoE layers: moe_layers, else every interleave_moe_layer_step-th from step − 1
+ *   gpt_oss      gpt-oss: logits = x·Wgᵀ + b (a router bias, choosing and weighting); top-k of the
+ *                logits, softmax over those k; experts with biases and a clamped SwiGLU:
+ *                [g | u] = x·W13 + b13 (gate and up interleaved by column), h = (clamp(u, ±L) + 1) ·
+ *                min(g, L)·sigmoid(1.702·min(g, L)), E(x) = h·W2 + b2, L = swiglu_limit (7);
+ *                y = Σ_j weights_j · E_j(x); every layer is an MoE layer; no shared expert
  *   qwen3_vl_moe Qwen3-VL-MoE's language model: qwen3_moe's block, always renormalised (transformers
  *                does not read norm_topk_prob), its fields in config.json's text_config; the vision
  *                tower is the caller's
@@ -92,6 +97,7 @@ export const HF_MOE_FAMILIES = [
   'granitemoeshared',
   'granitemoehybrid',
   'llama4',
+  'gpt_oss',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -173,7 +179,20 @@ export interface HfMoEBlock {
   sharedGate: boolean;
   /** Where the router's weight applies: the expert's output (every family but Llama 4) or its input. */
   routeWeightsOn: RouteWeightsOn;
+  /** gpt-oss: a bias [E] added to the router's logits (it chooses and weighs). */
+  routerBias: boolean;
+  /** gpt-oss: the experts' biases after each projection, [E,2F] and [E,H]. */
+  expertBias: boolean;
+  /** The experts' activation: SwiGLU, or gpt-oss's clamped SwiGLU (lib/moe/expert-bias-activation.ts). */
+  activation: HfExpertActivation;
 }
+
+/** The experts' activation of a block. */
+export type HfExpertActivation = { kind: 'swiglu' } | { kind: 'clamped-swiglu'; alpha: number; limit: number };
+
+/** The fields of a block only some families set, and their values for the others. */
+type BlockExtras = Pick<HfMoEBlock, 'routerBias' | 'expertBias' | 'activation'>;
+const PLAIN_BLOCK: BlockExtras = { routerBias: false, expertBias: false, activation: { kind: 'swiglu' } };
 
 /** The block's fields both layers take as they are (MoEInference adds selectionBias; MoELayer always has a bias). */
 export const HF_LAYER_FIELDS = [
@@ -323,7 +342,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   const numLayers = c.int('num_hidden_layers');
   // The MoE layers are listed one by one below: a crafted count must not take the heap.
   if (numLayers > MAX_LAYERS) c.fail(`'num_hidden_layers' = ${numLayers}: more than the ${MAX_LAYERS} layers this loader takes`);
-  let block: HfMoEBlock;
+  let block: Omit<HfMoEBlock, keyof BlockExtras> & Partial<BlockExtras>;
   let isMoE: (layer: number) => boolean;
   if (family === 'mixtral' || family === 'minimax_m2') {
     // MixtralSparseMoeBlock: softmax over all experts, top-k, renormalised over the k. MiniMax-M2's
@@ -475,6 +494,32 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     const listed = c.has('moe_layers') ? new Set(c.intList('moe_layers')) : null;
     const step = c.int('interleave_moe_layer_step', 1);
     isMoE = (l) => (listed ? listed.has(l) : (l + 1) % step === 0);
+  } else if (family === 'gpt_oss') {
+    // GptOssTopKRouter: logits with the router's bias, top-k, softmax over the k; GptOssExperts:
+    // biases and the clamped SwiGLU (alpha 1.702 in every implementation; the limit from the config).
+    const E = c.int('num_local_experts');
+    const limit = c.num('swiglu_limit', 7);
+    if (!(limit > 0)) c.fail(`'swiglu_limit' must be a positive number; found ${limit}`);
+    block = {
+      family,
+      hidden,
+      ffn: c.int('intermediate_size'),
+      numExperts: E,
+      topK: c.int('num_experts_per_tok', c.has('experts_per_token') ? c.int('experts_per_token') : undefined),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: true,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: 0,
+      sharedGate: false,
+      routeWeightsOn: 'output',
+      routerBias: true,
+      expertBias: true,
+      activation: { kind: 'clamped-swiglu', alpha: 1.702, limit },
+    };
+    isMoE = () => true;
   } else if (isGraniteBlock(family)) {
     // GraniteMoeTopKGating: top-k of the logits, then softmax over those k (in fp32): the
     // renormalised top-k of the softmax. The shared MLP is added ungated.
@@ -525,5 +570,5 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   if (block.topK > block.numExperts) c.fail(`'num_experts_per_tok' = ${block.topK} is more than the ${block.numExperts} experts`);
   if (block.groups > 32) c.fail(`'n_group' = ${block.groups}: the package's router takes at most 32 groups`);
   const moeLayers = Array.from({ length: numLayers }, (_, l) => l).filter(isMoE);
-  return { block, numLayers, moeLayers };
+  return { block: { ...PLAIN_BLOCK, ...block }, numLayers, moeLayers };
 }

@@ -62,8 +62,10 @@ import { checkGroupAgrees, choiceField, numberField, optionalField } from '../pa
 import {
   checkBoolean,
   checkContiguous,
+  checkFloat32,
   checkKeys,
   checkNonNegativeInt,
+  checkNumber,
   checkOneOf,
   checkOptions,
   checkPositiveInt,
@@ -74,6 +76,8 @@ import { capacity, DROP_POLICIES, type DropPolicy, expertCapacity } from '../moe
 import { checkGroup, Dispatcher, type ExpertParallelGroup, type TransportChoice } from '../moe/dispatcher.js';
 import { type PeerDecodeBuffers, peerCombineInto, peerDecodeBuffers, peerDecodeNeed, peerDispatchInto } from '../moe/peer-dispatch.js';
 import { type PeerTransport } from '../moe/peer-transport.js';
+import { add } from '../basic-ops.js';
+import { clampedSwiglu, expertBias, GPT_OSS_ALPHA, GPT_OSS_LIMIT } from '../moe/expert-bias-activation.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
 import { MoELayer, SHARED_GATE_ROUTER } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
@@ -111,6 +115,18 @@ export interface MoEInferenceConfig {
    * 4's y = Σ_j E_j(w_j·x), for topK 1 only (with k > 1 each expert would take its own scaled copy).
    */
   routeWeightsOn?: RouteWeightsOn;
+  /** gpt-oss: a bias [E] f32 added to the router's logits (it chooses and weighs); `weights.routerBias`. Default false. */
+  routerBias?: boolean;
+  /** gpt-oss: the experts' biases after each projection, `weights.w13Bias` [El,2F] (interleaved as w13) and `weights.w2Bias` [El,H]. Default false. */
+  expertBias?: boolean;
+  /**
+   * The experts' activation: 'swiglu' (default, silu(gate)·up, fused into the grouped GEMM) or
+   * 'clamped-swiglu', gpt-oss's (u + 1)·g·sigmoid(alpha·g) with g = min(gate, limit), u = up clamped
+   * to ±limit (lib/moe/expert-bias-activation.ts); `swigluAlpha` (1.702) and `swigluLimit` (7) set it.
+   */
+  activation?: ExpertActivationKind;
+  swigluAlpha?: number;
+  swigluLimit?: number;
   /** Per-expert capacity C = ceil(cf·T·k/E) in fixed segments; omitted: dropless. cf = E/k never drops. */
   capacityFactor?: number;
   dropPolicy?: DropPolicy;
@@ -138,9 +154,27 @@ export interface MoEInferenceWeights {
   sharedW13?: Tensor | null;
   sharedW2?: Tensor | null;
   sharedGate?: Tensor | null;
+  routerBias?: Tensor | null;
+  w13Bias?: Tensor | null;
+  w2Bias?: Tensor | null;
 }
 
-const WEIGHT_TENSORS = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'] as const;
+const WEIGHT_TENSORS = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate', 'routerBias', 'w13Bias', 'w2Bias'] as const;
+
+/** The experts' activations MoEInference serves. */
+export type ExpertActivationKind = 'swiglu' | 'clamped-swiglu';
+const EXPERT_ACTIVATIONS: readonly ExpertActivationKind[] = ['swiglu', 'clamped-swiglu'];
+
+/** The config field each optional weight needs, for the error naming it. */
+const WEIGHT_FLAG: Partial<Record<(typeof WEIGHT_TENSORS)[number], string>> = {
+  bias: "'selectionBias'",
+  sharedW13: "'sharedFfn'",
+  sharedW2: "'sharedFfn'",
+  sharedGate: "'sharedGate'",
+  routerBias: "'routerBias'",
+  w13Bias: "'expertBias'",
+  w2Bias: "'expertBias'",
+};
 
 /** The weights' keys: the tensors, and readLayer's bookkeeping, which must name this rank's experts. */
 function checkWeightKeys(weights: object, op: string, firstExpert: number, localExperts: number): void {
@@ -216,11 +250,13 @@ interface Workspace {
     rowToken: Tensor;
     invalid: Tensor;
     h: Tensor;
+    /** The first projection's output [R,2F] where the activation is not fused into it, else null. */
+    h13: Tensor | null;
     out: Tensor;
   } | null;
   shared: { h: Tensor; out: Tensor } | null;
   /** Across ranks, the low-latency path: the transport's buffers and the experts' (made at the first forward of T). */
-  ep: { buf: PeerDecodeBuffers; h: Tensor; out: Tensor } | null;
+  ep: { buf: PeerDecodeBuffers; h: Tensor; h13: Tensor | null; out: Tensor } | null;
   gate: {
     logit: Tensor;
     router: { indices: Tensor; weights: Tensor; tokensPerExpert: Tensor; scores: Tensor; nanRows: Tensor };
@@ -242,6 +278,11 @@ export class MoEInference implements Disposable {
     sharedFfn: number;
     sharedGate: boolean;
     routeWeightsOn: RouteWeightsOn;
+    routerBias: boolean;
+    expertBias: boolean;
+    activation: ExpertActivationKind;
+    swigluAlpha: number;
+    swigluLimit: number;
     capacityFactor: number | undefined;
     dropPolicy: DropPolicy;
     dtype: 'bf16' | 'f32';
@@ -282,6 +323,11 @@ export class MoEInference implements Disposable {
       sharedFfn: true,
       sharedGate: true,
       routeWeightsOn: true,
+      routerBias: true,
+      expertBias: true,
+      activation: true,
+      swigluAlpha: true,
+      swigluLimit: true,
       capacityFactor: true,
       dropPolicy: true,
       group: true,
@@ -305,6 +351,16 @@ export class MoEInference implements Disposable {
         op,
         `'routeWeightsOn' 'input' needs topK 1 (Llama 4's); received topK ${this.router.topK}: with more, each expert would take its own scaled copy of the token`,
       );
+    const routerBias = checkBoolean(config.routerBias ?? false, op, 'routerBias');
+    const expertBias = checkBoolean(config.expertBias ?? false, op, 'expertBias');
+    const activation = checkOneOf(config.activation ?? 'swiglu', op, 'activation', EXPERT_ACTIVATIONS);
+    if (activation === 'swiglu' && (config.swigluAlpha !== undefined || config.swigluLimit !== undefined))
+      invalidArgument(op, `'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation; the activation is 'swiglu'`);
+    const swigluAlpha = checkFloat32(checkNumber(config.swigluAlpha ?? GPT_OSS_ALPHA, op, 'swigluAlpha'), op, 'swigluAlpha');
+    const swigluLimit = checkNumber(config.swigluLimit ?? GPT_OSS_LIMIT, op, 'swigluLimit', { finite: false, min: 0, minExclusive: true });
+    // The plain SwiGLU is fused into the grouped GEMM's epilogue, where no bias can go before it.
+    if (expertBias && activation === 'swiglu')
+      invalidArgument(op, `'expertBias' needs the 'clamped-swiglu' activation (gpt-oss's): biases before a fused SwiGLU are not served`);
     const cf = config.capacityFactor;
     if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0))
       invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);
@@ -328,6 +384,11 @@ export class MoEInference implements Disposable {
       sharedFfn,
       sharedGate,
       routeWeightsOn,
+      routerBias,
+      expertBias,
+      activation,
+      swigluAlpha,
+      swigluLimit,
       capacityFactor: cf,
       dropPolicy,
       dtype,
@@ -341,11 +402,7 @@ export class MoEInference implements Disposable {
     const want = (name: keyof MoEInferenceWeights, present: boolean, shape: number[], dt: string): Tensor | null => {
       const t = weights[name];
       if (!present) {
-        if (t !== undefined && t !== null)
-          invalidArgument(
-            op,
-            `'weights.${name}' is given but the config has none (${name === 'bias' ? "'selectionBias'" : name === 'sharedGate' ? "'sharedGate'" : "'sharedFfn'"})`,
-          );
+        if (t !== undefined && t !== null) invalidArgument(op, `'weights.${name}' is given but the config has none (${WEIGHT_FLAG[name]})`);
         return null;
       }
       checkTensor(t, op, `weights.${name}`);
@@ -366,6 +423,9 @@ export class MoEInference implements Disposable {
       sharedW13: want('sharedW13', sharedFfn > 0, [1, hidden, 2 * sharedFfn], dtype),
       sharedW2: want('sharedW2', sharedFfn > 0, [1, sharedFfn, hidden], dtype),
       sharedGate: want('sharedGate', sharedGate, [1, hidden, 1], dtype),
+      routerBias: want('routerBias', routerBias, [E], 'f32'),
+      w13Bias: want('w13Bias', expertBias, [El, 2 * ffn], dtype),
+      w2Bias: want('w2Bias', expertBias, [El, hidden], dtype),
     });
     for (const t of Object.values(this.weights)) if (t) keep(t);
     this.gateRouter = sharedGate ? SHARED_GATE_ROUTER : null;
@@ -449,7 +509,10 @@ export class MoEInference implements Disposable {
   static fromHf(
     ckpt: HfMoECheckpoint,
     layer?: number,
-    options: Omit<MoEInferenceConfig, HfLayerField | 'selectionBias' | 'routeWeightsOn'> = {},
+    options: Omit<
+      MoEInferenceConfig,
+      HfLayerField | 'selectionBias' | 'routeWeightsOn' | 'routerBias' | 'expertBias' | 'activation' | 'swigluAlpha' | 'swigluLimit'
+    > = {},
   ): MoEInference {
     options = checkOptions(options, 'MoEInference.fromHf', {
       capacityFactor: true,
@@ -475,8 +538,24 @@ export class MoEInference implements Disposable {
           ...layerFieldsOf(b),
           selectionBias: b.selectionBias,
           routeWeightsOn: b.routeWeightsOn,
+          routerBias: b.routerBias,
+          expertBias: b.expertBias,
+          ...(b.activation.kind === 'clamped-swiglu'
+            ? { activation: 'clamped-swiglu', swigluAlpha: b.activation.alpha, swigluLimit: b.activation.limit }
+            : {}),
         },
-        { router: w.router, bias: w.bias, w13: w.w13, w2: w.w2, sharedW13: w.sharedW13, sharedW2: w.sharedW2, sharedGate: w.sharedGate },
+        {
+          router: w.router,
+          bias: w.bias,
+          w13: w.w13,
+          w2: w.w2,
+          sharedW13: w.sharedW13,
+          sharedW2: w.sharedW2,
+          sharedGate: w.sharedGate,
+          routerBias: w.routerBias,
+          w13Bias: w.w13Bias,
+          w2Bias: w.w2Bias,
+        },
       );
     } catch (e) {
       w.dispose();
@@ -542,6 +621,7 @@ export class MoEInference implements Disposable {
               rowToken: make([R], 'i32'),
               invalid: make([1], 'i32'),
               h: make([R, F], cdt),
+              h13: this.fusedSwiglu ? null : make([R, 2 * F], cdt),
               out: make([R, H], cdt),
             },
         shared: Fs > 0 ? { h: make([T, Fs], cdt), out: make([T, H], cdt) } : null,
@@ -795,6 +875,11 @@ export class MoEInference implements Disposable {
       n('sharedFfn', c.sharedFfn),
       choiceField('sharedGate', c.sharedGate, yesNo),
       choiceField('routeWeightsOn', c.routeWeightsOn, ROUTE_WEIGHTS_ON),
+      choiceField('routerBias', c.routerBias, yesNo),
+      choiceField('expertBias', c.expertBias, yesNo),
+      choiceField('activation', c.activation, EXPERT_ACTIVATIONS),
+      n('swigluAlpha', c.swigluAlpha),
+      n('swigluLimit', c.swigluLimit),
       optionalField('capacityFactor', c.capacityFactor),
       choiceField('dropPolicy', c.dropPolicy, DROP_POLICIES),
       choiceField('dtype', c.dtype, ['f32', 'bf16']),
@@ -808,6 +893,8 @@ export class MoEInference implements Disposable {
     const w = this.weights;
     return tidy(() => {
       groupedGemm('NN', x, w.router, ws.all, { out: ws.logits });
+      // gpt-oss: the router's bias on the logits (it chooses and weighs).
+      if (w.routerBias) add(ws.logits, w.routerBias, { out: ws.logits });
       const r = routerForward(ws.logits, this.router, { ...(w.bias ? { bias: w.bias } : {}), out: ws.router });
       const cap = capacity(r.indices, r.weights, {
         numExperts: E,
@@ -830,8 +917,7 @@ export class MoEInference implements Disposable {
           padToCapacity: this.config.capacityFactor !== undefined,
           out: { rows: l.rows, offsets: l.offsets, rowOf: l.rowOf, rowWeight: l.rowWeight, rowToken: l.rowToken, invalid: l.invalid },
         });
-        groupedGemmEpilogue('NN', Epilogue.SwiGLU, p.rows, w.w13, p.offsets, l.h, null);
-        groupedGemm('NN', l.h, w.w2, p.offsets, { out: l.out });
+        this.experts(p.rows, p.offsets, l.h13, l.h, l.out);
         y = unpermute(l.out, p.rowOf, wOut, out ? { out } : {});
       } else if (this.lowLatencyTransport(x)) {
         y = this.runLowLatency(this.#lowLatency as PeerTransport, xIn, ws, r.indices, wOut, cap.slot, cap.keptPerExpert, out);
@@ -841,8 +927,9 @@ export class MoEInference implements Disposable {
         try {
           const M = rows.shape[0] as number;
           const h = Tensor.empty([M, this.config.ffn], { dtype, device: this.device });
-          groupedGemmEpilogue('NN', Epilogue.SwiGLU, rows, w.w13, handle.localOffsets, h, null);
-          const expertOut = groupedGemm('NN', h, w.w2, handle.localOffsets);
+          const h13 = this.fusedSwiglu ? null : Tensor.empty([M, 2 * this.config.ffn], { dtype, device: this.device });
+          const expertOut = Tensor.empty([M, this.config.hidden], { dtype, device: this.device });
+          this.experts(rows, handle.localOffsets, h13, h, expertOut);
           y = d.combine(expertOut, handle, wOut);
           if (out) y = out.copy_(y);
         } finally {
@@ -881,6 +968,28 @@ export class MoEInference implements Disposable {
     return this.#lowLatency;
   }
 
+  /** Whether the experts' activation is the plain SwiGLU fused into the first grouped GEMM (no biases). */
+  private get fusedSwiglu(): boolean {
+    return this.config.activation === 'swiglu' && !this.config.expertBias;
+  }
+
+  /**
+   * The routed experts on expert-contiguous `rows` (`offsets` per local expert) into `out`: the
+   * first projection with the SwiGLU fused into it, or (gpt-oss) the projection into `h13`, its
+   * biases and the clamped SwiGLU into `h`; then the second projection and its biases.
+   */
+  private experts(rows: Tensor, offsets: Tensor, h13: Tensor | null, h: Tensor, out: Tensor): void {
+    const w = this.weights;
+    if (h13 === null) groupedGemmEpilogue('NN', Epilogue.SwiGLU, rows, w.w13, offsets, h, null);
+    else {
+      groupedGemm('NN', rows, w.w13, offsets, { out: h13 });
+      if (w.w13Bias) expertBias(h13, w.w13Bias, offsets);
+      clampedSwiglu(h13, { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit, out: h });
+    }
+    groupedGemm('NN', h, w.w2, offsets, { out });
+    if (w.w2Bias) expertBias(out, w.w2Bias, offsets);
+  }
+
   /**
    * The low-latency step across ranks: dispatch into T's fixed segments, the experts, and combine
    * into y (`out` or a new tensor), through the workspace's buffers. No host read; nothing
@@ -911,12 +1020,13 @@ export class MoEInference implements Disposable {
       ws.tensors.push(h);
       const o = keep(Tensor.empty([N, H], { dtype, device: this.device }));
       ws.tensors.push(o);
-      ws.ep = { buf, h, out: o };
+      const h13 = this.fusedSwiglu ? null : keep(Tensor.empty([N, 2 * F], { dtype, device: this.device }));
+      if (h13) ws.tensors.push(h13);
+      ws.ep = { buf, h, h13, out: o };
     }
     const ep = ws.ep;
     peerDispatchInto(t, x, indices, weights, slot, kept, ep.buf, sms);
-    groupedGemmEpilogue('NN', Epilogue.SwiGLU, ep.buf.rows, this.weights.w13, ep.buf.offsets, ep.h, null);
-    groupedGemm('NN', ep.h, this.weights.w2, ep.buf.offsets, { out: ep.out });
+    this.experts(ep.buf.rows, ep.buf.offsets, ep.h13, ep.h, ep.out);
     const y = out ?? Tensor.empty([T, H], { dtype, device: this.device });
     peerCombineInto(t, ep.out, ep.buf, y, sms);
     return y;

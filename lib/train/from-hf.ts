@@ -39,6 +39,11 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
   // The layer is named before the MoELayer draws its (then replaced) initial weights.
   ckpt.names(index);
   const b = ckpt.block;
+  if (b.routerBias || b.expertBias || b.activation.kind !== 'swiglu')
+    invalidArgument(
+      op,
+      `the ${b.family} block has biases in its router and experts and a ${b.activation.kind} activation, which MoELayer does not train; MoEInference.fromHf serves it`,
+    );
   if (b.routeWeightsOn !== 'output')
     invalidArgument(
       op,

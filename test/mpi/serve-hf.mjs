@@ -20,6 +20,12 @@ const seed = Number(seedArg);
 const { layers } = buildHfCheckpoint(null, cfg, { write: false, seed, dtype });
 const { H, E, k, Fs } = moeSizes(cfg);
 
+/** Whether moeLayerFromHf takes the block (Llama 4's and gpt-oss's it refuses). */
+const b0 = HfMoECheckpoint.open(dir);
+const block = b0.block;
+b0.close();
+const trainable = block.routeWeightsOn === 'output' && !block.routerBias && !block.expertBias && block.activation.kind === 'swiglu';
+
 for (const capacityFactor of [undefined, E / k]) {
   const ckpt = HfMoECheckpoint.open(dir);
   for (const [layer, w] of layers) {
@@ -47,8 +53,8 @@ for (const capacityFactor of [undefined, E / k]) {
       `${family} layer ${layer}, ${capacityFactor ? `capacity ${capacityFactor}` : 'dropless'}, rank ${rank} of ${P}: relErr ${err} (routing margin ${ref.margin})`,
     );
     inf.dispose();
-    // Llama 4's block (weights on the experts' input) is served, not trained (moeLayerFromHf refuses it).
-    if (ckpt.block.routeWeightsOn === 'input') continue;
+    // Llama 4's block (weights on the experts' input) and gpt-oss's are served, not trained (moeLayerFromHf refuses them).
+    if (!trainable) continue;
     // The same block as a training layer across the ranks (moeLayerFromHf): each rank holds its experts, the same output.
     const train = moeLayerFromHf(ckpt, layer, { group: world, dtype: 'f32', device: 'cpu', ...(capacityFactor ? { capacityFactor } : {}) });
     const yt = tidy(() => {
@@ -66,9 +72,11 @@ for (const capacityFactor of [undefined, E / k]) {
   // layer, then the training layer; once where the block is served only).
   const names = blockNames(cfg, [...layers.keys()][0]);
   const sharedReads = !names.shared || Fs === 0 ? 0 : typeof names.shared === 'function' ? 3 : 2;
-  const perLayer = 1 + (names.bias ? 1 : 0) + sharedReads + (names.sharedGate ? 1 : 0);
-  const perExpert = names.fused ? 2 : 3;
-  const expected = (ckpt.block.routeWeightsOn === 'input' ? 1 : 2) * layers.size * (perLayer + perExpert * (E / P));
+  const perLayer = 1 + (names.bias ? 1 : 0) + (names.routerBias ? 1 : 0) + sharedReads + (names.sharedGate ? 1 : 0);
+  // MXFP4 (gpt-oss as published): blocks and scales of both, and the two biases.
+  const mxfp4 = cfg.quantization_config?.quant_method === 'mxfp4';
+  const perExpert = (names.fused ? (mxfp4 ? 4 : 2) : 3) + (names.expertBias ? 2 : 0);
+  const expected = (trainable ? 2 : 1) * layers.size * (perLayer + perExpert * (E / P));
   check(ckpt.stats.tensorsRead === expected, `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${expected}`);
   ckpt.close();
 }
