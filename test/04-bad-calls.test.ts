@@ -1372,7 +1372,7 @@ describe('bad calls give clear errors', () => {
       [0.5, 1],
     ])
       expect(() => file.readRows('toString', first as number, count as number)).toThrow(
-        /SafetensorsFile\.readRows: rows \[.*\) are not inside tensor 'toString''s 1 rows/,
+        /SafetensorsFile\.readRows: rows \[.*\) are not among the 1 rows of tensor 'toString'/,
       );
     expect(() => file.readRows('nope', 0, 1)).toThrow(/tensor 'nope': no such tensor/);
     // And through a checkpoint: saved, listed in the manifest, read back, verified.

@@ -368,6 +368,10 @@ describe('config.json → the package (hfMoEModel)', () => {
       { ...testConfigs.llama4, text_config: { ...(testConfigs.llama4.text_config as object), num_experts_per_tok: 2 } },
       /text_config: 'num_experts_per_tok' = 2: Llama 4's block scales each expert's input by its router weight, which the package serves for top-1/,
     );
+    bad(
+      { ...testConfigs.llama4, text_config: { ...(testConfigs.llama4.text_config as object), moe_layers: [1, 3, 7] } },
+      /text_config: 'moe_layers' lists 7, past the 4 layers \('num_hidden_layers'\)/,
+    );
     bad({ ...testConfigs.gpt_oss, swiglu_limit: -1 }, /'swiglu_limit' must be a positive number; found -1/);
     bad({ ...testConfigs.gpt_oss, num_experts_per_tok: undefined, experts_per_token: undefined }, /'num_experts_per_tok' is missing/);
     bad({ ...testConfigs.granitemoehybrid, num_local_experts: 0 }, /'num_local_experts' must be an integer >= 1; found 0/);

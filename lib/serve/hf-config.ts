@@ -492,6 +492,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       routeWeightsOn: 'input',
     };
     const listed = c.has('moe_layers') ? new Set(c.intList('moe_layers')) : null;
+    const outside = [...(listed ?? [])].filter((l) => l >= numLayers);
+    if (outside.length > 0) c.fail(`'moe_layers' lists ${outside.join(', ')}, past the ${numLayers} layers ('num_hidden_layers')`);
     const step = c.int('interleave_moe_layer_step', 1);
     isMoE = (l) => (listed ? listed.has(l) : (l + 1) % step === 0);
   } else if (family === 'gpt_oss') {

@@ -396,7 +396,7 @@ export class SafetensorsFile implements Disposable {
     if (!Number.isSafeInteger(first) || !Number.isSafeInteger(count) || first < 0 || count < 0 || first + count > rows)
       invalidArgument(
         'SafetensorsFile.readRows',
-        `rows [${String(first)}, ${String(first)} + ${String(count)}) are not inside tensor '${name}''s ${rows} rows`,
+        `rows [${String(first)}, ${String(first)} + ${String(count)}) are not among the ${rows} rows of tensor '${name}'`,
       );
     const rowBytes = rows === 0 ? 0 : t.byteLength / rows;
     const out = new Uint8Array(rowBytes * count);
