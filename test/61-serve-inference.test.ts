@@ -4,7 +4,20 @@
 // `out`), the Qwen2-MoE shared gate against a float64 oracle, config and argument errors, no leaks.
 import { describe, expect, it } from 'vitest';
 
-import { DisposedError, memoryStats, MoEInference, MoELayer, type MoELayerConfig, Tensor, tidy } from '../lib/index.js';
+import {
+  capacity,
+  DisposedError,
+  groupedGemm,
+  memoryStats,
+  MoEInference,
+  type MoEInferenceConfig,
+  MoELayer,
+  type MoELayerConfig,
+  ops,
+  routerForward,
+  Tensor,
+  tidy,
+} from '../lib/index.js';
 import { disposeSaved } from '../lib/moe/layer.js';
 import { expectInvalidArgument, expectNoLeak, freshSeed, relErr, values } from './helpers.js';
 
@@ -191,6 +204,103 @@ describe('the Qwen2-MoE shared-expert gate', () => {
     }
     expect(relErr(y, ref), `seed ${seed}`).toBeLessThan(1e-5);
   });
+});
+
+describe("Llama 4's router weight on the experts' input and gpt-oss's experts, with a capacity that drops", () => {
+  // The kept assignments are capacity()'s choice on the same f32 logits (the package's ops, tested
+  // on their own); everything after is checked against float64 loops written here.
+  const H = 12,
+    F = 6,
+    E = 4,
+    T = 16;
+  const silu = (a: number): number => a / (1 + Math.exp(-a));
+  const sigmoid = (a: number): number => 1 / (1 + Math.exp(-a));
+  /** The experts' [H] output for the input row `xr`: SwiGLU, or gpt-oss's clamped one with biases. */
+  function expert(xr: number[], v: Record<string, number[]>, e: number, gptOss: boolean): number[] {
+    const h = Array.from({ length: F }, (_, i) => {
+      let g = gptOss ? (v['w13Bias']![e * 2 * F + 2 * i] as number) : 0,
+        u = gptOss ? (v['w13Bias']![e * 2 * F + 2 * i + 1] as number) : 0;
+      for (let j = 0; j < H; j++) {
+        g += (xr[j] as number) * (v['w13']![(e * H + j) * 2 * F + 2 * i] as number);
+        u += (xr[j] as number) * (v['w13']![(e * H + j) * 2 * F + 2 * i + 1] as number);
+      }
+      if (!gptOss) return silu(g) * u;
+      g = Math.min(g, 7);
+      u = Math.max(-7, Math.min(u, 7));
+      return (u + 1) * g * sigmoid(Math.fround(1.702) * g);
+    });
+    return Array.from({ length: H }, (_, o) =>
+      h.reduce((s, hv, i) => s + hv * (v['w2']![(e * F + i) * H + o] as number), gptOss ? (v['w2Bias']![e * H + o] as number) : 0),
+    );
+  }
+  for (const mode of ['llama4', 'gpt-oss'] as const)
+    for (const dropPolicy of ['probs', 'position'] as const)
+      it(`${mode}: kept assignments as the float64 loops, dropped ones nothing (capacity 0.5, drop by ${dropPolicy})`, () => {
+        const seed = freshSeed();
+        const gptOss = mode === 'gpt-oss';
+        const k = gptOss ? 2 : 1;
+        const w = tidy(() => ({
+          router: Tensor.randn([1, H, E], { std: 0.5, seed, device: cpu }),
+          w13: Tensor.randn([E, H, 2 * F], { std: 0.4, seed: seed + 1, device: cpu }),
+          w2: Tensor.randn([E, F, H], { std: 0.4, seed: seed + 2, device: cpu }),
+          ...(gptOss
+            ? {
+                routerBias: Tensor.randn([E], { std: 0.5, seed: seed + 3, device: cpu }),
+                w13Bias: Tensor.randn([E, 2 * F], { std: 4, seed: seed + 4, device: cpu }),
+                w2Bias: Tensor.randn([E, H], { std: 0.5, seed: seed + 5, device: cpu }),
+              }
+            : {}),
+        }));
+        const v = Object.fromEntries(Object.entries(w).map(([key, t]) => [key, values(t)])) as Record<string, number[]>;
+        const config: MoEInferenceConfig = {
+          hidden: H,
+          ffn: F,
+          numExperts: E,
+          topK: k,
+          capacityFactor: 0.5,
+          dropPolicy,
+          dtype: 'f32',
+          device: cpu,
+          ...(gptOss
+            ? { scoreFunction: 'softmax', normalize: true, routerBias: true, expertBias: true, activation: 'clamped-swiglu' }
+            : { scoreFunction: 'sigmoid', normalize: false, routeWeightsOn: 'input' }),
+        };
+        using inf = new MoEInference(config, { ...w });
+        using x = Tensor.randn([T, H], { seed: seed + 6, device: cpu });
+        const xv = values(x);
+        const y = tidy(() => values(inf.forward(x)));
+        // The routing and capacity's choice, from the same ops on the same logits.
+        const { idx, wts, slot } = tidy(() => {
+          const logits = groupedGemm('NN', x, w.router, Tensor.fromArray([0, T], { dtype: 'i32', device: cpu }), { dtype: 'f32' });
+          if (gptOss) ops.add(logits, w.routerBias as Tensor, { out: logits });
+          const r = routerForward(logits, { numExperts: E, topK: k, scoreFunction: gptOss ? 'softmax' : 'sigmoid', normalize: gptOss });
+          const cap = capacity(r.indices, r.weights, { numExperts: E, capacityFactor: 0.5, dropPolicy });
+          return { idx: values(r.indices), wts: values(r.weights), slot: values(cap.slot) };
+        });
+        expect(slot.filter((s) => s < 0).length, 'some assignments are dropped').toBeGreaterThan(0);
+        const ref: number[] = [];
+        for (let t = 0; t < T; t++) {
+          const xr = xv.slice(t * H, (t + 1) * H);
+          const yt = new Array<number>(H).fill(0);
+          for (let j = 0; j < k; j++) {
+            if ((slot[t * k + j] as number) < 0) continue;
+            const e = idx[t * k + j] as number,
+              wt = wts[t * k + j] as number;
+            // Llama 4: the expert takes w·x and its output is added as it is; else w·E(x).
+            const out = gptOss
+              ? expert(xr, v, e, true).map((o) => wt * o)
+              : expert(
+                  xr.map((a) => wt * a),
+                  v,
+                  e,
+                  false,
+                );
+            out.forEach((o, h) => (yt[h] = (yt[h] as number) + o));
+          }
+          ref.push(...yt);
+        }
+        expect(relErr(y, ref), `seed ${seed}`).toBeLessThan(2e-6);
+      });
 });
 
 describe('arguments', () => {

@@ -16,6 +16,7 @@ import {
   InvalidArgumentError,
   memoryStats,
   MoEInference,
+  type MoEInferenceConfig,
   MoELayer,
   type MoELayerConfig,
   ops,
@@ -25,7 +26,7 @@ import {
   tidy,
   withStream,
 } from '../../lib/index.js';
-import { freshSeed } from '../helpers.js';
+import { freshSeed, relErr } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
 const gpu = 'cuda:0' as const;
@@ -270,4 +271,67 @@ describe.skipIf(!hasGpu)('MoEInference.captureDecode on the GPU', () => {
       expect(memoryStats(gpu).graphPoolBytes).toBe(base.graphPoolBytes);
     });
   }
+});
+
+// MoEInference's own modes (not MoELayer options): Llama 4's router weight on the experts' input,
+// gpt-oss's router bias, expert biases and clamped SwiGLU (expertBias and clampedSwiglu's CUDA
+// kernels inside the step). Captured against eager bit for bit, eager against the CPU (the same
+// routing there: CPU and GPU logits differ by accumulation order alone, ~1e-6, far below the gaps
+// between these random logits but for a rare near-tie, which the seed in the message reproduces).
+describe.skipIf(!hasGpu)("MoEInference's Llama 4 and gpt-oss modes on the GPU", () => {
+  const H = 256,
+    F = 128,
+    E = 8;
+  for (const mode of ['llama4', 'gpt-oss'] as const)
+    for (const capacityFactor of [undefined, 1.25])
+      it(`${mode}, ${capacityFactor === undefined ? 'dropless' : `capacity ${capacityFactor}`}: eager equals the CPU; the graph equals eager bit for bit (T = 1, 8, 64)`, () => {
+        const seed = freshSeed();
+        const gptOss = mode === 'gpt-oss';
+        const config: MoEInferenceConfig = {
+          hidden: H,
+          ffn: F,
+          numExperts: E,
+          topK: gptOss ? 4 : 1,
+          ...(capacityFactor === undefined ? {} : { capacityFactor }),
+          ...(gptOss
+            ? { normalize: true, routerBias: true, expertBias: true, activation: 'clamped-swiglu' }
+            : { scoreFunction: 'sigmoid', routeWeightsOn: 'input', sharedFfn: F }),
+        };
+        const base = memoryStats(gpu).liveBytes;
+        {
+          const made = (device: 'cpu' | typeof gpu) =>
+            tidy(() => {
+              const r = (shape: number[], s: number, std: number): Tensor => bf16Randn(shape, seed + s, std).to(device);
+              return {
+                router: r([1, H, E], 1, 0.1),
+                w13: r([E, H, 2 * F], 2, 0.06),
+                w2: r([E, F, H], 3, 0.09),
+                ...(gptOss
+                  ? {
+                      routerBias: Tensor.randn([E], { std: 0.5, seed: seed + 4, device: 'cpu' }).to(device),
+                      w13Bias: r([E, 2 * F], 5, 3),
+                      w2Bias: r([E, H], 6, 0.5),
+                    }
+                  : { sharedW13: r([1, H, 2 * F], 7, 0.06), sharedW2: r([1, F, H], 8, 0.09) }),
+              };
+            });
+          using onCpu = new MoEInference({ ...config, device: 'cpu' }, made('cpu'));
+          using eager = new MoEInference({ ...config, device: gpu }, made(gpu));
+          using graphed = new MoEInference({ ...config, device: gpu }, made(gpu));
+          for (const T of [1, 8, 64]) {
+            graphed.captureDecode(T);
+            for (let round = 0; round < 2; round++)
+              tidy(() => {
+                const x = bf16Randn([T, H], seed + 100 * T + round);
+                const ye = eager.forward(x);
+                expect(bits(graphed.forward(x)).equals(bits(ye)), `seed ${seed}, T ${T}: graph against eager`).toBe(true);
+                const yc = Array.from(onCpu.forward(x.to('cpu')).toFloat32Array());
+                const err = relErr(Array.from(ye.toFloat32Array()), yc);
+                expect(err, `seed ${seed}, T ${T}: GPU against CPU`).toBeLessThan(2e-2);
+              });
+          }
+        }
+        synchronize(gpu);
+        expect(memoryStats(gpu).liveBytes).toBe(base);
+      });
 });
