@@ -47,6 +47,37 @@ describe('moe-ep hf inspect', () => {
     expect(d.stats.tensorBytes).toBe(0);
   });
 
+  it('fused experts: gpt-oss in MXFP4 (blocks, scales, biases), Llama 4 (weights on the input), Granite 4.0 (shared MLP); a packed width not a multiple of 32 named', () => {
+    const go = join(root, 'gpt-oss');
+    buildHfCheckpoint(go, testConfigs.gpt_oss, { dtype: 'bf16', shards: 2, seed: 2 });
+    const r = run('inspect', go, '--ranks', '2');
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toContain(
+      'block: hidden 64, 8 experts of width 32; softmax, router bias, top-2, weights renormalised; clamped SwiGLU (alpha 1.702, limit 7) with expert biases; no shared expert',
+    );
+    // Per expert: gate_up [2F=64, H=64] as 4-bit codes (2048 bytes) and 64·2 scales, down [H=64, F=32]
+    // (1024 bytes) and 64 scales, biases of 64 and 64 bf16 values (256 bytes): 3520 bytes; 4 a rank.
+    expect(r.stdout).toContain('per MoE layer and rank at 2 ranks: 4 experts, 13.8 KiB as stored');
+    const j = JSON.parse(run('inspect', go, '--json').stdout) as { layers: { tensors: number; expertBytes: number }[] };
+    // router, its bias, 4 MXFP4 tensors, 2 biases.
+    expect(j.layers[0]).toMatchObject({ tensors: 8, expertBytes: 8 * 3520 });
+    const l4 = join(root, 'llama4');
+    buildHfCheckpoint(l4, testConfigs.llama4, { dtype: 'bf16', shards: 0, seed: 3 });
+    expect(run('inspect', l4).stdout).toContain(
+      "block: hidden 16, 8 experts of width 6; sigmoid, top-1, weights as scored, weights scale the experts' input; shared expert of width 6",
+    );
+    const gr = join(root, 'granite');
+    buildHfCheckpoint(gr, testConfigs.granitemoehybrid, { dtype: 'bf16', shards: 0, seed: 4 });
+    expect(run('inspect', gr).stdout).toContain(
+      'block: hidden 16, 16 experts of width 4; softmax, top-4, weights renormalised; shared expert of width 8',
+    );
+    // MXFP4 packs 32 values a block: an expert width of 40 cannot be read as published.
+    fs.writeFileSync(join(go, 'config.json'), JSON.stringify({ ...testConfigs.gpt_oss, intermediate_size: 40 }));
+    const bad = run('inspect', go);
+    expect(bad.status).toBe(1);
+    expect(bad.stdout + bad.stderr).toMatch(/the experts are in MXFP4 .*intermediate_size 40 is not a multiple of 32/);
+  });
+
   it('names what would not load: a tensor missing from the index, one of the wrong shape, FP8 weights too narrow for 128-blocks', () => {
     const dir = join(root, 'broken');
     const built = buildHfCheckpoint(dir, testConfigs.qwen3_next, { dtype: 'bf16', shards: 2, seed: 2 });
