@@ -30,6 +30,10 @@ const CONFIGS: [string, Partial<MoELayerConfig>][] = [
   ['the shared expert gated (its output recomputed too)', { sharedGate: true, capacityFactor: 1.25 }],
   ["fp8Dispatch 'keep' (e4m3 rows)", { hidden: 128, fp8Dispatch: 'keep' }],
   ['fp8Dispatch true', { hidden: 128, fp8Dispatch: true, sharedFfn: 0 }],
+  [
+    "Llama 4's router weight on the input (w·x dispatched again), capacity 0.75, bf16",
+    { routeWeightsOn: 'input', topK: 1, scoreFunction: 'sigmoid', capacityFactor: 0.75, dtype: 'bf16' },
+  ],
 ];
 
 describe('MoELayer recompute', () => {

@@ -52,10 +52,13 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
   const s13 = layer.master.sharedW13 ? values(layer.master.sharedW13) : [];
   const s2 = layer.master.sharedW2 ? values(layer.master.sharedW2) : [];
   const gate = layer.master.sharedGate ? values(layer.master.sharedGate) : null;
+  // routeWeightsOn 'input' (Llama 4, top-1): the expert reads w·x and its output is added as it is.
+  const onInput = layer.config.routeWeightsOn === 'input';
+  const scaled = onInput ? xv.map((v, i) => v * (r.w[Math.floor(i / H) * k] as number)) : null;
   for (let t = 0; t < T; t++) {
     for (let j = 0; j < k; j++) {
-      const out = ffn(expertInput ?? xv, t, w13, w2, r.idx[t * k + j] as number, F);
-      for (let h = 0; h < H; h++) y[t * H + h] += (r.w[t * k + j] as number) * (out[h] as number);
+      const out = ffn(scaled ?? expertInput ?? xv, t, w13, w2, r.idx[t * k + j] as number, F);
+      for (let h = 0; h < H; h++) y[t * H + h] += (onInput ? 1 : (r.w[t * k + j] as number)) * (out[h] as number);
     }
     // sharedGate: the shared expert's output scaled by sigmoid(x·g).
     let scale = 1;
@@ -138,6 +141,10 @@ describe('MoELayer on one rank', () => {
     ['softmax', { ...base }],
     ['sigmoid, 2 groups keep 1, no shared expert', { ...base, scoreFunction: 'sigmoid', groups: 2, topkGroups: 1, sharedFfn: 0 }],
     ['the shared expert gated by sigmoid(x·g)', { ...base, sharedGate: true }],
+    [
+      "Llama 4's: top-1 sigmoid weight on the expert's input, a shared expert",
+      { ...base, topK: 1, scoreFunction: 'sigmoid', routeWeightsOn: 'input' },
+    ],
   ] as const)('forward equals the float64 oracle: %s', (_n, config) => {
     const before = memoryStats(cpu).liveBytes;
     {
@@ -146,7 +153,7 @@ describe('MoELayer on one rank', () => {
         const x = Tensor.randn([9, 8], { seed: freshSeed(), device: cpu });
         const f = layer.forward(x);
         expect(relErr(values(f.y), oracle(layer, x))).toBeLessThan(1e-5);
-        expect(Array.from(f.tokensPerExpert.toArray() as Int32Array).reduce((a, b) => a + b, 0)).toBe(9 * 2);
+        expect(Array.from(f.tokensPerExpert.toArray() as Int32Array).reduce((a, b) => a + b, 0)).toBe(9 * layer.config.topK);
         disposeSaved(f);
       });
     }
@@ -269,6 +276,10 @@ describe('MoELayer on one rank', () => {
   it.each([
     ['', base],
     [' (the shared expert gated by sigmoid(x·g), and its gate)', { ...base, sharedGate: true }],
+    [
+      " (Llama 4's router weight on the expert's input: its gradient ⟨d(w·x), x⟩)",
+      { ...base, topK: 1, scoreFunction: 'sigmoid', routeWeightsOn: 'input' },
+    ],
   ] as [string, MoELayerConfig][])('backward matches finite differences for x, the router and the experts%s', (_name, config) => {
     // Finite differences are only meaningful where the routing is locally constant: a random draw
     // whose top-k nearly ties flips under a ±h step. Such draws are detected (the selection seen by

@@ -9,7 +9,8 @@ import { join } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { CheckpointError, HfMoECheckpoint, hfMoEModel, memoryStats, MoEInference, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
+import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, MoELayer, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
+import { disposeSaved } from '../lib/moe/layer.js';
 import { blockNames, buildHfCheckpoint, encode, normals, poisonRows, poisonTensors, testConfigs } from './hf-fixtures.mjs';
 import { hfMoEReference, moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
 import { relErr } from './helpers.js';
@@ -488,8 +489,8 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
   });
 
   // moeLayerFromHf: the checkpoint's block as a trainable layer (every family, gated shared experts included).
-  // Llama 4's block (weights on the experts' input) and gpt-oss's (biases, clamped SwiGLU) are served, not trained: refused below.
-  for (const family of families.filter((f) => f !== 'llama4' && f !== 'gpt_oss')) {
+  // gpt-oss's block (biases, clamped SwiGLU) is served, not trained: refused below.
+  for (const family of families.filter((f) => f !== 'gpt_oss')) {
     it(`moeLayerFromHf (${family}): the training layer computes the family's block from the files' weights, and trains`, () => {
       const c = checkpointAndTokens(family, { dtype: 'f32', shards: 2, layerDtype: 'f32', T: 12, seed: 71 + families.indexOf(family) });
       using ckpt = HfMoECheckpoint.open(c.dir);
@@ -634,15 +635,21 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     });
   });
 
-  it("Llama 4: served with the router weight on the experts' input (MoEInference); refused as a training layer; the option checked", () => {
+  it("Llama 4: the router weight on the experts' input, served (MoEInference) and trained (moeLayerFromHf) alike; the option checked", () => {
     const dir = fresh();
     buildHfCheckpoint(dir, testConfigs.llama4, { dtype: 'bf16', shards: 0, seed: 3 });
     using ckpt = HfMoECheckpoint.open(dir);
-    const live = memoryStats('cpu').liveBytes;
-    expect(() => moeLayerFromHf(ckpt, 1, { dtype: 'f32', device: 'cpu' })).toThrow(
-      /moeLayerFromHf: the llama4 block applies its router weights to the experts' input \(routeWeightsOn 'input'\), which MoELayer does not train; MoEInference\.fromHf serves it/,
-    );
-    expect(memoryStats('cpu').liveBytes).toBe(live);
+    using layer = moeLayerFromHf(ckpt, 1, { dtype: 'f32', device: 'cpu' });
+    expect(layer.config.routeWeightsOn).toBe('input');
+    // The served copy of the training layer computes the same bits.
+    using copy = MoEInference.fromLayer(layer);
+    expect(copy.config.routeWeightsOn).toBe('input');
+    tidy(() => {
+      const x = Tensor.randn([6, 16], { seed: 5, device: 'cpu' });
+      const a = layer.forward(x);
+      expect(Array.from(copy.forward(x).toFloat32Array())).toEqual(Array.from(a.y.toFloat32Array()));
+      disposeSaved(a);
+    });
     using inf = MoEInference.fromHf(ckpt, 1, { dtype: 'f32', device: 'cpu' });
     expect(inf.config.routeWeightsOn).toBe('input');
     // The option on its own: top-1 only, one of two values.
@@ -660,6 +667,22 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
         /MoEInference: 'routeWeightsOn'/,
       );
     });
+    expect(() => new MoELayer({ hidden: 4, ffn: 2, numExperts: 2, topK: 2, device: 'cpu', dtype: 'f32', routeWeightsOn: 'input' })).toThrow(
+      /MoELayer: 'routeWeightsOn' 'input' needs token choice with topK 1 \(Llama 4's\); received topK 2/,
+    );
+    expect(
+      () =>
+        new MoELayer({
+          hidden: 4,
+          ffn: 2,
+          numExperts: 2,
+          topK: 1,
+          routing: 'expert-choice',
+          device: 'cpu',
+          dtype: 'f32',
+          routeWeightsOn: 'input',
+        }),
+    ).toThrow(/MoELayer: 'routeWeightsOn' 'input' needs token choice with topK 1 \(Llama 4's\); received routing 'expert-choice'/);
   });
 });
 

@@ -53,6 +53,8 @@ import {
   expertChoiceForward,
   resolveRouterConfig,
   type ResolvedRouterConfig,
+  ROUTE_WEIGHTS_ON,
+  type RouteWeightsOn,
   routerBackward,
   routerEntropy,
   routerForward,
@@ -82,6 +84,11 @@ export interface MoELayerConfig extends RouterConfig {
    * and Qwen3-Next's shared_expert_gate). Needs sharedFfn. Default false.
    */
   sharedGate?: boolean;
+  /**
+   * Where a token's router weight w applies: 'output' (default), y = Σ_j w_j·E_j(x); or 'input',
+   * Llama 4's y = E(w·x), token choice with topK 1 only. Backward gives w's gradient ⟨d(w·x), x⟩.
+   */
+  routeWeightsOn?: RouteWeightsOn;
   /** Expert-parallel group (default: this process alone). */
   group?: ExpertParallelGroup;
   /**
@@ -267,6 +274,7 @@ export class MoELayer implements Disposable {
   readonly bias: Tensor;
   private readonly allOffsets: Map<number, Tensor> = new Map();
   private readonly tokenRowsCache: Map<number, Tensor> = new Map();
+  private readonly onesCache: Map<number, Tensor> = new Map();
   /** The stream the layer made for `commStream: true` (disposed with the layer). */
   private readonly ownStream: Stream | undefined;
 
@@ -289,6 +297,7 @@ export class MoELayer implements Disposable {
       padToCapacity: true,
       sharedFfn: true,
       sharedGate: true,
+      routeWeightsOn: true,
       group: true,
       commStream: true,
       transport: true,
@@ -352,6 +361,12 @@ export class MoELayer implements Disposable {
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
     const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
     if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
+    const routeWeightsOn = checkOneOf(config.routeWeightsOn ?? 'output', op, 'routeWeightsOn', ROUTE_WEIGHTS_ON);
+    if (routeWeightsOn === 'input' && (expertChoice || this.router.topK !== 1))
+      invalidArgument(
+        op,
+        `'routeWeightsOn' 'input' needs token choice with topK 1 (Llama 4's); received ${expertChoice ? "routing 'expert-choice'" : `topK ${this.router.topK}`}: with more, each expert would take its own scaled copy of the token`,
+      );
     this.group = checkGroup(config.group, op);
     const E = this.router.numExperts;
     if (E % this.group.size !== 0)
@@ -382,6 +397,7 @@ export class MoELayer implements Disposable {
       padToCapacity: expertChoice || (config.padToCapacity ?? false),
       sharedFfn,
       sharedGate,
+      routeWeightsOn,
       fp8Dispatch,
       recompute: checkOneOf(config.recompute ?? 'none', op, 'recompute', RECOMPUTE_MODES),
       dtype,
@@ -526,11 +542,13 @@ export class MoELayer implements Disposable {
         gate = { scores: g.scores, indices: g.indices, weights: g.weights };
         sharedOut = unpermute(shared.out, this.tokenRows(T), g.weights);
       }
-      const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(x, r.indices, r.weights, cap, routed ? { after: routed } : {}));
+      // routeWeightsOn 'input' (Llama 4, top-1): the experts take w·x, their outputs come back with weight 1.
+      const { xIn, wOut } = this.expertInput(x, r.weights);
+      const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(xIn, r.indices, wOut, cap, routed ? { after: routed } : {}));
       const dispatched: DispatchedRows = { handle, rows, rowScales: scales ?? null };
       const experts = expertsForward(expertRows(dispatched), this.compute.w13, this.compute.w2, handle.localOffsets);
       trace.mark('layer forward: experts', x.device);
-      const y = this.dispatcher.combine(experts.out, handle, r.weights);
+      const y = this.dispatcher.combine(experts.out, handle, wOut);
       if (sharedOut) addInto(y, sharedOut);
       // What is not saved here is released by tidy() once the queued kernels no longer need it
       // (the allocator reuses memory in stream order), and made again by backward (restore()).
@@ -635,8 +653,10 @@ export class MoELayer implements Disposable {
             ...(into?.sharedW13 && into.sharedW2 ? { out: { dW13: into.sharedW13, dW2: into.sharedW2 }, accumulate } : {}),
           });
         }
-        const { dExpertOut, dWeights } = settle(
-          this.dispatcher.combineBackwardAsync(dy, experts.out, handle, s.weights, dyReady ? { after: dyReady } : {}),
+        const onInput = this.config.routeWeightsOn === 'input';
+        const combined = onInput ? this.ones(T) : s.weights;
+        const { dExpertOut, dWeights: dCombined } = settle(
+          this.dispatcher.combineBackwardAsync(dy, experts.out, handle, combined, dyReady ? { after: dyReady } : {}),
         );
         const eg = expertsBackward(
           dExpertOut,
@@ -652,6 +672,18 @@ export class MoELayer implements Disposable {
         trace.mark('layer backward: experts', dy.device);
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
+        // routeWeightsOn 'input': the rows were w·x, so the dispatch backward gives d(w·x) first;
+        // the unpermute's backward splits it into w·d(w·x) for x and ⟨d(w·x), x⟩ for w (the
+        // router's backward then waits for the row exchange: no overlap in this mode).
+        let dWeights = dCombined;
+        let dxScaled: Tensor | null = null;
+        if (onInput) {
+          const dIn = settle(this.dispatcher.dispatchBackwardAsync(eg.dA, handle, dAReady ? { after: dAReady } : {}));
+          const tokens = this.tokenRows(T);
+          const u = unpermuteBackward(dIn, s.x, s.weights, tokens, tokens.view(T));
+          dWeights = u.dWeights;
+          dxScaled = u.dRows;
+        }
         const dLogits = routerBackward(
           dWeights,
           { scores: s.scores, indices: s.indices, ...(s.slot ? { slot: s.slot } : {}) },
@@ -662,7 +694,9 @@ export class MoELayer implements Disposable {
         // sum (no pass of its own); queued before it, so its producer overlaps the row exchange.
         const dLogitsC = dLogits.cast(this.config.dtype);
         const dxRouter = groupedGemm('NT', dLogitsC, this.compute.router, all, { dtype: eg.dA.dtype });
-        const dxWork = this.dispatcher.dispatchBackwardAsync(eg.dA, handle, { ...(dAReady ? { after: dAReady } : {}), add: dxRouter });
+        const dxWork = dxScaled
+          ? null
+          : this.dispatcher.dispatchBackwardAsync(eg.dA, handle, { ...(dAReady ? { after: dAReady } : {}), add: dxRouter });
         // Router weight gradient dWr = xᵀ · dLogits, queued after: it overlaps the dispatch backward.
         let dRouter: Tensor;
         try {
@@ -674,10 +708,15 @@ export class MoELayer implements Disposable {
             dRouter = into.router;
           } else dRouter = groupedGemm('TN', s.x, dLogitsC, all, { dtype: 'f32' }).view(H, E);
         } catch (e) {
-          dxWork.dispose();
+          dxWork?.dispose();
           throw e;
         }
-        const dx = settle(dxWork);
+        let dx: Tensor;
+        if (dxWork) dx = settle(dxWork);
+        else {
+          dx = dxScaled as Tensor;
+          addInto(dx, dxRouter);
+        }
         let sharedW13: Tensor | null = null;
         let sharedW2: Tensor | null = null;
         if (sharedGrads) {
@@ -717,9 +756,9 @@ export class MoELayer implements Disposable {
       // Placeholders for the counts the dispatch does not read (the forward returned the real ones).
       const none = (): Tensor => Tensor.zeros([1], { dtype: 'i32', device: this.device });
       const again = { ...layout, dropped: none(), invalid: none() };
-      const { rows, scales, handle } = settle(
-        this.dispatcher.dispatchAsync(s.x, s.indices, s.weights, again, queued ? { after: queued } : {}),
-      );
+      // The same rows as the forward's: w·x again with routeWeightsOn 'input' (the same kernel, the same bits).
+      const { xIn, wOut } = this.expertInput(s.x, s.weights);
+      const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(xIn, s.indices, wOut, again, queued ? { after: queued } : {}));
       made.handle = handle;
       dispatched = { rows, rowScales: scales ?? null, handle };
     }
@@ -762,6 +801,22 @@ export class MoELayer implements Disposable {
       return { dx, dGate: out };
     }
     return { dx, dGate: groupedGemm('TN', x, dLogit, all, { dtype: 'f32' }).view(H) };
+  }
+
+  /**
+   * What the routed experts take and the weights their outputs come back with: x and the router's
+   * weights; with routeWeightsOn 'input' (top-1), w·x per token (a one-row-per-token unpermute: fp32
+   * products, one rounding) and weights of 1.
+   */
+  private expertInput(x: Tensor, weights: Tensor): { xIn: Tensor; wOut: Tensor } {
+    if (this.config.routeWeightsOn === 'output') return { xIn: x, wOut: weights };
+    const T = x.shape[0] as number;
+    return { xIn: unpermute(x, this.tokenRows(T), weights), wOut: this.ones(T) };
+  }
+
+  /** Weights [T,1] f32 of 1 (routeWeightsOn 'input': the experts' outputs added as they are), cached per T. */
+  private ones(T: number): Tensor {
+    return cachedPerTokenCount(this.onesCache, T, () => Tensor.full([T, 1], 1, { device: this.device }));
   }
 
   /** Rows [T,1] i32 holding 0…T-1: the shared gate's one-row-per-token unpermute (cached per T, as wholeBatch). */
@@ -839,6 +894,7 @@ export class MoELayer implements Disposable {
       choiceField('padToCapacity', c.padToCapacity, [false, true]),
       n('sharedFfn', c.sharedFfn),
       choiceField('sharedGate', c.sharedGate, [false, true]),
+      choiceField('routeWeightsOn', c.routeWeightsOn, ROUTE_WEIGHTS_ON),
       choiceField('fp8Dispatch', c.fp8Dispatch, [false, true, 'keep']),
       choiceField('recompute', c.recompute, RECOMPUTE_MODES),
       choiceField('dtype', c.dtype, ['f32', 'bf16']),
@@ -875,10 +931,12 @@ export class MoELayer implements Disposable {
       this.bias,
       ...this.allOffsets.values(),
       ...this.tokenRowsCache.values(),
+      ...this.onesCache.values(),
     ])
       t?.dispose();
     this.allOffsets.clear();
     this.tokenRowsCache.clear();
+    this.onesCache.clear();
     this.dispatcher.dispose();
     this.ownStream?.dispose();
   }

@@ -207,6 +207,7 @@ export const HF_LAYER_FIELDS = [
   'routeScale',
   'sharedFfn',
   'sharedGate',
+  'routeWeightsOn',
 ] as const;
 export type HfLayerField = (typeof HF_LAYER_FIELDS)[number];
 

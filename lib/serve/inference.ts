@@ -486,6 +486,7 @@ export class MoEInference implements Disposable {
           selectionBias: true,
           sharedFfn: c.sharedFfn,
           sharedGate: c.sharedGate,
+          routeWeightsOn: c.routeWeightsOn,
           ...(c.capacityFactor === undefined ? {} : { capacityFactor: c.capacityFactor }),
           dropPolicy: c.dropPolicy,
           group: layer.group,
@@ -511,7 +512,7 @@ export class MoEInference implements Disposable {
     layer?: number,
     options: Omit<
       MoEInferenceConfig,
-      HfLayerField | 'selectionBias' | 'routeWeightsOn' | 'routerBias' | 'expertBias' | 'activation' | 'swigluAlpha' | 'swigluLimit'
+      HfLayerField | 'selectionBias' | 'routerBias' | 'expertBias' | 'activation' | 'swigluAlpha' | 'swigluLimit'
     > = {},
   ): MoEInference {
     options = checkOptions(options, 'MoEInference.fromHf', {
@@ -537,7 +538,6 @@ export class MoEInference implements Disposable {
           device,
           ...layerFieldsOf(b),
           selectionBias: b.selectionBias,
-          routeWeightsOn: b.routeWeightsOn,
           routerBias: b.routerBias,
           expertBias: b.expertBias,
           ...(b.activation.kind === 'clamped-swiglu'

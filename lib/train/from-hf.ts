@@ -44,11 +44,6 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
       op,
       `the ${b.family} block has biases in its router and experts and a ${b.activation.kind} activation, which MoELayer does not train; MoEInference.fromHf serves it`,
     );
-  if (b.routeWeightsOn !== 'output')
-    invalidArgument(
-      op,
-      `the ${b.family} block applies its router weights to the experts' input (routeWeightsOn '${b.routeWeightsOn}'), which MoELayer does not train; MoEInference.fromHf serves it`,
-    );
   const group = checkGroup(options.group, op);
   const device = options.device ?? getDefaultDevice();
   const moe = new MoELayer({ ...options, device, ...layerFieldsOf(b) });

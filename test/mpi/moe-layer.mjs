@@ -133,15 +133,18 @@ progress('1b: fp8 dispatch∘combine');
 //    With fp8Dispatch 'keep' both layers quantise the same rows to e4m3 (row by row, wherever the
 //    row goes), so they still agree to the same tolerances. The capacity configuration gates the
 //    shared expert (sharedGate): its gradient, replicated like the router's, is each rank's own.
+//    Llama 4's configuration puts the router weight on the experts' input (routeWeightsOn 'input').
 const size = gpu ? { hidden: 64, ffn: 32, T: 96 } : { hidden: 16, ffn: 8, T: 24 };
 const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, again: 0 };
 // 'layer' on the padded configuration: its re-dispatch takes the dispatcher's cached layouts, which
 // only the handle's dispose releases (a leak found in review: checked below, after the layers go).
-const recomputeOf = ['experts', 'layer', 'layer'];
+const recomputeOf = ['experts', 'layer', 'layer', 'layer'];
 for (const [i, extra] of [
   {},
   { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid', sharedGate: true },
   { fp8Dispatch: 'keep', hidden: 128 },
+  // Llama 4's router weight on the input: w·x crosses the ranks, and backward brings d(w·x) back before the router's.
+  { routeWeightsOn: 'input', topK: 1, scoreFunction: 'sigmoid' },
 ].entries()) {
   const H = extra.hidden ?? size.hidden;
   const cfg = { ffn: size.ffn, numExperts: 4 * P, topK: 2, seed: 42, sharedFfn: 4, auxLossCoef: 0.01, ...extra, hidden: H };

@@ -20,11 +20,11 @@ const seed = Number(seedArg);
 const { layers } = buildHfCheckpoint(null, cfg, { write: false, seed, dtype });
 const { H, E, k, Fs } = moeSizes(cfg);
 
-/** Whether moeLayerFromHf takes the block (Llama 4's and gpt-oss's it refuses). */
+/** Whether moeLayerFromHf takes the block (gpt-oss's it refuses). */
 const b0 = HfMoECheckpoint.open(dir);
 const block = b0.block;
 b0.close();
-const trainable = block.routeWeightsOn === 'output' && !block.routerBias && !block.expertBias && block.activation.kind === 'swiglu';
+const trainable = !block.routerBias && !block.expertBias && block.activation.kind === 'swiglu';
 
 for (const capacityFactor of [undefined, E / k]) {
   const ckpt = HfMoECheckpoint.open(dir);
@@ -53,7 +53,7 @@ for (const capacityFactor of [undefined, E / k]) {
       `${family} layer ${layer}, ${capacityFactor ? `capacity ${capacityFactor}` : 'dropless'}, rank ${rank} of ${P}: relErr ${err} (routing margin ${ref.margin})`,
     );
     inf.dispose();
-    // Llama 4's block (weights on the experts' input) and gpt-oss's are served, not trained (moeLayerFromHf refuses them).
+    // gpt-oss's block is served, not trained (moeLayerFromHf refuses it).
     if (!trainable) continue;
     // The same block as a training layer across the ranks (moeLayerFromHf): each rank holds its experts, the same output.
     const train = moeLayerFromHf(ckpt, layer, { group: world, dtype: 'f32', device: 'cpu', ...(capacityFactor ? { capacityFactor } : {}) });
