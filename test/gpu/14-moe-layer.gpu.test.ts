@@ -21,6 +21,10 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
     ],
     ['dropless, fp8 dispatch dequantised on arrival, shared expert', { sharedFfn: 64, fp8Dispatch: true }],
     ['capacity 1.25 padded, fp8 dispatch kept as e4m3', { capacityFactor: 1.25, padToCapacity: true, fp8Dispatch: 'keep' }],
+    [
+      "Llama 4's: top-1 sigmoid weight on the expert's input, shared expert",
+      { sharedFfn: 64, topK: 1, scoreFunction: 'sigmoid', routeWeightsOn: 'input' },
+    ],
   ] as const)('%s: forward and backward match the CPU', (_n, extra) => {
     const seed = freshSeed();
     const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, ...extra };
@@ -103,6 +107,10 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
     ['capacity 1.25 padded, communication on its own stream', { capacityFactor: 1.25, padToCapacity: true, commStream: true }],
     ['dropless, fp8 dispatch kept as e4m3', { fp8Dispatch: 'keep' }],
     ['expert choice', { routing: 'expert-choice', capacityFactor: 4 }],
+    [
+      "Llama 4's weight on the input, capacity 1.25 padded",
+      { topK: 1, routeWeightsOn: 'input', capacityFactor: 1.25, padToCapacity: true },
+    ],
   ] as const)("%s: recompute 'experts' and 'layer' give the bits of 'none', keeping less", (_n, extra) => {
     const seed = freshSeed();
     const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, device: gpu, dtype: 'bf16', ...extra };
