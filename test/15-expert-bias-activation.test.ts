@@ -108,9 +108,10 @@ describe.each(floatTypes)('expertBias %s', (dtype) => {
 
   it('offsets out of order or past the rows write nothing out of bounds; NaN-poisoned rows outside every range stay NaN', () => {
     using rows = poisoned([4, 2], dtype, cpu);
-    using bias = Tensor.full([3, 2], 1, { dtype, device: cpu });
-    // Expert 0: rows [2, 1) → none; expert 1: [1, 99) → clamped to [1, 4); expert 2: [-5, 0) → none.
-    using off = Tensor.fromArray([2, 1, 99, 0], { dtype: 'i32', device: cpu });
+    using bias = Tensor.full([4, 2], 1, { dtype, device: cpu });
+    // Expert 0: rows [2, 1) → none; expert 1: [1, 99) → clamped to [1, 4); expert 2: [99, −5) →
+    // none; expert 3: [−5, 0) → clamped to [0, 0), none.
+    using off = Tensor.fromArray([2, 1, 99, -5, 0], { dtype: 'i32', device: cpu });
     rows.narrow(0, 1, 3).copy_(Tensor.zeros([3, 2], { dtype, device: cpu }));
     expertBias(rows, bias, off);
     expect(values(rows)).toEqual([NaN, NaN, 1, 1, 1, 1, 1, 1]);
@@ -143,6 +144,14 @@ describe('expertBias and clampedSwiglu: bad calls name the argument', () => {
       using small = Tensor.zeros([4, 2], { dtype: 'bf16', device: cpu });
       expectInvalidArgument(() => clampedSwiglu(rows, { out: small }), /clampedSwiglu: 'out' .* should have shape \[4,3\]/);
       expectInvalidArgument(() => clampedSwiglu(rows, { gate: 1 } as never), /clampedSwiglu: .*'gate'/);
+      // In place or overlapping: refused (the kernel's threads would read what others wrote).
+      using flat = Tensor.zeros([8], { dtype: 'bf16', device: cpu });
+      using h = flat.view(2, 4);
+      using inside = flat.narrow(0, 0, 4);
+      using out = inside.view(2, 2);
+      expectInvalidArgument(() => clampedSwiglu(h, { out }), /clampedSwiglu: 'out' overlaps 'h13' in memory/);
+      using sameRows = rows.narrow(0, 0, 2);
+      expectInvalidArgument(() => expertBias(rows, sameRows, off), /expertBias: 'rows' overlaps 'bias' in memory/);
     }
     expect(memoryStats(cpu).liveBytes).toBe(live);
   });

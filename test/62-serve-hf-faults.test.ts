@@ -262,6 +262,41 @@ describe('tensors', () => {
     );
   });
 
+  it("gpt-oss's MXFP4: blocks not U8, scales missing or of the wrong shape, widths that are not multiples of 32; inspect names the one problem", () => {
+    const go = testConfigs.gpt_oss;
+    const dir = join(root, `c${n++}`);
+    const built = buildHfCheckpoint(dir, go, { shards: 0, seed: 7 });
+    const blocks = 'model.layers.1.mlp.experts.gate_up_proj_blocks';
+    const scales = 'model.layers.1.mlp.experts.down_proj_scales';
+    const rewrite = (map: (e: (typeof built.entries)[number]) => (typeof built.entries)[number] | null): void =>
+      writeSafetensorsFile(
+        join(dir, 'model.safetensors'),
+        built.entries.map(map).filter((e) => e !== null),
+      );
+    rewrite((e) => (e.name === blocks ? { ...e, dtype: 'BF16', shape: [8, 64, 2, 8] } : e));
+    expectCheckpointError(
+      dir,
+      /model\.safetensors: tensor 'model\.layers\.1\.mlp\.experts\.gate_up_proj_blocks' is bf16; MXFP4 blocks and scales are U8/,
+    );
+    rewrite((e) => (e.name === scales ? null : e));
+    expectCheckpointError(dir, /tensor 'model\.layers\.1\.mlp\.experts\.down_proj_scales' is not in the checkpoint/);
+    rewrite((e) => (e.name === scales ? { ...e, shape: [8, 32, 2] } : e));
+    expectCheckpointError(
+      dir,
+      /tensor 'model\.layers\.1\.mlp\.experts\.down_proj_scales' is \[8,32,2\] but the gpt_oss config \(config\.json\) needs \[8,64,1\]/,
+    );
+    rewrite((e) => e);
+    fs.writeFileSync(join(dir, 'config.json'), JSON.stringify({ ...go, intermediate_size: 40 }));
+    const width =
+      /the experts are in MXFP4 \('model\.layers\.1\.mlp\.experts\.gate_up_proj_blocks'\), whose blocks hold 32 values of a row: intermediate_size 40 is not a multiple of 32/;
+    expectCheckpointError(dir, width);
+    using ckpt = HfMoECheckpoint.open(dir);
+    // The experts' one problem is the width (not every tensor of an unpacked layout besides).
+    const problems = ckpt.inspectLayer(1).problems;
+    expect(problems).toHaveLength(1);
+    expect(problems[0]).toMatch(width);
+  });
+
   it('FP8 weights: a block size other than 128×128, columns not a multiple of 128, scales of the wrong shape', () => {
     const fp8cfg = {
       ...cfg,

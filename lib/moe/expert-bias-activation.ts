@@ -14,7 +14,7 @@
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
-import { checkFloat32, checkNumber, checkOptions, checkTensor, checkTensors, withOutput } from '../validate.js';
+import { checkFloat32, checkNumber, checkOptions, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
 
 /** gpt-oss's constants (its config's swiglu_limit is the limit). */
 export const GPT_OSS_ALPHA = 1.702;
@@ -24,6 +24,8 @@ export const GPT_OSS_LIMIT = 7;
 export function expertBias(rows: Tensor, bias: Tensor, offsets: Tensor): Tensor {
   const op = 'expertBias';
   checkTensors(op, { rows, bias, offsets });
+  // Written in place: a bias or offsets inside the rows would change as they are read.
+  checkSeparate(op, { rows }, { bias, offsets });
   native().expertBias(rows.handle, bias.handle, offsets.handle);
   return rows;
 }
@@ -51,6 +53,10 @@ export function clampedSwiglu(h13: Tensor, options: ClampedSwigluOptions = {}): 
     op,
     options.out,
     () => Tensor.empty([M, F2 / 2], { dtype: h13.dtype, device: h13.device }),
-    (out) => native().clampedSwiglu(h13.handle, out.handle, alpha, limit),
+    (out) => {
+      // Threads write out[i] while others read h13[2i], h13[2i + 1]: no overlap, not even in place.
+      checkSeparate(op, { out }, { h13 });
+      native().clampedSwiglu(h13.handle, out.handle, alpha, limit);
+    },
   );
 }

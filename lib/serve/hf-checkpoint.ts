@@ -125,7 +125,7 @@ export interface HfMoENames {
   sharedGate: string | null;
   /** gpt-oss: the router's bias [E] (on the logits), or null. */
   routerBias: string | null;
-  /** gpt-oss: the experts' fused biases, gateUp [E,2F] (split as the fused weight) and down [E,H], or null. */
+  /** gpt-oss: the experts' fused biases, gateUp [E,2F] (gate and up interleaved, as w13) and down [E,H], or null. */
   expertBias: { gateUp: string; down: string } | null;
 }
 
@@ -832,19 +832,10 @@ export class HfMoECheckpoint implements Disposable {
         const eb = names.expertBias;
         const b13 = alloc('w13Bias', [El, 2 * F]);
         const b2 = alloc('w2Bias', [El, H]);
-        const interleaved = names.fused?.split === 'interleaved';
         tidy(() => {
           for (let i = 0; i < El; i++) {
-            this.readExpertRows(eb.gateUp, [E, 2 * F], first + i, (src) => {
-              const row = b13.narrow(0, i, 1);
-              if (interleaved) row.copy_(src);
-              else
-                for (const half of [0, 1])
-                  row
-                    .view(1, F, 2)
-                    .narrow(2, half, 1)
-                    .copy_(src.view(1, 2, F).narrow(1, half, 1).transpose(1, 2));
-            });
+            // Interleaved as w13's columns (gpt-oss's layout, the one family with expert biases).
+            this.readExpertRows(eb.gateUp, [E, 2 * F], first + i, (src) => b13.narrow(0, i, 1).copy_(src));
             this.readExpertRows(eb.down, [E, H], first + i, (src) => b2.narrow(0, i, 1).copy_(src));
           }
         });
@@ -914,13 +905,16 @@ export class HfMoECheckpoint implements Disposable {
     if (names.routerBias !== null) wanted.push([names.routerBias, [E], false, 'weight']);
     // Every expert's tensors (the fused ones once; MXFP4's blocks and scales where the files hold them).
     let mxfp4 = false;
+    let expertsReadable = true;
     try {
       mxfp4 = this.isMxfp4(names, F, H);
     } catch (e) {
       if (!(e instanceof CheckpointError)) throw e;
+      // MXFP4 of widths it cannot pack: that one problem, not every tensor of another layout.
       problem(e.message);
+      expertsReadable = false;
     }
-    for (let j = 0; j < (names.expert === null ? 1 : E); j++)
+    for (let j = 0; expertsReadable && j < (names.expert === null ? 1 : E); j++)
       for (const [name, shape, readable] of expertTensors(names, j, E, F, H, mxfp4)) wanted.push([name, shape, true, readable]);
     if (names.shared !== null) for (const [name, shape] of mlpTensors(names.shared, Fs, H)) wanted.push([name, shape, false, 'weight']);
     if (names.sharedGate !== null) wanted.push([names.sharedGate, [1, H], false, 'weight']);

@@ -45,11 +45,12 @@
  *
  * Workspace bytes per T on one rank, R = rowsFor(T): 8·T·E (logits, scores) + 16·T·k (indices,
  * weights, slot, rowOf) + 8·R (rowWeight, rowToken) + 2·R·(2H + F) (rows, expert outputs,
- * activations) + with a shared expert 2·T·(Fs + H), with its gate 2·T·H + 20·T + 12 more, plus
- * 12·E + 32 bytes of counters; f32 layers double the 2-byte terms. workspaceBytes(T) gives the
- * exact figure. Nothing else is held beyond the weights. On the low-latency path across ranks the
- * workspace holds, instead of the one-rank rows, with N = El·P·C: 2·N·(2H + F) (rows, expert
- * outputs, activations) + 8·N + 4·T·(P + k) + 8·P·T·k + 4·(P + El + 1) bytes (made at the first
+ * activations) + with a shared expert 2·T·(Fs + H), with its gate 2·T·H + 20·T + 12 more, with
+ * routeWeightsOn 'input' 2·T·H + 8·T more, with the clamped SwiGLU 4·R·F more (the first
+ * projection's [R,2F], not fused), plus 12·E + 32 bytes of counters; f32 layers double the 2-byte
+ * terms. workspaceBytes(T) gives the exact figure. Nothing else is held beyond the weights. On the
+ * low-latency path across ranks the workspace holds, instead of the one-rank rows, with N = El·P·C:
+ * 2·N·(2H + F) (rows, expert outputs, activations; with the clamped SwiGLU 4·N·F more) + 8·N + 4·T·(P + k) + 8·P·T·k + 4·(P + El + 1) bytes (made at the first
  * forward of T), and the communicator's peer transport holds one buffer shared by every layer on it
  * (decodeGraphs()' transportBytes; sized for the largest T and grown collectively).
  */
