@@ -268,11 +268,12 @@ describe('tensors', () => {
     const built = buildHfCheckpoint(dir, go, { shards: 0, seed: 7 });
     const blocks = 'model.layers.1.mlp.experts.gate_up_proj_blocks';
     const scales = 'model.layers.1.mlp.experts.down_proj_scales';
-    const rewrite = (map: (e: (typeof built.entries)[number]) => (typeof built.entries)[number] | null): void =>
+    const rewrite = (map: (e: (typeof built.entries)[number]) => (typeof built.entries)[number] | null): void => {
       writeSafetensorsFile(
         join(dir, 'model.safetensors'),
         built.entries.map(map).filter((e) => e !== null),
       );
+    };
     rewrite((e) => (e.name === blocks ? { ...e, dtype: 'BF16', shape: [8, 64, 2, 8] } : e));
     expectCheckpointError(
       dir,
