@@ -204,7 +204,16 @@ export {
 export { type LayerMetrics, type StepMetrics } from './train/metrics.js';
 export { MoEModel } from './train/model.js';
 export { Trainer } from './train/trainer.js';
-export { clampedSwiglu, type ClampedSwigluOptions, expertBias, GPT_OSS_ALPHA, GPT_OSS_LIMIT } from './moe/expert-bias-activation.js';
+export {
+  clampedSwiglu,
+  clampedSwigluBackward,
+  type ClampedSwigluOptions,
+  expertBias,
+  expertBiasBackward,
+  type ExpertBiasBackwardOptions,
+  GPT_OSS_ALPHA,
+  GPT_OSS_LIMIT,
+} from './moe/expert-bias-activation.js';
 export { HF_MOE_FAMILIES, type HfMoEBlock, type HfMoEFamily, type HfMoEModel, hfMoEModel } from './serve/hf-config.js';
 export {
   HF_CONFIG_FILE,

@@ -265,6 +265,8 @@ export interface RawBinding {
   // experts' biases and gpt-oss's gated activation
   expertBias(rows: TensorHandle, bias: TensorHandle, offsets: TensorHandle): void;
   clampedSwiglu(h13: TensorHandle, out: TensorHandle, alpha: number, limit: number): void;
+  expertBiasBackward(dRows: TensorHandle, offsets: TensorHandle, out: TensorHandle, accumulate: boolean): void;
+  clampedSwigluBackward(dh: TensorHandle, h13: TensorHandle, out: TensorHandle, alpha: number, limit: number): void;
   // grouped GEMM (experts)
   groupedGemm(
     mode: number,

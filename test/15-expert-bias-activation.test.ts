@@ -3,7 +3,17 @@
 // poisoned first so an unwritten element fails.
 import { describe, expect, it } from 'vitest';
 
-import { clampedSwiglu, type DType, expertBias, GPT_OSS_ALPHA, GPT_OSS_LIMIT, memoryStats, Tensor } from '../lib/index.js';
+import {
+  clampedSwiglu,
+  clampedSwigluBackward,
+  type DType,
+  expertBias,
+  expertBiasBackward,
+  GPT_OSS_ALPHA,
+  GPT_OSS_LIMIT,
+  memoryStats,
+  Tensor,
+} from '../lib/index.js';
 import { expectInvalidArgument, freshSeed, poisoned, values } from './helpers.js';
 
 const cpu = 'cpu' as const;
@@ -118,6 +128,94 @@ describe.each(floatTypes)('expertBias %s', (dtype) => {
   });
 });
 
+describe.each(floatTypes)('the backward ops %s', (dtype) => {
+  it('clampedSwigluBackward: the derivative of the float64 formula (checked by finite differences), zero past each clamp, passing at its ends', () => {
+    const seed = freshSeed();
+    const M = 5,
+      F = 23;
+    using h13 = randomInput([M, 2 * F], dtype, seed, -10, 10);
+    using dh = randomInput([M, F], dtype, seed + 1, -2, 2);
+    // The clamps' ends exactly: gate 7 and up ±7 pass the gradient.
+    h13
+      .narrow(0, 0, 1)
+      .narrow(1, 0, 6)
+      .copy_(Tensor.fromArray([7, 7, 0.5, -7, 8, 9], { shape: [1, 6], dtype, device: cpu }));
+    const hv = values(h13),
+      dv = values(dh);
+    for (const [alpha, limit] of [
+      [GPT_OSS_ALPHA, GPT_OSS_LIMIT],
+      [0.75, Infinity],
+    ] as const) {
+      using out = poisoned([M, 2 * F], dtype, cpu);
+      clampedSwigluBackward(dh, h13, { alpha, limit, out });
+      const got = values(out);
+      const a = Math.fround(alpha);
+      for (let i = 0; i < M * F; i++) {
+        const gate = hv[2 * i] as number,
+          up = hv[2 * i + 1] as number,
+          d = dv[i] as number;
+        // One-sided differences of the float64 forward, stepping into the clamp's range at its ends
+        // (where torch's clamp passes the gradient: the derivative from the inside).
+        const f = (g: number, u: number): number => clampedSwigluRef(g, u, alpha, limit);
+        const eps = 1e-6;
+        const fd = (at: (e: number) => number, step: number): number => (at(step) - at(0)) / step;
+        const wantG = gate > limit ? 0 : d * fd((e) => f(gate + e, up), gate >= limit ? -eps : eps);
+        const wantU = up > limit || up < -limit ? 0 : d * fd((e) => f(gate, up + e), up >= limit ? -eps : eps);
+        // Checked against the closed form too (finite differences alone are loose).
+        const g = Math.min(gate, limit),
+          u = Math.max(-limit, Math.min(up, limit));
+        const sg = 1 / (1 + Math.exp(-a * g));
+        const closedG = gate > limit ? 0 : d * (u + 1) * (sg + a * g * sg * (1 - sg));
+        const closedU = up > limit || up < -limit ? 0 : d * g * sg;
+        expect(Math.abs(closedG - wantG), `seed ${seed}: d gate ${i} closed form against differences`).toBeLessThan(
+          1e-3 * (1 + Math.abs(closedG)),
+        );
+        expect(Math.abs(closedU - wantU), `seed ${seed}: d up ${i} closed form against differences`).toBeLessThan(
+          1e-3 * (1 + Math.abs(closedU)),
+        );
+        const bound = (v: number): number =>
+          4 * ulp[dtype]! * Math.abs(v) + 64 * 2 ** -24 * (1 + Math.abs(d) * (Math.abs(u) + 1) * (1 + Math.abs(a * g))) + step[dtype]!;
+        expect(Math.abs((got[2 * i] as number) - closedG), `seed ${seed}: d gate ${i}`).toBeLessThanOrEqual(bound(closedG));
+        expect(Math.abs((got[2 * i + 1] as number) - closedU), `seed ${seed}: d up ${i}`).toBeLessThanOrEqual(bound(closedU));
+      }
+      if (limit === GPT_OSS_LIMIT) {
+        // gate 7 and up 7 pass; up −7 passes; gate 8 and up 9 are cut.
+        expect(got[0]).not.toBe(0);
+        expect(got[1]).not.toBe(0);
+        expect(got[3]).not.toBe(0);
+        expect(got[4]).toBe(0);
+        expect(got[5]).toBe(0);
+      }
+    }
+  });
+
+  it('expertBiasBackward: each expert the fp32 sum of its rows in order; empty experts zero, padding rows left out; accumulate adds', () => {
+    const seed = freshSeed();
+    const N = 9;
+    const offsets = [0, 4, 4, 7, 12];
+    const M = 14,
+      E = offsets.length - 1;
+    using dRows = randomInput([M, N], dtype, seed, -3, 3);
+    const dv = values(dRows);
+    using off = Tensor.fromArray(offsets, { dtype: 'i32', device: cpu });
+    const want = new Array<number>(E * N).fill(0);
+    for (let e = 0; e < E; e++)
+      for (let n = 0; n < N; n++) {
+        let sum = 0;
+        for (let r = offsets[e] as number; r < (offsets[e + 1] as number); r++) sum = Math.fround(sum + (dv[r * N + n] as number));
+        want[e * N + n] = sum;
+      }
+    using out = poisoned([E, N], 'f32', cpu);
+    expertBiasBackward(dRows, off, { out });
+    expect(values(out), `seed ${seed}`).toEqual(want);
+    expertBiasBackward(dRows, off, { out, accumulate: true });
+    expect(values(out), `seed ${seed}`).toEqual(want.map((v) => Math.fround(v + v)));
+    using fresh = expertBiasBackward(dRows, off);
+    expect(fresh.dtype).toBe('f32');
+    expect(values(fresh)).toEqual(want);
+  });
+});
+
 describe('expertBias and clampedSwiglu: bad calls name the argument', () => {
   it('dtypes, shapes, layouts and options', () => {
     const live = memoryStats(cpu).liveBytes;
@@ -152,6 +250,10 @@ describe('expertBias and clampedSwiglu: bad calls name the argument', () => {
       expectInvalidArgument(() => clampedSwiglu(h, { out }), /clampedSwiglu: 'out' overlaps 'h13' in memory/);
       using sameRows = rows.narrow(0, 0, 2);
       expectInvalidArgument(() => expertBias(rows, sameRows, off), /expertBias: 'rows' overlaps 'bias' in memory/);
+      expectInvalidArgument(() => expertBiasBackward(rows, off, { accumulate: true }), /expertBiasBackward: 'accumulate' needs 'out'/);
+      expectInvalidArgument(() => expertBiasBackward(rows, off, { out: bias }), /expertBiasBackward: 'out'.*dtype/);
+      expectInvalidArgument(() => clampedSwigluBackward(bias, rows), /clampedSwigluBackward: 'dh' .* should have shape \[4,3\]/);
+      expectInvalidArgument(() => clampedSwigluBackward(small, rows, { out: rows }), /clampedSwigluBackward: 'out' overlaps 'h13'/);
     }
     expect(memoryStats(cpu).liveBytes).toBe(live);
   });

@@ -7,6 +7,12 @@
  *   clampedSwiglu(h13 [M,2F]) → [M,F]                        gate and up interleaved by column (w13's layout):
  *       g = min(gate, limit); u = clamp(up, −limit, limit); h = (u + 1) · g · sigmoid(alpha · g)
  *
+ * Backward (training):
+ *   expertBiasBackward(dRows [M,N], offsets) → dBias [E,N] f32     Σ of each expert's rows, in order
+ *   clampedSwigluBackward(dh [M,F], h13 [M,2F]) → dh13 [M,2F]      a clamp passes the gradient within
+ *       its bounds, ends included (torch.clamp's backward); ∂h/∂g = (u + 1)·(s + alpha·g·s·(1 − s)),
+ *       ∂h/∂u = g·s, s = sigmoid(alpha·g)
+ *
  * fp32 math, one rounding into the tensors' dtype (f32, bf16 or f16). The offsets stay on the
  * device (no host read): the kernels clamp each expert's range into the rows, so rows past
  * offsets[E] (capacity padding) are left as they are.
@@ -57,6 +63,52 @@ export function clampedSwiglu(h13: Tensor, options: ClampedSwigluOptions = {}): 
       // Threads write out[i] while others read h13[2i], h13[2i + 1]: no overlap, not even in place.
       checkSeparate(op, { out }, { h13 });
       native().clampedSwiglu(h13.handle, out.handle, alpha, limit);
+    },
+  );
+}
+
+export interface ExpertBiasBackwardOptions {
+  /** Write (or with `accumulate`, add) the gradient here: [E,N] f32. */
+  out?: Tensor;
+  accumulate?: boolean;
+}
+
+/** Each expert's bias gradient [E,N] f32 (E = offsets' length − 1): the sum of its rows of dRows. */
+export function expertBiasBackward(dRows: Tensor, offsets: Tensor, options: ExpertBiasBackwardOptions = {}): Tensor {
+  const op = 'expertBiasBackward';
+  options = checkOptions(options, op, { out: true, accumulate: true });
+  checkTensors(op, { dRows, offsets });
+  const accumulate = options.accumulate ?? false;
+  if (typeof accumulate !== 'boolean') invalidArgument(op, `'accumulate' must be true or false`);
+  if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
+  if (dRows.ndim !== 2 || offsets.ndim !== 1 || (offsets.shape[0] as number) < 1)
+    invalidArgument(op, `'dRows' [${dRows.shape.join(',')}] must be [M, N] and 'offsets' [${offsets.shape.join(',')}] [E+1]`);
+  const E = (offsets.shape[0] as number) - 1;
+  return withOutput(
+    op,
+    options.out,
+    () => Tensor.empty([E, dRows.shape[1] as number], { device: dRows.device }),
+    (out) => {
+      checkSeparate(op, { out }, { dRows, offsets });
+      native().expertBiasBackward(dRows.handle, offsets.handle, out.handle, accumulate);
+    },
+  );
+}
+
+/** dh13 [M,2F] from dh [M,F] and the forward's h13 (see the module doc). */
+export function clampedSwigluBackward(dh: Tensor, h13: Tensor, options: ClampedSwigluOptions = {}): Tensor {
+  const op = 'clampedSwigluBackward';
+  options = checkOptions(options, op, { alpha: true, limit: true, out: true });
+  checkTensors(op, { dh, h13 });
+  const alpha = checkFloat32(checkNumber(options.alpha ?? GPT_OSS_ALPHA, op, 'alpha'), op, 'alpha');
+  const limit = checkNumber(options.limit ?? GPT_OSS_LIMIT, op, 'limit', { finite: false, min: 0, minExclusive: true });
+  return withOutput(
+    op,
+    options.out,
+    () => Tensor.empty([...h13.shape], { dtype: h13.dtype, device: h13.device }),
+    (out) => {
+      checkSeparate(op, { out }, { dh, h13 });
+      native().clampedSwigluBackward(dh.handle, h13.handle, out.handle, alpha, limit);
     },
   );
 }

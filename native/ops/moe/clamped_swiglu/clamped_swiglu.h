@@ -11,7 +11,14 @@ namespace moe::ops {
 
 void clamped_swiglu(const Tensor& h13, const Tensor& out, float alpha, float limit);
 
+// Backward: dh13 [M,2F] (interleaved as h13) from dh [M,F] and the forward's h13; a clamp passes
+// the gradient where its input lies within the bounds (ends included), as torch.clamp's backward.
+// All three one dtype; dh13 apart from both inputs.
+void clamped_swiglu_backward(const Tensor& dh, const Tensor& h13, const Tensor& dh13, float alpha, float limit);
+
 void clamped_swiglu_cpu(const Tensor& h13, const Tensor& out, float alpha, float limit);
 void clamped_swiglu_cuda(const Tensor& h13, const Tensor& out, float alpha, float limit, void* stream);
+void clamped_swiglu_backward_cpu(const Tensor& dh, const Tensor& h13, const Tensor& dh13, float alpha, float limit);
+void clamped_swiglu_backward_cuda(const Tensor& dh, const Tensor& h13, const Tensor& dh13, float alpha, float limit, void* stream);
 
 }  // namespace moe::ops
