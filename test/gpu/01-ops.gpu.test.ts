@@ -2,7 +2,16 @@
 // live device bytes back at their baseline after each test.
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 
-import { clampedSwiglu, type DType, expertBias, memoryStats, ops, Tensor } from '../../lib/index.js';
+import {
+  clampedSwiglu,
+  clampedSwigluBackward,
+  type DType,
+  expertBias,
+  expertBiasBackward,
+  memoryStats,
+  ops,
+  Tensor,
+} from '../../lib/index.js';
 import { ACTIVATION_OPS, ACTIVATIONS, firstActivationMismatch } from '../activation-reference.js';
 import { freshSeed, poisoned, relErr, tolerance, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
@@ -332,7 +341,21 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
         expect(Math.abs((d[i] as number) - (c[i] as number)), `element ${i}`).toBeLessThanOrEqual(
           unit * Math.abs(c[i] as number) + 2 ** -24,
         );
-      for (const t of [rows, grows, bias, gbias, h13, gh13]) t.dispose();
+      // The backward ops: the bias gradient is the same fp32 sums in the same order (the same bits);
+      // the clamped SwiGLU's gradient within a unit of the CPU's (expf again).
+      using dB = expertBiasBackward(rows, off);
+      using gdB = expertBiasBackward(grows, goff);
+      expect(values(gdB)).toEqual(values(dB));
+      const [dh, gdh] = pair([777, 130], dtype);
+      using dg = clampedSwigluBackward(dh, h13);
+      using gdg = clampedSwigluBackward(gdh, gh13);
+      const e = values(dg),
+        f = values(gdg);
+      for (let i = 0; i < e.length; i++)
+        expect(Math.abs((f[i] as number) - (e[i] as number)), `d element ${i}`).toBeLessThanOrEqual(
+          2 * unit * Math.abs(e[i] as number) + 2 ** -20,
+        );
+      for (const t of [rows, grows, bias, gbias, h13, gh13, dh, gdh]) t.dispose();
     },
   );
 });
