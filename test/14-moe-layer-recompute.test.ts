@@ -31,6 +31,10 @@ const CONFIGS: [string, Partial<MoELayerConfig>][] = [
   ["fp8Dispatch 'keep' (e4m3 rows)", { hidden: 128, fp8Dispatch: 'keep' }],
   ['fp8Dispatch true', { hidden: 128, fp8Dispatch: true, sharedFfn: 0 }],
   [
+    "gpt-oss's router and expert biases, clamped SwiGLU (its g and h made again)",
+    { routerBias: true, expertBias: true, activation: 'clamped-swiglu' },
+  ],
+  [
     "Llama 4's router weight on the input (w·x dispatched again), capacity 0.75, bf16",
     { routeWeightsOn: 'input', topK: 1, scoreFunction: 'sigmoid', capacityFactor: 0.75, dtype: 'bf16' },
   ],

@@ -3,7 +3,7 @@
 import { describe, expect, it, vi } from 'vitest';
 
 import { DisposedError, memoryStats, Stream, Tensor, tidy } from '../lib/index.js';
-import { disposeSaved, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
+import { disposeSaved, type MoEGradBuffers, MoELayer, type MoELayerConfig } from '../lib/moe/layer.js';
 import { expertsBackward, expertsForward } from '../lib/moe/experts.js';
 import { dequantizeFp8, quantizeFp8 } from '../lib/moe/fp8.js';
 import { routerForward } from '../lib/moe/router.js';
@@ -24,9 +24,11 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
     w13 = values(layer.master.w13),
     w2 = values(layer.master.w2);
   const logits = new Float32Array(T * E);
+  // gpt-oss: the router's bias on the logits.
+  const rb = layer.master.routerBias ? values(layer.master.routerBias) : null;
   for (let t = 0; t < T; t++)
     for (let e = 0; e < E; e++) {
-      let s = 0;
+      let s = rb ? (rb[e] as number) : 0;
       for (let h = 0; h < H; h++) s += (xv[t * H + h] as number) * (wr[h * E + e] as number);
       logits[t * E + e] = s;
     }
@@ -35,18 +37,30 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
     return { idx: Array.from(o.indices.toArray() as Int32Array), w: values(o.weights) };
   });
   const k = layer.config.topK;
-  const ffn = (inp: readonly number[], t: number, a13: number[], a2: number[], e: number, f: number): number[] => {
+  // gpt-oss's experts: biases after both projections, the clamped SwiGLU between (routed experts only).
+  const clamped = layer.config.activation === 'clamped-swiglu';
+  const b13 = layer.master.w13Bias ? values(layer.master.w13Bias) : null;
+  const b2 = layer.master.w2Bias ? values(layer.master.w2Bias) : null;
+  const { swigluAlpha: alpha, swigluLimit: lim } = layer.config;
+  const ffn = (inp: readonly number[], t: number, a13: number[], a2: number[], e: number, f: number, routed = false): number[] => {
+    const gptOss = routed && clamped;
     const hAct = new Array(f).fill(0);
     for (let i = 0; i < f; i++) {
-      let g1 = 0,
-        g3 = 0;
+      let g1 = gptOss && b13 ? (b13[e * 2 * f + 2 * i] as number) : 0,
+        g3 = gptOss && b13 ? (b13[e * 2 * f + 2 * i + 1] as number) : 0;
       for (let h = 0; h < H; h++) {
         g1 += (inp[t * H + h] as number) * (a13[(e * H + h) * 2 * f + 2 * i] as number);
         g3 += (inp[t * H + h] as number) * (a13[(e * H + h) * 2 * f + 2 * i + 1] as number);
       }
-      hAct[i] = silu(g1) * g3;
+      if (gptOss) {
+        const g = Math.min(g1, lim),
+          u = Math.max(-lim, Math.min(g3, lim));
+        hAct[i] = (u + 1) * (g / (1 + Math.exp(-Math.fround(alpha) * g)));
+      } else hAct[i] = silu(g1) * g3;
     }
-    return Array.from({ length: H }, (_, o) => hAct.reduce((s, hv, i) => s + hv * (a2[(e * f + i) * H + o] as number), 0));
+    return Array.from({ length: H }, (_, o) =>
+      hAct.reduce((s, hv, i) => s + hv * (a2[(e * f + i) * H + o] as number), gptOss && b2 ? (b2[e * H + o] as number) : 0),
+    );
   };
   const y = new Array(T * H).fill(0);
   const s13 = layer.master.sharedW13 ? values(layer.master.sharedW13) : [];
@@ -57,7 +71,7 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
   const scaled = onInput ? xv.map((v, i) => v * (r.w[Math.floor(i / H) * k] as number)) : null;
   for (let t = 0; t < T; t++) {
     for (let j = 0; j < k; j++) {
-      const out = ffn(scaled ?? expertInput ?? xv, t, w13, w2, r.idx[t * k + j] as number, F);
+      const out = ffn(scaled ?? expertInput ?? xv, t, w13, w2, r.idx[t * k + j] as number, F, true);
       for (let h = 0; h < H; h++) y[t * H + h] += (onInput ? 1 : (r.w[t * k + j] as number)) * (out[h] as number);
     }
     // sharedGate: the shared expert's output scaled by sigmoid(x·g).
@@ -68,11 +82,27 @@ function oracle(layer: MoELayer, x: Tensor, expertInput?: readonly number[]): nu
   return y;
 }
 
+/**
+ * gpt-oss's biases start at 0: random ones instead (the experts' first ones large enough that some
+ * pre-activations pass the clamp), so the oracle and the gradients see them.
+ */
+function randomBiases(layer: MoELayer): void {
+  const seed = freshSeed();
+  tidy(() => {
+    const m = layer.master;
+    if (m.routerBias) m.routerBias.copy_(Tensor.randn(m.routerBias.shape, { std: 0.5, seed, device: cpu }));
+    if (m.w13Bias) m.w13Bias.copy_(Tensor.randn(m.w13Bias.shape, { std: 2, seed: seed + 1, device: cpu }));
+    if (m.w2Bias) m.w2Bias.copy_(Tensor.randn(m.w2Bias.shape, { std: 0.5, seed: seed + 2, device: cpu }));
+  });
+  layer.refreshComputeWeights();
+}
+
 const base: MoELayerConfig = { hidden: 8, ffn: 4, numExperts: 4, topK: 2, dtype: 'f32', device: cpu, sharedFfn: 3 };
 
 /** One finite-difference check of MoELayer.backward; false when a perturbation moved the routing. */
 function gradientCheck(config: MoELayerConfig = base): boolean {
   using layer = new MoELayer({ ...config, seed: freshSeed(), auxLossCoef: 0.1, zLossCoef: 0.01 });
+  randomBiases(layer);
   const T = 5;
   using x = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
   using R = Tensor.randn([T, 8], { seed: freshSeed(), device: cpu });
@@ -117,6 +147,10 @@ function gradientCheck(config: MoELayerConfig = base): boolean {
       ['shared w2', grads.sharedW2 as Tensor, layer.master.sharedW2 as Tensor, true],
     ];
     if (layer.master.sharedGate) checks.push(['shared gate', grads.sharedGate as Tensor, layer.master.sharedGate, true]);
+    for (const k of ['routerBias', 'w13Bias', 'w2Bias'] as const) {
+      const m = layer.master[k];
+      if (m) checks.push([k, grads[k] as Tensor, m, true]);
+    }
     const errors = checks.map(([name, g, t, refresh]) => {
       const analytic = values(g);
       const picks = pick(t.numel);
@@ -145,10 +179,15 @@ describe('MoELayer on one rank', () => {
       "Llama 4's: top-1 sigmoid weight on the expert's input, a shared expert",
       { ...base, topK: 1, scoreFunction: 'sigmoid', routeWeightsOn: 'input' },
     ],
+    [
+      "gpt-oss's: router bias, expert biases, clamped SwiGLU (limit 1.5: clamps on both sides)",
+      { ...base, sharedFfn: 0, routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 },
+    ],
   ] as const)('forward equals the float64 oracle: %s', (_n, config) => {
     const before = memoryStats(cpu).liveBytes;
     {
       using layer = new MoELayer({ ...config, seed: freshSeed() });
+      randomBiases(layer);
       tidy(() => {
         const x = Tensor.randn([9, 8], { seed: freshSeed(), device: cpu });
         const f = layer.forward(x);
@@ -280,6 +319,10 @@ describe('MoELayer on one rank', () => {
       " (Llama 4's router weight on the expert's input: its gradient ⟨d(w·x), x⟩)",
       { ...base, topK: 1, scoreFunction: 'sigmoid', routeWeightsOn: 'input' },
     ],
+    [
+      " (gpt-oss's router and expert biases and clamped SwiGLU, limit 1.5)",
+      { ...base, routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 },
+    ],
   ] as [string, MoELayerConfig][])('backward matches finite differences for x, the router and the experts%s', (_name, config) => {
     // Finite differences are only meaningful where the routing is locally constant: a random draw
     // whose top-k nearly ties flips under a ±h step. Such draws are detected (the selection seen by
@@ -290,10 +333,44 @@ describe('MoELayer on one rank', () => {
     throw new Error('no random draw with a locally stable routing in 20 attempts');
   });
 
+  it("gpt-oss's options are checked at construction, naming the field; a gradient buffer for a bias the layer lacks is refused", () => {
+    const live = memoryStats(cpu).liveBytes;
+    expect(() => new MoELayer({ ...base, expertBias: true })).toThrow(/MoELayer: 'expertBias' needs the 'clamped-swiglu' activation/);
+    expect(() => new MoELayer({ ...base, swigluLimit: 3 })).toThrow(
+      /MoELayer: 'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation/,
+    );
+    expect(() => new MoELayer({ ...base, activation: 'gelu' as never })).toThrow(/MoELayer: 'activation'/);
+    expect(() => new MoELayer({ ...base, activation: 'clamped-swiglu', swigluLimit: -1 })).toThrow(
+      /'swigluLimit' = -1 must be greater than 0/,
+    );
+    expect(() => new MoELayer({ ...base, hidden: 128, activation: 'clamped-swiglu', fp8Dispatch: true })).toThrow(
+      /MoELayer: 'fp8Dispatch' is not taken with the 'clamped-swiglu' activation/,
+    );
+    expect(memoryStats(cpu).liveBytes).toBe(live);
+    using layer = new MoELayer({ ...base, seed: freshSeed() });
+    tidy(() => {
+      const x = Tensor.randn([4, 8], { seed: 1, device: cpu });
+      const f = layer.forward(x);
+      const out = {
+        router: Tensor.zeros([8, 4], { device: cpu }),
+        w13: Tensor.zeros(layer.master.w13.shape, { device: cpu }),
+        w2: Tensor.zeros(layer.master.w2.shape, { device: cpu }),
+        sharedW13: Tensor.zeros((layer.master.sharedW13 as Tensor).shape, { device: cpu }),
+        sharedW2: Tensor.zeros((layer.master.sharedW2 as Tensor).shape, { device: cpu }),
+        routerBias: Tensor.zeros([4], { device: cpu }),
+      };
+      expect(() => layer.backward(f, x, { out })).toThrow(
+        /MoELayer\.backward: 'out\.routerBias' was given but the layer has no router bias/,
+      );
+      disposeSaved(f);
+    });
+  });
+
   it.each([
     ['with a shared expert', base],
     ['with a gated shared expert', { ...base, sharedGate: true }],
     ['without one, capacity mode', { ...base, sharedFfn: 0, capacityFactor: 1.25 }],
+    ["gpt-oss's biases and clamped SwiGLU", { ...base, routerBias: true, expertBias: true, activation: 'clamped-swiglu' }],
   ] as [string, MoELayerConfig][])(
     'backward with out and accumulate adds each weight gradient into the buffers: two micro-batches give the sum of two fresh backwards (%s)',
     (_name, config) => {
@@ -309,7 +386,7 @@ describe('MoELayer on one rank', () => {
       // The same two micro-batches into buffers that start at zero.
       const buffers = Object.fromEntries(
         keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu })]),
-      ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor; sharedGate?: Tensor };
+      ) as unknown as MoEGradBuffers;
       batches.forEach(({ x, dy }, b) => {
         const g = layer.backward(layer.forward(x), dy, { out: buffers, accumulate: true });
         for (const k of keys) expect(g[k] ?? null, `${k} comes back as the buffer`).toBe(buffers[k] ?? null);

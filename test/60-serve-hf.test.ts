@@ -489,8 +489,7 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
   });
 
   // moeLayerFromHf: the checkpoint's block as a trainable layer (every family, gated shared experts included).
-  // gpt-oss's block (biases, clamped SwiGLU) is served, not trained: refused below.
-  for (const family of families.filter((f) => f !== 'gpt_oss')) {
+  for (const family of families) {
     it(`moeLayerFromHf (${family}): the training layer computes the family's block from the files' weights, and trains`, () => {
       const c = checkpointAndTokens(family, { dtype: 'f32', shards: 2, layerDtype: 'f32', T: 12, seed: 71 + families.indexOf(family) });
       using ckpt = HfMoECheckpoint.open(c.dir);
@@ -565,7 +564,7 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     c.x.dispose();
   });
 
-  it('gpt-oss: MXFP4 as published and the dequantised BF16 layout give the reference; refused as a training layer; the options checked', () => {
+  it('gpt-oss: MXFP4 as published and the dequantised BF16 layout give the reference, served and as a training layer; the options checked', () => {
     // The BF16 layout (gate_up_proj [E,H,2F] interleaved, as dequantised copies publish it) and the
     // MXFP4 one built from the same seed hold different values: each against its own reference.
     const { quantization_config: _, ...bf16Config } = testConfigs.gpt_oss;
@@ -599,9 +598,22 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
         const err = relErr(y, ref.y);
         expect(err, `${what} layer ${layer}: relErr ${err} (routing margin ${ref.margin})`).toBeLessThan(2e-6);
       }
-      expect(() => moeLayerFromHf(ckpt, 0, { dtype: 'f32', device: 'cpu' })).toThrow(
-        /moeLayerFromHf: the gpt_oss block has biases in its router and experts and a clamped-swiglu activation, which MoELayer does not train/,
-      );
+      // The training layer takes the same biases and activation, and its served copy computes the same bits.
+      using layer = moeLayerFromHf(ckpt, 0, { dtype: 'f32', device: 'cpu' });
+      expect(layer.config).toMatchObject({
+        routerBias: true,
+        expertBias: true,
+        activation: 'clamped-swiglu',
+        swigluAlpha: 1.702,
+        swigluLimit: 7,
+      });
+      using copy = MoEInference.fromLayer(layer);
+      tidy(() => {
+        const x = Tensor.randn([6, 64], { seed: 9, device: 'cpu' });
+        const a = layer.forward(x);
+        expect(Array.from(copy.forward(x).toFloat32Array())).toEqual(Array.from(a.y.toFloat32Array()));
+        disposeSaved(a);
+      });
     }
     // The options on their own.
     const cfg = { hidden: 4, ffn: 2, numExperts: 2, topK: 1, device: 'cpu', dtype: 'f32' } as const;

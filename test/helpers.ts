@@ -106,7 +106,7 @@ export function rng(seed: number): () => number {
 }
 
 /** The weight gradients' names in MoELayer.backward's result (and its `out`). */
-export const MOE_WEIGHT_GRADS = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'] as const;
+export const MOE_WEIGHT_GRADS = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate', 'routerBias', 'w13Bias', 'w2Bias'] as const;
 
 /**
  * Fresh backwards of `layer` over the batches: each weight gradient summed on the host in float64

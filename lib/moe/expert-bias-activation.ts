@@ -22,6 +22,10 @@ import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { checkFloat32, checkNumber, checkOptions, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
 
+/** The experts' activations: SwiGLU (fused into the grouped GEMM) or gpt-oss's clamped SwiGLU. */
+export type ExpertActivationKind = 'swiglu' | 'clamped-swiglu';
+export const EXPERT_ACTIVATIONS: readonly ExpertActivationKind[] = ['swiglu', 'clamped-swiglu'];
+
 /** gpt-oss's constants (its config's swiglu_limit is the limit). */
 export const GPT_OSS_ALPHA = 1.702;
 export const GPT_OSS_LIMIT = 7;

@@ -36,6 +36,7 @@ import {
   checkKeys,
   checkNonNegativeInt,
   checkNonNegativeNumber,
+  checkNumber,
   checkOneOf,
   checkOptions,
   checkPositiveInt,
@@ -44,6 +45,9 @@ import {
 import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type CapacityResult, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
+import { clampedExpertsBackward, clampedExpertsForward } from './clamped-experts.js';
+import { EXPERT_ACTIVATIONS, type ExpertActivationKind, GPT_OSS_ALPHA, GPT_OSS_LIMIT } from './expert-bias-activation.js';
+import { sum } from '../basic-ops.js';
 import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK, type Fp8Rows } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
@@ -89,6 +93,19 @@ export interface MoELayerConfig extends RouterConfig {
    * Llama 4's y = E(w·x), token choice with topK 1 only. Backward gives w's gradient ⟨d(w·x), x⟩.
    */
   routeWeightsOn?: RouteWeightsOn;
+  /**
+   * gpt-oss's block: `routerBias`, a learned bias [E] on the router's logits (it chooses and
+   * weighs); `expertBias`, learned biases after each expert projection, [El,2F] (interleaved as
+   * w13) and [El,H]; `activation` 'clamped-swiglu', (clamp(u, ±limit) + 1)·g·sigmoid(alpha·g),
+   * g = min(gate, limit) (`swigluAlpha` 1.702, `swigluLimit` 7), computed unfused
+   * (lib/moe/clamped-experts.ts). expertBias needs the clamped activation; the clamped activation
+   * takes no fp8Dispatch. The biases start at 0. Defaults: false, false, 'swiglu'.
+   */
+  routerBias?: boolean;
+  expertBias?: boolean;
+  activation?: ExpertActivationKind;
+  swigluAlpha?: number;
+  swigluLimit?: number;
   /** Expert-parallel group (default: this process alone). */
   group?: ExpertParallelGroup;
   /**
@@ -200,6 +217,10 @@ export interface MoEGrads {
   sharedW2: Tensor | null;
   /** sharedGate's gradient [H] f32, or null. */
   sharedGate: Tensor | null;
+  /** gpt-oss: the router bias's [E] and the experts' biases' [El,2F], [El,H] gradients (f32), or null. */
+  routerBias: Tensor | null;
+  w13Bias: Tensor | null;
+  w2Bias: Tensor | null;
 }
 
 /** f32 buffers of the master weights' shapes for backward's weight gradients (its `out`). */
@@ -212,6 +233,10 @@ export interface MoEGradBuffers {
   sharedW2?: Tensor | null;
   /** With sharedGate; without it, left out or null. */
   sharedGate?: Tensor | null;
+  /** With routerBias and expertBias; without them, left out or null. */
+  routerBias?: Tensor | null;
+  w13Bias?: Tensor | null;
+  w2Bias?: Tensor | null;
 }
 
 export interface MoEBackwardOptions {
@@ -237,6 +262,10 @@ interface LayerWeights {
   sharedW13: Tensor | null;
   sharedW2: Tensor | null;
   sharedGate: Tensor | null;
+  /** gpt-oss: the router's bias [E] (f32 in both), the experts' biases [El,2F] and [El,H]; null without. */
+  routerBias: Tensor | null;
+  w13Bias: Tensor | null;
+  w2Bias: Tensor | null;
 }
 
 /**
@@ -275,6 +304,8 @@ export class MoELayer implements Disposable {
   private readonly allOffsets: Map<number, Tensor> = new Map();
   private readonly tokenRowsCache: Map<number, Tensor> = new Map();
   private readonly onesCache: Map<number, Tensor> = new Map();
+  /** The clamped activation without expertBias: zero biases (made at the first use). */
+  private zeroBiases: { w13Bias: Tensor; w2Bias: Tensor } | undefined;
   /** The stream the layer made for `commStream: true` (disposed with the layer). */
   private readonly ownStream: Stream | undefined;
 
@@ -298,6 +329,11 @@ export class MoELayer implements Disposable {
       sharedFfn: true,
       sharedGate: true,
       routeWeightsOn: true,
+      routerBias: true,
+      expertBias: true,
+      activation: true,
+      swigluAlpha: true,
+      swigluLimit: true,
       group: true,
       commStream: true,
       transport: true,
@@ -367,6 +403,20 @@ export class MoELayer implements Disposable {
         op,
         `'routeWeightsOn' 'input' needs token choice with topK 1 (Llama 4's); received ${expertChoice ? "routing 'expert-choice'" : `topK ${this.router.topK}`}: with more, each expert would take its own scaled copy of the token`,
       );
+    const routerBias = checkBoolean(config.routerBias ?? false, op, 'routerBias');
+    const expertBias = checkBoolean(config.expertBias ?? false, op, 'expertBias');
+    const activation = checkOneOf(config.activation ?? 'swiglu', op, 'activation', EXPERT_ACTIVATIONS);
+    if (activation === 'swiglu' && (config.swigluAlpha !== undefined || config.swigluLimit !== undefined))
+      invalidArgument(op, `'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation; the activation is 'swiglu'`);
+    const swigluAlpha = checkFloat32(checkNumber(config.swigluAlpha ?? GPT_OSS_ALPHA, op, 'swigluAlpha'), op, 'swigluAlpha');
+    const swigluLimit = checkNumber(config.swigluLimit ?? GPT_OSS_LIMIT, op, 'swigluLimit', { finite: false, min: 0, minExclusive: true });
+    if (expertBias && activation === 'swiglu')
+      invalidArgument(
+        op,
+        `'expertBias' needs the 'clamped-swiglu' activation (gpt-oss's): the fused SwiGLU has no place for a bias before it`,
+      );
+    if (activation === 'clamped-swiglu' && (config.fp8Dispatch ?? false) !== false)
+      invalidArgument(op, `'fp8Dispatch' is not taken with the 'clamped-swiglu' activation (its first product reads the rows as they are)`);
     this.group = checkGroup(config.group, op);
     const E = this.router.numExperts;
     if (E % this.group.size !== 0)
@@ -398,6 +448,11 @@ export class MoELayer implements Disposable {
       sharedFfn,
       sharedGate,
       routeWeightsOn,
+      routerBias,
+      expertBias,
+      activation,
+      swigluAlpha,
+      swigluLimit,
       fp8Dispatch,
       recompute: checkOneOf(config.recompute ?? 'none', op, 'recompute', RECOMPUTE_MODES),
       dtype,
@@ -444,6 +499,9 @@ export class MoELayer implements Disposable {
       sharedW13: sharedFfn ? normal([1, hidden, 2 * sharedFfn], 1 / Math.sqrt(hidden), 3) : null,
       sharedW2: sharedFfn ? normal([1, sharedFfn, hidden], 1 / Math.sqrt(sharedFfn), 4) : null,
       sharedGate: sharedGate ? normal([hidden], 1 / Math.sqrt(hidden), 5) : null,
+      routerBias: routerBias ? Tensor.zeros([E], { device }) : null,
+      w13Bias: expertBias ? Tensor.zeros([El, 2 * ffn], { device }) : null,
+      w2Bias: expertBias ? Tensor.zeros([El, hidden], { device }) : null,
     };
     this.bias = Tensor.zeros([E], { device });
     this.compute = {
@@ -453,6 +511,10 @@ export class MoELayer implements Disposable {
       sharedW13: sharedFfn ? Tensor.empty([1, hidden, 2 * sharedFfn], { dtype, device }) : null,
       sharedW2: sharedFfn ? Tensor.empty([1, sharedFfn, hidden], { dtype, device }) : null,
       sharedGate: sharedGate ? Tensor.empty([1, hidden, 1], { dtype, device }) : null,
+      // The logits are f32: so is the bias added to them.
+      routerBias: routerBias ? Tensor.empty([E], { device }) : null,
+      w13Bias: expertBias ? Tensor.empty([El, 2 * ffn], { dtype, device }) : null,
+      w2Bias: expertBias ? Tensor.empty([El, hidden], { dtype, device }) : null,
     };
     this.refreshComputeWeights();
   }
@@ -468,6 +530,11 @@ export class MoELayer implements Disposable {
       if (this.compute.sharedW2 && this.master.sharedW2) this.compute.sharedW2.copy_(this.master.sharedW2);
       if (this.compute.sharedGate && this.master.sharedGate)
         this.compute.sharedGate.copy_(this.master.sharedGate.view(1, this.config.hidden, 1));
+      for (const k of ['routerBias', 'w13Bias', 'w2Bias'] as const) {
+        const c = this.compute[k];
+        const m = this.master[k];
+        if (c && m) c.copy_(m);
+      }
     });
   }
 
@@ -493,6 +560,8 @@ export class MoELayer implements Disposable {
       const all = this.wholeBatch(T);
       trace.mark('layer forward: start', x.device);
       const logits = groupedGemm('NN', x, this.compute.router, all, { dtype: 'f32' });
+      // gpt-oss: the router's bias on the logits (it chooses and weighs; its gradient is Σ_t dLogits).
+      if (this.compute.routerBias) logits.add_(this.compute.routerBias);
       // Expert choice: each expert takes its top-C of this rank's T tokens; the T×E (token, expert)
       // pairs then take token choice's T×k path (capacity layout, dispatch, experts, combine).
       const ec = this.router.routing === 'expert-choice' ? expertChoiceForward(logits, this.router) : null;
@@ -546,7 +615,7 @@ export class MoELayer implements Disposable {
       const { xIn, wOut } = this.expertInput(x, r.weights);
       const { rows, scales, handle } = settle(this.dispatcher.dispatchAsync(xIn, r.indices, wOut, cap, routed ? { after: routed } : {}));
       const dispatched: DispatchedRows = { handle, rows, rowScales: scales ?? null };
-      const experts = expertsForward(expertRows(dispatched), this.compute.w13, this.compute.w2, handle.localOffsets);
+      const experts = this.expertsForward(dispatched);
       trace.mark('layer forward: experts', x.device);
       const y = this.dispatcher.combine(experts.out, handle, wOut);
       if (sharedOut) addInto(y, sharedOut);
@@ -658,17 +727,7 @@ export class MoELayer implements Disposable {
         const { dExpertOut, dWeights: dCombined } = settle(
           this.dispatcher.combineBackwardAsync(dy, experts.out, handle, combined, dyReady ? { after: dyReady } : {}),
         );
-        const eg = expertsBackward(
-          dExpertOut,
-          expertRows(dispatched),
-          this.compute.w13,
-          this.compute.w2,
-          handle.localOffsets,
-          { g: experts.g, h: experts.h },
-          {
-            ...(into ? { out: { dW13: into.w13, dW2: into.w2 }, accumulate } : {}),
-          },
-        );
+        const eg = this.expertsBackward(dExpertOut, dispatched, experts, into, accumulate);
         trace.mark('layer backward: experts', dy.device);
         // The dispatch backward waits for the experts' backward only: the router's overlaps it.
         using dAReady = this.markProduced();
@@ -690,6 +749,16 @@ export class MoELayer implements Disposable {
           this.router,
         );
         if (s.dLogitsAux) dLogits.add_(s.dLogitsAux);
+        // gpt-oss: the router bias's gradient, Σ over the tokens of dLogits.
+        let dRouterBias: Tensor | null = null;
+        if (this.master.routerBias) {
+          if (into?.routerBias) {
+            using total = sum(dLogits, 0);
+            if (accumulate) into.routerBias.add_(total);
+            else into.routerBias.copy_(total);
+            dRouterBias = into.routerBias;
+          } else dRouterBias = sum(dLogits, 0);
+        }
         // Router input gradient dLogits · Wrᵀ, summed into dx by the dispatch backward's per-token
         // sum (no pass of its own); queued before it, so its producer overlaps the row exchange.
         const dLogitsC = dLogits.cast(this.config.dtype);
@@ -726,7 +795,18 @@ export class MoELayer implements Disposable {
         }
         if (gateGrads) addInto(dx, gateGrads.dx);
         trace.mark('layer backward: end', dy.device);
-        return { dx, router: dRouter, w13: eg.dW13, w2: eg.dW2, sharedW13, sharedW2, sharedGate: gateGrads?.dGate ?? null };
+        return {
+          dx,
+          router: dRouter,
+          w13: eg.dW13,
+          w2: eg.dW2,
+          sharedW13,
+          sharedW2,
+          sharedGate: gateGrads?.dGate ?? null,
+          routerBias: dRouterBias,
+          w13Bias: eg.dW13Bias,
+          w2Bias: eg.dW2Bias,
+        };
       });
     } finally {
       restored.handle?.dispose();
@@ -763,7 +843,7 @@ export class MoELayer implements Disposable {
       dispatched = { rows, rowScales: scales ?? null, handle };
     }
     const d = dispatched;
-    const experts = s.experts ?? expertsForward(expertRows(d), this.compute.w13, this.compute.w2, d.handle.localOffsets);
+    const experts = s.experts ?? this.expertsForward(d);
     return { dispatched: d, experts, shared };
   }
 
@@ -803,6 +883,65 @@ export class MoELayer implements Disposable {
     return { dx, dGate: groupedGemm('TN', x, dLogit, all, { dtype: 'f32' }).view(H) };
   }
 
+  /** The routed experts on the dispatched rows: the fused SwiGLU, or gpt-oss's (clamped-experts.ts). */
+  private expertsForward(d: DispatchedRows): { g: Tensor; h: Tensor; out: Tensor } {
+    const c = this.compute;
+    if (this.config.activation === 'swiglu') return expertsForward(expertRows(d), c.w13, c.w2, d.handle.localOffsets);
+    return clampedExpertsForward(d.rows, this.clampedWeights(), d.handle.localOffsets, {
+      alpha: this.config.swigluAlpha,
+      limit: this.config.swigluLimit,
+    });
+  }
+
+  /** The routed experts' backward (into the caller's buffers with `into`), the biases' gradients null without them. */
+  private expertsBackward(
+    dOut: Tensor,
+    d: DispatchedRows,
+    saved: { g: Tensor; h: Tensor },
+    into: MoEGradBuffers | undefined,
+    accumulate: boolean,
+  ): { dA: Tensor; dW13: Tensor; dW2: Tensor; dW13Bias: Tensor | null; dW2Bias: Tensor | null } {
+    const c = this.compute;
+    const offsets = d.handle.localOffsets;
+    if (this.config.activation === 'swiglu')
+      return {
+        ...expertsBackward(
+          dOut,
+          expertRows(d),
+          c.w13,
+          c.w2,
+          offsets,
+          saved,
+          into ? { out: { dW13: into.w13, dW2: into.w2 }, accumulate } : {},
+        ),
+        dW13Bias: null,
+        dW2Bias: null,
+      };
+    const act = { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit };
+    const w = this.clampedWeights();
+    // Layers without expertBias keep zero biases of their own for the clamped path; their gradients are not returned.
+    const out =
+      into && into.w13Bias && into.w2Bias
+        ? { out: { dW13: into.w13, dW2: into.w2, dW13Bias: into.w13Bias, dW2Bias: into.w2Bias }, accumulate }
+        : {};
+    const g = clampedExpertsBackward(dOut, d.rows, w, offsets, saved, act, out);
+    if (this.master.w13Bias) return g;
+    g.dW13Bias.dispose();
+    g.dW2Bias.dispose();
+    return { ...g, dW13Bias: null, dW2Bias: null };
+  }
+
+  /** The clamped path's weights: the compute copies, with zero biases where the layer has none. */
+  private clampedWeights(): { w13: Tensor; w2: Tensor; w13Bias: Tensor; w2Bias: Tensor } {
+    const c = this.compute;
+    if (c.w13Bias && c.w2Bias) return { w13: c.w13, w2: c.w2, w13Bias: c.w13Bias, w2Bias: c.w2Bias };
+    this.zeroBiases ??= {
+      w13Bias: Tensor.zeros([this.localExperts, 2 * this.config.ffn], { dtype: this.config.dtype, device: this.device }),
+      w2Bias: Tensor.zeros([this.localExperts, this.config.hidden], { dtype: this.config.dtype, device: this.device }),
+    };
+    return { w13: c.w13, w2: c.w2, ...this.zeroBiases };
+  }
+
   /**
    * What the routed experts take and the weights their outputs come back with: x and the router's
    * weights; with routeWeightsOn 'input' (top-1), w·x per token (a one-row-per-token unpermute: fp32
@@ -835,11 +974,11 @@ export class MoELayer implements Disposable {
    * themselves have the right shapes, and would silently take the gradients).
    */
   private checkGradBuffers(given: unknown, op: string, inputs: { dy: Tensor; x: Tensor }): MoEGradBuffers {
-    const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate'] as const;
+    const keys = ['router', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate', 'routerBias', 'w13Bias', 'w2Bias'] as const;
     if (given === null || typeof given !== 'object' || Array.isArray(given))
       invalidArgument(
         op,
-        `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert, sharedGate with its gate): f32 tensors`,
+        `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert, sharedGate with its gate, routerBias, w13Bias, w2Bias with the biases): f32 tensors`,
       );
     for (const k of Object.keys(given))
       if (!(keys as readonly string[]).includes(k)) invalidArgument(op, `'out' has an unknown key '${k}' (it takes ${keys.join(', ')})`);
@@ -852,7 +991,13 @@ export class MoELayer implements Disposable {
         if (buf !== undefined && buf !== null)
           invalidArgument(
             op,
-            `'out.${key}' was given but the layer has no shared expert${key === 'sharedGate' && this.master.sharedW13 ? ' gate' : ''}`,
+            `'out.${key}' was given but the layer has ${
+              key === 'routerBias'
+                ? 'no router bias'
+                : key === 'w13Bias' || key === 'w2Bias'
+                  ? 'no expert biases'
+                  : `no shared expert${key === 'sharedGate' && this.master.sharedW13 ? ' gate' : ''}`
+            }`,
           );
         continue;
       }
@@ -895,6 +1040,11 @@ export class MoELayer implements Disposable {
       n('sharedFfn', c.sharedFfn),
       choiceField('sharedGate', c.sharedGate, [false, true]),
       choiceField('routeWeightsOn', c.routeWeightsOn, ROUTE_WEIGHTS_ON),
+      choiceField('routerBias', c.routerBias, [false, true]),
+      choiceField('expertBias', c.expertBias, [false, true]),
+      choiceField('activation', c.activation, EXPERT_ACTIVATIONS),
+      n('swigluAlpha', c.swigluAlpha),
+      n('swigluLimit', c.swigluLimit),
       choiceField('fp8Dispatch', c.fp8Dispatch, [false, true, 'keep']),
       choiceField('recompute', c.recompute, RECOMPUTE_MODES),
       choiceField('dtype', c.dtype, ['f32', 'bf16']),
@@ -932,6 +1082,8 @@ export class MoELayer implements Disposable {
       ...this.allOffsets.values(),
       ...this.tokenRowsCache.values(),
       ...this.onesCache.values(),
+      this.zeroBiases?.w13Bias,
+      this.zeroBiases?.w2Bias,
     ])
       t?.dispose();
     this.allOffsets.clear();

@@ -208,12 +208,23 @@ export const HF_LAYER_FIELDS = [
   'sharedFfn',
   'sharedGate',
   'routeWeightsOn',
+  'routerBias',
+  'expertBias',
 ] as const;
 export type HfLayerField = (typeof HF_LAYER_FIELDS)[number];
 
-/** Those fields of a block, for a layer's config. */
-export function layerFieldsOf(b: HfMoEBlock): Pick<HfMoEBlock, HfLayerField> {
-  return Object.fromEntries(HF_LAYER_FIELDS.map((k) => [k, b[k]])) as Pick<HfMoEBlock, HfLayerField>;
+/** The layers' activation options (`activation`, `swigluAlpha`, `swigluLimit`), fixed by a block too. */
+export const HF_ACTIVATION_FIELDS = ['activation', 'swigluAlpha', 'swigluLimit'] as const;
+
+/** Those fields of a block, for a layer's config (the activation's as the layers' options). */
+export function layerFieldsOf(b: HfMoEBlock): Pick<HfMoEBlock, HfLayerField> & {
+  activation?: 'clamped-swiglu';
+  swigluAlpha?: number;
+  swigluLimit?: number;
+} {
+  const fields = Object.fromEntries(HF_LAYER_FIELDS.map((k) => [k, b[k]])) as Pick<HfMoEBlock, HfLayerField>;
+  const a = b.activation;
+  return a.kind === 'swiglu' ? fields : { ...fields, activation: 'clamped-swiglu', swigluAlpha: a.alpha, swigluLimit: a.limit };
 }
 
 export interface HfMoEModel {

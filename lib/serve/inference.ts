@@ -78,7 +78,14 @@ import { checkGroup, Dispatcher, type ExpertParallelGroup, type TransportChoice 
 import { type PeerDecodeBuffers, peerCombineInto, peerDecodeBuffers, peerDecodeNeed, peerDispatchInto } from '../moe/peer-dispatch.js';
 import { type PeerTransport } from '../moe/peer-transport.js';
 import { add } from '../basic-ops.js';
-import { clampedSwiglu, expertBias, GPT_OSS_ALPHA, GPT_OSS_LIMIT } from '../moe/expert-bias-activation.js';
+import {
+  clampedSwiglu,
+  EXPERT_ACTIVATIONS,
+  type ExpertActivationKind,
+  expertBias,
+  GPT_OSS_ALPHA,
+  GPT_OSS_LIMIT,
+} from '../moe/expert-bias-activation.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
 import { MoELayer, SHARED_GATE_ROUTER } from '../moe/layer.js';
 import { permute, unpermute } from '../moe/permute.js';
@@ -92,7 +99,7 @@ import {
   type ScoreFunction,
 } from '../moe/router.js';
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
-import { type HfLayerField, layerFieldsOf } from './hf-config.js';
+import { type HF_ACTIVATION_FIELDS, type HfLayerField, layerFieldsOf } from './hf-config.js';
 
 export interface MoEInferenceConfig {
   hidden: number;
@@ -161,10 +168,6 @@ export interface MoEInferenceWeights {
 }
 
 const WEIGHT_TENSORS = ['router', 'bias', 'w13', 'w2', 'sharedW13', 'sharedW2', 'sharedGate', 'routerBias', 'w13Bias', 'w2Bias'] as const;
-
-/** The experts' activations MoEInference serves. */
-export type ExpertActivationKind = 'swiglu' | 'clamped-swiglu';
-const EXPERT_ACTIVATIONS: readonly ExpertActivationKind[] = ['swiglu', 'clamped-swiglu'];
 
 /** The config field each optional weight needs, for the error naming it. */
 const WEIGHT_FLAG: Partial<Record<(typeof WEIGHT_TENSORS)[number], string>> = {
@@ -471,6 +474,9 @@ export class MoEInference implements Disposable {
       sharedW13: layer.compute.sharedW13?.clone() ?? null,
       sharedW2: layer.compute.sharedW2?.clone() ?? null,
       sharedGate: layer.compute.sharedGate?.clone() ?? null,
+      routerBias: layer.compute.routerBias?.clone() ?? null,
+      w13Bias: layer.compute.w13Bias?.clone() ?? null,
+      w2Bias: layer.compute.w2Bias?.clone() ?? null,
     }));
     try {
       return new MoEInference(
@@ -488,6 +494,10 @@ export class MoEInference implements Disposable {
           sharedFfn: c.sharedFfn,
           sharedGate: c.sharedGate,
           routeWeightsOn: c.routeWeightsOn,
+          routerBias: c.routerBias,
+          expertBias: c.expertBias,
+          activation: c.activation,
+          ...(c.activation === 'clamped-swiglu' ? { swigluAlpha: c.swigluAlpha, swigluLimit: c.swigluLimit } : {}),
           ...(c.capacityFactor === undefined ? {} : { capacityFactor: c.capacityFactor }),
           dropPolicy: c.dropPolicy,
           group: layer.group,
@@ -511,10 +521,7 @@ export class MoEInference implements Disposable {
   static fromHf(
     ckpt: HfMoECheckpoint,
     layer?: number,
-    options: Omit<
-      MoEInferenceConfig,
-      HfLayerField | 'selectionBias' | 'routerBias' | 'expertBias' | 'activation' | 'swigluAlpha' | 'swigluLimit'
-    > = {},
+    options: Omit<MoEInferenceConfig, HfLayerField | (typeof HF_ACTIVATION_FIELDS)[number] | 'selectionBias'> = {},
   ): MoEInference {
     options = checkOptions(options, 'MoEInference.fromHf', {
       capacityFactor: true,
@@ -539,11 +546,6 @@ export class MoEInference implements Disposable {
           device,
           ...layerFieldsOf(b),
           selectionBias: b.selectionBias,
-          routerBias: b.routerBias,
-          expertBias: b.expertBias,
-          ...(b.activation.kind === 'clamped-swiglu'
-            ? { activation: 'clamped-swiglu', swigluAlpha: b.activation.alpha, swigluLimit: b.activation.limit }
-            : {}),
         },
         {
           router: w.router,

@@ -7,17 +7,18 @@
  *   router [1,H,E] → master.router [H,E]        w13, w2 → master.w13, master.w2 (the layer's layout)
  *   e_score_correction_bias → bias [E]          (selection only in both; balancing then moves it)
  *   shared expert → master.sharedW13/W2          shared_expert_gate [1,H,1] → master.sharedGate [H]
+ *   gpt-oss's router.bias → master.routerBias    gate_up_proj_bias, down_proj_bias → master.w13Bias, master.w2Bias
  */
 import { getDefaultDevice } from '../device.js';
 import { invalidArgument } from '../errors.js';
 import { MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { checkGroup } from '../moe/dispatcher.js';
 import { type HfMoECheckpoint, type HfWeightName } from '../serve/hf-checkpoint.js';
-import { HF_LAYER_FIELDS, layerFieldsOf } from '../serve/hf-config.js';
+import { HF_ACTIVATION_FIELDS, HF_LAYER_FIELDS, layerFieldsOf } from '../serve/hf-config.js';
 import { type Tensor, tidy } from '../tensor.js';
 
 /** What the checkpoint fixes: the block's fields, token choice, and the weights (so no seed). */
-const FROM_CHECKPOINT = [...HF_LAYER_FIELDS, 'routing', 'seed'] as const;
+const FROM_CHECKPOINT = [...HF_LAYER_FIELDS, ...HF_ACTIVATION_FIELDS, 'routing', 'seed'] as const;
 /** The rest of MoELayerConfig may be given. */
 export type HfMoELayerOptions = Omit<MoELayerConfig, (typeof FROM_CHECKPOINT)[number]>;
 
@@ -39,11 +40,6 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
   // The layer is named before the MoELayer draws its (then replaced) initial weights.
   ckpt.names(index);
   const b = ckpt.block;
-  if (b.routerBias || b.expertBias || b.activation.kind !== 'swiglu')
-    invalidArgument(
-      op,
-      `the ${b.family} block has biases in its router and experts and a ${b.activation.kind} activation, which MoELayer does not train; MoEInference.fromHf serves it`,
-    );
   const group = checkGroup(options.group, op);
   const device = options.device ?? getDefaultDevice();
   const moe = new MoELayer({ ...options, device, ...layerFieldsOf(b) });
@@ -58,6 +54,9 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
         ...(b.selectionBias ? { bias: moe.bias } : {}),
         ...(m.sharedW13 && m.sharedW2 ? { sharedW13: m.sharedW13, sharedW2: m.sharedW2 } : {}),
         ...(m.sharedGate ? { sharedGate: m.sharedGate.view(1, b.hidden, 1) } : {}),
+        // gpt-oss: the router's and the experts' biases.
+        ...(m.routerBias ? { routerBias: m.routerBias } : {}),
+        ...(m.w13Bias && m.w2Bias ? { w13Bias: m.w13Bias, w2Bias: m.w2Bias } : {}),
       };
       ckpt.readLayer(index, { rank: group.rank, worldSize: group.size, dtype: 'f32', device, into }).dispose();
     });

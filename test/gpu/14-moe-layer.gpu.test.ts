@@ -4,7 +4,7 @@
 import { describe, expect, it, vi } from 'vitest';
 
 import { memoryStats, Tensor, tidy } from '../../lib/index.js';
-import { MoELayer, type MoELayerConfig } from '../../lib/moe/layer.js';
+import { type MoEGradBuffers, MoELayer, type MoELayerConfig } from '../../lib/moe/layer.js';
 import { freshGradientSums, freshSeed, MOE_WEIGHT_GRADS, relErr, values } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
@@ -25,6 +25,10 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
       "Llama 4's: top-1 sigmoid weight on the expert's input, shared expert",
       { sharedFfn: 64, topK: 1, scoreFunction: 'sigmoid', routeWeightsOn: 'input' },
     ],
+    [
+      "gpt-oss's router and expert biases and clamped SwiGLU (limit 1.5: clamps both ways)",
+      { routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 },
+    ],
   ] as const)('%s: forward and backward match the CPU', (_n, extra) => {
     const seed = freshSeed();
     const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, ...extra };
@@ -33,6 +37,14 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
       using g = new MoELayer({ ...config, device: gpu, dtype: 'bf16' });
       using c = new MoELayer({ ...config, device: 'cpu', dtype: 'f32' });
       tidy(() => {
+        // gpt-oss's biases start at 0: random ones (the experts' first large enough to pass the clamp).
+        const biasStd = { routerBias: 0.5, w13Bias: 2, w2Bias: 0.5 } as const;
+        for (const k of ['routerBias', 'w13Bias', 'w2Bias'] as const) {
+          const m = g.master[k];
+          if (m) m.copy_(Tensor.randn(m.shape, { std: biasStd[k], seed: freshSeed(), device: gpu }));
+        }
+        g.refreshComputeWeights();
+        for (const k of ['routerBias', 'w13Bias', 'w2Bias'] as const) c.master[k]?.copy_(g.compute[k] as Tensor);
         // The CPU layer computes in f32 from the bf16-rounded inputs and weights the GPU uses.
         c.master.router.copy_(g.compute.router.view(256, 16));
         c.master.w13.copy_(g.compute.w13);
@@ -63,6 +75,8 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         expect(relErr(values(gg.w13), values(gc.w13)), 'w13').toBeLessThan(5e-2);
         expect(relErr(values(gg.w2), values(gc.w2)), 'w2').toBeLessThan(5e-2);
         if (gc.sharedGate) expect(relErr(values(gg.sharedGate as Tensor), values(gc.sharedGate)), 'sharedGate').toBeLessThan(5e-2);
+        for (const k of ['routerBias', 'w13Bias', 'w2Bias'] as const)
+          if (gc[k]) expect(relErr(values(gg[k] as Tensor), values(gc[k])), k).toBeLessThan(5e-2);
         expect(relErr(values(gg.router), values(gc.router)), 'router').toBeLessThan(5e-2);
       });
     }
@@ -88,7 +102,7 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
         // Buffers poisoned with a known value, not zero: the epilogue must add to what is there.
         const buffers = Object.fromEntries(
           keys.filter((k) => layer.master[k]).map((k) => [k, Tensor.full((layer.master[k] as Tensor).shape, 0.5, { device: gpu })]),
-        ) as unknown as { router: Tensor; w13: Tensor; w2: Tensor; sharedW13?: Tensor; sharedW2?: Tensor; sharedGate?: Tensor };
+        ) as unknown as MoEGradBuffers;
         for (const { x, dy } of batches) layer.backward(layer.forward(x), dy, { out: buffers, accumulate: true });
         for (const k of keys) {
           const buf = buffers[k];

@@ -138,13 +138,15 @@ const size = gpu ? { hidden: 64, ffn: 32, T: 96 } : { hidden: 16, ffn: 8, T: 24 
 const tol = gpu ? { y: 3e-2, grad: 5e-2, again: 1e-5 } : { y: 1e-6, grad: 1e-5, again: 0 };
 // 'layer' on the padded configuration: its re-dispatch takes the dispatcher's cached layouts, which
 // only the handle's dispose releases (a leak found in review: checked below, after the layers go).
-const recomputeOf = ['experts', 'layer', 'layer', 'layer'];
+const recomputeOf = ['experts', 'layer', 'layer', 'layer', 'experts'];
 for (const [i, extra] of [
   {},
   { capacityFactor: 1.0, padToCapacity: true, scoreFunction: 'sigmoid', sharedGate: true },
   { fp8Dispatch: 'keep', hidden: 128 },
   // Llama 4's router weight on the input: w·x crosses the ranks, and backward brings d(w·x) back before the router's.
   { routeWeightsOn: 'input', topK: 1, scoreFunction: 'sigmoid' },
+  // gpt-oss's block: the router's and the experts' biases (0 at the start, on both layers) and the clamped SwiGLU.
+  { routerBias: true, expertBias: true, activation: 'clamped-swiglu' },
 ].entries()) {
   const H = extra.hidden ?? size.hidden;
   const cfg = { ffn: size.ffn, numExperts: 4 * P, topK: 2, seed: 42, sharedFfn: 4, auxLossCoef: 0.01, ...extra, hidden: H };
@@ -178,7 +180,16 @@ for (const [i, extra] of [
       .cast('f32');
     return { xCpu, dyCpu, x: xCpu.copyTo({ dtype, device }), dy: dyCpu.copyTo({ dtype, device }) };
   };
-  const grads = ['dx', 'router', 'w13', 'w2', 'sharedW13', 'sharedW2', ...(extra.sharedGate ? ['sharedGate'] : [])];
+  const grads = [
+    'dx',
+    'router',
+    'w13',
+    'w2',
+    'sharedW13',
+    'sharedW2',
+    ...(extra.sharedGate ? ['sharedGate'] : []),
+    ...(extra.expertBias ? ['routerBias', 'w13Bias', 'w2Bias'] : []),
+  ];
   let want = null; // the EP layer's output and gradients, bit for bit
   tidy(() => {
     const { xCpu, dyCpu, x, dy } = inputs();

@@ -20,12 +20,6 @@ const seed = Number(seedArg);
 const { layers } = buildHfCheckpoint(null, cfg, { write: false, seed, dtype });
 const { H, E, k, Fs } = moeSizes(cfg);
 
-/** Whether moeLayerFromHf takes the block (gpt-oss's it refuses). */
-const b0 = HfMoECheckpoint.open(dir);
-const block = b0.block;
-b0.close();
-const trainable = !block.routerBias && !block.expertBias && block.activation.kind === 'swiglu';
-
 for (const capacityFactor of [undefined, E / k]) {
   const ckpt = HfMoECheckpoint.open(dir);
   for (const [layer, w] of layers) {
@@ -53,8 +47,6 @@ for (const capacityFactor of [undefined, E / k]) {
       `${family} layer ${layer}, ${capacityFactor ? `capacity ${capacityFactor}` : 'dropless'}, rank ${rank} of ${P}: relErr ${err} (routing margin ${ref.margin})`,
     );
     inf.dispose();
-    // gpt-oss's block is served, not trained (moeLayerFromHf refuses it).
-    if (!trainable) continue;
     // The same block as a training layer across the ranks (moeLayerFromHf): each rank holds its experts, the same output.
     const train = moeLayerFromHf(ckpt, layer, { group: world, dtype: 'f32', device: 'cpu', ...(capacityFactor ? { capacityFactor } : {}) });
     const yt = tidy(() => {
@@ -76,7 +68,7 @@ for (const capacityFactor of [undefined, E / k]) {
   // MXFP4 (gpt-oss as published): blocks and scales of both, and the two biases.
   const mxfp4 = cfg.quantization_config?.quant_method === 'mxfp4';
   const perExpert = (names.fused ? (mxfp4 ? 4 : 2) : 3) + (names.expertBias ? 2 : 0);
-  const expected = (trainable ? 2 : 1) * layers.size * (perLayer + perExpert * (E / P));
+  const expected = 2 * layers.size * (perLayer + perExpert * (E / P));
   check(ckpt.stats.tensorsRead === expected, `rank ${rank}: ${ckpt.stats.tensorsRead} tensors read, expected ${expected}`);
   ckpt.close();
 }

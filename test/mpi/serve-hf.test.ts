@@ -14,7 +14,7 @@ afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
 describe.skipIf(!hasMpirun)('serving HF checkpoints under mpirun (CPU, MPI backend)', () => {
   it.each([2, 4])(
-    'EP = %i: Mixtral, DeepSeek-V3, GLM-4.5, Qwen2-MoE, Qwen3-Next, ERNIE 4.5, MiniMax-M2, Hunyuan, Qwen3-VL-MoE, Granite 4.0, Llama 4 and gpt-oss (MXFP4) layouts, dropless and fixed-capacity, each rank its own experts, served and (but gpt-oss) as training layers (moeLayerFromHf), against the family references',
+    'EP = %i: Mixtral, DeepSeek-V3, GLM-4.5, Qwen2-MoE, Qwen3-Next, ERNIE 4.5, MiniMax-M2, Hunyuan, Qwen3-VL-MoE, Granite 4.0, Llama 4 and gpt-oss (MXFP4) layouts, dropless and fixed-capacity, each rank its own experts, served and as training layers (moeLayerFromHf), against the family references',
     (np) => {
       for (const [family, seed] of [
         ['mixtral', 5],
