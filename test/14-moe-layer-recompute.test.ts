@@ -31,8 +31,8 @@ const CONFIGS: [string, Partial<MoELayerConfig>][] = [
   ["fp8Dispatch 'keep' (e4m3 rows)", { hidden: 128, fp8Dispatch: 'keep' }],
   ['fp8Dispatch true', { hidden: 128, fp8Dispatch: true, sharedFfn: 0 }],
   [
-    "gpt-oss's router and expert biases, clamped SwiGLU (its g and h made again)",
-    { routerBias: true, expertBias: true, activation: 'clamped-swiglu' },
+    "gpt-oss's router and expert biases, clamped SwiGLU at limit 1.5 (its g and h made again)",
+    { routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 },
   ],
   [
     "Llama 4's router weight on the input (w·x dispatched again), capacity 0.75, bf16",

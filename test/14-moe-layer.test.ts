@@ -183,6 +183,7 @@ describe('MoELayer on one rank', () => {
       "gpt-oss's: router bias, expert biases, clamped SwiGLU (limit 1.5: clamps on both sides)",
       { ...base, sharedFfn: 0, routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 },
     ],
+    ['the clamped SwiGLU alone (limit 1.5)', { ...base, activation: 'clamped-swiglu', swigluLimit: 1.5 }],
   ] as const)('forward equals the float64 oracle: %s', (_n, config) => {
     const before = memoryStats(cpu).liveBytes;
     {
@@ -371,6 +372,10 @@ describe('MoELayer on one rank', () => {
     ['with a gated shared expert', { ...base, sharedGate: true }],
     ['without one, capacity mode', { ...base, sharedFfn: 0, capacityFactor: 1.25 }],
     ["gpt-oss's biases and clamped SwiGLU", { ...base, routerBias: true, expertBias: true, activation: 'clamped-swiglu' }],
+    [
+      'the clamped SwiGLU without biases (zero ones of the layer, kept across steps)',
+      { ...base, activation: 'clamped-swiglu', swigluLimit: 1.5 },
+    ],
   ] as [string, MoELayerConfig][])(
     'backward with out and accumulate adds each weight gradient into the buffers: two micro-batches give the sum of two fresh backwards (%s)',
     (_name, config) => {

@@ -26,12 +26,14 @@ import {
   disposeState,
   readSafetensors,
   saveCheckpoint,
+  tidy,
   SafetensorsFile,
   splitExperts,
   Tensor,
   writeSafetensors,
 } from '../lib/index.js';
 import { MoELayer } from '../lib/moe/layer.js';
+import { routerWeighting } from '../lib/train/moe-state.js';
 import { packageRoot } from '../lib/native.js';
 
 const root = packageRoot();
@@ -566,6 +568,83 @@ describe('MoE layer state', () => {
     disposeState(plain);
     using r2 = loadCheckpoint(dir2);
     expect(() => loadMoELayer(r2, b, 0)).toThrow(/layer 0 has no shared expert gate \('layers\.0\.shared\.gate'\) but this layer has one/);
+  });
+
+  it("gpt-oss's biases round trip (the same outputs) at EP = 2 → 1; a layer without them, or of another activation or routeWeightsOn, is refused", () => {
+    const gptOss = { ...cfg, routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 } as const;
+    const dir = tmp();
+    // Two ranks' halves of one layer (the same seed: the same global weights), random biases on each.
+    const group = (rank: number) => ({ rank, size: 2, allToAll: () => undefined, allToAllV: () => undefined });
+    using full = new MoELayer({ ...gptOss, seed: 5 });
+    tidy(() => {
+      const m = full.master;
+      m.routerBias?.copy_(Tensor.randn([4], { std: 0.5, seed: 1, device: 'cpu' }));
+      m.w13Bias?.copy_(Tensor.randn(m.w13Bias.shape, { std: 2, seed: 2, device: 'cpu' }));
+      m.w2Bias?.copy_(Tensor.randn(m.w2Bias.shape, { std: 0.5, seed: 3, device: 'cpu' }));
+    });
+    full.refreshComputeWeights();
+    const replicated: Record<string, Tensor> = {};
+    const sharded: Record<string, Tensor> = {};
+    const states = [0, 1].map((rank) => {
+      const half = new MoELayer({ ...gptOss, seed: 5, group: group(rank) });
+      tidy(() => {
+        half.master.routerBias?.copy_(full.master.routerBias as Tensor);
+        half.master.w13Bias?.copy_((full.master.w13Bias as Tensor).narrow(0, 2 * rank, 2));
+        half.master.w2Bias?.copy_((full.master.w2Bias as Tensor).narrow(0, 2 * rank, 2));
+      });
+      const st = moeLayerState(half, 0);
+      Object.assign(replicated, st.replicated);
+      Object.assign(sharded, st.sharded);
+      return { half, st };
+    });
+    expect(Object.keys(sharded)).toEqual(
+      expect.arrayContaining(['layers.0.experts.3.b1', 'layers.0.experts.3.b3', 'layers.0.experts.3.b2']),
+    );
+    expect(Object.keys(replicated)).toContain('layers.0.router.bias');
+    saveCheckpoint(dir, {
+      step: 1,
+      replicated,
+      sharded,
+      manifestExtras: { ep: { size: 2, expertsPerRank: 2 }, router: routerWeighting(full) },
+    });
+    for (const { half, st } of states) {
+      disposeState(st);
+      half.dispose();
+    }
+    using r = loadCheckpoint(dir);
+    using b = new MoELayer({ ...gptOss, seed: 6 });
+    loadMoELayer(r, b, 0);
+    for (const k of ['routerBias', 'w13Bias', 'w2Bias', 'router', 'w13', 'w2'] as const)
+      expect(Array.from((b.master[k] as Tensor).toFloat32Array()), k).toEqual(Array.from((full.master[k] as Tensor).toFloat32Array()));
+    tidy(() => {
+      const xa = x();
+      expect(Array.from(b.forward(xa).y.toFloat32Array())).toEqual(Array.from(full.forward(xa).y.toFloat32Array()));
+    });
+    using plain = new MoELayer({ ...cfg, activation: 'clamped-swiglu', swigluLimit: 1.5, seed: 7 });
+    expect(() => loadMoELayer(r, plain, 0)).toThrow(/layer 0 has a router bias but this layer has none; build it with routerBias true/);
+    using noExpert = new MoELayer({ ...cfg, routerBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5, seed: 7 });
+    expect(() => loadMoELayer(r, noExpert, 0)).toThrow(/layer 0 has expert biases but this layer has none; build it with expertBias true/);
+    using otherLimit = new MoELayer({ ...gptOss, swigluLimit: 7, seed: 7 });
+    expect(() => loadMoELayer(r, otherLimit, 0)).toThrow(/router was trained with swigluLimit 1\.5 but this layer has swigluLimit 7/);
+    // A plain SwiGLU checkpoint (an older record, without the fields) into a clamped layer, and a Llama 4 layer.
+    const dir2 = tmp();
+    using swiglu = new MoELayer({ ...cfg, seed: 8 });
+    const st2 = moeLayerState(swiglu, 0);
+    const { activation: _a, routeWeightsOn: _w, ...older } = routerWeighting(swiglu);
+    saveCheckpoint(dir2, {
+      step: 1,
+      replicated: st2.replicated,
+      sharded: st2.sharded,
+      manifestExtras: { ep: { size: 1, expertsPerRank: 4 }, router: older },
+    });
+    disposeState(st2);
+    using r2 = loadCheckpoint(dir2);
+    using clampedOnly = new MoELayer({ ...cfg, activation: 'clamped-swiglu', seed: 9 });
+    expect(() => loadMoELayer(r2, clampedOnly, 0)).toThrow(
+      /router was trained with activation "swiglu" but this layer has activation "clamped-swiglu"/,
+    );
+    using llama = new MoELayer({ ...cfg, topK: 1, routeWeightsOn: 'input', seed: 9 });
+    expect(() => loadMoELayer(r2, llama, 0)).toThrow(/router was trained with (topK 2|routeWeightsOn "output")/);
   });
 });
 

@@ -43,9 +43,12 @@ export interface ClampedExpertsGrads {
   dW2Bias: Tensor;
 }
 
-/** Where the weight and bias gradients go (f32, of their weights' shapes), added with `accumulate`. */
+/**
+ * Where the weight and bias gradients go (f32, of their weights' shapes), added with `accumulate`;
+ * without the bias buffers the biases' gradients are new tensors.
+ */
 export interface ClampedExpertsBackwardOptions {
-  out?: { dW13: Tensor; dW2: Tensor; dW13Bias: Tensor; dW2Bias: Tensor };
+  out?: { dW13: Tensor; dW2: Tensor; dW13Bias?: Tensor; dW2Bias?: Tensor };
   accumulate?: boolean;
 }
 
@@ -126,11 +129,17 @@ export function clampedExpertsBackward(
   if (into !== undefined) {
     if (into === null || typeof into !== 'object') invalidArgument(op, `'out' must be { dW13, dW2, dW13Bias, dW2Bias }: f32 tensors`);
     checkKeys(into, op, { dW13: true, dW2: true, dW13Bias: true, dW2Bias: true });
-    const bufs = {
+    if ((into.dW13Bias === undefined) !== (into.dW2Bias === undefined))
+      invalidArgument(op, `'out.dW13Bias' and 'out.dW2Bias' come together: give both or neither`);
+    const bufs: Record<string, Tensor> = {
       'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w.w13),
       'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w.w2),
-      'out.dW13Bias': checkGradBuffer(op, 'out.dW13Bias', into.dW13Bias, w.w13Bias),
-      'out.dW2Bias': checkGradBuffer(op, 'out.dW2Bias', into.dW2Bias, w.w2Bias),
+      ...(into.dW13Bias && into.dW2Bias
+        ? {
+            'out.dW13Bias': checkGradBuffer(op, 'out.dW13Bias', into.dW13Bias, w.w13Bias),
+            'out.dW2Bias': checkGradBuffer(op, 'out.dW2Bias', into.dW2Bias, w.w2Bias),
+          }
+        : {}),
     };
     checkApart(op, bufs, { dOut, a, 'saved.g': saved.g, 'saved.h': saved.h, ...w });
   }
@@ -144,10 +153,10 @@ export function clampedExpertsBackward(
   let dg: Tensor | null = null;
   try {
     const dW2 = keep(groupedGemm('TN', saved.h, dOut, offsets, gemmOut(into?.dW2)));
-    const dW2Bias = keep(expertBiasBackward(dOut, offsets, into ? { out: into.dW2Bias, accumulate } : {}));
+    const dW2Bias = keep(expertBiasBackward(dOut, offsets, into?.dW2Bias ? { out: into.dW2Bias, accumulate } : {}));
     dh = groupedGemm('NT', dOut, w.w2, offsets, { dtype: a.dtype });
     dg = clampedSwigluBackward(dh, saved.g, { alpha: act.alpha, limit: act.limit });
-    const dW13Bias = keep(expertBiasBackward(dg, offsets, into ? { out: into.dW13Bias, accumulate } : {}));
+    const dW13Bias = keep(expertBiasBackward(dg, offsets, into?.dW13Bias ? { out: into.dW13Bias, accumulate } : {}));
     const dW13 = keep(groupedGemm('TN', a, dg, offsets, gemmOut(into?.dW13)));
     const dA = groupedGemm('NT', dg, w.w13, offsets, { dtype: a.dtype });
     return { dA, dW13, dW2, dW13Bias, dW2Bias };

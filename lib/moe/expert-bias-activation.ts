@@ -20,7 +20,17 @@
 import { invalidArgument } from '../errors.js';
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
-import { checkFloat32, checkNumber, checkOptions, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
+import {
+  checkBoolean,
+  checkFloat32,
+  checkNumber,
+  checkOneOf,
+  checkOptions,
+  checkSeparate,
+  checkTensor,
+  checkTensors,
+  withOutput,
+} from '../validate.js';
 
 /** The experts' activations: SwiGLU (fused into the grouped GEMM) or gpt-oss's clamped SwiGLU. */
 export type ExpertActivationKind = 'swiglu' | 'clamped-swiglu';
@@ -29,6 +39,36 @@ export const EXPERT_ACTIVATIONS: readonly ExpertActivationKind[] = ['swiglu', 'c
 /** gpt-oss's constants (its config's swiglu_limit is the limit). */
 export const GPT_OSS_ALPHA = 1.702;
 export const GPT_OSS_LIMIT = 7;
+
+/** The experts' options both layers take (MoELayer's and MoEInference's), as given. */
+export interface ExpertBlockOptions {
+  routerBias?: boolean;
+  expertBias?: boolean;
+  activation?: ExpertActivationKind;
+  swigluAlpha?: number;
+  swigluLimit?: number;
+}
+
+/**
+ * Those options checked and resolved, errors naming the field under `op`: the constants belong to
+ * the clamped activation, and the experts' biases need it (the plain SwiGLU is fused into the
+ * grouped GEMM's epilogue, where no bias can go before it).
+ */
+export function resolveExpertOptions(config: ExpertBlockOptions, op: string): Required<ExpertBlockOptions> {
+  const routerBias = checkBoolean(config.routerBias ?? false, op, 'routerBias');
+  const expertBias = checkBoolean(config.expertBias ?? false, op, 'expertBias');
+  const activation = checkOneOf(config.activation ?? 'swiglu', op, 'activation', EXPERT_ACTIVATIONS);
+  if (activation === 'swiglu' && (config.swigluAlpha !== undefined || config.swigluLimit !== undefined))
+    invalidArgument(op, `'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation; the activation is 'swiglu'`);
+  const swigluAlpha = checkFloat32(checkNumber(config.swigluAlpha ?? GPT_OSS_ALPHA, op, 'swigluAlpha'), op, 'swigluAlpha');
+  const swigluLimit = checkNumber(config.swigluLimit ?? GPT_OSS_LIMIT, op, 'swigluLimit', { finite: false, min: 0, minExclusive: true });
+  if (expertBias && activation === 'swiglu')
+    invalidArgument(
+      op,
+      `'expertBias' needs the 'clamped-swiglu' activation (gpt-oss's): the fused SwiGLU has no place for a bias before it`,
+    );
+  return { routerBias, expertBias, activation, swigluAlpha, swigluLimit };
+}
 
 /** Adds each row's expert bias in place (`rows` returned). */
 export function expertBias(rows: Tensor, bias: Tensor, offsets: Tensor): Tensor {

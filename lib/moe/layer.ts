@@ -36,7 +36,6 @@ import {
   checkKeys,
   checkNonNegativeInt,
   checkNonNegativeNumber,
-  checkNumber,
   checkOneOf,
   checkOptions,
   checkPositiveInt,
@@ -46,7 +45,7 @@ import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type CapacityResult, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
 import { clampedExpertsBackward, clampedExpertsForward } from './clamped-experts.js';
-import { EXPERT_ACTIVATIONS, type ExpertActivationKind, GPT_OSS_ALPHA, GPT_OSS_LIMIT } from './expert-bias-activation.js';
+import { EXPERT_ACTIVATIONS, type ExpertActivationKind, resolveExpertOptions } from './expert-bias-activation.js';
 import { sum } from '../basic-ops.js';
 import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK, type Fp8Rows } from './fp8.js';
@@ -403,18 +402,7 @@ export class MoELayer implements Disposable {
         op,
         `'routeWeightsOn' 'input' needs token choice with topK 1 (Llama 4's); received ${expertChoice ? "routing 'expert-choice'" : `topK ${this.router.topK}`}: with more, each expert would take its own scaled copy of the token`,
       );
-    const routerBias = checkBoolean(config.routerBias ?? false, op, 'routerBias');
-    const expertBias = checkBoolean(config.expertBias ?? false, op, 'expertBias');
-    const activation = checkOneOf(config.activation ?? 'swiglu', op, 'activation', EXPERT_ACTIVATIONS);
-    if (activation === 'swiglu' && (config.swigluAlpha !== undefined || config.swigluLimit !== undefined))
-      invalidArgument(op, `'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation; the activation is 'swiglu'`);
-    const swigluAlpha = checkFloat32(checkNumber(config.swigluAlpha ?? GPT_OSS_ALPHA, op, 'swigluAlpha'), op, 'swigluAlpha');
-    const swigluLimit = checkNumber(config.swigluLimit ?? GPT_OSS_LIMIT, op, 'swigluLimit', { finite: false, min: 0, minExclusive: true });
-    if (expertBias && activation === 'swiglu')
-      invalidArgument(
-        op,
-        `'expertBias' needs the 'clamped-swiglu' activation (gpt-oss's): the fused SwiGLU has no place for a bias before it`,
-      );
+    const { routerBias, expertBias, activation, swigluAlpha, swigluLimit } = resolveExpertOptions(config, op);
     if (activation === 'clamped-swiglu' && (config.fp8Dispatch ?? false) !== false)
       invalidArgument(op, `'fp8Dispatch' is not taken with the 'clamped-swiglu' activation (its first product reads the rows as they are)`);
     this.group = checkGroup(config.group, op);
@@ -920,10 +908,12 @@ export class MoELayer implements Disposable {
     const act = { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit };
     const w = this.clampedWeights();
     // Layers without expertBias keep zero biases of their own for the clamped path; their gradients are not returned.
-    const out =
-      into && into.w13Bias && into.w2Bias
-        ? { out: { dW13: into.w13, dW2: into.w2, dW13Bias: into.w13Bias, dW2Bias: into.w2Bias }, accumulate }
-        : {};
+    const out = into
+      ? {
+          out: { dW13: into.w13, dW2: into.w2, ...(into.w13Bias && into.w2Bias ? { dW13Bias: into.w13Bias, dW2Bias: into.w2Bias } : {}) },
+          accumulate,
+        }
+      : {};
     const g = clampedExpertsBackward(dOut, d.rows, w, offsets, saved, act, out);
     if (this.master.w13Bias) return g;
     g.dW13Bias.dispose();
@@ -935,9 +925,10 @@ export class MoELayer implements Disposable {
   private clampedWeights(): { w13: Tensor; w2: Tensor; w13Bias: Tensor; w2Bias: Tensor } {
     const c = this.compute;
     if (c.w13Bias && c.w2Bias) return { w13: c.w13, w2: c.w2, w13Bias: c.w13Bias, w2Bias: c.w2Bias };
+    // Made inside a step's tidy(): kept, the layer's own until dispose.
     this.zeroBiases ??= {
-      w13Bias: Tensor.zeros([this.localExperts, 2 * this.config.ffn], { dtype: this.config.dtype, device: this.device }),
-      w2Bias: Tensor.zeros([this.localExperts, this.config.hidden], { dtype: this.config.dtype, device: this.device }),
+      w13Bias: keep(Tensor.zeros([this.localExperts, 2 * this.config.ffn], { dtype: this.config.dtype, device: this.device })),
+      w2Bias: keep(Tensor.zeros([this.localExperts, this.config.hidden], { dtype: this.config.dtype, device: this.device })),
     };
     return { w13: c.w13, w2: c.w2, ...this.zeroBiases };
   }

@@ -63,10 +63,8 @@ import { checkGroupAgrees, choiceField, numberField, optionalField } from '../pa
 import {
   checkBoolean,
   checkContiguous,
-  checkFloat32,
   checkKeys,
   checkNonNegativeInt,
-  checkNumber,
   checkOneOf,
   checkOptions,
   checkPositiveInt,
@@ -83,8 +81,7 @@ import {
   EXPERT_ACTIVATIONS,
   type ExpertActivationKind,
   expertBias,
-  GPT_OSS_ALPHA,
-  GPT_OSS_LIMIT,
+  resolveExpertOptions,
 } from '../moe/expert-bias-activation.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
 import { MoELayer, SHARED_GATE_ROUTER } from '../moe/layer.js';
@@ -355,16 +352,7 @@ export class MoEInference implements Disposable {
         op,
         `'routeWeightsOn' 'input' needs topK 1 (Llama 4's); received topK ${this.router.topK}: with more, each expert would take its own scaled copy of the token`,
       );
-    const routerBias = checkBoolean(config.routerBias ?? false, op, 'routerBias');
-    const expertBias = checkBoolean(config.expertBias ?? false, op, 'expertBias');
-    const activation = checkOneOf(config.activation ?? 'swiglu', op, 'activation', EXPERT_ACTIVATIONS);
-    if (activation === 'swiglu' && (config.swigluAlpha !== undefined || config.swigluLimit !== undefined))
-      invalidArgument(op, `'swigluAlpha' and 'swigluLimit' set the 'clamped-swiglu' activation; the activation is 'swiglu'`);
-    const swigluAlpha = checkFloat32(checkNumber(config.swigluAlpha ?? GPT_OSS_ALPHA, op, 'swigluAlpha'), op, 'swigluAlpha');
-    const swigluLimit = checkNumber(config.swigluLimit ?? GPT_OSS_LIMIT, op, 'swigluLimit', { finite: false, min: 0, minExclusive: true });
-    // The plain SwiGLU is fused into the grouped GEMM's epilogue, where no bias can go before it.
-    if (expertBias && activation === 'swiglu')
-      invalidArgument(op, `'expertBias' needs the 'clamped-swiglu' activation (gpt-oss's): biases before a fused SwiGLU are not served`);
+    const { routerBias, expertBias, activation, swigluAlpha, swigluLimit } = resolveExpertOptions(config, op);
     const cf = config.capacityFactor;
     if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0))
       invalidArgument(op, `'capacityFactor' must be a positive number (omit it for dropless); received ${String(cf)}`);

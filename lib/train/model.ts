@@ -65,6 +65,9 @@ export class MoEModel implements Disposable {
     this.dtype = dtype;
     const { layers, loss: _loss, ...layerConfig } = config;
     checkPositiveInt(layers, 'MoEModel', 'layers');
+    // Its parameters, gradients and checkpoints are the SwiGLU layer's: biases would go untrained.
+    for (const k of ['routerBias', 'expertBias'] as const)
+      if (layerConfig[k]) invalidArgument('MoEModel', `'${k}' is not trained by the model (a MoELayer of your own trains it)`);
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
     this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });

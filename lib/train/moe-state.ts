@@ -7,6 +7,9 @@
  *   layers.{i}.experts.{e}.w2         [F, H]           sharded
  *   layers.{i}.shared.w1|w3|w2        as above         replicated (shared expert)
  *   layers.{i}.shared.gate            [H]     f32      replicated (sharedGate)
+ *   layers.{i}.router.bias            [E]     f32      replicated (routerBias: gpt-oss's, on the logits)
+ *   layers.{i}.experts.{e}.b1|b3      [F]     f32      sharded (expertBias: the first projection's, de-interleaved)
+ *   layers.{i}.experts.{e}.b2         [H]     f32      sharded
  *   layers.{i}.norm.weight, head.weight                replicated
  *   optim.{param name}.exp_avg|exp_avg_sq              next to their parameter (sharded with experts)
  *
@@ -19,7 +22,7 @@ import { CheckpointError, invalidArgument } from '../errors.js';
 import { checkNonNegativeInt, checkOneOf, checkOptions, checkPositiveInt, checkTensor, type OptionKeys } from '../validate.js';
 import { interleaveW13 } from '../moe/experts.js';
 import type { MoELayer } from '../moe/layer.js';
-import { Tensor, tidy } from '../tensor.js';
+import { keep, Tensor, tidy } from '../tensor.js';
 import type { CheckpointReader } from './checkpoint.js';
 
 export type ExpertWeight = 'w1' | 'w3' | 'w2';
@@ -31,6 +34,8 @@ export const ckptNames = {
   expert: (layer: number, e: number, w: ExpertWeight): string => `layers.${layer}.experts.${e}.${w}`,
   shared: (layer: number, w: ExpertWeight): string => `layers.${layer}.shared.${w}`,
   sharedGate: (layer: number): string => `layers.${layer}.shared.gate`,
+  routerBias: (layer: number): string => `layers.${layer}.router.bias`,
+  expertBias: (layer: number, e: number, b: 'b1' | 'b3' | 'b2'): string => `layers.${layer}.experts.${e}.${b}`,
   norm: (layer: number): string => `layers.${layer}.norm.weight`,
   head: 'head.weight',
   optim: (param: string, moment: MomentName): string => `optim.${param}.${moment}`,
@@ -225,7 +230,45 @@ export function moeLayerState(
       splitExperts(layer.master.sharedW13, layer.master.sharedW2, 0, (_e, w) => ckptNames.shared(index, w)),
     );
   if (layer.master.sharedGate) replicated[ckptNames.sharedGate(index)] = layer.master.sharedGate;
+  if (layer.master.routerBias) replicated[ckptNames.routerBias(index)] = layer.master.routerBias;
+  if (layer.master.w13Bias && layer.master.w2Bias) add(sharded, splitExpertBiases(layer.master.w13Bias, layer.master.w2Bias, first, index));
   return { replicated, sharded, owned };
+}
+
+/**
+ * The experts' biases w13Bias [El,2F] (interleaved as w13) and w2Bias [El,H] → per global expert
+ * b1 [F], b3 [F] and b2 [H] (new tensors, de-interleaved).
+ */
+function splitExpertBiases(w13Bias: Tensor, w2Bias: Tensor, first: number, index: number): Record<string, Tensor> {
+  const [El, F2] = w13Bias.shape as [number, number];
+  const out: Record<string, Tensor> = {};
+  tidy(() => {
+    const pairs = w13Bias.view(El, F2 / 2, 2);
+    for (let i = 0; i < El; i++) {
+      const e = first + i;
+      out[ckptNames.expertBias(index, e, 'b1')] = keep(
+        pairs
+          .narrow(0, i, 1)
+          .narrow(2, 0, 1)
+          .contiguous()
+          .view(F2 / 2),
+      );
+      out[ckptNames.expertBias(index, e, 'b3')] = keep(
+        pairs
+          .narrow(0, i, 1)
+          .narrow(2, 1, 1)
+          .contiguous()
+          .view(F2 / 2),
+      );
+      out[ckptNames.expertBias(index, e, 'b2')] = keep(
+        w2Bias
+          .narrow(0, i, 1)
+          .contiguous()
+          .view(w2Bias.shape[1] as number),
+      );
+    }
+  });
+  return out;
 }
 
 /** Disposes the copies moeLayerState() made. */
@@ -255,12 +298,28 @@ export interface RouterWeighting {
   topK?: number;
   groups?: number;
   topkGroups?: number;
+  /** Since 2026-12-05 (session 26): where the weight applies, and the experts' activation. */
+  routeWeightsOn?: string;
+  activation?: string;
+  swigluAlpha?: number;
+  swigluLimit?: number;
 }
 
 /** The manifest's `router` record for `layer` (Trainer.saveCheckpoint writes it). */
 export function routerWeighting(layer: MoELayer): RouterWeighting {
-  const { normalize, routeScale, scoreFunction, topK, groups, topkGroups } = layer.config;
-  return { normalize, routeScale, scoreFunction, topK, groups, topkGroups };
+  const { normalize, routeScale, scoreFunction, topK, groups, topkGroups, routeWeightsOn, activation, swigluAlpha, swigluLimit } =
+    layer.config;
+  return {
+    normalize,
+    routeScale,
+    scoreFunction,
+    topK,
+    groups,
+    topkGroups,
+    routeWeightsOn,
+    activation,
+    ...(activation === 'clamped-swiglu' ? { swigluAlpha, swigluLimit } : {}),
+  };
 }
 
 /**
@@ -279,8 +338,19 @@ function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: 
     model !== null && typeof model === 'object'
       ? { scoreFunction: model['scoreFunction'], topK: model['topK'], groups: model['groups'], topkGroups: model['topkGroups'] }
       : {};
-  for (const key of ['scoreFunction', 'topK', 'groups', 'topkGroups'] as const) {
-    const was = recorded !== null && typeof recorded === 'object' && recorded[key] !== undefined ? recorded[key] : fromConfig[key];
+  // Records from before routeWeightsOn and activation existed: 'output' and 'swiglu', the only ones then.
+  const since = recorded !== null && typeof recorded === 'object' ? { routeWeightsOn: 'output', activation: 'swiglu', ...recorded } : null;
+  for (const key of [
+    'scoreFunction',
+    'topK',
+    'groups',
+    'topkGroups',
+    'routeWeightsOn',
+    'activation',
+    'swigluAlpha',
+    'swigluLimit',
+  ] as const) {
+    const was = since !== null && since[key] !== undefined ? since[key] : fromConfig[key as keyof typeof fromConfig];
     if (was !== undefined && was !== now[key])
       throw new CheckpointError(
         `checkpoint ${reader.dir}: layer ${index}'s router was trained with ${key} ${JSON.stringify(was)} but this layer has ${key} ${JSON.stringify(now[key])}; build the layer with the checkpoint's value`,
@@ -330,6 +400,17 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
         ? `checkpoint ${reader.dir}: layer ${index}'s shared expert is gated ('${gateName}') but this layer's is not; build it with sharedGate true`
         : `checkpoint ${reader.dir}: layer ${index} has no shared expert gate ('${gateName}') but this layer has one; build it without sharedGate`,
     );
+  // gpt-oss's biases, either way: a layer with them read without (or the reverse) is another function.
+  const biasName = ckptNames.routerBias(index);
+  const expertBiasName = ckptNames.expertBias(index, first, 'b1');
+  for (const [what, inCkpt, inLayer, option] of [
+    ['a router bias', Object.hasOwn(reader.manifest.tensors, biasName), layer.master.routerBias !== null, 'routerBias'],
+    ['expert biases', Object.hasOwn(reader.manifest.tensors, expertBiasName), layer.master.w13Bias !== null, 'expertBias'],
+  ] as const)
+    if (inCkpt !== inLayer)
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: layer ${index} ${inCkpt ? 'has' : 'has no'} ${what} but this layer ${inLayer ? 'has' : 'has none'}; build it with ${option} ${String(inCkpt)}`,
+      );
   const intoExperts = (
     w13: Tensor,
     w2: Tensor,
@@ -356,6 +437,31 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
   if (layer.master.sharedGate) reader.into(gateName, layer.master.sharedGate);
+  if (layer.master.routerBias) reader.into(biasName, layer.master.routerBias);
+  if (layer.master.w13Bias && layer.master.w2Bias) {
+    const [, F2] = layer.master.w13Bias.shape as [number, number];
+    const pairs = layer.master.w13Bias.view(El, F2 / 2, 2);
+    tidy(() => {
+      for (let i = 0; i < El; i++) {
+        const e = first + i;
+        const b1 = Tensor.empty([F2 / 2], { device: layer.master.w13Bias?.device });
+        const b3 = Tensor.empty([F2 / 2], { device: layer.master.w13Bias?.device });
+        reader.into(ckptNames.expertBias(index, e, 'b1'), b1);
+        reader.into(ckptNames.expertBias(index, e, 'b3'), b3);
+        pairs
+          .narrow(0, i, 1)
+          .narrow(2, 0, 1)
+          .copy_(b1.view(1, F2 / 2, 1));
+        pairs
+          .narrow(0, i, 1)
+          .narrow(2, 1, 1)
+          .copy_(b3.view(1, F2 / 2, 1));
+        using row = (layer.master.w2Bias as Tensor).narrow(0, i, 1);
+        using flat = row.view(row.shape[1] as number);
+        reader.into(ckptNames.expertBias(index, e, 'b2'), flat);
+      }
+    });
+  }
   intoExperts(layer.master.w13, layer.master.w2, expertName, El, first);
   if (layer.master.sharedW13 && layer.master.sharedW2)
     intoExperts(

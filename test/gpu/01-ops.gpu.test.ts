@@ -343,8 +343,10 @@ describe.skipIf(!hasGpu)('CUDA ops against the CPU reference', () => {
         );
       // The backward ops: the bias gradient is the same fp32 sums in the same order (the same bits);
       // the clamped SwiGLU's gradient within a unit of the CPU's (expf again).
+      // (The rows as the CPU holds them: grows took the out-of-order offsets' bias above.)
       using dB = expertBiasBackward(rows, off);
-      using gdB = expertBiasBackward(grows, goff);
+      using rowsOnGpu = rows.to(gpu);
+      using gdB = expertBiasBackward(rowsOnGpu, goff);
       expect(values(gdB)).toEqual(values(dB));
       const [dh, gdh] = pair([777, 130], dtype);
       using dg = clampedSwigluBackward(dh, h13);
