@@ -508,14 +508,16 @@ describe('moe-ep train (CLI)', () => {
 
 describe('checkpoints in training', () => {
   it.each([
-    ['', false],
-    [' (a gated shared expert: its gate and moments saved and read)', true],
-  ] as const)('a run resumed from a checkpoint follows the uninterrupted run exactly%s', async (_n, sharedGate) => {
+    ['', false, {}],
+    [' (a gated shared expert: its gate and moments saved and read)', true, {}],
+    [" (Llama 4's router weight on the experts' input, top-1)", false, { topK: 1, routeWeightsOn: 'input', scoreFunction: 'sigmoid' }],
+    [" (gpt-oss's clamped SwiGLU, limit 1.5)", false, { activation: 'clamped-swiglu', swigluLimit: 1.5 }],
+  ] as const)('a run resumed from a checkpoint follows the uninterrupted run exactly%s', async (_n, sharedGate, extra) => {
     const { mkdtempSync: mk, rmSync: rm } = await import('node:fs');
     const dir = mk(join(tmpdir(), 'moe-resume-'));
     try {
       const cfg = resolveConfig({
-        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, sharedGate },
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, sharedGate, ...extra },
         data: { tokensPerStep: 64 },
         train: { device: 'cpu', steps: 30, progress: false },
       });
@@ -543,6 +545,16 @@ describe('checkpoints in training', () => {
       expect(c.resume(dir)).toBe(12);
       const resumed = c.run().map((s) => s.loss);
       expect(resumed).toEqual(straight.slice(12));
+      // The layer's function is the run's: a run of the other mode is refused at resume.
+      if ('routeWeightsOn' in extra || 'activation' in extra) {
+        const other = resolveConfig({
+          model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, sharedGate },
+          data: { tokensPerStep: 64 },
+          train: { device: 'cpu', steps: 30, progress: false },
+        });
+        using d = new Trainer(other);
+        expect(() => d.resume(dir)).toThrow(/saved by a run with model\.(topK|routeWeightsOn|activation)/);
+      }
     } finally {
       rm(dir, { recursive: true, force: true });
     }
@@ -566,6 +578,8 @@ describe('checkpoints in training', () => {
           topK: 2,
           groups: 1,
           topkGroups: 1,
+          routeWeightsOn: 'output',
+          activation: 'swiglu',
         });
       }
       const layerOf = (routeScale: number): MoELayer =>

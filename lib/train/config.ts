@@ -33,6 +33,11 @@ export interface TrainConfig {
     sharedFfn: number;
     /** Scale the shared expert's output per token by sigmoid(x·g), g learned (Qwen2-MoE); needs sharedFfn. */
     sharedGate: boolean;
+    /** Where the router weight applies: the expert's output, or (Llama 4, top-1 token choice) its input. */
+    routeWeightsOn: 'output' | 'input';
+    /** The experts' activation: SwiGLU, or gpt-oss's clamped SwiGLU with its limit (the biases are not trained here). */
+    activation: 'swiglu' | 'clamped-swiglu';
+    swigluLimit: number;
     /** 'mse': regress the cluster map's output; 'cross-entropy': classify its argmax (hidden classes). */
     loss: 'mse' | 'cross-entropy';
     /** Expert-parallel group size; null: the whole world. Smaller sizes replicate the experts over expert-data-parallel groups. */
@@ -90,6 +95,9 @@ export const defaultConfig: TrainConfig = {
     dropPolicy: 'probs',
     sharedFfn: 0,
     sharedGate: false,
+    routeWeightsOn: 'output',
+    activation: 'swiglu',
+    swigluLimit: 7,
     loss: 'mse',
     epSize: null,
     overlapComm: false,
@@ -167,6 +175,15 @@ export const trainConfigSchema = {
         type: 'boolean',
         description: "scale the shared expert's output per token by sigmoid(x·g), g learned (Qwen2-MoE; needs sharedFfn)",
       },
+      routeWeightsOn: {
+        enum: ['output', 'input'],
+        description: "where the router weight applies: the expert's output, or (Llama 4; topK 1, token choice) its input",
+      },
+      activation: {
+        enum: ['swiglu', 'clamped-swiglu'],
+        description: "the experts' activation: SwiGLU, or gpt-oss's clamped SwiGLU (alpha 1.702, limit swigluLimit)",
+      },
+      swigluLimit: { ...num(undefined, 0), description: "the clamped SwiGLU's limit (gpt-oss: 7); read with activation 'clamped-swiglu'" },
       loss: { enum: ['mse', 'cross-entropy'], description: "'mse' regression, or 'cross-entropy' on the argmax class" },
       epSize: {
         anyOf: [{ type: 'null' }, int(1)],
@@ -335,6 +352,14 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`,
     ],
     [!c.model.sharedGate || c.model.sharedFfn > 0, `config.model.sharedGate: needs a shared expert (config.model.sharedFfn > 0)`],
+    [
+      c.model.routeWeightsOn === 'output' || (c.model.topK === 1 && c.model.routing === 'token-choice'),
+      `config.model.routeWeightsOn 'input': needs config.model.topK 1 and token-choice routing (received topK ${c.model.topK}, routing '${c.model.routing}')`,
+    ],
+    [
+      c.model.activation === 'swiglu' || c.model.fp8Dispatch === false,
+      `config.model.fp8Dispatch: not taken with config.model.activation 'clamped-swiglu'`,
+    ],
     // One fp32 scale per FP8_BLOCK values of a row.
     [
       c.model.fp8Dispatch === false || c.model.hidden % FP8_BLOCK === 0,
