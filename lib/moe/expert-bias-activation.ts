@@ -40,14 +40,24 @@ export const EXPERT_ACTIVATIONS: readonly ExpertActivationKind[] = ['swiglu', 'c
 export const GPT_OSS_ALPHA = 1.702;
 export const GPT_OSS_LIMIT = 7;
 
-/** The experts' options both layers take (MoELayer's and MoEInference's), as given. */
+/** gpt-oss's options, which both layers take (MoELayer's and MoEInference's). */
 export interface ExpertBlockOptions {
+  /** A bias [E] f32 on the router's logits (it chooses and weighs). Default false. */
   routerBias?: boolean;
+  /** The experts' biases after each projection, [El,2F] (interleaved as w13) and [El,H]; needs 'clamped-swiglu'. Default false. */
   expertBias?: boolean;
+  /**
+   * The experts' activation: 'swiglu' (default: silu(gate)·up, fused into the first grouped GEMM)
+   * or 'clamped-swiglu', gpt-oss's (clamp(u, ±limit) + 1)·g·sigmoid(alpha·g), g = min(gate, limit),
+   * with `swigluAlpha` (1.702) and `swigluLimit` (7).
+   */
   activation?: ExpertActivationKind;
   swigluAlpha?: number;
   swigluLimit?: number;
 }
+
+/** Their keys, for the layers' lists of the config keys they take. */
+export const EXPERT_OPTION_KEYS = { routerBias: true, expertBias: true, activation: true, swigluAlpha: true, swigluLimit: true } as const;
 
 /**
  * Those options checked and resolved, errors naming the field under `op`: the constants belong to

@@ -45,7 +45,7 @@ import { keep, Tensor, tidy } from '../tensor.js';
 import { capacity, type CapacityResult, DROP_POLICIES, type DropPolicy } from './capacity.js';
 import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, type TransportChoice } from './dispatcher.js';
 import { clampedExpertsBackward, clampedExpertsForward } from './clamped-experts.js';
-import { EXPERT_ACTIVATIONS, type ExpertActivationKind, resolveExpertOptions } from './expert-bias-activation.js';
+import { EXPERT_ACTIVATIONS, type ExpertBlockOptions, EXPERT_OPTION_KEYS, resolveExpertOptions } from './expert-bias-activation.js';
 import { sum } from '../basic-ops.js';
 import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
 import { FP8_BLOCK, type Fp8Rows } from './fp8.js';
@@ -67,8 +67,12 @@ import {
 } from './router.js';
 import { trace } from '../trace.js';
 
-/** The router's fields (numExperts, topK, scoreFunction, groups, topkGroups, normalize, routeScale, routing) plus: */
-export interface MoELayerConfig extends RouterConfig {
+/**
+ * The router's fields, gpt-oss's options (ExpertBlockOptions: in the training layer the biases are
+ * learned, starting at 0, and the clamped activation takes no fp8Dispatch; its experts run
+ * unfused, lib/moe/clamped-experts.ts), plus:
+ */
+export interface MoELayerConfig extends RouterConfig, ExpertBlockOptions {
   hidden: number;
   ffn: number;
   /**
@@ -92,19 +96,6 @@ export interface MoELayerConfig extends RouterConfig {
    * Llama 4's y = E(w·x), token choice with topK 1 only. Backward gives w's gradient ⟨d(w·x), x⟩.
    */
   routeWeightsOn?: RouteWeightsOn;
-  /**
-   * gpt-oss's block: `routerBias`, a learned bias [E] on the router's logits (it chooses and
-   * weighs); `expertBias`, learned biases after each expert projection, [El,2F] (interleaved as
-   * w13) and [El,H]; `activation` 'clamped-swiglu', (clamp(u, ±limit) + 1)·g·sigmoid(alpha·g),
-   * g = min(gate, limit) (`swigluAlpha` 1.702, `swigluLimit` 7), computed unfused
-   * (lib/moe/clamped-experts.ts). expertBias needs the clamped activation; the clamped activation
-   * takes no fp8Dispatch. The biases start at 0. Defaults: false, false, 'swiglu'.
-   */
-  routerBias?: boolean;
-  expertBias?: boolean;
-  activation?: ExpertActivationKind;
-  swigluAlpha?: number;
-  swigluLimit?: number;
   /** Expert-parallel group (default: this process alone). */
   group?: ExpertParallelGroup;
   /**
@@ -328,11 +319,7 @@ export class MoELayer implements Disposable {
       sharedFfn: true,
       sharedGate: true,
       routeWeightsOn: true,
-      routerBias: true,
-      expertBias: true,
-      activation: true,
-      swigluAlpha: true,
-      swigluLimit: true,
+      ...EXPERT_OPTION_KEYS,
       group: true,
       commStream: true,
       transport: true,

@@ -80,6 +80,8 @@ import {
   clampedSwiglu,
   EXPERT_ACTIVATIONS,
   type ExpertActivationKind,
+  type ExpertBlockOptions,
+  EXPERT_OPTION_KEYS,
   expertBias,
   resolveExpertOptions,
 } from '../moe/expert-bias-activation.js';
@@ -98,7 +100,8 @@ import {
 import { type HfMoECheckpoint, type HfMoEWeights } from './hf-checkpoint.js';
 import { type HF_ACTIVATION_FIELDS, type HfLayerField, layerFieldsOf } from './hf-config.js';
 
-export interface MoEInferenceConfig {
+/** gpt-oss's options (ExpertBlockOptions) take their weights as `weights.routerBias`, `w13Bias` and `w2Bias`. */
+export interface MoEInferenceConfig extends ExpertBlockOptions {
   hidden: number;
   ffn: number;
   numExperts: number;
@@ -120,18 +123,6 @@ export interface MoEInferenceConfig {
    * 4's y = Σ_j E_j(w_j·x), for topK 1 only (with k > 1 each expert would take its own scaled copy).
    */
   routeWeightsOn?: RouteWeightsOn;
-  /** gpt-oss: a bias [E] f32 added to the router's logits (it chooses and weighs); `weights.routerBias`. Default false. */
-  routerBias?: boolean;
-  /** gpt-oss: the experts' biases after each projection, `weights.w13Bias` [El,2F] (interleaved as w13) and `weights.w2Bias` [El,H]. Default false. */
-  expertBias?: boolean;
-  /**
-   * The experts' activation: 'swiglu' (default, silu(gate)·up, fused into the grouped GEMM) or
-   * 'clamped-swiglu', gpt-oss's (u + 1)·g·sigmoid(alpha·g) with g = min(gate, limit), u = up clamped
-   * to ±limit (lib/moe/expert-bias-activation.ts); `swigluAlpha` (1.702) and `swigluLimit` (7) set it.
-   */
-  activation?: ExpertActivationKind;
-  swigluAlpha?: number;
-  swigluLimit?: number;
   /** Per-expert capacity C = ceil(cf·T·k/E) in fixed segments; omitted: dropless. cf = E/k never drops. */
   capacityFactor?: number;
   dropPolicy?: DropPolicy;
@@ -324,11 +315,7 @@ export class MoEInference implements Disposable {
       sharedFfn: true,
       sharedGate: true,
       routeWeightsOn: true,
-      routerBias: true,
-      expertBias: true,
-      activation: true,
-      swigluAlpha: true,
-      swigluLimit: true,
+      ...EXPERT_OPTION_KEYS,
       capacityFactor: true,
       dropPolicy: true,
       group: true,
