@@ -4,8 +4,8 @@
  *   g = a·W13 + b13[e]   [M,2F], gate and up interleaved by column (w13's layout)
  *   h = clampedSwiglu(g) [M,F]
  *   out = h·W2 + b2[e]   [M,H]
- * The grouped GEMM runs without an epilogue; the biases and the activation are passes of their
- * own. Backward: dW2 = hᵀ·dOut, db2 = Σ rows of dOut, dh = dOut·W2ᵀ, dg = clampedSwigluBackward,
+ * The grouped GEMM runs without an epilogue; the biases (where given: gpt-oss's expertBias) and
+ * the activation are passes of their own. Backward: dW2 = hᵀ·dOut, db2 = Σ rows of dOut, dh = dOut·W2ᵀ, dg = clampedSwigluBackward,
  * db13 = Σ rows of dg, dW13 = aᵀ·dg, dA = dg·W13ᵀ (weight and bias gradients in f32).
  */
 import { invalidArgument } from '../errors.js';
@@ -14,12 +14,12 @@ import { Tensor } from '../tensor.js';
 import { clampedSwiglu, clampedSwigluBackward, expertBias, expertBiasBackward } from './expert-bias-activation.js';
 import { groupedGemm } from './grouped-gemm.js';
 
-/** The experts' weights: w13 [E,H,2F], w2 [E,F,H], and their biases w13Bias [E,2F], w2Bias [E,H] (one dtype). */
+/** The experts' weights: w13 [E,H,2F], w2 [E,F,H], and their biases w13Bias [E,2F], w2Bias [E,H] or none (one dtype). */
 export interface ClampedExpertWeights {
   w13: Tensor;
   w2: Tensor;
-  w13Bias: Tensor;
-  w2Bias: Tensor;
+  w13Bias?: Tensor | null;
+  w2Bias?: Tensor | null;
 }
 
 /** The clamped SwiGLU's constants (gpt-oss: alpha 1.702, limit 7). */
@@ -39,31 +39,53 @@ export interface ClampedExpertsGrads {
   dA: Tensor;
   dW13: Tensor;
   dW2: Tensor;
-  dW13Bias: Tensor;
-  dW2Bias: Tensor;
+  /** Null without biases. */
+  dW13Bias: Tensor | null;
+  dW2Bias: Tensor | null;
+}
+
+/** Write g [M,2F], h [M,F] and out [M,H] here (a's dtype and device, contiguous) instead of new tensors. */
+export interface ClampedExpertsForwardOptions {
+  into?: { g: Tensor; h: Tensor; out: Tensor };
 }
 
 /**
  * Where the weight and bias gradients go (f32, of their weights' shapes), added with `accumulate`;
- * without the bias buffers the biases' gradients are new tensors.
+ * without the bias buffers the biases' gradients (with biases) are new tensors.
  */
 export interface ClampedExpertsBackwardOptions {
   out?: { dW13: Tensor; dW2: Tensor; dW13Bias?: Tensor; dW2Bias?: Tensor };
   accumulate?: boolean;
 }
 
-/** The weights' shapes against each other and the rows: a [M,H], w13 [E,H,2F], w2 [E,F,H], biases [E,2F] and [E,H]. */
-function checkWeights(op: string, a: Tensor, w: ClampedExpertWeights, offsets: Tensor): void {
-  if (w === null || typeof w !== 'object') invalidArgument(op, `'weights' must be { w13, w2, w13Bias, w2Bias }`);
-  checkTensors(op, { a, 'weights.w13': w.w13, 'weights.w2': w.w2, 'weights.w13Bias': w.w13Bias, 'weights.w2Bias': w.w2Bias, offsets });
+/**
+ * The weights' shapes against each other and the rows: a [M,H], w13 [E,H,2F], w2 [E,F,H], biases
+ * [E,2F] and [E,H] (both or neither). Returns whether there are biases.
+ */
+function checkWeights(op: string, a: Tensor, w: ClampedExpertWeights, offsets: Tensor): boolean {
+  if (w === null || typeof w !== 'object') invalidArgument(op, `'weights' must be { w13, w2, w13Bias?, w2Bias? }`);
+  const biased = w.w13Bias !== undefined && w.w13Bias !== null;
+  if (biased !== (w.w2Bias !== undefined && w.w2Bias !== null))
+    invalidArgument(op, `'weights.w13Bias' and 'weights.w2Bias' come together: give both or neither`);
+  checkTensors(op, {
+    a,
+    'weights.w13': w.w13,
+    'weights.w2': w.w2,
+    offsets,
+    ...(biased ? { 'weights.w13Bias': w.w13Bias, 'weights.w2Bias': w.w2Bias } : {}),
+  });
   if (w.w13.ndim !== 3 || (w.w13.shape[2] as number) % 2 !== 0)
     invalidArgument(op, `'weights.w13' must be [E,H,2F]; received [${w.w13.shape.join(',')}]`);
   const [E, H, F2] = w.w13.shape as [number, number, number];
   const want: [string, Tensor, number[]][] = [
     ['a', a, [a.shape[0] as number, H]],
     ['weights.w2', w.w2, [E, F2 / 2, H]],
-    ['weights.w13Bias', w.w13Bias, [E, F2]],
-    ['weights.w2Bias', w.w2Bias, [E, H]],
+    ...(biased
+      ? ([
+          ['weights.w13Bias', w.w13Bias as Tensor, [E, F2]],
+          ['weights.w2Bias', w.w2Bias as Tensor, [E, H]],
+        ] as [string, Tensor, number[]][])
+      : []),
   ];
   for (const [name, t, shape] of want)
     if (t.shape.join() !== shape.join())
@@ -71,28 +93,37 @@ function checkWeights(op: string, a: Tensor, w: ClampedExpertWeights, offsets: T
         op,
         `'${name}' must be [${shape.join(',')}] ('weights.w13' is [${w.w13.shape.join(',')}]); received [${t.shape.join(',')}]`,
       );
+  return biased;
 }
 
 /** Forward over expert-contiguous rows (offsets [E+1]); g and h take a's dtype. */
-export function clampedExpertsForward(a: Tensor, w: ClampedExpertWeights, offsets: Tensor, act: ClampedActivation): ClampedExpertsForward {
+export function clampedExpertsForward(
+  a: Tensor,
+  w: ClampedExpertWeights,
+  offsets: Tensor,
+  act: ClampedActivation,
+  options: ClampedExpertsForwardOptions = {},
+): ClampedExpertsForward {
   const op = 'clampedExpertsForward';
-  checkWeights(op, a, w, offsets);
+  const biased = checkWeights(op, a, w, offsets);
+  const into = checkOptions(options, op, { into: true }).into;
+  if (into !== undefined && (into === null || typeof into !== 'object')) invalidArgument(op, `'into' must be { g, h, out }: tensors`);
   const M = a.shape[0] as number;
-  const F2 = w.w13.shape[2] as number;
+  const [, H, F2] = w.w13.shape as [number, number, number];
   const made: Tensor[] = [];
+  /** A buffer of the caller's, or a new tensor this call disposes if it fails. */
+  const buffer = (given: Tensor | undefined, shape: number[]): Tensor => {
+    if (given !== undefined) return given;
+    const t = Tensor.empty(shape, { dtype: a.dtype, device: a.device });
+    made.push(t);
+    return t;
+  };
   try {
-    const g = groupedGemm('NN', a, w.w13, offsets, { dtype: a.dtype });
-    made.push(g);
-    expertBias(g, w.w13Bias, offsets);
-    const h = clampedSwiglu(g, {
-      alpha: act.alpha,
-      limit: act.limit,
-      out: Tensor.empty([M, F2 / 2], { dtype: a.dtype, device: a.device }),
-    });
-    made.push(h);
-    const out = groupedGemm('NN', h, w.w2, offsets, { dtype: a.dtype });
-    made.push(out);
-    expertBias(out, w.w2Bias, offsets);
+    const g = groupedGemm('NN', a, w.w13, offsets, { out: buffer(into?.g, [M, F2]) });
+    if (biased) expertBias(g, w.w13Bias as Tensor, offsets);
+    const h = clampedSwiglu(g, { alpha: act.alpha, limit: act.limit, out: buffer(into?.h, [M, F2 / 2]) });
+    const out = groupedGemm('NN', h, w.w2, offsets, { out: buffer(into?.out, [M, H]) });
+    if (biased) expertBias(out, w.w2Bias as Tensor, offsets);
     return { out, g, h };
   } catch (e) {
     for (const t of made) t.dispose();
@@ -111,7 +142,7 @@ export function clampedExpertsBackward(
   options: ClampedExpertsBackwardOptions = {},
 ): ClampedExpertsGrads {
   const op = 'clampedExpertsBackward';
-  checkWeights(op, a, w, offsets);
+  const biased = checkWeights(op, a, w, offsets);
   if (saved === null || typeof saved !== 'object') invalidArgument(op, `'saved' must be clampedExpertsForward's { g, h }`);
   checkTensors(op, { dOut, 'saved.g': saved.g, 'saved.h': saved.h });
   const M = a.shape[0] as number;
@@ -131,17 +162,27 @@ export function clampedExpertsBackward(
     checkKeys(into, op, { dW13: true, dW2: true, dW13Bias: true, dW2Bias: true });
     if ((into.dW13Bias === undefined) !== (into.dW2Bias === undefined))
       invalidArgument(op, `'out.dW13Bias' and 'out.dW2Bias' come together: give both or neither`);
+    if (into.dW13Bias && !biased) invalidArgument(op, `'out.dW13Bias' and 'out.dW2Bias' were given but the weights have no biases`);
     const bufs: Record<string, Tensor> = {
       'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w.w13),
       'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w.w2),
       ...(into.dW13Bias && into.dW2Bias
         ? {
-            'out.dW13Bias': checkGradBuffer(op, 'out.dW13Bias', into.dW13Bias, w.w13Bias),
-            'out.dW2Bias': checkGradBuffer(op, 'out.dW2Bias', into.dW2Bias, w.w2Bias),
+            'out.dW13Bias': checkGradBuffer(op, 'out.dW13Bias', into.dW13Bias, w.w13Bias as Tensor),
+            'out.dW2Bias': checkGradBuffer(op, 'out.dW2Bias', into.dW2Bias, w.w2Bias as Tensor),
           }
         : {}),
     };
-    checkApart(op, bufs, { dOut, a, 'saved.g': saved.g, 'saved.h': saved.h, ...w });
+    checkApart(op, bufs, {
+      dOut,
+      a,
+      'saved.g': saved.g,
+      'saved.h': saved.h,
+      w13: w.w13,
+      w2: w.w2,
+      w13Bias: w.w13Bias ?? null,
+      w2Bias: w.w2Bias ?? null,
+    });
   }
   const gemmOut = (buf: Tensor | undefined) => (buf ? { out: buf, accumulate } : { dtype: 'f32' as const });
   const made: Tensor[] = [];
@@ -153,10 +194,12 @@ export function clampedExpertsBackward(
   let dg: Tensor | null = null;
   try {
     const dW2 = keep(groupedGemm('TN', saved.h, dOut, offsets, gemmOut(into?.dW2)));
-    const dW2Bias = keep(expertBiasBackward(dOut, offsets, into?.dW2Bias ? { out: into.dW2Bias, accumulate } : {}));
+    const biasGrad = (d: Tensor, buf: Tensor | undefined): Tensor | null =>
+      biased ? keep(expertBiasBackward(d, offsets, buf ? { out: buf, accumulate } : {})) : null;
+    const dW2Bias = biasGrad(dOut, into?.dW2Bias);
     dh = groupedGemm('NT', dOut, w.w2, offsets, { dtype: a.dtype });
     dg = clampedSwigluBackward(dh, saved.g, { alpha: act.alpha, limit: act.limit });
-    const dW13Bias = keep(expertBiasBackward(dg, offsets, into?.dW13Bias ? { out: into.dW13Bias, accumulate } : {}));
+    const dW13Bias = biasGrad(dg, into?.dW13Bias);
     const dW13 = keep(groupedGemm('TN', a, dg, offsets, gemmOut(into?.dW13)));
     const dA = groupedGemm('NT', dg, w.w13, offsets, { dtype: a.dtype });
     return { dA, dW13, dW2, dW13Bias, dW2Bias };

@@ -294,8 +294,6 @@ export class MoELayer implements Disposable {
   private readonly allOffsets: Map<number, Tensor> = new Map();
   private readonly tokenRowsCache: Map<number, Tensor> = new Map();
   private readonly onesCache: Map<number, Tensor> = new Map();
-  /** The clamped activation without expertBias: zero biases (made at the first use). */
-  private zeroBiases: { w13Bias: Tensor; w2Bias: Tensor } | undefined;
   /** The stream the layer made for `commStream: true` (disposed with the layer). */
   private readonly ownStream: Stream | undefined;
 
@@ -862,10 +860,7 @@ export class MoELayer implements Disposable {
   private expertsForward(d: DispatchedRows): { g: Tensor; h: Tensor; out: Tensor } {
     const c = this.compute;
     if (this.config.activation === 'swiglu') return expertsForward(expertRows(d), c.w13, c.w2, d.handle.localOffsets);
-    return clampedExpertsForward(d.rows, this.clampedWeights(), d.handle.localOffsets, {
-      alpha: this.config.swigluAlpha,
-      limit: this.config.swigluLimit,
-    });
+    return clampedExpertsForward(d.rows, c, d.handle.localOffsets, { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit });
   }
 
   /** The routed experts' backward (into the caller's buffers with `into`), the biases' gradients null without them. */
@@ -893,31 +888,13 @@ export class MoELayer implements Disposable {
         dW2Bias: null,
       };
     const act = { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit };
-    const w = this.clampedWeights();
-    // Layers without expertBias keep zero biases of their own for the clamped path; their gradients are not returned.
     const out = into
       ? {
           out: { dW13: into.w13, dW2: into.w2, ...(into.w13Bias && into.w2Bias ? { dW13Bias: into.w13Bias, dW2Bias: into.w2Bias } : {}) },
           accumulate,
         }
       : {};
-    const g = clampedExpertsBackward(dOut, d.rows, w, offsets, saved, act, out);
-    if (this.master.w13Bias) return g;
-    g.dW13Bias.dispose();
-    g.dW2Bias.dispose();
-    return { ...g, dW13Bias: null, dW2Bias: null };
-  }
-
-  /** The clamped path's weights: the compute copies, with zero biases where the layer has none. */
-  private clampedWeights(): { w13: Tensor; w2: Tensor; w13Bias: Tensor; w2Bias: Tensor } {
-    const c = this.compute;
-    if (c.w13Bias && c.w2Bias) return { w13: c.w13, w2: c.w2, w13Bias: c.w13Bias, w2Bias: c.w2Bias };
-    // Made inside a step's tidy(): kept, the layer's own until dispose.
-    this.zeroBiases ??= {
-      w13Bias: keep(Tensor.zeros([this.localExperts, 2 * this.config.ffn], { dtype: this.config.dtype, device: this.device })),
-      w2Bias: keep(Tensor.zeros([this.localExperts, this.config.hidden], { dtype: this.config.dtype, device: this.device })),
-    };
-    return { w13: c.w13, w2: c.w2, ...this.zeroBiases };
+    return clampedExpertsBackward(dOut, d.rows, c, offsets, saved, act, out);
   }
 
   /**
@@ -1060,8 +1037,6 @@ export class MoELayer implements Disposable {
       ...this.allOffsets.values(),
       ...this.tokenRowsCache.values(),
       ...this.onesCache.values(),
-      this.zeroBiases?.w13Bias,
-      this.zeroBiases?.w2Bias,
     ])
       t?.dispose();
     this.allOffsets.clear();

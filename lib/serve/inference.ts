@@ -76,13 +76,12 @@ import { checkGroup, Dispatcher, type ExpertParallelGroup, type TransportChoice 
 import { type PeerDecodeBuffers, peerCombineInto, peerDecodeBuffers, peerDecodeNeed, peerDispatchInto } from '../moe/peer-dispatch.js';
 import { type PeerTransport } from '../moe/peer-transport.js';
 import { add } from '../basic-ops.js';
+import { clampedExpertsForward } from '../moe/clamped-experts.js';
 import {
-  clampedSwiglu,
   EXPERT_ACTIVATIONS,
   type ExpertActivationKind,
   type ExpertBlockOptions,
   EXPERT_OPTION_KEYS,
-  expertBias,
   resolveExpertOptions,
 } from '../moe/expert-bias-activation.js';
 import { Epilogue, groupedGemm, groupedGemmEpilogue } from '../moe/grouped-gemm.js';
@@ -958,14 +957,17 @@ export class MoEInference implements Disposable {
    */
   private experts(rows: Tensor, offsets: Tensor, h13: Tensor | null, h: Tensor, out: Tensor): void {
     const w = this.weights;
-    if (h13 === null) groupedGemmEpilogue('NN', Epilogue.SwiGLU, rows, w.w13, offsets, h, null);
-    else {
-      groupedGemm('NN', rows, w.w13, offsets, { out: h13 });
-      if (w.w13Bias) expertBias(h13, w.w13Bias, offsets);
-      clampedSwiglu(h13, { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit, out: h });
-    }
-    groupedGemm('NN', h, w.w2, offsets, { out });
-    if (w.w2Bias) expertBias(out, w.w2Bias, offsets);
+    if (h13 === null) {
+      groupedGemmEpilogue('NN', Epilogue.SwiGLU, rows, w.w13, offsets, h, null);
+      groupedGemm('NN', h, w.w2, offsets, { out });
+    } else
+      clampedExpertsForward(
+        rows,
+        w,
+        offsets,
+        { alpha: this.config.swigluAlpha, limit: this.config.swigluLimit },
+        { into: { g: h13, h, out } },
+      );
   }
 
   /**
