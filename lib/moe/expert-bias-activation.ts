@@ -132,8 +132,7 @@ export function expertBiasBackward(dRows: Tensor, offsets: Tensor, options: Expe
   const op = 'expertBiasBackward';
   options = checkOptions(options, op, { out: true, accumulate: true });
   checkTensors(op, { dRows, offsets });
-  const accumulate = options.accumulate ?? false;
-  if (typeof accumulate !== 'boolean') invalidArgument(op, `'accumulate' must be true or false`);
+  const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
   if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
   if (dRows.ndim !== 2 || offsets.ndim !== 1 || (offsets.shape[0] as number) < 1)
     invalidArgument(op, `'dRows' [${dRows.shape.join(',')}] must be [M, N] and 'offsets' [${offsets.shape.join(',')}] [E+1]`);
