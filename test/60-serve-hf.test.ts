@@ -673,7 +673,7 @@ describe('HF checkpoints → MoEInference against the family references (CPU)', 
     });
     tidy(() => {
       expect(() => new MoEInference({ ...cfg, routeWeightsOn: 'input' }, weights())).toThrow(
-        /MoEInference: 'routeWeightsOn' 'input' needs topK 1 \(Llama 4's\); received topK 2/,
+        /MoEInference: 'routeWeightsOn' 'input' needs token choice with topK 1 \(Llama 4's\); received topK 2/,
       );
       expect(() => new MoEInference({ ...cfg, topK: 1, routeWeightsOn: 'both' as never }, weights())).toThrow(
         /MoEInference: 'routeWeightsOn'/,

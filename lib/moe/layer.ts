@@ -56,6 +56,7 @@ import {
   expertChoiceForward,
   resolveRouterConfig,
   type ResolvedRouterConfig,
+  checkRouteWeightsOn,
   ROUTE_WEIGHTS_ON,
   type RouteWeightsOn,
   routerBackward,
@@ -381,12 +382,7 @@ export class MoELayer implements Disposable {
     const sharedFfn = checkNonNegativeInt(config.sharedFfn ?? 0, op, 'sharedFfn');
     const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
     if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
-    const routeWeightsOn = checkOneOf(config.routeWeightsOn ?? 'output', op, 'routeWeightsOn', ROUTE_WEIGHTS_ON);
-    if (routeWeightsOn === 'input' && (expertChoice || this.router.topK !== 1))
-      invalidArgument(
-        op,
-        `'routeWeightsOn' 'input' needs token choice with topK 1 (Llama 4's); received ${expertChoice ? "routing 'expert-choice'" : `topK ${this.router.topK}`}: with more, each expert would take its own scaled copy of the token`,
-      );
+    const routeWeightsOn = checkRouteWeightsOn(config.routeWeightsOn, this.router, op);
     const { routerBias, expertBias, activation, swigluAlpha, swigluLimit } = resolveExpertOptions(config, op);
     if (activation === 'clamped-swiglu' && (config.fp8Dispatch ?? false) !== false)
       invalidArgument(op, `'fp8Dispatch' is not taken with the 'clamped-swiglu' activation (its first product reads the rows as they are)`);

@@ -40,6 +40,7 @@ import { invalidArgument } from '../errors.js';
 import {
   checkFloat32,
   checkBoolean,
+  checkOneOf,
   checkKeys,
   checkNumber,
   checkOptions,
@@ -57,10 +58,24 @@ import { expertCapacity } from './capacity.js';
 export type ScoreFunction = 'softmax' | 'sigmoid';
 /**
  * Where a token's router weight w applies to expert j: its output, y = Σ_j w_j·E_j(x) (every family
- * but one), or its input, y = Σ_j E_j(w_j·x) (Llama 4). Serving takes both (MoEInference).
+ * but one), or its input, y = Σ_j E_j(w_j·x) (Llama 4). Both layers take both.
  */
 export type RouteWeightsOn = 'output' | 'input';
 export const ROUTE_WEIGHTS_ON: readonly RouteWeightsOn[] = ['output', 'input'];
+
+/**
+ * A layer's routeWeightsOn (default 'output'), checked against its routing: 'input' needs token
+ * choice with topK 1 (with more, each expert would take its own scaled copy of the token).
+ */
+export function checkRouteWeightsOn(value: unknown, router: { topK: number; routing: Routing }, op: string): RouteWeightsOn {
+  const on = checkOneOf(value ?? 'output', op, 'routeWeightsOn', ROUTE_WEIGHTS_ON);
+  if (on === 'input' && (router.routing === 'expert-choice' || router.topK !== 1))
+    invalidArgument(
+      op,
+      `'routeWeightsOn' 'input' needs token choice with topK 1 (Llama 4's); received ${router.routing === 'expert-choice' ? "routing 'expert-choice'" : `topK ${router.topK}`}: with more, each expert would take its own scaled copy of the token`,
+    );
+  return on;
+}
 export type Routing = 'token-choice' | 'expert-choice';
 
 export interface RouterConfig {

@@ -50,7 +50,8 @@
  * projection's [R,2F], not fused), plus 12·E + 32 bytes of counters; f32 layers double the 2-byte
  * terms. workspaceBytes(T) gives the exact figure. Nothing else is held beyond the weights. On the
  * low-latency path across ranks the workspace holds, instead of the one-rank rows, with N = El·P·C:
- * 2·N·(2H + F) (rows, expert outputs, activations; with the clamped SwiGLU 4·N·F more) + 8·N + 4·T·(P + k) + 8·P·T·k + 4·(P + El + 1) bytes (made at the first
+ * 2·N·(2H + F) (rows, expert outputs, activations; with the clamped SwiGLU 4·N·F more) + 8·N +
+ * 4·T·(P + k) + 8·P·T·k + 4·(P + El + 1) bytes (made at the first
  * forward of T), and the communicator's peer transport holds one buffer shared by every layer on it
  * (decodeGraphs()' transportBytes; sized for the largest T and grown collectively).
  */
@@ -90,6 +91,7 @@ import { permute, unpermute } from '../moe/permute.js';
 import {
   resolveRouterConfig,
   type ResolvedRouterConfig,
+  checkRouteWeightsOn,
   ROUTE_WEIGHTS_ON,
   type RouteWeightsOn,
   routerFieldsOf,
@@ -332,12 +334,7 @@ export class MoEInference implements Disposable {
     const sharedGate = checkBoolean(config.sharedGate ?? false, op, 'sharedGate');
     if (sharedGate && sharedFfn === 0) invalidArgument(op, `'sharedGate' needs a shared expert ('sharedFfn' > 0)`);
     const selectionBias = checkBoolean(config.selectionBias ?? false, op, 'selectionBias');
-    const routeWeightsOn = checkOneOf(config.routeWeightsOn ?? 'output', op, 'routeWeightsOn', ROUTE_WEIGHTS_ON);
-    if (routeWeightsOn === 'input' && this.router.topK !== 1)
-      invalidArgument(
-        op,
-        `'routeWeightsOn' 'input' needs topK 1 (Llama 4's); received topK ${this.router.topK}: with more, each expert would take its own scaled copy of the token`,
-      );
+    const routeWeightsOn = checkRouteWeightsOn(config.routeWeightsOn, this.router, op);
     const { routerBias, expertBias, activation, swigluAlpha, swigluLimit } = resolveExpertOptions(config, op);
     const cf = config.capacityFactor;
     if (cf !== undefined && !(typeof cf === 'number' && Number.isFinite(cf) && cf > 0))
