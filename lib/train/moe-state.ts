@@ -440,8 +440,9 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   if (layer.master.routerBias) reader.into(biasName, layer.master.routerBias);
   if (layer.master.w13Bias && layer.master.w2Bias) {
     const [, F2] = layer.master.w13Bias.shape as [number, number];
-    const pairs = layer.master.w13Bias.view(El, F2 / 2, 2);
+    const w13Bias = layer.master.w13Bias;
     tidy(() => {
+      const pairs = w13Bias.view(El, F2 / 2, 2);
       for (let i = 0; i < El; i++) {
         const e = first + i;
         const b1 = Tensor.empty([F2 / 2], { device: layer.master.w13Bias?.device });
