@@ -136,7 +136,7 @@ if [[ " $what " == *" suite "* ]]; then
   # The whole GPU suite as three vitest runs, one summary each, named for the commit and the group
   # (benchmarks/results/gpu-tests-<commit>-<group>.json): the ranks of 23 and 62 share GPU 0 and run
   # under the MPS daemon; the grouped-GEMM and permute files (11, 12, 13, 17: most of the time) alone;
-  # every other file together. MOE_EP_SUITE_GROUPS picks some of "mps rest gemm" (default: all three).
+  # every other file together. MOE_EP_SUITE_GROUPS picks some of "mps rest gemm" (default: all three; rest1 and rest2 split rest).
   # With a build, all three may not fit one 10-minute call: run "mps rest" first, then "gemm" with
   # MOE_EP_SKIP_BUILD=1 on the still-warm machine (as for gpu-tests-b215a4b-*.json).
   step "GPU suite in three groups"
@@ -155,6 +155,11 @@ if [[ " $what " == *" suite "* ]]; then
     case $group in
       mps) mps_start; suite_group 23-62-mps "MPS daemon on; " $mps_files; mps_stop ;;
       rest) suite_group all-but-11-12-13-17-23-62 "" $rest_files ;;
+      # rest's two halves, for a machine where rest does not fit one 10-minute call (an H100 took
+      # over 600 s for it with a build before it): named for their files' numbers.
+      rest1 | rest2)
+        half_files=$(for f in $rest_files; do n=$(basename "$f" | cut -d- -f1); { [[ $group == rest1 ]] && ((10#$n < 20)); } || { [[ $group == rest2 ]] && ((10#$n >= 20)); } && echo "$f"; done)
+        suite_group "$(for f in $half_files; do basename "$f" | cut -d- -f1; done | uniq | paste -sd-)" "" $half_files ;;
       gemm) suite_group 11-12-13-17 "" $gemm_files ;;
       *) echo "suite: unknown group $group (mps, rest, gemm)"; status=1 ;;
     esac
