@@ -332,6 +332,7 @@ export interface RawBinding {
     tokensPerExpert: TensorHandle,
     scores: TensorHandle,
     nanRows: TensorHandle,
+    groupTop: number,
   ): void;
   routerBackward(
     dWeights: TensorHandle,

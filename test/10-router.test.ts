@@ -24,6 +24,7 @@ interface Full {
   score: 'softmax' | 'sigmoid';
   groups: number;
   topkGroups: number;
+  groupTop: number;
   normalize: boolean;
   routeScale: number;
 }
@@ -35,6 +36,7 @@ function full(c: RouterConfig): Full {
     score,
     groups: c.groups ?? 1,
     topkGroups: c.topkGroups ?? c.groups ?? 1,
+    groupTop: c.groupTop ?? c.topK / (c.topkGroups ?? c.groups ?? 1),
     normalize: c.normalize ?? score === 'sigmoid',
     routeScale: c.routeScale ?? 1,
   };
@@ -65,7 +67,7 @@ interface Routed {
 
 function oracleRoute(logits: number[][], bias: number[] | undefined, c: Full): Routed {
   const gs = c.E / c.groups;
-  const m = c.k / c.topkGroups;
+  const m = c.groupTop;
   const r: Routed = { indices: [], weights: [], scores: [], groups: [], counts: new Array(c.E).fill(0) };
   for (const row of logits) {
     const s = scoresOf(row, c.score);
@@ -145,6 +147,18 @@ const configs: [string, RouterConfig, boolean][] = [
     false,
   ],
   ['softmax, 4 groups keep 2, bias', { numExperts: 32, topK: 4, groups: 4, topkGroups: 2 }, true],
+  // DeepSeek-V2's group_limited_greedy: a group scores its maximum, top-6 from 3 of 8 groups (6 is not 3·m for m = 1).
+  [
+    'softmax top-6 of 40, 8 groups keep 3 by their maximum (groupTop 1), scaled',
+    { numExperts: 40, topK: 6, groups: 8, topkGroups: 3, groupTop: 1, routeScale: 16 },
+    false,
+  ],
+  // topK not divisible by topkGroups: allowed once groupTop is given.
+  [
+    'sigmoid top-5 of 32, 4 groups keep 2 by their top 3, bias',
+    { numExperts: 32, topK: 5, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, groupTop: 3 },
+    true,
+  ],
   ['E = 1, k = 1', { numExperts: 1, topK: 1 }, false],
   ['k = E (softmax, normalised)', { numExperts: 12, topK: 12, normalize: true }, true],
   ['k = E (sigmoid, 3 groups keep 3)', { numExperts: 12, topK: 12, scoreFunction: 'sigmoid', groups: 3, topkGroups: 3 }, true],
@@ -484,7 +498,27 @@ describe('router bad calls', () => {
     [
       'k/topkGroups > group size',
       () => routerForward(l(), { numExperts: 8, topK: 4, groups: 4, topkGroups: 1 }),
-      /router: 'topK' = 4 needs 4 experts from each of 1 groups/,
+      /router: 'groupTop' = 4 \(topK\/topkGroups, its default\) is more than a group's 2 experts/,
+    ],
+    [
+      'groupTop > group size',
+      () => routerForward(l(), { numExperts: 8, topK: 2, groups: 4, topkGroups: 2, groupTop: 3 }),
+      /router: 'groupTop' = 3 is more than a group's 2 experts/,
+    ],
+    [
+      'k more than the kept groups hold',
+      () => routerForward(l(), { numExperts: 8, topK: 3, groups: 4, topkGroups: 1, groupTop: 1 }),
+      /router: 'topK' = 3 is more than the 2 experts of the 1 groups a token keeps/,
+    ],
+    [
+      'groupTop 0',
+      () => routerForward(l(), { numExperts: 8, topK: 2, groups: 4, topkGroups: 2, groupTop: 0 }),
+      /router: 'groupTop' must be a positive integer; received 0/,
+    ],
+    [
+      'groupTop fractional',
+      () => routerForward(l(), { numExperts: 8, topK: 2, groups: 4, topkGroups: 2, groupTop: 1.5 }),
+      /router: 'groupTop' must be a positive integer; received 1.5/,
     ],
     [
       'unknown score function',
@@ -578,7 +612,7 @@ describe('router bad calls', () => {
     tidy(() => {
       const logits = l();
       const o = poisonedOutputs(4, 8, 2);
-      const call = (k: number, groups: number, topkGroups: number) =>
+      const call = (k: number, groups: number, topkGroups: number, groupTop = 0) =>
         native().routerForward(
           logits.handle,
           null,
@@ -593,11 +627,18 @@ describe('router bad calls', () => {
           o.tokensPerExpert.handle,
           o.scores.handle,
           o.nanRows.handle,
+          groupTop,
         );
       expect(() => call(9, 1, 1)).toThrow(/router: 'k' = 9 must be in \[1, 8\]/);
       expect(() => call(2, 3, 1)).toThrow(/router: 'groups' = 3 does not divide the 8 experts/);
       expect(() => call(2, 2, 3)).toThrow(/router: 'topkGroups' = 3 must be in \[1, 2\]/);
       expect(() => call(2, 64, 1)).toThrow(/router: 'groups' = 64 must be in \[1, 32\]/);
+      expect(() => call(3, 4, 2)).toThrow(/router: 'k' = 3 is not divisible by 'topkGroups' = 2 \(with 'groupTop' 0/);
+      expect(() => call(2, 4, 2, -1)).toThrow(/router: 'groupTop' = -1 must be 0 \(k\/topkGroups\) or positive/);
+      expect(() => call(2, 4, 2, 3)).toThrow(
+        /router: a group's score sums its top 3 biased scores \('groupTop'\) but a group has only 2 experts/,
+      );
+      expect(() => call(3, 4, 1, 1)).toThrow(/router: 'k' = 3 is more than the 2 experts of the 'topkGroups' = 1 groups a token keeps/);
       expect(() =>
         native().routerForward(
           logits.handle,
@@ -613,6 +654,7 @@ describe('router bad calls', () => {
           o.tokensPerExpert.handle,
           o.scores.handle,
           o.nanRows.handle,
+          0,
         ),
       ).toThrow(/router: 'scoreFn' must be 0 \(softmax\) or 1 \(sigmoid\)/);
       expect(() => call(2, 1, 1)).not.toThrow();

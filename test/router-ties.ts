@@ -2,7 +2,7 @@
 // router (the CUDA kernels against the CPU reference).
 //
 // A token keeps its best `topkGroups` groups by group score (the sum of a group's top
-// m = k/topkGroups biased scores). The CPU reference computes those sums in double; the CUDA kernels
+// m = groupTop biased scores, by default k/topkGroups). The CPU reference computes those sums in double; the CUDA kernels
 // in f32: sigmoid 1/(1 + expf(-x)) (expf within 2 ulp, IEEE division), the bias added in f32, the top
 // two summed in f32. For the test's sigmoid scores that is at most ~3.6e-7 per score, 6e-8 per bias
 // addition and 1.2e-7 for the sum: ~1e-6 per group score (an f32 emulation over 13 million tokens
@@ -25,6 +25,7 @@ export interface GroupRouting {
   score: 'softmax' | 'sigmoid';
   groups: number;
   topkGroups: number;
+  groupTop: number;
 }
 
 /** The fields of a RouterConfig that group selection depends on, defaults filled in as router.ts does. */
@@ -35,6 +36,7 @@ export function groupRouting(c: RouterConfig): GroupRouting {
     score: c.scoreFunction ?? 'softmax',
     groups: c.groups ?? 1,
     topkGroups: c.topkGroups ?? c.groups ?? 1,
+    groupTop: c.groupTop ?? c.topK / (c.topkGroups ?? c.groups ?? 1),
   };
 }
 
@@ -75,7 +77,7 @@ export interface GroupBoundary {
 export function groupBoundary(biased: ArrayLike<number>, r: GroupRouting): GroupBoundary {
   const { E, groups: G, topkGroups: KG } = r;
   const gs = E / G;
-  const m = r.k / KG;
+  const m = r.groupTop;
   const scores: number[] = [];
   for (let g = 0; g < G; g++) {
     const top: number[] = [];

@@ -51,7 +51,10 @@ function routing(b: HfMoEBlock): string {
   const parts: string[] = [b.scoreFunction];
   if (b.routerBias) parts.push('router bias');
   if (b.selectionBias) parts.push('selection bias');
-  if (b.groups > 1) parts.push(`${b.groups} groups keep ${b.topkGroups}`);
+  if (b.groups > 1) {
+    const top = b.groupTop ?? b.topK / b.topkGroups;
+    parts.push(`${b.groups} groups keep ${b.topkGroups} (a group scored by ${top === 1 ? 'its best' : `its top ${top}`})`);
+  }
   parts.push(`top-${b.topK}`);
   parts.push(b.normalize ? 'weights renormalised' : 'weights as scored');
   if (b.routeScale !== 1) parts.push(`× ${b.routeScale}`);

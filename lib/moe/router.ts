@@ -13,9 +13,10 @@
  *   tokensPerExpert [E] i32   assignments per expert; sums to T·k
  *   nanRows [2] i32     [rows with a non-finite logit (or NaN bias), first such row (T if none)]
  *
- * Group-limited routing (DeepSeek-V3): E experts in `groups` contiguous groups; a group scores the
- * sum of its top k/topkGroups biased scores; each token keeps its best `topkGroups` groups and picks
- * its top-k inside them only. `groups: 1` is plain top-k.
+ * Group-limited routing (DeepSeek-V2 and V3): E experts in `groups` contiguous groups; a group scores
+ * the sum of its top `groupTop` biased scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the group's maximum;
+ * default topK/topkGroups); each token keeps its best `topkGroups` groups and picks its top-k inside
+ * them only. `groups: 1` is plain top-k.
  *
  * Bad rows (a NaN or ±inf logit, or a NaN bias) get scores NaN, indices 0..k-1 and weights NaN on
  * every device, and are counted in nanRows; with `checkNaN` the wrapper throws an
@@ -87,8 +88,14 @@ export interface RouterConfig {
   scoreFunction?: ScoreFunction;
   /** Contiguous expert groups (divides E, at most 32). Default 1: plain top-k. */
   groups?: number;
-  /** Groups each token keeps (1 ≤ topkGroups ≤ groups, divides topK). Default: all groups. */
+  /** Groups each token keeps (1 ≤ topkGroups ≤ groups; they must hold topK experts). Default: all groups. */
   topkGroups?: number;
+  /**
+   * A group's score is the sum of its best `groupTop` biased scores (1 ≤ groupTop ≤ numExperts/groups):
+   * DeepSeek-V3 sums its top 2, DeepSeek-V2 takes the maximum (1). Default topK/topkGroups, which
+   * must then be a whole number. Read only when groups > 1.
+   */
+  groupTop?: number;
   /**
    * Normalise the weights over the chosen experts. Default: true for sigmoid token choice with
    * topK > 1, else false. At topK 1 every weight would be routeScale and the router would get no
@@ -112,7 +119,17 @@ const MAX_GROUPS = 32;
 const validated = new WeakSet<object>();
 
 /** A layer config's router fields (capacityFactor aside: a layer reads it as its own). */
-const LAYER_ROUTER_FIELDS = ['numExperts', 'topK', 'scoreFunction', 'groups', 'topkGroups', 'normalize', 'routeScale', 'routing'] as const;
+const LAYER_ROUTER_FIELDS = [
+  'numExperts',
+  'topK',
+  'scoreFunction',
+  'groups',
+  'topkGroups',
+  'groupTop',
+  'normalize',
+  'routeScale',
+  'routing',
+] as const;
 
 /**
  * The router fields a layer's config sets, for resolveRouterConfig (which fills in the defaults and
@@ -133,6 +150,7 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
     scoreFunction: true,
     groups: true,
     topkGroups: true,
+    groupTop: true,
     normalize: true,
     routeScale: true,
     routing: true,
@@ -150,11 +168,24 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   if (E % groups !== 0) invalidArgument('router', `'groups' = ${groups} does not divide 'numExperts' = ${E}`);
   const topkGroups = checkPositiveInt(config.topkGroups ?? groups, 'router', 'topkGroups');
   if (topkGroups > groups) invalidArgument('router', `'topkGroups' = ${topkGroups} is more than 'groups' = ${groups}`);
-  if (k % topkGroups !== 0) invalidArgument('router', `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups}`);
-  if (k / topkGroups > E / groups) {
+  const groupSize = E / groups;
+  if (config.groupTop === undefined && k % topkGroups !== 0) {
     invalidArgument(
       'router',
-      `'topK' = ${k} needs ${k / topkGroups} experts from each of ${topkGroups} groups ('topkGroups') but a group has ${E / groups}`,
+      `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups} (a group scores its top topK/topkGroups unless 'groupTop' says how many)`,
+    );
+  }
+  const groupTop = checkPositiveInt(config.groupTop ?? k / topkGroups, 'router', 'groupTop');
+  if (groupTop > groupSize) {
+    invalidArgument(
+      'router',
+      `'groupTop' = ${groupTop}${config.groupTop === undefined ? ' (topK/topkGroups, its default)' : ''} is more than a group's ${groupSize} experts (numExperts / groups)`,
+    );
+  }
+  if (k > topkGroups * groupSize) {
+    invalidArgument(
+      'router',
+      `'topK' = ${k} is more than the ${topkGroups * groupSize} experts of the ${topkGroups} groups a token keeps ('topkGroups')`,
     );
   }
   const routing = config.routing ?? 'token-choice';
@@ -187,6 +218,7 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
     scoreFunction,
     groups,
     topkGroups,
+    groupTop,
     normalize,
     routeScale,
     routing,
@@ -304,6 +336,7 @@ export function routerForward(
         o.tokensPerExpert.handle,
         o.scores.handle,
         o.nanRows.handle,
+        cfg.groupTop,
       );
       if (checkNaN) throwOnBadRows(o.nanRows, op);
     },

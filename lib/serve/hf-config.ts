@@ -67,9 +67,8 @@
  *
  * Mapping onto the package (lib/moe/router.ts, lib/serve/inference.ts):
  *   softmax/sigmoid → scoreFunction; norm_topk_prob / Mixtral's renormalisation → normalize;
- *   routed_scaling_factor → routeScale; n_group/topk_group → groups/topkGroups (the package's group
- *   score is the sum of the top topK/topkGroups biased scores, so DeepSeek-V3's top-2 needs
- *   num_experts_per_tok / topk_group = 2, which its released configs have: 8 / 4);
+ *   routed_scaling_factor → routeScale; n_group/topk_group → groups/topkGroups, and the group score
+ *   (DeepSeek-V3: the sum of a group's top 2 biased scores) → groupTop;
  *   e_score_correction_bias → the selection-only bias; shared experts → sharedFfn; Qwen2-MoE's
  *   shared_expert_gate → sharedGate (MoELayer's sharedGate trains the same gate).
  *
@@ -169,6 +168,8 @@ export interface HfMoEBlock {
   scoreFunction: ScoreFunction;
   groups: number;
   topkGroups: number;
+  /** With groups: a group's score sums its top groupTop (DeepSeek-V3: 2; DeepSeek-V2: 1, the maximum). */
+  groupTop?: number;
   normalize: boolean;
   routeScale: number;
   /** DeepSeek-V3's e_score_correction_bias: added to the scores for selection only. */
@@ -203,6 +204,7 @@ export const HF_LAYER_FIELDS = [
   'scoreFunction',
   'groups',
   'topkGroups',
+  'groupTop',
   'normalize',
   'routeScale',
   'sharedFfn',
@@ -397,14 +399,12 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     const topkGroup = c.int('topk_group', d.topkGroup);
     if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'n_routed_experts' = ${E}`);
     if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
-    if (nGroup > 1 && topkGroup < nGroup && k !== 2 * topkGroup) {
-      // transformers scores a group by the sum of its top 2; the package by its top k/topkGroups.
-      c.fail(
-        `'num_experts_per_tok' = ${k} with 'topk_group' = ${topkGroup}: the package scores a group by the sum of its top num_experts_per_tok/topk_group experts and DeepSeek-V3 by its top 2, so they agree only when num_experts_per_tok = 2·topk_group (DeepSeek-V3: 8 = 2·4)`,
-      );
-    }
     if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
       c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
+    if (k > topkGroup * (E / nGroup))
+      c.fail(
+        `'num_experts_per_tok' = ${k} is more than the ${topkGroup * (E / nGroup)} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
+      );
     const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', d.shared);
     // All groups kept (topk_group = n_group, or one group) is plain top-k.
     const groups = topkGroup === nGroup ? 1 : nGroup;
@@ -417,6 +417,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       scoreFunction: 'sigmoid',
       groups,
       topkGroups: groups === 1 ? 1 : topkGroup,
+      // transformers and DeepSeek's code score a group by the sum of its top 2 biased scores.
+      ...(groups === 1 ? {} : { groupTop: 2 }),
       // DeepSeek's own code (Kimi K2's) renormalises only when k > 1; transformers' port always.
       normalize: c.bool('norm_topk_prob', d.norm) && (family !== 'kimi_k2' || k > 1),
       routeScale: c.num('routed_scaling_factor', d.scale),

@@ -111,6 +111,7 @@ export interface MoEInferenceConfig extends ExpertBlockOptions {
   scoreFunction?: ScoreFunction;
   groups?: number;
   topkGroups?: number;
+  groupTop?: number;
   normalize?: boolean;
   routeScale?: number;
   /** The layer holds a selection-only bias [E] f32 (DeepSeek-V3's e_score_correction_bias). Default false. */
@@ -310,6 +311,7 @@ export class MoEInference implements Disposable {
       scoreFunction: true,
       groups: true,
       topkGroups: true,
+      groupTop: true,
       normalize: true,
       routeScale: true,
       selectionBias: true,
@@ -459,6 +461,7 @@ export class MoEInference implements Disposable {
           scoreFunction: c.scoreFunction,
           groups: c.groups,
           topkGroups: c.topkGroups,
+          groupTop: c.groupTop,
           normalize: c.normalize,
           routeScale: c.routeScale,
           selectionBias: true,
@@ -843,6 +846,7 @@ export class MoEInference implements Disposable {
       choiceField('scoreFunction', r.scoreFunction, ['softmax', 'sigmoid']),
       n('groups', r.groups),
       n('topkGroups', r.topkGroups),
+      n('groupTop', r.groupTop),
       choiceField('normalize', r.normalize, yesNo),
       n('routeScale', r.routeScale),
       choiceField('selectionBias', c.selectionBias, yesNo),

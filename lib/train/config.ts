@@ -27,6 +27,8 @@ export interface TrainConfig {
     routeScale: number;
     groups: number;
     topkGroups: number;
+    /** With groups: a group's score sums its top groupTop scores (DeepSeek-V3: 2, DeepSeek-V2: 1); null: topK/topkGroups. */
+    groupTop: number | null;
     /** null: dropless (expert choice: topK). Expert choice: C = min(T, ceil(T·capacityFactor/E)) tokens per expert and rank. */
     capacityFactor: number | null;
     dropPolicy: 'probs' | 'position';
@@ -91,6 +93,7 @@ export const defaultConfig: TrainConfig = {
     routeScale: 1,
     groups: 1,
     topkGroups: 1,
+    groupTop: null,
     capacityFactor: null,
     dropPolicy: 'probs',
     sharedFfn: 0,
@@ -160,7 +163,12 @@ export const trainConfigSchema = {
       },
       routeScale: { ...num(undefined, 0), description: "factor on the weights (Megatron's --moe-router-topk-scaling-factor)" },
       groups: { ...int(1), description: 'expert groups for group-limited routing (1: none)' },
-      topkGroups: { ...int(1), description: 'groups a token takes its experts from (divides topK)' },
+      topkGroups: { ...int(1), description: 'groups a token takes its experts from (they must hold topK experts)' },
+      groupTop: {
+        anyOf: [{ type: 'null' }, int(1)],
+        description:
+          "with groups: a group's score is the sum of its best groupTop scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the maximum); null: topK/topkGroups",
+      },
       capacityFactor: {
         anyOf: [{ type: 'null' }, num(undefined, 0)],
         description:
@@ -337,10 +345,18 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       c.model.topkGroups <= c.model.groups,
       `config.model.topkGroups: ${c.model.topkGroups} is more than config.model.groups (${c.model.groups})`,
     ],
-    // Group-limited routing ranks a group by the sum of its best topK/topkGroups scores.
+    // Group-limited routing ranks a group by the sum of its best groupTop scores, by default topK/topkGroups.
     [
-      c.model.groups === 1 || c.model.topK % c.model.topkGroups === 0,
-      `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK})`,
+      c.model.groups === 1 || c.model.groupTop !== null || c.model.topK % c.model.topkGroups === 0,
+      `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK}); set config.model.groupTop, or a topkGroups that divides it`,
+    ],
+    [
+      c.model.groups === 1 || (c.model.groupTop ?? c.model.topK / c.model.topkGroups) <= c.model.experts / c.model.groups,
+      `config.model.groupTop: a group's score sums its best ${c.model.groupTop ?? c.model.topK / c.model.topkGroups} but a group has ${c.model.experts / c.model.groups} experts (config.model.experts / groups)`,
+    ],
+    [
+      c.model.groups === 1 || c.model.topK <= c.model.topkGroups * (c.model.experts / c.model.groups),
+      `config.model.topK: ${c.model.topK} is more than the ${c.model.topkGroups * (c.model.experts / c.model.groups)} experts of the config.model.topkGroups = ${c.model.topkGroups} groups a token keeps`,
     ],
     // Expert choice is balanced by construction and chooses among all experts.
     [

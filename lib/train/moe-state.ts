@@ -298,6 +298,8 @@ export interface RouterWeighting {
   topK?: number;
   groups?: number;
   topkGroups?: number;
+  /** Since 2026-12-06 (session 27), with groups > 1: a group's score sums its top groupTop (before: topK/topkGroups). */
+  groupTop?: number;
   /** Since 2026-12-05 (session 26): where the weight applies, and the experts' activation. */
   routeWeightsOn?: string;
   activation?: string;
@@ -307,7 +309,7 @@ export interface RouterWeighting {
 
 /** The manifest's `router` record for `layer` (Trainer.saveCheckpoint writes it). */
 export function routerWeighting(layer: MoELayer): RouterWeighting {
-  const { normalize, routeScale, scoreFunction, topK, groups, topkGroups, routeWeightsOn, activation, swigluAlpha, swigluLimit } =
+  const { normalize, routeScale, scoreFunction, topK, groups, topkGroups, groupTop, routeWeightsOn, activation, swigluAlpha, swigluLimit } =
     layer.config;
   return {
     normalize,
@@ -316,6 +318,8 @@ export function routerWeighting(layer: MoELayer): RouterWeighting {
     topK,
     groups,
     topkGroups,
+    // Read only with groups: recorded there alone, so that one group's records compare equal.
+    ...(groups > 1 ? { groupTop } : {}),
     routeWeightsOn,
     activation,
     ...(activation === 'clamped-swiglu' ? { swigluAlpha, swigluLimit } : {}),
@@ -336,21 +340,37 @@ function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: 
   // router record, or moe-ep train's config.model) must be this layer's.
   const fromConfig: Partial<Record<keyof RouterWeighting, unknown>> =
     model !== null && typeof model === 'object'
-      ? { scoreFunction: model['scoreFunction'], topK: model['topK'], groups: model['groups'], topkGroups: model['topkGroups'] }
+      ? {
+          scoreFunction: model['scoreFunction'],
+          topK: model['topK'],
+          groups: model['groups'],
+          topkGroups: model['topkGroups'],
+          groupTop: model['groupTop'] ?? undefined, // null: topK/topkGroups
+        }
       : {};
   // Records from before routeWeightsOn and activation existed: 'output' and 'swiglu', the only ones then.
   const since = recorded !== null && typeof recorded === 'object' ? { routeWeightsOn: 'output', activation: 'swiglu', ...recorded } : null;
+  const wasOf = (key: keyof RouterWeighting): unknown =>
+    since !== null && since[key] !== undefined ? since[key] : fromConfig[key as keyof typeof fromConfig];
   for (const key of [
     'scoreFunction',
     'topK',
     'groups',
     'topkGroups',
+    'groupTop',
     'routeWeightsOn',
     'activation',
     'swigluAlpha',
     'swigluLimit',
   ] as const) {
-    const was = since !== null && since[key] !== undefined ? since[key] : fromConfig[key as keyof typeof fromConfig];
+    let was = wasOf(key);
+    // groupTop is read (and recorded) only with groups; saved before it existed, a group scored its top topK/topkGroups.
+    if (key === 'groupTop') {
+      const [groups, topK, topkGroups] = [wasOf('groups'), wasOf('topK'), wasOf('topkGroups')];
+      if (typeof groups === 'number' && groups <= 1) was = undefined;
+      else if (was === undefined && typeof groups === 'number' && typeof topK === 'number' && typeof topkGroups === 'number')
+        was = topK / topkGroups;
+    }
     if (was !== undefined && was !== now[key])
       throw new CheckpointError(
         `checkpoint ${reader.dir}: layer ${index}'s router was trained with ${key} ${JSON.stringify(was)} but this layer has ${key} ${JSON.stringify(now[key])}; build the layer with the checkpoint's value`,

@@ -15,7 +15,7 @@ ops::ScoreFn arg_score(const Napi::CallbackInfo& info, size_t i, const char* op)
 }
 
 // routerForward(logits, bias|null, scoreFn, k, groups, topkGroups, normalize, routeScale,
-//               indices, weights, tokensPerExpert, scores, nanRows)
+//               indices, weights, tokensPerExpert, scores, nanRows, groupTop)
 Napi::Value router_forward(const Napi::CallbackInfo& info) {
   const char* op = "router";
   ops::RouterParams p;
@@ -25,6 +25,7 @@ Napi::Value router_forward(const Napi::CallbackInfo& info) {
   p.topk_groups = arg_int(info, 5, op, "topkGroups");
   p.normalize = arg_bool(info, 6, op, "normalize");
   p.route_scale = float(arg_number(info, 7, op, "routeScale"));
+  p.group_top = arg_int(info, 13, op, "groupTop");
   ops::router_forward(arg_tensor(info, 0, op, "logits"), arg_tensor(info, 1, op, "bias", true), p, arg_tensor(info, 8, op, "indices"),
                       arg_tensor(info, 9, op, "weights"), arg_tensor(info, 10, op, "tokensPerExpert"), arg_tensor(info, 11, op, "scores"),
                       arg_tensor(info, 12, op, "nanRows"));

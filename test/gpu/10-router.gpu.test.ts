@@ -58,7 +58,7 @@ function outputs(T: number, E: number, k: number, device: typeof gpu | typeof cp
 }
 
 // Fast path (native/ops/moe/router/forward_fast.cu, router_fast_kernel): E ∈ {8, 16, 32, 64, 128, 256, 512}, groups a
-// power of two ≤ lanes per token, k/topkGroups ≤ 2; everything else takes the generic kernel.
+// power of two ≤ lanes per token, groupTop (default k/topkGroups) ≤ 2; everything else takes the generic kernel.
 // Sizes keep the expected number of near-tie tokens (f32 against double, ~1e-7·k·E per token) well
 // under the allowance below.
 const cases: [string, number, RouterConfig, boolean][] = [
@@ -121,6 +121,31 @@ const cases: [string, number, RouterConfig, boolean][] = [
     4099,
     { numExperts: 160, topK: 4, scoreFunction: 'sigmoid', groups: 5, topkGroups: 2, routeScale: 2.5 },
     true,
+  ],
+  // DeepSeek-V2's group_limited_greedy (a group scores its maximum: groupTop 1), k not a multiple of topkGroups.
+  [
+    'T=4096 E=160 k=6, 8 groups keep 3 by their maximum (groupTop 1), softmax, route scale 16 (DeepSeek-V2; generic path)',
+    4096,
+    { numExperts: 160, topK: 6, groups: 8, topkGroups: 3, groupTop: 1, routeScale: 16 },
+    false,
+  ],
+  [
+    'T=5001 E=64 k=6, 8 groups keep 3 by their maximum (groupTop 1), softmax + bias (fast path)',
+    5001,
+    { numExperts: 64, topK: 6, groups: 8, topkGroups: 3, groupTop: 1 },
+    true,
+  ],
+  [
+    'T=3003 E=256 k=5, 8 groups keep 2 by their top 2, sigmoid + bias (fast path, k not a multiple of topkGroups)',
+    3003,
+    { numExperts: 256, topK: 5, scoreFunction: 'sigmoid', groups: 8, topkGroups: 2, groupTop: 2 },
+    true,
+  ],
+  [
+    'T=999 E=128 k=4, 4 groups keep 2 by their top 3, sigmoid (m = 3: generic path on a fast shape)',
+    999,
+    { numExperts: 128, topK: 4, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, groupTop: 3 },
+    false,
   ],
   ['T=77 E=1024 k=16, 16 groups keep 8', 77, { numExperts: 1024, topK: 16, scoreFunction: 'sigmoid', groups: 16, topkGroups: 8 }, true],
   ['T=3 E=7 k=3 (odd width, scalar loads)', 3, { numExperts: 7, topK: 3, normalize: true }, true],

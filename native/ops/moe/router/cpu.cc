@@ -37,7 +37,7 @@ void row_scores(const float* x, int64_t E, ScoreFn fn, double* s) {
 
 void router_forward_cpu(const Tensor& logits, const Tensor& bias, const RouterParams& p, const Tensor& indices, const Tensor& weights,
                         const Tensor& tokens_per_expert, const Tensor& scores, const Tensor& nan_rows) {
-  const int64_t T = logits.size(0), E = logits.size(1), k = p.k, G = p.groups, gs = E / G, m = p.k / p.topk_groups;
+  const int64_t T = logits.size(0), E = logits.size(1), k = p.k, G = p.groups, gs = E / G, m = group_score_top(p);
   const float* x = logits.data<float>();
   const float* b = bias.defined() ? bias.data<float>() : nullptr;
   int32_t* idx = indices.data<int32_t>();

@@ -57,7 +57,7 @@ void router_forward_cuda(const Tensor& logits, const Tensor& bias, const RouterP
   a.k = int(p.k);
   a.G = int(p.groups);
   a.topk_groups = int(p.topk_groups);
-  a.m = int(p.k / p.topk_groups);
+  a.m = int(group_score_top(p));
   a.gs = int(E / p.groups);
   a.sigmoid = p.score == ScoreFn::Sigmoid;
   a.normalize = p.normalize;

@@ -1,5 +1,5 @@
 // Router forward, fast path (router_fast_kernel; E = VPT·L for the shapes in launch_fast, groups a
-// power of two ≤ L with k/topkGroups ≤ 2): L lanes per token (32/L tokens per warp), lane l of a token owns
+// power of two ≤ L with a group score of its top m ≤ 2): L lanes per token (32/L tokens per warp), lane l of a token owns
 // experts l·VPT .. l·VPT+VPT-1 in registers, loaded as float4. A persistent grid of 8-warp blocks
 // walks the tokens (the next token's logits are loaded before the current one is worked on). Per
 // token: scores; each lane's two best biased scores (ties to the lower index); a group's top-2 sum
@@ -29,7 +29,7 @@ namespace {
 
 constexpr int kFastWarps = 8;  // warps per block
 
-// The fast kernel's arguments: G a power of two ≤ L; m = k / topk_groups ∈ {1, 2} when G > 1.
+// The fast kernel's arguments: G a power of two ≤ L; m (group_score_top) ∈ {1, 2} when G > 1.
 using FastArgs = RouteArgs;
 
 // Order-preserving 32-bit key of a float (a > b ⇔ key(a) > key(b) for non-NaN a, b other than

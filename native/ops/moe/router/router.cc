@@ -37,7 +37,7 @@ RouterForwardKernel select_forward_kernel(const Tensor& logits, const Tensor& sc
   const bool pow2_groups = (p.groups & (p.groups - 1)) == 0;
   const bool fast = L > 0 && reinterpret_cast<uintptr_t>(logits.data<float>()) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(scores.data<float>()) % 16 == 0 &&
-                    (p.groups == 1 || (pow2_groups && p.groups <= L && p.k / p.topk_groups <= 2));
+                    (p.groups == 1 || (pow2_groups && p.groups <= L && group_score_top(p) <= 2));
   return fast ? RouterForwardKernel::Fast : RouterForwardKernel::Generic;
 }
 #endif
@@ -80,9 +80,13 @@ void router_forward(const Tensor& logits, const Tensor& bias, const RouterParams
   MOE_ARG_CHECK(E % p.groups == 0, op, "'groups' = ", p.groups, " does not divide the ", E, " experts");
   MOE_ARG_CHECK(p.topk_groups >= 1 && p.topk_groups <= p.groups, op, "'topkGroups' = ", p.topk_groups, " must be in [1, ", p.groups,
                 "] ('groups')");
-  MOE_ARG_CHECK(p.k % p.topk_groups == 0, op, "'k' = ", p.k, " is not divisible by 'topkGroups' = ", p.topk_groups);
-  MOE_ARG_CHECK(p.k / p.topk_groups <= E / p.groups, op, "'k' = ", p.k, " needs ", p.k / p.topk_groups,
-                " experts from each of the 'topkGroups' = ", p.topk_groups, " groups but a group has only ", E / p.groups);
+  MOE_ARG_CHECK(p.group_top >= 0, op, "'groupTop' = ", p.group_top, " must be 0 (k/topkGroups) or positive");
+  MOE_ARG_CHECK(p.group_top > 0 || p.k % p.topk_groups == 0, op, "'k' = ", p.k, " is not divisible by 'topkGroups' = ", p.topk_groups,
+                " (with 'groupTop' 0, a group scores its top k/topkGroups)");
+  MOE_ARG_CHECK(group_score_top(p) <= E / p.groups, op, "a group's score sums its top ", group_score_top(p),
+                " biased scores ('groupTop') but a group has only ", E / p.groups, " experts");
+  MOE_ARG_CHECK(p.k <= p.topk_groups * (E / p.groups), op, "'k' = ", p.k, " is more than the ", p.topk_groups * (E / p.groups),
+                " experts of the 'topkGroups' = ", p.topk_groups, " groups a token keeps");
   MOE_ARG_CHECK(std::isfinite(p.route_scale), op, "'routeScale' = ", p.route_scale, " must be finite");
   if (bias.defined()) {
     require_tensor(bias, DType::f32, logits, "logits", op, "bias");

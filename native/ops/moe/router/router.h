@@ -10,10 +10,12 @@
 //   tokensPerExpert [E] i32   assignments per expert (sums to T·k), zeroed by the op first
 //   nanRows [2] i32     [number of bad rows, first bad row (T when none)]
 //
-// Group-limited routing (DeepSeek-V3): E experts in `groups` contiguous groups (E % groups == 0,
-// groups ≤ 32); a group's score is the sum of the top k/topkGroups biased scores inside it; each
-// token keeps its best `topkGroups` groups and picks its top-k among their experts only.
-// groups == 1 is plain top-k. Requires k % topkGroups == 0 and k/topkGroups ≤ E/groups.
+// Group-limited routing (DeepSeek-V2 and V3): E experts in `groups` contiguous groups (E % groups
+// == 0, groups ≤ 32); a group's score is the sum of the top m biased scores inside it (m =
+// groupTop: DeepSeek-V3 sums its top 2, DeepSeek-V2 takes its maximum, m = 1; groupTop 0 means m =
+// k/topkGroups, which then must divide evenly); each token keeps its best `topkGroups` groups and
+// picks its top-k among their experts only. groups == 1 is plain top-k. Requires m ≤ E/groups and
+// k ≤ topkGroups·E/groups (the kept groups hold k experts).
 //
 // Ties: the lower expert index (and the lower group index) wins, on every device.
 // Near ties: the CPU computes scores, biased scores and group sums in double, the CUDA kernels in
@@ -54,6 +56,7 @@ struct RouterParams {
   int64_t k = 1;
   int64_t groups = 1;
   int64_t topk_groups = 1;
+  int64_t group_top = 0;  // m, the top biased scores summed into a group's score; 0: k / topk_groups
   bool normalize = false;
   float route_scale = 1.0f;
 };
@@ -108,6 +111,9 @@ void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores
 // native/addon/kernel_options_binding.cc). router.cc is the one place they are read: it chooses the
 // CUDA forward kernel of each call (RouterForwardKernel) and whether it may be launched as a
 // programmatic dependent. The defaults are what measured fastest (benchmarks/kernels-notes.md).
+// m: the number of a group's top biased scores summed into its score.
+inline int64_t group_score_top(const RouterParams& p) { return p.group_top > 0 ? p.group_top : p.k / p.topk_groups; }
+
 struct RouterOptions {
   bool fast = true;  // the fast forward kernel for the shapes it has; off: the generic one everywhere
   bool pdl = true;   // launch the fast forward as router_init's programmatic dependent (sm_90 and newer)
@@ -116,7 +122,7 @@ void set_router_options(const RouterOptions& options);
 RouterOptions router_options();
 
 // The CUDA forward kernels: the fast one (forward_fast.cu) for E in {8, 16, ..., 512} with 16-byte
-// aligned rows, groups a power of two no wider than its lanes and k/topkGroups ≤ 2; the generic one
+// aligned rows, groups a power of two no wider than its lanes and m ≤ 2; the generic one
 // (forward_generic.cu) for everything else up to E = 1024.
 enum class RouterForwardKernel : int { Generic = 0, Fast = 1 };
 

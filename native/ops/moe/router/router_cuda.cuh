@@ -2,7 +2,7 @@
 // programmatic dependent launch, and the launchers the forward files define for forward.cu.
 //   forward.cu          router_forward_cuda: router_init, then the fast or the generic forward
 //   forward_fast.cu     router_fast_kernel (E = VPT·L for E in 8..512, groups a power of two ≤ L,
-//                       k/topkGroups ≤ 2)
+//                       a group score of its top m ≤ 2)
 //   forward_generic.cu  router_forward_kernel (one warp per token, any E ≤ 1024)
 //   backward.cu         router_backward_kernel
 //   losses.cu           the balance loss and the z-loss
@@ -48,7 +48,7 @@ struct RouteArgs {
   float* scores;
   int32_t* nan;
   int64_t T;
-  int k, G, topk_groups, m;  // m = k / topk_groups
+  int k, G, topk_groups, m;  // m = group_score_top: a group's score sums its top m
   bool sigmoid, normalize;
   float scale;
 };
