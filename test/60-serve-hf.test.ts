@@ -90,6 +90,7 @@ describe('config.json → the package (hfMoEModel)', () => {
       scoreFunction: 'sigmoid',
       groups: 4,
       topkGroups: 2,
+      groupTop: 2,
       normalize: true,
       routeScale: 2.5,
       selectionBias: true,
@@ -297,6 +298,45 @@ describe('config.json → the package (hfMoEModel)', () => {
       hidden_size: 7168,
     });
     expect(v3.block).toMatchObject({ groups: 8, topkGroups: 4, topK: 8, sharedFfn: 2048 });
+    // DeepSeek-V2: group_limited_greedy scores a group by its maximum (groupTop 1), weights × routed_scaling_factor.
+    expect(hfMoEModel(testConfigs.deepseek_v2)).toEqual({
+      block: {
+        family: 'deepseek_v2',
+        hidden: 16,
+        ffn: 8,
+        numExperts: 16,
+        topK: 5,
+        scoreFunction: 'softmax',
+        groups: 4,
+        topkGroups: 3,
+        groupTop: 1,
+        normalize: false,
+        routeScale: 16,
+        selectionBias: false,
+        sharedFfn: 16,
+        sharedGate: false,
+        routeWeightsOn: 'output',
+        routerBias: false,
+        expertBias: false,
+        activation: { kind: 'swiglu' },
+      },
+      numLayers: 3,
+      moeLayers: [1, 2],
+    });
+    // V2-Lite: 'greedy' (or DeepSeek's 'gready') is plain top-k whatever n_group says; the defaults: scale 1, every layer.
+    expect(hfMoEModel(testConfigs.deepseek_v2_lite).block).toMatchObject({ groups: 1, topkGroups: 1, normalize: false, routeScale: 1 });
+    expect(hfMoEModel(testConfigs.deepseek_v2_lite).block.groupTop).toBeUndefined();
+    expect(
+      hfMoEModel({
+        ...testConfigs.deepseek_v2_lite,
+        topk_method: undefined,
+        routed_scaling_factor: undefined,
+        first_k_dense_replace: undefined,
+      }),
+    ).toMatchObject({ block: { groups: 1, routeScale: 1 }, moeLayers: [0, 1] });
+    expect(hfMoEModel({ ...testConfigs.deepseek_v2, topk_group: 4 }).block).toMatchObject({ groups: 1, topkGroups: 1 });
+    // DeepSeek-V3 with top-6 from 2 groups: its group score stays the top 2 (before groupTop: refused).
+    expect(hfMoEModel(testConfigs.deepseek_v3_top6).block).toMatchObject({ topK: 6, groups: 4, topkGroups: 2, groupTop: 2 });
     // Every group kept is plain top-k (Kimi-K2-like n_group = 1, or topk_group = n_group).
     expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 1, topk_group: 1 }).block).toMatchObject({ groups: 1, topkGroups: 1 });
     expect(hfMoEModel({ ...testConfigs.deepseek_v3, n_group: 4, topk_group: 4, num_experts_per_tok: 3 }).block).toMatchObject({
@@ -312,11 +352,26 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
-    bad({ ...testConfigs.deepseek_v3, num_experts_per_tok: 6 }, /'num_experts_per_tok' = 6 with 'topk_group' = 2: .*top 2/);
+    bad(
+      { ...testConfigs.deepseek_v3, num_experts_per_tok: 9 },
+      /'num_experts_per_tok' = 9 is more than the 8 experts of the 'topk_group' = 2 groups/,
+    );
+    // DeepSeek-V2: softmax only, its two topk_methods, no renormalisation, its group fields and shared count required.
+    bad({ ...testConfigs.deepseek_v2, scoring_func: 'sigmoid' }, /'scoring_func' "sigmoid": DeepSeek-V2 routing is 'softmax'/);
+    bad(
+      { ...testConfigs.deepseek_v2, topk_method: 'noaux_tc' },
+      /'topk_method' "noaux_tc": DeepSeek-V2 routes by 'greedy' or 'group_limited_greedy'/,
+    );
+    bad({ ...testConfigs.deepseek_v2, norm_topk_prob: true }, /'norm_topk_prob' true: transformers ignores it/);
+    bad({ ...testConfigs.deepseek_v2, n_group: undefined }, /'n_group' is missing/);
+    bad({ ...testConfigs.deepseek_v2, topk_group: 5 }, /'topk_group' = 5 is more than 'n_group' = 4/);
+    bad({ ...testConfigs.deepseek_v2, n_group: 3 }, /'n_group' = 3 does not divide 'n_routed_experts' = 16/);
+    bad({ ...testConfigs.deepseek_v2, num_experts_per_tok: 13 }, /'num_experts_per_tok' = 13 is more than the 12 experts/);
+    bad({ ...testConfigs.deepseek_v2, n_shared_experts: undefined }, /'n_shared_experts' is missing/);
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
     // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
     for (const family of families) {

@@ -93,7 +93,10 @@ export function blockNames(
 export function buildHfCheckpoint(dir: string, cfg: HfTestConfig, options?: BuildOptions): BuiltCheckpoint;
 export const testConfigs: Record<
   | 'mixtral'
+  | 'deepseek_v2'
+  | 'deepseek_v2_lite'
   | 'deepseek_v3'
+  | 'deepseek_v3_top6'
   | 'qwen2_moe'
   | 'qwen3_moe'
   | 'kimi_k2'

@@ -318,12 +318,13 @@ export function blockNames(cfg, layer) {
     };
   const ds = ['deepseek_v3', 'kimi_k2', 'glm4_moe', 'dots1'].includes(cfg.model_type);
   const ernie = cfg.model_type === 'ernie4_5_moe';
+  const v2 = cfg.model_type === 'deepseek_v2';
   const qwen2 = cfg.model_type === 'qwen2_moe' || cfg.model_type === 'qwen3_next';
   return {
     gate: `${p}.gate.weight`,
     bias: ds ? `${p}.gate.e_score_correction_bias` : ernie ? `${p}.moe_statics.e_score_correction_bias` : null,
     expert: (j, x) => `${p}.experts.${j}.${x}_proj.weight`,
-    shared: ds || ernie ? (x) => `${p}.shared_experts.${x}_proj.weight` : qwen2 ? (x) => `${p}.shared_expert.${x}_proj.weight` : null,
+    shared: ds || ernie || v2 ? (x) => `${p}.shared_experts.${x}_proj.weight` : qwen2 ? (x) => `${p}.shared_expert.${x}_proj.weight` : null,
     sharedGate: qwen2 ? `${p}.shared_expert_gate.weight` : null,
   };
 }
@@ -754,6 +755,63 @@ export const testConfigs = {
     intermediate_size: 8,
     num_experts: 8,
     num_experts_per_tok: 2,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // DeepSeek-V2 (236B) at test size: group_limited_greedy (a group scores its maximum), top-5 from 3
+  // of 4 groups (5 is not a multiple of 3), routed_scaling_factor 16, two shared experts.
+  deepseek_v2: {
+    model_type: 'deepseek_v2',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    n_routed_experts: 16,
+    num_experts_per_tok: 5,
+    n_group: 4,
+    topk_group: 3,
+    n_shared_experts: 2,
+    routed_scaling_factor: 16,
+    norm_topk_prob: false,
+    scoring_func: 'softmax',
+    topk_method: 'group_limited_greedy',
+    first_k_dense_replace: 1,
+    moe_layer_freq: 1,
+    num_hidden_layers: 3,
+    hidden_act: 'silu',
+  },
+  // DeepSeek-V2-Lite: plain top-k ('greedy', as DeepSeek's own code spells it: 'gready'), scale 1.
+  deepseek_v2_lite: {
+    model_type: 'deepseek_v2',
+    hidden_size: 16,
+    moe_intermediate_size: 6,
+    n_routed_experts: 12,
+    num_experts_per_tok: 4,
+    n_group: 1,
+    topk_group: 1,
+    n_shared_experts: 2,
+    routed_scaling_factor: 1,
+    norm_topk_prob: false,
+    scoring_func: 'softmax',
+    topk_method: 'gready',
+    first_k_dense_replace: 1,
+    moe_layer_freq: 1,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // DeepSeek-V3's block with top-6 from 2 of 4 groups: the group score is still the top 2, not 6/2 = 3.
+  deepseek_v3_top6: {
+    model_type: 'deepseek_v3',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    n_routed_experts: 16,
+    num_experts_per_tok: 6,
+    n_group: 4,
+    topk_group: 2,
+    n_shared_experts: 1,
+    routed_scaling_factor: 2.5,
+    norm_topk_prob: true,
+    scoring_func: 'sigmoid',
+    topk_method: 'noaux_tc',
+    first_k_dense_replace: 0,
     num_hidden_layers: 2,
     hidden_act: 'silu',
   },

@@ -16,6 +16,11 @@
 //                y = Σ w_j·MLP_j(x) + MLP_shared(x)
 //                (transformers fills the dropped groups' c with 0 where DeepSeek's model.py uses
 //                -inf: the same choice whenever every c > 0, which `minChoice` lets callers check)
+//   deepseek_v2: p = softmax(x·gateᵀ); topk_method 'group_limited_greedy': a group scores its maximum
+//                p, keep the topk_group best groups, the other groups' p filled with 0, top-k of that;
+//                'greedy' (or 'gready'): top-k of p; w = p_top · routed_scaling_factor (norm_topk_prob
+//                false, as every released config: transformers never renormalises here);
+//                y = Σ w_j·MLP_j(x) + MLP_shared(x) (transformers' DeepseekV2MoE)
 //   qwen2_moe:   p = softmax; top-k; w = p_top (/ Σ p_top if norm_topk_prob); y = Σ w_j·MLP_j(x)
 //                + sigmoid(x·sharedGate)·MLP_shared(x)
 //   qwen3_moe:   as qwen2_moe without a shared expert
@@ -95,6 +100,9 @@ export function moeLayersOf(cfg) {
       // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
       const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
       moe = (l + 1) % (cfg.moe_layer_interval ?? 1) === 0 && l >= (cfg.moe_layer_start_index ?? 1) && l <= end;
+    } else if (cfg.model_type === 'deepseek_v2') {
+      // DeepSeek's modeling_deepseek.py reads moe_layer_freq (transformers' port does not).
+      moe = l >= (cfg.first_k_dense_replace ?? 0) && l % (cfg.moe_layer_freq ?? 1) === 0;
     } else if (isDeepSeekLike(cfg)) {
       // Only DeepSeek's own code (deepseek_v3, kimi_k2) reads moe_layer_freq.
       const freq = cfg.model_type === 'deepseek_v3' || cfg.model_type === 'kimi_k2' ? (cfg.moe_layer_freq ?? 1) : 1;
@@ -112,6 +120,7 @@ export function moeSizes(cfg) {
     case 'mixtral':
     case 'minimax_m2':
       return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'deepseek_v2':
     case 'deepseek_v3':
     case 'kimi_k2':
     case 'glm4_moe':
@@ -262,6 +271,29 @@ export function hfMoEReference(cfg, w, x) {
       margin = Math.min(margin, c[chosen[k - 1]] - top.next);
       const z = chosen.reduce((a, e) => a + s[e], 0);
       weights = chosen.map((e) => s[e] / z);
+    } else if (cfg.model_type === 'deepseek_v2') {
+      if (cfg.norm_topk_prob) throw new Error('reference: deepseek_v2 with norm_topk_prob is not modelled');
+      const mx = Math.max(...logits);
+      const ex = logits.map((v) => Math.exp(v - mx));
+      const sum = ex.reduce((a, b) => a + b, 0);
+      const p = ex.map((v) => v / sum);
+      let c = p;
+      if (cfg.topk_method === 'group_limited_greedy') {
+        const G = cfg.n_group,
+          kg = cfg.topk_group,
+          gs = E / G;
+        const groupScore = new Float64Array(G);
+        for (let g = 0; g < G; g++) groupScore[g] = Math.max(...p.subarray(g * gs, (g + 1) * gs));
+        const groups = topN(groupScore, kg);
+        if (kg < G) margin = Math.min(margin, groupScore[groups.chosen[kg - 1]] - groups.next);
+        // As transformers: the dropped groups' scores filled with 0 (p > 0 keeps them out of the top-k).
+        c = p.map((v, e) => (groups.chosen.includes(Math.floor(e / gs)) ? v : 0));
+      }
+      for (const v of p) minChoice = Math.min(minChoice, v);
+      const top = topN(c, k);
+      chosen = top.chosen;
+      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
+      weights = chosen.map((e) => p[e] * (cfg.routed_scaling_factor ?? 1));
     } else if (isDeepSeekLike(cfg)) {
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));

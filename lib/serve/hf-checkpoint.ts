@@ -9,6 +9,7 @@
  *                                                       ....J.w3.weight   [F,H]  up projection
  *                                                       ....J.w2.weight   [H,F]  down projection
  *   deepseek_v3  model.layers.L.mlp.gate.weight [E,H], model.layers.L.mlp.gate.e_score_correction_bias [E]
+ *   deepseek_v2  as deepseek_v3 without the bias (experts and shared_experts alike)
  *   (kimi_k2, glm4_moe, dots1 as deepseek_v3)
  *   qwen2_moe    model.layers.L.mlp.experts.J.gate_proj|up_proj.weight [F,H], ...down_proj.weight [H,F]
  *   qwen3_moe    shared: deepseek_v3 model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight,
@@ -322,7 +323,7 @@ export function hfMoENames(
       expertBias: null,
     };
   const ernie = family === 'ernie4_5_moe';
-  const sharedPrefix = isDeepSeekV3Block(family) || ernie ? `${p}.shared_experts` : `${p}.shared_expert`;
+  const sharedPrefix = isDeepSeekV3Block(family) || family === 'deepseek_v2' || ernie ? `${p}.shared_experts` : `${p}.shared_expert`;
   return {
     gate: `${p}.gate.weight`,
     bias: block.selectionBias ? (ernie ? `${p}.moe_statics.e_score_correction_bias` : `${p}.gate.e_score_correction_bias`) : null,

@@ -6,6 +6,15 @@
  *   mixtral      logits = x·Wgᵀ; p = softmax(logits); top-k of p; weights = p_top / Σ p_top
  *                y = Σ_j weights_j · E_j(x),  E(x) = (silu(x·W1ᵀ) ⊙ (x·W3ᵀ))·W2ᵀ
  *                every layer is an MoE layer
+ *   deepseek_v2  DeepSeek-V2, V2-Lite, V2.5, Coder-V2 (transformers' DeepseekV2MoE; DeepSeek's
+ *                modeling_deepseek.py computes the same for the released configs): p = softmax(x·Wgᵀ)
+ *                in fp32; topk_method 'greedy' (DeepSeek's own code spells it 'gready'): top-k of p;
+ *                'group_limited_greedy': n_group contiguous groups, a group scores its MAXIMUM p, keep
+ *                the best topk_group groups, top-k inside them; weights = p_top · routed_scaling_factor
+ *                (never renormalised: norm_topk_prob true is refused, the three implementations
+ *                disagree on it); y = Σ_j weights_j · E_j(x) + S(x), S the shared experts (width
+ *                moe_intermediate_size · n_shared_experts), added ungated
+ *                MoE layers: layer ≥ first_k_dense_replace and layer % moe_layer_freq == 0
  *   deepseek_v3  s = sigmoid(x·Wgᵀ); b = e_score_correction_bias (selection only)
  *                groups: n_group contiguous groups, a group scores the sum of its top-2 (s + b),
  *                keep the best topk_group groups, then top-k of (s + b) inside them
@@ -80,6 +89,7 @@ import { type RouteWeightsOn, type ScoreFunction } from '../moe/router.js';
 
 export const HF_MOE_FAMILIES = [
   'mixtral',
+  'deepseek_v2',
   'deepseek_v3',
   'kimi_k2',
   'glm4_moe',
@@ -431,6 +441,63 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // DeepSeek's own modeling code (modeling_deepseek.py) reads moe_layer_freq; transformers' port
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
+    isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'deepseek_v2') {
+    // transformers hard-codes softmax; DeepSeek's code reads scoring_func and refuses anything else.
+    const scoring = c.str('scoring_func', 'softmax');
+    if (scoring !== 'softmax')
+      c.fail(`'scoring_func' ${JSON.stringify(scoring)}: DeepSeek-V2 routing is 'softmax' (model_type deepseek_v3 is the sigmoid one)`);
+    const method = c.str('topk_method', 'greedy');
+    if (method !== 'greedy' && method !== 'gready' && method !== 'group_limited_greedy')
+      c.fail(
+        `'topk_method' ${JSON.stringify(method)}: DeepSeek-V2 routes by 'greedy' or 'group_limited_greedy' (transformers' DeepseekV2MoE has no other)`,
+      );
+    // Renormalising: transformers never does (it scales), DeepSeek's code does instead of scaling,
+    // vLLM does and then scales. Every released DeepSeek-V2 config sets false, where all three agree.
+    if (c.bool('norm_topk_prob', false))
+      c.fail(
+        `'norm_topk_prob' true: transformers ignores it for DeepSeek-V2 (weights × routed_scaling_factor), DeepSeek's modeling_deepseek.py renormalises instead of scaling, and vLLM does both; no released DeepSeek-V2 sets it, so it is refused rather than guessed`,
+      );
+    const E = c.int('n_routed_experts');
+    const k = c.int('num_experts_per_tok');
+    let groups = 1;
+    let topkGroups = 1;
+    if (method === 'group_limited_greedy') {
+      // transformers' config class defaults both to None: required here.
+      const nGroup = c.int('n_group');
+      const topkGroup = c.int('topk_group');
+      if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'n_routed_experts' = ${E}`);
+      if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
+      if (k > topkGroup * (E / nGroup))
+        c.fail(
+          `'num_experts_per_tok' = ${k} is more than the ${topkGroup * (E / nGroup)} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
+        );
+      // All groups kept is plain top-k.
+      if (topkGroup < nGroup) [groups, topkGroups] = [nGroup, topkGroup];
+    }
+    // n_shared_experts: transformers' default 2, DeepSeek's None (no shared experts): required here.
+    const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', undefined);
+    block = {
+      family,
+      hidden,
+      ffn: F,
+      numExperts: E,
+      topK: k,
+      scoreFunction: 'softmax',
+      groups,
+      topkGroups,
+      // group_limited_greedy scores a group by its maximum.
+      ...(groups === 1 ? {} : { groupTop: 1 }),
+      normalize: false,
+      routeScale: c.num('routed_scaling_factor', 1),
+      selectionBias: false,
+      sharedFfn,
+      sharedGate: false,
+      routeWeightsOn: 'output',
+    };
+    const firstDense = c.int('first_k_dense_replace', 0, 0);
+    // DeepSeek's code and vLLM read moe_layer_freq, transformers does not; released configs set 1.
+    const freq = c.int('moe_layer_freq', 1);
     isMoE = (l) => l >= firstDense && l % freq === 0;
   } else if (family === 'hunyuan_v1_moe') {
     // HunYuanMoE: the shared MLP always (transformers builds it whatever num_shared_expert says),
