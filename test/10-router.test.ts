@@ -474,6 +474,15 @@ describe('auxiliary losses', () => {
 });
 
 // --------------------------------------------------------------------------------- bad calls
+describe('groupTop', () => {
+  it('defaults to topK/topkGroups with groups, and resolves to 1 (unread) with one group', () => {
+    expect(new Router({ numExperts: 16, topK: 6, groups: 4, topkGroups: 3 }).config.groupTop).toBe(2);
+    expect(new Router({ numExperts: 16, topK: 5, groups: 4, topkGroups: 3, groupTop: 1 }).config.groupTop).toBe(1);
+    expect(new Router({ numExperts: 16, topK: 6 }).config.groupTop).toBe(1);
+    expect(new Router({ numExperts: 16, topK: 6, groupTop: 3 }).config.groupTop).toBe(1);
+  });
+});
+
 describe('router bad calls', () => {
   const l = () => Tensor.zeros([4, 8], { device: cpu });
   const cases: [string, () => unknown, RegExp][] = [
@@ -513,6 +522,11 @@ describe('router bad calls', () => {
     [
       'groupTop 0',
       () => routerForward(l(), { numExperts: 8, topK: 2, groups: 4, topkGroups: 2, groupTop: 0 }),
+      /router: 'groupTop' must be a positive integer; received 0/,
+    ],
+    [
+      'groupTop 0 with one group (not read, still checked)',
+      () => routerForward(l(), { numExperts: 8, topK: 2, groupTop: 0 }),
       /router: 'groupTop' must be a positive integer; received 0/,
     ],
     [

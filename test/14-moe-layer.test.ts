@@ -174,6 +174,10 @@ describe('MoELayer on one rank', () => {
   it.each([
     ['softmax', { ...base }],
     ['sigmoid, 2 groups keep 1, no shared expert', { ...base, scoreFunction: 'sigmoid', groups: 2, topkGroups: 1, sharedFfn: 0 }],
+    [
+      "DeepSeek-V2's: softmax, top-3 from 2 of 4 groups scored by their maximum, scaled",
+      { ...base, numExperts: 8, topK: 3, groups: 4, topkGroups: 2, groupTop: 1, routeScale: 16 },
+    ],
     ['the shared expert gated by sigmoid(x·g)', { ...base, sharedGate: true }],
     [
       "Llama 4's: top-1 sigmoid weight on the expert's input, a shared expert",

@@ -646,6 +646,40 @@ describe('MoE layer state', () => {
     using llama = new MoELayer({ ...cfg, topK: 1, routeWeightsOn: 'input', seed: 9 });
     expect(() => loadMoELayer(r2, llama, 0)).toThrow(/router was trained with (topK 2|routeWeightsOn "output")/);
   });
+
+  it('groupTop (how a group is scored) is recorded with groups, and a layer scoring groups otherwise is refused; older records read as topK/topkGroups', () => {
+    const grouped = { ...cfg, numExperts: 8, topK: 3, groups: 4, topkGroups: 2 };
+    const save = (layer: MoELayer, router: object): string => {
+      const dir = tmp();
+      const st = moeLayerState(layer, 0);
+      saveCheckpoint(dir, {
+        step: 1,
+        replicated: st.replicated,
+        sharded: st.sharded,
+        manifestExtras: { ep: { size: 1, expertsPerRank: 8 }, router },
+      });
+      disposeState(st);
+      return dir;
+    };
+    using max = new MoELayer({ ...grouped, groupTop: 1, seed: 3 });
+    expect(routerWeighting(max)).toMatchObject({ groups: 4, topkGroups: 2, groupTop: 1 });
+    // One group: nothing reads groupTop, nothing records it.
+    using plain = new MoELayer({ ...cfg, seed: 3 });
+    expect(routerWeighting(plain)).not.toHaveProperty('groupTop');
+    using r = loadCheckpoint(save(max, routerWeighting(max)));
+    using same = new MoELayer({ ...grouped, groupTop: 1, seed: 4 });
+    loadMoELayer(r, same, 0);
+    using top2 = new MoELayer({ ...grouped, groupTop: 2, seed: 4 });
+    expect(() => loadMoELayer(r, top2, 0)).toThrow(/router was trained with groupTop 1 but this layer has groupTop 2/);
+    // A record from before groupTop (a group scored its top topK/topkGroups): 4 groups keep 2, top-4 → 2.
+    using four = new MoELayer({ ...grouped, topK: 4, seed: 5 });
+    const { groupTop: _g, ...older } = routerWeighting(four);
+    using r2 = loadCheckpoint(save(four, older));
+    using four2 = new MoELayer({ ...grouped, topK: 4, groupTop: 2, seed: 6 });
+    loadMoELayer(r2, four2, 0);
+    using fourMax = new MoELayer({ ...grouped, topK: 4, groupTop: 1, seed: 6 });
+    expect(() => loadMoELayer(r2, fourMax, 0)).toThrow(/router was trained with groupTop 2 but this layer has groupTop 1/);
+  });
 });
 
 // ----------------------------------------------------------------------------------------- CLI

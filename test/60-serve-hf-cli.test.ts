@@ -24,7 +24,7 @@ describe('moe-ep hf inspect', () => {
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toContain(`hf checkpoint ${dir}: deepseek_v3, 3 layers, 2 with an MoE block (1, 2)`);
     expect(r.stdout).toContain(
-      'block: hidden 16, 16 experts of width 8; sigmoid, selection bias, 4 groups keep 2, top-4, weights renormalised, × 2.5; shared expert of width 16',
+      'block: hidden 16, 16 experts of width 8; sigmoid, selection bias, 4 groups keep 2 (a group scored by its top 2), top-4, weights renormalised, × 2.5; shared expert of width 16',
     );
     // 16 experts × 3 bf16 matrices of 8·16 values = 12 KiB a layer; a quarter per rank.
     expect(r.stdout).toContain('per MoE layer and rank at 4 ranks: 4 experts, 3.00 KiB as stored');

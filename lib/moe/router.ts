@@ -93,7 +93,7 @@ export interface RouterConfig {
   /**
    * A group's score is the sum of its best `groupTop` biased scores (1 ≤ groupTop ≤ numExperts/groups):
    * DeepSeek-V3 sums its top 2, DeepSeek-V2 takes the maximum (1). Default topK/topkGroups, which
-   * must then be a whole number. Read only when groups > 1.
+   * must then be a whole number. Read only when groups > 1 (resolved to 1 otherwise).
    */
   groupTop?: number;
   /**
@@ -175,7 +175,9 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
       `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups} (a group scores its top topK/topkGroups unless 'groupTop' says how many)`,
     );
   }
-  const groupTop = checkPositiveInt(config.groupTop ?? k / topkGroups, 'router', 'groupTop');
+  // One group: nothing reads it; resolved to 1 so that layers differing only in topK agree on it.
+  const groupTop = groups === 1 ? 1 : checkPositiveInt(config.groupTop ?? k / topkGroups, 'router', 'groupTop');
+  if (groups === 1 && config.groupTop !== undefined) checkPositiveInt(config.groupTop, 'router', 'groupTop');
   if (groupTop > groupSize) {
     invalidArgument(
       'router',
