@@ -335,6 +335,36 @@ describe('config.json → the package (hfMoEModel)', () => {
       }),
     ).toMatchObject({ block: { groups: 1, routeScale: 1 }, moeLayers: [0, 1] });
     expect(hfMoEModel({ ...testConfigs.deepseek_v2, topk_group: 4 }).block).toMatchObject({ groups: 1, topkGroups: 1 });
+    // Jamba: softmax top-k as it is (never renormalised), MoE every expert_layer_period-th layer from the offset.
+    expect(hfMoEModel(testConfigs.jamba)).toEqual({
+      block: {
+        family: 'jamba',
+        hidden: 16,
+        ffn: 10,
+        numExperts: 8,
+        topK: 2,
+        scoreFunction: 'softmax',
+        groups: 1,
+        topkGroups: 1,
+        normalize: false,
+        routeScale: 1,
+        selectionBias: false,
+        sharedFfn: 0,
+        sharedGate: false,
+        routeWeightsOn: 'output',
+        routerBias: false,
+        expertBias: false,
+        activation: { kind: 'swiglu' },
+      },
+      numLayers: 4,
+      moeLayers: [1, 3],
+    });
+    expect(
+      hfMoEModel({ ...testConfigs.jamba, expert_layer_period: undefined, expert_layer_offset: undefined, num_hidden_layers: 6 }).moeLayers,
+    ).toEqual([1, 3, 5]);
+    expect(hfMoEModel({ ...testConfigs.jamba, expert_layer_period: 4, expert_layer_offset: 0, num_hidden_layers: 8 }).moeLayers).toEqual([
+      0, 4,
+    ]);
     // DeepSeek-V3 with top-6 from 2 groups: its group score stays the top 2 (before groupTop: refused).
     expect(hfMoEModel(testConfigs.deepseek_v3_top6).block).toMatchObject({ topK: 6, groups: 4, topkGroups: 2, groupTop: 2 });
     // Every group kept is plain top-k (Kimi-K2-like n_group = 1, or topk_group = n_group).
@@ -352,7 +382,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss, jamba\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -372,6 +402,9 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.deepseek_v2, n_group: 3 }, /'n_group' = 3 does not divide 'n_routed_experts' = 16/);
     bad({ ...testConfigs.deepseek_v2, num_experts_per_tok: 13 }, /'num_experts_per_tok' = 13 is more than the 12 experts/);
     bad({ ...testConfigs.deepseek_v2, n_shared_experts: undefined }, /'n_shared_experts' is missing/);
+    bad({ ...testConfigs.jamba, expert_layer_offset: 2 }, /'expert_layer_offset' = 2 is not below 'expert_layer_period' = 2/);
+    bad({ ...testConfigs.jamba, num_experts: undefined }, /'num_experts' is missing/);
+    bad({ ...testConfigs.jamba, num_experts: 1 }, /'num_experts' = 1: every Jamba layer is then a dense MLP/);
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
     // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
     for (const family of families) {

@@ -97,6 +97,7 @@ export const testConfigs: Record<
   | 'deepseek_v2_lite'
   | 'deepseek_v3'
   | 'deepseek_v3_top6'
+  | 'jamba'
   | 'qwen2_moe'
   | 'qwen3_moe'
   | 'kimi_k2'

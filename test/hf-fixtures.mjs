@@ -281,6 +281,16 @@ export function blockNames(cfg, layer) {
       sharedGate: null,
     };
   }
+  if (cfg.model_type === 'jamba') {
+    const p = `model.layers.${layer}.feed_forward`;
+    return {
+      gate: `${p}.router.weight`,
+      bias: null,
+      expert: (j, x) => `${p}.experts.${j}.${x}_proj.weight`,
+      shared: null,
+      sharedGate: null,
+    };
+  }
   if (cfg.model_type === 'llama4') {
     const p = `language_model.model.layers.${layer}.feed_forward`;
     return {
@@ -795,6 +805,18 @@ export const testConfigs = {
     first_k_dense_replace: 1,
     moe_layer_freq: 1,
     num_hidden_layers: 2,
+    hidden_act: 'silu',
+  },
+  // Jamba: softmax top-2 not renormalised, MoE on layers 1, 3 (expert_layer_period 2, offset 1).
+  jamba: {
+    model_type: 'jamba',
+    hidden_size: 16,
+    intermediate_size: 10,
+    num_experts: 8,
+    num_experts_per_tok: 2,
+    expert_layer_period: 2,
+    expert_layer_offset: 1,
+    num_hidden_layers: 4,
     hidden_act: 'silu',
   },
   // DeepSeek-V3's block with top-6 from 2 of 4 groups: the group score is still the top 2, not 6/2 = 3.

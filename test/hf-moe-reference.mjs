@@ -39,6 +39,9 @@
 //                expert's INPUT: y = Σ_j MLP_j(s_j·x) + MLP_shared(x), experts and shared expert of
 //                intermediate_size; MoE layers: moe_layers, else every interleave_moe_layer_step-th
 //                (from step − 1); its fields in config.json's text_config
+//   jamba:       p = softmax; top-k; w = p_top, never renormalised; y = Σ w_j·MLP_j(x) (transformers'
+//                JambaSparseMoeBlock); MoE layers: layer % expert_layer_period == expert_layer_offset
+//                when num_experts > 1
 //   qwen3_vl_moe: qwen3_moe's block, always renormalised (norm_topk_prob is not read), its fields in
 //                config.json's text_config
 //   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
@@ -94,6 +97,7 @@ export function moeLayersOf(cfg) {
   for (let l = 0; l < c.num_hidden_layers; l++) {
     let moe;
     if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', 'gpt_oss', ...GRANITE].includes(cfg.model_type)) moe = true;
+    else if (cfg.model_type === 'jamba') moe = c.num_experts > 1 && l % (c.expert_layer_period ?? 2) === (c.expert_layer_offset ?? 1);
     else if (cfg.model_type === 'llama4')
       moe = c.moe_layers ? c.moe_layers.includes(l) : l % (c.interleave_moe_layer_step ?? 1) === (c.interleave_moe_layer_step ?? 1) - 1;
     else if (cfg.model_type === 'ernie4_5_moe') {
@@ -138,6 +142,7 @@ export function moeSizes(cfg) {
     case 'qwen3_moe':
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'olmoe':
+    case 'jamba':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
     case 'gpt_oss':
       return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok ?? cfg.experts_per_token, Fs: 0 };
@@ -337,7 +342,8 @@ export function hfMoEReference(cfg, w, x) {
       // Hunyuan's topkgating renormalises for k > 1; its top-1 path keeps the probability.
       // Granite's softmax over the top-k logits is the renormalised top-k; Qwen3-VL-MoE always renormalises.
       const always = ['mixtral', 'qwen3_vl_moe', ...GRANITE].includes(cfg.model_type) || ernie;
-      const renorm = cfg.model_type === 'hunyuan_v1_moe' ? k > 1 : always ? true : field(cfg, 'norm_topk_prob');
+      const renorm =
+        cfg.model_type === 'hunyuan_v1_moe' ? k > 1 : cfg.model_type === 'jamba' ? false : always ? true : field(cfg, 'norm_topk_prob');
       if (renorm) {
         const z = weights.reduce((a, b) => a + b, 0);
         weights = weights.map((v) => v / (ernie ? Math.max(z, cfg.moe_norm_min ?? 1e-12) : z));

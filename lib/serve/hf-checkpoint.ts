@@ -17,6 +17,7 @@
  *   olmoe)       model.layers.L.mlp.shared_expert_gate.weight [1,H]
  *   ernie4_5_moe as deepseek_v3 but the bias: model.layers.L.mlp.moe_statics.e_score_correction_bias [1,E]
  *   minimax_m2   as mixtral, and model.layers.L.block_sparse_moe.e_score_correction_bias [E]
+ *   jamba        model.layers.L.feed_forward.router.weight [E,H], ….feed_forward.experts.J.{gate,up,down}_proj.weight
  *   hunyuan_v1_moe  model.layers.L.mlp.gate.wg.weight [E,H] (F32 as published), experts as qwen2_moe,
  *                model.layers.L.mlp.shared_mlp.{gate,up,down}_proj.weight
  *
@@ -303,6 +304,20 @@ export function hfMoENames(
       biasShape: (E) => [E],
       expert: null,
       fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W', split: 'halves' },
+      shared: null,
+      sharedGate: null,
+      routerBias: null,
+      expertBias: null,
+    };
+  }
+  if (family === 'jamba') {
+    const p = `model.layers.${layer}.feed_forward`;
+    return {
+      gate: `${p}.router.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: (j) => projections(`${p}.experts.${j}`),
+      fused: null,
       shared: null,
       sharedGate: null,
       routerBias: null,

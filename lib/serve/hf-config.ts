@@ -53,6 +53,11 @@
  *                [g | u] = x·W13 + b13 (gate and up interleaved by column), h = (clamp(u, ±L) + 1) ·
  *                min(g, L)·sigmoid(1.702·min(g, L)), E(x) = h·W2 + b2, L = swiglu_limit (7);
  *                y = Σ_j weights_j · E_j(x); every layer is an MoE layer; no shared expert
+ *   jamba        Jamba (v0.1, 1.5 Mini and Large; transformers' JambaSparseMoeBlock): p = softmax(x·Wgᵀ)
+ *                in fp32; top-k of p, NOT renormalised; y = Σ_j weights_j · E_j(x), experts of
+ *                intermediate_size, no shared expert; MoE layers: layer % expert_layer_period ==
+ *                expert_layer_offset (the others are dense MLPs: the caller's, as are the Mamba and attention
+ *                mixers); num_experts 1 (every layer dense) is refused
  *   qwen3_vl_moe Qwen3-VL-MoE's language model: qwen3_moe's block, always renormalised (transformers
  *                does not read norm_topk_prob), its fields in config.json's text_config; the vision
  *                tower is the caller's
@@ -107,6 +112,7 @@ export const HF_MOE_FAMILIES = [
   'granitemoehybrid',
   'llama4',
   'gpt_oss',
+  'jamba',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -499,6 +505,32 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // DeepSeek's code and vLLM read moe_layer_freq, transformers does not; released configs set 1.
     const freq = c.int('moe_layer_freq', 1);
     isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'jamba') {
+    const E = c.int('num_experts');
+    // One expert: every layer is JambaMLP (dense), no MoE block to serve.
+    if (E === 1) c.fail(`'num_experts' = 1: every Jamba layer is then a dense MLP (JambaMLP); there is no MoE block`);
+    // JambaConfig's defaults: every second layer from layer 1.
+    const period = c.int('expert_layer_period', 2);
+    const offset = c.int('expert_layer_offset', 1, 0);
+    if (offset >= period) c.fail(`'expert_layer_offset' = ${offset} is not below 'expert_layer_period' = ${period}: no layer would be MoE`);
+    block = {
+      family,
+      hidden,
+      ffn: c.int('intermediate_size'),
+      numExperts: E,
+      topK: c.int('num_experts_per_tok'),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      // transformers and vLLM alike: the top-k probabilities as they are (vLLM: renormalize=False).
+      normalize: false,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: 0,
+      sharedGate: false,
+      routeWeightsOn: 'output',
+    };
+    isMoE = (l) => l % period === offset;
   } else if (family === 'hunyuan_v1_moe') {
     // HunYuanMoE: the shared MLP always (transformers builds it whatever num_shared_expert says),
     // experts and shared MLP both of intermediate_size; top-1 keeps its probability unscaled.
