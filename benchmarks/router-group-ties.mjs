@@ -33,7 +33,7 @@ const E = config.numExperts,
   G = config.groups,
   KG = config.topkGroups,
   gs = E / G,
-  m = k / KG;
+  m = config.groupTop ?? k / KG;
 const sigmoid = config.scoreFunction === 'sigmoid';
 const f = Math.fround;
 const thresholds = [1e-5, 1e-6, 1e-7];

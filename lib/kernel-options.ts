@@ -32,7 +32,7 @@
  *                               H=7168, E=32): 24 against 73 µs (H200, 5b01f47); false: the tile
  *                               (or decode) kernels
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
- *                               two, k/topkGroups ≤ 2); false: the generic kernel for every E
+ *                               two, groupTop ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
  *                               programmatic dependent (sm_90 and newer); false: a plain launch
  *

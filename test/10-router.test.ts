@@ -480,6 +480,12 @@ describe('groupTop', () => {
     expect(new Router({ numExperts: 16, topK: 5, groups: 4, topkGroups: 3, groupTop: 1 }).config.groupTop).toBe(1);
     expect(new Router({ numExperts: 16, topK: 6 }).config.groupTop).toBe(1);
     expect(new Router({ numExperts: 16, topK: 6, groupTop: 3 }).config.groupTop).toBe(1);
+    // null (a JSON config leaving it out) is left out, with groups or without.
+    expect(new Router({ numExperts: 16, topK: 6, groups: 4, topkGroups: 3, groupTop: null as never }).config.groupTop).toBe(2);
+    expect(new Router({ numExperts: 16, topK: 6, groupTop: null as never }).config.groupTop).toBe(1);
+    expect(() => new Router({ numExperts: 16, topK: 5, groups: 4, topkGroups: 3, groupTop: null as never })).toThrow(
+      /'topK' = 5 is not divisible by 'topkGroups' = 3/,
+    );
   });
 });
 

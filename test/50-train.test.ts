@@ -560,6 +560,38 @@ describe('checkpoints in training', () => {
     }
   });
 
+  it('model.groupTop reaches every layer and the manifest; a resume scoring groups otherwise is refused by the record', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'moe-group-top-'));
+    try {
+      const run = (groupTop: number | null) =>
+        resolveConfig({
+          model: { hidden: 16, ffn: 8, experts: 8, topK: 4, groups: 4, topkGroups: 2, groupTop, sharedFfn: 0 },
+          data: { tokensPerStep: 64 },
+          train: { device: 'cpu', steps: 2, progress: false },
+        });
+      {
+        using t = new Trainer(run(1));
+        for (const layer of t.model.layers) expect(layer.config.groupTop).toBe(1);
+        t.trainStep();
+        const saved = t.saveCheckpoint(dir);
+        const manifest = JSON.parse(readFileSync(join(saved.dir, 'manifest.json'), 'utf8')) as { router: { groupTop?: number } };
+        expect(manifest.router.groupTop).toBe(1);
+      }
+      {
+        // null: topK/topkGroups = 2, not the checkpoint's 1.
+        using t = new Trainer(run(null));
+        expect(t.model.layers[0]!.config.groupTop).toBe(2);
+        expect(() => t.resume(dir)).toThrow(/router was trained with groupTop 1 but this layer has groupTop 2/);
+      }
+      {
+        using t = new Trainer(run(1));
+        t.resume(dir);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it("the manifest records the router's weighting; a layer weighting otherwise, or a sigmoid topK 1 checkpoint from before the record, is refused", () => {
     const dir = mkdtempSync(join(tmpdir(), 'moe-router-record-'));
     const top1 = mkdtempSync(join(tmpdir(), 'moe-router-top1-'));

@@ -31,6 +31,10 @@ const cases: [string, Partial<MoELayerConfig>][] = [
     'sigmoid + bias, 4 groups keep 2, top-4, route scale 2.5, shared expert (DeepSeek-V3-like)',
     { scoreFunction: 'sigmoid', groups: 4, topkGroups: 2, topK: 4, routeScale: 2.5, sharedFfn: 24, numExperts: 16 },
   ],
+  [
+    'softmax, 4 groups keep 2 by their maximum (groupTop 1), top-4, route scale 16 (DeepSeek-V2-like; the default would sum the top 2)',
+    { groups: 4, topkGroups: 2, groupTop: 1, topK: 4, routeScale: 16, numExperts: 16 },
+  ],
   ['softmax top-1, shared expert', { topK: 1, sharedFfn: 8 }],
   ['shared expert gated by sigmoid(x·g) (Qwen2-MoE-like)', { sharedFfn: 8, sharedGate: true }],
   ['capacity 1.0, drop by probability (drops happen)', { capacityFactor: 1.0, dropPolicy: 'probs' }],

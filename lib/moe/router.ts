@@ -169,19 +169,21 @@ export function resolveRouterConfig(config: RouterConfig): ResolvedRouterConfig 
   const topkGroups = checkPositiveInt(config.topkGroups ?? groups, 'router', 'topkGroups');
   if (topkGroups > groups) invalidArgument('router', `'topkGroups' = ${topkGroups} is more than 'groups' = ${groups}`);
   const groupSize = E / groups;
-  if (config.groupTop === undefined && k % topkGroups !== 0) {
+  // null (a JSON config's way of leaving it out) is left out.
+  const givenTop = config.groupTop ?? undefined;
+  if (givenTop === undefined && k % topkGroups !== 0) {
     invalidArgument(
       'router',
       `'topK' = ${k} is not divisible by 'topkGroups' = ${topkGroups} (a group scores its top topK/topkGroups unless 'groupTop' says how many)`,
     );
   }
   // One group: nothing reads it; resolved to 1 so that layers differing only in topK agree on it.
-  const groupTop = groups === 1 ? 1 : checkPositiveInt(config.groupTop ?? k / topkGroups, 'router', 'groupTop');
-  if (groups === 1 && config.groupTop !== undefined) checkPositiveInt(config.groupTop, 'router', 'groupTop');
+  const groupTop = groups === 1 ? 1 : checkPositiveInt(givenTop ?? k / topkGroups, 'router', 'groupTop');
+  if (groups === 1 && givenTop !== undefined) checkPositiveInt(givenTop, 'router', 'groupTop');
   if (groupTop > groupSize) {
     invalidArgument(
       'router',
-      `'groupTop' = ${groupTop}${config.groupTop === undefined ? ' (topK/topkGroups, its default)' : ''} is more than a group's ${groupSize} experts (numExperts / groups)`,
+      `'groupTop' = ${groupTop}${givenTop === undefined ? ' (topK/topkGroups, its default)' : ''} is more than a group's ${groupSize} experts (numExperts / groups)`,
     );
   }
   if (k > topkGroups * groupSize) {

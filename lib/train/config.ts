@@ -351,8 +351,8 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       `config.model.topkGroups: ${c.model.topkGroups} does not divide config.model.topK (${c.model.topK}); set config.model.groupTop, or a topkGroups that divides it`,
     ],
     [
-      c.model.groups === 1 || (c.model.groupTop ?? c.model.topK / c.model.topkGroups) <= c.model.experts / c.model.groups,
-      `config.model.groupTop: a group's score sums its best ${c.model.groupTop ?? c.model.topK / c.model.topkGroups} but a group has ${c.model.experts / c.model.groups} experts (config.model.experts / groups)`,
+      c.model.groups === 1 || (c.model.groupTop ?? Math.floor(c.model.topK / c.model.topkGroups)) <= c.model.experts / c.model.groups,
+      `config.model.groupTop: a group's score sums its best ${c.model.groupTop ?? `${Math.floor(c.model.topK / c.model.topkGroups)} (topK/topkGroups, its default when null)`} but a group has ${Math.floor(c.model.experts / c.model.groups)} experts (config.model.experts / groups)`,
     ],
     [
       c.model.groups === 1 || c.model.topK <= c.model.topkGroups * (c.model.experts / c.model.groups),

@@ -571,7 +571,8 @@ const SAME_ON_RESUME = {
     'scoreFunction',
     'groups',
     'topkGroups',
-    'groupTop',
+    // groupTop is not compared raw (null and its default, or any value with one group, route alike):
+    // loadMoELayer compares what it resolves to, from the manifest's router record.
     'sharedFfn',
     'sharedGate',
     'routeWeightsOn',

@@ -23,7 +23,7 @@
 // group's scores, that close may be ordered differently on the two devices; a group near tie swaps
 // a whole group's experts (test/router-ties.ts keeps them out of the GPU-vs-CPU test).
 // An infinite (not NaN) bias entry is allowed; the one case where the devices may then choose
-// differently is a group score that is NaN (+inf + -inf among a group's top k/topkGroups): the CPU's
+// differently is a group score that is NaN (+inf + -inf among a group's top m): the CPU's
 // argmax keeps a NaN group only when it is the first still allowed; the fast CUDA kernel ranks it
 // last, the generic one as its reduction tree falls.
 //
@@ -107,13 +107,13 @@ void router_expert_choice(const Tensor& logits, const ExpertChoiceParams& p, con
 void router_expert_choice_backward(const Tensor& d_weights, const Tensor& scores, const Tensor& slot, ScoreFn score, float route_scale,
                                    const Tensor& d_logits, bool accumulate);
 
+// m: the number of a group's top biased scores summed into its score.
+inline int64_t group_score_top(const RouterParams& p) { return p.group_top > 0 ? p.group_top : p.k / p.topk_groups; }
+
 // ---- kernel switches, set from TypeScript (setKernelOptions in lib/kernel-options.ts, through
 // native/addon/kernel_options_binding.cc). router.cc is the one place they are read: it chooses the
 // CUDA forward kernel of each call (RouterForwardKernel) and whether it may be launched as a
 // programmatic dependent. The defaults are what measured fastest (benchmarks/kernels-notes.md).
-// m: the number of a group's top biased scores summed into its score.
-inline int64_t group_score_top(const RouterParams& p) { return p.group_top > 0 ? p.group_top : p.k / p.topk_groups; }
-
 struct RouterOptions {
   bool fast = true;  // the fast forward kernel for the shapes it has; off: the generic one everywhere
   bool pdl = true;   // launch the fast forward as router_init's programmatic dependent (sm_90 and newer)
