@@ -395,6 +395,33 @@ for (const [i, extra] of [
     `layers that differ across ranks: ${message || 'no error'}`,
   );
   odd.dispose();
+  // Group-limited routing that scores the groups otherwise on the last rank (its maximum, not the top 2).
+  const otherGroups = new MoELayer({
+    hidden: 16,
+    ffn: 8,
+    numExperts: 2 * P,
+    topK: 2,
+    groups: 2,
+    topkGroups: 1,
+    groupTop: last ? 1 : 2,
+    dtype: gpu ? 'bf16' : 'f32',
+    device,
+    group: world,
+    ...tr.config,
+  });
+  message = '';
+  try {
+    tidy(() => otherGroups.forward(Tensor.randn([8, 16], { seed: rank, device, dtype: gpu ? 'bf16' : 'f32' })));
+  } catch (e) {
+    message = `${e.constructor.name}: ${e.message}`;
+  }
+  check(
+    /^InvalidArgumentError: MoELayer\.forward: the expert-parallel group's layers differ \(groupTop \d on rank \d+ but \d on rank \d+/.test(
+      message,
+    ),
+    `layers whose groupTop differs across ranks: ${message || 'no error'}`,
+  );
+  otherGroups.dispose();
   progress('4: layers that differ across ranks refused on every rank');
 }
 console.log(`ok rank ${rank} of ${P} (transport ${layerTransport})`);
