@@ -365,6 +365,19 @@ describe('config.json → the package (hfMoEModel)', () => {
     expect(hfMoEModel({ ...testConfigs.jamba, expert_layer_period: 4, expert_layer_offset: 0, num_hidden_layers: 8 }).moeLayers).toEqual([
       0, 4,
     ]);
+    // DBRX: softmax top-k divided by their 1-norm (renormalised) unless moe_normalize_expert_weights is null; every block MoE.
+    expect(hfMoEModel(testConfigs.dbrx)).toMatchObject({
+      block: { family: 'dbrx', hidden: 16, ffn: 8, numExperts: 8, topK: 3, scoreFunction: 'softmax', normalize: true, sharedFfn: 0 },
+      numLayers: 2,
+      moeLayers: [0, 1],
+    });
+    const dbrxFfnConfig = testConfigs.dbrx.ffn_config as Record<string, unknown>;
+    expect(hfMoEModel({ ...testConfigs.dbrx, ffn_config: { ...dbrxFfnConfig, moe_normalize_expert_weights: null } }).block.normalize).toBe(
+      false,
+    );
+    expect(hfMoEModel({ ...testConfigs.dbrx, ffn_config: { ...dbrxFfnConfig, moe_normalize_expert_weights: 1.0 } }).block.normalize).toBe(
+      true,
+    );
     // DeepSeek-V3 with top-6 from 2 groups: its group score stays the top 2 (before groupTop: refused).
     expect(hfMoEModel(testConfigs.deepseek_v3_top6).block).toMatchObject({ topK: 6, groups: 4, topkGroups: 2, groupTop: 2 });
     // Every group kept is plain top-k (Kimi-K2-like n_group = 1, or topk_group = n_group).
@@ -382,7 +395,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss, jamba\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss, jamba, dbrx\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -405,15 +418,29 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.jamba, expert_layer_offset: 2 }, /'expert_layer_offset' = 2 is not below 'expert_layer_period' = 2/);
     bad({ ...testConfigs.jamba, num_experts: undefined }, /'num_experts' is missing/);
     bad({ ...testConfigs.jamba, num_experts: 1 }, /'num_experts' = 1: every Jamba layer is then a dense MLP/);
+    const dbrxFfn = testConfigs.dbrx.ffn_config as Record<string, unknown>;
+    bad(
+      { ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_normalize_expert_weights: 2 } },
+      /'moe_normalize_expert_weights' 2: .*another p-norm is not supported/,
+    );
+    bad({ ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_top_k: undefined } }, /config\.json: ffn_config: 'moe_top_k' is missing/);
+    bad({ ...testConfigs.dbrx, d_model: undefined }, /'d_model' is missing/);
+    bad({ ...testConfigs.dbrx, ffn_config: undefined }, /'ffn_config'/);
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
     // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
     for (const family of families) {
       const c: Record<string, unknown> = testConfigs[family];
       // A multimodal config's activation is its language model's (text_config's).
       const text = c['text_config'] as Record<string, unknown> | undefined;
+      // DBRX's in ffn_config.ffn_act_fn.name.
+      const ffn = family === 'dbrx' ? (c['ffn_config'] as Record<string, unknown>) : undefined;
       bad(
-        text ? { ...c, text_config: { ...text, hidden_act: 'gelu' } } : { ...c, hidden_act: 'gelu' },
-        /'hidden_act' "gelu": the package's experts compute SiLU-gated MLPs/,
+        ffn
+          ? { ...c, ffn_config: { ...ffn, ffn_act_fn: { name: 'gelu' } } }
+          : text
+            ? { ...c, text_config: { ...text, hidden_act: 'gelu' } }
+            : { ...c, hidden_act: 'gelu' },
+        /'(hidden_act|ffn_config\.ffn_act_fn\.name)' "gelu": the package's experts compute SiLU-gated MLPs/,
       );
     }
     expect(hfMoEModel({ ...testConfigs.mixtral, hidden_act: 'swish' }).block.family).toBe('mixtral');
@@ -901,6 +928,48 @@ describe('expert parallelism: each rank reads only its own experts', () => {
       }
     }
   });
+
+  // DBRX's experts stacked by rows ([E·F, H]): a rank reads its experts' F rows of each alone.
+  for (const P of [2, 4]) {
+    it(`${P} ranks of dbrx (experts stacked by rows): the rank's slice, bit for bit; only its experts' rows read; other rows poisoned change nothing`, () => {
+      const dir = fresh();
+      const cfg = testConfigs.dbrx;
+      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 70 + P });
+      const { H, F, E } = moeSizes(cfg);
+      const El = E / P;
+      const layer = 1;
+      const full = tidy(() => {
+        using ckpt = HfMoECheckpoint.open(dir);
+        using w = ckpt.readLayer(layer, { device: 'cpu' });
+        return { w13: Array.from(w.w13.toArray() as Uint16Array), w2: Array.from(w.w2.toArray() as Uint16Array) };
+      });
+      const sizeOf = (name: string): number =>
+        (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
+      const n = blockNames(cfg, layer);
+      const st = n.stacked as { gate: string; up: string; down: string };
+      for (let r = 0; r < P; r++) {
+        const copy = `${dir}-rank${r}`;
+        fs.cpSync(dir, copy, { recursive: true });
+        for (const l of built.layers.keys()) {
+          const ls = blockNames(cfg, l).stacked as { gate: string; up: string; down: string };
+          // Row f·… of expert ⌊row / F⌋.
+          const keep = (row: number): boolean => l === layer && Math.floor(row / F) >= r * El && Math.floor(row / F) < (r + 1) * El;
+          for (const name of [ls.gate, ls.up, ls.down]) poisonRows(copy, built.weightMap, name, keep);
+        }
+        using ckpt = HfMoECheckpoint.open(copy);
+        using w = ckpt.readLayer(layer, { rank: r, worldSize: P, device: 'cpu' });
+        expect(w.firstExpert).toBe(r * El);
+        const per13 = H * 2 * F,
+          per2 = F * H;
+        expect(Array.from(w.w13.toArray() as Uint16Array)).toEqual(full.w13.slice(r * El * per13, (r + 1) * El * per13));
+        expect(Array.from(w.w2.toArray() as Uint16Array)).toEqual(full.w2.slice(r * El * per2, (r + 1) * El * per2));
+        // The router whole, and El/E of each stacked tensor (one read per expert and tensor).
+        expect(ckpt.stats.tensorsRead).toBe(1 + 3 * El);
+        expect(ckpt.stats.tensorBytes).toBe(sizeOf(n.gate) + ((sizeOf(st.gate) + sizeOf(st.up) + sizeOf(st.down)) * El) / E);
+        fs.rmSync(copy, { recursive: true, force: true });
+      }
+    });
+  }
 
   // Fused experts ([E, …] tensors): a rank reads its experts' rows of them alone.
   for (const [family, P] of [

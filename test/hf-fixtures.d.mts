@@ -83,6 +83,8 @@ export function blockNames(
   expert?: (j: number, x: string) => string;
   /** The experts' fused tensors: 'xW' gate_up [E,H,2F], down [E,F,H]; 'linear' [E,2F,H], [E,H,F]; split 'interleaved' for gpt-oss. */
   fused?: { gateUp: string; down: string; layout: 'xW' | 'linear'; split?: 'interleaved' };
+  /** DBRX: the experts stacked by rows, [E·F,H] each. */
+  stacked?: { gate: string; up: string; down: string };
   /** gpt-oss: the router's bias and the experts' biases. */
   routerBias?: string;
   expertBias?: { gateUp: string; down: string };
@@ -98,6 +100,7 @@ export const testConfigs: Record<
   | 'deepseek_v3'
   | 'deepseek_v3_top6'
   | 'jamba'
+  | 'dbrx'
   | 'qwen2_moe'
   | 'qwen3_moe'
   | 'kimi_k2'

@@ -281,6 +281,16 @@ export function blockNames(cfg, layer) {
       sharedGate: null,
     };
   }
+  if (cfg.model_type === 'dbrx') {
+    const p = `transformer.blocks.${layer}.ffn`;
+    return {
+      gate: `${p}.router.layer.weight`,
+      bias: null,
+      stacked: { gate: `${p}.experts.mlp.w1`, up: `${p}.experts.mlp.v1`, down: `${p}.experts.mlp.w2` },
+      shared: null,
+      sharedGate: null,
+    };
+  }
   if (cfg.model_type === 'jamba') {
     const p = `model.layers.${layer}.feed_forward`;
     return {
@@ -368,7 +378,7 @@ export function buildHfCheckpoint(
   const model = cfg.model_type === 'qwen3_vl_moe' ? 'model.language_model' : cfg.model_type === 'llama4' ? 'language_model.model' : 'model';
   if (cfg.model_type === 'qwen3_vl_moe') add('model.visual.patch_embed.proj.weight', [H, 3, 2, 2], rand(12 * H));
   add(`${model}.embed_tokens.weight`, [32, H], rand(32 * H));
-  for (let l = 0; l < (cfg.text_config ?? cfg).num_hidden_layers; l++) {
+  for (let l = 0; l < (cfg.model_type === 'dbrx' ? cfg.n_layers : (cfg.text_config ?? cfg).num_hidden_layers); l++) {
     add(`${model}.layers.${l}.input_layernorm.weight`, [H], rand(H));
     add(`${model}.layers.${l}.self_attn.q_proj.weight`, [H, H], rand(H * H, 1 / Math.sqrt(H)));
     if (!moe.has(l)) {
@@ -477,6 +487,24 @@ export function buildHfCheckpoint(
       });
       add(n.fused.gateUp, n.fused.layout === 'xW' ? [E, H, 2 * F] : [E, 2 * F, H], gateUp);
       add(n.fused.down, n.fused.layout === 'xW' ? [E, F, H] : [E, H, F], down);
+    } else if (n.stacked) {
+      // DBRX: w1 (gate) and v1 (up) [E·F,H], each expert's nn.Linear rows; w2 [E·F,H], each expert's [F,H] used as h·w2.
+      if (fp8) throw new Error(`fixtures: ${cfg.model_type}'s experts are not written in FP8`);
+      for (let j = 0; j < E; j++) w.experts.push(values(F));
+      const gate = new Float64Array(E * F * H);
+      const up = new Float64Array(E * F * H);
+      const down = new Float64Array(E * F * H);
+      w.experts.forEach((m, e) => {
+        for (let f = 0; f < F; f++)
+          for (let h = 0; h < H; h++) {
+            gate[(e * F + f) * H + h] = m.gate[f * H + h];
+            up[(e * F + f) * H + h] = m.up[f * H + h];
+            down[(e * F + f) * H + h] = m.down[h * F + f];
+          }
+      });
+      add(n.stacked.gate, [E * F, H], gate);
+      add(n.stacked.up, [E * F, H], up);
+      add(n.stacked.down, [E * F, H], down);
     } else for (let j = 0; j < E; j++) w.experts.push(mlp((x) => n.expert(j, x), F));
     if (n.shared && 'gateUp' in n.shared) {
       // Granite's shared MLP: input_linear [2S,H] = gate rows, then up rows.
@@ -818,6 +846,15 @@ export const testConfigs = {
     expert_layer_offset: 1,
     num_hidden_layers: 4,
     hidden_act: 'silu',
+  },
+  // DBRX at test size: its own field names, the MoE fields in ffn_config (moe_normalize_expert_weights
+  // left out: 1, the top-k renormalised), experts stacked by rows.
+  dbrx: {
+    model_type: 'dbrx',
+    d_model: 16,
+    n_layers: 2,
+    n_heads: 4,
+    ffn_config: { ffn_hidden_size: 8, moe_num_experts: 8, moe_top_k: 3, moe_jitter_eps: 0 },
   },
   // DeepSeek-V3's block with top-6 from 2 of 4 groups: the group score is still the top 2, not 6/2 = 3.
   deepseek_v3_top6: {

@@ -42,6 +42,9 @@
 //   jamba:       p = softmax; top-k; w = p_top, never renormalised; y = Σ w_j·MLP_j(x) (transformers'
 //                JambaSparseMoeBlock); MoE layers: layer % expert_layer_period == expert_layer_offset
 //                when num_experts > 1
+//   dbrx:        p = softmax; top-k (ffn_config.moe_top_k); w = p_top / ‖p_top‖_p with p =
+//                ffn_config.moe_normalize_expert_weights (default 1; null: w = p_top); y = Σ w_j·MLP_j(x)
+//                (transformers' DbrxRouter and DbrxExperts); sizes d_model, n_layers and ffn_config's
 //   qwen3_vl_moe: qwen3_moe's block, always renormalised (norm_topk_prob is not read), its fields in
 //                config.json's text_config
 //   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
@@ -94,9 +97,9 @@ const sigmoid = (v) => 1 / (1 + Math.exp(-v));
 export function moeLayersOf(cfg) {
   const layers = [];
   const c = text(cfg);
-  for (let l = 0; l < c.num_hidden_layers; l++) {
+  for (let l = 0; l < (cfg.model_type === 'dbrx' ? cfg.n_layers : c.num_hidden_layers); l++) {
     let moe;
-    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', 'gpt_oss', ...GRANITE].includes(cfg.model_type)) moe = true;
+    if (['mixtral', 'olmoe', 'minimax_m2', 'hunyuan_v1_moe', 'gpt_oss', 'dbrx', ...GRANITE].includes(cfg.model_type)) moe = true;
     else if (cfg.model_type === 'jamba') moe = c.num_experts > 1 && l % (c.expert_layer_period ?? 2) === (c.expert_layer_offset ?? 1);
     else if (cfg.model_type === 'llama4')
       moe = c.moe_layers ? c.moe_layers.includes(l) : l % (c.interleave_moe_layer_step ?? 1) === (c.interleave_moe_layer_step ?? 1) - 1;
@@ -141,6 +144,10 @@ export function moeSizes(cfg) {
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: cfg.shared_expert_intermediate_size };
     case 'qwen3_moe':
       return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'dbrx': {
+      const f = cfg.ffn_config;
+      return { H: cfg.d_model, F: f.ffn_hidden_size, E: f.moe_num_experts, k: f.moe_top_k, Fs: 0 };
+    }
     case 'olmoe':
     case 'jamba':
       return { H, F: cfg.intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: 0 };
@@ -343,10 +350,24 @@ export function hfMoEReference(cfg, w, x) {
       // Granite's softmax over the top-k logits is the renormalised top-k; Qwen3-VL-MoE always renormalises.
       const always = ['mixtral', 'qwen3_vl_moe', ...GRANITE].includes(cfg.model_type) || ernie;
       const renorm =
-        cfg.model_type === 'hunyuan_v1_moe' ? k > 1 : cfg.model_type === 'jamba' ? false : always ? true : field(cfg, 'norm_topk_prob');
+        cfg.model_type === 'hunyuan_v1_moe'
+          ? k > 1
+          : cfg.model_type === 'jamba' || cfg.model_type === 'dbrx'
+            ? false
+            : always
+              ? true
+              : field(cfg, 'norm_topk_prob');
       if (renorm) {
         const z = weights.reduce((a, b) => a + b, 0);
         weights = weights.map((v) => v / (ernie ? Math.max(z, cfg.moe_norm_min ?? 1e-12) : z));
+      }
+      if (cfg.model_type === 'dbrx') {
+        // DbrxRouter: top_weights / torch.norm(top_weights, p), p = moe_normalize_expert_weights (default 1; None: none).
+        const p = cfg.ffn_config.moe_normalize_expert_weights === undefined ? 1 : cfg.ffn_config.moe_normalize_expert_weights;
+        if (p !== null) {
+          const norm = weights.reduce((a, v) => a + Math.abs(v) ** p, 0) ** (1 / p);
+          weights = weights.map((v) => v / norm);
+        }
       }
       if (GRANITE.includes(cfg.model_type)) {
         // Literally as GraniteMoeTopKGating: softmax over the chosen logits (the same choice: p is monotone in them).

@@ -18,6 +18,9 @@
  *   ernie4_5_moe as deepseek_v3 but the bias: model.layers.L.mlp.moe_statics.e_score_correction_bias [1,E]
  *   minimax_m2   as mixtral, and model.layers.L.block_sparse_moe.e_score_correction_bias [E]
  *   jamba        model.layers.L.feed_forward.router.weight [E,H], ….feed_forward.experts.J.{gate,up,down}_proj.weight
+ *   dbrx         transformer.blocks.L.ffn.router.layer.weight [E,H]; the experts stacked by rows, no
+ *                '.weight': ….ffn.experts.mlp.w1 (gate) and .v1 (up) [E·F,H] (expert e's [F,H] nn.Linear
+ *                rows), .w2 [E·F,H] (expert e's [F,H], used as h·w2: x·W)
  *   hunyuan_v1_moe  model.layers.L.mlp.gate.wg.weight [E,H] (F32 as published), experts as qwen2_moe,
  *                model.layers.L.mlp.shared_mlp.{gate,up,down}_proj.weight
  *
@@ -123,6 +126,11 @@ export interface HfMoENames {
   expert: ((j: number) => HfMlpNames) | null;
   /** The experts' fused tensors where they are stored so, else null (`expert`). */
   fused: HfFusedExpertNames | null;
+  /**
+   * DBRX: the experts stacked by rows in 2-D tensors [E·F, H] (expert e's rows e·F … e·F + F − 1):
+   * gate and up as nn.Linear weights ([F,H] each), down as x·W ([F,H]: h·down). Else absent.
+   */
+  stacked?: { gate: string; up: string; down: string };
   shared: HfMlpNames | null;
   sharedGate: string | null;
   /** gpt-oss: the router's bias [E] (on the logits), or null. */
@@ -207,6 +215,7 @@ function mxfp4Tensors(name: string, E: number, out: number, inDim: number): [str
  */
 function expertTensors(names: HfMoENames, j: number, E: number, F: number, H: number, mxfp4: boolean): [string, number[], Readable][] {
   if (names.expert !== null) return mlpTensors(names.expert(j), F, H).map(([n, s]) => [n, s, 'weight']);
+  if (names.stacked !== undefined) return [names.stacked.gate, names.stacked.up, names.stacked.down].map((n) => [n, [E * F, H], 'fused']);
   const fused = names.fused as HfFusedExpertNames;
   const list: [string, number[], Readable][] = mxfp4
     ? [...mxfp4Tensors(fused.gateUp, E, 2 * F, H), ...mxfp4Tensors(fused.down, E, H, F)]
@@ -304,6 +313,22 @@ export function hfMoENames(
       biasShape: (E) => [E],
       expert: null,
       fused: { gateUp: `${p}.experts.gate_up_proj`, down: `${p}.experts.down_proj`, layout: 'x·W', split: 'halves' },
+      shared: null,
+      sharedGate: null,
+      routerBias: null,
+      expertBias: null,
+    };
+  }
+  if (family === 'dbrx') {
+    const p = `transformer.blocks.${layer}.ffn`;
+    return {
+      gate: `${p}.router.layer.weight`,
+      bias: null,
+      biasShape: (E) => [E],
+      expert: null,
+      fused: null,
+      // As published: no '.weight' suffix.
+      stacked: { gate: `${p}.experts.mlp.w1`, up: `${p}.experts.mlp.v1`, down: `${p}.experts.mlp.w2` },
       shared: null,
       sharedGate: null,
       routerBias: null,
@@ -657,6 +682,20 @@ export class HfMoECheckpoint implements Disposable {
   }
 
   /**
+   * Expert j's F rows of a stacked [E·F, H] tensor (DBRX) as a CPU tensor [1, F, H] of the file's
+   * dtype, passed to `use`; only those rows' bytes are read.
+   */
+  private readStackedRows(name: string, E: number, F: number, H: number, j: number, use: (src: Tensor) => void): void {
+    const { f, info } = this.locate(name, [E * F, H], 'fused');
+    const bytes = f.readRows(name, j * F, F);
+    this.stats.tensorsRead++;
+    this.stats.tensorBytes += bytes.byteLength;
+    tidy(() =>
+      use(Tensor.fromArray(storageView(info.dtype, bytes.buffer as ArrayBuffer), { dtype: info.dtype, shape: [1, F, H], device: 'cpu' })),
+    );
+  }
+
+  /**
    * Expert j's rows of a fused MXFP4 weight [E, out, in] (`<name>_blocks` and `<name>_scales`),
    * decoded, as a CPU f32 tensor [1, out, in] passed to `use`; only those rows' bytes are read.
    */
@@ -835,9 +874,17 @@ export class HfMoECheckpoint implements Disposable {
           this.readExpertRows(down, downShape, first + i, intoDown);
         }
       };
+      /** Expert first + i's rows of the stacked tensors (DBRX): gate and up [1,F,H] rows, down [1,F,H] as w2. */
+      const fillStacked = (i: number, s: { gate: string; up: string; down: string }): void => {
+        const pairs = pairsOf(w13, i, F);
+        this.readStackedRows(s.gate, E, F, H, first + i, (src) => pairs.narrow(3, 0, 1).copy_(src.view(1, F, H, 1).transpose(1, 2)));
+        this.readStackedRows(s.up, E, F, H, first + i, (src) => pairs.narrow(3, 1, 1).copy_(src.view(1, F, H, 1).transpose(1, 2)));
+        this.readStackedRows(s.down, E, F, H, first + i, (src) => void w2.narrow(0, i, 1).copy_(src));
+      };
       tidy(() => {
         for (let i = 0; i < El; i++) {
           if (names.expert !== null) fill(i, names.expert(first + i), F, w13, w2);
+          else if (names.stacked !== undefined) fillStacked(i, names.stacked);
           else fillFused(i, names.fused as HfFusedExpertNames);
         }
       });

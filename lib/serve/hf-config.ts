@@ -58,6 +58,11 @@
  *                intermediate_size, no shared expert; MoE layers: layer % expert_layer_period ==
  *                expert_layer_offset (the others are dense MLPs: the caller's, as are the Mamba and attention
  *                mixers); num_experts 1 (every layer dense) is refused
+ *   dbrx         DBRX (transformers' DbrxFFN): p = softmax(x·Wgᵀ) in fp32, top-k (ffn_config.moe_top_k),
+ *                divided by their p-norm, p = ffn_config.moe_normalize_expert_weights (default 1: the
+ *                sum, i.e. renormalised; null: as they are; other p refused); experts of
+ *                ffn_config.ffn_hidden_size, activation ffn_config.ffn_act_fn.name (silu); every block
+ *                MoE, no shared expert; sizes d_model, n_layers, ffn_config.moe_num_experts
  *   qwen3_vl_moe Qwen3-VL-MoE's language model: qwen3_moe's block, always renormalised (transformers
  *                does not read norm_topk_prob), its fields in config.json's text_config; the vision
  *                tower is the caller's
@@ -113,6 +118,7 @@ export const HF_MOE_FAMILIES = [
   'llama4',
   'gpt_oss',
   'jamba',
+  'dbrx',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -268,6 +274,10 @@ class Fields {
   has(f: string): boolean {
     return Object.hasOwn(this.c, f) && this.c[f] !== null && this.c[f] !== undefined;
   }
+  /** A field as written (null kept apart from missing: undefined). */
+  value(f: string): unknown {
+    return Object.hasOwn(this.c, f) ? this.c[f] : undefined;
+  }
   int(f: string, dflt?: number, min = 1): number {
     if (!this.has(f)) {
       if (dflt === undefined) this.fail(`'${f}' is missing (the ${this.family()} MoE block needs it)`);
@@ -363,13 +373,18 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   }
   const family = type as HfMoEFamily;
   const c = TEXT_CONFIG_FAMILIES.includes(family) ? top.nested('text_config') : top;
+  // DBRX names its sizes otherwise and nests its MoE fields in ffn_config.
+  const dbrx = family === 'dbrx';
+  const ffn = dbrx ? c.nested('ffn_config') : c;
   // The experts (and shared expert) are SwiGLU: act(gate)·up with act = SiLU. Another activation
   // would load and give wrong outputs, so it is refused (the families' configs default to silu).
-  const act = c.str('hidden_act', 'silu');
+  const act = dbrx ? (ffn.has('ffn_act_fn') ? ffn.nested('ffn_act_fn').str('name', 'silu') : 'silu') : c.str('hidden_act', 'silu');
   if (act !== 'silu' && act !== 'swish')
-    c.fail(`'hidden_act' ${JSON.stringify(act)}: the package's experts compute SiLU-gated MLPs ('silu' or 'swish') only`);
-  const hidden = c.int('hidden_size');
-  const numLayers = c.int('num_hidden_layers');
+    c.fail(
+      `'${dbrx ? 'ffn_config.ffn_act_fn.name' : 'hidden_act'}' ${JSON.stringify(act)}: the package's experts compute SiLU-gated MLPs ('silu' or 'swish') only`,
+    );
+  const hidden = c.int(dbrx ? 'd_model' : 'hidden_size');
+  const numLayers = c.int(dbrx ? 'n_layers' : 'num_hidden_layers');
   // The MoE layers are listed one by one below: a crafted count must not take the heap.
   if (numLayers > MAX_LAYERS) c.fail(`'num_hidden_layers' = ${numLayers}: more than the ${MAX_LAYERS} layers this loader takes`);
   let block: Omit<HfMoEBlock, keyof BlockExtras> & Partial<BlockExtras>;
@@ -531,6 +546,32 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       routeWeightsOn: 'output',
     };
     isMoE = (l) => l % period === offset;
+  } else if (family === 'dbrx') {
+    // DbrxRouter: softmax over all experts, top-k, the top-k divided by their p-norm (p =
+    // moe_normalize_expert_weights, default 1: for probabilities the sum). vLLM always renormalises.
+    const written = ffn.value('moe_normalize_expert_weights');
+    const p = written === undefined ? 1 : written;
+    if (p !== null && p !== 1)
+      ffn.fail(
+        `'moe_normalize_expert_weights' ${JSON.stringify(p)}: the package renormalises the chosen weights to sum to 1 (p = 1, the default) or leaves them (null); another p-norm is not supported`,
+      );
+    block = {
+      family,
+      hidden,
+      ffn: ffn.int('ffn_hidden_size'),
+      numExperts: ffn.int('moe_num_experts'),
+      topK: ffn.int('moe_top_k'),
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      normalize: p === 1,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn: 0,
+      sharedGate: false,
+      routeWeightsOn: 'output',
+    };
+    isMoE = () => true;
   } else if (family === 'hunyuan_v1_moe') {
     // HunYuanMoE: the shared MLP always (transformers builds it whatever num_shared_expert says),
     // experts and shared MLP both of intermediate_size; top-1 keeps its probability unscaled.
