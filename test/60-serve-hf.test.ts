@@ -368,6 +368,60 @@ describe('config.json → the package (hfMoEModel)', () => {
     expect(hfMoEModel({ ...testConfigs.jamba, expert_layer_period: 4, expert_layer_offset: 0, num_hidden_layers: 8 }).moeLayers).toEqual([
       0, 4,
     ]);
+    // DeepSeekMoE v1: as published (not renormalised, no scale), and renormalised only for top-k > 1.
+    expect(hfMoEModel(testConfigs.deepseek)).toMatchObject({
+      block: {
+        family: 'deepseek',
+        numExperts: 12,
+        topK: 3,
+        scoreFunction: 'softmax',
+        groups: 1,
+        normalize: false,
+        routeScale: 1,
+        sharedFfn: 16,
+      },
+      moeLayers: [1, 2],
+    });
+    expect(hfMoEModel({ ...testConfigs.deepseek, norm_topk_prob: true }).block.normalize).toBe(true);
+    expect(hfMoEModel({ ...testConfigs.deepseek, norm_topk_prob: true, num_experts_per_tok: 1 }).block.normalize).toBe(false);
+    // Ling 2.0: sigmoid + expert_bias, 4 groups keep 2 by their top 2, renormalised × 2.5, one shared expert, layer 0 dense.
+    expect(hfMoEModel(testConfigs.bailing_moe_v2)).toMatchObject({
+      block: {
+        family: 'bailing_moe',
+        numExperts: 16,
+        topK: 6,
+        scoreFunction: 'sigmoid',
+        groups: 4,
+        topkGroups: 2,
+        groupTop: 2,
+        normalize: true,
+        routeScale: 2.5,
+        selectionBias: true,
+        sharedFfn: 8,
+      },
+      moeLayers: [1, 2],
+    });
+    // Its class defaults: 8 groups keep 4, scale 1, one shared expert, the bias on, first layer dense.
+    const lingDefaults = hfMoEModel({
+      ...testConfigs.bailing_moe_v2,
+      num_experts: 32,
+      n_group: undefined,
+      topk_group: undefined,
+      routed_scaling_factor: undefined,
+      num_shared_experts: undefined,
+      moe_router_enable_expert_bias: undefined,
+      first_k_dense_replace: undefined,
+    });
+    expect(lingDefaults).toMatchObject({
+      block: { groups: 8, topkGroups: 4, routeScale: 1, sharedFfn: 8, selectionBias: true },
+      moeLayers: [1, 2],
+    });
+    expect(hfMoEModel({ ...testConfigs.bailing_moe_v2, moe_router_enable_expert_bias: false }).block.selectionBias).toBe(false);
+    // Ling v1: softmax, renormalised, no scale, no groups, every layer from first_k_dense_replace (0).
+    expect(hfMoEModel(testConfigs.bailing_moe)).toMatchObject({
+      block: { scoreFunction: 'softmax', groups: 1, normalize: true, routeScale: 1, selectionBias: false, sharedFfn: 12 },
+      moeLayers: [0, 1],
+    });
     // DBRX: softmax top-k divided by their 1-norm (renormalised) unless moe_normalize_expert_weights is null; every block MoE.
     expect(hfMoEModel(testConfigs.dbrx)).toMatchObject({
       block: { family: 'dbrx', hidden: 16, ffn: 8, numExperts: 8, topK: 3, scoreFunction: 'softmax', normalize: true, sharedFfn: 0 },
@@ -398,7 +452,7 @@ describe('config.json → the package (hfMoEModel)', () => {
     };
     bad(
       { ...testConfigs.mixtral, model_type: 'llama' },
-      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss, jamba, dbrx\)/,
+      /'model_type' "llama" is not a supported MoE family \(mixtral, deepseek_v2, deepseek_v3, kimi_k2, glm4_moe, dots1, qwen2_moe, qwen3_moe, qwen3_next, olmoe, ernie4_5_moe, minimax_m2, hunyuan_v1_moe, qwen3_vl_moe, granitemoe, granitemoeshared, granitemoehybrid, llama4, gpt_oss, jamba, dbrx, deepseek, bailing_moe\)/,
     );
     bad({ ...testConfigs.mixtral, hidden_size: undefined }, /'hidden_size' is missing/);
     bad({ ...testConfigs.mixtral, num_local_experts: 2.5 }, /'num_local_experts' must be an integer >= 1; found 2.5/);
@@ -421,6 +475,28 @@ describe('config.json → the package (hfMoEModel)', () => {
     bad({ ...testConfigs.jamba, expert_layer_offset: 2 }, /'expert_layer_offset' = 2 is not below 'expert_layer_period' = 2/);
     bad({ ...testConfigs.jamba, num_experts: undefined }, /'num_experts' is missing/);
     bad({ ...testConfigs.jamba, num_experts: 1 }, /'num_experts' = 1: every Jamba layer is then a dense MLP/);
+    // DeepSeekMoE v1: softmax only; norm_topk_prob and n_shared_experts required.
+    bad({ ...testConfigs.deepseek, scoring_func: 'sigmoid' }, /'scoring_func' "sigmoid": DeepSeekMoE \(v1\) routing is 'softmax'/);
+    bad({ ...testConfigs.deepseek, norm_topk_prob: undefined }, /'norm_topk_prob' is missing/);
+    bad({ ...testConfigs.deepseek, n_shared_experts: undefined }, /'n_shared_experts' is missing/);
+    // Ling: the architecture decides the version; v2 sigmoid only, norm_topk_prob false and unequal shared widths refused.
+    bad(
+      { ...testConfigs.bailing_moe_v2, architectures: undefined },
+      /'architectures' undefined: Ling's config names BailingMoeForCausalLM/,
+    );
+    bad(
+      { ...testConfigs.bailing_moe_v2, score_function: 'softmax' },
+      /'score_function' "softmax": Ling 2\.0's router \(its own code\) is sigmoid/,
+    );
+    bad(
+      { ...testConfigs.bailing_moe_v2, norm_topk_prob: false },
+      /'norm_topk_prob' false: Ling 2\.0's own code renormalises whatever it says/,
+    );
+    bad(
+      { ...testConfigs.bailing_moe_v2, moe_shared_expert_intermediate_size: 12 },
+      /'moe_shared_expert_intermediate_size' = 12 is not 'moe_intermediate_size' = 8/,
+    );
+    bad({ ...testConfigs.bailing_moe_v2, num_experts_per_tok: 9 }, /'num_experts_per_tok' = 9 is more than the 8 experts/);
     const dbrxFfn = testConfigs.dbrx.ffn_config as Record<string, unknown>;
     bad(
       { ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_normalize_expert_weights: 2 } },

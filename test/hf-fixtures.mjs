@@ -338,13 +338,26 @@ export function blockNames(cfg, layer) {
     };
   const ds = ['deepseek_v3', 'kimi_k2', 'glm4_moe', 'dots1'].includes(cfg.model_type);
   const ernie = cfg.model_type === 'ernie4_5_moe';
-  const v2 = cfg.model_type === 'deepseek_v2';
+  const v2 = cfg.model_type === 'deepseek_v2' || cfg.model_type === 'deepseek';
+  const ling = cfg.model_type === 'bailing_moe';
+  const lingBias = ling && cfg.architectures.includes('BailingMoeV2ForCausalLM') && cfg.moe_router_enable_expert_bias !== false;
   const qwen2 = cfg.model_type === 'qwen2_moe' || cfg.model_type === 'qwen3_next';
   return {
     gate: `${p}.gate.weight`,
-    bias: ds ? `${p}.gate.e_score_correction_bias` : ernie ? `${p}.moe_statics.e_score_correction_bias` : null,
+    bias: ds
+      ? `${p}.gate.e_score_correction_bias`
+      : ernie
+        ? `${p}.moe_statics.e_score_correction_bias`
+        : lingBias
+          ? `${p}.gate.expert_bias`
+          : null,
     expert: (j, x) => `${p}.experts.${j}.${x}_proj.weight`,
-    shared: ds || ernie || v2 ? (x) => `${p}.shared_experts.${x}_proj.weight` : qwen2 ? (x) => `${p}.shared_expert.${x}_proj.weight` : null,
+    shared:
+      ds || ernie || v2 || ling
+        ? (x) => `${p}.shared_experts.${x}_proj.weight`
+        : qwen2
+          ? (x) => `${p}.shared_expert.${x}_proj.weight`
+          : null,
     sharedGate: qwen2 ? `${p}.shared_expert_gate.weight` : null,
   };
 }
@@ -855,6 +868,56 @@ export const testConfigs = {
     n_layers: 2,
     n_heads: 4,
     ffn_config: { ffn_hidden_size: 8, moe_num_experts: 8, moe_top_k: 3, moe_jitter_eps: 0 },
+  },
+  // DeepSeekMoE 16B (v1) at test size: softmax top-3, not renormalised, two shared experts, layer 0 dense.
+  deepseek: {
+    model_type: 'deepseek',
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    n_routed_experts: 12,
+    num_experts_per_tok: 3,
+    n_shared_experts: 2,
+    norm_topk_prob: false,
+    scoring_func: 'softmax',
+    first_k_dense_replace: 1,
+    moe_layer_freq: 1,
+    num_hidden_layers: 3,
+    hidden_act: 'silu',
+  },
+  // Ling 2.0 (v2, BailingMoeV2ForCausalLM) at test size: sigmoid with expert_bias for selection, groups by
+  // their top 2 (top-6 of 2 groups: not 6/2), renormalised, × 2.5, one shared expert, layer 0 dense.
+  bailing_moe_v2: {
+    model_type: 'bailing_moe',
+    architectures: ['BailingMoeV2ForCausalLM'],
+    hidden_size: 16,
+    moe_intermediate_size: 8,
+    moe_shared_expert_intermediate_size: 8,
+    num_experts: 16,
+    num_experts_per_tok: 6,
+    n_group: 4,
+    topk_group: 2,
+    num_shared_experts: 1,
+    routed_scaling_factor: 2.5,
+    score_function: 'sigmoid',
+    norm_topk_prob: true,
+    moe_router_enable_expert_bias: true,
+    first_k_dense_replace: 1,
+    num_hidden_layers: 3,
+    hidden_act: 'silu',
+  },
+  // Ling-lite (v1, BailingMoeForCausalLM): softmax top-3 renormalised, two shared experts, every layer MoE.
+  bailing_moe: {
+    model_type: 'bailing_moe',
+    architectures: ['BailingMoeForCausalLM'],
+    hidden_size: 16,
+    moe_intermediate_size: 6,
+    num_experts: 8,
+    num_experts_per_tok: 3,
+    num_shared_experts: 2,
+    norm_topk_prob: true,
+    first_k_dense_replace: 0,
+    num_hidden_layers: 2,
+    hidden_act: 'silu',
   },
   // DeepSeek-V3's block with top-6 from 2 of 4 groups: the group score is still the top 2, not 6/2 = 3.
   deepseek_v3_top6: {

@@ -45,6 +45,14 @@
 //   dbrx:        p = softmax; top-k (ffn_config.moe_top_k); w = p_top / ‖p_top‖_p with p =
 //                ffn_config.moe_normalize_expert_weights (default 1; null: w = p_top); y = Σ w_j·MLP_j(x)
 //                (transformers' DbrxRouter and DbrxExperts); sizes d_model, n_layers and ffn_config's
+//   deepseek:    DeepSeekMoE v1: p = softmax; top-k; w = p_top (/ (Σ p_top + 1e-20) when norm_topk_prob and
+//                k > 1); y = Σ w_j·MLP_j(x) + MLP_shared(x) (DeepSeek's modeling_deepseek.py MoEGate)
+//   bailing_moe: Ling v1 (architectures BailingMoeForCausalLM): p = softmax; top-k; w = p_top / Σ p_top
+//                when k > 1 and norm_topk_prob (default true); Ling 2.0 (BailingMoeV2ForCausalLM):
+//                s = sigmoid; c = s + expert_bias (choice only); group score = sum of the top 2 c;
+//                keep topk_group groups (others -inf); top-k of c; w = s_top / (Σ s_top + 1e-20) when
+//                k > 1, × routed_scaling_factor; both + MLP_shared(x) (moe_intermediate_size ·
+//                num_shared_experts); MoE layers ≥ first_k_dense_replace (v1 0, v2 1)
 //   qwen3_vl_moe: qwen3_moe's block, always renormalised (norm_topk_prob is not read), its fields in
 //                config.json's text_config
 //   MLP(v) = down · (silu(gate·v) ⊙ (up·v))
@@ -107,7 +115,10 @@ export function moeLayersOf(cfg) {
       // Ernie4_5_MoeConfig: start 1, end -1 (the last layer), interval 1.
       const end = (cfg.moe_layer_end_index ?? -1) === -1 ? cfg.num_hidden_layers - 1 : cfg.moe_layer_end_index;
       moe = (l + 1) % (cfg.moe_layer_interval ?? 1) === 0 && l >= (cfg.moe_layer_start_index ?? 1) && l <= end;
-    } else if (cfg.model_type === 'deepseek_v2') {
+    } else if (cfg.model_type === 'bailing_moe') {
+      const v2 = cfg.architectures.includes('BailingMoeV2ForCausalLM');
+      moe = l >= (cfg.first_k_dense_replace ?? (v2 ? 1 : 0));
+    } else if (cfg.model_type === 'deepseek_v2' || cfg.model_type === 'deepseek') {
       // DeepSeek's modeling_deepseek.py reads moe_layer_freq (transformers' port does not).
       moe = l >= (cfg.first_k_dense_replace ?? 0) && l % (cfg.moe_layer_freq ?? 1) === 0;
     } else if (isDeepSeekLike(cfg)) {
@@ -127,6 +138,11 @@ export function moeSizes(cfg) {
     case 'mixtral':
     case 'minimax_m2':
       return { H, F: cfg.intermediate_size, E: cfg.num_local_experts, k: cfg.num_experts_per_tok, Fs: 0 };
+    case 'bailing_moe': {
+      const n = cfg.num_shared_experts ?? (cfg.architectures.includes('BailingMoeV2ForCausalLM') ? 1 : 0);
+      return { H, F: cfg.moe_intermediate_size, E: cfg.num_experts, k: cfg.num_experts_per_tok, Fs: cfg.moe_intermediate_size * n };
+    }
+    case 'deepseek':
     case 'deepseek_v2':
     case 'deepseek_v3':
     case 'kimi_k2':
@@ -283,6 +299,48 @@ export function hfMoEReference(cfg, w, x) {
       margin = Math.min(margin, c[chosen[k - 1]] - top.next);
       const z = chosen.reduce((a, e) => a + s[e], 0);
       weights = chosen.map((e) => s[e] / z);
+    } else if (cfg.model_type === 'bailing_moe' && cfg.architectures.includes('BailingMoeV2ForCausalLM')) {
+      // Ling 2.0's gate, literally: sigmoid, + expert_bias to choose, groups by their top 2 (others -inf).
+      const s = logits.map(sigmoid);
+      const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
+      for (const v of c) minChoice = Math.min(minChoice, v);
+      const G = cfg.n_group ?? 8,
+        kg = cfg.topk_group ?? 4,
+        gs = E / G;
+      const groupScore = new Float64Array(G);
+      for (let g = 0; g < G; g++) {
+        const inGroup = Array.from(c.subarray(g * gs, (g + 1) * gs)).sort((a, b) => b - a);
+        groupScore[g] = inGroup[0] + inGroup[1];
+      }
+      const groups = topN(groupScore, kg);
+      if (kg < G) margin = Math.min(margin, groupScore[groups.chosen[kg - 1]] - groups.next);
+      const allowed = new Uint8Array(E);
+      for (const g of groups.chosen) for (let e = g * gs; e < (g + 1) * gs; e++) allowed[e] = 1;
+      const top = topN(c, k, allowed);
+      chosen = top.chosen;
+      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
+      weights = chosen.map((e) => s[e]);
+      if (k > 1) {
+        const z = weights.reduce((a, b) => a + b, 0) + 1e-20;
+        weights = weights.map((v) => v / z);
+      }
+      weights = weights.map((v) => v * (cfg.routed_scaling_factor ?? 1));
+    } else if (cfg.model_type === 'deepseek' || cfg.model_type === 'bailing_moe') {
+      // DeepSeekMoE v1's and Ling v1's MoEGate: softmax, top-k, renormalised when k > 1 and norm_topk_prob (Ling: default true).
+      const mx = Math.max(...logits);
+      const ex = logits.map((v) => Math.exp(v - mx));
+      const sum = ex.reduce((a, b) => a + b, 0);
+      const p = ex.map((v) => v / sum);
+      for (const v of p) minChoice = Math.min(minChoice, v);
+      const top = topN(p, k);
+      chosen = top.chosen;
+      margin = Math.min(margin, p[chosen[k - 1]] - top.next);
+      weights = chosen.map((e) => p[e]);
+      const norm = cfg.norm_topk_prob ?? cfg.model_type === 'bailing_moe';
+      if (k > 1 && norm) {
+        const z = weights.reduce((a, b) => a + b, 0) + (cfg.model_type === 'deepseek' ? 1e-20 : 0);
+        weights = weights.map((v) => v / z);
+      }
     } else if (cfg.model_type === 'deepseek_v2') {
       if (cfg.norm_topk_prob) throw new Error('reference: deepseek_v2 with norm_topk_prob is not modelled');
       const mx = Math.max(...logits);

@@ -9,7 +9,8 @@
  *                                                       ....J.w3.weight   [F,H]  up projection
  *                                                       ....J.w2.weight   [H,F]  down projection
  *   deepseek_v3  model.layers.L.mlp.gate.weight [E,H], model.layers.L.mlp.gate.e_score_correction_bias [E]
- *   deepseek_v2  as deepseek_v3 without the bias (experts and shared_experts alike)
+ *   deepseek_v2  as deepseek_v3 without the bias (experts and shared_experts alike); deepseek (DeepSeekMoE v1) too
+ *   bailing_moe  as deepseek_v3, the selection bias (Ling 2.0) model.layers.L.mlp.gate.expert_bias [E]
  *   (kimi_k2, glm4_moe, dots1 as deepseek_v3)
  *   qwen2_moe    model.layers.L.mlp.experts.J.gate_proj|up_proj.weight [F,H], ...down_proj.weight [H,F]
  *   qwen3_moe    shared: deepseek_v3 model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight,
@@ -363,10 +364,17 @@ export function hfMoENames(
       expertBias: null,
     };
   const ernie = family === 'ernie4_5_moe';
-  const sharedPrefix = isDeepSeekV3Block(family) || family === 'deepseek_v2' || ernie ? `${p}.shared_experts` : `${p}.shared_expert`;
+  const sharedExperts = isDeepSeekV3Block(family) || family === 'deepseek_v2' || family === 'deepseek' || family === 'bailing_moe' || ernie;
+  const sharedPrefix = sharedExperts ? `${p}.shared_experts` : `${p}.shared_expert`;
   return {
     gate: `${p}.gate.weight`,
-    bias: block.selectionBias ? (ernie ? `${p}.moe_statics.e_score_correction_bias` : `${p}.gate.e_score_correction_bias`) : null,
+    bias: block.selectionBias
+      ? ernie
+        ? `${p}.moe_statics.e_score_correction_bias`
+        : family === 'bailing_moe'
+          ? `${p}.gate.expert_bias`
+          : `${p}.gate.e_score_correction_bias`
+      : null,
     biasShape: (E) => (ernie ? [1, E] : [E]),
     expert: (j) => projections(`${p}.experts.${j}`),
     fused: null,

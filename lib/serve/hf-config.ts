@@ -63,6 +63,20 @@
  *                sum, i.e. renormalised; null: as they are; other p refused); experts of
  *                ffn_config.ffn_hidden_size, activation ffn_config.ffn_act_fn.name (silu); every block
  *                MoE, no shared expert; sizes d_model, n_layers, ffn_config.moe_num_experts
+ *   deepseek     DeepSeekMoE 16B (v1; DeepSeek's modeling_deepseek.py, vLLM's deepseek.py): p = softmax(x·Wgᵀ);
+ *                top-k; weights = p_top (/ (Σ p_top + 1e-20) when norm_topk_prob and k > 1); no scaling;
+ *                shared experts (moe_intermediate_size · n_shared_experts) added ungated; MoE layers as
+ *                deepseek_v2's; norm_topk_prob and n_shared_experts required (the config class's
+ *                defaults were not confirmed; the released configs set both)
+ *   bailing_moe  Ling / Ring (inclusionAI's modeling_bailing_moe*.py), the version from `architectures`:
+ *                BailingMoeForCausalLM (v1, Ling-lite/plus): p = softmax(x·Wgᵀ) in fp32, top-k,
+ *                renormalised when k > 1 and norm_topk_prob (default true), no scaling;
+ *                BailingMoeV2ForCausalLM (Ling 2.0): s = sigmoid(x·Wgᵀ) in fp32, b = gate.expert_bias
+ *                (selection only, when moe_router_enable_expert_bias, default true), groups scored by
+ *                their top 2 (n_group 8, topk_group 4 by default), top-k, renormalised when k > 1, ×
+ *                routed_scaling_factor (1); both: shared experts (moe_intermediate_size ·
+ *                num_shared_experts; v1 default 0, v2 1) added ungated, MoE layers ≥ first_k_dense_replace
+ *                (v1 0, v2 1); the multi-token-prediction layers past num_hidden_layers are the caller's
  *   qwen3_vl_moe Qwen3-VL-MoE's language model: qwen3_moe's block, always renormalised (transformers
  *                does not read norm_topk_prob), its fields in config.json's text_config; the vision
  *                tower is the caller's
@@ -119,6 +133,8 @@ export const HF_MOE_FAMILIES = [
   'gpt_oss',
   'jamba',
   'dbrx',
+  'deepseek',
+  'bailing_moe',
 ] as const;
 export type HfMoEFamily = (typeof HF_MOE_FAMILIES)[number];
 
@@ -463,6 +479,99 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
     const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
     isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'deepseek') {
+    const scoring = c.str('scoring_func', 'softmax');
+    if (scoring !== 'softmax')
+      c.fail(`'scoring_func' ${JSON.stringify(scoring)}: DeepSeekMoE (v1) routing is 'softmax' (its code refuses others)`);
+    const k = c.int('num_experts_per_tok');
+    const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', undefined);
+    block = {
+      family,
+      hidden,
+      ffn: F,
+      numExperts: c.int('n_routed_experts'),
+      topK: k,
+      scoreFunction: 'softmax',
+      groups: 1,
+      topkGroups: 1,
+      // MoEGate renormalises only for top_k > 1.
+      normalize: c.bool('norm_topk_prob', undefined) && k > 1,
+      routeScale: 1,
+      selectionBias: false,
+      sharedFfn,
+      sharedGate: false,
+      routeWeightsOn: 'output',
+    };
+    const firstDense = c.int('first_k_dense_replace', 0, 0);
+    const freq = c.int('moe_layer_freq', 1);
+    isMoE = (l) => l >= firstDense && l % freq === 0;
+  } else if (family === 'bailing_moe') {
+    // One model_type for both versions: the architecture says which.
+    const archs = c.value('architectures');
+    const names = Array.isArray(archs) ? archs : [];
+    const v2 = names.includes('BailingMoeV2ForCausalLM');
+    if (!v2 && !names.includes('BailingMoeForCausalLM'))
+      c.fail(
+        `'architectures' ${JSON.stringify(archs)}: Ling's config names BailingMoeForCausalLM (v1) or BailingMoeV2ForCausalLM (v2), which decides its router`,
+      );
+    const k = c.int('num_experts_per_tok');
+    const E = c.int('num_experts');
+    // Renormalising: v1 when k > 1 and norm_topk_prob; v2's own code always for k > 1 (it does not read
+    // the field) while vLLM and SGLang honour it: a v2 config saying false is refused rather than guessed.
+    const norm = c.bool('norm_topk_prob', true);
+    if (v2 && !norm)
+      c.fail(
+        `'norm_topk_prob' false: Ling 2.0's own code renormalises whatever it says, vLLM and SGLang do not; refused rather than guessed (its released configs set true)`,
+      );
+    const F = c.int('moe_intermediate_size');
+    const nShared = c.int('num_shared_experts', v2 ? 1 : 0, 0);
+    // The shared experts' width: v2's own code moe_intermediate_size, vLLM's and SGLang's
+    // moe_shared_expert_intermediate_size (each times the count): they must agree.
+    if (c.has('moe_shared_expert_intermediate_size') && c.int('moe_shared_expert_intermediate_size') !== F && nShared > 0)
+      c.fail(
+        `'moe_shared_expert_intermediate_size' = ${c.int('moe_shared_expert_intermediate_size')} is not 'moe_intermediate_size' = ${F}: Ling's own code sizes the shared experts by the latter, vLLM by the former`,
+      );
+    let groups = 1;
+    let topkGroups = 1;
+    let scoreFunction: ScoreFunction = 'softmax';
+    let selectionBias = false;
+    if (v2) {
+      const score = c.str('score_function', 'sigmoid');
+      if (score !== 'sigmoid') c.fail(`'score_function' ${JSON.stringify(score)}: Ling 2.0's router (its own code) is sigmoid`);
+      scoreFunction = 'sigmoid';
+      selectionBias = c.bool('moe_router_enable_expert_bias', true);
+      const nGroup = c.int('n_group', 8);
+      const topkGroup = c.int('topk_group', 4);
+      if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'num_experts' = ${E}`);
+      if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
+      if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
+        c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; Ling 2.0 scores a group by its top 2`);
+      if (k > topkGroup * (E / nGroup))
+        c.fail(
+          `'num_experts_per_tok' = ${k} is more than the ${topkGroup * (E / nGroup)} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
+        );
+      if (topkGroup < nGroup) [groups, topkGroups] = [nGroup, topkGroup];
+    }
+    block = {
+      family,
+      hidden,
+      ffn: F,
+      numExperts: E,
+      topK: k,
+      scoreFunction,
+      groups,
+      topkGroups,
+      // Ling 2.0 scores a group by the sum of its top 2 biased scores.
+      ...(groups === 1 ? {} : { groupTop: 2 }),
+      normalize: norm && k > 1,
+      routeScale: v2 ? c.num('routed_scaling_factor', 1) : 1,
+      selectionBias,
+      sharedFfn: F * nShared,
+      sharedGate: false,
+      routeWeightsOn: 'output',
+    };
+    const firstDense = c.int('first_k_dense_replace', v2 ? 1 : 0, 0);
+    isMoE = (l) => l >= firstDense;
   } else if (family === 'deepseek_v2') {
     // transformers hard-codes softmax; DeepSeek's code reads scoring_func and refuses anything else.
     const scoring = c.str('scoring_func', 'softmax');
