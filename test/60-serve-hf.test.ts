@@ -11,7 +11,16 @@ import { afterAll, describe, expect, it } from 'vitest';
 
 import { CheckpointError, HfMoECheckpoint, hfMoEModel, MoEInference, MoELayer, moeLayerFromHf, Tensor, tidy } from '../lib/index.js';
 import { disposeSaved } from '../lib/moe/layer.js';
-import { blockNames, buildHfCheckpoint, encode, normals, poisonRows, poisonTensors, testConfigs } from './hf-fixtures.mjs';
+import {
+  blockNames,
+  buildHfCheckpoint,
+  encode,
+  type MoEBlockWeights,
+  normals,
+  poisonRows,
+  poisonTensors,
+  testConfigs,
+} from './hf-fixtures.mjs';
 import { hfMoEReference, moeLayersOf, moeSizes } from './hf-moe-reference.mjs';
 import { relErr } from './helpers.js';
 
@@ -42,7 +51,8 @@ function checkpointAndTokens(
   const { H } = moeSizes(cfg);
   // A bf16 layer rounds what the files hold wider (Hunyuan's F32 gate) to bf16: the reference takes
   // the same values, so that its routing margin speaks for the layer's routing.
-  const asLayer = (w: { gate: Float64Array }) => (opts.layerDtype === 'bf16' ? { ...w, gate: encode(w.gate, 'bf16').decoded } : w);
+  const asLayer = (w: MoEBlockWeights): MoEBlockWeights =>
+    opts.layerDtype === 'bf16' ? { ...w, gate: encode(w.gate, 'bf16').decoded } : w;
   for (let s = opts.seed; ; s++) {
     const { x64, x } = tokens(opts.T, H, 1000 + s, opts.layerDtype);
     const refs = new Map([...built.layers].map(([l, w]) => [l, hfMoEReference(cfg, asLayer(w), x64)]));
