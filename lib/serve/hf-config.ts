@@ -380,6 +380,40 @@ const MAX_EXPERTS = 65536;
  * (e.g. the file). Throws a CheckpointError naming the field for anything missing, malformed or not
  * supported.
  */
+/**
+ * DeepSeek-style group-limited routing from `n_group` and `topk_group` (each its default, or required
+ * when undefined), checked: a group scores its top `groupTop` ('who' names that rule in the error);
+ * every group kept is plain top-k.
+ */
+function groupLimited(
+  c: Fields,
+  E: { field: string; value: number },
+  k: number,
+  defaults: { nGroup?: number; topkGroup?: number },
+  groupTop: number,
+  who: string,
+): Pick<HfMoEBlock, 'groups' | 'topkGroups' | 'groupTop'> {
+  const nGroup = c.int('n_group', defaults.nGroup);
+  const topkGroup = c.int('topk_group', defaults.topkGroup);
+  if (E.value % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide '${E.field}' = ${E.value}`);
+  if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
+  const perGroup = E.value / nGroup;
+  if (topkGroup < nGroup && groupTop > perGroup)
+    c.fail(`'n_group' = ${nGroup} leaves ${perGroup} expert(s) per group; ${who} scores a group by its top ${groupTop}`);
+  if (k > topkGroup * perGroup)
+    c.fail(
+      `'num_experts_per_tok' = ${k} is more than the ${topkGroup * perGroup} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
+    );
+  return topkGroup < nGroup ? { groups: nGroup, topkGroups: topkGroup, groupTop } : { groups: 1, topkGroups: 1 };
+}
+
+/** DeepSeek's MoE layers: from first_k_dense_replace on, every moe_layer_freq-th (when `freq` is read). */
+function deepseekMoELayers(c: Fields, firstDenseDefault: number | undefined, readFreq: boolean): (layer: number) => boolean {
+  const firstDense = c.int('first_k_dense_replace', firstDenseDefault, 0);
+  const freq = readFreq ? c.int('moe_layer_freq', 1) : 1;
+  return (l) => l >= firstDense && l % freq === 0;
+}
+
 export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   if (config === null || typeof config !== 'object' || Array.isArray(config)) throw new CheckpointError(`${where}: must be a JSON object`);
   const top = new Fields(config as Json, where, String((config as Json)['model_type']));
@@ -442,19 +476,9 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     }
     const E = c.int('n_routed_experts');
     const k = c.int('num_experts_per_tok');
-    const nGroup = c.int('n_group', d.nGroup);
-    const topkGroup = c.int('topk_group', d.topkGroup);
-    if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'n_routed_experts' = ${E}`);
-    if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
-    if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
-      c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; DeepSeek-V3 scores a group by its top 2`);
-    if (k > topkGroup * (E / nGroup))
-      c.fail(
-        `'num_experts_per_tok' = ${k} is more than the ${topkGroup * (E / nGroup)} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
-      );
+    // transformers and DeepSeek's code score a group by the sum of its top 2 biased scores.
+    const grouping = groupLimited(c, { field: 'n_routed_experts', value: E }, k, d, 2, 'DeepSeek-V3');
     const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', d.shared);
-    // All groups kept (topk_group = n_group, or one group) is plain top-k.
-    const groups = topkGroup === nGroup ? 1 : nGroup;
     block = {
       family,
       hidden,
@@ -462,10 +486,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       numExperts: E,
       topK: k,
       scoreFunction: 'sigmoid',
-      groups,
-      topkGroups: groups === 1 ? 1 : topkGroup,
-      // transformers and DeepSeek's code score a group by the sum of its top 2 biased scores.
-      ...(groups === 1 ? {} : { groupTop: 2 }),
+      ...grouping,
       // DeepSeek's own code (Kimi K2's) renormalises only when k > 1; transformers' port always.
       normalize: c.bool('norm_topk_prob', d.norm) && (family !== 'kimi_k2' || k > 1),
       routeScale: c.num('routed_scaling_factor', d.scale),
@@ -474,11 +495,9 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       sharedGate: false,
       routeWeightsOn: 'output',
     };
-    const firstDense = c.int('first_k_dense_replace', d.firstDense, 0);
     // DeepSeek's own modeling code (modeling_deepseek.py) reads moe_layer_freq; transformers' port
     // does not (every layer past first_k_dense_replace). Published V3 configs set 1: both agree.
-    const freq = d.deepseekFields ? c.int('moe_layer_freq', 1) : 1;
-    isMoE = (l) => l >= firstDense && l % freq === 0;
+    isMoE = deepseekMoELayers(c, d.firstDense, d.deepseekFields);
   } else if (family === 'deepseek') {
     const scoring = c.str('scoring_func', 'softmax');
     if (scoring !== 'softmax')
@@ -502,9 +521,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       sharedGate: false,
       routeWeightsOn: 'output',
     };
-    const firstDense = c.int('first_k_dense_replace', 0, 0);
-    const freq = c.int('moe_layer_freq', 1);
-    isMoE = (l) => l >= firstDense && l % freq === 0;
+    isMoE = deepseekMoELayers(c, 0, true);
   } else if (family === 'bailing_moe') {
     // One model_type for both versions: the architecture says which.
     const archs = c.value('architectures');
@@ -531,8 +548,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       c.fail(
         `'moe_shared_expert_intermediate_size' = ${c.int('moe_shared_expert_intermediate_size')} is not 'moe_intermediate_size' = ${F}: Ling's own code sizes the shared experts by the latter, vLLM by the former`,
       );
-    let groups = 1;
-    let topkGroups = 1;
+    let grouping: Pick<HfMoEBlock, 'groups' | 'topkGroups' | 'groupTop'> = { groups: 1, topkGroups: 1 };
     let scoreFunction: ScoreFunction = 'softmax';
     let selectionBias = false;
     if (v2) {
@@ -540,17 +556,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       if (score !== 'sigmoid') c.fail(`'score_function' ${JSON.stringify(score)}: Ling 2.0's router (its own code) is sigmoid`);
       scoreFunction = 'sigmoid';
       selectionBias = c.bool('moe_router_enable_expert_bias', true);
-      const nGroup = c.int('n_group', 8);
-      const topkGroup = c.int('topk_group', 4);
-      if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'num_experts' = ${E}`);
-      if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
-      if (nGroup > 1 && topkGroup < nGroup && 2 > E / nGroup)
-        c.fail(`'n_group' = ${nGroup} leaves ${E / nGroup} expert(s) per group; Ling 2.0 scores a group by its top 2`);
-      if (k > topkGroup * (E / nGroup))
-        c.fail(
-          `'num_experts_per_tok' = ${k} is more than the ${topkGroup * (E / nGroup)} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
-        );
-      if (topkGroup < nGroup) [groups, topkGroups] = [nGroup, topkGroup];
+      // Ling 2.0 scores a group by the sum of its top 2 biased scores; its config class's defaults 8 and 4.
+      grouping = groupLimited(c, { field: 'num_experts', value: E }, k, { nGroup: 8, topkGroup: 4 }, 2, 'Ling 2.0');
     }
     block = {
       family,
@@ -559,10 +566,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       numExperts: E,
       topK: k,
       scoreFunction,
-      groups,
-      topkGroups,
-      // Ling 2.0 scores a group by the sum of its top 2 biased scores.
-      ...(groups === 1 ? {} : { groupTop: 2 }),
+      ...grouping,
       normalize: norm && k > 1,
       routeScale: v2 ? c.num('routed_scaling_factor', 1) : 1,
       selectionBias,
@@ -570,8 +574,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       sharedGate: false,
       routeWeightsOn: 'output',
     };
-    const firstDense = c.int('first_k_dense_replace', v2 ? 1 : 0, 0);
-    isMoE = (l) => l >= firstDense;
+    // Ling's code has no moe_layer_freq.
+    isMoE = deepseekMoELayers(c, v2 ? 1 : 0, false);
   } else if (family === 'deepseek_v2') {
     // transformers hard-codes softmax; DeepSeek's code reads scoring_func and refuses anything else.
     const scoring = c.str('scoring_func', 'softmax');
@@ -590,21 +594,12 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       );
     const E = c.int('n_routed_experts');
     const k = c.int('num_experts_per_tok');
-    let groups = 1;
-    let topkGroups = 1;
-    if (method === 'group_limited_greedy') {
-      // transformers' config class defaults both to None: required here.
-      const nGroup = c.int('n_group');
-      const topkGroup = c.int('topk_group');
-      if (E % nGroup !== 0) c.fail(`'n_group' = ${nGroup} does not divide 'n_routed_experts' = ${E}`);
-      if (topkGroup > nGroup) c.fail(`'topk_group' = ${topkGroup} is more than 'n_group' = ${nGroup}`);
-      if (k > topkGroup * (E / nGroup))
-        c.fail(
-          `'num_experts_per_tok' = ${k} is more than the ${topkGroup * (E / nGroup)} experts of the 'topk_group' = ${topkGroup} groups a token keeps`,
-        );
-      // All groups kept is plain top-k.
-      if (topkGroup < nGroup) [groups, topkGroups] = [nGroup, topkGroup];
-    }
+    // group_limited_greedy scores a group by its maximum; transformers' config class defaults n_group
+    // and topk_group to None: required here.
+    const grouping =
+      method === 'group_limited_greedy'
+        ? groupLimited(c, { field: 'n_routed_experts', value: E }, k, {}, 1, 'DeepSeek-V2')
+        : { groups: 1, topkGroups: 1 };
     // n_shared_experts: transformers' default 2, DeepSeek's None (no shared experts): required here.
     const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', undefined);
     block = {
@@ -614,10 +609,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       numExperts: E,
       topK: k,
       scoreFunction: 'softmax',
-      groups,
-      topkGroups,
-      // group_limited_greedy scores a group by its maximum.
-      ...(groups === 1 ? {} : { groupTop: 1 }),
+      ...grouping,
       normalize: false,
       routeScale: c.num('routed_scaling_factor', 1),
       selectionBias: false,
@@ -625,10 +617,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
       sharedGate: false,
       routeWeightsOn: 'output',
     };
-    const firstDense = c.int('first_k_dense_replace', 0, 0);
     // DeepSeek's code and vLLM read moe_layer_freq, transformers does not; released configs set 1.
-    const freq = c.int('moe_layer_freq', 1);
-    isMoE = (l) => l >= firstDense && l % freq === 0;
+    isMoE = deepseekMoELayers(c, 0, true);
   } else if (family === 'jamba') {
     const E = c.int('num_experts');
     // One expert: every layer is JambaMLP (dense), no MoE block to serve.
