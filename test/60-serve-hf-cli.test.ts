@@ -71,6 +71,17 @@ describe('moe-ep hf inspect', () => {
     expect(run('inspect', gr).stdout).toContain(
       'block: hidden 16, 16 experts of width 4; softmax, top-4, weights renormalised; shared expert of width 8',
     );
+    // DBRX: three stacked [E·F,H] tensors a layer (once, not per expert); a rank reads E/P of each.
+    const db = join(root, 'dbrx');
+    buildHfCheckpoint(db, testConfigs.dbrx, { dtype: 'bf16', shards: 2, seed: 5 });
+    const dr = run('inspect', db, '--ranks', '2');
+    expect(dr.status, dr.stderr).toBe(0);
+    expect(dr.stdout).toContain('block: hidden 16, 8 experts of width 8; softmax, top-3, weights renormalised; no shared expert');
+    // Per expert: gate, up and down rows [F=8, H=16] in bf16, 768 bytes; 4 a rank.
+    expect(dr.stdout).toContain('per MoE layer and rank at 2 ranks: 4 experts, 3.00 KiB as stored');
+    const dj = JSON.parse(run('inspect', db, '--json').stdout) as { layers: { tensors: number; expertBytes: number }[] };
+    // router and the 3 stacked tensors.
+    expect(dj.layers[0]).toMatchObject({ tensors: 4, expertBytes: 8 * 768 });
     // MXFP4 packs 32 values a block: an expert width of 40 cannot be read as published.
     fs.writeFileSync(join(go, 'config.json'), JSON.stringify({ ...testConfigs.gpt_oss, intermediate_size: 40 }));
     const bad = run('inspect', go);

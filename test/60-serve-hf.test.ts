@@ -394,6 +394,9 @@ describe('config.json → the package (hfMoEModel)', () => {
     });
     expect(hfMoEModel({ ...testConfigs.deepseek, norm_topk_prob: true }).block.normalize).toBe(true);
     expect(hfMoEModel({ ...testConfigs.deepseek, norm_topk_prob: true, num_experts_per_tok: 1 }).block.normalize).toBe(false);
+    expect(hfMoEModel({ ...testConfigs.deepseek, moe_layer_freq: 2, num_hidden_layers: 6 }).moeLayers).toEqual([2, 4]);
+    // n_shared_experts null: DeepSeek's code builds none.
+    expect(hfMoEModel({ ...testConfigs.deepseek, n_shared_experts: null }).block.sharedFfn).toBe(0);
     // Ling 2.0: sigmoid + expert_bias, 4 groups keep 2 by their top 2, renormalised × 2.5, one shared expert, layer 0 dense.
     expect(hfMoEModel(testConfigs.bailing_moe_v2)).toMatchObject({
       block: {
@@ -427,6 +430,19 @@ describe('config.json → the package (hfMoEModel)', () => {
       moeLayers: [1, 2],
     });
     expect(hfMoEModel({ ...testConfigs.bailing_moe_v2, moe_router_enable_expert_bias: false }).block.selectionBias).toBe(false);
+    // Ling 2.0 at top-1: nothing to renormalise, so norm_topk_prob false is no disagreement there.
+    expect(hfMoEModel({ ...testConfigs.bailing_moe_v2, num_experts_per_tok: 1 }).block.normalize).toBe(false);
+    expect(hfMoEModel({ ...testConfigs.bailing_moe_v2, num_experts_per_tok: 1, norm_topk_prob: false }).block.normalize).toBe(false);
+    // Ling v1's class defaults: renormalised, no shared experts, every layer MoE; it reads no scale.
+    expect(
+      hfMoEModel({
+        ...testConfigs.bailing_moe,
+        norm_topk_prob: undefined,
+        num_shared_experts: undefined,
+        first_k_dense_replace: undefined,
+        routed_scaling_factor: 2.5,
+      }),
+    ).toMatchObject({ block: { normalize: true, sharedFfn: 0, routeScale: 1 }, moeLayers: [0, 1] });
     // Ling v1: softmax, renormalised, no scale, no groups, every layer from first_k_dense_replace (0).
     expect(hfMoEModel(testConfigs.bailing_moe)).toMatchObject({
       block: { scoreFunction: 'softmax', groups: 1, normalize: true, routeScale: 1, selectionBias: false, sharedFfn: 12 },
@@ -507,6 +523,12 @@ describe('config.json → the package (hfMoEModel)', () => {
       /'moe_shared_expert_intermediate_size' = 12 is not 'moe_intermediate_size' = 8/,
     );
     bad({ ...testConfigs.bailing_moe_v2, num_experts_per_tok: 9 }, /'num_experts_per_tok' = 9 is more than the 8 experts/);
+    bad(
+      { ...testConfigs.bailing_moe_v2, architectures: ['BailingMoeForCausalLM', 'BailingMoeV2ForCausalLM'] },
+      /'architectures' names both BailingMoeForCausalLM and BailingMoeV2ForCausalLM/,
+    );
+    bad({ ...testConfigs.bailing_moe_v2, architectures: 'BailingMoeV2ForCausalLM' }, /'architectures' must be a list of class names/);
+    bad({ ...testConfigs.dbrx, n_layers: 100000 }, /'n_layers' = 100000: more than the/);
     const dbrxFfn = testConfigs.dbrx.ffn_config as Record<string, unknown>;
     bad(
       { ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_normalize_expert_weights: 2 } },
@@ -514,7 +536,12 @@ describe('config.json → the package (hfMoEModel)', () => {
     );
     bad({ ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_top_k: undefined } }, /config\.json: ffn_config: 'moe_top_k' is missing/);
     bad({ ...testConfigs.dbrx, d_model: undefined }, /'d_model' is missing/);
-    bad({ ...testConfigs.dbrx, ffn_config: undefined }, /'ffn_config'/);
+    bad({ ...testConfigs.dbrx, ffn_config: undefined }, /'ffn_config' must be an object \(DBRX's MoE fields\)/);
+    bad({ ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_top_k: 9 } }, /'ffn_config\.moe_top_k' = 9 is more than the 8 experts/);
+    bad(
+      { ...testConfigs.dbrx, ffn_config: { ...dbrxFfn, moe_normalize_expert_weights: '1' } },
+      /'moe_normalize_expert_weights' must be a number \(a p-norm's p\) or null; found "1"/,
+    );
     bad({ ...testConfigs.deepseek_v3, scoring_func: 'softmax' }, /'scoring_func' "softmax"/);
     // The experts are SiLU-gated: another activation loaded and gave wrong outputs (an audit)
     for (const family of families) {

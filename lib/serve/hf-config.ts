@@ -362,11 +362,11 @@ class Fields {
   family(): string {
     return this.familyName;
   }
-  /** A nested config object (a multimodal model's text_config), its fields read with errors naming it. */
-  nested(f: string): Fields {
+  /** A nested config object (a multimodal model's text_config, DBRX's ffn_config), its fields read with errors naming it. */
+  nested(f: string, what = `the ${this.familyName} language model's config`): Fields {
     const v = this.c[f];
     if (v === null || typeof v !== 'object' || Array.isArray(v))
-      this.fail(`'${f}' must be an object (the ${this.familyName} language model's config); found ${JSON.stringify(v ?? null)}`);
+      this.fail(`'${f}' must be an object (${what}); found ${JSON.stringify(v ?? null)}`);
     return new Fields(v as Json, `${this.where}: ${f}`, this.familyName);
   }
 }
@@ -425,10 +425,14 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   const c = TEXT_CONFIG_FAMILIES.includes(family) ? top.nested('text_config') : top;
   // DBRX names its sizes otherwise and nests its MoE fields in ffn_config.
   const dbrx = family === 'dbrx';
-  const ffn = dbrx ? c.nested('ffn_config') : c;
+  const ffn = dbrx ? c.nested('ffn_config', "DBRX's MoE fields") : c;
   // The experts (and shared expert) are SwiGLU: act(gate)·up with act = SiLU. Another activation
   // would load and give wrong outputs, so it is refused (the families' configs default to silu).
-  const act = dbrx ? (ffn.has('ffn_act_fn') ? ffn.nested('ffn_act_fn').str('name', 'silu') : 'silu') : c.str('hidden_act', 'silu');
+  const act = dbrx
+    ? ffn.has('ffn_act_fn')
+      ? ffn.nested('ffn_act_fn', "the experts' activation").str('name', 'silu')
+      : 'silu'
+    : c.str('hidden_act', 'silu');
   if (act !== 'silu' && act !== 'swish')
     c.fail(
       `'${dbrx ? 'ffn_config.ffn_act_fn.name' : 'hidden_act'}' ${JSON.stringify(act)}: the package's experts compute SiLU-gated MLPs ('silu' or 'swish') only`,
@@ -436,7 +440,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   const hidden = c.int(dbrx ? 'd_model' : 'hidden_size');
   const numLayers = c.int(dbrx ? 'n_layers' : 'num_hidden_layers');
   // The MoE layers are listed one by one below: a crafted count must not take the heap.
-  if (numLayers > MAX_LAYERS) c.fail(`'num_hidden_layers' = ${numLayers}: more than the ${MAX_LAYERS} layers this loader takes`);
+  if (numLayers > MAX_LAYERS)
+    c.fail(`'${dbrx ? 'n_layers' : 'num_hidden_layers'}' = ${numLayers}: more than the ${MAX_LAYERS} layers this loader takes`);
   let block: Omit<HfMoEBlock, keyof BlockExtras> & Partial<BlockExtras>;
   let isMoE: (layer: number) => boolean;
   if (family === 'mixtral' || family === 'minimax_m2') {
@@ -503,7 +508,12 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     if (scoring !== 'softmax')
       c.fail(`'scoring_func' ${JSON.stringify(scoring)}: DeepSeekMoE (v1) routing is 'softmax' (its code refuses others)`);
     const k = c.int('num_experts_per_tok');
-    const { width: F, total: sharedFfn } = c.sharedWidth('moe_intermediate_size', 'n_shared_experts', undefined);
+    // n_shared_experts null: DeepSeek's code builds no shared experts.
+    const { width: F, total: sharedFfn } = c.sharedWidth(
+      'moe_intermediate_size',
+      'n_shared_experts',
+      c.value('n_shared_experts') === null ? 0 : undefined,
+    );
     block = {
       family,
       hidden,
@@ -525,8 +535,14 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   } else if (family === 'bailing_moe') {
     // One model_type for both versions: the architecture says which.
     const archs = c.value('architectures');
-    const names = Array.isArray(archs) ? archs : [];
+    if (archs !== undefined && !Array.isArray(archs))
+      c.fail(`'architectures' must be a list of class names; found ${JSON.stringify(archs)}`);
+    const names: unknown[] = Array.isArray(archs) ? archs : [];
     const v2 = names.includes('BailingMoeV2ForCausalLM');
+    if (v2 && names.includes('BailingMoeForCausalLM'))
+      c.fail(
+        `'architectures' names both BailingMoeForCausalLM and BailingMoeV2ForCausalLM: which router (v1's softmax or v2's sigmoid) is meant is ambiguous`,
+      );
     if (!v2 && !names.includes('BailingMoeForCausalLM'))
       c.fail(
         `'architectures' ${JSON.stringify(archs)}: Ling's config names BailingMoeForCausalLM (v1) or BailingMoeV2ForCausalLM (v2), which decides its router`,
@@ -536,7 +552,7 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // Renormalising: v1 when k > 1 and norm_topk_prob; v2's own code always for k > 1 (it does not read
     // the field) while vLLM and SGLang honour it: a v2 config saying false is refused rather than guessed.
     const norm = c.bool('norm_topk_prob', true);
-    if (v2 && !norm)
+    if (v2 && !norm && k > 1)
       c.fail(
         `'norm_topk_prob' false: Ling 2.0's own code renormalises whatever it says, vLLM and SGLang do not; refused rather than guessed (its released configs set true)`,
       );
@@ -650,6 +666,8 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
     // moe_normalize_expert_weights, default 1: for probabilities the sum). vLLM always renormalises.
     const written = ffn.value('moe_normalize_expert_weights');
     const p = written === undefined ? 1 : written;
+    if (p !== null && typeof p !== 'number')
+      ffn.fail(`'moe_normalize_expert_weights' must be a number (a p-norm's p) or null; found ${JSON.stringify(p)}`);
     if (p !== null && p !== 1)
       ffn.fail(
         `'moe_normalize_expert_weights' ${JSON.stringify(p)}: the package renormalises the chosen weights to sum to 1 (p = 1, the default) or leaves them (null); another p-norm is not supported`,
@@ -822,7 +840,10 @@ export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   }
   // Every expert's tensor names are listed when a layer is read or inspected: a crafted count must not take the heap.
   if (block.numExperts > MAX_EXPERTS) c.fail(`${block.numExperts} experts: more than the ${MAX_EXPERTS} this loader takes`);
-  if (block.topK > block.numExperts) c.fail(`'num_experts_per_tok' = ${block.topK} is more than the ${block.numExperts} experts`);
+  // The top-k's own field name in each family's config.
+  const topKField =
+    { dbrx: 'ffn_config.moe_top_k', hunyuan_v1_moe: 'moe_topk', ernie4_5_moe: 'moe_k' }[family as string] ?? 'num_experts_per_tok';
+  if (block.topK > block.numExperts) c.fail(`'${topKField}' = ${block.topK} is more than the ${block.numExperts} experts`);
   if (block.groups > 32) c.fail(`'n_group' = ${block.groups}: the package's router takes at most 32 groups`);
   const moeLayers = Array.from({ length: numLayers }, (_, l) => l).filter(isMoE);
   return { block: { ...PLAIN_BLOCK, ...block }, numLayers, moeLayers };

@@ -14,7 +14,7 @@ afterAll(() => fs.rmSync(root, { recursive: true, force: true }));
 
 describe.skipIf(!hasMpirun)('serving HF checkpoints under mpirun (CPU, MPI backend)', () => {
   it.each([2, 4])(
-    'EP = %i: Mixtral, DeepSeek-V3, GLM-4.5, Qwen2-MoE, Qwen3-Next, ERNIE 4.5, MiniMax-M2, Hunyuan, Qwen3-VL-MoE, Granite 4.0, Llama 4, gpt-oss (MXFP4), DeepSeek-V2 (groups by their maximum), Jamba, DBRX (experts stacked by rows), Ling 2.0 and DeepSeekMoE layouts, dropless and fixed-capacity, each rank its own experts, served and as training layers (moeLayerFromHf), against the family references',
+    'EP = %i: Mixtral, DeepSeek-V3, GLM-4.5, Qwen2-MoE, Qwen3-Next, ERNIE 4.5, MiniMax-M2, Hunyuan, Qwen3-VL-MoE, Granite 4.0, Llama 4, gpt-oss (MXFP4), DeepSeek-V2 (groups by their maximum), Jamba, DBRX (experts stacked by rows), Ling v1 and 2.0 and DeepSeekMoE layouts, dropless and fixed-capacity, each rank its own experts, served and as training layers (moeLayerFromHf), against the family references',
     (np) => {
       for (const [family, seed] of [
         ['mixtral', 5],
@@ -33,6 +33,7 @@ describe.skipIf(!hasMpirun)('serving HF checkpoints under mpirun (CPU, MPI backe
         ['jamba', 18],
         ['dbrx', 19],
         ['bailing_moe_v2', 20],
+        ['bailing_moe', 22],
         ['deepseek', 21],
       ] as const) {
         const dir = join(root, `${family}-${np}`);
