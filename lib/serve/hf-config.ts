@@ -376,11 +376,6 @@ const MAX_LAYERS = 65536;
 const MAX_EXPERTS = 65536;
 
 /**
- * The MoE block and layers of a Hugging Face config (config.json's object). `where` prefixes errors
- * (e.g. the file). Throws a CheckpointError naming the field for anything missing, malformed or not
- * supported.
- */
-/**
  * DeepSeek-style group-limited routing from `n_group` and `topk_group` (each its default, or required
  * when undefined), checked: a group scores its top `groupTop` ('who' names that rule in the error);
  * every group kept is plain top-k.
@@ -414,6 +409,11 @@ function deepseekMoELayers(c: Fields, firstDenseDefault: number | undefined, rea
   return (l) => l >= firstDense && l % freq === 0;
 }
 
+/**
+ * The MoE block and layers of a Hugging Face config (config.json's object). `where` prefixes errors
+ * (e.g. the file). Throws a CheckpointError naming the field for anything missing, malformed or not
+ * supported.
+ */
 export function hfMoEModel(config: unknown, where = 'config.json'): HfMoEModel {
   if (config === null || typeof config !== 'object' || Array.isArray(config)) throw new CheckpointError(`${where}: must be a JSON object`);
   const top = new Fields(config as Json, where, String((config as Json)['model_type']));
