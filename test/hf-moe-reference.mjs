@@ -255,6 +255,35 @@ function topN(v, n, allowed) {
   return { chosen: idx.slice(0, n), next: idx.length > n ? v[idx[n]] : -Infinity };
 }
 
+/** Softmax over all of v. */
+function softmax(v) {
+  const mx = Math.max(...v);
+  const ex = v.map((a) => Math.exp(a - mx));
+  const sum = ex.reduce((a, b) => a + b, 0);
+  return ex.map((a) => a / sum);
+}
+
+/**
+ * DeepSeek-V3's (and Ling 2.0's) choice: E experts in G contiguous groups, a group scored by the sum
+ * of its top 2 of c, the best kg groups kept, top-k of c among their experts. Returns the chosen and
+ * the smallest margin of the two decisions.
+ */
+function topTwoGroupChoice(c, E, k, G, kg) {
+  const gs = E / G;
+  const groupScore = new Float64Array(G);
+  for (let g = 0; g < G; g++) {
+    const inGroup = Array.from(c.subarray(g * gs, (g + 1) * gs)).sort((a, b) => b - a);
+    groupScore[g] = inGroup[0] + (gs > 1 ? inGroup[1] : 0);
+  }
+  const groups = topN(groupScore, kg);
+  let margin = kg < G ? groupScore[groups.chosen[kg - 1]] - groups.next : Infinity;
+  const allowed = new Uint8Array(E);
+  for (const g of groups.chosen) for (let e = g * gs; e < (g + 1) * gs; e++) allowed[e] = 1;
+  const top = topN(c, k, allowed);
+  margin = Math.min(margin, c[top.chosen[k - 1]] - top.next);
+  return { chosen: top.chosen, margin };
+}
+
 export function hfMoEReference(cfg, w, x) {
   const { H, F, E, k, Fs } = moeSizes(cfg);
   const T = x.length / H;
@@ -304,21 +333,9 @@ export function hfMoEReference(cfg, w, x) {
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
       for (const v of c) minChoice = Math.min(minChoice, v);
-      const G = cfg.n_group ?? 8,
-        kg = cfg.topk_group ?? 4,
-        gs = E / G;
-      const groupScore = new Float64Array(G);
-      for (let g = 0; g < G; g++) {
-        const inGroup = Array.from(c.subarray(g * gs, (g + 1) * gs)).sort((a, b) => b - a);
-        groupScore[g] = inGroup[0] + inGroup[1];
-      }
-      const groups = topN(groupScore, kg);
-      if (kg < G) margin = Math.min(margin, groupScore[groups.chosen[kg - 1]] - groups.next);
-      const allowed = new Uint8Array(E);
-      for (const g of groups.chosen) for (let e = g * gs; e < (g + 1) * gs; e++) allowed[e] = 1;
-      const top = topN(c, k, allowed);
-      chosen = top.chosen;
-      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
+      const choice = topTwoGroupChoice(c, E, k, cfg.n_group ?? 8, cfg.topk_group ?? 4);
+      chosen = choice.chosen;
+      margin = Math.min(margin, choice.margin);
       weights = chosen.map((e) => s[e]);
       if (k > 1) {
         const z = weights.reduce((a, b) => a + b, 0) + 1e-20;
@@ -327,10 +344,7 @@ export function hfMoEReference(cfg, w, x) {
       weights = weights.map((v) => v * (cfg.routed_scaling_factor ?? 1));
     } else if (cfg.model_type === 'deepseek' || cfg.model_type === 'bailing_moe') {
       // DeepSeekMoE v1's and Ling v1's MoEGate: softmax, top-k, renormalised when k > 1 and norm_topk_prob (Ling: default true).
-      const mx = Math.max(...logits);
-      const ex = logits.map((v) => Math.exp(v - mx));
-      const sum = ex.reduce((a, b) => a + b, 0);
-      const p = ex.map((v) => v / sum);
+      const p = softmax(logits);
       for (const v of p) minChoice = Math.min(minChoice, v);
       const top = topN(p, k);
       chosen = top.chosen;
@@ -343,10 +357,7 @@ export function hfMoEReference(cfg, w, x) {
       }
     } else if (cfg.model_type === 'deepseek_v2') {
       if (cfg.norm_topk_prob) throw new Error('reference: deepseek_v2 with norm_topk_prob is not modelled');
-      const mx = Math.max(...logits);
-      const ex = logits.map((v) => Math.exp(v - mx));
-      const sum = ex.reduce((a, b) => a + b, 0);
-      const p = ex.map((v) => v / sum);
+      const p = softmax(logits);
       let c = p;
       if (cfg.topk_method === 'group_limited_greedy') {
         const G = cfg.n_group,
@@ -368,21 +379,9 @@ export function hfMoEReference(cfg, w, x) {
       const s = logits.map(sigmoid);
       const c = s.map((v, e) => v + (w.bias ? w.bias[e] : 0));
       for (const v of c) minChoice = Math.min(minChoice, v);
-      const G = field(cfg, 'n_group'),
-        kg = field(cfg, 'topk_group'),
-        gs = E / G;
-      const groupScore = new Float64Array(G);
-      for (let g = 0; g < G; g++) {
-        const inGroup = Array.from(c.subarray(g * gs, (g + 1) * gs)).sort((a, b) => b - a);
-        groupScore[g] = inGroup[0] + (gs > 1 ? inGroup[1] : 0);
-      }
-      const groups = topN(groupScore, kg);
-      if (kg < G) margin = Math.min(margin, groupScore[groups.chosen[kg - 1]] - groups.next);
-      const allowed = new Uint8Array(E);
-      for (const g of groups.chosen) for (let e = g * gs; e < (g + 1) * gs; e++) allowed[e] = 1;
-      const top = topN(c, k, allowed);
-      chosen = top.chosen;
-      margin = Math.min(margin, c[chosen[k - 1]] - top.next);
+      const choice = topTwoGroupChoice(c, E, k, field(cfg, 'n_group'), field(cfg, 'topk_group'));
+      chosen = choice.chosen;
+      margin = Math.min(margin, choice.margin);
       weights = chosen.map((e) => s[e]);
       if (field(cfg, 'norm_topk_prob')) {
         const z = weights.reduce((a, b) => a + b, 0) + 1e-20;
@@ -391,10 +390,7 @@ export function hfMoEReference(cfg, w, x) {
       const rsf = field(cfg, 'routed_scaling_factor');
       weights = weights.map((v) => v * rsf);
     } else {
-      const mx = Math.max(...logits);
-      const ex = logits.map((v) => Math.exp(v - mx));
-      const sum = ex.reduce((a, b) => a + b, 0);
-      const p = ex.map((v) => v / sum);
+      const p = softmax(logits);
       // Ernie 4.5 chooses by p + bias and divides by max(Σ p_top, moe_norm_min); the others by p alone.
       const ernie = cfg.model_type === 'ernie4_5_moe';
       const c = ernie && w.bias ? p.map((v, e) => v + w.bias[e]) : p;
