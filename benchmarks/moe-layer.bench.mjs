@@ -38,7 +38,9 @@
 // dispatcher, when the host and the GPU reached it; where the GPU's lag behind the host is near 0,
 // the GPU had run out of work (the trace that found the host waiting for each forward: benchmarks/README.md).
 // --variant G.K=true|false[,…] (kernel switches, lib/kernel-options.ts: e.g. groupedGemm.trimTails=false;
-// and layer.recompute=experts|layer, MoELayer's recompute, on a second layer of the same weights):
+// layer.recompute=experts|layer, MoELayer's recompute, and layer.weightGradDtype=bf16, the experts'
+// weight gradients in bf16 as torch's autograd gives them (the dW phases then write bf16), each on a
+// second layer of the same weights):
 // a second 'ours' with those switches set, timed in the same rounds as the default (the two in the
 // order A B in even rounds, B A in odd ones, then torch), so that a kernel change is read at the
 // layer in one run, beside the default at the same clock drift; per metric and per phase its time
@@ -170,20 +172,27 @@ function parseVariant(text) {
   let layerOptions = null;
   const parts = [];
   for (const entry of text.split(',')) {
+    const w = /^layer\.weightGradDtype=([a-z0-9]+)$/.exec(entry.trim());
+    if (w) {
+      if (w[1] !== 'bf16') throw new Error(`--variant: '${entry}': weightGradDtype is bf16 (f32 is the default)`);
+      layerOptions = { ...layerOptions, weightGradDtype: 'bf16' };
+      parts.push('gradsBf16');
+      continue;
+    }
     const r = /^layer\.recompute=([a-z]+)$/.exec(entry.trim());
     if (r) {
       if (!RECOMPUTE_MODES.includes(r[1]) || r[1] === 'none')
         throw new Error(
           `--variant: '${entry}': recompute is one of ${RECOMPUTE_MODES.filter((m) => m !== 'none').join(', ')} (none is the default)`,
         );
-      layerOptions = { recompute: r[1] };
+      layerOptions = { ...layerOptions, recompute: r[1] };
       parts.push(`recompute-${r[1]}`);
       continue;
     }
     const m = /^([A-Za-z]+)\.([A-Za-z]+)=(true|false)$/.exec(entry.trim());
     if (!m)
       throw new Error(
-        `--variant: '${entry}' is not group.switch=true|false (e.g. groupedGemm.trimTails=false; lib/kernel-options.ts lists the switches) or layer.recompute=experts|layer`,
+        `--variant: '${entry}' is not group.switch=true|false (e.g. groupedGemm.trimTails=false; lib/kernel-options.ts lists the switches), layer.recompute=experts|layer or layer.weightGradDtype=bf16`,
       );
     (update[m[1]] ??= {})[m[2]] = m[3] === 'true';
     parts.push(`${m[2]}-${m[3] === 'true' ? 'on' : 'off'}`);
@@ -438,6 +447,12 @@ groupedGemmEpilogue('NT', Epilogue.DSwiGLU, B.ub.dRows, W.w2, B.p.offsets, B.dG,
 B.dA = groupedGemm('NT', B.dG, W.w13, B.p.offsets);
 B.dW13 = groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { dtype: 'f32' });
 B.dW2 = groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'f32' });
+// --variant layer.weightGradDtype=bf16: the dW phases write bf16 while the variant's layer is in place.
+const gradsBf16 = variant?.layerOptions?.weightGradDtype === 'bf16';
+B.dW13bf16 = gradsBf16 ? groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { dtype: 'bf16' }) : null;
+B.dW2bf16 = gradsBf16 ? groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'bf16' }) : null;
+/** The dW phase's output: f32, or bf16 while a layer with weightGradDtype 'bf16' is the one timed. */
+const dWOut = (f32, bf16) => (layer.config.weightGradDtype === 'bf16' ? bf16 : f32);
 B.dLogits = routerBackward(B.ub.dWeights, { scores: B.r.scores, indices: B.r.indices }, layer.router);
 B.dLogitsC = B.dLogits.cast('bf16');
 B.dxRouter = groupedGemm('NT', B.dLogitsC, W.router, all, { dtype: 'bf16' });
@@ -571,7 +586,7 @@ const PHASES = [
     call: "groupedGemm('TN', rows, dG, offsets, f32)",
     flops: 2 * R * H * 2 * F,
     bytes: R * H * b2 + R * 2 * F * b2 + E * H * 2 * F * b4,
-    run: () => groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { out: B.dW13 }),
+    run: () => groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { out: dWOut(B.dW13, B.dW13bf16) }),
   },
   {
     pass: 'backward',
@@ -579,7 +594,7 @@ const PHASES = [
     call: "groupedGemm('TN', h, dOut, offsets, f32)",
     flops: 2 * R * F * H,
     bytes: R * F * b2 + R * H * b2 + E * F * H * b4,
-    run: () => groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { out: B.dW2 }),
+    run: () => groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { out: dWOut(B.dW2, B.dW2bf16) }),
   },
   {
     pass: 'backward',

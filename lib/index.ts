@@ -128,7 +128,15 @@ export {
   type TransportChoice,
   type TransportKind,
 } from './moe/dispatcher.js';
-export { expertsActivations, expertsBackward, type ExpertsBackwardOptions, expertsForward, interleaveW13 } from './moe/experts.js';
+export {
+  expertsActivations,
+  expertsBackward,
+  type ExpertsBackwardOptions,
+  expertsForward,
+  interleaveW13,
+  WEIGHT_GRAD_DTYPES,
+  type WeightGradDType,
+} from './moe/experts.js';
 export { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './moe/fp8.js';
 export { type DenseFfn, upcycleExperts } from './moe/upcycle.js';
 export { type HfMoELayerOptions, moeLayerFromHf } from './train/from-hf.js';

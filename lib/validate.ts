@@ -69,15 +69,16 @@ export function checkContiguous(t: Tensor, op: string, arg: string): Tensor {
 }
 
 /**
- * An f32 buffer of `like`'s shape on its device, contiguous: where a weight's gradient is written or
- * added (backward's `out`).
+ * A buffer of `like`'s shape on its device, contiguous, of the gradients' dtype (f32 unless the
+ * caller asked for bf16 weight gradients): where a weight's gradient is written or added
+ * (backward's `out`).
  */
-export function checkGradBuffer(op: string, arg: string, t: unknown, like: Tensor): Tensor {
+export function checkGradBuffer(op: string, arg: string, t: unknown, like: Tensor, dtype: 'f32' | 'bf16' = 'f32'): Tensor {
   const buf = checkTensor(t, op, arg);
-  if (buf.dtype !== 'f32' || buf.shape.join() !== like.shape.join() || !buf.device.equals(like.device) || !buf.isContiguous)
+  if (buf.dtype !== dtype || buf.shape.join() !== like.shape.join() || !buf.device.equals(like.device) || !buf.isContiguous)
     invalidArgument(
       op,
-      `'${arg}' must be a contiguous f32 [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
+      `'${arg}' must be a contiguous ${dtype} [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
     );
   return buf;
 }

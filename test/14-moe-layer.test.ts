@@ -408,6 +408,117 @@ describe('MoELayer on one rank', () => {
     },
   );
 
+  it.each([
+    ['an f32 layer with a shared expert', base],
+    ['a bf16 layer with a gated shared expert', { ...base, sharedGate: true, dtype: 'bf16' }],
+    [
+      "gpt-oss's biases and clamped SwiGLU",
+      { ...base, routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 1.5 },
+    ],
+  ] as [string, MoELayerConfig][])(
+    "weightGradDtype 'bf16': the experts' weight gradients are the f32 ones rounded once, every other gradient the same bits, new or into bf16 buffers (%s)",
+    (_name, config) => {
+      const seed = freshSeed();
+      using ref = new MoELayer({ ...config, seed });
+      using half = new MoELayer({ ...config, seed, weightGradDtype: 'bf16' });
+      expect(half.config.weightGradDtype).toBe('bf16');
+      expect(ref.config.weightGradDtype).toBe('f32');
+      if (config.expertBias) {
+        randomBiases(ref);
+        for (const k of ['routerBias', 'w13Bias', 'w2Bias'] as const) (half.master[k] as Tensor).copy_(ref.master[k] as Tensor);
+        half.refreshComputeWeights();
+      }
+      const dtype = ref.config.dtype;
+      using x = Tensor.randn([11, 8], { seed: seed + 1, device: cpu, dtype });
+      using dy = Tensor.randn([11, 8], { seed: seed + 2, device: cpu, dtype });
+      const experts = new Set(['w13', 'w2', 'sharedW13', 'sharedW2']);
+      const present = MOE_WEIGHT_GRADS.filter((k) => ref.master[k]);
+      const gRef = ref.backward(ref.forward(x), dy);
+      const check = (g: typeof gRef, how: string) => {
+        expect(values(g.dx), `${how}: dx`).toEqual(values(gRef.dx));
+        for (const k of present) {
+          const mine = g[k] as Tensor;
+          const f32 = gRef[k] as Tensor;
+          if (experts.has(k)) {
+            expect(mine.dtype, `${how}: ${k}`).toBe('bf16');
+            using rounded = f32.cast('bf16');
+            expect(values(mine), `${how}: ${k} (seed ${seed})`).toEqual(values(rounded));
+          } else {
+            expect(mine.dtype, `${how}: ${k}`).toBe('f32');
+            expect(values(mine), `${how}: ${k} (seed ${seed})`).toEqual(values(f32));
+          }
+        }
+      };
+      const fresh = half.backward(half.forward(x), dy);
+      check(fresh, 'new tensors');
+      // Into the caller's buffers (the experts' bf16, the rest f32), poisoned first.
+      const buffers = Object.fromEntries(
+        present.map((k) => [
+          k,
+          Tensor.full((half.master[k] as Tensor).shape, Number.NaN, { device: cpu, dtype: experts.has(k) ? 'bf16' : 'f32' }),
+        ]),
+      ) as unknown as MoEGradBuffers;
+      const into = half.backward(half.forward(x), dy, { out: buffers });
+      for (const k of present) expect(into[k], `${k} comes back as the buffer`).toBe(buffers[k]);
+      check(into, 'into buffers');
+      for (const t of [...Object.values(gRef), ...Object.values(fresh), into.dx, ...Object.values(buffers)]) t?.dispose();
+    },
+  );
+
+  it("weightGradDtype: refused values, accumulate refused with 'bf16', and f32 buffers for its experts' gradients refused by name", () => {
+    for (const bad of ['f16', 'fp32', 32])
+      expect(() => new MoELayer({ ...base, weightGradDtype: bad as never }), String(bad)).toThrow(
+        /MoELayer: 'weightGradDtype' must be one of 'f32', 'bf16'; received/,
+      );
+    using layer = new MoELayer({ ...base, seed: freshSeed(), weightGradDtype: 'bf16' });
+    using x = Tensor.randn([5, 8], { seed: 3, device: cpu });
+    using dy = Tensor.randn([5, 8], { seed: 4, device: cpu });
+    const zeros = (k: 'router' | 'w13' | 'w2' | 'sharedW13' | 'sharedW2', dtype: 'f32' | 'bf16') =>
+      Tensor.zeros((layer.master[k] as Tensor).shape, { device: cpu, dtype });
+    const good = {
+      router: zeros('router', 'f32'),
+      w13: zeros('w13', 'bf16'),
+      w2: zeros('w2', 'bf16'),
+      sharedW13: zeros('sharedW13', 'bf16'),
+      sharedW2: zeros('sharedW2', 'bf16'),
+    };
+    using f32W2 = zeros('w2', 'f32');
+    using bf16Router = zeros('router', 'bf16');
+    const fwd = layer.forward(x);
+    expect(() => layer.backward(fwd, dy, { out: good, accumulate: true })).toThrow(
+      /MoELayer\.backward: 'accumulate' adds into f32 gradients only; this layer's 'weightGradDtype' is 'bf16'/,
+    );
+    expect(() => layer.backward(fwd, dy, { out: { ...good, w2: f32W2 } })).toThrow(
+      /'out\.w2' must be a contiguous bf16 \[4,4,8\] on cpu; received f32/,
+    );
+    expect(() => layer.backward(fwd, dy, { out: { ...good, router: bf16Router } })).toThrow(
+      /'out\.router' must be a contiguous f32 \[8,4\]/,
+    );
+    const g = layer.backward(fwd, dy, { out: good });
+    expect(g.w2).toBe(good.w2);
+    for (const t of [g.dx, ...Object.values(good)]) t.dispose();
+    // expertsBackward's own option.
+    using w13 = Tensor.randn([2, 8, 6], { seed: 1, device: cpu });
+    using w2 = Tensor.randn([2, 3, 8], { seed: 2, device: cpu });
+    using a = Tensor.randn([5, 8], { seed: 3, device: cpu });
+    using offsets = Tensor.fromArray([0, 2, 5], { dtype: 'i32', device: cpu });
+    const ef = expertsForward(a, w13, w2, offsets);
+    using dW13 = Tensor.zeros(w13.shape, { device: cpu });
+    using dW2 = Tensor.zeros(w2.shape, { device: cpu });
+    expect(() => expertsBackward(dy, a, w13, w2, offsets, ef, { out: { dW13, dW2 }, accumulate: true, gradDtype: 'bf16' })).toThrow(
+      /expertsBackward: 'accumulate' adds into f32 gradients only; 'gradDtype' is 'bf16'/,
+    );
+    expect(() => expertsBackward(dy, a, w13, w2, offsets, ef, { gradDtype: 'f64' as never })).toThrow(
+      /expertsBackward: 'gradDtype' must be one of 'f32', 'bf16'; received/,
+    );
+    expect(() => expertsBackward(dy, a, w13, w2, offsets, ef, { out: { dW13, dW2 }, gradDtype: 'bf16' })).toThrow(
+      /'out\.dW13' must be a contiguous bf16 \[2,8,6\]/,
+    );
+    const eb = expertsBackward(dy, a, w13, w2, offsets, ef, { gradDtype: 'bf16' });
+    expect([eb.dW13.dtype, eb.dW2.dtype, eb.dA.dtype]).toEqual(['bf16', 'bf16', 'f32']);
+    for (const t of [eb.dA, eb.dW13, eb.dW2, ef.out, ef.g, ef.h]) t.dispose();
+  });
+
   it('backward refuses out buffers of the wrong dtype, shape or layout, missing, extra or overlapping ones, before any product runs', () => {
     using layer = new MoELayer({ ...base, seed: freshSeed() });
     const { hidden: H } = layer.config;

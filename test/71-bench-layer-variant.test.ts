@@ -88,9 +88,27 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
     expect(d.memory.variant.stepPeakBytes).toBeGreaterThan(d.memory.variant.keptBytes);
   }, 120_000);
 
+  it("layer.weightGradDtype=bf16: the experts' gradients rounded to bf16, everything else the same bits", () => {
+    const r = runBench(['--variant', 'layer.weightGradDtype=bf16']);
+    expect(r.status, r.stderr.slice(-2000)).toBe(0);
+    const d = JSON.parse(readFileSync(join(scratch, 'moe-layer-vs-gradsBf16-dryrun-test.json'), 'utf8')) as Result & {
+      variant: { layerOptions: Record<string, string> };
+    };
+    expect(d.variant.layerOptions).toEqual({ weightGradDtype: 'bf16' });
+    expect(d.variant.check.result).toMatch(/^passed/);
+    const { y, dx, router, ...experts } = d.variant.check.relErr;
+    expect([y, dx, router]).toEqual([0, 0, 0]);
+    // One rounding to bf16 (8 significant bits): a relative error in norm near 2^-9, not 0.
+    for (const [name, v] of Object.entries(experts)) {
+      expect(v, name).toBeGreaterThan(0);
+      expect(v, name).toBeLessThan(2 ** -8);
+    }
+  }, 120_000);
+
   it.each([
     ['layer.recompute=all', /--variant: 'layer\.recompute=all': recompute is one of experts, layer/],
     ['layer.recompute=none', /recompute is one of experts, layer \(none is the default\)/],
+    ['layer.weightGradDtype=f32', /--variant: 'layer\.weightGradDtype=f32': weightGradDtype is bf16 \(f32 is the default\)/],
     ['trimTails', /--variant: 'trimTails' is not group\.switch=true\|false/],
     ['groupedGemm.trimTails=no', /is not group\.switch=true\|false/],
     ['groupedGemm.bogus=false', /--variant groupedGemm\.bogus=false: .*unknown option 'bogus'/],

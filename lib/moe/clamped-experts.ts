@@ -6,12 +6,14 @@
  *   out = h·W2 + b2[e]   [M,H]
  * The grouped GEMM runs without an epilogue; the biases (where given: gpt-oss's expertBias) and
  * the activation are passes of their own. Backward: dW2 = hᵀ·dOut, db2 = Σ rows of dOut, dh = dOut·W2ᵀ, dg = clampedSwigluBackward,
- * db13 = Σ rows of dg, dW13 = aᵀ·dg, dA = dg·W13ᵀ (weight and bias gradients in f32).
+ * db13 = Σ rows of dg, dW13 = aᵀ·dg, dA = dg·W13ᵀ (weight and bias gradients in f32; the weights'
+ * in bf16 with `gradDtype`).
  */
 import { invalidArgument } from '../errors.js';
 import { checkApart, checkBoolean, checkGradBuffer, checkKeys, checkOptions, checkTensors } from '../validate.js';
 import { Tensor } from '../tensor.js';
 import { clampedSwiglu, clampedSwigluBackward, expertBias, expertBiasBackward } from './expert-bias-activation.js';
+import { checkWeightGradDType, type WeightGradDType } from './experts.js';
 import { groupedGemm } from './grouped-gemm.js';
 
 /** The experts' weights: w13 [E,H,2F], w2 [E,F,H], and their biases w13Bias [E,2F], w2Bias [E,H] or none (one dtype). */
@@ -54,8 +56,12 @@ export interface ClampedExpertsForwardOptions {
  * without the bias buffers the biases' gradients (with biases) are new tensors.
  */
 export interface ClampedExpertsBackwardOptions {
+  /** Where the gradients go: dW13 and dW2 in `gradDtype`, the biases' in f32. */
   out?: { dW13: Tensor; dW2: Tensor; dW13Bias?: Tensor; dW2Bias?: Tensor };
+  /** Add into `out` (f32 weight gradients only). */
   accumulate?: boolean;
+  /** dW13's and dW2's dtype (default 'f32'; experts.ts's WeightGradDType). The biases' stay f32. */
+  gradDtype?: WeightGradDType;
 }
 
 /**
@@ -153,19 +159,21 @@ export function clampedExpertsBackward(
     ['saved.h', saved.h, [M, F2 / 2]],
   ] as const)
     if (t.shape.join() !== shape.join()) invalidArgument(op, `'${name}' must be [${shape.join(',')}]; received [${t.shape.join(',')}]`);
-  options = checkOptions(options, op, { out: true, accumulate: true });
+  options = checkOptions(options, op, { out: true, accumulate: true, gradDtype: true });
   const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
+  const gradDtype = checkWeightGradDType(options.gradDtype ?? 'f32', op, 'gradDtype', accumulate);
   const into = options.out;
   if (accumulate && into === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
   if (into !== undefined) {
-    if (into === null || typeof into !== 'object') invalidArgument(op, `'out' must be { dW13, dW2, dW13Bias, dW2Bias }: f32 tensors`);
+    if (into === null || typeof into !== 'object')
+      invalidArgument(op, `'out' must be { dW13, dW2, dW13Bias, dW2Bias }: ${gradDtype} weight and f32 bias gradients`);
     checkKeys(into, op, { dW13: true, dW2: true, dW13Bias: true, dW2Bias: true });
     if ((into.dW13Bias === undefined) !== (into.dW2Bias === undefined))
       invalidArgument(op, `'out.dW13Bias' and 'out.dW2Bias' come together: give both or neither`);
     if (into.dW13Bias && !biased) invalidArgument(op, `'out.dW13Bias' and 'out.dW2Bias' were given but the weights have no biases`);
     const bufs: Record<string, Tensor> = {
-      'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w.w13),
-      'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w.w2),
+      'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w.w13, gradDtype),
+      'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w.w2, gradDtype),
       ...(into.dW13Bias && into.dW2Bias
         ? {
             'out.dW13Bias': checkGradBuffer(op, 'out.dW13Bias', into.dW13Bias, w.w13Bias as Tensor),
@@ -184,7 +192,7 @@ export function clampedExpertsBackward(
       w2Bias: w.w2Bias ?? null,
     });
   }
-  const gemmOut = (buf: Tensor | undefined) => (buf ? { out: buf, accumulate } : { dtype: 'f32' as const });
+  const gemmOut = (buf: Tensor | undefined) => (buf ? { out: buf, accumulate } : { dtype: gradDtype });
   const made: Tensor[] = [];
   const keep = <T extends Tensor>(t: T): T => {
     made.push(t);

@@ -10,7 +10,7 @@
  * `a` may be fp8 rows ({ q, scales }: an fp8 'keep' dispatch); the first GEMM takes them through a
  * bf16 copy (grouped-gemm.ts), or against f32 weights (the CPU) through an f32 copy made here.
  */
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, shown } from '../errors.js';
 import { checkApart, checkBoolean, checkGradBuffer, checkKeys, checkOptions, checkTensor, checkTensors } from '../validate.js';
 import { Tensor, tidy } from '../tensor.js';
 import { dequantizeFp8, type Fp8Rows } from './fp8.js';
@@ -29,14 +29,38 @@ export interface ExpertsGrads {
   dW2: Tensor;
 }
 
+/**
+ * The dtype of the experts' weight gradients. 'f32' (the default) keeps the products' fp32 sums;
+ * 'bf16' rounds them once, as torch's autograd does for bf16 weights and Megatron-Core does by
+ * default (grad_reduce_in_fp32 off): half the bytes written and kept, and faster dW products, at
+ * bf16's precision. Accumulation over micro-batches needs 'f32' (the GEMMs add into f32 only).
+ */
+export type WeightGradDType = 'f32' | 'bf16';
+export const WEIGHT_GRAD_DTYPES: readonly WeightGradDType[] = ['f32', 'bf16'];
+
+/** A WeightGradDType, or an error naming `arg`; `accumulate` needs 'f32'. */
+export function checkWeightGradDType(value: unknown, op: string, arg: string, accumulate = false): WeightGradDType {
+  if (!WEIGHT_GRAD_DTYPES.includes(value as WeightGradDType))
+    invalidArgument(op, `'${arg}' must be one of ${WEIGHT_GRAD_DTYPES.map((d) => `'${d}'`).join(', ')}; received ${shown(value)}`);
+  if (accumulate && value !== 'f32')
+    invalidArgument(
+      op,
+      `'accumulate' adds into f32 gradients only; '${arg}' is '${String(value)}' (use 'f32' to accumulate over micro-batches)`,
+    );
+  return value as WeightGradDType;
+}
+
 export interface ExpertsBackwardOptions {
   /**
-   * Where dW13 and dW2 go: f32 tensors of w13's and w2's shapes (contiguous, on their device), which
-   * come back as the result's dW13 and dW2. Without `accumulate` the gradients overwrite them.
+   * Where dW13 and dW2 go: tensors of w13's and w2's shapes in `gradDtype` (contiguous, on their
+   * device), which come back as the result's dW13 and dW2. Without `accumulate` the gradients
+   * overwrite them.
    */
   out?: { dW13: Tensor; dW2: Tensor };
-  /** Add the weight gradients into `out` (gradient accumulation over micro-batches). */
+  /** Add the weight gradients into `out` (gradient accumulation over micro-batches; f32 only). */
   accumulate?: boolean;
+  /** dW13's and dW2's dtype (default 'f32'; see WeightGradDType). */
+  gradDtype?: WeightGradDType;
 }
 
 /** Interleaves W1 and W3 [E,H,F] (any device, bf16 or f32) into the w13 layout [E,H,2F]. */
@@ -171,7 +195,8 @@ function checkBackwardShapes(a: Tensor, w13: Tensor, dOut: Tensor, saved: { g: T
 }
 
 /**
- * Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32.
+ * Backward of expertsForward given dOut [M,H]: dA [M,H], dW13 [E,H,2F] and dW2 [E,F,H] in f32 (or
+ * bf16 with `gradDtype`).
  * fp8 rows are dequantised for dW13 (the forward's rows, as the forward multiplied them).
  */
 export function expertsBackward(
@@ -185,17 +210,22 @@ export function expertsBackward(
 ): ExpertsGrads {
   const op = 'expertsBackward';
   if (saved === null || typeof saved !== 'object') invalidArgument(op, `'saved' must be expertsForward's { g, h }`);
-  options = checkOptions(options, op, { out: true, accumulate: true });
+  options = checkOptions(options, op, { out: true, accumulate: true, gradDtype: true });
   const rows = rowsTensor(op, aRows);
   checkShapes(op, { dOut, a: rows, w13, w2, offsets, 'saved.g': saved.g, 'saved.h': saved.h });
   checkBackwardShapes(rows, w13, dOut, saved);
   const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
+  const gradDtype = checkWeightGradDType(options.gradDtype ?? 'f32', op, 'gradDtype', accumulate);
   const into = options.out;
   if (accumulate && into === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
   if (into !== undefined) {
-    if (into === null || typeof into !== 'object') invalidArgument(op, `'out' must be { dW13, dW2 }: f32 tensors for the weight gradients`);
+    if (into === null || typeof into !== 'object')
+      invalidArgument(op, `'out' must be { dW13, dW2 }: ${gradDtype} tensors for the weight gradients`);
     checkKeys(into, op, { dW13: true, dW2: true });
-    const bufs = { 'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w13), 'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w2) };
+    const bufs = {
+      'out.dW13': checkGradBuffer(op, 'out.dW13', into.dW13, w13, gradDtype),
+      'out.dW2': checkGradBuffer(op, 'out.dW2', into.dW2, w2, gradDtype),
+    };
     // All before the first product, so a refused call changes nothing.
     checkApart(op, bufs, { dOut, a: rows, 'saved.g': saved.g, 'saved.h': saved.h, w13, w2 });
   }
@@ -208,8 +238,8 @@ export function expertsBackward(
     groupedGemmEpilogue('NT', Epilogue.DSwiGLU, dOut, w2, offsets, dG, saved.g);
     const dA = groupedGemm('NT', dG, w13, offsets);
     // Into the caller's buffers, or added to them by the GEMMs' epilogues (no gradient tensor, no pass of its own).
-    const dW13 = groupedGemm('TN', a, dG, offsets, into ? { out: into.dW13, accumulate } : { dtype: 'f32' });
-    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, into ? { out: into.dW2, accumulate } : { dtype: 'f32' });
+    const dW13 = groupedGemm('TN', a, dG, offsets, into ? { out: into.dW13, accumulate } : { dtype: gradDtype });
+    const dW2 = groupedGemm('TN', saved.h, dOut, offsets, into ? { out: into.dW2, accumulate } : { dtype: gradDtype });
     return { dA, dW13, dW2 };
   } finally {
     dG?.dispose();

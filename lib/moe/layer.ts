@@ -47,7 +47,7 @@ import { checkGroup, type DispatchHandle, Dispatcher, type ExpertParallelGroup, 
 import { clampedExpertsBackward, clampedExpertsForward } from './clamped-experts.js';
 import { EXPERT_ACTIVATIONS, type ExpertBlockOptions, EXPERT_OPTION_KEYS, resolveExpertOptions } from './expert-bias-activation.js';
 import { sum } from '../basic-ops.js';
-import { expertsActivations, expertsBackward, expertsForward } from './experts.js';
+import { checkWeightGradDType, expertsActivations, expertsBackward, expertsForward, type WeightGradDType } from './experts.js';
 import { FP8_BLOCK, type Fp8Rows } from './fp8.js';
 import { groupedGemm } from './grouped-gemm.js';
 import { unpermute, unpermuteBackward } from './permute.js';
@@ -134,6 +134,15 @@ export interface MoELayerConfig extends RouterConfig, ExpertBlockOptions {
    * bits as with 'none'. x must stay alive until backward, as always.
    */
   recompute?: Recompute;
+  /**
+   * The dtype of the experts' weight gradients (w13, w2 and the shared expert's): 'f32' (default)
+   * or 'bf16', what torch's autograd gives bf16 weights and Megatron-Core's default (its
+   * grad_reduce_in_fp32 off): half the gradient memory and bytes written, faster dW products, each
+   * gradient the f32 one rounded once. backward's `out` buffers for them then are bf16, and
+   * `accumulate` is refused (the products add into f32 only). The router's, the gate's and the
+   * biases' gradients stay f32 (small, and the router's logits are f32).
+   */
+  weightGradDtype?: WeightGradDType;
   /** Compute dtype: bf16 (default; required on the GPU) or f32 (CPU only). */
   dtype?: DType;
   device?: DeviceLike;
@@ -202,8 +211,9 @@ type SavedLayout = Omit<CapacityResult, 'dropped' | 'invalid'>;
 export interface MoEGrads {
   dx: Tensor;
   router: Tensor; // [H, E] f32
-  w13: Tensor; // [El, H, 2F] f32
-  w2: Tensor; // [El, F, H] f32
+  w13: Tensor; // [El, H, 2F] f32 (weightGradDtype)
+  w2: Tensor; // [El, F, H] f32 (weightGradDtype)
+  /** The shared expert's [1, H, 2S] and [1, S, H] (weightGradDtype), or null. */
   sharedW13: Tensor | null;
   sharedW2: Tensor | null;
   /** sharedGate's gradient [H] f32, or null. */
@@ -214,7 +224,7 @@ export interface MoEGrads {
   w2Bias: Tensor | null;
 }
 
-/** f32 buffers of the master weights' shapes for backward's weight gradients (its `out`). */
+/** Buffers of the master weights' shapes for backward's weight gradients (its `out`): f32, the experts' weights' in weightGradDtype. */
 export interface MoEGradBuffers {
   router: Tensor;
   w13: Tensor;
@@ -326,6 +336,7 @@ export class MoELayer implements Disposable {
       transportSms: true,
       fp8Dispatch: true,
       recompute: true,
+      weightGradDtype: true,
       dtype: true,
       device: true,
       seed: true,
@@ -426,6 +437,7 @@ export class MoELayer implements Disposable {
       swigluLimit,
       fp8Dispatch,
       recompute: checkOneOf(config.recompute ?? 'none', op, 'recompute', RECOMPUTE_MODES),
+      weightGradDtype: checkWeightGradDType(config.weightGradDtype ?? 'f32', op, 'weightGradDtype'),
       dtype,
       seed: config.seed ?? 1234,
       auxLossCoef: lossCoef(config.auxLossCoef, op, 'auxLossCoef'),
@@ -632,13 +644,21 @@ export class MoELayer implements Disposable {
     });
   }
 
-  /** dy [T, H] → dx and the parameter gradients (fp32). Releases the forward's saved tensors. */
+  /**
+   * dy [T, H] → dx and the parameter gradients (f32; the experts' weights' in `weightGradDtype`).
+   * Releases the forward's saved tensors.
+   */
   backward(fwd: MoEForward, dy: Tensor, options: MoEBackwardOptions = {}): MoEGrads {
     const op = 'MoELayer.backward';
     if (this.#disposed) usedAfterDispose(op, 'the layer');
     options = checkOptions(options, op, { out: true, accumulate: true });
     const accumulate = checkBoolean(options.accumulate ?? false, op, 'accumulate');
     if (accumulate && options.out === undefined) invalidArgument(op, `'accumulate' needs 'out' to add into`);
+    if (accumulate && this.config.weightGradDtype !== 'f32')
+      invalidArgument(
+        op,
+        `'accumulate' adds into f32 gradients only; this layer's 'weightGradDtype' is '${this.config.weightGradDtype}' (build it with 'f32' to accumulate over micro-batches)`,
+      );
     const saved: unknown = fwd !== null && typeof fwd === 'object' ? fwd.saved : undefined;
     const owner = saved !== null && typeof saved === 'object' ? forwardOwner.get(saved) : undefined;
     if (owner === undefined) invalidArgument(op, `'fwd' must be what forward() returned`);
@@ -691,6 +711,7 @@ export class MoELayer implements Disposable {
           }
           sharedGrads = expertsBackward(dShared, s.x, this.compute.sharedW13, this.compute.sharedW2, all, shared, {
             ...(into?.sharedW13 && into.sharedW2 ? { out: { dW13: into.sharedW13, dW2: into.sharedW2 }, accumulate } : {}),
+            gradDtype: this.config.weightGradDtype,
           });
         }
         const onInput = this.config.routeWeightsOn === 'input';
@@ -873,15 +894,10 @@ export class MoELayer implements Disposable {
     const offsets = d.handle.localOffsets;
     if (this.config.activation === 'swiglu')
       return {
-        ...expertsBackward(
-          dOut,
-          expertRows(d),
-          c.w13,
-          c.w2,
-          offsets,
-          saved,
-          into ? { out: { dW13: into.w13, dW2: into.w2 }, accumulate } : {},
-        ),
+        ...expertsBackward(dOut, expertRows(d), c.w13, c.w2, offsets, saved, {
+          ...(into ? { out: { dW13: into.w13, dW2: into.w2 }, accumulate } : {}),
+          gradDtype: this.config.weightGradDtype,
+        }),
         dW13Bias: null,
         dW2Bias: null,
       };
@@ -892,7 +908,7 @@ export class MoELayer implements Disposable {
           accumulate,
         }
       : {};
-    return clampedExpertsBackward(dOut, d.rows, c, offsets, saved, act, out);
+    return clampedExpertsBackward(dOut, d.rows, c, offsets, saved, act, { ...out, gradDtype: this.config.weightGradDtype });
   }
 
   /**
@@ -922,7 +938,7 @@ export class MoELayer implements Disposable {
   }
 
   /**
-   * backward's `out`: each an f32 buffer of its master's shape, contiguous, on the layer's device,
+   * backward's `out`: each an f32 buffer (the experts' weights': weightGradDtype) of its master's shape, contiguous, on the layer's device,
    * apart from every other and from dy, the saved input and the layer's own tensors (the masters
    * themselves have the right shapes, and would silently take the gradients).
    */
@@ -931,7 +947,7 @@ export class MoELayer implements Disposable {
     if (given === null || typeof given !== 'object' || Array.isArray(given))
       invalidArgument(
         op,
-        `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert, sharedGate with its gate, routerBias, w13Bias, w2Bias with the biases): f32 tensors`,
+        `'out' must be { router, w13, w2 } (and sharedW13, sharedW2 with a shared expert, sharedGate with its gate, routerBias, w13Bias, w2Bias with the biases): f32 tensors (${this.config.weightGradDtype} for the experts' weights)`,
       );
     for (const k of Object.keys(given))
       if (!(keys as readonly string[]).includes(k)) invalidArgument(op, `'out' has an unknown key '${k}' (it takes ${keys.join(', ')})`);
@@ -955,7 +971,8 @@ export class MoELayer implements Disposable {
         continue;
       }
       if (buf === undefined || buf === null) invalidArgument(op, `'out.${key}' is missing: give a buffer for every weight gradient`);
-      named[`out.${key}`] = checkGradBuffer(op, `out.${key}`, buf, master);
+      const experts = key === 'w13' || key === 'w2' || key === 'sharedW13' || key === 'sharedW2';
+      named[`out.${key}`] = checkGradBuffer(op, `out.${key}`, buf, master, experts ? this.config.weightGradDtype : 'f32');
     }
     const own: Record<string, Tensor | null> = { bias: this.bias };
     for (const k of keys) {

@@ -164,6 +164,63 @@ describe.skipIf(!hasGpu)('MoELayer on the GPU', () => {
   });
 
   it.each([
+    ['dropless, shared expert (1000 tokens: ~250 rows an expert, the tile kernels)', { sharedFfn: 64 }, 1000],
+    ['dropless, 64 experts (~63 rows each: the B-resident dW)', { numExperts: 64 }, 1000],
+    ['dropless, 64 experts, 48 tokens (~3 rows each: the few-rows dW)', { numExperts: 64 }, 48],
+    ["gpt-oss's biases and clamped SwiGLU", { routerBias: true, expertBias: true, activation: 'clamped-swiglu', swigluLimit: 7 }, 1000],
+  ] as const)(
+    "%s: weightGradDtype 'bf16' gives the f32 weight gradients rounded (within one bf16 step: other kernels), every other gradient the same bits",
+    (_n, extra, tokens) => {
+      const seed = freshSeed();
+      const config: MoELayerConfig = { hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, device: gpu, dtype: 'bf16', ...extra };
+      const experts = new Set(['w13', 'w2', 'sharedW13', 'sharedW2']);
+      const before = memoryStats(gpu).liveBytes;
+      {
+        using ref = new MoELayer(config);
+        using half = new MoELayer({ ...config, weightGradDtype: 'bf16' });
+        tidy(() => {
+          const x = Tensor.randn([tokens, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+          const dy = Tensor.randn([tokens, 256], { seed: freshSeed(), dtype: 'bf16', device: gpu });
+          const gRef = ref.backward(ref.forward(x), dy);
+          // Into poisoned buffers, to see every element written.
+          const buffers = Object.fromEntries(
+            MOE_WEIGHT_GRADS.filter((k) => half.master[k]).map((k) => [
+              k,
+              Tensor.full((half.master[k] as Tensor).shape, Number.NaN, { device: gpu, dtype: experts.has(k) ? 'bf16' : 'f32' }),
+            ]),
+          ) as unknown as MoEGradBuffers;
+          for (const g of [half.backward(half.forward(x), dy), half.backward(half.forward(x), dy, { out: buffers })]) {
+            expect(values(g.dx), `dx, seed ${seed}`).toEqual(values(gRef.dx));
+            for (const k of MOE_WEIGHT_GRADS) {
+              const mine = g[k];
+              const f32 = gRef[k];
+              if (!mine || !f32) continue;
+              if (!experts.has(k)) {
+                expect(values(mine), `${k}, seed ${seed}`).toEqual(values(f32));
+                continue;
+              }
+              expect(mine.dtype).toBe('bf16');
+              // The bf16 products (hand-off, B-resident, few-rows) sum in fp32 like the f32 ones but
+              // not always in their order: one bf16 step (2^-7 of the value) allowed, no more.
+              const a = values(mine);
+              const b = values(f32);
+              const scale = b.reduce((m, v) => Math.max(m, Math.abs(v)), 0);
+              const worst = a.reduce(
+                (w, v, i) => Math.max(w, Math.abs(v - (b[i] as number)) - 2 ** -7 * Math.abs(b[i] as number)),
+                -Infinity,
+              );
+              expect(worst, `${k}: beyond one bf16 step of the f32 gradient (scale ${scale}), seed ${seed}`).toBeLessThanOrEqual(
+                1e-6 * scale,
+              );
+            }
+          }
+        });
+      }
+      expect(memoryStats(gpu).liveBytes).toBe(before);
+    },
+  );
+
+  it.each([
     ['dropless', {}],
     ['dropless, communication on its own stream', { commStream: true }],
     ["dropless, recompute 'layer' (the rows dispatched again)", { recompute: 'layer' }],
