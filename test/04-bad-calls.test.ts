@@ -526,6 +526,19 @@ const cases: Case[] = [
     /MoEModel: 'expertBias' is not trained by the model \(a MoELayer of your own trains it\)/,
   ],
   [
+    "MoEModel with the experts' gradients in bf16 (its optimizer reads f32)",
+    () =>
+      new MoEModel(
+        { hidden: 8, ffn: 16, numExperts: 4, topK: 2, layers: 1, weightGradDtype: 'bf16' },
+        Device.parse('cpu'),
+        'f32',
+        singleRankGroup,
+        1,
+      ),
+    InvalidArgumentError,
+    /MoEModel: 'weightGradDtype' must be 'f32' \(the model's optimizer and accumulation read f32 gradients\); received "bf16"/,
+  ],
+  [
     'manifest with world size 0',
     () =>
       loadCheckpoint(

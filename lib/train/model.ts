@@ -6,7 +6,7 @@
  */
 import { type Device } from '../device.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument } from '../errors.js';
+import { invalidArgument, shown } from '../errors.js';
 import { checkApart, checkGradBuffer, checkPositiveInt } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
@@ -68,6 +68,12 @@ export class MoEModel implements Disposable {
     // Its parameters, gradients and checkpoints are the SwiGLU layer's: biases would go untrained.
     for (const k of ['routerBias', 'expertBias'] as const)
       if (layerConfig[k]) invalidArgument('MoEModel', `'${k}' is not trained by the model (a MoELayer of your own trains it)`);
+    // Its AdamW and its micro-batch accumulation read f32 gradients.
+    if ((layerConfig.weightGradDtype ?? 'f32') !== 'f32')
+      invalidArgument(
+        'MoEModel',
+        `'weightGradDtype' must be 'f32' (the model's optimizer and accumulation read f32 gradients); received ${shown(layerConfig.weightGradDtype)}`,
+      );
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
     this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });
