@@ -103,6 +103,7 @@ const shape = SHAPES[shapeName];
 const {
   adamwStep,
   capacity,
+  CudaGraph,
   disposeSaved,
   groupedGemm,
   memoryStats,
@@ -115,6 +116,7 @@ const {
   routerEntropy,
   routerForward,
   setKernelOptions,
+  Stream,
   synchronize,
   Tensor,
   tidy,
@@ -214,13 +216,17 @@ function withVariant(fn) {
   const before = setKernelOptions(variant.update);
   const defaultLayer = layer;
   layer = variantLayer ?? layer;
+  inVariant = true;
   try {
     return fn();
   } finally {
+    inVariant = false;
     layer = defaultLayer;
     setKernelOptions(before);
   }
 }
+/** Inside withVariant: its switches and layer are in force (the step's CUDA graph is captured per side). */
+let inVariant = false;
 /** Relative error in norm allowed between ours and torch (bf16 products; see the notes). */
 const TOLERANCE = 2e-2;
 const label = `T=${T} H=${H} F=${F} E=${E} top-${k}`;
@@ -691,6 +697,65 @@ function timeStreak() {
   return ms / streak;
 }
 
+/**
+ * The step captured in a CUDA graph (lib/graph.ts; one rank, dropless: every shape fixed), one per
+ * layer timed (the default's, the variant's), made at first use after the eager steps above made
+ * the layer's per-T tensors: a training loop with no launch gaps and no host work per step. Its
+ * gradients live in the graph's pool and each replay rewrites them. Not on the CPU (no graphs).
+ */
+const graphStream = onGpu ? new Stream(dev) : null;
+const stepGraphs = new Map();
+function stepGraph() {
+  const side = inVariant ? 'variant' : 'default'; // captured under that side's switches and layer
+  let g = stepGraphs.get(side);
+  if (graphChecks.some((c) => c.side === side && c.error)) throw new Error('the capture failed before');
+  if (!g) {
+    const run = () =>
+      tidy(() => {
+        const f = layer.forward(x);
+        const grads = layer.backward(f, dy);
+        return { y: f.y, ...Object.fromEntries(Object.entries(grads).filter(([, t]) => t !== null)) };
+      });
+    g = CudaGraph.capture(graphStream, run, { retain: [x, dy] });
+    stepGraphs.set(side, g);
+    // Once: a replay gives the eager step's y and dx, bit for bit (the same kernels).
+    g.replay();
+    const f = layer.forward(x);
+    const grads = layer.backward(f, dy);
+    const same = ['y', 'dx'].every((k) => {
+      const a = (k === 'y' ? f.y : grads.dx).toArray();
+      const b = g.outputs[k].toArray();
+      return Buffer.from(a.buffer).equals(Buffer.from(b.buffer));
+    });
+    disposeGrads(grads);
+    disposeForward(f);
+    graphChecks.push({ side, nodes: g.nodeCount, poolBytes: g.poolBytes, sameBits: same });
+    if (!same) throw new Error('the CUDA graph of the step differs from the eager step (y or dx)');
+  }
+  return g;
+}
+const graphChecks = [];
+/** timeStreak with each step one replay of the step's CUDA graph (NaN on the CPU, or when the capture failed: graphChecks says why). */
+function timeGraphStreak() {
+  if (!onGpu) return NaN;
+  let g;
+  try {
+    g = stepGraph();
+  } catch (e) {
+    const side = inVariant ? 'variant' : 'default';
+    if (!graphChecks.some((c) => c.side === side && c.error)) graphChecks.push({ side, error: String(e?.message ?? e) });
+    log(`step graph (${side}): ${e?.message ?? e}`);
+    return NaN;
+  }
+  const ms = timeRegion(
+    () => {
+      for (let i = 0; i < streak; i++) g.replay();
+    },
+    { device: dev, warmup: 1, repeats: streakRepeats, before: sync },
+  );
+  return ms / streak;
+}
+
 // ------------------------------------------------------------------------------------- rounds
 /** One round of ours: the layer's passes, AdamW, the phases, the roofs' own measurements. */
 function oursRound() {
@@ -711,6 +776,7 @@ function oursRound() {
   const stepMs = timeLayer(layerStep);
   const stepHostAheadMs = timeStepHostAhead();
   const streakMs = timeStreak();
+  const graphStreakMs = timeGraphStreak();
   const adamwMs = timeLayer(() => {
     adamSteps++;
     for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step: adamSteps, weightDecay: 0.1, paramBf16: q.c });
@@ -730,6 +796,7 @@ function oursRound() {
     stepMs,
     stepHostAheadMs,
     streakMs,
+    graphStreakMs,
     adamwMs,
     phases,
     copyMs,
@@ -857,6 +924,12 @@ const comparisons = [
   compare('backward', 'backwardMs', 'backward_ms', 2 * flopsFwd),
   compare('forward + backward', 'stepMs', 'step_ms', 3 * flopsFwd),
   compare(`forward + backward, ${streak} back to back`, 'streakMs', 'streak_ms', 3 * flopsFwd),
+  compare(
+    `forward + backward, ${streak} back to back, ours replayed from a CUDA graph (torch eager)`,
+    'graphStreakMs',
+    'streak_ms',
+    3 * flopsFwd,
+  ),
   compare('AdamW (fp32 → bf16)', 'adamwMs', 'adamw_ms', 0),
 ];
 const stepMs = median(col(ours, 'stepMs'));
@@ -1053,7 +1126,7 @@ writeResult(
       phaseInner,
     },
     check: checkResult,
-    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check)`,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check); '… ours replayed from a CUDA graph (torch eager)' = the same streak with each of our steps one replay of the step captured once (CudaGraph; its y and dx checked once against an eager step's bits: 'graph'), beside torch's eager streak`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",
@@ -1077,6 +1150,7 @@ writeResult(
     host: { callsMs: num(callsMs, 4), wallStepMs: num(wallStepMs, 4), ofStep: num(callsMs / stepMs, 3) },
     timeline,
     memory,
+    graph: graphChecks,
     variant: variantReport,
     rounds: ours.map((o, i) => ({
       ours: { ...o, phases: Object.fromEntries(PHASES.map((p, j) => [p.name, num(o.phases[j], 4)])) },

@@ -15,6 +15,7 @@ import {
   GraphCaptureError,
   InvalidArgumentError,
   memoryStats,
+  type MoEGradBuffers,
   MoEInference,
   type MoEInferenceConfig,
   MoELayer,
@@ -26,7 +27,7 @@ import {
   tidy,
   withStream,
 } from '../../lib/index.js';
-import { freshSeed, relErr } from '../helpers.js';
+import { freshSeed, MOE_WEIGHT_GRADS, relErr } from '../helpers.js';
 import { hasGpu } from './gpu.js';
 
 const gpu = 'cuda:0' as const;
@@ -334,4 +335,83 @@ describe.skipIf(!hasGpu)("MoEInference's Llama 4 and gpt-oss modes on the GPU", 
         synchronize(gpu);
         expect(memoryStats(gpu).liveBytes).toBe(base);
       });
+});
+
+// A MoELayer training step (forward, then backward with the weight gradients written into buffers)
+// captured once after one eager step (which makes the layer's per-T tensors from the host), then
+// replayed with new x and dy written into the captured inputs: y, dx, the aux loss and every
+// gradient buffer the eager step's bits (the same kernels on the same values); a replay waits for
+// nothing on the host and allocates nothing. The shapes a capture needs are fixed: one rank,
+// dropless or padded to capacity.
+const stepCases: [string, Partial<MoELayerConfig>][] = [
+  ['dropless softmax, gated shared expert', { sharedFfn: 64, sharedGate: true }],
+  [
+    'capacity 1.25 padded, sigmoid in 4 groups keeping 2',
+    { capacityFactor: 1.25, padToCapacity: true, scoreFunction: 'sigmoid', groups: 4, topkGroups: 2 },
+  ],
+  ["dropless, recompute 'layer', the experts' gradients in bf16", { recompute: 'layer', weightGradDtype: 'bf16' }],
+  ["gpt-oss's biases and clamped SwiGLU", { routerBias: true, expertBias: true, activation: 'clamped-swiglu' }],
+];
+
+describe.skipIf(!hasGpu)('a MoELayer training step in a CudaGraph', () => {
+  for (const [name, extra] of stepCases) {
+    it(`${name}: captured once, replayed with new x and dy, equals the eager step bit for bit; a replay waits for nothing and allocates nothing`, () => {
+      const seed = freshSeed();
+      const base = memoryStats(gpu);
+      {
+        using layer = new MoELayer({ hidden: 256, ffn: 128, numExperts: 16, topK: 4, seed, device: gpu, dtype: 'bf16', ...extra });
+        using stream = new Stream(gpu);
+        using x = bf16Randn([1000, 256], seed + 1);
+        using dy = bf16Randn([1000, 256], seed + 2);
+        const experts = new Set<string>(['w13', 'w2', 'sharedW13', 'sharedW2']);
+        const present = MOE_WEIGHT_GRADS.filter((k) => layer.master[k]);
+        const buffers = (): MoEGradBuffers =>
+          Object.fromEntries(
+            present.map((k) => [
+              k,
+              Tensor.full((layer.master[k] as Tensor).shape, Number.NaN, {
+                device: gpu,
+                dtype: experts.has(k) ? layer.config.weightGradDtype : 'f32',
+              }),
+            ]),
+          ) as unknown as MoEGradBuffers;
+        const graphGrads = buffers();
+        const eagerGrads = buffers();
+        const step = (into: MoEGradBuffers) =>
+          tidy(() => {
+            const f = layer.forward(x);
+            const g = layer.backward(f, dy, { out: into });
+            return { y: f.y, aux: f.auxLoss, dx: g.dx };
+          });
+        for (const t of Object.values(step(eagerGrads))) t.dispose(); // the per-T caches, eagerly
+        const graph = CudaGraph.capture(stream, () => step(graphGrads), { retain: [x, dy, ...(Object.values(graphGrads) as Tensor[])] });
+        expect(graph.nodeCount).toBeGreaterThan(10);
+        for (let round = 0; round < 3; round++) {
+          if (round > 0)
+            tidy(() => {
+              x.copy_(bf16Randn([1000, 256], seed + 10 * round + 3));
+              dy.copy_(bf16Randn([1000, 256], seed + 10 * round + 4));
+            });
+          synchronize(gpu);
+          const waits0 = cuda.hostWaitCounts();
+          const m0 = memoryStats(gpu);
+          graph.replay();
+          expect(cuda.hostWaitCounts(), 'host waits during a replayed step').toEqual(waits0);
+          expect(memoryStats(gpu).allocations - m0.allocations, 'allocations during a replayed step').toBe(0);
+          const eager = step(eagerGrads);
+          for (const k of ['y', 'aux', 'dx'] as const)
+            expect(bits(graph.outputs[k]).equals(bits(eager[k])), `seed ${seed}, round ${round}: ${k}`).toBe(true);
+          for (const k of present)
+            expect(bits(graphGrads[k] as Tensor).equals(bits(eagerGrads[k] as Tensor)), `seed ${seed}, round ${round}: ${k}`).toBe(true);
+          for (const t of Object.values(eager)) t.dispose();
+        }
+        for (const t of Object.values(graph.outputs)) t.dispose();
+        graph.dispose();
+        for (const t of [...Object.values(graphGrads), ...Object.values(eagerGrads)] as Tensor[]) t.dispose();
+      }
+      synchronize(gpu);
+      expect(memoryStats(gpu).liveBytes).toBe(base.liveBytes);
+      expect(memoryStats(gpu).graphPoolBytes).toBe(base.graphPoolBytes);
+    });
+  }
 });
