@@ -698,62 +698,67 @@ function timeStreak() {
 }
 
 /**
- * The step captured in a CUDA graph (lib/graph.ts; one rank, dropless: every shape fixed), one per
- * layer timed (the default's, the variant's), made at first use after the eager steps above made
- * the layer's per-T tensors: a training loop with no launch gaps and no host work per step. Its
- * gradients live in the graph's pool and each replay rewrites them. Not on the CPU (no graphs).
+ * The step captured in a CUDA graph (lib/graph.ts; one rank, dropless: every shape fixed), made
+ * after the eager steps above made the layer's per-T tensors: a training loop with no launch gaps
+ * and no host work per step. Its gradients live in the graph's pool (a step's peak, 8 GB on the main
+ * shape) and each replay rewrites them, so it is captured anew for each timing and released after
+ * it: two sides' pools beside the torch peer did not fit an H100's 80 GB
+ * (results/moe-layer-oom-with-peer-197934c-h100.log). Not on the CPU (no graphs).
  */
 const graphStream = onGpu ? new Stream(dev) : null;
-const stepGraphs = new Map();
-function stepGraph() {
-  const side = inVariant ? 'variant' : 'default'; // captured under that side's switches and layer
-  let g = stepGraphs.get(side);
-  if (graphChecks.some((c) => c.side === side && c.error)) throw new Error('the capture failed before');
-  if (!g) {
-    const run = () =>
-      tidy(() => {
-        const f = layer.forward(x);
-        const grads = layer.backward(f, dy);
-        return { y: f.y, ...Object.fromEntries(Object.entries(grads).filter(([, t]) => t !== null)) };
-      });
-    g = CudaGraph.capture(graphStream, run, { retain: [x, dy] });
-    stepGraphs.set(side, g);
-    // Once: a replay gives the eager step's y and dx, bit for bit (the same kernels).
-    g.replay();
-    const f = layer.forward(x);
-    const grads = layer.backward(f, dy);
-    const same = ['y', 'dx'].every((k) => {
-      const a = (k === 'y' ? f.y : grads.dx).toArray();
-      const b = g.outputs[k].toArray();
-      return Buffer.from(a.buffer).equals(Buffer.from(b.buffer));
-    });
-    disposeGrads(grads);
-    disposeForward(f);
-    graphChecks.push({ side, nodes: g.nodeCount, poolBytes: g.poolBytes, sameBits: same });
-    if (!same) throw new Error('the CUDA graph of the step differs from the eager step (y or dx)');
-  }
-  return g;
-}
 const graphChecks = [];
+function captureStep() {
+  const run = () =>
+    tidy(() => {
+      const f = layer.forward(x);
+      const grads = layer.backward(f, dy);
+      return { y: f.y, ...Object.fromEntries(Object.entries(grads).filter(([, t]) => t !== null)) };
+    });
+  return CudaGraph.capture(graphStream, run, { retain: [x, dy] });
+}
+function releaseStep(g) {
+  for (const t of Object.values(g.outputs)) t.dispose();
+  g.dispose();
+}
+/** Once a side (the default, the variant: its switches and layer): a replay gives the eager step's y and dx bit for bit. */
+function checkStepGraph(side, g) {
+  g.replay();
+  const f = layer.forward(x);
+  const grads = layer.backward(f, dy);
+  const same = ['y', 'dx'].every((k) => {
+    const a = (k === 'y' ? f.y : grads.dx).toArray();
+    const b = g.outputs[k].toArray();
+    return Buffer.from(a.buffer).equals(Buffer.from(b.buffer));
+  });
+  disposeGrads(grads);
+  disposeForward(f);
+  graphChecks.push({ side, nodes: g.nodeCount, poolBytes: g.poolBytes, sameBits: same });
+  if (!same) throw new Error('the CUDA graph of the step differs from the eager step (y or dx)');
+}
 /** timeStreak with each step one replay of the step's CUDA graph (NaN on the CPU, or when the capture failed: graphChecks says why). */
 function timeGraphStreak() {
   if (!onGpu) return NaN;
-  let g;
+  const side = inVariant ? 'variant' : 'default';
+  if (graphChecks.some((c) => c.side === side && c.error)) return NaN;
+  let g = null;
   try {
-    g = stepGraph();
+    g = captureStep();
+    if (!graphChecks.some((c) => c.side === side)) checkStepGraph(side, g);
+    const graph = g;
+    const ms = timeRegion(
+      () => {
+        for (let i = 0; i < streak; i++) graph.replay();
+      },
+      { device: dev, warmup: 1, repeats: streakRepeats, before: sync },
+    );
+    return ms / streak;
   } catch (e) {
-    const side = inVariant ? 'variant' : 'default';
-    if (!graphChecks.some((c) => c.side === side && c.error)) graphChecks.push({ side, error: String(e?.message ?? e) });
+    graphChecks.push({ side, error: String(e?.message ?? e) });
     log(`step graph (${side}): ${e?.message ?? e}`);
     return NaN;
+  } finally {
+    if (g) releaseStep(g);
   }
-  const ms = timeRegion(
-    () => {
-      for (let i = 0; i < streak; i++) g.replay();
-    },
-    { device: dev, warmup: 1, repeats: streakRepeats, before: sync },
-  );
-  return ms / streak;
 }
 
 // ------------------------------------------------------------------------------------- rounds
