@@ -105,6 +105,7 @@ const {
   capacity,
   CudaGraph,
   disposeSaved,
+  emptyCache,
   groupedGemm,
   memoryStats,
   MoELayer,
@@ -698,12 +699,14 @@ function timeStreak() {
 }
 
 /**
- * The step captured in a CUDA graph (lib/graph.ts; one rank, dropless: every shape fixed), made
- * after the eager steps above made the layer's per-T tensors: a training loop with no launch gaps
- * and no host work per step. Its gradients live in the graph's pool (a step's peak, 8 GB on the main
- * shape) and each replay rewrites them, so it is captured anew for each timing and released after
- * it: two sides' pools beside the torch peer did not fit an H100's 80 GB
- * (results/moe-layer-oom-with-peer-197934c-h100.log). Not on the CPU (no graphs).
+ * The default layer's step captured in a CUDA graph (lib/graph.ts; one rank, dropless: every shape
+ * fixed), made after the eager steps above made the layer's per-T tensors: a training loop with no
+ * launch gaps and no host work per step. Its gradients live in the graph's pool (a step's peak,
+ * 8 GB on the main shape) and each replay rewrites them, so it is captured anew for each timing and
+ * its memory handed back to the driver after it (a released pool's blocks stay tied to the capture
+ * stream, which nothing else allocates on: the cache would only grow). Two pools kept beside the
+ * torch peer did not fit an H100's 80 GB (results/moe-layer-oom-with-peer-197934c-h100.log). The
+ * variant is not graphed. Not on the CPU (no graphs).
  */
 const graphStream = onGpu ? new Stream(dev) : null;
 const graphChecks = [];
@@ -719,26 +722,35 @@ function captureStep() {
 function releaseStep(g) {
   for (const t of Object.values(g.outputs)) t.dispose();
   g.dispose();
+  synchronize(dev); // the pool's replays done, its blocks cached: hand them back
+  emptyCache(dev);
 }
 /** Once a side (the default, the variant: its switches and layer): a replay gives the eager step's y and dx bit for bit. */
 function checkStepGraph(side, g) {
   g.replay();
   const f = layer.forward(x);
-  const grads = layer.backward(f, dy);
-  const same = ['y', 'dx'].every((k) => {
-    const a = (k === 'y' ? f.y : grads.dx).toArray();
-    const b = g.outputs[k].toArray();
-    return Buffer.from(a.buffer).equals(Buffer.from(b.buffer));
-  });
-  disposeGrads(grads);
-  disposeForward(f);
-  graphChecks.push({ side, nodes: g.nodeCount, poolBytes: g.poolBytes, sameBits: same });
+  let same;
+  try {
+    const grads = layer.backward(f, dy);
+    try {
+      same = ['y', 'dx'].every((k) => {
+        const a = (k === 'y' ? f.y : grads.dx).toArray();
+        const b = g.outputs[k].toArray();
+        return Buffer.from(a.buffer).equals(Buffer.from(b.buffer));
+      });
+    } finally {
+      disposeGrads(grads);
+    }
+  } finally {
+    disposeForward(f);
+  }
+  graphChecks.push({ side, nodes: g.nodeCount, poolBytes: g.poolBytes, reservedBytes: memoryStats(dev).reservedBytes, sameBits: same });
   if (!same) throw new Error('the CUDA graph of the step differs from the eager step (y or dx)');
 }
 /** timeStreak with each step one replay of the step's CUDA graph (NaN on the CPU, or when the capture failed: graphChecks says why). */
 function timeGraphStreak() {
-  if (!onGpu) return NaN;
-  const side = inVariant ? 'variant' : 'default';
+  if (!onGpu || inVariant) return NaN;
+  const side = 'default';
   if (graphChecks.some((c) => c.side === side && c.error)) return NaN;
   let g = null;
   try {
@@ -1131,7 +1143,7 @@ writeResult(
       phaseInner,
     },
     check: checkResult,
-    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check); '… ours replayed from a CUDA graph (torch eager)' = the same streak with each of our steps one replay of the step captured once (CudaGraph; its y and dx checked once against an eager step's bits: 'graph'), beside torch's eager streak`,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check); '… ours replayed from a CUDA graph (torch eager)' = the same streak with each of our steps one replay of the default layer's step, captured in each round before its timing and released after (CudaGraph; its y and dx checked once against an eager step's bits: 'graph'), beside torch's eager streak`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",
@@ -1196,6 +1208,8 @@ const bufs = [
   B.dA,
   B.dW13,
   B.dW2,
+  B.dW13bf16,
+  B.dW2bf16,
   B.dLogits,
   B.dLogitsC,
   B.dxRouter,

@@ -73,12 +73,19 @@ export function checkContiguous(t: Tensor, op: string, arg: string): Tensor {
  * caller asked for bf16 weight gradients): where a weight's gradient is written or added
  * (backward's `out`).
  */
-export function checkGradBuffer(op: string, arg: string, t: unknown, like: Tensor, dtype: 'f32' | 'bf16' = 'f32'): Tensor {
+export function checkGradBuffer(
+  op: string,
+  arg: string,
+  t: unknown,
+  like: Tensor,
+  dtype: 'f32' | 'bf16' = 'f32',
+  dtypeFrom?: string,
+): Tensor {
   const buf = checkTensor(t, op, arg);
   if (buf.dtype !== dtype || buf.shape.join() !== like.shape.join() || !buf.device.equals(like.device) || !buf.isContiguous)
     invalidArgument(
       op,
-      `'${arg}' must be a contiguous ${dtype} [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
+      `'${arg}' must be a contiguous ${dtype}${dtypeFrom ? ` (${dtypeFrom})` : ''} [${like.shape.join(',')}] on ${like.device.toString()}; received ${buf.isContiguous ? '' : 'a strided '}${buf.dtype} [${buf.shape.join(',')}] on ${buf.device.toString()}`,
     );
   return buf;
 }

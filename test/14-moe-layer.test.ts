@@ -410,6 +410,7 @@ describe('MoELayer on one rank', () => {
 
   it.each([
     ['an f32 layer with a shared expert', base],
+    ["recompute 'layer' (the experts' products run again in backward)", { ...base, recompute: 'layer' }],
     ['a bf16 layer with a gated shared expert', { ...base, sharedGate: true, dtype: 'bf16' }],
     [
       "gpt-oss's biases and clamped SwiGLU",
@@ -489,7 +490,7 @@ describe('MoELayer on one rank', () => {
       /MoELayer\.backward: 'accumulate' adds into f32 gradients only; this layer's 'weightGradDtype' is 'bf16'/,
     );
     expect(() => layer.backward(fwd, dy, { out: { ...good, w2: f32W2 } })).toThrow(
-      /'out\.w2' must be a contiguous bf16 \[4,4,8\] on cpu; received f32/,
+      /'out\.w2' must be a contiguous bf16 \(the layer's weightGradDtype\) \[4,4,8\] on cpu; received f32/,
     );
     expect(() => layer.backward(fwd, dy, { out: { ...good, router: bf16Router } })).toThrow(
       /'out\.router' must be a contiguous f32 \[8,4\]/,

@@ -138,7 +138,8 @@ export interface MoELayerConfig extends RouterConfig, ExpertBlockOptions {
    * The dtype of the experts' weight gradients (w13, w2 and the shared expert's): 'f32' (default)
    * or 'bf16', what torch's autograd gives bf16 weights and Megatron-Core's default (its
    * grad_reduce_in_fp32 off): half the gradient memory and bytes written, faster dW products, each
-   * gradient the f32 one rounded once. backward's `out` buffers for them then are bf16, and
+   * gradient within one bf16 rounding of the f32 one (the GPU's bf16 dW kernels may sum in another
+   * order). backward's `out` buffers for them then are bf16, and
    * `accumulate` is refused (the products add into f32 only). The router's, the gate's and the
    * biases' gradients stay f32 (small, and the router's logits are f32).
    */
@@ -972,7 +973,14 @@ export class MoELayer implements Disposable {
       }
       if (buf === undefined || buf === null) invalidArgument(op, `'out.${key}' is missing: give a buffer for every weight gradient`);
       const experts = key === 'w13' || key === 'w2' || key === 'sharedW13' || key === 'sharedW2';
-      named[`out.${key}`] = checkGradBuffer(op, `out.${key}`, buf, master, experts ? this.config.weightGradDtype : 'f32');
+      named[`out.${key}`] = checkGradBuffer(
+        op,
+        `out.${key}`,
+        buf,
+        master,
+        experts ? this.config.weightGradDtype : 'f32',
+        experts && this.config.weightGradDtype !== 'f32' ? "the layer's weightGradDtype" : undefined,
+      );
     }
     const own: Record<string, Tensor | null> = { bias: this.bias };
     for (const k of keys) {
