@@ -978,6 +978,8 @@ const variantReport = variant && {
   switches: variant.update,
   layerOptions: variant.layerOptions,
   check: variantCheck,
+  // What the dW phases wrote on each side (bf16 with layer.weightGradDtype=bf16).
+  dWDtype: { default: dWOut(B.dW13, B.dW13bf16).dtype, variant: withVariant(() => dWOut(B.dW13, B.dW13bf16).dtype) },
   metrics: VARIANT_METRICS.map(([what, key]) => ({
     what,
     ms: num(median(col(oursVariant, key)), 4),

@@ -44,6 +44,7 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
     expect(existsSync(file)).toBe(true);
     const d = JSON.parse(readFileSync(file, 'utf8')) as Result;
     expect(d.variant.switches).toEqual({ groupedGemm: { trimTails: false }, router: { pdl: false } });
+    expect((d.variant as unknown as { dWDtype: object }).dWDtype).toEqual({ default: 'f32', variant: 'f32' });
     // The default's switches are back in force when the file is written.
     expect(d.kernelOptions.groupedGemm.trimTails).toBe(true);
     // The same layer, the same kernels on the CPU: the outputs are the default's exactly.
@@ -95,6 +96,10 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
       variant: { layerOptions: Record<string, string> };
     };
     expect(d.variant.layerOptions).toEqual({ weightGradDtype: 'bf16' });
+    expect((d.variant as unknown as { dWDtype: object }).dWDtype, 'the dW phases wrote bf16 on the variant side').toEqual({
+      default: 'f32',
+      variant: 'bf16',
+    });
     expect(d.variant.check.result).toMatch(/^passed/);
     const { y, dx, router, ...experts } = d.variant.check.relErr;
     expect([y, dx, router]).toEqual([0, 0, 0]);
