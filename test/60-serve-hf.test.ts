@@ -1045,62 +1045,66 @@ describe('expert parallelism: each rank reads only its own experts', () => {
     }
   });
 
-  // DBRX's experts stacked by rows ([E·F, H]): a rank reads its experts' F rows of each alone.
-  for (const P of [2, 4]) {
-    it(`${P} ranks of dbrx (experts stacked by rows): the rank's slice, bit for bit; only its experts' rows read; other rows poisoned change nothing`, () => {
-      const dir = fresh();
-      const cfg = testConfigs.dbrx;
-      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 70 + P });
-      const { H, F, E } = moeSizes(cfg);
-      const El = E / P;
-      const layer = 1;
-      const full = tidy(() => {
-        using ckpt = HfMoECheckpoint.open(dir);
-        using w = ckpt.readLayer(layer, { device: 'cpu' });
-        return { w13: Array.from(w.w13.toArray() as Uint16Array), w2: Array.from(w.w2.toArray() as Uint16Array) };
-      });
-      const sizeOf = (name: string): number =>
-        (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
-      const n = blockNames(cfg, layer);
-      const st = n.stacked as { gate: string; up: string; down: string };
-      for (let r = 0; r < P; r++) {
-        const copy = `${dir}-rank${r}`;
-        fs.cpSync(dir, copy, { recursive: true });
-        for (const l of built.layers.keys()) {
-          const ls = blockNames(cfg, l).stacked as { gate: string; up: string; down: string };
-          // Row f·… of expert ⌊row / F⌋.
-          const keep = (row: number): boolean => l === layer && Math.floor(row / F) >= r * El && Math.floor(row / F) < (r + 1) * El;
-          for (const name of [ls.gate, ls.up, ls.down]) poisonRows(copy, built.weightMap, name, keep);
-        }
-        using ckpt = HfMoECheckpoint.open(copy);
-        using w = ckpt.readLayer(layer, { rank: r, worldSize: P, device: 'cpu' });
-        expect(w.firstExpert).toBe(r * El);
-        const per13 = H * 2 * F,
-          per2 = F * H;
-        expect(Array.from(w.w13.toArray() as Uint16Array)).toEqual(full.w13.slice(r * El * per13, (r + 1) * El * per13));
-        expect(Array.from(w.w2.toArray() as Uint16Array)).toEqual(full.w2.slice(r * El * per2, (r + 1) * El * per2));
-        // The router whole, and El/E of each stacked tensor (one read per expert and tensor).
-        expect(ckpt.stats.tensorsRead).toBe(1 + 3 * El);
-        expect(ckpt.stats.tensorBytes).toBe(sizeOf(n.gate) + ((sizeOf(st.gate) + sizeOf(st.up) + sizeOf(st.down)) * El) / E);
-        fs.rmSync(copy, { recursive: true, force: true });
-      }
+  // Experts in [E, …] tensors (fused) or stacked by rows (DBRX's [E·F, H]): a rank reads its
+  // experts' rows of them alone. Per case: the tensors holding the experts, which expert a row of
+  // them belongs to, and the tensors read whole.
+  type Names = ReturnType<typeof blockNames>;
+  const rowsCases: {
+    family: keyof typeof testConfigs;
+    P: number;
+    how: string;
+    seed: number;
+    layer: (layers: number[]) => number;
+    expertTensors: (n: Names) => string[];
+    expertOfRow: (row: number, F: number) => number;
+    whole: (n: Names) => string[];
+  }[] = [];
+  for (const P of [2, 4])
+    rowsCases.push({
+      family: 'dbrx',
+      P,
+      how: 'experts stacked by rows',
+      seed: 70 + P,
+      layer: () => 1,
+      expertTensors: (n) => {
+        const st = n.stacked as { gate: string; up: string; down: string };
+        return [st.gate, st.up, st.down];
+      },
+      expertOfRow: (row, F) => Math.floor(row / F), // row f·… of expert ⌊row / F⌋
+      whole: (n) => [n.gate],
     });
-  }
-
-  // Fused experts ([E, …] tensors): a rank reads its experts' rows of them alone.
   for (const [family, P] of [
     ['granitemoehybrid', 2],
     ['granitemoehybrid', 4],
     ['qwen3_vl_moe', 2],
     ['qwen3_vl_moe', 4],
-  ] as const) {
-    it(`${P} ranks of ${family} (fused experts): the rank's slice, bit for bit; only its experts' rows read; other rows poisoned change nothing`, () => {
+  ] as const)
+    rowsCases.push({
+      family,
+      P,
+      how: 'fused experts',
+      seed: 60 + P,
+      layer: (layers) => layers.at(-1) as number,
+      expertTensors: (n) => {
+        const f = n.fused as { gateUp: string; down: string };
+        return [f.gateUp, f.down];
+      },
+      expertOfRow: (row) => row,
+      // The gate, and the shared MLP where there is one.
+      whole: (n) => {
+        const shared = n.shared as { gateUp: string; down: string } | null;
+        return shared ? [n.gate, shared.gateUp, shared.down] : [n.gate];
+      },
+    });
+  for (const c of rowsCases) {
+    it(`${c.P} ranks of ${c.family} (${c.how}): the rank's slice, bit for bit; only its experts' rows read; other rows poisoned change nothing`, () => {
+      const { family, P } = c;
       const dir = fresh();
       const cfg = testConfigs[family];
-      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: 60 + P });
+      const built = buildHfCheckpoint(dir, cfg, { dtype: 'bf16', shards: 2, seed: c.seed });
       const { H, F, E } = moeSizes(cfg);
       const El = E / P;
-      const layer = [...built.layers.keys()].at(-1) as number;
+      const layer = c.layer([...built.layers.keys()]);
       const full = tidy(() => {
         using ckpt = HfMoECheckpoint.open(dir);
         using w = ckpt.readLayer(layer, { device: 'cpu' });
@@ -1109,16 +1113,18 @@ describe('expert parallelism: each rank reads only its own experts', () => {
       const sizeOf = (name: string): number =>
         (built.entries.find((e: { name: string }) => e.name === name) as { bytes: Uint8Array }).bytes.byteLength;
       const n = blockNames(cfg, layer);
-      const fused = n.fused as { gateUp: string; down: string };
+      const experts = c.expertTensors(n);
+      const whole = c.whole(n);
       for (let r = 0; r < P; r++) {
         const copy = `${dir}-rank${r}`;
         fs.cpSync(dir, copy, { recursive: true });
         // Every other rank's rows, and every other layer's experts whole.
         for (const l of built.layers.keys()) {
-          const f = blockNames(cfg, l).fused as { gateUp: string; down: string };
-          const keep = (j: number): boolean => l === layer && j >= r * El && j < (r + 1) * El;
-          poisonRows(copy, built.weightMap, f.gateUp, keep);
-          poisonRows(copy, built.weightMap, f.down, keep);
+          const keep = (row: number): boolean => {
+            const j = c.expertOfRow(row, F);
+            return l === layer && j >= r * El && j < (r + 1) * El;
+          };
+          for (const name of c.expertTensors(blockNames(cfg, l))) poisonRows(copy, built.weightMap, name, keep);
         }
         using ckpt = HfMoECheckpoint.open(copy);
         using w = ckpt.readLayer(layer, { rank: r, worldSize: P, device: 'cpu' });
@@ -1127,13 +1133,10 @@ describe('expert parallelism: each rank reads only its own experts', () => {
           per2 = F * H;
         expect(Array.from(w.w13.toArray() as Uint16Array)).toEqual(full.w13.slice(r * El * per13, (r + 1) * El * per13));
         expect(Array.from(w.w2.toArray() as Uint16Array)).toEqual(full.w2.slice(r * El * per2, (r + 1) * El * per2));
-        // Bytes read: the gate, the shared MLP, and El/E of each fused tensor (one read per expert and tensor).
-        const replicated = [n.gate];
-        const shared = n.shared as { gateUp: string; down: string } | null;
-        if (shared) replicated.push(shared.gateUp, shared.down);
-        expect(ckpt.stats.tensorsRead).toBe(replicated.length + 2 * El);
+        // The whole tensors, and El/E of each expert tensor (one read per expert and tensor).
+        expect(ckpt.stats.tensorsRead).toBe(whole.length + experts.length * El);
         expect(ckpt.stats.tensorBytes).toBe(
-          replicated.reduce((s, m) => s + sizeOf(m), 0) + ((sizeOf(fused.gateUp) + sizeOf(fused.down)) * El) / E,
+          whole.reduce((sum, m) => sum + sizeOf(m), 0) + (experts.reduce((sum, m) => sum + sizeOf(m), 0) * El) / E,
         );
         fs.rmSync(copy, { recursive: true, force: true });
       }
