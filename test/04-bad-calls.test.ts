@@ -536,7 +536,7 @@ const cases: Case[] = [
         1,
       ),
     InvalidArgumentError,
-    /MoEModel: 'weightGradDtype' must be 'f32' \(the model's optimizer and accumulation read f32 gradients\); received "bf16"/,
+    /MoEModel: 'weightGradDtype' must be 'f32' \(the model accumulates its micro-batches' gradients in f32\); received "bf16"/,
   ],
   [
     'manifest with world size 0',

@@ -324,27 +324,48 @@ function adamwOracle(
 }
 
 describe('adamwStep', () => {
-  it('three steps against a float64 AdamW, with weight decay, gradScale and the bf16 copy', () => {
-    const n = 203; // not a multiple of 4
-    using param = randomInput([7, 29]);
-    using mom = Tensor.zeros([n], { device: cpu });
-    using mom2 = Tensor.zeros([n], { device: cpu });
-    using copy = poisoned([n], 'bf16', cpu);
-    const w = values(param);
-    const m = new Array<number>(n).fill(0);
-    const v = new Array<number>(n).fill(0);
-    const hp = { lr: 3e-3, beta1: 0.85, beta2: 0.99, eps: 1e-6, weightDecay: 0.1, gradScale: 0.5 };
-    for (let step = 1; step <= 3; step++) {
-      using grad = randomInput([n]);
-      const gv = values(grad);
-      adamwStep(param, grad, mom, mom2, { ...hp, step, paramBf16: copy });
-      adamwOracle(w, gv, m, v, { ...hp, step });
-      expect(relErr(values(param), w), `param at step ${step}`).toBeLessThan(1e-6);
-      expect(relErr(values(mom), m)).toBeLessThan(1e-6);
-      expect(relErr(values(mom2), v)).toBeLessThan(1e-6);
-      using expected = param.view(n).cast('bf16');
-      expect(Array.from(copy.toArray() as Uint16Array)).toEqual(Array.from(expected.toArray() as Uint16Array));
-    }
+  it.each(['f32', 'bf16'] as const)(
+    'three steps against a float64 AdamW, %s gradients, with weight decay, gradScale and the bf16 copy',
+    (gradDtype) => {
+      const n = 203; // not a multiple of 4
+      using param = randomInput([7, 29]);
+      using mom = Tensor.zeros([n], { device: cpu });
+      using mom2 = Tensor.zeros([n], { device: cpu });
+      using copy = poisoned([n], 'bf16', cpu);
+      const w = values(param);
+      const m = new Array<number>(n).fill(0);
+      const v = new Array<number>(n).fill(0);
+      const hp = { lr: 3e-3, beta1: 0.85, beta2: 0.99, eps: 1e-6, weightDecay: 0.1, gradScale: 0.5 };
+      for (let step = 1; step <= 3; step++) {
+        using grad = randomInput([n], gradDtype);
+        const gv = values(grad); // a bf16 gradient's values, widened exactly
+        adamwStep(param, grad, mom, mom2, { ...hp, step, paramBf16: copy });
+        adamwOracle(w, gv, m, v, { ...hp, step });
+        expect(relErr(values(param), w), `param at step ${step}`).toBeLessThan(1e-6);
+        expect(relErr(values(mom), m)).toBeLessThan(1e-6);
+        expect(relErr(values(mom2), v)).toBeLessThan(1e-6);
+        using expected = param.view(n).cast('bf16');
+        expect(Array.from(copy.toArray() as Uint16Array)).toEqual(Array.from(expected.toArray() as Uint16Array));
+      }
+    },
+  );
+
+  it('a bf16 gradient gives the same bits as its exact f32 widening', () => {
+    const n = 203;
+    using g16 = randomInput([n], 'bf16');
+    using g32 = g16.cast('f32');
+    const run = (grad: Tensor): number[][] => {
+      using p = fromValues(
+        Array.from({ length: n }, (_, i) => Math.sin(i)),
+        [n],
+      );
+      using m = Tensor.zeros([n], { device: cpu });
+      using v = Tensor.zeros([n], { device: cpu });
+      using copy = poisoned([n], 'bf16', cpu);
+      for (let step = 1; step <= 2; step++) adamwStep(p, grad, m, v, { lr: 1e-2, step, weightDecay: 0.1, gradScale: 0.5, paramBf16: copy });
+      return [p, m, v, copy].map((t) => Array.from(t.toArray() as Float32Array | Uint16Array));
+    };
+    expect(run(g16)).toEqual(run(g32));
   });
 
   it('the first step without decay moves each weight by about lr against the sign of its gradient', () => {
@@ -367,6 +388,8 @@ describe('adamwStep', () => {
     using g = Tensor.zeros([4], { device: cpu });
     using v = Tensor.zeros([4], { device: cpu });
     expect(() => adamwStep(p, g, short, v, { lr: 1e-3, step: 1 })).toThrow(/'expAvg'.*3 elements/);
+    using g16 = Tensor.zeros([4], { device: cpu, dtype: 'f16' });
+    expect(() => adamwStep(p, g16, g, v, { lr: 1e-3, step: 1 })).toThrow(/adamw: 'grad'.*f16/);
   });
 });
 

@@ -10,7 +10,7 @@
  *   rmsnormBackward    dy [T,H] (x's dtype), x, weight, rstd → dx [T,H] (x's dtype), dWeight [H] f32
  *   mseLoss            pred [T,N] f32|bf16, target [T,N] f32|bf16 → loss f32[1], grad [T,N] (pred's dtype)
  *   crossEntropyLoss   pred [T,N] f32|bf16, target [T] i32 → loss f32[1], grad [T,N], correct i32[1]
- *   adamwStep          param, grad, expAvg, expAvgSq f32 (same numel), paramBf16 bf16 (optional); in place
+ *   adamwStep          param, expAvg, expAvgSq f32, grad f32|bf16 (same numel), paramBf16 bf16 (optional); in place
  *   sumOfSquares       x f32|bf16 (any shape) → f32[1]
  *   balanceBiasUpdate  bias [E] f32 (in place), load [E] i32|f32
  */

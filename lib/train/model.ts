@@ -68,11 +68,11 @@ export class MoEModel implements Disposable {
     // Its parameters, gradients and checkpoints are the SwiGLU layer's: biases would go untrained.
     for (const k of ['routerBias', 'expertBias'] as const)
       if (layerConfig[k]) invalidArgument('MoEModel', `'${k}' is not trained by the model (a MoELayer of your own trains it)`);
-    // Its AdamW and its micro-batch accumulation read f32 gradients.
+    // Its micro-batches accumulate into f32 gradients, which it then reduces over the ranks.
     if ((layerConfig.weightGradDtype ?? 'f32') !== 'f32')
       invalidArgument(
         'MoEModel',
-        `'weightGradDtype' must be 'f32' (the model's optimizer and accumulation read f32 gradients); received ${shown(layerConfig.weightGradDtype)}`,
+        `'weightGradDtype' must be 'f32' (the model accumulates its micro-batches' gradients in f32); received ${shown(layerConfig.weightGradDtype)}`,
       );
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));

@@ -175,7 +175,13 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
     gp.dispose();
   });
 
-  it.each([[1], [203], [1_000_003]])('adamwStep on %i elements, three steps, with the bf16 copy', (n) => {
+  it.each([
+    [1, 'f32'],
+    [203, 'f32'],
+    [1_000_003, 'f32'],
+    [203, 'bf16'],
+    [1_000_003, 'bf16'],
+  ] as const)('adamwStep on %i elements, %s gradients, three steps, with the bf16 copy', (n, gradDtype) => {
     const [w, gw] = pair([n]);
     using m = Tensor.zeros([n], { device: cpu });
     using v = Tensor.zeros([n], { device: cpu });
@@ -185,7 +191,7 @@ describe.skipIf(!hasGpu)('CUDA training ops against the CPU reference', () => {
     using gcopy = poisoned([n], 'bf16', gpu);
     const hp = { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1, gradScale: 0.7 };
     for (let step = 1; step <= 3; step++) {
-      const [g, gg] = pair([n]);
+      const [g, gg] = pair([n], gradDtype);
       adamwStep(w, g, m, v, { ...hp, step, paramBf16: copy });
       adamwStep(gw, gg, gm, gv, { ...hp, step, paramBf16: gcopy });
       g.dispose();

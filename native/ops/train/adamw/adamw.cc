@@ -30,7 +30,7 @@ void adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, 
     MOE_ARG_CHECK(t.numel() == n, op, "'", arg, "' ", t.describe(), " has ", t.numel(), " elements but 'param' ", param.describe(), " has ",
                   n);
   };
-  require_tensor(grad, {DType::f32}, param, "param", op, "grad");
+  require_tensor(grad, {DType::f32, DType::bf16}, param, "param", op, "grad");
   same_numel(grad, "grad");
   require_tensor(exp_avg, {DType::f32}, param, "param", op, "expAvg");
   same_numel(exp_avg, "expAvg");

@@ -6,8 +6,10 @@
 //   v      = beta2 · v + (1 − beta2) · g²            (exp_avg_sq)
 //   param  = param − (lr / (1 − beta1^t)) · m / (sqrt(v) / sqrt(1 − beta2^t) + eps)
 //   param_bf16 = bf16(param)                          (optional compute copy, same kernel)
-// param, grad, exp_avg, exp_avg_sq: f32, contiguous, the same number of elements (shapes may differ
-// only in how they are viewed); param_bf16 bf16 with that numel, or undefined. Updated in place.
+// param, exp_avg, exp_avg_sq: f32; grad f32 or bf16 (the layer's weightGradDtype 'bf16' gradients,
+// read as they are rather than cast to an f32 copy first); all contiguous, the same number of
+// elements (shapes may differ only in how they are viewed); param_bf16 bf16 with that numel, or
+// undefined. Updated in place.
 // The bias corrections are computed once on the host in double.
 #pragma once
 #include "core/tensor.h"
