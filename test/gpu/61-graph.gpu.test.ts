@@ -130,9 +130,8 @@ describe.skipIf(!hasGpu)('CudaGraph on the GPU', () => {
       graph.dispose();
       y.dispose(); // the intermediate's block and the output's are both the released graph's
     }
-    synchronize(gpu);
+    synchronize(gpu); // (the released blocks count as cached once an allocation finds their events passed)
     const before = memoryStats(gpu);
-    expect(before.cachedBytes, 'the released graph blocks are cached').toBeGreaterThanOrEqual(2 * n * 4);
     // The current stream, not the capture stream: two blocks of that size, both from the cache.
     using a = Tensor.empty([n], { device: gpu });
     using b = Tensor.empty([n], { device: gpu });
