@@ -452,14 +452,22 @@ B.ub = unpermuteBackward(dy, B.out, B.r.weights, B.p.rowOf, B.p.rowToken, { dtyp
 B.dG = rowsShape(2 * F);
 groupedGemmEpilogue('NT', Epilogue.DSwiGLU, B.ub.dRows, W.w2, B.p.offsets, B.dG, B.g);
 B.dA = groupedGemm('NT', B.dG, W.w13, B.p.offsets);
-B.dW13 = groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { dtype: 'f32' });
-B.dW2 = groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'f32' });
+// Into the check's gradients, which AdamW reads below (the same products of the same inputs): 5.6 GB
+// fewer on the main shape beside the torch peer.
+B.dW13 = groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { dtype: 'f32', out: g0.w13 });
+B.dW2 = groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'f32', out: g0.w2 });
 // --variant layer.weightGradDtype=bf16: the dW phases write bf16 while the variant's layer is in place.
 const gradsBf16 = variant?.layerOptions?.weightGradDtype === 'bf16';
 B.dW13bf16 = gradsBf16 ? groupedGemm('TN', B.p.rows, B.dG, B.p.offsets, { dtype: 'bf16' }) : null;
 B.dW2bf16 = gradsBf16 ? groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype: 'bf16' }) : null;
 /** The dW phase's output: f32, or bf16 while a layer with weightGradDtype 'bf16' is the one timed. */
 const dWOut = (f32, bf16) => (layer.config.weightGradDtype === 'bf16' ? bf16 : f32);
+// ... and AdamW then reads the experts' gradients in bf16 (the router's stay f32), as a training
+// loop with that layer would.
+// The dW phases' bf16 outputs serve (the same shapes; no 2.8 GB more beside the torch peer).
+params[1].gBf16 = B.dW13bf16;
+params[2].gBf16 = B.dW2bf16;
+const adamwGrad = (q) => dWOut(q.g, q.gBf16 ?? q.g);
 B.dLogits = routerBackward(B.ub.dWeights, { scores: B.r.scores, indices: B.r.indices }, layer.router);
 B.dLogitsC = B.dLogits.cast('bf16');
 B.dxRouter = groupedGemm('NT', B.dLogitsC, W.router, all, { dtype: 'bf16' });
@@ -796,7 +804,7 @@ function oursRound() {
   const graphStreakMs = timeGraphStreak();
   const adamwMs = timeLayer(() => {
     adamSteps++;
-    for (const q of params) adamwStep(q.p, q.g, q.m, q.v, { lr: 1e-6, step: adamSteps, weightDecay: 0.1, paramBf16: q.c });
+    for (const q of params) adamwStep(q.p, adamwGrad(q), q.m, q.v, { lr: 1e-6, step: adamSteps, weightDecay: 0.1, paramBf16: q.c });
     return undefined;
   });
   const phases = PHASES.map((p) => timePhase(p.run));
@@ -973,6 +981,7 @@ const VARIANT_METRICS = [
   ['forward + backward', 'stepMs'],
   ['forward + backward, host ahead', 'stepHostAheadMs'],
   [`forward + backward, ${streak} back to back`, 'streakMs'],
+  ['AdamW', 'adamwMs'],
 ];
 const variantReport = variant && {
   switches: variant.update,
@@ -980,6 +989,8 @@ const variantReport = variant && {
   check: variantCheck,
   // What the dW phases wrote on each side (bf16 with layer.weightGradDtype=bf16).
   dWDtype: { default: dWOut(B.dW13, B.dW13bf16).dtype, variant: withVariant(() => dWOut(B.dW13, B.dW13bf16).dtype) },
+  // What AdamW read for w13 on each side.
+  adamwGradDtype: { default: adamwGrad(params[1]).dtype, variant: withVariant(() => adamwGrad(params[1]).dtype) },
   metrics: VARIANT_METRICS.map(([what, key]) => ({
     what,
     ms: num(median(col(oursVariant, key)), 4),
@@ -1145,7 +1156,7 @@ writeResult(
       phaseInner,
     },
     check: checkResult,
-    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check); '… ours replayed from a CUDA graph (torch eager)' = the same streak with each of our steps one replay of the default layer's step, captured in each round before its timing and released after (CudaGraph; its y and dx checked once against an eager step's bits: 'graph'), beside torch's eager streak`,
+    timing: `${rounds} round(s); each times ours (forward, backward, forward + backward, AdamW, the phases, the copy and square GEMM) and then the torch peer (both variants, AdamW, matmul), one Python process kept alive for the run. Per round: CUDA events, median of ${repeats} after ${warmup} warm-up, GPU idle before each region. 'ours ms', 'torch ms': the median of the round medians; ranges over rounds; 'torch/ours': per round, the faster torch variant's time over ours, its median and range. forward = MoELayer.forward; backward = MoELayer.backward after an untimed forward; forward + backward in one region; 'forward + backward, host ahead' = the same queued behind ${headStart.copies} copies of ${copyBytes / 2 ** 20} MiB (the host's time to issue a step, ${num(headStart.hostMs, 3)} ms measured before the rounds, over a copy's ${num(headStart.copyMs, 3)} ms, plus one), so that the host has issued the step before the GPU starts it (a training loop whose host outruns its GPU; no torch counterpart); 'forward + backward, ${streak} back to back' = ${streak} steps queued in one region, its time over ${streak} (median of ${streakRepeats} after one warm-up streak; each step's gradients released as it is queued; torch the same, its grads set to None after each backward): a training loop's steady state, the GEMMs at their sustained clock; AdamW = three fused adamwStep calls (router, w13, w2) refreshing the bf16 copies (lr 1e-6: the weights move by at most lr per step after the check; a variant with layer.weightGradDtype=bf16 reads the experts' gradients in bf16: 'adamwGradDtype'); '… ours replayed from a CUDA graph (torch eager)' = the same streak with each of our steps one replay of the default layer's step, captured in each round before its timing and released after (CudaGraph; its y and dx checked once against an eager step's bits: 'graph'), beside torch's eager streak`,
     breakdown: `the layer's ops called one by one in its order on the step's tensors (outputs preallocated: the same kernels without allocation), each phase timed on its own: ${phaseInner} back-to-back calls per region queued behind a ${copyBytes / 2 ** 20} MiB device copy (the GPU stays busy while the host queues them, so a phase is GPU time without the host's per-call cost), median of ${phaseRepeats} regions per round, then the median over rounds. SwiGLU and dSwiGLU are fused into the up GEMM's and the down dA GEMM's epilogues (no separate phase). Roof per phase = max(FLOPs / tensor roof, bytes / copy bandwidth); '% roof' = roof / measured; bound = the larger term. Bytes: each tensor the phase reads or writes counted once (bf16 2, f32 and i32 4 bytes). Small inputs (logits, indices) stay in L2 between the back-to-back calls, as they do between the phases of a real step. sum of phases vs the measured pass: the gap is host and launch overhead (the GPU idle between kernels)`,
     timeline:
       "one forward + backward traced (lib/trace.ts marks of the layer and its dispatcher), the GPU idle at its start, the second of two: per mark the host's and the GPU's time from the first mark and the GPU's lag behind the host (near 0: the GPU had run out of work there)",

@@ -45,6 +45,7 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
     const d = JSON.parse(readFileSync(file, 'utf8')) as Result;
     expect(d.variant.switches).toEqual({ groupedGemm: { trimTails: false }, router: { pdl: false } });
     expect((d.variant as unknown as { dWDtype: object }).dWDtype).toEqual({ default: 'f32', variant: 'f32' });
+    expect((d.variant as unknown as { adamwGradDtype: object }).adamwGradDtype).toEqual({ default: 'f32', variant: 'f32' });
     // The default's switches are back in force when the file is written.
     expect(d.kernelOptions.groupedGemm.trimTails).toBe(true);
     // The same layer, the same kernels on the CPU: the outputs are the default's exactly.
@@ -58,6 +59,7 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
       'forward + backward',
       'forward + backward, host ahead',
       'forward + backward, 2 back to back',
+      'AdamW',
     ]);
     expect(d.variant.phases.map((p) => p.phase)).toEqual(d.phases.map((p) => p.phase));
     for (const m of [...d.variant.metrics, ...d.variant.phases]) {
@@ -97,6 +99,10 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
     };
     expect(d.variant.layerOptions).toEqual({ weightGradDtype: 'bf16' });
     expect((d.variant as unknown as { dWDtype: object }).dWDtype, 'the dW phases wrote bf16 on the variant side').toEqual({
+      default: 'f32',
+      variant: 'bf16',
+    });
+    expect((d.variant as unknown as { adamwGradDtype: object }).adamwGradDtype, 'AdamW read bf16 gradients on the variant side').toEqual({
       default: 'f32',
       variant: 'bf16',
     });
