@@ -56,6 +56,7 @@ import {
   resolveConfig,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
+import { releaseForward } from '../lib/train/model.js';
 
 const cpu = 'cpu' as const;
 const f = (shape: number[], dtype: 'f32' | 'bf16' | 'i32' | 'u8' | 'fp8e4m3' = 'f32'): Tensor =>
@@ -526,17 +527,26 @@ const cases: Case[] = [
     /MoEModel: 'expertBias' is not trained by the model \(a MoELayer of your own trains it\)/,
   ],
   [
-    "MoEModel with the experts' gradients in bf16 (its optimizer reads f32)",
-    () =>
-      new MoEModel(
+    "MoEModel.backward accumulating the experts' gradients in bf16",
+    () => {
+      using model = new MoEModel(
         { hidden: 8, ffn: 16, numExperts: 4, topK: 2, layers: 1, weightGradDtype: 'bf16' },
         Device.parse('cpu'),
         'f32',
         singleRankGroup,
         1,
-      ),
+      );
+      using x = Tensor.randn([4, 8], { seed: 1 });
+      using y = Tensor.randn([4, 8], { seed: 2 });
+      const fwd = model.forward(x, y);
+      try {
+        return model.backward(fwd, { accumulate: new Map() });
+      } finally {
+        releaseForward(fwd);
+      }
+    },
     InvalidArgumentError,
-    /MoEModel: 'weightGradDtype' must be 'f32' \(the model accumulates its micro-batches' gradients in f32\); received "bf16"/,
+    /MoEModel\.backward: 'accumulate' adds into f32 gradients only; the model's weightGradDtype is 'bf16'/,
   ],
   [
     'manifest with world size 0',

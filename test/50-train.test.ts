@@ -253,6 +253,57 @@ describe('moe-ep train (CLI)', () => {
     );
   });
 
+  it("train.weightGradDtype 'bf16': every layer gets it, the experts' gradients come in bf16 and the run follows f32's closely; micro-batches refused", () => {
+    const run = (weightGradDtype: 'f32' | 'bf16') => {
+      const cfg = resolveConfig({
+        model: { hidden: 16, ffn: 8, experts: 4, topK: 2, sharedFfn: 4, layers: 2 },
+        data: { tokensPerStep: 64 },
+        train: { device: 'cpu', steps: 20, progress: false, weightGradDtype },
+      });
+      using t = new Trainer(cfg);
+      for (const layer of t.model.layers) expect(layer.config.weightGradDtype).toBe(weightGradDtype);
+      const losses = t.run().map((s) => s.loss);
+      return { losses, w13: Array.from(t.model.layers[1]?.master.w13.toFloat32Array() ?? []) };
+    };
+    expect(defaultConfig.train.weightGradDtype).toBe('f32');
+    const f32 = run('f32');
+    const bf16 = run('bf16');
+    // Each expert gradient is the f32 one rounded once (2^-9 relative): the runs part only by that.
+    expect(bf16.w13, 'the weights moved apart').not.toEqual(f32.w13);
+    const drift = Math.hypot(...bf16.w13.map((v, i) => v - (f32.w13[i] as number))) / Math.hypot(...f32.w13);
+    expect(drift).toBeLessThan(1e-3); // 4e-5 when written
+    bf16.losses.forEach((l, i) =>
+      expect(Math.abs(l - (f32.losses[i] as number)), `step ${i}`).toBeLessThan(1e-3 * (f32.losses[i] as number)),
+    );
+    expect(bf16.losses.at(-1) as number).toBeLessThan(0.7 * (bf16.losses[0] as number));
+    // The model's backward returns them in bf16 (the router's and the norms' stay f32).
+    {
+      using t = new Trainer(
+        resolveConfig({
+          model: { hidden: 16, ffn: 8, experts: 4, topK: 2, layers: 1 },
+          train: { device: 'cpu', progress: false, weightGradDtype: 'bf16' },
+        }),
+      );
+      using x = Tensor.randn([8, 16], { seed: 3 });
+      using y = Tensor.randn([8, 16], { seed: 4 });
+      const grads = t.model.backward(t.model.forward(x, y));
+      try {
+        expect(grads.get('layers.0.experts.w13')?.dtype).toBe('bf16');
+        expect(grads.get('layers.0.experts.w2')?.dtype).toBe('bf16');
+        expect(grads.get('layers.0.router.weight')?.dtype).toBe('f32');
+        expect(grads.get('head.weight')?.dtype).toBe('f32');
+      } finally {
+        for (const g of grads.values()) g.dispose();
+      }
+    }
+    expect(() => resolveConfig({ train: { weightGradDtype: 'bf16', microBatches: 2 } })).toThrow(
+      /config\.train\.weightGradDtype 'bf16': needs config\.train\.microBatches 1 \(micro-batches accumulate into f32 gradients; received 2\)/,
+    );
+    expect(() => resolveConfig({ train: { weightGradDtype: 'f16' } } as unknown as Partial2)).toThrow(
+      /config\.train\.weightGradDtype: must be one of "f32", "bf16"/,
+    );
+  });
+
   it("train.microBatches: the clip compares the mean gradient's norm; aux losses, entropy and expert-choice counts combine over the passes", () => {
     const run = (microBatches: number, extra: Partial2 = {}) => {
       const cfg = resolveConfig({

@@ -8,6 +8,7 @@ import { Ajv, type ErrorObject } from 'ajv';
 import { F32_MAX, F32_MIN_NORMAL } from '../dtype.js';
 import { closestName, InvalidArgumentError } from '../errors.js';
 import { FP8_BLOCK } from '../moe/fp8.js';
+import { WEIGHT_GRAD_DTYPES, type WeightGradDType } from '../moe/experts.js';
 import { type Recompute, RECOMPUTE_MODES } from '../moe/layer.js';
 import { CLUSTER_NOISE_MAX } from './data.js';
 
@@ -69,6 +70,8 @@ export interface TrainConfig {
     microBatches: number;
     /** What each MoE layer's backward computes again instead of keeping from the forward (MoELayer's recompute). */
     recompute: Recompute;
+    /** The experts' weight gradients (MoELayer's weightGradDtype): 'bf16' needs microBatches 1. */
+    weightGradDtype: WeightGradDType;
     device: 'auto' | 'cpu' | 'cuda';
     out: string | null;
     logEvery: number;
@@ -114,6 +117,7 @@ export const defaultConfig: TrainConfig = {
     steps: 1000,
     microBatches: 1,
     recompute: 'none',
+    weightGradDtype: 'f32',
     device: 'auto',
     out: null,
     logEvery: 1,
@@ -260,6 +264,11 @@ export const trainConfigSchema = {
         description:
           "what each MoE layer's backward computes again instead of keeping: experts (their forward GEMMs: the SwiGLU halves and output rows not kept) or layer (the dispatch too: the routed rows not kept); the same gradients, bit for bit",
       },
+      weightGradDtype: {
+        enum: WEIGHT_GRAD_DTYPES,
+        description:
+          "the experts' weight gradients (routed and shared): f32, or bf16 (half their memory, faster dW products and AdamW reads, each within one bf16 rounding of f32; needs microBatches 1)",
+      },
       device: { enum: ['auto', 'cpu', 'cuda'], description: 'auto: the GPU when one is usable, else the CPU' },
       out: { anyOf: [{ type: 'null' }, { type: 'string', minLength: 1 }], description: 'run folder (default runs/<timestamp>)' },
       logEvery: { ...int(1), description: 'write every N-th step to metrics.jsonl (and the report)' },
@@ -381,6 +390,11 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       c.model.fp8Dispatch === false || c.model.hidden % FP8_BLOCK === 0,
       `config.model.fp8Dispatch: needs config.model.hidden to be a multiple of ${FP8_BLOCK} (received ${c.model.hidden})`,
     ],
+    // The dW products add into f32 only, so micro-batches cannot accumulate bf16 gradients.
+    [
+      c.train.weightGradDtype === 'f32' || c.train.microBatches === 1,
+      `config.train.weightGradDtype 'bf16': needs config.train.microBatches 1 (micro-batches accumulate into f32 gradients; received ${c.train.microBatches})`,
+    ],
     [c.optimizer.minLr <= c.optimizer.lr, `config.optimizer.minLr: ${c.optimizer.minLr} is above config.optimizer.lr (${c.optimizer.lr})`],
     [
       c.optimizer.eps >= F32_MIN_NORMAL,
@@ -416,7 +430,10 @@ export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; act
   // The activations a backward keeps are one forward's: a micro-batch of each rank's share.
   const T = Math.ceil(c.data.tokensPerStep / ranks / c.train.microBatches);
   const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H + (m.sharedGate ? H : 0);
-  const params = (m.layers * perLayer + H * H) * 20;
+  // Each parameter: an f32 master, its bf16 copy, two f32 moments and an f32 gradient (20 bytes);
+  // the experts' gradients in bf16 take 2 of those 4.
+  const experts = El * 3 * H * F + 3 * H * S;
+  const params = (m.layers * perLayer + H * H) * 20 - (c.train.weightGradDtype === 'bf16' ? m.layers * experts * 2 : 0);
   // Per layer: x, norms and residuals [T,H]; logits, scores, aux gradients [T,E]; the routed rows,
   // the experts' inputs/outputs [T·k,H] and their SwiGLU halves [T·k,3F]; the shared expert [T,3S].
   // With train.recompute the layers keep less, and the one in backward holds it all again.

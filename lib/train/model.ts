@@ -6,7 +6,7 @@
  */
 import { type Device } from '../device.js';
 import { type DType } from '../dtype.js';
-import { invalidArgument, shown } from '../errors.js';
+import { invalidArgument } from '../errors.js';
 import { checkApart, checkGradBuffer, checkPositiveInt } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
@@ -68,12 +68,6 @@ export class MoEModel implements Disposable {
     // Its parameters, gradients and checkpoints are the SwiGLU layer's: biases would go untrained.
     for (const k of ['routerBias', 'expertBias'] as const)
       if (layerConfig[k]) invalidArgument('MoEModel', `'${k}' is not trained by the model (a MoELayer of your own trains it)`);
-    // Its micro-batches accumulate into f32 gradients, which it then reduces over the ranks.
-    if ((layerConfig.weightGradDtype ?? 'f32') !== 'f32')
-      invalidArgument(
-        'MoEModel',
-        `'weightGradDtype' must be 'f32' (the model accumulates its micro-batches' gradients in f32); received ${shown(layerConfig.weightGradDtype)}`,
-      );
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
     this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });
@@ -181,11 +175,18 @@ export class MoEModel implements Disposable {
   }
 
   /**
-   * Gradients by parameter name (fp32). Releases the forward's saved tensors. With `accumulate`
-   * (a map from every parameter name to an f32 buffer of its shape, as `backward` returns) the
-   * gradients are added into those buffers by the kernels themselves, and the map comes back.
+   * Gradients by parameter name (fp32; the experts' weights' in the layers' weightGradDtype).
+   * Releases the forward's saved tensors. With `accumulate` (a map from every parameter name to an
+   * f32 buffer of its shape, as `backward` returns; f32 weight gradients only) the gradients are
+   * added into those buffers by the kernels themselves, and the map comes back.
    */
   backward(fwd: ModelForward, options: { accumulate?: ReadonlyMap<string, Tensor> } = {}): Map<string, Tensor> {
+    const gradDtype = this.layers[0]?.config.weightGradDtype ?? 'f32';
+    if (options.accumulate !== undefined && gradDtype !== 'f32')
+      invalidArgument(
+        'MoEModel.backward',
+        `'accumulate' adds into f32 gradients only; the model's weightGradDtype is '${gradDtype}' (build it with 'f32' to accumulate over micro-batches)`,
+      );
     const into = options.accumulate === undefined ? undefined : this.checkGradBuffers(options.accumulate);
     const buffer = (name: string): Tensor => into?.get(name) as Tensor;
     const grads = new Map<string, Tensor>();

@@ -211,6 +211,7 @@ export class Trainer implements Disposable {
         transport: m.transport,
         fp8Dispatch: m.fp8Dispatch,
         recompute: config.train.recompute,
+        weightGradDtype: config.train.weightGradDtype,
         ...(m.capacityFactor === null ? {} : { capacityFactor: m.capacityFactor }),
         auxLossCoef: config.balance.auxLossCoef,
         seqAuxLossCoef: config.balance.seqAuxLossCoef,

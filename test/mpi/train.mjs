@@ -1,7 +1,8 @@
 // Under mpirun: training at EP = world size follows the EP=1 trajectory on the same global batches,
 // and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory;
 // expert-choice routing trains at EP = world size with every expert at exactly C tokens per rank;
-// two micro-batches a step at EP = world size follow the EP=1 trajectory too.
+// two micro-batches a step at EP = world size follow the EP=1 trajectory too, and so do the experts'
+// gradients in bf16.
 // Rank 0 trains the one-rank references in the same process and compares step by step.
 //   --device cpu (default): f32, 25 steps, losses within 2e-3 of EP=1.
 //   --device cuda: bf16 on the ranks' GPU (several ranks may share one, through MPI staging), the
@@ -113,6 +114,20 @@ if (world.rank === 0) {
   if (world.rank === 0) close(mbLosses, reference(), `EP=${world.size} with 2 micro-batches against EP=1`);
   const again = run('layer');
   check(JSON.stringify(again) === JSON.stringify(mbLosses), `recompute 'layer' at EP=${world.size}: ${again} vs ${mbLosses}`);
+}
+// The experts' gradients in bf16 (train.weightGradDtype), reduced in bf16 over the EDP groups (the
+// routed experts) and the world (the shared expert): on the EP=1 f32 trajectory.
+{
+  const bf16Cfg = resolveConfig({
+    ...cfg,
+    model: { ...cfg.model, epSize: world.size / 2 },
+    train: { ...cfg.train, weightGradDtype: 'bf16' },
+  });
+  const t = new Trainer(withTransport(bf16Cfg), { world });
+  const bf16Losses = [];
+  for (let i = 0; i < cfg.train.steps; i++) bf16Losses.push(t.trainStep().loss);
+  t.dispose();
+  if (world.rank === 0) close(bf16Losses, reference(), `EP=${world.size / 2} x EDP=2 with bf16 expert gradients against EP=1 (f32)`);
 }
 // Expert choice at EP = world size: each rank's experts choose among that rank's share of the
 // batch (C = ceil((T/P)·k/E) per expert and rank), so the metrics all-reduced over the ranks show
