@@ -933,12 +933,16 @@ const fmtRange = ([lo, hi], d = 3) => (Number.isFinite(lo) ? `${num(lo, d)}–${
 const col = (arr, key) => arr.map((r) => (typeof r?.[key] === 'number' ? r[key] : NaN));
 const flopsFwd = 2 * T * k * H * 3 * F + 2 * T * H * E; // experts (W1, W3, W2) + router
 const tf = (flops, ms) => (ms > 0 ? num(flops / (ms * 1e-3) / 1e12, 1) : null);
+/** torch's time per round for `torchKey`, its plain and fused variants, and the faster of the two. */
+function torchPerRound(torchKey) {
+  const t = col(torch, torchKey);
+  const tf_ = torchKey === 'adamw_ms' ? t.map(() => NaN) : col(torch, `fused_${torchKey}`);
+  return { t, tf_, best: t.map((v, i) => Math.min(...[v, tf_[i]].filter(Number.isFinite))) };
+}
 /** A row of the comparison: ours and torch per round, the ratio per round against the faster torch variant. */
 function compare(what, oursKey, torchKey, flops) {
   const o = col(ours, oursKey);
-  const t = col(torch, torchKey);
-  const tf_ = torchKey === 'adamw_ms' ? t.map(() => NaN) : col(torch, `fused_${torchKey}`);
-  const best = t.map((v, i) => Math.min(...[v, tf_[i]].filter(Number.isFinite)));
+  const { t, tf_, best } = torchPerRound(torchKey);
   const perRound = best.map((v, i) => v / o[i]); // NaN where the peer gave nothing that round
   const ratios = perRound.filter(Number.isFinite);
   return {
@@ -993,14 +997,24 @@ function variantRatios(pick) {
   const perRound = ours.map((o, i) => pick(oursVariant[i]) / pick(o));
   return { perRound: perRound.map((v) => num(v, 4)), median: num(median(perRound), 4), range: range(perRound).map((v) => num(v, 4)) };
 }
+// [what, ours' key, torch's key (null: no torch counterpart)]
 const VARIANT_METRICS = [
-  ['forward', 'forwardMs'],
-  ['backward', 'backwardMs'],
-  ['forward + backward', 'stepMs'],
-  ['forward + backward, host ahead', 'stepHostAheadMs'],
-  [`forward + backward, ${streak} back to back`, 'streakMs'],
-  ['AdamW', 'adamwMs'],
+  ['forward', 'forwardMs', 'forward_ms'],
+  ['backward', 'backwardMs', 'backward_ms'],
+  ['forward + backward', 'stepMs', 'step_ms'],
+  ['forward + backward, host ahead', 'stepHostAheadMs', null],
+  [`forward + backward, ${streak} back to back`, 'streakMs', 'streak_ms'],
+  ['AdamW', 'adamwMs', 'adamw_ms'],
 ];
+/** Per round, the faster torch variant's time over the variant's (the same rounds): null without a peer. */
+function torchOverVariant(oursKey, torchKey) {
+  if (!torchKey) return null;
+  const { best } = torchPerRound(torchKey);
+  const perRound = best.map((v, i) => v / oursVariant[i]?.[oursKey]);
+  const ratios = perRound.filter(Number.isFinite);
+  if (!ratios.length) return null;
+  return { perRound: perRound.map((v) => num(v, 3)), median: num(median(ratios), 3), range: range(ratios).map((v) => num(v, 3)) };
+}
 const variantReport = variant && {
   switches: variant.update,
   layerOptions: variant.layerOptions,
@@ -1009,11 +1023,13 @@ const variantReport = variant && {
   dWDtype: { default: dWOut(B.dW13, B.dW13bf16).dtype, variant: withVariant(() => dWOut(B.dW13, B.dW13bf16).dtype) },
   // What AdamW read for w13 on each side.
   adamwGradDtype: { default: adamwGrad(params[1]).dtype, variant: withVariant(() => adamwGrad(params[1]).dtype) },
-  metrics: VARIANT_METRICS.map(([what, key]) => ({
+  metrics: VARIANT_METRICS.map(([what, key, torchKey]) => ({
     what,
     ms: num(median(col(oursVariant, key)), 4),
     perRound: col(oursVariant, key).map((v) => num(v, 4)),
     variantOverDefault: variantRatios((r) => r[key]),
+    // The variant against torch in the same rounds (e.g. bf16 weight gradients, as torch's layer writes them).
+    torchOverVariant: torchOverVariant(key, torchKey),
   })),
   phases: PHASES.map((p, i) => ({
     phase: p.name,
@@ -1027,6 +1043,8 @@ if (variantReport) {
       what: `variant: ${m.what}`,
       'ours ms': m.ms,
       range: fmtRange(range(m.perRound)),
+      'torch/ours': m.torchOverVariant?.median ?? null,
+      'ratio range': m.torchOverVariant ? fmtRange(m.torchOverVariant.range, 3) : null,
       'variant/default': m.variantOverDefault.median,
       'v/d range': fmtRange(m.variantOverDefault.range),
     });

@@ -61,6 +61,8 @@ describe('moe-layer.bench.mjs --variant (dry run)', () => {
       'forward + backward, 2 back to back',
       'AdamW',
     ]);
+    // No torch peer here: no variant-against-torch ratios.
+    for (const m of d.variant.metrics) expect((m as { torchOverVariant?: unknown }).torchOverVariant, m.what).toBeNull();
     expect(d.variant.phases.map((p) => p.phase)).toEqual(d.phases.map((p) => p.phase));
     for (const m of [...d.variant.metrics, ...d.variant.phases]) {
       const { perRound, median, range } = m.variantOverDefault;
