@@ -514,19 +514,6 @@ const cases: Case[] = [
     /MoEModel: 'layers' must be a positive integer; received -1/,
   ],
   [
-    "MoEModel with gpt-oss's biases (the model does not train them)",
-    () =>
-      new MoEModel(
-        { hidden: 8, ffn: 16, numExperts: 4, topK: 2, layers: 1, expertBias: true, activation: 'clamped-swiglu' },
-        Device.parse('cpu'),
-        'f32',
-        singleRankGroup,
-        1,
-      ),
-    InvalidArgumentError,
-    /MoEModel: 'expertBias' is not trained by the model \(a MoELayer of your own trains it\)/,
-  ],
-  [
     "MoEModel.backward accumulating the experts' gradients in bf16",
     () => {
       using model = new MoEModel(

@@ -8,10 +8,22 @@ import { join, resolve } from 'node:path';
 
 import { describe, expect, it } from 'vitest';
 
-import { CheckpointError, cuda, defaultConfig, loadCheckpoint, loadMoELayer, memoryStats, MoELayer, Tensor } from '../lib/index.js';
+import {
+  CheckpointError,
+  cuda,
+  defaultConfig,
+  Device,
+  loadCheckpoint,
+  loadMoELayer,
+  memoryStats,
+  MoELayer,
+  singleRankGroup,
+  Tensor,
+} from '../lib/index.js';
 import { packageRoot } from '../lib/native.js';
 import { overridesFromArgs, resolveConfig } from '../lib/train/config.js';
-import { releaseForward } from '../lib/train/model.js';
+import { MoEModel, releaseForward } from '../lib/train/model.js';
+import { createOptimState, disposeOptimState, optimizerStep } from '../lib/train/optimizer.js';
 import { Trainer } from '../lib/train/trainer.js';
 
 type Partial2 = Parameters<typeof resolveConfig>[0];
@@ -304,6 +316,42 @@ describe('moe-ep train (CLI)', () => {
     );
   });
 
+  it("gpt-oss's biases are parameters: no weight decay on them, and a bf16 model's f32 router-bias copy follows its master", () => {
+    using model = new MoEModel(
+      { hidden: 16, ffn: 8, numExperts: 4, topK: 2, layers: 1, activation: 'clamped-swiglu', routerBias: true, expertBias: true },
+      Device.cpu,
+      'bf16',
+      singleRankGroup,
+      1,
+    );
+    const params = model.params();
+    const byName = new Map(params.map((p) => [p.name, p]));
+    const layer = model.layers[0] as MoELayer;
+    expect(byName.get('layers.0.router.bias')?.master).toBe(layer.master.routerBias);
+    expect(byName.get('layers.0.router.bias')?.computeF32).toBe(layer.compute.routerBias);
+    expect(byName.get('layers.0.experts.b13')?.computeBf16).toBe(layer.compute.w13Bias);
+    expect(byName.get('layers.0.experts.b2')?.kind).toBe('expert');
+    const state = createOptimState(params, Device.cpu);
+    try {
+      // Gradients of ones, and the biases' masters set to 1: one step with weight decay 0.5.
+      for (const name of ['layers.0.router.bias', 'layers.0.experts.b13', 'layers.0.experts.b2']) byName.get(name)?.master.fill_(1);
+      const grads = new Map(params.map((p) => [p.name, Tensor.full(p.master.shape, 1)]));
+      const before = Array.from(layer.master.router.toFloat32Array());
+      optimizerStep(state, grads, { ...defaultConfig.optimizer, weightDecay: 0.5 }, { lr: 0.1, step: 1, gradScale: 1 });
+      for (const g of grads.values()) g.dispose();
+      // Adam's first step moves every weight by lr (g = 1); decay takes lr·wd·w more from decayed ones only.
+      const bias = Array.from((layer.master.routerBias as Tensor).toFloat32Array());
+      for (const v of bias) expect(v).toBeCloseTo(0.9, 6);
+      for (const v of Array.from((layer.master.w2Bias as Tensor).toFloat32Array())) expect(v).toBeCloseTo(0.9, 6);
+      Array.from(layer.master.router.toFloat32Array()).forEach((v, i) => expect(v).toBeCloseTo((before[i] as number) * 0.95 - 0.1, 5));
+      expect(Array.from((layer.compute.routerBias as Tensor).toFloat32Array()), "the logits' f32 copy").toEqual(bias);
+    } finally {
+      disposeOptimState(state);
+    }
+    expect(() => resolveConfig({ model: { routerBias: 1 } } as unknown as Partial2)).toThrow(/config\.model\.routerBias/);
+    expect(defaultConfig.model.routerBias || defaultConfig.model.expertBias).toBe(false);
+  });
+
   it("train.microBatches: the clip compares the mean gradient's norm; aux losses, entropy and expert-choice counts combine over the passes", () => {
     const run = (microBatches: number, extra: Partial2 = {}) => {
       const cfg = resolveConfig({
@@ -563,6 +611,11 @@ describe('checkpoints in training', () => {
     [' (a gated shared expert: its gate and moments saved and read)', true, {}],
     [" (Llama 4's router weight on the experts' input, top-1)", false, { topK: 1, routeWeightsOn: 'input', scoreFunction: 'sigmoid' }],
     [" (gpt-oss's clamped SwiGLU, limit 1.5)", false, { activation: 'clamped-swiglu', swigluLimit: 1.5 }],
+    [
+      " (gpt-oss's router and expert biases, trained: saved with their moments and read)",
+      false,
+      { activation: 'clamped-swiglu', swigluLimit: 7, routerBias: true, expertBias: true },
+    ],
   ] as const)('a run resumed from a checkpoint follows the uninterrupted run exactly%s', async (_n, sharedGate, extra) => {
     const { mkdtempSync: mk, rmSync: rm } = await import('node:fs');
     const dir = mk(join(tmpdir(), 'moe-resume-'));
@@ -591,6 +644,22 @@ describe('checkpoints in training', () => {
             expect.arrayContaining(['layers.0.shared.gate', 'optim.layers.0.shared.gate.exp_avg', 'optim.layers.0.shared.gate.exp_avg_sq']),
           );
         }
+        if ('routerBias' in extra) {
+          // Both biases start at zero and are trained: they moved, and their moments are saved per expert.
+          for (const t of [b.model.layers[0]?.master.routerBias, b.model.layers[0]?.master.w13Bias, b.model.layers[1]?.master.w2Bias])
+            expect(Array.from((t as Tensor).toFloat32Array()).some((v) => v !== 0)).toBe(true);
+          using r = loadCheckpoint(dir);
+          expect(Object.keys(r.manifest.tensors)).toEqual(
+            expect.arrayContaining([
+              'layers.0.router.bias',
+              'optim.layers.0.router.bias.exp_avg_sq',
+              'layers.1.experts.3.b1',
+              'optim.layers.1.experts.3.b1.exp_avg',
+              'optim.layers.1.experts.3.b3.exp_avg_sq',
+              'optim.layers.0.experts.0.b2.exp_avg',
+            ]),
+          );
+        }
       }
       using c = new Trainer(cfg);
       expect(c.resume(dir)).toBe(12);
@@ -604,7 +673,7 @@ describe('checkpoints in training', () => {
           train: { device: 'cpu', steps: 30, progress: false },
         });
         using d = new Trainer(other);
-        expect(() => d.resume(dir)).toThrow(/saved by a run with model\.(topK|routeWeightsOn|activation)/);
+        expect(() => d.resume(dir)).toThrow(/saved by a run with model\.(topK|routeWeightsOn|activation|routerBias)/);
       }
     } finally {
       rm(dir, { recursive: true, force: true });

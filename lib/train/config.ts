@@ -36,6 +36,10 @@ export interface TrainConfig {
     sharedFfn: number;
     /** Scale the shared expert's output per token by sigmoid(x·g), g learned (Qwen2-MoE); needs sharedFfn. */
     sharedGate: boolean;
+    /** gpt-oss's learned bias on the router's logits (MoELayer's routerBias), trained. */
+    routerBias: boolean;
+    /** gpt-oss's biases on the experts' two projections (MoELayer's expertBias), trained. */
+    expertBias: boolean;
     /** Where the router weight applies: the expert's output, or (Llama 4, top-1 token choice) its input. */
     routeWeightsOn: 'output' | 'input';
     /** The experts' activation: SwiGLU, or gpt-oss's clamped SwiGLU with its limit (the biases are not trained here). */
@@ -101,6 +105,8 @@ export const defaultConfig: TrainConfig = {
     dropPolicy: 'probs',
     sharedFfn: 0,
     sharedGate: false,
+    routerBias: false,
+    expertBias: false,
     routeWeightsOn: 'output',
     activation: 'swiglu',
     swigluLimit: 7,
@@ -186,6 +192,11 @@ export const trainConfigSchema = {
       sharedGate: {
         type: 'boolean',
         description: "scale the shared expert's output per token by sigmoid(x·g), g learned (Qwen2-MoE; needs sharedFfn)",
+      },
+      routerBias: { type: 'boolean', description: "a learned bias on the router's logits, before the top-k (gpt-oss)" },
+      expertBias: {
+        type: 'boolean',
+        description: "learned biases on each expert's two projections, [2F] and [H] (gpt-oss), trained without weight decay",
       },
       routeWeightsOn: {
         enum: ['output', 'input'],
@@ -429,7 +440,8 @@ export function estimateMemory(c: TrainConfig, ranks = 1): { params: number; act
   const El = Math.ceil(E / ep);
   // The activations a backward keeps are one forward's: a micro-batch of each rank's share.
   const T = Math.ceil(c.data.tokensPerStep / ranks / c.train.microBatches);
-  const perLayer = H * E + E + El * 3 * H * F + 3 * H * S + H + (m.sharedGate ? H : 0);
+  const perLayer =
+    H * E + E + El * 3 * H * F + 3 * H * S + H + (m.sharedGate ? H : 0) + (m.routerBias ? E : 0) + (m.expertBias ? El * (2 * F + H) : 0);
   // Each parameter: an f32 master, its bf16 copy, two f32 moments and an f32 gradient (20 bytes);
   // the experts' gradients in bf16 take 2 of those 4.
   const experts = El * 3 * H * F + 3 * H * S;

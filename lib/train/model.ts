@@ -26,7 +26,11 @@ export interface Param {
   master: Tensor;
   /** The compute copy refreshed after each step (bf16 training), or null when refreshed by copy. */
   computeBf16: Tensor | null;
+  /** An f32 compute copy a bf16 model keeps beside the master (the router bias: the logits are f32), copied after each step. */
+  computeF32?: Tensor;
   kind: 'replicated' | 'expert';
+  /** AdamW's decoupled weight decay applies (not to norm weights and biases). */
+  decay: boolean;
 }
 
 interface BlockSaved {
@@ -65,9 +69,6 @@ export class MoEModel implements Disposable {
     this.dtype = dtype;
     const { layers, loss: _loss, ...layerConfig } = config;
     checkPositiveInt(layers, 'MoEModel', 'layers');
-    // Its parameters, gradients and checkpoints are the SwiGLU layer's: biases would go untrained.
-    for (const k of ['routerBias', 'expertBias'] as const)
-      if (layerConfig[k]) invalidArgument('MoEModel', `'${k}' is not trained by the model (a MoELayer of your own trains it)`);
     this.layers = Array.from({ length: layers }, (_, i) => new MoELayer({ ...layerConfig, group, device, dtype, seed: seed * 101 + i }));
     this.norms = Array.from({ length: layers }, () => Tensor.full([config.hidden], 1, { device }));
     this.head = Tensor.randn([config.hidden, config.hidden], { std: 1 / Math.sqrt(config.hidden), seed: seed * 101 + 99, device });
@@ -95,27 +96,42 @@ export class MoEModel implements Disposable {
       return v;
     };
     this.layers.forEach((l, i) => {
-      out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated' });
+      out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated', decay: false });
       out.push({
         name: `layers.${i}.router.weight`,
         master: l.master.router,
         computeBf16: bf16 ? view(`layers.${i}.router.weight`, l.compute.router, H, l.config.numExperts) : null,
         kind: 'replicated',
+        decay: true,
       });
-      out.push({ name: `layers.${i}.experts.w13`, master: l.master.w13, computeBf16: bf16 ? l.compute.w13 : null, kind: 'expert' });
-      out.push({ name: `layers.${i}.experts.w2`, master: l.master.w2, computeBf16: bf16 ? l.compute.w2 : null, kind: 'expert' });
+      out.push({
+        name: `layers.${i}.experts.w13`,
+        master: l.master.w13,
+        computeBf16: bf16 ? l.compute.w13 : null,
+        kind: 'expert',
+        decay: true,
+      });
+      out.push({
+        name: `layers.${i}.experts.w2`,
+        master: l.master.w2,
+        computeBf16: bf16 ? l.compute.w2 : null,
+        kind: 'expert',
+        decay: true,
+      });
       if (l.master.sharedW13 && l.master.sharedW2) {
         out.push({
           name: `layers.${i}.shared.w13`,
           master: l.master.sharedW13,
           computeBf16: bf16 ? l.compute.sharedW13 : null,
           kind: 'replicated',
+          decay: true,
         });
         out.push({
           name: `layers.${i}.shared.w2`,
           master: l.master.sharedW2,
           computeBf16: bf16 ? l.compute.sharedW2 : null,
           kind: 'replicated',
+          decay: true,
         });
       }
       if (l.master.sharedGate && l.compute.sharedGate)
@@ -124,13 +140,41 @@ export class MoEModel implements Disposable {
           master: l.master.sharedGate,
           computeBf16: bf16 ? view(`layers.${i}.shared.gate`, l.compute.sharedGate, H) : null,
           kind: 'replicated',
+          decay: true,
         });
+      // gpt-oss's biases (routerBias, expertBias).
+      if (l.master.routerBias && l.compute.routerBias)
+        out.push({
+          name: `layers.${i}.router.bias`,
+          master: l.master.routerBias,
+          computeBf16: null,
+          ...(bf16 ? { computeF32: l.compute.routerBias } : {}),
+          kind: 'replicated',
+          decay: false,
+        });
+      if (l.master.w13Bias && l.master.w2Bias) {
+        out.push({
+          name: `layers.${i}.experts.b13`,
+          master: l.master.w13Bias,
+          computeBf16: bf16 ? l.compute.w13Bias : null,
+          kind: 'expert',
+          decay: false,
+        });
+        out.push({
+          name: `layers.${i}.experts.b2`,
+          master: l.master.w2Bias,
+          computeBf16: bf16 ? l.compute.w2Bias : null,
+          kind: 'expert',
+          decay: false,
+        });
+      }
     });
     out.push({
       name: 'head.weight',
       master: this.head,
       computeBf16: bf16 ? view('head.weight', this.headCompute, H, H) : null,
       kind: 'replicated',
+      decay: true,
     });
     return out;
   }
@@ -212,9 +256,14 @@ export class MoEModel implements Disposable {
             sharedW13: `layers.${i}.shared.w13`,
             sharedW2: `layers.${i}.shared.w2`,
             sharedGate: `layers.${i}.shared.gate`,
+            routerBias: `layers.${i}.router.bias`,
+            w13Bias: `layers.${i}.experts.b13`,
+            w2Bias: `layers.${i}.experts.b2`,
           };
           const shared = layer.master.sharedW13 !== null;
           const gated = layer.master.sharedGate !== null;
+          const routerBiased = layer.master.routerBias !== null;
+          const expertBiased = layer.master.w13Bias !== null;
           const g = layer.backward(
             b.moe,
             dh,
@@ -226,6 +275,8 @@ export class MoEModel implements Disposable {
                     w2: buffer(names.w2),
                     ...(shared ? { sharedW13: buffer(names.sharedW13), sharedW2: buffer(names.sharedW2) } : {}),
                     ...(gated ? { sharedGate: buffer(names.sharedGate) } : {}),
+                    ...(routerBiased ? { routerBias: buffer(names.routerBias) } : {}),
+                    ...(expertBiased ? { w13Bias: buffer(names.w13Bias), w2Bias: buffer(names.w2Bias) } : {}),
                   },
                   accumulate: true,
                 }
@@ -248,6 +299,11 @@ export class MoEModel implements Disposable {
             grads.set(names.sharedW2, into ? g.sharedW2 : keep(g.sharedW2));
           }
           if (g.sharedGate) grads.set(names.sharedGate, into ? g.sharedGate : keep(g.sharedGate));
+          if (g.routerBias) grads.set(names.routerBias, into ? g.routerBias : keep(g.routerBias));
+          if (g.w13Bias && g.w2Bias) {
+            grads.set(names.w13Bias, into ? g.w13Bias : keep(g.w13Bias));
+            grads.set(names.w2Bias, into ? g.w2Bias : keep(g.w2Bias));
+          }
         }
       });
     } catch (e) {

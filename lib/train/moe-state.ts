@@ -26,6 +26,8 @@ import { keep, Tensor, tidy } from '../tensor.js';
 import type { CheckpointReader } from './checkpoint.js';
 
 export type ExpertWeight = 'w1' | 'w3' | 'w2';
+/** gpt-oss's expert biases, per expert: the first projection's halves and the second's. */
+export type ExpertBias = 'b1' | 'b3' | 'b2';
 export type MomentName = 'exp_avg' | 'exp_avg_sq';
 
 export const ckptNames = {
@@ -35,7 +37,7 @@ export const ckptNames = {
   shared: (layer: number, w: ExpertWeight): string => `layers.${layer}.shared.${w}`,
   sharedGate: (layer: number): string => `layers.${layer}.shared.gate`,
   routerBias: (layer: number): string => `layers.${layer}.router.bias`,
-  expertBias: (layer: number, e: number, b: 'b1' | 'b3' | 'b2'): string => `layers.${layer}.experts.${e}.${b}`,
+  expertBias: (layer: number, e: number, b: ExpertBias): string => `layers.${layer}.experts.${e}.${b}`,
   norm: (layer: number): string => `layers.${layer}.norm.weight`,
   head: 'head.weight',
   optim: (param: string, moment: MomentName): string => `optim.${param}.${moment}`,
@@ -164,16 +166,31 @@ export interface MoELayerMoments {
   sharedW13?: { expAvg: Tensor; expAvgSq: Tensor };
   sharedW2?: { expAvg: Tensor; expAvgSq: Tensor };
   sharedGate?: { expAvg: Tensor; expAvgSq: Tensor };
+  /** gpt-oss's biases: the router's [E] and the experts' [El,2F], [El,H]. */
+  routerBias?: { expAvg: Tensor; expAvgSq: Tensor };
+  w13Bias?: { expAvg: Tensor; expAvgSq: Tensor };
+  w2Bias?: { expAvg: Tensor; expAvgSq: Tensor };
 }
 
-const MOMENT_KEYS: OptionKeys<MoELayerMoments> = { router: true, w13: true, w2: true, sharedW13: true, sharedW2: true, sharedGate: true };
+const MOMENT_KEYS: OptionKeys<MoELayerMoments> = {
+  router: true,
+  w13: true,
+  w2: true,
+  sharedW13: true,
+  sharedW2: true,
+  sharedGate: true,
+  routerBias: true,
+  w13Bias: true,
+  w2Bias: true,
+};
 
-/** The moments, checked: w13's and w2's come together (one without the other would be skipped silently), as do the shared expert's. */
+/** The moments, checked: w13's and w2's come together (one without the other would be skipped silently), as do the shared expert's and the experts' biases'. */
 function checkMoments(moments: MoELayerMoments | undefined, op: string): MoELayerMoments {
   const m = checkOptions(moments, op, MOMENT_KEYS);
   for (const [a, b] of [
     ['w13', 'w2'],
     ['sharedW13', 'sharedW2'],
+    ['w13Bias', 'w2Bias'],
   ] as const)
     if ((m[a] === undefined) !== (m[b] === undefined))
       invalidArgument(
@@ -223,6 +240,14 @@ export function moeLayerState(
         replicated,
         splitExperts(moments.sharedW13[key], moments.sharedW2[key], 0, (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m)),
       );
+    if (moments.routerBias) replicated[ckptNames.optim(ckptNames.routerBias(index), m)] = moments.routerBias[key];
+    if (moments.w13Bias && moments.w2Bias)
+      add(
+        sharded,
+        splitExpertBiases(moments.w13Bias[key], moments.w2Bias[key], first, (e, b) =>
+          ckptNames.optim(ckptNames.expertBias(index, e, b), m),
+        ),
+      );
   }
   if (layer.master.sharedW13 && layer.master.sharedW2)
     add(
@@ -231,36 +256,45 @@ export function moeLayerState(
     );
   if (layer.master.sharedGate) replicated[ckptNames.sharedGate(index)] = layer.master.sharedGate;
   if (layer.master.routerBias) replicated[ckptNames.routerBias(index)] = layer.master.routerBias;
-  if (layer.master.w13Bias && layer.master.w2Bias) add(sharded, splitExpertBiases(layer.master.w13Bias, layer.master.w2Bias, first, index));
+  if (layer.master.w13Bias && layer.master.w2Bias)
+    add(
+      sharded,
+      splitExpertBiases(layer.master.w13Bias, layer.master.w2Bias, first, (e, b) => ckptNames.expertBias(index, e, b)),
+    );
   return { replicated, sharded, owned };
 }
 
 /**
- * The experts' biases w13Bias [El,2F] (interleaved as w13) and w2Bias [El,H] → per global expert
- * b1 [F], b3 [F] and b2 [H] (new tensors, de-interleaved).
+ * The experts' biases w13Bias [El,2F] (interleaved as w13) and w2Bias [El,H] (or moments of their
+ * shapes) → per global expert b1 [F], b3 [F] and b2 [H], named by `name` (new tensors, de-interleaved).
  */
-function splitExpertBiases(w13Bias: Tensor, w2Bias: Tensor, first: number, index: number): Record<string, Tensor> {
+function splitExpertBiases(
+  w13Bias: Tensor,
+  w2Bias: Tensor,
+  first: number,
+  name: (e: number, b: ExpertBias) => string,
+): Record<string, Tensor> {
   const [El, F2] = w13Bias.shape as [number, number];
   const out: Record<string, Tensor> = {};
   tidy(() => {
     const pairs = w13Bias.view(El, F2 / 2, 2);
     for (let i = 0; i < El; i++) {
       const e = first + i;
-      out[ckptNames.expertBias(index, e, 'b1')] = keep(
+      out[name(e, 'b1')] = keep(
         pairs
           .narrow(0, i, 1)
           .narrow(2, 0, 1)
           .contiguous()
           .view(F2 / 2),
       );
-      out[ckptNames.expertBias(index, e, 'b3')] = keep(
+      out[name(e, 'b3')] = keep(
         pairs
           .narrow(0, i, 1)
           .narrow(2, 1, 1)
           .contiguous()
           .view(F2 / 2),
       );
-      out[ckptNames.expertBias(index, e, 'b2')] = keep(
+      out[name(e, 'b2')] = keep(
         w2Bias
           .narrow(0, i, 1)
           .contiguous()
@@ -457,18 +491,17 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
   if (layer.master.sharedGate) reader.into(gateName, layer.master.sharedGate);
-  if (layer.master.routerBias) reader.into(biasName, layer.master.routerBias);
-  if (layer.master.w13Bias && layer.master.w2Bias) {
-    const [, F2] = layer.master.w13Bias.shape as [number, number];
-    const w13Bias = layer.master.w13Bias;
+  /** Per global expert b1, b3, b2 named by `name` → w13Bias [El,2F] (interleaved) and w2Bias [El,H]. */
+  const intoExpertBiases = (w13Bias: Tensor, w2Bias: Tensor, name: (e: number, b: ExpertBias) => string): void => {
+    const [, F2] = w13Bias.shape as [number, number];
     tidy(() => {
       const pairs = w13Bias.view(El, F2 / 2, 2);
       for (let i = 0; i < El; i++) {
         const e = first + i;
-        const b1 = Tensor.empty([F2 / 2], { device: layer.master.w13Bias?.device });
-        const b3 = Tensor.empty([F2 / 2], { device: layer.master.w13Bias?.device });
-        reader.into(ckptNames.expertBias(index, e, 'b1'), b1);
-        reader.into(ckptNames.expertBias(index, e, 'b3'), b3);
+        const b1 = Tensor.empty([F2 / 2], { device: w13Bias.device });
+        const b3 = Tensor.empty([F2 / 2], { device: w13Bias.device });
+        reader.into(name(e, 'b1'), b1);
+        reader.into(name(e, 'b3'), b3);
         pairs
           .narrow(0, i, 1)
           .narrow(2, 0, 1)
@@ -477,12 +510,15 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
           .narrow(0, i, 1)
           .narrow(2, 1, 1)
           .copy_(b3.view(1, F2 / 2, 1));
-        using row = (layer.master.w2Bias as Tensor).narrow(0, i, 1);
+        using row = w2Bias.narrow(0, i, 1);
         using flat = row.view(row.shape[1] as number);
-        reader.into(ckptNames.expertBias(index, e, 'b2'), flat);
+        reader.into(name(e, 'b2'), flat);
       }
     });
-  }
+  };
+  if (layer.master.routerBias) reader.into(biasName, layer.master.routerBias);
+  if (layer.master.w13Bias && layer.master.w2Bias)
+    intoExpertBiases(layer.master.w13Bias, layer.master.w2Bias, (e, b) => ckptNames.expertBias(index, e, b));
   intoExperts(layer.master.w13, layer.master.w2, expertName, El, first);
   if (layer.master.sharedW13 && layer.master.sharedW2)
     intoExperts(
@@ -501,6 +537,9 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
       intoExperts(moments.w13[key], moments.w2[key], (e, w) => ckptNames.optim(expertName(e, w), m), El, first);
     if (moments.sharedW13 && moments.sharedW2)
       intoExperts(moments.sharedW13[key], moments.sharedW2[key], (_e, w) => ckptNames.optim(ckptNames.shared(index, w), m), 1, 0);
+    if (moments.routerBias) reader.into(ckptNames.optim(biasName, m), moments.routerBias[key]);
+    if (moments.w13Bias && moments.w2Bias)
+      intoExpertBiases(moments.w13Bias[key], moments.w2Bias[key], (e, b) => ckptNames.optim(ckptNames.expertBias(index, e, b), m));
   }
   layer.refreshComputeWeights();
 }

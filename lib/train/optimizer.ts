@@ -87,7 +87,7 @@ export function clipScale(gradNorm: number, clipNorm: number): number {
 
 /**
  * One fused AdamW step for every parameter (`step` is 1-based, for the bias correction); norm
- * weights take no weight decay.
+ * weights and biases take no weight decay (Param.decay).
  */
 export function optimizerStep(
   state: readonly OptimState[],
@@ -102,9 +102,10 @@ export function optimizerStep(
       beta1: o.beta1,
       beta2: o.beta2,
       eps: o.eps,
-      weightDecay: s.param.name.endsWith('norm.weight') ? 0 : o.weightDecay,
+      weightDecay: s.param.decay ? o.weightDecay : 0,
       gradScale,
       ...(s.param.computeBf16 ? { paramBf16: s.param.computeBf16 } : {}),
     });
+    s.param.computeF32?.copy_(s.param.master);
   }
 }

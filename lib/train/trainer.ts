@@ -206,6 +206,8 @@ export class Trainer implements Disposable {
         routeWeightsOn: m.routeWeightsOn,
         activation: m.activation,
         ...(m.activation === 'clamped-swiglu' ? { swigluLimit: m.swigluLimit } : {}),
+        routerBias: m.routerBias,
+        expertBias: m.expertBias,
         loss: m.loss,
         commStream: m.overlapComm,
         transport: m.transport,
@@ -420,6 +422,9 @@ export class Trainer implements Disposable {
     put('sharedW13', `layers.${i}.shared.w13`);
     put('sharedW2', `layers.${i}.shared.w2`);
     put('sharedGate', `layers.${i}.shared.gate`);
+    put('routerBias', `layers.${i}.router.bias`);
+    put('w13Bias', `layers.${i}.experts.b13`);
+    put('w2Bias', `layers.${i}.experts.b2`);
     return m;
   }
 
@@ -579,6 +584,8 @@ const SAME_ON_RESUME = {
     'routeWeightsOn',
     'activation',
     'swigluLimit',
+    'routerBias',
+    'expertBias',
     'loss',
   ],
   data: ['clusters', 'seed'],

@@ -2,7 +2,7 @@
 // and a checkpoint saved at EP = world size resumes at EP=1 (rank 0 alone) on the same trajectory;
 // expert-choice routing trains at EP = world size with every expert at exactly C tokens per rank;
 // two micro-batches a step at EP = world size follow the EP=1 trajectory too, and so do the experts'
-// gradients in bf16.
+// gradients in bf16 and a model with gpt-oss's biases.
 // Rank 0 trains the one-rank references in the same process and compares step by step.
 //   --device cpu (default): f32, 25 steps, losses within 2e-3 of EP=1.
 //   --device cuda: bf16 on the ranks' GPU (several ranks may share one, through MPI staging), the
@@ -128,6 +128,24 @@ if (world.rank === 0) {
   for (let i = 0; i < cfg.train.steps; i++) bf16Losses.push(t.trainStep().loss);
   t.dispose();
   if (world.rank === 0) close(bf16Losses, reference(), `EP=${world.size / 2} x EDP=2 with bf16 expert gradients against EP=1 (f32)`);
+}
+// gpt-oss's biases at EP = world size: the router's reduced as a replicated parameter, the experts'
+// with their experts; on the EP=1 trajectory.
+{
+  const biasCfg = resolveConfig({
+    ...cfg,
+    model: { ...cfg.model, activation: 'clamped-swiglu', routerBias: true, expertBias: true },
+  });
+  const t = new Trainer(withTransport(biasCfg), { world });
+  const biasLosses = [];
+  for (let i = 0; i < cfg.train.steps; i++) biasLosses.push(t.trainStep().loss);
+  t.dispose();
+  if (world.rank === 0) {
+    const ref = new Trainer(biasCfg);
+    const refBias = ref.run().map((s) => s.loss);
+    ref.dispose();
+    close(biasLosses, refBias, `EP=${world.size} with gpt-oss's biases against EP=1`);
+  }
 }
 // Expert choice at EP = world size: each rank's experts choose among that rank's share of the
 // batch (C = ceil((T/P)·k/E) per expert and rank), so the metrics all-reduced over the ranks show
