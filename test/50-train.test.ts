@@ -349,6 +349,9 @@ describe('moe-ep train (CLI)', () => {
       disposeOptimState(state);
     }
     expect(() => resolveConfig({ model: { routerBias: 1 } } as unknown as Partial2)).toThrow(/config\.model\.routerBias/);
+    expect(() => resolveConfig({ model: { expertBias: true } })).toThrow(
+      /config\.model\.expertBias: needs config\.model\.activation 'clamped-swiglu' \(gpt-oss's; received 'swiglu'\)/,
+    );
     expect(defaultConfig.model.routerBias || defaultConfig.model.expertBias).toBe(false);
   });
 
@@ -425,6 +428,7 @@ describe('moe-ep train (CLI)', () => {
       edit(bufs);
       const fwd = model.forward(x, y);
       expect(() => model.backward(fwd, { accumulate: bufs }), what).toThrow(message);
+      expect(fwd.saved.last.disposed, `${what}: the refused backward released the forward`).toBe(true);
       for (const [name, b] of bufs)
         if (b !== model.head && b.dtype === 'f32')
           expect(

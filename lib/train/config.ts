@@ -42,7 +42,7 @@ export interface TrainConfig {
     expertBias: boolean;
     /** Where the router weight applies: the expert's output, or (Llama 4, top-1 token choice) its input. */
     routeWeightsOn: 'output' | 'input';
-    /** The experts' activation: SwiGLU, or gpt-oss's clamped SwiGLU with its limit (the biases are not trained here). */
+    /** The experts' activation: SwiGLU, or gpt-oss's clamped SwiGLU with its limit (with its biases: routerBias, expertBias). */
     activation: 'swiglu' | 'clamped-swiglu';
     swigluLimit: number;
     /** 'mse': regress the cluster map's output; 'cross-entropy': classify its argmax (hidden classes). */
@@ -400,6 +400,11 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
     [
       c.model.fp8Dispatch === false || c.model.hidden % FP8_BLOCK === 0,
       `config.model.fp8Dispatch: needs config.model.hidden to be a multiple of ${FP8_BLOCK} (received ${c.model.hidden})`,
+    ],
+    // gpt-oss's expert biases come with its clamped SwiGLU (MoELayer's rule, named by field here).
+    [
+      !c.model.expertBias || c.model.activation === 'clamped-swiglu',
+      `config.model.expertBias: needs config.model.activation 'clamped-swiglu' (gpt-oss's; received '${c.model.activation}')`,
     ],
     // The dW products add into f32 only, so micro-batches cannot accumulate bf16 gradients.
     [

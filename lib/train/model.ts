@@ -220,18 +220,24 @@ export class MoEModel implements Disposable {
 
   /**
    * Gradients by parameter name (fp32; the experts' weights' in the layers' weightGradDtype).
-   * Releases the forward's saved tensors. With `accumulate` (a map from every parameter name to an
+   * Releases the forward's saved tensors (also when it refuses its arguments). With `accumulate` (a map from every parameter name to an
    * f32 buffer of its shape, as `backward` returns; f32 weight gradients only) the gradients are
    * added into those buffers by the kernels themselves, and the map comes back.
    */
   backward(fwd: ModelForward, options: { accumulate?: ReadonlyMap<string, Tensor> } = {}): Map<string, Tensor> {
-    const gradDtype = this.layers[0]?.config.weightGradDtype ?? 'f32';
-    if (options.accumulate !== undefined && gradDtype !== 'f32')
-      invalidArgument(
-        'MoEModel.backward',
-        `'accumulate' adds into f32 gradients only; the model's weightGradDtype is '${gradDtype}' (build it with 'f32' to accumulate over micro-batches)`,
-      );
-    const into = options.accumulate === undefined ? undefined : this.checkGradBuffers(options.accumulate);
+    let into: ReadonlyMap<string, Tensor> | undefined;
+    try {
+      const gradDtype = this.layers[0]?.config.weightGradDtype ?? 'f32';
+      if (options.accumulate !== undefined && gradDtype !== 'f32')
+        invalidArgument(
+          'MoEModel.backward',
+          `'accumulate' adds into f32 gradients only; the model's weightGradDtype is '${gradDtype}' (build it with 'f32' to accumulate over micro-batches)`,
+        );
+      into = options.accumulate === undefined ? undefined : this.checkGradBuffers(options.accumulate);
+    } catch (e) {
+      releaseForward(fwd); // refused before any product: the forward is released all the same
+      throw e;
+    }
     const buffer = (name: string): Tensor => into?.get(name) as Tensor;
     const grads = new Map<string, Tensor>();
     const s = fwd.saved;

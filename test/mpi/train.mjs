@@ -129,22 +129,24 @@ if (world.rank === 0) {
   t.dispose();
   if (world.rank === 0) close(bf16Losses, reference(), `EP=${world.size / 2} x EDP=2 with bf16 expert gradients against EP=1 (f32)`);
 }
-// gpt-oss's biases at EP = world size: the router's reduced as a replicated parameter, the experts'
-// with their experts; on the EP=1 trajectory.
+// gpt-oss's biases at EP = world size and at EP = half × EDP = 2: the router's reduced as a
+// replicated parameter, the experts' with their experts; on the EP=1 trajectory.
 {
-  const biasCfg = resolveConfig({
-    ...cfg,
-    model: { ...cfg.model, activation: 'clamped-swiglu', routerBias: true, expertBias: true },
-  });
-  const t = new Trainer(withTransport(biasCfg), { world });
-  const biasLosses = [];
-  for (let i = 0; i < cfg.train.steps; i++) biasLosses.push(t.trainStep().loss);
-  t.dispose();
-  if (world.rank === 0) {
-    const ref = new Trainer(biasCfg);
-    const refBias = ref.run().map((s) => s.loss);
-    ref.dispose();
-    close(biasLosses, refBias, `EP=${world.size} with gpt-oss's biases against EP=1`);
+  const biasModel = { ...cfg.model, activation: 'clamped-swiglu', routerBias: true, expertBias: true };
+  let refBias = null;
+  for (const epSize of [world.size, world.size / 2]) {
+    const t = new Trainer(withTransport(resolveConfig({ ...cfg, model: { ...biasModel, epSize } })), { world });
+    const biasLosses = [];
+    for (let i = 0; i < cfg.train.steps; i++) biasLosses.push(t.trainStep().loss);
+    t.dispose();
+    if (world.rank === 0) {
+      if (!refBias) {
+        const ref = new Trainer(resolveConfig({ ...cfg, model: biasModel }));
+        refBias = ref.run().map((s) => s.loss);
+        ref.dispose();
+      }
+      close(biasLosses, refBias, `EP=${epSize} (of ${world.size} ranks) with gpt-oss's biases against EP=1`);
+    }
   }
 }
 // Expert choice at EP = world size: each rank's experts choose among that rank's share of the
