@@ -104,36 +104,18 @@ export class MoEModel implements Disposable {
         kind: 'replicated',
         decay: true,
       });
-      out.push({
-        name: `layers.${i}.experts.w13`,
-        master: l.master.w13,
-        computeBf16: bf16 ? l.compute.w13 : null,
-        kind: 'expert',
-        decay: true,
-      });
-      out.push({
-        name: `layers.${i}.experts.w2`,
-        master: l.master.w2,
-        computeBf16: bf16 ? l.compute.w2 : null,
-        kind: 'expert',
-        decay: true,
-      });
-      if (l.master.sharedW13 && l.master.sharedW2) {
-        out.push({
-          name: `layers.${i}.shared.w13`,
-          master: l.master.sharedW13,
-          computeBf16: bf16 ? l.compute.sharedW13 : null,
-          kind: 'replicated',
-          decay: true,
-        });
-        out.push({
-          name: `layers.${i}.shared.w2`,
-          master: l.master.sharedW2,
-          computeBf16: bf16 ? l.compute.sharedW2 : null,
-          kind: 'replicated',
-          decay: true,
-        });
-      }
+      // The weights whose compute copy has the master's shape (bf16 training: refreshed by AdamW);
+      // the shared expert and gpt-oss's expert biases where the layer has them.
+      const plain: [string, Tensor | null, Tensor | null, Param['kind'], boolean][] = [
+        [`layers.${i}.experts.w13`, l.master.w13, l.compute.w13, 'expert', true],
+        [`layers.${i}.experts.w2`, l.master.w2, l.compute.w2, 'expert', true],
+        [`layers.${i}.shared.w13`, l.master.sharedW13, l.compute.sharedW13, 'replicated', true],
+        [`layers.${i}.shared.w2`, l.master.sharedW2, l.compute.sharedW2, 'replicated', true],
+        [`layers.${i}.experts.b13`, l.master.w13Bias, l.compute.w13Bias, 'expert', false],
+        [`layers.${i}.experts.b2`, l.master.w2Bias, l.compute.w2Bias, 'expert', false],
+      ];
+      for (const [name, master, compute, kind, decay] of plain)
+        if (master) out.push({ name, master, computeBf16: bf16 ? compute : null, kind, decay });
       if (l.master.sharedGate && l.compute.sharedGate)
         out.push({
           name: `layers.${i}.shared.gate`,
@@ -142,7 +124,7 @@ export class MoEModel implements Disposable {
           kind: 'replicated',
           decay: true,
         });
-      // gpt-oss's biases (routerBias, expertBias).
+      // gpt-oss's router bias: its compute copy is f32 (the logits are), copied after each step.
       if (l.master.routerBias && l.compute.routerBias)
         out.push({
           name: `layers.${i}.router.bias`,
@@ -152,22 +134,6 @@ export class MoEModel implements Disposable {
           kind: 'replicated',
           decay: false,
         });
-      if (l.master.w13Bias && l.master.w2Bias) {
-        out.push({
-          name: `layers.${i}.experts.b13`,
-          master: l.master.w13Bias,
-          computeBf16: bf16 ? l.compute.w13Bias : null,
-          kind: 'expert',
-          decay: false,
-        });
-        out.push({
-          name: `layers.${i}.experts.b2`,
-          master: l.master.w2Bias,
-          computeBf16: bf16 ? l.compute.w2Bias : null,
-          kind: 'expert',
-          decay: false,
-        });
-      }
     });
     out.push({
       name: 'head.weight',
