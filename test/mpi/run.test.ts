@@ -99,7 +99,7 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
   });
 
   it.each([2, 4])(
-    'training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it; expert choice trains at EP = all ranks; so do 2 micro-batches a step, the experts' gradients in bf16 and gpt-oss's biases',
+    "training on %i ranks (EP = all ranks, and EP = half × EDP = 2) follows the EP=1 loss trajectory; checkpoints resume at EP=1 on it; expert choice trains at EP = all ranks; so do 2 micro-batches a step, the experts' gradients in bf16 and gpt-oss's biases",
     (np) => {
       const r = mpirun(np, 'train.mjs');
       expect(r.status, r.out).toBe(0);
