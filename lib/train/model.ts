@@ -186,9 +186,10 @@ export class MoEModel implements Disposable {
 
   /**
    * Gradients by parameter name (fp32; the experts' weights' in the layers' weightGradDtype).
-   * Releases the forward's saved tensors (also when it refuses its arguments). With `accumulate` (a map from every parameter name to an
-   * f32 buffer of its shape, as `backward` returns; f32 weight gradients only) the gradients are
-   * added into those buffers by the kernels themselves, and the map comes back.
+   * Releases the forward's saved tensors, also when it refuses its arguments. With `accumulate`
+   * (a map from every parameter name to an f32 buffer of its shape, as `backward` returns; f32
+   * weight gradients only) the gradients are added into those buffers by the kernels themselves,
+   * and the map comes back.
    */
   backward(fwd: ModelForward, options: { accumulate?: ReadonlyMap<string, Tensor> } = {}): Map<string, Tensor> {
     let into: ReadonlyMap<string, Tensor> | undefined;
