@@ -465,8 +465,7 @@ B.dW2bf16 = gradsBf16 ? groupedGemm('TN', B.h, B.ub.dRows, B.p.offsets, { dtype:
 /** The dW phase's output: f32, or bf16 while a layer with weightGradDtype 'bf16' is the one timed. */
 const dWOut = (f32, bf16) => (layer.config.weightGradDtype === 'bf16' ? bf16 : f32);
 // ... and AdamW then reads the experts' gradients in bf16 (the router's stay f32), as a training
-// loop with that layer would.
-// The dW phases' bf16 outputs serve (the same shapes; no 2.8 GB more beside the torch peer).
+// loop with that layer would: the dW phases' bf16 outputs (the same shapes; no 2.8 GB more).
 params[1].gBf16 = B.dW13bf16;
 params[2].gBf16 = B.dW2bf16;
 const adamwGrad = (q) => dWOut(q.g, q.gBf16 ?? q.g);
@@ -715,9 +714,9 @@ function timeStreak() {
  * 8 GB on the main shape) and each replay rewrites them, so it is captured anew for each timing and
  * its memory handed back to the driver after it (a released pool's blocks stay tied to the capture
  * stream, which nothing else allocates on: the cache would only grow; and the torch peer, another
- * process, needs the room). Two pools kept beside the
- * torch peer did not fit an H100's 80 GB (results/moe-layer-oom-with-peer-197934c-h100.log). The
- * variant is not graphed. Not on the CPU (no graphs).
+ * process, needs the room). Two pools kept beside the torch peer did not fit an H100's 80 GB
+ * (results/moe-layer-oom-with-peer-197934c-h100.log). The variant is not graphed. Not on the CPU
+ * (no graphs).
  */
 const graphStream = onGpu ? new Stream(dev) : null;
 const graphChecks = [];
@@ -740,7 +739,7 @@ function releaseStep(g) {
   synchronize(dev); // the pool's replays done, its blocks cached: hand them back
   emptyCache(dev);
 }
-/** Once a side (the default, the variant: its switches and layer): a replay gives the eager step's y and dx bit for bit. */
+/** Once, on the first capture: a replay gives the eager step's y and dx bit for bit. */
 function checkStepGraph(side, g) {
   g.replay();
   const f = layer.forward(x);

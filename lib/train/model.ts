@@ -10,7 +10,7 @@ import { invalidArgument } from '../errors.js';
 import { checkApart, checkGradBuffer, checkPositiveInt } from '../validate.js';
 import { type ExpertParallelGroup } from '../moe/dispatcher.js';
 import { groupedGemm } from '../moe/grouped-gemm.js';
-import { disposeSaved, type MoEForward, MoELayer, type MoELayerConfig } from '../moe/layer.js';
+import { disposeSaved, type MoEForward, type MoEGradBuffers, MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { keep, Tensor, tidy } from '../tensor.js';
 import { crossEntropyLoss, mseLoss, rmsnorm, rmsnormBackward } from './dense-ops.js';
 
@@ -18,6 +18,30 @@ export interface ModelConfig extends Omit<MoELayerConfig, 'group' | 'device' | '
   layers: number;
   /** 'mse' against target rows, or 'cross-entropy' against class ids (i32 [T]). Default 'mse'. */
   loss?: 'mse' | 'cross-entropy';
+}
+
+/**
+ * A MoE layer's trained weights, by its `master` key (also backward's gradient and `out` keys): the
+ * model's name for each (`layers.{i}.` + suffix), how its gradient is reduced, and whether AdamW's
+ * weight decay applies. Optional ones (shared expert, gate, gpt-oss's biases) where the layer has them.
+ */
+const LAYER_WEIGHTS = {
+  router: { suffix: 'router.weight', kind: 'replicated', decay: true },
+  w13: { suffix: 'experts.w13', kind: 'expert', decay: true },
+  w2: { suffix: 'experts.w2', kind: 'expert', decay: true },
+  sharedW13: { suffix: 'shared.w13', kind: 'replicated', decay: true },
+  sharedW2: { suffix: 'shared.w2', kind: 'replicated', decay: true },
+  sharedGate: { suffix: 'shared.gate', kind: 'replicated', decay: true },
+  routerBias: { suffix: 'router.bias', kind: 'replicated', decay: false },
+  w13Bias: { suffix: 'experts.b13', kind: 'expert', decay: false },
+  w2Bias: { suffix: 'experts.b2', kind: 'expert', decay: false },
+} as const;
+export type LayerWeightKey = keyof typeof LAYER_WEIGHTS;
+export const LAYER_WEIGHT_KEYS = Object.keys(LAYER_WEIGHTS) as LayerWeightKey[];
+
+/** The model's name of layer i's weight `key` (its parameter, gradient and checkpoint moment name). */
+export function layerParamName(i: number, key: LayerWeightKey): string {
+  return `layers.${i}.${LAYER_WEIGHTS[key].suffix}`;
 }
 
 /** One trainable tensor: fp32 master, its gradient after backward, and where it lives. */
@@ -97,43 +121,20 @@ export class MoEModel implements Disposable {
     };
     this.layers.forEach((l, i) => {
       out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated', decay: false });
-      out.push({
-        name: `layers.${i}.router.weight`,
-        master: l.master.router,
-        computeBf16: bf16 ? view(`layers.${i}.router.weight`, l.compute.router, H, l.config.numExperts) : null,
-        kind: 'replicated',
-        decay: true,
-      });
-      // The weights whose compute copy has the master's shape (bf16 training: refreshed by AdamW);
-      // the shared expert and gpt-oss's expert biases where the layer has them.
-      const plain: [string, Tensor | null, Tensor | null, Param['kind'], boolean][] = [
-        [`layers.${i}.experts.w13`, l.master.w13, l.compute.w13, 'expert', true],
-        [`layers.${i}.experts.w2`, l.master.w2, l.compute.w2, 'expert', true],
-        [`layers.${i}.shared.w13`, l.master.sharedW13, l.compute.sharedW13, 'replicated', true],
-        [`layers.${i}.shared.w2`, l.master.sharedW2, l.compute.sharedW2, 'replicated', true],
-        [`layers.${i}.experts.b13`, l.master.w13Bias, l.compute.w13Bias, 'expert', false],
-        [`layers.${i}.experts.b2`, l.master.w2Bias, l.compute.w2Bias, 'expert', false],
-      ];
-      for (const [name, master, compute, kind, decay] of plain)
-        if (master) out.push({ name, master, computeBf16: bf16 ? compute : null, kind, decay });
-      if (l.master.sharedGate && l.compute.sharedGate)
-        out.push({
-          name: `layers.${i}.shared.gate`,
-          master: l.master.sharedGate,
-          computeBf16: bf16 ? view(`layers.${i}.shared.gate`, l.compute.sharedGate, H) : null,
-          kind: 'replicated',
-          decay: true,
-        });
-      // gpt-oss's router bias: its compute copy is f32 (the logits are), copied after each step.
-      if (l.master.routerBias && l.compute.routerBias)
-        out.push({
-          name: `layers.${i}.router.bias`,
-          master: l.master.routerBias,
-          computeBf16: null,
-          ...(bf16 ? { computeF32: l.compute.routerBias } : {}),
-          kind: 'replicated',
-          decay: false,
-        });
+      for (const key of LAYER_WEIGHT_KEYS) {
+        const master = l.master[key];
+        if (!master) continue;
+        const name = layerParamName(i, key);
+        const { kind, decay } = LAYER_WEIGHTS[key];
+        // The compute copies: the router's [1,H,E] and the gate's [1,H,1] seen as their masters'
+        // shapes; the router bias's is f32 (the logits are), copied after each step.
+        const compute = l.compute[key] as Tensor;
+        if (key === 'routerBias') out.push({ name, master, computeBf16: null, ...(bf16 ? { computeF32: compute } : {}), kind, decay });
+        else {
+          const shaped = key === 'router' || key === 'sharedGate';
+          out.push({ name, master, computeBf16: !bf16 ? null : shaped ? view(name, compute, ...master.shape) : compute, kind, decay });
+        }
+      }
     });
     out.push({
       name: 'head.weight',
@@ -221,36 +222,14 @@ export class MoEModel implements Disposable {
         for (let i = this.layers.length - 1; i >= 0; i--) {
           const b = s.blocks[i] as BlockSaved;
           const layer = this.layers[i] as MoELayer;
-          const names = {
-            norm: `layers.${i}.norm.weight`,
-            router: `layers.${i}.router.weight`,
-            w13: `layers.${i}.experts.w13`,
-            w2: `layers.${i}.experts.w2`,
-            sharedW13: `layers.${i}.shared.w13`,
-            sharedW2: `layers.${i}.shared.w2`,
-            sharedGate: `layers.${i}.shared.gate`,
-            routerBias: `layers.${i}.router.bias`,
-            w13Bias: `layers.${i}.experts.b13`,
-            w2Bias: `layers.${i}.experts.b2`,
-          };
-          const shared = layer.master.sharedW13 !== null;
-          const gated = layer.master.sharedGate !== null;
-          const routerBiased = layer.master.routerBias !== null;
-          const expertBiased = layer.master.w13Bias !== null;
+          const keys = LAYER_WEIGHT_KEYS.filter((k) => layer.master[k] !== null);
+          const normName = `layers.${i}.norm.weight`;
           const g = layer.backward(
             b.moe,
             dh,
             into
               ? {
-                  out: {
-                    router: buffer(names.router),
-                    w13: buffer(names.w13),
-                    w2: buffer(names.w2),
-                    ...(shared ? { sharedW13: buffer(names.sharedW13), sharedW2: buffer(names.sharedW2) } : {}),
-                    ...(gated ? { sharedGate: buffer(names.sharedGate) } : {}),
-                    ...(routerBiased ? { routerBias: buffer(names.routerBias) } : {}),
-                    ...(expertBiased ? { w13Bias: buffer(names.w13Bias), w2Bias: buffer(names.w2Bias) } : {}),
-                  },
+                  out: Object.fromEntries(keys.map((k) => [k, buffer(layerParamName(i, k))])) as unknown as MoEGradBuffers,
                   accumulate: true,
                 }
               : {},
@@ -260,22 +239,13 @@ export class MoEModel implements Disposable {
             b.h,
             this.norms[i] as Tensor,
             b.rstd,
-            into ? { accumulate: true, out: { dWeight: buffer(names.norm) } } : {},
+            into ? { accumulate: true, out: { dWeight: buffer(normName) } } : {},
           );
           dh = dh.clone().add_(n.dx);
-          grads.set(names.norm, into ? n.dWeight : keep(n.dWeight));
-          grads.set(names.router, into ? g.router : keep(g.router));
-          grads.set(names.w13, into ? g.w13 : keep(g.w13));
-          grads.set(names.w2, into ? g.w2 : keep(g.w2));
-          if (g.sharedW13 && g.sharedW2) {
-            grads.set(names.sharedW13, into ? g.sharedW13 : keep(g.sharedW13));
-            grads.set(names.sharedW2, into ? g.sharedW2 : keep(g.sharedW2));
-          }
-          if (g.sharedGate) grads.set(names.sharedGate, into ? g.sharedGate : keep(g.sharedGate));
-          if (g.routerBias) grads.set(names.routerBias, into ? g.routerBias : keep(g.routerBias));
-          if (g.w13Bias && g.w2Bias) {
-            grads.set(names.w13Bias, into ? g.w13Bias : keep(g.w13Bias));
-            grads.set(names.w2Bias, into ? g.w2Bias : keep(g.w2Bias));
+          grads.set(normName, into ? n.dWeight : keep(n.dWeight));
+          for (const k of keys) {
+            const t = g[k] as Tensor; // present for every weight the layer has
+            grads.set(layerParamName(i, k), into ? t : keep(t));
           }
         }
       });

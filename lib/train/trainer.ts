@@ -28,7 +28,7 @@ import { scale } from '../basic-ops.js';
 import { estimateMemory, resolveConfig, type TrainConfig } from './config.js';
 import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
-import { MoEModel, type ModelForward, type Param } from './model.js';
+import { LAYER_WEIGHT_KEYS, layerParamName, MoEModel, type ModelForward, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
 import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState, routerWeighting } from './moe-state.js';
 import { balanceBiasUpdate } from './dense-ops.js';
@@ -412,19 +412,10 @@ export class Trainer implements Disposable {
 
   private layerMoments(i: number): MoELayerMoments {
     const m: MoELayerMoments = {};
-    const put = (key: keyof MoELayerMoments, name: string): void => {
-      const v = this.moments(name);
+    for (const key of LAYER_WEIGHT_KEYS) {
+      const v = this.moments(layerParamName(i, key));
       if (v) m[key] = v;
-    };
-    put('router', `layers.${i}.router.weight`);
-    put('w13', `layers.${i}.experts.w13`);
-    put('w2', `layers.${i}.experts.w2`);
-    put('sharedW13', `layers.${i}.shared.w13`);
-    put('sharedW2', `layers.${i}.shared.w2`);
-    put('sharedGate', `layers.${i}.shared.gate`);
-    put('routerBias', `layers.${i}.router.bias`);
-    put('w13Bias', `layers.${i}.experts.b13`);
-    put('w2Bias', `layers.${i}.experts.b2`);
+    }
     return m;
   }
 
