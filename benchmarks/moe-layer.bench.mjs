@@ -712,11 +712,10 @@ function timeStreak() {
  * fixed), made after the eager steps above made the layer's per-T tensors: a training loop with no
  * launch gaps and no host work per step. Its gradients live in the graph's pool (a step's peak,
  * 8 GB on the main shape) and each replay rewrites them, so it is captured anew for each timing and
- * its memory handed back to the driver after it (a released pool's blocks stay tied to the capture
- * stream, which nothing else allocates on: the cache would only grow; and the torch peer, another
- * process, needs the room). Two pools kept beside the torch peer did not fit an H100's 80 GB
- * (results/moe-layer-oom-with-peer-197934c-h100.log). The variant is not graphed. Not on the CPU
- * (no graphs).
+ * its memory handed back to the driver after it, so that the torch peer, another process, finds
+ * the room (cached, it would serve only this process). Two pools kept beside the torch peer did not
+ * fit an H100's 80 GB (results/moe-layer-oom-with-peer-197934c-h100.log). The variant is not
+ * graphed. Not on the CPU (no graphs).
  */
 const graphStream = onGpu ? new Stream(dev) : null;
 const graphChecks = [];

@@ -1,5 +1,6 @@
 #include "core/allocator.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -84,7 +85,13 @@ struct Block {
   std::vector<void*> used_on;        // other streams that used it (record_stream)
   std::vector<cudaEvent_t> pending;  // events those streams must pass before reuse
   GraphPool* pool = nullptr;         // the CUDA-graph pool that owns it, or null (the general cache)
+  // Once freed, wait for its own stream too and then serve any stream (kAnyStream): a released
+  // graph's memory, whose capture stream may never allocate again.
+  bool any_stream_when_idle = false;
 };
+
+// The stream key of a free block no stream has work pending on: any stream may take it.
+void* const kAnyStream = nullptr;
 
 struct BlockOrder {
   bool operator()(const Block* a, const Block* b) const {
@@ -114,15 +121,25 @@ bool fits(int64_t block, int64_t want) {
   return block <= want + std::max(kLargeRound, want / 8);
 }
 
-// The best-fitting free block in `set` for `size` bytes on `stream`, taken out of the set; null if none.
-Block* take_fitting(std::set<Block*, BlockOrder>& set, int64_t size, void* stream) {
-  static const bool no_cache = std::getenv("MOE_EP_NO_CACHE") != nullptr;  // for compute-sanitizer runs
-  if (no_cache) return nullptr;
+// The best-fitting free block in `set` for `size` bytes keyed to `stream`, taken out of the set; null if none.
+Block* take_fitting_keyed(std::set<Block*, BlockOrder>& set, int64_t size, void* stream) {
   Block key{nullptr, size, stream, {}, {}};
   auto it = set.lower_bound(&key);
   if (it == set.end() || (*it)->stream != stream || !fits((*it)->size, size)) return nullptr;
   Block* b = *it;
   set.erase(it);
+  return b;
+}
+
+// The best-fitting free block for `size` bytes on `stream`: one of its own, else an idle one (which
+// becomes the stream's); null if none.
+Block* take_fitting(std::set<Block*, BlockOrder>& set, int64_t size, void* stream) {
+  static const bool no_cache = std::getenv("MOE_EP_NO_CACHE") != nullptr;  // for compute-sanitizer runs
+  if (no_cache) return nullptr;
+  if (Block* b = take_fitting_keyed(set, size, stream)) return b;
+  if (stream == kAnyStream) return nullptr;
+  Block* b = take_fitting_keyed(set, size, kAnyStream);
+  if (b) b->stream = stream;
   return b;
 }
 
@@ -155,6 +172,10 @@ struct DevicePool {
         for (auto e : b->pending) cudaEventDestroy(e);
         b->pending.clear();
         b->used_on.clear();
+        if (b->any_stream_when_idle) {  // its own stream passed too: no stream has work on it
+          b->stream = kAnyStream;
+          b->any_stream_when_idle = false;
+        }
         stats.cached_bytes += b->size;
         free_blocks.insert(b);
         waiting[i] = waiting.back();
@@ -274,6 +295,8 @@ struct DevicePool {
 
   // Events on the other streams that used b, then into `waiting` (or straight into the free set).
   void retire(Block* b) {
+    if (b->any_stream_when_idle && std::find(b->used_on.begin(), b->used_on.end(), b->stream) == b->used_on.end())
+      b->used_on.push_back(b->stream);
     if (b->used_on.empty()) {
       stats.cached_bytes += b->size;
       free_blocks.insert(b);
@@ -389,6 +412,7 @@ struct DevicePool {
     MOE_INTERNAL_CHECK(!gp->capturing, "releasing the pool of a capture still open");
     for (Block* b : gp->blocks) {
       b->pool = nullptr;
+      b->any_stream_when_idle = true;
       stats.graph_pool_bytes -= b->size;
       for (void* s : streams) {
         if (s == b->stream) continue;

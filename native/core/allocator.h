@@ -53,7 +53,10 @@ void empty_cache(const Device& device);
 // the pool: its blocks, live ones (the graph's outputs the caller keeps) included, stay the
 // graph's until graph_pool_release, which hands the free ones to the general cache, marked as
 // used on `streams` (the streams the graph was replayed on) so that no one gets them before
-// those replays finish, and leaves live ones with their tensors (marked the same way).
+// those replays finish, and leaves live ones with their tensors (marked the same way). Once
+// those streams and the capture stream have passed what was queued on them, a released block
+// serves any stream (it would otherwise wait for its capture stream, which may never allocate
+// again); so does a live one, freed later.
 // While any capture is open on a device, the allocator records no events and queries none there
 // (illegal on a capturing stream): cross-stream frees are deferred until the last capture ends,
 // and the cache is not released to retry a failed cudaMalloc.

@@ -11,6 +11,7 @@ import {
   cuda,
   CudaError,
   CudaGraph,
+  emptyCache,
   Event,
   GraphCaptureError,
   InvalidArgumentError,
@@ -113,6 +114,34 @@ describe.skipIf(!hasGpu)('CudaGraph on the GPU', () => {
     synchronize(gpu);
     expect(memoryStats(gpu).liveBytes).toBe(base.liveBytes);
     expect(memoryStats(gpu).graphPoolBytes).toBe(base.graphPoolBytes);
+  });
+
+  it("a disposed graph's memory serves any stream once the work queued on it is done (not only its capture stream)", () => {
+    const seed = freshSeed();
+    const n = 8 << 20; // 32 MiB of f32: blocks no other test leaves at this size
+    using x = Tensor.rand([n], { seed, device: gpu });
+    synchronize(gpu);
+    emptyCache(gpu); // nothing cached: a block served below can only be the graph's
+    {
+      using capture = new Stream(gpu);
+      const graph = CudaGraph.capture(capture, () => tidy(() => ops.scale(ops.scale(x, 2), 0.5)), { retain: [x] });
+      graph.replay();
+      const y = graph.outputs;
+      graph.dispose();
+      y.dispose(); // the intermediate's block and the output's are both the released graph's
+    }
+    synchronize(gpu); // (the released blocks count as cached once an allocation finds their events passed)
+    const before = memoryStats(gpu);
+    // The current stream, not the capture stream: two blocks of that size, both from the cache.
+    using a = Tensor.empty([n], { device: gpu });
+    using b = Tensor.empty([n], { device: gpu });
+    const after = memoryStats(gpu);
+    expect(after.reservedBytes, `seed ${seed}: no new device memory`).toBe(before.reservedBytes);
+    expect(after.cacheHits - before.cacheHits).toBe(2);
+    // Still correct to use: written and read on this stream.
+    a.copy_(x);
+    expect(bits(a).equals(bits(x))).toBe(true);
+    expect(b.numel).toBe(n);
   });
 
   it('a capture that waits for the host or copies from it fails naming the op, also when fn swallows the error; the stream stays usable', () => {
