@@ -90,8 +90,11 @@ struct Block {
   bool any_stream_when_idle = false;
 };
 
-// The stream key of a free block no stream has work pending on: any stream may take it.
-void* const kAnyStream = nullptr;
+// The stream key of a free block no stream has work pending on: any stream may take it. Not
+// nullptr, which is the legacy default stream's key (nor 0x1 or 0x2, cudaStreamLegacy and
+// cudaStreamPerThread): an address no stream handle can have.
+char any_stream_tag;
+void* const kAnyStream = &any_stream_tag;
 
 struct BlockOrder {
   bool operator()(const Block* a, const Block* b) const {

@@ -144,6 +144,24 @@ describe.skipIf(!hasGpu)('CudaGraph on the GPU', () => {
     expect(b.numel).toBe(n);
   });
 
+  it('a block freed on the default stream is not handed to another stream (only idle released graph blocks serve any stream)', () => {
+    const n = 6 << 20; // 24 MiB of f32: a size no other test leaves cached
+    synchronize(gpu);
+    emptyCache(gpu);
+    {
+      using _t = Tensor.zeros([n], { device: gpu }); // on the default stream, its fill maybe still queued
+    }
+    using s = new Stream(gpu);
+    const before = memoryStats(gpu);
+    withStream(s, () => {
+      using u = Tensor.empty([n], { device: gpu });
+      expect(u.numel).toBe(n);
+    });
+    const after = memoryStats(gpu);
+    expect(after.cacheHits - before.cacheHits, "the default stream's block is not another stream's").toBe(0);
+    expect(after.reservedBytes - before.reservedBytes).toBeGreaterThanOrEqual(n * 4);
+  });
+
   it('a capture that waits for the host or copies from it fails naming the op, also when fn swallows the error; the stream stays usable', () => {
     const seed = freshSeed();
     using stream = new Stream(gpu);
