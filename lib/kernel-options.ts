@@ -31,6 +31,12 @@
  *                               fixed order (the same bits every run on one GPU). The layer's x·Wr (T=4096,
  *                               H=7168, E=32): 24 against 73 µs (H200, 5b01f47); false: the tile
  *                               (or decode) kernels
+ *   groupedGemm.splitRows true  dW (TN, plain store, f32 out) of one group with fewer output tiles
+ *                               than half the SMs (the router's xᵀ·dLogits, [H, E] over T rows):
+ *                               the rows cut into up to 16 ranges of at least 256, one fp32 partial
+ *                               each on the tile kernels, added in split order (the same bits every
+ *                               run on one GPU; other bits than unsplit); false: one range, its
+ *                               tiles walking all the rows
  *   router.fast          true   the fast router forward for E ∈ {8, 16, …, 512} (groups a power of
  *                               two, groupTop ≤ 2); false: the generic kernel for every E
  *   router.pdl           true   the fast router forward launched as the count-zeroing kernel's
@@ -40,7 +46,7 @@
  * overrides them, and nothing else does. '0' turns a switch off, '1' on, any other value leaves
  * its default:
  *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_B_RESIDENT=0  MOE_EP_GG_TRIM_TAILS=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0
- *   MOE_EP_GG_SKINNY=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
+ *   MOE_EP_GG_SKINNY=0  MOE_EP_GG_SPLIT_ROWS=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
  * The switches are one set per process: they live in the addon, which a process loads once and
  * its worker threads share. A thread loading the addon finds them either at the compiled defaults
  * (no thread has set any): it applies its environment's values; or not: another thread got there
@@ -73,6 +79,8 @@ export interface GroupedGemmKernelOptions {
   bResident: boolean;
   /** dW on the Hopper kernel skips the k16 steps past each group's last row (default true; the same results). */
   trimTails: boolean;
+  /** dW (f32 out) of one group with few output tiles (the router's) split into row ranges, partials added in order (default true). */
+  splitRows: boolean;
 }
 
 export interface RouterKernelOptions {
@@ -92,7 +100,15 @@ export type KernelOptionsUpdate = { [G in keyof KernelOptions]?: Partial<KernelO
 
 /** The defaults, before the environment. */
 export const kernelOptionDefaults: Readonly<KernelOptions> = Object.freeze({
-  groupedGemm: Object.freeze({ hopper: true, fewRows: true, decode: true, skinny: true, bResident: true, trimTails: true }),
+  groupedGemm: Object.freeze({
+    hopper: true,
+    fewRows: true,
+    decode: true,
+    skinny: true,
+    bResident: true,
+    trimTails: true,
+    splitRows: true,
+  }),
   router: Object.freeze({ fast: true, pdl: true }),
 });
 
@@ -105,6 +121,7 @@ const ENVIRONMENT = {
     skinny: 'MOE_EP_GG_SKINNY',
     bResident: 'MOE_EP_GG_B_RESIDENT',
     trimTails: 'MOE_EP_GG_TRIM_TAILS',
+    splitRows: 'MOE_EP_GG_SPLIT_ROWS',
   },
   router: { fast: 'MOE_EP_ROUTER_FAST', pdl: 'MOE_EP_PDL' },
 } as const satisfies { [G in keyof KernelOptions]: { [K in keyof KernelOptions[G]]: string } };

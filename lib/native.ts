@@ -445,7 +445,7 @@ export interface RawBinding {
   ): PeerHandle;
 }
 
-const EXPECTED_ABI = 11;
+const EXPECTED_ABI = 12;
 
 /** The package root: the nearest folder above this file whose package.json names moe-ep. */
 export function packageRoot(): string {

@@ -22,7 +22,7 @@ import { native, packageRoot } from '../lib/native.js';
 // Every measured winner on (the decode kernel included). The losing variants have no switch: they
 // live in benchmarks/kernels/grouped_gemm/.
 const defaults: KernelOptions = {
-  groupedGemm: { hopper: true, fewRows: true, decode: true, skinny: true, bResident: true, trimTails: true },
+  groupedGemm: { hopper: true, fewRows: true, decode: true, skinny: true, bResident: true, trimTails: true, splitRows: true },
   router: { fast: true, pdl: true },
 };
 
@@ -43,11 +43,12 @@ describe('kernel switches', () => {
         MOE_EP_GG_FEW_ROWS: '1',
         MOE_EP_GG_B_RESIDENT: '0',
         MOE_EP_GG_TRIM_TAILS: '0',
+        MOE_EP_GG_SPLIT_ROWS: '0',
         MOE_EP_ROUTER_FAST: 'no',
         MOE_EP_PDL: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: false, fewRows: true, decode: true, skinny: true, bResident: false, trimTails: false },
+      groupedGemm: { hopper: false, fewRows: true, decode: true, skinny: true, bResident: false, trimTails: false, splitRows: false },
       router: { fast: true, pdl: false },
     });
     expect(
@@ -60,7 +61,7 @@ describe('kernel switches', () => {
         MOE_EP_GG_SKINNY: '0',
       }),
     ).toEqual({
-      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false, bResident: true, trimTails: true },
+      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false, bResident: true, trimTails: true, splitRows: true },
       router: { fast: false, pdl: true },
     });
     expect(kernelOptionsFromEnvironment({ MOE_EP_GG_DECODE: 'yes' }).groupedGemm.decode).toBe(true);
@@ -95,6 +96,14 @@ describe('kernel switches', () => {
       skinny: !start.groupedGemm.skinny,
       trimTails: !start.groupedGemm.trimTails,
     });
+    setKernelOptions({ groupedGemm: { splitRows: !start.groupedGemm.splitRows } });
+    expect(native().kernelOptions().groupedGemm).toEqual({
+      ...now.groupedGemm,
+      fewRows: !start.groupedGemm.fewRows,
+      skinny: !start.groupedGemm.skinny,
+      trimTails: !start.groupedGemm.trimTails,
+      splitRows: !start.groupedGemm.splitRows,
+    });
     setKernelOptions(before);
     expect(native().kernelOptions()).toEqual(start);
     // kernelOptions() hands out a copy
@@ -114,7 +123,7 @@ describe('kernel switches', () => {
       // the switches whose losing kernels moved to the ladder: unknown now, and said to be retired
       [
         { groupedGemm: { pingpong: true } },
-        /groupedGemm: unknown option 'pingpong'; expected 'hopper', 'fewRows', 'decode', 'skinny', 'bResident', 'trimTails'; 'pingpong' chose between kernel variants until the slower one left the addon/,
+        /groupedGemm: unknown option 'pingpong'; expected 'hopper', 'fewRows', 'decode', 'skinny', 'bResident', 'trimTails', 'splitRows'; 'pingpong' chose between kernel variants until the slower one left the addon/,
       ],
       [
         { groupedGemm: { fusedHandoff: false } },
@@ -204,6 +213,7 @@ describe('kernel switches', () => {
       MOE_EP_GG_SKINNY: '0',
       MOE_EP_GG_B_RESIDENT: '0',
       MOE_EP_GG_TRIM_TAILS: '0',
+      MOE_EP_GG_SPLIT_ROWS: '0',
       MOE_EP_GG_HOPPER_HANDOFF: '1',
       MOE_EP_GG_TILE: '32',
     };
@@ -213,7 +223,7 @@ describe('kernel switches', () => {
     const r = spawnSync(process.execPath, ['--input-type=module', '-e', script], { env, encoding: 'utf8' });
     expect(r.status, r.stderr).toBe(0);
     const expected = {
-      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false, bResident: false, trimTails: false },
+      groupedGemm: { hopper: true, fewRows: false, decode: false, skinny: false, bResident: false, trimTails: false, splitRows: false },
       router: { fast: false, pdl: true },
     };
     expect(JSON.parse(r.stdout)).toEqual({ ts: expected, addon: expected });

@@ -1,6 +1,6 @@
-// Kernel switches: setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident, trimTails }, router: { fast, pdl } }) and
-// kernelOptions(). lib/kernel-options.ts decides the values (defaults, the environment, the caller's
-// choices) and always passes every field; each op's .cc reads its struct when it picks a kernel.
+// Kernel switches: setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident, trimTails, splitRows }, router: { fast,
+// pdl } }) and kernelOptions(). lib/kernel-options.ts decides the values (defaults, the environment, the caller's choices) and always
+// passes every field; each op's .cc reads its struct when it picks a kernel.
 #include "addon/args.h"
 #include "addon/errors.h"
 #include "addon/registry.h"
@@ -25,7 +25,8 @@ bool flag(const Napi::Object& g, const char* group_name, const char* name) {
   return v.As<Napi::Boolean>().Value();
 }
 
-// setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident, trimTails }, router: { fast, pdl } }): every field given.
+// setKernelOptions({ groupedGemm: { hopper, fewRows, decode, skinny, bResident, trimTails, splitRows }, router: { fast, pdl } }): every
+// field given.
 Napi::Value set_kernel_options(const Napi::CallbackInfo& info) {
   MOE_ARG_CHECK(info.Length() >= 1 && info[0].IsObject(), kOp, "expects an object { groupedGemm, router }");
   const Napi::Object o = info[0].As<Napi::Object>();
@@ -37,6 +38,7 @@ Napi::Value set_kernel_options(const Napi::CallbackInfo& info) {
   g.skinny = flag(gg, "groupedGemm", "skinny");
   g.b_resident = flag(gg, "groupedGemm", "bResident");
   g.trim_tails = flag(gg, "groupedGemm", "trimTails");
+  g.split_rows = flag(gg, "groupedGemm", "splitRows");
   ops::RouterOptions ro;
   ro.fast = flag(r, "router", "fast");
   ro.pdl = flag(r, "router", "pdl");
@@ -57,6 +59,7 @@ Napi::Value kernel_options(const Napi::CallbackInfo& info) {
   gg.Set("fewRows", Napi::Boolean::New(env, g.few_rows));
   gg.Set("decode", Napi::Boolean::New(env, g.decode));
   gg.Set("skinny", Napi::Boolean::New(env, g.skinny));
+  gg.Set("splitRows", Napi::Boolean::New(env, g.split_rows));
   r.Set("fast", Napi::Boolean::New(env, ro.fast));
   r.Set("pdl", Napi::Boolean::New(env, ro.pdl));
   o.Set("groupedGemm", gg);

@@ -21,8 +21,8 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   // 5: setKernelOptions; 6: CUDA graphs (GraphHandle, memoryStats.graphPoolBytes); 7: permuteBackward's
   // add; 8: setKernelOptions takes groupedGemm.pingpong and .decode; 9: and groupedGemm.fusedHandoff;
   // 10: neither groupedGemm.pingpong nor .fusedHandoff (their losing kernels moved to the ladder);
-  // 11: groupedGemm.skinny
-  exports.Set("abiVersion", Napi::Number::New(env, 11));
+  // 11: groupedGemm.skinny; 12: groupedGemm.splitRows
+  exports.Set("abiVersion", Napi::Number::New(env, 12));
   TensorHandle::init(env, exports);
   StreamHandle::init(env, exports);
   EventHandle::init(env, exports);

@@ -324,6 +324,69 @@ describe.skipIf(!hasGpu)('the Hopper kernel on the edges of dW (TN, fp32 results
   });
 });
 
+// dW (TN, f32 out) of one group with few output tiles, the router's dWr = xᵀ·dLogits, is split into
+// row ranges by default (groupedGemm.splitRows; native/ops/moe/grouped_gemm/split_rows.h): a grouped
+// GEMM of several groups into fp32 partials, added in split order. Against the CPU reference with
+// the split on and off, accumulating too; the group does not start at row 0 and stops before the
+// last rows (NaN there: a cut past the group's end would reach them). The split's bits differ from
+// one range's (another summation order: the evidence that the split ran) and repeat run to run.
+const splitRowsCases: { name: string; M: number; K: number; N: number; begin: number; end: number }[] = [
+  { name: "the fine layer's router: T=4096 rows, H=2048, E=128", M: 4100, K: 2048, N: 128, begin: 2, end: 4098 },
+  { name: "the main layer's router: T=4096 rows, H=7168, E=32", M: 4100, K: 7168, N: 32, begin: 1, end: 4097 },
+  { name: 'K=200, N=40 (partial tiles), 2999 rows: cuts inside no k-tile but the last', M: 3100, K: 200, N: 40, begin: 37, end: 3036 },
+];
+
+describe.skipIf(!hasGpu)("the router's dW split into row ranges (groupedGemm.splitRows) against the CPU reference", () => {
+  let baseline = 0;
+  beforeEach(() => {
+    baseline = memoryStats(gpu).liveBytes;
+    setKernelOptions(kernelOptionDefaults);
+  });
+  afterEach(() => {
+    resetKernelOptions();
+    expect(memoryStats(gpu).liveBytes, 'live device bytes back at baseline').toBe(baseline);
+  });
+
+  it.each(splitRowsCases)('TN f32: $name', { timeout: 300_000 }, ({ M, K, N, begin, end }) => {
+    const seed = freshSeed();
+    console.log(`split rows TN ${M}×${K}×${N}: seed ${seed}`);
+    tidy(() => {
+      const a = Tensor.rand([M, K], { seed, low: -1, high: 1, device: cpu }).cast('bf16');
+      const dC = Tensor.rand([M, N], { seed: seed + 1, low: -1, high: 1, device: cpu }).cast('bf16');
+      for (const t of [a, dC]) {
+        t.narrow(0, 0, begin).fill_(NaN);
+        t.narrow(0, end, M - end).fill_(NaN);
+      }
+      const ga = a.to(gpu),
+        gdC = dC.to(gpu);
+      const off = Tensor.fromArray([begin, end], { dtype: 'i32', device: cpu });
+      const goff = off.to(gpu);
+      const cdW = poisoned([1, K, N], 'f32', cpu);
+      groupedGemm('TN', a, dC, off, { out: cdW });
+      const run = (splitRows: boolean, out = poisoned([1, K, N], 'f32', gpu), accumulate = false): Float32Array => {
+        setKernelOptions({ groupedGemm: { splitRows } });
+        groupedGemm('TN', ga, gdC, goff, { out, accumulate });
+        return floats(out);
+      };
+      const split = run(true);
+      expect(split.every(Number.isFinite), `seed ${seed}: every output written, no NaN row read`).toBe(true);
+      expect(relErr(split, floats(cdW)), `seed ${seed}: split vs CPU`).toBeLessThan(1e-4);
+      expect(run(true), `seed ${seed}: the same bits again`).toEqual(split);
+      const whole = run(false);
+      expect(relErr(whole, floats(cdW)), `seed ${seed}: one range vs CPU`).toBeLessThan(1e-4);
+      expect(
+        whole.some((v, i) => v !== split[i]),
+        `seed ${seed}: the split's summation order differs from one range's`,
+      ).toBe(true);
+      // accumulate onto random contents: out += product
+      const start = Tensor.rand([1, K, N], { seed: seed + 2, low: -1, high: 1, device: cpu });
+      const cAcc = start.clone();
+      groupedGemm('TN', a, dC, off, { out: cAcc, accumulate: true });
+      expect(relErr(run(true, start.to(gpu), true), floats(cAcc)), `seed ${seed}: split, accumulate vs CPU`).toBeLessThan(1e-4);
+    });
+  });
+});
+
 // dW with bf16 results and 32-128 rows per group on average takes the B-resident Hopper kernel by
 // default (native/ops/moe/grouped_gemm/hopper_b_resident.cu): each group's dC slice kept in shared
 // memory, the tiles stored by TMA tensor stores; a group over 128 rows (a skewed routing) left to

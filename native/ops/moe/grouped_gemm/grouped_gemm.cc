@@ -1,7 +1,10 @@
 #include "ops/moe/grouped_gemm/grouped_gemm.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cstdint>
 
+#include "core/cuda_runtime.h"
 #include "ops/common/checks.h"
 #include "ops/common/dispatch.h"
 #include "ops/moe/fp8/fp8.h"
@@ -10,6 +13,7 @@
 #include "ops/moe/grouped_gemm/hopper.h"
 #include "ops/moe/grouped_gemm/hopper_b_resident.h"
 #include "ops/moe/grouped_gemm/skinny.h"
+#include "ops/moe/grouped_gemm/split_rows.h"
 
 namespace moe::ops {
 
@@ -103,6 +107,41 @@ int decode_rows(const GroupedGemm& g, const GroupedGemmOptions& o) {
 GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o) {
   const GemmKernel kernel = select_tile_kernel(g, o);
   return GemmChoice{kernel, kernel == GemmKernel::Skinny ? 0 : decode_rows(g, o), o.trim_tails};
+}
+
+// 6. dW (TN, plain store, f32 out) of one group with fewer output tiles than half the SMs (the
+//    router's dWr = xᵀ·dLogits, split_rows.h; groupedGemm.splitRows): its rows cut into ranges, one
+//    fp32 partial each, so that the tiles times the splits fill about one wave; every split keeps
+//    at least kSplitRowsMin rows (a mainloop long enough to pay for its partial's stores). The
+//    tile count is the Hopper kernel's (128×256 tiles). Returns 1 for no split.
+constexpr int64_t kSplitRowsMin = 256;
+constexpr int64_t kSplitRowsMax = 16;
+int row_splits(const GroupedGemm& g, const GroupedGemmOptions& o) {
+  if (!o.split_rows || g.mode != GemmMode::TN || g.epilogue != GemmEpilogue::Store || g.offsets.size(0) != 2 || g.out.dtype() != DType::f32)
+    return 1;
+  const int64_t M = g.a.size(0), K = g.a.size(1), N = g.b.size(1);
+  if (K % 8 != 0 || N % 8 != 0 || (reinterpret_cast<uintptr_t>(g.out.raw()) & 15) != 0) return 1;
+  const int64_t tiles = ((K + 127) / 128) * ((N + 255) / 256);
+  const int64_t sms = cuda::multiprocessors(g.a.device().index);
+  return int(std::max<int64_t>(1, std::min({sms / tiles, M / kSplitRowsMin, kSplitRowsMax})));
+}
+
+// The CUDA side of a call: split into row ranges (6.) or straight to the kernel chosen above.
+void grouped_gemm_on_cuda(const GroupedGemm& g, const char* op) {
+  const GroupedGemmOptions o = grouped_gemm_options();
+  const int splits = row_splits(g, o);
+  if (splits == 1) {
+    grouped_gemm_cuda(g, select_cuda_kernel(g, o), op_stream(g.a));
+    return;
+  }
+  // Scratch from the caching allocator, freed on return: reused only after the kernels queued here.
+  GroupedGemm parts = g;
+  parts.offsets = Tensor::empty({splits + 1}, DType::i32, g.a.device(), op);
+  parts.out = Tensor::empty({splits, g.a.size(1), g.b.size(1)}, DType::f32, g.a.device(), op);
+  parts.accumulate = false;
+  split_row_offsets(g.offsets, g.a.size(0), parts.offsets, op_stream(g.a));
+  grouped_gemm_cuda(parts, select_cuda_kernel(parts, o), op_stream(g.a));
+  sum_row_splits(parts.out, splits, g.out, g.accumulate, op_stream(g.a));
 }
 #endif
 }  // namespace
@@ -212,7 +251,7 @@ void grouped_gemm(const GroupedGemm& g) {
     grouped_gemm(dense);
     return;
   }
-  MOE_ON_DEVICE(g.a, op, grouped_gemm_cpu(g), grouped_gemm_cuda(g, select_cuda_kernel(g, grouped_gemm_options()), op_stream(g.a)));
+  MOE_ON_DEVICE(g.a, op, grouped_gemm_cpu(g), grouped_gemm_on_cuda(g, op));
 }
 
 }  // namespace moe::ops

@@ -64,6 +64,10 @@ struct alignas(8) GroupedGemmOptions {
   // dW (TN) on the Hopper kernel (hopper.cu): a group's last k-tile runs only the k16 steps that
   // hold its rows. Results unchanged (the steps skipped multiply zeroed rows).
   bool trim_tails = true;
+  // dW (TN, plain store, f32 out) of one group with few output tiles (the router's xᵀ·dLogits): its
+  // rows split into ranges computed as a grouped GEMM of several groups, the fp32 partials added in
+  // order (split_rows.h), where grouped_gemm.cc's row_splits takes it.
+  bool split_rows = true;
 };
 void set_grouped_gemm_options(const GroupedGemmOptions& options);
 GroupedGemmOptions grouped_gemm_options();
