@@ -111,8 +111,10 @@ GemmChoice select_cuda_kernel(const GroupedGemm& g, const GroupedGemmOptions& o)
 
 // 6. dW (TN, plain store, f32 out) of one group with fewer output tiles than half the SMs (the
 //    router's dWr = xᵀ·dLogits, split_rows.h; groupedGemm.splitRows): its rows cut into ranges, one
-//    fp32 partial each, so that the tiles times the splits fill about one wave; every split keeps
-//    at least kSplitRowsMin rows (a mainloop long enough to pay for its partial's stores). The
+//    fp32 partial each, so that the tiles times the splits fill about one wave, and no more than
+//    a's rows over kSplitRowsMin (a mainloop long enough to pay for its partial's stores). The host
+//    knows a's rows, not the group's (on the device): a group much shorter than `a` gets short or
+//    empty ranges, each still a partial to write and add (the router's group is all of a). The
 //    tile count is the Hopper kernel's (128×256 tiles). Returns 1 for no split. H100, ccb57b8
 //    (benchmarks/results/moe-layer-fine-vs-splitRows-off-ccb57b8-h100.json, -vs-splitRows-off-):
 //    the fine layer's router dW (H=2048, E=128; 8 splits) 0.021 against 0.043 ms, the main
