@@ -8,7 +8,7 @@
  */
 import { type DType } from './dtype.js';
 import { invalidArgument, plain } from './errors.js';
-import { checkNumber, checkOneOf, checkOptions, checkSeparate, checkTensor, withOutput } from './validate.js';
+import { checkNumber, checkOneOf, checkOptions, checkResultDType, checkSeparate, checkTensor, withOutput } from './validate.js';
 import { native } from './native.js';
 import { ACTIVATION, BINARY_OP, REDUCE_OP } from './native-codes.js';
 import { Tensor } from './tensor.js';
@@ -63,6 +63,8 @@ export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor
 /** GELU's two forms, torch's `approximate` argument: 'none' x·Φ(x) (erf), 'tanh' its tanh approximation. */
 export type GeluApproximate = 'none' | 'tanh';
 const GELU_APPROXIMATE: readonly GeluApproximate[] = ['none', 'tanh'];
+/** The dtypes a float result (sum, matmul) may be asked for. */
+const FLOAT_RESULTS: readonly DType[] = ['f32', 'bf16', 'f16'];
 
 function geluKind(options: { approximate?: GeluApproximate }, op: string): number {
   const approximate = checkOneOf(options.approximate ?? 'none', op, 'approximate', GELU_APPROXIMATE);
@@ -133,6 +135,7 @@ function reduced(a: Tensor, dim: number, op: string): number[] {
 /** Sum along `dim` (that dimension removed). Floating sums accumulate in fp32 or better. */
 export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType } = {}): Tensor {
   options = checkOptions(options, 'sum', { out: true, dtype: true });
+  checkResultDType(options.dtype, 'sum', FLOAT_RESULTS);
   checkTensor(a, 'sum', 'a');
   const make = resultLike(a, reduced(a, dim, 'sum'), options.dtype ?? a.dtype);
   return withOutput('sum', options.out, make, (out) => native().reduce(REDUCE_OP.sum, a.handle, dim, out.handle));
@@ -149,6 +152,7 @@ export function max(a: Tensor, dim: number, options: OutOption = {}): Tensor {
 /** out[M,N] = a[M,K]·b[K,N] (+ out with `accumulate`), fp32 accumulation. Views such as transposes are fine. */
 export function matmul(a: Tensor, b: Tensor, options: OutOption & { accumulate?: boolean; dtype?: DType } = {}): Tensor {
   options = checkOptions(options, 'matmul', { out: true, accumulate: true, dtype: true });
+  checkResultDType(options.dtype, 'matmul', FLOAT_RESULTS);
   checkTensor(a, 'matmul', 'a');
   checkTensor(b, 'matmul', 'b');
   if (a.ndim !== 2 || b.ndim !== 2) invalidArgument('matmul', `expects 2-D tensors, got [${a.shape.join(',')}] and [${b.shape.join(',')}]`);

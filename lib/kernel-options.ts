@@ -136,6 +136,8 @@ function copy(o: KernelOptions): KernelOptions {
 
 /** The switches as the environment sets them: '0' is off, '1' on, unset or anything else the default. */
 export function kernelOptionsFromEnvironment(env: NodeJS.ProcessEnv = process.env): KernelOptions {
+  if (env === null || typeof env !== 'object')
+    invalidArgument('kernelOptionsFromEnvironment', `'env' must be an object of variables (process.env)`);
   const o = copy(kernelOptionDefaults);
   for (const g of Object.keys(ENVIRONMENT) as (keyof KernelOptions)[]) {
     const vars: Record<string, string> = ENVIRONMENT[g];

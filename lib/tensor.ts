@@ -223,14 +223,19 @@ export class Tensor implements Disposable {
     const shape = checkShape(options.shape ?? [length], op);
     if (numelOf(shape) !== length)
       invalidArgument(op, `'data' has ${length} values but shape [${shape.join(',')}] holds ${numelOf(shape)}`);
-    const typed = ArrayBuffer.isView(data) ? (data as ArrayBufferView) : undefined;
+    let typed = ArrayBuffer.isView(data) ? (data as ArrayBufferView) : undefined;
+    if (typed && typed.buffer instanceof SharedArrayBuffer) {
+      // The addon takes bytes from an ArrayBuffer only: a TypedArray over shared memory is copied
+      // (a DataView has no length: refused above).
+      typed = (typed as unknown as { slice(): ArrayBufferView }).slice();
+    }
     const implied = typed ? dtypeOfArray(typed) : undefined;
     if (typed instanceof Uint16Array && options.dtype !== 'bf16' && options.dtype !== 'f16') {
       invalidArgument(op, `a Uint16Array holds raw bf16 or f16 bits: pass dtype 'bf16' or 'f16'`);
     }
     const dtype = checkDType(options.dtype ?? implied ?? 'f32', op);
     const raw = typed && rawArrayMatches(typed, dtype);
-    if (raw) return new Tensor(native().tensorFromBuffer(typed, shape, DTYPE_CODE[dtype], ...device.code));
+    if (typed && raw) return new Tensor(native().tensorFromBuffer(typed, shape, DTYPE_CODE[dtype], ...device.code));
     // Plain numbers (or a TypedArray of another type), checked one by one before anything the size
     // of `data` is made (an array-like's length alone may be absurd); then integers go straight into
     // the dtype's own array, other numbers through f32, converted natively (rounded for bf16/f16/fp8).
@@ -240,7 +245,16 @@ export class Tensor implements Disposable {
     // Every read goes through valueAt, the copy's too: a getter or a Proxy may answer differently
     // the second time, and the copy must store only what was checked.
     const valueAt = (i: number): number => {
-      const v = values[i];
+      let v = values[i];
+      // A BigInt64Array's values, into another integer dtype: checked against its range like numbers.
+      if (typeof v === 'bigint' && integral) {
+        if (range && (v < BigInt(range[0]) || v > BigInt(range[1]))) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
+        if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < -BigInt(Number.MAX_SAFE_INTEGER))
+          invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for ${dtype}`);
+        v = Number(v);
+      }
+      if (typeof v === 'number' && integral && Number.isInteger(v) && !Number.isSafeInteger(v))
+        invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for ${dtype}`);
       if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
         invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
       }
@@ -258,7 +272,7 @@ export class Tensor implements Disposable {
         throw e;
       }
       if (a instanceof BigInt64Array) for (let i = 0; i < length; i++) a[i] = BigInt(valueAt(i));
-      else if (typed) a.set(typed as unknown as ArrayLike<number>);
+      else if (typed && !(typed instanceof BigInt64Array || typed instanceof BigUint64Array)) a.set(typed as unknown as ArrayLike<number>);
       else for (let i = 0; i < length; i++) a[i] = valueAt(i);
       return a;
     };
@@ -406,6 +420,9 @@ export class Tensor implements Disposable {
   }
   /** A copy on `device`. */
   to(device: DeviceLike): Tensor {
+    // Left out (or null), `device` would fall through to this tensor's own: a silent same-device copy.
+    if (device === undefined || device === null)
+      invalidArgument('to', `'device' is required (e.g. 'cpu', 'cuda:0'); received ${String(device)}`);
     return this.copied({ device }, 'to');
   }
   /** Converted to `dtype` (a copy). */

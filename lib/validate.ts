@@ -146,6 +146,17 @@ export function checkDType(value: unknown, op: string, arg = 'dtype'): DType {
   return value as DType;
 }
 
+/**
+ * An op's `dtype` option, the dtype of a result it allocates: one of `allowed`, or undefined when
+ * left out (named 'dtype': refused later, it would be blamed on the 'out' the caller never passed).
+ */
+export function checkResultDType(value: unknown, op: string, allowed: readonly DType[]): DType | undefined {
+  if (value === undefined) return undefined;
+  if (!(allowed as readonly unknown[]).includes(value))
+    invalidArgument(op, `'dtype' must be one of ${allowed.join(', ')}; received ${shown(value)}`);
+  return value as DType;
+}
+
 // ------------------------------------------------------------------------------- streams and events
 
 export function checkStream(s: unknown, op: string, arg = 'stream'): Stream {
@@ -209,7 +220,10 @@ export function checkPositiveNumber(v: unknown, op: string, arg: string, hint = 
 /** A safe integer ≥ 1, below `below` when given (e.g. 2 ** 31 for what the addon takes as i32). */
 export function checkPositiveInt(v: unknown, op: string, arg: string, { below = Infinity }: { below?: number } = {}): number {
   if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 1 || v >= below)
-    invalidArgument(op, `'${arg}' must be a positive integer; received ${received(v)}`);
+    invalidArgument(
+      op,
+      `'${arg}' must be ${below === Infinity ? 'a positive integer' : `an integer in [1, ${below - 1}]`}; received ${received(v)}`,
+    );
   return v;
 }
 
@@ -240,28 +254,34 @@ export function checkOneOf<T extends string>(v: unknown, op: string, arg: string
 // ------------------------------------------------------------------------------------------ outputs
 
 /**
- * Takes each output from `given` (checked, named 'out.<key>') or allocates it with `make`, runs
- * `fn`, and disposes the tensors allocated here again if `fn` throws.
+ * Takes each output from `given` (checked, named 'out.<key>') or allocates it with `make`, refuses
+ * given outputs that overlap each other or `inputs`, runs `fn`, and disposes the tensors allocated
+ * here again if `fn` throws.
  */
 export function withOutputs<T extends { [K in keyof T]: Tensor }>(
   op: string,
   given: object | undefined,
   make: { [K in keyof T]: () => Tensor },
   fn: (o: T) => void,
+  inputs: Record<string, Tensor | null | undefined> = {},
 ): T {
   if (given !== undefined && (given === null || typeof given !== 'object')) invalidArgument(op, `'out' must be an object of tensors`);
   const made: Tensor[] = [];
   const o = {} as T;
   try {
+    const named: Record<string, Tensor> = {};
     for (const key of Object.keys(make) as (keyof T)[]) {
       const g = (given as Record<string, unknown> | undefined)?.[key as string];
-      if (g !== undefined) o[key] = checkTensor(g, op, `out.${String(key)}`) as T[keyof T];
+      if (g !== undefined) o[key] = (named[`out.${String(key)}`] = checkTensor(g, op, `out.${String(key)}`)) as T[keyof T];
       else {
         const t = make[key]();
         made.push(t);
         o[key] = t as T[keyof T];
       }
     }
+    // The caller's outputs lie apart from each other and from the inputs (one written over another
+    // would give wrong results, silently).
+    checkApart(op, named, inputs);
     fn(o);
   } catch (e) {
     for (const t of made) t.dispose();

@@ -27,7 +27,9 @@ import {
   moeLayerState,
   groupedGemm,
   InvalidArgumentError,
+  kernelOptionsFromEnvironment,
   listCheckpoints,
+  loadMoELayer,
   loadCheckpoint,
   MoELayer,
   MoEInference,
@@ -54,8 +56,10 @@ import {
   mseLoss,
   rmsnorm,
   resolveConfig,
+  routerForward,
 } from '../lib/index.js';
 import { native } from '../lib/native.js';
+import { expectInvalidArgument } from './helpers.js';
 
 const cpu = 'cpu' as const;
 const f = (shape: number[], dtype: 'f32' | 'bf16' | 'i32' | 'u8' | 'fp8e4m3' = 'f32'): Tensor =>
@@ -455,7 +459,7 @@ const cases: Case[] = [
     'ClusterTask.batch of negative tokens',
     () => new ClusterTask({ dim: 8, clusters: 4, zipf: 1, noise: 0.1, seed: 1 }).batch(0, -1),
     InvalidArgumentError,
-    /ClusterTask.batch: 'tokens' must be a positive integer/,
+    /ClusterTask.batch: 'tokens' must be an integer in \[1, 2147483647\]; received -1/,
   ],
   ['Trainer of a non-config', () => new Trainer(null as never), InvalidArgumentError, /config: must be a JSON object/],
   ['stepDirName of NaN', () => stepDirName(NaN), InvalidArgumentError, /stepDirName: 'step' must be a non-negative integer; received NaN/],
@@ -1411,8 +1415,143 @@ describe('bad calls give clear errors', () => {
     writeFileSync(root, 'x');
     expect(() => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) } })).toThrow(CheckpointError);
     expect(() => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) } })).toThrow(
-      /saveCheckpoint failed, nothing was committed: rank 0: E(EXIST|NOTDIR)/,
+      /saveCheckpoint failed, nothing was committed: rank 0: saveCheckpoint: 'root' .*a-file: .*a-file is not a folder/,
     );
+  });
+
+  // Found by probing the public API in session 30: each gave a hang, a wrong result, a raw error or
+  // an error naming an argument the caller never passed.
+  it("saveCheckpoint and writeCheckpoint under a folder the system will not create fail naming 'root' (Node's recursive mkdir looped forever on /proc/x)", () => {
+    for (const save of [
+      () => saveCheckpoint('/proc/moe-ep-nope/ckpt', { step: 1, replicated: { w: f([2]) } }),
+      () => writeCheckpoint('/proc/moe-ep-nope/ckpt', { step: 1, worldSize: 1, files: [file('replicated.safetensors')] }),
+    ])
+      expect(save).toThrow(/'root' \/proc\/moe-ep-nope\/ckpt: cannot create the folder \/proc\/moe-ep-nope/);
+  });
+
+  it('manifestExtras that are not JSON (a cycle, a BigInt) are refused before anything is written', () => {
+    const root = tmp();
+    const cyclic: Record<string, unknown> = {};
+    cyclic['self'] = cyclic;
+    for (const extras of [cyclic, { n: 1n }]) {
+      expectInvalidArgument(
+        () => saveCheckpoint(root, { step: 1, replicated: { w: f([2]) }, manifestExtras: extras as never }),
+        /saveCheckpoint: 'manifestExtras' must be JSON values/,
+      );
+      expectInvalidArgument(
+        () => writeCheckpoint(root, { step: 1, worldSize: 1, files: [file('replicated.safetensors')], manifestExtras: extras as never }),
+        /writeCheckpoint: 'manifestExtras' must be JSON values/,
+      );
+    }
+    expect(listCheckpoints(root)).toEqual([]);
+  });
+
+  it('router and capacity refuse outputs that overlap each other or an input (they wrote one over another: wrong counts, a NaN row that was not there)', () => {
+    const logits = Tensor.randn([3, 2], { seed: 1, device: cpu });
+    const t = f([2], 'i32');
+    expectInvalidArgument(
+      () => routerForward(logits, { numExperts: 2, topK: 1 }, { out: { tokensPerExpert: t, nanRows: t } }),
+      /router: 'out\.tokensPerExpert' overlaps 'out\.nanRows' in memory/,
+    );
+    const w = f([3, 1]);
+    expectInvalidArgument(
+      () => routerForward(logits, { numExperts: 2, topK: 1 }, { out: { weights: w, scores: logits } }),
+      /router: 'out\.scores' overlaps 'logits' in memory/,
+    );
+    const { indices } = routed();
+    const k = f([2], 'i32');
+    expectInvalidArgument(
+      () =>
+        capacity(indices, f([2, 2]), {
+          numExperts: 4,
+          out: { keptPerExpert: f([4], 'i32'), invalid: k.narrow(0, 0, 1), dropped: k.narrow(0, 0, 1) },
+        }),
+      /capacity: 'out\.dropped' overlaps 'out\.invalid' in memory/,
+    );
+    expectInvalidArgument(
+      () => capacity(indices, f([2, 2]), { numExperts: 4, out: { slot: indices } }),
+      /capacity: 'out\.slot' overlaps 'indices'/,
+    );
+    // Apart, in one allocation: fine.
+    const both = f([2], 'i32');
+    const r = capacity(indices, f([2, 2]), { numExperts: 4, out: { invalid: both.narrow(0, 0, 1), dropped: both.narrow(0, 1, 1) } });
+    expect(r.keptPerExpert.toNumbers().reduce((a, b) => a + b, 0)).toBe(4);
+  });
+
+  it("a result dtype an op cannot write is named 'dtype' (it was blamed on the 'out' the caller never passed)", () => {
+    const a = f([4, 4]);
+    expectInvalidArgument(() => ops.sum(a, 0, { dtype: 'i32' }), /sum: 'dtype' must be one of f32, bf16, f16; received "i32"/);
+    expectInvalidArgument(() => ops.matmul(a, a, { dtype: 'fp8e4m3' }), /matmul: 'dtype' must be one of f32, bf16, f16/);
+    const rowOf = i32([0, 1, 2, 3], [2, 2]);
+    expectInvalidArgument(
+      () => unpermute(a, rowOf, f([2, 2]), { dtype: 'f16' }),
+      /unpermute: 'dtype' must be one of f32, bf16; received "f16"/,
+    );
+    const x = f([4, 8], 'bf16');
+    expectInvalidArgument(
+      () => groupedGemm('NN', x, f([1, 8, 8], 'bf16'), i32([0, 4], [2]), { dtype: 'i32' }),
+      /groupedGemm: 'dtype' must be one of bf16, f32/,
+    );
+  });
+
+  it('fromArray copies a TypedArray over a SharedArrayBuffer (the addon refused it with a bare "Invalid argument")', () => {
+    const shared = new Float32Array(new SharedArrayBuffer(16));
+    shared.set([1, 2, 3, 4]);
+    expect(Tensor.fromArray(shared, { shape: [2, 2], device: cpu }).toNumbers()).toEqual([1, 2, 3, 4]);
+    const bits = new Uint16Array(new SharedArrayBuffer(4));
+    bits.set([0x3f80, 0x4000]); // bf16 1 and 2
+    expect(Tensor.fromArray(bits, { dtype: 'bf16', device: cpu }).toNumbers()).toEqual([1, 2]);
+  });
+
+  it("safetensors: a dtype named like an Object method is unknown; writing where the folder is missing, or onto a folder, names 'path'", () => {
+    const dir = tmp();
+    expect(() =>
+      writeSafetensors(join(dir, 'x.safetensors'), [{ name: 'a', dtype: 'toString', shape: [2], data: new Float32Array(2) }]),
+    ).toThrow(/unknown dtype "toString"/);
+    // A file whose header names dtype "__proto__" (written by hand).
+    const header = Buffer.from(JSON.stringify({ a: { dtype: '__proto__', shape: [1], data_offsets: [0, 4] } }).padEnd(64, ' '));
+    const bytes = Buffer.alloc(8 + header.length + 4);
+    bytes.writeBigUInt64LE(BigInt(header.length), 0);
+    header.copy(bytes, 8);
+    writeFileSync(join(dir, 'proto.safetensors'), bytes);
+    expect(() => SafetensorsFile.open(join(dir, 'proto.safetensors'))).toThrow(/unknown dtype "__proto__"/);
+    const entry = [{ name: 'a', dtype: 'F32', shape: [1], data: new Float32Array(1) }];
+    expectInvalidArgument(
+      () => writeSafetensors(join(dir, 'missing', 'x.safetensors'), entry),
+      /writeSafetensors: 'path' .*: its folder .*missing does not exist/,
+    );
+    expectInvalidArgument(() => writeSafetensors(dir, entry), /writeSafetensors: 'path' .* is a folder/);
+  });
+
+  it('fromArray names integers a number cannot hold exactly, and BigInts that do not fit; to() needs its device (it copied in place)', () => {
+    expectInvalidArgument(
+      () => Tensor.fromArray([2 ** 60], { dtype: 'i64', device: cpu }),
+      /'data'\[0\] = .* is beyond 2\^53.*BigInt64Array/,
+    );
+    expectInvalidArgument(
+      () => Tensor.fromArray(new BigInt64Array([2n ** 40n]), { dtype: 'i32', device: cpu }),
+      /'data'\[0\] = 1099511627776 does not fit i32/,
+    );
+    expect(Tensor.fromArray(new BigInt64Array([5n, -3n]), { dtype: 'i32', device: cpu }).toNumbers()).toEqual([5, -3]);
+    const t = f([2]);
+    for (const device of [undefined, null]) expectInvalidArgument(() => t.to(device as never), /to: 'device' is required/);
+  });
+
+  it("an absurd 'align' or numExperts is refused with its bound (align 2^30 asked the host for 64 GiB)", () => {
+    const { indices, cap } = routed();
+    expectInvalidArgument(
+      () => permute(f([2, 3]), indices, f([2, 2]), cap, { align: 2 ** 30 }),
+      /permute: 'align' must be an integer in \[1, 65536\]/,
+    );
+    expect(permute(f([2, 3]), indices, f([2, 2]), cap, { align: 65536 }).numRows).toBe(4 * 65536);
+    expectInvalidArgument(() => capacity(indices, null, { numExperts: 2 ** 30 }), /capacity: 'numExperts' must be an integer in \[1, /);
+  });
+
+  it('loadMoELayer, moeLayerState and kernelOptionsFromEnvironment name a wrong argument (TypeErrors before)', () => {
+    using layer = new MoELayer(smallLayer);
+    expectInvalidArgument(() => loadMoELayer({} as never, layer, 0), /loadMoELayer: 'reader' must be a CheckpointReader/);
+    expectInvalidArgument(() => moeLayerState({} as never, 0), /moeLayerState: 'layer' must be a MoELayer/);
+    expectInvalidArgument(() => kernelOptionsFromEnvironment(null as never), /kernelOptionsFromEnvironment: 'env' must be an object/);
   });
 
   it('copy_ and add_ from another view of the same memory read the values as they were (they read overwritten ones)', () => {

@@ -80,7 +80,7 @@ export function capacity(indices: Tensor, weights: Tensor | null | undefined, op
   checkTensor(indices, op, 'indices');
   if (options === null || typeof options !== 'object') invalidArgument(op, `'options' must be an object with 'numExperts'`);
   checkKeys(options, op, { numExperts: true, capacityFactor: true, dropPolicy: true, out: true });
-  const numExperts = checkPositiveInt(options.numExperts, op, 'numExperts');
+  const numExperts = checkPositiveInt(options.numExperts, op, 'numExperts', { below: 2 ** 30 - 1 }); // the addon's bound (INT_MAX / 2)
   const policy = checkOneOf(options.dropPolicy ?? 'probs', op, 'dropPolicy', DROP_POLICIES);
   if (indices.ndim !== 2) invalidArgument(op, `'indices' must be [T,k]; received [${indices.shape.join(',')}]`);
   const [T, k] = indices.shape as [number, number];
@@ -105,6 +105,7 @@ export function capacity(indices: Tensor, weights: Tensor | null | undefined, op
         o.dropped.handle,
         o.invalid.handle,
       ),
+    { indices, weights },
   );
   return { ...o, capacity: cap, numExperts };
 }

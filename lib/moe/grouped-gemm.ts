@@ -14,7 +14,7 @@
  */
 import { type DType } from '../dtype.js';
 import { invalidArgument, shown } from '../errors.js';
-import { checkDType, checkOptions, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
+import { checkDType, checkOptions, checkResultDType, checkSeparate, checkTensor, checkTensors, withOutput } from '../validate.js';
 import { native } from '../native.js';
 import { GEMM_EPILOGUE, GEMM_MODE } from '../native-codes.js';
 import { Tensor } from '../tensor.js';
@@ -59,6 +59,7 @@ function outShape(mode: GemmMode, a: Tensor, b: Tensor, offsets: Tensor): number
 export function groupedGemm(mode: GemmMode, aRows: Tensor | Fp8Rows, b: Tensor, offsets: Tensor, options: GroupedGemmOptions = {}): Tensor {
   const op = 'groupedGemm';
   options = checkOptions(options, op, { out: true, dtype: true, accumulate: true });
+  checkResultDType(options.dtype, op, ['bf16', 'f32']);
   if (typeof mode !== 'string' || !Object.hasOwn(GEMM_MODE, mode))
     invalidArgument(op, `'mode' must be 'NN', 'NT' or 'TN'; received ${shown(mode)}`);
   const [a, aScales] = rowsOf(op, aRows);

@@ -26,6 +26,7 @@ import {
   checkBoolean,
   checkOptions,
   checkPositiveInt,
+  checkResultDType,
   checkSeparate,
   checkTensor,
   checkTensors,
@@ -35,6 +36,15 @@ import {
 import { native } from '../native.js';
 import { Tensor } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
+
+/**
+ * The largest `align`: rows are padded per expert to a multiple of it (a GEMM tile is 64-256 rows);
+ * 2^30 made every expert's segment a gigabyte-sized allocation from a three-token input.
+ */
+const MAX_ALIGN = 65536;
+
+/** The dtypes the row results (unpermute's y, the backwards' row gradients) may be asked for. */
+const ROW_RESULTS: readonly DType[] = ['f32', 'bf16'];
 
 export interface PermuteOutputs {
   rows: Tensor;
@@ -79,7 +89,7 @@ export function permutedRowCount(cap: CapacityResult, options: { align?: number;
 function segmentRowCounts(cap: CapacityResult, options: { align?: number; padToCapacity?: boolean }): number[] {
   const op = 'permute';
   checkCap(cap, op);
-  const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
+  const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: MAX_ALIGN + 1 });
   if (options.padToCapacity) {
     if (cap.capacity === null) invalidArgument(op, `'padToCapacity' needs a capacity (capacity() was called without 'capacityFactor')`);
     return new Array<number>(cap.numExperts).fill(roundUp(cap.capacity, align));
@@ -136,7 +146,7 @@ export function permute(x: Tensor, indices: Tensor, weights: Tensor, cap: Capaci
       `'indices' [${indices.shape.join(',')}] has ${indices.shape[0]} tokens but 'x' [${x.shape.join(',')}] has ${x.shape[0]}`,
     );
   }
-  const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: 2 ** 31 });
+  const align = checkPositiveInt(options.align ?? 1, op, 'align', { below: MAX_ALIGN + 1 });
   const padToCapacity = checkBoolean(options.padToCapacity ?? false, op, 'padToCapacity');
   checkSeparate(op, givenOutputs(op, options.out), {
     x,
@@ -205,6 +215,7 @@ export interface UnpermuteOptions {
 export function unpermute(rows: Tensor, rowOf: Tensor, weights: Tensor, options: UnpermuteOptions = {}): Tensor {
   const op = 'unpermute';
   options = checkOptions(options, op, { dtype: true, out: true });
+  checkResultDType(options.dtype, op, ROW_RESULTS);
   checkTensor(rows, op, 'rows');
   checkTensor(rowOf, op, 'rowOf');
   checkTensor(weights, op, 'weights');
@@ -234,6 +245,7 @@ export function unpermuteBackward(
 ): UnpermuteGradients {
   const op = 'unpermuteBackward';
   options = checkOptions(options, op, { dtype: true, out: true });
+  checkResultDType(options.dtype, op, ROW_RESULTS);
   checkTensors(op, { dy, rows, weights, rowOf, rowToken });
   checkSeparate(op, givenOutputs(op, options.out), {
     dy,
@@ -269,6 +281,7 @@ export interface PermuteBackwardOptions extends UnpermuteOptions {
 export function permuteBackward(dRows: Tensor, rowOf: Tensor, options: PermuteBackwardOptions = {}): Tensor {
   const op = 'permuteBackward';
   options = checkOptions(options, op, { dtype: true, out: true, add: true });
+  checkResultDType(options.dtype, op, ROW_RESULTS);
   checkTensor(dRows, op, 'dRows');
   checkTensor(rowOf, op, 'rowOf');
   const add = options.add;

@@ -344,6 +344,7 @@ export function routerForward(
       );
       if (checkNaN) throwOnBadRows(o.nanRows, op);
     },
+    { logits, bias },
   );
   return outputs;
 }
@@ -405,6 +406,7 @@ export function expertChoiceForward(
       );
       if (checkNaN) throwOnBadRows(r.nanRows, op);
     },
+    { logits },
   );
   return { ...o, capacity: C };
 }
@@ -460,6 +462,7 @@ export function routerBackward(
             r.dLogits.handle,
             options.accumulate ?? false,
           ),
+    { dWeights, scores: saved.scores, indices: ec ? undefined : saved.indices, slot: ec ? saved.slot : undefined },
   );
   return o.dLogits;
 }

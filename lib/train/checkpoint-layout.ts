@@ -133,6 +133,12 @@ export function checkManifestExtras(extras: ManifestExtras, op: string): void {
       `'manifestExtras' must be an object of JSON values; received ${Array.isArray(extras) ? 'an array' : typeof extras}`,
     );
   for (const k of Object.keys(extras)) if (RESERVED.has(k)) invalidArgument(op, `manifestExtras.${k} is reserved for the manifest itself`);
+  // Before any file is written: a cycle or a BigInt would otherwise fail only at the manifest.
+  try {
+    JSON.stringify(extras);
+  } catch (e) {
+    invalidArgument(op, `'manifestExtras' must be JSON values: ${(e as Error).message}`);
+  }
 }
 
 /**

@@ -33,7 +33,7 @@ import {
   stepDirName,
   verifyCandidate,
 } from './checkpoint-layout.js';
-import { checkPlainName, fsyncDir, isTemporaryName, realFolder, writeFileAtomic } from './safe-files.js';
+import { checkPlainName, fsyncDir, isTemporaryName, makeDirs, realFolder, writeFileAtomic } from './safe-files.js';
 import { type SafetensorsEntry, writeSafetensors } from './safetensors.js';
 
 /** A tensor given as raw bytes (for tools that never touch the addon). */
@@ -177,7 +177,7 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
   let report: RankReport;
   let written = 0;
   try {
-    fs.mkdirSync(root, { recursive: true });
+    makeDirs(root, op, 'root');
     try {
       fs.mkdirSync(tmp);
     } catch (e) {
@@ -280,7 +280,7 @@ export function writeCheckpoint(
   const extras = options.manifestExtras ?? {};
   checkManifestExtras(extras, 'writeCheckpoint');
   checkCheckpointFiles(options.files, worldSize);
-  fs.mkdirSync(root, { recursive: true });
+  makeDirs(root, 'writeCheckpoint', 'root');
   const name = stepDirName(step);
   const tmp = join(root, `.tmp-${name}-${nonce(6)}`);
   fs.mkdirSync(tmp);

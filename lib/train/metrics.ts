@@ -12,12 +12,12 @@
  *   expertsPerToken  expert choice only: tokens of the step that got 0, 1, 2, … experts (trailing
  *                    zeros dropped)
  */
-import { closeSync, constants, existsSync, lstatSync, mkdirSync, openSync, readSync } from 'node:fs';
+import { closeSync, constants, existsSync, lstatSync, openSync, readSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 import { InvalidArgumentError } from '../errors.js';
 import { checkOptions } from '../validate.js';
-import { openRegular, writeAll, writeFileAtomic } from './safe-files.js';
+import { makeDirs, openRegular, writeAll, writeFileAtomic } from './safe-files.js';
 
 export interface LayerMetrics {
   tokensPerExpert: number[];
@@ -94,7 +94,7 @@ export class MetricsLog {
     options: { resumeAt?: number } = {},
   ) {
     options = checkOptions(options, 'MetricsLog', { resumeAt: true });
-    mkdirSync(dirname(path), { recursive: true });
+    makeDirs(dirname(path), 'MetricsLog', 'path', InvalidArgumentError);
     const resumeAt = options.resumeAt;
     writeFileAtomic(path, (fd) => {
       if (resumeAt === undefined) return;

@@ -263,6 +263,42 @@ export function writeFileAtomic(
   }
 }
 
+/**
+ * mkdir -p with a bounded walk: Node's own recursive mkdir loops forever where a missing folder's
+ * parent exists but refuses children with ENOENT (/proc/x), so each missing folder is made in turn,
+ * from the deepest one that exists; a path component that is not a folder, or a folder the system
+ * will not create, is refused naming `arg` of `op`.
+ */
+export function makeDirs(path: string, op: string, arg: string, errorClass: ErrorClass = CheckpointError): void {
+  const missing: string[] = [];
+  let at = path;
+  for (;;) {
+    let st: fs.Stats | undefined;
+    try {
+      st = fs.statSync(at);
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+    }
+    if (st) {
+      if (!st.isDirectory()) throw new errorClass(`${op}: '${arg}' ${path}: ${at} is not a folder`);
+      break;
+    }
+    missing.push(at);
+    const up = dirname(at);
+    if (up === at) break;
+    at = up;
+  }
+  for (const dir of missing.reverse()) {
+    try {
+      fs.mkdirSync(dir);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'EEXIST' && fs.statSync(dir).isDirectory()) continue; // made meanwhile (another rank)
+      throw new errorClass(`${op}: '${arg}' ${path}: cannot create the folder ${dir} (${code ?? (e as Error).message})`);
+    }
+  }
+}
+
 /** fsync a directory (its entries: created, renamed, removed files) through a read-only fd. */
 export function fsyncDir(dir: string): void {
   const fd = fs.openSync(dir, O_RDONLY | fs.constants.O_DIRECTORY);

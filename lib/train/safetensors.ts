@@ -18,7 +18,7 @@
  */
 import { createHash, type Hash } from 'node:crypto';
 import * as fs from 'node:fs';
-import { basename } from 'node:path';
+import { basename, dirname } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
 import { CheckpointError, invalidArgument, shown } from '../errors.js';
@@ -35,7 +35,11 @@ export const SAFETENSORS_DTYPE: Record<DType, string> = {
   u8: 'U8',
   fp8e4m3: 'F8_E4M3',
 };
-const FROM_SAFETENSORS: Record<string, DType> = Object.fromEntries(Object.entries(SAFETENSORS_DTYPE).map(([k, v]) => [v, k as DType]));
+// No prototype: a file's dtype "toString" or "__proto__" must look up nothing.
+const FROM_SAFETENSORS: Record<string, DType> = Object.assign(
+  Object.create(null) as Record<string, DType>,
+  Object.fromEntries(Object.entries(SAFETENSORS_DTYPE).map(([k, v]) => [v, k as DType])),
+);
 /**
  * Safetensors dtypes moe-ep does not read but can size: a file holding one (a checkpoint's F64 or
  * BOOL buffer beside the weights) still opens, its other tensors readable; that tensor is refused
@@ -170,6 +174,19 @@ function checkFilePath(path: unknown, op: string): string {
   return path;
 }
 
+/** The folder a file is to be written into exists, and the path is not itself a folder (raw ENOENT/EISDIR on a temporary name otherwise). */
+function checkWritablePath(path: string, op: string): void {
+  const dir = dirname(path);
+  let st: fs.Stats | undefined;
+  try {
+    st = fs.statSync(dir);
+  } catch {
+    invalidArgument(op, `'path' ${path}: its folder ${dir} does not exist`);
+  }
+  if (!st.isDirectory()) invalidArgument(op, `'path' ${path}: ${dir} is not a folder`);
+  if (fs.lstatSync(path, { throwIfNoEntry: false })?.isDirectory()) invalidArgument(op, `'path' ${path} is a folder`);
+}
+
 /**
  * Writes a safetensors file (tensors in the order given, back to back). Returns its size and the
  * SHA-256 of the file and of every tensor. `fsync` (default true) flushes the file to disk before
@@ -183,6 +200,7 @@ export function writeSafetensors(
 ): WrittenFile {
   checkFilePath(path, 'writeSafetensors');
   options = checkOptions(options, 'writeSafetensors', { fsync: true });
+  checkWritablePath(path, 'writeSafetensors');
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
   const tensors = Object.create(null) as WrittenFile['tensors']; // a tensor may be called __proto__
