@@ -24,6 +24,7 @@ import {
   interleaveW13,
   joinExperts,
   quantizeFp8,
+  dequantizeFp8,
   moeLayerState,
   groupedGemm,
   InvalidArgumentError,
@@ -1170,7 +1171,7 @@ const cases: Case[] = [
     'quantizeFp8 of a Tensor made from its prototype',
     () => quantizeFp8(Object.create(Tensor.prototype) as Tensor),
     InvalidArgumentError,
-    /quantizeFp8: 'x' must be a \[R, H\] tensor/,
+    /quantizeFp8: 'x' must be a Tensor; received an object made from Tensor\.prototype/,
   ],
   [
     'a Trainer whose world is not a Communicator',
@@ -1545,6 +1546,19 @@ describe('bad calls give clear errors', () => {
     );
     expect(permute(f([2, 3]), indices, f([2, 2]), cap, { align: 65536 }).numRows).toBe(4 * 65536);
     expectInvalidArgument(() => capacity(indices, null, { numExperts: 2 ** 30 }), /capacity: 'numExperts' must be an integer in \[1, /);
+  });
+
+  it("quantizeFp8 names a disposed 'x'; dequantizeFp8 names 'rows.q' of the wrong shape (it blamed 'out')", () => {
+    const x = f([2, 128]);
+    x.dispose();
+    expect(() => quantizeFp8(x)).toThrow(DisposedError);
+    expect(() => quantizeFp8(x)).toThrow(/quantizeFp8: 'x' was disposed/);
+    const rows = quantizeFp8(f([2, 256]));
+    for (const q of [f([256], 'fp8e4m3'), f([2, 100], 'fp8e4m3')])
+      expectInvalidArgument(
+        () => dequantizeFp8({ q, scales: rows.scales }),
+        /dequantizeFp8: 'rows\.q' must be \[R, H\] with H a multiple of 128/,
+      );
   });
 
   it('loadMoELayer, moeLayerState and kernelOptionsFromEnvironment name a wrong argument (TypeErrors before)', () => {

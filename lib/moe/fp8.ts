@@ -3,7 +3,7 @@
  * scale = amax/448 per block, values saturated. Halves the bytes a bf16 dispatch moves.
  */
 import { invalidArgument, shown } from '../errors.js';
-import { checkTensors } from '../validate.js';
+import { checkTensor, checkTensors } from '../validate.js';
 import { native } from '../native.js';
 import { type DType } from '../dtype.js';
 import { Tensor } from '../tensor.js';
@@ -16,7 +16,8 @@ export interface Fp8Rows {
 }
 
 export function quantizeFp8(x: Tensor): Fp8Rows {
-  if (!Tensor.isTensor(x) || x.ndim !== 2) invalidArgument('quantizeFp8', `'x' must be a [R, H] tensor`);
+  checkTensor(x, 'quantizeFp8', 'x'); // a disposed one named here (x.shape below would not say whose)
+  if (x.ndim !== 2) invalidArgument('quantizeFp8', `'x' must be a [R, H] tensor`);
   const [R, H] = x.shape as [number, number];
   if (H % FP8_BLOCK !== 0) invalidArgument('quantizeFp8', `'x' rows of ${H} values are not a multiple of ${FP8_BLOCK}`);
   const q = Tensor.empty([R, H], { dtype: 'fp8e4m3', device: x.device });
@@ -38,6 +39,9 @@ export function dequantizeFp8(rows: Fp8Rows, dtype: DType = 'bf16'): Tensor {
     invalidArgument(op, `'rows' must be fp8 rows { q, scales } (quantizeFp8's result)`);
   checkTensors(op, { 'rows.q': rows.q, 'rows.scales': rows.scales });
   if (dtype !== 'bf16' && dtype !== 'f32') invalidArgument(op, `'dtype' must be 'bf16' or 'f32'; received ${shown(dtype)}`);
+  // The result takes rows.q's shape: checked here, where the addon would blame the result ('out').
+  if (rows.q.ndim !== 2 || (rows.q.shape[1] as number) % FP8_BLOCK !== 0)
+    invalidArgument(op, `'rows.q' must be [R, H] with H a multiple of ${FP8_BLOCK}; received [${rows.q.shape.join(',')}]`);
   const out = Tensor.empty(rows.q.shape, { dtype, device: rows.q.device });
   try {
     native().dequantizeFp8(rows.q.handle, rows.scales.handle, out.handle);
