@@ -63,8 +63,9 @@ export function scale(a: Tensor, alpha: number, options: OutOption = {}): Tensor
 /** GELU's two forms, torch's `approximate` argument: 'none' x·Φ(x) (erf), 'tanh' its tanh approximation. */
 export type GeluApproximate = 'none' | 'tanh';
 const GELU_APPROXIMATE: readonly GeluApproximate[] = ['none', 'tanh'];
-/** The dtypes a float result (sum, matmul) may be asked for. */
+/** The dtypes a float result (sum, matmul) may be asked for, and an integer sum. */
 const FLOAT_RESULTS: readonly DType[] = ['f32', 'bf16', 'f16'];
+const INT_RESULTS: readonly DType[] = ['i32', 'i64'];
 
 function geluKind(options: { approximate?: GeluApproximate }, op: string): number {
   const approximate = checkOneOf(options.approximate ?? 'none', op, 'approximate', GELU_APPROXIMATE);
@@ -135,8 +136,9 @@ function reduced(a: Tensor, dim: number, op: string): number[] {
 /** Sum along `dim` (that dimension removed). Floating sums accumulate in fp32 or better. */
 export function sum(a: Tensor, dim: number, options: OutOption & { dtype?: DType } = {}): Tensor {
   options = checkOptions(options, 'sum', { out: true, dtype: true });
-  checkResultDType(options.dtype, 'sum', FLOAT_RESULTS);
   checkTensor(a, 'sum', 'a');
+  // Integers sum into integers, floats into floats (the addon's rule).
+  checkResultDType(options.dtype, 'sum', a.dtype === 'i32' || a.dtype === 'i64' ? INT_RESULTS : FLOAT_RESULTS);
   const make = resultLike(a, reduced(a, dim, 'sum'), options.dtype ?? a.dtype);
   return withOutput('sum', options.out, make, (out) => native().reduce(REDUCE_OP.sum, a.handle, dim, out.handle));
 }

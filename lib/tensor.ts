@@ -253,8 +253,10 @@ export class Tensor implements Disposable {
           invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for ${dtype}`);
         v = Number(v);
       }
-      if (typeof v === 'number' && integral && Number.isInteger(v) && !Number.isSafeInteger(v))
-        invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for ${dtype}`);
+      if (typeof v === 'number' && range && (v < range[0] || v > range[1]))
+        invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
+      if (typeof v === 'number' && dtype === 'i64' && Number.isInteger(v) && !Number.isSafeInteger(v))
+        invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for i64`);
       if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
         invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
       }

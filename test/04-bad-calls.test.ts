@@ -1482,6 +1482,10 @@ describe('bad calls give clear errors', () => {
   it("a result dtype an op cannot write is named 'dtype' (it was blamed on the 'out' the caller never passed)", () => {
     const a = f([4, 4]);
     expectInvalidArgument(() => ops.sum(a, 0, { dtype: 'i32' }), /sum: 'dtype' must be one of f32, bf16, f16; received "i32"/);
+    // Integers sum into integers.
+    const n = i32([1, 2, 3, 4], [2, 2]);
+    expect(ops.sum(n, 0, { dtype: 'i64' }).toNumbers()).toEqual([4, 6]);
+    expectInvalidArgument(() => ops.sum(n, 0, { dtype: 'f32' }), /sum: 'dtype' must be one of i32, i64; received "f32"/);
     expectInvalidArgument(() => ops.matmul(a, a, { dtype: 'fp8e4m3' }), /matmul: 'dtype' must be one of f32, bf16, f16/);
     const rowOf = i32([0, 1, 2, 3], [2, 2]);
     expectInvalidArgument(
@@ -1522,6 +1526,12 @@ describe('bad calls give clear errors', () => {
       /writeSafetensors: 'path' .*: its folder .*missing does not exist/,
     );
     expectInvalidArgument(() => writeSafetensors(dir, entry), /writeSafetensors: 'path' .* is a folder/);
+    expectInvalidArgument(() => writeSafetensors(join(dir, 'new') + '/', entry), /writeSafetensors: 'path' .* ends in '\/'/);
+    // A file in the middle of a checkpoint root is named, not a raw ENOTDIR.
+    writeFileSync(join(dir, 'plain'), 'x');
+    expect(() => saveCheckpoint(join(dir, 'plain', 'a', 'b'), { step: 1, replicated: { w: f([2]) } })).toThrow(
+      /'root' .*: .*plain is not a folder/,
+    );
   });
 
   it('fromArray names integers a number cannot hold exactly, and BigInts that do not fit; to() needs its device (it copied in place)', () => {
@@ -1529,6 +1539,7 @@ describe('bad calls give clear errors', () => {
       () => Tensor.fromArray([2 ** 60], { dtype: 'i64', device: cpu }),
       /'data'\[0\] = .* is beyond 2\^53.*BigInt64Array/,
     );
+    expectInvalidArgument(() => Tensor.fromArray([2 ** 60], { dtype: 'i32', device: cpu }), /'data'\[0\] = .* does not fit i32/);
     expectInvalidArgument(
       () => Tensor.fromArray(new BigInt64Array([2n ** 40n]), { dtype: 'i32', device: cpu }),
       /'data'\[0\] = 1099511627776 does not fit i32/,
@@ -1546,6 +1557,7 @@ describe('bad calls give clear errors', () => {
     );
     expect(permute(f([2, 3]), indices, f([2, 2]), cap, { align: 65536 }).numRows).toBe(4 * 65536);
     expectInvalidArgument(() => capacity(indices, null, { numExperts: 2 ** 30 }), /capacity: 'numExperts' must be an integer in \[1, /);
+    expectInvalidArgument(() => new Dispatcher({ numExperts: 4, align: 100000 }), /Dispatcher: 'align' must be an integer in \[1, 65536\]/);
   });
 
   it("quantizeFp8 names a disposed 'x'; dequantizeFp8 names 'rows.q' of the wrong shape (it blamed 'out')", () => {

@@ -56,7 +56,7 @@ import { Event, Stream } from '../stream.js';
 import { keep, Tensor, tensorsIn, tidy } from '../tensor.js';
 import { type CapacityResult } from './capacity.js';
 import { dequantizeFp8, FP8_BLOCK, type Fp8Rows, quantizeFp8 } from './fp8.js';
-import { permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
+import { MAX_ALIGN, permute, permuteBackward, type PermuteResult, unpermute, unpermuteBackward } from './permute.js';
 import { type PeerDispatchHandle, peerCombine, peerCombineBackward, peerDispatch, peerRowBytes } from './peer-dispatch.js';
 import { PeerTransport } from './peer-transport.js';
 import { Communicator } from '../parallel/communicator.js';
@@ -328,7 +328,7 @@ export class Dispatcher {
     if (config.numExperts % group.size !== 0) {
       invalidArgument(op, `'numExperts' ${config.numExperts} must be a multiple of the expert-parallel group size ${group.size}`);
     }
-    const align = checkPositiveInt(config.align ?? 1, op, 'align');
+    const align = checkPositiveInt(config.align ?? 1, op, 'align', { below: MAX_ALIGN + 1 });
     this.numExperts = config.numExperts;
     this.group = group;
     this.localExperts = config.numExperts / group.size;

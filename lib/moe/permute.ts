@@ -41,7 +41,7 @@ import { type CapacityResult } from './capacity.js';
  * The largest `align`: rows are padded per expert to a multiple of it (a GEMM tile is 64-256 rows);
  * 2^30 made every expert's segment a gigabyte-sized allocation from a three-token input.
  */
-const MAX_ALIGN = 65536;
+export const MAX_ALIGN = 65536;
 
 /** The dtypes the row results (unpermute's y, the backwards' row gradients) may be asked for. */
 const ROW_RESULTS: readonly DType[] = ['f32', 'bf16'];

@@ -424,19 +424,19 @@ function checkRouterWeighting(reader: CheckpointReader, layer: MoELayer, index: 
     );
 }
 
-/**
- * Loads layer `index` into a MoE layer built with the same sizes (any EP size: it reads the experts
- * it owns by global index), moments too when given, then refreshes the compute copies.
- */
 /** The reader and the layer a load or save was handed (types alone: a plain object reached `.config` as a TypeError). */
 function checkReaderAndLayer(reader: CheckpointReader | null, layer: MoELayer, op: string): void {
   if (reader !== null && (reader === undefined || typeof reader !== 'object' || typeof (reader as { dir?: unknown }).dir !== 'string'))
-    invalidArgument(op, `'reader' must be a CheckpointReader (from openCheckpoint)`);
+    invalidArgument(op, `'reader' must be a CheckpointReader (from loadCheckpoint)`);
   const l = layer as unknown as { config?: unknown; master?: unknown } | null;
   if (l === null || typeof l !== 'object' || typeof l.config !== 'object' || typeof l.master !== 'object')
     invalidArgument(op, `'layer' must be a MoELayer`);
 }
 
+/**
+ * Loads layer `index` into a MoE layer built with the same sizes (any EP size: it reads the experts
+ * it owns by global index), moments too when given, then refreshes the compute copies.
+ */
 export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
   checkReaderAndLayer(reader, layer, 'loadMoELayer');
   moments = checkMoments(moments, 'loadMoELayer');

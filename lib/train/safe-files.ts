@@ -277,7 +277,10 @@ export function makeDirs(path: string, op: string, arg: string, errorClass: Erro
     try {
       st = fs.statSync(at);
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw e;
+      const code = (e as NodeJS.ErrnoException).code;
+      // ENOTDIR: a component above is a file, named when the walk reaches it.
+      if (code !== 'ENOENT' && code !== 'ENOTDIR')
+        throw new errorClass(`${op}: '${arg}' ${path}: cannot reach ${at} (${code ?? (e as Error).message})`);
     }
     if (st) {
       if (!st.isDirectory()) throw new errorClass(`${op}: '${arg}' ${path}: ${at} is not a folder`);
@@ -293,7 +296,7 @@ export function makeDirs(path: string, op: string, arg: string, errorClass: Erro
       fs.mkdirSync(dir);
     } catch (e) {
       const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'EEXIST' && fs.statSync(dir).isDirectory()) continue; // made meanwhile (another rank)
+      if (code === 'EEXIST' && fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory()) continue; // made meanwhile (another rank)
       throw new errorClass(`${op}: '${arg}' ${path}: cannot create the folder ${dir} (${code ?? (e as Error).message})`);
     }
   }

@@ -176,12 +176,17 @@ function checkFilePath(path: unknown, op: string): string {
 
 /** The folder a file is to be written into exists, and the path is not itself a folder (raw ENOENT/EISDIR on a temporary name otherwise). */
 function checkWritablePath(path: string, op: string): void {
+  if (path.endsWith('/')) invalidArgument(op, `'path' ${path} ends in '/': a file path is needed`);
   const dir = dirname(path);
   let st: fs.Stats | undefined;
   try {
     st = fs.statSync(dir);
-  } catch {
-    invalidArgument(op, `'path' ${path}: its folder ${dir} does not exist`);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    invalidArgument(
+      op,
+      `'path' ${path}: its folder ${dir} ${code === 'ENOENT' ? 'does not exist' : `cannot be reached (${code ?? (e as Error).message})`}`,
+    );
   }
   if (!st.isDirectory()) invalidArgument(op, `'path' ${path}: ${dir} is not a folder`);
   if (fs.lstatSync(path, { throwIfNoEntry: false })?.isDirectory()) invalidArgument(op, `'path' ${path} is a folder`);
