@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 
 import {
+  balanceLoss,
   capacity,
   CheckpointError,
   ClusterTask,
@@ -1558,6 +1559,15 @@ describe('bad calls give clear errors', () => {
     expect(permute(f([2, 3]), indices, f([2, 2]), cap, { align: 65536 }).numRows).toBe(4 * 65536);
     expectInvalidArgument(() => capacity(indices, null, { numExperts: 2 ** 30 }), /capacity: 'numExperts' must be an integer in \[1, /);
     expectInvalidArgument(() => new Dispatcher({ numExperts: 4, align: 100000 }), /Dispatcher: 'align' must be an integer in \[1, 65536\]/);
+    // Arguments derived from a tensor's shape are named by the tensor.
+    expectInvalidArgument(
+      () => capacity(f([3, 0], 'i32'), null, { numExperts: 4, capacityFactor: 1, dropPolicy: 'position' }),
+      /capacity: 'indices' \[3,0\] holds no assignment per token/,
+    );
+    expectInvalidArgument(
+      () => balanceLoss(f([0, 4]), f([0, 2], 'i32'), { numExperts: 4, topK: 2 }, { coefficient: 0.01 }),
+      /balanceLoss: 'scores' has no tokens/,
+    );
   });
 
   it("quantizeFp8 names a disposed 'x'; dequantizeFp8 names 'rows.q' of the wrong shape (it blamed 'out')", () => {

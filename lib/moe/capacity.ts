@@ -84,6 +84,9 @@ export function capacity(indices: Tensor, weights: Tensor | null | undefined, op
   const policy = checkOneOf(options.dropPolicy ?? 'probs', op, 'dropPolicy', DROP_POLICIES);
   if (indices.ndim !== 2) invalidArgument(op, `'indices' must be [T,k]; received [${indices.shape.join(',')}]`);
   const [T, k] = indices.shape as [number, number];
+  // k comes from indices' shape: named as such (expertCapacity would blame a 'topK' never passed).
+  if (k < 1 && options.capacityFactor !== undefined)
+    invalidArgument(op, `'indices' [${indices.shape.join(',')}] holds no assignment per token; a capacity factor needs k ≥ 1`);
   const cap = options.capacityFactor === undefined ? null : expertCapacity(T, k, numExperts, options.capacityFactor);
   if (weights !== undefined && weights !== null) checkTensor(weights, op, 'weights');
   else if (policy === 'probs' && cap !== null) invalidArgument(op, `'weights' are needed by dropPolicy 'probs'`);

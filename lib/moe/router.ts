@@ -502,6 +502,8 @@ export function balanceLoss(
   checkTensor(indices, op, 'indices');
   checkKeys(options, op, { coefficient: true, dLogits: true, out: true, seqLen: true });
   const coefficient = checkNumber(options?.coefficient, op, 'coefficient');
+  // No tokens: no loss to average (the default seqLen, T = 0, would be blamed on an argument not passed).
+  if (T === 0 && options.seqLen === undefined) invalidArgument(op, `'scores' has no tokens (T = 0): the balance loss averages over them`);
   const seqLen = options.seqLen ?? T;
   if (!Number.isSafeInteger(seqLen) || seqLen < 1 || T % seqLen !== 0) {
     invalidArgument(op, `'seqLen' = ${String(seqLen)} must be a positive integer dividing the ${T} tokens`);
