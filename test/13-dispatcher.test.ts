@@ -185,7 +185,7 @@ describe('dispatcher configuration', () => {
   it('rejects expert counts that do not divide over the group, and bad alignment', () => {
     const group = { rank: 0, size: 3, allToAll: () => undefined, allToAllV: () => undefined };
     expect(() => new Dispatcher({ numExperts: 8, group })).toThrow(/'numExperts' 8 must be a multiple of the expert-parallel group size 3/);
-    expect(() => new Dispatcher({ numExperts: 8, align: 0 })).toThrow(/'align' must be a positive integer/);
+    expect(() => new Dispatcher({ numExperts: 8, align: 0 })).toThrow(/'align' must be an integer in \[1, 65536\]; received 0/);
   });
 });
 
