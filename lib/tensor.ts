@@ -246,21 +246,18 @@ export class Tensor implements Disposable {
     // the second time, and the copy must store only what was checked.
     const valueAt = (i: number): number => {
       let v = values[i];
-      // A BigInt64Array's values, into another integer dtype: checked against its range like numbers.
+      // A BigInt64Array's values into another integer dtype: as numbers, where a number holds them exactly.
       if (typeof v === 'bigint' && integral) {
-        if (range && (v < BigInt(range[0]) || v > BigInt(range[1]))) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
         if (v > BigInt(Number.MAX_SAFE_INTEGER) || v < -BigInt(Number.MAX_SAFE_INTEGER))
-          invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for ${dtype}`);
+          invalidArgument(op, `'data'[${i}] = ${v} ${range ? `does not fit ${dtype}` : 'is beyond 2^53: pass a BigInt64Array for i64'}`);
         v = Number(v);
       }
-      if (typeof v === 'number' && range && (v < range[0] || v > range[1]))
-        invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
-      if (typeof v === 'number' && dtype === 'i64' && Number.isInteger(v) && !Number.isSafeInteger(v))
-        invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for i64`);
-      if (typeof v !== 'number' || (integral && !Number.isSafeInteger(v))) {
+      if (typeof v !== 'number' || (integral && !Number.isInteger(v))) {
         invalidArgument(op, `'data'[${i}] = ${String(v)} is not ${integral ? 'an integer' : 'a number'} (dtype ${dtype})`);
       }
       if (range && (v < range[0] || v > range[1])) invalidArgument(op, `'data'[${i}] = ${v} does not fit ${dtype}`);
+      if (dtype === 'i64' && !Number.isSafeInteger(v))
+        invalidArgument(op, `'data'[${i}] = ${v} is beyond 2^53, where numbers skip integers: pass a BigInt64Array for i64`);
       return v;
     };
     for (let i = 0; i < length; i++) valueAt(i);

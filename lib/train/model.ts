@@ -44,6 +44,11 @@ export function layerParamName(i: number, key: LayerWeightKey): string {
   return `layers.${i}.${LAYER_WEIGHTS[key].suffix}`;
 }
 
+/** The model's name of layer i's norm weight (not a MoE layer weight: the block's own). */
+function normParamName(i: number): string {
+  return `layers.${i}.norm.weight`;
+}
+
 /** One trainable tensor: fp32 master, its gradient after backward, and where it lives. */
 export interface Param {
   name: string;
@@ -120,7 +125,7 @@ export class MoEModel implements Disposable {
       return v;
     };
     this.layers.forEach((l, i) => {
-      out.push({ name: `layers.${i}.norm.weight`, master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated', decay: false });
+      out.push({ name: normParamName(i), master: this.norms[i] as Tensor, computeBf16: null, kind: 'replicated', decay: false });
       for (const key of LAYER_WEIGHT_KEYS) {
         const master = l.master[key];
         if (!master) continue;
@@ -223,7 +228,7 @@ export class MoEModel implements Disposable {
           const b = s.blocks[i] as BlockSaved;
           const layer = this.layers[i] as MoELayer;
           const keys = LAYER_WEIGHT_KEYS.filter((k) => layer.master[k] !== null);
-          const normName = `layers.${i}.norm.weight`;
+          const normName = normParamName(i);
           const g = layer.backward(
             b.moe,
             dh,
@@ -275,7 +280,7 @@ export class MoEModel implements Disposable {
     const owners = new Map<string, { named: Record<string, Tensor>; own: Record<string, Tensor | null> }>();
     owners.set('head', { named: {}, own: { 'head.weight': this.head, 'head compute': this.headCompute } });
     this.layers.forEach((l, i) => {
-      const own: Record<string, Tensor | null> = { [`layers.${i}.norm.weight`]: this.norms[i] as Tensor, [`layers.${i} bias`]: l.bias };
+      const own: Record<string, Tensor | null> = { [normParamName(i)]: this.norms[i] as Tensor, [`layers.${i} bias`]: l.bias };
       for (const [k, t] of Object.entries(l.master)) own[`layers.${i} master ${k}`] = t;
       for (const [k, t] of Object.entries(l.compute)) own[`layers.${i} compute ${k}`] = t;
       owners.set(`layers.${i}`, { named: {}, own });
