@@ -411,6 +411,15 @@ const cases: Case[] = [
     /permute: 'cap.capacity' must be null or a non-negative integer/,
   ],
   [
+    'permute padded to a capacity below the kept counts',
+    () => {
+      const { indices, cap } = routed();
+      return permute(f([2, 3]), indices, f([2, 2]), { ...cap, capacity: 0 }, { padToCapacity: true });
+    },
+    InvalidArgumentError,
+    /permute: 'cap.keptPerExpert'\[\d\] = [1-9]\d* is outside \[0, 0\] \('cap.capacity', padToCapacity\)/,
+  ],
+  [
     'permute with a wrong numExperts',
     () => {
       const { indices, cap } = routed();

@@ -455,7 +455,7 @@ describe('bad calls give named errors', () => {
     const badCap = { ...cap, slot: cap.slot, keptPerExpert: cap.keptPerExpert };
     const slot3 = (cap.slot.toArray() as Int32Array)[3] as number;
     if (slot3 >= 0) expectError(() => permute(x, bad, weights, badCap), 'permute', /'indices'\[1,1\] = 9 is outside \[0, 4\)/);
-    else expectError(() => permute(x, bad, weights, { ...cap, numExperts: 3 }), 'permute', /'offsets' has shape|'kept'/);
+    else expectError(() => permute(x, bad, weights, { ...cap, numExperts: 3 }), 'permute', /'offsets' has shape|'cap.keptPerExpert'/);
     const p = permute(x, indices, weights, cap);
     // rowOf out of range for unpermute.
     using badRowOf = Tensor.fromArray(

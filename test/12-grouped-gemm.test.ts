@@ -212,11 +212,11 @@ describe('fp8 rows into the forward product', () => {
       expect(() => groupedGemm('NT', rows, rand([4, N, K], 'bf16'), off)).toThrow(
         /fp8 rows are taken by the 'NN' \(forward\) product only/,
       );
-      expect(() => groupedGemm('NN', { q: rows.q, scales: rand([M, 1]) }, b, off)).toThrow(/'aScales' must be \[11,2\], got f32\[11,1\]/);
+      expect(() => groupedGemm('NN', { q: rows.q, scales: rand([M, 1]) }, b, off)).toThrow(/'a.scales' must be \[11,2\], got f32\[11,1\]/);
       expect(() => groupedGemm('NN', rows, rand([4, K, N], 'f32'), off)).toThrow(/'b' .* must be bf16 when 'a' holds fp8 rows/);
       expect(() => groupedGemm('NN', { q: rows.q } as never, b, off)).toThrow(/'a' must be a Tensor or fp8 rows \{ q, scales \}/);
       expect(() => groupedGemm('NN', { q: rows.q, scales: rows.q }, b, off)).toThrow(
-        /'aScales' fp8e4m3\[11,256\] cpu has dtype fp8e4m3; expected one of f32/,
+        /'a.scales' fp8e4m3\[11,256\] cpu has dtype fp8e4m3; expected one of f32/,
       );
     });
   });

@@ -23,7 +23,7 @@ Napi::Value grouped_gemm(const Napi::CallbackInfo& info) {
   g.out = arg_tensor(info, 5, op, "out");
   g.aux = arg_tensor(info, 6, op, "g", true);
   g.accumulate = arg_bool(info, 7, op, "accumulate");
-  g.a_scales = arg_tensor(info, 8, op, "aScales", true);
+  g.a_scales = arg_tensor(info, 8, op, "a.scales", true);
   ops::grouped_gemm(g);
   return info.Env().Undefined();
 }

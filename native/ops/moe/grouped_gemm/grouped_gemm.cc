@@ -166,13 +166,13 @@ void grouped_gemm(const GroupedGemm& g) {
     MOE_ARG_CHECK(g.mode == GemmMode::NN && g.epilogue != GemmEpilogue::DSwiGLU, op,
                   "fp8 rows ('a' fp8e4m3) are taken by the forward (NN) product only");
     MOE_ARG_CHECK(g.b.dtype() == DType::bf16, op, "'b' ", g.b.describe(), " must be bf16 when 'a' holds fp8 rows");
-    require_defined(g.a_scales, op, "aScales");
-    require_dtype(g.a_scales, {DType::f32}, op, "aScales");
-    require_same_device(g.a, "a", g.a_scales, "aScales", op);
-    require_contiguous(g.a_scales, op, "aScales");
+    require_defined(g.a_scales, op, "a.scales");
+    require_dtype(g.a_scales, {DType::f32}, op, "a.scales");
+    require_same_device(g.a, "a", g.a_scales, "a.scales", op);
+    require_contiguous(g.a_scales, op, "a.scales");
   } else {
     MOE_ARG_CHECK(g.b.dtype() == g.a.dtype(), op, "'b' ", g.b.describe(), " must have the dtype of 'a' (", dtype_name(g.a.dtype()), ")");
-    MOE_ARG_CHECK(!g.a_scales.defined(), op, "'aScales' goes with fp8 rows only; 'a' is ", dtype_name(g.a.dtype()));
+    MOE_ARG_CHECK(!g.a_scales.defined(), op, "'a.scales' goes with fp8 rows only; 'a' is ", dtype_name(g.a.dtype()));
   }
   require_dtype(g.offsets, {DType::i32}, op, "offsets");
   for (const Tensor* t : {&g.b, &g.offsets, &g.out})
@@ -237,7 +237,7 @@ void grouped_gemm(const GroupedGemm& g) {
     const int64_t K = g.a.size(1);
     MOE_ARG_CHECK(K % kFp8Block == 0, op, "fp8 rows need K a multiple of ", kFp8Block, ", got ", K);
     const Shape scales_shape{M, K / kFp8Block};
-    MOE_ARG_CHECK(g.a_scales.shape() == scales_shape, op, "'aScales' must be ", shape_str(scales_shape), ", got ", g.a_scales.describe());
+    MOE_ARG_CHECK(g.a_scales.shape() == scales_shape, op, "'a.scales' must be ", shape_str(scales_shape), ", got ", g.a_scales.describe());
   }
   if (g.out.numel() == 0) return;
   if (fp8_a) {

@@ -25,8 +25,8 @@ void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor&
   const int32_t* kp = kept.data<int32_t>();
   std::vector<int64_t> off(size_t(E + 1), 0);
   for (int64_t e = 0; e < E; ++e) {
-    MOE_ARG_CHECK(kp[e] >= 0 && (capacity < 0 || kp[e] <= capacity), op, "'kept'[", e, "] = ", kp[e], " is outside [0, ",
-                  capacity < 0 ? "inf" : std::to_string(capacity), "]");
+    MOE_ARG_CHECK(kp[e] >= 0 && (capacity < 0 || kp[e] <= capacity), op, "'cap.keptPerExpert'[", e, "] = ", kp[e], " is outside [0, ",
+                  capacity < 0 ? "inf" : std::to_string(capacity) + "] ('cap.capacity', padToCapacity)", capacity < 0 ? ")" : "");
     off[size_t(e + 1)] = off[size_t(e)] + round_up(capacity < 0 ? kp[e] : capacity, align);
   }
   MOE_ARG_CHECK(off[size_t(E)] == R, op, "'rowToken' has ", R, " rows but the layout needs ", off[size_t(E)], " (kept counts",
@@ -44,23 +44,23 @@ void permute_layout_cpu(const Tensor& indices, const Tensor& slot, const Tensor&
   for (int64_t i = 0; i < n; ++i) {
     int32_t s = sl[i];
     if (s < 0) {
-      MOE_ARG_CHECK(s == -1, op, "'slot'[", i / k, ",", i % k, "] = ", s, " must be -1 (dropped) or >= 0");
+      MOE_ARG_CHECK(s == -1, op, "'cap.slot'[", i / k, ",", i % k, "] = ", s, " must be -1 (dropped) or >= 0");
       ro[i] = -1;
       continue;
     }
     int32_t e = idx[i];
     MOE_ARG_CHECK(e >= 0 && e < E, op, "'indices'[", i / k, ",", i % k, "] = ", e, " is outside [0, ", E, ")");
-    MOE_ARG_CHECK(s < kp[e], op, "'slot'[", i / k, ",", i % k, "] = ", s, " but expert ", e, " keeps ", kp[e]);
+    MOE_ARG_CHECK(s < kp[e], op, "'cap.slot'[", i / k, ",", i % k, "] = ", s, " but expert ", e, " keeps ", kp[e]);
     int64_t r = off[size_t(e)] + s;
-    MOE_ARG_CHECK(tok[r] == -1, op, "'slot'[", i / k, ",", i % k, "] = ", s, " of expert ", e, " is used twice");
+    MOE_ARG_CHECK(tok[r] == -1, op, "'cap.slot'[", i / k, ",", i % k, "] = ", s, " of expert ", e, " is used twice");
     tok[r] = int32_t(i / k);
     rw[r] = w[i];
     ro[i] = int32_t(r);
     used[size_t(e)]++;
   }
   for (int64_t e = 0; e < E; ++e)
-    MOE_ARG_CHECK(used[size_t(e)] == kp[e], op, "'kept'[", e, "] = ", kp[e], " but 'slot' assigns ", used[size_t(e)], " rows to expert ",
-                  e);
+    MOE_ARG_CHECK(used[size_t(e)] == kp[e], op, "'cap.keptPerExpert'[", e, "] = ", kp[e], " but 'cap.slot' assigns ", used[size_t(e)],
+                  " rows to expert ", e);
   invalid.data<int32_t>()[0] = 0;
 }
 

@@ -31,11 +31,11 @@ void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kep
   const char* op = "permute";
   require_2d(indices, op, "indices", "[T,k]");
   require_tensor(indices, {DType::i32}, indices.shape(), indices, "indices", op, "indices");
-  require_tensor(slot, {DType::i32}, indices.shape(), indices, "indices", op, "slot");
-  require_defined(kept, op, "kept");
-  MOE_ARG_CHECK(kept.dim() == 1 && kept.numel() >= 1, op, "'kept' ", kept.describe(), " must be [E] with E >= 1");
+  require_tensor(slot, {DType::i32}, indices.shape(), indices, "indices", op, "cap.slot");
+  require_defined(kept, op, "cap.keptPerExpert");
+  MOE_ARG_CHECK(kept.dim() == 1 && kept.numel() >= 1, op, "'cap.keptPerExpert' ", kept.describe(), " must be [E] with E >= 1");
   const int64_t E = kept.numel();
-  require_tensor(kept, {DType::i32}, {E}, indices, "indices", op, "kept");
+  require_tensor(kept, {DType::i32}, {E}, indices, "indices", op, "cap.keptPerExpert");
   require_tensor(weights, {DType::f32}, indices.shape(), indices, "indices", op, "weights");
   MOE_ARG_CHECK(align >= 1 && align <= INT_MAX, op, "'align' = ", align, " must be a positive integer");
   MOE_ARG_CHECK(capacity >= -1 && capacity < INT_MAX, op, "'capacity' = ", capacity, " must be -1 (no padding to capacity) or >= 0");
@@ -48,7 +48,8 @@ void permute_layout(const Tensor& indices, const Tensor& slot, const Tensor& kep
   require_tensor(row_weight, {DType::f32}, {R}, indices, "indices", op, "rowWeight");
   require_tensor(invalid, {DType::i32}, {1}, indices, "indices", op, "invalid");
   if (indices.device().is_cuda())
-    MOE_ARG_CHECK(E <= kMaxExpertsCuda, op, "'kept' has ", E, " experts; the CUDA layout kernel handles up to ", kMaxExpertsCuda);
+    MOE_ARG_CHECK(E <= kMaxExpertsCuda, op, "'cap.keptPerExpert' has ", E, " experts; the CUDA layout kernel handles up to ",
+                  kMaxExpertsCuda);
   MOE_ON_DEVICE(indices, op,
                 permute_layout_cpu(indices, slot, kept, weights, capacity, align, offsets, row_of, row_token, row_weight, invalid),
                 permute_layout_cuda(indices, slot, kept, weights, capacity, align, offsets, row_of, row_token, row_weight, invalid,
