@@ -7,7 +7,7 @@
 // right size but the wrong shape is refused; a Hugging Face config with an absurd layer count is
 // refused, not allocated.
 import { spawnSync } from 'node:child_process';
-import { lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -17,6 +17,7 @@ import { CheckpointError, hfMoEModel, joinExperts, latestCheckpoint, Tensor, tid
 import { packageRoot } from '../lib/native.js';
 import { overridesFromArgs } from '../lib/train/config.js';
 import { MetricsLog, readMetrics } from '../lib/train/metrics.js';
+import { writeFileAtomic } from '../lib/train/safe-files.js';
 import type { CheckpointReader } from '../lib/train/checkpoint.js';
 import { testConfigs } from './hf-fixtures.mjs';
 
@@ -205,5 +206,152 @@ describe('Hugging Face config.json', () => {
       );
     }
     expect(hfMoEModel({ ...testConfigs.mixtral, num_hidden_layers: 3 }).moeLayers).toEqual([0, 1, 2]);
+  });
+});
+
+// Found by probing the CLI (session 31): --overwrite deleted the old run before the command was
+// refused; a resumed run's config.json carried the resume into the next run started from it; a
+// config file holding null gave a TypeError; repeated flags and --flag=value forms were misreported;
+// `ckpt inspect --no-verify` called a checkpoint with a missing shard OK.
+describe('the command line, probed', () => {
+  const runFiles = (dir: string): string[] =>
+    ['metrics.jsonl', 'report.html', 'config.json', 'checkpoints'].filter((f) => existsSync(join(dir, f)));
+
+  it('--overwrite on a command that is then refused leaves the old run (and its --checkpoint.dir) as it was', () => {
+    const out = fresh();
+    const ckpt = fresh();
+    expect(train(['--steps', '2', '--out', out]).status).toBe(0);
+    expect(train(['--steps', '2', '--out', fresh(), '--checkpoint.dir', ckpt]).status).toBe(0);
+    const before = readFileSync(join(out, 'metrics.jsonl'), 'utf8');
+    const file = join(root, `file${n++}`);
+    writeFileSync(file, 'x');
+    const refused = [
+      // the layer refuses it (renormalising one weight), after the schema passed it
+      ['--steps', '2', '--out', out, '--overwrite', '--model.scoreFunction', 'softmax', '--model.normalize', 'true', '--model.topK', '1'],
+      // a checkpoint folder it cannot write
+      ['--steps', '2', '--out', out, '--overwrite', '--checkpoint.dir', join(file, 'x')],
+      [
+        '--steps',
+        '2',
+        '--out',
+        fresh(),
+        '--checkpoint.dir',
+        ckpt,
+        '--overwrite',
+        '--model.scoreFunction',
+        'softmax',
+        '--model.normalize',
+        'true',
+        '--model.topK',
+        '1',
+      ],
+    ];
+    for (const args of refused) {
+      const r = train(args);
+      expect(r.status, args.join(' ')).not.toBe(0);
+    }
+    expect(runFiles(out)).toEqual(['metrics.jsonl', 'report.html', 'config.json', 'checkpoints']);
+    expect(readFileSync(join(out, 'metrics.jsonl'), 'utf8')).toBe(before);
+    expect(latestCheckpoint(join(out, 'checkpoints'))?.step).toBe(2);
+    expect(latestCheckpoint(ckpt)?.step).toBe(2);
+  });
+
+  it("a resumed run's config.json does not resume the next run started from it", () => {
+    const a = fresh();
+    expect(train(['--steps', '2', '--out', a]).status).toBe(0);
+    const b = fresh();
+    const resumed = train(['--steps', '4', '--out', b, '--resume', join(a, 'checkpoints', 'step-00000002')]);
+    expect(resumed.status, resumed.stderr).toBe(0);
+    expect(resumed.stdout).toMatch(/resumed from .*step-00000002 at step 2/);
+    expect(JSON.parse(readFileSync(join(b, 'config.json'), 'utf8')).checkpoint.resume).toBe(null);
+    const c = spawnSync(process.execPath, [cli, 'train', '--config', join(b, 'config.json'), '--out', fresh(), '--steps', '2'], {
+      encoding: 'utf8',
+    });
+    expect(c.status, c.stderr).toBe(0);
+    expect(c.stdout).not.toMatch(/resumed/);
+    // A hand-written resume in a file, met by --overwrite: the message says where the resume came from.
+    const cfg = join(root, `cfg${n++}.json`);
+    writeFileSync(cfg, JSON.stringify({ checkpoint: { resume: 'latest' } }));
+    const both = train(['--config', cfg, '--out', fresh(), '--overwrite']);
+    expect(both.stderr).toMatch(
+      /--overwrite and checkpoint\.resume \("latest", from the config file .*cfg\d+\.json\) contradict each other/,
+    );
+  });
+
+  it('a config file that is not an object, or a section that is not, is refused naming the file (with flags too)', () => {
+    for (const [content, what] of [
+      ['null', 'null'],
+      ['"x"', 'a string'],
+      ['[1]', 'an array'],
+      ['5', 'a number'],
+    ] as const) {
+      const cfg = join(root, `cfg${n++}.json`);
+      writeFileSync(cfg, content);
+      const r = train(['--config', cfg, '--steps', '2', '--out', fresh()]);
+      expect(r.status, content).toBe(1);
+      expect(r.stderr).toContain(`the config file ${cfg} must hold a JSON object`);
+      expect(r.stderr).toContain(`it holds ${what}`);
+    }
+    const cfg = join(root, `cfg${n++}.json`);
+    writeFileSync(cfg, JSON.stringify({ model: 5 }));
+    const r = train(['--config', cfg, '--steps', '2', '--out', fresh()]); // `small` sets --model.experts
+    expect(r.status).toBe(1);
+    expect(r.stderr).toContain(`the config file ${cfg}: 'model' must be an object of model.* fields; received 5`);
+  });
+
+  it('--config=FILE is --config FILE; --overwrite=x and --no-progress=x take no value; --config twice is refused', () => {
+    const cfg = join(root, `cfg${n++}.json`);
+    writeFileSync(cfg, JSON.stringify({ train: { steps: 2 } }));
+    const out = fresh();
+    const r = train([`--config=${cfg}`, '--out', out]);
+    expect(r.status, r.stderr).toBe(0);
+    expect(JSON.parse(readFileSync(join(out, 'config.json'), 'utf8')).train.steps).toBe(2);
+    expect(train(['--overwrite=yes', '--out', fresh()]).stderr).toMatch(/'--overwrite' takes no value; received '--overwrite=yes'/);
+    expect(() => overridesFromArgs(['--no-progress=1'])).toThrow(/'--no-progress' takes no value; received '--no-progress=1'/);
+    const twice = train(['--config', cfg, '--config', cfg, '--out', fresh()]);
+    expect(twice.status).toBe(2);
+    expect(twice.stderr).toMatch(/'--config' is given twice/);
+  });
+
+  it('ckpt inspect --no-verify reports a missing or resized shard (exit 1); ckpt reshard and hf inspect refuse a repeated flag by name', () => {
+    const out = fresh();
+    expect(train(['--steps', '2', '--out', out]).status).toBe(0);
+    const step = join(out, 'checkpoints', 'step-00000002');
+    const inspect = (...args: string[]) => spawnSync(process.execPath, [cli, 'ckpt', 'inspect', step, ...args], { encoding: 'utf8' });
+    const ok = inspect('--no-verify');
+    expect(ok.status, ok.stderr).toBe(0);
+    expect(ok.stdout).toMatch(/files all present with their sizes \(checksums not read: --no-verify\)/);
+    const shard = join(step, 'rank-0.safetensors');
+    writeFileSync(shard, readFileSync(shard).subarray(0, 100));
+    const cut = inspect('--no-verify');
+    expect(cut.status).toBe(1);
+    expect(cut.stdout).toMatch(/rank-0\.safetensors .*SIZE: rank-0\.safetensors has 100 bytes/);
+    rmSync(shard);
+    const gone = inspect('--no-verify');
+    expect(gone.status).toBe(1);
+    expect(gone.stdout).toMatch(/rank-0\.safetensors .*MISSING/);
+    expect(gone.stdout).toMatch(/files NOT all OK/);
+    const reshard = spawnSync(process.execPath, [cli, 'ckpt', 'reshard', step, '--ep', '2', '--ep', '4', '--out', fresh()], {
+      encoding: 'utf8',
+    });
+    expect(reshard.status).toBe(2);
+    expect(reshard.stderr).toMatch(/--ep is given 2 times: give it once/);
+    const hf = spawnSync(process.execPath, [cli, 'hf', 'inspect', fresh(), '--ranks', '2', '--ranks=4'], { encoding: 'utf8' });
+    expect(hf.status).toBe(2);
+    expect(hf.stderr).toMatch(/--ranks is given 2 times: give it once/);
+    const negative = spawnSync(process.execPath, [cli, 'hf', 'inspect', fresh(), '--ranks', '-2'], { encoding: 'utf8' });
+    expect(negative.stderr).toMatch(/--ranks must be a positive integer; received -2/);
+  });
+
+  it('a file that cannot be written is named, not its temporary', () => {
+    const dir = fresh();
+    mkdirSync(dir);
+    const target = join(dir, 'missing', 'x.json');
+    expect(() => writeFileAtomic(target, '{}')).toThrow(new RegExp(`^cannot write ${target}: ENOENT \\(ENOENT\\)$`));
+    try {
+      writeFileAtomic(target, '{}');
+    } catch (e) {
+      expect((e as NodeJS.ErrnoException).code).toBe('ENOENT');
+    }
   });
 });

@@ -21,3 +21,24 @@ export function checkFlags(args: readonly string[], known: readonly string[], po
   const extra = args.filter((a) => !a.startsWith('-')).slice(positionals);
   if (extra.length > 0) throw new UsageError(`unexpected argument${extra.length > 1 ? 's' : ''} ${extra.join(', ')}\n\n${usage}`);
 }
+
+/**
+ * Takes `name VALUE` (or `name=VALUE`) out of args and returns the value (undefined: not given).
+ * Given twice, or with no value (the end, or a next argument that is a `--` flag), it is a usage
+ * error. A value such as -2 is returned for its flag's own check to refuse by name.
+ */
+export function takeValueFlag(args: string[], name: string, usage: string): string | undefined {
+  const at = args.flatMap((a, i) => (a === name || a.startsWith(`${name}=`) ? [i] : []));
+  if (at.length === 0) return undefined;
+  if (at.length > 1) throw new UsageError(`${name} is given ${at.length} times: give it once\n\n${usage}`);
+  const i = at[0] as number;
+  const arg = args[i] as string;
+  if (arg !== name) {
+    args.splice(i, 1);
+    return arg.slice(name.length + 1);
+  }
+  const v = args[i + 1];
+  if (v === undefined || v.startsWith('--')) throw new UsageError(`${name} needs a value\n\n${usage}`);
+  args.splice(i, 2);
+  return v;
+}

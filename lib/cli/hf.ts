@@ -8,7 +8,7 @@
 import { HfMoECheckpoint, INSPECT_PROBLEMS_KEPT } from '../serve/hf-checkpoint.js';
 import { type HfMoEBlock } from '../serve/hf-config.js';
 import { helpTable } from '../train/config.js';
-import { checkFlags, UsageError } from './flags.js';
+import { checkFlags, takeValueFlag, UsageError } from './flags.js';
 import { fmtBytes } from './format.js';
 
 const inspectUsage = [
@@ -77,14 +77,11 @@ export function runHf(args: string[]): number {
     console.log(inspectUsage);
     return 0;
   }
-  const at = rest.indexOf('--ranks');
+  const v = takeValueFlag(rest, '--ranks', inspectUsage);
   let ranks = 1;
-  if (at >= 0) {
-    const v = rest[at + 1];
-    if (v === undefined || v.startsWith('-')) throw new UsageError(`--ranks needs a value\n\n${inspectUsage}`);
+  if (v !== undefined) {
     ranks = Number(v);
     if (!/^\d+$/.test(v) || !Number.isSafeInteger(ranks) || ranks < 1) throw new Error(`--ranks must be a positive integer; received ${v}`);
-    rest.splice(at, 2);
   }
   checkFlags(rest, ['--json'], 1, inspectUsage);
   const dir = rest.find((a) => !a.startsWith('-'));

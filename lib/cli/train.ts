@@ -60,22 +60,33 @@ function unwritable(dir: string, flag: string): string | null {
   }
 }
 
-function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean } {
+function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean; configFile: string | null } {
   let file: Record<string, unknown> = {};
+  let configFile: string | null = null;
   let overwrite = false;
   const rest: string[] = [];
   for (let i = 0; i < args.length; i++) {
-    if (args[i] === '--overwrite') overwrite = true;
-    else if (args[i] === '--config') {
-      const path = args[++i];
+    const arg = args[i] as string;
+    if (arg === '--overwrite') overwrite = true;
+    else if (arg.startsWith('--overwrite=')) throw new UsageError(`'--overwrite' takes no value; received '${arg}'`);
+    else if (arg === '--config' || arg.startsWith('--config=')) {
+      if (configFile !== null) throw new UsageError(`'--config' is given twice (${configFile} and another): give one file`);
+      const path = arg === '--config' ? args[++i] : arg.slice('--config='.length);
       if (!path) throw new UsageError(`'--config' needs a file`);
       // A regular file of at most 1 MiB (a FIFO or /dev/zero would hang the read), bounded JSON.
-      file = readJson(path, {
+      const parsed = readJson(path, {
         what: `cannot read the config file ${path}`,
         maxBytes: FILE_LIMITS.config,
         error: InvalidArgumentError,
-      }) as Record<string, unknown>;
-    } else rest.push(args[i] as string);
+      });
+      if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed))
+        throw new InvalidArgumentError(
+          `the config file ${path} must hold a JSON object ({ "model": { … }, "train": { … }, … }); it holds ${parsed === null ? 'null' : Array.isArray(parsed) ? 'an array' : `a ${typeof parsed}`}`,
+          'train',
+        );
+      file = parsed as Record<string, unknown>;
+      configFile = path;
+    } else rest.push(arg);
   }
   let overrides: ReturnType<typeof overridesFromArgs>;
   try {
@@ -86,10 +97,16 @@ function loadConfig(args: string[]): { config: TrainConfig; overwrite: boolean }
   }
   for (const [section, fields] of Object.entries(overrides)) {
     const base = file[section];
-    file[section] = base !== null && typeof base === 'object' ? { ...(base as object), ...fields } : fields;
+    // A section the file gives as something other than an object would be dropped by the merge: refused, as without flags.
+    if (base !== undefined && (base === null || typeof base !== 'object' || Array.isArray(base)))
+      throw new InvalidArgumentError(
+        `the config file ${configFile}: '${section}' must be an object of ${section}.* fields; received ${JSON.stringify(base)}`,
+        'train',
+      );
+    file[section] = { ...(base as object | undefined), ...fields };
   }
   // Checked against the schema at run time (a JSON file has no static type).
-  return { config: resolveConfig(file as TrainConfigInput), overwrite };
+  return { config: resolveConfig(file as TrainConfigInput), overwrite, configFile };
 }
 
 const fmt = (v: number, digits = 4): string =>
@@ -110,13 +127,15 @@ export async function runTrain(args: string[]): Promise<number> {
     console.log(trainHelp());
     return 0;
   }
-  const { config, overwrite } = loadConfig(args);
+  const { config, overwrite, configFile } = loadConfig(args);
   const resuming = config.checkpoint.resume !== null;
-  if (overwrite && resuming)
+  if (overwrite && resuming) {
+    const fromFlag = args.some((a) => /^--(resume|checkpoint\.resume)(=|$)/.test(a));
     throw new InvalidArgumentError(
-      '--overwrite and --resume contradict each other: one replaces the run in --out, the other continues it',
+      `--overwrite and ${fromFlag ? '--resume' : `checkpoint.resume (${JSON.stringify(config.checkpoint.resume)}, from the config file ${configFile})`} contradict each other: one replaces the run in --out, the other continues it`,
       'train',
     );
+  }
   const world = await init({ timeoutMs: config.train.timeoutMs });
   const lead = world.rank === 0;
   // Rank 0's timestamp names the default run folder on every rank (each rank's own clock would
@@ -140,7 +159,6 @@ export async function runTrain(args: string[]): Promise<number> {
       'train',
     );
   }
-  if (overwrite && lead) for (const f of found) rmSync(join(out, f), { recursive: true, force: true });
   const ckptDir = resolve(config.checkpoint.dir ?? join(out, 'checkpoints'));
   // A checkpoint folder of its own (--checkpoint.dir) may hold another run's checkpoints: saving over
   // them would replace that run's steps and prune the rest. The same choice as for --out.
@@ -154,7 +172,6 @@ export async function runTrain(args: string[]): Promise<number> {
         'train',
       );
     }
-    if (overwrite && lead) for (const f of held) rmSync(join(ckptDir, f), { recursive: true, force: true });
   }
   // Every folder the run writes, checked on every rank before training: a run that could not save
   // would otherwise find out at its first checkpoint, or at the end.
@@ -166,6 +183,12 @@ export async function runTrain(args: string[]): Promise<number> {
   ).flat();
   if (problems.length > 0) throw new InvalidArgumentError([...new Set(problems)].join('; '), 'train');
   const trainer = new Trainer(config, world.size > 1 ? { world } : {});
+  // --overwrite deletes the old run only now: a command refused above (a bad option, a folder it
+  // cannot write, a layer the Trainer cannot build) leaves it as it was.
+  if (overwrite && lead) {
+    for (const f of found) rmSync(join(out, f), { recursive: true, force: true });
+    if (config.checkpoint.dir !== null) for (const f of held) rmSync(join(ckptDir, f), { recursive: true, force: true });
+  }
   let resumedAt: number | null = null;
   if (resuming) {
     const from = config.checkpoint.resume === 'latest' ? ckptDir : resolve(config.checkpoint.resume as string);
@@ -195,7 +218,9 @@ export async function runTrain(args: string[]): Promise<number> {
   // A resumed run continues the same metrics file (from its checkpoint's step).
   const log = lead ? new MetricsLog(metricsPath, resumedAt === null ? {} : { resumeAt: resumedAt }) : null;
   // The configuration as run, with the folder spelled out: `--config <out>/config.json --resume` continues it.
-  if (lead) writeFileAtomic(configPath, JSON.stringify({ ...config, train: { ...config.train, out } }, null, 2) + '\n');
+  // Without checkpoint.resume: a fresh run started from this file must not quietly continue an old checkpoint.
+  const asRun = { ...config, train: { ...config.train, out }, checkpoint: { ...config.checkpoint, resume: null } };
+  if (lead) writeFileAtomic(configPath, JSON.stringify(asRun, null, 2) + '\n');
   const resumeCommand = `npx moe-ep train --config ${relative(process.cwd(), configPath) || configPath} --resume`;
   let bar: cliProgress.SingleBar | null = null;
   const control = { stop: false, by: '' };

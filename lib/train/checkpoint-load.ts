@@ -137,6 +137,11 @@ export class CheckpointReader implements Disposable {
     return checkFileSize(this.dir, this.real, file, this.manifest.files[file] as ManifestFile, this.manifest);
   }
 
+  /** One listed file present inside the folder as a regular file of its recorded size, without reading it. */
+  checkFile(file: string): void {
+    this.pathOf(file);
+  }
+
   /**
    * The SHA-256 check of one file (once per reader): one pass over its bytes, as loading does when
    * verify is on. Throws naming the file and the damaged tensors.

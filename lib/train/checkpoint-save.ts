@@ -283,7 +283,12 @@ export function writeCheckpoint(
   makeDirs(root, 'writeCheckpoint', 'root');
   const name = stepDirName(step);
   const tmp = join(root, `.tmp-${name}-${nonce(6)}`);
-  fs.mkdirSync(tmp);
+  try {
+    fs.mkdirSync(tmp);
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code ?? (e as Error).message;
+    throw new CheckpointError(`writeCheckpoint: 'root' ${root}: cannot write there (creating its temporary folder: ${code})`);
+  }
   let bytes = 0;
   try {
     const files: FileRecord[] = [];

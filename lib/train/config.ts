@@ -553,6 +553,8 @@ export function overridesFromArgs(args: string[]): Record<string, Record<string,
       if (eq >= 0) {
         raw = key.slice(eq + 1);
         key = key.slice(0, eq);
+        if (key === 'no-progress' || key === 'overwrite')
+          throw new InvalidArgumentError(`'--${key}' takes no value; received '${arg}'`, 'train');
       } else {
         raw = args[++i];
         // `--out --no-progress`: the value is missing and the next flag would be taken for it.

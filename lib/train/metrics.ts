@@ -17,7 +17,7 @@ import { dirname } from 'node:path';
 
 import { InvalidArgumentError } from '../errors.js';
 import { checkOptions } from '../validate.js';
-import { makeDirs, openRegular, writeAll, writeFileAtomic } from './safe-files.js';
+import { makeDirs, openRegular, restateFileError, writeAll, writeFileAtomic } from './safe-files.js';
 
 export interface LayerMetrics {
   tokensPerExpert: number[];
@@ -116,11 +116,15 @@ export class MetricsLog {
     });
   }
   append(m: StepMetrics): void {
-    const fd = openSync(this.path, APPEND_FLAGS, 0o644);
     try {
-      writeAll(fd, Buffer.from(JSON.stringify(m) + '\n'));
-    } finally {
-      closeSync(fd);
+      const fd = openSync(this.path, APPEND_FLAGS, 0o644);
+      try {
+        writeAll(fd, Buffer.from(JSON.stringify(m) + '\n'));
+      } finally {
+        closeSync(fd);
+      }
+    } catch (e) {
+      throw restateFileError(this.path, e);
     }
   }
 }

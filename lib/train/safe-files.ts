@@ -247,7 +247,12 @@ export function writeFileAtomic(
   options: { fsync?: boolean } = {},
 ): void {
   const tmp = temporaryName(path);
-  const fd = createExclusive(tmp);
+  let fd: number;
+  try {
+    fd = createExclusive(tmp);
+  } catch (e) {
+    throw restateFileError(path, e);
+  }
   try {
     try {
       if (typeof content === 'function') content(fd);
@@ -259,8 +264,19 @@ export function writeFileAtomic(
     fs.renameSync(tmp, path);
   } catch (e) {
     fs.rmSync(tmp, { force: true });
-    throw e;
+    throw restateFileError(path, e);
   }
+}
+
+/**
+ * A file-system error (ENOSPC, EACCES, …) restated with the file the caller asked for, not the
+ * temporary it failed on; the errno code stays on it. Other errors (a content callback's) pass as they are.
+ */
+export function restateFileError(path: string, e: unknown): unknown {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (!(e instanceof Error) || typeof code !== 'string' || !/^E[A-Z]+$/.test(code)) return e;
+  const why = code === 'ENOSPC' ? 'no space left on the device' : code === 'EACCES' || code === 'EPERM' ? 'permission denied' : code;
+  return Object.assign(new Error(`cannot write ${path}: ${why} (${code})`, { cause: e }), { code });
 }
 
 /**
