@@ -226,30 +226,33 @@ describe('the command line, probed', () => {
     const file = join(root, `file${n++}`);
     writeFileSync(file, 'x');
     const refused = [
-      // the layer refuses it (renormalising one weight), after the schema passed it
-      ['--steps', '2', '--out', out, '--overwrite', '--model.scoreFunction', 'softmax', '--model.normalize', 'true', '--model.topK', '1'],
+      // the Trainer refuses it (its memory estimate), after the schema passed it
+      ['--steps', '2', '--out', out, '--overwrite', '--model.hidden', '100000000'],
       // a checkpoint folder it cannot write
       ['--steps', '2', '--out', out, '--overwrite', '--checkpoint.dir', join(file, 'x')],
-      [
-        '--steps',
-        '2',
-        '--out',
-        fresh(),
-        '--checkpoint.dir',
-        ckpt,
-        '--overwrite',
-        '--model.scoreFunction',
-        'softmax',
-        '--model.normalize',
-        'true',
-        '--model.topK',
-        '1',
-      ],
+      ['--steps', '2', '--out', fresh(), '--checkpoint.dir', ckpt, '--overwrite', '--model.hidden', '100000000'],
     ];
     for (const args of refused) {
       const r = train(args);
       expect(r.status, args.join(' ')).not.toBe(0);
     }
+    // A rule of the layer's, now also the config's: refused by field before anything is looked at.
+    const normalized = train([
+      '--steps',
+      '2',
+      '--out',
+      out,
+      '--overwrite',
+      '--model.scoreFunction',
+      'softmax',
+      '--model.normalize',
+      'true',
+      '--model.topK',
+      '1',
+    ]);
+    expect(normalized.stderr).toMatch(
+      /config\.model\.normalize: true with config\.model\.topK 1 makes every weight config\.model\.routeScale/,
+    );
     expect(runFiles(out)).toEqual(['metrics.jsonl', 'report.html', 'config.json', 'checkpoints']);
     expect(readFileSync(join(out, 'metrics.jsonl'), 'utf8')).toBe(before);
     expect(latestCheckpoint(join(out, 'checkpoints'))?.step).toBe(2);

@@ -387,6 +387,11 @@ export function resolveConfig(partial: TrainConfigInput = {}): TrainConfig {
       c.model.routing !== 'expert-choice' || (c.balance.auxLossCoef === 0 && c.balance.seqAuxLossCoef === 0),
       `config.balance.auxLossCoef and seqAuxLossCoef: must be 0 with routing 'expert-choice' (balanced by construction)`,
     ],
+    // MoELayer's rule, named by field here: a renormalised single weight is a constant.
+    [
+      c.model.normalize !== true || c.model.topK > 1,
+      `config.model.normalize: true with config.model.topK 1 makes every weight config.model.routeScale, so the router would get no gradient; set it false`,
+    ],
     [!c.model.sharedGate || c.model.sharedFfn > 0, `config.model.sharedGate: needs a shared expert (config.model.sharedFfn > 0)`],
     [
       c.model.routeWeightsOn === 'output' || (c.model.topK === 1 && c.model.routing === 'token-choice'),
