@@ -12,7 +12,17 @@ import { basename, join } from 'node:path';
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
 import { CheckpointError, invalidArgument, shown } from '../errors.js';
 import { checkNonNegativeInt } from '../validate.js';
-import { checkPlainName, FILE_LIMITS, readJson, readRegular, realFolder, resolveInside, statRegular } from './safe-files.js';
+import {
+  checkJsonNesting,
+  checkPlainName,
+  FILE_LIMITS,
+  MAX_JSON_DEPTH,
+  readJson,
+  readRegular,
+  realFolder,
+  resolveInside,
+  statRegular,
+} from './safe-files.js';
 
 // ------------------------------------------------------------------------- names and manifest types
 
@@ -75,8 +85,19 @@ const RESERVED = new Set(['format', 'formatVersion', 'step', 'createdAt', 'world
 
 /** Folder name of a step: step-00000042 (sorts by name). */
 export function stepDirName(step: number): string {
-  checkNonNegativeInt(step, 'stepDirName', 'step');
+  checkStep(step, 'stepDirName');
   return `step-${String(step).padStart(8, '0')}`;
+}
+
+/** The largest step: 15 digits, what parseStepDir reads back (and below 2^53). */
+export const MAX_STEP = 10 ** 15 - 1;
+
+/** A checkpoint's step: an integer in [0, MAX_STEP], refused naming `op`'s 'step' otherwise. */
+export function checkStep(step: unknown, op: string): number {
+  checkNonNegativeInt(step, op, 'step');
+  if ((step as number) > MAX_STEP)
+    invalidArgument(op, `'step' = ${String(step)} is above ${MAX_STEP}, the largest step a step folder's name is read back with`);
+  return step as number;
 }
 
 /** A step folder's name (step-N): its step, else undefined. */
@@ -251,6 +272,19 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
 }
 
 /**
+ * The manifest text a save is about to commit, checked as readManifestAt() will read it back (size,
+ * nesting, every field): a save must never commit a checkpoint its loader refuses, and a `keep`
+ * that follows would then delete the good ones before it.
+ */
+export function checkManifestReadsBack(text: string, dir: string): void {
+  const buf = Buffer.from(text, 'utf8');
+  if (buf.length > FILE_LIMITS.manifest)
+    ckptError(dir, `the manifest would be ${buf.length} bytes, above the ${FILE_LIMITS.manifest} a load reads (manifestExtras too large?)`);
+  checkJsonNesting(buf, { maxDepth: MAX_JSON_DEPTH }, `checkpoint ${dir}: ${MANIFEST_FILE}`, CheckpointError);
+  validateManifest(JSON.parse(text), dir);
+}
+
+/**
  * manifest.json of the step folder `dir` (real path `real`), read through the safe file layer and
  * validated; the step must agree with the folder's name (each of `names` that names a step).
  */
@@ -319,7 +353,12 @@ export interface Candidate {
 
 /** Entries of root that may hold committed checkpoints, newest step first (an aside after its step-N). */
 export function candidates(root: string, rootReal: string): Candidate[] {
-  const names = fs.readdirSync(rootReal);
+  let names: string[];
+  try {
+    names = fs.readdirSync(rootReal);
+  } catch (e) {
+    ckptError(root, `cannot list the checkpoint folder (${(e as NodeJS.ErrnoException).code ?? (e as Error).message})`);
+  }
   const steps = new Set(names.filter((n) => parseStepDir(n) !== undefined));
   const out: Candidate[] = [];
   for (const n of names) {

@@ -327,7 +327,10 @@ export class CheckpointReader implements Disposable {
     // Checked here, before the read, so the errors name this call (not the cast or fromArray inside).
     const device = options.device === undefined ? undefined : Device.parse(options.device, op);
     if (device) checkDeviceUsable(device, op);
-    if (options.dtype !== undefined) checkDType(options.dtype, op);
+    if (options.dtype !== undefined) {
+      checkDType(options.dtype, op);
+      this.checkReadableAs(name, options.dtype);
+    }
     const r = this.getRaw(name);
     const base = Tensor.fromArray(storageView(r.dtype, r.data.buffer as ArrayBuffer), {
       dtype: r.dtype,
@@ -342,11 +345,26 @@ export class CheckpointReader implements Disposable {
     }
   }
 
-  /** Copies a stored tensor into `dst` (same shape; dtype and device may differ). */
+  /**
+   * A cast between the stored dtype and `dtype` that keeps the values' kind: integers into floats (a
+   * weight stored as i32) or floats into integers would load as numbers of another meaning.
+   */
+  private checkReadableAs(name: string, dtype: DType): void {
+    const stored = this.info(name).dtype;
+    const integer = (d: DType): boolean => d === 'i32' || d === 'i64' || d === 'u8';
+    if (integer(stored) !== integer(dtype))
+      ckptError(
+        this.dir,
+        `tensor '${name}' is stored as ${stored} and cannot be read as ${dtype} (${integer(stored) ? 'integers' : 'floats'} where ${integer(dtype) ? 'integers' : 'floats'} are expected)`,
+      );
+  }
+
+  /** Copies a stored tensor into `dst` (same shape; dtype and device may differ; integers stay integers, floats floats). */
   into(name: string, dst: Tensor): Tensor {
     const t = this.info(name);
     checkTensor(dst, 'CheckpointReader.into', 'dst');
     if (t.shape.join() !== dst.shape.join()) ckptError(this.dir, `tensor '${name}' is [${t.shape}] but the destination is [${dst.shape}]`);
+    this.checkReadableAs(name, dst.dtype);
     using src = this.get(name, { device: 'cpu' });
     return dst.copy_(src);
   }

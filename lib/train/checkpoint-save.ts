@@ -19,7 +19,9 @@ import {
   checkManifestExtras,
   CHECKPOINT_FORMAT,
   type CheckpointManifest,
+  checkManifestReadsBack,
   checkRootPath,
+  checkStep,
   ckptError,
   entryExists,
   type FileRecord,
@@ -128,7 +130,7 @@ function checkSaveArguments(root: string, options: SaveOptions, op: string): voi
         `'${key}' must be an object of name → tensor; received ${m === null ? 'null' : Array.isArray(m) ? 'an array' : typeof m}`,
       );
   }
-  checkNonNegativeInt(options.step, op, 'step');
+  checkStep(options.step, op);
   if (options.keep !== undefined) checkPositiveInt(options.keep, op, 'keep');
   checkManifestExtras(options.manifestExtras ?? {}, op);
 }
@@ -207,7 +209,7 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
     ckptError(finalDir, `${op} failed, nothing was committed: ${failed.join('; ')}`);
   }
 
-  let status: { ok: boolean; error?: string } = { ok: true };
+  let status: { ok: boolean; error?: string; committed?: boolean } = { ok: true };
   if (rank === 0) {
     try {
       checkFilesArrived(tmp, reports);
@@ -222,14 +224,16 @@ export function saveCheckpoint(root: string, options: SaveOptions): SavedCheckpo
           reports.flatMap((r) => r.files),
         ),
       );
-      if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
+      const keep = options.keep;
+      if (keep !== undefined) afterCommit(finalDir, `pruning to keep ${keep}`, () => pruneCheckpoints(root, keep, name));
     } catch (e) {
-      status = { ok: false, error: (e as Error).message };
+      status = { ok: false, error: (e as Error).message, committed: e instanceof AfterCommitError };
     }
   }
   const final = exchange(comm, status)[0]!;
   if (!final.ok) {
     removeQuietly(tmp);
+    if (final.committed) throw new CheckpointError(`${op}: ${final.error}`);
     ckptError(finalDir, `${op}: rank 0 could not commit: ${final.error}`);
   }
   return { dir: finalDir, step, bytes: written, ms: Date.now() - t0 };
@@ -275,7 +279,7 @@ export function writeCheckpoint(
   checkRootPath(root, 'writeCheckpoint');
   checkKeys(options, 'writeCheckpoint', { step: true, worldSize: true, files: true, manifestExtras: true, keep: true });
   const { step } = options;
-  checkNonNegativeInt(step, 'writeCheckpoint', 'step');
+  checkStep(step, 'writeCheckpoint');
   const worldSize = checkPositiveInt(options.worldSize, 'writeCheckpoint', 'worldSize');
   const extras = options.manifestExtras ?? {};
   checkManifestExtras(extras, 'writeCheckpoint');
@@ -303,7 +307,8 @@ export function writeCheckpoint(
     fs.rmSync(tmp, { recursive: true, force: true });
     throw e;
   }
-  if (options.keep !== undefined) pruneCheckpoints(root, options.keep, name);
+  const keep = options.keep;
+  if (keep !== undefined) afterCommit(join(root, name), `pruning to keep ${keep}`, () => pruneCheckpoints(root, keep, name));
   return { dir: join(root, name), step, bytes, ms: Date.now() - t0 };
 }
 
@@ -338,7 +343,9 @@ function checkCheckpointFiles(files: unknown, worldSize: number): void {
  * exists is moved aside first and discarded only once the new one is committed (see lib/train/checkpoint.ts).
  */
 function commitDir(root: string, tmp: string, finalDir: string, manifest: CheckpointManifest): void {
-  writeFileAtomic(join(tmp, MANIFEST_FILE), `${JSON.stringify(manifest, null, 1)}\n`);
+  const text = `${JSON.stringify(manifest, null, 1)}\n`;
+  checkManifestReadsBack(text, finalDir);
+  writeFileAtomic(join(tmp, MANIFEST_FILE), text);
   fsyncDir(tmp);
   const name = basename(finalDir);
   if (entryExists(root, name)) {
@@ -350,10 +357,28 @@ function commitDir(root: string, tmp: string, finalDir: string, manifest: Checkp
     fsyncDir(root);
   }
   fs.renameSync(tmp, finalDir);
-  fsyncDir(root);
-  writeLatest(root, name);
-  // Only now is the old copy (and any an earlier crash left) garbage.
-  for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
+  afterCommit(finalDir, `updating ${LATEST_FILE} or removing the step's old copy`, () => {
+    fsyncDir(root);
+    writeLatest(root, name);
+    // Only now is the old copy (and any an earlier crash left) garbage.
+    for (const n of fs.readdirSync(root)) if (n.startsWith(`.old-${name}-`)) discard(root, n);
+  });
+}
+
+/**
+ * A failure once the step folder has its name: the checkpoint is committed and loads (a load finds
+ * the newest step, not only `latest`), so the error says that rather than "nothing was committed".
+ */
+class AfterCommitError extends CheckpointError {}
+
+function afterCommit(finalDir: string, what: string, work: () => void): void {
+  try {
+    work();
+  } catch (e) {
+    throw new AfterCommitError(
+      `checkpoint ${finalDir}: committed (it loads), but ${what} failed: ${e instanceof Error ? e.message : String(e)}`,
+    );
+  }
 }
 
 /** `latest` through a fresh temporary, created exclusively: a planted link there is replaced, never followed. */

@@ -10,7 +10,7 @@
  *   gpt-oss's router.bias → master.routerBias    gate_up_proj_bias, down_proj_bias → master.w13Bias, master.w2Bias
  */
 import { getDefaultDevice } from '../device.js';
-import { invalidArgument } from '../errors.js';
+import { CheckpointError, invalidArgument } from '../errors.js';
 import { MoELayer, type MoELayerConfig } from '../moe/layer.js';
 import { checkGroup } from '../moe/dispatcher.js';
 import { type HfMoECheckpoint, type HfWeightName } from '../serve/hf-checkpoint.js';
@@ -37,8 +37,13 @@ export function moeLayerFromHf(ckpt: HfMoECheckpoint, layer?: number, options: H
     invalidArgument(op, `${fixed.map((k) => `'${k}'`).join(', ')}: set by the checkpoint (its config.json and weights), not an option`);
   const index = layer ?? ckpt.model.moeLayers[0];
   if (index === undefined) invalidArgument(op, `the checkpoint ${ckpt.dir} has no layer with an MoE block`);
-  // The layer is named before the MoELayer draws its (then replaced) initial weights.
-  ckpt.names(index);
+  // The layer is named, and its tensors checked from the files' headers, before the MoELayer draws its
+  // (then replaced) initial weights: a config.json with absurd sizes would otherwise allocate them first.
+  const { problems, moreProblems } = ckpt.inspectLayer(index);
+  if (problems.length > 0)
+    throw new CheckpointError(
+      `${op}: layer ${index} cannot be read: ${problems[0]}${problems.length + moreProblems > 1 ? ` (and ${problems.length + moreProblems - 1} more problems: 'moe-ep hf inspect' lists them)` : ''}`,
+    );
   const b = ckpt.block;
   const group = checkGroup(options.group, op);
   const device = options.device ?? getDefaultDevice();

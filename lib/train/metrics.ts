@@ -146,13 +146,15 @@ function forEachLine(path: string, visit: (line: string, m: StepMetrics) => void
     const line = (bytes: Buffer): void => {
       const text = bytes.toString('utf8');
       if (!text.trim()) return;
-      let m: StepMetrics;
+      let m: unknown;
       try {
-        m = JSON.parse(text) as StepMetrics;
+        m = JSON.parse(text);
       } catch {
         return;
       }
-      visit(text, m);
+      // A line that parses but is not a step's record (null, a number: written by something else) is skipped as a torn one is.
+      if (m === null || typeof m !== 'object' || !Number.isSafeInteger((m as { step?: unknown }).step)) return;
+      visit(text, m as StepMetrics);
     };
     for (let n; (n = readSync(fd, chunk, 0, chunk.length, null)) > 0;) {
       let start = 0;

@@ -434,6 +434,71 @@ function checkReaderAndLayer(reader: CheckpointReader | null, layer: MoELayer, o
 }
 
 /**
+ * Every tensor loadMoELayer will read, looked up before it copies any: present, of a float dtype and
+ * of the layer's shape. A checkpoint that fails half-way would leave the layer half overwritten.
+ */
+function checkEveryTensorFirst(
+  reader: CheckpointReader,
+  layer: MoELayer,
+  index: number,
+  moments: MoELayerMoments,
+  first: number,
+  El: number,
+): void {
+  const want: [string, readonly number[]][] = [];
+  const [, H, F2] = layer.master.w13.shape as [number, number, number];
+  const F = F2 / 2;
+  // w13 [count, H, 2F] → each expert's w1 and w3 [H, F] and w2 [F, H] (the shared expert has its own F).
+  const experts = (name: (e: number, w: ExpertWeight) => string, w13: Tensor, from: number, what: string): void => {
+    const [count, H, F2] = w13.shape as [number, number, number];
+    const F = F2 / 2;
+    const w1 = reader.info(name(from, 'w1'));
+    if (w1.shape.length === 2 && (w1.shape[0] !== H || w1.shape[1] !== F))
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: layer ${index}'s '${name(from, 'w1')}' is [${w1.shape.join(', ')}] but ${what} [hidden ${H}, ffn ${F}]; build the model with the checkpoint's sizes`,
+      );
+    for (let e = from; e < from + count; e++) want.push([name(e, 'w1'), [H, F]], [name(e, 'w3'), [H, F]], [name(e, 'w2'), [F, H]]);
+  };
+  const biases = (name: (e: number, b: ExpertBias) => string): void => {
+    for (let e = first; e < first + El; e++) want.push([name(e, 'b1'), [F]], [name(e, 'b3'), [F]], [name(e, 'b2'), [H]]);
+  };
+  const param = (name: string, t: Tensor | null | undefined): void => {
+    if (t) want.push([name, t.shape]);
+  };
+  const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);
+  const sharedName = (_e: number, w: ExpertWeight): string => ckptNames.shared(index, w);
+  param(ckptNames.router(index), layer.master.router);
+  param(ckptNames.bias(index), layer.bias);
+  param(ckptNames.sharedGate(index), layer.master.sharedGate);
+  param(ckptNames.routerBias(index), layer.master.routerBias);
+  if (layer.master.w13Bias) biases((e, b) => ckptNames.expertBias(index, e, b));
+  experts(expertName, layer.master.w13, first, "this layer's experts are");
+  if (layer.master.sharedW13) experts(sharedName, layer.master.sharedW13, 0, "this layer's shared expert is");
+  for (const m of ['exp_avg', 'exp_avg_sq'] as const) {
+    const key = m === 'exp_avg' ? 'expAvg' : 'expAvgSq';
+    const optim = (name: string): string => ckptNames.optim(name, m);
+    param(optim(ckptNames.router(index)), moments.router?.[key]);
+    param(optim(ckptNames.sharedGate(index)), moments.sharedGate?.[key]);
+    param(optim(ckptNames.routerBias(index)), moments.routerBias?.[key]);
+    if (moments.w13 && moments.w2) experts((e, w) => optim(expertName(e, w)), moments.w13[key], first, "this layer's experts are");
+    if (moments.sharedW13 && moments.sharedW2)
+      experts((e, w) => optim(sharedName(e, w)), moments.sharedW13[key], 0, "this layer's shared expert is");
+    if (moments.w13Bias && moments.w2Bias) biases((e, b) => optim(ckptNames.expertBias(index, e, b)));
+  }
+  for (const [name, shape] of want) {
+    const t = reader.info(name); // names a missing tensor
+    if (t.shape.join() !== shape.join())
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: tensor '${name}' is [${t.shape.join(', ')}] but layer ${index} needs [${shape.join(', ')}]`,
+      );
+    if (!['f32', 'bf16', 'f16'].includes(t.dtype))
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: tensor '${name}' is stored as ${t.dtype}; a weight or optimizer moment is a float tensor`,
+      );
+  }
+}
+
+/**
  * Loads layer `index` into a MoE layer built with the same sizes (any EP size: it reads the experts
  * it owns by global index), moments too when given, then refreshes the compute copies.
  */
@@ -499,6 +564,7 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
       j.w2.dispose();
     }
   };
+  checkEveryTensorFirst(reader, layer, index, moments, first, El);
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
   if (layer.master.sharedGate) reader.into(gateName, layer.master.sharedGate);

@@ -22,7 +22,7 @@ import { basename, dirname } from 'node:path';
 
 import { type DType, DTYPES, dtypeSize } from '../dtype.js';
 import { CheckpointError, invalidArgument, shown } from '../errors.js';
-import { checkOptions } from '../validate.js';
+import { checkBoolean, checkOptions } from '../validate.js';
 import { checkJsonNesting, openRegular, readFully, writeAll, writeFileAtomic } from './safe-files.js';
 
 /** moe-ep dtype → safetensors dtype string. */
@@ -73,7 +73,34 @@ export const MAX_HEADER_BYTES = 100_000_000;
  * offsets; checked before parsing, so a crafted 100 MB `[[[[…` is refused at once.
  */
 const HEADER_MAX_DEPTH = 3;
+/** The longest array a header holds: a shape of at most this many dimensions (the writer keeps to it too). */
 const HEADER_MAX_ARRAY = 64;
+
+/**
+ * The first key of the header's top object that is written twice (JSON.parse keeps the last one
+ * silently), or undefined. `text` is valid JSON: strings are skipped with their escapes, and a
+ * string at depth 1 followed by ':' is a key.
+ */
+function repeatedKey(text: string): string | undefined {
+  const seen = new Set<string>();
+  let depth = 0;
+  for (let i = 0; i < text.length; i++) {
+    const c = text[i];
+    if (c === '"') {
+      const start = i;
+      for (i++; text[i] !== '"'; i++) if (text[i] === '\\') i++;
+      if (depth !== 1) continue;
+      let j = i + 1;
+      while (text[j] === ' ' || text[j] === '\n' || text[j] === '\r' || text[j] === '\t') j++;
+      if (text[j] !== ':') continue;
+      const key = JSON.parse(text.slice(start, i + 1)) as string;
+      if (seen.has(key)) return key;
+      seen.add(key);
+    } else if (c === '{' || c === '[') depth++;
+    else if (c === '}' || c === ']') depth--;
+  }
+  return undefined;
+}
 
 export interface SafetensorsEntry {
   name: string;
@@ -148,6 +175,9 @@ function encodeHeader(
     if (!dtype) fail(path, `unknown dtype ${JSON.stringify(e.dtype)}`, name);
     if (!Array.isArray(e.shape) || !e.shape.every((d) => Number.isSafeInteger(d) && d >= 0))
       fail(path, `bad shape ${JSON.stringify(e.shape)}`, name);
+    // A file the reader would refuse is never written.
+    if (e.shape.length > HEADER_MAX_ARRAY)
+      fail(path, `a shape of ${e.shape.length} dimensions; at most ${HEADER_MAX_ARRAY} are read back`, name);
     const byteLength = numel(e.shape) * dtypeSize[dtype];
     if (!ArrayBuffer.isView(e.data)) fail(path, 'data must be a TypedArray or DataView', name);
     if (e.data.byteLength !== byteLength)
@@ -205,6 +235,7 @@ export function writeSafetensors(
 ): WrittenFile {
   checkFilePath(path, 'writeSafetensors');
   options = checkOptions(options, 'writeSafetensors', { fsync: true });
+  if (options.fsync !== undefined) checkBoolean(options.fsync, 'writeSafetensors', 'fsync');
   checkWritablePath(path, 'writeSafetensors');
   const { header, infos } = encodeHeader(path, entries, metadata);
   const fileHash = createHash('sha256');
@@ -292,13 +323,22 @@ export class SafetensorsFile implements Disposable {
         { maxDepth: HEADER_MAX_DEPTH, maxArrayLength: HEADER_MAX_ARRAY },
         `safetensors ${basename(path)}: the header (${path})`,
       );
+      let text: string;
+      try {
+        // Fatal: lenient decoding turns every invalid byte into U+FFFD, so two names could become one.
+        text = new TextDecoder('utf-8', { fatal: true }).decode(hbuf);
+      } catch {
+        fail(path, 'the header is not valid UTF-8');
+      }
       let json: unknown;
       try {
-        json = JSON.parse(hbuf.toString('utf8'));
+        json = JSON.parse(text);
       } catch (e) {
         fail(path, `the header is not valid JSON (${(e as Error).message})`);
       }
       if (json === null || typeof json !== 'object' || Array.isArray(json)) fail(path, 'the header is not a JSON object');
+      const twice = repeatedKey(text);
+      if (twice !== undefined) fail(path, 'the header names it twice (a reader would take either entry)', twice);
       const dataStart = 8 + n;
       const dataBytes = size - dataStart;
       let metadata: Record<string, string> = {};
