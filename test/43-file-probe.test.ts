@@ -104,6 +104,17 @@ describe('loadMoELayer', () => {
       expect(() => reader.get('layers.0.router.weight', { dtype: 'i32' })).toThrow(/is stored as f32 and cannot be read as i32/);
     }
     expect(Array.from(layer.master.router.toArray() as Float32Array)).toEqual(before);
+    // A damaged shard (its last byte flipped: an expert's tensor) is found before the router is copied.
+    saveCheckpoint(root, { step: 3, replicated: st.replicated, sharded: st.sharded });
+    const shard = join(root, 'step-00000003', 'rank-0.safetensors');
+    const bytes = fs.readFileSync(shard);
+    bytes[bytes.length - 1] = (bytes[bytes.length - 1] as number) ^ 0xff;
+    fs.writeFileSync(shard, bytes);
+    {
+      using reader = loadCheckpoint(join(root, 'step-00000003'));
+      expect(() => loadMoELayer(reader, layer, 0)).toThrow(/rank-0\.safetensors fails its SHA-256 check/);
+    }
+    expect(Array.from(layer.master.router.toArray() as Float32Array)).toEqual(before);
     for (const t of [...Object.values(st.replicated), ...Object.values(st.sharded)]) (t as { dispose?: () => void }).dispose?.();
   });
 });
@@ -123,7 +134,7 @@ describe('safetensors headers', () => {
       Buffer.from('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}, "a" :{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}'),
       Buffer.from(new Float32Array([1.5, 2.5]).buffer),
     );
-    expect(() => readSafetensors(dup)).toThrow(/tensor 'a': the header names it twice/);
+    expect(() => readSafetensors(dup)).toThrow(/the header writes 'a' twice in one object/);
     // Keys inside an entry, and an escaped quote in a name, are not top-level names.
     const ok = join(dir, 'ok.safetensors');
     write(
@@ -134,6 +145,16 @@ describe('safetensors headers', () => {
       Buffer.from(new Float32Array([1.5, 2.5]).buffer),
     );
     expect(readSafetensors(ok).tensors.map((t) => t.name)).toEqual(['a"x', 'b']);
+    const twoDtypes = join(dir, 'two-dtypes.safetensors');
+    write(twoDtypes, Buffer.from('{"a":{"dtype":"F32","dtype":"I32","shape":[2],"data_offsets":[0,8]}}'), Buffer.alloc(8));
+    expect(() => readSafetensors(twoDtypes)).toThrow(/the header writes 'dtype' twice in one object/);
+    const bom = join(dir, 'bom.safetensors');
+    write(
+      bom,
+      Buffer.concat([Buffer.from([0xef, 0xbb, 0xbf]), Buffer.from('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}')]),
+      Buffer.alloc(8),
+    );
+    expect(() => readSafetensors(bom)).toThrow(/the header is not valid JSON/);
     const utf8 = join(dir, 'utf8.safetensors');
     const entry = '":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}';
     write(

@@ -259,6 +259,16 @@ describe('the command line, probed', () => {
     expect(latestCheckpoint(ckpt)?.step).toBe(2);
   });
 
+  it("--overwrite replaces a run whose 'checkpoints' entry is a file (the folder is made afresh)", () => {
+    const out = fresh();
+    mkdirSync(out);
+    writeFileSync(join(out, 'metrics.jsonl'), 'x\n');
+    writeFileSync(join(out, 'checkpoints'), 'junk');
+    const r = train(['--steps', '2', '--out', out, '--overwrite']);
+    expect(r.status, r.stderr).toBe(0);
+    expect(latestCheckpoint(join(out, 'checkpoints'))?.step).toBe(2);
+  });
+
   it("a resumed run's config.json does not resume the next run started from it", () => {
     const a = fresh();
     expect(train(['--steps', '2', '--out', a]).status).toBe(0);

@@ -175,16 +175,35 @@ export async function runTrain(args: string[]): Promise<number> {
   }
   // Every folder the run writes, checked on every rank before training: a run that could not save
   // would otherwise find out at its first checkpoint, or at the end.
+  // An old run's `checkpoints` entry that --overwrite deletes (a file, a link) is not what the run
+  // writes into: its folder is made afresh in --out.
+  const ckptReplaced = overwrite && config.checkpoint.dir === null && found.includes('checkpoints');
   const problems = allGatherJson(
     world,
-    [lead ? unwritable(out, '--out') : null, unwritable(ckptDir, config.checkpoint.dir === null ? '--out' : '--checkpoint.dir')].filter(
-      (p): p is string => p !== null,
-    ),
+    [
+      lead ? unwritable(out, '--out') : null,
+      unwritable(ckptReplaced ? out : ckptDir, config.checkpoint.dir === null ? '--out' : '--checkpoint.dir'),
+    ].filter((p): p is string => p !== null),
   ).flat();
   if (problems.length > 0) throw new InvalidArgumentError([...new Set(problems)].join('; '), 'train');
-  const trainer = new Trainer(config, world.size > 1 ? { world } : {});
+  // Every rank's Trainer, agreed on before rank 0 deletes anything: a rank that cannot build its own
+  // (a node with less memory, no usable GPU) stops every rank, with the old run untouched.
+  let trainer: Trainer | null = null;
+  let failure: unknown = null;
+  try {
+    trainer = new Trainer(config, world.size > 1 ? { world } : {});
+  } catch (e) {
+    failure = e;
+  }
+  const failed = allGatherJson(world, failure === null ? null : failure instanceof Error ? failure.message : String(failure));
+  if (failure !== null) throw failure;
+  const firstFailed = failed.findIndex((f) => f !== null);
+  if (firstFailed >= 0 || trainer === null) {
+    trainer?.dispose();
+    throw new InvalidArgumentError(`rank ${firstFailed} could not build the model: ${String(failed[firstFailed])}`, 'train');
+  }
   // --overwrite deletes the old run only now: a command refused above (a bad option, a folder it
-  // cannot write, a layer the Trainer cannot build) leaves it as it was.
+  // cannot write, a layer a rank's Trainer cannot build) leaves it as it was.
   if (overwrite && lead) {
     for (const f of found) rmSync(join(out, f), { recursive: true, force: true });
     if (config.checkpoint.dir !== null) for (const f of held) rmSync(join(ckptDir, f), { recursive: true, force: true });

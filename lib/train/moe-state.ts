@@ -485,8 +485,10 @@ function checkEveryTensorFirst(
       experts((e, w) => optim(sharedName(e, w)), moments.sharedW13[key], 0, "this layer's shared expert is");
     if (moments.w13Bias && moments.w2Bias) biases((e, b) => optim(ckptNames.expertBias(index, e, b)));
   }
+  const files = new Set<string>();
   for (const [name, shape] of want) {
     const t = reader.info(name); // names a missing tensor
+    files.add(t.file);
     if (t.shape.join() !== shape.join())
       throw new CheckpointError(
         `checkpoint ${reader.dir}: tensor '${name}' is [${t.shape.join(', ')}] but layer ${index} needs [${shape.join(', ')}]`,
@@ -496,6 +498,9 @@ function checkEveryTensorFirst(
         `checkpoint ${reader.dir}: tensor '${name}' is stored as ${t.dtype}; a weight or optimizer moment is a float tensor`,
       );
   }
+  // A damaged file is found now rather than at its first tensor: the check a verifying reader makes
+  // at that read anyway (once per file), moved before the first copy.
+  if (reader.verify) for (const f of files) reader.verifyFile(f);
 }
 
 /**

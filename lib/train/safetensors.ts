@@ -77,27 +77,28 @@ const HEADER_MAX_DEPTH = 3;
 const HEADER_MAX_ARRAY = 64;
 
 /**
- * The first key of the header's top object that is written twice (JSON.parse keeps the last one
- * silently), or undefined. `text` is valid JSON: strings are skipped with their escapes, and a
- * string at depth 1 followed by ':' is a key.
+ * The first key written twice in one object of the header, at any depth (JSON.parse keeps the last
+ * one silently: a tensor named twice, or an entry with two dtypes), or undefined. `text` is valid
+ * JSON: strings are skipped with their escapes, and a string followed by ':' is a key of the
+ * innermost open object.
  */
 function repeatedKey(text: string): string | undefined {
-  const seen = new Set<string>();
-  let depth = 0;
+  const open: (Set<string> | null)[] = []; // per open container: an object's keys, null for an array
   for (let i = 0; i < text.length; i++) {
     const c = text[i];
     if (c === '"') {
       const start = i;
       for (i++; text[i] !== '"'; i++) if (text[i] === '\\') i++;
-      if (depth !== 1) continue;
       let j = i + 1;
       while (text[j] === ' ' || text[j] === '\n' || text[j] === '\r' || text[j] === '\t') j++;
-      if (text[j] !== ':') continue;
+      const keys = open[open.length - 1];
+      if (text[j] !== ':' || !keys) continue;
       const key = JSON.parse(text.slice(start, i + 1)) as string;
-      if (seen.has(key)) return key;
-      seen.add(key);
-    } else if (c === '{' || c === '[') depth++;
-    else if (c === '}' || c === ']') depth--;
+      if (keys.has(key)) return key;
+      keys.add(key);
+    } else if (c === '{') open.push(new Set());
+    else if (c === '[') open.push(null);
+    else if (c === '}' || c === ']') open.pop();
   }
   return undefined;
 }
@@ -326,7 +327,7 @@ export class SafetensorsFile implements Disposable {
       let text: string;
       try {
         // Fatal: lenient decoding turns every invalid byte into U+FFFD, so two names could become one.
-        text = new TextDecoder('utf-8', { fatal: true }).decode(hbuf);
+        text = new TextDecoder('utf-8', { fatal: true, ignoreBOM: true }).decode(hbuf); // a BOM stays, and JSON.parse refuses it
       } catch {
         fail(path, 'the header is not valid UTF-8');
       }
@@ -338,7 +339,7 @@ export class SafetensorsFile implements Disposable {
       }
       if (json === null || typeof json !== 'object' || Array.isArray(json)) fail(path, 'the header is not a JSON object');
       const twice = repeatedKey(text);
-      if (twice !== undefined) fail(path, 'the header names it twice (a reader would take either entry)', twice);
+      if (twice !== undefined) fail(path, `the header writes '${twice}' twice in one object (a reader would take either)`);
       const dataStart = 8 + n;
       const dataBytes = size - dataStart;
       let metadata: Record<string, string> = {};

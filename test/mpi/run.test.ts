@@ -129,6 +129,30 @@ describe.skipIf(!hasMpirun)('under mpirun (CPU, MPI backend)', () => {
     }
   });
 
+  // Found in review (session 31): rank 0 deleted the old run as soon as its own Trainer was built.
+  it('--overwrite with a rank that cannot build its Trainer (less memory there): every rank stops, the old run stays whole', () => {
+    const cwd = fs.mkdtempSync(join(tmpdir(), 'moe-cli-mpi-overwrite-'));
+    try {
+      const flags = ['train', '--steps', '2', '--no-progress', '--model.experts', '4', '--data.tokensPerStep', '64', '--out', 'run'];
+      const env = { CUDA_VISIBLE_DEVICES: '' };
+      expect(mpirun(2, cli, 60_000, flags, env, cwd).status).toBe(0);
+      const before = fs.readFileSync(join(cwd, 'run', 'metrics.jsonl'), 'utf8');
+      // Rank 1 sees a machine of 1 KiB: its Trainer's memory estimate refuses the model.
+      const preload = join(cwd, 'small-node.mjs');
+      fs.writeFileSync(
+        preload,
+        `import { createRequire, syncBuiltinESMExports } from 'node:module';\nif (process.env.OMPI_COMM_WORLD_RANK === '1') { createRequire(import.meta.url)('node:os').totalmem = () => 1024; syncBuiltinESMExports(); }\n`,
+      );
+      const r = mpirun(2, cli, 60_000, [...flags, '--overwrite'], { ...env, NODE_OPTIONS: `--import=${preload}` }, cwd);
+      expect(r.status, r.out).not.toBe(0);
+      expect(r.out).toMatch(/rank 1 could not build the model: Trainer: this configuration needs/);
+      expect(fs.readFileSync(join(cwd, 'run', 'metrics.jsonl'), 'utf8')).toBe(before);
+      expect(fs.readdirSync(join(cwd, 'run', 'checkpoints')).sort()).toEqual(['latest', 'step-00000002']);
+    } finally {
+      fs.rmSync(cwd, { recursive: true, force: true });
+    }
+  });
+
   it.each([2, 4])(
     'a rank 3 s late on %i ranks: the others throw TimeoutError naming allToAllV and rank 1 after 2 s, the late one naming them in turn; all exit cleanly',
     (np) => {
