@@ -256,7 +256,11 @@ function validateManifest(m: unknown, dir: string): CheckpointManifest {
       bad(`${f}.shape`, `an array of at most ${MAX_TENSOR_RANK} non-negative integers`, shape);
     const bytes = (shape as number[]).reduce((a, d) => a * d, dtypeSize[t['dtype'] as DType]);
     const fileBytes = ((files as Record<string, ManifestFile>)[file as string] as ManifestFile).bytes;
-    if (bytes > fileBytes) bad(`${f}.shape`, `a tensor that fits its file (${fileBytes} bytes)`, shape);
+    if (bytes > fileBytes)
+      ckptError(
+        dir,
+        `${MANIFEST_FILE}: ${f} is ${String(t['dtype'])}[${(shape as number[]).join(', ')}], ${bytes} bytes, but files[${JSON.stringify(file)}].bytes records ${fileBytes} for the whole file: one of the two is wrong`,
+      );
     if (typeof t['sha256'] !== 'string' || !HEX64.test(t['sha256'])) bad(`${f}.sha256`, '64 hex digits', t['sha256']);
   }
   const ep = m['ep'];
