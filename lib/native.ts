@@ -479,6 +479,8 @@ function load(): RawBinding {
       loadedFrom = path;
       break;
     } catch (e) {
+      // Another thread of this process holds the addon (module.cc): no other build would load either.
+      if (/already in use by another JavaScript thread/.test((e as Error).message)) throw new Error((e as Error).message);
       const message = ((e as Error).message.split('\n')[0] ?? '').replace(`${path}: `, '');
       failures.push(`${explicit ? 'MOE_EP_ADDON=' : ''}${path}: ${message}`);
     }

@@ -124,6 +124,43 @@ describe('loading the addon', () => {
   });
 });
 
+// Found by probing (session 31): a worker thread loading the addon beside the main thread overwrote
+// its process-wide bindings, and both crashed (SIGSEGV, or V8's HandleScope abort).
+describe('worker threads', () => {
+  const lib = JSON.stringify(join(root, 'dist/lib/index.js'));
+  const node = (code: string) =>
+    spawnSync(process.execPath, ['--input-type=module', '-e', code], {
+      encoding: 'utf8',
+      timeout: 60_000,
+      env: { ...process.env, CUDA_VISIBLE_DEVICES: '' },
+    });
+  const sumIn = (m: string, values: string) => `Array.from(${m}.ops.sum(${m}.Tensor.fromArray(${values}, { device: 'cpu' }), 0).toArray())`;
+
+  it('a second thread using the addon at the same time is refused by name; the first keeps working', () => {
+    const r = node(`import * as m from ${lib};
+      import { Worker } from 'node:worker_threads';
+      const a = m.Tensor.fromArray([1, 2], { device: 'cpu' });
+      const w = new Worker(\`import * as m from ${lib.replace(/\\/g, '\\\\')};
+        try { m.Tensor.zeros([4], { device: 'cpu' }); console.log('worker loaded'); } catch (e) { console.log('worker: ' + e.message); }\`, { eval: true, type: 'module' });
+      const t0 = Date.now();
+      while (Date.now() - t0 < 300) m.Tensor.zeros([4], { device: 'cpu' }).clone().dispose();
+      w.on('exit', () => console.log('main: ' + ${sumIn('m', '[1, 2]')}.join() + ' ' + Array.from(a.toArray()).join()));`);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/worker: moe-ep: the addon is already in use by another JavaScript thread of this process/);
+    expect(r.stdout).toContain('main: 3 1,2');
+  });
+
+  it('threads one after another (each loads, then exits) each get the addon', () => {
+    const r = node(`import { Worker } from 'node:worker_threads';
+      const code = \`import * as m from ${lib}; console.log('worker ' + ${sumIn('m', '[1, 2, 3]')}.join());\`;
+      for (let i = 0; i < 3; i++) await new Promise((ok, fail) => new Worker(code, { eval: true, type: 'module' }).on('exit', ok).on('error', fail));
+      const m = await import(${lib});
+      console.log('main ' + ${sumIn('m', '[4, 5]')}.join());`);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout.trim().split('\n')).toEqual(['worker 6', 'worker 6', 'worker 6', 'main 9']);
+  });
+});
+
 describe('crash reports', () => {
   // For crashes on machines we only see through logs (test/gpu/21 sets it for its mpirun ranks).
   it('MOE_EP_CRASH_BACKTRACE=1: a fatal signal prints the signal, the rank and the native frames, then still kills the process', () => {

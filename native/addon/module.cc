@@ -1,6 +1,8 @@
 // The addon's entry point: registers every binding. lib/native.ts is the only importer.
 #include <napi.h>
 
+#include <atomic>
+
 #include "addon/errors.h"
 #include "addon/registry.h"
 #include "addon/stream_binding.h"
@@ -16,6 +18,17 @@ Napi::Value set_error_classes(const Napi::CallbackInfo& info) {
 }
 
 Napi::Object init(Napi::Env env, Napi::Object exports) {
+  // The bindings keep their JS classes and error constructors in process-wide statics: a second
+  // JavaScript environment (a worker thread) registering its own would overwrite the first's, and
+  // both threads would then crash. The environment that loads the addon keeps it until it exits (a
+  // worker that ends hands it on: the next one registers afresh); others meanwhile are refused.
+  static std::atomic<bool> taken{false};
+  if (taken.exchange(true))
+    throw Napi::Error::New(env,
+                           "moe-ep: the addon is already in use by another JavaScript thread of this process; its bindings are "
+                           "per process, so use moe-ep from one thread (for parallel work, start processes: child processes or "
+                           "mpirun ranks)");
+  env.AddCleanupHook([] { taken.store(false); });
   exports.Set("setErrorClasses", Napi::Function::New(env, binding<set_error_classes>, "setErrorClasses"));
   // 2: recordStream, Event.wait, stream pool; 3: peer transport; 4: fp8 quantised in the peer push;
   // 5: setKernelOptions; 6: CUDA graphs (GraphHandle, memoryStats.graphPoolBytes); 7: permuteBackward's
