@@ -480,7 +480,7 @@ function load(): RawBinding {
       break;
     } catch (e) {
       // Another thread of this process holds the addon (module.cc): no other build would load either.
-      if (/already in use by another JavaScript thread/.test((e as Error).message)) throw new Error((e as Error).message);
+      if (/already in use by another JavaScript thread/.test((e as Error).message)) throw new Error((e as Error).message, { cause: e });
       const message = ((e as Error).message.split('\n')[0] ?? '').replace(`${path}: `, '');
       failures.push(`${explicit ? 'MOE_EP_ADDON=' : ''}${path}: ${message}`);
     }

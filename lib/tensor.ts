@@ -88,6 +88,9 @@ export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth 
  */
 export function tidy<T>(fn: () => T): T {
   if (typeof fn !== 'function') invalidArgument('tidy', `'fn' must be a function; received ${fn === null ? 'null' : typeof fn}`);
+  // Refused before it runs: once started, an async function would go on using tensors tidy disposed.
+  if (fn.constructor.name === 'AsyncFunction' || fn.constructor.name === 'AsyncGeneratorFunction')
+    invalidArgument('tidy', `'fn' is an async function; tidy scopes are synchronous (await outside the scope, or dispose explicitly)`);
   const scope = new Set<Tensor>();
   scopes.push(scope);
   let result: T;
@@ -101,6 +104,8 @@ export function tidy<T>(fn: () => T): T {
   scopes.pop();
   if (result instanceof Promise) {
     for (const t of scope) t.dispose();
+    // A promise from a plain function: its rejection (likely, its tensors now disposed) is this throw's, not an unhandled one.
+    result.catch(() => undefined);
     throw new TypeError('tidy: the function returned a promise; tidy scopes are synchronous');
   }
   const kept = tensorsIn(result, new Set());

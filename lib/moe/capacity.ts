@@ -69,7 +69,10 @@ export function expertCapacity(numTokens: number, topK: number, numExperts: numb
   checkPositiveInt(numExperts, op, 'numExperts');
   checkPositiveNumber(capacityFactor, op, 'capacityFactor');
   const exact = (capacityFactor * numTokens * topK) / numExperts;
-  const c = Math.min(numTokens * topK, Math.max(0, Math.ceil(exact - 1e-9 * Math.max(1, exact))));
+  // A factor so large that the product overflows keeps every assignment (Infinity − 1e-9·Infinity is NaN).
+  const c = Number.isFinite(exact)
+    ? Math.min(numTokens * topK, Math.max(0, Math.ceil(exact - 1e-9 * Math.max(1, exact))))
+    : numTokens * topK;
   if (c >= 2 ** 31 - 1) invalidArgument(op, `the capacity ${c} does not fit in i32`);
   return c;
 }

@@ -227,10 +227,14 @@ const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 const PEER_MAX_TOP_K = 32;
 
 /** The handle's tensors (the communication reads them), after checking it is one. */
-function handleTensors(op: string, handle: DispatchHandle): Tensor[] {
+/** The Dispatcher whose dispatch() made each handle: one of another dispatcher (other experts, ranks or transport) is refused. */
+const handleOwners = new WeakMap<object, Dispatcher>();
+
+function handleTensors(op: string, handle: DispatchHandle, owner: Dispatcher): Tensor[] {
   if (handle === null || typeof handle !== 'object' || !Tensor.isTensor(handle.localOffsets)) {
     invalidArgument(op, `'handle' must be the handle dispatch() returned`);
   }
+  if (handleOwners.get(handle) !== owner) invalidArgument(op, `'handle' was not made by this Dispatcher's dispatch()`);
   if (handle.transport === 'ipc')
     return [handle.localOffsets, handle.pos, handle.dest, handle.rowSrc, handle.recvRowOf, handle.recvWeight, handle.recvTokens];
   if (!handle.permuted) invalidArgument(op, `'handle' must be the handle dispatch() returned`);
@@ -415,7 +419,11 @@ export class Dispatcher {
       this.commStream,
       x.device,
       [x, indices, weights, ...tensorsIn(cap)],
-      () => this.dispatchNow(x, indices, weights, cap),
+      () => {
+        const d = this.dispatchNow(x, indices, weights, cap);
+        handleOwners.set(d.handle, this);
+        return d;
+      },
       options,
       (d) => {
         d.rows.dispose();
@@ -687,7 +695,7 @@ export class Dispatcher {
     checkTensors(op, { expertOut, weights });
     checkContiguous(expertOut, op, 'expertOut');
     checkContiguous(weights, op, 'weights');
-    const inputs = [expertOut, weights, ...handleTensors(op, handle)];
+    const inputs = [expertOut, weights, ...handleTensors(op, handle, this)];
     return launch(
       op,
       this.commStream,
@@ -730,7 +738,7 @@ export class Dispatcher {
     checkContiguous(dy, op, 'dy');
     checkContiguous(expertOut, op, 'expertOut');
     checkContiguous(weights, op, 'weights');
-    const inputs = [dy, expertOut, weights, ...handleTensors(op, handle)];
+    const inputs = [dy, expertOut, weights, ...handleTensors(op, handle, this)];
     return launch(
       op,
       this.commStream,
@@ -772,7 +780,7 @@ export class Dispatcher {
     const { add, ...commOptions } = checkOptions(options, op, { after: true, add: true });
     checkTensors(op, { dRows });
     checkContiguous(dRows, op, 'dRows');
-    const inputs = [dRows, ...handleTensors(op, handle)];
+    const inputs = [dRows, ...handleTensors(op, handle, this)];
     if (add !== undefined) {
       // Checked here, before anything is queued, whichever transport runs: dx's dtype and shape.
       checkTensor(add, op, 'add');

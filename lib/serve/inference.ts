@@ -69,6 +69,7 @@ import {
   checkOneOf,
   checkOptions,
   checkPositiveInt,
+  checkSeparate,
   checkTensor,
 } from '../validate.js';
 import { keep, Tensor, tidy } from '../tensor.js';
@@ -808,6 +809,8 @@ export class MoEInference implements Disposable {
         );
       }
       if (out.sharesStorageWith(x)) invalidArgument(op, `'out' shares memory with 'x'`);
+      // Nor the layer's own weights: written there, every later output would be wrong.
+      checkSeparate(op, { out }, Object.fromEntries(WEIGHT_TENSORS.map((k) => [`weights.${k}`, this.weights[k]])));
     }
     this.checkGroupAgrees(op);
     const g = this.graphs.get(T);

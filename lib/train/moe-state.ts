@@ -435,16 +435,12 @@ function checkReaderAndLayer(reader: CheckpointReader | null, layer: MoELayer, o
 
 /**
  * Every tensor loadMoELayer will read, looked up before it copies any: present, of a float dtype and
- * of the layer's shape. A checkpoint that fails half-way would leave the layer half overwritten.
+ * of the layer's shape, its files verified (when the reader verifies). A checkpoint that fails
+ * half-way would leave the layer half overwritten.
  */
-function checkEveryTensorFirst(
-  reader: CheckpointReader,
-  layer: MoELayer,
-  index: number,
-  moments: MoELayerMoments,
-  first: number,
-  El: number,
-): void {
+export function checkLayerTensors(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
+  const El = layer.localExperts;
+  const first = layer.group.rank * El;
   const want: [string, readonly number[]][] = [];
   const [, H, F2] = layer.master.w13.shape as [number, number, number];
   const F = F2 / 2;
@@ -569,7 +565,7 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
       j.w2.dispose();
     }
   };
-  checkEveryTensorFirst(reader, layer, index, moments, first, El);
+  checkLayerTensors(reader, layer, index, moments);
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
   if (layer.master.sharedGate) reader.into(gateName, layer.master.sharedGate);

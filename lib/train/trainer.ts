@@ -17,8 +17,8 @@ import { totalmem } from 'node:os';
 import { checkOptionalCommunicator, type Communicator } from '../parallel/communicator.js';
 import { allGatherJson } from '../parallel/gather-json.js';
 import { expertGroups } from '../parallel/init.js';
-import { CheckpointError, invalidArgument } from '../errors.js';
-import { checkOptions } from '../validate.js';
+import { CheckpointError, invalidArgument, usedAfterDispose } from '../errors.js';
+import { checkBoolean, checkOptions } from '../validate.js';
 import { Device, getDefaultDevice, cuda, synchronize } from '../device.js';
 import { type ExpertParallelGroup, singleRankGroup } from '../moe/dispatcher.js';
 import { type MoELayer } from '../moe/layer.js';
@@ -30,7 +30,15 @@ import { ClusterTask } from './data.js';
 import { layerMetrics, type StepMetrics } from './metrics.js';
 import { LAYER_WEIGHT_KEYS, layerParamName, MoEModel, type ModelForward, type Param } from './model.js';
 import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckpoint, type SkippedCheckpoint } from './checkpoint.js';
-import { ckptNames, disposeState, loadMoELayer, type MoELayerMoments, moeLayerState, routerWeighting } from './moe-state.js';
+import {
+  checkLayerTensors,
+  ckptNames,
+  disposeState,
+  loadMoELayer,
+  type MoELayerMoments,
+  moeLayerState,
+  routerWeighting,
+} from './moe-state.js';
 import { balanceBiasUpdate } from './dense-ops.js';
 import {
   clipScale,
@@ -117,6 +125,7 @@ export class Trainer implements Disposable {
   private readonly edp: Communicator | undefined;
   private readonly state: OptimState[];
   private readonly lr: (step: number) => number;
+  private disposed = false;
   /** The next step to run (0-based); a resumed run starts later. */
   step = 0;
   /**
@@ -262,6 +271,7 @@ export class Trainer implements Disposable {
 
   /** One optimizer step on this rank's shard of batch `this.step`. */
   trainStep(): StepMetrics {
+    if (this.disposed) usedAfterDispose('Trainer.trainStep', 'the trainer');
     const c = this.config;
     const t0 = performance.now();
     const P = this.size;
@@ -424,6 +434,7 @@ export class Trainer implements Disposable {
    * world has several ranks): experts by global index in each rank's shard, the rest once.
    */
   saveCheckpoint(root: string, keep?: number): SavedCheckpoint {
+    if (this.disposed) usedAfterDispose('Trainer.saveCheckpoint', 'the trainer');
     const replicated: Record<string, Tensor> = {};
     const sharded: Record<string, Tensor> = {};
     const states = this.model.layers.map((layer, i) => moeLayerState(layer, i, this.layerMoments(i)));
@@ -468,14 +479,16 @@ export class Trainer implements Disposable {
 
   /** Loads a checkpoint (any EP size) and continues from its step: the same run, resumed. */
   resume(path: string): number {
+    if (this.disposed) usedAfterDispose('Trainer.resume', 'the trainer');
     const reader: CheckpointReader = loadCheckpoint(path, this.world && this.size > 1 ? { comm: this.world } : {});
     try {
       checkSameRun(reader, this.config);
-      this.model.layers.forEach((layer, i) => loadMoELayer(reader, layer, i, this.layerMoments(i)));
       const dense: [string, Tensor][] = [
         ...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]),
         [ckptNames.head, this.model.head],
       ];
+      this.checkResumable(reader, dense);
+      this.model.layers.forEach((layer, i) => loadMoELayer(reader, layer, i, this.layerMoments(i)));
       for (const [name, t] of dense) {
         reader.into(name, t);
         const m = this.moments(name);
@@ -494,10 +507,45 @@ export class Trainer implements Disposable {
   }
 
   /**
+   * Everything resume() reads, looked up before it copies anything, and no layer beyond the model's:
+   * a checkpoint that failed half-way (one without the config record that checkSameRun compares)
+   * would leave the model half loaded, and a caller that catches the error and starts afresh would
+   * train on it.
+   */
+  private checkResumable(reader: CheckpointReader, dense: [string, Tensor][]): void {
+    this.model.layers.forEach((layer, i) => checkLayerTensors(reader, layer, i, this.layerMoments(i)));
+    for (const [name, t] of dense) {
+      const m = this.moments(name);
+      for (const [n, dst] of [
+        [name, t],
+        ...(m
+          ? [
+              [ckptNames.optim(name, 'exp_avg'), m.expAvg],
+              [ckptNames.optim(name, 'exp_avg_sq'), m.expAvgSq],
+            ]
+          : []),
+      ] as [string, Tensor][]) {
+        const info = reader.info(n); // names a missing tensor
+        if (info.shape.join() !== dst.shape.join())
+          throw new CheckpointError(
+            `checkpoint ${reader.dir}: tensor '${n}' is [${info.shape.join(', ')}] but this model's is [${dst.shape.join(', ')}]`,
+          );
+      }
+    }
+    const L = this.model.layers.length;
+    const beyond = reader.names().find((n) => Number(/^(?:optim\.)?layers\.(\d+)\./.exec(n)?.[1] ?? -1) >= L);
+    if (beyond !== undefined)
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: it holds '${beyond}' but this model has ${L} layers (config.model.layers); build it with the checkpoint's`,
+      );
+  }
+
+  /**
    * Whether every rank should stop now: true when any rank asks to (a Ctrl-C may reach the ranks at
    * different moments; they must still leave at the same step, or the next collective would hang).
    */
   agreeToStop(localStop: boolean): boolean {
+    checkBoolean(localStop, 'Trainer.agreeToStop', 'localStop');
     if (this.size === 1 || !this.world) return localStop;
     using flag = Tensor.full([1], localStop ? 1 : 0, { device: 'cpu' });
     this.world.allReduce(flag, 'max');
@@ -506,7 +554,17 @@ export class Trainer implements Disposable {
 
   /** Runs until the configured number of steps or until control.stop (synchronously). */
   run(options: TrainerOptions = {}): StepMetrics[] {
+    if (this.disposed) usedAfterDispose('Trainer.run', 'the trainer');
     options = checkOptions(options, 'Trainer.run', { world: true, onStep: true, control: true });
+    // Before the first step: found after it, a bad option would have cost an optimizer step.
+    if (options.onStep !== undefined && typeof options.onStep !== 'function')
+      invalidArgument('Trainer.run', `'onStep' must be a function (metrics) => void; received ${typeof options.onStep}`);
+    const control = options.control;
+    if (control !== undefined && (control === null || typeof control !== 'object' || typeof control.stop !== 'boolean'))
+      invalidArgument(
+        'Trainer.run',
+        `'control' must be an object { stop: boolean }; received ${JSON.stringify(control) ?? typeof control}`,
+      );
     const out: StepMetrics[] = [];
     while (this.step < this.config.train.steps && !this.agreeToStop(options.control?.stop ?? false)) {
       const m = this.trainStep();
@@ -517,6 +575,8 @@ export class Trainer implements Disposable {
   }
 
   dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
     if (this.edp) {
       this.edp.dispose();
       (this.group as Communicator).dispose();
