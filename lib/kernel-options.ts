@@ -48,12 +48,11 @@
  *   MOE_EP_GG_HOPPER=0  MOE_EP_GG_B_RESIDENT=0  MOE_EP_GG_TRIM_TAILS=0  MOE_EP_GG_FEW_ROWS=0  MOE_EP_GG_DECODE=0
  *   MOE_EP_GG_SKINNY=0  MOE_EP_GG_SPLIT_ROWS=0  MOE_EP_ROUTER_FAST=0  MOE_EP_PDL=0
  * The switches are one set per process: they live in the addon, which a process loads once and
- * its worker threads share. A thread loading the addon finds them either at the compiled defaults
- * (no thread has set any): it applies its environment's values; or not: another thread got there
- * first, and it adopts them instead of resetting them. (So a worker started with an environment of
- * its own applies it when the process's switches happen to equal the defaults.) setKernelOptions in
- * any thread changes them for all (two threads setting at once: the last write wins whole), and
- * kernelOptions() reads them back.
+ * one thread at a time holds (a thread that exits hands it on; module.cc). A thread loading the
+ * addon finds them either at the compiled defaults (no thread has set any): it applies its
+ * environment's values; or not: an earlier thread set them, and it adopts them instead of resetting
+ * them. (So a worker started with an environment of its own applies it when the process's switches
+ * happen to equal the defaults.) kernelOptions() reads them back.
  * (MOE_EP_GG_TILE, MOE_EP_GG_HOPPER_STAGED and MOE_EP_GG_HOPPER_HANDOFF, and later
  * MOE_EP_GG_PINGPONG and MOE_EP_GG_FUSED_HANDOFF, switched variants that are no longer in the addon:
  * benchmarks/kernels/grouped_gemm/, steps 01 and 05-09. Set, they are named on stderr once and change
