@@ -334,6 +334,10 @@ describe('the command line, probed', () => {
     const ok = inspect('--no-verify');
     expect(ok.status, ok.stderr).toBe(0);
     expect(ok.stdout).toMatch(/files all present with their sizes \(checksums not read: --no-verify\)/);
+    const file = join(root, `file${n++}`);
+    writeFileSync(file, 'x');
+    const under = spawnSync(process.execPath, [cli, 'ckpt', 'reshard', step, '--ep', '1', '--out', join(file, 'x')], { encoding: 'utf8' });
+    expect(under.stderr).toContain(`moe-ep: --out ${join(file, 'x')}: ${file} is not a folder`);
     const shard = join(step, 'rank-0.safetensors');
     writeFileSync(shard, readFileSync(shard).subarray(0, 100));
     const cut = inspect('--no-verify');

@@ -19,7 +19,7 @@ import {
 } from '../train/checkpoint.js';
 import { expertIndexOf } from '../train/moe-state.js';
 import { helpTable } from '../train/config.js';
-import { checkFlags, takeValueFlag, UsageError } from './flags.js';
+import { checkFlags, takeValueFlag, underFlag, UsageError } from './flags.js';
 import { fmtBytes } from './format.js';
 
 const inspectUsage = [
@@ -235,20 +235,22 @@ function reshard(args: string[]): number {
     const raw = (names: string[]) => (): Record<string, RawTensor> => Object.fromEntries(names.map((n) => [n, reader.getRaw(n)]));
     const step = stepArg ?? m.step;
     const { format: _f, formatVersion: _v, step: _s, createdAt: _c, world: _w, files: _fi, tensors: _t, ...extras } = m;
-    const saved = writeCheckpoint(out, {
-      step,
-      worldSize: ep,
-      files: [
-        ...byRank.map((names, r) => ({ file: `rank-${r}.safetensors`, rank: r, tensors: raw(names) })),
-        { file: REPLICATED_FILE, tensors: raw(replicatedNames) },
-      ],
-      manifestExtras: {
-        ...extras,
-        ep: { size: ep, expertsPerRank: per, numExperts: E },
-        reshardedFrom: { dir: reader.dir, ep: m.ep ?? null },
-      },
-      ...(keep === undefined ? {} : { keep }),
-    });
+    const saved = underFlag('--out', out, /^writeCheckpoint: 'root' /, () =>
+      writeCheckpoint(out, {
+        step,
+        worldSize: ep,
+        files: [
+          ...byRank.map((names, r) => ({ file: `rank-${r}.safetensors`, rank: r, tensors: raw(names) })),
+          { file: REPLICATED_FILE, tensors: raw(replicatedNames) },
+        ],
+        manifestExtras: {
+          ...extras,
+          ep: { size: ep, expertsPerRank: per, numExperts: E },
+          reshardedFrom: { dir: reader.dir, ep: m.ep ?? null },
+        },
+        ...(keep === undefined ? {} : { keep }),
+      }),
+    );
     console.log(
       `resharded ${reader.dir} (EP ${m.ep?.size ?? m.world.size}) → ${saved.dir} (EP ${ep}, ${per} experts per rank, ${Object.keys(m.tensors).length} tensors, ${fmtBytes(saved.bytes)})`,
     );

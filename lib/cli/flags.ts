@@ -42,3 +42,18 @@ export function takeValueFlag(args: string[], name: string, usage: string): stri
   args.splice(i, 2);
   return v;
 }
+
+/**
+ * Runs a write under the path a flag named; an error it throws is restated from the flag (`--out
+ * PATH: …`) instead of the internal call's argument (`internal`: the prefix to drop, e.g.
+ * "writeCheckpoint: 'root' "), keeping its class (the exit code follows it).
+ */
+export function underFlag<T>(flag: string, path: string, internal: RegExp, write: () => T): T {
+  try {
+    return write();
+  } catch (e) {
+    if (!(e instanceof Error)) throw e;
+    const message = e.message.replace(internal, '');
+    throw new (e.constructor as new (m: string) => Error)(`${flag} ${message.startsWith(path) ? '' : `${path}: `}${message}`);
+  }
+}

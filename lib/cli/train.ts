@@ -20,7 +20,7 @@ import { InvalidArgumentError } from '../errors.js';
 import { overridesFromArgs, resolveConfig, trainHelp, type TrainConfig, type TrainConfigInput } from '../train/config.js';
 import { LATEST_FILE, parseAsideDir, parseStepDir } from '../train/checkpoint-layout.js';
 import { FILE_LIMITS, readJson, writeFileAtomic } from '../train/safe-files.js';
-import { UsageError } from './flags.js';
+import { underFlag, UsageError } from './flags.js';
 import { MetricsLog, readMetrics, type StepMetrics } from '../train/metrics.js';
 import { writeReport } from '../train/report.js';
 import { Trainer } from '../train/trainer.js';
@@ -235,11 +235,14 @@ export async function runTrain(args: string[]): Promise<number> {
   const metricsPath = join(out, 'metrics.jsonl');
   const configPath = join(out, 'config.json');
   // A resumed run continues the same metrics file (from its checkpoint's step).
-  const log = lead ? new MetricsLog(metricsPath, resumedAt === null ? {} : { resumeAt: resumedAt }) : null;
+  // A file the run folder refuses (a folder the checks above could not foresee: /sys, a full disk) is
+  // named by the flag the user gave, not by the internal call that met it.
+  const inOut = <T>(write: () => T): T => underFlag('--out', out, /^MetricsLog: 'path' /, write);
+  const log = lead ? inOut(() => new MetricsLog(metricsPath, resumedAt === null ? {} : { resumeAt: resumedAt })) : null;
   // The configuration as run, with the folder spelled out: `--config <out>/config.json --resume` continues it.
   // Without checkpoint.resume: a fresh run started from this file must not quietly continue an old checkpoint.
   const asRun = { ...config, train: { ...config.train, out }, checkpoint: { ...config.checkpoint, resume: null } };
-  if (lead) writeFileAtomic(configPath, JSON.stringify(asRun, null, 2) + '\n');
+  if (lead) inOut(() => writeFileAtomic(configPath, JSON.stringify(asRun, null, 2) + '\n'));
   const resumeCommand = `npx moe-ep train --config ${relative(process.cwd(), configPath) || configPath} --resume`;
   let bar: cliProgress.SingleBar | null = null;
   const control = { stop: false, by: '' };
