@@ -89,7 +89,8 @@ export function tensorsIn(value: unknown, found: Set<Tensor> = new Set(), depth 
 export function tidy<T>(fn: () => T): T {
   if (typeof fn !== 'function') invalidArgument('tidy', `'fn' must be a function; received ${fn === null ? 'null' : typeof fn}`);
   // Refused before it runs: once started, an async function would go on using tensors tidy disposed.
-  if (fn.constructor.name === 'AsyncFunction' || fn.constructor.name === 'AsyncGeneratorFunction')
+  const kind = Object.prototype.toString.call(fn); // not fn.constructor: a function may have no prototype
+  if (kind === '[object AsyncFunction]' || kind === '[object AsyncGeneratorFunction]')
     invalidArgument('tidy', `'fn' is an async function; tidy scopes are synchronous (await outside the scope, or dispose explicitly)`);
   const scope = new Set<Tensor>();
   scopes.push(scope);

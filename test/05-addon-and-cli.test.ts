@@ -150,6 +150,27 @@ describe('worker threads', () => {
     expect(r.stdout).toContain('main: 3 1,2');
   });
 
+  it('a thread refused while a worker holds the addon gets it once the worker exits (the worker took it first); errors keep their classes', () => {
+    const r = node(`import { Worker } from 'node:worker_threads';
+      const m = await import(${lib});
+      const w = new Worker(\`import * as m from ${lib}; import { parentPort } from 'node:worker_threads';
+        globalThis.kept = m.Tensor.zeros([1], { device: 'cpu' }); parentPort.postMessage('holding');
+        parentPort.once('message', () => process.exit(0));\`, { eval: true, type: 'module' });
+      await new Promise((ok) => w.once('message', ok));
+      try { m.Tensor.zeros([1], { device: 'cpu' }); console.log('main: loaded?!'); } catch (e) { console.log('main refused: ' + e.message.slice(0, 60)); }
+      const exited = new Promise((ok) => w.on('exit', ok));
+      w.postMessage('go');
+      await exited;
+      console.log('main after the worker: ' + ${sumIn('m', '[4, 5]')}.join());
+      try { m.Tensor.fromArray([1, 2], { device: 'cpu' }).view([3]); } catch (e) { console.log('error class: ' + e.constructor.name); }`);
+    expect(r.status, r.stderr).toBe(0);
+    expect(r.stdout.trim().split('\n')).toEqual([
+      'main refused: moe-ep: the addon is already in use by another JavaScript th',
+      'main after the worker: 9',
+      'error class: InvalidArgumentError',
+    ]);
+  });
+
   it('threads one after another (each loads, then exits) each get the addon', () => {
     const r = node(`import { Worker } from 'node:worker_threads';
       const code = \`import * as m from ${lib}; console.log('worker ' + ${sumIn('m', '[1, 2, 3]')}.join());\`;

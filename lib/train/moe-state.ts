@@ -434,11 +434,53 @@ function checkReaderAndLayer(reader: CheckpointReader | null, layer: MoELayer, o
 }
 
 /**
+ * The checkpoint's layer is the same kind of layer: its routing, its router's weighting, and the same
+ * optional parts (a shared expert, its gate, gpt-oss's biases), each refused by name either way.
+ */
+function checkSameLayerKind(reader: CheckpointReader, layer: MoELayer, index: number): void {
+  // A router trained to pick tokens does not pick experts (nor the reverse): the other routing is refused.
+  const recorded = checkpointRouting(reader);
+  if (recorded !== undefined && recorded !== layer.config.routing) {
+    throw new CheckpointError(
+      `checkpoint ${reader.dir}: layer ${index} was trained with routing '${recorded}' (manifest config.model.routing) but this layer routes '${layer.config.routing}'; build the model with the same routing (--model.routing ${recorded})`,
+    );
+  }
+  checkRouterWeighting(reader, layer, index);
+  const first = layer.group.rank * layer.localExperts;
+  // A shared expert in the checkpoint that the layer lacks would be dropped without a word.
+  if (!layer.master.sharedW13 && Object.hasOwn(reader.manifest.tensors, ckptNames.shared(index, 'w1')))
+    throw new CheckpointError(
+      `checkpoint ${reader.dir}: layer ${index} has a shared expert ('${ckptNames.shared(index, 'w1')}') but this layer has none; build it with the checkpoint's sharedFfn`,
+    );
+  // The same for the shared expert's gate, either way: a gated output read ungated (or the reverse) is another function.
+  const gateName = ckptNames.sharedGate(index);
+  const hasGate = Object.hasOwn(reader.manifest.tensors, gateName);
+  if (hasGate !== (layer.master.sharedGate !== null))
+    throw new CheckpointError(
+      hasGate
+        ? `checkpoint ${reader.dir}: layer ${index}'s shared expert is gated ('${gateName}') but this layer's is not; build it with sharedGate true`
+        : `checkpoint ${reader.dir}: layer ${index} has no shared expert gate ('${gateName}') but this layer has one; build it without sharedGate`,
+    );
+  // gpt-oss's biases, either way: a layer with them read without (or the reverse) is another function.
+  const biasName = ckptNames.routerBias(index);
+  const expertBiasName = ckptNames.expertBias(index, first, 'b1');
+  for (const [what, inCkpt, inLayer, option] of [
+    ['a router bias', Object.hasOwn(reader.manifest.tensors, biasName), layer.master.routerBias !== null, 'routerBias'],
+    ['expert biases', Object.hasOwn(reader.manifest.tensors, expertBiasName), layer.master.w13Bias !== null, 'expertBias'],
+  ] as const)
+    if (inCkpt !== inLayer)
+      throw new CheckpointError(
+        `checkpoint ${reader.dir}: layer ${index} ${inCkpt ? 'has' : 'has no'} ${what} but this layer ${inLayer ? 'has' : 'has none'}; build it with ${option} ${String(inCkpt)}`,
+      );
+}
+
+/**
  * Every tensor loadMoELayer will read, looked up before it copies any: present, of a float dtype and
  * of the layer's shape, its files verified (when the reader verifies). A checkpoint that fails
  * half-way would leave the layer half overwritten.
  */
 export function checkLayerTensors(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
+  checkSameLayerKind(reader, layer, index);
   const El = layer.localExperts;
   const first = layer.group.rank * El;
   const want: [string, readonly number[]][] = [];
@@ -506,42 +548,11 @@ export function checkLayerTensors(reader: CheckpointReader, layer: MoELayer, ind
 export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
   checkReaderAndLayer(reader, layer, 'loadMoELayer');
   moments = checkMoments(moments, 'loadMoELayer');
-  // A router trained to pick tokens does not pick experts (nor the reverse): the other routing is refused.
-  const recorded = checkpointRouting(reader);
-  if (recorded !== undefined && recorded !== layer.config.routing) {
-    throw new CheckpointError(
-      `checkpoint ${reader.dir}: layer ${index} was trained with routing '${recorded}' (manifest config.model.routing) but this layer routes '${layer.config.routing}'; build the model with the same routing (--model.routing ${recorded})`,
-    );
-  }
-  checkRouterWeighting(reader, layer, index);
   const El = layer.localExperts;
   const first = layer.group.rank * El;
   const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);
-  // A shared expert in the checkpoint that the layer lacks would be dropped without a word.
-  if (!layer.master.sharedW13 && Object.hasOwn(reader.manifest.tensors, ckptNames.shared(index, 'w1')))
-    throw new CheckpointError(
-      `checkpoint ${reader.dir}: layer ${index} has a shared expert ('${ckptNames.shared(index, 'w1')}') but this layer has none; build it with the checkpoint's sharedFfn`,
-    );
-  // The same for the shared expert's gate, either way: a gated output read ungated (or the reverse) is another function.
   const gateName = ckptNames.sharedGate(index);
-  const hasGate = Object.hasOwn(reader.manifest.tensors, gateName);
-  if (hasGate !== (layer.master.sharedGate !== null))
-    throw new CheckpointError(
-      hasGate
-        ? `checkpoint ${reader.dir}: layer ${index}'s shared expert is gated ('${gateName}') but this layer's is not; build it with sharedGate true`
-        : `checkpoint ${reader.dir}: layer ${index} has no shared expert gate ('${gateName}') but this layer has one; build it without sharedGate`,
-    );
-  // gpt-oss's biases, either way: a layer with them read without (or the reverse) is another function.
   const biasName = ckptNames.routerBias(index);
-  const expertBiasName = ckptNames.expertBias(index, first, 'b1');
-  for (const [what, inCkpt, inLayer, option] of [
-    ['a router bias', Object.hasOwn(reader.manifest.tensors, biasName), layer.master.routerBias !== null, 'routerBias'],
-    ['expert biases', Object.hasOwn(reader.manifest.tensors, expertBiasName), layer.master.w13Bias !== null, 'expertBias'],
-  ] as const)
-    if (inCkpt !== inLayer)
-      throw new CheckpointError(
-        `checkpoint ${reader.dir}: layer ${index} ${inCkpt ? 'has' : 'has no'} ${what} but this layer ${inLayer ? 'has' : 'has none'}; build it with ${option} ${String(inCkpt)}`,
-      );
   const intoExperts = (
     w13: Tensor,
     w2: Tensor,

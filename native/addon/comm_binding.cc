@@ -31,6 +31,7 @@ class CommHandle : public Napi::ObjectWrap<CommHandle> {
                      InstanceMethod<&CommHandle::split>("split"), InstanceMethod<&CommHandle::abort>("abort"),
                      InstanceMethod<&CommHandle::dispose>("dispose")});
     constructor() = Napi::Persistent(cls);
+    env.AddCleanupHook([] { constructor().Reset(); });
     exports.Set("CommHandle", cls);
   }
   static Napi::Value wrap(Napi::Env env, std::shared_ptr<comm::Communicator> c) {

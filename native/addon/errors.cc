@@ -34,4 +34,6 @@ Napi::Error to_js_error(Napi::Env env, const moe::Error& e) {
   return Napi::Error(env, obj);
 }
 
+void clear_error_classes() { classes().clear(); }
+
 }  // namespace moe::addon

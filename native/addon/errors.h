@@ -9,6 +9,7 @@
 namespace moe::addon {
 
 void register_error_classes(const Napi::CallbackInfo& info);
+void clear_error_classes();
 Napi::Error to_js_error(Napi::Env env, const moe::Error& e);
 
 template <typename Fn> auto guarded(Napi::Env env, Fn&& fn) -> decltype(fn()) {

@@ -30,6 +30,7 @@ class GraphHandle : public Napi::ObjectWrap<GraphHandle> {
                      InstanceMethod<&GraphHandle::pool_bytes>("poolBytes"), InstanceMethod<&GraphHandle::node_count>("nodeCount"),
                      InstanceMethod<&GraphHandle::replays>("replays"), InstanceMethod<&GraphHandle::dispose>("dispose")});
     constructor() = Napi::Persistent(cls);
+    env.AddCleanupHook([] { constructor().Reset(); });
     exports.Set("GraphHandle", cls);
   }
 

@@ -1,6 +1,8 @@
 // The addon's entry point: registers every binding. lib/native.ts is the only importer.
 #include <napi.h>
 
+#include <dlfcn.h>
+
 #include <atomic>
 
 #include "addon/errors.h"
@@ -10,6 +12,15 @@
 
 namespace moe::addon {
 namespace {
+
+// Node unloads the library when the last thread that loaded it exits; the next load would start a
+// second copy of the statics, the device memory pools and the statically linked CUDA runtime, the
+// first copy's cached device memory lost. Pinned instead: a process loads the addon once.
+void keep_loaded() {
+  Dl_info self{};
+  if (dladdr(reinterpret_cast<void*>(&keep_loaded), &self) != 0 && self.dli_fname != nullptr)
+    dlopen(self.dli_fname, RTLD_LAZY | RTLD_NOLOAD | RTLD_NODELETE);  // the same mapping, now never unloaded
+}
 
 Napi::Value set_error_classes(const Napi::CallbackInfo& info) {
   MOE_ARG_CHECK(info.Length() > 0 && info[0].IsObject(), "setErrorClasses", "expects an object of constructors");
@@ -28,7 +39,13 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
                            "moe-ep: the addon is already in use by another JavaScript thread of this process; its bindings are "
                            "per process, so use moe-ep from one thread (for parallel work, start processes: child processes or "
                            "mpirun ranks)");
-  env.AddCleanupHook([] { taken.store(false); });
+  // Run last at this environment's teardown (hooks run in reverse order: the bindings' own hooks,
+  // added below, drop their class references first): only then may another thread take the addon.
+  env.AddCleanupHook([] {
+    clear_error_classes();
+    taken.store(false);
+  });
+  keep_loaded();
   exports.Set("setErrorClasses", Napi::Function::New(env, binding<set_error_classes>, "setErrorClasses"));
   // 2: recordStream, Event.wait, stream pool; 3: peer transport; 4: fp8 quantised in the peer push;
   // 5: setKernelOptions; 6: CUDA graphs (GraphHandle, memoryStats.graphPoolBytes); 7: permuteBackward's

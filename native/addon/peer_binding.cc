@@ -49,6 +49,7 @@ class PeerHandle : public Napi::ObjectWrap<PeerHandle> {
                      InstanceMethod<&PeerHandle::dispatch_rows>("dispatchRows"), InstanceMethod<&PeerHandle::combine>("combine"),
                      InstanceMethod<&PeerHandle::combine_backward>("combineBackward"), InstanceMethod<&PeerHandle::dispose>("dispose")});
     constructor() = Napi::Persistent(cls);
+    env.AddCleanupHook([] { constructor().Reset(); });
     exports.Set("PeerHandle", cls);
   }
   static Napi::Value wrap(Napi::Env env, std::unique_ptr<comm::PeerTransport> t) {

@@ -43,6 +43,7 @@ void StreamHandle::init(Napi::Env env, Napi::Object exports) {
                   {InstanceMethod<&StreamHandle::synchronize>("synchronize"), InstanceMethod<&StreamHandle::query>("query"),
                    InstanceMethod<&StreamHandle::wait_event>("waitEvent"), InstanceMethod<&StreamHandle::dispose>("dispose")});
   constructor() = Napi::Persistent(cls);
+  env.AddCleanupHook([] { constructor().Reset(); });
   exports.Set("StreamHandle", cls);
   exports.Set("setCurrentStream", Napi::Function::New(env, binding<set_current_stream>, "setCurrentStream"));
   exports.Set("deviceSynchronize", Napi::Function::New(env, binding<device_synchronize>, "deviceSynchronize"));
@@ -119,6 +120,7 @@ void EventHandle::init(Napi::Env env, Napi::Object exports) {
                    InstanceMethod<&EventHandle::query>("query"), InstanceMethod<&EventHandle::elapsed_time>("elapsedTime"),
                    InstanceMethod<&EventHandle::block>("block"), InstanceMethod<&EventHandle::dispose>("dispose")});
   constructor() = Napi::Persistent(cls);
+  env.AddCleanupHook([] { constructor().Reset(); });
   exports.Set("EventHandle", cls);
 }
 

@@ -67,6 +67,7 @@ void TensorHandle::init(Napi::Env env, Napi::Object exports) {
                    InstanceMethod<&TensorHandle::to_buffer>("toBuffer"), InstanceMethod<&TensorHandle::shares_storage>("sharesStorage"),
                    InstanceMethod<&TensorHandle::record_stream>("recordStream")});
   constructor() = Napi::Persistent(cls);
+  env.AddCleanupHook([] { constructor().Reset(); });
   exports.Set("TensorHandle", cls);
   exports.Set("tensorEmpty", Napi::Function::New(env, binding<tensor_empty>, "tensorEmpty"));
   exports.Set("tensorFromBuffer", Napi::Function::New(env, binding<tensor_from_buffer>, "tensorFromBuffer"));
