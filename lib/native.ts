@@ -12,7 +12,7 @@ import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { errorClasses } from './errors.js';
+import { errorClasses, UnavailableError } from './errors.js';
 import { applyKernelOptions, type KernelOptions } from './kernel-options.js';
 
 declare const brand: unique symbol;
@@ -480,7 +480,12 @@ function load(): RawBinding {
       break;
     } catch (e) {
       // Another thread of this process holds the addon (module.cc): no other build would load either.
-      if (/already in use by another JavaScript thread/.test((e as Error).message)) throw new Error((e as Error).message, { cause: e });
+      // An UnavailableError, as for a missing GPU: this thread may call again once the holder has exited.
+      if (/already in use by another JavaScript thread/.test((e as Error).message)) {
+        const refused = new UnavailableError((e as Error).message, 'native');
+        refused.cause = e;
+        throw refused;
+      }
       const message = ((e as Error).message.split('\n')[0] ?? '').replace(`${path}: `, '');
       failures.push(`${explicit ? 'MOE_EP_ADDON=' : ''}${path}: ${message}`);
     }

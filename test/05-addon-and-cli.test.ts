@@ -141,12 +141,12 @@ describe('worker threads', () => {
       import { Worker } from 'node:worker_threads';
       const a = m.Tensor.fromArray([1, 2], { device: 'cpu' });
       const w = new Worker(\`import * as m from ${lib.replace(/\\/g, '\\\\')};
-        try { m.Tensor.zeros([4], { device: 'cpu' }); console.log('worker loaded'); } catch (e) { console.log('worker: ' + e.message); }\`, { eval: true, type: 'module' });
+        try { m.Tensor.zeros([4], { device: 'cpu' }); console.log('worker loaded'); } catch (e) { console.log('worker: ' + e.constructor.name + ' ' + e.message); }\`, { eval: true, type: 'module' });
       const t0 = Date.now();
       while (Date.now() - t0 < 300) m.Tensor.zeros([4], { device: 'cpu' }).clone().dispose();
       w.on('exit', () => console.log('main: ' + ${sumIn('m', '[1, 2]')}.join() + ' ' + Array.from(a.toArray()).join()));`);
     expect(r.status, r.stderr).toBe(0);
-    expect(r.stdout).toMatch(/worker: moe-ep: the addon is already in use by another JavaScript thread of this process/);
+    expect(r.stdout).toMatch(/worker: UnavailableError moe-ep: the addon is already in use by another JavaScript thread of this process/);
     expect(r.stdout).toContain('main: 3 1,2');
   });
 
