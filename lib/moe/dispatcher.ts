@@ -226,10 +226,10 @@ const roundUp = (v: number, a: number): number => Math.ceil(v / a) * a;
 /** Entries per token the peer-memory transport carries (one warp lane each; native kMaxTopK). */
 const PEER_MAX_TOP_K = 32;
 
-/** The handle's tensors (the communication reads them), after checking it is one. */
 /** The Dispatcher whose dispatch() made each handle: one of another dispatcher (other experts, ranks or transport) is refused. */
 const handleOwners = new WeakMap<object, Dispatcher>();
 
+/** The handle's tensors (the communication reads them), after checking it is one of `owner`'s. */
 function handleTensors(op: string, handle: DispatchHandle, owner: Dispatcher): Tensor[] {
   if (handle === null || typeof handle !== 'object' || !Tensor.isTensor(handle.localOffsets)) {
     invalidArgument(op, `'handle' must be the handle dispatch() returned`);

@@ -548,6 +548,12 @@ export function checkLayerTensors(reader: CheckpointReader, layer: MoELayer, ind
 export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments = {}): void {
   checkReaderAndLayer(reader, layer, 'loadMoELayer');
   moments = checkMoments(moments, 'loadMoELayer');
+  checkLayerTensors(reader, layer, index, moments);
+  copyLayerTensors(reader, layer, index, moments);
+}
+
+/** loadMoELayer's copies, every tensor already checked by checkLayerTensors (a resume checks every layer first). */
+export function copyLayerTensors(reader: CheckpointReader, layer: MoELayer, index: number, moments: MoELayerMoments): void {
   const El = layer.localExperts;
   const first = layer.group.rank * El;
   const expertName = (e: number, w: ExpertWeight): string => ckptNames.expert(index, e, w);
@@ -576,7 +582,6 @@ export function loadMoELayer(reader: CheckpointReader, layer: MoELayer, index: n
       j.w2.dispose();
     }
   };
-  checkLayerTensors(reader, layer, index, moments);
   reader.into(ckptNames.router(index), layer.master.router);
   reader.into(ckptNames.bias(index), layer.bias);
   if (layer.master.sharedGate) reader.into(gateName, layer.master.sharedGate);

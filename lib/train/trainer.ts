@@ -33,8 +33,8 @@ import { type CheckpointReader, loadCheckpoint, saveCheckpoint, type SavedCheckp
 import {
   checkLayerTensors,
   ckptNames,
+  copyLayerTensors,
   disposeState,
-  loadMoELayer,
   type MoELayerMoments,
   moeLayerState,
   routerWeighting,
@@ -483,20 +483,18 @@ export class Trainer implements Disposable {
     const reader: CheckpointReader = loadCheckpoint(path, this.world && this.size > 1 ? { comm: this.world } : {});
     try {
       checkSameRun(reader, this.config);
-      const dense: [string, Tensor][] = [
-        ...this.model.norms.map((t, i): [string, Tensor] => [ckptNames.norm(i), t]),
-        [ckptNames.head, this.model.head],
-      ];
-      this.checkResumable(reader, dense);
-      this.model.layers.forEach((layer, i) => loadMoELayer(reader, layer, i, this.layerMoments(i)));
-      for (const [name, t] of dense) {
-        reader.into(name, t);
+      // The dense parameters (norms, head) and their moments: checked with the layers, then copied.
+      const dense: [string, Tensor][] = [];
+      const addDense = (name: string, t: Tensor): void => {
+        dense.push([name, t]);
         const m = this.moments(name);
-        if (m) {
-          reader.into(ckptNames.optim(name, 'exp_avg'), m.expAvg);
-          reader.into(ckptNames.optim(name, 'exp_avg_sq'), m.expAvgSq);
-        }
-      }
+        if (m) dense.push([ckptNames.optim(name, 'exp_avg'), m.expAvg], [ckptNames.optim(name, 'exp_avg_sq'), m.expAvgSq]);
+      };
+      this.model.norms.forEach((t, i) => addDense(ckptNames.norm(i), t));
+      addDense(ckptNames.head, this.model.head);
+      this.checkResumable(reader, dense);
+      this.model.layers.forEach((layer, i) => copyLayerTensors(reader, layer, i, this.layerMoments(i)));
+      for (const [name, t] of dense) reader.into(name, t);
       this.model.refreshComputeWeights();
       this.step = reader.step;
       this.resumedFrom = { dir: reader.dir, step: reader.step, skipped: reader.skipped, savedSteps: savedSteps(reader) };
@@ -514,23 +512,12 @@ export class Trainer implements Disposable {
    */
   private checkResumable(reader: CheckpointReader, dense: [string, Tensor][]): void {
     this.model.layers.forEach((layer, i) => checkLayerTensors(reader, layer, i, this.layerMoments(i)));
-    for (const [name, t] of dense) {
-      const m = this.moments(name);
-      for (const [n, dst] of [
-        [name, t],
-        ...(m
-          ? [
-              [ckptNames.optim(name, 'exp_avg'), m.expAvg],
-              [ckptNames.optim(name, 'exp_avg_sq'), m.expAvgSq],
-            ]
-          : []),
-      ] as [string, Tensor][]) {
-        const info = reader.info(n); // names a missing tensor
-        if (info.shape.join() !== dst.shape.join())
-          throw new CheckpointError(
-            `checkpoint ${reader.dir}: tensor '${n}' is [${info.shape.join(', ')}] but this model's is [${dst.shape.join(', ')}]`,
-          );
-      }
+    for (const [name, dst] of dense) {
+      const info = reader.info(name); // names a missing tensor
+      if (info.shape.join() !== dst.shape.join())
+        throw new CheckpointError(
+          `checkpoint ${reader.dir}: tensor '${name}' is [${info.shape.join(', ')}] but this model's is [${dst.shape.join(', ')}]`,
+        );
     }
     const L = this.model.layers.length;
     const beyond = reader.names().find((n) => Number(/^(?:optim\.)?layers\.(\d+)\./.exec(n)?.[1] ?? -1) >= L);
